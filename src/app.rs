@@ -1,0 +1,161 @@
+//! `switchyard run`: wires the enabled stages, the HTTP endpoint and the health checker, and shuts
+//! everything down cleanly on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Loaded;
+use crate::http::{self, Health};
+use crate::kafka::runtime::{run_stage, Processor, RuntimeError, StageHealth, StageSettings};
+use crate::kafka::{admin_config, consumer_config, producer_config, Producer};
+use crate::records::Emitter;
+use crate::route::Router;
+use crate::stages::route::RouteStage;
+
+/// Stages this build has, in pipeline order.
+pub const STAGES: &[&str] = &["route"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Stage(#[from] RuntimeError),
+}
+
+fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
+    let k = &l.config.kafka;
+    StageSettings {
+        group_id: format!("{}.{stage}", k.group_prefix),
+        topics,
+        consumer: consumer_config(k, &format!("{}.{stage}", k.group_prefix)),
+        max_in_flight: k.max_in_flight,
+        max_record_bytes: k.max_record_bytes,
+        drain_timeout: Duration::from_millis(k.drain_timeout_ms),
+        delivery_retries: k.delivery_retries,
+        dlq_topic: l.config.topics.dlq.clone(),
+    }
+}
+
+/// Runs the selected stages until `shutdown` is cancelled or a stage fails.
+pub async fn run(loaded: Loaded, stages: Vec<String>, shutdown: CancellationToken) -> Result<(), AppError> {
+    let cfg = &loaded.config;
+    let producer = Producer::new(&producer_config(&cfg.kafka)).map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
+    let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
+    let tracker = TaskTracker::new();
+    // A failing stage stops the others too: the process exits non-zero and its supervisor restarts it.
+    let stop = shutdown.child_token();
+    let mut health = Health::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), RuntimeError>>();
+
+    fn spawn<P: Processor>(
+        tracker: &TaskTracker,
+        health: &mut Health,
+        settings: StageSettings,
+        p: P,
+        producer: &Producer,
+        stop: &CancellationToken,
+        tx: &tokio::sync::mpsc::UnboundedSender<Result<(), RuntimeError>>,
+    ) {
+        let h = Arc::new(StageHealth::default());
+        health.stages.push((p.stage(), h.clone()));
+        let (producer, stop, tx) = (producer.clone(), stop.clone(), tx.clone());
+        tracker.spawn(async move {
+            let r = run_stage(settings, Arc::new(p), producer, stop.clone(), h).await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            let _ = tx.send(r);
+        });
+    }
+
+    for stage in &stages {
+        match stage.as_str() {
+            "route" => {
+                let router = Router::new(&cfg.routes).map_err(|p| AppError::Setup(format!("routes are invalid: {p:?}")))?;
+                let p = RouteStage {
+                    router,
+                    emitter: emitter.clone(),
+                    tasks_topic: cfg.topics.tasks.clone(),
+                    audit_topic: cfg.topics.audit.clone(),
+                };
+                spawn(&tracker, &mut health, settings(&loaded, "route", cfg.topics.inputs.clone()), p, &producer, &stop, &tx);
+            }
+            other => return Err(AppError::Setup(format!("unknown stage {other:?} (this build has {})", STAGES.join(", ")))),
+        }
+    }
+    drop(tx);
+    let health = Arc::new(health);
+    tracker.spawn(check_dependencies(loaded.clone(), health.clone(), stop.clone()));
+    if cfg.http.enabled {
+        let addr: SocketAddr = cfg
+            .http
+            .listen
+            .parse()
+            .map_err(|e| AppError::Setup(format!("http.listen: {e}")))?;
+        let listener_stop = stop.clone();
+        let app = http::router(health.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
+        tracker.spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { listener_stop.cancelled().await })
+                .await
+            {
+                tracing::error!(error = %e, "HTTP endpoint failed.");
+            }
+        });
+        tracing::info!(%addr, "HTTP endpoint listening.");
+    }
+    tracker.close();
+    let mut first_error = None;
+    while let Some(r) = rx.recv().await {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    }
+    stop.cancel();
+    tracker.wait().await;
+    if let Err(e) = producer.flush(Duration::from_secs(5)) {
+        tracing::warn!(error = %e, "Producer flush at shutdown failed.");
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Checks Kafka and Redis every few seconds for `/readyz`.
+async fn check_dependencies(loaded: Loaded, health: Arc<Health>, stop: CancellationToken) {
+    let redis = redis::Client::open(loaded.config.redis.url.as_str()).ok();
+    let kafka: Option<Arc<BaseConsumer>> = admin_config(&loaded.config.kafka).create().ok().map(Arc::new);
+    loop {
+        if let Some(k) = kafka.clone() {
+            let ok = tokio::task::spawn_blocking(move || k.fetch_metadata(None, Duration::from_secs(3)).is_ok())
+                .await
+                .unwrap_or(false);
+            health.kafka_ok.store(ok, Ordering::Relaxed);
+        }
+        if let Some(c) = &redis {
+            let ok = tokio::time::timeout(Duration::from_secs(3), async {
+                let mut conn = c.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            })
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+            health.redis_ok.store(ok, Ordering::Relaxed);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Decoding records into [`CloudEvent`]s and encoding events into records. Pure: no I/O.
+//!
+//! Accepted on the way in:
+//! - structured JSON (`application/cloudevents+json`, or any JSON object carrying `specversion`);
+//! - Kafka binary mode: attributes in `ce_*` headers, `content-type` header, the payload is the data
+//!   (JSON, or Avro single-object encoded when the content type says `avro` or the marker is present);
+//! - Avro single-object encoding of an envelope schema from `schemas/` (fields `specversion`, `id`,
+//!   `source`, `type`, ... and `data`).
+//!
+//! Written: structured JSON by default, or the Avro envelope named by the topic definition.
+
+use serde_json::{Map, Value};
+
+use crate::event::{is_valid_extension_name, CloudEvent, SPEC_VERSION};
+use crate::schema::{is_single_object, RegisteredSchema, SchemaRegistry, SINGLE_OBJECT_HEADER_LEN};
+
+/// Content type of structured JSON CloudEvents.
+pub const STRUCTURED_JSON: &str = "application/cloudevents+json";
+/// Content type of records switchyard writes as Avro envelopes.
+pub const STRUCTURED_AVRO: &str = "application/cloudevents+avro";
+/// Header carrying the content type (CloudEvents Kafka protocol binding).
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// A record as read from Kafka, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+/// Why a record could not be turned into an event. [`DecodeError::reason`] is a bounded label.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is empty")]
+    Empty,
+    #[error("payload is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("payload is not a CloudEvent: {0}")]
+    NotCloudEvent(String),
+    #[error("unsupported specversion {0:?} (only 1.0)")]
+    UnsupportedSpecVersion(String),
+    #[error("attribute {name} is invalid: {detail}")]
+    InvalidAttribute { name: String, detail: String },
+    #[error("Avro payload names schema fingerprint {0} which is not in schemas/")]
+    UnknownSchema(String),
+    #[error("Avro payload does not match schema {schema}: {detail}")]
+    MalformedAvro { schema: String, detail: String },
+    #[error("data has content type {0:?} which switchyard cannot read")]
+    UnsupportedContentType(String),
+    #[error("event has no subject and the record has no key, so its resource is unknown")]
+    MissingResource,
+}
+
+impl DecodeError {
+    /// Metric and dead-letter reason label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::MalformedJson(_) => "malformed_json",
+            DecodeError::NotCloudEvent(_) => "not_cloudevent",
+            DecodeError::UnsupportedSpecVersion(_) => "unsupported_specversion",
+            DecodeError::InvalidAttribute { .. } => "invalid_attribute",
+            DecodeError::UnknownSchema(_) => "unknown_schema",
+            DecodeError::MalformedAvro { .. } => "malformed_avro",
+            DecodeError::UnsupportedContentType(_) => "unsupported_content_type",
+            DecodeError::MissingResource => "missing_resource",
+        }
+    }
+}
+
+/// How switchyard writes events to a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Json,
+    Avro,
+}
+
+fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+fn utf8_attr(name: &str, v: &[u8]) -> Result<String, DecodeError> {
+    String::from_utf8(v.to_vec()).map_err(|_| DecodeError::InvalidAttribute {
+        name: name.to_string(),
+        detail: "header value is not UTF-8".to_string(),
+    })
+}
+
+/// Decodes a record into an event and fills in the resource: `subject`, or the record key when the
+/// event has no subject.
+pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEvent, DecodeError> {
+    let mut ev = if header(rec.headers, "ce_specversion").is_some() {
+        decode_binary(rec, schemas)?
+    } else if is_single_object(rec.payload) {
+        decode_avro_envelope(rec.payload, schemas)?
+    } else {
+        decode_structured_json(rec.payload)?
+    };
+    validate(&ev)?;
+    if ev.subject.as_deref().is_none_or(str::is_empty) {
+        match rec.key.filter(|k| !k.is_empty()) {
+            Some(k) => ev.subject = Some(String::from_utf8_lossy(k).into_owned()),
+            None => return Err(DecodeError::MissingResource),
+        }
+    }
+    Ok(ev)
+}
+
+fn decode_structured_json(payload: &[u8]) -> Result<CloudEvent, DecodeError> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Err(DecodeError::Empty);
+    }
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+    let Value::Object(obj) = v else {
+        return Err(DecodeError::NotCloudEvent(
+            "top-level JSON value is not an object".into(),
+        ));
+    };
+    from_object(obj)
+}
+
+/// Builds an event from a JSON object of attributes (structured mode or a decoded Avro envelope).
+fn from_object(mut obj: Map<String, Value>) -> Result<CloudEvent, DecodeError> {
+    let mut take_str = |name: &str, required: bool| -> Result<Option<String>, DecodeError> {
+        match obj.remove(name) {
+            None | Some(Value::Null) if required => Err(DecodeError::NotCloudEvent(format!(
+                "required attribute {name} is missing"
+            ))),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(DecodeError::InvalidAttribute {
+                name: name.to_string(),
+                detail: format!("expected a string, got {}", json_kind(&other)),
+            }),
+        }
+    };
+    let specversion = take_str("specversion", true)?.unwrap_or_default();
+    let id = take_str("id", true)?.unwrap_or_default();
+    let source = take_str("source", true)?.unwrap_or_default();
+    let ty = take_str("type", true)?.unwrap_or_default();
+    let subject = take_str("subject", false)?;
+    let time = take_str("time", false)?;
+    let datacontenttype = take_str("datacontenttype", false)?;
+    let dataschema = take_str("dataschema", false)?;
+    let data = match obj.remove("data") {
+        Some(Value::Null) | None => None,
+        Some(v) => Some(v),
+    };
+    if let Some(b64) = obj.remove("data_base64") {
+        if data.is_some() {
+            return Err(DecodeError::NotCloudEvent(
+                "both data and data_base64 are present".into(),
+            ));
+        }
+        // Binary data is kept as an extension string; switchyard's agents work on JSON data.
+        obj.insert("database64".to_string(), b64);
+    }
+    // What remains are extensions; nulls are dropped as the spec allows.
+    obj.retain(|_, v| !v.is_null());
+    Ok(CloudEvent {
+        specversion,
+        id,
+        source,
+        ty,
+        subject,
+        time,
+        datacontenttype,
+        dataschema,
+        data,
+        extensions: obj,
+    })
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn decode_binary(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEvent, DecodeError> {
+    let mut obj = Map::new();
+    for (k, v) in rec.headers {
+        let lower = k.to_ascii_lowercase();
+        if let Some(name) = lower.strip_prefix("ce_") {
+            obj.insert(name.to_string(), Value::String(utf8_attr(k, v)?));
+        }
+    }
+    let content_type = header(rec.headers, CONTENT_TYPE_HEADER)
+        .map(|v| utf8_attr(CONTENT_TYPE_HEADER, v))
+        .transpose()?;
+    let data = decode_data(rec.payload, content_type.as_deref(), schemas)?;
+    if let Some(ct) = content_type {
+        obj.insert("datacontenttype".into(), Value::String(ct));
+    }
+    if let Some(d) = data {
+        obj.insert("data".into(), d);
+    }
+    from_object(obj)
+}
+
+fn decode_data(
+    payload: &[u8],
+    content_type: Option<&str>,
+    schemas: &SchemaRegistry,
+) -> Result<Option<Value>, DecodeError> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let ct = content_type
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if ct.contains("avro") || is_single_object(payload) {
+        let (_, value) = decode_single_object(payload, schemas)?;
+        return Ok(Some(value));
+    }
+    if ct == "application/json" || ct.ends_with("+json") || ct == "text/json" {
+        let v = serde_json::from_slice(payload)
+            .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+        return Ok(Some(v));
+    }
+    if ct.starts_with("text/") {
+        return match std::str::from_utf8(payload) {
+            Ok(s) => Ok(Some(Value::String(s.to_string()))),
+            Err(_) => Err(DecodeError::UnsupportedContentType(ct)),
+        };
+    }
+    Err(DecodeError::UnsupportedContentType(ct))
+}
+
+/// Decodes an Avro single-object payload into JSON, returning the schema used.
+pub fn decode_single_object<'s>(
+    payload: &[u8],
+    schemas: &'s SchemaRegistry,
+) -> Result<(&'s RegisteredSchema, Value), DecodeError> {
+    if !is_single_object(payload) {
+        return Err(DecodeError::MalformedAvro {
+            schema: "?".into(),
+            detail: "payload does not start with the single-object marker C3 01".into(),
+        });
+    }
+    let fp = &payload[2..SINGLE_OBJECT_HEADER_LEN];
+    let reg = schemas
+        .by_fingerprint(fp)
+        .ok_or_else(|| DecodeError::UnknownSchema(hex::encode(fp)))?;
+    let mut body = &payload[SINGLE_OBJECT_HEADER_LEN..];
+    let value = apache_avro::from_avro_datum(&reg.schema, &mut body, None).map_err(|e| {
+        DecodeError::MalformedAvro {
+            schema: reg.name.clone(),
+            detail: e.to_string(),
+        }
+    })?;
+    if !body.is_empty() {
+        return Err(DecodeError::MalformedAvro {
+            schema: reg.name.clone(),
+            detail: format!("{} trailing bytes after the datum", body.len()),
+        });
+    }
+    let json = Value::try_from(value).map_err(|e| DecodeError::MalformedAvro {
+        schema: reg.name.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok((reg, json))
+}
+
+fn decode_avro_envelope(payload: &[u8], schemas: &SchemaRegistry) -> Result<CloudEvent, DecodeError> {
+    let (reg, json) = decode_single_object(payload, schemas)?;
+    match json {
+        Value::Object(obj) if obj.contains_key("specversion") => {
+            let mut ev = from_object(obj)?;
+            if ev.datacontenttype.is_none() {
+                ev.datacontenttype = Some("application/json".into());
+            }
+            Ok(ev)
+        }
+        _ => Err(DecodeError::NotCloudEvent(format!(
+            "Avro schema {} is not an event envelope (no specversion field); send it in binary mode with ce_* headers",
+            reg.name
+        ))),
+    }
+}
+
+/// Checks the attribute rules of CloudEvents 1.0.
+pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
+    if ev.specversion != SPEC_VERSION {
+        return Err(DecodeError::UnsupportedSpecVersion(ev.specversion.clone()));
+    }
+    for (name, v) in [("id", &ev.id), ("source", &ev.source), ("type", &ev.ty)] {
+        if v.is_empty() {
+            return Err(DecodeError::InvalidAttribute {
+                name: name.into(),
+                detail: "must be a non-empty string".into(),
+            });
+        }
+    }
+    if let Some(t) = &ev.time {
+        if chrono::DateTime::parse_from_rfc3339(t).is_err() {
+            return Err(DecodeError::InvalidAttribute {
+                name: "time".into(),
+                detail: format!("{t:?} is not an RFC 3339 timestamp"),
+            });
+        }
+    }
+    for name in ev.extensions.keys() {
+        if !is_valid_extension_name(name) {
+            return Err(DecodeError::InvalidAttribute {
+                name: name.clone(),
+                detail: "extension names are lower-case letters and digits, at most 20".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Why an event could not be written (a bug or a schema that does not fit the data).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("schema {0} named by the topic definition is not in schemas/")]
+    MissingSchema(String),
+    #[error("event does not fit Avro schema {schema}: {detail}")]
+    Avro { schema: String, detail: String },
+    #[error("cannot serialize event as JSON: {0}")]
+    Json(String),
+}
+
+/// An encoded record body plus the headers that describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub payload: Vec<u8>,
+    pub content_type: &'static str,
+}
+
+/// Encodes an event as structured JSON or as the topic's Avro envelope.
+pub fn encode(
+    ev: &CloudEvent,
+    encoding: Encoding,
+    schema: Option<&str>,
+    schemas: &SchemaRegistry,
+) -> Result<Encoded, EncodeError> {
+    match encoding {
+        Encoding::Json => Ok(Encoded {
+            payload: serde_json::to_vec(ev).map_err(|e| EncodeError::Json(e.to_string()))?,
+            content_type: STRUCTURED_JSON,
+        }),
+        Encoding::Avro => {
+            let name = schema.unwrap_or_default();
+            let reg = schemas
+                .get(name)
+                .ok_or_else(|| EncodeError::MissingSchema(name.to_string()))?;
+            let json = serde_json::to_value(ev).map_err(|e| EncodeError::Json(e.to_string()))?;
+            Ok(Encoded {
+                payload: encode_single_object(json, reg)?,
+                content_type: STRUCTURED_AVRO,
+            })
+        }
+    }
+}
+
+/// Encodes a JSON value under a registered schema, single-object framed.
+pub fn encode_single_object(json: Value, reg: &RegisteredSchema) -> Result<Vec<u8>, EncodeError> {
+    let err = |e: apache_avro::Error| EncodeError::Avro {
+        schema: reg.name.clone(),
+        detail: e.to_string(),
+    };
+    let json = json_text_fields(json, &reg.schema);
+    let value = apache_avro::types::Value::from(json);
+    let value = value.resolve(&reg.schema).map_err(err)?;
+    let body = apache_avro::to_avro_datum(&reg.schema, value).map_err(err)?;
+    let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + body.len());
+    out.extend_from_slice(&reg.header);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Avro cannot type arbitrary JSON, so schemas declare such fields (`event`, `parameters`, `detail`) as
+/// `string`: objects and arrays found where the schema wants a string are written as JSON text.
+fn json_text_fields(json: Value, schema: &apache_avro::Schema) -> Value {
+    use apache_avro::Schema as S;
+    match (json, schema) {
+        (Value::Object(mut obj), S::Record(rec)) => {
+            for field in &rec.fields {
+                if let Some(v) = obj.remove(&field.name) {
+                    obj.insert(field.name.clone(), json_text_fields(v, &field.schema));
+                }
+            }
+            Value::Object(obj)
+        }
+        (v @ (Value::Object(_) | Value::Array(_)), S::String) => Value::String(v.to_string()),
+        (v @ (Value::Object(_) | Value::Array(_)), S::Union(u))
+            if u.variants().iter().any(|s| matches!(s, S::String))
+                && !u
+                    .variants()
+                    .iter()
+                    .any(|s| matches!(s, S::Record(_) | S::Map(_) | S::Array(_))) =>
+        {
+            Value::String(v.to_string())
+        }
+        (v, S::Union(u)) => match u.variants().iter().find(|s| matches!(s, S::Record(_))) {
+            Some(inner) if v.is_object() => json_text_fields(v, inner),
+            _ => v,
+        },
+        (v, _) => v,
+    }
+}

@@ -1,0 +1,73 @@
+//! HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (Kafka and
+//! Redis reachable and every running stage has partitions assigned).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::kafka::runtime::StageHealth;
+use crate::telemetry::METRICS;
+
+/// What readiness is made of; updated by the health checker and the stages.
+#[derive(Default)]
+pub struct Health {
+    pub kafka_ok: AtomicBool,
+    pub redis_ok: AtomicBool,
+    pub stages: Vec<(&'static str, Arc<StageHealth>)>,
+}
+
+impl Health {
+    /// Reasons the process is not ready; empty when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.kafka_ok.load(Ordering::Relaxed) {
+            why.push("kafka unreachable".to_string());
+        }
+        if !self.redis_ok.load(Ordering::Relaxed) {
+            why.push("redis unreachable".to_string());
+        }
+        for (name, s) in &self.stages {
+            if !s.running.load(Ordering::Relaxed) {
+                why.push(format!("stage {name} not running"));
+            } else if s.assigned.load(Ordering::Relaxed) == 0 {
+                why.push(format!("stage {name} has no partitions assigned"));
+            }
+        }
+        why
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        METRICS.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let why = h.not_ready();
+    if why.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; ")))
+    }
+}
+
+/// The routes; extra routes (the approvals API) are merged in by the caller.
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+

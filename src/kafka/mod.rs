@@ -1,0 +1,259 @@
+//! Kafka plumbing shared by every stage: client settings, records, the producer, and the
+//! commit-safe consumer runtime ([`runtime`]).
+
+pub mod acks;
+pub mod runtime;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+
+use crate::codec::RecordView;
+use crate::config::KafkaConfig;
+
+/// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
+/// two that at-least-once depends on (refused by config validation).
+pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &cfg.consumer {
+        c.set(k, v);
+    }
+    // Offsets are stored by the runtime only once everything a record caused is acknowledged.
+    c.set("group.id", group)
+        .set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Settings every producer gets; `kafka.producer` entries win.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    for (k, v) in &cfg.producer {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Settings for admin and metadata clients.
+pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id);
+    c
+}
+
+/// A record read from Kafka, owned.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Kafka timestamp (milliseconds since the epoch), when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Input {
+    pub fn from_message<M: Message>(m: &M, topic: Arc<str>) -> Self {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Input {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+            timestamp_ms: m.timestamp().to_millis(),
+        }
+    }
+
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView {
+            key: self.key.as_deref(),
+            payload: &self.payload,
+            headers: &self.headers,
+        }
+    }
+}
+
+/// A record to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Output {
+    pub fn new(topic: impl Into<String>, key: impl Into<Vec<u8>>, payload: Vec<u8>) -> Self {
+        Output {
+            topic: topic.into(),
+            key: Some(key.into()),
+            payload,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, k: impl Into<String>, v: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// Header names of dead-letter records.
+pub mod dlq_headers {
+    pub const REASON: &str = "switchyard.dlq.reason";
+    pub const DETAIL: &str = "switchyard.dlq.detail";
+    pub const STAGE: &str = "switchyard.dlq.stage";
+    pub const SOURCE_TOPIC: &str = "switchyard.dlq.source.topic";
+    pub const SOURCE_PARTITION: &str = "switchyard.dlq.source.partition";
+    pub const SOURCE_OFFSET: &str = "switchyard.dlq.source.offset";
+    pub const TIME: &str = "switchyard.dlq.time";
+    /// Present when the payload was cut to `max_record_bytes`: the original size.
+    pub const TRUNCATED: &str = "switchyard.dlq.truncated";
+}
+
+/// The dead-letter record for an input: original key, payload (cut to `max_bytes`) and headers, plus
+/// headers giving the reason and where the record came from.
+pub fn dead_letter(
+    dlq_topic: &str,
+    stage: &str,
+    rec: &Input,
+    reason: &str,
+    detail: &str,
+    max_bytes: usize,
+) -> Output {
+    use dlq_headers::*;
+    let truncated = rec.payload.len() > max_bytes;
+    let mut headers = rec.headers.clone();
+    let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));
+    add(REASON, reason.to_string());
+    // Details can quote input; keep them bounded.
+    add(DETAIL, detail.chars().take(1024).collect());
+    add(STAGE, stage.to_string());
+    add(SOURCE_TOPIC, rec.topic.to_string());
+    add(SOURCE_PARTITION, rec.partition.to_string());
+    add(SOURCE_OFFSET, rec.offset.to_string());
+    add(TIME, crate::event::now_rfc3339());
+    if truncated {
+        add(TRUNCATED, rec.payload.len().to_string());
+    }
+    Output {
+        topic: dlq_topic.to_string(),
+        key: rec.key.clone(),
+        payload: rec.payload[..rec.payload.len().min(max_bytes)].to_vec(),
+        headers,
+    }
+}
+
+/// Why a produce could not even be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The record can never be written (too large for the broker or client, unknown topic, ...).
+    #[error("record for {topic} rejected: {source}")]
+    Rejected { topic: String, source: KafkaError },
+}
+
+/// The shared producer. Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    pub fn new(cfg: &ClientConfig) -> Result<Self, KafkaError> {
+        Ok(Producer {
+            inner: cfg.create()?,
+        })
+    }
+
+    /// Queues a record, waiting while the local queue is full; returns the delivery future.
+    /// `on_queue_full` is called for each wait (for metrics).
+    pub async fn enqueue(
+        &self,
+        out: &Output,
+        mut on_queue_full: impl FnMut(),
+    ) -> Result<DeliveryFuture, ProduceError> {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (k, v) in &out.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        loop {
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic)
+                .payload(out.payload.as_slice())
+                .headers(headers.clone());
+            if let Some(k) = &out.key {
+                rec = rec.key(k.as_slice());
+            }
+            match self.inner.send_result(rec) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    on_queue_full();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(ProduceError::Rejected {
+                        topic: out.topic.clone(),
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Queues a record and waits for the broker's acknowledgement.
+    pub async fn send(&self, out: &Output) -> Result<(i32, i64), KafkaError> {
+        let fut = self.enqueue(out, || {}).await.map_err(|e| match e {
+            ProduceError::Rejected { source, .. } => source,
+        })?;
+        match fut.await {
+            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        }
+    }
+
+    /// Waits until queued records are delivered (or the timeout passes).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+
+    pub fn inner(&self) -> &FutureProducer {
+        &self.inner
+    }
+}
+
+/// True when a broker or client error means the record itself is too large.
+pub fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
+}

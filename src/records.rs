@@ -1,0 +1,108 @@
+//! The records switchyard writes: CloudEvents whose `data` has the shapes below (Avro schemas of the
+//! same names live in `schemas/`), and the [`Emitter`] that encodes them for their topic.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::codec::{self, CONTENT_TYPE_HEADER};
+use crate::event::CloudEvent;
+use crate::kafka::runtime::ProcessError;
+use crate::kafka::Output;
+use crate::schema::SchemaRegistry;
+use crate::topics::TopicCatalog;
+
+/// Event types of switchyard's own records.
+pub mod types {
+    pub const TASK: &str = "switchyard.task";
+    pub const AUDIT: &str = "switchyard.audit";
+}
+
+/// `data` of a `switchyard.task` event: one agent's assignment for one routed event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskData {
+    pub task_id: String,
+    pub workflow_id: String,
+    pub agent: String,
+    pub route: String,
+    pub priority: i32,
+    pub resource: String,
+    pub tenant: String,
+    /// The input event (structured JSON; a JSON string when the topic is Avro-encoded).
+    #[serde(deserialize_with = "json_or_text")]
+    pub event: Value,
+}
+
+/// `data` of a `switchyard.audit` event: one decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditData {
+    pub decision: String,
+    pub stage: String,
+    pub resource: String,
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(deserialize_with = "json_or_text")]
+    pub detail: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// Accepts a JSON value, or JSON text (how Avro-encoded topics carry free-form fields).
+fn json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    let v = Value::deserialize(d)?;
+    Ok(match v {
+        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        other => other,
+    })
+}
+
+/// Trace id from a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id(traceparent: Option<&str>) -> Option<String> {
+    let tp = traceparent?;
+    let mut parts = tp.split('-');
+    let _version = parts.next()?;
+    let id = parts.next()?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// Encodes events for their topic (JSON or the topic's Avro schema) as keyed outputs.
+#[derive(Clone)]
+pub struct Emitter {
+    pub schemas: Arc<SchemaRegistry>,
+    pub topics: Arc<TopicCatalog>,
+}
+
+impl Emitter {
+    pub fn new(schemas: SchemaRegistry, topics: TopicCatalog) -> Self {
+        Emitter {
+            schemas: Arc::new(schemas),
+            topics: Arc::new(topics),
+        }
+    }
+
+    /// The output record for `ev` on `topic`, keyed by the event's subject (the resource id).
+    pub fn emit(&self, topic: &str, ev: &CloudEvent) -> Result<Output, ProcessError> {
+        let (encoding, schema) = self.topics.encoding_of(topic);
+        let enc = codec::encode(ev, encoding, schema, &self.schemas)
+            .map_err(|e| ProcessError::Fatal(format!("cannot encode {} for {topic}: {e}", ev.ty)))?;
+        let key = ev.subject.clone().unwrap_or_default();
+        Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
+    }
+}
+
+/// Serializes typed data into an event's `data`.
+pub fn data_value<T: Serialize>(data: &T) -> Result<Value, ProcessError> {
+    serde_json::to_value(data).map_err(|e| ProcessError::Fatal(format!("cannot serialize record data: {e}")))
+}

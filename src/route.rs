@@ -1,0 +1,546 @@
+//! Declarative routing: which agents an event goes to. Pure code, no I/O.
+//!
+//! A route matches on the input topic, a type pattern (`*` is a wildcard) and conditions on event
+//! attributes or data fields; every matching route contributes its agents. An agent named by several
+//! matching routes gets one task, attributed to the highest-priority route.
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::event::CloudEvent;
+
+/// A route as written in the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Unique name; appears in tasks, audit records and metrics.
+    pub name: String,
+    /// Input topics this route applies to; empty means every input topic.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Event type patterns, `*` matching any run of characters (`deployment.*`); empty means any type.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Conditions that must all hold.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+    /// Agents that receive a task when the route matches.
+    pub agents: Vec<String>,
+    /// Higher runs first and wins when two routes name the same agent.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// One condition on an attribute (`type`, `subject`, `tenant`, ...) or a data field (`data.env`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// Dotted path: `subject`, `tenant`, `data.environment`, `data.items.0.name`.
+    pub field: String,
+    pub op: Op,
+    /// Operand; not used by `exists` and `missing`; a list for `in` and `not_in`.
+    #[serde(default)]
+    pub value: Option<Value>,
+}
+
+/// Comparison operators of a [`Condition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Eq,
+    Ne,
+    In,
+    NotIn,
+    Exists,
+    Missing,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    /// Regular expression on a string value.
+    Matches,
+    /// Substring of a string, or element of an array.
+    Contains,
+    Prefix,
+}
+
+impl Op {
+    /// The name used in config files.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// A problem with one route, found when compiling it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteProblem {
+    pub route: String,
+    pub message: String,
+}
+
+enum Test {
+    Eq(Value),
+    Ne(Value),
+    In(Vec<Value>),
+    NotIn(Vec<Value>),
+    Exists,
+    Missing,
+    Cmp(Op, f64),
+    Matches(Regex),
+    Contains(Value),
+    Prefix(String),
+}
+
+struct CompiledCondition {
+    field: String,
+    test: Test,
+}
+
+struct CompiledRoute {
+    name: String,
+    topics: Vec<String>,
+    types: Vec<TypePattern>,
+    when: Vec<CompiledCondition>,
+    agents: Vec<String>,
+    priority: i32,
+}
+
+/// A type pattern with `*` wildcards.
+#[derive(Debug, Clone)]
+pub struct TypePattern {
+    parts: Vec<String>,
+}
+
+impl TypePattern {
+    pub fn new(pattern: &str) -> Self {
+        TypePattern {
+            parts: pattern.split('*').map(str::to_string).collect(),
+        }
+    }
+
+    pub fn matches(&self, s: &str) -> bool {
+        if self.parts.len() == 1 {
+            return self.parts[0] == s;
+        }
+        let (first, rest) = (&self.parts[0], &self.parts[1..]);
+        let Some(mut tail) = s.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        let (last, middle) = rest.split_last().expect("at least two parts");
+        for part in middle {
+            match tail.find(part.as_str()) {
+                Some(i) => tail = &tail[i + part.len()..],
+                None => return false,
+            }
+        }
+        tail.len() >= last.len() && tail.ends_with(last.as_str())
+    }
+}
+
+/// One agent an event is routed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub agent: String,
+    pub route: String,
+    pub priority: i32,
+}
+
+/// Compiled routes, ready to match.
+pub struct Router {
+    routes: Vec<CompiledRoute>,
+}
+
+impl Router {
+    /// Compiles routes, reporting every problem found (each naming its route).
+    pub fn new(specs: &[RouteSpec]) -> Result<Self, Vec<RouteProblem>> {
+        let mut problems = Vec::new();
+        let mut routes = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let label = if spec.name.is_empty() {
+                format!("routes[{i}]")
+            } else {
+                format!("routes[{i}] ({})", spec.name)
+            };
+            let mut problem = |m: String| {
+                problems.push(RouteProblem {
+                    route: label.clone(),
+                    message: m,
+                })
+            };
+            if spec.name.is_empty() {
+                problem("name must not be empty".into());
+            }
+            if specs[..i].iter().any(|s| s.name == spec.name) {
+                problem(format!("name {:?} is used by an earlier route", spec.name));
+            }
+            if spec.agents.is_empty() {
+                problem("agents must name at least one agent".into());
+            }
+            let mut when = Vec::new();
+            for (j, c) in spec.when.iter().enumerate() {
+                match compile_condition(c) {
+                    Ok(cc) => when.push(cc),
+                    Err(m) => problem(format!("when[{j}] (field {}): {m}", c.field)),
+                }
+            }
+            routes.push(CompiledRoute {
+                name: spec.name.clone(),
+                topics: spec.topics.clone(),
+                types: spec.types.iter().map(|t| TypePattern::new(t)).collect(),
+                when,
+                agents: spec.agents.clone(),
+                priority: spec.priority,
+            });
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        // Stable: equal priorities keep config order.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        Ok(Router { routes })
+    }
+
+    /// The agents an event on `topic` goes to, highest priority first, each agent once.
+    pub fn route(&self, topic: &str, ev: &CloudEvent) -> Vec<RouteMatch> {
+        let mut out: Vec<RouteMatch> = Vec::new();
+        for r in &self.routes {
+            if !r.topics.is_empty() && !r.topics.iter().any(|t| t == topic) {
+                continue;
+            }
+            if !r.types.is_empty() && !r.types.iter().any(|p| p.matches(&ev.ty)) {
+                continue;
+            }
+            if !r.when.iter().all(|c| eval(c, ev)) {
+                continue;
+            }
+            for a in &r.agents {
+                if !out.iter().any(|m| &m.agent == a) {
+                    out.push(RouteMatch {
+                        agent: a.clone(),
+                        route: r.name.clone(),
+                        priority: r.priority,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Names of every agent some route refers to.
+    pub fn agents(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.agents.iter().map(String::as_str))
+    }
+
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.name.as_str())
+    }
+}
+
+fn compile_condition(c: &Condition) -> Result<CompiledCondition, String> {
+    if c.field.is_empty() {
+        return Err("field must not be empty".into());
+    }
+    let need = |what: &str| -> Result<Value, String> {
+        c.value
+            .clone()
+            .ok_or_else(|| format!("op {} needs a value ({what})", c.op.name()))
+    };
+    let test = match c.op {
+        Op::Eq => Test::Eq(need("the value to compare with")?),
+        Op::Ne => Test::Ne(need("the value to compare with")?),
+        Op::In | Op::NotIn => match need("a list")? {
+            Value::Array(items) if c.op == Op::In => Test::In(items),
+            Value::Array(items) => Test::NotIn(items),
+            _ => return Err(format!("op {} needs a list value", c.op.name())),
+        },
+        Op::Exists => Test::Exists,
+        Op::Missing => Test::Missing,
+        Op::Gt | Op::Gte | Op::Lt | Op::Lte => match need("a number")?.as_f64() {
+            Some(n) => Test::Cmp(c.op, n),
+            None => return Err(format!("op {} needs a numeric value", c.op.name())),
+        },
+        Op::Matches => match need("a regular expression")? {
+            Value::String(re) => {
+                Test::Matches(Regex::new(&re).map_err(|e| format!("bad regular expression: {e}"))?)
+            }
+            _ => return Err("op matches needs a string value".into()),
+        },
+        Op::Contains => Test::Contains(need("the value to look for")?),
+        Op::Prefix => match need("a string")? {
+            Value::String(p) => Test::Prefix(p),
+            _ => return Err("op prefix needs a string value".into()),
+        },
+    };
+    Ok(CompiledCondition {
+        field: c.field.clone(),
+        test,
+    })
+}
+
+/// Equality that treats numbers by value (1 == 1.0) and otherwise compares JSON values.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn eval(c: &CompiledCondition, ev: &CloudEvent) -> bool {
+    let v = ev.lookup(&c.field);
+    match (&c.test, v) {
+        (Test::Exists, v) => v.is_some_and(|v| !v.is_null()),
+        (Test::Missing, v) => v.is_none_or(|v| v.is_null()),
+        (_, None) => matches!(c.test, Test::Ne(_) | Test::NotIn(_)),
+        (Test::Eq(x), Some(v)) => json_eq(&v, x),
+        (Test::Ne(x), Some(v)) => !json_eq(&v, x),
+        (Test::In(xs), Some(v)) => xs.iter().any(|x| json_eq(&v, x)),
+        (Test::NotIn(xs), Some(v)) => !xs.iter().any(|x| json_eq(&v, x)),
+        (Test::Cmp(op, n), Some(v)) => match v.as_f64() {
+            Some(x) => match op {
+                Op::Gt => x > *n,
+                Op::Gte => x >= *n,
+                Op::Lt => x < *n,
+                _ => x <= *n,
+            },
+            None => false,
+        },
+        (Test::Matches(re), Some(Value::String(s))) => re.is_match(&s),
+        (Test::Contains(x), Some(Value::String(s))) => x.as_str().is_some_and(|x| s.contains(x)),
+        (Test::Contains(x), Some(Value::Array(items))) => items.iter().any(|i| json_eq(i, x)),
+        (Test::Prefix(p), Some(Value::String(s))) => s.starts_with(p.as_str()),
+        _ => false,
+    }
+}
+
+/// Short stable hash of the given parts, hex encoded (128 bits).
+pub fn stable_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Deterministic workflow id for an input event: everything the event causes shares it.
+pub fn workflow_id(ev: &CloudEvent) -> String {
+    format!("wf-{}", stable_id(&[&ev.source, &ev.id]))
+}
+
+/// Deterministic task id: the same event routed to the same agent always yields the same id, so a
+/// redelivered event produces a recognisable duplicate task.
+pub fn task_id(ev: &CloudEvent, agent: &str) -> String {
+    format!("task-{}", stable_id(&[&ev.source, &ev.id, agent]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn spec(name: &str, types: &[&str], agents: &[&str], priority: i32) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            topics: vec![],
+            types: types.iter().map(|s| s.to_string()).collect(),
+            when: vec![],
+            agents: agents.iter().map(|s| s.to_string()).collect(),
+            priority,
+        }
+    }
+
+    fn ev(ty: &str, data: Value) -> CloudEvent {
+        CloudEvent::new("e1", "test", ty)
+            .with_subject("svc")
+            .with_data(data)
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(TypePattern::new("deployment.*").matches("deployment.started"));
+        assert!(!TypePattern::new("deployment.*").matches("deployments"));
+        assert!(TypePattern::new("*").matches(""));
+        assert!(TypePattern::new("a*b*c").matches("aXbYc"));
+        assert!(!TypePattern::new("a*b*c").matches("acb"));
+        assert!(!TypePattern::new("ab*ba").matches("aba"));
+        assert!(TypePattern::new("sla.breached").matches("sla.breached"));
+        assert!(!TypePattern::new("sla.breached").matches("sla.breached2"));
+    }
+
+    #[test]
+    fn routes_by_topic_type_and_conditions_with_priority() {
+        let mut prod = spec("prod", &["deployment.*"], &["deploy-guard", "auditor"], 10);
+        prod.topics = vec!["events.deployments".into()];
+        prod.when = vec![Condition {
+            field: "data.environment".into(),
+            op: Op::Eq,
+            value: Some(json!("production")),
+        }];
+        let any = spec("any", &[], &["auditor"], 1);
+        let r = Router::new(&[any, prod]).unwrap();
+        let e = ev("deployment.started", json!({"environment": "production"}));
+        let m = r.route("events.deployments", &e);
+        assert_eq!(
+            m,
+            vec![
+                RouteMatch {
+                    agent: "deploy-guard".into(),
+                    route: "prod".into(),
+                    priority: 10
+                },
+                RouteMatch {
+                    agent: "auditor".into(),
+                    route: "prod".into(),
+                    priority: 10
+                },
+            ]
+        );
+        let staging = ev("deployment.started", json!({"environment": "staging"}));
+        assert_eq!(r.route("events.deployments", &staging).len(), 1);
+        assert_eq!(r.route("other", &e)[0].route, "any");
+    }
+
+    #[test]
+    fn conditions() {
+        let e = ev(
+            "cost.threshold_exceeded",
+            json!({"spend": 150.5, "tags": ["x"], "name": "api-7", "z": null}),
+        );
+        let check = |op: Op, field: &str, value: Option<Value>| {
+            let c = compile_condition(&Condition {
+                field: field.into(),
+                op,
+                value,
+            })
+            .unwrap();
+            eval(&c, &e)
+        };
+        assert!(check(Op::Gt, "data.spend", Some(json!(100))));
+        assert!(!check(Op::Lt, "data.spend", Some(json!(100))));
+        assert!(check(Op::Gte, "data.spend", Some(json!(150.5))));
+        assert!(check(Op::In, "subject", Some(json!(["svc", "b"]))));
+        assert!(check(Op::NotIn, "data.nope", Some(json!(["svc"]))));
+        assert!(check(Op::Contains, "data.tags", Some(json!("x"))));
+        assert!(check(Op::Matches, "data.name", Some(json!("^api-[0-9]+$"))));
+        assert!(check(Op::Prefix, "data.name", Some(json!("api-"))));
+        assert!(check(Op::Missing, "data.z", None));
+        assert!(check(Op::Exists, "data.name", None));
+        assert!(check(Op::Ne, "data.missing", Some(json!(1))));
+        assert!(!check(Op::Eq, "data.missing", Some(json!(1))));
+        assert!(check(Op::Eq, "data.spend", Some(json!(150.5))));
+    }
+
+    #[test]
+    fn compile_reports_every_problem() {
+        let mut bad = spec("", &[], &[], 0);
+        bad.when = vec![
+            Condition {
+                field: "data.x".into(),
+                op: Op::Gt,
+                value: Some(json!("abc")),
+            },
+            Condition {
+                field: "data.y".into(),
+                op: Op::Matches,
+                value: Some(json!("(")),
+            },
+        ];
+        let dup1 = spec("a", &[], &["x"], 0);
+        let dup2 = spec("a", &[], &["x"], 0);
+        let problems = Router::new(&[bad, dup1, dup2]).err().unwrap();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.route, p.message))
+            .collect();
+        assert_eq!(problems.len(), 5, "{text:#?}");
+        assert!(text.iter().any(|t| t.contains("bad regular expression")));
+        assert!(text.iter().any(|t| t.contains("routes[2] (a)")));
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let e = ev("x", json!({}));
+        assert_eq!(task_id(&e, "a"), task_id(&e.clone(), "a"));
+        assert_ne!(task_id(&e, "a"), task_id(&e, "b"));
+        assert_ne!(stable_id(&["ab", "c"]), stable_id(&["a", "bc"]));
+        assert!(workflow_id(&e).starts_with("wf-"));
+    }
+
+    fn arb_type() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "deployment.started",
+            "deployment.completed",
+            "deployment.failed",
+            "sla.breached",
+            "sla.recovered",
+            "cost.threshold_exceeded",
+            "other.thing",
+        ])
+        .prop_map(str::to_string)
+    }
+
+    fn arb_spec() -> impl Strategy<Value = RouteSpec> {
+        (
+            "[a-z]{1,6}",
+            prop::collection::vec(
+                prop::sample::select(vec!["deployment.*", "sla.*", "*", "cost.threshold_exceeded"]),
+                0..3,
+            ),
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "d"]), 1..4),
+            -5i32..5,
+        )
+            .prop_map(|(name, types, agents, priority)| RouteSpec {
+                name,
+                topics: vec![],
+                types: types.into_iter().map(str::to_string).collect(),
+                when: vec![],
+                agents: agents.into_iter().map(str::to_string).collect(),
+                priority,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn routing_is_deterministic_unique_and_ordered(
+            specs in prop::collection::vec(arb_spec(), 0..6),
+            ty in arb_type(),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let specs: Vec<_> = specs.into_iter().filter(|s| seen.insert(s.name.clone())).collect();
+            let r = Router::new(&specs).unwrap();
+            let e = ev(&ty, json!({}));
+            let a = r.route("events.x", &e);
+            prop_assert_eq!(&a, &r.route("events.x", &e));
+            let mut agents: Vec<_> = a.iter().map(|m| m.agent.clone()).collect();
+            agents.sort();
+            agents.dedup();
+            prop_assert_eq!(agents.len(), a.len(), "an agent is routed twice");
+            prop_assert!(a.windows(2).all(|w| w[0].priority >= w[1].priority));
+            // Every agent of every matching route is present, and nothing else.
+            for s in &specs {
+                let hit = s.types.is_empty() || s.types.iter().any(|p| TypePattern::new(p).matches(&ty));
+                for ag in &s.agents {
+                    if hit { prop_assert!(a.iter().any(|m| &m.agent == ag)); }
+                }
+            }
+            for m in &a {
+                let s = specs.iter().find(|s| s.name == m.route).unwrap();
+                prop_assert!(s.agents.contains(&m.agent));
+            }
+        }
+
+        #[test]
+        fn glob_star_suffix_is_prefix_test(prefix in "[a-z.]{0,8}", s in "[a-z.]{0,12}") {
+            let p = TypePattern::new(&format!("{prefix}*"));
+            prop_assert_eq!(p.matches(&s), s.starts_with(&prefix));
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Route stage: input events → one task per matched agent on `switchyard.tasks`, keyed by resource.
+//!
+//! Undecodable records go to the dead-letter topic; events no route matches are counted and audited.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::codec;
+use crate::event::CloudEvent;
+use crate::kafka::runtime::{ProcessError, Processor};
+use crate::kafka::{Input, Output};
+use crate::records::{data_value, trace_id, types, AuditData, Emitter, TaskData};
+use crate::route::{stable_id, task_id, workflow_id, RouteMatch, Router};
+use crate::telemetry::METRICS;
+
+/// Source attribute of records the route stage writes.
+pub const SOURCE: &str = "switchyard/route";
+
+pub struct RouteStage {
+    pub router: Router,
+    pub emitter: Emitter,
+    pub tasks_topic: String,
+    pub audit_topic: String,
+}
+
+impl RouteStage {
+    /// The records one decoded event causes: its tasks and one audit record.
+    pub fn outputs_for(&self, topic: &str, ev: &CloudEvent) -> Result<Vec<Output>, ProcessError> {
+        let matches = self.router.route(topic, ev);
+        let resource = ev.subject.clone().unwrap_or_default();
+        let wf = workflow_id(ev);
+        let mut out = Vec::with_capacity(matches.len() + 1);
+        let mut task_ids = Vec::with_capacity(matches.len());
+        for m in &matches {
+            let task = self.task_event(ev, m, &resource, &wf)?;
+            task_ids.push(task.id.clone());
+            out.push(self.emitter.emit(&self.tasks_topic, &task)?);
+            METRICS.tasks_emitted.with_label_values(&[&m.route, &m.agent]).inc();
+        }
+        let (decision, reason, detail) = if matches.is_empty() {
+            ("unrouted", Some("no route matches".to_string()), json!({"topic": topic, "type": ev.ty}))
+        } else {
+            let routes: Vec<&str> = matches.iter().map(|m| m.route.as_str()).collect();
+            ("routed", None, json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes}))
+        };
+        METRICS.events_routed.with_label_values(&[topic, decision]).inc();
+        let audit = AuditData {
+            decision: decision.into(),
+            stage: "route".into(),
+            resource: resource.clone(),
+            tenant: ev.tenant().to_string(),
+            event_id: Some(ev.id.clone()),
+            task_id: None,
+            workflow_id: Some(wf.clone()),
+            trace_id: trace_id(ev.traceparent()),
+            reason,
+            detail,
+            prev_hash: None,
+            hash: None,
+        };
+        let mut audit_ev = CloudEvent::new(format!("audit-{}", stable_id(&[decision, &wf])), SOURCE, types::AUDIT)
+            .with_subject(resource)
+            .with_time_now()
+            .with_data(data_value(&audit)?)
+            .with_extension("tenant", ev.tenant());
+        if let Some(tp) = ev.traceparent() {
+            audit_ev = audit_ev.with_extension("traceparent", tp);
+        }
+        out.push(self.emitter.emit(&self.audit_topic, &audit_ev)?);
+        Ok(out)
+    }
+
+    fn task_event(&self, ev: &CloudEvent, m: &RouteMatch, resource: &str, wf: &str) -> Result<CloudEvent, ProcessError> {
+        let id = task_id(ev, &m.agent);
+        let data = TaskData {
+            task_id: id.clone(),
+            workflow_id: wf.to_string(),
+            agent: m.agent.clone(),
+            route: m.route.clone(),
+            priority: m.priority,
+            resource: resource.to_string(),
+            tenant: ev.tenant().to_string(),
+            event: data_value(ev)?,
+        };
+        let mut task = CloudEvent::new(id, SOURCE, types::TASK)
+            .with_subject(resource)
+            .with_time_now()
+            .with_data(data_value(&data)?)
+            .with_extension("tenant", ev.tenant());
+        if let Some(tp) = ev.traceparent() {
+            task = task.with_extension("traceparent", tp);
+        }
+        Ok(task)
+    }
+}
+
+impl Processor for RouteStage {
+    fn stage(&self) -> &'static str {
+        "route"
+    }
+
+    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+        let ev = codec::decode(rec.view(), &self.emitter.schemas).map_err(|e| ProcessError::Poison {
+            reason: e.reason(),
+            detail: e.to_string(),
+        })?;
+        self.outputs_for(&rec.topic, &ev)
+    }
+}

@@ -1,0 +1,188 @@
+//! Telemetry: every metric switchyard exports is named here, and logging is set up here.
+//!
+//! Names follow Prometheus conventions (`switchyard_<what>_<unit>[_total]`). Labels are bounded: stage,
+//! topic (from config), reason (fixed sets), route and agent (from config); never a resource id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
+    register_int_gauge_vec_with_registry, HistogramVec, IntCounterVec, IntGaugeVec, Registry,
+};
+
+use crate::config::LogFormat;
+
+/// All switchyard metrics, registered in one registry (plus process metrics).
+pub struct Metrics {
+    pub registry: Registry,
+    /// Records read from Kafka, by stage and topic.
+    pub records_consumed: IntCounterVec,
+    /// Records written and acknowledged by the broker, by stage and topic.
+    pub records_produced: IntCounterVec,
+    /// Records sent to the dead-letter topic, by stage and reason.
+    pub dlq_records: IntCounterVec,
+    /// Records a stage holds between poll and commit.
+    pub in_flight: IntGaugeVec,
+    /// Time from poll to every output acknowledged, by stage.
+    pub record_duration: HistogramVec,
+    /// Time from the input record's Kafka timestamp to its outputs being acknowledged, by stage.
+    pub end_to_end_latency: HistogramVec,
+    /// Offset commits by stage and result (`ok`, `error`).
+    pub commits: IntCounterVec,
+    /// Rebalance events by stage and kind (`assign`, `revoke`).
+    pub rebalances: IntCounterVec,
+    /// Partitions currently assigned, by stage.
+    pub assigned_partitions: IntGaugeVec,
+    /// Times a stage paused consumption because `max_in_flight` was reached.
+    pub backpressure_pauses: IntCounterVec,
+    /// Produce attempts retried because the local producer queue was full.
+    pub producer_queue_full: IntCounterVec,
+    /// Produce failures reported by the broker, by stage.
+    pub produce_errors: IntCounterVec,
+    /// Consumer errors reported by librdkafka, by stage.
+    pub consumer_errors: IntCounterVec,
+    /// Events the route stage read, by topic and outcome (`routed`, `unrouted`).
+    pub events_routed: IntCounterVec,
+    /// Tasks written, by route and agent.
+    pub tasks_emitted: IntCounterVec,
+    /// Approximate consumer lag (high watermark - position), by stage and topic.
+    pub consumer_lag: IntGaugeVec,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let latency_buckets = exponential_buckets(0.0005, 2.0, 18)?; // 0.5 ms .. ~65 s
+        Ok(Metrics {
+            records_consumed: register_int_counter_vec_with_registry!(
+                "switchyard_records_consumed_total",
+                "Records read from Kafka.",
+                &["stage", "topic"],
+                r
+            )?,
+            records_produced: register_int_counter_vec_with_registry!(
+                "switchyard_records_produced_total",
+                "Records written and acknowledged by the broker.",
+                &["stage", "topic"],
+                r
+            )?,
+            dlq_records: register_int_counter_vec_with_registry!(
+                "switchyard_dlq_records_total",
+                "Records sent to the dead-letter topic.",
+                &["stage", "reason"],
+                r
+            )?,
+            in_flight: register_int_gauge_vec_with_registry!(
+                "switchyard_in_flight_records",
+                "Records held between poll and commit.",
+                &["stage"],
+                r
+            )?,
+            record_duration: register_histogram_vec_with_registry!(
+                "switchyard_record_duration_seconds",
+                "Time from poll until every output of a record was acknowledged.",
+                &["stage"],
+                latency_buckets.clone(),
+                r
+            )?,
+            end_to_end_latency: register_histogram_vec_with_registry!(
+                "switchyard_end_to_end_latency_seconds",
+                "Time from the input record's timestamp until its outputs were acknowledged.",
+                &["stage"],
+                latency_buckets,
+                r
+            )?,
+            commits: register_int_counter_vec_with_registry!(
+                "switchyard_offset_commits_total",
+                "Synchronous offset commits (revoke, shutdown).",
+                &["stage", "result"],
+                r
+            )?,
+            rebalances: register_int_counter_vec_with_registry!(
+                "switchyard_rebalances_total",
+                "Consumer-group rebalance events.",
+                &["stage", "kind"],
+                r
+            )?,
+            assigned_partitions: register_int_gauge_vec_with_registry!(
+                "switchyard_assigned_partitions",
+                "Partitions currently assigned.",
+                &["stage"],
+                r
+            )?,
+            backpressure_pauses: register_int_counter_vec_with_registry!(
+                "switchyard_backpressure_pauses_total",
+                "Times consumption paused because max_in_flight was reached.",
+                &["stage"],
+                r
+            )?,
+            producer_queue_full: register_int_counter_vec_with_registry!(
+                "switchyard_producer_queue_full_total",
+                "Produce attempts retried because the producer queue was full.",
+                &["stage"],
+                r
+            )?,
+            produce_errors: register_int_counter_vec_with_registry!(
+                "switchyard_produce_errors_total",
+                "Produce failures reported by the broker or client.",
+                &["stage"],
+                r
+            )?,
+            consumer_errors: register_int_counter_vec_with_registry!(
+                "switchyard_consumer_errors_total",
+                "Consumer errors reported by librdkafka.",
+                &["stage"],
+                r
+            )?,
+            events_routed: register_int_counter_vec_with_registry!(
+                "switchyard_events_total",
+                "Events read by the route stage, by outcome (routed, unrouted).",
+                &["topic", "outcome"],
+                r
+            )?,
+            tasks_emitted: register_int_counter_vec_with_registry!(
+                "switchyard_tasks_emitted_total",
+                "Tasks written by the route stage.",
+                &["route", "agent"],
+                r
+            )?,
+            consumer_lag: register_int_gauge_vec_with_registry!(
+                "switchyard_consumer_lag_records",
+                "Approximate consumer lag (high watermark minus position, clamped at 0).",
+                &["stage", "topic"],
+                r
+            )?,
+            registry: r,
+        })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "Encoding metrics failed.");
+        }
+        buf
+    }
+}
+
+/// Sets up `tracing` output. `RUST_LOG`, when set, overrides `level`.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless; ignore the error.
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

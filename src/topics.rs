@@ -1,0 +1,247 @@
+//! Topic definitions (`topics/*.yaml`) and `switchyard topics apply`.
+//!
+//! `apply` creates what is missing and reports what differs; it never alters or deletes an existing
+//! topic (changing partition counts moves keys between partitions, which breaks per-resource order).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use serde::Deserialize;
+
+use crate::codec::Encoding;
+
+/// One topic, as defined in `topics/<name>.yaml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicDef {
+    /// Topic name.
+    pub name: String,
+    /// What the topic carries, for people.
+    #[serde(default)]
+    pub description: String,
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// What the record key is (documentation; switchyard keys its own records by resource id).
+    pub key: String,
+    /// Avro schema (file stem in `schemas/`) describing the records.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// How switchyard writes records to this topic.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Topic-level broker settings (`retention.ms`, `cleanup.policy`, ...).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// All topic definitions, by name.
+#[derive(Debug, Clone, Default)]
+pub struct TopicCatalog {
+    defs: BTreeMap<String, TopicDef>,
+}
+
+impl TopicCatalog {
+    /// Loads every `*.yaml` / `*.yml` file of a directory; problems are `(item, message)` pairs.
+    pub fn load_dir(dir: &Path) -> Result<Self, Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            vec![(
+                "topics.dir".to_string(),
+                format!("cannot read {}: {e}", dir.display()),
+            )]
+        })?;
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        paths.sort();
+        let mut defs = BTreeMap::new();
+        for path in paths {
+            let item = format!("topic file {}", path.display());
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_yaml::from_str::<TopicDef>(&t).map_err(|e| e.to_string()));
+            match parsed {
+                Err(m) => problems.push((item, m)),
+                Ok(def) => {
+                    if def.partitions < 1 {
+                        problems.push((item.clone(), "partitions must be at least 1".into()));
+                    }
+                    if def.replication_factor < 1 {
+                        problems.push((item.clone(), "replication_factor must be at least 1".into()));
+                    }
+                    if def.encoding == Encoding::Avro && def.schema.is_none() {
+                        problems.push((item.clone(), "encoding avro needs a schema".into()));
+                    }
+                    if defs.contains_key(&def.name) {
+                        problems.push((item, format!("topic {} is defined twice", def.name)));
+                    } else {
+                        defs.insert(def.name.clone(), def);
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(TopicCatalog { defs })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TopicDef> {
+        self.defs.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TopicDef> {
+        self.defs.values()
+    }
+
+    /// Encoding and schema switchyard uses to write to a topic (JSON when the topic is not defined).
+    pub fn encoding_of(&self, name: &str) -> (Encoding, Option<&str>) {
+        self.defs
+            .get(name)
+            .map(|d| (d.encoding, d.schema.as_deref()))
+            .unwrap_or((Encoding::Json, None))
+    }
+}
+
+/// What `apply` did or found for one topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApplyOutcome {
+    Created,
+    Unchanged,
+    /// Exists but differs; each string names one difference. Nothing is changed.
+    Differs(Vec<String>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicsError {
+    #[error("cannot reach Kafka at {brokers}: {detail}")]
+    Unreachable { brokers: String, detail: String },
+    #[error("creating topic {topic} failed: {detail}")]
+    Create { topic: String, detail: String },
+}
+
+/// Creates missing topics and reports differences of existing ones.
+pub async fn apply(
+    client: &ClientConfig,
+    defs: &[&TopicDef],
+    timeout: Duration,
+) -> Result<Vec<(String, ApplyOutcome)>, TopicsError> {
+    let brokers = client.get("bootstrap.servers").unwrap_or("?").to_string();
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(|e| TopicsError::Unreachable {
+            brokers: brokers.clone(),
+            detail: e.to_string(),
+        })?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| TopicsError::Unreachable {
+            brokers: brokers.clone(),
+            detail: e.to_string(),
+        })?;
+    let existing: BTreeMap<String, usize> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len()))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let mut out = Vec::new();
+    let missing: Vec<&TopicDef> = defs
+        .iter()
+        .copied()
+        .filter(|d| !existing.contains_key(&d.name))
+        .collect();
+    if !missing.is_empty() {
+        let new_topics: Vec<NewTopic> = missing
+            .iter()
+            .map(|d| {
+                let mut t = NewTopic::new(
+                    &d.name,
+                    d.partitions,
+                    TopicReplication::Fixed(d.replication_factor),
+                );
+                for (k, v) in &d.config {
+                    t = t.set(k, v);
+                }
+                t
+            })
+            .collect();
+        let results = admin
+            .create_topics(new_topics.iter(), &opts)
+            .await
+            .map_err(|e| TopicsError::Unreachable {
+                brokers: brokers.clone(),
+                detail: e.to_string(),
+            })?;
+        for r in results {
+            match r {
+                Ok(name) => out.push((name, ApplyOutcome::Created)),
+                // Another instance created it between our metadata read and now.
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    out.push((name, ApplyOutcome::Unchanged))
+                }
+                Err((name, code)) => {
+                    return Err(TopicsError::Create {
+                        topic: name,
+                        detail: code.to_string(),
+                    })
+                }
+            }
+        }
+    }
+    for d in defs.iter().filter(|d| existing.contains_key(&d.name)) {
+        let mut diffs = Vec::new();
+        let have = existing[&d.name];
+        if have != d.partitions as usize {
+            diffs.push(format!(
+                "has {have} partitions, definition says {} (not changed: repartitioning moves keys)",
+                d.partitions
+            ));
+        }
+        if !d.config.is_empty() {
+            match admin
+                .describe_configs([&ResourceSpecifier::Topic(&d.name)], &opts)
+                .await
+            {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(res)) => {
+                        for (k, want) in &d.config {
+                            let got = res.get(k).and_then(|e| e.value.clone());
+                            if got.as_deref() != Some(want.as_str()) {
+                                diffs.push(format!(
+                                    "{k} is {}, definition says {want}",
+                                    got.as_deref().unwrap_or("unset")
+                                ));
+                            }
+                        }
+                    }
+                    Some(Err(e)) => diffs.push(format!("cannot read its config: {e}")),
+                    None => diffs.push("broker returned no config".into()),
+                },
+                Err(e) => diffs.push(format!("cannot read its config: {e}")),
+            }
+        }
+        out.push((
+            d.name.clone(),
+            if diffs.is_empty() {
+                ApplyOutcome::Unchanged
+            } else {
+                ApplyOutcome::Differs(diffs)
+            },
+        ));
+    }
+    Ok(out)
+}
