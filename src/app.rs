@@ -44,9 +44,14 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
 }
 
 /// Runs the selected stages until `shutdown` is cancelled or a stage fails.
-pub async fn run(loaded: Loaded, stages: Vec<String>, shutdown: CancellationToken) -> Result<(), AppError> {
+pub async fn run(
+    loaded: Loaded,
+    stages: Vec<String>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let cfg = &loaded.config;
-    let producer = Producer::new(&producer_config(&cfg.kafka)).map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
+    let producer = Producer::new(&producer_config(&cfg.kafka))
+        .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
     let tracker = TaskTracker::new();
     // A failing stage stops the others too: the process exits non-zero and its supervisor restarts it.
@@ -78,21 +83,39 @@ pub async fn run(loaded: Loaded, stages: Vec<String>, shutdown: CancellationToke
     for stage in &stages {
         match stage.as_str() {
             "route" => {
-                let router = Router::new(&cfg.routes).map_err(|p| AppError::Setup(format!("routes are invalid: {p:?}")))?;
+                let router = Router::new(&cfg.routes)
+                    .map_err(|p| AppError::Setup(format!("routes are invalid: {p:?}")))?;
                 let p = RouteStage {
                     router,
                     emitter: emitter.clone(),
                     tasks_topic: cfg.topics.tasks.clone(),
                     audit_topic: cfg.topics.audit.clone(),
                 };
-                spawn(&tracker, &mut health, settings(&loaded, "route", cfg.topics.inputs.clone()), p, &producer, &stop, &tx);
+                spawn(
+                    &tracker,
+                    &mut health,
+                    settings(&loaded, "route", cfg.topics.inputs.clone()),
+                    p,
+                    &producer,
+                    &stop,
+                    &tx,
+                );
             }
-            other => return Err(AppError::Setup(format!("unknown stage {other:?} (this build has {})", STAGES.join(", ")))),
+            other => {
+                return Err(AppError::Setup(format!(
+                    "unknown stage {other:?} (this build has {})",
+                    STAGES.join(", ")
+                )))
+            }
         }
     }
     drop(tx);
     let health = Arc::new(health);
-    tracker.spawn(check_dependencies(loaded.clone(), health.clone(), stop.clone()));
+    tracker.spawn(check_dependencies(
+        loaded.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
     if cfg.http.enabled {
         let addr: SocketAddr = cfg
             .http
@@ -135,12 +158,17 @@ pub async fn run(loaded: Loaded, stages: Vec<String>, shutdown: CancellationToke
 /// Checks Kafka and Redis every few seconds for `/readyz`.
 async fn check_dependencies(loaded: Loaded, health: Arc<Health>, stop: CancellationToken) {
     let redis = redis::Client::open(loaded.config.redis.url.as_str()).ok();
-    let kafka: Option<Arc<BaseConsumer>> = admin_config(&loaded.config.kafka).create().ok().map(Arc::new);
+    let kafka: Option<Arc<BaseConsumer>> = admin_config(&loaded.config.kafka)
+        .create()
+        .ok()
+        .map(Arc::new);
     loop {
         if let Some(k) = kafka.clone() {
-            let ok = tokio::task::spawn_blocking(move || k.fetch_metadata(None, Duration::from_secs(3)).is_ok())
-                .await
-                .unwrap_or(false);
+            let ok = tokio::task::spawn_blocking(move || {
+                k.fetch_metadata(None, Duration::from_secs(3)).is_ok()
+            })
+            .await
+            .unwrap_or(false);
             health.kafka_ok.store(ok, Ordering::Relaxed);
         }
         if let Some(c) = &redis {

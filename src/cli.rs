@@ -16,13 +16,20 @@ use crate::kafka::{producer_config, Input, Output, Producer};
 pub fn parse_events(text: &str) -> Result<Vec<CloudEvent>, String> {
     let trimmed = text.trim_start();
     let values: Vec<(String, Value)> = if trimmed.starts_with('[') {
-        let v: Vec<Value> = serde_json::from_str(text).map_err(|e| format!("input is not a JSON array: {e}"))?;
-        v.into_iter().enumerate().map(|(i, v)| (format!("item {}", i + 1), v)).collect()
+        let v: Vec<Value> =
+            serde_json::from_str(text).map_err(|e| format!("input is not a JSON array: {e}"))?;
+        v.into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("item {}", i + 1), v))
+            .collect()
     } else {
         let mut out = Vec::new();
         let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
         for (i, v) in stream.enumerate() {
-            out.push((format!("event {}", i + 1), v.map_err(|e| format!("event {}: not valid JSON: {e}", i + 1))?));
+            out.push((
+                format!("event {}", i + 1),
+                v.map_err(|e| format!("event {}: not valid JSON: {e}", i + 1))?,
+            ));
         }
         out
     };
@@ -35,7 +42,11 @@ pub fn parse_events(text: &str) -> Result<Vec<CloudEvent>, String> {
         obj.entry("specversion").or_insert_with(|| json!("1.0"));
         let payload = serde_json::to_vec(&obj).map_err(|e| format!("{label}: {e}"))?;
         let ev = codec::decode(
-            codec::RecordView { key: None, payload: &payload, headers: &[] },
+            codec::RecordView {
+                key: None,
+                payload: &payload,
+                headers: &[],
+            },
             &Default::default(),
         )
         .map_err(|e| format!("{label}: {e}"))?;
@@ -56,11 +67,17 @@ pub enum Mode {
 }
 
 /// Builds the record for an event in the chosen mode.
-pub fn record_for(loaded: &Loaded, topic: &str, ev: &CloudEvent, mode: Mode) -> Result<Output, String> {
+pub fn record_for(
+    loaded: &Loaded,
+    topic: &str,
+    ev: &CloudEvent,
+    mode: Mode,
+) -> Result<Output, String> {
     let key = ev.subject.clone().unwrap_or_default();
     match mode {
         Mode::Structured => {
-            let enc = codec::encode(ev, Encoding::Json, None, &loaded.schemas).map_err(|e| e.to_string())?;
+            let enc = codec::encode(ev, Encoding::Json, None, &loaded.schemas)
+                .map_err(|e| e.to_string())?;
             Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
         }
         Mode::Avro => {
@@ -69,14 +86,18 @@ pub fn record_for(loaded: &Loaded, topic: &str, ev: &CloudEvent, mode: Mode) -> 
                 .get(topic)
                 .and_then(|d| d.schema.clone())
                 .ok_or_else(|| format!("topic {topic} has no schema in its definition"))?;
-            let enc = codec::encode(ev, Encoding::Avro, Some(&schema), &loaded.schemas).map_err(|e| e.to_string())?;
+            let enc = codec::encode(ev, Encoding::Avro, Some(&schema), &loaded.schemas)
+                .map_err(|e| e.to_string())?;
             Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
         }
         Mode::Binary => {
             let mut out = Output::new(
                 topic,
                 key,
-                ev.data.as_ref().map(|d| d.to_string().into_bytes()).unwrap_or_default(),
+                ev.data
+                    .as_ref()
+                    .map(|d| d.to_string().into_bytes())
+                    .unwrap_or_default(),
             );
             let mut attrs = serde_json::to_value(ev).map_err(|e| e.to_string())?;
             if let Some(obj) = attrs.as_object_mut() {
@@ -84,7 +105,9 @@ pub fn record_for(loaded: &Loaded, topic: &str, ev: &CloudEvent, mode: Mode) -> 
                 let ct = obj.remove("datacontenttype");
                 out = out.header(
                     CONTENT_TYPE_HEADER,
-                    ct.as_ref().and_then(Value::as_str).unwrap_or("application/json"),
+                    ct.as_ref()
+                        .and_then(Value::as_str)
+                        .unwrap_or("application/json"),
                 );
                 for (k, v) in obj.iter() {
                     let s = match v {
@@ -103,7 +126,9 @@ pub fn record_for(loaded: &Loaded, topic: &str, ev: &CloudEvent, mode: Mode) -> 
 pub fn read_input(path: &str) -> Result<String, String> {
     if path == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
         Ok(s)
     } else {
         std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
@@ -111,15 +136,26 @@ pub fn read_input(path: &str) -> Result<String, String> {
 }
 
 /// Sends events and prints where each landed.
-pub async fn publish(loaded: &Loaded, topic: &str, events: &[CloudEvent], mode: Mode) -> Result<(), String> {
-    let producer = Producer::new(&producer_config(&loaded.config.kafka)).map_err(|e| format!("cannot create producer: {e}"))?;
+pub async fn publish(
+    loaded: &Loaded,
+    topic: &str,
+    events: &[CloudEvent],
+    mode: Mode,
+) -> Result<(), String> {
+    let producer = Producer::new(&producer_config(&loaded.config.kafka))
+        .map_err(|e| format!("cannot create producer: {e}"))?;
     for ev in events {
         let out = record_for(loaded, topic, ev, mode)?;
         let (p, o) = producer
             .send(&out)
             .await
             .map_err(|e| format!("sending {} to {topic} failed: {e}", ev.id))?;
-        println!("sent {} ({}, subject {}) to {topic}[{p}]@{o}", ev.id, ev.ty, ev.subject.as_deref().unwrap_or("-"));
+        println!(
+            "sent {} ({}, subject {}) to {topic}[{p}]@{o}",
+            ev.id,
+            ev.ty,
+            ev.subject.as_deref().unwrap_or("-")
+        );
     }
     Ok(())
 }
@@ -138,7 +174,10 @@ pub fn record_json(loaded: &Loaded, rec: &Input) -> Value {
     o.insert("topic".into(), json!(&*rec.topic));
     o.insert("partition".into(), json!(rec.partition));
     o.insert("offset".into(), json!(rec.offset));
-    o.insert("key".into(), json!(rec.key.as_deref().map(String::from_utf8_lossy)));
+    o.insert(
+        "key".into(),
+        json!(rec.key.as_deref().map(String::from_utf8_lossy)),
+    );
     let sy: Map<String, Value> = rec
         .headers
         .iter()
@@ -150,21 +189,35 @@ pub fn record_json(loaded: &Loaded, rec: &Input) -> Value {
     }
     match codec::decode(rec.view(), &loaded.schemas) {
         Ok(ev) => {
-            o.insert("event".into(), serde_json::to_value(ev).unwrap_or(Value::Null));
+            o.insert(
+                "event".into(),
+                serde_json::to_value(ev).unwrap_or(Value::Null),
+            );
         }
         Err(e) => {
             o.insert("error".into(), json!(e.to_string()));
-            o.insert("payload".into(), json!(String::from_utf8_lossy(&rec.payload)));
+            o.insert(
+                "payload".into(),
+                json!(String::from_utf8_lossy(&rec.payload)),
+            );
         }
     }
     Value::Object(o)
 }
 
 /// Prints records of a topic as JSON lines. Reads partitions directly (no consumer group).
-pub fn tail(kafka: &KafkaConfig, loaded: &Loaded, topic: &str, opts: &TailOptions) -> Result<usize, String> {
-    let mut cfg = crate::kafka::consumer_config(kafka, &format!("switchyard-tail-{}", uuid::Uuid::new_v4()));
+pub fn tail(
+    kafka: &KafkaConfig,
+    loaded: &Loaded,
+    topic: &str,
+    opts: &TailOptions,
+) -> Result<usize, String> {
+    let mut cfg =
+        crate::kafka::consumer_config(kafka, &format!("switchyard-tail-{}", uuid::Uuid::new_v4()));
     cfg.set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg.create().map_err(|e| format!("cannot create consumer: {e}"))?;
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
@@ -175,10 +228,17 @@ pub fn tail(kafka: &KafkaConfig, loaded: &Loaded, topic: &str, opts: &TailOption
         .ok_or_else(|| format!("topic {topic} does not exist (run `switchyard topics apply`)"))?;
     let mut tpl = TopicPartitionList::new();
     for p in t.partitions() {
-        let start = if opts.from_beginning { Offset::Beginning } else { Offset::End };
-        tpl.add_partition_offset(topic, p.id(), start).map_err(|e| e.to_string())?;
+        let start = if opts.from_beginning {
+            Offset::Beginning
+        } else {
+            Offset::End
+        };
+        tpl.add_partition_offset(topic, p.id(), start)
+            .map_err(|e| e.to_string())?;
     }
-    consumer.assign(&tpl).map_err(|e| format!("cannot assign partitions: {e}"))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("cannot assign partitions: {e}"))?;
     let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
     let mut n = 0;
     let mut last = Instant::now();

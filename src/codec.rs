@@ -278,7 +278,10 @@ pub fn decode_single_object<'s>(
     Ok((reg, json))
 }
 
-fn decode_avro_envelope(payload: &[u8], schemas: &SchemaRegistry) -> Result<CloudEvent, DecodeError> {
+fn decode_avro_envelope(
+    payload: &[u8],
+    schemas: &SchemaRegistry,
+) -> Result<CloudEvent, DecodeError> {
     let (reg, json) = decode_single_object(payload, schemas)?;
     match json {
         Value::Object(obj) if obj.contains_key("specversion") => {

@@ -215,9 +215,13 @@ fn default_schemas_dir() -> PathBuf {
     "schemas".into()
 }
 fn default_inputs() -> Vec<String> {
-    ["events.deployments", "events.sla-breaches", "events.cost-thresholds"]
-        .map(String::from)
-        .to_vec()
+    [
+        "events.deployments",
+        "events.sla-breaches",
+        "events.cost-thresholds",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_tasks() -> String {
     "switchyard.tasks".into()
@@ -250,7 +254,13 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(KafkaConfig, RedisConfig, HttpConfig, LogConfig, TopicsConfig);
+default_from_serde!(
+    KafkaConfig,
+    RedisConfig,
+    HttpConfig,
+    LogConfig,
+    TopicsConfig
+);
 
 /// One problem in a config file, naming the item it is about.
 #[derive(Debug, Clone, PartialEq)]
@@ -315,10 +325,8 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        Self::from_yaml(&text, &base_dir, |k| std::env::var(k).ok()).map_err(|problems| Problems {
-            file,
-            problems,
-        })
+        Self::from_yaml(&text, &base_dir, |k| std::env::var(k).ok())
+            .map_err(|problems| Problems { file, problems })
     }
 
     /// Parses and validates YAML text. `env` supplies environment overrides (injected for tests).
@@ -413,7 +421,12 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             p("kafka.brokers", "must name at least one broker".into());
         }
-        for b in self.kafka.brokers.split(',').filter(|b| !b.trim().is_empty()) {
+        for b in self
+            .kafka
+            .brokers
+            .split(',')
+            .filter(|b| !b.trim().is_empty())
+        {
             if !b.trim().contains(':') {
                 p("kafka.brokers", format!("{b:?} has no port (host:port)"));
             }
@@ -429,7 +442,10 @@ impl Config {
         }
         for (k, v) in self.kafka.consumer.iter().chain(&self.kafka.producer) {
             if k.trim().is_empty() || v.is_empty() {
-                p("kafka.consumer/producer", format!("setting {k:?} has an empty name or value"));
+                p(
+                    "kafka.consumer/producer",
+                    format!("setting {k:?} has an empty name or value"),
+                );
             }
         }
         for reserved in ["enable.auto.offset.store", "group.id"] {
@@ -450,11 +466,17 @@ impl Config {
         if self.http.enabled && self.http.listen.parse::<SocketAddr>().is_err() {
             p(
                 "http.listen",
-                format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen),
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9464",
+                    self.http.listen
+                ),
             );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            p("log.level", format!("{:?} is not a valid filter", self.log.level));
+            p(
+                "log.level",
+                format!("{:?} is not a valid filter", self.log.level),
+            );
         }
         if self.topics.inputs.is_empty() {
             p("topics.inputs", "must name at least one input topic".into());

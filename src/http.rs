@@ -44,7 +44,10 @@ impl Health {
 
 async fn metrics() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         METRICS.render(),
     )
 }
@@ -58,7 +61,10 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     if why.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", why.join("; ")),
+        )
     }
 }
 
@@ -70,4 +76,3 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/readyz", get(readyz))
         .with_state(health)
 }
-

@@ -23,7 +23,13 @@ use switchyard::topics::{self, ApplyOutcome};
 #[command(name = "switchyard", version, about, long_about = None)]
 struct Cli {
     /// Config file. Environment overrides: SWITCHYARD_KAFKA_BROKERS, SWITCHYARD_REDIS_URL.
-    #[arg(short, long, global = true, env = "SWITCHYARD_CONFIG", default_value = "switchyard.yaml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "SWITCHYARD_CONFIG",
+        default_value = "switchyard.yaml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -103,7 +109,10 @@ fn load(path: &std::path::Path) -> Result<Loaded, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -144,7 +153,10 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
             });
             for s in &stages {
                 if !STAGES.contains(&s.as_str()) {
-                    return Err(format!("unknown stage {s:?}; this build has {}", STAGES.join(", ")));
+                    return Err(format!(
+                        "unknown stage {s:?}; this build has {}",
+                        STAGES.join(", ")
+                    ));
                 }
             }
             if stages.is_empty() {
@@ -153,7 +165,9 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
             let shutdown = CancellationToken::new();
             tokio::spawn(wait_for_signal(shutdown.clone()));
             tracing::info!(?stages, "Switchyard starting.");
-            app::run(l, stages, shutdown).await.map_err(|e| e.to_string())
+            app::run(l, stages, shutdown)
+                .await
+                .map_err(|e| e.to_string())
         }
         Command::Topics { command } => {
             let l = load(&cli.config)?;
@@ -174,9 +188,13 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                     Ok(())
                 }
                 TopicsCommand::Apply => {
-                    let results = topics::apply(&admin_config(&l.config.kafka), &defs, Duration::from_secs(15))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let results = topics::apply(
+                        &admin_config(&l.config.kafka),
+                        &defs,
+                        Duration::from_secs(15),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                     let (mut created, mut unchanged, mut differs) = (0, 0, 0);
                     for (name, outcome) in results {
                         match outcome {
@@ -199,7 +217,17 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 }
             }
         }
-        Command::Publish { topic, file, ty, subject, source, id, data, tenant, mode } => {
+        Command::Publish {
+            topic,
+            file,
+            ty,
+            subject,
+            source,
+            id,
+            data,
+            tenant,
+            mode,
+        } => {
             let l = load(&cli.config)?;
             let events = match file {
                 Some(f) => cli::parse_events(&cli::read_input(&f)?)?,
@@ -214,7 +242,8 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                         ev = ev.with_subject(s);
                     }
                     if let Some(d) = data {
-                        let v: Value = serde_json::from_str(&d).map_err(|e| format!("--data is not valid JSON: {e}"))?;
+                        let v: Value = serde_json::from_str(&d)
+                            .map_err(|e| format!("--data is not valid JSON: {e}"))?;
                         ev = ev.with_data(v);
                     }
                     if let Some(t) = tenant.clone() {
@@ -235,7 +264,12 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 .collect();
             cli::publish(&l, &topic, &events, mode).await
         }
-        Command::Tail { topic, from_beginning, max, idle_timeout_ms } => {
+        Command::Tail {
+            topic,
+            from_beginning,
+            max,
+            idle_timeout_ms,
+        } => {
             let l = load(&cli.config)?;
             let opts = TailOptions {
                 from_beginning,
@@ -255,15 +289,16 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot install SIGTERM handler.");
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot install SIGTERM handler.");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

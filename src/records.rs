@@ -95,8 +95,9 @@ impl Emitter {
     /// The output record for `ev` on `topic`, keyed by the event's subject (the resource id).
     pub fn emit(&self, topic: &str, ev: &CloudEvent) -> Result<Output, ProcessError> {
         let (encoding, schema) = self.topics.encoding_of(topic);
-        let enc = codec::encode(ev, encoding, schema, &self.schemas)
-            .map_err(|e| ProcessError::Fatal(format!("cannot encode {} for {topic}: {e}", ev.ty)))?;
+        let enc = codec::encode(ev, encoding, schema, &self.schemas).map_err(|e| {
+            ProcessError::Fatal(format!("cannot encode {} for {topic}: {e}", ev.ty))
+        })?;
         let key = ev.subject.clone().unwrap_or_default();
         Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
     }
@@ -104,5 +105,6 @@ impl Emitter {
 
 /// Serializes typed data into an event's `data`.
 pub fn data_value<T: Serialize>(data: &T) -> Result<Value, ProcessError> {
-    serde_json::to_value(data).map_err(|e| ProcessError::Fatal(format!("cannot serialize record data: {e}")))
+    serde_json::to_value(data)
+        .map_err(|e| ProcessError::Fatal(format!("cannot serialize record data: {e}")))
 }

@@ -491,7 +491,12 @@ mod tests {
         (
             "[a-z]{1,6}",
             prop::collection::vec(
-                prop::sample::select(vec!["deployment.*", "sla.*", "*", "cost.threshold_exceeded"]),
+                prop::sample::select(vec![
+                    "deployment.*",
+                    "sla.*",
+                    "*",
+                    "cost.threshold_exceeded",
+                ]),
                 0..3,
             ),
             prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "d"]), 1..4),

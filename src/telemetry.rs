@@ -6,8 +6,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_gauge_vec_with_registry, HistogramVec, IntCounterVec, IntGaugeVec, Registry,
+    exponential_buckets, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry, HistogramVec,
+    IntCounterVec, IntGaugeVec, Registry,
 };
 
 use crate::config::LogFormat;
@@ -50,13 +51,16 @@ pub struct Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
+pub static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
 
 impl Metrics {
     fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let latency_buckets = exponential_buckets(0.0005, 2.0, 18)?; // 0.5 ms .. ~65 s
         Ok(Metrics {
             records_consumed: register_int_counter_vec_with_registry!(
@@ -179,7 +183,8 @@ pub fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests) is harmless; ignore the error.
     let _ = match format {
         LogFormat::Human => builder.try_init(),

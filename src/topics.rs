@@ -78,7 +78,8 @@ impl TopicCatalog {
                         problems.push((item.clone(), "partitions must be at least 1".into()));
                     }
                     if def.replication_factor < 1 {
-                        problems.push((item.clone(), "replication_factor must be at least 1".into()));
+                        problems
+                            .push((item.clone(), "replication_factor must be at least 1".into()));
                     }
                     if def.encoding == Encoding::Avro && def.schema.is_none() {
                         problems.push((item.clone(), "encoding avro needs a schema".into()));
@@ -144,13 +145,14 @@ pub async fn apply(
             brokers: brokers.clone(),
             detail: e.to_string(),
         })?;
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, timeout)
-        .map_err(|e| TopicsError::Unreachable {
-            brokers: brokers.clone(),
-            detail: e.to_string(),
-        })?;
+    let metadata =
+        admin
+            .inner()
+            .fetch_metadata(None, timeout)
+            .map_err(|e| TopicsError::Unreachable {
+                brokers: brokers.clone(),
+                detail: e.to_string(),
+            })?;
     let existing: BTreeMap<String, usize> = metadata
         .topics()
         .iter()

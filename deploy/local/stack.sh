@@ -204,12 +204,18 @@ service_port() {
     printf '%s' "$p"
 }
 
-# True if pid exists, is not a zombie and runs the expected program.
-pid_alive() {
-    local pid="$1" name="$2" state
+# True if pid exists and is not a zombie.
+pid_exists() {
+    local pid="$1" state
     kill -0 "$pid" 2>/dev/null || return 1
     state="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-    [[ -n "$state" && "$state" != Z ]] || return 1
+    [[ -n "$state" && "$state" != Z ]]
+}
+
+# True if pid exists, is not a zombie and runs the expected program.
+pid_alive() {
+    local pid="$1" name="$2"
+    pid_exists "$pid" || return 1
     grep -qaF -- "$name" "/proc/$pid/cmdline" 2>/dev/null
 }
 
@@ -344,7 +350,8 @@ start_service() {
             log "$svc is up (pid $pid, $HOST:$port, ~$((SECONDS - start))s)"
             return 0
         fi
-        if ! pid_alive "$pid" "$(proc_name "$svc")"; then
+        # Only existence here: until the subshell has exec'd, its command line is still bash's.
+        if ! pid_exists "$pid"; then
             show_log_tail "$logf"
             rm -f "$(pid_file "$svc")"
             die "$svc exited during startup (see $logf)"

@@ -37,7 +37,10 @@ use crate::telemetry::METRICS;
 pub enum ProcessError {
     /// The record can never be processed: it goes to the dead-letter topic and the partition moves on.
     #[error("{reason}: {detail}")]
-    Poison { reason: &'static str, detail: String },
+    Poison {
+        reason: &'static str,
+        detail: String,
+    },
     /// A dependency is unavailable: the same record is retried after a backoff, never skipped.
     #[error("transient: {0}")]
     Transient(String),
@@ -59,7 +62,10 @@ pub trait Processor: Send + Sync + 'static {
 
     /// Turns one record into the records it causes. Called again for the same record after a
     /// [`ProcessError::Transient`] error or a redelivery, so effects must be idempotent.
-    fn process(&self, rec: Arc<Input>) -> impl Future<Output = Result<Vec<Output>, ProcessError>> + Send;
+    fn process(
+        &self,
+        rec: Arc<Input>,
+    ) -> impl Future<Output = Result<Vec<Output>, ProcessError>> + Send;
 }
 
 /// What a stage needs besides its processor.
@@ -87,9 +93,15 @@ pub enum RuntimeError {
     #[error("cannot create consumer: {0}")]
     Create(KafkaError),
     #[error("cannot subscribe to {topics:?}: {source}")]
-    Subscribe { topics: Vec<String>, source: KafkaError },
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
     #[error("stage {stage} stopped: {message}")]
-    Fatal { stage: &'static str, message: String },
+    Fatal {
+        stage: &'static str,
+        message: String,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,11 +153,14 @@ impl Part {
     }
 }
 
+/// Assigned partitions by (topic, partition).
+type PartMap = HashMap<(Arc<str>, i32), Arc<Part>>;
+
 struct Shared<P: Processor> {
     processor: Arc<P>,
     producer: Producer,
     settings: StageSettings,
-    parts: Mutex<HashMap<(Arc<str>, i32), Arc<Part>>>,
+    parts: Mutex<PartMap>,
     permits: Arc<Semaphore>,
     handle: tokio::runtime::Handle,
     /// Set when the stage must stop because of a fatal error.
@@ -191,7 +206,10 @@ impl<P: Processor> ClientContext for Ctx<P> {
                 .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
                 .map(|p| p.consumer_lag)
                 .sum();
-            METRICS.consumer_lag.with_label_values(&[stage, name]).set(lag.max(0));
+            METRICS
+                .consumer_lag
+                .with_label_values(&[stage, name])
+                .set(lag.max(0));
         }
     }
 }
@@ -200,7 +218,10 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let stage = self.shared.stage();
-            METRICS.rebalances.with_label_values(&[stage, "revoke"]).inc();
+            METRICS
+                .rebalances
+                .with_label_values(&[stage, "revoke"])
+                .inc();
             let revoked: Vec<Arc<Part>> = {
                 let mut parts = lock(&self.shared.parts);
                 tpl.elements()
@@ -214,10 +235,17 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                     })
                     .collect()
             };
-            tracing::info!(stage, partitions = revoked.len(), "Partitions revoked; draining in-flight records.");
+            tracing::info!(
+                stage,
+                partitions = revoked.len(),
+                "Partitions revoked; draining in-flight records."
+            );
             drain_and_commit(&self.shared, consumer, &revoked);
             self.shared.health.assigned.store(0, Ordering::Relaxed);
-            METRICS.assigned_partitions.with_label_values(&[stage]).set(0);
+            METRICS
+                .assigned_partitions
+                .with_label_values(&[stage])
+                .set(0);
         }
     }
 
@@ -225,7 +253,10 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
         let stage = self.shared.stage();
         match rebalance {
             Rebalance::Assign(tpl) => {
-                METRICS.rebalances.with_label_values(&[stage, "assign"]).inc();
+                METRICS
+                    .rebalances
+                    .with_label_values(&[stage, "assign"])
+                    .inc();
                 let mut parts = lock(&self.shared.parts);
                 for e in tpl.elements() {
                     let key: (Arc<str>, i32) = (Arc::from(e.topic()), e.partition());
@@ -240,9 +271,15 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                         })
                     });
                 }
-                let n = consumer.assignment().map(|a| a.count()).unwrap_or(parts.len());
+                let n = consumer
+                    .assignment()
+                    .map(|a| a.count())
+                    .unwrap_or(parts.len());
                 self.shared.health.assigned.store(n, Ordering::Relaxed);
-                METRICS.assigned_partitions.with_label_values(&[stage]).set(n as i64);
+                METRICS
+                    .assigned_partitions
+                    .with_label_values(&[stage])
+                    .set(n as i64);
                 tracing::info!(stage, partitions = n, "Partitions assigned.");
             }
             Rebalance::Error(e) => {
@@ -282,12 +319,20 @@ fn drain_and_commit<P: Processor>(
         .is_ok()
     });
     if !drained {
-        tracing::warn!(stage = shared.stage(), timeout_ms = deadline.as_millis() as u64, "In-flight records did not finish before the drain timeout; they will be redelivered.");
+        tracing::warn!(
+            stage = shared.stage(),
+            timeout_ms = deadline.as_millis() as u64,
+            "In-flight records did not finish before the drain timeout; they will be redelivered."
+        );
     }
     let mut tpl = TopicPartitionList::new();
     for p in parts {
         if let Some(done) = lock(&p.state).acks.released() {
-            if let Err(e) = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(commit_position(done))) {
+            if let Err(e) = tpl.add_partition_offset(
+                &p.topic,
+                p.partition,
+                Offset::Offset(commit_position(done)),
+            ) {
                 tracing::warn!(error = %e, "Cannot build commit list.");
             }
         }
@@ -295,7 +340,11 @@ fn drain_and_commit<P: Processor>(
     commit_sync(shared.stage(), consumer, &tpl);
 }
 
-fn commit_sync<C: ConsumerContext>(stage: &'static str, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
+fn commit_sync<C: ConsumerContext>(
+    stage: &'static str,
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+) {
     if tpl.count() == 0 {
         return;
     }
@@ -334,7 +383,9 @@ pub async fn run_stage<P: Processor>(
     });
     let consumer: BaseConsumer<Ctx<P>> = settings
         .consumer
-        .create_with_context(Ctx { shared: shared.clone() })
+        .create_with_context(Ctx {
+            shared: shared.clone(),
+        })
         .map_err(RuntimeError::Create)?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
@@ -373,7 +424,11 @@ pub async fn run_stage<P: Processor>(
     }
 }
 
-fn poll_loop<P: Processor>(shared: &Arc<Shared<P>>, consumer: &BaseConsumer<Ctx<P>>, shutdown: &CancellationToken) {
+fn poll_loop<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    consumer: &BaseConsumer<Ctx<P>>,
+    shutdown: &CancellationToken,
+) {
     let stage = shared.stage();
     let mut paused = false;
     tracing::info!(stage, topics = ?shared.settings.topics, group = %shared.settings.group_id, "Stage started.");
@@ -394,7 +449,10 @@ fn poll_loop<P: Processor>(shared: &Arc<Shared<P>>, consumer: &BaseConsumer<Ctx<
             }
             Err(_) => {
                 if !paused {
-                    METRICS.backpressure_pauses.with_label_values(&[stage]).inc();
+                    METRICS
+                        .backpressure_pauses
+                        .with_label_values(&[stage])
+                        .inc();
                     tracing::debug!(stage, "In-flight limit reached; pausing consumption.");
                     paused = true;
                 }
@@ -405,7 +463,11 @@ fn poll_loop<P: Processor>(shared: &Arc<Shared<P>>, consumer: &BaseConsumer<Ctx<
                 None
             }
         };
-        let timeout = if permit.is_some() { Duration::from_millis(100) } else { Duration::from_millis(10) };
+        let timeout = if permit.is_some() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(10)
+        };
         match consumer.poll(timeout) {
             None => {}
             Some(Ok(msg)) => {
@@ -414,7 +476,10 @@ fn poll_loop<P: Processor>(shared: &Arc<Shared<P>>, consumer: &BaseConsumer<Ctx<
                     continue;
                 };
                 let rec = Input::from_message(&msg, part.topic.clone());
-                METRICS.records_consumed.with_label_values(&[stage, msg.topic()]).inc();
+                METRICS
+                    .records_consumed
+                    .with_label_values(&[stage, msg.topic()])
+                    .inc();
                 dispatch(shared, &part, rec, permit);
             }
             Some(Err(e)) => {
@@ -425,7 +490,11 @@ fn poll_loop<P: Processor>(shared: &Arc<Shared<P>>, consumer: &BaseConsumer<Ctx<
     }
     // Shutdown: drain every partition and commit synchronously.
     let parts: Vec<Arc<Part>> = lock(&shared.parts).drain().map(|(_, p)| p).collect();
-    tracing::info!(stage, partitions = parts.len(), "Stage stopping; draining in-flight records.");
+    tracing::info!(
+        stage,
+        partitions = parts.len(),
+        "Stage stopping; draining in-flight records."
+    );
     drain_and_commit(shared, consumer, &parts);
 }
 
@@ -436,7 +505,11 @@ fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P
         if let Some(done) = st.acks.released() {
             if st.stored != Some(done) {
                 st.stored = Some(done);
-                let _ = tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(commit_position(done)));
+                let _ = tpl.add_partition_offset(
+                    &part.topic,
+                    part.partition,
+                    Offset::Offset(commit_position(done)),
+                );
             }
         }
     }
@@ -447,7 +520,12 @@ fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P
     }
 }
 
-fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, rec: Input, permit: Option<OwnedSemaphorePermit>) {
+fn dispatch<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    part: &Arc<Part>,
+    rec: Input,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     let lane = shared.processor.lane(&rec);
     let offset = rec.offset;
     let work = Work {
@@ -478,7 +556,9 @@ fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, rec: Input,
     };
     if let Some(work) = start {
         part.active.fetch_add(1, Ordering::AcqRel);
-        shared.handle.spawn(run_lane(shared.clone(), part.clone(), lane, work));
+        shared
+            .handle
+            .spawn(run_lane(shared.clone(), part.clone(), lane, work));
     }
 }
 
@@ -519,10 +599,24 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
     let s = &shared.settings;
     let rec = work.rec.clone();
     let outputs = if rec.payload.len() > s.max_record_bytes {
-        let detail = format!("payload is {} bytes, limit is {}", rec.payload.len(), s.max_record_bytes);
-        METRICS.dlq_records.with_label_values(&[stage, "too_large"]).inc();
+        let detail = format!(
+            "payload is {} bytes, limit is {}",
+            rec.payload.len(),
+            s.max_record_bytes
+        );
+        METRICS
+            .dlq_records
+            .with_label_values(&[stage, "too_large"])
+            .inc();
         tracing::warn!(stage, topic = %rec.topic, partition = rec.partition, offset = rec.offset, "Record too large; sent to the dead-letter topic.");
-        vec![dead_letter(&s.dlq_topic, stage, &rec, "too_large", &detail, s.max_record_bytes)]
+        vec![dead_letter(
+            &s.dlq_topic,
+            stage,
+            &rec,
+            "too_large",
+            &detail,
+            s.max_record_bytes,
+        )]
     } else {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -533,9 +627,19 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
             match shared.processor.process(rec.clone()).await {
                 Ok(outs) => break outs,
                 Err(ProcessError::Poison { reason, detail }) => {
-                    METRICS.dlq_records.with_label_values(&[stage, reason]).inc();
+                    METRICS
+                        .dlq_records
+                        .with_label_values(&[stage, reason])
+                        .inc();
                     tracing::warn!(stage, topic = %rec.topic, partition = rec.partition, offset = rec.offset, reason, detail = %detail, "Record sent to the dead-letter topic.");
-                    break vec![dead_letter(&s.dlq_topic, stage, &rec, reason, &detail, s.max_record_bytes)];
+                    break vec![dead_letter(
+                        &s.dlq_topic,
+                        stage,
+                        &rec,
+                        reason,
+                        &detail,
+                        s.max_record_bytes,
+                    )];
                 }
                 Err(ProcessError::Transient(m)) => {
                     tracing::warn!(stage, topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %m, backoff_ms = backoff.as_millis() as u64, "Processing failed transiently; retrying the same record.");
@@ -543,7 +647,10 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(ProcessError::Fatal(m)) => {
-                    shared.set_fatal(format!("{}[{}]@{}: {m}", rec.topic, rec.partition, rec.offset));
+                    shared.set_fatal(format!(
+                        "{}[{}]@{}: {m}",
+                        rec.topic, rec.partition, rec.offset
+                    ));
                     release(shared, part);
                     return;
                 }
@@ -555,18 +662,35 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
     for out in outputs {
         match shared
             .producer
-            .enqueue(&out, || METRICS.producer_queue_full.with_label_values(&[stage]).inc())
+            .enqueue(&out, || {
+                METRICS
+                    .producer_queue_full
+                    .with_label_values(&[stage])
+                    .inc()
+            })
             .await
         {
             Ok(f) => {
                 futures.push(f);
                 sent.push(out);
             }
-            Err(super::ProduceError::Rejected { topic, source }) if is_too_large(&source) && out.topic != s.dlq_topic => {
+            Err(super::ProduceError::Rejected { topic, source })
+                if is_too_large(&source) && out.topic != s.dlq_topic =>
+            {
                 // An output the broker will never take: dead-letter the input instead.
-                METRICS.dlq_records.with_label_values(&[stage, "output_too_large"]).inc();
+                METRICS
+                    .dlq_records
+                    .with_label_values(&[stage, "output_too_large"])
+                    .inc();
                 let detail = format!("an output record for {topic} is too large: {source}");
-                let dl = dead_letter(&s.dlq_topic, stage, &rec, "output_too_large", &detail, s.max_record_bytes);
+                let dl = dead_letter(
+                    &s.dlq_topic,
+                    stage,
+                    &rec,
+                    "output_too_large",
+                    &detail,
+                    s.max_record_bytes,
+                );
                 match shared.producer.enqueue(&dl, || {}).await {
                     Ok(f) => {
                         futures.push(f);
@@ -601,7 +725,11 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
 
 /// Waits for every delivery; re-sends a failed record up to `delivery_retries` times. Returns false
 /// (after stopping the stage) when a record could not be delivered.
-async fn await_deliveries<P: Processor>(shared: &Arc<Shared<P>>, futures: Vec<DeliveryFuture>, sent: Vec<Output>) -> bool {
+async fn await_deliveries<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    futures: Vec<DeliveryFuture>,
+    sent: Vec<Output>,
+) -> bool {
     let stage = shared.stage();
     for (fut, out) in futures.into_iter().zip(sent) {
         let mut result = fut.await;
@@ -609,7 +737,10 @@ async fn await_deliveries<P: Processor>(shared: &Arc<Shared<P>>, futures: Vec<De
         loop {
             let error = match result {
                 Ok(Ok(_)) => {
-                    METRICS.records_produced.with_label_values(&[stage, &out.topic]).inc();
+                    METRICS
+                        .records_produced
+                        .with_label_values(&[stage, &out.topic])
+                        .inc();
                     break;
                 }
                 Ok(Err((e, _))) => e.to_string(),
@@ -617,7 +748,10 @@ async fn await_deliveries<P: Processor>(shared: &Arc<Shared<P>>, futures: Vec<De
             };
             METRICS.produce_errors.with_label_values(&[stage]).inc();
             if attempt >= shared.settings.delivery_retries {
-                shared.set_fatal(format!("delivery to {} failed after {attempt} retries: {error}", out.topic));
+                shared.set_fatal(format!(
+                    "delivery to {} failed after {attempt} retries: {error}",
+                    out.topic
+                ));
                 return false;
             }
             attempt += 1;
@@ -643,10 +777,16 @@ fn complete<P: Processor>(shared: &Shared<P>, part: &Part, work: &Work) {
             tracing::error!(stage, error = %e, "Ack tracker refused a completion.");
         }
     }
-    METRICS.record_duration.with_label_values(&[stage]).observe(work.polled_at.elapsed().as_secs_f64());
+    METRICS
+        .record_duration
+        .with_label_values(&[stage])
+        .observe(work.polled_at.elapsed().as_secs_f64());
     if let Some(ts) = work.rec.timestamp_ms {
         let now = chrono::Utc::now().timestamp_millis();
-        METRICS.end_to_end_latency.with_label_values(&[stage]).observe(((now - ts).max(0) as f64) / 1000.0);
+        METRICS
+            .end_to_end_latency
+            .with_label_values(&[stage])
+            .observe(((now - ts).max(0) as f64) / 1000.0);
     }
     release(shared, part);
 }

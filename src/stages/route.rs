@@ -36,15 +36,29 @@ impl RouteStage {
             let task = self.task_event(ev, m, &resource, &wf)?;
             task_ids.push(task.id.clone());
             out.push(self.emitter.emit(&self.tasks_topic, &task)?);
-            METRICS.tasks_emitted.with_label_values(&[&m.route, &m.agent]).inc();
+            METRICS
+                .tasks_emitted
+                .with_label_values(&[&m.route, &m.agent])
+                .inc();
         }
         let (decision, reason, detail) = if matches.is_empty() {
-            ("unrouted", Some("no route matches".to_string()), json!({"topic": topic, "type": ev.ty}))
+            (
+                "unrouted",
+                Some("no route matches".to_string()),
+                json!({"topic": topic, "type": ev.ty}),
+            )
         } else {
             let routes: Vec<&str> = matches.iter().map(|m| m.route.as_str()).collect();
-            ("routed", None, json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes}))
+            (
+                "routed",
+                None,
+                json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes}),
+            )
         };
-        METRICS.events_routed.with_label_values(&[topic, decision]).inc();
+        METRICS
+            .events_routed
+            .with_label_values(&[topic, decision])
+            .inc();
         let audit = AuditData {
             decision: decision.into(),
             stage: "route".into(),
@@ -59,11 +73,15 @@ impl RouteStage {
             prev_hash: None,
             hash: None,
         };
-        let mut audit_ev = CloudEvent::new(format!("audit-{}", stable_id(&[decision, &wf])), SOURCE, types::AUDIT)
-            .with_subject(resource)
-            .with_time_now()
-            .with_data(data_value(&audit)?)
-            .with_extension("tenant", ev.tenant());
+        let mut audit_ev = CloudEvent::new(
+            format!("audit-{}", stable_id(&[decision, &wf])),
+            SOURCE,
+            types::AUDIT,
+        )
+        .with_subject(resource)
+        .with_time_now()
+        .with_data(data_value(&audit)?)
+        .with_extension("tenant", ev.tenant());
         if let Some(tp) = ev.traceparent() {
             audit_ev = audit_ev.with_extension("traceparent", tp);
         }
@@ -71,7 +89,13 @@ impl RouteStage {
         Ok(out)
     }
 
-    fn task_event(&self, ev: &CloudEvent, m: &RouteMatch, resource: &str, wf: &str) -> Result<CloudEvent, ProcessError> {
+    fn task_event(
+        &self,
+        ev: &CloudEvent,
+        m: &RouteMatch,
+        resource: &str,
+        wf: &str,
+    ) -> Result<CloudEvent, ProcessError> {
         let id = task_id(ev, &m.agent);
         let data = TaskData {
             task_id: id.clone(),
@@ -101,10 +125,11 @@ impl Processor for RouteStage {
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
-        let ev = codec::decode(rec.view(), &self.emitter.schemas).map_err(|e| ProcessError::Poison {
-            reason: e.reason(),
-            detail: e.to_string(),
-        })?;
+        let ev =
+            codec::decode(rec.view(), &self.emitter.schemas).map_err(|e| ProcessError::Poison {
+                reason: e.reason(),
+                detail: e.to_string(),
+            })?;
         self.outputs_for(&rec.topic, &ev)
     }
 }

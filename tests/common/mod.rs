@@ -1,0 +1,350 @@
+//! Shared harness for integration tests: the real broker and Redis from `deploy/local/stack.sh`,
+//! random topic and group names per test, and helpers to produce and read records.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+use switchyard::config::{Config, Loaded};
+use switchyard::event::CloudEvent;
+use switchyard::kafka::{admin_config, producer_config, Input, Output, Producer};
+use switchyard::topics;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Broker and Redis addresses: from the environment, or by starting the local stack.
+pub fn stack() -> &'static (String, String) {
+    static STACK: OnceLock<(String, String)> = OnceLock::new();
+    STACK.get_or_init(|| {
+        if let (Ok(b), Ok(r)) = (
+            std::env::var("SWITCHYARD_KAFKA_BROKERS"),
+            std::env::var("SWITCHYARD_REDIS_URL"),
+        ) {
+            return (b, r);
+        }
+        let status = std::process::Command::new(root().join("deploy/local/stack.sh"))
+            .arg("up")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("deploy/local/stack.sh runs");
+        assert!(status.success(), "deploy/local/stack.sh up failed");
+        let env =
+            std::fs::read_to_string(root().join(".stack/env")).expect(".stack/env exists after up");
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {k}=")).map(str::to_string))
+                .unwrap_or_else(|| panic!("{k} missing in .stack/env"))
+        };
+        (get("SWITCHYARD_KAFKA_BROKERS"), get("SWITCHYARD_REDIS_URL"))
+    })
+}
+
+pub fn suffix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// A test environment: its own topics (prefixed), group prefix, and config file.
+pub struct TestEnv {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub loaded: Loaded,
+}
+
+pub const LOGICAL_TOPICS: &[&str] = &[
+    "events.deployments",
+    "events.sla-breaches",
+    "events.cost-thresholds",
+    "switchyard.tasks",
+    "switchyard.proposals",
+    "switchyard.actions",
+    "switchyard.approvals",
+    "switchyard.results",
+    "switchyard.audit",
+    "switchyard.dlq",
+];
+
+impl TestEnv {
+    /// Creates topics `<prefix>.<name>` with `partitions` each, and a config routing the defaults.
+    /// `extra_yaml` is appended to the config (extra sections, e.g. `routes:`), replacing the default
+    /// routes when it defines `routes`.
+    pub async fn new(partitions: i32, extra_yaml: &str) -> TestEnv {
+        Self::with(partitions, "", extra_yaml).await
+    }
+
+    /// Like [`TestEnv::new`], with extra lines for the `kafka:` section (indented by two spaces).
+    pub async fn with(partitions: i32, kafka_extra: &str, extra_yaml: &str) -> TestEnv {
+        let (brokers, redis) = stack().clone();
+        let prefix = suffix();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topics_dir = dir.path().join("topics");
+        std::fs::create_dir_all(&topics_dir).expect("mkdir");
+        let catalog = switchyard::topics::TopicCatalog::load_dir(&root().join("topics"))
+            .expect("repo topics load");
+        for name in LOGICAL_TOPICS {
+            let def = catalog.get(name).expect("default topic defined");
+            let text = format!(
+                "name: {prefix}.{name}\npartitions: {partitions}\nkey: {:?}\nencoding: {}\n{}",
+                def.key,
+                if def.encoding == switchyard::codec::Encoding::Avro {
+                    "avro"
+                } else {
+                    "json"
+                },
+                def.schema
+                    .as_ref()
+                    .map(|s| format!("schema: {s}\n"))
+                    .unwrap_or_default()
+            );
+            std::fs::write(topics_dir.join(format!("{name}.yaml")), text).expect("write topic");
+        }
+        let routes = if extra_yaml.contains("routes:") {
+            String::new()
+        } else {
+            default_routes(&prefix)
+        };
+        let yaml = format!(
+            r#"
+kafka:
+  brokers: {brokers}
+  group_prefix: {prefix}
+  drain_timeout_ms: 5000
+{kafka_extra}
+  consumer:
+    session.timeout.ms: "6000"
+    heartbeat.interval.ms: "500"
+    fetch.wait.max.ms: "20"
+redis:
+  url: {redis}
+  key_prefix: {prefix}
+http:
+  enabled: false
+topics:
+  dir: topics
+  inputs: [{prefix}.events.deployments, {prefix}.events.sla-breaches, {prefix}.events.cost-thresholds]
+  tasks: {prefix}.switchyard.tasks
+  proposals: {prefix}.switchyard.proposals
+  actions: {prefix}.switchyard.actions
+  approvals: {prefix}.switchyard.approvals
+  results: {prefix}.switchyard.results
+  audit: {prefix}.switchyard.audit
+  dlq: {prefix}.switchyard.dlq
+schemas_dir: {schemas}
+{routes}
+{extra_yaml}
+"#,
+            schemas = root().join("schemas").display(),
+        );
+        let config_path = dir.path().join("switchyard.yaml");
+        std::fs::write(&config_path, &yaml).expect("write config");
+        let loaded =
+            Config::load(&config_path).unwrap_or_else(|p| panic!("test config invalid: {p}"));
+        let names = loaded.config.topics.all();
+        let defs: Vec<_> = names.iter().filter_map(|n| loaded.topics.get(n)).collect();
+        topics::apply(
+            &admin_config(&loaded.config.kafka),
+            &defs,
+            Duration::from_secs(15),
+        )
+        .await
+        .expect("topics apply");
+        TestEnv {
+            prefix,
+            dir,
+            config_path,
+            loaded,
+        }
+    }
+
+    pub fn topic(&self, logical: &str) -> String {
+        format!("{}.{logical}", self.prefix)
+    }
+
+    pub fn producer(&self) -> Producer {
+        Producer::new(&producer_config(&self.loaded.config.kafka)).expect("producer")
+    }
+
+    /// Sends structured JSON events keyed by subject.
+    pub async fn publish(&self, logical: &str, events: &[CloudEvent]) {
+        let p = self.producer();
+        for ev in events {
+            let out = switchyard::cli::record_for(
+                &self.loaded,
+                &self.topic(logical),
+                ev,
+                switchyard::cli::Mode::Structured,
+            )
+            .expect("encode");
+            p.send(&out).await.expect("send");
+        }
+    }
+
+    pub async fn send_raw(
+        &self,
+        logical: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let mut out = Output::new(self.topic(logical), key, payload.to_vec());
+        for (k, v) in headers {
+            out = out.header(*k, *v);
+        }
+        self.producer().send(&out).await.expect("send raw");
+    }
+
+    /// Reads records of a topic from the beginning until `n` arrived or `timeout` passed.
+    pub async fn read(&self, logical: &str, n: usize, timeout: Duration) -> Vec<Input> {
+        read_topic(
+            &self.loaded.config.kafka.brokers,
+            &self.topic(logical),
+            n,
+            timeout,
+        )
+        .await
+    }
+
+    /// Committed offsets of a stage's consumer group, per partition of a topic.
+    pub async fn committed(
+        &self,
+        stage: &str,
+        logical: &str,
+        partitions: i32,
+    ) -> BTreeMap<i32, i64> {
+        let brokers = self.loaded.config.kafka.brokers.clone();
+        let group = format!("{}.{stage}", self.prefix);
+        let topic = self.topic(logical);
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .create()
+                .expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(&topic, p);
+            }
+            let got = c
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            got.elements()
+                .iter()
+                .map(|e| {
+                    (
+                        e.partition(),
+                        if let Offset::Offset(o) = e.offset() {
+                            o
+                        } else {
+                            -1
+                        },
+                    )
+                })
+                .collect()
+        })
+        .await
+        .expect("join")
+    }
+}
+
+pub async fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Input> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("reader-{}", suffix()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .expect("consumer");
+        let md = c
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)
+                    .expect("tpl");
+            }
+        }
+        c.assign(&tpl).expect("assign");
+        let name: Arc<str> = Arc::from(topic.as_str());
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < n && start.elapsed() < timeout {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                out.push(Input::from_message(&m, name.clone()));
+            }
+        }
+        out
+    })
+    .await
+    .expect("join")
+}
+
+/// Decodes a record written by switchyard (structured JSON CloudEvent).
+pub fn event_of(rec: &Input) -> CloudEvent {
+    serde_json::from_slice(&rec.payload).unwrap_or_else(|e| {
+        panic!(
+            "not a JSON CloudEvent ({e}): {}",
+            String::from_utf8_lossy(&rec.payload)
+        )
+    })
+}
+
+pub fn header<'a>(rec: &'a Input, name: &str) -> Option<&'a str> {
+    rec.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+pub fn default_routes(_prefix: &str) -> String {
+    // Routes without topic filters so they apply to the prefixed input topics.
+    r#"
+routes:
+  - name: deployments
+    types: ["deployment.*"]
+    agents: [deploy-guard]
+    priority: 50
+  - name: sla
+    types: [sla.breached, sla.recovered]
+    agents: [sla-responder]
+    priority: 100
+  - name: cost
+    types: [cost.threshold_exceeded]
+    when:
+      - { field: data.spend, op: gt, value: 0 }
+    agents: [cost-guard]
+    priority: 10
+"#
+    .to_string()
+}
+
+pub fn event(id: &str, ty: &str, subject: &str, data: Value) -> CloudEvent {
+    CloudEvent::new(id, "test", ty)
+        .with_subject(subject)
+        .with_data(data)
+        .with_time_now()
+}
+
+pub fn data_of(ev: &CloudEvent) -> &Value {
+    ev.data.as_ref().expect("event has data")
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchyard")
+}
+
+pub fn config_path(env: &TestEnv) -> &Path {
+    &env.config_path
+}

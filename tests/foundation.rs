@@ -1,0 +1,453 @@
+//! Foundation: routing, dead letters, commit safety and the CLI, against the real broker.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use common::*;
+use switchyard::kafka::dlq_headers;
+use switchyard::records::{AuditData, TaskData};
+
+async fn start(
+    env: &TestEnv,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
+) {
+    let token = CancellationToken::new();
+    let h = tokio::spawn(switchyard::app::run(
+        env.loaded.clone(),
+        vec!["route".into()],
+        token.clone(),
+    ));
+    (token, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_each_default_event_type_to_tasks_keyed_by_resource() {
+    let env = TestEnv::new(3, "").await;
+    let (stop, h) = start(&env).await;
+    let cases = [
+        ("events.deployments", "deployment.started", "deploy-guard"),
+        ("events.deployments", "deployment.completed", "deploy-guard"),
+        ("events.deployments", "deployment.failed", "deploy-guard"),
+        ("events.sla-breaches", "sla.breached", "sla-responder"),
+        ("events.sla-breaches", "sla.recovered", "sla-responder"),
+        (
+            "events.cost-thresholds",
+            "cost.threshold_exceeded",
+            "cost-guard",
+        ),
+    ];
+    let mut expected = BTreeMap::new();
+    for (i, (topic, ty, agent)) in cases.iter().enumerate() {
+        let ev = event(
+            &format!("ev-{i}"),
+            ty,
+            &format!("svc-{i}"),
+            json!({"service": format!("svc-{i}"), "spend": 5}),
+        );
+        expected.insert(switchyard::route::task_id(&ev, agent), (ev.clone(), *agent));
+        env.publish(topic, &[ev]).await;
+    }
+    // One event no route matches: counted and audited, not dropped silently.
+    env.publish(
+        "events.cost-thresholds",
+        &[event("ev-x", "cost.unknown", "svc-x", json!({}))],
+    )
+    .await;
+
+    let tasks = env
+        .read("switchyard.tasks", cases.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(tasks.len(), cases.len(), "one task per routed event");
+    for rec in &tasks {
+        let task = event_of(rec);
+        assert_eq!(task.ty, "switchyard.task");
+        let data: TaskData = serde_json::from_value(data_of(&task).clone()).unwrap();
+        let (ev, agent) = expected
+            .get(&task.id)
+            .unwrap_or_else(|| panic!("unexpected task id {}", task.id));
+        assert_eq!(data.agent, *agent);
+        assert_eq!(data.task_id, task.id);
+        assert_eq!(data.resource, ev.subject.clone().unwrap());
+        assert_eq!(
+            rec.key.as_deref(),
+            ev.subject.as_deref().map(str::as_bytes),
+            "tasks are keyed by resource"
+        );
+        assert_eq!(data.event["id"], json!(ev.id));
+        assert_eq!(data.workflow_id, switchyard::route::workflow_id(ev));
+    }
+    let audit = env
+        .read("switchyard.audit", cases.len() + 1, Duration::from_secs(30))
+        .await;
+    let decisions: Vec<AuditData> = audit
+        .iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect();
+    let unrouted: Vec<_> = decisions
+        .iter()
+        .filter(|d| d.decision == "unrouted")
+        .collect();
+    assert_eq!(unrouted.len(), 1, "the unmatched event is audited");
+    assert_eq!(unrouted[0].event_id.as_deref(), Some("ev-x"));
+    assert_eq!(
+        decisions.iter().filter(|d| d.decision == "routed").count(),
+        cases.len()
+    );
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
+    let env = TestEnv::with(1, "  max_record_bytes: 2048", "").await;
+    let (stop, h) = start(&env).await;
+    let topic = "events.deployments";
+    env.publish(
+        topic,
+        &[event("good-1", "deployment.started", "svc-a", json!({}))],
+    )
+    .await;
+    env.send_raw(topic, "svc-a", b"{not json", &[]).await;
+    env.send_raw(
+        topic,
+        "svc-a",
+        br#"{"specversion":"1.0","source":"x","type":"deployment.started"}"#,
+        &[],
+    )
+    .await;
+    let big = format!(
+        r#"{{"specversion":"1.0","id":"big","source":"x","type":"deployment.started","subject":"svc-a","data":"{}"}}"#,
+        "x".repeat(4096)
+    );
+    env.send_raw(topic, "svc-a", big.as_bytes(), &[]).await;
+    env.send_raw(
+        topic,
+        "",
+        br#"{"specversion":"1.0","id":"nores","source":"x","type":"deployment.started"}"#,
+        &[],
+    )
+    .await;
+    env.publish(
+        topic,
+        &[event("good-2", "deployment.completed", "svc-a", json!({}))],
+    )
+    .await;
+
+    let dlq = env.read("switchyard.dlq", 4, Duration::from_secs(30)).await;
+    let reasons: Vec<&str> = dlq
+        .iter()
+        .map(|r| header(r, dlq_headers::REASON).unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "malformed_json",
+            "not_cloudevent",
+            "too_large",
+            "missing_resource"
+        ]
+    );
+    for (i, r) in dlq.iter().enumerate() {
+        assert_eq!(
+            header(r, dlq_headers::SOURCE_TOPIC),
+            Some(env.topic(topic).as_str())
+        );
+        assert_eq!(header(r, dlq_headers::SOURCE_PARTITION), Some("0"));
+        assert_eq!(
+            header(r, dlq_headers::SOURCE_OFFSET),
+            Some((i + 1).to_string().as_str())
+        );
+        assert_eq!(header(r, dlq_headers::STAGE), Some("route"));
+        assert!(!header(r, dlq_headers::DETAIL).unwrap().is_empty());
+    }
+    assert_eq!(&dlq[0].payload, b"{not json", "the original bytes are kept");
+    assert_eq!(
+        header(&dlq[2], dlq_headers::TRUNCATED),
+        Some(big.len().to_string().as_str())
+    );
+
+    let tasks = env
+        .read("switchyard.tasks", 2, Duration::from_secs(30))
+        .await;
+    let ids: Vec<String> = tasks
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
+                .unwrap()
+                .event["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        ["good-1", "good-2"],
+        "records after the poison ones are processed, in order"
+    );
+
+    stop.cancel();
+    h.await.unwrap().unwrap();
+    let committed = env.committed("route", topic, 1).await;
+    assert_eq!(
+        committed.get(&0),
+        Some(&6),
+        "committed offset is past every record (next to read = 6)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
+    let env = TestEnv::new(1, "").await;
+    let (stop, h) = start(&env).await;
+    let p = env.producer();
+    let bin_ev = event(
+        "bin-1",
+        "sla.breached",
+        "svc-b",
+        json!({"service": "svc-b", "slo": "latency"}),
+    )
+    .with_extension("tenant", "acme");
+    let out = switchyard::cli::record_for(
+        &env.loaded,
+        &env.topic("events.sla-breaches"),
+        &bin_ev,
+        switchyard::cli::Mode::Binary,
+    )
+    .unwrap();
+    assert!(
+        out.headers.iter().any(|(k, _)| k == "ce_id"),
+        "binary mode uses ce_ headers"
+    );
+    p.send(&out).await.unwrap();
+    let avro_ev = event(
+        "avro-1",
+        "cost.threshold_exceeded",
+        "svc-c",
+        json!({"service": "svc-c", "budget": 100.0, "spend": 150.0}),
+    );
+    let out = switchyard::cli::record_for(
+        &env.loaded,
+        &env.topic("events.cost-thresholds"),
+        &avro_ev,
+        switchyard::cli::Mode::Avro,
+    )
+    .unwrap();
+    assert_eq!(&out.payload[..2], &[0xC3, 0x01], "single-object encoding");
+    p.send(&out).await.unwrap();
+
+    let tasks = env
+        .read("switchyard.tasks", 2, Duration::from_secs(30))
+        .await;
+    let mut by_agent = BTreeMap::new();
+    for r in &tasks {
+        let d: TaskData = serde_json::from_value(data_of(&event_of(r)).clone()).unwrap();
+        by_agent.insert(d.agent.clone(), d);
+    }
+    let sla = &by_agent["sla-responder"];
+    assert_eq!(sla.tenant, "acme", "tenant extension from ce_tenant header");
+    assert_eq!(sla.event["data"]["slo"], "latency");
+    let cost = &by_agent["cost-guard"];
+    assert_eq!(cost.event["data"]["spend"], json!(150.0));
+    assert_eq!(cost.event["id"], "avro-1");
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let env = TestEnv::new(3, "").await;
+    let (brokers, redis) = stack().clone();
+    let spawn = || {
+        std::process::Command::new(bin())
+            .args(["--config", env.config_path.to_str().unwrap(), "run"])
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn switchyard")
+    };
+    let mut child = spawn();
+    const N: usize = 1500;
+    let producer_env = &env;
+    let produce = async move {
+        for chunk in 0..(N / 100) {
+            let evs: Vec<_> = (0..100)
+                .map(|i| {
+                    let n = chunk * 100 + i;
+                    event(
+                        &format!("k-{n}"),
+                        "deployment.completed",
+                        &format!("svc-{}", n % 37),
+                        json!({"n": n}),
+                    )
+                })
+                .collect();
+            producer_env.publish("events.deployments", &evs).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let kill_after_some = async {
+        // Wait until some tasks are out, then kill -9 while input is still flowing.
+        let _ = env
+            .read("switchyard.tasks", 200, Duration::from_secs(60))
+            .await;
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    };
+    tokio::join!(produce, kill_after_some);
+    let mut child = spawn();
+    let tasks = env
+        .read("switchyard.tasks", N, Duration::from_secs(90))
+        .await;
+    let seen: BTreeSet<String> = tasks
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
+                .unwrap()
+                .event["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // Redeliveries after the kill may duplicate tasks (same deterministic ids); none may be missing.
+    let extra = env
+        .read("switchyard.tasks", N + 5000, Duration::from_secs(5))
+        .await;
+    let all: BTreeSet<String> = extra
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
+                .unwrap()
+                .event["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .chain(seen)
+        .collect();
+    let missing: Vec<_> = (0..N)
+        .map(|n| format!("k-{n}"))
+        .filter(|id| !all.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} input events have no task: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let ids: BTreeSet<String> = extra.iter().map(|r| event_of(r).id).collect();
+    assert_eq!(
+        ids.len(),
+        N,
+        "task ids are deterministic: duplicates share ids"
+    );
+    // Graceful stop commits everything.
+    unsafe_sigterm(child.id());
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "graceful stop exits 0, got {status:?}");
+    let committed: i64 = env
+        .committed("route", "events.deployments", 3)
+        .await
+        .values()
+        .sum();
+    assert_eq!(
+        committed, N as i64,
+        "after SIGTERM every input offset is committed"
+    );
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_apply_is_idempotent() {
+    let env = TestEnv::new(2, "").await; // already applied once by the harness
+    let (brokers, _) = stack().clone();
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().unwrap(),
+            "topics",
+            "apply",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .output()
+        .expect("run topics apply");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("0 created, 10 unchanged, 0 differ"),
+        "second apply changes nothing: {text}"
+    );
+}
+
+#[test]
+fn validate_reports_every_problem_of_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        r#"
+kafka: { brokers: "", max_in_flight: 0 }
+redis: { url: "http://nope" }
+surprise: true
+routes:
+  - { name: a, agents: [] }
+  - { name: a, agents: [x], when: [{ field: data.n, op: gt, value: "ten" }] }
+  - { name: c, agent: [x] }
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--config", path.to_str().unwrap(), "validate"])
+        .env_remove("SWITCHYARD_KAFKA_BROKERS")
+        .env_remove("SWITCHYARD_REDIS_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "surprise: unknown section",
+        "kafka.brokers: must name at least one broker",
+        "kafka.max_in_flight: must be at least 1",
+        "redis.url",
+        "routes[0] (a): agents must name at least one agent",
+        "routes[1] (a): name \"a\" is used by an earlier route",
+        "op gt needs a numeric value",
+        "routes[2] (c): unknown field `agent`",
+        "topics.dir",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let ok = std::process::Command::new(bin())
+        .args([
+            "--config",
+            root().join("deploy/switchyard.yaml").to_str().unwrap(),
+            "validate",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
