@@ -160,6 +160,26 @@ pub async fn publish(
     Ok(())
 }
 
+/// Sends each non-empty line verbatim, keyed by `key`.
+pub async fn publish_raw(
+    loaded: &Loaded,
+    topic: &str,
+    key: &str,
+    text: &str,
+) -> Result<(), String> {
+    let producer = Producer::new(&producer_config(&loaded.config.kafka))
+        .map_err(|e| format!("cannot create producer: {e}"))?;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let out = Output::new(topic, key, line.as_bytes().to_vec());
+        let (p, o) = producer
+            .send(&out)
+            .await
+            .map_err(|e| format!("sending to {topic} failed: {e}"))?;
+        println!("sent {} raw bytes to {topic}[{p}]@{o}", line.len());
+    }
+    Ok(())
+}
+
 /// Options of `tail`.
 pub struct TailOptions {
     pub from_beginning: bool,

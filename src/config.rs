@@ -19,6 +19,8 @@ use crate::topics::TopicCatalog;
 pub const ENV_BROKERS: &str = "SWITCHYARD_KAFKA_BROKERS";
 /// Environment variable overriding `redis.url`.
 pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
+/// Environment variable overriding `http.listen`.
+pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -100,7 +102,7 @@ pub struct HttpConfig {
     /// Serve `/metrics`, `/healthz` and `/readyz`.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Listen address.
+    /// Listen address. Overridden by `SWITCHYARD_HTTP_LISTEN`.
     #[serde(default = "default_listen")]
     pub listen: String,
 }
@@ -401,6 +403,9 @@ impl Config {
         }
         if let Some(u) = env(ENV_REDIS_URL).filter(|s| !s.is_empty()) {
             config.redis.url = u;
+        }
+        if let Some(l) = env(ENV_HTTP_LISTEN).filter(|s| !s.is_empty()) {
+            config.http.listen = l;
         }
         let loaded = config.check(base_dir, &mut problems);
         if problems.is_empty() {

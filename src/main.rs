@@ -79,6 +79,9 @@ enum Command {
         /// Encoding on the wire.
         #[arg(long, value_enum, default_value = "structured")]
         mode: Mode,
+        /// Send each line of --file verbatim, unvalidated (to exercise the dead-letter path).
+        #[arg(long, requires = "file")]
+        raw: bool,
     },
     /// Print records of a topic as JSON lines.
     Tail {
@@ -227,8 +230,13 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
             data,
             tenant,
             mode,
+            raw,
         } => {
             let l = load(&cli.config)?;
+            if raw {
+                let text = cli::read_input(file.as_deref().unwrap_or("-"))?;
+                return cli::publish_raw(&l, &topic, subject.as_deref().unwrap_or(""), &text).await;
+            }
             let events = match file {
                 Some(f) => cli::parse_events(&cli::read_input(&f)?)?,
                 None => {

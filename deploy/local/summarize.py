@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Reads `switchyard tail` JSON lines on stdin and prints one readable line per record."""
+import json
+import sys
+
+n = 0
+for line in sys.stdin:
+    line = line.strip()
+    if not line:
+        continue
+    rec = json.loads(line)
+    n += 1
+    where = f"{rec['topic']}[{rec['partition']}]@{rec['offset']}"
+    if "error" in rec:
+        hdr = rec.get("headers", {})
+        print(f"  {where:<34} DEAD LETTER reason={hdr.get('switchyard.dlq.reason')} from "
+              f"{hdr.get('switchyard.dlq.source.topic')}@{hdr.get('switchyard.dlq.source.offset')}: {hdr.get('switchyard.dlq.detail', '')[:80]}")
+        continue
+    ev = rec["event"]
+    d = ev.get("data") or {}
+    t = ev.get("type")
+    if t == "switchyard.task":
+        src = d.get("event", {})
+        print(f"  {where:<34} task {d.get('agent'):<14} resource={d.get('resource'):<10} for {src.get('type')} ({src.get('id')})")
+    elif t == "switchyard.audit":
+        extra = d.get("reason") or ", ".join(d.get("detail", {}).get("routes", []) or [])
+        print(f"  {where:<34} audit {d.get('decision'):<18} resource={d.get('resource'):<10} {extra}")
+    elif rec.get("headers", {}).get("switchyard.dlq.reason"):
+        hdr = rec["headers"]
+        print(f"  {where:<34} DEAD LETTER reason={hdr['switchyard.dlq.reason']}: {hdr.get('switchyard.dlq.detail', '')[:80]}")
+    else:
+        print(f"  {where:<34} {t} subject={ev.get('subject')} {json.dumps(d)[:120]}")
+if n == 0:
+    print("  (no records)")
