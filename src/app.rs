@@ -10,16 +10,25 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::HashMap;
+
+use tokio::sync::Semaphore;
+
+use crate::agents::http::HttpAgent;
+use crate::agents::kafka::KafkaAgent;
+use crate::agents::{builtin, Agent, AgentKind};
 use crate::config::Loaded;
+use crate::context::redis::{RedisConn, RedisStore};
 use crate::http::{self, Health};
 use crate::kafka::runtime::{run_stage, Processor, RuntimeError, StageHealth, StageSettings};
 use crate::kafka::{admin_config, consumer_config, producer_config, Producer};
 use crate::records::Emitter;
 use crate::route::Router;
+use crate::stages::agents::{AgentEntry, AgentStage};
 use crate::stages::route::RouteStage;
 
 /// Stages this build has, in pipeline order.
-pub const STAGES: &[&str] = &["route"];
+pub const STAGES: &[&str] = &["route", "agents"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -101,6 +110,34 @@ pub async fn run(
                     &tx,
                 );
             }
+            "agents" => {
+                let agents = build_agents(&loaded, &producer, &stop).await?;
+                let conn = RedisConn::new(&cfg.redis.url)
+                    .map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
+                let p = AgentStage {
+                    agents,
+                    store: Arc::new(RedisStore::new(
+                        conn,
+                        &cfg.redis.key_prefix,
+                        cfg.context.retention(),
+                    )),
+                    emitter: emitter.clone(),
+                    proposals_topic: cfg.topics.proposals.clone(),
+                    results_topic: cfg.topics.results.clone(),
+                    audit_topic: cfg.topics.audit.clone(),
+                    dlq_topic: cfg.topics.dlq.clone(),
+                    max_record_bytes: cfg.kafka.max_record_bytes,
+                };
+                spawn(
+                    &tracker,
+                    &mut health,
+                    settings(&loaded, "agents", vec![cfg.topics.tasks.clone()]),
+                    p,
+                    &producer,
+                    &stop,
+                    &tx,
+                );
+            }
             other => {
                 return Err(AppError::Setup(format!(
                     "unknown stage {other:?} (this build has {})",
@@ -153,6 +190,56 @@ pub async fn run(
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// Creates every configured agent.
+async fn build_agents(
+    loaded: &Loaded,
+    producer: &Producer,
+    stop: &CancellationToken,
+) -> Result<HashMap<String, AgentEntry>, AppError> {
+    let mut out = HashMap::new();
+    for (name, spec) in &loaded.config.agents {
+        let agent: Arc<dyn Agent> = match spec.kind {
+            AgentKind::Builtin => {
+                let which = spec.builtin.as_deref().unwrap_or(name);
+                builtin::create(which, spec).ok_or_else(|| {
+                    AppError::Setup(format!("agents.{name}: no builtin {which:?}"))
+                })?
+            }
+            AgentKind::Http => {
+                let url = spec.url.as_deref().unwrap_or_default();
+                Arc::new(
+                    HttpAgent::new(url, spec.timeout())
+                        .map_err(|e| AppError::Setup(format!("agents.{name}: {e}")))?,
+                )
+            }
+            AgentKind::Kafka => {
+                let consumer = consumer_config(&loaded.config.kafka, "unused");
+                let (p, s) = (producer.clone(), stop.clone());
+                let (req, reply) = (
+                    spec.request_topic.clone().unwrap_or_default(),
+                    spec.reply_topic.clone().unwrap_or_default(),
+                );
+                let agent = tokio::task::spawn_blocking(move || {
+                    KafkaAgent::start(&consumer, p, &req, &reply, s)
+                })
+                .await
+                .map_err(|e| AppError::Setup(e.to_string()))?
+                .map_err(|e| AppError::Setup(format!("agents.{name}: {e}")))?;
+                Arc::new(agent)
+            }
+        };
+        out.insert(
+            name.clone(),
+            AgentEntry {
+                spec: spec.clone(),
+                agent,
+                permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Checks Kafka and Redis every few seconds for `/readyz`.

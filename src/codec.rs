@@ -432,8 +432,16 @@ mod tests {
         SchemaRegistry::load_dir(&dir).expect("repo schemas load")
     }
 
-    fn view<'a>(payload: &'a [u8], headers: &'a [(String, Vec<u8>)], key: Option<&'a [u8]>) -> RecordView<'a> {
-        RecordView { key, payload, headers }
+    fn view<'a>(
+        payload: &'a [u8],
+        headers: &'a [(String, Vec<u8>)],
+        key: Option<&'a [u8]>,
+    ) -> RecordView<'a> {
+        RecordView {
+            key,
+            payload,
+            headers,
+        }
     }
 
     fn sample() -> CloudEvent {
@@ -441,7 +449,10 @@ mod tests {
             .with_subject("checkout")
             .with_data(json!({"service": "checkout", "version": "v2", "previous_version": "v1"}))
             .with_extension("tenant", "acme")
-            .with_extension("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .with_extension(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
     }
 
     #[test]
@@ -482,7 +493,11 @@ mod tests {
         let reg = s.get("task").unwrap();
         // Any registered schema can carry the data; here a non-envelope use of the deployment data
         // is not available, so use a whole envelope as data.
-        let payload = encode_single_object(serde_json::to_value(sample()).unwrap(), s.get("deployment").unwrap()).unwrap();
+        let payload = encode_single_object(
+            serde_json::to_value(sample()).unwrap(),
+            s.get("deployment").unwrap(),
+        )
+        .unwrap();
         let headers = vec![
             ("ce_specversion".to_string(), b"1.0".to_vec()),
             ("ce_id".to_string(), b"x".to_vec()),
@@ -500,9 +515,18 @@ mod tests {
     fn avro_envelopes_round_trip_for_every_event_family() {
         let s = schemas();
         for (schema, data) in [
-            ("deployment", json!({"service": "a", "version": "v2", "previous_version": "v1", "environment": "prod"})),
-            ("sla_breach", json!({"service": "a", "slo": "availability", "objective": 99.9, "observed": 97.0})),
-            ("cost_threshold", json!({"service": "a", "budget": 100.0, "spend": 150.0, "currency": "EUR"})),
+            (
+                "deployment",
+                json!({"service": "a", "version": "v2", "previous_version": "v1", "environment": "prod"}),
+            ),
+            (
+                "sla_breach",
+                json!({"service": "a", "slo": "availability", "objective": 99.9, "observed": 97.0}),
+            ),
+            (
+                "cost_threshold",
+                json!({"service": "a", "budget": 100.0, "spend": 150.0, "currency": "EUR"}),
+            ),
         ] {
             let ev = sample().with_data(data.clone()).with_time_now();
             let enc = encode(&ev, Encoding::Avro, Some(schema), &s).unwrap();
@@ -528,7 +552,10 @@ mod tests {
         let enc = encode(&ev, Encoding::Avro, Some("task"), &s).unwrap();
         let back = decode(view(&enc.payload, &[], None), &s).unwrap();
         let text = back.data.unwrap()["event"].as_str().unwrap().to_string();
-        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), json!({"id": "e", "nested": [1, 2]}));
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap(),
+            json!({"id": "e", "nested": [1, 2]})
+        );
     }
 
     #[test]
@@ -538,25 +565,59 @@ mod tests {
             (b"", "empty"),
             (b"{nope", "malformed_json"),
             (b"[1]", "not_cloudevent"),
-            (br#"{"specversion":"1.0","id":"1","source":"s"}"#, "not_cloudevent"),
-            (br#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#, "unsupported_specversion"),
-            (br#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#, "invalid_attribute"),
-            (br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"yesterday"}"#, "invalid_attribute"),
-            (br#"{"specversion":"1.0","id":"1","source":"s","type":"t","Bad-Ext":"x"}"#, "invalid_attribute"),
-            (br#"{"specversion":"1.0","id":1,"source":"s","type":"t"}"#, "invalid_attribute"),
-            (br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#, "missing_resource"),
+            (
+                br#"{"specversion":"1.0","id":"1","source":"s"}"#,
+                "not_cloudevent",
+            ),
+            (
+                br#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#,
+                "unsupported_specversion",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#,
+                "invalid_attribute",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"yesterday"}"#,
+                "invalid_attribute",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"1","source":"s","type":"t","Bad-Ext":"x"}"#,
+                "invalid_attribute",
+            ),
+            (
+                br#"{"specversion":"1.0","id":1,"source":"s","type":"t"}"#,
+                "invalid_attribute",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#,
+                "missing_resource",
+            ),
             (&[0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0], "unknown_schema"),
         ];
         for (payload, reason) in cases {
             let err = decode(view(payload, &[], None), &s).unwrap_err();
-            assert_eq!(err.reason(), reason, "{:?}: {err}", String::from_utf8_lossy(payload));
+            assert_eq!(
+                err.reason(),
+                reason,
+                "{:?}: {err}",
+                String::from_utf8_lossy(payload)
+            );
         }
         // A truncated Avro body of a known schema.
         let enc = encode(&sample(), Encoding::Avro, Some("deployment"), &s).unwrap();
         let err = decode(view(&enc.payload[..enc.payload.len() / 2], &[], None), &s).unwrap_err();
         assert_eq!(err.reason(), "malformed_avro");
         // The record key names the resource when the subject is missing.
-        let ev = decode(view(br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#, &[], Some(b"svc")), &s).unwrap();
+        let ev = decode(
+            view(
+                br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#,
+                &[],
+                Some(b"svc"),
+            ),
+            &s,
+        )
+        .unwrap();
         assert_eq!(ev.subject.as_deref(), Some("svc"));
     }
 
@@ -571,7 +632,9 @@ mod tests {
             any::<bool>(),
         )
             .prop_map(|(id, source, ty, subject, tenant, data, with_time)| {
-                let mut ev = CloudEvent::new(id, source, ty).with_subject(subject).with_data(json!(data));
+                let mut ev = CloudEvent::new(id, source, ty)
+                    .with_subject(subject)
+                    .with_data(json!(data));
                 if let Some(t) = tenant {
                     ev = ev.with_extension("tenant", t);
                 }

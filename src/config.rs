@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::agents::AgentSpec;
 use crate::route::{RouteSpec, Router};
 use crate::schema::SchemaRegistry;
 use crate::topics::TopicCatalog;
@@ -50,6 +51,43 @@ pub struct Config {
     /// Routing rules: events to agents.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Agents by name.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentSpec>,
+    /// What the shared context keeps.
+    #[serde(default)]
+    pub context: ContextConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextConfig {
+    /// A resource's facts expire this long after its last write.
+    #[serde(default = "default_week")]
+    pub ttl_seconds: u64,
+    /// Recent events kept per resource.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// How long a task's outcome is kept; a redelivery within this window does not call the agent again.
+    #[serde(default = "default_week")]
+    pub outcome_ttl_seconds: u64,
+}
+
+impl ContextConfig {
+    pub fn retention(&self) -> crate::context::Retention {
+        crate::context::Retention {
+            ttl_seconds: self.ttl_seconds,
+            max_events: self.max_events,
+            outcome_ttl_seconds: self.outcome_ttl_seconds,
+        }
+    }
+}
+
+fn default_week() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_events() -> usize {
+    50
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +210,9 @@ pub struct StagesConfig {
     /// Input events → tasks.
     #[serde(default)]
     pub route: StageToggle,
+    /// Tasks → agents → proposals and results.
+    #[serde(default)]
+    pub agents: StageToggle,
 }
 
 fn yes() -> bool {
@@ -261,7 +302,8 @@ default_from_serde!(
     RedisConfig,
     HttpConfig,
     LogConfig,
-    TopicsConfig
+    TopicsConfig,
+    ContextConfig
 );
 
 /// One problem in a config file, naming the item it is about.
@@ -369,6 +411,28 @@ impl Config {
                 "topics" => section(&key, v, &mut problems, &mut config.topics),
                 "schemas_dir" => section(&key, v, &mut problems, &mut config.schemas_dir),
                 "stages" => section(&key, v, &mut problems, &mut config.stages),
+                "context" => section(&key, v, &mut problems, &mut config.context),
+                "agents" => match v {
+                    serde_yaml::Value::Mapping(items) => {
+                        for (name, item) in items {
+                            let name = name.as_str().unwrap_or("?").to_string();
+                            match serde_yaml::from_value::<AgentSpec>(item) {
+                                Ok(a) => {
+                                    config.agents.insert(name, a);
+                                }
+                                Err(e) => problems.push(Problem {
+                                    item: format!("agents.{name}"),
+                                    message: e.to_string(),
+                                }),
+                            }
+                        }
+                    }
+                    serde_yaml::Value::Null => {}
+                    _ => problems.push(Problem {
+                        item: "agents".into(),
+                        message: "must be a mapping of agent name to agent".into(),
+                    }),
+                },
                 "routes" => match v {
                     serde_yaml::Value::Sequence(items) => {
                         for (i, item) in items.into_iter().enumerate() {
@@ -394,7 +458,7 @@ impl Config {
                 },
                 other => problems.push(Problem {
                     item: other.to_string(),
-                    message: "unknown section (expected one of kafka, redis, http, log, topics, schemas_dir, stages, routes)".into(),
+                    message: "unknown section (expected one of kafka, redis, http, log, topics, schemas_dir, stages, routes, agents, context)".into(),
                 }),
             }
         }
@@ -491,7 +555,20 @@ impl Config {
                 p(&rp.route, rp.message);
             }
         }
+        for (name, a) in &self.agents {
+            for m in a.problems(name) {
+                p(&format!("agents.{name}"), m);
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
+            for a in &r.agents {
+                if !self.agents.contains_key(a) {
+                    p(
+                        &format!("routes[{i}] ({})", r.name),
+                        format!("agent {a:?} is not declared under agents"),
+                    );
+                }
+            }
             for t in &r.topics {
                 if !self.topics.inputs.contains(t) {
                     p(

@@ -10,15 +10,19 @@
 //! - [`config`]: the YAML config and its validation; [`topics`]: topic definitions and `topics apply`.
 //! - [`kafka`]: client settings, producer, and the commit-safe consumer [`kafka::runtime`] every stage
 //!   runs on, with ordered ack tracking in [`kafka::acks`].
-//! - [`route`]: pure routing rules; [`stages`]: the stage processors (route, ...);
+//! - [`route`]: pure routing rules; [`stages`]: the stage processors (route, agents, ...);
+//! - [`agents`]: the agent model, built-in agents, HTTP and Kafka agents; [`context`]: the shared
+//!   context store (Redis, and in memory for tests);
 //!   [`records`]: the records switchyard writes.
 //! - [`telemetry`]: every metric and the log setup; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`app`]: `switchyard run`; [`cli`]: `publish` and `tail`.
 
+pub mod agents;
 pub mod app;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod context;
 pub mod event;
 pub mod http;
 pub mod kafka;

@@ -39,7 +39,7 @@ struct Cli {
 enum Command {
     /// Run the pipeline stages until SIGTERM/SIGINT.
     Run {
-        /// Stages to run, comma separated (default: those enabled in the config). This build has: route.
+        /// Stages to run, comma separated (default: those enabled in the config). This build has: route, agents.
         #[arg(long, value_delimiter = ',')]
         stages: Option<Vec<String>>,
     },
@@ -151,6 +151,9 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 let mut v = Vec::new();
                 if l.config.stages.route.enabled {
                     v.push("route".to_string());
+                }
+                if l.config.stages.agents.enabled {
+                    v.push("agents".to_string());
                 }
                 v
             });

@@ -16,6 +16,8 @@ use crate::topics::TopicCatalog;
 /// Event types of switchyard's own records.
 pub mod types {
     pub const TASK: &str = "switchyard.task";
+    pub const PROPOSAL: &str = "switchyard.proposal";
+    pub const RESULT: &str = "switchyard.result";
     pub const AUDIT: &str = "switchyard.audit";
 }
 
@@ -32,6 +34,51 @@ pub struct TaskData {
     /// The input event (structured JSON; a JSON string when the topic is Avro-encoded).
     #[serde(deserialize_with = "json_or_text")]
     pub event: Value,
+}
+
+/// `data` of a `switchyard.proposal` event: an action an agent wants on a resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalData {
+    /// Deterministic: task id, action and position, so a replayed task yields the same id.
+    pub proposal_id: String,
+    pub task_id: String,
+    pub workflow_id: String,
+    pub agent: String,
+    pub action: String,
+    pub resource: String,
+    pub tenant: String,
+    #[serde(deserialize_with = "json_or_text")]
+    pub parameters: Value,
+    pub priority: i32,
+    pub impact: crate::agents::Impact,
+    /// Version of the resource's shared context the agent saw.
+    pub context_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+}
+
+/// `data` of a `switchyard.result` event: the outcome of one agent task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultData {
+    pub task_id: String,
+    pub workflow_id: String,
+    pub agent: String,
+    pub resource: String,
+    pub tenant: String,
+    /// `succeeded`, `failed` or `timed_out`.
+    pub status: String,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    /// Findings written to the shared context.
+    #[serde(deserialize_with = "json_or_text")]
+    pub findings: Value,
+    /// Ids of the proposals emitted.
+    #[serde(deserialize_with = "json_or_text")]
+    pub proposals: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `data` of a `switchyard.audit` event: one decision.
@@ -101,6 +148,28 @@ impl Emitter {
         let key = ev.subject.clone().unwrap_or_default();
         Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
     }
+}
+
+/// Builds an audit event (id deterministic from `id_parts`) about `resource`.
+pub fn audit_event(
+    source: &str,
+    id_parts: &[&str],
+    audit: &AuditData,
+    traceparent: Option<&str>,
+) -> Result<CloudEvent, ProcessError> {
+    let mut ev = CloudEvent::new(
+        format!("audit-{}", crate::route::stable_id(id_parts)),
+        source,
+        types::AUDIT,
+    )
+    .with_subject(audit.resource.clone())
+    .with_time_now()
+    .with_data(data_value(audit)?)
+    .with_extension("tenant", audit.tenant.clone());
+    if let Some(tp) = traceparent {
+        ev = ev.with_extension("traceparent", tp);
+    }
+    Ok(ev)
 }
 
 /// Serializes typed data into an event's `data`.

@@ -48,6 +48,20 @@ pub struct Metrics {
     pub tasks_emitted: IntCounterVec,
     /// Approximate consumer lag (high watermark - position), by stage and topic.
     pub consumer_lag: IntGaugeVec,
+    /// Agent tasks by agent and outcome (`started`, `succeeded`, `failed`, `timed_out`, `replayed`).
+    pub agent_tasks: IntCounterVec,
+    /// Agent call attempts by agent and result (`ok`, `error`, `timeout`).
+    pub agent_calls: IntCounterVec,
+    /// Duration of a task's agent work (all attempts), by agent.
+    pub agent_duration: HistogramVec,
+    /// Agent calls running now, by agent.
+    pub agent_in_flight: IntGaugeVec,
+    /// Refused agent requests by agent and reason (`read`, `write`, `action`).
+    pub agent_refusals: IntCounterVec,
+    /// Shared-context operations by op and result (`ok`, `error`).
+    pub context_ops: IntCounterVec,
+    /// Shared-context operation latency by op.
+    pub context_op_duration: HistogramVec,
 }
 
 /// The process-wide metrics.
@@ -159,6 +173,50 @@ impl Metrics {
                 "switchyard_consumer_lag_records",
                 "Approximate consumer lag (high watermark minus position, clamped at 0).",
                 &["stage", "topic"],
+                r
+            )?,
+            agent_tasks: register_int_counter_vec_with_registry!(
+                "switchyard_agent_tasks_total",
+                "Agent tasks by outcome (started, succeeded, failed, timed_out, replayed).",
+                &["agent", "outcome"],
+                r
+            )?,
+            agent_calls: register_int_counter_vec_with_registry!(
+                "switchyard_agent_calls_total",
+                "Agent call attempts by result (ok, error, timeout).",
+                &["agent", "result"],
+                r
+            )?,
+            agent_duration: register_histogram_vec_with_registry!(
+                "switchyard_agent_duration_seconds",
+                "Time an agent task took, all attempts included.",
+                &["agent"],
+                exponential_buckets(0.0005, 2.0, 18)?,
+                r
+            )?,
+            agent_in_flight: register_int_gauge_vec_with_registry!(
+                "switchyard_agent_in_flight_calls",
+                "Agent calls running now.",
+                &["agent"],
+                r
+            )?,
+            agent_refusals: register_int_counter_vec_with_registry!(
+                "switchyard_agent_refusals_total",
+                "Agent requests refused for leaving their scope, by reason (read, write, action).",
+                &["agent", "reason"],
+                r
+            )?,
+            context_ops: register_int_counter_vec_with_registry!(
+                "switchyard_context_operations_total",
+                "Shared-context operations by result.",
+                &["op", "result"],
+                r
+            )?,
+            context_op_duration: register_histogram_vec_with_registry!(
+                "switchyard_context_operation_duration_seconds",
+                "Shared-context operation latency.",
+                &["op"],
+                exponential_buckets(0.0001, 2.0, 16)?,
                 r
             )?,
             registry: r,

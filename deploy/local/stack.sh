@@ -161,9 +161,22 @@ install_redis() {
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not on PATH after apt-get install"
 }
 
+# Python deps of the example external agent (deploy/agents/example-agent), used by the tests.
+install_agent_deps() {
+    local req="$ROOT/deploy/agents/example-agent/requirements.txt"
+    [[ -f "$req" ]] || return 0
+    if "$VENV/bin/python" -c 'import confluent_kafka' >/dev/null 2>&1; then
+        return 0
+    fi
+    log "pip install -r $req"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$req" </dev/null >&2 9>&- ||
+        die "pip install -r $req failed"
+}
+
 cmd_install() {
     install_tansu
     install_redis
+    install_agent_deps
 }
 
 # ------------------------------------------------------------- processes ---

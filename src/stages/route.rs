@@ -10,8 +10,8 @@ use crate::codec;
 use crate::event::CloudEvent;
 use crate::kafka::runtime::{ProcessError, Processor};
 use crate::kafka::{Input, Output};
-use crate::records::{data_value, trace_id, types, AuditData, Emitter, TaskData};
-use crate::route::{stable_id, task_id, workflow_id, RouteMatch, Router};
+use crate::records::{audit_event, data_value, trace_id, types, AuditData, Emitter, TaskData};
+use crate::route::{task_id, workflow_id, RouteMatch, Router};
 use crate::telemetry::METRICS;
 
 /// Source attribute of records the route stage writes.
@@ -73,18 +73,7 @@ impl RouteStage {
             prev_hash: None,
             hash: None,
         };
-        let mut audit_ev = CloudEvent::new(
-            format!("audit-{}", stable_id(&[decision, &wf])),
-            SOURCE,
-            types::AUDIT,
-        )
-        .with_subject(resource)
-        .with_time_now()
-        .with_data(data_value(&audit)?)
-        .with_extension("tenant", ev.tenant());
-        if let Some(tp) = ev.traceparent() {
-            audit_ev = audit_ev.with_extension("traceparent", tp);
-        }
+        let audit_ev = audit_event(SOURCE, &[decision, &wf], &audit, ev.traceparent())?;
         out.push(self.emitter.emit(&self.audit_topic, &audit_ev)?);
         Ok(out)
     }

@@ -107,11 +107,14 @@ impl TestEnv {
             );
             std::fs::write(topics_dir.join(format!("{name}.yaml")), text).expect("write topic");
         }
-        let routes = if extra_yaml.contains("routes:") {
+        let mut routes = if extra_yaml.contains("routes:") {
             String::new()
         } else {
             default_routes(&prefix)
         };
+        if !extra_yaml.contains("agents:") {
+            routes.push_str(DEFAULT_AGENTS);
+        }
         let yaml = format!(
             r#"
 kafka:
@@ -307,6 +310,26 @@ pub fn header<'a>(rec: &'a Input, name: &str) -> Option<&'a str> {
         .find(|(k, _)| k == name)
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
+
+/// The default agents section (built-ins as in deploy/switchyard.yaml).
+pub const DEFAULT_AGENTS: &str = r#"
+agents:
+  deploy-guard:
+    kind: builtin
+    reads: [sla, deployment, last_completed_deployment]
+    writes: [deployment, last_completed_deployment]
+    actions: [deployment.hold]
+  sla-responder:
+    kind: builtin
+    reads: [sla, last_completed_deployment, deployment]
+    writes: [sla, suspect_deployment]
+    actions: [rollback, page]
+  cost-guard:
+    kind: builtin
+    reads: [cost, sla]
+    writes: [cost]
+    actions: [scale_down]
+"#;
 
 pub fn default_routes(_prefix: &str) -> String {
     // Routes without topic filters so they apply to the prefixed input topics.

@@ -1,0 +1,66 @@
+//! HTTP agents: the task is POSTed as JSON ([`super::AgentRequest::to_json`]); the response body is an
+//! [`super::AgentResponse`]. 5xx, 429 and connection failures are retried; other 4xx are not.
+
+use futures::future::BoxFuture;
+
+use super::{Agent, AgentError, AgentRequest, AgentResponse};
+
+pub struct HttpAgent {
+    client: reqwest::Client,
+    url: String,
+    timeout: std::time::Duration,
+}
+
+impl HttpAgent {
+    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        Ok(HttpAgent {
+            client,
+            url: url.to_string(),
+            timeout,
+        })
+    }
+}
+
+impl Agent for HttpAgent {
+    fn call<'a>(
+        &'a self,
+        req: &'a AgentRequest,
+    ) -> BoxFuture<'a, Result<AgentResponse, AgentError>> {
+        Box::pin(async move {
+            let resp = self
+                .client
+                .post(&self.url)
+                .header("x-switchyard-task-id", &req.task.task_id)
+                .header("x-switchyard-attempt", req.attempt.to_string())
+                .json(&req.to_json())
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        AgentError::Timeout(self.timeout)
+                    } else {
+                        AgentError::Retryable(format!("POST {} failed: {e}", self.url))
+                    }
+                })?;
+            let status = resp.status();
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| AgentError::Retryable(format!("reading response failed: {e}")))?;
+            if status.is_server_error() || status.as_u16() == 429 {
+                return Err(AgentError::Retryable(format!("HTTP {status}")));
+            }
+            if !status.is_success() {
+                let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+                return Err(AgentError::Permanent(format!("HTTP {status}: {text}")));
+            }
+            serde_json::from_slice(&body).map_err(|e| {
+                AgentError::Permanent(format!("response is not an agent response: {e}"))
+            })
+        })
+    }
+}

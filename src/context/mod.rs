@@ -1,0 +1,158 @@
+//! Shared context: per-resource facts and findings, a version per resource, a capped list of recent
+//! events, and each task's recorded outcome, behind [`ContextStore`].
+//!
+//! [`redis::RedisStore`] is the real store; [`memory::MemoryStore`] serves unit tests. One contract
+//! suite ([`contract`]) runs against both. Keys are namespaced by tenant and carry a `{tenant/resource}`
+//! hash tag, so everything of one resource lives in one Redis Cluster slot and can change atomically.
+
+pub mod contract;
+pub mod memory;
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Identifies a resource: tenant plus resource id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey {
+    pub tenant: String,
+    pub resource: String,
+}
+
+impl ResourceKey {
+    pub fn new(tenant: impl Into<String>, resource: impl Into<String>) -> Self {
+        ResourceKey {
+            tenant: tenant.into(),
+            resource: resource.into(),
+        }
+    }
+
+    /// The Redis Cluster hash tag of this resource.
+    pub fn hash_tag(&self) -> String {
+        // Braces inside ids would end the tag early; they are replaced.
+        let clean = |s: &str| s.replace(['{', '}'], "_");
+        format!("{{{}/{}}}", clean(&self.tenant), clean(&self.resource))
+    }
+}
+
+/// A fact as stored: the value plus who wrote it, when, and for which task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fact {
+    pub value: Value,
+    pub by: String,
+    pub task_id: String,
+    pub at: String,
+}
+
+/// A resource's context at one version.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Snapshot {
+    /// 0 when nothing was ever written.
+    pub version: u64,
+    pub facts: BTreeMap<String, Fact>,
+    /// Most recent first: `{id, type, time}` of events seen for the resource.
+    pub recent_events: Vec<Value>,
+}
+
+impl Snapshot {
+    /// Fact values by key, plus `recent_events` — what agents see (before scoping).
+    pub fn values(&self) -> BTreeMap<String, Value> {
+        let mut m: BTreeMap<String, Value> = self
+            .facts
+            .iter()
+            .map(|(k, f)| (k.clone(), f.value.clone()))
+            .collect();
+        m.insert(
+            "recent_events".into(),
+            Value::Array(self.recent_events.clone()),
+        );
+        m
+    }
+}
+
+/// The recorded outcome of a task: whatever is needed to emit its records again without calling the
+/// agent again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: String,
+    pub attempts: u32,
+    pub duration_ms: u64,
+    /// Context version the agent saw.
+    pub context_version: u64,
+    /// Findings written (accepted ones) and proposals kept, as the agent returned them.
+    pub response: crate::agents::AgentResponse,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Refusals (scope violations), already audited once.
+    #[serde(default)]
+    pub refusals: Vec<String>,
+}
+
+/// What [`ContextStore::commit`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitResult {
+    /// This call recorded the outcome and applied the writes; the resource is now at `version`.
+    Applied { version: u64 },
+    /// The task already had an outcome (a redelivery raced us); nothing changed.
+    AlreadyRecorded(Box<Outcome>),
+}
+
+/// Store failures: always transient from the pipeline's point of view (retry, never skip).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+/// Limits of what the store keeps.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Context keys expire this long after the last write.
+    pub ttl_seconds: u64,
+    /// Recent events kept per resource.
+    pub max_events: usize,
+    /// Task outcomes are kept this long (the window in which a redelivery is recognised).
+    pub outcome_ttl_seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            ttl_seconds: 7 * 24 * 3600,
+            max_events: 50,
+            outcome_ttl_seconds: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// The shared context store.
+pub trait ContextStore: Send + Sync + 'static {
+    /// The resource's context now.
+    fn snapshot(
+        &self,
+        key: &ResourceKey,
+    ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// The recorded outcome of a task, if it finished before.
+    fn outcome(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+    ) -> impl Future<Output = Result<Option<Outcome>, StoreError>> + Send;
+
+    /// Atomically: unless the task already has an outcome, write `facts` (bumping the version when
+    /// there are any), remember `event` in the recent-events list, and record `outcome`.
+    fn commit(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+        facts: &[(String, Fact)],
+        event: Option<&Value>,
+        outcome: &Outcome,
+    ) -> impl Future<Output = Result<CommitResult, StoreError>> + Send;
+}

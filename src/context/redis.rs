@@ -1,0 +1,197 @@
+//! Redis [`ContextStore`].
+//!
+//! Keys (all of one resource share the `{tenant/resource}` hash tag):
+//! - `<prefix>:ctx:{t/r}`: hash; `_version` plus one field per fact (JSON [`Fact`]);
+//! - `<prefix>:events:{t/r}`: list of recent event summaries, most recent first;
+//! - `<prefix>:outcome:{t/r}:<task id>`: the task's recorded [`Outcome`] (JSON).
+//!
+//! The commit is one Lua script, so "record outcome + apply writes" happens once or not at all.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use super::{
+    CommitResult, ContextStore, Fact, Outcome, ResourceKey, Retention, Snapshot, StoreError,
+};
+
+const COMMIT: &str = r#"
+local existing = redis.call('GET', KEYS[3])
+if existing then return {0, existing} end
+local n = tonumber(ARGV[6])
+local version
+if n > 0 then
+  version = redis.call('HINCRBY', KEYS[1], '_version', 1)
+  for i = 0, n - 1 do
+    redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+else
+  version = tonumber(redis.call('HGET', KEYS[1], '_version') or '0')
+end
+if ARGV[4] ~= '' then
+  redis.call('LREM', KEYS[2], 0, ARGV[4])
+  redis.call('LPUSH', KEYS[2], ARGV[4])
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[5]) - 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+return {1, tostring(version)}
+"#;
+
+/// A lazily connected, self-reconnecting Redis connection shared by every store of the process.
+#[derive(Clone)]
+pub struct RedisConn {
+    client: redis::Client,
+    manager: std::sync::Arc<OnceCell<ConnectionManager>>,
+}
+
+impl RedisConn {
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        Ok(RedisConn {
+            client: redis::Client::open(url).map_err(|e| StoreError::Redis(e.to_string()))?,
+            manager: Default::default(),
+        })
+    }
+
+    /// The connection; connecting on first use. Failing to connect is an error now, a retry later.
+    pub async fn get(&self) -> Result<ConnectionManager, StoreError> {
+        let m = self
+            .manager
+            .get_or_try_init(|| async {
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+            })
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok(m.clone())
+    }
+}
+
+pub struct RedisStore {
+    conn: RedisConn,
+    prefix: String,
+    retention: Retention,
+    commit: Script,
+}
+
+fn redis_err(e: redis::RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+impl RedisStore {
+    pub fn new(conn: RedisConn, prefix: &str, retention: Retention) -> Self {
+        RedisStore {
+            conn,
+            prefix: prefix.to_string(),
+            retention,
+            commit: Script::new(COMMIT),
+        }
+    }
+
+    fn ctx_key(&self, k: &ResourceKey) -> String {
+        format!("{}:ctx:{}", self.prefix, k.hash_tag())
+    }
+    fn events_key(&self, k: &ResourceKey) -> String {
+        format!("{}:events:{}", self.prefix, k.hash_tag())
+    }
+    fn outcome_key(&self, k: &ResourceKey, task_id: &str) -> String {
+        format!("{}:outcome:{}:{task_id}", self.prefix, k.hash_tag())
+    }
+}
+
+impl ContextStore for RedisStore {
+    async fn snapshot(&self, key: &ResourceKey) -> Result<Snapshot, StoreError> {
+        let mut c = self.conn.get().await?;
+        let (fields, events): (BTreeMap<String, String>, Vec<String>) = redis::pipe()
+            .hgetall(self.ctx_key(key))
+            .lrange(self.events_key(key), 0, -1)
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        let mut snap = Snapshot::default();
+        for (k, v) in fields {
+            if k == "_version" {
+                snap.version = v
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("_version {v:?}")))?;
+            } else {
+                let f: Fact = serde_json::from_str(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;
+                snap.facts.insert(k, f);
+            }
+        }
+        snap.recent_events = events
+            .iter()
+            .map(|e| {
+                serde_json::from_str::<Value>(e)
+                    .map_err(|x| StoreError::Corrupt(format!("event: {x}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(snap)
+    }
+
+    async fn outcome(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+    ) -> Result<Option<Outcome>, StoreError> {
+        let mut c = self.conn.get().await?;
+        let v: Option<String> = redis::cmd("GET")
+            .arg(self.outcome_key(key, task_id))
+            .query_async(&mut c)
+            .await
+            .map_err(redis_err)?;
+        v.map(|s| {
+            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn commit(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+        facts: &[(String, Fact)],
+        event: Option<&Value>,
+        outcome: &Outcome,
+    ) -> Result<CommitResult, StoreError> {
+        let mut c = self.conn.get().await?;
+        let outcome_json =
+            serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut inv = self.commit.prepare_invoke();
+        inv.key(self.ctx_key(key))
+            .key(self.events_key(key))
+            .key(self.outcome_key(key, task_id))
+            .arg(outcome_json)
+            .arg(self.retention.ttl_seconds)
+            .arg(self.retention.outcome_ttl_seconds)
+            .arg(event.map(Value::to_string).unwrap_or_default())
+            .arg(self.retention.max_events)
+            .arg(facts.len());
+        for (k, f) in facts {
+            let v = serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            inv.arg(k).arg(v);
+        }
+        let (applied, value): (i64, String) = inv.invoke_async(&mut c).await.map_err(redis_err)?;
+        if applied == 1 {
+            Ok(CommitResult::Applied {
+                version: value
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("version {value:?}")))?,
+            })
+        } else {
+            let o: Outcome = serde_json::from_str(&value)
+                .map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
+            Ok(CommitResult::AlreadyRecorded(Box::new(o)))
+        }
+    }
+}

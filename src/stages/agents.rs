@@ -1,0 +1,447 @@
+//! Agent stage: `switchyard.tasks` → agents → proposals, results, audit.
+//!
+//! Tasks of one resource run one at a time in order (lane = resource), so a finding written by one
+//! agent is in the context the next task on that resource sees; other resources run concurrently,
+//! bounded per agent (`max_concurrency`) and overall (`kafka.max_in_flight`). A task whose outcome is
+//! recorded in the store is not run again: its records are emitted again from the recorded outcome.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::agents::{
+    allowed, Agent, AgentError, AgentRequest, AgentResponse, AgentSpec, ScopedContext,
+};
+use crate::codec;
+use crate::context::{CommitResult, ContextStore, Fact, Outcome, ResourceKey, StoreError};
+use crate::event::{now_rfc3339, CloudEvent};
+use crate::kafka::runtime::{ProcessError, Processor};
+use crate::kafka::{dead_letter, Input, Output};
+use crate::records::{
+    audit_event, data_value, trace_id, types, AuditData, Emitter, ProposalData, ResultData,
+    TaskData,
+};
+use crate::route::stable_id;
+use crate::telemetry::METRICS;
+
+/// Source attribute of records the agent stage writes.
+pub const SOURCE: &str = "switchyard/agents";
+
+/// One configured agent, ready to call.
+pub struct AgentEntry {
+    pub spec: AgentSpec,
+    pub agent: Arc<dyn Agent>,
+    pub permits: Arc<Semaphore>,
+}
+
+pub struct AgentStage<S: ContextStore> {
+    pub agents: HashMap<String, AgentEntry>,
+    pub store: Arc<S>,
+    pub emitter: Emitter,
+    pub proposals_topic: String,
+    pub results_topic: String,
+    pub audit_topic: String,
+    pub dlq_topic: String,
+    pub max_record_bytes: usize,
+}
+
+fn transient(op: &'static str) -> impl Fn(StoreError) -> ProcessError {
+    move |e| {
+        METRICS.context_ops.with_label_values(&[op, "error"]).inc();
+        ProcessError::Transient(format!("context {op}: {e}"))
+    }
+}
+
+async fn timed<T, F: std::future::Future<Output = Result<T, StoreError>>>(
+    op: &'static str,
+    f: F,
+) -> Result<T, StoreError> {
+    let t = Instant::now();
+    let r = f.await;
+    METRICS
+        .context_op_duration
+        .with_label_values(&[op])
+        .observe(t.elapsed().as_secs_f64());
+    if r.is_ok() {
+        METRICS.context_ops.with_label_values(&[op, "ok"]).inc();
+    }
+    r
+}
+
+fn poison(reason: &'static str, detail: impl Into<String>) -> ProcessError {
+    ProcessError::Poison {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// A decoded task.
+pub struct DecodedTask {
+    pub task: TaskData,
+    pub event: CloudEvent,
+    pub traceparent: Option<String>,
+}
+
+/// Reads a task record; anything else is poison.
+pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, ProcessError> {
+    let ev = codec::decode(rec.view(), &emitter.schemas)
+        .map_err(|e| poison(e.reason(), e.to_string()))?;
+    if ev.ty != types::TASK {
+        return Err(poison(
+            "not_a_task",
+            format!("record type is {:?}, expected {}", ev.ty, types::TASK),
+        ));
+    }
+    let traceparent = ev.traceparent().map(str::to_string);
+    let task: TaskData = serde_json::from_value(ev.data.unwrap_or(Value::Null))
+        .map_err(|e| poison("malformed_task", e.to_string()))?;
+    let event: CloudEvent = serde_json::from_value(task.event.clone())
+        .map_err(|e| poison("malformed_task", format!("task.event: {e}")))?;
+    Ok(DecodedTask {
+        task,
+        event,
+        traceparent,
+    })
+}
+
+impl<S: ContextStore> AgentStage<S> {
+    /// Calls the agent with timeout, retries and backoff. Returns the response or the last error,
+    /// the attempts made, and the keys read outside scope.
+    async fn call(
+        &self,
+        entry: &AgentEntry,
+        t: &DecodedTask,
+        version: u64,
+        facts: &std::collections::BTreeMap<String, Value>,
+    ) -> (Result<AgentResponse, AgentError>, u32, Vec<String>) {
+        let spec = &entry.spec;
+        let name = t.task.agent.as_str();
+        let mut refused_reads = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let req = AgentRequest {
+                agent: name.to_string(),
+                task: t.task.clone(),
+                event: t.event.clone(),
+                context: ScopedContext::new(version, facts.clone(), &spec.reads),
+                attempt,
+            };
+            let result = {
+                let _permit = entry.permits.acquire().await;
+                METRICS.agent_in_flight.with_label_values(&[name]).inc();
+                let r = tokio::time::timeout(spec.timeout(), entry.agent.call(&req)).await;
+                METRICS.agent_in_flight.with_label_values(&[name]).dec();
+                r.unwrap_or(Err(AgentError::Timeout(spec.timeout())))
+            };
+            refused_reads.extend(req.context.take_refused_reads());
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(AgentError::Timeout(_)) => "timeout",
+                Err(_) => "error",
+            };
+            METRICS.agent_calls.with_label_values(&[name, label]).inc();
+            match result {
+                Err(AgentError::Timeout(_) | AgentError::Retryable(_))
+                    if attempt <= spec.retries =>
+                {
+                    let backoff = Duration::from_millis(
+                        spec.backoff_ms.saturating_mul(1 << (attempt - 1).min(10)),
+                    );
+                    tracing::warn!(agent = name, task_id = %t.task.task_id, attempt, error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "Agent attempt failed; retrying.");
+                    tokio::time::sleep(backoff).await;
+                }
+                r => {
+                    refused_reads.sort();
+                    refused_reads.dedup();
+                    return (r, attempt, refused_reads);
+                }
+            }
+        }
+    }
+
+    /// Runs a task that has no recorded outcome and records it.
+    async fn run(
+        &self,
+        entry: &AgentEntry,
+        t: &DecodedTask,
+        key: &ResourceKey,
+    ) -> Result<Outcome, ProcessError> {
+        let name = t.task.agent.as_str();
+        let snap = timed("snapshot", self.store.snapshot(key))
+            .await
+            .map_err(transient("snapshot"))?;
+        METRICS
+            .agent_tasks
+            .with_label_values(&[name, "started"])
+            .inc();
+        let started = Instant::now();
+        let (result, attempts, refused_reads) =
+            self.call(entry, t, snap.version, &snap.values()).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        METRICS
+            .agent_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        let mut refusals: Vec<String> = refused_reads.iter().map(|k| format!("read:{k}")).collect();
+        let (status, error, response) = match result {
+            Ok(resp) => {
+                let mut kept = AgentResponse::default();
+                for f in resp.findings {
+                    if allowed(&entry.spec.writes, &f.key) {
+                        kept.findings.push(f);
+                    } else {
+                        refusals.push(format!("write:{}", f.key));
+                    }
+                }
+                for p in resp.proposals {
+                    if allowed(&entry.spec.actions, &p.action) {
+                        kept.proposals.push(p);
+                    } else {
+                        refusals.push(format!("action:{}", p.action));
+                    }
+                }
+                ("succeeded", None, kept)
+            }
+            Err(e @ AgentError::Timeout(_)) => {
+                ("timed_out", Some(e.to_string()), AgentResponse::default())
+            }
+            Err(e) => ("failed", Some(e.to_string()), AgentResponse::default()),
+        };
+        METRICS.agent_tasks.with_label_values(&[name, status]).inc();
+        let now = now_rfc3339();
+        let facts: Vec<(String, Fact)> = response
+            .findings
+            .iter()
+            .map(|f| {
+                (
+                    f.key.clone(),
+                    Fact {
+                        value: f.value.clone(),
+                        by: name.to_string(),
+                        task_id: t.task.task_id.clone(),
+                        at: now.clone(),
+                    },
+                )
+            })
+            .collect();
+        let outcome = Outcome {
+            status: status.into(),
+            attempts,
+            duration_ms,
+            context_version: snap.version,
+            response,
+            error,
+            refusals,
+        };
+        let summary = json!({"id": t.event.id, "type": t.event.ty, "time": t.event.time});
+        // The agent was paid for: retry the commit in place rather than redo the call.
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1.. {
+            match timed(
+                "commit",
+                self.store
+                    .commit(key, &t.task.task_id, &facts, Some(&summary), &outcome),
+            )
+            .await
+            {
+                Ok(CommitResult::Applied { .. }) => return Ok(outcome),
+                Ok(CommitResult::AlreadyRecorded(o)) => return Ok(*o),
+                Err(e) if attempt < 10 => {
+                    METRICS
+                        .context_ops
+                        .with_label_values(&["commit", "error"])
+                        .inc();
+                    tracing::warn!(task_id = %t.task.task_id, error = %e, "Recording the outcome failed; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(transient("commit")(e)),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// The records an outcome causes: proposals, the result, audit records, and a dead letter for a
+    /// failed task.
+    fn outputs(
+        &self,
+        rec: &Input,
+        t: &DecodedTask,
+        o: &Outcome,
+    ) -> Result<Vec<Output>, ProcessError> {
+        let task = &t.task;
+        let tp = t.traceparent.as_deref();
+        let mut out = Vec::new();
+        let mut proposal_ids = Vec::new();
+        for (i, p) in o.response.proposals.iter().enumerate() {
+            let id = format!(
+                "prop-{}",
+                stable_id(&[&task.task_id, &i.to_string(), &p.action])
+            );
+            let data = ProposalData {
+                proposal_id: id.clone(),
+                task_id: task.task_id.clone(),
+                workflow_id: task.workflow_id.clone(),
+                agent: task.agent.clone(),
+                action: p.action.clone(),
+                resource: task.resource.clone(),
+                tenant: task.tenant.clone(),
+                parameters: p.parameters.clone(),
+                priority: p.priority,
+                impact: p.impact,
+                context_version: o.context_version,
+                reason: p.reason.clone(),
+                event_id: Some(t.event.id.clone()),
+            };
+            let mut ev = CloudEvent::new(id.clone(), SOURCE, types::PROPOSAL)
+                .with_subject(task.resource.clone())
+                .with_time_now()
+                .with_data(data_value(&data)?)
+                .with_extension("tenant", task.tenant.clone());
+            if let Some(tp) = tp {
+                ev = ev.with_extension("traceparent", tp);
+            }
+            out.push(self.emitter.emit(&self.proposals_topic, &ev)?);
+            proposal_ids.push(id);
+        }
+        let findings: Vec<Value> = o
+            .response
+            .findings
+            .iter()
+            .map(|f| json!({"key": f.key, "value": f.value}))
+            .collect();
+        let result = ResultData {
+            task_id: task.task_id.clone(),
+            workflow_id: task.workflow_id.clone(),
+            agent: task.agent.clone(),
+            resource: task.resource.clone(),
+            tenant: task.tenant.clone(),
+            status: o.status.clone(),
+            duration_ms: o.duration_ms,
+            attempts: o.attempts,
+            findings: Value::Array(findings),
+            proposals: json!(proposal_ids),
+            error: o.error.clone(),
+        };
+        let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
+            .with_subject(task.resource.clone())
+            .with_time_now()
+            .with_data(data_value(&result)?)
+            .with_extension("tenant", task.tenant.clone());
+        if let Some(tp) = tp {
+            rev = rev.with_extension("traceparent", tp);
+        }
+        out.push(self.emitter.emit(&self.results_topic, &rev)?);
+        let audit = |decision: &str, reason: Option<String>, detail: Value| AuditData {
+            decision: decision.into(),
+            stage: "agents".into(),
+            resource: task.resource.clone(),
+            tenant: task.tenant.clone(),
+            event_id: Some(t.event.id.clone()),
+            task_id: Some(task.task_id.clone()),
+            workflow_id: Some(task.workflow_id.clone()),
+            trace_id: trace_id(tp),
+            reason,
+            detail,
+            prev_hash: None,
+            hash: None,
+        };
+        let a = audit(
+            "agent_result",
+            o.error.clone(),
+            json!({"agent": task.agent, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
+                   "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>()}),
+        );
+        out.push(self.emitter.emit(
+            &self.audit_topic,
+            &audit_event(SOURCE, &["agent_result", &task.task_id], &a, tp)?,
+        )?);
+        for r in &o.refusals {
+            let (kind, what) = r.split_once(':').unwrap_or(("scope", r.as_str()));
+            let a = audit(
+                "refused",
+                Some(format!("scope_{kind}")),
+                json!({"agent": task.agent, "kind": kind, "key": what}),
+            );
+            out.push(self.emitter.emit(
+                &self.audit_topic,
+                &audit_event(SOURCE, &["refused", &task.task_id, r], &a, tp)?,
+            )?);
+        }
+        if o.status != "succeeded" {
+            let detail = format!(
+                "agent {} {}: {}",
+                task.agent,
+                o.status,
+                o.error.as_deref().unwrap_or("")
+            );
+            METRICS
+                .dlq_records
+                .with_label_values(&["agents", "agent_failed"])
+                .inc();
+            out.push(dead_letter(
+                &self.dlq_topic,
+                "agents",
+                rec,
+                "agent_failed",
+                &detail,
+                self.max_record_bytes,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl<S: ContextStore> Processor for AgentStage<S> {
+    fn stage(&self) -> &'static str {
+        "agents"
+    }
+
+    /// One lane per resource (the record key), so tasks of a resource run in order.
+    fn lane(&self, rec: &Input) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        rec.key.hash(&mut h);
+        h.finish()
+    }
+
+    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+        let t = decode_task(&rec, &self.emitter)?;
+        let Some(entry) = self.agents.get(&t.task.agent) else {
+            return Err(poison(
+                "unknown_agent",
+                format!("agent {:?} is not declared in the config", t.task.agent),
+            ));
+        };
+        let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
+        let recorded = timed("outcome", self.store.outcome(&key, &t.task.task_id))
+            .await
+            .map_err(transient("outcome"))?;
+        let outcome = match recorded {
+            Some(o) => {
+                METRICS
+                    .agent_tasks
+                    .with_label_values(&[&t.task.agent, "replayed"])
+                    .inc();
+                tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task already ran; emitting its recorded outcome without calling the agent.");
+                o
+            }
+            None => {
+                let o = self.run(entry, &t, &key).await?;
+                for r in &o.refusals {
+                    let kind = r.split_once(':').map(|(k, _)| k).unwrap_or("scope");
+                    METRICS
+                        .agent_refusals
+                        .with_label_values(&[&t.task.agent, kind])
+                        .inc();
+                }
+                o
+            }
+        };
+        self.outputs(&rec, &t, &outcome)
+    }
+}

@@ -1,0 +1,475 @@
+//! Agent stage and shared context, against the real broker and Redis.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::Json;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use common::*;
+use switchyard::context::redis::{RedisConn, RedisStore};
+use switchyard::context::{ContextStore, ResourceKey};
+use switchyard::kafka::dlq_headers;
+use switchyard::records::{AuditData, ProposalData, ResultData};
+
+type Running = (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
+);
+
+fn start(env: &TestEnv, stages: &[&str]) -> Running {
+    let token = CancellationToken::new();
+    let stages = stages.iter().map(|s| s.to_string()).collect();
+    let h = tokio::spawn(switchyard::app::run(
+        env.loaded.clone(),
+        stages,
+        token.clone(),
+    ));
+    (token, h)
+}
+
+async fn stop((token, h): Running) {
+    token.cancel();
+    h.await.expect("join").expect("stages stop cleanly");
+}
+
+fn store(env: &TestEnv) -> RedisStore {
+    let c = &env.loaded.config;
+    RedisStore::new(
+        RedisConn::new(&c.redis.url).unwrap(),
+        &c.redis.key_prefix,
+        c.context.retention(),
+    )
+}
+
+fn proposals(recs: &[switchyard::kafka::Input]) -> Vec<ProposalData> {
+    recs.iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect()
+}
+
+fn results(recs: &[switchyard::kafka::Input]) -> Vec<ResultData> {
+    recs.iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect()
+}
+
+fn audits(recs: &[switchyard::kafka::Input]) -> Vec<AuditData> {
+    recs.iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_meets_the_context_contract() {
+    let env = TestEnv::new(1, "").await;
+    let c = &env.loaded.config;
+    let s = RedisStore::new(
+        RedisConn::new(&c.redis.url).unwrap(),
+        &c.redis.key_prefix,
+        switchyard::context::contract::retention(),
+    );
+    switchyard::context::contract::run_all(&s, &env.prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_agents_share_context_and_propose_actions() {
+    let env = TestEnv::new(3, "").await;
+    let running = start(&env, &["route", "agents"]);
+    // Events on different input topics have no defined order between them, so each waits for the
+    // previous one's result (as the real systems producing them would be seconds apart).
+    env.publish("events.deployments", &[event("d1", "deployment.completed", "checkout",
+        json!({"service": "checkout", "version": "v42", "previous_version": "v41", "environment": "production"}))]).await;
+    env.read("switchyard.results", 1, Duration::from_secs(30))
+        .await;
+    env.publish("events.sla-breaches", &[event("s1", "sla.breached", "checkout",
+        json!({"service": "checkout", "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}))]).await;
+    env.read("switchyard.results", 2, Duration::from_secs(30))
+        .await;
+    env.publish(
+        "events.deployments",
+        &[event(
+            "d2",
+            "deployment.started",
+            "checkout",
+            json!({"service": "checkout", "version": "v43", "previous_version": "v42"}),
+        )],
+    )
+    .await;
+    env.publish(
+        "events.cost-thresholds",
+        &[event(
+            "c1",
+            "cost.threshold_exceeded",
+            "search",
+            json!({"service": "search", "budget": 100.0, "spend": 130.0}),
+        )],
+    )
+    .await;
+    let props = proposals(
+        &env.read("switchyard.proposals", 4, Duration::from_secs(40))
+            .await,
+    );
+    let by_action: BTreeMap<&str, &ProposalData> =
+        props.iter().map(|p| (p.action.as_str(), p)).collect();
+    assert_eq!(
+        by_action.keys().copied().collect::<Vec<_>>(),
+        ["deployment.hold", "page", "rollback", "scale_down"]
+    );
+
+    // Cross-agent context: the SLA responder saw the deployment the deploy guard recorded.
+    let rb = by_action["rollback"];
+    assert_eq!(rb.agent, "sla-responder");
+    assert_eq!(rb.parameters["to_version"], "v41");
+    assert_eq!(rb.parameters["from_version"], "v42");
+    assert_eq!(rb.parameters["deployment_event"], "d1");
+    assert_eq!(rb.impact, switchyard::agents::Impact::High);
+    assert!(
+        rb.context_version >= 1,
+        "based on the context the deploy guard wrote"
+    );
+    assert_eq!(by_action["page"].parameters["severity"], "critical");
+    assert_eq!(by_action["page"].parameters["owner"], "team-pay");
+    // Deploy guard saw the breach state the SLA responder recorded.
+    assert_eq!(by_action["deployment.hold"].parameters["version"], "v43");
+    assert_eq!(by_action["scale_down"].parameters["overspend"], json!(30.0));
+    assert_eq!(by_action["scale_down"].resource, "search");
+
+    let res = results(
+        &env.read("switchyard.results", 4, Duration::from_secs(20))
+            .await,
+    );
+    assert_eq!(res.len(), 4);
+    assert!(res
+        .iter()
+        .all(|r| r.status == "succeeded" && r.attempts == 1));
+
+    let s = store(&env);
+    let ctx = s
+        .snapshot(&ResourceKey::new("default", "checkout"))
+        .await
+        .unwrap();
+    assert_eq!(ctx.facts["suspect_deployment"].value["version"], "v42");
+    assert_eq!(ctx.facts["suspect_deployment"].by, "sla-responder");
+    assert_eq!(ctx.facts["sla"].value["active"], true);
+    assert_eq!(ctx.facts["deployment"].value["version"], "v43");
+    assert_eq!(ctx.version, 3, "three tasks wrote to checkout");
+    let ids: Vec<&str> = ctx
+        .recent_events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d2", "s1", "d1"]);
+    assert_eq!(
+        s.snapshot(&ResourceKey::new("default", "search"))
+            .await
+            .unwrap()
+            .facts["cost"]
+            .value["overspend"],
+        json!(30.0)
+    );
+    stop(running).await;
+}
+
+/// A real HTTP agent server: behaviour per event, call counts per task.
+#[derive(Default)]
+struct HttpAgentState {
+    calls: std::sync::Mutex<BTreeMap<String, usize>>,
+    total: AtomicUsize,
+}
+
+async fn http_agent(
+    State(st): State<Arc<HttpAgentState>>,
+    Json(req): Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let task_id = req["task"]["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let n = {
+        let mut c = st.calls.lock().unwrap();
+        let e = c.entry(task_id).or_default();
+        *e += 1;
+        *e
+    };
+    st.total.fetch_add(1, Ordering::SeqCst);
+    let mode = req["event"]["data"]["mode"]
+        .as_str()
+        .unwrap_or("ok")
+        .to_string();
+    match mode.as_str() {
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Json(json!({})).into_response()
+        }
+        "fail-once" if n == 1 => (axum::http::StatusCode::BAD_GATEWAY, "upstream down").into_response(),
+        "bad-request" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "no").into_response(),
+        "out-of-scope" => Json(json!({
+            "findings": [{"key": "triage.note", "value": 1}, {"key": "secrets", "value": "x"}],
+            "proposals": [{"action": "page", "priority": 1}, {"action": "delete_cluster", "priority": 99, "impact": "high"}]
+        }))
+        .into_response(),
+        _ => Json(json!({
+            "findings": [{"key": "triage.note", "value": {"seen": req["event"]["id"], "facts": req["context"]["facts"]}}],
+            "proposals": [{"action": "page", "parameters": {"who": "oncall"}, "priority": 3, "impact": "low"}]
+        }))
+        .into_response(),
+    }
+}
+
+async fn serve_http_agent() -> (String, Arc<HttpAgentState>) {
+    let st = Arc::new(HttpAgentState::default());
+    let app = axum::Router::new()
+        .route("/agent", post(http_agent))
+        .with_state(st.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/agent"), st)
+}
+
+fn http_agent_yaml(url: &str, timeout_ms: u64, retries: u32) -> String {
+    format!(
+        r#"
+agents:
+  triage:
+    kind: http
+    url: {url}
+    reads: ["*"]
+    writes: ["triage.*"]
+    actions: [page]
+    timeout_ms: {timeout_ms}
+    retries: {retries}
+    backoff_ms: 50
+routes:
+  - name: all
+    agents: [triage]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_agent_round_trip_retries_5xx_not_4xx() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::new(2, &http_agent_yaml(&url, 2000, 2)).await;
+    let running = start(&env, &["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[
+            event("h-ok", "deployment.started", "svc-1", json!({"mode": "ok"})),
+            event(
+                "h-flaky",
+                "deployment.started",
+                "svc-2",
+                json!({"mode": "fail-once"}),
+            ),
+            event(
+                "h-bad",
+                "deployment.started",
+                "svc-3",
+                json!({"mode": "bad-request"}),
+            ),
+        ],
+    )
+    .await;
+    let res = results(
+        &env.read("switchyard.results", 3, Duration::from_secs(40))
+            .await,
+    );
+    let by_res: BTreeMap<&str, &ResultData> =
+        res.iter().map(|r| (r.resource.as_str(), r)).collect();
+    assert_eq!(by_res["svc-1"].status, "succeeded");
+    assert_eq!(by_res["svc-1"].findings[0]["key"], "triage.note");
+    assert_eq!(by_res["svc-2"].status, "succeeded");
+    assert_eq!(by_res["svc-2"].attempts, 2, "the 502 was retried");
+    assert_eq!(by_res["svc-3"].status, "failed");
+    assert_eq!(by_res["svc-3"].attempts, 1, "a 4xx is not retried");
+    let props = proposals(
+        &env.read("switchyard.proposals", 2, Duration::from_secs(10))
+            .await,
+    );
+    assert_eq!(props.len(), 2);
+    assert!(props
+        .iter()
+        .all(|p| p.action == "page" && p.parameters["who"] == "oncall"));
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(10)).await;
+    assert_eq!(header(&dlq[0], dlq_headers::REASON), Some("agent_failed"));
+    assert_eq!(
+        event_of(&dlq[0]).ty,
+        "switchyard.task",
+        "the failed task itself is dead-lettered"
+    );
+    assert_eq!(st.total.load(Ordering::SeqCst), 4);
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::new(1, &http_agent_yaml(&url, 700, 1)).await;
+    let running = start(&env, &["route", "agents"]);
+    // One partition: the hanging task and the others share it; only lanes keep them apart.
+    let mut evs = vec![event(
+        "slow",
+        "deployment.started",
+        "svc-slow",
+        json!({"mode": "hang"}),
+    )];
+    for i in 0..5 {
+        evs.push(event(
+            &format!("fast-{i}"),
+            "deployment.started",
+            &format!("svc-{i}"),
+            json!({"mode": "ok"}),
+        ));
+    }
+    env.publish("events.deployments", &evs).await;
+    let recs = env
+        .read("switchyard.results", 6, Duration::from_secs(40))
+        .await;
+    let res = results(&recs);
+    assert_eq!(res.len(), 6);
+    assert_eq!(
+        res.last().unwrap().resource,
+        "svc-slow",
+        "every other resource finished first"
+    );
+    let slow = res.last().unwrap();
+    assert_eq!(slow.status, "timed_out");
+    assert_eq!(slow.attempts, 2, "timed out, retried once, timed out again");
+    assert_eq!(st.calls.lock().unwrap().values().sum::<usize>(), 7);
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(10)).await;
+    assert_eq!(header(&dlq[0], dlq_headers::REASON), Some("agent_failed"));
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_task_is_not_run_again() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::new(1, &http_agent_yaml(&url, 2000, 0)).await;
+    let running = start(&env, &["route", "agents"]);
+    let ev = event("once", "deployment.started", "svc-r", json!({"mode": "ok"}));
+    env.publish("events.deployments", &[ev.clone()]).await;
+    let first = env
+        .read("switchyard.tasks", 1, Duration::from_secs(30))
+        .await;
+    let _ = env
+        .read("switchyard.results", 1, Duration::from_secs(30))
+        .await;
+    // Redeliver: the same task record again (as after a crash before the commit).
+    let mut out = switchyard::kafka::Output::new(
+        env.topic("switchyard.tasks"),
+        first[0].key.clone().unwrap(),
+        first[0].payload.clone(),
+    );
+    out.headers = first[0].headers.clone();
+    env.producer().send(&out).await.unwrap();
+    // The same event published again routes to the same task id.
+    env.publish("events.deployments", &[ev]).await;
+    let res = results(
+        &env.read("switchyard.results", 3, Duration::from_secs(30))
+            .await,
+    );
+    assert_eq!(res.len(), 3, "each delivery yields its result record");
+    assert!(res
+        .iter()
+        .all(|r| r.task_id == res[0].task_id && r.status == "succeeded"));
+    let props = proposals(
+        &env.read("switchyard.proposals", 3, Duration::from_secs(10))
+            .await,
+    );
+    assert!(
+        props.iter().all(|p| p.proposal_id == props[0].proposal_id),
+        "replays carry the same proposal id"
+    );
+    assert_eq!(
+        st.total.load(Ordering::SeqCst),
+        1,
+        "the agent was called once"
+    );
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_violations_are_refused_and_audited() {
+    let (url, _st) = serve_http_agent().await;
+    // deploy-guard may not read `sla` here; triage may write only triage.* and propose only page.
+    let yaml = format!(
+        r#"
+agents:
+  triage:
+    kind: http
+    url: {url}
+    writes: ["triage.*"]
+    actions: [page]
+  deploy-guard:
+    kind: builtin
+    reads: []
+    writes: [deployment, last_completed_deployment]
+    actions: [deployment.hold]
+routes:
+  - name: all
+    agents: [triage, deploy-guard]
+"#
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let running = start(&env, &["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[event(
+            "sc",
+            "deployment.started",
+            "svc-s",
+            json!({"mode": "out-of-scope", "version": "v1"}),
+        )],
+    )
+    .await;
+    let props = proposals(
+        &env.read("switchyard.proposals", 1, Duration::from_secs(30))
+            .await,
+    );
+    assert_eq!(props.len(), 1);
+    assert_eq!(props[0].action, "page", "delete_cluster was refused");
+    // route audit + 2 agent_result + refusals (write secrets, action delete_cluster, read sla)
+    let audit = audits(
+        &env.read("switchyard.audit", 6, Duration::from_secs(30))
+            .await,
+    );
+    let mut refused: Vec<(String, String)> = audit
+        .iter()
+        .filter(|a| a.decision == "refused")
+        .map(|a| {
+            (
+                a.reason.clone().unwrap(),
+                a.detail["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    refused.sort();
+    assert_eq!(
+        refused,
+        [
+            ("scope_action".to_string(), "delete_cluster".to_string()),
+            ("scope_read".to_string(), "sla".to_string()),
+            ("scope_write".to_string(), "secrets".to_string()),
+        ]
+    );
+    let ctx = store(&env)
+        .snapshot(&ResourceKey::new("default", "svc-s"))
+        .await
+        .unwrap();
+    assert!(ctx.facts.contains_key("triage.note"));
+    assert!(
+        !ctx.facts.contains_key("secrets"),
+        "a refused write never reaches the context"
+    );
+    stop(running).await;
+}
