@@ -357,7 +357,7 @@ async fn redelivered_task_is_not_run_again() {
     let env = TestEnv::new(1, &http_agent_yaml(&url, 2000, 0)).await;
     let running = start(&env, &["route", "agents"]);
     let ev = event("once", "deployment.started", "svc-r", json!({"mode": "ok"}));
-    env.publish("events.deployments", &[ev.clone()]).await;
+    env.publish("events.deployments", std::slice::from_ref(&ev)).await;
     let first = env
         .read("switchyard.tasks", 1, Duration::from_secs(30))
         .await;
@@ -472,4 +472,214 @@ routes:
         "a refused write never reaches the context"
     );
     stop(running).await;
+}
+
+fn stack_dir() -> std::path::PathBuf {
+    std::env::var("SWITCHYARD_STACK_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|_| root().join(".stack"))
+}
+
+/// Kills the child process when the test ends, pass or fail.
+struct Reaper(std::process::Child);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_agent_round_trips_with_the_example_external_agent() {
+    let pre = suffix();
+    let (req_topic, reply_topic) = (
+        format!("{pre}.agents.notifier.requests"),
+        format!("{pre}.agents.notifier.replies"),
+    );
+    let yaml = format!(
+        r#"
+agents:
+  notifier:
+    kind: kafka
+    request_topic: {req_topic}
+    reply_topic: {reply_topic}
+    reads: ["*"]
+    writes: ["example.*"]
+    actions: [notify]
+    timeout_ms: 20000
+    retries: 1
+routes:
+  - name: all
+    agents: [notifier]
+"#
+    );
+    // The agent's topics must exist before switchyard starts reading replies.
+    let (brokers, _) = stack().clone();
+    let admin = switchyard::kafka::admin_config(&switchyard::config::KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    });
+    let defs: Vec<switchyard::topics::TopicDef> = [&req_topic, &reply_topic]
+        .iter()
+        .map(|n| {
+            serde_yaml::from_str(&format!("name: {n}\npartitions: 2\nkey: resource id\n")).unwrap()
+        })
+        .collect();
+    switchyard::topics::apply(
+        &admin,
+        &defs.iter().collect::<Vec<_>>(),
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    let env = TestEnv::new(2, &yaml).await;
+    let python = stack_dir().join("venv/bin/python");
+    let agent = std::process::Command::new(&python)
+        .arg(root().join("deploy/agents/example-agent/agent.py"))
+        .args([
+            "--brokers",
+            &brokers,
+            "--request-topic",
+            &req_topic,
+            "--reply-topic",
+            &reply_topic,
+            "--group",
+            &format!("{pre}-agent"),
+        ])
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let _agent = Reaper(agent);
+    let running = start(&env, &["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[
+            event(
+                "k1",
+                "deployment.started",
+                "svc-k1",
+                json!({"version": "v1"}),
+            ),
+            event("k2", "deployment.failed", "svc-k2", json!({"fail": true})),
+        ],
+    )
+    .await;
+    let res = results(
+        &env.read("switchyard.results", 2, Duration::from_secs(60))
+            .await,
+    );
+    let by: BTreeMap<&str, &ResultData> = res.iter().map(|r| (r.resource.as_str(), r)).collect();
+    assert_eq!(by["svc-k1"].status, "succeeded");
+    assert_eq!(by["svc-k1"].findings[0]["key"], "example.note");
+    assert_eq!(by["svc-k1"].findings[0]["value"]["saw_event"], "k1");
+    assert_eq!(
+        by["svc-k2"].status, "failed",
+        "a non-retryable error reply fails the task"
+    );
+    assert_eq!(by["svc-k2"].attempts, 1);
+    let props = proposals(
+        &env.read("switchyard.proposals", 1, Duration::from_secs(10))
+            .await,
+    );
+    assert_eq!(props[0].action, "notify");
+    assert_eq!(props[0].parameters["text"], "deployment.started on svc-k1");
+    stop(running).await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> Reaper {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Reaper(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_pauses_processing_and_nothing_is_lost() {
+    // A Redis of this test's own, so stopping it does not disturb other tests.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = start_redis(port, dir.path());
+    let env = TestEnv::new(2, "").await;
+    let mut loaded = env.loaded.clone();
+    loaded.config.redis.url = format!("redis://127.0.0.1:{port}/");
+    let token = CancellationToken::new();
+    let h = tokio::spawn(switchyard::app::run(
+        loaded,
+        vec!["route".into(), "agents".into()],
+        token.clone(),
+    ));
+    const N: usize = 60;
+    let evs: Vec<_> = (0..N / 2)
+        .map(|i| {
+            event(
+                &format!("r{i}"),
+                "deployment.completed",
+                &format!("svc-{}", i % 7),
+                json!({"version": format!("v{i}")}),
+            )
+        })
+        .collect();
+    env.publish("events.deployments", &evs).await;
+    let _ = env
+        .read("switchyard.results", 5, Duration::from_secs(30))
+        .await;
+    drop(redis); // Redis dies mid-stream.
+    let evs: Vec<_> = (N / 2..N)
+        .map(|i| {
+            event(
+                &format!("r{i}"),
+                "deployment.completed",
+                &format!("svc-{}", i % 7),
+                json!({"version": format!("v{i}")}),
+            )
+        })
+        .collect();
+    env.publish("events.deployments", &evs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = env
+        .read("switchyard.results", N, Duration::from_secs(2))
+        .await
+        .len();
+    assert!(
+        during < N,
+        "with Redis down not every task can finish ({during} of {N})"
+    );
+    let _redis = start_redis(port, dir.path()); // back, empty: no outcome survived, tasks just run
+    let res = results(
+        &env.read("switchyard.results", N, Duration::from_secs(60))
+            .await,
+    );
+    let tasks: std::collections::BTreeSet<&str> = res.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(tasks.len(), N, "every task finished after Redis came back");
+    assert!(res.iter().all(|r| r.status == "succeeded"));
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(2)).await;
+    assert!(dlq.is_empty(), "an outage is not a reason to dead-letter");
+    token.cancel();
+    h.await.unwrap().unwrap();
 }

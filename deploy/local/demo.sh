@@ -56,8 +56,10 @@ done
 curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/readyz"
 
 say "Publishing sample events (deploy/local/samples/)"
+# Seconds apart, as the real systems would be: events on different topics have no order between them.
 for f in deployments sla-breaches cost-thresholds; do
     "$BIN" --config "$CONFIG" publish --topic "events.$f" --file "deploy/local/samples/$f.jsonl"
+    sleep 1.5
 done
 
 echo "and one malformed record (it must land in switchyard.dlq without stopping anything):"
@@ -69,11 +71,25 @@ show() { # topic, summary fields
     "$BIN" --config "$CONFIG" tail "$topic" --from-beginning --idle-timeout-ms 3000 | python3 "$ROOT/deploy/local/summarize.py"
 }
 show switchyard.tasks
+show switchyard.results
+show switchyard.proposals
 show switchyard.audit
 show switchyard.dlq
 
 say "Metrics (excerpt)"
-curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records)_total' || true
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks)_total' || true
+
+say "Shared context of resource checkout in Redis"
+redis-cli -u "$SWITCHYARD_REDIS_URL" --raw HGETALL 'switchyard:ctx:{default/checkout}' | python3 -c '
+import json, sys
+lines = sys.stdin.read().splitlines()
+for k, v in zip(lines[::2], lines[1::2]):
+    if k == "_version":
+        print(f"  {k:<26} {v}")
+    else:
+        f = json.loads(v)
+        print("  %-26s (by %s) %s" % (k, f["by"], json.dumps(f["value"])))
+'
 
 if [[ $KEEP -eq 1 ]]; then
     say "Left running: switchyard pid $SY_PID; stop with: kill $SY_PID; SWITCHYARD_STACK_DIR=$SWITCHYARD_STACK_DIR $STACK down"

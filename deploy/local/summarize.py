@@ -22,8 +22,17 @@ for line in sys.stdin:
     if t == "switchyard.task":
         src = d.get("event", {})
         print(f"  {where:<34} task {d.get('agent'):<14} resource={d.get('resource'):<10} for {src.get('type')} ({src.get('id')})")
+    elif t == "switchyard.proposal":
+        print(f"  {where:<34} proposal {d.get('action'):<15} resource={d.get('resource'):<10} by {d.get('agent'):<14} "
+              f"impact={d.get('impact')} priority={d.get('priority')} {json.dumps(d.get('parameters'))}")
+    elif t == "switchyard.result":
+        keys = ",".join(f.get("key", "") for f in d.get("findings") or [])
+        print(f"  {where:<34} result {d.get('agent'):<14} resource={d.get('resource'):<10} {d.get('status')} "
+              f"in {d.get('duration_ms')} ms, findings: {keys or '-'}, proposals: {len(d.get('proposals') or [])}")
     elif t == "switchyard.audit":
-        extra = d.get("reason") or ", ".join(d.get("detail", {}).get("routes", []) or [])
+        det = d.get("detail", {}) or {}
+        extra = d.get("reason") or ", ".join(det.get("routes", []) or []) or \
+            (f"{det.get('agent')} {det.get('status')}" if det.get("agent") else "")
         print(f"  {where:<34} audit {d.get('decision'):<18} resource={d.get('resource'):<10} {extra}")
     elif rec.get("headers", {}).get("switchyard.dlq.reason"):
         hdr = rec["headers"]
