@@ -357,7 +357,8 @@ async fn redelivered_task_is_not_run_again() {
     let env = TestEnv::new(1, &http_agent_yaml(&url, 2000, 0)).await;
     let running = start(&env, &["route", "agents"]);
     let ev = event("once", "deployment.started", "svc-r", json!({"mode": "ok"}));
-    env.publish("events.deployments", std::slice::from_ref(&ev)).await;
+    env.publish("events.deployments", std::slice::from_ref(&ev))
+        .await;
     let first = env
         .read("switchyard.tasks", 1, Duration::from_secs(30))
         .await;
