@@ -451,3 +451,241 @@ routes:
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_drains_and_commits_so_nothing_is_lost() {
+    // Small in-flight bound too, so back-pressure pauses partitions along the way.
+    let env = TestEnv::with(4, "  max_in_flight: 8", "").await;
+    let (stop_a, a) = start(&env).await;
+    const N: usize = 600;
+    let produce = async {
+        for chunk in 0..(N / 50) {
+            let evs: Vec<_> = (0..50)
+                .map(|i| {
+                    let n = chunk * 50 + i;
+                    event(
+                        &format!("rb-{n}"),
+                        "deployment.started",
+                        &format!("svc-{}", n % 23),
+                        json!({}),
+                    )
+                })
+                .collect();
+            env.publish("events.deployments", &evs).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    let second = async {
+        // A second member joins mid-stream: partitions are revoked from the first and moved.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        start(&env).await
+    };
+    let ((), (stop_b, b)) = tokio::join!(produce, second);
+    let tasks = env
+        .read("switchyard.tasks", N, Duration::from_secs(60))
+        .await;
+    let ids: BTreeSet<String> = tasks
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
+                .unwrap()
+                .event["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        N,
+        "every event has its task across the rebalance"
+    );
+    stop_a.cancel();
+    stop_b.cancel();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let committed: i64 = env
+        .committed("route", "events.deployments", 4)
+        .await
+        .values()
+        .sum();
+    assert_eq!(
+        committed, N as i64,
+        "drains on revoke and shutdown commit every finished record"
+    );
+    let m = switchyard::telemetry::METRICS.render();
+    assert!(
+        m.contains("switchyard_rebalances_total{kind=\"revoke\",stage=\"route\"}"),
+        "rebalance counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics_endpoint() {
+    let env = TestEnv::new(1, "").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let token = CancellationToken::new();
+    let h = tokio::spawn(switchyard::app::run(
+        loaded,
+        vec!["route".into()],
+        token.clone(),
+    ));
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let mut ready = None;
+    for _ in 0..100 {
+        if let Ok(r) = client.get(url("/readyz")).send().await {
+            let code = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if code == 200 {
+                ready = Some(body);
+                break;
+            }
+            assert!(body.starts_with("not ready:"), "a 503 says why: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ready.as_deref(),
+        Some("ready\n"),
+        "ready once Kafka, Redis and partitions are there"
+    );
+    assert_eq!(
+        client
+            .get(url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    env.publish(
+        "events.deployments",
+        &[event("m-1", "deployment.started", "svc-m", json!({}))],
+    )
+    .await;
+    assert_eq!(
+        env.read("switchyard.tasks", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1
+    );
+    let metrics = client
+        .get(url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "switchyard_assigned_partitions",
+        "switchyard_records_consumed_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    token.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_publish_from_stdin_and_tail() {
+    use std::io::Write;
+    let env = TestEnv::new(1, "").await;
+    let (brokers, redis) = stack().clone();
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut c = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&env.config_path)
+            .args(args)
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        c.wait_with_output().unwrap()
+    };
+    let topic = env.topic("events.sla-breaches");
+    let lines = r#"{"id":"cli-1","source":"t","type":"sla.breached","subject":"a","data":{"slo":"x"}}
+{"id":"cli-2","source":"t","type":"sla.recovered","subject":"b"}"#;
+    let out = run(&["publish", "--topic", &topic, "--file", "-"], Some(lines));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &[
+            "publish",
+            "--topic",
+            &topic,
+            "--type",
+            "sla.breached",
+            "--subject",
+            "c",
+            "--data",
+            r#"{"slo":"y"}"#,
+            "--mode",
+            "binary",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = run(
+        &["publish", "--topic", &topic, "--file", "-"],
+        Some(r#"{"id":"x","type":"t"}"#),
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "an event without source is refused before sending"
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("source"));
+    let out = run(
+        &[
+            "tail",
+            &topic,
+            "--from-beginning",
+            "--max",
+            "3",
+            "--idle-timeout-ms",
+            "20000",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 3);
+    let ids: Vec<&str> = recs
+        .iter()
+        .map(|r| r["event"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(&ids[..2], ["cli-1", "cli-2"]);
+    assert_eq!(recs[2]["event"]["subject"], "c");
+    assert_eq!(recs[2]["key"], "c", "published keyed by subject");
+}
