@@ -636,31 +636,13 @@ async fn redis_outage_pauses_processing_and_nothing_is_lost() {
         token.clone(),
     ));
     const N: usize = 60;
-    let evs: Vec<_> = (0..N / 2)
-        .map(|i| {
-            event(
-                &format!("r{i}"),
-                "deployment.completed",
-                &format!("svc-{}", i % 7),
-                json!({"version": format!("v{i}")}),
-            )
-        })
-        .collect();
+    let evs = numbered_events("r", "deployment.completed", 0..N / 2, 7);
     env.publish("events.deployments", &evs).await;
     let _ = env
         .read("switchyard.results", 5, Duration::from_secs(30))
         .await;
     drop(redis); // Redis dies mid-stream.
-    let evs: Vec<_> = (N / 2..N)
-        .map(|i| {
-            event(
-                &format!("r{i}"),
-                "deployment.completed",
-                &format!("svc-{}", i % 7),
-                json!({"version": format!("v{i}")}),
-            )
-        })
-        .collect();
+    let evs = numbered_events("r", "deployment.completed", N / 2..N, 7);
     env.publish("events.deployments", &evs).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = env

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::*;
 use switchyard::kafka::dlq_headers;
-use switchyard::records::{AuditData, TaskData};
+use switchyard::records::AuditData;
 
 async fn start(
     env: &TestEnv,
@@ -68,7 +68,7 @@ async fn routes_each_default_event_type_to_tasks_keyed_by_resource() {
     for rec in &tasks {
         let task = event_of(rec);
         assert_eq!(task.ty, "switchyard.task");
-        let data: TaskData = serde_json::from_value(data_of(&task).clone()).unwrap();
+        let data = task_of(rec);
         let (ev, agent) = expected
             .get(&task.id)
             .unwrap_or_else(|| panic!("unexpected task id {}", task.id));
@@ -176,17 +176,7 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
     let tasks = env
         .read("switchyard.tasks", 2, Duration::from_secs(30))
         .await;
-    let ids: Vec<String> = tasks
-        .iter()
-        .map(|r| {
-            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
-                .unwrap()
-                .event["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids: Vec<String> = tasks.iter().map(task_event_id).collect();
     assert_eq!(
         ids,
         ["good-1", "good-2"],
@@ -248,7 +238,7 @@ async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
         .await;
     let mut by_agent = BTreeMap::new();
     for r in &tasks {
-        let d: TaskData = serde_json::from_value(data_of(&event_of(r)).clone()).unwrap();
+        let d = task_of(r);
         by_agent.insert(d.agent.clone(), d);
     }
     let sla = &by_agent["sla-responder"];
@@ -279,17 +269,12 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let producer_env = &env;
     let produce = async move {
         for chunk in 0..(N / 100) {
-            let evs: Vec<_> = (0..100)
-                .map(|i| {
-                    let n = chunk * 100 + i;
-                    event(
-                        &format!("k-{n}"),
-                        "deployment.completed",
-                        &format!("svc-{}", n % 37),
-                        json!({"n": n}),
-                    )
-                })
-                .collect();
+            let evs = numbered_events(
+                "k",
+                "deployment.completed",
+                chunk * 100..(chunk + 1) * 100,
+                37,
+            );
             producer_env.publish("events.deployments", &evs).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -307,33 +292,12 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let tasks = env
         .read("switchyard.tasks", N, Duration::from_secs(90))
         .await;
-    let seen: BTreeSet<String> = tasks
-        .iter()
-        .map(|r| {
-            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
-                .unwrap()
-                .event["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let seen: BTreeSet<String> = tasks.iter().map(task_event_id).collect();
     // Redeliveries after the kill may duplicate tasks (same deterministic ids); none may be missing.
     let extra = env
         .read("switchyard.tasks", N + 5000, Duration::from_secs(5))
         .await;
-    let all: BTreeSet<String> = extra
-        .iter()
-        .map(|r| {
-            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
-                .unwrap()
-                .event["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .chain(seen)
-        .collect();
+    let all: BTreeSet<String> = extra.iter().map(task_event_id).chain(seen).collect();
     let missing: Vec<_> = (0..N)
         .map(|n| format!("k-{n}"))
         .filter(|id| !all.contains(id))
@@ -460,17 +424,7 @@ async fn rebalance_drains_and_commits_so_nothing_is_lost() {
     const N: usize = 600;
     let produce = async {
         for chunk in 0..(N / 50) {
-            let evs: Vec<_> = (0..50)
-                .map(|i| {
-                    let n = chunk * 50 + i;
-                    event(
-                        &format!("rb-{n}"),
-                        "deployment.started",
-                        &format!("svc-{}", n % 23),
-                        json!({}),
-                    )
-                })
-                .collect();
+            let evs = numbered_events("rb", "deployment.started", chunk * 50..(chunk + 1) * 50, 23);
             env.publish("events.deployments", &evs).await;
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
@@ -484,17 +438,7 @@ async fn rebalance_drains_and_commits_so_nothing_is_lost() {
     let tasks = env
         .read("switchyard.tasks", N, Duration::from_secs(60))
         .await;
-    let ids: BTreeSet<String> = tasks
-        .iter()
-        .map(|r| {
-            serde_json::from_value::<TaskData>(data_of(&event_of(r)).clone())
-                .unwrap()
-                .event["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids: BTreeSet<String> = tasks.iter().map(task_event_id).collect();
     assert_eq!(
         ids.len(),
         N,

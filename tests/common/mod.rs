@@ -371,3 +371,35 @@ pub fn bin() -> &'static str {
 pub fn config_path(env: &TestEnv) -> &Path {
     &env.config_path
 }
+
+/// The task a `switchyard.tasks` record carries.
+pub fn task_of(rec: &Input) -> switchyard::records::TaskData {
+    serde_json::from_value(data_of(&event_of(rec)).clone()).expect("task data")
+}
+
+/// Id of the input event a task record was made for.
+pub fn task_event_id(rec: &Input) -> String {
+    task_of(rec).event["id"]
+        .as_str()
+        .expect("event id")
+        .to_string()
+}
+
+/// Events `id_prefix-<n>` for n in `range`, spread over `resources` resources.
+pub fn numbered_events(
+    id_prefix: &str,
+    ty: &str,
+    range: std::ops::Range<usize>,
+    resources: usize,
+) -> Vec<CloudEvent> {
+    range
+        .map(|n| {
+            event(
+                &format!("{id_prefix}-{n}"),
+                ty,
+                &format!("svc-{}", n % resources),
+                serde_json::json!({"n": n}),
+            )
+        })
+        .collect()
+}
