@@ -47,7 +47,6 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
         max_in_flight: k.max_in_flight,
         max_record_bytes: k.max_record_bytes,
         drain_timeout: Duration::from_millis(k.drain_timeout_ms),
-        delivery_retries: k.delivery_retries,
         dlq_topic: l.config.topics.dlq.clone(),
     }
 }
@@ -127,6 +126,7 @@ pub async fn run(
                     audit_topic: cfg.topics.audit.clone(),
                     dlq_topic: cfg.topics.dlq.clone(),
                     max_record_bytes: cfg.kafka.max_record_bytes,
+                    unrecorded: Default::default(),
                 };
                 spawn(
                     &tracker,

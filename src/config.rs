@@ -118,9 +118,6 @@ pub struct KafkaConfig {
     /// what is done.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
-    /// How often a failed produce is retried before the stage stops (without committing past it).
-    #[serde(default = "default_delivery_retries")]
-    pub delivery_retries: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,9 +232,6 @@ fn default_max_in_flight() -> usize {
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
-}
-fn default_delivery_retries() -> u32 {
-    5
 }
 fn default_redis_url() -> String {
     "redis://127.0.0.1:6379/".into()

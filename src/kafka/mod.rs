@@ -142,8 +142,12 @@ pub mod dlq_headers {
     pub const TRUNCATED: &str = "switchyard.dlq.truncated";
 }
 
-/// The dead-letter record for an input: original key, payload (cut to `max_bytes`) and headers, plus
-/// headers giving the reason and where the record came from.
+/// Dead-letter payloads are cut to at most this, so the copy fits common broker limits (1 MB) with
+/// its headers.
+pub const DLQ_PAYLOAD_CAP: usize = 512 * 1024;
+
+/// The dead-letter record for an input: original key, payload (cut to `max_bytes`, at most
+/// [`DLQ_PAYLOAD_CAP`]) and headers, plus headers giving the reason and where the record came from.
 pub fn dead_letter(
     dlq_topic: &str,
     stage: &str,
@@ -153,6 +157,7 @@ pub fn dead_letter(
     max_bytes: usize,
 ) -> Output {
     use dlq_headers::*;
+    let max_bytes = max_bytes.min(DLQ_PAYLOAD_CAP);
     let truncated = rec.payload.len() > max_bytes;
     let mut headers = rec.headers.clone();
     let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -77,7 +78,6 @@ pub struct StageSettings {
     pub max_in_flight: usize,
     pub max_record_bytes: usize,
     pub drain_timeout: Duration,
-    pub delivery_retries: u32,
     pub dlq_topic: String,
 }
 
@@ -133,6 +133,9 @@ struct Part {
     /// Records taken by a lane task and not yet done or abandoned.
     active: AtomicUsize,
     idle: Notify,
+    /// Cancelled when a revoke's drain timed out: work still running must not produce (the next
+    /// owner has the records).
+    cancel: CancellationToken,
 }
 
 impl Part {
@@ -241,11 +244,12 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                 "Partitions revoked; draining in-flight records."
             );
             drain_and_commit(&self.shared, consumer, &revoked);
-            self.shared.health.assigned.store(0, Ordering::Relaxed);
+            let left = lock(&self.shared.parts).len();
+            self.shared.health.assigned.store(left, Ordering::Relaxed);
             METRICS
                 .assigned_partitions
                 .with_label_values(&[stage])
-                .set(0);
+                .set(left as i64);
         }
     }
 
@@ -268,6 +272,7 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                             revoked: AtomicBool::new(false),
                             active: AtomicUsize::new(0),
                             idle: Notify::new(),
+                            cancel: CancellationToken::new(),
                         })
                     });
                 }
@@ -305,6 +310,10 @@ fn drain_and_commit<P: Processor>(
         };
         if dropped > 0 {
             shared.in_flight.fetch_sub(dropped, Ordering::AcqRel);
+            METRICS
+                .in_flight
+                .with_label_values(&[shared.stage()])
+                .sub(dropped as i64);
             tracing::debug!(topic = %part.topic, partition = part.partition, dropped, "Dropped queued records; the next owner reads them again.");
         }
     }
@@ -319,6 +328,9 @@ fn drain_and_commit<P: Processor>(
         .is_ok()
     });
     if !drained {
+        for p in parts {
+            p.cancel.cancel();
+        }
         tracing::warn!(
             stage = shared.stage(),
             timeout_ms = deadline.as_millis() as u64,
@@ -624,7 +636,20 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
                 release(shared, part);
                 return;
             }
-            match shared.processor.process(rec.clone()).await {
+            let attempt =
+                std::panic::AssertUnwindSafe(shared.processor.process(rec.clone())).catch_unwind();
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = part.cancel.cancelled() => {
+                    release(shared, part);
+                    return;
+                }
+            };
+            let result = match result {
+                Ok(r) => r,
+                Err(_) => Err(ProcessError::Fatal("processing panicked".into())),
+            };
+            match result {
                 Ok(outs) => break outs,
                 Err(ProcessError::Poison { reason, detail }) => {
                     METRICS
@@ -657,6 +682,11 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
             }
         }
     };
+    if part.cancel.is_cancelled() {
+        // Revoked and the drain timed out: the next owner processes this record again.
+        release(shared, part);
+        return;
+    }
     let mut futures = Vec::with_capacity(outputs.len());
     let mut sent = Vec::with_capacity(outputs.len());
     for out in outputs {
@@ -674,27 +704,33 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
                 futures.push(f);
                 sent.push(out);
             }
-            Err(super::ProduceError::Rejected { topic, source })
-                if is_too_large(&source) && out.topic != s.dlq_topic =>
-            {
-                // An output the broker will never take: dead-letter the input instead.
-                METRICS
-                    .dlq_records
-                    .with_label_values(&[stage, "output_too_large"])
-                    .inc();
-                let detail = format!("an output record for {topic} is too large: {source}");
-                let dl = dead_letter(
-                    &s.dlq_topic,
-                    stage,
-                    &rec,
-                    "output_too_large",
-                    &detail,
-                    s.max_record_bytes,
-                );
+            Err(super::ProduceError::Rejected { topic, source }) if is_too_large(&source) => {
+                // A record the broker will never take. A dead letter keeps its headers but drops its
+                // payload; any other output dead-letters the input instead (and nothing after it).
+                let dl = if out.topic == s.dlq_topic {
+                    let mut dl = out.clone();
+                    dl.payload.clear();
+                    dl
+                } else {
+                    METRICS
+                        .dlq_records
+                        .with_label_values(&[stage, "output_too_large"])
+                        .inc();
+                    let detail = format!("an output record for {topic} is too large: {source}");
+                    dead_letter(
+                        &s.dlq_topic,
+                        stage,
+                        &rec,
+                        "output_too_large",
+                        &detail,
+                        s.max_record_bytes,
+                    )
+                };
                 match shared.producer.enqueue(&dl, || {}).await {
                     Ok(f) => {
                         futures.push(f);
                         sent.push(dl);
+                        break;
                     }
                     Err(e) => {
                         shared.set_fatal(format!("cannot write dead letter: {e}"));
@@ -723,8 +759,9 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
     });
 }
 
-/// Waits for every delivery; re-sends a failed record up to `delivery_retries` times. Returns false
-/// (after stopping the stage) when a record could not be delivered.
+/// Waits for every delivery. librdkafka already retried each record (idempotently, in order); a
+/// failure here stops the stage without committing past the record, so a restart redelivers it and
+/// per-key order is kept (re-sending only the failed record would put it behind later ones).
 async fn await_deliveries<P: Processor>(
     shared: &Arc<Shared<P>>,
     futures: Vec<DeliveryFuture>,
@@ -732,39 +769,20 @@ async fn await_deliveries<P: Processor>(
 ) -> bool {
     let stage = shared.stage();
     for (fut, out) in futures.into_iter().zip(sent) {
-        let mut result = fut.await;
-        let mut attempt = 0;
-        loop {
-            let error = match result {
-                Ok(Ok(_)) => {
-                    METRICS
-                        .records_produced
-                        .with_label_values(&[stage, &out.topic])
-                        .inc();
-                    break;
-                }
-                Ok(Err((e, _))) => e.to_string(),
-                Err(_) => "delivery cancelled (producer closed)".to_string(),
-            };
-            METRICS.produce_errors.with_label_values(&[stage]).inc();
-            if attempt >= shared.settings.delivery_retries {
-                shared.set_fatal(format!(
-                    "delivery to {} failed after {attempt} retries: {error}",
-                    out.topic
-                ));
-                return false;
+        let error = match fut.await {
+            Ok(Ok(_)) => {
+                METRICS
+                    .records_produced
+                    .with_label_values(&[stage, &out.topic])
+                    .inc();
+                continue;
             }
-            attempt += 1;
-            tracing::warn!(stage, topic = %out.topic, error = %error, attempt, "Delivery failed; sending again.");
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-            result = match shared.producer.enqueue(&out, || {}).await {
-                Ok(f) => f.await,
-                Err(e) => {
-                    shared.set_fatal(format!("cannot re-send to {}: {e}", out.topic));
-                    return false;
-                }
-            };
-        }
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "delivery cancelled (producer closed)".to_string(),
+        };
+        METRICS.produce_errors.with_label_values(&[stage]).inc();
+        shared.set_fatal(format!("delivery to {} failed: {error}", out.topic));
+        return false;
     }
     true
 }

@@ -31,6 +31,9 @@ use crate::telemetry::METRICS;
 /// Source attribute of records the agent stage writes.
 pub const SOURCE: &str = "switchyard/agents";
 
+/// The facts to write and the outcome of a task's agent call.
+pub type Computed = (Vec<(String, Fact)>, Outcome);
+
 /// One configured agent, ready to call.
 pub struct AgentEntry {
     pub spec: AgentSpec,
@@ -47,12 +50,20 @@ pub struct AgentStage<S: ContextStore> {
     pub audit_topic: String,
     pub dlq_topic: String,
     pub max_record_bytes: usize,
+    /// Outcomes computed but not yet recorded (Redis failed right after the call): a retry records
+    /// these instead of calling the agent again.
+    pub unrecorded: std::sync::Mutex<HashMap<String, Computed>>,
 }
 
+/// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
+/// get better by retrying, so it dead-letters the task instead of blocking the partition.
 fn transient(op: &'static str) -> impl Fn(StoreError) -> ProcessError {
     move |e| {
         METRICS.context_ops.with_label_values(&[op, "error"]).inc();
-        ProcessError::Transient(format!("context {op}: {e}"))
+        match e {
+            StoreError::Corrupt(d) => poison("corrupt_state", format!("context {op}: {d}")),
+            e => ProcessError::Transient(format!("context {op}: {e}")),
+        }
     }
 }
 
@@ -171,6 +182,49 @@ impl<S: ContextStore> AgentStage<S> {
         t: &DecodedTask,
         key: &ResourceKey,
     ) -> Result<Outcome, ProcessError> {
+        let task_id = t.task.task_id.clone();
+        let cached = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&task_id)
+            .cloned();
+        let (facts, outcome) = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.call_and_check(entry, t, key).await?;
+                self.unrecorded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(task_id.clone(), c.clone());
+                c
+            }
+        };
+        let summary = json!({"id": t.event.id, "type": t.event.ty, "time": t.event.time});
+        let recorded = timed(
+            "commit",
+            self.store
+                .commit(key, &task_id, &facts, Some(&summary), &outcome),
+        )
+        .await
+        .map_err(transient("commit"))?;
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&task_id);
+        Ok(match recorded {
+            CommitResult::Applied { .. } => outcome,
+            CommitResult::AlreadyRecorded(o) => *o,
+        })
+    }
+
+    /// Reads the context, calls the agent and applies the scope rules: the facts to write and the outcome.
+    async fn call_and_check(
+        &self,
+        entry: &AgentEntry,
+        t: &DecodedTask,
+        key: &ResourceKey,
+    ) -> Result<Computed, ProcessError> {
         let name = t.task.agent.as_str();
         let snap = timed("snapshot", self.store.snapshot(key))
             .await
@@ -238,32 +292,7 @@ impl<S: ContextStore> AgentStage<S> {
             error,
             refusals,
         };
-        let summary = json!({"id": t.event.id, "type": t.event.ty, "time": t.event.time});
-        // The agent was paid for: retry the commit in place rather than redo the call.
-        let mut backoff = Duration::from_millis(100);
-        for attempt in 1.. {
-            match timed(
-                "commit",
-                self.store
-                    .commit(key, &t.task.task_id, &facts, Some(&summary), &outcome),
-            )
-            .await
-            {
-                Ok(CommitResult::Applied { .. }) => return Ok(outcome),
-                Ok(CommitResult::AlreadyRecorded(o)) => return Ok(*o),
-                Err(e) if attempt < 10 => {
-                    METRICS
-                        .context_ops
-                        .with_label_values(&["commit", "error"])
-                        .inc();
-                    tracing::warn!(task_id = %t.task.task_id, error = %e, "Recording the outcome failed; retrying.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(transient("commit")(e)),
-            }
-        }
-        unreachable!("the loop returns")
+        Ok((facts, outcome))
     }
 
     /// The records an outcome causes: proposals, the result, audit records, and a dead letter for a

@@ -1,0 +1,398 @@
+//! Conflict resolution rules: pure code (no I/O) deciding what happens to one proposal given the
+//! resource's current state.
+//!
+//! Per action type (config `resolve.actions`): a priority, the action types it conflicts with, whether
+//! proposals of it merge, a cooldown, and the context keys whose change makes a proposal of it stale.
+//! The resolve stage feeds proposals of one resource through [`decide`] strictly in order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::agents::Impact;
+use crate::route::stable_id;
+
+/// Rules for one action type.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRule {
+    /// Overrides the proposal's own priority when set.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Action types that cannot be active on the same resource at the same time as this one.
+    #[serde(default)]
+    pub conflicts_with: Vec<String>,
+    /// Proposals of this type within `merge_window_seconds` are combined into one action.
+    #[serde(default)]
+    pub merge: bool,
+    /// After an action of this type is accepted, another (with different parameters) is rejected as
+    /// `cooldown` for this long.
+    #[serde(default)]
+    pub cooldown_seconds: u64,
+    /// Context keys whose change after the proposal's context version makes it `stale`.
+    #[serde(default)]
+    pub invalidated_by: Vec<String>,
+}
+
+/// The `resolve:` config section.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveConfig {
+    /// The same action (type and parameters) on a resource within this window is merged into one.
+    #[serde(default = "default_dedupe")]
+    pub dedupe_window_seconds: u64,
+    /// Mergeable actions combine within this window.
+    #[serde(default = "default_merge")]
+    pub merge_window_seconds: u64,
+    /// How long an accepted action counts as active for conflicts.
+    #[serde(default = "default_conflict")]
+    pub conflict_window_seconds: u64,
+    /// Rules by action type; types not listed have no conflicts, no merge, no cooldown.
+    #[serde(default)]
+    pub actions: BTreeMap<String, ActionRule>,
+}
+
+fn default_dedupe() -> u64 {
+    300
+}
+fn default_merge() -> u64 {
+    120
+}
+fn default_conflict() -> u64 {
+    1800
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        ResolveConfig {
+            dedupe_window_seconds: default_dedupe(),
+            merge_window_seconds: default_merge(),
+            conflict_window_seconds: default_conflict(),
+            actions: BTreeMap::new(),
+        }
+    }
+}
+
+impl ResolveConfig {
+    fn rule(&self, action: &str) -> Option<&ActionRule> {
+        self.actions.get(action)
+    }
+
+    /// Conflicts are symmetric: declaring one side is enough.
+    pub fn conflicts(&self, a: &str, b: &str) -> bool {
+        self.rule(a).is_some_and(|r| r.conflicts_with.iter().any(|x| x == b))
+            || self.rule(b).is_some_and(|r| r.conflicts_with.iter().any(|x| x == a))
+    }
+
+    pub fn priority(&self, action: &str, proposed: i32) -> i32 {
+        self.rule(action).and_then(|r| r.priority).unwrap_or(proposed)
+    }
+
+    /// Longest window state must be kept for.
+    pub fn retention_seconds(&self) -> u64 {
+        let cooldown = self.actions.values().map(|r| r.cooldown_seconds).max().unwrap_or(0);
+        self.dedupe_window_seconds
+            .max(self.merge_window_seconds)
+            .max(self.conflict_window_seconds)
+            .max(cooldown)
+    }
+}
+
+/// Status of an action the resolve stage knows about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActiveStatus {
+    /// On `switchyard.actions`.
+    Accepted,
+    /// Waiting for a person.
+    PendingApproval,
+}
+
+/// An action recently accepted or awaiting approval on a resource.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ActiveAction {
+    pub action_id: String,
+    pub action: String,
+    pub priority: i32,
+    pub status: ActiveStatus,
+    /// Seconds since the epoch when it was accepted (or requested).
+    pub at: i64,
+    /// Hash of the parameters, for dedupe.
+    pub params_hash: String,
+    pub parameters: Value,
+    /// Proposal ids merged into this action (provenance).
+    pub proposals: Vec<String>,
+    /// Agents behind those proposals.
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub approval_id: Option<String>,
+}
+
+/// What the resolve stage keeps per resource.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct ResourceState {
+    pub active: Vec<ActiveAction>,
+    /// Last context version at which each context key changed (from the shared context).
+    #[serde(default)]
+    pub key_versions: BTreeMap<String, u64>,
+}
+
+/// A proposal as the rules see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub proposal_id: String,
+    pub agent: String,
+    pub action: String,
+    pub parameters: Value,
+    pub priority: i32,
+    pub impact: Impact,
+    pub context_version: u64,
+}
+
+/// Why a proposal was not turned into a new action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    Conflict,
+    Stale,
+    Cooldown,
+    PendingApproval,
+    Access,
+    Budget,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Conflict => "conflict",
+            RejectReason::Stale => "stale",
+            RejectReason::Cooldown => "cooldown",
+            RejectReason::PendingApproval => "pending_approval",
+            RejectReason::Access => "access",
+            RejectReason::Budget => "budget",
+        }
+    }
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// A new action (governance still applies).
+    New { action_id: String, priority: i32, superseded: Vec<String> },
+    /// Identical to an active action: merged into it (provenance only).
+    Duplicate { action_id: String },
+    /// A mergeable type: combined into the active action, parameters merged.
+    Merged { action_id: String, parameters: Value },
+    Rejected { reason: RejectReason, detail: String, rule: &'static str },
+}
+
+/// Hash of a JSON value (canonical: object keys sorted).
+pub fn params_hash(v: &Value) -> String {
+    stable_id(&[&v.to_string()])
+}
+
+/// Shallow merge of two parameter objects: later keys win; non-objects are replaced.
+pub fn merge_params(old: &Value, new: &Value) -> Value {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut m = a.clone();
+            for (k, v) in b {
+                m.insert(k.clone(), v.clone());
+            }
+            Value::Object(m)
+        }
+        (_, n) => n.clone(),
+    }
+}
+
+/// Drops actions older than every window.
+pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
+    let keep = cfg.retention_seconds() as i64;
+    state
+        .active
+        .retain(|a| a.status == ActiveStatus::PendingApproval || now - a.at <= keep);
+}
+
+/// Decides what happens to `c` on a resource in `state` at time `now` (seconds). Pure.
+pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i64) -> Decision {
+    let rule = cfg.rule(&c.action).cloned().unwrap_or_default();
+    let priority = cfg.priority(&c.action, c.priority);
+    let age = |a: &ActiveAction| now - a.at;
+    // Staleness: a key the action depends on changed after the context the agent saw.
+    for key in &rule.invalidated_by {
+        if let Some(v) = state.key_versions.get(key) {
+            if *v > c.context_version {
+                return Decision::Rejected {
+                    reason: RejectReason::Stale,
+                    detail: format!("context key {key} changed at version {v}, proposal saw version {}", c.context_version),
+                    rule: "staleness",
+                };
+            }
+        }
+    }
+    let ph = params_hash(&c.parameters);
+    // Dedupe: the same action with the same parameters.
+    if let Some(a) = state
+        .active
+        .iter()
+        .find(|a| a.action == c.action && a.params_hash == ph && age(a) <= cfg.dedupe_window_seconds as i64)
+    {
+        return Decision::Duplicate { action_id: a.action_id.clone() };
+    }
+    // Merge: mergeable types combine.
+    if rule.merge {
+        if let Some(a) = state
+            .active
+            .iter()
+            .find(|a| a.action == c.action && age(a) <= cfg.merge_window_seconds as i64)
+        {
+            return Decision::Merged { action_id: a.action_id.clone(), parameters: merge_params(&a.parameters, &c.parameters) };
+        }
+    }
+    // Same type already waiting for a person.
+    if let Some(a) = state
+        .active
+        .iter()
+        .find(|a| a.action == c.action && a.status == ActiveStatus::PendingApproval)
+    {
+        return Decision::Rejected {
+            reason: RejectReason::PendingApproval,
+            detail: format!("{} {} awaits approval", a.action, a.action_id),
+            rule: "pending_approval",
+        };
+    }
+    // Cooldown: the same type was accepted recently.
+    if rule.cooldown_seconds > 0 {
+        if let Some(a) = state.active.iter().find(|a| {
+            a.action == c.action && a.status == ActiveStatus::Accepted && age(a) <= rule.cooldown_seconds as i64
+        }) {
+            return Decision::Rejected {
+                reason: RejectReason::Cooldown,
+                detail: format!("{} {} was accepted {} s ago (cooldown {} s)", a.action, a.action_id, age(a), rule.cooldown_seconds),
+                rule: "cooldown",
+            };
+        }
+    }
+    // Priority among conflicting types.
+    let mut superseded = Vec::new();
+    for a in state
+        .active
+        .iter()
+        .filter(|a| cfg.conflicts(&a.action, &c.action) && (a.status == ActiveStatus::PendingApproval || age(a) <= cfg.conflict_window_seconds as i64))
+    {
+        if a.priority >= priority {
+            return Decision::Rejected {
+                reason: RejectReason::Conflict,
+                detail: format!("conflicts with {} {} (priority {} >= {priority})", a.action, a.action_id, a.priority),
+                rule: "priority",
+            };
+        }
+        superseded.push(a.action_id.clone());
+    }
+    Decision::New {
+        action_id: format!("act-{}", stable_id(&[&c.proposal_id])),
+        priority,
+        superseded,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn cfg() -> ResolveConfig {
+        let mut actions = BTreeMap::new();
+        actions.insert("rollback".into(), ActionRule { priority: Some(100), conflicts_with: vec!["scale_down".into(), "scale_up".into()], cooldown_seconds: 600, invalidated_by: vec!["deployment".into()], ..Default::default() });
+        actions.insert("scale_down".into(), ActionRule { priority: Some(10), conflicts_with: vec!["scale_up".into()], ..Default::default() });
+        actions.insert("page".into(), ActionRule { merge: true, ..Default::default() });
+        ResolveConfig { actions, ..Default::default() }
+    }
+
+    fn cand(id: &str, action: &str, params: Value) -> Candidate {
+        Candidate { proposal_id: id.into(), agent: "a".into(), action: action.into(), parameters: params, priority: 0, impact: Impact::Low, context_version: 5 }
+    }
+
+    fn active(id: &str, action: &str, prio: i32, status: ActiveStatus, at: i64, params: Value) -> ActiveAction {
+        ActiveAction { action_id: id.into(), action: action.into(), priority: prio, status, at, params_hash: params_hash(&params), parameters: params, proposals: vec![], agents: vec![], approval_id: None }
+    }
+
+    #[test]
+    fn conflict_lower_priority_loses_higher_supersedes() {
+        let c = cfg();
+        let mut s = ResourceState::default();
+        s.active.push(active("rb", "rollback", 100, ActiveStatus::PendingApproval, 1000, json!({})));
+        let d = decide(&c, &s, &cand("p1", "scale_down", json!({"n": 1})), 1010);
+        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Conflict, .. }), "{d:?}");
+        let mut s = ResourceState::default();
+        s.active.push(active("sd", "scale_down", 10, ActiveStatus::Accepted, 1000, json!({})));
+        match decide(&c, &s, &cand("p2", "rollback", json!({})), 1010) {
+            Decision::New { priority, superseded, .. } => {
+                assert_eq!(priority, 100);
+                assert_eq!(superseded, ["sd"]);
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn dedupe_merge_cooldown_staleness_pending() {
+        let c = cfg();
+        let mut s = ResourceState::default();
+        s.active.push(active("pg", "page", 0, ActiveStatus::Accepted, 1000, json!({"sev": "major", "owner": "x"})));
+        assert_eq!(decide(&c, &s, &cand("p", "page", json!({"sev": "major", "owner": "x"})), 1050), Decision::Duplicate { action_id: "pg".into() });
+        assert_eq!(
+            decide(&c, &s, &cand("p", "page", json!({"sev": "critical"})), 1050),
+            Decision::Merged { action_id: "pg".into(), parameters: json!({"sev": "critical", "owner": "x"}) }
+        );
+        // Outside the merge window a page is a new action.
+        assert!(matches!(decide(&c, &s, &cand("p", "page", json!({"sev": "critical"})), 1000 + 400), Decision::New { .. }));
+        s.active.push(active("rb", "rollback", 100, ActiveStatus::Accepted, 1000, json!({"to": "v1"})));
+        let d = decide(&c, &s, &cand("p", "rollback", json!({"to": "v0"})), 1100);
+        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Cooldown, .. }), "{d:?}");
+        assert!(matches!(decide(&c, &s, &cand("p", "rollback", json!({"to": "v0"})), 1000 + 700), Decision::New { .. }));
+        let mut s = ResourceState::default();
+        s.key_versions.insert("deployment".into(), 6);
+        let d = decide(&c, &s, &cand("p", "rollback", json!({})), 1000);
+        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Stale, .. }), "{d:?}");
+        s.key_versions.insert("deployment".into(), 5);
+        assert!(matches!(decide(&c, &s, &cand("p", "rollback", json!({})), 1000), Decision::New { .. }));
+        s.active.push(active("rb", "rollback", 100, ActiveStatus::PendingApproval, 900, json!({"to": "v1"})));
+        let d = decide(&c, &s, &cand("p", "rollback", json!({"to": "v2"})), 1000);
+        assert!(matches!(d, Decision::Rejected { reason: RejectReason::PendingApproval, .. }), "{d:?}");
+    }
+
+    fn arb_action() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["rollback", "scale_down", "scale_up", "page", "restart"]).prop_map(str::to_string)
+    }
+
+    proptest! {
+        /// Applying accepted decisions in sequence never leaves two conflicting actions both active
+        /// unless the later one has strictly higher priority (it supersedes), and ids are deterministic.
+        #[test]
+        fn no_two_conflicting_actions_without_supersession(seq in prop::collection::vec((arb_action(), 0i64..2000, any::<u8>()), 1..40)) {
+            let c = cfg();
+            let mut s = ResourceState::default();
+            let mut now = 0;
+            for (i, (action, dt, p)) in seq.iter().enumerate() {
+                now += dt;
+                let cand = cand(&format!("p{i}"), action, json!({"p": p % 3}));
+                let d = decide(&c, &s, &cand, now);
+                prop_assert_eq!(&d, &decide(&c, &s, &cand, now), "decide is deterministic");
+                if let Decision::New { action_id, priority, superseded } = d {
+                    for a in &s.active {
+                        let live = now - a.at <= c.conflict_window_seconds as i64;
+                        if live && c.conflicts(&a.action, action) {
+                            prop_assert!(priority > a.priority && superseded.contains(&a.action_id));
+                        }
+                    }
+                    s.active.retain(|a| !superseded.contains(&a.action_id));
+                    s.active.push(active(&action_id, action, priority, ActiveStatus::Accepted, now, json!({"p": p % 3})));
+                    prune(&mut s, &c, now);
+                }
+            }
+        }
+    }
+}
