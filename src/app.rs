@@ -17,18 +17,22 @@ use tokio::sync::Semaphore;
 use crate::agents::http::HttpAgent;
 use crate::agents::kafka::KafkaAgent;
 use crate::agents::{builtin, Agent, AgentKind};
+use crate::approvals::{self, run_sweeper, Approvals, DecisionsStage};
+use crate::audit::{AuditStage, ChainStore};
 use crate::config::Loaded;
 use crate::context::redis::{RedisConn, RedisStore};
+use crate::governance::Budgets;
 use crate::http::{self, Health};
 use crate::kafka::runtime::{run_stage, Processor, RuntimeError, StageHealth, StageSettings};
 use crate::kafka::{admin_config, consumer_config, producer_config, Producer};
 use crate::records::Emitter;
 use crate::route::Router;
 use crate::stages::agents::{AgentEntry, AgentStage};
+use crate::stages::resolve::{ResolveStage, ResourceStore};
 use crate::stages::route::RouteStage;
 
 /// Stages this build has, in pipeline order.
-pub const STAGES: &[&str] = &["route", "agents"];
+pub const STAGES: &[&str] = &["route", "agents", "resolve", "audit"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -66,6 +70,14 @@ pub async fn run(
     let stop = shutdown.child_token();
     let mut health = Health::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), RuntimeError>>();
+    let conn =
+        RedisConn::new(&cfg.redis.url).map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
+    let budgets = Arc::new(Budgets::new(
+        conn.clone(),
+        &cfg.redis.key_prefix,
+        cfg.governance.budgets.clone(),
+    ));
+    let approvals = Arc::new(approvals_of(&loaded, conn.clone(), &emitter));
 
     fn spawn<P: Processor>(
         tracker: &TaskTracker,
@@ -97,7 +109,7 @@ pub async fn run(
                     router,
                     emitter: emitter.clone(),
                     tasks_topic: cfg.topics.tasks.clone(),
-                    audit_topic: cfg.topics.audit.clone(),
+                    audit_topic: cfg.topics.audit_log.clone(),
                 };
                 spawn(
                     &tracker,
@@ -111,19 +123,18 @@ pub async fn run(
             }
             "agents" => {
                 let agents = build_agents(&loaded, &producer, &stop).await?;
-                let conn = RedisConn::new(&cfg.redis.url)
-                    .map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
                 let p = AgentStage {
                     agents,
+                    budgets: budgets.clone(),
                     store: Arc::new(RedisStore::new(
-                        conn,
+                        conn.clone(),
                         &cfg.redis.key_prefix,
                         cfg.context.retention(),
                     )),
                     emitter: emitter.clone(),
                     proposals_topic: cfg.topics.proposals.clone(),
                     results_topic: cfg.topics.results.clone(),
-                    audit_topic: cfg.topics.audit.clone(),
+                    audit_topic: cfg.topics.audit_log.clone(),
                     dlq_topic: cfg.topics.dlq.clone(),
                     max_record_bytes: cfg.kafka.max_record_bytes,
                     unrecorded: Default::default(),
@@ -132,6 +143,63 @@ pub async fn run(
                     &tracker,
                     &mut health,
                     settings(&loaded, "agents", vec![cfg.topics.tasks.clone()]),
+                    p,
+                    &producer,
+                    &stop,
+                    &tx,
+                );
+            }
+            "resolve" => {
+                let p = ResolveStage {
+                    rules: cfg.resolve.clone(),
+                    governance: Arc::new(cfg.governance.clone()),
+                    budgets: budgets.clone(),
+                    store: approvals.store.clone(),
+                    emitter: emitter.clone(),
+                    actions_topic: cfg.topics.actions.clone(),
+                    approvals_topic: cfg.topics.approvals.clone(),
+                    audit_topic: cfg.topics.audit_log.clone(),
+                    decision_ttl: cfg.context.outcome_ttl_seconds,
+                };
+                spawn(
+                    &tracker,
+                    &mut health,
+                    settings(&loaded, "resolve", vec![cfg.topics.proposals.clone()]),
+                    p,
+                    &producer,
+                    &stop,
+                    &tx,
+                );
+                let d = DecisionsStage {
+                    approvals: approvals.clone(),
+                };
+                spawn(
+                    &tracker,
+                    &mut health,
+                    settings(&loaded, "decisions", vec![cfg.topics.decisions.clone()]),
+                    d,
+                    &producer,
+                    &stop,
+                    &tx,
+                );
+                tracker.spawn(run_sweeper(
+                    approvals.clone(),
+                    producer.clone(),
+                    Duration::from_secs(2),
+                    stop.clone(),
+                ));
+            }
+            "audit" => {
+                let p = AuditStage {
+                    chains: ChainStore::new(conn.clone(), &cfg.redis.key_prefix),
+                    producer: producer.clone(),
+                    emitter: emitter.clone(),
+                    audit_topic: cfg.topics.audit.clone(),
+                };
+                spawn(
+                    &tracker,
+                    &mut health,
+                    settings(&loaded, "audit", vec![cfg.topics.audit_log.clone()]),
                     p,
                     &producer,
                     &stop,
@@ -160,7 +228,11 @@ pub async fn run(
             .parse()
             .map_err(|e| AppError::Setup(format!("http.listen: {e}")))?;
         let listener_stop = stop.clone();
-        let app = http::router(health.clone());
+        let app = http::router(health.clone()).merge(approvals::router(approvals::Api {
+            approvals: approvals.clone(),
+            producer: producer.clone(),
+            token: cfg.governance.approvals.token.clone(),
+        }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
@@ -189,6 +261,28 @@ pub async fn run(
     match first_error {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// The approvals service over the resolve stage's Redis state.
+pub fn approvals_of(loaded: &Loaded, conn: RedisConn, emitter: &Emitter) -> Approvals {
+    let cfg = &loaded.config;
+    let ttl = cfg
+        .resolve
+        .retention_seconds()
+        .max(cfg.governance.approvals.timeout_seconds)
+        * 4;
+    Approvals {
+        store: Arc::new(ResourceStore::new(
+            conn,
+            &cfg.redis.key_prefix,
+            ttl.max(86400),
+        )),
+        emitter: emitter.clone(),
+        config: cfg.governance.approvals.clone(),
+        actions_topic: cfg.topics.actions.clone(),
+        approvals_topic: cfg.topics.approvals.clone(),
+        audit_topic: cfg.topics.audit_log.clone(),
     }
 }
 

@@ -282,3 +282,45 @@ pub fn tail(
     }
     Ok(n)
 }
+
+/// Reads every record of a topic from the beginning until nothing arrives for `idle`.
+pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
+    let mut cfg =
+        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
+    cfg.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| format!("topic {topic} does not exist"))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in t.partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("cannot assign partitions: {e}"))?;
+    let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(Input::from_message(&m, name.clone()));
+                last = Instant::now();
+            }
+            Some(Err(e)) => return Err(format!("consumer error: {e}")),
+            None => {}
+        }
+    }
+    // Topic order: per partition by offset (a resource's records share a partition).
+    out.sort_by_key(|r| (r.partition, r.offset));
+    Ok(out)
+}

@@ -12,6 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::agents::AgentSpec;
+use crate::governance::GovernanceConfig;
+use crate::resolve::ResolveConfig;
 use crate::route::{RouteSpec, Router};
 use crate::schema::SchemaRegistry;
 use crate::topics::TopicCatalog;
@@ -22,6 +24,8 @@ pub const ENV_BROKERS: &str = "SWITCHYARD_KAFKA_BROKERS";
 pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
 /// Environment variable overriding `http.listen`.
 pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
+/// Environment variable overriding `governance.approvals.token`.
+pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -57,6 +61,12 @@ pub struct Config {
     /// What the shared context keeps.
     #[serde(default)]
     pub context: ContextConfig,
+    /// Conflict-resolution rules per action type.
+    #[serde(default)]
+    pub resolve: ResolveConfig,
+    /// Access policy, budgets and the approval gate.
+    #[serde(default)]
+    pub governance: GovernanceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +195,12 @@ pub struct TopicsConfig {
     pub audit: String,
     #[serde(default = "default_dlq")]
     pub dlq: String,
+    /// Unsealed audit records, as stages write them; the audit stage seals them into `audit`.
+    #[serde(default = "default_audit_log")]
+    pub audit_log: String,
+    /// Approval decisions arriving from other systems (`{"approval_id", "decision", "by", "why"}`).
+    #[serde(default = "default_decisions")]
+    pub decisions: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +226,13 @@ pub struct StagesConfig {
     /// Tasks → agents → proposals and results.
     #[serde(default)]
     pub agents: StageToggle,
+    /// Proposals → conflict resolution and governance → actions and approval requests; also applies
+    /// decisions from the decisions topic and expires approvals.
+    #[serde(default)]
+    pub resolve: StageToggle,
+    /// Audit log → hash-chained `switchyard.audit`.
+    #[serde(default)]
+    pub audit: StageToggle,
 }
 
 fn yes() -> bool {
@@ -280,6 +303,12 @@ fn default_audit() -> String {
 }
 fn default_dlq() -> String {
     "switchyard.dlq".into()
+}
+fn default_audit_log() -> String {
+    "switchyard.audit-log".into()
+}
+fn default_decisions() -> String {
+    "switchyard.approval-decisions".into()
 }
 
 macro_rules! default_from_serde {
@@ -406,6 +435,8 @@ impl Config {
                 "schemas_dir" => section(&key, v, &mut problems, &mut config.schemas_dir),
                 "stages" => section(&key, v, &mut problems, &mut config.stages),
                 "context" => section(&key, v, &mut problems, &mut config.context),
+                "resolve" => section(&key, v, &mut problems, &mut config.resolve),
+                "governance" => section(&key, v, &mut problems, &mut config.governance),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -452,7 +483,7 @@ impl Config {
                 },
                 other => problems.push(Problem {
                     item: other.to_string(),
-                    message: "unknown section (expected one of kafka, redis, http, log, topics, schemas_dir, stages, routes, agents, context)".into(),
+                    message: "unknown section (expected one of kafka, redis, http, log, topics, schemas_dir, stages, routes, agents, context, resolve, governance)".into(),
                 }),
             }
         }
@@ -464,6 +495,9 @@ impl Config {
         }
         if let Some(l) = env(ENV_HTTP_LISTEN).filter(|s| !s.is_empty()) {
             config.http.listen = l;
+        }
+        if let Some(t) = env(ENV_APPROVAL_TOKEN).filter(|s| !s.is_empty()) {
+            config.governance.approvals.token = Some(t);
         }
         let loaded = config.check(base_dir, &mut problems);
         if problems.is_empty() {
@@ -548,6 +582,9 @@ impl Config {
             for rp in route_problems {
                 p(&rp.route, rp.message);
             }
+        }
+        for (item, m) in self.governance.problems() {
+            p(&item, m);
         }
         for (name, a) in &self.agents {
             for m in a.problems(name) {
@@ -636,6 +673,8 @@ impl TopicsConfig {
             self.results.as_str(),
             self.audit.as_str(),
             self.dlq.as_str(),
+            self.audit_log.as_str(),
+            self.decisions.as_str(),
         ]);
         v
     }

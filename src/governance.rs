@@ -76,7 +76,12 @@ fn default_approval_timeout() -> u64 {
 
 impl Default for ApprovalsConfig {
     fn default() -> Self {
-        ApprovalsConfig { token: None, timeout_seconds: default_approval_timeout(), on_timeout: OnTimeout::Reject, rules: Vec::new() }
+        ApprovalsConfig {
+            token: None,
+            timeout_seconds: default_approval_timeout(),
+            on_timeout: OnTimeout::Reject,
+            rules: Vec::new(),
+        }
     }
 }
 
@@ -159,7 +164,10 @@ impl GovernanceConfig {
             }
         }
         if self.approvals.timeout_seconds == 0 {
-            p.push(("governance.approvals.timeout_seconds".into(), "must be at least 1".into()));
+            p.push((
+                "governance.approvals.timeout_seconds".into(),
+                "must be at least 1".into(),
+            ));
         }
         p
     }
@@ -220,7 +228,9 @@ return {1, 0}
 pub enum BudgetCheck {
     Ok,
     /// This budget would be (or is) exceeded.
-    Exhausted { budget: String },
+    Exhausted {
+        budget: String,
+    },
 }
 
 /// Budgets in Redis. Every key carries the `{budgets}` hash tag, so a reservation across several budgets
@@ -233,12 +243,20 @@ pub struct Budgets {
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Budgets {
     pub fn new(conn: RedisConn, prefix: &str, specs: Vec<BudgetSpec>) -> Self {
-        Budgets { conn, prefix: prefix.into(), specs, reserve: Script::new(RESERVE) }
+        Budgets {
+            conn,
+            prefix: prefix.into(),
+            specs,
+            reserve: Script::new(RESERVE),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -259,21 +277,36 @@ impl Budgets {
                     return None;
                 }
                 let (bucket, ttl) = b.period.bucket(now);
-                Some((b, format!("{}:budget:{{budgets}}:{}:{who}:{bucket}", self.prefix, b.name), ttl))
+                Some((
+                    b,
+                    format!(
+                        "{}:budget:{{budgets}}:{}:{who}:{bucket}",
+                        self.prefix, b.name
+                    ),
+                    ttl,
+                ))
             })
             .collect()
     }
 
     /// Reserves one call costing `cost` for `task_id` against every applicable budget, or none. A
     /// second reservation for the same task is a no-op (redelivery pays nothing twice).
-    pub async fn reserve(&self, task_id: &str, s: &Spender<'_>, cost: f64) -> Result<BudgetCheck, StoreError> {
+    pub async fn reserve(
+        &self,
+        task_id: &str,
+        s: &Spender<'_>,
+        cost: f64,
+    ) -> Result<BudgetCheck, StoreError> {
         let now = now_secs();
         let apply = self.applicable(s, now);
         if apply.is_empty() {
             return Ok(BudgetCheck::Ok);
         }
         let mut inv = self.reserve.prepare_invoke();
-        inv.key(format!("{}:budget:{{budgets}}:task:{task_id}", self.prefix)).arg(7 * 86400).arg(1).arg(cost);
+        inv.key(format!("{}:budget:{{budgets}}:task:{task_id}", self.prefix))
+            .arg(7 * 86400)
+            .arg(1)
+            .arg(cost);
         for (b, key, ttl) in &apply {
             inv.key(key)
                 .arg(*ttl)
@@ -281,12 +314,18 @@ impl Budgets {
                 .arg(b.max_cost.unwrap_or(-1.0));
         }
         let mut c = self.conn.get().await?;
-        let (ok, idx): (i64, i64) = inv.invoke_async(&mut c).await.map_err(|e| StoreError::Redis(e.to_string()))?;
+        let (ok, idx): (i64, i64) = inv
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
         self.export(&apply, &mut c).await;
         if ok == 1 {
             Ok(BudgetCheck::Ok)
         } else {
-            let name = apply.get((idx - 1).max(0) as usize).map(|(b, _, _)| b.name.clone()).unwrap_or_default();
+            let name = apply
+                .get((idx - 1).max(0) as usize)
+                .map(|(b, _, _)| b.name.clone())
+                .unwrap_or_default();
             Ok(BudgetCheck::Exhausted { budget: name })
         }
     }
@@ -309,26 +348,49 @@ impl Budgets {
             let over_calls = b.max_calls.is_some_and(|m| calls.unwrap_or(0) > m);
             let over_cost = b.max_cost.is_some_and(|m| cost.unwrap_or(0.0) > m + 1e-9);
             if over_calls || over_cost {
-                return Ok(BudgetCheck::Exhausted { budget: b.name.clone() });
+                return Ok(BudgetCheck::Exhausted {
+                    budget: b.name.clone(),
+                });
             }
         }
         Ok(BudgetCheck::Ok)
     }
 
     /// Updates the spent/remaining gauges for the budgets just touched.
-    async fn export(&self, apply: &[(&BudgetSpec, String, u64)], c: &mut redis::aio::ConnectionManager) {
+    async fn export(
+        &self,
+        apply: &[(&BudgetSpec, String, u64)],
+        c: &mut redis::aio::ConnectionManager,
+    ) {
         use crate::telemetry::METRICS;
         for (b, key, _) in apply {
-            let r: Result<(Option<u64>, Option<f64>), _> = redis::cmd("HMGET").arg(key).arg("calls").arg("cost").query_async(c).await;
+            let r: Result<(Option<u64>, Option<f64>), _> = redis::cmd("HMGET")
+                .arg(key)
+                .arg("calls")
+                .arg("cost")
+                .query_async(c)
+                .await;
             if let Ok((calls, cost)) = r {
                 let (calls, cost) = (calls.unwrap_or(0) as f64, cost.unwrap_or(0.0));
-                METRICS.budget_spent.with_label_values(&[&b.name, "calls"]).set(calls);
-                METRICS.budget_spent.with_label_values(&[&b.name, "cost"]).set(cost);
+                METRICS
+                    .budget_spent
+                    .with_label_values(&[&b.name, "calls"])
+                    .set(calls);
+                METRICS
+                    .budget_spent
+                    .with_label_values(&[&b.name, "cost"])
+                    .set(cost);
                 if let Some(m) = b.max_calls {
-                    METRICS.budget_remaining.with_label_values(&[&b.name, "calls"]).set((m as f64 - calls).max(0.0));
+                    METRICS
+                        .budget_remaining
+                        .with_label_values(&[&b.name, "calls"])
+                        .set((m as f64 - calls).max(0.0));
                 }
                 if let Some(m) = b.max_cost {
-                    METRICS.budget_remaining.with_label_values(&[&b.name, "cost"]).set((m - cost).max(0.0));
+                    METRICS
+                        .budget_remaining
+                        .with_label_values(&[&b.name, "cost"])
+                        .set((m - cost).max(0.0));
                 }
             }
         }
@@ -343,8 +405,17 @@ mod tests {
     fn access_rules_default_allow_and_patterns() {
         let mut g = GovernanceConfig::default();
         assert!(g.allows("t", "a", "rollback", "svc"));
-        g.access.push(AccessRule { agents: vec!["sla-*".into()], actions: vec!["rollback".into(), "page".into()], ..Default::default() });
-        g.access.push(AccessRule { tenants: vec!["acme".into()], agents: vec!["cost-guard".into()], actions: vec!["scale_*".into()], resources: vec!["web-*".into()] });
+        g.access.push(AccessRule {
+            agents: vec!["sla-*".into()],
+            actions: vec!["rollback".into(), "page".into()],
+            ..Default::default()
+        });
+        g.access.push(AccessRule {
+            tenants: vec!["acme".into()],
+            agents: vec!["cost-guard".into()],
+            actions: vec!["scale_*".into()],
+            resources: vec!["web-*".into()],
+        });
         assert!(g.allows("x", "sla-responder", "rollback", "svc"));
         assert!(!g.allows("x", "sla-responder", "scale_down", "svc"));
         assert!(g.allows("acme", "cost-guard", "scale_down", "web-1"));
@@ -355,8 +426,16 @@ mod tests {
     #[test]
     fn approval_rules() {
         let mut g = GovernanceConfig::default();
-        g.approvals.rules.push(ApprovalRule { actions: vec!["rollback".into()], min_impact: Some(Impact::High), min_cost: None });
-        g.approvals.rules.push(ApprovalRule { actions: vec![], min_impact: None, min_cost: Some(100.0) });
+        g.approvals.rules.push(ApprovalRule {
+            actions: vec!["rollback".into()],
+            min_impact: Some(Impact::High),
+            min_cost: None,
+        });
+        g.approvals.rules.push(ApprovalRule {
+            actions: vec![],
+            min_impact: None,
+            min_cost: Some(100.0),
+        });
         assert_eq!(g.needs_approval("rollback", Impact::High, None), Some(0));
         assert_eq!(g.needs_approval("rollback", Impact::Medium, None), None);
         assert_eq!(g.needs_approval("page", Impact::Low, Some(150.0)), Some(1));
@@ -365,7 +444,9 @@ mod tests {
 
     #[test]
     fn period_buckets() {
-        let t = chrono::DateTime::parse_from_rfc3339("2026-11-22T13:05:00Z").unwrap().timestamp();
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-22T13:05:00Z")
+            .unwrap()
+            .timestamp();
         assert_eq!(Period::Hour.bucket(t).0, "2026112213");
         assert_eq!(Period::Day.bucket(t).0, "20261122");
         assert_eq!(Period::Month.bucket(t).0, "202611");

@@ -19,14 +19,18 @@
 
 pub mod agents;
 pub mod app;
+pub mod approvals;
+pub mod audit;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod context;
 pub mod event;
+pub mod governance;
 pub mod http;
 pub mod kafka;
 pub mod records;
+pub mod resolve;
 pub mod route;
 pub mod schema;
 pub mod stages;

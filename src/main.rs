@@ -39,7 +39,7 @@ struct Cli {
 enum Command {
     /// Run the pipeline stages until SIGTERM/SIGINT.
     Run {
-        /// Stages to run, comma separated (default: those enabled in the config). This build has: route, agents.
+        /// Stages to run, comma separated (default: those enabled in the config). This build has: route, agents, resolve, audit.
         #[arg(long, value_delimiter = ',')]
         stages: Option<Vec<String>>,
     },
@@ -83,6 +83,16 @@ enum Command {
         #[arg(long, requires = "file")]
         raw: bool,
     },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Human approvals (directly against Redis and Kafka; the HTTP API does the same).
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Print records of a topic as JSON lines.
     Tail {
         topic: String,
@@ -95,6 +105,42 @@ enum Command {
         /// Stop after this many milliseconds without a record.
         #[arg(long)]
         idle_timeout_ms: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every resource's hash chain on the audit topic; exit 1 when a record is missing,
+    /// reordered or altered.
+    Verify {
+        /// Topic to check (default: topics.audit).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Stop reading after this long without a record.
+        #[arg(long, default_value_t = 3000)]
+        idle_timeout_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// List approvals waiting for a person.
+    List,
+    /// Approve a pending action: it goes to switchyard.actions with a fencing token.
+    Approve {
+        id: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Reject a pending action.
+    Reject {
+        id: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        why: String,
     },
 }
 
@@ -154,6 +200,12 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 }
                 if l.config.stages.agents.enabled {
                     v.push("agents".to_string());
+                }
+                if l.config.stages.resolve.enabled {
+                    v.push("resolve".to_string());
+                }
+                if l.config.stages.audit.enabled {
+                    v.push("audit".to_string());
                 }
                 v
             });
@@ -274,6 +326,112 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 })
                 .collect();
             cli::publish(&l, &topic, &events, mode).await
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    topic,
+                    idle_timeout_ms,
+                },
+        } => {
+            let l = load(&cli.config)?;
+            let topic = topic.unwrap_or_else(|| l.config.topics.audit.clone());
+            let kafka = l.config.kafka.clone();
+            let t = topic.clone();
+            let recs = tokio::task::spawn_blocking(move || {
+                cli::read_all(&kafka, &t, Duration::from_millis(idle_timeout_ms))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let mut events = Vec::new();
+            for r in &recs {
+                let ev = switchyard::codec::decode(r.view(), &l.schemas).map_err(|e| {
+                    format!(
+                        "{}[{}]@{}: not an audit record: {e}",
+                        r.topic, r.partition, r.offset
+                    )
+                })?;
+                events.push((r.offset, ev));
+            }
+            let v = switchyard::audit::verify(&events);
+            for p in &v.problems {
+                println!(
+                    "BROKEN {} seq {} (offset {}): {}",
+                    p.resource, p.seq, p.offset, p.message
+                );
+            }
+            println!(
+                "{topic}: {} records, {} chains, {} repeated deliveries skipped, {} problems",
+                v.records,
+                v.chains,
+                v.duplicates,
+                v.problems.len()
+            );
+            if v.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("audit chains of {topic} are broken"))
+            }
+        }
+        Command::Approvals { command } => {
+            let l = load(&cli.config)?;
+            let emitter = switchyard::records::Emitter::new(l.schemas.clone(), l.topics.clone());
+            let conn = switchyard::context::redis::RedisConn::new(&l.config.redis.url)
+                .map_err(|e| e.to_string())?;
+            let approvals = app::approvals_of(&l, conn, &emitter);
+            let (id, verdict, by, why) = match command {
+                ApprovalsCommand::List => {
+                    let open = approvals.list_open().await.map_err(|e| e.to_string())?;
+                    for a in &open {
+                        println!(
+                            "{}  {:<10} {:<16} {:<12} action {} expires {}",
+                            a.approval_id,
+                            a.status,
+                            a.action,
+                            a.resource,
+                            a.action_id,
+                            chrono::DateTime::from_timestamp(a.expires_at, 0)
+                                .map(|t| t.to_rfc3339())
+                                .unwrap_or_default()
+                        );
+                    }
+                    println!("{} open approvals", open.len());
+                    return Ok(());
+                }
+                ApprovalsCommand::Approve { id, by, why } => {
+                    (id, switchyard::approvals::Verdict::Approve, by, why)
+                }
+                ApprovalsCommand::Reject { id, by, why } => {
+                    (id, switchyard::approvals::Verdict::Reject, by, why)
+                }
+            };
+            let d = approvals
+                .decide(&id, verdict, &by, &why, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            let producer = switchyard::kafka::Producer::new(&switchyard::kafka::producer_config(
+                &l.config.kafka,
+            ))
+            .map_err(|e| e.to_string())?;
+            for o in &d.outputs {
+                producer.send(o).await.map_err(|e| {
+                    format!("decision recorded but producing failed ({e}); run the command again")
+                })?;
+            }
+            match (&d.action, d.fresh) {
+                (_, false) => println!(
+                    "{} was already {} by {}",
+                    id,
+                    d.approval.status,
+                    d.approval.decided_by.as_deref().unwrap_or("?")
+                ),
+                (Some(a), true) => println!(
+                    "{} approved: {} {} on {} sent with fencing token {}",
+                    id, a.action_id, a.action, a.resource, a.fencing_token
+                ),
+                (None, true) => println!("{} {}", id, d.approval.status),
+            }
+            Ok(())
         }
         Command::Tail {
             topic,

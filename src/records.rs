@@ -18,6 +18,8 @@ pub mod types {
     pub const TASK: &str = "switchyard.task";
     pub const PROPOSAL: &str = "switchyard.proposal";
     pub const RESULT: &str = "switchyard.result";
+    pub const ACTION: &str = "switchyard.action";
+    pub const APPROVAL: &str = "switchyard.approval";
     pub const AUDIT: &str = "switchyard.audit";
 }
 
@@ -57,6 +59,57 @@ pub struct ProposalData {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// Estimated cost of carrying the action out (approval rules may use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+}
+
+/// `data` of a `switchyard.action` event: an accepted, governed action for executors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionData {
+    pub action_id: String,
+    pub action: String,
+    pub resource: String,
+    pub tenant: String,
+    pub workflow_id: String,
+    #[serde(deserialize_with = "json_or_text")]
+    pub parameters: Value,
+    /// Increases with every action emitted for the resource: an executor refuses an action whose token
+    /// is lower than one it already applied for that resource.
+    pub fencing_token: u64,
+    /// Provenance: the proposals behind this action.
+    #[serde(deserialize_with = "json_or_text")]
+    pub proposals: Value,
+    #[serde(deserialize_with = "json_or_text")]
+    pub agents: Value,
+    pub priority: i32,
+    pub impact: crate::agents::Impact,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `data` of a `switchyard.approval` event: a request for, or a decision on, human approval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalData {
+    pub approval_id: String,
+    pub action_id: String,
+    pub action: String,
+    pub resource: String,
+    pub tenant: String,
+    /// `pending`, `escalated`, `approved`, `rejected`, `expired` or `superseded`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// Seconds since the epoch.
+    pub requested_at: i64,
+    pub expires_at: i64,
+    /// The action that goes out when approved (its fencing token is assigned then).
+    #[serde(deserialize_with = "json_or_text")]
+    pub action_record: Value,
 }
 
 /// `data` of a `switchyard.result` event: the outcome of one agent task.
@@ -100,6 +153,9 @@ pub struct AuditData {
     pub reason: Option<String>,
     #[serde(deserialize_with = "json_or_text")]
     pub detail: Value,
+    /// Position in the resource's audit chain (1, 2, ...), set when sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +222,27 @@ pub fn audit_event(
     .with_time_now()
     .with_data(data_value(audit)?)
     .with_extension("tenant", audit.tenant.clone());
+    if let Some(tp) = traceparent {
+        ev = ev.with_extension("traceparent", tp);
+    }
+    Ok(ev)
+}
+
+/// A switchyard record: `ty` event with `data`, about `resource`, keyed by it.
+pub fn record_event<T: Serialize>(
+    id: String,
+    source: &str,
+    ty: &str,
+    resource: &str,
+    tenant: &str,
+    traceparent: Option<&str>,
+    data: &T,
+) -> Result<CloudEvent, ProcessError> {
+    let mut ev = CloudEvent::new(id, source, ty)
+        .with_subject(resource)
+        .with_time_now()
+        .with_data(data_value(data)?)
+        .with_extension("tenant", tenant);
     if let Some(tp) = traceparent {
         ev = ev.with_extension("traceparent", tp);
     }

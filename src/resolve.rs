@@ -81,17 +81,27 @@ impl ResolveConfig {
 
     /// Conflicts are symmetric: declaring one side is enough.
     pub fn conflicts(&self, a: &str, b: &str) -> bool {
-        self.rule(a).is_some_and(|r| r.conflicts_with.iter().any(|x| x == b))
-            || self.rule(b).is_some_and(|r| r.conflicts_with.iter().any(|x| x == a))
+        self.rule(a)
+            .is_some_and(|r| r.conflicts_with.iter().any(|x| x == b))
+            || self
+                .rule(b)
+                .is_some_and(|r| r.conflicts_with.iter().any(|x| x == a))
     }
 
     pub fn priority(&self, action: &str, proposed: i32) -> i32 {
-        self.rule(action).and_then(|r| r.priority).unwrap_or(proposed)
+        self.rule(action)
+            .and_then(|r| r.priority)
+            .unwrap_or(proposed)
     }
 
     /// Longest window state must be kept for.
     pub fn retention_seconds(&self) -> u64 {
-        let cooldown = self.actions.values().map(|r| r.cooldown_seconds).max().unwrap_or(0);
+        let cooldown = self
+            .actions
+            .values()
+            .map(|r| r.cooldown_seconds)
+            .max()
+            .unwrap_or(0);
         self.dedupe_window_seconds
             .max(self.merge_window_seconds)
             .max(self.conflict_window_seconds)
@@ -179,12 +189,23 @@ impl RejectReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// A new action (governance still applies).
-    New { action_id: String, priority: i32, superseded: Vec<String> },
+    New {
+        action_id: String,
+        priority: i32,
+        superseded: Vec<String>,
+    },
     /// Identical to an active action: merged into it (provenance only).
     Duplicate { action_id: String },
     /// A mergeable type: combined into the active action, parameters merged.
-    Merged { action_id: String, parameters: Value },
-    Rejected { reason: RejectReason, detail: String, rule: &'static str },
+    Merged {
+        action_id: String,
+        parameters: Value,
+    },
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+        rule: &'static str,
+    },
 }
 
 /// Hash of a JSON value (canonical: object keys sorted).
@@ -225,7 +246,10 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
             if *v > c.context_version {
                 return Decision::Rejected {
                     reason: RejectReason::Stale,
-                    detail: format!("context key {key} changed at version {v}, proposal saw version {}", c.context_version),
+                    detail: format!(
+                        "context key {key} changed at version {v}, proposal saw version {}",
+                        c.context_version
+                    ),
                     rule: "staleness",
                 };
             }
@@ -233,12 +257,12 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
     }
     let ph = params_hash(&c.parameters);
     // Dedupe: the same action with the same parameters.
-    if let Some(a) = state
-        .active
-        .iter()
-        .find(|a| a.action == c.action && a.params_hash == ph && age(a) <= cfg.dedupe_window_seconds as i64)
-    {
-        return Decision::Duplicate { action_id: a.action_id.clone() };
+    if let Some(a) = state.active.iter().find(|a| {
+        a.action == c.action && a.params_hash == ph && age(a) <= cfg.dedupe_window_seconds as i64
+    }) {
+        return Decision::Duplicate {
+            action_id: a.action_id.clone(),
+        };
     }
     // Merge: mergeable types combine.
     if rule.merge {
@@ -247,7 +271,10 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
             .iter()
             .find(|a| a.action == c.action && age(a) <= cfg.merge_window_seconds as i64)
         {
-            return Decision::Merged { action_id: a.action_id.clone(), parameters: merge_params(&a.parameters, &c.parameters) };
+            return Decision::Merged {
+                action_id: a.action_id.clone(),
+                parameters: merge_params(&a.parameters, &c.parameters),
+            };
         }
     }
     // Same type already waiting for a person.
@@ -265,26 +292,37 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
     // Cooldown: the same type was accepted recently.
     if rule.cooldown_seconds > 0 {
         if let Some(a) = state.active.iter().find(|a| {
-            a.action == c.action && a.status == ActiveStatus::Accepted && age(a) <= rule.cooldown_seconds as i64
+            a.action == c.action
+                && a.status == ActiveStatus::Accepted
+                && age(a) <= rule.cooldown_seconds as i64
         }) {
             return Decision::Rejected {
                 reason: RejectReason::Cooldown,
-                detail: format!("{} {} was accepted {} s ago (cooldown {} s)", a.action, a.action_id, age(a), rule.cooldown_seconds),
+                detail: format!(
+                    "{} {} was accepted {} s ago (cooldown {} s)",
+                    a.action,
+                    a.action_id,
+                    age(a),
+                    rule.cooldown_seconds
+                ),
                 rule: "cooldown",
             };
         }
     }
     // Priority among conflicting types.
     let mut superseded = Vec::new();
-    for a in state
-        .active
-        .iter()
-        .filter(|a| cfg.conflicts(&a.action, &c.action) && (a.status == ActiveStatus::PendingApproval || age(a) <= cfg.conflict_window_seconds as i64))
-    {
+    for a in state.active.iter().filter(|a| {
+        cfg.conflicts(&a.action, &c.action)
+            && (a.status == ActiveStatus::PendingApproval
+                || age(a) <= cfg.conflict_window_seconds as i64)
+    }) {
         if a.priority >= priority {
             return Decision::Rejected {
                 reason: RejectReason::Conflict,
-                detail: format!("conflicts with {} {} (priority {} >= {priority})", a.action, a.action_id, a.priority),
+                detail: format!(
+                    "conflicts with {} {} (priority {} >= {priority})",
+                    a.action, a.action_id, a.priority
+                ),
                 rule: "priority",
             };
         }
@@ -305,31 +343,109 @@ mod tests {
 
     fn cfg() -> ResolveConfig {
         let mut actions = BTreeMap::new();
-        actions.insert("rollback".into(), ActionRule { priority: Some(100), conflicts_with: vec!["scale_down".into(), "scale_up".into()], cooldown_seconds: 600, invalidated_by: vec!["deployment".into()], ..Default::default() });
-        actions.insert("scale_down".into(), ActionRule { priority: Some(10), conflicts_with: vec!["scale_up".into()], ..Default::default() });
-        actions.insert("page".into(), ActionRule { merge: true, ..Default::default() });
-        ResolveConfig { actions, ..Default::default() }
+        actions.insert(
+            "rollback".into(),
+            ActionRule {
+                priority: Some(100),
+                conflicts_with: vec!["scale_down".into(), "scale_up".into()],
+                cooldown_seconds: 600,
+                invalidated_by: vec!["deployment".into()],
+                ..Default::default()
+            },
+        );
+        actions.insert(
+            "scale_down".into(),
+            ActionRule {
+                priority: Some(10),
+                conflicts_with: vec!["scale_up".into()],
+                ..Default::default()
+            },
+        );
+        actions.insert(
+            "page".into(),
+            ActionRule {
+                merge: true,
+                ..Default::default()
+            },
+        );
+        ResolveConfig {
+            actions,
+            ..Default::default()
+        }
     }
 
     fn cand(id: &str, action: &str, params: Value) -> Candidate {
-        Candidate { proposal_id: id.into(), agent: "a".into(), action: action.into(), parameters: params, priority: 0, impact: Impact::Low, context_version: 5 }
+        Candidate {
+            proposal_id: id.into(),
+            agent: "a".into(),
+            action: action.into(),
+            parameters: params,
+            priority: 0,
+            impact: Impact::Low,
+            context_version: 5,
+        }
     }
 
-    fn active(id: &str, action: &str, prio: i32, status: ActiveStatus, at: i64, params: Value) -> ActiveAction {
-        ActiveAction { action_id: id.into(), action: action.into(), priority: prio, status, at, params_hash: params_hash(&params), parameters: params, proposals: vec![], agents: vec![], approval_id: None }
+    fn active(
+        id: &str,
+        action: &str,
+        prio: i32,
+        status: ActiveStatus,
+        at: i64,
+        params: Value,
+    ) -> ActiveAction {
+        ActiveAction {
+            action_id: id.into(),
+            action: action.into(),
+            priority: prio,
+            status,
+            at,
+            params_hash: params_hash(&params),
+            parameters: params,
+            proposals: vec![],
+            agents: vec![],
+            approval_id: None,
+        }
     }
 
     #[test]
     fn conflict_lower_priority_loses_higher_supersedes() {
         let c = cfg();
         let mut s = ResourceState::default();
-        s.active.push(active("rb", "rollback", 100, ActiveStatus::PendingApproval, 1000, json!({})));
+        s.active.push(active(
+            "rb",
+            "rollback",
+            100,
+            ActiveStatus::PendingApproval,
+            1000,
+            json!({}),
+        ));
         let d = decide(&c, &s, &cand("p1", "scale_down", json!({"n": 1})), 1010);
-        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Conflict, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Rejected {
+                    reason: RejectReason::Conflict,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
         let mut s = ResourceState::default();
-        s.active.push(active("sd", "scale_down", 10, ActiveStatus::Accepted, 1000, json!({})));
+        s.active.push(active(
+            "sd",
+            "scale_down",
+            10,
+            ActiveStatus::Accepted,
+            1000,
+            json!({}),
+        ));
         match decide(&c, &s, &cand("p2", "rollback", json!({})), 1010) {
-            Decision::New { priority, superseded, .. } => {
+            Decision::New {
+                priority,
+                superseded,
+                ..
+            } => {
                 assert_eq!(priority, 100);
                 assert_eq!(superseded, ["sd"]);
             }
@@ -341,31 +457,118 @@ mod tests {
     fn dedupe_merge_cooldown_staleness_pending() {
         let c = cfg();
         let mut s = ResourceState::default();
-        s.active.push(active("pg", "page", 0, ActiveStatus::Accepted, 1000, json!({"sev": "major", "owner": "x"})));
-        assert_eq!(decide(&c, &s, &cand("p", "page", json!({"sev": "major", "owner": "x"})), 1050), Decision::Duplicate { action_id: "pg".into() });
+        s.active.push(active(
+            "pg",
+            "page",
+            0,
+            ActiveStatus::Accepted,
+            1000,
+            json!({"sev": "major", "owner": "x"}),
+        ));
+        assert_eq!(
+            decide(
+                &c,
+                &s,
+                &cand("p", "page", json!({"sev": "major", "owner": "x"})),
+                1050
+            ),
+            Decision::Duplicate {
+                action_id: "pg".into()
+            }
+        );
         assert_eq!(
             decide(&c, &s, &cand("p", "page", json!({"sev": "critical"})), 1050),
-            Decision::Merged { action_id: "pg".into(), parameters: json!({"sev": "critical", "owner": "x"}) }
+            Decision::Merged {
+                action_id: "pg".into(),
+                parameters: json!({"sev": "critical", "owner": "x"})
+            }
         );
         // Outside the merge window a page is a new action.
-        assert!(matches!(decide(&c, &s, &cand("p", "page", json!({"sev": "critical"})), 1000 + 400), Decision::New { .. }));
-        s.active.push(active("rb", "rollback", 100, ActiveStatus::Accepted, 1000, json!({"to": "v1"})));
+        assert!(matches!(
+            decide(
+                &c,
+                &s,
+                &cand("p", "page", json!({"sev": "critical"})),
+                1000 + 400
+            ),
+            Decision::New { .. }
+        ));
+        s.active.push(active(
+            "rb",
+            "rollback",
+            100,
+            ActiveStatus::Accepted,
+            1000,
+            json!({"to": "v1"}),
+        ));
         let d = decide(&c, &s, &cand("p", "rollback", json!({"to": "v0"})), 1100);
-        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Cooldown, .. }), "{d:?}");
-        assert!(matches!(decide(&c, &s, &cand("p", "rollback", json!({"to": "v0"})), 1000 + 700), Decision::New { .. }));
+        assert!(
+            matches!(
+                d,
+                Decision::Rejected {
+                    reason: RejectReason::Cooldown,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert!(matches!(
+            decide(
+                &c,
+                &s,
+                &cand("p", "rollback", json!({"to": "v0"})),
+                1000 + 700
+            ),
+            Decision::New { .. }
+        ));
         let mut s = ResourceState::default();
         s.key_versions.insert("deployment".into(), 6);
         let d = decide(&c, &s, &cand("p", "rollback", json!({})), 1000);
-        assert!(matches!(d, Decision::Rejected { reason: RejectReason::Stale, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Rejected {
+                    reason: RejectReason::Stale,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
         s.key_versions.insert("deployment".into(), 5);
-        assert!(matches!(decide(&c, &s, &cand("p", "rollback", json!({})), 1000), Decision::New { .. }));
-        s.active.push(active("rb", "rollback", 100, ActiveStatus::PendingApproval, 900, json!({"to": "v1"})));
+        assert!(matches!(
+            decide(&c, &s, &cand("p", "rollback", json!({})), 1000),
+            Decision::New { .. }
+        ));
+        s.active.push(active(
+            "rb",
+            "rollback",
+            100,
+            ActiveStatus::PendingApproval,
+            900,
+            json!({"to": "v1"}),
+        ));
         let d = decide(&c, &s, &cand("p", "rollback", json!({"to": "v2"})), 1000);
-        assert!(matches!(d, Decision::Rejected { reason: RejectReason::PendingApproval, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Rejected {
+                    reason: RejectReason::PendingApproval,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     fn arb_action() -> impl Strategy<Value = String> {
-        prop::sample::select(vec!["rollback", "scale_down", "scale_up", "page", "restart"]).prop_map(str::to_string)
+        prop::sample::select(vec![
+            "rollback",
+            "scale_down",
+            "scale_up",
+            "page",
+            "restart",
+        ])
+        .prop_map(str::to_string)
     }
 
     proptest! {

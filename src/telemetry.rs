@@ -62,6 +62,29 @@ pub struct Metrics {
     pub context_ops: IntCounterVec,
     /// Shared-context operation latency by op.
     pub context_op_duration: HistogramVec,
+    /// Proposals by resolve outcome (accepted, approval_requested, rejected, deduplicated, merged,
+    /// replayed, fenced).
+    pub proposals: IntCounterVec,
+    /// Actions accepted, by action type.
+    pub actions_accepted: IntCounterVec,
+    /// Actions rejected, by reason (conflict, stale, cooldown, pending_approval, access, budget).
+    pub actions_rejected: IntCounterVec,
+    /// Resolution rule hits, by rule (priority, dedupe, merge, cooldown, staleness, pending_approval).
+    pub conflicts: IntCounterVec,
+    /// Approval events by kind (requested, approved, rejected, expired, escalated).
+    pub approvals: IntCounterVec,
+    /// Approvals waiting for a person now.
+    pub approvals_pending: IntGaugeVec,
+    /// Time from approval request to decision.
+    pub approval_wait: HistogramVec,
+    /// Budget spent in the current period, by budget and unit (calls, cost).
+    pub budget_spent: prometheus::GaugeVec,
+    /// Budget remaining in the current period, by budget and unit.
+    pub budget_remaining: prometheus::GaugeVec,
+    /// Refusals because a budget was exhausted, by budget.
+    pub budget_refusals: IntCounterVec,
+    /// Audit records sealed into hash chains.
+    pub audit_sealed: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -217,6 +240,73 @@ impl Metrics {
                 "Shared-context operation latency.",
                 &["op"],
                 exponential_buckets(0.0001, 2.0, 16)?,
+                r
+            )?,
+            proposals: register_int_counter_vec_with_registry!(
+                "switchyard_proposals_total",
+                "Proposals by resolve outcome.",
+                &["outcome"],
+                r
+            )?,
+            actions_accepted: register_int_counter_vec_with_registry!(
+                "switchyard_actions_accepted_total",
+                "Actions accepted, by action type.",
+                &["action"],
+                r
+            )?,
+            actions_rejected: register_int_counter_vec_with_registry!(
+                "switchyard_actions_rejected_total",
+                "Actions rejected, by reason.",
+                &["reason"],
+                r
+            )?,
+            conflicts: register_int_counter_vec_with_registry!(
+                "switchyard_resolution_rule_hits_total",
+                "Resolution rule hits, by rule.",
+                &["rule"],
+                r
+            )?,
+            approvals: register_int_counter_vec_with_registry!(
+                "switchyard_approvals_total",
+                "Approval events by kind (requested, approved, rejected, expired, escalated).",
+                &["kind"],
+                r
+            )?,
+            approvals_pending: register_int_gauge_vec_with_registry!(
+                "switchyard_approvals_pending",
+                "Approvals waiting for a person.",
+                &["tenant"],
+                r
+            )?,
+            approval_wait: register_histogram_vec_with_registry!(
+                "switchyard_approval_wait_seconds",
+                "Time from approval request to decision.",
+                &["decision"],
+                exponential_buckets(1.0, 2.0, 16)?,
+                r
+            )?,
+            budget_spent: prometheus::register_gauge_vec_with_registry!(
+                "switchyard_budget_spent",
+                "Budget spent in the current period (unit: calls or currency).",
+                &["budget", "unit"],
+                r
+            )?,
+            budget_remaining: prometheus::register_gauge_vec_with_registry!(
+                "switchyard_budget_remaining",
+                "Budget remaining in the current period (unit: calls or currency).",
+                &["budget", "unit"],
+                r
+            )?,
+            budget_refusals: register_int_counter_vec_with_registry!(
+                "switchyard_budget_refusals_total",
+                "Refusals because a budget was exhausted.",
+                &["budget"],
+                r
+            )?,
+            audit_sealed: register_int_counter_vec_with_registry!(
+                "switchyard_audit_records_sealed_total",
+                "Audit records sealed into per-resource hash chains.",
+                &["stage"],
                 r
             )?,
             registry: r,

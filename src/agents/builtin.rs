@@ -98,6 +98,7 @@ impl Agent for DeployGuard {
                 parameters: json!({"version": str_field(d, "version"), "deployment_event": req.event.id}),
                 priority: 80,
                 impact: Impact::Medium,
+                cost: None,
                 reason: Some("deployment started while the service breaches its SLA".into()),
             });
         }
@@ -184,6 +185,7 @@ impl Agent for SlaResponder {
                         }),
                         priority: 100,
                         impact: Impact::High,
+                        cost: None,
                         reason: Some(format!(
                             "SLO {} breached within {} min of deployment {}",
                             str_field(d, "slo").unwrap_or("?"),
@@ -204,6 +206,7 @@ impl Agent for SlaResponder {
             }),
             priority: 50,
             impact: Impact::Low,
+            cost: None,
             reason: Some(if breached {
                 "SLO breached".into()
             } else {
@@ -238,6 +241,7 @@ impl Agent for CostGuard {
                 parameters: json!({"overspend": overspend, "currency": currency}),
                 priority: 10,
                 impact: Impact::Low,
+                cost: None,
                 reason: Some(format!(
                     "spend {spend:.2} exceeds budget {budget:.2} {currency}"
                 )),

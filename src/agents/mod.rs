@@ -177,6 +177,9 @@ pub struct ProposalSpec {
     pub impact: Impact,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Estimated cost of the action (approval rules with `min_cost` use it).
+    #[serde(default)]
+    pub cost: Option<f64>,
 }
 
 /// What an agent returns (also the JSON body HTTP and Kafka agents send back).

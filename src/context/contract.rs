@@ -120,6 +120,11 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
     let s = store.snapshot(&a).await.expect("snapshot");
     assert_eq!(s.facts["deployment"].value, json!({"v": 4}));
     assert_eq!(s.facts.len(), 2);
+    assert_eq!(
+        s.key_versions["deployment"], 2,
+        "the version at which each key last changed"
+    );
+    assert_eq!(s.key_versions["sla"], 2);
 
     // Recent events: most recent first, capped, no duplicates.
     for i in 3..7 {

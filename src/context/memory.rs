@@ -59,6 +59,7 @@ impl ContextStore for MemoryStore {
             snap.version += 1;
             for (k, f) in facts {
                 snap.facts.insert(k.clone(), f.clone());
+                snap.key_versions.insert(k.clone(), snap.version);
             }
         }
         if let Some(ev) = event {

@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub facts: BTreeMap<String, Fact>,
     /// Most recent first: `{id, type, time}` of events seen for the resource.
     pub recent_events: Vec<Value>,
+    /// The version at which each fact last changed (staleness checks use it).
+    pub key_versions: BTreeMap<String, u64>,
 }
 
 impl Snapshot {

@@ -1,7 +1,8 @@
 //! Redis [`ContextStore`].
 //!
 //! Keys (all of one resource share the `{tenant/resource}` hash tag):
-//! - `<prefix>:ctx:{t/r}`: hash; `_version` plus one field per fact (JSON [`Fact`]);
+//! - `<prefix>:ctx:{t/r}`: hash; `_version`, one field per fact (JSON [`Fact`]) and `_v:<key>`, the
+//!   version at which each fact last changed;
 //! - `<prefix>:events:{t/r}`: list of recent event summaries, most recent first;
 //! - `<prefix>:outcome:{t/r}:<task id>`: the task's recorded [`Outcome`] (JSON).
 //!
@@ -27,7 +28,7 @@ local version
 if n > 0 then
   version = redis.call('HINCRBY', KEYS[1], '_version', 1)
   for i = 0, n - 1 do
-    redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
+    redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i], '_v:' .. ARGV[7 + 2 * i], version)
   end
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 else
@@ -123,6 +124,11 @@ impl ContextStore for RedisStore {
                 snap.version = v
                     .parse()
                     .map_err(|_| StoreError::Corrupt(format!("_version {v:?}")))?;
+            } else if let Some(key) = k.strip_prefix("_v:") {
+                let ver = v
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
+                snap.key_versions.insert(key.to_string(), ver);
             } else {
                 let f: Fact = serde_json::from_str(&v)
                     .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;

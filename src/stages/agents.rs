@@ -19,6 +19,7 @@ use crate::agents::{
 use crate::codec;
 use crate::context::{CommitResult, ContextStore, Fact, Outcome, ResourceKey, StoreError};
 use crate::event::{now_rfc3339, CloudEvent};
+use crate::governance::{BudgetCheck, Budgets, Spender};
 use crate::kafka::runtime::{ProcessError, Processor};
 use crate::kafka::{dead_letter, Input, Output};
 use crate::records::{
@@ -43,6 +44,8 @@ pub struct AgentEntry {
 
 pub struct AgentStage<S: ContextStore> {
     pub agents: HashMap<String, AgentEntry>,
+    /// Reserved before every agent call: an exhausted budget refuses the task (spend stops).
+    pub budgets: Arc<Budgets>,
     pub store: Arc<S>,
     pub emitter: Emitter,
     pub proposals_topic: String,
@@ -229,6 +232,33 @@ impl<S: ContextStore> AgentStage<S> {
         let snap = timed("snapshot", self.store.snapshot(key))
             .await
             .map_err(transient("snapshot"))?;
+        let spender = Spender {
+            agent: name,
+            workflow: &t.task.workflow_id,
+            tenant: &t.task.tenant,
+        };
+        let reserved = self
+            .budgets
+            .reserve(&t.task.task_id, &spender, entry.spec.cost_per_call)
+            .await
+            .map_err(|e| ProcessError::Transient(format!("budget reservation: {e}")))?;
+        if let BudgetCheck::Exhausted { budget } = reserved {
+            METRICS.budget_refusals.with_label_values(&[&budget]).inc();
+            METRICS
+                .agent_tasks
+                .with_label_values(&[name, "refused"])
+                .inc();
+            let outcome = Outcome {
+                status: "refused".into(),
+                attempts: 0,
+                duration_ms: 0,
+                context_version: snap.version,
+                response: AgentResponse::default(),
+                error: Some(format!("budget {budget} is exhausted")),
+                refusals: vec![format!("budget:{budget}")],
+            };
+            return Ok((Vec::new(), outcome));
+        }
         METRICS
             .agent_tasks
             .with_label_values(&[name, "started"])
@@ -326,6 +356,7 @@ impl<S: ContextStore> AgentStage<S> {
                 context_version: o.context_version,
                 reason: p.reason.clone(),
                 event_id: Some(t.event.id.clone()),
+                cost: p.cost,
             };
             let mut ev = CloudEvent::new(id.clone(), SOURCE, types::PROPOSAL)
                 .with_subject(task.resource.clone())
@@ -377,6 +408,7 @@ impl<S: ContextStore> AgentStage<S> {
             trace_id: trace_id(tp),
             reason,
             detail,
+            seq: None,
             prev_hash: None,
             hash: None,
         };
@@ -392,17 +424,25 @@ impl<S: ContextStore> AgentStage<S> {
         )?);
         for r in &o.refusals {
             let (kind, what) = r.split_once(':').unwrap_or(("scope", r.as_str()));
-            let a = audit(
-                "refused",
-                Some(format!("scope_{kind}")),
-                json!({"agent": task.agent, "kind": kind, "key": what}),
-            );
+            let a = if kind == "budget" {
+                audit(
+                    "budget_refused",
+                    Some("budget".into()),
+                    json!({"agent": task.agent, "budget": what}),
+                )
+            } else {
+                audit(
+                    "refused",
+                    Some(format!("scope_{kind}")),
+                    json!({"agent": task.agent, "kind": kind, "key": what}),
+                )
+            };
             out.push(self.emitter.emit(
                 &self.audit_topic,
                 &audit_event(SOURCE, &["refused", &task.task_id, r], &a, tp)?,
             )?);
         }
-        if o.status != "succeeded" {
+        if o.status == "failed" || o.status == "timed_out" {
             let detail = format!(
                 "agent {} {}: {}",
                 task.agent,
@@ -461,7 +501,7 @@ impl<S: ContextStore> Processor for AgentStage<S> {
             }
             None => {
                 let o = self.run(entry, &t, &key).await?;
-                for r in &o.refusals {
+                for r in o.refusals.iter().filter(|r| !r.starts_with("budget:")) {
                     let kind = r.split_once(':').map(|(k, _)| k).unwrap_or("scope");
                     METRICS
                         .agent_refusals

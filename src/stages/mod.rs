@@ -2,4 +2,5 @@
 //! wiring; adding a stage means a module here and one line in [`crate::app`].
 
 pub mod agents;
+pub mod resolve;
 pub mod route;

@@ -70,6 +70,7 @@ impl RouteStage {
             trace_id: trace_id(ev.traceparent()),
             reason,
             detail,
+            seq: None,
             prev_hash: None,
             hash: None,
         };

@@ -71,6 +71,8 @@ pub const LOGICAL_TOPICS: &[&str] = &[
     "switchyard.results",
     "switchyard.audit",
     "switchyard.dlq",
+    "switchyard.audit-log",
+    "switchyard.approval-decisions",
 ];
 
 impl TestEnv {
@@ -83,6 +85,7 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra lines for the `kafka:` section (indented by two spaces).
     pub async fn with(partitions: i32, kafka_extra: &str, extra_yaml: &str) -> TestEnv {
+        switchyard::telemetry::init_logging(switchyard::config::LogFormat::Human, "warn");
         let (brokers, redis) = stack().clone();
         let prefix = suffix();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -141,6 +144,8 @@ topics:
   results: {prefix}.switchyard.results
   audit: {prefix}.switchyard.audit
   dlq: {prefix}.switchyard.dlq
+  audit_log: {prefix}.switchyard.audit-log
+  decisions: {prefix}.switchyard.approval-decisions
 schemas_dir: {schemas}
 {routes}
 {extra_yaml}

@@ -1,0 +1,710 @@
+//! Conflict resolution and governance against the real broker and Redis.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use common::*;
+use switchyard::event::CloudEvent;
+use switchyard::kafka::{Input, Output};
+use switchyard::records::{ActionData, ApprovalData, AuditData, ProposalData, ResultData};
+
+type Running = (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
+);
+
+fn start_with(loaded: switchyard::config::Loaded, stages: &[&str]) -> Running {
+    let token = CancellationToken::new();
+    let stages = stages.iter().map(|s| s.to_string()).collect();
+    (
+        token.clone(),
+        tokio::spawn(switchyard::app::run(loaded, stages, token)),
+    )
+}
+
+async fn stop((token, h): Running) {
+    token.cancel();
+    h.await.expect("join").expect("stages stop cleanly");
+}
+
+fn data<T: serde::de::DeserializeOwned>(r: &Input) -> T {
+    serde_json::from_value(data_of(&event_of(r)).clone()).expect("record data")
+}
+
+const RULES: &str = r#"
+resolve:
+  actions:
+    rollback: { priority: 100, conflicts_with: [scale_down, scale_up], cooldown_seconds: 900, invalidated_by: [deployment] }
+    scale_down: { priority: 10, conflicts_with: [scale_up] }
+    page: { merge: true }
+"#;
+
+fn governance(extra_rules: &str) -> String {
+    format!(
+        r#"{RULES}
+governance:
+  access:
+    - {{ agents: [deploy-guard], actions: [deployment.hold] }}
+    - {{ agents: [sla-responder, tester], actions: [rollback, page, restart] }}
+    - {{ agents: [cost-guard, tester], actions: [scale_down, scale_up] }}
+  approvals:
+    token: test-token
+    timeout_seconds: 600
+    rules: [{extra_rules}]
+"#
+    )
+}
+
+/// A proposal record as the agent stage would write it.
+fn proposal(
+    id: &str,
+    agent: &str,
+    action: &str,
+    resource: &str,
+    params: Value,
+    ctx_version: u64,
+) -> CloudEvent {
+    let p = ProposalData {
+        proposal_id: id.into(),
+        task_id: format!("task-{id}"),
+        workflow_id: format!("wf-{id}"),
+        agent: agent.into(),
+        action: action.into(),
+        resource: resource.into(),
+        tenant: "default".into(),
+        parameters: params,
+        priority: 0,
+        impact: switchyard::agents::Impact::Low,
+        context_version: ctx_version,
+        reason: None,
+        event_id: Some(format!("ev-{id}")),
+        cost: None,
+    };
+    CloudEvent::new(id, "test", "switchyard.proposal")
+        .with_subject(resource)
+        .with_data(serde_json::to_value(p).unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn verify(env: &TestEnv, topic: &str) -> std::process::Output {
+    let (brokers, redis) = stack().clone();
+    std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().unwrap(),
+            "audit",
+            "verify",
+            "--topic",
+            topic,
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .env("SWITCHYARD_REDIS_URL", &redis)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
+    let env = TestEnv::new(
+        2,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback], min_impact: high }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let running = start_with(loaded, &["route", "agents", "resolve", "audit"]);
+    env.publish(
+        "events.deployments",
+        &[event(
+            "d1",
+            "deployment.completed",
+            "checkout",
+            json!({"service": "checkout", "version": "v42", "previous_version": "v41"}),
+        )],
+    )
+    .await;
+    env.read("switchyard.results", 1, Duration::from_secs(40))
+        .await;
+    env.publish("events.sla-breaches", &[event("s1", "sla.breached", "checkout", json!({"service": "checkout", "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}))]).await;
+    env.read("switchyard.results", 2, Duration::from_secs(40))
+        .await;
+    env.publish(
+        "events.cost-thresholds",
+        &[event(
+            "c1",
+            "cost.threshold_exceeded",
+            "checkout",
+            json!({"service": "checkout", "budget": 100.0, "spend": 150.0}),
+        )],
+    )
+    .await;
+
+    let approvals = env
+        .read("switchyard.approvals", 1, Duration::from_secs(40))
+        .await;
+    let pending: ApprovalData = data(&approvals[0]);
+    assert_eq!(
+        (pending.action.as_str(), pending.status.as_str()),
+        ("rollback", "pending")
+    );
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(20))
+        .await;
+    let page: ActionData = data(&actions[0]);
+    assert_eq!(page.action, "page");
+    // Wait for the cost event's decision, then read the sealed audit trail.
+    let mut audit: Vec<AuditData> = Vec::new();
+    for _ in 0..60 {
+        audit = env
+            .read("switchyard.audit", 100, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(data)
+            .collect();
+        if audit.iter().any(|a| a.detail["action"] == "scale_down") {
+            break;
+        }
+    }
+    let sd = audit
+        .iter()
+        .find(|a| a.detail["action"] == "scale_down")
+        .expect("scale_down decision audited");
+    assert_eq!(
+        (sd.decision.as_str(), sd.reason.as_deref()),
+        ("rejected", Some("conflict"))
+    );
+    assert!(
+        audit.iter().all(|a| a.hash.is_some() && a.seq.is_some()),
+        "audit records are sealed"
+    );
+    assert!(
+        env.read("switchyard.actions", 2, Duration::from_secs(2))
+            .await
+            .len()
+            == 1,
+        "no scale_down and no rollback yet"
+    );
+
+    // The approvals API: token required, lists the request, approval puts the rollback out.
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/approvals");
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status().as_u16(),
+        401
+    );
+    let list: Value = client
+        .get(&url)
+        .bearer_auth("test-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list["approvals"][0]["approval_id"],
+        json!(pending.approval_id)
+    );
+    let approve = format!("{url}/{}/approve", pending.approval_id);
+    let r = client
+        .post(&approve)
+        .bearer_auth("test-token")
+        .json(&json!({"by": "alice", "why": "confirmed bad deploy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "approved");
+    let again = client
+        .post(&approve)
+        .bearer_auth("test-token")
+        .json(&json!({"by": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 409, "a decision is made once");
+    let actions = env
+        .read("switchyard.actions", 2, Duration::from_secs(20))
+        .await;
+    let rb: ActionData = data(
+        &actions
+            .iter()
+            .find(|r| data::<ActionData>(r).action == "rollback")
+            .expect("rollback on actions"),
+    );
+    assert_eq!(rb.approved_by.as_deref(), Some("alice"));
+    assert_eq!(rb.parameters["to_version"], "v41");
+    assert!(
+        rb.fencing_token > page.fencing_token,
+        "fencing tokens increase per resource"
+    );
+
+    // The audit chains verify, and fail once a record is removed or altered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ok = verify(&env, &env.topic("switchyard.audit"));
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let sealed = env
+        .read("switchyard.audit", 1000, Duration::from_secs(3))
+        .await;
+    let copy = |name: &str, f: &dyn Fn(usize, &Input) -> Option<Vec<u8>>| {
+        let topic = format!("{}.{name}", env.prefix);
+        let recs: Vec<Output> = sealed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                f(i, r).map(|p| Output::new(topic.clone(), r.key.clone().unwrap_or_default(), p))
+            })
+            .collect();
+        (topic, recs)
+    };
+    // checkout's records share a partition; drop its second one.
+    let checkout: Vec<usize> = sealed
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.key.as_deref() == Some(b"checkout"))
+        .map(|(i, _)| i)
+        .collect();
+    let victim = checkout[1];
+    let (removed_topic, removed) =
+        copy("removed", &|i, r| (i != victim).then(|| r.payload.clone()));
+    let (altered_topic, altered) = copy("altered", &|i, r| {
+        Some(if i == victim {
+            String::from_utf8(r.payload.clone())
+                .unwrap()
+                .replace("\"stage\":\"", "\"stage\":\"x")
+                .into_bytes()
+        } else {
+            r.payload.clone()
+        })
+    });
+    let p = env.producer();
+    for o in removed.iter().chain(&altered) {
+        // One partition each, in the original order.
+        let mut o = o.clone();
+        o.key = Some(b"same".to_vec());
+        p.send(&o).await.unwrap();
+    }
+    let bad = verify(&env, &removed_topic);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("BROKEN checkout"));
+    let bad = verify(&env, &altered_topic);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("altered"));
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
+    let env = TestEnv::new(
+        2,
+        &format!("{}{DEFAULT_AGENTS}{}", governance(""), default_routes("")),
+    )
+    .await;
+    let running = start_with(env.loaded.clone(), &["resolve"]);
+    // Context for staleness: `deployment` changed at version 2.
+    let c = &env.loaded.config;
+    let store = switchyard::context::redis::RedisStore::new(
+        switchyard::context::redis::RedisConn::new(&c.redis.url).unwrap(),
+        &c.redis.key_prefix,
+        c.context.retention(),
+    );
+    use switchyard::context::ContextStore;
+    let key = switchyard::context::ResourceKey::new("default", "r-stale");
+    let fact = |v| switchyard::context::Fact {
+        value: json!(v),
+        by: "t".into(),
+        task_id: "t".into(),
+        at: "x".into(),
+    };
+    let out = |s: &str| switchyard::context::Outcome {
+        status: s.into(),
+        attempts: 1,
+        duration_ms: 1,
+        context_version: 0,
+        response: Default::default(),
+        error: None,
+        refusals: vec![],
+    };
+    store
+        .commit(
+            &key,
+            "t1",
+            &[("deployment".into(), fact("v1"))],
+            None,
+            &out("succeeded"),
+        )
+        .await
+        .unwrap();
+    store
+        .commit(
+            &key,
+            "t2",
+            &[("deployment".into(), fact("v2"))],
+            None,
+            &out("succeeded"),
+        )
+        .await
+        .unwrap();
+
+    let props = vec![
+        proposal(
+            "dup-1",
+            "tester",
+            "restart",
+            "r-dup",
+            json!({"mode": "soft"}),
+            0,
+        ),
+        proposal(
+            "dup-2",
+            "tester",
+            "restart",
+            "r-dup",
+            json!({"mode": "soft"}),
+            0,
+        ),
+        proposal(
+            "pg-1",
+            "tester",
+            "page",
+            "r-merge",
+            json!({"severity": "major", "owner": "a"}),
+            0,
+        ),
+        proposal(
+            "pg-2",
+            "tester",
+            "page",
+            "r-merge",
+            json!({"severity": "critical"}),
+            0,
+        ),
+        proposal("sd-1", "tester", "scale_down", "r-prio", json!({"n": 1}), 0),
+        proposal(
+            "rb-1",
+            "tester",
+            "rollback",
+            "r-prio",
+            json!({"to": "v1"}),
+            0,
+        ),
+        proposal("sd-2", "tester", "scale_down", "r-prio", json!({"n": 2}), 0),
+        proposal(
+            "rb-2",
+            "tester",
+            "rollback",
+            "r-prio",
+            json!({"to": "v0"}),
+            0,
+        ),
+        proposal(
+            "rb-stale",
+            "tester",
+            "rollback",
+            "r-stale",
+            json!({"to": "v0"}),
+            1,
+        ),
+        proposal(
+            "rb-fresh",
+            "tester",
+            "rollback",
+            "r-stale",
+            json!({"to": "v1"}),
+            2,
+        ),
+        proposal("intruder", "cost-guard", "rollback", "r-acc", json!({}), 0),
+    ];
+    env.publish("switchyard.proposals", &props).await;
+    // Redelivery: the very same record again.
+    env.publish("switchyard.proposals", &props[..1]).await;
+    let audit: Vec<AuditData> = env
+        .read(
+            "switchyard.audit-log",
+            props.len() + 1,
+            Duration::from_secs(40),
+        )
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let by_prop: BTreeMap<String, &AuditData> = audit
+        .iter()
+        .map(|a| (a.detail["proposal_id"].as_str().unwrap().to_string(), a))
+        .collect();
+    let outcome = |id: &str| {
+        (
+            by_prop[id].decision.clone(),
+            by_prop[id].reason.clone().unwrap_or_default(),
+        )
+    };
+    assert_eq!(outcome("dup-1"), ("accepted".into(), "".into()));
+    assert_eq!(outcome("dup-2"), ("deduplicated".into(), "".into()));
+    assert_eq!(outcome("pg-2"), ("merged".into(), "".into()));
+    assert_eq!(outcome("sd-1"), ("accepted".into(), "".into()));
+    assert_eq!(
+        outcome("rb-1"),
+        ("accepted".into(), "".into()),
+        "higher priority supersedes the scale_down"
+    );
+    assert_eq!(
+        by_prop["rb-1"].detail["superseded"][0]
+            .as_str()
+            .map(|s| s.starts_with("act-")),
+        Some(true)
+    );
+    assert_eq!(outcome("sd-2"), ("rejected".into(), "conflict".into()));
+    assert_eq!(outcome("rb-2"), ("rejected".into(), "cooldown".into()));
+    assert_eq!(outcome("rb-stale"), ("rejected".into(), "stale".into()));
+    assert_eq!(outcome("rb-fresh"), ("accepted".into(), "".into()));
+    assert_eq!(outcome("intruder"), ("rejected".into(), "access".into()));
+
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 7, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let restarts: Vec<&ActionData> = actions.iter().filter(|a| a.action == "restart").collect();
+    assert_eq!(
+        restarts.len(),
+        2,
+        "dedupe: one action, emitted again for the redelivered record"
+    );
+    assert_eq!(
+        restarts[0], restarts[1],
+        "the redelivered proposal yields the identical action"
+    );
+    assert_eq!(
+        by_prop["dup-2"].detail["action_id"],
+        json!(restarts[0].action_id),
+        "the duplicate is recorded against the one action"
+    );
+    let pages: Vec<&ActionData> = actions.iter().filter(|a| a.action == "page").collect();
+    assert_eq!(pages.len(), 2);
+    assert_eq!(
+        pages[0].action_id, pages[1].action_id,
+        "merged into one action"
+    );
+    assert_eq!(
+        pages[1].parameters,
+        json!({"severity": "critical", "owner": "a"})
+    );
+    assert!(pages[1].fencing_token > pages[0].fencing_token);
+    assert_eq!(pages[1].proposals, json!(["pg-1", "pg-2"]));
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_owner_cannot_apply_an_older_proposal() {
+    use switchyard::kafka::runtime::Processor;
+    let env = TestEnv::new(1, "").await;
+    let c = &env.loaded.config;
+    let conn = switchyard::context::redis::RedisConn::new(&c.redis.url).unwrap();
+    let emitter =
+        switchyard::records::Emitter::new(env.loaded.schemas.clone(), env.loaded.topics.clone());
+    let stage = switchyard::stages::resolve::ResolveStage {
+        rules: Default::default(),
+        governance: Arc::new(Default::default()),
+        budgets: Arc::new(switchyard::governance::Budgets::new(
+            conn.clone(),
+            &c.redis.key_prefix,
+            vec![],
+        )),
+        store: Arc::new(switchyard::stages::resolve::ResourceStore::new(
+            conn,
+            &c.redis.key_prefix,
+            3600,
+        )),
+        emitter,
+        actions_topic: "a".into(),
+        approvals_topic: "b".into(),
+        audit_topic: "c".into(),
+        decision_ttl: 3600,
+    };
+    let input = |id: &str, offset: i64| {
+        let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);
+        Arc::new(Input {
+            topic: Arc::from("p"),
+            partition: 0,
+            offset,
+            key: Some(b"r-z".to_vec()),
+            payload: serde_json::to_vec(&ev).unwrap(),
+            headers: vec![],
+            timestamp_ms: None,
+        })
+    };
+    let new_owner = stage.process(input("p-10", 10)).await.unwrap();
+    assert!(
+        new_owner.iter().any(|o| o.topic == "a"),
+        "the owner's proposal becomes an action"
+    );
+    let zombie = stage.process(input("p-5", 5)).await.unwrap();
+    assert!(zombie.is_empty(), "a zombie's older offset applies nothing");
+    let replay = stage.process(input("p-10", 10)).await.unwrap();
+    assert_eq!(
+        replay, new_owner,
+        "a redelivered proposal re-emits the same records"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_budget_stops_agent_calls() {
+    let yaml = format!(
+        r#"{DEFAULT_AGENTS}{}
+governance:
+  budgets:
+    - {{ name: guard-calls, per: agent, matches: deploy-guard, period: day, max_calls: 2 }}
+"#,
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let running = start_with(env.loaded.clone(), &["route", "agents"]);
+    let evs = numbered_events("b", "deployment.started", 0..4, 4);
+    env.publish("events.deployments", &evs).await;
+    let res: Vec<ResultData> = env
+        .read("switchyard.results", 4, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let statuses: Vec<&str> = res.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "succeeded").count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "refused").count(),
+        2,
+        "{statuses:?}"
+    );
+    let audit: Vec<AuditData> = env
+        .read("switchyard.audit-log", 100, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.decision == "budget_refused")
+            .count(),
+        2
+    );
+    let m = switchyard::telemetry::METRICS.render();
+    assert!(
+        m.contains("switchyard_budget_refusals_total{budget=\"guard-calls\"}"),
+        "refusals counted"
+    );
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_timeout_expires_and_decisions_topic_approves() {
+    let mut yaml = governance("{ actions: [rollback] }");
+    yaml = yaml.replace("timeout_seconds: 600", "timeout_seconds: 3");
+    let env = TestEnv::new(1, &format!("{yaml}{DEFAULT_AGENTS}{}", default_routes(""))).await;
+    let running = start_with(env.loaded.clone(), &["resolve"]);
+    env.publish(
+        "switchyard.proposals",
+        &[proposal(
+            "late",
+            "tester",
+            "rollback",
+            "r-late",
+            json!({"to": "v1"}),
+            0,
+        )],
+    )
+    .await;
+    let first = env
+        .read("switchyard.approvals", 1, Duration::from_secs(30))
+        .await;
+    let pending: ApprovalData = data(&first[0]);
+    assert_eq!(pending.status, "pending");
+    // Nobody decides: after the timeout the request expires (auto-reject).
+    let recs: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 2, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(recs[1].status, "expired");
+    // A decision through the decisions topic.
+    env.publish(
+        "switchyard.proposals",
+        &[proposal(
+            "ok",
+            "tester",
+            "rollback",
+            "r-ok",
+            json!({"to": "v2"}),
+            0,
+        )],
+    )
+    .await;
+    let recs: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 3, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let req = recs.iter().find(|a| a.resource == "r-ok").unwrap();
+    let decision = Output::new(env.topic("switchyard.approval-decisions"), req.approval_id.clone(), serde_json::to_vec(&json!({"approval_id": req.approval_id, "decision": "approve", "by": "carol", "why": "ok"})).unwrap());
+    env.producer().send(&decision).await.unwrap();
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 1, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(
+        (
+            actions[0].action.as_str(),
+            actions[0].resource.as_str(),
+            actions[0].approved_by.as_deref()
+        ),
+        ("rollback", "r-ok", Some("carol"))
+    );
+    let none = env
+        .read("switchyard.actions", 2, Duration::from_secs(2))
+        .await;
+    assert_eq!(none.len(), 1, "the expired rollback never goes out");
+    stop(running).await;
+}
