@@ -247,7 +247,7 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         .read("switchyard.actions", 2, Duration::from_secs(20))
         .await;
     let rb: ActionData = data(
-        &actions
+        actions
             .iter()
             .find(|r| data::<ActionData>(r).action == "rollback")
             .expect("rollback on actions"),
