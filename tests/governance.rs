@@ -708,3 +708,197 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
     assert_eq!(none.len(), 1, "the expired rollback never goes out");
     stop(running).await;
 }
+
+struct Proc(std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_killed_mid_stream_keep_every_guarantee() {
+    let yaml = format!(
+        r#"{DEFAULT_AGENTS}{}
+resolve:
+  actions:
+    rollback: {{ priority: 100, conflicts_with: [scale_down, scale_up] }}
+    scale_up: {{ priority: 20, conflicts_with: [scale_down] }}
+    scale_down: {{ priority: 10 }}
+    page: {{ merge: true }}
+"#,
+        default_routes("")
+    );
+    let env = TestEnv::new(6, &yaml).await;
+    let (brokers, redis) = stack().clone();
+    let spawn = || {
+        Proc(
+            std::process::Command::new(bin())
+                .args([
+                    "--config",
+                    env.config_path.to_str().unwrap(),
+                    "run",
+                    "--stages",
+                    "resolve,audit",
+                ])
+                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+                .env("SWITCHYARD_REDIS_URL", &redis)
+                .env("RUST_LOG", "error")
+                .spawn()
+                .expect("spawn switchyard"),
+        )
+    };
+    let mut procs = vec![spawn(), spawn(), spawn()];
+    const N: usize = 900;
+    const RESOURCES: usize = 40;
+    let actions = ["rollback", "scale_down", "scale_up", "page", "restart"];
+    let props: Vec<CloudEvent> = (0..N)
+        .map(|i| {
+            let action = actions[(i * 7 + i / 3) % actions.len()];
+            proposal(
+                &format!("mp-{i}"),
+                "tester",
+                action,
+                &format!("res-{}", i % RESOURCES),
+                json!({"v": i % 4}),
+                0,
+            )
+        })
+        .collect();
+    let producer_env = &env;
+    let produce = async move {
+        for chunk in props.chunks(50) {
+            producer_env.publish("switchyard.proposals", chunk).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let kill = async {
+        // Once decisions flow, kill one instance with SIGKILL mid-stream.
+        let _ = env
+            .read("switchyard.audit-log", 200, Duration::from_secs(60))
+            .await;
+        let mut victim = procs.remove(1);
+        victim.0.kill().expect("SIGKILL");
+        let _ = victim.0.wait();
+    };
+    tokio::join!(produce, kill);
+
+    // Every proposal gets its decision.
+    let mut decided = std::collections::BTreeSet::new();
+    for _ in 0..90 {
+        let audit = env
+            .read("switchyard.audit-log", usize::MAX, Duration::from_secs(2))
+            .await;
+        decided = audit
+            .iter()
+            .filter_map(|r| {
+                data::<AuditData>(r).detail["proposal_id"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        if decided.len() >= N {
+            break;
+        }
+    }
+    let missing: Vec<String> = (0..N)
+        .map(|i| format!("mp-{i}"))
+        .filter(|id| !decided.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} proposals without a decision, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+
+    let recs = env
+        .read("switchyard.actions", usize::MAX, Duration::from_secs(3))
+        .await;
+    let mut by_record: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut origin: BTreeMap<String, String> = BTreeMap::new();
+    let mut per_resource: BTreeMap<String, Vec<(i64, ActionData)>> = BTreeMap::new();
+    for r in &recs {
+        let ev = event_of(r);
+        let a: ActionData = data(r);
+        // Re-emissions after the crash are the identical record; anything else is a doubled action.
+        if let Some(prev) = by_record.insert(ev.id.clone(), r.payload.clone()) {
+            assert_eq!(
+                prev, r.payload,
+                "record {} emitted twice with different content",
+                ev.id
+            );
+            continue;
+        }
+        let first = a.proposals[0].as_str().unwrap().to_string();
+        if let Some(other) = origin.insert(first.clone(), a.action_id.clone()) {
+            assert_eq!(
+                other, a.action_id,
+                "proposal {first} caused two different actions"
+            );
+        }
+        per_resource
+            .entry(a.resource.clone())
+            .or_default()
+            .push((r.offset, a));
+    }
+    let rules = &env.loaded.config.resolve;
+    for (res, mut list) in per_resource {
+        list.sort_by_key(|(o, _)| *o);
+        // Per-resource order: tokens increase along the topic.
+        for w in list.windows(2) {
+            assert!(
+                w[1].1.fencing_token > w[0].1.fencing_token,
+                "{res}: token {} after {}",
+                w[1].1.fencing_token,
+                w[0].1.fencing_token
+            );
+        }
+        // No accepted action coexists with a conflicting one unless it outranks it (supersedes).
+        for (i, (_, later)) in list.iter().enumerate() {
+            for (_, earlier) in &list[..i] {
+                if earlier.action_id != later.action_id
+                    && rules.conflicts(&earlier.action, &later.action)
+                {
+                    assert!(
+                        later.priority > earlier.priority,
+                        "{res}: {} (priority {}) accepted after conflicting {} (priority {})",
+                        later.action,
+                        later.priority,
+                        earlier.action,
+                        earlier.priority
+                    );
+                }
+            }
+        }
+    }
+    // The sealed audit trail verifies.
+    let mut last = 0;
+    for _ in 0..30 {
+        let n = env
+            .read("switchyard.audit", usize::MAX, Duration::from_secs(2))
+            .await
+            .len();
+        if n == last && n >= N {
+            break;
+        }
+        last = n;
+    }
+    let v = verify(&env, &env.topic("switchyard.audit"));
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    for p in &mut procs {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &p.0.id().to_string()])
+            .status();
+    }
+    for p in &mut procs {
+        let s = p.0.wait().expect("wait");
+        assert!(s.success(), "graceful stop exits 0: {s:?}");
+    }
+}
