@@ -70,20 +70,39 @@ show() { # topic, summary fields
     say "Records on $topic"
     "$BIN" --config "$CONFIG" tail "$topic" --from-beginning --idle-timeout-ms 3000 | python3 "$ROOT/deploy/local/summarize.py"
 }
+sleep 2
 show switchyard.tasks
 show switchyard.results
 show switchyard.proposals
+show switchyard.approvals
+show switchyard.actions
+
+say "Approvals waiting for a person"
+"$BIN" --config "$CONFIG" approvals list
+APPROVAL_ID="$("$BIN" --config "$CONFIG" approvals list | awk '/^apr-/ {print $1; exit}')"
+if [[ -n "$APPROVAL_ID" ]]; then
+    say "Approving $APPROVAL_ID through the CLI (the HTTP API does the same: POST /v1/approvals/$APPROVAL_ID/approve)"
+    "$BIN" --config "$CONFIG" approvals approve "$APPROVAL_ID" --by demo-operator --why "breach started right after v42"
+    sleep 1
+    show switchyard.actions
+fi
+sleep 2
 show switchyard.audit
 show switchyard.dlq
 
+say "Verifying the audit trail's hash chains"
+"$BIN" --config "$CONFIG" audit verify
+
 say "Metrics (excerpt)"
-curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks)_total' || true
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks|proposals|actions_accepted|actions_rejected|approvals)_total' || true
 
 say "Shared context of resource checkout in Redis"
 redis-cli -u "$SWITCHYARD_REDIS_URL" --raw HGETALL 'switchyard:ctx:{default/checkout}' | python3 -c '
 import json, sys
 lines = sys.stdin.read().splitlines()
 for k, v in zip(lines[::2], lines[1::2]):
+    if k.startswith("_v:"):
+        continue
     if k == "_version":
         print(f"  {k:<26} {v}")
     else:

@@ -29,10 +29,23 @@ for line in sys.stdin:
         keys = ",".join(f.get("key", "") for f in d.get("findings") or [])
         print(f"  {where:<34} result {d.get('agent'):<14} resource={d.get('resource'):<10} {d.get('status')} "
               f"in {d.get('duration_ms')} ms, findings: {keys or '-'}, proposals: {len(d.get('proposals') or [])}")
+    elif t == "switchyard.action":
+        by = f" approved by {d.get('approved_by')}" if d.get("approved_by") else ""
+        print(f"  {where:<34} ACTION {d.get('action'):<15} resource={d.get('resource'):<10} token={d.get('fencing_token')} "
+              f"{json.dumps(d.get('parameters'))}{by}")
+    elif t == "switchyard.approval":
+        print(f"  {where:<34} approval {d.get('status'):<9} {d.get('action'):<15} resource={d.get('resource'):<10} id={d.get('approval_id')}")
     elif t == "switchyard.audit":
         det = d.get("detail", {}) or {}
-        extra = d.get("reason") or ", ".join(det.get("routes", []) or []) or \
-            (f"{det.get('agent')} {det.get('status')}" if det.get("agent") else "")
+        if det.get("proposal_id"):
+            extra = f"{det.get('action')} from {det.get('agent')}" + (f" REASON={d.get('reason')}: {det.get('detail')}" if d.get("reason") else "")
+        elif det.get("approval_id"):
+            extra = f"{det.get('action')} {det.get('status')} by {det.get('decided_by')}"
+        else:
+            extra = d.get("reason") or ", ".join(det.get("routes", []) or []) or \
+                (f"{det.get('agent')} {det.get('status')}" if det.get("agent") else "")
+        if d.get("seq"):
+            extra += f"  [seq {d['seq']} hash {d.get('hash', '')[:12]}]"
         print(f"  {where:<34} audit {d.get('decision'):<18} resource={d.get('resource'):<10} {extra}")
     elif rec.get("headers", {}).get("switchyard.dlq.reason"):
         hdr = rec["headers"]
