@@ -126,6 +126,8 @@ pub async fn run(
                 let p = AgentStage {
                     agents,
                     budgets: budgets.clone(),
+                    stats: Some(conn.clone()),
+                    stats_prefix: cfg.redis.key_prefix.clone(),
                     store: Arc::new(RedisStore::new(
                         conn.clone(),
                         &cfg.redis.key_prefix,

@@ -34,5 +34,6 @@ pub mod resolve;
 pub mod route;
 pub mod schema;
 pub mod stages;
+pub mod status;
 pub mod telemetry;
 pub mod topics;

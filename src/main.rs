@@ -83,6 +83,8 @@ enum Command {
         #[arg(long, requires = "file")]
         raw: bool,
     },
+    /// Per-stage consumer lag, pending approvals and agent health, as a table.
+    Status,
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -372,6 +374,18 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
             } else {
                 Err(format!("audit chains of {topic} are broken"))
             }
+        }
+        Command::Status => {
+            let l = load(&cli.config)?;
+            let emitter = switchyard::records::Emitter::new(l.schemas.clone(), l.topics.clone());
+            let conn = switchyard::context::redis::RedisConn::new(&l.config.redis.url)
+                .map_err(|e| e.to_string())?;
+            let approvals = app::approvals_of(&l, conn.clone(), &emitter);
+            print!(
+                "{}",
+                switchyard::status::report(&l, &approvals, &conn).await?
+            );
+            Ok(())
         }
         Command::Approvals { command } => {
             let l = load(&cli.config)?;

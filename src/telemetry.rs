@@ -313,6 +313,38 @@ impl Metrics {
         })
     }
 
+    /// Creates a stage's series at zero, so dashboards and alerts see them before the first event.
+    pub fn init_stage(&self, stage: &str) {
+        for c in [
+            &self.producer_queue_full,
+            &self.produce_errors,
+            &self.consumer_errors,
+            &self.backpressure_pauses,
+        ] {
+            c.with_label_values(&[stage]).inc_by(0);
+        }
+        for result in ["ok", "error"] {
+            self.commits.with_label_values(&[stage, result]).inc_by(0);
+        }
+        for kind in ["assign", "revoke"] {
+            self.rebalances.with_label_values(&[stage, kind]).inc_by(0);
+        }
+        self.in_flight.with_label_values(&[stage]).add(0);
+        self.assigned_partitions.with_label_values(&[stage]).add(0);
+        if stage == "agents" {
+            for op in ["snapshot", "outcome", "commit"] {
+                for result in ["ok", "error"] {
+                    self.context_ops.with_label_values(&[op, result]).inc_by(0);
+                }
+            }
+        }
+        if stage == "resolve" {
+            for kind in ["requested", "approved", "rejected", "expired", "escalated"] {
+                self.approvals.with_label_values(&[kind]).inc_by(0);
+            }
+        }
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = String::new();

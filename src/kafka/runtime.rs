@@ -444,6 +444,7 @@ fn poll_loop<P: Processor>(
     let stage = shared.stage();
     let mut paused = false;
     tracing::info!(stage, topics = ?shared.settings.topics, group = %shared.settings.group_id, "Stage started.");
+    METRICS.init_stage(stage);
     loop {
         if shutdown.is_cancelled() || shared.fatal.is_cancelled() {
             break;

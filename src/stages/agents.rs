@@ -46,6 +46,9 @@ pub struct AgentStage<S: ContextStore> {
     pub agents: HashMap<String, AgentEntry>,
     /// Reserved before every agent call: an exhausted budget refuses the task (spend stops).
     pub budgets: Arc<Budgets>,
+    /// Where per-agent health counters go (`switchyard status`); none in unit tests.
+    pub stats: Option<crate::context::redis::RedisConn>,
+    pub stats_prefix: String,
     pub store: Arc<S>,
     pub emitter: Emitter,
     pub proposals_topic: String,
@@ -501,6 +504,20 @@ impl<S: ContextStore> Processor for AgentStage<S> {
             }
             None => {
                 let o = self.run(entry, &t, &key).await?;
+                if let Some(conn) = &self.stats {
+                    let (conn, agent, status) =
+                        (conn.clone(), t.task.agent.clone(), o.status.clone());
+                    let prefix = self.stats_prefix.clone();
+                    // Health counters for `switchyard status`; best effort, off the hot path.
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::status::record_agent_outcome(&conn, &prefix, &agent, &status)
+                                .await
+                        {
+                            tracing::debug!(error = %e, "Recording agent health failed.");
+                        }
+                    });
+                }
                 for r in o.refusals.iter().filter(|r| !r.starts_with("budget:")) {
                     let kind = r.split_once(':').map(|(k, _)| k).unwrap_or("scope");
                     METRICS
