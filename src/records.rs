@@ -132,6 +132,9 @@ pub struct ResultData {
     pub proposals: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Id of the input event the task was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 /// `data` of a `switchyard.audit` event: one decision.

@@ -173,10 +173,21 @@ install_agent_deps() {
         die "pip install -r $req failed"
 }
 
+# Prometheus and promtool (Debian's package), for the observability tests. Only the binaries are
+# used; a service the package may start is not relied on.
+install_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install prometheus
+    command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
+}
+
 cmd_install() {
     install_tansu
     install_redis
     install_agent_deps
+    install_prometheus
 }
 
 # ------------------------------------------------------------- processes ---

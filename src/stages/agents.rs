@@ -390,6 +390,7 @@ impl<S: ContextStore> AgentStage<S> {
             findings: Value::Array(findings),
             proposals: json!(proposal_ids),
             error: o.error.clone(),
+            event_id: Some(t.event.id.clone()),
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())

@@ -1,0 +1,222 @@
+//! Operability: a real Prometheus scrapes a running switchyard under a small load; every PromQL
+//! expression of every dashboard panel and alert rule is evaluated through Prometheus's API; an alert
+//! is provoked; promtool and the dashboard/manifest validators pass.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Every `expr` of every target of every panel (rows included).
+fn dashboard_exprs(v: &Value, out: &mut Vec<(String, String)>, title: &str) {
+    match v {
+        Value::Object(m) => {
+            let t = m.get("title").and_then(Value::as_str).unwrap_or(title).to_string();
+            if let Some(Value::Array(targets)) = m.get("targets") {
+                for tg in targets {
+                    if let Some(e) = tg.get("expr").and_then(Value::as_str) {
+                        out.push((t.clone(), e.to_string()));
+                    }
+                }
+            }
+            for (k, x) in m {
+                if k != "targets" {
+                    dashboard_exprs(x, out, &t);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| dashboard_exprs(x, out, title)),
+        _ => {}
+    }
+}
+
+fn substitute(expr: &str) -> String {
+    expr.replace("${instance}", ".*")
+        .replace("$instance", ".*")
+        .replace("${agent}", ".*")
+        .replace("$agent", ".*")
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m")
+}
+
+struct Reaper(std::process::Child);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn query(client: &reqwest::Client, base: &str, q: &str) -> Value {
+    client
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", q)])
+        .send()
+        .await
+        .expect("prometheus answers")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_and_alerts_evaluate_against_a_real_prometheus() {
+    let dead = free_port(); // nothing listens here: the "flaky" agent always fails
+    let yaml = format!(
+        r#"{DEFAULT_AGENTS}
+  flaky:
+    kind: http
+    url: http://127.0.0.1:{dead}/agent
+    actions: [page]
+    retries: 0
+    timeout_ms: 500
+routes:
+  - {{ name: deployments, types: ["deployment.*"], agents: [deploy-guard], priority: 50 }}
+  - {{ name: failures, types: [deployment.failed], agents: [flaky] }}
+  - {{ name: sla, types: [sla.breached, sla.recovered], agents: [sla-responder], priority: 100 }}
+  - {{ name: cost, types: [cost.threshold_exceeded], agents: [cost-guard], priority: 10 }}
+resolve:
+  actions:
+    rollback: {{ priority: 100, conflicts_with: [scale_down] }}
+    page: {{ merge: true }}
+governance:
+  budgets:
+    - {{ name: agent-calls, per: agent, matches: "*", period: day, max_calls: 1000 }}
+    - {{ name: flaky-calls, per: agent, matches: flaky, period: day, max_calls: 1 }}
+  approvals:
+    timeout_seconds: 2
+    rules: [{{ actions: [rollback] }}]
+"#
+    );
+    let env = TestEnv::new(2, &yaml).await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let token = CancellationToken::new();
+    let app = tokio::spawn(switchyard::app::run(loaded, ["route", "agents", "resolve", "audit"].map(String::from).to_vec(), token.clone()));
+
+    // Prometheus scraping it every second, with the repo's alert rules.
+    let dir = tempfile::tempdir().unwrap();
+    let pport = free_port();
+    let rules = root().join("deploy/prometheus/alerts.yml");
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: switchyard\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let prom = Reaper(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (deploy/local/stack.sh install)"),
+    );
+    let base = format!("http://127.0.0.1:{pport}");
+
+    // A small load touching every part: routed and unrouted events, a rollback that waits for approval
+    // (and expires), a conflicting scale_down, a failing agent, an exhausted budget, dead letters.
+    let e = |id: &str, ty: &str, sub: &str, d: Value| event(id, ty, sub, d);
+    env.publish("events.deployments", &[e("o1", "deployment.completed", "svc-a", json!({"version": "v2", "previous_version": "v1"}))]).await;
+    env.read("switchyard.results", 1, Duration::from_secs(40)).await;
+    env.publish("events.sla-breaches", &[e("o2", "sla.breached", "svc-a", json!({"slo": "availability", "objective": 99.9, "observed": 98.0}))]).await;
+    env.publish("events.cost-thresholds", &[e("o3", "cost.threshold_exceeded", "svc-a", json!({"budget": 10.0, "spend": 20.0}))]).await;
+    env.publish("events.deployments", &[e("o4", "deployment.failed", "svc-b", json!({})), e("o5", "deployment.failed", "svc-c", json!({})), e("o6", "build.done", "svc-d", json!({}))]).await;
+    let client = reqwest::Client::new();
+    // Keep dead letters coming for a while so the DLQ alert has growth to see.
+    for i in 0..12 {
+        env.send_raw("events.deployments", "svc-x", format!("not json {i}").as_bytes(), &[]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // Every dashboard expression returns data.
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("deploy/grafana/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut exprs = Vec::new();
+        dashboard_exprs(&dash["panels"], &mut exprs, "");
+        assert!(!exprs.is_empty(), "{} has no queries", path.display());
+        for (panel, expr) in exprs {
+            checked += 1;
+            let q = substitute(&expr);
+            let r = query(&client, &base, &q).await;
+            let ok = r["status"] == "success" && r["data"]["result"].as_array().is_some_and(|a| !a.is_empty());
+            if !ok {
+                failures.push(format!("{} / {panel}: {q} -> {}", path.file_name().unwrap().to_string_lossy(), r));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {checked} dashboard queries returned no data:\n{}", failures.len(), failures.join("\n"));
+
+    // Every alert expression is valid, and every metric it reads has series.
+    let alerts: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+    let mut names = BTreeSet::new();
+    for g in alerts["groups"].as_sequence().unwrap() {
+        for rule in g["rules"].as_sequence().unwrap() {
+            let expr = rule["expr"].as_str().unwrap();
+            let r = query(&client, &base, expr).await;
+            assert_eq!(r["status"], "success", "alert {:?}: {expr} -> {r}", rule["alert"]);
+            assert!(rule["annotations"]["runbook"].as_str().is_some_and(|s| s.len() > 40), "alert {:?} has a runbook", rule["alert"]);
+            for m in regex::Regex::new(r"(switchyard_[a-z_]+|up|process_[a-z_]+)").unwrap().find_iter(expr) {
+                names.insert(m.as_str().trim_end_matches("_bucket").to_string() + if m.as_str().ends_with("_bucket") { "_bucket" } else { "" });
+            }
+        }
+    }
+    for n in &names {
+        let r = query(&client, &base, &format!("count({n})")).await;
+        assert!(r["data"]["result"].as_array().is_some_and(|a| !a.is_empty()), "alert input {n} has no series: {r}");
+    }
+
+    // The provoked condition fires its alert.
+    let mut fired = false;
+    for _ in 0..60 {
+        let a: Value = client.get(format!("{base}/api/v1/alerts")).send().await.unwrap().json().await.unwrap();
+        if a["data"]["alerts"].as_array().is_some_and(|v| v.iter().any(|x| x["labels"]["alertname"] == "SwitchyardDLQGrowing" && x["state"] == "firing")) {
+            fired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(fired, "SwitchyardDLQGrowing fired while dead letters grew");
+    drop(prom);
+    token.cancel();
+    app.await.unwrap().unwrap();
+}
+
+#[test]
+fn promtool_accepts_the_config_and_rules() {
+    let p = root().join("deploy/prometheus");
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "alerts.yml")] {
+        let out = std::process::Command::new("promtool").args(["check", what]).arg(p.join(file)).output().expect("promtool is installed");
+        assert!(out.status.success(), "promtool check {what}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn dashboards_and_deployment_files_validate() {
+    for script in ["deploy/grafana/validate.sh", "deploy/validate-manifests.sh"] {
+        let out = std::process::Command::new("bash").arg(root().join(script)).output().expect("runs");
+        assert!(out.status.success(), "{script} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
