@@ -285,6 +285,7 @@ pub fn approvals_of(loaded: &Loaded, conn: RedisConn, emitter: &Emitter) -> Appr
         actions_topic: cfg.topics.actions.clone(),
         approvals_topic: cfg.topics.approvals.clone(),
         audit_topic: cfg.topics.audit_log.clone(),
+        tenants: Default::default(),
     }
 }
 

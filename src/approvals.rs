@@ -66,6 +66,8 @@ pub struct Approvals {
     pub actions_topic: String,
     pub approvals_topic: String,
     pub audit_topic: String,
+    /// Tenants that had pending approvals (their gauge is kept, at 0 when none are pending).
+    pub tenants: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn enc(e: impl std::fmt::Display) -> ApprovalError {
@@ -280,9 +282,15 @@ impl Approvals {
                 *pending_by_tenant.entry(k.tenant).or_default() += 1;
             }
         }
-        METRICS.approvals_pending.reset();
-        for (t, n) in pending_by_tenant {
-            METRICS.approvals_pending.with_label_values(&[&t]).set(n);
+        // Tenants seen before keep a series (at 0 when nothing is pending).
+        let mut known = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        known.insert("default".to_string());
+        known.extend(pending_by_tenant.keys().cloned());
+        for t in known.iter() {
+            METRICS
+                .approvals_pending
+                .with_label_values(&[t])
+                .set(pending_by_tenant.get(t).copied().unwrap_or(0));
         }
         Ok(out)
     }

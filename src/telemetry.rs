@@ -342,6 +342,40 @@ impl Metrics {
             for kind in ["requested", "approved", "rejected", "expired", "escalated"] {
                 self.approvals.with_label_values(&[kind]).inc_by(0);
             }
+            for reason in [
+                "conflict",
+                "stale",
+                "cooldown",
+                "pending_approval",
+                "access",
+                "budget",
+            ] {
+                self.actions_rejected.with_label_values(&[reason]).inc_by(0);
+            }
+            for rule in [
+                "priority",
+                "dedupe",
+                "merge",
+                "cooldown",
+                "staleness",
+                "pending_approval",
+            ] {
+                self.conflicts.with_label_values(&[rule]).inc_by(0);
+            }
+            for outcome in [
+                "accepted",
+                "approval_requested",
+                "rejected",
+                "deduplicated",
+                "merged",
+                "replayed",
+                "fenced",
+            ] {
+                self.proposals.with_label_values(&[outcome]).inc_by(0);
+            }
+            self.approvals_pending
+                .with_label_values(&["default"])
+                .set(0);
         }
     }
 

@@ -23,14 +23,21 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
 
-const INPUTS: [&str; 3] = ["events.deployments", "events.sla-breaches", "events.cost-thresholds"];
+const INPUTS: [&str; 3] = [
+    "events.deployments",
+    "events.sla-breaches",
+    "events.cost-thresholds",
+];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn env_or(k: &str, d: &str) -> String {
-    std::env::var(k).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| d.to_string())
+    std::env::var(k)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| d.to_string())
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -88,7 +95,10 @@ struct Bench {
 }
 
 fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client")
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client")
 }
 
 /// The events of a phase: the three families, ~300 bytes each, over `resources` resources.
@@ -112,7 +122,11 @@ fn make_events(tag: &str, n: usize, resources: usize) -> Vec<(usize, String, Str
 fn index_of(payload: &[u8], marker: &[u8]) -> Option<usize> {
     let pos = payload.windows(marker.len()).position(|w| w == marker)?;
     let rest = &payload[pos + marker.len()..];
-    let digits: Vec<u8> = rest.iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    let digits: Vec<u8> = rest
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
@@ -120,7 +134,8 @@ fn proc_cpu_rss(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -142,16 +157,32 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 impl Bench {
     fn restart_stack(&self) {
         let stack = root().join("deploy/local/stack.sh");
-        let ok = Command::new(&stack).arg("restart-broker").stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new(&stack)
+            .arg("restart-broker")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "restarting the broker failed");
-        let url = self.redis.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
-        let _ = Command::new("redis-cli").args(["-p", &url, "FLUSHALL"]).stdout(Stdio::null()).status();
+        let url = self
+            .redis
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_default();
+        let _ = Command::new("redis-cli")
+            .args(["-p", &url, "FLUSHALL"])
+            .stdout(Stdio::null())
+            .status();
         std::thread::sleep(Duration::from_millis(500));
     }
 
     async fn create_topics(&self, names: &[String], partitions: i32) {
         let a = admin(&self.brokers);
-        let topics: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+        let topics: Vec<NewTopic> = names
+            .iter()
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+            .collect();
         let _ = a.create_topics(topics.iter(), &AdminOptions::new()).await;
     }
 
@@ -176,11 +207,20 @@ impl Bench {
             System::Switchyard => {
                 let cfg = self.config_file();
                 let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-                    .args(["--config", cfg.to_str().unwrap_or_default(), "topics", "apply"])
+                    .args([
+                        "--config",
+                        cfg.to_str().unwrap_or_default(),
+                        "topics",
+                        "apply",
+                    ])
                     .env("SWITCHYARD_KAFKA_BROKERS", &self.brokers)
                     .output()
                     .expect("topics apply");
-                assert!(out.status.success(), "topics apply failed: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "topics apply failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 vec![Command::new(env!("CARGO_BIN_EXE_switchyard"))
                     .args(["--config", cfg.to_str().unwrap_or_default(), "run"])
                     .env("SWITCHYARD_KAFKA_BROKERS", &self.brokers)
@@ -201,7 +241,15 @@ impl Bench {
             }
             System::Peer => {
                 let mut names: Vec<String> = INPUTS.iter().map(|s| s.to_string()).collect();
-                names.extend(["peer.tasks", "peer.results", "peer.proposals", "peer.actions"].map(String::from));
+                names.extend(
+                    [
+                        "peer.tasks",
+                        "peer.results",
+                        "peer.proposals",
+                        "peer.actions",
+                    ]
+                    .map(String::from),
+                );
                 self.create_topics(&names, 12).await;
                 let python = env_or("BENCH_PEER_PYTHON", "python3");
                 ["route", "agent", "resolve"]
@@ -209,7 +257,17 @@ impl Bench {
                     .map(|stage| {
                         Command::new(&python)
                             .arg(root().join("deploy/bench/peer/app.py"))
-                            .args([stage, "--brokers", &self.brokers, "--redis", &self.redis, "--prefix", "peer", "--inputs", &INPUTS.join(",")])
+                            .args([
+                                stage,
+                                "--brokers",
+                                &self.brokers,
+                                "--redis",
+                                &self.redis,
+                                "--prefix",
+                                "peer",
+                                "--inputs",
+                                &INPUTS.join(","),
+                            ])
                             .stdout(Stdio::null())
                             .stderr(Stdio::null())
                             .spawn()
@@ -250,7 +308,14 @@ impl Bench {
             let started = Instant::now();
             let parts = loop {
                 let md = c.fetch_metadata(Some(&out_topic), Duration::from_secs(5));
-                let parts: Vec<i32> = md.map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()).collect()).unwrap_or_default();
+                let parts: Vec<i32> = md
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .flat_map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if !parts.is_empty() || started.elapsed() > Duration::from_secs(60) {
                     break parts;
                 }
@@ -273,7 +338,9 @@ impl Bench {
                         if tx.send((false, i, now)).is_err() {
                             return;
                         }
-                    } else if index_of(payload, &warm_marker).is_some() && tx.send((true, 0, now)).is_err() {
+                    } else if index_of(payload, &warm_marker).is_some()
+                        && tx.send((true, 0, now)).is_err()
+                    {
                         return;
                     }
                 }
@@ -288,7 +355,12 @@ impl Bench {
         let mut warmed = false;
         while !warmed && warm_start.elapsed() < Duration::from_secs(90) {
             for (_, topic, key, payload) in &warm {
-                let _ = producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(5)).await;
+                let _ = producer
+                    .send(
+                        FutureRecord::to(topic).key(key).payload(payload),
+                        Duration::from_secs(5),
+                    )
+                    .await;
             }
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
@@ -298,7 +370,11 @@ impl Bench {
                 }
             }
         }
-        assert!(warmed, "{} produced no output for the warm-up events", system.name());
+        assert!(
+            warmed,
+            "{} produced no output for the warm-up events",
+            system.name()
+        );
         while rx.try_recv().is_ok() {}
         let cpu0: f64 = procs.iter().map(|p| proc_cpu_rss(p.id()).0).sum();
         // Fixed-rate phases offer at most ~20 s of load (enough samples for p99, bounded run time).
@@ -358,14 +434,22 @@ impl Bench {
         peak_rss = peak_rss.max(procs.iter().map(|p| proc_cpu_rss(p.id()).1).sum());
         let _ = reader.join();
         for p in &mut procs {
-            let _ = Command::new("kill").args(["-TERM", &p.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.id().to_string()])
+                .status();
         }
         for p in &mut procs {
             let _ = p.wait();
         }
         let mut lat: Vec<f64> = arrived
             .iter()
-            .filter_map(|(i, at)| sent_at.get(*i).copied().flatten().map(|s| at.saturating_duration_since(s).as_secs_f64() * 1000.0))
+            .filter_map(|(i, at)| {
+                sent_at
+                    .get(*i)
+                    .copied()
+                    .flatten()
+                    .map(|s| at.saturating_duration_since(s).as_secs_f64() * 1000.0)
+            })
             .collect();
         lat.sort_by(|a, b| a.total_cmp(b));
         let last = arrived.values().max().copied().unwrap_or(t0);
@@ -391,7 +475,10 @@ fn limit_chain(brokers: &str) {
     let hop = |from: Vec<String>, to: &'static str, group: &'static str| {
         let brokers = brokers.to_string();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", group)
@@ -412,7 +499,9 @@ fn limit_chain(brokers: &str) {
             let mut pending = std::collections::VecDeque::new();
             loop {
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(5)) {
-                    let rec = FutureRecord::to(to).payload(m.payload().unwrap_or_default()).key(m.key().unwrap_or_default());
+                    let rec = FutureRecord::to(to)
+                        .payload(m.payload().unwrap_or_default())
+                        .key(m.key().unwrap_or_default());
                     if let Ok(f) = p.send_result(rec) {
                         pending.push_back((m.topic().to_string(), m.partition(), m.offset(), f));
                     }
@@ -430,7 +519,11 @@ fn limit_chain(brokers: &str) {
             }
         })
     };
-    let a = hop(INPUTS.iter().map(|s| s.to_string()).collect(), "bench.hop1", "bench.limit.1");
+    let a = hop(
+        INPUTS.iter().map(|s| s.to_string()).collect(),
+        "bench.hop1",
+        "bench.limit.1",
+    );
     let b = hop(vec!["bench.hop1".into()], "bench.hop2", "bench.limit.2");
     let _ = a.join();
     let _ = b.join();
@@ -458,18 +551,36 @@ fn main() {
         events: env_or("BENCH_EVENTS", "20000").parse().unwrap_or(20000),
         resources: env_or("BENCH_RESOURCES", "10000").parse().unwrap_or(10000),
     };
-    let fractions: Vec<f64> = env_or("BENCH_FRACTIONS", "0.25,0.5,0.75").split(',').filter_map(|f| f.trim().parse().ok()).collect();
+    let fractions: Vec<f64> = env_or("BENCH_FRACTIONS", "0.25,0.5,0.75")
+        .split(',')
+        .filter_map(|f| f.trim().parse().ok())
+        .collect();
     let with_peer = std::env::var("BENCH_PEER_PYTHON").is_ok();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut results = Vec::new();
     let mut run = |sys: System, rate: Option<f64>, tag: &str| {
         let r = rt.block_on(bench.phase(sys, rate, tag));
-        eprintln!("  {:<32} rate {:>9} -> {:>9.0} ev/s, p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}",
-            sys.name(), rate.map(|r| format!("{r:.0}")).unwrap_or("max".into()), r.throughput_eps, r.p50_ms, r.p99_ms, r.received, r.events);
+        eprintln!(
+            "  {:<32} rate {:>9} -> {:>9.0} ev/s, p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}",
+            sys.name(),
+            rate.map(|r| format!("{r:.0}")).unwrap_or("max".into()),
+            r.throughput_eps,
+            r.p50_ms,
+            r.p99_ms,
+            r.received,
+            r.events
+        );
         results.push(r.clone());
         r
     };
-    eprintln!("e2e benchmark: {} events over {} resources per phase", bench.events, bench.resources);
+    eprintln!(
+        "e2e benchmark: {} events over {} resources per phase",
+        bench.events, bench.resources
+    );
     let lim = run(System::Limit, None, "lmax");
     let sy = run(System::Switchyard, None, "smax");
     let peer = with_peer.then(|| run(System::Peer, None, "pmax"));
@@ -480,35 +591,89 @@ fn main() {
     }
     if let Some(p) = &peer {
         for (i, f) in fractions.iter().enumerate() {
-            run(System::Peer, Some((p.throughput_eps * f).max(1.0)), &format!("p{i}"));
+            run(
+                System::Peer,
+                Some((p.throughput_eps * f).max(1.0)),
+                &format!("p{i}"),
+            );
         }
     }
-    let at_half = |sys: &str| results.iter().find(|r| r.system == sys && r.offered_rate.is_some_and(|x| (x - sy.throughput_eps * 0.5).abs() < 1.0)).cloned();
+    let at_half = |sys: &str| {
+        results
+            .iter()
+            .find(|r| {
+                r.system == sys
+                    && r.offered_rate
+                        .is_some_and(|x| (x - sy.throughput_eps * 0.5).abs() < 1.0)
+            })
+            .cloned()
+    };
     let ratios = json!({
         "throughput_switchyard_over_limit": sy.throughput_eps / lim.throughput_eps,
         "throughput_switchyard_over_peer": peer.as_ref().map(|p| sy.throughput_eps / p.throughput_eps),
         "p99_at_half_switchyard_over_limit": at_half("switchyard").zip(at_half("limit")).map(|(s, l)| s.p99_ms / l.p99_ms),
         "peak_rss_mb_switchyard_max_rate": sy.peak_rss_mb,
     });
-    println!("\n{:<12} {:>12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}", "system", "offered/s", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "cpu s/1k", "rss MB");
+    println!(
+        "\n{:<12} {:>12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "system",
+        "offered/s",
+        "achieved/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "cpu s/1k",
+        "rss MB"
+    );
     for r in &results {
-        println!("{:<12} {:>12} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.3} {:>9.1}", r.system,
-            r.offered_rate.map(|x| format!("{x:.0}")).unwrap_or("max".into()), r.throughput_eps, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms, r.cpu_seconds_per_1000, r.peak_rss_mb);
+        println!(
+            "{:<12} {:>12} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.3} {:>9.1}",
+            r.system,
+            r.offered_rate
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or("max".into()),
+            r.throughput_eps,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.cpu_seconds_per_1000,
+            r.peak_rss_mb
+        );
     }
-    println!("\nratios: {}", serde_json::to_string_pretty(&ratios).unwrap_or_default());
-    let out_dir = PathBuf::from(env_or("BENCH_OUT", &root().join("target/bench").display().to_string()));
+    println!(
+        "\nratios: {}",
+        serde_json::to_string_pretty(&ratios).unwrap_or_default()
+    );
+    let out_dir = PathBuf::from(env_or(
+        "BENCH_OUT",
+        &root().join("target/bench").display().to_string(),
+    ));
     let _ = std::fs::create_dir_all(&out_dir);
     let doc = json!({"events_per_phase": bench.events, "resources": bench.resources, "machine": machine(), "phases": results, "ratios": ratios});
     let path = out_dir.join("e2e.json");
     if let Ok(mut f) = std::fs::File::create(&path) {
-        let _ = f.write_all(serde_json::to_string_pretty(&doc).unwrap_or_default().as_bytes());
+        let _ = f.write_all(
+            serde_json::to_string_pretty(&doc)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         println!("wrote {}", path.display());
     }
 }
 
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     json!({"cpu": model, "cores": cores})
 }

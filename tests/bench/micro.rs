@@ -8,8 +8,10 @@ use serde_json::json;
 use switchyard::agents::Impact;
 use switchyard::codec::{self, Encoding, RecordView};
 use switchyard::event::CloudEvent;
-use switchyard::resolve::{decide, ActionRule, ActiveAction, ActiveStatus, Candidate, ResolveConfig, ResourceState};
-use switchyard::route::{Router, RouteSpec};
+use switchyard::resolve::{
+    decide, ActionRule, ActiveAction, ActiveStatus, Candidate, ResolveConfig, ResourceState,
+};
+use switchyard::route::{RouteSpec, Router};
 use switchyard::schema::SchemaRegistry;
 
 fn event() -> CloudEvent {
@@ -21,19 +23,45 @@ fn event() -> CloudEvent {
 }
 
 fn benches(c: &mut Criterion) {
-    let schemas = SchemaRegistry::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")).expect("schemas");
+    let schemas =
+        SchemaRegistry::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"))
+            .expect("schemas");
     let ev = event();
-    let json_payload = codec::encode(&ev, Encoding::Json, None, &schemas).expect("json").payload;
-    let avro_payload = codec::encode(&ev, Encoding::Avro, Some("deployment"), &schemas).expect("avro").payload;
+    let json_payload = codec::encode(&ev, Encoding::Json, None, &schemas)
+        .expect("json")
+        .payload;
+    let avro_payload = codec::encode(&ev, Encoding::Avro, Some("deployment"), &schemas)
+        .expect("avro")
+        .payload;
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("structured_json", |b| {
-        b.iter(|| codec::decode(RecordView { key: None, payload: black_box(&json_payload), headers: &[] }, &schemas))
+        b.iter(|| {
+            codec::decode(
+                RecordView {
+                    key: None,
+                    payload: black_box(&json_payload),
+                    headers: &[],
+                },
+                &schemas,
+            )
+        })
     });
     g.bench_function("avro_single_object", |b| {
-        b.iter(|| codec::decode(RecordView { key: None, payload: black_box(&avro_payload), headers: &[] }, &schemas))
+        b.iter(|| {
+            codec::decode(
+                RecordView {
+                    key: None,
+                    payload: black_box(&avro_payload),
+                    headers: &[],
+                },
+                &schemas,
+            )
+        })
     });
-    g.bench_function("encode_json", |b| b.iter(|| codec::encode(black_box(&ev), Encoding::Json, None, &schemas)));
+    g.bench_function("encode_json", |b| {
+        b.iter(|| codec::encode(black_box(&ev), Encoding::Json, None, &schemas))
+    });
     g.finish();
 
     let specs: Vec<RouteSpec> = serde_yaml::from_str(
@@ -46,17 +74,41 @@ fn benches(c: &mut Criterion) {
     )
     .expect("routes");
     let router = Router::new(&specs).expect("router");
-    c.bench_function("route/4_routes", |b| b.iter(|| router.route(black_box("events.deployments"), black_box(&ev))));
+    c.bench_function("route/4_routes", |b| {
+        b.iter(|| router.route(black_box("events.deployments"), black_box(&ev)))
+    });
 
     let mut actions = BTreeMap::new();
-    actions.insert("rollback".into(), ActionRule { priority: Some(100), conflicts_with: vec!["scale_down".into()], cooldown_seconds: 900, invalidated_by: vec!["deployment".into()], ..Default::default() });
-    actions.insert("page".into(), ActionRule { merge: true, ..Default::default() });
-    let cfg = ResolveConfig { actions, ..Default::default() };
+    actions.insert(
+        "rollback".into(),
+        ActionRule {
+            priority: Some(100),
+            conflicts_with: vec!["scale_down".into()],
+            cooldown_seconds: 900,
+            invalidated_by: vec!["deployment".into()],
+            ..Default::default()
+        },
+    );
+    actions.insert(
+        "page".into(),
+        ActionRule {
+            merge: true,
+            ..Default::default()
+        },
+    );
+    let cfg = ResolveConfig {
+        actions,
+        ..Default::default()
+    };
     let mut state = ResourceState::default();
     for i in 0..8 {
         state.active.push(ActiveAction {
             action_id: format!("a{i}"),
-            action: if i % 2 == 0 { "page".into() } else { "restart".into() },
+            action: if i % 2 == 0 {
+                "page".into()
+            } else {
+                "restart".into()
+            },
             priority: 10,
             status: ActiveStatus::Accepted,
             at: 1000 + i,
@@ -67,8 +119,18 @@ fn benches(c: &mut Criterion) {
             approval_id: None,
         });
     }
-    let cand = Candidate { proposal_id: "p".into(), agent: "sla-responder".into(), action: "rollback".into(), parameters: json!({"to": "v41"}), priority: 100, impact: Impact::High, context_version: 3 };
-    c.bench_function("resolve/decide_8_active", |b| b.iter(|| decide(&cfg, black_box(&state), black_box(&cand), 1100)));
+    let cand = Candidate {
+        proposal_id: "p".into(),
+        agent: "sla-responder".into(),
+        action: "rollback".into(),
+        parameters: json!({"to": "v41"}),
+        priority: 100,
+        impact: Impact::High,
+        context_version: 3,
+    };
+    c.bench_function("resolve/decide_8_active", |b| {
+        b.iter(|| decide(&cfg, black_box(&state), black_box(&cand), 1100))
+    });
 }
 
 criterion_group!(micro, benches);
