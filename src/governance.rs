@@ -204,14 +204,22 @@ pub struct Spender<'a> {
 const RESERVE: &str = r#"
 -- KEYS[1] = reservation marker (task id), KEYS[2..] = budget hashes
 -- ARGV[1] = marker ttl, ARGV[2] = calls, ARGV[3] = cost, then per budget: ttl, max_calls, max_cost (-1 = none)
-if redis.call('EXISTS', KEYS[1]) == 1 then return {1, 0} end
+local function values(ok, idx)
+  local out = {ok, idx}
+  for i = 2, #KEYS do
+    out[#out + 1] = redis.call('HGET', KEYS[i], 'calls') or '0'
+    out[#out + 1] = redis.call('HGET', KEYS[i], 'cost') or '0'
+  end
+  return out
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return values(1, 0) end
 for i = 2, #KEYS do
   local b = 4 + (i - 2) * 3
   local calls = tonumber(redis.call('HGET', KEYS[i], 'calls') or '0')
   local cost = tonumber(redis.call('HGET', KEYS[i], 'cost') or '0')
   local maxc, maxm = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  if maxc >= 0 and calls + tonumber(ARGV[2]) > maxc then return {0, i - 1} end
-  if maxm >= 0 and cost + tonumber(ARGV[3]) > maxm + 1e-9 then return {0, i - 1} end
+  if maxc >= 0 and calls + tonumber(ARGV[2]) > maxc then return values(0, i - 1) end
+  if maxm >= 0 and cost + tonumber(ARGV[3]) > maxm + 1e-9 then return values(0, i - 1) end
 end
 for i = 2, #KEYS do
   local b = 4 + (i - 2) * 3
@@ -220,7 +228,7 @@ for i = 2, #KEYS do
   if tonumber(ARGV[b]) > 0 then redis.call('EXPIRE', KEYS[i], ARGV[b]) end
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
-return {1, 0}
+return values(1, 0)
 "#;
 
 /// Result of a budget operation.
@@ -314,11 +322,26 @@ impl Budgets {
                 .arg(b.max_cost.unwrap_or(-1.0));
         }
         let mut c = self.conn.get().await?;
-        let (ok, idx): (i64, i64) = inv
+        // One round trip: the script answers with every budget's spend after the reservation.
+        let reply: Vec<redis::Value> = inv
             .invoke_async(&mut c)
             .await
             .map_err(|e| StoreError::Redis(e.to_string()))?;
-        self.export(&apply, &mut c).await;
+        let num = |i: usize| -> f64 {
+            match reply.get(i) {
+                Some(redis::Value::Int(n)) => *n as f64,
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0.0),
+                Some(redis::Value::SimpleString(s)) => s.parse().unwrap_or(0.0),
+                _ => 0.0,
+            }
+        };
+        let (ok, idx) = (num(0) as i64, num(1) as i64);
+        for (j, (b, _, _)) in apply.iter().enumerate() {
+            export(b, num(2 + 2 * j), num(3 + 2 * j));
+        }
         if ok == 1 {
             Ok(BudgetCheck::Ok)
         } else {
@@ -337,14 +360,15 @@ impl Budgets {
             return Ok(BudgetCheck::Ok);
         }
         let mut c = self.conn.get().await?;
-        for (b, key, _) in &apply {
-            let (calls, cost): (Option<u64>, Option<f64>) = redis::cmd("HMGET")
-                .arg(key)
-                .arg("calls")
-                .arg("cost")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        for (_, key, _) in &apply {
+            pipe.cmd("HMGET").arg(key).arg("calls").arg("cost");
+        }
+        let spent: Vec<(Option<u64>, Option<f64>)> = pipe
+            .query_async(&mut c)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        for ((b, _, _), (calls, cost)) in apply.iter().zip(spent) {
             let over_calls = b.max_calls.is_some_and(|m| calls.unwrap_or(0) > m);
             let over_cost = b.max_cost.is_some_and(|m| cost.unwrap_or(0.0) > m + 1e-9);
             if over_calls || over_cost {
@@ -355,45 +379,30 @@ impl Budgets {
         }
         Ok(BudgetCheck::Ok)
     }
+}
 
-    /// Updates the spent/remaining gauges for the budgets just touched.
-    async fn export(
-        &self,
-        apply: &[(&BudgetSpec, String, u64)],
-        c: &mut redis::aio::ConnectionManager,
-    ) {
-        use crate::telemetry::METRICS;
-        for (b, key, _) in apply {
-            let r: Result<(Option<u64>, Option<f64>), _> = redis::cmd("HMGET")
-                .arg(key)
-                .arg("calls")
-                .arg("cost")
-                .query_async(c)
-                .await;
-            if let Ok((calls, cost)) = r {
-                let (calls, cost) = (calls.unwrap_or(0) as f64, cost.unwrap_or(0.0));
-                METRICS
-                    .budget_spent
-                    .with_label_values(&[&b.name, "calls"])
-                    .set(calls);
-                METRICS
-                    .budget_spent
-                    .with_label_values(&[&b.name, "cost"])
-                    .set(cost);
-                if let Some(m) = b.max_calls {
-                    METRICS
-                        .budget_remaining
-                        .with_label_values(&[&b.name, "calls"])
-                        .set((m as f64 - calls).max(0.0));
-                }
-                if let Some(m) = b.max_cost {
-                    METRICS
-                        .budget_remaining
-                        .with_label_values(&[&b.name, "cost"])
-                        .set((m - cost).max(0.0));
-                }
-            }
-        }
+/// Updates a budget's spent/remaining gauges.
+fn export(b: &BudgetSpec, calls: f64, cost: f64) {
+    use crate::telemetry::METRICS;
+    METRICS
+        .budget_spent
+        .with_label_values(&[&b.name, "calls"])
+        .set(calls);
+    METRICS
+        .budget_spent
+        .with_label_values(&[&b.name, "cost"])
+        .set(cost);
+    if let Some(m) = b.max_calls {
+        METRICS
+            .budget_remaining
+            .with_label_values(&[&b.name, "calls"])
+            .set((m as f64 - calls).max(0.0));
+    }
+    if let Some(m) = b.max_cost {
+        METRICS
+            .budget_remaining
+            .with_label_values(&[&b.name, "cost"])
+            .set((m - cost).max(0.0));
     }
 }
 

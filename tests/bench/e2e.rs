@@ -85,6 +85,19 @@ struct PhaseResult {
     max_ms: f64,
     cpu_seconds_per_1000: f64,
     peak_rss_mb: f64,
+    /// CPU the broker (tansu) and Redis spent per 1,000 events in the same phase.
+    broker_cpu_seconds_per_1000: f64,
+    redis_cpu_seconds_per_1000: f64,
+}
+
+/// Pid of a stack service from its pid file.
+fn stack_pid(name: &str) -> Option<u32> {
+    let dir = std::env::var("SWITCHYARD_STACK_DIR").ok()?;
+    std::fs::read_to_string(format!("{dir}/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 struct Bench {
@@ -377,6 +390,13 @@ impl Bench {
         );
         while rx.try_recv().is_ok() {}
         let cpu0: f64 = procs.iter().map(|p| proc_cpu_rss(p.id()).0).sum();
+        let side_cpu = || {
+            (
+                stack_pid("tansu").map(|p| proc_cpu_rss(p).0).unwrap_or(0.0),
+                stack_pid("redis").map(|p| proc_cpu_rss(p).0).unwrap_or(0.0),
+            )
+        };
+        let (broker0, redis0) = side_cpu();
         // Fixed-rate phases offer at most ~20 s of load (enough samples for p99, bounded run time).
         let n = match rate {
             Some(r) => self.events.min(((r * 20.0) as usize).max(2000)),
@@ -431,6 +451,7 @@ impl Bench {
             }
         }
         let cpu1: f64 = procs.iter().map(|p| proc_cpu_rss(p.id()).0).sum();
+        let (broker1, redis1) = side_cpu();
         peak_rss = peak_rss.max(procs.iter().map(|p| proc_cpu_rss(p.id()).1).sum());
         let _ = reader.join();
         for p in &mut procs {
@@ -466,6 +487,8 @@ impl Bench {
             max_ms: lat.last().copied().unwrap_or(f64::NAN),
             cpu_seconds_per_1000: (cpu1 - cpu0) / (events.len() as f64 / 1000.0),
             peak_rss_mb: peak_rss,
+            broker_cpu_seconds_per_1000: (broker1 - broker0) / (events.len() as f64 / 1000.0),
+            redis_cpu_seconds_per_1000: (redis1 - redis0) / (events.len() as f64 / 1000.0),
         }
     }
 }
@@ -581,6 +604,11 @@ fn main() {
         "e2e benchmark: {} events over {} resources per phase",
         bench.events, bench.resources
     );
+    if env_or("BENCH_ONLY", "") == "switchyard" {
+        // Profiling aid: one maximum-rate switchyard phase.
+        run(System::Switchyard, None, "only");
+        return;
+    }
     let lim = run(System::Limit, None, "lmax");
     let sy = run(System::Switchyard, None, "smax");
     let peer = with_peer.then(|| run(System::Peer, None, "pmax"));
@@ -615,7 +643,7 @@ fn main() {
         "peak_rss_mb_switchyard_max_rate": sy.peak_rss_mb,
     });
     println!(
-        "\n{:<12} {:>12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "\n{:<12} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>9}",
         "system",
         "offered/s",
         "achieved/s",
@@ -624,22 +652,24 @@ fn main() {
         "p99 ms",
         "max ms",
         "cpu s/1k",
-        "rss MB"
+        "rss MB",
+        "broker s/1k",
+        "redis s/1k"
     );
     for r in &results {
         println!(
-            "{:<12} {:>12} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.3} {:>9.1}",
+            "{:<12} {:>10} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.3} {:>8.1} {:>10.3} {:>9.3}",
             r.system,
-            r.offered_rate
-                .map(|x| format!("{x:.0}"))
-                .unwrap_or("max".into()),
+            r.offered_rate.map(|x| format!("{x:.0}")).unwrap_or("max".into()),
             r.throughput_eps,
             r.p50_ms,
             r.p95_ms,
             r.p99_ms,
             r.max_ms,
             r.cpu_seconds_per_1000,
-            r.peak_rss_mb
+            r.peak_rss_mb,
+            r.broker_cpu_seconds_per_1000,
+            r.redis_cpu_seconds_per_1000
         );
     }
     println!(
