@@ -155,6 +155,30 @@ governance:
             .expect("prometheus is installed (deploy/local/stack.sh install)"),
     );
     let base = format!("http://127.0.0.1:{pport}");
+    // Load starts only once Prometheus scrapes the stages' zero-valued series, so counters are seen
+    // going up (increase() cannot see a series that first appears already at 1).
+    let client = reqwest::Client::new();
+    let mut scraping = false;
+    for _ in 0..120 {
+        if let Ok(r) = client
+            .get(format!("{base}/api/v1/query"))
+            .query(&[("query", "switchyard_actions_rejected_total")])
+            .send()
+            .await
+        {
+            if let Ok(v) = r.json::<Value>().await {
+                if v["data"]["result"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+                {
+                    scraping = true;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(scraping, "Prometheus scrapes switchyard");
 
     // A small load touching every part: routed and unrouted events, a rollback that waits for approval
     // (and expires), a conflicting scale_down, a failing agent, an exhausted budget, dead letters.
@@ -181,6 +205,14 @@ governance:
         )],
     )
     .await;
+    // The rollback must be pending before the cost event arrives, so its scale_down is rejected.
+    assert_eq!(
+        env.read("switchyard.approvals", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1,
+        "the rollback awaits approval"
+    );
     env.publish(
         "events.cost-thresholds",
         &[e(
@@ -200,7 +232,6 @@ governance:
         ],
     )
     .await;
-    let client = reqwest::Client::new();
     // Keep dead letters coming for a while so the DLQ alert has growth to see.
     for i in 0..12 {
         env.send_raw(
@@ -240,6 +271,15 @@ governance:
                     r
                 ));
             }
+        }
+    }
+    if !failures.is_empty() {
+        for q in [
+            "switchyard_actions_rejected_total",
+            "switchyard_proposals_total",
+            "switchyard_approvals_total",
+        ] {
+            eprintln!("{q}: {}", query(&client, &base, q).await["data"]["result"]);
         }
     }
     assert!(
