@@ -225,15 +225,10 @@ pub fn record_json(loaded: &Loaded, rec: &Input) -> Value {
     Value::Object(o)
 }
 
-/// Prints records of a topic as JSON lines. Reads partitions directly (no consumer group).
-pub fn tail(
-    kafka: &KafkaConfig,
-    loaded: &Loaded,
-    topic: &str,
-    opts: &TailOptions,
-) -> Result<usize, String> {
+/// A consumer assigned every partition of `topic` at `start` (no consumer group is joined).
+fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseConsumer, String> {
     let mut cfg =
-        crate::kafka::consumer_config(kafka, &format!("switchyard-tail-{}", uuid::Uuid::new_v4()));
+        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
     cfg.set("enable.auto.commit", "false");
     let consumer: BaseConsumer = cfg
         .create()
@@ -248,17 +243,28 @@ pub fn tail(
         .ok_or_else(|| format!("topic {topic} does not exist (run `switchyard topics apply`)"))?;
     let mut tpl = TopicPartitionList::new();
     for p in t.partitions() {
-        let start = if opts.from_beginning {
-            Offset::Beginning
-        } else {
-            Offset::End
-        };
         tpl.add_partition_offset(topic, p.id(), start)
             .map_err(|e| e.to_string())?;
     }
     consumer
         .assign(&tpl)
         .map_err(|e| format!("cannot assign partitions: {e}"))?;
+    Ok(consumer)
+}
+
+/// Prints records of a topic as JSON lines. Reads partitions directly (no consumer group).
+pub fn tail(
+    kafka: &KafkaConfig,
+    loaded: &Loaded,
+    topic: &str,
+    opts: &TailOptions,
+) -> Result<usize, String> {
+    let start = if opts.from_beginning {
+        Offset::Beginning
+    } else {
+        Offset::End
+    };
+    let consumer = reader(kafka, topic, start)?;
     let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
     let mut n = 0;
     let mut last = Instant::now();
@@ -285,28 +291,7 @@ pub fn tail(
 
 /// Reads every record of a topic from the beginning until nothing arrives for `idle`.
 pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
-    let mut cfg =
-        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
-    cfg.set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .map_err(|e| format!("cannot create consumer: {e}"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(|| format!("topic {topic} does not exist"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| format!("cannot assign partitions: {e}"))?;
+    let consumer = reader(kafka, topic, Offset::Beginning)?;
     let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
     let mut out = Vec::new();
     let mut last = Instant::now();
