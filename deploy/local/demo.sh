@@ -93,6 +93,9 @@ show switchyard.dlq
 say "Verifying the audit trail's hash chains"
 "$BIN" --config "$CONFIG" audit verify
 
+say "switchyard status"
+"$BIN" --config "$CONFIG" status
+
 say "Metrics (excerpt)"
 curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks|proposals|actions_accepted|actions_rejected|approvals)_total' || true
 
