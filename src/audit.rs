@@ -155,10 +155,7 @@ impl Processor for AuditStage {
     }
 
     fn lane(&self, rec: &Input) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        rec.key.hash(&mut h);
-        h.finish()
+        rec.key_lane()
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {

@@ -95,6 +95,14 @@ impl Input {
         }
     }
 
+    /// A lane per record key: stages keyed by resource use it so one resource's records run in order.
+    pub fn key_lane(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.key.hash(&mut h);
+        h.finish()
+    }
+
     pub fn view(&self) -> RecordView<'_> {
         RecordView {
             key: self.key.as_deref(),

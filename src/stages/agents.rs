@@ -6,7 +6,6 @@
 //! recorded in the store is not run again: its records are emitted again from the recorded outcome.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -477,9 +476,7 @@ impl<S: ContextStore> Processor for AgentStage<S> {
 
     /// One lane per resource (the record key), so tasks of a resource run in order.
     fn lane(&self, rec: &Input) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        rec.key.hash(&mut h);
-        h.finish()
+        rec.key_lane()
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {

@@ -8,7 +8,6 @@
 //! by proposal id, so a redelivery emits the same records again instead of deciding again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use redis::Script;
@@ -693,9 +692,7 @@ impl Processor for ResolveStage {
 
     /// One lane per resource: its proposals are decided strictly in order.
     fn lane(&self, rec: &Input) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        rec.key.hash(&mut h);
-        h.finish()
+        rec.key_lane()
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
