@@ -27,21 +27,43 @@ use crate::telemetry::METRICS;
 
 /// JSON with object keys sorted and no whitespace.
 pub fn canonical_json(v: &Value) -> String {
+    let mut out = Vec::with_capacity(512);
+    write_canonical(&mut out, v);
+    // Only JSON text was written: always valid UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Writes `v` canonically into one buffer (no intermediate strings: this runs for every sealed record).
+fn write_canonical(out: &mut Vec<u8>, v: &Value) {
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            let parts: Vec<String> = keys
-                .into_iter()
-                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k])))
-                .collect();
-            format!("{{{}}}", parts.join(","))
+            keys.sort_unstable();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // Writing a string or a scalar into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                write_canonical(out, &m[k]);
+            }
+            out.push(b'}');
         }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
-        ),
-        other => other.to_string(),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, x);
+            }
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
@@ -335,6 +357,11 @@ mod tests {
             canonical_json(&json!({"b": 1, "a": [true, {"d": null, "c": "x"}]})),
             r#"{"a":[true,{"c":"x","d":null}],"b":1}"#
         );
+        // Escapes, unicode and numbers are written as serde_json writes them, so hashes of records
+        // sealed before this writer existed still verify.
+        let v = json!({"z": "quote \" back \\ nl \n tab \t ctl \u{1} é 😀", "n": [1, -2, 2.5, 1e300, 0.1],
+                       "o": {"y": {}, "x": []}});
+        assert_eq!(canonical_json(&v), serde_json::to_string(&v).unwrap());
     }
 
     #[test]

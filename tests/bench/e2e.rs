@@ -588,14 +588,17 @@ fn main() {
     let mut run = |sys: System, rate: Option<f64>, tag: &str| {
         let r = rt.block_on(bench.phase(sys, rate, tag));
         eprintln!(
-            "  {:<32} rate {:>9} -> {:>9.0} ev/s, p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}",
+            "  {:<32} rate {:>9} -> {:>9.0} ev/s, p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}, cpu s/1k: own {:.3} broker {:.3} redis {:.3}",
             sys.name(),
             rate.map(|r| format!("{r:.0}")).unwrap_or("max".into()),
             r.throughput_eps,
             r.p50_ms,
             r.p99_ms,
             r.received,
-            r.events
+            r.events,
+            r.cpu_seconds_per_1000,
+            r.broker_cpu_seconds_per_1000,
+            r.redis_cpu_seconds_per_1000
         );
         results.push(r.clone());
         r
