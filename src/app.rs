@@ -18,7 +18,7 @@ use crate::agents::http::HttpAgent;
 use crate::agents::kafka::KafkaAgent;
 use crate::agents::{builtin, Agent, AgentKind};
 use crate::approvals::{self, run_sweeper, Approvals, DecisionsStage};
-use crate::audit::{AuditStage, ChainStore};
+use crate::audit::Sealer;
 use crate::config::Loaded;
 use crate::context::redis::{RedisConn, RedisStore};
 use crate::governance::Budgets;
@@ -32,7 +32,7 @@ use crate::stages::resolve::{ResolveStage, ResourceStore};
 use crate::stages::route::RouteStage;
 
 /// Stages this build has, in pipeline order.
-pub const STAGES: &[&str] = &["route", "agents", "resolve", "audit"];
+pub const STAGES: &[&str] = &["route", "agents", "resolve"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -109,7 +109,7 @@ pub async fn run(
                     router,
                     emitter: emitter.clone(),
                     tasks_topic: cfg.topics.tasks.clone(),
-                    audit_topic: cfg.topics.audit_log.clone(),
+                    sealer: approvals.sealer.clone(),
                 };
                 spawn(
                     &tracker,
@@ -123,11 +123,15 @@ pub async fn run(
             }
             "agents" => {
                 let agents = build_agents(&loaded, &producer, &stop).await?;
+                let stats = Arc::new(crate::status::AgentStats::new(
+                    conn.clone(),
+                    &cfg.redis.key_prefix,
+                ));
+                tracker.spawn(stats.clone().run(stop.clone()));
                 let p = AgentStage {
                     agents,
                     budgets: budgets.clone(),
-                    stats: Some(conn.clone()),
-                    stats_prefix: cfg.redis.key_prefix.clone(),
+                    stats: Some(stats.clone()),
                     store: Arc::new(RedisStore::new(
                         conn.clone(),
                         &cfg.redis.key_prefix,
@@ -136,7 +140,7 @@ pub async fn run(
                     emitter: emitter.clone(),
                     proposals_topic: cfg.topics.proposals.clone(),
                     results_topic: cfg.topics.results.clone(),
-                    audit_topic: cfg.topics.audit_log.clone(),
+                    sealer: approvals.sealer.clone(),
                     dlq_topic: cfg.topics.dlq.clone(),
                     max_record_bytes: cfg.kafka.max_record_bytes,
                     unrecorded: Default::default(),
@@ -160,7 +164,7 @@ pub async fn run(
                     emitter: emitter.clone(),
                     actions_topic: cfg.topics.actions.clone(),
                     approvals_topic: cfg.topics.approvals.clone(),
-                    audit_topic: cfg.topics.audit_log.clone(),
+                    sealer: approvals.sealer.clone(),
                     decision_ttl: cfg.context.outcome_ttl_seconds,
                 };
                 spawn(
@@ -190,23 +194,6 @@ pub async fn run(
                     Duration::from_secs(2),
                     stop.clone(),
                 ));
-            }
-            "audit" => {
-                let p = AuditStage {
-                    chains: ChainStore::new(conn.clone(), &cfg.redis.key_prefix),
-                    producer: producer.clone(),
-                    emitter: emitter.clone(),
-                    audit_topic: cfg.topics.audit.clone(),
-                };
-                spawn(
-                    &tracker,
-                    &mut health,
-                    settings(&loaded, "audit", vec![cfg.topics.audit_log.clone()]),
-                    p,
-                    &producer,
-                    &stop,
-                    &tx,
-                );
             }
             other => {
                 return Err(AppError::Setup(format!(
@@ -276,7 +263,7 @@ pub fn approvals_of(loaded: &Loaded, conn: RedisConn, emitter: &Emitter) -> Appr
         * 4;
     Approvals {
         store: Arc::new(ResourceStore::new(
-            conn,
+            conn.clone(),
             &cfg.redis.key_prefix,
             ttl.max(86400),
         )),
@@ -284,7 +271,12 @@ pub fn approvals_of(loaded: &Loaded, conn: RedisConn, emitter: &Emitter) -> Appr
         config: cfg.governance.approvals.clone(),
         actions_topic: cfg.topics.actions.clone(),
         approvals_topic: cfg.topics.approvals.clone(),
-        audit_topic: cfg.topics.audit_log.clone(),
+        sealer: Arc::new(Sealer::new(
+            conn.clone(),
+            &cfg.redis.key_prefix,
+            cfg.context.outcome_ttl_seconds,
+            &cfg.topics.audit,
+        )),
         tenants: Default::default(),
     }
 }

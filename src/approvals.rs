@@ -65,7 +65,8 @@ pub struct Approvals {
     pub config: ApprovalsConfig,
     pub actions_topic: String,
     pub approvals_topic: String,
-    pub audit_topic: String,
+    /// Seals approval decisions into their resource's audit chain.
+    pub sealer: Arc<crate::audit::Sealer>,
     /// Tenants that had pending approvals (their gauge is kept, at 0 when none are pending).
     pub tenants: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -100,7 +101,7 @@ impl Approvals {
             let open = matches!(stored.approval.status.as_str(), "pending" | "escalated");
             if !open {
                 let action = (stored.approval.status == "approved").then(|| stored.action.clone());
-                let outputs = self.outputs(&stored.approval, action.as_ref())?;
+                let outputs = self.outputs(&stored.approval, action.as_ref()).await?;
                 return Ok(Decision {
                     approval: stored.approval,
                     fresh: false,
@@ -178,7 +179,7 @@ impl Approvals {
                         .observe((now - s.approval.requested_at).max(0) as f64);
                 }
                 let action = (s.approval.status == "approved").then(|| s.action.clone());
-                let outputs = self.outputs(&s.approval, action.as_ref())?;
+                let outputs = self.outputs(&s.approval, action.as_ref()).await?;
                 return Ok(Decision {
                     approval: s.approval,
                     fresh: true,
@@ -192,7 +193,7 @@ impl Approvals {
 
     /// Records for an approval's current status: the approval record, the action when approved, and
     /// an audit record.
-    fn outputs(
+    async fn outputs(
         &self,
         a: &ApprovalData,
         action: Option<&ActionData>,
@@ -234,13 +235,12 @@ impl Approvals {
             prev_hash: None,
             hash: None,
         };
-        out.push(
-            self.emitter
-                .emit(
-                    &self.audit_topic,
-                    &audit_event(SOURCE, &[decision, &a.approval_id, &a.status], &audit, None)
-                        .map_err(pe)?,
-                )
+        let ev = audit_event(SOURCE, &[decision, &a.approval_id, &a.status], &audit, None)
+            .map_err(pe)?;
+        out.extend(
+            self.sealer
+                .outputs("approvals", &self.emitter, vec![ev])
+                .await
                 .map_err(pe)?,
         );
         Ok(out)

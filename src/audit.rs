@@ -1,28 +1,29 @@
 //! The audit trail: every decision is one record on `switchyard.audit`, hash-chained per resource.
 //!
-//! Stages write decisions unsealed to the audit log topic (`topics.audit_log`, keyed by resource). The
-//! audit stage owns each resource through that topic's partitions and seals records in order: each
-//! gets `seq` (1, 2, ...), `prev_hash` (the previous record's hash) and `hash` =
-//! SHA-256 of the record's canonical JSON (keys sorted, no whitespace) without `hash`. A missing,
-//! reordered or altered record breaks the chain; [`verify`] finds it.
+//! The stage that makes a decision seals its audit record at once ([`Sealer`]): each record gets
+//! `seq` (1, 2, ... per resource), `prev_hash` (the previous record's hash) and `hash` = SHA-256 of
+//! the record's canonical JSON (keys sorted, no whitespace) without `hash`. A missing, altered or
+//! forked record breaks the chain; [`verify`] finds it.
 //!
-//! Sealing is at-least-once without gaps: the sealed record is produced and acknowledged before the
-//! chain head in Redis moves, and a redelivered record is sealed again identically (same seq, same
-//! hash), so the verifier can drop exact repeats.
+//! Sealing is at-least-once without gaps: the chain head moves in Redis before the record is
+//! produced, and the input that caused it is committed only after the record is acknowledged, so a
+//! crash in between redelivers the input, and its audit record is sealed again identically (same
+//! seq, same hash, from a memo): the verifier drops exact repeats.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
+use redis::Script;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::codec;
 use crate::context::redis::RedisConn;
 use crate::context::{ResourceKey, StoreError};
 use crate::event::CloudEvent;
-use crate::kafka::runtime::{ProcessError, Processor};
-use crate::kafka::{Input, Output, Producer};
-use crate::records::{types, Emitter};
+use crate::kafka::runtime::ProcessError;
+use crate::kafka::Output;
+use crate::records::Emitter;
 use crate::telemetry::METRICS;
 
 /// JSON with object keys sorted and no whitespace.
@@ -93,147 +94,250 @@ pub fn seal(mut ev: CloudEvent, seq: u64, prev: Option<&str>) -> CloudEvent {
     ev
 }
 
-/// Chain heads in Redis: `<prefix>:auditchain:{t/r}` = hash {seq, hash, prev, src}.
-pub struct ChainStore {
+const SEAL: &str = r#"
+-- KEYS[1] = chain head (hash: seq, hash); KEYS[2..] = one memo key per record.
+-- ARGV[1] = expected head seq, ARGV[2] = memo ttl, ARGV[3] = new head seq, ARGV[4] = new head hash,
+-- ARGV[5..] = one memo value per record.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local out = {'memo'}
+  for i = 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
+  return out
+end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if seq ~= tonumber(ARGV[1]) then
+  return {'conflict', tostring(seq), redis.call('HGET', KEYS[1], 'hash') or ''}
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'hash', ARGV[4])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 3], 'EX', ARGV[2]) end
+return {'ok'}
+"#;
+
+/// Where a sealed record sits in its chain; kept per record id so a redelivery re-seals identically.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Memo {
+    seq: u64,
+    prev: Option<String>,
+    time: Option<String>,
+}
+
+/// Heads cached beyond this many resources are forgotten (the cache is only a first guess).
+const MAX_CACHED_HEADS: usize = 100_000;
+
+/// Seals audit records into their resource's chain where they are decided, in any stage and any
+/// instance.
+///
+/// Redis holds each chain's head (`<prefix>:auditchain:{t/r}`: `seq`, `hash`). Sealing computes
+/// seq, prev_hash and hash locally from the head this process last saw, then one Lua script moves the
+/// head only if it is still where it was (compare-and-set; on a conflict it returns the real head and
+/// the records are sealed again). The same script stores a memo per record id (seq, prev, time), so a
+/// record decided again after a crash or redelivery gets the same place and the same hash: the
+/// verifier drops such exact repeats. Several writers append to one chain, so the topic may hold a
+/// chain's records out of seq order; the chain (seq, prev_hash) defines the order.
+pub struct Sealer {
     conn: RedisConn,
     prefix: String,
+    script: Script,
+    memo_ttl: u64,
+    heads: Mutex<HashMap<ResourceKey, (u64, Option<String>)>>,
+    /// Where sealed records go.
+    pub topic: String,
 }
 
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Head {
-    pub seq: u64,
-    pub hash: Option<String>,
-    pub prev: Option<String>,
-    /// `<partition>:<offset>` of the unsealed record sealed last.
-    pub src: Option<(i32, i64)>,
-}
-
-impl ChainStore {
-    pub fn new(conn: RedisConn, prefix: &str) -> Self {
-        ChainStore {
+impl Sealer {
+    pub fn new(conn: RedisConn, prefix: &str, memo_ttl: u64, topic: &str) -> Self {
+        Sealer {
             conn,
             prefix: prefix.into(),
+            script: Script::new(SEAL),
+            memo_ttl: memo_ttl.max(1),
+            heads: Mutex::new(HashMap::new()),
+            topic: topic.into(),
         }
     }
 
-    fn key(&self, k: &ResourceKey) -> String {
+    fn head_key(&self, k: &ResourceKey) -> String {
         format!("{}:auditchain:{}", self.prefix, k.hash_tag())
     }
 
-    pub async fn head(&self, k: &ResourceKey) -> Result<Head, StoreError> {
-        let mut c = self.conn.get().await?;
-        let (seq, hash, prev, src): (Option<u64>, Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(self.key(k))
-                .arg("seq")
-                .arg("hash")
-                .arg("prev")
-                .arg("src")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-        let src = src.and_then(|s| {
-            let (p, o) = s.split_once(':')?;
-            Some((p.parse().ok()?, o.parse().ok()?))
-        });
-        Ok(Head {
-            seq: seq.unwrap_or(0),
-            hash,
-            prev: prev.filter(|p| !p.is_empty()),
-            src,
-        })
+    /// The record's id plus a digest of its data (ids are deterministic per decision; the digest
+    /// keeps two different decisions that happen to share an id apart).
+    fn memo_key(&self, k: &ResourceKey, ev: &CloudEvent) -> String {
+        let data = ev.data.as_ref().map(canonical_json).unwrap_or_default();
+        let digest = hex::encode(&Sha256::digest(data.as_bytes())[..12]);
+        format!(
+            "{}:auditmemo:{}:{}:{digest}",
+            self.prefix,
+            k.hash_tag(),
+            ev.id
+        )
     }
 
-    pub async fn advance(&self, k: &ResourceKey, h: &Head) -> Result<(), StoreError> {
+    fn cached(&self, k: &ResourceKey) -> (u64, Option<String>) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(k)
+            .cloned()
+            .unwrap_or((0, None))
+    }
+
+    fn remember(&self, k: &ResourceKey, head: (u64, Option<String>)) {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        if heads.len() >= MAX_CACHED_HEADS && !heads.contains_key(k) {
+            heads.clear();
+        }
+        heads.insert(k.clone(), head);
+    }
+
+    /// Seals `records` (audit events, in decision order) and encodes them for the audit topic.
+    pub async fn outputs(
+        &self,
+        stage: &'static str,
+        emitter: &Emitter,
+        records: Vec<CloudEvent>,
+    ) -> Result<Vec<Output>, ProcessError> {
+        let mut out = Vec::with_capacity(records.len());
+        for ev in self.seal_all(records).await.map_err(|e| match e {
+            StoreError::Corrupt(d) => ProcessError::Poison {
+                reason: "corrupt_state",
+                detail: format!("audit chain: {d}"),
+            },
+            e => ProcessError::Transient(format!("audit chain: {e}")),
+        })? {
+            out.push(emitter.emit(&self.topic, &ev)?);
+        }
+        METRICS
+            .audit_sealed
+            .with_label_values(&[stage])
+            .inc_by(out.len() as u64);
+        Ok(out)
+    }
+
+    /// Seals records, grouped by resource (order within a resource is kept).
+    pub async fn seal_all(&self, records: Vec<CloudEvent>) -> Result<Vec<CloudEvent>, StoreError> {
+        let mut groups: Vec<(ResourceKey, Vec<CloudEvent>)> = Vec::new();
+        for ev in records {
+            let k = ResourceKey::new(ev.tenant(), ev.subject.clone().unwrap_or_default());
+            match groups.iter_mut().find(|(g, _)| *g == k) {
+                Some((_, v)) => v.push(ev),
+                None => groups.push((k, vec![ev])),
+            }
+        }
+        let mut out = Vec::new();
+        for (k, evs) in groups {
+            out.extend(self.seal_chain(&k, evs).await?);
+        }
+        Ok(out)
+    }
+
+    async fn seal_chain(
+        &self,
+        k: &ResourceKey,
+        mut pending: Vec<CloudEvent>,
+    ) -> Result<Vec<CloudEvent>, StoreError> {
+        let redis_err = |e: redis::RedisError| StoreError::Redis(e.to_string());
+        let mut done = Vec::with_capacity(pending.len());
+        let mut head = self.cached(k);
+        let mut attempts = 0;
+        while !pending.is_empty() {
+            attempts += 1;
+            if attempts > 50 {
+                return Err(StoreError::Redis(
+                    "audit chain head kept changing; retrying".into(),
+                ));
+            }
+            let mut sealed = Vec::with_capacity(pending.len());
+            let mut memos = Vec::with_capacity(pending.len());
+            let (mut seq, mut prev) = head.clone();
+            for ev in &pending {
+                seq += 1;
+                let s = seal(ev.clone(), seq, prev.as_deref());
+                let memo = Memo {
+                    seq,
+                    prev: prev.clone(),
+                    time: s.time.clone(),
+                };
+                prev = sealed_hash(&s);
+                memos.push(
+                    serde_json::to_string(&memo).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                );
+                sealed.push(s);
+            }
+            let mut inv = self.script.prepare_invoke();
+            inv.key(self.head_key(k));
+            for ev in &pending {
+                inv.key(self.memo_key(k, ev));
+            }
+            inv.arg(head.0)
+                .arg(self.memo_ttl)
+                .arg(seq)
+                .arg(prev.as_deref().unwrap_or(""));
+            for m in &memos {
+                inv.arg(m);
+            }
+            let mut c = self.conn.get().await?;
+            let reply: Vec<String> = inv.invoke_async(&mut c).await.map_err(redis_err)?;
+            match reply.first().map(String::as_str) {
+                Some("ok") => {
+                    self.remember(k, (seq, prev));
+                    done.extend(sealed);
+                    pending.clear();
+                }
+                Some("conflict") => {
+                    let hseq = reply
+                        .get(1)
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| StoreError::Corrupt("audit chain head seq".into()))?;
+                    let hhash = reply.get(2).filter(|h| !h.is_empty()).cloned();
+                    head = (hseq, hhash);
+                    self.remember(k, head.clone());
+                }
+                Some("memo") => {
+                    // Sealed before (a redelivery): the same place, the same hash.
+                    let mut rest = Vec::new();
+                    for (ev, m) in pending.drain(..).zip(reply.iter().skip(1)) {
+                        if m.is_empty() {
+                            rest.push(ev);
+                            continue;
+                        }
+                        let m: Memo = serde_json::from_str(m)
+                            .map_err(|e| StoreError::Corrupt(format!("audit memo: {e}")))?;
+                        let mut ev = ev;
+                        ev.time = m.time;
+                        done.push(seal(ev, m.seq, m.prev.as_deref()));
+                    }
+                    pending = rest;
+                }
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "unexpected reply from the seal script: {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// The head of a resource's chain as stored: (seq, hash).
+    pub async fn head(&self, k: &ResourceKey) -> Result<(u64, Option<String>), StoreError> {
         let mut c = self.conn.get().await?;
-        let src = h.src.map(|(p, o)| format!("{p}:{o}")).unwrap_or_default();
-        redis::cmd("HSET")
-            .arg(self.key(k))
+        let (seq, hash): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.head_key(k))
             .arg("seq")
-            .arg(h.seq)
             .arg("hash")
-            .arg(h.hash.as_deref().unwrap_or(""))
-            .arg("prev")
-            .arg(h.prev.as_deref().unwrap_or(""))
-            .arg("src")
-            .arg(src)
-            .query_async::<()>(&mut c)
+            .query_async(&mut c)
             .await
-            .map_err(|e| StoreError::Redis(e.to_string()))
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        Ok((seq.unwrap_or(0), hash.filter(|h| !h.is_empty())))
     }
 }
 
-/// The audit stage: seals records of the audit log into `switchyard.audit`.
-pub struct AuditStage {
-    pub chains: ChainStore,
-    pub producer: Producer,
-    pub emitter: Emitter,
-    pub audit_topic: String,
-}
-
-impl Processor for AuditStage {
-    fn stage(&self) -> &'static str {
-        "audit"
-    }
-
-    fn lane(&self, rec: &Input) -> u64 {
-        rec.key_lane()
-    }
-
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
-        let ev =
-            codec::decode(rec.view(), &self.emitter.schemas).map_err(|e| ProcessError::Poison {
-                reason: e.reason(),
-                detail: e.to_string(),
-            })?;
-        if ev.ty != types::AUDIT {
-            return Err(ProcessError::Poison {
-                reason: "not_an_audit_record",
-                detail: format!("type {:?}", ev.ty),
-            });
-        }
-        let key = ResourceKey::new(ev.tenant(), ev.subject.clone().unwrap_or_default());
-        let t = |e: StoreError| ProcessError::Transient(format!("audit chain: {e}"));
-        let head = self.chains.head(&key).await.map_err(t)?;
-        let this = (rec.partition, rec.offset);
-        let (seq, prev, advance) = match head.src {
-            // Redelivery of the record sealed last: seal it again identically.
-            Some(src) if src == this => (head.seq, head.prev.clone(), false),
-            // Sealed (and produced) before a later one: nothing to do.
-            Some((p, o)) if p == rec.partition && o > rec.offset => return Ok(Vec::new()),
-            _ => (head.seq + 1, head.hash.clone(), true),
-        };
-        let sealed = seal(ev, seq, prev.as_deref());
-        let out = self.emitter.emit(&self.audit_topic, &sealed)?;
-        // Produce and wait before moving the head: the head never points past a record that is not
-        // in the topic.
-        self.producer
-            .send(&out)
-            .await
-            .map_err(|e| ProcessError::Transient(format!("producing sealed audit record: {e}")))?;
-        if advance {
-            let hash = sealed
-                .data
-                .as_ref()
-                .and_then(|d| d.get("hash"))
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            self.chains
-                .advance(
-                    &key,
-                    &Head {
-                        seq,
-                        hash,
-                        prev,
-                        src: Some(this),
-                    },
-                )
-                .await
-                .map_err(t)?;
-        }
-        METRICS.audit_sealed.with_label_values(&["audit"]).inc();
-        Ok(Vec::new())
-    }
+fn sealed_hash(ev: &CloudEvent) -> Option<String> {
+    ev.data
+        .as_ref()
+        .and_then(|d| d.get("hash"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// One problem found by [`verify`].
@@ -254,16 +358,22 @@ pub struct Verification {
     pub problems: Vec<ChainProblem>,
 }
 
-/// Checks every resource's chain in records given in topic order (per partition by offset).
+/// Checks every resource's chain. Records may come in any order (several stages append to a chain,
+/// so the topic can hold them out of seq order); `offset` is only reported with problems.
 pub fn verify(records: &[(i64, CloudEvent)]) -> Verification {
+    struct Link {
+        seq: u64,
+        hash: String,
+        prev: Option<String>,
+        offset: i64,
+    }
     let mut v = Verification {
         records: records.len(),
         ..Default::default()
     };
-    let mut heads: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+    let mut chains: BTreeMap<(String, String), Vec<Link>> = BTreeMap::new();
     for (offset, ev) in records {
         let resource = ev.subject.clone().unwrap_or_default();
-        let key = (ev.tenant().to_string(), resource.clone());
         let d = ev.data.as_ref();
         let seq = d
             .and_then(|d| d.get("seq"))
@@ -274,53 +384,80 @@ pub fn verify(records: &[(i64, CloudEvent)]) -> Verification {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let prev = d
-            .and_then(|d| d.get("prev_hash"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let mut problem = |m: String| {
+        if record_hash(ev) != hash {
             v.problems.push(ChainProblem {
                 resource: resource.clone(),
                 seq,
                 offset: *offset,
-                message: m,
-            })
-        };
-        if record_hash(ev) != hash {
-            problem("hash does not match the record's content (altered)".into());
+                message: "hash does not match the record's content (altered)".into(),
+            });
         }
-        match heads.get(&key) {
-            Some((hseq, hhash)) if *hseq == seq && *hhash == hash => {
-                v.duplicates += 1;
-                continue;
-            }
-            Some((hseq, hhash)) => {
-                if seq != hseq + 1 {
-                    problem(format!(
-                        "seq {seq} follows {hseq} (records missing or reordered)"
-                    ));
-                }
-                if prev.as_deref() != Some(hhash.as_str()) {
-                    problem("prev_hash is not the previous record's hash".into());
-                }
-            }
-            None => {
-                if seq != 1 || prev.is_some() {
-                    problem(format!(
-                        "chain starts at seq {seq} (records before it are missing)"
-                    ));
-                }
-            }
-        }
-        heads.insert(key, (seq, hash));
+        let prev = d
+            .and_then(|d| d.get("prev_hash"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        chains
+            .entry((ev.tenant().to_string(), resource))
+            .or_default()
+            .push(Link {
+                seq,
+                hash,
+                prev,
+                offset: *offset,
+            });
     }
-    v.chains = heads.len();
+    v.chains = chains.len();
+    for ((_, resource), mut links) in chains {
+        links.sort_by_key(|l| l.seq);
+        let mut last: Option<&Link> = None;
+        for l in &links {
+            let mut problem = |m: String| {
+                v.problems.push(ChainProblem {
+                    resource: resource.clone(),
+                    seq: l.seq,
+                    offset: l.offset,
+                    message: m,
+                })
+            };
+            match last {
+                Some(p) if p.seq == l.seq && p.hash == l.hash => {
+                    v.duplicates += 1;
+                    continue;
+                }
+                Some(p) if p.seq == l.seq => {
+                    problem(format!(
+                        "two different records claim seq {} (forked)",
+                        l.seq
+                    ));
+                    continue;
+                }
+                Some(p) => {
+                    if l.seq != p.seq + 1 {
+                        problem(format!("seq {} follows {} (records missing)", l.seq, p.seq));
+                    }
+                    if l.prev.as_deref() != Some(p.hash.as_str()) {
+                        problem("prev_hash is not the previous record's hash".into());
+                    }
+                }
+                None => {
+                    if l.seq != 1 || l.prev.is_some() {
+                        problem(format!(
+                            "chain starts at seq {} (records before it are missing)",
+                            l.seq
+                        ));
+                    }
+                }
+            }
+            last = Some(l);
+        }
+    }
     v
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::types;
     use serde_json::json;
 
     fn rec(resource: &str, n: u64) -> CloudEvent {
@@ -388,8 +525,16 @@ mod tests {
         let mut first_gone = chain("a", 3);
         first_gone.remove(0);
         assert!(!verify(&numbered(first_gone)).problems.is_empty());
+        // Several writers append to a chain, so topic order may differ from seq order: fine.
         let mut swapped = chain("a", 4);
         swapped.swap(1, 2);
-        assert!(!verify(&numbered(swapped)).problems.is_empty());
+        assert!(verify(&numbered(swapped)).problems.is_empty());
+        // Two different records in one place: a fork.
+        let mut forked = chain("a", 3);
+        let mut other = rec("a", 99);
+        other = seal(other, 2, forked[0].data.as_ref().unwrap()["hash"].as_str());
+        forked.push(other);
+        let p = verify(&numbered(forked)).problems;
+        assert!(p.iter().any(|p| p.message.contains("forked")), "{p:?}");
     }
 }

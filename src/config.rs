@@ -195,9 +195,6 @@ pub struct TopicsConfig {
     pub audit: String,
     #[serde(default = "default_dlq")]
     pub dlq: String,
-    /// Unsealed audit records, as stages write them; the audit stage seals them into `audit`.
-    #[serde(default = "default_audit_log")]
-    pub audit_log: String,
     /// Approval decisions arriving from other systems (`{"approval_id", "decision", "by", "why"}`).
     #[serde(default = "default_decisions")]
     pub decisions: String,
@@ -230,9 +227,6 @@ pub struct StagesConfig {
     /// decisions from the decisions topic and expires approvals.
     #[serde(default)]
     pub resolve: StageToggle,
-    /// Audit log → hash-chained `switchyard.audit`.
-    #[serde(default)]
-    pub audit: StageToggle,
 }
 
 fn yes() -> bool {
@@ -303,9 +297,6 @@ fn default_audit() -> String {
 }
 fn default_dlq() -> String {
     "switchyard.dlq".into()
-}
-fn default_audit_log() -> String {
-    "switchyard.audit-log".into()
 }
 fn default_decisions() -> String {
     "switchyard.approval-decisions".into()
@@ -673,7 +664,6 @@ impl TopicsConfig {
             self.results.as_str(),
             self.audit.as_str(),
             self.dlq.as_str(),
-            self.audit_log.as_str(),
             self.decisions.as_str(),
         ]);
         v

@@ -44,7 +44,7 @@ struct Cli {
 enum Command {
     /// Run the pipeline stages until SIGTERM/SIGINT.
     Run {
-        /// Stages to run, comma separated (default: those enabled in the config). This build has: route, agents, resolve, audit.
+        /// Stages to run, comma separated (default: those enabled in the config). This build has: route, agents, resolve.
         #[arg(long, value_delimiter = ',')]
         stages: Option<Vec<String>>,
     },
@@ -210,9 +210,6 @@ async fn dispatch(cli: Cli) -> Result<(), String> {
                 }
                 if l.config.stages.resolve.enabled {
                     v.push("resolve".to_string());
-                }
-                if l.config.stages.audit.enabled {
-                    v.push("audit".to_string());
                 }
                 v
             });

@@ -3,7 +3,7 @@
 //! Agent health comes from counters the agent stage keeps in Redis
 //! (`<prefix>:agentstats:{agents}:<agent>:<hour>`, kept two days), so it covers every instance.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -19,26 +19,81 @@ fn stats_key(prefix: &str, agent: &str, hour: i64) -> String {
     format!("{prefix}:agentstats:{{agents}}:{agent}:{hour}")
 }
 
-/// Counts one task outcome (`succeeded`, `failed`, `timed_out`, `refused`) for an agent.
-pub async fn record_agent_outcome(
-    conn: &RedisConn,
-    prefix: &str,
-    agent: &str,
-    status: &str,
-) -> Result<(), StoreError> {
-    let now = now_secs();
-    let key = stats_key(prefix, agent, now / 3600);
-    let mut c = conn.get().await?;
-    redis::pipe()
-        .hincr(&key, status, 1)
-        .ignore()
-        .hset(&key, "last", now)
-        .ignore()
-        .expire(&key, 2 * 86400)
-        .ignore()
-        .query_async::<()>(&mut c)
-        .await
-        .map_err(|e| StoreError::Redis(e.to_string()))
+/// Counts task outcomes (`succeeded`, `failed`, `timed_out`, `refused`) per agent in memory and adds
+/// them to Redis about once a second (one pipeline), for `switchyard status`: health counters stay
+/// off the per-task path.
+pub struct AgentStats {
+    conn: RedisConn,
+    prefix: String,
+    pending: std::sync::Mutex<HashMap<(String, String), u64>>,
+}
+
+impl AgentStats {
+    pub fn new(conn: RedisConn, prefix: &str) -> Self {
+        AgentStats {
+            conn,
+            prefix: prefix.into(),
+            pending: Default::default(),
+        }
+    }
+
+    pub fn count(&self, agent: &str, status: &str) {
+        *self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((agent.to_string(), status.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Writes the counts gathered so far; on failure they are kept for the next flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let now = now_secs();
+        let mut pipe = redis::pipe();
+        for ((agent, status), n) in &batch {
+            let key = stats_key(&self.prefix, agent, now / 3600);
+            pipe.hincr(&key, status, *n)
+                .ignore()
+                .hset(&key, "last", now)
+                .ignore()
+                .expire(&key, 2 * 86400)
+                .ignore();
+        }
+        let written = async {
+            let mut c = self.conn.get().await?;
+            pipe.query_async::<()>(&mut c)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        }
+        .await;
+        if written.is_err() {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, n) in batch {
+                *pending.entry(k).or_default() += n;
+            }
+        }
+        written
+    }
+
+    /// Flushes every second until `stop`, then once more.
+    pub async fn run(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let stopped = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+            };
+            if let Err(e) = self.flush().await {
+                tracing::debug!(error = %e, "Recording agent health failed; kept for the next try.");
+            }
+            if stopped {
+                return;
+            }
+        }
+    }
 }
 
 /// An agent's outcomes over the current and the previous hour.
@@ -156,7 +211,6 @@ pub fn stage_topics(loaded: &Loaded) -> Vec<(&'static str, Vec<String>)> {
         ("agents", vec![t.tasks.clone()]),
         ("resolve", vec![t.proposals.clone()]),
         ("decisions", vec![t.decisions.clone()]),
-        ("audit", vec![t.audit_log.clone()]),
     ]
 }
 

@@ -332,7 +332,7 @@ impl Metrics {
         self.in_flight.with_label_values(&[stage]).add(0);
         self.assigned_partitions.with_label_values(&[stage]).add(0);
         if stage == "agents" {
-            for op in ["snapshot", "outcome", "commit"] {
+            for op in ["snapshot", "commit"] {
                 for result in ["ok", "error"] {
                     self.context_ops.with_label_values(&[op, result]).inc_by(0);
                 }

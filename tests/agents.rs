@@ -441,7 +441,7 @@ routes:
     assert_eq!(props[0].action, "page", "delete_cluster was refused");
     // route audit + 2 agent_result + refusals (write secrets, action delete_cluster, read sla)
     let audit = audits(
-        &env.read("switchyard.audit-log", 6, Duration::from_secs(30))
+        &env.read("switchyard.audit", 6, Duration::from_secs(30))
             .await,
     );
     let mut refused: Vec<(String, String)> = audit

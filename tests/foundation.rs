@@ -84,11 +84,7 @@ async fn routes_each_default_event_type_to_tasks_keyed_by_resource() {
         assert_eq!(data.workflow_id, switchyard::route::workflow_id(ev));
     }
     let audit = env
-        .read(
-            "switchyard.audit-log",
-            cases.len() + 1,
-            Duration::from_secs(30),
-        )
+        .read("switchyard.audit", cases.len() + 1, Duration::from_secs(30))
         .await;
     let decisions: Vec<AuditData> = audit
         .iter()
@@ -362,7 +358,7 @@ async fn topics_apply_is_idempotent() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("0 created, 12 unchanged, 0 differ"),
+        text.contains("0 created, 11 unchanged, 0 differ"),
         "second apply changes nothing: {text}"
     );
 }

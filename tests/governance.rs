@@ -131,7 +131,7 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
     let mut loaded = env.loaded.clone();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{port}");
-    let running = start_with(loaded, &["route", "agents", "resolve", "audit"]);
+    let running = start_with(loaded, &["route", "agents", "resolve"]);
     env.publish(
         "events.deployments",
         &[event(
@@ -282,14 +282,11 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
             .collect();
         (topic, recs)
     };
-    // checkout's records share a partition; drop its second one.
-    let checkout: Vec<usize> = sealed
+    // Drop (or alter) checkout's second record in its chain.
+    let victim = sealed
         .iter()
-        .enumerate()
-        .filter(|(_, r)| r.key.as_deref() == Some(b"checkout"))
-        .map(|(i, _)| i)
-        .collect();
-    let victim = checkout[1];
+        .position(|r| r.key.as_deref() == Some(b"checkout") && data::<AuditData>(r).seq == Some(2))
+        .expect("checkout has a second audit record");
     let (removed_topic, removed) =
         copy("removed", &|i, r| (i != victim).then(|| r.payload.clone()));
     let (altered_topic, altered) = copy("altered", &|i, r| {
@@ -454,11 +451,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
     // Redelivery: the very same record again.
     env.publish("switchyard.proposals", &props[..1]).await;
     let audit: Vec<AuditData> = env
-        .read(
-            "switchyard.audit-log",
-            props.len() + 1,
-            Duration::from_secs(40),
-        )
+        .read("switchyard.audit", props.len() + 1, Duration::from_secs(40))
         .await
         .iter()
         .map(data)
@@ -547,14 +540,19 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
             vec![],
         )),
         store: Arc::new(switchyard::stages::resolve::ResourceStore::new(
-            conn,
+            conn.clone(),
             &c.redis.key_prefix,
             3600,
         )),
         emitter,
         actions_topic: "a".into(),
         approvals_topic: "b".into(),
-        audit_topic: "c".into(),
+        sealer: Arc::new(switchyard::audit::Sealer::new(
+            conn.clone(),
+            &c.redis.key_prefix,
+            3600,
+            "c",
+        )),
         decision_ttl: 3600,
     };
     let input = |id: &str, offset: i64| {
@@ -615,7 +613,7 @@ governance:
         "{statuses:?}"
     );
     let audit: Vec<AuditData> = env
-        .read("switchyard.audit-log", 100, Duration::from_secs(3))
+        .read("switchyard.audit", 100, Duration::from_secs(3))
         .await
         .iter()
         .map(data)
@@ -740,7 +738,7 @@ resolve:
                     env.config_path.to_str().unwrap(),
                     "run",
                     "--stages",
-                    "resolve,audit",
+                    "resolve",
                 ])
                 .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
                 .env("SWITCHYARD_REDIS_URL", &redis)
@@ -776,7 +774,7 @@ resolve:
     let kill = async {
         // Once decisions flow, kill one instance with SIGKILL mid-stream.
         let _ = env
-            .read("switchyard.audit-log", 200, Duration::from_secs(60))
+            .read("switchyard.audit", 200, Duration::from_secs(60))
             .await;
         let mut victim = procs.remove(1);
         victim.0.kill().expect("SIGKILL");
@@ -788,7 +786,7 @@ resolve:
     let mut decided = std::collections::BTreeSet::new();
     for _ in 0..90 {
         let audit = env
-            .read("switchyard.audit-log", usize::MAX, Duration::from_secs(2))
+            .read("switchyard.audit", usize::MAX, Duration::from_secs(2))
             .await;
         decided = audit
             .iter()

@@ -120,9 +120,7 @@ governance:
     let token = CancellationToken::new();
     let app = tokio::spawn(switchyard::app::run(
         loaded,
-        ["route", "agents", "resolve", "audit"]
-            .map(String::from)
-            .to_vec(),
+        ["route", "agents", "resolve"].map(String::from).to_vec(),
         token.clone(),
     ));
 

@@ -88,6 +88,18 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             .status,
         "succeeded"
     );
+    // The combined read sees the same outcome and context.
+    let (o, snap) = store
+        .outcome_and_snapshot(&a, "t1")
+        .await
+        .expect("outcome and snapshot");
+    assert_eq!(o.expect("recorded").status, "succeeded");
+    assert_eq!(snap.version, 1);
+    let (none, _) = store
+        .outcome_and_snapshot(&a, "never-ran")
+        .await
+        .expect("outcome and snapshot");
+    assert!(none.is_none());
 
     // A commit without facts records the outcome but keeps the version.
     let r = store

@@ -147,6 +147,19 @@ pub trait ContextStore: Send + Sync + 'static {
         task_id: &str,
     ) -> impl Future<Output = Result<Option<Outcome>, StoreError>> + Send;
 
+    /// The recorded outcome of a task and the resource's context now, in one round trip where the
+    /// store allows (the agent stage needs both for every task).
+    fn outcome_and_snapshot(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+    ) -> impl Future<Output = Result<(Option<Outcome>, Snapshot), StoreError>> + Send {
+        async move {
+            let o = self.outcome(key, task_id).await?;
+            Ok((o, self.snapshot(key).await?))
+        }
+    }
+
     /// Atomically: unless the task already has an outcome, write `facts` (bumping the version when
     /// there are any), remember `event` in the recent-events list, and record `outcome`.
     fn commit(

@@ -109,6 +109,41 @@ impl RedisStore {
     }
 }
 
+fn parse_outcome(v: Option<String>) -> Result<Option<Outcome>, StoreError> {
+    v.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("outcome: {e}"))))
+        .transpose()
+}
+
+fn parse_snapshot(
+    fields: BTreeMap<String, String>,
+    events: Vec<String>,
+) -> Result<Snapshot, StoreError> {
+    let mut snap = Snapshot::default();
+    for (k, v) in fields {
+        if k == "_version" {
+            snap.version = v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("_version {v:?}")))?;
+        } else if let Some(key) = k.strip_prefix("_v:") {
+            let ver = v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
+            snap.key_versions.insert(key.to_string(), ver);
+        } else {
+            let f: Fact = serde_json::from_str(&v)
+                .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;
+            snap.facts.insert(k, f);
+        }
+    }
+    snap.recent_events = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).map_err(|x| StoreError::Corrupt(format!("event: {x}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(snap)
+}
+
 impl ContextStore for RedisStore {
     async fn snapshot(&self, key: &ResourceKey) -> Result<Snapshot, StoreError> {
         let mut c = self.conn.get().await?;
@@ -118,31 +153,24 @@ impl ContextStore for RedisStore {
             .query_async(&mut c)
             .await
             .map_err(redis_err)?;
-        let mut snap = Snapshot::default();
-        for (k, v) in fields {
-            if k == "_version" {
-                snap.version = v
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("_version {v:?}")))?;
-            } else if let Some(key) = k.strip_prefix("_v:") {
-                let ver = v
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
-                snap.key_versions.insert(key.to_string(), ver);
-            } else {
-                let f: Fact = serde_json::from_str(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;
-                snap.facts.insert(k, f);
-            }
-        }
-        snap.recent_events = events
-            .iter()
-            .map(|e| {
-                serde_json::from_str::<Value>(e)
-                    .map_err(|x| StoreError::Corrupt(format!("event: {x}")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(snap)
+        parse_snapshot(fields, events)
+    }
+
+    async fn outcome_and_snapshot(
+        &self,
+        key: &ResourceKey,
+        task_id: &str,
+    ) -> Result<(Option<Outcome>, Snapshot), StoreError> {
+        let mut c = self.conn.get().await?;
+        let (outcome, fields, events): (Option<String>, BTreeMap<String, String>, Vec<String>) =
+            redis::pipe()
+                .get(self.outcome_key(key, task_id))
+                .hgetall(self.ctx_key(key))
+                .lrange(self.events_key(key), 0, -1)
+                .query_async(&mut c)
+                .await
+                .map_err(redis_err)?;
+        Ok((parse_outcome(outcome)?, parse_snapshot(fields, events)?))
     }
 
     async fn outcome(
@@ -156,10 +184,7 @@ impl ContextStore for RedisStore {
             .query_async(&mut c)
             .await
             .map_err(redis_err)?;
-        v.map(|s| {
-            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))
-        })
-        .transpose()
+        parse_outcome(v)
     }
 
     async fn commit(

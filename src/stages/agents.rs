@@ -15,8 +15,11 @@ use tokio::sync::Semaphore;
 use crate::agents::{
     allowed, Agent, AgentError, AgentRequest, AgentResponse, AgentSpec, ScopedContext,
 };
+use crate::audit::Sealer;
 use crate::codec;
-use crate::context::{CommitResult, ContextStore, Fact, Outcome, ResourceKey, StoreError};
+use crate::context::{
+    CommitResult, ContextStore, Fact, Outcome, ResourceKey, Snapshot, StoreError,
+};
 use crate::event::{now_rfc3339, CloudEvent};
 use crate::governance::{BudgetCheck, Budgets, Spender};
 use crate::kafka::runtime::{ProcessError, Processor};
@@ -46,13 +49,13 @@ pub struct AgentStage<S: ContextStore> {
     /// Reserved before every agent call: an exhausted budget refuses the task (spend stops).
     pub budgets: Arc<Budgets>,
     /// Where per-agent health counters go (`switchyard status`); none in unit tests.
-    pub stats: Option<crate::context::redis::RedisConn>,
-    pub stats_prefix: String,
+    pub stats: Option<Arc<crate::status::AgentStats>>,
     pub store: Arc<S>,
     pub emitter: Emitter,
     pub proposals_topic: String,
     pub results_topic: String,
-    pub audit_topic: String,
+    /// Seals the stage's audit records into their resource's chain.
+    pub sealer: Arc<Sealer>,
     pub dlq_topic: String,
     pub max_record_bytes: usize,
     /// Outcomes computed but not yet recorded (Redis failed right after the call): a retry records
@@ -115,7 +118,7 @@ pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, Proces
     let traceparent = ev.traceparent().map(str::to_string);
     let task: TaskData = serde_json::from_value(ev.data.unwrap_or(Value::Null))
         .map_err(|e| poison("malformed_task", e.to_string()))?;
-    let event: CloudEvent = serde_json::from_value(task.event.clone())
+    let event: CloudEvent = serde::Deserialize::deserialize(&task.event)
         .map_err(|e| poison("malformed_task", format!("task.event: {e}")))?;
     Ok(DecodedTask {
         task,
@@ -186,6 +189,7 @@ impl<S: ContextStore> AgentStage<S> {
         entry: &AgentEntry,
         t: &DecodedTask,
         key: &ResourceKey,
+        snap: Snapshot,
     ) -> Result<Outcome, ProcessError> {
         let task_id = t.task.task_id.clone();
         let cached = self
@@ -197,7 +201,7 @@ impl<S: ContextStore> AgentStage<S> {
         let (facts, outcome) = match cached {
             Some(c) => c,
             None => {
-                let c = self.call_and_check(entry, t, key).await?;
+                let c = self.call_and_check(entry, t, snap).await?;
                 self.unrecorded
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -228,12 +232,9 @@ impl<S: ContextStore> AgentStage<S> {
         &self,
         entry: &AgentEntry,
         t: &DecodedTask,
-        key: &ResourceKey,
+        snap: Snapshot,
     ) -> Result<Computed, ProcessError> {
         let name = t.task.agent.as_str();
-        let snap = timed("snapshot", self.store.snapshot(key))
-            .await
-            .map_err(transient("snapshot"))?;
         let spender = Spender {
             agent: name,
             workflow: &t.task.workflow_id,
@@ -327,14 +328,14 @@ impl<S: ContextStore> AgentStage<S> {
         Ok((facts, outcome))
     }
 
-    /// The records an outcome causes: proposals, the result, audit records, and a dead letter for a
-    /// failed task.
+    /// The records an outcome causes: proposals, the result, a dead letter for a failed task, and
+    /// the (unsealed) audit records.
     fn outputs(
         &self,
         rec: &Input,
         t: &DecodedTask,
         o: &Outcome,
-    ) -> Result<Vec<Output>, ProcessError> {
+    ) -> Result<(Vec<Output>, Vec<CloudEvent>), ProcessError> {
         let task = &t.task;
         let tp = t.traceparent.as_deref();
         let mut out = Vec::new();
@@ -421,10 +422,12 @@ impl<S: ContextStore> AgentStage<S> {
             json!({"agent": task.agent, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
                    "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>()}),
         );
-        out.push(self.emitter.emit(
-            &self.audit_topic,
-            &audit_event(SOURCE, &["agent_result", &task.task_id], &a, tp)?,
-        )?);
+        let mut audits = vec![audit_event(
+            SOURCE,
+            &["agent_result", &task.task_id],
+            &a,
+            tp,
+        )?];
         for r in &o.refusals {
             let (kind, what) = r.split_once(':').unwrap_or(("scope", r.as_str()));
             let a = if kind == "budget" {
@@ -440,10 +443,7 @@ impl<S: ContextStore> AgentStage<S> {
                     json!({"agent": task.agent, "kind": kind, "key": what}),
                 )
             };
-            out.push(self.emitter.emit(
-                &self.audit_topic,
-                &audit_event(SOURCE, &["refused", &task.task_id, r], &a, tp)?,
-            )?);
+            audits.push(audit_event(SOURCE, &["refused", &task.task_id, r], &a, tp)?);
         }
         if o.status == "failed" || o.status == "timed_out" {
             let detail = format!(
@@ -465,7 +465,7 @@ impl<S: ContextStore> AgentStage<S> {
                 self.max_record_bytes,
             ));
         }
-        Ok(out)
+        Ok((out, audits))
     }
 }
 
@@ -488,9 +488,12 @@ impl<S: ContextStore> Processor for AgentStage<S> {
             ));
         };
         let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
-        let recorded = timed("outcome", self.store.outcome(&key, &t.task.task_id))
-            .await
-            .map_err(transient("outcome"))?;
+        let (recorded, snap) = timed(
+            "snapshot",
+            self.store.outcome_and_snapshot(&key, &t.task.task_id),
+        )
+        .await
+        .map_err(transient("snapshot"))?;
         let outcome = match recorded {
             Some(o) => {
                 METRICS
@@ -501,20 +504,9 @@ impl<S: ContextStore> Processor for AgentStage<S> {
                 o
             }
             None => {
-                let o = self.run(entry, &t, &key).await?;
-                if let Some(conn) = &self.stats {
-                    let (conn, agent, status) =
-                        (conn.clone(), t.task.agent.clone(), o.status.clone());
-                    let prefix = self.stats_prefix.clone();
-                    // Health counters for `switchyard status`; best effort, off the hot path.
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            crate::status::record_agent_outcome(&conn, &prefix, &agent, &status)
-                                .await
-                        {
-                            tracing::debug!(error = %e, "Recording agent health failed.");
-                        }
-                    });
+                let o = self.run(entry, &t, &key, snap).await?;
+                if let Some(stats) = &self.stats {
+                    stats.count(&t.task.agent, &o.status);
                 }
                 for r in o.refusals.iter().filter(|r| !r.starts_with("budget:")) {
                     let kind = r.split_once(':').map(|(k, _)| k).unwrap_or("scope");
@@ -526,6 +518,8 @@ impl<S: ContextStore> Processor for AgentStage<S> {
                 o
             }
         };
-        self.outputs(&rec, &t, &outcome)
+        let (mut out, audits) = self.outputs(&rec, &t, &outcome)?;
+        out.extend(self.sealer.outputs("agents", &self.emitter, audits).await?);
+        Ok(out)
     }
 }

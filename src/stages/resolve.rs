@@ -14,6 +14,7 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::audit::Sealer;
 use crate::codec;
 use crate::context::redis::RedisConn;
 use crate::context::{ResourceKey, StoreError};
@@ -297,7 +298,8 @@ pub struct ResolveStage {
     pub emitter: Emitter,
     pub actions_topic: String,
     pub approvals_topic: String,
-    pub audit_topic: String,
+    /// Seals each decision into its resource's audit chain.
+    pub sealer: Arc<Sealer>,
     /// Decisions are kept this long (the window in which a redelivered proposal is recognised).
     pub decision_ttl: u64,
 }
@@ -599,8 +601,8 @@ impl ResolveStage {
         Ok((decided, fields))
     }
 
-    /// The records a decision causes.
-    fn outputs(
+    /// The records a decision causes, its audit record sealed.
+    async fn outputs(
         &self,
         p: &ProposalData,
         d: &Decided,
@@ -652,7 +654,11 @@ impl ResolveStage {
         };
         let mut ev = audit_event(SOURCE, &[&d.outcome, &p.proposal_id], &audit, tp)?;
         at(&mut ev, &d.at);
-        out.push(self.emitter.emit(&self.audit_topic, &ev)?);
+        out.extend(
+            self.sealer
+                .outputs("resolve", &self.emitter, vec![ev])
+                .await?,
+        );
         Ok(out)
     }
 }
@@ -711,7 +717,7 @@ impl Processor for ResolveStage {
                 .filter(|a| a.status == "pending")
                 .collect();
             self.store.index_open(&open).await.map_err(transient)?;
-            return self.outputs(&p, &d, tp.as_deref());
+            return self.outputs(&p, &d, tp.as_deref()).await;
         }
         let inval = self
             .rules
@@ -795,7 +801,7 @@ impl Processor for ResolveStage {
                 if decided.outcome == "approval_requested" {
                     METRICS.approvals.with_label_values(&["requested"]).inc();
                 }
-                return self.outputs(&p, &decided, tp.as_deref());
+                return self.outputs(&p, &decided, tp.as_deref()).await;
             }
             // Someone (an approval decision) changed the resource meanwhile: decide again.
         }

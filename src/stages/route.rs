@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::audit::Sealer;
 use crate::codec;
 use crate::event::CloudEvent;
 use crate::kafka::runtime::{ProcessError, Processor};
@@ -21,12 +22,17 @@ pub struct RouteStage {
     pub router: Router,
     pub emitter: Emitter,
     pub tasks_topic: String,
-    pub audit_topic: String,
+    /// Seals the routing decision into the resource's audit chain.
+    pub sealer: Arc<Sealer>,
 }
 
 impl RouteStage {
-    /// The records one decoded event causes: its tasks and one audit record.
-    pub fn outputs_for(&self, topic: &str, ev: &CloudEvent) -> Result<Vec<Output>, ProcessError> {
+    /// The records one decoded event causes: its tasks, and its (unsealed) audit record.
+    pub fn outputs_for(
+        &self,
+        topic: &str,
+        ev: &CloudEvent,
+    ) -> Result<(Vec<Output>, CloudEvent), ProcessError> {
         let matches = self.router.route(topic, ev);
         let resource = ev.subject.clone().unwrap_or_default();
         let wf = workflow_id(ev);
@@ -75,8 +81,7 @@ impl RouteStage {
             hash: None,
         };
         let audit_ev = audit_event(SOURCE, &[decision, &wf], &audit, ev.traceparent())?;
-        out.push(self.emitter.emit(&self.audit_topic, &audit_ev)?);
-        Ok(out)
+        Ok((out, audit_ev))
     }
 
     fn task_event(
@@ -120,6 +125,12 @@ impl Processor for RouteStage {
                 reason: e.reason(),
                 detail: e.to_string(),
             })?;
-        self.outputs_for(&rec.topic, &ev)
+        let (mut out, audit) = self.outputs_for(&rec.topic, &ev)?;
+        out.extend(
+            self.sealer
+                .outputs("route", &self.emitter, vec![audit])
+                .await?,
+        );
+        Ok(out)
     }
 }

@@ -71,7 +71,6 @@ pub const LOGICAL_TOPICS: &[&str] = &[
     "switchyard.results",
     "switchyard.audit",
     "switchyard.dlq",
-    "switchyard.audit-log",
     "switchyard.approval-decisions",
 ];
 
@@ -144,7 +143,6 @@ topics:
   results: {prefix}.switchyard.results
   audit: {prefix}.switchyard.audit
   dlq: {prefix}.switchyard.dlq
-  audit_log: {prefix}.switchyard.audit-log
   decisions: {prefix}.switchyard.approval-decisions
 schemas_dir: {schemas}
 {routes}
