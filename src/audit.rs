@@ -159,17 +159,10 @@ impl Sealer {
         format!("{}:auditchain:{}", self.prefix, k.hash_tag())
     }
 
-    /// The record's id plus a digest of its data (ids are deterministic per decision; the digest
-    /// keeps two different decisions that happen to share an id apart).
+    /// Audit record ids are deterministic per decision (event, task, proposal or approval id plus
+    /// the decision), so the id names the record's place across redeliveries.
     fn memo_key(&self, k: &ResourceKey, ev: &CloudEvent) -> String {
-        let data = ev.data.as_ref().map(canonical_json).unwrap_or_default();
-        let digest = hex::encode(&Sha256::digest(data.as_bytes())[..12]);
-        format!(
-            "{}:auditmemo:{}:{}:{digest}",
-            self.prefix,
-            k.hash_tag(),
-            ev.id
-        )
+        format!("{}:auditmemo:{}:{}", self.prefix, k.hash_tag(), ev.id)
     }
 
     fn cached(&self, k: &ResourceKey) -> (u64, Option<String>) {

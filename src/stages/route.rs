@@ -80,7 +80,12 @@ impl RouteStage {
             prev_hash: None,
             hash: None,
         };
-        let audit_ev = audit_event(SOURCE, &[decision, &wf], &audit, ev.traceparent())?;
+        let audit_ev = audit_event(
+            SOURCE,
+            &[decision, &ev.source, &ev.id, &wf],
+            &audit,
+            ev.traceparent(),
+        )?;
         Ok((out, audit_ev))
     }
 
@@ -117,6 +122,14 @@ impl RouteStage {
 impl Processor for RouteStage {
     fn stage(&self) -> &'static str {
         "route"
+    }
+
+    /// One lane per record key: records with the same key (the resource id, as producers usually
+    /// key them) are routed in order, as Kafka orders them; different keys run concurrently, so a
+    /// partition is not held up by one record's audit round trip. Records without a key keep
+    /// partition order.
+    fn lane(&self, rec: &Input) -> u64 {
+        rec.key_lane()
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {

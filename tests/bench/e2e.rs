@@ -207,6 +207,10 @@ impl Bench {
             .replace("../topics", &root().join("topics").display().to_string())
             .replace("../schemas", &root().join("schemas").display().to_string())
             .replace("level: info", "level: warn")
+            .replace(
+                "linger.ms: \"5\"",
+                &format!("linger.ms: \"{}\"", linger_ms()),
+            )
             .replace("max_calls: 100000", "max_calls: 100000000")
             .replace("max_cost: 500.0", "max_cost: 100000000.0");
         let path = dir.join("switchyard.yaml");
@@ -513,7 +517,7 @@ fn limit_chain(brokers: &str) {
                 .expect("consumer");
             let p: FutureProducer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
-                .set("linger.ms", "5")
+                .set("linger.ms", linger_ms())
                 .set("enable.idempotence", "true")
                 .create()
                 .expect("producer");
@@ -607,10 +611,17 @@ fn main() {
         "e2e benchmark: {} events over {} resources per phase",
         bench.events, bench.resources
     );
-    if env_or("BENCH_ONLY", "") == "switchyard" {
-        // Profiling aid: one maximum-rate switchyard phase.
-        run(System::Switchyard, None, "only");
-        return;
+    match env_or("BENCH_ONLY", "").as_str() {
+        // Profiling aids: one maximum-rate phase of one system.
+        "switchyard" => {
+            run(System::Switchyard, None, "only");
+            return;
+        }
+        "limit" => {
+            run(System::Limit, None, "only");
+            return;
+        }
+        _ => {}
     }
     let lim = run(System::Limit, None, "lmax");
     let sy = run(System::Switchyard, None, "smax");
@@ -694,6 +705,12 @@ fn main() {
         );
         println!("wrote {}", path.display());
     }
+}
+
+/// Producer `linger.ms` of both the limit chain and switchyard (BENCH_LINGER_MS, default 5, as in
+/// deploy/switchyard.yaml).
+fn linger_ms() -> String {
+    env_or("BENCH_LINGER_MS", "5")
 }
 
 fn machine() -> serde_json::Value {
