@@ -120,19 +120,47 @@ impl ResourceStore {
         k: &ResourceKey,
         keys: &[String],
     ) -> Result<(Loaded, BTreeMap<String, u64>), StoreError> {
+        let (_, l, v) = self.load_with_decision(k, keys, None).await?;
+        Ok((l, v))
+    }
+
+    /// [`Self::load`], plus the stored decision of `proposal_id` when given, in one round trip.
+    pub async fn load_with_decision(
+        &self,
+        k: &ResourceKey,
+        keys: &[String],
+        proposal_id: Option<&str>,
+    ) -> Result<(Option<Decided>, Loaded, BTreeMap<String, u64>), StoreError> {
+        use redis::FromRedisValue;
         let mut c = self.conn.get().await?;
         let mut pipe = redis::pipe();
         pipe.hgetall(self.res_key(k));
+        if let Some(id) = proposal_id {
+            pipe.get(self.decision_key(k, id));
+        }
         let fields: Vec<String> = keys.iter().map(|k| format!("_v:{k}")).collect();
         if !fields.is_empty() {
             pipe.cmd("HMGET").arg(self.ctx_key(k)).arg(&fields);
         }
-        let (hash, versions): (HashMap<String, String>, Vec<Option<u64>>) = if fields.is_empty() {
-            let (h,): (HashMap<String, String>,) = pipe.query_async(&mut c).await.map_err(rerr)?;
-            (h, Vec::new())
-        } else {
-            pipe.query_async(&mut c).await.map_err(rerr)?
+        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await.map_err(rerr)?;
+        let mut replies = replies.into_iter();
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let hash: HashMap<String, String> =
+            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
+        let decided: Option<String> = match proposal_id {
+            Some(_) => {
+                FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?
+            }
+            None => None,
         };
+        let versions: Vec<Option<u64>> = if fields.is_empty() {
+            Vec::new()
+        } else {
+            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("versions", e))?
+        };
+        let decided = decided
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("decision", e)))
+            .transpose()?;
         let mut l = Loaded::default();
         for (f, v) in hash {
             match f.as_str() {
@@ -160,7 +188,7 @@ impl ResourceStore {
             .zip(versions)
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect();
-        Ok((l, key_versions))
+        Ok((decided, l, key_versions))
     }
 
     /// Writes `fields` if the resource is still at `rev`; also sets `side` (a decision) when given.
@@ -189,21 +217,6 @@ impl ResourceStore {
         }
         let ok: i64 = inv.invoke_async(&mut c).await.map_err(rerr)?;
         Ok(ok == 1)
-    }
-
-    pub async fn decision(
-        &self,
-        k: &ResourceKey,
-        proposal_id: &str,
-    ) -> Result<Option<Decided>, StoreError> {
-        let mut c = self.conn.get().await?;
-        let v: Option<String> = redis::cmd("GET")
-            .arg(self.decision_key(k, proposal_id))
-            .query_async(&mut c)
-            .await
-            .map_err(rerr)?;
-        v.map(|s| serde_json::from_str(&s).map_err(|e| corrupt("decision", e)))
-            .transpose()
     }
 
     /// Adds approvals to the open index (idempotent).
@@ -704,12 +717,19 @@ impl Processor for ResolveStage {
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
         let (p, tp) = decode_proposal(&rec, &self.emitter)?;
         let key = ResourceKey::new(p.tenant.clone(), p.resource.clone());
-        if let Some(d) = self
+        let inval = self
+            .rules
+            .actions
+            .get(&p.action)
+            .map(|r| r.invalidated_by.clone())
+            .unwrap_or_default();
+        // One round trip: a decision stored for this proposal (a redelivery), and the state.
+        let (stored, loaded, key_versions) = self
             .store
-            .decision(&key, &p.proposal_id)
+            .load_with_decision(&key, &inval, Some(&p.proposal_id))
             .await
-            .map_err(transient)?
-        {
+            .map_err(transient)?;
+        if let Some(d) = stored {
             METRICS.proposals.with_label_values(&["replayed"]).inc();
             let open: Vec<&ApprovalData> = d
                 .approvals
@@ -719,14 +739,12 @@ impl Processor for ResolveStage {
             self.store.index_open(&open).await.map_err(transient)?;
             return self.outputs(&p, &d, tp.as_deref()).await;
         }
-        let inval = self
-            .rules
-            .actions
-            .get(&p.action)
-            .map(|r| r.invalidated_by.clone())
-            .unwrap_or_default();
+        let mut first = Some((loaded, key_versions));
         for _ in 0..20 {
-            let (loaded, key_versions) = self.store.load(&key, &inval).await.map_err(transient)?;
+            let (loaded, key_versions) = match first.take() {
+                Some(l) => l,
+                None => self.store.load(&key, &inval).await.map_err(transient)?,
+            };
             if loaded
                 .applied
                 .get(&rec.partition)
