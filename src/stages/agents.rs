@@ -60,7 +60,7 @@ pub struct AgentStage<S: ContextStore> {
     pub max_record_bytes: usize,
     /// Outcomes computed but not yet recorded (Redis failed right after the call): a retry records
     /// these instead of calling the agent again.
-    pub unrecorded: std::sync::Mutex<HashMap<String, Computed>>,
+    pub unrecorded: std::sync::Mutex<HashMap<String, Arc<Computed>>>,
 }
 
 /// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
@@ -135,21 +135,23 @@ impl<S: ContextStore> AgentStage<S> {
         entry: &AgentEntry,
         t: &DecodedTask,
         version: u64,
-        facts: &std::collections::BTreeMap<String, Value>,
+        facts: std::collections::BTreeMap<String, Value>,
     ) -> (Result<AgentResponse, AgentError>, u32, Vec<String>) {
         let spec = &entry.spec;
         let name = t.task.agent.as_str();
         let mut refused_reads = Vec::new();
         let mut attempt = 0;
+        // Every attempt sees the same snapshot: the request is built once.
+        let mut req = AgentRequest {
+            agent: name.to_string(),
+            task: t.task.clone(),
+            event: t.event.clone(),
+            context: ScopedContext::new(version, facts, &spec.reads),
+            attempt,
+        };
         loop {
             attempt += 1;
-            let req = AgentRequest {
-                agent: name.to_string(),
-                task: t.task.clone(),
-                event: t.event.clone(),
-                context: ScopedContext::new(version, facts.clone(), &spec.reads),
-                attempt,
-            };
+            req.attempt = attempt;
             let result = {
                 let _permit = entry.permits.acquire().await;
                 METRICS.agent_in_flight.with_label_values(&[name]).inc();
@@ -198,10 +200,10 @@ impl<S: ContextStore> AgentStage<S> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&task_id)
             .cloned();
-        let (facts, outcome) = match cached {
+        let computed = match cached {
             Some(c) => c,
             None => {
-                let c = self.call_and_check(entry, t, snap).await?;
+                let c = Arc::new(self.call_and_check(entry, t, snap).await?);
                 self.unrecorded
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -209,11 +211,12 @@ impl<S: ContextStore> AgentStage<S> {
                 c
             }
         };
+        let (facts, outcome) = &*computed;
         let summary = json!({"id": t.event.id, "type": t.event.ty, "time": t.event.time});
         let recorded = timed(
             "commit",
             self.store
-                .commit(key, &task_id, &facts, Some(&summary), &outcome),
+                .commit(key, &task_id, facts, Some(&summary), outcome),
         )
         .await
         .map_err(transient("commit"))?;
@@ -222,7 +225,10 @@ impl<S: ContextStore> AgentStage<S> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&task_id);
         Ok(match recorded {
-            CommitResult::Applied { .. } => outcome,
+            CommitResult::Applied { .. } => match Arc::try_unwrap(computed) {
+                Ok((_, o)) => o,
+                Err(shared) => shared.1.clone(),
+            },
             CommitResult::AlreadyRecorded(o) => *o,
         })
     }
@@ -268,7 +274,7 @@ impl<S: ContextStore> AgentStage<S> {
             .inc();
         let started = Instant::now();
         let (result, attempts, refused_reads) =
-            self.call(entry, t, snap.version, &snap.values()).await;
+            self.call(entry, t, snap.version, snap.values()).await;
         let duration_ms = started.elapsed().as_millis() as u64;
         METRICS
             .agent_duration
