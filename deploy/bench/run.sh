@@ -4,6 +4,8 @@
 #
 #   deploy/bench/run.sh                 # 20,000 events per phase over 10,000 resources
 #   BENCH_EVENTS=50000 deploy/bench/run.sh
+#   BENCH_LINGER_MS=20 deploy/bench/run.sh   # producer linger.ms of both the limit chain and switchyard
+#   BENCH_ONLY=switchyard deploy/bench/run.sh  # one maximum-rate phase (or =limit), e.g. under perf
 #
 # Writes deploy/bench/results/e2e.json and e2e.png (the README shows them). The broker is restarted
 # between phases (tansu's memory store grows without bound).
@@ -32,6 +34,9 @@ export BENCH_OUT="$OUT"
 
 echo "bench: building (release) and running; this takes several minutes" >&2
 cargo bench --bench e2e
+if [[ -n "${BENCH_ONLY:-}" ]]; then
+    exit 0   # a single phase: no table, JSON or plot
+fi
 "$VENV/bin/python" "$ROOT/deploy/bench/plot.py" "$OUT/e2e.json" "$OUT/e2e.png"
 echo "bench: microbenchmarks (criterion)" >&2
 cargo bench --bench micro -- --warm-up-time 1 --measurement-time 3 2>/dev/null | grep -E "^[a-z_/0-9]+ +time:|^(decode|route|resolve)" || true
