@@ -241,7 +241,11 @@ impl Approvals {
             self.sealer
                 .outputs("approvals", &self.emitter, vec![ev])
                 .await
-                .map_err(pe)?,
+                .map_err(|e| match e {
+                    // Redis unreachable: retryable, like the rest of a decision.
+                    ProcessError::Transient(m) => ApprovalError::Store(StoreError::Redis(m)),
+                    e => pe(e),
+                })?,
         );
         Ok(out)
     }

@@ -11,7 +11,7 @@
 //! seq, same hash, from a memo): the verifier drops exact repeats.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis::Script;
 use serde::{Deserialize, Serialize};
@@ -98,11 +98,14 @@ const SEAL: &str = r#"
 -- KEYS[1] = chain head (hash: seq, hash); KEYS[2..] = one memo key per record.
 -- ARGV[1] = expected head seq, ARGV[2] = memo ttl, ARGV[3] = new head seq, ARGV[4] = new head hash,
 -- ARGV[5..] = one memo value per record.
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local out = {'memo'}
-  for i = 2, #KEYS do out[#out + 1] = redis.call('GET', KEYS[i]) or '' end
-  return out
+local memos = {'memo'}
+local any = false
+for i = 2, #KEYS do
+  local m = redis.call('GET', KEYS[i])
+  if m then any = true end
+  memos[#memos + 1] = m or ''
 end
+if any then return memos end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if seq ~= tonumber(ARGV[1]) then
   return {'conflict', tostring(seq), redis.call('HGET', KEYS[1], 'hash') or ''}
@@ -139,6 +142,9 @@ pub struct Sealer {
     script: Script,
     memo_ttl: u64,
     heads: Mutex<HashMap<ResourceKey, (u64, Option<String>)>>,
+    /// One seal at a time per chain in this process: the compare-and-set then only races other
+    /// processes, instead of every concurrent task here.
+    chain_locks: Mutex<HashMap<ResourceKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Where sealed records go.
     pub topic: String,
 }
@@ -151,6 +157,7 @@ impl Sealer {
             script: Script::new(SEAL),
             memo_ttl: memo_ttl.max(1),
             heads: Mutex::new(HashMap::new()),
+            chain_locks: Mutex::new(HashMap::new()),
             topic: topic.into(),
         }
     }
@@ -226,9 +233,42 @@ impl Sealer {
     async fn seal_chain(
         &self,
         k: &ResourceKey,
+        pending: Vec<CloudEvent>,
+    ) -> Result<Vec<CloudEvent>, StoreError> {
+        let lock = self
+            .chain_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(k.clone())
+            .or_default()
+            .clone();
+        let sealed = {
+            let _one_at_a_time = lock.lock().await;
+            self.seal_chain_locked(k, pending).await
+        };
+        let mut locks = self.chain_locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this call hold it: nobody waits, forget it.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(k);
+        }
+        sealed
+    }
+
+    async fn seal_chain_locked(
+        &self,
+        k: &ResourceKey,
         mut pending: Vec<CloudEvent>,
     ) -> Result<Vec<CloudEvent>, StoreError> {
         let redis_err = |e: redis::RedisError| StoreError::Redis(e.to_string());
+        // Ids name the memos: two records with one id would share a place in the chain.
+        let mut ids: Vec<&str> = pending.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(StoreError::Corrupt(format!(
+                "two audit records share the id {}",
+                w[0]
+            )));
+        }
         let mut done = Vec::with_capacity(pending.len());
         let mut head = self.cached(k);
         let mut attempts = 0;
@@ -238,6 +278,17 @@ impl Sealer {
                 return Err(StoreError::Redis(
                     "audit chain head kept changing; retrying".into(),
                 ));
+            }
+            if attempts > 3 {
+                // A chain busy in other processes: back off, with jitter, to let them through.
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() % 5)
+                    .unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    (attempts * 2 + jitter as u64).min(100),
+                ))
+                .await;
             }
             let mut sealed = Vec::with_capacity(pending.len());
             let mut memos = Vec::with_capacity(pending.len());

@@ -640,3 +640,65 @@ async fn cli_publish_from_stdin_and_tail() {
     assert_eq!(recs[2]["event"]["subject"], "c");
     assert_eq!(recs[2]["key"], "c", "published keyed by subject");
 }
+
+/// An output the broker will never take (here a task bigger than the producer's `message.max.bytes`)
+/// dead-letters its input, and the event's audit record, already sealed into its chain, still goes
+/// out: the chain has no hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_dead_letters_the_input_and_keeps_the_audit_chain_whole() {
+    // A long route name makes every task (and routing audit record) big, so an event with a large
+    // payload yields a task over the limit while its dead letter and audit record stay under it.
+    let routes = format!(
+        "{DEFAULT_AGENTS}\nroutes:\n  - name: deployments-{}\n    types: [\"deployment.*\"]\n    agents: [deploy-guard]\n",
+        "r".repeat(1500)
+    );
+    let env = TestEnv::with(1, "  producer:\n    message.max.bytes: \"2800\"", &routes).await;
+    let (stop, h) = start(&env).await;
+    let topic = "events.deployments";
+    env.publish(
+        topic,
+        &[
+            event("small-1", "deployment.started", "svc-b", json!({})),
+            event(
+                "huge-1",
+                "deployment.started",
+                "svc-b",
+                json!({"notes": "x".repeat(1500)}),
+            ),
+            event("small-2", "deployment.completed", "svc-b", json!({})),
+        ],
+    )
+    .await;
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        header(&dlq[0], dlq_headers::REASON),
+        Some("output_too_large")
+    );
+    let tasks = env
+        .read("switchyard.tasks", 2, Duration::from_secs(30))
+        .await;
+    let ids: Vec<String> = tasks.iter().map(task_event_id).collect();
+    assert_eq!(ids, ["small-1", "small-2"]);
+    let audit = env
+        .read("switchyard.audit", 3, Duration::from_secs(30))
+        .await;
+    let decisions: Vec<AuditData> = audit
+        .iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        3,
+        "every event's routing decision is audited"
+    );
+    assert!(decisions
+        .iter()
+        .any(|d| d.event_id.as_deref() == Some("huge-1")));
+    let events: Vec<(i64, switchyard::event::CloudEvent)> =
+        audit.iter().map(|r| (r.offset, event_of(r))).collect();
+    let v = switchyard::audit::verify(&events);
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}

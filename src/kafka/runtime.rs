@@ -690,6 +690,7 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
     }
     let mut futures = Vec::with_capacity(outputs.len());
     let mut sent = Vec::with_capacity(outputs.len());
+    let mut dead_lettered = false;
     for out in outputs {
         match shared
             .producer
@@ -707,12 +708,17 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
             }
             Err(super::ProduceError::Rejected { topic, source }) if is_too_large(&source) => {
                 // A record the broker will never take. A dead letter keeps its headers but drops its
-                // payload; any other output dead-letters the input instead (and nothing after it).
+                // payload; any other output is skipped and dead-letters the input (once). The other
+                // outputs still go out: audit records are already sealed into their chains, and a
+                // chain must not have a hole.
                 let dl = if out.topic == s.dlq_topic {
                     let mut dl = out.clone();
                     dl.payload.clear();
                     dl
+                } else if dead_lettered {
+                    continue;
                 } else {
+                    dead_lettered = true;
                     METRICS
                         .dlq_records
                         .with_label_values(&[stage, "output_too_large"])
@@ -731,7 +737,6 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
                     Ok(f) => {
                         futures.push(f);
                         sent.push(dl);
-                        break;
                     }
                     Err(e) => {
                         shared.set_fatal(format!("cannot write dead letter: {e}"));
