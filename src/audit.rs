@@ -361,19 +361,6 @@ impl Sealer {
         }
         Ok(done)
     }
-
-    /// The head of a resource's chain as stored: (seq, hash).
-    pub async fn head(&self, k: &ResourceKey) -> Result<(u64, Option<String>), StoreError> {
-        let mut c = self.conn.get().await?;
-        let (seq, hash): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.head_key(k))
-            .arg("seq")
-            .arg("hash")
-            .query_async(&mut c)
-            .await
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
-        Ok((seq.unwrap_or(0), hash.filter(|h| !h.is_empty())))
-    }
 }
 
 fn sealed_hash(ev: &CloudEvent) -> Option<String> {
