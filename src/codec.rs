@@ -69,6 +69,13 @@ impl DecodeError {
     }
 }
 
+/// A record that cannot be decoded can never be processed: it goes to the dead-letter topic.
+impl From<DecodeError> for crate::error::ProcessError {
+    fn from(e: DecodeError) -> Self {
+        crate::error::ProcessError::poison(e.reason(), e.to_string())
+    }
+}
+
 /// How switchyard writes events to a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,6 +83,16 @@ pub enum Encoding {
     #[default]
     Json,
     Avro,
+}
+
+impl Encoding {
+    /// The name used in topic definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Avro => "avro",
+        }
+    }
 }
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
@@ -339,6 +356,14 @@ pub enum EncodeError {
     Avro { schema: String, detail: String },
     #[error("cannot serialize event as JSON: {0}")]
     Json(String),
+}
+
+/// A record switchyard built that cannot be encoded is a bug or a schema that does not fit: the stage
+/// stops rather than skip it.
+impl From<EncodeError> for crate::error::ProcessError {
+    fn from(e: EncodeError) -> Self {
+        crate::error::ProcessError::Fatal(e.to_string())
+    }
 }
 
 /// An encoded record body plus the headers that describe it.

@@ -124,6 +124,11 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Seconds since the Unix epoch, now.
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
 /// Extension attribute names must be lower-case letters and digits (CloudEvents 1.0, section 3.1.1).
 pub fn is_valid_extension_name(name: &str) -> bool {
     !name.is_empty()

@@ -1,39 +1,66 @@
 //! switchyard: a Kafka-native orchestrator for background agents.
 //!
 //! Existing systems publish events to Kafka; switchyard routes them to agents, lets agents share
-//! context in Redis, serialises every action on a resource through a conflict-resolution stage, applies
-//! governance, and writes results back to Kafka.
+//! context in Redis, serialises every action on a resource through a conflict-resolution stage,
+//! applies governance, and writes results back to Kafka.
 //!
 //! # Layout
+//! Entry points use stages; stages use the domain; the domain uses the contract, the stores and the
+//! error taxonomy; nothing imports an entry point or a stage (`deploy/tools/import_graph.py` checks
+//! it).
+//!
+//! Entry points:
+//! - `main.rs`: parses the command line and dispatches to [`cmd`];
+//! - [`cmd`]: one module per command (run, validate, config, topics, publish, tail, status, audit,
+//!   approvals);
+//! - [`app`]: `switchyard run` — builds the shared services, starts the stages of the registry, the
+//!   HTTP server and the health checker, and shuts down cleanly.
+//!
+//! Stages:
+//! - [`stages`]: the registry [`stages::STAGES`] and one module per stage (route, agents, resolve,
+//!   decisions).
+//!
+//! Domain:
+//! - [`config`]: composes the sections each module owns; loads a file or the [`embedded`] default;
+//!   validation that lists every problem;
+//! - [`agents`]: the agent model, kinds (built-in, HTTP, Kafka), built-ins one per file, health
+//!   stats;
+//! - [`context`]: the shared context store (trait, Redis, memory, contract suite);
+//! - [`resolve`]: rules (pure), apply (pure), store (the only owner of the resource state);
+//! - [`governance`]: access and approval rules, budgets, the approvals service;
+//! - [`audit`]: record hashes, sealing into per-resource chains, verification;
+//! - [`http`]: the HTTP server (metrics, health) and the approvals API.
+//!
+//! Contract and foundations:
 //! - [`event`]: the CloudEvents 1.0 contract; [`codec`]: records ⇄ events (JSON, binary mode, Avro);
-//!   [`schema`]: Avro schemas from `schemas/`.
-//! - [`config`]: the YAML config and its validation; [`topics`]: topic definitions and `topics apply`.
-//! - [`kafka`]: client settings, producer, and the commit-safe consumer [`kafka::runtime`] every stage
-//!   runs on, with ordered ack tracking in [`kafka::acks`].
-//! - [`route`]: pure routing rules; [`stages`]: the stage processors (route, agents, ...);
-//! - [`agents`]: the agent model, built-in agents, HTTP and Kafka agents; [`context`]: the shared
-//!   context store (Redis, and in memory for tests);
-//!   [`records`]: the records switchyard writes.
-//! - [`telemetry`]: every metric and the log setup; [`http`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`app`]: `switchyard run`; [`cli`]: `publish` and `tail`.
+//!   [`schema`]: Avro schemas; [`records`]: the records switchyard writes and agents' answers;
+//! - [`topics`]: topic names and definitions, `topics apply`; [`route`]: pure routing rules;
+//!   [`pattern`]: `*` patterns and deterministic ids;
+//! - [`kafka`]: client settings, producer, and the commit-safe consumer runtime;
+//! - [`store`]: the Redis connection and resource keys; [`error`]: the error taxonomy that decides
+//!   dead-letter, retry or stop; [`secret`]: redacted secrets; [`telemetry`]: every metric and the
+//!   log setup; [`embedded`]: the shipped defaults compiled in.
 
 pub mod agents;
 pub mod app;
-pub mod approvals;
 pub mod audit;
-pub mod cli;
+pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod context;
+pub mod embedded;
+pub mod error;
 pub mod event;
 pub mod governance;
 pub mod http;
 pub mod kafka;
+pub mod pattern;
 pub mod records;
 pub mod resolve;
 pub mod route;
 pub mod schema;
+pub mod secret;
 pub mod stages;
-pub mod status;
+pub mod store;
 pub mod telemetry;
 pub mod topics;

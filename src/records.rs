@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::codec::{self, CONTENT_TYPE_HEADER};
+use crate::error::ProcessError;
 use crate::event::CloudEvent;
-use crate::kafka::runtime::ProcessError;
 use crate::kafka::Output;
 use crate::schema::SchemaRegistry;
 use crate::topics::TopicCatalog;
@@ -22,6 +22,66 @@ pub mod types {
     pub const APPROVAL: &str = "switchyard.approval";
     pub const AUDIT: &str = "switchyard.audit";
 }
+
+// ---- What agents answer (the JSON body HTTP and Kafka agents send back, too) ----
+
+/// Impact of a proposed action; approval rules use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Impact {
+    #[default]
+    Low,
+    Medium,
+    High,
+}
+
+impl Impact {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Impact::Low => "low",
+            Impact::Medium => "medium",
+            Impact::High => "high",
+        }
+    }
+}
+
+/// A fact an agent shares into the resource's context.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Finding {
+    /// Context key, e.g. `deployment` or `suspect_deployment`.
+    pub key: String,
+    pub value: Value,
+}
+
+/// An action an agent wants on the task's resource.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ProposalSpec {
+    /// Action type, e.g. `rollback`; must be one of the agent's declared `actions`.
+    pub action: String,
+    #[serde(default)]
+    pub parameters: Value,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub impact: Impact,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Estimated cost of the action (approval rules with `min_cost` use it).
+    #[serde(default)]
+    pub cost: Option<f64>,
+}
+
+/// What an agent returns (also the JSON body HTTP and Kafka agents send back).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentResponse {
+    #[serde(default)]
+    pub findings: Vec<Finding>,
+    #[serde(default)]
+    pub proposals: Vec<ProposalSpec>,
+}
+
+// ---- Records on switchyard's topics ----
 
 /// `data` of a `switchyard.task` event: one agent's assignment for one routed event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +112,7 @@ pub struct ProposalData {
     #[serde(deserialize_with = "json_or_text")]
     pub parameters: Value,
     pub priority: i32,
-    pub impact: crate::agents::Impact,
+    pub impact: Impact,
     /// Version of the resource's shared context the agent saw.
     pub context_version: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,7 +143,7 @@ pub struct ActionData {
     #[serde(deserialize_with = "json_or_text")]
     pub agents: Value,
     pub priority: i32,
-    pub impact: crate::agents::Impact,
+    pub impact: Impact,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,7 +262,7 @@ impl Emitter {
     pub fn emit(&self, topic: &str, ev: &CloudEvent) -> Result<Output, ProcessError> {
         let (encoding, schema) = self.topics.encoding_of(topic);
         let enc = codec::encode(ev, encoding, schema, &self.schemas).map_err(|e| {
-            ProcessError::Fatal(format!("cannot encode {} for {topic}: {e}", ev.ty))
+            ProcessError::from(e).context(&format!("cannot encode {} for {topic}", ev.ty))
         })?;
         let key = ev.subject.clone().unwrap_or_default();
         Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
@@ -217,7 +277,7 @@ pub fn audit_event(
     traceparent: Option<&str>,
 ) -> Result<CloudEvent, ProcessError> {
     let mut ev = CloudEvent::new(
-        format!("audit-{}", crate::route::stable_id(id_parts)),
+        format!("audit-{}", crate::pattern::stable_id(id_parts)),
         source,
         types::AUDIT,
     )
@@ -254,6 +314,5 @@ pub fn record_event<T: Serialize>(
 
 /// Serializes typed data into an event's `data`.
 pub fn data_value<T: Serialize>(data: &T) -> Result<Value, ProcessError> {
-    serde_json::to_value(data)
-        .map_err(|e| ProcessError::Fatal(format!("cannot serialize record data: {e}")))
+    Ok(serde_json::to_value(data)?)
 }

@@ -7,9 +7,9 @@
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::event::CloudEvent;
+use crate::pattern::{stable_id, TypePattern};
 
 /// A route as written in the config file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -108,38 +108,6 @@ struct CompiledRoute {
     when: Vec<CompiledCondition>,
     agents: Vec<String>,
     priority: i32,
-}
-
-/// A type pattern with `*` wildcards.
-#[derive(Debug, Clone)]
-pub struct TypePattern {
-    parts: Vec<String>,
-}
-
-impl TypePattern {
-    pub fn new(pattern: &str) -> Self {
-        TypePattern {
-            parts: pattern.split('*').map(str::to_string).collect(),
-        }
-    }
-
-    pub fn matches(&self, s: &str) -> bool {
-        if self.parts.len() == 1 {
-            return self.parts[0] == s;
-        }
-        let (first, rest) = (&self.parts[0], &self.parts[1..]);
-        let Some(mut tail) = s.strip_prefix(first.as_str()) else {
-            return false;
-        };
-        let (last, middle) = rest.split_last().expect("at least two parts");
-        for part in middle {
-            match tail.find(part.as_str()) {
-                Some(i) => tail = &tail[i + part.len()..],
-                None => return false,
-            }
-        }
-        tail.len() >= last.len() && tail.ends_with(last.as_str())
-    }
 }
 
 /// One agent an event is routed to.
@@ -317,16 +285,6 @@ fn eval(c: &CompiledCondition, ev: &CloudEvent) -> bool {
         (Test::Prefix(p), Some(Value::String(s))) => s.starts_with(p.as_str()),
         _ => false,
     }
-}
-
-/// Short stable hash of the given parts, hex encoded (128 bits).
-pub fn stable_id(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p.as_bytes());
-    }
-    hex::encode(&h.finalize()[..16])
 }
 
 /// Deterministic workflow id for an input event: everything the event causes shares it.

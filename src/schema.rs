@@ -50,11 +50,9 @@ pub struct SchemaRegistry {
 impl SchemaRegistry {
     /// Loads every `*.avsc` file of a directory. A missing directory yields an empty registry.
     pub fn load_dir(dir: &Path) -> Result<Self, Vec<SchemaError>> {
-        let mut reg = SchemaRegistry::default();
-        let mut errors = Vec::new();
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(reg),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => {
                 return Err(vec![SchemaError::Io {
                     path: dir.display().to_string(),
@@ -67,23 +65,41 @@ impl SchemaRegistry {
             .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
             .collect();
         paths.sort();
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
         for path in paths {
             let display = path.display().to_string();
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(source) => {
-                    errors.push(SchemaError::Io {
-                        path: display,
-                        source,
-                    });
-                    continue;
-                }
-            };
             let name = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if let Err(e) = reg.add(&name, &text, &display) {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => files.push((name, display, text)),
+                Err(source) => errors.push(SchemaError::Io {
+                    path: display,
+                    source,
+                }),
+            }
+        }
+        match Self::from_texts(files) {
+            Ok(reg) if errors.is_empty() => Ok(reg),
+            Ok(_) => Err(errors),
+            Err(mut more) => {
+                errors.append(&mut more);
+                Err(errors)
+            }
+        }
+    }
+
+    /// Builds a registry from `(name, origin, JSON text)` triples (files, or the schemas compiled
+    /// into the binary).
+    pub fn from_texts<N: AsRef<str>, O: AsRef<str>, T: AsRef<str>>(
+        schemas: impl IntoIterator<Item = (N, O, T)>,
+    ) -> Result<Self, Vec<SchemaError>> {
+        let mut reg = SchemaRegistry::default();
+        let mut errors = Vec::new();
+        for (name, origin, text) in schemas {
+            if let Err(e) = reg.add(name.as_ref(), text.as_ref(), origin.as_ref()) {
                 errors.push(e);
             }
         }

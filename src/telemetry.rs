@@ -11,7 +11,7 @@ use prometheus::{
     IntCounterVec, IntGaugeVec, Registry,
 };
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
 
 /// All switchyard metrics, registered in one registry (plus process metrics).
 pub struct Metrics {
@@ -331,52 +331,6 @@ impl Metrics {
         }
         self.in_flight.with_label_values(&[stage]).add(0);
         self.assigned_partitions.with_label_values(&[stage]).add(0);
-        if stage == "agents" {
-            for op in ["snapshot", "commit"] {
-                for result in ["ok", "error"] {
-                    self.context_ops.with_label_values(&[op, result]).inc_by(0);
-                }
-            }
-        }
-        if stage == "resolve" {
-            for kind in ["requested", "approved", "rejected", "expired", "escalated"] {
-                self.approvals.with_label_values(&[kind]).inc_by(0);
-            }
-            for reason in [
-                "conflict",
-                "stale",
-                "cooldown",
-                "pending_approval",
-                "access",
-                "budget",
-            ] {
-                self.actions_rejected.with_label_values(&[reason]).inc_by(0);
-            }
-            for rule in [
-                "priority",
-                "dedupe",
-                "merge",
-                "cooldown",
-                "staleness",
-                "pending_approval",
-            ] {
-                self.conflicts.with_label_values(&[rule]).inc_by(0);
-            }
-            for outcome in [
-                "accepted",
-                "approval_requested",
-                "rejected",
-                "deduplicated",
-                "merged",
-                "replayed",
-                "fenced",
-            ] {
-                self.proposals.with_label_values(&[outcome]).inc_by(0);
-            }
-            self.approvals_pending
-                .with_label_values(&["default"])
-                .set(0);
-        }
     }
 
     /// Prometheus text exposition of every metric.
@@ -404,4 +358,34 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `switchyard=debug,rdkafka=warn`. `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }

@@ -4,14 +4,14 @@
 //! topic (changing partition counts moves keys between partitions, which breaks per-resource order).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::codec::Encoding;
 
@@ -53,7 +53,6 @@ pub struct TopicCatalog {
 impl TopicCatalog {
     /// Loads every `*.yaml` / `*.yml` file of a directory; problems are `(item, message)` pairs.
     pub fn load_dir(dir: &Path) -> Result<Self, Vec<(String, String)>> {
-        let mut problems = Vec::new();
         let entries = std::fs::read_dir(dir).map_err(|e| {
             vec![(
                 "topics.dir".to_string(),
@@ -65,14 +64,36 @@ impl TopicCatalog {
             .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
             .collect();
         paths.sort();
-        let mut defs = BTreeMap::new();
+        let mut files = Vec::new();
+        let mut problems = Vec::new();
         for path in paths {
             let item = format!("topic file {}", path.display());
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_yaml::from_str::<TopicDef>(&t).map_err(|e| e.to_string()));
-            match parsed {
-                Err(m) => problems.push((item, m)),
+            match std::fs::read_to_string(&path) {
+                Ok(text) => files.push((item, text)),
+                Err(e) => problems.push((item, e.to_string())),
+            }
+        }
+        let catalog = Self::from_texts(files);
+        match (catalog, problems.is_empty()) {
+            (Ok(c), true) => Ok(c),
+            (Ok(_), false) => Err(problems),
+            (Err(mut more), _) => {
+                problems.append(&mut more);
+                Err(problems)
+            }
+        }
+    }
+
+    /// Parses definitions given as `(label, YAML text)` (files, or the ones compiled into the binary).
+    pub fn from_texts<L: Into<String>, T: AsRef<str>>(
+        files: impl IntoIterator<Item = (L, T)>,
+    ) -> Result<Self, Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        let mut defs = BTreeMap::new();
+        for (item, text) in files {
+            let item = item.into();
+            match serde_yaml::from_str::<TopicDef>(text.as_ref()) {
+                Err(e) => problems.push((item, e.to_string())),
                 Ok(def) => {
                     if def.partitions < 1 {
                         problems.push((item.clone(), "partitions must be at least 1".into()));
@@ -114,6 +135,103 @@ impl TopicCatalog {
             .map(|d| (d.encoding, d.schema.as_deref()))
             .unwrap_or((Encoding::Json, None))
     }
+}
+
+/// The `topics:` config section: the names switchyard reads and writes, and where definitions live.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Directory of topic definitions (one YAML file per topic), relative to the config file.
+    #[serde(default = "default_topics_dir")]
+    pub dir: PathBuf,
+    /// Input topics the route stage consumes.
+    #[serde(default = "default_inputs")]
+    pub inputs: Vec<String>,
+    /// Tasks for agents, keyed by resource.
+    #[serde(default = "default_tasks")]
+    pub tasks: String,
+    /// What agents want done, keyed by resource (the partition is the resource's lock).
+    #[serde(default = "default_proposals")]
+    pub proposals: String,
+    /// Governed actions for executors.
+    #[serde(default = "default_actions")]
+    pub actions: String,
+    /// Approval requests and decisions.
+    #[serde(default = "default_approvals")]
+    pub approvals: String,
+    /// One result per agent task.
+    #[serde(default = "default_results")]
+    pub results: String,
+    /// The hash-chained audit trail.
+    #[serde(default = "default_audit")]
+    pub audit: String,
+    /// Records that could not be processed, with reason headers.
+    #[serde(default = "default_dlq")]
+    pub dlq: String,
+    /// Approval decisions arriving from other systems (`{"approval_id", "decision", "by", "why"}`).
+    #[serde(default = "default_decisions")]
+    pub decisions: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl TopicsConfig {
+    /// Every topic switchyard reads or writes.
+    pub fn all(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.inputs.iter().map(String::as_str).collect();
+        v.extend([
+            self.tasks.as_str(),
+            self.proposals.as_str(),
+            self.actions.as_str(),
+            self.approvals.as_str(),
+            self.results.as_str(),
+            self.audit.as_str(),
+            self.dlq.as_str(),
+            self.decisions.as_str(),
+        ]);
+        v
+    }
+}
+
+fn default_topics_dir() -> PathBuf {
+    "topics".into()
+}
+fn default_inputs() -> Vec<String> {
+    [
+        "events.deployments",
+        "events.sla-breaches",
+        "events.cost-thresholds",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_tasks() -> String {
+    "switchyard.tasks".into()
+}
+fn default_proposals() -> String {
+    "switchyard.proposals".into()
+}
+fn default_actions() -> String {
+    "switchyard.actions".into()
+}
+fn default_approvals() -> String {
+    "switchyard.approvals".into()
+}
+fn default_results() -> String {
+    "switchyard.results".into()
+}
+fn default_audit() -> String {
+    "switchyard.audit".into()
+}
+fn default_dlq() -> String {
+    "switchyard.dlq".into()
+}
+fn default_decisions() -> String {
+    "switchyard.approval-decisions".into()
 }
 
 /// What `apply` did or found for one topic.

@@ -11,41 +11,20 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::Json;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use common::*;
-use switchyard::context::redis::{RedisConn, RedisStore};
+use switchyard::context::redis::RedisStore;
 use switchyard::context::{ContextStore, ResourceKey};
 use switchyard::kafka::dlq_headers;
 use switchyard::records::{AuditData, ProposalData, ResultData};
-
-type Running = (
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
-);
-
-fn start(env: &TestEnv, stages: &[&str]) -> Running {
-    let token = CancellationToken::new();
-    let stages = stages.iter().map(|s| s.to_string()).collect();
-    let h = tokio::spawn(switchyard::app::run(
-        env.loaded.clone(),
-        stages,
-        token.clone(),
-    ));
-    (token, h)
-}
-
-async fn stop((token, h): Running) {
-    token.cancel();
-    h.await.expect("join").expect("stages stop cleanly");
-}
+use switchyard::store::RedisConn;
 
 fn store(env: &TestEnv) -> RedisStore {
     let c = &env.loaded.config;
     RedisStore::new(
         RedisConn::new(&c.redis.url).unwrap(),
         &c.redis.key_prefix,
-        c.context.retention(),
+        c.context.clone(),
     )
 }
 
@@ -74,7 +53,7 @@ async fn redis_store_meets_the_context_contract() {
     let s = RedisStore::new(
         RedisConn::new(&c.redis.url).unwrap(),
         &c.redis.key_prefix,
-        switchyard::context::contract::retention(),
+        switchyard::context::contract::config(),
     );
     switchyard::context::contract::run_all(&s, &env.prefix).await;
 }
@@ -82,35 +61,22 @@ async fn redis_store_meets_the_context_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_agents_share_context_and_propose_actions() {
     let env = TestEnv::new(3, "").await;
-    let running = start(&env, &["route", "agents"]);
-    // Events on different input topics have no defined order between them, so each waits for the
-    // previous one's result (as the real systems producing them would be seconds apart).
-    env.publish("events.deployments", &[event("d1", "deployment.completed", "checkout",
-        json!({"service": "checkout", "version": "v42", "previous_version": "v41", "environment": "production"}))]).await;
-    env.read("switchyard.results", 1, Duration::from_secs(30))
-        .await;
-    env.publish("events.sla-breaches", &[event("s1", "sla.breached", "checkout",
-        json!({"service": "checkout", "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}))]).await;
-    env.read("switchyard.results", 2, Duration::from_secs(30))
-        .await;
-    env.publish(
+    let running = env.start(&["route", "agents"]);
+    env.deployment_then_breach("checkout", 0).await;
+    env.publish_one(
         "events.deployments",
-        &[event(
-            "d2",
-            "deployment.started",
-            "checkout",
-            json!({"service": "checkout", "version": "v43", "previous_version": "v42"}),
-        )],
+        "d2",
+        "deployment.started",
+        "checkout",
+        json!({"service": "checkout", "version": "v43", "previous_version": "v42"}),
     )
     .await;
-    env.publish(
+    env.publish_one(
         "events.cost-thresholds",
-        &[event(
-            "c1",
-            "cost.threshold_exceeded",
-            "search",
-            json!({"service": "search", "budget": 100.0, "spend": 130.0}),
-        )],
+        "c1",
+        "cost.threshold_exceeded",
+        "search",
+        json!({"service": "search", "budget": 100.0, "spend": 130.0}),
     )
     .await;
     let props = proposals(
@@ -130,7 +96,7 @@ async fn builtin_agents_share_context_and_propose_actions() {
     assert_eq!(rb.parameters["to_version"], "v41");
     assert_eq!(rb.parameters["from_version"], "v42");
     assert_eq!(rb.parameters["deployment_event"], "d1");
-    assert_eq!(rb.impact, switchyard::agents::Impact::High);
+    assert_eq!(rb.impact, switchyard::records::Impact::High);
     assert!(
         rb.context_version >= 1,
         "based on the context the deploy guard wrote"
@@ -175,7 +141,7 @@ async fn builtin_agents_share_context_and_propose_actions() {
             .value["overspend"],
         json!(30.0)
     );
-    stop(running).await;
+    running.stop().await;
 }
 
 /// A real HTTP agent server: behaviour per event, call counts per task.
@@ -260,7 +226,7 @@ routes:
 async fn http_agent_round_trip_retries_5xx_not_4xx() {
     let (url, st) = serve_http_agent().await;
     let env = TestEnv::new(2, &http_agent_yaml(&url, 2000, 2)).await;
-    let running = start(&env, &["route", "agents"]);
+    let running = env.start(&["route", "agents"]);
     env.publish(
         "events.deployments",
         &[
@@ -308,14 +274,14 @@ async fn http_agent_round_trip_retries_5xx_not_4xx() {
         "the failed task itself is dead-lettered"
     );
     assert_eq!(st.total.load(Ordering::SeqCst), 4);
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources() {
     let (url, st) = serve_http_agent().await;
     let env = TestEnv::new(1, &http_agent_yaml(&url, 700, 1)).await;
-    let running = start(&env, &["route", "agents"]);
+    let running = env.start(&["route", "agents"]);
     // One partition: the hanging task and the others share it; only lanes keep them apart.
     let mut evs = vec![event(
         "slow",
@@ -348,14 +314,14 @@ async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources(
     assert_eq!(st.calls.lock().unwrap().values().sum::<usize>(), 7);
     let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(10)).await;
     assert_eq!(header(&dlq[0], dlq_headers::REASON), Some("agent_failed"));
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_task_is_not_run_again() {
     let (url, st) = serve_http_agent().await;
     let env = TestEnv::new(1, &http_agent_yaml(&url, 2000, 0)).await;
-    let running = start(&env, &["route", "agents"]);
+    let running = env.start(&["route", "agents"]);
     let ev = event("once", "deployment.started", "svc-r", json!({"mode": "ok"}));
     env.publish("events.deployments", std::slice::from_ref(&ev))
         .await;
@@ -396,7 +362,7 @@ async fn redelivered_task_is_not_run_again() {
         1,
         "the agent was called once"
     );
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +388,7 @@ routes:
 "#
     );
     let env = TestEnv::new(1, &yaml).await;
-    let running = start(&env, &["route", "agents"]);
+    let running = env.start(&["route", "agents"]);
     env.publish(
         "events.deployments",
         &[event(
@@ -472,22 +438,13 @@ routes:
         !ctx.facts.contains_key("secrets"),
         "a refused write never reaches the context"
     );
-    stop(running).await;
+    running.stop().await;
 }
 
 fn stack_dir() -> std::path::PathBuf {
     std::env::var("SWITCHYARD_STACK_DIR")
         .map(Into::into)
         .unwrap_or_else(|_| root().join(".stack"))
-}
-
-/// Kills the child process when the test ends, pass or fail.
-struct Reaper(std::process::Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,7 +473,7 @@ routes:
     );
     // The agent's topics must exist before switchyard starts reading replies.
     let (brokers, _) = stack().clone();
-    let admin = switchyard::kafka::admin_config(&switchyard::config::KafkaConfig {
+    let admin = switchyard::kafka::admin_config(&switchyard::kafka::KafkaConfig {
         brokers: brokers.clone(),
         ..Default::default()
     });
@@ -550,7 +507,7 @@ routes:
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     let _agent = Reaper(agent);
-    let running = start(&env, &["route", "agents"]);
+    let running = env.start(&["route", "agents"]);
     env.publish(
         "events.deployments",
         &[
@@ -583,15 +540,7 @@ routes:
     );
     assert_eq!(props[0].action, "notify");
     assert_eq!(props[0].parameters["text"], "deployment.started on svc-k1");
-    stop(running).await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    running.stop().await;
 }
 
 fn start_redis(port: u16, dir: &std::path::Path) -> Reaper {
@@ -629,12 +578,7 @@ async fn redis_outage_pauses_processing_and_nothing_is_lost() {
     let env = TestEnv::new(2, "").await;
     let mut loaded = env.loaded.clone();
     loaded.config.redis.url = format!("redis://127.0.0.1:{port}/");
-    let token = CancellationToken::new();
-    let h = tokio::spawn(switchyard::app::run(
-        loaded,
-        vec!["route".into(), "agents".into()],
-        token.clone(),
-    ));
+    let running = Running::start(loaded, &["route", "agents"]);
     const N: usize = 60;
     let evs = numbered_events("r", "deployment.completed", 0..N / 2, 7);
     env.publish("events.deployments", &evs).await;
@@ -663,6 +607,5 @@ async fn redis_outage_pauses_processing_and_nothing_is_lost() {
     assert!(res.iter().all(|r| r.status == "succeeded"));
     let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(2)).await;
     assert!(dlq.is_empty(), "an outage is not a reason to dead-letter");
-    token.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
 }

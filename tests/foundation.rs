@@ -6,31 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use common::*;
 use switchyard::kafka::dlq_headers;
 use switchyard::records::AuditData;
 
-async fn start(
-    env: &TestEnv,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
-) {
-    let token = CancellationToken::new();
-    let h = tokio::spawn(switchyard::app::run(
-        env.loaded.clone(),
-        vec!["route".into()],
-        token.clone(),
-    ));
-    (token, h)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_each_default_event_type_to_tasks_keyed_by_resource() {
     let env = TestEnv::new(3, "").await;
-    let (stop, h) = start(&env).await;
+    let running = env.start(&["route"]);
     let cases = [
         ("events.deployments", "deployment.started", "deploy-guard"),
         ("events.deployments", "deployment.completed", "deploy-guard"),
@@ -100,14 +84,13 @@ async fn routes_each_default_event_type_to_tasks_keyed_by_resource() {
         decisions.iter().filter(|d| d.decision == "routed").count(),
         cases.len()
     );
-    stop.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
     let env = TestEnv::with(1, "  max_record_bytes: 2048", "").await;
-    let (stop, h) = start(&env).await;
+    let running = env.start(&["route"]);
     let topic = "events.deployments";
     env.publish(
         topic,
@@ -190,8 +173,7 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
         "records after the poison ones are processed, in order"
     );
 
-    stop.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
     let committed = env.committed("route", topic, 1).await;
     assert_eq!(
         committed.get(&0),
@@ -203,7 +185,7 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
     let env = TestEnv::new(1, "").await;
-    let (stop, h) = start(&env).await;
+    let running = env.start(&["route"]);
     let p = env.producer();
     let bin_ev = event(
         "bin-1",
@@ -212,11 +194,11 @@ async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
         json!({"service": "svc-b", "slo": "latency"}),
     )
     .with_extension("tenant", "acme");
-    let out = switchyard::cli::record_for(
+    let out = switchyard::cmd::publish::record_for(
         &env.loaded,
         &env.topic("events.sla-breaches"),
         &bin_ev,
-        switchyard::cli::Mode::Binary,
+        switchyard::cmd::publish::Mode::Binary,
     )
     .unwrap();
     assert!(
@@ -230,11 +212,11 @@ async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
         "svc-c",
         json!({"service": "svc-c", "budget": 100.0, "spend": 150.0}),
     );
-    let out = switchyard::cli::record_for(
+    let out = switchyard::cmd::publish::record_for(
         &env.loaded,
         &env.topic("events.cost-thresholds"),
         &avro_ev,
-        switchyard::cli::Mode::Avro,
+        switchyard::cmd::publish::Mode::Avro,
     )
     .unwrap();
     assert_eq!(&out.payload[..2], &[0xC3, 0x01], "single-object encoding");
@@ -254,8 +236,7 @@ async fn binary_mode_and_avro_inputs_are_decoded_and_routed() {
     let cost = &by_agent["cost-guard"];
     assert_eq!(cost.event["data"]["spend"], json!(150.0));
     assert_eq!(cost.event["id"], "avro-1");
-    stop.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,7 +408,7 @@ routes:
 async fn rebalance_drains_and_commits_so_nothing_is_lost() {
     // Small in-flight bound too, so back-pressure pauses partitions along the way.
     let env = TestEnv::with(4, "  max_in_flight: 8", "").await;
-    let (stop_a, a) = start(&env).await;
+    let first = env.start(&["route"]);
     const N: usize = 600;
     let produce = async {
         for chunk in 0..(N / 50) {
@@ -439,9 +420,9 @@ async fn rebalance_drains_and_commits_so_nothing_is_lost() {
     let second = async {
         // A second member joins mid-stream: partitions are revoked from the first and moved.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        start(&env).await
+        env.start(&["route"])
     };
-    let ((), (stop_b, b)) = tokio::join!(produce, second);
+    let ((), second) = tokio::join!(produce, second);
     let tasks = env
         .read("switchyard.tasks", N, Duration::from_secs(60))
         .await;
@@ -451,10 +432,7 @@ async fn rebalance_drains_and_commits_so_nothing_is_lost() {
         N,
         "every event has its task across the rebalance"
     );
-    stop_a.cancel();
-    stop_b.cancel();
-    a.await.unwrap().unwrap();
-    b.await.unwrap().unwrap();
+    tokio::join!(first.stop(), second.stop());
     let committed: i64 = env
         .committed("route", "events.deployments", 4)
         .await
@@ -474,20 +452,11 @@ async fn rebalance_drains_and_commits_so_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_and_metrics_endpoint() {
     let env = TestEnv::new(1, "").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut loaded = env.loaded.clone();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{port}");
-    let token = CancellationToken::new();
-    let h = tokio::spawn(switchyard::app::run(
-        loaded,
-        vec!["route".into()],
-        token.clone(),
-    ));
+    let running = Running::start(loaded, &["route"]);
     let client = reqwest::Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     let mut ready = None;
@@ -544,8 +513,7 @@ async fn readyz_and_metrics_endpoint() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
-    token.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,7 +621,7 @@ async fn an_output_too_large_dead_letters_the_input_and_keeps_the_audit_chain_wh
         "r".repeat(1500)
     );
     let env = TestEnv::with(1, "  producer:\n    message.max.bytes: \"2800\"", &routes).await;
-    let (stop, h) = start(&env).await;
+    let running = env.start(&["route"]);
     let topic = "events.deployments";
     env.publish(
         topic,
@@ -699,6 +667,73 @@ async fn an_output_too_large_dead_letters_the_input_and_keeps_the_audit_chain_wh
         audit.iter().map(|r| (r.offset, event_of(r))).collect();
     let v = switchyard::audit::verify(&events);
     assert!(v.problems.is_empty(), "{:?}", v.problems);
-    stop.cancel();
-    h.await.unwrap().unwrap();
+    running.stop().await;
+}
+
+/// With no config file anywhere, the commands use the default compiled into the binary (routes,
+/// agents, topic definitions, schemas), say so, and `config show` prints it with secrets redacted
+/// and the command-line overrides applied.
+#[test]
+fn embedded_default_config_validates_and_shows_redacted() {
+    let empty = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .current_dir(empty.path())
+            .args(args)
+            .env_remove("SWITCHYARD_CONFIG")
+            .env_remove("SWITCHYARD_KAFKA_BROKERS")
+            .env_remove("SWITCHYARD_REDIS_URL")
+            .env("SWITCHYARD_APPROVAL_TOKEN", "s3cret-token")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["validate"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("the embedded default config is valid"),
+        "names the embedded default: {stdout}"
+    );
+    assert!(stdout.contains("11 topic definitions"), "{stdout}");
+    let out = run(&[
+        "-b",
+        "kafka.example:9093",
+        "--redis",
+        "redis://:hunter2@redis.example:6380/0",
+        "config",
+        "show",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.starts_with("# effective config from the embedded default config"));
+    let v: serde_yaml::Value = serde_yaml::from_str(&shown).expect("config show prints YAML");
+    assert_eq!(
+        v["kafka"]["brokers"].as_str(),
+        Some("kafka.example:9093"),
+        "-b wins"
+    );
+    assert_eq!(
+        v["redis"]["url"].as_str(),
+        Some("redis://:<redacted>@redis.example:6380/0"),
+        "--redis wins, its password hidden"
+    );
+    assert_eq!(
+        v["governance"]["approvals"]["token"].as_str(),
+        Some("<redacted>")
+    );
+    assert!(v["agents"]["sla-responder"]["kind"].as_str() == Some("builtin"));
+    assert!(v["stages"]["decisions"]["enabled"].as_bool() == Some(true));
+    assert!(!shown.contains("hunter2") && !shown.contains("s3cret-token"));
+    // An explicit --config that does not exist is an error, not a silent fallback.
+    let out = run(&["--config", "missing.yaml", "validate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml has 1 problem"));
 }

@@ -7,31 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use common::*;
 use switchyard::event::CloudEvent;
 use switchyard::kafka::{Input, Output};
 use switchyard::records::{ActionData, ApprovalData, AuditData, ProposalData, ResultData};
-
-type Running = (
-    CancellationToken,
-    tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
-);
-
-fn start_with(loaded: switchyard::config::Loaded, stages: &[&str]) -> Running {
-    let token = CancellationToken::new();
-    let stages = stages.iter().map(|s| s.to_string()).collect();
-    (
-        token.clone(),
-        tokio::spawn(switchyard::app::run(loaded, stages, token)),
-    )
-}
-
-async fn stop((token, h): Running) {
-    token.cancel();
-    h.await.expect("join").expect("stages stop cleanly");
-}
 
 fn data<T: serde::de::DeserializeOwned>(r: &Input) -> T {
     serde_json::from_value(data_of(&event_of(r)).clone()).expect("record data")
@@ -80,7 +60,7 @@ fn proposal(
         tenant: "default".into(),
         parameters: params,
         priority: 0,
-        impact: switchyard::agents::Impact::Low,
+        impact: switchyard::records::Impact::Low,
         context_version: ctx_version,
         reason: None,
         event_id: Some(format!("ev-{id}")),
@@ -91,12 +71,41 @@ fn proposal(
         .with_data(serde_json::to_value(p).unwrap())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A sealer over the test's Redis (each call stands for another process).
+fn sealer(conn: &switchyard::store::RedisConn, prefix: &str) -> Arc<switchyard::audit::Sealer> {
+    Arc::new(switchyard::audit::Sealer::new(
+        Arc::new(switchyard::audit::RedisChainStore::new(
+            conn.clone(),
+            prefix,
+        )),
+        3600,
+        "audit",
+    ))
+}
+
+/// The resolve, budget and audit-chain stores meet the same contracts in Redis as their in-memory
+/// twins do in the unit tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stores_meet_their_contracts() {
+    let env = TestEnv::new(1, "").await;
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    let p = &c.redis.key_prefix;
+    switchyard::resolve::store::contract::run_all(
+        &switchyard::resolve::store::RedisResourceStore::new(conn.clone(), p, 3600, 3600),
+        &env.prefix,
+    )
+    .await;
+    switchyard::governance::budgets::contract::run_all(
+        &switchyard::governance::budgets::RedisBudgetStore::new(conn.clone(), p),
+        &env.prefix,
+    )
+    .await;
+    switchyard::audit::sealer::contract::run_all(
+        &switchyard::audit::RedisChainStore::new(conn, p),
+        &env.prefix,
+    )
+    .await;
 }
 
 fn verify(env: &TestEnv, topic: &str) -> std::process::Output {
@@ -131,30 +140,14 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
     let mut loaded = env.loaded.clone();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{port}");
-    let running = start_with(loaded, &["route", "agents", "resolve"]);
-    env.publish(
-        "events.deployments",
-        &[event(
-            "d1",
-            "deployment.completed",
-            "checkout",
-            json!({"service": "checkout", "version": "v42", "previous_version": "v41"}),
-        )],
-    )
-    .await;
-    env.read("switchyard.results", 1, Duration::from_secs(40))
-        .await;
-    env.publish("events.sla-breaches", &[event("s1", "sla.breached", "checkout", json!({"service": "checkout", "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}))]).await;
-    env.read("switchyard.results", 2, Duration::from_secs(40))
-        .await;
-    env.publish(
+    let running = Running::start(loaded, &["route", "agents", "resolve", "decisions"]);
+    env.deployment_then_breach("checkout", 0).await;
+    env.publish_one(
         "events.cost-thresholds",
-        &[event(
-            "c1",
-            "cost.threshold_exceeded",
-            "checkout",
-            json!({"service": "checkout", "budget": 100.0, "spend": 150.0}),
-        )],
+        "c1",
+        "cost.threshold_exceeded",
+        "checkout",
+        json!({"service": "checkout", "budget": 100.0, "spend": 150.0}),
     )
     .await;
 
@@ -322,7 +315,7 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         String::from_utf8_lossy(&bad.stdout)
     );
     assert!(String::from_utf8_lossy(&bad.stdout).contains("altered"));
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,16 +325,16 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
         &format!("{}{DEFAULT_AGENTS}{}", governance(""), default_routes("")),
     )
     .await;
-    let running = start_with(env.loaded.clone(), &["resolve"]);
+    let running = Running::start(env.loaded.clone(), &["resolve"]);
     // Context for staleness: `deployment` changed at version 2.
     let c = &env.loaded.config;
     let store = switchyard::context::redis::RedisStore::new(
-        switchyard::context::redis::RedisConn::new(&c.redis.url).unwrap(),
+        switchyard::store::RedisConn::new(&c.redis.url).unwrap(),
         &c.redis.key_prefix,
-        c.context.retention(),
+        c.context.clone(),
     );
     use switchyard::context::ContextStore;
-    let key = switchyard::context::ResourceKey::new("default", "r-stale");
+    let key = switchyard::store::ResourceKey::new("default", "r-stale");
     let fact = |v| switchyard::context::Fact {
         value: json!(v),
         by: "t".into(),
@@ -520,7 +513,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
     );
     assert!(pages[1].fencing_token > pages[0].fencing_token);
     assert_eq!(pages[1].proposals, json!(["pg-1", "pg-2"]));
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,32 +521,30 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
     use switchyard::kafka::runtime::Processor;
     let env = TestEnv::new(1, "").await;
     let c = &env.loaded.config;
-    let conn = switchyard::context::redis::RedisConn::new(&c.redis.url).unwrap();
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
     let emitter =
         switchyard::records::Emitter::new(env.loaded.schemas.clone(), env.loaded.topics.clone());
     let stage = switchyard::stages::resolve::ResolveStage {
         rules: Default::default(),
         governance: Arc::new(Default::default()),
-        budgets: Arc::new(switchyard::governance::Budgets::new(
-            conn.clone(),
+        budgets: Arc::new(switchyard::governance::budgets::Budgets::new(
+            Arc::new(switchyard::governance::budgets::RedisBudgetStore::new(
+                conn.clone(),
+                &c.redis.key_prefix,
+            )),
             &c.redis.key_prefix,
             vec![],
         )),
-        store: Arc::new(switchyard::stages::resolve::ResourceStore::new(
+        store: Arc::new(switchyard::resolve::store::RedisResourceStore::new(
             conn.clone(),
             &c.redis.key_prefix,
+            3600,
             3600,
         )),
         emitter,
         actions_topic: "a".into(),
         approvals_topic: "b".into(),
-        sealer: Arc::new(switchyard::audit::Sealer::new(
-            conn.clone(),
-            &c.redis.key_prefix,
-            3600,
-            "c",
-        )),
-        decision_ttl: 3600,
+        sealer: sealer(&conn, &c.redis.key_prefix),
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);
@@ -592,7 +583,7 @@ governance:
         default_routes("")
     );
     let env = TestEnv::new(1, &yaml).await;
-    let running = start_with(env.loaded.clone(), &["route", "agents"]);
+    let running = Running::start(env.loaded.clone(), &["route", "agents"]);
     let evs = numbered_events("b", "deployment.started", 0..4, 4);
     env.publish("events.deployments", &evs).await;
     let res: Vec<ResultData> = env
@@ -630,7 +621,7 @@ governance:
         m.contains("switchyard_budget_refusals_total{budget=\"guard-calls\"}"),
         "refusals counted"
     );
-    stop(running).await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,7 +629,7 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
     let mut yaml = governance("{ actions: [rollback] }");
     yaml = yaml.replace("timeout_seconds: 600", "timeout_seconds: 3");
     let env = TestEnv::new(1, &format!("{yaml}{DEFAULT_AGENTS}{}", default_routes(""))).await;
-    let running = start_with(env.loaded.clone(), &["resolve"]);
+    let running = Running::start(env.loaded.clone(), &["resolve", "decisions"]);
     env.publish(
         "switchyard.proposals",
         &[proposal(
@@ -704,15 +695,7 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
         .read("switchyard.actions", 2, Duration::from_secs(2))
         .await;
     assert_eq!(none.len(), 1, "the expired rollback never goes out");
-    stop(running).await;
-}
-
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,7 +714,7 @@ resolve:
     let env = TestEnv::new(6, &yaml).await;
     let (brokers, redis) = stack().clone();
     let spawn = || {
-        Proc(
+        Reaper(
             std::process::Command::new(bin())
                 .args([
                     "--config",
@@ -906,17 +889,12 @@ resolve:
 /// input) gives the identical record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
-    use switchyard::audit::{verify, Sealer};
+    use switchyard::audit::verify;
     let env = TestEnv::new(1, "").await;
     let c = &env.loaded.config;
-    let conn = switchyard::context::redis::RedisConn::new(&c.redis.url).unwrap();
-    let a = Arc::new(Sealer::new(
-        conn.clone(),
-        &c.redis.key_prefix,
-        3600,
-        "audit",
-    ));
-    let b = Arc::new(Sealer::new(conn, &c.redis.key_prefix, 3600, "audit"));
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    let a = sealer(&conn, &c.redis.key_prefix);
+    let b = sealer(&conn, &c.redis.key_prefix);
     let record = |resource: &str, n: usize| {
         CloudEvent::new(format!("audit-{resource}-{n}"), "test", "switchyard.audit")
             .with_subject(resource)

@@ -8,17 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use common::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Every `expr` of every target of every panel (rows included).
 fn dashboard_exprs(v: &Value, out: &mut Vec<(String, String)>, title: &str) {
@@ -55,14 +46,6 @@ fn substitute(expr: &str) -> String {
         .replace("$__rate_interval", "1m")
         .replace("$__interval", "15s")
         .replace("$__range", "5m")
-}
-
-struct Reaper(std::process::Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn query(client: &reqwest::Client, base: &str, q: &str) -> Value {
@@ -117,12 +100,7 @@ governance:
     let mut loaded = env.loaded.clone();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{port}");
-    let token = CancellationToken::new();
-    let app = tokio::spawn(switchyard::app::run(
-        loaded,
-        ["route", "agents", "resolve"].map(String::from).to_vec(),
-        token.clone(),
-    ));
+    let app = Running::start(loaded, &["route", "agents", "resolve", "decisions"]);
 
     // Prometheus scraping it every second, with the repo's alert rules.
     let dir = tempfile::tempdir().unwrap();
@@ -181,28 +159,7 @@ governance:
     // A small load touching every part: routed and unrouted events, a rollback that waits for approval
     // (and expires), a conflicting scale_down, a failing agent, an exhausted budget, dead letters.
     let e = |id: &str, ty: &str, sub: &str, d: Value| event(id, ty, sub, d);
-    env.publish(
-        "events.deployments",
-        &[e(
-            "o1",
-            "deployment.completed",
-            "svc-a",
-            json!({"version": "v2", "previous_version": "v1"}),
-        )],
-    )
-    .await;
-    env.read("switchyard.results", 1, Duration::from_secs(40))
-        .await;
-    env.publish(
-        "events.sla-breaches",
-        &[e(
-            "o2",
-            "sla.breached",
-            "svc-a",
-            json!({"slo": "availability", "objective": 99.9, "observed": 98.0}),
-        )],
-    )
-    .await;
+    env.deployment_then_breach("svc-a", 0).await;
     // The rollback must be pending before the cost event arrives, so its scale_down is rejected.
     assert_eq!(
         env.read("switchyard.approvals", 1, Duration::from_secs(30))
@@ -346,8 +303,7 @@ governance:
     }
     assert!(fired, "SwitchyardDLQGrowing fired while dead letters grew");
     drop(prom);
-    token.cancel();
-    app.await.unwrap().unwrap();
+    app.stop().await;
 }
 
 #[test]

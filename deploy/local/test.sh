@@ -30,6 +30,9 @@ cargo fmt --all -- --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
+say "import graph of src/: no circle, nothing importing back up (deploy/tools/import_graph.py)"
+python3 deploy/tools/import_graph.py --check | sed -n '1,5p'
+
 say "cargo test (unit, property and integration tests against the stack)"
 start=$SECONDS
 cargo test --all-targets "$@"

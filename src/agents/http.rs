@@ -1,9 +1,35 @@
-//! HTTP agents: the task is POSTed as JSON ([`super::AgentRequest::to_json`]); the response body is an
-//! [`super::AgentResponse`]. 5xx, 429 and connection failures are retried; other 4xx are not.
+//! HTTP agents: the task is POSTed as JSON ([`super::model::AgentRequest::to_json`]); the response body is an
+//! [`crate::records::AgentResponse`]. 5xx, 429 and connection failures are retried; other 4xx are not.
+
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
-use super::{Agent, AgentError, AgentRequest, AgentResponse};
+use super::model::{Agent, AgentError, AgentRequest};
+use crate::records::AgentResponse;
+
+/// Settings of `kind: http`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The endpoint the task is POSTed to.
+    pub url: String,
+}
+
+impl Spec {
+    pub fn problems(&self) -> Vec<String> {
+        if self.url.starts_with("http://") || self.url.starts_with("https://") {
+            Vec::new()
+        } else {
+            vec![format!("url {:?} is not an http(s) URL", self.url)]
+        }
+    }
+
+    pub fn build(&self, timeout: std::time::Duration) -> Result<Arc<dyn Agent>, String> {
+        Ok(Arc::new(HttpAgent::new(&self.url, timeout)?))
+    }
+}
 
 pub struct HttpAgent {
     client: reqwest::Client,

@@ -1,7 +1,7 @@
 //! Kafka agents: external services in any language on their own topics.
 //!
 //! Request (to `request_topic`, keyed by resource id): a structured JSON CloudEvent of type
-//! `switchyard.agent.request`, id = correlation id, with `data` = the [`super::AgentRequest`] JSON plus
+//! `switchyard.agent.request`, id = correlation id, with `data` = the [`super::model::AgentRequest`] JSON plus
 //! `correlation_id` and `reply_topic`. Reply (to `reply_topic`): a CloudEvent of type
 //! `switchyard.agent.reply` whose `data` is `{"correlation_id": ..., "findings": [...], "proposals":
 //! [...]}` or `{"correlation_id": ..., "error": "...", "retryable": bool}`.
@@ -21,10 +21,54 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, AgentError, AgentRequest, AgentResponse};
+use serde::{Deserialize, Serialize};
+
+use super::model::{Agent, AgentError, AgentRequest, BuildDeps};
 use crate::codec::{self, CONTENT_TYPE_HEADER};
 use crate::event::CloudEvent;
-use crate::kafka::{Input, Output, Producer};
+use crate::kafka::{consumer_config, Input, Output, Producer};
+use crate::records::AgentResponse;
+
+/// Settings of `kind: kafka`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The topic requests are written to.
+    pub request_topic: String,
+    /// The topic replies arrive on.
+    pub reply_topic: String,
+}
+
+impl Spec {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.request_topic.trim().is_empty() {
+            p.push("request_topic must name a topic".into());
+        }
+        if self.reply_topic.trim().is_empty() {
+            p.push("reply_topic must name a topic".into());
+        }
+        if !p.is_empty() {
+            return p;
+        }
+        if self.request_topic == self.reply_topic {
+            p.push("request_topic and reply_topic must differ".into());
+        }
+        p
+    }
+
+    /// Starts the reply reader (blocking on metadata, so on a blocking thread).
+    pub async fn build(&self, deps: &BuildDeps) -> Result<Arc<dyn Agent>, String> {
+        let consumer = consumer_config(&deps.kafka, "unused");
+        let (p, s) = (deps.producer.clone(), deps.stop.clone());
+        let (req, reply) = (self.request_topic.clone(), self.reply_topic.clone());
+        let agent =
+            tokio::task::spawn_blocking(move || KafkaAgent::start(&consumer, p, &req, &reply, s))
+                .await
+                .map_err(|e| e.to_string())??;
+        Ok(Arc::new(agent))
+    }
+}
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Result<AgentResponse, AgentError>>>>>;
 

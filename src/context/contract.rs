@@ -4,11 +4,11 @@
 
 use serde_json::json;
 
-use super::{CommitResult, ContextStore, Fact, Outcome, ResourceKey, Retention};
-use crate::agents::AgentResponse;
+use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, ResourceKey};
+use crate::records::AgentResponse;
 
-pub fn retention() -> Retention {
-    Retention {
+pub fn config() -> ContextConfig {
+    ContextConfig {
         ttl_seconds: 3600,
         max_events: 3,
         outcome_ttl_seconds: 3600,

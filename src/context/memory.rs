@@ -6,20 +6,20 @@ use std::sync::Mutex;
 use serde_json::Value;
 
 use super::{
-    CommitResult, ContextStore, Fact, Outcome, ResourceKey, Retention, Snapshot, StoreError,
+    CommitResult, ContextConfig, ContextStore, Fact, Outcome, ResourceKey, Snapshot, StoreError,
 };
 
 #[derive(Default)]
 pub struct MemoryStore {
-    retention: Retention,
+    config: ContextConfig,
     resources: Mutex<HashMap<ResourceKey, Snapshot>>,
     outcomes: Mutex<HashMap<(ResourceKey, String), Outcome>>,
 }
 
 impl MemoryStore {
-    pub fn new(retention: Retention) -> Self {
+    pub fn new(config: ContextConfig) -> Self {
         MemoryStore {
-            retention,
+            config,
             ..Default::default()
         }
     }
@@ -65,7 +65,7 @@ impl ContextStore for MemoryStore {
         if let Some(ev) = event {
             snap.recent_events.retain(|e| e != ev);
             snap.recent_events.insert(0, ev.clone());
-            snap.recent_events.truncate(self.retention.max_events);
+            snap.recent_events.truncate(self.config.max_events);
         }
         outcomes.insert(okey, outcome.clone());
         Ok(CommitResult::Applied {
@@ -78,7 +78,7 @@ impl ContextStore for MemoryStore {
 mod tests {
     #[tokio::test]
     async fn memory_store_meets_the_contract() {
-        let store = super::MemoryStore::new(crate::context::contract::retention());
+        let store = super::MemoryStore::new(crate::context::contract::config());
         crate::context::contract::run_all(&store, "mem").await;
     }
 }

@@ -15,28 +15,8 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Identifies a resource: tenant plus resource id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ResourceKey {
-    pub tenant: String,
-    pub resource: String,
-}
-
-impl ResourceKey {
-    pub fn new(tenant: impl Into<String>, resource: impl Into<String>) -> Self {
-        ResourceKey {
-            tenant: tenant.into(),
-            resource: resource.into(),
-        }
-    }
-
-    /// The Redis Cluster hash tag of this resource.
-    pub fn hash_tag(&self) -> String {
-        // Braces inside ids would end the tag early; they are replaced.
-        let clean = |s: &str| s.replace(['{', '}'], "_");
-        format!("{{{}/{}}}", clean(&self.tenant), clean(&self.resource))
-    }
-}
+use crate::records::AgentResponse;
+pub use crate::store::{ResourceKey, StoreError};
 
 /// A fact as stored: the value plus who wrote it, when, and for which task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,7 +65,7 @@ pub struct Outcome {
     /// Context version the agent saw.
     pub context_version: u64,
     /// Findings written (accepted ones) and proposals kept, as the agent returned them.
-    pub response: crate::agents::AgentResponse,
+    pub response: AgentResponse,
     #[serde(default)]
     pub error: Option<String>,
     /// Refusals (scope violations), already audited once.
@@ -102,32 +82,35 @@ pub enum CommitResult {
     AlreadyRecorded(Box<Outcome>),
 }
 
-/// Store failures: always transient from the pipeline's point of view (retry, never skip).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("redis: {0}")]
-    Redis(String),
-    #[error("corrupt stored value: {0}")]
-    Corrupt(String),
-}
-
-/// Limits of what the store keeps.
-#[derive(Debug, Clone)]
-pub struct Retention {
-    /// Context keys expire this long after the last write.
+/// The `context:` config section: what the shared context keeps.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextConfig {
+    /// A resource's facts expire this long after its last write.
+    #[serde(default = "default_week")]
     pub ttl_seconds: u64,
     /// Recent events kept per resource.
+    #[serde(default = "default_max_events")]
     pub max_events: usize,
-    /// Task outcomes are kept this long (the window in which a redelivery is recognised).
+    /// How long a task's outcome is kept; a redelivery within this window does not call the agent
+    /// again.
+    #[serde(default = "default_week")]
     pub outcome_ttl_seconds: u64,
 }
 
-impl Default for Retention {
+fn default_week() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_events() -> usize {
+    50
+}
+
+impl Default for ContextConfig {
     fn default() -> Self {
-        Retention {
-            ttl_seconds: 7 * 24 * 3600,
-            max_events: 50,
-            outcome_ttl_seconds: 7 * 24 * 3600,
+        ContextConfig {
+            ttl_seconds: default_week(),
+            max_events: default_max_events(),
+            outcome_ttl_seconds: default_week(),
         }
     }
 }

@@ -8,17 +8,12 @@
 //!
 //! The commit is one Lua script, so "record outcome + apply writes" happens once or not at all.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde_json::Value;
-use tokio::sync::OnceCell;
+use std::collections::BTreeMap;
 
-use super::{
-    CommitResult, ContextStore, Fact, Outcome, ResourceKey, Retention, Snapshot, StoreError,
-};
+use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Snapshot};
+use crate::store::{RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
 local existing = redis.call('GET', KEYS[3])
@@ -44,43 +39,10 @@ redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
 return {1, tostring(version)}
 "#;
 
-/// A lazily connected, self-reconnecting Redis connection shared by every store of the process.
-#[derive(Clone)]
-pub struct RedisConn {
-    client: redis::Client,
-    manager: std::sync::Arc<OnceCell<ConnectionManager>>,
-}
-
-impl RedisConn {
-    pub fn new(url: &str) -> Result<Self, StoreError> {
-        Ok(RedisConn {
-            client: redis::Client::open(url).map_err(|e| StoreError::Redis(e.to_string()))?,
-            manager: Default::default(),
-        })
-    }
-
-    /// The connection; connecting on first use. Failing to connect is an error now, a retry later.
-    pub async fn get(&self) -> Result<ConnectionManager, StoreError> {
-        let m = self
-            .manager
-            .get_or_try_init(|| async {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                ConnectionManager::new_with_config(self.client.clone(), cfg).await
-            })
-            .await
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
-        Ok(m.clone())
-    }
-}
-
 pub struct RedisStore {
     conn: RedisConn,
     prefix: String,
-    retention: Retention,
+    config: ContextConfig,
     commit: Script,
 }
 
@@ -89,17 +51,17 @@ fn redis_err(e: redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    pub fn new(conn: RedisConn, prefix: &str, retention: Retention) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str, config: ContextConfig) -> Self {
         RedisStore {
             conn,
             prefix: prefix.to_string(),
-            retention,
+            config,
             commit: Script::new(COMMIT),
         }
     }
 
     fn ctx_key(&self, k: &ResourceKey) -> String {
-        format!("{}:ctx:{}", self.prefix, k.hash_tag())
+        ctx_key(&self.prefix, k)
     }
     fn events_key(&self, k: &ResourceKey) -> String {
         format!("{}:events:{}", self.prefix, k.hash_tag())
@@ -107,6 +69,37 @@ impl RedisStore {
     fn outcome_key(&self, k: &ResourceKey, task_id: &str) -> String {
         format!("{}:outcome:{}:{task_id}", self.prefix, k.hash_tag())
     }
+}
+
+fn ctx_key(prefix: &str, k: &ResourceKey) -> String {
+    format!("{prefix}:ctx:{}", k.hash_tag())
+}
+
+/// The command that reads the context versions at which `keys` last changed on a resource (one
+/// HMGET on its context hash), for a store that adds it to its own pipeline (resolve reads them with
+/// its state in one round trip). Parse the reply with [`parse_key_versions`].
+pub fn key_versions_cmd(prefix: &str, k: &ResourceKey, keys: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("HMGET");
+    c.arg(ctx_key(prefix, k));
+    for key in keys {
+        c.arg(format!("_v:{key}"));
+    }
+    c
+}
+
+/// The reply of [`key_versions_cmd`]: versions of the keys that were ever written.
+pub fn parse_key_versions(
+    keys: &[String],
+    reply: redis::Value,
+) -> Result<BTreeMap<String, u64>, StoreError> {
+    let versions: Vec<Option<u64>> = redis::FromRedisValue::from_redis_value(reply)
+        .map_err(|e| StoreError::corrupt("context key versions", e))?;
+    Ok(keys
+        .iter()
+        .cloned()
+        .zip(versions)
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
 }
 
 fn parse_outcome(v: Option<String>) -> Result<Option<Outcome>, StoreError> {
@@ -203,10 +196,10 @@ impl ContextStore for RedisStore {
             .key(self.events_key(key))
             .key(self.outcome_key(key, task_id))
             .arg(outcome_json)
-            .arg(self.retention.ttl_seconds)
-            .arg(self.retention.outcome_ttl_seconds)
+            .arg(self.config.ttl_seconds)
+            .arg(self.config.outcome_ttl_seconds)
             .arg(event.map(Value::to_string).unwrap_or_default())
-            .arg(self.retention.max_events)
+            .arg(self.config.max_events)
             .arg(facts.len());
         for (k, f) in facts {
             let v = serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -2,7 +2,10 @@
 //! commit-safe consumer runtime ([`runtime`]).
 
 pub mod acks;
+pub mod config;
 pub mod runtime;
+
+pub use config::{admin_config, consumer_config, producer_config, KafkaConfig};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,48 +16,6 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 
 use crate::codec::RecordView;
-use crate::config::KafkaConfig;
-
-/// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
-/// two that at-least-once depends on (refused by config validation).
-pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", &cfg.client_id)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in &cfg.consumer {
-        c.set(k, v);
-    }
-    // Offsets are stored by the runtime only once everything a record caused is acknowledged.
-    c.set("group.id", group)
-        .set("enable.auto.offset.store", "false");
-    c
-}
-
-/// Settings every producer gets; `kafka.producer` entries win.
-pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", &cfg.client_id)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
-    for (k, v) in &cfg.producer {
-        c.set(k, v);
-    }
-    c
-}
-
-/// Settings for admin and metadata clients.
-pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", &cfg.client_id);
-    c
-}
 
 /// A record read from Kafka, owned.
 #[derive(Debug, Clone)]

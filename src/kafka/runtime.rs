@@ -31,24 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::{commit_position, AckTracker};
 use super::{dead_letter, is_too_large, Input, Output, Producer};
+use crate::error::ProcessError;
 use crate::telemetry::METRICS;
-
-/// What went wrong processing one record; decides dead-letter, retry or stop.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The record can never be processed: it goes to the dead-letter topic and the partition moves on.
-    #[error("{reason}: {detail}")]
-    Poison {
-        reason: &'static str,
-        detail: String,
-    },
-    /// A dependency is unavailable: the same record is retried after a backoff, never skipped.
-    #[error("transient: {0}")]
-    Transient(String),
-    /// A bug or misconfiguration: the stage stops without committing past the record.
-    #[error("fatal: {0}")]
-    Fatal(String),
-}
 
 /// A stage's logic. The runtime owns delivery guarantees; the processor only maps a record to outputs.
 pub trait Processor: Send + Sync + 'static {

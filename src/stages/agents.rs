@@ -9,27 +9,105 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+use super::services::{runner, Runner, Services};
+use crate::agents::stats::AgentStats;
 use crate::agents::{
-    allowed, Agent, AgentError, AgentRequest, AgentResponse, AgentSpec, ScopedContext,
+    allowed, Agent, AgentError, AgentRequest, AgentSpec, BuildDeps, ScopedContext,
 };
 use crate::audit::Sealer;
 use crate::codec;
-use crate::context::{
-    CommitResult, ContextStore, Fact, Outcome, ResourceKey, Snapshot, StoreError,
-};
+use crate::context::redis::RedisStore;
+use crate::context::{CommitResult, ContextStore, Fact, Outcome, Snapshot};
+use crate::error::ProcessError;
 use crate::event::{now_rfc3339, CloudEvent};
-use crate::governance::{BudgetCheck, Budgets, Spender};
-use crate::kafka::runtime::{ProcessError, Processor};
+use crate::governance::budgets::{BudgetCheck, Budgets, Spender};
+use crate::kafka::runtime::Processor;
 use crate::kafka::{dead_letter, Input, Output};
+use crate::pattern::stable_id;
 use crate::records::{
-    audit_event, data_value, trace_id, types, AuditData, Emitter, ProposalData, ResultData,
-    TaskData,
+    audit_event, data_value, trace_id, types, AgentResponse, AuditData, Emitter, ProposalData,
+    ResultData, TaskData,
 };
-use crate::route::stable_id;
+use crate::store::{ResourceKey, StoreError};
 use crate::telemetry::METRICS;
+use crate::topics::TopicsConfig;
+
+/// The agent stage consumes the tasks topic.
+pub fn inputs(t: &TopicsConfig) -> Vec<String> {
+    vec![t.tasks.clone()]
+}
+
+/// Builds every configured agent and the stage; starts the agent-health flusher.
+pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
+    Box::pin(async move {
+        let cfg = s.config();
+        let deps = BuildDeps {
+            kafka: cfg.kafka.clone(),
+            producer: s.producer.clone(),
+            stop: s.stop.clone(),
+        };
+        let mut agents = HashMap::new();
+        for (name, spec) in &cfg.agents {
+            let agent = spec
+                .kind
+                .build(name, spec, &deps)
+                .await
+                .map_err(|e| format!("agents.{name}: {e}"))?;
+            agents.insert(
+                name.clone(),
+                AgentEntry {
+                    spec: spec.clone(),
+                    agent,
+                    permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+                },
+            );
+        }
+        let stats = Arc::new(AgentStats::new(s.redis.clone(), &cfg.redis.key_prefix));
+        s.tracker.spawn(stats.clone().run(s.stop.clone()));
+        init_metrics(agents.keys());
+        Ok(runner(AgentStage {
+            agents,
+            budgets: s.budgets.clone(),
+            stats: Some(stats),
+            store: Arc::new(RedisStore::new(
+                s.redis.clone(),
+                &cfg.redis.key_prefix,
+                cfg.context.clone(),
+            )),
+            emitter: s.emitter.clone(),
+            proposals_topic: cfg.topics.proposals.clone(),
+            results_topic: cfg.topics.results.clone(),
+            sealer: s.sealer.clone(),
+            dlq_topic: cfg.topics.dlq.clone(),
+            max_record_bytes: cfg.kafka.max_record_bytes,
+            unrecorded: Default::default(),
+        }))
+    })
+}
+
+/// Creates the stage's series at zero, so dashboards and alerts see them before the first task.
+fn init_metrics<'a>(agents: impl Iterator<Item = &'a String>) {
+    for op in ["snapshot", "commit"] {
+        for result in ["ok", "error"] {
+            METRICS
+                .context_ops
+                .with_label_values(&[op, result])
+                .inc_by(0);
+        }
+    }
+    for a in agents {
+        for outcome in ["succeeded", "failed", "timed_out", "refused"] {
+            METRICS
+                .agent_tasks
+                .with_label_values(&[a, outcome])
+                .inc_by(0);
+        }
+    }
+}
 
 /// Source attribute of records the agent stage writes.
 pub const SOURCE: &str = "switchyard/agents";
@@ -49,7 +127,7 @@ pub struct AgentStage<S: ContextStore> {
     /// Reserved before every agent call: an exhausted budget refuses the task (spend stops).
     pub budgets: Arc<Budgets>,
     /// Where per-agent health counters go (`switchyard status`); none in unit tests.
-    pub stats: Option<Arc<crate::status::AgentStats>>,
+    pub stats: Option<Arc<AgentStats>>,
     pub store: Arc<S>,
     pub emitter: Emitter,
     pub proposals_topic: String,
@@ -63,15 +141,12 @@ pub struct AgentStage<S: ContextStore> {
     pub unrecorded: std::sync::Mutex<HashMap<String, Arc<Computed>>>,
 }
 
-/// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
-/// get better by retrying, so it dead-letters the task instead of blocking the partition.
-fn transient(op: &'static str) -> impl Fn(StoreError) -> ProcessError {
+/// A context store failure, counted; [`ProcessError`] decides retry (unreachable) or dead letter
+/// (corrupt).
+fn context_error(op: &'static str) -> impl Fn(StoreError) -> ProcessError {
     move |e| {
         METRICS.context_ops.with_label_values(&[op, "error"]).inc();
-        match e {
-            StoreError::Corrupt(d) => poison("corrupt_state", format!("context {op}: {d}")),
-            e => ProcessError::Transient(format!("context {op}: {e}")),
-        }
+        ProcessError::from(e).context(&format!("context {op}"))
     }
 }
 
@@ -92,10 +167,7 @@ async fn timed<T, F: std::future::Future<Output = Result<T, StoreError>>>(
 }
 
 fn poison(reason: &'static str, detail: impl Into<String>) -> ProcessError {
-    ProcessError::Poison {
-        reason,
-        detail: detail.into(),
-    }
+    ProcessError::poison(reason, detail)
 }
 
 /// A decoded task.
@@ -107,8 +179,7 @@ pub struct DecodedTask {
 
 /// Reads a task record; anything else is poison.
 pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, ProcessError> {
-    let ev = codec::decode(rec.view(), &emitter.schemas)
-        .map_err(|e| poison(e.reason(), e.to_string()))?;
+    let ev = codec::decode(rec.view(), &emitter.schemas)?;
     if ev.ty != types::TASK {
         return Err(poison(
             "not_a_task",
@@ -219,7 +290,7 @@ impl<S: ContextStore> AgentStage<S> {
                 .commit(key, &task_id, facts, Some(&summary), outcome),
         )
         .await
-        .map_err(transient("commit"))?;
+        .map_err(context_error("commit"))?;
         self.unrecorded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -250,7 +321,7 @@ impl<S: ContextStore> AgentStage<S> {
             .budgets
             .reserve(&t.task.task_id, &spender, entry.spec.cost_per_call)
             .await
-            .map_err(|e| ProcessError::Transient(format!("budget reservation: {e}")))?;
+            .map_err(|e| ProcessError::from(e).context("budget reservation"))?;
         if let BudgetCheck::Exhausted { budget } = reserved {
             METRICS.budget_refusals.with_label_values(&[&budget]).inc();
             METRICS
@@ -499,7 +570,7 @@ impl<S: ContextStore> Processor for AgentStage<S> {
             self.store.outcome_and_snapshot(&key, &t.task.task_id),
         )
         .await
-        .map_err(transient("snapshot"))?;
+        .map_err(context_error("snapshot"))?;
         let outcome = match recorded {
             Some(o) => {
                 METRICS

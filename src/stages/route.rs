@@ -4,16 +4,44 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use serde_json::json;
 
+use super::services::{runner, Runner, Services};
 use crate::audit::Sealer;
 use crate::codec;
+use crate::error::ProcessError;
 use crate::event::CloudEvent;
-use crate::kafka::runtime::{ProcessError, Processor};
+use crate::kafka::runtime::Processor;
 use crate::kafka::{Input, Output};
 use crate::records::{audit_event, data_value, trace_id, types, AuditData, Emitter, TaskData};
 use crate::route::{task_id, workflow_id, RouteMatch, Router};
 use crate::telemetry::METRICS;
+use crate::topics::TopicsConfig;
+
+/// The route stage consumes the input topics.
+pub fn inputs(t: &TopicsConfig) -> Vec<String> {
+    t.inputs.clone()
+}
+
+pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
+    Box::pin(async move {
+        let cfg = s.config();
+        let router = Router::new(&cfg.routes).map_err(|p| {
+            let lines: Vec<String> = p
+                .iter()
+                .map(|p| format!("{}: {}", p.route, p.message))
+                .collect();
+            format!("routes are invalid: {}", lines.join("; "))
+        })?;
+        Ok(runner(RouteStage {
+            router,
+            emitter: s.emitter.clone(),
+            tasks_topic: cfg.topics.tasks.clone(),
+            sealer: s.sealer.clone(),
+        }))
+    })
+}
 
 /// Source attribute of records the route stage writes.
 pub const SOURCE: &str = "switchyard/route";
@@ -133,11 +161,7 @@ impl Processor for RouteStage {
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
-        let ev =
-            codec::decode(rec.view(), &self.emitter.schemas).map_err(|e| ProcessError::Poison {
-                reason: e.reason(),
-                detail: e.to_string(),
-            })?;
+        let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
         let (mut out, audit) = self.outputs_for(&rec.topic, &ev)?;
         out.extend(
             self.sealer

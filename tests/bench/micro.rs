@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 
-use switchyard::agents::Impact;
 use switchyard::codec::{self, Encoding, RecordView};
 use switchyard::event::CloudEvent;
-use switchyard::resolve::{
+use switchyard::records::Impact;
+use switchyard::resolve::rules::{
     decide, ActionRule, ActiveAction, ActiveStatus, Candidate, ResolveConfig, ResourceState,
 };
 use switchyard::route::{RouteSpec, Router};

@@ -48,6 +48,55 @@ pub fn stack() -> &'static (String, String) {
     })
 }
 
+/// A free loopback port (bound and released; good enough for a test's own servers).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Kills the child process when the test ends, pass or fail.
+pub struct Reaper(pub std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stages running in this test process (`switchyard::app::run`), stopped with [`Running::stop`].
+pub struct Running {
+    token: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), switchyard::app::AppError>>,
+}
+
+impl Running {
+    /// Starts `stages` of `loaded` in this process.
+    pub fn start(loaded: Loaded, stages: &[&str]) -> Running {
+        let token = tokio_util::sync::CancellationToken::new();
+        let stages = stages.iter().map(|s| s.to_string()).collect();
+        let handle = tokio::spawn(switchyard::app::run(loaded, stages, token.clone()));
+        Running { token, handle }
+    }
+
+    /// Stops the stages (drain and commit) and asserts they stopped cleanly.
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle
+            .await
+            .expect("join")
+            .expect("stages stop cleanly");
+    }
+
+    /// Whether the stages are still running (a stage error ends them).
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+}
+
 pub fn suffix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
 }
@@ -84,7 +133,7 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra lines for the `kafka:` section (indented by two spaces).
     pub async fn with(partitions: i32, kafka_extra: &str, extra_yaml: &str) -> TestEnv {
-        switchyard::telemetry::init_logging(switchyard::config::LogFormat::Human, "warn");
+        switchyard::telemetry::init_logging(switchyard::telemetry::LogFormat::Human, "warn");
         let (brokers, redis) = stack().clone();
         let prefix = suffix();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -179,15 +228,62 @@ schemas_dir: {schemas}
         Producer::new(&producer_config(&self.loaded.config.kafka)).expect("producer")
     }
 
+    /// Starts `stages` of this environment's config in this process.
+    pub fn start(&self, stages: &[&str]) -> Running {
+        Running::start(self.loaded.clone(), stages)
+    }
+
+    /// Sends one structured JSON event keyed by its subject.
+    pub async fn publish_one(&self, logical: &str, id: &str, ty: &str, subject: &str, data: Value) {
+        self.publish(logical, &[event(id, ty, subject, data)]).await
+    }
+
+    /// The steps every end-to-end story starts with: `resource` completes deployment `d1` (v41 →
+    /// v42), then breaches its availability SLO (`s1`, observed 97.0 of 99.9, owner team-pay).
+    /// Each waits for its result, as the real systems would be seconds apart (events on different
+    /// topics have no order between them); `results_before` counts results already written.
+    pub async fn deployment_then_breach(&self, resource: &str, results_before: usize) {
+        self.publish_one(
+            "events.deployments",
+            "d1",
+            "deployment.completed",
+            resource,
+            serde_json::json!({"service": resource, "version": "v42", "previous_version": "v41",
+                               "environment": "production"}),
+        )
+        .await;
+        self.read(
+            "switchyard.results",
+            results_before + 1,
+            Duration::from_secs(40),
+        )
+        .await;
+        self.publish_one(
+            "events.sla-breaches",
+            "s1",
+            "sla.breached",
+            resource,
+            serde_json::json!({"service": resource, "slo": "availability", "objective": 99.9,
+                               "observed": 97.0, "owner": "team-pay"}),
+        )
+        .await;
+        self.read(
+            "switchyard.results",
+            results_before + 2,
+            Duration::from_secs(40),
+        )
+        .await;
+    }
+
     /// Sends structured JSON events keyed by subject.
     pub async fn publish(&self, logical: &str, events: &[CloudEvent]) {
         let p = self.producer();
         for ev in events {
-            let out = switchyard::cli::record_for(
+            let out = switchyard::cmd::publish::record_for(
                 &self.loaded,
                 &self.topic(logical),
                 ev,
-                switchyard::cli::Mode::Structured,
+                switchyard::cmd::publish::Mode::Structured,
             )
             .expect("encode");
             p.send(&out).await.expect("send");
@@ -332,6 +428,12 @@ agents:
     reads: [cost, sla]
     writes: [cost]
     actions: [scale_down]
+  # Stands for an external agent whose proposals tests write to the proposals topic directly; no
+  # route sends it tasks.
+  tester:
+    kind: http
+    url: http://127.0.0.1:9/unused
+    actions: [rollback, page, restart, scale_down, scale_up]
 "#;
 
 pub fn default_routes(_prefix: &str) -> String {

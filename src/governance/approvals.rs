@@ -9,25 +9,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::StoreError;
-use crate::governance::{now_secs, ApprovalsConfig, OnTimeout};
-use crate::kafka::runtime::{ProcessError, Processor};
-use crate::kafka::{Input, Output, Producer};
+use super::{ApprovalsConfig, OnTimeout};
+use crate::audit::Sealer;
+use crate::error::ProcessError;
+use crate::event::now_secs;
+use crate::kafka::{Output, Producer};
 use crate::records::{
     audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter,
 };
-use crate::resolve::ActiveStatus;
-use crate::stages::resolve::{approval_output, ResourceStore, SOURCE};
+use crate::resolve::apply::Change;
+use crate::resolve::rules::ActiveStatus;
+use crate::resolve::store::{ResourceStore, Write};
+use crate::store::StoreError;
 use crate::telemetry::METRICS;
+
+/// Source attribute of approval records (approvals are part of resolve + govern).
+pub const SOURCE: &str = "switchyard/resolve";
 
 /// A person's (or a timer's) verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,13 +61,13 @@ pub struct Decision {
 }
 
 pub struct Approvals {
-    pub store: Arc<ResourceStore>,
+    pub store: Arc<dyn ResourceStore>,
     pub emitter: Emitter,
     pub config: ApprovalsConfig,
     pub actions_topic: String,
     pub approvals_topic: String,
     /// Seals approval decisions into their resource's audit chain.
-    pub sealer: Arc<crate::audit::Sealer>,
+    pub sealer: Arc<Sealer>,
     /// Tenants that had pending approvals (their gauge is kept, at 0 when none are pending).
     pub tenants: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -88,11 +89,11 @@ impl Approvals {
     ) -> Result<Decision, ApprovalError> {
         let key = self
             .store
-            .where_is(approval_id)
+            .locate(approval_id)
             .await?
             .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
         for _ in 0..20 {
-            let (loaded, _) = self.store.load(&key, &[]).await?;
+            let loaded = self.store.load(&key, &[], None).await?.record;
             let stored = loaded
                 .approvals
                 .get(approval_id)
@@ -154,18 +155,17 @@ impl Approvals {
                 }
             }
             s.approval.action_record = serde_json::to_value(&s.action).map_err(enc)?;
-            let fields = vec![
-                (
-                    format!("approval:{approval_id}"),
-                    serde_json::to_string(&s).map_err(enc)?,
-                ),
-                (
-                    "state".to_string(),
-                    serde_json::to_string(&state).map_err(enc)?,
-                ),
-                ("token".to_string(), token.to_string()),
-            ];
-            if self.store.cas(&key, loaded.rev, &fields, None).await? {
+            let change = Change {
+                state,
+                token,
+                approvals: vec![s.clone()],
+            };
+            let write = Write {
+                change: &change,
+                applied: None,
+                decision: None,
+            };
+            if self.store.commit(&key, loaded.rev, write).await? {
                 if escalate {
                     self.store.index_open(&[&s.approval]).await?;
                     METRICS.approvals.with_label_values(&["escalated"]).inc();
@@ -254,8 +254,8 @@ impl Approvals {
     pub async fn list_open(&self) -> Result<Vec<ApprovalData>, ApprovalError> {
         let mut out = Vec::new();
         for (id, _) in self.store.open().await? {
-            if let Some(key) = self.store.where_is(&id).await? {
-                let (loaded, _) = self.store.load(&key, &[]).await?;
+            if let Some(key) = self.store.locate(&id).await? {
+                let loaded = self.store.load(&key, &[], None).await?.record;
                 if let Some(s) = loaded.approvals.get(&id) {
                     if matches!(s.approval.status.as_str(), "pending" | "escalated") {
                         out.push(s.approval.clone());
@@ -282,7 +282,7 @@ impl Approvals {
                     Ok(_) | Err(ApprovalError::NotFound(_)) => self.store.index_close(id).await?,
                     Err(e) => return Err(e),
                 }
-            } else if let Some(k) = self.store.where_is(id).await? {
+            } else if let Some(k) = self.store.locate(id).await? {
                 *pending_by_tenant.entry(k.tenant).or_default() += 1;
             }
         }
@@ -325,169 +325,26 @@ pub async fn run_sweeper(
     }
 }
 
-/// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct DecisionRequest {
-    /// Who decides (required).
-    pub by: String,
-    #[serde(default)]
-    pub why: String,
-}
-
-/// The approvals API state.
-#[derive(Clone)]
-pub struct Api {
-    pub approvals: Arc<Approvals>,
-    pub producer: Producer,
-    pub token: Option<String>,
-}
-
-/// The error response when the request lacks the right bearer token.
-fn unauthorized(api: &Api, headers: &HeaderMap) -> Option<Response> {
-    let Some(want) = api.token.as_deref().filter(|t| !t.is_empty()) else {
-        return Some((StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "approvals API disabled: set governance.approvals.token or SWITCHYARD_APPROVAL_TOKEN"}))).into_response());
-    };
-    let got = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if got != Some(want) {
-        return Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                Json(json!({"error": "missing or wrong bearer token"})),
-            )
-                .into_response(),
-        );
+/// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339), when
+/// given, is the decision's time, so a re-emission is byte-identical.
+pub fn approval_output(
+    emitter: &Emitter,
+    topic: &str,
+    a: &ApprovalData,
+    tp: Option<&str>,
+    time: Option<&str>,
+) -> Result<Output, ProcessError> {
+    let mut ev = record_event(
+        format!("{}-{}", a.approval_id, a.status),
+        SOURCE,
+        types::APPROVAL,
+        &a.resource,
+        &a.tenant,
+        tp,
+        a,
+    )?;
+    if let Some(t) = time.filter(|t| !t.is_empty()) {
+        ev.time = Some(t.to_string());
     }
-    None
-}
-
-fn error_response(e: ApprovalError) -> Response {
-    let code = match e {
-        ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
-        ApprovalError::Store(_) | ApprovalError::Contention => StatusCode::SERVICE_UNAVAILABLE,
-        ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (code, Json(json!({"error": e.to_string()}))).into_response()
-}
-
-async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&api, &headers) {
-        return r;
-    }
-    match api.approvals.list_open().await {
-        Ok(v) => Json(json!({"approvals": v})).into_response(),
-        Err(e) => error_response(e),
-    }
-}
-
-async fn act(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path((id, verb)): Path<(String, String)>,
-    body: Option<Json<DecisionRequest>>,
-) -> Response {
-    if let Some(r) = unauthorized(&api, &headers) {
-        return r;
-    }
-    let verdict = match verb.as_str() {
-        "approve" => Verdict::Approve,
-        "reject" => Verdict::Reject,
-        _ => {
-            return (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": "use /approve or /reject"})),
-            )
-                .into_response()
-        }
-    };
-    let Some(Json(req)) = body.filter(|b| !b.by.trim().is_empty()) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "body must be JSON {\"by\": \"who\", \"why\": \"reason\"}"})),
-        )
-            .into_response();
-    };
-    let d = match api
-        .approvals
-        .decide(&id, verdict, &req.by, &req.why, false)
-        .await
-    {
-        Ok(d) => d,
-        Err(e) => return error_response(e),
-    };
-    for o in &d.outputs {
-        if let Err(e) = api.producer.send(o).await {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("decision recorded but producing failed ({e}); repeat the request")}))).into_response();
-        }
-    }
-    let code = if d.fresh {
-        StatusCode::OK
-    } else {
-        StatusCode::CONFLICT
-    };
-    (code, Json(json!({
-        "approval_id": d.approval.approval_id, "status": d.approval.status, "action_id": d.approval.action_id,
-        "fencing_token": d.action.as_ref().map(|a| a.fencing_token), "decided_by": d.approval.decided_by,
-        "already_decided": !d.fresh,
-    }))).into_response()
-}
-
-/// `GET /v1/approvals`, `POST /v1/approvals/{id}/approve|reject` (bearer token).
-pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/v1/approvals", get(list))
-        .route("/v1/approvals/{id}/{verb}", post(act))
-        .with_state(api)
-}
-
-/// Decisions topic stage: records `{"approval_id", "decision": "approve|reject", "by", "why"}` (as a
-/// CloudEvent's data, or plain JSON).
-pub struct DecisionsStage {
-    pub approvals: Arc<Approvals>,
-}
-
-#[derive(Deserialize)]
-struct DecisionRecord {
-    approval_id: String,
-    decision: Verdict,
-    by: String,
-    #[serde(default)]
-    why: String,
-}
-
-impl Processor for DecisionsStage {
-    fn stage(&self) -> &'static str {
-        "decisions"
-    }
-
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
-        let v: Value = serde_json::from_slice(&rec.payload).map_err(|e| ProcessError::Poison {
-            reason: "malformed_json",
-            detail: e.to_string(),
-        })?;
-        let body = if v.get("specversion").is_some() {
-            v.get("data").cloned().unwrap_or(Value::Null)
-        } else {
-            v
-        };
-        let d: DecisionRecord = serde_json::from_value(body).map_err(|e| ProcessError::Poison {
-            reason: "malformed_decision",
-            detail: e.to_string(),
-        })?;
-        match self
-            .approvals
-            .decide(&d.approval_id, d.decision, &d.by, &d.why, false)
-            .await
-        {
-            Ok(x) => Ok(x.outputs),
-            Err(ApprovalError::NotFound(id)) => Err(ProcessError::Poison {
-                reason: "unknown_approval",
-                detail: format!("approval {id} not found"),
-            }),
-            Err(e @ ApprovalError::Encode(_)) => Err(ProcessError::Fatal(e.to_string())),
-            Err(e) => Err(ProcessError::Transient(e.to_string())),
-        }
-    }
+    emitter.emit(topic, &ev)
 }

@@ -1,5 +1,8 @@
-//! HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (Kafka and
-//! Redis reachable and every running stage has partitions assigned).
+//! switchyard's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz`
+//! (Kafka and Redis reachable and every running stage has partitions assigned), and the front doors
+//! merged in from the submodules ([`approvals`]: the approvals API).
+
+pub mod approvals;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,8 +13,38 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use serde::{Deserialize, Serialize};
+
 use crate::kafka::runtime::StageHealth;
 use crate::telemetry::METRICS;
+
+/// The `http:` config section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve `/metrics`, `/healthz`, `/readyz` and the approvals API.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Listen address. Overridden by `SWITCHYARD_HTTP_LISTEN`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: default_listen(),
+        }
+    }
+}
 
 /// What readiness is made of; updated by the health checker and the stages.
 #[derive(Default)]

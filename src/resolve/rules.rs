@@ -1,17 +1,20 @@
-//! Conflict resolution rules: pure code (no I/O) deciding what happens to one proposal given the
-//! resource's current state.
+//! Conflict-resolution rules: the `resolve:` config section and pure code (no I/O) deciding what
+//! happens to one proposal given the resource's current state.
 //!
 //! Per action type (config `resolve.actions`): a priority, the action types it conflicts with, whether
 //! proposals of it merge, a cooldown, and the context keys whose change makes a proposal of it stale.
 //! The resolve stage feeds proposals of one resource through [`decide`] strictly in order.
+//!
+//! Adding a rule: a field on [`ActionRule`] (config), a [`Rule`] variant (its name in audit records
+//! and the metric label), and its check in [`decide`] — all in this file.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::agents::Impact;
-use crate::route::stable_id;
+use crate::pattern::stable_id;
+use crate::records::Impact;
 
 /// Rules for one action type.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -94,6 +97,54 @@ impl ResolveConfig {
             .unwrap_or(proposed)
     }
 
+    /// Every problem of this section, as (path, message). `known` are the action types some agent
+    /// may propose; a rule about any other type can never apply, which is almost always a typo.
+    pub fn problems(&self, known: &[&str]) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let suggest = |name: &str| {
+            crate::pattern::closest(name, known.iter().copied())
+                .map(|c| format!("; did you mean {c:?}?"))
+                .unwrap_or_default()
+        };
+        let listed: Vec<&str> = known
+            .iter()
+            .copied()
+            .chain(self.actions.keys().map(String::as_str))
+            .collect();
+        for (action, rule) in &self.actions {
+            let path = format!("resolve.actions.{action}");
+            if !known.contains(&action.as_str()) {
+                p.push((
+                    path.clone(),
+                    format!(
+                        "{action:?} is not an action any agent declares{}",
+                        suggest(action)
+                    ),
+                ));
+            }
+            for (i, other) in rule.conflicts_with.iter().enumerate() {
+                if !listed.contains(&other.as_str()) {
+                    p.push((
+                        format!("{path}.conflicts_with[{i}]"),
+                        format!(
+                            "{other:?} is not an action any agent declares{}",
+                            suggest(other)
+                        ),
+                    ));
+                }
+            }
+            for (i, key) in rule.invalidated_by.iter().enumerate() {
+                if key.trim().is_empty() {
+                    p.push((
+                        format!("{path}.invalidated_by[{i}]"),
+                        "must name a context key".into(),
+                    ));
+                }
+            }
+        }
+        p
+    }
+
     /// Longest window state must be kept for.
     pub fn retention_seconds(&self) -> u64 {
         let cooldown = self
@@ -173,6 +224,16 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason (metric series are created for each at start).
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Conflict,
+        RejectReason::Stale,
+        RejectReason::Cooldown,
+        RejectReason::PendingApproval,
+        RejectReason::Access,
+        RejectReason::Budget,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Conflict => "conflict",
@@ -181,6 +242,40 @@ impl RejectReason {
             RejectReason::PendingApproval => "pending_approval",
             RejectReason::Access => "access",
             RejectReason::Budget => "budget",
+        }
+    }
+}
+
+/// The resolution rule behind a decision: its name in audit records and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    Staleness,
+    Dedupe,
+    Merge,
+    PendingApproval,
+    Cooldown,
+    Priority,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 6] = [
+        Rule::Staleness,
+        Rule::Dedupe,
+        Rule::Merge,
+        Rule::PendingApproval,
+        Rule::Cooldown,
+        Rule::Priority,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::Staleness => "staleness",
+            Rule::Dedupe => "dedupe",
+            Rule::Merge => "merge",
+            Rule::PendingApproval => "pending_approval",
+            Rule::Cooldown => "cooldown",
+            Rule::Priority => "priority",
         }
     }
 }
@@ -204,8 +299,20 @@ pub enum Decision {
     Rejected {
         reason: RejectReason,
         detail: String,
-        rule: &'static str,
+        rule: Rule,
     },
+}
+
+impl Decision {
+    /// The resolution rule that decided, when one did (a new action passed them all).
+    pub fn rule(&self) -> Option<Rule> {
+        match self {
+            Decision::New { .. } => None,
+            Decision::Duplicate { .. } => Some(Rule::Dedupe),
+            Decision::Merged { .. } => Some(Rule::Merge),
+            Decision::Rejected { rule, .. } => Some(*rule),
+        }
+    }
 }
 
 /// Hash of a JSON value (canonical: object keys sorted).
@@ -250,7 +357,7 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
                         "context key {key} changed at version {v}, proposal saw version {}",
                         c.context_version
                     ),
-                    rule: "staleness",
+                    rule: Rule::Staleness,
                 };
             }
         }
@@ -286,7 +393,7 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
         return Decision::Rejected {
             reason: RejectReason::PendingApproval,
             detail: format!("{} {} awaits approval", a.action, a.action_id),
-            rule: "pending_approval",
+            rule: Rule::PendingApproval,
         };
     }
     // Cooldown: the same type was accepted recently.
@@ -305,7 +412,7 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
                     age(a),
                     rule.cooldown_seconds
                 ),
-                rule: "cooldown",
+                rule: Rule::Cooldown,
             };
         }
     }
@@ -323,7 +430,7 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
                     "conflicts with {} {} (priority {} >= {priority})",
                     a.action, a.action_id, a.priority
                 ),
-                rule: "priority",
+                rule: Rule::Priority,
             };
         }
         superseded.push(a.action_id.clone());

@@ -1,16 +1,91 @@
-//! The small commands: `publish` and `tail`.
+//! `switchyard publish`: CloudEvents built from flags or read as JSON from a file or stdin, written
+//! structured, in binary mode or as Avro; `--raw` sends lines verbatim (to exercise dead letters).
 
 use std::io::Read;
-use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
+use super::ctx::Ctx;
 use crate::codec::{self, Encoding, CONTENT_TYPE_HEADER};
-use crate::config::{KafkaConfig, Loaded};
+use crate::config::Loaded;
 use crate::event::CloudEvent;
-use crate::kafka::{producer_config, Input, Output, Producer};
+use crate::kafka::{producer_config, Output, Producer};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Topic to write to.
+    #[arg(short, long)]
+    pub topic: String,
+    /// Read events from this file (`-` for stdin): one JSON object, a JSON array, or JSON lines.
+    #[arg(short, long, conflicts_with_all = ["ty", "data"])]
+    pub file: Option<String>,
+    /// Event type, e.g. deployment.completed.
+    #[arg(long = "type", required_unless_present = "file")]
+    pub ty: Option<String>,
+    /// Resource id the event is about (also the record key).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Event source.
+    #[arg(long, default_value = "switchyard-cli")]
+    pub source: String,
+    /// Event id (default: a random UUID).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Event data as JSON.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Tenant extension.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Encoding on the wire.
+    #[arg(long, value_enum, default_value = "structured")]
+    pub mode: Mode,
+    /// Send each line of --file verbatim, unvalidated (to exercise the dead-letter path).
+    #[arg(long, requires = "file")]
+    pub raw: bool,
+}
+
+pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
+    let l = ctx.load_noting()?;
+    if a.raw {
+        let text = read_input(a.file.as_deref().unwrap_or("-"))?;
+        return publish_raw(&l, &a.topic, a.subject.as_deref().unwrap_or(""), &text).await;
+    }
+    let events = match a.file {
+        Some(f) => parse_events(&read_input(&f)?)?,
+        None => {
+            let mut ev = CloudEvent::new(
+                a.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                a.source,
+                a.ty.unwrap_or_default(),
+            )
+            .with_time_now();
+            if let Some(s) = a.subject.clone() {
+                ev = ev.with_subject(s);
+            }
+            if let Some(d) = a.data {
+                let v: Value = serde_json::from_str(&d)
+                    .map_err(|e| format!("--data is not valid JSON: {e}"))?;
+                ev = ev.with_data(v);
+            }
+            if let Some(t) = a.tenant.clone() {
+                ev = ev.with_extension("tenant", t);
+            }
+            codec::validate(&ev).map_err(|e| e.to_string())?;
+            vec![ev]
+        }
+    };
+    let events: Vec<CloudEvent> = events
+        .into_iter()
+        .map(|mut e| {
+            if e.subject.is_none() {
+                e.subject = a.subject.clone();
+            }
+            e
+        })
+        .collect();
+    publish(&l, &a.topic, &events, a.mode).await
+}
 
 /// Parses one or more events: a JSON object, a JSON array of objects, or JSON lines.
 pub fn parse_events(text: &str) -> Result<Vec<CloudEvent>, String> {
@@ -178,134 +253,4 @@ pub async fn publish_raw(
         println!("sent {} raw bytes to {topic}[{p}]@{o}", line.len());
     }
     Ok(())
-}
-
-/// Options of `tail`.
-pub struct TailOptions {
-    pub from_beginning: bool,
-    pub max: Option<usize>,
-    /// Stop after this long without a record (None: run until interrupted).
-    pub idle_timeout: Option<Duration>,
-}
-
-/// One record as `tail` prints it.
-pub fn record_json(loaded: &Loaded, rec: &Input) -> Value {
-    let mut o = Map::new();
-    o.insert("topic".into(), json!(&*rec.topic));
-    o.insert("partition".into(), json!(rec.partition));
-    o.insert("offset".into(), json!(rec.offset));
-    o.insert(
-        "key".into(),
-        json!(rec.key.as_deref().map(String::from_utf8_lossy)),
-    );
-    let sy: Map<String, Value> = rec
-        .headers
-        .iter()
-        .filter(|(k, _)| k.starts_with("switchyard."))
-        .map(|(k, v)| (k.clone(), json!(String::from_utf8_lossy(v))))
-        .collect();
-    if !sy.is_empty() {
-        o.insert("headers".into(), Value::Object(sy));
-    }
-    match codec::decode(rec.view(), &loaded.schemas) {
-        Ok(ev) => {
-            o.insert(
-                "event".into(),
-                serde_json::to_value(ev).unwrap_or(Value::Null),
-            );
-        }
-        Err(e) => {
-            o.insert("error".into(), json!(e.to_string()));
-            o.insert(
-                "payload".into(),
-                json!(String::from_utf8_lossy(&rec.payload)),
-            );
-        }
-    }
-    Value::Object(o)
-}
-
-/// A consumer assigned every partition of `topic` at `start` (no consumer group is joined).
-fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseConsumer, String> {
-    let mut cfg =
-        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
-    cfg.set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .map_err(|e| format!("cannot create consumer: {e}"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(|| format!("topic {topic} does not exist (run `switchyard topics apply`)"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        tpl.add_partition_offset(topic, p.id(), start)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| format!("cannot assign partitions: {e}"))?;
-    Ok(consumer)
-}
-
-/// Prints records of a topic as JSON lines. Reads partitions directly (no consumer group).
-pub fn tail(
-    kafka: &KafkaConfig,
-    loaded: &Loaded,
-    topic: &str,
-    opts: &TailOptions,
-) -> Result<usize, String> {
-    let start = if opts.from_beginning {
-        Offset::Beginning
-    } else {
-        Offset::End
-    };
-    let consumer = reader(kafka, topic, start)?;
-    let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
-    let mut n = 0;
-    let mut last = Instant::now();
-    loop {
-        if opts.max.is_some_and(|m| n >= m) {
-            break;
-        }
-        if opts.idle_timeout.is_some_and(|t| last.elapsed() >= t) {
-            break;
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(m)) => {
-                let rec = Input::from_message(&m, name.clone());
-                println!("{}", record_json(loaded, &rec));
-                n += 1;
-                last = Instant::now();
-            }
-            Some(Err(e)) => return Err(format!("consumer error: {e}")),
-        }
-    }
-    Ok(n)
-}
-
-/// Reads every record of a topic from the beginning until nothing arrives for `idle`.
-pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
-    let consumer = reader(kafka, topic, Offset::Beginning)?;
-    let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
-    let mut out = Vec::new();
-    let mut last = Instant::now();
-    while last.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(Input::from_message(&m, name.clone()));
-                last = Instant::now();
-            }
-            Some(Err(e)) => return Err(format!("consumer error: {e}")),
-            None => {}
-        }
-    }
-    // Topic order: per partition by offset (a resource's records share a partition).
-    out.sort_by_key(|r| (r.partition, r.offset));
-    Ok(out)
 }

@@ -1,0 +1,99 @@
+//! `switchyard approvals list|approve|reject`: human approvals directly against Redis and Kafka
+//! (the HTTP API does the same).
+
+use std::sync::Arc;
+
+use super::ctx::Ctx;
+use crate::config::Loaded;
+use crate::governance::approvals::{Approvals, Verdict};
+use crate::kafka::{producer_config, Producer};
+use crate::records::Emitter;
+use crate::store::RedisConn;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ApprovalsCommand {
+    /// List approvals waiting for a person.
+    List,
+    /// Approve a pending action: it goes to switchyard.actions with a fencing token.
+    Approve {
+        id: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Reject a pending action.
+    Reject {
+        id: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+}
+
+/// The approvals service of a loaded config, for commands.
+pub fn service(l: &Loaded) -> Result<Approvals, String> {
+    let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
+    let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
+    let resources = crate::app::resource_store(l, conn.clone());
+    let sealer: Arc<_> = crate::app::sealer(l, conn);
+    Ok(crate::app::approvals_of(l, resources, sealer, &emitter))
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
+    let l = ctx.load_noting()?;
+    let approvals = service(&l)?;
+    let (id, verdict, by, why) = match args.command {
+        ApprovalsCommand::List => {
+            let open = approvals.list_open().await.map_err(|e| e.to_string())?;
+            for a in &open {
+                println!(
+                    "{}  {:<10} {:<16} {:<12} action {} expires {}",
+                    a.approval_id,
+                    a.status,
+                    a.action,
+                    a.resource,
+                    a.action_id,
+                    chrono::DateTime::from_timestamp(a.expires_at, 0)
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default()
+                );
+            }
+            println!("{} open approvals", open.len());
+            return Ok(());
+        }
+        ApprovalsCommand::Approve { id, by, why } => (id, Verdict::Approve, by, why),
+        ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
+    };
+    let d = approvals
+        .decide(&id, verdict, &by, &why, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let producer = Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
+    for o in &d.outputs {
+        producer.send(o).await.map_err(|e| {
+            format!("decision recorded but producing failed ({e}); run the command again")
+        })?;
+    }
+    match (&d.action, d.fresh) {
+        (_, false) => println!(
+            "{} was already {} by {}",
+            id,
+            d.approval.status,
+            d.approval.decided_by.as_deref().unwrap_or("?")
+        ),
+        (Some(a), true) => println!(
+            "{} approved: {} {} on {} sent with fencing token {}",
+            id, a.action_id, a.action, a.resource, a.fencing_token
+        ),
+        (None, true) => println!("{} {}", id, d.approval.status),
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `switchyard status`: per-stage consumer lag, pending approvals and per-agent health, for a person.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::ctx::Ctx;
+use crate::agents::stats::agent_health;
+use crate::config::Loaded;
+use crate::event::now_secs;
+use crate::governance::approvals::Approvals;
+use crate::stages::STAGES;
+use crate::store::RedisConn;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub async fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
+    let l = ctx.load_noting()?;
+    let approvals = super::approvals::service(&l)?;
+    let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
+    print!("{}", report(&l, &approvals, &conn).await?);
+    Ok(())
+}
+
+/// Approximate lag of a consumer group on some topics: high watermark minus committed offset, summed,
+/// clamped at 0 per partition. `None` when the group has committed nothing yet.
+pub fn group_lag(loaded: &Loaded, group: &str, topics: &[String]) -> Result<Option<i64>, String> {
+    let mut cfg = crate::kafka::admin_config(&loaded.config.kafka);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(5))
+            .map_err(|e| format!("metadata of {t}: {e}"))?;
+        for mt in md.topics().iter().filter(|m| m.name() == t) {
+            for p in mt.partitions() {
+                tpl.add_partition(t, p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+    let mut total = 0;
+    let mut any = false;
+    for e in committed.elements() {
+        let (_, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+            .map_err(|x| format!("watermarks of {}: {x}", e.topic()))?;
+        let pos = match e.offset() {
+            Offset::Offset(o) => {
+                any = true;
+                o
+            }
+            _ => 0,
+        };
+        total += (high - pos).max(0);
+    }
+    Ok(any.then_some(total))
+}
+
+fn ago(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// The whole status report as text.
+pub async fn report(
+    loaded: &Loaded,
+    approvals: &Approvals,
+    conn: &RedisConn,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let cfg = &loaded.config;
+    let _ = writeln!(
+        out,
+        "STAGE      CONSUMER GROUP                      LAG (approx.)  TOPICS"
+    );
+    for def in STAGES {
+        let (stage, topics) = (def.name, (def.inputs)(&cfg.topics));
+        let group = format!("{}.{stage}", cfg.kafka.group_prefix);
+        let (l2, g2, t2) = (loaded.clone(), group.clone(), topics.clone());
+        let lag = tokio::task::spawn_blocking(move || group_lag(&l2, &g2, &t2))
+            .await
+            .map_err(|e| e.to_string())?;
+        let lag = match lag {
+            Ok(Some(n)) => n.to_string(),
+            Ok(None) => "never ran".into(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let _ = writeln!(
+            out,
+            "{stage:<10} {group:<35} {lag:<14} {}",
+            topics.join(", ")
+        );
+    }
+    let now = now_secs();
+    let open = approvals.list_open().await.map_err(|e| e.to_string())?;
+    let _ = writeln!(out);
+    match (
+        open.iter().map(|a| a.requested_at).min(),
+        open.iter().map(|a| a.expires_at).min(),
+    ) {
+        (Some(oldest), Some(next)) => {
+            let _ = writeln!(
+                out,
+                "APPROVALS  {} pending; oldest waiting {}, next expiry in {} (switchyard approvals list)",
+                open.len(),
+                ago(now - oldest),
+                ago((next - now).max(0))
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "APPROVALS  none pending");
+        }
+    }
+    let names: Vec<String> = cfg.agents.keys().cloned().collect();
+    let health = agent_health(conn, &cfg.redis.key_prefix, &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "AGENT            HEALTH    CALLS(2h)  FAILED  TIMED OUT  REFUSED  LAST SEEN"
+    );
+    for h in health {
+        let seen = h
+            .last_seen
+            .map(|t| format!("{} ago", ago(now - t)))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<9} {:<10} {:<7} {:<10} {:<8} {seen}",
+            h.agent,
+            h.verdict(),
+            h.calls(),
+            h.failed,
+            h.timed_out,
+            h.refused
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,19 @@
+//! `switchyard validate`: checks the config and everything it refers to; prints every problem.
+
+use super::ctx::Ctx;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
+    let l = ctx.load()?;
+    println!(
+        "{} is valid: {} routes, {} agents, {} topic definitions, {} schemas",
+        l.source,
+        l.config.routes.len(),
+        l.config.agents.len(),
+        l.topics.iter().count(),
+        l.schemas.names().count()
+    );
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The error taxonomy of the data path: what went wrong with one record decides whether it goes to
+//! the dead-letter topic, is retried, or stops the stage — in one place.
+//!
+//! Stores, decoders and encoders have their own error types; each converts into [`ProcessError`]
+//! here (or next to the type, for types of modules above this one), so a stage writes `?` and the
+//! classification is never repeated by hand.
+
+/// What went wrong processing one record; decides dead-letter, retry or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The record can never be processed: it goes to the dead-letter topic and the partition moves on.
+    #[error("{reason}: {detail}")]
+    Poison {
+        /// Bounded label: the dead-letter reason header and the metric label.
+        reason: &'static str,
+        detail: String,
+    },
+    /// A dependency is unavailable: the same record is retried after a backoff, never skipped.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// A bug or misconfiguration: the stage stops without committing past the record.
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+impl ProcessError {
+    /// A record that can never be processed, with a bounded `reason` label.
+    pub fn poison(reason: &'static str, detail: impl Into<String>) -> Self {
+        ProcessError::Poison {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// Adds what was being done to the message (`context snapshot: redis: ...`).
+    pub fn context(self, what: &str) -> Self {
+        match self {
+            ProcessError::Poison { reason, detail } => ProcessError::Poison {
+                reason,
+                detail: format!("{what}: {detail}"),
+            },
+            ProcessError::Transient(m) => ProcessError::Transient(format!("{what}: {m}")),
+            ProcessError::Fatal(m) => ProcessError::Fatal(format!("{what}: {m}")),
+        }
+    }
+}
+
+/// A failure of a store (Redis, or its in-memory twin).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// The store is unreachable or answered with an error: worth retrying.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Stored data cannot be read: retrying will not help.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn corrupt(what: &str, e: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt(format!("{what}: {e}"))
+    }
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Redis(e.to_string())
+    }
+}
+
+/// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
+/// get better by retrying, so it dead-letters the record instead of blocking its partition.
+impl From<StoreError> for ProcessError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt(d) => ProcessError::poison("corrupt_state", d),
+            e @ StoreError::Redis(_) => ProcessError::Transient(e.to_string()),
+        }
+    }
+}
+
+/// A record switchyard built cannot be serialised: a bug, so the stage stops.
+impl From<serde_json::Error> for ProcessError {
+    fn from(e: serde_json::Error) -> Self {
+        ProcessError::Fatal(format!("cannot serialise a record: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_are_classified_once() {
+        assert!(matches!(
+            ProcessError::from(StoreError::Redis("down".into())),
+            ProcessError::Transient(_)
+        ));
+        assert!(matches!(
+            ProcessError::from(StoreError::Corrupt("x".into())),
+            ProcessError::Poison {
+                reason: "corrupt_state",
+                ..
+            }
+        ));
+        let e = ProcessError::from(StoreError::Corrupt("bad json".into())).context("budget");
+        assert_eq!(e.to_string(), "corrupt_state: budget: bad json");
+    }
+}

@@ -1,0 +1,234 @@
+//! Governance on every action: access policy, budgets, and the approval gate.
+//!
+//! - this module: the `governance:` config, access rules and approval rules (pure), and
+//!   [`GovernanceConfig::gate`], the check a new action passes before it is applied;
+//! - [`budgets`]: spend per agent, workflow or tenant, reserved atomically in a store;
+//! - [`approvals`]: people deciding on pending actions (and the sweeper that expires them).
+
+pub mod approvals;
+pub mod budgets;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pattern::TypePattern;
+use crate::records::{Impact, ProposalData};
+use crate::resolve::apply::Gate;
+use crate::resolve::rules::RejectReason;
+use crate::secret::Secret;
+use crate::store::StoreError;
+
+fn any_match(patterns: &[String], value: &str) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| TypePattern::new(p).matches(value))
+}
+
+/// One access rule: these agents may cause these actions on these resources of these tenants.
+/// Empty lists mean "any"; entries are `*` patterns.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    #[serde(default)]
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub actions: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+/// What needs a person: an action matching `actions` with at least `min_impact` or `min_cost`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    #[serde(default)]
+    pub actions: Vec<String>,
+    #[serde(default)]
+    pub min_impact: Option<Impact>,
+    #[serde(default)]
+    pub min_cost: Option<f64>,
+}
+
+/// What happens when nobody decides in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Reject,
+    /// Re-announce the request as `escalated` once, with a second timeout, then reject.
+    Escalate,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Bearer token the approvals API requires. `SWITCHYARD_APPROVAL_TOKEN` overrides. Without a token
+    /// the API refuses every request.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A request not decided within this time is expired (rejected or escalated).
+    #[serde(default = "default_approval_timeout")]
+    pub timeout_seconds: u64,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    #[serde(default)]
+    pub rules: Vec<ApprovalRule>,
+}
+
+fn default_approval_timeout() -> u64 {
+    900
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig {
+            token: None,
+            timeout_seconds: default_approval_timeout(),
+            on_timeout: OnTimeout::Reject,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// The `governance:` config section.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GovernanceConfig {
+    /// Access rules; when empty every agent may cause every declared action.
+    #[serde(default)]
+    pub access: Vec<AccessRule>,
+    #[serde(default)]
+    pub budgets: Vec<budgets::BudgetSpec>,
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+impl GovernanceConfig {
+    /// Every problem, as (item, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            let item = format!("governance.budgets[{i}] ({})", b.name);
+            if b.max_calls.is_none() && b.max_cost.is_none() {
+                p.push((item.clone(), "needs max_calls or max_cost".into()));
+            }
+            if self.budgets[..i].iter().any(|o| o.name == b.name) {
+                p.push((item, "name is used by an earlier budget".into()));
+            }
+        }
+        if self.approvals.timeout_seconds == 0 {
+            p.push((
+                "governance.approvals.timeout_seconds".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        p
+    }
+
+    /// Whether `agent` may cause `action` on `resource` of `tenant`.
+    pub fn allows(&self, tenant: &str, agent: &str, action: &str, resource: &str) -> bool {
+        self.access.is_empty()
+            || self.access.iter().any(|r| {
+                any_match(&r.tenants, tenant)
+                    && any_match(&r.agents, agent)
+                    && any_match(&r.actions, action)
+                    && any_match(&r.resources, resource)
+            })
+    }
+
+    /// The check a new action passes before it is applied, in order: access, budgets (already
+    /// spent past a limit), then whether a person must approve it.
+    pub async fn gate(
+        &self,
+        p: &ProposalData,
+        budgets: &budgets::Budgets,
+    ) -> Result<Gate, StoreError> {
+        if !self.allows(&p.tenant, &p.agent, &p.action, &p.resource) {
+            return Ok(Gate::Refuse {
+                reason: RejectReason::Access,
+                rule: "access",
+                detail: format!(
+                    "no access rule lets {} cause {} on {}",
+                    p.agent, p.action, p.resource
+                ),
+            });
+        }
+        let spender = budgets::Spender {
+            agent: &p.agent,
+            workflow: &p.workflow_id,
+            tenant: &p.tenant,
+        };
+        if let budgets::BudgetCheck::Exhausted { budget } = budgets.check(&spender).await? {
+            crate::telemetry::METRICS
+                .budget_refusals
+                .with_label_values(&[&budget])
+                .inc();
+            return Ok(Gate::Refuse {
+                reason: RejectReason::Budget,
+                rule: "budget",
+                detail: format!("budget {budget} is exhausted"),
+            });
+        }
+        Ok(match self.needs_approval(&p.action, p.impact, p.cost) {
+            Some(rule) => Gate::NeedsApproval {
+                rule,
+                timeout_seconds: self.approvals.timeout_seconds,
+            },
+            None => Gate::Allow,
+        })
+    }
+
+    /// Whether an action needs a person, and the rule that says so.
+    pub fn needs_approval(&self, action: &str, impact: Impact, cost: Option<f64>) -> Option<usize> {
+        self.approvals.rules.iter().position(|r| {
+            any_match(&r.actions, action)
+                && r.min_impact.is_none_or(|m| impact >= m)
+                && r.min_cost.is_none_or(|m| cost.unwrap_or(0.0) >= m)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules_default_allow_and_patterns() {
+        let mut g = GovernanceConfig::default();
+        assert!(g.allows("t", "a", "rollback", "svc"));
+        g.access.push(AccessRule {
+            agents: vec!["sla-*".into()],
+            actions: vec!["rollback".into(), "page".into()],
+            ..Default::default()
+        });
+        g.access.push(AccessRule {
+            tenants: vec!["acme".into()],
+            agents: vec!["cost-guard".into()],
+            actions: vec!["scale_*".into()],
+            resources: vec!["web-*".into()],
+        });
+        assert!(g.allows("x", "sla-responder", "rollback", "svc"));
+        assert!(!g.allows("x", "sla-responder", "scale_down", "svc"));
+        assert!(g.allows("acme", "cost-guard", "scale_down", "web-1"));
+        assert!(!g.allows("acme", "cost-guard", "scale_down", "db-1"));
+        assert!(!g.allows("other", "cost-guard", "scale_down", "web-1"));
+    }
+
+    #[test]
+    fn approval_rules() {
+        let mut g = GovernanceConfig::default();
+        g.approvals.rules.push(ApprovalRule {
+            actions: vec!["rollback".into()],
+            min_impact: Some(Impact::High),
+            min_cost: None,
+        });
+        g.approvals.rules.push(ApprovalRule {
+            actions: vec![],
+            min_impact: None,
+            min_cost: Some(100.0),
+        });
+        assert_eq!(g.needs_approval("rollback", Impact::High, None), Some(0));
+        assert_eq!(g.needs_approval("rollback", Impact::Medium, None), None);
+        assert_eq!(g.needs_approval("page", Impact::Low, Some(150.0)), Some(1));
+        assert_eq!(g.needs_approval("page", Impact::Low, Some(10.0)), None);
+    }
+}

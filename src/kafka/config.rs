@@ -1,0 +1,146 @@
+//! The `kafka:` config section and the librdkafka settings every client gets.
+
+use std::collections::BTreeMap;
+
+use rdkafka::config::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`host:port,host:port`). Overridden by `SWITCHYARD_KAFKA_BROKERS`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer groups are `<group_prefix>.<stage>`.
+    #[serde(default = "default_group_prefix")]
+    pub group_prefix: String,
+    /// `client.id` reported to the broker.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Extra librdkafka settings for consumers, passed through verbatim (e.g. `session.timeout.ms`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// Extra librdkafka settings for producers, passed through verbatim (e.g. `linger.ms`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// Records with a larger payload go to the dead-letter topic with reason `too_large`.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// Records a stage holds in flight at once; when reached, consumption pauses (back-pressure).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// On partition revoke and on shutdown, how long to wait for in-flight records before committing
+    /// what is done.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+impl KafkaConfig {
+    /// Every problem of this section, as (path, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let mut add = |item: &str, m: String| p.push((item.to_string(), m));
+        if self.brokers.trim().is_empty() {
+            add("kafka.brokers", "must name at least one broker".into());
+        }
+        for b in self.brokers.split(',').filter(|b| !b.trim().is_empty()) {
+            if !b.trim().contains(':') {
+                add("kafka.brokers", format!("{b:?} has no port (host:port)"));
+            }
+        }
+        if self.group_prefix.is_empty() {
+            add("kafka.group_prefix", "must not be empty".into());
+        }
+        if self.max_in_flight == 0 {
+            add("kafka.max_in_flight", "must be at least 1".into());
+        }
+        if self.max_record_bytes < 1024 {
+            add("kafka.max_record_bytes", "must be at least 1024".into());
+        }
+        for (section, map) in [("consumer", &self.consumer), ("producer", &self.producer)] {
+            for (k, v) in map {
+                if k.trim().is_empty() || v.is_empty() {
+                    add(
+                        &format!("kafka.{section}"),
+                        format!("setting {k:?} has an empty name or value"),
+                    );
+                }
+            }
+        }
+        for reserved in ["enable.auto.offset.store", "group.id"] {
+            if self.consumer.contains_key(reserved) {
+                add(
+                    &format!("kafka.consumer.{reserved}"),
+                    "is set by switchyard itself (at-least-once depends on it) and cannot be overridden".into(),
+                );
+            }
+        }
+        p
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_group_prefix() -> String {
+    "switchyard".into()
+}
+fn default_client_id() -> String {
+    "switchyard".into()
+}
+fn default_max_record_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_in_flight() -> usize {
+    2000
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
+/// two that at-least-once depends on (refused by config validation).
+pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &cfg.consumer {
+        c.set(k, v);
+    }
+    // Offsets are stored by the runtime only once everything a record caused is acknowledged.
+    c.set("group.id", group)
+        .set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Settings every producer gets; `kafka.producer` entries win.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    for (k, v) in &cfg.producer {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Settings for admin and metadata clients.
+pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &cfg.client_id);
+    c
+}

@@ -1,0 +1,372 @@
+//! The state change a decision makes, computed without I/O: given a proposal, the resource's state,
+//! what [`super::rules::decide`] said and what governance said ([`Gate`]), the record of the decision
+//! ([`Decided`]) and the new state to write ([`Change`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::rules::{
+    params_hash, ActiveAction, ActiveStatus, Decision, RejectReason, ResourceState, Rule,
+};
+use crate::pattern::stable_id;
+use crate::records::{ActionData, ApprovalData, ProposalData};
+
+/// How a proposal's decision ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A new action went to the actions topic.
+    Accepted,
+    /// A new action waits for a person.
+    ApprovalRequested,
+    Rejected,
+    /// Identical to an active action: merged into it (provenance only).
+    Deduplicated,
+    /// Combined into an active action of a mergeable type.
+    Merged,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Accepted,
+        Verdict::ApprovalRequested,
+        Verdict::Rejected,
+        Verdict::Deduplicated,
+        Verdict::Merged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::ApprovalRequested => "approval_requested",
+            Verdict::Rejected => "rejected",
+            Verdict::Deduplicated => "deduplicated",
+            Verdict::Merged => "merged",
+        }
+    }
+}
+
+/// What was decided for one proposal; stored so a redelivery emits the same records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decided {
+    pub outcome: Verdict,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The rule that decided: a resolution rule, `access`, `budget`, or `approvals.rules[i]`.
+    #[serde(default)]
+    pub rule: Option<String>,
+    pub detail: String,
+    /// The action sent to `switchyard.actions` (accepted, or merged and sent again).
+    #[serde(default)]
+    pub action: Option<ActionData>,
+    /// Approval records to send: a new request, superseded requests.
+    #[serde(default)]
+    pub approvals: Vec<ApprovalData>,
+    /// The existing action a duplicate or merge went into.
+    #[serde(default)]
+    pub into_action: Option<String>,
+    #[serde(default)]
+    pub superseded: Vec<String>,
+    /// When it was decided (RFC 3339): the `time` of every record it causes, so a re-emission is
+    /// byte-identical.
+    #[serde(default)]
+    pub at: String,
+}
+
+impl Decided {
+    fn new(outcome: Verdict, rule: Option<&str>, detail: String) -> Self {
+        Decided {
+            outcome,
+            reason: None,
+            rule: rule.map(str::to_string),
+            detail,
+            action: None,
+            approvals: Vec::new(),
+            into_action: None,
+            superseded: Vec::new(),
+            at: String::new(),
+        }
+    }
+
+    fn rejected(reason: RejectReason, rule: &str, detail: String) -> Self {
+        Decided {
+            reason: Some(reason.as_str().into()),
+            ..Decided::new(Verdict::Rejected, Some(rule), detail)
+        }
+    }
+
+    /// The approval requests among the records (not superseded ones).
+    pub fn pending_approvals(&self) -> impl Iterator<Item = &ApprovalData> {
+        self.approvals.iter().filter(|a| a.status == "pending")
+    }
+}
+
+/// An approval as stored with its resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredApproval {
+    pub approval: ApprovalData,
+    /// The action that goes out when approved (token assigned then).
+    pub action: ActionData,
+    #[serde(default)]
+    pub escalated: bool,
+}
+
+/// Governance's answer for a new action, decided before [`apply`] runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// The action may go out now.
+    Allow,
+    /// A person must approve it first; `rule` is the index of the approval rule that says so.
+    NeedsApproval { rule: usize, timeout_seconds: u64 },
+    /// Governance refuses it.
+    Refuse {
+        reason: RejectReason,
+        rule: &'static str,
+        detail: String,
+    },
+}
+
+/// The resource's state after a decision: written by compare-and-set on the revision read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Change {
+    pub state: ResourceState,
+    pub token: u64,
+    /// Approvals created or changed by the decision.
+    pub approvals: Vec<StoredApproval>,
+}
+
+/// The resource's state as the rules see it, at the start of a decision.
+pub struct Current<'a> {
+    pub state: ResourceState,
+    pub token: u64,
+    pub approvals: &'a BTreeMap<String, StoredApproval>,
+}
+
+fn action_of(
+    p: &ProposalData,
+    action_id: &str,
+    priority: i32,
+    parameters: &Value,
+    proposals: Vec<String>,
+    agents: Vec<String>,
+    token: u64,
+) -> ActionData {
+    ActionData {
+        action_id: action_id.to_string(),
+        action: p.action.clone(),
+        resource: p.resource.clone(),
+        tenant: p.tenant.clone(),
+        workflow_id: p.workflow_id.clone(),
+        parameters: parameters.clone(),
+        fencing_token: token,
+        proposals: json!(proposals),
+        agents: json!(agents),
+        priority,
+        impact: p.impact,
+        approved_by: None,
+        reason: p.reason.clone(),
+    }
+}
+
+/// Applies `decision` (and, for a new action, `gate`) to the resource: the decision's record and the
+/// state to write. `now` is seconds since the epoch. Pure.
+pub fn apply(
+    p: &ProposalData,
+    current: Current<'_>,
+    decision: Decision,
+    gate: Gate,
+    now: i64,
+) -> Result<(Decided, Change), serde_json::Error> {
+    let Current {
+        mut state,
+        mut token,
+        approvals: stored,
+    } = current;
+    let mut changed = Vec::new();
+    let decided = match decision {
+        Decision::Rejected {
+            reason,
+            detail,
+            rule,
+        } => Decided::rejected(reason, rule.as_str(), detail),
+        Decision::Duplicate { action_id } => {
+            if let Some(a) = state.active.iter_mut().find(|a| a.action_id == action_id) {
+                a.proposals.push(p.proposal_id.clone());
+                if !a.agents.contains(&p.agent) {
+                    a.agents.push(p.agent.clone());
+                }
+            }
+            Decided {
+                into_action: Some(action_id.clone()),
+                ..Decided::new(
+                    Verdict::Deduplicated,
+                    Some(Rule::Dedupe.as_str()),
+                    format!("same as {action_id}"),
+                )
+            }
+        }
+        Decision::Merged {
+            action_id,
+            parameters,
+        } => {
+            let mut action = None;
+            if let Some(a) = state.active.iter_mut().find(|a| a.action_id == action_id) {
+                a.proposals.push(p.proposal_id.clone());
+                if !a.agents.contains(&p.agent) {
+                    a.agents.push(p.agent.clone());
+                }
+                a.parameters = parameters.clone();
+                a.params_hash = params_hash(&parameters);
+                if a.status == ActiveStatus::Accepted {
+                    token += 1;
+                    action = Some(action_of(
+                        p,
+                        &action_id,
+                        a.priority,
+                        &parameters,
+                        a.proposals.clone(),
+                        a.agents.clone(),
+                        token,
+                    ));
+                }
+            }
+            Decided {
+                action,
+                into_action: Some(action_id.clone()),
+                ..Decided::new(
+                    Verdict::Merged,
+                    Some(Rule::Merge.as_str()),
+                    format!("combined into {action_id}"),
+                )
+            }
+        }
+        Decision::New {
+            action_id,
+            priority,
+            superseded,
+        } => match gate {
+            Gate::Refuse {
+                reason,
+                rule,
+                detail,
+            } => Decided::rejected(reason, rule, detail),
+            gate => {
+                let mut approvals = Vec::new();
+                for id in &superseded {
+                    let Some(apr) = state
+                        .active
+                        .iter()
+                        .find(|a| &a.action_id == id)
+                        .and_then(|a| a.approval_id.as_ref())
+                        .and_then(|x| stored.get(x))
+                    else {
+                        continue;
+                    };
+                    let mut s = apr.clone();
+                    s.approval.status = "superseded".into();
+                    s.approval.why =
+                        Some(format!("superseded by {action_id} (priority {priority})"));
+                    approvals.push(s.approval.clone());
+                    changed.push(s);
+                }
+                state.active.retain(|a| !superseded.contains(&a.action_id));
+                let provenance = vec![p.proposal_id.clone()];
+                let agents = vec![p.agent.clone()];
+                let mut entry = ActiveAction {
+                    action_id: action_id.clone(),
+                    action: p.action.clone(),
+                    priority,
+                    status: ActiveStatus::Accepted,
+                    at: now,
+                    params_hash: params_hash(&p.parameters),
+                    parameters: p.parameters.clone(),
+                    proposals: provenance.clone(),
+                    agents: agents.clone(),
+                    approval_id: None,
+                };
+                match gate {
+                    Gate::NeedsApproval {
+                        rule,
+                        timeout_seconds,
+                    } => {
+                        let approval_id = format!("apr-{}", stable_id(&[&action_id]));
+                        let action = action_of(
+                            p,
+                            &action_id,
+                            priority,
+                            &p.parameters,
+                            provenance,
+                            agents,
+                            0,
+                        );
+                        let approval = ApprovalData {
+                            approval_id: approval_id.clone(),
+                            action_id: action_id.clone(),
+                            action: p.action.clone(),
+                            resource: p.resource.clone(),
+                            tenant: p.tenant.clone(),
+                            status: "pending".into(),
+                            decided_by: None,
+                            why: None,
+                            requested_at: now,
+                            expires_at: now + timeout_seconds as i64,
+                            action_record: serde_json::to_value(&action)?,
+                        };
+                        changed.push(StoredApproval {
+                            approval: approval.clone(),
+                            action,
+                            escalated: false,
+                        });
+                        entry.status = ActiveStatus::PendingApproval;
+                        entry.approval_id = Some(approval_id);
+                        state.active.push(entry);
+                        approvals.insert(0, approval);
+                        Decided {
+                            approvals,
+                            superseded,
+                            ..Decided::new(
+                                Verdict::ApprovalRequested,
+                                Some(&format!("approvals.rules[{rule}]")),
+                                format!("{} needs approval", p.action),
+                            )
+                        }
+                    }
+                    _ => {
+                        token += 1;
+                        state.active.push(entry);
+                        let action = action_of(
+                            p,
+                            &action_id,
+                            priority,
+                            &p.parameters,
+                            provenance,
+                            agents,
+                            token,
+                        );
+                        Decided {
+                            action: Some(action),
+                            approvals,
+                            superseded,
+                            ..Decided::new(
+                                Verdict::Accepted,
+                                None,
+                                format!("accepted with fencing token {token}"),
+                            )
+                        }
+                    }
+                }
+            }
+        },
+    };
+    state.key_versions.clear();
+    Ok((
+        decided,
+        Change {
+            state,
+            token,
+            approvals: changed,
+        },
+    ))
+}

@@ -1,0 +1,609 @@
+//! The resolve state of each resource: the only module that reads or writes it.
+//!
+//! Per resource: a revision (every write is a compare-and-set on it), the fencing-token counter, the
+//! rules' [`ResourceState`], the last proposal offset applied per partition (fences zombie owners),
+//! its approvals, and each proposal's [`Decided`] record (so a redelivery emits the same records
+//! instead of deciding again). Two indexes find approvals: the open ones by expiry, and each one's
+//! resource by id.
+//!
+//! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
+//! `applied:<partition>`, `approval:<id>`), `<prefix>:decision:{t/r}:<proposal id>`,
+//! `<prefix>:approvals:open` (sorted set by expiry) and `<prefix>:approvals:where` (id → resource).
+//! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use redis::Script;
+
+use super::apply::{Change, Decided, StoredApproval};
+use super::rules::ResourceState;
+use crate::context::memory::MemoryStore;
+use crate::context::ContextStore;
+use crate::records::ApprovalData;
+use crate::store::{RedisConn, ResourceKey, StoreError};
+
+/// A resource's resolve record as loaded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourceRecord {
+    /// Revision: every write is a compare-and-set on it.
+    pub rev: u64,
+    /// Last fencing token handed out.
+    pub token: u64,
+    pub state: ResourceState,
+    /// Last proposal offset applied, per proposals partition.
+    pub applied: HashMap<i32, i64>,
+    pub approvals: BTreeMap<String, StoredApproval>,
+}
+
+/// What one load returns.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// The stored decision of the proposal asked about (a redelivery), if any.
+    pub decided: Option<Decided>,
+    pub record: ResourceRecord,
+    /// The context version at which each asked-for context key last changed.
+    pub key_versions: BTreeMap<String, u64>,
+}
+
+/// A write: the decision's [`Change`] plus where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    pub change: &'a Change,
+    /// The proposal's (partition, offset): later loads fence anything at or below it.
+    pub applied: Option<(i32, i64)>,
+    /// The decision to remember by proposal id.
+    pub decision: Option<(&'a str, &'a Decided)>,
+}
+
+/// Where resolve state lives. Methods return boxed futures so the store can be shared as
+/// `Arc<dyn ResourceStore>` by the stage, the approvals service and the CLI.
+pub trait ResourceStore: Send + Sync + 'static {
+    /// The record, the versions of `keys` in the resource's context, and the stored decision of
+    /// `proposal_id` — in one round trip.
+    fn load<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        keys: &'a [String],
+        proposal_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Loaded, StoreError>>;
+
+    /// Writes `w` if the record is still at revision `rev`; false when it moved (decide again).
+    fn commit<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        rev: u64,
+        w: Write<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Adds approvals to the open index (idempotent).
+    fn index_open<'a>(
+        &'a self,
+        approvals: &'a [&'a ApprovalData],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Removes an approval from the open index (it stays findable by id).
+    fn index_close<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Open approvals with their expiry, soonest first.
+    fn open(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
+
+    /// The resource an approval belongs to.
+    fn locate<'a>(
+        &'a self,
+        approval_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceKey>, StoreError>>;
+}
+
+const CAS: &str = r#"
+-- KEYS[1] = resource hash, KEYS[2] = decision key; ARGV[1] = expected rev, ARGV[2] = ttl,
+-- ARGV[3] = decision ('' = none), ARGV[4] = decision ttl, ARGV[5..] = field, value pairs
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'rev', rev + 1)
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
+return 1
+"#;
+
+/// Resolve state in Redis.
+pub struct RedisResourceStore {
+    conn: RedisConn,
+    prefix: String,
+    cas: Script,
+    /// Resource hashes expire this long after their last write.
+    ttl: u64,
+    /// Decisions are kept this long (the window in which a redelivered proposal is recognised).
+    decision_ttl: u64,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::corrupt(what, e)
+}
+
+impl RedisResourceStore {
+    pub fn new(conn: RedisConn, prefix: &str, ttl: u64, decision_ttl: u64) -> Self {
+        RedisResourceStore {
+            conn,
+            prefix: prefix.into(),
+            cas: Script::new(CAS),
+            ttl,
+            decision_ttl: decision_ttl.max(1),
+        }
+    }
+
+    fn res_key(&self, k: &ResourceKey) -> String {
+        format!("{}:res:{}", self.prefix, k.hash_tag())
+    }
+    fn decision_key(&self, k: &ResourceKey, proposal_id: &str) -> String {
+        format!("{}:decision:{}:{proposal_id}", self.prefix, k.hash_tag())
+    }
+    fn open_key(&self) -> String {
+        format!("{}:approvals:open", self.prefix)
+    }
+    fn where_key(&self) -> String {
+        format!("{}:approvals:where", self.prefix)
+    }
+
+    async fn load_impl(
+        &self,
+        k: &ResourceKey,
+        keys: &[String],
+        proposal_id: Option<&str>,
+    ) -> Result<Loaded, StoreError> {
+        use redis::FromRedisValue;
+        let mut c = self.conn.get().await?;
+        let mut pipe = redis::pipe();
+        pipe.hgetall(self.res_key(k));
+        if let Some(id) = proposal_id {
+            pipe.get(self.decision_key(k, id));
+        }
+        if !keys.is_empty() {
+            pipe.add_command(crate::context::redis::key_versions_cmd(
+                &self.prefix,
+                k,
+                keys,
+            ));
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let hash: HashMap<String, String> =
+            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
+        let decided: Option<String> = match proposal_id {
+            Some(_) => {
+                FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?
+            }
+            None => None,
+        };
+        let key_versions = if keys.is_empty() {
+            BTreeMap::new()
+        } else {
+            crate::context::redis::parse_key_versions(keys, next())?
+        };
+        let decided = decided
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("decision", e)))
+            .transpose()?;
+        let mut l = ResourceRecord::default();
+        for (f, v) in hash {
+            match f.as_str() {
+                "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
+                "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
+                "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
+                _ => {
+                    if let Some(p) = f.strip_prefix("applied:") {
+                        l.applied.insert(
+                            p.parse().map_err(|e| corrupt("applied", e))?,
+                            v.parse().map_err(|e| corrupt("applied", e))?,
+                        );
+                    } else if let Some(id) = f.strip_prefix("approval:") {
+                        l.approvals.insert(
+                            id.to_string(),
+                            serde_json::from_str(&v).map_err(|e| corrupt("approval", e))?,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(Loaded {
+            decided,
+            record: l,
+            key_versions,
+        })
+    }
+
+    async fn commit_impl(
+        &self,
+        k: &ResourceKey,
+        rev: u64,
+        w: Write<'_>,
+    ) -> Result<bool, StoreError> {
+        let enc = |what: &str, e: serde_json::Error| corrupt(what, e);
+        let mut fields: Vec<(String, String)> = Vec::with_capacity(3 + w.change.approvals.len());
+        for a in &w.change.approvals {
+            fields.push((
+                format!("approval:{}", a.approval.approval_id),
+                serde_json::to_string(a).map_err(|e| enc("approval", e))?,
+            ));
+        }
+        fields.push((
+            "state".into(),
+            serde_json::to_string(&w.change.state).map_err(|e| enc("state", e))?,
+        ));
+        fields.push(("token".into(), w.change.token.to_string()));
+        if let Some((p, o)) = w.applied {
+            fields.push((format!("applied:{p}"), o.to_string()));
+        }
+        let (dkey, djson) = match w.decision {
+            Some((id, d)) => (
+                self.decision_key(k, id),
+                serde_json::to_string(d).map_err(|e| enc("decision", e))?,
+            ),
+            None => (self.res_key(k), String::new()),
+        };
+        let mut inv = self.cas.prepare_invoke();
+        inv.key(self.res_key(k))
+            .key(dkey)
+            .arg(rev)
+            .arg(self.ttl)
+            .arg(djson)
+            .arg(self.decision_ttl);
+        for (f, v) in &fields {
+            inv.arg(f).arg(v);
+        }
+        let mut c = self.conn.get().await?;
+        let ok: i64 = inv.invoke_async(&mut c).await?;
+        Ok(ok == 1)
+    }
+}
+
+impl ResourceStore for RedisResourceStore {
+    fn load<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        keys: &'a [String],
+        proposal_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Loaded, StoreError>> {
+        Box::pin(self.load_impl(k, keys, proposal_id))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        rev: u64,
+        w: Write<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.commit_impl(k, rev, w))
+    }
+
+    fn index_open<'a>(
+        &'a self,
+        approvals: &'a [&'a ApprovalData],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if approvals.is_empty() {
+                return Ok(());
+            }
+            let mut c = self.conn.get().await?;
+            let mut pipe = redis::pipe();
+            for a in approvals {
+                pipe.zadd(self.open_key(), &a.approval_id, a.expires_at)
+                    .ignore();
+                pipe.hset(
+                    self.where_key(),
+                    &a.approval_id,
+                    format!("{}\t{}", a.tenant, a.resource),
+                )
+                .ignore();
+            }
+            Ok(pipe.query_async::<()>(&mut c).await?)
+        })
+    }
+
+    fn index_close<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::cmd("ZREM")
+                .arg(self.open_key())
+                .arg(approval_id)
+                .query_async::<()>(&mut c)
+                .await?)
+        })
+    }
+
+    fn open(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::cmd("ZRANGE")
+                .arg(self.open_key())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await?)
+        })
+    }
+
+    fn locate<'a>(
+        &'a self,
+        approval_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceKey>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(self.where_key())
+                .arg(approval_id)
+                .query_async(&mut c)
+                .await?;
+            Ok(v.and_then(|s| s.split_once('\t').map(|(t, r)| ResourceKey::new(t, r))))
+        })
+    }
+}
+
+#[derive(Default)]
+struct MemoryState {
+    records: HashMap<ResourceKey, ResourceRecord>,
+    decisions: HashMap<(ResourceKey, String), Decided>,
+    open: BTreeMap<String, i64>,
+    located: HashMap<String, ResourceKey>,
+}
+
+/// In-memory twin of [`RedisResourceStore`] for unit tests (no TTLs). Context key versions come
+/// from the in-memory context store it is given.
+#[derive(Default)]
+pub struct MemoryResourceStore {
+    context: Option<Arc<MemoryStore>>,
+    state: Mutex<MemoryState>,
+}
+
+impl MemoryResourceStore {
+    pub fn new(context: Option<Arc<MemoryStore>>) -> Self {
+        MemoryResourceStore {
+            context,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ResourceStore for MemoryResourceStore {
+    fn load<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        keys: &'a [String],
+        proposal_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Loaded, StoreError>> {
+        Box::pin(async move {
+            let versions = match &self.context {
+                Some(ctx) if !keys.is_empty() => ctx.snapshot(k).await?.key_versions,
+                _ => BTreeMap::new(),
+            };
+            let st = self.lock();
+            Ok(Loaded {
+                decided: proposal_id
+                    .and_then(|id| st.decisions.get(&(k.clone(), id.to_string())).cloned()),
+                record: st.records.get(k).cloned().unwrap_or_default(),
+                key_versions: keys
+                    .iter()
+                    .filter_map(|key| versions.get(key).map(|v| (key.clone(), *v)))
+                    .collect(),
+            })
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        k: &'a ResourceKey,
+        rev: u64,
+        w: Write<'a>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let rec = st.records.entry(k.clone()).or_default();
+            if rec.rev != rev {
+                return Ok(false);
+            }
+            rec.rev += 1;
+            rec.state = w.change.state.clone();
+            rec.token = w.change.token;
+            for a in &w.change.approvals {
+                rec.approvals
+                    .insert(a.approval.approval_id.clone(), a.clone());
+            }
+            if let Some((p, o)) = w.applied {
+                rec.applied.insert(p, o);
+            }
+            if let Some((id, d)) = w.decision {
+                st.decisions.insert((k.clone(), id.to_string()), d.clone());
+            }
+            Ok(true)
+        })
+    }
+
+    fn index_open<'a>(
+        &'a self,
+        approvals: &'a [&'a ApprovalData],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            for a in approvals {
+                st.open.insert(a.approval_id.clone(), a.expires_at);
+                st.located.insert(
+                    a.approval_id.clone(),
+                    ResourceKey::new(a.tenant.clone(), a.resource.clone()),
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn index_close<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.lock().open.remove(approval_id);
+            Ok(())
+        })
+    }
+
+    fn open(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
+        Box::pin(async move {
+            let mut v: Vec<(String, i64)> = self
+                .lock()
+                .open
+                .iter()
+                .map(|(k, e)| (k.clone(), *e))
+                .collect();
+            v.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+            Ok(v)
+        })
+    }
+
+    fn locate<'a>(
+        &'a self,
+        approval_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ResourceKey>, StoreError>> {
+        Box::pin(async move { Ok(self.lock().located.get(approval_id).cloned()) })
+    }
+}
+
+/// The contract every [`ResourceStore`] meets; run against the memory twin (unit test) and Redis
+/// (integration test). `tag` keeps runs apart in a shared Redis.
+#[doc(hidden)]
+pub mod contract {
+    use super::*;
+    use crate::records::ActionData;
+    use crate::resolve::apply::Verdict;
+    use serde_json::json;
+
+    fn approval(id: &str, resource: &str, expires_at: i64) -> ApprovalData {
+        ApprovalData {
+            approval_id: id.into(),
+            action_id: format!("act-{id}"),
+            action: "rollback".into(),
+            resource: resource.into(),
+            tenant: "default".into(),
+            status: "pending".into(),
+            decided_by: None,
+            why: None,
+            requested_at: 1,
+            expires_at,
+            action_record: json!({}),
+        }
+    }
+
+    fn stored(a: &ApprovalData) -> StoredApproval {
+        StoredApproval {
+            approval: a.clone(),
+            action: ActionData {
+                action_id: a.action_id.clone(),
+                action: a.action.clone(),
+                resource: a.resource.clone(),
+                tenant: a.tenant.clone(),
+                workflow_id: "wf".into(),
+                parameters: json!({"to": "v1"}),
+                fencing_token: 0,
+                proposals: json!([]),
+                agents: json!([]),
+                priority: 100,
+                impact: crate::records::Impact::High,
+                approved_by: None,
+                reason: None,
+            },
+            escalated: false,
+        }
+    }
+
+    pub async fn run_all(store: &dyn ResourceStore, tag: &str) {
+        let k = ResourceKey::new("default", format!("res-{tag}"));
+        let l = store.load(&k, &[], Some("p1")).await.expect("load");
+        assert_eq!(
+            l.record,
+            ResourceRecord::default(),
+            "a new resource is empty"
+        );
+        assert!(l.decided.is_none());
+
+        // Compare-and-set: the write at rev 0 wins, a second one at rev 0 loses.
+        let a = approval(&format!("apr-{tag}"), &k.resource, 100);
+        let change = Change {
+            state: ResourceState::default(),
+            token: 3,
+            approvals: vec![stored(&a)],
+        };
+        let decided = Decided {
+            outcome: Verdict::ApprovalRequested,
+            reason: None,
+            rule: Some("approvals.rules[0]".into()),
+            detail: "needs approval".into(),
+            action: None,
+            approvals: vec![a.clone()],
+            into_action: None,
+            superseded: vec![],
+            at: "2026-01-01T00:00:00Z".into(),
+        };
+        let w = Write {
+            change: &change,
+            applied: Some((2, 41)),
+            decision: Some(("p1", &decided)),
+        };
+        assert!(store.commit(&k, 0, w).await.expect("commit"));
+        assert!(!store.commit(&k, 0, w).await.expect("commit"), "stale rev");
+        let l = store.load(&k, &[], Some("p1")).await.expect("load");
+        assert_eq!(l.record.rev, 1);
+        assert_eq!(l.record.token, 3);
+        assert_eq!(l.record.applied.get(&2), Some(&41));
+        assert_eq!(l.record.approvals[&a.approval_id], stored(&a));
+        assert_eq!(
+            l.decided.as_ref(),
+            Some(&decided),
+            "decision kept by proposal id"
+        );
+        assert!(store
+            .load(&k, &[], Some("p2"))
+            .await
+            .expect("load")
+            .decided
+            .is_none());
+
+        // Approval indexes.
+        let b = approval(&format!("apr2-{tag}"), &k.resource, 50);
+        store.index_open(&[&a, &b]).await.expect("index");
+        store.index_open(&[&a]).await.expect("index twice");
+        let open: Vec<String> = store
+            .open()
+            .await
+            .expect("open")
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| id.ends_with(tag))
+            .collect();
+        assert_eq!(
+            open,
+            [b.approval_id.clone(), a.approval_id.clone()],
+            "soonest expiry first"
+        );
+        assert_eq!(
+            store.locate(&a.approval_id).await.expect("locate"),
+            Some(k.clone())
+        );
+        store.index_close(&b.approval_id).await.expect("close");
+        let open = store.open().await.expect("open");
+        assert!(!open.iter().any(|(id, _)| *id == b.approval_id));
+        assert_eq!(
+            store.locate(&b.approval_id).await.expect("locate"),
+            Some(k.clone()),
+            "a closed approval stays findable"
+        );
+        assert_eq!(store.locate("nope").await.expect("locate"), None);
+    }
+
+    #[cfg(test)]
+    #[tokio::test]
+    async fn memory_store_meets_the_contract() {
+        run_all(&MemoryResourceStore::default(), "mem").await;
+    }
+}

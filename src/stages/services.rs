@@ -1,0 +1,69 @@
+//! What a stage is ([`StageDef`]) and what it is built from ([`Services`]).
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::Sealer;
+use crate::config::{Config, Loaded};
+use crate::governance::approvals::Approvals;
+use crate::governance::budgets::Budgets;
+use crate::kafka::runtime::{run_stage, Processor, RuntimeError, StageHealth, StageSettings};
+use crate::kafka::Producer;
+use crate::records::Emitter;
+use crate::resolve::store::ResourceStore;
+use crate::store::RedisConn;
+use crate::topics::TopicsConfig;
+
+/// What stages are built from: the loaded config and the process's shared clients and stores.
+pub struct Services {
+    pub loaded: Loaded,
+    pub emitter: Emitter,
+    pub producer: Producer,
+    pub redis: RedisConn,
+    pub budgets: Arc<Budgets>,
+    pub resources: Arc<dyn ResourceStore>,
+    pub approvals: Arc<Approvals>,
+    pub sealer: Arc<Sealer>,
+    /// Background work a stage starts (sweepers, flushers) is tracked here and stops with `stop`.
+    pub tracker: TaskTracker,
+    pub stop: CancellationToken,
+}
+
+impl Services {
+    pub fn config(&self) -> &Config {
+        &self.loaded.config
+    }
+}
+
+/// A built stage, ready to run on the commit-safe runtime.
+pub type Runner = Box<
+    dyn FnOnce(
+            StageSettings,
+            Producer,
+            CancellationToken,
+            Arc<StageHealth>,
+        ) -> BoxFuture<'static, Result<(), RuntimeError>>
+        + Send,
+>;
+
+/// Wraps a processor as a [`Runner`].
+pub fn runner<P: Processor>(p: P) -> Runner {
+    Box::new(move |settings, producer, stop, health| {
+        Box::pin(run_stage(settings, Arc::new(p), producer, stop, health))
+    })
+}
+
+/// One stage of the pipeline.
+pub struct StageDef {
+    /// Name in `stages:`, `--stages`, consumer groups (`<group_prefix>.<name>`), metrics and logs.
+    pub name: &'static str,
+    /// What it does, for `--help` and `status`.
+    pub about: &'static str,
+    /// The topics it consumes.
+    pub inputs: fn(&TopicsConfig) -> Vec<String>,
+    /// Builds it (and starts its background work on `Services::tracker`).
+    pub build: for<'a> fn(&'a Services) -> BoxFuture<'a, Result<Runner, String>>,
+}
