@@ -66,6 +66,16 @@ impl CloudEvent {
         self
     }
 
+    /// Sets `time` (RFC 3339); an empty string means now.
+    pub fn with_time(mut self, time: &str) -> Self {
+        self.time = Some(if time.is_empty() {
+            now_rfc3339()
+        } else {
+            time.to_string()
+        });
+        self
+    }
+
     pub fn with_extension(mut self, name: &str, value: impl Into<String>) -> Self {
         self.extensions
             .insert(name.to_string(), Value::String(value.into()));

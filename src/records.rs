@@ -269,12 +269,15 @@ impl Emitter {
     }
 }
 
-/// Builds an audit event (id deterministic from `id_parts`) about `resource`.
+/// Builds an audit event (id deterministic from `id_parts`) about `resource`. `time` (RFC 3339) is
+/// when the decision was made — taken from the input or the recorded outcome, never "now" at
+/// emission, so a redelivered input yields byte-identical records.
 pub fn audit_event(
     source: &str,
     id_parts: &[&str],
     audit: &AuditData,
     traceparent: Option<&str>,
+    time: &str,
 ) -> Result<CloudEvent, ProcessError> {
     let mut ev = CloudEvent::new(
         format!("audit-{}", crate::pattern::stable_id(id_parts)),
@@ -282,7 +285,7 @@ pub fn audit_event(
         types::AUDIT,
     )
     .with_subject(audit.resource.clone())
-    .with_time_now()
+    .with_time(time)
     .with_data(data_value(audit)?)
     .with_extension("tenant", audit.tenant.clone());
     if let Some(tp) = traceparent {
@@ -291,7 +294,9 @@ pub fn audit_event(
     Ok(ev)
 }
 
-/// A switchyard record: `ty` event with `data`, about `resource`, keyed by it.
+/// A switchyard record: `ty` event with `data`, about `resource`, keyed by it, stamped with `time`
+/// (see [`audit_event`]).
+#[allow(clippy::too_many_arguments)]
 pub fn record_event<T: Serialize>(
     id: String,
     source: &str,
@@ -299,11 +304,12 @@ pub fn record_event<T: Serialize>(
     resource: &str,
     tenant: &str,
     traceparent: Option<&str>,
+    time: &str,
     data: &T,
 ) -> Result<CloudEvent, ProcessError> {
     let mut ev = CloudEvent::new(id, source, ty)
         .with_subject(resource)
-        .with_time_now()
+        .with_time(time)
         .with_data(data_value(data)?)
         .with_extension("tenant", tenant);
     if let Some(tp) = traceparent {

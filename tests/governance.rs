@@ -349,6 +349,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
         response: Default::default(),
         error: None,
         refusals: vec![],
+        at: String::new(),
     };
     store
         .commit(

@@ -58,6 +58,17 @@ impl AgentKind {
         }
     }
 
+    /// Creates a built-in agent without the process's clients (tests, tools).
+    pub fn build_builtin(&self, name: &str) -> Result<Arc<dyn Agent>, String> {
+        match self {
+            AgentKind::Builtin(s) => s.build(name),
+            other => Err(format!(
+                "{name} is a {} agent, not a built-in",
+                other.name()
+            )),
+        }
+    }
+
     /// Creates the agent.
     pub async fn build(
         &self,

@@ -33,6 +33,7 @@ fn outcome(status: &str) -> Outcome {
         response: AgentResponse::default(),
         error: None,
         refusals: vec![],
+        at: "2026-01-01T00:00:00Z".into(),
     }
 }
 

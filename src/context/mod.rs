@@ -71,6 +71,10 @@ pub struct Outcome {
     /// Refusals (scope violations), already audited once.
     #[serde(default)]
     pub refusals: Vec<String>,
+    /// When the outcome was reached (RFC 3339): the time of every record it causes, so a redelivered
+    /// task re-emits byte-identical records.
+    #[serde(default)]
+    pub at: String,
 }
 
 /// What [`ContextStore::commit`] did.

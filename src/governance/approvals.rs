@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 use super::{ApprovalsConfig, OnTimeout};
 use crate::audit::Sealer;
 use crate::error::ProcessError;
-use crate::event::now_secs;
+use crate::event::{now_rfc3339, now_secs};
 use crate::kafka::{Output, Producer};
 use crate::records::{
     audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter,
 };
-use crate::resolve::apply::Change;
+use crate::resolve::apply::{Change, StoredApproval};
 use crate::resolve::rules::ActiveStatus;
 use crate::resolve::store::{ResourceStore, Write};
 use crate::store::StoreError;
@@ -102,7 +102,7 @@ impl Approvals {
             let open = matches!(stored.approval.status.as_str(), "pending" | "escalated");
             if !open {
                 let action = (stored.approval.status == "approved").then(|| stored.action.clone());
-                let outputs = self.outputs(&stored.approval, action.as_ref()).await?;
+                let outputs = self.outputs(&stored, action.as_ref()).await?;
                 return Ok(Decision {
                     approval: stored.approval,
                     fresh: false,
@@ -112,6 +112,7 @@ impl Approvals {
             }
             let now = now_secs();
             let mut s = stored.clone();
+            s.decided_at = now_rfc3339();
             let mut state = loaded.state.clone();
             let mut token = loaded.token;
             let escalate =
@@ -179,7 +180,7 @@ impl Approvals {
                         .observe((now - s.approval.requested_at).max(0) as f64);
                 }
                 let action = (s.approval.status == "approved").then(|| s.action.clone());
-                let outputs = self.outputs(&s.approval, action.as_ref()).await?;
+                let outputs = self.outputs(&s, action.as_ref()).await?;
                 return Ok(Decision {
                     approval: s.approval,
                     fresh: true,
@@ -195,9 +196,10 @@ impl Approvals {
     /// an audit record.
     async fn outputs(
         &self,
-        a: &ApprovalData,
+        stored: &StoredApproval,
         action: Option<&ActionData>,
     ) -> Result<Vec<Output>, ApprovalError> {
+        let (a, time) = (&stored.approval, stored.decided_at.as_str());
         let pe = |e: ProcessError| ApprovalError::Encode(e.to_string());
         let mut out = Vec::new();
         if let Some(act) = action {
@@ -208,12 +210,13 @@ impl Approvals {
                 &act.resource,
                 &act.tenant,
                 None,
+                time,
                 act,
             )
             .map_err(pe)?;
             out.push(self.emitter.emit(&self.actions_topic, &ev).map_err(pe)?);
         }
-        out.push(approval_output(&self.emitter, &self.approvals_topic, a, None, None).map_err(pe)?);
+        out.push(approval_output(&self.emitter, &self.approvals_topic, a, None, time).map_err(pe)?);
         let decision = match a.status.as_str() {
             "expired" => "approval_expired",
             "escalated" => "approval_escalated",
@@ -235,8 +238,14 @@ impl Approvals {
             prev_hash: None,
             hash: None,
         };
-        let ev = audit_event(SOURCE, &[decision, &a.approval_id, &a.status], &audit, None)
-            .map_err(pe)?;
+        let ev = audit_event(
+            SOURCE,
+            &[decision, &a.approval_id, &a.status],
+            &audit,
+            None,
+            time,
+        )
+        .map_err(pe)?;
         out.extend(
             self.sealer
                 .outputs("approvals", &self.emitter, vec![ev])
@@ -325,26 +334,24 @@ pub async fn run_sweeper(
     }
 }
 
-/// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339), when
-/// given, is the decision's time, so a re-emission is byte-identical.
+/// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339) is the
+/// decision's time, so a re-emission is byte-identical.
 pub fn approval_output(
     emitter: &Emitter,
     topic: &str,
     a: &ApprovalData,
     tp: Option<&str>,
-    time: Option<&str>,
+    time: &str,
 ) -> Result<Output, ProcessError> {
-    let mut ev = record_event(
+    let ev = record_event(
         format!("{}-{}", a.approval_id, a.status),
         SOURCE,
         types::APPROVAL,
         &a.resource,
         &a.tenant,
         tp,
+        time,
         a,
     )?;
-    if let Some(t) = time.filter(|t| !t.is_empty()) {
-        ev.time = Some(t.to_string());
-    }
     emitter.emit(topic, &ev)
 }

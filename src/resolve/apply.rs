@@ -111,6 +111,10 @@ pub struct StoredApproval {
     pub action: ActionData,
     #[serde(default)]
     pub escalated: bool,
+    /// When its current status was decided (RFC 3339): the time of the records it causes, so they
+    /// are byte-identical when produced again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub decided_at: String,
 }
 
 /// Governance's answer for a new action, decided before [`apply`] runs.
@@ -318,6 +322,7 @@ pub fn apply(
                             approval: approval.clone(),
                             action,
                             escalated: false,
+                            decided_at: String::new(),
                         });
                         entry.status = ActiveStatus::PendingApproval;
                         entry.approval_id = Some(approval_id);

@@ -514,6 +514,7 @@ pub mod contract {
                 reason: None,
             },
             escalated: false,
+            decided_at: String::new(),
         }
     }
 

@@ -336,6 +336,7 @@ impl<S: ContextStore> AgentStage<S> {
                 response: AgentResponse::default(),
                 error: Some(format!("budget {budget} is exhausted")),
                 refusals: vec![format!("budget:{budget}")],
+                at: now_rfc3339(),
             };
             return Ok((Vec::new(), outcome));
         }
@@ -401,6 +402,7 @@ impl<S: ContextStore> AgentStage<S> {
             response,
             error,
             refusals,
+            at: now,
         };
         Ok((facts, outcome))
     }
@@ -440,7 +442,7 @@ impl<S: ContextStore> AgentStage<S> {
             };
             let mut ev = CloudEvent::new(id.clone(), SOURCE, types::PROPOSAL)
                 .with_subject(task.resource.clone())
-                .with_time_now()
+                .with_time(&o.at)
                 .with_data(data_value(&data)?)
                 .with_extension("tenant", task.tenant.clone());
             if let Some(tp) = tp {
@@ -471,7 +473,7 @@ impl<S: ContextStore> AgentStage<S> {
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())
-            .with_time_now()
+            .with_time(&o.at)
             .with_data(data_value(&result)?)
             .with_extension("tenant", task.tenant.clone());
         if let Some(tp) = tp {
@@ -504,6 +506,7 @@ impl<S: ContextStore> AgentStage<S> {
             &["agent_result", &task.task_id],
             &a,
             tp,
+            &o.at,
         )?];
         for r in &o.refusals {
             let (kind, what) = r.split_once(':').unwrap_or(("scope", r.as_str()));
@@ -520,7 +523,13 @@ impl<S: ContextStore> AgentStage<S> {
                     json!({"agent": task.agent, "kind": kind, "key": what}),
                 )
             };
-            audits.push(audit_event(SOURCE, &["refused", &task.task_id, r], &a, tp)?);
+            audits.push(audit_event(
+                SOURCE,
+                &["refused", &task.task_id, r],
+                &a,
+                tp,
+                &o.at,
+            )?);
         }
         if o.status == "failed" || o.status == "timed_out" {
             let detail = format!(
@@ -598,5 +607,125 @@ impl<S: ContextStore> Processor for AgentStage<S> {
         let (mut out, audits) = self.outputs(&rec, &t, &outcome)?;
         out.extend(self.sealer.outputs("agents", &self.emitter, audits).await?);
         Ok(out)
+    }
+}
+
+/// The stage's logic against in-memory stores: no broker, no Redis.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::MemoryChainStore;
+    use crate::context::memory::MemoryStore;
+    use crate::governance::budgets::{BudgetSpec, BudgetStore, Line, MemoryBudgetStore, Reserved};
+
+    /// A budget store whose stored state cannot be read.
+    struct CorruptBudgets;
+
+    impl BudgetStore for CorruptBudgets {
+        fn reserve<'a>(
+            &'a self,
+            _: &'a str,
+            _: u64,
+            _: &'a [Line],
+            _: u64,
+            _: f64,
+        ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+            Box::pin(async { Err(StoreError::Corrupt("budget bucket holds \"x\"".into())) })
+        }
+        fn spent<'a>(
+            &'a self,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Vec<(u64, f64)>, StoreError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    fn stage(budget_store: Arc<dyn BudgetStore>) -> AgentStage<MemoryStore> {
+        let spec: AgentSpec = serde_yaml::from_str(
+            "kind: builtin\nbuiltin: cost-guard\nwrites: [cost]\nactions: [scale_down]",
+        )
+        .unwrap();
+        let agent = spec.kind.build_builtin("cost-guard").unwrap();
+        let budgets: Vec<BudgetSpec> =
+            serde_yaml::from_str("[{name: b, per: agent, period: day, max_calls: 10}]").unwrap();
+        AgentStage {
+            agents: HashMap::from([(
+                "cost-guard".to_string(),
+                AgentEntry {
+                    permits: Arc::new(Semaphore::new(1)),
+                    spec,
+                    agent,
+                },
+            )]),
+            budgets: Arc::new(Budgets::new(budget_store, "t", budgets)),
+            stats: None,
+            store: Arc::new(MemoryStore::default()),
+            emitter: Emitter::new(Default::default(), Default::default()),
+            proposals_topic: "proposals".into(),
+            results_topic: "results".into(),
+            sealer: Arc::new(Sealer::new(
+                Arc::new(MemoryChainStore::default()),
+                60,
+                "audit",
+            )),
+            dlq_topic: "dlq".into(),
+            max_record_bytes: 1 << 20,
+            unrecorded: Default::default(),
+        }
+    }
+
+    fn task() -> Arc<Input> {
+        let ev = CloudEvent::new("e1", "t", "cost.threshold_exceeded")
+            .with_subject("svc")
+            .with_data(json!({"budget": 10.0, "spend": 12.0}));
+        let task = TaskData {
+            task_id: "task-1".into(),
+            workflow_id: "wf".into(),
+            agent: "cost-guard".into(),
+            route: "r".into(),
+            priority: 0,
+            resource: "svc".into(),
+            tenant: "default".into(),
+            event: serde_json::to_value(&ev).unwrap(),
+        };
+        let rec = CloudEvent::new("task-1", "t", types::TASK)
+            .with_subject("svc")
+            .with_data(serde_json::to_value(task).unwrap());
+        Arc::new(Input {
+            topic: Arc::from("tasks"),
+            partition: 0,
+            offset: 0,
+            key: Some(b"svc".to_vec()),
+            payload: serde_json::to_vec(&rec).unwrap(),
+            headers: vec![],
+            timestamp_ms: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn runs_an_agent_and_replays_its_outcome() {
+        let s = stage(Arc::new(MemoryBudgetStore::default()));
+        let first = s.process(task()).await.unwrap();
+        let topics: Vec<&str> = first.iter().map(|o| o.topic.as_str()).collect();
+        assert_eq!(topics, ["proposals", "results", "audit"]);
+        assert_eq!(
+            s.process(task()).await.unwrap(),
+            first,
+            "a redelivery re-emits"
+        );
+    }
+
+    /// Corrupt budget state can never be read by retrying: the task is dead-lettered instead of
+    /// being retried forever (every budget error used to be classified as transient).
+    #[tokio::test]
+    async fn corrupt_budget_state_dead_letters_the_task() {
+        let s = stage(Arc::new(CorruptBudgets));
+        match s.process(task()).await {
+            Err(ProcessError::Poison { reason, detail }) => {
+                assert_eq!(reason, "corrupt_state");
+                assert!(detail.contains("budget reservation"), "{detail}");
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
     }
 }

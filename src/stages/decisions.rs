@@ -26,7 +26,10 @@ pub fn inputs(t: &TopicsConfig) -> Vec<String> {
 pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
     Box::pin(async move {
         // Dashboards and alerts see the series before the first sweep.
-        METRICS.approvals_pending.with_label_values(&["default"]).set(0);
+        METRICS
+            .approvals_pending
+            .with_label_values(&["default"])
+            .set(0);
         s.tracker.spawn(run_sweeper(
             s.approvals.clone(),
             s.producer.clone(),

@@ -127,16 +127,16 @@ impl ResolveStage {
     ) -> Result<Vec<Output>, ProcessError> {
         let mut out = Vec::new();
         if let Some(a) = &d.action {
-            let mut ev = record_event(
+            let ev = record_event(
                 format!("{}-{}", a.action_id, a.fencing_token),
                 SOURCE,
                 types::ACTION,
                 &a.resource,
                 &a.tenant,
                 tp,
+                &d.at,
                 a,
             )?;
-            at(&mut ev, &d.at);
             out.push(self.emitter.emit(&self.actions_topic, &ev)?);
         }
         for a in &d.approvals {
@@ -145,7 +145,7 @@ impl ResolveStage {
                 &self.approvals_topic,
                 a,
                 tp,
-                Some(&d.at),
+                &d.at,
             )?);
         }
         let audit = AuditData {
@@ -169,8 +169,13 @@ impl ResolveStage {
             prev_hash: None,
             hash: None,
         };
-        let mut ev = audit_event(SOURCE, &[d.outcome.as_str(), &p.proposal_id], &audit, tp)?;
-        at(&mut ev, &d.at);
+        let ev = audit_event(
+            SOURCE,
+            &[d.outcome.as_str(), &p.proposal_id],
+            &audit,
+            tp,
+            &d.at,
+        )?;
         out.extend(
             self.sealer
                 .outputs("resolve", &self.emitter, vec![ev])
@@ -187,13 +192,6 @@ impl ResolveStage {
             self.store.index_close(&a.approval_id).await?;
         }
         Ok(())
-    }
-}
-
-/// Stamps a record with the decision's time (when known).
-fn at(ev: &mut crate::event::CloudEvent, time: &str) {
-    if !time.is_empty() {
-        ev.time = Some(time.to_string());
     }
 }
 
@@ -306,5 +304,124 @@ impl Processor for ResolveStage {
         Err(ProcessError::Transient(
             "resource state kept changing; retrying".into(),
         ))
+    }
+}
+
+/// The stage's logic against the in-memory twins of its stores: no broker, no Redis.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::MemoryChainStore;
+    use crate::event::CloudEvent;
+    use crate::governance::budgets::MemoryBudgetStore;
+    use crate::records::{ActionData, Impact};
+    use crate::resolve::store::MemoryResourceStore;
+
+    fn stage(governance: GovernanceConfig) -> ResolveStage {
+        ResolveStage {
+            rules: serde_yaml::from_str(
+                "actions: {rollback: {priority: 100, conflicts_with: [scale_down]}, scale_down: {priority: 10}}",
+            )
+            .unwrap(),
+            governance: Arc::new(governance),
+            budgets: Arc::new(Budgets::new(
+                Arc::new(MemoryBudgetStore::default()),
+                "t",
+                vec![],
+            )),
+            store: Arc::new(MemoryResourceStore::default()),
+            emitter: Emitter::new(Default::default(), Default::default()),
+            actions_topic: "actions".into(),
+            approvals_topic: "approvals".into(),
+            sealer: Arc::new(Sealer::new(
+                Arc::new(MemoryChainStore::default()),
+                60,
+                "audit",
+            )),
+        }
+    }
+
+    fn input(id: &str, action: &str, offset: i64) -> Arc<Input> {
+        let p = ProposalData {
+            proposal_id: id.into(),
+            task_id: format!("task-{id}"),
+            workflow_id: "wf".into(),
+            agent: "a".into(),
+            action: action.into(),
+            resource: "svc".into(),
+            tenant: "default".into(),
+            parameters: json!({"id": id}),
+            priority: 0,
+            impact: Impact::High,
+            context_version: 0,
+            reason: None,
+            event_id: None,
+            cost: None,
+        };
+        let ev = CloudEvent::new(id, "t", types::PROPOSAL)
+            .with_subject("svc")
+            .with_data(serde_json::to_value(p).unwrap());
+        Arc::new(Input {
+            topic: Arc::from("proposals"),
+            partition: 0,
+            offset,
+            key: Some(b"svc".to_vec()),
+            payload: serde_json::to_vec(&ev).unwrap(),
+            headers: vec![],
+            timestamp_ms: None,
+        })
+    }
+
+    fn actions(out: &[Output]) -> Vec<ActionData> {
+        out.iter()
+            .filter(|o| o.topic == "actions")
+            .map(|o| {
+                let ev: CloudEvent = serde_json::from_slice(&o.payload).unwrap();
+                serde_json::from_value(ev.data.unwrap()).unwrap()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn decides_fences_and_replays_without_a_broker() {
+        let s = stage(GovernanceConfig::default());
+        let first = s.process(input("p1", "scale_down", 10)).await.unwrap();
+        assert_eq!(actions(&first).len(), 1);
+        assert!(
+            first.iter().any(|o| o.topic == "audit"),
+            "the decision is audited"
+        );
+        // A higher-priority conflicting action supersedes it, with a higher fencing token.
+        let second = s.process(input("p2", "rollback", 11)).await.unwrap();
+        let (a1, a2) = (&actions(&first)[0], &actions(&second)[0]);
+        assert!(a2.fencing_token > a1.fencing_token);
+        // A redelivery re-emits the same records; an older offset (a zombie) applies nothing.
+        assert_eq!(
+            s.process(input("p2", "rollback", 11)).await.unwrap(),
+            second
+        );
+        assert!(s
+            .process(input("p0", "rollback", 9))
+            .await
+            .unwrap()
+            .is_empty());
+        // A lower-priority conflicting proposal is rejected: no action.
+        let third = s.process(input("p3", "scale_down", 12)).await.unwrap();
+        assert!(actions(&third).is_empty());
+    }
+
+    #[tokio::test]
+    async fn governance_gate_runs_before_apply() {
+        let g: GovernanceConfig =
+            serde_yaml::from_str("access: [{agents: [other], actions: [rollback]}]").unwrap();
+        let out = stage(g).process(input("p1", "rollback", 1)).await.unwrap();
+        assert!(
+            actions(&out).is_empty(),
+            "no access rule lets agent a roll back"
+        );
+        let audit: CloudEvent =
+            serde_json::from_slice(&out.iter().find(|o| o.topic == "audit").unwrap().payload)
+                .unwrap();
+        assert_eq!(audit.data.unwrap()["reason"], "access");
     }
 }

@@ -56,10 +56,12 @@ pub struct RouteStage {
 
 impl RouteStage {
     /// The records one decoded event causes: its tasks, and its (unsealed) audit record.
+    /// `time` stamps every record (the input's time, so a redelivery yields identical records).
     pub fn outputs_for(
         &self,
         topic: &str,
         ev: &CloudEvent,
+        time: &str,
     ) -> Result<(Vec<Output>, CloudEvent), ProcessError> {
         let matches = self.router.route(topic, ev);
         let resource = ev.subject.clone().unwrap_or_default();
@@ -67,7 +69,7 @@ impl RouteStage {
         let mut out = Vec::with_capacity(matches.len() + 1);
         let mut task_ids = Vec::with_capacity(matches.len());
         for m in &matches {
-            let task = self.task_event(ev, m, &resource, &wf)?;
+            let task = self.task_event(ev, m, &resource, &wf, time)?;
             task_ids.push(task.id.clone());
             out.push(self.emitter.emit(&self.tasks_topic, &task)?);
             METRICS
@@ -113,6 +115,7 @@ impl RouteStage {
             &[decision, &ev.source, &ev.id, &wf],
             &audit,
             ev.traceparent(),
+            time,
         )?;
         Ok((out, audit_ev))
     }
@@ -123,6 +126,7 @@ impl RouteStage {
         m: &RouteMatch,
         resource: &str,
         wf: &str,
+        time: &str,
     ) -> Result<CloudEvent, ProcessError> {
         let id = task_id(ev, &m.agent);
         let data = TaskData {
@@ -137,7 +141,7 @@ impl RouteStage {
         };
         let mut task = CloudEvent::new(id, SOURCE, types::TASK)
             .with_subject(resource)
-            .with_time_now()
+            .with_time(time)
             .with_data(data_value(&data)?)
             .with_extension("tenant", ev.tenant());
         if let Some(tp) = ev.traceparent() {
@@ -145,6 +149,16 @@ impl RouteStage {
         }
         Ok(task)
     }
+}
+
+/// When the input entered Kafka (its record timestamp), else the event's own time, else now: the
+/// routing decision's time.
+fn input_time(rec: &Input, ev: &CloudEvent) -> String {
+    rec.timestamp_ms
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .or_else(|| ev.time.clone())
+        .unwrap_or_else(crate::event::now_rfc3339)
 }
 
 impl Processor for RouteStage {
@@ -162,7 +176,8 @@ impl Processor for RouteStage {
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
         let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
-        let (mut out, audit) = self.outputs_for(&rec.topic, &ev)?;
+        let time = input_time(&rec, &ev);
+        let (mut out, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
         out.extend(
             self.sealer
                 .outputs("route", &self.emitter, vec![audit])
