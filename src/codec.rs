@@ -50,6 +50,8 @@ pub enum DecodeError {
     UnsupportedContentType(String),
     #[error("event has no subject and the record has no key, so its resource is unknown")]
     MissingResource,
+    #[error("JSON is nested {depth} levels deep or more; the limit is {max}")]
+    TooDeep { depth: usize, max: usize },
 }
 
 impl DecodeError {
@@ -65,6 +67,7 @@ impl DecodeError {
             DecodeError::MalformedAvro { .. } => "malformed_avro",
             DecodeError::UnsupportedContentType(_) => "unsupported_content_type",
             DecodeError::MissingResource => "missing_resource",
+            DecodeError::TooDeep { .. } => "too_deep",
         }
     }
 }
@@ -109,6 +112,59 @@ fn utf8_attr(name: &str, v: &[u8]) -> Result<String, DecodeError> {
     })
 }
 
+/// How deeply an input may nest (objects and arrays). switchyard wraps an input event inside its own
+/// records (a task carries the event in `data.event`, three levels down) and serde_json refuses
+/// more than 128 levels, so one limit at the door, with a wide margin, keeps every record switchyard
+/// writes readable by its next stage.
+pub const MAX_DEPTH: usize = 64;
+
+/// Fails when JSON text nests deeper than `max` (a scan that allocates nothing; strings are skipped).
+pub fn check_json_depth(bytes: &[u8], max: usize) -> Result<(), DecodeError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Err(DecodeError::TooDeep { depth, max });
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Fails when a JSON value nests deeper than `max`.
+pub fn check_value_depth(v: &Value, max: usize) -> Result<(), DecodeError> {
+    fn depth(v: &Value, at: usize, max: usize) -> Result<(), DecodeError> {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => return Ok(()),
+        };
+        if at + 1 > max {
+            return Err(DecodeError::TooDeep { depth: at + 1, max });
+        }
+        for c in children {
+            depth(c, at + 1, max)?;
+        }
+        Ok(())
+    }
+    depth(v, 0, max)
+}
+
 /// Decodes a record into an event and fills in the resource: `subject`, or the record key when the
 /// event has no subject.
 pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEvent, DecodeError> {
@@ -133,6 +189,7 @@ fn decode_structured_json(payload: &[u8]) -> Result<CloudEvent, DecodeError> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty);
     }
+    check_json_depth(payload, MAX_DEPTH)?;
     let v: Value =
         serde_json::from_slice(payload).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
     let Value::Object(obj) = v else {
@@ -247,6 +304,8 @@ fn decode_data(
         return Ok(Some(value));
     }
     if ct == "application/json" || ct.ends_with("+json") || ct == "text/json" {
+        // The data sits one level below the event's attributes.
+        check_json_depth(payload, MAX_DEPTH - 1)?;
         let v = serde_json::from_slice(payload)
             .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
         return Ok(Some(v));
@@ -292,6 +351,7 @@ pub fn decode_single_object<'s>(
         schema: reg.name.clone(),
         detail: e.to_string(),
     })?;
+    check_value_depth(&json, MAX_DEPTH)?;
     Ok((reg, json))
 }
 
@@ -449,6 +509,38 @@ fn json_text_fields(json: Value, schema: &apache_avro::Schema) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_is_limited_at_the_door() {
+        let nest = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        assert!(check_json_depth(nest(MAX_DEPTH).as_bytes(), MAX_DEPTH).is_ok());
+        assert_eq!(
+            check_json_depth(nest(MAX_DEPTH + 1).as_bytes(), MAX_DEPTH),
+            Err(DecodeError::TooDeep {
+                depth: MAX_DEPTH + 1,
+                max: MAX_DEPTH
+            })
+        );
+        // Brackets inside strings (and escaped quotes) do not count.
+        let s = format!(r#"{{"a": "{}\"]]]", "b": [1]}}"#, "[".repeat(500));
+        assert!(check_json_depth(s.as_bytes(), 3).is_ok());
+        // An event whose data nests 126 levels (which serde_json alone accepts) is refused as
+        // too_deep, before switchyard wraps it three levels deeper in a task.
+        let deep = format!(
+            r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r","data":{}}}"#,
+            nest(126)
+        );
+        let rec = RecordView {
+            key: None,
+            payload: deep.as_bytes(),
+            headers: &[],
+        };
+        let e = decode(rec, &SchemaRegistry::default()).unwrap_err();
+        assert_eq!(e.reason(), "too_deep");
+        let v: Value = serde_json::from_str(&nest(10)).unwrap();
+        assert!(check_value_depth(&v, 10).is_ok());
+        assert!(check_value_depth(&v, 9).is_err());
+    }
     use proptest::prelude::*;
     use serde_json::json;
 

@@ -56,12 +56,59 @@ impl ResourceKey {
     }
 
     /// The Redis Cluster hash tag of this resource: every key of one resource carries it, so they
-    /// share a slot and a script can change them together.
+    /// share a slot and a script can change them together. Injective: `{`, `}`, `/`, `%` and tab in
+    /// either part are percent-encoded, so no two (tenant, resource) pairs share a tag (ids without
+    /// those characters keep the plain `{tenant/resource}` form).
     pub fn hash_tag(&self) -> String {
-        // Braces inside ids would end the tag early; they are replaced.
-        let clean = |s: &str| s.replace(['{', '}'], "_");
-        format!("{{{}/{}}}", clean(&self.tenant), clean(&self.resource))
+        format!("{{{}}}", self.encoded())
     }
+
+    /// `tenant/resource` with `{`, `}`, `/` and `%` percent-encoded in each part; [`Self::decode`]
+    /// reverses it.
+    pub fn encoded(&self) -> String {
+        format!("{}/{}", escape(&self.tenant), escape(&self.resource))
+    }
+
+    /// The key [`Self::encoded`] made.
+    pub fn decode(s: &str) -> Option<ResourceKey> {
+        let (t, r) = s.split_once('/')?;
+        Some(ResourceKey::new(unescape(t)?, unescape(r)?))
+    }
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '\t' => out.push_str("%09"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3)?;
+        out.push(match code {
+            "25" => '%',
+            "2F" => '/',
+            "7B" => '{',
+            "7D" => '}',
+            "09" => '\t',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// A lazily connected, self-reconnecting Redis connection shared by every store of the process.
@@ -117,5 +164,32 @@ pub fn reply_number(v: Option<&redis::Value>) -> f64 {
         Some(redis::Value::SimpleString(s)) => s.parse().unwrap_or(0.0),
         Some(redis::Value::Double(d)) => *d,
         _ => 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hash_tags_never_collide() {
+        // Both pairs shared one tag (and so context, resolve state and audit head) before.
+        let k = |t: &str, r: &str| ResourceKey::new(t, r).hash_tag();
+        assert_ne!(k("default", "p1b{1}"), k("default", "p1b_1_"));
+        assert_ne!(k("a/x", "y"), k("a", "x/y"));
+        assert_eq!(k("default", "checkout"), "{default/checkout}", "plain ids keep their keys");
+        assert_eq!(k("t", "a}b"), "{t/a%7Db}", "no brace ends the tag early");
+    }
+
+    proptest! {
+        #[test]
+        fn encoding_is_injective(t1 in ".{0,8}", r1 in ".{0,8}", t2 in ".{0,8}", r2 in ".{0,8}") {
+            let (a, b) = (ResourceKey::new(&t1, &r1), ResourceKey::new(&t2, &r2));
+            prop_assert_eq!(a.hash_tag() == b.hash_tag(), a == b);
+            prop_assert_eq!(ResourceKey::decode(&a.encoded()), Some(a.clone()));
+            let tag = a.hash_tag();
+            prop_assert_eq!(tag[1..tag.len() - 1].find(['{', '}']), None);
+        }
     }
 }

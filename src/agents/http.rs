@@ -84,6 +84,8 @@ impl Agent for HttpAgent {
                 let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
                 return Err(AgentError::Permanent(format!("HTTP {status}: {text}")));
             }
+            crate::codec::check_json_depth(&body, crate::codec::MAX_DEPTH)
+                .map_err(|e| AgentError::Permanent(format!("response rejected: {e}")))?;
             serde_json::from_slice(&body).map_err(|e| {
                 AgentError::Permanent(format!("response is not an agent response: {e}"))
             })

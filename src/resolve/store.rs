@@ -294,7 +294,7 @@ impl ResourceStore for RedisResourceStore {
                 pipe.hset(
                     self.where_key(),
                     &a.approval_id,
-                    format!("{}\t{}", a.tenant, a.resource),
+                    ResourceKey::new(a.tenant.clone(), a.resource.clone()).encoded(),
                 )
                 .ignore();
             }
@@ -337,7 +337,11 @@ impl ResourceStore for RedisResourceStore {
                 .arg(approval_id)
                 .query_async(&mut c)
                 .await?;
-            Ok(v.and_then(|s| s.split_once('\t').map(|(t, r)| ResourceKey::new(t, r))))
+            // Entries written before the encoded form was used hold `tenant<TAB>resource`.
+            Ok(v.and_then(|s| match s.split_once('\t') {
+                Some((t, r)) => Some(ResourceKey::new(t, r)),
+                None => ResourceKey::decode(&s),
+            }))
         })
     }
 }
