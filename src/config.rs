@@ -278,8 +278,11 @@ impl Config {
             schemas_dir: default_schemas_dir(),
             ..Config::default()
         };
-        // Agents whose declaration does not parse still exist (routes naming them are not wrong).
+        // Agents whose declaration does not parse still exist (routes naming them are not wrong),
+        // and what they declare to propose and write is read leniently, so references to those
+        // are not reported as unknown too.
         let mut broken_agents = Vec::new();
+        let mut broken_declares: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
         for (k, v) in map {
             let key = k.as_str().unwrap_or("?").to_string();
             match key.as_str() {
@@ -297,16 +300,24 @@ impl Config {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
                             let name = name.as_str().unwrap_or("?").to_string();
-                            match serde_yaml::from_value::<AgentSpec>(item) {
+                            let list = |k: &str| -> Vec<String> {
+                                item.get(k)
+                                    .and_then(|v| serde_yaml::from_value(v.clone()).ok())
+                                    .unwrap_or_default()
+                            };
+                            let declares = (name.clone(), list("actions"), list("writes"));
+                            match parse_all::<AgentSpec>(&format!("agents.{name}"), item, &["kind"])
+                            {
                                 Ok(a) => {
                                     config.agents.insert(name, a);
                                 }
-                                Err(e) => {
-                                    problems.push(Problem {
-                                        item: format!("agents.{name}"),
-                                        message: agent_message(&e.to_string()),
-                                    });
+                                Err(ps) => {
+                                    problems.extend(ps.into_iter().map(|mut p| {
+                                        p.message = agent_message(&p.message);
+                                        p
+                                    }));
                                     broken_agents.push(name);
+                                    broken_declares.push(declares);
                                 }
                             }
                         }
@@ -325,12 +336,9 @@ impl Config {
                                 .and_then(|n| n.as_str())
                                 .map(|n| format!(" ({n})"))
                                 .unwrap_or_default();
-                            match serde_yaml::from_value::<RouteSpec>(item) {
+                            match parse_all::<RouteSpec>(&format!("routes[{i}]{name}"), item, &[]) {
                                 Ok(r) => config.routes.push(r),
-                                Err(e) => problems.push(Problem {
-                                    item: format!("routes[{i}]{name}"),
-                                    message: e.to_string(),
-                                }),
+                                Err(mut ps) => problems.append(&mut ps),
                             }
                         }
                     }
@@ -358,7 +366,7 @@ impl Config {
         if let Some(t) = env.get(ENV_APPROVAL_TOKEN).filter(|s| !s.is_empty()) {
             config.governance.approvals.token = Some(Secret::new(t));
         }
-        let loaded = config.check(source, base_dir, &broken_agents, &mut problems);
+        let loaded = config.check(source, base_dir, &broken_declares, &mut problems);
         if problems.is_empty() {
             loaded.ok_or_else(Vec::new)
         } else {
@@ -383,7 +391,7 @@ impl Config {
         self,
         source: Source,
         base_dir: &Path,
-        broken_agents: &[String],
+        broken: &[(String, Vec<String>, Vec<String>)],
         problems: &mut Vec<Problem>,
     ) -> Option<Loaded> {
         let mut p = |item: &str, message: String| {
@@ -425,21 +433,53 @@ impl Config {
                 p(&rp.route, rp.message);
             }
         }
-        for (item, m) in self.governance.problems() {
+        let mut actions = self.declared_actions();
+        actions.extend(
+            broken
+                .iter()
+                .flat_map(|(_, a, _)| a.iter().map(String::as_str)),
+        );
+        let agents: Vec<&str> = self
+            .agents
+            .keys()
+            .chain(broken.iter().map(|(n, _, _)| n))
+            .map(String::as_str)
+            .collect();
+        let writes: Vec<&str> = self
+            .agents
+            .values()
+            .flat_map(|a| a.writes.iter().map(String::as_str))
+            .chain(
+                broken
+                    .iter()
+                    .flat_map(|(_, _, w)| w.iter().map(String::as_str)),
+            )
+            .collect();
+        for (item, m) in self.governance.problems(&agents, &actions) {
             p(&item, m);
         }
-        let known = self.declared_actions();
-        for (item, m) in self.resolve.problems(&known) {
+        for (item, m) in self.resolve.problems(&actions, &writes) {
             p(&item, m);
         }
         for (name, a) in &self.agents {
             for m in a.problems(name) {
                 p(&format!("agents.{name}"), m);
             }
+            for (field, list) in [
+                ("reads", &a.reads),
+                ("writes", &a.writes),
+                ("actions", &a.actions),
+            ] {
+                for (i, x) in list.iter().enumerate() {
+                    if let Some(m) = crate::pattern::pattern_problem(x) {
+                        p(&format!("agents.{name}.{field}[{i}]"), m);
+                    }
+                }
+            }
         }
         for (i, r) in self.routes.iter().enumerate() {
             for a in &r.agents {
-                if !self.agents.contains_key(a) && !broken_agents.contains(a) {
+                if !agents.contains(&a.as_str()) {
                     p(
                         &format!("routes[{i}] ({})", r.name),
                         format!("agent {a:?} is not declared under agents"),
@@ -557,11 +597,61 @@ fn section<T: DeserializeOwned>(
     problems: &mut Vec<Problem>,
     out: &mut T,
 ) {
-    match serde_yaml::from_value::<T>(v) {
+    match parse_all(key, v, &[]) {
         Ok(t) => *out = t,
-        Err(e) => problems.push(Problem {
-            item: key.to_string(),
-            message: e.to_string(),
-        }),
+        Err(mut p) => problems.append(&mut p),
     }
+}
+
+/// Parses `v` as a `T`, reporting every bad field (not only the first), each with its path. A
+/// mapping that does not parse is parsed again one key at a time (with the `keep` keys, such as an
+/// agent's `kind`, in every attempt), so each bad key shows up on its own.
+pub fn parse_all<T: DeserializeOwned>(
+    path: &str,
+    v: serde_yaml::Value,
+    keep: &[&str],
+) -> Result<T, Vec<Problem>> {
+    let problem = |e: serde_path_to_error::Error<serde_yaml::Error>| {
+        let inner = e.path().to_string();
+        Problem {
+            item: if inner == "." || inner.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}.{inner}")
+            },
+            message: e.into_inner().to_string(),
+        }
+    };
+    let whole = match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+        Ok(t) => return Ok(t),
+        Err(e) => problem(e),
+    };
+    let serde_yaml::Value::Mapping(map) = v else {
+        return Err(vec![whole]);
+    };
+    let mut found = Vec::new();
+    for (k, val) in &map {
+        if k.as_str().is_some_and(|k| keep.contains(&k)) {
+            continue;
+        }
+        let mut one = serde_yaml::Mapping::new();
+        for (kk, vv) in &map {
+            if kk.as_str().is_some_and(|kk| keep.contains(&kk)) {
+                one.insert(kk.clone(), vv.clone());
+            }
+        }
+        one.insert(k.clone(), val.clone());
+        if let Err(e) = serde_path_to_error::deserialize::<_, T>(serde_yaml::Value::Mapping(one)) {
+            let p = problem(e);
+            // Fields the single-key attempt lacks are reported once, from the whole.
+            if !p.message.starts_with("missing field") {
+                found.push(p);
+            }
+        }
+    }
+    if found.is_empty() || whole.message.starts_with("missing field") {
+        found.insert(0, whole);
+    }
+    found.dedup();
+    Err(found)
 }

@@ -41,6 +41,56 @@ impl TypePattern {
     }
 }
 
+/// Why a pattern (an event type, context key, agent or action name with `*` wildcards) cannot be
+/// used, or `None` when it is fine. Only `*` is a wildcard: glob or regex syntax would silently match
+/// nothing, so it is refused.
+pub fn pattern_problem(p: &str) -> Option<String> {
+    if p.is_empty() {
+        return Some(
+            "is empty (it would match nothing; leave the list out to match anything)".into(),
+        );
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || "[](){}?+^$|\\".contains(*c))
+    {
+        return Some(format!(
+            "{p:?} contains {c:?}; patterns support only `*` as a wildcard"
+        ));
+    }
+    if p.contains("**") {
+        return Some(format!(
+            "{p:?} has `**`; one `*` already matches any run of characters"
+        ));
+    }
+    if p.contains("..") || p.starts_with('.') || p.ends_with('.') {
+        return Some(format!("{p:?} has an empty dotted segment"));
+    }
+    None
+}
+
+/// Why a reference to one of `known` (agents, actions, context keys; `*` allowed) does not resolve,
+/// or `None` when it does: a plain name must be one of them (with a "did you mean" when one is
+/// close), a pattern must match at least one. `what` names the kind in the message ("an action any
+/// agent declares").
+pub fn reference_problem(reference: &str, known: &[&str], what: &str) -> Option<String> {
+    if let Some(m) = pattern_problem(reference) {
+        return Some(m);
+    }
+    let p = TypePattern::new(reference);
+    if known.iter().any(|k| p.matches(k)) {
+        return None;
+    }
+    if p.is_literal() {
+        let hint = closest(reference, known.iter().copied())
+            .map(|c| format!("; did you mean {c:?}?"))
+            .unwrap_or_default();
+        Some(format!("{reference:?} is not {what}{hint}"))
+    } else {
+        Some(format!("{reference:?} matches nothing that is {what}"))
+    }
+}
+
 /// True when `value` matches one of `patterns`.
 pub fn matches_any(patterns: &[String], value: &str) -> bool {
     patterns.iter().any(|p| TypePattern::new(p).matches(value))
@@ -101,6 +151,31 @@ mod tests {
         assert!(!TypePattern::new("sla.breached").matches("sla.breachedX"));
         assert!(TypePattern::new("*.x").matches(".x"));
         assert!(!TypePattern::new("ab*ba").matches("aba"));
+    }
+
+    #[test]
+    fn bad_patterns_are_named() {
+        for bad in [
+            "",
+            "sla.[breached",
+            "**..**",
+            "a**",
+            "sla..breached",
+            ".x",
+            "a b",
+            "x?",
+        ] {
+            assert!(pattern_problem(bad).is_some(), "{bad:?} accepted");
+        }
+        for good in [
+            "sla.breached",
+            "deployment.*",
+            "*",
+            "scale_*",
+            "com.example/x:y-1",
+        ] {
+            assert_eq!(pattern_problem(good), None, "{good:?} refused");
+        }
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl Router {
             if spec.agents.is_empty() {
                 problem("agents must name at least one agent".into());
             }
+            for (j, t) in spec.types.iter().enumerate() {
+                if let Some(m) = crate::pattern::pattern_problem(t) {
+                    problem(format!("types[{j}]: {m}"));
+                }
+            }
             let mut when = Vec::new();
             for (j, c) in spec.when.iter().enumerate() {
                 match compile_condition(c) {

@@ -178,7 +178,11 @@ mod tests {
         let k = |t: &str, r: &str| ResourceKey::new(t, r).hash_tag();
         assert_ne!(k("default", "p1b{1}"), k("default", "p1b_1_"));
         assert_ne!(k("a/x", "y"), k("a", "x/y"));
-        assert_eq!(k("default", "checkout"), "{default/checkout}", "plain ids keep their keys");
+        assert_eq!(
+            k("default", "checkout"),
+            "{default/checkout}",
+            "plain ids keep their keys"
+        );
         assert_eq!(k("t", "a}b"), "{t/a%7Db}", "no brace ends the tag early");
     }
 

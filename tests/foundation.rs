@@ -384,7 +384,7 @@ routes:
         "routes[0] (a): agents must name at least one agent",
         "routes[1] (a): name \"a\" is used by an earlier route",
         "op gt needs a numeric value",
-        "routes[2] (c): unknown field `agent`",
+        "routes[2] (c).agent: unknown field `agent`",
         "topics.dir",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
@@ -401,6 +401,67 @@ routes:
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+/// Configs a hostile probe found `validate` accepting with exit 0, each of which silently breaks
+/// something (SLA events unrouted, rollbacks no longer needing approval, ...): every one is an
+/// error naming its path, every error of a section is listed, and a bad agent is still "declared"
+/// for the routes that name it.
+#[test]
+fn validate_refuses_references_that_do_not_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dangerous.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+kafka: {{ max_in_flight: -1, bogus: 1, max_record_bytes: "x" }}
+topics: {{ dir: {topics} }}
+schemas_dir: {schemas}
+routes:
+  - {{ name: sla, agents: [sla-responder], types: ["sla.[breached", "", "**..**"] }}
+agents:
+  sla-responder: {{ kind: builtin, timeout_ms: -5, actions: [rollback, page], writes: [sla] }}
+resolve:
+  actions:
+    rollback: {{ conflicts_with: [nuke_everything] }}
+governance:
+  access:
+    - {{ agents: [ghost], actions: [teleport] }}
+  approvals:
+    rules:
+      - {{ actions: [rollbak], min_impact: high }}
+"#,
+            topics = root().join("topics").display(),
+            schemas = root().join("schemas").display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--config", path.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "kafka.max_in_flight: invalid value: integer `-1`",
+        "kafka.bogus: unknown field `bogus`",
+        "kafka.max_record_bytes: invalid type: string \"x\"",
+        "types[0]: \"sla.[breached\" contains '['",
+        "types[1]: is empty",
+        "types[2]: \"**..**\" has `**`",
+        "agents.sla-responder.timeout_ms: invalid value: integer `-5`",
+        "resolve.actions.rollback.conflicts_with[0]: \"nuke_everything\" is not an action any agent declares",
+        "governance.access[0].agents[0]: \"ghost\" is not an agent declared under agents",
+        "governance.access[0].actions[0]: \"teleport\" is not an action any agent declares",
+        "governance.approvals.rules[0].actions[0]: \"rollbak\" is not an action any agent declares; did you mean \"rollback\"?",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(
+        !err.contains("is not declared under agents"),
+        "a bad agent is still declared for its routes:\n{err}"
     );
 }
 

@@ -103,16 +103,78 @@ pub struct GovernanceConfig {
 }
 
 impl GovernanceConfig {
-    /// Every problem, as (item, message).
-    pub fn problems(&self) -> Vec<(String, String)> {
+    /// Every problem, as (path, message). `agents` and `actions` are the declared agents and the
+    /// actions they may propose: every rule must refer to them (a misspelled action in an approval
+    /// rule would silently stop that action needing approval).
+    pub fn problems(&self, agents: &[&str], actions: &[&str]) -> Vec<(String, String)> {
+        use crate::pattern::{pattern_problem, reference_problem};
+        let refs = |path: String, list: &[String], known: Option<(&[&str], &str)>| {
+            let mut p = Vec::new();
+            for (j, r) in list.iter().enumerate() {
+                let m = match known {
+                    Some((known, what)) => reference_problem(r, known, what),
+                    None => pattern_problem(r),
+                };
+                if let Some(m) = m {
+                    p.push((format!("{path}[{j}]"), m));
+                }
+            }
+            p
+        };
         let mut p = Vec::new();
+        let (agent, action) = (
+            "an agent declared under agents",
+            "an action any agent declares",
+        );
+        for (i, r) in self.access.iter().enumerate() {
+            let path = format!("governance.access[{i}]");
+            p.extend(refs(
+                format!("{path}.agents"),
+                &r.agents,
+                Some((agents, agent)),
+            ));
+            p.extend(refs(
+                format!("{path}.actions"),
+                &r.actions,
+                Some((actions, action)),
+            ));
+            p.extend(refs(format!("{path}.tenants"), &r.tenants, None));
+            p.extend(refs(format!("{path}.resources"), &r.resources, None));
+        }
+        for (i, r) in self.approvals.rules.iter().enumerate() {
+            let path = format!("governance.approvals.rules[{i}]");
+            p.extend(refs(
+                format!("{path}.actions"),
+                &r.actions,
+                Some((actions, action)),
+            ));
+            if r.min_cost.is_some_and(|c| !c.is_finite() || c < 0.0) {
+                p.push((
+                    format!("{path}.min_cost"),
+                    "must be a non-negative number".into(),
+                ));
+            }
+        }
         for (i, b) in self.budgets.iter().enumerate() {
             let item = format!("governance.budgets[{i}] ({})", b.name);
             if b.max_calls.is_none() && b.max_cost.is_none() {
                 p.push((item.clone(), "needs max_calls or max_cost".into()));
             }
+            if b.max_cost.is_some_and(|c| !c.is_finite() || c < 0.0) {
+                p.push((
+                    format!("{item}.max_cost"),
+                    "must be a non-negative number".into(),
+                ));
+            }
             if self.budgets[..i].iter().any(|o| o.name == b.name) {
-                p.push((item, "name is used by an earlier budget".into()));
+                p.push((item.clone(), "name is used by an earlier budget".into()));
+            }
+            let matches = match b.per {
+                budgets::BudgetScope::Agent => reference_problem(&b.matches, agents, agent),
+                _ => pattern_problem(&b.matches),
+            };
+            if let Some(m) = matches {
+                p.push((format!("{item}.matches"), m));
             }
         }
         if self.approvals.timeout_seconds == 0 {

@@ -97,47 +97,34 @@ impl ResolveConfig {
             .unwrap_or(proposed)
     }
 
-    /// Every problem of this section, as (path, message). `known` are the action types some agent
-    /// may propose; a rule about any other type can never apply, which is almost always a typo.
-    pub fn problems(&self, known: &[&str]) -> Vec<(String, String)> {
+    /// Every problem of this section, as (path, message). `actions` are the action types some agent
+    /// may propose and `keys` the context keys some agent may write (patterns): a rule about
+    /// anything else can never apply, which is almost always a typo.
+    pub fn problems(&self, actions: &[&str], keys: &[&str]) -> Vec<(String, String)> {
+        use crate::pattern::{matches_any, pattern_problem, reference_problem};
         let mut p = Vec::new();
-        let suggest = |name: &str| {
-            crate::pattern::closest(name, known.iter().copied())
-                .map(|c| format!("; did you mean {c:?}?"))
-                .unwrap_or_default()
-        };
-        let listed: Vec<&str> = known
-            .iter()
-            .copied()
-            .chain(self.actions.keys().map(String::as_str))
-            .collect();
-        for (action, rule) in &self.actions {
-            let path = format!("resolve.actions.{action}");
-            if !known.contains(&action.as_str()) {
-                p.push((
-                    path.clone(),
-                    format!(
-                        "{action:?} is not an action any agent declares{}",
-                        suggest(action)
-                    ),
-                ));
+        let action = "an action any agent declares";
+        for (name, rule) in &self.actions {
+            let path = format!("resolve.actions.{name}");
+            if let Some(m) = reference_problem(name, actions, action) {
+                p.push((path.clone(), m));
             }
             for (i, other) in rule.conflicts_with.iter().enumerate() {
-                if !listed.contains(&other.as_str()) {
-                    p.push((
-                        format!("{path}.conflicts_with[{i}]"),
-                        format!(
-                            "{other:?} is not an action any agent declares{}",
-                            suggest(other)
-                        ),
-                    ));
+                if let Some(m) = reference_problem(other, actions, action) {
+                    p.push((format!("{path}.conflicts_with[{i}]"), m));
                 }
             }
+            let writers: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
             for (i, key) in rule.invalidated_by.iter().enumerate() {
-                if key.trim().is_empty() {
+                let item = format!("{path}.invalidated_by[{i}]");
+                if let Some(m) = pattern_problem(key) {
+                    p.push((item, m));
+                } else if !matches_any(&writers, key) {
                     p.push((
-                        format!("{path}.invalidated_by[{i}]"),
-                        "must name a context key".into(),
+                        item,
+                        format!(
+                            "context key {key:?} is not one any agent writes, so it never changes"
+                        ),
                     ));
                 }
             }
