@@ -109,6 +109,9 @@ pub async fn run(
         })
         .collect::<Result<_, _>>()?;
     let cfg = &loaded.config;
+    // A backstop behind the per-record bounds check: no single Avro allocation beyond what a record
+    // switchyard accepts can hold.
+    apache_avro::util::max_allocation_bytes(cfg.kafka.max_record_bytes.max(1 << 20));
     let producer = Producer::new(&producer_config(&cfg.kafka))
         .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());

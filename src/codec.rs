@@ -335,6 +335,12 @@ pub fn decode_single_object<'s>(
         .by_fingerprint(fp)
         .ok_or_else(|| DecodeError::UnknownSchema(hex::encode(fp)))?;
     let mut body = &payload[SINGLE_OBJECT_HEADER_LEN..];
+    // Every length the datum declares must fit in the record before the decoder allocates for it.
+    reg.check_datum_bounds(body)
+        .map_err(|detail| DecodeError::MalformedAvro {
+            schema: reg.name.clone(),
+            detail,
+        })?;
     let value = apache_avro::from_avro_datum(&reg.schema, &mut body, None).map_err(|e| {
         DecodeError::MalformedAvro {
             schema: reg.name.clone(),
@@ -543,6 +549,35 @@ mod tests {
     }
     use proptest::prelude::*;
     use serde_json::json;
+
+    /// A few bytes whose first string claims half a gigabyte: refused before anything is
+    /// allocated for it (the decoder used to allocate 536 MB per such record).
+    #[test]
+    fn avro_lengths_are_bounded_by_the_record() {
+        let reg = schemas();
+        let deployment = reg.get("deployment").expect("deployment schema");
+        let mut payload = deployment.header.to_vec();
+        // zig-zag varint of 536_870_912: 1_073_741_824 = 0x4000_0000.
+        payload.extend([0x80, 0x80, 0x80, 0x80, 0x04]);
+        payload.extend(b"abc");
+        assert!(payload.len() <= 18);
+        let rec = RecordView {
+            key: Some(b"k"),
+            payload: &payload,
+            headers: &[],
+        };
+        let started = std::time::Instant::now();
+        let e = decode(rec, &reg).unwrap_err();
+        assert_eq!(e.reason(), "malformed_avro");
+        assert!(e.to_string().contains("claims 536870912 bytes"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
+        // A well-formed record passes the same check.
+        let ev = sample().with_time_now();
+        let enc = encode(&ev, Encoding::Avro, Some("deployment"), &reg).unwrap();
+        assert!(deployment
+            .check_datum_bounds(&enc.payload[SINGLE_OBJECT_HEADER_LEN..])
+            .is_ok());
+    }
 
     fn schemas() -> SchemaRegistry {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");

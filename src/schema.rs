@@ -38,6 +38,8 @@ pub struct RegisteredSchema {
     pub name: String,
     pub schema: Schema,
     pub header: [u8; SINGLE_OBJECT_HEADER_LEN],
+    /// Named types of the schema by full name (what `Ref`s point at), for the bounds check.
+    names: std::sync::Arc<HashMap<apache_avro::schema::Name, Schema>>,
 }
 
 /// All schemas known to this process.
@@ -128,6 +130,17 @@ impl SchemaRegistry {
         header.copy_from_slice(&built[..SINGLE_OBJECT_HEADER_LEN]);
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&header[2..]);
+        let names = apache_avro::schema::ResolvedSchema::try_from(&schema)
+            .map(|r| {
+                r.get_names()
+                    .iter()
+                    .map(|(n, s)| (n.clone(), (*s).clone()))
+                    .collect()
+            })
+            .map_err(|e| SchemaError::Parse {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
         self.by_fingerprint.insert(fp, name.to_string());
         self.by_name.insert(
             name.to_string(),
@@ -135,6 +148,7 @@ impl SchemaRegistry {
                 name: name.to_string(),
                 schema,
                 header,
+                names: std::sync::Arc::new(names),
             },
         );
         Ok(())
@@ -164,4 +178,172 @@ impl SchemaRegistry {
 /// True when the payload starts with the single-object marker.
 pub fn is_single_object(payload: &[u8]) -> bool {
     payload.len() >= SINGLE_OBJECT_HEADER_LEN && payload[..2] == SINGLE_OBJECT_MAGIC
+}
+
+/// Items of an array or map whose encoding can take no bytes (nulls, empty records) cannot be
+/// bounded by the record's size; this many are allowed per block.
+const MAX_ZERO_SIZE_ITEMS: usize = 4096;
+
+impl RegisteredSchema {
+    /// Walks a binary datum along the schema without decoding it and checks that every length and
+    /// count it declares fits in the bytes that are there. An 18-byte record whose first string
+    /// claims 536 MB is refused here, before a decoder allocates for it.
+    pub fn check_datum_bounds(&self, datum: &[u8]) -> Result<(), String> {
+        let mut scan = Scan {
+            buf: datum,
+            pos: 0,
+            names: &self.names,
+            depth: 0,
+        };
+        scan.value(&self.schema)
+    }
+}
+
+struct Scan<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    names: &'a HashMap<apache_avro::schema::Name, Schema>,
+    depth: usize,
+}
+
+impl Scan<'_> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<(), String> {
+        if n > self.remaining() {
+            return Err(format!(
+                "{what} claims {n} bytes but only {} remain in the record",
+                self.remaining()
+            ));
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    /// A zig-zag encoded long.
+    fn long(&mut self) -> Result<i64, String> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err("the record ends inside a number".into());
+            };
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err("a number does not fit in 64 bits".into());
+            }
+            v |= u64::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Ok(((v >> 1) as i64) ^ -((v & 1) as i64));
+            }
+        }
+        Err("a number does not fit in 64 bits".into())
+    }
+
+    fn len(&mut self, what: &str) -> Result<usize, String> {
+        let n = self.long()?;
+        usize::try_from(n).map_err(|_| format!("{what} has a negative length {n}"))
+    }
+
+    /// The fewest bytes a value of `s` takes (0 for null and empty records).
+    fn min_size(&self, s: &Schema, depth: usize) -> usize {
+        if depth > 16 {
+            return 1;
+        }
+        match s {
+            Schema::Null => 0,
+            Schema::Float => 4,
+            Schema::Double => 8,
+            Schema::Duration => 12,
+            Schema::Fixed(f) => f.size,
+            Schema::Record(r) => r
+                .fields
+                .iter()
+                .map(|f| self.min_size(&f.schema, depth + 1))
+                .sum(),
+            Schema::Decimal(d) => self.min_size(&d.inner, depth + 1),
+            Schema::Ref { name } => self
+                .names
+                .get(name)
+                .map(|s| self.min_size(s, depth + 1))
+                .unwrap_or(1),
+            _ => 1,
+        }
+    }
+
+    fn blocks(&mut self, item: &Schema, key: bool, what: &str) -> Result<(), String> {
+        loop {
+            let raw = self.long()?;
+            if raw == 0 {
+                return Ok(());
+            }
+            if raw < 0 {
+                // A negative count is followed by the block's size in bytes.
+                let _size = self.long()?;
+            }
+            let count = raw.unsigned_abs() as usize;
+            let min = self.min_size(item, 0) + usize::from(key);
+            let fits = if min == 0 {
+                count <= MAX_ZERO_SIZE_ITEMS
+            } else {
+                count <= self.remaining() / min
+            };
+            if !fits {
+                return Err(format!(
+                    "{what} claims {count} items but only {} bytes remain in the record",
+                    self.remaining()
+                ));
+            }
+            for _ in 0..count {
+                if key {
+                    let n = self.len("a map key")?;
+                    self.take(n, "a map key")?;
+                }
+                self.value(item)?;
+            }
+        }
+    }
+
+    fn value(&mut self, s: &Schema) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > 64 {
+            return Err("the record nests more than 64 levels".into());
+        }
+        let r = match s {
+            Schema::Null => Ok(()),
+            Schema::Boolean => self.take(1, "a boolean"),
+            Schema::Float => self.take(4, "a float"),
+            Schema::Double => self.take(8, "a double"),
+            Schema::Duration => self.take(12, "a duration"),
+            Schema::Fixed(f) => self.take(f.size, "a fixed"),
+            Schema::Bytes | Schema::String | Schema::BigDecimal | Schema::Uuid => {
+                let n = self.len("a string or bytes")?;
+                self.take(n, "a string or bytes")
+            }
+            Schema::Decimal(d) => self.value(&d.inner),
+            Schema::Array(a) => self.blocks(&a.items, false, "an array"),
+            Schema::Map(m) => self.blocks(&m.types, true, "a map"),
+            Schema::Union(u) => {
+                let i = self.long()?;
+                let v = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| u.variants().get(i))
+                    .ok_or_else(|| format!("union branch {i} does not exist"))?;
+                self.value(v)
+            }
+            Schema::Record(r) => r.fields.iter().try_for_each(|f| self.value(&f.schema)),
+            Schema::Ref { name } => {
+                let names = self.names;
+                let target = names
+                    .get(name)
+                    .ok_or_else(|| format!("schema refers to unknown type {}", name.name))?;
+                self.value(target)
+            }
+            // Int, Long, Enum and the logical types over them: one variable-length number.
+            _ => self.long().map(|_| ()),
+        };
+        self.depth -= 1;
+        r
+    }
 }
