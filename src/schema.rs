@@ -284,10 +284,9 @@ impl Scan<'_> {
             }
             let count = raw.unsigned_abs() as usize;
             let min = self.min_size(item, 0) + usize::from(key);
-            let fits = if min == 0 {
-                count <= MAX_ZERO_SIZE_ITEMS
-            } else {
-                count <= self.remaining() / min
+            let fits = match self.remaining().checked_div(min) {
+                Some(most) => count <= most,
+                None => count <= MAX_ZERO_SIZE_ITEMS,
             };
             if !fits {
                 return Err(format!(
