@@ -88,6 +88,8 @@ pub fn approvals_of(
         approvals_topic: cfg.topics.approvals.clone(),
         sealer,
         tenants: Default::default(),
+        known_tenants: cfg.governance.tenants.clone(),
+        max_output_bytes: cfg.kafka.max_output_bytes(),
     }
 }
 
@@ -177,12 +179,17 @@ pub async fn run(
             .parse()
             .map_err(|e| AppError::Setup(format!("http.listen: {e}")))?;
         let listener_stop = stop.clone();
-        let app =
-            http::router(health.clone()).merge(http::approvals::router(http::approvals::Api {
+        let auth = Arc::new(http::auth::Auth::new(
+            &cfg.http.users,
+            cfg.governance.approvals.token.as_ref(),
+        ));
+        let app = http::router(health.clone(), cfg.http.metrics_token.as_ref()).merge(
+            http::approvals::router(http::approvals::Api {
                 approvals,
                 producer: producer.clone(),
-                token: cfg.governance.approvals.token.clone(),
-            }));
+                auth,
+            }),
+        );
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;

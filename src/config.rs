@@ -35,6 +35,8 @@ pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
 pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
 /// Environment variable overriding `governance.approvals.token`.
 pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
+/// Environment variable overriding `http.metrics_token`.
+pub const ENV_METRICS_TOKEN: &str = "SWITCHYARD_METRICS_TOKEN";
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
@@ -366,6 +368,9 @@ impl Config {
         if let Some(t) = env.get(ENV_APPROVAL_TOKEN).filter(|s| !s.is_empty()) {
             config.governance.approvals.token = Some(Secret::new(t));
         }
+        if let Some(t) = env.get(ENV_METRICS_TOKEN).filter(|s| !s.is_empty()) {
+            config.http.metrics_token = Some(Secret::new(t));
+        }
         let loaded = config.check(source, base_dir, &broken_declares, &mut problems);
         if problems.is_empty() {
             loaded.ok_or_else(Vec::new)
@@ -418,6 +423,17 @@ impl Config {
                     self.http.listen
                 ),
             );
+        }
+        for (i, u) in self.http.users.iter().enumerate() {
+            for (item, m) in u.problems(&format!("http.users[{i}]")) {
+                p(&item, m);
+            }
+            if self.http.users[..i].iter().any(|o| o.name == u.name) {
+                p(
+                    &format!("http.users[{i}].name"),
+                    format!("{:?} is used by an earlier user", u.name),
+                );
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p(

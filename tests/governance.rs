@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use common::*;
 use switchyard::event::CloudEvent;
-use switchyard::kafka::{Input, Output};
+use switchyard::kafka::{dlq_headers, Input, Output};
 use switchyard::records::{ActionData, ApprovalData, AuditData, ProposalData, ResultData};
 
 fn data<T: serde::de::DeserializeOwned>(r: &Input) -> T {
@@ -937,4 +937,284 @@ async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
     let v = verify(&all);
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     assert_eq!((v.chains, v.duplicates, v.records), (3, 2, 202));
+}
+
+/// A proposal of `tenant` (the proposals topic carries tenants in its records).
+fn tenant_proposal(id: &str, tenant: &str, resource: &str) -> CloudEvent {
+    let mut ev = proposal(id, "tester", "rollback", resource, json!({"id": id}), 0);
+    if let Some(d) = ev.data.as_mut() {
+        d["tenant"] = json!(tenant);
+    }
+    ev.with_extension("tenant", tenant)
+}
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789abc";
+
+/// The approvals API is scoped to tenants: a user sees and decides only their tenants (another
+/// tenant's approval is not found), viewers cannot decide, the recorded approver is the
+/// authenticated user, pages are bounded, free text is bounded before anything moves, the scheme
+/// is case-insensitive and two Authorization headers are refused; `/metrics` can require a token;
+/// the tenant label is bounded to the configured tenants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_api_is_scoped_paged_and_bounded() {
+    let yaml = format!(
+        r#"{}
+http:
+  enabled: true
+  metrics_token: metrics-token-0123456789
+  users:
+    - {{ name: alice, token: {ALICE}, roles: [approver], tenants: [acme] }}
+    - {{ name: bob, token: {BOB}, roles: [viewer] }}
+{DEFAULT_AGENTS}{}"#,
+        governance("{ actions: [rollback] }")
+            .replace("governance:\n", "governance:\n  tenants: [acme]\n"),
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let running = Running::start(loaded, &["resolve", "decisions"]);
+    env.publish(
+        "switchyard.proposals",
+        &[
+            tenant_proposal("a1", "acme", "r1"),
+            tenant_proposal("b1", "beta", "r2"),
+            tenant_proposal("a2", "acme", "r3"),
+        ],
+    )
+    .await;
+    let pending: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 3, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(pending.len(), 3);
+    let id_of = |r: &str| {
+        pending
+            .iter()
+            .find(|a| a.resource == r)
+            .map(|a| a.approval_id.clone())
+            .unwrap()
+    };
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let get = |path: String, token: &'static str| {
+        let c = client.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = c.get(url).bearer_auth(token).send().await.unwrap();
+            let code = r.status().as_u16();
+            (code, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        v["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["resource"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Scopes: alice sees acme only, bob every tenant; ?tenant filters within the scope.
+    let (code, v) = get("/v1/approvals".into(), ALICE).await;
+    assert_eq!(code, 200);
+    let mut mine = ids(&v);
+    mine.sort();
+    assert_eq!(mine, ["r1", "r3"]);
+    assert!(ids(&get("/v1/approvals?tenant=beta".into(), ALICE).await.1).is_empty());
+    assert_eq!(
+        ids(&get("/v1/approvals?tenant=beta".into(), BOB).await.1),
+        ["r2"]
+    );
+    // Pages.
+    let (_, p1) = get("/v1/approvals?limit=2".into(), BOB).await;
+    assert_eq!(ids(&p1).len(), 2);
+    let next = p1["next"].as_str().expect("a next cursor").to_string();
+    let (_, p2) = get(format!("/v1/approvals?limit=2&after={next}"), BOB).await;
+    assert_eq!(ids(&p2).len(), 1);
+    assert!(p2["next"].is_null());
+    // One approval; another tenant's is not found.
+    assert_eq!(
+        get(format!("/v1/approvals/{}", id_of("r2")), ALICE).await.0,
+        404
+    );
+    let (code, one) = get(format!("/v1/approvals/{}", id_of("r2")), BOB).await;
+    assert_eq!(
+        (code, one["action"]["action"].as_str()),
+        (200, Some("rollback"))
+    );
+    let post = |id: String, token: &'static str, body: Value| {
+        let c = client.clone();
+        let url = format!("{base}/v1/approvals/{id}/approve");
+        async move {
+            c.post(url)
+                .header("authorization", format!("bearer {token}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        post(id_of("r2"), ALICE, json!({})).await.status().as_u16(),
+        404
+    );
+    assert_eq!(
+        post(id_of("r1"), BOB, json!({})).await.status().as_u16(),
+        403
+    );
+    // A 1.5 MB reason is refused with 400 and nothing moves.
+    let r = post(id_of("r1"), ALICE, json!({"why": "x".repeat(1_500_000)})).await;
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("why is 1500000 bytes"));
+    assert_eq!(
+        get(format!("/v1/approvals/{}", id_of("r1")), ALICE).await.1["approval"]["status"],
+        "pending"
+    );
+    // Two Authorization headers are refused, whatever the first says.
+    let r = client
+        .post(format!("{base}/v1/approvals/{}/approve", id_of("r1")))
+        .header("authorization", format!("Bearer {ALICE}"))
+        .header("authorization", "Bearer nope")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // The recorded approver is the authenticated user, whatever the body says.
+    let r = post(id_of("r1"), ALICE, json!({"by": "mallory", "why": "ok"})).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["decided_by"], "alice");
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(30))
+        .await;
+    let act: ActionData = data(&actions[0]);
+    assert_eq!(act.approved_by.as_deref(), Some("alice"));
+    // /metrics needs its token; the tenant label is bounded.
+    let m = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(m.status().as_u16(), 401);
+    tokio::time::sleep(Duration::from_secs(3)).await; // a sweep sets the pending gauges
+    let m = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth("metrics-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("switchyard_approvals_pending{tenant=\"acme\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("switchyard_approvals_pending{tenant=\"other\"} 1"));
+    assert!(
+        !m.contains("tenant=\"beta\""),
+        "unconfigured tenants are not labels"
+    );
+    running.stop().await;
+}
+
+/// A decision's records are noted in an outbox before its state moves: when the process dies
+/// between the state change and producing the records (simulated: decided, never produced), the
+/// sweeper produces them, so the approval, the action and the audit record all arrive and the
+/// chain has no hole. A decision from the decisions topic with a 1 MB reason is dead-lettered and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
+    let yaml = format!(
+        "{}{DEFAULT_AGENTS}{}",
+        governance("{ actions: [rollback] }").replace(
+            "timeout_seconds: 600",
+            "timeout_seconds: 600\n    redeliver_after_seconds: 1"
+        ),
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let resolve = env.start(&["resolve"]);
+    env.publish(
+        "switchyard.proposals",
+        &[
+            tenant_proposal("c1", "default", "r-crash"),
+            tenant_proposal("c2", "default", "r-big"),
+        ],
+    )
+    .await;
+    let pending: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 2, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    resolve.stop().await;
+    let id = |r: &str| {
+        pending
+            .iter()
+            .find(|a| a.resource == r)
+            .unwrap()
+            .approval_id
+            .clone()
+    };
+    // Decided through the outbox path, and the process "dies" before producing anything.
+    let approvals = switchyard::cmd::approvals::service(&env.loaded).unwrap();
+    let d = approvals
+        .decide(
+            &id("r-crash"),
+            switchyard::governance::approvals::Verdict::Approve,
+            "carol",
+            "go",
+            false,
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(d.fresh && d.action.is_some());
+    drop(approvals);
+    // A reason of almost 1 MB on the decisions topic: dead-lettered, nothing decided.
+    env.publish_one(
+        "switchyard.approval-decisions",
+        "d-big",
+        "switchyard.approval.decision",
+        "r-big",
+        json!({"approval_id": id("r-big"), "decision": "approve", "by": "dave", "why": "y".repeat(900_000)}),
+    )
+    .await;
+    let running = env.start(&["decisions"]);
+    let recs: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 3, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(
+        recs.len(),
+        3,
+        "the lost decision's approval record is produced"
+    );
+    assert!(recs
+        .iter()
+        .any(|a| a.resource == "r-crash" && a.status == "approved"));
+    assert!(!recs
+        .iter()
+        .any(|a| a.resource == "r-big" && a.status != "pending"));
+    let act: ActionData = data(
+        &env.read("switchyard.actions", 1, Duration::from_secs(30))
+            .await[0],
+    );
+    assert_eq!(
+        (act.resource.as_str(), act.approved_by.as_deref()),
+        ("r-crash", Some("carol"))
+    );
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        header(&dlq[0], dlq_headers::REASON),
+        Some("invalid_decision")
+    );
+    running.stop().await;
+    let v = verify(&env, &env.topic("switchyard.audit"));
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }

@@ -73,15 +73,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
     };
     let d = approvals
-        .decide(&id, verdict, &by, &why, false)
+        .decide(&id, verdict, &by, &why, false, true)
         .await
         .map_err(|e| e.to_string())?;
     let producer = Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
     for o in &d.outputs {
         producer.send(o).await.map_err(|e| {
-            format!("decision recorded but producing failed ({e}); run the command again")
+            format!("decision recorded but producing failed ({e}); a running switchyard produces it within a minute, or run the command again")
         })?;
     }
+    approvals.sent(&id).await.map_err(|e| e.to_string())?;
     match (&d.action, d.fresh) {
         (_, false) => println!(
             "{} was already {} by {}",

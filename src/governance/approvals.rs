@@ -5,6 +5,12 @@
 //! Every transition is a compare-and-set on the resource, so two people (or two instances) deciding
 //! at once produce one decision. Deciding again returns the same records, so a caller that crashed
 //! before producing them can simply retry.
+//!
+//! Nothing moves before every record a decision implies can be written: free text is bounded
+//! ([`MAX_BY_BYTES`], [`MAX_WHY_BYTES`]) and each record's size is checked against the producer's
+//! limit first. Decisions made outside Kafka's redelivery (the HTTP API, the CLI, the expiry
+//! sweeper) go through an outbox: noted before the state moves, cleared once every record is
+//! produced; the sweeper produces what a crash left in between.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ApprovalsConfig, OnTimeout};
 use crate::audit::Sealer;
 use crate::error::ProcessError;
-use crate::event::{now_rfc3339, now_secs};
+use crate::event::{now_rfc3339, now_secs, CloudEvent};
 use crate::kafka::{Output, Producer};
 use crate::records::{
     audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter,
@@ -38,6 +44,33 @@ pub enum Verdict {
     Reject,
 }
 
+/// The longest name of who decided, in bytes.
+pub const MAX_BY_BYTES: usize = 256;
+/// The longest reason given with a decision, in bytes.
+pub const MAX_WHY_BYTES: usize = 4096;
+/// Room each record keeps for what sealing adds to an audit record (seq, prev_hash, hash).
+const SEAL_MARGIN: usize = 1024;
+
+/// Checks the free text of a decision: who (required, one line) and why, both bounded.
+pub fn check_text(by: &str, why: &str) -> Result<(), String> {
+    if by.trim().is_empty() {
+        return Err("by must name who decides".into());
+    }
+    if by.len() > MAX_BY_BYTES {
+        return Err(format!("by is {} bytes; at most {MAX_BY_BYTES}", by.len()));
+    }
+    if by.chars().any(char::is_control) {
+        return Err("by must be one line without control characters".into());
+    }
+    if why.len() > MAX_WHY_BYTES {
+        return Err(format!(
+            "why is {} bytes; at most {MAX_WHY_BYTES}",
+            why.len()
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {
     #[error("approval {0} not found")]
@@ -48,6 +81,21 @@ pub enum ApprovalError {
     Encode(String),
     #[error("resource state kept changing; try again")]
     Contention,
+    /// The request itself is wrong (text too long, ...): nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A record the decision implies would be larger than the producer can write: nothing was
+    /// changed.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// A page of open approvals.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub approvals: Vec<ApprovalData>,
+    /// Where the next page starts (`expires_at:approval_id`), when there is one.
+    pub next: Option<String>,
 }
 
 /// What a decision did, with the records to produce.
@@ -70,6 +118,10 @@ pub struct Approvals {
     pub sealer: Arc<Sealer>,
     /// Tenants that had pending approvals (their gauge is kept, at 0 when none are pending).
     pub tenants: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Tenants named in the config: the only `tenant` label values (others count as `other`).
+    pub known_tenants: Vec<String>,
+    /// The largest record the producer writes (`message.max.bytes`).
+    pub max_output_bytes: usize,
 }
 
 fn enc(e: impl std::fmt::Display) -> ApprovalError {
@@ -78,7 +130,9 @@ fn enc(e: impl std::fmt::Display) -> ApprovalError {
 
 impl Approvals {
     /// Applies a verdict (or an expiry when `expire` is set). Idempotent: an already decided approval
-    /// yields its decision's records again.
+    /// yields its decision's records again. With `outbox`, the decision is noted in the outbox
+    /// before the state moves; the caller clears it with [`Approvals::sent`] once every record is
+    /// produced.
     pub async fn decide(
         &self,
         approval_id: &str,
@@ -86,7 +140,11 @@ impl Approvals {
         by: &str,
         why: &str,
         expire: bool,
+        outbox: bool,
     ) -> Result<Decision, ApprovalError> {
+        if !expire {
+            check_text(by, why).map_err(ApprovalError::Invalid)?;
+        }
         let key = self
             .store
             .locate(approval_id)
@@ -99,8 +157,7 @@ impl Approvals {
                 .get(approval_id)
                 .cloned()
                 .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
-            let open = matches!(stored.approval.status.as_str(), "pending" | "escalated");
-            if !open {
+            if !is_open(&stored) {
                 let action = (stored.approval.status == "approved").then(|| stored.action.clone());
                 let outputs = self.outputs(&stored, action.as_ref()).await?;
                 return Ok(Decision {
@@ -156,6 +213,11 @@ impl Approvals {
                 }
             }
             s.approval.action_record = serde_json::to_value(&s.action).map_err(enc)?;
+            let action = (s.approval.status == "approved").then(|| s.action.clone());
+            self.check_sizes(&s, action.as_ref())?;
+            if outbox {
+                self.store.outbox_add(approval_id, now).await?;
+            }
             let change = Change {
                 state,
                 token,
@@ -179,7 +241,6 @@ impl Approvals {
                         .with_label_values(&[kind])
                         .observe((now - s.approval.requested_at).max(0) as f64);
                 }
-                let action = (s.approval.status == "approved").then(|| s.action.clone());
                 let outputs = self.outputs(&s, action.as_ref()).await?;
                 return Ok(Decision {
                     approval: s.approval,
@@ -192,13 +253,13 @@ impl Approvals {
         Err(ApprovalError::Contention)
     }
 
-    /// Records for an approval's current status: the approval record, the action when approved, and
-    /// an audit record.
-    async fn outputs(
+    /// Records for an approval's current status: the approval record, the action when approved,
+    /// and the (unsealed) audit record.
+    fn records(
         &self,
         stored: &StoredApproval,
         action: Option<&ActionData>,
-    ) -> Result<Vec<Output>, ApprovalError> {
+    ) -> Result<(Vec<Output>, CloudEvent), ApprovalError> {
         let (a, time) = (&stored.approval, stored.decided_at.as_str());
         let pe = |e: ProcessError| ApprovalError::Encode(e.to_string());
         let mut out = Vec::new();
@@ -246,53 +307,172 @@ impl Approvals {
             time,
         )
         .map_err(pe)?;
+        Ok((out, ev))
+    }
+
+    /// Refuses a decision any of whose records the producer could not write, before anything moves.
+    fn check_sizes(
+        &self,
+        stored: &StoredApproval,
+        action: Option<&ActionData>,
+    ) -> Result<(), ApprovalError> {
+        let (out, audit) = self.records(stored, action)?;
+        let audit = self
+            .emitter
+            .emit(&self.sealer.topic, &audit)
+            .map_err(|e| ApprovalError::Encode(e.to_string()))?;
+        for (o, margin) in out.iter().map(|o| (o, 0)).chain([(&audit, SEAL_MARGIN)]) {
+            let size = o.payload.len() + margin;
+            if size > self.max_output_bytes {
+                return Err(ApprovalError::TooLarge(format!(
+                    "the decision's record for {} would be {size} bytes, more than the {} the producer writes; nothing was changed",
+                    o.topic, self.max_output_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The records of a decision, its audit record sealed into the resource's chain.
+    async fn outputs(
+        &self,
+        stored: &StoredApproval,
+        action: Option<&ActionData>,
+    ) -> Result<Vec<Output>, ApprovalError> {
+        let (mut out, audit) = self.records(stored, action)?;
         out.extend(
             self.sealer
-                .outputs("approvals", &self.emitter, vec![ev])
+                .outputs("approvals", &self.emitter, vec![audit])
                 .await
                 .map_err(|e| match e {
                     // Redis unreachable: retryable, like the rest of a decision.
                     ProcessError::Transient(m) => ApprovalError::Store(StoreError::Redis(m)),
-                    e => pe(e),
+                    e => ApprovalError::Encode(e.to_string()),
                 })?,
         );
         Ok(out)
     }
 
-    /// Open approvals (pending or escalated), soonest expiry first.
-    pub async fn list_open(&self) -> Result<Vec<ApprovalData>, ApprovalError> {
-        let mut out = Vec::new();
-        for (id, _) in self.store.open().await? {
-            if let Some(key) = self.store.locate(&id).await? {
-                let loaded = self.store.load(&key, &[], None).await?.record;
-                if let Some(s) = loaded.approvals.get(&id) {
-                    if matches!(s.approval.status.as_str(), "pending" | "escalated") {
-                        out.push(s.approval.clone());
-                    }
+    /// Every record of this approval's decision was produced: clear it from the outbox.
+    pub async fn sent(&self, approval_id: &str) -> Result<(), ApprovalError> {
+        Ok(self.store.outbox_done(approval_id).await?)
+    }
+
+    /// An approval with its action, by id.
+    pub async fn get(&self, approval_id: &str) -> Result<Option<StoredApproval>, ApprovalError> {
+        let Some(key) = self.store.locate(approval_id).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .load(&key, &[], None)
+            .await?
+            .record
+            .approvals
+            .remove(approval_id))
+    }
+
+    /// Open approvals (pending or escalated) of the tenants `sees` accepts (and of `tenant` when
+    /// given), soonest expiry first, at most `limit` after the cursor `after`.
+    pub async fn list(
+        &self,
+        sees: &(dyn Fn(&str) -> bool + Sync),
+        tenant: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, ApprovalError> {
+        let after: Option<(i64, &str)> = after.and_then(|c| {
+            let (e, id) = c.split_once(':')?;
+            Some((e.parse().ok()?, id))
+        });
+        let open: Vec<(String, i64)> = self
+            .store
+            .open()
+            .await?
+            .into_iter()
+            .filter(|(id, e)| after.is_none_or(|(ae, aid)| (*e, id.as_str()) > (ae, aid)))
+            .collect();
+        let ids: Vec<String> = open.iter().map(|(id, _)| id.clone()).collect();
+        let keys = self.store.locate_many(&ids).await?;
+        let mut page = Page::default();
+        for ((id, expires), key) in open.iter().zip(keys) {
+            let Some(key) = key else { continue };
+            if !sees(&key.tenant) || tenant.is_some_and(|t| t != key.tenant) {
+                continue;
+            }
+            if page.approvals.len() == limit {
+                page.next = page
+                    .approvals
+                    .last()
+                    .map(|a| format!("{}:{}", a.expires_at, a.approval_id));
+                break;
+            }
+            let record = self.store.load(&key, &[], None).await?.record;
+            if let Some(s) = record.approvals.get(id) {
+                if is_open(s) {
+                    let mut a = s.approval.clone();
+                    a.expires_at = *expires;
+                    page.approvals.push(a);
                 }
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
-    /// Expires (or escalates) every approval past its deadline; returns the records to produce.
-    pub async fn sweep(&self) -> Result<Vec<Output>, ApprovalError> {
+    /// Every open approval (pending or escalated), soonest expiry first.
+    pub async fn list_open(&self) -> Result<Vec<ApprovalData>, ApprovalError> {
+        Ok(self
+            .list(&|_| true, None, None, usize::MAX)
+            .await?
+            .approvals)
+    }
+
+    /// The `tenant` label of a tenant: itself when the config names it, else `other`.
+    fn tenant_label<'a>(&self, tenant: &'a str) -> &'a str {
+        if tenant == "default" || self.known_tenants.iter().any(|t| t == tenant) {
+            tenant
+        } else {
+            "other"
+        }
+    }
+
+    /// Expires (or escalates) every approval past its deadline, and takes up decisions a crash left
+    /// in the outbox; returns each approval's records to produce (then [`Approvals::sent`]).
+    pub async fn sweep(&self) -> Result<Vec<(String, Vec<Output>)>, ApprovalError> {
         let now = now_secs();
         let mut out = Vec::new();
+        // Younger entries belong to a request still producing them.
+        let grace = self.config.redeliver_after_seconds as i64;
+        for id in self.store.outbox_due(now - grace).await? {
+            match self.get(&id).await? {
+                // Gone, or still open (the state never moved): nothing to produce.
+                None => self.store.outbox_done(&id).await?,
+                Some(s) if is_open(&s) => self.store.outbox_done(&id).await?,
+                Some(s) => {
+                    tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
+                    let action = (s.approval.status == "approved").then(|| s.action.clone());
+                    out.push((id, self.outputs(&s, action.as_ref()).await?));
+                }
+            }
+        }
         let open = self.store.open().await?;
+        let ids: Vec<String> = open.iter().map(|(id, _)| id.clone()).collect();
+        let keys = self.store.locate_many(&ids).await?;
         let mut pending_by_tenant: std::collections::BTreeMap<String, i64> = Default::default();
-        for (id, expires_at) in &open {
+        for ((id, expires_at), key) in open.iter().zip(keys) {
             if *expires_at <= now {
                 match self
-                    .decide(id, Verdict::Reject, "switchyard", "timeout", true)
+                    .decide(id, Verdict::Reject, "switchyard", "timeout", true, true)
                     .await
                 {
-                    Ok(d) if d.fresh => out.extend(d.outputs),
+                    Ok(d) if d.fresh => out.push((id.clone(), d.outputs)),
                     Ok(_) | Err(ApprovalError::NotFound(_)) => self.store.index_close(id).await?,
                     Err(e) => return Err(e),
                 }
-            } else if let Some(k) = self.store.locate(id).await? {
-                *pending_by_tenant.entry(k.tenant).or_default() += 1;
+            } else if let Some(k) = key {
+                *pending_by_tenant
+                    .entry(self.tenant_label(&k.tenant).to_string())
+                    .or_default() += 1;
             }
         }
         // Tenants seen before keep a series (at 0 when nothing is pending).
@@ -309,6 +489,11 @@ impl Approvals {
     }
 }
 
+/// Whether nobody has decided the approval yet (pending, or escalated and pending again).
+fn is_open(s: &StoredApproval) -> bool {
+    matches!(s.approval.status.as_str(), "pending" | "escalated")
+}
+
 /// Runs the sweeper until `stop`: every `interval`, expire what is due and produce the records.
 pub async fn run_sweeper(
     approvals: Arc<Approvals>,
@@ -318,10 +503,16 @@ pub async fn run_sweeper(
 ) {
     loop {
         match approvals.sweep().await {
-            Ok(outputs) => {
-                for o in outputs {
-                    if let Err(e) = producer.send(&o).await {
-                        tracing::warn!(error = %e, "Producing an approval expiry failed; the next sweep retries.");
+            Ok(groups) => {
+                'groups: for (id, outputs) in groups {
+                    for o in &outputs {
+                        if let Err(e) = producer.send(o).await {
+                            tracing::warn!(approval_id = %id, error = %e, "Producing an approval's records failed; the next sweep retries.");
+                            continue 'groups;
+                        }
+                    }
+                    if let Err(e) = approvals.sent(&id).await {
+                        tracing::warn!(approval_id = %id, error = %e, "Clearing the outbox failed; the records may be produced once more.");
                     }
                 }
             }

@@ -72,6 +72,14 @@ pub struct ApprovalsConfig {
     pub on_timeout: OnTimeout,
     #[serde(default)]
     pub rules: Vec<ApprovalRule>,
+    /// A decision made through the HTTP API or the CLI whose records were not all produced this long
+    /// after it was made (the process died in between) is produced by the sweeper.
+    #[serde(default = "default_redeliver_after")]
+    pub redeliver_after_seconds: u64,
+}
+
+fn default_redeliver_after() -> u64 {
+    30
 }
 
 fn default_approval_timeout() -> u64 {
@@ -85,6 +93,7 @@ impl Default for ApprovalsConfig {
             timeout_seconds: default_approval_timeout(),
             on_timeout: OnTimeout::Reject,
             rules: Vec::new(),
+            redeliver_after_seconds: default_redeliver_after(),
         }
     }
 }
@@ -93,6 +102,11 @@ impl Default for ApprovalsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GovernanceConfig {
+    /// Tenants served by name. Any tenant works; only these (and `default`) are metric label
+    /// values, the rest count as `other`, so a flood of tenant ids cannot grow the series without
+    /// bound.
+    #[serde(default)]
+    pub tenants: Vec<String>,
     /// Access rules; when empty every agent may cause every declared action.
     #[serde(default)]
     pub access: Vec<AccessRule>,

@@ -1,8 +1,16 @@
-//! The approvals API: `GET /v1/approvals`, `POST /v1/approvals/{id}/approve|reject` (bearer token).
+//! The approvals API (bearer token of an `http.users` user; see [`super::auth`]):
+//!
+//! - `GET /v1/approvals[?tenant=T][&limit=N][&after=CURSOR]`: open approvals of the caller's
+//!   tenants, soonest expiry first, `limit` (default 100, at most 1000) per page; `next` is the
+//!   cursor of the following page;
+//! - `GET /v1/approvals/{id}`: one approval with the action it would send;
+//! - `POST /v1/approvals/{id}/approve|reject` with `{"why": "..."}` (and `"by"` only for the
+//!   shared legacy token): decide (approver role). An approval of a tenant the caller does not see
+//!   is not found.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -10,14 +18,16 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::auth::{Auth, AuthError, Identity, Role};
 use crate::governance::approvals::{ApprovalError, Approvals, Verdict};
 use crate::kafka::Producer;
-use crate::secret::Secret;
 
 /// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct DecisionRequest {
-    /// Who decides (required).
+    /// Who decides: only read for the shared legacy token (a user's own name is recorded
+    /// otherwise).
+    #[serde(default)]
     pub by: String,
     #[serde(default)]
     pub why: String,
@@ -28,45 +38,72 @@ pub struct DecisionRequest {
 pub struct Api {
     pub approvals: Arc<Approvals>,
     pub producer: Producer,
-    pub token: Option<Secret>,
+    pub auth: Arc<Auth>,
 }
 
-/// The error response when the request lacks the right bearer token.
-fn unauthorized(api: &Api, headers: &HeaderMap) -> Option<Response> {
-    let Some(want) = api.token.as_ref().filter(|t| !t.is_empty()) else {
-        return Some((StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "approvals API disabled: set governance.approvals.token or SWITCHYARD_APPROVAL_TOKEN"}))).into_response());
-    };
-    let got = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !got.is_some_and(|g| want.matches(g)) {
-        return Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                Json(json!({"error": "missing or wrong bearer token"})),
-            )
-                .into_response(),
-        );
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The caller, when authenticated and allowed `role`.
+#[allow(clippy::result_large_err)]
+fn caller(api: &Api, headers: &HeaderMap, role: Role) -> Result<Identity, Response> {
+    match api.auth.authenticate(headers) {
+        Ok(who) if who.can(role) => Ok(who),
+        Ok(who) => Err(error(
+            StatusCode::FORBIDDEN,
+            format!("user {} may not do this (needs role {role:?})", who.name).to_lowercase(),
+        )),
+        Err(e @ AuthError::Disabled) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e @ AuthError::Ambiguous) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e @ AuthError::Unauthenticated) => Err(error(StatusCode::UNAUTHORIZED, e.to_string())),
     }
-    None
 }
 
 fn error_response(e: ApprovalError) -> Response {
     let code = match e {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
         ApprovalError::Store(_) | ApprovalError::Contention => StatusCode::SERVICE_UNAVAILABLE,
         ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (code, Json(json!({"error": e.to_string()}))).into_response()
+    error(code, e.to_string())
 }
 
-async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&api, &headers) {
-        return r;
+#[derive(Deserialize)]
+struct ListQuery {
+    tenant: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list(State(api): State<Api>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    let who = match caller(&api, &headers, Role::Viewer) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let sees = |t: &str| who.sees(t);
+    match api
+        .approvals
+        .list(&sees, q.tenant.as_deref(), q.after.as_deref(), limit)
+        .await
+    {
+        Ok(page) => Json(json!({"approvals": page.approvals, "next": page.next})).into_response(),
+        Err(e) => error_response(e),
     }
-    match api.approvals.list_open().await {
-        Ok(v) => Json(json!({"approvals": v})).into_response(),
+}
+
+async fn one(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let who = match caller(&api, &headers, Role::Viewer) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match api.approvals.get(&id).await {
+        Ok(Some(s)) if who.sees(&s.approval.tenant) => {
+            Json(json!({"approval": s.approval, "action": s.action})).into_response()
+        }
+        Ok(_) => error_response(ApprovalError::NotFound(id)),
         Err(e) => error_response(e),
     }
 }
@@ -77,30 +114,36 @@ async fn act(
     Path((id, verb)): Path<(String, String)>,
     body: Option<Json<DecisionRequest>>,
 ) -> Response {
-    if let Some(r) = unauthorized(&api, &headers) {
-        return r;
-    }
+    let who = match caller(&api, &headers, Role::Approver) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     let verdict = match verb.as_str() {
         "approve" => Verdict::Approve,
         "reject" => Verdict::Reject,
-        _ => {
-            return (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": "use /approve or /reject"})),
-            )
-                .into_response()
+        _ => return error(StatusCode::NOT_FOUND, "use /approve or /reject"),
+    };
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let by = if who.shared {
+        if req.by.trim().is_empty() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body must be JSON {\"by\": \"who\", \"why\": \"reason\"} (a shared token cannot tell who decides)",
+            );
         }
+        req.by.clone()
+    } else {
+        who.name.clone()
     };
-    let Some(Json(req)) = body.filter(|b| !b.by.trim().is_empty()) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "body must be JSON {\"by\": \"who\", \"why\": \"reason\"}"})),
-        )
-            .into_response();
-    };
+    // Another tenant's approval does not exist for this caller.
+    match api.approvals.get(&id).await {
+        Ok(Some(s)) if who.sees(&s.approval.tenant) => {}
+        Ok(_) => return error_response(ApprovalError::NotFound(id)),
+        Err(e) => return error_response(e),
+    }
     let d = match api
         .approvals
-        .decide(&id, verdict, &req.by, &req.why, false)
+        .decide(&id, verdict, &by, &req.why, false, true)
         .await
     {
         Ok(d) => d,
@@ -108,8 +151,15 @@ async fn act(
     };
     for o in &d.outputs {
         if let Err(e) = api.producer.send(o).await {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("decision recorded but producing failed ({e}); repeat the request")}))).into_response();
+            tracing::warn!(approval_id = %id, topic = %o.topic, error = %e, "Producing an approval decision failed; the outbox sweeper produces it.");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("decision recorded but producing failed ({e}); it is produced within a minute, or repeat the request"),
+            );
         }
+    }
+    if let Err(e) = api.approvals.sent(&id).await {
+        tracing::warn!(approval_id = %id, error = %e, "Clearing the approvals outbox failed; the records may be produced once more.");
     }
     let code = if d.fresh {
         StatusCode::OK
@@ -123,10 +173,11 @@ async fn act(
     }))).into_response()
 }
 
-/// `GET /v1/approvals`, `POST /v1/approvals/{id}/approve|reject` (bearer token).
+/// The approvals API routes.
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/approvals", get(list))
+        .route("/v1/approvals/{id}", get(one))
         .route("/v1/approvals/{id}/{verb}", post(act))
         .with_state(api)
 }

@@ -3,13 +3,14 @@
 //! merged in from the submodules ([`approvals`]: the approvals API).
 
 pub mod approvals;
+pub mod auth;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
@@ -28,6 +29,13 @@ pub struct HttpConfig {
     /// Listen address. Overridden by `SWITCHYARD_HTTP_LISTEN`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <this>`.
+    /// `SWITCHYARD_METRICS_TOKEN` overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<crate::secret::Secret>,
+    /// Users of the HTTP front doors (approvals API) with their roles and tenants.
+    #[serde(default)]
+    pub users: Vec<auth::UserSpec>,
 }
 
 fn yes() -> bool {
@@ -42,6 +50,8 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             listen: default_listen(),
+            metrics_token: None,
+            users: Vec::new(),
         }
     }
 }
@@ -75,7 +85,24 @@ impl Health {
     }
 }
 
-async fn metrics() -> impl IntoResponse {
+/// What the server's own routes need.
+#[derive(Clone)]
+struct Server {
+    health: Arc<Health>,
+    /// When set, the only bearer token `/metrics` answers.
+    metrics_auth: Option<Arc<auth::Auth>>,
+}
+
+async fn metrics(State(s): State<Server>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(a) = &s.metrics_auth {
+        if let Err(e) = a.authenticate(&headers) {
+            let code = match e {
+                auth::AuthError::Ambiguous => StatusCode::BAD_REQUEST,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return (code, format!("{e}\n")).into_response();
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -83,14 +110,15 @@ async fn metrics() -> impl IntoResponse {
         )],
         METRICS.render(),
     )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let why = h.not_ready();
+async fn readyz(State(s): State<Server>) -> impl IntoResponse {
+    let why = s.health.not_ready();
     if why.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
@@ -102,10 +130,16 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 /// The routes; extra routes (the approvals API) are merged in by the caller.
-pub fn router(health: Arc<Health>) -> Router {
+pub fn router(health: Arc<Health>, metrics_token: Option<&crate::secret::Secret>) -> Router {
+    let metrics_auth = metrics_token
+        .filter(|t| !t.is_empty())
+        .map(|t| Arc::new(auth::Auth::new(&[], Some(t))));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .with_state(Server {
+            health,
+            metrics_auth,
+        })
 }

@@ -79,6 +79,17 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// The largest record the producer writes: its `message.max.bytes` (librdkafka's default,
+    /// 1,000,000, unless `kafka.producer` sets it).
+    pub fn max_output_bytes(&self) -> usize {
+        self.producer
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000)
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("every field has a default")

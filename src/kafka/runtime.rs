@@ -708,6 +708,7 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
                         .with_label_values(&[stage, "output_too_large"])
                         .inc();
                     let detail = format!("an output record for {topic} is too large: {source}");
+                    tracing::warn!(stage, topic = %rec.topic, partition = rec.partition, offset = rec.offset, output_topic = %topic, bytes = out.payload.len(), "An output record is too large for the broker; the input goes to the dead-letter topic.");
                     dead_letter(
                         &s.dlq_topic,
                         stage,

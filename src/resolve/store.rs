@@ -94,6 +94,27 @@ pub trait ResourceStore: Send + Sync + 'static {
         &'a self,
         approval_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ResourceKey>, StoreError>>;
+
+    /// [`ResourceStore::locate`] for many approvals in one round trip.
+    fn locate_many<'a>(
+        &'a self,
+        approval_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<ResourceKey>>, StoreError>>;
+
+    /// Notes that a decision's records are about to be produced outside Kafka's redelivery (the
+    /// HTTP API, the CLI, the expiry sweeper): until [`ResourceStore::outbox_done`], a sweeper
+    /// produces them again, so a crash in between leaves no hole in the audit chain.
+    fn outbox_add<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The records of this approval's decision were produced.
+    fn outbox_done<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first.
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 }
 
 const CAS: &str = r#"
@@ -145,6 +166,9 @@ impl RedisResourceStore {
     }
     fn where_key(&self) -> String {
         format!("{}:approvals:where", self.prefix)
+    }
+    fn outbox_key(&self) -> String {
+        format!("{}:approvals:outbox", self.prefix)
     }
 
     async fn load_impl(
@@ -337,12 +361,78 @@ impl ResourceStore for RedisResourceStore {
                 .arg(approval_id)
                 .query_async(&mut c)
                 .await?;
-            // Entries written before the encoded form was used hold `tenant<TAB>resource`.
-            Ok(v.and_then(|s| match s.split_once('\t') {
-                Some((t, r)) => Some(ResourceKey::new(t, r)),
-                None => ResourceKey::decode(&s),
-            }))
+            Ok(v.and_then(|s| parse_where(&s)))
         })
+    }
+
+    fn locate_many<'a>(
+        &'a self,
+        approval_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<ResourceKey>>, StoreError>> {
+        Box::pin(async move {
+            if approval_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut c = self.conn.get().await?;
+            let v: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(self.where_key())
+                .arg(approval_ids)
+                .query_async(&mut c)
+                .await?;
+            Ok(v.into_iter()
+                .map(|s| s.and_then(|s| parse_where(&s)))
+                .collect())
+        })
+    }
+
+    fn outbox_add<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            // NX: the first time counts, so a retried request does not postpone the sweep.
+            Ok(redis::cmd("ZADD")
+                .arg(self.outbox_key())
+                .arg("NX")
+                .arg(at)
+                .arg(approval_id)
+                .query_async::<()>(&mut c)
+                .await?)
+        })
+    }
+
+    fn outbox_done<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::cmd("ZREM")
+                .arg(self.outbox_key())
+                .arg(approval_id)
+                .query_async::<()>(&mut c)
+                .await?)
+        })
+    }
+
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::cmd("ZRANGEBYSCORE")
+                .arg(self.outbox_key())
+                .arg("-inf")
+                .arg(format!("({before}"))
+                .query_async(&mut c)
+                .await?)
+        })
+    }
+}
+
+/// An entry of the approvals' resource index. Entries written before the encoded form was used hold
+/// `tenant<TAB>resource`.
+fn parse_where(s: &str) -> Option<ResourceKey> {
+    match s.split_once('\t') {
+        Some((t, r)) => Some(ResourceKey::new(t, r)),
+        None => ResourceKey::decode(s),
     }
 }
 
@@ -352,6 +442,7 @@ struct MemoryState {
     decisions: HashMap<(ResourceKey, String), Decided>,
     open: BTreeMap<String, i64>,
     located: HashMap<String, ResourceKey>,
+    outbox: BTreeMap<String, i64>,
 }
 
 /// In-memory twin of [`RedisResourceStore`] for unit tests (no TTLs). Context key versions come
@@ -471,6 +562,50 @@ impl ResourceStore for MemoryResourceStore {
         approval_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ResourceKey>, StoreError>> {
         Box::pin(async move { Ok(self.lock().located.get(approval_id).cloned()) })
+    }
+
+    fn locate_many<'a>(
+        &'a self,
+        approval_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<ResourceKey>>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(approval_ids
+                .iter()
+                .map(|id| st.located.get(id).cloned())
+                .collect())
+        })
+    }
+
+    fn outbox_add<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.lock()
+                .outbox
+                .entry(approval_id.to_string())
+                .or_insert(at);
+            Ok(())
+        })
+    }
+
+    fn outbox_done<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.lock().outbox.remove(approval_id);
+            Ok(())
+        })
+    }
+
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            let mut due: Vec<(&String, &i64)> =
+                st.outbox.iter().filter(|(_, at)| **at < before).collect();
+            due.sort_by_key(|(id, at)| (**at, (*id).clone()));
+            Ok(due.into_iter().map(|(id, _)| id.clone()).collect())
+        })
     }
 }
 
@@ -604,6 +739,34 @@ pub mod contract {
             "a closed approval stays findable"
         );
         assert_eq!(store.locate("nope").await.expect("locate"), None);
+        assert_eq!(
+            store
+                .locate_many(&[a.approval_id.clone(), "nope".into()])
+                .await
+                .expect("locate many"),
+            vec![Some(k.clone()), None]
+        );
+
+        // The outbox: entries come due after their time; the first add counts; done removes.
+        let (o1, o2) = (format!("out1-{tag}"), format!("out2-{tag}"));
+        store.outbox_add(&o1, 100).await.expect("add");
+        store
+            .outbox_add(&o1, 500)
+            .await
+            .expect("add again keeps the first time");
+        store.outbox_add(&o2, 200).await.expect("add");
+        let due = |v: Vec<String>| {
+            v.into_iter()
+                .filter(|id| id.ends_with(tag))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(due(store.outbox_due(150).await.expect("due")), std::slice::from_ref(&o1));
+        assert_eq!(
+            due(store.outbox_due(300).await.expect("due")),
+            [o1.clone(), o2.clone()]
+        );
+        store.outbox_done(&o1).await.expect("done");
+        assert_eq!(due(store.outbox_due(300).await.expect("due")), [o2]);
     }
 
     #[cfg(test)]

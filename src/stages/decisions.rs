@@ -61,6 +61,7 @@ impl Processor for DecisionsStage {
     }
 
     async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+        crate::codec::check_json_depth(&rec.payload, crate::codec::MAX_DEPTH)?;
         let v: Value = serde_json::from_slice(&rec.payload)
             .map_err(|e| ProcessError::poison("malformed_json", e.to_string()))?;
         let body = if v.get("specversion").is_some() {
@@ -72,7 +73,7 @@ impl Processor for DecisionsStage {
             .map_err(|e| ProcessError::poison("malformed_decision", e.to_string()))?;
         match self
             .approvals
-            .decide(&d.approval_id, d.decision, &d.by, &d.why, false)
+            .decide(&d.approval_id, d.decision, &d.by, &d.why, false, false)
             .await
         {
             Ok(x) => Ok(x.outputs),
@@ -80,6 +81,8 @@ impl Processor for DecisionsStage {
                 reason: "unknown_approval",
                 detail: format!("approval {id} not found"),
             }),
+            Err(ApprovalError::Invalid(m)) => Err(ProcessError::poison("invalid_decision", m)),
+            Err(ApprovalError::TooLarge(m)) => Err(ProcessError::poison("output_too_large", m)),
             Err(e @ ApprovalError::Encode(_)) => Err(ProcessError::Fatal(e.to_string())),
             Err(e) => Err(ProcessError::Transient(e.to_string())),
         }

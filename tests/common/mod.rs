@@ -180,8 +180,7 @@ kafka:
 redis:
   url: {redis}
   key_prefix: {prefix}
-http:
-  enabled: false
+{http}
 topics:
   dir: topics
   inputs: [{prefix}.events.deployments, {prefix}.events.sla-breaches, {prefix}.events.cost-thresholds]
@@ -198,6 +197,11 @@ schemas_dir: {schemas}
 {extra_yaml}
 "#,
             schemas = root().join("schemas").display(),
+            http = if extra_yaml.contains("\nhttp:") {
+                ""
+            } else {
+                "http:\n  enabled: false"
+            },
         );
         let config_path = dir.path().join("switchyard.yaml");
         std::fs::write(&config_path, &yaml).expect("write config");

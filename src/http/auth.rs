@@ -1,0 +1,276 @@
+//! Who is calling: users with roles and tenant scopes, authenticated by bearer token.
+//!
+//! Users are declared under `http.users` with a token (a secret, better given through the
+//! environment) or only its SHA-256 (`token_sha256`, so the config holds no secret at all). Tokens
+//! are compared as SHA-256 digests in constant time, against every user, so neither the answer nor
+//! its timing tells which user nearly matched. The legacy `governance.approvals.token` (or
+//! `SWITCHYARD_APPROVAL_TOKEN`) is one shared user, `approvals-token`, approver of every tenant;
+//! since a shared token cannot tell people apart, its callers name themselves in `by`.
+
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pattern::matches_any;
+use crate::secret::{constant_time_eq, Secret};
+
+/// What a user may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sees approvals (and, where served, the inbox).
+    Viewer,
+    /// Also decides approvals.
+    Approver,
+    /// Also everything else (metrics, administration).
+    Admin,
+}
+
+/// A user of the HTTP front doors, as declared in `http.users`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// The name recorded as the approver of what this user decides.
+    pub name: String,
+    /// The bearer token (a secret: prefer `token_sha256`, or set it from the environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// Roles; the highest counts.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<Role>,
+    /// Tenants the user may see and act for (`*` patterns); empty means none.
+    #[serde(default = "all_tenants")]
+    pub tenants: Vec<String>,
+}
+
+fn default_roles() -> Vec<Role> {
+    vec![Role::Viewer]
+}
+fn all_tenants() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl UserSpec {
+    /// Problems of this user, as (path, message).
+    pub fn problems(&self, path: &str) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.name.trim().is_empty() {
+            p.push((format!("{path}.name"), "must not be empty".into()));
+        }
+        match (&self.token, &self.token_sha256) {
+            (Some(_), Some(_)) => {
+                p.push((path.into(), "give token or token_sha256, not both".into()))
+            }
+            (None, None) => p.push((path.into(), "needs token or token_sha256".into())),
+            (Some(t), None) if t.expose().len() < 16 => p.push((
+                format!("{path}.token"),
+                "must be at least 16 characters".into(),
+            )),
+            (None, Some(h)) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => p
+                .push((
+                    format!("{path}.token_sha256"),
+                    "must be 64 hex digits (the SHA-256 of the token)".into(),
+                )),
+            _ => {}
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            if let Some(m) = crate::pattern::pattern_problem(t) {
+                p.push((format!("{path}.tenants[{i}]"), m));
+            }
+        }
+        p
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub name: String,
+    pub role: Role,
+    pub tenants: Vec<String>,
+    /// A token several people share: it cannot name who decided, so the caller says it (`by`).
+    pub shared: bool,
+}
+
+impl Identity {
+    /// Whether this caller may see or act for `tenant`.
+    pub fn sees(&self, tenant: &str) -> bool {
+        matches_any(&self.tenants, tenant)
+    }
+
+    pub fn can(&self, role: Role) -> bool {
+        self.role >= role
+    }
+}
+
+/// Why a request is not let in.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no user is configured: declare http.users (or set SWITCHYARD_APPROVAL_TOKEN)")]
+    Disabled,
+    #[error("send exactly one Authorization header")]
+    Ambiguous,
+    #[error("missing or wrong bearer token")]
+    Unauthenticated,
+}
+
+/// The users, with their token digests.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    users: Vec<([u8; 32], Identity)>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Auth {
+    /// From `http.users` and the legacy shared approvals token.
+    pub fn new(users: &[UserSpec], shared_token: Option<&Secret>) -> Self {
+        let mut out = Vec::new();
+        for u in users {
+            let d = match (&u.token, &u.token_sha256) {
+                (Some(t), _) => digest(t.expose()),
+                (None, Some(h)) => {
+                    let mut d = [0u8; 32];
+                    if hex::decode_to_slice(h, &mut d).is_err() {
+                        continue;
+                    }
+                    d
+                }
+                (None, None) => continue,
+            };
+            out.push((
+                d,
+                Identity {
+                    name: u.name.clone(),
+                    role: u.roles.iter().copied().max().unwrap_or(Role::Viewer),
+                    tenants: u.tenants.clone(),
+                    shared: false,
+                },
+            ));
+        }
+        if let Some(t) = shared_token.filter(|t| !t.is_empty()) {
+            out.push((
+                digest(t.expose()),
+                Identity {
+                    name: "approvals-token".into(),
+                    role: Role::Approver,
+                    tenants: all_tenants(),
+                    shared: true,
+                },
+            ));
+        }
+        Auth { users: out }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// The caller of a request: exactly one `Authorization: Bearer <token>` header (the scheme in
+    /// any case, RFC 7235) whose token is a user's.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+        if self.users.is_empty() {
+            return Err(AuthError::Disabled);
+        }
+        let mut values = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+        let (Some(v), None) = (values.next(), values.next()) else {
+            return Err(
+                match headers
+                    .get_all(axum::http::header::AUTHORIZATION)
+                    .iter()
+                    .count()
+                {
+                    0 => AuthError::Unauthenticated,
+                    _ => AuthError::Ambiguous,
+                },
+            );
+        };
+        let token = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Unauthenticated)?;
+        let d = digest(token);
+        // Compare against every user, so the time does not depend on which one matched.
+        let mut found = None;
+        for (want, who) in &self.users {
+            if constant_time_eq(want, &d) && found.is_none() {
+                found = Some(who.clone());
+            }
+        }
+        found.ok_or(AuthError::Unauthenticated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("authorization", HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_tokens_scheme_case_and_one_header() {
+        let users: Vec<UserSpec> = serde_yaml::from_str(&format!(
+            "[{{name: alice, token: alice-token-0123456, roles: [approver], tenants: [acme]}},
+              {{name: bob, token_sha256: {}}}]",
+            hex::encode(digest("bob-token-0123456789"))
+        ))
+        .unwrap();
+        let auth = Auth::new(&users, None);
+        let alice = auth
+            .authenticate(&headers(&["Bearer alice-token-0123456"]))
+            .unwrap();
+        assert_eq!((alice.name.as_str(), alice.role), ("alice", Role::Approver));
+        assert!(alice.sees("acme") && !alice.sees("other"));
+        assert_eq!(
+            auth.authenticate(&headers(&["bEaReR alice-token-0123456"]))
+                .unwrap()
+                .name,
+            "alice",
+            "the scheme is case-insensitive"
+        );
+        let bob = auth
+            .authenticate(&headers(&["Bearer bob-token-0123456789"]))
+            .unwrap();
+        assert_eq!((bob.role, bob.sees("anything")), (Role::Viewer, true));
+        assert_eq!(
+            auth.authenticate(&headers(&["Bearer alice-token-0123456", "Bearer x"])),
+            Err(AuthError::Ambiguous),
+            "two Authorization headers are refused, whatever the first says"
+        );
+        assert_eq!(
+            auth.authenticate(&headers(&[])),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            auth.authenticate(&headers(&["Basic alice-token-0123456"])),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            Auth::new(&[], None).authenticate(&headers(&["Bearer x"])),
+            Err(AuthError::Disabled)
+        );
+        let shared = Auth::new(&[], Some(&Secret::new("shared")));
+        assert!(
+            shared
+                .authenticate(&headers(&["Bearer shared"]))
+                .unwrap()
+                .shared
+        );
+    }
+}
