@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::*;
-use switchyard::kafka::dlq_headers;
+use switchyard::kafka::{dlq_headers, producer_config, Output, Producer};
 use switchyard::records::AuditData;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,4 +797,45 @@ fn embedded_default_config_validates_and_shows_redacted() {
     let out = run(&["--config", "missing.yaml", "validate"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml has 1 problem"));
+}
+
+/// A record over 100 MB (which the broker holds, but which is more than librdkafka fetches by
+/// default) used to stop every input partition, for good: the consumer looped on "Invalid response
+/// size". It is fetched, dead-lettered as `too_large` with a truncated payload and its original
+/// size, and the events after it are routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_100_mb_is_dead_lettered_and_input_moves_on() {
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route"]);
+    let mut cfg = producer_config(&env.loaded.config.kafka);
+    cfg.set("message.max.bytes", "200000000");
+    let big = Producer::new(&cfg).expect("producer");
+    const SIZE: usize = 101_000_000;
+    big.send(&Output::new(
+        env.topic("events.deployments"),
+        "svc-big",
+        vec![b'x'; SIZE],
+    ))
+    .await
+    .expect("the broker takes a 101 MB record");
+    drop(big);
+    let evs = numbered_events("after-big", "deployment.started", 0..5, 5);
+    env.publish("events.deployments", &evs).await;
+    let tasks = env
+        .read("switchyard.tasks", 5, Duration::from_secs(90))
+        .await;
+    assert_eq!(tasks.len(), 5, "the events after the big record are routed");
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(header(&dlq[0], dlq_headers::REASON), Some("too_large"));
+    assert_eq!(
+        header(&dlq[0], dlq_headers::TRUNCATED),
+        Some(SIZE.to_string().as_str())
+    );
+    assert!(dlq[0].payload.len() <= env.loaded.config.kafka.max_record_bytes);
+    running.stop().await;
+    assert_eq!(
+        env.committed("route", "events.deployments", 1).await[&0],
+        6,
+        "the committed offset moved past the big record"
+    );
 }

@@ -549,15 +549,13 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);
-        Arc::new(Input {
-            topic: Arc::from("p"),
-            partition: 0,
+        Arc::new(Input::new(
+            "p",
+            0,
             offset,
-            key: Some(b"r-z".to_vec()),
-            payload: serde_json::to_vec(&ev).unwrap(),
-            headers: vec![],
-            timestamp_ms: None,
-        })
+            Some(b"r-z"),
+            serde_json::to_vec(&ev).unwrap(),
+        ))
     };
     let new_owner = stage.process(input("p-10", 10)).await.unwrap();
     assert!(

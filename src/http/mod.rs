@@ -56,6 +56,10 @@ impl Default for HttpConfig {
     }
 }
 
+/// How long a stage may go without progress, while it reports errors or holds records, before it
+/// counts as stuck.
+pub const STALL_MS: i64 = 60_000;
+
 /// What readiness is made of; updated by the health checker and the stages.
 #[derive(Default)]
 pub struct Health {
@@ -74,11 +78,14 @@ impl Health {
         if !self.redis_ok.load(Ordering::Relaxed) {
             why.push("redis unreachable".to_string());
         }
+        let now = chrono::Utc::now().timestamp_millis();
         for (name, s) in &self.stages {
             if !s.running.load(Ordering::Relaxed) {
                 why.push(format!("stage {name} not running"));
             } else if s.assigned.load(Ordering::Relaxed) == 0 {
                 why.push(format!("stage {name} has no partitions assigned"));
+            } else if let Some(stuck) = s.stuck(now, STALL_MS) {
+                why.push(format!("stage {name} makes no progress: {stuck}"));
             }
         }
         why
@@ -142,4 +149,48 @@ pub fn router(health: Arc<Health>, metrics_token: Option<&crate::secret::Secret>
             health,
             metrics_auth,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_without_progress_is_not_ready() {
+        let h = Health::default();
+        h.kafka_ok.store(true, Ordering::Relaxed);
+        h.redis_ok.store(true, Ordering::Relaxed);
+        let s = Arc::new(StageHealth::default());
+        s.running.store(true, Ordering::Relaxed);
+        s.assigned.store(3, Ordering::Relaxed);
+        let h = Health {
+            stages: vec![("route", s.clone())],
+            ..h
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        s.last_progress_ms.store(now - 1000, Ordering::Relaxed);
+        assert!(h.not_ready().is_empty());
+        // Consumer errors for two minutes and nothing read (a record it cannot fetch).
+        s.last_progress_ms.store(now - 120_000, Ordering::Relaxed);
+        s.error_streak_ms.store(now - 90_000, Ordering::Relaxed);
+        s.last_error_ms.store(now - 500, Ordering::Relaxed);
+        let why = h.not_ready();
+        assert!(
+            why[0].contains("makes no progress: consumer errors"),
+            "{why:?}"
+        );
+        // An error now and then is not a stall.
+        s.error_streak_ms.store(now - 500, Ordering::Relaxed);
+        assert!(h.not_ready().is_empty());
+        s.progress();
+        // Records in flight and none finished for a long time.
+        s.last_error_ms.store(0, Ordering::Relaxed);
+        s.in_flight.store(5, Ordering::Relaxed);
+        s.last_progress_ms
+            .store(now - 3 * STALL_MS, Ordering::Relaxed);
+        assert!(h.not_ready()[0].contains("5 records in flight"));
+        // Idle (nothing in flight, no errors) is ready however long it has been.
+        s.in_flight.store(0, Ordering::Relaxed);
+        assert!(h.not_ready().is_empty());
+    }
 }

@@ -26,6 +26,12 @@ pub struct KafkaConfig {
     /// Records with a larger payload go to the dead-letter topic with reason `too_large`.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
+    /// The largest record a consumer can fetch (it sets librdkafka's `receive.message.max.bytes`).
+    /// Keep it at least the brokers' largest record (`message.max.bytes`): a larger record can never
+    /// be fetched, so its partition stalls (and `/readyz` says so) instead of dead-lettering it.
+    /// Only a prefix of a record over `max_record_bytes` is kept in memory.
+    #[serde(default = "default_fetch_max_record_bytes")]
+    pub fetch_max_record_bytes: usize,
     /// Records a stage holds in flight at once; when reached, consumption pauses (back-pressure).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -57,6 +63,20 @@ impl KafkaConfig {
         if self.max_record_bytes < 1024 {
             add("kafka.max_record_bytes", "must be at least 1024".into());
         }
+        // librdkafka refuses receive.message.max.bytes above 2^31 - 1; one MiB is kept for the
+        // response's framing.
+        let ceiling = i32::MAX as usize - FETCH_OVERHEAD;
+        if self.fetch_max_record_bytes < self.max_record_bytes
+            || self.fetch_max_record_bytes > ceiling
+        {
+            add(
+                "kafka.fetch_max_record_bytes",
+                format!(
+                    "must be between max_record_bytes ({}) and {ceiling}",
+                    self.max_record_bytes
+                ),
+            );
+        }
         for (section, map) in [("consumer", &self.consumer), ("producer", &self.producer)] {
             for (k, v) in map {
                 if k.trim().is_empty() || v.is_empty() {
@@ -74,6 +94,12 @@ impl KafkaConfig {
                     "is set by switchyard itself (at-least-once depends on it) and cannot be overridden".into(),
                 );
             }
+        }
+        if self.consumer.contains_key("receive.message.max.bytes") {
+            add(
+                "kafka.consumer.receive.message.max.bytes",
+                "is derived from kafka.fetch_max_record_bytes; set that instead".into(),
+            );
         }
         p
     }
@@ -108,12 +134,18 @@ fn default_client_id() -> String {
 fn default_max_record_bytes() -> usize {
     1024 * 1024
 }
+fn default_fetch_max_record_bytes() -> usize {
+    1 << 30
+}
 fn default_max_in_flight() -> usize {
     2000
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
 }
+
+/// Room a fetch response needs beyond its largest record.
+const FETCH_OVERHEAD: usize = 1 << 20;
 
 /// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
 /// two that at-least-once depends on (refused by config validation).
@@ -124,7 +156,13 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Any record the broker holds can be fetched (and dead-lettered when too large): the
+        // broker returns a record larger than fetch.max.bytes on its own, so only this bounds it.
+        .set(
+            "receive.message.max.bytes",
+            (cfg.fetch_max_record_bytes + FETCH_OVERHEAD).to_string(),
+        );
     for (k, v) in &cfg.consumer {
         c.set(k, v);
     }

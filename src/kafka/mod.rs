@@ -28,10 +28,44 @@ pub struct Input {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Kafka timestamp (milliseconds since the epoch), when the broker gave one.
     pub timestamp_ms: Option<i64>,
+    /// The payload's size in the broker; larger than `payload.len()` when only a prefix was kept.
+    pub payload_size: usize,
 }
 
 impl Input {
+    /// A record with a whole payload (tests, tools).
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Vec<u8>,
+    ) -> Self {
+        Input {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            key: key.map(<[u8]>::to_vec),
+            payload_size: payload.len(),
+            payload,
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    /// Whether only a prefix of the payload was kept (the record is larger than a stage accepts).
+    pub fn is_cut(&self) -> bool {
+        self.payload_size > self.payload.len()
+    }
+
     pub fn from_message<M: Message>(m: &M, topic: Arc<str>) -> Self {
+        Self::from_message_capped(m, topic, usize::MAX)
+    }
+
+    /// Like [`Input::from_message`], keeping at most `cap` bytes of the payload: a record larger
+    /// than a stage accepts is only dead-lettered, so a copy of all of it (which may be hundreds of
+    /// megabytes) is never made.
+    pub fn from_message_capped<M: Message>(m: &M, topic: Arc<str>, cap: usize) -> Self {
         let headers = m
             .headers()
             .map(|hs| {
@@ -45,12 +79,14 @@ impl Input {
                     .collect()
             })
             .unwrap_or_default();
+        let payload = m.payload().unwrap_or_default();
         Input {
             topic,
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: payload[..payload.len().min(cap)].to_vec(),
+            payload_size: payload.len(),
             headers,
             timestamp_ms: m.timestamp().to_millis(),
         }
@@ -127,7 +163,7 @@ pub fn dead_letter(
 ) -> Output {
     use dlq_headers::*;
     let max_bytes = max_bytes.min(DLQ_PAYLOAD_CAP);
-    let truncated = rec.payload.len() > max_bytes;
+    let truncated = rec.payload_size > max_bytes;
     let mut headers = rec.headers.clone();
     let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));
     add(REASON, reason.to_string());
@@ -139,7 +175,7 @@ pub fn dead_letter(
     add(SOURCE_OFFSET, rec.offset.to_string());
     add(TIME, crate::event::now_rfc3339());
     if truncated {
-        add(TRUNCATED, rec.payload.len().to_string());
+        add(TRUNCATED, rec.payload_size.to_string());
     }
     Output {
         topic: dlq_topic.to_string(),

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -65,11 +65,69 @@ pub struct StageSettings {
     pub dlq_topic: String,
 }
 
+/// Errors further apart than this are separate incidents, not one stall.
+pub const ERROR_GAP_MS: i64 = 15_000;
+
 /// Live state of a stage, read by the health endpoint.
 #[derive(Debug, Default)]
 pub struct StageHealth {
     pub assigned: AtomicUsize,
     pub running: AtomicBool,
+    /// When a record was last read or finished (ms since the epoch).
+    pub last_progress_ms: AtomicI64,
+    /// When the consumer last reported an error (ms since the epoch).
+    pub last_error_ms: AtomicI64,
+    /// When the current run of errors began (errors less than [`ERROR_GAP_MS`] apart, no record read
+    /// in between); 0 when there is none.
+    pub error_streak_ms: AtomicI64,
+    /// Records between poll and done.
+    pub in_flight: AtomicUsize,
+}
+
+impl StageHealth {
+    fn now_ms() -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
+    /// A record was read or finished.
+    pub fn progress(&self) {
+        self.last_progress_ms
+            .store(Self::now_ms(), Ordering::Relaxed);
+        self.error_streak_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The consumer reported an error.
+    pub fn error(&self) {
+        let now = Self::now_ms();
+        let last = self.last_error_ms.swap(now, Ordering::Relaxed);
+        if now - last > ERROR_GAP_MS || self.error_streak_ms.load(Ordering::Relaxed) == 0 {
+            self.error_streak_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Why the stage is stuck, if it is: consumer errors for a while and nothing read (e.g. a record
+    /// larger than the consumer can fetch), or records in flight and none finished for a while.
+    /// `now_ms` is the current time; `stall_ms` how long counts as a while.
+    pub fn stuck(&self, now_ms: i64, stall_ms: i64) -> Option<String> {
+        let progress = self.last_progress_ms.load(Ordering::Relaxed);
+        let error = self.last_error_ms.load(Ordering::Relaxed);
+        let streak = self.error_streak_ms.load(Ordering::Relaxed);
+        let quiet = now_ms - progress;
+        if streak > 0 && now_ms - error < ERROR_GAP_MS && now_ms - streak > stall_ms {
+            return Some(format!(
+                "consumer errors and no record read for {} s",
+                (now_ms - streak) / 1000
+            ));
+        }
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        if in_flight > 0 && progress > 0 && quiet > stall_ms * 2 {
+            return Some(format!(
+                "{in_flight} records in flight and none finished for {} s",
+                quiet / 1000
+            ));
+        }
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +240,15 @@ struct Ctx<P: Processor> {
 }
 
 impl<P: Processor> ClientContext for Ctx<P> {
+    /// Client-level errors (a broker connection failing, a response the client refuses): counted
+    /// and remembered for readiness (a stage that only errors is not making progress).
+    fn error(&self, error: KafkaError, reason: &str) {
+        let stage = self.shared.stage();
+        self.shared.health.error();
+        METRICS.consumer_errors.with_label_values(&[stage]).inc();
+        tracing::warn!(stage, error = %error, reason, "Kafka client error.");
+    }
+
     /// librdkafka statistics (every `statistics.interval.ms`): approximate lag per topic, from the
     /// client's cached high watermarks. Some brokers report wrong watermarks, so lag is clamped at 0.
     fn stats(&self, stats: rdkafka::Statistics) {
@@ -294,6 +361,10 @@ fn drain_and_commit<P: Processor>(
         };
         if dropped > 0 {
             shared.in_flight.fetch_sub(dropped, Ordering::AcqRel);
+            shared
+                .health
+                .in_flight
+                .fetch_sub(dropped, Ordering::Relaxed);
             METRICS
                 .in_flight
                 .with_label_values(&[shared.stage()])
@@ -472,7 +543,13 @@ fn poll_loop<P: Processor>(
                     // Not (or no longer) ours: the next owner reads it.
                     continue;
                 };
-                let rec = Input::from_message(&msg, part.topic.clone());
+                // A record larger than the stage accepts is only dead-lettered: keep a prefix.
+                let rec = Input::from_message_capped(
+                    &msg,
+                    part.topic.clone(),
+                    shared.settings.max_record_bytes + 1,
+                );
+                shared.health.progress();
                 METRICS
                     .records_consumed
                     .with_label_values(&[stage, msg.topic()])
@@ -481,6 +558,7 @@ fn poll_loop<P: Processor>(
             }
             Some(Err(e)) => {
                 METRICS.consumer_errors.with_label_values(&[stage]).inc();
+                shared.health.error();
                 tracing::warn!(stage, error = %e, "Consumer error.");
             }
         }
@@ -539,6 +617,7 @@ fn dispatch<P: Processor>(
             return;
         }
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        shared.health.in_flight.fetch_add(1, Ordering::Relaxed);
         METRICS.in_flight.with_label_values(&[shared.stage()]).inc();
         match st.lanes.get_mut(&lane) {
             Some(q) => {
@@ -586,6 +665,7 @@ async fn run_lane<P: Processor>(shared: Arc<Shared<P>>, part: Arc<Part>, lane: u
 /// The record leaves the in-flight set (done, or given up to be redelivered).
 fn release<P: Processor>(shared: &Shared<P>, part: &Part) {
     shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    shared.health.in_flight.fetch_sub(1, Ordering::Relaxed);
     METRICS.in_flight.with_label_values(&[shared.stage()]).dec();
     part.finish_active();
 }
@@ -595,11 +675,10 @@ async fn process_one<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, wo
     let stage = shared.stage();
     let s = &shared.settings;
     let rec = work.rec.clone();
-    let outputs = if rec.payload.len() > s.max_record_bytes {
+    let outputs = if rec.payload_size > s.max_record_bytes {
         let detail = format!(
             "payload is {} bytes, limit is {}",
-            rec.payload.len(),
-            s.max_record_bytes
+            rec.payload_size, s.max_record_bytes
         );
         METRICS
             .dlq_records
@@ -779,6 +858,7 @@ async fn await_deliveries<P: Processor>(
 }
 
 fn complete<P: Processor>(shared: &Shared<P>, part: &Part, work: &Work) {
+    shared.health.progress();
     let stage = shared.stage();
     {
         let mut st = lock(&part.state);

@@ -760,7 +760,10 @@ pub mod contract {
                 .filter(|id| id.ends_with(tag))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(due(store.outbox_due(150).await.expect("due")), std::slice::from_ref(&o1));
+        assert_eq!(
+            due(store.outbox_due(150).await.expect("due")),
+            std::slice::from_ref(&o1)
+        );
         assert_eq!(
             due(store.outbox_due(300).await.expect("due")),
             [o1.clone(), o2.clone()]

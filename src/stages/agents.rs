@@ -691,15 +691,13 @@ mod tests {
         let rec = CloudEvent::new("task-1", "t", types::TASK)
             .with_subject("svc")
             .with_data(serde_json::to_value(task).unwrap());
-        Arc::new(Input {
-            topic: Arc::from("tasks"),
-            partition: 0,
-            offset: 0,
-            key: Some(b"svc".to_vec()),
-            payload: serde_json::to_vec(&rec).unwrap(),
-            headers: vec![],
-            timestamp_ms: None,
-        })
+        Arc::new(Input::new(
+            "tasks",
+            0,
+            0,
+            Some(b"svc"),
+            serde_json::to_vec(&rec).unwrap(),
+        ))
     }
 
     #[tokio::test]

@@ -361,15 +361,13 @@ mod tests {
         let ev = CloudEvent::new(id, "t", types::PROPOSAL)
             .with_subject("svc")
             .with_data(serde_json::to_value(p).unwrap());
-        Arc::new(Input {
-            topic: Arc::from("proposals"),
-            partition: 0,
+        Arc::new(Input::new(
+            "proposals",
+            0,
             offset,
-            key: Some(b"svc".to_vec()),
-            payload: serde_json::to_vec(&ev).unwrap(),
-            headers: vec![],
-            timestamp_ms: None,
-        })
+            Some(b"svc"),
+            serde_json::to_vec(&ev).unwrap(),
+        ))
     }
 
     fn actions(out: &[Output]) -> Vec<ActionData> {
