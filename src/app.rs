@@ -122,6 +122,15 @@ pub async fn run(
     let tracker = TaskTracker::new();
     // A failing stage stops the others too: the process exits non-zero and its supervisor restarts it.
     let stop = shutdown.child_token();
+    let (known_epoch, history) = check_epoch(&loaded, &redis).await;
+    tracker.spawn(crate::store::watch_epoch(
+        redis.clone(),
+        cfg.redis.key_prefix.clone(),
+        known_epoch,
+        history,
+        Duration::from_secs(1),
+        stop.clone(),
+    ));
     let resources = resource_store(&loaded, redis.clone());
     let sealer = sealer(&loaded, redis.clone());
     let approvals = Arc::new(approvals_of(
@@ -146,7 +155,10 @@ pub async fn run(
         tracker: tracker.clone(),
         stop: stop.clone(),
     };
-    let mut health = Health::default();
+    let mut health = Health {
+        redis: Some(redis.clone()),
+        ..Health::default()
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), RuntimeError>>();
     for def in defs {
         let runner = (def.build)(&services)
@@ -218,6 +230,46 @@ pub async fn run(
     match first_error {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
+/// offsets.
+async fn kafka_history(loaded: &Loaded) -> bool {
+    let l = loaded.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::stages::STAGES.iter().any(|s| {
+            let group = format!("{}.{}", l.config.kafka.group_prefix, s.name);
+            crate::kafka::read::committed(&l.config.kafka, &group, &(s.inputs)(&l.config.topics))
+                .is_ok_and(|c| !c.is_empty())
+        })
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Checks Redis's epoch marker at start (see [`crate::store::start_epoch`]): the marker known now,
+/// and whether Kafka shows history.
+async fn check_epoch(loaded: &Loaded, redis: &RedisConn) -> (Option<String>, bool) {
+    let prefix = &loaded.config.redis.key_prefix;
+    if let Ok(Some(e)) = crate::store::read_epoch(redis, prefix).await {
+        return (Some(e), true);
+    }
+    let history = kafka_history(loaded).await;
+    match crate::store::start_epoch(redis, prefix, history).await {
+        Ok(crate::store::EpochStart::Known(e)) => (Some(e), history),
+        Ok(crate::store::EpochStart::Fresh(e)) => {
+            tracing::info!("Redis is new to switchyard; wrote its epoch marker.");
+            (Some(e), history)
+        }
+        Ok(crate::store::EpochStart::Lost) => {
+            tracing::error!("Redis lost its state: switchyard ran against this Kafka before, but Redis has no epoch marker. Nothing is processed until `switchyard recover` rebuilds the state from Kafka (see the README).");
+            (None, history)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read Redis's epoch marker yet; checking again every second.");
+            (None, history)
+        }
     }
 }
 

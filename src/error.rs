@@ -54,6 +54,10 @@ pub enum StoreError {
     /// Stored data cannot be read: retrying will not help.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// Redis lost its state (the epoch marker is gone): nothing may use it until `switchyard
+    /// recover` rebuilt it from Kafka.
+    #[error("redis lost its state (no epoch marker): run `switchyard recover`")]
+    Lost,
 }
 
 impl StoreError {
@@ -74,7 +78,7 @@ impl From<StoreError> for ProcessError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Corrupt(d) => ProcessError::poison("corrupt_state", d),
-            e @ StoreError::Redis(_) => ProcessError::Transient(e.to_string()),
+            e @ (StoreError::Redis(_) | StoreError::Lost) => ProcessError::Transient(e.to_string()),
         }
     }
 }

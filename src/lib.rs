@@ -29,7 +29,8 @@
 //! - [`resolve`]: rules (pure), apply (pure), store (the only owner of the resource state);
 //! - [`governance`]: access and approval rules, budgets, the approvals service;
 //! - [`audit`]: record hashes, sealing into per-resource chains, verification;
-//! - [`http`]: the HTTP server (metrics, health) and the approvals API.
+//! - [`http`]: the HTTP server (metrics, health), users and their roles, the approvals API;
+//! - [`recover`]: rebuilding Redis from the Kafka topics after Redis lost its data.
 //!
 //! Contract and foundations:
 //! - [`event`]: the CloudEvents 1.0 contract; [`codec`]: records ⇄ events (JSON, binary mode, Avro);
@@ -56,6 +57,7 @@ pub mod http;
 pub mod kafka;
 pub mod pattern;
 pub mod records;
+pub mod recover;
 pub mod resolve;
 pub mod route;
 pub mod schema;

@@ -112,10 +112,16 @@ fn unescape(s: &str) -> Option<String> {
 }
 
 /// A lazily connected, self-reconnecting Redis connection shared by every store of the process.
+///
+/// Every store reaches Redis through [`RedisConn::get`], so this is where a Redis that lost its
+/// state is refused: once the epoch watcher ([`watch_epoch`]) finds the marker gone, every read and
+/// write fails as [`StoreError::Lost`] (records wait, nothing is skipped) until `switchyard recover`
+/// has rebuilt the state.
 #[derive(Clone)]
 pub struct RedisConn {
     client: redis::Client,
     manager: std::sync::Arc<OnceCell<ConnectionManager>>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RedisConn {
@@ -123,11 +129,29 @@ impl RedisConn {
         Ok(RedisConn {
             client: redis::Client::open(url)?,
             manager: Default::default(),
+            lost: Default::default(),
         })
+    }
+
+    /// Whether Redis lost its state (its epoch marker is gone) and nothing may use it.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_lost(&self, lost: bool) {
+        self.lost.store(lost, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The connection; connecting on first use. Failing to connect is an error now, a retry later.
     pub async fn get(&self) -> Result<ConnectionManager, StoreError> {
+        if self.is_lost() {
+            return Err(StoreError::Lost);
+        }
+        self.get_unguarded().await
+    }
+
+    /// The connection even while the state is lost (the epoch watcher, recovery).
+    pub async fn get_unguarded(&self) -> Result<ConnectionManager, StoreError> {
         let m = self
             .manager
             .get_or_try_init(|| async {
@@ -150,6 +174,120 @@ impl RedisConn {
         })
         .await
         .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// The epoch marker: written once when switchyard first uses an empty Redis (or by `switchyard
+/// recover`), it disappears only when Redis loses its data.
+pub fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}:epoch")
+}
+
+/// The epoch marker's value, when there is one.
+pub async fn read_epoch(conn: &RedisConn, prefix: &str) -> Result<Option<String>, StoreError> {
+    let mut c = conn.get_unguarded().await?;
+    Ok(redis::cmd("GET")
+        .arg(epoch_key(prefix))
+        .query_async(&mut c)
+        .await?)
+}
+
+/// Writes a new epoch marker unless one exists; returns the marker in place.
+pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
+    let mut c = conn.get_unguarded().await?;
+    let id = format!(
+        "{}@{}",
+        uuid::Uuid::new_v4().simple(),
+        chrono::Utc::now().to_rfc3339()
+    );
+    let _: Option<String> = redis::cmd("SET")
+        .arg(epoch_key(prefix))
+        .arg(&id)
+        .arg("NX")
+        .query_async(&mut c)
+        .await?;
+    read_epoch(conn, prefix)
+        .await?
+        .ok_or_else(|| StoreError::Redis("the epoch marker vanished as it was written".into()))
+}
+
+/// What switchyard found when it started.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EpochStart {
+    /// The marker is there: Redis holds the state switchyard left.
+    Known(String),
+    /// No marker and no history in Kafka: a new installation; a marker was written.
+    Fresh(String),
+    /// No marker but Kafka shows switchyard ran before: Redis lost its data.
+    Lost,
+}
+
+/// Checks the marker at start: `has_history` says whether Kafka shows switchyard ran before (its
+/// consumer groups committed offsets). A lost state marks the connection lost.
+pub async fn start_epoch(
+    conn: &RedisConn,
+    prefix: &str,
+    has_history: bool,
+) -> Result<EpochStart, StoreError> {
+    Ok(match read_epoch(conn, prefix).await? {
+        Some(e) => EpochStart::Known(e),
+        None if has_history => {
+            conn.set_lost(true);
+            EpochStart::Lost
+        }
+        None => EpochStart::Fresh(create_epoch(conn, prefix).await?),
+    })
+}
+
+/// Checks the epoch marker every `every` until `stop`: gone means Redis lost its data (everything
+/// waits, [`StoreError::Lost`]); a new one after that means `switchyard recover` rebuilt the state
+/// (everything resumes).
+/// `has_history` is what the start found in Kafka: without history and without a known marker, an
+/// empty Redis is a new installation and gets its marker.
+pub async fn watch_epoch(
+    conn: RedisConn,
+    prefix: String,
+    mut known: Option<String>,
+    has_history: bool,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last_warning = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        match read_epoch(&conn, &prefix).await {
+            Ok(None) if known.is_none() && !has_history && !conn.is_lost() => {
+                match create_epoch(&conn, &prefix).await {
+                    Ok(e) => known = Some(e),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Writing the epoch marker failed; retrying.")
+                    }
+                }
+            }
+            Ok(None) => {
+                if !conn.is_lost() || last_warning.elapsed() > Duration::from_secs(30) {
+                    tracing::error!(key = %epoch_key(&prefix), "Redis lost its state (its epoch marker is gone): switchyard waits; rebuild the state from Kafka with `switchyard recover` (see the README, Redis must be durable).");
+                    last_warning = std::time::Instant::now();
+                }
+                conn.set_lost(true);
+            }
+            Ok(Some(e)) if known.as_deref() != Some(e.as_str()) => {
+                if conn.is_lost() {
+                    tracing::info!("Redis state was recovered (a new epoch marker); resuming.");
+                    conn.set_lost(false);
+                } else if known.is_some() {
+                    tracing::warn!(
+                        "Redis has a new epoch marker (a recovery ran elsewhere); adopting it."
+                    );
+                }
+                known = Some(e);
+            }
+            Ok(Some(_)) => {}
+            Err(e) => tracing::debug!(error = %e, "Reading the epoch marker failed; retrying."),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

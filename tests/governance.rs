@@ -1216,3 +1216,134 @@ async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
     let v = verify(&env, &env.topic("switchyard.audit"));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+/// Redis restarting without its data (no append-only file) is detected: nothing is processed (no
+/// second `page` with a restarted fencing token), `/readyz` says why; `switchyard recover` rebuilds
+/// the pending approval, the chain heads and the tokens from Kafka; then processing resumes, the
+/// approval can be decided, tokens keep rising, and the audit chains verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let redis = start_redis(port, dir.path(), false);
+    let redis_url = format!("redis://127.0.0.1:{port}/");
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback], min_impact: high }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let http = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.redis.url = redis_url.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{http}");
+    let running = Running::start(loaded, &["route", "agents", "resolve", "decisions"]);
+    env.deployment_then_breach("svc-l", 0).await;
+    let pending: ApprovalData = data(
+        &env.read("switchyard.approvals", 1, Duration::from_secs(40))
+            .await[0],
+    );
+    let page: ActionData = data(
+        &env.read("switchyard.actions", 1, Duration::from_secs(30))
+            .await[0],
+    );
+    // Redis dies and comes back empty.
+    drop(redis);
+    let _redis = start_redis(port, dir.path(), false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(format!("http://127.0.0.1:{http}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(ready.contains("redis lost its state"), "{ready}");
+    // A new breach is not processed while the state is lost.
+    env.publish_one(
+        "events.sla-breaches",
+        "s2",
+        "sla.breached",
+        "svc-l",
+        json!({"service": "svc-l", "slo": "latency", "objective": 99.0, "observed": 90.0, "owner": "team-l"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        env.read("switchyard.results", 3, Duration::from_secs(2))
+            .await
+            .len(),
+        2,
+        "nothing runs on a Redis that lost its state"
+    );
+    // The operator recovers from Kafka.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().unwrap(),
+            "--redis",
+            &redis_url,
+            "recover",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("1 pending approvals"), "{said}");
+    // Processing resumes: the breach runs, its page merges into the recovered page action with a
+    // higher token (never the restarted counter's 1).
+    let results = env
+        .read("switchyard.results", 3, Duration::from_secs(40))
+        .await;
+    assert_eq!(results.len(), 3, "the waiting breach ran after recovery");
+    let pages: Vec<ActionData> = env
+        .read("switchyard.actions", 2, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .filter(|a: &ActionData| a.action == "page")
+        .collect();
+    assert_eq!(pages.len(), 2);
+    assert!(
+        pages[1].fencing_token > page.fencing_token,
+        "tokens never go backwards"
+    );
+    // The recovered approval is decided as before.
+    let r = client
+        .post(format!(
+            "http://127.0.0.1:{http}/v1/approvals/{}/approve",
+            pending.approval_id
+        ))
+        .bearer_auth("test-token")
+        .json(&json!({"by": "erin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let rollback: ActionData = env
+        .read("switchyard.actions", 3, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .find(|a: &ActionData| a.action == "rollback")
+        .expect("the approved rollback");
+    assert!(rollback.fencing_token > pages[1].fencing_token);
+    running.stop().await;
+    let v = verify(&env, &env.topic("switchyard.audit"));
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}

@@ -335,7 +335,9 @@ start_service() {
         ;;
     redis)
         mkdir -p "$STACK_DIR/redis"
-        cmd=(redis-server --port "$port" --bind "$HOST" --save '' --appendonly no
+        # Durable, as switchyard requires of Redis (README, "Redis must be durable"): every write
+        # goes to the append-only file, fsynced once a second.
+        cmd=(redis-server --port "$port" --bind "$HOST" --save '' --appendonly yes --appendfsync everysec
             --daemonize no --dir "$STACK_DIR/redis")
         ;;
     esac
@@ -439,6 +441,9 @@ cmd_down() {
     take_lock
     stop_service tansu
     stop_service redis
+    # The broker keeps its data in memory, so it is gone; Redis's append-only file would outlive it
+    # and describe topics that no longer exist: it goes too. (restart-redis keeps it: a crash.)
+    rm -rf "$STACK_DIR/redis"
     rm -f "$(port_file tansu)" "$(port_file redis)" "$ENV_FILE"
     log "stack is down"
 }

@@ -48,6 +48,13 @@ pub trait ChainStore: Send + Sync + 'static {
         records: &'a [(&'a str, String)],
         memo_ttl: u64,
     ) -> BoxFuture<'a, Result<Advance, StoreError>>;
+
+    /// Sets a chain's head (recovery from the audit topic after Redis lost its state).
+    fn restore_head<'a>(
+        &'a self,
+        chain: &'a ResourceKey,
+        head: (u64, &'a str),
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 const SEAL: &str = r#"
@@ -136,6 +143,24 @@ impl ChainStore for RedisChainStore {
             }
         })
     }
+
+    fn restore_head<'a>(
+        &'a self,
+        chain: &'a ResourceKey,
+        head: (u64, &'a str),
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get_unguarded().await?;
+            Ok(redis::cmd("HSET")
+                .arg(format!("{}:auditchain:{}", self.prefix, chain.hash_tag()))
+                .arg("seq")
+                .arg(head.0)
+                .arg("hash")
+                .arg(head.1)
+                .query_async::<()>(&mut c)
+                .await?)
+        })
+    }
 }
 
 /// Heads by chain, memos by (chain, record id).
@@ -181,6 +206,18 @@ impl ChainStore for MemoryChainStore {
                 memos.insert((chain.clone(), id.to_string()), m.clone());
             }
             Ok(Advance::Done)
+        })
+    }
+
+    fn restore_head<'a>(
+        &'a self,
+        chain: &'a ResourceKey,
+        head: (u64, &'a str),
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.0.insert(chain.clone(), (head.0, head.1.to_string()));
+            Ok(())
         })
     }
 }
@@ -436,6 +473,22 @@ pub mod contract {
                 .await
                 .expect("advance"),
             Advance::Done
+        );
+        // A restored head is where sealing continues.
+        let other = ResourceKey::new("default", format!("restored-{tag}"));
+        store
+            .restore_head(&other, (41, "h41"))
+            .await
+            .expect("restore");
+        assert_eq!(
+            store
+                .advance(&other, 0, (1, "x"), &[("r1", String::new())], 60)
+                .await
+                .expect("advance"),
+            Advance::Moved {
+                seq: 41,
+                hash: Some("h41".into())
+            }
         );
         let mixed = [("rec-b", String::new()), ("rec-c", String::new())];
         assert_eq!(

@@ -34,7 +34,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let kafka = l.config.kafka.clone();
     let t = topic.clone();
     let recs = tokio::task::spawn_blocking(move || {
-        super::tail::read_all(&kafka, &t, Duration::from_millis(idle_timeout_ms))
+        crate::kafka::read::read_all(&kafka, &t, Duration::from_millis(idle_timeout_ms))
     })
     .await
     .map_err(|e| e.to_string())??;

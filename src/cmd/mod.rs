@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod ctx;
 pub mod publish;
+pub mod recover;
 pub mod run;
 pub mod status;
 pub mod tail;
@@ -60,6 +61,8 @@ pub enum Command {
     Audit(audit::Args),
     /// Human approvals (directly against Redis and Kafka; the HTTP API does the same).
     Approvals(approvals::Args),
+    /// Rebuild Redis from the Kafka topics after Redis lost its data.
+    Recover(recover::Args),
 }
 
 /// Runs the command.
@@ -79,5 +82,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Status(a) => status::run(&ctx, a).await,
         Command::Audit(a) => audit::run(&ctx, a).await,
         Command::Approvals(a) => approvals::run(&ctx, a).await,
+        Command::Recover(a) => recover::run(&ctx, a).await,
     }
 }

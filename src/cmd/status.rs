@@ -4,7 +4,6 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::ctx::Ctx;
 use crate::agents::stats::agent_health;
@@ -28,42 +27,21 @@ pub async fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
 /// Approximate lag of a consumer group on some topics: high watermark minus committed offset, summed,
 /// clamped at 0 per partition. `None` when the group has committed nothing yet.
 pub fn group_lag(loaded: &Loaded, group: &str, topics: &[String]) -> Result<Option<i64>, String> {
-    let mut cfg = crate::kafka::admin_config(&loaded.config.kafka);
-    cfg.set("group.id", group)
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg
+    let committed = crate::kafka::read::committed(&loaded.config.kafka, group, topics)?;
+    if committed.is_empty() {
+        return Ok(None);
+    }
+    let consumer: BaseConsumer = crate::kafka::admin_config(&loaded.config.kafka)
         .create()
         .map_err(|e| format!("cannot create consumer: {e}"))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(5))
-            .map_err(|e| format!("metadata of {t}: {e}"))?;
-        for mt in md.topics().iter().filter(|m| m.name() == t) {
-            for p in mt.partitions() {
-                tpl.add_partition(t, p.id());
-            }
-        }
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .map_err(|e| format!("committed offsets of {group}: {e}"))?;
     let mut total = 0;
-    let mut any = false;
-    for e in committed.elements() {
+    for (topic, partition, pos) in committed {
         let (_, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
-            .map_err(|x| format!("watermarks of {}: {x}", e.topic()))?;
-        let pos = match e.offset() {
-            Offset::Offset(o) => {
-                any = true;
-                o
-            }
-            _ => 0,
-        };
+            .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            .map_err(|x| format!("watermarks of {topic}: {x}"))?;
         total += (high - pos).max(0);
     }
-    Ok(any.then_some(total))
+    Ok(Some(total))
 }
 
 fn ago(secs: i64) -> String {

@@ -2,8 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
 use serde_json::{json, Map, Value};
 
 use super::ctx::Ctx;
@@ -84,33 +83,6 @@ pub fn record_json(loaded: &Loaded, rec: &Input) -> Value {
     Value::Object(o)
 }
 
-/// A consumer assigned every partition of `topic` at `start` (no consumer group is joined).
-fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseConsumer, String> {
-    let mut cfg =
-        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
-    cfg.set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cfg
-        .create()
-        .map_err(|e| format!("cannot create consumer: {e}"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(|| format!("topic {topic} does not exist (run `switchyard topics apply`)"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        tpl.add_partition_offset(topic, p.id(), start)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| format!("cannot assign partitions: {e}"))?;
-    Ok(consumer)
-}
-
 /// Prints records of a topic as JSON lines. Reads partitions directly (no consumer group).
 pub fn tail(
     kafka: &KafkaConfig,
@@ -123,7 +95,7 @@ pub fn tail(
     } else {
         Offset::End
     };
-    let consumer = reader(kafka, topic, start)?;
+    let consumer = crate::kafka::read::reader(kafka, topic, start)?;
     let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
     let mut n = 0;
     let mut last = Instant::now();
@@ -146,25 +118,4 @@ pub fn tail(
         }
     }
     Ok(n)
-}
-
-/// Reads every record of a topic from the beginning until nothing arrives for `idle`.
-pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
-    let consumer = reader(kafka, topic, Offset::Beginning)?;
-    let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
-    let mut out = Vec::new();
-    let mut last = Instant::now();
-    while last.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(Input::from_message(&m, name.clone()));
-                last = Instant::now();
-            }
-            Some(Err(e)) => return Err(format!("consumer error: {e}")),
-            None => {}
-        }
-    }
-    // Topic order: per partition by offset (a resource's records share a partition).
-    out.sort_by_key(|r| (r.partition, r.offset));
-    Ok(out)
 }

@@ -27,7 +27,7 @@ use crate::kafka::{Output, Producer};
 use crate::records::{
     audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter,
 };
-use crate::resolve::apply::{Change, StoredApproval};
+use crate::resolve::apply::{next_token, Change, StoredApproval};
 use crate::resolve::rules::ActiveStatus;
 use crate::resolve::store::{ResourceStore, Write};
 use crate::store::StoreError;
@@ -191,7 +191,7 @@ impl Approvals {
                 s.approval.why = Some(why.to_string());
                 match verdict {
                     Verdict::Approve => {
-                        token += 1;
+                        token = next_token(token, 0);
                         s.approval.status = "approved".into();
                         s.action.fencing_token = token;
                         s.action.approved_by = Some(by.to_string());

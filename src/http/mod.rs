@@ -65,6 +65,8 @@ pub const STALL_MS: i64 = 60_000;
 pub struct Health {
     pub kafka_ok: AtomicBool,
     pub redis_ok: AtomicBool,
+    /// The process's Redis connection: lost state (its epoch marker gone) is read from it live.
+    pub redis: Option<crate::store::RedisConn>,
     pub stages: Vec<(&'static str, Arc<StageHealth>)>,
 }
 
@@ -77,6 +79,9 @@ impl Health {
         }
         if !self.redis_ok.load(Ordering::Relaxed) {
             why.push("redis unreachable".to_string());
+        }
+        if self.redis.as_ref().is_some_and(|r| r.is_lost()) {
+            why.push("redis lost its state: run `switchyard recover`".to_string());
         }
         let now = chrono::Utc::now().timestamp_millis();
         for (name, s) in &self.stages {

@@ -3,6 +3,7 @@
 
 pub mod acks;
 pub mod config;
+pub mod read;
 pub mod runtime;
 
 pub use config::{admin_config, consumer_config, producer_config, KafkaConfig};

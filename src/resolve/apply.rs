@@ -146,6 +146,25 @@ pub struct Current<'a> {
     pub state: ResourceState,
     pub token: u64,
     pub approvals: &'a BTreeMap<String, StoredApproval>,
+    /// The lowest token this decision may hand out: [`token_floor`] of the proposal's offset.
+    pub token_floor: u64,
+}
+
+/// Bits of a fencing token below the proposal offset: room for this many tokens per proposal
+/// (approvals decided between two proposals of a resource take the next ones).
+const TOKEN_OFFSET_SHIFT: u32 = 20;
+
+/// The lowest fencing token a decision on the proposal at `offset` hands out. A resource's proposals
+/// all sit in one partition and are decided in offset order, so tokens derived from offsets keep
+/// rising even when the stored counter is lost (a Redis that restarted empty): an executor never
+/// sees a token go backwards.
+pub fn token_floor(offset: i64) -> u64 {
+    (offset.max(0) as u64 + 1) << TOKEN_OFFSET_SHIFT
+}
+
+/// The next fencing token after `last`, at least `floor`.
+pub fn next_token(last: u64, floor: u64) -> u64 {
+    (last + 1).max(floor)
 }
 
 fn action_of(
@@ -187,6 +206,7 @@ pub fn apply(
         mut state,
         mut token,
         approvals: stored,
+        token_floor: floor,
     } = current;
     let mut changed = Vec::new();
     let decided = match decision {
@@ -224,7 +244,7 @@ pub fn apply(
                 a.parameters = parameters.clone();
                 a.params_hash = params_hash(&parameters);
                 if a.status == ActiveStatus::Accepted {
-                    token += 1;
+                    token = next_token(token, floor);
                     action = Some(action_of(
                         p,
                         &action_id,
@@ -339,7 +359,7 @@ pub fn apply(
                         }
                     }
                     _ => {
-                        token += 1;
+                        token = next_token(token, floor);
                         state.active.push(entry);
                         let action = action_of(
                             p,
@@ -374,4 +394,23 @@ pub fn apply(
             approvals: changed,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_rise_with_offsets_even_from_a_lost_counter() {
+        // Normal operation: the counter, at least the proposal's floor.
+        let t1 = next_token(0, token_floor(7));
+        let t2 = next_token(t1, token_floor(9));
+        assert!(t2 > t1);
+        // Approvals between proposals take the next tokens.
+        let t3 = next_token(t2, 0);
+        assert_eq!(t3, t2 + 1);
+        // The counter lost (0 again): the next proposal's floor is still above every earlier token.
+        let t4 = next_token(0, token_floor(10));
+        assert!(t4 > t3);
+    }
 }

@@ -27,7 +27,7 @@ use crate::kafka::{Input, Output};
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{apply, Current, Decided, Gate, Verdict};
+use crate::resolve::apply::{apply, token_floor, Current, Decided, Gate, Verdict};
 use crate::resolve::rules::{
     decide, prune, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
@@ -286,6 +286,7 @@ impl Processor for ResolveStage {
                 state,
                 token: record.token,
                 approvals: &record.approvals,
+                token_floor: token_floor(rec.offset),
             };
             let (mut decided, change) = apply(&p, current, decision, gate, now)?;
             decided.at = crate::event::now_rfc3339();

@@ -67,6 +67,38 @@ impl Drop for Reaper {
     }
 }
 
+/// A Redis of the test's own on `port` (so stopping it disturbs no other test), keeping its data in
+/// `dir`: with `aof`, every write is in its append-only file first (a kill loses nothing);
+/// without, a restart comes back empty.
+pub fn start_redis(port: u16, dir: &Path, aof: bool) -> Reaper {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(if aof {
+            ["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            ["--appendonly", "no", "--appendfsync", "no"]
+        })
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Reaper(child)
+}
+
 /// Stages running in this test process (`switchyard::app::run`), stopped with [`Running::stop`].
 pub struct Running {
     token: tokio_util::sync::CancellationToken,

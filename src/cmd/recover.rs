@@ -1,0 +1,50 @@
+//! `switchyard recover`: rebuilds Redis from the Kafka topics after Redis lost its data (see
+//! [`crate::recover`]); running instances resume once it wrote the new epoch marker.
+
+use std::time::Duration;
+
+use super::ctx::Ctx;
+use crate::audit::RedisChainStore;
+use crate::context::redis::RedisStore;
+use crate::recover::{recover, Stores};
+use crate::store::RedisConn;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Rebuild even though Redis still has its epoch marker.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop reading a topic after this long without a record.
+    #[arg(long, default_value_t = 3000)]
+    pub idle_timeout_ms: u64,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
+    let l = ctx.load_noting()?;
+    let cfg = &l.config;
+    let conn = RedisConn::new(&cfg.redis.url).map_err(|e| e.to_string())?;
+    let prefix = &cfg.redis.key_prefix;
+    let chains = RedisChainStore::new(conn.clone(), prefix);
+    let resources = crate::app::resource_store(&l, conn.clone());
+    let context = RedisStore::new(conn.clone(), prefix, cfg.context.clone());
+    let stores = Stores {
+        conn: &conn,
+        prefix,
+        chains: &chains,
+        resources: resources.as_ref(),
+        context: &context,
+    };
+    let r = recover(
+        &l,
+        &stores,
+        &cfg.resolve,
+        args.force,
+        Duration::from_millis(args.idle_timeout_ms),
+    )
+    .await?;
+    println!(
+        "recovered from Kafka: {} audit chains, {} pending approvals, {} resources' resolve state, {} facts; new epoch {}",
+        r.chains, r.pending_approvals, r.resources, r.facts, r.epoch
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Reading topics outside any consumer group (tail, audit verify, recovery), and the committed
+//! offsets of switchyard's own groups.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::{admin_config, Input, KafkaConfig};
+
+/// A consumer assigned every partition of `topic` at `start` (no consumer group is joined).
+pub fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseConsumer, String> {
+    let mut cfg =
+        crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
+    cfg.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("cannot read metadata of {topic}: {e}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| format!("topic {topic} does not exist (run `switchyard topics apply`)"))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in t.partitions() {
+        tpl.add_partition_offset(topic, p.id(), start)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("cannot assign partitions: {e}"))?;
+    Ok(consumer)
+}
+
+/// Reads every record of a topic from the beginning until nothing arrives for `idle`.
+pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
+    let consumer = reader(kafka, topic, Offset::Beginning)?;
+    let name: Arc<str> = Arc::from(topic);
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(Input::from_message(&m, name.clone()));
+                last = Instant::now();
+            }
+            Some(Err(e)) => return Err(format!("consumer error: {e}")),
+            None => {}
+        }
+    }
+    // Topic order: per partition by offset (a resource's records share a partition).
+    out.sort_by_key(|r| (r.partition, r.offset));
+    Ok(out)
+}
+
+/// Committed offsets of consumer group `group` on every partition of `topics`: (topic, partition,
+/// offset) where the group committed one.
+pub fn committed(
+    kafka: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+) -> Result<Vec<(String, i32, i64)>, String> {
+    let mut cfg = admin_config(kafka);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(5))
+            .map_err(|e| format!("metadata of {t}: {e}"))?;
+        for mt in md.topics().iter().filter(|m| m.name() == t) {
+            for p in mt.partitions() {
+                tpl.add_partition(t, p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}

@@ -1,0 +1,265 @@
+//! Rebuilding Redis from the Kafka topics after Redis lost its data (`switchyard recover`).
+//!
+//! Redis must be durable (AOF). If it restarted empty anyway, switchyard notices (the epoch marker
+//! is gone) and processes nothing; this rebuilds what the topics hold, then writes a new epoch
+//! marker, and every instance resumes:
+//!
+//! - each resource's audit chain head: the highest sealed record on the audit topic, so chains
+//!   continue without a fork;
+//! - pending approvals: the latest record of each approval on the approvals topic that is still
+//!   pending or escalated, back in the API, the sweeper's index and the resource's state;
+//! - the resolve state: each resource's highest fencing token, and the actions accepted within the
+//!   conflict window (so conflicts, dedupe and cooldowns keep holding);
+//! - the shared context: each resource's facts, from the findings on the results topic (latest value
+//!   per key).
+//!
+//! Not rebuilt (they are not on any topic): recorded task outcomes and decisions by proposal id (a
+//! record redelivered after recovery is processed again), budgets spent in the current period, agent
+//! health counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::audit::ChainStore;
+use crate::codec;
+use crate::config::Loaded;
+use crate::context::{ContextStore, Fact, Outcome};
+use crate::event::{now_secs, CloudEvent};
+use crate::kafka::read::read_all;
+use crate::records::{ActionData, AgentResponse, ApprovalData, ResultData};
+use crate::resolve::apply::{Change, StoredApproval};
+use crate::resolve::rules::{params_hash, ActiveAction, ActiveStatus, ResolveConfig};
+use crate::resolve::store::{ResourceStore, Write};
+use crate::store::{RedisConn, ResourceKey, StoreError};
+
+/// What a recovery rebuilt.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Recovered {
+    pub chains: usize,
+    pub pending_approvals: usize,
+    pub resources: usize,
+    pub facts: usize,
+    pub epoch: String,
+}
+
+/// The stores recovery writes to.
+pub struct Stores<'a> {
+    pub conn: &'a RedisConn,
+    pub prefix: &'a str,
+    pub chains: &'a dyn ChainStore,
+    pub resources: &'a dyn ResourceStore,
+    pub context: &'a crate::context::redis::RedisStore,
+}
+
+/// Events of a topic, in topic order (per partition by offset), skipping what does not decode.
+async fn events(loaded: &Loaded, topic: &str, idle: Duration) -> Result<Vec<CloudEvent>, String> {
+    let (kafka, t) = (loaded.config.kafka.clone(), topic.to_string());
+    let recs = tokio::task::spawn_blocking(move || read_all(&kafka, &t, idle))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(recs
+        .iter()
+        .filter_map(|r| codec::decode(r.view(), &loaded.schemas).ok())
+        .collect())
+}
+
+fn data<T: serde::de::DeserializeOwned>(ev: &CloudEvent) -> Option<T> {
+    serde_json::from_value(ev.data.clone()?).ok()
+}
+
+fn time_secs(ev: &CloudEvent) -> i64 {
+    ev.time
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+/// Rebuilds Redis from the topics (see the module documentation). Refuses when Redis still has its
+/// epoch marker, unless `force`.
+pub async fn recover(
+    loaded: &Loaded,
+    stores: &Stores<'_>,
+    rules: &ResolveConfig,
+    force: bool,
+    idle: Duration,
+) -> Result<Recovered, String> {
+    let err = |e: StoreError| e.to_string();
+    if let Some(e) = crate::store::read_epoch(stores.conn, stores.prefix)
+        .await
+        .map_err(err)?
+    {
+        if !force {
+            return Err(format!(
+                "Redis has its state (epoch marker {e}); nothing to recover (--force rebuilds anyway)"
+            ));
+        }
+    }
+    let topics = &loaded.config.topics;
+    let mut out = Recovered::default();
+
+    // Audit chain heads: the highest seq per resource.
+    let mut heads: HashMap<ResourceKey, (u64, String)> = HashMap::new();
+    for ev in events(loaded, &topics.audit, idle).await? {
+        let d = ev.data.as_ref();
+        let (Some(seq), Some(hash)) = (
+            d.and_then(|d| d.get("seq")).and_then(Value::as_u64),
+            d.and_then(|d| d.get("hash")).and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let k = ResourceKey::new(ev.tenant(), ev.subject.clone().unwrap_or_default());
+        if heads.get(&k).is_none_or(|(s, _)| seq > *s) {
+            heads.insert(k, (seq, hash.to_string()));
+        }
+    }
+    for (k, (seq, hash)) in &heads {
+        stores
+            .chains
+            .restore_head(k, (*seq, hash))
+            .await
+            .map_err(err)?;
+    }
+    out.chains = heads.len();
+
+    // Approvals: the latest status of each; the open ones come back.
+    let mut approvals: BTreeMap<String, (ApprovalData, String)> = BTreeMap::new();
+    for ev in events(loaded, &topics.approvals, idle).await? {
+        if let Some(a) = data::<ApprovalData>(&ev) {
+            approvals.insert(
+                a.approval_id.clone(),
+                (a, ev.time.clone().unwrap_or_default()),
+            );
+        }
+    }
+    // Resolve state: tokens and recent actions per resource.
+    let now = now_secs();
+    let keep = rules.retention_seconds() as i64;
+    let mut records: HashMap<ResourceKey, Change> = HashMap::new();
+    for ev in events(loaded, &topics.actions, idle).await? {
+        let Some(a) = data::<ActionData>(&ev) else {
+            continue;
+        };
+        let change = records
+            .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
+            .or_default();
+        change.token = change.token.max(a.fencing_token);
+        let at = time_secs(&ev);
+        if now - at > keep {
+            continue;
+        }
+        change.state.active.retain(|x| x.action_id != a.action_id);
+        change.state.active.push(ActiveAction {
+            action_id: a.action_id.clone(),
+            action: a.action.clone(),
+            priority: a.priority,
+            status: ActiveStatus::Accepted,
+            at,
+            params_hash: params_hash(&a.parameters),
+            parameters: a.parameters.clone(),
+            proposals: serde_json::from_value(a.proposals.clone()).unwrap_or_default(),
+            agents: serde_json::from_value(a.agents.clone()).unwrap_or_default(),
+            approval_id: None,
+        });
+    }
+    let mut open = Vec::new();
+    for (a, time) in approvals.into_values() {
+        if !matches!(a.status.as_str(), "pending" | "escalated") {
+            continue;
+        }
+        let Ok(action) = serde_json::from_value::<ActionData>(a.action_record.clone()) else {
+            continue;
+        };
+        let change = records
+            .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
+            .or_default();
+        change.state.active.push(ActiveAction {
+            action_id: action.action_id.clone(),
+            action: action.action.clone(),
+            priority: action.priority,
+            status: ActiveStatus::PendingApproval,
+            at: a.requested_at,
+            params_hash: params_hash(&action.parameters),
+            parameters: action.parameters.clone(),
+            proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
+            agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
+            approval_id: Some(a.approval_id.clone()),
+        });
+        change.approvals.push(StoredApproval {
+            escalated: a.status == "escalated",
+            approval: a.clone(),
+            action,
+            decided_at: time,
+        });
+        open.push(a);
+    }
+    for (k, change) in &records {
+        let w = Write {
+            change,
+            applied: None,
+            decision: None,
+        };
+        stores.resources.commit(k, 0, w).await.map_err(err)?;
+    }
+    let refs: Vec<&ApprovalData> = open.iter().collect();
+    stores.resources.index_open(&refs).await.map_err(err)?;
+    out.pending_approvals = open.len();
+    out.resources = records.len();
+
+    // Context: the latest value of each fact per resource, from the results' findings.
+    let mut facts: HashMap<ResourceKey, BTreeMap<String, Fact>> = HashMap::new();
+    for ev in events(loaded, &topics.results, idle).await? {
+        let Some(r) = data::<ResultData>(&ev) else {
+            continue;
+        };
+        let Some(found) = r.findings.as_array() else {
+            continue;
+        };
+        let entry = facts
+            .entry(ResourceKey::new(r.tenant.clone(), r.resource.clone()))
+            .or_default();
+        for f in found {
+            if let (Some(key), Some(value)) = (f.get("key").and_then(Value::as_str), f.get("value"))
+            {
+                entry.insert(
+                    key.to_string(),
+                    Fact {
+                        value: value.clone(),
+                        by: r.agent.clone(),
+                        task_id: r.task_id.clone(),
+                        at: ev.time.clone().unwrap_or_default(),
+                    },
+                );
+            }
+        }
+    }
+    for (k, f) in &facts {
+        let list: Vec<(String, Fact)> = f.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let outcome = Outcome {
+            status: "recovered".into(),
+            attempts: 0,
+            duration_ms: 0,
+            context_version: 0,
+            response: AgentResponse::default(),
+            error: None,
+            refusals: Vec::new(),
+            at: crate::event::now_rfc3339(),
+        };
+        let task = format!(
+            "recover-{}",
+            crate::pattern::stable_id(&[&k.tenant, &k.resource])
+        );
+        stores
+            .context
+            .commit(k, &task, &list, None, &outcome)
+            .await
+            .map_err(err)?;
+        out.facts += list.len();
+    }
+    out.epoch = crate::store::create_epoch(stores.conn, stores.prefix)
+        .await
+        .map_err(err)?;
+    Ok(out)
+}
