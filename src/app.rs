@@ -38,6 +38,7 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
         topics,
         consumer: consumer_config(k, &format!("{}.{stage}", k.group_prefix)),
         max_in_flight: k.max_in_flight,
+        max_batch: k.max_batch,
         max_record_bytes: k.max_record_bytes,
         drain_timeout: Duration::from_millis(k.drain_timeout_ms),
         dlq_topic: l.config.topics.dlq.clone(),

@@ -32,9 +32,14 @@ pub struct KafkaConfig {
     /// Only a prefix of a record over `max_record_bytes` is kept in memory.
     #[serde(default = "default_fetch_max_record_bytes")]
     pub fetch_max_record_bytes: usize,
-    /// Records a stage holds in flight at once; when reached, consumption pauses (back-pressure).
+    /// Records a stage holds in flight at once; when reached, consumption pauses (back-pressure)
+    /// until half of them are done.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// The most records (heads of different lanes) a stage processes as one batch, sharing its
+    /// Redis round trips.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
     /// On partition revoke and on shutdown, how long to wait for in-flight records before committing
     /// what is done.
     #[serde(default = "default_drain_timeout_ms")]
@@ -59,6 +64,9 @@ impl KafkaConfig {
         }
         if self.max_in_flight == 0 {
             add("kafka.max_in_flight", "must be at least 1".into());
+        }
+        if self.max_batch == 0 {
+            add("kafka.max_batch", "must be at least 1".into());
         }
         if self.max_record_bytes < 1024 {
             add("kafka.max_record_bytes", "must be at least 1024".into());
@@ -136,6 +144,9 @@ fn default_max_record_bytes() -> usize {
 }
 fn default_fetch_max_record_bytes() -> usize {
     1 << 30
+}
+fn default_max_batch() -> usize {
+    256
 }
 fn default_max_in_flight() -> usize {
     2000

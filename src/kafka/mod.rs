@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 
 use crate::codec::RecordView;
 
@@ -194,26 +194,64 @@ pub enum ProduceError {
     Rejected { topic: String, source: KafkaError },
 }
 
-/// The shared producer. Cheap to clone.
+/// Where a delivery report goes: a stage's record tracking (no task or channel per record), or one
+/// waiting caller.
+pub enum Notice {
+    Sink(Arc<dyn Delivered>),
+    Waiter(tokio::sync::oneshot::Sender<Result<(i32, i64), KafkaError>>),
+}
+
+/// Something told when a record it queued was delivered (or failed for good).
+pub trait Delivered: Send + Sync {
+    /// `result` is the (partition, offset) written, or the error librdkafka gave up with.
+    fn delivered(&self, topic: &str, result: Result<(i32, i64), KafkaError>);
+}
+
+/// Routes librdkafka's delivery reports (on its polling thread) to their [`Notice`].
+pub struct DeliveryContext;
+
+impl rdkafka::ClientContext for DeliveryContext {}
+
+impl rdkafka::producer::ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Notice>;
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, notice: Box<Notice>) {
+        let (topic, outcome) = match result {
+            Ok(m) => (m.topic(), Ok((m.partition(), m.offset()))),
+            Err((e, m)) => (m.topic(), Err(e.clone())),
+        };
+        match *notice {
+            Notice::Sink(s) => s.delivered(topic, outcome),
+            Notice::Waiter(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// The shared producer. Cheap to clone. Delivery reports come back through [`Notice`]s on the
+/// producer's own polling thread.
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: Arc<ThreadedProducer<DeliveryContext>>,
 }
 
 impl Producer {
     pub fn new(cfg: &ClientConfig) -> Result<Self, KafkaError> {
         Ok(Producer {
-            inner: cfg.create()?,
+            inner: Arc::new(cfg.create_with_context(DeliveryContext)?),
         })
     }
 
-    /// Queues a record, waiting while the local queue is full; returns the delivery future.
-    /// `on_queue_full` is called for each wait (for metrics).
+    /// Queues a record, waiting while the local queue is full; its delivery is reported to
+    /// `notice`. `on_queue_full` is called for each wait (for metrics). On an error the record was
+    /// not queued and `notice` hears nothing.
     pub async fn enqueue(
         &self,
         out: &Output,
+        notice: Notice,
         mut on_queue_full: impl FnMut(),
-    ) -> Result<DeliveryFuture, ProduceError> {
+    ) -> Result<(), ProduceError> {
         let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
         for (k, v) in &out.headers {
             headers = headers.insert(Header {
@@ -221,17 +259,19 @@ impl Producer {
                 value: Some(v),
             });
         }
-        loop {
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&out.topic)
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<Notice>> =
+            BaseRecord::with_opaque_to(&out.topic, Box::new(notice))
                 .payload(out.payload.as_slice())
-                .headers(headers.clone());
-            if let Some(k) = &out.key {
-                rec = rec.key(k.as_slice());
-            }
-            match self.inner.send_result(rec) {
-                Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                .headers(headers);
+        if let Some(k) = &out.key {
+            rec = rec.key(k.as_slice());
+        }
+        loop {
+            match self.inner.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     on_queue_full();
+                    rec = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => {
@@ -246,23 +286,18 @@ impl Producer {
 
     /// Queues a record and waits for the broker's acknowledgement.
     pub async fn send(&self, out: &Output) -> Result<(i32, i64), KafkaError> {
-        let fut = self.enqueue(out, || {}).await.map_err(|e| match e {
-            ProduceError::Rejected { source, .. } => source,
-        })?;
-        match fut.await {
-            Ok(Ok(d)) => Ok((d.partition, d.offset)),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::Canceled),
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(out, Notice::Waiter(tx), || {})
+            .await
+            .map_err(|e| match e {
+                ProduceError::Rejected { source, .. } => source,
+            })?;
+        rx.await.unwrap_or(Err(KafkaError::Canceled))
     }
 
     /// Waits until queued records are delivered (or the timeout passes).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout)
-    }
-
-    pub fn inner(&self) -> &FutureProducer {
-        &self.inner
     }
 }
 
