@@ -68,7 +68,6 @@ pub fn sealer(loaded: &Loaded, conn: RedisConn) -> Arc<Sealer> {
     let cfg = &loaded.config;
     Arc::new(Sealer::new(
         Arc::new(RedisChainStore::new(conn, &cfg.redis.key_prefix)),
-        cfg.context.outcome_ttl_seconds,
         &cfg.topics.audit,
     ))
 }

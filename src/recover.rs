@@ -4,8 +4,8 @@
 //! is gone) and processes nothing; this rebuilds what the topics hold, then writes a new epoch
 //! marker, and every instance resumes:
 //!
-//! - each resource's audit chain head: the highest sealed record on the audit topic, so chains
-//!   continue without a fork;
+//! - each audit chain's head: its highest seal on the audit topic, so chains continue without a
+//!   fork;
 //! - pending approvals: the latest record of each approval on the approvals topic that is still
 //!   pending or escalated, back in the API, the sweeper's index and the resource's state;
 //! - the resolve state: each resource's highest fencing token, and the actions accepted within the
@@ -100,25 +100,33 @@ pub async fn recover(
     let topics = &loaded.config.topics;
     let mut out = Recovered::default();
 
-    // Audit chain heads: the highest seq per resource.
-    let mut heads: HashMap<ResourceKey, (u64, String)> = HashMap::new();
-    for ev in events(loaded, &topics.audit, idle).await? {
-        let d = ev.data.as_ref();
-        let (Some(seq), Some(hash)) = (
-            d.and_then(|d| d.get("seq")).and_then(Value::as_u64),
-            d.and_then(|d| d.get("hash")).and_then(Value::as_str),
-        ) else {
+    // Audit chain heads: each chain's highest seal.
+    let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+    let (kafka, t) = (loaded.config.kafka.clone(), topics.audit.clone());
+    let recs = tokio::task::spawn_blocking(move || read_all(&kafka, &t, idle))
+        .await
+        .map_err(|e| e.to_string())??;
+    for r in &recs {
+        let Ok(ev) = codec::decode(r.view(), &loaded.schemas) else {
             continue;
         };
-        let k = ResourceKey::new(ev.tenant(), ev.subject.clone().unwrap_or_default());
-        if heads.get(&k).is_none_or(|(s, _)| seq > *s) {
-            heads.insert(k, (seq, hash.to_string()));
+        if ev.ty != crate::audit::SEAL_TYPE {
+            continue;
+        }
+        let Some(seal) = data::<crate::audit::SealData>(&ev) else {
+            continue;
+        };
+        if heads.get(&seal.chain).is_none_or(|(s, _)| seal.seq > *s) {
+            heads.insert(
+                seal.chain,
+                (seal.seq, crate::audit::hash::payload_hash(&r.payload)),
+            );
         }
     }
-    for (k, (seq, hash)) in &heads {
+    for (chain, (seq, hash)) in &heads {
         stores
             .chains
-            .restore_head(k, (*seq, hash))
+            .restore_head(chain, (*seq, hash))
             .await
             .map_err(err)?;
     }

@@ -406,10 +406,7 @@ routes:
     assert_eq!(props.len(), 1);
     assert_eq!(props[0].action, "page", "delete_cluster was refused");
     // route audit + 2 agent_result + refusals (write secrets, action delete_cluster, read sla)
-    let audit = audits(
-        &env.read("switchyard.audit", 6, Duration::from_secs(30))
-            .await,
-    );
+    let audit = audits(&env.audit(6, Duration::from_secs(30)).await);
     let mut refused: Vec<(String, String)> = audit
         .iter()
         .filter(|a| a.decision == "refused")

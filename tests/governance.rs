@@ -78,7 +78,6 @@ fn sealer(conn: &switchyard::store::RedisConn, prefix: &str) -> Arc<switchyard::
             conn.clone(),
             prefix,
         )),
-        3600,
         "audit",
     ))
 }
@@ -168,7 +167,7 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
     let mut audit: Vec<AuditData> = Vec::new();
     for _ in 0..60 {
         audit = env
-            .read("switchyard.audit", 100, Duration::from_secs(2))
+            .audit(100, Duration::from_secs(2))
             .await
             .iter()
             .map(data)
@@ -185,9 +184,12 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         (sd.decision.as_str(), sd.reason.as_deref()),
         ("rejected", Some("conflict"))
     );
+    let sealed = env
+        .verified_audit(audit.len(), Duration::from_secs(30))
+        .await;
     assert!(
-        audit.iter().all(|a| a.hash.is_some() && a.seq.is_some()),
-        "audit records are sealed"
+        sealed.problems.is_empty() && sealed.records >= audit.len(),
+        "audit records are sealed: {sealed:?}"
     );
     assert!(
         env.read("switchyard.actions", 2, Duration::from_secs(2))
@@ -261,8 +263,9 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         String::from_utf8_lossy(&ok.stdout),
         String::from_utf8_lossy(&ok.stderr)
     );
+    // Every record of the audit topic, the seals too.
     let sealed = env
-        .read("switchyard.audit", 1000, Duration::from_secs(3))
+        .read("switchyard.audit", usize::MAX, Duration::from_secs(3))
         .await;
     let copy = |name: &str, f: &dyn Fn(usize, &Input) -> Option<Vec<u8>>| {
         let topic = format!("{}.{name}", env.prefix);
@@ -275,10 +278,13 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
             .collect();
         (topic, recs)
     };
-    // Drop (or alter) checkout's second record in its chain.
+    // Drop (or alter) checkout's second decision.
     let victim = sealed
         .iter()
-        .position(|r| r.key.as_deref() == Some(b"checkout") && data::<AuditData>(r).seq == Some(2))
+        .enumerate()
+        .filter(|(_, r)| r.key.as_deref() == Some(b"checkout") && !is_seal(r))
+        .nth(1)
+        .map(|(i, _)| i)
         .expect("checkout has a second audit record");
     let (removed_topic, removed) =
         copy("removed", &|i, r| (i != victim).then(|| r.payload.clone()));
@@ -306,7 +312,11 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         "{}",
         String::from_utf8_lossy(&bad.stdout)
     );
-    assert!(String::from_utf8_lossy(&bad.stdout).contains("BROKEN checkout"));
+    let said = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        said.contains("BROKEN") && said.contains("/checkout that this seal lists is missing"),
+        "{said}"
+    );
     let bad = verify(&env, &altered_topic);
     assert_eq!(
         bad.status.code(),
@@ -445,7 +455,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
     // Redelivery: the very same record again.
     env.publish("switchyard.proposals", &props[..1]).await;
     let audit: Vec<AuditData> = env
-        .read("switchyard.audit", props.len() + 1, Duration::from_secs(40))
+        .audit(props.len() + 1, Duration::from_secs(40))
         .await
         .iter()
         .map(data)
@@ -519,7 +529,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zombie_owner_cannot_apply_an_older_proposal() {
-    use switchyard::kafka::runtime::Processor;
+    use switchyard::kafka::runtime::process_one;
     let env = TestEnv::new(1, "").await;
     let c = &env.loaded.config;
     let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
@@ -557,14 +567,24 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
             serde_json::to_vec(&ev).unwrap(),
         ))
     };
-    let new_owner = stage.process(input("p-10", 10)).await.unwrap();
+    // Seals differ from batch to batch (their sequence number); the records they seal do not.
+    let unsealed = |outs: Vec<Output>| -> Vec<Output> {
+        outs.into_iter()
+            .filter(|o| {
+                serde_json::from_slice::<CloudEvent>(&o.payload)
+                    .map(|e| e.ty != switchyard::audit::SEAL_TYPE)
+                    .unwrap_or(true)
+            })
+            .collect()
+    };
+    let new_owner = unsealed(process_one(&stage, input("p-10", 10)).await.unwrap());
     assert!(
         new_owner.iter().any(|o| o.topic == "a"),
         "the owner's proposal becomes an action"
     );
-    let zombie = stage.process(input("p-5", 5)).await.unwrap();
+    let zombie = unsealed(process_one(&stage, input("p-5", 5)).await.unwrap());
     assert!(zombie.is_empty(), "a zombie's older offset applies nothing");
-    let replay = stage.process(input("p-10", 10)).await.unwrap();
+    let replay = unsealed(process_one(&stage, input("p-10", 10)).await.unwrap());
     assert_eq!(
         replay, new_owner,
         "a redelivered proposal re-emits the same records"
@@ -603,7 +623,7 @@ governance:
         "{statuses:?}"
     );
     let audit: Vec<AuditData> = env
-        .read("switchyard.audit", 100, Duration::from_secs(3))
+        .audit(100, Duration::from_secs(3))
         .await
         .iter()
         .map(data)
@@ -755,9 +775,7 @@ resolve:
     };
     let kill = async {
         // Once decisions flow, kill one instance with SIGKILL mid-stream.
-        let _ = env
-            .read("switchyard.audit", 200, Duration::from_secs(60))
-            .await;
+        let _ = env.audit(200, Duration::from_secs(60)).await;
         let mut victim = procs.remove(1);
         victim.0.kill().expect("SIGKILL");
         let _ = victim.0.wait();
@@ -767,9 +785,7 @@ resolve:
     // Every proposal gets its decision.
     let mut decided = std::collections::BTreeSet::new();
     for _ in 0..90 {
-        let audit = env
-            .read("switchyard.audit", usize::MAX, Duration::from_secs(2))
-            .await;
+        let audit = env.audit(usize::MAX, Duration::from_secs(2)).await;
         decided = audit
             .iter()
             .filter_map(|r| {
@@ -856,10 +872,7 @@ resolve:
     // The sealed audit trail verifies.
     let mut last = 0;
     for _ in 0..30 {
-        let n = env
-            .read("switchyard.audit", usize::MAX, Duration::from_secs(2))
-            .await
-            .len();
+        let n = env.audit(usize::MAX, Duration::from_secs(2)).await.len();
         if n == last && n >= N {
             break;
         }
@@ -883,58 +896,79 @@ resolve:
     }
 }
 
-/// Audit records sealed by several writers at once (two `Sealer`s stand for two processes, each with
-/// many concurrent tasks) form one gapless chain per resource; sealing a record again (a redelivered
-/// input) gives the identical record.
+/// Batches sealed into one chain by several writers at once (two `Sealer`s stand for two processes,
+/// a partition's old and new owner, each with many concurrent batches) form one gapless chain; a
+/// decision sealed again (a redelivered input) is the identical record, counted as a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
-    use switchyard::audit::verify;
+    use switchyard::audit::{verify, AuditRecord};
     let env = TestEnv::new(1, "").await;
     let c = &env.loaded.config;
     let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    let emitter = Arc::new(switchyard::records::Emitter::new(
+        env.loaded.schemas.clone(),
+        env.loaded.topics.clone(),
+    ));
     let a = sealer(&conn, &c.redis.key_prefix);
     let b = sealer(&conn, &c.redis.key_prefix);
+    let chain = format!("test/{}/0", env.topic("switchyard.proposals"));
     let record = |resource: &str, n: usize| {
         CloudEvent::new(format!("audit-{resource}-{n}"), "test", "switchyard.audit")
             .with_subject(resource)
-            .with_time_now()
+            .with_time("2026-11-26T00:00:00Z")
             .with_data(
                 json!({"decision": "accepted", "stage": "test", "resource": resource,
                           "tenant": "default", "detail": {"n": n}}),
             )
     };
     let mut tasks = Vec::new();
-    for n in 0..200 {
+    for n in 0..100 {
         let sealer = if n % 2 == 0 { a.clone() } else { b.clone() };
-        let evs = vec![record(&format!("r{}", n % 3), n)];
-        tasks.push(tokio::spawn(async move { sealer.seal_all(evs).await }));
+        let batch = vec![
+            record(&format!("r{}", n % 3), 2 * n),
+            record("r9", 2 * n + 1),
+        ];
+        let (emitter, chain) = (emitter.clone(), chain.clone());
+        tasks.push(tokio::spawn(async move {
+            sealer.seal("test", &chain, &emitter, &batch).await
+        }));
     }
-    let mut sealed = Vec::new();
+    let mut outputs = Vec::new();
     for t in tasks {
-        sealed.extend(t.await.unwrap().expect("sealed"));
+        let (records, seal) = t.await.unwrap().expect("sealed");
+        outputs.extend(records);
+        outputs.push(seal);
     }
-    // A redelivery: the same decisions again, later, through the other sealer.
-    let again = b
-        .seal_all(vec![record("r0", 0), record("r1", 1)])
+    // A redelivery: the same decision again, later, through the other writer.
+    let (again, seal) = b
+        .seal("test", &chain, &emitter, &[record("r0", 0)])
         .await
         .expect("sealed again");
-    let first: Vec<&CloudEvent> = sealed
+    let first = outputs
         .iter()
-        .filter(|e| e.id == "audit-r0-0" || e.id == "audit-r1-1")
+        .find(|o| o.payload == again[0].payload)
+        .expect("a decision sealed again is byte-identical");
+    assert_eq!(first.key, again[0].key);
+    outputs.extend(again);
+    outputs.push(seal);
+    let records: Vec<AuditRecord> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| AuditRecord::new(0, i as i64, o.payload.clone()))
         .collect();
-    for ev in &again {
-        let orig = first.iter().find(|f| f.id == ev.id).expect("sealed before");
-        assert_eq!(
-            serde_json::to_value(ev).unwrap(),
-            serde_json::to_value(orig).unwrap(),
-            "a record sealed again is identical"
-        );
-    }
-    let mut all: Vec<(i64, CloudEvent)> = sealed.into_iter().map(|e| (0, e)).collect();
-    all.extend(again.into_iter().map(|e| (0, e)));
-    let v = verify(&all);
+    let v = verify(&records);
     assert!(v.problems.is_empty(), "{:?}", v.problems);
-    assert_eq!((v.chains, v.duplicates, v.records), (3, 2, 202));
+    assert_eq!(
+        (v.chains, v.seals, v.records, v.duplicates),
+        (1, 101, 201, 1)
+    );
+    // Altering one sealed decision is found.
+    let mut altered = records.clone();
+    let text = String::from_utf8(outputs[0].payload.clone()).unwrap();
+    assert!(text.contains("accepted"));
+    altered[0] = AuditRecord::new(0, 0, text.replace("accepted", "rejected").into_bytes());
+    let v = verify(&altered);
+    assert!(!v.problems.is_empty(), "an altered record is found");
 }
 
 /// A proposal of `tenant` (the proposals topic carries tenants in its records).

@@ -1,9 +1,45 @@
-//! The hash of an audit record and sealing it into a chain (pure).
+//! Hashes of audit records (pure).
+//!
+//! Version 2 (records sealed per batch, [`super::sealer`]): a record's hash is SHA-256 over the exact
+//! bytes written ([`payload_hash`]); a batch's seal carries the Merkle root of its records' hashes
+//! ([`merkle_root`]). Version 1 (records chained one by one per resource, written before): SHA-256
+//! over the record's canonical JSON without `data.hash` ([`record_hash`], [`seal`]); `audit verify`
+//! still checks those.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::event::CloudEvent;
+
+/// Hex SHA-256 of the exact bytes of a record's payload.
+pub fn payload_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The Merkle root of hex hashes, in order: pairs hashed up level by level (an odd last one is
+/// carried up as it is); the root of one hash is that hash, of none the hash of nothing.
+pub fn merkle_root(hashes: &[String]) -> String {
+    if hashes.is_empty() {
+        return payload_hash(b"");
+    }
+    let mut level: Vec<String> = hashes.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => {
+                    let mut h = Sha256::new();
+                    h.update(a.as_bytes());
+                    h.update(b.as_bytes());
+                    hex::encode(h.finalize())
+                }
+                [a] => a.clone(),
+                _ => unreachable!("chunks(2) yields one or two"),
+            })
+            .collect();
+    }
+    level.remove(0)
+}
 
 /// JSON with object keys sorted and no whitespace.
 pub fn canonical_json(v: &Value) -> String {
@@ -85,36 +121,22 @@ pub fn sealed_hash(ev: &CloudEvent) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::verify;
-    use crate::records::types;
     use serde_json::json;
 
-    fn rec(resource: &str, n: u64) -> CloudEvent {
-        CloudEvent::new(format!("a-{resource}-{n}"), "t", types::AUDIT)
-            .with_subject(resource)
-            .with_data(json!({"decision": "accepted", "stage": "resolve", "resource": resource, "tenant": "default", "detail": {"n": n}}))
-    }
-
-    fn chain(resource: &str, n: u64) -> Vec<CloudEvent> {
-        let mut prev: Option<String> = None;
-        (1..=n)
-            .map(|i| {
-                let s = seal(rec(resource, i), i, prev.as_deref());
-                prev = s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d["hash"].as_str())
-                    .map(str::to_string);
-                s
-            })
-            .collect()
-    }
-
-    fn numbered(v: Vec<CloudEvent>) -> Vec<(i64, CloudEvent)> {
-        v.into_iter()
-            .enumerate()
-            .map(|(i, e)| (i as i64, e))
-            .collect()
+    #[test]
+    fn merkle_roots() {
+        let h = |s: &str| payload_hash(s.as_bytes());
+        let (a, b, c) = (h("a"), h("b"), h("c"));
+        assert_eq!(merkle_root(std::slice::from_ref(&a)), a);
+        assert_ne!(
+            merkle_root(&[a.clone(), b.clone()]),
+            merkle_root(&[b.clone(), a.clone()])
+        );
+        assert_ne!(
+            merkle_root(&[a.clone(), b.clone(), c.clone()]),
+            merkle_root(&[a.clone(), b.clone()])
+        );
+        assert_eq!(merkle_root(&[]), payload_hash(b""));
     }
 
     #[test]
@@ -128,42 +150,5 @@ mod tests {
         let v = json!({"z": "quote \" back \\ nl \n tab \t ctl \u{1} é 😀", "n": [1, -2, 2.5, 1e300, 0.1],
                        "o": {"y": {}, "x": []}});
         assert_eq!(canonical_json(&v), serde_json::to_string(&v).unwrap());
-    }
-
-    #[test]
-    fn intact_chains_verify_and_repeats_are_skipped() {
-        let mut all = chain("a", 5);
-        all.extend(chain("b", 3));
-        let dup = all[2].clone();
-        all.insert(3, dup);
-        let v = verify(&numbered(all));
-        assert!(v.problems.is_empty(), "{:?}", v.problems);
-        assert_eq!((v.chains, v.duplicates), (2, 1));
-    }
-
-    #[test]
-    fn removal_alteration_and_reordering_are_detected() {
-        let mut removed = chain("a", 5);
-        removed.remove(2);
-        assert!(!verify(&numbered(removed)).problems.is_empty());
-        let mut altered = chain("a", 5);
-        altered[3].data.as_mut().unwrap()["decision"] = json!("rejected");
-        let p = verify(&numbered(altered)).problems;
-        assert_eq!(p.len(), 1);
-        assert!(p[0].message.contains("altered"));
-        let mut first_gone = chain("a", 3);
-        first_gone.remove(0);
-        assert!(!verify(&numbered(first_gone)).problems.is_empty());
-        // Several writers append to a chain, so topic order may differ from seq order: fine.
-        let mut swapped = chain("a", 4);
-        swapped.swap(1, 2);
-        assert!(verify(&numbered(swapped)).problems.is_empty());
-        // Two different records in one place: a fork.
-        let mut forked = chain("a", 3);
-        let mut other = rec("a", 99);
-        other = seal(other, 2, forked[0].data.as_ref().unwrap()["hash"].as_str());
-        forked.push(other);
-        let p = verify(&numbered(forked)).problems;
-        assert!(p.iter().any(|p| p.message.contains("forked")), "{p:?}");
     }
 }

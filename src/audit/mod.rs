@@ -1,22 +1,21 @@
-//! The audit trail: every decision is one record on `switchyard.audit`, hash-chained per resource.
+//! The audit trail: every decision is one record on `switchyard.audit`, written as bytes that depend
+//! only on its input, and sealed per batch into the chain of the stage-partition that decided it.
 //!
-//! [`hash`]: the record hash and sealing (pure); [`sealer`]: sealing records into their chain where
-//! they are decided, with the chain heads in a store; [`verify`]: checking chains read back.
+//! - [`hash`]: record hashes (SHA-256 of the bytes written) and Merkle roots; the version-1 hash of
+//!   records chained one by one per resource, written before;
+//! - [`sealer`]: a batch's seal record (its records' hashes and resources, their Merkle root, the
+//!   previous seal's hash) and the chain heads it moves by compare-and-set, one per batch;
+//! - [`verify`]: checking a topic of either version; a removed, altered or forked record or seal
+//!   is found.
 //!
-//! The stage that makes a decision seals its audit record at once ([`Sealer`]): each record gets
-//! `seq` (1, 2, ... per resource), `prev_hash` (the previous record's hash) and `hash` = SHA-256 of
-//! the record's canonical JSON (keys sorted, no whitespace) without `hash`. A missing, altered or
-//! forked record breaks the chain; [`verify`] finds it.
-//!
-//! Sealing is at-least-once without gaps: the chain head moves in Redis before the record is
-//! produced, and the input that caused it is committed only after the record is acknowledged, so a
-//! crash in between redelivers the input, and its audit record is sealed again identically (same
-//! seq, same hash, from a memo): the verifier drops exact repeats.
+//! Sealing is at-least-once without gaps: a batch's records are done (their inputs committed) only
+//! when its seal is delivered too, so after a crash the inputs are redelivered and their
+//! byte-identical records sealed again; the verifier drops exact repeats.
 
 pub mod hash;
 pub mod sealer;
 pub mod verify;
 
 pub use hash::{canonical_json, record_hash, seal, sealed_hash};
-pub use sealer::{ChainStore, MemoryChainStore, RedisChainStore, Sealer};
-pub use verify::{verify, ChainProblem, Verification};
+pub use sealer::{ChainStore, MemoryChainStore, RedisChainStore, SealData, Sealer, SEAL_TYPE};
+pub use verify::{verify, AuditRecord, ChainProblem, Verification};

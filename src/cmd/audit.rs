@@ -38,7 +38,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())??;
-    let mut events = Vec::new();
+    let mut records = Vec::new();
     for r in &recs {
         let ev = crate::codec::decode(r.view(), &l.schemas).map_err(|e| {
             format!(
@@ -46,18 +46,38 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 r.topic, r.partition, r.offset
             )
         })?;
-        events.push((r.offset, ev));
+        records.push(crate::audit::AuditRecord::decoded(
+            r.partition,
+            r.offset,
+            &r.payload,
+            ev,
+        ));
     }
-    let v = crate::audit::verify(&events);
+    let audit_types = [crate::records::types::AUDIT, crate::audit::SEAL_TYPE];
+    if !records.is_empty()
+        && !records
+            .iter()
+            .any(|r| audit_types.contains(&r.event.ty.as_str()))
+    {
+        let mut types: Vec<&str> = records.iter().map(|r| r.event.ty.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
+        return Err(format!(
+            "{topic} is not an audit topic: its records are of type {}",
+            types.join(", ")
+        ));
+    }
+    let v = crate::audit::verify(&records);
     for p in &v.problems {
         println!(
-            "BROKEN {} seq {} (offset {}): {}",
-            p.resource, p.seq, p.offset, p.message
+            "BROKEN {} seq {} (at {}): {}",
+            p.chain, p.seq, p.at, p.message
         );
     }
     println!(
-        "{topic}: {} records, {} chains, {} repeated deliveries skipped, {} problems",
+        "{topic}: {} records, {} seals, {} chains, {} repeated deliveries skipped, {} problems",
         v.records,
+        v.seals,
         v.chains,
         v.duplicates,
         v.problems.len()

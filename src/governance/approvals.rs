@@ -340,16 +340,17 @@ impl Approvals {
         action: Option<&ActionData>,
     ) -> Result<Vec<Output>, ApprovalError> {
         let (mut out, audit) = self.records(stored, action)?;
-        out.extend(
-            self.sealer
-                .outputs("approvals", &self.emitter, vec![audit])
-                .await
-                .map_err(|e| match e {
-                    // Redis unreachable: retryable, like the rest of a decision.
-                    ProcessError::Transient(m) => ApprovalError::Store(StoreError::Redis(m)),
-                    e => ApprovalError::Encode(e.to_string()),
-                })?,
-        );
+        let (records, seal) = self
+            .sealer
+            .seal("approvals", &self.sealer.own_chain, &self.emitter, &[audit])
+            .await
+            .map_err(|e| match e {
+                // Redis unreachable: retryable, like the rest of a decision.
+                ProcessError::Transient(m) => ApprovalError::Store(StoreError::Redis(m)),
+                e => ApprovalError::Encode(e.to_string()),
+            })?;
+        out.extend(records);
+        out.push(seal);
         Ok(out)
     }
 

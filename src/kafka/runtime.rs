@@ -136,30 +136,53 @@ pub trait Processor: Send + Sync + 'static {
         0
     }
 
-    /// Turns one record into the records it causes. Called again for the same record after a
-    /// [`ProcessError::Transient`] error or a redelivery, so effects must be idempotent.
-    fn process(
-        &self,
-        rec: Arc<Input>,
-    ) -> impl Future<Output = Result<Vec<Output>, ProcessError>> + Send;
-
     /// Processes lane heads together (at most one record per lane), yielding `(index in recs,
-    /// result)` for each as soon as it is known, in any order. The default runs [`Self::process`] on
-    /// each, concurrently; a stage overrides it to share I/O across the batch.
+    /// result)` for each as soon as it is known, in any order, so a stage can share its I/O across
+    /// the batch. Called again for a record after a [`ProcessError::Transient`] error or a
+    /// redelivery, so effects must be idempotent. [`each`] serves stages that need nothing shared.
     fn process_batch(
         &self,
         recs: Vec<Arc<Input>>,
-    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
-        recs.into_iter()
-            .enumerate()
-            .map(|(i, r)| async move { (i, self.process(r).await.map(Done::from)) })
-            .collect::<FuturesUnordered<_>>()
-    }
+    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_;
 
     /// Keys of committed records' [`Done::cleanup`], to delete (best effort: they expire anyway).
     fn cleanup(&self, _keys: Vec<String>) -> impl Future<Output = ()> + Send {
         async {}
     }
+}
+
+/// A batch processed record by record, concurrently: for stages that share nothing across it.
+pub fn each<'a, F, Fut>(
+    recs: Vec<Arc<Input>>,
+    process: F,
+) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + 'a
+where
+    F: Fn(Arc<Input>) -> Fut,
+    Fut: Future<Output = Result<Vec<Output>, ProcessError>> + Send + 'a,
+{
+    recs.into_iter()
+        .enumerate()
+        .map(|(i, r)| process(r).map(move |r| (i, r.map(Done::from))))
+        .collect::<FuturesUnordered<_>>()
+}
+
+/// One record through a processor, outside the runtime (tests, tools): its outputs, the batch's
+/// shared outputs (its audit seal) included.
+pub async fn process_one<P: Processor>(
+    p: &P,
+    rec: Arc<Input>,
+) -> Result<Vec<Output>, ProcessError> {
+    let mut results = std::pin::pin!(p.process_batch(vec![rec]));
+    let (_, done) = results
+        .next()
+        .await
+        .ok_or_else(|| ProcessError::Fatal("the processor answered nothing".into()))?;
+    let done = done?;
+    let mut out = done.outputs;
+    if let Some(so) = done.shared {
+        out.extend(lock(&so.outputs).take().unwrap_or_default());
+    }
+    Ok(out)
 }
 
 /// What a stage needs besides its processor.
@@ -684,6 +707,13 @@ fn drain_and_commit<P: Processor>(
             ) {
                 tracing::warn!(error = %e, "Cannot build commit list.");
             }
+        }
+    }
+    // Stored too: the client's own commit on close (auto-commit of stored offsets) must not move a
+    // partition back behind this commit.
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(error = %e, "Storing offsets failed (partition likely revoked).");
         }
     }
     commit_sync(shared.stage(), consumer, &tpl);

@@ -13,6 +13,9 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+use futures::Stream;
+
+use super::batch::{sealed_waves, Decided};
 use super::services::{runner, Runner, Services};
 use crate::agents::stats::AgentStats;
 use crate::agents::{
@@ -25,7 +28,7 @@ use crate::context::{CommitResult, ContextStore, Fact, Outcome, Snapshot};
 use crate::error::ProcessError;
 use crate::event::{now_rfc3339, CloudEvent};
 use crate::governance::budgets::{BudgetCheck, Budgets, Spender};
-use crate::kafka::runtime::Processor;
+use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::{dead_letter, Input, Output};
 use crate::pattern::stable_id;
 use crate::records::{
@@ -565,7 +568,21 @@ impl<S: ContextStore> Processor for AgentStage<S> {
         rec.key_lane()
     }
 
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+    /// Tasks run concurrently; the audit records of those that finish together are sealed
+    /// together (a slow agent does not hold up the others).
+    fn process_batch(
+        &self,
+        recs: Vec<Arc<Input>>,
+    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
+        sealed_waves("agents", &self.sealer, &self.emitter, recs, |rec| {
+            self.decide(rec)
+        })
+    }
+}
+
+impl<S: ContextStore> AgentStage<S> {
+    /// Runs one task (or replays its recorded outcome): its records and (unsealed) audit records.
+    async fn decide(&self, rec: Arc<Input>) -> Result<Decided, ProcessError> {
         let t = decode_task(&rec, &self.emitter)?;
         let Some(entry) = self.agents.get(&t.task.agent) else {
             return Err(poison(
@@ -604,9 +621,12 @@ impl<S: ContextStore> Processor for AgentStage<S> {
                 o
             }
         };
-        let (mut out, audits) = self.outputs(&rec, &t, &outcome)?;
-        out.extend(self.sealer.outputs("agents", &self.emitter, audits).await?);
-        Ok(out)
+        let (outputs, audits) = self.outputs(&rec, &t, &outcome)?;
+        Ok(Decided {
+            outputs,
+            audits,
+            cleanup: Vec::new(),
+        })
     }
 }
 
@@ -617,6 +637,7 @@ mod tests {
     use crate::audit::MemoryChainStore;
     use crate::context::memory::MemoryStore;
     use crate::governance::budgets::{BudgetSpec, BudgetStore, Line, MemoryBudgetStore, Reserved};
+    use crate::kafka::runtime::process_one;
 
     /// A budget store whose stored state cannot be read.
     struct CorruptBudgets;
@@ -663,11 +684,7 @@ mod tests {
             emitter: Emitter::new(Default::default(), Default::default()),
             proposals_topic: "proposals".into(),
             results_topic: "results".into(),
-            sealer: Arc::new(Sealer::new(
-                Arc::new(MemoryChainStore::default()),
-                60,
-                "audit",
-            )),
+            sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
             dlq_topic: "dlq".into(),
             max_record_bytes: 1 << 20,
             unrecorded: Default::default(),
@@ -703,13 +720,20 @@ mod tests {
     #[tokio::test]
     async fn runs_an_agent_and_replays_its_outcome() {
         let s = stage(Arc::new(MemoryBudgetStore::default()));
-        let first = s.process(task()).await.unwrap();
+        let first = process_one(&s, task()).await.unwrap();
         let topics: Vec<&str> = first.iter().map(|o| o.topic.as_str()).collect();
-        assert_eq!(topics, ["proposals", "results", "audit"]);
+        assert_eq!(topics, ["proposals", "results", "audit", "audit"]);
+        let seal: CloudEvent = serde_json::from_slice(&first[3].payload).unwrap();
         assert_eq!(
-            s.process(task()).await.unwrap(),
-            first,
-            "a redelivery re-emits"
+            seal.ty,
+            crate::audit::SEAL_TYPE,
+            "the batch's seal comes last"
+        );
+        let again = process_one(&s, task()).await.unwrap();
+        assert_eq!(
+            again[..3],
+            first[..3],
+            "a redelivery re-emits the same records (under a new seal)"
         );
     }
 
@@ -718,7 +742,7 @@ mod tests {
     #[tokio::test]
     async fn corrupt_budget_state_dead_letters_the_task() {
         let s = stage(Arc::new(CorruptBudgets));
-        match s.process(task()).await {
+        match process_one(&s, task()).await {
             Err(ProcessError::Poison { reason, detail }) => {
                 assert_eq!(reason, "corrupt_state");
                 assert!(detail.contains("budget reservation"), "{detail}");

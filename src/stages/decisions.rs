@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::Stream;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::services::{runner, Runner, Services};
 use crate::error::ProcessError;
 use crate::governance::approvals::{run_sweeper, ApprovalError, Approvals, Verdict};
-use crate::kafka::runtime::Processor;
+use crate::kafka::runtime::{each, Done, Processor};
 use crate::kafka::{Input, Output};
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
@@ -60,7 +61,16 @@ impl Processor for DecisionsStage {
         "decisions"
     }
 
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+    fn process_batch(
+        &self,
+        recs: Vec<Arc<Input>>,
+    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
+        each(recs, |rec| self.decide(rec))
+    }
+}
+
+impl DecisionsStage {
+    async fn decide(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
         crate::codec::check_json_depth(&rec.payload, crate::codec::MAX_DEPTH)?;
         let v: Value = serde_json::from_slice(&rec.payload)
             .map_err(|e| ProcessError::poison("malformed_json", e.to_string()))?;

@@ -5,6 +5,7 @@
 //! readiness and telemetry all read [`STAGES`]; adding a stage is its module plus one line there.
 
 pub mod agents;
+pub mod batch;
 pub mod decisions;
 pub mod resolve;
 pub mod route;

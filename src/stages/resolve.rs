@@ -14,6 +14,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use futures::Stream;
+
+use super::batch::{sealed_waves, Decided as Batch};
 use super::services::{runner, Runner, Services};
 use crate::audit::Sealer;
 use crate::codec;
@@ -22,8 +25,8 @@ use crate::event::now_secs;
 use crate::governance::approvals::approval_output;
 use crate::governance::budgets::Budgets;
 use crate::governance::GovernanceConfig;
-use crate::kafka::runtime::Processor;
-use crate::kafka::{Input, Output};
+use crate::kafka::runtime::{Done, Processor};
+use crate::kafka::Input;
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
@@ -118,13 +121,13 @@ pub fn decode_proposal(
 }
 
 impl ResolveStage {
-    /// The records a decision causes, its audit record sealed.
-    async fn outputs(
+    /// The records a decision causes, and its (unsealed) audit record.
+    fn outputs(
         &self,
         p: &ProposalData,
         d: &Decided,
         tp: Option<&str>,
-    ) -> Result<Vec<Output>, ProcessError> {
+    ) -> Result<Batch, ProcessError> {
         let mut out = Vec::new();
         if let Some(a) = &d.action {
             let ev = record_event(
@@ -176,12 +179,11 @@ impl ResolveStage {
             tp,
             &d.at,
         )?;
-        out.extend(
-            self.sealer
-                .outputs("resolve", &self.emitter, vec![ev])
-                .await?,
-        );
-        Ok(out)
+        Ok(Batch {
+            outputs: out,
+            audits: vec![ev],
+            cleanup: Vec::new(),
+        })
     }
 
     /// Indexes the approvals a decision opened or closed (idempotent; repeated on redelivery).
@@ -227,7 +229,21 @@ impl Processor for ResolveStage {
         rec.key_lane()
     }
 
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+    /// A batch's proposals (each of a different resource) are decided concurrently and their
+    /// audit records sealed together.
+    fn process_batch(
+        &self,
+        recs: Vec<Arc<Input>>,
+    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
+        sealed_waves("resolve", &self.sealer, &self.emitter, recs, |rec| {
+            self.decide_one(rec)
+        })
+    }
+}
+
+impl ResolveStage {
+    /// Decides one proposal (or replays its stored decision).
+    async fn decide_one(&self, rec: Arc<Input>) -> Result<Batch, ProcessError> {
         let (p, tp) = decode_proposal(&rec, &self.emitter)?;
         let key = ResourceKey::new(p.tenant.clone(), p.resource.clone());
         let inval = self
@@ -241,7 +257,7 @@ impl Processor for ResolveStage {
         if let Some(d) = loaded.decided.take() {
             METRICS.proposals.with_label_values(&[REPLAYED]).inc();
             self.index(&d).await?;
-            return self.outputs(&p, &d, tp.as_deref()).await;
+            return self.outputs(&p, &d, tp.as_deref());
         }
         for attempt in 0..20 {
             if attempt > 0 {
@@ -261,7 +277,7 @@ impl Processor for ResolveStage {
                     offset = rec.offset,
                     "Proposal fenced: state is already past this offset."
                 );
-                return Ok(Vec::new());
+                return Ok(Batch::default());
             }
             let now = now_secs();
             let mut state = record.state.clone();
@@ -298,7 +314,7 @@ impl Processor for ResolveStage {
             if self.store.commit(&key, record.rev, write).await? {
                 self.index(&decided).await?;
                 count(rule, &decided, &p);
-                return self.outputs(&p, &decided, tp.as_deref()).await;
+                return self.outputs(&p, &decided, tp.as_deref());
             }
             // Someone (an approval decision) changed the resource meanwhile: decide again.
         }
@@ -315,6 +331,8 @@ mod tests {
     use crate::audit::MemoryChainStore;
     use crate::event::CloudEvent;
     use crate::governance::budgets::MemoryBudgetStore;
+    use crate::kafka::runtime::process_one;
+    use crate::kafka::Output;
     use crate::records::{ActionData, Impact};
     use crate::resolve::store::MemoryResourceStore;
 
@@ -334,11 +352,7 @@ mod tests {
             emitter: Emitter::new(Default::default(), Default::default()),
             actions_topic: "actions".into(),
             approvals_topic: "approvals".into(),
-            sealer: Arc::new(Sealer::new(
-                Arc::new(MemoryChainStore::default()),
-                60,
-                "audit",
-            )),
+            sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
         }
     }
 
@@ -384,28 +398,30 @@ mod tests {
     #[tokio::test]
     async fn decides_fences_and_replays_without_a_broker() {
         let s = stage(GovernanceConfig::default());
-        let first = s.process(input("p1", "scale_down", 10)).await.unwrap();
+        let first = process_one(&s, input("p1", "scale_down", 10))
+            .await
+            .unwrap();
         assert_eq!(actions(&first).len(), 1);
         assert!(
             first.iter().any(|o| o.topic == "audit"),
             "the decision is audited"
         );
         // A higher-priority conflicting action supersedes it, with a higher fencing token.
-        let second = s.process(input("p2", "rollback", 11)).await.unwrap();
+        let second = process_one(&s, input("p2", "rollback", 11)).await.unwrap();
         let (a1, a2) = (&actions(&first)[0], &actions(&second)[0]);
         assert!(a2.fencing_token > a1.fencing_token);
-        // A redelivery re-emits the same records; an older offset (a zombie) applies nothing.
-        assert_eq!(
-            s.process(input("p2", "rollback", 11)).await.unwrap(),
-            second
-        );
-        assert!(s
-            .process(input("p0", "rollback", 9))
+        // A redelivery re-emits the same records (sealed again); an older offset (a zombie)
+        // applies nothing.
+        let again = process_one(&s, input("p2", "rollback", 11)).await.unwrap();
+        assert_eq!(again[..again.len() - 1], second[..second.len() - 1]);
+        assert!(process_one(&s, input("p0", "rollback", 9))
             .await
             .unwrap()
             .is_empty());
         // A lower-priority conflicting proposal is rejected: no action.
-        let third = s.process(input("p3", "scale_down", 12)).await.unwrap();
+        let third = process_one(&s, input("p3", "scale_down", 12))
+            .await
+            .unwrap();
         assert!(actions(&third).is_empty());
     }
 
@@ -413,7 +429,9 @@ mod tests {
     async fn governance_gate_runs_before_apply() {
         let g: GovernanceConfig =
             serde_yaml::from_str("access: [{agents: [other], actions: [rollback]}]").unwrap();
-        let out = stage(g).process(input("p1", "rollback", 1)).await.unwrap();
+        let out = process_one(&stage(g), input("p1", "rollback", 1))
+            .await
+            .unwrap();
         assert!(
             actions(&out).is_empty(),
             "no access rule lets agent a roll back"

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::json;
 
+use futures::Stream;
+
+use super::batch::{sealed_waves, Decided};
 use super::services::{runner, Runner, Services};
 use crate::audit::Sealer;
 use crate::codec;
 use crate::error::ProcessError;
 use crate::event::CloudEvent;
-use crate::kafka::runtime::Processor;
+use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::{Input, Output};
 use crate::records::{audit_event, data_value, trace_id, types, AuditData, Emitter, TaskData};
 use crate::route::{task_id, workflow_id, RouteMatch, Router};
@@ -174,15 +177,27 @@ impl Processor for RouteStage {
         rec.key_lane()
     }
 
-    async fn process(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+    /// A batch's routing decisions are sealed into the partition's audit chain together.
+    fn process_batch(
+        &self,
+        recs: Vec<Arc<Input>>,
+    ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
+        sealed_waves("route", &self.sealer, &self.emitter, recs, |rec| {
+            std::future::ready(self.decide(&rec))
+        })
+    }
+}
+
+impl RouteStage {
+    /// The tasks and the (unsealed) audit record of one input record.
+    fn decide(&self, rec: &Input) -> Result<Decided, ProcessError> {
         let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
-        let time = input_time(&rec, &ev);
-        let (mut out, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
-        out.extend(
-            self.sealer
-                .outputs("route", &self.emitter, vec![audit])
-                .await?,
-        );
-        Ok(out)
+        let time = input_time(rec, &ev);
+        let (outputs, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
+        Ok(Decided {
+            outputs,
+            audits: vec![audit],
+            cleanup: Vec::new(),
+        })
     }
 }

@@ -351,6 +351,44 @@ schemas_dir: {schemas}
         .await
     }
 
+    /// Reads the audit topic from the beginning until `n` decision records (not the batches' seals)
+    /// arrived or `timeout` passed; returns the decision records.
+    pub async fn audit(&self, n: usize, timeout: Duration) -> Vec<Input> {
+        read_topic_matching(
+            &self.loaded.config.kafka.brokers,
+            &self.topic("switchyard.audit"),
+            n,
+            timeout,
+            |r| !is_seal(r),
+        )
+        .await
+    }
+
+    /// Reads the whole audit topic until at least `n` decision records arrived and every one of
+    /// them is listed by a seal that arrived too (or `timeout` passed); returns the verification
+    /// of everything read.
+    pub async fn verified_audit(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> switchyard::audit::Verification {
+        let recs = read_topic_until(
+            &self.loaded.config.kafka.brokers,
+            &self.topic("switchyard.audit"),
+            timeout,
+            move |got: &[Input]| {
+                // Seals follow their entries: only a seal just read can complete the picture.
+                if !got.last().is_some_and(is_seal) {
+                    return false;
+                }
+                let v = switchyard::audit::verify(&audit_records(got));
+                v.records >= n && v.problems.is_empty()
+            },
+        )
+        .await;
+        switchyard::audit::verify(&audit_records(&recs))
+    }
+
     /// Committed offsets of a stage's consumer group, per partition of a topic.
     pub async fn committed(
         &self,
@@ -394,6 +432,41 @@ schemas_dir: {schemas}
 }
 
 pub async fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Input> {
+    read_topic_matching(brokers, topic, n, timeout, |_| true).await
+}
+
+/// Whether a record of the audit topic is a batch's seal (not a decision).
+pub fn is_seal(rec: &Input) -> bool {
+    event_of(rec).ty == switchyard::audit::SEAL_TYPE
+}
+
+/// Reads a topic from the beginning until `n` records for which `keep` holds arrived, or `timeout`
+/// passed; returns those records.
+pub async fn read_topic_matching(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+    keep: fn(&Input) -> bool,
+) -> Vec<Input> {
+    let mut kept = 0;
+    let all = read_topic_until(brokers, topic, timeout, move |got: &[Input]| {
+        kept += got.last().is_some_and(keep) as usize;
+        kept >= n
+    })
+    .await;
+    all.into_iter().filter(keep).collect()
+}
+
+/// Reads a topic from the beginning until `done` holds for everything read so far, or `timeout`
+/// passed; returns every record read. `done` is asked once before the first record and then after
+/// each record.
+pub async fn read_topic_until(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[Input]) -> bool + Send + 'static,
+) -> Vec<Input> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -418,15 +491,24 @@ pub async fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration)
         let name: Arc<str> = Arc::from(topic.as_str());
         let start = Instant::now();
         let mut out = Vec::new();
-        while out.len() < n && start.elapsed() < timeout {
+        let mut finished = done(&out);
+        while !finished && start.elapsed() < timeout {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                 out.push(Input::from_message(&m, name.clone()));
+                finished = done(&out);
             }
         }
         out
     })
     .await
     .expect("join")
+}
+
+/// The audit topic's records as the verifier takes them.
+pub fn audit_records(recs: &[Input]) -> Vec<switchyard::audit::AuditRecord> {
+    recs.iter()
+        .map(|r| switchyard::audit::AuditRecord::new(r.partition, r.offset, r.payload.to_vec()))
+        .collect()
 }
 
 /// Decodes a record written by switchyard (structured JSON CloudEvent).
