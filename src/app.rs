@@ -59,7 +59,7 @@ pub fn resource_store(loaded: &Loaded, conn: RedisConn) -> Arc<dyn ResourceStore
         conn,
         &cfg.redis.key_prefix,
         ttl,
-        cfg.context.outcome_ttl_seconds,
+        cfg.context.remember_tasks,
     ))
 }
 
@@ -141,7 +141,7 @@ pub async fn run(
     ));
     let services = Services {
         budgets: Arc::new(Budgets::new(
-            Arc::new(RedisBudgetStore::new(redis.clone(), &cfg.redis.key_prefix)),
+            Arc::new(RedisBudgetStore::new(redis.clone())),
             &cfg.redis.key_prefix,
             cfg.governance.budgets.clone(),
         )),

@@ -264,6 +264,11 @@ pub async fn recover(
             .commit(k, &task, &list, None, &outcome)
             .await
             .map_err(err)?;
+        stores
+            .context
+            .forget(&[(k.clone(), task)])
+            .await
+            .map_err(err)?;
         out.facts += list.len();
     }
     out.epoch = crate::store::create_epoch(stores.conn, stores.prefix)

@@ -317,6 +317,9 @@ async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources(
     running.stop().await;
 }
 
+/// A task delivered again is never run again: before its input is committed its recorded outcome
+/// is replayed (the same records); once committed the outcome is forgotten (nothing per task stays
+/// in Redis) and a later copy is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_task_is_not_run_again() {
     let (url, st) = serve_http_agent().await;
@@ -331,32 +334,72 @@ async fn redelivered_task_is_not_run_again() {
     let _ = env
         .read("switchyard.results", 1, Duration::from_secs(30))
         .await;
-    // Redeliver: the same task record again (as after a crash before the commit).
-    let mut out = switchyard::kafka::Output::new(
-        env.topic("switchyard.tasks"),
-        first[0].key.clone().unwrap(),
-        first[0].payload.clone(),
-    );
-    out.headers = first[0].headers.clone();
-    env.producer().send(&out).await.unwrap();
-    // The same event published again routes to the same task id.
+    // Redeliver: the same task record again (as after a crash before the commit), and the same
+    // event again (routes to the same task id).
+    let copy = || {
+        let mut out = switchyard::kafka::Output::new(
+            env.topic("switchyard.tasks"),
+            first[0].key.clone().unwrap(),
+            first[0].payload.clone(),
+        );
+        out.headers = first[0].headers.clone();
+        out
+    };
+    env.producer().send(&copy()).await.unwrap();
     env.publish("events.deployments", &[ev]).await;
+    // Each copy is replayed (its input not yet committed) or skipped (committed and forgotten):
+    // never run again, and whatever is written is the same records.
     let res = results(
-        &env.read("switchyard.results", 3, Duration::from_secs(30))
+        &env.read("switchyard.results", 3, Duration::from_secs(10))
             .await,
     );
-    assert_eq!(res.len(), 3, "each delivery yields its result record");
     assert!(res
         .iter()
         .all(|r| r.task_id == res[0].task_id && r.status == "succeeded"));
     let props = proposals(
-        &env.read("switchyard.proposals", 3, Duration::from_secs(10))
+        &env.read("switchyard.proposals", 3, Duration::from_secs(5))
             .await,
     );
     assert!(
         props.iter().all(|p| p.proposal_id == props[0].proposal_id),
         "replays carry the same proposal id"
     );
+    // Once committed, nothing of the task but its id stays in Redis.
+    let c = &env.loaded.config;
+    let conn = RedisConn::new(&c.redis.url).unwrap();
+    let hash = format!("{}:ctx:{{default/svc-r}}", c.redis.key_prefix);
+    let task_id = res[0].task_id.clone();
+    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    for _ in 0..100 {
+        let mut r = conn.get().await.unwrap();
+        fields = redis::cmd("HGETALL")
+            .arg(&hash)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        if !fields.keys().any(|k| k.starts_with("_o:")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !fields.keys().any(|k| k.starts_with("_o:")),
+        "outcome forgotten once committed: {:?}",
+        fields.keys().collect::<Vec<_>>()
+    );
+    assert!(fields["_done"].contains(&task_id), "{fields:?}");
+    // A copy now is skipped: no new result, the agent still called once.
+    let before = env
+        .read("switchyard.results", usize::MAX, Duration::from_secs(2))
+        .await
+        .len();
+    env.producer().send(&copy()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = env
+        .read("switchyard.results", usize::MAX, Duration::from_secs(2))
+        .await
+        .len();
+    assert_eq!(after, before, "a copy of a committed task writes nothing");
     assert_eq!(
         st.total.load(Ordering::SeqCst),
         1,

@@ -96,7 +96,7 @@ async fn redis_stores_meet_their_contracts() {
     )
     .await;
     switchyard::governance::budgets::contract::run_all(
-        &switchyard::governance::budgets::RedisBudgetStore::new(conn.clone(), p),
+        &switchyard::governance::budgets::RedisBudgetStore::new(conn.clone()),
         &env.prefix,
     )
     .await;
@@ -541,7 +541,6 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         budgets: Arc::new(switchyard::governance::budgets::Budgets::new(
             Arc::new(switchyard::governance::budgets::RedisBudgetStore::new(
                 conn.clone(),
-                &c.redis.key_prefix,
             )),
             &c.redis.key_prefix,
             vec![],

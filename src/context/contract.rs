@@ -4,14 +4,15 @@
 
 use serde_json::json;
 
-use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, ResourceKey};
+use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey};
 use crate::records::AgentResponse;
 
 pub fn config() -> ContextConfig {
     ContextConfig {
         ttl_seconds: 3600,
         max_events: 3,
-        outcome_ttl_seconds: 3600,
+        remember_tasks: 3,
+        outcome_ttl_seconds: None,
     }
 }
 
@@ -47,7 +48,7 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
     let s = store.snapshot(&a).await.expect("snapshot");
     assert_eq!(s.version, 0);
     assert!(s.facts.is_empty());
-    assert!(store.outcome(&a, "t1").await.expect("outcome").is_none());
+    assert_eq!(store.read(&a, "t1").await.expect("read").0, Prior::New);
 
     // A commit with facts bumps the version and is visible immediately.
     let r = store
@@ -80,27 +81,32 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
         .expect("commit");
     assert!(matches!(r, CommitResult::AlreadyRecorded(o) if o.status == "succeeded"));
     assert_eq!(store.snapshot(&a).await.expect("snapshot").version, 1);
-    assert_eq!(
-        store
-            .outcome(&a, "t1")
-            .await
-            .expect("outcome")
-            .expect("recorded")
-            .status,
-        "succeeded"
-    );
     // The combined read sees the same outcome and context.
-    let (o, snap) = store
-        .outcome_and_snapshot(&a, "t1")
-        .await
-        .expect("outcome and snapshot");
-    assert_eq!(o.expect("recorded").status, "succeeded");
+    let (o, snap) = store.read(&a, "t1").await.expect("read");
+    assert!(matches!(o, Prior::Recorded(o) if o.status == "succeeded"));
     assert_eq!(snap.version, 1);
-    let (none, _) = store
-        .outcome_and_snapshot(&a, "never-ran")
+    let (none, _) = store.read(&a, "never-ran").await.expect("read");
+    assert_eq!(none, Prior::New);
+
+    // Once its input is committed, the outcome is forgotten; the task stays known as finished, and
+    // committing it again (a zombie, an upstream copy) changes nothing.
+    store
+        .forget(&[(a.clone(), "t1".to_string())])
         .await
-        .expect("outcome and snapshot");
-    assert!(none.is_none());
+        .expect("forget");
+    assert_eq!(store.read(&a, "t1").await.expect("read").0, Prior::Finished);
+    let r = store
+        .commit(
+            &a,
+            "t1",
+            &[("deployment".into(), fact(json!({"v": 9}), "zombie"))],
+            None,
+            &outcome("succeeded"),
+        )
+        .await
+        .expect("commit");
+    assert_eq!(r, CommitResult::Finished);
+    assert_eq!(store.snapshot(&a).await.expect("snapshot").version, 1);
 
     // A commit without facts records the outcome but keeps the version.
     let r = store
@@ -182,9 +188,24 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             .version,
         0
     );
-    assert!(store
-        .outcome(&other_tenant, "t1")
-        .await
-        .expect("outcome")
-        .is_none());
+    assert_eq!(
+        store.read(&other_tenant, "t1").await.expect("read").0,
+        Prior::New
+    );
+
+    // Only the last `remember_tasks` (3) finished tasks are remembered once forgotten.
+    let done: Vec<(ResourceKey, String)> = ["e-t5", "e-t6", "e-dup", "t1", "t2", "t3"]
+        .iter()
+        .map(|t| (a.clone(), t.to_string()))
+        .collect();
+    store.forget(&done).await.expect("forget");
+    assert_eq!(
+        store.read(&a, "e-dup").await.expect("read").0,
+        Prior::Finished
+    );
+    assert_eq!(
+        store.read(&a, "e-t4").await.expect("read").0,
+        Prior::Recorded(Box::new(outcome("succeeded")))
+    );
+    assert_eq!(store.read(&a, "t2").await.expect("read").0, Prior::New);
 }

@@ -1,19 +1,26 @@
 //! In-memory [`ContextStore`] for unit tests (no TTLs).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde_json::Value;
 
 use super::{
-    CommitResult, ContextConfig, ContextStore, Fact, Outcome, ResourceKey, Snapshot, StoreError,
+    CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey, Snapshot,
+    StoreError,
 };
+
+#[derive(Default)]
+struct Resource {
+    snap: Snapshot,
+    outcomes: HashMap<String, Outcome>,
+    done: VecDeque<String>,
+}
 
 #[derive(Default)]
 pub struct MemoryStore {
     config: ContextConfig,
-    resources: Mutex<HashMap<ResourceKey, Snapshot>>,
-    outcomes: Mutex<HashMap<(ResourceKey, String), Outcome>>,
+    resources: Mutex<HashMap<ResourceKey, Resource>>,
 }
 
 impl MemoryStore {
@@ -27,17 +34,24 @@ impl MemoryStore {
 
 impl ContextStore for MemoryStore {
     async fn snapshot(&self, key: &ResourceKey) -> Result<Snapshot, StoreError> {
-        let r = self.resources.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(r.get(key).cloned().unwrap_or_default())
+        Ok(self.read(key, "").await?.1)
     }
 
-    async fn outcome(
+    async fn read(
         &self,
         key: &ResourceKey,
         task_id: &str,
-    ) -> Result<Option<Outcome>, StoreError> {
-        let o = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(o.get(&(key.clone(), task_id.to_string())).cloned())
+    ) -> Result<(Prior, Snapshot), StoreError> {
+        let r = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(res) = r.get(key) else {
+            return Ok((Prior::New, Snapshot::default()));
+        };
+        let prior = match res.outcomes.get(task_id) {
+            Some(o) => Prior::Recorded(Box::new(o.clone())),
+            None if res.done.iter().any(|t| t == task_id) => Prior::Finished,
+            None => Prior::New,
+        };
+        Ok((prior, res.snap.clone()))
     }
 
     async fn commit(
@@ -48,13 +62,15 @@ impl ContextStore for MemoryStore {
         event: Option<&Value>,
         outcome: &Outcome,
     ) -> Result<CommitResult, StoreError> {
-        let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-        let okey = (key.clone(), task_id.to_string());
-        if let Some(existing) = outcomes.get(&okey) {
+        let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        let res = resources.entry(key.clone()).or_default();
+        if let Some(existing) = res.outcomes.get(task_id) {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
-        let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
-        let snap = resources.entry(key.clone()).or_default();
+        if res.done.iter().any(|t| t == task_id) {
+            return Ok(CommitResult::Finished);
+        }
+        let snap = &mut res.snap;
         if !facts.is_empty() {
             snap.version += 1;
             for (k, f) in facts {
@@ -62,15 +78,27 @@ impl ContextStore for MemoryStore {
                 snap.key_versions.insert(k.clone(), snap.version);
             }
         }
-        if let Some(ev) = event {
+        if let Some(ev) = event.filter(|_| self.config.max_events > 0) {
             snap.recent_events.retain(|e| e != ev);
             snap.recent_events.insert(0, ev.clone());
             snap.recent_events.truncate(self.config.max_events);
         }
-        outcomes.insert(okey, outcome.clone());
+        res.done.push_front(task_id.to_string());
+        res.done.truncate(self.config.remember_tasks.max(1));
+        res.outcomes.insert(task_id.to_string(), outcome.clone());
         Ok(CommitResult::Applied {
-            version: snap.version,
+            version: res.snap.version,
         })
+    }
+
+    async fn forget(&self, tasks: &[(ResourceKey, String)]) -> Result<(), StoreError> {
+        let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, t) in tasks {
+            if let Some(res) = resources.get_mut(k) {
+                res.outcomes.remove(t);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,19 @@ pub struct Outcome {
     pub at: String,
 }
 
+/// What the store knows of a task before it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prior {
+    /// Never finished: run it.
+    New,
+    /// Finished and its input is not yet known to be committed (a redelivery): emit its records
+    /// again from the recorded outcome.
+    Recorded(Box<Outcome>),
+    /// Finished, its records delivered and its input committed (the outcome was forgotten): a copy
+    /// of the task further down the topic (an upstream redelivery) is skipped.
+    Finished,
+}
+
 /// What [`ContextStore::commit`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitResult {
@@ -84,6 +97,9 @@ pub enum CommitResult {
     Applied { version: u64 },
     /// The task already had an outcome (a redelivery raced us); nothing changed.
     AlreadyRecorded(Box<Outcome>),
+    /// The task finished and its outcome was forgotten already (a zombie, or an upstream copy
+    /// racing the original); nothing changed.
+    Finished,
 }
 
 /// The `context:` config section: what the shared context keeps.
@@ -96,10 +112,19 @@ pub struct ContextConfig {
     /// Recent events kept per resource.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
-    /// How long a task's outcome is kept; a redelivery within this window does not call the agent
-    /// again.
-    #[serde(default = "default_week")]
-    pub outcome_ttl_seconds: u64,
+    /// Finished task ids remembered per resource after their outcome is forgotten (once their
+    /// input is committed): a copy of a task within this many later tasks of the resource is
+    /// skipped instead of calling the agent again.
+    #[serde(default = "default_remember_tasks")]
+    pub remember_tasks: usize,
+    /// No longer used (outcomes are kept until their input is committed); accepted so that older
+    /// configs still load.
+    #[serde(default, skip_serializing)]
+    pub outcome_ttl_seconds: Option<u64>,
+}
+
+fn default_remember_tasks() -> usize {
+    64
 }
 
 fn default_week() -> u64 {
@@ -114,7 +139,8 @@ impl Default for ContextConfig {
         ContextConfig {
             ttl_seconds: default_week(),
             max_events: default_max_events(),
-            outcome_ttl_seconds: default_week(),
+            remember_tasks: default_remember_tasks(),
+            outcome_ttl_seconds: None,
         }
     }
 }
@@ -127,28 +153,30 @@ pub trait ContextStore: Send + Sync + 'static {
         key: &ResourceKey,
     ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
 
-    /// The recorded outcome of a task, if it finished before.
-    fn outcome(
+    /// What is known of a task, and the resource's context now, in one round trip.
+    fn read(
         &self,
         key: &ResourceKey,
         task_id: &str,
-    ) -> impl Future<Output = Result<Option<Outcome>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Prior, Snapshot), StoreError>> + Send;
 
-    /// The recorded outcome of a task and the resource's context now, in one round trip where the
-    /// store allows (the agent stage needs both for every task).
-    fn outcome_and_snapshot(
+    /// [`ContextStore::read`] for many tasks, in one round trip where the store allows.
+    fn read_many(
         &self,
-        key: &ResourceKey,
-        task_id: &str,
-    ) -> impl Future<Output = Result<(Option<Outcome>, Snapshot), StoreError>> + Send {
+        asks: &[(ResourceKey, String)],
+    ) -> impl Future<Output = Vec<Result<(Prior, Snapshot), StoreError>>> + Send {
         async move {
-            let o = self.outcome(key, task_id).await?;
-            Ok((o, self.snapshot(key).await?))
+            let mut out = Vec::with_capacity(asks.len());
+            for (k, t) in asks {
+                out.push(self.read(k, t).await);
+            }
+            out
         }
     }
 
     /// Atomically: unless the task already has an outcome, write `facts` (bumping the version when
-    /// there are any), remember `event` in the recent-events list, and record `outcome`.
+    /// there are any), remember `event` in the recent-events list, record `outcome` and remember the
+    /// task as finished.
     fn commit(
         &self,
         key: &ResourceKey,
@@ -157,4 +185,11 @@ pub trait ContextStore: Send + Sync + 'static {
         event: Option<&Value>,
         outcome: &Outcome,
     ) -> impl Future<Output = Result<CommitResult, StoreError>> + Send;
+
+    /// Forgets the recorded outcomes of tasks whose input offsets are committed (their records
+    /// were delivered); they stay remembered as finished.
+    fn forget(
+        &self,
+        tasks: &[(ResourceKey, String)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

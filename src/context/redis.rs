@@ -1,41 +1,63 @@
 //! Redis [`ContextStore`].
 //!
-//! Keys (all of one resource share the `{tenant/resource}` hash tag):
-//! - `<prefix>:ctx:{t/r}`: hash; `_version`, one field per fact (JSON [`Fact`]) and `_v:<key>`, the
-//!   version at which each fact last changed;
-//! - `<prefix>:events:{t/r}`: list of recent event summaries, most recent first;
-//! - `<prefix>:outcome:{t/r}:<task id>`: the task's recorded [`Outcome`] (JSON).
+//! Everything of one resource is one hash, `<prefix>:ctx:{t/r}` (the `{tenant/resource}` hash tag):
+//! - `_version`, one field per fact (JSON [`Fact`]) and `_v:<key>`, the version at which each fact
+//!   last changed;
+//! - `_events`: recent event summaries, most recent first (a JSON array of JSON strings);
+//! - `_done`: the ids of the resource's most recently finished tasks (a JSON array);
+//! - `_o:<task id>`: a finished task's recorded [`Outcome`] (JSON), until its input is committed.
 //!
-//! The commit is one Lua script, so "record outcome + apply writes" happens once or not at all.
+//! So a task costs one read (`HGETALL`) and one commit script (`HMGET`, `HSET`, `EXPIRE`), and the
+//! forgetting of its outcome one `HDEL`, pipelined with the others committed at the same time. What
+//! stays behind grows with resources, not with tasks.
 
 use redis::Script;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Snapshot};
+use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Snapshot};
 use crate::store::{RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
-local existing = redis.call('GET', KEYS[3])
-if existing then return {0, existing} end
-local n = tonumber(ARGV[6])
-local version
-if n > 0 then
-  version = redis.call('HINCRBY', KEYS[1], '_version', 1)
-  for i = 0, n - 1 do
-    redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i], '_v:' .. ARGV[7 + 2 * i], version)
+-- KEYS[1] = context hash; ARGV[1] = task id, ARGV[2] = outcome, ARGV[3] = ttl, ARGV[4] = event
+-- summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks remembered, ARGV[7] = fact count,
+-- then key, value pairs.
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done')
+if cur[1] then return {0, cur[1]} end
+if cur[4] then
+  for _, t in ipairs(cjson.decode(cur[4])) do
+    if t == ARGV[1] then return {2, ''} end
   end
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-else
-  version = tonumber(redis.call('HGET', KEYS[1], '_version') or '0')
 end
-if ARGV[4] ~= '' then
-  redis.call('LREM', KEYS[2], 0, ARGV[4])
-  redis.call('LPUSH', KEYS[2], ARGV[4])
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[5]) - 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+local version = tonumber(cur[2] or '0')
+local n = tonumber(ARGV[7])
+local set = {}
+local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
+if n > 0 then
+  version = version + 1
+  put('_version', tostring(version))
+  for i = 0, n - 1 do
+    put(ARGV[8 + 2 * i], ARGV[9 + 2 * i])
+    put('_v:' .. ARGV[8 + 2 * i], tostring(version))
+  end
 end
-redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+local function capped(first, old, max)
+  local list = {first}
+  if old then
+    for _, x in ipairs(cjson.decode(old)) do
+      if #list >= max then break end
+      if x ~= first then list[#list + 1] = x end
+    end
+  end
+  return cjson.encode(list)
+end
+if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
+  put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
+end
+put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
+put('_o:' .. ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], unpack(set))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, tostring(version)}
 "#;
 
@@ -62,12 +84,6 @@ impl RedisStore {
 
     fn ctx_key(&self, k: &ResourceKey) -> String {
         ctx_key(&self.prefix, k)
-    }
-    fn events_key(&self, k: &ResourceKey) -> String {
-        format!("{}:events:{}", self.prefix, k.hash_tag())
-    }
-    fn outcome_key(&self, k: &ResourceKey, task_id: &str) -> String {
-        format!("{}:outcome:{}:{task_id}", self.prefix, k.hash_tag())
     }
 }
 
@@ -102,82 +118,100 @@ pub fn parse_key_versions(
         .collect())
 }
 
-fn parse_outcome(v: Option<String>) -> Result<Option<Outcome>, StoreError> {
-    v.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("outcome: {e}"))))
-        .transpose()
-}
-
-fn parse_snapshot(
-    fields: BTreeMap<String, String>,
-    events: Vec<String>,
-) -> Result<Snapshot, StoreError> {
+/// A resource's hash as read: its context, and what it says of `task_id`.
+fn parse(fields: HashMap<String, String>, task_id: &str) -> Result<(Prior, Snapshot), StoreError> {
     let mut snap = Snapshot::default();
+    let mut prior = Prior::New;
+    let mut done = None;
     for (k, v) in fields {
         if k == "_version" {
             snap.version = v
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("_version {v:?}")))?;
+        } else if k == "_events" {
+            let list: Vec<String> = serde_json::from_str(&v)
+                .map_err(|e| StoreError::Corrupt(format!("_events: {e}")))?;
+            snap.recent_events = list
+                .iter()
+                .map(|e| {
+                    serde_json::from_str::<Value>(e)
+                        .map_err(|x| StoreError::Corrupt(format!("event: {x}")))
+                })
+                .collect::<Result<_, _>>()?;
+        } else if k == "_done" {
+            done = Some(v);
         } else if let Some(key) = k.strip_prefix("_v:") {
             let ver = v
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
             snap.key_versions.insert(key.to_string(), ver);
-        } else {
+        } else if let Some(task) = k.strip_prefix("_o:") {
+            if task == task_id {
+                let o: Outcome = serde_json::from_str(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
+                prior = Prior::Recorded(Box::new(o));
+            }
+        } else if !k.starts_with('_') {
             let f: Fact = serde_json::from_str(&v)
                 .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;
             snap.facts.insert(k, f);
         }
     }
-    snap.recent_events = events
-        .iter()
-        .map(|e| {
-            serde_json::from_str::<Value>(e).map_err(|x| StoreError::Corrupt(format!("event: {x}")))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(snap)
+    if prior == Prior::New {
+        if let Some(d) = done {
+            let ids: Vec<String> =
+                serde_json::from_str(&d).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
+            if ids.iter().any(|t| t == task_id) {
+                prior = Prior::Finished;
+            }
+        }
+    }
+    Ok((prior, snap))
 }
 
 impl ContextStore for RedisStore {
     async fn snapshot(&self, key: &ResourceKey) -> Result<Snapshot, StoreError> {
-        let mut c = self.conn.get().await?;
-        let (fields, events): (BTreeMap<String, String>, Vec<String>) = redis::pipe()
-            .hgetall(self.ctx_key(key))
-            .lrange(self.events_key(key), 0, -1)
-            .query_async(&mut c)
-            .await
-            .map_err(redis_err)?;
-        parse_snapshot(fields, events)
+        Ok(self.read(key, "").await?.1)
     }
 
-    async fn outcome_and_snapshot(
+    async fn read(
         &self,
         key: &ResourceKey,
         task_id: &str,
-    ) -> Result<(Option<Outcome>, Snapshot), StoreError> {
+    ) -> Result<(Prior, Snapshot), StoreError> {
         let mut c = self.conn.get().await?;
-        let (outcome, fields, events): (Option<String>, BTreeMap<String, String>, Vec<String>) =
-            redis::pipe()
-                .get(self.outcome_key(key, task_id))
-                .hgetall(self.ctx_key(key))
-                .lrange(self.events_key(key), 0, -1)
-                .query_async(&mut c)
-                .await
-                .map_err(redis_err)?;
-        Ok((parse_outcome(outcome)?, parse_snapshot(fields, events)?))
-    }
-
-    async fn outcome(
-        &self,
-        key: &ResourceKey,
-        task_id: &str,
-    ) -> Result<Option<Outcome>, StoreError> {
-        let mut c = self.conn.get().await?;
-        let v: Option<String> = redis::cmd("GET")
-            .arg(self.outcome_key(key, task_id))
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.ctx_key(key))
             .query_async(&mut c)
             .await
             .map_err(redis_err)?;
-        parse_outcome(v)
+        parse(fields, task_id)
+    }
+
+    async fn read_many(
+        &self,
+        asks: &[(ResourceKey, String)],
+    ) -> Vec<Result<(Prior, Snapshot), StoreError>> {
+        if asks.is_empty() {
+            return Vec::new();
+        }
+        let mut pipe = redis::pipe();
+        for (k, _) in asks {
+            pipe.hgetall(self.ctx_key(k));
+        }
+        let replies: Result<Vec<HashMap<String, String>>, StoreError> = async {
+            let mut c = self.conn.get().await?;
+            pipe.query_async(&mut c).await.map_err(redis_err)
+        }
+        .await;
+        match replies {
+            Ok(r) => r
+                .into_iter()
+                .zip(asks)
+                .map(|(fields, (_, t))| parse(fields, t))
+                .collect(),
+            Err(e) => asks.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     async fn commit(
@@ -193,20 +227,21 @@ impl ContextStore for RedisStore {
             serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut inv = self.commit.prepare_invoke();
         inv.key(self.ctx_key(key))
-            .key(self.events_key(key))
-            .key(self.outcome_key(key, task_id))
+            .arg(task_id)
             .arg(outcome_json)
             .arg(self.config.ttl_seconds)
-            .arg(self.config.outcome_ttl_seconds)
             .arg(event.map(Value::to_string).unwrap_or_default())
             .arg(self.config.max_events)
+            .arg(self.config.remember_tasks)
             .arg(facts.len());
         for (k, f) in facts {
             let v = serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             inv.arg(k).arg(v);
         }
         let (applied, value): (i64, String) = inv.invoke_async(&mut c).await.map_err(redis_err)?;
-        if applied == 1 {
+        if applied == 2 {
+            Ok(CommitResult::Finished)
+        } else if applied == 1 {
             Ok(CommitResult::Applied {
                 version: value
                     .parse()
@@ -217,5 +252,24 @@ impl ContextStore for RedisStore {
                 .map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
             Ok(CommitResult::AlreadyRecorded(Box::new(o)))
         }
+    }
+
+    async fn forget(&self, tasks: &[(ResourceKey, String)]) -> Result<(), StoreError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, t) in tasks {
+            by_key
+                .entry(self.ctx_key(k))
+                .or_default()
+                .push(format!("_o:{t}"));
+        }
+        let mut pipe = redis::pipe();
+        for (k, fields) in by_key {
+            pipe.hdel(k, fields).ignore();
+        }
+        let mut c = self.conn.get().await?;
+        pipe.query_async::<()>(&mut c).await.map_err(redis_err)
     }
 }

@@ -2,8 +2,14 @@
 //! call and checked again before an action goes out.
 //!
 //! A reservation is atomic across every budget that applies ([`BudgetStore::reserve`]: all or
-//! none), so concurrent calls in any number of instances never overspend. Redis keys carry the
+//! none), so concurrent calls in any number of instances never overspend. A batch's reservations
+//! are one script call, decided in order (each sees the ones before it). Redis keys carry the
 //! `{budgets}` hash tag, so one script touches them all on one Redis Cluster slot.
+//!
+//! A reservation pays for one agent call. A task is reserved for only when it is about to call its
+//! agent: a redelivered task whose outcome is recorded replays it without reserving, so it pays
+//! again only if the agent is called again (a crash between the call and the recording), which is
+//! the spend that actually happens.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -98,6 +104,14 @@ pub struct Line {
     pub max_cost: Option<f64>,
 }
 
+/// One reservation of a batch: `calls` and `cost` against every line, or none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub lines: Vec<Line>,
+    pub calls: u64,
+    pub cost: f64,
+}
+
 /// What a reservation did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reserved {
@@ -109,17 +123,12 @@ pub struct Reserved {
 
 /// Where budget spend lives. Boxed futures, so it can be shared as `Arc<dyn BudgetStore>`.
 pub trait BudgetStore: Send + Sync + 'static {
-    /// Adds `calls` and `cost` to every line, or to none when one would pass its limit. Keyed by
-    /// `hold` (e.g. the task id): a second reservation with the same hold within `hold_ttl` seconds
-    /// changes nothing and succeeds (a redelivery pays nothing twice).
+    /// Decides `requests` in order, atomically as a whole: each adds its calls and cost to every
+    /// one of its lines, or to none when one would pass its limit.
     fn reserve<'a>(
         &'a self,
-        hold: &'a str,
-        hold_ttl: u64,
-        lines: &'a [Line],
-        calls: u64,
-        cost: f64,
-    ) -> BoxFuture<'a, Result<Reserved, StoreError>>;
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Reserved>, StoreError>>;
 
     /// Calls and cost spent so far on each key.
     fn spent<'a>(
@@ -129,50 +138,68 @@ pub trait BudgetStore: Send + Sync + 'static {
 }
 
 const RESERVE: &str = r#"
--- KEYS[1] = hold marker, KEYS[2..] = budget hashes
--- ARGV[1] = marker ttl, ARGV[2] = calls, ARGV[3] = cost, then per budget: ttl, max_calls, max_cost (-1 = none)
--- Reply: {status, index, calls1, cost1, ...}; status 1 ok, 0 refused by budget <index>,
--- -1 budget <index> holds a value that is not a number.
-local function values(ok, idx)
-  local out = {ok, idx}
-  for i = 2, #KEYS do
-    out[#out + 1] = redis.call('HGET', KEYS[i], 'calls') or '0'
-    out[#out + 1] = redis.call('HGET', KEYS[i], 'cost') or '0'
+-- KEYS = the batch's distinct buckets. ARGV[1] = request count; then per request: calls, cost,
+-- line count, and per line: bucket index (into KEYS), ttl, max calls, max cost (-1 = none).
+-- Reply per request: status (1 ok, 0 refused), refusing line (1-based, 0 = none), then per line
+-- calls and cost after it. {-1, i} when bucket i holds a value that is not a number.
+local calls, cost, fresh, delta = {}, {}, {}, {}
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'calls', 'cost')
+  calls[i] = tonumber(v[1] or '0')
+  cost[i] = tonumber(v[2] or '0')
+  if calls[i] == nil or cost[i] == nil then return {-1, i} end
+  fresh[i] = v[1] == false
+  delta[i] = {0, 0, 0}
+end
+local out = {}
+local a = 2
+for r = 1, tonumber(ARGV[1]) do
+  local n, m, lines = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local refused = 0
+  for l = 1, lines do
+    local b = a + (l - 1) * 4
+    local k, maxc, maxm = tonumber(ARGV[b]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    if refused == 0 and ((maxc >= 0 and calls[k] + n > maxc) or (maxm >= 0 and cost[k] + m > maxm + 1e-9)) then
+      refused = l
+    end
   end
-  return out
+  if refused == 0 then
+    for l = 1, lines do
+      local b = a + (l - 1) * 4
+      local k = tonumber(ARGV[b])
+      calls[k] = calls[k] + n
+      cost[k] = cost[k] + m
+      delta[k] = {delta[k][1] + n, delta[k][2] + m, tonumber(ARGV[b + 1])}
+    end
+  end
+  out[#out + 1] = refused == 0 and 1 or 0
+  out[#out + 1] = refused
+  for l = 1, lines do
+    local k = tonumber(ARGV[a + (l - 1) * 4])
+    out[#out + 1] = tostring(calls[k])
+    out[#out + 1] = tostring(cost[k])
+  end
+  a = a + lines * 4
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return values(1, 0) end
-for i = 2, #KEYS do
-  local b = 4 + (i - 2) * 3
-  local calls = tonumber(redis.call('HGET', KEYS[i], 'calls') or '0')
-  local cost = tonumber(redis.call('HGET', KEYS[i], 'cost') or '0')
-  if calls == nil or cost == nil then return {-1, i - 1} end
-  local maxc, maxm = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  if maxc >= 0 and calls + tonumber(ARGV[2]) > maxc then return values(0, i - 1) end
-  if maxm >= 0 and cost + tonumber(ARGV[3]) > maxm + 1e-9 then return values(0, i - 1) end
+for i = 1, #KEYS do
+  if delta[i][1] > 0 then redis.call('HINCRBY', KEYS[i], 'calls', delta[i][1]) end
+  if delta[i][2] ~= 0 then redis.call('HINCRBYFLOAT', KEYS[i], 'cost', tostring(delta[i][2])) end
+  if delta[i][1] > 0 and fresh[i] and delta[i][3] > 0 then redis.call('EXPIRE', KEYS[i], delta[i][3]) end
 end
-for i = 2, #KEYS do
-  local b = 4 + (i - 2) * 3
-  redis.call('HINCRBY', KEYS[i], 'calls', ARGV[2])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cost', ARGV[3])
-  if tonumber(ARGV[b]) > 0 then redis.call('EXPIRE', KEYS[i], ARGV[b]) end
-end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
-return values(1, 0)
+return out
 "#;
 
-/// Budget spend in Redis: one hash per bucket (`calls`, `cost`), one marker per hold.
+/// Budget spend in Redis: one hash per bucket (`calls`, `cost`).
 pub struct RedisBudgetStore {
     conn: RedisConn,
-    prefix: String,
     reserve: Script,
 }
 
 impl RedisBudgetStore {
-    pub fn new(conn: RedisConn, prefix: &str) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         RedisBudgetStore {
             conn,
-            prefix: prefix.into(),
             reserve: Script::new(RESERVE),
         }
     }
@@ -181,42 +208,58 @@ impl RedisBudgetStore {
 impl BudgetStore for RedisBudgetStore {
     fn reserve<'a>(
         &'a self,
-        hold: &'a str,
-        hold_ttl: u64,
-        lines: &'a [Line],
-        calls: u64,
-        cost: f64,
-    ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Reserved>, StoreError>> {
         Box::pin(async move {
+            if requests.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut keys: Vec<&str> = Vec::new();
+            let mut index: HashMap<&str, usize> = HashMap::new();
             let mut inv = self.reserve.prepare_invoke();
-            inv.key(format!("{}:budget:{{budgets}}:task:{hold}", self.prefix))
-                .arg(hold_ttl.max(1))
-                .arg(calls)
-                .arg(cost);
-            for l in lines {
-                inv.key(&l.key)
-                    .arg(l.ttl)
-                    .arg(l.max_calls.map(|m| m as i64).unwrap_or(-1))
-                    .arg(l.max_cost.unwrap_or(-1.0));
+            inv.arg(requests.len());
+            for r in requests {
+                inv.arg(r.calls).arg(r.cost).arg(r.lines.len());
+                for l in &r.lines {
+                    let k = *index.entry(l.key.as_str()).or_insert_with(|| {
+                        keys.push(l.key.as_str());
+                        keys.len()
+                    });
+                    inv.arg(k)
+                        .arg(l.ttl)
+                        .arg(l.max_calls.map(|m| m as i64).unwrap_or(-1))
+                        .arg(l.max_cost.unwrap_or(-1.0));
+                }
+            }
+            for k in &keys {
+                inv.key(*k);
             }
             let mut c = self.conn.get().await?;
-            // One round trip: the script answers with every budget's spend after the reservation.
+            // One round trip for the batch.
             let reply: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
             let num = |i: usize| reply_number(reply.get(i));
-            let (status, idx) = (num(0) as i64, num(1) as i64);
-            let index = (idx - 1).max(0) as usize;
-            if status < 0 {
+            if num(0) < 0.0 {
+                let bad = (num(1) as usize).saturating_sub(1);
                 return Err(StoreError::Corrupt(format!(
                     "budget bucket {} holds a value that is not a number",
-                    lines.get(index).map(|l| l.key.as_str()).unwrap_or("?")
+                    keys.get(bad).copied().unwrap_or("?")
                 )));
             }
-            Ok(Reserved {
-                refused_by: (status == 0).then_some(index),
-                spent: (0..lines.len())
-                    .map(|j| (num(2 + 2 * j), num(3 + 2 * j)))
-                    .collect(),
-            })
+            let mut at = 0;
+            let mut out = Vec::with_capacity(requests.len());
+            for r in requests {
+                let (status, refusing) = (num(at), num(at + 1) as usize);
+                at += 2;
+                let spent = (0..r.lines.len())
+                    .map(|j| (num(at + 2 * j), num(at + 2 * j + 1)))
+                    .collect();
+                at += 2 * r.lines.len();
+                out.push(Reserved {
+                    refused_by: (status == 0.0).then(|| refusing.saturating_sub(1)),
+                    spent,
+                });
+            }
+            Ok(out)
         })
     }
 
@@ -258,66 +301,44 @@ impl BudgetStore for RedisBudgetStore {
     }
 }
 
-/// Spend by bucket, and the holds seen.
-type MemoryBudgets = (
-    HashMap<String, (u64, f64)>,
-    std::collections::HashSet<String>,
-);
-
-/// In-memory twin of [`RedisBudgetStore`] for unit tests (no TTLs).
+/// In-memory twin of [`RedisBudgetStore`] for unit tests (no TTLs): spend by bucket.
 #[derive(Default)]
 pub struct MemoryBudgetStore {
-    state: Mutex<MemoryBudgets>,
+    state: Mutex<HashMap<String, (u64, f64)>>,
 }
 
 impl BudgetStore for MemoryBudgetStore {
     fn reserve<'a>(
         &'a self,
-        hold: &'a str,
-        _hold_ttl: u64,
-        lines: &'a [Line],
-        calls: u64,
-        cost: f64,
-    ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+        requests: &'a [Request],
+    ) -> BoxFuture<'a, Result<Vec<Reserved>, StoreError>> {
         Box::pin(async move {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let (buckets, holds) = &mut *st;
-            let spent_now = |b: &HashMap<String, (u64, f64)>| {
-                lines
+            let mut buckets = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = Vec::with_capacity(requests.len());
+            for r in requests {
+                let refused_by = r.lines.iter().position(|l| {
+                    let (n, c) = buckets.get(&l.key).copied().unwrap_or_default();
+                    l.max_calls.is_some_and(|m| n + r.calls > m)
+                        || l.max_cost.is_some_and(|m| c + r.cost > m + 1e-9)
+                });
+                if refused_by.is_none() {
+                    for l in &r.lines {
+                        let b = buckets.entry(l.key.clone()).or_default();
+                        b.0 += r.calls;
+                        b.1 += r.cost;
+                    }
+                }
+                let spent = r
+                    .lines
                     .iter()
                     .map(|l| {
-                        let (n, c) = b.get(&l.key).copied().unwrap_or_default();
+                        let (n, c) = buckets.get(&l.key).copied().unwrap_or_default();
                         (n as f64, c)
                     })
-                    .collect::<Vec<_>>()
-            };
-            if holds.contains(hold) {
-                return Ok(Reserved {
-                    refused_by: None,
-                    spent: spent_now(buckets),
-                });
+                    .collect();
+                out.push(Reserved { refused_by, spent });
             }
-            for (i, l) in lines.iter().enumerate() {
-                let (n, c) = buckets.get(&l.key).copied().unwrap_or_default();
-                let over_calls = l.max_calls.is_some_and(|m| n + calls > m);
-                let over_cost = l.max_cost.is_some_and(|m| c + cost > m + 1e-9);
-                if over_calls || over_cost {
-                    return Ok(Reserved {
-                        refused_by: Some(i),
-                        spent: spent_now(buckets),
-                    });
-                }
-            }
-            for l in lines {
-                let b = buckets.entry(l.key.clone()).or_default();
-                b.0 += calls;
-                b.1 += cost;
-            }
-            holds.insert(hold.to_string());
-            Ok(Reserved {
-                refused_by: None,
-                spent: spent_now(buckets),
-            })
+            Ok(out)
         })
     }
 
@@ -329,14 +350,11 @@ impl BudgetStore for MemoryBudgetStore {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             Ok(keys
                 .iter()
-                .map(|k| st.0.get(k).copied().unwrap_or_default())
+                .map(|k| st.get(k).copied().unwrap_or_default())
                 .collect())
         })
     }
 }
-
-/// How long a reservation's hold is remembered (a redelivered task within it pays nothing twice).
-const HOLD_TTL: u64 = 7 * 86400;
 
 /// The budgets of the config over a store.
 pub struct Budgets {
@@ -388,35 +406,54 @@ impl Budgets {
             .collect()
     }
 
-    /// Reserves one call costing `cost` for `task_id` against every applicable budget, or none. A
-    /// second reservation for the same task is a no-op (redelivery pays nothing twice).
-    pub async fn reserve(
+    /// Reserves one call costing `cost` against every budget that applies to the spender, or none.
+    pub async fn reserve(&self, s: &Spender<'_>, cost: f64) -> Result<BudgetCheck, StoreError> {
+        let mut r = self.reserve_many(&[(s.clone(), cost)]).await?;
+        Ok(r.pop().unwrap_or(BudgetCheck::Ok))
+    }
+
+    /// [`Budgets::reserve`] for a batch of calls, decided in order in one round trip.
+    pub async fn reserve_many(
         &self,
-        task_id: &str,
-        s: &Spender<'_>,
-        cost: f64,
-    ) -> Result<BudgetCheck, StoreError> {
-        let apply = self.applicable(s, now_secs());
-        if apply.is_empty() {
-            return Ok(BudgetCheck::Ok);
+        calls: &[(Spender<'_>, f64)],
+    ) -> Result<Vec<BudgetCheck>, StoreError> {
+        let now = now_secs();
+        let applies: Vec<Vec<(&BudgetSpec, Line)>> =
+            calls.iter().map(|(s, _)| self.applicable(s, now)).collect();
+        let requests: Vec<Request> = applies
+            .iter()
+            .zip(calls)
+            .filter(|(apply, _)| !apply.is_empty())
+            .map(|(apply, (_, cost))| Request {
+                lines: apply.iter().map(|(_, l)| l.clone()).collect(),
+                calls: 1,
+                cost: *cost,
+            })
+            .collect();
+        let mut reserved = self.store.reserve(&requests).await?.into_iter();
+        let mut out = Vec::with_capacity(calls.len());
+        for apply in &applies {
+            if apply.is_empty() {
+                out.push(BudgetCheck::Ok);
+                continue;
+            }
+            let r = reserved
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("budget reply too short".into()))?;
+            for ((b, _), (calls, spent)) in apply.iter().zip(&r.spent) {
+                export(b, *calls, *spent);
+            }
+            out.push(match r.refused_by {
+                None => BudgetCheck::Ok,
+                Some(i) => BudgetCheck::Exhausted {
+                    budget: apply
+                        .get(i)
+                        .map(|(b, _)| b.name.clone())
+                        .unwrap_or_default(),
+                },
+            });
         }
-        let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
-        let r = self
-            .store
-            .reserve(task_id, HOLD_TTL, &lines, 1, cost)
-            .await?;
-        for ((b, _), (calls, spent)) in apply.iter().zip(&r.spent) {
-            export(b, *calls, *spent);
-        }
-        Ok(match r.refused_by {
-            None => BudgetCheck::Ok,
-            Some(i) => BudgetCheck::Exhausted {
-                budget: apply
-                    .get(i)
-                    .map(|(b, _)| b.name.clone())
-                    .unwrap_or_default(),
-            },
-        })
+        Ok(out)
     }
 
     /// Whether any applicable budget is over its limit (the second check, before an action goes out).
@@ -479,42 +516,48 @@ pub mod contract {
         };
         let calls = line("calls", Some(2), None);
         let cost = line("cost", None, Some(1.0));
-        let both = [calls.clone(), cost.clone()];
-        let r = store
-            .reserve(&format!("{tag}-a"), 60, &both, 1, 0.4)
-            .await
-            .expect("reserve");
-        assert_eq!(r.refused_by, None);
-        assert_eq!(r.spent, vec![(1.0, 0.4), (1.0, 0.4)]);
-        // The same hold again pays nothing.
-        let r = store
-            .reserve(&format!("{tag}-a"), 60, &both, 1, 0.4)
-            .await
-            .expect("reserve");
-        assert_eq!(r.refused_by, None);
-        assert_eq!(r.spent[1], (1.0, 0.4));
+        let both = vec![calls.clone(), cost.clone()];
+        let req = |cost_each: f64| Request {
+            lines: both.clone(),
+            calls: 1,
+            cost: cost_each,
+        };
+        let r = store.reserve(&[req(0.4)]).await.expect("reserve");
+        assert_eq!(r[0].refused_by, None);
+        assert_eq!(r[0].spent, vec![(1.0, 0.4), (1.0, 0.4)]);
         // Over the cost limit: refused by line 1, and nothing reserved on line 0 either.
-        let r = store
-            .reserve(&format!("{tag}-b"), 60, &both, 1, 0.7)
-            .await
-            .expect("reserve");
-        assert_eq!(r.refused_by, Some(1));
+        let r = store.reserve(&[req(0.7)]).await.expect("reserve");
+        assert_eq!(r[0].refused_by, Some(1));
         let spent = store
             .spent(&[calls.key.clone(), cost.key.clone()])
             .await
             .expect("spent");
         assert_eq!(spent[0].0, 1, "all or nothing");
         assert!((spent[1].1 - 0.4).abs() < 1e-9);
-        // Over the calls limit.
-        store
-            .reserve(&format!("{tag}-c"), 60, &both, 1, 0.1)
+        // A batch is decided in order: the first fits, the second passes the calls limit.
+        let r = store.reserve(&[req(0.1), req(0.1)]).await.expect("reserve");
+        assert_eq!(r[0].refused_by, None);
+        assert_eq!(r[0].spent[0].0, 2.0);
+        assert_eq!(r[1].refused_by, Some(0));
+        assert_eq!(r[1].spent[0].0, 2.0);
+        let spent = store
+            .spent(&[calls.key.clone(), cost.key.clone()])
             .await
-            .expect("reserve");
-        let r = store
-            .reserve(&format!("{tag}-d"), 60, &both, 1, 0.1)
-            .await
-            .expect("reserve");
-        assert_eq!(r.refused_by, Some(0));
+            .expect("spent");
+        assert_eq!(spent[0].0, 2);
+        assert!((spent[1].1 - 0.5).abs() < 1e-9);
+        // One bucket shared by the requests of a batch.
+        let other = vec![line("other", Some(1), None)];
+        let one = Request {
+            lines: other,
+            calls: 1,
+            cost: 0.0,
+        };
+        let r = store.reserve(&[one.clone(), one]).await.expect("reserve");
+        assert_eq!(
+            r.iter().map(|r| r.refused_by).collect::<Vec<_>>(),
+            [None, Some(0)]
+        );
         assert_eq!(
             store
                 .spent(&[format!("budget-contract:{{budgets}}:{tag}:never")])
@@ -561,7 +604,7 @@ mod tests {
             }],
         ));
         let tasks: Vec<_> = (0..50)
-            .map(|i| {
+            .map(|_| {
                 let b = b.clone();
                 tokio::spawn(async move {
                     let s = Spender {
@@ -569,7 +612,7 @@ mod tests {
                         workflow: "w",
                         tenant: "t",
                     };
-                    b.reserve(&format!("task-{i}"), &s, 0.0).await
+                    b.reserve(&s, 0.0).await
                 })
             })
             .collect();

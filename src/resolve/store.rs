@@ -2,13 +2,16 @@
 //!
 //! Per resource: a revision (every write is a compare-and-set on it), the fencing-token counter, the
 //! rules' [`ResourceState`], the last proposal offset applied per partition (fences zombie owners),
-//! its approvals, and each proposal's [`Decided`] record (so a redelivery emits the same records
-//! instead of deciding again). Two indexes find approvals: the open ones by expiry, and each one's
-//! resource by id.
+//! its approvals, each proposal's [`Decided`] record until its offset is committed (so a
+//! redelivery emits the same records instead of deciding again), and the ids of the most recently
+//! decided proposals (so a copy of one further down the topic is skipped once its record is
+//! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`), `<prefix>:decision:{t/r}:<proposal id>`,
-//! `<prefix>:approvals:open` (sorted set by expiry) and `<prefix>:approvals:where` (id → resource).
+//! `applied:<partition>`, `approval:<id>`, `d:<proposal id>`, `recent`), `<prefix>:approvals:open`
+//! (sorted set by expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read
+//! (`HGETALL`, plus `HMGET` of context versions when its action has staleness keys), one
+//! compare-and-set script (`HMGET`, `HSET`, `EXPIRE`) and one `HDEL` once committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +38,8 @@ pub struct ResourceRecord {
     /// Last proposal offset applied, per proposals partition.
     pub applied: HashMap<i32, i64>,
     pub approvals: BTreeMap<String, StoredApproval>,
+    /// Ids of the most recently decided proposals, most recent first.
+    pub recent: Vec<String>,
 }
 
 /// What one load returns.
@@ -42,6 +47,9 @@ pub struct ResourceRecord {
 pub struct Loaded {
     /// The stored decision of the proposal asked about (a redelivery), if any.
     pub decided: Option<Decided>,
+    /// The proposal asked about was decided and its decision forgotten (its offset committed): a
+    /// copy further down the topic.
+    pub finished: bool,
     pub record: ResourceRecord,
     /// The context version at which each asked-for context key last changed.
     pub key_versions: BTreeMap<String, u64>,
@@ -115,17 +123,38 @@ pub trait ResourceStore: Send + Sync + 'static {
 
     /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first.
     fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Forgets the stored decisions of proposals whose offsets are committed (their records were
+    /// delivered); they stay among the recent ones.
+    fn forget<'a>(
+        &'a self,
+        decided: &'a [(ResourceKey, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 const CAS: &str = r#"
--- KEYS[1] = resource hash, KEYS[2] = decision key; ARGV[1] = expected rev, ARGV[2] = ttl,
--- ARGV[3] = decision ('' = none), ARGV[4] = decision ttl, ARGV[5..] = field, value pairs
-local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+-- KEYS[1] = resource hash; ARGV[1] = expected rev, ARGV[2] = ttl, ARGV[3] = proposal id ('' =
+-- none), ARGV[4] = its decision, ARGV[5] = proposals remembered, ARGV[6..] = field, value pairs
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent')
+local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'rev', rev + 1)
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local set = {'rev', tostring(rev + 1)}
+for i = 6, #ARGV do set[#set + 1] = ARGV[i] end
+if ARGV[3] ~= '' then
+  set[#set + 1] = 'd:' .. ARGV[3]
+  set[#set + 1] = ARGV[4]
+  local list = {ARGV[3]}
+  if cur[2] then
+    for _, x in ipairs(cjson.decode(cur[2])) do
+      if #list >= tonumber(ARGV[5]) then break end
+      if x ~= ARGV[3] then list[#list + 1] = x end
+    end
+  end
+  set[#set + 1] = 'recent'
+  set[#set + 1] = cjson.encode(list)
+end
+redis.call('HSET', KEYS[1], unpack(set))
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
 return 1
 "#;
 
@@ -136,8 +165,8 @@ pub struct RedisResourceStore {
     cas: Script,
     /// Resource hashes expire this long after their last write.
     ttl: u64,
-    /// Decisions are kept this long (the window in which a redelivered proposal is recognised).
-    decision_ttl: u64,
+    /// Decided proposals remembered per resource once their decisions are forgotten.
+    remember: usize,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -145,21 +174,18 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisResourceStore {
-    pub fn new(conn: RedisConn, prefix: &str, ttl: u64, decision_ttl: u64) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str, ttl: u64, remember: usize) -> Self {
         RedisResourceStore {
             conn,
             prefix: prefix.into(),
             cas: Script::new(CAS),
             ttl,
-            decision_ttl: decision_ttl.max(1),
+            remember: remember.max(1),
         }
     }
 
     fn res_key(&self, k: &ResourceKey) -> String {
         format!("{}:res:{}", self.prefix, k.hash_tag())
-    }
-    fn decision_key(&self, k: &ResourceKey, proposal_id: &str) -> String {
-        format!("{}:decision:{}:{proposal_id}", self.prefix, k.hash_tag())
     }
     fn open_key(&self) -> String {
         format!("{}:approvals:open", self.prefix)
@@ -181,9 +207,6 @@ impl RedisResourceStore {
         let mut c = self.conn.get().await?;
         let mut pipe = redis::pipe();
         pipe.hgetall(self.res_key(k));
-        if let Some(id) = proposal_id {
-            pipe.get(self.decision_key(k, id));
-        }
         if !keys.is_empty() {
             pipe.add_command(crate::context::redis::key_versions_cmd(
                 &self.prefix,
@@ -196,32 +219,32 @@ impl RedisResourceStore {
         let mut next = || replies.next().unwrap_or(redis::Value::Nil);
         let hash: HashMap<String, String> =
             FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
-        let decided: Option<String> = match proposal_id {
-            Some(_) => {
-                FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?
-            }
-            None => None,
-        };
         let key_versions = if keys.is_empty() {
             BTreeMap::new()
         } else {
             crate::context::redis::parse_key_versions(keys, next())?
         };
-        let decided = decided
-            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("decision", e)))
-            .transpose()?;
+        let mut decided = None;
         let mut l = ResourceRecord::default();
         for (f, v) in hash {
             match f.as_str() {
                 "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
                 "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
                 "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
+                "recent" => {
+                    l.recent = serde_json::from_str(&v).map_err(|e| corrupt("recent", e))?
+                }
                 _ => {
                     if let Some(p) = f.strip_prefix("applied:") {
                         l.applied.insert(
                             p.parse().map_err(|e| corrupt("applied", e))?,
                             v.parse().map_err(|e| corrupt("applied", e))?,
                         );
+                    } else if let Some(id) = f.strip_prefix("d:") {
+                        if Some(id) == proposal_id {
+                            decided =
+                                Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
+                        }
                     } else if let Some(id) = f.strip_prefix("approval:") {
                         l.approvals.insert(
                             id.to_string(),
@@ -231,8 +254,11 @@ impl RedisResourceStore {
                 }
             }
         }
+        let finished =
+            decided.is_none() && proposal_id.is_some_and(|id| l.recent.iter().any(|r| r == id));
         Ok(Loaded {
             decided,
+            finished,
             record: l,
             key_versions,
         })
@@ -260,20 +286,20 @@ impl RedisResourceStore {
         if let Some((p, o)) = w.applied {
             fields.push((format!("applied:{p}"), o.to_string()));
         }
-        let (dkey, djson) = match w.decision {
+        let (id, djson) = match w.decision {
             Some((id, d)) => (
-                self.decision_key(k, id),
+                id,
                 serde_json::to_string(d).map_err(|e| enc("decision", e))?,
             ),
-            None => (self.res_key(k), String::new()),
+            None => ("", String::new()),
         };
         let mut inv = self.cas.prepare_invoke();
         inv.key(self.res_key(k))
-            .key(dkey)
             .arg(rev)
             .arg(self.ttl)
+            .arg(id)
             .arg(djson)
-            .arg(self.decision_ttl);
+            .arg(self.remember);
         for (f, v) in &fields {
             inv.arg(f).arg(v);
         }
@@ -425,6 +451,30 @@ impl ResourceStore for RedisResourceStore {
                 .await?)
         })
     }
+
+    fn forget<'a>(
+        &'a self,
+        decided: &'a [(ResourceKey, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if decided.is_empty() {
+                return Ok(());
+            }
+            let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (k, id) in decided {
+                by_key
+                    .entry(self.res_key(k))
+                    .or_default()
+                    .push(format!("d:{id}"));
+            }
+            let mut pipe = redis::pipe();
+            for (k, fields) in by_key {
+                pipe.hdel(k, fields).ignore();
+            }
+            let mut c = self.conn.get().await?;
+            Ok(pipe.query_async::<()>(&mut c).await?)
+        })
+    }
 }
 
 /// An entry of the approvals' resource index. Entries written before the encoded form was used hold
@@ -435,6 +485,9 @@ fn parse_where(s: &str) -> Option<ResourceKey> {
         None => ResourceKey::decode(s),
     }
 }
+
+/// Decided proposals the memory twin remembers per resource.
+const MEMORY_REMEMBER: usize = 64;
 
 #[derive(Default)]
 struct MemoryState {
@@ -479,10 +532,14 @@ impl ResourceStore for MemoryResourceStore {
                 _ => BTreeMap::new(),
             };
             let st = self.lock();
+            let decided =
+                proposal_id.and_then(|id| st.decisions.get(&(k.clone(), id.to_string())).cloned());
+            let record = st.records.get(k).cloned().unwrap_or_default();
             Ok(Loaded {
-                decided: proposal_id
-                    .and_then(|id| st.decisions.get(&(k.clone(), id.to_string())).cloned()),
-                record: st.records.get(k).cloned().unwrap_or_default(),
+                finished: decided.is_none()
+                    && proposal_id.is_some_and(|id| record.recent.iter().any(|r| r == id)),
+                decided,
+                record,
                 key_versions: keys
                     .iter()
                     .filter_map(|key| versions.get(key).map(|v| (key.clone(), *v)))
@@ -499,6 +556,7 @@ impl ResourceStore for MemoryResourceStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut st = self.lock();
+            let remember = MEMORY_REMEMBER;
             let rec = st.records.entry(k.clone()).or_default();
             if rec.rev != rev {
                 return Ok(false);
@@ -514,6 +572,9 @@ impl ResourceStore for MemoryResourceStore {
                 rec.applied.insert(p, o);
             }
             if let Some((id, d)) = w.decision {
+                rec.recent.retain(|r| r != id);
+                rec.recent.insert(0, id.to_string());
+                rec.recent.truncate(remember);
                 st.decisions.insert((k.clone(), id.to_string()), d.clone());
             }
             Ok(true)
@@ -605,6 +666,19 @@ impl ResourceStore for MemoryResourceStore {
                 st.outbox.iter().filter(|(_, at)| **at < before).collect();
             due.sort_by_key(|(id, at)| (**at, (*id).clone()));
             Ok(due.into_iter().map(|(id, _)| id.clone()).collect())
+        })
+    }
+
+    fn forget<'a>(
+        &'a self,
+        decided: &'a [(ResourceKey, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            for (k, id) in decided {
+                st.decisions.remove(&(k.clone(), id.clone()));
+            }
+            Ok(())
         })
     }
 }
@@ -708,6 +782,21 @@ pub mod contract {
             .expect("load")
             .decided
             .is_none());
+        assert_eq!(l.record.recent, ["p1"]);
+        // Once its offset is committed the decision is forgotten; the proposal stays recent.
+        store
+            .forget(&[(k.clone(), "p1".to_string())])
+            .await
+            .expect("forget");
+        let l = store.load(&k, &[], Some("p1")).await.expect("load");
+        assert!(l.decided.is_none() && l.finished, "{:?}", l.decided);
+        assert!(
+            !store
+                .load(&k, &[], Some("p2"))
+                .await
+                .expect("load")
+                .finished
+        );
 
         // Approval indexes.
         let b = approval(&format!("apr2-{tag}"), &k.resource, 50);

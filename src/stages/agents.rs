@@ -13,9 +13,9 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
-use super::batch::{sealed_waves, Decided};
+use super::batch::{sealed_jobs, Decided};
 use super::services::{runner, Runner, Services};
 use crate::agents::stats::AgentStats;
 use crate::agents::{
@@ -24,7 +24,7 @@ use crate::agents::{
 use crate::audit::Sealer;
 use crate::codec;
 use crate::context::redis::RedisStore;
-use crate::context::{CommitResult, ContextStore, Fact, Outcome, Snapshot};
+use crate::context::{CommitResult, ContextStore, Fact, Outcome, Prior, Snapshot};
 use crate::error::ProcessError;
 use crate::event::{now_rfc3339, CloudEvent};
 use crate::governance::budgets::{BudgetCheck, Budgets, Spender};
@@ -259,14 +259,16 @@ impl<S: ContextStore> AgentStage<S> {
         }
     }
 
-    /// Runs a task that has no recorded outcome and records it.
+    /// Runs a task that has no recorded outcome and records it; `None` when it turned out to be
+    /// finished already (a zombie, or a copy racing the original).
     async fn run(
         &self,
         entry: &AgentEntry,
         t: &DecodedTask,
         key: &ResourceKey,
         snap: Snapshot,
-    ) -> Result<Outcome, ProcessError> {
+        budget: BudgetCheck,
+    ) -> Result<Option<Outcome>, ProcessError> {
         let task_id = t.task.task_id.clone();
         let cached = self
             .unrecorded
@@ -277,7 +279,7 @@ impl<S: ContextStore> AgentStage<S> {
         let computed = match cached {
             Some(c) => c,
             None => {
-                let c = Arc::new(self.call_and_check(entry, t, snap).await?);
+                let c = Arc::new(self.call_and_check(entry, t, snap, budget).await?);
                 self.unrecorded
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -299,11 +301,12 @@ impl<S: ContextStore> AgentStage<S> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&task_id);
         Ok(match recorded {
-            CommitResult::Applied { .. } => match Arc::try_unwrap(computed) {
+            CommitResult::Applied { .. } => Some(match Arc::try_unwrap(computed) {
                 Ok((_, o)) => o,
                 Err(shared) => shared.1.clone(),
-            },
-            CommitResult::AlreadyRecorded(o) => *o,
+            }),
+            CommitResult::AlreadyRecorded(o) => Some(*o),
+            CommitResult::Finished => None,
         })
     }
 
@@ -313,19 +316,10 @@ impl<S: ContextStore> AgentStage<S> {
         entry: &AgentEntry,
         t: &DecodedTask,
         snap: Snapshot,
+        budget: BudgetCheck,
     ) -> Result<Computed, ProcessError> {
         let name = t.task.agent.as_str();
-        let spender = Spender {
-            agent: name,
-            workflow: &t.task.workflow_id,
-            tenant: &t.task.tenant,
-        };
-        let reserved = self
-            .budgets
-            .reserve(&t.task.task_id, &spender, entry.spec.cost_per_call)
-            .await
-            .map_err(|e| ProcessError::from(e).context("budget reservation"))?;
-        if let BudgetCheck::Exhausted { budget } = reserved {
+        if let BudgetCheck::Exhausted { budget } = budget {
             METRICS.budget_refusals.with_label_values(&[&budget]).inc();
             METRICS
                 .agent_tasks
@@ -360,7 +354,8 @@ impl<S: ContextStore> AgentStage<S> {
             Ok(resp) => {
                 let mut kept = AgentResponse::default();
                 for f in resp.findings {
-                    if allowed(&entry.spec.writes, &f.key) {
+                    // Keys starting with `_` are the store's own fields, never an agent's.
+                    if !f.key.starts_with('_') && allowed(&entry.spec.writes, &f.key) {
                         kept.findings.push(f);
                     } else {
                         refusals.push(format!("write:{}", f.key));
@@ -568,46 +563,212 @@ impl<S: ContextStore> Processor for AgentStage<S> {
         rec.key_lane()
     }
 
-    /// Tasks run concurrently; the audit records of those that finish together are sealed
-    /// together (a slow agent does not hold up the others).
+    /// A batch's tasks: their contexts read in one round trip and their budgets reserved in
+    /// another, then the agents run concurrently; the audit records of the tasks that finish
+    /// together are sealed together (a slow agent does not hold up the others).
     fn process_batch(
         &self,
         recs: Vec<Arc<Input>>,
     ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
-        sealed_waves("agents", &self.sealer, &self.emitter, recs, |rec| {
-            self.decide(rec)
+        futures::stream::once(self.prepare(recs)).flat_map(move |jobs| {
+            let jobs = jobs
+                .into_iter()
+                .map(|j| {
+                    (
+                        Sealer::chain("agents", &j.rec.topic, j.rec.partition),
+                        self.finish(j),
+                    )
+                })
+                .collect();
+            sealed_jobs("agents", &self.sealer, &self.emitter, jobs)
         })
+    }
+
+    /// Forgets the outcomes of committed tasks (one pipeline per commit).
+    async fn cleanup(&self, keys: Vec<String>) {
+        let tasks: Vec<(ResourceKey, String)> = keys
+            .iter()
+            .filter_map(|k| serde_json::from_str::<(String, String, String)>(k).ok())
+            .map(|(tenant, resource, task)| (ResourceKey::new(tenant, resource), task))
+            .collect();
+        if let Err(e) = self.store.forget(&tasks).await {
+            // They stay until the resource's context expires; nothing is wrong meanwhile.
+            tracing::warn!(error = %e, tasks = tasks.len(), "Could not forget committed tasks' outcomes.");
+        }
     }
 }
 
+/// A task of a batch, read and reserved for.
+struct Job {
+    rec: Arc<Input>,
+    step: Result<Prepared, ProcessError>,
+}
+
+struct Prepared {
+    t: DecodedTask,
+    key: ResourceKey,
+    prior: Prior,
+    snap: Snapshot,
+    budget: BudgetCheck,
+}
+
+/// What a committed task leaves for [`Processor::cleanup`]: its outcome to forget.
+fn forget_token(key: &ResourceKey, task_id: &str) -> String {
+    json!([key.tenant, key.resource, task_id]).to_string()
+}
+
 impl<S: ContextStore> AgentStage<S> {
-    /// Runs one task (or replays its recorded outcome): its records and (unsealed) audit records.
-    async fn decide(&self, rec: Arc<Input>) -> Result<Decided, ProcessError> {
-        let t = decode_task(&rec, &self.emitter)?;
-        let Some(entry) = self.agents.get(&t.task.agent) else {
-            return Err(poison(
+    /// Decodes a batch's tasks, reads their contexts (one round trip) and reserves budgets for the
+    /// ones that will call their agent (one more).
+    async fn prepare(&self, recs: Vec<Arc<Input>>) -> Vec<Job> {
+        let decoded: Vec<Result<DecodedTask, ProcessError>> = recs
+            .iter()
+            .map(|rec| {
+                let t = decode_task(rec, &self.emitter)?;
+                if !self.agents.contains_key(&t.task.agent) {
+                    return Err(poison(
+                        "unknown_agent",
+                        format!("agent {:?} is not declared in the config", t.task.agent),
+                    ));
+                }
+                Ok(t)
+            })
+            .collect();
+        let asks: Vec<(ResourceKey, String)> = decoded
+            .iter()
+            .flatten()
+            .map(|t| {
+                (
+                    ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone()),
+                    t.task.task_id.clone(),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        let mut reads = self.store.read_many(&asks).await.into_iter();
+        METRICS
+            .context_op_duration
+            .with_label_values(&["snapshot"])
+            .observe(started.elapsed().as_secs_f64());
+        let mut read: Vec<Result<(ResourceKey, Prior, Snapshot, DecodedTask), ProcessError>> =
+            Vec::with_capacity(recs.len());
+        for d in decoded {
+            read.push(d.and_then(|t| {
+                let (prior, snap) = reads
+                    .next()
+                    .unwrap_or_else(|| Err(StoreError::Corrupt("context reply too short".into())))
+                    .map_err(context_error("snapshot"))?;
+                METRICS
+                    .context_ops
+                    .with_label_values(&["snapshot", "ok"])
+                    .inc();
+                let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
+                Ok((key, prior, snap, t))
+            }));
+        }
+        // Budgets for the tasks that will call their agent, in batch order.
+        let unrecorded = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect::<std::collections::HashSet<String>>();
+        let spenders: Vec<(usize, Spender<'_>, f64)> = read
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r {
+                Ok((_, Prior::New, _, t)) if !unrecorded.contains(&t.task.task_id) => Some((
+                    i,
+                    Spender {
+                        agent: &t.task.agent,
+                        workflow: &t.task.workflow_id,
+                        tenant: &t.task.tenant,
+                    },
+                    self.agents
+                        .get(&t.task.agent)
+                        .map(|e| e.spec.cost_per_call)
+                        .unwrap_or(0.0),
+                )),
+                _ => None,
+            })
+            .collect();
+        let calls: Vec<(Spender<'_>, f64)> =
+            spenders.iter().map(|(_, s, c)| (s.clone(), *c)).collect();
+        let checks = self.budgets.reserve_many(&calls).await;
+        let mut budget: HashMap<usize, Result<BudgetCheck, ProcessError>> = HashMap::new();
+        match checks {
+            Ok(c) => {
+                for ((i, _, _), check) in spenders.iter().zip(c) {
+                    budget.insert(*i, Ok(check));
+                }
+            }
+            Err(e) => {
+                for (i, _, _) in &spenders {
+                    budget.insert(
+                        *i,
+                        Err(ProcessError::from(e.clone()).context("budget reservation")),
+                    );
+                }
+            }
+        }
+        drop(spenders);
+        recs.into_iter()
+            .zip(read)
+            .enumerate()
+            .map(|(i, (rec, r))| {
+                let step = r.and_then(|(key, prior, snap, t)| {
+                    let budget = budget.remove(&i).unwrap_or(Ok(BudgetCheck::Ok))?;
+                    Ok(Prepared {
+                        t,
+                        key,
+                        prior,
+                        snap,
+                        budget,
+                    })
+                });
+                Job { rec, step }
+            })
+            .collect()
+    }
+
+    /// Runs one prepared task (or replays its recorded outcome): its records and (unsealed) audit
+    /// records.
+    async fn finish(&self, job: Job) -> Result<Decided, ProcessError> {
+        let Prepared {
+            t,
+            key,
+            prior,
+            snap,
+            budget,
+        } = job.step?;
+        let entry = self.agents.get(&t.task.agent).ok_or_else(|| {
+            poison(
                 "unknown_agent",
                 format!("agent {:?} is not declared in the config", t.task.agent),
-            ));
-        };
-        let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
-        let (recorded, snap) = timed(
-            "snapshot",
-            self.store.outcome_and_snapshot(&key, &t.task.task_id),
-        )
-        .await
-        .map_err(context_error("snapshot"))?;
-        let outcome = match recorded {
-            Some(o) => {
+            )
+        })?;
+        let outcome = match prior {
+            Prior::Finished => {
+                METRICS
+                    .agent_tasks
+                    .with_label_values(&[&t.task.agent, "skipped"])
+                    .inc();
+                tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task finished and committed before; skipping this copy.");
+                return Ok(Decided::default());
+            }
+            Prior::Recorded(o) => {
                 METRICS
                     .agent_tasks
                     .with_label_values(&[&t.task.agent, "replayed"])
                     .inc();
                 tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task already ran; emitting its recorded outcome without calling the agent.");
-                o
+                *o
             }
-            None => {
-                let o = self.run(entry, &t, &key, snap).await?;
+            Prior::New => {
+                let Some(o) = self.run(entry, &t, &key, snap, budget).await? else {
+                    return Ok(Decided::default());
+                };
                 if let Some(stats) = &self.stats {
                     stats.count(&t.task.agent, &o.status);
                 }
@@ -621,11 +782,11 @@ impl<S: ContextStore> AgentStage<S> {
                 o
             }
         };
-        let (outputs, audits) = self.outputs(&rec, &t, &outcome)?;
+        let (outputs, audits) = self.outputs(&job.rec, &t, &outcome)?;
         Ok(Decided {
             outputs,
             audits,
-            cleanup: Vec::new(),
+            cleanup: vec![forget_token(&key, &t.task.task_id)],
         })
     }
 }
@@ -636,7 +797,9 @@ mod tests {
     use super::*;
     use crate::audit::MemoryChainStore;
     use crate::context::memory::MemoryStore;
-    use crate::governance::budgets::{BudgetSpec, BudgetStore, Line, MemoryBudgetStore, Reserved};
+    use crate::governance::budgets::{
+        BudgetSpec, BudgetStore, MemoryBudgetStore, Request, Reserved,
+    };
     use crate::kafka::runtime::process_one;
 
     /// A budget store whose stored state cannot be read.
@@ -645,12 +808,8 @@ mod tests {
     impl BudgetStore for CorruptBudgets {
         fn reserve<'a>(
             &'a self,
-            _: &'a str,
-            _: u64,
-            _: &'a [Line],
-            _: u64,
-            _: f64,
-        ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+            _: &'a [Request],
+        ) -> BoxFuture<'a, Result<Vec<Reserved>, StoreError>> {
             Box::pin(async { Err(StoreError::Corrupt("budget bucket holds \"x\"".into())) })
         }
         fn spent<'a>(
@@ -734,6 +893,34 @@ mod tests {
             again[..3],
             first[..3],
             "a redelivery re-emits the same records (under a new seal)"
+        );
+    }
+
+    /// Once a task's input is committed its outcome is forgotten: a copy of the task further down
+    /// the topic (an upstream redelivery) is skipped, not run again.
+    #[tokio::test]
+    async fn a_committed_task_is_forgotten_and_its_copy_skipped() {
+        let s = stage(Arc::new(MemoryBudgetStore::default()));
+        let (_, done) = std::pin::pin!(s.process_batch(vec![task()]))
+            .next()
+            .await
+            .unwrap();
+        let done = done.unwrap();
+        assert_eq!(
+            done.cleanup.len(),
+            1,
+            "the outcome is to be forgotten once committed"
+        );
+        s.cleanup(done.cleanup).await;
+        let key = ResourceKey::new("default", "svc");
+        assert_eq!(
+            s.store.read(&key, "task-1").await.unwrap().0,
+            Prior::Finished
+        );
+        let again = process_one(&s, task()).await.unwrap();
+        assert!(
+            again.is_empty(),
+            "a copy of a finished task writes nothing: {again:?}"
         );
     }
 

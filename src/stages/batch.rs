@@ -24,6 +24,14 @@ pub struct Decided {
     pub cleanup: Vec<String>,
 }
 
+impl Decided {
+    /// The same, plus keys for [`crate::kafka::runtime::Processor::cleanup`] once committed.
+    pub fn forgetting(mut self, keys: Vec<String>) -> Self {
+        self.cleanup.extend(keys);
+        self
+    }
+}
+
 /// A copy of an error for every record of a failed group (errors are not `Clone`).
 fn copy(e: &ProcessError) -> ProcessError {
     match e {
@@ -106,6 +114,19 @@ where
             decide(rec).map(move |r| (i, chain, r))
         })
         .collect();
+    waves(stage, sealer, emitter, running)
+}
+
+/// Yields the results of `running` wave by wave: whatever finished together is sealed together.
+fn waves<'a, F>(
+    stage: &'static str,
+    sealer: &'a Sealer,
+    emitter: &'a Emitter,
+    running: FuturesUnordered<F>,
+) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + 'a
+where
+    F: Future<Output = (usize, String, Result<Decided, ProcessError>)> + Send + 'a,
+{
     futures::stream::unfold(
         (running, VecDeque::new()),
         move |(mut running, mut ready)| async move {
@@ -122,4 +143,23 @@ where
             Some((item, (running, ready)))
         },
     )
+}
+
+/// [`sealed_waves`] over prepared work: each job is its record's chain and the future deciding it
+/// (for stages that first do batch-wide work, such as one read for the whole batch).
+pub fn sealed_jobs<'a, F>(
+    stage: &'static str,
+    sealer: &'a Sealer,
+    emitter: &'a Emitter,
+    jobs: Vec<(String, F)>,
+) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + 'a
+where
+    F: Future<Output = Result<Decided, ProcessError>> + Send + 'a,
+{
+    let running: FuturesUnordered<_> = jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (chain, f))| f.map(move |r| (i, chain, r)))
+        .collect();
+    waves(stage, sealer, emitter, running)
 }

@@ -67,13 +67,14 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
 /// What the stage counts a proposal as: a decision's verdict, or one of these.
 const REPLAYED: &str = "replayed";
 const FENCED: &str = "fenced";
+const SKIPPED: &str = "skipped";
 
 /// Creates the stage's series at zero, so dashboards and alerts see them before the first proposal.
 fn init_metrics() {
     for v in Verdict::ALL {
         METRICS.proposals.with_label_values(&[v.as_str()]).inc_by(0);
     }
-    for o in [REPLAYED, FENCED] {
+    for o in [REPLAYED, FENCED, SKIPPED] {
         METRICS.proposals.with_label_values(&[o]).inc_by(0);
     }
     for r in RejectReason::ALL {
@@ -239,6 +240,24 @@ impl Processor for ResolveStage {
             self.decide_one(rec)
         })
     }
+
+    /// Forgets the stored decisions of committed proposals (one pipeline per commit).
+    async fn cleanup(&self, keys: Vec<String>) {
+        let decided: Vec<(ResourceKey, String)> = keys
+            .iter()
+            .filter_map(|k| serde_json::from_str::<(String, String, String)>(k).ok())
+            .map(|(tenant, resource, id)| (ResourceKey::new(tenant, resource), id))
+            .collect();
+        if let Err(e) = self.store.forget(&decided).await {
+            // They stay until the resource's record expires; nothing is wrong meanwhile.
+            tracing::warn!(error = %e, proposals = decided.len(), "Could not forget committed proposals' decisions.");
+        }
+    }
+}
+
+/// What a committed proposal leaves for [`Processor::cleanup`]: its decision to forget.
+fn forget_token(key: &ResourceKey, proposal_id: &str) -> String {
+    json!([key.tenant, key.resource, proposal_id]).to_string()
 }
 
 impl ResolveStage {
@@ -254,10 +273,17 @@ impl ResolveStage {
             .unwrap_or_default();
         // One round trip: a decision stored for this proposal (a redelivery), and the state.
         let mut loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
+        let forget = vec![forget_token(&key, &p.proposal_id)];
         if let Some(d) = loaded.decided.take() {
             METRICS.proposals.with_label_values(&[REPLAYED]).inc();
             self.index(&d).await?;
-            return self.outputs(&p, &d, tp.as_deref());
+            return Ok(self.outputs(&p, &d, tp.as_deref())?.forgetting(forget));
+        }
+        if loaded.finished {
+            // Decided and committed before; this is a copy further down the topic.
+            METRICS.proposals.with_label_values(&[SKIPPED]).inc();
+            tracing::info!(proposal_id = %p.proposal_id, "Proposal decided and committed before; skipping this copy.");
+            return Ok(Batch::default());
         }
         for attempt in 0..20 {
             if attempt > 0 {
@@ -314,7 +340,9 @@ impl ResolveStage {
             if self.store.commit(&key, record.rev, write).await? {
                 self.index(&decided).await?;
                 count(rule, &decided, &p);
-                return self.outputs(&p, &decided, tp.as_deref());
+                return Ok(self
+                    .outputs(&p, &decided, tp.as_deref())?
+                    .forgetting(forget));
             }
             // Someone (an approval decision) changed the resource meanwhile: decide again.
         }
@@ -423,6 +451,25 @@ mod tests {
             .await
             .unwrap();
         assert!(actions(&third).is_empty());
+    }
+
+    /// Once a proposal's offset is committed its decision is forgotten: a copy further down the
+    /// topic (agents re-emitting after a crash) is skipped, not decided again.
+    #[tokio::test]
+    async fn a_committed_proposal_is_forgotten_and_its_copy_skipped() {
+        use futures::StreamExt;
+        let s = stage(GovernanceConfig::default());
+        let (_, done) = std::pin::pin!(s.process_batch(vec![input("p1", "scale_down", 10)]))
+            .next()
+            .await
+            .unwrap();
+        let done = done.unwrap();
+        assert_eq!(done.cleanup.len(), 1);
+        s.cleanup(done.cleanup).await;
+        let copy = process_one(&s, input("p1", "scale_down", 20))
+            .await
+            .unwrap();
+        assert!(copy.is_empty(), "nothing decided twice: {copy:?}");
     }
 
     #[tokio::test]
