@@ -6,7 +6,7 @@
 //! classification is never repeated by hand.
 
 /// What went wrong processing one record; decides dead-letter, retry or stop.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProcessError {
     /// The record can never be processed: it goes to the dead-letter topic and the partition moves on.
     #[error("{reason}: {detail}")]

@@ -93,6 +93,10 @@ pub enum BudgetCheck {
     },
 }
 
+/// Spend per bucket as read at one moment ([`Budgets::view`]).
+#[derive(Debug, Clone, Default)]
+pub struct SpentView(HashMap<String, (u64, f64)>);
+
 /// One budget bucket a reservation counts against.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Line {
@@ -454,6 +458,36 @@ impl Budgets {
             });
         }
         Ok(out)
+    }
+
+    /// What the budgets that apply to `spenders` have spent, read in one round trip: the view a
+    /// batch's second checks use ([`Budgets::check_in`]).
+    pub async fn view(&self, spenders: &[Spender<'_>]) -> Result<SpentView, StoreError> {
+        let now = now_secs();
+        let mut keys: Vec<String> = spenders
+            .iter()
+            .flat_map(|s| self.applicable(s, now).into_iter().map(|(_, l)| l.key))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let spent = self.store.spent(&keys).await?;
+        Ok(SpentView(keys.into_iter().zip(spent).collect()))
+    }
+
+    /// [`Budgets::check`] against a view read earlier in the batch (a bucket the view lacks, such
+    /// as one of a period that began since, counts as unspent: the reservation is the guard).
+    pub fn check_in(&self, view: &SpentView, s: &Spender<'_>) -> BudgetCheck {
+        for (b, l) in self.applicable(s, now_secs()) {
+            let (calls, cost) = view.0.get(&l.key).copied().unwrap_or_default();
+            let over_calls = b.max_calls.is_some_and(|m| calls > m);
+            let over_cost = b.max_cost.is_some_and(|m| cost > m + 1e-9);
+            if over_calls || over_cost {
+                return BudgetCheck::Exhausted {
+                    budget: b.name.clone(),
+                };
+            }
+        }
+        BudgetCheck::Ok
     }
 
     /// Whether any applicable budget is over its limit (the second check, before an action goes out).

@@ -15,7 +15,6 @@ use crate::records::{Impact, ProposalData};
 use crate::resolve::apply::Gate;
 use crate::resolve::rules::RejectReason;
 use crate::secret::Secret;
-use crate::store::StoreError;
 
 fn any_match(patterns: &[String], value: &str) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| TypePattern::new(p).matches(value))
@@ -212,45 +211,36 @@ impl GovernanceConfig {
     }
 
     /// The check a new action passes before it is applied, in order: access, budgets (already
-    /// spent past a limit), then whether a person must approve it.
-    pub async fn gate(
-        &self,
-        p: &ProposalData,
-        budgets: &budgets::Budgets,
-    ) -> Result<Gate, StoreError> {
+    /// spent past a limit, as `budget` says), then whether a person must approve it.
+    pub fn gate(&self, p: &ProposalData, budget: budgets::BudgetCheck) -> Gate {
         if !self.allows(&p.tenant, &p.agent, &p.action, &p.resource) {
-            return Ok(Gate::Refuse {
+            return Gate::Refuse {
                 reason: RejectReason::Access,
                 rule: "access",
                 detail: format!(
                     "no access rule lets {} cause {} on {}",
                     p.agent, p.action, p.resource
                 ),
-            });
+            };
         }
-        let spender = budgets::Spender {
-            agent: &p.agent,
-            workflow: &p.workflow_id,
-            tenant: &p.tenant,
-        };
-        if let budgets::BudgetCheck::Exhausted { budget } = budgets.check(&spender).await? {
+        if let budgets::BudgetCheck::Exhausted { budget } = budget {
             crate::telemetry::METRICS
                 .budget_refusals
                 .with_label_values(&[&budget])
                 .inc();
-            return Ok(Gate::Refuse {
+            return Gate::Refuse {
                 reason: RejectReason::Budget,
                 rule: "budget",
                 detail: format!("budget {budget} is exhausted"),
-            });
+            };
         }
-        Ok(match self.needs_approval(&p.action, p.impact, p.cost) {
+        match self.needs_approval(&p.action, p.impact, p.cost) {
             Some(rule) => Gate::NeedsApproval {
                 rule,
                 timeout_seconds: self.approvals.timeout_seconds,
             },
             None => Gate::Allow,
-        })
+        }
     }
 
     /// Whether an action needs a person, and the rule that says so.

@@ -32,15 +32,6 @@ impl Decided {
     }
 }
 
-/// A copy of an error for every record of a failed group (errors are not `Clone`).
-fn copy(e: &ProcessError) -> ProcessError {
-    match e {
-        ProcessError::Poison { reason, detail } => ProcessError::poison(reason, detail.clone()),
-        ProcessError::Transient(m) => ProcessError::Transient(m.clone()),
-        ProcessError::Fatal(m) => ProcessError::Fatal(m.clone()),
-    }
-}
-
 /// Seals a group of finished records' audit records, one seal per chain, and turns each into its
 /// [`Done`].
 async fn seal_group(
@@ -87,7 +78,7 @@ async fn seal_group(
                     ));
                 }
             }
-            Err(e) => out.extend(items.into_iter().map(|(i, _)| (i, Err(copy(&e))))),
+            Err(e) => out.extend(items.into_iter().map(|(i, _)| (i, Err(e.clone())))),
         }
     }
     out

@@ -14,16 +14,16 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
-use super::batch::{sealed_waves, Decided as Batch};
+use super::batch::{sealed_jobs, Decided as Batch};
 use super::services::{runner, Runner, Services};
 use crate::audit::Sealer;
 use crate::codec;
 use crate::error::ProcessError;
 use crate::event::now_secs;
 use crate::governance::approvals::approval_output;
-use crate::governance::budgets::Budgets;
+use crate::governance::budgets::{Budgets, Spender, SpentView};
 use crate::governance::GovernanceConfig;
 use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::Input;
@@ -230,14 +230,26 @@ impl Processor for ResolveStage {
         rec.key_lane()
     }
 
-    /// A batch's proposals (each of a different resource) are decided concurrently and their
-    /// audit records sealed together.
+    /// A batch's proposals (each of a different resource) are decided concurrently, with one read
+    /// of the budgets they may spend against, and their audit records sealed together.
     fn process_batch(
         &self,
         recs: Vec<Arc<Input>>,
     ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
-        sealed_waves("resolve", &self.sealer, &self.emitter, recs, |rec| {
-            self.decide_one(rec)
+        futures::stream::once(self.prepare(recs)).flat_map(move |(jobs, view)| {
+            let jobs = jobs
+                .into_iter()
+                .map(|(rec, decoded)| {
+                    let chain = Sealer::chain("resolve", &rec.topic, rec.partition);
+                    let view = view.clone();
+                    (chain, async move {
+                        let (p, tp) = decoded?;
+                        let view = view?;
+                        self.decide_one(&rec, p, tp, &view).await
+                    })
+                })
+                .collect();
+            sealed_jobs("resolve", &self.sealer, &self.emitter, jobs)
         })
     }
 
@@ -260,10 +272,53 @@ fn forget_token(key: &ResourceKey, proposal_id: &str) -> String {
     json!([key.tenant, key.resource, proposal_id]).to_string()
 }
 
+/// A batch's proposals as decoded, and the budget spend they are checked against.
+type Prepared = (
+    Vec<(
+        Arc<Input>,
+        Result<(ProposalData, Option<String>), ProcessError>,
+    )>,
+    Result<Arc<SpentView>, ProcessError>,
+);
+
 impl ResolveStage {
+    /// Decodes a batch's proposals and reads the spend of every budget they count against (one
+    /// round trip, none when no budget applies).
+    async fn prepare(&self, recs: Vec<Arc<Input>>) -> Prepared {
+        let decoded: Vec<_> = recs
+            .into_iter()
+            .map(|rec| {
+                let d = decode_proposal(&rec, &self.emitter);
+                (rec, d)
+            })
+            .collect();
+        let spenders: Vec<Spender<'_>> = decoded
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().ok())
+            .map(|(p, _)| Spender {
+                agent: &p.agent,
+                workflow: &p.workflow_id,
+                tenant: &p.tenant,
+            })
+            .collect();
+        let view = self
+            .budgets
+            .view(&spenders)
+            .await
+            .map(Arc::new)
+            .map_err(|e| ProcessError::from(e).context("budget spend"));
+        drop(spenders);
+        (decoded, view)
+    }
+
     /// Decides one proposal (or replays its stored decision).
-    async fn decide_one(&self, rec: Arc<Input>) -> Result<Batch, ProcessError> {
-        let (p, tp) = decode_proposal(&rec, &self.emitter)?;
+    async fn decide_one(
+        &self,
+        rec: &Input,
+        p: ProposalData,
+        tp: Option<String>,
+        view: &SpentView,
+    ) -> Result<Batch, ProcessError> {
         let key = ResourceKey::new(p.tenant.clone(), p.resource.clone());
         let inval = self
             .rules
@@ -321,7 +376,15 @@ impl ResolveStage {
             let decision = decide(&self.rules, &state, &cand, now);
             let rule = decision.rule();
             let gate = match &decision {
-                Decision::New { .. } => self.governance.gate(&p, &self.budgets).await?,
+                Decision::New { .. } => {
+                    let spender = Spender {
+                        agent: &p.agent,
+                        workflow: &p.workflow_id,
+                        tenant: &p.tenant,
+                    };
+                    let budget = self.budgets.check_in(view, &spender);
+                    self.governance.gate(&p, budget)
+                }
                 _ => Gate::Allow,
             };
             let current = Current {
