@@ -248,6 +248,7 @@ fn from_object(mut obj: Map<String, Value>) -> Result<CloudEvent, DecodeError> {
         datacontenttype,
         dataschema,
         data,
+        raw_data: None,
         extensions: obj,
     })
 }

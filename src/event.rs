@@ -9,6 +9,29 @@ use serde_json::{Map, Value};
 /// The only CloudEvents version switchyard accepts and writes.
 pub const SPEC_VERSION: &str = "1.0";
 
+/// Event data as JSON text.
+#[derive(Debug, Clone)]
+pub struct RawData(Box<serde_json::value::RawValue>);
+
+impl RawData {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawData {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Serialize for RawData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
 /// A CloudEvents 1.0 event. `subject` carries the resource id the event is about.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudEvent {
@@ -28,6 +51,14 @@ pub struct CloudEvent {
     pub dataschema: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
+    /// Data of an event switchyard writes, serialized once from its typed form (written as
+    /// `data`; never read: what is read is [`CloudEvent::data`]).
+    #[serde(
+        rename = "data",
+        skip_deserializing,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub raw_data: Option<RawData>,
     /// Extension attributes such as `tenant` and `traceparent`.
     #[serde(flatten)]
     pub extensions: Map<String, Value>,
@@ -46,6 +77,7 @@ impl CloudEvent {
             datacontenttype: None,
             dataschema: None,
             data: None,
+            raw_data: None,
             extensions: Map::new(),
         }
     }
@@ -55,8 +87,17 @@ impl CloudEvent {
         self
     }
 
+    /// Typed data, serialized straight to JSON text (no [`Value`] tree in between).
+    pub fn with_typed_data<T: Serialize>(mut self, data: &T) -> Result<Self, serde_json::Error> {
+        self.datacontenttype = Some("application/json".to_string());
+        self.data = None;
+        self.raw_data = Some(RawData(serde_json::value::to_raw_value(data)?));
+        Ok(self)
+    }
+
     pub fn with_data(mut self, data: Value) -> Self {
         self.datacontenttype = Some("application/json".to_string());
+        self.raw_data = None;
         self.data = Some(data);
         self
     }

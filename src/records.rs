@@ -286,7 +286,7 @@ pub fn audit_event(
     )
     .with_subject(audit.resource.clone())
     .with_time(time)
-    .with_data(data_value(audit)?)
+    .with_typed_data(audit)?
     .with_extension("tenant", audit.tenant.clone());
     if let Some(tp) = traceparent {
         ev = ev.with_extension("traceparent", tp);
@@ -310,7 +310,7 @@ pub fn record_event<T: Serialize>(
     let mut ev = CloudEvent::new(id, source, ty)
         .with_subject(resource)
         .with_time(time)
-        .with_data(data_value(data)?)
+        .with_typed_data(data)?
         .with_extension("tenant", tenant);
     if let Some(tp) = traceparent {
         ev = ev.with_extension("traceparent", tp);

@@ -32,8 +32,8 @@ use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::{dead_letter, Input, Output};
 use crate::pattern::stable_id;
 use crate::records::{
-    audit_event, data_value, trace_id, types, AgentResponse, AuditData, Emitter, ProposalData,
-    ResultData, TaskData,
+    audit_event, trace_id, types, AgentResponse, AuditData, Emitter, ProposalData, ResultData,
+    TaskData,
 };
 use crate::store::{ResourceKey, StoreError};
 use crate::telemetry::METRICS;
@@ -441,7 +441,7 @@ impl<S: ContextStore> AgentStage<S> {
             let mut ev = CloudEvent::new(id.clone(), SOURCE, types::PROPOSAL)
                 .with_subject(task.resource.clone())
                 .with_time(&o.at)
-                .with_data(data_value(&data)?)
+                .with_typed_data(&data)?
                 .with_extension("tenant", task.tenant.clone());
             if let Some(tp) = tp {
                 ev = ev.with_extension("traceparent", tp);
@@ -472,7 +472,7 @@ impl<S: ContextStore> AgentStage<S> {
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())
             .with_time(&o.at)
-            .with_data(data_value(&result)?)
+            .with_typed_data(&result)?
             .with_extension("tenant", task.tenant.clone());
         if let Some(tp) = tp {
             rev = rev.with_extension("traceparent", tp);

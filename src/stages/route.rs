@@ -145,7 +145,7 @@ impl RouteStage {
         let mut task = CloudEvent::new(id, SOURCE, types::TASK)
             .with_subject(resource)
             .with_time(time)
-            .with_data(data_value(&data)?)
+            .with_typed_data(&data)?
             .with_extension("tenant", ev.tenant());
         if let Some(tp) = ev.traceparent() {
             task = task.with_extension("traceparent", tp);
