@@ -67,8 +67,13 @@ impl StoreError {
 }
 
 impl From<redis::RedisError> for StoreError {
+    /// A reply of the wrong shape is stored data that cannot be read; anything else (a timeout, a
+    /// dropped connection, an error reply) is worth retrying.
     fn from(e: redis::RedisError) -> Self {
-        StoreError::Redis(e.to_string())
+        match e.kind() {
+            redis::ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Redis(e.to_string()),
+        }
     }
 }
 

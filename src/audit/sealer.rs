@@ -144,8 +144,7 @@ impl ChainStore for RedisChainStore {
                 .arg("seq")
                 .arg("hash")
                 .query_async(&mut c)
-                .await
-                .map_err(|e| StoreError::corrupt("audit chain head", e))?;
+                .await?;
             Ok((seq.unwrap_or(0), hash.filter(|h| !h.is_empty())))
         })
     }
