@@ -10,6 +10,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
+/// Requests one Redis connection may queue before callers wait (see [`RedisConn::get`]).
+const REDIS_QUEUE: usize = 8192;
+
 pub use crate::error::StoreError;
 
 /// The `redis:` config section.
@@ -159,7 +162,13 @@ impl RedisConn {
                     .set_connection_timeout(Some(Duration::from_secs(2)))
                     .set_response_timeout(Some(Duration::from_secs(2)))
                     .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
+                    .set_max_delay(Duration::from_millis(500))
+                    // The client's default queue of 50 requests stalled the whole connection
+                    // under a burst (thousands of records in flight, each stage pipelining per
+                    // batch): every request timed out while Redis sat idle. In-flight records
+                    // are bounded by kafka.max_in_flight per stage, so a queue this deep is
+                    // never the limit.
+                    .set_pipeline_buffer_size(REDIS_QUEUE);
                 ConnectionManager::new_with_config(self.client.clone(), cfg).await
             })
             .await?;
