@@ -4,12 +4,14 @@
 //! - `_version`, one field per fact (JSON [`Fact`]) and `_v:<key>`, the version at which each fact
 //!   last changed;
 //! - `_events`: recent event summaries, most recent first (a JSON array of JSON strings);
-//! - `_done`: the ids of the resource's most recently finished tasks (a JSON array);
-//! - `_o:<task id>`: a finished task's recorded [`Outcome`] (JSON), until its input is committed.
+//! - `_done`: the ids of the resource's most recently finished tasks (a JSON array).
 //!
-//! So a task costs one read (`HGETALL`) and one commit script (`HMGET`, `HSET`, `EXPIRE`), and the
-//! forgetting of its outcome one `HDEL`, pipelined with the others committed at the same time. What
-//! stays behind grows with resources, not with tasks.
+//! Beside it, `<prefix>:ctx:{t/r}:o` holds each finished task's recorded [`Outcome`] (task id →
+//! JSON) until its input is committed: apart, so that reading a busy resource's context never reads
+//! the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL` of the context and
+//! `HGET` of its outcome, one pipeline for a whole batch) and one commit script (`HGET`, `HMGET`,
+//! `HSET`, `EXPIRE`), and the forgetting of its outcome one `HDEL`, pipelined with the others
+//! committed at the same time. What stays behind grows with resources, not with tasks.
 
 use redis::Script;
 use serde_json::Value;
@@ -19,9 +21,11 @@ use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Sna
 use crate::store::{RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
--- KEYS[1] = context hash; ARGV[1] = task id, ARGV[2] = outcome, ARGV[3] = ttl, ARGV[4] = event
--- summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks remembered, ARGV[7] = fact count,
--- then key, value pairs.
+-- KEYS[1] = context hash, KEYS[2] = its outcomes; ARGV[1] = task id, ARGV[2] = outcome,
+-- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
+-- remembered, ARGV[7] = fact count, then key, value pairs.
+local recorded = redis.call('HGET', KEYS[2], ARGV[1])
+if recorded then return {0, recorded} end
 local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done')
 if cur[1] then return {0, cur[1]} end
 if cur[4] then
@@ -55,9 +59,10 @@ if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
   put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
 end
 put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
-put('_o:' .. ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[1], unpack(set))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {1, tostring(version)}
 "#;
 
@@ -84,6 +89,11 @@ impl RedisStore {
 
     fn ctx_key(&self, k: &ResourceKey) -> String {
         ctx_key(&self.prefix, k)
+    }
+
+    /// Outcomes of the resource's tasks not yet committed (same hash slot).
+    fn outcomes_key(&self, k: &ResourceKey) -> String {
+        format!("{}:o", ctx_key(&self.prefix, k))
     }
 }
 
@@ -119,9 +129,18 @@ pub fn parse_key_versions(
 }
 
 /// A resource's hash as read: its context, and what it says of `task_id`.
-fn parse(fields: HashMap<String, String>, task_id: &str) -> Result<(Prior, Snapshot), StoreError> {
+fn parse(
+    fields: HashMap<String, String>,
+    recorded: Option<String>,
+    task_id: &str,
+) -> Result<(Prior, Snapshot), StoreError> {
     let mut snap = Snapshot::default();
     let mut prior = Prior::New;
+    if let Some(v) = recorded.filter(|_| !task_id.is_empty()) {
+        let o: Outcome =
+            serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
+        prior = Prior::Recorded(Box::new(o));
+    }
     let mut done = None;
     for (k, v) in fields {
         if k == "_version" {
@@ -146,7 +165,8 @@ fn parse(fields: HashMap<String, String>, task_id: &str) -> Result<(Prior, Snaps
                 .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
             snap.key_versions.insert(key.to_string(), ver);
         } else if let Some(task) = k.strip_prefix("_o:") {
-            if task == task_id {
+            // Written by versions that kept outcomes in the context hash.
+            if task == task_id && prior == Prior::New {
                 let o: Outcome = serde_json::from_str(&v)
                     .map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
                 prior = Prior::Recorded(Box::new(o));
@@ -179,13 +199,9 @@ impl ContextStore for RedisStore {
         key: &ResourceKey,
         task_id: &str,
     ) -> Result<(Prior, Snapshot), StoreError> {
-        let mut c = self.conn.get().await?;
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.ctx_key(key))
-            .query_async(&mut c)
-            .await
-            .map_err(redis_err)?;
-        parse(fields, task_id)
+        let mut r = self.read_many(&[(key.clone(), task_id.to_string())]).await;
+        r.pop()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("no reply".into())))
     }
 
     async fn read_many(
@@ -196,20 +212,31 @@ impl ContextStore for RedisStore {
             return Vec::new();
         }
         let mut pipe = redis::pipe();
-        for (k, _) in asks {
+        for (k, t) in asks {
             pipe.hgetall(self.ctx_key(k));
+            pipe.hget(self.outcomes_key(k), t);
         }
-        let replies: Result<Vec<HashMap<String, String>>, StoreError> = async {
+        let replies: Result<Vec<redis::Value>, StoreError> = async {
             let mut c = self.conn.get().await?;
             pipe.query_async(&mut c).await.map_err(redis_err)
         }
         .await;
         match replies {
-            Ok(r) => r
-                .into_iter()
-                .zip(asks)
-                .map(|(fields, (_, t))| parse(fields, t))
-                .collect(),
+            Ok(r) => {
+                let mut r = r.into_iter();
+                asks.iter()
+                    .map(|(_, t)| {
+                        use redis::FromRedisValue;
+                        let fields: HashMap<String, String> =
+                            FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                                .map_err(|e| StoreError::corrupt("context", e))?;
+                        let recorded: Option<String> =
+                            FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                                .map_err(|e| StoreError::corrupt("outcome", e))?;
+                        parse(fields, recorded, t)
+                    })
+                    .collect()
+            }
             Err(e) => asks.iter().map(|_| Err(e.clone())).collect(),
         }
     }
@@ -227,6 +254,7 @@ impl ContextStore for RedisStore {
             serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut inv = self.commit.prepare_invoke();
         inv.key(self.ctx_key(key))
+            .key(self.outcomes_key(key))
             .arg(task_id)
             .arg(outcome_json)
             .arg(self.config.ttl_seconds)
@@ -261,9 +289,9 @@ impl ContextStore for RedisStore {
         let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, t) in tasks {
             by_key
-                .entry(self.ctx_key(k))
+                .entry(self.outcomes_key(k))
                 .or_default()
-                .push(format!("_o:{t}"));
+                .push(t.clone());
         }
         let mut pipe = redis::pipe();
         for (k, fields) in by_key {

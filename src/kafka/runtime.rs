@@ -381,6 +381,11 @@ impl<P: Processor> Shared<P> {
     }
 
     /// Takes the heads of up to `max` ready lanes.
+    /// Lanes whose head is ready (revoked ones included until taken).
+    fn ready_len(&self) -> usize {
+        lock(&self.ready).len()
+    }
+
     fn take_ready(&self, max: usize) -> Vec<(Arc<Part>, u64, Work)> {
         let mut out = Vec::new();
         let mut ready = lock(&self.ready);
@@ -948,14 +953,32 @@ fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, rec: Input)
     }
 }
 
-/// The driver: takes ready lane heads as batches and runs them, many batches at once.
+/// Batches that may run before the driver waits for a full one (or [`LINGER`]).
+const BUSY_BATCHES: usize = 2;
+/// Longest a ready record waits for its batch to fill while others run.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// The driver: takes ready lane heads as batches and runs them, several at once. Group commit:
+/// while [`BUSY_BATCHES`] batches run, ready heads gather into the next one until it is full, one
+/// finishes, or [`LINGER`] has passed since the last one started. Under load that makes batches
+/// large (one seal, one Redis round trip and one produce burst for many records); a quiet stage
+/// or a slow agent adds at most `LINGER`.
 async fn drive<P: Processor>(shared: Arc<Shared<P>>) {
     let mut batches = FuturesUnordered::new();
+    let max = shared.settings.max_batch;
+    let mut last_start = tokio::time::Instant::now();
     loop {
-        let heads = shared.take_ready(shared.settings.max_batch);
-        if !heads.is_empty() {
-            batches.push(run_batch(shared.clone(), heads));
-            continue;
+        let due = last_start + LINGER;
+        let room = batches.len() < BUSY_BATCHES
+            || shared.ready_len() >= max
+            || tokio::time::Instant::now() >= due;
+        if room {
+            let heads = shared.take_ready(max);
+            if !heads.is_empty() {
+                batches.push(run_batch(shared.clone(), heads));
+                last_start = tokio::time::Instant::now();
+                continue;
+            }
         }
         tokio::select! {
             biased;
@@ -966,6 +989,7 @@ async fn drive<P: Processor>(shared: Arc<Shared<P>>) {
             }
             Some(()) = batches.next(), if !batches.is_empty() => {}
             _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep_until(due), if !room => {}
         }
     }
 }

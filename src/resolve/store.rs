@@ -8,10 +8,13 @@
 //! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`, `d:<proposal id>`, `recent`), `<prefix>:approvals:open`
-//! (sorted set by expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read
-//! (`HGETALL`, plus `HMGET` of context versions when its action has staleness keys), one
-//! compare-and-set script (`HMGET`, `HSET`, `EXPIRE`) and one `HDEL` once committed.
+//! `applied:<partition>`, `approval:<id>`, `recent`), beside it `<prefix>:res:{t/r}:d` (hash:
+//! proposal id → its decision, until committed; apart so that reading the resource never reads the
+//! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
+//! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` and
+//! `HGET` of its decision, plus `HMGET` of context versions when its action has staleness keys, in
+//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `EXPIRE`) and one `HDEL` once
+//! committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
 
 use std::collections::{BTreeMap, HashMap};
@@ -133,16 +136,17 @@ pub trait ResourceStore: Send + Sync + 'static {
 }
 
 const CAS: &str = r#"
--- KEYS[1] = resource hash; ARGV[1] = expected rev, ARGV[2] = ttl, ARGV[3] = proposal id ('' =
--- none), ARGV[4] = its decision, ARGV[5] = proposals remembered, ARGV[6..] = field, value pairs
+-- KEYS[1] = resource hash, KEYS[2] = its decisions; ARGV[1] = expected rev, ARGV[2] = ttl,
+-- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
+-- ARGV[6..] = field, value pairs
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent')
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return 0 end
 local set = {'rev', tostring(rev + 1)}
 for i = 6, #ARGV do set[#set + 1] = ARGV[i] end
 if ARGV[3] ~= '' then
-  set[#set + 1] = 'd:' .. ARGV[3]
-  set[#set + 1] = ARGV[4]
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
   local list = {ARGV[3]}
   if cur[2] then
     for _, x in ipairs(cjson.decode(cur[2])) do
@@ -187,6 +191,10 @@ impl RedisResourceStore {
     fn res_key(&self, k: &ResourceKey) -> String {
         format!("{}:res:{}", self.prefix, k.hash_tag())
     }
+    /// Decisions of the resource's proposals not yet committed (same hash slot).
+    fn decisions_key(&self, k: &ResourceKey) -> String {
+        format!("{}:res:{}:d", self.prefix, k.hash_tag())
+    }
     fn open_key(&self) -> String {
         format!("{}:approvals:open", self.prefix)
     }
@@ -207,6 +215,7 @@ impl RedisResourceStore {
         let mut c = self.conn.get().await?;
         let mut pipe = redis::pipe();
         pipe.hgetall(self.res_key(k));
+        pipe.hget(self.decisions_key(k), proposal_id.unwrap_or(""));
         if !keys.is_empty() {
             pipe.add_command(crate::context::redis::key_versions_cmd(
                 &self.prefix,
@@ -219,12 +228,19 @@ impl RedisResourceStore {
         let mut next = || replies.next().unwrap_or(redis::Value::Nil);
         let hash: HashMap<String, String> =
             FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
+        let decision: Option<String> =
+            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?;
+        let mut decided = match (decision, proposal_id) {
+            (Some(v), Some(_)) => {
+                Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?)
+            }
+            _ => None,
+        };
         let key_versions = if keys.is_empty() {
             BTreeMap::new()
         } else {
             crate::context::redis::parse_key_versions(keys, next())?
         };
-        let mut decided = None;
         let mut l = ResourceRecord::default();
         for (f, v) in hash {
             match f.as_str() {
@@ -241,7 +257,8 @@ impl RedisResourceStore {
                             v.parse().map_err(|e| corrupt("applied", e))?,
                         );
                     } else if let Some(id) = f.strip_prefix("d:") {
-                        if Some(id) == proposal_id {
+                        // Written by versions that kept decisions in the resource hash.
+                        if Some(id) == proposal_id && decided.is_none() {
                             decided =
                                 Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
                         }
@@ -295,6 +312,7 @@ impl RedisResourceStore {
         };
         let mut inv = self.cas.prepare_invoke();
         inv.key(self.res_key(k))
+            .key(self.decisions_key(k))
             .arg(rev)
             .arg(self.ttl)
             .arg(id)
@@ -463,9 +481,9 @@ impl ResourceStore for RedisResourceStore {
             let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (k, id) in decided {
                 by_key
-                    .entry(self.res_key(k))
+                    .entry(self.decisions_key(k))
                     .or_default()
-                    .push(format!("d:{id}"));
+                    .push(id.clone());
             }
             let mut pipe = redis::pipe();
             for (k, fields) in by_key {
