@@ -177,6 +177,13 @@ pub async fn run(
         });
     }
     drop(tx);
+    let gateway = gateway_of(
+        &loaded,
+        redis.clone(),
+        services.budgets.clone(),
+        &tracker,
+        &stop,
+    )?;
     let health = Arc::new(health);
     tracker.spawn(check_dependencies(
         loaded.clone(),
@@ -195,13 +202,15 @@ pub async fn run(
             &cfg.http.users,
             cfg.governance.approvals.token.as_ref(),
         ));
-        let app = http::router(health.clone(), cfg.http.metrics_token.as_ref()).merge(
-            http::approvals::router(http::approvals::Api {
-                approvals,
-                producer: producer.clone(),
-                auth,
-            }),
-        );
+        let mut app = http::router(health.clone(), cfg.http.metrics_token.as_ref());
+        if let Some(gw) = gateway {
+            app = app.merge(crate::gateway::served::router(gw));
+        }
+        let app = app.merge(http::approvals::router(http::approvals::Api {
+            approvals,
+            producer: producer.clone(),
+            auth,
+        }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
@@ -300,4 +309,41 @@ async fn check_dependencies(
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// The AI gateway when the config (or `SWITCHYARD_LLM_BASE_URL`) declares a provider; its
+/// sweeper gives back the budget holds of calls that never settled.
+fn gateway_of(
+    loaded: &Loaded,
+    redis: RedisConn,
+    budgets: Arc<Budgets>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<Option<Arc<crate::gateway::Gateway>>, AppError> {
+    let cfg = loaded.config.gateway.clone().effective();
+    if cfg.providers.is_empty() {
+        return Ok(None);
+    }
+    let gw = crate::gateway::Gateway::new(cfg, redis, &loaded.config.redis.key_prefix, budgets)
+        .map_err(|e| AppError::Setup(format!("gateway: {e}")))?;
+    let gw = Arc::new(gw);
+    let (sweeper, stop) = (gw.clone(), stop.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            match sweeper.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    holds = n,
+                    "Gave back the budget holds of model calls that never settled."
+                ),
+                Err(e) => tracing::warn!(error = %e, "Could not sweep expired budget holds."),
+            }
+        }
+    });
+    tracing::info!(models = ?gw.models(), "AI gateway ready.");
+    Ok(Some(gw))
 }

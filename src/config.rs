@@ -78,6 +78,9 @@ pub struct Config {
     /// Access policy, budgets and the approval gate.
     #[serde(default)]
     pub governance: GovernanceConfig,
+    /// The AI gateway: model providers, aliases, rate limits, prices, served keys.
+    #[serde(default)]
+    pub gateway: crate::gateway::GatewayConfig,
 }
 
 /// Whether a stage runs.
@@ -110,6 +113,7 @@ const SECTIONS: &[&str] = &[
     "context",
     "resolve",
     "governance",
+    "gateway",
 ];
 
 /// One problem in a config file, naming the item it is about.
@@ -298,6 +302,7 @@ impl Config {
                 "context" => section(&key, v, &mut problems, &mut config.context),
                 "resolve" => section(&key, v, &mut problems, &mut config.resolve),
                 "governance" => section(&key, v, &mut problems, &mut config.governance),
+                "gateway" => section(&key, v, &mut problems, &mut config.gateway),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -471,6 +476,9 @@ impl Config {
                     .flat_map(|(_, _, w)| w.iter().map(String::as_str)),
             )
             .collect();
+        for (item, m) in self.gateway.clone().effective().problems() {
+            p(&item, m);
+        }
         for (item, m) in self.governance.problems(&agents, &actions) {
             p(&item, m);
         }

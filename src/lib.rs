@@ -52,6 +52,7 @@ pub mod context;
 pub mod embedded;
 pub mod error;
 pub mod event;
+pub mod gateway;
 pub mod governance;
 pub mod http;
 pub mod kafka;

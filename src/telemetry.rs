@@ -85,6 +85,15 @@ pub struct Metrics {
     pub budget_refusals: IntCounterVec,
     /// Audit records sealed into hash chains.
     pub audit_sealed: IntCounterVec,
+    /// Model calls through the gateway, by provider, model and outcome (ok, retryable, rejected,
+    /// timeout, transport, malformed, rate_limited, cooling).
+    pub llm_requests: IntCounterVec,
+    /// Tokens of model calls, by model and kind (input, output, cached).
+    pub llm_tokens: IntCounterVec,
+    /// Cost of model calls, by model and currency.
+    pub llm_cost: prometheus::CounterVec,
+    /// Duration of one provider request, by provider.
+    pub llm_duration: HistogramVec,
 }
 
 /// The process-wide metrics.
@@ -301,6 +310,31 @@ impl Metrics {
                 "switchyard_budget_refusals_total",
                 "Refusals because a budget was exhausted.",
                 &["budget"],
+                r
+            )?,
+            llm_requests: register_int_counter_vec_with_registry!(
+                "switchyard_llm_requests_total",
+                "Model calls through the gateway, by provider, model and outcome.",
+                &["provider", "model", "outcome"],
+                r
+            )?,
+            llm_tokens: register_int_counter_vec_with_registry!(
+                "switchyard_llm_tokens_total",
+                "Tokens of model calls, by model and kind (input, output, cached).",
+                &["model", "kind"],
+                r
+            )?,
+            llm_cost: prometheus::register_counter_vec_with_registry!(
+                "switchyard_llm_cost_total",
+                "Cost of model calls from the configured prices, by model and currency.",
+                &["model", "currency"],
+                r
+            )?,
+            llm_duration: register_histogram_vec_with_registry!(
+                "switchyard_llm_request_duration_seconds",
+                "Duration of one provider request (each retry counts).",
+                &["provider"],
+                exponential_buckets(0.005, 2.0, 14)?,
                 r
             )?,
             audit_sealed: register_int_counter_vec_with_registry!(

@@ -481,12 +481,6 @@ routes:
     running.stop().await;
 }
 
-fn stack_dir() -> std::path::PathBuf {
-    std::env::var("SWITCHYARD_STACK_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|_| root().join(".stack"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_agent_round_trips_with_the_example_external_agent() {
     let pre = suffix();

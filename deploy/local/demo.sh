@@ -19,10 +19,14 @@ say() { printf '\n== %s\n' "$*"; }
 
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (https://rustup.rs) first" >&2; exit 1; }
 
-say "Starting the local stack (tansu broker + Redis)"
+say "Starting the local stack (tansu broker, Redis, the LLM stand-in llmock)"
 "$STACK" up
 # shellcheck disable=SC1091
 source "$SWITCHYARD_STACK_DIR/env"
+export SWITCHYARD_LLM_BASE_URL
+# A key for the gateway's served endpoint (accepted as a key of the tenant `default`).
+SWITCHYARD_GATEWAY_KEY="demo-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
+export SWITCHYARD_GATEWAY_KEY
 HTTP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 export SWITCHYARD_HTTP_LISTEN="127.0.0.1:$HTTP_PORT"
 
@@ -90,6 +94,14 @@ sleep 2
 show switchyard.audit
 show switchyard.dlq
 
+say "One model call through the AI gateway (alias analyst -> provider default = llmock), as an agent in any language would make it"
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/v1/chat/completions" -H "Authorization: Bearer $SWITCHYARD_GATEWAY_KEY" \
+    -H 'content-type: application/json' -H 'X-Switchyard-Task: demo-task-1' \
+    -d '{"model": "analyst", "messages": [{"role": "user", "content": "Why did checkout breach its SLA?"}]}' |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"][:120]); print("usage:", r["usage"])'
+grep '"Model call."\|Model call\.' "$SWITCHYARD_STACK_DIR/switchyard.log" | tail -1 || true
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_llm_(requests|tokens|cost)_total' || true
+
 say "Verifying the audit trail's hash chains"
 "$BIN" --config "$CONFIG" audit verify
 
@@ -104,10 +116,12 @@ redis-cli -u "$SWITCHYARD_REDIS_URL" --raw HGETALL 'switchyard:ctx:{default/chec
 import json, sys
 lines = sys.stdin.read().splitlines()
 for k, v in zip(lines[::2], lines[1::2]):
-    if k.startswith("_v:"):
-        continue
     if k == "_version":
         print(f"  {k:<26} {v}")
+    elif k == "_events":
+        print(f"  {k:<26} {len(json.loads(v))} recent events")
+    elif k.startswith("_"):
+        continue  # per-key versions, recently finished task ids
     else:
         f = json.loads(v)
         print("  %-26s (by %s) %s" % (k, f["by"], json.dumps(f["value"])))

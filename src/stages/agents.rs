@@ -684,6 +684,7 @@ impl<S: ContextStore> AgentStage<S> {
                         agent: &t.task.agent,
                         workflow: &t.task.workflow_id,
                         tenant: &t.task.tenant,
+                        model: "",
                     },
                     self.agents
                         .get(&t.task.agent)
@@ -798,7 +799,7 @@ mod tests {
     use crate::audit::MemoryChainStore;
     use crate::context::memory::MemoryStore;
     use crate::governance::budgets::{
-        BudgetSpec, BudgetStore, MemoryBudgetStore, Request, Reserved,
+        BudgetSpec, BudgetStore, Holds, Line, MemoryBudgetStore, Request, Reserved,
     };
     use crate::kafka::runtime::process_one;
 
@@ -817,6 +818,27 @@ mod tests {
             _: &'a [String],
         ) -> BoxFuture<'a, Result<Vec<(u64, f64)>, StoreError>> {
             Box::pin(async { Ok(Vec::new()) })
+        }
+        fn hold<'a>(
+            &'a self,
+            _: &'a Holds,
+            _: &'a str,
+            _: u64,
+            _: &'a Request,
+        ) -> BoxFuture<'a, Result<Reserved, StoreError>> {
+            Box::pin(async { Err(StoreError::Corrupt("budget bucket holds \"x\"".into())) })
+        }
+        fn settle<'a>(
+            &'a self,
+            _: &'a Holds,
+            _: &'a str,
+            _: &'a [Line],
+            _: f64,
+        ) -> BoxFuture<'a, Result<f64, StoreError>> {
+            Box::pin(async { Err(StoreError::Corrupt("budget bucket holds \"x\"".into())) })
+        }
+        fn sweep<'a>(&'a self, _: &'a Holds, _: usize) -> BoxFuture<'a, Result<usize, StoreError>> {
+            Box::pin(async { Ok(0) })
         }
     }
 

@@ -299,6 +299,7 @@ impl ResolveStage {
                 agent: &p.agent,
                 workflow: &p.workflow_id,
                 tenant: &p.tenant,
+                model: "",
             })
             .collect();
         let view = self
@@ -381,6 +382,7 @@ impl ResolveStage {
                         agent: &p.agent,
                         workflow: &p.workflow_id,
                         tenant: &p.tenant,
+                        model: "",
                     };
                     let budget = self.budgets.check_in(view, &spender);
                     self.governance.gate(&p, budget)

@@ -48,6 +48,28 @@ pub fn stack() -> &'static (String, String) {
     })
 }
 
+/// The local stack's directory (`SWITCHYARD_STACK_DIR`, else `.stack`).
+pub fn stack_dir() -> PathBuf {
+    std::env::var("SWITCHYARD_STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".stack"))
+}
+
+/// The LLM stand-in's base URL (`http://host:port/v1`): from the environment, or the stack's env.
+pub fn llm_base() -> String {
+    if let Ok(u) = std::env::var("SWITCHYARD_LLM_BASE_URL") {
+        if !u.is_empty() {
+            return u;
+        }
+    }
+    let _ = stack();
+    let env = std::fs::read_to_string(stack_dir().join("env")).expect("the stack's env file");
+    env.lines()
+        .find_map(|l| l.strip_prefix("export SWITCHYARD_LLM_BASE_URL="))
+        .map(str::to_string)
+        .expect("SWITCHYARD_LLM_BASE_URL in the stack's env file (deploy/local/stack.sh up)")
+}
+
 /// A free loopback port (bound and released; good enough for a test's own servers).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,1129 @@
+//! The AI gateway: one door to every model, shared by all agents and all instances.
+//!
+//! A caller names a model **alias** (`analyst`) or a `provider/model` pair; the alias lists ordered
+//! candidates. For each call the gateway
+//! 1. holds a capped estimate of its cost against every budget that applies (agent, workflow,
+//!    tenant, model: one atomic script, all or none; exhausted means deny, or a cheaper alias);
+//! 2. for each candidate in order: takes room from its rate limits (token buckets in Redis shared
+//!    by every instance; a call waits, bounded, or fails over), skips it while it cools down, sends
+//!    the request, retries 429/5xx/timeouts with backoff honouring `Retry-After`, and moves on to
+//!    the next candidate when retries are spent or the candidate went into a cooldown;
+//! 3. settles the hold to the cost computed from the usage the provider reported (estimated and
+//!    flagged when it reported none) and gives unused tokens back to the token-per-minute buckets.
+//!
+//! Other 4xx answers are the request's fault: returned at once, never retried.
+
+pub mod limits;
+pub mod providers;
+pub mod served;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::governance::budgets::{Budgets, Hold, Spender};
+use crate::store::{RedisConn, StoreError};
+use crate::telemetry::METRICS;
+use limits::{Acquire, Bucket, LimitScope, LimitSpec, Limiter, OnLimit};
+use providers::{CallError, ChunkStream, Provider, ProviderKind, ProviderSpec, Usage};
+
+/// `gateway:` in the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Providers by name. `default` is overridden by `SWITCHYARD_LLM_BASE_URL` and
+    /// `SWITCHYARD_LLM_API_KEY` (and created by them when absent).
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderSpec>,
+    /// Model aliases by name: ordered candidates.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, AliasSpec>,
+    /// Rate limits per provider and model.
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
+    /// Prices per 1M tokens, by `provider/model` or by model name.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+    /// Retries of one candidate after a 429, 5xx, timeout or transport error.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First backoff between retries (doubling), when the provider gave no `Retry-After`.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Longest `Retry-After` honoured before moving to the next candidate instead.
+    #[serde(default = "default_max_retry_after_ms")]
+    pub max_retry_after_ms: u64,
+    #[serde(default)]
+    pub cooldown: CooldownSpec,
+    /// How long a budget hold lives when its call never settles (a crash).
+    #[serde(default = "default_hold_seconds")]
+    pub hold_seconds: u64,
+    /// Output tokens assumed when neither the request nor the alias caps them.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// API keys of the served endpoint (`/v1/chat/completions`), stored as SHA-256.
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+fn default_retries() -> u32 {
+    2
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_max_retry_after_ms() -> u64 {
+    20_000
+}
+fn default_hold_seconds() -> u64 {
+    900
+}
+fn default_max_tokens() -> u64 {
+    1024
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            providers: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            limits: Vec::new(),
+            prices: BTreeMap::new(),
+            retries: default_retries(),
+            backoff_ms: default_backoff_ms(),
+            max_retry_after_ms: default_max_retry_after_ms(),
+            cooldown: CooldownSpec::default(),
+            hold_seconds: default_hold_seconds(),
+            default_max_tokens: default_max_tokens(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// An alias: ordered candidates, tried until one answers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasSpec {
+    pub candidates: Vec<Candidate>,
+    /// Output-token cap applied when the request sets none (also the estimate's cap).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// What an exhausted budget does: refuse the call (`deny`) or use `downgrade_to`.
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+    /// A cheaper alias for `on_exhausted: downgrade`.
+    #[serde(default)]
+    pub downgrade_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExhausted {
+    #[default]
+    Deny,
+    Downgrade,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    pub provider: String,
+    pub model: String,
+}
+
+/// Price per 1M tokens.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    #[serde(default)]
+    pub input: f64,
+    #[serde(default)]
+    pub output: f64,
+    /// Input tokens read from the provider's cache (the input price when unset).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    #[serde(default = "usd")]
+    pub currency: String,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+impl Price {
+    fn cost(&self, u: &Usage) -> f64 {
+        let cached = u.cached.min(u.input);
+        ((u.input - cached) as f64 * self.input
+            + cached as f64 * self.cached_input.unwrap_or(self.input)
+            + u.output as f64 * self.output)
+            / 1e6
+    }
+}
+
+/// When a failing candidate is put aside for every instance.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CooldownSpec {
+    /// Failed attempts (after retries of one call count each) within a minute.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    #[serde(default = "default_cooldown_seconds")]
+    pub seconds: u64,
+}
+
+fn default_failures() -> u32 {
+    3
+}
+fn default_cooldown_seconds() -> u64 {
+    30
+}
+
+impl Default for CooldownSpec {
+    fn default() -> Self {
+        CooldownSpec {
+            failures: default_failures(),
+            seconds: default_cooldown_seconds(),
+        }
+    }
+}
+
+/// An API key of the served endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Who calls (the agent name the calls are accounted to).
+    pub name: String,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    pub key_sha256: String,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+impl GatewayConfig {
+    /// The config with the environment's default provider applied.
+    pub fn effective(mut self) -> Self {
+        let base = std::env::var("SWITCHYARD_LLM_BASE_URL")
+            .ok()
+            .filter(|v| !v.is_empty());
+        let key_set = std::env::var("SWITCHYARD_LLM_API_KEY").is_ok_and(|v| !v.is_empty());
+        if base.is_some() || (key_set && self.providers.contains_key("default")) {
+            let p = self
+                .providers
+                .entry("default".into())
+                .or_insert_with(|| ProviderSpec {
+                    kind: ProviderKind::Openai,
+                    base_url: String::new(),
+                    api_key: None,
+                    api_key_env: None,
+                    api_key_file: None,
+                    timeout_ms: 60_000,
+                });
+            if let Some(b) = base {
+                p.base_url = b;
+                p.kind = ProviderKind::Openai;
+            }
+            if key_set {
+                p.api_key = None;
+                p.api_key_file = None;
+                p.api_key_env = Some("SWITCHYARD_LLM_API_KEY".into());
+            }
+        }
+        self
+    }
+
+    /// Problems with the section, each with its path.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        for (name, spec) in &self.providers {
+            if spec.base_url.is_empty() {
+                p.push((
+                    format!("gateway.providers.{name}.base_url"),
+                    "is empty".into(),
+                ));
+            } else if !(spec.base_url.starts_with("http://")
+                || spec.base_url.starts_with("https://"))
+            {
+                p.push((
+                    format!("gateway.providers.{name}.base_url"),
+                    "must start with http:// or https://".into(),
+                ));
+            }
+            if let Err(e) = spec.key() {
+                p.push((format!("gateway.providers.{name}"), e));
+            }
+        }
+        for (name, a) in &self.aliases {
+            if name.contains('/') {
+                p.push((
+                    format!("gateway.aliases.{name}"),
+                    "an alias name may not contain '/' (that names provider/model)".into(),
+                ));
+            }
+            if a.candidates.is_empty() {
+                p.push((
+                    format!("gateway.aliases.{name}.candidates"),
+                    "lists no candidate".into(),
+                ));
+            }
+            for (i, c) in a.candidates.iter().enumerate() {
+                if !self.providers.contains_key(&c.provider) {
+                    p.push((
+                        format!("gateway.aliases.{name}.candidates[{i}].provider"),
+                        format!("no provider named {:?}", c.provider),
+                    ));
+                }
+            }
+            match (&a.on_exhausted, &a.downgrade_to) {
+                (OnExhausted::Downgrade, None) => p.push((
+                    format!("gateway.aliases.{name}.downgrade_to"),
+                    "is required by on_exhausted: downgrade".into(),
+                )),
+                (_, Some(d)) if !self.aliases.contains_key(d) || d == name => p.push((
+                    format!("gateway.aliases.{name}.downgrade_to"),
+                    format!("{d:?} is not another alias"),
+                )),
+                _ => {}
+            }
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            if !self.providers.contains_key(&l.provider) {
+                p.push((
+                    format!("gateway.limits[{i}].provider"),
+                    format!("no provider named {:?}", l.provider),
+                ));
+            }
+            if l.rpm.is_none() && l.tpm.is_none() {
+                p.push((
+                    format!("gateway.limits[{i}]"),
+                    "sets neither rpm nor tpm".into(),
+                ));
+            }
+            if l.rpm == Some(0) || l.tpm == Some(0) {
+                p.push((format!("gateway.limits[{i}]"), "a limit of 0".into()));
+            }
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let ok =
+                k.key_sha256.len() == 64 && k.key_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                p.push((
+                    format!("gateway.keys[{i}].key_sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key)".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// Who calls, for budgets, limits and accounting.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub agent: String,
+    pub workflow: String,
+    pub task: String,
+}
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GatewayError {
+    /// No alias or provider/model of that name.
+    UnknownModel(String),
+    /// The request is malformed, or a provider refused it (4xx other than 429).
+    BadRequest(String),
+    /// A budget has no room (`deny`).
+    BudgetExhausted { budget: String },
+    /// Every candidate is rate limited or cooling down.
+    RateLimited { retry_after: Duration },
+    /// Every candidate failed.
+    ProviderFailed(String),
+    /// Redis (limits, budgets) is unavailable.
+    Unavailable(String),
+}
+
+impl GatewayError {
+    /// The HTTP status of the served endpoint.
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::UnknownModel(_) => 404,
+            GatewayError::BadRequest(_) => 400,
+            GatewayError::BudgetExhausted { .. } | GatewayError::RateLimited { .. } => 429,
+            GatewayError::ProviderFailed(_) => 502,
+            GatewayError::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayError::UnknownModel(m) => write!(f, "the model {m:?} does not exist"),
+            GatewayError::BadRequest(m) => write!(f, "{m}"),
+            GatewayError::BudgetExhausted { budget } => {
+                write!(f, "budget {budget:?} is exhausted")
+            }
+            GatewayError::RateLimited { retry_after } => {
+                write!(f, "rate limited; retry in {} ms", retry_after.as_millis())
+            }
+            GatewayError::ProviderFailed(m) => write!(f, "every provider failed: {m}"),
+            GatewayError::Unavailable(m) => write!(f, "gateway state unavailable: {m}"),
+        }
+    }
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(e: StoreError) -> Self {
+        GatewayError::Unavailable(e.to_string())
+    }
+}
+
+/// A completed call.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The answer in OpenAI's chat-completion shape.
+    pub body: Value,
+    pub meta: CallMeta,
+}
+
+/// What the gateway accounts for a call.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CallMeta {
+    pub alias: String,
+    pub provider: String,
+    pub model: String,
+    pub usage: Usage,
+    /// The provider reported no usage: tokens and cost are estimates.
+    pub usage_estimated: bool,
+    pub cost: f64,
+    pub currency: String,
+    pub attempts: u32,
+    pub latency_ms: u64,
+}
+
+/// The configured gateway.
+pub struct Gateway {
+    cfg: GatewayConfig,
+    providers: BTreeMap<String, Arc<Provider>>,
+    limiter: Limiter,
+    budgets: Arc<Budgets>,
+}
+
+/// A request's model resolved: alias name (or `provider/model`), candidates, output cap.
+struct Route {
+    alias: String,
+    candidates: Vec<Candidate>,
+    max_tokens: Option<u64>,
+    on_exhausted: OnExhausted,
+    downgrade_to: Option<String>,
+}
+
+/// What a candidate's admission decided.
+enum Admit {
+    Go(Vec<Bucket>),
+    /// Limited or cooling: try the next candidate; say how long until this one has room.
+    Skip(Duration, &'static str),
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: GatewayConfig,
+        conn: RedisConn,
+        prefix: &str,
+        budgets: Arc<Budgets>,
+    ) -> Result<Self, String> {
+        let cfg = cfg.effective();
+        if let Some((path, why)) = cfg.problems().into_iter().next() {
+            return Err(format!("{path}: {why}"));
+        }
+        let providers = cfg
+            .providers
+            .iter()
+            .map(|(name, spec)| {
+                if let (Some(var), Ok(None)) = (&spec.api_key_env, spec.key()) {
+                    tracing::warn!(provider = %name, variable = %var, "The provider's API key variable is not set; its calls go out without a key.");
+                }
+                Ok((name.clone(), Arc::new(Provider::new(name, spec)?)))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Gateway {
+            limiter: Limiter::new(conn, prefix),
+            cfg,
+            providers,
+            budgets,
+        })
+    }
+
+    /// The models callers may name: aliases, then every `provider/model` of a candidate.
+    pub fn models(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.cfg.aliases.keys().cloned().collect();
+        for a in self.cfg.aliases.values() {
+            for c in &a.candidates {
+                let m = format!("{}/{}", c.provider, c.model);
+                if !out.contains(&m) {
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+
+    /// The API keys of the served endpoint.
+    pub fn keys(&self) -> &[KeySpec] {
+        &self.cfg.keys
+    }
+
+    fn route(&self, model: &str) -> Result<Route, GatewayError> {
+        if let Some(a) = self.cfg.aliases.get(model) {
+            return Ok(Route {
+                alias: model.to_string(),
+                candidates: a.candidates.clone(),
+                max_tokens: a.max_tokens,
+                on_exhausted: a.on_exhausted,
+                downgrade_to: a.downgrade_to.clone(),
+            });
+        }
+        if let Some((provider, m)) = model.split_once('/') {
+            if self.providers.contains_key(provider) && !m.is_empty() {
+                return Ok(Route {
+                    alias: model.to_string(),
+                    candidates: vec![Candidate {
+                        provider: provider.into(),
+                        model: m.into(),
+                    }],
+                    max_tokens: None,
+                    on_exhausted: OnExhausted::Deny,
+                    downgrade_to: None,
+                });
+            }
+        }
+        Err(GatewayError::UnknownModel(model.to_string()))
+    }
+
+    fn price(&self, c: &Candidate) -> Option<&Price> {
+        self.cfg
+            .prices
+            .get(&format!("{}/{}", c.provider, c.model))
+            .or_else(|| self.cfg.prices.get(&c.model))
+    }
+
+    /// Input tokens guessed from the request's size (about four bytes a token) and the output cap.
+    fn estimate(&self, route: &Route, req: &Map<String, Value>) -> Usage {
+        let bytes: usize = ["messages", "tools", "system"]
+            .iter()
+            .filter_map(|k| req.get(*k))
+            .map(|v| v.to_string().len())
+            .sum();
+        let cap = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| req.get(*k).and_then(Value::as_u64))
+            .or(route.max_tokens)
+            .unwrap_or(self.cfg.default_max_tokens);
+        Usage {
+            input: (bytes as u64).div_ceil(4),
+            output: cap,
+            cached: 0,
+        }
+    }
+
+    /// The costliest candidate's price for `u` (the hold must cover whichever answers).
+    fn worst_cost(&self, route: &Route, u: &Usage) -> f64 {
+        route
+            .candidates
+            .iter()
+            .filter_map(|c| self.price(c))
+            .map(|p| p.cost(u))
+            .fold(0.0, f64::max)
+    }
+
+    /// Holds the estimate against the budgets; on exhaustion denies or moves to the downgrade
+    /// alias. Returns the route to use and the hold.
+    async fn hold(
+        &self,
+        caller: &Caller,
+        mut route: Route,
+        req: &Map<String, Value>,
+    ) -> Result<(Route, Option<Hold>, Usage), GatewayError> {
+        for _ in 0..4 {
+            let est = self.estimate(&route, req);
+            if self.budgets.is_empty() {
+                return Ok((route, None, est));
+            }
+            let spender = Spender {
+                agent: &caller.agent,
+                workflow: &caller.workflow,
+                tenant: &caller.tenant,
+                model: &route.alias,
+            };
+            let cost = self.worst_cost(&route, &est);
+            match self
+                .budgets
+                .hold(&spender, cost, self.cfg.hold_seconds * 1000)
+                .await?
+            {
+                Ok(h) => return Ok((route, Some(h), est)),
+                Err(budget) => {
+                    METRICS.budget_refusals.with_label_values(&[&budget]).inc();
+                    match (&route.on_exhausted, route.downgrade_to.clone()) {
+                        (OnExhausted::Downgrade, Some(d)) => {
+                            tracing::info!(alias = %route.alias, to = %d, budget = %budget, "Budget exhausted; downgrading the call.");
+                            route = self.route(&d)?;
+                        }
+                        _ => return Err(GatewayError::BudgetExhausted { budget }),
+                    }
+                }
+            }
+        }
+        Err(GatewayError::BadRequest(
+            "downgrade aliases form a loop".into(),
+        ))
+    }
+
+    /// The buckets of a candidate's limits for a caller, costing one request and `tokens`.
+    fn buckets(&self, c: &Candidate, caller: &Caller, tokens: u64) -> Vec<(Bucket, &LimitSpec)> {
+        let mut out = Vec::new();
+        for l in &self.cfg.limits {
+            if l.provider != c.provider || (l.model != "*" && l.model != c.model) {
+                continue;
+            }
+            let who = match l.per {
+                LimitScope::All => None,
+                LimitScope::Agent => Some(("agent", caller.agent.as_str())),
+                LimitScope::Tenant => Some(("tenant", caller.tenant.as_str())),
+            };
+            if let Some(rpm) = l.rpm {
+                out.push((
+                    Bucket {
+                        key: self.limiter.bucket_key(&l.provider, &l.model, "rpm", who),
+                        capacity: rpm as f64,
+                        rate: rpm as f64 / 60_000.0,
+                        cost: 1.0,
+                    },
+                    l,
+                ));
+            }
+            if let Some(tpm) = l.tpm {
+                out.push((
+                    Bucket {
+                        key: self.limiter.bucket_key(&l.provider, &l.model, "tpm", who),
+                        capacity: tpm as f64,
+                        rate: tpm as f64 / 60_000.0,
+                        cost: tokens as f64,
+                    },
+                    l,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Takes room for one request of a candidate: waits while a limit says so (bounded), or
+    /// skips the candidate.
+    async fn admit(
+        &self,
+        c: &Candidate,
+        caller: &Caller,
+        tokens: u64,
+    ) -> Result<Admit, GatewayError> {
+        let with_specs = self.buckets(c, caller, tokens);
+        let failover = with_specs
+            .iter()
+            .any(|(_, l)| l.on_limit == OnLimit::Failover);
+        let max_wait = with_specs
+            .iter()
+            .map(|(_, l)| l.max_wait_ms)
+            .min()
+            .unwrap_or(0);
+        let buckets: Vec<Bucket> = with_specs.into_iter().map(|(b, _)| b).collect();
+        let started = Instant::now();
+        loop {
+            match self
+                .limiter
+                .acquire(&c.provider, &c.model, &buckets)
+                .await?
+            {
+                Acquire::Granted => return Ok(Admit::Go(buckets)),
+                Acquire::Cooling(ms) => {
+                    return Ok(Admit::Skip(Duration::from_millis(ms), "cooling"))
+                }
+                Acquire::Wait(ms) => {
+                    let waited = started.elapsed().as_millis() as u64;
+                    if failover || waited + ms > max_wait {
+                        return Ok(Admit::Skip(Duration::from_millis(ms), "rate_limited"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+        }
+    }
+
+    fn count(c: &Candidate, outcome: &str) {
+        METRICS
+            .llm_requests
+            .with_label_values(&[&c.provider, &c.model, outcome])
+            .inc();
+    }
+
+    /// One chat completion through the gateway.
+    pub async fn complete(
+        &self,
+        caller: &Caller,
+        model: &str,
+        req: &Map<String, Value>,
+    ) -> Result<Completion, GatewayError> {
+        let started = Instant::now();
+        let route = self.route(model)?;
+        let (route, hold, est) = self.hold(caller, route, req).await?;
+        let capped = cap(req, est.output);
+        let req = &capped;
+        let mut attempts = 0;
+        let mut last = String::from("no candidate was tried");
+        let mut soonest: Option<Duration> = None;
+        let mut all_limited = true;
+        for c in &route.candidates {
+            let Some(provider) = self.providers.get(&c.provider) else {
+                continue;
+            };
+            let mut attempt = 0;
+            loop {
+                let buckets = match self.admit(c, caller, est.input + est.output).await {
+                    Ok(Admit::Go(b)) => b,
+                    Ok(Admit::Skip(after, why)) => {
+                        Self::count(c, why);
+                        soonest = Some(soonest.map_or(after, |s| s.min(after)));
+                        last = format!("{}/{}: {why}", c.provider, c.model);
+                        break;
+                    }
+                    Err(e) => {
+                        self.release(hold.as_ref()).await;
+                        return Err(e);
+                    }
+                };
+                all_limited = false;
+                attempts += 1;
+                attempt += 1;
+                let t0 = Instant::now();
+                let r = provider.complete(&c.model, req).await;
+                METRICS
+                    .llm_duration
+                    .with_label_values(&[&c.provider])
+                    .observe(t0.elapsed().as_secs_f64());
+                match r {
+                    Ok((body, usage)) => {
+                        Self::count(c, "ok");
+                        let _ = self.limiter.succeeded(&c.provider, &c.model).await;
+                        let (usage, estimated) = match usage {
+                            Some(u) => (u, false),
+                            None => (estimate_answer(&est, &body), true),
+                        };
+                        let meta = self
+                            .account(
+                                caller,
+                                &route.alias,
+                                c,
+                                hold.as_ref(),
+                                &buckets,
+                                &est,
+                                usage,
+                                estimated,
+                                attempts,
+                                started,
+                            )
+                            .await;
+                        return Ok(Completion { body, meta });
+                    }
+                    Err(CallError::Rejected { status, message }) => {
+                        Self::count(c, "rejected");
+                        self.give_back(&buckets, &est, 0).await;
+                        self.release(hold.as_ref()).await;
+                        return Err(GatewayError::BadRequest(format!(
+                            "{}/{} refused the request ({status}): {message}",
+                            c.provider, c.model
+                        )));
+                    }
+                    Err(e) => {
+                        Self::count(c, e.kind());
+                        self.give_back(&buckets, &est, 0).await;
+                        last = format!("{}/{}: {e}", c.provider, c.model);
+                        tracing::warn!(provider = %c.provider, model = %c.model, attempt, error = %e, "Model call failed.");
+                        let cooled = self
+                            .limiter
+                            .failed(
+                                &c.provider,
+                                &c.model,
+                                self.cfg.cooldown.failures,
+                                self.cfg.cooldown.seconds * 1000,
+                            )
+                            .await
+                            .unwrap_or(false);
+                        if cooled {
+                            tracing::warn!(provider = %c.provider, model = %c.model, seconds = self.cfg.cooldown.seconds, "Candidate put in a cooldown for every instance.");
+                        }
+                        if cooled || attempt > self.cfg.retries {
+                            break;
+                        }
+                        let wait = match &e {
+                            CallError::Retryable {
+                                retry_after: Some(d),
+                                ..
+                            } => *d,
+                            _ => Duration::from_millis(
+                                self.cfg
+                                    .backoff_ms
+                                    .saturating_mul(1 << (attempt - 1).min(10)),
+                            ),
+                        };
+                        if wait.as_millis() as u64 > self.cfg.max_retry_after_ms {
+                            break;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        self.release(hold.as_ref()).await;
+        match soonest {
+            Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
+            _ => Err(GatewayError::ProviderFailed(last)),
+        }
+    }
+
+    /// A streamed chat completion: OpenAI chunks, then (once the stream ends) the call is settled.
+    /// Falls back to the next candidate only before the first chunk.
+    pub async fn stream(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        req: &Map<String, Value>,
+    ) -> Result<(CallMeta, ChunkStream), GatewayError> {
+        let started = Instant::now();
+        let route = self.route(model)?;
+        let (route, hold, est) = self.hold(caller, route, req).await?;
+        let capped = cap(req, est.output);
+        let req = &capped;
+        let mut attempts = 0;
+        let mut last = String::from("no candidate was tried");
+        let mut soonest: Option<Duration> = None;
+        let mut all_limited = true;
+        for c in &route.candidates {
+            let Some(provider) = self.providers.get(&c.provider) else {
+                continue;
+            };
+            let mut attempt = 0;
+            loop {
+                let buckets = match self.admit(c, caller, est.input + est.output).await {
+                    Ok(Admit::Go(b)) => b,
+                    Ok(Admit::Skip(after, why)) => {
+                        Self::count(c, why);
+                        soonest = Some(soonest.map_or(after, |s| s.min(after)));
+                        last = format!("{}/{}: {why}", c.provider, c.model);
+                        break;
+                    }
+                    Err(e) => {
+                        self.release(hold.as_ref()).await;
+                        return Err(e);
+                    }
+                };
+                all_limited = false;
+                attempts += 1;
+                attempt += 1;
+                let first = match provider.stream(&c.model, req).await {
+                    Ok(mut s) => match s.next().await {
+                        Some(Ok(chunk)) => Ok((chunk, s)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(CallError::Malformed("the stream ended at once".into())),
+                    },
+                    Err(e) => Err(e),
+                };
+                match first {
+                    Ok((chunk, rest)) => {
+                        let meta = CallMeta {
+                            alias: route.alias.clone(),
+                            provider: c.provider.clone(),
+                            model: c.model.clone(),
+                            attempts,
+                            ..Default::default()
+                        };
+                        let watch = Watch {
+                            gw: self.clone(),
+                            caller: caller.clone(),
+                            route_alias: route.alias.clone(),
+                            c: c.clone(),
+                            hold: hold.clone(),
+                            buckets,
+                            est,
+                            attempts,
+                            started,
+                            usage: None,
+                            text_bytes: 0,
+                            settled: false,
+                        };
+                        let s = futures::stream::once(async move { Ok(chunk) })
+                            .chain(rest)
+                            .scan(watch, |w, item| {
+                                if let Ok(v) = &item {
+                                    w.see(v);
+                                }
+                                futures::future::ready(Some(item))
+                            })
+                            .boxed();
+                        return Ok((meta, s));
+                    }
+                    Err(CallError::Rejected { status, message }) => {
+                        Self::count(c, "rejected");
+                        self.give_back(&buckets, &est, 0).await;
+                        self.release(hold.as_ref()).await;
+                        return Err(GatewayError::BadRequest(format!(
+                            "{}/{} refused the request ({status}): {message}",
+                            c.provider, c.model
+                        )));
+                    }
+                    Err(e) => {
+                        Self::count(c, e.kind());
+                        self.give_back(&buckets, &est, 0).await;
+                        last = format!("{}/{}: {e}", c.provider, c.model);
+                        let cooled = self
+                            .limiter
+                            .failed(
+                                &c.provider,
+                                &c.model,
+                                self.cfg.cooldown.failures,
+                                self.cfg.cooldown.seconds * 1000,
+                            )
+                            .await
+                            .unwrap_or(false);
+                        if cooled || attempt > self.cfg.retries {
+                            break;
+                        }
+                        let wait = match &e {
+                            CallError::Retryable {
+                                retry_after: Some(d),
+                                ..
+                            } => *d,
+                            _ => Duration::from_millis(
+                                self.cfg
+                                    .backoff_ms
+                                    .saturating_mul(1 << (attempt - 1).min(10)),
+                            ),
+                        };
+                        if wait.as_millis() as u64 > self.cfg.max_retry_after_ms {
+                            break;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        self.release(hold.as_ref()).await;
+        match soonest {
+            Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
+            _ => Err(GatewayError::ProviderFailed(last)),
+        }
+    }
+
+    /// Gives back what a call's buckets were charged beyond `used` tokens.
+    async fn give_back(&self, buckets: &[Bucket], est: &Usage, used: u64) {
+        let counted = (est.input + est.output) as f64;
+        for b in buckets
+            .iter()
+            .filter(|b| b.key.ends_with(":tpm") || b.key.contains(":tpm:"))
+        {
+            let back = counted.min(b.capacity) - used as f64;
+            if let Err(e) = self.limiter.give_back(b, back).await {
+                tracing::warn!(error = %e, "Could not give tokens back to a rate limit.");
+            }
+        }
+    }
+
+    /// A call that got no answer costs nothing: its hold goes back.
+    async fn release(&self, hold: Option<&Hold>) {
+        if let Some(h) = hold {
+            if let Err(e) = self.budgets.settle(h, 0.0).await {
+                tracing::warn!(error = %e, "Could not release a budget hold; it expires.");
+            }
+        }
+    }
+
+    /// Accounts a finished call: cost, budget settlement, token give-back, metrics, a log line.
+    #[allow(clippy::too_many_arguments)]
+    async fn account(
+        &self,
+        caller: &Caller,
+        alias: &str,
+        c: &Candidate,
+        hold: Option<&Hold>,
+        buckets: &[Bucket],
+        est: &Usage,
+        usage: Usage,
+        estimated: bool,
+        attempts: u32,
+        started: Instant,
+    ) -> CallMeta {
+        let price = self.price(c);
+        let cost = price.map(|p| p.cost(&usage)).unwrap_or(0.0);
+        let currency = price.map(|p| p.currency.clone()).unwrap_or_else(usd);
+        if let Some(h) = hold {
+            if let Err(e) = self.budgets.settle(h, cost).await {
+                tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
+            }
+        }
+        self.give_back(buckets, est, usage.input + usage.output)
+            .await;
+        for (kind, n) in [
+            ("input", usage.input),
+            ("output", usage.output),
+            ("cached", usage.cached),
+        ] {
+            METRICS
+                .llm_tokens
+                .with_label_values(&[&c.model, kind])
+                .inc_by(n);
+        }
+        METRICS
+            .llm_cost
+            .with_label_values(&[&c.model, &currency])
+            .inc_by(cost);
+        let latency_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, alias, provider = %c.provider,
+            model = %c.model, input_tokens = usage.input, output_tokens = usage.output, cached_tokens = usage.cached,
+            usage_estimated = estimated, cost, currency = %currency, attempts, latency_ms, "Model call."
+        );
+        CallMeta {
+            alias: alias.to_string(),
+            provider: c.provider.clone(),
+            model: c.model.clone(),
+            usage,
+            usage_estimated: estimated,
+            cost,
+            currency,
+            attempts,
+            latency_ms,
+        }
+    }
+
+    /// Gives back expired budget holds (called periodically by every instance).
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        self.budgets.sweep().await
+    }
+}
+
+/// The request with the output cap the estimate assumed, unless it sets one itself: the hold
+/// then bounds what the call can cost (a provider that ignores the cap is still charged in full).
+fn cap(req: &Map<String, Value>, max_tokens: u64) -> Map<String, Value> {
+    let mut r = req.clone();
+    if !r.contains_key("max_tokens") && !r.contains_key("max_completion_tokens") {
+        r.insert("max_tokens".into(), Value::from(max_tokens));
+    }
+    r
+}
+
+/// Usage of an answer without reported usage: the input estimate and about four bytes a token of
+/// what was said.
+fn estimate_answer(est: &Usage, body: &Value) -> Usage {
+    let said: usize = body
+        .get("choices")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c.get("message"))
+                .map(|m| {
+                    m.get("content").and_then(Value::as_str).map_or(0, str::len)
+                        + m.get("tool_calls").map_or(0, |t| t.to_string().len())
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    Usage {
+        input: est.input,
+        output: (said as u64).div_ceil(4),
+        cached: 0,
+    }
+}
+
+/// Follows a stream's chunks for its usage; settles the call when the stream is done or dropped.
+struct Watch {
+    gw: Arc<Gateway>,
+    caller: Caller,
+    route_alias: String,
+    c: Candidate,
+    hold: Option<Hold>,
+    buckets: Vec<Bucket>,
+    est: Usage,
+    attempts: u32,
+    started: Instant,
+    usage: Option<Usage>,
+    text_bytes: usize,
+    settled: bool,
+}
+
+impl Watch {
+    fn see(&mut self, chunk: &Value) {
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Usage::from_openai(u);
+        }
+        if let Some(cs) = chunk.get("choices").and_then(Value::as_array) {
+            for c in cs {
+                if let Some(d) = c.get("delta") {
+                    self.text_bytes += d.get("content").and_then(Value::as_str).map_or(0, str::len);
+                    self.text_bytes += d.get("tool_calls").map_or(0, |t| t.to_string().len());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let (usage, estimated) = match self.usage {
+            Some(u) => (u, false),
+            None => (
+                Usage {
+                    input: self.est.input,
+                    output: (self.text_bytes as u64).div_ceil(4),
+                    cached: 0,
+                },
+                true,
+            ),
+        };
+        Gateway::count(&self.c, "ok");
+        let gw = self.gw.clone();
+        let caller = self.caller.clone();
+        let alias = std::mem::take(&mut self.route_alias);
+        let c = self.c.clone();
+        let hold = self.hold.take();
+        let buckets = std::mem::take(&mut self.buckets);
+        let est = self.est;
+        let attempts = self.attempts;
+        let started = self.started;
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                gw.account(
+                    &caller,
+                    &alias,
+                    &c,
+                    hold.as_ref(),
+                    &buckets,
+                    &est,
+                    usage,
+                    estimated,
+                    attempts,
+                    started,
+                )
+                .await;
+            });
+        }
+    }
+}
