@@ -6,12 +6,13 @@
 //! - `_events`: recent event summaries, most recent first (a JSON array of JSON strings);
 //! - `_done`: the ids of the resource's most recently finished tasks (a JSON array).
 //!
-//! Beside it, `<prefix>:ctx:{t/r}:o` holds each finished task's recorded [`Outcome`] (task id →
-//! JSON) until its input is committed: apart, so that reading a busy resource's context never reads
-//! the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL` of the context and
-//! `HGET` of its outcome, one pipeline for a whole batch) and one commit script (`HGET`, `HMGET`,
-//! `HSET`, `EXPIRE`), and the forgetting of its outcome one `HDEL`, pipelined with the others
-//! committed at the same time. What stays behind grows with resources, not with tasks.
+//! Beside it, `<prefix>:ctx:{t/r}:o:<task id>` holds a finished task's recorded [`Outcome`] (JSON,
+//! with the context's TTL) until its input is committed: apart, so that reading a busy resource's
+//! context never reads the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL`
+//! of the context and `GET` of its outcome, one pipeline for a whole batch) and one commit script
+//! (`SET NX`, `HMGET`, `HSET`, `EXPIRE`), and the forgetting of its outcome one `DEL`, pipelined
+//! with the others committed at the same time. What stays behind grows with resources, not with
+//! tasks.
 
 use redis::Script;
 use serde_json::Value;
@@ -21,16 +22,19 @@ use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Sna
 use crate::store::{RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
--- KEYS[1] = context hash, KEYS[2] = its outcomes; ARGV[1] = task id, ARGV[2] = outcome,
+-- KEYS[1] = context hash, KEYS[2] = the task's outcome; ARGV[1] = task id, ARGV[2] = outcome,
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
 -- remembered, ARGV[7] = fact count, then key, value pairs.
-local recorded = redis.call('HGET', KEYS[2], ARGV[1])
-if recorded then return {0, recorded} end
 local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done')
 if cur[1] then return {0, cur[1]} end
 if cur[4] then
   for _, t in ipairs(cjson.decode(cur[4])) do
-    if t == ARGV[1] then return {2, ''} end
+    if t == ARGV[1] then
+      -- Finished here already: recorded still (not yet committed), or a later copy.
+      local recorded = redis.call('GET', KEYS[2])
+      if recorded then return {0, recorded} end
+      return {2, ''}
+    end
   end
 end
 local version = tonumber(cur[2] or '0')
@@ -59,10 +63,11 @@ if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
   put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
 end
 put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
+if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3], 'NX') then
+  return {0, redis.call('GET', KEYS[2])}
+end
 redis.call('HSET', KEYS[1], unpack(set))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {1, tostring(version)}
 "#;
 
@@ -91,9 +96,9 @@ impl RedisStore {
         ctx_key(&self.prefix, k)
     }
 
-    /// Outcomes of the resource's tasks not yet committed (same hash slot).
-    fn outcomes_key(&self, k: &ResourceKey) -> String {
-        format!("{}:o", ctx_key(&self.prefix, k))
+    /// A task's outcome until its input is committed (the resource's hash slot).
+    fn outcome_key(&self, k: &ResourceKey, task_id: &str) -> String {
+        format!("{}:o:{task_id}", ctx_key(&self.prefix, k))
     }
 }
 
@@ -214,7 +219,7 @@ impl ContextStore for RedisStore {
         let mut pipe = redis::pipe();
         for (k, t) in asks {
             pipe.hgetall(self.ctx_key(k));
-            pipe.hget(self.outcomes_key(k), t);
+            pipe.get(self.outcome_key(k, t));
         }
         let replies: Result<Vec<redis::Value>, StoreError> = async {
             let mut c = self.conn.get().await?;
@@ -254,7 +259,7 @@ impl ContextStore for RedisStore {
             serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut inv = self.commit.prepare_invoke();
         inv.key(self.ctx_key(key))
-            .key(self.outcomes_key(key))
+            .key(self.outcome_key(key, task_id))
             .arg(task_id)
             .arg(outcome_json)
             .arg(self.config.ttl_seconds)
@@ -286,16 +291,9 @@ impl ContextStore for RedisStore {
         if tasks.is_empty() {
             return Ok(());
         }
-        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (k, t) in tasks {
-            by_key
-                .entry(self.outcomes_key(k))
-                .or_default()
-                .push(t.clone());
-        }
         let mut pipe = redis::pipe();
-        for (k, fields) in by_key {
-            pipe.hdel(k, fields).ignore();
+        for (k, t) in tasks {
+            pipe.del(self.outcome_key(k, t)).ignore();
         }
         let mut c = self.conn.get().await?;
         pipe.query_async::<()>(&mut c).await.map_err(redis_err)

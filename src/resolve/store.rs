@@ -8,12 +8,12 @@
 //! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`, `recent`), beside it `<prefix>:res:{t/r}:d` (hash:
-//! proposal id → its decision, until committed; apart so that reading the resource never reads the
+//! `applied:<partition>`, `approval:<id>`, `recent`), beside it `<prefix>:res:{t/r}:d:<proposal
+//! id>` (its decision, until committed; apart so that reading the resource never reads the
 //! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
 //! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` and
-//! `HGET` of its decision, plus `HMGET` of context versions when its action has staleness keys, in
-//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `EXPIRE`) and one `HDEL` once
+//! `GET` of its decision, plus `HMGET` of context versions when its action has staleness keys, in
+//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `EXPIRE`, `SET`) and one `DEL` once
 //! committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
 
@@ -136,7 +136,7 @@ pub trait ResourceStore: Send + Sync + 'static {
 }
 
 const CAS: &str = r#"
--- KEYS[1] = resource hash, KEYS[2] = its decisions; ARGV[1] = expected rev, ARGV[2] = ttl,
+-- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
 -- ARGV[6..] = field, value pairs
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent')
@@ -145,8 +145,11 @@ if rev ~= tonumber(ARGV[1]) then return 0 end
 local set = {'rev', tostring(rev + 1)}
 for i = 6, #ARGV do set[#set + 1] = ARGV[i] end
 if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-  if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
+  else
+    redis.call('SET', KEYS[2], ARGV[4])
+  end
   local list = {ARGV[3]}
   if cur[2] then
     for _, x in ipairs(cjson.decode(cur[2])) do
@@ -191,9 +194,9 @@ impl RedisResourceStore {
     fn res_key(&self, k: &ResourceKey) -> String {
         format!("{}:res:{}", self.prefix, k.hash_tag())
     }
-    /// Decisions of the resource's proposals not yet committed (same hash slot).
-    fn decisions_key(&self, k: &ResourceKey) -> String {
-        format!("{}:res:{}:d", self.prefix, k.hash_tag())
+    /// A proposal's decision until its offset is committed (the resource's hash slot).
+    fn decision_key(&self, k: &ResourceKey, proposal_id: &str) -> String {
+        format!("{}:res:{}:d:{proposal_id}", self.prefix, k.hash_tag())
     }
     fn open_key(&self) -> String {
         format!("{}:approvals:open", self.prefix)
@@ -215,7 +218,7 @@ impl RedisResourceStore {
         let mut c = self.conn.get().await?;
         let mut pipe = redis::pipe();
         pipe.hgetall(self.res_key(k));
-        pipe.hget(self.decisions_key(k), proposal_id.unwrap_or(""));
+        pipe.get(self.decision_key(k, proposal_id.unwrap_or("")));
         if !keys.is_empty() {
             pipe.add_command(crate::context::redis::key_versions_cmd(
                 &self.prefix,
@@ -312,7 +315,7 @@ impl RedisResourceStore {
         };
         let mut inv = self.cas.prepare_invoke();
         inv.key(self.res_key(k))
-            .key(self.decisions_key(k))
+            .key(self.decision_key(k, id))
             .arg(rev)
             .arg(self.ttl)
             .arg(id)
@@ -478,16 +481,9 @@ impl ResourceStore for RedisResourceStore {
             if decided.is_empty() {
                 return Ok(());
             }
-            let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (k, id) in decided {
-                by_key
-                    .entry(self.decisions_key(k))
-                    .or_default()
-                    .push(id.clone());
-            }
             let mut pipe = redis::pipe();
-            for (k, fields) in by_key {
-                pipe.hdel(k, fields).ignore();
+            for (k, id) in decided {
+                pipe.del(self.decision_key(k, id)).ignore();
             }
             let mut c = self.conn.get().await?;
             Ok(pipe.query_async::<()>(&mut c).await?)
