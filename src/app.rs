@@ -177,10 +177,16 @@ pub async fn run(
         });
     }
     drop(tx);
+    let recorder = crate::gateway::Recorder {
+        emitter: services.emitter.clone(),
+        sealer: services.sealer.clone(),
+        producer: producer.clone(),
+    };
     let gateway = gateway_of(
         &loaded,
         redis.clone(),
         services.budgets.clone(),
+        recorder,
         &tracker,
         &stop,
     )?;
@@ -317,6 +323,7 @@ fn gateway_of(
     loaded: &Loaded,
     redis: RedisConn,
     budgets: Arc<Budgets>,
+    recorder: crate::gateway::Recorder,
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<Option<Arc<crate::gateway::Gateway>>, AppError> {
@@ -325,7 +332,8 @@ fn gateway_of(
         return Ok(None);
     }
     let gw = crate::gateway::Gateway::new(cfg, redis, &loaded.config.redis.key_prefix, budgets)
-        .map_err(|e| AppError::Setup(format!("gateway: {e}")))?;
+        .map_err(|e| AppError::Setup(format!("gateway: {e}")))?
+        .with_recorder(recorder);
     let gw = Arc::new(gw);
     let (sweeper, stop) = (gw.clone(), stop.clone());
     tracker.spawn(async move {

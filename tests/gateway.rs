@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use common::*;
 use switchyard::gateway::{Caller, Gateway, GatewayConfig, GatewayError};
 use switchyard::governance::budgets::{BudgetSpec, Budgets, RedisBudgetStore};
+use switchyard::records::AuditData;
 use switchyard::store::RedisConn;
 
 /// One gateway instance over the stack's Redis (several built with the same `prefix` share all
@@ -43,6 +44,7 @@ fn caller() -> Caller {
         agent: "tester".into(),
         workflow: String::new(),
         task: "t-1".into(),
+        resource: "checkout".into(),
     }
 }
 
@@ -388,4 +390,219 @@ print(json.dumps(out))
         .unwrap_or_default()
         .to_string();
     assert!(line.ends_with(" 2"), "two calls counted ok: {line:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_through_a_running_switchyard_is_audited_without_its_prompt() {
+    let port = free_port();
+    let s = suffix();
+    let key = format!("sk-{s}");
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+http:
+  enabled: true
+  listen: 127.0.0.1:{port}
+gateway:
+  providers:
+    mock: {{base_url: "{llm}", api_key: "k-{s}"}}
+  aliases:
+    analyst:
+      candidates: [{{provider: mock, model: "e-{s}"}}]
+  prices:
+    "e-{s}": {{input: 1.0, output: 2.0}}
+  keys:
+    - {{name: incident-bot, tenant: default, key_sha256: "{digest}"}}
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    let running = env.start(&["route"]);
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let secret_prompt = format!("the prompt {s} stays out of the audit trail");
+    let mut answer = None;
+    for _ in 0..100 {
+        let r = http
+            .post(&url)
+            .bearer_auth(&key)
+            .header("X-Switchyard-Task", "task-42")
+            .header("X-Switchyard-Resource", "checkout")
+            .json(&json!({"model": "analyst", "messages": [{"role": "user", "content": secret_prompt}]}))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            answer = Some((r.status(), r.json::<Value>().await.unwrap_or_default()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = answer.expect("switchyard's http port answers");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| t > 0),
+        "{body}"
+    );
+
+    let v = env.verified_audit(1, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    let recs = env.audit(1, Duration::from_secs(10)).await;
+    let calls: Vec<AuditData> = recs
+        .iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).expect("audit data"))
+        .filter(|a: &AuditData| a.decision == "llm_call")
+        .collect();
+    assert_eq!(calls.len(), 1, "one llm_call record");
+    let a = &calls[0];
+    assert_eq!(a.resource, "checkout");
+    assert_eq!(a.task_id.as_deref(), Some("task-42"));
+    assert_eq!(a.detail["agent"], "incident-bot");
+    assert_eq!(a.detail["provider_model"], format!("e-{s}"));
+    assert_eq!(a.detail["outcome"], "ok");
+    assert!(a.detail["input_tokens"].as_u64().is_some_and(|t| t > 0));
+    assert!(a.detail["cost"].as_f64().is_some_and(|c| c > 0.0));
+    let raw: Vec<String> = recs
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect();
+    assert!(
+        !raw.iter().any(|p| p.contains(&secret_prompt)),
+        "the prompt leaked into the audit topic"
+    );
+    running.stop().await;
+}
+
+/// HGET calls and cost of a budget bucket, and how many holds are open.
+async fn budget_state(prefix: &str, key: &str) -> (u64, f64, u64) {
+    let mut conn = redis::Client::open(stack().1.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let (n, c): (Option<u64>, Option<f64>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("calls")
+        .arg("cost")
+        .query_async(&mut conn)
+        .await
+        .expect("bucket");
+    let held: u64 = redis::cmd("ZCARD")
+        .arg(format!("{prefix}:budget:{{budgets}}:holds"))
+        .query_async(&mut conn)
+        .await
+        .expect("zcard");
+    (n.unwrap_or(0), c.unwrap_or(0.0), held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_without_usage_broken_answers_and_broken_streams_are_accounted() {
+    use axum::response::IntoResponse;
+    let s = suffix();
+    // A server speaking the OpenAI protocol badly, as some OpenAI-compatible servers do: an answer
+    // without usage, a body that is not JSON, and a JSON body without choices.
+    let odd = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|axum::Json(body): axum::Json<Value>| async move {
+            match body["model"].as_str() {
+                Some("no-usage") => axum::Json(json!({"id": "c1", "object": "chat.completion", "created": 0, "model": "no-usage",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "forty bytes of an answer without usage"}, "finish_reason": "stop"}]}))
+                .into_response(),
+                Some("not-json") => "{\"choices\": [".into_response(),
+                _ => axum::Json(json!({"id": "c2"})).into_response(),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let odd_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, odd).await });
+    let yaml = format!(
+        r#"
+providers:
+  odd: {{base_url: "http://127.0.0.1:{odd_port}/v1"}}
+  mock: {{base_url: "$LLM", api_key: "k-{s}"}}
+aliases:
+  nousage:
+    candidates: [{{provider: odd, model: no-usage}}]
+  broken:
+    candidates: [{{provider: odd, model: not-json}}, {{provider: odd, model: no-choices}}, {{provider: mock, model: "ok-{s}"}}]
+  streamy:
+    candidates: [{{provider: mock, model: "st-{s}"}}]
+prices:
+  no-usage: {{input: 1000000, output: 1000000}}
+  "st-{s}": {{input: 1000000, output: 1000000}}
+retries: 0
+cooldown: {{failures: 100, seconds: 1}}
+"#
+    );
+    let budgets = format!(
+        "- {{name: b-{s}, per: model, matches: \"*\", period: total, max_cost: 1000000.0}}\n"
+    );
+    let gw = gateway(&s, &yaml, &budgets);
+
+    // No usage: the answer is kept, its tokens estimated and flagged, and the budget charged that.
+    let c = gw
+        .complete(&caller(), "nousage", &ask("hello"))
+        .await
+        .expect("answered");
+    assert!(c.meta.usage_estimated);
+    assert_eq!(
+        c.meta.usage.output, 10,
+        "40 bytes of answer, about 4 a token"
+    );
+    let (calls, cost, held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:b-{s}:nousage:total")).await;
+    assert_eq!((calls, held), (1, 0));
+    assert!(
+        (cost - c.meta.cost).abs() < 1e-9 && cost > 0.0,
+        "{cost} vs {}",
+        c.meta.cost
+    );
+
+    // Not JSON, then no choices: both are the provider's fault; the third candidate answers.
+    let c = gw
+        .complete(&caller(), "broken", &ask("hello"))
+        .await
+        .expect("answered by the fallback");
+    assert_eq!(c.meta.model, format!("ok-{s}"));
+    assert_eq!(c.meta.attempts, 3);
+
+    // A stream cut short (no usage, no finish): what arrived is passed on, the call is settled
+    // on an estimate, and nothing stays held.
+    scenario(json!([{"type": "stream_fault", "kind": "truncate", "after_chunks": 2, "match": {"model": format!("st-{s}"), "stream": true}}])).await;
+    let (_, chunks) = gw
+        .stream(&caller(), "streamy", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let got: Vec<_> = futures::StreamExt::collect::<Vec<_>>(chunks).await;
+    assert!(!got.is_empty() && got.iter().all(Result::is_ok));
+    // A malformed chunk surfaces as an error item.
+    scenario(json!([{"type": "stream_fault", "kind": "malformed", "after_chunks": 1, "match": {"model": format!("st-{s}"), "stream": true}}])).await;
+    let (_, chunks) = gw
+        .stream(&caller(), "streamy", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let got: Vec<_> = futures::StreamExt::collect::<Vec<_>>(chunks).await;
+    assert!(
+        got.iter().any(Result::is_err),
+        "a malformed chunk is reported"
+    );
+    let key = format!("{s}:budget:{{budgets}}:b-{s}:streamy:total");
+    let mut state = (0, 0.0, 1);
+    for _ in 0..50 {
+        state = budget_state(&s, &key).await;
+        if state.0 == 2 && state.2 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (calls, cost, held) = state;
+    assert_eq!((calls, held), (2, 0), "both streams settled");
+    assert!(cost > 0.0);
 }

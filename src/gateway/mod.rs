@@ -25,7 +25,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::audit::Sealer;
 use crate::governance::budgets::{Budgets, Hold, Spender};
+use crate::kafka::Producer;
+use crate::records::{audit_event, AuditData, Emitter};
 use crate::store::{RedisConn, StoreError};
 use crate::telemetry::METRICS;
 use limits::{Acquire, Bucket, LimitScope, LimitSpec, Limiter, OnLimit};
@@ -331,6 +334,8 @@ pub struct Caller {
     pub agent: String,
     pub workflow: String,
     pub task: String,
+    /// The resource the call is about, when known (the audit record's subject).
+    pub resource: String,
 }
 
 /// Why a call got no answer.
@@ -351,6 +356,18 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// The outcome named in the audit record.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            GatewayError::UnknownModel(_) => "unknown_model",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::BudgetExhausted { .. } => "budget_exhausted",
+            GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::ProviderFailed(_) => "provider_failed",
+            GatewayError::Unavailable(_) => "unavailable",
+        }
+    }
+
     /// The HTTP status of the served endpoint.
     pub fn status(&self) -> u16 {
         match self {
@@ -415,6 +432,15 @@ pub struct Gateway {
     providers: BTreeMap<String, Arc<Provider>>,
     limiter: Limiter,
     budgets: Arc<Budgets>,
+    recorder: Option<Recorder>,
+}
+
+/// Where the gateway writes what each call did: an `llm_call` audit record sealed into this
+/// process's audit chain (never the prompt or the answer).
+pub struct Recorder {
+    pub emitter: Emitter,
+    pub sealer: Arc<Sealer>,
+    pub producer: Producer,
 }
 
 /// A request's model resolved: alias name (or `provider/model`), candidates, output cap.
@@ -459,7 +485,77 @@ impl Gateway {
             cfg,
             providers,
             budgets,
+            recorder: None,
         })
+    }
+
+    /// Writes an `llm_call` audit record for every call.
+    pub fn with_recorder(mut self, r: Recorder) -> Self {
+        self.recorder = Some(r);
+        self
+    }
+
+    /// Records a call's outcome in the audit trail, in the background (the caller does not wait
+    /// for the seal and the broker; a failure is logged).
+    fn record(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        meta: Option<&CallMeta>,
+        outcome: &str,
+        error: Option<String>,
+    ) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let gw = self.clone();
+        let detail = serde_json::json!({
+            "agent": caller.agent, "task_id": caller.task, "model": model,
+            "alias": meta.map(|m| m.alias.clone()), "provider": meta.map(|m| m.provider.clone()),
+            "provider_model": meta.map(|m| m.model.clone()),
+            "input_tokens": meta.map(|m| m.usage.input), "output_tokens": meta.map(|m| m.usage.output),
+            "cached_tokens": meta.map(|m| m.usage.cached), "usage_estimated": meta.map(|m| m.usage_estimated),
+            "cost": meta.map(|m| m.cost), "currency": meta.map(|m| m.currency.clone()),
+            "attempts": meta.map(|m| m.attempts), "latency_ms": meta.map(|m| m.latency_ms),
+            "outcome": outcome, "error": error,
+        });
+        let audit = AuditData {
+            decision: "llm_call".into(),
+            stage: "gateway".into(),
+            resource: caller.resource.clone(),
+            tenant: caller.tenant.clone(),
+            event_id: None,
+            task_id: (!caller.task.is_empty()).then(|| caller.task.clone()),
+            workflow_id: (!caller.workflow.is_empty()).then(|| caller.workflow.clone()),
+            trace_id: None,
+            reason: (outcome != "ok").then(|| outcome.to_string()),
+            detail,
+            seq: None,
+            prev_hash: None,
+            hash: None,
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        tokio::spawn(async move {
+            let Some(r) = &gw.recorder else { return };
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let written = async {
+                let ev = audit_event("switchyard/gateway", &["llm_call", &id], &audit, None, &now)
+                    .map_err(|e| e.to_string())?;
+                let (records, seal) = r
+                    .sealer
+                    .seal("gateway", &r.sealer.own_chain, &r.emitter, &[ev])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for o in records.iter().chain([&seal]) {
+                    r.producer.send(o).await.map_err(|e| e.to_string())?;
+                }
+                Ok::<(), String>(())
+            }
+            .await;
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "Could not write a model call's audit record.");
+            }
+        });
     }
 
     /// The models callers may name: aliases, then every `provider/model` of a candidate.
@@ -672,8 +768,22 @@ impl Gateway {
             .inc();
     }
 
-    /// One chat completion through the gateway.
+    /// One chat completion through the gateway, accounted in the audit trail.
     pub async fn complete(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        req: &Map<String, Value>,
+    ) -> Result<Completion, GatewayError> {
+        let r = self.call(caller, model, req).await;
+        match &r {
+            Ok(c) => self.record(caller, model, Some(&c.meta), "ok", None),
+            Err(e) => self.record(caller, model, None, e.outcome(), Some(e.to_string())),
+        }
+        r
+    }
+
+    async fn call(
         &self,
         caller: &Caller,
         model: &str,
@@ -804,6 +914,19 @@ impl Gateway {
         model: &str,
         req: &Map<String, Value>,
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
+        let r = self.open_stream(caller, model, req).await;
+        if let Err(e) = &r {
+            self.record(caller, model, None, e.outcome(), Some(e.to_string()));
+        }
+        r
+    }
+
+    async fn open_stream(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        req: &Map<String, Value>,
+    ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
         let (route, hold, est) = self.hold(caller, route, req).await?;
@@ -855,6 +978,7 @@ impl Gateway {
                         let watch = Watch {
                             gw: self.clone(),
                             caller: caller.clone(),
+                            model: model.to_string(),
                             route_alias: route.alias.clone(),
                             c: c.clone(),
                             hold: hold.clone(),
@@ -1053,6 +1177,8 @@ fn estimate_answer(est: &Usage, body: &Value) -> Usage {
 struct Watch {
     gw: Arc<Gateway>,
     caller: Caller,
+    /// What the caller asked for (alias or provider/model).
+    model: String,
     route_alias: String,
     c: Candidate,
     hold: Option<Hold>,
@@ -1109,20 +1235,23 @@ impl Drop for Watch {
         let attempts = self.attempts;
         let started = self.started;
         if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let model = self.model.clone();
             h.spawn(async move {
-                gw.account(
-                    &caller,
-                    &alias,
-                    &c,
-                    hold.as_ref(),
-                    &buckets,
-                    &est,
-                    usage,
-                    estimated,
-                    attempts,
-                    started,
-                )
-                .await;
+                let meta = gw
+                    .account(
+                        &caller,
+                        &alias,
+                        &c,
+                        hold.as_ref(),
+                        &buckets,
+                        &est,
+                        usage,
+                        estimated,
+                        attempts,
+                        started,
+                    )
+                    .await;
+                gw.record(&caller, &model, Some(&meta), "ok", None);
             });
         }
     }

@@ -99,13 +99,16 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
         _ => return Err("send one Authorization: Bearer <key> header"),
     };
     let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-    let task = headers
-        .get("x-switchyard-task")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .chars()
-        .take(200)
-        .collect::<String>();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect::<String>()
+    };
+    let (task, resource) = (header("x-switchyard-task"), header("x-switchyard-resource"));
     let mut found = None;
     for k in s.gw.keys() {
         let want = hex::decode(&k.key_sha256).unwrap_or_default();
@@ -116,6 +119,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
                 agent: k.name.clone(),
                 workflow: String::new(),
                 task: task.clone(),
+                resource: resource.clone(),
             });
         }
     }
@@ -125,6 +129,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
             agent: "gateway-key".into(),
             workflow: String::new(),
             task,
+            resource,
         });
     }
     found.ok_or("the API key is not valid")
