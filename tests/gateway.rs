@@ -606,3 +606,134 @@ cooldown: {{failures: 100, seconds: 1}}
     assert_eq!((calls, held), (2, 0), "both streams settled");
     assert!(cost > 0.0);
 }
+
+/// `n` chat completions through the served endpoints of `ports` (alternating), all at once:
+/// (status, Retry-After header) of each.
+async fn burst(ports: &[u16], key: &str, model: &str, n: usize) -> Vec<(u16, Option<String>)> {
+    let http = reqwest::Client::new();
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[i % ports.len()]);
+            let (http, key, model) = (http.clone(), key.to_string(), model.to_string());
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({"model": model, "messages": [{"role": "user", "content": "how much?"}]}))
+                    .send()
+                    .await
+                    .expect("switchyard answers");
+                let after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                (r.status().as_u16(), after)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.expect("join"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_switchyard_processes_hold_one_budget_and_one_rate_limit() {
+    let s = suffix();
+    let key = format!("sk-{s}");
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+http:
+  enabled: true
+governance:
+  budgets:
+    - {{name: llm-{s}, per: model, matches: cheap, period: total, max_cost: 100.0}}
+gateway:
+  providers:
+    mock: {{base_url: "{llm}", api_key: "k-{s}"}}
+  aliases:
+    cheap: {{max_tokens: 8, candidates: [{{provider: mock, model: "p-{s}"}}]}}
+    limited: {{candidates: [{{provider: mock, model: "q-{s}"}}]}}
+  prices:
+    "p-{s}": {{input: 100000, output: 1000000}}
+  limits:
+    - {{provider: mock, model: "q-{s}", rpm: 5, on_limit: failover}}
+  keys:
+    - {{name: bot, tenant: default, key_sha256: "{digest}"}}
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    let ports = [free_port(), free_port()];
+    let _procs: Vec<Reaper> = ports
+        .iter()
+        .map(|p| {
+            Reaper(
+                std::process::Command::new(bin())
+                    .arg("--config")
+                    .arg(config_path(&env))
+                    .arg("run")
+                    .env("SWITCHYARD_HTTP_LISTEN", format!("127.0.0.1:{p}"))
+                    .env("RUST_LOG", "warn")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("switchyard starts"),
+            )
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    for p in ports {
+        let mut up = false;
+        for _ in 0..200 {
+            let r = http
+                .get(format!("http://127.0.0.1:{p}/v1/models"))
+                .bearer_auth(&key)
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(up, "switchyard on port {p} serves the gateway");
+    }
+    // Short scripted answers (the stand-in ignores max_tokens; real providers honour it).
+    scenario(json!([{"type": "reply", "text": "Twelve.", "times": 100, "match": {"model": format!("p-{s}")}}])).await;
+    let got = burst(&ports, &key, "cheap", 100).await;
+    let ok = got.iter().filter(|(st, _)| *st == 200).count();
+    let refused = got.iter().filter(|(st, _)| *st == 429).count();
+    assert_eq!(ok + refused, 100, "only 200 or 429: {got:?}");
+    assert!(ok >= 1 && refused >= 1, "ok {ok}, refused {refused}");
+    let (calls, cost, held) = budget_state(
+        &env.prefix,
+        &format!("{}:budget:{{budgets}}:llm-{s}:cheap:total", env.prefix),
+    )
+    .await;
+    assert_eq!(calls, ok as u64, "one call counted per answered request");
+    assert!(
+        cost <= 100.0 + 1e-9,
+        "two processes spent {cost} of a budget of 100"
+    );
+    assert_eq!(held, 0, "every hold settled");
+
+    // Five requests a minute through both processes together.
+    let got = burst(&ports, &key, "limited", 20).await;
+    let ok = got.iter().filter(|(st, _)| *st == 200).count();
+    assert_eq!(
+        ok, 5,
+        "two processes let {ok} requests through a limit of 5/min: {got:?}"
+    );
+    assert!(got
+        .iter()
+        .filter(|(st, _)| *st == 429)
+        .all(|(_, after)| after
+            .as_deref()
+            .is_some_and(|a| a.parse::<u64>().is_ok_and(|s| s >= 1))));
+}
