@@ -181,6 +181,7 @@ pub async fn run(
         emitter: services.emitter.clone(),
         sealer: services.sealer.clone(),
         producer: producer.clone(),
+        calls_topic: cfg.topics.llm_calls.clone(),
     };
     let gateway = gateway_of(
         &loaded,

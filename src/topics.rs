@@ -171,6 +171,9 @@ pub struct TopicsConfig {
     /// Approval decisions arriving from other systems (`{"approval_id", "decision", "by", "why"}`).
     #[serde(default = "default_decisions")]
     pub decisions: String,
+    /// Transcripts of model calls through the AI gateway, keyed by task id.
+    #[serde(default = "default_llm_calls")]
+    pub llm_calls: String,
 }
 
 impl Default for TopicsConfig {
@@ -192,6 +195,7 @@ impl TopicsConfig {
             self.audit.as_str(),
             self.dlq.as_str(),
             self.decisions.as_str(),
+            self.llm_calls.as_str(),
         ]);
         v
     }
@@ -229,6 +233,9 @@ fn default_audit() -> String {
 }
 fn default_dlq() -> String {
     "switchyard.dlq".into()
+}
+fn default_llm_calls() -> String {
+    "switchyard.llm-calls".into()
 }
 fn default_decisions() -> String {
     "switchyard.approval-decisions".into()

@@ -393,7 +393,7 @@ print(json.dumps(out))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_through_a_running_switchyard_is_audited_without_its_prompt() {
+async fn a_call_is_audited_without_its_prompt_and_its_transcript_is_on_the_llm_calls_topic() {
     let port = free_port();
     let s = suffix();
     let key = format!("sk-{s}");
@@ -474,6 +474,24 @@ gateway:
         !raw.iter().any(|p| p.contains(&secret_prompt)),
         "the prompt leaked into the audit topic"
     );
+    // The transcript (prompt and answer) is on the llm-calls topic, keyed by the task.
+    let t = read_topic(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.llm-calls"),
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(t.len(), 1, "one transcript");
+    assert_eq!(t[0].key.as_deref(), Some(&b"task-42"[..]));
+    let ev = event_of(&t[0]);
+    let d = data_of(&ev);
+    assert_eq!(d["request"]["messages"][0]["content"], secret_prompt);
+    assert!(d["response"]["choices"][0]["message"]["content"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
+    assert_eq!(d["truncated"], false);
+    assert!(d["meta"]["cost"].as_f64().is_some_and(|c| c > 0.0));
     running.stop().await;
 }
 

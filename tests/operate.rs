@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use common::*;
 
@@ -87,13 +88,24 @@ governance:
   approvals:
     timeout_seconds: 6
     rules: [{{ actions: [rollback] }}]
+gateway:
+  providers:
+    mock: {{ base_url: "{llm}", api_key: k }}
+  aliases:
+    analyst: {{ candidates: [{{ provider: mock, model: dash-model }}] }}
+  prices:
+    dash-model: {{ input: 0.15, output: 0.60 }}
+  keys:
+    - {{ name: dashboards, key_sha256: "{digest}" }}
 "#,
         // deploy-guard may not read `sla` here, so its reads are refused (and counted).
         DEFAULT_AGENTS.replacen(
             "reads: [sla, deployment, last_completed_deployment]",
             "reads: []",
             1
-        )
+        ),
+        llm = llm_base(),
+        digest = hex::encode(sha2::Sha256::digest(b"sk-dashboards")),
     );
     let env = TestEnv::new(2, &yaml).await;
     let port = free_port();
@@ -187,8 +199,17 @@ governance:
         ],
     )
     .await;
-    // Keep dead letters coming for a while so the DLQ alert has growth to see.
+    // Keep dead letters (and model calls through the gateway) coming for a while so the DLQ alert
+    // and the gateway panels have growth to see.
     for i in 0..12 {
+        let r = client
+            .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .bearer_auth("sk-dashboards")
+            .json(&json!({"model": "analyst", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("the gateway answers");
+        assert_eq!(r.status(), 200);
         env.send_raw(
             "events.deployments",
             "svc-x",
@@ -327,8 +348,10 @@ fn promtool_accepts_the_config_and_rules() {
 #[test]
 fn dashboards_and_deployment_files_validate() {
     for script in ["deploy/grafana/validate.sh", "deploy/validate-manifests.sh"] {
+        // The binary of this build, not whatever target/release holds from an older one.
         let out = std::process::Command::new("bash")
             .arg(root().join(script))
+            .env("SWITCHYARD_BIN", bin())
             .output()
             .expect("runs");
         assert!(

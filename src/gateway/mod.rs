@@ -436,11 +436,50 @@ pub struct Gateway {
 }
 
 /// Where the gateway writes what each call did: an `llm_call` audit record sealed into this
-/// process's audit chain (never the prompt or the answer).
+/// process's audit chain (never the prompt or the answer), and the call's transcript (request and
+/// answer, capped) on the llm-calls topic, keyed by task id.
 pub struct Recorder {
     pub emitter: Emitter,
     pub sealer: Arc<Sealer>,
     pub producer: Producer,
+    /// The transcripts' topic (`topics.llm_calls`).
+    pub calls_topic: String,
+}
+
+/// Largest transcript written; beyond it the request's messages and the answer are cut.
+const MAX_TRANSCRIPT_BYTES: usize = 256 * 1024;
+
+/// A call's transcript record: what was asked and answered, capped at [`MAX_TRANSCRIPT_BYTES`]
+/// (the request's messages and the answer then become a prefix of their JSON, marked truncated).
+fn transcript(
+    caller: &Caller,
+    model: &str,
+    meta: Option<&CallMeta>,
+    outcome: &str,
+    request: &Value,
+    response: &Value,
+) -> Value {
+    let mut t = serde_json::json!({
+        "task_id": caller.task, "tenant": caller.tenant, "agent": caller.agent, "resource": caller.resource,
+        "model": model, "meta": meta, "outcome": outcome, "request": request, "response": response,
+        "truncated": false,
+    });
+    if t.to_string().len() > MAX_TRANSCRIPT_BYTES {
+        let cut = |v: &Value| {
+            let text = v.to_string();
+            let mut end = (MAX_TRANSCRIPT_BYTES / 3).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Value::String(text[..end].to_string())
+        };
+        if let Some(m) = t["request"].get_mut("messages") {
+            *m = cut(m);
+        }
+        t["response"] = cut(&t["response"]);
+        t["truncated"] = Value::Bool(true);
+    }
+    t
 }
 
 /// A request's model resolved: alias name (or `provider/model`), candidates, output cap.
@@ -497,6 +536,7 @@ impl Gateway {
 
     /// Records a call's outcome in the audit trail, in the background (the caller does not wait
     /// for the seal and the broker; a failure is logged).
+    #[allow(clippy::too_many_arguments)]
     fn record(
         self: &Arc<Self>,
         caller: &Caller,
@@ -504,10 +544,13 @@ impl Gateway {
         meta: Option<&CallMeta>,
         outcome: &str,
         error: Option<String>,
+        exchange: Option<(Value, Value)>,
     ) {
         if self.recorder.is_none() {
             return;
         }
+        let script =
+            exchange.map(|(req, resp)| transcript(caller, model, meta, outcome, &req, &resp));
         let gw = self.clone();
         let detail = serde_json::json!({
             "agent": caller.agent, "task_id": caller.task, "model": model,
@@ -548,6 +591,21 @@ impl Gateway {
                     .map_err(|e| e.to_string())?;
                 for o in records.iter().chain([&seal]) {
                     r.producer.send(o).await.map_err(|e| e.to_string())?;
+                }
+                if let Some(t) = script {
+                    let ev = crate::event::CloudEvent::new(
+                        format!("llm-{id}"),
+                        "switchyard/gateway",
+                        "switchyard.llm_call",
+                    )
+                    .with_subject(audit.task_id.clone().unwrap_or_default())
+                    .with_time(&now)
+                    .with_data(t);
+                    let out = r
+                        .emitter
+                        .emit(&r.calls_topic, &ev)
+                        .map_err(|e| e.to_string())?;
+                    r.producer.send(&out).await.map_err(|e| e.to_string())?;
                 }
                 Ok::<(), String>(())
             }
@@ -777,8 +835,21 @@ impl Gateway {
     ) -> Result<Completion, GatewayError> {
         let r = self.call(caller, model, req).await;
         match &r {
-            Ok(c) => self.record(caller, model, Some(&c.meta), "ok", None),
-            Err(e) => self.record(caller, model, None, e.outcome(), Some(e.to_string())),
+            Ok(c) => {
+                let exchange = (Value::Object(req.clone()), c.body.clone());
+                self.record(caller, model, Some(&c.meta), "ok", None, Some(exchange))
+            }
+            Err(e) => {
+                let exchange = (Value::Object(req.clone()), Value::Null);
+                self.record(
+                    caller,
+                    model,
+                    None,
+                    e.outcome(),
+                    Some(e.to_string()),
+                    Some(exchange),
+                )
+            }
         }
         r
     }
@@ -916,7 +987,15 @@ impl Gateway {
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let r = self.open_stream(caller, model, req).await;
         if let Err(e) = &r {
-            self.record(caller, model, None, e.outcome(), Some(e.to_string()));
+            let exchange = (Value::Object(req.clone()), Value::Null);
+            self.record(
+                caller,
+                model,
+                None,
+                e.outcome(),
+                Some(e.to_string()),
+                Some(exchange),
+            );
         }
         r
     }
@@ -979,6 +1058,9 @@ impl Gateway {
                             gw: self.clone(),
                             caller: caller.clone(),
                             model: model.to_string(),
+                            request: Value::Object(req.clone()),
+                            text: String::new(),
+                            tool_calls: Vec::new(),
                             route_alias: route.alias.clone(),
                             c: c.clone(),
                             hold: hold.clone(),
@@ -1179,6 +1261,11 @@ struct Watch {
     caller: Caller,
     /// What the caller asked for (alias or provider/model).
     model: String,
+    /// The request, for the transcript.
+    request: Value,
+    /// What was said so far (capped), for the transcript.
+    text: String,
+    tool_calls: Vec<Value>,
     route_alias: String,
     c: Candidate,
     hold: Option<Hold>,
@@ -1199,8 +1286,18 @@ impl Watch {
         if let Some(cs) = chunk.get("choices").and_then(Value::as_array) {
             for c in cs {
                 if let Some(d) = c.get("delta") {
-                    self.text_bytes += d.get("content").and_then(Value::as_str).map_or(0, str::len);
-                    self.text_bytes += d.get("tool_calls").map_or(0, |t| t.to_string().len());
+                    if let Some(t) = d.get("content").and_then(Value::as_str) {
+                        self.text_bytes += t.len();
+                        if self.text.len() + t.len() <= MAX_TRANSCRIPT_BYTES / 2 {
+                            self.text.push_str(t);
+                        }
+                    }
+                    if let Some(t) = d.get("tool_calls") {
+                        self.text_bytes += t.to_string().len();
+                        if self.tool_calls.len() < 1000 {
+                            self.tool_calls.push(t.clone());
+                        }
+                    }
                 }
             }
         }
@@ -1236,6 +1333,9 @@ impl Drop for Watch {
         let started = self.started;
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let model = self.model.clone();
+            let request = std::mem::take(&mut self.request);
+            let text = std::mem::take(&mut self.text);
+            let tools = std::mem::take(&mut self.tool_calls);
             h.spawn(async move {
                 let meta = gw
                     .account(
@@ -1251,8 +1351,106 @@ impl Drop for Watch {
                         started,
                     )
                     .await;
-                gw.record(&caller, &model, Some(&meta), "ok", None);
+                let answer =
+                    serde_json::json!({"streamed": true, "content": text, "tool_calls": tools});
+                gw.record(
+                    &caller,
+                    &model,
+                    Some(&meta),
+                    "ok",
+                    None,
+                    Some((request, answer)),
+                );
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> Caller {
+        Caller {
+            tenant: "t".into(),
+            agent: "a".into(),
+            workflow: String::new(),
+            task: "task-1".into(),
+            resource: "r".into(),
+        }
+    }
+
+    #[test]
+    fn a_transcript_over_the_cap_is_cut_and_marked() {
+        let small = transcript(
+            &caller(),
+            "m",
+            None,
+            "ok",
+            &serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+            &serde_json::json!({"choices": []}),
+        );
+        assert_eq!(small["truncated"], false);
+        assert_eq!(small["request"]["messages"][0]["content"], "hi");
+        let big = "é".repeat(MAX_TRANSCRIPT_BYTES);
+        let t = transcript(
+            &caller(),
+            "m",
+            None,
+            "ok",
+            &serde_json::json!({"messages": [{"role": "user", "content": big}], "model": "m"}),
+            &serde_json::json!({"choices": [{"message": {"content": big}}]}),
+        );
+        assert_eq!(t["truncated"], true);
+        assert_eq!(t["request"]["model"], "m", "only the messages are cut");
+        assert!(
+            t.to_string().len() <= MAX_TRANSCRIPT_BYTES + 4096,
+            "{}",
+            t.to_string().len()
+        );
+        assert!(t["response"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("{\"choices\"")));
+    }
+
+    #[test]
+    fn prices_count_cached_input_at_its_own_price() {
+        let p = Price {
+            input: 2.0,
+            output: 8.0,
+            cached_input: Some(0.5),
+            currency: "USD".into(),
+        };
+        let u = Usage {
+            input: 1_000_000,
+            output: 500_000,
+            cached: 400_000,
+        };
+        assert!((p.cost(&u) - (0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_config_names_what_is_wrong() {
+        let cfg: GatewayConfig = serde_yaml::from_str(
+            "providers: {p: {base_url: ftp://x}}\naliases: {a: {candidates: [{provider: q, model: m}], on_exhausted: downgrade}, 'x/y': {candidates: []}}\nlimits: [{provider: p}]\nkeys: [{name: k, key_sha256: abc}]",
+        )
+        .expect("parses");
+        let p: Vec<String> = cfg
+            .problems()
+            .into_iter()
+            .map(|(k, m)| format!("{k}: {m}"))
+            .collect();
+        let all = p.join("\n");
+        for want in [
+            "gateway.providers.p.base_url: must start with http:// or https://",
+            "gateway.aliases.a.candidates[0].provider: no provider named \"q\"",
+            "gateway.aliases.a.downgrade_to: is required by on_exhausted: downgrade",
+            "gateway.aliases.x/y: an alias name may not contain '/'",
+            "gateway.aliases.x/y.candidates: lists no candidate",
+            "gateway.limits[0]: sets neither rpm nor tpm",
+            "gateway.keys[0].key_sha256: must be 64 hex digits",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
         }
     }
 }

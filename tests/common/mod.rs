@@ -175,6 +175,7 @@ pub const LOGICAL_TOPICS: &[&str] = &[
     "switchyard.audit",
     "switchyard.dlq",
     "switchyard.approval-decisions",
+    "switchyard.llm-calls",
 ];
 
 impl TestEnv {
@@ -246,6 +247,7 @@ topics:
   audit: {prefix}.switchyard.audit
   dlq: {prefix}.switchyard.dlq
   decisions: {prefix}.switchyard.approval-decisions
+  llm_calls: {prefix}.switchyard.llm-calls
 schemas_dir: {schemas}
 {routes}
 {extra_yaml}
