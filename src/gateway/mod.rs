@@ -491,6 +491,15 @@ struct Route {
     downgrade_to: Option<String>,
 }
 
+/// A candidate's successful attempt: its answer, the candidate, the limit buckets it was charged
+/// to, and the attempts the call took (every candidate's counted).
+struct Answered<T> {
+    value: T,
+    candidate: Candidate,
+    buckets: Vec<Bucket>,
+    attempts: u32,
+}
+
 /// What a candidate's admission decided.
 enum Admit {
     Go(Vec<Bucket>),
@@ -863,8 +872,49 @@ impl Gateway {
         let started = Instant::now();
         let route = self.route(model)?;
         let (route, hold, est) = self.hold(caller, route, req).await?;
-        let capped = cap(req, est.output);
-        let req = &capped;
+        let req = &cap(req, est.output);
+        let a = self
+            .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
+                p.complete(&m, req).await
+            })
+            .await?;
+        let ((body, usage), c) = (a.value, a.candidate);
+        let (usage, estimated) = match usage {
+            Some(u) => (u, false),
+            None => (estimate_answer(&est, &body), true),
+        };
+        let meta = self
+            .account(
+                caller,
+                &route.alias,
+                &c,
+                hold.as_ref(),
+                &a.buckets,
+                &est,
+                usage,
+                estimated,
+                a.attempts,
+                started,
+            )
+            .await;
+        Ok(Completion { body, meta })
+    }
+
+    /// Tries the route's candidates in order, each with its retries, until `send` (one request to
+    /// a provider's model) succeeds. On a refusal (4xx other than 429), or once every candidate
+    /// failed, cooled down or was rate limited, the hold is released and the error returned.
+    async fn try_candidates<T, F, Fut>(
+        &self,
+        caller: &Caller,
+        route: &Route,
+        hold: Option<&Hold>,
+        est: &Usage,
+        send: F,
+    ) -> Result<Answered<T>, GatewayError>
+    where
+        F: Fn(Arc<Provider>, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
         let mut attempts = 0;
         let mut last = String::from("no candidate was tried");
         let mut soonest: Option<Duration> = None;
@@ -884,7 +934,7 @@ impl Gateway {
                         break;
                     }
                     Err(e) => {
-                        self.release(hold.as_ref()).await;
+                        self.release(hold).await;
                         return Err(e);
                     }
                 };
@@ -892,39 +942,26 @@ impl Gateway {
                 attempts += 1;
                 attempt += 1;
                 let t0 = Instant::now();
-                let r = provider.complete(&c.model, req).await;
+                let r = send(provider.clone(), c.model.clone()).await;
                 METRICS
                     .llm_duration
                     .with_label_values(&[&c.provider])
                     .observe(t0.elapsed().as_secs_f64());
                 match r {
-                    Ok((body, usage)) => {
+                    Ok(value) => {
                         Self::count(c, "ok");
                         let _ = self.limiter.succeeded(&c.provider, &c.model).await;
-                        let (usage, estimated) = match usage {
-                            Some(u) => (u, false),
-                            None => (estimate_answer(&est, &body), true),
-                        };
-                        let meta = self
-                            .account(
-                                caller,
-                                &route.alias,
-                                c,
-                                hold.as_ref(),
-                                &buckets,
-                                &est,
-                                usage,
-                                estimated,
-                                attempts,
-                                started,
-                            )
-                            .await;
-                        return Ok(Completion { body, meta });
+                        return Ok(Answered {
+                            value,
+                            candidate: c.clone(),
+                            buckets,
+                            attempts,
+                        });
                     }
                     Err(CallError::Rejected { status, message }) => {
                         Self::count(c, "rejected");
-                        self.give_back(&buckets, &est, 0).await;
-                        self.release(hold.as_ref()).await;
+                        self.give_back(&buckets, est, 0).await;
+                        self.release(hold).await;
                         return Err(GatewayError::BadRequest(format!(
                             "{}/{} refused the request ({status}): {message}",
                             c.provider, c.model
@@ -932,7 +969,7 @@ impl Gateway {
                     }
                     Err(e) => {
                         Self::count(c, e.kind());
-                        self.give_back(&buckets, &est, 0).await;
+                        self.give_back(&buckets, est, 0).await;
                         last = format!("{}/{}: {e}", c.provider, c.model);
                         tracing::warn!(provider = %c.provider, model = %c.model, attempt, error = %e, "Model call failed.");
                         let cooled = self
@@ -970,7 +1007,7 @@ impl Gateway {
                 }
             }
         }
-        self.release(hold.as_ref()).await;
+        self.release(hold).await;
         match soonest {
             Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
             _ => Err(GatewayError::ProviderFailed(last)),
@@ -1009,130 +1046,55 @@ impl Gateway {
         let started = Instant::now();
         let route = self.route(model)?;
         let (route, hold, est) = self.hold(caller, route, req).await?;
-        let capped = cap(req, est.output);
-        let req = &capped;
-        let mut attempts = 0;
-        let mut last = String::from("no candidate was tried");
-        let mut soonest: Option<Duration> = None;
-        let mut all_limited = true;
-        for c in &route.candidates {
-            let Some(provider) = self.providers.get(&c.provider) else {
-                continue;
-            };
-            let mut attempt = 0;
-            loop {
-                let buckets = match self.admit(c, caller, est.input + est.output).await {
-                    Ok(Admit::Go(b)) => b,
-                    Ok(Admit::Skip(after, why)) => {
-                        Self::count(c, why);
-                        soonest = Some(soonest.map_or(after, |s| s.min(after)));
-                        last = format!("{}/{}: {why}", c.provider, c.model);
-                        break;
-                    }
-                    Err(e) => {
-                        self.release(hold.as_ref()).await;
-                        return Err(e);
-                    }
-                };
-                all_limited = false;
-                attempts += 1;
-                attempt += 1;
-                let first = match provider.stream(&c.model, req).await {
-                    Ok(mut s) => match s.next().await {
-                        Some(Ok(chunk)) => Ok((chunk, s)),
-                        Some(Err(e)) => Err(e),
-                        None => Err(CallError::Malformed("the stream ended at once".into())),
-                    },
-                    Err(e) => Err(e),
-                };
-                match first {
-                    Ok((chunk, rest)) => {
-                        let meta = CallMeta {
-                            alias: route.alias.clone(),
-                            provider: c.provider.clone(),
-                            model: c.model.clone(),
-                            attempts,
-                            ..Default::default()
-                        };
-                        let watch = Watch {
-                            gw: self.clone(),
-                            caller: caller.clone(),
-                            model: model.to_string(),
-                            request: Value::Object(req.clone()),
-                            text: String::new(),
-                            tool_calls: Vec::new(),
-                            route_alias: route.alias.clone(),
-                            c: c.clone(),
-                            hold: hold.clone(),
-                            buckets,
-                            est,
-                            attempts,
-                            started,
-                            usage: None,
-                            text_bytes: 0,
-                            settled: false,
-                        };
-                        let s = futures::stream::once(async move { Ok(chunk) })
-                            .chain(rest)
-                            .scan(watch, |w, item| {
-                                if let Ok(v) = &item {
-                                    w.see(v);
-                                }
-                                futures::future::ready(Some(item))
-                            })
-                            .boxed();
-                        return Ok((meta, s));
-                    }
-                    Err(CallError::Rejected { status, message }) => {
-                        Self::count(c, "rejected");
-                        self.give_back(&buckets, &est, 0).await;
-                        self.release(hold.as_ref()).await;
-                        return Err(GatewayError::BadRequest(format!(
-                            "{}/{} refused the request ({status}): {message}",
-                            c.provider, c.model
-                        )));
-                    }
-                    Err(e) => {
-                        Self::count(c, e.kind());
-                        self.give_back(&buckets, &est, 0).await;
-                        last = format!("{}/{}: {e}", c.provider, c.model);
-                        let cooled = self
-                            .limiter
-                            .failed(
-                                &c.provider,
-                                &c.model,
-                                self.cfg.cooldown.failures,
-                                self.cfg.cooldown.seconds * 1000,
-                            )
-                            .await
-                            .unwrap_or(false);
-                        if cooled || attempt > self.cfg.retries {
-                            break;
-                        }
-                        let wait = match &e {
-                            CallError::Retryable {
-                                retry_after: Some(d),
-                                ..
-                            } => *d,
-                            _ => Duration::from_millis(
-                                self.cfg
-                                    .backoff_ms
-                                    .saturating_mul(1 << (attempt - 1).min(10)),
-                            ),
-                        };
-                        if wait.as_millis() as u64 > self.cfg.max_retry_after_ms {
-                            break;
-                        }
-                        tokio::time::sleep(wait).await;
-                    }
+        let req = &cap(req, est.output);
+        // A candidate counts as answering once its first chunk arrived; only before that can the
+        // call fall back.
+        let a = self
+            .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
+                let mut s = p.stream(&m, req).await?;
+                match s.next().await {
+                    Some(Ok(chunk)) => Ok((chunk, s)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(CallError::Malformed("the stream ended at once".into())),
                 }
-            }
-        }
-        self.release(hold.as_ref()).await;
-        match soonest {
-            Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
-            _ => Err(GatewayError::ProviderFailed(last)),
-        }
+            })
+            .await?;
+        let ((chunk, rest), c) = (a.value, a.candidate);
+        let meta = CallMeta {
+            alias: route.alias.clone(),
+            provider: c.provider.clone(),
+            model: c.model.clone(),
+            attempts: a.attempts,
+            ..Default::default()
+        };
+        let watch = Watch {
+            gw: self.clone(),
+            caller: caller.clone(),
+            model: model.to_string(),
+            request: Value::Object(req.clone()),
+            text: String::new(),
+            tool_calls: Vec::new(),
+            route_alias: route.alias.clone(),
+            c,
+            hold,
+            buckets: a.buckets,
+            est,
+            attempts: a.attempts,
+            started,
+            usage: None,
+            text_bytes: 0,
+            settled: false,
+        };
+        let s = futures::stream::once(async move { Ok(chunk) })
+            .chain(rest)
+            .scan(watch, |w, item| {
+                if let Ok(v) = &item {
+                    w.see(v);
+                }
+                futures::future::ready(Some(item))
+            })
+            .boxed();
+        Ok((meta, s))
     }
 
     /// Gives back what a call's buckets were charged beyond `used` tokens.
@@ -1321,7 +1283,6 @@ impl Drop for Watch {
                 true,
             ),
         };
-        Gateway::count(&self.c, "ok");
         let gw = self.gw.clone();
         let caller = self.caller.clone();
         let alias = std::mem::take(&mut self.route_alias);
