@@ -149,6 +149,9 @@ pub struct Limiter {
     acquire: Script,
     adjust: Script,
     failed: Script,
+    /// Candidates this instance counted a failure of since their last success: only those need
+    /// their (shared) count reset when they answer, so a healthy call costs no extra round trip.
+    failing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Limiter {
@@ -159,6 +162,7 @@ impl Limiter {
             acquire: Script::new(ACQUIRE),
             adjust: Script::new(ADJUST),
             failed: Script::new(FAILED),
+            failing: Default::default(),
         }
     }
 
@@ -242,6 +246,10 @@ impl Limiter {
         failures: u32,
         cooldown_ms: u64,
     ) -> Result<bool, StoreError> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.fail_key(provider, model));
         let mut inv = self.failed.prepare_invoke();
         inv.key(self.fail_key(provider, model))
             .key(self.cool_key(provider, model))
@@ -253,13 +261,19 @@ impl Limiter {
         Ok(cooled == 1)
     }
 
-    /// A candidate answered: its failure count starts again.
+    /// A candidate answered: its failure count starts again (when this instance counted one).
     pub async fn succeeded(&self, provider: &str, model: &str) -> Result<(), StoreError> {
+        let key = self.fail_key(provider, model);
+        let counted = self
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        if !counted {
+            return Ok(());
+        }
         let mut c = self.conn.get().await?;
-        redis::cmd("DEL")
-            .arg(self.fail_key(provider, model))
-            .query_async::<()>(&mut c)
-            .await?;
+        redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
         Ok(())
     }
 }
