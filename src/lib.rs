@@ -27,7 +27,10 @@
 //!   stats;
 //! - [`context`]: the shared context store (trait, Redis, memory, contract suite);
 //! - [`resolve`]: rules (pure), apply (pure), store (the only owner of the resource state);
-//! - [`governance`]: access and approval rules, budgets, the approvals service;
+//! - [`governance`]: access and approval rules, budgets (with holds for model calls), the approvals
+//!   service;
+//! - [`gateway`]: the AI gateway: providers, aliases and fallbacks, shared rate limits and
+//!   cooldowns, budget holds, the served OpenAI-compatible endpoint, call accounting;
 //! - [`audit`]: record hashes, sealing into per-resource chains, verification;
 //! - [`http`]: the HTTP server (metrics, health), users and their roles, the approvals API;
 //! - [`recover`]: rebuilding Redis from the Kafka topics after Redis lost its data.
