@@ -456,7 +456,7 @@ fn transcript(
     model: &str,
     meta: Option<&CallMeta>,
     outcome: &str,
-    request: &Value,
+    request: &Map<String, Value>,
     response: &Value,
 ) -> Value {
     let mut t = serde_json::json!({
@@ -543,6 +543,18 @@ impl Gateway {
         self
     }
 
+    /// Records a call that got no answer.
+    fn record_failure(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        req: &Map<String, Value>,
+        e: &GatewayError,
+    ) {
+        let error = Some(e.to_string());
+        self.record(caller, model, None, e.outcome(), error, req, &Value::Null);
+    }
+
     /// Records a call's outcome in the audit trail, in the background (the caller does not wait
     /// for the seal and the broker; a failure is logged).
     #[allow(clippy::too_many_arguments)]
@@ -553,13 +565,13 @@ impl Gateway {
         meta: Option<&CallMeta>,
         outcome: &str,
         error: Option<String>,
-        exchange: Option<(Value, Value)>,
+        request: &Map<String, Value>,
+        response: &Value,
     ) {
         if self.recorder.is_none() {
             return;
         }
-        let script =
-            exchange.map(|(req, resp)| transcript(caller, model, meta, outcome, &req, &resp));
+        let script = transcript(caller, model, meta, outcome, request, response);
         let gw = self.clone();
         let detail = serde_json::json!({
             "agent": caller.agent, "task_id": caller.task, "model": model,
@@ -601,21 +613,19 @@ impl Gateway {
                 for o in records.iter().chain([&seal]) {
                     r.producer.send(o).await.map_err(|e| e.to_string())?;
                 }
-                if let Some(t) = script {
-                    let ev = crate::event::CloudEvent::new(
-                        format!("llm-{id}"),
-                        "switchyard/gateway",
-                        "switchyard.llm_call",
-                    )
-                    .with_subject(audit.task_id.clone().unwrap_or_default())
-                    .with_time(&now)
-                    .with_data(t);
-                    let out = r
-                        .emitter
-                        .emit(&r.calls_topic, &ev)
-                        .map_err(|e| e.to_string())?;
-                    r.producer.send(&out).await.map_err(|e| e.to_string())?;
-                }
+                let ev = crate::event::CloudEvent::new(
+                    format!("llm-{id}"),
+                    "switchyard/gateway",
+                    "switchyard.llm_call",
+                )
+                .with_subject(audit.task_id.clone().unwrap_or_default())
+                .with_time(&now)
+                .with_data(script);
+                let out = r
+                    .emitter
+                    .emit(&r.calls_topic, &ev)
+                    .map_err(|e| e.to_string())?;
+                r.producer.send(&out).await.map_err(|e| e.to_string())?;
                 Ok::<(), String>(())
             }
             .await;
@@ -844,21 +854,8 @@ impl Gateway {
     ) -> Result<Completion, GatewayError> {
         let r = self.call(caller, model, req).await;
         match &r {
-            Ok(c) => {
-                let exchange = (Value::Object(req.clone()), c.body.clone());
-                self.record(caller, model, Some(&c.meta), "ok", None, Some(exchange))
-            }
-            Err(e) => {
-                let exchange = (Value::Object(req.clone()), Value::Null);
-                self.record(
-                    caller,
-                    model,
-                    None,
-                    e.outcome(),
-                    Some(e.to_string()),
-                    Some(exchange),
-                )
-            }
+            Ok(c) => self.record(caller, model, Some(&c.meta), "ok", None, req, &c.body),
+            Err(e) => self.record_failure(caller, model, req, e),
         }
         r
     }
@@ -1024,15 +1021,7 @@ impl Gateway {
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let r = self.open_stream(caller, model, req).await;
         if let Err(e) = &r {
-            let exchange = (Value::Object(req.clone()), Value::Null);
-            self.record(
-                caller,
-                model,
-                None,
-                e.outcome(),
-                Some(e.to_string()),
-                Some(exchange),
-            );
+            self.record_failure(caller, model, req, e);
         }
         r
     }
@@ -1071,7 +1060,7 @@ impl Gateway {
             gw: self.clone(),
             caller: caller.clone(),
             model: model.to_string(),
-            request: Value::Object(req.clone()),
+            request: self.recorder.as_ref().map(|_| req.clone()),
             text: String::new(),
             tool_calls: Vec::new(),
             route_alias: route.alias.clone(),
@@ -1223,8 +1212,8 @@ struct Watch {
     caller: Caller,
     /// What the caller asked for (alias or provider/model).
     model: String,
-    /// The request, for the transcript.
-    request: Value,
+    /// The request, for the transcript (only when calls are recorded).
+    request: Option<Map<String, Value>>,
     /// What was said so far (capped), for the transcript.
     text: String,
     tool_calls: Vec<Value>,
@@ -1314,14 +1303,9 @@ impl Drop for Watch {
                     .await;
                 let answer =
                     serde_json::json!({"streamed": true, "content": text, "tool_calls": tools});
-                gw.record(
-                    &caller,
-                    &model,
-                    Some(&meta),
-                    "ok",
-                    None,
-                    Some((request, answer)),
-                );
+                if let Some(request) = request {
+                    gw.record(&caller, &model, Some(&meta), "ok", None, &request, &answer);
+                }
             });
         }
     }
@@ -1348,7 +1332,9 @@ mod tests {
             "m",
             None,
             "ok",
-            &serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}]})
+                .as_object()
+                .expect("object"),
             &serde_json::json!({"choices": []}),
         );
         assert_eq!(small["truncated"], false);
@@ -1359,7 +1345,9 @@ mod tests {
             "m",
             None,
             "ok",
-            &serde_json::json!({"messages": [{"role": "user", "content": big}], "model": "m"}),
+            serde_json::json!({"messages": [{"role": "user", "content": big}], "model": "m"})
+                .as_object()
+                .expect("object"),
             &serde_json::json!({"choices": [{"message": {"content": big}}]}),
         );
         assert_eq!(t["truncated"], true);

@@ -380,12 +380,12 @@ impl<P: Processor> Shared<P> {
         self.wake.notify_one();
     }
 
-    /// Takes the heads of up to `max` ready lanes.
     /// Lanes whose head is ready (revoked ones included until taken).
     fn ready_len(&self) -> usize {
         lock(&self.ready).len()
     }
 
+    /// Takes the heads of up to `max` ready lanes.
     fn take_ready(&self, max: usize) -> Vec<(Arc<Part>, u64, Work)> {
         let mut out = Vec::new();
         let mut ready = lock(&self.ready);

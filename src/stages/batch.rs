@@ -97,15 +97,11 @@ pub fn sealed_waves<'a, F>(
 where
     F: Future<Output = Result<Decided, ProcessError>> + Send + 'a,
 {
-    let running: FuturesUnordered<_> = recs
+    let jobs = recs
         .into_iter()
-        .enumerate()
-        .map(|(i, rec)| {
-            let chain = Sealer::chain(stage, &rec.topic, rec.partition);
-            decide(rec).map(move |r| (i, chain, r))
-        })
+        .map(|rec| (Sealer::chain(stage, &rec.topic, rec.partition), decide(rec)))
         .collect();
-    waves(stage, sealer, emitter, running)
+    sealed_jobs(stage, sealer, emitter, jobs)
 }
 
 /// Yields the results of `running` wave by wave: whatever finished together is sealed together.
