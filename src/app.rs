@@ -139,12 +139,34 @@ pub async fn run(
         sealer.clone(),
         &emitter,
     ));
+    let budgets = Arc::new(Budgets::new(
+        Arc::new(RedisBudgetStore::new(redis.clone())),
+        &cfg.redis.key_prefix,
+        cfg.governance.budgets.clone(),
+    ));
+    let recorder = crate::audit::Recorder {
+        emitter: emitter.clone(),
+        sealer: sealer.clone(),
+        producer: producer.clone(),
+    };
+    let gateway = gateway_of(
+        &loaded,
+        redis.clone(),
+        budgets.clone(),
+        crate::gateway::Recorder {
+            audit: recorder.clone(),
+            calls_topic: cfg.topics.llm_calls.clone(),
+        },
+        &tracker,
+        &stop,
+    )?;
+    let tools = Arc::new(
+        crate::tools::Toolbox::build(&cfg.tools)
+            .await
+            .map_err(AppError::Setup)?,
+    );
     let services = Services {
-        budgets: Arc::new(Budgets::new(
-            Arc::new(RedisBudgetStore::new(redis.clone())),
-            &cfg.redis.key_prefix,
-            cfg.governance.budgets.clone(),
-        )),
+        budgets,
         loaded: loaded.clone(),
         emitter,
         producer: producer.clone(),
@@ -152,6 +174,9 @@ pub async fn run(
         resources,
         approvals: approvals.clone(),
         sealer,
+        gateway: gateway.clone(),
+        tools,
+        recorder,
         tracker: tracker.clone(),
         stop: stop.clone(),
     };
@@ -177,20 +202,6 @@ pub async fn run(
         });
     }
     drop(tx);
-    let recorder = crate::gateway::Recorder {
-        emitter: services.emitter.clone(),
-        sealer: services.sealer.clone(),
-        producer: producer.clone(),
-        calls_topic: cfg.topics.llm_calls.clone(),
-    };
-    let gateway = gateway_of(
-        &loaded,
-        redis.clone(),
-        services.budgets.clone(),
-        recorder,
-        &tracker,
-        &stop,
-    )?;
     let health = Arc::new(health);
     tracker.spawn(check_dependencies(
         loaded.clone(),

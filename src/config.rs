@@ -81,6 +81,9 @@ pub struct Config {
     /// The AI gateway: model providers, aliases, rate limits, prices, served keys.
     #[serde(default)]
     pub gateway: crate::gateway::GatewayConfig,
+    /// External tools LLM agents may use: HTTP endpoints and MCP servers.
+    #[serde(default)]
+    pub tools: BTreeMap<String, crate::tools::ToolSpec>,
 }
 
 /// Whether a stage runs.
@@ -114,6 +117,7 @@ const SECTIONS: &[&str] = &[
     "resolve",
     "governance",
     "gateway",
+    "tools",
 ];
 
 /// One problem in a config file, naming the item it is about.
@@ -303,6 +307,7 @@ impl Config {
                 "resolve" => section(&key, v, &mut problems, &mut config.resolve),
                 "governance" => section(&key, v, &mut problems, &mut config.governance),
                 "gateway" => section(&key, v, &mut problems, &mut config.gateway),
+                "tools" => section(&key, v, &mut problems, &mut config.tools),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -479,6 +484,9 @@ impl Config {
         for (item, m) in self.gateway.clone().effective().problems() {
             p(&item, m);
         }
+        for (item, m) in crate::tools::problems(&self.tools) {
+            p(&item, m);
+        }
         for (item, m) in self.governance.problems(&agents, &actions) {
             p(&item, m);
         }
@@ -488,6 +496,11 @@ impl Config {
         for (name, a) in &self.agents {
             for m in a.problems(name) {
                 p(&format!("agents.{name}"), m);
+            }
+            if let crate::agents::AgentKind::Llm(l) = &a.kind {
+                for m in l.config_problems(a, &self.tools) {
+                    p(&format!("agents.{name}"), m);
+                }
             }
             for (field, list) in [
                 ("reads", &a.reads),

@@ -69,4 +69,5 @@ pub mod secret;
 pub mod stages;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 pub mod topics;

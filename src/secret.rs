@@ -70,6 +70,32 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// A secret given in the config as the value itself, or as where to find it: `{env: VAR}` (an
+/// environment variable) or `{file: PATH}` (a mounted secret; surrounding whitespace ignored).
+/// Shown redacted; read with [`SecretRef::resolve`] where it is sent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SecretRef {
+    Value(Secret),
+    Env { env: String },
+    File { file: std::path::PathBuf },
+}
+
+impl SecretRef {
+    /// The secret; an error names its source, never its value.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        match self {
+            SecretRef::Value(s) => Ok(s.clone()),
+            SecretRef::Env { env } => std::env::var(env)
+                .map(Secret::new)
+                .map_err(|_| format!("environment variable {env} is not set")),
+            SecretRef::File { file } => std::fs::read_to_string(file)
+                .map(|s| Secret::new(s.trim().to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", file.display())),
+        }
+    }
+}
+
 /// Whether a free-form setting name (a librdkafka passthrough key, a header name) holds a secret.
 pub fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();

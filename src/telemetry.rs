@@ -94,6 +94,14 @@ pub struct Metrics {
     pub llm_cost: prometheus::CounterVec,
     /// Duration of one provider request, by provider.
     pub llm_duration: HistogramVec,
+    /// Tokens of LLM agents' model calls, by agent and kind (input, output, cached).
+    pub agent_llm_tokens: IntCounterVec,
+    /// Cost of LLM agents' model calls, by agent and currency.
+    pub agent_llm_cost: prometheus::CounterVec,
+    /// Model calls per LLM-agent run, by agent.
+    pub agent_llm_iterations: HistogramVec,
+    /// Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).
+    pub tool_calls: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -335,6 +343,31 @@ impl Metrics {
                 "Duration of one provider request (each retry counts).",
                 &["provider"],
                 exponential_buckets(0.005, 2.0, 14)?,
+                r
+            )?,
+            agent_llm_tokens: register_int_counter_vec_with_registry!(
+                "switchyard_agent_llm_tokens_total",
+                "Tokens of LLM agents' model calls, by agent and kind (input, output, cached).",
+                &["agent", "kind"],
+                r
+            )?,
+            agent_llm_cost: prometheus::register_counter_vec_with_registry!(
+                "switchyard_agent_llm_cost_total",
+                "Cost of LLM agents' model calls, by agent and currency.",
+                &["agent", "currency"],
+                r
+            )?,
+            agent_llm_iterations: register_histogram_vec_with_registry!(
+                "switchyard_agent_llm_iterations",
+                "Model calls per LLM-agent run (the tool loop's iterations), by agent.",
+                &["agent"],
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+                r
+            )?,
+            tool_calls: register_int_counter_vec_with_registry!(
+                "switchyard_tool_calls_total",
+                "Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).",
+                &["tool", "outcome"],
                 r
             )?,
             audit_sealed: register_int_counter_vec_with_registry!(

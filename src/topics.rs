@@ -174,6 +174,9 @@ pub struct TopicsConfig {
     /// Transcripts of model calls through the AI gateway, keyed by task id.
     #[serde(default = "default_llm_calls")]
     pub llm_calls: String,
+    /// Tool calls of LLM agents and of the tool executor, keyed by task id.
+    #[serde(default = "default_tool_calls")]
+    pub tool_calls: String,
 }
 
 impl Default for TopicsConfig {
@@ -196,6 +199,7 @@ impl TopicsConfig {
             self.dlq.as_str(),
             self.decisions.as_str(),
             self.llm_calls.as_str(),
+            self.tool_calls.as_str(),
         ]);
         v
     }
@@ -236,6 +240,9 @@ fn default_dlq() -> String {
 }
 fn default_llm_calls() -> String {
     "switchyard.llm-calls".into()
+}
+fn default_tool_calls() -> String {
+    "switchyard.tool-calls".into()
 }
 fn default_decisions() -> String {
     "switchyard.approval-decisions".into()

@@ -57,22 +57,6 @@ fn ask(text: &str) -> Map<String, Value> {
     m
 }
 
-/// Queues llmock behaviours (`POST /_llmock/scenario`).
-async fn scenario(behaviors: Value) {
-    let admin = llm_base().trim_end_matches("/v1").to_string();
-    let r = reqwest::Client::new()
-        .post(format!("{admin}/_llmock/scenario"))
-        .json(&json!({ "behaviors": behaviors }))
-        .send()
-        .await
-        .expect("llmock answers");
-    assert!(
-        r.status().is_success(),
-        "scenario refused: {}",
-        r.text().await.unwrap_or_default()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_on_429_and_5xx_honours_retry_after_and_shares_cooldowns() {
     let s = suffix();

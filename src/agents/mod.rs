@@ -9,6 +9,7 @@
 pub mod builtin;
 pub mod http;
 pub mod kafka;
+pub mod llm;
 pub mod model;
 pub mod stats;
 
@@ -29,6 +30,8 @@ pub enum AgentKind {
     Http(http::Spec),
     /// An external service on its own request/reply topics.
     Kafka(kafka::Spec),
+    /// A model through the AI gateway, in a tool-calling loop.
+    Llm(llm::Spec),
 }
 
 impl AgentKind {
@@ -38,6 +41,7 @@ impl AgentKind {
             AgentKind::Builtin(_) => "builtin",
             AgentKind::Http(_) => "http",
             AgentKind::Kafka(_) => "kafka",
+            AgentKind::Llm(_) => "llm",
         }
     }
 
@@ -47,6 +51,7 @@ impl AgentKind {
             AgentKind::Builtin(s) => s.problems(name),
             AgentKind::Http(s) => s.problems(),
             AgentKind::Kafka(s) => s.problems(),
+            AgentKind::Llm(s) => s.problems(),
         }
     }
 
@@ -80,6 +85,7 @@ impl AgentKind {
             AgentKind::Builtin(s) => s.build(name),
             AgentKind::Http(s) => s.build(spec.timeout()),
             AgentKind::Kafka(s) => s.build(deps).await,
+            AgentKind::Llm(s) => s.build(name, spec, deps),
         }
     }
 }
@@ -98,9 +104,9 @@ pub struct AgentSpec {
     /// Action types the agent may propose. Any other proposal is refused and audited.
     #[serde(default)]
     pub actions: Vec<String>,
-    /// One attempt's time limit.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
+    /// One attempt's time limit (an LLM agent's whole tool loop); default 5 s, 120 s for `llm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Attempts after the first, on timeout or retryable failure.
     #[serde(default = "default_retries")]
     pub retries: u32,
@@ -128,9 +134,6 @@ pub const COMMON_FIELDS: &[&str] = &[
     "cost_per_call",
 ];
 
-fn default_timeout_ms() -> u64 {
-    5_000
-}
 fn default_retries() -> u32 {
     2
 }
@@ -143,13 +146,17 @@ fn default_max_concurrency() -> usize {
 
 impl AgentSpec {
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        let default = match self.kind {
+            AgentKind::Llm(_) => 120_000,
+            _ => 5_000,
+        };
+        Duration::from_millis(self.timeout_ms.unwrap_or(default))
     }
 
     /// Every problem with this declaration, as sentences.
     pub fn problems(&self, name: &str) -> Vec<String> {
         let mut p = Vec::new();
-        if self.timeout_ms == 0 {
+        if self.timeout_ms == Some(0) {
             p.push("timeout_ms must be at least 1".into());
         }
         if self.max_concurrency == 0 {

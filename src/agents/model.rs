@@ -20,6 +20,12 @@ pub struct BuildDeps {
     pub kafka: KafkaConfig,
     pub producer: Producer,
     pub stop: CancellationToken,
+    /// The AI gateway (LLM agents need it).
+    pub gateway: Option<std::sync::Arc<crate::gateway::Gateway>>,
+    /// External tools (LLM agents offer the ones their `tools:` allow).
+    pub tools: std::sync::Arc<crate::tools::Toolbox>,
+    /// Where LLM agents' tool calls are recorded; none in unit tests.
+    pub tool_calls: Option<super::llm::ToolCallLog>,
 }
 
 /// The slice of a resource's shared context an agent may see.

@@ -13,9 +13,11 @@
 //! byte-identical records sealed again; the verifier drops exact repeats.
 
 pub mod hash;
+pub mod recorder;
 pub mod sealer;
 pub mod verify;
 
 pub use hash::{canonical_json, record_hash, seal, sealed_hash};
+pub use recorder::Recorder;
 pub use sealer::{ChainStore, MemoryChainStore, RedisChainStore, SealData, Sealer, SEAL_TYPE};
 pub use verify::{verify, AuditRecord, ChainProblem, Verification};

@@ -25,10 +25,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::audit::Sealer;
 use crate::governance::budgets::{Budgets, Hold, Spender};
-use crate::kafka::Producer;
-use crate::records::{audit_event, AuditData, Emitter};
+use crate::records::AuditData;
 use crate::store::{RedisConn, StoreError};
 use crate::telemetry::METRICS;
 use limits::{Acquire, Bucket, LimitScope, LimitSpec, Limiter, OnLimit};
@@ -439,9 +437,7 @@ pub struct Gateway {
 /// process's audit chain (never the prompt or the answer), and the call's transcript (request and
 /// answer, capped) on the llm-calls topic, keyed by task id.
 pub struct Recorder {
-    pub emitter: Emitter,
-    pub sealer: Arc<Sealer>,
-    pub producer: Producer,
+    pub audit: crate::audit::Recorder,
     /// The transcripts' topic (`topics.llm_calls`).
     pub calls_topic: String,
 }
@@ -572,7 +568,6 @@ impl Gateway {
             return;
         }
         let script = transcript(caller, model, meta, outcome, request, response);
-        let gw = self.clone();
         let detail = serde_json::json!({
             "agent": caller.agent, "task_id": caller.task, "model": model,
             "alias": meta.map(|m| m.alias.clone()), "provider": meta.map(|m| m.provider.clone()),
@@ -598,41 +593,23 @@ impl Gateway {
             prev_hash: None,
             hash: None,
         };
+        let Some(r) = &self.recorder else { return };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let id = uuid::Uuid::new_v4().simple().to_string();
-        tokio::spawn(async move {
-            let Some(r) = &gw.recorder else { return };
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let written = async {
-                let ev = audit_event("switchyard/gateway", &["llm_call", &id], &audit, None, &now)
-                    .map_err(|e| e.to_string())?;
-                let (records, seal) = r
-                    .sealer
-                    .seal("gateway", &r.sealer.own_chain, &r.emitter, &[ev])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                for o in records.iter().chain([&seal]) {
-                    r.producer.send(o).await.map_err(|e| e.to_string())?;
-                }
-                let ev = crate::event::CloudEvent::new(
-                    format!("llm-{id}"),
-                    "switchyard/gateway",
-                    "switchyard.llm_call",
-                )
-                .with_subject(audit.task_id.clone().unwrap_or_default())
-                .with_time(&now)
-                .with_data(script);
-                let out = r
-                    .emitter
-                    .emit(&r.calls_topic, &ev)
-                    .map_err(|e| e.to_string())?;
-                r.producer.send(&out).await.map_err(|e| e.to_string())?;
-                Ok::<(), String>(())
-            }
-            .await;
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "Could not write a model call's audit record.");
-            }
-        });
+        let ev = crate::event::CloudEvent::new(
+            format!("llm-{id}"),
+            "switchyard/gateway",
+            "switchyard.llm_call",
+        )
+        .with_subject(audit.task_id.clone().unwrap_or_default())
+        .with_time(&now)
+        .with_data(script);
+        r.audit.record(
+            "gateway",
+            "llm_call",
+            audit,
+            Some((r.calls_topic.clone(), ev)),
+        );
     }
 
     /// The models callers may name: aliases, then every `provider/model` of a candidate.
@@ -652,6 +629,13 @@ impl Gateway {
     /// The API keys of the served endpoint.
     pub fn keys(&self) -> &[KeySpec] {
         &self.cfg.keys
+    }
+
+    /// Why `model` names no alias or candidate, or `None` (agents check their model at start).
+    pub fn unknown_model(&self, model: &str) -> Option<String> {
+        self.route(model)
+            .err()
+            .map(|e| format!("{e}; the gateway has {}", self.models().join(", ")))
     }
 
     fn route(&self, model: &str) -> Result<Route, GatewayError> {
@@ -852,12 +836,24 @@ impl Gateway {
         model: &str,
         req: &Map<String, Value>,
     ) -> Result<Completion, GatewayError> {
-        let r = self.call(caller, model, req).await;
-        match &r {
-            Ok(c) => self.record(caller, model, Some(&c.meta), "ok", None, req, &c.body),
-            Err(e) => self.record_failure(caller, model, req, e),
-        }
-        r
+        let (gw, caller, model, req) =
+            (self.clone(), caller.clone(), model.to_string(), req.clone());
+        // On its own task: a caller that gives up (an agent's deadline) does not cut the call
+        // short between paying and accounting; a late answer is accounted, then dropped.
+        tokio::spawn(async move {
+            let r = gw.call(&caller, &model, &req).await;
+            match &r {
+                Ok(c) => gw.record(&caller, &model, Some(&c.meta), "ok", None, &req, &c.body),
+                Err(e) => gw.record_failure(&caller, &model, &req, e),
+            }
+            r
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(GatewayError::Unavailable(format!(
+                "the call's task failed: {e}"
+            )))
+        })
     }
 
     async fn call(

@@ -52,6 +52,12 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             kafka: cfg.kafka.clone(),
             producer: s.producer.clone(),
             stop: s.stop.clone(),
+            gateway: s.gateway.clone(),
+            tools: s.tools.clone(),
+            tool_calls: Some(crate::agents::llm::ToolCallLog {
+                audit: s.recorder.clone(),
+                topic: cfg.topics.tool_calls.clone(),
+            }),
         };
         let mut agents = HashMap::new();
         for (name, spec) in &cfg.agents {

@@ -10,6 +10,7 @@ pub mod decisions;
 pub mod resolve;
 pub mod route;
 pub mod services;
+pub mod tools;
 
 pub use services::{runner, Runner, Services, StageDef};
 
@@ -40,6 +41,12 @@ pub const STAGES: &[StageDef] = &[
         about: "approval decisions from other systems; expires approvals nobody decided",
         inputs: decisions::inputs,
         build: decisions::build,
+    },
+    StageDef {
+        name: "tools",
+        about: "accepted tool.* actions -> the tool called once, with the fencing token",
+        inputs: tools::inputs,
+        build: tools::build,
     },
 ];
 

@@ -27,6 +27,12 @@ pub struct Services {
     pub resources: Arc<dyn ResourceStore>,
     pub approvals: Arc<Approvals>,
     pub sealer: Arc<Sealer>,
+    /// The AI gateway, when a model provider is configured.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// The external tools of `tools:`.
+    pub tools: Arc<crate::tools::Toolbox>,
+    /// Writes audit records of work without an input record (tool calls).
+    pub recorder: crate::audit::Recorder,
     /// Background work a stage starts (sweepers, flushers) is tracked here and stops with `stop`.
     pub tracker: TaskTracker,
     pub stop: CancellationToken,

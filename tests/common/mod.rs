@@ -176,6 +176,7 @@ pub const LOGICAL_TOPICS: &[&str] = &[
     "switchyard.dlq",
     "switchyard.approval-decisions",
     "switchyard.llm-calls",
+    "switchyard.tool-calls",
 ];
 
 impl TestEnv {
@@ -248,6 +249,7 @@ topics:
   dlq: {prefix}.switchyard.dlq
   decisions: {prefix}.switchyard.approval-decisions
   llm_calls: {prefix}.switchyard.llm-calls
+  tool_calls: {prefix}.switchyard.tool-calls
 schemas_dir: {schemas}
 {routes}
 {extra_yaml}
@@ -648,5 +650,75 @@ pub fn numbered_events(
                 serde_json::json!({"n": n}),
             )
         })
+        .collect()
+}
+
+/// Queues llmock behaviours (`POST /_llmock/scenario`). Tests match them by model name, so they
+/// share one stand-in.
+pub async fn scenario(behaviors: Value) {
+    let admin = llm_base().trim_end_matches("/v1").to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{admin}/_llmock/scenario"))
+        .json(&serde_json::json!({ "behaviors": behaviors }))
+        .send()
+        .await
+        .expect("llmock answers");
+    assert!(
+        r.status().is_success(),
+        "scenario refused: {}",
+        r.text().await.unwrap_or_default()
+    );
+}
+
+/// The request bodies llmock received for `model`, oldest first (its request journal).
+pub async fn llm_requests(model: &str) -> Vec<Value> {
+    let admin = llm_base().trim_end_matches("/v1").to_string();
+    let v: Value = reqwest::Client::new()
+        .get(format!("{admin}/_llmock/requests"))
+        .send()
+        .await
+        .expect("llmock answers")
+        .json()
+        .await
+        .expect("journal is JSON");
+    v["requests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["model"] == model)
+        .map(|r| r["body"].clone())
+        .collect()
+}
+
+/// A small MCP server (tests/fixtures/mcp_server.py, the official `mcp` SDK) on a free port; its
+/// calls are appended to `calls` as JSON lines. Stopped when dropped.
+pub fn start_mcp(calls: &Path) -> (Reaper, u16) {
+    let port = free_port();
+    let python = stack_dir().join("venv/bin/python");
+    let child = std::process::Command::new(python)
+        .arg(root().join("tests/fixtures/mcp_server.py"))
+        .arg(port.to_string())
+        .arg(calls)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the MCP server");
+    let reaper = Reaper(child);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (reaper, port);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the MCP server did not start on port {port}");
+}
+
+/// The JSON lines of a file (none when it does not exist).
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }

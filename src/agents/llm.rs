@@ -1,0 +1,805 @@
+//! LLM agents (`kind: llm`): a model, through the AI gateway, in a tool-calling loop.
+//!
+//! The prompt is a minijinja template over the event, the task and the agent's scoped context. The
+//! model works only through tools: built-in ones bounded by the agent's scopes (`read_context`,
+//! `recent_events`, `write_finding`, `propose_action`) and the external tools its `tools:` list
+//! allows. It never executes anything itself: its findings and proposals become the task's
+//! response, and a mutating tool's call becomes a proposal `tool.<name>`, so resolve, governance
+//! and the approval gate decide every side effect. Every model call is accounted by the gateway
+//! (transcript on `switchyard.llm-calls`); every tool call is recorded on `switchyard.tool-calls`
+//! and audited (`tool_call`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::model::{allowed, Agent, AgentError, AgentRequest, BuildDeps};
+use crate::gateway::{Caller, Gateway, GatewayError};
+use crate::records::{AgentResponse, AuditData, Finding, Impact, ProposalSpec};
+use crate::telemetry::METRICS;
+use crate::tools::{CallCtx, Effect, Tool, Toolbox};
+
+/// Settings of `kind: llm`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// A gateway alias (or `provider/model`).
+    pub model: String,
+    /// The system prompt (a template, like `prompt`).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// The user prompt: a minijinja template over `event`, `task`, `context` (the facts the
+    /// agent's `reads` allow, capped at `context_max_bytes`), `context_note`, `agent`.
+    pub prompt: String,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Model calls per run at most (a schema repair may take one more).
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    /// JSON schema the final answer must match (one repair attempt, then the task fails).
+    #[serde(default)]
+    pub output: Option<Value>,
+    /// Finding key the final answer is written to (must be among `writes`); none: not kept.
+    #[serde(default)]
+    pub answer_key: Option<String>,
+    /// External tools this agent may use (`*` patterns over `tools:` names; MCP tools are
+    /// `<server>__<tool>`).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Largest context (JSON bytes) put into the prompt; the rest is left out, with a note.
+    #[serde(default = "default_context_max_bytes")]
+    pub context_max_bytes: usize,
+    /// Malformed or failing tool calls handed back to the model before the run fails.
+    #[serde(default = "default_max_tool_errors")]
+    pub max_tool_errors: u32,
+}
+
+fn default_max_iterations() -> u32 {
+    8
+}
+fn default_context_max_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_tool_errors() -> u32 {
+    3
+}
+
+/// The built-in tools every LLM agent has.
+pub const BUILTIN_TOOLS: &[&str] = &[
+    "read_context",
+    "recent_events",
+    "write_finding",
+    "propose_action",
+];
+
+impl Spec {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.model.is_empty() {
+            p.push("model must name a gateway alias".into());
+        }
+        let env = minijinja::Environment::new();
+        for (field, t) in [
+            ("prompt", Some(&self.prompt)),
+            ("system", self.system.as_ref()),
+        ] {
+            if let Some(t) = t {
+                if let Err(e) = env.template_from_str(t) {
+                    p.push(format!("{field} is not a valid template: {e}"));
+                }
+            }
+        }
+        if self.max_iterations == 0 {
+            p.push("max_iterations must be at least 1".into());
+        }
+        if let Some(o) = &self.output {
+            if let Err(e) = jsonschema::validator_for(o) {
+                p.push(format!("output is not a valid JSON schema: {e}"));
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                p.push("temperature must be between 0 and 2".into());
+            }
+        }
+        for (i, t) in self.tools.iter().enumerate() {
+            if let Some(m) = crate::pattern::pattern_problem(t) {
+                p.push(format!("tools[{i}]: {m}"));
+            }
+        }
+        p
+    }
+
+    /// Problems between this agent and the rest of the config: tools that match nothing,
+    /// mutating HTTP tools whose `tool.<name>` action the agent may not propose, an answer key it
+    /// may not write.
+    pub fn config_problems(
+        &self,
+        common: &super::AgentSpec,
+        tools: &std::collections::BTreeMap<String, crate::tools::ToolSpec>,
+    ) -> Vec<String> {
+        use crate::tools::ToolSpec;
+        let mut p = Vec::new();
+        for t in &self.tools {
+            let pat = crate::pattern::TypePattern::new(t);
+            let hit = tools.iter().any(|(name, spec)| match spec {
+                ToolSpec::Http(_) => pat.matches(name),
+                // MCP tools are listed at start: a pattern naming the server is enough here.
+                ToolSpec::Mcp(_) => {
+                    t.starts_with(&format!("{name}__")) || pat.matches(&format!("{name}__"))
+                }
+            });
+            if !hit {
+                p.push(format!(
+                    "tools: {t:?} matches no tool under tools: (MCP tools are named <server>__<tool>)"
+                ));
+            }
+        }
+        for (name, spec) in tools {
+            if let ToolSpec::Http(h) = spec {
+                let offered = crate::pattern::matches_any(&self.tools, name);
+                let action = format!("tool.{name}");
+                if offered && h.effect == Effect::Mutating && !allowed(&common.actions, &action) {
+                    p.push(format!(
+                        "tool {name} is mutating: add {action:?} to actions so its calls can be proposed"
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.answer_key {
+            if !allowed(&common.writes, k) {
+                p.push(format!("answer_key {k:?} is not among writes"));
+            }
+        }
+        p
+    }
+
+    pub fn build(
+        &self,
+        name: &str,
+        common: &super::AgentSpec,
+        deps: &BuildDeps,
+    ) -> Result<Arc<dyn Agent>, String> {
+        let gateway = deps.gateway.clone().ok_or_else(|| {
+            "kind: llm needs the AI gateway: declare gateway.providers (or set SWITCHYARD_LLM_BASE_URL)"
+                .to_string()
+        })?;
+        if let Some(a) = gateway.unknown_model(&self.model) {
+            return Err(a);
+        }
+        let output = match &self.output {
+            Some(o) => Some(Arc::new(
+                jsonschema::validator_for(o).map_err(|e| format!("output: {e}"))?,
+            )),
+            None => None,
+        };
+        Ok(Arc::new(LlmAgent {
+            name: name.to_string(),
+            spec: self.clone(),
+            gateway,
+            tools: deps.tools.clone(),
+            recorder: deps.tool_calls.clone(),
+            output,
+            scopes: Scopes {
+                reads: common.reads.clone(),
+                writes: common.writes.clone(),
+                actions: common.actions.clone(),
+            },
+        }))
+    }
+}
+
+/// Where tool calls are written: the audit recorder and the tool-calls topic.
+#[derive(Clone)]
+pub struct ToolCallLog {
+    pub audit: crate::audit::Recorder,
+    pub topic: String,
+}
+
+impl ToolCallLog {
+    /// Records one tool call: a `tool_call` audit record (arguments and result left out) and the
+    /// full call on the tool-calls topic, keyed by task id.
+    pub fn write(&self, ctx: &CallCtx, call: &ToolCallRecord) {
+        let audit = AuditData {
+            decision: "tool_call".into(),
+            stage: "agents".into(),
+            resource: ctx.resource.clone(),
+            tenant: ctx.tenant.clone(),
+            event_id: (!ctx.event_id.is_empty()).then(|| ctx.event_id.clone()),
+            task_id: (!ctx.task_id.is_empty()).then(|| ctx.task_id.clone()),
+            workflow_id: None,
+            trace_id: None,
+            reason: call.error.clone(),
+            detail: json!({"agent": ctx.agent, "tool": call.tool, "effect": call.effect,
+                           "outcome": call.outcome, "iteration": call.iteration,
+                           "duration_ms": call.duration_ms, "action_id": ctx.action_id}),
+            seq: None,
+            prev_hash: None,
+            hash: None,
+        };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let key = ctx.action_id.clone().unwrap_or_else(|| ctx.task_id.clone());
+        let ev = crate::event::CloudEvent::new(
+            format!("tool-{}", uuid::Uuid::new_v4().simple()),
+            "switchyard/tools",
+            "switchyard.tool_call",
+        )
+        .with_subject(key)
+        .with_time(&now)
+        .with_data(json!({
+            "task_id": ctx.task_id, "action_id": ctx.action_id, "agent": ctx.agent,
+            "tenant": ctx.tenant, "resource": ctx.resource, "call": call,
+        }));
+        self.audit
+            .record("tools", "tool_call", audit, Some((self.topic.clone(), ev)));
+    }
+}
+
+/// One tool call as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallRecord {
+    pub tool: String,
+    pub effect: &'static str,
+    pub iteration: u32,
+    pub arguments: Value,
+    /// `ok`, `error`, `refused`, `proposed`, `executed`.
+    pub outcome: &'static str,
+    pub result: Value,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+pub struct LlmAgent {
+    name: String,
+    spec: Spec,
+    gateway: Arc<Gateway>,
+    tools: Arc<Toolbox>,
+    recorder: Option<ToolCallLog>,
+    output: Option<Arc<jsonschema::Validator>>,
+    scopes: Scopes,
+}
+
+/// The agent's declared scopes (the tools enforce them; the agent stage checks them again).
+struct Scopes {
+    reads: Vec<String>,
+    writes: Vec<String>,
+    actions: Vec<String>,
+}
+
+/// A run's state: the conversation and what the model produced so far.
+struct Run<'a> {
+    req: &'a AgentRequest,
+    ctx: CallCtx,
+    external: Vec<Tool>,
+    out: AgentResponse,
+    iteration: u32,
+    tool_errors: u32,
+    last_tool_error: String,
+}
+
+impl Agent for LlmAgent {
+    fn call<'a>(
+        &'a self,
+        req: &'a AgentRequest,
+    ) -> BoxFuture<'a, Result<AgentResponse, AgentError>> {
+        Box::pin(self.run(req))
+    }
+}
+
+fn gateway_error(e: GatewayError, calls: u32) -> AgentError {
+    match e {
+        GatewayError::BudgetExhausted { budget } => AgentError::Permanent(format!(
+            "budget {budget:?} is exhausted (after {calls} model calls of this run)"
+        )),
+        GatewayError::RateLimited { .. }
+        | GatewayError::ProviderFailed(_)
+        | GatewayError::Unavailable(_) => AgentError::Retryable(format!("model call failed: {e}")),
+        GatewayError::UnknownModel(_) | GatewayError::BadRequest(_) => {
+            AgentError::Permanent(format!("model call refused: {e}"))
+        }
+    }
+}
+
+/// The final answer as JSON: the text itself, or the JSON inside a ``` fence.
+fn answer_json(text: &str) -> Result<Value, String> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|r| r.strip_suffix("```"))
+        .unwrap_or(t)
+        .trim();
+    serde_json::from_str(t).map_err(|e| format!("the answer is not JSON ({e})"))
+}
+
+impl LlmAgent {
+    /// The template variables of a task: event, task, scoped context (capped), note.
+    fn vars(&self, req: &AgentRequest) -> Value {
+        let mut context = Map::new();
+        let mut left_out = Vec::new();
+        let mut used = 2;
+        for (k, v) in req.context.facts() {
+            let n = k.len() + v.to_string().len() + 4;
+            if used + n > self.spec.context_max_bytes {
+                left_out.push(k.clone());
+            } else {
+                used += n;
+                context.insert(k.clone(), v.clone());
+            }
+        }
+        let note = if left_out.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{} facts were left out to keep the prompt under {} bytes: {}. Use read_context to read them.",
+                left_out.len(),
+                self.spec.context_max_bytes,
+                left_out.join(", ")
+            )
+        };
+        json!({"event": req.event, "task": req.task, "context": context, "context_note": note,
+               "agent": self.name, "attempt": req.attempt})
+    }
+
+    fn render(&self, template: &str, vars: &Value) -> Result<String, AgentError> {
+        minijinja::Environment::new()
+            .render_str(template, minijinja::value::Serde(vars))
+            .map_err(|e| AgentError::Permanent(format!("the prompt template failed: {e}")))
+    }
+
+    async fn run(&self, req: &AgentRequest) -> Result<AgentResponse, AgentError> {
+        let vars = self.vars(req);
+        let mut messages = Vec::new();
+        if let Some(s) = &self.spec.system {
+            messages.push(json!({"role": "system", "content": self.render(s, &vars)?}));
+        }
+        messages.push(json!({"role": "user", "content": self.render(&self.spec.prompt, &vars)?}));
+        let external = self.tools.offered(&self.spec.tools).await;
+        let mut declarations = builtin_declarations();
+        declarations.extend(external.iter().map(Tool::declaration));
+        let caller = Caller {
+            tenant: req.task.tenant.clone(),
+            agent: self.name.clone(),
+            workflow: req.task.workflow_id.clone(),
+            task: req.task.task_id.clone(),
+            resource: req.task.resource.clone(),
+        };
+        let mut run = Run {
+            req,
+            ctx: CallCtx {
+                tenant: req.task.tenant.clone(),
+                resource: req.task.resource.clone(),
+                task_id: req.task.task_id.clone(),
+                agent: self.name.clone(),
+                event_id: req.event.id.clone(),
+                fencing_token: None,
+                action_id: None,
+            },
+            external,
+            out: AgentResponse::default(),
+            iteration: 0,
+            tool_errors: 0,
+            last_tool_error: String::new(),
+        };
+        let mut repairing = false;
+        let result = loop {
+            let limit = self.spec.max_iterations + u32::from(repairing);
+            if run.iteration >= limit {
+                break Err(AgentError::Permanent(format!(
+                    "max_iterations ({}) reached without a final answer",
+                    self.spec.max_iterations
+                )));
+            }
+            run.iteration += 1;
+            let mut body = Map::new();
+            body.insert("messages".into(), Value::Array(messages.clone()));
+            body.insert("tools".into(), Value::Array(declarations.clone()));
+            body.insert("tool_choice".into(), json!("auto"));
+            if let Some(m) = self.spec.max_tokens {
+                body.insert("max_tokens".into(), json!(m));
+            }
+            if let Some(t) = self.spec.temperature {
+                body.insert("temperature".into(), json!(t));
+            }
+            if let Some(o) = &self.spec.output {
+                body.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema", "json_schema": {"name": "output", "schema": o}}),
+                );
+            }
+            let c = match self
+                .gateway
+                .complete(&caller, &self.spec.model, &body)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => break Err(gateway_error(e, run.iteration - 1)),
+            };
+            self.count(&c.meta);
+            let msg = c.body["choices"][0]["message"].clone();
+            let calls = msg
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let text = msg.get("content").and_then(Value::as_str).unwrap_or("");
+            let mut kept = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                kept["tool_calls"] = Value::Array(calls.clone());
+                messages.push(kept);
+                for call in &calls {
+                    let (id, content) = self.tool_call(&mut run, call).await;
+                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+                }
+                if run.tool_errors > self.spec.max_tool_errors {
+                    break Err(AgentError::Permanent(format!(
+                        "too many failed tool calls ({}); the last: {}",
+                        run.tool_errors, run.last_tool_error
+                    )));
+                }
+                continue;
+            }
+            messages.push(kept);
+            let answer = match &self.output {
+                None => Value::String(text.to_string()),
+                Some(v) => {
+                    let checked = answer_json(text).and_then(|a| {
+                        let errors: Vec<String> =
+                            v.iter_errors(&a).take(3).map(|e| e.to_string()).collect();
+                        if errors.is_empty() {
+                            Ok(a)
+                        } else {
+                            Err(errors.join("; "))
+                        }
+                    });
+                    match checked {
+                        Ok(a) => a,
+                        Err(why) if !repairing => {
+                            repairing = true;
+                            messages.push(json!({"role": "user", "content": format!(
+                                "Your answer does not match the required output schema: {why}. Answer again with only a JSON document matching the schema.")}));
+                            continue;
+                        }
+                        Err(why) => {
+                            break Err(AgentError::Permanent(format!(
+                                "the final answer does not match the output schema after one repair: {why}"
+                            )))
+                        }
+                    }
+                }
+            };
+            if let Some(k) = &self.spec.answer_key {
+                run.out.findings.push(Finding {
+                    key: k.clone(),
+                    value: answer,
+                });
+            }
+            break Ok(std::mem::take(&mut run.out));
+        };
+        METRICS
+            .agent_llm_iterations
+            .with_label_values(&[&self.name])
+            .observe(f64::from(run.iteration));
+        if let Err(e) = &result {
+            tracing::warn!(agent = %self.name, task_id = %req.task.task_id, iterations = run.iteration, error = %e, "LLM agent run failed.");
+        }
+        result
+    }
+
+    fn count(&self, m: &crate::gateway::CallMeta) {
+        for (kind, n) in [
+            ("input", m.usage.input),
+            ("output", m.usage.output),
+            ("cached", m.usage.cached),
+        ] {
+            METRICS
+                .agent_llm_tokens
+                .with_label_values(&[&self.name, kind])
+                .inc_by(n);
+        }
+        if !m.currency.is_empty() {
+            METRICS
+                .agent_llm_cost
+                .with_label_values(&[&self.name, &m.currency])
+                .inc_by(m.cost);
+        }
+    }
+
+    /// Handles one tool call of the model: the call's id and the content handed back.
+    async fn tool_call(&self, run: &mut Run<'_>, call: &Value) -> (String, String) {
+        let id = call["id"].as_str().unwrap_or("").to_string();
+        let name = call["function"]["name"].as_str().unwrap_or("").to_string();
+        let raw = call["function"]["arguments"].as_str().unwrap_or("{}");
+        let started = Instant::now();
+        let parsed: Result<Map<String, Value>, String> = if raw.trim().is_empty() {
+            Ok(Map::new())
+        } else {
+            match serde_json::from_str::<Value>(raw) {
+                Ok(Value::Object(m)) => Ok(m),
+                Ok(_) => Err("the arguments must be a JSON object".into()),
+                Err(e) => Err(format!("the arguments are not valid JSON: {e}")),
+            }
+        };
+        let (effect, args, r) = match parsed {
+            Err(e) => (
+                "unknown",
+                Value::String(raw.chars().take(1000).collect()),
+                Err(e),
+            ),
+            Ok(args) => {
+                let (effect, r, args) = self.dispatch(run, &name, args).await;
+                (effect, Value::Object(args), r)
+            }
+        };
+        let label = if BUILTIN_TOOLS.contains(&name.as_str())
+            || run.external.iter().any(|t| t.name == name)
+        {
+            name.as_str()
+        } else {
+            "unknown"
+        };
+        let (outcome, result, error) = match r {
+            Ok((outcome, v)) => (outcome, v, None),
+            Err(e) => {
+                run.tool_errors += 1;
+                run.last_tool_error = format!("{name}: {e}");
+                ("error", Value::Null, Some(e))
+            }
+        };
+        METRICS
+            .tool_calls
+            .with_label_values(&[label, outcome])
+            .inc();
+        let content = match &error {
+            Some(e) => json!({"error": e}).to_string(),
+            None => result.to_string(),
+        };
+        if let Some(log) = &self.recorder {
+            log.write(
+                &run.ctx,
+                &ToolCallRecord {
+                    tool: name,
+                    effect,
+                    iteration: run.iteration,
+                    arguments: args,
+                    outcome,
+                    result,
+                    error,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                },
+            );
+        }
+        (id, content)
+    }
+
+    /// Runs a tool call with parsed arguments: its effect, what happened (outcome, result) or why
+    /// it failed, and the arguments as used (injected ones included).
+    async fn dispatch(
+        &self,
+        run: &mut Run<'_>,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> (
+        &'static str,
+        Result<(&'static str, Value), String>,
+        Map<String, Value>,
+    ) {
+        if BUILTIN_TOOLS.contains(&name) {
+            let r = self.builtin(run, name, &args);
+            return ("builtin", r, args);
+        }
+        let Some(tool) = run.external.iter().find(|t| t.name == name).cloned() else {
+            return (
+                "unknown",
+                Err(format!(
+                    "there is no tool {name:?}; use one of the tools offered"
+                )),
+                args,
+            );
+        };
+        if let Some(why) = tool.check(&Value::Object(args.clone())) {
+            return (
+                tool.effect.name(),
+                Err(format!(
+                    "the arguments do not match the tool's schema: {why}"
+                )),
+                args,
+            );
+        }
+        let args = tool.with_injected(args, &run.ctx);
+        match tool.effect {
+            Effect::Mutating => {
+                let action = format!("tool.{name}");
+                let ok = allowed(&self.scopes.actions, &action);
+                run.out.proposals.push(ProposalSpec {
+                    action: action.clone(),
+                    parameters: Value::Object(args.clone()),
+                    priority: 0,
+                    impact: Impact::Medium,
+                    reason: Some(format!("{} asked to call {name}", self.name)),
+                    cost: None,
+                });
+                let r = if ok {
+                    Ok((
+                        "proposed",
+                        json!({"status": "proposed", "action": action,
+                               "note": "This tool changes things: the call was proposed, and runs only once conflict resolution and governance accept it (possibly after a human approval). Do not call it again for the same purpose."}),
+                    ))
+                } else {
+                    Ok((
+                        "refused",
+                        json!({"status": "refused", "action": action,
+                               "note": format!("{} may not propose {action}.", self.name)}),
+                    ))
+                };
+                (tool.effect.name(), r, args)
+            }
+            Effect::ReadOnly => {
+                let r = tool.call(&args, &run.ctx).await.map(|v| ("ok", v));
+                (tool.effect.name(), r, args)
+            }
+        }
+    }
+
+    /// The built-in tools, bounded by the agent's scopes. Refused reads and writes are kept so
+    /// the agent stage audits them; the model is told at once.
+    fn builtin(
+        &self,
+        run: &mut Run<'_>,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Result<(&'static str, Value), String> {
+        let ctx = &run.req.context;
+        match name {
+            "read_context" => {
+                let keys: Vec<String> = args
+                    .get("keys")
+                    .and_then(|k| serde_json::from_value(k.clone()).ok())
+                    .ok_or("keys must be a list of context keys")?;
+                let mut facts = Map::new();
+                let mut refused = Vec::new();
+                for k in keys.iter().take(100) {
+                    if !self
+                        .reads()
+                        .iter()
+                        .any(|p| crate::pattern::TypePattern::new(p).matches(k))
+                    {
+                        // Recorded as a refused read (audited by the agent stage).
+                        let _ = ctx.get(k);
+                        refused.push(k.clone());
+                    } else {
+                        facts.insert(k.clone(), ctx.get(k).cloned().unwrap_or(Value::Null));
+                    }
+                }
+                let outcome = if refused.is_empty() { "ok" } else { "refused" };
+                Ok((outcome, json!({"facts": facts, "refused": refused})))
+            }
+            "recent_events" => {
+                let n = args.get("n").and_then(Value::as_u64).unwrap_or(10).min(50) as usize;
+                if !self
+                    .reads()
+                    .iter()
+                    .any(|p| crate::pattern::TypePattern::new(p).matches("recent_events"))
+                {
+                    let _ = ctx.get("recent_events");
+                    return Ok((
+                        "refused",
+                        json!({"refused": "recent_events is not among this agent's reads"}),
+                    ));
+                }
+                let events: Vec<Value> = ctx
+                    .get("recent_events")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().take(n).cloned().collect())
+                    .unwrap_or_default();
+                Ok(("ok", json!({"events": events})))
+            }
+            "write_finding" => {
+                let key = args
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .ok_or("key must be a string")?
+                    .to_string();
+                let value = args.get("value").cloned().unwrap_or(Value::Null);
+                let ok = !key.starts_with('_') && allowed(&self.scopes.writes, &key);
+                run.out.findings.push(Finding {
+                    key: key.clone(),
+                    value,
+                });
+                if ok {
+                    Ok((
+                        "ok",
+                        json!({"status": "written", "key": key,
+                        "note": "Shared with other agents of this resource once this task finishes."}),
+                    ))
+                } else {
+                    Ok((
+                        "refused",
+                        json!({"status": "refused", "key": key,
+                        "note": format!("{} may not write {key}.", self.name)}),
+                    ))
+                }
+            }
+            "propose_action" => {
+                let action = args
+                    .get("action")
+                    .and_then(Value::as_str)
+                    .ok_or("action must be a string")?
+                    .to_string();
+                let impact: Impact = match args.get("impact") {
+                    None | Some(Value::Null) => Impact::Medium,
+                    Some(v) => serde_json::from_value(v.clone())
+                        .map_err(|_| "impact must be low, medium or high".to_string())?,
+                };
+                let ok = allowed(&self.scopes.actions, &action);
+                run.out.proposals.push(ProposalSpec {
+                    action: action.clone(),
+                    parameters: args.get("parameters").cloned().unwrap_or(json!({})),
+                    priority: args.get("priority").and_then(Value::as_i64).unwrap_or(0) as i32,
+                    impact,
+                    reason: args
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    cost: args.get("cost").and_then(Value::as_f64),
+                });
+                if ok {
+                    Ok((
+                        "proposed",
+                        json!({"status": "proposed", "action": action,
+                        "note": "Conflict resolution and governance decide whether it runs."}),
+                    ))
+                } else {
+                    Ok((
+                        "refused",
+                        json!({"status": "refused", "action": action,
+                        "note": format!("{} may not propose {action}.", self.name)}),
+                    ))
+                }
+            }
+            _ => Err(format!("there is no tool {name:?}")),
+        }
+    }
+
+    fn reads(&self) -> &[String] {
+        &self.scopes.reads
+    }
+}
+
+/// The built-in tools as the OpenAI chat-completions API declares them.
+fn builtin_declarations() -> Vec<Value> {
+    let f = |name: &str, description: &str, parameters: Value| json!({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}});
+    vec![
+        f(
+            "read_context",
+            "Read facts of this resource's shared context (only keys this agent may read).",
+            json!({"type": "object", "properties": {"keys": {"type": "array", "items": {"type": "string"}}},
+                   "required": ["keys"]}),
+        ),
+        f(
+            "recent_events",
+            "The most recent events seen for this resource, newest first.",
+            json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 50}}}),
+        ),
+        f(
+            "write_finding",
+            "Share a finding with other agents working on this resource (a context key this agent may write).",
+            json!({"type": "object", "properties": {"key": {"type": "string"}, "value": {}},
+                   "required": ["key", "value"]}),
+        ),
+        f(
+            "propose_action",
+            "Propose an action on this resource. It is not executed by you: conflict resolution, governance and possibly a human decide.",
+            json!({"type": "object", "properties": {
+                "action": {"type": "string"}, "parameters": {"type": "object"},
+                "impact": {"type": "string", "enum": ["low", "medium", "high"]},
+                "reason": {"type": "string"}, "priority": {"type": "integer"}},
+                "required": ["action", "reason"]}),
+        ),
+    ]
+}

@@ -1,0 +1,233 @@
+//! HTTP tools (`kind: http` under `tools:`): one endpoint, its URL a template over the arguments.
+//!
+//! `GET`/`DELETE` send the arguments the URL does not use as query parameters; other methods send
+//! them as a JSON body. A JSON answer is the result; any other answer is its text. 4xx/5xx are
+//! errors (their first 300 characters shown to the model).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{CallCtx, Effect, Inject};
+use crate::secret::{Secret, SecretRef};
+
+/// Settings of an HTTP tool.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// What the tool does, for the model.
+    pub description: String,
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// A minijinja template over the arguments (`{{ service }}`), URL-encoded when rendered.
+    pub url: String,
+    /// Headers sent with every call; values are secrets (`value`, `{env: VAR}` or `{file: PATH}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretRef>,
+    /// JSON schema of the arguments.
+    #[serde(default = "empty_object")]
+    pub parameters: Value,
+    #[serde(default)]
+    pub effect: Effect,
+    /// Parameters switchyard fills in and hides from the model.
+    #[serde(default)]
+    pub inject: BTreeMap<String, Inject>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+fn empty_object() -> Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Spec {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&self.method.as_str()) {
+            p.push(format!(
+                "method {:?} is not one of GET, POST, PUT, PATCH, DELETE",
+                self.method
+            ));
+        }
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            p.push(format!("url {:?} is not an http(s) URL", self.url));
+        }
+        if let Err(e) = minijinja::Environment::new().template_from_str(&self.url) {
+            p.push(format!("url is not a valid template: {e}"));
+        }
+        if !self.parameters.is_object() {
+            p.push("parameters must be a JSON schema object".into());
+        }
+        if self.timeout_ms == 0 {
+            p.push("timeout_ms must be at least 1".into());
+        }
+        p
+    }
+}
+
+/// A built HTTP tool.
+pub struct HttpTool {
+    name: String,
+    method: reqwest::Method,
+    url: String,
+    headers: Vec<(String, Secret)>,
+    client: reqwest::Client,
+}
+
+impl HttpTool {
+    pub fn new(name: &str, s: &Spec) -> Result<Self, String> {
+        let method = reqwest::Method::from_bytes(s.method.as_bytes())
+            .map_err(|_| format!("tools.{name}: bad method {:?}", s.method))?;
+        let headers = s
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                v.resolve()
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| format!("tools.{name}.headers.{k}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(s.timeout_ms))
+            .build()
+            .map_err(|e| format!("tools.{name}: cannot build HTTP client: {e}"))?;
+        Ok(HttpTool {
+            name: name.to_string(),
+            method,
+            url: s.url.clone(),
+            headers,
+            client,
+        })
+    }
+
+    /// The URL with the arguments filled in, and the arguments it did not use.
+    fn url(&self, args: &Map<String, Value>) -> Result<(String, Map<String, Value>), String> {
+        let env = minijinja::Environment::new();
+        let tmpl = env
+            .template_from_str(&self.url)
+            .map_err(|e| format!("tool {} has a bad url template: {e}", self.name))?;
+        // Every argument is encoded before it meets the template, so a value cannot add a path
+        // segment or a query parameter.
+        let encoded: Map<String, Value> = args
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), Value::String(urlencode(&s)))
+            })
+            .collect();
+        let url = tmpl
+            .render(minijinja::value::Serde(&encoded))
+            .map_err(|e| format!("cannot fill in the url of tool {}: {e}", self.name))?;
+        let used = tmpl.undeclared_variables(false);
+        let rest = args
+            .iter()
+            .filter(|(k, _)| !used.contains(k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok((url, rest))
+    }
+
+    pub async fn call(&self, args: &Map<String, Value>, ctx: &CallCtx) -> Result<Value, String> {
+        let (url, rest) = self.url(args)?;
+        let mut req = self.client.request(self.method.clone(), &url);
+        for (k, v) in &self.headers {
+            req = req.header(k, v.expose());
+        }
+        if !ctx.task_id.is_empty() {
+            req = req.header("x-switchyard-task-id", &ctx.task_id);
+        }
+        if let Some(t) = ctx.fencing_token {
+            req = req.header("x-switchyard-fencing-token", t.to_string());
+        }
+        if let Some(a) = &ctx.action_id {
+            req = req.header("idempotency-key", a);
+        }
+        req = if matches!(self.method, reqwest::Method::GET | reqwest::Method::DELETE) {
+            let q: Vec<(String, String)> = rest
+                .iter()
+                .map(|(k, v)| {
+                    let s = match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), s)
+                })
+                .collect();
+            req.query(&q)
+        } else {
+            req.json(&rest)
+        };
+        let resp = req.send().await.map_err(|e| {
+            // reqwest's message names the URL without credentials; headers are never in it.
+            if e.is_timeout() {
+                format!("tool {} timed out", self.name)
+            } else {
+                format!("tool {} could not be reached: {e}", self.name)
+            }
+        })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("tool {}: reading the answer failed: {e}", self.name))?;
+        if !status.is_success() {
+            let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+            return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
+        }
+        if body.is_empty() {
+            return Ok(Value::Null);
+        }
+        if crate::codec::check_json_depth(&body, crate::codec::MAX_DEPTH).is_ok() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                return Ok(super::capped(v));
+            }
+        }
+        Ok(super::capped(Value::String(
+            String::from_utf8_lossy(&body).into_owned(),
+        )))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_cannot_escape_their_url_segment() {
+        let spec: Spec = serde_yaml::from_str(
+            "description: d\nmethod: GET\nurl: 'http://h/services/{{ service }}/status'\n",
+        )
+        .expect("spec");
+        let t = HttpTool::new("t", &spec).expect("tool");
+        let args = serde_json::json!({"service": "../admin?x=1", "verbose": true});
+        let (url, rest) = t.url(args.as_object().expect("object")).expect("url");
+        assert_eq!(url, "http://h/services/..%2Fadmin%3Fx%3D1/status");
+        assert_eq!(rest.len(), 1);
+        assert!(rest.contains_key("verbose"));
+    }
+}

@@ -1,0 +1,266 @@
+//! MCP servers (`kind: mcp` under `tools:`) over the streamable-HTTP transport, through the
+//! official Rust SDK (`rmcp`). The server's tools are listed when switchyard starts (and again
+//! after a failure) and exposed as `<entry>__<tool>`.
+//!
+//! A tool is mutating unless the config says `read_only` for it or the server annotates it with
+//! `readOnlyHint: true`; `mutating` in the config wins over both.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{CallToolRequestParams, ContentBlock};
+use rmcp::service::RunningService;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{RoleClient, ServiceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::{Mutex, RwLock};
+
+use super::{Effect, Inject, Target, Tool};
+use crate::secret::SecretRef;
+
+/// Settings of an MCP server.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// The server's streamable-HTTP endpoint, e.g. `http://tools.internal:8000/mcp`.
+    pub url: String,
+    /// Headers sent with every request (e.g. `Authorization`); values are secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretRef>,
+    /// Tools of the server switchyard offers at all (`*` patterns over the server's tool names;
+    /// empty: all).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Tools that are read-only whatever the server says.
+    #[serde(default)]
+    pub read_only: Vec<String>,
+    /// Tools that are mutating whatever the server says.
+    #[serde(default)]
+    pub mutating: Vec<String>,
+    /// Parameters switchyard fills in and hides from the model (for every tool that has them).
+    #[serde(default)]
+    pub inject: BTreeMap<String, Inject>,
+    /// Per call (and per listing).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// How long after a failed listing the server is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+impl Spec {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            p.push(format!("url {:?} is not an http(s) URL", self.url));
+        }
+        if self.timeout_ms == 0 {
+            p.push("timeout_ms must be at least 1".into());
+        }
+        for k in self.headers.keys() {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                p.push(format!("header {k:?} is not a valid header name"));
+            }
+        }
+        p
+    }
+}
+
+type Client = RunningService<RoleClient, ()>;
+
+/// A connection to one MCP server and its listed tools.
+pub struct Server {
+    name: String,
+    spec: Spec,
+    client: Mutex<Option<Arc<Client>>>,
+    tools: RwLock<Vec<Tool>>,
+    last_failure: Mutex<Option<Instant>>,
+}
+
+impl Server {
+    pub fn new(name: &str, spec: &Spec) -> Result<Self, String> {
+        for (k, v) in &spec.headers {
+            v.resolve()
+                .map_err(|e| format!("tools.{name}.headers.{k}: {e}"))?;
+        }
+        Ok(Server {
+            name: name.to_string(),
+            spec: spec.clone(),
+            client: Mutex::new(None),
+            tools: RwLock::new(Vec::new()),
+            last_failure: Mutex::new(None),
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.spec.timeout_ms)
+    }
+
+    async fn connect(&self) -> Result<Arc<Client>, String> {
+        // rmcp's HTTP client (reqwest 0.13) is built without a TLS crypto provider of its own, so
+        // it uses the process's: ring, the one the rest of switchyard's rustls uses.
+        static PROVIDER: std::sync::Once = std::sync::Once::new();
+        PROVIDER.call_once(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let mut headers = HashMap::new();
+        for (k, v) in &self.spec.headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("header {k:?} is not a valid header name"))?;
+            let secret = v.resolve()?;
+            let value = http::HeaderValue::from_str(secret.expose())
+                .map_err(|_| format!("the value of header {k} is not a valid header value"))?;
+            headers.insert(name, value);
+        }
+        let cfg = StreamableHttpClientTransportConfig::with_uri(self.spec.url.as_str())
+            .custom_headers(headers);
+        let transport = StreamableHttpClientTransport::from_config(cfg);
+        let client = tokio::time::timeout(self.timeout(), ().serve(transport))
+            .await
+            .map_err(|_| format!("MCP server {} did not answer in time", self.name))?
+            .map_err(|e| format!("MCP server {} refused the session: {e}", self.name))?;
+        let client = Arc::new(client);
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Lists the server's tools again.
+    pub async fn refresh(self: &Arc<Self>) -> Result<usize, String> {
+        let r = self.list().await;
+        match &r {
+            Ok(tools) => {
+                *self.last_failure.lock().await = None;
+                tracing::info!(server = %self.name, tools = ?tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), "MCP server's tools listed.");
+            }
+            Err(_) => {
+                *self.last_failure.lock().await = Some(Instant::now());
+                *self.client.lock().await = None;
+            }
+        }
+        let tools = r?;
+        let n = tools.len();
+        *self.tools.write().await = tools;
+        Ok(n)
+    }
+
+    async fn list(self: &Arc<Self>) -> Result<Vec<Tool>, String> {
+        let client = self.connect().await?;
+        let listed = tokio::time::timeout(self.timeout(), client.list_all_tools())
+            .await
+            .map_err(|_| format!("MCP server {} did not list its tools in time", self.name))?
+            .map_err(|e| format!("MCP server {} could not list its tools: {e}", self.name))?;
+        // Weak: the server holds its tools, each tool points back at its server.
+        let server = Arc::downgrade(self);
+        let mut out = Vec::new();
+        for t in listed {
+            let tool = t.name.to_string();
+            if !self.spec.allow.is_empty() && !crate::pattern::matches_any(&self.spec.allow, &tool)
+            {
+                continue;
+            }
+            let name = format!("{}__{tool}", self.name);
+            if !super::valid_name(&name) {
+                tracing::warn!(server = %self.name, tool = %tool, "MCP tool skipped: its name is not one models accept.");
+                continue;
+            }
+            let effect = if crate::pattern::matches_any(&self.spec.mutating, &tool) {
+                Effect::Mutating
+            } else if crate::pattern::matches_any(&self.spec.read_only, &tool)
+                || t.annotations
+                    .as_ref()
+                    .and_then(|a| a.read_only_hint)
+                    .unwrap_or(false)
+            {
+                Effect::ReadOnly
+            } else {
+                Effect::Mutating
+            };
+            let schema = Value::Object((*t.input_schema).clone());
+            let inject: BTreeMap<String, Inject> = self
+                .spec
+                .inject
+                .iter()
+                .filter(|(p, _)| schema["properties"].get(p.as_str()).is_some())
+                .map(|(p, i)| (p.clone(), *i))
+                .collect();
+            let parameters = super::hide(schema, &inject);
+            out.push(Tool {
+                name,
+                description: t.description.map(|d| d.to_string()).unwrap_or_default(),
+                validator: super::validator(&parameters).unwrap_or(None),
+                parameters,
+                effect,
+                inject,
+                target: Target::Mcp {
+                    server: server.clone(),
+                    tool,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The listed tools; lists them first when the last listing failed long enough ago.
+    pub async fn tools(self: &Arc<Self>) -> Vec<Tool> {
+        let stale = self.tools.read().await.is_empty()
+            && self
+                .last_failure
+                .lock()
+                .await
+                .is_none_or(|t| t.elapsed() >= RETRY_AFTER);
+        if stale {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(server = %self.name, error = %e, "Could not list the MCP server's tools.");
+            }
+        }
+        self.tools.read().await.clone()
+    }
+
+    /// Calls a tool; the result is the structured content when there is one, else the text
+    /// blocks (parsed as JSON when they are). An error result becomes `Err` with its text.
+    pub async fn call(&self, tool: &str, args: &Map<String, Value>) -> Result<Value, String> {
+        let client = self.connect().await?;
+        let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args.clone());
+        let r = tokio::time::timeout(self.timeout(), client.call_tool(params))
+            .await
+            .map_err(|_| format!("MCP tool {tool} timed out"))?;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // The session may be gone: the next call connects again.
+                *self.client.lock().await = None;
+                return Err(format!("MCP tool {tool} failed: {e}"));
+            }
+        };
+        let text: Vec<String> = r
+            .content
+            .iter()
+            .filter_map(ContentBlock::as_text)
+            .map(|t| t.text.clone())
+            .collect();
+        let text = text.join("\n");
+        if r.is_error == Some(true) {
+            let text: String = text.chars().take(300).collect();
+            return Err(format!("MCP tool {tool} reported an error: {text}"));
+        }
+        if let Some(v) = r.structured_content {
+            return Ok(super::capped(v));
+        }
+        Ok(super::capped(
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+}

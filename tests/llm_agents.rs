@@ -1,0 +1,752 @@
+//! LLM agents (`kind: llm`) end to end: the real broker and Redis, the model stand-in llmock (the
+//! OpenAI protocol; replies scripted per model name), an MCP server on the official `mcp` SDK, and
+//! an HTTP tool server. The model works only through tools; its findings and proposals pass the
+//! agent's scopes, resolve and governance like any agent's; a mutating tool runs only once accepted.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as AxPath, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Json;
+use serde_json::{json, Value};
+
+use common::*;
+use switchyard::records::{ActionData, ApprovalData, AuditData, ResultData};
+
+/// A model's scripted reply that calls tools: `(name, arguments)` pairs.
+fn calls(model: &str, tools: &[(&str, Value)]) -> Value {
+    json!({"type": "reply", "match": {"model": model},
+           "tool_calls": tools.iter().map(|(n, a)| json!({"name": n, "arguments": a})).collect::<Vec<_>>()})
+}
+
+fn text(model: &str, t: &str) -> Value {
+    json!({"type": "reply", "match": {"model": model}, "text": t})
+}
+
+fn audit_of(recs: &[switchyard::kafka::Input]) -> Vec<AuditData> {
+    recs.iter()
+        .filter_map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).ok())
+        .collect()
+}
+
+fn results_of(recs: &[switchyard::kafka::Input]) -> Vec<ResultData> {
+    recs.iter()
+        .filter_map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).ok())
+        .collect()
+}
+
+/// Tool messages (`role: tool`) of a request body, their contents joined.
+fn tool_results(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["role"] == "tool")
+                .map(|m| m["content"].as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llm_agent_reads_context_writes_findings_and_proposes_through_resolve() {
+    let s = suffix();
+    let model = format!("a-{s}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mcp_calls = dir.path().join("mcp.jsonl");
+    let (_mcp, mcp_port) = start_mcp(&mcp_calls);
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}", api_key: "k-{s}"}}
+  aliases:
+    analyst: {{candidates: [{{provider: mock, model: "{model}"}}]}}
+  prices:
+    "{model}": {{input: 1.0, output: 2.0}}
+tools:
+  ops: {{kind: mcp, url: "http://127.0.0.1:{mcp_port}/mcp", inject: {{tenant: tenant}}}}
+routes:
+  - {{name: deployments, types: ["deployment.*"], agents: [deploy-guard]}}
+  - {{name: sla, types: [sla.breached], agents: [incident-analyst]}}
+agents:
+  deploy-guard:
+    kind: builtin
+    reads: [sla, deployment, last_completed_deployment]
+    writes: [deployment, last_completed_deployment]
+    actions: [deployment.hold]
+  incident-analyst:
+    kind: llm
+    model: analyst
+    system: "You are the incident analyst of {{{{ task.tenant }}}}."
+    prompt: "SLA breach on {{{{ task.resource }}}}: {{{{ event.data | tojson }}}}"
+    reads: [deployment, sla, recent_events]
+    writes: [incident.summary]
+    actions: [page]
+    tools: ["ops__*"]
+    retries: 0
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    scenario(json!([
+        calls(
+            &model,
+            &[
+                (
+                    "read_context",
+                    json!({"keys": ["deployment", "secrets.db"]})
+                ),
+                (
+                    "write_finding",
+                    json!({"key": "incident.summary", "value": "v42 broke checkout"})
+                ),
+                (
+                    "write_finding",
+                    json!({"key": "deployment", "value": "overwritten"})
+                ),
+                ("ops__service_status", json!({"service": "checkout"})),
+            ]
+        ),
+        calls(
+            &model,
+            &[
+                (
+                    "propose_action",
+                    json!({"action": "page", "parameters": {"team": "team-pay"},
+                                      "impact": "low", "reason": "availability breach after v42"})
+                ),
+                (
+                    "propose_action",
+                    json!({"action": "drop_database", "reason": "why not"})
+                ),
+            ]
+        ),
+        text(&model, "Paged team-pay; deployment v42 is the suspect."),
+    ]))
+    .await;
+    let running = env.start(&["route", "agents", "resolve"]);
+    env.deployment_then_breach("checkout", 0).await;
+
+    // The accepted proposal became an action; the undeclared one did not.
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(40))
+        .await;
+    let a: ActionData =
+        serde_json::from_value(data_of(&event_of(&actions[0])).clone()).expect("action");
+    assert_eq!(a.action, "page");
+    assert_eq!(a.parameters["team"], "team-pay");
+    assert_eq!(a.agents, json!(["incident-analyst"]));
+
+    let results = results_of(
+        &env.read("switchyard.results", 2, Duration::from_secs(10))
+            .await,
+    );
+    let r = results
+        .iter()
+        .find(|r| r.agent == "incident-analyst")
+        .expect("analyst result");
+    assert_eq!(r.status, "succeeded", "{r:?}");
+    assert_eq!(
+        r.findings,
+        json!([{"key": "incident.summary", "value": "v42 broke checkout"}])
+    );
+    assert_eq!(
+        r.proposals.as_array().map(Vec::len),
+        Some(1),
+        "only the declared action is proposed"
+    );
+
+    // What the model was sent: the rendered prompt, the tools (the injected parameter hidden),
+    // and the tool results: the deployment fact, the refusals, the MCP tool's answer.
+    let reqs = llm_requests(&model).await;
+    assert_eq!(reqs.len(), 3, "three model calls");
+    let first = &reqs[0];
+    assert_eq!(
+        first["messages"][0]["content"],
+        "You are the incident analyst of default."
+    );
+    assert!(
+        first["messages"][1]["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("SLA breach on checkout") && c.contains("97.0")),
+        "{first}"
+    );
+    let tools: Vec<&Value> = first["tools"].as_array().expect("tools").iter().collect();
+    let status = tools
+        .iter()
+        .find(|t| t["function"]["name"] == "ops__service_status")
+        .expect("MCP tool offered");
+    assert!(
+        status["function"]["parameters"]["properties"]
+            .get("tenant")
+            .is_none(),
+        "injected parameter hidden: {status}"
+    );
+    assert!(
+        tools
+            .iter()
+            .any(|t| t["function"]["name"] == "ops__restart_pods"),
+        "every tool of the server matching ops__*"
+    );
+    let seen = tool_results(&reqs[1]);
+    assert!(
+        seen.contains("v42"),
+        "read_context returned the deployment fact: {seen}"
+    );
+    assert!(
+        seen.contains("secrets.db") && seen.contains("refused"),
+        "the read outside scope is refused: {seen}"
+    );
+    assert!(
+        seen.contains("may not write deployment"),
+        "the write outside scope is refused: {seen}"
+    );
+    assert!(seen.contains("error_rate"), "the MCP tool's answer: {seen}");
+    assert!(tool_results(&reqs[2]).contains("may not propose drop_database"));
+
+    // The MCP server got the call with the tenant filled in by switchyard.
+    let got = json_lines(&mcp_calls);
+    assert_eq!(
+        got,
+        vec![
+            json!({"tool": "service_status", "args": {"service": "checkout", "tenant": "default"}})
+        ]
+    );
+
+    // Audited: three model calls, six tool calls, and each refusal; the trail verifies.
+    // deploy-guard 1, the analyst's result 1 + refusals 3, model calls 3, tool calls 6, resolve 1.
+    let v = env.verified_audit(15, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    // Everything on the topic (the count above is a floor: resolve may write more).
+    let audit = audit_of(&env.audit(40, Duration::from_secs(4)).await);
+    let count = |d: &str| audit.iter().filter(|a| a.decision == d).count();
+    assert_eq!(count("llm_call"), 3);
+    assert_eq!(count("tool_call"), 6);
+    let refused: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|a| a.decision == "refused" && a.detail["agent"] == "incident-analyst")
+        .map(|a| {
+            (
+                a.reason.as_deref().unwrap_or(""),
+                a.detail["key"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for want in [
+        ("scope_read", "secrets.db"),
+        ("scope_write", "deployment"),
+        ("scope_action", "drop_database"),
+    ] {
+        assert!(refused.contains(&want), "{want:?} audited: {refused:?}");
+    }
+    // Each tool call with its arguments and result is on the tool-calls topic, keyed by task.
+    let tc = env
+        .read("switchyard.tool-calls", 6, Duration::from_secs(20))
+        .await;
+    assert_eq!(tc.len(), 6);
+    let status_call = tc
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .find(|d| d["call"]["tool"] == "ops__service_status")
+        .expect("the MCP call recorded");
+    assert_eq!(status_call["call"]["arguments"]["tenant"], "default");
+    assert_eq!(status_call["call"]["result"]["version"], "v42");
+    assert_eq!(status_call["task_id"], r.task_id);
+
+    // Metrics: tokens per agent, tool calls per tool and outcome, iterations.
+    let m = switchyard::telemetry::METRICS.render();
+    assert!(
+        m.contains("switchyard_agent_llm_tokens_total{agent=\"incident-analyst\",kind=\"input\"}"),
+        "tokens per agent"
+    );
+    assert!(m.contains("switchyard_tool_calls_total{outcome=\"ok\",tool=\"ops__service_status\"}"));
+    assert!(m.contains("switchyard_agent_llm_iterations_count{agent=\"incident-analyst\"}"));
+    running.stop().await;
+}
+
+/// What the ticket service received: path, headers, body.
+type Seen = Arc<Mutex<Vec<(String, HeaderMap, Value)>>>;
+
+async fn ticket_server() -> (u16, Seen) {
+    async fn create(
+        State(seen): State<Seen>,
+        AxPath(service): AxPath<String>,
+        headers: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> Json<Value> {
+        let mut s = seen.lock().expect("lock");
+        s.push((service, headers, body));
+        Json(json!({"ticket": format!("T-{}", s.len())}))
+    }
+    async fn flaky() -> (axum::http::StatusCode, &'static str) {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "metrics store down",
+        )
+    }
+    let seen: Seen = Arc::default();
+    let app = axum::Router::new()
+        .route("/tickets/{service}", post(create))
+        .route("/metrics", get(flaky))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_tools_wait_for_approval_and_run_once_with_the_fencing_token() {
+    let s = suffix();
+    let model = format!("c-{s}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mcp_calls = dir.path().join("mcp.jsonl");
+    let (_mcp, mcp_port) = start_mcp(&mcp_calls);
+    let (tickets, seen) = ticket_server().await;
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}"}}
+  aliases:
+    advisor: {{candidates: [{{provider: mock, model: "{model}"}}]}}
+tools:
+  ticket:
+    kind: http
+    description: Open a ticket for a service's owners.
+    method: POST
+    url: "http://127.0.0.1:{tickets}/tickets/{{{{ service }}}}"
+    headers: {{Authorization: "Bearer tk-{s}"}}
+    parameters:
+      type: object
+      properties: {{service: {{type: string}}, title: {{type: string}}, tenant: {{type: string}}}}
+      required: [service, title]
+    inject: {{tenant: tenant}}
+    effect: mutating
+  ops: {{kind: mcp, url: "http://127.0.0.1:{mcp_port}/mcp"}}
+routes:
+  - {{name: cost, types: [cost.threshold_exceeded], agents: [cost-advisor]}}
+agents:
+  cost-advisor:
+    kind: llm
+    model: advisor
+    prompt: "Spend on {{{{ task.resource }}}} crossed its threshold: {{{{ event.data | tojson }}}}"
+    reads: [cost]
+    actions: [tool.ticket, tool.ops__restart_pods]
+    tools: [ticket, ops__restart_pods]
+    retries: 0
+governance:
+  approvals:
+    rules:
+      - {{actions: [tool.ticket]}}
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    scenario(json!([
+        calls(
+            &model,
+            &[
+                (
+                    "ticket",
+                    json!({"service": "checkout", "title": "spend above threshold"})
+                ),
+                (
+                    "ops__restart_pods",
+                    json!({"service": "checkout", "reason": "leaking replicas"})
+                ),
+            ]
+        ),
+        text(&model, "Proposed a ticket and a restart."),
+    ]))
+    .await;
+    let running = env.start(&["route", "agents", "resolve", "decisions", "tools"]);
+    env.publish_one(
+        "events.cost-thresholds",
+        "c1",
+        "cost.threshold_exceeded",
+        "checkout",
+        json!({"spend": 1200.0, "threshold": 1000.0}),
+    )
+    .await;
+
+    // The restart needs no approval: an action, carried out once by the executor (the MCP server
+    // sees it); the ticket waits for a person.
+    let approvals = env
+        .read("switchyard.approvals", 1, Duration::from_secs(40))
+        .await;
+    let ap: ApprovalData =
+        serde_json::from_value(data_of(&event_of(&approvals[0])).clone()).expect("approval");
+    assert_eq!(ap.action, "tool.ticket");
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(20))
+        .await;
+    let restart: ActionData =
+        serde_json::from_value(data_of(&event_of(&actions[0])).clone()).expect("action");
+    assert_eq!(restart.action, "tool.ops__restart_pods");
+    let mut executed = Vec::new();
+    for _ in 0..100 {
+        executed = json_lines(&mcp_calls);
+        if !executed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        executed,
+        vec![
+            json!({"tool": "restart_pods", "args": {"service": "checkout", "reason": "leaking replicas"}})
+        ]
+    );
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing calls the ticket service before the approval"
+    );
+
+    // Approved through the decisions topic: the action runs once, with the fencing token.
+    env.send_raw(
+        "switchyard.approval-decisions",
+        &ap.approval_id,
+        json!({"approval_id": ap.approval_id, "decision": "approve", "by": "alice"})
+            .to_string()
+            .as_bytes(),
+        &[],
+    )
+    .await;
+    let actions = env
+        .read("switchyard.actions", 2, Duration::from_secs(30))
+        .await;
+    let ticket: ActionData = actions
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<ActionData>(data_of(&event_of(r)).clone()).expect("action")
+        })
+        .find(|a| a.action == "tool.ticket")
+        .expect("the approved ticket action");
+    assert_eq!(ticket.approved_by.as_deref(), Some("alice"));
+    for _ in 0..100 {
+        if !seen.lock().expect("lock").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    {
+        let got = seen.lock().expect("lock");
+        assert_eq!(got.len(), 1, "the ticket service called once");
+        let (service, headers, body) = &got[0];
+        assert_eq!(service, "checkout");
+        assert_eq!(
+            headers["x-switchyard-fencing-token"],
+            ticket.fencing_token.to_string().as_str()
+        );
+        assert_eq!(headers["idempotency-key"], ticket.action_id.as_str());
+        assert_eq!(headers["authorization"], format!("Bearer tk-{s}").as_str());
+        assert_eq!(
+            body,
+            &json!({"title": "spend above threshold", "tenant": "default"})
+        );
+    }
+    // The same action delivered again: not carried out twice.
+    let again = actions
+        .iter()
+        .find(|r| {
+            event_of(r)
+                .data
+                .as_ref()
+                .is_some_and(|d| d["action"] == "tool.ticket")
+        })
+        .expect("ticket action record");
+    env.send_raw(
+        "switchyard.actions",
+        &ticket.resource,
+        &again.payload,
+        &[("content-type", "application/cloudevents+json")],
+    )
+    .await;
+    let tc = env
+        .read("switchyard.tool-calls", 4, Duration::from_secs(30))
+        .await;
+    let outcomes: Vec<String> = tc
+        .iter()
+        .map(|r| {
+            data_of(&event_of(r))["call"]["outcome"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "executed").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "proposed").count(),
+        2,
+        "{outcomes:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        1,
+        "a redelivered action is not carried out again"
+    );
+    let m = switchyard::telemetry::METRICS.render();
+    assert!(
+        m.contains("switchyard_tool_calls_total{outcome=\"skipped\",tool=\"ticket\"} 1"),
+        "the repeat was skipped"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tool_loop_is_bounded_repaired_timed_and_budgeted_and_never_pays_twice() {
+    let s = suffix();
+    let m = |n: &str| format!("{n}-{s}");
+    let (tool_port, _) = ticket_server().await;
+    let agent = |name: &str, model: &str, extra: &str| {
+        format!(
+            r#"
+  {name}:
+    kind: llm
+    model: {model}
+    prompt: "Look at {{{{ task.resource }}}}."
+    reads: [sla]
+    writes: [verdict]
+    retries: 0
+{extra}"#
+        )
+    };
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}"}}
+  aliases:
+    looping: {{candidates: [{{provider: mock, model: "{looping}"}}]}}
+    schema: {{candidates: [{{provider: mock, model: "{schema}"}}]}}
+    stubborn: {{candidates: [{{provider: mock, model: "{stubborn}"}}]}}
+    slow: {{candidates: [{{provider: mock, model: "{slow}"}}]}}
+    costly: {{candidates: [{{provider: mock, model: "{costly}"}}], max_tokens: 10}}
+    reader: {{candidates: [{{provider: mock, model: "{reader}"}}]}}
+  prices:
+    "{costly}": {{input: 0.0, output: 1000000.0}}
+tools:
+  metrics:
+    kind: http
+    description: Error-rate metrics of a service.
+    method: GET
+    url: "http://127.0.0.1:{tool_port}/metrics"
+    parameters: {{type: object, properties: {{service: {{type: string}}}}}}
+routes:
+  - {{name: r1, types: [t.looping], agents: [looper]}}
+  - {{name: r2, types: [t.schema], agents: [schemer]}}
+  - {{name: r3, types: [t.stubborn], agents: [stubborn]}}
+  - {{name: r4, types: [t.slow], agents: [sleeper]}}
+  - {{name: r5, types: [t.costly], agents: [spender]}}
+  - {{name: r6, types: [t.reader], agents: [reader]}}
+agents:{a1}{a2}{a3}{a4}{a5}{a6}
+governance:
+  budgets:
+    - {{name: spender-cost, per: agent, matches: spender, period: day, max_cost: 12.0}}
+"#,
+            llm = llm_base(),
+            looping = m("loop"),
+            schema = m("schema"),
+            stubborn = m("stub"),
+            slow = m("slow"),
+            costly = m("cost"),
+            reader = m("read"),
+            a1 = agent("looper", "looping", "    max_iterations: 2"),
+            a2 = agent("schemer", "schema", "    answer_key: verdict\n    output: {type: object, properties: {verdict: {type: string}}, required: [verdict]}"),
+            a3 = agent("stubborn", "stubborn", "    output: {type: object, required: [verdict]}"),
+            a4 = agent("sleeper", "slow", "    timeout_ms: 1500"),
+            a5 = agent("spender", "costly", ""),
+            a6 = agent("reader", "reader", "    tools: [metrics]\n    answer_key: verdict"),
+        ),
+    )
+    .await;
+    let again = |model: &str| calls(model, &[("read_context", json!({"keys": ["sla"]}))]);
+    scenario(json!([
+        // looper: asks for tools forever; max_iterations 2 ends it.
+        again(&m("loop")), again(&m("loop")), again(&m("loop")),
+        // schemer: a non-JSON answer, then (repair) a valid one.
+        text(&m("schema"), "the verdict is: fine"),
+        text(&m("schema"), "{\"verdict\": \"deployment v42\"}"),
+        // stubborn: wrong twice.
+        text(&m("stub"), "{\"nope\": 1}"), text(&m("stub"), "still no"),
+        // sleeper: a tool round, then a model that takes longer than the deadline.
+        again(&m("slow")),
+        {"type": "delay", "seconds": 4, "match": {"model": m("slow")}},
+        text(&m("slow"), "too late"),
+        // spender: the first call fits the budget, the second does not.
+        again(&m("cost")), again(&m("cost")), text(&m("cost"), "never"),
+        // reader: an unknown tool, then a read-only tool that fails; both go back to the model.
+        calls(&m("read"), &[("launch_missiles", json!({}))]),
+        calls(&m("read"), &[("metrics", json!({"service": "checkout"}))]),
+        text(&m("read"), "metrics are down; no verdict"),
+    ]))
+    .await;
+    let running = env.start(&["route", "agents"]);
+    for (i, ty) in [
+        "t.looping",
+        "t.schema",
+        "t.stubborn",
+        "t.slow",
+        "t.costly",
+        "t.reader",
+    ]
+    .iter()
+    .enumerate()
+    {
+        env.publish_one(
+            "events.deployments",
+            &format!("e{i}"),
+            ty,
+            &format!("svc-{i}"),
+            json!({"n": i}),
+        )
+        .await;
+    }
+    let results = results_of(
+        &env.read("switchyard.results", 6, Duration::from_secs(60))
+            .await,
+    );
+    let by = |a: &str| {
+        results
+            .iter()
+            .find(|r| r.agent == a)
+            .unwrap_or_else(|| panic!("result of {a}: {results:?}"))
+    };
+    let looper = by("looper");
+    assert_eq!(looper.status, "failed");
+    assert!(
+        looper
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("max_iterations (2)")),
+        "{looper:?}"
+    );
+    let schemer = by("schemer");
+    assert_eq!(schemer.status, "succeeded", "{schemer:?}");
+    assert_eq!(
+        schemer.findings,
+        json!([{"key": "verdict", "value": {"verdict": "deployment v42"}}])
+    );
+    let stubborn = by("stubborn");
+    assert_eq!(stubborn.status, "failed");
+    assert!(
+        stubborn
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("after one repair")),
+        "{stubborn:?}"
+    );
+    let sleeper = by("sleeper");
+    assert_eq!(sleeper.status, "timed_out", "{sleeper:?}");
+    let spender = by("spender");
+    assert_eq!(spender.status, "failed");
+    assert!(
+        spender
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("spender-cost") && e.contains("after 1 model calls")),
+        "{spender:?}"
+    );
+    let reader = by("reader");
+    assert_eq!(reader.status, "succeeded", "{reader:?}");
+    let reqs = llm_requests(&m("read")).await;
+    assert_eq!(reqs.len(), 3);
+    assert!(
+        tool_results(&reqs[1]).contains("there is no tool \\\"launch_missiles\\\""),
+        "{}",
+        tool_results(&reqs[1])
+    );
+    assert!(
+        tool_results(&reqs[2]).contains("503")
+            && tool_results(&reqs[2]).contains("metrics store down")
+    );
+    assert_eq!(
+        llm_requests(&m("loop")).await.len(),
+        2,
+        "max_iterations bounds the calls"
+    );
+    assert_eq!(
+        llm_requests(&m("cost")).await.len(),
+        1,
+        "no call after the budget ran out"
+    );
+    // Failed runs go to the dead-letter topic with the reason.
+    let dlq = env.read("switchyard.dlq", 4, Duration::from_secs(20)).await;
+    assert!(
+        dlq.len() >= 4,
+        "looper, stubborn, sleeper, spender dead-lettered"
+    );
+    assert!(dlq
+        .iter()
+        .all(|r| header(r, "switchyard.dlq.reason") == Some("agent_failed")));
+
+    // A copy of a finished task is not run again: nothing is called, nothing written twice. (A
+    // task redelivered before its commit re-emits its recorded outcome: tests/agents.rs.)
+    let tasks = env
+        .read("switchyard.tasks", 6, Duration::from_secs(10))
+        .await;
+    let schema_task = tasks
+        .iter()
+        .find(|r| task_of(r).agent == "schemer")
+        .expect("schemer task");
+    let before = llm_requests(&m("schema")).await.len();
+    env.send_raw(
+        "switchyard.tasks",
+        std::str::from_utf8(schema_task.key.as_deref().unwrap_or_default()).unwrap_or_default(),
+        &schema_task.payload,
+        &[("content-type", "application/cloudevents+json")],
+    )
+    .await;
+    // Processed once the agents stage committed past it: 7 tasks in all.
+    let mut committed = 0;
+    for _ in 0..100 {
+        committed = env
+            .committed("agents", "switchyard.tasks", 2)
+            .await
+            .values()
+            .filter(|o| **o > 0)
+            .sum::<i64>();
+        if committed >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(committed, 7, "the copy was consumed");
+    assert_eq!(
+        llm_requests(&m("schema")).await.len(),
+        before,
+        "and no model was called for it"
+    );
+    let results = results_of(
+        &env.read("switchyard.results", 7, Duration::from_secs(3))
+            .await,
+    );
+    assert_eq!(
+        results.iter().filter(|r| r.agent == "schemer").count(),
+        1,
+        "nor a second result written"
+    );
+    running.stop().await;
+}
