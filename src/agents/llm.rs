@@ -16,10 +16,11 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::model::{allowed, Agent, AgentError, AgentRequest, BuildDeps};
+use super::model::{allowed, Agent, AgentError, AgentRequest, BuildDeps, Scopes};
 use crate::gateway::{Caller, Gateway, GatewayError};
-use crate::records::{AgentResponse, AuditData, Finding, Impact, ProposalSpec};
+use crate::records::{AgentResponse, Finding, Impact, ProposalSpec};
 use crate::telemetry::METRICS;
+use crate::tools::log::{ToolCallLog, ToolCallRecord};
 use crate::tools::{CallCtx, Effect, Tool, Toolbox};
 
 /// Settings of `kind: llm`.
@@ -120,7 +121,7 @@ impl Spec {
     /// may not write.
     pub fn config_problems(
         &self,
-        common: &super::AgentSpec,
+        common: &Scopes,
         tools: &std::collections::BTreeMap<String, crate::tools::ToolSpec>,
     ) -> Vec<String> {
         use crate::tools::ToolSpec;
@@ -162,7 +163,7 @@ impl Spec {
     pub fn build(
         &self,
         name: &str,
-        common: &super::AgentSpec,
+        scopes: Scopes,
         deps: &BuildDeps,
     ) -> Result<Arc<dyn Agent>, String> {
         let gateway = deps.gateway.clone().ok_or_else(|| {
@@ -185,73 +186,9 @@ impl Spec {
             tools: deps.tools.clone(),
             recorder: deps.tool_calls.clone(),
             output,
-            scopes: Scopes {
-                reads: common.reads.clone(),
-                writes: common.writes.clone(),
-                actions: common.actions.clone(),
-            },
+            scopes,
         }))
     }
-}
-
-/// Where tool calls are written: the audit recorder and the tool-calls topic.
-#[derive(Clone)]
-pub struct ToolCallLog {
-    pub audit: crate::audit::Recorder,
-    pub topic: String,
-}
-
-impl ToolCallLog {
-    /// Records one tool call: a `tool_call` audit record (arguments and result left out) and the
-    /// full call on the tool-calls topic, keyed by task id.
-    pub fn write(&self, ctx: &CallCtx, call: &ToolCallRecord) {
-        let audit = AuditData {
-            decision: "tool_call".into(),
-            stage: "agents".into(),
-            resource: ctx.resource.clone(),
-            tenant: ctx.tenant.clone(),
-            event_id: (!ctx.event_id.is_empty()).then(|| ctx.event_id.clone()),
-            task_id: (!ctx.task_id.is_empty()).then(|| ctx.task_id.clone()),
-            workflow_id: None,
-            trace_id: None,
-            reason: call.error.clone(),
-            detail: json!({"agent": ctx.agent, "tool": call.tool, "effect": call.effect,
-                           "outcome": call.outcome, "iteration": call.iteration,
-                           "duration_ms": call.duration_ms, "action_id": ctx.action_id}),
-            seq: None,
-            prev_hash: None,
-            hash: None,
-        };
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let key = ctx.action_id.clone().unwrap_or_else(|| ctx.task_id.clone());
-        let ev = crate::event::CloudEvent::new(
-            format!("tool-{}", uuid::Uuid::new_v4().simple()),
-            "switchyard/tools",
-            "switchyard.tool_call",
-        )
-        .with_subject(key)
-        .with_time(&now)
-        .with_data(json!({
-            "task_id": ctx.task_id, "action_id": ctx.action_id, "agent": ctx.agent,
-            "tenant": ctx.tenant, "resource": ctx.resource, "call": call,
-        }));
-        self.audit
-            .record("tools", "tool_call", audit, Some((self.topic.clone(), ev)));
-    }
-}
-
-/// One tool call as recorded.
-#[derive(Debug, Clone, Serialize)]
-pub struct ToolCallRecord {
-    pub tool: String,
-    pub effect: &'static str,
-    pub iteration: u32,
-    pub arguments: Value,
-    /// `ok`, `error`, `refused`, `proposed`, `executed`.
-    pub outcome: &'static str,
-    pub result: Value,
-    pub error: Option<String>,
-    pub duration_ms: u64,
 }
 
 pub struct LlmAgent {
@@ -261,14 +198,8 @@ pub struct LlmAgent {
     tools: Arc<Toolbox>,
     recorder: Option<ToolCallLog>,
     output: Option<Arc<jsonschema::Validator>>,
+    /// The declared scopes: the built-in tools enforce them (the agent stage checks them again).
     scopes: Scopes,
-}
-
-/// The agent's declared scopes (the tools enforce them; the agent stage checks them again).
-struct Scopes {
-    reads: Vec<String>,
-    writes: Vec<String>,
-    actions: Vec<String>,
 }
 
 /// A run's state: the conversation and what the model produced so far.

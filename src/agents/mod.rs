@@ -13,7 +13,7 @@ pub mod llm;
 pub mod model;
 pub mod stats;
 
-pub use model::{allowed, Agent, AgentError, AgentRequest, BuildDeps, ScopedContext};
+pub use model::{allowed, Agent, AgentError, AgentRequest, BuildDeps, ScopedContext, Scopes};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +85,7 @@ impl AgentKind {
             AgentKind::Builtin(s) => s.build(name),
             AgentKind::Http(s) => s.build(spec.timeout()),
             AgentKind::Kafka(s) => s.build(deps).await,
-            AgentKind::Llm(s) => s.build(name, spec, deps),
+            AgentKind::Llm(s) => s.build(name, spec.scopes(), deps),
         }
     }
 }
@@ -145,6 +145,15 @@ fn default_max_concurrency() -> usize {
 }
 
 impl AgentSpec {
+    /// What the agent may read, write and propose.
+    pub fn scopes(&self) -> Scopes {
+        Scopes {
+            reads: self.reads.clone(),
+            writes: self.writes.clone(),
+            actions: self.actions.clone(),
+        }
+    }
+
     pub fn timeout(&self) -> Duration {
         let default = match self.kind {
             AgentKind::Llm(_) => 120_000,

@@ -25,7 +25,15 @@ pub struct BuildDeps {
     /// External tools (LLM agents offer the ones their `tools:` allow).
     pub tools: std::sync::Arc<crate::tools::Toolbox>,
     /// Where LLM agents' tool calls are recorded; none in unit tests.
-    pub tool_calls: Option<super::llm::ToolCallLog>,
+    pub tool_calls: Option<crate::tools::log::ToolCallLog>,
+}
+
+/// What an agent may read, write and propose (its declaration's `reads`, `writes`, `actions`).
+#[derive(Debug, Clone, Default)]
+pub struct Scopes {
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+    pub actions: Vec<String>,
 }
 
 /// The slice of a resource's shared context an agent may see.

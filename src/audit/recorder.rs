@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::audit::Sealer;
+use crate::audit::sealer::Sealer;
 use crate::event::CloudEvent;
 use crate::kafka::Producer;
 use crate::records::{audit_event, AuditData, Emitter};

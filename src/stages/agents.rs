@@ -54,7 +54,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             stop: s.stop.clone(),
             gateway: s.gateway.clone(),
             tools: s.tools.clone(),
-            tool_calls: Some(crate::agents::llm::ToolCallLog {
+            tool_calls: Some(crate::tools::log::ToolCallLog {
                 audit: s.recorder.clone(),
                 topic: cfg.topics.tool_calls.clone(),
             }),

@@ -20,13 +20,13 @@ use redis::Script;
 use serde_json::{json, Value};
 
 use super::services::{runner, Runner, Services};
-use crate::agents::llm::{ToolCallLog, ToolCallRecord};
 use crate::error::ProcessError;
 use crate::kafka::runtime::{each, Done, Processor};
 use crate::kafka::{dead_letter, Input, Output};
 use crate::records::{types, ActionData, Emitter};
 use crate::store::{RedisConn, ResourceKey};
 use crate::telemetry::METRICS;
+use crate::tools::log::{ToolCallLog, ToolCallRecord};
 use crate::tools::{CallCtx, Toolbox};
 use crate::topics::TopicsConfig;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{CallCtx, Effect, Inject};
+use super::model::{capped, Call, CallCtx, Effect, Inject};
 use crate::secret::{Secret, SecretRef};
 
 /// Settings of an HTTP tool.
@@ -24,6 +24,9 @@ pub struct Spec {
     pub method: String,
     /// A minijinja template over the arguments (`{{ service }}`), URL-encoded when rendered.
     pub url: String,
+    /// An environment variable that, when set, replaces `url` (a template too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
     /// Headers sent with every call; values are secrets (`value`, `{env: VAR}` or `{file: PATH}`).
     #[serde(default)]
     pub headers: BTreeMap<String, SecretRef>,
@@ -50,6 +53,15 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl Spec {
+    /// `url`, or the value of `url_env` when that variable is set.
+    pub fn effective_url(&self) -> String {
+        self.url_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.url.clone())
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&self.method.as_str()) {
@@ -58,10 +70,11 @@ impl Spec {
                 self.method
             ));
         }
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            p.push(format!("url {:?} is not an http(s) URL", self.url));
+        let url = self.effective_url();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            p.push(format!("url {url:?} is not an http(s) URL"));
         }
-        if let Err(e) = minijinja::Environment::new().template_from_str(&self.url) {
+        if let Err(e) = minijinja::Environment::new().template_from_str(&url) {
             p.push(format!("url is not a valid template: {e}"));
         }
         if !self.parameters.is_object() {
@@ -103,7 +116,7 @@ impl HttpTool {
         Ok(HttpTool {
             name: name.to_string(),
             method,
-            url: s.url.clone(),
+            url: s.effective_url(),
             headers,
             client,
         })
@@ -191,12 +204,22 @@ impl HttpTool {
         }
         if crate::codec::check_json_depth(&body, crate::codec::MAX_DEPTH).is_ok() {
             if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                return Ok(super::capped(v));
+                return Ok(capped(v));
             }
         }
-        Ok(super::capped(Value::String(
+        Ok(capped(Value::String(
             String::from_utf8_lossy(&body).into_owned(),
         )))
+    }
+}
+
+impl Call for HttpTool {
+    fn call<'a>(
+        &'a self,
+        args: &'a Map<String, Value>,
+        ctx: &'a CallCtx,
+    ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
+        Box::pin(HttpTool::call(self, args, ctx))
     }
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, RwLock};
 
-use super::{Effect, Inject, Target, Tool};
+use super::model::{capped, hide, valid_name, validator, Call, CallCtx, Effect, Inject, Tool};
 use crate::secret::SecretRef;
 
 /// Settings of an MCP server.
@@ -27,6 +27,9 @@ use crate::secret::SecretRef;
 pub struct Spec {
     /// The server's streamable-HTTP endpoint, e.g. `http://tools.internal:8000/mcp`.
     pub url: String,
+    /// An environment variable that, when set, replaces `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
     /// Headers sent with every request (e.g. `Authorization`); values are secrets.
     #[serde(default)]
     pub headers: BTreeMap<String, SecretRef>,
@@ -56,10 +59,20 @@ fn default_timeout_ms() -> u64 {
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 impl Spec {
+    /// `url`, or the value of `url_env` when that variable is set.
+    pub fn effective_url(&self) -> String {
+        self.url_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.url.clone())
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            p.push(format!("url {:?} is not an http(s) URL", self.url));
+        let url = self.effective_url();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            p.push(format!("url {url:?} is not an http(s) URL"));
         }
         if self.timeout_ms == 0 {
             p.push("timeout_ms must be at least 1".into());
@@ -125,7 +138,7 @@ impl Server {
                 .map_err(|_| format!("the value of header {k} is not a valid header value"))?;
             headers.insert(name, value);
         }
-        let cfg = StreamableHttpClientTransportConfig::with_uri(self.spec.url.as_str())
+        let cfg = StreamableHttpClientTransportConfig::with_uri(self.spec.effective_url())
             .custom_headers(headers);
         let transport = StreamableHttpClientTransport::from_config(cfg);
         let client = tokio::time::timeout(self.timeout(), ().serve(transport))
@@ -172,7 +185,7 @@ impl Server {
                 continue;
             }
             let name = format!("{}__{tool}", self.name);
-            if !super::valid_name(&name) {
+            if !valid_name(&name) {
                 tracing::warn!(server = %self.name, tool = %tool, "MCP tool skipped: its name is not one models accept.");
                 continue;
             }
@@ -196,18 +209,18 @@ impl Server {
                 .filter(|(p, _)| schema["properties"].get(p.as_str()).is_some())
                 .map(|(p, i)| (p.clone(), *i))
                 .collect();
-            let parameters = super::hide(schema, &inject);
+            let parameters = hide(schema, &inject);
             out.push(Tool {
                 name,
                 description: t.description.map(|d| d.to_string()).unwrap_or_default(),
-                validator: super::validator(&parameters).unwrap_or(None),
+                validator: validator(&parameters).unwrap_or(None),
                 parameters,
                 effect,
                 inject,
-                target: Target::Mcp {
+                target: Arc::new(McpTool {
                     server: server.clone(),
                     tool,
-                },
+                }),
             });
         }
         Ok(out)
@@ -257,10 +270,32 @@ impl Server {
             return Err(format!("MCP tool {tool} reported an error: {text}"));
         }
         if let Some(v) = r.structured_content {
-            return Ok(super::capped(v));
+            return Ok(capped(v));
         }
-        Ok(super::capped(
+        Ok(capped(
             serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
         ))
+    }
+}
+
+/// One tool of an MCP server, as a [`Tool`]'s target. Weak: the server holds its tools, each tool
+/// points back at its server.
+struct McpTool {
+    server: std::sync::Weak<Server>,
+    tool: String,
+}
+
+impl Call for McpTool {
+    fn call<'a>(
+        &'a self,
+        args: &'a Map<String, Value>,
+        _ctx: &'a CallCtx,
+    ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            match self.server.upgrade() {
+                Some(s) => s.call(&self.tool, args).await,
+                None => Err(format!("the MCP server of tool {} is gone", self.tool)),
+            }
+        })
     }
 }

@@ -10,16 +10,16 @@
 //! from the schema the model sees.
 
 pub mod http;
+pub mod log;
 pub mod mcp;
+pub mod model;
+
+pub use model::{capped, valid_name, CallCtx, Effect, Inject, Tool, MAX_RESULT_BYTES};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-
-/// Largest tool result handed to a model or recorded; a longer one is cut and marked.
-pub const MAX_RESULT_BYTES: usize = 64 * 1024;
 
 /// One entry of `tools:`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -29,162 +29,6 @@ pub enum ToolSpec {
     Http(http::Spec),
     /// Every tool an MCP server lists (streamable-HTTP transport).
     Mcp(mcp::Spec),
-}
-
-/// Whether calling a tool changes anything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Effect {
-    /// Called by the agent; the model sees the result.
-    #[default]
-    ReadOnly,
-    /// Proposed as `tool.<name>`; carried out only once resolve and governance accept it.
-    Mutating,
-}
-
-impl Effect {
-    pub fn name(self) -> &'static str {
-        match self {
-            Effect::ReadOnly => "read_only",
-            Effect::Mutating => "mutating",
-        }
-    }
-}
-
-/// A value switchyard fills in for a tool parameter (hidden from the model).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Inject {
-    Tenant,
-    Resource,
-    TaskId,
-    Agent,
-    EventId,
-}
-
-/// Who a tool call is for: what [`Inject`] draws from, and the headers the call carries.
-#[derive(Debug, Clone, Default)]
-pub struct CallCtx {
-    pub tenant: String,
-    pub resource: String,
-    pub task_id: String,
-    pub agent: String,
-    pub event_id: String,
-    /// Set when the executor carries out an accepted action: sent as `X-Switchyard-Fencing-Token`.
-    pub fencing_token: Option<u64>,
-    /// Set with the fencing token: sent as `Idempotency-Key`.
-    pub action_id: Option<String>,
-}
-
-impl CallCtx {
-    fn value(&self, i: Inject) -> &str {
-        match i {
-            Inject::Tenant => &self.tenant,
-            Inject::Resource => &self.resource,
-            Inject::TaskId => &self.task_id,
-            Inject::Agent => &self.agent,
-            Inject::EventId => &self.event_id,
-        }
-    }
-}
-
-/// A tool as offered to a model and called by switchyard.
-#[derive(Clone)]
-pub struct Tool {
-    /// The name the model calls (`^[A-Za-z0-9_-]{1,64}$`, as providers require).
-    pub name: String,
-    pub description: String,
-    /// JSON schema of the arguments, as the model sees it (injected parameters removed).
-    pub parameters: Value,
-    pub effect: Effect,
-    pub inject: BTreeMap<String, Inject>,
-    target: Target,
-    validator: Option<Arc<jsonschema::Validator>>,
-}
-
-#[derive(Clone)]
-enum Target {
-    Http(Arc<http::HttpTool>),
-    Mcp {
-        server: std::sync::Weak<mcp::Server>,
-        tool: String,
-    },
-}
-
-impl Tool {
-    /// The tool as the OpenAI chat-completions API declares it.
-    pub fn declaration(&self) -> Value {
-        serde_json::json!({"type": "function", "function": {
-            "name": self.name, "description": self.description, "parameters": self.parameters}})
-    }
-
-    /// Why `args` do not fit the tool's schema, or `None`.
-    pub fn check(&self, args: &Value) -> Option<String> {
-        let v = self.validator.as_ref()?;
-        let errors: Vec<String> = v
-            .iter_errors(args)
-            .take(3)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                if at.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{at}: {e}")
-                }
-            })
-            .collect();
-        (!errors.is_empty()).then(|| errors.join("; "))
-    }
-
-    /// The arguments with the injected parameters set (what is sent, proposed and recorded).
-    pub fn with_injected(&self, mut args: Map<String, Value>, ctx: &CallCtx) -> Map<String, Value> {
-        for (param, what) in &self.inject {
-            args.insert(param.clone(), Value::String(ctx.value(*what).to_string()));
-        }
-        args
-    }
-
-    /// Calls the tool with complete arguments (injected ones included). The result is JSON (text
-    /// answers become strings); an error is a sentence fit to show the model.
-    pub async fn call(&self, args: &Map<String, Value>, ctx: &CallCtx) -> Result<Value, String> {
-        match &self.target {
-            Target::Http(t) => t.call(args, ctx).await,
-            Target::Mcp { server, tool } => match server.upgrade() {
-                Some(s) => s.call(tool, args).await,
-                None => Err(format!("the MCP server of tool {} is gone", self.name)),
-            },
-        }
-    }
-}
-
-/// Removes the injected parameters from a schema's `properties` and `required`.
-fn hide(mut schema: Value, inject: &BTreeMap<String, Inject>) -> Value {
-    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
-        for p in inject.keys() {
-            props.remove(p);
-        }
-    }
-    if let Some(req) = schema.get_mut("required").and_then(Value::as_array_mut) {
-        req.retain(|r| r.as_str().is_none_or(|r| !inject.contains_key(r)));
-    }
-    schema
-}
-
-fn validator(schema: &Value) -> Result<Option<Arc<jsonschema::Validator>>, String> {
-    if schema.as_object().is_none_or(|o| o.is_empty()) {
-        return Ok(None);
-    }
-    jsonschema::validator_for(schema)
-        .map(|v| Some(Arc::new(v)))
-        .map_err(|e| format!("the parameters schema is not a valid JSON schema: {e}"))
-}
-
-/// Whether a name is one providers accept for a function.
-pub fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Problems of the `tools:` section, as `(item, message)`.
@@ -225,18 +69,18 @@ impl Toolbox {
             match spec {
                 ToolSpec::Http(s) => {
                     let t = http::HttpTool::new(name, s)?;
-                    let parameters = hide(s.parameters.clone(), &s.inject);
+                    let parameters = model::hide(s.parameters.clone(), &s.inject);
                     b.http.insert(
                         name.clone(),
                         Tool {
                             name: name.clone(),
                             description: s.description.clone(),
-                            validator: validator(&parameters)
+                            validator: model::validator(&parameters)
                                 .map_err(|e| format!("tools.{name}: {e}"))?,
                             parameters,
                             effect: s.effect,
                             inject: s.inject.clone(),
-                            target: Target::Http(Arc::new(t)),
+                            target: Arc::new(t),
                         },
                     );
                 }
@@ -294,22 +138,11 @@ impl Toolbox {
     }
 }
 
-/// A result cut to [`MAX_RESULT_BYTES`] of its JSON text, marked, or the result itself.
-pub fn capped(v: Value) -> Value {
-    let text = v.to_string();
-    if text.len() <= MAX_RESULT_BYTES {
-        return v;
-    }
-    let mut end = MAX_RESULT_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    serde_json::json!({"truncated": true, "bytes": text.len(), "prefix": &text[..end]})
-}
-
 #[cfg(test)]
 mod tests {
+    use super::model::*;
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn injected_parameters_are_hidden_from_the_model() {

@@ -691,13 +691,13 @@ pub async fn llm_requests(model: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A small MCP server (tests/fixtures/mcp_server.py, the official `mcp` SDK) on a free port; its
+/// A small MCP server (deploy/local/mcp_server.py, the official `mcp` SDK) on a free port; its
 /// calls are appended to `calls` as JSON lines. Stopped when dropped.
 pub fn start_mcp(calls: &Path) -> (Reaper, u16) {
     let port = free_port();
     let python = stack_dir().join("venv/bin/python");
     let child = std::process::Command::new(python)
-        .arg(root().join("tests/fixtures/mcp_server.py"))
+        .arg(root().join("deploy/local/mcp_server.py"))
         .arg(port.to_string())
         .arg(calls)
         .stdout(std::process::Stdio::null())
