@@ -153,6 +153,7 @@ pub async fn run(
         &loaded,
         redis.clone(),
         budgets.clone(),
+        (approvals.clone(), producer.clone()),
         crate::gateway::Recorder {
             audit: recorder.clone(),
             calls_topic: cfg.topics.llm_calls.clone(),
@@ -335,6 +336,7 @@ fn gateway_of(
     loaded: &Loaded,
     redis: RedisConn,
     budgets: Arc<Budgets>,
+    approvals: (Arc<crate::governance::approvals::Approvals>, Producer),
     recorder: crate::gateway::Recorder,
     tracker: &TaskTracker,
     stop: &CancellationToken,
@@ -345,7 +347,8 @@ fn gateway_of(
     }
     let gw = crate::gateway::Gateway::new(cfg, redis, &loaded.config.redis.key_prefix, budgets)
         .map_err(|e| AppError::Setup(format!("gateway: {e}")))?
-        .with_recorder(recorder);
+        .with_recorder(recorder)
+        .with_approvals(approvals.0, approvals.1);
     let gw = Arc::new(gw);
     let (sweeper, stop) = (gw.clone(), stop.clone());
     tracker.spawn(async move {

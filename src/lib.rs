@@ -18,13 +18,15 @@
 //!
 //! Stages:
 //! - [`stages`]: the registry [`stages::STAGES`] and one module per stage (route, agents, resolve,
-//!   decisions).
+//!   decisions, tools).
 //!
 //! Domain:
 //! - [`config`]: composes the sections each module owns; loads a file or the [`embedded`] default;
 //!   validation that lists every problem;
-//! - [`agents`]: the agent model, kinds (built-in, HTTP, Kafka), built-ins one per file, health
+//! - [`agents`]: the agent model, kinds (built-in, HTTP, Kafka, LLM), built-ins one per file, health
 //!   stats;
+//! - [`tools`]: external tools of LLM agents (HTTP endpoints, MCP servers), read-only or mutating,
+//!   and the record of every tool call;
 //! - [`context`]: the shared context store (trait, Redis, memory, contract suite);
 //! - [`resolve`]: rules (pure), apply (pure), store (the only owner of the resource state);
 //! - [`governance`]: access and approval rules, budgets (with holds for model calls), the approvals

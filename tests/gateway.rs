@@ -739,3 +739,178 @@ gateway:
             .as_deref()
             .is_some_and(|a| a.parse::<u64>().is_ok_and(|s| s >= 1))));
 }
+
+/// `on_exhausted: approve`: a call over its budget waits for a person through the approvals API;
+/// approved, it goes through (and is counted over the budget); rejected, it is refused with 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_budget_call_waits_for_approval_and_goes_through_only_when_approved() {
+    let port = free_port();
+    let s = suffix();
+    let model = format!("o-{s}");
+    let key = format!("sk-{s}");
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+http:
+  enabled: true
+  listen: 127.0.0.1:{port}
+gateway:
+  providers:
+    mock: {{base_url: "{llm}"}}
+  aliases:
+    guarded: {{candidates: [{{provider: mock, model: "{model}"}}], on_exhausted: approve, max_tokens: 16}}
+  prices:
+    "{model}": {{input: 1000.0, output: 1000.0}}
+  keys:
+    - {{name: planner, tenant: default, key_sha256: "{digest}"}}
+governance:
+  budgets:
+    - {{name: guarded-daily, per: model, matches: guarded, period: total, max_cost: 0.001}}
+  approvals:
+    token: "tok-{s}"
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    let running = env.start(&["decisions"]);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let call = |task: &'static str| {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("X-Switchyard-Task", task)
+                .header("X-Switchyard-Resource", "checkout")
+                .json(&json!({"model": "guarded", "messages": [{"role": "user", "content": "over budget?"}]}))
+                .send()
+                .await
+                .expect("the gateway answers");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    // The pending approval of a task's call, through the approvals API.
+    let pending = |task: &'static str| {
+        let (http, base, tok) = (http.clone(), base.clone(), format!("tok-{s}"));
+        async move {
+            for _ in 0..100 {
+                let list: Value = http
+                    .get(format!("{base}/v1/approvals"))
+                    .bearer_auth(&tok)
+                    .send()
+                    .await
+                    .expect("approvals API")
+                    .json()
+                    .await
+                    .expect("JSON");
+                let found = list["approvals"].as_array().and_then(|a| {
+                    a.iter()
+                        .find(|x| x["action_record"]["parameters"]["task"] == task)
+                        .cloned()
+                });
+                if let Some(a) = found {
+                    return a;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            panic!("no approval for {task}");
+        }
+    };
+    let decide = |id: String, verb: &'static str| {
+        let (http, base, tok) = (http.clone(), base.clone(), format!("tok-{s}"));
+        async move {
+            let r = http
+                .post(format!("{base}/v1/approvals/{id}/{verb}"))
+                .bearer_auth(&tok)
+                .json(&json!({"by": "alice", "why": "the incident needs it"}))
+                .send()
+                .await
+                .expect("approvals API");
+            assert!(
+                r.status().is_success(),
+                "{verb}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+    };
+
+    let approved = call("t-approved");
+    let a = pending("t-approved").await;
+    assert_eq!(a["action"], "llm.over_budget");
+    assert_eq!(a["resource"], "checkout");
+    assert_eq!(a["action_record"]["parameters"]["budget"], "guarded-daily");
+    assert_eq!(a["action_record"]["parameters"]["agent"], "planner");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!approved.is_finished(), "the call waits for the decision");
+    assert!(
+        llm_requests(&model).await.is_empty(),
+        "nothing reached the model yet"
+    );
+    decide(
+        a["approval_id"].as_str().expect("id").to_string(),
+        "approve",
+    )
+    .await;
+    let (status, body) = approved.await.expect("join");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(llm_requests(&model).await.len(), 1);
+
+    let rejected = call("t-rejected");
+    let a = pending("t-rejected").await;
+    decide(a["approval_id"].as_str().expect("id").to_string(), "reject").await;
+    let (status, body) = rejected.await.expect("join");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("guarded-daily")),
+        "{body}"
+    );
+    assert_eq!(
+        llm_requests(&model).await.len(),
+        1,
+        "the rejected call never reached the model"
+    );
+
+    // The approved call is counted against the budget, over its maximum; no hold is left.
+    let (calls, cost, held) = budget_state(
+        &env.prefix,
+        &format!(
+            "{}:budget:{{budgets}}:guarded-daily:guarded:total",
+            env.prefix
+        ),
+    )
+    .await;
+    assert_eq!(calls, 1, "one call counted");
+    assert!(cost > 0.001, "spent {cost}, over the maximum");
+    assert_eq!(held, 0, "no hold left");
+    let v = env.verified_audit(4, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    let decisions: Vec<String> = env
+        .audit(4, Duration::from_secs(5))
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_value::<AuditData>(data_of(&event_of(r)).clone()).ok())
+        .map(|a| a.decision)
+        .collect();
+    for d in ["approval_requested", "approval_decided", "llm_call"] {
+        assert!(
+            decisions.iter().any(|x| x == d),
+            "{d} audited: {decisions:?}"
+        );
+    }
+    running.stop().await;
+}

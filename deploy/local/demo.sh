@@ -137,14 +137,8 @@ if [[ -n "$APPROVALS" ]]; then
     show switchyard.actions
 fi
 
-say "The LLM agents' tool calls (switchyard.tool-calls) and what the tools saw"
-"$BIN" --config "$CONFIG" tail switchyard.tool-calls --from-beginning --idle-timeout-ms 3000 | python3 -c '
-import json, sys
-for line in sys.stdin:
-    d = json.loads(line)["event"]["data"]; c = d["call"]
-    who = d.get("agent") or "-"
-    print(f"  {who:<17} {c[\"tool\"]:<20} {c[\"outcome\"]:<9} {json.dumps(c[\"arguments\"])[:90]}")
-'
+say "The LLM agents' tool calls and what the tools saw"
+show switchyard.tool-calls
 echo "MCP server ops saw:"; sed 's/^/  /' "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl" 2>/dev/null || echo "  (nothing)"
 echo "ticket system saw (after the approval, once):"; sed 's/^/  /' "$SWITCHYARD_STACK_DIR/tickets.log"
 sleep 2

@@ -35,6 +35,11 @@ for line in sys.stdin:
               f"{json.dumps(d.get('parameters'))}{by}")
     elif t == "switchyard.approval":
         print(f"  {where:<34} approval {d.get('status'):<9} {d.get('action'):<15} resource={d.get('resource'):<10} id={d.get('approval_id')}")
+    elif t == "switchyard.tool_call":
+        c = d.get("call") or {}
+        who = d.get("agent") or "-"
+        print(f"  {where:<34} tool {c.get('tool'):<20} by {who:<17} {c.get('outcome'):<9} "
+              f"{json.dumps(c.get('arguments'))[:80]} -> {json.dumps(c.get('result') if c.get('error') is None else c.get('error'))[:60]}")
     elif t == "switchyard.audit":
         det = d.get("detail", {}) or {}
         if d.get("decision") == "tool_call":

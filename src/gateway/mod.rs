@@ -69,6 +69,9 @@ pub struct GatewayConfig {
     /// API keys of the served endpoint (`/v1/chat/completions`), stored as SHA-256.
     #[serde(default)]
     pub keys: Vec<KeySpec>,
+    /// Longest a call of an alias with `on_exhausted: approve` waits for a person's decision.
+    #[serde(default = "default_approval_wait_seconds")]
+    pub approval_wait_seconds: u64,
 }
 
 fn default_retries() -> u32 {
@@ -86,6 +89,9 @@ fn default_hold_seconds() -> u64 {
 fn default_max_tokens() -> u64 {
     1024
 }
+fn default_approval_wait_seconds() -> u64 {
+    900
+}
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -101,6 +107,7 @@ impl Default for GatewayConfig {
             hold_seconds: default_hold_seconds(),
             default_max_tokens: default_max_tokens(),
             keys: Vec::new(),
+            approval_wait_seconds: default_approval_wait_seconds(),
         }
     }
 }
@@ -124,9 +131,15 @@ pub struct AliasSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnExhausted {
+    /// The call is refused (`budget_exhausted`, HTTP 429).
     #[default]
     Deny,
+    /// The call moves to `downgrade_to`, a cheaper alias.
     Downgrade,
+    /// The call waits for a person's approval (the approvals API, the CLI, the decisions topic),
+    /// at most `gateway.approval_wait_seconds`; approved, it goes ahead over the budget (and is
+    /// counted against it); rejected, expired or not decided in time, it is refused.
+    Approve,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -325,6 +338,10 @@ impl GatewayConfig {
     }
 }
 
+/// The resource of calls that name none (`X-Switchyard-Resource` absent): their audit records and
+/// over-budget approvals are about it.
+pub const NO_RESOURCE: &str = "gateway";
+
 /// Who calls, for budgets, limits and accounting.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -431,6 +448,11 @@ pub struct Gateway {
     limiter: Limiter,
     budgets: Arc<Budgets>,
     recorder: Option<Recorder>,
+    /// Where over-budget calls of `on_exhausted: approve` aliases ask a person.
+    approvals: Option<(
+        Arc<crate::governance::approvals::Approvals>,
+        crate::kafka::Producer,
+    )>,
 }
 
 /// Where the gateway writes what each call did: an `llm_call` audit record sealed into this
@@ -530,7 +552,19 @@ impl Gateway {
             providers,
             budgets,
             recorder: None,
+            approvals: None,
         })
+    }
+
+    /// Lets calls of `on_exhausted: approve` aliases wait for a person (records produced with
+    /// `producer`).
+    pub fn with_approvals(
+        mut self,
+        approvals: Arc<crate::governance::approvals::Approvals>,
+        producer: crate::kafka::Producer,
+    ) -> Self {
+        self.approvals = Some((approvals, producer));
+        self
     }
 
     /// Writes an `llm_call` audit record for every call.
@@ -581,7 +615,12 @@ impl Gateway {
         let audit = AuditData {
             decision: "llm_call".into(),
             stage: "gateway".into(),
-            resource: caller.resource.clone(),
+            // Every audit record is about a resource: a call that names none is the gateway's own.
+            resource: if caller.resource.is_empty() {
+                NO_RESOURCE.to_string()
+            } else {
+                caller.resource.clone()
+            },
             tenant: caller.tenant.clone(),
             event_id: None,
             task_id: (!caller.task.is_empty()).then(|| caller.task.clone()),
@@ -734,6 +773,15 @@ impl Gateway {
                             tracing::info!(alias = %route.alias, to = %d, budget = %budget, "Budget exhausted; downgrading the call.");
                             route = self.route(&d)?;
                         }
+                        (OnExhausted::Approve, _) => {
+                            self.approved_overrun(caller, &route.alias, &budget, cost)
+                                .await?;
+                            let h = self
+                                .budgets
+                                .hold_over(&spender, cost, self.cfg.hold_seconds * 1000)
+                                .await?;
+                            return Ok((route, Some(h), est));
+                        }
                         _ => return Err(GatewayError::BudgetExhausted { budget }),
                     }
                 }
@@ -742,6 +790,85 @@ impl Gateway {
         Err(GatewayError::BadRequest(
             "downgrade aliases form a loop".into(),
         ))
+    }
+
+    /// Asks a person to let a call go over `budget` and waits for the decision (polling the
+    /// approval, at most `approval_wait_seconds`): `Ok` when approved, `BudgetExhausted` when
+    /// rejected, expired, not decided in time, or when no approvals service is configured. One
+    /// approval per task, alias and budget, so a retried call waits on the same one.
+    async fn approved_overrun(
+        &self,
+        caller: &Caller,
+        alias: &str,
+        budget: &str,
+        estimate: f64,
+    ) -> Result<(), GatewayError> {
+        let exhausted = || GatewayError::BudgetExhausted {
+            budget: budget.to_string(),
+        };
+        let Some((approvals, producer)) = &self.approvals else {
+            tracing::warn!(alias, budget, "on_exhausted: approve, but this process has no approvals service; the call is refused.");
+            return Err(exhausted());
+        };
+        let resource = if caller.resource.is_empty() {
+            NO_RESOURCE
+        } else {
+            caller.resource.as_str()
+        };
+        let basis = if caller.task.is_empty() {
+            uuid::Uuid::new_v4().simple().to_string()
+        } else {
+            caller.task.clone()
+        };
+        let action = crate::records::ActionData {
+            action_id: format!(
+                "act-{}",
+                crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget])
+            ),
+            action: "llm.over_budget".into(),
+            resource: resource.to_string(),
+            tenant: caller.tenant.clone(),
+            workflow_id: caller.workflow.clone(),
+            parameters: serde_json::json!({"alias": alias, "budget": budget, "estimated_cost": estimate,
+                                           "agent": caller.agent, "task": caller.task}),
+            fencing_token: 0,
+            proposals: serde_json::json!([]),
+            agents: serde_json::json!([caller.agent]),
+            priority: 0,
+            impact: crate::records::Impact::Medium,
+            approved_by: None,
+            reason: Some(format!("budget {budget} is exhausted")),
+        };
+        let key = crate::store::ResourceKey::new(&caller.tenant, resource);
+        let unavailable = |e: crate::governance::approvals::ApprovalError| {
+            GatewayError::Unavailable(format!("approval of an over-budget call: {e}"))
+        };
+        let (approval, outputs) = approvals.request(&key, action).await.map_err(unavailable)?;
+        for o in &outputs {
+            producer.send(o).await.map_err(|e| {
+                GatewayError::Unavailable(format!("approval request not written: {e}"))
+            })?;
+        }
+        tracing::info!(approval_id = %approval.approval_id, alias, budget, agent = %caller.agent, "Budget exhausted; the call waits for a person's approval.");
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.approval_wait_seconds);
+        loop {
+            let status = approvals
+                .get(&approval.approval_id)
+                .await
+                .map_err(unavailable)?
+                .map(|s| s.approval.status)
+                .unwrap_or_default();
+            match status.as_str() {
+                "approved" => return Ok(()),
+                "pending" | "escalated" if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                _ => {
+                    tracing::info!(approval_id = %approval.approval_id, status = %status, "The over-budget call was not approved; refused.");
+                    return Err(exhausted());
+                }
+            }
+        }
     }
 
     /// The buckets of a candidate's limits for a caller, costing one request and `tokens`.

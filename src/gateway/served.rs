@@ -109,6 +109,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
             .collect::<String>()
     };
     let (task, resource) = (header("x-switchyard-task"), header("x-switchyard-resource"));
+    let workflow = header("x-switchyard-workflow");
     let mut found = None;
     for k in s.gw.keys() {
         let want = hex::decode(&k.key_sha256).unwrap_or_default();
@@ -117,7 +118,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
             found = Some(Caller {
                 tenant: k.tenant.clone(),
                 agent: k.name.clone(),
-                workflow: String::new(),
+                workflow: workflow.clone(),
                 task: task.clone(),
                 resource: resource.clone(),
             });
@@ -127,7 +128,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
         found = Some(Caller {
             tenant: "default".into(),
             agent: "gateway-key".into(),
-            workflow: String::new(),
+            workflow,
             task,
             resource,
         });

@@ -253,6 +253,62 @@ impl Approvals {
         Err(ApprovalError::Contention)
     }
 
+    /// Asks a person to approve `action` on the resource `key`, outside conflict resolution (a model
+    /// call over its budget): the approval is stored with the resource, indexed, and announced.
+    /// Idempotent per action id: asking again returns the approval as it stands and no records.
+    /// Returns the approval and the records to produce (the request and its sealed audit record).
+    pub async fn request(
+        &self,
+        key: &crate::store::ResourceKey,
+        action: ActionData,
+    ) -> Result<(ApprovalData, Vec<Output>), ApprovalError> {
+        let approval_id = format!("apr-{}", crate::pattern::stable_id(&[&action.action_id]));
+        for _ in 0..20 {
+            let loaded = self.store.load(key, &[], None).await?.record;
+            if let Some(s) = loaded.approvals.get(&approval_id) {
+                return Ok((s.approval.clone(), Vec::new()));
+            }
+            let now = now_secs();
+            let approval = ApprovalData {
+                approval_id: approval_id.clone(),
+                action_id: action.action_id.clone(),
+                action: action.action.clone(),
+                resource: action.resource.clone(),
+                tenant: action.tenant.clone(),
+                status: "pending".into(),
+                decided_by: None,
+                why: None,
+                requested_at: now,
+                expires_at: now + self.config.timeout_seconds as i64,
+                action_record: serde_json::to_value(&action).map_err(enc)?,
+            };
+            let s = StoredApproval {
+                approval,
+                action: action.clone(),
+                escalated: false,
+                decided_at: now_rfc3339(),
+            };
+            self.check_sizes(&s, None)?;
+            let change = Change {
+                state: loaded.state.clone(),
+                token: loaded.token,
+                approvals: vec![s.clone()],
+            };
+            let write = Write {
+                change: &change,
+                applied: None,
+                decision: None,
+            };
+            if self.store.commit(key, loaded.rev, write).await? {
+                self.store.index_open(&[&s.approval]).await?;
+                METRICS.approvals.with_label_values(&["requested"]).inc();
+                let outputs = self.outputs(&s, None).await?;
+                return Ok((s.approval, outputs));
+            }
+        }
+        Err(ApprovalError::Contention)
+    }
+
     /// Records for an approval's current status: the approval record, the action when approved,
     /// and the (unsealed) audit record.
     fn records(
@@ -279,6 +335,7 @@ impl Approvals {
         }
         out.push(approval_output(&self.emitter, &self.approvals_topic, a, None, time).map_err(pe)?);
         let decision = match a.status.as_str() {
+            "pending" => "approval_requested",
             "expired" => "approval_expired",
             "escalated" => "approval_escalated",
             _ => "approval_decided",

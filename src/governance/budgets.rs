@@ -769,6 +769,46 @@ impl Budgets {
         })
     }
 
+    /// Holds `estimate` like [`Budgets::hold`] but past every maximum: a call a person approved
+    /// over its budget is still counted against it.
+    pub async fn hold_over(
+        &self,
+        s: &Spender<'_>,
+        estimate: f64,
+        hold_ms: u64,
+    ) -> Result<Hold, StoreError> {
+        let apply = self.applicable(s, now_secs());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
+        if !lines.is_empty() {
+            let unbounded: Vec<Line> = lines
+                .iter()
+                .map(|l| Line {
+                    max_calls: None,
+                    max_cost: None,
+                    ..l.clone()
+                })
+                .collect();
+            let request = Request {
+                lines: unbounded,
+                calls: 1,
+                cost: estimate,
+            };
+            let r = self
+                .store
+                .hold(&self.holds(), &id, hold_ms, &request)
+                .await?;
+            for ((b, _), (calls, spent)) in apply.iter().zip(&r.spent) {
+                export(b, *calls, *spent);
+            }
+        }
+        Ok(Hold {
+            id,
+            lines,
+            estimate,
+        })
+    }
+
     /// Settles a hold at the actual cost; the rest of the estimate is given back.
     pub async fn settle(&self, hold: &Hold, actual: f64) -> Result<(), StoreError> {
         if hold.lines.is_empty() {
