@@ -56,6 +56,7 @@ say "Building switchyard"
 cargo build --quiet --bin switchyard
 
 say "Starting the LLM agents' tools: MCP server ops (port $MCP_PORT), ticket system (port $TICKETS_PORT)"
+rm -f "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl"
 "$SWITCHYARD_STACK_DIR/venv/bin/python" "$ROOT/deploy/local/mcp_server.py" "$MCP_PORT" "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl" \
     >"$SWITCHYARD_STACK_DIR/mcp.log" 2>&1 &
 TOOL_PIDS+=($!)
