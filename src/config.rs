@@ -84,6 +84,9 @@ pub struct Config {
     /// External tools LLM agents may use: HTTP endpoints and MCP servers.
     #[serde(default)]
     pub tools: BTreeMap<String, crate::tools::ToolSpec>,
+    /// Workflows: graphs of steps a route can start.
+    #[serde(default)]
+    pub workflows: BTreeMap<String, crate::workflow::WorkflowSpec>,
 }
 
 /// Whether a stage runs.
@@ -118,6 +121,7 @@ const SECTIONS: &[&str] = &[
     "governance",
     "gateway",
     "tools",
+    "workflows",
 ];
 
 /// One problem in a config file, naming the item it is about.
@@ -308,6 +312,7 @@ impl Config {
                 "governance" => section(&key, v, &mut problems, &mut config.governance),
                 "gateway" => section(&key, v, &mut problems, &mut config.gateway),
                 "tools" => section(&key, v, &mut problems, &mut config.tools),
+                "workflows" => section(&key, v, &mut problems, &mut config.workflows),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -487,6 +492,9 @@ impl Config {
         for (item, m) in crate::tools::problems(&self.tools) {
             p(&item, m);
         }
+        for (item, m) in crate::workflow::problems(&self.workflows, &agents) {
+            p(&item, m);
+        }
         for (item, m) in self.governance.problems(&agents, &actions) {
             p(&item, m);
         }
@@ -520,6 +528,14 @@ impl Config {
                     p(
                         &format!("routes[{i}] ({})", r.name),
                         format!("agent {a:?} is not declared under agents"),
+                    );
+                }
+            }
+            for w in &r.workflows {
+                if !self.workflows.contains_key(w) {
+                    p(
+                        &format!("routes[{i}] ({})", r.name),
+                        format!("workflow {w:?} is not declared under workflows"),
                     );
                 }
             }

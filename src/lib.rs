@@ -73,3 +73,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tools;
 pub mod topics;
+pub mod workflow;

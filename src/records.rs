@@ -96,6 +96,45 @@ pub struct TaskData {
     /// The input event (structured JSON; a JSON string when the topic is Avro-encoded).
     #[serde(deserialize_with = "json_or_text")]
     pub event: Value,
+    /// Set when the task is a step of a workflow run.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "step_json_or_text"
+    )]
+    pub step: Option<StepRef>,
+}
+
+/// What a workflow step's task carries about its run (`task.step`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRef {
+    pub run_id: String,
+    pub workflow: String,
+    pub step: String,
+    /// 1, or 2 for the fallback agent.
+    #[serde(default = "one")]
+    pub attempt: u32,
+    /// Its proposals are held for a merge step (not sent to resolve).
+    #[serde(default)]
+    pub hold: bool,
+    /// The results of the steps it runs after: `{step: {status, agent, findings, proposals}}`.
+    #[serde(default)]
+    pub inputs: Value,
+    /// When the run started (RFC 3339).
+    pub run_started_at: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn step_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StepRef>, D::Error> {
+    match json_or_text(d)? {
+        Value::Null => Ok(None),
+        v => serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 /// `data` of a `switchyard.proposal` event: an action an agent wants on a resource.

@@ -27,7 +27,11 @@ pub struct RouteSpec {
     #[serde(default)]
     pub when: Vec<Condition>,
     /// Agents that receive a task when the route matches.
+    #[serde(default)]
     pub agents: Vec<String>,
+    /// Workflows a run of which starts when the route matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workflows: Vec<String>,
     /// Higher runs first and wins when two routes name the same agent.
     #[serde(default)]
     pub priority: i32,
@@ -107,6 +111,7 @@ struct CompiledRoute {
     types: Vec<TypePattern>,
     when: Vec<CompiledCondition>,
     agents: Vec<String>,
+    workflows: Vec<String>,
     priority: i32,
 }
 
@@ -146,8 +151,8 @@ impl Router {
             if specs[..i].iter().any(|s| s.name == spec.name) {
                 problem(format!("name {:?} is used by an earlier route", spec.name));
             }
-            if spec.agents.is_empty() {
-                problem("agents must name at least one agent".into());
+            if spec.agents.is_empty() && spec.workflows.is_empty() {
+                problem("agents must name at least one agent (or workflows a workflow)".into());
             }
             for (j, t) in spec.types.iter().enumerate() {
                 if let Some(m) = crate::pattern::pattern_problem(t) {
@@ -167,6 +172,7 @@ impl Router {
                 types: spec.types.iter().map(|t| TypePattern::new(t)).collect(),
                 when,
                 agents: spec.agents.clone(),
+                workflows: spec.workflows.clone(),
                 priority: spec.priority,
             });
         }
@@ -198,6 +204,27 @@ impl Router {
                         route: r.name.clone(),
                         priority: r.priority,
                     });
+                }
+            }
+        }
+        out
+    }
+
+    /// The workflows an event on `topic` starts: `(workflow, route, priority)`, highest priority
+    /// first, each workflow once.
+    pub fn workflows(&self, topic: &str, ev: &CloudEvent) -> Vec<(String, String, i32)> {
+        let mut out: Vec<(String, String, i32)> = Vec::new();
+        for r in &self.routes {
+            if r.workflows.is_empty()
+                || (!r.topics.is_empty() && !r.topics.iter().any(|t| t == topic))
+                || (!r.types.is_empty() && !r.types.iter().any(|p| p.matches(&ev.ty)))
+                || !r.when.iter().all(|c| eval(c, ev))
+            {
+                continue;
+            }
+            for w in &r.workflows {
+                if !out.iter().any(|(x, _, _)| x == w) {
+                    out.push((w.clone(), r.name.clone(), r.priority));
                 }
             }
         }
@@ -316,6 +343,7 @@ mod tests {
             types: types.iter().map(|s| s.to_string()).collect(),
             when: vec![],
             agents: agents.iter().map(|s| s.to_string()).collect(),
+            workflows: vec![],
             priority,
         }
     }
@@ -471,6 +499,7 @@ mod tests {
                 types: types.into_iter().map(str::to_string).collect(),
                 when: vec![],
                 agents: agents.into_iter().map(str::to_string).collect(),
+                workflows: vec![],
                 priority,
             })
     }

@@ -102,6 +102,10 @@ pub struct Metrics {
     pub agent_llm_iterations: HistogramVec,
     /// Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).
     pub tool_calls: IntCounterVec,
+    /// Workflow runs by workflow and outcome (started, succeeded, completed_with_failures, failed).
+    pub workflow_runs: IntCounterVec,
+    /// Duration of workflow steps (the agent's work), by workflow and step.
+    pub workflow_step_duration: HistogramVec,
 }
 
 /// The process-wide metrics.
@@ -152,7 +156,7 @@ impl Metrics {
                 "switchyard_end_to_end_latency_seconds",
                 "Time from the input record's timestamp until its outputs were acknowledged.",
                 &["stage"],
-                latency_buckets,
+                latency_buckets.clone(),
                 r
             )?,
             commits: register_int_counter_vec_with_registry!(
@@ -368,6 +372,19 @@ impl Metrics {
                 "switchyard_tool_calls_total",
                 "Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).",
                 &["tool", "outcome"],
+                r
+            )?,
+            workflow_runs: register_int_counter_vec_with_registry!(
+                "switchyard_workflow_runs_total",
+                "Workflow runs by workflow and outcome (started, succeeded, completed_with_failures, failed).",
+                &["workflow", "outcome"],
+                r
+            )?,
+            workflow_step_duration: register_histogram_vec_with_registry!(
+                "switchyard_workflow_step_duration_seconds",
+                "Duration of workflow steps (the agent's work), by workflow and step.",
+                &["workflow", "step"],
+                latency_buckets.clone(),
                 r
             )?,
             audit_sealed: register_int_counter_vec_with_registry!(

@@ -177,6 +177,9 @@ pub struct TopicsConfig {
     /// Tool calls of LLM agents and of the tool executor, keyed by task id.
     #[serde(default = "default_tool_calls")]
     pub tool_calls: String,
+    /// Workflow lifecycle records, keyed by run id.
+    #[serde(default = "default_workflows")]
+    pub workflows: String,
 }
 
 impl Default for TopicsConfig {
@@ -200,6 +203,7 @@ impl TopicsConfig {
             self.decisions.as_str(),
             self.llm_calls.as_str(),
             self.tool_calls.as_str(),
+            self.workflows.as_str(),
         ]);
         v
     }
@@ -240,6 +244,9 @@ fn default_dlq() -> String {
 }
 fn default_llm_calls() -> String {
     "switchyard.llm-calls".into()
+}
+fn default_workflows() -> String {
+    "switchyard.workflows".into()
 }
 fn default_tool_calls() -> String {
     "switchyard.tool-calls".into()

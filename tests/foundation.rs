@@ -344,7 +344,7 @@ async fn topics_apply_is_idempotent() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("0 created, 12 unchanged, 0 differ"),
+        text.contains("0 created, 14 unchanged, 0 differ"),
         "second apply changes nothing: {text}"
     );
 }
@@ -758,7 +758,7 @@ fn embedded_default_config_validates_and_shows_redacted() {
         stdout.contains("the embedded default config is valid"),
         "names the embedded default: {stdout}"
     );
-    assert!(stdout.contains("12 topic definitions"), "{stdout}");
+    assert!(stdout.contains("14 topic definitions"), "{stdout}");
     let out = run(&[
         "-b",
         "kafka.example:9093",

@@ -35,5 +35,5 @@ python3 deploy/tools/import_graph.py --check | sed -n '1,5p'
 
 say "cargo test (unit, property and integration tests against the stack)"
 start=$SECONDS
-cargo test --all-targets "$@"
+cargo test --no-fail-fast --all-targets "$@"
 say "All tests passed in $((SECONDS - start)) s"

@@ -13,6 +13,7 @@ pub mod status;
 pub mod tail;
 pub mod topics;
 pub mod validate;
+pub mod workflows;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,8 @@ pub enum Command {
     Approvals(approvals::Args),
     /// Rebuild Redis from the Kafka topics after Redis lost its data.
     Recover(recover::Args),
+    /// Workflow runs: the recent ones, one run's timeline.
+    Workflows(workflows::Args),
 }
 
 /// Runs the command.
@@ -83,5 +86,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Audit(a) => audit::run(&ctx, a).await,
         Command::Approvals(a) => approvals::run(&ctx, a).await,
         Command::Recover(a) => recover::run(&ctx, a).await,
+        Command::Workflows(a) => workflows::run(&ctx, a).await,
     }
 }

@@ -94,6 +94,14 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             dlq_topic: cfg.topics.dlq.clone(),
             max_record_bytes: cfg.kafka.max_record_bytes,
             unrecorded: Default::default(),
+            workflows: (!cfg.workflows.is_empty()).then(|| {
+                Arc::new(Workflows {
+                    runs: crate::workflow::runs::Runs::new(s.redis.clone(), &cfg.redis.key_prefix),
+                    specs: cfg.workflows.clone(),
+                    tasks_topic: cfg.topics.tasks.clone(),
+                    workflows_topic: cfg.topics.workflows.clone(),
+                })
+            }),
         }))
     })
 }
@@ -148,6 +156,16 @@ pub struct AgentStage<S: ContextStore> {
     /// Outcomes computed but not yet recorded (Redis failed right after the call): a retry records
     /// these instead of calling the agent again.
     pub unrecorded: std::sync::Mutex<HashMap<String, Arc<Computed>>>,
+    /// Moves workflow runs on as their steps finish; none without workflows.
+    pub workflows: Option<Arc<Workflows>>,
+}
+
+/// The workflows of the config and where their runs live.
+pub struct Workflows {
+    pub runs: crate::workflow::runs::Runs,
+    pub specs: std::collections::BTreeMap<String, crate::workflow::WorkflowSpec>,
+    pub tasks_topic: String,
+    pub workflows_topic: String,
 }
 
 /// A context store failure, counted; [`ProcessError`] decides retry (unreachable) or dead letter
@@ -423,7 +441,9 @@ impl<S: ContextStore> AgentStage<S> {
         let tp = t.traceparent.as_deref();
         let mut out = Vec::new();
         let mut proposal_ids = Vec::new();
-        for (i, p) in o.response.proposals.iter().enumerate() {
+        // A workflow step whose proposals a merge step joins sends none to resolve.
+        let held = task.step.as_ref().is_some_and(|s| s.hold);
+        for (i, p) in o.response.proposals.iter().enumerate().filter(|_| !held) {
             let id = format!(
                 "prop-{}",
                 stable_id(&[&task.task_id, &i.to_string(), &p.action])
@@ -566,7 +586,21 @@ impl<S: ContextStore> Processor for AgentStage<S> {
 
     /// One lane per resource (the record key), so tasks of a resource run in order.
     fn lane(&self, rec: &Input) -> u64 {
-        rec.key_lane()
+        match rec
+            .headers
+            .iter()
+            .find(|(k, _)| k == crate::workflow::STEP_HEADER)
+        {
+            // A workflow's parallel steps on one resource run side by side.
+            Some((_, step)) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                rec.key.hash(&mut h);
+                step.hash(&mut h);
+                h.finish()
+            }
+            None => rec.key_lane(),
+        }
     }
 
     /// A batch's tasks: their contexts read in one round trip and their budgets reserved in
@@ -789,12 +823,178 @@ impl<S: ContextStore> AgentStage<S> {
                 o
             }
         };
-        let (outputs, audits) = self.outputs(&job.rec, &t, &outcome)?;
+        let (mut outputs, mut audits) = self.outputs(&job.rec, &t, &outcome)?;
+        let (more, more_audits) = self.advance(&t, &outcome).await?;
+        outputs.extend(more);
+        audits.extend(more_audits);
         Ok(Decided {
             outputs,
             audits,
             cleanup: vec![forget_token(&key, &t.task.task_id)],
         })
+    }
+}
+
+impl<S: ContextStore> AgentStage<S> {
+    /// For a workflow step: moves its run on (one compare-and-set; idempotent) and returns the
+    /// records that causes — the next steps' tasks, lifecycle records, a declarative merge's
+    /// proposals — and audit records of skipped steps and the run's end.
+    async fn advance(
+        &self,
+        t: &DecodedTask,
+        o: &Outcome,
+    ) -> Result<(Vec<Output>, Vec<CloudEvent>), ProcessError> {
+        let (Some(wf), Some(step)) = (&self.workflows, &t.task.step) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let Some(spec) = wf.specs.get(&step.workflow) else {
+            tracing::warn!(workflow = %step.workflow, run_id = %step.run_id, "A step finished for a workflow no longer in the config; its run stops here.");
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let task = &t.task;
+        let meta = crate::workflow::RunState {
+            run_id: step.run_id.clone(),
+            workflow: step.workflow.clone(),
+            resource: task.resource.clone(),
+            tenant: task.tenant.clone(),
+            event_id: t.event.id.clone(),
+            started_at: step.run_started_at.clone(),
+            ..Default::default()
+        };
+        let f = crate::workflow::Finished {
+            step,
+            agent: &task.agent,
+            task_id: &task.task_id,
+            status: &o.status,
+            findings: &o.response.findings,
+            proposals: &o.response.proposals,
+            error: o.error.as_deref(),
+            duration_ms: o.duration_ms,
+            at: &o.at,
+        };
+        let plan = wf
+            .runs
+            .advance(spec, &meta, &f)
+            .await
+            .map_err(|e| ProcessError::from(e).context("workflow run"))?;
+        METRICS
+            .workflow_step_duration
+            .with_label_values(&[&step.workflow, &step.step])
+            .observe(o.duration_ms as f64 / 1000.0);
+        let tp = t.traceparent.as_deref();
+        let mut out = Vec::new();
+        for st in &plan.start {
+            let data = TaskData {
+                task_id: st.task_id.clone(),
+                workflow_id: task.workflow_id.clone(),
+                agent: st.agent.clone(),
+                route: task.route.clone(),
+                priority: task.priority,
+                resource: task.resource.clone(),
+                tenant: task.tenant.clone(),
+                event: task.event.clone(),
+                step: Some(crate::records::StepRef {
+                    run_id: step.run_id.clone(),
+                    workflow: step.workflow.clone(),
+                    step: st.step.clone(),
+                    attempt: st.attempt,
+                    hold: st.hold,
+                    inputs: st.inputs.clone(),
+                    run_started_at: step.run_started_at.clone(),
+                }),
+            };
+            let mut ev = CloudEvent::new(st.task_id.clone(), SOURCE, types::TASK)
+                .with_subject(task.resource.clone())
+                .with_time(&o.at)
+                .with_typed_data(&data)?
+                .with_extension("tenant", task.tenant.clone());
+            if let Some(tp) = tp {
+                ev = ev.with_extension("traceparent", tp);
+            }
+            out.push(
+                self.emitter
+                    .emit(&wf.tasks_topic, &ev)?
+                    .header(crate::workflow::STEP_HEADER, st.step.clone()),
+            );
+        }
+        for (i, (merge_step, agent, p)) in plan.merged.iter().enumerate() {
+            let id = format!(
+                "prop-{}",
+                stable_id(&[&step.run_id, merge_step, &i.to_string(), &p.action])
+            );
+            let data = ProposalData {
+                proposal_id: id.clone(),
+                task_id: task.task_id.clone(),
+                workflow_id: task.workflow_id.clone(),
+                agent: agent.clone(),
+                action: p.action.clone(),
+                resource: task.resource.clone(),
+                tenant: task.tenant.clone(),
+                parameters: p.parameters.clone(),
+                priority: p.priority,
+                impact: p.impact,
+                context_version: o.context_version,
+                reason: p.reason.clone(),
+                event_id: Some(t.event.id.clone()),
+                cost: p.cost,
+            };
+            let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
+                .with_subject(task.resource.clone())
+                .with_time(&o.at)
+                .with_typed_data(&data)?
+                .with_extension("tenant", task.tenant.clone());
+            if let Some(tp) = tp {
+                ev = ev.with_extension("traceparent", tp);
+            }
+            out.push(self.emitter.emit(&self.proposals_topic, &ev)?);
+        }
+        let mut audits = Vec::new();
+        for r in &plan.records {
+            out.push(self.emitter.emit(
+                &wf.workflows_topic,
+                &crate::workflow::lifecycle_event(&meta, r),
+            )?);
+            let decision = match r.kind.as_str() {
+                "step.skipped" => "workflow_step_skipped",
+                "workflow.completed" => "workflow_completed",
+                "workflow.failed" => "workflow_failed",
+                _ => continue,
+            };
+            if let Some(outcome) = r
+                .status
+                .as_deref()
+                .filter(|_| r.kind.starts_with("workflow."))
+            {
+                METRICS
+                    .workflow_runs
+                    .with_label_values(&[&step.workflow, outcome])
+                    .inc();
+            }
+            let a = AuditData {
+                decision: decision.into(),
+                stage: "agents".into(),
+                resource: task.resource.clone(),
+                tenant: task.tenant.clone(),
+                event_id: Some(t.event.id.clone()),
+                task_id: Some(task.task_id.clone()),
+                workflow_id: Some(task.workflow_id.clone()),
+                trace_id: trace_id(tp),
+                reason: r.error.clone(),
+                detail: json!({"run_id": step.run_id, "workflow": step.workflow, "step": r.step,
+                               "status": r.status}),
+                seq: None,
+                prev_hash: None,
+                hash: None,
+            };
+            audits.push(audit_event(
+                SOURCE,
+                &[decision, &step.run_id, r.step.as_deref().unwrap_or("")],
+                &a,
+                tp,
+                &o.at,
+            )?);
+        }
+        Ok((out, audits))
     }
 }
 
@@ -875,6 +1075,7 @@ mod tests {
             dlq_topic: "dlq".into(),
             max_record_bytes: 1 << 20,
             unrecorded: Default::default(),
+            workflows: None,
         }
     }
 
@@ -891,6 +1092,7 @@ mod tests {
             resource: "svc".into(),
             tenant: "default".into(),
             event: serde_json::to_value(&ev).unwrap(),
+            step: None,
         };
         let rec = CloudEvent::new("task-1", "t", types::TASK)
             .with_subject("svc")

@@ -41,6 +41,8 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             router,
             emitter: s.emitter.clone(),
             tasks_topic: cfg.topics.tasks.clone(),
+            workflows_topic: cfg.topics.workflows.clone(),
+            workflows: cfg.workflows.clone(),
             sealer: s.sealer.clone(),
         }))
     })
@@ -53,6 +55,9 @@ pub struct RouteStage {
     pub router: Router,
     pub emitter: Emitter,
     pub tasks_topic: String,
+    pub workflows_topic: String,
+    /// The workflows routes can start.
+    pub workflows: std::collections::BTreeMap<String, crate::workflow::WorkflowSpec>,
     /// Seals the routing decision into the resource's audit chain.
     pub sealer: Arc<Sealer>,
 }
@@ -80,7 +85,60 @@ impl RouteStage {
                 .with_label_values(&[&m.route, &m.agent])
                 .inc();
         }
-        let (decision, reason, detail) = if matches.is_empty() {
+        let mut runs = Vec::new();
+        for (name, route, priority) in self.router.workflows(topic, ev) {
+            let Some(spec) = self.workflows.get(&name) else {
+                continue;
+            };
+            let run_id = crate::workflow::run_id(&wf, &name);
+            let run = crate::workflow::RunState {
+                run_id: run_id.clone(),
+                workflow: name.clone(),
+                resource: resource.clone(),
+                tenant: ev.tenant().to_string(),
+                event_id: ev.id.clone(),
+                started_at: time.to_string(),
+                ..Default::default()
+            };
+            let (starts, records) = crate::workflow::start(spec, &run_id, time);
+            for st in &starts {
+                let m = RouteMatch {
+                    agent: st.agent.clone(),
+                    route: route.clone(),
+                    priority,
+                };
+                let step = crate::records::StepRef {
+                    run_id: run_id.clone(),
+                    workflow: name.clone(),
+                    step: st.step.clone(),
+                    attempt: st.attempt,
+                    hold: st.hold,
+                    inputs: st.inputs.clone(),
+                    run_started_at: time.to_string(),
+                };
+                let task = self.step_task(ev, &m, &resource, &wf, time, &st.task_id, step)?;
+                task_ids.push(task.id.clone());
+                out.push(
+                    self.emitter
+                        .emit(&self.tasks_topic, &task)?
+                        .header(crate::workflow::STEP_HEADER, st.step.clone()),
+                );
+                METRICS
+                    .tasks_emitted
+                    .with_label_values(&[&route, &st.agent])
+                    .inc();
+            }
+            for r in &records {
+                let ev = crate::workflow::lifecycle_event(&run, r);
+                out.push(self.emitter.emit(&self.workflows_topic, &ev)?);
+            }
+            METRICS
+                .workflow_runs
+                .with_label_values(&[&name, "started"])
+                .inc();
+            runs.push(run_id);
+        }
+        let (decision, reason, detail) = if matches.is_empty() && runs.is_empty() {
             (
                 "unrouted",
                 Some("no route matches".to_string()),
@@ -88,11 +146,12 @@ impl RouteStage {
             )
         } else {
             let routes: Vec<&str> = matches.iter().map(|m| m.route.as_str()).collect();
-            (
-                "routed",
-                None,
-                json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes}),
-            )
+            let mut detail =
+                json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes});
+            if !runs.is_empty() {
+                detail["workflow_runs"] = json!(runs);
+            }
+            ("routed", None, detail)
         };
         METRICS
             .events_routed
@@ -123,6 +182,40 @@ impl RouteStage {
         Ok((out, audit_ev))
     }
 
+    /// The task of a workflow's first step.
+    #[allow(clippy::too_many_arguments)]
+    fn step_task(
+        &self,
+        ev: &CloudEvent,
+        m: &RouteMatch,
+        resource: &str,
+        wf: &str,
+        time: &str,
+        task_id: &str,
+        step: crate::records::StepRef,
+    ) -> Result<CloudEvent, ProcessError> {
+        let data = TaskData {
+            task_id: task_id.to_string(),
+            workflow_id: wf.to_string(),
+            agent: m.agent.clone(),
+            route: m.route.clone(),
+            priority: m.priority,
+            resource: resource.to_string(),
+            tenant: ev.tenant().to_string(),
+            event: data_value(ev)?,
+            step: Some(step),
+        };
+        let mut task = CloudEvent::new(task_id, SOURCE, types::TASK)
+            .with_subject(resource)
+            .with_time(time)
+            .with_typed_data(&data)?
+            .with_extension("tenant", ev.tenant());
+        if let Some(tp) = ev.traceparent() {
+            task = task.with_extension("traceparent", tp);
+        }
+        Ok(task)
+    }
+
     fn task_event(
         &self,
         ev: &CloudEvent,
@@ -141,6 +234,7 @@ impl RouteStage {
             resource: resource.to_string(),
             tenant: ev.tenant().to_string(),
             event: data_value(ev)?,
+            step: None,
         };
         let mut task = CloudEvent::new(id, SOURCE, types::TASK)
             .with_subject(resource)

@@ -177,6 +177,7 @@ pub const LOGICAL_TOPICS: &[&str] = &[
     "switchyard.approval-decisions",
     "switchyard.llm-calls",
     "switchyard.tool-calls",
+    "switchyard.workflows",
 ];
 
 impl TestEnv {
@@ -250,6 +251,7 @@ topics:
   decisions: {prefix}.switchyard.approval-decisions
   llm_calls: {prefix}.switchyard.llm-calls
   tool_calls: {prefix}.switchyard.tool-calls
+  workflows: {prefix}.switchyard.workflows
 schemas_dir: {schemas}
 {routes}
 {extra_yaml}

@@ -116,6 +116,7 @@ mod tests {
                 resource: "svc".into(),
                 tenant: "default".into(),
                 event: Value::Null,
+                step: None,
             },
             event: ev,
             context: ScopedContext::new(3, facts, &["*".to_string()]),

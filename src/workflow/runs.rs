@@ -1,0 +1,163 @@
+//! Where runs live: one Redis hash per run (`<prefix>:wf:{tenant/resource}:<run id>`, the
+//! resource's hash slot) holding the run's state as JSON and a version; every change is a
+//! compare-and-set on the version, so two step completions racing (parallel branches, two
+//! instances after a rebalance) serialise and a join fires once. An index (newest first) serves
+//! `switchyard workflows list`.
+
+use redis::Script;
+
+use super::{advance, new_run, Finished, Plan, RunState, WorkflowSpec};
+use crate::store::{RedisConn, ResourceKey, StoreError};
+
+/// How long a run's state is kept after its last change.
+const KEEP_SECONDS: u64 = 7 * 24 * 3600;
+
+/// KEYS[1] the run; ARGV expected version, state JSON, ttl. 1 written, 0 moved.
+const CAS: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', v + 1, 'state', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+pub struct Runs {
+    conn: RedisConn,
+    prefix: String,
+    cas: Script,
+}
+
+impl Runs {
+    pub fn new(conn: RedisConn, prefix: &str) -> Self {
+        Runs {
+            conn,
+            prefix: prefix.to_string(),
+            cas: Script::new(CAS),
+        }
+    }
+
+    fn key(&self, tenant: &str, resource: &str, run_id: &str) -> String {
+        format!(
+            "{}:wf:{}:{run_id}",
+            self.prefix,
+            ResourceKey::new(tenant, resource).hash_tag()
+        )
+    }
+
+    fn index_key(&self) -> String {
+        format!("{}:wf:runs", self.prefix)
+    }
+
+    fn where_key(&self, run_id: &str) -> String {
+        format!("{}:wf:where:{run_id}", self.prefix)
+    }
+
+    async fn load(&self, key: &str) -> Result<(u64, Option<RunState>), StoreError> {
+        let mut c = self.conn.get().await?;
+        let (v, state): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("v")
+            .arg("state")
+            .query_async(&mut c)
+            .await?;
+        let state = match state {
+            Some(s) => Some(
+                serde_json::from_str(&s)
+                    .map_err(|e| StoreError::Corrupt(format!("run state {key}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok((v.unwrap_or(0), state))
+    }
+
+    /// Moves the run `meta.run_id` on after a step task finished (creating the run's state from
+    /// `meta` when this is its first completion); the plan says what to produce.
+    pub async fn advance(
+        &self,
+        w: &WorkflowSpec,
+        meta: &RunState,
+        f: &Finished<'_>,
+    ) -> Result<Plan, StoreError> {
+        let key = self.key(&meta.tenant, &meta.resource, &meta.run_id);
+        for _ in 0..50 {
+            let (v, state) = self.load(&key).await?;
+            let created = state.is_none();
+            let mut state = state.unwrap_or_else(|| new_run(w, meta.clone()));
+            if state.plans.contains_key(f.task_id) {
+                return Ok(advance(w, &mut state, f));
+            }
+            let plan = advance(w, &mut state, f);
+            let json = serde_json::to_string(&state)
+                .map_err(|e| StoreError::Corrupt(format!("run state: {e}")))?;
+            let mut c = self.conn.get().await?;
+            let written: i64 = self
+                .cas
+                .key(&key)
+                .arg(v)
+                .arg(json)
+                .arg(KEEP_SECONDS)
+                .invoke_async(&mut c)
+                .await?;
+            if written == 1 {
+                if created {
+                    let score = chrono::Utc::now().timestamp_millis();
+                    let _: () = redis::pipe()
+                        .cmd("ZADD")
+                        .arg(self.index_key())
+                        .arg(score)
+                        .arg(&meta.run_id)
+                        .ignore()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(self.index_key())
+                        .arg("-inf")
+                        .arg(score - (KEEP_SECONDS as i64) * 1000)
+                        .ignore()
+                        .cmd("SET")
+                        .arg(self.where_key(&meta.run_id))
+                        .arg(&key)
+                        .arg("EX")
+                        .arg(KEEP_SECONDS)
+                        .ignore()
+                        .query_async(&mut c)
+                        .await?;
+                }
+                return Ok(plan);
+            }
+        }
+        Err(StoreError::Redis(format!(
+            "run {} kept moving under 50 attempts",
+            meta.run_id
+        )))
+    }
+
+    /// A run's state by id.
+    pub async fn get(&self, run_id: &str) -> Result<Option<RunState>, StoreError> {
+        let mut c = self.conn.get().await?;
+        let key: Option<String> = redis::cmd("GET")
+            .arg(self.where_key(run_id))
+            .query_async(&mut c)
+            .await?;
+        match key {
+            Some(k) => Ok(self.load(&k).await?.1),
+            None => Ok(None),
+        }
+    }
+
+    /// The most recent runs, newest first (their first step completed).
+    pub async fn list(&self, limit: usize) -> Result<Vec<RunState>, StoreError> {
+        let mut c = self.conn.get().await?;
+        let ids: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(self.index_key())
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(r) = self.get(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}

