@@ -127,6 +127,7 @@ routes:
   - {{name: par, types: [t.par], workflows: [par]}}
   - {{name: soft, types: [t.soft], workflows: [soft]}}
   - {{name: hard, types: [t.hard], workflows: [hard]}}
+  - {{name: late, types: [t.late], workflows: [late]}}
 workflows:
   seq:
     steps:
@@ -148,6 +149,16 @@ workflows:
     steps:
       h1: {{agent: failer}}
       h2: {{agent: writer, after: [h1]}}
+  late:
+    deadline_seconds: 2
+    steps:
+      l1: {{agent: slow}}
+      l2: {{agent: slow, after: [l1]}}
+      l3: {{agent: slow, after: [l2]}}
+      l4: {{agent: slow, after: [l3]}}
+      l5: {{agent: slow, after: [l4]}}
+      l6: {{agent: slow, after: [l5]}}
+      l7: {{agent: slow, after: [l6]}}
 {agents}
 "#,
             agents = agents_yaml(&url)
@@ -155,7 +166,10 @@ workflows:
     )
     .await;
     let running = env.start(&["route", "agents"]);
-    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard"].iter().enumerate() {
+    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard", "t.late"]
+        .iter()
+        .enumerate()
+    {
         env.publish_one(
             "events.deployments",
             &format!("w{i}"),
@@ -175,10 +189,10 @@ workflows:
                 .filter(|r| {
                     let ev = event_of(r);
                     let k = &data_of(&ev)["kind"];
-                    k == "workflow.completed" || k == "workflow.failed"
+                    k == "workflow.completed" || k == "workflow.failed" || k == "workflow.timed_out"
                 })
                 .count()
-                >= 4
+                >= 5
         },
     )
     .await;
@@ -276,6 +290,20 @@ workflows:
         ]
     );
 
+    // late: seven 1.5 s steps against a 2 s deadline: the sweeper ends the run; no step starts
+    // after it.
+    let late = run_of(&recs, "late");
+    let t = timeline(&recs, &late);
+    let end = t
+        .iter()
+        .position(|k| k == "workflow.timed_out")
+        .expect("timed out");
+    assert!(
+        !t[end..].iter().any(|k| k.starts_with("step.started")),
+        "{t:?}"
+    );
+    assert!(!t.iter().any(|k| k == "step.started:l7"), "{t:?}");
+
     // The CLI prints a run's timeline from Redis.
     let out = std::process::Command::new(bin())
         .args([
@@ -314,7 +342,7 @@ workflows:
         .env("SWITCHYARD_REDIS_URL", &stack().1)
         .output()
         .expect("workflows list");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 runs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 runs"));
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;

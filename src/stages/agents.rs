@@ -75,6 +75,22 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
                 },
             );
         }
+        let workflows = (!cfg.workflows.is_empty()).then(|| {
+            Arc::new(Workflows {
+                runs: crate::workflow::runs::Runs::new(s.redis.clone(), &cfg.redis.key_prefix),
+                specs: cfg.workflows.clone(),
+                tasks_topic: cfg.topics.tasks.clone(),
+                workflows_topic: cfg.topics.workflows.clone(),
+            })
+        });
+        if let Some(wf) = &workflows {
+            s.tracker.spawn(expire_runs(
+                wf.clone(),
+                s.emitter.clone(),
+                s.producer.clone(),
+                s.stop.clone(),
+            ));
+        }
         let stats = Arc::new(AgentStats::new(s.redis.clone(), &cfg.redis.key_prefix));
         s.tracker.spawn(stats.clone().run(s.stop.clone()));
         init_metrics(agents.keys());
@@ -94,16 +110,50 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             dlq_topic: cfg.topics.dlq.clone(),
             max_record_bytes: cfg.kafka.max_record_bytes,
             unrecorded: Default::default(),
-            workflows: (!cfg.workflows.is_empty()).then(|| {
-                Arc::new(Workflows {
-                    runs: crate::workflow::runs::Runs::new(s.redis.clone(), &cfg.redis.key_prefix),
-                    specs: cfg.workflows.clone(),
-                    tasks_topic: cfg.topics.tasks.clone(),
-                    workflows_topic: cfg.topics.workflows.clone(),
-                })
-            }),
+            workflows,
         }))
     })
+}
+
+/// Every 5 s (any instance; each run once, by compare-and-set): ends the runs past their
+/// workflow's deadline and writes their `workflow.timed_out` records.
+async fn expire_runs(
+    wf: Arc<Workflows>,
+    emitter: Emitter,
+    producer: crate::kafka::Producer,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let ended = match wf.runs.expire(&wf.specs, chrono::Utc::now()).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not sweep workflow deadlines.");
+                continue;
+            }
+        };
+        for (run, record) in ended {
+            tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "Workflow run timed out.");
+            METRICS
+                .workflow_runs
+                .with_label_values(&[&run.workflow, "timed_out"])
+                .inc();
+            let ev = crate::workflow::lifecycle_event(&run, &record);
+            match emitter.emit(&wf.workflows_topic, &ev) {
+                Ok(out) => {
+                    if let Err(e) = producer.send(&out).await {
+                        tracing::warn!(error = %e, run_id = %run.run_id, "Could not write a workflow.timed_out record.");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not encode a workflow.timed_out record.")
+                }
+            }
+        }
+    }
 }
 
 /// Creates the stage's series at zero, so dashboards and alerts see them before the first task.

@@ -130,6 +130,94 @@ impl Runs {
         )))
     }
 
+    /// Ends the runs still running past their workflow's `deadline_seconds` (`timed_out`): no
+    /// further step starts; steps still running finish unseen. Returns each ended run with its
+    /// `workflow.timed_out` record, for the caller to produce.
+    pub async fn expire(
+        &self,
+        specs: &std::collections::BTreeMap<String, WorkflowSpec>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(RunState, super::Lifecycle)>, StoreError> {
+        let Some(longest) = specs.values().filter_map(|w| w.deadline_seconds).max() else {
+            return Ok(Vec::new());
+        };
+        let mut c = self.conn.get().await?;
+        // Runs that can be past a deadline: started at least the shortest deadline ago, at most
+        // the longest deadline plus a day ago (older ones were swept before).
+        let newest = now.timestamp_millis();
+        let oldest = newest - (longest as i64 + 86_400) * 1000;
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.index_key())
+            .arg(oldest)
+            .arg(newest)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(key) = redis::cmd("GET")
+                .arg(self.where_key(&id))
+                .query_async::<Option<String>>(&mut c)
+                .await?
+            else {
+                continue;
+            };
+            for _ in 0..5 {
+                let (v, Some(mut state)) = self.load(&key).await? else {
+                    break;
+                };
+                let Some(deadline) = specs.get(&state.workflow).and_then(|w| w.deadline_seconds)
+                else {
+                    break;
+                };
+                let started = chrono::DateTime::parse_from_rfc3339(&state.started_at)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .unwrap_or(now);
+                if state.status != "running"
+                    || now < started + chrono::Duration::seconds(deadline as i64)
+                {
+                    break;
+                }
+                let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                state.status = "timed_out".into();
+                state.finished_at = Some(at.clone());
+                let running: Vec<String> = state
+                    .steps
+                    .iter()
+                    .filter(|(_, s)| s.status == "running")
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let json = serde_json::to_string(&state)
+                    .map_err(|e| StoreError::Corrupt(format!("run state: {e}")))?;
+                let written: i64 = self
+                    .cas
+                    .key(&key)
+                    .arg(v)
+                    .arg(json)
+                    .arg(KEEP_SECONDS)
+                    .invoke_async(&mut c)
+                    .await?;
+                if written == 1 {
+                    let record = super::Lifecycle {
+                        kind: "workflow.timed_out".into(),
+                        step: None,
+                        agent: None,
+                        task_id: None,
+                        status: Some("timed_out".into()),
+                        duration_ms: Some(deadline * 1000),
+                        error: Some(format!(
+                            "not finished within {deadline} s; still running: {}",
+                            running.join(", ")
+                        )),
+                        at,
+                    };
+                    out.push((state, record));
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// A run's state by id.
     pub async fn get(&self, run_id: &str) -> Result<Option<RunState>, StoreError> {
         let mut c = self.conn.get().await?;
