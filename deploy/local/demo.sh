@@ -122,6 +122,11 @@ show() { # topic, summary fields
 sleep 2
 show switchyard.tasks
 show switchyard.results
+show switchyard.workflows
+say "The incident-response run's timeline (switchyard workflows show)"
+"$BIN" --config "$CONFIG" workflows list
+RUN_ID="$("$BIN" --config "$CONFIG" workflows list | awk '/^run-/ {print $1; exit}')"
+[[ -n "$RUN_ID" ]] && "$BIN" --config "$CONFIG" workflows show "$RUN_ID"
 show switchyard.proposals
 show switchyard.approvals
 show switchyard.actions

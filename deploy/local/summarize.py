@@ -35,6 +35,12 @@ for line in sys.stdin:
               f"{json.dumps(d.get('parameters'))}{by}")
     elif t == "switchyard.approval":
         print(f"  {where:<34} approval {d.get('status'):<9} {d.get('action'):<15} resource={d.get('resource'):<10} id={d.get('approval_id')}")
+    elif t == "switchyard.workflow":
+        step = f" {d.get('step')}" if d.get("step") else ""
+        who = f" ({d.get('agent')})" if d.get("agent") else ""
+        extra = f" {d.get('status')}" if d.get("status") else ""
+        took = f" in {d.get('duration_ms')} ms" if d.get("duration_ms") is not None else ""
+        print(f"  {where:<34} {d.get('workflow')} {d.get('run_id')[:16]}… {d.get('kind'):<18}{step}{who}{extra}{took}")
     elif t == "switchyard.tool_call":
         c = d.get("call") or {}
         who = d.get("agent") or "-"
