@@ -274,8 +274,7 @@ workflows:
     let last = recs
         .iter()
         .map(|r| data_of(&event_of(r)).clone())
-        .filter(|d| d["run_id"] == soft.as_str() && d["kind"] == "workflow.completed")
-        .last()
+        .rfind(|d| d["run_id"] == soft.as_str() && d["kind"] == "workflow.completed")
         .expect("soft completed");
     assert_eq!(last["status"], "completed_with_failures");
     // hard: h1 fails, the run fails, h2 never starts.
@@ -346,4 +345,136 @@ workflows:
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;
+}
+
+/// Two `switchyard run` processes share the work of 8 runs of a four-branch workflow; one is
+/// SIGKILLed while the branches run. Every run completes, and each join (an agent merge) runs
+/// exactly once: the survivor redelivers the dead one's branches, and their completions, racing or
+/// repeated, start the join once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_fires_once_when_an_instance_is_killed_during_the_branches() {
+    let (url, agents) = serve().await;
+    let env = TestEnv::new(
+        4,
+        &format!(
+            r#"
+routes:
+  - {{name: wide, types: [t.wide], workflows: [wide]}}
+workflows:
+  wide:
+    steps:
+      b1: {{agent: slow}}
+      b2: {{agent: slow}}
+      b3: {{agent: slow}}
+      b4: {{agent: slow}}
+      join: {{agent: merger, merge: agent, after: [b1, b2, b3, b4]}}
+{agents}
+"#,
+            agents = agents_yaml(&url)
+        ),
+    )
+    .await;
+    let (brokers, redis) = stack().clone();
+    let spawn = || {
+        Reaper(
+            std::process::Command::new(bin())
+                .args([
+                    "--config",
+                    env.config_path.to_str().expect("path"),
+                    "run",
+                    "--stages",
+                    "route,agents",
+                ])
+                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+                .env("SWITCHYARD_REDIS_URL", &redis)
+                .env("RUST_LOG", "error")
+                .spawn()
+                .expect("spawn switchyard"),
+        )
+    };
+    let mut procs = vec![spawn(), spawn()];
+    // Both in the groups before the events come.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    const RUNS: usize = 8;
+    for i in 0..RUNS {
+        env.publish_one(
+            "events.deployments",
+            &format!("k{i}"),
+            "t.wide",
+            &format!("res-{i}"),
+            json!({}),
+        )
+        .await;
+    }
+    // Kill one once branches are running.
+    for _ in 0..100 {
+        if agents
+            .calls
+            .lock()
+            .expect("lock")
+            .get("slow")
+            .map_or(0, Vec::len)
+            >= 4
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut victim = procs.remove(0);
+    victim.0.kill().expect("SIGKILL");
+    let _ = victim.0.wait();
+
+    let recs = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.workflows"),
+        Duration::from_secs(120),
+        |got| {
+            got.iter()
+                .filter_map(|r| {
+                    let ev = event_of(r);
+                    let d = data_of(&ev);
+                    (d["kind"] == "workflow.completed")
+                        .then(|| d["run_id"].as_str().unwrap_or("").to_string())
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= RUNS
+        },
+    )
+    .await;
+    let completed: std::collections::BTreeSet<String> = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["kind"] == "workflow.completed")
+        .map(|d| d["run_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(completed.len(), RUNS, "every run completes");
+    let calls = agents.calls.lock().expect("lock").clone();
+    let mut joins: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &calls["merger"] {
+        *joins
+            .entry(
+                c["task"]["step"]["run_id"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(joins.len(), RUNS, "{joins:?}");
+    assert!(
+        joins.values().all(|n| *n == 1),
+        "each join ran once: {joins:?}"
+    );
+    // Each join saw all four branches.
+    assert!(calls["merger"]
+        .iter()
+        .all(|c| c["task"]["step"]["inputs"].as_object().map(|m| m.len()) == Some(4)));
+    let slow = calls["slow"].len();
+    println!(
+        "branch calls: {slow} for {} branches (redelivered after the kill: {})",
+        RUNS * 4,
+        slow - RUNS * 4
+    );
+    drop(procs);
 }
