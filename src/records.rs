@@ -79,6 +79,9 @@ pub struct AgentResponse {
     pub findings: Vec<Finding>,
     #[serde(default)]
     pub proposals: Vec<ProposalSpec>,
+    /// A workflow supervisor's sub-tasks (`[{agent, instructions}]`); see README, "Workflows".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegate: Vec<Delegation>,
 }
 
 // ---- Records on switchyard's topics ----
@@ -122,6 +125,24 @@ pub struct StepRef {
     pub inputs: Value,
     /// When the run started (RFC 3339).
     pub run_started_at: String,
+    /// A supervisor's round (0 first; each delegation starts another).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u32,
+    /// Agents this task may delegate to (`delegate` in its answer); empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delegates: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Work a supervisor step hands to another agent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Delegation {
+    pub agent: String,
+    #[serde(default)]
+    pub instructions: String,
 }
 
 fn one() -> u32 {

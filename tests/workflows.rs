@@ -59,6 +59,25 @@ async fn agent(State(st): State<Arc<Agents>>, Json(req): Json<Value>) -> axum::r
             Json(json!({"findings": [{"key": "wf.slow", "value": req["task"]["step"]["step"]}]})).into_response()
         }
         "failer" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "cannot").into_response(),
+        // A supervisor: delegates twice (once to an agent it may not use), then concludes
+        // (its delegation in the third round is over max_rounds).
+        "boss" => {
+            let round = req["task"]["step"]["round"].as_u64().unwrap_or(0);
+            let seen: Vec<String> = inputs["delegated"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let (delegate, action) = match round {
+                0 => (json!([{"agent": "writer", "instructions": "find the cause"},
+                             {"agent": "pager", "instructions": "page the team"},
+                             {"agent": "failer", "instructions": "not allowed"}]), "restart"),
+                1 => (json!([{"agent": "writer", "instructions": "look again"}]), "restart"),
+                _ => (json!([{"agent": "writer", "instructions": "one more"}]), "scale_up"),
+            };
+            Json(json!({"delegate": delegate,
+                        "proposals": [{"action": action, "parameters": {"round": round, "saw": seen}}]}))
+            .into_response()
+        }
         _ => Json(json!({})).into_response(),
     }
 }
@@ -87,6 +106,7 @@ fn agents_yaml(url: &str) -> String {
         "slow",
         "failer",
         "quiet",
+        "boss",
     ] {
         y.push_str(&format!(
             "  {name}:\n    kind: http\n    url: {url}\n    reads: [\"*\"]\n    writes: [\"wf.*\"]\n    actions: [page, scale_up, restart]\n    retries: 0\n    timeout_ms: 10000\n"
@@ -128,6 +148,7 @@ routes:
   - {{name: soft, types: [t.soft], workflows: [soft]}}
   - {{name: hard, types: [t.hard], workflows: [hard]}}
   - {{name: late, types: [t.late], workflows: [late]}}
+  - {{name: sup, types: [t.sup], workflows: [sup]}}
 workflows:
   seq:
     steps:
@@ -159,6 +180,9 @@ workflows:
       l5: {{agent: slow, after: [l4]}}
       l6: {{agent: slow, after: [l5]}}
       l7: {{agent: slow, after: [l6]}}
+  sup:
+    steps:
+      boss: {{agent: boss, supervise: {{agents: [writer, pager], max_rounds: 2, max_delegations: 3}}}}
 {agents}
 "#,
             agents = agents_yaml(&url)
@@ -166,7 +190,7 @@ workflows:
     )
     .await;
     let running = env.start(&["route", "agents"]);
-    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard", "t.late"]
+    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard", "t.late", "t.sup"]
         .iter()
         .enumerate()
     {
@@ -186,13 +210,18 @@ workflows:
         Duration::from_secs(60),
         |got| {
             got.iter()
-                .filter(|r| {
+                .filter_map(|r| {
                     let ev = event_of(r);
-                    let k = &data_of(&ev)["kind"];
-                    k == "workflow.completed" || k == "workflow.failed" || k == "workflow.timed_out"
+                    let d = data_of(&ev);
+                    let k = &d["kind"];
+                    (k == "workflow.completed"
+                        || k == "workflow.failed"
+                        || k == "workflow.timed_out")
+                        .then(|| d["run_id"].as_str().unwrap_or("").to_string())
                 })
-                .count()
-                >= 5
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= 6
         },
     )
     .await;
@@ -303,6 +332,72 @@ workflows:
     );
     assert!(!t.iter().any(|k| k == "step.started:l7"), "{t:?}");
 
+    // sup: the supervisor delegates to writer and pager (failer refused), is called again with
+    // their results, delegates once more (the third delegation), and concludes in round 2 (its
+    // delegation there is over max_rounds); only its final proposal goes to resolve.
+    let sup = run_of(&recs, "sup");
+    let t = timeline(&recs, &sup);
+    assert_eq!(
+        t.iter().filter(|k| *k == "step.delegated:boss").count(),
+        2,
+        "{t:?}"
+    );
+    assert_eq!(
+        t.iter().filter(|k| *k == "delegation.refused:boss").count(),
+        2,
+        "{t:?}"
+    );
+    assert_eq!(
+        t.last().map(String::as_str),
+        Some("workflow.completed"),
+        "{t:?}"
+    );
+    let calls = agents.calls.lock().expect("lock").clone();
+    let in_run = |agent: &str| {
+        calls
+            .get(agent)
+            .map(|c| {
+                c.iter()
+                    .filter(|x| x["task"]["step"]["run_id"] == sup.as_str())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (
+            in_run("boss"),
+            in_run("writer"),
+            in_run("pager"),
+            in_run("failer")
+        ),
+        (3, 2, 1, 0)
+    );
+    let last_boss = calls["boss"]
+        .iter()
+        .rfind(|x| x["task"]["step"]["run_id"] == sup.as_str())
+        .expect("boss");
+    assert_eq!(
+        last_boss["task"]["step"]["inputs"]["delegated"]
+            .as_object()
+            .map(|m| m.len()),
+        Some(1)
+    );
+    let sup_props: Vec<String> = env
+        .read("switchyard.proposals", 20, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<ProposalData>(data_of(&event_of(r)).clone()).expect("proposal")
+        })
+        .filter(|p| p.resource == "svc-5")
+        .map(|p| format!("{}:{}", p.action, p.parameters["round"]))
+        .collect();
+    assert_eq!(
+        sup_props,
+        ["scale_up:2"],
+        "only the supervisor's final proposal"
+    );
+
     // The CLI prints a run's timeline from Redis.
     let out = std::process::Command::new(bin())
         .args([
@@ -341,7 +436,7 @@ workflows:
         .env("SWITCHYARD_REDIS_URL", &stack().1)
         .output()
         .expect("workflows list");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("5 runs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("6 runs"));
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;

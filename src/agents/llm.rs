@@ -76,6 +76,7 @@ pub const BUILTIN_TOOLS: &[&str] = &[
     "recent_events",
     "write_finding",
     "propose_action",
+    "delegate",
 ];
 
 impl Spec {
@@ -292,6 +293,14 @@ impl LlmAgent {
         messages.push(json!({"role": "user", "content": self.render(&self.spec.prompt, &vars)?}));
         let external = self.tools.offered(&self.spec.tools).await;
         let mut declarations = builtin_declarations();
+        // A workflow supervisor may hand work to the agents its step allows.
+        if let Some(st) = req.task.step.as_ref().filter(|s| !s.delegates.is_empty()) {
+            declarations.push(json!({"type": "function", "function": {"name": "delegate",
+                "description": "Hand a piece of work to another agent. It runs after this turn ends; you are then called again with every delegated result (task.step.inputs.delegated) to review and conclude. Only your final proposals go to conflict resolution.",
+                "parameters": {"type": "object", "properties": {
+                    "agent": {"type": "string", "enum": st.delegates},
+                    "instructions": {"type": "string"}}, "required": ["agent", "instructions"]}}}));
+        }
         declarations.extend(external.iter().map(Tool::declaration));
         let caller = Caller {
             tenant: req.task.tenant.clone(),
@@ -692,6 +701,41 @@ impl LlmAgent {
                         "note": format!("{} may not propose {action}.", self.name)}),
                     ))
                 }
+            }
+            "delegate" => {
+                let can = run
+                    .req
+                    .task
+                    .step
+                    .as_ref()
+                    .map(|s| s.delegates.clone())
+                    .unwrap_or_default();
+                let agent = args
+                    .get("agent")
+                    .and_then(Value::as_str)
+                    .ok_or("agent must be a string")?
+                    .to_string();
+                if !can.contains(&agent) {
+                    return Err(if can.is_empty() {
+                        "this task may not delegate".to_string()
+                    } else {
+                        format!("may not delegate to {agent:?}; allowed: {}", can.join(", "))
+                    });
+                }
+                let instructions = args
+                    .get("instructions")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                run.out.delegate.push(crate::records::Delegation {
+                    agent: agent.clone(),
+                    instructions,
+                });
+                Ok((
+                    "proposed",
+                    json!({"status": "delegated", "agent": agent,
+                    "note": "It runs after you answer; you will be called again with its result."}),
+                ))
             }
             _ => Err(format!("there is no tool {name:?}")),
         }

@@ -442,6 +442,8 @@ impl<S: ContextStore> AgentStage<S> {
                         refusals.push(format!("action:{}", p.action));
                     }
                 }
+                // Checked against the step's supervision rules when its run moves on.
+                kept.delegate = resp.delegate;
                 ("succeeded", None, kept)
             }
             Err(e @ AgentError::Timeout(_)) => {
@@ -918,6 +920,7 @@ impl<S: ContextStore> AgentStage<S> {
             status: &o.status,
             findings: &o.response.findings,
             proposals: &o.response.proposals,
+            delegate: &o.response.delegate,
             error: o.error.as_deref(),
             duration_ms: o.duration_ms,
             at: &o.at,
@@ -951,6 +954,8 @@ impl<S: ContextStore> AgentStage<S> {
                     hold: st.hold,
                     inputs: st.inputs.clone(),
                     run_started_at: step.run_started_at.clone(),
+                    round: st.round,
+                    delegates: st.delegates.clone(),
                 }),
             };
             let mut ev = CloudEvent::new(st.task_id.clone(), SOURCE, types::TASK)
@@ -1005,6 +1010,8 @@ impl<S: ContextStore> AgentStage<S> {
                 &crate::workflow::lifecycle_event(&meta, r),
             )?);
             let decision = match r.kind.as_str() {
+                "step.delegated" => "workflow_delegated",
+                "delegation.refused" => "workflow_delegation_refused",
                 "step.skipped" => "workflow_step_skipped",
                 "workflow.completed" => "workflow_completed",
                 "workflow.failed" => "workflow_failed",
@@ -1031,14 +1038,20 @@ impl<S: ContextStore> AgentStage<S> {
                 trace_id: trace_id(tp),
                 reason: r.error.clone(),
                 detail: json!({"run_id": step.run_id, "workflow": step.workflow, "step": r.step,
-                               "status": r.status}),
+                               "status": r.status, "agent": r.agent}),
                 seq: None,
                 prev_hash: None,
                 hash: None,
             };
             audits.push(audit_event(
                 SOURCE,
-                &[decision, &step.run_id, r.step.as_deref().unwrap_or("")],
+                &[
+                    decision,
+                    &step.run_id,
+                    r.step.as_deref().unwrap_or(""),
+                    r.agent.as_deref().unwrap_or(""),
+                    &task.task_id,
+                ],
                 &a,
                 tp,
                 &o.at,

@@ -115,6 +115,8 @@ impl RouteStage {
                     hold: st.hold,
                     inputs: st.inputs.clone(),
                     run_started_at: time.to_string(),
+                    round: st.round,
+                    delegates: st.delegates.clone(),
                 };
                 let task = self.step_task(ev, &m, &resource, &wf, time, &st.task_id, step)?;
                 task_ids.push(task.id.clone());

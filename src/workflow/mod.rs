@@ -58,6 +58,37 @@ pub struct StepSpec {
     /// Joins the parents: their proposals are held (not sent to resolve) and merged here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<Merge>,
+    /// Makes the step a supervisor: its agent may delegate to these agents and is called again
+    /// with their results; only its final proposals go to resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervise: Option<Supervise>,
+}
+
+/// A supervisor's delegation rules.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Supervise {
+    /// The agents it may delegate to (any other delegation is refused and audited).
+    pub agents: Vec<String>,
+    /// Rounds of delegation at most; the call after the last round must conclude.
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
+    /// Delegations over the whole run at most (more are refused).
+    #[serde(default = "default_max_delegations")]
+    pub max_delegations: u32,
+    /// How deep delegation nests: 1 = sub-agents cannot delegate further (the only depth built).
+    #[serde(default = "one_u32")]
+    pub max_depth: u32,
+}
+
+fn default_max_rounds() -> u32 {
+    2
+}
+fn default_max_delegations() -> u32 {
+    8
+}
+fn one_u32() -> u32 {
+    1
 }
 
 /// How a merge step combines its parents' proposals.
@@ -141,6 +172,34 @@ pub fn problems(
                     "on_failure: fallback needs `fallback: <agent>`".into(),
                 ));
             }
+            if let Some(sv) = &step.supervise {
+                if step.agent.is_none() {
+                    p.push((item(s), "a supervisor needs an agent".into()));
+                }
+                for a in &sv.agents {
+                    if !agents.contains(&a.as_str()) {
+                        p.push((
+                            item(s),
+                            format!(
+                                "supervise.agents names {a:?}, which is not declared under agents"
+                            ),
+                        ));
+                    }
+                }
+                if sv.max_depth != 1 {
+                    p.push((
+                        item(s),
+                        "supervise.max_depth: only 1 is supported (sub-agents do not delegate further)"
+                            .into(),
+                    ));
+                }
+                if sv.max_rounds == 0 || sv.max_delegations == 0 {
+                    p.push((
+                        item(s),
+                        "supervise.max_rounds and max_delegations must be at least 1".into(),
+                    ));
+                }
+            }
             if step.merge.is_some() && step.after.is_empty() {
                 p.push((
                     item(s),
@@ -222,9 +281,31 @@ pub fn roots(w: &WorkflowSpec) -> Vec<&String> {
 
 /// Whether a step's proposals are held for a merge step instead of going to resolve.
 pub fn holds(w: &WorkflowSpec, step: &str) -> bool {
-    w.steps
-        .values()
-        .any(|s| s.merge.is_some() && s.after.iter().any(|a| a == step))
+    w.steps.get(step).is_some_and(|s| s.supervise.is_some())
+        || w.steps
+            .values()
+            .any(|s| s.merge.is_some() && s.after.iter().any(|a| a == step))
+}
+
+/// The agents a step's task may delegate to in `round`.
+pub fn delegates(w: &WorkflowSpec, step: &str, round: u32) -> Vec<String> {
+    match w.steps.get(step).and_then(|s| s.supervise.as_ref()) {
+        Some(sv) if round < sv.max_rounds => sv.agents.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The name of a supervisor's sub-step: `<supervisor>#r<round>#<n>`.
+fn sub_step(supervisor: &str, round: u32, n: usize) -> String {
+    format!("{supervisor}#r{round}#{n}")
+}
+
+/// The supervisor and round of a sub-step name.
+fn parent_of(sub: &str) -> Option<(&str, u32)> {
+    let mut parts = sub.split('#');
+    let sup = parts.next()?;
+    let round = parts.next()?.strip_prefix('r')?.parse().ok()?;
+    Some((sup, round))
 }
 
 /// The run id of `workflow` started by the input event whose workflow id is `event_wf`.
@@ -260,6 +341,11 @@ pub struct StepState {
     pub duration_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// A supervisor's current round; a sub-step's instructions.
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
 }
 
 /// A run's state (stored as JSON under the run's key).
@@ -290,6 +376,10 @@ pub struct Start {
     pub attempt: u32,
     pub hold: bool,
     pub inputs: Value,
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default)]
+    pub delegates: Vec<String>,
 }
 
 /// A lifecycle record (`switchyard.workflows`, keyed by run id).
@@ -355,6 +445,8 @@ pub struct Finished<'a> {
     pub status: &'a str,
     pub findings: &'a [Finding],
     pub proposals: &'a [ProposalSpec],
+    /// What a supervisor delegated.
+    pub delegate: &'a [crate::records::Delegation],
     pub error: Option<&'a str>,
     pub duration_ms: u64,
     pub at: &'a str,
@@ -388,6 +480,8 @@ pub fn start(w: &WorkflowSpec, run_id: &str, at: &str) -> (Vec<Start>, Vec<Lifec
             attempt: 1,
             hold: holds(w, name),
             inputs: json!({}),
+            round: 0,
+            delegates: delegates(w, name, 0),
         });
         records.push(Lifecycle {
             step: Some(name.clone()),
@@ -424,6 +518,8 @@ pub fn new_run(w: &WorkflowSpec, meta: RunState) -> RunState {
                 error: None,
                 duration_ms: 0,
                 finished_at: None,
+                round: 0,
+                instructions: None,
             },
         );
     }
@@ -573,6 +669,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         error: f.error.map(str::to_string),
         duration_ms: f.duration_ms,
         finished_at: Some(f.at.into()),
+        round: f.step.round,
+        instructions: None,
     };
     let fallback = spec
         .filter(|s| !ok && s.on_failure == OnFailure::Fallback && f.step.attempt == 1)
@@ -586,6 +684,151 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         error: f.error.map(str::to_string),
         ..record(if ok { "step.completed" } else { "step.failed" }, f.at)
     });
+    // A supervisor's sub-step: recorded; once its round is complete, the supervisor is called
+    // again with every sub-step's result.
+    if let Some((sup, round)) = parent_of(step) {
+        st.instructions = state.steps.get(step).and_then(|s| s.instructions.clone());
+        state.steps.insert(step.into(), st);
+        let prefix = format!("{sup}#r{round}#");
+        let subs: Vec<(&String, &StepState)> = state
+            .steps
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .collect();
+        if state.status == "running" && subs.iter().all(|(_, s)| terminal(&s.status)) {
+            let delegated: serde_json::Map<String, Value> = subs
+                .iter()
+                .map(|(n, s)| {
+                    (
+                        n.to_string(),
+                        json!({"agent": s.agent, "status": s.status, "instructions": s.instructions,
+                               "findings": s.findings,
+                               "proposals": s.proposals.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+                               "error": s.error}),
+                    )
+                })
+                .collect();
+            let next = round + 1;
+            let task_id = format!(
+                "task-{}",
+                stable_id(&[&state.run_id, sup, "round", &next.to_string()])
+            );
+            let agent = w
+                .steps
+                .get(sup)
+                .and_then(|s| s.agent.clone())
+                .unwrap_or_default();
+            let mut inputs = inputs_of(w, state, sup);
+            if let Value::Object(m) = &mut inputs {
+                m.insert("delegated".into(), Value::Object(delegated));
+            }
+            plan.start.push(Start {
+                step: sup.into(),
+                agent: agent.clone(),
+                task_id: task_id.clone(),
+                attempt: 1,
+                hold: true,
+                inputs,
+                round: next,
+                delegates: delegates(w, sup, next),
+            });
+            plan.records.push(Lifecycle {
+                step: Some(sup.into()),
+                agent: Some(agent),
+                task_id: Some(task_id.clone()),
+                ..record("step.started", f.at)
+            });
+            if let Some(s) = state.steps.get_mut(sup) {
+                s.status = "running".into();
+                s.task_id = task_id;
+                s.round = next;
+            }
+        }
+        state.plans.insert(f.task_id.into(), plan.clone());
+        return plan;
+    }
+    if let Some(sv) = spec.and_then(|s| s.supervise.as_ref()).filter(|_| ok) {
+        let used = state
+            .steps
+            .keys()
+            .filter(|n| parent_of(n).is_some_and(|(s, _)| s == step))
+            .count();
+        let mut accepted: Vec<&crate::records::Delegation> = Vec::new();
+        for d in f.delegate {
+            let refused = if f.step.round >= sv.max_rounds {
+                Some(format!(
+                    "no delegation rounds left (max_rounds {})",
+                    sv.max_rounds
+                ))
+            } else if !sv.agents.contains(&d.agent) {
+                Some(format!("{} is not among supervise.agents", d.agent))
+            } else if used + accepted.len() >= sv.max_delegations as usize {
+                Some(format!("max_delegations ({}) reached", sv.max_delegations))
+            } else {
+                None
+            };
+            match refused {
+                Some(why) => plan.records.push(Lifecycle {
+                    step: Some(step.into()),
+                    agent: Some(d.agent.clone()),
+                    status: Some("refused".into()),
+                    error: Some(why),
+                    ..record("delegation.refused", f.at)
+                }),
+                None => accepted.push(d),
+            }
+        }
+        if !accepted.is_empty() {
+            // The supervisor waits for its sub-steps; this round's proposals are not final.
+            plan.records[0].kind = "step.delegated".into();
+            plan.records[0].status = Some(format!("{} delegated", accepted.len()));
+            st.status = "delegating".into();
+            for (i, d) in accepted.iter().enumerate() {
+                let name = sub_step(step, f.step.round, i);
+                let task_id = step_task_id(&state.run_id, &name, 1);
+                plan.start.push(Start {
+                    step: name.clone(),
+                    agent: d.agent.clone(),
+                    task_id: task_id.clone(),
+                    attempt: 1,
+                    hold: true,
+                    inputs: json!({"instructions": d.instructions, "supervisor": step, "round": f.step.round}),
+                    round: 0,
+                    delegates: Vec::new(),
+                });
+                plan.records.push(Lifecycle {
+                    step: Some(name.clone()),
+                    agent: Some(d.agent.clone()),
+                    task_id: Some(task_id.clone()),
+                    ..record("step.started", f.at)
+                });
+                state.steps.insert(
+                    name,
+                    StepState {
+                        status: "running".into(),
+                        agent: d.agent.clone(),
+                        task_id,
+                        attempt: 1,
+                        started_by: f.task_id.into(),
+                        findings: Vec::new(),
+                        proposals: Vec::new(),
+                        error: None,
+                        duration_ms: 0,
+                        finished_at: None,
+                        round: f.step.round,
+                        instructions: Some(d.instructions.clone()),
+                    },
+                );
+            }
+            state.steps.insert(step.into(), st);
+            state.plans.insert(f.task_id.into(), plan.clone());
+            return plan;
+        }
+        // The supervisor concluded: its proposals, and only these, go to resolve.
+        for p in f.proposals {
+            plan.merged.push((step.into(), f.agent.into(), p.clone()));
+        }
+    }
     if let Some(agent) = fallback {
         // The step runs again with its fallback agent; it is not finished.
         st.status = "running".into();
@@ -601,6 +844,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
             attempt: 2,
             hold: holds(w, step),
             inputs: inputs_of(w, state, step),
+            round: 0,
+            delegates: delegates(w, step, 0),
         });
         plan.records.push(Lifecycle {
             step: Some(step.into()),
@@ -654,6 +899,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                     error: None,
                     duration_ms: 0,
                     finished_at: None,
+                    round: 0,
+                    instructions: None,
                 };
                 if !s.when.iter().all(|c| holds_when(state, c)) {
                     plan.records.push(Lifecycle {
@@ -702,6 +949,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                             attempt: 1,
                             hold: holds(w, &n),
                             inputs: inputs_of(w, state, &n),
+                            round: 0,
+                            delegates: delegates(w, &n, 0),
                         });
                         plan.records.push(Lifecycle {
                             step: Some(n.clone()),
@@ -761,6 +1010,7 @@ mod tests {
             status,
             findings: &[],
             proposals: props,
+            delegate: &[],
             error: None,
             duration_ms: 5,
             at: "2026-11-26T00:00:00Z",
@@ -776,6 +1026,8 @@ mod tests {
             hold: false,
             inputs: json!({}),
             run_started_at: "t".into(),
+            round: 0,
+            delegates: vec![],
         }
     }
 
