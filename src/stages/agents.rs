@@ -481,6 +481,43 @@ impl<S: ContextStore> AgentStage<S> {
         Ok((facts, outcome))
     }
 
+    /// A proposal record of the task `t` (its agent, or for a merge the branch agent `agent`).
+    fn proposal(
+        &self,
+        t: &DecodedTask,
+        o: &Outcome,
+        id: String,
+        agent: &str,
+        p: &crate::records::ProposalSpec,
+    ) -> Result<Output, ProcessError> {
+        let task = &t.task;
+        let data = ProposalData {
+            proposal_id: id.clone(),
+            task_id: task.task_id.clone(),
+            workflow_id: task.workflow_id.clone(),
+            agent: agent.to_string(),
+            action: p.action.clone(),
+            resource: task.resource.clone(),
+            tenant: task.tenant.clone(),
+            parameters: p.parameters.clone(),
+            priority: p.priority,
+            impact: p.impact,
+            context_version: o.context_version,
+            reason: p.reason.clone(),
+            event_id: Some(t.event.id.clone()),
+            cost: p.cost,
+        };
+        let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
+            .with_subject(task.resource.clone())
+            .with_time(&o.at)
+            .with_typed_data(&data)?
+            .with_extension("tenant", task.tenant.clone());
+        if let Some(tp) = t.traceparent.as_deref() {
+            ev = ev.with_extension("traceparent", tp);
+        }
+        self.emitter.emit(&self.proposals_topic, &ev)
+    }
+
     /// The records an outcome causes: proposals, the result, a dead letter for a failed task, and
     /// the (unsealed) audit records.
     fn outputs(
@@ -500,31 +537,7 @@ impl<S: ContextStore> AgentStage<S> {
                 "prop-{}",
                 stable_id(&[&task.task_id, &i.to_string(), &p.action])
             );
-            let data = ProposalData {
-                proposal_id: id.clone(),
-                task_id: task.task_id.clone(),
-                workflow_id: task.workflow_id.clone(),
-                agent: task.agent.clone(),
-                action: p.action.clone(),
-                resource: task.resource.clone(),
-                tenant: task.tenant.clone(),
-                parameters: p.parameters.clone(),
-                priority: p.priority,
-                impact: p.impact,
-                context_version: o.context_version,
-                reason: p.reason.clone(),
-                event_id: Some(t.event.id.clone()),
-                cost: p.cost,
-            };
-            let mut ev = CloudEvent::new(id.clone(), SOURCE, types::PROPOSAL)
-                .with_subject(task.resource.clone())
-                .with_time(&o.at)
-                .with_typed_data(&data)?
-                .with_extension("tenant", task.tenant.clone());
-            if let Some(tp) = tp {
-                ev = ev.with_extension("traceparent", tp);
-            }
-            out.push(self.emitter.emit(&self.proposals_topic, &ev)?);
+            out.push(self.proposal(t, o, id.clone(), &task.agent, p)?);
             proposal_ids.push(id);
         }
         let findings: Vec<Value> = o
@@ -977,31 +990,7 @@ impl<S: ContextStore> AgentStage<S> {
                 "prop-{}",
                 stable_id(&[&step.run_id, merge_step, &i.to_string(), &p.action])
             );
-            let data = ProposalData {
-                proposal_id: id.clone(),
-                task_id: task.task_id.clone(),
-                workflow_id: task.workflow_id.clone(),
-                agent: agent.clone(),
-                action: p.action.clone(),
-                resource: task.resource.clone(),
-                tenant: task.tenant.clone(),
-                parameters: p.parameters.clone(),
-                priority: p.priority,
-                impact: p.impact,
-                context_version: o.context_version,
-                reason: p.reason.clone(),
-                event_id: Some(t.event.id.clone()),
-                cost: p.cost,
-            };
-            let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
-                .with_subject(task.resource.clone())
-                .with_time(&o.at)
-                .with_typed_data(&data)?
-                .with_extension("tenant", task.tenant.clone());
-            if let Some(tp) = tp {
-                ev = ev.with_extension("traceparent", tp);
-            }
-            out.push(self.emitter.emit(&self.proposals_topic, &ev)?);
+            out.push(self.proposal(t, o, id, agent, p)?);
         }
         let mut audits = Vec::new();
         for r in &plan.records {

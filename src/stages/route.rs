@@ -77,7 +77,7 @@ impl RouteStage {
         let mut out = Vec::with_capacity(matches.len() + 1);
         let mut task_ids = Vec::with_capacity(matches.len());
         for m in &matches {
-            let task = self.task_event(ev, m, &resource, &wf, time)?;
+            let task = self.task_event(ev, m, &resource, &wf, time, task_id(ev, &m.agent), None)?;
             task_ids.push(task.id.clone());
             out.push(self.emitter.emit(&self.tasks_topic, &task)?);
             METRICS
@@ -118,7 +118,8 @@ impl RouteStage {
                     round: st.round,
                     delegates: st.delegates.clone(),
                 };
-                let task = self.step_task(ev, &m, &resource, &wf, time, &st.task_id, step)?;
+                let task =
+                    self.task_event(ev, &m, &resource, &wf, time, st.task_id.clone(), Some(step))?;
                 task_ids.push(task.id.clone());
                 out.push(
                     self.emitter
@@ -184,40 +185,9 @@ impl RouteStage {
         Ok((out, audit_ev))
     }
 
-    /// The task of a workflow's first step.
+    /// A task record: for an agent the route names (`step` none, id from the event and agent), or
+    /// for a workflow's first step (`step` set, id from the run and step).
     #[allow(clippy::too_many_arguments)]
-    fn step_task(
-        &self,
-        ev: &CloudEvent,
-        m: &RouteMatch,
-        resource: &str,
-        wf: &str,
-        time: &str,
-        task_id: &str,
-        step: crate::records::StepRef,
-    ) -> Result<CloudEvent, ProcessError> {
-        let data = TaskData {
-            task_id: task_id.to_string(),
-            workflow_id: wf.to_string(),
-            agent: m.agent.clone(),
-            route: m.route.clone(),
-            priority: m.priority,
-            resource: resource.to_string(),
-            tenant: ev.tenant().to_string(),
-            event: data_value(ev)?,
-            step: Some(step),
-        };
-        let mut task = CloudEvent::new(task_id, SOURCE, types::TASK)
-            .with_subject(resource)
-            .with_time(time)
-            .with_typed_data(&data)?
-            .with_extension("tenant", ev.tenant());
-        if let Some(tp) = ev.traceparent() {
-            task = task.with_extension("traceparent", tp);
-        }
-        Ok(task)
-    }
-
     fn task_event(
         &self,
         ev: &CloudEvent,
@@ -225,8 +195,9 @@ impl RouteStage {
         resource: &str,
         wf: &str,
         time: &str,
+        id: String,
+        step: Option<crate::records::StepRef>,
     ) -> Result<CloudEvent, ProcessError> {
-        let id = task_id(ev, &m.agent);
         let data = TaskData {
             task_id: id.clone(),
             workflow_id: wf.to_string(),
@@ -236,7 +207,7 @@ impl RouteStage {
             resource: resource.to_string(),
             tenant: ev.tenant().to_string(),
             event: data_value(ev)?,
-            step: None,
+            step,
         };
         let mut task = CloudEvent::new(id, SOURCE, types::TASK)
             .with_subject(resource)

@@ -55,11 +55,7 @@ fn default_timeout_ms() -> u64 {
 impl Spec {
     /// `url`, or the value of `url_env` when that variable is set.
     pub fn effective_url(&self) -> String {
-        self.url_env
-            .as_deref()
-            .and_then(|v| std::env::var(v).ok())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| self.url.clone())
+        super::model::effective_url(&self.url, self.url_env.as_deref())
     }
 
     pub fn problems(&self) -> Vec<String> {
@@ -71,9 +67,7 @@ impl Spec {
             ));
         }
         let url = self.effective_url();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            p.push(format!("url {url:?} is not an http(s) URL"));
-        }
+        p.extend(super::model::url_problem(&url));
         if let Err(e) = minijinja::Environment::new().template_from_str(&url) {
             p.push(format!("url is not a valid template: {e}"));
         }

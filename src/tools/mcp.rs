@@ -61,19 +61,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 impl Spec {
     /// `url`, or the value of `url_env` when that variable is set.
     pub fn effective_url(&self) -> String {
-        self.url_env
-            .as_deref()
-            .and_then(|v| std::env::var(v).ok())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| self.url.clone())
+        super::model::effective_url(&self.url, self.url_env.as_deref())
     }
 
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         let url = self.effective_url();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            p.push(format!("url {url:?} is not an http(s) URL"));
-        }
+        p.extend(super::model::url_problem(&url));
         if self.timeout_ms == 0 {
             p.push("timeout_ms must be at least 1".into());
         }

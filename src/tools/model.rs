@@ -174,3 +174,17 @@ pub fn capped(v: Value) -> Value {
     }
     serde_json::json!({"truncated": true, "bytes": text.len(), "prefix": &text[..end]})
 }
+
+/// `url`, or the value of the environment variable `url_env` when it is set and not empty.
+pub fn effective_url(url: &str, url_env: Option<&str>) -> String {
+    url_env
+        .and_then(|v| std::env::var(v).ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| url.to_string())
+}
+
+/// Why `url` cannot be a tool's endpoint, or `None`.
+pub fn url_problem(url: &str) -> Option<String> {
+    (!(url.starts_with("http://") || url.starts_with("https://")))
+        .then(|| format!("url {url:?} is not an http(s) URL"))
+}

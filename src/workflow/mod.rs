@@ -348,6 +348,26 @@ pub struct StepState {
     pub instructions: Option<String>,
 }
 
+impl StepState {
+    /// A step just started (or skipped/merged: the caller sets the status).
+    fn started(agent: &str, task_id: String, started_by: &str, round: u32) -> StepState {
+        StepState {
+            status: "running".into(),
+            agent: agent.to_string(),
+            task_id,
+            attempt: 1,
+            started_by: started_by.to_string(),
+            findings: Vec::new(),
+            proposals: Vec::new(),
+            error: None,
+            duration_ms: 0,
+            finished_at: None,
+            round,
+            instructions: None,
+        }
+    }
+}
+
 /// A run's state (stored as JSON under the run's key).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 pub struct RunState {
@@ -499,29 +519,9 @@ pub fn new_run(w: &WorkflowSpec, meta: RunState) -> RunState {
         status: "running".into(),
         ..meta
     };
-    for (s, _) in start(w, &state.run_id, &state.started_at)
-        .0
-        .into_iter()
-        .map(|s| (s.step.clone(), s))
-    {
-        let st = &w.steps[&s];
-        state.steps.insert(
-            s.clone(),
-            StepState {
-                status: "running".into(),
-                agent: st.agent.clone().unwrap_or_default(),
-                task_id: step_task_id(&state.run_id, &s, 1),
-                attempt: 1,
-                started_by: "route".into(),
-                findings: Vec::new(),
-                proposals: Vec::new(),
-                error: None,
-                duration_ms: 0,
-                finished_at: None,
-                round: 0,
-                instructions: None,
-            },
-        );
+    for s in start(w, &state.run_id, &state.started_at).0 {
+        let first = StepState::started(&s.agent, s.task_id, "route", 0);
+        state.steps.insert(s.step, first);
     }
     state
 }
@@ -805,18 +805,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                 state.steps.insert(
                     name,
                     StepState {
-                        status: "running".into(),
-                        agent: d.agent.clone(),
-                        task_id,
-                        attempt: 1,
-                        started_by: f.task_id.into(),
-                        findings: Vec::new(),
-                        proposals: Vec::new(),
-                        error: None,
-                        duration_ms: 0,
-                        finished_at: None,
-                        round: f.step.round,
                         instructions: Some(d.instructions.clone()),
+                        ..StepState::started(&d.agent, task_id, f.task_id, f.step.round)
                     },
                 );
             }
@@ -888,20 +878,12 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
             }
             for n in ready {
                 let s = &w.steps[&n];
-                let base = StepState {
-                    status: "running".into(),
-                    agent: s.agent.clone().unwrap_or_default(),
-                    task_id: String::new(),
-                    attempt: 1,
-                    started_by: f.task_id.into(),
-                    findings: Vec::new(),
-                    proposals: Vec::new(),
-                    error: None,
-                    duration_ms: 0,
-                    finished_at: None,
-                    round: 0,
-                    instructions: None,
-                };
+                let base = StepState::started(
+                    s.agent.as_deref().unwrap_or_default(),
+                    String::new(),
+                    f.task_id,
+                    0,
+                );
                 if !s.when.iter().all(|c| holds_when(state, c)) {
                     plan.records.push(Lifecycle {
                         step: Some(n.clone()),
