@@ -17,7 +17,7 @@ use crate::governance::approvals::Approvals;
 use crate::governance::budgets::{Budgets, RedisBudgetStore};
 use crate::http::{self, Health};
 use crate::kafka::runtime::{RuntimeError, StageHealth, StageSettings};
-use crate::kafka::{admin_config, consumer_config, producer_config, Producer};
+use crate::kafka::{admin_config, producer_config, stage_consumer_config, Producer};
 use crate::records::Emitter;
 use crate::resolve::store::{RedisResourceStore, ResourceStore};
 use crate::stages::{self, Services};
@@ -36,7 +36,7 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
     StageSettings {
         group_id: format!("{}.{stage}", k.group_prefix),
         topics,
-        consumer: consumer_config(k, &format!("{}.{stage}", k.group_prefix)),
+        consumer: stage_consumer_config(k, &format!("{}.{stage}", k.group_prefix)),
         max_in_flight: k.max_in_flight,
         max_batch: k.max_batch,
         max_record_bytes: k.max_record_bytes,

@@ -212,6 +212,20 @@ impl<F: Fn(&str) -> Option<String>> Overrides for F {
 }
 
 impl Config {
+    /// Every topic the config refers to: switchyard's own and input topics, then each Kafka
+    /// agent's request and reply topics (what `topics apply` creates and `validate` checks).
+    pub fn referenced_topics(&self) -> Vec<&str> {
+        let mut v = self.topics.all();
+        for a in self.agents.values() {
+            for t in a.kind.topics() {
+                if !v.contains(&t) {
+                    v.push(t);
+                }
+            }
+        }
+        v
+    }
+
     /// Reads, overrides from the environment, and validates a config file; collects every problem.
     pub fn load(path: &Path) -> Result<Loaded, Problems> {
         Self::load_with(path, &Env)
@@ -602,7 +616,7 @@ impl Config {
             Source::File(_) => base_dir.join(&self.topics.dir).display().to_string(),
         };
         if let (Some(schemas), Some(catalog)) = (&schemas, &catalog) {
-            for name in self.topics.all() {
+            for name in self.referenced_topics() {
                 match catalog.get(name) {
                     None => p(
                         "topics",

@@ -505,26 +505,32 @@ routes:
     agents: [notifier]
 "#
     );
-    // The agent's topics must exist before switchyard starts reading replies.
-    let (brokers, _) = stack().clone();
-    let admin = switchyard::kafka::admin_config(&switchyard::kafka::KafkaConfig {
-        brokers: brokers.clone(),
-        ..Default::default()
-    });
-    let defs: Vec<switchyard::topics::TopicDef> = [&req_topic, &reply_topic]
-        .iter()
-        .map(|n| {
-            serde_yaml::from_str(&format!("name: {n}\npartitions: 2\nkey: resource id\n")).unwrap()
-        })
-        .collect();
-    switchyard::topics::apply(
-        &admin,
-        &defs.iter().collect::<Vec<_>>(),
-        Duration::from_secs(15),
-    )
-    .await
-    .unwrap();
+    // The agent's topics are created with every other topic the config refers to (the harness
+    // applies them as `topics apply` does), and `topics apply` reports them.
     let env = TestEnv::new(2, &yaml).await;
+    let (brokers, _) = stack().clone();
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "topics",
+            "apply",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .output()
+        .expect("topics apply");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for t in [&req_topic, &reply_topic] {
+        assert!(
+            text.contains(&format!("unchanged {t}")),
+            "{t} applied: {text}"
+        );
+    }
     let python = stack_dir().join("venv/bin/python");
     let agent = std::process::Command::new(&python)
         .arg(root().join("deploy/agents/example-agent/agent.py"))

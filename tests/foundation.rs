@@ -838,3 +838,25 @@ async fn a_record_over_100_mb_is_dead_lettered_and_input_moves_on() {
         "the committed offset moved past the big record"
     );
 }
+
+/// With access rules in place, an action an agent declares that no rule lets it cause would be
+/// rejected every time: `validate` says so (and still exits 0: the config is usable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_warns_about_actions_no_access_rule_allows() {
+    let env = TestEnv::new(
+        1,
+        &format!("{DEFAULT_AGENTS}\ngovernance:\n  access:\n    - {{ agents: [deploy-guard], actions: [deployment.hold] }}\n"),
+    )
+    .await;
+    let out = std::process::Command::new(bin())
+        .args(["--config", env.config_path.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("warning: agents.sla-responder: may propose \"rollback\", but no governance.access rule lets sla-responder cause it"),
+        "{text}"
+    );
+    assert!(!text.contains("warning: agents.deploy-guard"), "{text}");
+}

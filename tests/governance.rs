@@ -238,6 +238,28 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         .await
         .unwrap();
     assert_eq!(again.status().as_u16(), 409, "a decision is made once");
+    // The CLI says the same and exits non-zero: nothing changed.
+    let (brokers, redis) = stack().clone();
+    let cli = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "approvals",
+            "reject",
+            &pending.approval_id,
+            "--by",
+            "bob",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .env("SWITCHYARD_REDIS_URL", &redis)
+        .output()
+        .expect("approvals reject");
+    assert!(
+        !cli.status.success(),
+        "a second decision through the CLI fails"
+    );
+    let err = String::from_utf8_lossy(&cli.stderr);
+    assert!(err.contains("already approved by alice"), "{err}");
     let actions = env
         .read("switchyard.actions", 2, Duration::from_secs(20))
         .await;

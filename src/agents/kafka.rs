@@ -110,7 +110,9 @@ impl KafkaAgent {
             "group.id",
             format!("switchyard-replies-{}", uuid::Uuid::new_v4()),
         )
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // No statistics: nothing reads them here, and the default context logs each at INFO.
+        .set("statistics.interval.ms", "0");
         let consumer: BaseConsumer = cfg
             .create()
             .map_err(|e| format!("cannot create reply consumer: {e}"))?;

@@ -84,12 +84,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     }
     approvals.sent(&id).await.map_err(|e| e.to_string())?;
     match (&d.action, d.fresh) {
-        (_, false) => println!(
-            "{} was already {} by {}",
-            id,
-            d.approval.status,
-            d.approval.decided_by.as_deref().unwrap_or("?")
-        ),
+        // Like the API's 409: the decision asked for was not made (someone decided first).
+        (_, false) => {
+            return Err(format!(
+                "{} was already {} by {}; nothing changed",
+                id,
+                d.approval.status,
+                d.approval.decided_by.as_deref().unwrap_or("?")
+            ))
+        }
         (Some(a), true) => println!(
             "{} approved: {} {} on {} sent with fencing token {}",
             id, a.action_id, a.action, a.resource, a.fencing_token

@@ -22,7 +22,7 @@ pub enum TopicsCommand {
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
-    let names = l.config.topics.all();
+    let names = l.config.referenced_topics();
     let defs: Vec<_> = names.iter().filter_map(|n| l.topics.get(n)).collect();
     match args.command {
         TopicsCommand::List => {

@@ -15,5 +15,14 @@ pub fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
         l.topics.iter().count(),
         l.schemas.names().count()
     );
+    let agents: Vec<(&str, &[String])> = l
+        .config
+        .agents
+        .iter()
+        .map(|(n, a)| (n.as_str(), a.actions.as_slice()))
+        .collect();
+    for (item, m) in l.config.governance.unreachable_actions(&agents) {
+        println!("warning: {item}: {m}");
+    }
     Ok(())
 }

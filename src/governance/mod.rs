@@ -210,10 +210,36 @@ impl GovernanceConfig {
             })
     }
 
+    /// Warnings about `(agent, declared actions)`: with access rules in place, an action an agent
+    /// declares that no rule lets it cause (for some tenant and resource) is always rejected.
+    pub fn unreachable_actions(&self, agents: &[(&str, &[String])]) -> Vec<(String, String)> {
+        if self.access.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (agent, actions) in agents {
+            for a in actions.iter().filter(|a| !a.contains('*')) {
+                let allowed = self
+                    .access
+                    .iter()
+                    .any(|r| any_match(&r.agents, agent) && any_match(&r.actions, a));
+                if !allowed {
+                    out.push((
+                        format!("agents.{agent}"),
+                        format!("may propose {a:?}, but no governance.access rule lets {agent} cause it: every such proposal will be rejected (reason access); add a rule such as {{ agents: [{agent}], actions: [{a}] }}"),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The check a new action passes before it is applied, in order: access, budgets (already
     /// spent past a limit, as `budget` says), then whether a person must approve it.
     pub fn gate(&self, p: &ProposalData, budget: budgets::BudgetCheck) -> Gate {
         if !self.allows(&p.tenant, &p.agent, &p.action, &p.resource) {
+            tracing::info!(agent = %p.agent, action = %p.action, resource = %p.resource, tenant = %p.tenant, proposal_id = %p.proposal_id,
+                "Proposal rejected: no governance.access rule lets this agent cause this action.");
             return Gate::Refuse {
                 reason: RejectReason::Access,
                 rule: "access",

@@ -158,6 +158,18 @@ fn default_drain_timeout_ms() -> u64 {
 /// Room a fetch response needs beyond its largest record.
 const FETCH_OVERHEAD: usize = 1 << 20;
 
+/// A stage's consumer: [`consumer_config`] plus librdkafka statistics every 5 s, which the stage's
+/// client context turns into the consumer-lag metric (other consumers — tools, the Kafka agents'
+/// reply readers — have no use for them, and librdkafka's default context would log each one, a
+/// 6.7 KB line, at INFO).
+pub fn stage_consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = consumer_config(cfg, group);
+    if !cfg.consumer.contains_key("statistics.interval.ms") {
+        c.set("statistics.interval.ms", "5000");
+    }
+    c
+}
+
 /// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
 /// two that at-least-once depends on (refused by config validation).
 pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
@@ -167,7 +179,6 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "5000")
         // Any record the broker holds can be fetched (and dead-lettered when too large): the
         // broker returns a record larger than fetch.max.bytes on its own, so only this bounds it.
         .set(
@@ -203,4 +214,21 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", &cfg.client_id);
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_stage_consumers_ask_for_statistics() {
+        let cfg = KafkaConfig::default();
+        assert!(consumer_config(&cfg, "g")
+            .get("statistics.interval.ms")
+            .is_none());
+        assert_eq!(
+            stage_consumer_config(&cfg, "g").get("statistics.interval.ms"),
+            Some("5000")
+        );
+    }
 }

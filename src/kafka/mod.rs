@@ -6,7 +6,9 @@ pub mod config;
 pub mod read;
 pub mod runtime;
 
-pub use config::{admin_config, consumer_config, producer_config, KafkaConfig};
+pub use config::{
+    admin_config, consumer_config, producer_config, stage_consumer_config, KafkaConfig,
+};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -215,6 +215,23 @@ impl TestEnv {
             );
             std::fs::write(topics_dir.join(format!("{name}.yaml")), text).expect("write topic");
         }
+        // Kafka agents' own topics get definitions too (`topics apply` creates every topic the
+        // config refers to).
+        if let Ok(v) = serde_yaml::from_str::<serde_yaml::Value>(extra_yaml) {
+            if let Some(agents) = v.get("agents").and_then(|a| a.as_mapping()) {
+                for spec in agents.values() {
+                    for field in ["request_topic", "reply_topic"] {
+                        if let Some(t) = spec.get(field).and_then(|t| t.as_str()) {
+                            std::fs::write(
+                                topics_dir.join(format!("{t}.yaml")),
+                                format!("name: {t}\npartitions: {partitions}\nkey: \"resource id\"\nencoding: json\n"),
+                            )
+                            .expect("write agent topic");
+                        }
+                    }
+                }
+            }
+        }
         let mut routes = if extra_yaml.contains("routes:") {
             String::new()
         } else {
@@ -267,7 +284,7 @@ schemas_dir: {schemas}
         std::fs::write(&config_path, &yaml).expect("write config");
         let loaded =
             Config::load(&config_path).unwrap_or_else(|p| panic!("test config invalid: {p}"));
-        let names = loaded.config.topics.all();
+        let names = loaded.config.referenced_topics();
         let defs: Vec<_> = names.iter().filter_map(|n| loaded.topics.get(n)).collect();
         topics::apply(
             &admin_config(&loaded.config.kafka),
