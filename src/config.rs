@@ -519,6 +519,14 @@ impl Config {
             for m in a.problems(name) {
                 p(&format!("agents.{name}"), m);
             }
+            if let Some(f) = &a.fallback {
+                if !self.agents.contains_key(f) {
+                    p(
+                        &format!("agents.{name}.fallback"),
+                        format!("{f:?} is not an agent declared under agents"),
+                    );
+                }
+            }
             if let crate::agents::AgentKind::Llm(l) = &a.kind {
                 for m in l.config_problems(&a.scopes(), &self.tools) {
                     p(&format!("agents.{name}"), m);

@@ -254,6 +254,7 @@ pub async fn recover(
             error: None,
             refusals: Vec::new(),
             at: crate::event::now_rfc3339(),
+            ran: None,
         };
         let task = format!(
             "recover-{}",

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub agent_llm_iterations: HistogramVec,
     /// Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).
     pub tool_calls: IntCounterVec,
+    /// 1 while an agent's circuit is open (as this instance last saw it), by agent.
+    pub agent_circuit_open: IntGaugeVec,
     /// Workflow runs by workflow and outcome (started, succeeded, completed_with_failures, failed).
     pub workflow_runs: IntCounterVec,
     /// Duration of workflow steps (the agent's work), by workflow and step.
@@ -372,6 +374,12 @@ impl Metrics {
                 "switchyard_tool_calls_total",
                 "Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped).",
                 &["tool", "outcome"],
+                r
+            )?,
+            agent_circuit_open: register_int_gauge_vec_with_registry!(
+                "switchyard_agent_circuit_open",
+                "1 while an agent's circuit breaker is open (as this instance last saw it), by agent.",
+                &["agent"],
                 r
             )?,
             workflow_runs: register_int_counter_vec_with_registry!(

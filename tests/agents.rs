@@ -624,3 +624,144 @@ async fn redis_outage_pauses_processing_and_nothing_is_lost() {
     assert!(dlq.is_empty(), "an outage is not a reason to dead-letter");
     running.stop().await;
 }
+
+/// What the circuit-breaker test's agents saw: calls per agent, and whether `flaky` fails.
+#[derive(Default)]
+struct Flaky {
+    failing: std::sync::atomic::AtomicBool,
+    flaky: AtomicUsize,
+    backup: AtomicUsize,
+}
+
+async fn flaky_agent(
+    State(st): State<Arc<Flaky>>,
+    Json(req): Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match req["agent"].as_str() {
+        Some("flaky") => {
+            st.flaky.fetch_add(1, Ordering::SeqCst);
+            if st.failing.load(Ordering::SeqCst) {
+                return (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "broken").into_response();
+            }
+            Json(json!({"findings": [{"key": "cb.by", "value": "flaky"}]})).into_response()
+        }
+        _ => {
+            st.backup.fetch_add(1, Ordering::SeqCst);
+            Json(json!({"findings": [{"key": "cb.by", "value": "backup"}]})).into_response()
+        }
+    }
+}
+
+/// Two `switchyard run` processes share one circuit breaker: once `flaky` fails 4 of 4 calls the
+/// circuit opens for both, its fallback `backup` runs the tasks without `flaky` being called;
+/// after `open_seconds` one task probes it, the probe succeeds, and `flaky` gets the tasks again.
+/// (The tasks are published one at a time, so the counts are exact.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_breaker_opens_and_closes_across_two_processes() {
+    let st = Arc::new(Flaky::default());
+    st.failing.store(true, Ordering::SeqCst);
+    let app = axum::Router::new()
+        .route("/agent", post(flaky_agent))
+        .with_state(st.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/agent", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let env = TestEnv::new(
+        4,
+        &format!(
+            r#"
+routes:
+  - {{name: cb, types: [t.cb], agents: [flaky]}}
+agents:
+  flaky:
+    kind: http
+    url: {url}
+    writes: [cb.by]
+    retries: 0
+    max_concurrency: 1
+    circuit: {{failure_rate: 0.5, min_calls: 4, window_seconds: 60, open_seconds: 12}}
+    fallback: backup
+  backup:
+    kind: http
+    url: {url}
+    writes: [cb.by]
+    retries: 0
+"#
+        ),
+    )
+    .await;
+    let (brokers, redis) = stack().clone();
+    let spawn = || {
+        Reaper(
+            std::process::Command::new(bin())
+                .args([
+                    "--config",
+                    env.config_path.to_str().unwrap(),
+                    "run",
+                    "--stages",
+                    "route,agents",
+                ])
+                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+                .env("SWITCHYARD_REDIS_URL", &redis)
+                .env("RUST_LOG", "error")
+                .spawn()
+                .expect("spawn switchyard"),
+        )
+    };
+    let procs = vec![spawn(), spawn()];
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Phase 1: 4 failures open the circuit; the next 8 tasks go to the fallback.
+    let publish = |from: usize, n: usize| {
+        let env = &env;
+        async move {
+            for i in from..from + n {
+                env.publish_one(
+                    "events.deployments",
+                    &format!("cb{i}"),
+                    "t.cb",
+                    &format!("svc-{i}"),
+                    json!({}),
+                )
+                .await;
+                // One at a time, so the count that opens the circuit is exact.
+                let _ = env
+                    .read("switchyard.results", i + 1, Duration::from_secs(20))
+                    .await;
+            }
+        }
+    };
+    publish(0, 12).await;
+    let (flaky1, backup1) = (
+        st.flaky.load(Ordering::SeqCst),
+        st.backup.load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        flaky1, 4,
+        "the circuit opened after 4 failed calls, for both processes"
+    );
+    assert_eq!(backup1, 8, "the fallback ran the tasks while it was open");
+    // Phase 2: the agent heals; after open_seconds a probe succeeds and the circuit closes.
+    st.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    publish(12, 6).await;
+    assert_eq!(
+        st.flaky.load(Ordering::SeqCst),
+        flaky1 + 6,
+        "the probe closed the circuit"
+    );
+    assert_eq!(st.backup.load(Ordering::SeqCst), backup1);
+    let results: Vec<ResultData> = env
+        .read("switchyard.results", 18, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.status == "failed").count(), 4);
+    let by_backup = results
+        .iter()
+        .filter(|r| r.findings.to_string().contains("backup"))
+        .count();
+    assert_eq!(by_backup, 8);
+    drop(procs);
+}

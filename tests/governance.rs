@@ -382,6 +382,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
         error: None,
         refusals: vec![],
         at: String::new(),
+        ran: None,
     };
     store
         .commit(

@@ -7,6 +7,7 @@
 //! agent touches two files: its module under `builtin/` and one line of [`builtin::BUILTINS`].
 
 pub mod builtin;
+pub mod circuit;
 pub mod http;
 pub mod kafka;
 pub mod llm;
@@ -119,6 +120,12 @@ pub struct AgentSpec {
     /// Cost of one call (currency units); counted against budgets.
     #[serde(default)]
     pub cost_per_call: f64,
+    /// A circuit breaker shared by every instance: skip the agent while it keeps failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<circuit::CircuitSpec>,
+    /// The agent that runs a task instead while this one's circuit is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// Settings every agent has, whatever its kind (for "unknown field" messages).
@@ -132,6 +139,8 @@ pub const COMMON_FIELDS: &[&str] = &[
     "backoff_ms",
     "max_concurrency",
     "cost_per_call",
+    "circuit",
+    "fallback",
 ];
 
 fn default_retries() -> u32 {
@@ -173,6 +182,12 @@ impl AgentSpec {
         }
         if self.cost_per_call < 0.0 || !self.cost_per_call.is_finite() {
             p.push("cost_per_call must be a non-negative number".into());
+        }
+        if let Some(c) = &self.circuit {
+            p.extend(c.problems());
+        }
+        if self.fallback.as_deref() == Some(name) {
+            p.push("fallback must be another agent".into());
         }
         p.extend(self.kind.problems(name));
         p

@@ -35,6 +35,7 @@ fn outcome(status: &str) -> Outcome {
         error: None,
         refusals: vec![],
         at: "2026-01-01T00:00:00Z".into(),
+        ran: None,
     }
 }
 

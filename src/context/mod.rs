@@ -75,6 +75,10 @@ pub struct Outcome {
     /// task re-emits byte-identical records.
     #[serde(default)]
     pub at: String,
+    /// The agent that ran the task when it was not the task's own (its circuit was open and its
+    /// fallback ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<String>,
 }
 
 /// What the store knows of a task before it runs.

@@ -17,6 +17,7 @@ use futures::{Stream, StreamExt};
 
 use super::batch::{sealed_jobs, Decided};
 use super::services::{runner, Runner, Services};
+use crate::agents::circuit::Admit;
 use crate::agents::stats::AgentStats;
 use crate::agents::{
     allowed, Agent, AgentError, AgentRequest, AgentSpec, BuildDeps, ScopedContext,
@@ -111,6 +112,12 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             max_record_bytes: cfg.kafka.max_record_bytes,
             unrecorded: Default::default(),
             workflows,
+            breakers: cfg.agents.values().any(|a| a.circuit.is_some()).then(|| {
+                Arc::new(crate::agents::circuit::Breakers::new(
+                    s.redis.clone(),
+                    &cfg.redis.key_prefix,
+                ))
+            }),
         }))
     })
 }
@@ -208,6 +215,8 @@ pub struct AgentStage<S: ContextStore> {
     pub unrecorded: std::sync::Mutex<HashMap<String, Arc<Computed>>>,
     /// Moves workflow runs on as their steps finish; none without workflows.
     pub workflows: Option<Arc<Workflows>>,
+    /// Circuit breakers of the agents that declare one; none when no agent does.
+    pub breakers: Option<Arc<crate::agents::circuit::Breakers>>,
 }
 
 /// The workflows of the config and where their runs live.
@@ -281,12 +290,12 @@ impl<S: ContextStore> AgentStage<S> {
     async fn call(
         &self,
         entry: &AgentEntry,
+        name: &str,
         t: &DecodedTask,
         version: u64,
         facts: std::collections::BTreeMap<String, Value>,
     ) -> (Result<AgentResponse, AgentError>, u32, Vec<String>) {
         let spec = &entry.spec;
-        let name = t.task.agent.as_str();
         let mut refused_reads = Vec::new();
         let mut attempt = 0;
         // Every attempt sees the same snapshot: the request is built once.
@@ -408,16 +417,71 @@ impl<S: ContextStore> AgentStage<S> {
                 error: Some(format!("budget {budget} is exhausted")),
                 refusals: vec![format!("budget:{budget}")],
                 at: now_rfc3339(),
+                ran: None,
             };
             return Ok((Vec::new(), outcome));
         }
+        // The circuit breaker: while the agent's circuit is open its fallback runs the task (or,
+        // without one, the task is refused); once it may be closed, one task probes it.
+        let (mut entry, mut ran, mut probe) = (entry, None::<String>, false);
+        if let (Some(c), Some(b)) = (&entry.spec.circuit, &self.breakers) {
+            match b.admit(name, c).await {
+                Ok(Admit::Call) => {}
+                Ok(Admit::Probe) => probe = true,
+                Ok(Admit::Open) => {
+                    let fallback = entry
+                        .spec
+                        .fallback
+                        .as_ref()
+                        .and_then(|f| self.agents.get(f).map(|e| (f, e)));
+                    match fallback {
+                        Some((f, fe)) => {
+                            ran = Some(f.clone());
+                            entry = fe;
+                        }
+                        None => {
+                            METRICS
+                                .agent_tasks
+                                .with_label_values(&[name, "refused"])
+                                .inc();
+                            let outcome = Outcome {
+                                status: "refused".into(),
+                                attempts: 0,
+                                duration_ms: 0,
+                                context_version: snap.version,
+                                response: AgentResponse::default(),
+                                error: Some(format!(
+                                    "the circuit of {name} is open and it has no fallback"
+                                )),
+                                refusals: Vec::new(),
+                                at: now_rfc3339(),
+                                ran: None,
+                            };
+                            return Ok((Vec::new(), outcome));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(agent = name, error = %e, "Circuit state unavailable; calling the agent.")
+                }
+            }
+        }
+        let runner = ran.as_deref().unwrap_or(name);
         METRICS
             .agent_tasks
             .with_label_values(&[name, "started"])
             .inc();
         let started = Instant::now();
-        let (result, attempts, refused_reads) =
-            self.call(entry, t, snap.version, snap.values()).await;
+        let (result, attempts, refused_reads) = self
+            .call(entry, runner, t, snap.version, snap.values())
+            .await;
+        if ran.is_none() {
+            if let (Some(c), Some(b)) = (&entry.spec.circuit, &self.breakers) {
+                if let Err(e) = b.record(name, c, result.is_ok(), probe).await {
+                    tracing::warn!(agent = name, error = %e, "Could not count the call for the circuit breaker.");
+                }
+            }
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         METRICS
             .agent_duration
@@ -461,7 +525,7 @@ impl<S: ContextStore> AgentStage<S> {
                     f.key.clone(),
                     Fact {
                         value: f.value.clone(),
-                        by: name.to_string(),
+                        by: runner.to_string(),
                         task_id: t.task.task_id.clone(),
                         at: now.clone(),
                     },
@@ -477,6 +541,7 @@ impl<S: ContextStore> AgentStage<S> {
             error,
             refusals,
             at: now,
+            ran: ran.take(),
         };
         Ok((facts, outcome))
     }
@@ -537,7 +602,8 @@ impl<S: ContextStore> AgentStage<S> {
                 "prop-{}",
                 stable_id(&[&task.task_id, &i.to_string(), &p.action])
             );
-            out.push(self.proposal(t, o, id.clone(), &task.agent, p)?);
+            let by = o.ran.as_deref().unwrap_or(&task.agent);
+            out.push(self.proposal(t, o, id.clone(), by, p)?);
             proposal_ids.push(id);
         }
         let findings: Vec<Value> = o
@@ -587,7 +653,7 @@ impl<S: ContextStore> AgentStage<S> {
         let a = audit(
             "agent_result",
             o.error.clone(),
-            json!({"agent": task.agent, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
+            json!({"agent": task.agent, "ran": o.ran, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
                    "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>()}),
         );
         let mut audits = vec![audit_event(
@@ -1128,6 +1194,7 @@ mod tests {
             max_record_bytes: 1 << 20,
             unrecorded: Default::default(),
             workflows: None,
+            breakers: None,
         }
     }
 
