@@ -700,7 +700,7 @@ agents:
                     env.config_path.to_str().unwrap(),
                     "run",
                     "--stages",
-                    "route,agents",
+                    "route,agents,decisions",
                 ])
                 .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
                 .env("SWITCHYARD_REDIS_URL", &redis)
@@ -763,5 +763,35 @@ agents:
         .filter(|r| r.findings.to_string().contains("backup"))
         .count();
     assert_eq!(by_backup, 8);
+    // `status`: a stage that committed nothing says so (it may be running: decisions here), and
+    // the agent table counts tasks.
+    let out = std::process::Command::new(bin())
+        .args(["--config", env.config_path.to_str().unwrap(), "status"])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .env("SWITCHYARD_REDIS_URL", &redis)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |stage: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{stage} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("decisions").contains("no commits yet"), "{text}");
+    assert!(!text.contains("never ran"), "{text}");
+    assert!(
+        line("agents")
+            .split_whitespace()
+            .nth(2)
+            .is_some_and(|l| l.parse::<i64>().is_ok()),
+        "{text}"
+    );
+    assert!(text.contains("TASKS(2h)"), "{text}");
     drop(procs);
 }

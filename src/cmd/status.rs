@@ -73,7 +73,8 @@ pub async fn report(
             .map_err(|e| e.to_string())?;
         let lag = match lag {
             Ok(Some(n)) => n.to_string(),
-            Ok(None) => "never ran".into(),
+            // A stage may be running and simply have read nothing yet.
+            Ok(None) => "no commits yet".into(),
             Err(e) => format!("unknown ({e})"),
         };
         let _ = writeln!(
@@ -109,7 +110,7 @@ pub async fn report(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "AGENT            HEALTH    CALLS(2h)  FAILED  TIMED OUT  REFUSED  LAST SEEN"
+        "AGENT            HEALTH    TASKS(2h)  FAILED  TIMED OUT  REFUSED  LAST SEEN"
     );
     for h in health {
         let seen = h
