@@ -692,23 +692,7 @@ agents:
     )
     .await;
     let (brokers, redis) = stack().clone();
-    let spawn = || {
-        Reaper(
-            std::process::Command::new(bin())
-                .args([
-                    "--config",
-                    env.config_path.to_str().unwrap(),
-                    "run",
-                    "--stages",
-                    "route,agents,decisions",
-                ])
-                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
-                .env("SWITCHYARD_REDIS_URL", &redis)
-                .env("RUST_LOG", "error")
-                .spawn()
-                .expect("spawn switchyard"),
-        )
-    };
+    let spawn = || spawn_run(&env.config_path, "route,agents,decisions");
     let procs = vec![spawn(), spawn()];
     tokio::time::sleep(Duration::from_secs(8)).await;
     // Phase 1: 4 failures open the circuit; the next 8 tasks go to the fallback.

@@ -753,24 +753,7 @@ resolve:
         default_routes("")
     );
     let env = TestEnv::new(6, &yaml).await;
-    let (brokers, redis) = stack().clone();
-    let spawn = || {
-        Reaper(
-            std::process::Command::new(bin())
-                .args([
-                    "--config",
-                    env.config_path.to_str().unwrap(),
-                    "run",
-                    "--stages",
-                    "resolve",
-                ])
-                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
-                .env("SWITCHYARD_REDIS_URL", &redis)
-                .env("RUST_LOG", "error")
-                .spawn()
-                .expect("spawn switchyard"),
-        )
-    };
+    let spawn = || spawn_run(&env.config_path, "resolve");
     let mut procs = vec![spawn(), spawn(), spawn()];
     const N: usize = 900;
     const RESOURCES: usize = 40;

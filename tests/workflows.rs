@@ -469,24 +469,7 @@ workflows:
         ),
     )
     .await;
-    let (brokers, redis) = stack().clone();
-    let spawn = || {
-        Reaper(
-            std::process::Command::new(bin())
-                .args([
-                    "--config",
-                    env.config_path.to_str().expect("path"),
-                    "run",
-                    "--stages",
-                    "route,agents",
-                ])
-                .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
-                .env("SWITCHYARD_REDIS_URL", &redis)
-                .env("RUST_LOG", "error")
-                .spawn()
-                .expect("spawn switchyard"),
-        )
-    };
+    let spawn = || spawn_run(&env.config_path, "route,agents");
     let mut procs = vec![spawn(), spawn()];
     // Both in the groups before the events come.
     tokio::time::sleep(Duration::from_secs(8)).await;

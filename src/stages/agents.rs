@@ -256,6 +256,21 @@ fn poison(reason: &'static str, detail: impl Into<String>) -> ProcessError {
     ProcessError::poison(reason, detail)
 }
 
+/// The outcome of a task that was not run (a budget exhausted, an open circuit).
+fn refused(version: u64, error: String, refusals: Vec<String>) -> Outcome {
+    Outcome {
+        status: "refused".into(),
+        attempts: 0,
+        duration_ms: 0,
+        context_version: version,
+        response: AgentResponse::default(),
+        error: Some(error),
+        refusals,
+        at: now_rfc3339(),
+        ran: None,
+    }
+}
+
 /// A decoded task.
 pub struct DecodedTask {
     pub task: TaskData,
@@ -408,17 +423,11 @@ impl<S: ContextStore> AgentStage<S> {
                 .agent_tasks
                 .with_label_values(&[name, "refused"])
                 .inc();
-            let outcome = Outcome {
-                status: "refused".into(),
-                attempts: 0,
-                duration_ms: 0,
-                context_version: snap.version,
-                response: AgentResponse::default(),
-                error: Some(format!("budget {budget} is exhausted")),
-                refusals: vec![format!("budget:{budget}")],
-                at: now_rfc3339(),
-                ran: None,
-            };
+            let outcome = refused(
+                snap.version,
+                format!("budget {budget} is exhausted"),
+                vec![format!("budget:{budget}")],
+            );
             return Ok((Vec::new(), outcome));
         }
         // The circuit breaker: while the agent's circuit is open its fallback runs the task (or,
@@ -444,19 +453,11 @@ impl<S: ContextStore> AgentStage<S> {
                                 .agent_tasks
                                 .with_label_values(&[name, "refused"])
                                 .inc();
-                            let outcome = Outcome {
-                                status: "refused".into(),
-                                attempts: 0,
-                                duration_ms: 0,
-                                context_version: snap.version,
-                                response: AgentResponse::default(),
-                                error: Some(format!(
-                                    "the circuit of {name} is open and it has no fallback"
-                                )),
-                                refusals: Vec::new(),
-                                at: now_rfc3339(),
-                                ran: None,
-                            };
+                            let outcome = refused(
+                                snap.version,
+                                format!("the circuit of {name} is open and it has no fallback"),
+                                Vec::new(),
+                            );
                             return Ok((Vec::new(), outcome));
                         }
                     }

@@ -52,6 +52,27 @@ impl Runs {
         format!("{}:wf:where:{run_id}", self.prefix)
     }
 
+    /// Writes `state` if the run is still at version `v`; false when it moved.
+    async fn cas(
+        &self,
+        c: &mut redis::aio::ConnectionManager,
+        key: &str,
+        v: u64,
+        state: &RunState,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(state)
+            .map_err(|e| StoreError::Corrupt(format!("run state: {e}")))?;
+        let written: i64 = self
+            .cas
+            .key(key)
+            .arg(v)
+            .arg(json)
+            .arg(KEEP_SECONDS)
+            .invoke_async(c)
+            .await?;
+        Ok(written == 1)
+    }
+
     async fn load(&self, key: &str) -> Result<(u64, Option<RunState>), StoreError> {
         let mut c = self.conn.get().await?;
         let (v, state): (Option<u64>, Option<String>) = redis::cmd("HMGET")
@@ -87,18 +108,8 @@ impl Runs {
                 return Ok(advance(w, &mut state, f));
             }
             let plan = advance(w, &mut state, f);
-            let json = serde_json::to_string(&state)
-                .map_err(|e| StoreError::Corrupt(format!("run state: {e}")))?;
             let mut c = self.conn.get().await?;
-            let written: i64 = self
-                .cas
-                .key(&key)
-                .arg(v)
-                .arg(json)
-                .arg(KEEP_SECONDS)
-                .invoke_async(&mut c)
-                .await?;
-            if written == 1 {
+            if self.cas(&mut c, &key, v, &state).await? {
                 if created {
                     let score = chrono::Utc::now().timestamp_millis();
                     let _: () = redis::pipe()
@@ -186,17 +197,7 @@ impl Runs {
                     .filter(|(_, s)| s.status == "running")
                     .map(|(n, _)| n.clone())
                     .collect();
-                let json = serde_json::to_string(&state)
-                    .map_err(|e| StoreError::Corrupt(format!("run state: {e}")))?;
-                let written: i64 = self
-                    .cas
-                    .key(&key)
-                    .arg(v)
-                    .arg(json)
-                    .arg(KEEP_SECONDS)
-                    .invoke_async(&mut c)
-                    .await?;
-                if written == 1 {
+                if self.cas(&mut c, &key, v, &state).await? {
                     let record = super::Lifecycle {
                         kind: "workflow.timed_out".into(),
                         step: None,

@@ -741,3 +741,24 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// A `switchyard run --stages STAGES` process of this build on the stack, its logs at `error`;
+/// killed when the returned [`Reaper`] drops.
+pub fn spawn_run(config: &Path, stages: &str) -> Reaper {
+    let (brokers, redis) = stack().clone();
+    Reaper(
+        std::process::Command::new(bin())
+            .args([
+                "--config",
+                config.to_str().expect("config path"),
+                "run",
+                "--stages",
+                stages,
+            ])
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("spawn switchyard"),
+    )
+}
