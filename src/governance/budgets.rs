@@ -727,25 +727,57 @@ impl Budgets {
     }
 
     /// Holds `estimate` for one LLM call against every budget that applies (all or none), until
-    /// [`Budgets::settle`] or, for a call that never settles (a crash), `hold_ms`.
+    /// [`Budgets::settle`] or, for a call that never settles (a crash), `hold_ms`. `Err(name)`
+    /// names the budget that has no room.
     pub async fn hold(
         &self,
         s: &Spender<'_>,
         estimate: f64,
         hold_ms: u64,
     ) -> Result<Result<Hold, String>, StoreError> {
+        self.hold_lines(s, estimate, hold_ms, true).await
+    }
+
+    /// Holds `estimate` like [`Budgets::hold`] but past every maximum: a call a person approved
+    /// over its budget is still counted against it.
+    pub async fn hold_over(
+        &self,
+        s: &Spender<'_>,
+        estimate: f64,
+        hold_ms: u64,
+    ) -> Result<Hold, StoreError> {
+        self.hold_lines(s, estimate, hold_ms, false)
+            .await?
+            .map_err(|b| StoreError::Corrupt(format!("budget {b} refused a hold without maximum")))
+    }
+
+    async fn hold_lines(
+        &self,
+        s: &Spender<'_>,
+        estimate: f64,
+        hold_ms: u64,
+        bounded: bool,
+    ) -> Result<Result<Hold, String>, StoreError> {
         let apply = self.applicable(s, now_secs());
         let id = uuid::Uuid::new_v4().simple().to_string();
         let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
+        let hold = |id, lines| Hold {
+            id,
+            lines,
+            estimate,
+        };
         if lines.is_empty() {
-            return Ok(Ok(Hold {
-                id,
-                lines,
-                estimate,
-            }));
+            return Ok(Ok(hold(id, lines)));
         }
         let request = Request {
-            lines: lines.clone(),
+            lines: lines
+                .iter()
+                .map(|l| Line {
+                    max_calls: l.max_calls.filter(|_| bounded),
+                    max_cost: l.max_cost.filter(|_| bounded),
+                    ..l.clone()
+                })
+                .collect(),
             calls: 1,
             cost: estimate,
         };
@@ -757,55 +789,11 @@ impl Budgets {
             export(b, *calls, *spent);
         }
         Ok(match r.refused_by {
-            None => Ok(Hold {
-                id,
-                lines,
-                estimate,
-            }),
+            None => Ok(hold(id, lines)),
             Some(i) => Err(apply
                 .get(i)
                 .map(|(b, _)| b.name.clone())
                 .unwrap_or_default()),
-        })
-    }
-
-    /// Holds `estimate` like [`Budgets::hold`] but past every maximum: a call a person approved
-    /// over its budget is still counted against it.
-    pub async fn hold_over(
-        &self,
-        s: &Spender<'_>,
-        estimate: f64,
-        hold_ms: u64,
-    ) -> Result<Hold, StoreError> {
-        let apply = self.applicable(s, now_secs());
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
-        if !lines.is_empty() {
-            let unbounded: Vec<Line> = lines
-                .iter()
-                .map(|l| Line {
-                    max_calls: None,
-                    max_cost: None,
-                    ..l.clone()
-                })
-                .collect();
-            let request = Request {
-                lines: unbounded,
-                calls: 1,
-                cost: estimate,
-            };
-            let r = self
-                .store
-                .hold(&self.holds(), &id, hold_ms, &request)
-                .await?;
-            for ((b, _), (calls, spent)) in apply.iter().zip(&r.spent) {
-                export(b, *calls, *spent);
-            }
-        }
-        Ok(Hold {
-            id,
-            lines,
-            estimate,
         })
     }
 

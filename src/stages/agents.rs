@@ -256,6 +256,26 @@ fn poison(reason: &'static str, detail: impl Into<String>) -> ProcessError {
     ProcessError::poison(reason, detail)
 }
 
+/// An (unsealed) audit record of the agent stage about task `t`.
+fn task_audit(t: &DecodedTask, decision: &str, reason: Option<String>, detail: Value) -> AuditData {
+    let task = &t.task;
+    AuditData {
+        decision: decision.into(),
+        stage: "agents".into(),
+        resource: task.resource.clone(),
+        tenant: task.tenant.clone(),
+        event_id: Some(t.event.id.clone()),
+        task_id: Some(task.task_id.clone()),
+        workflow_id: Some(task.workflow_id.clone()),
+        trace_id: trace_id(t.traceparent.as_deref()),
+        reason,
+        detail,
+        seq: None,
+        prev_hash: None,
+        hash: None,
+    }
+}
+
 /// The outcome of a task that was not run (a budget exhausted, an open circuit).
 fn refused(version: u64, error: String, refusals: Vec<String>) -> Outcome {
     Outcome {
@@ -636,20 +656,8 @@ impl<S: ContextStore> AgentStage<S> {
             rev = rev.with_extension("traceparent", tp);
         }
         out.push(self.emitter.emit(&self.results_topic, &rev)?);
-        let audit = |decision: &str, reason: Option<String>, detail: Value| AuditData {
-            decision: decision.into(),
-            stage: "agents".into(),
-            resource: task.resource.clone(),
-            tenant: task.tenant.clone(),
-            event_id: Some(t.event.id.clone()),
-            task_id: Some(task.task_id.clone()),
-            workflow_id: Some(task.workflow_id.clone()),
-            trace_id: trace_id(tp),
-            reason,
-            detail,
-            seq: None,
-            prev_hash: None,
-            hash: None,
+        let audit = |decision: &str, reason: Option<String>, detail: Value| {
+            task_audit(t, decision, reason, detail)
         };
         let a = audit(
             "agent_result",
@@ -1083,22 +1091,13 @@ impl<S: ContextStore> AgentStage<S> {
                     .with_label_values(&[&step.workflow, outcome])
                     .inc();
             }
-            let a = AuditData {
-                decision: decision.into(),
-                stage: "agents".into(),
-                resource: task.resource.clone(),
-                tenant: task.tenant.clone(),
-                event_id: Some(t.event.id.clone()),
-                task_id: Some(task.task_id.clone()),
-                workflow_id: Some(task.workflow_id.clone()),
-                trace_id: trace_id(tp),
-                reason: r.error.clone(),
-                detail: json!({"run_id": step.run_id, "workflow": step.workflow, "step": r.step,
-                               "status": r.status, "agent": r.agent}),
-                seq: None,
-                prev_hash: None,
-                hash: None,
-            };
+            let a = task_audit(
+                t,
+                decision,
+                r.error.clone(),
+                json!({"run_id": step.run_id, "workflow": step.workflow, "step": r.step,
+                       "status": r.status, "agent": r.agent}),
+            );
             audits.push(audit_event(
                 SOURCE,
                 &[

@@ -176,24 +176,27 @@ impl ToolsStage {
             action_id: Some(a.action_id.clone()),
         };
         let args = a.parameters.as_object().cloned().unwrap_or_default();
+        // Counted and recorded (tool-calls topic, audit) once per action, whatever happened.
+        let note = |outcome: &'static str, result: Value, error: Option<String>, ms: u64| {
+            METRICS.tool_calls.with_label_values(&[name, outcome]).inc();
+            let call = ToolCallRecord {
+                tool: name.to_string(),
+                effect: tool.effect.name(),
+                iteration: 0,
+                arguments: json!(args),
+                outcome,
+                result,
+                error,
+                duration_ms: ms,
+            };
+            self.log.write(&ctx, &call);
+        };
         if status < 0 {
-            METRICS.tool_calls.with_label_values(&[name, "stale"]).inc();
             let why = format!(
                 "fencing token {} is below {info}, already carried out for {}",
                 a.fencing_token, a.resource
             );
-            self.log.write(
-                &ctx,
-                &record(
-                    name,
-                    &tool,
-                    &args,
-                    "stale",
-                    Value::Null,
-                    Some(why.clone()),
-                    0,
-                ),
-            );
+            note("stale", Value::Null, Some(why.clone()), 0);
             return fail("stale_action", why);
         }
         let started = Instant::now();
@@ -220,52 +223,14 @@ impl ToolsStage {
             .await;
         match result {
             Ok(v) => {
-                METRICS
-                    .tool_calls
-                    .with_label_values(&[name, "executed"])
-                    .inc();
                 tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, duration_ms = ms, "Tool action carried out.");
-                self.log
-                    .write(&ctx, &record(name, &tool, &args, "executed", v, None, ms));
+                note("executed", v, None, ms);
                 Ok(Vec::new())
             }
             Err(e) => {
-                METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
-                self.log.write(
-                    &ctx,
-                    &record(
-                        name,
-                        &tool,
-                        &args,
-                        "error",
-                        Value::Null,
-                        Some(e.clone()),
-                        ms,
-                    ),
-                );
+                note("error", Value::Null, Some(e.clone()), ms);
                 fail("tool_failed", format!("action {}: {e}", a.action_id))
             }
         }
-    }
-}
-
-fn record(
-    name: &str,
-    tool: &crate::tools::Tool,
-    args: &serde_json::Map<String, Value>,
-    outcome: &'static str,
-    result: Value,
-    error: Option<String>,
-    duration_ms: u64,
-) -> ToolCallRecord {
-    ToolCallRecord {
-        tool: name.to_string(),
-        effect: tool.effect.name(),
-        iteration: 0,
-        arguments: json!(args),
-        outcome,
-        result,
-        error,
-        duration_ms,
     }
 }
