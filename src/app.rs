@@ -90,6 +90,7 @@ pub fn approvals_of(
         tenants: Default::default(),
         known_tenants: cfg.governance.tenants.clone(),
         max_output_bytes: cfg.kafka.max_output_bytes(),
+        stats: None,
     }
 }
 
@@ -133,12 +134,25 @@ pub async fn run(
     ));
     let resources = resource_store(&loaded, redis.clone());
     let sealer = sealer(&loaded, redis.clone());
-    let approvals = Arc::new(approvals_of(
-        &loaded,
-        resources.clone(),
-        sealer.clone(),
-        &emitter,
+    let stats = Arc::new(crate::agents::stats::AgentStats::new(
+        redis.clone(),
+        &cfg.redis.key_prefix,
     ));
+    tracker.spawn(stats.clone().run(stop.clone()));
+    let scoreboard = Arc::new(crate::agents::stats::Scoreboard::default());
+    let candidates = cfg.best_of_agents();
+    if !candidates.is_empty() {
+        tracker.spawn(scoreboard.clone().run(
+            redis.clone(),
+            cfg.redis.key_prefix.clone(),
+            candidates,
+            stop.clone(),
+        ));
+    }
+    let approvals = Arc::new(Approvals {
+        stats: Some(stats.clone()),
+        ..approvals_of(&loaded, resources.clone(), sealer.clone(), &emitter)
+    });
     let budgets = Arc::new(Budgets::new(
         Arc::new(RedisBudgetStore::new(redis.clone())),
         &cfg.redis.key_prefix,
@@ -178,6 +192,8 @@ pub async fn run(
         gateway: gateway.clone(),
         tools,
         recorder,
+        stats,
+        scoreboard,
         tracker: tracker.clone(),
         stop: stop.clone(),
     };

@@ -212,6 +212,25 @@ impl<F: Fn(&str) -> Option<String>> Overrides for F {
 }
 
 impl Config {
+    /// Every agent named in a `best_of` group (of a route or a workflow step): the scoreboard
+    /// keeps their scores and loads fresh.
+    pub fn best_of_agents(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.select.as_ref())
+            .chain(
+                self.workflows
+                    .values()
+                    .flat_map(|w| w.steps.values().filter_map(|s| s.select.as_ref())),
+            )
+            .flat_map(|s| s.best_of.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Every topic the config refers to: switchyard's own and input topics, then each Kafka
     /// agent's request and reply topics (what `topics apply` creates and `validate` checks).
     pub fn referenced_topics(&self) -> Vec<&str> {
@@ -509,7 +528,11 @@ impl Config {
         for (item, m) in crate::workflow::problems(&self.workflows, &agents) {
             p(&item, m);
         }
-        for (item, m) in self.governance.problems(&agents, &actions) {
+        // Access rules may also grant delegations (`delegate:<agent>`, see workflows' supervise).
+        let delegations: Vec<String> = agents.iter().map(|a| format!("delegate:{a}")).collect();
+        let mut granted = actions.clone();
+        granted.extend(delegations.iter().map(String::as_str));
+        for (item, m) in self.governance.problems(&agents, &granted) {
             p(&item, m);
         }
         for (item, m) in self.resolve.problems(&actions, &writes) {
@@ -545,6 +568,9 @@ impl Config {
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
+            for m in r.select.iter().flat_map(|s| s.problems(&agents)) {
+                p(&format!("routes[{i}] ({})", r.name), m);
+            }
             for a in &r.agents {
                 if !agents.contains(&a.as_str()) {
                     p(

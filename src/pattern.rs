@@ -91,6 +91,11 @@ pub fn reference_problem(reference: &str, known: &[&str], what: &str) -> Option<
     }
 }
 
+/// True when `patterns` is empty (meaning any) or `value` matches one of them.
+pub fn matches_any_or_empty(patterns: &[String], value: &str) -> bool {
+    patterns.is_empty() || matches_any(patterns, value)
+}
+
 /// True when `value` matches one of `patterns`.
 pub fn matches_any(patterns: &[String], value: &str) -> bool {
     patterns.iter().any(|p| TypePattern::new(p).matches(value))

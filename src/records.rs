@@ -82,6 +82,14 @@ pub struct AgentResponse {
     /// A workflow supervisor's sub-tasks (`[{agent, instructions}]`); see README, "Workflows".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delegate: Vec<Delegation>,
+    /// What the work cost beyond the agent's `cost_per_call` (an LLM agent: its model calls), in
+    /// the budgets' currency; counted on its scorecard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The model that did the work (an LLM agent: the last model that answered); scorecards count
+    /// per model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 // ---- Records on switchyard's topics ----

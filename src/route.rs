@@ -32,9 +32,55 @@ pub struct RouteSpec {
     /// Workflows a run of which starts when the route matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workflows: Vec<String>,
+    /// Interchangeable agents one of which gets the task, chosen by scorecard and load
+    /// (`{best_of: [a, b], explore: 0.1}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<Select>,
     /// Higher runs first and wins when two routes name the same agent.
     #[serde(default)]
     pub priority: i32,
+}
+
+/// `select:` of a route or a step.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Select {
+    /// The interchangeable agents.
+    pub best_of: Vec<String>,
+    /// Share of tasks sent to a candidate drawn uniformly, whatever the scores (0–1).
+    #[serde(default = "default_explore")]
+    pub explore: f64,
+}
+
+fn default_explore() -> f64 {
+    0.1
+}
+
+impl Select {
+    /// The name a route's group goes by (task ids and dedupe use it, so a redelivered event gets
+    /// the same task id whichever candidate it draws).
+    pub fn group(&self) -> String {
+        format!("best_of({})", self.best_of.join(","))
+    }
+
+    /// Problems as sentences; `agents` are the declared agents.
+    pub fn problems(&self, agents: &[&str]) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.best_of.is_empty() {
+            p.push("select.best_of must name at least one agent".into());
+        }
+        for a in &self.best_of {
+            if !agents.contains(&a.as_str()) {
+                p.push(format!(
+                    "select.best_of names {a:?}, which is not declared under agents"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.explore) {
+            p.push("select.explore must be between 0 and 1".into());
+        }
+        p
+    }
 }
 
 /// One condition on an attribute (`type`, `subject`, `tenant`, ...) or a data field (`data.env`).
@@ -112,15 +158,19 @@ struct CompiledRoute {
     when: Vec<CompiledCondition>,
     agents: Vec<String>,
     workflows: Vec<String>,
+    select: Option<Select>,
     priority: i32,
 }
 
 /// One agent an event is routed to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteMatch {
+    /// The agent, or for a `best_of` group its name ([`Select::group`]).
     pub agent: String,
     pub route: String,
     pub priority: i32,
+    /// Set for a `best_of` group: the route stage picks the agent.
+    pub select: Option<Select>,
 }
 
 /// Compiled routes, ready to match.
@@ -151,8 +201,11 @@ impl Router {
             if specs[..i].iter().any(|s| s.name == spec.name) {
                 problem(format!("name {:?} is used by an earlier route", spec.name));
             }
-            if spec.agents.is_empty() && spec.workflows.is_empty() {
-                problem("agents must name at least one agent (or workflows a workflow)".into());
+            if spec.agents.is_empty() && spec.workflows.is_empty() && spec.select.is_none() {
+                problem(
+                    "agents must name at least one agent (or workflows a workflow, or select a best_of group)"
+                        .into(),
+                );
             }
             for (j, t) in spec.types.iter().enumerate() {
                 if let Some(m) = crate::pattern::pattern_problem(t) {
@@ -173,6 +226,7 @@ impl Router {
                 when,
                 agents: spec.agents.clone(),
                 workflows: spec.workflows.clone(),
+                select: spec.select.clone(),
                 priority: spec.priority,
             });
         }
@@ -203,6 +257,18 @@ impl Router {
                         agent: a.clone(),
                         route: r.name.clone(),
                         priority: r.priority,
+                        select: None,
+                    });
+                }
+            }
+            if let Some(sel) = &r.select {
+                let group = sel.group();
+                if !out.iter().any(|m| m.agent == group) {
+                    out.push(RouteMatch {
+                        agent: group,
+                        route: r.name.clone(),
+                        priority: r.priority,
+                        select: Some(sel.clone()),
                     });
                 }
             }
@@ -233,9 +299,12 @@ impl Router {
 
     /// Names of every agent some route refers to.
     pub fn agents(&self) -> impl Iterator<Item = &str> {
-        self.routes
-            .iter()
-            .flat_map(|r| r.agents.iter().map(String::as_str))
+        self.routes.iter().flat_map(|r| {
+            r.agents
+                .iter()
+                .chain(r.select.iter().flat_map(|s| s.best_of.iter()))
+                .map(String::as_str)
+        })
     }
 
     pub fn route_names(&self) -> impl Iterator<Item = &str> {
@@ -344,6 +413,7 @@ mod tests {
             when: vec![],
             agents: agents.iter().map(|s| s.to_string()).collect(),
             workflows: vec![],
+            select: None,
             priority,
         }
     }
@@ -385,12 +455,14 @@ mod tests {
                 RouteMatch {
                     agent: "deploy-guard".into(),
                     route: "prod".into(),
-                    priority: 10
+                    priority: 10,
+                    select: None,
                 },
                 RouteMatch {
                     agent: "auditor".into(),
                     route: "prod".into(),
-                    priority: 10
+                    priority: 10,
+                    select: None,
                 },
             ]
         );
@@ -500,6 +572,7 @@ mod tests {
                 when: vec![],
                 agents: agents.into_iter().map(str::to_string).collect(),
                 workflows: vec![],
+                select: None,
                 priority,
             })
     }

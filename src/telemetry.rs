@@ -104,6 +104,10 @@ pub struct Metrics {
     pub tool_calls: IntCounterVec,
     /// 1 while an agent's circuit is open (as this instance last saw it), by agent.
     pub agent_circuit_open: IntGaugeVec,
+    pub agent_proposals: IntCounterVec,
+    pub agent_actions_undone: IntCounterVec,
+    pub agent_score: prometheus::GaugeVec,
+    pub workflow_runs_active: IntGaugeVec,
     /// Workflow runs by workflow and outcome (started, succeeded, completed_with_failures, failed).
     pub workflow_runs: IntCounterVec,
     /// Duration of workflow steps (the agent's work), by workflow and step.
@@ -380,6 +384,30 @@ impl Metrics {
                 "switchyard_agent_circuit_open",
                 "1 while an agent's circuit breaker is open (as this instance last saw it), by agent.",
                 &["agent"],
+                r
+            )?,
+            agent_proposals: register_int_counter_vec_with_registry!(
+                "switchyard_agent_proposals_total",
+                "Fate of agents' proposals by agent and outcome (accepted, rejected, approval_requested by rules; approved, declined by people).",
+                &["agent", "outcome"],
+                r
+            )?,
+            agent_actions_undone: register_int_counter_vec_with_registry!(
+                "switchyard_agent_actions_undone_total",
+                "Accepted actions later superseded by a conflicting action of higher priority (e.g. a rollback), by the agent that proposed them.",
+                &["agent"],
+                r
+            )?,
+            agent_score: prometheus::register_gauge_vec_with_registry!(
+                "switchyard_agent_score",
+                "An agent's scorecard success score (0-1: smoothed share of tasks that succeeded and proposals not refused, over the last hour) as best_of routing sees it.",
+                &["agent"],
+                r
+            )?,
+            workflow_runs_active: register_int_gauge_vec_with_registry!(
+                "switchyard_workflow_runs_active",
+                "Workflow runs started and not yet ended (all instances; refreshed by the deadline sweeper), by workflow.",
+                &["workflow"],
                 r
             )?,
             workflow_runs: register_int_counter_vec_with_registry!(

@@ -578,6 +578,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         actions_topic: "a".into(),
         approvals_topic: "b".into(),
         sealer: sealer(&conn, &c.redis.key_prefix),
+        stats: None,
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);

@@ -58,7 +58,9 @@ async fn agent(State(st): State<Arc<Agents>>, Json(req): Json<Value>) -> axum::r
             tokio::time::sleep(Duration::from_millis(1500)).await;
             Json(json!({"findings": [{"key": "wf.slow", "value": req["task"]["step"]["step"]}]})).into_response()
         }
-        "failer" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "cannot").into_response(),
+        "failer" | "flaky" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "cannot").into_response(),
+        "good" => Json(json!({"proposals": [{"action": "page", "parameters": {"team": "pay"}}]})).into_response(),
+        "fixer" => Json(json!({"proposals": [{"action": "rollback", "parameters": {}, "priority": 100}]})).into_response(),
         // A supervisor: delegates twice (once to an agent it may not use), then concludes
         // (its delegation in the third round is over max_rounds).
         "boss" => {
@@ -555,4 +557,228 @@ workflows:
         slow - RUNS * 4
     );
     drop(procs);
+}
+
+/// `best_of` routing moves most of 200 tasks to the better of two agents (by the scorecards every
+/// instance shares, one flush a second) and keeps exploring the other; a workflow step's `select`
+/// picks too; the scorecards count outcomes, latency, cost and the fate of proposals (accepted by
+/// resolve, and undone by a superseding rollback); a supervisor's delegations are checked against
+/// `governance.access` and the refused one is recorded and audited with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_of_learns_the_better_agent_and_delegation_is_governed() {
+    let (url, agents) = serve().await;
+    let mut yaml = String::from("agents:\n");
+    for (name, actions) in [
+        ("good", "[page]"),
+        ("flaky", "[page]"),
+        ("fixer", "[rollback]"),
+        ("boss", "[page, scale_up, restart]"),
+        ("writer", "[page]"),
+        ("pager", "[page]"),
+    ] {
+        yaml.push_str(&format!(
+            "  {name}:\n    kind: http\n    url: {url}\n    reads: [\"*\"]\n    writes: [\"wf.*\"]\n    actions: {actions}\n    retries: 0\n    timeout_ms: 10000\n    cost_per_call: 0.01\n    max_concurrency: 16\n"
+        ));
+    }
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+routes:
+  - {{name: pick, types: [t.pick], select: {{best_of: [good, flaky], explore: 0.1}}}}
+  - {{name: fix, types: [t.fix], agents: [fixer]}}
+  - {{name: stepwise, types: [t.step], workflows: [stepwise]}}
+  - {{name: gov, types: [t.gov], workflows: [gov]}}
+workflows:
+  stepwise:
+    steps:
+      s: {{select: {{best_of: [good, flaky]}}}}
+  gov:
+    steps:
+      boss: {{agent: boss, supervise: {{agents: [writer, pager], max_rounds: 1}}}}
+resolve:
+  actions:
+    page: {{priority: 10}}
+    rollback: {{priority: 100, conflicts_with: [page]}}
+governance:
+  access:
+    - {{agents: [good, flaky], actions: [page]}}
+    - {{agents: [fixer], actions: [rollback]}}
+    - {{agents: [boss], actions: ["delegate:writer"]}}
+{yaml}
+"#
+        ),
+    )
+    .await;
+    let running = env.start(&["route", "agents", "resolve"]);
+    let calls = |name: &str| {
+        agents
+            .calls
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map_or(0, Vec::len)
+    };
+    // Four waves of 50 events on distinct resources; after each, time for the scorecards to be
+    // flushed (1 s) and read back (1 s).
+    for wave in 0..4 {
+        let events: Vec<_> = (0..50)
+            .map(|i| {
+                let n = wave * 50 + i;
+                event(&format!("p{n}"), "t.pick", &format!("svc-{n}"), json!({}))
+            })
+            .collect();
+        env.publish("events.deployments", &events).await;
+        for _ in 0..300 {
+            if calls("good") + calls("flaky") >= (wave + 1) * 50 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let (good, flaky) = (calls("good"), calls("flaky"));
+    eprintln!("best_of: good {good}, flaky {flaky}");
+    assert_eq!(good + flaky, 200, "every task ran once");
+    assert!(
+        good >= 140,
+        "most tasks go to the better agent: good {good}, flaky {flaky}"
+    );
+    assert!(
+        flaky >= 5,
+        "the exploration floor keeps measuring the other: {flaky}"
+    );
+
+    // A rollback supersedes the page accepted on svc-0 (if good handled it) or svc-n.
+    let paged = agents.calls.lock().expect("lock")["good"][0]["task"]["resource"]
+        .as_str()
+        .expect("resource")
+        .to_string();
+    env.publish_one("events.deployments", "fix-1", "t.fix", &paged, json!({}))
+        .await;
+    env.publish_one(
+        "events.deployments",
+        "step-1",
+        "t.step",
+        "svc-step",
+        json!({}),
+    )
+    .await;
+    env.publish_one("events.deployments", "gov-1", "t.gov", "svc-gov", json!({}))
+        .await;
+    let recs = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.workflows"),
+        Duration::from_secs(60),
+        |got| {
+            got.iter()
+                .filter(|r| data_of(&event_of(r))["kind"] == "workflow.completed")
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    let step_agent = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .find(|d| d["workflow"] == "stepwise" && d["kind"] == "step.started")
+        .map(|d| d["agent"].as_str().unwrap_or("").to_string());
+    assert!(
+        matches!(step_agent.as_deref(), Some("good") | Some("flaky")),
+        "{step_agent:?}"
+    );
+    let completed: Vec<Value> = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["kind"] == "step.completed" || d["kind"] == "workflow.completed")
+        .collect();
+    assert!(
+        completed.iter().all(|d| d["cost"].as_f64().is_some()),
+        "lifecycle records carry costs: {completed:?}"
+    );
+    let refused: Vec<Value> = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["kind"] == "delegation.refused")
+        .collect();
+    let why = |agent: &str| {
+        refused
+            .iter()
+            .find(|d| d["agent"] == agent)
+            .and_then(|d| d["error"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        why("pager").contains("governance.access"),
+        "pager is in supervise.agents but no access rule grants it: {refused:?}"
+    );
+    assert!(why("failer").contains("supervise.agents"), "{refused:?}");
+    assert_eq!(calls("writer"), 1, "the granted delegation ran");
+    assert_eq!(calls("pager"), 0, "the refused one did not");
+    fn governed(r: &switchyard::kafka::Input) -> bool {
+        let d = data_of(&event_of(r)).clone();
+        d["decision"] == "workflow_delegation_refused"
+            && d["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("governance.access")
+    }
+    let audit = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.audit"),
+        Duration::from_secs(30),
+        |got| got.iter().any(governed),
+    )
+    .await;
+    assert!(
+        audit.iter().any(governed),
+        "the refusal is audited with its reason"
+    );
+
+    // Scorecards, as every instance and `switchyard status` read them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let conn = switchyard::store::RedisConn::new(&env.loaded.config.redis.url).expect("redis");
+    let names: Vec<String> = ["good", "flaky", "fixer"].map(String::from).to_vec();
+    let cards = switchyard::agents::stats::scorecards(
+        &conn,
+        &env.loaded.config.redis.key_prefix,
+        &names,
+        3600,
+    )
+    .await
+    .expect("scorecards");
+    let (g, f, x) = (&cards[0], &cards[1], &cards[2]);
+    eprintln!("{g:?}\n{f:?}\n{x:?}");
+    assert_eq!(g.succeeded as usize, calls("good"), "{g:?}");
+    assert_eq!(f.failed as usize, calls("flaky"), "{f:?}");
+    assert!(
+        g.accepted >= 100,
+        "good's pages were accepted by resolve: {g:?}"
+    );
+    assert_eq!(
+        g.undone, 1,
+        "the rollback superseded one accepted page: {g:?}"
+    );
+    assert_eq!(x.accepted, 1, "{x:?}");
+    assert!(
+        (g.cost_per_task().unwrap_or(0.0) - 0.01).abs() < 1e-9,
+        "{g:?}"
+    );
+    assert!(g.score() > f.score() + 0.5, "{g:?} {f:?}");
+    let status = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "status",
+        ])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    let good_line = text
+        .lines()
+        .find(|l| l.starts_with("good "))
+        .unwrap_or_default();
+    assert!(good_line.contains("/1 "), "undone shown: {text}");
+    running.stop().await;
 }

@@ -361,6 +361,8 @@ impl LlmAgent {
                 Err(e) => break Err(gateway_error(e, run.iteration - 1)),
             };
             self.count(&c.meta);
+            *run.out.cost.get_or_insert(0.0) += c.meta.cost;
+            run.out.model = Some(c.meta.model.clone());
             let msg = c.body["choices"][0]["message"].clone();
             let calls = msg
                 .get("tool_calls")

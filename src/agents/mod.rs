@@ -12,6 +12,7 @@ pub mod http;
 pub mod kafka;
 pub mod llm;
 pub mod model;
+pub mod select;
 pub mod stats;
 
 pub use model::{allowed, Agent, AgentError, AgentRequest, BuildDeps, ScopedContext, Scopes};

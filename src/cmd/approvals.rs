@@ -43,8 +43,14 @@ pub fn service(l: &Loaded) -> Result<Approvals, String> {
     let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
     let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
     let resources = crate::app::resource_store(l, conn.clone());
-    let sealer: Arc<_> = crate::app::sealer(l, conn);
-    Ok(crate::app::approvals_of(l, resources, sealer, &emitter))
+    let sealer: Arc<_> = crate::app::sealer(l, conn.clone());
+    Ok(Approvals {
+        stats: Some(Arc::new(crate::agents::stats::AgentStats::new(
+            conn,
+            &l.config.redis.key_prefix,
+        ))),
+        ..crate::app::approvals_of(l, resources, sealer, &emitter)
+    })
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
@@ -83,6 +89,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         })?;
     }
     approvals.sent(&id).await.map_err(|e| e.to_string())?;
+    if let Some(stats) = &approvals.stats {
+        // The verdict counts on the proposing agents' scorecards (a running switchyard flushes
+        // every second; this process is about to exit).
+        if let Err(e) = stats.flush().await {
+            eprintln!("warning: the verdict is not on the agents' scorecards: {e}");
+        }
+    }
     match (&d.action, d.fresh) {
         // Like the API's 409: the decision asked for was not made (someone decided first).
         (_, false) => {

@@ -1,4 +1,5 @@
-//! `switchyard status`: per-stage consumer lag, pending approvals and per-agent health, for a person.
+//! `switchyard status`: per-stage consumer lag, pending approvals and per-agent scorecards, for a
+//! person.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::ctx::Ctx;
-use crate::agents::stats::agent_health;
+use crate::agents::stats::scorecards;
 use crate::config::Loaded;
 use crate::event::now_secs;
 use crate::governance::approvals::Approvals;
@@ -104,29 +105,44 @@ pub async fn report(
         }
     }
     let names: Vec<String> = cfg.agents.keys().cloned().collect();
-    let health = agent_health(conn, &cfg.redis.key_prefix, &names)
+    let cards = scorecards(conn, &cfg.redis.key_prefix, &names, 2 * 3600)
         .await
         .map_err(|e| e.to_string())?;
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "AGENT            HEALTH    TASKS(2h)  FAILED  TIMED OUT  REFUSED  LAST SEEN"
+        "AGENT            HEALTH    TASKS(2h)  FAILED  TIMED OUT  REFUSED  MEAN MS  COST/TASK  PROPOSALS acc/rej/appr/decl/undone  SCORE  LAST SEEN"
     );
-    for h in health {
-        let seen = h
+    for c in &cards {
+        let seen = c
             .last_seen
             .map(|t| format!("{} ago", ago(now - t)))
             .unwrap_or_else(|| "-".into());
+        let dash = || "-".to_string();
         let _ = writeln!(
             out,
-            "{:<16} {:<9} {:<10} {:<7} {:<10} {:<8} {seen}",
-            h.agent,
-            h.verdict(),
-            h.calls(),
-            h.failed,
-            h.timed_out,
-            h.refused
+            "{:<16} {:<9} {:<10} {:<7} {:<10} {:<8} {:<8} {:<10} {:<35} {:<6.2} {seen}",
+            c.agent,
+            c.verdict(),
+            c.calls(),
+            c.failed,
+            c.timed_out,
+            c.refused,
+            c.mean_ms().map_or_else(dash, |m| m.to_string()),
+            c.cost_per_task().map_or_else(dash, |x| format!("{x:.4}")),
+            format!(
+                "{}/{}/{}/{}/{}",
+                c.accepted, c.rejected, c.approved, c.declined, c.undone
+            ),
+            c.score(),
         );
+        for (model, m) in &c.models {
+            let _ = writeln!(
+                out,
+                "  model {model}: {} tasks, {} failed, cost {:.4}",
+                m.calls, m.failed, m.cost
+            );
+        }
     }
     Ok(out)
 }

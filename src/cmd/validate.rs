@@ -1,6 +1,7 @@
 //! `switchyard validate`: checks the config and everything it refers to; prints every problem.
 
 use super::ctx::Ctx;
+use crate::pattern::matches_any_or_empty;
 
 #[derive(clap::Args)]
 pub struct Args {}
@@ -23,6 +24,25 @@ pub fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
         .collect();
     for (item, m) in l.config.governance.unreachable_actions(&agents) {
         println!("warning: {item}: {m}");
+    }
+    let g = &l.config.governance;
+    for (name, w) in &l.config.workflows {
+        for (step, s) in &w.steps {
+            let (Some(sv), Some(sup)) = (&s.supervise, &s.agent) else {
+                continue;
+            };
+            for a in &sv.agents {
+                let action = format!("delegate:{a}");
+                if !g.access.is_empty()
+                    && !g.access.iter().any(|r| {
+                        matches_any_or_empty(&r.agents, sup)
+                            && matches_any_or_empty(&r.actions, &action)
+                    })
+                {
+                    println!("warning: workflows.{name}.steps.{step}: supervise.agents names {a}, but no governance.access rule lets {sup} delegate to it: every such delegation will be refused; add a rule such as {{ agents: [{sup}], actions: [\"delegate:{a}\"] }}");
+                }
+            }
+        }
     }
     Ok(())
 }

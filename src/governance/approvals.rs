@@ -122,6 +122,9 @@ pub struct Approvals {
     pub known_tenants: Vec<String>,
     /// The largest record the producer writes (`message.max.bytes`).
     pub max_output_bytes: usize,
+    /// Scorecards: people's verdicts count for or against the proposing agents. The CLI, which
+    /// has no flusher, flushes after deciding.
+    pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
 }
 
 fn enc(e: impl std::fmt::Display) -> ApprovalError {
@@ -236,6 +239,17 @@ impl Approvals {
                     self.store.index_close(approval_id).await?;
                     let kind = s.approval.status.as_str();
                     METRICS.approvals.with_label_values(&[kind]).inc();
+                    if let Some(stats) = &self.stats {
+                        let fate = if kind == "approved" {
+                            "approved"
+                        } else {
+                            "declined"
+                        };
+                        let agents = s.action.agents.as_array().into_iter().flatten();
+                        for a in agents.filter_map(serde_json::Value::as_str) {
+                            stats.proposal(a, fate);
+                        }
+                    }
                     METRICS
                         .approval_wait
                         .with_label_values(&[kind])

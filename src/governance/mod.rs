@@ -10,15 +10,12 @@ pub mod budgets;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pattern::TypePattern;
 use crate::records::{Impact, ProposalData};
 use crate::resolve::apply::Gate;
 use crate::resolve::rules::RejectReason;
 use crate::secret::Secret;
 
-fn any_match(patterns: &[String], value: &str) -> bool {
-    patterns.is_empty() || patterns.iter().any(|p| TypePattern::new(p).matches(value))
-}
+use crate::pattern::matches_any_or_empty as any_match;
 
 /// One access rule: these agents may cause these actions on these resources of these tenants.
 /// Empty lists mean "any"; entries are `*` patterns.

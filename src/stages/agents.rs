@@ -82,6 +82,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
                 specs: cfg.workflows.clone(),
                 tasks_topic: cfg.topics.tasks.clone(),
                 workflows_topic: cfg.topics.workflows.clone(),
+                choose: s.chooser(),
             })
         });
         if let Some(wf) = &workflows {
@@ -92,13 +93,11 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
                 s.stop.clone(),
             ));
         }
-        let stats = Arc::new(AgentStats::new(s.redis.clone(), &cfg.redis.key_prefix));
-        s.tracker.spawn(stats.clone().run(s.stop.clone()));
         init_metrics(agents.keys());
         Ok(runner(AgentStage {
             agents,
             budgets: s.budgets.clone(),
-            stats: Some(stats),
+            stats: Some(s.stats.clone()),
             store: Arc::new(RedisStore::new(
                 s.redis.clone(),
                 &cfg.redis.key_prefix,
@@ -134,6 +133,18 @@ async fn expire_runs(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        match wf.runs.active().await {
+            Ok(active) => {
+                for name in wf.specs.keys() {
+                    let n = active.get(name).copied().unwrap_or(0).max(0);
+                    METRICS
+                        .workflow_runs_active
+                        .with_label_values(&[name])
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "Could not read the active workflow runs."),
         }
         let ended = match wf.runs.expire(&wf.specs, chrono::Utc::now()).await {
             Ok(e) => e,
@@ -225,6 +236,8 @@ pub struct Workflows {
     pub specs: std::collections::BTreeMap<String, crate::workflow::WorkflowSpec>,
     pub tasks_topic: String,
     pub workflows_topic: String,
+    /// Picks `best_of` agents of steps and checks delegations against governance.
+    pub choose: Arc<dyn crate::workflow::Chooser>,
 }
 
 /// A context store failure, counted; [`ProcessError`] decides retry (unreachable) or dead letter
@@ -331,6 +344,8 @@ impl<S: ContextStore> AgentStage<S> {
         facts: std::collections::BTreeMap<String, Value>,
     ) -> (Result<AgentResponse, AgentError>, u32, Vec<String>) {
         let spec = &entry.spec;
+        // Counted as this agent's load (best_of routing) while queued and running.
+        let _load = self.stats.as_ref().map(|s| s.start(name));
         let mut refused_reads = Vec::new();
         let mut attempt = 0;
         // Every attempt sees the same snapshot: the request is built once.
@@ -951,7 +966,9 @@ impl<S: ContextStore> AgentStage<S> {
                     return Ok(Decided::default());
                 };
                 if let Some(stats) = &self.stats {
-                    stats.count(&t.task.agent, &o.status);
+                    let ran = o.ran.as_deref().unwrap_or(&t.task.agent);
+                    let per_call = self.agents.get(ran).map_or(0.0, |e| e.spec.cost_per_call);
+                    stats.task(ran, &o, o.response.cost.unwrap_or(0.0) + per_call);
                 }
                 for r in o.refusals.iter().filter(|r| !r.starts_with("budget:")) {
                     let kind = r.split_once(':').map(|(k, _)| k).unwrap_or("scope");
@@ -1011,7 +1028,13 @@ impl<S: ContextStore> AgentStage<S> {
             delegate: &o.response.delegate,
             error: o.error.as_deref(),
             duration_ms: o.duration_ms,
+            cost: o.response.cost.unwrap_or(0.0)
+                + self
+                    .agents
+                    .get(o.ran.as_deref().unwrap_or(&task.agent))
+                    .map_or(0.0, |e| e.spec.cost_per_call),
             at: &o.at,
+            choose: wf.choose.as_ref(),
         };
         let plan = wf
             .runs

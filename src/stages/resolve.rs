@@ -32,7 +32,7 @@ use crate::records::{
 };
 use crate::resolve::apply::{apply, token_floor, Current, Decided, Gate, Verdict};
 use crate::resolve::rules::{
-    decide, prune, Candidate, Decision, RejectReason, ResolveConfig, Rule,
+    decide, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
 use crate::resolve::store::{ResourceStore, Write};
 use crate::store::ResourceKey;
@@ -60,6 +60,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             actions_topic: cfg.topics.actions.clone(),
             approvals_topic: cfg.topics.approvals.clone(),
             sealer: s.sealer.clone(),
+            stats: Some(s.stats.clone()),
         }))
     })
 }
@@ -101,6 +102,8 @@ pub struct ResolveStage {
     pub approvals_topic: String,
     /// Seals each decision into its resource's audit chain.
     pub sealer: Arc<Sealer>,
+    /// Scorecards: each decision counts for or against the proposing agent (none in unit tests).
+    pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
 }
 
 /// Reads a proposal record.
@@ -376,6 +379,18 @@ impl ResolveStage {
             };
             let decision = decide(&self.rules, &state, &cand, now);
             let rule = decision.rule();
+            // Accepted actions this one supersedes: undone, on their agents' scorecards.
+            let undone: Vec<String> = match &decision {
+                Decision::New { superseded, .. } => state
+                    .active
+                    .iter()
+                    .filter(|a| {
+                        a.status == ActiveStatus::Accepted && superseded.contains(&a.action_id)
+                    })
+                    .flat_map(|a| a.agents.iter().cloned())
+                    .collect(),
+                _ => Vec::new(),
+            };
             let gate = match &decision {
                 Decision::New { .. } => {
                     let spender = Spender {
@@ -405,6 +420,19 @@ impl ResolveStage {
             if self.store.commit(&key, record.rev, write).await? {
                 self.index(&decided).await?;
                 count(rule, &decided, &p);
+                if let Some(stats) = &self.stats {
+                    let fate = match decided.outcome {
+                        Verdict::Rejected => "rejected",
+                        Verdict::ApprovalRequested => "approval_requested",
+                        _ => "accepted",
+                    };
+                    stats.proposal(&p.agent, fate);
+                    if decided.outcome != Verdict::Rejected {
+                        for a in &undone {
+                            stats.proposal(a, "undone");
+                        }
+                    }
+                }
                 return Ok(self
                     .outputs(&p, &decided, tp.as_deref())?
                     .forgetting(forget));
@@ -446,6 +474,7 @@ mod tests {
             actions_topic: "actions".into(),
             approvals_topic: "approvals".into(),
             sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
+            stats: None,
         }
     }
 

@@ -44,6 +44,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             workflows_topic: cfg.topics.workflows.clone(),
             workflows: cfg.workflows.clone(),
             sealer: s.sealer.clone(),
+            choose: s.chooser(),
         }))
     })
 }
@@ -60,6 +61,8 @@ pub struct RouteStage {
     pub workflows: std::collections::BTreeMap<String, crate::workflow::WorkflowSpec>,
     /// Seals the routing decision into the resource's audit chain.
     pub sealer: Arc<Sealer>,
+    /// Picks the agent of a `best_of` group.
+    pub choose: Arc<dyn crate::workflow::Chooser>,
 }
 
 impl RouteStage {
@@ -76,8 +79,25 @@ impl RouteStage {
         let wf = workflow_id(ev);
         let mut out = Vec::with_capacity(matches.len() + 1);
         let mut task_ids = Vec::with_capacity(matches.len());
+        let mut picks = Vec::new();
         for m in &matches {
-            let task = self.task_event(ev, m, &resource, &wf, time, task_id(ev, &m.agent), None)?;
+            // A `best_of` group's task id comes from the group, so a redelivered event gets the
+            // same id (and runs once) whichever candidate it draws.
+            let id = task_id(ev, &m.agent);
+            let picked;
+            let m = match &m.select {
+                Some(sel) => {
+                    picked = RouteMatch {
+                        agent: self.choose.pick(sel, &id),
+                        select: None,
+                        ..m.clone()
+                    };
+                    picks.push(json!({"group": m.agent, "agent": picked.agent, "task": id}));
+                    &picked
+                }
+                None => m,
+            };
+            let task = self.task_event(ev, m, &resource, &wf, time, id, None)?;
             task_ids.push(task.id.clone());
             out.push(self.emitter.emit(&self.tasks_topic, &task)?);
             METRICS
@@ -100,12 +120,14 @@ impl RouteStage {
                 started_at: time.to_string(),
                 ..Default::default()
             };
-            let (starts, records) = crate::workflow::start(spec, &run_id, time);
+            let (starts, records) =
+                crate::workflow::start(spec, &run_id, time, self.choose.as_ref());
             for st in &starts {
                 let m = RouteMatch {
                     agent: st.agent.clone(),
                     route: route.clone(),
                     priority,
+                    select: None,
                 };
                 let step = crate::records::StepRef {
                     run_id: run_id.clone(),
@@ -153,6 +175,9 @@ impl RouteStage {
                 json!({"topic": topic, "type": ev.ty, "tasks": task_ids, "routes": routes});
             if !runs.is_empty() {
                 detail["workflow_runs"] = json!(runs);
+            }
+            if !picks.is_empty() {
+                detail["best_of"] = json!(picks);
             }
             ("routed", None, detail)
         };

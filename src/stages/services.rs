@@ -33,6 +33,10 @@ pub struct Services {
     pub tools: Arc<crate::tools::Toolbox>,
     /// Writes audit records of work without an input record (tool calls).
     pub recorder: crate::audit::Recorder,
+    /// Agent scorecards: every stage adds what it learns about agents (flushed to Redis each second).
+    pub stats: Arc<crate::agents::stats::AgentStats>,
+    /// Scores and loads of the agents in `best_of` groups (refreshed in the background when any).
+    pub scoreboard: Arc<crate::agents::stats::Scoreboard>,
     /// Background work a stage starts (sweepers, flushers) is tracked here and stops with `stop`.
     pub tracker: TaskTracker,
     pub stop: CancellationToken,
@@ -72,4 +76,58 @@ pub struct StageDef {
     pub inputs: fn(&TopicsConfig) -> Vec<String>,
     /// Builds it (and starts its background work on `Services::tracker`).
     pub build: for<'a> fn(&'a Services) -> BoxFuture<'a, Result<Runner, String>>,
+}
+
+/// The process's [`crate::workflow::Chooser`]: `best_of` picks from the scoreboard (scores and
+/// loads over each agent's `max_concurrency`), delegations checked against `governance.access`
+/// (action `delegate:<agent>`).
+pub struct StageChooser {
+    pub scoreboard: Arc<crate::agents::stats::Scoreboard>,
+    pub capacity: std::collections::HashMap<String, usize>,
+    pub governance: Arc<crate::governance::GovernanceConfig>,
+}
+
+impl Services {
+    pub fn chooser(&self) -> Arc<StageChooser> {
+        let cfg = self.config();
+        Arc::new(StageChooser {
+            scoreboard: self.scoreboard.clone(),
+            capacity: cfg
+                .agents
+                .iter()
+                .map(|(n, a)| (n.clone(), a.max_concurrency))
+                .collect(),
+            governance: Arc::new(cfg.governance.clone()),
+        })
+    }
+}
+
+impl crate::workflow::Chooser for StageChooser {
+    fn pick(&self, select: &crate::route::Select, task_id: &str) -> String {
+        let snap = self.scoreboard.snapshot();
+        crate::agents::select::pick(select, task_id, &snap, &|a| {
+            self.capacity.get(a).copied().unwrap_or(1)
+        })
+    }
+
+    fn may_delegate(
+        &self,
+        supervisor: &str,
+        agent: &str,
+        run: &crate::workflow::RunState,
+    ) -> Result<(), String> {
+        let action = format!("delegate:{agent}");
+        if self
+            .governance
+            .allows(&run.tenant, supervisor, &action, &run.resource)
+        {
+            Ok(())
+        } else {
+            tracing::info!(supervisor, agent, run_id = %run.run_id, resource = %run.resource,
+                "Delegation refused: no governance.access rule lets this supervisor delegate to this agent.");
+            Err(format!(
+                "no governance.access rule lets {supervisor} delegate to {agent} (action {action})"
+            ))
+        }
+    }
 }

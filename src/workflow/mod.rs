@@ -25,6 +25,36 @@ use serde_json::{json, Value};
 use crate::pattern::stable_id;
 use crate::records::{Finding, ProposalSpec};
 
+/// What planning a run asks of the world outside the run: which agent of a `best_of` group runs
+/// a task, and whether governance lets a supervisor delegate to an agent.
+pub trait Chooser: Send + Sync {
+    /// The agent of `select` that runs task `task_id`.
+    fn pick(&self, select: &crate::route::Select, task_id: &str) -> String;
+    /// Whether `supervisor` may delegate to `agent` on the run's resource; else why not.
+    fn may_delegate(&self, supervisor: &str, agent: &str, run: &RunState) -> Result<(), String>;
+}
+
+/// The first candidate of every group, every delegation allowed (tests, tools).
+pub struct FirstChoice;
+
+impl Chooser for FirstChoice {
+    fn pick(&self, select: &crate::route::Select, _: &str) -> String {
+        select.best_of.first().cloned().unwrap_or_default()
+    }
+    fn may_delegate(&self, _: &str, _: &str, _: &RunState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The agent that runs a step's task `task_id`: its `agent`, or its `select` group's pick.
+pub fn step_agent(step: &StepSpec, task_id: &str, choose: &dyn Chooser) -> Option<String> {
+    match (&step.agent, &step.select) {
+        (Some(a), _) => Some(a.clone()),
+        (None, Some(sel)) => Some(choose.pick(sel, task_id)),
+        _ => None,
+    }
+}
+
 /// A workflow as declared under `workflows:`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -40,9 +70,13 @@ pub struct WorkflowSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
-    /// The agent that runs the step (none for a declarative merge).
+    /// The agent that runs the step (none for a declarative merge or a `select`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// Interchangeable agents one of which runs the step, chosen by scorecard and load
+    /// (`{best_of: [a, b]}`), instead of `agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<crate::route::Select>,
     /// Steps that must have finished (succeeded, failed under `continue`, or been skipped) first.
     #[serde(default)]
     pub after: Vec<String>,
@@ -151,11 +185,19 @@ pub fn problems(
             ));
         }
         for (s, step) in &w.steps {
-            match (&step.agent, step.merge) {
-                (None, None) | (None, Some(Merge::Agent)) => {
-                    p.push((item(s), "needs an agent (or a declarative merge)".into()))
-                }
-                (Some(_), Some(m)) if m != Merge::Agent => p.push((
+            let runs_agent = step.agent.is_some() || step.select.is_some();
+            if step.agent.is_some() && step.select.is_some() {
+                p.push((item(s), "names both agent and select: keep one".into()));
+            }
+            for m in step.select.iter().flat_map(|x| x.problems(agents)) {
+                p.push((item(s), m));
+            }
+            match (runs_agent, step.merge) {
+                (false, None) | (false, Some(Merge::Agent)) => p.push((
+                    item(s),
+                    "needs an agent (or select, or a declarative merge)".into(),
+                )),
+                (true, Some(m)) if m != Merge::Agent => p.push((
                     item(s),
                     "a declarative merge runs no agent: drop `agent` or use `merge: agent`".into(),
                 )),
@@ -173,7 +215,7 @@ pub fn problems(
                 ));
             }
             if let Some(sv) = &step.supervise {
-                if step.agent.is_none() {
+                if !runs_agent {
                     p.push((item(s), "a supervisor needs an agent".into()));
                 }
                 for a in &sv.agents {
@@ -346,6 +388,9 @@ pub struct StepState {
     pub round: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instructions: Option<String>,
+    /// What the step's agent calls cost (every round and attempt), in the budgets' currency.
+    #[serde(default)]
+    pub cost: f64,
 }
 
 impl StepState {
@@ -364,6 +409,7 @@ impl StepState {
             finished_at: None,
             round,
             instructions: None,
+            cost: 0.0,
         }
     }
 }
@@ -419,6 +465,9 @@ pub struct Lifecycle {
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A finished step's cost; the run's total on `workflow.completed|failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
     pub at: String,
 }
 
@@ -469,7 +518,11 @@ pub struct Finished<'a> {
     pub delegate: &'a [crate::records::Delegation],
     pub error: Option<&'a str>,
     pub duration_ms: u64,
+    /// What the agent's work cost (its `cost_per_call` and model calls).
+    pub cost: f64,
     pub at: &'a str,
+    /// Picks `best_of` agents and checks delegations.
+    pub choose: &'a dyn Chooser,
 }
 
 fn record(kind: &str, at: &str) -> Lifecycle {
@@ -481,16 +534,23 @@ fn record(kind: &str, at: &str) -> Lifecycle {
         status: None,
         duration_ms: None,
         error: None,
+        cost: None,
         at: at.into(),
     }
 }
 
 /// The first steps of a run and its `workflow.started` / `step.started` records.
-pub fn start(w: &WorkflowSpec, run_id: &str, at: &str) -> (Vec<Start>, Vec<Lifecycle>) {
+pub fn start(
+    w: &WorkflowSpec,
+    run_id: &str,
+    at: &str,
+    choose: &dyn Chooser,
+) -> (Vec<Start>, Vec<Lifecycle>) {
     let mut starts = Vec::new();
     let mut records = vec![record("workflow.started", at)];
     for name in roots(w) {
-        let Some(agent) = &w.steps[name].agent else {
+        let Some(agent) = &step_agent(&w.steps[name], &step_task_id(run_id, name, 1), choose)
+        else {
             continue;
         };
         starts.push(Start {
@@ -514,12 +574,12 @@ pub fn start(w: &WorkflowSpec, run_id: &str, at: &str) -> (Vec<Start>, Vec<Lifec
 }
 
 /// A new run's state: its first steps running.
-pub fn new_run(w: &WorkflowSpec, meta: RunState) -> RunState {
+pub fn new_run(w: &WorkflowSpec, meta: RunState, choose: &dyn Chooser) -> RunState {
     let mut state = RunState {
         status: "running".into(),
         ..meta
     };
-    for s in start(w, &state.run_id, &state.started_at).0 {
+    for s in start(w, &state.run_id, &state.started_at, choose).0 {
         let first = StepState::started(&s.agent, s.task_id, "route", 0);
         state.steps.insert(s.step, first);
     }
@@ -671,6 +731,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         finished_at: Some(f.at.into()),
         round: f.step.round,
         instructions: None,
+        cost: state.steps.get(step).map_or(0.0, |s| s.cost) + f.cost,
     };
     let fallback = spec
         .filter(|s| !ok && s.on_failure == OnFailure::Fallback && f.step.attempt == 1)
@@ -682,6 +743,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         status: Some(f.status.into()),
         duration_ms: Some(f.duration_ms),
         error: f.error.map(str::to_string),
+        cost: Some(st.cost),
         ..record(if ok { "step.completed" } else { "step.failed" }, f.at)
     });
     // A supervisor's sub-step: recorded; once its round is complete, the supervisor is called
@@ -713,10 +775,13 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                 "task-{}",
                 stable_id(&[&state.run_id, sup, "round", &next.to_string()])
             );
-            let agent = w
+            // The agent that ran the supervisor's earlier rounds (a `best_of` pick stays).
+            let agent = state
                 .steps
                 .get(sup)
-                .and_then(|s| s.agent.clone())
+                .map(|s| s.agent.clone())
+                .filter(|a| !a.is_empty())
+                .or_else(|| w.steps.get(sup).and_then(|s| s.agent.clone()))
                 .unwrap_or_default();
             let mut inputs = inputs_of(w, state, sup);
             if let Value::Object(m) = &mut inputs {
@@ -762,6 +827,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                 ))
             } else if !sv.agents.contains(&d.agent) {
                 Some(format!("{} is not among supervise.agents", d.agent))
+            } else if let Err(why) = f.choose.may_delegate(f.agent, &d.agent, state) {
+                Some(why)
             } else if used + accepted.len() >= sv.max_delegations as usize {
                 Some(format!("max_delegations ({}) reached", sv.max_delegations))
             } else {
@@ -855,6 +922,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         plan.records.push(Lifecycle {
             error: f.error.map(|e| format!("step {step} failed: {e}")),
             status: Some("failed".into()),
+            cost: Some(state.steps.values().map(|s| s.cost).sum()),
             ..record("workflow.failed", f.at)
         });
     }
@@ -900,7 +968,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                     );
                     continue;
                 }
-                match (s.merge, &s.agent) {
+                let task_id = step_task_id(&state.run_id, &n, 1);
+                match (s.merge, step_agent(s, &task_id, f.choose)) {
                     (Some(m), _) if m != Merge::Agent => {
                         let props = merged(w, state, &n, m);
                         for (a, p) in &props {
@@ -923,7 +992,6 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                         );
                     }
                     (_, Some(agent)) => {
-                        let task_id = step_task_id(&state.run_id, &n, 1);
                         plan.start.push(Start {
                             step: n.clone(),
                             agent: agent.clone(),
@@ -940,7 +1008,14 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                             task_id: Some(task_id.clone()),
                             ..record("step.started", f.at)
                         });
-                        state.steps.insert(n, StepState { task_id, ..base });
+                        state.steps.insert(
+                            n,
+                            StepState {
+                                task_id,
+                                agent,
+                                ..base
+                            },
+                        );
                     }
                     _ => {}
                 }
@@ -963,6 +1038,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                     }
                     .into(),
                 ),
+                cost: Some(state.steps.values().map(|s| s.cost).sum()),
                 ..record("workflow.completed", f.at)
             });
         }
@@ -995,7 +1071,9 @@ mod tests {
             delegate: &[],
             error: None,
             duration_ms: 5,
+            cost: 0.5,
             at: "2026-11-26T00:00:00Z",
+            choose: &FirstChoice,
         }
     }
 
@@ -1032,6 +1110,7 @@ mod tests {
                 run_id: "run-1".into(),
                 ..RunState::default()
             },
+            &FirstChoice,
         );
         let (ra, rb) = (sref("a"), sref("b"));
         let pa = [proposal("page")];
@@ -1073,6 +1152,7 @@ mod tests {
                 run_id: "r".into(),
                 ..RunState::default()
             },
+            &FirstChoice,
         );
         let ra = sref("a");
         let p = advance(&w, &mut st, &finish(&ra, "ta", "failed", &[]));
@@ -1108,6 +1188,7 @@ mod tests {
                 run_id: "r".into(),
                 ..RunState::default()
             },
+            &FirstChoice,
         );
         let (ra, rb, rc) = (sref("a"), sref("b"), sref("c"));
         advance(
@@ -1138,6 +1219,7 @@ mod tests {
                 run_id: "r".into(),
                 ..RunState::default()
             },
+            &FirstChoice,
         );
         advance(&w, &mut st, &finish(&ra, "ta", "succeeded", &[lo]));
         let p = advance(&w, &mut st, &finish(&rb, "tb", "succeeded", &[hi]));

@@ -48,6 +48,10 @@ impl Runs {
         format!("{}:wf:runs", self.prefix)
     }
 
+    fn active_key(&self) -> String {
+        format!("{}:wf:active", self.prefix)
+    }
+
     fn where_key(&self, run_id: &str) -> String {
         format!("{}:wf:where:{run_id}", self.prefix)
     }
@@ -103,13 +107,25 @@ impl Runs {
         for _ in 0..50 {
             let (v, state) = self.load(&key).await?;
             let created = state.is_none();
-            let mut state = state.unwrap_or_else(|| new_run(w, meta.clone()));
+            let mut state = state.unwrap_or_else(|| new_run(w, meta.clone(), f.choose));
             if state.plans.contains_key(f.task_id) {
                 return Ok(advance(w, &mut state, f));
             }
+            let was_running = state.status == "running";
             let plan = advance(w, &mut state, f);
             let mut c = self.conn.get().await?;
             if self.cas(&mut c, &key, v, &state).await? {
+                // Active runs per workflow: counted from the first completion to the end.
+                let delta =
+                    i64::from(created) - i64::from(was_running && state.status != "running");
+                if delta != 0 {
+                    let _: () = redis::cmd("HINCRBY")
+                        .arg(self.active_key())
+                        .arg(&meta.workflow)
+                        .arg(delta)
+                        .query_async(&mut c)
+                        .await?;
+                }
                 if created {
                     let score = chrono::Utc::now().timestamp_millis();
                     let _: () = redis::pipe()
@@ -198,6 +214,12 @@ impl Runs {
                     .map(|(n, _)| n.clone())
                     .collect();
                 if self.cas(&mut c, &key, v, &state).await? {
+                    let _: () = redis::cmd("HINCRBY")
+                        .arg(self.active_key())
+                        .arg(&state.workflow)
+                        .arg(-1)
+                        .query_async(&mut c)
+                        .await?;
                     let record = super::Lifecycle {
                         kind: "workflow.timed_out".into(),
                         step: None,
@@ -209,6 +231,7 @@ impl Runs {
                             "not finished within {deadline} s; still running: {}",
                             running.join(", ")
                         )),
+                        cost: Some(state.steps.values().map(|s| s.cost).sum()),
                         at,
                     };
                     out.push((state, record));
@@ -217,6 +240,15 @@ impl Runs {
             }
         }
         Ok(out)
+    }
+
+    /// Runs started and not yet ended, per workflow (counted from a run's first step completion).
+    pub async fn active(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let mut c = self.conn.get().await?;
+        Ok(redis::cmd("HGETALL")
+            .arg(self.active_key())
+            .query_async(&mut c)
+            .await?)
     }
 
     /// A run's state by id.

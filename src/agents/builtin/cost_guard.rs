@@ -36,7 +36,7 @@ impl Agent for CostGuard {
                     "spend {spend:.2} exceeds budget {budget:.2} {currency}"
                 )),
             }],
-            delegate: Vec::new(),
+            ..Default::default()
         };
         ready(out)
     }
