@@ -5,6 +5,7 @@
 
 mod cost_guard;
 mod deploy_guard;
+mod incident_team;
 mod input;
 mod sla_responder;
 
@@ -42,6 +43,26 @@ pub const BUILTINS: &[Builtin] = &[
         name: "cost-guard",
         about: "proposes scale_down when spend passes its budget",
         build: |_| Ok(Arc::new(cost_guard::CostGuard)),
+    },
+    Builtin {
+        name: "business-impact",
+        about: "how bad a breach is for the business: severity, points below objective, revenue at risk",
+        build: incident_team::business_impact,
+    },
+    Builtin {
+        name: "related-incidents",
+        about: "earlier SLA and deployment events of the resource",
+        build: |_| Ok(Arc::new(incident_team::RelatedIncidents)),
+    },
+    Builtin {
+        name: "stakeholder-writer",
+        about: "drafts a status message (from the event, or a supervisor's instructions)",
+        build: |_| Ok(Arc::new(incident_team::StakeholderWriter)),
+    },
+    Builtin {
+        name: "incident-commander",
+        about: "supervises an incident's branches, delegates the message, proposes rollback, page, status_update",
+        build: |_| Ok(Arc::new(incident_team::IncidentCommander)),
     },
 ];
 
