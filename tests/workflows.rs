@@ -151,7 +151,12 @@ routes:
   - {{name: hard, types: [t.hard], workflows: [hard]}}
   - {{name: late, types: [t.late], workflows: [late]}}
   - {{name: sup, types: [t.sup], workflows: [sup]}}
+  - {{name: tmo, types: [t.tmo], workflows: [tmo]}}
 workflows:
+  tmo:
+    steps:
+      t1: {{agent: slow, timeout_seconds: 1, on_failure: continue}}
+      t2: {{agent: writer, after: [t1], when: [{{step: t1, status: [failed]}}]}}
   seq:
     steps:
       a: {{agent: writer}}
@@ -192,9 +197,11 @@ workflows:
     )
     .await;
     let running = env.start(&["route", "agents"]);
-    for (i, ty) in ["t.seq", "t.par", "t.soft", "t.hard", "t.late", "t.sup"]
-        .iter()
-        .enumerate()
+    for (i, ty) in [
+        "t.seq", "t.par", "t.soft", "t.hard", "t.late", "t.sup", "t.tmo",
+    ]
+    .iter()
+    .enumerate()
     {
         env.publish_one(
             "events.deployments",
@@ -223,7 +230,7 @@ workflows:
                 })
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
-                >= 6
+                >= 7
         },
     )
     .await;
@@ -337,6 +344,26 @@ workflows:
     // sup: the supervisor delegates to writer and pager (failer refused), is called again with
     // their results, delegates once more (the third delegation), and concludes in round 2 (its
     // delegation there is over max_rounds); only its final proposal goes to resolve.
+    // A step past its timeout_seconds (1 s against a 1.5 s agent) is timed out; on_failure applies.
+    let tmo = run_of(&recs, "tmo");
+    assert_eq!(
+        timeline(&recs, &tmo),
+        [
+            "workflow.started",
+            "step.started:t1",
+            "step.failed:t1",
+            "step.started:t2",
+            "step.completed:t2",
+            "workflow.completed"
+        ]
+    );
+    let t1 = recs
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .find(|d| d["run_id"] == tmo.as_str() && d["kind"] == "step.failed")
+        .expect("t1 failed");
+    assert_eq!(t1["status"], "timed_out", "{t1}");
+
     let sup = run_of(&recs, "sup");
     let t = timeline(&recs, &sup);
     assert_eq!(
@@ -438,7 +465,7 @@ workflows:
         .env("SWITCHYARD_REDIS_URL", &stack().1)
         .output()
         .expect("workflows list");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("6 runs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("7 runs"));
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;

@@ -111,7 +111,7 @@ pub async fn report(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "AGENT            HEALTH    TASKS(2h)  FAILED  TIMED OUT  REFUSED  MEAN MS  COST/TASK  PROPOSALS acc/rej/appr/decl/undone  SCORE  LAST SEEN"
+        "AGENT               HEALTH    TASKS(2h)  FAILED  TIMED OUT  REFUSED  MEAN MS  COST/TASK  PROPOSALS acc/rej/appr/decl/undone  SCORE  LAST SEEN"
     );
     for c in &cards {
         let seen = c
@@ -121,7 +121,7 @@ pub async fn report(
         let dash = || "-".to_string();
         let _ = writeln!(
             out,
-            "{:<16} {:<9} {:<10} {:<7} {:<10} {:<8} {:<8} {:<10} {:<35} {:<6.2} {seen}",
+            "{:<19} {:<9} {:<10} {:<7} {:<10} {:<8} {:<8} {:<10} {:<35} {:<6.2} {seen}",
             c.agent,
             c.verdict(),
             c.calls(),
@@ -129,7 +129,7 @@ pub async fn report(
             c.timed_out,
             c.refused,
             c.mean_ms().map_or_else(dash, |m| m.to_string()),
-            c.cost_per_task().map_or_else(dash, |x| format!("{x:.4}")),
+            c.cost_per_task().map_or_else(dash, |x| format!("{x:.6}")),
             format!(
                 "{}/{}/{}/{}/{}",
                 c.accepted, c.rejected, c.approved, c.declined, c.undone

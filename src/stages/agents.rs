@@ -508,9 +508,14 @@ impl<S: ContextStore> AgentStage<S> {
             .with_label_values(&[name, "started"])
             .inc();
         let started = Instant::now();
-        let (result, attempts, refused_reads) = self
-            .call(entry, runner, t, snap.version, snap.values())
-            .await;
+        let call = self.call(entry, runner, t, snap.version, snap.values());
+        // A workflow step's `timeout_seconds` bounds the whole task, every attempt included.
+        let (result, attempts, refused_reads) = match self.step_timeout(&t.task) {
+            Some(d) => tokio::time::timeout(d, call)
+                .await
+                .unwrap_or_else(|_| (Err(AgentError::Timeout(d)), 1, Vec::new())),
+            None => call.await,
+        };
         if ran.is_none() {
             if let (Some(c), Some(b)) = (&entry.spec.circuit, &self.breakers) {
                 if let Err(e) = b.record(name, c, result.is_ok(), probe).await {
@@ -544,6 +549,9 @@ impl<S: ContextStore> AgentStage<S> {
                 }
                 // Checked against the step's supervision rules when its run moves on.
                 kept.delegate = resp.delegate;
+                // For the scorecards and the step's cost.
+                kept.cost = resp.cost.filter(|c| c.is_finite() && *c >= 0.0);
+                kept.model = resp.model;
                 ("succeeded", None, kept)
             }
             Err(e @ AgentError::Timeout(_)) => {
@@ -993,6 +1001,19 @@ impl<S: ContextStore> AgentStage<S> {
 }
 
 impl<S: ContextStore> AgentStage<S> {
+    /// The `timeout_seconds` of the workflow step a task runs (a sub-step: its supervisor's).
+    fn step_timeout(&self, task: &TaskData) -> Option<Duration> {
+        let (wf, step) = (self.workflows.as_ref()?, task.step.as_ref()?);
+        let name = step.step.split('#').next().unwrap_or(&step.step);
+        let secs = wf
+            .specs
+            .get(&step.workflow)?
+            .steps
+            .get(name)?
+            .timeout_seconds?;
+        Some(Duration::from_secs(secs))
+    }
+
     /// For a workflow step: moves its run on (one compare-and-set; idempotent) and returns the
     /// records that causes — the next steps' tasks, lifecycle records, a declarative merge's
     /// proposals — and audit records of skipped steps and the run's end.

@@ -86,6 +86,10 @@ pub struct StepSpec {
     /// What a failure of this step does.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Longest the step's task may take, every attempt of its agent included; past it the step
+    /// is `timed_out` and `on_failure` applies. (The agent's own `timeout_ms` bounds each attempt.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
     /// The agent that runs the step instead when it failed (`on_failure: fallback`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
@@ -177,6 +181,11 @@ pub fn problems(
         let item = |s: &str| format!("workflows.{name}.steps.{s}");
         if w.steps.is_empty() {
             p.push((format!("workflows.{name}"), "has no steps".into()));
+        }
+        for (s, step) in &w.steps {
+            if step.timeout_seconds == Some(0) {
+                p.push((item(s), "timeout_seconds must be at least 1".into()));
+            }
         }
         if w.deadline_seconds == Some(0) {
             p.push((
