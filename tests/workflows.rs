@@ -341,9 +341,6 @@ workflows:
     );
     assert!(!t.iter().any(|k| k == "step.started:l7"), "{t:?}");
 
-    // sup: the supervisor delegates to writer and pager (failer refused), is called again with
-    // their results, delegates once more (the third delegation), and concludes in round 2 (its
-    // delegation there is over max_rounds); only its final proposal goes to resolve.
     // A step past its timeout_seconds (1 s against a 1.5 s agent) is timed out; on_failure applies.
     let tmo = run_of(&recs, "tmo");
     assert_eq!(
@@ -364,6 +361,9 @@ workflows:
         .expect("t1 failed");
     assert_eq!(t1["status"], "timed_out", "{t1}");
 
+    // sup: the supervisor delegates to writer and pager (failer refused), is called again with
+    // their results, delegates once more (the third delegation), and concludes in round 2 (its
+    // delegation there is over max_rounds); only its final proposal goes to resolve.
     let sup = run_of(&recs, "sup");
     let t = timeline(&recs, &sup);
     assert_eq!(
@@ -452,6 +452,7 @@ workflows:
         "merger",
         "(merge)",
         "both",
+        "cost 0.000000",
     ] {
         assert!(text.contains(needle), "{needle} in {text}");
     }

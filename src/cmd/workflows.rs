@@ -66,7 +66,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("no run {run_id} (runs are kept 7 days)"))?;
             println!(
-                "{} workflow {} on {} ({}) for event {}: {}, started {}, took {}",
+                "{} workflow {} on {} ({}) for event {}: {}, started {}, took {}, cost {:.6}",
                 r.run_id,
                 r.workflow,
                 r.resource,
@@ -74,7 +74,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 r.event_id,
                 r.status,
                 r.started_at,
-                duration(&r)
+                duration(&r),
+                r.steps.values().map(|s| s.cost).sum::<f64>()
             );
             let mut steps: Vec<_> = r.steps.iter().collect();
             steps.sort_by(|a, b| {
@@ -97,9 +98,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 };
                 let attempt = if s.attempt > 1 { " (fallback)" } else { "" };
                 println!(
-                    "  {at:>10}  {name:<20} {agent:<18} {:<9} {:>6} ms  findings {:<2} proposals {:<2}{attempt}{}",
+                    "  {at:>10}  {name:<20} {agent:<18} {:<9} {:>6} ms  cost {:.6}  findings {:<2} proposals {:<2}{attempt}{}",
                     s.status,
                     s.duration_ms,
+                    s.cost,
                     s.findings.len(),
                     s.proposals.len(),
                     s.error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default()
