@@ -139,7 +139,7 @@ pub async fn report(
         for (model, m) in &c.models {
             let _ = writeln!(
                 out,
-                "  model {model}: {} tasks, {} failed, cost {:.4}",
+                "  model {model}: {} tasks, {} failed, cost {:.6}",
                 m.calls, m.failed, m.cost
             );
         }
