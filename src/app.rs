@@ -180,6 +180,12 @@ pub async fn run(
             .await
             .map_err(AppError::Setup)?,
     );
+    let graph = Arc::new(crate::context::graph::Graph::new(
+        redis.clone(),
+        &cfg.redis.key_prefix,
+        cfg.context.relations.clone(),
+    ));
+    let redis_http = redis.clone();
     let services = Services {
         budgets,
         loaded: loaded.clone(),
@@ -194,6 +200,7 @@ pub async fn run(
         recorder,
         stats,
         scoreboard,
+        graph: graph.clone(),
         tracker: tracker.clone(),
         stop: stop.clone(),
     };
@@ -241,11 +248,23 @@ pub async fn run(
         if let Some(gw) = gateway {
             app = app.merge(crate::gateway::served::router(gw));
         }
-        let app = app.merge(http::approvals::router(http::approvals::Api {
-            approvals,
-            producer: producer.clone(),
-            auth,
-        }));
+        let app = app
+            .merge(http::approvals::router(http::approvals::Api {
+                approvals,
+                producer: producer.clone(),
+                auth: auth.clone(),
+            }))
+            .merge(http::context::router(http::context::Api {
+                store: Arc::new(crate::context::redis::RedisStore::new(
+                    redis_http.clone(),
+                    &cfg.redis.key_prefix,
+                    cfg.context.clone(),
+                )),
+                graph: graph.clone(),
+                auth,
+                indexed: cfg.context.index.clone(),
+                ttl_seconds: cfg.context.ttl_seconds,
+            }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;

@@ -525,6 +525,9 @@ impl Config {
         for (item, m) in crate::tools::problems(&self.tools) {
             p(&item, m);
         }
+        for (item, m) in self.context.relations.problems() {
+            p(&item, m);
+        }
         for (item, m) in crate::workflow::problems(&self.workflows, &agents) {
             p(&item, m);
         }

@@ -69,6 +69,10 @@ pub struct ProposalSpec {
     /// Estimated cost of the action (approval rules with `min_cost` use it).
     #[serde(default)]
     pub cost: Option<f64>,
+    /// Another resource the action is for: one of the task's related resources (the agent's
+    /// `related:`); its proposal goes to that resource's partition and is resolved there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
 }
 
 /// What an agent returns (also the JSON body HTTP and Kafka agents send back).
@@ -190,6 +194,9 @@ pub struct ProposalData {
     /// Estimated cost of carrying the action out (approval rules may use it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<f64>,
+    /// When the agent read its context (cross-resource staleness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_at: Option<String>,
 }
 
 /// `data` of a `switchyard.action` event: an accepted, governed action for executors.

@@ -255,6 +255,7 @@ pub async fn recover(
             refusals: Vec::new(),
             at: crate::event::now_rfc3339(),
             ran: None,
+            ..Default::default()
         };
         let task = format!(
             "recover-{}",

@@ -65,6 +65,7 @@ fn proposal(
         reason: None,
         event_id: Some(format!("ev-{id}")),
         cost: None,
+        seen_at: None,
     };
     CloudEvent::new(id, "test", "switchyard.proposal")
         .with_subject(resource)
@@ -383,6 +384,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
         refusals: vec![],
         at: String::new(),
         ran: None,
+        ..Default::default()
     };
     store
         .commit(
@@ -579,6 +581,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         approvals_topic: "b".into(),
         sealer: sealer(&conn, &c.redis.key_prefix),
         stats: None,
+        graph: None,
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);

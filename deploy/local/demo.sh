@@ -78,12 +78,13 @@ curl -fsS "$LLM_ADMIN/_llmock/scenario" -H 'content-type: application/json' -d @
 {"behaviors": [
   {"type": "reply", "match": {"model": "gpt-4o-mini"}, "tool_calls": [
     {"name": "read_context", "arguments": {"keys": ["deployment", "last_completed_deployment"]}},
-    {"name": "ops__service_status", "arguments": {"service": "checkout"}}]},
+    {"name": "ops__service_status", "arguments": {"service": "checkout"}},
+    {"name": "related_context", "arguments": {"relation": "depends_on", "keys": ["last_completed_deployment"]}}]},
   {"type": "reply", "match": {"model": "gpt-4o-mini"}, "tool_calls": [
-    {"name": "write_finding", "arguments": {"key": "incident.summary", "value": "checkout breached availability (97.2 of 99.9) minutes after deploying v42; error rate 3.1 %. v42 is the suspect."}},
-    {"name": "propose_action", "arguments": {"action": "page", "parameters": {"team": "team-payments", "summary": "checkout availability 97.2 after v42"}, "impact": "medium", "reason": "availability SLO breached"}},
-    {"name": "propose_action", "arguments": {"action": "rollback", "parameters": {"to_version": "v41"}, "impact": "high", "reason": "breach started right after v42"}}]},
-  {"type": "reply", "match": {"model": "gpt-4o-mini"}, "text": "Paged team-payments and proposed a rollback to v41."},
+    {"name": "write_finding", "arguments": {"key": "incident.summary", "value": "checkout breached availability (97.2 of 99.9) right after payments, which it depends on, deployed v8 (checkout's own v42 came earlier); error rate 3.1 %. payments v8 is the suspect."}},
+    {"name": "propose_action", "arguments": {"action": "page", "parameters": {"team": "team-payments", "summary": "checkout availability 97.2 after payments v8"}, "impact": "medium", "reason": "availability SLO breached"}},
+    {"name": "propose_action", "arguments": {"action": "rollback", "resource": "payments", "parameters": {"to_version": "v7"}, "impact": "high", "reason": "checkout's breach started right after payments v8"}}]},
+  {"type": "reply", "match": {"model": "gpt-4o-mini"}, "text": "Paged team-payments and proposed rolling payments back to v7."},
   {"type": "reply", "match": {"model": "gpt-4.1-nano"}, "tool_calls": [
     {"name": "ticket", "arguments": {"service": "checkout", "title": "checkout spend 135 % of budget", "body": "Spend 1350 USD against 1000 USD for 2026-11."}}]},
   {"type": "reply", "match": {"model": "gpt-4.1-nano"}, "text": "Proposed a ticket for the checkout owners."}
@@ -106,8 +107,10 @@ curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/readyz"
 
 say "Publishing sample events (deploy/local/samples/)"
 # Seconds apart, as the real systems would be: events on different topics have no order between them.
-for f in deployments sla-breaches cost-thresholds; do
-    "$BIN" --config "$CONFIG" publish --topic "events.$f" --file "deploy/local/samples/$f.jsonl"
+for f in deployments deployments-dependency sla-breaches cost-thresholds; do
+    # deployments-dependency: payments (which checkout depends on) deploys after checkout.
+    topic="events.${f%-dependency}"
+    "$BIN" --config "$CONFIG" publish --topic "$topic" --file "deploy/local/samples/$f.jsonl"
     sleep 1.5
 done
 
@@ -128,6 +131,12 @@ say "The incident-response run's timeline (switchyard workflows show)"
 RUN_ID="$("$BIN" --config "$CONFIG" workflows list | awk '/^run-/ {print $1; exit}')"
 [[ -n "$RUN_ID" ]] && "$BIN" --config "$CONFIG" workflows show "$RUN_ID"
 show switchyard.proposals
+say "Context across resources: checkout depends_on payments (static in the config, and learned from checkout's deployment event)"
+"$BIN" --config "$CONFIG" context show checkout --related 1
+echo "every resource with an active SLA breach (the fact index):"
+"$BIN" --config "$CONFIG" context query --fact sla --path active --equals true
+echo "everything that depends on payments:"
+"$BIN" --config "$CONFIG" context query --related-to payments --relation depends_on --direction in
 show switchyard.approvals
 show switchyard.actions
 

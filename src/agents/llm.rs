@@ -58,6 +58,28 @@ pub struct Spec {
     /// Malformed or failing tool calls handed back to the model before the run fails.
     #[serde(default = "default_max_tool_errors")]
     pub max_tool_errors: u32,
+    /// Keeps a bounded memory of this agent's runs on a resource (its summaries and proposals,
+    /// the context key `memory.<agent>`), shown to its next run there (`memory` in the templates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySpec>,
+}
+
+/// `memory:` of an LLM agent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySpec {
+    /// Runs remembered per resource (the oldest is dropped).
+    #[serde(default = "default_memory_entries")]
+    pub max_entries: usize,
+}
+
+fn default_memory_entries() -> usize {
+    5
+}
+
+/// The context key an LLM agent's memory lives under.
+pub fn memory_key(agent: &str) -> String {
+    format!("memory.{agent}")
 }
 
 fn default_max_iterations() -> u32 {
@@ -77,6 +99,7 @@ pub const BUILTIN_TOOLS: &[&str] = &[
     "write_finding",
     "propose_action",
     "delegate",
+    "related_context",
 ];
 
 impl Spec {
@@ -274,8 +297,15 @@ impl LlmAgent {
                 left_out.join(", ")
             )
         };
+        let memory = req
+            .context
+            .facts()
+            .get(&memory_key(&self.name))
+            .cloned()
+            .unwrap_or(json!([]));
         json!({"event": req.event, "task": req.task, "context": context, "context_note": note,
-               "agent": self.name, "attempt": req.attempt})
+               "agent": self.name, "attempt": req.attempt, "related": req.context.related(),
+               "memory": memory})
     }
 
     fn render(&self, template: &str, vars: &Value) -> Result<String, AgentError> {
@@ -300,6 +330,13 @@ impl LlmAgent {
                 "parameters": {"type": "object", "properties": {
                     "agent": {"type": "string", "enum": st.delegates},
                     "instructions": {"type": "string"}}, "required": ["agent", "instructions"]}}}));
+        }
+        if !req.context.related().is_null() {
+            declarations.push(json!({"type": "function", "function": {"name": "related_context",
+                "description": "Facts of resources related to this one (e.g. the services it depends_on), as this agent's `related` settings allow. Propose an action on one of them with propose_action's `resource`.",
+                "parameters": {"type": "object", "properties": {
+                    "relation": {"type": "string"}, "depth": {"type": "integer", "minimum": 1, "maximum": 3},
+                    "keys": {"type": "array", "items": {"type": "string"}}}, "required": ["relation"]}}}));
         }
         declarations.extend(external.iter().map(Tool::declaration));
         let caller = Caller {
@@ -415,6 +452,11 @@ impl LlmAgent {
                     }
                 }
             };
+            if let Some(m) = &self.spec.memory {
+                run.out
+                    .findings
+                    .push(self.remember(req, m, &answer, &run.out));
+            }
             if let Some(k) = &self.spec.answer_key {
                 run.out.findings.push(Finding {
                     key: k.clone(),
@@ -431,6 +473,41 @@ impl LlmAgent {
             tracing::warn!(agent = %self.name, task_id = %req.task.task_id, iterations = run.iteration, error = %e, "LLM agent run failed.");
         }
         result
+    }
+
+    /// This run appended to the agent's memory of the resource, capped at `max_entries`.
+    fn remember(
+        &self,
+        req: &AgentRequest,
+        m: &MemorySpec,
+        answer: &Value,
+        out: &AgentResponse,
+    ) -> Finding {
+        let key = memory_key(&self.name);
+        let mut entries: Vec<Value> = req
+            .context
+            .facts()
+            .get(&key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let summary: String = match answer {
+            Value::String(s) => s.chars().take(500).collect(),
+            other => other.to_string().chars().take(500).collect(),
+        };
+        entries.push(json!({
+            "at": crate::event::now_rfc3339(),
+            "event": {"id": req.event.id, "type": req.event.ty},
+            "summary": summary,
+            "findings": out.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
+            "proposals": out.proposals.iter().map(|p| json!({"action": p.action, "resource": p.resource, "parameters": p.parameters})).collect::<Vec<_>>(),
+        }));
+        let drop = entries.len().saturating_sub(m.max_entries.max(1));
+        entries.drain(..drop);
+        Finding {
+            key,
+            value: Value::Array(entries),
+        }
     }
 
     fn count(&self, m: &crate::gateway::CallMeta) {
@@ -565,6 +642,7 @@ impl LlmAgent {
                     impact: Impact::Medium,
                     reason: Some(format!("{} asked to call {name}", self.name)),
                     cost: None,
+                    resource: None,
                 });
                 let r = if ok {
                     Ok((
@@ -668,6 +746,8 @@ impl LlmAgent {
                 }
             }
             "propose_action" => {
+                let req_resource = run.req.task.resource.clone();
+                let req_resource = req_resource.as_str();
                 let action = args
                     .get("action")
                     .and_then(Value::as_str)
@@ -689,6 +769,11 @@ impl LlmAgent {
                         .and_then(Value::as_str)
                         .map(str::to_string),
                     cost: args.get("cost").and_then(Value::as_f64),
+                    resource: args
+                        .get("resource")
+                        .and_then(Value::as_str)
+                        .filter(|r| *r != req_resource)
+                        .map(str::to_string),
                 });
                 if ok {
                     Ok((
@@ -739,6 +824,35 @@ impl LlmAgent {
                     "note": "It runs after you answer; you will be called again with its result."}),
                 ))
             }
+            "related_context" => {
+                let relation = args
+                    .get("relation")
+                    .and_then(Value::as_str)
+                    .ok_or("relation must be a string")?;
+                let depth = args.get("depth").and_then(Value::as_u64).unwrap_or(3);
+                let keys: Option<Vec<String>> = args
+                    .get("keys")
+                    .and_then(|k| serde_json::from_value(k.clone()).ok());
+                let Some(rel) = ctx.related().get(relation).and_then(Value::as_object) else {
+                    return Ok((
+                        "refused",
+                        json!({"refused": format!("{relation} is not among this agent's related settings"),
+                               "available": ctx.related().as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()}),
+                    ));
+                };
+                let mut shown = Map::new();
+                for (r, v) in rel {
+                    if v["depth"].as_u64().unwrap_or(1) > depth {
+                        continue;
+                    }
+                    let mut v = v.clone();
+                    if let (Some(keys), Some(facts)) = (&keys, v["facts"].as_object_mut()) {
+                        facts.retain(|k, _| keys.contains(k));
+                    }
+                    shown.insert(r.clone(), v);
+                }
+                Ok(("ok", json!({"relation": relation, "resources": shown})))
+            }
             _ => Err(format!("there is no tool {name:?}")),
         }
     }
@@ -775,7 +889,8 @@ fn builtin_declarations() -> Vec<Value> {
             json!({"type": "object", "properties": {
                 "action": {"type": "string"}, "parameters": {"type": "object"},
                 "impact": {"type": "string", "enum": ["low", "medium", "high"]},
-                "reason": {"type": "string"}, "priority": {"type": "integer"}},
+                "reason": {"type": "string"}, "priority": {"type": "integer"},
+                "resource": {"type": "string", "description": "Another resource the action is for: one of the related resources (see related_context); default this one."}},
                 "required": ["action", "reason"]}),
         ),
     ]

@@ -127,6 +127,10 @@ pub struct AgentSpec {
     /// The agent that runs a task instead while this one's circuit is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Facts of related resources the agent is given (`[{relation: depends_on, depth: 1,
+    /// reads: [deployment]}]`); it may also propose actions on those resources.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub related: Vec<crate::context::graph::RelatedSpec>,
 }
 
 /// Settings every agent has, whatever its kind (for "unknown field" messages).
@@ -142,6 +146,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "cost_per_call",
     "circuit",
     "fallback",
+    "related",
 ];
 
 fn default_retries() -> u32 {
@@ -186,6 +191,9 @@ impl AgentSpec {
         }
         if let Some(c) = &self.circuit {
             p.extend(c.problems());
+        }
+        for r in &self.related {
+            p.extend(r.problems());
         }
         if self.fallback.as_deref() == Some(name) {
             p.push("fallback must be another agent".into());

@@ -44,6 +44,9 @@ pub struct ScopedContext {
     facts: BTreeMap<String, Value>,
     reads: Vec<TypePattern>,
     refused: Mutex<Vec<String>>,
+    /// Facts of related resources the agent's `related:` entries name (null when none):
+    /// `{relation: {resource: {depth, version, facts: {key: {value, by, at}}}}}`.
+    related: Value,
 }
 
 impl ScopedContext {
@@ -59,7 +62,19 @@ impl ScopedContext {
             facts,
             reads,
             refused: Mutex::new(Vec::new()),
+            related: Value::Null,
         }
+    }
+
+    /// With the facts of related resources.
+    pub fn with_related(mut self, related: Value) -> Self {
+        self.related = related;
+        self
+    }
+
+    /// The facts of related resources (null when the agent declares no `related:`).
+    pub fn related(&self) -> &Value {
+        &self.related
     }
 
     /// A fact, when the agent may read it. Reading outside the scope is refused (recorded, then
@@ -105,7 +120,8 @@ impl AgentRequest {
             "attempt": self.attempt,
             "task": self.task,
             "event": self.event,
-            "context": {"version": self.context.version, "facts": self.context.facts()},
+            "context": {"version": self.context.version, "facts": self.context.facts(),
+                        "related": self.context.related()},
         })
     }
 }

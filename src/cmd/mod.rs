@@ -5,6 +5,7 @@
 pub mod approvals;
 pub mod audit;
 pub mod config;
+pub mod context;
 pub mod ctx;
 pub mod publish;
 pub mod recover;
@@ -66,6 +67,8 @@ pub enum Command {
     Recover(recover::Args),
     /// Workflow runs: the recent ones, one run's timeline.
     Workflows(workflows::Args),
+    /// Shared context: one resource with its relations; queries by fact or relation.
+    Context(context::Args),
 }
 
 /// Runs the command.
@@ -87,5 +90,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Approvals(a) => approvals::run(&ctx, a).await,
         Command::Recover(a) => recover::run(&ctx, a).await,
         Command::Workflows(a) => workflows::run(&ctx, a).await,
+        Command::Context(a) => context::run(&ctx, a).await,
     }
 }

@@ -13,6 +13,7 @@ pub fn config() -> ContextConfig {
         max_events: 3,
         remember_tasks: 3,
         outcome_ttl_seconds: None,
+        ..Default::default()
     }
 }
 
@@ -36,6 +37,7 @@ fn outcome(status: &str) -> Outcome {
         refusals: vec![],
         at: "2026-01-01T00:00:00Z".into(),
         ran: None,
+        ..Default::default()
     }
 }
 

@@ -6,8 +6,10 @@
 //! hash tag, so everything of one resource lives in one Redis Cluster slot and can change atomically.
 
 pub mod contract;
+pub mod graph;
 pub mod memory;
 pub mod redis;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -57,7 +59,7 @@ impl Snapshot {
 
 /// The recorded outcome of a task: whatever is needed to emit its records again without calling the
 /// agent again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub status: String,
     pub attempts: u32,
@@ -79,6 +81,17 @@ pub struct Outcome {
     /// fallback ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ran: Option<String>,
+    /// When the agent's context was read (RFC 3339): cross-resource staleness compares related
+    /// facts' write times with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub seen_at: String,
+    /// `resource/key` of the related resources' facts the agent was given (audited).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub related_reads: Vec<String>,
+    /// The context version of each related resource the agent was given: a proposal for one of
+    /// them is checked for staleness against it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub related_versions: BTreeMap<String, u64>,
 }
 
 /// What the store knows of a task before it runs.
@@ -125,6 +138,12 @@ pub struct ContextConfig {
     /// configs still load.
     #[serde(default, skip_serializing)]
     pub outcome_ttl_seconds: Option<u64>,
+    /// Relations between resources (README, "Context across resources").
+    #[serde(default)]
+    pub relations: graph::RelationsConfig,
+    /// Fact keys indexed for `switchyard context query` (who has an active `sla`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<String>,
 }
 
 fn default_remember_tasks() -> usize {
@@ -145,6 +164,8 @@ impl Default for ContextConfig {
             max_events: default_max_events(),
             remember_tasks: default_remember_tasks(),
             outcome_ttl_seconds: None,
+            relations: Default::default(),
+            index: Vec::new(),
         }
     }
 }

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::auth::{Auth, AuthError, Identity, Role};
+use super::auth::{Auth, Identity, Role};
 use crate::governance::approvals::{ApprovalError, Approvals, Verdict};
 use crate::kafka::Producer;
 
@@ -41,23 +41,12 @@ pub struct Api {
     pub auth: Arc<Auth>,
 }
 
-fn error(code: StatusCode, message: impl Into<String>) -> Response {
-    (code, Json(json!({"error": message.into()}))).into_response()
-}
+use super::auth::error;
 
 /// The caller, when authenticated and allowed `role`.
 #[allow(clippy::result_large_err)]
 fn caller(api: &Api, headers: &HeaderMap, role: Role) -> Result<Identity, Response> {
-    match api.auth.authenticate(headers) {
-        Ok(who) if who.can(role) => Ok(who),
-        Ok(who) => Err(error(
-            StatusCode::FORBIDDEN,
-            format!("user {} may not do this (needs role {role:?})", who.name).to_lowercase(),
-        )),
-        Err(e @ AuthError::Disabled) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-        Err(e @ AuthError::Ambiguous) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
-        Err(e @ AuthError::Unauthenticated) => Err(error(StatusCode::UNAUTHORIZED, e.to_string())),
-    }
+    super::auth::authorize(&api.auth, headers, role)
 }
 
 fn error_response(e: ApprovalError) -> Response {

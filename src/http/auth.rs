@@ -210,6 +210,37 @@ impl Auth {
     }
 }
 
+/// A JSON error body `{"error": message}` with `code`.
+pub fn error(code: axum::http::StatusCode, message: impl Into<String>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        code,
+        axum::Json(serde_json::json!({"error": message.into()})),
+    )
+        .into_response()
+}
+
+/// The caller, when authenticated and allowed `role`; else the error response (401, 403, 400
+/// for an ambiguous caller, 503 when no user is configured).
+#[allow(clippy::result_large_err)]
+pub fn authorize(
+    auth: &Auth,
+    headers: &HeaderMap,
+    role: Role,
+) -> Result<Identity, axum::response::Response> {
+    use axum::http::StatusCode;
+    match auth.authenticate(headers) {
+        Ok(who) if who.can(role) => Ok(who),
+        Ok(who) => Err(error(
+            StatusCode::FORBIDDEN,
+            format!("user {} may not do this (needs role {role:?})", who.name).to_lowercase(),
+        )),
+        Err(e @ AuthError::Disabled) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e @ AuthError::Ambiguous) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e @ AuthError::Unauthenticated) => Err(error(StatusCode::UNAUTHORIZED, e.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

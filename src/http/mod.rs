@@ -4,6 +4,7 @@
 
 pub mod approvals;
 pub mod auth;
+pub mod context;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -33,7 +33,9 @@ pub struct ActionRule {
     /// `cooldown` for this long.
     #[serde(default)]
     pub cooldown_seconds: u64,
-    /// Context keys whose change after the proposal's context version makes it `stale`.
+    /// Context keys whose change after the proposal's context version makes it `stale`; a
+    /// `<relation>:<key>` entry names a key of the resources this one relates to (`depends_on:
+    /// deployment`), changed after the agent read its context.
     #[serde(default)]
     pub invalidated_by: Vec<String>,
 }
@@ -115,8 +117,10 @@ impl ResolveConfig {
                 }
             }
             let writers: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-            for (i, key) in rule.invalidated_by.iter().enumerate() {
+            for (i, entry) in rule.invalidated_by.iter().enumerate() {
                 let item = format!("{path}.invalidated_by[{i}]");
+                // `<relation>:<key>`: the key of a related resource (cross-resource staleness).
+                let key = entry.split_once(':').map_or(entry.as_str(), |(_, k)| k);
                 if let Some(m) = pattern_problem(key) {
                     p.push((item, m));
                 } else if !matches_any(&writers, key) {

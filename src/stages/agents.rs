@@ -62,6 +62,16 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
         };
         let mut agents = HashMap::new();
         for (name, spec) in &cfg.agents {
+            // An LLM agent with `memory` reads and writes its memory key.
+            let mut spec = spec.clone();
+            if let crate::agents::AgentKind::Llm(l) = &spec.kind {
+                if l.memory.is_some() {
+                    let key = crate::agents::llm::memory_key(name);
+                    spec.reads.push(key.clone());
+                    spec.writes.push(key);
+                }
+            }
+            let spec = &spec;
             let agent = spec
                 .kind
                 .build(name, spec, &deps)
@@ -111,6 +121,8 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             max_record_bytes: cfg.kafka.max_record_bytes,
             unrecorded: Default::default(),
             workflows,
+            graph: Some(s.graph.clone()),
+            indexed: cfg.context.index.clone(),
             breakers: cfg.agents.values().any(|a| a.circuit.is_some()).then(|| {
                 Arc::new(crate::agents::circuit::Breakers::new(
                     s.redis.clone(),
@@ -228,6 +240,10 @@ pub struct AgentStage<S: ContextStore> {
     pub workflows: Option<Arc<Workflows>>,
     /// Circuit breakers of the agents that declare one; none when no agent does.
     pub breakers: Option<Arc<crate::agents::circuit::Breakers>>,
+    /// Relations between resources and the fact index; none in unit tests.
+    pub graph: Option<Arc<crate::context::graph::Graph>>,
+    /// Fact keys the index keeps (`context.index`).
+    pub indexed: Vec<String>,
 }
 
 /// The workflows of the config and where their runs live.
@@ -301,6 +317,7 @@ fn refused(version: u64, error: String, refusals: Vec<String>) -> Outcome {
         refusals,
         at: now_rfc3339(),
         ran: None,
+        ..Default::default()
     }
 }
 
@@ -342,6 +359,7 @@ impl<S: ContextStore> AgentStage<S> {
         t: &DecodedTask,
         version: u64,
         facts: std::collections::BTreeMap<String, Value>,
+        related: Value,
     ) -> (Result<AgentResponse, AgentError>, u32, Vec<String>) {
         let spec = &entry.spec;
         // Counted as this agent's load (best_of routing) while queued and running.
@@ -353,7 +371,7 @@ impl<S: ContextStore> AgentStage<S> {
             agent: name.to_string(),
             task: t.task.clone(),
             event: t.event.clone(),
-            context: ScopedContext::new(version, facts, &spec.reads),
+            context: ScopedContext::new(version, facts, &spec.reads).with_related(related),
             attempt,
         };
         loop {
@@ -433,6 +451,18 @@ impl<S: ContextStore> AgentStage<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&task_id);
+        if let (CommitResult::Applied { .. }, Some(g)) = (&recorded, &self.graph) {
+            let keys: Vec<&str> = facts
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| self.indexed.iter().any(|i| i == k))
+                .collect();
+            // Best effort: the facts are committed; a missed index entry only hides the resource
+            // from `context query` until its next write.
+            if let Err(e) = g.index(key, &keys, crate::event::now_secs()).await {
+                tracing::warn!(error = %e, resource = %key.resource, "Could not index the task's facts.");
+            }
+        }
         Ok(match recorded {
             CommitResult::Applied { .. } => Some(match Arc::try_unwrap(computed) {
                 Ok((_, o)) => o,
@@ -508,7 +538,25 @@ impl<S: ContextStore> AgentStage<S> {
             .with_label_values(&[name, "started"])
             .inc();
         let started = Instant::now();
-        let call = self.call(entry, runner, t, snap.version, snap.values());
+        // Facts of related resources (the agent's `related:`): read now, never locked.
+        let seen_at = now_rfc3339();
+        let related = match &self.graph {
+            Some(g) if !entry.spec.related.is_empty() => {
+                let k = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
+                g.related(&k, &entry.spec.related)
+                    .await
+                    .map_err(context_error("related"))?
+            }
+            _ => Default::default(),
+        };
+        let call = self.call(
+            entry,
+            runner,
+            t,
+            snap.version,
+            snap.values(),
+            related.value.clone(),
+        );
         // A workflow step's `timeout_seconds` bounds the whole task, every attempt included.
         let (result, attempts, refused_reads) = match self.step_timeout(&t.task) {
             Some(d) => tokio::time::timeout(d, call)
@@ -541,10 +589,21 @@ impl<S: ContextStore> AgentStage<S> {
                     }
                 }
                 for p in resp.proposals {
-                    if allowed(&entry.spec.actions, &p.action) {
-                        kept.proposals.push(p);
-                    } else {
+                    // An action on another resource: only on one the task was given as related.
+                    let target_ok = p
+                        .resource
+                        .as_ref()
+                        .is_none_or(|r| r == &t.task.resource || related.resources.contains(r));
+                    if !allowed(&entry.spec.actions, &p.action) {
                         refusals.push(format!("action:{}", p.action));
+                    } else if !target_ok {
+                        refusals.push(format!(
+                            "action:{}@{}",
+                            p.action,
+                            p.resource.as_deref().unwrap_or_default()
+                        ));
+                    } else {
+                        kept.proposals.push(p);
                     }
                 }
                 // Checked against the step's supervision rules when its run moves on.
@@ -586,6 +645,9 @@ impl<S: ContextStore> AgentStage<S> {
             refusals,
             at: now,
             ran: ran.take(),
+            seen_at,
+            related_reads: related.reads,
+            related_versions: related.versions,
         };
         Ok((facts, outcome))
     }
@@ -600,24 +662,31 @@ impl<S: ContextStore> AgentStage<S> {
         p: &crate::records::ProposalSpec,
     ) -> Result<Output, ProcessError> {
         let task = &t.task;
+        let resource = p.resource.as_deref().unwrap_or(&task.resource);
         let data = ProposalData {
             proposal_id: id.clone(),
             task_id: task.task_id.clone(),
             workflow_id: task.workflow_id.clone(),
             agent: agent.to_string(),
             action: p.action.clone(),
-            resource: task.resource.clone(),
+            resource: resource.to_string(),
             tenant: task.tenant.clone(),
             parameters: p.parameters.clone(),
             priority: p.priority,
             impact: p.impact,
-            context_version: o.context_version,
+            // The version of the resource's context the agent saw (a related one's, as given).
+            context_version: if resource == task.resource {
+                o.context_version
+            } else {
+                o.related_versions.get(resource).copied().unwrap_or(0)
+            },
             reason: p.reason.clone(),
             event_id: Some(t.event.id.clone()),
             cost: p.cost,
+            seen_at: (!o.seen_at.is_empty()).then(|| o.seen_at.clone()),
         };
         let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
-            .with_subject(task.resource.clone())
+            .with_subject(resource.to_string())
             .with_time(&o.at)
             .with_typed_data(&data)?
             .with_extension("tenant", task.tenant.clone());
@@ -686,7 +755,8 @@ impl<S: ContextStore> AgentStage<S> {
             "agent_result",
             o.error.clone(),
             json!({"agent": task.agent, "ran": o.ran, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
-                   "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>()}),
+                   "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
+                   "related_reads": o.related_reads}),
         );
         let mut audits = vec![audit_event(
             SOURCE,
@@ -1239,6 +1309,8 @@ mod tests {
             unrecorded: Default::default(),
             workflows: None,
             breakers: None,
+            graph: None,
+            indexed: Vec::new(),
         }
     }
 

@@ -61,6 +61,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             approvals_topic: cfg.topics.approvals.clone(),
             sealer: s.sealer.clone(),
             stats: Some(s.stats.clone()),
+            graph: Some(s.graph.clone()),
         }))
     })
 }
@@ -104,6 +105,8 @@ pub struct ResolveStage {
     pub sealer: Arc<Sealer>,
     /// Scorecards: each decision counts for or against the proposing agent (none in unit tests).
     pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
+    /// Related resources' facts for `<relation>:<key>` staleness rules (read, never locked).
+    pub graph: Option<Arc<crate::context::graph::Graph>>,
 }
 
 /// Reads a proposal record.
@@ -125,6 +128,44 @@ pub fn decode_proposal(
 }
 
 impl ResolveStage {
+    /// Cross-resource staleness: for each `<relation>:<key>` of the action's `invalidated_by`, a
+    /// related resource whose `key` changed after the agent read its context makes the proposal
+    /// stale; the reason names it. The related facts are read, never locked.
+    async fn related_staleness(
+        &self,
+        key: &ResourceKey,
+        p: &ProposalData,
+        inval: &[String],
+    ) -> Result<Option<String>, ProcessError> {
+        let (Some(g), Some(seen)) = (&self.graph, p.seen_at.as_deref()) else {
+            return Ok(None);
+        };
+        let Ok(seen_t) = chrono::DateTime::parse_from_rfc3339(seen) else {
+            return Ok(None);
+        };
+        for entry in inval {
+            let Some((relation, fact)) = crate::context::graph::relational(entry) else {
+                continue;
+            };
+            let changed = g
+                .related_fact(key, relation, fact)
+                .await
+                .map_err(|e| ProcessError::from(e).context("related facts"))?;
+            for (other, f) in changed {
+                let Ok(at) = chrono::DateTime::parse_from_rfc3339(&f.at) else {
+                    continue;
+                };
+                if at > seen_t {
+                    return Ok(Some(format!(
+                        "{fact} of {other} ({} {relation} {other}) changed at {} by {}, after the agent read its context at {seen}",
+                        key.resource, f.at, f.by
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The records a decision causes, and its (unsealed) audit record.
     fn outputs(
         &self,
@@ -344,6 +385,7 @@ impl ResolveStage {
             tracing::info!(proposal_id = %p.proposal_id, "Proposal decided and committed before; skipping this copy.");
             return Ok(Batch::default());
         }
+        let related_stale = self.related_staleness(&key, &p, &inval).await?;
         for attempt in 0..20 {
             if attempt > 0 {
                 loaded = self.store.load(&key, &inval, None).await?;
@@ -377,7 +419,14 @@ impl ResolveStage {
                 impact: p.impact,
                 context_version: p.context_version,
             };
-            let decision = decide(&self.rules, &state, &cand, now);
+            let mut decision = decide(&self.rules, &state, &cand, now);
+            if let (Decision::New { .. }, Some(detail)) = (&decision, &related_stale) {
+                decision = Decision::Rejected {
+                    reason: RejectReason::Stale,
+                    detail: detail.clone(),
+                    rule: Rule::Staleness,
+                };
+            }
             let rule = decision.rule();
             // Accepted actions this one supersedes: undone, on their agents' scorecards.
             let undone: Vec<String> = match &decision {
@@ -475,6 +524,7 @@ mod tests {
             approvals_topic: "approvals".into(),
             sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
             stats: None,
+            graph: None,
         }
     }
 
@@ -494,6 +544,7 @@ mod tests {
             reason: None,
             event_id: None,
             cost: None,
+            seen_at: None,
         };
         let ev = CloudEvent::new(id, "t", types::PROPOSAL)
             .with_subject("svc")

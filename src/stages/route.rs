@@ -45,6 +45,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             workflows: cfg.workflows.clone(),
             sealer: s.sealer.clone(),
             choose: s.chooser(),
+            graph: Some(s.graph.clone()),
         }))
     })
 }
@@ -63,6 +64,8 @@ pub struct RouteStage {
     pub sealer: Arc<Sealer>,
     /// Picks the agent of a `best_of` group.
     pub choose: Arc<dyn crate::workflow::Chooser>,
+    /// Records the relations events teach; none in unit tests.
+    pub graph: Option<Arc<crate::context::graph::Graph>>,
 }
 
 impl RouteStage {
@@ -274,17 +277,30 @@ impl Processor for RouteStage {
         &self,
         recs: Vec<Arc<Input>>,
     ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
-        sealed_waves("route", &self.sealer, &self.emitter, recs, |rec| {
-            std::future::ready(self.decide(&rec))
-        })
+        sealed_waves(
+            "route",
+            &self.sealer,
+            &self.emitter,
+            recs,
+            move |rec| async move { self.decide(&rec).await },
+        )
     }
 }
 
 impl RouteStage {
-    /// The tasks and the (unsealed) audit record of one input record.
-    fn decide(&self, rec: &Input) -> Result<Decided, ProcessError> {
+    /// The tasks and the (unsealed) audit record of one input record; first, the relations the
+    /// event teaches (`context.relations.learn`) are recorded, so its tasks see them.
+    async fn decide(&self, rec: &Input) -> Result<Decided, ProcessError> {
         let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
         let time = input_time(rec, &ev);
+        if let Some(g) = self.graph.as_ref().filter(|g| !g.config().learn.is_empty()) {
+            let at = chrono::DateTime::parse_from_rfc3339(&time)
+                .map(|t| t.timestamp())
+                .unwrap_or_else(|_| crate::event::now_secs());
+            g.learn(&ev, at)
+                .await
+                .map_err(|e| ProcessError::from(e).context("relations"))?;
+        }
         let (outputs, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
         Ok(Decided {
             outputs,

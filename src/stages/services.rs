@@ -37,6 +37,8 @@ pub struct Services {
     pub stats: Arc<crate::agents::stats::AgentStats>,
     /// Scores and loads of the agents in `best_of` groups (refreshed in the background when any).
     pub scoreboard: Arc<crate::agents::stats::Scoreboard>,
+    /// Relations between resources and the fact index (`context.relations`, `context.index`).
+    pub graph: Arc<crate::context::graph::Graph>,
     /// Background work a stage starts (sweepers, flushers) is tracked here and stops with `stop`.
     pub tracker: TaskTracker,
     pub stop: CancellationToken,

@@ -32,6 +32,7 @@ impl Agent for CostGuard {
                 priority: 10,
                 impact: Impact::Low,
                 cost: None,
+                resource: None,
                 reason: Some(format!(
                     "spend {spend:.2} exceeds budget {budget:.2} {currency}"
                 )),

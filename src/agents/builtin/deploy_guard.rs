@@ -55,6 +55,7 @@ impl Agent for DeployGuard {
                 priority: 80,
                 impact: Impact::Medium,
                 cost: None,
+                resource: None,
                 reason: Some("deployment started while the service breaches its SLA".into()),
             });
         }

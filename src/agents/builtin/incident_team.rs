@@ -163,7 +163,8 @@ impl Agent for IncidentCommander {
         let impact = branch_finding(inputs, "incident.impact");
         let cause = match rollback {
             Some(r) => format!(
-                "suspected cause: the last deployment (rollback to {} proposed)",
+                "suspected cause: the last deployment of {} (rollback to {} proposed)",
+                r["resource"].as_str().unwrap_or(&req.task.resource),
                 r["parameters"]["to_version"]
                     .as_str()
                     .unwrap_or("the previous version")
@@ -210,6 +211,8 @@ impl Agent for IncidentCommander {
                 priority: 100,
                 impact: Impact::High,
                 cost: None,
+                // A branch may have suspected a dependency's deployment.
+                resource: r["resource"].as_str().map(str::to_string),
                 reason: Some(format!("incident commander: {cause}")),
             });
         }
@@ -219,6 +222,7 @@ impl Agent for IncidentCommander {
             priority: 50,
             impact: Impact::Medium,
             cost: None,
+            resource: None,
             reason: Some(format!("{} breach, {severity}", req.task.resource)),
         });
         out.proposals.push(ProposalSpec {
@@ -227,6 +231,7 @@ impl Agent for IncidentCommander {
             priority: 10,
             impact: Impact::Low,
             cost: None,
+            resource: None,
             reason: Some("keep stakeholders informed".into()),
         });
         ready(out)

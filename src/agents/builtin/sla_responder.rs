@@ -57,19 +57,42 @@ impl Agent for SlaResponder {
             }),
         });
         if breached {
-            let suspect = req.context.get("last_completed_deployment").filter(|dep| {
+            // Candidates: this resource's last deployment, and those of the resources it relates
+            // to (its `related:` facts, e.g. what it depends_on); the latest within the window
+            // before the breach is the suspect.
+            let in_window = |dep: &Value| {
                 dep.get("at")
                     .and_then(Value::as_str)
                     .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                    .is_some_and(|t| {
-                        let t = t.with_timezone(&Utc);
-                        t <= at + chrono::Duration::seconds(5) && at - t <= self.correlation_window
+                    .map(|t| t.with_timezone(&Utc))
+                    .filter(|t| {
+                        *t <= at + chrono::Duration::seconds(5)
+                            && at - *t <= self.correlation_window
                     })
-            });
-            if let Some(dep) = suspect {
+            };
+            let mut candidates: Vec<(Option<String>, Option<&str>, &Value)> = req
+                .context
+                .get("last_completed_deployment")
+                .map(|d| (None, None, d))
+                .into_iter()
+                .collect();
+            for (relation, resources) in req.context.related().as_object().into_iter().flatten() {
+                for (r, x) in resources.as_object().into_iter().flatten() {
+                    if let Some(dep) = x["facts"]["last_completed_deployment"].get("value") {
+                        candidates.push((Some(r.clone()), Some(relation.as_str()), dep));
+                    }
+                }
+            }
+            let suspect = candidates
+                .into_iter()
+                .filter_map(|(r, rel, dep)| in_window(dep).map(|t| (t, r, rel, dep)))
+                .max_by_key(|(t, ..)| *t);
+            if let Some((_, other, relation, dep)) = suspect {
                 out.findings.push(Finding {
                     key: "suspect_deployment".into(),
                     value: json!({
+                        "resource": other.as_deref().unwrap_or(&req.task.resource),
+                        "relation": relation,
                         "version": dep.get("version"),
                         "previous_version": dep.get("previous_version"),
                         "completed_at": dep.get("at"),
@@ -78,19 +101,28 @@ impl Agent for SlaResponder {
                     }),
                 });
                 if let Some(prev) = dep.get("previous_version").and_then(Value::as_str) {
+                    let whose = match (&other, relation) {
+                        (Some(o), Some(rel)) => {
+                            format!(" of {o} ({} {rel} {o})", req.task.resource)
+                        }
+                        _ => String::new(),
+                    };
                     out.proposals.push(ProposalSpec {
                         action: "rollback".into(),
                         parameters: json!({
                             "to_version": prev,
                             "from_version": dep.get("version"),
                             "deployment_event": dep.get("event_id"),
+                            "breach_of": req.task.resource,
                         }),
                         priority: 100,
                         impact: Impact::High,
                         cost: None,
+                        resource: other.clone(),
                         reason: Some(format!(
-                            "SLO {} breached within {} min of deployment {}",
+                            "SLO {} of {} breached within {} min of deployment {}{whose}",
                             str_field(d, "slo").unwrap_or("?"),
+                            req.task.resource,
                             self.correlation_window.num_minutes(),
                             dep.get("version").and_then(Value::as_str).unwrap_or("?")
                         )),
@@ -109,6 +141,7 @@ impl Agent for SlaResponder {
             priority: 50,
             impact: Impact::Low,
             cost: None,
+            resource: None,
             reason: Some(if breached {
                 "SLO breached".into()
             } else {
