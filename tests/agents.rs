@@ -149,6 +149,8 @@ async fn builtin_agents_share_context_and_propose_actions() {
 struct HttpAgentState {
     calls: std::sync::Mutex<BTreeMap<String, usize>>,
     total: AtomicUsize,
+    /// `until-healed` tasks hang until this is set.
+    healed: std::sync::atomic::AtomicBool,
 }
 
 async fn http_agent(
@@ -177,6 +179,10 @@ async fn http_agent(
             Json(json!({})).into_response()
         }
         "fail-once" if n == 1 => (axum::http::StatusCode::BAD_GATEWAY, "upstream down").into_response(),
+        "until-healed" if !st.healed.load(Ordering::SeqCst) => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Json(json!({})).into_response()
+        }
         "bad-request" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "no").into_response(),
         "out-of-scope" => Json(json!({
             "findings": [{"key": "triage.note", "value": 1}, {"key": "secrets", "value": "x"}],
@@ -778,4 +784,111 @@ agents:
     );
     assert!(text.contains("TASKS(2h)"), "{text}");
     drop(procs);
+}
+
+/// Dead letters are listed and redriven without harm: a timed-out task, republished as it was, is
+/// a no-op (its failed outcome is recorded) — `dlq redrive` runs it again under a new id derived
+/// from the dead letter, once however often it is redriven; republishing the event after a route
+/// change adds routing records instead of forking the chain; the audit verifies throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_redriven_without_harm() {
+    let (url, st) = serve_http_agent().await;
+    let yaml = format!(
+        "{}  deploy-guard:\n    kind: builtin\n    reads: [sla, deployment, last_completed_deployment]\n    writes: [deployment, last_completed_deployment]\n    actions: [deployment.hold]\n",
+        http_agent_yaml(&url, 500, 0).replace("routes:\n  - name: all\n    agents: [triage]\n", "")
+    ) + "routes:\n  - name: all\n    agents: [triage]\n";
+    let env = TestEnv::new(1, &yaml).await;
+    let running = env.start(&["route", "agents"]);
+    let ev = event(
+        "e-dlq",
+        "deployment.started",
+        "svc-dlq",
+        json!({"mode": "until-healed"}),
+    );
+    env.publish("events.deployments", std::slice::from_ref(&ev))
+        .await;
+    let recs = env
+        .read("switchyard.results", 1, Duration::from_secs(40))
+        .await;
+    assert_eq!(results(&recs)[0].status, "timed_out");
+    running.stop().await;
+
+    // The routes change (deploy-guard joins) and the event is published again: triage's task is
+    // the same and finished (not run again), deploy-guard's is new; the chain stays whole.
+    let mut changed = env.loaded.clone();
+    changed.config.routes[0].agents.push("deploy-guard".into());
+    let running = Running::start(changed, &["route", "agents"]);
+    env.publish("events.deployments", std::slice::from_ref(&ev))
+        .await;
+    let guard = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.results"),
+        1,
+        Duration::from_secs(40),
+        |r| data_of(&event_of(r))["agent"] == "deploy-guard",
+    )
+    .await;
+    assert_eq!(guard.len(), 1);
+    let calls_before = st.total.load(Ordering::SeqCst);
+    assert_eq!(calls_before, 1, "the failed task was not called again");
+    let v = env.verified_audit(4, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+
+    // The agent is back; the dead letter is listed and redriven — twice.
+    st.healed.store(true, Ordering::SeqCst);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(["--config", env.config_path.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("switchyard");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let list = cli(&["dlq", "list", "--reason", "agent_failed", "--since", "1h"]);
+    // Two: replaying the recorded outcome for the republished event wrote its dead letter again.
+    assert!(
+        list.contains("agent_failed") && list.contains("2 dead letters"),
+        "{list}"
+    );
+    let dry = cli(&["dlq", "redrive", "--reason", "agent_failed", "--dry-run"]);
+    assert!(
+        dry.contains("would redrive 1") && dry.contains("a copy of dlq"),
+        "{dry}"
+    );
+    let once = cli(&["dlq", "redrive", "--reason", "agent_failed"]);
+    assert!(
+        once.contains("runs again as") && once.contains("-redrive-"),
+        "{once}"
+    );
+    let recs = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.results"),
+        1,
+        Duration::from_secs(40),
+        |r| {
+            data_of(&event_of(r))["task_id"]
+                .as_str()
+                .is_some_and(|t| t.contains("-redrive-"))
+        },
+    )
+    .await;
+    let again = &results(&recs)[0];
+    assert_eq!(again.status, "succeeded", "{again:?}");
+    assert!(again.task_id.contains("-redrive-"), "{again:?}");
+    cli(&["dlq", "redrive", "--reason", "agent_failed"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        st.total.load(Ordering::SeqCst),
+        calls_before + 1,
+        "a dead letter redriven twice runs once"
+    );
+    let v = env.verified_audit(5, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    running.stop().await;
 }

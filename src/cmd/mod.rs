@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod context;
 pub mod ctx;
+pub mod dlq;
 pub mod publish;
 pub mod recover;
 pub mod run;
@@ -69,6 +70,8 @@ pub enum Command {
     Workflows(workflows::Args),
     /// Shared context: one resource with its relations; queries by fact or relation.
     Context(context::Args),
+    /// Dead letters: list them, send them through again.
+    Dlq(dlq::Args),
 }
 
 /// Runs the command.
@@ -91,5 +94,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Recover(a) => recover::run(&ctx, a).await,
         Command::Workflows(a) => workflows::run(&ctx, a).await,
         Command::Context(a) => context::run(&ctx, a).await,
+        Command::Dlq(a) => dlq::run(&ctx, a).await,
     }
 }

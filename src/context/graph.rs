@@ -423,7 +423,7 @@ impl Graph {
         &self,
         tenant: &str,
         resources: &[String],
-    ) -> Result<Vec<(u64, BTreeMap<String, super::Fact>)>, StoreError> {
+    ) -> Result<Vec<(u64, BTreeMap<String, super::fact::Fact>)>, StoreError> {
         if resources.is_empty() {
             return Ok(Vec::new());
         }
@@ -525,7 +525,7 @@ impl Graph {
         equals: Option<&Value>,
         ttl: u64,
         limit: usize,
-    ) -> Result<Vec<(String, super::Fact)>, StoreError> {
+    ) -> Result<Vec<(String, super::fact::Fact)>, StoreError> {
         let now = crate::event::now_secs();
         let ikey = index_key(&self.prefix, tenant, key);
         let mut c = self.conn.get().await?;
@@ -569,7 +569,7 @@ impl Graph {
         k: &ResourceKey,
         relation: &str,
         key: &str,
-    ) -> Result<Vec<(String, super::Fact)>, StoreError> {
+    ) -> Result<Vec<(String, super::fact::Fact)>, StoreError> {
         let near = self
             .walk(k, relation, Direction::Out, 1, self.cfg.max_related)
             .await?;

@@ -6,6 +6,7 @@
 //! hash tag, so everything of one resource lives in one Redis Cluster slot and can change atomically.
 
 pub mod contract;
+pub mod fact;
 pub mod graph;
 pub mod memory;
 pub mod redis;
@@ -20,14 +21,7 @@ use serde_json::Value;
 use crate::records::AgentResponse;
 pub use crate::store::{ResourceKey, StoreError};
 
-/// A fact as stored: the value plus who wrote it, when, and for which task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Fact {
-    pub value: Value,
-    pub by: String,
-    pub task_id: String,
-    pub at: String,
-}
+pub use fact::Fact;
 
 /// A resource's context at one version.
 #[derive(Debug, Clone, PartialEq, Default)]

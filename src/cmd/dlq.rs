@@ -1,0 +1,291 @@
+//! `switchyard dlq list|redrive`: the dead letters, and sending them through again.
+//!
+//! A dead letter keeps its input's payload, key and headers plus `switchyard.dlq.*` headers (reason,
+//! detail, stage, source topic, partition, offset, time). `redrive` republishes each selected one
+//! to its source topic — with its original key and headers — except a failed agent task
+//! (`agent_failed`), whose recorded failed outcome would make the copy a no-op: it goes back as a
+//! new task, `<task id>-redrive-<dlq partition>-<dlq offset>`. That id is a function of the dead
+//! letter, so redriving the same dead letter twice runs the task once; and since it is a new task,
+//! its records are new records in the resource's audit chain (nothing is rewritten).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::ctx::Ctx;
+use crate::config::Loaded;
+use crate::event::CloudEvent;
+use crate::kafka::dlq_headers::*;
+use crate::kafka::{producer_config, Input, Output, Producer};
+
+/// Header a redriven record carries: the dead letter it came from (`<partition>@<offset>`).
+pub const REDRIVEN_FROM: &str = "switchyard.redriven.from";
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Filter {
+    /// Only dead letters with this reason (`agent_failed`, `malformed_json`, ...).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only those of this stage (`route`, `agents`, `resolve`, `decisions`).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Only those dead-lettered within this long (`30m`, `2h`, `1d`) or since this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+}
+
+#[derive(clap::Subcommand)]
+pub enum DlqCommand {
+    /// The dead letters, oldest first: where each came from, why, when.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the selected dead letters through again (see the module doc); `--dry-run` only says
+    /// what it would do.
+    Redrive {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn header<'a>(r: &'a Input, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// `30m`, `2h`, `1d`, `45s`, or an RFC 3339 time: the earliest time it admits.
+fn since_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("--since {s:?}: give 30m, 2h, 1d or an RFC 3339 time"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("--since {s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(chrono::Utc::now() - chrono::Duration::seconds(secs))
+}
+
+/// The dead letters `f` selects, oldest first.
+fn select(l: &Loaded, f: &Filter) -> Result<Vec<Input>, String> {
+    let since = f.since.as_deref().map(since_time).transpose()?;
+    let all = crate::kafka::read::read_all(
+        &l.config.kafka,
+        &l.config.topics.dlq,
+        Duration::from_secs(2),
+    )?;
+    Ok(all
+        .into_iter()
+        .filter(|r| {
+            f.reason
+                .as_deref()
+                .is_none_or(|x| header(r, REASON) == Some(x))
+        })
+        .filter(|r| {
+            f.stage
+                .as_deref()
+                .is_none_or(|x| header(r, STAGE) == Some(x))
+        })
+        .filter(|r| {
+            since.is_none_or(|s| {
+                header(r, TIME)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t >= s)
+            })
+        })
+        .take(f.limit)
+        .collect())
+}
+
+fn summary(r: &Input) -> Value {
+    json!({
+        "partition": r.partition, "offset": r.offset,
+        "key": r.key.as_deref().map(String::from_utf8_lossy),
+        "time": header(r, TIME), "stage": header(r, STAGE), "reason": header(r, REASON),
+        "detail": header(r, DETAIL),
+        "source": {"topic": header(r, SOURCE_TOPIC), "partition": header(r, SOURCE_PARTITION),
+                   "offset": header(r, SOURCE_OFFSET)},
+        "truncated": header(r, TRUNCATED).is_some(),
+    })
+}
+
+/// The task id of an `agent_failed` dead letter.
+fn failed_task(l: &Loaded, r: &Input) -> Option<String> {
+    if header(r, REASON) != Some("agent_failed") {
+        return None;
+    }
+    let ev = crate::codec::decode(r.view(), &l.schemas).ok()?;
+    ev.data?.get("task_id")?.as_str().map(str::to_string)
+}
+
+/// What redriving `r` sends, or why it cannot be redriven. `first` is the first dead letter of
+/// the same task (a task's failure is dead-lettered again when its recorded outcome is replayed):
+/// the new task id derives from it, so every copy redrives to the same task.
+pub fn redrive_record(
+    l: &Loaded,
+    r: &Input,
+    first: (i32, i64),
+) -> Result<(Output, String), String> {
+    let source = header(r, SOURCE_TOPIC).ok_or("no source topic header")?;
+    if header(r, TRUNCATED).is_some() {
+        return Err("its payload was cut to fit the dead-letter topic".into());
+    }
+    let mut headers: Vec<(String, Vec<u8>)> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with("switchyard.dlq.") && k != REDRIVEN_FROM)
+        .cloned()
+        .collect();
+    headers.push((
+        REDRIVEN_FROM.into(),
+        format!("{}@{}", r.partition, r.offset).into_bytes(),
+    ));
+    if header(r, REASON) != Some("agent_failed") {
+        let out = Output {
+            topic: source.to_string(),
+            key: r.key.clone(),
+            payload: r.payload.to_vec(),
+            headers,
+        };
+        return Ok((out, format!("republished to {source}")));
+    }
+    if headers
+        .iter()
+        .any(|(k, _)| k == crate::workflow::STEP_HEADER)
+    {
+        return Err(
+            "a workflow step: its run has moved on; republish the run's event instead".into(),
+        );
+    }
+    let ev = crate::codec::decode(r.view(), &l.schemas).map_err(|e| e.to_string())?;
+    let mut task: crate::records::TaskData =
+        serde_json::from_value(ev.data.clone().unwrap_or(Value::Null))
+            .map_err(|e| format!("not a task: {e}"))?;
+    let old = task.task_id.clone();
+    task.task_id = format!("{old}-redrive-{}-{}", first.0, first.1);
+    let mut again = CloudEvent::new(task.task_id.clone(), &ev.source, &ev.ty)
+        .with_typed_data(&task)
+        .map_err(|e| e.to_string())?;
+    again.subject = ev.subject.clone();
+    again.time = ev.time.clone();
+    again.extensions = ev.extensions.clone();
+    let mut out = super::publish::record_for(l, source, &again, super::publish::Mode::Structured)?;
+    out.key = r.key.clone();
+    out.headers = headers;
+    Ok((
+        out,
+        format!("{old} runs again as {} on {source}", task.task_id),
+    ))
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
+    let l = ctx.load_noting()?;
+    match args.command {
+        DlqCommand::List { filter, json } => {
+            let l2 = l.clone();
+            let recs = tokio::task::spawn_blocking(move || select(&l2, &filter))
+                .await
+                .map_err(|e| e.to_string())??;
+            for r in &recs {
+                let s = summary(r);
+                if json {
+                    println!("{s}");
+                } else {
+                    println!(
+                        "{}@{:<6} {} {:<9} {:<22} from {}[{}]@{} key={}  {}",
+                        r.partition,
+                        r.offset,
+                        s["time"].as_str().unwrap_or("-"),
+                        s["stage"].as_str().unwrap_or("-"),
+                        s["reason"].as_str().unwrap_or("-"),
+                        s["source"]["topic"].as_str().unwrap_or("-"),
+                        s["source"]["partition"].as_str().unwrap_or("-"),
+                        s["source"]["offset"].as_str().unwrap_or("-"),
+                        s["key"].as_str().unwrap_or("-"),
+                        s["detail"]
+                            .as_str()
+                            .unwrap_or("")
+                            .chars()
+                            .take(120)
+                            .collect::<String>()
+                    );
+                }
+            }
+            if !json {
+                println!("{} dead letters", recs.len());
+            }
+            Ok(())
+        }
+        DlqCommand::Redrive { filter, dry_run } => {
+            let l2 = l.clone();
+            let recs = tokio::task::spawn_blocking(move || select(&l2, &filter))
+                .await
+                .map_err(|e| e.to_string())??;
+            let producer =
+                Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
+            let (mut sent, mut skipped) = (0, 0);
+            // Copies of one task's failure redrive once (under the first one's id).
+            let mut firsts: std::collections::HashMap<String, (i32, i64)> = Default::default();
+            for r in &recs {
+                let first = match failed_task(&l, r) {
+                    Some(task) => match firsts.get(&task) {
+                        Some(f) => {
+                            skipped += 1;
+                            println!(
+                                "dlq {}@{}: skipped: a copy of dlq {}@{} (task {task})",
+                                r.partition, r.offset, f.0, f.1
+                            );
+                            continue;
+                        }
+                        None => {
+                            firsts.insert(task, (r.partition, r.offset));
+                            (r.partition, r.offset)
+                        }
+                    },
+                    None => (r.partition, r.offset),
+                };
+                match redrive_record(&l, r, first) {
+                    Ok((out, what)) => {
+                        if !dry_run {
+                            producer.send(&out).await.map_err(|e| {
+                                format!("dlq {}@{}: producing failed: {e}", r.partition, r.offset)
+                            })?;
+                        }
+                        sent += 1;
+                        println!("dlq {}@{}: {what}", r.partition, r.offset);
+                    }
+                    Err(why) => {
+                        skipped += 1;
+                        println!("dlq {}@{}: skipped: {why}", r.partition, r.offset);
+                    }
+                }
+            }
+            println!(
+                "{} {sent} dead letters, skipped {skipped}",
+                if dry_run { "would redrive" } else { "redrove" }
+            );
+            Ok(())
+        }
+    }
+}
