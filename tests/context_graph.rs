@@ -449,6 +449,38 @@ agents:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(after.contains("0 resources"), "{after}");
+
+    // The story of the breach and of a thinker event, from the audit trail.
+    let story = cli(&env, &["trace", "b-web"]);
+    for needle in [
+        "routed to 1 task(s)",
+        "sla-responder succeeded",
+        "rollback accepted by sla-responder",
+        "db ",
+    ] {
+        assert!(story.contains(needle), "{needle} in {story}");
+    }
+    let think = cli(&env, &["trace", "k0", "--json"]);
+    let lines: Vec<Value> = think
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let decisions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(decisions.first(), Some(&"routed"), "{decisions:?}");
+    assert_eq!(
+        decisions.iter().filter(|d| **d == "llm_call").count(),
+        2,
+        "both model calls of the run: {decisions:?}"
+    );
+    assert!(decisions.contains(&"agent_result"), "{decisions:?}");
+    let history = cli(&env, &["history", "web", "--since", "1h"]);
+    assert!(
+        history.contains("routed to") && history.contains("thinker succeeded"),
+        "{history}"
+    );
     running.stop().await;
 }
 

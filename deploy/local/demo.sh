@@ -193,6 +193,12 @@ for k, v in zip(lines[::2], lines[1::2]):
         print("  %-26s (by %s) %s" % (k, f["by"], json.dumps(f["value"])))
 '
 
+say "Dead letters (switchyard dlq list; redrive with switchyard dlq redrive --reason R [--dry-run])"
+"$BIN" --config "$CONFIG" dlq list
+
+say "The story of the breach event, from the audit trail (switchyard trace demo-sla-1)"
+"$BIN" --config "$CONFIG" trace demo-sla-1
+
 if [[ $KEEP -eq 1 ]]; then
     say "Left running: switchyard pid $SY_PID; stop with: kill $SY_PID; SWITCHYARD_STACK_DIR=$SWITCHYARD_STACK_DIR $STACK down"
 else

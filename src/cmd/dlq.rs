@@ -69,7 +69,7 @@ fn header<'a>(r: &'a Input, name: &str) -> Option<&'a str> {
 }
 
 /// `30m`, `2h`, `1d`, `45s`, or an RFC 3339 time: the earliest time it admits.
-fn since_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+pub fn since_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }

@@ -12,6 +12,7 @@ pub mod publish;
 pub mod recover;
 pub mod run;
 pub mod status;
+pub mod story;
 pub mod tail;
 pub mod topics;
 pub mod validate;
@@ -72,6 +73,11 @@ pub enum Command {
     Context(context::Args),
     /// Dead letters: list them, send them through again.
     Dlq(dlq::Args),
+    /// The story of one event from the audit trail: routing, tasks, model and tool calls,
+    /// decisions with their rules, approvals — in order, with times.
+    Trace(story::TraceArgs),
+    /// The story of one resource from the audit trail, since a time.
+    History(story::HistoryArgs),
 }
 
 /// Runs the command.
@@ -95,5 +101,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Workflows(a) => workflows::run(&ctx, a).await,
         Command::Context(a) => context::run(&ctx, a).await,
         Command::Dlq(a) => dlq::run(&ctx, a).await,
+        Command::Trace(a) => story::trace(&ctx, a).await,
+        Command::History(a) => story::history(&ctx, a).await,
     }
 }

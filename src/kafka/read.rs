@@ -57,6 +57,62 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<
     Ok(out)
 }
 
+/// Reads the records of a topic written at `since_ms` (milliseconds since the epoch) or later, on
+/// every partition, until nothing arrives for `idle`: the broker's time index finds where to
+/// start (from the beginning when it cannot say).
+pub fn read_since(
+    kafka: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+    idle: Duration,
+) -> Result<Vec<Input>, String> {
+    let consumer = reader(kafka, topic, Offset::Beginning)?;
+    let mut times = TopicPartitionList::new();
+    if let Ok(assigned) = consumer.assignment() {
+        for e in assigned.elements() {
+            times
+                .add_partition_offset(topic, e.partition(), Offset::Offset(since_ms))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if let Ok(found) = consumer.offsets_for_times(times, Duration::from_secs(5)) {
+        let mut start = TopicPartitionList::new();
+        for e in found.elements() {
+            let at = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                // No record that late: nothing to read there.
+                Offset::End => Offset::End,
+                _ => Offset::Beginning,
+            };
+            start
+                .add_partition_offset(topic, e.partition(), at)
+                .map_err(|e| e.to_string())?;
+        }
+        if start.count() > 0 {
+            consumer
+                .assign(&start)
+                .map_err(|e| format!("cannot assign partitions: {e}"))?;
+        }
+    }
+    let name: Arc<str> = Arc::from(topic);
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let rec = Input::from_message(&m, name.clone());
+                if rec.timestamp_ms.is_none_or(|t| t >= since_ms) {
+                    out.push(rec);
+                }
+                last = Instant::now();
+            }
+            Some(Err(e)) => return Err(format!("consumer error: {e}")),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Committed offsets of consumer group `group` on every partition of `topics`: (topic, partition,
 /// offset) where the group committed one.
 pub fn committed(
