@@ -263,7 +263,6 @@ pub async fn run(
                 graph: graph.clone(),
                 auth,
                 indexed: cfg.context.index.clone(),
-                ttl_seconds: cfg.context.ttl_seconds,
             }));
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -73,6 +73,13 @@ pub struct ProposalSpec {
     /// `related:`); its proposal goes to that resource's partition and is resolved there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// Set by switchyard, not the agent, for a proposal on a related resource: the version of
+    /// that resource's context the agent was given and when (kept with the proposal, so a
+    /// workflow merge that sends it later checks staleness against what its agent saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_at: Option<String>,
 }
 
 /// What an agent returns (also the JSON body HTTP and Kafka agents send back).

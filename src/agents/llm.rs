@@ -643,6 +643,8 @@ impl LlmAgent {
                     reason: Some(format!("{} asked to call {name}", self.name)),
                     cost: None,
                     resource: None,
+                    seen_version: None,
+                    seen_at: None,
                 });
                 let r = if ok {
                     Ok((
@@ -758,6 +760,26 @@ impl LlmAgent {
                     Some(v) => serde_json::from_value(v.clone())
                         .map_err(|_| "impact must be low, medium or high".to_string())?,
                 };
+                let target = args
+                    .get("resource")
+                    .and_then(Value::as_str)
+                    .filter(|r| *r != req_resource);
+                // Another resource: only one this task was given as related.
+                if let Some(t) = target {
+                    let related = ctx
+                        .related()
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                        .any(|rel| rel.get(t).is_some());
+                    if !related {
+                        return Ok((
+                            "refused",
+                            json!({"status": "refused", "resource": t,
+                                   "note": format!("{t} is not among the resources related to {req_resource} that this agent was given (see related_context).")}),
+                        ));
+                    }
+                }
                 let ok = allowed(&self.scopes.actions, &action);
                 run.out.proposals.push(ProposalSpec {
                     action: action.clone(),
@@ -774,6 +796,8 @@ impl LlmAgent {
                         .and_then(Value::as_str)
                         .filter(|r| *r != req_resource)
                         .map(str::to_string),
+                    seen_version: None,
+                    seen_at: None,
                 });
                 if ok {
                     Ok((

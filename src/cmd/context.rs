@@ -111,7 +111,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 depth,
                 limit,
             };
-            let v = view::query(&graph, &cfg.context.index, cfg.context.ttl_seconds, &q)
+            let v = view::query(&graph, &cfg.context.index, &q)
                 .await
                 .map_err(|e| e.to_string())??;
             if json {

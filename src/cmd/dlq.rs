@@ -73,30 +73,40 @@ pub fn since_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
-    let (n, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = n
-        .parse()
-        .map_err(|_| format!("--since {s:?}: give 30m, 2h, 1d or an RFC 3339 time"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let bad = || format!("--since {s:?}: give 30m, 2h, 1d or an RFC 3339 time");
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let n: i64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
         _ => return Err(format!("--since {s:?}: the unit must be s, m, h or d")),
     };
-    Ok(chrono::Utc::now() - chrono::Duration::seconds(secs))
+    n.checked_mul(per)
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| format!("--since {s:?} is too far back"))
 }
 
-/// The dead letters `f` selects, oldest first.
-fn select(l: &Loaded, f: &Filter) -> Result<Vec<Input>, String> {
-    let since = f.since.as_deref().map(since_time).transpose()?;
-    let all = crate::kafka::read::read_all(
+/// Every dead letter, oldest first (by the time it was dead-lettered).
+fn read_dlq(l: &Loaded) -> Result<Vec<Input>, String> {
+    let mut all = crate::kafka::read::read_all(
         &l.config.kafka,
         &l.config.topics.dlq,
         Duration::from_secs(2),
     )?;
+    all.sort_by(|a, b| {
+        (header(a, TIME), a.partition, a.offset).cmp(&(header(b, TIME), b.partition, b.offset))
+    });
+    Ok(all)
+}
+
+/// The dead letters `f` selects among `all`.
+fn select<'a>(all: &'a [Input], f: &Filter) -> Result<Vec<&'a Input>, String> {
+    let since = f.since.as_deref().map(since_time).transpose()?;
     Ok(all
-        .into_iter()
+        .iter()
         .filter(|r| {
             f.reason
                 .as_deref()
@@ -190,9 +200,16 @@ pub fn redrive_record(
     again.subject = ev.subject.clone();
     again.time = ev.time.clone();
     again.extensions = ev.extensions.clone();
-    let mut out = super::publish::record_for(l, source, &again, super::publish::Mode::Structured)?;
+    // Encoded as the topic is (JSON or Avro), with its content type; the original's other headers
+    // ride along.
+    let emitter = crate::records::Emitter::new(l.schemas.clone(), l.topics.clone());
+    let mut out = emitter.emit(source, &again).map_err(|e| e.to_string())?;
     out.key = r.key.clone();
-    out.headers = headers;
+    for (k, v) in headers {
+        if !out.headers.iter().any(|(x, _)| *x == k) {
+            out.headers.push((k, v));
+        }
+    }
     Ok((
         out,
         format!("{old} runs again as {} on {source}", task.task_id),
@@ -204,9 +221,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     match args.command {
         DlqCommand::List { filter, json } => {
             let l2 = l.clone();
-            let recs = tokio::task::spawn_blocking(move || select(&l2, &filter))
+            let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
                 .await
                 .map_err(|e| e.to_string())??;
+            let recs = select(&all, &filter)?;
             for r in &recs {
                 let s = summary(r);
                 if json {
@@ -239,18 +257,31 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         }
         DlqCommand::Redrive { filter, dry_run } => {
             let l2 = l.clone();
-            let recs = tokio::task::spawn_blocking(move || select(&l2, &filter))
+            let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
                 .await
                 .map_err(|e| e.to_string())??;
+            // The first dead letter of each failed task, over the whole topic (whatever the
+            // filter): its id names the redriven task, so copies and repeated runs agree.
+            let mut first_of: std::collections::HashMap<String, (i32, i64)> = Default::default();
+            for r in &all {
+                if let Some(task) = failed_task(&l, r) {
+                    first_of.entry(task).or_insert((r.partition, r.offset));
+                }
+            }
+            let recs = select(&all, &filter)?;
             let producer =
                 Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
             let (mut sent, mut skipped) = (0, 0);
             // Copies of one task's failure redrive once (under the first one's id).
-            let mut firsts: std::collections::HashMap<String, (i32, i64)> = Default::default();
-            for r in &recs {
+            let mut done: std::collections::HashSet<String> = Default::default();
+            for r in recs {
                 let first = match failed_task(&l, r) {
-                    Some(task) => match firsts.get(&task) {
-                        Some(f) => {
+                    Some(task) => {
+                        let f = first_of
+                            .get(&task)
+                            .copied()
+                            .unwrap_or((r.partition, r.offset));
+                        if !done.insert(task.clone()) {
                             skipped += 1;
                             println!(
                                 "dlq {}@{}: skipped: a copy of dlq {}@{} (task {task})",
@@ -258,11 +289,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                             );
                             continue;
                         }
-                        None => {
-                            firsts.insert(task, (r.partition, r.offset));
-                            (r.partition, r.offset)
-                        }
-                    },
+                        f
+                    }
                     None => (r.partition, r.offset),
                 };
                 match redrive_record(&l, r, first) {

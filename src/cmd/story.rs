@@ -185,11 +185,24 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
                 .filter_map(|t| t.as_str().map(str::to_string))
         }))
         .collect();
+    // Approvals and their verdicts name the action (and approval) the event's decisions made.
+    let ids: BTreeSet<String> = recs
+        .iter()
+        .filter(|(_, d)| d["event_id"] == a.event_id.as_str())
+        .flat_map(|(_, d)| {
+            ["action_id", "approval_id"]
+                .into_iter()
+                .filter_map(|k| d["detail"][k].as_str().map(str::to_string))
+        })
+        .collect();
     let mine: Vec<&(CloudEvent, Value)> = recs
         .iter()
         .filter(|(_, d)| {
             d["event_id"] == a.event_id.as_str()
                 || d["task_id"].as_str().is_some_and(|t| tasks.contains(t))
+                || ["action_id", "approval_id"]
+                    .into_iter()
+                    .any(|k| d["detail"][k].as_str().is_some_and(|x| ids.contains(x)))
         })
         .collect();
     if mine.is_empty() {

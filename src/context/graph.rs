@@ -88,7 +88,18 @@ pub struct LearnRule {
     pub types: Vec<String>,
     pub field: String,
     pub relation: String,
+    /// Resources the field may name (`*` patterns); empty: any. Whoever can publish such an
+    /// event can relate its subject to these — and agents with `related:` then read and may act
+    /// on them — so name what a producer may link to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
 }
+
+/// Index entries one query reads at most.
+pub const MAX_QUERY_READS: usize = 5000;
+
+/// Relations one event may teach at most (the rest of a longer list is ignored).
+pub const MAX_TAUGHT: usize = 64;
 
 impl RelationsConfig {
     pub fn problems(&self) -> Vec<(String, String)> {
@@ -271,7 +282,12 @@ impl Graph {
                 _ => Vec::new(),
             };
             for t in targets {
-                if !t.is_empty() && t != subject && t.len() <= 256 {
+                if !t.is_empty()
+                    && t != subject
+                    && t.len() <= 256
+                    && crate::pattern::matches_any_or_empty(&r.targets, &t)
+                    && out.len() < MAX_TAUGHT
+                {
                     out.push((r.relation.clone(), t));
                 }
             }
@@ -317,9 +333,10 @@ impl Graph {
         Ok(taught.len())
     }
 
-    fn parse_edges(k: &ResourceKey, m: HashMap<String, String>, now: i64) -> Vec<Edge> {
-        let _ = k;
+    /// The live edges of a relation hash, and the fields of expired ones.
+    fn parse_edges(m: HashMap<String, String>, now: i64) -> (Vec<Edge>, Vec<String>) {
         let mut out = Vec::new();
+        let mut expired = Vec::new();
         for (field, v) in m {
             let mut parts = field.splitn(3, '|');
             let (Some(dir), Some(rel), Some(other)) = (parts.next(), parts.next(), parts.next())
@@ -331,6 +348,7 @@ impl Graph {
                 .and_then(|v| v["exp"].as_i64())
                 .unwrap_or(0);
             if exp != 0 && exp < now {
+                expired.push(field.clone());
                 continue;
             }
             let dir = if dir == "in" {
@@ -340,7 +358,7 @@ impl Graph {
             };
             out.push((rel.to_string(), dir, other.to_string()));
         }
-        out
+        (out, expired)
     }
 
     /// The neighbours of many resources (learned and static), one pipelined read.
@@ -358,11 +376,19 @@ impl Graph {
         let mut c = self.conn.get().await?;
         let maps: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
         let now = crate::event::now_secs();
-        Ok(keys
+        // Expired edges are dropped as they are met, so a hash holds what is live (plus what
+        // expired since it was last read).
+        let mut prune = redis::pipe();
+        let mut pruning = false;
+        let out = keys
             .iter()
             .zip(maps)
             .map(|(k, m)| {
-                let mut edges = Self::parse_edges(k, m, now);
+                let (mut edges, expired) = Self::parse_edges(m, now);
+                if !expired.is_empty() {
+                    pruning = true;
+                    prune.hdel(rel_key(&self.prefix, k), expired).ignore();
+                }
                 if let Some(f) = self.fixed.get(&(k.tenant.clone(), k.resource.clone())) {
                     for e in f {
                         if !edges.contains(e) {
@@ -373,7 +399,13 @@ impl Graph {
                 edges.sort();
                 edges
             })
-            .collect())
+            .collect();
+        if pruning {
+            if let Err(e) = prune.query_async::<()>(&mut c).await {
+                tracing::debug!(error = %e, "Could not drop expired relations; they are skipped anyway.");
+            }
+        }
+        Ok(out)
     }
 
     pub async fn neighbours(&self, k: &ResourceKey) -> Result<Vec<Edge>, StoreError> {
@@ -514,49 +546,67 @@ impl Graph {
         Ok(pipe.query_async::<()>(&mut c).await?)
     }
 
-    /// Resources of `tenant` whose fact `key` was written within `ttl` seconds, most recent
-    /// first, with the fact (the index says who may have it; the fact itself is read back, so an
-    /// expired or changed fact is not reported). `path` and `equals` filter on the value.
+    /// Resources of `tenant` that have the fact `key`, most recently written first, with the
+    /// fact (the index says who may have it; the fact itself is read back, so an expired or
+    /// changed fact is not reported, and index entries whose fact is gone are dropped). `path` and
+    /// `equals` filter on the value. At most `limit` found, at most [`MAX_QUERY_READS`] read.
     pub async fn query(
         &self,
         tenant: &str,
         key: &str,
         path: Option<&str>,
         equals: Option<&Value>,
-        ttl: u64,
         limit: usize,
     ) -> Result<Vec<(String, super::fact::Fact)>, StoreError> {
-        let now = crate::event::now_secs();
         let ikey = index_key(&self.prefix, tenant, key);
         let mut c = self.conn.get().await?;
-        // Entries older than the context TTL can have no fact left: drop them as we go.
-        let _: () = redis::cmd("ZREMRANGEBYSCORE")
-            .arg(&ikey)
-            .arg("-inf")
-            .arg(now - ttl as i64)
-            .query_async(&mut c)
-            .await?;
-        let names: Vec<String> = redis::cmd("ZREVRANGE")
-            .arg(&ikey)
-            .arg(0)
-            .arg(10_000)
-            .query_async(&mut c)
-            .await?;
         let mut out = Vec::new();
-        for chunk in names.chunks(200) {
-            let facts = self.facts_of(tenant, chunk).await?;
-            for (r, (_, fs)) in chunk.iter().zip(facts) {
-                let Some(f) = fs.get(key) else { continue };
+        let mut start = 0usize;
+        while start < MAX_QUERY_READS && out.len() < limit {
+            let names: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(&ikey)
+                .arg(start)
+                .arg(start + 199)
+                .query_async(&mut c)
+                .await?;
+            if names.is_empty() {
+                break;
+            }
+            start += names.len();
+            let mut pipe = redis::pipe();
+            for r in &names {
+                pipe.hget(
+                    format!(
+                        "{}:ctx:{}",
+                        self.prefix,
+                        ResourceKey::new(tenant, r).hash_tag()
+                    ),
+                    key,
+                );
+            }
+            let facts: Vec<Option<String>> = pipe.query_async(&mut c).await?;
+            let mut gone = Vec::new();
+            for (r, f) in names.iter().zip(facts) {
+                let Some(f) = f.and_then(|f| serde_json::from_str::<super::fact::Fact>(&f).ok())
+                else {
+                    gone.push(r.clone());
+                    continue;
+                };
                 let v = match path {
                     Some(p) => lookup(&f.value, p),
                     None => Some(&f.value),
                 };
-                if equals.is_none_or(|e| v == Some(e)) {
-                    out.push((r.clone(), f.clone()));
-                    if out.len() >= limit {
-                        return Ok(out);
-                    }
+                if equals.is_none_or(|e| v == Some(e)) && out.len() < limit {
+                    out.push((r.clone(), f));
                 }
+            }
+            if !gone.is_empty() {
+                let _: () = redis::cmd("ZREM")
+                    .arg(&ikey)
+                    .arg(&gone)
+                    .query_async(&mut c)
+                    .await?;
+                start -= gone.len();
             }
         }
         Ok(out)
@@ -599,6 +649,7 @@ mod tests {
                 types: vec!["deployment.*".into()],
                 field: "data.dependencies".into(),
                 relation: "depends_on".into(),
+                targets: vec![],
             }],
             ..Default::default()
         };
@@ -639,7 +690,6 @@ mod tests {
 
     #[test]
     fn expired_edges_are_not_neighbours() {
-        let k = ResourceKey::new("t", "a");
         let m: HashMap<String, String> = [
             (
                 "out|depends_on|b".to_string(),
@@ -655,8 +705,9 @@ mod tests {
             ),
         ]
         .into();
-        let mut e = Graph::parse_edges(&k, m, 10);
+        let (mut e, expired) = Graph::parse_edges(m, 10);
         e.sort();
+        assert_eq!(expired, ["out|depends_on|c"]);
         assert_eq!(
             e,
             [

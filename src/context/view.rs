@@ -83,7 +83,6 @@ pub struct Query {
 pub async fn query(
     graph: &Graph,
     indexed: &[String],
-    ttl: u64,
     q: &Query,
 ) -> Result<Result<Value, String>, StoreError> {
     match (&q.fact, &q.related_to) {
@@ -104,7 +103,6 @@ pub async fn query(
                     fact,
                     q.path.as_deref(),
                     q.equals.as_ref(),
-                    ttl,
                     q.limit,
                 )
                 .await?;

@@ -30,7 +30,6 @@ pub struct Api {
     pub graph: Arc<Graph>,
     pub auth: Arc<Auth>,
     pub indexed: Vec<String>,
-    pub ttl_seconds: u64,
 }
 
 #[derive(Deserialize)]
@@ -126,7 +125,7 @@ async fn find(State(api): State<Api>, headers: HeaderMap, Query(q): Query<FindQu
         depth: q.depth.unwrap_or(1),
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
     };
-    match view::query(&api.graph, &api.indexed, api.ttl_seconds, &query).await {
+    match view::query(&api.graph, &api.indexed, &query).await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(m)) => error(StatusCode::BAD_REQUEST, m),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

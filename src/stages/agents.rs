@@ -603,6 +603,13 @@ impl<S: ContextStore> AgentStage<S> {
                             p.resource.as_deref().unwrap_or_default()
                         ));
                     } else {
+                        // What the agent saw of the target (switchyard's to say, not the agent's).
+                        let mut p = p;
+                        p.seen_version = p
+                            .resource
+                            .as_ref()
+                            .and_then(|r| related.versions.get(r).copied());
+                        p.seen_at = p.resource.as_ref().map(|_| seen_at.clone());
                         kept.proposals.push(p);
                     }
                 }
@@ -674,16 +681,22 @@ impl<S: ContextStore> AgentStage<S> {
             parameters: p.parameters.clone(),
             priority: p.priority,
             impact: p.impact,
-            // The version of the resource's context the agent saw (a related one's, as given).
+            // The version of the resource's context the agent saw (a related one's, as given; kept
+            // with the proposal, so a merge that sends it later uses its own agent's view).
             context_version: if resource == task.resource {
                 o.context_version
             } else {
-                o.related_versions.get(resource).copied().unwrap_or(0)
+                p.seen_version
+                    .or_else(|| o.related_versions.get(resource).copied())
+                    .unwrap_or(0)
             },
             reason: p.reason.clone(),
             event_id: Some(t.event.id.clone()),
             cost: p.cost,
-            seen_at: (!o.seen_at.is_empty()).then(|| o.seen_at.clone()),
+            seen_at: p
+                .seen_at
+                .clone()
+                .or_else(|| (!o.seen_at.is_empty()).then(|| o.seen_at.clone())),
         };
         let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
             .with_subject(resource.to_string())

@@ -419,14 +419,15 @@ impl ResolveStage {
                 impact: p.impact,
                 context_version: p.context_version,
             };
-            let mut decision = decide(&self.rules, &state, &cand, now);
-            if let (Decision::New { .. }, Some(detail)) = (&decision, &related_stale) {
-                decision = Decision::Rejected {
+            // Staleness comes first, as in `decide`: a stale proposal merges into nothing either.
+            let decision = match &related_stale {
+                Some(detail) => Decision::Rejected {
                     reason: RejectReason::Stale,
                     detail: detail.clone(),
                     rule: Rule::Staleness,
-                };
-            }
+                },
+                None => decide(&self.rules, &state, &cand, now),
+            };
             let rule = decision.rule();
             // Accepted actions this one supersedes: undone, on their agents' scorecards.
             let undone: Vec<String> = match &decision {

@@ -655,10 +655,9 @@ fn merged(
         Merge::Union => {
             let mut out: Vec<(String, ProposalSpec)> = Vec::new();
             for (a, p) in all {
-                if !out
-                    .iter()
-                    .any(|(_, q)| q.action == p.action && q.parameters == p.parameters)
-                {
+                if !out.iter().any(|(_, q)| {
+                    q.action == p.action && q.parameters == p.parameters && q.resource == p.resource
+                }) {
                     out.push((a, p));
                 }
             }

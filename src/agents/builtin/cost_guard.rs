@@ -33,6 +33,8 @@ impl Agent for CostGuard {
                 impact: Impact::Low,
                 cost: None,
                 resource: None,
+                seen_version: None,
+                seen_at: None,
                 reason: Some(format!(
                     "spend {spend:.2} exceeds budget {budget:.2} {currency}"
                 )),

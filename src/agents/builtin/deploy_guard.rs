@@ -56,6 +56,8 @@ impl Agent for DeployGuard {
                 impact: Impact::Medium,
                 cost: None,
                 resource: None,
+                seen_version: None,
+                seen_at: None,
                 reason: Some("deployment started while the service breaches its SLA".into()),
             });
         }

@@ -213,6 +213,8 @@ impl Agent for IncidentCommander {
                 cost: None,
                 // A branch may have suspected a dependency's deployment.
                 resource: r["resource"].as_str().map(str::to_string),
+                seen_version: None,
+                seen_at: None,
                 reason: Some(format!("incident commander: {cause}")),
             });
         }
@@ -223,6 +225,8 @@ impl Agent for IncidentCommander {
             impact: Impact::Medium,
             cost: None,
             resource: None,
+            seen_version: None,
+            seen_at: None,
             reason: Some(format!("{} breach, {severity}", req.task.resource)),
         });
         out.proposals.push(ProposalSpec {
@@ -232,6 +236,8 @@ impl Agent for IncidentCommander {
             impact: Impact::Low,
             cost: None,
             resource: None,
+            seen_version: None,
+            seen_at: None,
             reason: Some("keep stakeholders informed".into()),
         });
         ready(out)

@@ -86,7 +86,8 @@ impl Agent for SlaResponder {
             let suspect = candidates
                 .into_iter()
                 .filter_map(|(r, rel, dep)| in_window(dep).map(|t| (t, r, rel, dep)))
-                .max_by_key(|(t, ..)| *t);
+                // The latest; on a tie, the resource's own deployment.
+                .max_by_key(|(t, r, ..)| (*t, r.is_none()));
             if let Some((_, other, relation, dep)) = suspect {
                 out.findings.push(Finding {
                     key: "suspect_deployment".into(),
@@ -119,6 +120,8 @@ impl Agent for SlaResponder {
                         impact: Impact::High,
                         cost: None,
                         resource: other.clone(),
+                        seen_version: None,
+                        seen_at: None,
                         reason: Some(format!(
                             "SLO {} of {} breached within {} min of deployment {}{whose}",
                             str_field(d, "slo").unwrap_or("?"),
@@ -142,6 +145,8 @@ impl Agent for SlaResponder {
             impact: Impact::Low,
             cost: None,
             resource: None,
+            seen_version: None,
+            seen_at: None,
             reason: Some(if breached {
                 "SLO breached".into()
             } else {
