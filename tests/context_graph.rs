@@ -186,8 +186,14 @@ agents:
             deployment("d-web", "web", "v2", "v1", &["db"]),
             deployment("d-api", "api", "v9", "v8", &["cache"]),
             deployment("d-cache", "cache", "v3", "v2", &[]),
-            deployment("d-db", "db", "v5", "v4", &[]),
         ],
+    )
+    .await;
+    // Strictly later (events of one batch can share a millisecond; a tie goes to web's own).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.publish(
+        "events.deployments",
+        &[deployment("d-db", "db", "v5", "v4", &[])],
     )
     .await;
     env.read("switchyard.results", 4, Duration::from_secs(60))
