@@ -836,20 +836,7 @@ async fn dead_letters_are_listed_and_redriven_without_harm() {
 
     // The agent is back; the dead letter is listed and redriven — twice.
     st.healed.store(true, Ordering::SeqCst);
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .args(["--config", env.config_path.to_str().unwrap()])
-            .args(args)
-            .output()
-            .expect("switchyard");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
-    };
+    let cli = |args: &[&str]| cli(&env, args);
     let list = cli(&["dlq", "list", "--reason", "agent_failed", "--since", "1h"]);
     // Two: replaying the recorded outcome for the republished event wrote its dead letter again.
     assert!(

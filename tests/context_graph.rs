@@ -70,21 +70,6 @@ fn deployment(
     )
 }
 
-fn cli(env: &TestEnv, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin())
-        .args(["--config", env.config_path.to_str().expect("path")])
-        .args(args)
-        .output()
-        .expect("switchyard runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 fn data_list(recs: &[switchyard::kafka::Input]) -> Vec<Value> {
     recs.iter().map(|r| data_of(&event_of(r)).clone()).collect()
 }

@@ -146,8 +146,14 @@ fn line(first: Option<&str>, ev: &CloudEvent, d: &Value) -> Value {
            "summary": what, "record": d})
 }
 
-fn print(lines: &[Value], json_out: bool) {
-    for l in lines {
+/// Prints the records as the story's lines (times relative to the first).
+fn print(recs: &[&(CloudEvent, Value)], json_out: bool) {
+    let first = recs.first().and_then(|(ev, _)| ev.time.clone());
+    let lines: Vec<Value> = recs
+        .iter()
+        .map(|(ev, d)| line(first.as_deref(), ev, d))
+        .collect();
+    for l in &lines {
         if json_out {
             println!("{l}");
         } else {
@@ -211,12 +217,7 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
             a.event_id, a.since
         ));
     }
-    let first = mine[0].0.time.clone();
-    let lines: Vec<Value> = mine
-        .iter()
-        .map(|(ev, d)| line(first.as_deref(), ev, d))
-        .collect();
-    print(&lines, a.json);
+    print(&mine, a.json);
     Ok(())
 }
 
@@ -230,11 +231,6 @@ pub async fn history(ctx: &Ctx, a: HistoryArgs) -> Result<(), String> {
         .iter()
         .filter(|(_, d)| d["resource"] == a.resource.as_str() && d["tenant"] == a.tenant.as_str())
         .collect();
-    let first = mine.first().and_then(|(ev, _)| ev.time.clone());
-    let lines: Vec<Value> = mine
-        .iter()
-        .map(|(ev, d)| line(first.as_deref(), ev, d))
-        .collect();
-    print(&lines, a.json);
+    print(&mine, a.json);
     Ok(())
 }

@@ -32,6 +32,25 @@ pub struct Api {
     pub indexed: Vec<String>,
 }
 
+/// The tenant asked for (default `default`) when the caller is a viewer who sees it; else the
+/// error response (an unseen tenant is not found).
+#[allow(clippy::result_large_err)]
+fn viewer_tenant(
+    api: &Api,
+    headers: &HeaderMap,
+    tenant: Option<String>,
+) -> Result<String, Response> {
+    let who = authorize(&api.auth, headers, Role::Viewer)?;
+    let tenant = tenant.unwrap_or_else(|| "default".into());
+    if !who.sees(&tenant) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no tenant {tenant} for this user"),
+        ));
+    }
+    Ok(tenant)
+}
+
 #[derive(Deserialize)]
 struct ShowQuery {
     tenant: Option<String>,
@@ -44,17 +63,10 @@ async fn show(
     Path(resource): Path<String>,
     Query(q): Query<ShowQuery>,
 ) -> Response {
-    let who = match authorize(&api.auth, &headers, Role::Viewer) {
-        Ok(w) => w,
+    let tenant = match viewer_tenant(&api, &headers, q.tenant) {
+        Ok(t) => t,
         Err(r) => return r,
     };
-    let tenant = q.tenant.unwrap_or_else(|| "default".into());
-    if !who.sees(&tenant) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no tenant {tenant} for this user"),
-        );
-    }
     let key = ResourceKey::new(tenant, resource);
     match view::show(
         api.store.as_ref(),
@@ -83,17 +95,10 @@ struct FindQuery {
 }
 
 async fn find(State(api): State<Api>, headers: HeaderMap, Query(q): Query<FindQuery>) -> Response {
-    let who = match authorize(&api.auth, &headers, Role::Viewer) {
-        Ok(w) => w,
+    let tenant = match viewer_tenant(&api, &headers, q.tenant) {
+        Ok(t) => t,
         Err(r) => return r,
     };
-    let tenant = q.tenant.unwrap_or_else(|| "default".into());
-    if !who.sees(&tenant) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no tenant {tenant} for this user"),
-        );
-    }
     let equals = match q.equals.map(|e| serde_json::from_str::<Value>(&e)) {
         None => None,
         Some(Ok(v)) => Some(v),

@@ -636,6 +636,22 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchyard")
 }
 
+/// Runs the switchyard binary with the env's config and `args`; asserts it succeeded; its stdout.
+pub fn cli(env: &TestEnv, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["--config", env.config_path.to_str().expect("path")])
+        .args(args)
+        .output()
+        .expect("switchyard runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 pub fn config_path(env: &TestEnv) -> &Path {
     &env.config_path
 }
