@@ -540,6 +540,29 @@ async fn readyz_and_metrics_endpoint() {
         Some("ready\n"),
         "ready once Kafka, Redis and partitions are there"
     );
+    // A second instance of the stage: one-partition inputs, so it joins the group with nothing
+    // assigned — standing by, and ready (with more replicas than partitions none stays unready).
+    let port2 = free_port();
+    let mut second = env.loaded.clone();
+    second.config.http.enabled = true;
+    second.config.http.listen = format!("127.0.0.1:{port2}");
+    let standby = Running::start(second, &["route"]);
+    let mut body = String::new();
+    for _ in 0..150 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port2}/readyz"))
+            .send()
+            .await
+        {
+            let code = r.status().as_u16();
+            body = r.text().await.unwrap_or_default();
+            if code == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body, "ready\n", "the standing-by instance is ready");
     assert_eq!(
         client
             .get(url("/healthz"))
@@ -576,6 +599,7 @@ async fn readyz_and_metrics_endpoint() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    standby.stop().await;
     running.stop().await;
 }
 

@@ -1,5 +1,6 @@
 //! switchyard's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz`
-//! (Kafka and Redis reachable and every running stage has partitions assigned), and the front doors
+//! (Kafka and Redis reachable and every running stage in its consumer group — consuming, or
+//! standing by when there are more members than partitions), and the front doors
 //! merged in from the submodules ([`approvals`]: the approvals API).
 
 pub mod approvals;
@@ -88,8 +89,10 @@ impl Health {
         for (name, s) in &self.stages {
             if !s.running.load(Ordering::Relaxed) {
                 why.push(format!("stage {name} not running"));
-            } else if s.assigned.load(Ordering::Relaxed) == 0 {
-                why.push(format!("stage {name} has no partitions assigned"));
+            } else if !s.joined.load(Ordering::Relaxed) {
+                why.push(format!(
+                    "stage {name} has not joined its consumer group yet"
+                ));
             } else if let Some(stuck) = s.stuck(now, STALL_MS) {
                 why.push(format!("stage {name} makes no progress: {stuck}"));
             }
@@ -168,6 +171,16 @@ mod tests {
         h.redis_ok.store(true, Ordering::Relaxed);
         let s = Arc::new(StageHealth::default());
         s.running.store(true, Ordering::Relaxed);
+        let h0 = Health {
+            stages: vec![("route", s.clone())],
+            kafka_ok: AtomicBool::new(true),
+            redis_ok: AtomicBool::new(true),
+            ..Health::default()
+        };
+        assert!(h0.not_ready()[0].contains("has not joined its consumer group"));
+        // Joined with no partition (more members than partitions): standing by, ready.
+        s.joined.store(true, Ordering::Relaxed);
+        assert!(h0.not_ready().is_empty(), "{:?}", h0.not_ready());
         s.assigned.store(3, Ordering::Relaxed);
         let h = Health {
             stages: vec![("route", s.clone())],

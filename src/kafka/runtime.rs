@@ -206,6 +206,9 @@ pub const ERROR_GAP_MS: i64 = 15_000;
 #[derive(Debug, Default)]
 pub struct StageHealth {
     pub assigned: AtomicUsize,
+    /// The consumer joined its group (got an assignment, possibly empty: with more members than
+    /// partitions a member stands by, ready to take over).
+    pub joined: AtomicBool,
     pub running: AtomicBool,
     /// When a record was last read or finished (ms since the epoch).
     pub last_progress_ms: AtomicI64,
@@ -614,11 +617,16 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                     .map(|a| a.count())
                     .unwrap_or(parts.len());
                 self.shared.health.assigned.store(n, Ordering::Relaxed);
+                self.shared.health.joined.store(true, Ordering::Relaxed);
                 METRICS
                     .assigned_partitions
                     .with_label_values(&[stage])
                     .set(n as i64);
-                tracing::info!(stage, partitions = n, "Partitions assigned.");
+                if n == 0 {
+                    tracing::info!(stage, "Joined the group with no partition: standing by (more members than partitions).");
+                } else {
+                    tracing::info!(stage, partitions = n, "Partitions assigned.");
+                }
             }
             Rebalance::Error(e) => {
                 tracing::warn!(stage, error = %e, "Rebalance error.");
