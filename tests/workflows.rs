@@ -467,6 +467,13 @@ workflows:
         .output()
         .expect("workflows list");
     assert!(String::from_utf8_lossy(&out.stdout).contains("7 runs"));
+    // The story of the par event: its branches' proposals are held for the merge.
+    let story = cli(&env, &["trace", "w1"]);
+    assert!(
+        story.contains("pager-scaler succeeded")
+            && story.contains("+2 held for the workflow's merge"),
+        "{story}"
+    );
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;

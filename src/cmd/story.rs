@@ -71,13 +71,17 @@ fn line(first: Option<&str>, ev: &CloudEvent, d: &Value) -> Value {
         ),
         "unrouted" => "no route matches".into(),
         "agent_result" => format!(
-            "{} {} in {} ms ({} attempt(s)), {} finding(s), {} proposal(s){}",
+            "{} {} in {} ms ({} attempt(s)), {} finding(s), {} proposal(s){}{}",
             s(&x["agent"]),
             s(&x["status"]),
             x["duration_ms"],
             x["attempts"],
             x["findings"].as_array().map_or(0, Vec::len),
             x["proposals"].as_array().map_or(0, Vec::len),
+            match x["held"].as_u64() {
+                Some(n) if n > 0 => format!(" (+{n} held for the workflow's merge)"),
+                _ => String::new(),
+            },
             x["ran"]
                 .as_str()
                 .map(|r| format!(", run by {r}"))

@@ -769,6 +769,7 @@ impl<S: ContextStore> AgentStage<S> {
             o.error.clone(),
             json!({"agent": task.agent, "ran": o.ran, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
                    "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
+                   "held": if held { o.response.proposals.len() } else { 0 },
                    "related_reads": o.related_reads}),
         );
         let mut audits = vec![audit_event(
