@@ -470,8 +470,7 @@ workflows:
     // The story of the par event: its branches' proposals are held for the merge.
     let story = cli(&env, &["trace", "w1"]);
     assert!(
-        story.contains("pager-scaler succeeded")
-            && story.contains("+2 held for the workflow's merge"),
+        story.contains("pager-scaler succeeded") && story.contains("+2 handed to the workflow run"),
         "{story}"
     );
     let v = env.verified_audit(10, Duration::from_secs(30)).await;

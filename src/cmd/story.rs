@@ -79,7 +79,7 @@ fn line(first: Option<&str>, ev: &CloudEvent, d: &Value) -> Value {
             x["findings"].as_array().map_or(0, Vec::len),
             x["proposals"].as_array().map_or(0, Vec::len),
             match x["held"].as_u64() {
-                Some(n) if n > 0 => format!(" (+{n} held for the workflow's merge)"),
+                Some(n) if n > 0 => format!(" (+{n} handed to the workflow run)"),
                 _ => String::new(),
             },
             x["ran"]
