@@ -39,19 +39,7 @@ pub fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseCon
 /// Reads every record of a topic from the beginning until nothing arrives for `idle`.
 pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
     let consumer = reader(kafka, topic, Offset::Beginning)?;
-    let name: Arc<str> = Arc::from(topic);
-    let mut out = Vec::new();
-    let mut last = Instant::now();
-    while last.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(Input::from_message(&m, name.clone()));
-                last = Instant::now();
-            }
-            Some(Err(e)) => return Err(format!("consumer error: {e}")),
-            None => {}
-        }
-    }
+    let mut out = drain(&consumer, topic, idle, |_| true)?;
     // Topic order: per partition by offset (a resource's records share a partition).
     out.sort_by_key(|r| (r.partition, r.offset));
     Ok(out)
@@ -94,6 +82,18 @@ pub fn read_since(
                 .map_err(|e| format!("cannot assign partitions: {e}"))?;
         }
     }
+    drain(&consumer, topic, idle, |rec| {
+        rec.timestamp_ms.is_none_or(|t| t >= since_ms)
+    })
+}
+
+/// Polls `consumer` until nothing arrives for `idle`, keeping the records `keep` accepts.
+fn drain(
+    consumer: &BaseConsumer,
+    topic: &str,
+    idle: Duration,
+    keep: impl Fn(&Input) -> bool,
+) -> Result<Vec<Input>, String> {
     let name: Arc<str> = Arc::from(topic);
     let mut out = Vec::new();
     let mut last = Instant::now();
@@ -101,7 +101,7 @@ pub fn read_since(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let rec = Input::from_message(&m, name.clone());
-                if rec.timestamp_ms.is_none_or(|t| t >= since_ms) {
+                if keep(&rec) {
                     out.push(rec);
                 }
                 last = Instant::now();
