@@ -112,6 +112,11 @@ pub async fn run(
         })
         .collect::<Result<_, _>>()?;
     let cfg = &loaded.config;
+    let instance = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()));
+    crate::spans::init(&cfg.tracing, &instance).map_err(AppError::Setup)?;
     // A backstop behind the per-record bounds check: no single Avro allocation beyond what a record
     // switchyard accepts can hold.
     apache_avro::util::max_allocation_bytes(cfg.kafka.max_record_bytes.max(1 << 20));
@@ -289,6 +294,7 @@ pub async fn run(
     if let Err(e) = producer.flush(Duration::from_secs(5)) {
         tracing::warn!(error = %e, "Producer flush at shutdown failed.");
     }
+    tokio::task::spawn_blocking(crate::spans::flush).await.ok();
     match first_error {
         Some(e) => Err(e.into()),
         None => Ok(()),

@@ -37,6 +37,8 @@ pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
 pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
 /// Environment variable overriding `http.metrics_token`.
 pub const ENV_METRICS_TOKEN: &str = "SWITCHYARD_METRICS_TOKEN";
+/// Turns trace export on, to this OTLP/HTTP endpoint.
+pub const ENV_OTLP_ENDPOINT: &str = "SWITCHYARD_OTLP_ENDPOINT";
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
@@ -87,6 +89,9 @@ pub struct Config {
     /// Workflows: graphs of steps a route can start.
     #[serde(default)]
     pub workflows: BTreeMap<String, crate::workflow::WorkflowSpec>,
+    /// OpenTelemetry trace export (off by default).
+    #[serde(default)]
+    pub tracing: crate::spans::TracingConfig,
 }
 
 /// Whether a stage runs.
@@ -122,6 +127,7 @@ const SECTIONS: &[&str] = &[
     "gateway",
     "tools",
     "workflows",
+    "tracing",
 ];
 
 /// One problem in a config file, naming the item it is about.
@@ -346,6 +352,7 @@ impl Config {
                 "gateway" => section(&key, v, &mut problems, &mut config.gateway),
                 "tools" => section(&key, v, &mut problems, &mut config.tools),
                 "workflows" => section(&key, v, &mut problems, &mut config.workflows),
+                "tracing" => section(&key, v, &mut problems, &mut config.tracing),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -416,6 +423,10 @@ impl Config {
         if let Some(t) = env.get(ENV_APPROVAL_TOKEN).filter(|s| !s.is_empty()) {
             config.governance.approvals.token = Some(Secret::new(t));
         }
+        if let Some(e) = env.get(ENV_OTLP_ENDPOINT).filter(|s| !s.is_empty()) {
+            config.tracing.enabled = true;
+            config.tracing.endpoint = e;
+        }
         if let Some(t) = env.get(ENV_METRICS_TOKEN).filter(|s| !s.is_empty()) {
             config.http.metrics_token = Some(Secret::new(t));
         }
@@ -454,6 +465,9 @@ impl Config {
             })
         };
         for (item, m) in self.kafka.problems() {
+            p(&item, m);
+        }
+        for (item, m) in self.tracing.problems() {
             p(&item, m);
         }
         match url_scheme(&self.redis.url) {

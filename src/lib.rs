@@ -68,6 +68,7 @@ pub mod resolve;
 pub mod route;
 pub mod schema;
 pub mod secret;
+pub mod spans;
 pub mod stages;
 pub mod store;
 pub mod telemetry;

@@ -347,7 +347,13 @@ impl Emitter {
             ProcessError::from(e).context(&format!("cannot encode {} for {topic}", ev.ty))
         })?;
         let key = ev.subject.clone().unwrap_or_default();
-        Ok(Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type))
+        let out =
+            Output::new(topic, key, enc.payload).header(CONTENT_TYPE_HEADER, enc.content_type);
+        // The trace context as a header too, for consumers that read no CloudEvent extension.
+        Ok(match ev.traceparent() {
+            Some(tp) => out.header("traceparent", tp),
+            None => out,
+        })
     }
 }
 

@@ -200,6 +200,7 @@ pub async fn recover(
             approval: a.clone(),
             action,
             decided_at: time,
+            traceparent: None,
         });
         open.push(a);
     }

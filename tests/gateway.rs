@@ -45,6 +45,7 @@ fn caller() -> Caller {
         workflow: String::new(),
         task: "t-1".into(),
         resource: "checkout".into(),
+        traceparent: None,
     }
 }
 

@@ -750,3 +750,258 @@ governance:
     );
     running.stop().await;
 }
+
+/// A span as the OTLP receiver wrote it.
+fn spans_named<'a>(spans: &'a [Value], prefix: &str) -> Vec<&'a Value> {
+    spans
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .collect()
+}
+
+fn span_id_of(traceparent: &str) -> String {
+    traceparent
+        .split('-')
+        .nth(2)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_makes_one_span_tree_at_an_otlp_receiver() {
+    let s = suffix();
+    let model = format!("tr-{s}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spans_file = dir.path().join("spans.jsonl");
+    let (_otlp, otlp_port) = start_otlp(&spans_file);
+    // An HTTP agent that notes the trace context it is sent.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/agent",
+            post(|State(seen): State<Arc<Mutex<Vec<String>>>>, headers: HeaderMap| async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                seen.lock().expect("lock").push(tp);
+                Json(json!({"proposals": [{"action": "scale_up", "parameters": {"replicas": 3}}]}))
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let agent_url = format!("http://{}/agent", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    let env = TestEnv::new(
+        2,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}", api_key: "k-{s}"}}
+  aliases:
+    analyst: {{candidates: [{{provider: mock, model: "{model}"}}]}}
+routes:
+  - {{name: sla, types: [sla.breached], agents: [incident-analyst, capacity]}}
+agents:
+  incident-analyst:
+    kind: llm
+    model: analyst
+    prompt: "SLA breach on {{{{ task.resource }}}}"
+    reads: [sla]
+    actions: [page]
+    retries: 0
+  capacity:
+    kind: http
+    url: "{agent_url}"
+    actions: [scale_up]
+governance:
+  approvals:
+    token: t-{s}
+    rules: [{{actions: [page]}}]
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    scenario(json!([
+        calls(
+            &model,
+            &[
+                ("read_context", json!({"keys": ["sla"]})),
+                (
+                    "propose_action",
+                    json!({"action": "page", "parameters": {"team": "team-pay"}, "reason": "breach"})
+                ),
+            ]
+        ),
+        text(&model, "Paged."),
+    ]))
+    .await;
+    let (brokers, redis) = stack().clone();
+    let otlp = format!("http://127.0.0.1:{otlp_port}");
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["--config", env.config_path.to_str().expect("path")])
+            .args(args)
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .env("SWITCHYARD_OTLP_ENDPOINT", &otlp)
+            .env("RUST_LOG", "warn");
+        c
+    };
+    let _running = Reaper(
+        run(&["run", "--stages", "route,agents,resolve"])
+            .spawn()
+            .expect("spawn switchyard"),
+    );
+    // The event arrives in a trace of its producer's.
+    let (trace, producer_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let ev = event(
+        "tr-1",
+        "sla.breached",
+        "checkout",
+        json!({"slo": "availability", "observed": 97.0}),
+    )
+    .with_extension("traceparent", format!("00-{trace}-{producer_span}-01"));
+    env.publish("events.sla-breaches", &[ev]).await;
+
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(60))
+        .await;
+    let pending = env
+        .read("switchyard.approvals", 1, Duration::from_secs(20))
+        .await;
+    let approval: ApprovalData =
+        serde_json::from_value(data_of(&event_of(&pending[0])).clone()).expect("approval");
+    let out = run(&[
+        "approvals",
+        "approve",
+        &approval.approval_id,
+        "--by",
+        "alice",
+    ])
+    .output()
+    .expect("approve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let approved = env
+        .read("switchyard.actions", 2, Duration::from_secs(20))
+        .await;
+
+    // Spans are exported in batches (every 5 s): wait for the last ones.
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = json_lines(&spans_file);
+        let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+        if names.iter().filter(|n| n.starts_with("resolve ")).count() >= 2
+            && names.iter().any(|n| n.starts_with("approval wait"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let spans: Vec<Value> = spans
+        .into_iter()
+        .filter(|s| s["trace_id"] == trace)
+        .collect();
+    let one = |prefix: &str| -> &Value {
+        let v = spans_named(&spans, prefix);
+        assert_eq!(v.len(), 1, "one {prefix} span: {spans:#?}");
+        v[0]
+    };
+    assert!(spans.iter().all(|s| s["service"] == "switchyard"));
+    // route, under the producer's span
+    let route = one("route sla.breached");
+    assert_eq!(route["parent_span_id"], producer_span);
+    assert_eq!(route["attributes"]["switchyard.event.id"], "tr-1");
+    // a task per agent, under the route
+    let task_llm = one("task incident-analyst");
+    let task_http = one("task capacity");
+    for t in [task_llm, task_http] {
+        assert_eq!(t["parent_span_id"], route["span_id"]);
+        assert_eq!(t["attributes"]["switchyard.status"], "succeeded");
+    }
+    // an attempt under each task
+    let att_llm = one("invoke_agent incident-analyst");
+    let att_http = one("invoke_agent capacity");
+    assert_eq!(att_llm["parent_span_id"], task_llm["span_id"]);
+    assert_eq!(att_http["parent_span_id"], task_http["span_id"]);
+    // The HTTP agent was sent its attempt's context.
+    let sent = seen.lock().expect("lock").clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        span_id_of(&sent[0]),
+        att_http["span_id"].as_str().unwrap_or("-")
+    );
+    assert!(sent[0].contains(trace));
+    // two model calls (GenAI conventions) and two tool calls under the LLM agent's attempt
+    let chats = spans_named(&spans, "chat analyst");
+    assert_eq!(chats.len(), 2, "{spans:#?}");
+    for c in &chats {
+        assert_eq!(c["parent_span_id"], att_llm["span_id"]);
+        assert_eq!(c["kind"], 3, "client span");
+        let a = &c["attributes"];
+        assert_eq!(a["gen_ai.operation.name"], "chat");
+        assert_eq!(a["gen_ai.system"], "openai");
+        assert_eq!(a["gen_ai.request.model"], "analyst");
+        assert_eq!(a["gen_ai.response.model"], model.as_str());
+        assert!(
+            a["gen_ai.usage.input_tokens"].as_i64().unwrap_or(0) > 0,
+            "{a}"
+        );
+        assert!(
+            a["gen_ai.usage.output_tokens"].as_i64().unwrap_or(0) > 0,
+            "{a}"
+        );
+    }
+    let tools = spans_named(&spans, "execute_tool ");
+    let tool_names: Vec<&str> = tools
+        .iter()
+        .filter_map(|t| t["attributes"]["gen_ai.tool.name"].as_str())
+        .collect();
+    assert_eq!(tool_names.len(), 2);
+    assert!(tool_names.contains(&"read_context") && tool_names.contains(&"propose_action"));
+    assert!(tools
+        .iter()
+        .all(|t| t["parent_span_id"] == att_llm["span_id"]));
+    // a resolve decision under each task, with its rule
+    let page = one("resolve page");
+    let scale = one("resolve scale_up");
+    assert_eq!(page["parent_span_id"], task_llm["span_id"]);
+    assert_eq!(scale["parent_span_id"], task_http["span_id"]);
+    assert_eq!(
+        page["attributes"]["switchyard.decision"],
+        "approval_requested"
+    );
+    assert_eq!(scale["attributes"]["switchyard.decision"], "accepted");
+    // the approval's wait, from the CLI process, under the decision that asked for it
+    let wait = one("approval wait page");
+    assert_eq!(wait["parent_span_id"], page["span_id"]);
+    assert_eq!(
+        wait["attributes"]["switchyard.approval.decided_by"],
+        "alice"
+    );
+    assert!(wait["end_ns"].as_u64() >= wait["start_ns"].as_u64());
+    // Records carry the span that wrote them: the accepted action its decision's, the approved
+    // one the wait's.
+    let tp_of = |r: &switchyard::kafka::Input| span_id_of(header(r, "traceparent").unwrap_or(""));
+    assert_eq!(tp_of(&actions[0]), scale["span_id"].as_str().unwrap_or("-"));
+    assert_eq!(
+        event_of(&actions[0]).traceparent().map(span_id_of),
+        Some(tp_of(&actions[0]))
+    );
+    assert_eq!(tp_of(&approved[1]), wait["span_id"].as_str().unwrap_or("-"));
+    // Every span of the tree is in the trace, and every parent is a span of it (or the producer's).
+    let ids: Vec<&str> = spans.iter().filter_map(|s| s["span_id"].as_str()).collect();
+    for sp in &spans {
+        let p = sp["parent_span_id"].as_str().unwrap_or("");
+        assert!(p == producer_span || ids.contains(&p), "orphan span {sp}");
+    }
+}

@@ -27,6 +27,9 @@ LLMOCK_VERSION="0.2.2"
 OPENAI_VERSION="1.109.1"
 # The official MCP Python SDK: the MCP server of the tests and the demo (deploy/local/mcp_server.py).
 MCP_VERSION="1.26.0"
+# The official OpenTelemetry protocol definitions: the OTLP trace receiver of the tests and the demo
+# (deploy/local/otlp_receiver.py).
+OTEL_PROTO_VERSION="1.45.2"
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections
 STOP_TIMEOUT=10  # seconds to wait after SIGTERM before SIGKILL
@@ -190,14 +193,15 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in, the OpenAI client and the MCP SDK, into the stack's venv.
+# The LLM stand-in, the OpenAI client, the MCP SDK and the OTLP definitions, into the stack's venv.
 install_llmock() {
-    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" >/dev/null 2>&1; then
+    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3] or m.version("opentelemetry-proto") != sys.argv[4])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" "$OTEL_PROTO_VERSION" >/dev/null 2>&1; then
         return 0
     fi
-    log "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION mcp==$MCP_VERSION"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" </dev/null >&2 9>&- ||
-        die "pip install llmock==$LLMOCK_VERSION openai==$OPENAI_VERSION mcp==$MCP_VERSION failed"
+    local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" "opentelemetry-proto==$OTEL_PROTO_VERSION")
+    log "pip install ${pkgs[*]}"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${pkgs[@]}" </dev/null >&2 9>&- ||
+        die "pip install ${pkgs[*]} failed"
 }
 
 cmd_install() {

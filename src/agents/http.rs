@@ -57,21 +57,21 @@ impl Agent for HttpAgent {
         req: &'a AgentRequest,
     ) -> BoxFuture<'a, Result<AgentResponse, AgentError>> {
         Box::pin(async move {
-            let resp = self
+            let mut post = self
                 .client
                 .post(&self.url)
                 .header("x-switchyard-task-id", &req.task.task_id)
-                .header("x-switchyard-attempt", req.attempt.to_string())
-                .json(&req.to_json())
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.is_timeout() {
-                        AgentError::Timeout(self.timeout)
-                    } else {
-                        AgentError::Retryable(format!("POST {} failed: {e}", self.url))
-                    }
-                })?;
+                .header("x-switchyard-attempt", req.attempt.to_string());
+            if let Some(tp) = &req.traceparent {
+                post = post.header("traceparent", tp);
+            }
+            let resp = post.json(&req.to_json()).send().await.map_err(|e| {
+                if e.is_timeout() {
+                    AgentError::Timeout(self.timeout)
+                } else {
+                    AgentError::Retryable(format!("POST {} failed: {e}", self.url))
+                }
+            })?;
             let status = resp.status();
             let body = resp
                 .bytes()

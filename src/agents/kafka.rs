@@ -229,17 +229,24 @@ impl Agent for KafkaAgent {
                 o.insert("correlation_id".into(), json!(id));
                 o.insert("reply_topic".into(), json!(self.reply_topic));
             }
-            let ev = CloudEvent::new(id.clone(), "switchyard/agents", "switchyard.agent.request")
-                .with_subject(req.task.resource.clone())
-                .with_time_now()
-                .with_data(data)
-                .with_extension("tenant", req.task.tenant.clone());
+            let mut ev =
+                CloudEvent::new(id.clone(), "switchyard/agents", "switchyard.agent.request")
+                    .with_subject(req.task.resource.clone())
+                    .with_time_now()
+                    .with_data(data)
+                    .with_extension("tenant", req.task.tenant.clone());
+            if let Some(tp) = &req.traceparent {
+                ev = ev.with_extension("traceparent", tp.clone());
+            }
             let payload =
                 serde_json::to_vec(&ev).map_err(|e| AgentError::Permanent(e.to_string()))?;
-            let out = Output::new(&self.request_topic, req.task.resource.as_bytes(), payload)
+            let mut out = Output::new(&self.request_topic, req.task.resource.as_bytes(), payload)
                 .header(CONTENT_TYPE_HEADER, codec::STRUCTURED_JSON)
                 .header("switchyard.correlation_id", id.as_bytes())
                 .header("switchyard.reply_topic", self.reply_topic.as_bytes());
+            if let Some(tp) = &req.traceparent {
+                out = out.header("traceparent", tp.as_bytes());
+            }
             self.producer.send(&out).await.map_err(|e| {
                 AgentError::Retryable(format!(
                     "cannot send request to {}: {e}",

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::spans::Span;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -345,6 +346,7 @@ impl LlmAgent {
             workflow: req.task.workflow_id.clone(),
             task: req.task.task_id.clone(),
             resource: req.task.resource.clone(),
+            traceparent: req.traceparent.clone(),
         };
         let mut run = Run {
             req,
@@ -574,6 +576,21 @@ impl LlmAgent {
             .tool_calls
             .with_label_values(&[label, outcome])
             .inc();
+        let mut span = Span::random(
+            format!("execute_tool {name}"),
+            run.req.traceparent.as_deref(),
+        )
+        .started_at(std::time::SystemTime::now() - started.elapsed());
+        span.attr("gen_ai.operation.name", "execute_tool")
+            .attr("gen_ai.tool.name", name.clone())
+            .attr("gen_ai.tool.call.id", id.clone())
+            .attr("switchyard.tool.effect", effect)
+            .attr("switchyard.tool.outcome", outcome)
+            .attr("switchyard.llm.iteration", i64::from(run.iteration));
+        if let Some(e) = &error {
+            span.fail(e.clone());
+        }
+        span.end();
         let content = match &error {
             Some(e) => json!({"error": e}).to_string(),
             None => result.to_string(),

@@ -110,6 +110,9 @@ pub struct AgentRequest {
     pub context: ScopedContext,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// The attempt's W3C trace context: sent on as a `traceparent` header (HTTP, Kafka) and the
+    /// parent of the model and tool calls' spans.
+    pub traceparent: Option<String>,
 }
 
 impl AgentRequest {

@@ -78,10 +78,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::Approve { id, by, why } => (id, Verdict::Approve, by, why),
         ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
     };
+    // The wait's span (when tracing is on) is exported before the process exits.
+    crate::spans::init(&l.config.tracing, &format!("cli-{}", std::process::id()))?;
     let d = approvals
         .decide(&id, verdict, &by, &why, false, true)
         .await
         .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(crate::spans::flush).await.ok();
     let producer = Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
     for o in &d.outputs {
         producer.send(o).await.map_err(|e| {

@@ -19,7 +19,9 @@ pub mod served;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::trace::SpanKind;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,7 @@ use serde_json::{Map, Value};
 
 use crate::governance::budgets::{Budgets, Hold, Spender};
 use crate::records::AuditData;
+use crate::spans::Span;
 use crate::store::{RedisConn, StoreError};
 use crate::telemetry::METRICS;
 use limits::{Acquire, Bucket, LimitScope, LimitSpec, Limiter, OnLimit};
@@ -351,6 +354,9 @@ pub struct Caller {
     pub task: String,
     /// The resource the call is about, when known (the audit record's subject).
     pub resource: String,
+    /// The caller's W3C trace context (an agent attempt's span, or a `traceparent` header): the
+    /// parent of the call's span.
+    pub traceparent: Option<String>,
 }
 
 /// Why a call got no answer.
@@ -580,9 +586,19 @@ impl Gateway {
         model: &str,
         req: &Map<String, Value>,
         e: &GatewayError,
+        took: Duration,
     ) {
         let error = Some(e.to_string());
-        self.record(caller, model, None, e.outcome(), error, req, &Value::Null);
+        self.record(
+            caller,
+            model,
+            None,
+            e.outcome(),
+            error,
+            req,
+            &Value::Null,
+            took,
+        );
     }
 
     /// Records a call's outcome in the audit trail, in the background (the caller does not wait
@@ -597,7 +613,9 @@ impl Gateway {
         error: Option<String>,
         request: &Map<String, Value>,
         response: &Value,
+        took: Duration,
     ) {
+        let span = self.span(caller, model, meta, outcome, error.as_deref(), took);
         if self.recorder.is_none() {
             return;
         }
@@ -625,7 +643,7 @@ impl Gateway {
             event_id: None,
             task_id: (!caller.task.is_empty()).then(|| caller.task.clone()),
             workflow_id: (!caller.workflow.is_empty()).then(|| caller.workflow.clone()),
-            trace_id: None,
+            trace_id: crate::records::trace_id(caller.traceparent.as_deref()),
             reason: (outcome != "ok").then(|| outcome.to_string()),
             detail,
             seq: None,
@@ -643,12 +661,57 @@ impl Gateway {
         .with_subject(audit.task_id.clone().unwrap_or_default())
         .with_time(&now)
         .with_data(script);
+        let ev = match span.or_else(|| caller.traceparent.clone()) {
+            Some(tp) => ev.with_extension("traceparent", tp),
+            None => ev,
+        };
         r.audit.record(
             "gateway",
             "llm_call",
             audit,
             Some((r.calls_topic.clone(), ev)),
         );
+    }
+
+    /// Exports the call's span (OpenTelemetry GenAI conventions) under the caller's trace
+    /// context; its `traceparent`, when it has one.
+    fn span(
+        &self,
+        caller: &Caller,
+        model: &str,
+        meta: Option<&CallMeta>,
+        outcome: &str,
+        error: Option<&str>,
+        took: Duration,
+    ) -> Option<String> {
+        let mut span = Span::random(format!("chat {model}"), caller.traceparent.as_deref())
+            .kind(SpanKind::Client)
+            .started_at(SystemTime::now() - took);
+        span.attr("gen_ai.operation.name", "chat")
+            .attr("gen_ai.request.model", model.to_string())
+            .attr("switchyard.llm.outcome", outcome.to_string());
+        if let Some(m) = meta {
+            let system = match self.providers.get(&m.provider).map(|p| p.kind) {
+                Some(ProviderKind::Anthropic) => "anthropic",
+                _ => "openai",
+            };
+            span.attr("gen_ai.system", system)
+                .attr("gen_ai.provider.name", system)
+                .attr("gen_ai.response.model", m.model.clone())
+                .attr("gen_ai.usage.input_tokens", m.usage.input as i64)
+                .attr("gen_ai.usage.output_tokens", m.usage.output as i64)
+                .attr("switchyard.llm.provider", m.provider.clone())
+                .attr("switchyard.llm.alias", m.alias.clone())
+                .attr("switchyard.llm.cost", m.cost)
+                .attr("switchyard.llm.usage_estimated", m.usage_estimated)
+                .attr("switchyard.llm.attempts", i64::from(m.attempts));
+        }
+        if let Some(e) = error {
+            span.fail(e.to_string());
+        }
+        let tp = span.traceparent();
+        span.end();
+        tp
     }
 
     /// The models callers may name: aliases, then every `provider/model` of a candidate.
@@ -968,10 +1031,20 @@ impl Gateway {
         // On its own task: a caller that gives up (an agent's deadline) does not cut the call
         // short between paying and accounting; a late answer is accounted, then dropped.
         tokio::spawn(async move {
+            let t0 = Instant::now();
             let r = gw.call(&caller, &model, &req).await;
             match &r {
-                Ok(c) => gw.record(&caller, &model, Some(&c.meta), "ok", None, &req, &c.body),
-                Err(e) => gw.record_failure(&caller, &model, &req, e),
+                Ok(c) => gw.record(
+                    &caller,
+                    &model,
+                    Some(&c.meta),
+                    "ok",
+                    None,
+                    &req,
+                    &c.body,
+                    t0.elapsed(),
+                ),
+                Err(e) => gw.record_failure(&caller, &model, &req, e, t0.elapsed()),
             }
             r
         })
@@ -1142,9 +1215,10 @@ impl Gateway {
         model: &str,
         req: &Map<String, Value>,
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
+        let t0 = Instant::now();
         let r = self.open_stream(caller, model, req).await;
         if let Err(e) = &r {
-            self.record_failure(caller, model, req, e);
+            self.record_failure(caller, model, req, e, t0.elapsed());
         }
         r
     }
@@ -1427,7 +1501,17 @@ impl Drop for Watch {
                 let answer =
                     serde_json::json!({"streamed": true, "content": text, "tool_calls": tools});
                 if let Some(request) = request {
-                    gw.record(&caller, &model, Some(&meta), "ok", None, &request, &answer);
+                    let took = started.elapsed();
+                    gw.record(
+                        &caller,
+                        &model,
+                        Some(&meta),
+                        "ok",
+                        None,
+                        &request,
+                        &answer,
+                        took,
+                    );
                 }
             });
         }
@@ -1445,6 +1529,7 @@ mod tests {
             workflow: String::new(),
             task: "task-1".into(),
             resource: "r".into(),
+            traceparent: None,
         }
     }
 

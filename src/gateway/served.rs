@@ -110,6 +110,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
     };
     let (task, resource) = (header("x-switchyard-task"), header("x-switchyard-resource"));
     let workflow = header("x-switchyard-workflow");
+    let traceparent = Some(header("traceparent")).filter(|t| crate::spans::Ctx::parse(t).is_some());
     let mut found = None;
     for k in s.gw.keys() {
         let want = hex::decode(&k.key_sha256).unwrap_or_default();
@@ -121,6 +122,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
                 workflow: workflow.clone(),
                 task: task.clone(),
                 resource: resource.clone(),
+                traceparent: traceparent.clone(),
             });
         }
     }
@@ -131,6 +133,7 @@ fn authenticate(s: &Served, headers: &HeaderMap) -> Result<Caller, &'static str>
             workflow,
             task,
             resource,
+            traceparent,
         });
     }
     found.ok_or("the API key is not valid")

@@ -30,6 +30,7 @@ use crate::records::{
 use crate::resolve::apply::{next_token, Change, StoredApproval};
 use crate::resolve::rules::ActiveStatus;
 use crate::resolve::store::{ResourceStore, Write};
+use crate::spans::{self, Span};
 use crate::store::StoreError;
 use crate::telemetry::METRICS;
 
@@ -254,6 +255,7 @@ impl Approvals {
                         .approval_wait
                         .with_label_values(&[kind])
                         .observe((now - s.approval.requested_at).max(0) as f64);
+                    wait_span(&s);
                 }
                 let outputs = self.outputs(&s, action.as_ref()).await?;
                 return Ok(Decision {
@@ -301,6 +303,7 @@ impl Approvals {
                 action: action.clone(),
                 escalated: false,
                 decided_at: now_rfc3339(),
+                traceparent: None,
             };
             self.check_sizes(&s, None)?;
             let change = Change {
@@ -332,6 +335,9 @@ impl Approvals {
     ) -> Result<(Vec<Output>, CloudEvent), ApprovalError> {
         let (a, time) = (&stored.approval, stored.decided_at.as_str());
         let pe = |e: ProcessError| ApprovalError::Encode(e.to_string());
+        // Under the approval wait's span (see `decide`).
+        let tp = spans::propagate(stored.traceparent.as_deref(), "approval", &a.approval_id);
+        let tp = tp.as_deref();
         let mut out = Vec::new();
         if let Some(act) = action {
             let ev = record_event(
@@ -340,14 +346,14 @@ impl Approvals {
                 types::ACTION,
                 &act.resource,
                 &act.tenant,
-                None,
+                tp,
                 time,
                 act,
             )
             .map_err(pe)?;
             out.push(self.emitter.emit(&self.actions_topic, &ev).map_err(pe)?);
         }
-        out.push(approval_output(&self.emitter, &self.approvals_topic, a, None, time).map_err(pe)?);
+        out.push(approval_output(&self.emitter, &self.approvals_topic, a, tp, time).map_err(pe)?);
         let decision = match a.status.as_str() {
             "pending" => "approval_requested",
             "expired" => "approval_expired",
@@ -362,7 +368,7 @@ impl Approvals {
             event_id: None,
             task_id: None,
             workflow_id: action.map(|x| x.workflow_id.clone()),
-            trace_id: None,
+            trace_id: crate::records::trace_id(tp),
             reason: Some(a.status.clone()),
             detail: json!({"approval_id": a.approval_id, "action_id": a.action_id, "action": a.action, "status": a.status,
                            "decided_by": a.decided_by, "why": a.why, "fencing_token": action.map(|x| x.fencing_token)}),
@@ -374,7 +380,7 @@ impl Approvals {
             SOURCE,
             &[decision, &a.approval_id, &a.status],
             &audit,
-            None,
+            tp,
             time,
         )
         .map_err(pe)?;
@@ -599,6 +605,31 @@ pub async fn run_sweeper(
 
 /// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339) is the
 /// decision's time, so a re-emission is byte-identical.
+/// The span of an approval's wait, from the request to its decision (or expiry), under the
+/// decision that asked for it.
+fn wait_span(s: &StoredApproval) {
+    let a = &s.approval;
+    let requested =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.requested_at.max(0) as u64);
+    let mut span = Span::child(
+        format!("approval wait {}", a.action),
+        s.traceparent.as_deref(),
+        "approval",
+        &a.approval_id,
+    )
+    .started_at(requested);
+    span.attr("switchyard.approval.id", a.approval_id.clone())
+        .attr("switchyard.action", a.action.clone())
+        .attr("switchyard.resource", a.resource.clone())
+        .attr("switchyard.approval.status", a.status.clone())
+        .attr(
+            "switchyard.approval.decided_by",
+            a.decided_by.clone().unwrap_or_default(),
+        )
+        .attr("switchyard.approval.escalated", s.escalated);
+    span.end();
+}
+
 pub fn approval_output(
     emitter: &Emitter,
     topic: &str,

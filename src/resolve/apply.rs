@@ -115,6 +115,9 @@ pub struct StoredApproval {
     /// are byte-identical when produced again.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub decided_at: String,
+    /// The trace context of the decision that asked for it (the wait's span hangs under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Governance's answer for a new action, decided before [`apply`] runs.
@@ -343,6 +346,7 @@ pub fn apply(
                             action,
                             escalated: false,
                             decided_at: String::new(),
+                            traceparent: None,
                         });
                         entry.status = ActiveStatus::PendingApproval;
                         entry.approval_id = Some(approval_id);

@@ -742,6 +742,7 @@ pub mod contract {
             },
             escalated: false,
             decided_at: String::new(),
+            traceparent: None,
         }
     }
 

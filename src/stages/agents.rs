@@ -36,6 +36,7 @@ use crate::records::{
     audit_event, trace_id, types, AgentResponse, AuditData, Emitter, ProposalData, ResultData,
     TaskData,
 };
+use crate::spans::{self, Span};
 use crate::store::{ResourceKey, StoreError};
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
@@ -325,7 +326,10 @@ fn refused(version: u64, error: String, refusals: Vec<String>) -> Outcome {
 pub struct DecodedTask {
     pub task: TaskData,
     pub event: CloudEvent,
+    /// The task's own span: what its records carry (see [`crate::spans`]).
     pub traceparent: Option<String>,
+    /// The task record's `traceparent` (the routing span, or the workflow step before).
+    pub parent: Option<String>,
 }
 
 /// Reads a task record; anything else is poison.
@@ -337,15 +341,16 @@ pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, Proces
             format!("record type is {:?}, expected {}", ev.ty, types::TASK),
         ));
     }
-    let traceparent = ev.traceparent().map(str::to_string);
+    let parent = ev.traceparent().map(str::to_string);
     let task: TaskData = serde_json::from_value(ev.data.unwrap_or(Value::Null))
         .map_err(|e| poison("malformed_task", e.to_string()))?;
     let event: CloudEvent = serde::Deserialize::deserialize(&task.event)
         .map_err(|e| poison("malformed_task", format!("task.event: {e}")))?;
     Ok(DecodedTask {
+        traceparent: crate::spans::propagate(parent.as_deref(), "task", &task.task_id),
+        parent,
         task,
         event,
-        traceparent,
     })
 }
 
@@ -373,10 +378,22 @@ impl<S: ContextStore> AgentStage<S> {
             event: t.event.clone(),
             context: ScopedContext::new(version, facts, &spec.reads).with_related(related),
             attempt,
+            traceparent: None,
         };
         loop {
             attempt += 1;
             req.attempt = attempt;
+            let n = attempt.to_string();
+            let mut span = Span::child(
+                format!("invoke_agent {name}"),
+                t.traceparent.as_deref(),
+                "attempt",
+                &n,
+            );
+            span.attr("gen_ai.operation.name", "invoke_agent")
+                .attr("gen_ai.agent.name", name.to_string())
+                .attr("switchyard.attempt", i64::from(attempt));
+            req.traceparent = spans::propagate(t.traceparent.as_deref(), "attempt", &n);
             let result = {
                 let _permit = entry.permits.acquire().await;
                 METRICS.agent_in_flight.with_label_values(&[name]).inc();
@@ -391,6 +408,11 @@ impl<S: ContextStore> AgentStage<S> {
                 Err(_) => "error",
             };
             METRICS.agent_calls.with_label_values(&[name, label]).inc();
+            if let Err(e) = &result {
+                span.fail(e.to_string());
+            }
+            span.attr("switchyard.result", label);
+            span.end();
             match result {
                 Err(AgentError::Timeout(_) | AgentError::Retryable(_))
                     if attempt <= spec.retries =>
@@ -885,6 +907,30 @@ impl<S: ContextStore> Processor for AgentStage<S> {
     }
 }
 
+/// The span of a task that runs: `task <agent>`, or `workflow.step <workflow>/<step>` for a
+/// workflow step (its round, for a supervisor's), under the task record's `traceparent`.
+fn task_span(t: &DecodedTask) -> Span {
+    let task = &t.task;
+    let name = match &task.step {
+        Some(s) => format!("workflow.step {}/{}", s.workflow, s.step),
+        None => format!("task {}", task.agent),
+    };
+    let mut span = Span::child(name, t.parent.as_deref(), "task", &task.task_id);
+    span.attr("switchyard.task.id", task.task_id.clone())
+        .attr("gen_ai.agent.name", task.agent.clone())
+        .attr("switchyard.route", task.route.clone())
+        .attr("switchyard.resource", task.resource.clone())
+        .attr("switchyard.tenant", task.tenant.clone())
+        .attr("switchyard.event.id", t.event.id.clone());
+    if let Some(s) = &task.step {
+        span.attr("switchyard.workflow", s.workflow.clone())
+            .attr("switchyard.workflow.run", s.run_id.clone())
+            .attr("switchyard.workflow.step", s.step.clone())
+            .attr("switchyard.workflow.round", i64::from(s.round));
+    }
+    span
+}
+
 /// A task of a batch, read and reserved for.
 struct Job {
     rec: Arc<Input>,
@@ -1054,9 +1100,21 @@ impl<S: ContextStore> AgentStage<S> {
                 *o
             }
             Prior::New => {
+                let mut span = task_span(&t);
                 let Some(o) = self.run(entry, &t, &key, snap, budget).await? else {
                     return Ok(Decided::default());
                 };
+                span.attr("switchyard.status", o.status.clone())
+                    .attr("switchyard.attempts", i64::from(o.attempts))
+                    .attr("switchyard.findings", o.response.findings.len() as i64)
+                    .attr("switchyard.proposals", o.response.proposals.len() as i64);
+                if let Some(r) = &o.ran {
+                    span.attr("switchyard.ran", r.clone());
+                }
+                if let Some(e) = &o.error {
+                    span.fail(e.clone());
+                }
+                span.end();
                 if let Some(stats) = &self.stats {
                     let ran = o.ran.as_deref().unwrap_or(&t.task.agent);
                     let per_call = self.agents.get(ran).map_or(0.0, |e| e.spec.cost_per_call);

@@ -35,6 +35,7 @@ use crate::resolve::rules::{
     decide, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
 use crate::resolve::store::{ResourceStore, Write};
+use crate::spans::Span;
 use crate::store::ResourceKey;
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
@@ -365,6 +366,15 @@ impl ResolveStage {
         view: &SpentView,
     ) -> Result<Batch, ProcessError> {
         let key = ResourceKey::new(p.tenant.clone(), p.resource.clone());
+        // The decision's span; the records it causes carry its trace context.
+        let parent = tp;
+        let tp = crate::spans::propagate(parent.as_deref(), "resolve", &p.proposal_id);
+        let mut span = Span::child(
+            format!("resolve {}", p.action),
+            parent.as_deref(),
+            "resolve",
+            &p.proposal_id,
+        );
         let inval = self
             .rules
             .actions
@@ -460,7 +470,15 @@ impl ResolveStage {
                 approvals: &record.approvals,
                 token_floor: token_floor(rec.offset),
             };
-            let (mut decided, change) = apply(&p, current, decision, gate, now)?;
+            let (mut decided, mut change) = apply(&p, current, decision, gate, now)?;
+            // A new approval remembers this decision's trace: its wait's span hangs under it.
+            for a in change
+                .approvals
+                .iter_mut()
+                .filter(|a| a.approval.status == "pending" && a.traceparent.is_none())
+            {
+                a.traceparent = tp.clone();
+            }
             decided.at = crate::event::now_rfc3339();
             let write = Write {
                 change: &change,
@@ -469,6 +487,19 @@ impl ResolveStage {
             };
             if self.store.commit(&key, record.rev, write).await? {
                 self.index(&decided).await?;
+                span.attr("switchyard.proposal.id", p.proposal_id.clone())
+                    .attr("switchyard.action", p.action.clone())
+                    .attr("gen_ai.agent.name", p.agent.clone())
+                    .attr("switchyard.resource", p.resource.clone())
+                    .attr("switchyard.tenant", p.tenant.clone())
+                    .attr("switchyard.decision", decided.outcome.as_str())
+                    .attr("switchyard.rule", decided.rule.clone().unwrap_or_default())
+                    .attr(
+                        "switchyard.reason",
+                        decided.reason.clone().unwrap_or_default(),
+                    )
+                    .attr("switchyard.detail", decided.detail.clone());
+                span.end();
                 count(rule, &decided, &p);
                 if let Some(stats) = &self.stats {
                     let fate = match decided.outcome {

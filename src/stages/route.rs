@@ -19,8 +19,10 @@ use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::{Input, Output};
 use crate::records::{audit_event, data_value, trace_id, types, AuditData, Emitter, TaskData};
 use crate::route::{task_id, workflow_id, RouteMatch, Router};
+use crate::spans::{self, Ctx, Span};
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
+use opentelemetry::trace::SpanKind;
 
 /// The route stage consumes the input topics.
 pub fn inputs(t: &TopicsConfig) -> Vec<String> {
@@ -249,6 +251,43 @@ impl RouteStage {
     }
 }
 
+/// The routing span of an input record (kind `route`, id from the record's position, so a
+/// redelivery names the same span), parented on the event's `traceparent` (the extension, else a
+/// `traceparent` header) or, while exporting, the root of a trace of its own; the event returned
+/// carries the span's `traceparent`, which its tasks and audit record inherit.
+fn route_span(rec: &Input, mut ev: CloudEvent) -> (CloudEvent, Span) {
+    let header = || {
+        rec.headers
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let given = ev.traceparent().or_else(header).map(str::to_string);
+    let seed = format!("{}/{}/{}", rec.topic, rec.partition, rec.offset);
+    let parent = given.as_deref().and_then(Ctx::parse);
+    let ctx = match parent {
+        Some(p) => Some(p.child("route", &seed)),
+        None if spans::enabled() => Some(Ctx::root(&ev.id).child("route", &seed)),
+        None => None,
+    };
+    let mut span = Span::with(format!("route {}", ev.ty), ctx, parent).kind(SpanKind::Consumer);
+    span.attr("messaging.system", "kafka")
+        .attr("messaging.destination.name", rec.topic.to_string())
+        .attr("messaging.kafka.offset", rec.offset)
+        .attr("switchyard.event.id", ev.id.clone())
+        .attr("switchyard.event.type", ev.ty.clone())
+        .attr("switchyard.tenant", ev.tenant().to_string());
+    let tp = if spans::enabled() {
+        span.traceparent()
+    } else {
+        given
+    };
+    if let Some(tp) = tp {
+        ev = ev.with_extension("traceparent", tp);
+    }
+    (ev, span)
+}
+
 /// When the input entered Kafka (its record timestamp), else the event's own time, else now: the
 /// routing decision's time.
 fn input_time(rec: &Input, ev: &CloudEvent) -> String {
@@ -292,6 +331,7 @@ impl RouteStage {
     /// event teaches (`context.relations.learn`) are recorded, so its tasks see them.
     async fn decide(&self, rec: &Input) -> Result<Decided, ProcessError> {
         let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
+        let (ev, mut span) = route_span(rec, ev);
         let time = input_time(rec, &ev);
         if let Some(g) = self.graph.as_ref().filter(|g| !g.config().learn.is_empty()) {
             let at = chrono::DateTime::parse_from_rfc3339(&time)
@@ -302,6 +342,14 @@ impl RouteStage {
                 .map_err(|e| ProcessError::from(e).context("relations"))?;
         }
         let (outputs, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
+        let decision = if outputs.is_empty() {
+            "unrouted"
+        } else {
+            "routed"
+        };
+        span.attr("switchyard.decision", decision)
+            .attr("switchyard.outputs", outputs.len() as i64);
+        span.end();
         Ok(Decided {
             outputs,
             audits: vec![audit],

@@ -729,16 +729,27 @@ pub async fn llm_requests(model: &str) -> Vec<Value> {
 /// A small MCP server (deploy/local/mcp_server.py, the official `mcp` SDK) on a free port; its
 /// calls are appended to `calls` as JSON lines. Stopped when dropped.
 pub fn start_mcp(calls: &Path) -> (Reaper, u16) {
+    start_script("mcp_server.py", calls)
+}
+
+/// An OTLP/HTTP trace receiver (deploy/local/otlp_receiver.py, the official `opentelemetry-proto`
+/// definitions) on a free port; every span it receives is appended to `spans` as a JSON line.
+pub fn start_otlp(spans: &Path) -> (Reaper, u16) {
+    start_script("otlp_receiver.py", spans)
+}
+
+/// `deploy/local/<script> PORT FILE` in the stack's venv, once it accepts connections.
+fn start_script(script: &str, file: &Path) -> (Reaper, u16) {
     let port = free_port();
     let python = stack_dir().join("venv/bin/python");
     let child = std::process::Command::new(python)
-        .arg(root().join("deploy/local/mcp_server.py"))
+        .arg(root().join("deploy/local").join(script))
         .arg(port.to_string())
-        .arg(calls)
+        .arg(file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("start the MCP server");
+        .unwrap_or_else(|e| panic!("start {script}: {e}"));
     let reaper = Reaper(child);
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -746,7 +757,7 @@ pub fn start_mcp(calls: &Path) -> (Reaper, u16) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("the MCP server did not start on port {port}");
+    panic!("{script} did not start on port {port}");
 }
 
 /// The JSON lines of a file (none when it does not exist).

@@ -281,6 +281,7 @@ mod tests {
                 .with_data(data),
             context: ScopedContext::new(1, Default::default(), &["*".to_string()]),
             attempt: 1,
+            traceparent: None,
         }
     }
 

@@ -142,6 +142,7 @@ mod tests {
             event: ev,
             context: ScopedContext::new(3, facts, &["*".to_string()]),
             attempt: 1,
+            traceparent: None,
         }
     }
 
