@@ -64,6 +64,7 @@ pub mod kafka;
 pub mod pattern;
 pub mod records;
 pub mod recover;
+pub mod replay;
 pub mod resolve;
 pub mod route;
 pub mod schema;

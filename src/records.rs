@@ -277,6 +277,22 @@ pub struct ResultData {
     /// Id of the input event the task was for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// The agent's answer beyond its findings (which are in `findings`): its proposals as it
+    /// specified them, delegations, cost and model — what `switchyard replay` serves instead of
+    /// calling the agent again.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_json_or_text"
+    )]
+    pub answer: Option<Value>,
+}
+
+fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Ok(match json_or_text(d)? {
+        Value::Null => None,
+        v => Some(v),
+    })
 }
 
 /// `data` of a `switchyard.audit` event: one decision.

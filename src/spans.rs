@@ -119,7 +119,9 @@ pub fn init(cfg: &TracingConfig, instance: &str) -> Result<(), String> {
         .map_err(|e| format!("tracing: cannot build the HTTP client: {e}"))?;
     let mut headers = std::collections::HashMap::new();
     for (k, v) in &cfg.headers {
-        let v = v.resolve().map_err(|e| format!("tracing.headers.{k}: {e}"))?;
+        let v = v
+            .resolve()
+            .map_err(|e| format!("tracing.headers.{k}: {e}"))?;
         headers.insert(k.clone(), v.expose().to_string());
     }
     let exporter = opentelemetry_otlp::SpanExporter::builder()

@@ -1005,3 +1005,226 @@ governance:
         assert!(p == producer_span || ids.contains(&p), "orphan span {sp}");
     }
 }
+
+/// `switchyard replay` with the env's config, or `candidate`; its exit status and stdout.
+fn replay(env: &TestEnv, candidate: Option<&std::path::Path>, args: &[&str]) -> (bool, String) {
+    let (brokers, redis) = stack().clone();
+    let config = candidate.unwrap_or(&env.config_path);
+    let out = std::process::Command::new(bin())
+        .args(["--config", config.to_str().expect("path"), "replay"])
+        .args(args)
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .env("SWITCHYARD_REDIS_URL", &redis)
+        .output()
+        .expect("switchyard replay runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        eprintln!(
+            "replay {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (out.status.success(), stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_day_replays_identically_and_a_candidate_config_shows_its_diff() {
+    let s = suffix();
+    let model = format!("rp-{s}");
+    let rules = |rollback: i32| {
+        format!(
+            r#"
+resolve:
+  actions:
+    rollback: {{priority: {rollback}, conflicts_with: [scale_down]}}
+    scale_down: {{priority: 50, conflicts_with: [rollback]}}
+"#
+        )
+    };
+    let yaml = format!(
+        r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}", api_key: "k-{s}"}}
+  aliases:
+    scribe: {{candidates: [{{provider: mock, model: "{model}"}}]}}
+routes:
+  - {{name: deployments, types: ["deployment.*"], agents: [deploy-guard]}}
+  - {{name: sla, types: [sla.breached], agents: [sla-responder, scribe]}}
+  - {{name: cost, types: [cost.threshold_exceeded], agents: [cost-guard]}}
+agents:
+  deploy-guard:
+    kind: builtin
+    reads: [sla, deployment, last_completed_deployment]
+    writes: [deployment, last_completed_deployment]
+    actions: [deployment.hold]
+  sla-responder:
+    kind: builtin
+    reads: [sla, last_completed_deployment, deployment]
+    writes: [sla, suspect_deployment]
+    actions: [rollback, page]
+  cost-guard:
+    kind: builtin
+    reads: [cost, sla]
+    writes: [cost]
+    actions: [scale_down]
+  scribe:
+    kind: llm
+    model: scribe
+    prompt: "Breach on {{{{ task.resource }}}}"
+    writes: [incident.note]
+    actions: [page]
+    retries: 0
+{}"#,
+        rules(10),
+        llm = llm_base()
+    );
+    let env = TestEnv::new(2, &yaml).await;
+    scenario(json!([
+        calls(
+            &model,
+            &[
+                (
+                    "write_finding",
+                    json!({"key": "incident.note", "value": "checkout degraded"})
+                ),
+                (
+                    "propose_action",
+                    json!({"action": "page", "parameters": {"team": "team-pay"}})
+                ),
+            ]
+        ),
+        text(&model, "Paged."),
+    ]))
+    .await;
+    let running = env.start(&["route", "agents", "resolve"]);
+    // The recorded day: an overspend (scale_down accepted), a deployment, then a breach whose
+    // rollback loses to the active scale_down (priority 10 < 50) while the responder's and the
+    // scribe's pages go out.
+    env.publish_one(
+        "events.cost-thresholds",
+        "c1",
+        "cost.threshold_exceeded",
+        "checkout",
+        json!({"budget": 100.0, "spend": 130.0}),
+    )
+    .await;
+    env.read("switchyard.results", 1, Duration::from_secs(40))
+        .await;
+    env.deployment_then_breach("checkout", 1).await;
+    let results = env
+        .read("switchyard.results", 4, Duration::from_secs(40))
+        .await;
+    assert_eq!(results.len(), 4);
+    let actions = env
+        .read("switchyard.actions", 3, Duration::from_secs(20))
+        .await;
+    let mut names: Vec<String> = actions
+        .iter()
+        .map(|r| {
+            data_of(&event_of(r))["action"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    // Two pages (different parameters), no rollback.
+    assert_eq!(
+        names,
+        ["page", "page", "scale_down"],
+        "rollback was rejected live"
+    );
+    let calls_live = llm_requests(&model).await.len();
+    assert_eq!(calls_live, 2);
+    running.stop().await;
+
+    // The same config: every decision as recorded, twice byte for byte, no model call.
+    let (ok, first) = replay(&env, None, &["--since", "1h", "--json"]);
+    assert!(ok, "no difference: exit 0\n{first}");
+    let (ok, second) = replay(&env, None, &["--since", "1h", "--json"]);
+    assert!(ok);
+    assert_eq!(
+        first, second,
+        "same recording + same config = the same bytes"
+    );
+    let r: Value = serde_json::from_str(&first).expect("JSON report");
+    let sm = &r["summary"];
+    assert_eq!(sm["events"], 3, "{sm}");
+    assert_eq!(sm["tasks"], 4);
+    assert_eq!(sm["replayed"], 4);
+    assert_eq!(sm["diverged"], 0);
+    // scale_down, the rollback, and two pages (the responder's and the scribe's, merged).
+    assert_eq!(sm["same"], 4, "{r:#}");
+    assert_eq!(
+        (
+            sm["changed"].clone(),
+            sm["new"].clone(),
+            sm["missing"].clone()
+        ),
+        (json!(0), json!(0), json!(0))
+    );
+    let rollback = r["decisions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["action"] == "rollback"))
+        .expect("the rollback's decision")
+        .clone();
+    assert_eq!(rollback["after"]["decision"], "rejected");
+    assert_eq!(rollback["after"]["rule"], "priority");
+    assert_eq!(
+        llm_requests(&model).await.len(),
+        calls_live,
+        "zero calls reach the stand-in"
+    );
+
+    // A candidate that ranks rollback above scale_down: the rollback would have been accepted.
+    let candidate = env.config_path.with_file_name("candidate.yaml");
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(
+        &candidate,
+        text.replace("rollback: {priority: 10,", "rollback: {priority: 100,"),
+    )
+    .expect("write candidate");
+    let (ok, out) = replay(&env, Some(&candidate), &["--since", "1h", "--json"]);
+    assert!(!ok, "decisions differ: exit 1");
+    let r: Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(r["summary"]["changed"], 1, "{r:#}");
+    assert_eq!(r["summary"]["same"], 3);
+    let row = r["decisions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["status"] == "changed"))
+        .expect("a changed decision")
+        .clone();
+    assert_eq!(row["action"], "rollback");
+    assert_eq!(row["event_id"], "s1");
+    assert_eq!(row["before"]["decision"], "rejected");
+    assert_eq!(row["after"]["decision"], "accepted");
+    // The text report, one event only.
+    let (ok, out) = replay(&env, Some(&candidate), &["--since", "1h", "--event", "s1"]);
+    assert!(!ok);
+    assert!(out.contains("changed  s1"), "{out}");
+    assert!(out.contains("rejected [priority]"), "{out}");
+    assert!(
+        out.contains("2 tasks (2 from the recording, 0 diverged)"),
+        "{out}"
+    );
+    assert!(out.contains("0 model calls"), "{out}");
+    assert_eq!(llm_requests(&model).await.len(), calls_live);
+
+    // Nothing reached the live topics or Redis keys.
+    let after = env
+        .read("switchyard.actions", 4, Duration::from_secs(3))
+        .await;
+    assert_eq!(after.len(), 3, "no action written by a replay");
+    let mut conn = redis::Client::open(stack().1.as_str())
+        .expect("redis")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:replay-*", env.prefix))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(left.is_empty(), "scratch keys deleted: {left:?}");
+}

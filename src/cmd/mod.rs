@@ -10,6 +10,7 @@ pub mod ctx;
 pub mod dlq;
 pub mod publish;
 pub mod recover;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod story;
@@ -78,6 +79,10 @@ pub enum Command {
     Trace(story::TraceArgs),
     /// The story of one resource from the audit trail, since a time.
     History(story::HistoryArgs),
+    /// Recorded events through route, agents and resolve again, in a sandbox (agents answered from
+    /// the recording, no Kafka output): what would the config given with --config have decided?
+    /// Exits 1 when decisions differ from the recorded ones.
+    Replay(replay::Args),
 }
 
 /// Runs the command.
@@ -103,5 +108,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Dlq(a) => dlq::run(&ctx, a).await,
         Command::Trace(a) => story::trace(&ctx, a).await,
         Command::History(a) => story::history(&ctx, a).await,
+        Command::Replay(a) => replay::run(&ctx, a).await,
     }
 }

@@ -35,7 +35,7 @@ pub struct HistoryArgs {
 }
 
 /// The audit records (not seals) written since `since`, decoded, oldest first.
-fn audit_since(l: &Loaded, since: &str) -> Result<Vec<(CloudEvent, Value)>, String> {
+pub(crate) fn audit_since(l: &Loaded, since: &str) -> Result<Vec<(CloudEvent, Value)>, String> {
     let t = super::dlq::since_time(since)?;
     let recs = crate::kafka::read::read_since(
         &l.config.kafka,

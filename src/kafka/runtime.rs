@@ -76,6 +76,13 @@ pub struct SharedOutputs {
 }
 
 impl SharedOutputs {
+    /// The records, for a caller that writes them itself (tools; once).
+    pub fn take(&self) -> Vec<Output> {
+        lock(&self.outputs).take().unwrap_or_default()
+    }
+}
+
+impl SharedOutputs {
     pub fn new(outputs: Vec<Output>) -> Arc<Self> {
         Arc::new(SharedOutputs {
             pending: AtomicUsize::new(outputs.len() + 1),
@@ -180,7 +187,7 @@ pub async fn process_one<P: Processor>(
     let done = done?;
     let mut out = done.outputs;
     if let Some(so) = done.shared {
-        out.extend(lock(&so.outputs).take().unwrap_or_default());
+        out.extend(so.take());
     }
     Ok(out)
 }

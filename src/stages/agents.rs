@@ -63,16 +63,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
         };
         let mut agents = HashMap::new();
         for (name, spec) in &cfg.agents {
-            // An LLM agent with `memory` reads and writes its memory key.
-            let mut spec = spec.clone();
-            if let crate::agents::AgentKind::Llm(l) = &spec.kind {
-                if l.memory.is_some() {
-                    let key = crate::agents::llm::memory_key(name);
-                    spec.reads.push(key.clone());
-                    spec.writes.push(key);
-                }
-            }
-            let spec = &spec;
+            let spec = &effective_spec(name, spec);
             let agent = spec
                 .kind
                 .build(name, spec, &deps)
@@ -132,6 +123,20 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             }),
         }))
     })
+}
+
+/// An agent's declaration as the stage applies it: an LLM agent with `memory` also reads and
+/// writes its memory key.
+pub fn effective_spec(name: &str, spec: &AgentSpec) -> AgentSpec {
+    let mut spec = spec.clone();
+    if let crate::agents::AgentKind::Llm(l) = &spec.kind {
+        if l.memory.is_some() {
+            let key = crate::agents::llm::memory_key(name);
+            spec.reads.push(key.clone());
+            spec.writes.push(key);
+        }
+    }
+    spec
 }
 
 /// Every 5 s (any instance; each run once, by compare-and-set): ends the runs past their
@@ -773,6 +778,10 @@ impl<S: ContextStore> AgentStage<S> {
             proposals: json!(proposal_ids),
             error: o.error.clone(),
             event_id: Some(t.event.id.clone()),
+            answer: Some(serde_json::to_value(AgentResponse {
+                findings: Vec::new(),
+                ..o.response.clone()
+            })?),
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())

@@ -63,6 +63,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             sealer: s.sealer.clone(),
             stats: Some(s.stats.clone()),
             graph: Some(s.graph.clone()),
+            clock: None,
         }))
     })
 }
@@ -108,6 +109,9 @@ pub struct ResolveStage {
     pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
     /// Related resources' facts for `<relation>:<key>` staleness rules (read, never locked).
     pub graph: Option<Arc<crate::context::graph::Graph>>,
+    /// The time decisions are made at (seconds since the epoch) when not now: `replay` decides
+    /// each proposal at its recorded time, so cooldowns and windows see what they saw.
+    pub clock: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// Reads a proposal record.
@@ -129,6 +133,13 @@ pub fn decode_proposal(
 }
 
 impl ResolveStage {
+    fn now(&self) -> i64 {
+        match &self.clock {
+            Some(c) => c.load(std::sync::atomic::Ordering::Relaxed),
+            None => now_secs(),
+        }
+    }
+
     /// Cross-resource staleness: for each `<relation>:<key>` of the action's `invalidated_by`, a
     /// related resource whose `key` changed after the agent read its context makes the proposal
     /// stale; the reason names it. The related facts are read, never locked.
@@ -416,7 +427,7 @@ impl ResolveStage {
                 );
                 return Ok(Batch::default());
             }
-            let now = now_secs();
+            let now = self.now();
             let mut state = record.state.clone();
             state.key_versions = std::mem::take(&mut loaded.key_versions);
             prune(&mut state, &self.rules, now);
@@ -479,7 +490,12 @@ impl ResolveStage {
             {
                 a.traceparent = tp.clone();
             }
-            decided.at = crate::event::now_rfc3339();
+            decided.at = match &self.clock {
+                Some(_) => chrono::DateTime::from_timestamp(now, 0)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                None => crate::event::now_rfc3339(),
+            };
             let write = Write {
                 change: &change,
                 applied: Some((rec.partition, rec.offset)),
@@ -557,6 +573,7 @@ mod tests {
             sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
             stats: None,
             graph: None,
+            clock: None,
         }
     }
 
