@@ -35,6 +35,9 @@ MCP_PORT="$(free_port)"
 TICKETS_PORT="$(free_port)"
 export SWITCHYARD_OPS_MCP_URL="http://127.0.0.1:$MCP_PORT/mcp"
 export SWITCHYARD_TICKETS_URL="http://127.0.0.1:$TICKETS_PORT/tickets/{{ service }}"
+# OpenTelemetry spans go to a local OTLP receiver (README, "OpenTelemetry spans").
+OTLP_PORT="$(free_port)"
+export SWITCHYARD_OTLP_ENDPOINT="http://127.0.0.1:$OTLP_PORT"
 
 SY_PID=""
 TOOL_PIDS=()
@@ -62,8 +65,14 @@ rm -f "$SWITCHYARD_STACK_DIR/mcp-calls.jsonl"
 TOOL_PIDS+=($!)
 python3 "$ROOT/deploy/local/ticket_service.py" "$TICKETS_PORT" >"$SWITCHYARD_STACK_DIR/tickets.log" 2>&1 &
 TOOL_PIDS+=($!)
+say "Starting an OTLP trace receiver (port $OTLP_PORT; deploy/local/otlp_receiver.py): switchyard exports its spans there"
+rm -f "$SWITCHYARD_STACK_DIR/spans.jsonl"
+"$SWITCHYARD_STACK_DIR/venv/bin/python" "$ROOT/deploy/local/otlp_receiver.py" "$OTLP_PORT" "$SWITCHYARD_STACK_DIR/spans.jsonl" \
+    >"$SWITCHYARD_STACK_DIR/otlp.log" 2>&1 &
+TOOL_PIDS+=($!)
 for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$MCP_PORT") 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$TICKETS_PORT") 2>/dev/null && break
+    (exec 3<>"/dev/tcp/127.0.0.1/$MCP_PORT") 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$TICKETS_PORT") 2>/dev/null &&
+        (exec 3<>"/dev/tcp/127.0.0.1/$OTLP_PORT") 2>/dev/null && break
     sleep 0.1
 done
 
@@ -198,6 +207,19 @@ say "Dead letters (switchyard dlq list; redrive with switchyard dlq redrive --re
 
 say "The story of the breach event, from the audit trail (switchyard trace demo-sla-1)"
 "$BIN" --config "$CONFIG" trace demo-sla-1
+
+say "The same story as OpenTelemetry spans at the OTLP receiver (exported every 5 s)"
+sleep 6
+python3 "$ROOT/deploy/local/span_tree.py" "$SWITCHYARD_STACK_DIR/spans.jsonl" demo-sla-1
+
+say "Replay: the recorded events again, in a sandbox, with the config in force (switchyard replay; no model call)"
+"$BIN" --config "$CONFIG" replay --since 1h || echo "(replay exit $?)"
+
+say "What-if: without the approval rule for rollbacks? (switchyard --config candidate.yaml replay; exit 1 = decisions differ)"
+CANDIDATE="$SWITCHYARD_STACK_DIR/candidate.yaml"
+sed -e '/{ actions: \[rollback\], min_impact: high }/d' -e "s#dir: \.\./topics#dir: $ROOT/topics#" \
+    -e "s#^schemas_dir: \.\./schemas#schemas_dir: $ROOT/schemas#" "$CONFIG" >"$CANDIDATE"
+"$BIN" --config "$CANDIDATE" replay --since 1h || echo "(replay exit $?: the decisions above differ)"
 
 if [[ $KEEP -eq 1 ]]; then
     say "Left running: switchyard pid $SY_PID; stop with: kill $SY_PID; SWITCHYARD_STACK_DIR=$SWITCHYARD_STACK_DIR $STACK down"
