@@ -12,9 +12,11 @@
 //! Entry points:
 //! - `main.rs`: parses the command line and dispatches to [`cmd`];
 //! - [`cmd`]: one module per command (run, validate, config, topics, publish, tail, status, audit,
-//!   approvals);
+//!   approvals, recover, workflows, context, dlq, trace/history, replay);
 //! - [`app`]: `switchyard run` — builds the shared services, starts the stages of the registry, the
-//!   HTTP server and the health checker, and shuts down cleanly.
+//!   HTTP server and the health checker, and shuts down cleanly;
+//! - [`replay`]: `switchyard replay` — the stages' processors over scratch state, agents answered
+//!   from the recording: the decision diff of a config against what was recorded.
 //!
 //! Stages:
 //! - [`stages`]: the registry [`stages::STAGES`] and one module per stage (route, agents, resolve,
@@ -45,7 +47,8 @@
 //! - [`kafka`]: client settings, producer, and the commit-safe consumer runtime;
 //! - [`store`]: the Redis connection and resource keys; [`error`]: the error taxonomy that decides
 //!   dead-letter, retry or stop; [`secret`]: redacted secrets; [`telemetry`]: every metric and the
-//!   log setup; [`embedded`]: the shipped defaults compiled in.
+//!   log setup; [`spans`]: OpenTelemetry spans, trace context propagation and OTLP export;
+//!   [`embedded`]: the shipped defaults compiled in.
 
 pub mod agents;
 pub mod app;

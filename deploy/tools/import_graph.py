@@ -21,10 +21,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SRC = os.path.normpath(os.path.join(ROOT, "src"))
 
 # Tier of a module path (first segment after crate); unlisted modules are domain (1).
-ENTRY = {"main", "cmd", "app", "cli", "status"}
+# `replay` drives the stages' processors in a sandbox, as `app` runs them: an entry point.
+ENTRY = {"main", "cmd", "app", "cli", "status", "replay"}
 STAGES = {"stages"}
 FOUNDATION = {"error", "event", "codec", "schema", "records", "topics", "pattern", "route",
-              "telemetry", "store", "secret", "kafka"}
+              "telemetry", "spans", "store", "secret", "kafka"}
 
 
 def module_of(path):
