@@ -286,6 +286,9 @@ pub struct ResultData {
         deserialize_with = "opt_json_or_text"
     )]
     pub answer: Option<Value>,
+    /// The digest of the declaration of the agent that answered ([`crate::agents::AgentSpec::digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_digest: Option<String>,
 }
 
 fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {

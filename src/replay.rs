@@ -45,6 +45,14 @@ pub enum Answer {
     Failed(String),
 }
 
+/// A recorded answer and the digest of the declaration of the agent that gave it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub answer: Answer,
+    pub agent: String,
+    pub digest: Option<String>,
+}
+
 /// One decision on one proposal.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
@@ -90,7 +98,7 @@ impl Decision {
 /// What the live pipeline recorded: agents' answers per task, decisions per proposal.
 #[derive(Debug, Default)]
 pub struct Recording {
-    pub answers: HashMap<String, Answer>,
+    pub answers: HashMap<String, Recorded>,
     /// Proposal id → the decision and when it was made (seconds since the epoch).
     pub decisions: HashMap<String, (Decision, i64)>,
 }
@@ -120,7 +128,11 @@ impl Recording {
                 (status, _) => Answer::Failed(res.error.unwrap_or_else(|| status.to_string())),
             };
             // The first record of a task is its outcome (a redelivery re-emits the same one).
-            r.answers.entry(res.task_id).or_insert(answer);
+            r.answers.entry(res.task_id).or_insert(Recorded {
+                answer,
+                agent: res.agent,
+                digest: res.agent_digest,
+            });
         }
         for rec in audit {
             let Ok(ev) = codec::decode(rec.view(), &l.schemas) else {
@@ -146,31 +158,58 @@ impl Recording {
 }
 
 /// An agent that answers from the recording; never calls anything.
-struct Recorded {
+struct FromRecording {
     recording: Arc<Recording>,
-    /// Tasks it had no answer for.
-    diverged: Arc<Mutex<Vec<(String, String)>>>,
+    /// The digest of each agent's declaration in the config replayed.
+    digests: HashMap<String, String>,
+    /// Tasks it could not answer: task id, agent, why.
+    diverged: Arc<Mutex<Vec<Diverged>>>,
 }
 
-impl Agent for Recorded {
+/// A task the recording could not answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diverged {
+    pub task_id: String,
+    pub agent: String,
+    pub why: String,
+}
+
+impl Agent for FromRecording {
     fn call<'a>(
         &'a self,
         req: &'a AgentRequest,
     ) -> BoxFuture<'a, Result<AgentResponse, AgentError>> {
         Box::pin(async move {
-            match self.recording.answers.get(&req.task.task_id) {
-                Some(Answer::Answered(r)) => Ok(r.clone()),
-                Some(Answer::Failed(e)) => Err(AgentError::Permanent(format!("as recorded: {e}"))),
-                None => {
-                    self.diverged
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((req.task.task_id.clone(), req.agent.clone()));
-                    Err(AgentError::Permanent(
-                        "diverged: the recording has no answer for this task".into(),
-                    ))
+            let why = match self.recording.answers.get(&req.task.task_id) {
+                // The agent's declaration changed (prompt, model, scopes, URL...): its recorded
+                // answer is not what it would say now.
+                Some(r)
+                    if r.agent == req.agent
+                        && r.digest.is_some()
+                        && r.digest.as_ref() != self.digests.get(&req.agent) =>
+                {
+                    "the agent's declaration changed since it answered"
                 }
-            }
+                Some(r) if r.agent != req.agent => "another agent answered this task",
+                Some(r) => {
+                    return match &r.answer {
+                        Answer::Answered(a) => Ok(a.clone()),
+                        Answer::Failed(e) => {
+                            Err(AgentError::Permanent(format!("as recorded: {e}")))
+                        }
+                    }
+                }
+                None => "the recording has no answer for this task",
+            };
+            self.diverged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Diverged {
+                    task_id: req.task.task_id.clone(),
+                    agent: req.agent.clone(),
+                    why: why.to_string(),
+                });
+            Err(AgentError::Permanent(format!("diverged: {why}")))
         })
     }
 }
@@ -236,8 +275,8 @@ impl From<&Decision> for Decided {
 pub struct Report {
     pub summary: Summary,
     pub decisions: Vec<Row>,
-    /// `task id` and agent of each diverged task.
-    pub diverged: Vec<(String, String)>,
+    /// The tasks the recording could not answer.
+    pub diverged: Vec<Diverged>,
     /// The actions the sandbox would have written (for `--to-topic`).
     #[serde(skip)]
     pub actions: Vec<Output>,
@@ -253,7 +292,7 @@ pub struct Sandbox {
     prefix: String,
     clock: Arc<AtomicI64>,
     recording: Arc<Recording>,
-    diverged: Arc<Mutex<Vec<(String, String)>>>,
+    diverged: Arc<Mutex<Vec<Diverged>>>,
     offsets: HashMap<String, i64>,
 }
 
@@ -303,9 +342,19 @@ impl Sandbox {
                 .collect();
             format!("routes are invalid: {}", lines.join("; "))
         })?;
-        let diverged: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let agent: Arc<dyn Agent> = Arc::new(Recorded {
+        let diverged: Arc<Mutex<Vec<Diverged>>> = Arc::default();
+        let agent: Arc<dyn Agent> = Arc::new(FromRecording {
             recording: recording.clone(),
+            digests: cfg
+                .agents
+                .iter()
+                .map(|(n, a)| {
+                    (
+                        n.clone(),
+                        crate::stages::agents::effective_spec(n, a).digest(),
+                    )
+                })
+                .collect(),
             diverged: diverged.clone(),
         });
         let agents = cfg

@@ -1211,6 +1211,42 @@ agents:
     assert!(out.contains("0 model calls"), "{out}");
     assert_eq!(llm_requests(&model).await.len(), calls_live);
 
+    // A candidate that changes the scribe's prompt: its recorded answer is not served (diverged),
+    // so its page is missing from the replay's decisions.
+    let reworded = env.config_path.with_file_name("reworded.yaml");
+    std::fs::write(
+        &reworded,
+        text.replace("prompt: \"Breach on", "prompt: \"Incident on"),
+    )
+    .expect("write candidate");
+    let (ok, out) = replay(&env, Some(&reworded), &["--since", "1h", "--json"]);
+    assert!(!ok, "a diverged task fails the replay");
+    let r: Value = serde_json::from_str(&out).expect("JSON report");
+    let sm = &r["summary"];
+    assert_eq!(
+        (
+            sm["diverged"].clone(),
+            sm["missing"].clone(),
+            sm["same"].clone()
+        ),
+        (json!(1), json!(1), json!(3)),
+        "{r:#}"
+    );
+    assert_eq!(r["diverged"][0]["agent"], "scribe");
+    assert_eq!(
+        r["diverged"][0]["why"],
+        "the agent's declaration changed since it answered"
+    );
+    let missing = r["decisions"]
+        .as_array()
+        .and_then(|d| d.iter().find(|x| x["status"] == "missing"))
+        .expect("the scribe's page")
+        .clone();
+    assert_eq!(
+        (missing["agent"].as_str(), missing["action"].as_str()),
+        (Some("scribe"), Some("page"))
+    );
+
     // Nothing reached the live topics or Redis keys.
     let after = env
         .read("switchyard.actions", 4, Duration::from_secs(3))

@@ -160,6 +160,14 @@ fn default_max_concurrency() -> usize {
 }
 
 impl AgentSpec {
+    /// A digest of the declaration (kind, its settings, scopes, limits): a recorded answer is the
+    /// answer of the agent as declared then; `replay` serves it only while the digest is the same.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let text = serde_json::to_string(self).unwrap_or_default();
+        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..12])
+    }
+
     /// What the agent may read, write and propose.
     pub fn scopes(&self) -> Scopes {
         Scopes {

@@ -115,11 +115,11 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
     }
     print(&report, a.json);
     let s = &report.summary;
-    let differ = s.changed + s.new + s.missing;
-    if differ > 0 {
+    // A diverged task's decisions are unknown: the config cannot be vouched for either.
+    if s.changed + s.new + s.missing + s.diverged > 0 {
         return Err(format!(
-            "decisions differ: {} changed, {} new, {} missing",
-            s.changed, s.new, s.missing
+            "decisions differ: {} changed, {} new, {} missing, {} task(s) diverged",
+            s.changed, s.new, s.missing, s.diverged
         ));
     }
     Ok(())
@@ -160,8 +160,8 @@ fn print(r: &Report, json: bool) {
             show(&row.after)
         );
     }
-    for (task, agent) in &r.diverged {
-        println!("diverged {agent}: no recorded answer for task {task}");
+    for d in &r.diverged {
+        println!("diverged {} (task {}): {}", d.agent, d.task_id, d.why);
     }
     let s = &r.summary;
     println!(

@@ -782,6 +782,11 @@ impl<S: ContextStore> AgentStage<S> {
                 findings: Vec::new(),
                 ..o.response.clone()
             })?),
+            // (None when a fallback answered: the task's own agent did not.)
+            agent_digest: match &o.ran {
+                None => self.agents.get(&task.agent).map(|e| e.spec.digest()),
+                Some(_) => None,
+            },
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())
