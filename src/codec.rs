@@ -609,6 +609,30 @@ mod tests {
     }
 
     #[test]
+    fn records_written_with_a_previous_schema_version_stay_readable() {
+        let s = schemas();
+        let result = json!({"task_id": "t-1", "workflow_id": "w", "agent": "a", "resource": "checkout",
+            "tenant": "default", "status": "succeeded", "duration_ms": 3, "attempts": 1,
+            "findings": [{"key": "k", "value": 1}], "proposals": ["p-1"], "error": null, "event_id": "e-1"});
+        let ev = CloudEvent::new("result-t-1", "switchyard/agents", "switchyard.result")
+            .with_subject("checkout")
+            .with_data(result);
+        // Written by an instance that knew only result.v1 (no `answer`, `agent_digest`, `ran`).
+        let old = s.get("result.v1").expect("the previous version is kept");
+        let payload = encode_single_object(serde_json::to_value(&ev).unwrap(), old).unwrap();
+        let back = decode(view(&payload, &[], None), &s).expect("still readable");
+        let r: crate::records::ResultData = serde_json::from_value(back.data.unwrap()).unwrap();
+        assert_eq!((r.task_id.as_str(), r.answer, r.ran), ("t-1", None, None));
+        // Written now: the current version, whose fingerprint differs.
+        let now = encode(&ev, Encoding::Avro, Some("result"), &s).unwrap();
+        assert_ne!(
+            now.payload[..SINGLE_OBJECT_HEADER_LEN],
+            payload[..SINGLE_OBJECT_HEADER_LEN]
+        );
+        assert!(decode(view(&now.payload, &[], None), &s).is_ok());
+    }
+
+    #[test]
     fn structured_json_round_trip() {
         let s = schemas();
         let ev = sample().with_time_now();

@@ -286,9 +286,13 @@ pub struct ResultData {
         deserialize_with = "opt_json_or_text"
     )]
     pub answer: Option<Value>,
-    /// The digest of the declaration of the agent that answered ([`crate::agents::AgentSpec::digest`]).
+    /// The digest of what decided the answer ([`crate::agents::answer_digest`]), when the task's
+    /// own agent answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_digest: Option<String>,
+    /// The agent that answered instead (the task's agent's circuit was open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<String>,
 }
 
 fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {

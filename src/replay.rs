@@ -45,12 +45,16 @@ pub enum Answer {
     Failed(String),
 }
 
-/// A recorded answer and the digest of the declaration of the agent that gave it.
+/// A recorded answer and what gave it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub answer: Answer,
+    /// The task's agent.
     pub agent: String,
+    /// [`crate::agents::answer_digest`] of the task's agent when it answered.
     pub digest: Option<String>,
+    /// The agent that answered instead (a fallback, the task's agent's circuit open).
+    pub ran: Option<String>,
 }
 
 /// One decision on one proposal.
@@ -123,7 +127,7 @@ impl Recording {
                     }
                     Err(_) => continue,
                 },
-                // Recorded before results carried answers: nothing to serve.
+                // Recorded before results carried answers, or too large to keep: nothing to serve.
                 ("succeeded", None) => continue,
                 (status, _) => Answer::Failed(res.error.unwrap_or_else(|| status.to_string())),
             };
@@ -132,6 +136,7 @@ impl Recording {
                 answer,
                 agent: res.agent,
                 digest: res.agent_digest,
+                ran: res.ran,
             });
         }
         for rec in audit {
@@ -181,16 +186,19 @@ impl Agent for FromRecording {
     ) -> BoxFuture<'a, Result<AgentResponse, AgentError>> {
         Box::pin(async move {
             let why = match self.recording.answers.get(&req.task.task_id) {
-                // The agent's declaration changed (prompt, model, scopes, URL...): its recorded
-                // answer is not what it would say now.
+                Some(r) if r.agent != req.agent => "another agent answered this task",
+                // A fallback answered (the agent's circuit was open): what the agent itself would
+                // have said is not recorded.
+                Some(r) if r.ran.is_some() => {
+                    "its fallback answered (the agent's circuit was open)"
+                }
+                // The agent's declaration changed (prompt, model, scopes, URL, the model behind its
+                // alias, its tools): its recorded answer is not what it would say now.
                 Some(r)
-                    if r.agent == req.agent
-                        && r.digest.is_some()
-                        && r.digest.as_ref() != self.digests.get(&req.agent) =>
+                    if r.digest.is_some() && r.digest.as_ref() != self.digests.get(&req.agent) =>
                 {
                     "the agent's declaration changed since it answered"
                 }
-                Some(r) if r.agent != req.agent => "another agent answered this task",
                 Some(r) => {
                     return match &r.answer {
                         Answer::Answered(a) => Ok(a.clone()),
@@ -314,26 +322,33 @@ impl Sandbox {
         let cfg = &l.config;
         let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
         let sealer = crate::app::sealer(&l, redis.clone());
-        let budgets = Arc::new(crate::governance::budgets::Budgets::new(
-            Arc::new(crate::governance::budgets::RedisBudgetStore::new(
-                redis.clone(),
-            )),
-            &prefix,
-            cfg.governance.budgets.clone(),
-        ));
+        let clock = Arc::new(AtomicI64::new(crate::event::now_secs()));
+        let budgets = Arc::new(
+            crate::governance::budgets::Budgets::new(
+                Arc::new(crate::governance::budgets::RedisBudgetStore::new(
+                    redis.clone(),
+                )),
+                &prefix,
+                cfg.governance.budgets.clone(),
+            )
+            .with_clock(clock.clone()),
+        );
         let graph = Arc::new(crate::context::graph::Graph::new(
             redis.clone(),
             &prefix,
             cfg.context.relations.clone(),
         ));
-        let chooser = Arc::new(crate::stages::services::StageChooser {
-            scoreboard: Default::default(),
-            capacity: cfg
-                .agents
-                .iter()
-                .map(|(n, a)| (n.clone(), a.max_concurrency))
-                .collect(),
-            governance: Arc::new(cfg.governance.clone()),
+        let chooser = Arc::new(RecordedChoice {
+            recording: recording.clone(),
+            stage: crate::stages::services::StageChooser {
+                scoreboard: Default::default(),
+                capacity: cfg
+                    .agents
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.max_concurrency))
+                    .collect(),
+                governance: Arc::new(cfg.governance.clone()),
+            },
         });
         let router = crate::route::Router::new(&cfg.routes).map_err(|p| {
             let lines: Vec<String> = p
@@ -348,12 +363,7 @@ impl Sandbox {
             digests: cfg
                 .agents
                 .iter()
-                .map(|(n, a)| {
-                    (
-                        n.clone(),
-                        crate::stages::agents::effective_spec(n, a).digest(),
-                    )
-                })
+                .map(|(n, a)| (n.clone(), digest_of(n, a, cfg)))
                 .collect(),
             diverged: diverged.clone(),
         });
@@ -367,13 +377,13 @@ impl Sandbox {
                 spec.circuit = None;
                 let entry = AgentEntry {
                     permits: Arc::new(tokio::sync::Semaphore::new(spec.max_concurrency)),
+                    digest: digest_of(name, &spec, cfg),
                     spec,
                     agent: agent.clone(),
                 };
                 (name.clone(), entry)
             })
             .collect();
-        let clock = Arc::new(AtomicI64::new(crate::event::now_secs()));
         Ok(Sandbox {
             route: RouteStage {
                 router,
@@ -510,7 +520,7 @@ impl Sandbox {
         let diverged =
             std::mem::take(&mut *self.diverged.lock().unwrap_or_else(|e| e.into_inner()));
         summary.diverged = diverged.len();
-        summary.replayed = summary.tasks - summary.diverged;
+        summary.replayed = summary.tasks.saturating_sub(summary.diverged);
         // The diff: replay order, then recorded decisions the replay did not make.
         let mut rows = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -634,7 +644,15 @@ impl Sandbox {
     /// Deletes the scratch keys.
     pub async fn cleanup(&self) -> Result<usize, String> {
         let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
-        let pattern = format!("{}:*", self.prefix);
+        let escaped: String = self
+            .prefix
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{escaped}:*");
         let (mut cursor, mut deleted) = (0u64, 0usize);
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -659,6 +677,37 @@ impl Sandbox {
             }
             cursor = next;
         }
+    }
+}
+
+/// [`crate::agents::answer_digest`] of an agent of `cfg`, as the agent stage applies it.
+fn digest_of(name: &str, spec: &crate::agents::AgentSpec, cfg: &crate::config::Config) -> String {
+    let spec = crate::stages::agents::effective_spec(name, spec);
+    crate::agents::answer_digest(&spec, &cfg.gateway, &cfg.tools)
+}
+
+/// `best_of` picks the agent that answered the task when it was recorded (the live scoreboard is
+/// gone); delegations are checked as live.
+struct RecordedChoice {
+    recording: Arc<Recording>,
+    stage: crate::stages::services::StageChooser,
+}
+
+impl crate::workflow::Chooser for RecordedChoice {
+    fn pick(&self, select: &crate::route::Select, task_id: &str) -> String {
+        match self.recording.answers.get(task_id) {
+            Some(r) if select.best_of.contains(&r.agent) => r.agent.clone(),
+            _ => self.stage.pick(select, task_id),
+        }
+    }
+
+    fn may_delegate(
+        &self,
+        supervisor: &str,
+        agent: &str,
+        run: &crate::workflow::RunState,
+    ) -> Result<(), String> {
+        self.stage.may_delegate(supervisor, agent, run)
     }
 }
 

@@ -1,5 +1,10 @@
 //! Avro schemas from `schemas/`, looked up by name (to write) and by fingerprint (to read).
 //!
+//! When a schema changes, its previous version stays as `<name>.v<N>.avsc`: records are written
+//! with `<name>.avsc` only, and read with whichever version wrote them (its fields missing from a
+//! newer version take their defaults), so a topic's older records — and instances not yet upgraded
+//! during a rolling deploy — stay readable.
+//!
 //! Records use Avro single-object encoding: `C3 01`, the 8-byte CRC-64-AVRO (Rabin) fingerprint of the
 //! writer's schema, then the binary datum. A reader needs only the schema files to decode them.
 

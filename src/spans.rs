@@ -151,7 +151,18 @@ pub fn init(cfg: &TracingConfig, instance: &str) -> Result<(), String> {
         .with_version(env!("CARGO_PKG_VERSION"))
         .build();
     let _ = EXPORTER.set(Exporter { processor, scope });
-    tracing::info!(endpoint = %cfg.traces_url(), "Exporting OpenTelemetry traces.");
+    // Scheme, host and port only: a URL may carry credentials.
+    let shown = reqwest::Url::parse(&cfg.traces_url())
+        .map(|u| {
+            format!(
+                "{}://{}:{}",
+                u.scheme(),
+                u.host_str().unwrap_or("?"),
+                u.port_or_known_default().unwrap_or(0)
+            )
+        })
+        .unwrap_or_default();
+    tracing::info!(endpoint = %shown, "Exporting OpenTelemetry traces.");
     Ok(())
 }
 
@@ -289,17 +300,13 @@ impl Ctx {
 }
 
 /// The `traceparent` a stage writes on the records of the span `kind` `id` it opens under a
-/// record's `parent`: the child's while exporting; otherwise the parent's, passed on unchanged.
+/// record's `parent`: the child's — whether this process exports or not, so every instance writes
+/// the same bytes for the same record. A `parent` that is not a valid trace context is dropped (it
+/// would make an HTTP header invalid downstream).
 pub fn propagate(parent: Option<&str>, kind: &str, id: &str) -> Option<String> {
-    match parent {
-        Some(tp) if enabled() => Some(
-            Ctx::parse(tp)
-                .map(|c| c.child(kind, id).traceparent())
-                .unwrap_or_else(|| tp.to_string()),
-        ),
-        Some(tp) => Some(tp.to_string()),
-        None => None,
-    }
+    parent
+        .and_then(Ctx::parse)
+        .map(|c| c.child(kind, id).traceparent())
 }
 
 /// A span being described; exported when [`Span::end`] is called (nothing happens when tracing is
@@ -367,10 +374,11 @@ impl Span {
         self
     }
 
-    /// Marks the span failed.
+    /// Marks the span failed (`error.type` `_OTHER`, the description in the status).
     pub fn fail(&mut self, why: impl Into<String>) -> &mut Self {
         if self.live {
             self.error = Some(why.into());
+            self.attrs.push(KeyValue::new("error.type", "_OTHER"));
         }
         self
     }
@@ -440,10 +448,15 @@ mod tests {
     }
 
     #[test]
-    fn without_export_the_parent_passes_unchanged() {
+    fn children_are_derived_with_or_without_export_and_bad_contexts_dropped() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(propagate(Some(tp), "task", "x").as_deref(), Some(tp));
+        let child = propagate(Some(tp), "task", "x").expect("a child");
+        assert_eq!(
+            Ctx::parse(&child),
+            Ctx::parse(tp).map(|c| c.child("task", "x"))
+        );
         assert_eq!(propagate(None, "task", "x"), None);
+        assert_eq!(propagate(Some("00-zz\r\nx-1-01"), "task", "x"), None);
     }
 
     #[test]

@@ -133,6 +133,27 @@ pub struct AgentSpec {
     pub related: Vec<crate::context::graph::RelatedSpec>,
 }
 
+/// A digest of what decides an agent's answers: its kind with that kind's settings (prompt, model
+/// alias, URL…), its scopes and related context, and for an LLM agent the gateway's aliases and the
+/// tools (another model or tool gives other answers). Operational settings (retries, concurrency,
+/// timeouts, cost, circuit, fallback) are left out. A recorded answer carries it; `replay` serves the
+/// answer only while the config it replays gives the same digest.
+pub fn answer_digest(
+    spec: &AgentSpec,
+    gateway: &crate::gateway::GatewayConfig,
+    tools: &std::collections::BTreeMap<String, crate::tools::ToolSpec>,
+) -> String {
+    use sha2::Digest;
+    let llm = matches!(spec.kind, AgentKind::Llm(_));
+    let v = serde_json::json!({
+        "kind": spec.kind, "reads": spec.reads, "writes": spec.writes, "actions": spec.actions,
+        "related": spec.related,
+        "aliases": llm.then(|| serde_json::to_value(&gateway.aliases).ok()),
+        "tools": llm.then(|| serde_json::to_value(tools).ok()),
+    });
+    hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..12])
+}
+
 /// Settings every agent has, whatever its kind (for "unknown field" messages).
 pub const COMMON_FIELDS: &[&str] = &[
     "kind",
@@ -160,14 +181,6 @@ fn default_max_concurrency() -> usize {
 }
 
 impl AgentSpec {
-    /// A digest of the declaration (kind, its settings, scopes, limits): a recorded answer is the
-    /// answer of the agent as declared then; `replay` serves it only while the digest is the same.
-    pub fn digest(&self) -> String {
-        use sha2::Digest;
-        let text = serde_json::to_string(self).unwrap_or_default();
-        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..12])
-    }
-
     /// What the agent may read, write and propose.
     pub fn scopes(&self) -> Scopes {
         Scopes {

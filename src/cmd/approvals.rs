@@ -78,13 +78,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::Approve { id, by, why } => (id, Verdict::Approve, by, why),
         ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
     };
-    // The wait's span (when tracing is on) is exported before the process exits.
-    crate::spans::init(&l.config.tracing, &format!("cli-{}", std::process::id()))?;
+    // The wait's span (when tracing is on) is exported before the process exits; tracing trouble
+    // never stands in the way of a decision.
+    if let Err(e) = crate::spans::init(&l.config.tracing, &format!("cli-{}", std::process::id())) {
+        eprintln!("warning: {e}; the approval's span is not exported");
+    }
     let d = approvals
         .decide(&id, verdict, &by, &why, false, true)
         .await
         .map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(crate::spans::flush).await.ok();
     let producer = Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
     for o in &d.outputs {
         producer.send(o).await.map_err(|e| {
@@ -92,6 +94,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         })?;
     }
     approvals.sent(&id).await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(crate::spans::flush).await.ok();
     if let Some(stats) = &approvals.stats {
         // The verdict counts on the proposing agents' scorecards (a running switchyard flushes
         // every second; this process is about to exit).

@@ -99,7 +99,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
     let mut sandbox = Sandbox::new(&l, redis, recording)?;
     let report = sandbox.run(&inputs).await;
     if let Err(e) = sandbox.cleanup().await {
-        eprintln!("warning: the sandbox's scratch keys were not all deleted ({e}); they expire");
+        eprintln!("warning: the sandbox's scratch keys were not all deleted ({e}); delete what is left with redis-cli --scan --pattern '{}:replay-*' | xargs redis-cli unlink", l.config.redis.key_prefix);
     }
     let report = report?;
     if let Some(topic) = &a.to_topic {

@@ -86,6 +86,11 @@ pub struct Outcome {
     /// them is checked for staleness against it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub related_versions: BTreeMap<String, u64>,
+    /// The digest of what decided the answer ([`crate::agents::answer_digest`]) of the task's own
+    /// agent when it answered (none when a fallback did): kept with the answer, so a re-emitted
+    /// result names the declaration that answered, not today's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_digest: Option<String>,
 }
 
 /// What the store knows of a task before it runs.

@@ -603,8 +603,6 @@ pub async fn run_sweeper(
     }
 }
 
-/// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339) is the
-/// decision's time, so a re-emission is byte-identical.
 /// The span of an approval's wait, from the request to its decision (or expiry), under the
 /// decision that asked for it.
 fn wait_span(s: &StoredApproval) {
@@ -630,6 +628,8 @@ fn wait_span(s: &StoredApproval) {
     span.end();
 }
 
+/// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339) is the
+/// decision's time, so a re-emission is byte-identical.
 pub fn approval_output(
     emitter: &Emitter,
     topic: &str,

@@ -622,6 +622,8 @@ pub struct Budgets {
     store: Arc<dyn BudgetStore>,
     prefix: String,
     specs: Vec<BudgetSpec>,
+    /// The time spend is counted at when not now (`replay`: the time of what is replayed).
+    clock: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl Budgets {
@@ -630,6 +632,20 @@ impl Budgets {
             store,
             prefix: prefix.into(),
             specs,
+            clock: None,
+        }
+    }
+
+    /// Counts spend in the periods of `clock`'s time instead of now's.
+    pub fn with_clock(mut self, clock: Arc<std::sync::atomic::AtomicI64>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    fn now(&self) -> i64 {
+        match &self.clock {
+            Some(c) => c.load(std::sync::atomic::Ordering::Relaxed),
+            None => now_secs(),
         }
     }
 
@@ -680,7 +696,7 @@ impl Budgets {
         &self,
         calls: &[(Spender<'_>, f64)],
     ) -> Result<Vec<BudgetCheck>, StoreError> {
-        let now = now_secs();
+        let now = self.now();
         let applies: Vec<Vec<(&BudgetSpec, Line)>> =
             calls.iter().map(|(s, _)| self.applicable(s, now)).collect();
         let requests: Vec<Request> = applies
@@ -758,7 +774,7 @@ impl Budgets {
         hold_ms: u64,
         bounded: bool,
     ) -> Result<Result<Hold, String>, StoreError> {
-        let apply = self.applicable(s, now_secs());
+        let apply = self.applicable(s, self.now());
         let id = uuid::Uuid::new_v4().simple().to_string();
         let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
         let hold = |id, lines| Hold {
@@ -816,7 +832,7 @@ impl Budgets {
     /// What the budgets that apply to `spenders` have spent, read in one round trip: the view a
     /// batch's second checks use ([`Budgets::check_in`]).
     pub async fn view(&self, spenders: &[Spender<'_>]) -> Result<SpentView, StoreError> {
-        let now = now_secs();
+        let now = self.now();
         let mut keys: Vec<String> = spenders
             .iter()
             .flat_map(|s| self.applicable(s, now).into_iter().map(|(_, l)| l.key))
@@ -830,7 +846,7 @@ impl Budgets {
     /// [`Budgets::check`] against a view read earlier in the batch (a bucket the view lacks, such
     /// as one of a period that began since, counts as unspent: the reservation is the guard).
     pub fn check_in(&self, view: &SpentView, s: &Spender<'_>) -> BudgetCheck {
-        for (b, l) in self.applicable(s, now_secs()) {
+        for (b, l) in self.applicable(s, self.now()) {
             let (calls, cost) = view.0.get(&l.key).copied().unwrap_or_default();
             let over_calls = b.max_calls.is_some_and(|m| calls > m);
             let over_cost = b.max_cost.is_some_and(|m| cost > m + 1e-9);
@@ -845,7 +861,7 @@ impl Budgets {
 
     /// Whether any applicable budget is over its limit (the second check, before an action goes out).
     pub async fn check(&self, s: &Spender<'_>) -> Result<BudgetCheck, StoreError> {
-        let apply = self.applicable(s, now_secs());
+        let apply = self.applicable(s, self.now());
         if apply.is_empty() {
             return Ok(BudgetCheck::Ok);
         }

@@ -20,7 +20,7 @@ use super::services::{runner, Runner, Services};
 use crate::agents::circuit::Admit;
 use crate::agents::stats::AgentStats;
 use crate::agents::{
-    allowed, Agent, AgentError, AgentRequest, AgentSpec, BuildDeps, ScopedContext,
+    allowed, Agent, AgentError, AgentKind, AgentRequest, AgentSpec, BuildDeps, ScopedContext,
 };
 use crate::audit::Sealer;
 use crate::codec;
@@ -75,6 +75,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
                     spec: spec.clone(),
                     agent,
                     permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+                    digest: crate::agents::answer_digest(spec, &cfg.gateway, &cfg.tools),
                 },
             );
         }
@@ -223,6 +224,8 @@ pub struct AgentEntry {
     pub spec: AgentSpec,
     pub agent: Arc<dyn Agent>,
     pub permits: Arc<Semaphore>,
+    /// [`crate::agents::answer_digest`] of its declaration.
+    pub digest: String,
 }
 
 pub struct AgentStage<S: ContextStore> {
@@ -395,6 +398,10 @@ impl<S: ContextStore> AgentStage<S> {
                 "attempt",
                 &n,
             );
+            if let AgentKind::Http(_) | AgentKind::Kafka(_) = spec.kind {
+                // A remote agent: the call leaves the process.
+                span = span.kind(opentelemetry::trace::SpanKind::Client);
+            }
             span.attr("gen_ai.operation.name", "invoke_agent")
                 .attr("gen_ai.agent.name", name.to_string())
                 .attr("switchyard.attempt", i64::from(attempt));
@@ -678,6 +685,7 @@ impl<S: ContextStore> AgentStage<S> {
             error,
             refusals,
             at: now,
+            agent_digest: ran.is_none().then(|| entry.digest.clone()),
             ran: ran.take(),
             seen_at,
             related_reads: related.reads,
@@ -778,15 +786,9 @@ impl<S: ContextStore> AgentStage<S> {
             proposals: json!(proposal_ids),
             error: o.error.clone(),
             event_id: Some(t.event.id.clone()),
-            answer: Some(serde_json::to_value(AgentResponse {
-                findings: Vec::new(),
-                ..o.response.clone()
-            })?),
-            // (None when a fallback answered: the task's own agent did not.)
-            agent_digest: match &o.ran {
-                None => self.agents.get(&task.agent).map(|e| e.spec.digest()),
-                Some(_) => None,
-            },
+            answer: recorded_answer(&o.response, &task.task_id),
+            agent_digest: o.agent_digest.clone(),
+            ran: o.ran.clone(),
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())
@@ -943,6 +945,25 @@ fn task_span(t: &DecodedTask) -> Span {
             .attr("switchyard.workflow.round", i64::from(s.round));
     }
     span
+}
+
+/// The largest `answer` a result record keeps (JSON bytes); a larger one is left out (`replay`
+/// then reports the task diverged), so its proposals do not push the result past the broker's limit.
+const MAX_ANSWER_BYTES: usize = 128 * 1024;
+
+/// What a result record keeps of an agent's answer beyond its findings (those are in `findings`).
+fn recorded_answer(r: &AgentResponse, task_id: &str) -> Option<Value> {
+    let v = serde_json::to_value(AgentResponse {
+        findings: Vec::new(),
+        ..r.clone()
+    })
+    .ok()?;
+    let size = v.to_string().len();
+    if size > MAX_ANSWER_BYTES {
+        tracing::info!(task_id, size, "The agent's answer is too large to keep in its result record; a replay cannot serve it.");
+        return None;
+    }
+    Some(v)
 }
 
 /// A task of a batch, read and reserved for.
@@ -1381,6 +1402,7 @@ mod tests {
                     permits: Arc::new(Semaphore::new(1)),
                     spec,
                     agent,
+                    digest: String::new(),
                 },
             )]),
             budgets: Arc::new(Budgets::new(budget_store, "t", budgets)),

@@ -262,28 +262,34 @@ fn route_span(rec: &Input, mut ev: CloudEvent) -> (CloudEvent, Span) {
             .find(|(k, _)| k == "traceparent")
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     };
-    let given = ev.traceparent().or_else(header).map(str::to_string);
+    let given = ev
+        .traceparent()
+        .or_else(header)
+        .filter(|t| Ctx::parse(t).is_some())
+        .map(str::to_string);
     let seed = format!("{}/{}/{}", rec.topic, rec.partition, rec.offset);
     let parent = given.as_deref().and_then(Ctx::parse);
     let ctx = match parent {
         Some(p) => Some(p.child("route", &seed)),
-        None if spans::enabled() => Some(Ctx::root(&ev.id).child("route", &seed)),
+        None if spans::enabled() => {
+            Some(Ctx::root(&format!("{}/{}", ev.source, ev.id)).child("route", &seed))
+        }
         None => None,
     };
     let mut span = Span::with(format!("route {}", ev.ty), ctx, parent).kind(SpanKind::Consumer);
     span.attr("messaging.system", "kafka")
+        .attr("messaging.operation.type", "process")
         .attr("messaging.destination.name", rec.topic.to_string())
         .attr("messaging.kafka.offset", rec.offset)
         .attr("switchyard.event.id", ev.id.clone())
         .attr("switchyard.event.type", ev.ty.clone())
         .attr("switchyard.tenant", ev.tenant().to_string());
-    let tp = if spans::enabled() {
-        span.traceparent()
-    } else {
-        given
-    };
-    if let Some(tp) = tp {
-        ev = ev.with_extension("traceparent", tp);
+    match span.traceparent() {
+        Some(tp) => ev = ev.with_extension("traceparent", tp),
+        // Not a valid trace context: not passed on.
+        None => {
+            ev.extensions.remove("traceparent");
+        }
     }
     (ev, span)
 }
