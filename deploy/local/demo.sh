@@ -205,9 +205,6 @@ for k, v in zip(lines[::2], lines[1::2]):
 say "Dead letters (switchyard dlq list; redrive with switchyard dlq redrive --reason R [--dry-run])"
 "$BIN" --config "$CONFIG" dlq list
 
-say "The story of the breach event, from the audit trail (switchyard trace demo-sla-1)"
-"$BIN" --config "$CONFIG" trace demo-sla-1
-
 say "The same story as OpenTelemetry spans at the OTLP receiver (exported every 5 s)"
 sleep 6
 python3 "$ROOT/deploy/local/span_tree.py" "$SWITCHYARD_STACK_DIR/spans.jsonl" demo-sla-1
@@ -220,6 +217,9 @@ CANDIDATE="$SWITCHYARD_STACK_DIR/candidate.yaml"
 sed -e '/{ actions: \[rollback\], min_impact: high }/d' -e "s#dir: \.\./topics#dir: $ROOT/topics#" \
     -e "s#^schemas_dir: \.\./schemas#schemas_dir: $ROOT/schemas#" "$CONFIG" >"$CANDIDATE"
 "$BIN" --config "$CANDIDATE" replay --since 1h || echo "(replay exit $?: the decisions above differ)"
+
+say "The story of the breach event, from the audit trail (switchyard trace demo-sla-1)"
+"$BIN" --config "$CONFIG" trace demo-sla-1
 
 if [[ $KEEP -eq 1 ]]; then
     say "Left running: switchyard pid $SY_PID; stop with: kill $SY_PID; SWITCHYARD_STACK_DIR=$SWITCHYARD_STACK_DIR $STACK down"
