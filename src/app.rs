@@ -123,8 +123,8 @@ pub async fn run(
     let producer = Producer::new(&producer_config(&cfg.kafka))
         .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
-    let redis =
-        RedisConn::new(&cfg.redis.url).map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
+    let redis = RedisConn::from_config(&cfg.redis)
+        .map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
     let tracker = TaskTracker::new();
     // A failing stage stops the others too: the process exits non-zero and its supervisor restarts it.
     let stop = shutdown.child_token();

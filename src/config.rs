@@ -470,6 +470,9 @@ impl Config {
         for (item, m) in self.tracing.problems() {
             p(&item, m);
         }
+        for (item, m) in self.redis.problems() {
+            p(&item, m);
+        }
         match url_scheme(&self.redis.url) {
             Some("redis" | "rediss" | "unix" | "redis+unix") => {}
             _ => p(

@@ -25,6 +25,43 @@ pub struct RedisConfig {
     /// Prefix of every key switchyard writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// `rediss://` only: the CA certificate (PEM) the server's certificate must chain to, instead
+    /// of the system's roots (a private CA; a managed Redis usually needs none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// `rediss://` only: a client certificate and its key (PEM), for servers that require mutual
+    /// TLS (`tls-auth-clients yes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl RedisConfig {
+    /// Problems of the section, as (item, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let tls = self.url.starts_with("rediss://");
+        for (item, f) in [
+            ("redis.ca_file", &self.ca_file),
+            ("redis.cert_file", &self.cert_file),
+            ("redis.key_file", &self.key_file),
+        ] {
+            let Some(f) = f else { continue };
+            if !tls {
+                p.push((item.into(), "applies to rediss:// URLs only".into()));
+            } else if let Err(e) = std::fs::metadata(f) {
+                p.push((item.into(), format!("cannot read {}: {e}", f.display())));
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            p.push((
+                "redis.cert_file".into(),
+                "cert_file and key_file go together (mutual TLS)".into(),
+            ));
+        }
+        p
+    }
 }
 
 fn default_redis_url() -> String {
@@ -39,6 +76,9 @@ impl Default for RedisConfig {
         RedisConfig {
             url: default_redis_url(),
             key_prefix: default_key_prefix(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -129,11 +169,44 @@ pub struct RedisConn {
 
 impl RedisConn {
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        Ok(RedisConn {
-            client: redis::Client::open(url)?,
+        Ok(Self::with_client(redis::Client::open(url)?))
+    }
+
+    /// The connection of a `redis:` section: its URL, and for `rediss://` its CA and client
+    /// certificate when set (TLS through rustls; without a CA file the system's roots, which
+    /// `SSL_CERT_FILE` can replace).
+    pub fn from_config(c: &RedisConfig) -> Result<Self, StoreError> {
+        if c.ca_file.is_none() && c.cert_file.is_none() {
+            return Self::new(&c.url);
+        }
+        let read = |f: &std::path::Path| {
+            std::fs::read(f)
+                .map_err(|e| StoreError::Redis(format!("cannot read {}: {e}", f.display())))
+        };
+        let root_cert = c.ca_file.as_deref().map(read).transpose()?;
+        let client_tls = match (&c.cert_file, &c.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            _ => None,
+        };
+        let client = redis::Client::build_with_tls(
+            c.url.as_str(),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )?;
+        Ok(Self::with_client(client))
+    }
+
+    fn with_client(client: redis::Client) -> Self {
+        RedisConn {
+            client,
             manager: Default::default(),
             lost: Default::default(),
-        })
+        }
     }
 
     /// Whether Redis lost its state (its epoch marker is gone) and nothing may use it.

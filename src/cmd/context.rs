@@ -59,7 +59,7 @@ pub enum ContextCommand {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
     let cfg = &l.config;
-    let conn = RedisConn::new(&cfg.redis.url).map_err(|e| e.to_string())?;
+    let conn = RedisConn::from_config(&cfg.redis).map_err(|e| e.to_string())?;
     let graph = Graph::new(
         conn.clone(),
         &cfg.redis.key_prefix,

@@ -22,7 +22,7 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
     let cfg = &l.config;
-    let conn = RedisConn::new(&cfg.redis.url).map_err(|e| e.to_string())?;
+    let conn = RedisConn::from_config(&cfg.redis).map_err(|e| e.to_string())?;
     let prefix = &cfg.redis.key_prefix;
     let chains = RedisChainStore::new(conn.clone(), prefix);
     let resources = crate::app::resource_store(&l, conn.clone());

@@ -94,8 +94,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
         ));
     }
     let recording = Arc::new(Recording::from_records(&l, &results, &audit));
-    let redis =
-        crate::store::RedisConn::new(&l.config.redis.url).map_err(|e| format!("redis.url: {e}"))?;
+    let redis = crate::store::RedisConn::from_config(&l.config.redis)
+        .map_err(|e| format!("redis.url: {e}"))?;
     let mut sandbox = Sandbox::new(&l, redis, recording)?;
     let report = sandbox.run(&inputs).await;
     if let Err(e) = sandbox.cleanup().await {

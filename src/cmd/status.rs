@@ -20,7 +20,7 @@ pub struct Args {}
 pub async fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
     let approvals = super::approvals::service(&l)?;
-    let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
+    let conn = RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
     print!("{}", report(&l, &approvals, &conn).await?);
     Ok(())
 }

@@ -38,7 +38,7 @@ fn duration(r: &RunState) -> String {
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
-    let conn = RedisConn::new(&l.config.redis.url).map_err(|e| e.to_string())?;
+    let conn = RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
     let runs = Runs::new(conn, &l.config.redis.key_prefix);
     match args.command {
         WorkflowsCommand::List { limit } => {

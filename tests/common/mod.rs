@@ -55,9 +55,9 @@ pub fn stack_dir() -> PathBuf {
         .unwrap_or_else(|_| root().join(".stack"))
 }
 
-/// The LLM stand-in's base URL (`http://host:port/v1`): from the environment, or the stack's env.
-pub fn llm_base() -> String {
-    if let Ok(u) = std::env::var("SWITCHYARD_LLM_BASE_URL") {
+/// A variable of the stack's env file (`deploy/local/stack.sh up`): from the environment, or the file.
+fn stack_var(k: &str) -> String {
+    if let Ok(u) = std::env::var(k) {
         if !u.is_empty() {
             return u;
         }
@@ -65,9 +65,24 @@ pub fn llm_base() -> String {
     let _ = stack();
     let env = std::fs::read_to_string(stack_dir().join("env")).expect("the stack's env file");
     env.lines()
-        .find_map(|l| l.strip_prefix("export SWITCHYARD_LLM_BASE_URL="))
+        .find_map(|l| l.strip_prefix(&format!("export {k}=")))
         .map(str::to_string)
-        .expect("SWITCHYARD_LLM_BASE_URL in the stack's env file (deploy/local/stack.sh up)")
+        .unwrap_or_else(|| panic!("{k} in the stack's env file (deploy/local/stack.sh up)"))
+}
+
+/// The LLM stand-in's base URL (`http://host:port/v1`).
+pub fn llm_base() -> String {
+    stack_var("SWITCHYARD_LLM_BASE_URL")
+}
+
+/// The stack's Redis over TLS (`rediss://host:port/`).
+pub fn redis_tls_url() -> String {
+    stack_var("SWITCHYARD_REDIS_TLS_URL")
+}
+
+/// The stack's test CA directory: `ca.crt`, and `server.crt`/`server.key` for 127.0.0.1.
+pub fn test_ca_dir() -> PathBuf {
+    PathBuf::from(stack_var("SWITCHYARD_TEST_CA_DIR"))
 }
 
 /// A free loopback port (bound and released; good enough for a test's own servers).
@@ -729,23 +744,30 @@ pub async fn llm_requests(model: &str) -> Vec<Value> {
 /// A small MCP server (deploy/local/mcp_server.py, the official `mcp` SDK) on a free port; its
 /// calls are appended to `calls` as JSON lines. Stopped when dropped.
 pub fn start_mcp(calls: &Path) -> (Reaper, u16) {
-    start_script("mcp_server.py", calls)
+    start_script("mcp_server.py", &[calls.as_os_str()])
 }
 
 /// An OTLP/HTTP trace receiver (deploy/local/otlp_receiver.py, the official `opentelemetry-proto`
 /// definitions) on a free port; every span it receives is appended to `spans` as a JSON line.
 pub fn start_otlp(spans: &Path) -> (Reaper, u16) {
-    start_script("otlp_receiver.py", spans)
+    start_script("otlp_receiver.py", &[spans.as_os_str()])
 }
 
-/// `deploy/local/<script> PORT FILE` in the stack's venv, once it accepts connections.
-fn start_script(script: &str, file: &Path) -> (Reaper, u16) {
+/// An HTTP agent over HTTPS (deploy/local/https_agent.py), its certificate signed by the stack's
+/// test CA; each call appended to `calls` as a JSON line; it answers with one `page` proposal.
+pub fn start_https_agent(calls: &Path) -> (Reaper, u16) {
+    let tls = test_ca_dir();
+    start_script("https_agent.py", &[tls.as_os_str(), calls.as_os_str()])
+}
+
+/// `deploy/local/<script> PORT ARGS…` in the stack's venv, once it accepts connections.
+fn start_script(script: &str, args: &[&std::ffi::OsStr]) -> (Reaper, u16) {
     let port = free_port();
     let python = stack_dir().join("venv/bin/python");
     let child = std::process::Command::new(python)
         .arg(root().join("deploy/local").join(script))
         .arg(port.to_string())
-        .arg(file)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
