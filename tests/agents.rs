@@ -880,20 +880,19 @@ async fn dead_letters_are_listed_and_redriven_without_harm() {
     running.stop().await;
 }
 
-/// Runs the switchyard binary with `config`; Redis at `redis_url`; extra environment; its status,
-/// stdout and stderr.
+/// Runs the switchyard binary with `config`, the brokers and Redis given; its status, stdout and
+/// stderr.
 fn run_with(
     config: &std::path::Path,
+    brokers: &str,
     redis_url: &str,
-    envs: &[(&str, &str)],
     args: &[&str],
 ) -> (bool, String, String) {
     let out = std::process::Command::new(bin())
         .args(["--config", config.to_str().expect("path")])
         .args(args)
-        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_KAFKA_BROKERS", brokers)
         .env("SWITCHYARD_REDIS_URL", redis_url)
-        .envs(envs.iter().copied())
         .output()
         .expect("switchyard runs");
     (
@@ -904,12 +903,15 @@ fn run_with(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pipeline_runs_on_redis_over_tls_with_an_agent_over_https() {
+async fn the_pipeline_runs_on_kafka_and_redis_over_tls_with_an_agent_over_https() {
     let dir = tempfile::tempdir().expect("tempdir");
     let calls = dir.path().join("https-calls.jsonl");
     let (_agent, port) = start_https_agent(&calls);
+    let (_kafka, kafka_port) = start_kafka_tls();
     let ca = test_ca_dir().join("ca.crt");
+    let ca_s = ca.to_str().expect("path").to_string();
     let tls_url = redis_tls_url();
+    let brokers = format!("127.0.0.1:{kafka_port}");
     let env = TestEnv::new(
         1,
         &format!(
@@ -925,35 +927,39 @@ agents:
         ),
     )
     .await;
-    // The same config on Redis over TLS, trusting the stack's test CA.
+    // The same config on Kafka and Redis over TLS, trusting the stack's test CA.
     let text = std::fs::read_to_string(&env.config_path).expect("config");
-    let plain = format!("url: {}", stack().1);
-    assert!(text.contains(&plain), "the config names the stack's Redis");
+    let (plain_redis, plain_kafka) = (
+        format!("url: {}", stack().1),
+        format!("brokers: {}", stack().0),
+    );
+    assert!(text.contains(&plain_redis) && text.contains(&plain_kafka));
+    let tls_text = text
+        .replace(&plain_redis, &format!("url: {tls_url}\n  ca_file: {ca_s}"))
+        .replace(
+            &plain_kafka,
+            &format!("brokers: {brokers}\n  client:\n    security.protocol: ssl\n    ssl.ca.location: {ca_s}"),
+        );
     let tls_config = env.config_path.with_file_name("tls.yaml");
-    std::fs::write(
-        &tls_config,
-        text.replace(
-            &plain,
-            &format!("url: {tls_url}\n  ca_file: {}", ca.display()),
-        ),
-    )
-    .expect("write");
-    // Without the CA the certificate is refused, and the error says so.
+    std::fs::write(&tls_config, &tls_text).expect("write");
+    // Without the CA, Redis's certificate is refused, and the error says so.
     let untrusting = env.config_path.with_file_name("untrusting.yaml");
     std::fs::write(
         &untrusting,
-        text.replace(&plain, &format!("url: {tls_url}")),
+        text.replace(&plain_redis, &format!("url: {tls_url}")),
     )
     .expect("write");
-    let (ok, _, err) = run_with(&untrusting, &tls_url, &[], &["status"]);
+    let (ok, _, err) = run_with(&untrusting, &stack().0, &tls_url, &["status"]);
     assert!(!ok, "an untrusted certificate is refused");
     assert!(
-        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        err.contains("UnknownIssuer") || err.to_lowercase().contains("certificate"),
         "{err}"
     );
+    // Topics on the TLS broker, through the admin client over TLS.
+    let (ok, out, err) = run_with(&tls_config, &brokers, &tls_url, &["topics", "apply"]);
+    assert!(ok, "topics apply over TLS: {out}{err}");
     // The HTTPS agent's certificate chains to the test CA: the process trusts it through
     // SSL_CERT_FILE (the system's roots otherwise).
-    let ca_s = ca.to_str().expect("path");
     let _run = Reaper(
         std::process::Command::new(bin())
             .args([
@@ -963,27 +969,56 @@ agents:
                 "--stages",
                 "route,agents,resolve",
             ])
-            .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
             .env("SWITCHYARD_REDIS_URL", &tls_url)
-            .env("SSL_CERT_FILE", ca_s)
+            .env("SSL_CERT_FILE", &ca_s)
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("spawn switchyard"),
     );
-    env.publish_one(
-        "events.sla-breaches",
-        "tls-1",
-        "sla.breached",
-        "checkout",
-        json!({"slo": "availability", "observed": 97.0}),
-    )
-    .await;
-    let actions = env
-        .read("switchyard.actions", 1, Duration::from_secs(60))
-        .await;
-    let a = data_of(&event_of(&actions[0])).clone();
-    assert_eq!(a["action"], "page");
-    assert_eq!(a["parameters"]["team"], "remote");
+    let topic = env.topic("events.sla-breaches");
+    let (ok, out, err) = run_with(
+        &tls_config,
+        &brokers,
+        &tls_url,
+        &[
+            "publish",
+            "-t",
+            &topic,
+            "--type",
+            "sla.breached",
+            "--subject",
+            "checkout",
+            "--id",
+            "tls-1",
+            "--data",
+            r#"{"slo": "availability", "observed": 97.0}"#,
+        ],
+    );
+    assert!(ok, "publish over TLS: {out}{err}");
+    let actions_topic = env.topic("switchyard.actions");
+    let mut action = Value::Null;
+    for _ in 0..30 {
+        let (_, out, _) = run_with(
+            &tls_config,
+            &brokers,
+            &tls_url,
+            &[
+                "tail",
+                &actions_topic,
+                "--from-beginning",
+                "--max",
+                "1",
+                "--idle-timeout-ms",
+                "2000",
+            ],
+        );
+        if let Some(line) = out.lines().find(|l| l.contains("\"page\"")) {
+            action = serde_json::from_str(line).expect("JSON line");
+            break;
+        }
+    }
+    assert_ne!(action, Value::Null, "an action came out over TLS");
     let seen = json_lines(&calls);
     assert_eq!(seen.len(), 1, "one call over HTTPS: {seen:?}");
     assert_eq!(seen[0]["agent"], "remote");
@@ -1018,9 +1053,16 @@ agents:
         .await
         .expect("keys");
     assert!(plain_keys.is_empty(), "{plain_keys:?}");
-    // Commands use the same connection settings.
-    let (ok, out, err) = run_with(&tls_config, &tls_url, &[], &["status"]);
+    // Nothing went to the plaintext broker's topics either.
+    assert!(env
+        .read("switchyard.actions", 1, Duration::from_secs(2))
+        .await
+        .is_empty());
+    // Commands use the same connection settings: the audit trail read over TLS verifies.
+    let (ok, out, err) = run_with(&tls_config, &brokers, &tls_url, &["audit", "verify"]);
     assert!(ok, "{out}{err}");
-    let (ok, out, err) = run_with(&tls_config, &tls_url, &[], &["audit", "verify"]);
-    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("0 problems") || !out.contains("problem"),
+        "{out}"
+    );
 }

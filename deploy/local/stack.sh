@@ -205,7 +205,17 @@ install_llmock() {
         die "pip install ${pkgs[*]} failed"
 }
 
+# What building switchyard needs beyond Rust: OpenSSL's headers for librdkafka's TLS and SASL (the
+# rdkafka crate's `ssl` feature), found through pkg-config.
+install_build_deps() {
+    if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl 2>/dev/null; then
+        return 0
+    fi
+    apt_install pkg-config libssl-dev
+}
+
 cmd_install() {
+    install_build_deps
     install_tansu
     install_redis
     install_agent_deps

@@ -17,6 +17,12 @@ pub struct KafkaConfig {
     /// `client.id` reported to the broker.
     #[serde(default = "default_client_id")]
     pub client_id: String,
+    /// librdkafka settings every client gets — consumers, producers, admin — passed through
+    /// verbatim: how to reach the cluster (`security.protocol: SASL_SSL`, `ssl.ca.location`,
+    /// `sasl.mechanism`, `sasl.username`, `sasl.password`…). Secret-looking values are redacted by
+    /// `config show`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client: BTreeMap<String, String>,
     /// Extra librdkafka settings for consumers, passed through verbatim (e.g. `session.timeout.ms`).
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
@@ -85,7 +91,11 @@ impl KafkaConfig {
                 ),
             );
         }
-        for (section, map) in [("consumer", &self.consumer), ("producer", &self.producer)] {
+        for (section, map) in [
+            ("client", &self.client),
+            ("consumer", &self.consumer),
+            ("producer", &self.producer),
+        ] {
             for (k, v) in map {
                 if k.trim().is_empty() || v.is_empty() {
                     add(
@@ -96,7 +106,7 @@ impl KafkaConfig {
             }
         }
         for reserved in ["enable.auto.offset.store", "group.id"] {
-            if self.consumer.contains_key(reserved) {
+            if self.consumer.contains_key(reserved) || self.client.contains_key(reserved) {
                 add(
                     &format!("kafka.consumer.{reserved}"),
                     "is set by switchyard itself (at-least-once depends on it) and cannot be overridden".into(),
@@ -185,7 +195,7 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
             "receive.message.max.bytes",
             (cfg.fetch_max_record_bytes + FETCH_OVERHEAD).to_string(),
         );
-    for (k, v) in &cfg.consumer {
+    for (k, v) in cfg.client.iter().chain(&cfg.consumer) {
         c.set(k, v);
     }
     // Offsets are stored by the runtime only once everything a record caused is acknowledged.
@@ -202,7 +212,7 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5");
-    for (k, v) in &cfg.producer {
+    for (k, v) in cfg.client.iter().chain(&cfg.producer) {
         c.set(k, v);
     }
     c
@@ -213,6 +223,9 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", &cfg.client_id);
+    for (k, v) in &cfg.client {
+        c.set(k, v);
+    }
     c
 }
 

@@ -760,6 +760,13 @@ pub fn start_https_agent(calls: &Path) -> (Reaper, u16) {
     start_script("https_agent.py", &[tls.as_os_str(), calls.as_os_str()])
 }
 
+/// A Kafka-compatible broker reached over TLS only (deploy/local/kafka_tls.py: a tansu broker of its
+/// own behind a TLS terminator with the stack's test CA); its bootstrap port.
+pub fn start_kafka_tls() -> (Reaper, u16) {
+    let tls = test_ca_dir();
+    start_script("kafka_tls.py", &[tls.as_os_str()])
+}
+
 /// `deploy/local/<script> PORT ARGS…` in the stack's venv, once it accepts connections.
 fn start_script(script: &str, args: &[&std::ffi::OsStr]) -> (Reaper, u16) {
     let port = free_port();
