@@ -35,6 +35,10 @@ pub struct RedisConfig {
     pub cert_file: Option<std::path::PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<std::path::PathBuf>,
+    /// A Redis Cluster: `url` names one or more seed nodes, comma separated
+    /// (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`); the rest are discovered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
 
 impl RedisConfig {
@@ -79,6 +83,7 @@ impl Default for RedisConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            cluster: false,
         }
     }
 }
@@ -162,46 +167,120 @@ fn unescape(s: &str) -> Option<String> {
 /// has rebuilt the state.
 #[derive(Clone)]
 pub struct RedisConn {
-    client: redis::Client,
-    manager: std::sync::Arc<OnceCell<ConnectionManager>>,
+    client: Client,
+    manager: std::sync::Arc<OnceCell<Conn>>,
     lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One Redis, or a Redis Cluster.
+#[derive(Clone)]
+enum Client {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection to one Redis or to a Redis Cluster; what every store sends its commands on.
+///
+/// Every key a script or a transaction touches shares its resource's hash tag, so scripts run on
+/// a cluster as on one node. A pipeline on a cluster is sent command by command, concurrently, each
+/// to its slot's node (a pipeline of one batch spans many resources, hence many slots); the answers
+/// come back in order.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => {
+                if pipeline.is_transaction() {
+                    return c.req_packed_commands(pipeline, offset, count);
+                }
+                let c = c.clone();
+                Box::pin(async move {
+                    let calls = pipeline.cmd_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    });
+                    futures::future::try_join_all(calls).await
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl RedisConn {
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        Ok(Self::with_client(redis::Client::open(url)?))
+        Ok(Self::with_client(Client::Single(redis::Client::open(url)?)))
     }
 
-    /// The connection of a `redis:` section: its URL, and for `rediss://` its CA and client
-    /// certificate when set (TLS through rustls; without a CA file the system's roots, which
-    /// `SSL_CERT_FILE` can replace).
+    /// The connection of a `redis:` section: its URL (with `cluster: true`, the seed nodes, comma
+    /// separated), and for `rediss://` its CA and client certificate when set (TLS through rustls;
+    /// without a CA file the system's roots, which `SSL_CERT_FILE` can replace).
     pub fn from_config(c: &RedisConfig) -> Result<Self, StoreError> {
-        if c.ca_file.is_none() && c.cert_file.is_none() {
-            return Self::new(&c.url);
-        }
         let read = |f: &std::path::Path| {
             std::fs::read(f)
                 .map_err(|e| StoreError::Redis(format!("cannot read {}: {e}", f.display())))
         };
-        let root_cert = c.ca_file.as_deref().map(read).transpose()?;
-        let client_tls = match (&c.cert_file, &c.key_file) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read(cert)?,
-                client_key: read(key)?,
-            }),
-            _ => None,
-        };
-        let client = redis::Client::build_with_tls(
-            c.url.as_str(),
-            redis::TlsCertificates {
+        let certs = if c.ca_file.is_none() && c.cert_file.is_none() {
+            None
+        } else {
+            let root_cert = c.ca_file.as_deref().map(read).transpose()?;
+            let client_tls = match (&c.cert_file, &c.key_file) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                }),
+                _ => None,
+            };
+            Some(redis::TlsCertificates {
                 client_tls,
                 root_cert,
-            },
-        )?;
-        Ok(Self::with_client(client))
+            })
+        };
+        if c.cluster {
+            let seeds: Vec<&str> = c.url.split(',').map(str::trim).collect();
+            let mut b = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(Duration::from_secs(2));
+            if let Some(certs) = certs {
+                b = b.certs(certs);
+            }
+            return Ok(Self::with_client(Client::Cluster(Box::new(b.build()?))));
+        }
+        let client = match certs {
+            Some(certs) => redis::Client::build_with_tls(c.url.as_str(), certs)?,
+            None => redis::Client::open(c.url.as_str())?,
+        };
+        Ok(Self::with_client(Client::Single(client)))
     }
 
-    fn with_client(client: redis::Client) -> Self {
+    fn with_client(client: Client) -> Self {
         RedisConn {
             client,
             manager: Default::default(),
@@ -219,7 +298,7 @@ impl RedisConn {
     }
 
     /// The connection; connecting on first use. Failing to connect is an error now, a retry later.
-    pub async fn get(&self) -> Result<ConnectionManager, StoreError> {
+    pub async fn get(&self) -> Result<Conn, StoreError> {
         if self.is_lost() {
             return Err(StoreError::Lost);
         }
@@ -227,22 +306,31 @@ impl RedisConn {
     }
 
     /// The connection even while the state is lost (the epoch watcher, recovery).
-    pub async fn get_unguarded(&self) -> Result<ConnectionManager, StoreError> {
+    pub async fn get_unguarded(&self) -> Result<Conn, StoreError> {
         let m = self
             .manager
             .get_or_try_init(|| async {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500))
-                    // The client's default queue of 50 requests stalled the whole connection
-                    // under a burst (thousands of records in flight, each stage pipelining per
-                    // batch): every request timed out while Redis sat idle. In-flight records
-                    // are bounded by kafka.max_in_flight per stage, so a queue this deep is
-                    // never the limit.
-                    .set_pipeline_buffer_size(REDIS_QUEUE);
-                ConnectionManager::new_with_config(self.client.clone(), cfg).await
+                match &self.client {
+                    Client::Single(client) => {
+                        let cfg = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(Duration::from_secs(2)))
+                            .set_response_timeout(Some(Duration::from_secs(2)))
+                            .set_number_of_retries(2)
+                            .set_max_delay(Duration::from_millis(500))
+                            // The client's default queue of 50 requests stalled the whole
+                            // connection under a burst (thousands of records in flight, each
+                            // stage pipelining per batch): every request timed out while Redis
+                            // sat idle. In-flight records are bounded by kafka.max_in_flight per
+                            // stage, so a queue this deep is never the limit.
+                            .set_pipeline_buffer_size(REDIS_QUEUE);
+                        ConnectionManager::new_with_config(client.clone(), cfg)
+                            .await
+                            .map(Conn::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Conn::Cluster)
+                    }
+                }
             })
             .await?;
         Ok(m.clone())
@@ -251,8 +339,16 @@ impl RedisConn {
     /// Whether Redis answers a PING within `timeout` (readiness).
     pub async fn ping(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, async {
-            let mut c = self.client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut c).await
+            match &self.client {
+                Client::Single(client) => {
+                    let mut c = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                }
+                Client::Cluster(client) => {
+                    let mut c = client.get_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                }
+            }
         })
         .await
         .is_ok_and(|r| r.is_ok())

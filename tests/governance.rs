@@ -108,6 +108,144 @@ async fn redis_stores_meet_their_contracts() {
     .await;
 }
 
+/// Every store's contract, then the pipeline itself, on a Redis Cluster of three masters: each
+/// resource's keys share a hash tag (one slot), and a batch's pipelines, which span many resources,
+/// are sent command by command to their slots' nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, port) = start_redis_cluster(&dir.path().join("cluster"));
+    let url = format!("redis://127.0.0.1:{port}/");
+    let cfg = switchyard::store::RedisConfig {
+        url: url.clone(),
+        cluster: true,
+        ..Default::default()
+    };
+    let conn = switchyard::store::RedisConn::from_config(&cfg).expect("cluster client");
+    let tag = suffix();
+    switchyard::context::contract::run_all(
+        &switchyard::context::redis::RedisStore::new(
+            conn.clone(),
+            &tag,
+            switchyard::context::contract::config(),
+        ),
+        &tag,
+    )
+    .await;
+    switchyard::resolve::store::contract::run_all(
+        &switchyard::resolve::store::RedisResourceStore::new(conn.clone(), &tag, 3600, 3600),
+        &tag,
+    )
+    .await;
+    switchyard::governance::budgets::contract::run_all(
+        &switchyard::governance::budgets::RedisBudgetStore::new(conn.clone()),
+        &tag,
+    )
+    .await;
+    switchyard::audit::sealer::contract::run_all(
+        &switchyard::audit::RedisChainStore::new(conn.clone(), &tag),
+        &tag,
+    )
+    .await;
+
+    // The pipeline: the demo's story (deployment, breach, rollback awaiting approval) with its
+    // state on the cluster.
+    let env = TestEnv::new(
+        2,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback] }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let plain = format!("url: {}", stack().1);
+    assert!(text.contains(&plain));
+    std::fs::write(
+        &env.config_path,
+        text.replace(&plain, &format!("url: {url}\n  cluster: true")),
+    )
+    .expect("write");
+    let overrides = |k: &str| match k {
+        "SWITCHYARD_REDIS_URL" => None,
+        k => std::env::var(k).ok(),
+    };
+    let loaded =
+        switchyard::config::Config::load_with(&env.config_path, &overrides).expect("loads");
+    assert!(loaded.config.redis.cluster);
+    let running = Running::start(loaded, &["route", "agents", "resolve"]);
+    env.deployment_then_breach("checkout", 0).await;
+    let approvals = env
+        .read("switchyard.approvals", 1, Duration::from_secs(30))
+        .await;
+    let a: switchyard::records::ApprovalData =
+        serde_json::from_value(data_of(&event_of(&approvals[0])).clone()).expect("approval");
+    assert_eq!(
+        (a.action.as_str(), a.status.as_str()),
+        ("rollback", "pending")
+    );
+    running.stop().await;
+    // Its state is spread over the cluster's nodes (one slot per resource, many resources).
+    let mut keys = 0;
+    for node in cluster_ports(port) {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &node.to_string(),
+                "--scan",
+                "--pattern",
+                &format!("{}:*", env.prefix),
+            ])
+            .output()
+            .expect("redis-cli");
+        keys += String::from_utf8_lossy(&out.stdout).lines().count();
+    }
+    assert!(keys > 0, "the state is on the cluster");
+    // Commands too: the approval is approved through the CLI against the cluster.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "approvals",
+            "approve",
+            &a.approval_id,
+            "--by",
+            "carol",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_REDIS_URL", &url)
+        .output()
+        .expect("approve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The page went out at once; the rollback once approved.
+    let actions = env
+        .read("switchyard.actions", 2, Duration::from_secs(20))
+        .await;
+    let names: Vec<Value> = actions
+        .iter()
+        .map(|r| data_of(&event_of(r))["action"].clone())
+        .collect();
+    assert_eq!(names, [json!("page"), json!("rollback")]);
+}
+
+/// The ports of a cluster's nodes, from one of them.
+fn cluster_ports(port: u16) -> Vec<u16> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "nodes"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|a| a.split('@').next()?.rsplit(':').next()?.parse().ok())
+        .collect()
+}
+
 fn verify(env: &TestEnv, topic: &str) -> std::process::Output {
     let (brokers, redis) = stack().clone();
     std::process::Command::new(bin())

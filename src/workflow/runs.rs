@@ -59,7 +59,7 @@ impl Runs {
     /// Writes `state` if the run is still at version `v`; false when it moved.
     async fn cas(
         &self,
-        c: &mut redis::aio::ConnectionManager,
+        c: &mut crate::store::Conn,
         key: &str,
         v: u64,
         state: &RunState,

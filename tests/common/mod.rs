@@ -767,6 +767,31 @@ pub fn start_kafka_tls() -> (Reaper, u16) {
     start_script("kafka_tls.py", &[tls.as_os_str()])
 }
 
+/// A local Redis Cluster of three masters (deploy/local/redis_cluster.py), once every slot is
+/// served; its seed node's port.
+pub fn start_redis_cluster(dir: &Path) -> (Reaper, u16) {
+    let (reaper, port) = start_script("redis_cluster.py", &[dir.as_os_str()]);
+    // Every node agrees (the seed saying ok is not enough: the others may still be joining).
+    for _ in 0..300 {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "check", &format!("127.0.0.1:{port}")])
+            .output();
+        if out.is_ok_and(|o| {
+            let text = String::from_utf8_lossy(&o.stdout);
+            o.status.success()
+                && text.contains("All 16384 slots covered")
+                && text.contains("All nodes agree")
+        }) {
+            return (reaper, port);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "the Redis Cluster on port {port} did not become ready: {}",
+        std::fs::read_to_string(dir.join("cluster.log")).unwrap_or_default()
+    );
+}
+
 /// `deploy/local/<script> PORT ARGS…` in the stack's venv, once it accepts connections.
 fn start_script(script: &str, args: &[&std::ffi::OsStr]) -> (Reaper, u16) {
     let port = free_port();
