@@ -643,6 +643,9 @@ impl Sandbox {
 
     /// Deletes the scratch keys.
     pub async fn cleanup(&self) -> Result<usize, String> {
+        use crate::store::Conn;
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let err = |e: redis::RedisError| e.to_string();
         let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
         let escaped: String = self
             .prefix
@@ -653,30 +656,71 @@ impl Sandbox {
             })
             .collect();
         let pattern = format!("{escaped}:*");
-        let (mut cursor, mut deleted) = (0u64, 0usize);
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !keys.is_empty() {
-                deleted += keys.len();
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
+        // On a cluster every primary is scanned (a cursor belongs to one node).
+        let nodes: Vec<Option<(String, u16)>> = match &mut conn {
+            Conn::Single(_) => vec![None],
+            Conn::Cluster(c) => {
+                let text: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(c)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(err)?;
+                text.lines()
+                    .filter(|l| {
+                        l.split_whitespace()
+                            .nth(2)
+                            .is_some_and(|f| f.contains("master"))
+                    })
+                    .filter_map(|l| {
+                        let addr = l.split_whitespace().nth(1)?.split('@').next()?;
+                        let (host, port) = addr.rsplit_once(':')?;
+                        Some(Some((host.to_string(), port.parse().ok()?)))
+                    })
+                    .collect()
             }
-            if next == 0 {
-                return Ok(deleted);
+        };
+        let mut deleted = 0usize;
+        for node in nodes {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) = match (&mut conn, &node) {
+                    (Conn::Cluster(c), Some((host, port))) => {
+                        let v = c
+                            .route_command(
+                                scan,
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port: *port,
+                                }),
+                            )
+                            .await
+                            .map_err(err)?;
+                        redis::FromRedisValue::from_redis_value(v).map_err(|e| e.to_string())?
+                    }
+                    _ => scan.query_async(&mut conn).await.map_err(err)?,
+                };
+                if !keys.is_empty() {
+                    deleted += keys.len();
+                    // One UNLINK per key: on a cluster the keys are in many slots.
+                    let mut p = redis::pipe();
+                    for k in &keys {
+                        p.cmd("UNLINK").arg(k).ignore();
+                    }
+                    p.query_async::<()>(&mut conn).await.map_err(err)?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        Ok(deleted)
     }
 }
 

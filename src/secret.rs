@@ -109,6 +109,7 @@ pub fn is_secret_name(name: &str) -> bool {
         "api_key",
         "apikey",
         "authorization",
+        "oauthbearer.config",
         "ssl.key.pem",
         "private",
     ]

@@ -54,9 +54,48 @@ impl RedisConfig {
             let Some(f) = f else { continue };
             if !tls {
                 p.push((item.into(), "applies to rediss:// URLs only".into()));
-            } else if let Err(e) = std::fs::metadata(f) {
-                p.push((item.into(), format!("cannot read {}: {e}", f.display())));
+            } else {
+                match std::fs::read_to_string(f) {
+                    Err(e) => p.push((item.into(), format!("cannot read {}: {e}", f.display()))),
+                    Ok(t) if !t.contains("-----BEGIN ") => {
+                        p.push((item.into(), format!("{} is not a PEM file", f.display())))
+                    }
+                    Ok(_) => {}
+                }
             }
+        }
+        let seeds: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        if seeds.len() > 1 && !self.cluster {
+            p.push((
+                "redis.url".into(),
+                "names several nodes: set redis.cluster: true for a Redis Cluster".into(),
+            ));
+        }
+        if self.cluster {
+            for s in &seeds {
+                let db = s
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .map(|(_, db)| db.trim_end_matches('/'))
+                    .unwrap_or("");
+                if s.starts_with("unix:") || s.starts_with("redis+unix:") {
+                    p.push((
+                        "redis.url".into(),
+                        format!("{s}: a cluster node is host:port, not a socket"),
+                    ));
+                } else if !db.is_empty() && db != "0" {
+                    p.push((
+                        "redis.url".into(),
+                        format!("{s}: a Redis Cluster has only database 0"),
+                    ));
+                }
+            }
+        }
+        if self.key_prefix.contains('{') || self.key_prefix.contains('}') {
+            p.push((
+                "redis.key_prefix".into(),
+                "must not contain { or } (keys carry their own hash tags)".into(),
+            ));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             p.push((
@@ -172,11 +211,12 @@ pub struct RedisConn {
     lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// One Redis, or a Redis Cluster.
+/// One Redis, or a Redis Cluster (one per connection, made once: its size does not matter).
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Client {
     Single(redis::Client),
-    Cluster(Box<redis::cluster::ClusterClient>),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 /// A connection to one Redis or to a Redis Cluster; what every store sends its commands on.
@@ -189,6 +229,47 @@ enum Client {
 pub enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// What routes a command on a cluster: its key's hash tag (`{…}`), else the key; for
+/// `EVAL`/`EVALSHA`/`FCALL` the first key; empty for a command without a key.
+fn routing_key(cmd: &redis::Cmd) -> Vec<u8> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let name = args
+        .first()
+        .map(|n| n.to_ascii_uppercase())
+        .unwrap_or_default();
+    let at = match name.as_slice() {
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
+            let keys = args
+                .get(2)
+                .and_then(|n| std::str::from_utf8(n).ok())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
+            if keys == 0 {
+                return Vec::new();
+            }
+            3
+        }
+        _ => 1,
+    };
+    let Some(key) = args.get(at) else {
+        return Vec::new();
+    };
+    if let Some(open) = key.iter().position(|b| *b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|b| *b == b'}') {
+            if len > 0 {
+                return key[open + 1..open + 1 + len].to_vec();
+            }
+        }
+    }
+    key.to_vec()
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -216,11 +297,41 @@ impl redis::aio::ConnectionLike for Conn {
                 }
                 let c = c.clone();
                 Box::pin(async move {
-                    let calls = pipeline.cmd_iter().map(|cmd| {
-                        let mut c = c.clone();
-                        async move { c.req_packed_command(cmd).await }
-                    });
-                    futures::future::try_join_all(calls).await
+                    use futures::{StreamExt, TryStreamExt};
+                    // One sub-pipeline per key (by hash tag): commands on one key keep their order
+                    // and travel together to its slot's node; at most 16 in flight.
+                    let cmds: Vec<&redis::Cmd> = pipeline.cmd_iter().collect();
+                    let mut groups: Vec<Vec<usize>> = Vec::new();
+                    let mut by_key: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+                    for (i, cmd) in cmds.iter().enumerate() {
+                        let g = *by_key.entry(routing_key(cmd)).or_insert_with(|| {
+                            groups.push(Vec::new());
+                            groups.len() - 1
+                        });
+                        groups[g].push(i);
+                    }
+                    let answered: Vec<(Vec<usize>, Vec<redis::Value>)> =
+                        futures::stream::iter(groups.into_iter().map(|idx| {
+                            let mut c = c.clone();
+                            let mut sub = redis::pipe();
+                            for &i in &idx {
+                                sub.add_command(cmds[i].clone());
+                            }
+                            async move {
+                                let vals = c.req_packed_commands(&sub, 0, idx.len()).await?;
+                                Ok::<_, redis::RedisError>((idx, vals))
+                            }
+                        }))
+                        .buffer_unordered(16)
+                        .try_collect()
+                        .await?;
+                    let mut out = vec![redis::Value::Nil; cmds.len()];
+                    for (idx, vals) in answered {
+                        for (i, v) in idx.into_iter().zip(vals) {
+                            out[i] = v;
+                        }
+                    }
+                    Ok(out)
                 })
             }
         }
@@ -271,7 +382,7 @@ impl RedisConn {
             if let Some(certs) = certs {
                 b = b.certs(certs);
             }
-            return Ok(Self::with_client(Client::Cluster(Box::new(b.build()?))));
+            return Ok(Self::with_client(Client::Cluster(b.build()?)));
         }
         let client = match certs {
             Some(certs) => redis::Client::build_with_tls(c.url.as_str(), certs)?,

@@ -231,6 +231,43 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
         .map(|r| data_of(&event_of(r))["action"].clone())
         .collect();
     assert_eq!(names, [json!("page"), json!("rollback")]);
+    // A replay on the cluster: its sandbox's keys go to every node, and are all deleted after.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "replay",
+            "--since",
+            "1h",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_REDIS_URL", &url)
+        .output()
+        .expect("replay");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("0 changed"), "{text}");
+    for node in cluster_ports(port) {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &node.to_string(),
+                "--scan",
+                "--pattern",
+                &format!("{}:replay-*", env.prefix),
+            ])
+            .output()
+            .expect("redis-cli");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "",
+            "node {node}"
+        );
+    }
 }
 
 /// The ports of a cluster's nodes, from one of them.

@@ -453,8 +453,15 @@ ensure_service() {
 # A certificate authority made on the fly for the stack's TLS services and the tests' HTTPS servers:
 # ca.crt, and server.crt/server.key for 127.0.0.1 and localhost (kept while the stack directory is).
 make_test_ca() {
-    [[ -s "$TLS_DIR/ca.crt" && -s "$TLS_DIR/server.crt" && -s "$TLS_DIR/server.key" ]] && return 0
     command -v openssl >/dev/null 2>&1 || apt_install openssl
+    if [[ -s "$TLS_DIR/ca.crt" && -s "$TLS_DIR/server.crt" && -s "$TLS_DIR/server.key" ]] &&
+        openssl x509 -checkend 86400 -noout -in "$TLS_DIR/ca.crt" >/dev/null 2>&1 &&
+        openssl x509 -checkend 86400 -noout -in "$TLS_DIR/server.crt" >/dev/null 2>&1; then
+        return 0
+    fi
+    # New (or expiring within a day): a running TLS Redis still serves the old one.
+    stop_service redis-tls
+    rm -rf "$TLS_DIR"
     mkdir -p "$TLS_DIR"
     log "making a test CA and a server certificate for 127.0.0.1 in $TLS_DIR"
     openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=switchyard stack test CA" \
@@ -503,6 +510,7 @@ cmd_up() {
     ensure_service tansu
     ensure_service redis
     ensure_service llmock
+    make_test_ca
     ensure_service redis-tls
     write_env
     printf 'kafka brokers: %s:%s\n' "$HOST" "$(service_port tansu)"

@@ -56,8 +56,26 @@ pub fn redact(v: &mut Value, key: Option<&str>) {
     }
 }
 
-/// `scheme://user:password@host` → `scheme://user:<redacted>@host`; None when there is nothing to hide.
+/// `scheme://user:password@host` → `scheme://user:<redacted>@host`; None when there is nothing to
+/// hide. A comma-separated list (a cluster's seed nodes) is redacted URL by URL.
 pub fn redact_url(s: &str) -> Option<String> {
+    if s.contains(',') && s.contains("://") {
+        let parts: Vec<(Option<String>, &str)> = s.split(',').map(|p| (redact_one(p), p)).collect();
+        if parts.iter().all(|(r, _)| r.is_none()) {
+            return None;
+        }
+        return Some(
+            parts
+                .into_iter()
+                .map(|(r, p)| r.unwrap_or_else(|| p.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    redact_one(s)
+}
+
+fn redact_one(s: &str) -> Option<String> {
     let (scheme, rest) = s.split_once("://")?;
     let (userinfo, host) = rest.split_once('@')?;
     if host.contains('/') && userinfo.contains('/') {
@@ -78,6 +96,10 @@ mod tests {
             Some("redis://:<redacted>@host:6379/0")
         );
         assert_eq!(redact_url("redis://host:6379/0"), None);
+        assert_eq!(
+            redact_url("redis://:pw@a:6379,redis://:pw@b:6379").as_deref(),
+            Some("redis://:<redacted>@a:6379,redis://:<redacted>@b:6379")
+        );
         let mut v: Value = serde_yaml::from_str(
             "kafka: {producer: {sasl.password: p, linger.ms: '5'}}\nurl: 'rediss://u:p@h'",
         )

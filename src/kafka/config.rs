@@ -105,10 +105,19 @@ impl KafkaConfig {
                 }
             }
         }
+        if self.client.contains_key("bootstrap.servers") {
+            add(
+                "kafka.client.bootstrap.servers",
+                "set kafka.brokers (or SWITCHYARD_KAFKA_BROKERS) instead".into(),
+            );
+        }
         for reserved in ["enable.auto.offset.store", "group.id"] {
-            if self.consumer.contains_key(reserved) || self.client.contains_key(reserved) {
+            for (section, map) in [("consumer", &self.consumer), ("client", &self.client)] {
+                if !map.contains_key(reserved) {
+                    continue;
+                }
                 add(
-                    &format!("kafka.consumer.{reserved}"),
+                    &format!("kafka.{section}.{reserved}"),
                     "is set by switchyard itself (at-least-once depends on it) and cannot be overridden".into(),
                 );
             }
