@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::agents::{Agent, AgentError, AgentRequest};
@@ -762,19 +761,11 @@ enum Stage {
     Resolve,
 }
 
-/// A record through a processor; its records (the batch's seal included) once it is done.
+/// A record through a processor; its records (the batch's seal included), its memos cleaned up
+/// as after a commit.
 async fn once<P: Processor>(p: &P, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
-    let mut results = std::pin::pin!(p.process_batch(vec![rec]));
-    let (_, done) = results
-        .next()
-        .await
-        .ok_or_else(|| ProcessError::Fatal("the processor answered nothing".into()))?;
-    let done = done?;
-    let mut out = done.outputs;
-    if let Some(so) = done.shared {
-        out.extend(so.take());
-    }
-    p.cleanup(done.cleanup).await;
+    let (out, cleanup) = crate::kafka::runtime::process_one_done(p, rec).await?;
+    p.cleanup(cleanup).await;
     Ok(out)
 }
 

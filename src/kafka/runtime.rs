@@ -179,6 +179,14 @@ pub async fn process_one<P: Processor>(
     p: &P,
     rec: Arc<Input>,
 ) -> Result<Vec<Output>, ProcessError> {
+    Ok(process_one_done(p, rec).await?.0)
+}
+
+/// [`process_one`], with the keys its [`Processor::cleanup`] may delete once it is committed.
+pub async fn process_one_done<P: Processor>(
+    p: &P,
+    rec: Arc<Input>,
+) -> Result<(Vec<Output>, Vec<String>), ProcessError> {
     let mut results = std::pin::pin!(p.process_batch(vec![rec]));
     let (_, done) = results
         .next()
@@ -189,7 +197,7 @@ pub async fn process_one<P: Processor>(
     if let Some(so) = done.shared {
         out.extend(so.take());
     }
-    Ok(out)
+    Ok((out, done.cleanup))
 }
 
 /// What a stage needs besides its processor.
