@@ -180,6 +180,37 @@ pub fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// The time decisions are made at: now, or — for `replay`, which decides each proposal at its
+/// recorded time — a time its holder sets.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<std::sync::Arc<std::sync::atomic::AtomicI64>>);
+
+impl Clock {
+    /// A clock reading `at` (seconds since the epoch), which its holder sets.
+    pub fn set_by(at: std::sync::Arc<std::sync::atomic::AtomicI64>) -> Self {
+        Clock(Some(at))
+    }
+
+    /// Seconds since the epoch.
+    pub fn secs(&self) -> i64 {
+        match &self.0 {
+            Some(at) => at.load(std::sync::atomic::Ordering::Relaxed),
+            None => now_secs(),
+        }
+    }
+
+    /// The RFC 3339 time of a decision made at `secs` (read from this clock): now, to the
+    /// millisecond, unless the clock is set.
+    pub fn stamp(&self, secs: i64) -> String {
+        match &self.0 {
+            Some(_) => chrono::DateTime::from_timestamp(secs, 0)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            None => now_rfc3339(),
+        }
+    }
+}
+
 /// Extension attribute names must be lower-case letters and digits (CloudEvents 1.0, section 3.1.1).
 pub fn is_valid_extension_name(name: &str) -> bool {
     !name.is_empty()

@@ -56,19 +56,31 @@ pub struct Recorded {
     pub ran: Option<String>,
 }
 
-/// One decision on one proposal.
+/// The proposal a decision is about.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
+pub struct About {
     pub proposal_id: String,
     pub event_id: String,
     pub agent: String,
     pub action: String,
     pub resource: String,
+}
+
+/// What was decided on a proposal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decided {
     /// accepted, approval_requested, rejected, deduplicated or merged.
     pub decision: String,
     pub rule: Option<String>,
     pub reason: Option<String>,
     pub detail: String,
+}
+
+/// One decision on one proposal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub about: About,
+    pub decided: Decided,
 }
 
 impl Decision {
@@ -80,21 +92,26 @@ impl Decision {
         let d = &a.detail;
         let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
         Some(Decision {
-            proposal_id: d["proposal_id"].as_str()?.to_string(),
-            event_id: a.event_id.clone().unwrap_or_default(),
-            agent: s("agent"),
-            action: s("action"),
-            resource: a.resource.clone(),
-            decision: a.decision.clone(),
-            rule: d["rule"].as_str().map(str::to_string),
-            reason: a.reason.clone(),
-            detail: s("detail"),
+            about: About {
+                proposal_id: d["proposal_id"].as_str()?.to_string(),
+                event_id: a.event_id.clone().unwrap_or_default(),
+                agent: s("agent"),
+                action: s("action"),
+                resource: a.resource.clone(),
+            },
+            decided: Decided {
+                decision: a.decision.clone(),
+                rule: d["rule"].as_str().map(str::to_string),
+                reason: a.reason.clone(),
+                detail: s("detail"),
+            },
         })
     }
 
     /// Whether two decisions differ in what was decided (the detail's wording aside).
     fn differs(&self, other: &Decision) -> bool {
-        (&self.decision, &self.rule, &self.reason) != (&other.decision, &other.rule, &other.reason)
+        let (a, b) = (&self.decided, &other.decided);
+        (&a.decision, &a.rule, &a.reason) != (&b.decision, &b.rule, &b.reason)
     }
 }
 
@@ -154,7 +171,9 @@ impl Recording {
                 continue;
             };
             if let (Some(d), Some(at)) = (Decision::of(&a), at) {
-                r.decisions.entry(d.proposal_id.clone()).or_insert((d, at));
+                r.decisions
+                    .entry(d.about.proposal_id.clone())
+                    .or_insert((d, at));
             }
         }
         r
@@ -248,33 +267,10 @@ pub struct Summary {
 pub struct Row {
     /// same, changed, new or missing.
     pub status: &'static str,
-    pub proposal_id: String,
-    pub event_id: String,
-    pub agent: String,
-    pub action: String,
-    pub resource: String,
+    #[serde(flatten)]
+    pub about: About,
     pub before: Option<Decided>,
     pub after: Option<Decided>,
-}
-
-/// A decision as the diff shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decided {
-    pub decision: String,
-    pub rule: Option<String>,
-    pub reason: Option<String>,
-    pub detail: String,
-}
-
-impl From<&Decision> for Decided {
-    fn from(d: &Decision) -> Self {
-        Decided {
-            decision: d.decision.clone(),
-            rule: d.rule.clone(),
-            reason: d.reason.clone(),
-            detail: d.detail.clone(),
-        }
-    }
 }
 
 /// What a replay found.
@@ -330,7 +326,7 @@ impl Sandbox {
                 &prefix,
                 cfg.governance.budgets.clone(),
             )
-            .with_clock(clock.clone()),
+            .with_clock(crate::event::Clock::set_by(clock.clone())),
         );
         let graph = Arc::new(crate::context::graph::Graph::new(
             redis.clone(),
@@ -434,7 +430,7 @@ impl Sandbox {
                 sealer,
                 stats: None,
                 graph: Some(graph),
-                clock: Some(clock.clone()),
+                clock: crate::event::Clock::set_by(clock.clone()),
             },
             loaded: l,
             redis,
@@ -524,10 +520,14 @@ impl Sandbox {
         let mut rows = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for d in &after {
-            if !seen.insert(d.proposal_id.clone()) {
+            if !seen.insert(d.about.proposal_id.clone()) {
                 continue;
             }
-            let before = self.recording.decisions.get(&d.proposal_id).map(|(b, _)| b);
+            let before = self
+                .recording
+                .decisions
+                .get(&d.about.proposal_id)
+                .map(|(b, _)| b);
             let status = match before {
                 None => "new",
                 Some(b) if b.differs(d) => "changed",
@@ -540,9 +540,11 @@ impl Sandbox {
             .decisions
             .values()
             .map(|(d, _)| d)
-            .filter(|d| event_ids.contains(&d.event_id) && !seen.contains(&d.proposal_id))
+            .filter(|d| {
+                event_ids.contains(&d.about.event_id) && !seen.contains(&d.about.proposal_id)
+            })
             .collect();
-        missing.sort_by(|a, b| a.proposal_id.cmp(&b.proposal_id));
+        missing.sort_by(|a, b| a.about.proposal_id.cmp(&b.about.proposal_id));
         for d in missing {
             rows.push(row("missing", d, Some(d), None));
         }
@@ -777,12 +779,8 @@ fn row(
 ) -> Row {
     Row {
         status,
-        proposal_id: d.proposal_id.clone(),
-        event_id: d.event_id.clone(),
-        agent: d.agent.clone(),
-        action: d.action.clone(),
-        resource: d.resource.clone(),
-        before: before.map(Decided::from),
-        after: after.map(Decided::from),
+        about: d.about.clone(),
+        before: before.map(|b| b.decided.clone()),
+        after: after.map(|a| a.decided.clone()),
     }
 }

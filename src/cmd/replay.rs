@@ -152,10 +152,10 @@ fn print(r: &Report, json: bool) {
         println!(
             "{:<8} {:<14} {:<18} {:<12} {:<16} {} -> {}",
             row.status,
-            row.event_id,
-            row.action,
-            row.resource,
-            row.agent,
+            row.about.event_id,
+            row.about.action,
+            row.about.resource,
+            row.about.agent,
             show(&row.before),
             show(&row.after)
         );

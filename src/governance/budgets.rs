@@ -18,7 +18,6 @@ use futures::future::BoxFuture;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
-use crate::event::now_secs;
 use crate::pattern::TypePattern;
 use crate::store::{reply_number, RedisConn, StoreError};
 use crate::telemetry::METRICS;
@@ -623,7 +622,7 @@ pub struct Budgets {
     prefix: String,
     specs: Vec<BudgetSpec>,
     /// The time spend is counted at when not now (`replay`: the time of what is replayed).
-    clock: Option<Arc<std::sync::atomic::AtomicI64>>,
+    clock: crate::event::Clock,
 }
 
 impl Budgets {
@@ -632,21 +631,14 @@ impl Budgets {
             store,
             prefix: prefix.into(),
             specs,
-            clock: None,
+            clock: Default::default(),
         }
     }
 
     /// Counts spend in the periods of `clock`'s time instead of now's.
-    pub fn with_clock(mut self, clock: Arc<std::sync::atomic::AtomicI64>) -> Self {
-        self.clock = Some(clock);
+    pub fn with_clock(mut self, clock: crate::event::Clock) -> Self {
+        self.clock = clock;
         self
-    }
-
-    fn now(&self) -> i64 {
-        match &self.clock {
-            Some(c) => c.load(std::sync::atomic::Ordering::Relaxed),
-            None => now_secs(),
-        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -696,7 +688,7 @@ impl Budgets {
         &self,
         calls: &[(Spender<'_>, f64)],
     ) -> Result<Vec<BudgetCheck>, StoreError> {
-        let now = self.now();
+        let now = self.clock.secs();
         let applies: Vec<Vec<(&BudgetSpec, Line)>> =
             calls.iter().map(|(s, _)| self.applicable(s, now)).collect();
         let requests: Vec<Request> = applies
@@ -774,7 +766,7 @@ impl Budgets {
         hold_ms: u64,
         bounded: bool,
     ) -> Result<Result<Hold, String>, StoreError> {
-        let apply = self.applicable(s, self.now());
+        let apply = self.applicable(s, self.clock.secs());
         let id = uuid::Uuid::new_v4().simple().to_string();
         let lines: Vec<Line> = apply.iter().map(|(_, l)| l.clone()).collect();
         let hold = |id, lines| Hold {
@@ -832,7 +824,7 @@ impl Budgets {
     /// What the budgets that apply to `spenders` have spent, read in one round trip: the view a
     /// batch's second checks use ([`Budgets::check_in`]).
     pub async fn view(&self, spenders: &[Spender<'_>]) -> Result<SpentView, StoreError> {
-        let now = self.now();
+        let now = self.clock.secs();
         let mut keys: Vec<String> = spenders
             .iter()
             .flat_map(|s| self.applicable(s, now).into_iter().map(|(_, l)| l.key))
@@ -846,7 +838,7 @@ impl Budgets {
     /// [`Budgets::check`] against a view read earlier in the batch (a bucket the view lacks, such
     /// as one of a period that began since, counts as unspent: the reservation is the guard).
     pub fn check_in(&self, view: &SpentView, s: &Spender<'_>) -> BudgetCheck {
-        for (b, l) in self.applicable(s, self.now()) {
+        for (b, l) in self.applicable(s, self.clock.secs()) {
             let (calls, cost) = view.0.get(&l.key).copied().unwrap_or_default();
             let over_calls = b.max_calls.is_some_and(|m| calls > m);
             let over_cost = b.max_cost.is_some_and(|m| cost > m + 1e-9);
@@ -861,7 +853,7 @@ impl Budgets {
 
     /// Whether any applicable budget is over its limit (the second check, before an action goes out).
     pub async fn check(&self, s: &Spender<'_>) -> Result<BudgetCheck, StoreError> {
-        let apply = self.applicable(s, self.now());
+        let apply = self.applicable(s, self.clock.secs());
         if apply.is_empty() {
             return Ok(BudgetCheck::Ok);
         }

@@ -21,7 +21,6 @@ use super::services::{runner, Runner, Services};
 use crate::audit::Sealer;
 use crate::codec;
 use crate::error::ProcessError;
-use crate::event::now_secs;
 use crate::governance::approvals::approval_output;
 use crate::governance::budgets::{Budgets, Spender, SpentView};
 use crate::governance::GovernanceConfig;
@@ -63,7 +62,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             sealer: s.sealer.clone(),
             stats: Some(s.stats.clone()),
             graph: Some(s.graph.clone()),
-            clock: None,
+            clock: Default::default(),
         }))
     })
 }
@@ -111,7 +110,7 @@ pub struct ResolveStage {
     pub graph: Option<Arc<crate::context::graph::Graph>>,
     /// The time decisions are made at (seconds since the epoch) when not now: `replay` decides
     /// each proposal at its recorded time, so cooldowns and windows see what they saw.
-    pub clock: Option<Arc<std::sync::atomic::AtomicI64>>,
+    pub clock: crate::event::Clock,
 }
 
 /// Reads a proposal record.
@@ -133,13 +132,6 @@ pub fn decode_proposal(
 }
 
 impl ResolveStage {
-    fn now(&self) -> i64 {
-        match &self.clock {
-            Some(c) => c.load(std::sync::atomic::Ordering::Relaxed),
-            None => now_secs(),
-        }
-    }
-
     /// Cross-resource staleness: for each `<relation>:<key>` of the action's `invalidated_by`, a
     /// related resource whose `key` changed after the agent read its context makes the proposal
     /// stale; the reason names it. The related facts are read, never locked.
@@ -427,7 +419,7 @@ impl ResolveStage {
                 );
                 return Ok(Batch::default());
             }
-            let now = self.now();
+            let now = self.clock.secs();
             let mut state = record.state.clone();
             state.key_versions = std::mem::take(&mut loaded.key_versions);
             prune(&mut state, &self.rules, now);
@@ -490,12 +482,7 @@ impl ResolveStage {
             {
                 a.traceparent = tp.clone();
             }
-            decided.at = match &self.clock {
-                Some(_) => chrono::DateTime::from_timestamp(now, 0)
-                    .unwrap_or_default()
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                None => crate::event::now_rfc3339(),
-            };
+            decided.at = self.clock.stamp(now);
             let write = Write {
                 change: &change,
                 applied: Some((rec.partition, rec.offset)),
@@ -573,7 +560,7 @@ mod tests {
             sealer: Arc::new(Sealer::new(Arc::new(MemoryChainStore::default()), "audit")),
             stats: None,
             graph: None,
-            clock: None,
+            clock: Default::default(),
         }
     }
 
