@@ -86,6 +86,8 @@ pub fn approvals_of(
         config: cfg.governance.approvals.clone(),
         actions_topic: cfg.topics.actions.clone(),
         approvals_topic: cfg.topics.approvals.clone(),
+        proposals_topic: cfg.topics.proposals.clone(),
+        tasks_topic: cfg.topics.tasks.clone(),
         sealer,
         tenants: Default::default(),
         known_tenants: cfg.governance.tenants.clone(),
@@ -191,6 +193,7 @@ pub async fn run(
         cfg.context.relations.clone(),
     ));
     let redis_http = redis.clone();
+    let inbox_budgets = budgets.clone();
     let services = Services {
         budgets,
         loaded: loaded.clone(),
@@ -245,13 +248,29 @@ pub async fn run(
             .parse()
             .map_err(|e| AppError::Setup(format!("http.listen: {e}")))?;
         let listener_stop = stop.clone();
-        let auth = Arc::new(http::auth::Auth::new(
-            &cfg.http.users,
-            cfg.governance.approvals.token.as_ref(),
-        ));
+        let auth = Arc::new(
+            http::auth::Auth::new(&cfg.http.users, cfg.governance.approvals.token.as_ref())
+                .with_proxy_header(cfg.http.proxy_user_header.as_deref()),
+        );
         let mut app = http::router(health.clone(), cfg.http.metrics_token.as_ref());
         if let Some(gw) = gateway {
             app = app.merge(crate::gateway::served::router(gw));
+        }
+        let context_store = Arc::new(crate::context::redis::RedisStore::new(
+            redis_http.clone(),
+            &cfg.redis.key_prefix,
+            cfg.context.clone(),
+        ));
+        if cfg.http.inbox.enabled {
+            app = app.merge(http::inbox::router(http::inbox::Inbox {
+                approvals: approvals.clone(),
+                producer: producer.clone(),
+                auth: auth.clone(),
+                redis: redis_http.clone(),
+                context: context_store.clone(),
+                budgets: inbox_budgets,
+                loaded: loaded.clone(),
+            }));
         }
         let app = app
             .merge(http::approvals::router(http::approvals::Api {
@@ -260,11 +279,7 @@ pub async fn run(
                 auth: auth.clone(),
             }))
             .merge(http::context::router(http::context::Api {
-                store: Arc::new(crate::context::redis::RedisStore::new(
-                    redis_http.clone(),
-                    &cfg.redis.key_prefix,
-                    cfg.context.clone(),
-                )),
+                store: context_store,
                 graph: graph.clone(),
                 auth,
                 indexed: cfg.context.index.clone(),

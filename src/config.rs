@@ -490,7 +490,10 @@ impl Config {
             );
         }
         for (i, u) in self.http.users.iter().enumerate() {
-            for (item, m) in u.problems(&format!("http.users[{i}]")) {
+            for (item, m) in u.problems(
+                &format!("http.users[{i}]"),
+                self.http.proxy_user_header.is_some(),
+            ) {
                 p(&item, m);
             }
             if self.http.users[..i].iter().any(|o| o.name == u.name) {

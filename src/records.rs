@@ -204,6 +204,13 @@ pub struct ProposalData {
     /// When the agent read its context (cross-resource staleness).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_at: Option<String>,
+    /// A proposal a person edited and approved in the inbox: who. It needs no second approval
+    /// when the approval it replaces ([`ProposalData::edit_of`]) holds exactly this edit by this
+    /// person; everything else (conflicts, access, budgets) is checked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit_of: Option<String>,
 }
 
 /// `data` of a `switchyard.action` event: an accepted, governed action for executors.

@@ -201,6 +201,8 @@ pub async fn recover(
             action,
             decided_at: time,
             traceparent: None,
+            seen: None,
+            amend: None,
         });
         open.push(a);
     }

@@ -66,6 +66,8 @@ fn proposal(
         event_id: Some(format!("ev-{id}")),
         cost: None,
         seen_at: None,
+        approved_by: None,
+        edit_of: None,
     };
     CloudEvent::new(id, "test", "switchyard.proposal")
         .with_subject(resource)
@@ -1565,4 +1567,157 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     running.stop().await;
     let v = verify(&env, &env.topic("switchyard.audit"));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+/// The agent inbox in a real browser (headless Chromium from Debian, driven by Selenium through
+/// chromedriver; `tests/inbox_browser.py`): an approver signs in with her token, filters the list,
+/// opens an approval with its history, edits the parameters and approves — the edit goes through
+/// resolve and governance again and comes out as the action with her name; another approval is
+/// sent back to its agent as a new task with her comment; a third, decided elsewhere while its
+/// page is open, is announced live and a late click says who decided first. A viewer sees the
+/// list and the detail but no decision controls, and a decision of his is refused (403) through
+/// the API and through a form post with a valid CSRF token. Screenshots go to
+/// `SWITCHYARD_SCREENSHOTS` when set (the README's are made so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_in_a_browser_edits_and_approves_responds_and_a_viewer_cannot_decide() {
+    let yaml = format!(
+        r#"{}
+http:
+  enabled: true
+  users:
+    - {{ name: alice, token: {ALICE}, roles: [approver], tenants: [acme] }}
+    - {{ name: bob, token: {BOB}, roles: [viewer], tenants: [acme] }}
+{DEFAULT_AGENTS}{}"#,
+        governance("{ actions: [rollback] }")
+            .replace("governance:\n", "governance:\n  tenants: [acme]\n"),
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let running = Running::start(loaded, &["resolve", "decisions"]);
+    env.publish(
+        "switchyard.proposals",
+        &[
+            tenant_proposal("in1", "acme", "checkout"),
+            tenant_proposal("in2", "acme", "payments"),
+            tenant_proposal("in3", "acme", "search"),
+            tenant_proposal("in4", "acme", "cart"),
+            tenant_proposal("other", "beta", "checkout"),
+        ],
+    )
+    .await;
+    let pending: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 5, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(pending.len(), 5, "{pending:?}");
+    let id_of = |r: &str| {
+        pending
+            .iter()
+            .find(|a| a.resource == r && a.tenant == "acme")
+            .map(|a| a.approval_id.clone())
+            .expect("approval")
+    };
+    let (edit, respond, race, open) = (
+        id_of("checkout"),
+        id_of("payments"),
+        id_of("search"),
+        id_of("cart"),
+    );
+    let shots = std::env::var("SWITCHYARD_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join(format!("inbox-shots-{port}")));
+    let args = json!({
+        "base": format!("http://127.0.0.1:{port}"), "approver": ALICE, "viewer": BOB,
+        "edit": edit, "respond": respond, "race": race, "open": open, "filter_resource": "checkout",
+        "screenshots": shots,
+    });
+    let out = tokio::process::Command::new(stack_dir().join("venv/bin/python"))
+        .arg(root().join("tests/inbox_browser.py"))
+        .arg(args.to_string())
+        .output()
+        .await
+        .expect("run the browser script");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser: {said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(said.trim()).expect("the script's JSON line");
+    let seen = &seen["seen"];
+    assert_eq!(seen["total"], "4", "alice sees acme's only: {seen}");
+    assert_eq!(
+        seen["viewer_total"], "1",
+        "what is left open, to bob too: {seen}"
+    );
+    assert!(shots.join("inbox-list.png").exists() && shots.join("inbox-detail.png").exists());
+
+    // The edit went through resolve and governance again and came out as the action, approved
+    // by alice, with her parameters.
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 1, Duration::from_secs(40))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let a = &actions[0];
+    assert_eq!(
+        (a.resource.as_str(), a.approved_by.as_deref()),
+        ("checkout", Some("alice"))
+    );
+    assert_eq!(a.parameters, seen["edited"], "{a:?}");
+    assert!(a.proposals.to_string().contains("edit-"), "{a:?}");
+    // The response is a new task for the proposing agent carrying the comment.
+    let tasks = env
+        .read("switchyard.tasks", 1, Duration::from_secs(20))
+        .await;
+    let task: switchyard::records::TaskData = data(&tasks[0]);
+    assert_eq!(
+        (
+            task.task_id.as_str(),
+            task.agent.as_str(),
+            task.resource.as_str()
+        ),
+        (format!("respond-{respond}").as_str(), "tester", "payments")
+    );
+    assert_eq!(task.event["type"], "switchyard.inbox.response");
+    assert_eq!(
+        task.event["data"]["comment"],
+        "check the error budget first, then propose again"
+    );
+    // Every decision is on the approvals topic with the signed-in user as who decided.
+    let decided: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 8, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(data)
+        .filter(|a: &ApprovalData| a.status != "pending")
+        .collect();
+    let status_of = |id: &str| {
+        decided
+            .iter()
+            .find(|a| a.approval_id == id)
+            .map(|a| (a.status.clone(), a.decided_by.clone().unwrap_or_default()))
+    };
+    assert_eq!(
+        status_of(&edit),
+        Some(("superseded".into(), "alice".into()))
+    );
+    assert_eq!(
+        status_of(&respond),
+        Some(("rejected".into(), "alice".into()))
+    );
+    assert_eq!(status_of(&race), Some(("rejected".into(), "alice".into())));
+    assert_eq!(
+        status_of(&open),
+        None,
+        "the viewer's attempts decided nothing"
+    );
+    running.stop().await;
 }

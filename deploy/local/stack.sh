@@ -31,6 +31,9 @@ MCP_VERSION="1.26.0"
 # The official OpenTelemetry protocol definitions: the OTLP trace receiver of the tests and the demo
 # (deploy/local/otlp_receiver.py).
 OTEL_PROTO_VERSION="1.45.2"
+# Selenium's official Python bindings: the agent inbox's browser test drives Debian's headless
+# Chromium through chromedriver with them (tests/inbox_browser.py).
+SELENIUM_VERSION="4.51.0" # 4.52.0 needs a certifi newer than the registry holds
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections
 STOP_TIMEOUT=10  # seconds to wait after SIGTERM before SIGKILL
@@ -194,12 +197,13 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in, the OpenAI client, the MCP SDK and the OTLP definitions, into the stack's venv.
+# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions and Selenium, into the
+# stack's venv.
 install_llmock() {
-    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3] or m.version("opentelemetry-proto") != sys.argv[4])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" "$OTEL_PROTO_VERSION" >/dev/null 2>&1; then
+    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3] or m.version("opentelemetry-proto") != sys.argv[4] or m.version("selenium") != sys.argv[5])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" "$OTEL_PROTO_VERSION" "$SELENIUM_VERSION" >/dev/null 2>&1; then
         return 0
     fi
-    local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" "opentelemetry-proto==$OTEL_PROTO_VERSION")
+    local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION")
     log "pip install ${pkgs[*]}"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${pkgs[@]}" </dev/null >&2 9>&- ||
         die "pip install ${pkgs[*]} failed"
@@ -214,8 +218,18 @@ install_build_deps() {
     apt_install pkg-config libssl-dev
 }
 
+# Debian's headless Chromium and its chromedriver, for the agent inbox's browser test (no browser
+# download from the network: Selenium is pointed at /usr/bin/chromedriver).
+install_browser() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install chromium chromium-driver
+}
+
 cmd_install() {
     install_build_deps
+    install_browser
     install_tansu
     install_redis
     install_agent_deps

@@ -5,6 +5,7 @@
 //!   records chained one by one per resource, written before;
 //! - [`sealer`]: a batch's seal record (its records' hashes and resources, their Merkle root, the
 //!   previous seal's hash) and the chain heads it moves by compare-and-set, one per batch;
+//! - [`story`]: the records of one event or resource in order, one line of text each;
 //! - [`verify`]: checking a topic of either version; a removed, altered or forked record or seal
 //!   is found.
 //!
@@ -15,6 +16,7 @@
 pub mod hash;
 pub mod recorder;
 pub mod sealer;
+pub mod story;
 pub mod verify;
 
 pub use hash::{canonical_json, record_hash, seal, sealed_hash};

@@ -115,6 +115,10 @@ pub struct Approvals {
     pub config: ApprovalsConfig,
     pub actions_topic: String,
     pub approvals_topic: String,
+    /// Where an edited approval's new proposal goes (see [`super::amend`]).
+    pub proposals_topic: String,
+    /// Where a response's new task for the agent goes.
+    pub tasks_topic: String,
     /// Seals approval decisions into their resource's audit chain.
     pub sealer: Arc<Sealer>,
     /// Tenants that had pending approvals (their gauge is kept, at 0 when none are pending).
@@ -304,6 +308,8 @@ impl Approvals {
                 escalated: false,
                 decided_at: now_rfc3339(),
                 traceparent: None,
+                seen: None,
+                amend: None,
             };
             self.check_sizes(&s, None)?;
             let change = Change {
@@ -353,6 +359,7 @@ impl Approvals {
             .map_err(pe)?;
             out.push(self.emitter.emit(&self.actions_topic, &ev).map_err(pe)?);
         }
+        out.extend(self.amend_record(stored, tp).map_err(pe)?);
         out.push(approval_output(&self.emitter, &self.approvals_topic, a, tp, time).map_err(pe)?);
         let decision = match a.status.as_str() {
             "pending" => "approval_requested",
@@ -371,7 +378,8 @@ impl Approvals {
             trace_id: crate::records::trace_id(tp),
             reason: Some(a.status.clone()),
             detail: json!({"approval_id": a.approval_id, "action_id": a.action_id, "action": a.action, "status": a.status,
-                           "decided_by": a.decided_by, "why": a.why, "fencing_token": action.map(|x| x.fencing_token)}),
+                           "decided_by": a.decided_by, "why": a.why, "fencing_token": action.map(|x| x.fencing_token),
+                           "amend": stored.amend}),
             seq: None,
             prev_hash: None,
             hash: None,
@@ -388,7 +396,7 @@ impl Approvals {
     }
 
     /// Refuses a decision any of whose records the producer could not write, before anything moves.
-    fn check_sizes(
+    pub(crate) fn check_sizes(
         &self,
         stored: &StoredApproval,
         action: Option<&ActionData>,
@@ -411,7 +419,7 @@ impl Approvals {
     }
 
     /// The records of a decision, its audit record sealed into the resource's chain.
-    async fn outputs(
+    pub(crate) async fn outputs(
         &self,
         stored: &StoredApproval,
         action: Option<&ActionData>,
@@ -568,7 +576,7 @@ impl Approvals {
 }
 
 /// Whether nobody has decided the approval yet (pending, or escalated and pending again).
-fn is_open(s: &StoredApproval) -> bool {
+pub(crate) fn is_open(s: &StoredApproval) -> bool {
     matches!(s.approval.status.as_str(), "pending" | "escalated")
 }
 

@@ -108,6 +108,16 @@ pub struct Hold {
 #[derive(Debug, Clone, Default)]
 pub struct SpentView(HashMap<String, (u64, f64)>);
 
+/// What one budget has spent this period, against its limits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Standing {
+    pub budget: String,
+    pub calls: u64,
+    pub cost: f64,
+    pub max_calls: Option<u64>,
+    pub max_cost: Option<f64>,
+}
+
 /// One budget bucket a reservation counts against.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Line {
@@ -833,6 +843,25 @@ impl Budgets {
         keys.dedup();
         let spent = self.store.spent(&keys).await?;
         Ok(SpentView(keys.into_iter().zip(spent).collect()))
+    }
+
+    /// Each budget that applies to `s`, with what it has spent this period: (name, calls, cost,
+    /// max_calls, max_cost). What the inbox shows as a proposal's cost so far.
+    pub async fn standing(&self, s: &Spender<'_>) -> Result<Vec<Standing>, StoreError> {
+        let apply = self.applicable(s, self.clock.secs());
+        let keys: Vec<String> = apply.iter().map(|(_, l)| l.key.clone()).collect();
+        let spent = self.store.spent(&keys).await?;
+        Ok(apply
+            .iter()
+            .zip(spent)
+            .map(|((b, l), (calls, cost))| Standing {
+                budget: b.name.clone(),
+                calls,
+                cost,
+                max_calls: l.max_calls,
+                max_cost: l.max_cost,
+            })
+            .collect())
     }
 
     /// [`Budgets::check`] against a view read earlier in the batch (a bucket the view lacks, such

@@ -5,6 +5,7 @@
 //! - [`budgets`]: spend per agent, workflow or tenant, reserved atomically in a store;
 //! - [`approvals`]: people deciding on pending actions (and the sweeper that expires them).
 
+pub mod amend;
 pub mod approvals;
 pub mod budgets;
 

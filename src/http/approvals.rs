@@ -6,7 +6,10 @@
 //! - `GET /v1/approvals/{id}`: one approval with the action it would send;
 //! - `POST /v1/approvals/{id}/approve|reject` with `{"why": "..."}` (and `"by"` only for the
 //!   shared legacy token): decide (approver role). An approval of a tenant the caller does not see
-//!   is not found.
+//!   is not found;
+//! - `POST /v1/approvals/{id}/edit` with `{"parameters": {...}, "why": "..."}`: approve with other
+//!   parameters, checked again by resolve and governance ([`crate::governance::amend`]);
+//! - `POST /v1/approvals/{id}/respond` with `{"comment": "..."}`: send it back to the agent.
 
 use std::sync::Arc;
 
@@ -19,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{Auth, Identity, Role};
-use crate::governance::approvals::{ApprovalError, Approvals, Verdict};
+use crate::governance::approvals::{ApprovalError, Approvals, Decision, Verdict};
 use crate::kafka::Producer;
 
 /// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
@@ -31,6 +34,12 @@ pub struct DecisionRequest {
     pub by: String,
     #[serde(default)]
     pub why: String,
+    /// `/edit`: the action's new parameters (a JSON object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    /// `/respond`: the comment sent back to the agent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
 }
 
 /// The approvals API state.
@@ -107,10 +116,17 @@ async fn act(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let verdict = match verb.as_str() {
-        "approve" => Verdict::Approve,
-        "reject" => Verdict::Reject,
-        _ => return error(StatusCode::NOT_FOUND, "use /approve or /reject"),
+    let verb = match verb.as_str() {
+        "approve" => Verb::Decide(Verdict::Approve),
+        "reject" => Verb::Decide(Verdict::Reject),
+        "edit" => Verb::Edit,
+        "respond" => Verb::Respond,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "use /approve, /reject, /edit or /respond",
+            )
+        }
     };
     let req = body.map(|Json(b)| b).unwrap_or_default();
     let by = if who.shared {
@@ -130,25 +146,29 @@ async fn act(
         Ok(_) => return error_response(ApprovalError::NotFound(id)),
         Err(e) => return error_response(e),
     }
-    let d = match api
-        .approvals
-        .decide(&id, verdict, &by, &req.why, false, true)
-        .await
-    {
+    let d = match verb {
+        Verb::Decide(v) => {
+            api.approvals
+                .decide(&id, v, &by, &req.why, false, true)
+                .await
+        }
+        Verb::Edit => match req.parameters.clone() {
+            Some(p) => api.approvals.edit(&id, &by, &req.why, p, None).await,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "edit needs {\"parameters\": {...}} (the action's new parameters)",
+                )
+            }
+        },
+        Verb::Respond => api.approvals.respond(&id, &by, &req.comment).await,
+    };
+    let d = match d {
         Ok(d) => d,
         Err(e) => return error_response(e),
     };
-    for o in &d.outputs {
-        if let Err(e) = api.producer.send(o).await {
-            tracing::warn!(approval_id = %id, topic = %o.topic, error = %e, "Producing an approval decision failed; the outbox sweeper produces it.");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("decision recorded but producing failed ({e}); it is produced within a minute, or repeat the request"),
-            );
-        }
-    }
-    if let Err(e) = api.approvals.sent(&id).await {
-        tracing::warn!(approval_id = %id, error = %e, "Clearing the approvals outbox failed; the records may be produced once more.");
+    if let Err(m) = publish(&api.approvals, &api.producer, &id, &d).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, m);
     }
     let code = if d.fresh {
         StatusCode::OK
@@ -160,6 +180,32 @@ async fn act(
         "fencing_token": d.action.as_ref().map(|a| a.fencing_token), "decided_by": d.approval.decided_by,
         "already_decided": !d.fresh,
     }))).into_response()
+}
+
+enum Verb {
+    Decide(Verdict),
+    Edit,
+    Respond,
+}
+
+/// Produces a decision's records, then clears its outbox entry; the error says what to do when
+/// producing failed (the sweeper produces them later in any case).
+pub async fn publish(
+    approvals: &Approvals,
+    producer: &Producer,
+    id: &str,
+    d: &Decision,
+) -> Result<(), String> {
+    for o in &d.outputs {
+        if let Err(e) = producer.send(o).await {
+            tracing::warn!(approval_id = %id, topic = %o.topic, error = %e, "Producing an approval decision failed; the outbox sweeper produces it.");
+            return Err(format!("decision recorded but producing failed ({e}); it is produced within a minute, or repeat the request"));
+        }
+    }
+    if let Err(e) = approvals.sent(id).await {
+        tracing::warn!(approval_id = %id, error = %e, "Clearing the approvals outbox failed; the records may be produced once more.");
+    }
+    Ok(())
 }
 
 /// The approvals API routes.

@@ -32,7 +32,8 @@ pub enum Role {
 pub struct UserSpec {
     /// The name recorded as the approver of what this user decides.
     pub name: String,
-    /// The bearer token (a secret: prefer `token_sha256`, or set it from the environment).
+    /// The bearer token (a secret: prefer `token_sha256`, or set it from the environment). A user
+    /// who only signs in through a trusted proxy (`http.proxy_user_header`) needs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<Secret>,
     /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
@@ -55,7 +56,7 @@ fn all_tenants() -> Vec<String> {
 
 impl UserSpec {
     /// Problems of this user, as (path, message).
-    pub fn problems(&self, path: &str) -> Vec<(String, String)> {
+    pub fn problems(&self, path: &str, proxy: bool) -> Vec<(String, String)> {
         let mut p = Vec::new();
         if self.name.trim().is_empty() {
             p.push((format!("{path}.name"), "must not be empty".into()));
@@ -64,7 +65,10 @@ impl UserSpec {
             (Some(_), Some(_)) => {
                 p.push((path.into(), "give token or token_sha256, not both".into()))
             }
-            (None, None) => p.push((path.into(), "needs token or token_sha256".into())),
+            (None, None) if !proxy => p.push((
+                path.into(),
+                "needs token or token_sha256 (or http.proxy_user_header set)".into(),
+            )),
             (Some(t), None) if t.expose().len() < 16 => p.push((
                 format!("{path}.token"),
                 "must be at least 16 characters".into(),
@@ -121,6 +125,10 @@ pub enum AuthError {
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     users: Vec<([u8; 32], Identity)>,
+    /// Every declared user by name (for sessions and a trusted proxy's header).
+    named: Vec<Identity>,
+    /// A trusted reverse proxy's header naming the signed-in user (`http.proxy_user_header`).
+    proxy_header: Option<axum::http::HeaderName>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -131,7 +139,16 @@ impl Auth {
     /// From `http.users` and the legacy shared approvals token.
     pub fn new(users: &[UserSpec], shared_token: Option<&Secret>) -> Self {
         let mut out = Vec::new();
-        for u in users {
+        let named = users
+            .iter()
+            .map(|u| Identity {
+                name: u.name.clone(),
+                role: u.roles.iter().copied().max().unwrap_or(Role::Viewer),
+                tenants: u.tenants.clone(),
+                shared: false,
+            })
+            .collect::<Vec<_>>();
+        for (u, who) in users.iter().zip(&named) {
             let d = match (&u.token, &u.token_sha256) {
                 (Some(t), _) => digest(t.expose()),
                 (None, Some(h)) => {
@@ -143,15 +160,7 @@ impl Auth {
                 }
                 (None, None) => continue,
             };
-            out.push((
-                d,
-                Identity {
-                    name: u.name.clone(),
-                    role: u.roles.iter().copied().max().unwrap_or(Role::Viewer),
-                    tenants: u.tenants.clone(),
-                    shared: false,
-                },
-            ));
+            out.push((d, who.clone()));
         }
         if let Some(t) = shared_token.filter(|t| !t.is_empty()) {
             out.push((
@@ -164,16 +173,50 @@ impl Auth {
                 },
             ));
         }
-        Auth { users: out }
+        Auth {
+            users: out,
+            named,
+            proxy_header: None,
+        }
+    }
+
+    /// Also trusts `header` (set by a reverse proxy doing single sign-on in front) to name the
+    /// user. Only for a proxy every request passes, which strips the header from clients.
+    pub fn with_proxy_header(mut self, header: Option<&str>) -> Self {
+        self.proxy_header = header
+            .filter(|h| !h.trim().is_empty())
+            .and_then(|h| axum::http::HeaderName::from_bytes(h.trim().as_bytes()).ok());
+        self
     }
 
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.users.is_empty() && (self.proxy_header.is_none() || self.named.is_empty())
+    }
+
+    /// A declared user by name (a session's, or a trusted proxy's).
+    pub fn user(&self, name: &str) -> Option<Identity> {
+        self.named.iter().find(|u| u.name == name).cloned()
+    }
+
+    /// The user a trusted proxy's header names: `None` when no such header is configured or the
+    /// request has none; an error when it names nobody declared, or is sent twice.
+    pub fn proxy_user(&self, headers: &HeaderMap) -> Option<Result<Identity, AuthError>> {
+        let h = self.proxy_header.as_ref()?;
+        let mut values = headers.get_all(h).iter();
+        let first = values.next()?;
+        if values.next().is_some() {
+            return Some(Err(AuthError::Ambiguous));
+        }
+        let name = first.to_str().unwrap_or("").trim();
+        Some(self.user(name).ok_or(AuthError::Unauthenticated))
     }
 
     /// The caller of a request: exactly one `Authorization: Bearer <token>` header (the scheme in
     /// any case, RFC 7235) whose token is a user's.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+        if let Some(who) = self.proxy_user(headers) {
+            return who;
+        }
         if self.users.is_empty() {
             return Err(AuthError::Disabled);
         }

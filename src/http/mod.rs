@@ -1,11 +1,13 @@
 //! switchyard's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz`
 //! (Kafka and Redis reachable and every running stage in its consumer group — consuming, or
 //! standing by when there are more members than partitions), and the front doors
-//! merged in from the submodules ([`approvals`]: the approvals API).
+//! merged in from the submodules ([`approvals`]: the approvals API; [`context`]: the context API;
+//! [`inbox`]: the agent inbox web page).
 
 pub mod approvals;
 pub mod auth;
 pub mod context;
+pub mod inbox;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,9 +37,18 @@ pub struct HttpConfig {
     /// `SWITCHYARD_METRICS_TOKEN` overrides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_token: Option<crate::secret::Secret>,
-    /// Users of the HTTP front doors (approvals API) with their roles and tenants.
+    /// Users of the HTTP front doors (approvals API, context API, the inbox) with their roles and
+    /// tenants.
     #[serde(default)]
     pub users: Vec<auth::UserSpec>,
+    /// A header a trusted reverse proxy (single sign-on in front) sets to the signed-in user's
+    /// name, e.g. `X-Forwarded-User`: that user is the caller. Only set it when every request
+    /// passes that proxy and the proxy removes the header from what clients send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_user_header: Option<String>,
+    /// The agent inbox web page (`/inbox`).
+    #[serde(default)]
+    pub inbox: inbox::InboxConfig,
 }
 
 fn yes() -> bool {
@@ -54,6 +65,8 @@ impl Default for HttpConfig {
             listen: default_listen(),
             metrics_token: None,
             users: Vec::new(),
+            proxy_user_header: None,
+            inbox: inbox::InboxConfig::default(),
         }
     }
 }

@@ -118,6 +118,42 @@ pub struct StoredApproval {
     /// The trace context of the decision that asked for it (the wait's span hangs under it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The resource as the proposal saw it (the inbox warns when it moved since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<Seen>,
+    /// A person's answer other than yes or no (edit and approve, respond).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amend: Option<Amend>,
+}
+
+/// What the resource looked like when an approval was asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The resource's fencing token then: a higher one now means actions went out since.
+    pub token: u64,
+    /// The version of the resource's shared context the agent saw.
+    pub context_version: u64,
+}
+
+/// A person's answer to an approval other than approve or reject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Amend {
+    /// Approved with other parameters: the approval is superseded by a new proposal with them,
+    /// which resolve and governance check again (it needs no second approval).
+    Edit {
+        parameters: Value,
+        proposal_id: String,
+        /// The version of the resource's context the person saw when editing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context_version: Option<u64>,
+    },
+    /// Sent back to the proposing agent with a comment, as a new task, so it can plan again.
+    Respond {
+        comment: String,
+        agent: String,
+        task_id: String,
+    },
 }
 
 /// Governance's answer for a new action, decided before [`apply`] runs.
@@ -191,7 +227,8 @@ fn action_of(
         agents: json!(agents),
         priority,
         impact: p.impact,
-        approved_by: None,
+        // Only a verified edit in the inbox carries it (see `stages::resolve`).
+        approved_by: p.approved_by.clone(),
         reason: p.reason.clone(),
     }
 }
@@ -347,6 +384,11 @@ pub fn apply(
                             escalated: false,
                             decided_at: String::new(),
                             traceparent: None,
+                            seen: Some(Seen {
+                                token,
+                                context_version: p.context_version,
+                            }),
+                            amend: None,
                         });
                         entry.status = ActiveStatus::PendingApproval;
                         entry.approval_id = Some(approval_id);

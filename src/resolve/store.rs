@@ -743,6 +743,8 @@ pub mod contract {
             escalated: false,
             decided_at: String::new(),
             traceparent: None,
+            seen: None,
+            amend: None,
         }
     }
 

@@ -732,6 +732,8 @@ impl<S: ContextStore> AgentStage<S> {
                 .seen_at
                 .clone()
                 .or_else(|| (!o.seen_at.is_empty()).then(|| o.seen_at.clone())),
+            approved_by: None,
+            edit_of: None,
         };
         let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
             .with_subject(resource.to_string())

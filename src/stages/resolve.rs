@@ -398,6 +398,13 @@ impl ResolveStage {
             tracing::info!(proposal_id = %p.proposal_id, "Proposal decided and committed before; skipping this copy.");
             return Ok(Batch::default());
         }
+        // A person's edit from the inbox needs no second approval, but only when the approval it
+        // replaces holds exactly this edit by this person; anything else is an ordinary proposal.
+        let mut p = p;
+        let edited = edited_in_inbox(&p, &loaded.record.approvals);
+        if !edited && p.approved_by.take().is_some() {
+            tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded; treated as unapproved.");
+        }
         let related_stale = self.related_staleness(&key, &p, &inval).await?;
         for attempt in 0..20 {
             if attempt > 0 {
@@ -463,7 +470,10 @@ impl ResolveStage {
                         model: "",
                     };
                     let budget = self.budgets.check_in(view, &spender);
-                    self.governance.gate(&p, budget)
+                    match self.governance.gate(&p, budget) {
+                        Gate::NeedsApproval { .. } if edited => Gate::Allow,
+                        g => g,
+                    }
                 }
                 _ => Gate::Allow,
             };
@@ -530,6 +540,22 @@ impl ResolveStage {
 }
 
 /// The stage's logic against the in-memory twins of its stores: no broker, no Redis.
+/// Whether `p` is the proposal a person made by editing and approving an approval in the inbox:
+/// the approval it names holds this very edit (parameters and proposal id), decided by the person
+/// the proposal names.
+fn edited_in_inbox(
+    p: &ProposalData,
+    approvals: &std::collections::BTreeMap<String, crate::resolve::apply::StoredApproval>,
+) -> bool {
+    let Some(s) = p.edit_of.as_ref().and_then(|id| approvals.get(id)) else {
+        return false;
+    };
+    p.approved_by.is_some()
+        && s.approval.decided_by == p.approved_by
+        && matches!(&s.amend, Some(crate::resolve::apply::Amend::Edit { parameters, proposal_id, .. })
+            if *parameters == p.parameters && *proposal_id == p.proposal_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,6 +607,8 @@ mod tests {
             event_id: None,
             cost: None,
             seen_at: None,
+            approved_by: None,
+            edit_of: None,
         };
         let ev = CloudEvent::new(id, "t", types::PROPOSAL)
             .with_subject("svc")
