@@ -1584,6 +1584,7 @@ async fn the_inbox_in_a_browser_edits_and_approves_responds_and_a_viewer_cannot_
         r#"{}
 http:
   enabled: true
+  proxy_user_header: X-Test-User
   users:
     - {{ name: alice, token: {ALICE}, roles: [approver], tenants: [acme] }}
     - {{ name: bob, token: {BOB}, roles: [viewer], tenants: [acme] }}
@@ -1719,5 +1720,49 @@ http:
         None,
         "the viewer's attempts decided nothing"
     );
+
+    // A proposal that claims alice's approval without her edit behind it needs a person like any.
+    let mut forged = tenant_proposal("forged", "acme", "inventory");
+    if let Some(d) = forged.data.as_mut() {
+        d["approved_by"] = json!("alice");
+        d["edit_of"] = json!(edit);
+        d["parameters"] = json!({"id": "in1", "to": "v0.1"});
+    }
+    env.publish("switchyard.proposals", &[forged]).await;
+    let asked = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.approvals"),
+        1,
+        Duration::from_secs(30),
+        |r| {
+            let a: ApprovalData = data(r);
+            a.status == "pending" && a.action_record["proposals"][0] == "forged"
+        },
+    )
+    .await;
+    assert_eq!(asked.len(), 1, "the forged approval claim was not honoured");
+
+    // A trusted proxy's header names the user; a name nobody declared is refused; a browser
+    // recognised that way still needs the CSRF token to post.
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let as_user = |name: &'static str| {
+        client
+            .get(format!("{base}/inbox"))
+            .header("X-Test-User", name)
+            .send()
+    };
+    let r = as_user("alice").await.expect("inbox");
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap_or_default().contains(">alice<"));
+    assert_eq!(as_user("mallory").await.expect("inbox").status(), 403);
+    let r = client
+        .post(format!("{base}/inbox/approvals/{open}/approve"))
+        .header("X-Test-User", "alice")
+        .form(&[("why", "no csrf")])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403, "a form post without the CSRF token");
     running.stop().await;
 }

@@ -129,6 +129,12 @@ impl Approvals {
             if !is_open(&stored) {
                 return self.again(stored).await;
             }
+            if !amendable(&stored) {
+                return Err(ApprovalError::Invalid(format!(
+                    "{} was not proposed by an agent (it is {}): approve or reject it",
+                    approval_id, stored.approval.action
+                )));
+            }
             let now = now_secs();
             let mut s = stored.clone();
             s.decided_at = now_rfc3339();
@@ -279,6 +285,12 @@ impl Approvals {
             }
         }
     }
+}
+
+/// Whether an approval came from an agent's proposal, so it can be edited or sent back (a model
+/// call over its budget can only be approved or rejected).
+pub fn amendable(s: &StoredApproval) -> bool {
+    s.action.proposals.as_array().is_some_and(|p| !p.is_empty())
 }
 
 /// The agent that proposed the action (the first of them, when several agreed).

@@ -724,7 +724,8 @@ async fn show(
         "detail.html",
         json!({
             "user": user_json(who), "a": rec, "open": open,
-            "can_decide": open && who.can(Role::Approver),
+            "can_decide": open && who.can(Role::Approver) && !who.shared,
+            "amendable": crate::governance::amend::amendable(&s),
             "parameters": pretty(&act.parameters), "agents": agents, "impact": act.impact,
             "priority": act.priority, "reason": act.reason, "workflow_id": act.workflow_id,
             "proposals": act.proposals, "moved": moved, "facts": facts,

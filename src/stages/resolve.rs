@@ -632,6 +632,55 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn only_the_recorded_edit_by_its_person_skips_the_second_approval() {
+        use crate::resolve::apply::{Amend, StoredApproval};
+        let ev: CloudEvent =
+            serde_json::from_slice(&input("edit-1", "rollback", 0).payload).unwrap();
+        let mut p: ProposalData = serde_json::from_value(ev.data.unwrap()).unwrap();
+        p.approved_by = Some("alice".into());
+        p.edit_of = Some("apr-1".into());
+        let action: ActionData = serde_json::from_value(json!({
+            "action_id": "a", "action": "rollback", "resource": "svc", "tenant": "default",
+            "workflow_id": "wf", "parameters": {}, "fencing_token": 0, "proposals": ["p"],
+            "agents": ["a"], "priority": 0, "impact": "high"}))
+        .unwrap();
+        let stored = StoredApproval {
+            approval: serde_json::from_value(json!({
+                "approval_id": "apr-1", "action_id": "a", "action": "rollback", "resource": "svc",
+                "tenant": "default", "status": "superseded", "decided_by": "alice",
+                "requested_at": 0, "expires_at": 0, "action_record": {}}))
+            .unwrap(),
+            action,
+            escalated: false,
+            decided_at: String::new(),
+            traceparent: None,
+            seen: None,
+            amend: Some(Amend::Edit {
+                parameters: p.parameters.clone(),
+                proposal_id: "edit-1".into(),
+                context_version: None,
+            }),
+        };
+        let approvals = std::collections::BTreeMap::from([("apr-1".to_string(), stored)]);
+        assert!(edited_in_inbox(&p, &approvals));
+        let mut other = p.clone();
+        other.parameters = json!({"id": "something else"});
+        assert!(!edited_in_inbox(&other, &approvals), "other parameters");
+        let mut other = p.clone();
+        other.approved_by = Some("mallory".into());
+        assert!(!edited_in_inbox(&other, &approvals), "another person");
+        let mut other = p.clone();
+        other.proposal_id = "edit-2".into();
+        assert!(!edited_in_inbox(&other, &approvals), "another proposal");
+        let mut other = p.clone();
+        other.edit_of = Some("apr-2".into());
+        assert!(
+            !edited_in_inbox(&other, &approvals),
+            "an approval not on this resource"
+        );
+    }
+
     #[tokio::test]
     async fn decides_fences_and_replays_without_a_broker() {
         let s = stage(GovernanceConfig::default());
