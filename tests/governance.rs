@@ -66,6 +66,7 @@ fn proposal(
         event_id: Some(format!("ev-{id}")),
         cost: None,
         seen_at: None,
+        confidence: None,
     };
     CloudEvent::new(id, "test", "switchyard.proposal")
         .with_subject(resource)
@@ -758,6 +759,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         stats: None,
         graph: None,
         clock: Default::default(),
+        notifier: None,
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);

@@ -5,8 +5,9 @@
 //!   cursor of the following page;
 //! - `GET /v1/approvals/{id}`: one approval with the action it would send;
 //! - `POST /v1/approvals/{id}/approve|reject` with `{"why": "..."}` (and `"by"` only for the
-//!   shared legacy token): decide (approver role). An approval of a tenant the caller does not see
-//!   is not found.
+//!   shared legacy token): decide (approver role; at a level of an escalation path, only members of
+//!   that level's group or admins: [`crate::governance::approvals::may_decide`], else 403). An
+//!   approval of a tenant the caller does not see is not found.
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{Auth, Identity, Role};
-use crate::governance::approvals::{ApprovalError, Approvals, Verdict};
+use crate::governance::approvals::{may_decide, ApprovalError, Approvals, Verdict};
 use crate::kafka::Producer;
 
 /// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
@@ -126,7 +127,14 @@ async fn act(
     };
     // Another tenant's approval does not exist for this caller.
     match api.approvals.get(&id).await {
-        Ok(Some(s)) if who.sees(&s.approval.tenant) => {}
+        Ok(Some(s)) if who.sees(&s.approval.tenant) => {
+            // At a level of an escalation path, only that level's group (or an admin) decides.
+            // An approval already decided is answered below with its decision (409), whoever asks.
+            let open = matches!(s.approval.status.as_str(), "pending" | "escalated");
+            if let (true, Err(m)) = (open, may_decide(&who.decider(), &s.approval)) {
+                return error(StatusCode::FORBIDDEN, m);
+            }
+        }
         Ok(_) => return error_response(ApprovalError::NotFound(id)),
         Err(e) => return error_response(e),
     }

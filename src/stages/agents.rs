@@ -732,6 +732,7 @@ impl<S: ContextStore> AgentStage<S> {
                 .seen_at
                 .clone()
                 .or_else(|| (!o.seen_at.is_empty()).then(|| o.seen_at.clone())),
+            confidence: p.confidence,
         };
         let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
             .with_subject(resource.to_string())
