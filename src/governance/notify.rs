@@ -327,7 +327,7 @@ impl Notifier {
                         }
                     }
                     // Without the URL: it may carry a credential.
-                    Err(e) => last = e.without_url().to_string(),
+                    Err(e) => last = error_chain(&e.without_url()),
                 }
             }
             count("failed");
@@ -335,6 +335,18 @@ impl Notifier {
                 "Approval notification failed.");
         });
     }
+}
+
+/// An error with its causes (`error sending request: ... : connection refused`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -395,5 +407,10 @@ mod tests {
             serde_yaml::from_str("{url: 'https://hooks.example.com/T/B/x'}").unwrap();
         assert!(ok.problems("n").is_empty());
         assert_eq!((ok.timeout_seconds, ok.retries), (5, 2));
+        let shown = serde_yaml::to_string(&ok).unwrap();
+        assert!(
+            !shown.contains("hooks.example.com"),
+            "shown redacted: {shown}"
+        );
     }
 }
