@@ -1904,3 +1904,50 @@ http:
     ));
     running.stop().await;
 }
+
+/// `switchyard validate` on escalation paths: a group no user belongs to is a warning (only admins
+/// could decide there); an empty group, a zero timeout, a threshold outside 0–1 and a webhook that
+/// is not an http(s) URL are problems (exit 1), named by their path, the URL never repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_config_is_validated() {
+    let users = format!(
+        "http:\n  users:\n    - {{ name: ann, token: {ANN}, roles: [approver], groups: [sre-oncall] }}\n"
+    );
+    let rules = "{ name: paths, actions: [rollback], escalation: [{group: sre-oncall, timeout_seconds: 60}, {group: nobody, timeout_seconds: 60}] }";
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{users}{DEFAULT_AGENTS}{}",
+            governance(rules),
+            default_routes("")
+        ),
+    )
+    .await;
+    let out = cli(&env, &["validate"]);
+    assert!(
+        out.contains("warning: governance.approvals.rules[0].escalation[1].group: no user of http.users is in group \"nobody\""),
+        "{out}"
+    );
+    assert!(!out.contains("\"sre-oncall\""), "{out}");
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
+        rules,
+        "{ actions: [rollback], max_confidence: 1.2, escalation: [{group: '', timeout_seconds: 0}], notify: {url: 'ftp://u:hunter2@h/x'} }",
+    );
+    let bad = env.config_path.with_extension("bad.yaml");
+    std::fs::write(&bad, text).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--config", bad.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "governance.approvals.rules[0].max_confidence: must be a number from 0 to 1",
+        "governance.approvals.rules[0].escalation[0].group: must not be empty",
+        "governance.approvals.rules[0].escalation[0].timeout_seconds: must be at least 1",
+        "governance.approvals.rules[0].notify.url: must be an http:// or https:// URL",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(!err.contains("hunter2"), "{err}");
+}
