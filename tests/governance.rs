@@ -1636,7 +1636,7 @@ const LEE: &str = "lee-leads-token-01234567";
 /// confidence, which counts as low) needs a person while a confident one goes straight out; the
 /// approvals start with group sre-oncall and move to sre-leads after its 3 s; then a member of
 /// sre-oncall gets 403 and a member of sre-leads approves (the action carries her name); the one
-/// nobody decides expires after the last level. The rule's webhook hears requested, escalated
+/// nobody decides expires after the last level (8 s). The rule's webhook hears requested, escalated
 /// and expired with the approval's fields and inbox link; a webhook that never answers holds up
 /// nothing (the next proposal of its resource is decided at once), a webhook that is down counts
 /// as failed.
@@ -1648,7 +1648,7 @@ async fn confidence_escalation_groups_and_webhooks() {
     let rules = format!(
         r#"
       {{ name: unsure-rollbacks, actions: [rollback], max_confidence: 0.7,
-         escalation: [{{group: sre-oncall, timeout_seconds: 3}}, {{group: sre-leads, timeout_seconds: 6}}],
+         escalation: [{{group: sre-oncall, timeout_seconds: 3}}, {{group: sre-leads, timeout_seconds: 8}}],
          notify: {{url: "http://127.0.0.1:{hook}/hook/s3cr3t", headers: {{authorization: "Bearer hook-token"}}}} }},
       {{ name: pages, actions: [page], notify: {{url: "http://127.0.0.1:{silent}/hook/x", timeout_seconds: 30, retries: 1}} }},
       {{ actions: [scale_down], notify: {{url: "http://127.0.0.1:{down}/hook/x", retries: 1}} }}"#
@@ -1706,7 +1706,7 @@ http:
         "the confident rollback and the restart go out"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(20),
+        started.elapsed() < Duration::from_secs(25),
         "a webhook that never answers (30 s timeout) delays nothing: {:?}",
         started.elapsed()
     );
@@ -1796,7 +1796,7 @@ http:
         .find(|a| a.resource == "r-lo")
         .expect("approved rollback");
     assert_eq!(lo_action.approved_by.as_deref(), Some("lee"));
-    // The unstated one nobody decides expires after sre-leads' 6 s.
+    // The unstated one nobody decides expires after sre-leads' 8 s.
     let recs: Vec<ApprovalData> = read_topic_until(
         &brokers,
         &approvals_topic,
