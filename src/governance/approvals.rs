@@ -92,6 +92,9 @@ pub enum ApprovalError {
     /// changed.
     #[error("{0}")]
     TooLarge(String),
+    /// The caller may not decide this approval now (see [`may_decide`]): nothing was changed.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A page of open approvals.
@@ -151,6 +154,25 @@ impl Approvals {
         expire: bool,
         outbox: bool,
     ) -> Result<Decision, ApprovalError> {
+        self.decide_if(approval_id, verdict, by, why, expire, outbox, &|_| Ok(()))
+            .await
+    }
+
+    /// [`Approvals::decide`], when `allowed` accepts the open approval as it stands when the
+    /// decision is made (read in the same compare-and-set, so an escalation in between is seen);
+    /// else [`ApprovalError::Forbidden`] and nothing moves. The approvals API passes
+    /// [`may_decide`] for its caller.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decide_if(
+        &self,
+        approval_id: &str,
+        verdict: Verdict,
+        by: &str,
+        why: &str,
+        expire: bool,
+        outbox: bool,
+        allowed: &(dyn Fn(&ApprovalData) -> Result<(), String> + Sync),
+    ) -> Result<Decision, ApprovalError> {
         if !expire {
             check_text(by, why).map_err(ApprovalError::Invalid)?;
         }
@@ -176,6 +198,7 @@ impl Approvals {
                     outputs,
                 });
             }
+            allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             let now = now_secs();
             let mut s = stored.clone();
             s.decided_at = now_rfc3339();

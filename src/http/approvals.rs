@@ -54,6 +54,7 @@ fn error_response(e: ApprovalError) -> Response {
     let code = match e {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
         ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
+        ApprovalError::Forbidden(_) => StatusCode::FORBIDDEN,
         ApprovalError::Store(_) | ApprovalError::Contention => StatusCode::SERVICE_UNAVAILABLE,
         ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -127,20 +128,17 @@ async fn act(
     };
     // Another tenant's approval does not exist for this caller.
     match api.approvals.get(&id).await {
-        Ok(Some(s)) if who.sees(&s.approval.tenant) => {
-            // At a level of an escalation path, only that level's group (or an admin) decides.
-            // An approval already decided is answered below with its decision (409), whoever asks.
-            let open = matches!(s.approval.status.as_str(), "pending" | "escalated");
-            if let (true, Err(m)) = (open, may_decide(&who.decider(), &s.approval)) {
-                return error(StatusCode::FORBIDDEN, m);
-            }
-        }
+        Ok(Some(s)) if who.sees(&s.approval.tenant) => {}
         Ok(_) => return error_response(ApprovalError::NotFound(id)),
         Err(e) => return error_response(e),
     }
+    // At a level of an escalation path, only that level's group (or an admin) decides: checked
+    // against the approval as it stands when the decision is made (an already decided one is
+    // answered with its decision, 409, whoever asks).
+    let allowed = |a: &crate::records::ApprovalData| may_decide(&who.decider(), a);
     let d = match api
         .approvals
-        .decide(&id, verdict, &by, &req.why, false, true)
+        .decide_if(&id, verdict, &by, &req.why, false, true, &allowed)
         .await
     {
         Ok(d) => d,

@@ -92,6 +92,7 @@ impl DecisionsStage {
             }),
             Err(ApprovalError::Invalid(m)) => Err(ProcessError::poison("invalid_decision", m)),
             Err(ApprovalError::TooLarge(m)) => Err(ProcessError::poison("output_too_large", m)),
+            Err(ApprovalError::Forbidden(m)) => Err(ProcessError::poison("forbidden_decision", m)),
             Err(e @ ApprovalError::Encode(_)) => Err(ProcessError::Fatal(e.to_string())),
             Err(e) => Err(ProcessError::Transient(e.to_string())),
         }
