@@ -93,6 +93,7 @@ pub fn approvals_of(
         known_tenants: cfg.governance.tenants.clone(),
         max_output_bytes: cfg.kafka.max_output_bytes(),
         stats: None,
+        notifier: None,
     }
 }
 
@@ -156,8 +157,12 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    // Approval rules' webhooks (`notify:`): only a running pipeline notifies.
+    let notifier = crate::governance::notify::Notifier::from_config(&cfg.governance.approvals)
+        .map_err(AppError::Setup)?;
     let approvals = Arc::new(Approvals {
         stats: Some(stats.clone()),
+        notifier,
         ..approvals_of(&loaded, resources.clone(), sealer.clone(), &emitter)
     });
     let budgets = Arc::new(Budgets::new(

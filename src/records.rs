@@ -80,6 +80,38 @@ pub struct ProposalSpec {
     pub seen_version: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_at: Option<String>,
+    /// How sure the agent is, from 0 to 1 (approval rules with `max_confidence` use it). Anything
+    /// else (out of range, not a number) makes the answer malformed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "confidence"
+    )]
+    pub confidence: Option<f64>,
+}
+
+/// Checks a stated confidence: absent or null, or a number from 0 to 1.
+pub fn check_confidence(v: &Value) -> Result<Option<f64>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_f64() {
+            Some(c) if (0.0..=1.0).contains(&c) => Ok(Some(c)),
+            _ => Err(format!("confidence must be a number from 0 to 1, not {n}")),
+        },
+        other => Err(format!(
+            "confidence must be a number from 0 to 1, not {}",
+            match other {
+                Value::String(_) => "a string",
+                Value::Bool(_) => "a boolean",
+                Value::Array(_) => "an array",
+                _ => "an object",
+            }
+        )),
+    }
+}
+
+fn confidence<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    check_confidence(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
 /// What an agent returns (also the JSON body HTTP and Kafka agents send back).
@@ -211,6 +243,9 @@ pub struct ProposalData {
     pub approved_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit_of: Option<String>,
+    /// The agent's stated confidence, 0 to 1 (approval rules with `max_confidence` use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
 }
 
 /// `data` of a `switchyard.action` event: an accepted, governed action for executors.
@@ -240,7 +275,7 @@ pub struct ActionData {
 }
 
 /// `data` of a `switchyard.approval` event: a request for, or a decision on, human approval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ApprovalData {
     pub approval_id: String,
     pub action_id: String,
@@ -259,6 +294,19 @@ pub struct ApprovalData {
     /// The action that goes out when approved (its fencing token is assigned then).
     #[serde(deserialize_with = "json_or_text")]
     pub action_record: Value,
+    /// The name of the approval rule that required approval (`rules[i]` when unnamed); none for
+    /// approvals no rule asked for (a model call over its budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The proposal's stated confidence, when its agent stated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
+    /// Escalation level: 0 until the first escalation, then 1, 2, ...
+    #[serde(default)]
+    pub level: u32,
+    /// The approver group that may decide at this level (rules with an escalation path only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// `data` of a `switchyard.result` event: the outcome of one agent task.
@@ -439,4 +487,84 @@ pub fn record_event<T: Serialize>(
 /// Serializes typed data into an event's `data`.
 pub fn data_value<T: Serialize>(data: &T) -> Result<Value, ProcessError> {
     Ok(serde_json::to_value(data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode, encode_single_object, Encoding, RecordView};
+    use crate::schema::SchemaRegistry;
+    use serde_json::json;
+
+    #[test]
+    fn a_stated_confidence_is_a_number_from_0_to_1() {
+        let spec = |c: Value| {
+            serde_json::from_value::<ProposalSpec>(json!({"action": "a", "confidence": c}))
+        };
+        assert_eq!(spec(json!(0.4)).unwrap().confidence, Some(0.4));
+        assert_eq!(spec(Value::Null).unwrap().confidence, None);
+        let e = serde_json::from_value::<AgentResponse>(
+            json!({"proposals": [{"action": "a", "confidence": 1.5}]}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("confidence must be a number from 0 to 1, not 1.5"),
+            "{e}"
+        );
+        let e = spec(json!("high")).unwrap_err().to_string();
+        assert!(e.contains("not a string"), "{e}");
+    }
+
+    /// Approval records written before `rule`, `confidence`, `level` and `group` (approval.v1)
+    /// stay readable; the current schema carries them.
+    #[test]
+    fn approval_records_of_the_previous_schema_stay_readable() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let s = SchemaRegistry::load_dir(&dir).expect("repo schemas load");
+        let view = |p: &[u8]| -> CloudEvent {
+            let rv = RecordView {
+                key: None,
+                payload: p,
+                headers: &[],
+            };
+            decode(rv, &s).expect("readable")
+        };
+        let old = json!({"approval_id": "apr-1", "action_id": "act-1", "action": "rollback", "resource": "r",
+            "tenant": "default", "status": "pending", "decided_by": null, "why": null, "expires_at": null,
+            "action_record": "{}"});
+        let ev = CloudEvent::new("apr-1-pending", "t", types::APPROVAL)
+            .with_subject("r")
+            .with_data(old);
+        let v1 = s.get("approval.v1").expect("the previous version is kept");
+        let payload = encode_single_object(serde_json::to_value(&ev).unwrap(), v1).unwrap();
+        let back = view(&payload).data.unwrap();
+        assert!(back.get("rule").is_none() && back.get("level").is_none());
+        // Read as JSON (and as stored in Redis by an older version): the fields take defaults.
+        let a: ApprovalData =
+            serde_json::from_value(json!({"approval_id": "apr-1", "action_id": "act-1",
+            "action": "rollback", "resource": "r", "tenant": "default", "status": "pending",
+            "requested_at": 1, "expires_at": 2, "action_record": {}}))
+            .unwrap();
+        assert_eq!(
+            (a.rule, a.confidence, a.level, a.group),
+            (None, None, 0, None)
+        );
+        let now = CloudEvent::new("apr-1-escalated", "t", types::APPROVAL)
+            .with_subject("r")
+            .with_data(json!({"approval_id": "apr-1", "action_id": "act-1", "action": "rollback", "resource": "r",
+                "tenant": "default", "status": "escalated", "expires_at": null, "action_record": "{}",
+                "rule": "prod", "confidence": 0.25, "level": 1, "group": "leads"}));
+        let enc = encode(&now, Encoding::Avro, Some("approval"), &s).unwrap();
+        let back = view(&enc.payload).data.unwrap();
+        assert_eq!(
+            (
+                &back["rule"],
+                &back["confidence"],
+                &back["level"],
+                &back["group"]
+            ),
+            (&json!("prod"), &json!(0.25), &json!(1), &json!("leads"))
+        );
+    }
 }

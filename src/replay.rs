@@ -431,6 +431,7 @@ impl Sandbox {
                 stats: None,
                 graph: Some(graph),
                 clock: crate::event::Clock::set_by(clock.clone()),
+                notifier: None,
             },
             loaded: l,
             redis,

@@ -75,6 +75,9 @@ pub struct Metrics {
     pub approvals: IntCounterVec,
     /// Approvals waiting for a person now.
     pub approvals_pending: IntGaugeVec,
+    /// Approval notifications (webhooks) by event (requested, escalated, expired) and outcome
+    /// (sent, failed, dropped).
+    pub approval_notifications: IntCounterVec,
     /// Time from approval request to decision.
     pub approval_wait: HistogramVec,
     /// Budget spent in the current period, by budget and unit (calls, cost).
@@ -297,6 +300,12 @@ impl Metrics {
                 "switchyard_approvals_total",
                 "Approval events by kind (requested, approved, rejected, expired, escalated).",
                 &["kind"],
+                r
+            )?,
+            approval_notifications: register_int_counter_vec_with_registry!(
+                "switchyard_approval_notifications_total",
+                "Approval notifications (webhooks) by event and outcome (sent, failed, dropped).",
+                &["event", "outcome"],
                 r
             )?,
             approvals_pending: register_int_gauge_vec_with_registry!(

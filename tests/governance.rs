@@ -68,6 +68,7 @@ fn proposal(
         seen_at: None,
         approved_by: None,
         edit_of: None,
+        confidence: None,
     };
     CloudEvent::new(id, "test", "switchyard.proposal")
         .with_subject(resource)
@@ -760,6 +761,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         stats: None,
         graph: None,
         clock: Default::default(),
+        notifier: None,
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);
@@ -1765,4 +1767,387 @@ http:
         .expect("post");
     assert_eq!(r.status(), 403, "a form post without the CSRF token");
     running.stop().await;
+}
+
+// ---- Confidence, escalation paths and notifications ----
+
+/// A webhook receiver: every POST's `x-switchyard-event` header, `authorization` header and JSON
+/// body, in arrival order.
+async fn start_webhook() -> (u16, Arc<std::sync::Mutex<Vec<(String, String, Value)>>>) {
+    use axum::routing::post;
+    let got: Arc<std::sync::Mutex<Vec<(String, String, Value)>>> = Default::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook/{secret}",
+        post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let g = g.clone();
+                async move {
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    g.lock()
+                        .unwrap()
+                        .push((h("x-switchyard-event"), h("authorization"), body));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, got)
+}
+
+/// A webhook that accepts connections and never answers.
+async fn start_silent_webhook() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    port
+}
+
+/// A proposal stating `confidence` (none: unstated), with a reason.
+fn confident(id: &str, action: &str, resource: &str, confidence: Option<f64>) -> CloudEvent {
+    let mut ev = proposal(id, "tester", action, resource, json!({"id": id}), 0);
+    if let Some(d) = ev.data.as_mut() {
+        d["reason"] = json!(format!("reason of {id}"));
+        if let Some(c) = confidence {
+            d["confidence"] = json!(c);
+        }
+    }
+    ev
+}
+
+const ANN: &str = "ann-oncall-token-0123456";
+const LEE: &str = "lee-leads-token-01234567";
+
+/// Confidence and escalation end to end: a low-confidence rollback (and one stating no
+/// confidence, which counts as low) needs a person while a confident one goes straight out; the
+/// approvals start with group sre-oncall and move to sre-leads after its 3 s; then a member of
+/// sre-oncall gets 403 and a member of sre-leads approves (the action carries her name); the one
+/// nobody decides expires after the last level (8 s). The rule's webhook hears requested, escalated
+/// and expired with the approval's fields and inbox link; a webhook that never answers holds up
+/// nothing (the next proposal of its resource is decided at once), a webhook that is down counts
+/// as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confidence_escalation_groups_and_webhooks() {
+    let (hook, got) = start_webhook().await;
+    let silent = start_silent_webhook().await;
+    let down = free_port();
+    let rules = format!(
+        r#"
+      {{ name: unsure-rollbacks, actions: [rollback], max_confidence: 0.7,
+         escalation: [{{group: sre-oncall, timeout_seconds: 3}}, {{group: sre-leads, timeout_seconds: 8}}],
+         notify: {{url: "http://127.0.0.1:{hook}/hook/s3cr3t", headers: {{authorization: "Bearer hook-token"}}}} }},
+      {{ name: pages, actions: [page], notify: {{url: "http://127.0.0.1:{silent}/hook/x", timeout_seconds: 30, retries: 1}} }},
+      {{ actions: [scale_down], notify: {{url: "http://127.0.0.1:{down}/hook/x", retries: 1}} }}"#
+    );
+    let yaml = format!(
+        r#"{}
+http:
+  enabled: true
+  users:
+    - {{ name: ann, token: {ANN}, roles: [approver], groups: [sre-oncall] }}
+    - {{ name: lee, token: {LEE}, roles: [approver], groups: [sre-leads] }}
+{DEFAULT_AGENTS}{}"#,
+        governance(&rules).replace(
+            "    timeout_seconds: 600\n",
+            "    timeout_seconds: 600\n    public_url: https://switchyard.example.com/\n"
+        ),
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    assert_eq!(
+        loaded.config.governance.approvals.sweep_interval(),
+        Duration::from_millis(1500),
+        "a 3 s level is swept every 1.5 s"
+    );
+    let running = Running::start(loaded, &["resolve", "decisions"]);
+    // The page's webhook never answers; the restart after it on the same resource is decided at
+    // once all the same.
+    let started = std::time::Instant::now();
+    env.publish(
+        "switchyard.proposals",
+        &[
+            confident("pg", "page", "r-pg", None),
+            confident("pg-restart", "restart", "r-pg", None),
+            confident("lo", "rollback", "r-lo", Some(0.3)),
+            confident("hi", "rollback", "r-hi", Some(0.9)),
+            confident("none", "rollback", "r-none", None),
+            confident("sd", "scale_down", "r-sd", None),
+        ],
+    )
+    .await;
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 2, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let mut went: Vec<&str> = actions.iter().map(|a| a.resource.as_str()).collect();
+    went.sort();
+    assert_eq!(
+        went,
+        ["r-hi", "r-pg"],
+        "the confident rollback and the restart go out"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "a webhook that never answers (30 s timeout) delays nothing: {:?}",
+        started.elapsed()
+    );
+    // Requests: the unsure and the unstated rollback, at level 0 for sre-oncall.
+    let brokers = env.loaded.config.kafka.brokers.clone();
+    let approvals_topic = env.topic("switchyard.approvals");
+    let escalated = |n: usize| {
+        move |recs: &[Input]| {
+            recs.iter()
+                .filter(|r| data::<ApprovalData>(r).status == "escalated")
+                .count()
+                >= n
+        }
+    };
+    let recs: Vec<ApprovalData> = read_topic_until(
+        &brokers,
+        &approvals_topic,
+        Duration::from_secs(40),
+        escalated(2),
+    )
+    .await
+    .iter()
+    .map(data)
+    .collect();
+    let find = |res: &str, status: &str| {
+        recs.iter()
+            .find(|a| a.resource == res && a.status == status)
+            .unwrap_or_else(|| panic!("{res} {status} in {recs:?}"))
+            .clone()
+    };
+    let lo = find("r-lo", "pending");
+    assert_eq!(
+        (
+            lo.rule.as_deref(),
+            lo.confidence,
+            lo.level,
+            lo.group.as_deref()
+        ),
+        (Some("unsure-rollbacks"), Some(0.3), 0, Some("sre-oncall"))
+    );
+    let none = find("r-none", "pending");
+    assert_eq!(
+        (none.confidence, none.group.as_deref()),
+        (None, Some("sre-oncall"))
+    );
+    assert!(
+        !recs.iter().any(|a| a.resource == "r-hi"),
+        "no approval for the confident one"
+    );
+    let lo_up = find("r-lo", "escalated");
+    assert_eq!(
+        (lo_up.level, lo_up.group.as_deref()),
+        (1, Some("sre-leads"))
+    );
+    assert!(lo_up.expires_at > lo.expires_at);
+    // At sre-leads' level: ann (sre-oncall) is refused, lee (sre-leads) decides.
+    let client = reqwest::Client::new();
+    let approve = |token: &'static str| {
+        let c = client.clone();
+        let url = format!(
+            "http://127.0.0.1:{port}/v1/approvals/{}/approve",
+            lo.approval_id
+        );
+        async move {
+            c.post(url)
+                .bearer_auth(token)
+                .json(&json!({"why": "checked"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = approve(ANN).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let msg = r.text().await.unwrap();
+    assert!(msg.contains("only group sre-leads"), "{msg}");
+    let r = approve(LEE).await;
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 3, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let lo_action = actions
+        .iter()
+        .find(|a| a.resource == "r-lo")
+        .expect("approved rollback");
+    assert_eq!(lo_action.approved_by.as_deref(), Some("lee"));
+    // The unstated one nobody decides expires after sre-leads' 8 s.
+    let recs: Vec<ApprovalData> = read_topic_until(
+        &brokers,
+        &approvals_topic,
+        Duration::from_secs(40),
+        |recs: &[Input]| {
+            recs.iter()
+                .any(|r| data::<ApprovalData>(r).status == "expired")
+        },
+    )
+    .await
+    .iter()
+    .map(data)
+    .collect();
+    let expired = recs
+        .iter()
+        .find(|a| a.status == "expired")
+        .expect("expired");
+    assert_eq!(
+        (
+            expired.resource.as_str(),
+            expired.level,
+            expired.group.as_deref()
+        ),
+        ("r-none", 1, Some("sre-leads"))
+    );
+    // The webhook heard requested (2), escalated (2) and expired (1), with the approval's fields.
+    let mut heard = Vec::new();
+    for _ in 0..100 {
+        heard = got.lock().unwrap().clone();
+        if heard.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut events: Vec<&str> = heard.iter().map(|(e, _, _)| e.as_str()).collect();
+    events.sort();
+    assert_eq!(
+        events,
+        [
+            "escalated",
+            "escalated",
+            "expired",
+            "requested",
+            "requested"
+        ],
+        "{heard:?}"
+    );
+    assert!(heard.iter().all(|(_, auth, _)| auth == "Bearer hook-token"));
+    let (_, _, first) = heard
+        .iter()
+        .find(|(e, _, b)| e == "requested" && b["text"].as_str().unwrap().contains("r-lo"))
+        .expect("r-lo requested");
+    let text = first["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "https://switchyard.example.com/inbox/approvals/{}",
+            lo.approval_id
+        )),
+        "{text}"
+    );
+    let fields: Vec<&str> = first["blocks"][0]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["text"].as_str().unwrap())
+        .collect();
+    for want in [
+        format!("*Approval*\n{}", lo.approval_id),
+        "*Action*\nrollback".into(),
+        "*Resource*\nr-lo".into(),
+        "*Tenant*\ndefault".into(),
+        "*Agent*\ntester".into(),
+        "*Reason*\nreason of lo".into(),
+        "*Status*\npending".into(),
+        "*Group*\nsre-oncall (level 0)".into(),
+        "*Rule*\nunsure-rollbacks".into(),
+        "*Confidence*\n0.3".into(),
+    ] {
+        assert!(fields.contains(&want.as_str()), "{want:?} in {fields:?}");
+    }
+    let expired_note = heard
+        .iter()
+        .find(|(e, _, _)| e == "expired")
+        .map(|(_, _, b)| b["text"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(
+        expired_note.starts_with("Approval expired: rollback on r-none"),
+        "{expired_note}"
+    );
+    // The webhook that is down: counted as failed (after its retry); the silent one is still
+    // waiting and is not counted yet.
+    let failed =
+        "switchyard_approval_notifications_total{event=\"requested\",outcome=\"failed\"} 1";
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = switchyard::telemetry::METRICS.render();
+        if m.contains(failed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(m.contains(failed), "{m}");
+    assert!(m.contains(
+        "switchyard_approval_notifications_total{event=\"escalated\",outcome=\"sent\"} 2"
+    ));
+    running.stop().await;
+}
+
+/// `switchyard validate` on escalation paths: a group no user belongs to is a warning (only admins
+/// could decide there); an empty group, a zero timeout, a threshold outside 0–1 and a webhook that
+/// is not an http(s) URL are problems (exit 1), named by their path, the URL never repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_config_is_validated() {
+    let users = format!(
+        "http:\n  users:\n    - {{ name: ann, token: {ANN}, roles: [approver], groups: [sre-oncall] }}\n"
+    );
+    let rules = "{ name: paths, actions: [rollback], escalation: [{group: sre-oncall, timeout_seconds: 60}, {group: nobody, timeout_seconds: 60}] }";
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{users}{DEFAULT_AGENTS}{}",
+            governance(rules),
+            default_routes("")
+        ),
+    )
+    .await;
+    let out = cli(&env, &["validate"]);
+    assert!(
+        out.contains("warning: governance.approvals.rules[0].escalation[1].group: no user of http.users is in group \"nobody\""),
+        "{out}"
+    );
+    assert!(!out.contains("\"sre-oncall\""), "{out}");
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
+        rules,
+        "{ actions: [rollback], max_confidence: 1.2, escalation: [{group: '', timeout_seconds: 0}], notify: {url: 'ftp://u:hunter2@h/x'} }",
+    );
+    let bad = env.config_path.with_extension("bad.yaml");
+    std::fs::write(&bad, text).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--config", bad.to_str().unwrap(), "validate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "governance.approvals.rules[0].max_confidence: must be a number from 0 to 1",
+        "governance.approvals.rules[0].escalation[0].group: must not be empty",
+        "governance.approvals.rules[0].escalation[0].timeout_seconds: must be at least 1",
+        "governance.approvals.rules[0].notify.url: must be an http:// or https:// URL",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert!(!err.contains("hunter2"), "{err}");
 }

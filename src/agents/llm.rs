@@ -662,6 +662,7 @@ impl LlmAgent {
                     resource: None,
                     seen_version: None,
                     seen_at: None,
+                    confidence: None,
                 });
                 let r = if ok {
                     Ok((
@@ -797,6 +798,10 @@ impl LlmAgent {
                         ));
                     }
                 }
+                // A confidence out of range is this call's error: the model may propose again.
+                let confidence = crate::records::check_confidence(
+                    args.get("confidence").unwrap_or(&Value::Null),
+                )?;
                 let ok = allowed(&self.scopes.actions, &action);
                 run.out.proposals.push(ProposalSpec {
                     action: action.clone(),
@@ -815,6 +820,7 @@ impl LlmAgent {
                         .map(str::to_string),
                     seen_version: None,
                     seen_at: None,
+                    confidence,
                 });
                 if ok {
                     Ok((
@@ -931,6 +937,7 @@ fn builtin_declarations() -> Vec<Value> {
                 "action": {"type": "string"}, "parameters": {"type": "object"},
                 "impact": {"type": "string", "enum": ["low", "medium", "high"]},
                 "reason": {"type": "string"}, "priority": {"type": "integer"},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1, "description": "How sure you are that this action is right, from 0 to 1; low confidence may send it to a person for review."},
                 "resource": {"type": "string", "description": "Another resource the action is for: one of the related resources (see related_context); default this one."}},
                 "required": ["action", "reason"]}),
         ),

@@ -25,6 +25,16 @@ pub fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
     for (item, m) in l.config.governance.unreachable_actions(&agents) {
         println!("warning: {item}: {m}");
     }
+    let users: Vec<(&str, &[String])> = l
+        .config
+        .http
+        .users
+        .iter()
+        .map(|u| (u.name.as_str(), u.groups.as_slice()))
+        .collect();
+    for (item, m) in l.config.governance.group_warnings(&users) {
+        println!("warning: {item}: {m}");
+    }
     let g = &l.config.governance;
     for (name, w) in &l.config.workflows {
         for (step, s) in &w.steps {

@@ -21,6 +21,9 @@ use crate::resolve::apply::{Amend, Change, StoredApproval};
 use crate::resolve::store::Write;
 use crate::telemetry::METRICS;
 
+/// Whether the caller may decide an approval as it stands (see [`super::approvals::may_decide`]).
+pub type Allowed<'a> = dyn Fn(&crate::records::ApprovalData) -> Result<(), String> + Sync + 'a;
+
 /// Event type of the task a response sends back to the proposing agent.
 pub const RESPONSE_TYPE: &str = "switchyard.inbox.response";
 /// The largest edited parameters, in bytes of JSON.
@@ -37,6 +40,7 @@ impl Approvals {
         why: &str,
         parameters: Value,
         context_version: Option<u64>,
+        allowed: &Allowed<'_>,
     ) -> Result<Decision, ApprovalError> {
         if !parameters.is_object() {
             return Err(ApprovalError::Invalid(
@@ -68,6 +72,7 @@ impl Approvals {
                 proposal_id,
                 context_version,
             },
+            allowed,
         )
         .await
     }
@@ -79,6 +84,7 @@ impl Approvals {
         approval_id: &str,
         by: &str,
         comment: &str,
+        allowed: &Allowed<'_>,
     ) -> Result<Decision, ApprovalError> {
         if comment.trim().is_empty() {
             return Err(ApprovalError::Invalid(
@@ -101,6 +107,7 @@ impl Approvals {
                 agent,
                 task_id,
             },
+            allowed,
         )
         .await
     }
@@ -112,6 +119,7 @@ impl Approvals {
         why: &str,
         status: &str,
         amend: Amend,
+        allowed: &Allowed<'_>,
     ) -> Result<Decision, ApprovalError> {
         super::approvals::check_text(by, why).map_err(ApprovalError::Invalid)?;
         let key = self
@@ -129,6 +137,7 @@ impl Approvals {
             if !is_open(&stored) {
                 return self.again(stored).await;
             }
+            allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             if !amendable(&stored) {
                 return Err(ApprovalError::Invalid(format!(
                     "{} was not proposed by an agent (it is {}): approve or reject it",
@@ -231,6 +240,7 @@ impl Approvals {
                     event_id: None,
                     cost: None,
                     seen_at: None,
+                    confidence: None,
                     approved_by: a.decided_by.clone(),
                     edit_of: Some(a.approval_id.clone()),
                 };

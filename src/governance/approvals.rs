@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{ApprovalsConfig, OnTimeout};
+pub use super::escalation::{may_decide, Decider};
+use super::escalation::{on_deadline, OnDeadline};
+use super::notify::Notifier;
+use super::ApprovalsConfig;
 use crate::audit::Sealer;
 use crate::error::ProcessError;
 use crate::event::{now_rfc3339, now_secs, CloudEvent};
@@ -89,6 +92,9 @@ pub enum ApprovalError {
     /// changed.
     #[error("{0}")]
     TooLarge(String),
+    /// The caller may not decide this approval now (see [`may_decide`]): nothing was changed.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A page of open approvals.
@@ -130,6 +136,8 @@ pub struct Approvals {
     /// Scorecards: people's verdicts count for or against the proposing agents. The CLI, which
     /// has no flusher, flushes after deciding.
     pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
+    /// Tells rules' webhooks about escalations and expiries (none: no rule has `notify:`).
+    pub notifier: Option<Arc<Notifier>>,
 }
 
 fn enc(e: impl std::fmt::Display) -> ApprovalError {
@@ -149,6 +157,25 @@ impl Approvals {
         why: &str,
         expire: bool,
         outbox: bool,
+    ) -> Result<Decision, ApprovalError> {
+        self.decide_if(approval_id, verdict, by, why, expire, outbox, &|_| Ok(()))
+            .await
+    }
+
+    /// [`Approvals::decide`], when `allowed` accepts the open approval as it stands when the
+    /// decision is made (read in the same compare-and-set, so an escalation in between is seen);
+    /// else [`ApprovalError::Forbidden`] and nothing moves. The approvals API passes
+    /// [`may_decide`] for its caller.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decide_if(
+        &self,
+        approval_id: &str,
+        verdict: Verdict,
+        by: &str,
+        why: &str,
+        expire: bool,
+        outbox: bool,
+        allowed: &(dyn Fn(&ApprovalData) -> Result<(), String> + Sync),
     ) -> Result<Decision, ApprovalError> {
         if !expire {
             check_text(by, why).map_err(ApprovalError::Invalid)?;
@@ -175,18 +202,30 @@ impl Approvals {
                     outputs,
                 });
             }
+            allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             let now = now_secs();
             let mut s = stored.clone();
             s.decided_at = now_rfc3339();
             let mut state = loaded.state.clone();
             let mut token = loaded.token;
-            let escalate =
-                expire && self.config.on_timeout == OnTimeout::Escalate && !stored.escalated;
-            if escalate {
+            let deadline =
+                expire.then(|| on_deadline(&self.config, &stored.approval, stored.escalated));
+            let escalate = matches!(deadline, Some(OnDeadline::Escalate { .. }));
+            if let Some(OnDeadline::Escalate {
+                level,
+                group,
+                timeout_seconds,
+            }) = deadline
+            {
                 s.escalated = true;
                 s.approval.status = "escalated".into();
-                s.approval.expires_at = now + self.config.timeout_seconds as i64;
-                s.approval.why = Some("not decided in time; escalated".into());
+                s.approval.expires_at = now + timeout_seconds as i64;
+                s.approval.why = Some(match &group {
+                    Some(g) => format!("not decided in time; escalated to group {g}"),
+                    None => "not decided in time; escalated".into(),
+                });
+                s.approval.level = level;
+                s.approval.group = group;
             } else if expire {
                 s.approval.status = "expired".into();
                 s.approval.decided_by = Some("switchyard".into());
@@ -262,6 +301,9 @@ impl Approvals {
                     wait_span(&s);
                 }
                 let outputs = self.outputs(&s, action.as_ref()).await?;
+                if let Some(n) = &self.notifier {
+                    n.notify(&s.approval);
+                }
                 return Ok(Decision {
                     approval: s.approval,
                     fresh: true,
@@ -301,6 +343,7 @@ impl Approvals {
                 requested_at: now,
                 expires_at: now + self.config.timeout_seconds as i64,
                 action_record: serde_json::to_value(&action).map_err(enc)?,
+                ..Default::default()
             };
             let s = StoredApproval {
                 approval,
@@ -379,19 +422,18 @@ impl Approvals {
             reason: Some(a.status.clone()),
             detail: json!({"approval_id": a.approval_id, "action_id": a.action_id, "action": a.action, "status": a.status,
                            "decided_by": a.decided_by, "why": a.why, "fencing_token": action.map(|x| x.fencing_token),
-                           "amend": stored.amend}),
+                           "rule": a.rule, "level": a.level, "group": a.group, "amend": stored.amend}),
             seq: None,
             prev_hash: None,
             hash: None,
         };
-        let ev = audit_event(
-            SOURCE,
-            &[decision, &a.approval_id, &a.status],
-            &audit,
-            tp,
-            time,
-        )
-        .map_err(pe)?;
+        // A second escalation is another record (level 1 keeps the id it always had).
+        let level = a.level.to_string();
+        let mut id_parts = vec![decision, &a.approval_id, &a.status];
+        if a.level > 1 {
+            id_parts.push(&level);
+        }
+        let ev = audit_event(SOURCE, &id_parts, &audit, tp, time).map_err(pe)?;
         Ok((out, ev))
     }
 
@@ -645,8 +687,13 @@ pub fn approval_output(
     tp: Option<&str>,
     time: &str,
 ) -> Result<Output, ProcessError> {
+    // A second escalation is another record (level 1 keeps the id it always had).
+    let id = match a.level {
+        0 | 1 => format!("{}-{}", a.approval_id, a.status),
+        l => format!("{}-{}-{l}", a.approval_id, a.status),
+    };
     let ev = record_event(
-        format!("{}-{}", a.approval_id, a.status),
+        id,
         SOURCE,
         types::APPROVAL,
         &a.resource,

@@ -3,11 +3,15 @@
 //! - this module: the `governance:` config, access rules and approval rules (pure), and
 //!   [`GovernanceConfig::gate`], the check a new action passes before it is applied;
 //! - [`budgets`]: spend per agent, workflow or tenant, reserved atomically in a store;
-//! - [`approvals`]: people deciding on pending actions (and the sweeper that expires them).
+//! - [`approvals`]: people deciding on pending actions (and the sweeper that expires them);
+//! - [`escalation`]: escalation paths of approver groups, and who may decide an approval;
+//! - [`notify`]: webhooks told when an approval is requested, escalated or expires.
 
 pub mod amend;
 pub mod approvals;
 pub mod budgets;
+pub mod escalation;
+pub mod notify;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,16 +37,60 @@ pub struct AccessRule {
     pub resources: Vec<String>,
 }
 
-/// What needs a person: an action matching `actions` with at least `min_impact` or `min_cost`.
+/// What needs a person: an action matching `actions` with at least `min_impact` or `min_cost`,
+/// or with a stated confidence below `max_confidence`. The first matching rule decides who
+/// approves (its `escalation` path) and who is told (`notify`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalRule {
+    /// The rule's name, recorded on its approvals (`rule`); default `rules[<index>]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default)]
     pub actions: Vec<String>,
     #[serde(default)]
     pub min_impact: Option<Impact>,
     #[serde(default)]
     pub min_cost: Option<f64>,
+    /// A proposal whose stated confidence is below this (0 to 1) needs a person. A proposal that
+    /// states no confidence counts as low: it matches too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_confidence: Option<f64>,
+    /// Approver groups in order, each with its time to decide: the approval starts with the
+    /// first; when a group's time passes it moves to the next (`escalated`); the last one's
+    /// timeout rejects it (`expired`). Empty: any approver decides, within
+    /// `approvals.timeout_seconds` (and `on_timeout` applies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalation: Vec<escalation::EscalationLevel>,
+    /// A webhook told when an approval of this rule is requested, escalated or expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<notify::NotifySpec>,
+}
+
+impl ApprovalRule {
+    /// The rule's name: its own, or `rules[<index>]`.
+    pub fn name_at(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("rules[{index}]"))
+    }
+
+    /// Whether an action with these traits needs a person under this rule.
+    pub fn matches(
+        &self,
+        action: &str,
+        impact: Impact,
+        cost: Option<f64>,
+        confidence: Option<f64>,
+    ) -> bool {
+        any_match(&self.actions, action)
+            && self.min_impact.is_none_or(|m| impact >= m)
+            && self.min_cost.is_none_or(|m| cost.unwrap_or(0.0) >= m)
+            // Unknown confidence counts as low.
+            && self
+                .max_confidence
+                .is_none_or(|m| confidence.is_none_or(|c| c < m))
+    }
 }
 
 /// What happens when nobody decides in time.
@@ -73,6 +121,10 @@ pub struct ApprovalsConfig {
     /// after it was made (the process died in between) is produced by the sweeper.
     #[serde(default = "default_redeliver_after")]
     pub redeliver_after_seconds: u64,
+    /// Base URL people open switchyard at (e.g. `https://switchyard.example.com`): notifications
+    /// link to `<public_url>/inbox/approvals/<id>`. Without it they carry no link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 fn default_redeliver_after() -> u64 {
@@ -83,6 +135,32 @@ fn default_approval_timeout() -> u64 {
     900
 }
 
+impl ApprovalsConfig {
+    /// The rule named `name` (see [`ApprovalRule::name_at`]).
+    pub fn rule(&self, name: &str) -> Option<&ApprovalRule> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(i, r)| r.name_at(*i) == name)
+            .map(|(_, r)| r)
+    }
+
+    /// How often the sweeper looks for approvals past their deadline: every 2 seconds, more
+    /// often when a timeout is shorter (half the shortest, at least every 250 ms), so a 2-second
+    /// level moves on close to its deadline.
+    pub fn sweep_interval(&self) -> std::time::Duration {
+        let shortest = self
+            .rules
+            .iter()
+            .flat_map(|r| r.escalation.iter().map(|l| l.timeout_seconds))
+            .chain([self.timeout_seconds])
+            .filter(|t| *t > 0)
+            .min()
+            .unwrap_or(4);
+        std::time::Duration::from_millis((shortest * 500).clamp(250, 2000))
+    }
+}
+
 impl Default for ApprovalsConfig {
     fn default() -> Self {
         ApprovalsConfig {
@@ -91,6 +169,7 @@ impl Default for ApprovalsConfig {
             on_timeout: OnTimeout::Reject,
             rules: Vec::new(),
             redeliver_after_seconds: default_redeliver_after(),
+            public_url: None,
         }
     }
 }
@@ -165,6 +244,51 @@ impl GovernanceConfig {
                     "must be a non-negative number".into(),
                 ));
             }
+            if r.max_confidence.is_some_and(|c| !(0.0..=1.0).contains(&c)) {
+                p.push((
+                    format!("{path}.max_confidence"),
+                    "must be a number from 0 to 1".into(),
+                ));
+            }
+            if let Some(n) = &r.name {
+                if n.trim().is_empty() || n.chars().any(char::is_control) {
+                    p.push((
+                        format!("{path}.name"),
+                        "must be a non-empty single line".into(),
+                    ));
+                }
+            }
+            let name = r.name_at(i);
+            if self.approvals.rules[..i]
+                .iter()
+                .enumerate()
+                .any(|(j, o)| o.name_at(j) == name)
+            {
+                p.push((
+                    format!("{path}.name"),
+                    format!("{name:?} is used by an earlier rule"),
+                ));
+            }
+            for (j, l) in r.escalation.iter().enumerate() {
+                let at = format!("{path}.escalation[{j}]");
+                if l.group.trim().is_empty() {
+                    p.push((format!("{at}.group"), "must not be empty".into()));
+                }
+                if l.timeout_seconds == 0 {
+                    p.push((format!("{at}.timeout_seconds"), "must be at least 1".into()));
+                }
+            }
+            if let Some(n) = &r.notify {
+                p.extend(n.problems(&format!("{path}.notify")));
+            }
+        }
+        if let Some(u) = &self.approvals.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                p.push((
+                    "governance.approvals.public_url".into(),
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
         }
         for (i, b) in self.budgets.iter().enumerate() {
             let item = format!("governance.budgets[{i}] ({})", b.name);
@@ -195,6 +319,23 @@ impl GovernanceConfig {
             ));
         }
         p
+    }
+
+    /// Warnings about escalation groups: a group no user (`http.users`, given as (name, groups))
+    /// belongs to can never decide, so its approvals only wait for its timeout (or an admin).
+    pub fn group_warnings(&self, users: &[(&str, &[String])]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, r) in self.approvals.rules.iter().enumerate() {
+            for (j, l) in r.escalation.iter().enumerate() {
+                if !l.group.trim().is_empty() && !users.iter().any(|(_, g)| g.contains(&l.group)) {
+                    out.push((
+                        format!("governance.approvals.rules[{i}].escalation[{j}].group"),
+                        format!("no user of http.users is in group {:?}: only admins can decide its approvals; add it to a user's groups", l.group),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Whether `agent` may cause `action` on `resource` of `tenant`.
@@ -258,22 +399,34 @@ impl GovernanceConfig {
                 detail: format!("budget {budget} is exhausted"),
             };
         }
-        match self.needs_approval(&p.action, p.impact, p.cost) {
-            Some(rule) => Gate::NeedsApproval {
-                rule,
-                timeout_seconds: self.approvals.timeout_seconds,
-            },
+        match self.needs_approval(&p.action, p.impact, p.cost, p.confidence) {
+            Some(i) => {
+                let r = &self.approvals.rules[i];
+                Gate::NeedsApproval {
+                    rule: r.name_at(i),
+                    timeout_seconds: r
+                        .escalation
+                        .first()
+                        .map_or(self.approvals.timeout_seconds, |l| l.timeout_seconds),
+                    group: r.escalation.first().map(|l| l.group.clone()),
+                }
+            }
             None => Gate::Allow,
         }
     }
 
-    /// Whether an action needs a person, and the rule that says so.
-    pub fn needs_approval(&self, action: &str, impact: Impact, cost: Option<f64>) -> Option<usize> {
-        self.approvals.rules.iter().position(|r| {
-            any_match(&r.actions, action)
-                && r.min_impact.is_none_or(|m| impact >= m)
-                && r.min_cost.is_none_or(|m| cost.unwrap_or(0.0) >= m)
-        })
+    /// Whether an action needs a person, and the index of the first rule that says so.
+    pub fn needs_approval(
+        &self,
+        action: &str,
+        impact: Impact,
+        cost: Option<f64>,
+        confidence: Option<f64>,
+    ) -> Option<usize> {
+        self.approvals
+            .rules
+            .iter()
+            .position(|r| r.matches(action, impact, cost, confidence))
     }
 }
 
@@ -309,16 +462,98 @@ mod tests {
         g.approvals.rules.push(ApprovalRule {
             actions: vec!["rollback".into()],
             min_impact: Some(Impact::High),
-            min_cost: None,
+            ..Default::default()
         });
         g.approvals.rules.push(ApprovalRule {
-            actions: vec![],
-            min_impact: None,
             min_cost: Some(100.0),
+            ..Default::default()
         });
-        assert_eq!(g.needs_approval("rollback", Impact::High, None), Some(0));
-        assert_eq!(g.needs_approval("rollback", Impact::Medium, None), None);
-        assert_eq!(g.needs_approval("page", Impact::Low, Some(150.0)), Some(1));
-        assert_eq!(g.needs_approval("page", Impact::Low, Some(10.0)), None);
+        assert_eq!(
+            g.needs_approval("rollback", Impact::High, None, None),
+            Some(0)
+        );
+        assert_eq!(
+            g.needs_approval("rollback", Impact::Medium, None, None),
+            None
+        );
+        assert_eq!(
+            g.needs_approval("page", Impact::Low, Some(150.0), None),
+            Some(1)
+        );
+        assert_eq!(
+            g.needs_approval("page", Impact::Low, Some(10.0), None),
+            None
+        );
+    }
+
+    #[test]
+    fn confidence_rules_names_and_escalation_config() {
+        let g: GovernanceConfig = serde_yaml::from_str(
+            "approvals:
+               rules:
+                 - name: unsure-scaling
+                   actions: [scale_down]
+                   max_confidence: 0.7
+                   escalation: [{group: sre-oncall, timeout_seconds: 300}, {group: sre-leads, timeout_seconds: 900}]
+                 - actions: [rollback]",
+        )
+        .unwrap();
+        let n = |c| g.needs_approval("scale_down", Impact::Low, None, c);
+        assert_eq!(
+            n(Some(0.5)),
+            Some(0),
+            "below the threshold: a person reviews"
+        );
+        assert_eq!(n(Some(0.7)), None, "at the threshold: through");
+        assert_eq!(n(Some(0.95)), None);
+        assert_eq!(n(None), Some(0), "unknown confidence counts as low");
+        assert_eq!(
+            g.needs_approval("rollback", Impact::Low, None, Some(1.0)),
+            Some(1),
+            "a rule without max_confidence ignores confidence"
+        );
+        assert_eq!(g.approvals.rules[1].name_at(1), "rules[1]");
+        assert!(
+            g.approvals.rule("unsure-scaling").is_some() && g.approvals.rule("rules[1]").is_some()
+        );
+        // The gate names the rule and starts at the first group, with its timeout.
+        let p: ProposalData = serde_json::from_value(serde_json::json!({
+            "proposal_id": "p", "task_id": "t", "workflow_id": "w", "agent": "a", "action": "scale_down",
+            "resource": "r", "tenant": "default", "parameters": {}, "priority": 0, "impact": "low",
+            "context_version": 0, "confidence": 0.2})).unwrap();
+        assert_eq!(
+            g.gate(&p, budgets::BudgetCheck::Ok),
+            Gate::NeedsApproval {
+                rule: "unsure-scaling".into(),
+                timeout_seconds: 300,
+                group: Some("sre-oncall".into())
+            }
+        );
+        assert_eq!(
+            g.approvals.sweep_interval(),
+            std::time::Duration::from_secs(2)
+        );
+        // Problems: thresholds out of range, empty groups, zero timeouts, duplicate names.
+        let bad: GovernanceConfig = serde_yaml::from_str(
+            "approvals:
+               rules:
+                 - {name: x, max_confidence: 1.5, escalation: [{group: '', timeout_seconds: 0}]}
+                 - {name: x}",
+        )
+        .unwrap();
+        let items: Vec<String> = bad.problems(&[], &[]).into_iter().map(|(i, _)| i).collect();
+        assert_eq!(
+            items,
+            [
+                "governance.approvals.rules[0].max_confidence",
+                "governance.approvals.rules[0].escalation[0].group",
+                "governance.approvals.rules[0].escalation[0].timeout_seconds",
+                "governance.approvals.rules[1].name",
+            ]
+        );
+        // A group nobody is in is a warning.
+        let w = g.group_warnings(&[("ann", &["sre-oncall".to_string()][..])]);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].1.contains("\"sre-leads\""), "{w:?}");
     }
 }

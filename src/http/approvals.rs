@@ -5,8 +5,9 @@
 //!   cursor of the following page;
 //! - `GET /v1/approvals/{id}`: one approval with the action it would send;
 //! - `POST /v1/approvals/{id}/approve|reject` with `{"why": "..."}` (and `"by"` only for the
-//!   shared legacy token): decide (approver role). An approval of a tenant the caller does not see
-//!   is not found;
+//!   shared legacy token): decide (approver role; at a level of an escalation path, only members of
+//!   that level's group or admins: [`crate::governance::approvals::may_decide`], else 403). An
+//!   approval of a tenant the caller does not see is not found;
 //! - `POST /v1/approvals/{id}/edit` with `{"parameters": {...}, "why": "..."}`: approve with other
 //!   parameters, checked again by resolve and governance ([`crate::governance::amend`]);
 //! - `POST /v1/approvals/{id}/respond` with `{"comment": "..."}`: send it back to the agent.
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{Auth, Identity, Role};
-use crate::governance::approvals::{ApprovalError, Approvals, Decision, Verdict};
+use crate::governance::approvals::{may_decide, ApprovalError, Approvals, Decision, Verdict};
 use crate::kafka::Producer;
 
 /// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
@@ -62,6 +63,7 @@ fn error_response(e: ApprovalError) -> Response {
     let code = match e {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
         ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
+        ApprovalError::Forbidden(_) => StatusCode::FORBIDDEN,
         ApprovalError::Store(_) | ApprovalError::Contention => StatusCode::SERVICE_UNAVAILABLE,
         ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -146,14 +148,22 @@ async fn act(
         Ok(_) => return error_response(ApprovalError::NotFound(id)),
         Err(e) => return error_response(e),
     }
+    // At a level of an escalation path, only that level's group (or an admin) decides: checked
+    // against the approval as it stands when the decision is made (an already decided one is
+    // answered with its decision, 409, whoever asks).
+    let allowed = |a: &crate::records::ApprovalData| may_decide(&who.decider(), a);
     let d = match verb {
         Verb::Decide(v) => {
             api.approvals
-                .decide(&id, v, &by, &req.why, false, true)
+                .decide_if(&id, v, &by, &req.why, false, true, &allowed)
                 .await
         }
         Verb::Edit => match req.parameters.clone() {
-            Some(p) => api.approvals.edit(&id, &by, &req.why, p, None).await,
+            Some(p) => {
+                api.approvals
+                    .edit(&id, &by, &req.why, p, None, &allowed)
+                    .await
+            }
             None => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -161,7 +171,11 @@ async fn act(
                 )
             }
         },
-        Verb::Respond => api.approvals.respond(&id, &by, &req.comment).await,
+        Verb::Respond => {
+            api.approvals
+                .respond(&id, &by, &req.comment, &allowed)
+                .await
+        }
     };
     let d = match d {
         Ok(d) => d,

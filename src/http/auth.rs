@@ -45,6 +45,9 @@ pub struct UserSpec {
     /// Tenants the user may see and act for (`*` patterns); empty means none.
     #[serde(default = "all_tenants")]
     pub tenants: Vec<String>,
+    /// Approver groups the user belongs to (approval rules' escalation paths name them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 fn default_roles() -> Vec<Role> {
@@ -97,6 +100,8 @@ pub struct Identity {
     pub tenants: Vec<String>,
     /// A token several people share: it cannot name who decided, so the caller says it (`by`).
     pub shared: bool,
+    /// Approver groups (see `UserSpec::groups`); none for the shared token.
+    pub groups: Vec<String>,
 }
 
 impl Identity {
@@ -107,6 +112,16 @@ impl Identity {
 
     pub fn can(&self, role: Role) -> bool {
         self.role >= role
+    }
+
+    /// This caller as governance sees a decider (see `governance::approvals::may_decide`).
+    pub fn decider(&self) -> crate::governance::approvals::Decider<'_> {
+        crate::governance::approvals::Decider {
+            name: &self.name,
+            approver: self.can(Role::Approver),
+            admin: self.can(Role::Admin),
+            groups: &self.groups,
+        }
     }
 }
 
@@ -146,6 +161,7 @@ impl Auth {
                 role: u.roles.iter().copied().max().unwrap_or(Role::Viewer),
                 tenants: u.tenants.clone(),
                 shared: false,
+                groups: u.groups.clone(),
             })
             .collect::<Vec<_>>();
         for (u, who) in users.iter().zip(&named) {
@@ -170,6 +186,7 @@ impl Auth {
                     role: Role::Approver,
                     tenants: all_tenants(),
                     shared: true,
+                    groups: Vec::new(),
                 },
             ));
         }

@@ -475,7 +475,8 @@ fn row(a: &ApprovalData, now: i64) -> Value {
         "status": a.status, "agents": rec["agents"], "agent": rec["agents"][0],
         "impact": rec["impact"], "reason": rec["reason"], "priority": rec["priority"],
         "age": human_secs(now - a.requested_at), "age_secs": now - a.requested_at,
-        "expires_in": human_secs(a.expires_at - now),
+        "expires_in": human_secs(a.expires_at - now), "group": a.group, "level": a.level,
+        "rule": a.rule,
     })
 }
 
@@ -712,6 +713,7 @@ async fn show(
     };
     let budgets = inbox.budgets.standing(&spender).await.unwrap_or_default();
     let open = matches!(a.status.as_str(), "pending" | "escalated");
+    let may_not = crate::governance::approvals::may_decide(&who.decider(), a).err();
     let amend = s
         .amend
         .as_ref()
@@ -724,7 +726,8 @@ async fn show(
         "detail.html",
         json!({
             "user": user_json(who), "a": rec, "open": open,
-            "can_decide": open && who.can(Role::Approver) && !who.shared,
+            "can_decide": open && who.can(Role::Approver) && !who.shared && may_not.is_none(),
+            "may_not": may_not,
             "amendable": crate::governance::amend::amendable(&s),
             "parameters": pretty(&act.parameters), "agents": agents, "impact": act.impact,
             "priority": act.priority, "reason": act.reason, "workflow_id": act.workflow_id,
@@ -838,34 +841,33 @@ async fn decide(
         Err(e) => return unavailable(&e.to_string()),
     }
     let by = who.name.clone();
+    let allowed = |a: &ApprovalData| crate::governance::approvals::may_decide(&who.decider(), a);
+    let approvals = &inbox.approvals;
     let result = match verb.as_str() {
         "approve" => {
-            inbox
-                .approvals
-                .decide(&id, Verdict::Approve, &by, &f.why, false, true)
+            approvals
+                .decide_if(&id, Verdict::Approve, &by, &f.why, false, true, &allowed)
                 .await
         }
         "reject" if f.why.trim().is_empty() => {
             Err(ApprovalError::Invalid("a rejection needs a reason".into()))
         }
         "reject" => {
-            inbox
-                .approvals
-                .decide(&id, Verdict::Reject, &by, &f.why, false, true)
+            approvals
+                .decide_if(&id, Verdict::Reject, &by, &f.why, false, true, &allowed)
                 .await
         }
         "edit" => match serde_json::from_str::<Value>(&f.parameters) {
             Ok(p) => {
-                inbox
-                    .approvals
-                    .edit(&id, &by, &f.why, p, f.context_version)
+                approvals
+                    .edit(&id, &by, &f.why, p, f.context_version, &allowed)
                     .await
             }
             Err(e) => Err(ApprovalError::Invalid(format!(
                 "the edited parameters are not JSON: {e}"
             ))),
         },
-        "respond" => inbox.approvals.respond(&id, &by, &f.comment).await,
+        "respond" => approvals.respond(&id, &by, &f.comment, &allowed).await,
         _ => return page_error(StatusCode::NOT_FOUND, "no such decision"),
     };
     let d: Decision = match result {
@@ -885,6 +887,7 @@ async fn decide(
         Err(ApprovalError::NotFound(_)) => {
             return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}"))
         }
+        Err(ApprovalError::Forbidden(m)) => return page_error(StatusCode::FORBIDDEN, &m),
         Err(e) => return unavailable(&e.to_string()),
     };
     if let Err(m) = super::approvals::publish(&inbox.approvals, &inbox.producer, &id, &d).await {

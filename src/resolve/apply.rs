@@ -54,7 +54,8 @@ pub struct Decided {
     pub outcome: Verdict,
     #[serde(default)]
     pub reason: Option<String>,
-    /// The rule that decided: a resolution rule, `access`, `budget`, or `approvals.rules[i]`.
+    /// The rule that decided: a resolution rule, `access`, `budget`, or `approvals.<rule name>`
+    /// (`approvals.rules[i]` for an unnamed rule).
     #[serde(default)]
     pub rule: Option<String>,
     pub detail: String,
@@ -161,8 +162,13 @@ pub enum Amend {
 pub enum Gate {
     /// The action may go out now.
     Allow,
-    /// A person must approve it first; `rule` is the index of the approval rule that says so.
-    NeedsApproval { rule: usize, timeout_seconds: u64 },
+    /// A person must approve it first: `rule` names the approval rule that says so, the first
+    /// level's approver `group` (rules with an escalation path) has `timeout_seconds` to decide.
+    NeedsApproval {
+        rule: String,
+        timeout_seconds: u64,
+        group: Option<String>,
+    },
     /// Governance refuses it.
     Refuse {
         reason: RejectReason,
@@ -354,6 +360,7 @@ pub fn apply(
                     Gate::NeedsApproval {
                         rule,
                         timeout_seconds,
+                        group,
                     } => {
                         let approval_id = format!("apr-{}", stable_id(&[&action_id]));
                         let action = action_of(
@@ -377,6 +384,10 @@ pub fn apply(
                             requested_at: now,
                             expires_at: now + timeout_seconds as i64,
                             action_record: serde_json::to_value(&action)?,
+                            rule: Some(rule.clone()),
+                            confidence: p.confidence,
+                            level: 0,
+                            group,
                         };
                         changed.push(StoredApproval {
                             approval: approval.clone(),
@@ -399,7 +410,7 @@ pub fn apply(
                             superseded,
                             ..Decided::new(
                                 Verdict::ApprovalRequested,
-                                Some(&format!("approvals.rules[{rule}]")),
+                                Some(&format!("approvals.{rule}")),
                                 format!("{} needs approval", p.action),
                             )
                         }

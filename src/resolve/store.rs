@@ -719,6 +719,7 @@ pub mod contract {
             requested_at: 1,
             expires_at,
             action_record: json!({}),
+            ..Default::default()
         }
     }
 

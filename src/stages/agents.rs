@@ -734,6 +734,7 @@ impl<S: ContextStore> AgentStage<S> {
                 .or_else(|| (!o.seen_at.is_empty()).then(|| o.seen_at.clone())),
             approved_by: None,
             edit_of: None,
+            confidence: p.confidence,
         };
         let mut ev = CloudEvent::new(id, SOURCE, types::PROPOSAL)
             .with_subject(resource.to_string())

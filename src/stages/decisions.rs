@@ -3,7 +3,6 @@
 //! JSON). It also runs the sweeper that expires (or escalates) approvals nobody decided in time.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::Stream;
@@ -34,7 +33,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
         s.tracker.spawn(run_sweeper(
             s.approvals.clone(),
             s.producer.clone(),
-            Duration::from_secs(2),
+            s.approvals.config.sweep_interval(),
             s.stop.clone(),
         ));
         Ok(runner(DecisionsStage {
@@ -93,6 +92,7 @@ impl DecisionsStage {
             }),
             Err(ApprovalError::Invalid(m)) => Err(ProcessError::poison("invalid_decision", m)),
             Err(ApprovalError::TooLarge(m)) => Err(ProcessError::poison("output_too_large", m)),
+            Err(ApprovalError::Forbidden(m)) => Err(ProcessError::poison("forbidden_decision", m)),
             Err(e @ ApprovalError::Encode(_)) => Err(ProcessError::Fatal(e.to_string())),
             Err(e) => Err(ProcessError::Transient(e.to_string())),
         }

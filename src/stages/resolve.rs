@@ -63,6 +63,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             stats: Some(s.stats.clone()),
             graph: Some(s.graph.clone()),
             clock: Default::default(),
+            notifier: s.approvals.notifier.clone(),
         }))
     })
 }
@@ -111,6 +112,8 @@ pub struct ResolveStage {
     /// The time decisions are made at (seconds since the epoch) when not now: `replay` decides
     /// each proposal at its recorded time, so cooldowns and windows see what they saw.
     pub clock: crate::event::Clock,
+    /// Tells approval rules' webhooks about new requests (none in replay and unit tests).
+    pub notifier: Option<Arc<crate::governance::notify::Notifier>>,
 }
 
 /// Reads a proposal record.
@@ -500,6 +503,11 @@ impl ResolveStage {
             };
             if self.store.commit(&key, record.rev, write).await? {
                 self.index(&decided).await?;
+                if let Some(n) = &self.notifier {
+                    for a in decided.pending_approvals() {
+                        n.notify(a);
+                    }
+                }
                 span.attr("switchyard.proposal.id", p.proposal_id.clone())
                     .attr("switchyard.action", p.action.clone())
                     .attr("gen_ai.agent.name", p.agent.clone())
@@ -587,6 +595,7 @@ mod tests {
             stats: None,
             graph: None,
             clock: Default::default(),
+            notifier: None,
         }
     }
 
@@ -609,6 +618,7 @@ mod tests {
             seen_at: None,
             approved_by: None,
             edit_of: None,
+            confidence: None,
         };
         let ev = CloudEvent::new(id, "t", types::PROPOSAL)
             .with_subject("svc")

@@ -35,6 +35,7 @@ impl Agent for CostGuard {
                 resource: None,
                 seen_version: None,
                 seen_at: None,
+                confidence: None,
                 reason: Some(format!(
                     "spend {spend:.2} exceeds budget {budget:.2} {currency}"
                 )),

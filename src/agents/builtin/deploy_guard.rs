@@ -58,6 +58,7 @@ impl Agent for DeployGuard {
                 resource: None,
                 seen_version: None,
                 seen_at: None,
+                confidence: None,
                 reason: Some("deployment started while the service breaches its SLA".into()),
             });
         }

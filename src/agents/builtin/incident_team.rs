@@ -215,6 +215,7 @@ impl Agent for IncidentCommander {
                 resource: r["resource"].as_str().map(str::to_string),
                 seen_version: None,
                 seen_at: None,
+                confidence: None,
                 reason: Some(format!("incident commander: {cause}")),
             });
         }
@@ -227,6 +228,7 @@ impl Agent for IncidentCommander {
             resource: None,
             seen_version: None,
             seen_at: None,
+            confidence: None,
             reason: Some(format!("{} breach, {severity}", req.task.resource)),
         });
         out.proposals.push(ProposalSpec {
@@ -238,6 +240,7 @@ impl Agent for IncidentCommander {
             resource: None,
             seen_version: None,
             seen_at: None,
+            confidence: None,
             reason: Some("keep stakeholders informed".into()),
         });
         ready(out)

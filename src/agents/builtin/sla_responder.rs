@@ -122,6 +122,7 @@ impl Agent for SlaResponder {
                         resource: other.clone(),
                         seen_version: None,
                         seen_at: None,
+                        confidence: None,
                         reason: Some(format!(
                             "SLO {} of {} breached within {} min of deployment {}{whose}",
                             str_field(d, "slo").unwrap_or("?"),
@@ -147,6 +148,7 @@ impl Agent for SlaResponder {
             resource: None,
             seen_version: None,
             seen_at: None,
+            confidence: None,
             reason: Some(if breached {
                 "SLO breached".into()
             } else {
