@@ -191,6 +191,7 @@ pub async fn run(
         cfg.context.relations.clone(),
     ));
     let redis_http = redis.clone();
+    let services_emitter = emitter.clone();
     let services = Services {
         budgets,
         loaded: loaded.clone(),
@@ -252,6 +253,15 @@ pub async fn run(
         let mut app = http::router(health.clone(), cfg.http.metrics_token.as_ref());
         if let Some(gw) = gateway {
             app = app.merge(crate::gateway::served::router(gw));
+        }
+        if cfg.http.ingest.enabled {
+            app = app.merge(http::ingest::router(http::ingest::Ingest::new(
+                cfg.http.ingest.clone(),
+                services_emitter.clone(),
+                producer.clone(),
+                redis_http.clone(),
+                &cfg.redis.key_prefix,
+            )));
         }
         let app = app
             .merge(http::approvals::router(http::approvals::Api {

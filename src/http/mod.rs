@@ -1,11 +1,12 @@
 //! switchyard's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz`
 //! (Kafka and Redis reachable and every running stage in its consumer group — consuming, or
 //! standing by when there are more members than partitions), and the front doors
-//! merged in from the submodules ([`approvals`]: the approvals API).
+//! merged in from the submodules ([`approvals`]: the approvals API; [`ingest`]: events over HTTP).
 
 pub mod approvals;
 pub mod auth;
 pub mod context;
+pub mod ingest;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,9 @@ pub struct HttpConfig {
     /// Users of the HTTP front doors (approvals API) with their roles and tenants.
     #[serde(default)]
     pub users: Vec<auth::UserSpec>,
+    /// HTTP ingest: CloudEvents, Alertmanager and GitHub webhooks to input topics.
+    #[serde(default)]
+    pub ingest: ingest::IngestConfig,
 }
 
 fn yes() -> bool {
@@ -54,6 +58,7 @@ impl Default for HttpConfig {
             listen: default_listen(),
             metrics_token: None,
             users: Vec::new(),
+            ingest: ingest::IngestConfig::default(),
         }
     }
 }
