@@ -103,6 +103,9 @@ pub struct IngestToken {
     /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
+    /// This sender's events per minute, instead of `http.ingest.rate_per_minute` (0: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u64>,
 }
 
 /// `http.ingest.alertmanager`.
@@ -207,10 +210,13 @@ impl IngestConfig {
         for (i, t) in self.tokens.iter().enumerate() {
             let path = format!("http.ingest.tokens[{i}]");
             p.extend(t.as_user().problems(&path));
-            if t.name == "default" && self.token.is_some() {
+            if (t.name == "default" && self.token.is_some()) || t.name == "github" {
                 p.push((
                     format!("{path}.name"),
-                    "\"default\" is the name of http.ingest.token".into(),
+                    format!(
+                        "{:?} is reserved (default: http.ingest.token; github: the GitHub webhook)",
+                        t.name
+                    ),
                 ));
             }
             if self.tokens[..i].iter().any(|o| o.name == t.name) {
@@ -272,6 +278,15 @@ impl IngestConfig {
             .map(|(_, t)| t.as_str())
     }
 
+    /// Events per minute a sender may send (0: no limit).
+    pub fn rate_of(&self, sender: &str) -> u64 {
+        self.tokens
+            .iter()
+            .find(|t| t.name == sender)
+            .and_then(|t| t.rate_per_minute)
+            .unwrap_or(self.rate_per_minute)
+    }
+
     /// The users [`Auth`] checks bearer tokens against (the default token is `default`).
     fn auth(&self) -> Auth {
         let mut users: Vec<UserSpec> = self.tokens.iter().map(IngestToken::as_user).collect();
@@ -281,6 +296,7 @@ impl IngestConfig {
                     name: "default".into(),
                     token: Some(t.clone()),
                     token_sha256: None,
+                    rate_per_minute: None,
                 }
                 .as_user(),
             );
@@ -922,8 +938,9 @@ impl Ingest {
             };
             return r.response();
         }
-        if inner.cfg.rate_per_minute > 0 {
-            let cap = inner.cfg.rate_per_minute as f64;
+        let rate = inner.cfg.rate_of(caller);
+        if rate > 0 {
+            let cap = rate as f64;
             let bucket = Bucket {
                 key: inner.limiter.bucket_key("ingest", caller, "rpm", None),
                 capacity: cap,
@@ -939,8 +956,7 @@ impl Ingest {
                         StatusCode::TOO_MANY_REQUESTS,
                         [(header::RETRY_AFTER, secs.to_string())],
                         Json(json!({"error": format!(
-                            "rate limit of {} events per minute for {caller} reached; retry in {secs} s",
-                            inner.cfg.rate_per_minute)})),
+                            "rate limit of {rate} events per minute for {caller} reached; retry in {secs} s")})),
                     )
                         .into_response();
                 }
