@@ -878,3 +878,77 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     assert!(app.is_running());
     app.stop().await;
 }
+
+/// `tail --format human` with `--key` and `--partition`, and `approvals list` showing the agent,
+/// parameters and reason of what waits for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_human_format_filters_and_approvals_list_details() {
+    let env = TestEnv::new(
+        2,
+        "governance:\n  approvals:\n    rules: [{ actions: [page] }]\n",
+    )
+    .await;
+    let app = env.start(&["route", "agents", "resolve"]);
+    for (id, svc) in [("q-1", "svc-q"), ("o-1", "svc-other"), ("o-2", "svc-more")] {
+        env.publish_one(
+            "events.sla-breaches",
+            id,
+            "sla.breached",
+            svc,
+            json!({"service": svc, "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}),
+        )
+        .await;
+    }
+    env.read("switchyard.approvals", 3, Duration::from_secs(40))
+        .await;
+    app.stop().await;
+
+    let results = env.topic("switchyard.results");
+    let tail = |extra: &[&str]| {
+        let mut args = vec![
+            results.as_str(),
+            "--from-beginning",
+            "--idle-timeout-ms",
+            "3000",
+        ];
+        args.extend_from_slice(extra);
+        cli(&env, &[&["tail"][..], &args].concat())
+    };
+    let human = tail(&["--format", "human", "--key", "svc-q"]);
+    let lines: Vec<&str> = human.lines().collect();
+    assert_eq!(lines.len(), 1, "{human}");
+    assert!(
+        lines[0].contains("result sla-responder")
+            && lines[0].contains("resource=svc-q")
+            && lines[0].contains("succeeded"),
+        "{human}"
+    );
+    // Every record of one partition, none of the other; the JSON format is the default.
+    let all = tail(&[]);
+    let count = |p: i64| {
+        all.lines()
+            .filter(|l| serde_json::from_str::<Value>(l).unwrap()["partition"] == p)
+            .count()
+    };
+    for p in [0, 1] {
+        let only = tail(&["--partition", &p.to_string(), "--format", "human"]);
+        assert_eq!(only.lines().count(), count(p), "{only}\n{all}");
+        assert!(
+            only.lines().all(|l| l.contains(&format!("[{p}]@"))),
+            "{only}"
+        );
+    }
+
+    let list = cli(&env, &["approvals", "list"]);
+    assert!(list.contains("3 open approvals"), "{list}");
+    assert!(list.contains("agent: sla-responder"), "{list}");
+    assert!(
+        list.contains("parameters: {") && list.contains("team-pay"),
+        "{list}"
+    );
+    let reason = list
+        .lines()
+        .find(|l| l.trim_start().starts_with("reason:"))
+        .expect("a reason line");
+    assert!(reason.trim() != "reason: -", "{list}");
+}
