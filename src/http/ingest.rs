@@ -664,7 +664,7 @@ pub enum GithubDelivery {
     /// An event type switchyard does not take (answered 202, nothing produced).
     Ignored(String),
     /// A `deployment_status` event as a `deployment.<state>` CloudEvent.
-    Event(CloudEvent),
+    Event(Box<CloudEvent>),
 }
 
 /// Reads a GitHub delivery (already authenticated by its signature).
@@ -743,7 +743,7 @@ pub fn github_delivery(
         .or_else(|| s("/deployment_status/created_at"))
         .filter(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok());
     codec::validate(&ev).map_err(|e| Refusal::bad(e.to_string()))?;
-    Ok(GithubDelivery::Event(ev))
+    Ok(GithubDelivery::Event(Box::new(ev)))
 }
 
 /// What the ingest routes share.
@@ -1210,7 +1210,7 @@ async fn github(State(s): State<Ingest>, headers: HeaderMap, body: Body) -> Resp
         }
         Ok(GithubDelivery::Event(ev)) => {
             let topic = s.inner.cfg.github.topic.clone();
-            s.accept(door, "github", vec![ev], topic.as_deref()).await
+            s.accept(door, "github", vec![*ev], topic.as_deref()).await
         }
         Err(r) => {
             count(door, "rejected", 1);
