@@ -261,6 +261,7 @@ pub async fn run(
                 producer.clone(),
                 redis_http.clone(),
                 &cfg.redis.key_prefix,
+                http::ingest::claim_ms(&cfg.kafka),
             )));
         }
         let app = app

@@ -465,6 +465,37 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         .await
         .unwrap();
 
+    // Without any token configured the token routes answer 503.
+    let untokened = {
+        let l = &env.loaded;
+        let ingest = switchyard::http::ingest::Ingest::new(
+            switchyard::http::ingest::IngestConfig::default(),
+            switchyard::records::Emitter::new(l.schemas.clone(), l.topics.clone()),
+            env.producer(),
+            switchyard::store::RedisConn::from_config(&l.config.redis).unwrap(),
+            &l.config.redis.key_prefix,
+            60_000,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, switchyard::http::ingest::router(ingest)).await
+        });
+        format!("http://{addr}")
+    };
+    for route in ["/v1/events", "/v1/ingest/alertmanager", "/v1/ingest/github"] {
+        let (code, v, _) = post(
+            &c,
+            &format!("{untokened}{route}"),
+            Some(INGEST_TOKEN),
+            "application/json",
+            "{}",
+        )
+        .await;
+        assert_eq!(code, 503, "{route}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("configured"), "{v}");
+    }
+
     // No token, a wrong token.
     let one = structured(
         "s-1",

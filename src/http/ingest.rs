@@ -15,8 +15,8 @@
 //! only once the broker acknowledged every record of the request.
 //!
 //! Idempotence: an event is taken once per (source, id) within `dedupe_seconds`. Its Redis key
-//! (`<prefix>:ingest:seen:{<hash of source and id>}`) is claimed as `pending` for a minute before
-//! producing and set to `done` for the window once the broker acknowledged; a failed produce
+//! (`<prefix>:ingest:seen:{<hash of source and id>}`) is claimed as `pending` before producing
+//! (for longer than the producer may take to deliver: its `message.timeout.ms` plus a minute) and set to `done` for the window once the broker acknowledged; a failed produce
 //! deletes the claim, so a retry produces the event. A second request while the first is still
 //! producing answers `409` (retry later); once it is done, `202` with `duplicate: true`.
 //!
@@ -759,6 +759,8 @@ struct Inner {
     producer: Producer,
     redis: RedisConn,
     prefix: String,
+    /// How long a (source, id) stays claimed while its record is produced.
+    claim_ms: u64,
     auth: Auth,
     limiter: Limiter,
     /// The GitHub secret, or why there is none.
@@ -778,7 +780,24 @@ enum Taken {
     Failed(String),
 }
 
-const CLAIM_MS: u64 = 60_000;
+/// The producer's delivery timeout when the config sets none (librdkafka's `message.timeout.ms`).
+const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
+/// Longest a client may take to send its body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a claim lasts: longer than a produce can take (`message.timeout.ms` or
+/// `delivery.timeout.ms` of `kafka.client`/`kafka.producer`), plus a minute.
+pub fn claim_ms(kafka: &crate::kafka::KafkaConfig) -> u64 {
+    let delivery = kafka
+        .client
+        .iter()
+        .chain(&kafka.producer)
+        .filter(|(k, _)| *k == "message.timeout.ms" || *k == "delivery.timeout.ms")
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .next_back()
+        .unwrap_or(DEFAULT_DELIVERY_TIMEOUT_MS);
+    delivery + 60_000
+}
 
 impl Ingest {
     pub fn new(
@@ -787,6 +806,7 @@ impl Ingest {
         producer: Producer,
         redis: RedisConn,
         prefix: &str,
+        claim_ms: u64,
     ) -> Self {
         let github_secret = match &cfg.github.secret {
             None => Err("no GitHub secret is configured: set http.ingest.github.secret".into()),
@@ -819,6 +839,7 @@ impl Ingest {
                 producer,
                 redis,
                 prefix: prefix.to_string(),
+                claim_ms,
                 github_secret,
             }),
         }
@@ -875,7 +896,19 @@ impl Ingest {
         // Read chunk by chunk, so a body without (or lying about) its length stops at the limit.
         let mut stream = body.into_data_stream();
         let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
+        let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+        loop {
+            let Ok(chunk) = tokio::time::timeout_at(deadline, stream.next()).await else {
+                count(door, "rejected", 1);
+                return Err(super::auth::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body took longer than {} s to arrive",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                ));
+            };
+            let Some(chunk) = chunk else { break };
             match chunk {
                 Ok(c) if out.len() + c.len() > max => return Err(too_large()),
                 Ok(c) => out.extend_from_slice(&c),
@@ -1070,7 +1103,7 @@ impl Ingest {
                 .arg("pending")
                 .arg("NX")
                 .arg("PX")
-                .arg(CLAIM_MS)
+                .arg(self.inner.claim_ms)
                 .query_async(&mut c)
                 .await?;
             if set.is_some() {
@@ -1101,8 +1134,8 @@ impl Ingest {
                 }
                 .await;
                 if let Err(e) = marked {
-                    // The record is on its topic; only a repeat within the claim's minute is
-                    // refused, a later one would be produced again.
+                    // The record is on its topic; a repeat while the claim lasts is refused, a
+                    // later one would be produced again.
                     tracing::warn!(error = %e, "Could not mark an ingested event as done; a repeat after a minute is produced again.");
                 }
                 Taken::Produced {
@@ -1122,7 +1155,7 @@ impl Ingest {
                 }
                 .await;
                 if let Err(re) = released {
-                    tracing::warn!(error = %re, "Could not release the claim of an event that failed to produce; a retry is refused for a minute.");
+                    tracing::warn!(error = %re, "Could not release the claim of an event that failed to produce; a retry is refused while the claim lasts.");
                 }
                 Taken::Failed(format!("producing to {} failed: {e}", out.topic))
             }
@@ -1344,6 +1377,16 @@ mod tests {
                 let _ = parse_cloudevents(h, body, &schemas());
             }
         }
+    }
+
+    #[test]
+    fn claims_outlast_the_producers_delivery_timeout() {
+        let mut k = crate::kafka::KafkaConfig::default();
+        assert_eq!(claim_ms(&k), 360_000);
+        k.producer
+            .insert("message.timeout.ms".into(), "30000".into());
+        assert_eq!(claim_ms(&k), 90_000);
+        assert!(IngestConfig::default().auth().is_empty(), "no token: 503");
     }
 
     #[test]
