@@ -777,6 +777,8 @@ enum Taken {
     },
     Duplicate,
     InProgress,
+    /// The record is larger than the broker takes.
+    TooLarge(String),
     Failed(String),
 }
 
@@ -1016,7 +1018,7 @@ impl Ingest {
         });
         let taken = futures::future::join_all(jobs).await;
         let mut list = Vec::with_capacity(taken.len());
-        let (mut produced, mut duplicates, mut busy, mut failed) = (0, 0, 0, 0);
+        let (mut produced, mut duplicates, mut busy, mut failed, mut large) = (0, 0, 0, 0, 0);
         for (ev, t) in events.iter().zip(&taken) {
             let mut o = json!({"id": ev.id, "source": ev.source, "type": ev.ty});
             match t {
@@ -1040,6 +1042,10 @@ impl Ingest {
                     o["error"] =
                         json!("the same (source, id) is being produced by another request; retry");
                 }
+                Taken::TooLarge(e) => {
+                    large += 1;
+                    o["error"] = json!(e);
+                }
                 Taken::Failed(e) => {
                     failed += 1;
                     o["error"] = json!(e);
@@ -1051,6 +1057,7 @@ impl Ingest {
         count(door, "duplicate", duplicates);
         count(door, "in_progress", busy);
         count(door, "failed", failed);
+        count(door, "too_large", large);
         tracing::debug!(
             source = door.label(),
             caller,
@@ -1061,22 +1068,29 @@ impl Ingest {
             "Ingest request done."
         );
         let n = events.len();
-        if busy + failed > 0 {
-            let status = if failed > 0 {
-                StatusCode::SERVICE_UNAVAILABLE
+        if busy + failed + large > 0 {
+            let (status, advice) = if failed > 0 {
+                (StatusCode::SERVICE_UNAVAILABLE, "repeat the request")
+            } else if busy > 0 {
+                (StatusCode::CONFLICT, "repeat the request")
             } else {
-                StatusCode::CONFLICT
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "send smaller events (the broker's message.max.bytes)",
+                )
             };
             let mut r = (
                 status,
                 Json(json!({
-                    "error": format!("{} of {n} events were not taken; repeat the request (events already taken are not produced twice)", busy + failed),
+                    "error": format!("{} of {n} events were not taken; {advice} (events already taken are not produced twice)", busy + failed + large),
                     "accepted": produced, "duplicates": duplicates, "events": list,
                 })),
             )
                 .into_response();
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            if status != StatusCode::PAYLOAD_TOO_LARGE {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
             return r;
         }
         (
@@ -1157,7 +1171,11 @@ impl Ingest {
                 if let Err(re) = released {
                     tracing::warn!(error = %re, "Could not release the claim of an event that failed to produce; a retry is refused while the claim lasts.");
                 }
-                Taken::Failed(format!("producing to {} failed: {e}", out.topic))
+                if crate::kafka::is_too_large(&e) {
+                    Taken::TooLarge(format!("the record is too large for {}: {e}", out.topic))
+                } else {
+                    Taken::Failed(format!("producing to {} failed: {e}", out.topic))
+                }
             }
         }
     }
