@@ -970,6 +970,26 @@ async fn tail_human_format_filters_and_approvals_list_details() {
         );
     }
 
+    let approvals = cli(
+        &env,
+        &[
+            "tail",
+            &env.topic("switchyard.approvals"),
+            "--from-beginning",
+            "--idle-timeout-ms",
+            "3000",
+            "--format",
+            "human",
+        ],
+    );
+    assert_eq!(
+        approvals
+            .lines()
+            .filter(|l| l.contains(" approval pending   page "))
+            .count(),
+        3,
+        "{approvals}"
+    );
     let list = cli(&env, &["approvals", "list"]);
     assert!(list.contains("3 open approvals"), "{list}");
     assert!(list.contains("agent: sla-responder"), "{list}");
