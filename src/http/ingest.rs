@@ -20,6 +20,9 @@
 //! deletes the claim, so a retry produces the event. A second request while the first is still
 //! producing answers `409` (retry later); once it is done, `202` with `duplicate: true`.
 //!
+//! A request's records are queued in its order (a batch's events of one resource keep their order
+//! on its partition), then their acknowledgements awaited together.
+//!
 //! Rate limit: a token bucket per token (`rate_per_minute` events, a minute's worth of burst),
 //! shared by every instance through Redis ([`crate::gateway::limits::Limiter`], keys
 //! `<prefix>:gw:bucket:{ingest/<token name>}:rpm`); a batch counts its events.
@@ -43,7 +46,7 @@ use super::auth::{Auth, AuthError, UserSpec};
 use crate::codec::{self, RecordView, CONTENT_TYPE_HEADER};
 use crate::event::CloudEvent;
 use crate::gateway::limits::{Acquire, Bucket, Limiter};
-use crate::kafka::{Output, Producer};
+use crate::kafka::{Notice, ProduceError, Producer};
 use crate::pattern::{stable_id, TypePattern};
 use crate::records::Emitter;
 use crate::schema::SchemaRegistry;
@@ -767,6 +770,14 @@ struct Inner {
     github_secret: Result<Secret, String>,
 }
 
+/// What claiming an event's (source, id) found.
+enum Claim {
+    Mine,
+    Duplicate,
+    InProgress,
+    Failed(String),
+}
+
 /// How one event of a request ended.
 #[derive(Debug)]
 enum Taken {
@@ -1004,19 +1015,77 @@ impl Ingest {
                 }
             }
         }
-        // A (source, id) twice in one request is taken once.
+        // A (source, id) twice in one request is taken once. Claims go out together; records are
+        // then queued in the request's order (events of one resource keep their order on its
+        // partition), and their acknowledgements awaited together.
         let mut firsts = HashSet::new();
-        let jobs = events.iter().zip(records).map(|(ev, out)| {
+        let claims = futures::future::join_all(events.iter().map(|ev| {
             let first = firsts.insert((ev.source.clone(), ev.id.clone()));
             async move {
                 if first {
-                    self.take(ev, out).await
+                    self.claim(&self.seen_key(ev)).await
                 } else {
-                    Taken::Duplicate
+                    Claim::Duplicate
                 }
             }
-        });
-        let taken = futures::future::join_all(jobs).await;
+        }))
+        .await;
+        let mut taken: Vec<Option<Taken>> = Vec::with_capacity(events.len());
+        let mut waiting = Vec::new();
+        for (i, ((ev, claim), out)) in events.iter().zip(claims).zip(records).enumerate() {
+            match claim {
+                Claim::Mine => {}
+                Claim::Duplicate => {
+                    taken.push(Some(Taken::Duplicate));
+                    continue;
+                }
+                Claim::InProgress => {
+                    taken.push(Some(Taken::InProgress));
+                    continue;
+                }
+                Claim::Failed(e) => {
+                    taken.push(Some(Taken::Failed(e)));
+                    continue;
+                }
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let queued = inner
+                .producer
+                .enqueue(&out, Notice::Waiter(tx), || {
+                    METRICS
+                        .producer_queue_full
+                        .with_label_values(&["ingest"])
+                        .inc()
+                })
+                .await;
+            match queued {
+                Ok(()) => {
+                    taken.push(None);
+                    waiting.push((i, self.seen_key(ev), out.topic, rx));
+                }
+                Err(ProduceError::Rejected { source, .. }) => {
+                    taken.push(Some(
+                        self.settle(&self.seen_key(ev), out.topic, Err(source))
+                            .await,
+                    ));
+                }
+            }
+        }
+        let settled =
+            futures::future::join_all(waiting.into_iter().map(|(i, key, topic, rx)| async move {
+                let acked = rx
+                    .await
+                    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+                (i, self.settle(&key, topic, acked).await)
+            }))
+            .await;
+        for (i, t) in settled {
+            taken[i] = Some(t);
+        }
+        let taken: Vec<Taken> = taken
+            .into_iter()
+            .map(|t| t.unwrap_or_else(|| Taken::Failed("no delivery report".into())))
+            .collect();
         let mut list = Vec::with_capacity(taken.len());
         let (mut produced, mut duplicates, mut busy, mut failed, mut large) = (0, 0, 0, 0, 0);
         for (ev, t) in events.iter().zip(&taken) {
@@ -1105,15 +1174,13 @@ impl Ingest {
             .into_response()
     }
 
-    /// Claims an event's (source, id), produces it and marks it done; a failed produce releases
-    /// the claim, so a retry produces it.
-    async fn take(&self, ev: &CloudEvent, out: Output) -> Taken {
-        let key = self.seen_key(ev);
-        let window = self.inner.cfg.dedupe_seconds.max(1);
+    /// Claims a (source, id) key for producing it: mine, already done (a duplicate), or being
+    /// produced by another request.
+    async fn claim(&self, key: &str) -> Claim {
         let claimed = async {
             let mut c = self.inner.redis.get().await?;
             let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
+                .arg(key)
                 .arg("pending")
                 .arg("NX")
                 .arg("PX")
@@ -1123,22 +1190,33 @@ impl Ingest {
             if set.is_some() {
                 return Ok::<_, crate::store::StoreError>(None);
             }
-            let now: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+            let now: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await?;
             Ok(Some(now))
         }
         .await;
         match claimed {
-            Ok(None) => {}
-            Ok(Some(Some(v))) if v == "done" => return Taken::Duplicate,
-            Ok(Some(_)) => return Taken::InProgress,
-            Err(e) => return Taken::Failed(format!("redis: {e}")),
+            Ok(None) => Claim::Mine,
+            Ok(Some(Some(v))) if v == "done" => Claim::Duplicate,
+            Ok(Some(_)) => Claim::InProgress,
+            Err(e) => Claim::Failed(format!("redis: {e}")),
         }
-        match self.inner.producer.send(&out).await {
+    }
+
+    /// After the broker answered: marks the key done for the dedupe window, or releases the
+    /// claim of a record that was not written, so a retry produces it.
+    async fn settle(
+        &self,
+        key: &str,
+        topic: String,
+        acked: Result<(i32, i64), rdkafka::error::KafkaError>,
+    ) -> Taken {
+        let window = self.inner.cfg.dedupe_seconds.max(1);
+        match acked {
             Ok((partition, offset)) => {
                 let marked = async {
                     let mut c = self.inner.redis.get().await?;
                     redis::cmd("SET")
-                        .arg(&key)
+                        .arg(key)
                         .arg("done")
                         .arg("EX")
                         .arg(window)
@@ -1150,10 +1228,10 @@ impl Ingest {
                 if let Err(e) = marked {
                     // The record is on its topic; a repeat while the claim lasts is refused, a
                     // later one would be produced again.
-                    tracing::warn!(error = %e, "Could not mark an ingested event as done; a repeat after a minute is produced again.");
+                    tracing::warn!(error = %e, "Could not mark an ingested event as done; a repeat after its claim expires is produced again.");
                 }
                 Taken::Produced {
-                    topic: out.topic,
+                    topic,
                     partition,
                     offset,
                 }
@@ -1161,10 +1239,7 @@ impl Ingest {
             Err(e) => {
                 let released = async {
                     let mut c = self.inner.redis.get().await?;
-                    redis::cmd("DEL")
-                        .arg(&key)
-                        .query_async::<()>(&mut c)
-                        .await?;
+                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
                     Ok::<_, crate::store::StoreError>(())
                 }
                 .await;
@@ -1172,9 +1247,9 @@ impl Ingest {
                     tracing::warn!(error = %re, "Could not release the claim of an event that failed to produce; a retry is refused while the claim lasts.");
                 }
                 if crate::kafka::is_too_large(&e) {
-                    Taken::TooLarge(format!("the record is too large for {}: {e}", out.topic))
+                    Taken::TooLarge(format!("the record is too large for {topic}: {e}"))
                 } else {
-                    Taken::Failed(format!("producing to {} failed: {e}", out.topic))
+                    Taken::Failed(format!("producing to {topic} failed: {e}"))
                 }
             }
         }
