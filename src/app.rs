@@ -199,6 +199,7 @@ pub async fn run(
     ));
     let redis_http = redis.clone();
     let inbox_budgets = budgets.clone();
+    let services_emitter = emitter.clone();
     let services = Services {
         budgets,
         loaded: loaded.clone(),
@@ -276,6 +277,16 @@ pub async fn run(
                 budgets: inbox_budgets,
                 loaded: loaded.clone(),
             }));
+        }
+        if cfg.http.ingest.enabled {
+            app = app.merge(http::ingest::router(http::ingest::Ingest::new(
+                cfg.http.ingest.clone(),
+                services_emitter.clone(),
+                producer.clone(),
+                redis_http.clone(),
+                &cfg.redis.key_prefix,
+                http::ingest::claim_ms(&cfg.kafka),
+            )));
         }
         let app = app
             .merge(http::approvals::router(http::approvals::Api {

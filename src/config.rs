@@ -37,6 +37,8 @@ pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
 pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
 /// Environment variable overriding `http.metrics_token`.
 pub const ENV_METRICS_TOKEN: &str = "SWITCHYARD_METRICS_TOKEN";
+/// Environment variable overriding `http.ingest.token` (the default ingest token).
+pub const ENV_INGEST_TOKEN: &str = "SWITCHYARD_INGEST_TOKEN";
 /// Turns trace export on, to this OTLP/HTTP endpoint.
 pub const ENV_OTLP_ENDPOINT: &str = "SWITCHYARD_OTLP_ENDPOINT";
 
@@ -430,6 +432,9 @@ impl Config {
         if let Some(t) = env.get(ENV_METRICS_TOKEN).filter(|s| !s.is_empty()) {
             config.http.metrics_token = Some(Secret::new(t));
         }
+        if let Some(t) = env.get(ENV_INGEST_TOKEN).filter(|s| !s.is_empty()) {
+            config.http.ingest.token = Some(Secret::new(t));
+        }
         let loaded = config.check(source, base_dir, &broken_declares, &mut problems);
         if problems.is_empty() {
             loaded.ok_or_else(Vec::new)
@@ -502,6 +507,9 @@ impl Config {
                     format!("{:?} is used by an earlier user", u.name),
                 );
             }
+        }
+        for (item, m) in self.http.ingest.problems(&self.topics.inputs) {
+            p(&item, m);
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p(

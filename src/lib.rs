@@ -36,7 +36,8 @@
 //! - [`gateway`]: the AI gateway: providers, aliases and fallbacks, shared rate limits and
 //!   cooldowns, budget holds, the served OpenAI-compatible endpoint, call accounting;
 //! - [`audit`]: record hashes, sealing into per-resource chains, verification;
-//! - [`http`]: the HTTP server (metrics, health), users and their roles, the approvals API;
+//! - [`http`]: the HTTP server (metrics, health), users and their roles, the approvals API, HTTP
+//!   ingest (CloudEvents, Alertmanager and GitHub webhooks to input topics);
 //! - [`recover`]: rebuilding Redis from the Kafka topics after Redis lost its data.
 //!
 //! Contract and foundations:

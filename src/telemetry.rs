@@ -115,6 +115,9 @@ pub struct Metrics {
     pub workflow_runs: IntCounterVec,
     /// Duration of workflow steps (the agent's work), by workflow and step.
     pub workflow_step_duration: HistogramVec,
+    /// Events through the HTTP ingest doors, by source (cloudevents, alertmanager, github) and
+    /// outcome (see [`crate::http::ingest::OUTCOMES`]).
+    pub ingest_events: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -430,6 +433,12 @@ impl Metrics {
                 "Duration of workflow steps (the agent's work), by workflow and step.",
                 &["workflow", "step"],
                 latency_buckets.clone(),
+                r
+            )?,
+            ingest_events: register_int_counter_vec_with_registry!(
+                "switchyard_ingest_events_total",
+                "Events through the HTTP ingest doors, by source (cloudevents, alertmanager, github) and outcome (accepted, duplicate, rejected, unauthorized, too_large, rate_limited, in_progress, failed, ignored); a request refused before its events are read counts once.",
+                &["source", "outcome"],
                 r
             )?,
             audit_sealed: register_int_counter_vec_with_registry!(

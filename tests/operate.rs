@@ -362,3 +362,644 @@ fn dashboards_and_deployment_files_validate() {
         );
     }
 }
+
+const INGEST_TOKEN: &str = "ingest-token-0123456789";
+const TIGHT_TOKEN: &str = "tight-token-0123456789";
+const GITHUB_SECRET: &str = "github-webhook-secret";
+
+/// A config with HTTP ingest on a free port: the default token, a `tight` token allowed three
+/// events a minute, a 4 KiB body limit and GitHub's secret.
+async fn ingest_env() -> (TestEnv, String) {
+    let env = TestEnv::new(
+        1,
+        r#"
+http:
+  enabled: true
+  ingest:
+    max_body_bytes: 4096
+    tokens:
+      - { name: tight, token: tight-token-0123456789, rate_per_minute: 3 }
+    alertmanager: { subject_label: service }
+    github: { secret: { env: SWITCHYARD_TEST_GITHUB_SECRET } }
+"#,
+    )
+    .await;
+    let mut loaded = env.loaded.clone();
+    let port = free_port();
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let ingest = &mut loaded.config.http.ingest;
+    ingest.token = Some(switchyard::secret::Secret::new(INGEST_TOKEN));
+    ingest.github.secret = Some(switchyard::secret::SecretRef::Value(
+        switchyard::secret::Secret::new(GITHUB_SECRET),
+    ));
+    for (pattern, logical) in [
+        ("deployment.*", "events.deployments"),
+        ("sla.*", "events.sla-breaches"),
+    ] {
+        ingest.topics.insert(pattern.into(), env.topic(logical));
+    }
+    assert!(
+        ingest.problems(&loaded.config.topics.inputs).is_empty(),
+        "{:?}",
+        ingest.problems(&loaded.config.topics.inputs)
+    );
+    let env = TestEnv { loaded, ..env };
+    (env, format!("http://127.0.0.1:{port}"))
+}
+
+async fn wait_for_http(base: &str) {
+    for _ in 0..200 {
+        if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} does not answer");
+}
+
+fn structured(id: &str, ty: &str, subject: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "ci", "type": ty, "subject": subject,
+           "time": "2026-01-01T10:00:00Z", "data": data})
+}
+
+async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut r = c.post(url).header("content-type", content_type).body(body);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.expect("ingest answers");
+    let (code, headers) = (resp.status().as_u16(), resp.headers().clone());
+    let v = resp.json().await.unwrap_or(Value::Null);
+    (code, v, headers)
+}
+
+fn metric(text: &str, source: &str, outcome: &str) -> u64 {
+    let want =
+        format!("switchyard_ingest_events_total{{outcome=\"{outcome}\",source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CloudEvents HTTP binding (structured, binary, batch), Alertmanager and GitHub webhooks into
+/// a running pipeline: records on the input topics exactly once, results and actions downstream;
+/// refusals (401, 413, 400, 415, 422, 429) leave the server working; metrics count every outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
+    let (env, base) = ingest_env().await;
+    let app = Running::start(env.loaded.clone(), &["route", "agents", "resolve"]);
+    wait_for_http(&base).await;
+    let c = reqwest::Client::new();
+    let events_url = format!("{base}/v1/events");
+    let metrics_before = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    // Without any token configured the token routes answer 503.
+    let untokened = {
+        let l = &env.loaded;
+        let ingest = switchyard::http::ingest::Ingest::new(
+            switchyard::http::ingest::IngestConfig::default(),
+            switchyard::records::Emitter::new(l.schemas.clone(), l.topics.clone()),
+            env.producer(),
+            switchyard::store::RedisConn::from_config(&l.config.redis).unwrap(),
+            &l.config.redis.key_prefix,
+            60_000,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, switchyard::http::ingest::router(ingest)).await
+        });
+        format!("http://{addr}")
+    };
+    for route in ["/v1/events", "/v1/ingest/alertmanager", "/v1/ingest/github"] {
+        let (code, v, _) = post(
+            &c,
+            &format!("{untokened}{route}"),
+            Some(INGEST_TOKEN),
+            "application/json",
+            "{}",
+        )
+        .await;
+        assert_eq!(code, 503, "{route}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("configured"), "{v}");
+    }
+
+    // No token, a wrong token.
+    let one = structured(
+        "s-1",
+        "deployment.completed",
+        "svc-a",
+        json!({"service": "svc-a", "version": "v42", "previous_version": "v41", "environment": "production"}),
+    );
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        None,
+        "application/cloudevents+json",
+        one.to_string(),
+    )
+    .await;
+    assert_eq!(code, 401, "{v}");
+    let (code, _, _) = post(
+        &c,
+        &events_url,
+        Some("nope"),
+        "application/cloudevents+json",
+        one.to_string(),
+    )
+    .await;
+    assert_eq!(code, 401);
+
+    // Structured.
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        one.to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(
+        (v["accepted"].clone(), v["duplicate"].clone()),
+        (json!(1), json!(false)),
+        "{v}"
+    );
+    assert_eq!(v["events"][0]["topic"], env.topic("events.deployments"));
+
+    // The same (source, id) again: 202, a duplicate, nothing produced.
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        one.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["duplicate"].clone()), (202, json!(true)), "{v}");
+
+    // Binary: ce-* headers, the body is the data.
+    let resp = c
+        .post(&events_url)
+        .bearer_auth(INGEST_TOKEN)
+        .header("content-type", "application/json")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "b-1")
+        .header("ce-source", "ci")
+        .header("ce-type", "deployment.started")
+        .header("ce-subject", "svc-b")
+        .body(json!({"service": "svc-b", "version": "v7"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        202,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+
+    // Batch.
+    let batch = json!([
+        structured(
+            "c-1",
+            "deployment.started",
+            "svc-c",
+            json!({"service": "svc-c"})
+        ),
+        structured(
+            "c-2",
+            "deployment.completed",
+            "svc-c",
+            json!({"service": "svc-c", "version": "v2"})
+        ),
+    ]);
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents-batch+json",
+        batch.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["accepted"].clone()), (202, json!(2)), "{v}");
+    // A batch with one bad event is refused whole, naming the event.
+    let bad_batch = json!([
+        structured("c-3", "deployment.started", "svc-c", json!({})),
+        {"specversion": "1.0", "source": "ci", "type": "deployment.started", "subject": "svc-c"},
+    ]);
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents-batch+json",
+        bad_batch.to_string(),
+    )
+    .await;
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["events"][0]["index"], 1, "{v}");
+    assert!(
+        v["events"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("id is missing"),
+        "{v}"
+    );
+
+    // Refusals: too large, malformed, wrong media type, a type without a topic.
+    let big = structured(
+        "big",
+        "deployment.started",
+        "svc-a",
+        json!({"pad": "x".repeat(5000)}),
+    );
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        big.to_string(),
+    )
+    .await;
+    assert_eq!(code, 413, "{v}");
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        "{\n \"id\": ",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("line 2"), "{v}");
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        json!({"specversion": "1.0", "id": "x", "source": "ci", "subject": "svc-a"}).to_string(),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(
+        v["error"].as_str().unwrap().contains("type is missing"),
+        "{v}"
+    );
+    let (code, _, _) = post(&c, &events_url, Some(INGEST_TOKEN), "text/plain", "hello").await;
+    assert_eq!(code, 415);
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        structured("u-1", "cost.unknown", "svc-a", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert!(
+        v["error"].as_str().unwrap().contains("\"cost.unknown\""),
+        "{v}"
+    );
+
+    // Alertmanager: one firing, one resolved alert.
+    let am = json!({
+        "version": "4", "groupKey": "{}:{alertname=\"SLOBurn\"}", "status": "firing", "receiver": "switchyard",
+        "groupLabels": {"alertname": "SLOBurn"}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [
+            {"status": "firing", "labels": {"alertname": "SLOBurn", "service": "svc-a", "slo": "availability", "owner": "team-pay"},
+             "annotations": {"summary": "availability burning"}, "startsAt": "2026-01-01T10:01:00Z",
+             "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://prometheus/graph", "fingerprint": "f1"},
+            {"status": "resolved", "labels": {"alertname": "SLOBurn", "service": "svc-d"},
+             "annotations": {}, "startsAt": "2026-01-01T09:00:00Z", "endsAt": "2026-01-01T09:40:00Z",
+             "generatorURL": "http://prometheus/graph", "fingerprint": "f2"}
+        ]
+    });
+    let am_url = format!("{base}/v1/ingest/alertmanager");
+    let (code, _, _) = post(&c, &am_url, None, "application/json", am.to_string()).await;
+    assert_eq!(code, 401);
+    let (code, v, _) = post(
+        &c,
+        &am_url,
+        Some(INGEST_TOKEN),
+        "application/json",
+        am.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["accepted"].clone()), (202, json!(2)), "{v}");
+    // Alertmanager sends the same notification again: nothing new.
+    let (code, v, _) = post(
+        &c,
+        &am_url,
+        Some(INGEST_TOKEN),
+        "application/json",
+        am.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["duplicate"].clone()), (202, json!(true)), "{v}");
+
+    // GitHub: a signed deployment_status, a bad signature, a ping, another event type.
+    let gh_url = format!("{base}/v1/ingest/github");
+    let gh = json!({
+        "action": "created",
+        "deployment_status": {"state": "success", "environment": "production", "updated_at": "2026-01-01T10:02:00Z"},
+        "deployment": {"id": 7, "sha": "abc123", "ref": "main", "environment": "production"},
+        "repository": {"name": "svc-e", "full_name": "acme/svc-e"}
+    })
+    .to_string();
+    let sign = |body: &str| {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+        m.update(body.as_bytes());
+        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+    };
+    let gh_post = |event: &'static str, sig: String, body: String| {
+        c.post(&gh_url)
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")
+            .header("x-hub-signature-256", sig)
+            .body(body)
+            .send()
+    };
+    let r = gh_post("deployment_status", sign(&gh), gh.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        202,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let r = gh_post("deployment_status", sign("other body"), gh.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = gh_post("ping", sign("{}"), "{}".into()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = gh_post("push", sign("{}"), "{}".into()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+
+    // The rate limit: `tight` may send three events a minute.
+    let tight = json!([
+        structured("t-1", "deployment.started", "svc-t", json!({})),
+        structured("t-2", "deployment.started", "svc-t", json!({})),
+        structured("t-3", "deployment.started", "svc-t", json!({})),
+    ]);
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(TIGHT_TOKEN),
+        "application/cloudevents-batch+json",
+        tight.to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let (code, v, headers) = post(
+        &c,
+        &events_url,
+        Some(TIGHT_TOKEN),
+        "application/cloudevents+json",
+        structured("t-4", "deployment.started", "svc-t", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(code, 429, "{v}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // After all that, the server still takes events; the last one marks the end of the topic.
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        structured("z-last", "deployment.started", "svc-z", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+
+    // Each accepted event once on its input topic, keyed by its subject.
+    let deployments = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("events.deployments"),
+        Duration::from_secs(30),
+        |got: &[switchyard::kafka::Input]| got.last().is_some_and(|r| event_of(r).id == "z-last"),
+    )
+    .await;
+    let ids: Vec<String> = deployments.iter().map(|r| event_of(r).id).collect();
+    assert_eq!(
+        ids,
+        [
+            "s-1",
+            "b-1",
+            "c-1",
+            "c-2",
+            "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+            "t-1",
+            "t-2",
+            "t-3",
+            "z-last"
+        ],
+        "every accepted event once, in order"
+    );
+    let b1 = event_of(&deployments[1]);
+    assert_eq!(
+        (b1.ty.as_str(), b1.data.clone()),
+        (
+            "deployment.started",
+            Some(json!({"service": "svc-b", "version": "v7"}))
+        )
+    );
+    assert_eq!(deployments[1].key.as_deref(), Some(&b"svc-b"[..]));
+    let gh_ev = event_of(&deployments[4]);
+    assert_eq!(
+        (gh_ev.ty.as_str(), gh_ev.subject.as_deref()),
+        ("deployment.success", Some("svc-e"))
+    );
+    let slas = env
+        .read("events.sla-breaches", 2, Duration::from_secs(20))
+        .await;
+    let types: Vec<(String, Option<String>)> = slas
+        .iter()
+        .map(|r| {
+            let e = event_of(r);
+            (e.ty, e.subject)
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("sla.breached".to_string(), Some("svc-a".to_string())),
+            ("sla.recovered".to_string(), Some("svc-d".to_string()))
+        ]
+    );
+
+    // Downstream: the agents' results, and the breach's page on the actions topic.
+    let results = env
+        .read("switchyard.results", 11, Duration::from_secs(60))
+        .await;
+    let agents: BTreeSet<(String, String)> = results
+        .iter()
+        .map(|r| {
+            let d = data_of(&event_of(r)).clone();
+            (
+                d["agent"].as_str().unwrap_or("").to_string(),
+                d["resource"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("deploy-guard", "svc-a"),
+        ("deploy-guard", "svc-e"),
+        ("sla-responder", "svc-a"),
+        ("sla-responder", "svc-d"),
+    ] {
+        assert!(
+            agents.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} in {agents:?}"
+        );
+    }
+    fn is_page_of_svc_a(r: &switchyard::kafka::Input) -> bool {
+        let d = data_of(&event_of(r)).clone();
+        d["action"] == "page" && d["resource"] == "svc-a"
+    }
+    let actions = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.actions"),
+        Duration::from_secs(30),
+        |got: &[switchyard::kafka::Input]| got.iter().any(is_page_of_svc_a),
+    )
+    .await;
+    assert!(
+        actions.iter().any(is_page_of_svc_a),
+        "the breach's page is an action"
+    );
+
+    // Metrics per source and outcome (the registry is shared by the tests of this process: deltas).
+    let m = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let delta = |s: &str, o: &str| metric(&m, s, o) - metric(&metrics_before, s, o);
+    assert!(delta("cloudevents", "accepted") >= 8, "{m}");
+    assert!(delta("cloudevents", "duplicate") >= 1);
+    assert!(delta("cloudevents", "unauthorized") >= 2);
+    assert!(delta("cloudevents", "too_large") >= 1);
+    assert!(delta("cloudevents", "rejected") >= 4);
+    assert!(delta("cloudevents", "rate_limited") >= 1);
+    assert!(delta("alertmanager", "accepted") >= 2);
+    assert!(delta("alertmanager", "duplicate") >= 2);
+    assert!(delta("github", "accepted") >= 1);
+    assert!(delta("github", "unauthorized") >= 1);
+    assert!(delta("github", "ignored") >= 1);
+    assert!(app.is_running());
+    app.stop().await;
+}
+
+/// `tail --format human` with `--key` and `--partition`, and `approvals list` showing the agent,
+/// parameters and reason of what waits for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_human_format_filters_and_approvals_list_details() {
+    let env = TestEnv::new(
+        2,
+        "governance:\n  approvals:\n    rules: [{ actions: [page] }]\n",
+    )
+    .await;
+    let app = env.start(&["route", "agents", "resolve"]);
+    for (id, svc) in [("q-1", "svc-q"), ("o-1", "svc-other"), ("o-2", "svc-more")] {
+        env.publish_one(
+            "events.sla-breaches",
+            id,
+            "sla.breached",
+            svc,
+            json!({"service": svc, "slo": "availability", "objective": 99.9, "observed": 97.0, "owner": "team-pay"}),
+        )
+        .await;
+    }
+    env.read("switchyard.approvals", 3, Duration::from_secs(40))
+        .await;
+    app.stop().await;
+
+    let results = env.topic("switchyard.results");
+    let tail = |extra: &[&str]| {
+        let mut args = vec![
+            results.as_str(),
+            "--from-beginning",
+            "--idle-timeout-ms",
+            "3000",
+        ];
+        args.extend_from_slice(extra);
+        cli(&env, &[&["tail"][..], &args].concat())
+    };
+    let human = tail(&["--format", "human", "--key", "svc-q"]);
+    let lines: Vec<&str> = human.lines().collect();
+    assert_eq!(lines.len(), 1, "{human}");
+    assert!(
+        lines[0].contains("result sla-responder")
+            && lines[0].contains("resource=svc-q")
+            && lines[0].contains("succeeded"),
+        "{human}"
+    );
+    // Every record of one partition, none of the other; the JSON format is the default.
+    let all = tail(&[]);
+    let count = |p: i64| {
+        all.lines()
+            .filter(|l| serde_json::from_str::<Value>(l).unwrap()["partition"] == p)
+            .count()
+    };
+    for p in [0, 1] {
+        let only = tail(&["--partition", &p.to_string(), "--format", "human"]);
+        assert_eq!(only.lines().count(), count(p), "{only}\n{all}");
+        assert!(
+            only.lines().all(|l| l.contains(&format!("[{p}]@"))),
+            "{only}"
+        );
+    }
+
+    let approvals = cli(
+        &env,
+        &[
+            "tail",
+            &env.topic("switchyard.approvals"),
+            "--from-beginning",
+            "--idle-timeout-ms",
+            "3000",
+            "--format",
+            "human",
+        ],
+    );
+    assert_eq!(
+        approvals
+            .lines()
+            .filter(|l| l.contains(" approval pending   page "))
+            .count(),
+        3,
+        "{approvals}"
+    );
+    let list = cli(&env, &["approvals", "list"]);
+    assert!(list.contains("3 open approvals"), "{list}");
+    assert!(list.contains("agent: sla-responder"), "{list}");
+    assert!(
+        list.contains("parameters: {") && list.contains("team-pay"),
+        "{list}"
+    );
+    let reason = list
+        .lines()
+        .find(|l| l.trim_start().starts_with("reason:"))
+        .expect("a reason line");
+    assert!(reason.trim() != "reason: -", "{list}");
+}

@@ -38,6 +38,45 @@ pub enum ApprovalsCommand {
     },
 }
 
+/// An open approval as `approvals list` shows it: id, status, action, resource and expiry, then
+/// who proposed it, with which parameters and why (from the action it would send).
+pub fn approval_lines(a: &crate::records::ApprovalData) -> String {
+    let act = &a.action_record;
+    let agents = match act.get("agents") {
+        Some(serde_json::Value::Array(v)) => v
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => "-".into(),
+    };
+    let parameters = act
+        .get("parameters")
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "{}".into());
+    let reason = act
+        .get("reason")
+        .and_then(serde_json::Value::as_str)
+        .filter(|r| !r.is_empty())
+        .unwrap_or("-");
+    format!(
+        "{}  {:<10} {:<16} {:<12} action {} expires {}\n    agent: {agents}\n    parameters: {parameters}\n    reason: {reason}\n",
+        a.approval_id,
+        a.status,
+        a.action,
+        a.resource,
+        a.action_id,
+        chrono::DateTime::from_timestamp(a.expires_at, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    )
+}
+
 /// The approvals service of a loaded config, for commands.
 pub fn service(l: &Loaded) -> Result<Approvals, String> {
     let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
@@ -60,17 +99,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::List => {
             let open = approvals.list_open().await.map_err(|e| e.to_string())?;
             for a in &open {
-                println!(
-                    "{}  {:<10} {:<16} {:<12} action {} expires {}",
-                    a.approval_id,
-                    a.status,
-                    a.action,
-                    a.resource,
-                    a.action_id,
-                    chrono::DateTime::from_timestamp(a.expires_at, 0)
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_default()
-                );
+                print!("{}", approval_lines(a));
             }
             println!("{} open approvals", open.len());
             return Ok(());

@@ -2,12 +2,13 @@
 //! (Kafka and Redis reachable and every running stage in its consumer group — consuming, or
 //! standing by when there are more members than partitions), and the front doors
 //! merged in from the submodules ([`approvals`]: the approvals API; [`context`]: the context API;
-//! [`inbox`]: the agent inbox web page).
+//! [`inbox`]: the agent inbox web page; [`ingest`]: events over HTTP).
 
 pub mod approvals;
 pub mod auth;
 pub mod context;
 pub mod inbox;
+pub mod ingest;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,6 +50,9 @@ pub struct HttpConfig {
     /// The agent inbox web page (`/inbox`).
     #[serde(default)]
     pub inbox: inbox::InboxConfig,
+    /// HTTP ingest: CloudEvents, Alertmanager and GitHub webhooks to input topics.
+    #[serde(default)]
+    pub ingest: ingest::IngestConfig,
 }
 
 fn yes() -> bool {
@@ -67,6 +71,7 @@ impl Default for HttpConfig {
             users: Vec::new(),
             proxy_user_header: None,
             inbox: inbox::InboxConfig::default(),
+            ingest: ingest::IngestConfig::default(),
         }
     }
 }
