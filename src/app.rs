@@ -269,6 +269,7 @@ pub async fn run(
         ));
         if cfg.http.inbox.enabled {
             app = app.merge(http::inbox::router(http::inbox::Inbox {
+                gates: Default::default(),
                 approvals: approvals.clone(),
                 producer: producer.clone(),
                 auth: auth.clone(),
@@ -293,6 +294,7 @@ pub async fn run(
                 approvals,
                 producer: producer.clone(),
                 auth: auth.clone(),
+                public_url: cfg.governance.approvals.public_url.clone(),
             }))
             .merge(http::context::router(http::context::Api {
                 store: context_store,

@@ -39,6 +39,9 @@ pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
 pub const ENV_METRICS_TOKEN: &str = "SWITCHYARD_METRICS_TOKEN";
 /// Environment variable overriding `http.ingest.token` (the default ingest token).
 pub const ENV_INGEST_TOKEN: &str = "SWITCHYARD_INGEST_TOKEN";
+/// When set, the token of a user `admin` (role admin, every tenant) added to `http.users`: for
+/// local use and the demo (the inbox's sign-in); declare real users in `http.users`.
+pub const ENV_ADMIN_TOKEN: &str = "SWITCHYARD_ADMIN_TOKEN";
 /// Turns trace export on, to this OTLP/HTTP endpoint.
 pub const ENV_OTLP_ENDPOINT: &str = "SWITCHYARD_OTLP_ENDPOINT";
 
@@ -434,6 +437,17 @@ impl Config {
         }
         if let Some(t) = env.get(ENV_INGEST_TOKEN).filter(|s| !s.is_empty()) {
             config.http.ingest.token = Some(Secret::new(t));
+        }
+        if let Some(t) = env.get(ENV_ADMIN_TOKEN).filter(|s| !s.is_empty()) {
+            config.http.users.retain(|u| u.name != "admin");
+            config.http.users.push(crate::http::auth::UserSpec {
+                name: "admin".into(),
+                token: Some(Secret::new(t)),
+                token_sha256: None,
+                roles: vec![crate::http::auth::Role::Admin],
+                tenants: vec!["*".into()],
+                groups: Vec::new(),
+            });
         }
         let loaded = config.check(source, base_dir, &broken_declares, &mut problems);
         if problems.is_empty() {

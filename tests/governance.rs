@@ -1766,6 +1766,25 @@ http:
         .await
         .expect("post");
     assert_eq!(r.status(), 403, "a form post without the CSRF token");
+    // The approvals API, for a caller the proxy signed in, takes only JSON from this site (a
+    // cross-site form or no-cors fetch cannot decide with the proxy's cookie).
+    let api = format!("{base}/v1/approvals/{open}/approve");
+    let r = client
+        .post(&api)
+        .header("X-Test-User", "alice")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403, "no body");
+    let r = client
+        .post(&api)
+        .header("X-Test-User", "alice")
+        .header("Origin", "https://evil.example")
+        .json(&json!({"why": "x"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403, "another site");
     running.stop().await;
 }
 

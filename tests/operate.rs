@@ -714,7 +714,7 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     let gh_url = format!("{base}/v1/ingest/github");
     let gh = json!({
         "action": "created",
-        "deployment_status": {"state": "success", "environment": "production", "updated_at": "2026-01-01T10:02:00Z"},
+        "deployment_status": {"id": 9001, "state": "success", "environment": "production", "updated_at": "2026-01-01T10:02:00Z"},
         "deployment": {"id": 7, "sha": "abc123", "ref": "main", "environment": "production"},
         "repository": {"name": "svc-e", "full_name": "acme/svc-e"}
     })
@@ -743,6 +743,19 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         "{}",
         r.text().await.unwrap_or_default()
     );
+    // The same signed body under another delivery id (a replay) is the same event.
+    let r = c
+        .post(&gh_url)
+        .header("content-type", "application/json")
+        .header("x-github-event", "deployment_status")
+        .header("x-github-delivery", "00000000-replayed-delivery")
+        .header("x-hub-signature-256", sign(&gh))
+        .body(gh.clone())
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(v["duplicate"], json!(true), "a replayed GitHub body: {v}");
     let r = gh_post("deployment_status", sign("other body"), gh.clone())
         .await
         .unwrap();
@@ -806,7 +819,7 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
             "b-1",
             "c-1",
             "c-2",
-            "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+            "gh-deployment-status-9001",
             "t-1",
             "t-2",
             "t-3",

@@ -27,6 +27,10 @@ export SWITCHYARD_LLM_BASE_URL
 # A key for the gateway's served endpoint (accepted as a key of the tenant `default`).
 SWITCHYARD_GATEWAY_KEY="demo-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 export SWITCHYARD_GATEWAY_KEY
+# The inbox's sign-in token (user `admin`) and the HTTP ingest token, made up for this run.
+SWITCHYARD_ADMIN_TOKEN="inbox-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+SWITCHYARD_INGEST_TOKEN="ingest-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+export SWITCHYARD_ADMIN_TOKEN SWITCHYARD_INGEST_TOKEN
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 HTTP_PORT="$(free_port)"
 export SWITCHYARD_HTTP_LISTEN="127.0.0.1:$HTTP_PORT"
@@ -116,12 +120,18 @@ curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/readyz"
 
 say "Publishing sample events (deploy/local/samples/)"
 # Seconds apart, as the real systems would be: events on different topics have no order between them.
-for f in deployments deployments-dependency sla-breaches cost-thresholds; do
+for f in deployments deployments-dependency sla-breaches; do
     # deployments-dependency: payments (which checkout depends on) deploys after checkout.
     topic="events.${f%-dependency}"
     "$BIN" --config "$CONFIG" publish --topic "$topic" --file "deploy/local/samples/$f.jsonl"
     sleep 1.5
 done
+echo "and the cost alert over HTTP ingest (POST /v1/events, a structured CloudEvent; 202 once the broker has it):"
+python3 -c 'import json,sys; e=json.loads(open(sys.argv[1]).readline()); e["specversion"]="1.0"; print(json.dumps(e))' \
+    deploy/local/samples/cost-thresholds.jsonl |
+    curl -sS -w '  (HTTP %{http_code})\n' "http://$SWITCHYARD_HTTP_LISTEN/v1/events" \
+        -H "Authorization: Bearer $SWITCHYARD_INGEST_TOKEN" -H 'Content-Type: application/cloudevents+json' --data-binary @-
+sleep 1.5
 
 echo "and one malformed record (it must land in switchyard.dlq without stopping anything):"
 "$BIN" --config "$CONFIG" publish --topic events.deployments --raw --file deploy/local/samples/poison.txt --subject checkout
@@ -129,7 +139,7 @@ echo "and one malformed record (it must land in switchyard.dlq without stopping 
 show() { # topic, summary fields
     local topic="$1"
     say "Records on $topic"
-    "$BIN" --config "$CONFIG" tail "$topic" --from-beginning --idle-timeout-ms 3000 | python3 "$ROOT/deploy/local/summarize.py"
+    "$BIN" --config "$CONFIG" tail "$topic" --from-beginning --idle-timeout-ms 3000 --format human
 }
 sleep 2
 show switchyard.tasks
@@ -151,6 +161,12 @@ show switchyard.actions
 
 say "Approvals waiting for a person"
 "$BIN" --config "$CONFIG" approvals list
+echo "The agent inbox shows them too: http://$SWITCHYARD_HTTP_LISTEN/inbox (sign in with the token $SWITCHYARD_ADMIN_TOKEN)"
+if [[ -n "${SWITCHYARD_SCREENSHOTS:-}" ]]; then
+    # The README's screenshots are made so (headless Chromium through Selenium).
+    "$SWITCHYARD_STACK_DIR/venv/bin/python" "$ROOT/deploy/local/inbox_screenshots.py" \
+        "http://$SWITCHYARD_HTTP_LISTEN" "$SWITCHYARD_ADMIN_TOKEN" "$SWITCHYARD_SCREENSHOTS"
+fi
 APPROVALS="$("$BIN" --config "$CONFIG" approvals list | awk '/^apr-/ {print $1}')"
 if [[ -n "$APPROVALS" ]]; then
     for APPROVAL_ID in $APPROVALS; do

@@ -71,6 +71,7 @@ impl Approvals {
                 parameters,
                 proposal_id,
                 context_version,
+                outcome: None,
             },
             allowed,
         )
@@ -174,6 +175,17 @@ impl Approvals {
                     Amend::Respond { .. } => "responded",
                 };
                 METRICS.approvals.with_label_values(&[kind]).inc();
+                // People's answers count on the proposing agents' scorecards like a decision.
+                if let Some(stats) = &self.stats {
+                    let fate = match amend {
+                        Amend::Edit { .. } => "approved",
+                        Amend::Respond { .. } => "declined",
+                    };
+                    let agents = s.action.agents.as_array().into_iter().flatten();
+                    for a in agents.filter_map(Value::as_str) {
+                        stats.proposal(a, fate);
+                    }
+                }
                 METRICS
                     .approval_wait
                     .with_label_values(&[kind])
@@ -216,6 +228,7 @@ impl Approvals {
                 parameters,
                 proposal_id,
                 context_version,
+                ..
             }) => {
                 let p = ProposalData {
                     proposal_id: proposal_id.clone(),

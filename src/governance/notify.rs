@@ -121,6 +121,14 @@ impl Event {
 
 /// The Slack-compatible message about `a`: a one-line `text` (what notification previews show)
 /// and a section block with the approval's fields; the inbox link when `public_url` is known.
+/// Text from agents or events, escaped for Slack's mrkdwn: `<!channel>` or `<url|label>` in a
+/// reason stays text (no mass mention, no planted link).
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 pub fn message(event: Event, a: &ApprovalData, public_url: Option<&str>) -> Value {
     let action = &a.action_record;
     let agents: Vec<&str> = action["agents"]
@@ -143,10 +151,12 @@ pub fn message(event: Event, a: &ApprovalData, public_url: Option<&str>) -> Valu
     };
     let mut text = format!(
         "{headline}: {} on {} (tenant {})",
-        a.action, a.resource, a.tenant
+        esc(&a.action),
+        esc(&a.resource),
+        esc(&a.tenant)
     );
     if let Some(g) = &a.group {
-        text.push_str(&format!(", for group {g}"));
+        text.push_str(&format!(", for group {}", esc(g)));
     }
     if let Some(l) = &link {
         text.push_str(&format!(" <{l}|open in the inbox>"));
@@ -174,7 +184,7 @@ pub fn message(event: Event, a: &ApprovalData, public_url: Option<&str>) -> Valu
         .into_iter()
         .take(10)
         .map(|(k, v)| {
-            let v: String = v.chars().take(1900).collect();
+            let v: String = esc(&v).chars().take(1900).collect();
             json!({"type": "mrkdwn", "text": format!("*{k}*\n{v}")})
         })
         .collect();
@@ -351,6 +361,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_from_agents_cannot_mention_or_link_in_slack() {
+        let a: ApprovalData = serde_json::from_value(json!({
+            "approval_id": "apr-1", "action_id": "a", "action": "rollback", "resource": "<!here>",
+            "tenant": "default", "status": "pending", "requested_at": 0, "expires_at": 0,
+            "action_record": {"agents": ["x"], "reason": "<!channel> <https://evil|Open in the inbox> & co"}}))
+        .unwrap();
+        let m = message(Event::Requested, &a, None).to_string();
+        assert!(
+            !m.contains("<!channel>") && !m.contains("<!here>") && !m.contains("<https://evil"),
+            "{m}"
+        );
+        assert!(
+            m.contains("&lt;!channel&gt;") && m.contains("&amp; co"),
+            "{m}"
+        );
+    }
+
     use super::*;
 
     #[test]

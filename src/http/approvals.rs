@@ -49,6 +49,8 @@ pub struct Api {
     pub approvals: Arc<Approvals>,
     pub producer: Producer,
     pub auth: Arc<Auth>,
+    /// The address people use (`governance.approvals.public_url`): a browser's `Origin` must match.
+    pub public_url: Option<String>,
 }
 
 use super::auth::error;
@@ -118,6 +120,21 @@ async fn act(
         Ok(w) => w,
         Err(r) => return r,
     };
+    // A caller a proxy signed in is a browser, whose cookies a foreign page can use: the decision
+    // must be JSON (a cross-site form or no-cors fetch cannot send it without a preflight) and come
+    // from this site.
+    if api.auth.proxy_user(&headers).is_some() {
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.trim_start().starts_with("application/json"));
+        if !json || !super::auth::same_origin(&headers, api.public_url.as_deref()) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "send the decision as application/json from this site",
+            );
+        }
+    }
     let verb = match verb.as_str() {
         "approve" => Verb::Decide(Verdict::Approve),
         "reject" => Verb::Decide(Verdict::Reject),

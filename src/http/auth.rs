@@ -210,6 +210,16 @@ impl Auth {
         self.users.is_empty() && (self.proxy_header.is_none() || self.named.is_empty())
     }
 
+    /// The user `name` while its token's SHA-256 is still `digest` (hex): a session's user.
+    pub fn user_with_digest(&self, name: &str, digest: &str) -> Option<Identity> {
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(digest, &mut d).ok()?;
+        self.users
+            .iter()
+            .find(|(want, who)| who.name == name && !who.shared && constant_time_eq(want, &d))
+            .map(|(_, who)| who.clone())
+    }
+
     /// A declared user by name (a session's, or a trusted proxy's).
     pub fn user(&self, name: &str) -> Option<Identity> {
         self.named.iter().find(|u| u.name == name).cloned()
@@ -267,6 +277,38 @@ impl Auth {
             }
         }
         found.ok_or(AuthError::Unauthenticated)
+    }
+}
+
+/// Whether a browser's request comes from this site: its `Origin` (when sent) is `public_url`'s
+/// origin when one is configured (the address people use, e.g. behind a proxy that rewrites
+/// `Host`), else the request's own `Host`. A request without `Origin` passes (browsers send it on
+/// every cross-site POST).
+pub fn same_origin(headers: &HeaderMap, public_url: Option<&str>) -> bool {
+    let Some(origin) = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/');
+    match public_url {
+        Some(u) => {
+            // scheme://host[:port] of the configured URL.
+            let u = u.trim_end_matches('/');
+            let end = u
+                .find("://")
+                .and_then(|i| u[i + 3..].find('/').map(|j| i + 3 + j))
+                .unwrap_or(u.len());
+            origin.eq_ignore_ascii_case(&u[..end])
+        }
+        None => {
+            let host = headers
+                .get(axum::http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            origin.split_once("://").map(|(_, h)| h) == Some(host)
+        }
     }
 }
 

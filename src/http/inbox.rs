@@ -107,9 +107,33 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
     env
 });
 
+/// Bounds on the inbox's heavier work, so one viewer cannot exhaust the process.
+#[derive(Debug)]
+pub struct Gates {
+    /// History reads (each reads the audit topic over `history_hours`) at once.
+    history: tokio::sync::Semaphore,
+    /// Live-update streams open now.
+    streams: std::sync::atomic::AtomicUsize,
+}
+
+/// History reads at once.
+const HISTORY_AT_ONCE: usize = 2;
+/// Live-update streams at once (each reads the open approvals every 2 s).
+const MAX_STREAMS: usize = 256;
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            history: tokio::sync::Semaphore::new(HISTORY_AT_ONCE),
+            streams: Default::default(),
+        }
+    }
+}
+
 /// What the inbox needs.
 #[derive(Clone)]
 pub struct Inbox {
+    pub gates: Arc<Gates>,
     pub approvals: Arc<Approvals>,
     pub producer: Producer,
     pub auth: Arc<Auth>,
@@ -122,6 +146,15 @@ pub struct Inbox {
 impl Inbox {
     fn config(&self) -> &InboxConfig {
         &self.loaded.config.http.inbox
+    }
+
+    fn public_url(&self) -> Option<&str> {
+        self.loaded
+            .config
+            .governance
+            .approvals
+            .public_url
+            .as_deref()
     }
 
     fn session_key(&self, sid: &str) -> String {
@@ -194,14 +227,19 @@ async fn caller(inbox: &Inbox, headers: &HeaderMap) -> Caller {
     let Some(sid) = cookie(headers, SESSION_COOKIE) else {
         return Caller::Anonymous;
     };
-    let name: Option<String> = match inbox.redis.get().await {
+    let stored: Option<String> = match inbox.redis.get().await {
         Ok(mut c) => match c.get(inbox.session_key(&sid)).await {
             Ok(n) => n,
             Err(e) => return Caller::Refused(unavailable(&e.to_string())),
         },
         Err(e) => return Caller::Refused(unavailable(&e.to_string())),
     };
-    match name.and_then(|n| inbox.auth.user(&n)) {
+    // `name digest`: the session ends when the user's token changes.
+    let who = stored.as_deref().and_then(|v| {
+        let (name, digest) = v.split_once(' ')?;
+        inbox.auth.user_with_digest(name, digest)
+    });
+    match who {
         Some(w) => Caller::Known(w, Via::Browser),
         None => Caller::Anonymous,
     }
@@ -313,21 +351,20 @@ fn page(
 
 /// Refuses a browser's form post without the right CSRF token or from another origin.
 #[allow(clippy::result_large_err)]
-fn check_csrf(headers: &HeaderMap, via: Via, form_token: &str) -> Result<(), Response> {
+fn check_csrf(
+    headers: &HeaderMap,
+    via: Via,
+    form_token: &str,
+    public_url: Option<&str>,
+) -> Result<(), Response> {
     if via == Via::Bearer {
         return Ok(());
     }
-    if let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) {
-        let origin_host = origin.split("://").nth(1).unwrap_or("");
-        if origin_host != host {
-            return Err(page_error(
-                StatusCode::FORBIDDEN,
-                "this form was posted from another site",
-            ));
-        }
+    if !super::auth::same_origin(headers, public_url) {
+        return Err(page_error(
+            StatusCode::FORBIDDEN,
+            "this form was posted from another site",
+        ));
     }
     match cookie(headers, CSRF_COOKIE) {
         Some(c)
@@ -373,7 +410,7 @@ async fn login(
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
-    if let Err(r) = check_csrf(&headers, Via::Browser, &f.csrf) {
+    if let Err(r) = check_csrf(&headers, Via::Browser, &f.csrf, inbox.public_url()) {
         return r;
     }
     let mut h = HeaderMap::new();
@@ -402,7 +439,12 @@ async fn login(
     let ttl = inbox.config().session_minutes.max(1) * 60;
     let stored: Result<(), String> = async {
         let mut c = inbox.redis.get().await.map_err(|e| e.to_string())?;
-        c.set_ex::<_, _, ()>(inbox.session_key(&sid), &who.name, ttl)
+        let value = format!(
+            "{} {}",
+            who.name,
+            hex::encode(Sha256::digest(f.token.trim().as_bytes()))
+        );
+        c.set_ex::<_, _, ()>(inbox.session_key(&sid), value, ttl)
             .await
             .map_err(|e| e.to_string())
     }
@@ -433,7 +475,7 @@ async fn logout(
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
-    if let Err(r) = check_csrf(&headers, Via::Browser, &f.csrf) {
+    if let Err(r) = check_csrf(&headers, Via::Browser, &f.csrf, inbox.public_url()) {
         return r;
     }
     if let Some(sid) = cookie(&headers, SESSION_COOKIE) {
@@ -525,7 +567,12 @@ async fn list(
     };
     let now = crate::event::now_secs();
     let all: Vec<Value> = open.iter().map(|a| row(a, now)).collect();
-    let min_age: i64 = f.min_age.trim().parse::<i64>().unwrap_or(0) * 60;
+    let min_age: i64 = f
+        .min_age
+        .trim()
+        .parse::<i64>()
+        .unwrap_or(0)
+        .saturating_mul(60);
     let keep = |r: &&Value| {
         let is = |field: &str, want: &str| want.is_empty() || r[field].as_str() == Some(want);
         is("tenant", &f.tenant)
@@ -569,21 +616,48 @@ fn digest(open: &[ApprovalData]) -> String {
 
 // ---- live updates ----
 
+/// Counts an open live-update stream; uncounted when the stream ends (the client went away).
+struct StreamSlot(Arc<Gates>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn events(State(inbox): State<Inbox>, headers: HeaderMap) -> Response {
+    use std::sync::atomic::Ordering;
     let who = match caller(&inbox, &headers).await {
         Caller::Known(w, _) => w,
         Caller::Anonymous => return page_error(StatusCode::UNAUTHORIZED, "sign in first"),
         Caller::Refused(r) => return r,
     };
+    if inbox.gates.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        inbox.gates.streams.fetch_sub(1, Ordering::Relaxed);
+        return page_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live-update streams are open; the page still works when reloaded",
+        );
+    }
+    let slot = StreamSlot(inbox.gates.clone());
     let stream = futures::stream::unfold(
-        (inbox, who, String::new(), true),
-        |(inbox, who, last, first)| async move {
+        (inbox, headers, who, String::new(), slot),
+        |(inbox, headers, who, last, slot)| async move {
+            let mut first = last.is_empty();
             loop {
                 if !first {
                     tokio::time::sleep(Duration::from_secs(2)).await;
+                    // The stream ends with the sign-in (signed out, expired, token or role
+                    // changed, scope narrowed).
+                    match caller(&inbox, &headers).await {
+                        Caller::Known(w, _) if w == who => {}
+                        _ => return None,
+                    }
                 }
+                first = false;
                 let Ok(open) = visible(&inbox, &who).await else {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
                 };
                 let d = digest(&open);
@@ -594,11 +668,8 @@ async fn events(State(inbox): State<Inbox>, headers: HeaderMap) -> Response {
                         .data(json!({"digest": d, "open": ids.len(), "ids": ids}).to_string());
                     return Some((
                         Ok::<_, std::convert::Infallible>(ev),
-                        (inbox, who, d, false),
+                        (inbox, headers, who, d, slot),
                     ));
-                }
-                if first {
-                    return None;
                 }
             }
         },
@@ -630,8 +701,10 @@ async fn detail(
         Caller::Refused(r) => return r,
     };
     let notice = match q.done.as_str() {
-        "" => None,
-        d => Some(format!("Your decision was recorded: {d}.")),
+        d @ ("approved" | "rejected" | "superseded") => {
+            Some(format!("Your decision was recorded: {d}."))
+        }
+        _ => None,
     };
     show(&inbox, &headers, &who, &id, StatusCode::OK, notice, None).await
 }
@@ -760,6 +833,12 @@ async fn history(
         Ok(_) => return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}")),
         Err(e) => return unavailable(&e.to_string()),
     };
+    let Ok(_permit) = inbox.gates.history.try_acquire() else {
+        return page_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "other history reads are running; try again in a moment",
+        );
+    };
     let since =
         chrono::Utc::now().timestamp_millis() - inbox.config().history_hours as i64 * 3_600_000;
     let l = inbox.loaded.clone();
@@ -823,7 +902,7 @@ async fn decide(
         Caller::Anonymous => return page_error(StatusCode::UNAUTHORIZED, "sign in first"),
         Caller::Refused(r) => return r,
     };
-    if let Err(r) = check_csrf(&headers, via, &f.csrf) {
+    if let Err(r) = check_csrf(&headers, via, &f.csrf, inbox.public_url()) {
         return r;
     }
     if !who.can(Role::Approver) || who.shared {
@@ -835,11 +914,11 @@ async fn decide(
             ),
         );
     }
-    match inbox.approvals.get(&id).await {
-        Ok(Some(s)) if who.sees(&s.approval.tenant) => {}
+    let stored = match inbox.approvals.get(&id).await {
+        Ok(Some(s)) if who.sees(&s.approval.tenant) => s,
         Ok(_) => return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}")),
         Err(e) => return unavailable(&e.to_string()),
-    }
+    };
     let by = who.name.clone();
     let allowed = |a: &ApprovalData| crate::governance::approvals::may_decide(&who.decider(), a);
     let approvals = &inbox.approvals;
@@ -859,9 +938,18 @@ async fn decide(
         }
         "edit" => match serde_json::from_str::<Value>(&f.parameters) {
             Ok(p) => {
-                approvals
-                    .edit(&id, &by, &f.why, p, f.context_version, &allowed)
-                    .await
+                // What the person saw, at most the context's version now (a larger one would
+                // skip the staleness check).
+                let key = ResourceKey::new(
+                    stored.approval.tenant.clone(),
+                    stored.approval.resource.clone(),
+                );
+                let now = match inbox.context.snapshot(&key).await {
+                    Ok(snap) => snap.version,
+                    Err(e) => return unavailable(&e.to_string()),
+                };
+                let seen = f.context_version.map(|v| v.min(now));
+                approvals.edit(&id, &by, &f.why, p, seen, &allowed).await
             }
             Err(e) => Err(ApprovalError::Invalid(format!(
                 "the edited parameters are not JSON: {e}"
@@ -1009,21 +1097,27 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("inbox.example:9464"));
         let t = "a".repeat(64);
-        assert!(check_csrf(&h, Via::Browser, &t).is_err(), "no cookie");
+        assert!(check_csrf(&h, Via::Browser, &t, None).is_err(), "no cookie");
         h.insert(
             header::COOKIE,
             HeaderValue::from_str(&format!("{CSRF_COOKIE}={t}")).unwrap(),
         );
-        assert!(check_csrf(&h, Via::Browser, &t).is_ok());
-        assert!(check_csrf(&h, Via::Browser, "b").is_err(), "wrong token");
-        assert!(check_csrf(&h, Via::Browser, "").is_err(), "no token");
+        assert!(check_csrf(&h, Via::Browser, &t, None).is_ok());
+        assert!(
+            check_csrf(&h, Via::Browser, "b", None).is_err(),
+            "wrong token"
+        );
+        assert!(check_csrf(&h, Via::Browser, "", None).is_err(), "no token");
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://evil.example"),
         );
-        assert!(check_csrf(&h, Via::Browser, &t).is_err(), "foreign origin");
         assert!(
-            check_csrf(&HeaderMap::new(), Via::Bearer, "").is_ok(),
+            check_csrf(&h, Via::Browser, &t, None).is_err(),
+            "foreign origin"
+        );
+        assert!(
+            check_csrf(&HeaderMap::new(), Via::Bearer, "", None).is_ok(),
             "bearer callers need none"
         );
     }

@@ -58,6 +58,10 @@ use crate::telemetry::METRICS;
 pub const STRUCTURED: &str = "application/cloudevents+json";
 /// Content type of a batch of structured CloudEvents.
 pub const BATCH: &str = "application/cloudevents-batch+json";
+/// The most events one batch request may carry (413 above).
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// The most wrong events a refusal lists.
+const MAX_REPORTED: usize = 50;
 
 /// The `http.ingest:` config section.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -456,6 +460,15 @@ pub fn parse_cloudevents(
         if items.is_empty() {
             return Err(Refusal::bad("batch is empty"));
         }
+        if items.len() > MAX_BATCH_EVENTS {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "batch has {} events; at most {MAX_BATCH_EVENTS} per request",
+                    items.len()
+                ),
+            ));
+        }
         let mut events = Vec::with_capacity(items.len());
         let mut wrong = Vec::new();
         for (i, raw) in items.iter().enumerate() {
@@ -472,7 +485,8 @@ pub fn parse_cloudevents(
                     wrong.len(),
                     items.len()
                 ),
-                events: wrong,
+                // The first ones name the problem; all of them could be a larger body than sent.
+                events: wrong.into_iter().take(MAX_REPORTED).collect(),
             });
         }
         return Ok(events);
@@ -736,8 +750,24 @@ pub fn github_delivery(
         "task": s("/deployment/task"),
         "creator": s("/deployment_status/creator/login").or_else(|| s("/sender/login")),
     });
+    // The id comes from the signed body, not the unsigned X-GitHub-Delivery header: a captured
+    // signed body sent again under a new delivery id is the same event, deduplicated.
+    let id = match v.pointer("/deployment_status/id") {
+        Some(Value::Number(n)) => format!("gh-deployment-status-{n}"),
+        _ => format!(
+            "gh-{}",
+            crate::pattern::stable_id(&[
+                &repo_full,
+                &v.pointer("/deployment/id")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+                &state,
+                &s("/deployment_status/updated_at").unwrap_or_default(),
+            ])
+        ),
+    };
     let mut ev = CloudEvent::new(
-        delivery,
+        id,
         format!("https://github.com/{repo_full}"),
         format!("deployment.{state}"),
     )
@@ -857,6 +887,11 @@ impl Ingest {
                 github_secret,
             }),
         }
+    }
+
+    /// Whether `source` is one the Alertmanager or GitHub door writes.
+    fn reserved(&self, source: &str) -> bool {
+        source == self.inner.cfg.alertmanager.source || source.starts_with("https://github.com/")
     }
 
     fn seen_key(&self, ev: &CloudEvent) -> String {
@@ -1268,6 +1303,19 @@ async fn events(State(s): State<Ingest>, headers: HeaderMap, body: Body) -> Resp
         Err(r) => return r,
     };
     match parse_cloudevents(&headers, &body, &s.inner.schemas) {
+        // The sources of the authenticated doors are theirs: a token cannot send (or claim the
+        // ids of, so the real ones would be dropped as duplicates) Alertmanager's or GitHub's.
+        Ok(evs) if evs.iter().any(|e| s.reserved(&e.source)) => {
+            count(door, "rejected", evs.len());
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "sources {:?} and https://github.com/… belong to /v1/ingest/alertmanager and /v1/ingest/github",
+                    s.inner.cfg.alertmanager.source
+                ),
+            )
+            .response()
+        }
         Ok(evs) => s.accept(door, &caller, evs, None).await,
         Err(r) => {
             count(door, "rejected", r.events.len().max(1));
@@ -1565,7 +1613,7 @@ mod tests {
 
         let body = json!({
             "action": "created",
-            "deployment_status": {"state": "failure", "environment": "production", "description": "boom",
+            "deployment_status": {"id": 77, "state": "failure", "environment": "production", "description": "boom",
                                   "updated_at": "2026-01-01T10:00:00Z", "creator": {"login": "octo"}},
             "deployment": {"id": 42, "sha": "abc", "ref": "main", "environment": "production"},
             "repository": {"name": "payments", "full_name": "acme/payments"}
@@ -1579,7 +1627,7 @@ mod tests {
         };
         assert_eq!(
             (ev.ty.as_str(), ev.id.as_str()),
-            ("deployment.failure", "d-1")
+            ("deployment.failure", "gh-deployment-status-77")
         );
         assert_eq!(ev.subject.as_deref(), Some("payments"));
         assert_eq!(ev.source, "https://github.com/acme/payments");

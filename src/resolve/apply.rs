@@ -148,6 +148,10 @@ pub enum Amend {
         /// The version of the resource's context the person saw when editing.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         context_version: Option<u64>,
+        /// What resolve decided for the edited proposal (`accepted`, `rejected: …`), set in the
+        /// same compare-and-set that decided it: the edit is used once, and the inbox shows it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<String>,
     },
     /// Sent back to the proposing agent with a comment, as a new task, so it can plan again.
     Respond {

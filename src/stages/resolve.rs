@@ -29,7 +29,7 @@ use crate::kafka::Input;
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{apply, token_floor, Current, Decided, Gate, Verdict};
+use crate::resolve::apply::{apply, token_floor, Amend, Current, Decided, Gate, Verdict};
 use crate::resolve::rules::{
     decide, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
@@ -404,9 +404,9 @@ impl ResolveStage {
         // A person's edit from the inbox needs no second approval, but only when the approval it
         // replaces holds exactly this edit by this person; anything else is an ordinary proposal.
         let mut p = p;
-        let edited = edited_in_inbox(&p, &loaded.record.approvals);
+        let mut edited = edited_in_inbox(&p, &loaded.record.approvals);
         if !edited && p.approved_by.take().is_some() {
-            tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded; treated as unapproved.");
+            tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded (or one already used); treated as unapproved.");
         }
         let related_stale = self.related_staleness(&key, &p, &inval).await?;
         for attempt in 0..20 {
@@ -414,6 +414,11 @@ impl ResolveStage {
                 loaded = self.store.load(&key, &inval, None).await?;
             }
             let record = &loaded.record;
+            if edited && !edited_in_inbox(&p, &record.approvals) {
+                // Used by a decision committed meanwhile.
+                edited = false;
+                p.approved_by = None;
+            }
             if record
                 .applied
                 .get(&rec.partition)
@@ -496,6 +501,25 @@ impl ResolveStage {
                 a.traceparent = tp.clone();
             }
             decided.at = self.clock.stamp(now);
+            if edited {
+                // The edit is used once: a copy of this proposal later needs a person like any.
+                if let Some(mut s) = p
+                    .edit_of
+                    .as_ref()
+                    .and_then(|id| record.approvals.get(id))
+                    .cloned()
+                {
+                    if let Some(Amend::Edit { outcome, .. }) = s.amend.as_mut() {
+                        *outcome = Some(match &decided.reason {
+                            Some(r) => {
+                                format!("{}: {r} ({})", decided.outcome.as_str(), decided.detail)
+                            }
+                            None => decided.outcome.as_str().to_string(),
+                        });
+                    }
+                    change.approvals.push(s);
+                }
+            }
             let write = Write {
                 change: &change,
                 applied: Some((rec.partition, rec.offset)),
@@ -558,9 +582,28 @@ fn edited_in_inbox(
     let Some(s) = p.edit_of.as_ref().and_then(|id| approvals.get(id)) else {
         return false;
     };
+    let a = &s.action;
     p.approved_by.is_some()
         && s.approval.decided_by == p.approved_by
-        && matches!(&s.amend, Some(crate::resolve::apply::Amend::Edit { parameters, proposal_id, .. })
+        && s.approval.status == "superseded"
+        && (
+            p.action.as_str(),
+            p.resource.as_str(),
+            p.tenant.as_str(),
+            p.workflow_id.as_str(),
+        ) == (
+            a.action.as_str(),
+            a.resource.as_str(),
+            a.tenant.as_str(),
+            a.workflow_id.as_str(),
+        )
+        && (p.impact, p.priority) == (a.impact, a.priority)
+        && a.agents
+            .as_array()
+            .and_then(|x| x.first())
+            .and_then(|x| x.as_str())
+            == Some(p.agent.as_str())
+        && matches!(&s.amend, Some(Amend::Edit { parameters, proposal_id, outcome: None, .. })
             if *parameters == p.parameters && *proposal_id == p.proposal_id)
 }
 
@@ -644,7 +687,7 @@ mod tests {
 
     #[test]
     fn only_the_recorded_edit_by_its_person_skips_the_second_approval() {
-        use crate::resolve::apply::{Amend, StoredApproval};
+        use crate::resolve::apply::StoredApproval;
         let ev: CloudEvent =
             serde_json::from_slice(&input("edit-1", "rollback", 0).payload).unwrap();
         let mut p: ProposalData = serde_json::from_value(ev.data.unwrap()).unwrap();
@@ -670,10 +713,23 @@ mod tests {
                 parameters: p.parameters.clone(),
                 proposal_id: "edit-1".into(),
                 context_version: None,
+                outcome: None,
             }),
         };
+        let mut used = stored.clone();
+        if let Some(Amend::Edit { outcome, .. }) = used.amend.as_mut() {
+            *outcome = Some("accepted".into());
+        }
         let approvals = std::collections::BTreeMap::from([("apr-1".to_string(), stored)]);
         assert!(edited_in_inbox(&p, &approvals));
+        let once = std::collections::BTreeMap::from([("apr-1".to_string(), used)]);
+        assert!(!edited_in_inbox(&p, &once), "an edit is used once");
+        let mut other = p.clone();
+        other.action = "delete_service".into();
+        assert!(!edited_in_inbox(&other, &approvals), "another action");
+        let mut other = p.clone();
+        other.agent = "b".into();
+        assert!(!edited_in_inbox(&other, &approvals), "another agent");
         let mut other = p.clone();
         other.parameters = json!({"id": "something else"});
         assert!(!edited_in_inbox(&other, &approvals), "other parameters");
