@@ -158,7 +158,10 @@ pub async fn run(
         ));
     }
     // Approval rules' webhooks (`notify:`): only a running pipeline notifies.
-    let notifier = crate::governance::notify::Notifier::from_config(&cfg.governance.approvals)
+    let notifier = cfg
+        .governance
+        .approvals
+        .notifier()
         .map_err(AppError::Setup)?;
     let approvals = Arc::new(Approvals {
         stats: Some(stats.clone()),
@@ -276,7 +279,15 @@ pub async fn run(
                 redis: redis_http.clone(),
                 context: context_store.clone(),
                 budgets: inbox_budgets,
-                loaded: loaded.clone(),
+                settings: Arc::new(http::inbox::Settings {
+                    inbox: cfg.http.inbox.clone(),
+                    proxy_user_header: cfg.http.proxy_user_header.clone(),
+                    public_url: cfg.governance.approvals.public_url.clone(),
+                    key_prefix: cfg.redis.key_prefix.clone(),
+                    kafka: cfg.kafka.clone(),
+                    audit_topic: cfg.topics.audit.clone(),
+                    schemas: loaded.schemas.clone(),
+                }),
             }));
         }
         if cfg.http.ingest.enabled {

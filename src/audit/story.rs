@@ -5,21 +5,22 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::config::Loaded;
 use crate::event::CloudEvent;
+use crate::kafka::config::KafkaConfig;
+use crate::schema::SchemaRegistry;
 
-/// The audit records (not seals) written since `since_ms` (milliseconds since the epoch, found
-/// through the broker's time index), decoded, oldest first. Blocking: reads the audit topic.
-pub fn audit_since(l: &Loaded, since_ms: i64) -> Result<Vec<(CloudEvent, Value)>, String> {
-    let recs = crate::kafka::read::read_since(
-        &l.config.kafka,
-        &l.config.topics.audit,
-        since_ms,
-        Duration::from_millis(1500),
-    )?;
+/// The audit records (not seals) on `topic` written since `since_ms` (milliseconds since the
+/// epoch, found through the broker's time index), decoded, oldest first. Blocking: reads the topic.
+pub fn audit_since(
+    kafka: &KafkaConfig,
+    topic: &str,
+    schemas: &SchemaRegistry,
+    since_ms: i64,
+) -> Result<Vec<(CloudEvent, Value)>, String> {
+    let recs = crate::kafka::read::read_since(kafka, topic, since_ms, Duration::from_millis(1500))?;
     let mut out: Vec<(CloudEvent, Value)> = recs
         .iter()
-        .filter_map(|r| crate::codec::decode(r.view(), &l.schemas).ok())
+        .filter_map(|r| crate::codec::decode(r.view(), schemas).ok())
         .filter(|ev| ev.ty != super::SEAL_TYPE)
         .map(|ev| {
             let d = ev.data.clone().unwrap_or(Value::Null);

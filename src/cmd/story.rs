@@ -13,7 +13,12 @@ use super::ctx::Ctx;
 /// The audit records since `since` (`30m`, `2h`, `1d` or an RFC 3339 time).
 pub(crate) fn audit_since(l: &Loaded, since: &str) -> Result<Vec<(CloudEvent, Value)>, String> {
     let t = super::dlq::since_time(since)?;
-    crate::audit::story::audit_since(l, t.timestamp_millis())
+    crate::audit::story::audit_since(
+        &l.config.kafka,
+        &l.config.topics.audit,
+        &l.schemas,
+        t.timestamp_millis(),
+    )
 }
 use crate::config::Loaded;
 use crate::event::CloudEvent;

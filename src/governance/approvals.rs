@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::escalation::OnDeadline;
 pub use super::escalation::{may_decide, Decider};
-use super::escalation::{on_deadline, OnDeadline};
 use super::notify::Notifier;
 use super::ApprovalsConfig;
 use crate::audit::Sealer;
@@ -209,7 +209,7 @@ impl Approvals {
             let mut state = loaded.state.clone();
             let mut token = loaded.token;
             let deadline =
-                expire.then(|| on_deadline(&self.config, &stored.approval, stored.escalated));
+                expire.then(|| self.config.on_deadline(&stored.approval, stored.escalated));
             let escalate = matches!(deadline, Some(OnDeadline::Escalate { .. }));
             if let Some(OnDeadline::Escalate {
                 level,

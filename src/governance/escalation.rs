@@ -8,7 +8,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ApprovalsConfig;
 use crate::records::ApprovalData;
 
 /// One level of an escalation path: who decides, and for how long.
@@ -33,38 +32,6 @@ pub enum OnDeadline {
     },
     /// Reject it as expired.
     Expire,
-}
-
-/// What happens to `a` (open, past its deadline): the next level of its rule's escalation path,
-/// or expiry after the last; without a path, the legacy `on_timeout` (escalate once, with
-/// `timeout_seconds` again, then expire). A rule no longer in the config counts as without a path.
-pub fn on_deadline(config: &ApprovalsConfig, a: &ApprovalData, escalated: bool) -> OnDeadline {
-    let path = a
-        .rule
-        .as_deref()
-        .and_then(|r| config.rule(r))
-        .map(|r| r.escalation.as_slice())
-        .unwrap_or_default();
-    if path.is_empty() {
-        return if config.on_timeout == super::OnTimeout::Escalate && !escalated {
-            OnDeadline::Escalate {
-                level: a.level + 1,
-                group: None,
-                timeout_seconds: config.timeout_seconds,
-            }
-        } else {
-            OnDeadline::Expire
-        };
-    }
-    let next = a.level as usize + 1;
-    match path.get(next) {
-        Some(l) => OnDeadline::Escalate {
-            level: next as u32,
-            group: Some(l.group.clone()),
-            timeout_seconds: l.timeout_seconds,
-        },
-        None => OnDeadline::Expire,
-    }
 }
 
 /// Who wants to decide, as the front doors know them.
@@ -105,7 +72,7 @@ pub fn may_decide(who: &Decider<'_>, a: &ApprovalData) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::governance::{ApprovalRule, OnTimeout};
+    use crate::governance::{ApprovalRule, ApprovalsConfig, OnTimeout};
 
     fn config() -> ApprovalsConfig {
         ApprovalsConfig {
@@ -141,7 +108,7 @@ mod tests {
     fn an_escalation_path_moves_level_by_level_then_expires() {
         let c = config();
         assert_eq!(
-            on_deadline(&c, &approval(Some("prod"), 0, Some("oncall")), false),
+            c.on_deadline(&approval(Some("prod"), 0, Some("oncall")), false),
             OnDeadline::Escalate {
                 level: 1,
                 group: Some("leads".into()),
@@ -149,12 +116,12 @@ mod tests {
             }
         );
         assert_eq!(
-            on_deadline(&c, &approval(Some("prod"), 1, Some("leads")), true),
+            c.on_deadline(&approval(Some("prod"), 1, Some("leads")), true),
             OnDeadline::Expire
         );
         // Without a path (or with a rule gone from the config): the legacy on_timeout.
         assert_eq!(
-            on_deadline(&c, &approval(Some("rules[3]"), 0, None), false),
+            c.on_deadline(&approval(Some("rules[3]"), 0, None), false),
             OnDeadline::Expire
         );
         let legacy = ApprovalsConfig {
@@ -163,7 +130,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            on_deadline(&legacy, &approval(None, 0, None), false),
+            legacy.on_deadline(&approval(None, 0, None), false),
             OnDeadline::Escalate {
                 level: 1,
                 group: None,
@@ -171,7 +138,7 @@ mod tests {
             }
         );
         assert_eq!(
-            on_deadline(&legacy, &approval(None, 1, None), true),
+            legacy.on_deadline(&approval(None, 1, None), true),
             OnDeadline::Expire
         );
     }

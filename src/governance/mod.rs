@@ -11,11 +11,13 @@ pub mod amend;
 pub mod approvals;
 pub mod budgets;
 pub mod escalation;
+
+use escalation::OnDeadline;
 pub mod notify;
 
 use serde::{Deserialize, Serialize};
 
-use crate::records::{Impact, ProposalData};
+use crate::records::{ApprovalData, Impact, ProposalData};
 use crate::resolve::apply::Gate;
 use crate::resolve::rules::RejectReason;
 use crate::secret::Secret;
@@ -136,6 +138,51 @@ fn default_approval_timeout() -> u64 {
 }
 
 impl ApprovalsConfig {
+    /// What happens to `a` (open, past its deadline): the next level of its rule's escalation path,
+    /// or expiry after the last; without a path, the legacy `on_timeout` (escalate once, with
+    /// `timeout_seconds` again, then expire). A rule no longer in the config counts as without a path.
+    pub fn on_deadline(&self, a: &ApprovalData, escalated: bool) -> OnDeadline {
+        let config = self;
+        let path = a
+            .rule
+            .as_deref()
+            .and_then(|r| config.rule(r))
+            .map(|r| r.escalation.as_slice())
+            .unwrap_or_default();
+        if path.is_empty() {
+            return if config.on_timeout == OnTimeout::Escalate && !escalated {
+                OnDeadline::Escalate {
+                    level: a.level + 1,
+                    group: None,
+                    timeout_seconds: config.timeout_seconds,
+                }
+            } else {
+                OnDeadline::Expire
+            };
+        }
+        let next = a.level as usize + 1;
+        match path.get(next) {
+            Some(l) => OnDeadline::Escalate {
+                level: next as u32,
+                group: Some(l.group.clone()),
+                timeout_seconds: l.timeout_seconds,
+            },
+            None => OnDeadline::Expire,
+        }
+    }
+
+    /// The notifier of the rules with `notify:`; none when no rule has one.
+    pub fn notifier(&self) -> Result<Option<std::sync::Arc<notify::Notifier>>, String> {
+        notify::Notifier::from_specs(
+            self.rules
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.notify.as_ref().map(|n| (i, r.name_at(i), n)))
+                .collect(),
+            self.public_url.as_deref(),
+        )
+    }
+
     /// The rule named `name` (see [`ApprovalRule::name_at`]).
     pub fn rule(&self, name: &str) -> Option<&ApprovalRule> {
         self.rules

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use super::ApprovalsConfig;
 use crate::records::ApprovalData;
 use crate::secret::SecretRef;
 use crate::telemetry::METRICS;
@@ -230,10 +229,13 @@ impl std::fmt::Debug for Notifier {
 impl Notifier {
     /// The notifier of the rules with `notify:`; none when no rule has one. An error names the
     /// setting that cannot be read (a missing environment variable, ...), never a secret.
-    pub fn from_config(config: &ApprovalsConfig) -> Result<Option<Arc<Notifier>>, String> {
+    /// `specs`: (rule index, rule name, its `notify:`).
+    pub fn from_specs(
+        specs: Vec<(usize, String, &NotifySpec)>,
+        public_url: Option<&str>,
+    ) -> Result<Option<Arc<Notifier>>, String> {
         let mut targets = BTreeMap::new();
-        for (i, r) in config.rules.iter().enumerate() {
-            let Some(n) = &r.notify else { continue };
+        for (i, name, n) in specs {
             let path = format!("governance.approvals.rules[{i}].notify");
             let url = n.url.resolve().map_err(|e| format!("{path}.url: {e}"))?;
             let url = check_url(url.expose()).map_err(|e| format!("{path}.url: {e}"))?;
@@ -250,7 +252,7 @@ impl Notifier {
                 headers.insert(name, value);
             }
             targets.insert(
-                r.name_at(i),
+                name,
                 Arc::new(Target {
                     url,
                     headers,
@@ -279,7 +281,7 @@ impl Notifier {
         Ok(Some(Arc::new(Notifier {
             client,
             targets,
-            public_url: config.public_url.clone(),
+            public_url: public_url.map(String::from),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         })))
     }

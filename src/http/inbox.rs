@@ -35,7 +35,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::auth::{Auth, AuthError, Identity, Role};
-use crate::config::Loaded;
 use crate::context::redis::RedisStore;
 use crate::context::ContextStore;
 use crate::governance::approvals::{ApprovalError, Approvals, Decision, Verdict};
@@ -140,27 +139,35 @@ pub struct Inbox {
     pub redis: RedisConn,
     pub context: Arc<RedisStore>,
     pub budgets: Arc<Budgets>,
-    pub loaded: Loaded,
+    pub settings: Arc<Settings>,
+}
+
+/// The settings the inbox reads (from the config: `http.inbox`, and where the audit trail is).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub inbox: InboxConfig,
+    pub proxy_user_header: Option<String>,
+    /// `governance.approvals.public_url`.
+    pub public_url: Option<String>,
+    pub key_prefix: String,
+    pub kafka: crate::kafka::config::KafkaConfig,
+    pub audit_topic: String,
+    pub schemas: crate::schema::SchemaRegistry,
 }
 
 impl Inbox {
     fn config(&self) -> &InboxConfig {
-        &self.loaded.config.http.inbox
+        &self.settings.inbox
     }
 
     fn public_url(&self) -> Option<&str> {
-        self.loaded
-            .config
-            .governance
-            .approvals
-            .public_url
-            .as_deref()
+        self.settings.public_url.as_deref()
     }
 
     fn session_key(&self, sid: &str) -> String {
         format!(
             "{}inbox:session:{}",
-            self.loaded.config.redis.key_prefix,
+            self.settings.key_prefix,
             hex::encode(Sha256::digest(sid.as_bytes()))
         )
     }
@@ -401,7 +408,7 @@ async fn login_page(State(inbox): State<Inbox>, headers: HeaderMap) -> Response 
         &headers,
         StatusCode::OK,
         "login.html",
-        json!({"proxy": inbox.loaded.config.http.proxy_user_header}),
+        json!({"proxy": inbox.settings.proxy_user_header}),
     )
 }
 
@@ -466,7 +473,7 @@ fn sign_in_again(inbox: &Inbox, headers: &HeaderMap, why: &str) -> Response {
         headers,
         StatusCode::UNAUTHORIZED,
         "login.html",
-        json!({"error": why, "proxy": inbox.loaded.config.http.proxy_user_header}),
+        json!({"error": why, "proxy": inbox.settings.proxy_user_header}),
     )
 }
 
@@ -841,9 +848,9 @@ async fn history(
     };
     let since =
         chrono::Utc::now().timestamp_millis() - inbox.config().history_hours as i64 * 3_600_000;
-    let l = inbox.loaded.clone();
+    let l = inbox.settings.clone();
     let recs = match tokio::task::spawn_blocking(move || {
-        crate::audit::story::audit_since(&l, since)
+        crate::audit::story::audit_since(&l.kafka, &l.audit_topic, &l.schemas, since)
     })
     .await
     {
