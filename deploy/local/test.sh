@@ -33,7 +33,18 @@ cargo clippy --all-targets --quiet -- -D warnings
 say "import graph of src/: no circle, nothing importing back up (deploy/tools/import_graph.py)"
 python3 deploy/tools/import_graph.py --check | sed -n '1,5p'
 
-say "cargo test (unit, property and integration tests against the stack)"
 start=$SECONDS
-cargo test --no-fail-fast --all-targets "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+    # Every test binary's tests interleaved, each test in its own process (.config/nextest.toml).
+    # They mostly wait on the stack, so more run at once than there are cores.
+    threads="${SWITCHYARD_TEST_THREADS:-4}"
+    say "cargo nextest run (unit, property and integration tests against the stack; $threads at once)"
+    cargo nextest run --lib --bins --tests --test-threads "$threads" "$@"
+    # The benchmarks (their own harness, which nextest cannot list) in test mode: a quick check
+    # that they build and run.
+    if [[ $# -eq 0 ]]; then cargo test --benches --quiet; fi
+else
+    say "cargo test (unit, property and integration tests against the stack; cargo-nextest is not installed)"
+    cargo test --no-fail-fast --all-targets "$@"
+fi
 say "All tests passed in $((SECONDS - start)) s"
