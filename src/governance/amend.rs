@@ -123,20 +123,11 @@ impl Approvals {
         allowed: &Allowed<'_>,
     ) -> Result<Decision, ApprovalError> {
         super::approvals::check_text(by, why).map_err(ApprovalError::Invalid)?;
-        let key = self
-            .store
-            .locate(approval_id)
-            .await?
-            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
+        let key = self.key_of(approval_id).await?;
         for _ in 0..20 {
-            let loaded = self.store.load(&key, &[], None).await?.record;
-            let stored = loaded
-                .approvals
-                .get(approval_id)
-                .cloned()
-                .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
+            let (loaded, stored) = self.load_approval(&key, approval_id).await?;
             if !is_open(&stored) {
-                return self.again(stored).await;
+                return self.decided_before(stored).await;
             }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             if !amendable(&stored) {
@@ -200,18 +191,6 @@ impl Approvals {
             }
         }
         Err(ApprovalError::Contention)
-    }
-
-    /// The records of an approval decided before (the same as then).
-    async fn again(&self, stored: StoredApproval) -> Result<Decision, ApprovalError> {
-        let action = (stored.approval.status == "approved").then(|| stored.action.clone());
-        let outputs = self.outputs(&stored, action.as_ref()).await?;
-        Ok(Decision {
-            approval: stored.approval,
-            fresh: false,
-            action,
-            outputs,
-        })
     }
 
     /// The record an amended approval sends on: the edited proposal or the agent's new task.

@@ -180,27 +180,11 @@ impl Approvals {
         if !expire {
             check_text(by, why).map_err(ApprovalError::Invalid)?;
         }
-        let key = self
-            .store
-            .locate(approval_id)
-            .await?
-            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
+        let key = self.key_of(approval_id).await?;
         for _ in 0..20 {
-            let loaded = self.store.load(&key, &[], None).await?.record;
-            let stored = loaded
-                .approvals
-                .get(approval_id)
-                .cloned()
-                .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
+            let (loaded, stored) = self.load_approval(&key, approval_id).await?;
             if !is_open(&stored) {
-                let action = (stored.approval.status == "approved").then(|| stored.action.clone());
-                let outputs = self.outputs(&stored, action.as_ref()).await?;
-                return Ok(Decision {
-                    approval: stored.approval,
-                    fresh: false,
-                    action,
-                    outputs,
-                });
+                return self.decided_before(stored).await;
             }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             let now = now_secs();
@@ -313,6 +297,47 @@ impl Approvals {
             }
         }
         Err(ApprovalError::Contention)
+    }
+
+    /// The resource an approval belongs to.
+    pub(crate) async fn key_of(
+        &self,
+        approval_id: &str,
+    ) -> Result<crate::store::ResourceKey, ApprovalError> {
+        self.store
+            .locate(approval_id)
+            .await?
+            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))
+    }
+
+    /// The resource's record as it stands, and the approval in it.
+    pub(crate) async fn load_approval(
+        &self,
+        key: &crate::store::ResourceKey,
+        approval_id: &str,
+    ) -> Result<(crate::resolve::store::ResourceRecord, StoredApproval), ApprovalError> {
+        let record = self.store.load(key, &[], None).await?.record;
+        let stored = record
+            .approvals
+            .get(approval_id)
+            .cloned()
+            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
+        Ok((record, stored))
+    }
+
+    /// An approval decided before: its decision's records again (the same as then), not fresh.
+    pub(crate) async fn decided_before(
+        &self,
+        stored: StoredApproval,
+    ) -> Result<Decision, ApprovalError> {
+        let action = (stored.approval.status == "approved").then(|| stored.action.clone());
+        let outputs = self.outputs(&stored, action.as_ref()).await?;
+        Ok(Decision {
+            approval: stored.approval,
+            fresh: false,
+            action,
+            outputs,
+        })
     }
 
     /// Asks a person to approve `action` on the resource `key`, outside conflict resolution (a model
@@ -578,8 +603,7 @@ impl Approvals {
                 Some(s) if is_open(&s) => self.store.outbox_done(&id).await?,
                 Some(s) => {
                     tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
-                    let action = (s.approval.status == "approved").then(|| s.action.clone());
-                    out.push((id, self.outputs(&s, action.as_ref()).await?));
+                    out.push((id, self.decided_before(s).await?.outputs));
                 }
             }
         }
