@@ -230,7 +230,7 @@ say "Replay: the recorded events again, in a sandbox, with the config in force (
 
 say "What-if: without the approval rule for rollbacks? (switchyard --config candidate.yaml replay; exit 1 = decisions differ)"
 CANDIDATE="$SWITCHYARD_STACK_DIR/candidate.yaml"
-sed -e '/{ actions: \[rollback\], min_impact: high }/d' -e "s#dir: \.\./topics#dir: $ROOT/topics#" \
+sed -e '/name: high-impact-rollbacks/d' -e "s#dir: \.\./topics#dir: $ROOT/topics#" \
     -e "s#^schemas_dir: \.\./schemas#schemas_dir: $ROOT/schemas#" "$CONFIG" >"$CANDIDATE"
 "$BIN" --config "$CANDIDATE" replay --since 1h || echo "(replay exit $?: the decisions above differ)"
 
