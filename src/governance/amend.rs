@@ -13,7 +13,7 @@
 
 use serde_json::{json, Value};
 
-use super::approvals::{is_open, ApprovalError, Approvals, Decision, SOURCE};
+use super::approvals::{is_open, ApprovalError, Approvals, Decision, Verdict, SOURCE};
 use crate::event::{now_rfc3339, now_secs, CloudEvent};
 use crate::kafka::Output;
 use crate::records::{record_event, types, ProposalData, TaskData};
@@ -24,12 +24,64 @@ use crate::telemetry::METRICS;
 /// Whether the caller may decide an approval as it stands (see [`super::approvals::may_decide`]).
 pub type Allowed<'a> = dyn Fn(&crate::records::ApprovalData) -> Result<(), String> + Sync + 'a;
 
+/// A person's answer to an approval, as every front door (the approvals API, the inbox) takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Approve {
+        why: String,
+    },
+    Reject {
+        why: String,
+    },
+    /// Approve with these parameters instead ([`Approvals::edit`]); `context_version`: the version
+    /// of the resource's context the person saw.
+    Edit {
+        parameters: Value,
+        why: String,
+        context_version: Option<u64>,
+    },
+    /// Send it back to the agent ([`Approvals::respond`]).
+    Respond {
+        comment: String,
+    },
+}
+
 /// Event type of the task a response sends back to the proposing agent.
 pub const RESPONSE_TYPE: &str = "switchyard.inbox.response";
 /// The largest edited parameters, in bytes of JSON.
 pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 
 impl Approvals {
+    /// Applies a person's answer `by` them, when `allowed` accepts the approval as it stands.
+    pub async fn answer(
+        &self,
+        approval_id: &str,
+        by: &str,
+        answer: Answer,
+        allowed: &Allowed<'_>,
+    ) -> Result<Decision, ApprovalError> {
+        let (id, outbox) = (approval_id, true);
+        match answer {
+            Answer::Approve { why } => {
+                self.decide_if(id, Verdict::Approve, by, &why, false, outbox, allowed)
+                    .await
+            }
+            Answer::Reject { why } => {
+                self.decide_if(id, Verdict::Reject, by, &why, false, outbox, allowed)
+                    .await
+            }
+            Answer::Edit {
+                parameters,
+                why,
+                context_version,
+            } => {
+                self.edit(id, by, &why, parameters, context_version, allowed)
+                    .await
+            }
+            Answer::Respond { comment } => self.respond(id, by, &comment, allowed).await,
+        }
+    }
+
     /// Approves the action with `parameters` instead of the proposed ones: closes the approval as
     /// superseded and resubmits the edit as a proposal. `context_version` is the version of the
     /// resource's context the person saw (the proposal's own when not given).

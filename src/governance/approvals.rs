@@ -452,12 +452,9 @@ impl Approvals {
             prev_hash: None,
             hash: None,
         };
-        // A second escalation is another record (level 1 keeps the id it always had).
-        let level = a.level.to_string();
-        let mut id_parts = vec![decision, &a.approval_id, &a.status];
-        if a.level > 1 {
-            id_parts.push(&level);
-        }
+        let tag = status_tag(a);
+        let mut id_parts = vec![decision, a.approval_id.as_str()];
+        id_parts.extend(tag.iter().map(String::as_str));
         let ev = audit_event(SOURCE, &id_parts, &audit, tp, time).map_err(pe)?;
         Ok((out, ev))
     }
@@ -702,6 +699,15 @@ fn wait_span(s: &StoredApproval) {
     span.end();
 }
 
+/// The status as record ids name it: a second escalation is another record, so from level 2 on
+/// the level is part of it (level 1 keeps the id it always had).
+fn status_tag(a: &ApprovalData) -> Vec<String> {
+    match a.level {
+        0 | 1 => vec![a.status.clone()],
+        l => vec![a.status.clone(), l.to_string()],
+    }
+}
+
 /// The `switchyard.approvals` record for an approval's current status. `time` (RFC 3339) is the
 /// decision's time, so a re-emission is byte-identical.
 pub fn approval_output(
@@ -711,13 +717,8 @@ pub fn approval_output(
     tp: Option<&str>,
     time: &str,
 ) -> Result<Output, ProcessError> {
-    // A second escalation is another record (level 1 keeps the id it always had).
-    let id = match a.level {
-        0 | 1 => format!("{}-{}", a.approval_id, a.status),
-        l => format!("{}-{}-{l}", a.approval_id, a.status),
-    };
     let ev = record_event(
-        id,
+        format!("{}-{}", a.approval_id, status_tag(a).join("-")),
         SOURCE,
         types::APPROVAL,
         &a.resource,

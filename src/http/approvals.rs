@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{Auth, Identity, Role};
-use crate::governance::approvals::{may_decide, ApprovalError, Approvals, Decision, Verdict};
+use crate::governance::amend::Answer;
+use crate::governance::approvals::{may_decide, ApprovalError, Approvals, Decision};
 use crate::kafka::Producer;
 
 /// Body of `POST /v1/approvals/{id}/approve|reject` and of a decisions-topic record's `data`.
@@ -135,11 +136,30 @@ async fn act(
             );
         }
     }
-    let verb = match verb.as_str() {
-        "approve" => Verb::Decide(Verdict::Approve),
-        "reject" => Verb::Decide(Verdict::Reject),
-        "edit" => Verb::Edit,
-        "respond" => Verb::Respond,
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let answer = match verb.as_str() {
+        "approve" => Answer::Approve {
+            why: req.why.clone(),
+        },
+        "reject" => Answer::Reject {
+            why: req.why.clone(),
+        },
+        "edit" => match req.parameters.clone() {
+            Some(parameters) => Answer::Edit {
+                parameters,
+                why: req.why.clone(),
+                context_version: None,
+            },
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "edit needs {\"parameters\": {...}} (the action's new parameters)",
+                )
+            }
+        },
+        "respond" => Answer::Respond {
+            comment: req.comment.clone(),
+        },
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
@@ -147,7 +167,6 @@ async fn act(
             )
         }
     };
-    let req = body.map(|Json(b)| b).unwrap_or_default();
     let by = if who.shared {
         if req.by.trim().is_empty() {
             return error(
@@ -169,31 +188,7 @@ async fn act(
     // against the approval as it stands when the decision is made (an already decided one is
     // answered with its decision, 409, whoever asks).
     let allowed = |a: &crate::records::ApprovalData| may_decide(&who.decider(), a);
-    let d = match verb {
-        Verb::Decide(v) => {
-            api.approvals
-                .decide_if(&id, v, &by, &req.why, false, true, &allowed)
-                .await
-        }
-        Verb::Edit => match req.parameters.clone() {
-            Some(p) => {
-                api.approvals
-                    .edit(&id, &by, &req.why, p, None, &allowed)
-                    .await
-            }
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "edit needs {\"parameters\": {...}} (the action's new parameters)",
-                )
-            }
-        },
-        Verb::Respond => {
-            api.approvals
-                .respond(&id, &by, &req.comment, &allowed)
-                .await
-        }
-    };
+    let d = api.approvals.answer(&id, &by, answer, &allowed).await;
     let d = match d {
         Ok(d) => d,
         Err(e) => return error_response(e),
@@ -211,12 +206,6 @@ async fn act(
         "fencing_token": d.action.as_ref().map(|a| a.fencing_token), "decided_by": d.approval.decided_by,
         "already_decided": !d.fresh,
     }))).into_response()
-}
-
-enum Verb {
-    Decide(Verdict),
-    Edit,
-    Respond,
 }
 
 /// Produces a decision's records, then clears its outbox entry; the error says what to do when

@@ -37,7 +37,8 @@ use sha2::{Digest, Sha256};
 use super::auth::{Auth, AuthError, Identity, Role};
 use crate::context::redis::RedisStore;
 use crate::context::ContextStore;
-use crate::governance::approvals::{ApprovalError, Approvals, Decision, Verdict};
+use crate::governance::amend::Answer;
+use crate::governance::approvals::{ApprovalError, Approvals, Decision};
 use crate::governance::budgets::{Budgets, Spender};
 use crate::kafka::Producer;
 use crate::records::ApprovalData;
@@ -726,19 +727,21 @@ async fn show(
     notice: Option<String>,
     problem: Option<String>,
 ) -> Response {
-    let s = match inbox.approvals.get(id).await {
-        Ok(Some(s)) if who.sees(&s.approval.tenant) => s,
-        Ok(_) => return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}")),
+    // The approval, and the resource now (its fencing token), in one read.
+    let found = match inbox.approvals.key_of(id).await {
+        Ok(key) => inbox.approvals.load_approval(&key, id).await,
+        Err(e) => Err(e),
+    };
+    let (token, s) = match found {
+        Ok((record, s)) if who.sees(&s.approval.tenant) => (record.token, s),
+        Ok(_) | Err(ApprovalError::NotFound(_)) => {
+            return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}"))
+        }
         Err(e) => return unavailable(&e.to_string()),
     };
     let a = &s.approval;
     let key = ResourceKey::new(a.tenant.clone(), a.resource.clone());
     let now = crate::event::now_secs();
-    // The resource now: its fencing token and shared context.
-    let token = match inbox.approvals.store.load(&key, &[], None).await {
-        Ok(l) => l.record.token,
-        Err(e) => return unavailable(&e.to_string()),
-    };
     let snap = match inbox.context.snapshot(&key).await {
         Ok(s) => s,
         Err(e) => return unavailable(&e.to_string()),
@@ -928,23 +931,14 @@ async fn decide(
     };
     let by = who.name.clone();
     let allowed = |a: &ApprovalData| crate::governance::approvals::may_decide(&who.decider(), a);
-    let approvals = &inbox.approvals;
-    let result = match verb.as_str() {
-        "approve" => {
-            approvals
-                .decide_if(&id, Verdict::Approve, &by, &f.why, false, true, &allowed)
-                .await
-        }
+    let answer = match verb.as_str() {
+        "approve" => Ok(Answer::Approve { why: f.why }),
         "reject" if f.why.trim().is_empty() => {
             Err(ApprovalError::Invalid("a rejection needs a reason".into()))
         }
-        "reject" => {
-            approvals
-                .decide_if(&id, Verdict::Reject, &by, &f.why, false, true, &allowed)
-                .await
-        }
+        "reject" => Ok(Answer::Reject { why: f.why }),
         "edit" => match serde_json::from_str::<Value>(&f.parameters) {
-            Ok(p) => {
+            Ok(parameters) => {
                 // What the person saw, at most the context's version now (a larger one would
                 // skip the staleness check).
                 let key = ResourceKey::new(
@@ -955,15 +949,22 @@ async fn decide(
                     Ok(snap) => snap.version,
                     Err(e) => return unavailable(&e.to_string()),
                 };
-                let seen = f.context_version.map(|v| v.min(now));
-                approvals.edit(&id, &by, &f.why, p, seen, &allowed).await
+                Ok(Answer::Edit {
+                    parameters,
+                    why: f.why,
+                    context_version: f.context_version.map(|v| v.min(now)),
+                })
             }
             Err(e) => Err(ApprovalError::Invalid(format!(
                 "the edited parameters are not JSON: {e}"
             ))),
         },
-        "respond" => approvals.respond(&id, &by, &f.comment, &allowed).await,
+        "respond" => Ok(Answer::Respond { comment: f.comment }),
         _ => return page_error(StatusCode::NOT_FOUND, "no such decision"),
+    };
+    let result = match answer {
+        Ok(a) => inbox.approvals.answer(&id, &by, a, &allowed).await,
+        Err(e) => Err(e),
     };
     let d: Decision = match result {
         Ok(d) => d,
