@@ -67,7 +67,7 @@ pub fn resource_store(loaded: &Loaded, conn: RedisConn) -> Arc<dyn ResourceStore
 pub fn sealer(loaded: &Loaded, conn: RedisConn) -> Arc<Sealer> {
     let cfg = &loaded.config;
     Arc::new(Sealer::new(
-        Arc::new(RedisChainStore::new(conn, &cfg.redis.key_prefix)),
+        Arc::new(RedisChainStore::new(conn, &cfg.redis.key_prefix).guarded()),
         &cfg.topics.audit,
     ))
 }

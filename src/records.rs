@@ -435,6 +435,18 @@ impl Emitter {
     }
 }
 
+impl Emitter {
+    /// An already encoded record for `topic` written again byte for byte (a seal re-emitted by
+    /// [`crate::audit::Sealer`]), with the content type of the topic's encoding.
+    pub fn encoded(&self, topic: &str, key: &str, payload: Vec<u8>) -> Output {
+        let ct = match self.topics.encoding_of(topic).0 {
+            codec::Encoding::Json => codec::STRUCTURED_JSON,
+            codec::Encoding::Avro => codec::STRUCTURED_AVRO,
+        };
+        Output::new(topic, key, payload).header(CONTENT_TYPE_HEADER, ct)
+    }
+}
+
 /// Builds an audit event (id deterministic from `id_parts`) about `resource`. `time` (RFC 3339) is
 /// when the decision was made — taken from the input or the recorded outcome, never "now" at
 /// emission, so a redelivered input yields byte-identical records.

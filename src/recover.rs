@@ -101,7 +101,7 @@ pub async fn recover(
     let mut out = Recovered::default();
 
     // Audit chain heads: each chain's highest seal.
-    let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+    let mut heads: HashMap<String, (u64, String, Vec<u8>)> = HashMap::new();
     let (kafka, t) = (loaded.config.kafka.clone(), topics.audit.clone());
     let recs = tokio::task::spawn_blocking(move || read_all(&kafka, &t, idle))
         .await
@@ -116,17 +116,21 @@ pub async fn recover(
         let Some(seal) = data::<crate::audit::SealData>(&ev) else {
             continue;
         };
-        if heads.get(&seal.chain).is_none_or(|(s, _)| seal.seq > *s) {
+        if heads.get(&seal.chain).is_none_or(|(s, _, _)| seal.seq > *s) {
             heads.insert(
                 seal.chain,
-                (seal.seq, crate::audit::hash::payload_hash(&r.payload)),
+                (
+                    seal.seq,
+                    crate::audit::hash::payload_hash(&r.payload),
+                    r.payload.clone(),
+                ),
             );
         }
     }
-    for (chain, (seq, hash)) in &heads {
+    for (chain, (seq, hash, seal)) in &heads {
         stores
             .chains
-            .restore_head(chain, (*seq, hash))
+            .restore_head(chain, (*seq, hash), seal)
             .await
             .map_err(err)?;
     }

@@ -316,7 +316,11 @@ impl Sandbox {
         l.config.redis.key_prefix = prefix.clone();
         let cfg = &l.config;
         let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
-        let sealer = crate::app::sealer(&l, redis.clone());
+        // Unguarded: the scratch prefix has no epoch marker (the sandbox's chains are its own).
+        let sealer = Arc::new(crate::audit::Sealer::new(
+            Arc::new(crate::audit::RedisChainStore::new(redis.clone(), &prefix)),
+            &cfg.topics.audit,
+        ));
         let clock = Arc::new(AtomicI64::new(crate::event::now_secs()));
         let budgets = Arc::new(
             crate::governance::budgets::Budgets::new(

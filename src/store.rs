@@ -399,6 +399,11 @@ impl RedisConn {
         }
     }
 
+    /// Whether this is a Redis Cluster (keys of one script must then share a slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
+    }
+
     /// Whether Redis lost its state (its epoch marker is gone) and nothing may use it.
     pub fn is_lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::Relaxed)

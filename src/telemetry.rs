@@ -88,6 +88,9 @@ pub struct Metrics {
     pub budget_refusals: IntCounterVec,
     /// Audit records sealed into hash chains.
     pub audit_sealed: IntCounterVec,
+    /// Seals written again by a process sealing on a head it did not write (after a crash or a
+    /// partition moving).
+    pub audit_seals_rewritten: prometheus::IntCounter,
     /// Model calls through the gateway, by provider, model and outcome (ok, retryable, rejected,
     /// timeout, transport, malformed, rate_limited, cooling).
     pub llm_requests: IntCounterVec,
@@ -445,6 +448,11 @@ impl Metrics {
                 "switchyard_audit_records_sealed_total",
                 "Audit records sealed into per-resource hash chains.",
                 &["stage"],
+                r
+            )?,
+            audit_seals_rewritten: prometheus::register_int_counter_with_registry!(
+                "switchyard_audit_seals_rewritten_total",
+                "Seals written again, byte for byte, by a process sealing on a chain head it did not write (the previous owner may have died before producing it).",
                 r
             )?,
             registry: r,

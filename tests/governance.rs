@@ -1124,9 +1124,9 @@ async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
     }
     let mut outputs = Vec::new();
     for t in tasks {
-        let (records, seal) = t.await.unwrap().expect("sealed");
+        let (records, sealed) = t.await.unwrap().expect("sealed");
         outputs.extend(records);
-        outputs.push(seal);
+        outputs.extend(sealed.seals);
     }
     // A redelivery: the same decision again, later, through the other writer.
     let (again, seal) = b
@@ -1139,7 +1139,7 @@ async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
         .expect("a decision sealed again is byte-identical");
     assert_eq!(first.key, again[0].key);
     outputs.extend(again);
-    outputs.push(seal);
+    outputs.extend(seal.seals);
     let records: Vec<AuditRecord> = outputs
         .iter()
         .enumerate()
@@ -1147,10 +1147,13 @@ async fn concurrent_sealers_keep_one_chain_and_reseal_identically() {
         .collect();
     let v = verify(&records);
     assert!(v.problems.is_empty(), "{:?}", v.problems);
-    assert_eq!(
-        (v.chains, v.seals, v.records, v.duplicates),
-        (1, 101, 201, 1)
-    );
+    // Seals: 101, some written twice (a writer writes again the head the other one wrote).
+    let distinct: std::collections::HashSet<&String> = records
+        .iter()
+        .filter(|r| r.event.ty == switchyard::audit::SEAL_TYPE)
+        .map(|r| &r.hash)
+        .collect();
+    assert_eq!((v.chains, distinct.len(), v.records), (1, 101, 201));
     // Altering one sealed decision is found.
     let mut altered = records.clone();
     let text = String::from_utf8(outputs[0].payload.clone()).unwrap();

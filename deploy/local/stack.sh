@@ -34,6 +34,9 @@ OTEL_PROTO_VERSION="1.45.2"
 # Selenium's official Python bindings: the agent inbox's browser test drives Debian's headless
 # Chromium through chromedriver with them (tests/inbox_browser.py).
 SELENIUM_VERSION="4.51.0" # 4.52.0 needs a certifi newer than the registry holds
+# A local S3 server (and boto3 with it): the fault suite's broker keeps its data in it
+# (tansu --storage-engine s3://), so a killed broker restarts with its topics (deploy/local/faults.py).
+MOTO_VERSION="5.2.5"
 HOST="127.0.0.1"
 START_TIMEOUT=30 # seconds to wait for a service to accept TCP connections
 STOP_TIMEOUT=10  # seconds to wait after SIGTERM before SIGKILL
@@ -197,13 +200,21 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions and Selenium, into the
-# stack's venv.
+# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions, Selenium and the S3 server
+# of the fault suite, into the stack's venv.
 install_llmock() {
-    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llmock") != sys.argv[1] or m.version("openai") != sys.argv[2] or m.version("mcp") != sys.argv[3] or m.version("opentelemetry-proto") != sys.argv[4] or m.version("selenium") != sys.argv[5])' "$LLMOCK_VERSION" "$OPENAI_VERSION" "$MCP_VERSION" "$OTEL_PROTO_VERSION" "$SELENIUM_VERSION" >/dev/null 2>&1; then
+    local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION"
+        "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION" "moto[server]==$MOTO_VERSION")
+    if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" - "${pkgs[@]}" >/dev/null 2>&1 <<'PY'
+import importlib.metadata as m, re, sys
+for spec in sys.argv[1:]:
+    name, version = spec.split("==")
+    if m.version(re.sub(r"\[.*\]", "", name)) != version:
+        sys.exit(1)
+PY
+    then
         return 0
     fi
-    local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION" "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION")
     log "pip install ${pkgs[*]}"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${pkgs[@]}" </dev/null >&2 9>&- ||
         die "pip install ${pkgs[*]} failed"

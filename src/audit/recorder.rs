@@ -36,13 +36,20 @@ impl Recorder {
             let written = async {
                 let ev = audit_event(&source, &[&audit.decision, &id], &audit, None, &now)
                     .map_err(|e| e.to_string())?;
-                let (records, seal) = r
+                let (records, sealed) = r
                     .sealer
                     .seal(stage, &r.sealer.own_chain, &r.emitter, &[ev])
                     .await
                     .map_err(|e| e.to_string())?;
-                for o in records.iter().chain([&seal]) {
-                    r.producer.send(o).await.map_err(|e| e.to_string())?;
+                for o in records.iter().chain(&sealed.seals) {
+                    if let Err(e) = r.producer.send(o).await {
+                        // The head moved past a seal that is not on the topic: the next seal
+                        // writes it again.
+                        sealed
+                            .unsent
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        return Err(e.to_string());
+                    }
                 }
                 if let Some((topic, ev)) = companion {
                     let out = r.emitter.emit(&topic, &ev).map_err(|e| e.to_string())?;

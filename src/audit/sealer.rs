@@ -13,9 +13,14 @@
 //! bytes hash to something no seal lists), a removed or altered seal (the next seal's `prev`, the
 //! root) and a fork (two seals in one place); one resource's records are listed, and proven, by the
 //! seal entries that name it. A batch whose seal was lost in a crash is not committed either: its
-//! inputs are redelivered and their byte-identical records sealed again.
+//! inputs are redelivered and their byte-identical records sealed again. The head in Redis keeps the
+//! last seal's bytes too: a process sealing on a head it did not write itself (the chain's previous
+//! owner crashed between moving the head and producing the seal, or the seal's produce failed)
+//! writes that seal again, byte for byte, before its own — a repeat `audit verify` skips, and never
+//! a gap (found by the fault suite, deploy/local/faults.sh: kill -9 of one of three instances).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -72,20 +77,28 @@ pub enum Advance {
     Moved { seq: u64, hash: Option<String> },
 }
 
+/// A chain's head: its last seal's place and hash, and the seal's encoded bytes (none before the
+/// first seal, or for a head written before the bytes were kept).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: Option<String>,
+    pub seal: Option<Vec<u8>>,
+}
+
 /// Where chain heads live. Boxed futures, so it can be shared as `Arc<dyn ChainStore>`.
 pub trait ChainStore: Send + Sync + 'static {
-    /// The chain's head: (seq, hash of that seal); (0, None) before its first seal.
-    fn head<'a>(
-        &'a self,
-        chain: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, Option<String>), StoreError>>;
+    /// The chain's head; seq 0 and no hash before its first seal.
+    fn head<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<Head, StoreError>>;
 
-    /// Moves the chain's head from seq `expected` to `head` (seq, hash), unless it moved.
+    /// Moves the chain's head from seq `expected` to `head` (seq, hash), keeping the new seal's
+    /// bytes `seal`, unless it moved.
     fn advance<'a>(
         &'a self,
         chain: &'a str,
         expected: u64,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<Advance, StoreError>>;
 
     /// Sets a chain's head (recovery from the audit topic after Redis lost its state).
@@ -93,25 +106,33 @@ pub trait ChainStore: Send + Sync + 'static {
         &'a self,
         chain: &'a str,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 const ADVANCE: &str = r#"
--- KEYS[1] = chain head (hash: seq, hash); ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash
+-- KEYS[1] = chain head (hash: seq, hash, seal); KEYS[2], when given = the epoch marker;
+-- ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash, ARGV[4] = the new seal's bytes
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
+  return {'lost'}
+end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if seq ~= tonumber(ARGV[1]) then
   return {'moved', tostring(seq), redis.call('HGET', KEYS[1], 'hash') or ''}
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'hash', ARGV[3])
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'hash', ARGV[3], 'seal', ARGV[4])
 return {'ok'}
 "#;
 
-/// Chain heads in Redis: `<prefix>:auditchain:{<chain>}` (hash: `seq`, `hash`), one script call per
-/// sealed batch.
+/// Chain heads in Redis: `<prefix>:auditchain:{<chain>}` (hash: `seq`, `hash`, `seal`), one script
+/// call per sealed batch.
 pub struct RedisChainStore {
     conn: RedisConn,
     prefix: String,
     script: Script,
+    /// The epoch marker every head move checks for (a single Redis only: in a cluster it lives in
+    /// another slot).
+    epoch: Option<String>,
 }
 
 impl RedisChainStore {
@@ -120,7 +141,19 @@ impl RedisChainStore {
             conn,
             prefix: prefix.into(),
             script: Script::new(ADVANCE),
+            epoch: None,
         }
+    }
+
+    /// Moves a head only while Redis has its epoch marker: a Redis that came back empty is refused
+    /// at once, not from the epoch watcher's next look a second later (a seal on an empty Redis
+    /// would start its chain again from 1, a fork). On a single Redis; a cluster keeps the marker
+    /// on another slot, so there the watcher alone notices.
+    pub fn guarded(mut self) -> Self {
+        if !self.conn.is_cluster() {
+            self.epoch = Some(crate::store::epoch_key(&self.prefix));
+        }
+        self
     }
 
     fn key(&self, chain: &str) -> String {
@@ -133,19 +166,22 @@ impl RedisChainStore {
 }
 
 impl ChainStore for RedisChainStore {
-    fn head<'a>(
-        &'a self,
-        chain: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, Option<String>), StoreError>> {
+    fn head<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<Head, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            let (seq, hash): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-                .arg(self.key(chain))
-                .arg("seq")
-                .arg("hash")
-                .query_async(&mut c)
-                .await?;
-            Ok((seq.unwrap_or(0), hash.filter(|h| !h.is_empty())))
+            let (seq, hash, seal): (Option<u64>, Option<String>, Option<Vec<u8>>) =
+                redis::cmd("HMGET")
+                    .arg(self.key(chain))
+                    .arg("seq")
+                    .arg("hash")
+                    .arg("seal")
+                    .query_async(&mut c)
+                    .await?;
+            Ok(Head {
+                seq: seq.unwrap_or(0),
+                hash: hash.filter(|h| !h.is_empty()),
+                seal: seal.filter(|s| !s.is_empty()),
+            })
         })
     }
 
@@ -154,17 +190,20 @@ impl ChainStore for RedisChainStore {
         chain: &'a str,
         expected: u64,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<Advance, StoreError>> {
         Box::pin(async move {
             let mut inv = self.script.prepare_invoke();
-            inv.key(self.key(chain))
-                .arg(expected)
-                .arg(head.0)
-                .arg(head.1);
+            inv.key(self.key(chain));
+            if let Some(epoch) = &self.epoch {
+                inv.key(epoch);
+            }
+            inv.arg(expected).arg(head.0).arg(head.1).arg(seal);
             let mut c = self.conn.get().await?;
             let reply: Vec<String> = inv.invoke_async(&mut c).await?;
             match reply.first().map(String::as_str) {
                 Some("ok") => Ok(Advance::Done),
+                Some("lost") => Err(StoreError::Lost),
                 Some("moved") => Ok(Advance::Moved {
                     seq: reply
                         .get(1)
@@ -183,6 +222,7 @@ impl ChainStore for RedisChainStore {
         &'a self,
         chain: &'a str,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
@@ -192,6 +232,8 @@ impl ChainStore for RedisChainStore {
                 .arg(head.0)
                 .arg("hash")
                 .arg(head.1)
+                .arg("seal")
+                .arg(seal)
                 .query_async::<()>(&mut c)
                 .await?)
         })
@@ -201,20 +243,14 @@ impl ChainStore for RedisChainStore {
 /// In-memory twin of [`RedisChainStore`] for unit tests.
 #[derive(Default)]
 pub struct MemoryChainStore {
-    heads: Mutex<HashMap<String, (u64, String)>>,
+    heads: Mutex<HashMap<String, Head>>,
 }
 
 impl ChainStore for MemoryChainStore {
-    fn head<'a>(
-        &'a self,
-        chain: &'a str,
-    ) -> BoxFuture<'a, Result<(u64, Option<String>), StoreError>> {
+    fn head<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<Head, StoreError>> {
         Box::pin(async move {
             let heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
-            Ok(heads
-                .get(chain)
-                .map(|(s, h)| (*s, Some(h.clone())))
-                .unwrap_or((0, None)))
+            Ok(heads.get(chain).cloned().unwrap_or_default())
         })
     }
 
@@ -223,17 +259,18 @@ impl ChainStore for MemoryChainStore {
         chain: &'a str,
         expected: u64,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<Advance, StoreError>> {
         Box::pin(async move {
             let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
-            let (seq, hash) = heads.get(chain).cloned().unwrap_or((0, String::new()));
-            if seq != expected {
+            let now = heads.get(chain).cloned().unwrap_or_default();
+            if now.seq != expected {
                 return Ok(Advance::Moved {
-                    seq,
-                    hash: (!hash.is_empty()).then_some(hash),
+                    seq: now.seq,
+                    hash: now.hash,
                 });
             }
-            heads.insert(chain.to_string(), (head.0, head.1.to_string()));
+            heads.insert(chain.to_string(), Self::head_of(head, seal));
             Ok(Advance::Done)
         })
     }
@@ -242,15 +279,36 @@ impl ChainStore for MemoryChainStore {
         &'a self,
         chain: &'a str,
         head: (u64, &'a str),
+        seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.heads
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(chain.to_string(), (head.0, head.1.to_string()));
+                .insert(chain.to_string(), Self::head_of(head, seal));
             Ok(())
         })
     }
+}
+
+impl MemoryChainStore {
+    fn head_of(head: (u64, &str), seal: &[u8]) -> Head {
+        Head {
+            seq: head.0,
+            hash: Some(head.1.to_string()),
+            seal: (!seal.is_empty()).then(|| seal.to_vec()),
+        }
+    }
+}
+
+/// A head this process wrote: seq, hash, and its seal's "unsent" flag.
+type CachedHead = (u64, Option<String>, Arc<AtomicBool>);
+
+/// The seal records of a batch, and the flag to set when they could not be written (the chain's
+/// next seal then writes the last one again).
+pub struct Sealed {
+    pub seals: Vec<Output>,
+    pub unsent: Arc<AtomicBool>,
 }
 
 /// Heads cached beyond this many chains are forgotten (the cache is only a first guess).
@@ -259,7 +317,9 @@ const MAX_CACHED_HEADS: usize = 10_000;
 /// Seals batches of audit records into their chains (see the module documentation).
 pub struct Sealer {
     store: Arc<dyn ChainStore>,
-    heads: Mutex<HashMap<String, (u64, Option<String>)>>,
+    /// Heads this process wrote, each with its seal's "unsent" flag (set when the seal was dropped
+    /// or failed to be written: the head is then no longer trusted).
+    heads: Mutex<HashMap<String, CachedHead>>,
     /// One seal at a time per chain in this process: the compare-and-set then only races other
     /// processes (a zombie owner of a partition, a second API instance).
     chain_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -287,14 +347,15 @@ impl Sealer {
     }
 
     /// Encodes `records` (audit events) for the audit topic and seals them as one batch of `chain`:
-    /// the records' outputs and the seal's.
+    /// the records' outputs and the seals' (the batch's, after the previous one written again when
+    /// this process did not write it itself — see the module documentation).
     pub async fn seal(
         &self,
         stage: &'static str,
         chain: &str,
         emitter: &Emitter,
         records: &[CloudEvent],
-    ) -> Result<(Vec<Output>, Output), ProcessError> {
+    ) -> Result<(Vec<Output>, Sealed), ProcessError> {
         let mut outs = Vec::with_capacity(records.len());
         let mut entries = Vec::with_capacity(records.len());
         for ev in records {
@@ -307,7 +368,7 @@ impl Sealer {
             });
             outs.push(out);
         }
-        let seal = self
+        let sealed = self
             .seal_entries(chain, emitter, entries)
             .await
             .map_err(|e| ProcessError::from(e).context("audit chain"))?;
@@ -315,16 +376,17 @@ impl Sealer {
             .audit_sealed
             .with_label_values(&[stage])
             .inc_by(outs.len() as u64);
-        Ok((outs, seal))
+        Ok((outs, sealed))
     }
 
-    /// Seals already encoded entries as one batch of `chain`; returns the seal record.
+    /// Seals already encoded entries as one batch of `chain`; returns the seal records (the
+    /// previous seal written again first, when this process did not write it).
     pub async fn seal_entries(
         &self,
         chain: &str,
         emitter: &Emitter,
         entries: Vec<SealEntry>,
-    ) -> Result<Output, StoreError> {
+    ) -> Result<Sealed, StoreError> {
         let lock = self
             .chain_locks
             .lock()
@@ -349,7 +411,7 @@ impl Sealer {
         chain: &str,
         emitter: &Emitter,
         entries: Vec<SealEntry>,
-    ) -> Result<Output, StoreError> {
+    ) -> Result<Sealed, StoreError> {
         let hashes: Vec<String> = entries.iter().map(|e| e.hash.clone()).collect();
         let root = merkle_root(&hashes);
         let cached = self
@@ -357,10 +419,17 @@ impl Sealer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(chain)
-            .cloned();
-        let mut head = match cached {
-            Some(h) => h,
-            None => self.store.head(chain).await?,
+            .filter(|h| !h.2.load(Ordering::Acquire))
+            .map(|h| (h.0, h.1.clone()));
+        // A head this process wrote goes out with its batch (or its flag says it did not). Any
+        // other head's seal may have died with the process that moved the head: it goes out again
+        // with ours.
+        let (mut head, mut again) = match cached {
+            Some(h) => (h, None),
+            None => {
+                let h = self.store.head(chain).await?;
+                ((h.seq, h.hash), h.seal)
+            }
         };
         let mut data = SealData {
             version: 2,
@@ -392,12 +461,42 @@ impl Sealer {
                 .emit(&self.topic, &ev)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let hash = payload_hash(&out.payload);
-            match self.store.advance(chain, head.0, (data.seq, &hash)).await? {
+            match self
+                .store
+                .advance(chain, head.0, (data.seq, &hash), &out.payload)
+                .await?
+            {
                 Advance::Done => {
-                    self.remember(chain, (data.seq, Some(hash)));
-                    return Ok(out);
+                    let unsent = Arc::new(AtomicBool::new(false));
+                    self.remember(chain, (data.seq, Some(hash), unsent.clone()));
+                    let mut seals = Vec::with_capacity(2);
+                    if let Some(bytes) = again {
+                        METRICS.audit_seals_rewritten.inc();
+                        seals.push(emitter.encoded(&self.topic, chain, bytes));
+                    }
+                    seals.push(out);
+                    return Ok(Sealed { seals, unsent });
                 }
-                Advance::Moved { seq, hash } => head = (seq, hash),
+                Advance::Moved { seq, .. } if seq < head.0 => {
+                    // A head never goes back: Redis lost its state (the epoch watcher stops
+                    // everything within a second; `switchyard recover` restores the heads). Sealing
+                    // from here would fork the chain.
+                    self.heads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(chain);
+                    return Err(StoreError::Redis(format!(
+                        "audit chain {chain} went back from seal {} to {seq}: Redis lost its state?",
+                        head.0
+                    )));
+                }
+                Advance::Moved { .. } => {
+                    // Another process sealed since: continue from its head, whose seal goes out
+                    // again with ours (it may not have reached the topic).
+                    let h = self.store.head(chain).await?;
+                    head = (h.seq, h.hash);
+                    again = h.seal;
+                }
             }
         }
         Err(StoreError::Redis(
@@ -405,7 +504,7 @@ impl Sealer {
         ))
     }
 
-    fn remember(&self, chain: &str, head: (u64, Option<String>)) {
+    fn remember(&self, chain: &str, head: CachedHead) {
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
         if heads.len() >= MAX_CACHED_HEADS && !heads.contains_key(chain) {
             heads.clear();
@@ -422,35 +521,55 @@ pub mod contract {
 
     pub async fn run_all(store: &dyn ChainStore, tag: &str) {
         let chain = format!("stage/topic-{tag}/0");
-        assert_eq!(store.head(&chain).await.expect("head"), (0, None));
+        assert_eq!(store.head(&chain).await.expect("head"), Head::default());
         assert_eq!(
-            store.advance(&chain, 0, (1, "h1")).await.expect("advance"),
+            store
+                .advance(&chain, 0, (1, "h1"), b"seal one")
+                .await
+                .expect("advance"),
             Advance::Done
         );
         assert_eq!(
             store.head(&chain).await.expect("head"),
-            (1, Some("h1".into()))
+            Head {
+                seq: 1,
+                hash: Some("h1".into()),
+                seal: Some(b"seal one".to_vec())
+            }
         );
         // A stale expectation: the real head, nothing changed.
         assert_eq!(
-            store.advance(&chain, 0, (1, "x")).await.expect("advance"),
+            store
+                .advance(&chain, 0, (1, "x"), b"x")
+                .await
+                .expect("advance"),
             Advance::Moved {
                 seq: 1,
                 hash: Some("h1".into())
             }
         );
         assert_eq!(
-            store.advance(&chain, 1, (2, "h2")).await.expect("advance"),
+            store
+                .advance(&chain, 1, (2, "h2"), b"seal two")
+                .await
+                .expect("advance"),
             Advance::Done
+        );
+        assert_eq!(
+            store.head(&chain).await.expect("head").seal.as_deref(),
+            Some(&b"seal two"[..])
         );
         // A restored head is where sealing continues.
         let other = format!("approvals/{tag}");
         store
-            .restore_head(&other, (41, "h41"))
+            .restore_head(&other, (41, "h41"), b"seal 41")
             .await
             .expect("restore");
         assert_eq!(
-            store.advance(&other, 0, (1, "x")).await.expect("advance"),
+            store
+                .advance(&other, 0, (1, "x"), b"x")
+                .await
+                .expect("advance"),
             Advance::Moved {
                 seq: 41,
                 hash: Some("h41".into())

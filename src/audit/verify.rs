@@ -341,7 +341,7 @@ mod tests {
                 .await
                 .unwrap();
             out.extend(outs);
-            out.push(seal);
+            out.extend(seal.seals);
         }
         out
     }
@@ -413,7 +413,7 @@ mod tests {
             .await
             .unwrap();
         forked.extend(o);
-        forked.push(seal);
+        forked.extend(seal.seals);
         let p = verify(&read(&forked)).problems;
         assert!(p.iter().any(|p| p.message.contains("forked")), "{p:?}");
     }
@@ -465,7 +465,7 @@ mod tests {
         for t in tasks {
             let (outs, seal) = t.await.expect("join").expect("seal");
             written.extend(outs);
-            written.push(seal);
+            written.extend(seal.seals);
         }
         let records: Vec<AuditRecord> = written
             .iter()
@@ -474,6 +474,93 @@ mod tests {
             .collect();
         let v = verify(&records);
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        assert_eq!((v.records, v.seals, v.chains), (40, 40, 1));
+        // Each sealer writes again the head the other one wrote before its own seal: 40 seals,
+        // some of them twice (byte-identical).
+        let distinct: std::collections::HashSet<&String> = records
+            .iter()
+            .filter(|r| r.event.ty == SEAL_TYPE)
+            .map(|r| &r.hash)
+            .collect();
+        assert_eq!((v.records, distinct.len(), v.chains), (40, 40, 1));
+    }
+
+    /// The fault suite's finding: a process moves a chain's head and dies (or its batch is dropped
+    /// with a revoked partition) before the seal reaches the topic. The next sealer writes that seal
+    /// again before its own, so the chain has no gap; its records come back with the redelivered
+    /// inputs, sealed again.
+    #[tokio::test]
+    async fn a_seal_lost_after_its_head_moved_is_written_again_by_the_next_sealer() {
+        let store: Arc<dyn crate::audit::ChainStore> = Arc::new(MemoryChainStore::default());
+        let emitter = Emitter::new(Default::default(), Default::default());
+        let ev = |n: u64| {
+            CloudEvent::new(format!("a-{n}"), "t", types::AUDIT)
+                .with_subject("svc")
+                .with_time("2026-11-27T00:00:00Z")
+                .with_data(serde_json::json!({"decision": "x", "n": n}))
+        };
+        let chain = "test/t/0";
+        let a = Sealer::new(store.clone(), "audit");
+        let mut topic = Vec::new();
+        let (outs, sealed) = a
+            .seal("test", chain, &emitter, &[ev(1)])
+            .await
+            .expect("seal");
+        topic.extend(outs);
+        topic.extend(sealed.seals);
+        // Sealed, head moved, then the process died: nothing of this batch reached the topic.
+        let (lost, _) = a
+            .seal("test", chain, &emitter, &[ev(2)])
+            .await
+            .expect("seal");
+        // The next owner gets the input again and seals its byte-identical record, and more.
+        let b = Sealer::new(store.clone(), "audit");
+        let (outs, sealed) = b
+            .seal("test", chain, &emitter, &[ev(2), ev(3)])
+            .await
+            .expect("seal");
+        assert_eq!(outs[0].payload, lost[0].payload, "deterministic records");
+        assert_eq!(sealed.seals.len(), 2, "the lost seal, then the new one");
+        topic.extend(outs);
+        topic.extend(sealed.seals);
+        // Then b's batch is dropped unsent (a revoke's drain timed out); b's next seal writes it
+        // again too.
+        let (_, sealed) = b
+            .seal("test", chain, &emitter, &[ev(4)])
+            .await
+            .expect("seal");
+        sealed
+            .unsent
+            .store(true, std::sync::atomic::Ordering::Release);
+        let (outs, sealed) = b
+            .seal("test", chain, &emitter, &[ev(4), ev(5)])
+            .await
+            .expect("seal");
+        assert_eq!(sealed.seals.len(), 2);
+        topic.extend(outs);
+        topic.extend(sealed.seals);
+        let records: Vec<AuditRecord> = topic
+            .iter()
+            .enumerate()
+            .map(|(i, o)| AuditRecord::new(0, i as i64, o.payload.clone()))
+            .collect();
+        let v = verify(&records);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.records, v.chains), (5, 1));
+        // Without the copies the chain has gaps: what `audit verify` reported before.
+        let without: Vec<AuditRecord> = records
+            .iter()
+            .filter(|r| {
+                r.event.ty != SEAL_TYPE
+                    || !matches!(
+                        r.event.data.as_ref().and_then(|d| d["seq"].as_u64()),
+                        Some(2) | Some(4)
+                    )
+            })
+            .cloned()
+            .collect();
+        assert!(verify(&without)
+            .problems
+            .iter()
+            .any(|p| p.message.contains("seals missing")));
     }
 }

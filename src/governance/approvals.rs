@@ -489,7 +489,7 @@ impl Approvals {
         action: Option<&ActionData>,
     ) -> Result<Vec<Output>, ApprovalError> {
         let (mut out, audit) = self.records(stored, action)?;
-        let (records, seal) = self
+        let (records, sealed) = self
             .sealer
             .seal("approvals", &self.sealer.own_chain, &self.emitter, &[audit])
             .await
@@ -499,7 +499,7 @@ impl Approvals {
                 e => ApprovalError::Encode(e.to_string()),
             })?;
         out.extend(records);
-        out.push(seal);
+        out.extend(sealed.seals);
         Ok(out)
     }
 

@@ -73,6 +73,18 @@ pub struct SharedOutputs {
     /// Records waiting for these deliveries.
     waiting: Mutex<Option<Vec<Arc<dyn Delivered>>>>,
     failed: AtomicBool,
+    /// Set when these records are dropped without ever being queued (their batch's work was
+    /// revoked and given up): the audit sealer then no longer trusts the chain head it wrote.
+    unsent: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for SharedOutputs {
+    fn drop(&mut self) {
+        let never_queued = self.outputs.get_mut().map_or(true, |o| o.is_some());
+        if let (Some(flag), true) = (&self.unsent, never_queued) {
+            flag.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl SharedOutputs {
@@ -84,11 +96,17 @@ impl SharedOutputs {
 
 impl SharedOutputs {
     pub fn new(outputs: Vec<Output>) -> Arc<Self> {
+        Self::watched(outputs, None)
+    }
+
+    /// Like [`Self::new`]; `unsent` is set if the records are dropped without being queued.
+    pub fn watched(outputs: Vec<Output>, unsent: Option<Arc<AtomicBool>>) -> Arc<Self> {
         Arc::new(SharedOutputs {
             pending: AtomicUsize::new(outputs.len() + 1),
             outputs: Mutex::new(Some(outputs)),
             waiting: Mutex::new(Some(Vec::new())),
             failed: AtomicBool::new(false),
+            unsent,
         })
     }
 

@@ -62,8 +62,8 @@ async fn seal_group(
             .flat_map(|(_, d)| d.audits.iter().cloned())
             .collect();
         match sealer.seal(stage, &chain, emitter, &audits).await {
-            Ok((records, seal)) => {
-                let shared = SharedOutputs::new(vec![seal]);
+            Ok((records, sealed)) => {
+                let shared = SharedOutputs::watched(sealed.seals, Some(sealed.unsent));
                 let mut records = records.into_iter();
                 for (i, d) in items {
                     let mut outputs = d.outputs;
