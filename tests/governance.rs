@@ -2170,3 +2170,98 @@ async fn escalation_config_is_validated() {
     }
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+/// Issue 18, fix 1: a new agent no `governance.access` rule covers. Its result still says
+/// `succeeded`, but counts the proposal as rejected with a warning naming the agent and action;
+/// `tail --format human` shows both on the result's line, and `trace` follows the proposal to
+/// resolve's rejection (reason access).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_access_rejects_is_counted_in_the_result_tail_and_trace() {
+    let yaml = governance("").replace(
+        "- { agents: [cost-guard, tester], actions: [scale_down, scale_up] }",
+        "- { agents: [tester], actions: [scale_down, scale_up] }",
+    );
+    assert!(
+        !yaml.contains("cost-guard"),
+        "cost-guard has no access rule"
+    );
+    let env = TestEnv::new(1, &format!("{yaml}{DEFAULT_AGENTS}{}", default_routes(""))).await;
+    let running = Running::start(env.loaded.clone(), &["route", "agents", "resolve"]);
+    env.publish_one(
+        "events.cost-thresholds",
+        "c-new",
+        "cost.threshold_exceeded",
+        "billing",
+        json!({"service": "billing", "budget": 100.0, "spend": 150.0}),
+    )
+    .await;
+    let results = env
+        .read("switchyard.results", 1, Duration::from_secs(40))
+        .await;
+    let r: ResultData = data(&results[0]);
+    assert_eq!(
+        (r.agent.as_str(), r.status.as_str()),
+        ("cost-guard", "succeeded")
+    );
+    let c = r.proposal_counts.expect("the result counts its proposals");
+    assert_eq!(
+        (c.proposed, c.rejected, c.to_resolve, c.refused),
+        (1, 1, 0, 0)
+    );
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(
+        r.warnings[0].contains(
+            "no governance.access rule lets agent cost-guard cause scale_down on billing"
+        ),
+        "{:?}",
+        r.warnings
+    );
+    // Resolve rejects it, as counted.
+    let mut rejected = None;
+    for _ in 0..30 {
+        let audit: Vec<AuditData> = env
+            .audit(10, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(data)
+            .collect();
+        rejected = audit
+            .into_iter()
+            .find(|a| a.stage == "resolve" && a.detail["action"] == "scale_down");
+        if rejected.is_some() {
+            break;
+        }
+    }
+    let rejected = rejected.expect("resolve decided the proposal");
+    assert_eq!(
+        (rejected.decision.as_str(), rejected.reason.as_deref()),
+        ("rejected", Some("access"))
+    );
+    running.stop().await;
+
+    let line = cli(
+        &env,
+        &[
+            "tail",
+            &env.topic("switchyard.results"),
+            "--from-beginning",
+            "--max",
+            "1",
+            "--idle-timeout-ms",
+            "5000",
+            "--format",
+            "human",
+        ],
+    );
+    assert!(
+        line.contains("proposals: 1 proposed: 1 rejected (access)")
+            && line.contains("WARNING: 1 of 1 proposals rejected: no governance.access rule lets agent cost-guard cause scale_down"),
+        "{line}"
+    );
+    let story = cli(&env, &["trace", "c-new"]);
+    assert!(
+        story.contains("proposals by task:")
+            && story.contains("(cost-guard): 1 proposed: 1 rejected (access)"),
+        "{story}"
+    );
+}
