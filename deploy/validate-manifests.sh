@@ -80,6 +80,7 @@ fi
 # ---------------------------------------------------------------------------------------------------
 section "(b) KEDA ScaledObject (structural; the KEDA CRD schema is not available offline)"
 "$PY" deploy/validate_manifests.py keda || fail "KEDA ScaledObject"
+"$PY" deploy/validate_manifests.py partitions || fail "replicas vs partitions"
 
 # ---------------------------------------------------------------------------------------------------
 section "(c) compose file"

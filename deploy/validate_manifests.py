@@ -8,6 +8,8 @@
   validate_manifests.py dockerfile    Dockerfile and its .dockerignore: structure
   validate_manifests.py config-drift  the image's config equals deploy/switchyard.yaml but for the
                                       settings that differ on purpose
+  validate_manifests.py partitions    replica counts (Deployment, KEDA min/max, PDB) against the
+                                      partitions of each enabled stage's input topics
 
 Paths are relative to the repository root (the working directory). Each subcommand prints one line
 per check ("ok   ..." or "FAIL ...") and exits 1 if any check failed.
@@ -611,9 +613,80 @@ def config_drift() -> int:
     return c.done()
 
 
+# ----------------------------------------------------------------------------------------------------
+# replicas vs partitions
+
+# What each stage consumes: a mirror of the `inputs` functions of src/stages/*.rs (the STAGES table).
+STAGE_INPUTS = {
+    "route": lambda t: list(t.get("inputs", [])),
+    "agents": lambda t: [t.get("tasks", "switchyard.tasks")],
+    "resolve": lambda t: [t.get("proposals", "switchyard.proposals")],
+    "decisions": lambda t: [t.get("decisions", "switchyard.approval-decisions")],
+    "tools": lambda t: [t.get("actions", "switchyard.actions")],
+}
+# The groups every replica must have work in: the agents stage, whose lag KEDA scales on, and
+# resolve, which decides every proposal those agents make. A replica past their partition count
+# would join both groups with nothing to do: scaling out that far buys nothing. The other groups
+# (route over three inputs, decisions, tools) are light; a member beyond their partitions stands by
+# (ready: /readyz counts a member joined without partitions as ready) and takes over on a rebalance.
+MUST_HAVE_WORK = ("agents", "resolve")
+
+
+def partitions() -> int:
+    c = Checks("replicas vs partitions")
+    cfg = yaml.safe_load(IMAGE_CONFIG.read_text())
+    topics = dig(cfg, "topics", default={}) or {}
+    stages = dig(cfg, "stages", default={}) or {}
+    enabled = [n for n in STAGE_INPUTS if dig(stages, n, "enabled", default=True) is not False]
+    parts: dict[str, int] = {}
+    for n in enabled:
+        for t in STAGE_INPUTS[n](topics):
+            tdef = ROOT / "topics" / f"{t}.yaml"
+            if c.check(tdef.exists(), f"{n} consumes {t}, defined in topics/{t}.yaml"):
+                p = yaml.safe_load(tdef.read_text()).get("partitions")
+                if c.check(isinstance(p, int) and p >= 1, f"topics/{t}.yaml: partitions is a positive integer"):
+                    parts[t] = p
+
+    def group_partitions(n: str) -> int:
+        # roundrobin spreads a group's partitions of every topic over all members (configmap).
+        return sum(parts.get(t, 0) for t in STAGE_INPUTS[n](topics))
+
+    docs = {(d.get("kind"), dig(d, "metadata", "name")): d
+            for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" for d in load_all(p)}
+    dep = docs.get(("Deployment", "switchyard"), {})
+    so = docs.get(("ScaledObject", "switchyard"), {})
+    pdb = docs.get(("PodDisruptionBudget", "switchyard"), {})
+    replicas = dig(dep, "spec", "replicas")
+    lo, hi = dig(so, "spec", "minReplicaCount"), dig(so, "spec", "maxReplicaCount")
+    bounds = [("Deployment replicas", replicas), ("KEDA maxReplicaCount", hi)]
+    for n in MUST_HAVE_WORK:
+        if n not in enabled:
+            continue
+        have = group_partitions(n)
+        for what, r in bounds:
+            c.check(isinstance(r, int) and r <= have,
+                    f"{what} ({r}) <= the {n} group's partitions ({have}): every replica has {n} work")
+    c.check(isinstance(lo, int) and isinstance(replicas, int) and lo <= replicas <= (hi or 0),
+            f"KEDA minReplicaCount ({lo}) <= Deployment replicas ({replicas}) <= maxReplicaCount ({hi})")
+    mu = dig(pdb, "spec", "maxUnavailable")
+    c.check(isinstance(mu, int) and isinstance(lo, int) and mu < lo,
+            f"PDB maxUnavailable ({mu}) < KEDA minReplicaCount ({lo}): a drain never stops every consumer")
+    strategy = str(dig(cfg, "kafka", "consumer", "partition.assignment.strategy", default="range,roundrobin"))
+    c.check(strategy.split(",")[0].strip() in ("roundrobin", "cooperative-sticky"),
+            "partition.assignment.strategy spreads every input topic of a group over all members",
+            f"{strategy}: with range, each input topic's partitions go to its first members")
+    for n in enabled:
+        if n in MUST_HAVE_WORK:
+            continue
+        have = group_partitions(n)
+        if isinstance(hi, int) and hi > have:
+            print(f"  note {n}: {have} partitions; at {hi} replicas {hi - have} stand by (ready)")
+    return c.done()
+
+
 def main() -> int:
     cmds = {"k8s-cross": k8s_cross, "keda": keda, "compose": compose, "dockerfile": dockerfile,
-            "config-drift": config_drift}
+            "config-drift": config_drift, "partitions": partitions}
     if len(sys.argv) != 2 or sys.argv[1] not in cmds:
         print(__doc__, file=sys.stderr)
         return 2

@@ -94,6 +94,7 @@ pub fn approvals_of(
         max_output_bytes: cfg.kafka.max_output_bytes(),
         stats: None,
         notifier: None,
+        counts: Default::default(),
     }
 }
 

@@ -630,6 +630,29 @@ mod tests {
             payload[..SINGLE_OBJECT_HEADER_LEN]
         );
         assert!(decode(view(&now.payload, &[], None), &s).is_ok());
+        // Written by an instance that knew only result.v2 (no `proposal_counts`, `warnings`).
+        let v2 = s.get("result.v2").expect("the previous version is kept");
+        let payload = encode_single_object(serde_json::to_value(&ev).unwrap(), v2).unwrap();
+        let back = decode(view(&payload, &[], None), &s).expect("still readable");
+        let r: crate::records::ResultData = serde_json::from_value(back.data.unwrap()).unwrap();
+        assert_eq!((r.proposal_counts, r.warnings.len()), (None, 0));
+        // The current version carries them (as JSON text) and reads them back.
+        let counts = crate::records::ProposalCounts {
+            proposed: 2,
+            rejected: 2,
+            ..Default::default()
+        };
+        let mut data = ev.data.clone().unwrap();
+        data["proposal_counts"] = serde_json::to_value(counts).unwrap();
+        data["warnings"] = json!(["2 of 2 proposals rejected"]);
+        let ev = ev.with_data(data);
+        let now = encode(&ev, Encoding::Avro, Some("result"), &s).unwrap();
+        let back = decode(view(&now.payload, &[], None), &s).unwrap();
+        let r: crate::records::ResultData = serde_json::from_value(back.data.unwrap()).unwrap();
+        assert_eq!(
+            (r.proposal_counts, r.warnings),
+            (Some(counts), vec!["2 of 2 proposals rejected".to_string()])
+        );
     }
 
     #[test]

@@ -348,6 +348,82 @@ pub struct ResultData {
     /// The agent that answered instead (the task's agent's circuit was open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ran: Option<String>,
+    /// What became of the agent's proposals as far as the agent stage knows when it writes this
+    /// result (none when it proposed nothing); resolve decides the rest (`switchyard trace`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "counts_json_or_text"
+    )]
+    pub proposal_counts: Option<ProposalCounts>,
+    /// What an operator should know about this result, as sentences: proposals that can never
+    /// become actions, and why.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strings_json_or_text"
+    )]
+    pub warnings: Vec<String>,
+}
+
+/// What became of a task's proposals, as the agent stage sees it when it writes the result:
+/// `proposed = refused + rejected + to_resolve + held`. Access rules are pure and static, so the
+/// proposals none lets the agent cause are known to be rejected at once; conflicts, budgets and
+/// approvals are decided later by resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProposalCounts {
+    /// Every proposal in the agent's answer.
+    pub proposed: u32,
+    /// Refused by the agent stage and never sent: an action the agent does not declare, or a
+    /// resource it was not given.
+    #[serde(default)]
+    pub refused: u32,
+    /// Sent to resolve, where no `governance.access` rule lets the agent cause them: they are
+    /// rejected (reason `access`).
+    #[serde(default)]
+    pub rejected: u32,
+    /// Sent to resolve, which decides them (conflicts, staleness, budgets, approvals).
+    #[serde(default)]
+    pub to_resolve: u32,
+    /// Held for the workflow run's merge step (not sent to resolve by this task).
+    #[serde(default)]
+    pub held: u32,
+}
+
+impl ProposalCounts {
+    /// One phrase for `tail` and `trace`: `3 proposed: 1 refused (scope), 2 rejected (access)`,
+    /// naming only what is not zero besides `proposed`.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = [
+            (self.refused, "refused (scope)"),
+            (self.rejected, "rejected (access)"),
+            (self.to_resolve, "to resolve"),
+            (self.held, "held for the merge"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        format!("{} proposed: {}", self.proposed, parts.join(", "))
+    }
+}
+
+fn counts_json_or_text<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ProposalCounts>, D::Error> {
+    match json_or_text(d)? {
+        Value::Null => Ok(None),
+        v => serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+fn strings_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    match json_or_text(d)? {
+        Value::Null => Ok(Vec::new()),
+        v => serde_json::from_value(v).map_err(serde::de::Error::custom),
+    }
 }
 
 fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {

@@ -397,6 +397,7 @@ impl Sandbox {
             agents: AgentStage {
                 agents,
                 budgets: budgets.clone(),
+                governance: Arc::new(cfg.governance.clone()),
                 stats: None,
                 store: Arc::new(crate::context::redis::RedisStore::new(
                     redis.clone(),

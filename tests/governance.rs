@@ -2173,3 +2173,256 @@ async fn escalation_config_is_validated() {
     }
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+/// Issue 18, fix 1: a new agent no `governance.access` rule covers. Its result still says
+/// `succeeded`, but counts the proposal as rejected with a warning naming the agent and action;
+/// `tail --format human` shows both on the result's line, and `trace` follows the proposal to
+/// resolve's rejection (reason access).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_access_rejects_is_counted_in_the_result_tail_and_trace() {
+    let yaml = governance("").replace(
+        "- { agents: [cost-guard, tester], actions: [scale_down, scale_up] }",
+        "- { agents: [tester], actions: [scale_down, scale_up] }",
+    );
+    assert!(
+        !yaml.contains("cost-guard"),
+        "cost-guard has no access rule"
+    );
+    let env = TestEnv::new(1, &format!("{yaml}{DEFAULT_AGENTS}{}", default_routes(""))).await;
+    let running = Running::start(env.loaded.clone(), &["route", "agents", "resolve"]);
+    env.publish_one(
+        "events.cost-thresholds",
+        "c-new",
+        "cost.threshold_exceeded",
+        "billing",
+        json!({"service": "billing", "budget": 100.0, "spend": 150.0}),
+    )
+    .await;
+    let results = env
+        .read("switchyard.results", 1, Duration::from_secs(40))
+        .await;
+    let r: ResultData = data(&results[0]);
+    assert_eq!(
+        (r.agent.as_str(), r.status.as_str()),
+        ("cost-guard", "succeeded")
+    );
+    let c = r.proposal_counts.expect("the result counts its proposals");
+    assert_eq!(
+        (c.proposed, c.rejected, c.to_resolve, c.refused),
+        (1, 1, 0, 0)
+    );
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(
+        r.warnings[0].contains(
+            "no governance.access rule lets agent cost-guard cause scale_down on billing"
+        ),
+        "{:?}",
+        r.warnings
+    );
+    // Resolve rejects it, as counted.
+    let mut rejected = None;
+    for _ in 0..30 {
+        let audit: Vec<AuditData> = env
+            .audit(10, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(data)
+            .collect();
+        rejected = audit
+            .into_iter()
+            .find(|a| a.stage == "resolve" && a.detail["action"] == "scale_down");
+        if rejected.is_some() {
+            break;
+        }
+    }
+    let rejected = rejected.expect("resolve decided the proposal");
+    assert_eq!(
+        (rejected.decision.as_str(), rejected.reason.as_deref()),
+        ("rejected", Some("access"))
+    );
+    running.stop().await;
+
+    let line = cli(
+        &env,
+        &[
+            "tail",
+            &env.topic("switchyard.results"),
+            "--from-beginning",
+            "--max",
+            "1",
+            "--idle-timeout-ms",
+            "5000",
+            "--format",
+            "human",
+        ],
+    );
+    assert!(
+        line.contains("proposals: 1 proposed: 1 rejected (access)")
+            && line.contains("WARNING: 1 of 1 proposals rejected: no governance.access rule lets agent cost-guard cause scale_down"),
+        "{line}"
+    );
+    let story = cli(&env, &["trace", "c-new"]);
+    assert!(
+        story.contains("proposals by task:")
+            && story.contains("(cost-guard): 1 proposed: 1 rejected (access)"),
+        "{story}"
+    );
+}
+
+/// The value of one series of a Prometheus text page (0 when absent).
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Issue 18, fix 5: a decision made through the CLI (its own process, which serves no metrics)
+/// is counted by the running switchyard exactly once — approvals by kind, the wait, the agent's
+/// proposals by outcome — as a decision through the decisions topic is; deciding it again
+/// through the CLI changes nothing and counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_through_the_cli_are_counted_once_in_the_servers_metrics() {
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback] }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    let running = Running::start(loaded, &["resolve", "decisions"]);
+    env.publish(
+        "switchyard.proposals",
+        &[
+            proposal(
+                "by-cli",
+                "tester",
+                "rollback",
+                "r-cli",
+                json!({"to": "v1"}),
+                0,
+            ),
+            proposal(
+                "by-topic",
+                "tester",
+                "rollback",
+                "r-topic",
+                json!({"to": "v2"}),
+                0,
+            ),
+        ],
+    )
+    .await;
+    let pending: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 2, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let id_of = |r: &str| {
+        pending
+            .iter()
+            .find(|a| a.resource == r)
+            .map(|a| a.approval_id.clone())
+            .expect("an approval per resource")
+    };
+    let (by_cli, by_topic) = (id_of("r-cli"), id_of("r-topic"));
+    let client = reqwest::Client::new();
+    let page = || async {
+        client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("metrics served")
+            .text()
+            .await
+            .expect("text")
+    };
+    const APPROVED: &str = r#"switchyard_approvals_total{kind="approved"}"#;
+    const REJECTED: &str = r#"switchyard_approvals_total{kind="rejected"}"#;
+    const WAIT: &str = r#"switchyard_approval_wait_seconds_count{decision="approved"}"#;
+    const AGENT: &str = r#"switchyard_agent_proposals_total{agent="tester",outcome="approved"}"#;
+    let before = page().await;
+    let (approved, wait, agent) = (
+        metric(&before, APPROVED),
+        metric(&before, WAIT),
+        metric(&before, AGENT),
+    );
+    assert_eq!(approved, 0.0, "{before}");
+
+    let (brokers, redis) = stack().clone();
+    let approve = |by: &str| {
+        std::process::Command::new(bin())
+            .args(["--config", env.config_path.to_str().expect("path")])
+            .args(["approvals", "approve", &by_cli, "--by", by])
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .output()
+            .expect("approvals approve")
+    };
+    let out = approve("dana");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server takes the CLI's decision at its next sweep (every 2 s here).
+    let mut now = String::new();
+    for _ in 0..40 {
+        now = page().await;
+        if metric(&now, APPROVED) > approved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(metric(&now, APPROVED), approved + 1.0, "{now}");
+    // Deciding again through the CLI fails and counts nothing; later sweeps count nothing more.
+    assert!(!approve("erin").status.success());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = page().await;
+    assert_eq!(
+        metric(&now, APPROVED),
+        approved + 1.0,
+        "counted once: {now}"
+    );
+    assert_eq!(metric(&now, WAIT), wait + 1.0, "the wait once: {now}");
+    assert_eq!(
+        metric(&now, AGENT),
+        agent + 1.0,
+        "the agent's outcome once: {now}"
+    );
+
+    // A decision through the decisions topic: made and counted by the server, once.
+    let rejected = metric(&now, REJECTED);
+    let decision = Output::new(
+        env.topic("switchyard.approval-decisions"),
+        by_topic.clone(),
+        serde_json::to_vec(&json!({"approval_id": by_topic, "decision": "reject", "by": "carol"}))
+            .unwrap(),
+    );
+    env.producer().send(&decision).await.unwrap();
+    let mut now = String::new();
+    for _ in 0..60 {
+        now = page().await;
+        if metric(&now, REJECTED) > rejected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now2 = page().await;
+    assert_eq!(metric(&now2, REJECTED), rejected + 1.0, "{now}");
+    assert_eq!(metric(&now2, APPROVED), approved + 1.0, "{now2}");
+    running.stop().await;
+}

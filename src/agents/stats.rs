@@ -101,7 +101,7 @@ impl AgentStats {
     /// Counts the fate of a proposal: `accepted`, `rejected`, `approval_requested` (the rules),
     /// `approved`, `declined` (people), `undone` (a later action superseded it).
     pub fn proposal(&self, agent: &str, fate: &str) {
-        self.add(agent, fate, 1);
+        self.score(agent, fate);
         if fate == "undone" {
             METRICS
                 .agent_actions_undone
@@ -113,6 +113,13 @@ impl AgentStats {
                 .with_label_values(&[agent, fate])
                 .inc();
         }
+    }
+
+    /// Counts the fate of a proposal on the scorecard only (shared through the store), not in this
+    /// process's metrics: a person's verdict is counted there once, where
+    /// [`crate::governance::approvals::Tally`] says.
+    pub fn score(&self, agent: &str, fate: &str) {
+        self.add(agent, fate, 1);
     }
 
     /// Marks a task of `agent` as running on this instance until the guard is dropped.

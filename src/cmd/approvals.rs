@@ -84,6 +84,8 @@ pub fn service(l: &Loaded) -> Result<Approvals, String> {
     let resources = crate::app::resource_store(l, conn.clone());
     let sealer: Arc<_> = crate::app::sealer(l, conn.clone());
     Ok(Approvals {
+        // This process serves no metrics: a running switchyard counts its decisions.
+        counts: crate::governance::approvals::Counts::Relay,
         stats: Some(Arc::new(crate::agents::stats::AgentStats::new(
             conn,
             &l.config.redis.key_prefix,

@@ -116,6 +116,15 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
         ));
     }
     print(&mine, a.json);
+    if !a.json {
+        let fates = crate::audit::story::proposal_fates(mine.iter().copied());
+        if !fates.is_empty() {
+            println!("proposals by task:");
+            for f in &fates {
+                println!("  {}", f["summary"].as_str().unwrap_or(""));
+            }
+        }
+    }
     Ok(())
 }
 

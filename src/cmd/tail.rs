@@ -185,8 +185,23 @@ pub fn human_line(loaded: &Loaded, rec: &Input) -> String {
                 .and_then(Value::as_array)
                 .map(|f| f.iter().map(|x| s(x, "key")).collect())
                 .unwrap_or_default();
+            // What became of the proposals (results written before counts: their number only).
+            let r = serde_json::from_value::<crate::records::ResultData>(d.clone()).ok();
+            let proposals = match r.as_ref().and_then(|r| r.proposal_counts) {
+                Some(c) => c.summary(),
+                None => d
+                    .get("proposals")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+                    .to_string(),
+            };
+            let warnings: String = r
+                .iter()
+                .flat_map(|r| &r.warnings)
+                .map(|w| format!(" WARNING: {w}"))
+                .collect();
             format!(
-                "{at:<34} result {:<14} resource={res:<10} {} in {} ms, findings: {}, proposals: {}",
+                "{at:<34} result {:<14} resource={res:<10} {} in {} ms, findings: {}, proposals: {proposals}{warnings}",
                 s(&d, "agent"),
                 s(&d, "status"),
                 j(&d, "duration_ms"),
@@ -195,9 +210,6 @@ pub fn human_line(loaded: &Loaded, rec: &Input) -> String {
                 } else {
                     findings.join(",")
                 },
-                d.get("proposals")
-                    .and_then(Value::as_array)
-                    .map_or(0, Vec::len)
             )
         }
         types::ACTION => format!(

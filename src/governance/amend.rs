@@ -19,7 +19,6 @@ use crate::kafka::Output;
 use crate::records::{record_event, types, ProposalData, TaskData};
 use crate::resolve::apply::{Amend, Change, StoredApproval};
 use crate::resolve::store::Write;
-use crate::telemetry::METRICS;
 
 /// Whether the caller may decide an approval as it stands (see [`super::approvals::may_decide`]).
 pub type Allowed<'a> = dyn Fn(&crate::records::ApprovalData) -> Result<(), String> + Sync + 'a;
@@ -217,22 +216,18 @@ impl Approvals {
                     Amend::Edit { .. } => "edited",
                     Amend::Respond { .. } => "responded",
                 };
-                METRICS.approvals.with_label_values(&[kind]).inc();
                 // People's answers count on the proposing agents' scorecards like a decision.
+                let fate = match amend {
+                    Amend::Edit { .. } => "approved",
+                    Amend::Respond { .. } => "declined",
+                };
+                let tally = super::approvals::Tally::verdict(&s, kind, fate, now);
                 if let Some(stats) = &self.stats {
-                    let fate = match amend {
-                        Amend::Edit { .. } => "approved",
-                        Amend::Respond { .. } => "declined",
-                    };
-                    let agents = s.action.agents.as_array().into_iter().flatten();
-                    for a in agents.filter_map(Value::as_str) {
-                        stats.proposal(a, fate);
+                    for a in &tally.agents {
+                        stats.score(a, fate);
                     }
                 }
-                METRICS
-                    .approval_wait
-                    .with_label_values(&[kind])
-                    .observe((now - s.approval.requested_at).max(0) as f64);
+                self.tally(tally).await;
                 let outputs = self.outputs(&s, None).await?;
                 return Ok(Decision {
                     approval: s.approval,

@@ -138,6 +138,73 @@ pub struct Approvals {
     pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
     /// Tells rules' webhooks about escalations and expiries (none: no rule has `notify:`).
     pub notifier: Option<Arc<Notifier>>,
+    /// Where this process's decisions are counted in the metrics: here (a running switchyard), or
+    /// handed through the store to a running one's sweeper (the CLI, which serves no metrics).
+    pub counts: Counts,
+}
+
+/// Where decisions are counted (see [`Approvals::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Counts {
+    /// In this process's metrics.
+    #[default]
+    Here,
+    /// Left in the store for a running switchyard to count ([`ResourceStore::tally_add`]).
+    Relay,
+}
+
+/// What one decision adds to the metrics: `switchyard_approvals_total{kind}`, and for a verdict
+/// (not an escalation) `switchyard_approval_wait_seconds{kind}` and
+/// `switchyard_agent_proposals_total{agent, outcome}` of the proposing agents. Counted once,
+/// by the process that made the decision, or — made by the CLI — by the running switchyard
+/// that takes it from the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub kind: String,
+    /// Seconds from the request to the decision (none for an escalation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<f64>,
+    /// `approved` or `declined`, on each agent's scorecard counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fate: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+impl Tally {
+    /// The tally of a committed verdict on `s` of `kind` (its fate for the agents: `fate`).
+    pub(crate) fn verdict(s: &StoredApproval, kind: &str, fate: &str, now: i64) -> Tally {
+        Tally {
+            kind: kind.into(),
+            wait_seconds: Some((now - s.approval.requested_at).max(0) as f64),
+            fate: Some(fate.into()),
+            agents: s
+                .action
+                .agents
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    /// Adds it to this process's metrics.
+    pub fn count(&self) {
+        METRICS.approvals.with_label_values(&[&self.kind]).inc();
+        if let Some(w) = self.wait_seconds {
+            METRICS
+                .approval_wait
+                .with_label_values(&[&self.kind])
+                .observe(w);
+        }
+        if let Some(fate) = &self.fate {
+            for a in &self.agents {
+                METRICS.agent_proposals.with_label_values(&[a, fate]).inc();
+            }
+        }
+    }
 }
 
 fn enc(e: impl std::fmt::Display) -> ApprovalError {
@@ -262,26 +329,28 @@ impl Approvals {
             if self.store.commit(&key, loaded.rev, write).await? {
                 if escalate {
                     self.store.index_open(&[&s.approval]).await?;
-                    METRICS.approvals.with_label_values(&["escalated"]).inc();
+                    self.tally(Tally {
+                        kind: "escalated".into(),
+                        wait_seconds: None,
+                        fate: None,
+                        agents: Vec::new(),
+                    })
+                    .await;
                 } else {
                     self.store.index_close(approval_id).await?;
                     let kind = s.approval.status.as_str();
-                    METRICS.approvals.with_label_values(&[kind]).inc();
+                    let fate = if kind == "approved" {
+                        "approved"
+                    } else {
+                        "declined"
+                    };
+                    let tally = Tally::verdict(&s, kind, fate, now);
                     if let Some(stats) = &self.stats {
-                        let fate = if kind == "approved" {
-                            "approved"
-                        } else {
-                            "declined"
-                        };
-                        let agents = s.action.agents.as_array().into_iter().flatten();
-                        for a in agents.filter_map(serde_json::Value::as_str) {
-                            stats.proposal(a, fate);
+                        for a in &tally.agents {
+                            stats.score(a, fate);
                         }
                     }
-                    METRICS
-                        .approval_wait
-                        .with_label_values(&[kind])
-                        .observe((now - s.approval.requested_at).max(0) as f64);
+                    self.tally(tally).await;
                     wait_span(&s);
                 }
                 let outputs = self.outputs(&s, action.as_ref()).await?;
@@ -297,6 +366,36 @@ impl Approvals {
             }
         }
         Err(ApprovalError::Contention)
+    }
+
+    /// Counts a committed decision once: here, or (the CLI) through the store for a running
+    /// switchyard's sweeper. The decision stands either way; a tally the store could not take is
+    /// only missing from the metrics, which a warning says.
+    pub(crate) async fn tally(&self, t: Tally) {
+        match self.counts {
+            Counts::Here => t.count(),
+            Counts::Relay => {
+                let text = serde_json::to_string(&t).unwrap_or_default();
+                if let Err(e) = self.store.tally_add(&text).await {
+                    tracing::warn!(error = %e, kind = %t.kind, "The decision is made, but a running switchyard will not count it in its metrics.");
+                }
+            }
+        }
+    }
+
+    /// Counts the decisions the CLI left in the store (see [`Counts::Relay`]); each is taken by
+    /// one instance.
+    async fn count_relayed(&self) -> Result<usize, ApprovalError> {
+        let taken = self.store.tallies_take(1000).await?;
+        for text in &taken {
+            match serde_json::from_str::<Tally>(text) {
+                Ok(t) => t.count(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "A decision's tally in the store is unreadable; it is not counted.")
+                }
+            }
+        }
+        Ok(taken.len())
     }
 
     /// The resource an approval belongs to.
@@ -392,7 +491,13 @@ impl Approvals {
             };
             if self.store.commit(key, loaded.rev, write).await? {
                 self.store.index_open(&[&s.approval]).await?;
-                METRICS.approvals.with_label_values(&["requested"]).inc();
+                self.tally(Tally {
+                    kind: "requested".into(),
+                    wait_seconds: None,
+                    fate: None,
+                    agents: Vec::new(),
+                })
+                .await;
                 let outputs = self.outputs(&s, None).await?;
                 return Ok((s.approval, outputs));
             }
@@ -589,6 +694,12 @@ impl Approvals {
     /// Expires (or escalates) every approval past its deadline, and takes up decisions a crash left
     /// in the outbox; returns each approval's records to produce (then [`Approvals::sent`]).
     pub async fn sweep(&self) -> Result<Vec<(String, Vec<Output>)>, ApprovalError> {
+        if self.counts == Counts::Here {
+            // Counting is no reason to stop expiring approvals.
+            if let Err(e) = self.count_relayed().await {
+                tracing::warn!(error = %e, "Could not take the CLI's decisions to count; the next sweep tries again.");
+            }
+        }
         let now = now_secs();
         let mut out = Vec::new();
         // Younger entries belong to a request still producing them.

@@ -127,6 +127,15 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first.
     fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 
+    /// Leaves what a decision made outside a running switchyard (the CLI) counts in the metrics,
+    /// for a running one to count ([`ResourceStore::tallies_take`]). At most [`MAX_TALLIES`] are
+    /// kept (the oldest go first), for a day, should no instance run the sweeper.
+    fn tally_add<'a>(&'a self, tally: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Takes (removes) up to `max` tallies left by [`ResourceStore::tally_add`], oldest first;
+    /// each is taken by exactly one caller.
+    fn tallies_take(&self, max: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
     /// Forgets the stored decisions of proposals whose offsets are committed (their records were
     /// delivered); they stay among the recent ones.
     fn forget<'a>(
@@ -206,6 +215,9 @@ impl RedisResourceStore {
     }
     fn outbox_key(&self) -> String {
         format!("{}:approvals:outbox", self.prefix)
+    }
+    fn tallies_key(&self) -> String {
+        format!("{}:approvals:tallies", self.prefix)
     }
 
     async fn load_impl(
@@ -473,6 +485,35 @@ impl ResourceStore for RedisResourceStore {
         })
     }
 
+    fn tally_add<'a>(&'a self, tally: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let key = self.tallies_key();
+            Ok(redis::pipe()
+                .rpush(&key, tally)
+                .ignore()
+                .ltrim(&key, -(MAX_TALLIES as isize), -1)
+                .ignore()
+                .expire(&key, 86400)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await?)
+        })
+    }
+
+    fn tallies_take(&self, max: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            // LPOP with a count: atomic, so two instances never count the same tally.
+            let taken: Option<Vec<String>> = redis::cmd("LPOP")
+                .arg(self.tallies_key())
+                .arg(max.max(1))
+                .query_async(&mut c)
+                .await?;
+            Ok(taken.unwrap_or_default())
+        })
+    }
+
     fn forget<'a>(
         &'a self,
         decided: &'a [(ResourceKey, String)],
@@ -500,6 +541,9 @@ fn parse_where(s: &str) -> Option<ResourceKey> {
     }
 }
 
+/// The most tallies [`ResourceStore::tally_add`] keeps waiting to be counted.
+pub const MAX_TALLIES: usize = 10_000;
+
 /// Decided proposals the memory twin remembers per resource.
 const MEMORY_REMEMBER: usize = 64;
 
@@ -510,6 +554,7 @@ struct MemoryState {
     open: BTreeMap<String, i64>,
     located: HashMap<String, ResourceKey>,
     outbox: BTreeMap<String, i64>,
+    tallies: std::collections::VecDeque<String>,
 }
 
 /// In-memory twin of [`RedisResourceStore`] for unit tests (no TTLs). Context key versions come
@@ -680,6 +725,25 @@ impl ResourceStore for MemoryResourceStore {
                 st.outbox.iter().filter(|(_, at)| **at < before).collect();
             due.sort_by_key(|(id, at)| (**at, (*id).clone()));
             Ok(due.into_iter().map(|(id, _)| id.clone()).collect())
+        })
+    }
+
+    fn tally_add<'a>(&'a self, tally: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            st.tallies.push_back(tally.to_string());
+            while st.tallies.len() > MAX_TALLIES {
+                st.tallies.pop_front();
+            }
+            Ok(())
+        })
+    }
+
+    fn tallies_take(&self, max: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let n = max.min(st.tallies.len());
+            Ok(st.tallies.drain(..n).collect())
         })
     }
 
@@ -877,6 +941,15 @@ pub mod contract {
         );
         store.outbox_done(&o1).await.expect("done");
         assert_eq!(due(store.outbox_due(300).await.expect("due")), [o2]);
+
+        // Tallies: taken oldest first, each once.
+        let (t1, t2) = (format!("tally1-{tag}"), format!("tally2-{tag}"));
+        store.tally_add(&t1).await.expect("tally");
+        store.tally_add(&t2).await.expect("tally");
+        let mut taken = store.tallies_take(1).await.expect("take");
+        taken.extend(store.tallies_take(100).await.expect("take"));
+        assert_eq!(due(taken), [t1, t2]);
+        assert!(due(store.tallies_take(100).await.expect("take")).is_empty());
     }
 
     #[cfg(test)]

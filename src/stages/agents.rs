@@ -29,12 +29,13 @@ use crate::context::{CommitResult, ContextStore, Fact, Outcome, Prior, Snapshot}
 use crate::error::ProcessError;
 use crate::event::{now_rfc3339, CloudEvent};
 use crate::governance::budgets::{BudgetCheck, Budgets, Spender};
+use crate::governance::GovernanceConfig;
 use crate::kafka::runtime::{Done, Processor};
 use crate::kafka::{dead_letter, Input, Output};
 use crate::pattern::stable_id;
 use crate::records::{
-    audit_event, trace_id, types, AgentResponse, AuditData, Emitter, ProposalData, ResultData,
-    TaskData,
+    audit_event, trace_id, types, AgentResponse, AuditData, Emitter, ProposalCounts, ProposalData,
+    ResultData, TaskData,
 };
 use crate::spans::{self, Span};
 use crate::store::{ResourceKey, StoreError};
@@ -100,6 +101,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
         Ok(runner(AgentStage {
             agents,
             budgets: s.budgets.clone(),
+            governance: Arc::new(cfg.governance.clone()),
             stats: Some(s.stats.clone()),
             store: Arc::new(RedisStore::new(
                 s.redis.clone(),
@@ -232,6 +234,9 @@ pub struct AgentStage<S: ContextStore> {
     pub agents: HashMap<String, AgentEntry>,
     /// Reserved before every agent call: an exhausted budget refuses the task (spend stops).
     pub budgets: Arc<Budgets>,
+    /// The access rules a result's proposals are checked against, so the result says which ones
+    /// resolve will reject (its [`ProposalCounts`]).
+    pub governance: Arc<GovernanceConfig>,
     /// Where per-agent health counters go (`switchyard status`); none in unit tests.
     pub stats: Option<Arc<AgentStats>>,
     pub store: Arc<S>,
@@ -694,6 +699,69 @@ impl<S: ContextStore> AgentStage<S> {
         Ok((facts, outcome))
     }
 
+    /// What became of the outcome's proposals as far as this stage knows (none when the agent
+    /// proposed nothing), and a warning naming the agent and actions when access rules reject
+    /// some: the same check resolve's gate makes ([`GovernanceConfig::allows`]: pure, static), on
+    /// the same agent, action, resource and tenant the proposal records carry.
+    fn proposal_counts(
+        &self,
+        t: &DecodedTask,
+        o: &Outcome,
+        held: bool,
+    ) -> (Option<ProposalCounts>, Vec<String>) {
+        let task = &t.task;
+        let sent = &o.response.proposals;
+        let refused = o
+            .refusals
+            .iter()
+            .filter(|r| r.starts_with("action:"))
+            .count() as u32;
+        let mut c = ProposalCounts {
+            proposed: sent.len() as u32 + refused,
+            refused,
+            ..Default::default()
+        };
+        if c.proposed == 0 {
+            return (None, Vec::new());
+        }
+        if held {
+            c.held = sent.len() as u32;
+            return (Some(c), Vec::new());
+        }
+        let by = o.ran.as_deref().unwrap_or(&task.agent);
+        let mut denied: Vec<(&str, &str)> = Vec::new();
+        for p in sent {
+            let resource = p.resource.as_deref().unwrap_or(&task.resource);
+            if self
+                .governance
+                .allows(&task.tenant, by, &p.action, resource)
+            {
+                c.to_resolve += 1;
+            } else {
+                c.rejected += 1;
+                if !denied.contains(&(p.action.as_str(), resource)) {
+                    denied.push((&p.action, resource));
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        if !denied.is_empty() {
+            let what: Vec<String> = denied.iter().map(|(a, r)| format!("{a} on {r}")).collect();
+            let mut actions: Vec<&str> = denied.iter().map(|(a, _)| *a).collect();
+            actions.sort_unstable();
+            actions.dedup();
+            warnings.push(format!(
+                "{} of {} proposals rejected: no governance.access rule lets agent {by} cause {} (tenant {}); add one, e.g. {{ agents: [{by}], actions: [{}] }}",
+                c.rejected,
+                c.proposed,
+                what.join(", "),
+                task.tenant,
+                actions.join(", ")
+            ));
+        }
+        (Some(c), warnings)
+    }
+
     /// A proposal record of the task `t` (its agent, or for a merge the branch agent `agent`).
     fn proposal(
         &self,
@@ -776,6 +844,7 @@ impl<S: ContextStore> AgentStage<S> {
             .iter()
             .map(|f| json!({"key": f.key, "value": f.value}))
             .collect();
+        let (counts, warnings) = self.proposal_counts(t, o, held);
         let result = ResultData {
             task_id: task.task_id.clone(),
             workflow_id: task.workflow_id.clone(),
@@ -792,6 +861,8 @@ impl<S: ContextStore> AgentStage<S> {
             answer: recorded_answer(&o.response, &task.task_id),
             agent_digest: o.agent_digest.clone(),
             ran: o.ran.clone(),
+            proposal_counts: counts,
+            warnings: warnings.clone(),
         };
         let mut rev = CloudEvent::new(format!("result-{}", task.task_id), SOURCE, types::RESULT)
             .with_subject(task.resource.clone())
@@ -805,14 +876,18 @@ impl<S: ContextStore> AgentStage<S> {
         let audit = |decision: &str, reason: Option<String>, detail: Value| {
             task_audit(t, decision, reason, detail)
         };
-        let a = audit(
-            "agent_result",
-            o.error.clone(),
-            json!({"agent": task.agent, "ran": o.ran, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
-                   "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
-                   "held": if held { o.response.proposals.len() } else { 0 },
-                   "related_reads": o.related_reads}),
-        );
+        let mut detail = json!({"agent": task.agent, "ran": o.ran, "status": o.status, "attempts": o.attempts, "duration_ms": o.duration_ms,
+               "proposals": proposal_ids, "findings": o.response.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
+               "held": if held { o.response.proposals.len() } else { 0 },
+               "related_reads": o.related_reads});
+        // Only when there is something to say, so a result without proposals is audited as before.
+        if let Some(c) = counts {
+            detail["proposal_counts"] = json!(c);
+        }
+        if !warnings.is_empty() {
+            detail["warnings"] = json!(warnings);
+        }
+        let a = audit("agent_result", o.error.clone(), detail);
         let mut audits = vec![audit_event(
             SOURCE,
             &["agent_result", &task.task_id],
@@ -1409,6 +1484,7 @@ mod tests {
                 },
             )]),
             budgets: Arc::new(Budgets::new(budget_store, "t", budgets)),
+            governance: Default::default(),
             stats: None,
             store: Arc::new(MemoryStore::default()),
             emitter: Emitter::new(Default::default(), Default::default()),
@@ -1470,6 +1546,74 @@ mod tests {
             first[..3],
             "a redelivery re-emits the same records (under a new seal)"
         );
+    }
+
+    fn result_of(out: &[Output]) -> ResultData {
+        let rec = out.iter().find(|o| o.topic == "results").expect("a result");
+        let ev: CloudEvent = serde_json::from_slice(&rec.payload).unwrap();
+        serde_json::from_value(ev.data.unwrap()).unwrap()
+    }
+
+    /// The result says what became of the proposals: with access rules that do not let the agent
+    /// cause its action, the proposal is still sent (resolve rejects and audits it), and the result
+    /// counts it as rejected with a warning naming the agent and action; allowed, it is to resolve.
+    #[tokio::test]
+    async fn the_result_counts_proposals_access_rules_reject() {
+        let mut s = stage(Arc::new(MemoryBudgetStore::default()));
+        s.governance = Arc::new(
+            serde_yaml::from_str("access: [{agents: [sla-responder], actions: [rollback]}]")
+                .unwrap(),
+        );
+        let out = process_one(&s, task()).await.unwrap();
+        assert_eq!(
+            out.iter().filter(|o| o.topic == "proposals").count(),
+            1,
+            "a proposal access rejects still goes to resolve, which audits the rejection"
+        );
+        let r = result_of(&out);
+        assert_eq!(
+            r.proposal_counts,
+            Some(ProposalCounts {
+                proposed: 1,
+                rejected: 1,
+                ..Default::default()
+            })
+        );
+        assert_eq!(r.warnings.len(), 1);
+        assert!(
+            r.warnings[0].contains("1 of 1 proposals rejected: no governance.access rule lets agent cost-guard cause scale_down on svc")
+                && r.warnings[0].contains("{ agents: [cost-guard], actions: [scale_down] }"),
+            "{:?}",
+            r.warnings
+        );
+        let audit: CloudEvent = serde_json::from_slice(&out[2].payload).unwrap();
+        let detail = &audit.data.unwrap()["detail"];
+        assert_eq!(detail["proposal_counts"]["rejected"], 1, "{detail}");
+
+        let mut s = stage(Arc::new(MemoryBudgetStore::default()));
+        s.governance = Arc::new(
+            serde_yaml::from_str("access: [{agents: [cost-*], actions: [scale_*]}]").unwrap(),
+        );
+        let r = result_of(&process_one(&s, task()).await.unwrap());
+        assert_eq!(
+            (r.proposal_counts, r.warnings.len()),
+            (
+                Some(ProposalCounts {
+                    proposed: 1,
+                    to_resolve: 1,
+                    ..Default::default()
+                }),
+                0
+            )
+        );
+        // Without proposals the result carries no counts (and reads as before).
+        let json = serde_json::to_value(ResultData {
+            proposal_counts: None,
+            warnings: Vec::new(),
+            ..r
+        })
+        .unwrap();
+        assert!(json.get("proposal_counts").is_none() && json.get("warnings").is_none());
     }
 
     /// Once a task's input is committed its outcome is forgotten: a copy of the task further down
