@@ -162,8 +162,9 @@ def judge(records):
     return {p: dict(r) for p, r in ph.items()}
 
 
-def audit_verify(bin_, config):
-    r = subprocess.run([bin_, "--config", config, "audit", "verify"], capture_output=True, text=True, timeout=300)
+def audit_verify(bin_, config, idle):
+    r = subprocess.run([bin_, "--config", config, "audit", "verify", "--idle-timeout-ms", str(int(idle * 1000))],
+                       capture_output=True, text=True, timeout=600)
     text = (r.stdout + r.stderr).strip()
     if r.returncode != 0:
         print("audit verify said:\n  " + "\n  ".join(text.splitlines()[-30:]))
@@ -177,14 +178,15 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--driver", help="the driver's report (phase order, notes, exit codes)")
     ap.add_argument("--out")
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds without a record that end the reading")
     args = ap.parse_args()
     driver = json.load(open(args.driver)) if args.driver else {"phases": []}
     t = time.time()
-    records = read_all(args.brokers)
+    records = read_all(args.brokers, args.idle)
     n = sum(len(v) for v in records.values())
     print(f"fault_check: read {n} records from {len(TOPICS)} topics in {time.time() - t:.1f} s")
     rows = judge(records)
-    ok_audit, audit_line = audit_verify(args.bin, args.config)
+    ok_audit, audit_line = audit_verify(args.bin, args.config, args.idle)
     order = [p["phase"] for p in driver["phases"]] or sorted(rows)
     cols = ["events in", "tasks", "results", "decisions", "approvals", "approved", "rejected", "actions",
             "approved actions", "events lost", "tasks lost", "actions doubled", "order violations"]

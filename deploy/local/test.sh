@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Command (b): set up everything and run the whole test suite against a real broker and Redis.
 #
-#   deploy/local/test.sh            # format check, clippy, unit + property + integration tests
-#   deploy/local/test.sh -- NAME    # pass extra arguments to `cargo test` (e.g. a test name filter)
+#   deploy/local/test.sh            # format check, clippy, unit + property + integration tests,
+#                                   # then the short fault suite (deploy/local/faults.sh --short)
+#   deploy/local/test.sh -- NAME    # pass extra arguments to `cargo test` (e.g. a test name filter;
+#                                   # the fault suite is skipped then)
 #
 # Starts its own stack (.stack/test) and stops it afterwards. Exits non-zero on any failure.
 set -euo pipefail
@@ -46,5 +48,11 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     say "cargo test (unit, property and integration tests against the stack; cargo-nextest is not installed)"
     cargo test --no-fail-fast --all-targets "$@"
+fi
+say "Tests passed in $((SECONDS - start)) s"
+
+if [[ $# -eq 0 && "${SWITCHYARD_SKIP_FAULTS:-}" != 1 ]]; then
+    say "Short fault suite (deploy/local/faults.sh --short; README, \"Faults we test\")"
+    SWITCHYARD_BIN="$ROOT/target/debug/switchyard" deploy/local/faults.sh --short
 fi
 say "All tests passed in $((SECONDS - start)) s"
