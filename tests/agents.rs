@@ -902,6 +902,149 @@ fn run_with(
     )
 }
 
+/// SASL as a managed cluster asks for it (SASL_SSL, SCRAM-SHA-512): every client switchyard makes —
+/// the admin client of `topics apply`, the stages' consumers and producers, `publish` and `tail` —
+/// authenticates through `kafka.client`; the password is redacted by `config show`; a wrong one is
+/// refused by the broker and the command fails saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_on_kafka_with_sasl_scram_over_tls() {
+    let (_kafka, kafka_port) = start_kafka_sasl(&["switchyard:s3cret-sy", "other:other-pw"]);
+    let ca = test_ca_dir().join("ca.crt");
+    let ca_s = ca.to_str().expect("path").to_string();
+    let brokers = format!("127.0.0.1:{kafka_port}");
+    let env = TestEnv::new(
+        1,
+        r#"
+routes:
+  - {name: sla, types: [sla.breached], agents: [sla-responder]}
+agents:
+  sla-responder:
+    kind: builtin
+    reads: [sla, last_completed_deployment, deployment]
+    writes: [sla, suspect_deployment]
+    actions: [rollback, page]
+"#,
+    )
+    .await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let plain_kafka = format!("brokers: {}", stack().0);
+    assert!(text.contains(&plain_kafka));
+    let sasl = |password: &str| {
+        text.replace(
+            &plain_kafka,
+            &format!(
+                "brokers: {brokers}\n  client:\n    security.protocol: SASL_SSL\n    ssl.ca.location: {ca_s}\n    sasl.mechanism: SCRAM-SHA-512\n    sasl.username: switchyard\n    sasl.password: {password}"
+            ),
+        )
+    };
+    let config = env.config_path.with_file_name("sasl.yaml");
+    std::fs::write(&config, sasl("s3cret-sy")).expect("write");
+    let redis = stack().1.clone();
+    // The password never shows.
+    let (ok, out, err) = run_with(&config, &brokers, &redis, &["config", "show"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        !out.contains("s3cret-sy") && out.contains("sasl.username"),
+        "{out}"
+    );
+    // A wrong password: refused by the broker, and the command says so.
+    let wrong = env.config_path.with_file_name("wrong.yaml");
+    std::fs::write(&wrong, sasl("not-the-password")).expect("write");
+    let (ok, out, err) = run_with(&wrong, &brokers, &redis, &["topics", "apply"]);
+    assert!(!ok, "a wrong password fails: {out}{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
+    assert!(
+        kafka_sasl_journal(kafka_port).contains("refused"),
+        "{}",
+        kafka_sasl_journal(kafka_port)
+    );
+    // With the right one: topics, the pipeline, publish and tail, all authenticated.
+    let (ok, out, err) = run_with(&config, &brokers, &redis, &["topics", "apply"]);
+    assert!(ok, "topics apply over SASL_SSL: {out}{err}");
+    let _run = Reaper(
+        std::process::Command::new(bin())
+            .args([
+                "--config",
+                config.to_str().expect("path"),
+                "run",
+                "--stages",
+                "route,agents,resolve",
+            ])
+            .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+            .env("SWITCHYARD_REDIS_URL", &redis)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn switchyard"),
+    );
+    let topic = env.topic("events.sla-breaches");
+    let (ok, out, err) = run_with(
+        &config,
+        &brokers,
+        &redis,
+        &[
+            "publish",
+            "-t",
+            &topic,
+            "--type",
+            "sla.breached",
+            "--subject",
+            "checkout",
+            "--id",
+            "sasl-1",
+            "--data",
+            r#"{"slo": "availability", "objective": 99.9, "observed": 97.0}"#,
+        ],
+    );
+    assert!(ok, "publish over SASL_SSL: {out}{err}");
+    let actions_topic = env.topic("switchyard.actions");
+    let mut action = Value::Null;
+    let mut last = String::new();
+    for _ in 0..30 {
+        let (_, out, err) = run_with(
+            &config,
+            &brokers,
+            &redis,
+            &[
+                "tail",
+                &actions_topic,
+                "--from-beginning",
+                "--max",
+                "1",
+                "--idle-timeout-ms",
+                "2000",
+            ],
+        );
+        if let Some(line) = out.lines().find(|l| l.contains("\"page\"")) {
+            action = serde_json::from_str(line).expect("JSON line");
+            break;
+        }
+        last = format!("{out}{err}");
+    }
+    assert!(
+        action.to_string().contains("checkout"),
+        "an action came out over SASL_SSL: {action}; last tail: {last}; journal: {}",
+        kafka_sasl_journal(kafka_port)
+    );
+    let journal = kafka_sasl_journal(kafka_port);
+    let ok_lines = journal
+        .lines()
+        .filter(|l| l.starts_with("authenticated"))
+        .count();
+    assert!(ok_lines >= 4, "every client authenticated: {journal}");
+    assert!(
+        journal
+            .lines()
+            .filter(|l| l.starts_with("authenticated"))
+            .all(|l| l.ends_with(": switchyard")),
+        "{journal}"
+    );
+    // Nothing reached the stack's own (plaintext) broker.
+    assert!(env
+        .read("switchyard.actions", 1, Duration::from_secs(2))
+        .await
+        .is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_on_kafka_and_redis_over_tls_with_an_agent_over_https() {
     let dir = tempfile::tempdir().expect("tempdir");

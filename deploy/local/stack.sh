@@ -34,6 +34,8 @@ OTEL_PROTO_VERSION="1.45.2"
 # Selenium's official Python bindings: the agent inbox's browser test drives Debian's headless
 # Chromium through chromedriver with them (tests/inbox_browser.py).
 SELENIUM_VERSION="4.51.0" # 4.52.0 needs a certifi newer than the registry holds
+# SCRAM's server side, for the SASL front of the SASL test (deploy/local/kafka_sasl.py).
+SCRAMP_VERSION="1.5.0"
 # A local S3 server (and boto3 with it): the fault suite's broker keeps its data in it
 # (tansu --storage-engine s3://), so a killed broker restarts with its topics (deploy/local/faults.py).
 MOTO_VERSION="5.2.5"
@@ -201,11 +203,11 @@ install_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH after apt-get install prometheus"
 }
 
-# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions and Selenium, into the
-# stack's venv.
+# The LLM stand-in, the OpenAI client, the MCP SDK, the OTLP definitions, Selenium and scramp, into
+# the stack's venv.
 install_llmock() {
     local pkgs=("llmock==$LLMOCK_VERSION" "openai==$OPENAI_VERSION" "mcp==$MCP_VERSION"
-        "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION")
+        "opentelemetry-proto==$OTEL_PROTO_VERSION" "selenium==$SELENIUM_VERSION" "scramp==$SCRAMP_VERSION")
     if [[ -x "$VENV/bin/llmock" ]] && "$VENV/bin/python" - "${pkgs[@]}" >/dev/null 2>&1 <<'PY'
 import importlib.metadata as m, re, sys
 for spec in sys.argv[1:]:

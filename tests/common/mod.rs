@@ -767,6 +767,23 @@ pub fn start_kafka_tls() -> (Reaper, u16) {
     start_script("kafka_tls.py", &[tls.as_os_str()])
 }
 
+/// A broker that demands SASL over TLS (deploy/local/kafka_sasl.py: PLAIN, SCRAM-SHA-256 and
+/// SCRAM-SHA-512 for `users`, "name:password"); its port. Its journal of authentications is
+/// `kafka_sasl_journal(port)`.
+pub fn start_kafka_sasl(users: &[&str]) -> (Reaper, u16) {
+    let tls = test_ca_dir();
+    let mut args: Vec<&std::ffi::OsStr> = vec![tls.as_os_str()];
+    args.extend(users.iter().map(std::ffi::OsStr::new));
+    start_script("kafka_sasl.py", &args)
+}
+
+/// What the SASL front of `port` recorded: one line per connection, authenticated or refused.
+pub fn kafka_sasl_journal(port: u16) -> String {
+    let dir = test_ca_dir();
+    let parent = dir.parent().expect("the CA dir has a parent");
+    std::fs::read_to_string(parent.join(format!("kafka-sasl-{port}.log"))).unwrap_or_default()
+}
+
 /// A local Redis Cluster of three masters (deploy/local/redis_cluster.py), once every slot is
 /// served; its seed node's port.
 pub fn start_redis_cluster(dir: &Path) -> (Reaper, u16) {
