@@ -38,6 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ALL_PHASES = ["instance", "redis-aof", "broker-kill", "broker-stop", "redis-wipe"]
 SHORT_PHASES = ["instance", "broker-stop", "redis-wipe"]
+# What the lost-state check watches for writes: every output of the stages.
+WATCHED = ["switchyard.results", "switchyard.approvals", "switchyard.tasks", "switchyard.proposals",
+           "switchyard.actions", "switchyard.audit"]
 INPUTS = {"deployment": "events.deployments", "sla": "events.sla-breaches", "cost": "events.cost-thresholds"}
 
 
@@ -222,37 +225,44 @@ class Watcher(threading.Thread):
         self.requested = {}  # approval id -> (resource, seen at)
         self.decided = set()
         self.sent = set()
-        self.records = 0
+        self.stamps = []  # broker timestamps of every record seen
         self.stop = False
 
     def run(self):
         c = Consumer({"bootstrap.servers": self.brokers, "group.id": f"faults-watcher-{time.time()}",
                       "enable.auto.commit": False, "fetch.wait.max.ms": 20, "session.timeout.ms": 6000})
         parts = []
-        for t in ("switchyard.results", "switchyard.approvals"):
+        for t in WATCHED:
             md = c.list_topics(t, timeout=10).topics[t]
             parts += [TopicPartition(t, p, -2) for p in md.partitions]  # -2: the beginning
         c.assign(parts)
         p = Producer({"bootstrap.servers": self.brokers, "linger.ms": 5})
+        last_due = 0.0
         while not self.stop:
-            m = c.poll(0.2)
+            msgs = c.consume(500, 0.2)
             now = time.time()
-            if m is not None and not m.error():
-                try:
-                    ev = json.loads(m.value())
-                except (TypeError, ValueError):
-                    continue
-                d = ev.get("data") or {}
-                with self.lock:
-                    self.records += 1
+            with self.lock:
+                for m in msgs:
+                    if m.error():
+                        continue
+                    # When the broker got it (the producer's time): what the lost-state check counts.
+                    self.stamps.append(m.timestamp()[1] / 1000.0)
+                    if m.topic() not in ("switchyard.results", "switchyard.approvals"):
+                        continue
+                    try:
+                        d = json.loads(m.value()).get("data") or {}
+                    except (TypeError, ValueError, AttributeError):
+                        continue
                     if m.topic() == "switchyard.results":
                         if d.get("event_id"):
                             self.results.add(d["event_id"])
-                    elif d.get("status") == "pending":
+                    elif d.get("status") in ("pending", "escalated"):
                         self.requested.setdefault(d["approval_id"], (d.get("resource", ""), now))
                     elif d.get("approval_id"):
                         self.decided.add(d["approval_id"])
-            with self.lock:
+                if now - last_due < 0.2:
+                    continue
+                last_due = now
                 due = [a for a, (_, seen) in self.requested.items()
                        if a not in self.sent and a not in self.decided and now - seen >= self.decide_after]
             for a in due:
@@ -264,6 +274,11 @@ class Watcher(threading.Thread):
         p.flush(10)
         c.close()
 
+    def written_between(self, start, end):
+        """Records the broker got between `start` and `end` (seconds since the epoch)."""
+        with self.lock:
+            return sum(1 for t in self.stamps if start <= t < end)
+
     def progress(self, phase, event_ids):
         with self.lock:
             have = sum(1 for e in event_ids if e in self.results)
@@ -272,8 +287,9 @@ class Watcher(threading.Thread):
             return have, len(asked), open_
 
 
-def produce(brokers, events, rate, started):
-    """Produces the events at `rate` per second; records when each third was done."""
+def produce(brokers, events, rate, started, failed):
+    """Produces the events at `rate` per second; says when a third is out; appends to `failed` what
+    went wrong."""
     p = Producer({"bootstrap.servers": brokers, "linger.ms": 5, "enable.idempotence": True,
                   "message.timeout.ms": 300000})
     t0 = time.time()
@@ -287,7 +303,8 @@ def produce(brokers, events, rate, started):
             started.set()
     left = p.flush(300)
     if left:
-        raise SystemExit(f"faults: {left} events not acknowledged by the broker")
+        failed.append(f"{left} events not acknowledged by the broker")
+    started.set()
 
 
 def inject(world, phase, notes):
@@ -332,14 +349,15 @@ def inject(world, phase, notes):
         notes.append(f"instances reporting 'redis lost its state' on /readyz: {len(seen)} of 3")
         if len(seen) < 3:
             raise SystemExit(f"faults: redis-wipe: only instances {sorted(seen)} noticed the lost state")
-        # ... and write nothing while it lasts: no result for 5 s (after 1 s for writes in flight).
-        time.sleep(1)
-        before = world.watcher.records
-        time.sleep(5)
-        after = world.watcher.records
-        notes.append(f"records written in the 5 s after noticing: {after - before}")
-        if after != before:
-            raise SystemExit(f"faults: redis-wipe: {after - before} records written while Redis had lost its state")
+        # ... and write nothing while it lasts: no output record stamped by the broker in the 5 s
+        # after the second that lets writes in flight land (the watcher's reading may lag; the
+        # broker's timestamps do not).
+        noticed = time.time()
+        time.sleep(8)
+        written = world.watcher.written_between(noticed + 1, noticed + 6)
+        notes.append(f"output records written in the 5 s after noticing: {written}")
+        if written:
+            raise SystemExit(f"faults: redis-wipe: {written} records written while Redis had lost its state")
         t = time.time()
         r = world.switchyard("recover", "--idle-timeout-ms", "1000")
         notes.append(f"`switchyard recover` took {time.time() - t:.1f} s")
@@ -356,8 +374,9 @@ def run_phase(world, phase, resources, rate, timeout):
     ids = [ev["id"] for _, _, ev in events]
     log(f"phase {phase}: {len(events)} events over {resources} resources at {rate}/s")
     started = threading.Event()
+    failed = []
     t0 = time.time()
-    producer = threading.Thread(target=produce, args=(world.brokers, events, rate, started), daemon=True)
+    producer = threading.Thread(target=produce, args=(world.brokers, events, rate, started, failed), daemon=True)
     producer.start()
     started.wait()
     notes = []
@@ -366,6 +385,8 @@ def run_phase(world, phase, resources, rate, timeout):
     for n in notes:
         log(f"  {n}")
     producer.join()
+    if failed:
+        raise SystemExit(f"faults: phase {phase}: {'; '.join(failed)}")
     end = time.time() + timeout
     while True:
         have, asked, open_ = world.watcher.progress(phase, ids)

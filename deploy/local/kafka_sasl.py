@@ -10,7 +10,7 @@ Why a front: the packaged tansu (0.6.0) authenticates with SCRAM only on its Pos
 memory, S3 and SlateDB stores keep no credentials: creating a user succeeds and is forgotten), and no
 other Kafka broker can be installed from this machine's registries. The front implements the broker's
 side of Kafka's SASL exchange (ApiVersions, then SaslHandshake v0-1 and SaslAuthenticate v0-2, as
-KIP-43/KIP-152 define them); the client side under test is librdkafka's own. A connection that sends
+KIP-43/KIP-152 define them; the v0 handshake's raw tokens are not supported); the client side under test is librdkafka's own. A connection that sends
 anything else before authenticating, or fails to, is refused (error 58, SASL_AUTHENTICATION_FAILED,
 then closed). Every outcome is appended to TLS_DIR/../kafka-sasl-<PORT>.log.
 """
@@ -118,8 +118,15 @@ def auth_bytes(version, body):
     return body[4:4 + n]
 
 
+# Before authenticating, a request is one of three small ones: a larger frame is refused (Kafka
+# caps it at 512 KiB too).
+MAX_UNAUTHENTICATED = 512 * 1024
+
+
 async def read_frame(r):
     (n,) = struct.unpack(">i", await r.readexactly(4))
+    if not 0 <= n <= MAX_UNAUTHENTICATED:
+        raise Refused(f"frame of {n} bytes before authenticating")
     return await r.readexactly(n)
 
 
@@ -152,7 +159,7 @@ async def authenticate(r, w, peer):
             bw.close()
         elif key == SASL_HANDSHAKE and mechanism is None:
             (n,) = struct.unpack_from(">h", body, 0)
-            wanted = body[2:2 + n].decode()
+            wanted = body[2:2 + n].decode(errors="replace")
             if wanted not in MECHANISMS:
                 await send(w, handshake_response(corr, UNSUPPORTED_SASL_MECHANISM, MECHANISMS))
                 raise Refused(f"mechanism {wanted} not enabled")
@@ -197,8 +204,8 @@ async def pipe(reader, writer):
 async def handle(client_r, client_w):
     peer = client_w.get_extra_info("peername")
     try:
-        user = await authenticate(client_r, client_w, peer)
-    except Refused as e:
+        user = await asyncio.wait_for(authenticate(client_r, client_w, peer), timeout=30)
+    except (Refused, asyncio.TimeoutError, ValueError) as e:
         note(f"refused {peer}: {e}")
         client_w.close()
         return

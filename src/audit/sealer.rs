@@ -14,10 +14,11 @@
 //! root) and a fork (two seals in one place); one resource's records are listed, and proven, by the
 //! seal entries that name it. A batch whose seal was lost in a crash is not committed either: its
 //! inputs are redelivered and their byte-identical records sealed again. The head in Redis keeps the
-//! last seal's bytes too: a process sealing on a head it did not write itself (the chain's previous
-//! owner crashed between moving the head and producing the seal, or the seal's produce failed)
-//! writes that seal again, byte for byte, before its own — a repeat `audit verify` skips, and never
-//! a gap (found by the fault suite, deploy/local/faults.sh: kill -9 of one of three instances).
+//! bytes of the chain's last [`KEPT_SEALS`] seals too: a process sealing on a head it cannot vouch
+//! for — written by another process (whose owner may have crashed between moving the head and
+//! producing the seal), or by itself with a seal since dropped or failed — writes those seals again,
+//! byte for byte, before its own: a repeat `audit verify` skips, never a gap (found by the fault
+//! suite, deploy/local/faults.sh: kill -9 of one of three instances).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,14 +78,20 @@ pub enum Advance {
     Moved { seq: u64, hash: Option<String> },
 }
 
-/// A chain's head: its last seal's place and hash, and the seal's encoded bytes (none before the
-/// first seal, or for a head written before the bytes were kept).
+/// A chain's head: its last seal's place and hash, and the encoded bytes of its last seals (at most
+/// [`KEPT_SEALS`], oldest first; none before the first seal).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Head {
     pub seq: u64,
     pub hash: Option<String>,
-    pub seal: Option<Vec<u8>>,
+    pub seals: Vec<(u64, Vec<u8>)>,
 }
+
+/// How many of a chain's last seals the head keeps (and a process that did not write them writes
+/// again): a seal is lost unproduced only while it is among the last few of its chain (a batch in
+/// flight, a revoked batch dropped, a process killed before its produce burst), so the window covers
+/// several lost in a row.
+pub const KEPT_SEALS: u64 = 8;
 
 /// Where chain heads live. Boxed futures, so it can be shared as `Arc<dyn ChainStore>`.
 pub trait ChainStore: Send + Sync + 'static {
@@ -111,8 +118,9 @@ pub trait ChainStore: Send + Sync + 'static {
 }
 
 const ADVANCE: &str = r#"
--- KEYS[1] = chain head (hash: seq, hash, seal); KEYS[2], when given = the epoch marker;
--- ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash, ARGV[4] = the new seal's bytes
+-- KEYS[1] = chain head (hash: seq, hash, seal:<seq> for the last ARGV[5] seals); KEYS[2], when
+-- given = the epoch marker; ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash,
+-- ARGV[4] = the new seal's bytes, ARGV[5] = seals kept
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return {'lost'}
 end
@@ -120,7 +128,8 @@ local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if seq ~= tonumber(ARGV[1]) then
   return {'moved', tostring(seq), redis.call('HGET', KEYS[1], 'hash') or ''}
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'hash', ARGV[3], 'seal', ARGV[4])
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'hash', ARGV[3], 'seal:' .. ARGV[2], ARGV[4])
+redis.call('HDEL', KEYS[1], 'seal:' .. (tonumber(ARGV[2]) - tonumber(ARGV[5])))
 return {'ok'}
 "#;
 
@@ -169,19 +178,11 @@ impl ChainStore for RedisChainStore {
     fn head<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<Head, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            let (seq, hash, seal): (Option<u64>, Option<String>, Option<Vec<u8>>) =
-                redis::cmd("HMGET")
-                    .arg(self.key(chain))
-                    .arg("seq")
-                    .arg("hash")
-                    .arg("seal")
-                    .query_async(&mut c)
-                    .await?;
-            Ok(Head {
-                seq: seq.unwrap_or(0),
-                hash: hash.filter(|h| !h.is_empty()),
-                seal: seal.filter(|s| !s.is_empty()),
-            })
+            let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(self.key(chain))
+                .query_async(&mut c)
+                .await?;
+            Ok(head_of_fields(fields))
         })
     }
 
@@ -198,7 +199,11 @@ impl ChainStore for RedisChainStore {
             if let Some(epoch) = &self.epoch {
                 inv.key(epoch);
             }
-            inv.arg(expected).arg(head.0).arg(head.1).arg(seal);
+            inv.arg(expected)
+                .arg(head.0)
+                .arg(head.1)
+                .arg(seal)
+                .arg(KEPT_SEALS);
             let mut c = self.conn.get().await?;
             let reply: Vec<String> = inv.invoke_async(&mut c).await?;
             match reply.first().map(String::as_str) {
@@ -232,12 +237,32 @@ impl ChainStore for RedisChainStore {
                 .arg(head.0)
                 .arg("hash")
                 .arg(head.1)
-                .arg("seal")
+                .arg(format!("seal:{}", head.0))
                 .arg(seal)
                 .query_async::<()>(&mut c)
                 .await?)
         })
     }
+}
+
+/// A head from its Redis hash's fields (`seq`, `hash`, `seal:<seq>`).
+fn head_of_fields(fields: Vec<(String, Vec<u8>)>) -> Head {
+    let mut head = Head::default();
+    for (k, v) in fields {
+        let text = || String::from_utf8_lossy(&v).into_owned();
+        match k.as_str() {
+            "seq" => head.seq = text().parse().unwrap_or(0),
+            "hash" => head.hash = Some(text()).filter(|h| !h.is_empty()),
+            _ => {
+                if let Some(n) = k.strip_prefix("seal:").and_then(|n| n.parse().ok()) {
+                    head.seals.push((n, v));
+                }
+            }
+        }
+    }
+    head.seals.retain(|(n, _)| *n <= head.seq);
+    head.seals.sort_by_key(|(n, _)| *n);
+    head
 }
 
 /// In-memory twin of [`RedisChainStore`] for unit tests.
@@ -270,7 +295,14 @@ impl ChainStore for MemoryChainStore {
                     hash: now.hash,
                 });
             }
-            heads.insert(chain.to_string(), Self::head_of(head, seal));
+            let mut next = Self::head_of(head, seal);
+            next.seals = now
+                .seals
+                .into_iter()
+                .filter(|(n, _)| n + KEPT_SEALS > head.0)
+                .chain(next.seals)
+                .collect();
+            heads.insert(chain.to_string(), next);
             Ok(Advance::Done)
         })
     }
@@ -296,7 +328,7 @@ impl MemoryChainStore {
         Head {
             seq: head.0,
             hash: Some(head.1.to_string()),
-            seal: (!seal.is_empty()).then(|| seal.to_vec()),
+            seals: vec![(head.0, seal.to_vec())],
         }
     }
 }
@@ -305,7 +337,7 @@ impl MemoryChainStore {
 type CachedHead = (u64, Option<String>, Arc<AtomicBool>);
 
 /// The seal records of a batch, and the flag to set when they could not be written (the chain's
-/// next seal then writes the last one again).
+/// next seal then writes its last seals again).
 pub struct Sealed {
     pub seals: Vec<Output>,
     pub unsent: Arc<AtomicBool>,
@@ -420,15 +452,16 @@ impl Sealer {
             .unwrap_or_else(|e| e.into_inner())
             .get(chain)
             .filter(|h| !h.2.load(Ordering::Acquire))
-            .map(|h| (h.0, h.1.clone()));
-        // A head this process wrote goes out with its batch (or its flag says it did not). Any
-        // other head's seal may have died with the process that moved the head: it goes out again
-        // with ours.
-        let (mut head, mut again) = match cached {
-            Some(h) => (h, None),
+            .cloned();
+        // Heads this process wrote one after another share one "unsent" flag: while nobody set it,
+        // each went out with its batch. Otherwise — a seal dropped or failed, a head another process
+        // wrote, or one this process has not seen — the last seals the head keeps may not be on the
+        // topic: they go out again with ours (the identical bytes; a repeat `audit verify` skips).
+        let (mut head, mut again, mut lineage) = match cached {
+            Some((seq, hash, flag)) => ((seq, hash), Vec::new(), flag),
             None => {
                 let h = self.store.head(chain).await?;
-                ((h.seq, h.hash), h.seal)
+                ((h.seq, h.hash), h.seals, Arc::new(AtomicBool::new(false)))
             }
         };
         let mut data = SealData {
@@ -467,15 +500,17 @@ impl Sealer {
                 .await?
             {
                 Advance::Done => {
-                    let unsent = Arc::new(AtomicBool::new(false));
-                    self.remember(chain, (data.seq, Some(hash), unsent.clone()));
-                    let mut seals = Vec::with_capacity(2);
-                    if let Some(bytes) = again {
+                    self.remember(chain, (data.seq, Some(hash), lineage.clone()));
+                    let mut seals = Vec::with_capacity(again.len() + 1);
+                    for (_, bytes) in again {
                         METRICS.audit_seals_rewritten.inc();
                         seals.push(emitter.encoded(&self.topic, chain, bytes));
                     }
                     seals.push(out);
-                    return Ok(Sealed { seals, unsent });
+                    return Ok(Sealed {
+                        seals,
+                        unsent: lineage,
+                    });
                 }
                 Advance::Moved { seq, .. } if seq < head.0 => {
                     // A head never goes back: Redis lost its state (the epoch watcher stops
@@ -491,17 +526,31 @@ impl Sealer {
                     )));
                 }
                 Advance::Moved { .. } => {
-                    // Another process sealed since: continue from its head, whose seal goes out
-                    // again with ours (it may not have reached the topic).
+                    // Another process sealed since: continue from its head, whose last seals go out
+                    // again with ours (they may not have reached the topic).
                     let h = self.store.head(chain).await?;
                     head = (h.seq, h.hash);
-                    again = h.seal;
+                    again = h.seals;
+                    lineage = Arc::new(AtomicBool::new(false));
                 }
             }
         }
         Err(StoreError::Redis(
             "audit chain head kept changing; retrying".into(),
         ))
+    }
+
+    /// Says a seal of `chain` this process sealed was not written (its records' produce failed):
+    /// the chain's next seal writes the last ones again.
+    pub fn distrust(&self, chain: &str) {
+        if let Some(h) = self
+            .heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(chain)
+        {
+            h.2.store(true, Ordering::Release);
+        }
     }
 
     fn remember(&self, chain: &str, head: CachedHead) {
@@ -534,7 +583,7 @@ pub mod contract {
             Head {
                 seq: 1,
                 hash: Some("h1".into()),
-                seal: Some(b"seal one".to_vec())
+                seals: vec![(1, b"seal one".to_vec())]
             }
         );
         // A stale expectation: the real head, nothing changed.
@@ -556,9 +605,23 @@ pub mod contract {
             Advance::Done
         );
         assert_eq!(
-            store.head(&chain).await.expect("head").seal.as_deref(),
-            Some(&b"seal two"[..])
+            store.head(&chain).await.expect("head").seals,
+            vec![(1, b"seal one".to_vec()), (2, b"seal two".to_vec())]
         );
+        // Only the last KEPT_SEALS are kept.
+        for n in 3..=KEPT_SEALS + 3 {
+            let seal = format!("seal {n}");
+            assert_eq!(
+                store
+                    .advance(&chain, n - 1, (n, "h"), seal.as_bytes())
+                    .await
+                    .expect("advance"),
+                Advance::Done
+            );
+        }
+        let kept = store.head(&chain).await.expect("head").seals;
+        assert_eq!(kept.len() as u64, KEPT_SEALS);
+        assert_eq!(kept.last().map(|k| k.0), Some(KEPT_SEALS + 3));
         // A restored head is where sealing continues.
         let other = format!("approvals/{tag}");
         store

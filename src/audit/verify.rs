@@ -519,11 +519,12 @@ mod tests {
             .await
             .expect("seal");
         assert_eq!(outs[0].payload, lost[0].payload, "deterministic records");
-        assert_eq!(sealed.seals.len(), 2, "the lost seal, then the new one");
+        // The last seals the head keeps (1 and the lost 2), then the new one.
+        assert_eq!(sealed.seals.len(), 3, "the kept seals, then the new one");
         topic.extend(outs);
         topic.extend(sealed.seals);
-        // Then b's batch is dropped unsent (a revoke's drain timed out); b's next seal writes it
-        // again too.
+        // Then b's batch is dropped unsent (a revoke's drain timed out), and the next one too: b's
+        // next seal writes them again with the rest it keeps.
         let (_, sealed) = b
             .seal("test", chain, &emitter, &[ev(4)])
             .await
@@ -531,11 +532,19 @@ mod tests {
         sealed
             .unsent
             .store(true, std::sync::atomic::Ordering::Release);
-        let (outs, sealed) = b
+        let (_, sealed) = b
             .seal("test", chain, &emitter, &[ev(4), ev(5)])
             .await
             .expect("seal");
-        assert_eq!(sealed.seals.len(), 2);
+        sealed
+            .unsent
+            .store(true, std::sync::atomic::Ordering::Release);
+        let (outs, sealed) = b
+            .seal("test", chain, &emitter, &[ev(4), ev(5), ev(6)])
+            .await
+            .expect("seal");
+        // Seals 1 to 5 again (4 and 5 were dropped), then 6.
+        assert_eq!(sealed.seals.len(), 6);
         topic.extend(outs);
         topic.extend(sealed.seals);
         let records: Vec<AuditRecord> = topic
@@ -545,7 +554,7 @@ mod tests {
             .collect();
         let v = verify(&records);
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        assert_eq!((v.records, v.chains), (5, 1));
+        assert_eq!((v.records, v.chains), (6, 1));
         // Without the copies the chain has gaps: what `audit verify` reported before.
         let without: Vec<AuditRecord> = records
             .iter()

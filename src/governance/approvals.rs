@@ -767,6 +767,7 @@ pub async fn run_sweeper(
                 'groups: for (id, outputs) in groups {
                     for o in &outputs {
                         if let Err(e) = producer.send(o).await {
+                            approvals.sealer.distrust(&approvals.sealer.own_chain);
                             tracing::warn!(approval_id = %id, error = %e, "Producing an approval's records failed; the next sweep retries.");
                             continue 'groups;
                         }

@@ -218,6 +218,7 @@ pub async fn publish(
 ) -> Result<(), String> {
     for o in &d.outputs {
         if let Err(e) = producer.send(o).await {
+            approvals.sealer.distrust(&approvals.sealer.own_chain);
             tracing::warn!(approval_id = %id, topic = %o.topic, error = %e, "Producing an approval decision failed; the outbox sweeper produces it.");
             return Err(format!("decision recorded but producing failed ({e}); it is produced within a minute, or repeat the request"));
         }

@@ -1290,3 +1290,28 @@ async fn emit<P: Processor>(
     // Every output is queued: drop the extra count that kept the record from finishing early.
     track.settle();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's shared records dropped without being queued (the revoked batch given up) raise
+    /// their flag; queued ones, or taken by the caller, do not.
+    #[test]
+    fn shared_outputs_dropped_unqueued_raise_their_flag() {
+        let out = || vec![Output::new("audit", "k", b"seal".to_vec())];
+        let flag = Arc::new(AtomicBool::new(false));
+        let so = SharedOutputs::watched(out(), Some(flag.clone()));
+        let other_holder = so.clone();
+        drop(so);
+        assert!(!flag.load(Ordering::Acquire), "still held elsewhere");
+        drop(other_holder);
+        assert!(flag.load(Ordering::Acquire), "dropped unqueued");
+
+        let flag = Arc::new(AtomicBool::new(false));
+        let so = SharedOutputs::watched(out(), Some(flag.clone()));
+        assert_eq!(so.take().len(), 1);
+        drop(so);
+        assert!(!flag.load(Ordering::Acquire), "taken to be written");
+    }
+}
