@@ -882,6 +882,38 @@ async fn dead_letters_are_listed_and_redriven_without_harm() {
 
 /// Runs the switchyard binary with `config`, the brokers and Redis given; its status, stdout and
 /// stderr.
+/// The first `page` action on `topic`, tailed through `config` (waits up to a minute); Null when none
+/// came, with what the last `tail` said.
+fn first_page_action(
+    config: &std::path::Path,
+    brokers: &str,
+    redis_url: &str,
+    topic: &str,
+) -> (Value, String) {
+    let mut last = String::new();
+    for _ in 0..30 {
+        let (_, out, err) = run_with(
+            config,
+            brokers,
+            redis_url,
+            &[
+                "tail",
+                topic,
+                "--from-beginning",
+                "--max",
+                "1",
+                "--idle-timeout-ms",
+                "2000",
+            ],
+        );
+        if let Some(line) = out.lines().find(|l| l.contains("\"page\"")) {
+            return (serde_json::from_str(line).expect("JSON line"), last);
+        }
+        last = format!("{out}{err}");
+    }
+    (Value::Null, last)
+}
+
 fn run_with(
     config: &std::path::Path,
     brokers: &str,
@@ -997,29 +1029,7 @@ agents:
     );
     assert!(ok, "publish over SASL_SSL: {out}{err}");
     let actions_topic = env.topic("switchyard.actions");
-    let mut action = Value::Null;
-    let mut last = String::new();
-    for _ in 0..30 {
-        let (_, out, err) = run_with(
-            &config,
-            &brokers,
-            &redis,
-            &[
-                "tail",
-                &actions_topic,
-                "--from-beginning",
-                "--max",
-                "1",
-                "--idle-timeout-ms",
-                "2000",
-            ],
-        );
-        if let Some(line) = out.lines().find(|l| l.contains("\"page\"")) {
-            action = serde_json::from_str(line).expect("JSON line");
-            break;
-        }
-        last = format!("{out}{err}");
-    }
+    let (action, last) = first_page_action(&config, &brokers, &redis, &actions_topic);
     assert!(
         action.to_string().contains("checkout"),
         "an action came out over SASL_SSL: {action}; last tail: {last}; journal: {}",
@@ -1140,27 +1150,7 @@ agents:
     );
     assert!(ok, "publish over TLS: {out}{err}");
     let actions_topic = env.topic("switchyard.actions");
-    let mut action = Value::Null;
-    for _ in 0..30 {
-        let (_, out, _) = run_with(
-            &tls_config,
-            &brokers,
-            &tls_url,
-            &[
-                "tail",
-                &actions_topic,
-                "--from-beginning",
-                "--max",
-                "1",
-                "--idle-timeout-ms",
-                "2000",
-            ],
-        );
-        if let Some(line) = out.lines().find(|l| l.contains("\"page\"")) {
-            action = serde_json::from_str(line).expect("JSON line");
-            break;
-        }
-    }
+    let (action, _) = first_page_action(&tls_config, &brokers, &tls_url, &actions_topic);
     assert_ne!(action, Value::Null, "an action came out over TLS");
     let seen = json_lines(&calls);
     assert_eq!(seen.len(), 1, "one call over HTTPS: {seen:?}");
