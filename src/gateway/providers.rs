@@ -284,15 +284,7 @@ impl Provider {
         }
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or(text);
-        let message = clip(&message);
+        let message = error_message(text);
         Err(if status == 429 || status >= 500 {
             CallError::Retryable {
                 status,
@@ -322,18 +314,7 @@ impl Provider {
         };
         let resp = self.send(&body, false).await?;
         let bytes = resp.bytes().await.map_err(transport)?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::Malformed(format!("not JSON ({e})")))?;
-        match self.kind {
-            ProviderKind::Openai => {
-                if !v.get("choices").is_some_and(Value::is_array) {
-                    return Err(CallError::Malformed("no choices".into()));
-                }
-                let usage = v.get("usage").and_then(Usage::from_openai);
-                Ok((v, usage))
-            }
-            ProviderKind::Anthropic => anthropic::response(&v, model, request),
-        }
+        read_answer(self.kind, &bytes, model, request)
     }
 
     /// A streamed chat completion, as OpenAI chunks. The last chunk carries the usage where the
@@ -360,11 +341,7 @@ impl Provider {
                 .filter_map(|ev| async move {
                     match ev {
                         Err(e) => Some(Err(e)),
-                        Ok((_, data)) if data.trim() == "[DONE]" => None,
-                        Ok((_, data)) => Some(
-                            serde_json::from_str::<Value>(&data)
-                                .map_err(|e| CallError::Malformed(format!("chunk not JSON ({e})"))),
-                        ),
+                        Ok((_, data)) => openai_chunk(&data),
                     }
                 })
                 .boxed(),
@@ -387,22 +364,8 @@ fn sse_events(
                 return None;
             }
             loop {
-                // A complete event is terminated by a blank line.
-                if let Some(end) = find_event_end(&buf) {
-                    let raw: Vec<u8> = buf.drain(..end.1).collect();
-                    let text = String::from_utf8_lossy(&raw[..end.0]).to_string();
-                    let (mut name, mut data) = (String::new(), Vec::new());
-                    for line in text.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            name = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-                        }
-                    }
-                    if data.is_empty() {
-                        continue;
-                    }
-                    return Some((Ok((name, data.join("\n"))), (bytes, buf, false)));
+                if let Some(event) = next_event(&mut buf) {
+                    return Some((Ok(event), (bytes, buf, false)));
                 }
                 match tokio::time::timeout(idle, bytes.next()).await {
                     Err(_) => return Some((Err(CallError::Timeout), (bytes, buf, true))),
@@ -429,6 +392,75 @@ fn sse_events(
         },
     )
     .boxed()
+}
+
+/// The next complete server-sent event in `buf` as (event name, data), taken out of `buf`; events
+/// without data are skipped. `None` until a blank line ends one. Pure, so it is fuzzed (`fuzz/`).
+pub fn next_event(buf: &mut Vec<u8>) -> Option<(String, String)> {
+    // A complete event is terminated by a blank line.
+    while let Some(end) = find_event_end(buf) {
+        let raw: Vec<u8> = buf.drain(..end.1).collect();
+        let text = String::from_utf8_lossy(&raw[..end.0]).to_string();
+        let (mut name, mut data) = (String::new(), Vec::new());
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+            }
+        }
+        if !data.is_empty() {
+            return Some((name, data.join("\n")));
+        }
+    }
+    None
+}
+
+/// One event of an OpenAI stream as its chunk; `None` for the closing `[DONE]`.
+pub fn openai_chunk(data: &str) -> Option<Result<Value, CallError>> {
+    if data.trim() == "[DONE]" {
+        return None;
+    }
+    Some(
+        serde_json::from_str::<Value>(data)
+            .map_err(|e| CallError::Malformed(format!("chunk not JSON ({e})"))),
+    )
+}
+
+/// A provider's answer to a chat completion, in OpenAI's shape, with its usage when it gave it.
+/// Pure, so it is fuzzed (`fuzz/`).
+pub fn read_answer(
+    kind: ProviderKind,
+    bytes: &[u8],
+    model: &str,
+    request: &Map<String, Value>,
+) -> Result<(Value, Option<Usage>), CallError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| CallError::Malformed(format!("not JSON ({e})")))?;
+    match kind {
+        ProviderKind::Openai => {
+            if !v.get("choices").is_some_and(Value::is_array) {
+                return Err(CallError::Malformed("no choices".into()));
+            }
+            let usage = v.get("usage").and_then(Usage::from_openai);
+            Ok((v, usage))
+        }
+        ProviderKind::Anthropic => anthropic::response(&v, model, request),
+    }
+}
+
+/// The message of a provider's error answer (OpenAI's and Anthropic's `error.message`, else the
+/// text), clipped.
+pub fn error_message(text: String) -> String {
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or(text);
+    clip(&message)
 }
 
 /// Largest server-sent event accepted.
