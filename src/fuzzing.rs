@@ -89,7 +89,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "gateway_stream",
-        fuzzes: "gateway::providers::next_event, openai_chunk, anthropic::chunks (SSE)",
+        fuzzes: "gateway::providers::SseBuffer, openai_chunk, anthropic::chunks (SSE)",
         max_len: 1 << 20,
         run: gateway_stream,
     },
@@ -422,27 +422,28 @@ pub fn gateway_response(data: &[u8]) {
 /// A provider's streamed answer: the first byte picks OpenAI or Anthropic and the size of the
 /// pieces the body arrives in; events are cut as the stream reader cuts them.
 pub fn gateway_stream(data: &[u8]) {
-    use crate::gateway::providers::{anthropic, next_event, openai_chunk};
+    use crate::gateway::providers::{anthropic, openai_chunk, SseBuffer};
     use futures::StreamExt;
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
     let piece = usize::from(pick >> 1) % 64 + 1;
-    let mut buf = Vec::new();
+    let mut buf = SseBuffer::default();
     let mut events = Vec::new();
     for chunk in body.chunks(piece) {
-        buf.extend_from_slice(chunk);
-        while let Some(ev) = next_event(&mut buf) {
+        buf.push(chunk);
+        while let Some(ev) = buf.next_event() {
             events.push(ev);
         }
     }
     // The body ended: what is left is one more event unless it is blank.
-    if !buf.iter().all(u8::is_ascii_whitespace) {
-        buf.extend_from_slice(b"\n\n");
-        while let Some(ev) = next_event(&mut buf) {
+    if !buf.is_blank() {
+        buf.push(b"\n\n");
+        while let Some(ev) = buf.next_event() {
             events.push(ev);
         }
     }
+    assert!(buf.is_blank());
     if pick & 1 == 0 {
         for (_, data) in &events {
             let _ = openai_chunk(data);
