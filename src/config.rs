@@ -308,6 +308,16 @@ impl Config {
         )
     }
 
+    /// [`Config::from_yaml`] checked against the embedded topic definitions and schemas instead
+    /// of files next to it: the loader without any file I/O (for the fuzzer, `fuzz/`).
+    #[doc(hidden)]
+    pub fn from_yaml_embedded(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Loaded, Vec<Problem>> {
+        Self::parse(text, Source::Embedded, Path::new("."), &env)
+    }
+
     fn parse(
         text: &str,
         source: Source,

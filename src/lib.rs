@@ -50,6 +50,9 @@
 //!   dead-letter, retry or stop; [`secret`]: redacted secrets; [`telemetry`]: every metric and the
 //!   log setup; [`spans`]: OpenTelemetry spans, trace context propagation and OTLP export;
 //!   [`embedded`]: the shipped defaults compiled in.
+//!
+//! Testing: `fuzzing` (hidden): the bodies of the fuzz targets in `fuzz/`, shared with the corpus
+//! test `tests/fuzz_corpus.rs`.
 
 pub mod agents;
 pub mod app;
@@ -61,6 +64,8 @@ pub mod context;
 pub mod embedded;
 pub mod error;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod governance;
 pub mod http;

@@ -77,18 +77,23 @@ impl Agent for HttpAgent {
                 .bytes()
                 .await
                 .map_err(|e| AgentError::Retryable(format!("reading response failed: {e}")))?;
-            if status.is_server_error() || status.as_u16() == 429 {
-                return Err(AgentError::Retryable(format!("HTTP {status}")));
-            }
-            if !status.is_success() {
-                let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-                return Err(AgentError::Permanent(format!("HTTP {status}: {text}")));
-            }
-            crate::codec::check_json_depth(&body, crate::codec::MAX_DEPTH)
-                .map_err(|e| AgentError::Permanent(format!("response rejected: {e}")))?;
-            serde_json::from_slice(&body).map_err(|e| {
-                AgentError::Permanent(format!("response is not an agent response: {e}"))
-            })
+            read_reply(status, &body)
         })
     }
+}
+
+/// An HTTP agent's answer: its status and body as the agent's response or the error that decides
+/// whether to retry. Pure, so it is fuzzed (`fuzz/`).
+pub fn read_reply(status: reqwest::StatusCode, body: &[u8]) -> Result<AgentResponse, AgentError> {
+    if status.is_server_error() || status.as_u16() == 429 {
+        return Err(AgentError::Retryable(format!("HTTP {status}")));
+    }
+    if !status.is_success() {
+        let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
+        return Err(AgentError::Permanent(format!("HTTP {status}: {text}")));
+    }
+    crate::codec::check_json_depth(body, crate::codec::MAX_DEPTH)
+        .map_err(|e| AgentError::Permanent(format!("response rejected: {e}")))?;
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::Permanent(format!("response is not an agent response: {e}")))
 }

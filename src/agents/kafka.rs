@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Agent, AgentError, AgentRequest, BuildDeps};
-use crate::codec::{self, CONTENT_TYPE_HEADER};
+use crate::codec::{self, RecordView, CONTENT_TYPE_HEADER};
 use crate::event::CloudEvent;
 use crate::kafka::{consumer_config, Input, Output, Producer};
 use crate::records::AgentResponse;
@@ -162,7 +162,7 @@ impl KafkaAgent {
                     match consumer.poll(Duration::from_millis(100)) {
                         Some(Ok(m)) => {
                             let rec = Input::from_message(&m, topic.clone());
-                            if let Some((id, result)) = parse_reply(&rec) {
+                            if let Some((id, result)) = parse_reply(rec.view()) {
                                 if let Some(tx) = lock(&thread_pending).remove(&id) {
                                     let _ = tx.send(result);
                                 }
@@ -185,9 +185,10 @@ impl KafkaAgent {
     }
 }
 
-/// Reads a reply record: (correlation id, result).
-fn parse_reply(rec: &Input) -> Option<(String, Result<AgentResponse, AgentError>)> {
-    let ev = codec::decode(rec.view(), &Default::default()).ok()?;
+/// Reads a reply record: (correlation id, result); `None` for a record that is no reply. Pure, so
+/// it is fuzzed (`fuzz/`).
+pub fn parse_reply(rec: RecordView<'_>) -> Option<(String, Result<AgentResponse, AgentError>)> {
+    let ev = codec::decode(rec, &Default::default()).ok()?;
     let data = ev.data?;
     let id = data.get("correlation_id")?.as_str()?.to_string();
     if let Some(err) = data.get("error").and_then(Value::as_str) {

@@ -262,7 +262,7 @@ fn gateway_error(e: GatewayError, calls: u32) -> AgentError {
 }
 
 /// The final answer as JSON: the text itself, or the JSON inside a ``` fence.
-fn answer_json(text: &str) -> Result<Value, String> {
+pub fn answer_json(text: &str) -> Result<Value, String> {
     let t = text.trim();
     let t = t
         .strip_prefix("```json")

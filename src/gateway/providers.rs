@@ -284,15 +284,7 @@ impl Provider {
         }
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or(text);
-        let message = clip(&message);
+        let message = error_message(text);
         Err(if status == 429 || status >= 500 {
             CallError::Retryable {
                 status,
@@ -322,18 +314,7 @@ impl Provider {
         };
         let resp = self.send(&body, false).await?;
         let bytes = resp.bytes().await.map_err(transport)?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::Malformed(format!("not JSON ({e})")))?;
-        match self.kind {
-            ProviderKind::Openai => {
-                if !v.get("choices").is_some_and(Value::is_array) {
-                    return Err(CallError::Malformed("no choices".into()));
-                }
-                let usage = v.get("usage").and_then(Usage::from_openai);
-                Ok((v, usage))
-            }
-            ProviderKind::Anthropic => anthropic::response(&v, model, request),
-        }
+        read_answer(self.kind, &bytes, model, request)
     }
 
     /// A streamed chat completion, as OpenAI chunks. The last chunk carries the usage where the
@@ -360,11 +341,7 @@ impl Provider {
                 .filter_map(|ev| async move {
                     match ev {
                         Err(e) => Some(Err(e)),
-                        Ok((_, data)) if data.trim() == "[DONE]" => None,
-                        Ok((_, data)) => Some(
-                            serde_json::from_str::<Value>(&data)
-                                .map_err(|e| CallError::Malformed(format!("chunk not JSON ({e})"))),
-                        ),
+                        Ok((_, data)) => openai_chunk(&data),
                     }
                 })
                 .boxed(),
@@ -381,36 +358,22 @@ fn sse_events(
 ) -> BoxStream<'static, Result<(String, String), CallError>> {
     let bytes = resp.bytes_stream();
     futures::stream::unfold(
-        (bytes, Vec::<u8>::new(), false),
+        (bytes, SseBuffer::default(), false),
         move |(mut bytes, mut buf, done)| async move {
             if done {
                 return None;
             }
             loop {
-                // A complete event is terminated by a blank line.
-                if let Some(end) = find_event_end(&buf) {
-                    let raw: Vec<u8> = buf.drain(..end.1).collect();
-                    let text = String::from_utf8_lossy(&raw[..end.0]).to_string();
-                    let (mut name, mut data) = (String::new(), Vec::new());
-                    for line in text.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            name = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-                        }
-                    }
-                    if data.is_empty() {
-                        continue;
-                    }
-                    return Some((Ok((name, data.join("\n"))), (bytes, buf, false)));
+                if let Some(event) = buf.next_event() {
+                    return Some((Ok(event), (bytes, buf, false)));
                 }
                 match tokio::time::timeout(idle, bytes.next()).await {
                     Err(_) => return Some((Err(CallError::Timeout), (bytes, buf, true))),
                     Ok(None) => {
-                        if buf.iter().all(u8::is_ascii_whitespace) {
+                        if buf.is_blank() {
                             return None;
                         }
-                        buf.extend_from_slice(b"\n\n");
+                        buf.push(b"\n\n");
                     }
                     Ok(Some(Err(e))) => {
                         return Some((Err(transport(e)), (bytes, buf, true)));
@@ -422,7 +385,7 @@ fn sse_events(
                                 (bytes, buf, true),
                             ));
                         }
-                        buf.extend_from_slice(&chunk);
+                        buf.push(&chunk);
                     }
                 }
             }
@@ -431,12 +394,126 @@ fn sse_events(
     .boxed()
 }
 
+/// The bytes of a server-sent event stream not yet cut into events. Work is linear in the stream
+/// however it is split into chunks: each byte is searched for an event's end once, and the bytes of
+/// cut events are dropped once per chunk, not once per event (the fuzzer found the quadratic cost
+/// of rescanning and shifting the whole buffer for every chunk and every event).
+#[derive(Debug, Default)]
+pub struct SseBuffer {
+    buf: Vec<u8>,
+    /// Where the bytes not yet cut into an event start.
+    start: usize,
+    /// How many bytes from `start` on were already searched for an event's end.
+    scanned: usize,
+}
+
+impl SseBuffer {
+    /// Appends a chunk of the body.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.start > 0 {
+            // What is left after the last cut event came with the last chunk at most.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Bytes held that are not yet an event.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Whether no bytes are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the bytes held are only whitespace (no event is left when the body ends).
+    pub fn is_blank(&self) -> bool {
+        self.buf[self.start..].iter().all(u8::is_ascii_whitespace)
+    }
+
+    /// The next complete event as (event name, data); events without data are skipped. `None`
+    /// until a blank line ends one. Pure, so it is fuzzed (`fuzz/`).
+    pub fn next_event(&mut self) -> Option<(String, String)> {
+        loop {
+            let rest = &self.buf[self.start..];
+            // A terminator may have started in the last 3 bytes searched.
+            let Some((text_end, end)) = find_event_end(rest, self.scanned.saturating_sub(3)) else {
+                self.scanned = rest.len();
+                return None;
+            };
+            let text = String::from_utf8_lossy(&rest[..text_end]).to_string();
+            self.start += end;
+            self.scanned = 0;
+            let (mut name, mut data) = (String::new(), Vec::new());
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                }
+            }
+            if !data.is_empty() {
+                return Some((name, data.join("\n")));
+            }
+        }
+    }
+}
+
+/// One event of an OpenAI stream as its chunk; `None` for the closing `[DONE]`.
+pub fn openai_chunk(data: &str) -> Option<Result<Value, CallError>> {
+    if data.trim() == "[DONE]" {
+        return None;
+    }
+    Some(
+        serde_json::from_str::<Value>(data)
+            .map_err(|e| CallError::Malformed(format!("chunk not JSON ({e})"))),
+    )
+}
+
+/// A provider's answer to a chat completion, in OpenAI's shape, with its usage when it gave it.
+/// Pure, so it is fuzzed (`fuzz/`).
+pub fn read_answer(
+    kind: ProviderKind,
+    bytes: &[u8],
+    model: &str,
+    request: &Map<String, Value>,
+) -> Result<(Value, Option<Usage>), CallError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| CallError::Malformed(format!("not JSON ({e})")))?;
+    match kind {
+        ProviderKind::Openai => {
+            if !v.get("choices").is_some_and(Value::is_array) {
+                return Err(CallError::Malformed("no choices".into()));
+            }
+            let usage = v.get("usage").and_then(Usage::from_openai);
+            Ok((v, usage))
+        }
+        ProviderKind::Anthropic => anthropic::response(&v, model, request),
+    }
+}
+
+/// The message of a provider's error answer (OpenAI's and Anthropic's `error.message`, else the
+/// text), clipped.
+pub fn error_message(text: String) -> String {
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or(text);
+    clip(&message)
+}
+
 /// Largest server-sent event accepted.
 const MAX_EVENT_BYTES: usize = 8 << 20;
 
-/// (end of the event's text, end including its terminator).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    for i in 0..buf.len() {
+/// (end of the event's text, end including its terminator), searching from `from` on.
+fn find_event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    for i in from..buf.len() {
         if buf[i..].starts_with(b"\n\n") {
             return Some((i, i + 2));
         }
@@ -780,5 +857,65 @@ pub mod anthropic {
             })
             .flatten()
             .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(stream: &[u8], piece: usize) -> Vec<(String, String)> {
+        let mut buf = SseBuffer::default();
+        let mut out = Vec::new();
+        for chunk in stream.chunks(piece) {
+            buf.push(chunk);
+            while let Some(ev) = buf.next_event() {
+                out.push(ev);
+            }
+        }
+        if !buf.is_blank() {
+            buf.push(b"\n\n");
+            while let Some(ev) = buf.next_event() {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn events_are_cut_alike_however_the_body_is_split() {
+        let stream =
+            b"event: a\ndata: 1\n\n: comment\n\ndata: x\r\ndata: y\r\n\r\nevent: b\ndata: {}";
+        let want = vec![
+            ("a".to_string(), "1".to_string()),
+            (String::new(), "x\ny".to_string()),
+            ("b".to_string(), "{}".to_string()),
+        ];
+        for piece in 1..stream.len() + 1 {
+            assert_eq!(cut(stream, piece), want, "pieces of {piece}");
+        }
+    }
+
+    /// A 1 MiB event in 1-byte chunks, and 2 MiB of empty events in one chunk: linear, so a
+    /// second or two even unoptimised (rescanning and shifting the whole buffer for every chunk
+    /// and event is about 10^12 steps: hours).
+    #[test]
+    fn cutting_is_linear_in_the_stream() {
+        let started = std::time::Instant::now();
+        let mut big = b"data: ".to_vec();
+        big.resize(1 << 20, b'x');
+        big.extend_from_slice(b"\n\n");
+        let mut buf = SseBuffer::default();
+        let mut events = 0;
+        for b in &big {
+            buf.push(std::slice::from_ref(b));
+            while buf.next_event().is_some() {
+                events += 1;
+            }
+        }
+        assert_eq!(events, 1);
+        assert!(buf.is_empty());
+        assert!(cut(&b"\n\n".repeat(1 << 20), 1 << 21).is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
 }

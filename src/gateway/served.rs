@@ -24,7 +24,7 @@ use super::{Caller, Gateway, GatewayError};
 use crate::secret::constant_time_eq;
 
 /// Largest request body accepted.
-const MAX_BODY: usize = 4 << 20;
+pub const MAX_BODY: usize = 4 << 20;
 
 #[derive(Clone)]
 struct Served {
@@ -151,6 +151,49 @@ async fn models(State(s): State<Served>, headers: HeaderMap) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// A `POST /v1/chat/completions` body, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    /// The whole body, passed on to the provider.
+    pub body: Map<String, Value>,
+    pub stream: bool,
+    /// `stream_options.include_usage`: the caller wants the usage-only chunk.
+    pub include_usage: bool,
+}
+
+/// Reads a chat-completion request body, or says what is wrong with it (answered 400). Pure, so
+/// it is fuzzed (`fuzz/`).
+pub fn read_request(body: &[u8]) -> Result<ChatRequest, String> {
+    let req: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err("the body must be a JSON object".into()),
+        Err(e) => return Err(format!("the body is not JSON: {e}")),
+    };
+    let Some(model) = req.get("model").and_then(Value::as_str).map(str::to_string) else {
+        return Err("\"model\" (a string) is required".into());
+    };
+    if req
+        .get("messages")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
+    {
+        return Err("\"messages\" (a non-empty array) is required".into());
+    }
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(ChatRequest {
+        model,
+        body: req,
+        stream,
+        include_usage,
+    })
+}
+
 async fn completions(
     State(s): State<Served>,
     headers: HeaderMap,
@@ -168,33 +211,21 @@ async fn completions(
             m,
         )
     };
-    let req: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return bad("the body must be a JSON object".into()),
-        Err(e) => return bad(format!("the body is not JSON: {e}")),
+    let ChatRequest {
+        model,
+        body: req,
+        stream,
+        include_usage,
+    } = match read_request(&body) {
+        Ok(r) => r,
+        Err(m) => return bad(m),
     };
-    let Some(model) = req.get("model").and_then(Value::as_str).map(str::to_string) else {
-        return bad("\"model\" (a string) is required".into());
-    };
-    if req
-        .get("messages")
-        .and_then(Value::as_array)
-        .is_none_or(Vec::is_empty)
-    {
-        return bad("\"messages\" (a non-empty array) is required".into());
-    }
-    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
         return match s.gw.complete(&caller, &model, &req).await {
             Ok(c) => Json(c.body).into_response(),
             Err(e) => gateway_error(&e),
         };
     }
-    let include_usage = req
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     match s.gw.stream(&caller, &model, &req).await {
         Err(e) => gateway_error(&e),
         Ok((_, chunks)) => {

@@ -50,6 +50,23 @@ pub const RESPONSE_TYPE: &str = "switchyard.inbox.response";
 /// The largest edited parameters, in bytes of JSON.
 pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 
+/// Whether edited parameters may replace the proposed ones: a JSON object of at most
+/// [`MAX_PARAMETERS_BYTES`]. Pure, so it is fuzzed (`fuzz/`).
+pub fn check_parameters(parameters: &Value) -> Result<(), ApprovalError> {
+    if !parameters.is_object() {
+        return Err(ApprovalError::Invalid(
+            "the edited parameters must be a JSON object".into(),
+        ));
+    }
+    let size = parameters.to_string().len();
+    if size > MAX_PARAMETERS_BYTES {
+        return Err(ApprovalError::Invalid(format!(
+            "the edited parameters are {size} bytes; at most {MAX_PARAMETERS_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 impl Approvals {
     /// Applies a person's answer `by` them, when `allowed` accepts the approval as it stands.
     pub async fn answer(
@@ -93,17 +110,7 @@ impl Approvals {
         context_version: Option<u64>,
         allowed: &Allowed<'_>,
     ) -> Result<Decision, ApprovalError> {
-        if !parameters.is_object() {
-            return Err(ApprovalError::Invalid(
-                "the edited parameters must be a JSON object".into(),
-            ));
-        }
-        let size = parameters.to_string().len();
-        if size > MAX_PARAMETERS_BYTES {
-            return Err(ApprovalError::Invalid(format!(
-                "the edited parameters are {size} bytes; at most {MAX_PARAMETERS_BYTES}"
-            )));
-        }
+        check_parameters(&parameters)?;
         let proposal_id = format!(
             "edit-{}",
             crate::pattern::stable_id(&[approval_id, &parameters.to_string()])

@@ -137,35 +137,9 @@ async fn act(
         }
     }
     let req = body.map(|Json(b)| b).unwrap_or_default();
-    let answer = match verb.as_str() {
-        "approve" => Answer::Approve {
-            why: req.why.clone(),
-        },
-        "reject" => Answer::Reject {
-            why: req.why.clone(),
-        },
-        "edit" => match req.parameters.clone() {
-            Some(parameters) => Answer::Edit {
-                parameters,
-                why: req.why.clone(),
-                context_version: None,
-            },
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "edit needs {\"parameters\": {...}} (the action's new parameters)",
-                )
-            }
-        },
-        "respond" => Answer::Respond {
-            comment: req.comment.clone(),
-        },
-        _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "use /approve, /reject, /edit or /respond",
-            )
-        }
+    let answer = match answer_of(&verb, &req) {
+        Ok(a) => a,
+        Err((code, m)) => return error(code, m),
     };
     let by = if who.shared {
         if req.by.trim().is_empty() {
@@ -206,6 +180,41 @@ async fn act(
         "fencing_token": d.action.as_ref().map(|a| a.fencing_token), "decided_by": d.approval.decided_by,
         "already_decided": !d.fresh,
     }))).into_response()
+}
+
+/// The answer `POST /v1/approvals/{id}/{verb}` with `req` asks for, or the status and message it
+/// is refused with. Pure, so it is fuzzed (`fuzz/`).
+pub fn answer_of(verb: &str, req: &DecisionRequest) -> Result<Answer, (StatusCode, &'static str)> {
+    Ok(match verb {
+        "approve" => Answer::Approve {
+            why: req.why.clone(),
+        },
+        "reject" => Answer::Reject {
+            why: req.why.clone(),
+        },
+        "edit" => match req.parameters.clone() {
+            Some(parameters) => Answer::Edit {
+                parameters,
+                why: req.why.clone(),
+                context_version: None,
+            },
+            None => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "edit needs {\"parameters\": {...}} (the action's new parameters)",
+                ))
+            }
+        },
+        "respond" => Answer::Respond {
+            comment: req.comment.clone(),
+        },
+        _ => {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "use /approve, /reject, /edit or /respond",
+            ))
+        }
+    })
 }
 
 /// Produces a decision's records, then clears its outbox entry; the error says what to do when

@@ -1,0 +1,10 @@
+#![no_main]
+//! Fuzz target `codec_binary`: the body is `switchyard::fuzzing::codec_binary` (shared with the corpus test).
+
+#[path = "../alloc_bound.rs"]
+mod alloc_bound;
+
+#[global_allocator]
+static ALLOC: alloc_bound::Bounded = alloc_bound::Bounded;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard::fuzzing::codec_binary(data));
