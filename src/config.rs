@@ -191,6 +191,33 @@ impl fmt::Display for Source {
     }
 }
 
+/// The embedded schemas and topic definitions, parsed once per process (they never change; the
+/// fuzzer and the tests load the embedded config many times). Errors as problem texts.
+#[allow(clippy::type_complexity)]
+fn embedded_parts() -> &'static (
+    Result<SchemaRegistry, Vec<String>>,
+    Result<TopicCatalog, Vec<(String, String)>>,
+) {
+    static PARTS: std::sync::OnceLock<(
+        Result<SchemaRegistry, Vec<String>>,
+        Result<TopicCatalog, Vec<(String, String)>>,
+    )> = std::sync::OnceLock::new();
+    PARTS.get_or_init(|| {
+        let schemas = SchemaRegistry::from_texts(
+            crate::embedded::SCHEMAS
+                .iter()
+                .map(|(n, t)| (*n, format!("embedded schema {n}"), *t)),
+        )
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect());
+        let catalog = TopicCatalog::from_texts(
+            crate::embedded::TOPICS
+                .iter()
+                .map(|(n, t)| (format!("embedded topic file {n}"), *t)),
+        );
+        (schemas, catalog)
+    })
+}
+
 /// A config with everything it refers to loaded and checked.
 #[derive(Clone)]
 pub struct Loaded {
@@ -652,30 +679,28 @@ impl Config {
             }
         }
         let (schemas, catalog) = match &source {
-            Source::Embedded => (
-                SchemaRegistry::from_texts(
-                    crate::embedded::SCHEMAS
-                        .iter()
-                        .map(|(n, t)| (*n, format!("embedded schema {n}"), *t)),
-                )
-                .map_err(|errs| {
-                    for e in errs {
-                        p("schemas_dir", e.to_string());
-                    }
-                })
-                .ok(),
-                TopicCatalog::from_texts(
-                    crate::embedded::TOPICS
-                        .iter()
-                        .map(|(n, t)| (format!("embedded topic file {n}"), *t)),
-                )
-                .map_err(|errs| {
-                    for (item, message) in errs {
-                        p(&item, message);
-                    }
-                })
-                .ok(),
-            ),
+            Source::Embedded => {
+                let (schemas, catalog) = embedded_parts();
+                let schemas = schemas
+                    .as_ref()
+                    .map_err(|errs| {
+                        for e in errs {
+                            p("schemas_dir", e.clone());
+                        }
+                    })
+                    .ok()
+                    .cloned();
+                let catalog = catalog
+                    .as_ref()
+                    .map_err(|errs| {
+                        for (item, message) in errs {
+                            p(item, message.clone());
+                        }
+                    })
+                    .ok()
+                    .cloned();
+                (schemas, catalog)
+            }
             Source::File(_) => {
                 let schemas_dir = base_dir.join(&self.schemas_dir);
                 let schemas = match SchemaRegistry::load_dir(&schemas_dir) {
