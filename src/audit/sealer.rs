@@ -260,7 +260,9 @@ fn head_of_fields(fields: Vec<(String, Vec<u8>)>) -> Head {
             }
         }
     }
-    head.seals.retain(|(n, _)| *n <= head.seq);
+    // Only the last KEPT_SEALS (a field left by an older head, e.g. before a restore, is not one).
+    head.seals
+        .retain(|(n, _)| *n <= head.seq && n + KEPT_SEALS > head.seq);
     head.seals.sort_by_key(|(n, _)| *n);
     head
 }

@@ -144,6 +144,10 @@ impl Delivered for SharedOutputs {
     fn delivered(&self, _topic: &str, result: Result<(i32, i64), KafkaError>) {
         if result.is_err() {
             self.failed.store(true, Ordering::Release);
+            // A seal among these records may not be on the topic: its head is no longer trusted.
+            if let Some(flag) = &self.unsent {
+                flag.store(true, Ordering::Release);
+            }
         }
         self.settle();
     }
