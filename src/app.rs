@@ -317,6 +317,12 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
+        // Answers (and streamed chunks) go out at once, not after the peer's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "Could not set TCP_NODELAY on a connection.");
+            }
+        });
         tracker.spawn(async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { listener_stop.cancelled().await })

@@ -198,30 +198,13 @@ limits:
     assert!(ok >= 1 && refused >= 1, "ok {ok}, refused {refused}");
     assert!(spent <= 100.0 + 1e-9, "spent {spent} of a budget of 100");
     // What Redis holds agrees with what the calls cost (every hold settled, nothing left held).
-    let mut conn = redis::Client::open(stack().1.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let key = format!("{s}:budget:{{budgets}}:llm-{s}:cheap:total");
-    let (calls_n, cost): (u64, f64) = redis::cmd("HMGET")
-        .arg(&key)
-        .arg("calls")
-        .arg("cost")
-        .query_async::<(Option<u64>, Option<f64>)>(&mut conn)
-        .await
-        .map(|(n, c)| (n.unwrap_or(0), c.unwrap_or(0.0)))
-        .expect("budget bucket");
+    let (calls_n, cost, held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:llm-{s}:cheap:total")).await;
     assert_eq!(calls_n, ok as u64);
     assert!(
         (cost - spent).abs() < 1e-6,
         "redis says {cost}, calls cost {spent}"
     );
-    let held: u64 = redis::cmd("ZCARD")
-        .arg(format!("{s}:budget:{{budgets}}:holds"))
-        .query_async(&mut conn)
-        .await
-        .expect("zcard");
     assert_eq!(held, 0, "every hold was settled");
 
     // Five requests a minute, for both instances together.
@@ -480,13 +463,26 @@ gateway:
     running.stop().await;
 }
 
-/// HGET calls and cost of a budget bucket, and how many holds are open.
+/// HGET calls and cost of a budget bucket, and how many holds are open — once every hold is
+/// settled or after 5 s (a call's books are settled just after its answer went out).
 async fn budget_state(prefix: &str, key: &str) -> (u64, f64, u64) {
     let mut conn = redis::Client::open(stack().1.as_str())
         .expect("client")
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
+    let mut held = 0;
+    for _ in 0..100 {
+        held = redis::cmd("ZCARD")
+            .arg(format!("{prefix}:budget:{{budgets}}:holds"))
+            .query_async(&mut conn)
+            .await
+            .expect("zcard");
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (n, c): (Option<u64>, Option<f64>) = redis::cmd("HMGET")
         .arg(key)
         .arg("calls")
@@ -494,11 +490,6 @@ async fn budget_state(prefix: &str, key: &str) -> (u64, f64, u64) {
         .query_async(&mut conn)
         .await
         .expect("bucket");
-    let held: u64 = redis::cmd("ZCARD")
-        .arg(format!("{prefix}:budget:{{budgets}}:holds"))
-        .query_async(&mut conn)
-        .await
-        .expect("zcard");
     (n.unwrap_or(0), c.unwrap_or(0.0), held)
 }
 

@@ -424,6 +424,15 @@ impl From<StoreError> for GatewayError {
     }
 }
 
+/// What a finished call leaves to settle in Redis ([`Gateway::settle`]).
+struct Books {
+    hold: Option<Hold>,
+    buckets: Vec<Bucket>,
+    est: Usage,
+    used: u64,
+    cost: f64,
+}
+
 /// A completed call.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -1029,30 +1038,38 @@ impl Gateway {
         let (gw, caller, model, req) =
             (self.clone(), caller.clone(), model.to_string(), req.clone());
         // On its own task: a caller that gives up (an agent's deadline) does not cut the call
-        // short between paying and accounting; a late answer is accounted, then dropped.
+        // short between paying and accounting; a late answer is accounted, then dropped. The
+        // answer goes to the caller as soon as it is recorded; the budget and rate-limit books
+        // are settled right after (until then the hold and the estimate stay counted: the
+        // conservative side).
+        let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = gw.call(&caller, &model, &req).await;
-            match &r {
-                Ok(c) => gw.record(
-                    &caller,
-                    &model,
-                    Some(&c.meta),
-                    "ok",
-                    None,
-                    &req,
-                    &c.body,
-                    t0.elapsed(),
-                ),
-                Err(e) => gw.record_failure(&caller, &model, &req, e, t0.elapsed()),
+            match gw.call(&caller, &model, &req).await {
+                Ok((c, books)) => {
+                    gw.record(
+                        &caller,
+                        &model,
+                        Some(&c.meta),
+                        "ok",
+                        None,
+                        &req,
+                        &c.body,
+                        t0.elapsed(),
+                    );
+                    let _ = tx.send(Ok(c));
+                    gw.settle(books).await;
+                }
+                Err(e) => {
+                    gw.record_failure(&caller, &model, &req, &e, t0.elapsed());
+                    let _ = tx.send(Err(e));
+                }
             }
-            r
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(GatewayError::Unavailable(format!(
-                "the call's task failed: {e}"
-            )))
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(GatewayError::Unavailable(
+                "the call's task failed before answering".into(),
+            ))
         })
     }
 
@@ -1061,7 +1078,7 @@ impl Gateway {
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
-    ) -> Result<Completion, GatewayError> {
+    ) -> Result<(Completion, Books), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
         let (route, hold, est) = self.hold(caller, route, req).await?;
@@ -1076,21 +1093,19 @@ impl Gateway {
             Some(u) => (u, false),
             None => (estimate_answer(&est, &body), true),
         };
-        let meta = self
-            .account(
-                caller,
-                &route.alias,
-                &c,
-                hold.as_ref(),
-                &a.buckets,
-                &est,
-                usage,
-                estimated,
-                a.attempts,
-                started,
-            )
-            .await;
-        Ok(Completion { body, meta })
+        let (meta, books) = self.account(
+            caller,
+            &route.alias,
+            &c,
+            hold,
+            a.buckets,
+            &est,
+            usage,
+            estimated,
+            a.attempts,
+            started,
+        );
+        Ok((Completion { body, meta }, books))
     }
 
     /// Tries the route's candidates in order, each with its retries, until `send` (one request to
@@ -1306,31 +1321,42 @@ impl Gateway {
         }
     }
 
-    /// Accounts a finished call: cost, budget settlement, token give-back, metrics, a log line.
+    /// Settles a finished call's books in Redis: the budget hold becomes the actual cost, the
+    /// rate limits get back the tokens charged beyond what was used.
+    async fn settle(&self, books: Books) {
+        if let Some(h) = &books.hold {
+            if let Err(e) = self.budgets.settle(h, books.cost).await {
+                tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
+            }
+        }
+        self.give_back(&books.buckets, &books.est, books.used).await;
+    }
+
+    /// Accounts a finished call: cost, metrics, a log line; what is left to settle in Redis.
     #[allow(clippy::too_many_arguments)]
-    async fn account(
+    fn account(
         &self,
         caller: &Caller,
         alias: &str,
         c: &Candidate,
-        hold: Option<&Hold>,
-        buckets: &[Bucket],
+        hold: Option<Hold>,
+        buckets: Vec<Bucket>,
         est: &Usage,
         usage: Usage,
         estimated: bool,
         attempts: u32,
         started: Instant,
-    ) -> CallMeta {
+    ) -> (CallMeta, Books) {
         let price = self.price(c);
         let cost = price.map(|p| p.cost(&usage)).unwrap_or(0.0);
         let currency = price.map(|p| p.currency.clone()).unwrap_or_else(usd);
-        if let Some(h) = hold {
-            if let Err(e) = self.budgets.settle(h, cost).await {
-                tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
-            }
-        }
-        self.give_back(buckets, est, usage.input + usage.output)
-            .await;
+        let books = Books {
+            hold,
+            buckets,
+            est: *est,
+            used: usage.input + usage.output,
+            cost,
+        };
         for (kind, n) in [
             ("input", usage.input),
             ("output", usage.output),
@@ -1351,7 +1377,7 @@ impl Gateway {
             model = %c.model, input_tokens = usage.input, output_tokens = usage.output, cached_tokens = usage.cached,
             usage_estimated = estimated, cost, currency = %currency, attempts, latency_ms, "Model call."
         );
-        CallMeta {
+        let meta = CallMeta {
             alias: alias.to_string(),
             provider: c.provider.clone(),
             model: c.model.clone(),
@@ -1361,7 +1387,8 @@ impl Gateway {
             currency,
             attempts,
             latency_ms,
-        }
+        };
+        (meta, books)
     }
 
     /// Gives back expired budget holds (called periodically by every instance).
@@ -1484,20 +1511,10 @@ impl Drop for Watch {
             let text = std::mem::take(&mut self.text);
             let tools = std::mem::take(&mut self.tool_calls);
             h.spawn(async move {
-                let meta = gw
-                    .account(
-                        &caller,
-                        &alias,
-                        &c,
-                        hold.as_ref(),
-                        &buckets,
-                        &est,
-                        usage,
-                        estimated,
-                        attempts,
-                        started,
-                    )
-                    .await;
+                let (meta, books) = gw.account(
+                    &caller, &alias, &c, hold, buckets, &est, usage, estimated, attempts, started,
+                );
+                gw.settle(books).await;
                 let answer =
                     serde_json::json!({"streamed": true, "content": text, "tool_calls": tools});
                 if let Some(request) = request {
