@@ -1,12 +1,11 @@
 #!/usr/bin/env python3
-"""Gateway overhead: the same chat completions sent to the LLM stand-in directly, through switchyard's
+"""Gateway overhead: the same chat completions sent to the upstream directly, through switchyard's
 served endpoint (/v1/chat/completions) and through the LiteLLM proxy, configured alike (an alias with
 a fallback candidate and a rate limit), side by side in one run.
 
 Phases per system: latency (one call at a time) and throughput (CONCURRENCY calls in flight).
 Prints a table and writes deploy/bench/results/gateway.json. Run by deploy/bench/gateway.sh.
 """
-import asyncio
 import hashlib
 import json
 import os
@@ -21,10 +20,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-LLM = os.environ["SWITCHYARD_LLM_BASE_URL"].rstrip("/")
-SEQUENTIAL = int(os.environ.get("GW_SEQUENTIAL", "300"))
-CALLS = int(os.environ.get("GW_CALLS", "3000"))
+# The upstream every system calls: `fast` (examples/llm_bench.rs, answers at once: what is measured
+# is the gateway) or `llmock` (the stack's stand-in, SWITCHYARD_LLM_BASE_URL; ~150 calls/s here).
+UPSTREAM = os.environ.get("GW_UPSTREAM", "fast")
+SEQUENTIAL = int(os.environ.get("GW_SEQUENTIAL", "1000"))
+CALLS = int(os.environ.get("GW_CALLS", "20000"))
+# LiteLLM serves tens of calls a second: fewer calls keep its phase short.
+LITELLM_CALLS = int(os.environ.get("GW_LITELLM_CALLS", "3000"))
 CONCURRENCY = int(os.environ.get("GW_CONCURRENCY", "64"))
+BENCH_TOOL = Path(os.environ.get("GW_BENCH_TOOL", str(ROOT / "target/release/examples/llm_bench")))
 KEY = "sk-gateway-bench-4f1d2c9a7b3e8d6f0a5c1e9b7d3f2a8c"
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 8}
 
@@ -37,41 +41,51 @@ def free_port() -> int:
     return port
 
 
-async def measure(url: str, model: str, n: int, concurrency: int) -> dict:
-    latencies, errors = [], 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    body = dict(BODY, model=model)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        sem = asyncio.Semaphore(concurrency)
+def measure(url: str, model: str, n: int, concurrency: int) -> dict:
+    """n calls with `concurrency` in flight, sent by the Rust load generator (one thread)."""
+    out = subprocess.run([str(BENCH_TOOL), "load", url, model, KEY, str(n), str(concurrency)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        sys.exit(f"load generator failed: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-        async def one() -> None:
-            nonlocal errors
-            async with sem:
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
-                except httpx.HTTPError:
-                    errors += 1
-                    return
-                dt = time.perf_counter() - t
-                if r.status_code == 200:
-                    latencies.append(dt)
-                else:
-                    errors += 1
 
-        await asyncio.gather(*[one() for _ in range(min(50, n))])  # warm-up, not counted
-        latencies.clear()
-        errors = 0
-        start = time.perf_counter()
-        await asyncio.gather(*[one() for _ in range(n)])
-        elapsed = time.perf_counter() - start
-    latencies.sort()
+def start_responder(procs: list) -> str:
+    """The fast OpenAI-protocol stand-in (examples/llm_bench.rs); its base URL."""
+    proc = subprocess.Popen([str(BENCH_TOOL), "respond", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    line = proc.stdout.readline().strip() if proc.stdout else ""
+    if not line.startswith("listening on "):
+        sys.exit(f"the bench responder did not start: {line!r}")
+    return f"http://{line.removeprefix('listening on ')}/v1"
 
-    def q(p: float):
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2) if latencies else None
 
-    return {"calls": n, "ok": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
-            "calls_per_s": round(len(latencies) / elapsed, 1), "p50_ms": q(0.5), "p99_ms": q(0.99)}
+def metric_sum(port: int, name: str, match: str = "") -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and match in line)
+
+
+def audited(port: int, binary: str, cfg: Path, env: dict) -> dict:
+    """Every call switchyard made has its llm_call audit record sealed and on the audit topic: how
+    long after the last answer the background writing caught up, and `audit verify`'s count."""
+    t = time.perf_counter()
+    calls = metric_sum(port, "switchyard_llm_requests_total")
+    sealed = 0.0
+    while time.perf_counter() - t < 120:
+        sealed = metric_sum(port, "switchyard_audit_records_sealed_total", 'stage="gateway"')
+        if sealed >= calls:
+            break
+        time.sleep(0.1)
+    caught_up = round(time.perf_counter() - t, 2)
+    out = subprocess.run([binary, "--config", str(cfg), "audit", "verify", "--idle-timeout-ms", "5000"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    line = (out.stdout.strip().splitlines() or [""])[-1]
+    records = int(line.split(": ", 1)[1].split(" records")[0]) if " records" in line else None
+    if out.returncode != 0 or records != int(calls):
+        sys.exit(f"audit check failed: {int(calls)} calls, verify said {line!r} {out.stderr.strip()}")
+    return {"calls": int(calls), "sealed": int(sealed), "caught_up_after_s": caught_up,
+            "verify": line}
 
 
 def wait_http(url: str, proc: subprocess.Popen, what: str, headers=None) -> None:
@@ -91,18 +105,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     procs = []
     try:
-        # switchyard: the shipped config (its stages idle: no events), the gateway alias `bench` (two
-        # candidates, a limit that does not bind but is checked on every call).
+        llm = start_responder(procs) if UPSTREAM == "fast" else os.environ["SWITCHYARD_LLM_BASE_URL"].rstrip("/")
+        # switchyard: a config of its own (no agents or routes: its stages idle), the gateway alias
+        # `bench` (two candidates, a limit that does not bind but is checked on every call).
         sy_port = free_port()
         digest = hashlib.sha256(KEY.encode()).hexdigest()
-        base = (ROOT / "deploy/switchyard.yaml").read_text()
-        base = base.replace("../topics", str(ROOT / "topics")).replace("../schemas", str(ROOT / "schemas"))
-        base = base.replace("level: info", "level: warn")
-        base = base[: base.index("\n# The AI gateway (README")]
-        cfg = base + f"""
+        cfg = f"""
+log: {{level: warn}}
+topics: {{dir: "{ROOT / 'topics'}"}}
+schemas_dir: "{ROOT / 'schemas'}"
 gateway:
   providers:
-    default: {{base_url: "{LLM}"}}
+    default: {{base_url: "{llm}"}}
   aliases:
     bench:
       candidates: [{{provider: default, model: bench-a}}, {{provider: default, model: bench-b}}]
@@ -116,7 +130,8 @@ gateway:
         sy_cfg = tmp / "switchyard.yaml"
         sy_cfg.write_text(cfg)
         binary = os.environ.get("GW_SWITCHYARD_BIN", str(ROOT / "target/release/switchyard"))
-        env = dict(os.environ, SWITCHYARD_HTTP_LISTEN=f"127.0.0.1:{sy_port}", RUST_LOG="warn")
+        env = dict(os.environ, SWITCHYARD_HTTP_LISTEN=f"127.0.0.1:{sy_port}", RUST_LOG="warn",
+                   SWITCHYARD_LLM_BASE_URL=llm)  # it overrides the provider `default`
         procs.append(subprocess.Popen([binary, "--config", str(sy_cfg), "run"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=open(tmp / "switchyard.log", "w")))
         wait_http(f"http://127.0.0.1:{sy_port}/v1/models", procs[-1], "switchyard",
@@ -128,9 +143,9 @@ gateway:
         ll_cfg.write_text(f"""
 model_list:
   - model_name: bench
-    litellm_params: {{model: openai/bench-a, api_base: "{LLM}", api_key: sk-none, rpm: 100000000}}
+    litellm_params: {{model: openai/bench-a, api_base: "{llm}", api_key: sk-none, rpm: 100000000}}
   - model_name: bench-b
-    litellm_params: {{model: openai/bench-b, api_base: "{LLM}", api_key: sk-none, rpm: 100000000}}
+    litellm_params: {{model: openai/bench-b, api_base: "{llm}", api_key: sk-none, rpm: 100000000}}
 general_settings:
   master_key: "{KEY}"
 router_settings:
@@ -145,18 +160,20 @@ litellm_settings:
         wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", procs[-1], "litellm")
 
         systems = [
-            ("direct (llmock)", f"{LLM}/chat/completions", "bench-a"),
+            ("direct", f"{llm}/chat/completions", "bench-a"),
             ("switchyard", f"http://127.0.0.1:{sy_port}/v1/chat/completions", "bench"),
             ("litellm proxy", f"http://127.0.0.1:{ll_port}/v1/chat/completions", "bench"),
         ]
         results = {}
         for name, url, model in systems:
             print(f"gateway bench: {name}", file=sys.stderr)
+            calls = LITELLM_CALLS if name.startswith("litellm") else CALLS
             results[name] = {
-                "sequential": asyncio.run(measure(url, model, SEQUENTIAL, 1)),
-                "concurrent": asyncio.run(measure(url, model, CALLS, CONCURRENCY)),
+                "sequential": measure(url, model, min(SEQUENTIAL, calls), 1),
+                "concurrent": measure(url, model, calls, CONCURRENCY),
             }
-        direct = results["direct (llmock)"]
+        results["switchyard"]["audit"] = audited(sy_port, binary, sy_cfg, env)
+        direct = results["direct"]
         for name in ("switchyard", "litellm proxy"):
             r = results[name]
             r["added_p50_ms"] = round(r["sequential"]["p50_ms"] - direct["sequential"]["p50_ms"], 2)
@@ -170,14 +187,19 @@ litellm_settings:
                   f"{r.get('added_p99_ms', '-'):>10} {c['calls_per_s']:>12} {c['p50_ms']:>8} {c['p99_ms']:>8} "
                   f"{s['errors'] + c['errors']:>7}")
         print(f"switchyard / litellm calls/s: {ratio:.2f}x")
+        a = results["switchyard"]["audit"]
+        print(f"switchyard audit: {a['calls']} calls, every one sealed {a['caught_up_after_s']} s after the "
+              f"last answer; {a['verify']}")
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         out = {"git": git, "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-               "sequential_calls": SEQUENTIAL, "concurrent_calls": CALLS, "concurrency": CONCURRENCY,
+               "upstream": UPSTREAM, "sequential_calls": SEQUENTIAL, "concurrent_calls": CALLS,
+               "litellm_calls": LITELLM_CALLS, "concurrency": CONCURRENCY,
                "results": results, "switchyard_over_litellm_calls_per_s": round(ratio, 2),
-               "method": "one load generator (python httpx, asyncio) against each system in turn; the same "
+               "method": "one load generator (examples/llm_bench.rs load: Rust, reqwest, one thread) against "
+                         "each system in turn, all calling the same upstream (GW_UPSTREAM); the same "
                          "request; latency phase one call at a time, throughput phase CONCURRENCY in flight; "
                          "50 warm-up calls each, not counted; added = system p50/p99 - direct p50/p99"}
-        dest = ROOT / "deploy/bench/results/gateway.json"
+        dest = Path(os.environ.get("GW_RESULT", str(ROOT / "deploy/bench/results/gateway.json")))
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {dest}")

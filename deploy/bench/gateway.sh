@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Gateway overhead benchmark, one command: chat completions against the LLM stand-in (llmock)
-# directly, through switchyard's served endpoint, and through the LiteLLM proxy, side by side.
+# Gateway overhead benchmark, one command: chat completions against a fast OpenAI-protocol upstream
+# (examples/llm_bench.rs; GW_UPSTREAM=llmock for the stack's stand-in) directly, through switchyard's
+# served endpoint, and through the LiteLLM proxy, side by side; the load generator is llm_bench too.
 #
-#   deploy/bench/gateway.sh                         # 300 sequential + 3,000 concurrent calls per system
+#   deploy/bench/gateway.sh                         # 1,000 sequential + 20,000 concurrent calls (LiteLLM 3,000)
 #   GW_CALLS=10000 GW_CONCURRENCY=128 deploy/bench/gateway.sh
 #
 # Writes deploy/bench/results/gateway.json. Installs litellm[proxy] into .stack/bench/gateway-venv.
@@ -25,6 +26,6 @@ if [[ ! -x "$VENV/bin/litellm" ]] || ! "$VENV/bin/python" -c 'import httpx, lite
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/deploy/bench/requirements-gateway.txt"
 fi
 echo "gateway bench: building switchyard (release)" >&2
-cargo build --release --quiet --bin switchyard
+cargo build --release --quiet --bin switchyard --example llm_bench
 "$ROOT/target/release/switchyard" topics apply >/dev/null
 GW_LITELLM="$VENV/bin/litellm" "$VENV/bin/python" "$ROOT/deploy/bench/gateway.py"
