@@ -404,6 +404,24 @@ impl RedisConn {
         matches!(self.client, Client::Cluster(_))
     }
 
+    /// A pipeline deleting `keys`: on a single Redis one `DEL` per 512 keys (Redis counts, and
+    /// dispatches, one command for all of them); in a cluster one `DEL` per key (keys of different
+    /// slots cannot share a command).
+    pub fn delete_keys(&self, keys: impl IntoIterator<Item = String>) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        if self.is_cluster() {
+            for k in keys {
+                pipe.del(k).ignore();
+            }
+            return pipe;
+        }
+        let keys: Vec<String> = keys.into_iter().collect();
+        for chunk in keys.chunks(512) {
+            pipe.del(chunk).ignore();
+        }
+        pipe
+    }
+
     /// Whether Redis lost its state (its epoch marker is gone) and nothing may use it.
     pub fn is_lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::Relaxed)

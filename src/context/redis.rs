@@ -10,8 +10,9 @@
 //! with the context's TTL) until its input is committed: apart, so that reading a busy resource's
 //! context never reads the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL`
 //! of the context and `GET` of its outcome, one pipeline for a whole batch) and one commit script
-//! (`SET NX`, `HMGET`, `HSET`, `EXPIRE`), and the forgetting of its outcome one `DEL`, pipelined
-//! with the others committed at the same time. What stays behind grows with resources, not with
+//! (`SET NX`, `HMGET`, `HSET`; `EXPIRE` only when a sixteenth of the TTL passed since the hash's
+//! TTL was last renewed, kept in its field `_x`), and the forgetting of its outcome a share of one
+//! `DEL` of all the outcomes committed at the same time. What stays behind grows with resources, not with
 //! tasks.
 
 use redis::Script;
@@ -24,8 +25,8 @@ use crate::store::{RedisConn, ResourceKey, StoreError};
 const COMMIT: &str = r#"
 -- KEYS[1] = context hash, KEYS[2] = the task's outcome; ARGV[1] = task id, ARGV[2] = outcome,
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
--- remembered, ARGV[7] = fact count, then key, value pairs.
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done')
+-- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds).
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x')
 if cur[1] then return {0, cur[1]} end
 if cur[4] then
   for _, t in ipairs(cjson.decode(cur[4])) do
@@ -63,11 +64,16 @@ if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
   put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
 end
 put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
+-- The TTL is renewed when a sixteenth of it passed since it last was (`_x`), not on every commit.
+local now = tonumber(ARGV[8 + 2 * n])
+local renewed = tonumber(cur[5] or '')
+local renew = not renewed or now < renewed or now - renewed >= tonumber(ARGV[3]) / 16
+if renew then put('_x', tostring(now)) end
 if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3], 'NX') then
   return {0, redis.call('GET', KEYS[2])}
 end
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+if renew then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, tostring(version)}
 "#;
 
@@ -271,6 +277,7 @@ impl ContextStore for RedisStore {
             let v = serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             inv.arg(k).arg(v);
         }
+        inv.arg(chrono::Utc::now().timestamp());
         let (applied, value): (i64, String) = inv.invoke_async(&mut c).await.map_err(redis_err)?;
         if applied == 2 {
             Ok(CommitResult::Finished)
@@ -291,10 +298,9 @@ impl ContextStore for RedisStore {
         if tasks.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (k, t) in tasks {
-            pipe.del(self.outcome_key(k, t)).ignore();
-        }
+        let pipe = self
+            .conn
+            .delete_keys(tasks.iter().map(|(k, t)| self.outcome_key(k, t)));
         let mut c = self.conn.get().await?;
         pipe.query_async::<()>(&mut c).await.map_err(redis_err)
     }

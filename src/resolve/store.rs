@@ -13,7 +13,8 @@
 //! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
 //! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` and
 //! `GET` of its decision, plus `HMGET` of context versions when its action has staleness keys, in
-//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `EXPIRE`, `SET`) and one `DEL` once
+//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
+//! sixteenth of the TTL passed since it was last renewed, field `_x`) and a share of one `DEL` once
 //! committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
 
@@ -147,12 +148,16 @@ pub trait ResourceStore: Send + Sync + 'static {
 const CAS: &str = r#"
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
--- ARGV[6..] = field, value pairs
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent')
+-- ARGV[6] = now (unix seconds), ARGV[7..] = field, value pairs
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x')
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return 0 end
 local set = {'rev', tostring(rev + 1)}
-for i = 6, #ARGV do set[#set + 1] = ARGV[i] end
+for i = 7, #ARGV do set[#set + 1] = ARGV[i] end
+-- The TTL is renewed when a sixteenth of it passed since it last was (`_x`), not on every write.
+local ttl, now, renewed = tonumber(ARGV[2]), tonumber(ARGV[6]), tonumber(cur[3] or '')
+local renew = ttl > 0 and (not renewed or now < renewed or now - renewed >= ttl / 16)
+if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] end
 if ARGV[3] ~= '' then
   if tonumber(ARGV[2]) > 0 then
     redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
@@ -170,7 +175,7 @@ if ARGV[3] ~= '' then
   set[#set + 1] = cjson.encode(list)
 end
 redis.call('HSET', KEYS[1], unpack(set))
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if renew then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 "#;
 
@@ -332,7 +337,8 @@ impl RedisResourceStore {
             .arg(self.ttl)
             .arg(id)
             .arg(djson)
-            .arg(self.remember);
+            .arg(self.remember)
+            .arg(chrono::Utc::now().timestamp());
         for (f, v) in &fields {
             inv.arg(f).arg(v);
         }
@@ -522,10 +528,9 @@ impl ResourceStore for RedisResourceStore {
             if decided.is_empty() {
                 return Ok(());
             }
-            let mut pipe = redis::pipe();
-            for (k, id) in decided {
-                pipe.del(self.decision_key(k, id)).ignore();
-            }
+            let pipe = self
+                .conn
+                .delete_keys(decided.iter().map(|(k, id)| self.decision_key(k, id)));
             let mut c = self.conn.get().await?;
             Ok(pipe.query_async::<()>(&mut c).await?)
         })
