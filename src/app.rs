@@ -174,11 +174,7 @@ pub async fn run(
         &cfg.redis.key_prefix,
         cfg.governance.budgets.clone(),
     ));
-    let recorder = crate::audit::Recorder {
-        emitter: emitter.clone(),
-        sealer: sealer.clone(),
-        producer: producer.clone(),
-    };
+    let recorder = crate::audit::Recorder::new(emitter.clone(), sealer.clone(), producer.clone());
     let gateway = gateway_of(
         &loaded,
         redis.clone(),

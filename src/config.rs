@@ -529,6 +529,13 @@ impl Config {
         for (item, m) in self.redis.problems() {
             p(&item, m);
         }
+        if self.context.ttl_seconds == 0 {
+            p(
+                "context.ttl_seconds",
+                "must be at least 1 (facts expire this long after their resource's last write)"
+                    .into(),
+            );
+        }
         match url_scheme(&self.redis.url) {
             Some("redis" | "rediss" | "unix" | "redis+unix") => {}
             _ => p(

@@ -58,6 +58,78 @@ async fn redis_store_meets_the_context_contract() {
     switchyard::context::contract::run_all(&s, &env.prefix).await;
 }
 
+/// A context hash's TTL is set on its first commit, renewed once a sixteenth of it has passed or
+/// when the configured TTL changed, and not on the commits in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_hash_renews_its_ttl_when_a_sixteenth_passed_or_it_changed() {
+    let env = TestEnv::new(1, "").await;
+    let c = &env.loaded.config;
+    let with_ttl = |ttl: u64| {
+        let mut cfg = switchyard::context::contract::config();
+        cfg.ttl_seconds = ttl;
+        RedisStore::new(RedisConn::new(&c.redis.url).unwrap(), &env.prefix, cfg)
+    };
+    let (s, longer) = (with_ttl(1600), with_ttl(16000));
+    let k = ResourceKey::new("default", "ttl-svc");
+    let key = format!("{}:ctx:{}", env.prefix, k.hash_tag());
+    let mut r = redis::Client::open(c.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let outcome = switchyard::context::Outcome::default();
+    let ttl = |r: &mut redis::aio::MultiplexedConnection| {
+        let mut r = r.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(&key)
+                .query_async::<i64>(&mut r)
+                .await
+                .unwrap()
+        }
+    };
+    let expire = |r: &mut redis::aio::MultiplexedConnection, secs: i64| {
+        let mut r = r.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("EXPIRE")
+                .arg(&key)
+                .arg(secs)
+                .query_async::<()>(&mut r)
+                .await
+                .unwrap()
+        }
+    };
+    s.commit(&k, "t1", &[], None, &outcome).await.unwrap();
+    assert!(
+        (1590..=1600).contains(&ttl(&mut r).await),
+        "set on the first commit"
+    );
+    // As if 600 s passed since: a commit inside the sixteenth (100 s since the renewal) leaves it.
+    expire(&mut r, 1000).await;
+    s.commit(&k, "t2", &[], None, &outcome).await.unwrap();
+    assert!(ttl(&mut r).await <= 1000, "not renewed within a sixteenth");
+    // The last renewal 200 s ago: renewed.
+    let now = chrono::Utc::now().timestamp();
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("_x")
+        .arg(format!("{}:1600", now - 200))
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    s.commit(&k, "t3", &[], None, &outcome).await.unwrap();
+    assert!(
+        (1590..=1600).contains(&ttl(&mut r).await),
+        "renewed after a sixteenth"
+    );
+    // A longer TTL configured: the next commit applies it at once.
+    expire(&mut r, 1000).await;
+    longer.commit(&k, "t4", &[], None, &outcome).await.unwrap();
+    assert!(ttl(&mut r).await > 15000, "a changed TTL is applied");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_agents_share_context_and_propose_actions() {
     let env = TestEnv::new(3, "").await;

@@ -1,23 +1,54 @@
 //! Audit records of work that has no input record of its own (a model call, a tool call): sealed
 //! into this process's own chain ([`Sealer::own_chain`]) and written in the background, each
 //! optionally with a companion record on another topic (the call's transcript).
+//!
+//! One background writer takes what was recorded in batches: while it seals and writes one batch,
+//! the next gathers, and each batch is one seal (one compare-and-set in Redis) and one produce
+//! burst — so the trail keeps up with thousands of calls a second instead of queueing one seal per
+//! record behind the chain's lock.
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use crate::audit::sealer::Sealer;
 use crate::event::CloudEvent;
-use crate::kafka::Producer;
+use crate::kafka::{Output, Producer};
 use crate::records::{audit_event, AuditData, Emitter};
+
+/// Records taken into one batch at most.
+const MAX_BATCH: usize = 512;
+
+/// One recorded audit record, waiting for the writer.
+struct Item {
+    stage: &'static str,
+    what: &'static str,
+    audit: AuditData,
+    companion: Option<(String, CloudEvent)>,
+}
 
 /// Writes audit records (and their companions) in the background.
 #[derive(Clone)]
 pub struct Recorder {
-    pub emitter: Emitter,
-    pub sealer: Arc<Sealer>,
-    pub producer: Producer,
+    queue: mpsc::UnboundedSender<Item>,
 }
 
 impl Recorder {
+    /// Starts the background writer (on the current Tokio runtime). It ends once every clone of
+    /// the recorder is dropped and what was recorded is written.
+    pub fn new(emitter: Emitter, sealer: Arc<Sealer>, producer: Producer) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write(
+            Writer {
+                emitter,
+                sealer,
+                producer,
+            },
+            rx,
+        ));
+        Recorder { queue }
+    }
+
     /// Seals `audit` into the process's own chain and produces it, then `companion` (topic,
     /// event) when given. The caller does not wait; a failure is logged (`what` names the record
     /// in the log line).
@@ -28,39 +59,118 @@ impl Recorder {
         audit: AuditData,
         companion: Option<(String, CloudEvent)>,
     ) {
-        let r = self.clone();
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        tokio::spawn(async move {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let source = format!("switchyard/{stage}");
-            let written = async {
-                let ev = audit_event(&source, &[&audit.decision, &id], &audit, None, &now)
-                    .map_err(|e| e.to_string())?;
-                let (records, sealed) = r
-                    .sealer
-                    .seal(stage, &r.sealer.own_chain, &r.emitter, &[ev])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                for o in records.iter().chain(&sealed.seals) {
-                    if let Err(e) = r.producer.send(o).await {
-                        // The head moved past a seal that is not on the topic: the next seal
-                        // writes it again.
-                        sealed
-                            .unsent
-                            .store(true, std::sync::atomic::Ordering::Release);
-                        return Err(e.to_string());
+        let item = Item {
+            stage,
+            what,
+            audit,
+            companion,
+        };
+        if self.queue.send(item).is_err() {
+            tracing::warn!(
+                record = what,
+                "Could not write an audit record: the writer has stopped."
+            );
+        }
+    }
+}
+
+struct Writer {
+    emitter: Emitter,
+    sealer: Arc<Sealer>,
+    producer: Producer,
+}
+
+async fn write(w: Writer, mut rx: mpsc::UnboundedReceiver<Item>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        // One seal per stage label (the metric's), in the order recorded.
+        while !batch.is_empty() {
+            let stage = batch[0].stage;
+            let (same, rest): (Vec<Item>, Vec<Item>) =
+                batch.into_iter().partition(|i| i.stage == stage);
+            batch = rest;
+            if let Err((e, whats)) = w.write_batch(stage, same).await {
+                for what in whats {
+                    tracing::warn!(error = %e, record = what, "Could not write an audit record.");
+                }
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Seals and writes one stage's records; on failure the error and what each record was.
+    async fn write_batch(
+        &self,
+        stage: &'static str,
+        items: Vec<Item>,
+    ) -> Result<(), (String, Vec<&'static str>)> {
+        let whats: Vec<&'static str> = items.iter().map(|i| i.what).collect();
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let source = format!("switchyard/{stage}");
+        let mut events = Vec::with_capacity(items.len());
+        let mut companions = Vec::new();
+        for item in items {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            match audit_event(
+                &source,
+                &[&item.audit.decision, &id],
+                &item.audit,
+                None,
+                &now,
+            ) {
+                Ok(ev) => events.push(ev),
+                Err(e) => {
+                    tracing::warn!(error = %e, record = item.what, "Could not write an audit record.");
+                    continue;
+                }
+            }
+            if let Some((topic, ev)) = item.companion {
+                match self.emitter.emit(&topic, &ev) {
+                    Ok(out) => companions.push(out),
+                    Err(e) => {
+                        tracing::warn!(error = %e, record = item.what, "Could not write a companion record.")
                     }
                 }
-                if let Some((topic, ev)) = companion {
-                    let out = r.emitter.emit(&topic, &ev).map_err(|e| e.to_string())?;
-                    r.producer.send(&out).await.map_err(|e| e.to_string())?;
-                }
-                Ok::<(), String>(())
             }
-            .await;
-            if let Err(e) = written {
-                tracing::warn!(error = %e, record = what, "Could not write an audit record.");
-            }
-        });
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (records, sealed) = self
+            .sealer
+            .seal(stage, &self.sealer.own_chain, &self.emitter, &events)
+            .await
+            .map_err(|e| (e.to_string(), whats.clone()))?;
+        let trail: Vec<Output> = records.into_iter().chain(sealed.seals).collect();
+        if let Some(Err(e)) = self
+            .producer
+            .send_all(&trail)
+            .await
+            .into_iter()
+            .find(Result::is_err)
+        {
+            // The head moved past a seal that is not on the topic: the next seal writes it again.
+            sealed
+                .unsent
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Err((e.to_string(), whats));
+        }
+        if let Some(Err(e)) = self
+            .producer
+            .send_all(&companions)
+            .await
+            .into_iter()
+            .find(Result::is_err)
+        {
+            return Err((format!("a companion record: {e}"), whats));
+        }
+        Ok(())
     }
 }

@@ -262,7 +262,7 @@ fn head_of_fields(fields: Vec<(String, Vec<u8>)>) -> Head {
     }
     // Only the last KEPT_SEALS (a field left by an older head, e.g. before a restore, is not one).
     head.seals
-        .retain(|(n, _)| *n <= head.seq && n + KEPT_SEALS > head.seq);
+        .retain(|(n, _)| *n <= head.seq && n.saturating_add(KEPT_SEALS) > head.seq);
     head.seals.sort_by_key(|(n, _)| *n);
     head
 }
@@ -301,7 +301,7 @@ impl ChainStore for MemoryChainStore {
             next.seals = now
                 .seals
                 .into_iter()
-                .filter(|(n, _)| n + KEPT_SEALS > head.0)
+                .filter(|(n, _)| n.saturating_add(KEPT_SEALS) > head.0)
                 .chain(next.seals)
                 .collect();
             heads.insert(chain.to_string(), next);

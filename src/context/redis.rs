@@ -64,11 +64,13 @@ if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
   put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
 end
 put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
--- The TTL is renewed when a sixteenth of it passed since it last was (`_x`), not on every commit.
-local now = tonumber(ARGV[8 + 2 * n])
-local renewed = tonumber(cur[5] or '')
-local renew = not renewed or now < renewed or now - renewed >= tonumber(ARGV[3]) / 16
-if renew then put('_x', tostring(now)) end
+-- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
+-- '<when>:<ttl>' of the last renewal), not on every commit.
+local now, ttl = tonumber(ARGV[8 + 2 * n]), tonumber(ARGV[3])
+local at, was = string.match(cur[5] or '', '^(%d+):(%d+)$')
+at, was = tonumber(at), tonumber(was)
+local renew = not at or was ~= ttl or now < at or now - at >= ttl / 16
+if renew then put('_x', ARGV[8 + 2 * n] .. ':' .. ARGV[3]) end
 if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3], 'NX') then
   return {0, redis.call('GET', KEYS[2])}
 end

@@ -1039,14 +1039,15 @@ impl Gateway {
             (self.clone(), caller.clone(), model.to_string(), req.clone());
         // On its own task: a caller that gives up (an agent's deadline) does not cut the call
         // short between paying and accounting; a late answer is accounted, then dropped. The
-        // answer goes to the caller as soon as it is recorded; the budget and rate-limit books
-        // are settled right after (until then the hold and the estimate stay counted: the
-        // conservative side).
+        // budget is settled before the answer goes out (the caller's next call is held against
+        // what this one cost, not its estimate); the rate limits get their unused tokens back
+        // right after it (until then they count the estimate: fewer calls pass, never more).
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let t0 = Instant::now();
             match gw.call(&caller, &model, &req).await {
-                Ok((c, books)) => {
+                Ok((c, mut books)) => {
+                    gw.settle_budget(&mut books).await;
                     gw.record(
                         &caller,
                         &model,
@@ -1323,13 +1324,18 @@ impl Gateway {
 
     /// Settles a finished call's books in Redis: the budget hold becomes the actual cost, the
     /// rate limits get back the tokens charged beyond what was used.
-    async fn settle(&self, books: Books) {
-        if let Some(h) = &books.hold {
-            if let Err(e) = self.budgets.settle(h, books.cost).await {
+    async fn settle(&self, mut books: Books) {
+        self.settle_budget(&mut books).await;
+        self.give_back(&books.buckets, &books.est, books.used).await;
+    }
+
+    /// Settles the budget hold of a finished call (once: the hold is taken out of `books`).
+    async fn settle_budget(&self, books: &mut Books) {
+        if let Some(h) = books.hold.take() {
+            if let Err(e) = self.budgets.settle(&h, books.cost).await {
                 tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
             }
         }
-        self.give_back(&books.buckets, &books.est, books.used).await;
     }
 
     /// Accounts a finished call: cost, metrics, a log line; what is left to settle in Redis.

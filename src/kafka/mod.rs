@@ -297,6 +297,26 @@ impl Producer {
         rx.await.unwrap_or(Err(KafkaError::Canceled))
     }
 
+    /// Queues `outs` in their order, then waits for every acknowledgement; one result per record.
+    pub async fn send_all(&self, outs: &[Output]) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut waiting = Vec::with_capacity(outs.len());
+        for out in outs {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.push(match self.enqueue(out, Notice::Waiter(tx), || {}).await {
+                Ok(()) => Ok(rx),
+                Err(ProduceError::Rejected { source, .. }) => Err(source),
+            });
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            results.push(match w {
+                Ok(rx) => rx.await.unwrap_or(Err(KafkaError::Canceled)),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
     /// Waits until queued records are delivered (or the timeout passes).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout)

@@ -154,10 +154,13 @@ local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return 0 end
 local set = {'rev', tostring(rev + 1)}
 for i = 7, #ARGV do set[#set + 1] = ARGV[i] end
--- The TTL is renewed when a sixteenth of it passed since it last was (`_x`), not on every write.
-local ttl, now, renewed = tonumber(ARGV[2]), tonumber(ARGV[6]), tonumber(cur[3] or '')
-local renew = ttl > 0 and (not renewed or now < renewed or now - renewed >= ttl / 16)
-if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] end
+-- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
+-- '<when>:<ttl>' of the last renewal), not on every write.
+local ttl, now = tonumber(ARGV[2]), tonumber(ARGV[6])
+local at, was = string.match(cur[3] or '', '^(%d+):(%d+)$')
+at, was = tonumber(at), tonumber(was)
+local renew = ttl > 0 and (not at or was ~= ttl or now < at or now - at >= ttl / 16)
+if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] .. ':' .. ARGV[2] end
 if ARGV[3] ~= '' then
   if tonumber(ARGV[2]) > 0 then
     redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
