@@ -28,6 +28,7 @@ CALLS = int(os.environ.get("GW_CALLS", "20000"))
 # LiteLLM serves tens of calls a second: fewer calls keep its phase short.
 LITELLM_CALLS = int(os.environ.get("GW_LITELLM_CALLS", "3000"))
 CONCURRENCY = int(os.environ.get("GW_CONCURRENCY", "64"))
+LITELLM_WORKERS = int(os.environ.get("GW_LITELLM_WORKERS", str(os.cpu_count() or 1)))
 BENCH_TOOL = Path(os.environ.get("GW_BENCH_TOOL", str(ROOT / "target/release/examples/llm_bench")))
 KEY = "sk-gateway-bench-4f1d2c9a7b3e8d6f0a5c1e9b7d3f2a8c"
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 8}
@@ -70,7 +71,7 @@ def audited(port: int, binary: str, cfg: Path, env: dict) -> dict:
     """Every call switchyard made has its llm_call audit record sealed and on the audit topic: how
     long after the last answer the background writing caught up, and `audit verify`'s count."""
     t = time.perf_counter()
-    calls = metric_sum(port, "switchyard_llm_requests_total")
+    calls = metric_sum(port, "switchyard_llm_requests_total", 'outcome="ok"')
     sealed = 0.0
     while time.perf_counter() - t < 120:
         sealed = metric_sum(port, "switchyard_audit_records_sealed_total", 'stage="gateway"')
@@ -155,7 +156,9 @@ litellm_settings:
   set_verbose: false
 """)
         litellm = os.environ.get("GW_LITELLM", "litellm")
-        procs.append(subprocess.Popen([litellm, "--config", str(ll_cfg), "--port", str(ll_port), "--host", "127.0.0.1"],
+        # As many worker processes as cores (switchyard's runtime uses every core too).
+        procs.append(subprocess.Popen([litellm, "--config", str(ll_cfg), "--port", str(ll_port), "--host", "127.0.0.1",
+                                       "--num_workers", str(LITELLM_WORKERS)],
                                       stdout=open(tmp / "litellm.log", "w"), stderr=subprocess.STDOUT))
         wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", procs[-1], "litellm")
 
@@ -172,7 +175,12 @@ litellm_settings:
                 "sequential": measure(url, model, min(SEQUENTIAL, calls), 1),
                 "concurrent": measure(url, model, calls, CONCURRENCY),
             }
-        results["switchyard"]["audit"] = audited(sy_port, binary, sy_cfg, env)
+            if name == "switchyard":
+                # Right after its throughput phase, before LiteLLM runs: what it still had to write.
+                results[name]["audit"] = audited(sy_port, binary, sy_cfg, env)
+                failed = results[name]["sequential"]["errors"] + results[name]["concurrent"]["errors"]
+                if failed:
+                    sys.exit(f"switchyard failed {failed} calls")
         direct = results["direct"]
         for name in ("switchyard", "litellm proxy"):
             r = results[name]
@@ -191,7 +199,9 @@ litellm_settings:
         print(f"switchyard audit: {a['calls']} calls, every one sealed {a['caught_up_after_s']} s after the "
               f"last answer; {a['verify']}")
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        out = {"git": git, "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip() != ""
+        out = {"git": git, "dirty_tree": dirty, "litellm_workers": LITELLM_WORKERS, "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
                "upstream": UPSTREAM, "sequential_calls": SEQUENTIAL, "concurrent_calls": CALLS,
                "litellm_calls": LITELLM_CALLS, "concurrency": CONCURRENCY,
                "results": results, "switchyard_over_litellm_calls_per_s": round(ratio, 2),
