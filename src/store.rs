@@ -198,6 +198,45 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// The resources whose list of recently finished ids was full when last read (a hint kept in
+/// memory, per store).
+///
+/// A stored outcome or decision (kept until its input is committed) is written together with its
+/// id at the head of its resource's capped list of finished ids, so while the list is not full an
+/// id missing from it has nothing stored, and a read need not ask for it: an extra `GET` per task
+/// saved. Once the list is full, an id may have been pushed out while its outcome is still stored,
+/// so reads of that resource ask for it in the same round trip. A missing or wrong hint only costs
+/// a command or a round trip, never a result. At most [`FullLists::MAX`] resources are remembered;
+/// past that the hint starts again from nothing.
+#[derive(Debug, Default)]
+pub struct FullLists(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl FullLists {
+    pub const MAX: usize = 16_384;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key`'s list was full when last read.
+    pub fn full(&self, key: &str) -> bool {
+        self.lock().contains(key)
+    }
+
+    /// Notes what a read of `key` found.
+    pub fn note(&self, key: &str, full: bool) {
+        let mut set = self.lock();
+        if !full {
+            set.remove(key);
+        } else if !set.contains(key) {
+            if set.len() >= Self::MAX {
+                set.clear();
+            }
+            set.insert(key.to_string());
+        }
+    }
+}
+
 /// A lazily connected, self-reconnecting Redis connection shared by every store of the process.
 ///
 /// Every store reaches Redis through [`RedisConn::get`], so this is where a Redis that lost its

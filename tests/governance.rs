@@ -95,7 +95,12 @@ async fn redis_stores_meet_their_contracts() {
     let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
     let p = &c.redis.key_prefix;
     switchyard::resolve::store::contract::run_all(
-        &switchyard::resolve::store::RedisResourceStore::new(conn.clone(), p, 3600, 3600),
+        &switchyard::resolve::store::RedisResourceStore::new(
+            conn.clone(),
+            p,
+            3600,
+            switchyard::resolve::store::contract::REMEMBER,
+        ),
         &env.prefix,
     )
     .await;
@@ -136,7 +141,12 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
     )
     .await;
     switchyard::resolve::store::contract::run_all(
-        &switchyard::resolve::store::RedisResourceStore::new(conn.clone(), &tag, 3600, 3600),
+        &switchyard::resolve::store::RedisResourceStore::new(
+            conn.clone(),
+            &tag,
+            3600,
+            switchyard::resolve::store::contract::REMEMBER,
+        ),
         &tag,
     )
     .await;

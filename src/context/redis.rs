@@ -9,7 +9,9 @@
 //! Beside it, `<prefix>:ctx:{t/r}:o:<task id>` holds a finished task's recorded [`Outcome`] (JSON,
 //! with the context's TTL) until its input is committed: apart, so that reading a busy resource's
 //! context never reads the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL`
-//! of the context and `GET` of its outcome, one pipeline for a whole batch) and one commit script
+//! of the context, one pipeline for a whole batch; a `GET` of its outcome only where one can exist:
+//! the task is among the resource's finished ids, or their list is full — see
+//! [`FullLists`](crate::store::FullLists)) and one commit script
 //! (`SET NX`, `HMGET`, `HSET`; `EXPIRE` only when a sixteenth of the TTL passed since the hash's
 //! TTL was last renewed, kept in its field `_x`), and the forgetting of its outcome a share of one
 //! `DEL` of all the outcomes committed at the same time. What stays behind grows with resources, not with
@@ -20,7 +22,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
 use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Snapshot};
-use crate::store::{RedisConn, ResourceKey, StoreError};
+use crate::store::{FullLists, RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
 -- KEYS[1] = context hash, KEYS[2] = the task's outcome; ARGV[1] = task id, ARGV[2] = outcome,
@@ -84,6 +86,7 @@ pub struct RedisStore {
     prefix: String,
     config: ContextConfig,
     commit: Script,
+    full: FullLists,
 }
 
 fn redis_err(e: redis::RedisError) -> StoreError {
@@ -97,6 +100,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             config,
             commit: Script::new(COMMIT),
+            full: FullLists::default(),
         }
     }
 
@@ -141,20 +145,15 @@ pub fn parse_key_versions(
         .collect())
 }
 
-/// A resource's hash as read: its context, and what it says of `task_id`.
+/// A resource's hash as read: its context, what it says of `task_id` (an outcome kept in the hash
+/// by older versions, or finished) and how many finished ids it lists.
 fn parse(
     fields: HashMap<String, String>,
-    recorded: Option<String>,
     task_id: &str,
-) -> Result<(Prior, Snapshot), StoreError> {
+) -> Result<(Prior, Snapshot, usize), StoreError> {
     let mut snap = Snapshot::default();
     let mut prior = Prior::New;
-    if let Some(v) = recorded.filter(|_| !task_id.is_empty()) {
-        let o: Outcome =
-            serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
-        prior = Prior::Recorded(Box::new(o));
-    }
-    let mut done = None;
+    let mut done: Vec<String> = Vec::new();
     for (k, v) in fields {
         if k == "_version" {
             snap.version = v
@@ -171,7 +170,8 @@ fn parse(
                 })
                 .collect::<Result<_, _>>()?;
         } else if k == "_done" {
-            done = Some(v);
+            done =
+                serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
         } else if let Some(key) = k.strip_prefix("_v:") {
             let ver = v
                 .parse()
@@ -179,10 +179,8 @@ fn parse(
             snap.key_versions.insert(key.to_string(), ver);
         } else if let Some(task) = k.strip_prefix("_o:") {
             // Written by versions that kept outcomes in the context hash.
-            if task == task_id && prior == Prior::New {
-                let o: Outcome = serde_json::from_str(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))?;
-                prior = Prior::Recorded(Box::new(o));
+            if task == task_id && !task_id.is_empty() {
+                prior = Prior::Recorded(Box::new(recorded(&v)?));
             }
         } else if !k.starts_with('_') {
             let f: Fact = serde_json::from_str(&v)
@@ -190,16 +188,31 @@ fn parse(
             snap.facts.insert(k, f);
         }
     }
-    if prior == Prior::New {
-        if let Some(d) = done {
-            let ids: Vec<String> =
-                serde_json::from_str(&d).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
-            if ids.iter().any(|t| t == task_id) {
-                prior = Prior::Finished;
-            }
-        }
+    if prior == Prior::New && !task_id.is_empty() && done.iter().any(|t| t == task_id) {
+        prior = Prior::Finished;
     }
-    Ok((prior, snap))
+    Ok((prior, snap, done.len()))
+}
+
+fn recorded(v: &str) -> Result<Outcome, StoreError> {
+    serde_json::from_str(v).map_err(|e| StoreError::Corrupt(format!("outcome: {e}")))
+}
+
+/// One ask of [`RedisStore::read_many`] as its first round trip left it.
+struct FirstRead {
+    prior: Prior,
+    snap: Snapshot,
+    /// The task's stored outcome, when it was asked for.
+    stored: Option<Option<String>>,
+    /// How many finished ids the resource lists.
+    done: usize,
+}
+
+impl RedisStore {
+    async fn query(&self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, StoreError> {
+        let mut c = self.conn.get().await?;
+        pipe.query_async(&mut c).await.map_err(redis_err)
+    }
 }
 
 impl ContextStore for RedisStore {
@@ -221,37 +234,104 @@ impl ContextStore for RedisStore {
         &self,
         asks: &[(ResourceKey, String)],
     ) -> Vec<Result<(Prior, Snapshot), StoreError>> {
+        use redis::FromRedisValue;
         if asks.is_empty() {
             return Vec::new();
         }
+        // A task's stored outcome is asked for in the first round trip only when its resource's
+        // finished list was full when last read ([`FullLists`]); otherwise only if the list read
+        // names the task (a redelivery) or turns out full, in a second one.
+        let cap = self.config.remember_tasks.max(1);
+        let hinted: Vec<bool> = asks
+            .iter()
+            .map(|(k, t)| !t.is_empty() && self.full.full(&self.ctx_key(k)))
+            .collect();
         let mut pipe = redis::pipe();
-        for (k, t) in asks {
+        for ((k, t), &h) in asks.iter().zip(&hinted) {
             pipe.hgetall(self.ctx_key(k));
-            pipe.get(self.outcome_key(k, t));
-        }
-        let replies: Result<Vec<redis::Value>, StoreError> = async {
-            let mut c = self.conn.get().await?;
-            pipe.query_async(&mut c).await.map_err(redis_err)
-        }
-        .await;
-        match replies {
-            Ok(r) => {
-                let mut r = r.into_iter();
-                asks.iter()
-                    .map(|(_, t)| {
-                        use redis::FromRedisValue;
-                        let fields: HashMap<String, String> =
-                            FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
-                                .map_err(|e| StoreError::corrupt("context", e))?;
-                        let recorded: Option<String> =
-                            FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
-                                .map_err(|e| StoreError::corrupt("outcome", e))?;
-                        parse(fields, recorded, t)
-                    })
-                    .collect()
+            if h {
+                pipe.get(self.outcome_key(k, t));
             }
-            Err(e) => asks.iter().map(|_| Err(e.clone())).collect(),
         }
+        let replies = match self.query(pipe).await {
+            Ok(r) => r,
+            Err(e) => return asks.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut r = replies.into_iter();
+        let first: Vec<Result<FirstRead, StoreError>> = asks
+            .iter()
+            .zip(&hinted)
+            .map(|((k, t), &h)| {
+                let fields: HashMap<String, String> =
+                    FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                        .map_err(|e| StoreError::corrupt("context", e))?;
+                let stored = if h {
+                    Some(
+                        FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                            .map_err(|e| StoreError::corrupt("outcome", e))?,
+                    )
+                } else {
+                    None
+                };
+                let (prior, snap, done) = parse(fields, t)?;
+                if !t.is_empty() {
+                    self.full.note(&self.ctx_key(k), done >= cap);
+                }
+                Ok(FirstRead {
+                    prior,
+                    snap,
+                    stored,
+                    done,
+                })
+            })
+            .collect();
+        let second: Vec<usize> = first
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| {
+                f.as_ref().is_ok_and(|f| {
+                    f.stored.is_none()
+                        && !asks[*i].1.is_empty()
+                        && (f.prior == Prior::Finished || (f.prior == Prior::New && f.done >= cap))
+                })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut fetched: HashMap<usize, Result<Option<String>, StoreError>> = HashMap::new();
+        if !second.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &second {
+                pipe.get(self.outcome_key(&asks[i].0, &asks[i].1));
+            }
+            let got = self.query(pipe).await;
+            for (n, &i) in second.iter().enumerate() {
+                fetched.insert(
+                    i,
+                    match &got {
+                        Ok(v) => FromRedisValue::from_redis_value(
+                            v.get(n).cloned().unwrap_or(redis::Value::Nil),
+                        )
+                        .map_err(|e| StoreError::corrupt("outcome", e)),
+                        Err(e) => Err(e.clone()),
+                    },
+                );
+            }
+        }
+        first
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let f = f?;
+                let stored = match fetched.remove(&i) {
+                    Some(s) => s?,
+                    None => f.stored.flatten(),
+                };
+                Ok(match stored {
+                    Some(v) => (Prior::Recorded(Box::new(recorded(&v)?)), f.snap),
+                    None => (f.prior, f.snap),
+                })
+            })
+            .collect()
     }
 
     async fn commit(

@@ -11,9 +11,10 @@
 //! `applied:<partition>`, `approval:<id>`, `recent`), beside it `<prefix>:res:{t/r}:d:<proposal
 //! id>` (its decision, until committed; apart so that reading the resource never reads the
 //! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
-//! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` and
-//! `GET` of its decision, plus `HMGET` of context versions when its action has staleness keys, in
-//! one pipeline), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
+//! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL`, plus
+//! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of its
+//! decision only where one can exist: the proposal is among the recent ones, or their list is full
+//! — see [`FullLists`]), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
 //! sixteenth of the TTL passed since it was last renewed, field `_x`) and a share of one `DEL` once
 //! committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
@@ -29,7 +30,7 @@ use super::rules::ResourceState;
 use crate::context::memory::MemoryStore;
 use crate::context::ContextStore;
 use crate::records::ApprovalData;
-use crate::store::{RedisConn, ResourceKey, StoreError};
+use crate::store::{FullLists, RedisConn, ResourceKey, StoreError};
 
 /// A resource's resolve record as loaded.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -191,6 +192,7 @@ pub struct RedisResourceStore {
     ttl: u64,
     /// Decided proposals remembered per resource once their decisions are forgotten.
     remember: usize,
+    full: FullLists,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -205,6 +207,7 @@ impl RedisResourceStore {
             cas: Script::new(CAS),
             ttl,
             remember: remember.max(1),
+            full: FullLists::default(),
         }
     }
 
@@ -236,9 +239,15 @@ impl RedisResourceStore {
     ) -> Result<Loaded, StoreError> {
         use redis::FromRedisValue;
         let mut c = self.conn.get().await?;
+        // The proposal's stored decision is asked for up front only when the resource's recent
+        // list was full when last read ([`FullLists`]); otherwise only if the list names the
+        // proposal (a redelivery) or turns out full, in a second round trip.
+        let hinted = proposal_id.is_some() && self.full.full(&self.res_key(k));
         let mut pipe = redis::pipe();
         pipe.hgetall(self.res_key(k));
-        pipe.get(self.decision_key(k, proposal_id.unwrap_or("")));
+        if hinted {
+            pipe.get(self.decision_key(k, proposal_id.unwrap_or("")));
+        }
         if !keys.is_empty() {
             pipe.add_command(crate::context::redis::key_versions_cmd(
                 &self.prefix,
@@ -251,13 +260,14 @@ impl RedisResourceStore {
         let mut next = || replies.next().unwrap_or(redis::Value::Nil);
         let hash: HashMap<String, String> =
             FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
-        let decision: Option<String> =
-            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?;
-        let mut decided = match (decision, proposal_id) {
-            (Some(v), Some(_)) => {
-                Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?)
-            }
-            _ => None,
+        let decision: Option<String> = if hinted {
+            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?
+        } else {
+            None
+        };
+        let mut decided: Option<Decided> = match decision {
+            Some(v) => Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?),
+            None => None,
         };
         let key_versions = if keys.is_empty() {
             BTreeMap::new()
@@ -291,6 +301,19 @@ impl RedisResourceStore {
                             serde_json::from_str(&v).map_err(|e| corrupt("approval", e))?,
                         );
                     }
+                }
+            }
+        }
+        if let Some(id) = proposal_id {
+            let full = l.recent.len() >= self.remember;
+            self.full.note(&self.res_key(k), full);
+            if !hinted && decided.is_none() && (full || l.recent.iter().any(|r| r == id)) {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg(self.decision_key(k, id))
+                    .query_async(&mut c)
+                    .await?;
+                if let Some(v) = v {
+                    decided = Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
                 }
             }
         }
@@ -778,6 +801,10 @@ pub mod contract {
     use crate::resolve::apply::Verdict;
     use serde_json::json;
 
+    /// The decided proposals a store under the contract remembers per resource (the memory
+    /// store's fixed count; build a Redis store with it).
+    pub const REMEMBER: usize = MEMORY_REMEMBER;
+
     fn approval(id: &str, resource: &str, expires_at: i64) -> ApprovalData {
         ApprovalData {
             approval_id: id.into(),
@@ -887,6 +914,34 @@ pub mod contract {
                 .expect("load")
                 .finished
         );
+
+        // More proposals than the recent list holds: a decision pushed out of it is still found
+        // until its offset is committed; then only the remembered ones count as finished.
+        let k2 = ResourceKey::new("default", format!("res2-{tag}"));
+        let ids: Vec<String> = (0..=REMEMBER).map(|i| format!("q{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let w = Write {
+                change: &change,
+                applied: Some((0, i as i64)),
+                decision: Some((id, &decided)),
+            };
+            assert!(store.commit(&k2, i as u64, w).await.expect("commit"));
+        }
+        for id in [&ids[0], &ids[REMEMBER]] {
+            let l = store.load(&k2, &[], Some(id)).await.expect("load");
+            assert_eq!(l.decided.as_ref(), Some(&decided), "{id} still stored");
+            assert!(!l.finished);
+        }
+        let all: Vec<(ResourceKey, String)> =
+            ids.iter().map(|id| (k2.clone(), id.clone())).collect();
+        store.forget(&all).await.expect("forget");
+        let l = store.load(&k2, &[], Some(&ids[0])).await.expect("load");
+        assert!(
+            l.decided.is_none() && !l.finished,
+            "pushed out and forgotten"
+        );
+        let l = store.load(&k2, &[], Some(&ids[1])).await.expect("load");
+        assert!(l.decided.is_none() && l.finished, "remembered");
 
         // Approval indexes.
         let b = approval(&format!("apr2-{tag}"), &k.resource, 50);
