@@ -211,6 +211,24 @@ struct PhaseSpec {
     resources: usize,
     /// switchyard processes in one consumer group (other systems: 1).
     processes: usize,
+    /// After the measured events, as many again over the same resources, for the steady-state
+    /// Redis figures ([`Steady`]).
+    steady: bool,
+}
+
+/// Redis figures of a second pass of as many events over the same resources, measured while the
+/// system keeps running (its resources exist already): what a long-running system costs per
+/// event once it has seen its resources.
+#[derive(Debug, Clone, Serialize)]
+struct Steady {
+    events: usize,
+    /// Events of the second pass whose result record arrived.
+    received: usize,
+    /// Redis commands per event of the second pass (INFO commandstats).
+    redis_commands_per_event: f64,
+    /// Redis used_memory 3 s after the second pass's last output minus 3 s after the first's,
+    /// per event.
+    redis_bytes_retained_per_event: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +263,9 @@ struct PhaseResult {
     redis_commands_per_event: f64,
     /// Redis used_memory after the phase (after a settle) minus before, per input event.
     redis_bytes_retained_per_event: f64,
+    /// The second pass over the same resources, where the spec asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steady: Option<Steady>,
 }
 
 /// Records and bytes of one (topic, hop).
@@ -1378,12 +1399,27 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let calls1 = command_calls(&mut con).await;
+        let (steady, mem1) = if spec.steady {
+            // Measured running: 3 s after the first pass's last output, then after the second's.
+            tokio::time::sleep(QUIET).await;
+            let mem1 = used_memory(&mut con).await;
+            let steady = self
+                .steady_pass(spec, &producer, &rx, &shared, &mut con, events.len(), mem1)
+                .await;
+            (Some(steady), mem1)
+        } else {
+            (None, 0)
+        };
         shared.stop.store(true, Ordering::Release);
         let tallies = reader.join().expect("reader thread");
         terminate(&mut procs.0);
-        // What Redis keeps once the system has stopped (and its clients are gone).
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let mem1 = used_memory(&mut con).await;
+        let mem1 = if spec.steady {
+            mem1
+        } else {
+            // What Redis keeps once the system has stopped (and its clients are gone).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            used_memory(&mut con).await
+        };
 
         let last_output = shared.last_counted().unwrap_or(t0);
         // CPU up to the last output record (the quiet wait after it is not the system's work).
@@ -1437,11 +1473,67 @@ impl Bench {
             bytes_per_event: total.bytes() as f64 / n,
             redis_commands_per_event: delta.values().sum::<u64>() as f64 / n,
             redis_bytes_retained_per_event: (mem1 as f64 - mem0 as f64) / n,
+            steady,
         };
         PhaseOutcome {
             result,
             tallies,
             redis_mix: delta.into_iter().map(|(k, v)| (k, v as f64 / n)).collect(),
+        }
+    }
+
+    /// The second pass of a steady phase: events `n..2n` of the generator (the same resources),
+    /// uncounted in the phase's records and bytes; Redis commands and memory over it.
+    #[allow(clippy::too_many_arguments)]
+    async fn steady_pass(
+        &self,
+        spec: &PhaseSpec,
+        producer: &FutureProducer,
+        rx: &mpsc::Receiver<Seen>,
+        shared: &ReaderShared,
+        con: &mut redis::aio::MultiplexedConnection,
+        n: usize,
+        mem1: u64,
+    ) -> Steady {
+        shared.counting.store(false, Ordering::Release);
+        let calls1 = command_calls(con).await;
+        let events = make_events_from(&spec.tag, n, n, spec.resources);
+        produce(producer, &events, spec.rate, Instant::now()).await;
+        let mut got = std::collections::HashSet::new();
+        let mut last = Instant::now();
+        while got.len() < events.len() && last.elapsed() < Duration::from_secs(30) {
+            while let Ok(seen) = rx.try_recv() {
+                if let Seen::Result(i, _) = seen {
+                    if i >= n && got.insert(i) {
+                        last = Instant::now();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if got.len() < events.len() {
+            eprintln!(
+                "  warning: steady pass: {} of {} results arrived",
+                got.len(),
+                events.len()
+            );
+        }
+        let waiting = Instant::now();
+        while shared.last_any().is_some_and(|t| t.elapsed() < QUIET)
+            && waiting.elapsed() < Duration::from_secs(120)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let calls2 = command_calls(con).await;
+        tokio::time::sleep(QUIET).await;
+        let mem2 = used_memory(con).await;
+        let m = events.len() as f64;
+        Steady {
+            events: events.len(),
+            received: got.len(),
+            redis_commands_per_event: calls_delta(&calls1, &calls2).values().sum::<u64>() as f64
+                / m,
+            redis_bytes_retained_per_event: (mem2 as f64 - mem1 as f64) / m,
         }
     }
 
@@ -1539,6 +1631,7 @@ impl Bench {
             events,
             resources,
             processes,
+            steady: false,
         };
         let mut by_resources = Vec::new();
         let mut one_process_10k = None;
@@ -2080,6 +2173,16 @@ fn print_line(r: &PhaseResult) {
         r.redis_commands_per_event,
         r.redis_bytes_retained_per_event,
     );
+    if let Some(st) = &r.steady {
+        eprintln!(
+            "  {:<12} second pass over the same resources: received {}/{}, redis {:.1} cmds & {:.0} B retained/event",
+            "",
+            st.received,
+            st.events,
+            st.redis_commands_per_event,
+            st.redis_bytes_retained_per_event
+        );
+    }
 }
 
 fn print_table(results: &[PhaseResult]) {
@@ -2128,6 +2231,19 @@ fn print_table(results: &[PhaseResult]) {
         );
     }
     println!("achieved/s: events / (last record on any of the system's output topics, intermediate ones included, received − start of producing); recv %: events whose result record arrived; latency: produce → the event's result record (switchyard.results, peer.results, limit.results). CPU: seconds per 1,000 events up to the last record. rec/ev, B/ev: records and bytes (key + payload + headers) written per event; rcmd/ev: Redis commands per event (INFO commandstats, Lua-internal calls included); rB kept/ev: Redis used_memory after the phase (3 s settle) − before, per event.");
+    for r in results {
+        if let Some(st) = &r.steady {
+            println!(
+                "{:<12} second pass over the same {} resources (steady state): {:.1} Redis commands and {:.0} B retained per event ({}/{} results)",
+                r.system,
+                r.resources,
+                st.redis_commands_per_event,
+                st.redis_bytes_retained_per_event,
+                st.received,
+                st.events
+            );
+        }
+    }
 }
 
 fn print_replay(r: &ReplayResult) {
@@ -2232,6 +2348,7 @@ fn main() {
         events: b.events,
         resources: b.resources,
         processes: 1,
+        steady: system != System::Limit,
     };
     // Switchyard's maximum rate first: its shape is what the limit chain writes and its Redis
     // command mix is what the replay sends.
@@ -2327,6 +2444,7 @@ fn main() {
         events: b.events.min(((rate * 20.0) as usize).max(2000)),
         resources: b.resources,
         processes: 1,
+        steady: false,
     };
     for (i, f) in fractions.iter().enumerate() {
         let rate = (sy_tp * f).max(1.0);
@@ -2396,7 +2514,8 @@ fn main() {
             "records_per_event": "records the system wrote (all its output and intermediate topics) per input event",
             "bytes_per_event": "bytes (key + payload + headers) of those records per input event",
             "redis_commands_per_event": "delta of INFO commandstats calls (Lua-internal calls included, as Redis counts them; the bench's own INFO/FLUSHALL excluded) per input event",
-            "redis_bytes_retained_per_event": "INFO memory used_memory 3 s after the system stopped, minus before producing, per input event",
+            "redis_bytes_retained_per_event": "INFO memory used_memory 3 s after the system stopped (phases with a steady pass: 3 s after its last output, still running), minus before producing, per input event; the first pass creates every resource's state",
+            "steady": "maximum-rate phases of switchyard and the peer: a second pass of as many events over the same resources right after the first, the system still running; Redis commands per event and used_memory 3 s after its last output minus 3 s after the first pass's, per event (steady state: what a long-running system keeps per event once its resources exist)",
         },
         "phases": results,
         "limit_shape": bench.shape,
