@@ -1128,15 +1128,26 @@ impl Bench {
             .collect()
     }
 
-    /// The bench's switchyard config: deploy/switchyard.yaml with absolute paths, warn-level logs
-    /// and budgets too large to bind. `consumer_extra` adds librdkafka consumer settings.
+    /// The bench's switchyard config: deploy/bench/switchyard.yaml (the shipped config's built-in
+    /// flow, the one the peer implements; deploy/switchyard.yaml in trees that predate it) with
+    /// absolute paths, warn-level logs and budgets too large to bind. `consumer_extra` adds
+    /// librdkafka consumer settings.
     fn config_file(&self, name: &str, consumer_extra: &[(&str, &str)]) -> PathBuf {
-        let src = tree().join("deploy/switchyard.yaml");
+        let own = tree().join("deploy/bench/switchyard.yaml");
+        let src = if own.exists() {
+            own
+        } else {
+            tree().join("deploy/switchyard.yaml")
+        };
         let base = std::fs::read_to_string(&src)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
+        let topics = tree().join("topics").display().to_string();
+        let schemas = tree().join("schemas").display().to_string();
         let mut cfg = base
-            .replace("../topics", &tree().join("topics").display().to_string())
-            .replace("../schemas", &tree().join("schemas").display().to_string())
+            .replace("../../topics", &topics)
+            .replace("../../schemas", &schemas)
+            .replace("../topics", &topics)
+            .replace("../schemas", &schemas)
             .replace("level: info", "level: warn")
             .replace(
                 "linger.ms: \"5\"",
