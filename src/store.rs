@@ -201,11 +201,13 @@ fn unescape(s: &str) -> Option<String> {
 /// The resources whose list of recently finished ids was full when last read (a hint kept in
 /// memory, per store).
 ///
-/// A stored outcome or decision (kept until its input is committed) is written together with its
-/// id at the head of its resource's capped list of finished ids, so while the list is not full an
-/// id missing from it has nothing stored, and a read need not ask for it: an extra `GET` per task
-/// saved. Once the list is full, an id may have been pushed out while its outcome is still stored,
-/// so reads of that resource ask for it in the same round trip. A missing or wrong hint only costs
+/// A stored outcome or decision (kept until its input is committed, and never longer than the
+/// resource's hash) is written together with its id at the head of its resource's capped list of
+/// finished ids, so while the list is not full an id missing from it has nothing stored, and a
+/// read need not ask for it: an extra `GET` per task saved. Once the list is full (holds as many
+/// ids as configured, or ever dropped one: a flag in the hash, so a larger count configured later
+/// still counts it as full), an id may have been pushed out while its outcome is still stored, so
+/// reads of that resource ask for it in the same round trip. A missing or wrong hint only costs
 /// a command or a round trip, never a result. At most [`FullLists::MAX`] resources are remembered;
 /// past that the hint starts again from nothing.
 #[derive(Debug, Default)]

@@ -130,6 +130,66 @@ async fn a_context_hash_renews_its_ttl_when_a_sixteenth_passed_or_it_changed() {
     assert!(ttl(&mut r).await > 15000, "a changed TTL is applied");
 }
 
+/// A read skips the `GET` of a task's outcome where none can exist; that holds only while an
+/// outcome never outlives its context hash and a list that once dropped an id counts as full, also
+/// once a larger `remember_tasks` is configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_outcome_is_found_after_its_id_left_the_list_and_never_outlives_the_hash() {
+    use switchyard::context::{ContextStore, Prior};
+    let env = TestEnv::new(1, "").await;
+    let c = &env.loaded.config;
+    let with = |remember: usize| {
+        let mut cfg = switchyard::context::contract::config();
+        cfg.ttl_seconds = 1600;
+        cfg.remember_tasks = remember;
+        RedisStore::new(RedisConn::new(&c.redis.url).unwrap(), &env.prefix, cfg)
+    };
+    let k = ResourceKey::new("default", "full-svc");
+    let key = format!("{}:ctx:{}", env.prefix, k.hash_tag());
+    let mut r = redis::Client::open(c.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let outcome = switchyard::context::Outcome::default();
+    let small = with(2);
+    for t in ["t1", "t2", "t3"] {
+        small.commit(&k, t, &[], None, &outcome).await.unwrap();
+    }
+    // t1 left the list of two; a store configured for ten (a fresh process) still finds it.
+    let (prior, _) = with(10).read(&k, "t1").await.unwrap();
+    assert_eq!(prior, Prior::Recorded(Box::new(outcome.clone())));
+    assert_eq!(with(10).read(&k, "t9").await.unwrap().0, Prior::New);
+    // As if the hash was renewed 50 s ago: a commit that does not renew it stores an outcome that
+    // expires with the hash, not a full TTL later.
+    let now = chrono::Utc::now().timestamp();
+    redis::pipe()
+        .cmd("HSET")
+        .arg(&key)
+        .arg("_x")
+        .arg(format!("{}:1600", now - 50))
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(1550)
+        .query_async::<()>(&mut r)
+        .await
+        .unwrap();
+    small.commit(&k, "t4", &[], None, &outcome).await.unwrap();
+    let (hash_ttl, memo_ttl): (i64, i64) = redis::pipe()
+        .cmd("TTL")
+        .arg(&key)
+        .cmd("TTL")
+        .arg(format!("{key}:o:t4"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(hash_ttl <= 1550, "not renewed: {hash_ttl}");
+    assert!(
+        memo_ttl > 0 && memo_ttl <= hash_ttl + 1,
+        "the outcome ({memo_ttl} s) outlives the hash ({hash_ttl} s)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_agents_share_context_and_propose_actions() {
     let env = TestEnv::new(3, "").await;

@@ -177,7 +177,8 @@ pub trait ContextStore: Send + Sync + 'static {
         key: &ResourceKey,
     ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
 
-    /// What is known of a task, and the resource's context now, in one round trip.
+    /// What is known of a task, and the resource's context now, in one round trip (two when the
+    /// task may have finished before: see the store).
     fn read(
         &self,
         key: &ResourceKey,

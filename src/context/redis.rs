@@ -4,7 +4,8 @@
 //! - `_version`, one field per fact (JSON [`Fact`]) and `_v:<key>`, the version at which each fact
 //!   last changed;
 //! - `_events`: recent event summaries, most recent first (a JSON array of JSON strings);
-//! - `_done`: the ids of the resource's most recently finished tasks (a JSON array).
+//! - `_done`: the ids of the resource's most recently finished tasks (a JSON array); `_full` once
+//!   the list dropped one (an outcome may then be stored for a task it does not name).
 //!
 //! Beside it, `<prefix>:ctx:{t/r}:o:<task id>` holds a finished task's recorded [`Outcome`] (JSON,
 //! with the context's TTL) until its input is committed: apart, so that reading a busy resource's
@@ -13,7 +14,7 @@
 //! the task is among the resource's finished ids, or their list is full — see
 //! [`FullLists`](crate::store::FullLists)) and one commit script
 //! (`SET NX`, `HMGET`, `HSET`; `EXPIRE` only when a sixteenth of the TTL passed since the hash's
-//! TTL was last renewed, kept in its field `_x`), and the forgetting of its outcome a share of one
+//! TTL was last renewed, kept in its field `_x`; the outcome's own TTL ends with the hash's), and the forgetting of its outcome a share of one
 //! `DEL` of all the outcomes committed at the same time. What stays behind grows with resources, not with
 //! tasks.
 
@@ -28,7 +29,7 @@ const COMMIT: &str = r#"
 -- KEYS[1] = context hash, KEYS[2] = the task's outcome; ARGV[1] = task id, ARGV[2] = outcome,
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
 -- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds).
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x')
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full')
 if cur[1] then return {0, cur[1]} end
 if cur[4] then
   for _, t in ipairs(cjson.decode(cur[4])) do
@@ -52,20 +53,27 @@ if n > 0 then
     put('_v:' .. ARGV[8 + 2 * i], tostring(version))
   end
 end
+-- `first`, then `old` without it, at most `max`; and whether an id of `old` was dropped.
 local function capped(first, old, max)
-  local list = {first}
+  local list, dropped = {first}, false
   if old then
     for _, x in ipairs(cjson.decode(old)) do
-      if #list >= max then break end
-      if x ~= first then list[#list + 1] = x end
+      if x ~= first then
+        if #list >= max then dropped = true; break end
+        list[#list + 1] = x
+      end
     end
   end
-  return cjson.encode(list)
+  return cjson.encode(list), dropped
 end
 if ARGV[4] ~= '' and tonumber(ARGV[5]) > 0 then
-  put('_events', capped(ARGV[4], cur[3], tonumber(ARGV[5])))
+  put('_events', (capped(ARGV[4], cur[3], tonumber(ARGV[5]))))
 end
-put('_done', capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6]))))
+local done, dropped = capped(ARGV[1], cur[4], math.max(1, tonumber(ARGV[6])))
+put('_done', done)
+-- Once a finished id was dropped, a stored outcome may exist for an id the list does not name:
+-- readers ask for it (`_full`, whatever the configured count is now).
+if dropped and not cur[6] then put('_full', '1') end
 -- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
 -- '<when>:<ttl>' of the last renewal), not on every commit.
 local now, ttl = tonumber(ARGV[8 + 2 * n]), tonumber(ARGV[3])
@@ -73,7 +81,10 @@ local at, was = string.match(cur[5] or '', '^(%d+):(%d+)$')
 at, was = tonumber(at), tonumber(was)
 local renew = not at or was ~= ttl or now < at or now - at >= ttl / 16
 if renew then put('_x', ARGV[8 + 2 * n] .. ':' .. ARGV[3]) end
-if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3], 'NX') then
+-- The outcome never outlives the hash (else a reader would find no id naming it).
+local ex = ttl
+if not renew then ex = math.max(1, at + ttl - now) end
+if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
   return {0, redis.call('GET', KEYS[2])}
 end
 redis.call('HSET', KEYS[1], unpack(set))
@@ -146,14 +157,17 @@ pub fn parse_key_versions(
 }
 
 /// A resource's hash as read: its context, what it says of `task_id` (an outcome kept in the hash
-/// by older versions, or finished) and how many finished ids it lists.
+/// by older versions, or finished) and whether its list of finished ids is full (holds `cap` or
+/// once dropped one), so that an outcome may be stored for a task it does not name.
 fn parse(
     fields: HashMap<String, String>,
     task_id: &str,
-) -> Result<(Prior, Snapshot, usize), StoreError> {
+    cap: usize,
+) -> Result<(Prior, Snapshot, bool), StoreError> {
     let mut snap = Snapshot::default();
     let mut prior = Prior::New;
     let mut done: Vec<String> = Vec::new();
+    let mut dropped = false;
     for (k, v) in fields {
         if k == "_version" {
             snap.version = v
@@ -169,6 +183,8 @@ fn parse(
                         .map_err(|x| StoreError::Corrupt(format!("event: {x}")))
                 })
                 .collect::<Result<_, _>>()?;
+        } else if k == "_full" {
+            dropped = true;
         } else if k == "_done" {
             done =
                 serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
@@ -191,7 +207,11 @@ fn parse(
     if prior == Prior::New && !task_id.is_empty() && done.iter().any(|t| t == task_id) {
         prior = Prior::Finished;
     }
-    Ok((prior, snap, done.len()))
+    Ok((prior, snap, dropped || done.len() >= cap))
+}
+
+fn short() -> StoreError {
+    StoreError::Corrupt("context reply too short".into())
 }
 
 fn recorded(v: &str) -> Result<Outcome, StoreError> {
@@ -204,8 +224,8 @@ struct FirstRead {
     snap: Snapshot,
     /// The task's stored outcome, when it was asked for.
     stored: Option<Option<String>>,
-    /// How many finished ids the resource lists.
-    done: usize,
+    /// Whether the resource's finished list is full ([`parse`]).
+    full: bool,
 }
 
 impl RedisStore {
@@ -262,26 +282,29 @@ impl ContextStore for RedisStore {
             .iter()
             .zip(&hinted)
             .map(|((k, t), &h)| {
+                // Both replies of the ask are taken before either is parsed (the next ask's
+                // replies stay aligned whatever fails).
+                let hash = r.next();
+                let outcome = if h { Some(r.next()) } else { None };
                 let fields: HashMap<String, String> =
-                    FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                    FromRedisValue::from_redis_value(hash.ok_or_else(short)?)
                         .map_err(|e| StoreError::corrupt("context", e))?;
-                let stored = if h {
-                    Some(
-                        FromRedisValue::from_redis_value(r.next().unwrap_or(redis::Value::Nil))
+                let stored = match outcome {
+                    Some(v) => Some(
+                        FromRedisValue::from_redis_value(v.ok_or_else(short)?)
                             .map_err(|e| StoreError::corrupt("outcome", e))?,
-                    )
-                } else {
-                    None
+                    ),
+                    None => None,
                 };
-                let (prior, snap, done) = parse(fields, t)?;
+                let (prior, snap, full) = parse(fields, t, cap)?;
                 if !t.is_empty() {
-                    self.full.note(&self.ctx_key(k), done >= cap);
+                    self.full.note(&self.ctx_key(k), full);
                 }
                 Ok(FirstRead {
                     prior,
                     snap,
                     stored,
-                    done,
+                    full,
                 })
             })
             .collect();
@@ -292,7 +315,7 @@ impl ContextStore for RedisStore {
                 f.as_ref().is_ok_and(|f| {
                     f.stored.is_none()
                         && !asks[*i].1.is_empty()
-                        && (f.prior == Prior::Finished || (f.prior == Prior::New && f.done >= cap))
+                        && (f.prior == Prior::Finished || (f.prior == Prior::New && f.full))
                 })
             })
             .map(|(i, _)| i)
@@ -308,10 +331,10 @@ impl ContextStore for RedisStore {
                 fetched.insert(
                     i,
                     match &got {
-                        Ok(v) => FromRedisValue::from_redis_value(
-                            v.get(n).cloned().unwrap_or(redis::Value::Nil),
-                        )
-                        .map_err(|e| StoreError::corrupt("outcome", e)),
+                        Ok(v) => v.get(n).cloned().ok_or_else(short).and_then(|v| {
+                            FromRedisValue::from_redis_value(v)
+                                .map_err(|e| StoreError::corrupt("outcome", e))
+                        }),
                         Err(e) => Err(e.clone()),
                     },
                 );

@@ -8,7 +8,8 @@
 //! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`, `recent`), beside it `<prefix>:res:{t/r}:d:<proposal
+//! `applied:<partition>`, `approval:<id>`, `recent`, and `recent_full` once that list dropped an
+//! id), beside it `<prefix>:res:{t/r}:d:<proposal
 //! id>` (its decision, until committed; apart so that reading the resource never reads the
 //! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
 //! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL`, plus
@@ -74,7 +75,8 @@ pub struct Write<'a> {
 /// `Arc<dyn ResourceStore>` by the stage, the approvals service and the CLI.
 pub trait ResourceStore: Send + Sync + 'static {
     /// The record, the versions of `keys` in the resource's context, and the stored decision of
-    /// `proposal_id` — in one round trip.
+    /// `proposal_id` — in one round trip (two when the proposal may have been decided before: it is
+    /// among the recent ones, or their list is full).
     fn load<'a>(
         &'a self,
         k: &'a ResourceKey,
@@ -150,7 +152,7 @@ const CAS: &str = r#"
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
 -- ARGV[6] = now (unix seconds), ARGV[7..] = field, value pairs
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x')
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return 0 end
 local set = {'rev', tostring(rev + 1)}
@@ -163,20 +165,31 @@ at, was = tonumber(at), tonumber(was)
 local renew = ttl > 0 and (not at or was ~= ttl or now < at or now - at >= ttl / 16)
 if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] .. ':' .. ARGV[2] end
 if ARGV[3] ~= '' then
-  if tonumber(ARGV[2]) > 0 then
-    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
+  if ttl > 0 then
+    -- The decision never outlives the hash (else a reader would find no id naming it).
+    local ex = ttl
+    if not renew then ex = math.max(1, at + ttl - now) end
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', ex)
   else
     redis.call('SET', KEYS[2], ARGV[4])
   end
-  local list = {ARGV[3]}
+  local list, dropped = {ARGV[3]}, false
   if cur[2] then
     for _, x in ipairs(cjson.decode(cur[2])) do
-      if #list >= tonumber(ARGV[5]) then break end
-      if x ~= ARGV[3] then list[#list + 1] = x end
+      if x ~= ARGV[3] then
+        if #list >= tonumber(ARGV[5]) then dropped = true; break end
+        list[#list + 1] = x
+      end
     end
   end
   set[#set + 1] = 'recent'
   set[#set + 1] = cjson.encode(list)
+  -- Once an id was dropped, a decision may be stored for one the list does not name: readers
+  -- ask for it (whatever the configured count is now).
+  if dropped and not cur[4] then
+    set[#set + 1] = 'recent_full'
+    set[#set + 1] = '1'
+  end
 end
 redis.call('HSET', KEYS[1], unpack(set))
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
@@ -275,8 +288,10 @@ impl RedisResourceStore {
             crate::context::redis::parse_key_versions(keys, next())?
         };
         let mut l = ResourceRecord::default();
+        let mut dropped = false;
         for (f, v) in hash {
             match f.as_str() {
+                "recent_full" => dropped = true,
                 "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
                 "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
                 "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
@@ -305,7 +320,7 @@ impl RedisResourceStore {
             }
         }
         if let Some(id) = proposal_id {
-            let full = l.recent.len() >= self.remember;
+            let full = dropped || l.recent.len() >= self.remember;
             self.full.note(&self.res_key(k), full);
             if !hinted && decided.is_none() && (full || l.recent.iter().any(|r| r == id)) {
                 let v: Option<String> = redis::cmd("GET")

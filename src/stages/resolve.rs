@@ -387,7 +387,8 @@ impl ResolveStage {
             .get(&p.action)
             .map(|r| r.invalidated_by.clone())
             .unwrap_or_default();
-        // One round trip: a decision stored for this proposal (a redelivery), and the state.
+        // A decision stored for this proposal (a redelivery), and the state: one round trip, two
+        // when the proposal may have been decided before.
         let mut loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
         let forget = vec![forget_token(&key, &p.proposal_id)];
         if let Some(d) = loaded.decided.take() {
