@@ -106,7 +106,7 @@ fn env_num<T: std::str::FromStr>(k: &str, d: T) -> T {
     }
 }
 
-/// The source tree whose config (deploy/switchyard.yaml), topics/ and schemas/ the measured
+/// The source tree whose config (deploy/bench/switchyard.yaml), topics/ and schemas/ the measured
 /// switchyard runs with: this one, or BENCH_SWITCHYARD_TREE (with BENCH_SWITCHYARD_BIN, another
 /// commit's build and its own config).
 fn tree() -> PathBuf {
@@ -1159,7 +1159,8 @@ impl Bench {
             let anchor = "  consumer:\n";
             assert!(
                 cfg.contains(anchor),
-                "deploy/switchyard.yaml has no kafka.consumer section"
+                "{} has no kafka.consumer section",
+                src.display()
             );
             cfg = cfg.replacen(anchor, &format!("{anchor}    {k}: \"{v}\"\n"), 1);
         }
@@ -2114,7 +2115,7 @@ fn limit_chain(brokers: &str, shape_file: &Path) {
 // ------------------------------------------------------------------------------------- main ---
 
 /// Producer `linger.ms` of both the limit chain and switchyard (BENCH_LINGER_MS, default 5, as in
-/// deploy/switchyard.yaml).
+/// deploy/bench/switchyard.yaml).
 fn linger_ms() -> String {
     env_or("BENCH_LINGER_MS", "5")
 }
