@@ -569,10 +569,13 @@ impl Config {
         for (item, m) in self.http.ingest.problems(&self.topics.inputs) {
             p(&item, m);
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if crate::telemetry::log_filter(&self.log.level).is_none() {
             p(
                 "log.level",
-                format!("{:?} is not a valid filter", self.log.level),
+                format!(
+                    "{:?} is not a valid filter (e.g. info, or switchyard=debug,rdkafka=warn; ASCII only)",
+                    self.log.level
+                ),
             );
         }
         if self.topics.inputs.is_empty() {

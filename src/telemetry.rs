@@ -490,11 +490,28 @@ impl Metrics {
     }
 }
 
-/// Sets up `tracing` output. `RUST_LOG`, when set, overrides `level`.
+/// The `tracing` filter `spec` describes (`info`, `switchyard=debug,rdkafka=warn`, ...); `None` when it
+/// is not one. Text with a non-ASCII character is refused before it is parsed: tracing-subscriber
+/// 0.3.23's directive parser panics on a multi-byte character (slicing inside it; found by fuzzing
+/// the config loader, `fuzz/regressions/config_yaml/`), and a filter has no use for one.
+pub fn log_filter(spec: &str) -> Option<tracing_subscriber::EnvFilter> {
+    if !spec.is_ascii() {
+        return None;
+    }
+    tracing_subscriber::EnvFilter::try_new(spec).ok()
+}
+
+/// Sets up `tracing` output. `RUST_LOG`, when set to a valid filter, overrides `level`.
 pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let env_filter = from_env.as_deref().and_then(log_filter);
+    if let (Some(v), None) = (&from_env, &env_filter) {
+        // Logging is not set up yet: say it on stderr.
+        eprintln!("RUST_LOG={v:?} is not a valid log filter; using log.level {level:?}.");
+    }
+    let filter = env_filter
+        .or_else(|| log_filter(level))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

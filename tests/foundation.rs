@@ -430,6 +430,7 @@ governance:
   approvals:
     rules:
       - {{ actions: [rollbak], min_impact: high }}
+log: {{ level: "info — debug" }}
 "#,
             topics = root().join("topics").display(),
             schemas = root().join("schemas").display(),
@@ -454,6 +455,8 @@ governance:
         "governance.access[0].agents[0]: \"ghost\" is not an agent declared under agents",
         "governance.access[0].actions[0]: \"teleport\" is not an action any agent declares",
         "governance.approvals.rules[0].actions[0]: \"rollbak\" is not an action any agent declares; did you mean \"rollback\"?",
+        // tracing-subscriber's parser panics on a multi-byte character (found by fuzzing).
+        "log.level: \"info — debug\" is not a valid filter",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
