@@ -12,11 +12,11 @@
 //! context never reads the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL`
 //! of the context, one pipeline for a whole batch; a `GET` of its outcome only where one can exist:
 //! the task is among the resource's finished ids, or their list is full — see
-//! [`FullLists`](crate::store::FullLists)) and one commit script
-//! (`SET NX`, `HMGET`, `HSET`; `EXPIRE` only when a sixteenth of the TTL passed since the hash's
-//! TTL was last renewed, kept in its field `_x`; the outcome's own TTL ends with the hash's), and the forgetting of its outcome a share of one
-//! `DEL` of all the outcomes committed at the same time. What stays behind grows with resources, not with
-//! tasks.
+//! [`FullLists`](crate::store::FullLists)) and one commit script (`SET NX`, `HMGET`, `HSET`;
+//! `EXPIRE` only when a sixteenth of the TTL passed since the hash's TTL was last renewed, kept in
+//! its field `_x`; the outcome's own TTL ends with the hash's), and the forgetting of its outcome a
+//! share of one `DEL` of all the outcomes committed at the same time. What stays behind grows with
+//! resources, not with tasks.
 
 use redis::Script;
 use serde_json::Value;

@@ -9,10 +9,10 @@
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
 //! `applied:<partition>`, `approval:<id>`, `recent`, and `recent_full` once that list dropped an
-//! id), beside it `<prefix>:res:{t/r}:d:<proposal
-//! id>` (its decision, until committed; apart so that reading the resource never reads the
-//! decisions of a busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by
-//! expiry) and `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL`, plus
+//! id), beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed, never longer
+//! than the hash; apart so that reading the resource never reads the decisions of a busy resource's
+//! uncommitted proposals), `<prefix>:approvals:open` (sorted set by expiry) and
+//! `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL`, plus
 //! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of its
 //! decision only where one can exist: the proposal is among the recent ones, or their list is full
 //! — see [`FullLists`]), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
