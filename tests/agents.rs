@@ -72,11 +72,7 @@ async fn a_context_hash_renews_its_ttl_when_a_sixteenth_passed_or_it_changed() {
     let (s, longer) = (with_ttl(1600), with_ttl(16000));
     let k = ResourceKey::new("default", "ttl-svc");
     let key = format!("{}:ctx:{}", env.prefix, k.hash_tag());
-    let mut r = redis::Client::open(c.redis.url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut r = redis_connection(c.redis.url.as_str()).await;
     let outcome = switchyard::context::Outcome::default();
     let ttl = |r: &mut redis::aio::MultiplexedConnection| {
         let mut r = r.clone();
@@ -146,11 +142,7 @@ async fn a_stored_outcome_is_found_after_its_id_left_the_list_and_never_outlives
     };
     let k = ResourceKey::new("default", "full-svc");
     let key = format!("{}:ctx:{}", env.prefix, k.hash_tag());
-    let mut r = redis::Client::open(c.redis.url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut r = redis_connection(c.redis.url.as_str()).await;
     let outcome = switchyard::context::Outcome::default();
     let small = with(2);
     for t in ["t1", "t2", "t3"] {

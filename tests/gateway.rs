@@ -466,11 +466,7 @@ gateway:
 /// HGET calls and cost of a budget bucket, and how many holds are open — once every hold is
 /// settled or after 5 s (a call's books are settled just after its answer went out).
 async fn budget_state(prefix: &str, key: &str) -> (u64, f64, u64) {
-    let mut conn = redis::Client::open(stack().1.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = redis_connection(stack().1.as_str()).await;
     let mut held = 0;
     for _ in 0..100 {
         held = redis::cmd("ZCARD")

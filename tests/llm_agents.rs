@@ -1252,11 +1252,7 @@ agents:
         .read("switchyard.actions", 4, Duration::from_secs(3))
         .await;
     assert_eq!(after.len(), 3, "no action written by a replay");
-    let mut conn = redis::Client::open(stack().1.as_str())
-        .expect("redis")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = redis_connection(stack().1.as_str()).await;
     let left: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}:replay-*", env.prefix))
         .query_async(&mut conn)

@@ -262,13 +262,15 @@ impl ContextStore for RedisStore {
         // finished list was full when last read ([`FullLists`]); otherwise only if the list read
         // names the task (a redelivery) or turns out full, in a second one.
         let cap = self.config.remember_tasks.max(1);
+        let keys: Vec<String> = asks.iter().map(|(k, _)| self.ctx_key(k)).collect();
         let hinted: Vec<bool> = asks
             .iter()
-            .map(|(k, t)| !t.is_empty() && self.full.full(&self.ctx_key(k)))
+            .zip(&keys)
+            .map(|((_, t), key)| !t.is_empty() && self.full.full(key))
             .collect();
         let mut pipe = redis::pipe();
-        for ((k, t), &h) in asks.iter().zip(&hinted) {
-            pipe.hgetall(self.ctx_key(k));
+        for (((k, t), key), &h) in asks.iter().zip(&keys).zip(&hinted) {
+            pipe.hgetall(key);
             if h {
                 pipe.get(self.outcome_key(k, t));
             }
@@ -278,10 +280,11 @@ impl ContextStore for RedisStore {
             Err(e) => return asks.iter().map(|_| Err(e.clone())).collect(),
         };
         let mut r = replies.into_iter();
-        let first: Vec<Result<FirstRead, StoreError>> = asks
+        let mut first: Vec<Result<FirstRead, StoreError>> = asks
             .iter()
+            .zip(&keys)
             .zip(&hinted)
-            .map(|((k, t), &h)| {
+            .map(|(((_, t), key), &h)| {
                 // Both replies of the ask are taken before either is parsed (the next ask's
                 // replies stay aligned whatever fails).
                 let hash = r.next();
@@ -298,7 +301,7 @@ impl ContextStore for RedisStore {
                 };
                 let (prior, snap, full) = parse(fields, t, cap)?;
                 if !t.is_empty() {
-                    self.full.note(&self.ctx_key(k), full);
+                    self.full.note(key, full);
                 }
                 Ok(FirstRead {
                     prior,
@@ -320,7 +323,6 @@ impl ContextStore for RedisStore {
             })
             .map(|(i, _)| i)
             .collect();
-        let mut fetched: HashMap<usize, Result<Option<String>, StoreError>> = HashMap::new();
         if !second.is_empty() {
             let mut pipe = redis::pipe();
             for &i in &second {
@@ -328,28 +330,28 @@ impl ContextStore for RedisStore {
             }
             let got = self.query(pipe).await;
             for (n, &i) in second.iter().enumerate() {
-                fetched.insert(
-                    i,
-                    match &got {
-                        Ok(v) => v.get(n).cloned().ok_or_else(short).and_then(|v| {
-                            FromRedisValue::from_redis_value(v)
-                                .map_err(|e| StoreError::corrupt("outcome", e))
-                        }),
-                        Err(e) => Err(e.clone()),
-                    },
-                );
+                let stored = match &got {
+                    Ok(v) => v.get(n).cloned().ok_or_else(short).and_then(|v| {
+                        FromRedisValue::from_redis_value(v)
+                            .map_err(|e| StoreError::corrupt("outcome", e))
+                    }),
+                    Err(e) => Err(e.clone()),
+                };
+                match stored {
+                    Ok(s) => {
+                        if let Ok(f) = &mut first[i] {
+                            f.stored = Some(s);
+                        }
+                    }
+                    Err(e) => first[i] = Err(e),
+                }
             }
         }
         first
             .into_iter()
-            .enumerate()
-            .map(|(i, f)| {
+            .map(|f| {
                 let f = f?;
-                let stored = match fetched.remove(&i) {
-                    Some(s) => s?,
-                    None => f.stored.flatten(),
-                };
-                Ok(match stored {
+                Ok(match f.stored.flatten() {
                     Some(v) => (Prior::Recorded(Box::new(recorded(&v)?)), f.snap),
                     None => (f.prior, f.snap),
                 })

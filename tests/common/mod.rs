@@ -80,6 +80,15 @@ pub fn redis_tls_url() -> String {
     stack_var("SWITCHYARD_REDIS_TLS_URL")
 }
 
+/// A plain Redis connection of the test's own (to look at or arrange keys behind the stores' back).
+pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
 /// The stack's test CA directory: `ca.crt`, and `server.crt`/`server.key` for 127.0.0.1.
 pub fn test_ca_dir() -> PathBuf {
     PathBuf::from(stack_var("SWITCHYARD_TEST_CA_DIR"))
