@@ -216,6 +216,23 @@ pub fn next_token(last: u64, floor: u64) -> u64 {
     (last + 1).max(floor)
 }
 
+/// An action names at most this many proposals (`proposals` of its record and of the resolve
+/// state): the one that created it and the most recent of those merged into it since. Without a
+/// bound a busy resource's merged action (a `page` per breach) grew with every proposal, and so did
+/// every record of it and every read and write of the resource's state.
+pub const PROVENANCE: usize = 32;
+
+/// Adds `p` to an action's provenance: its proposal (within [`PROVENANCE`]) and its agent.
+fn note_provenance(a: &mut ActiveAction, p: &ProposalData) {
+    if a.proposals.len() >= PROVENANCE {
+        a.proposals.remove(1);
+    }
+    a.proposals.push(p.proposal_id.clone());
+    if !a.agents.contains(&p.agent) {
+        a.agents.push(p.agent.clone());
+    }
+}
+
 fn action_of(
     p: &ProposalData,
     action_id: &str,
@@ -267,10 +284,7 @@ pub fn apply(
         } => Decided::rejected(reason, rule.as_str(), detail),
         Decision::Duplicate { action_id } => {
             if let Some(a) = state.active.iter_mut().find(|a| a.action_id == action_id) {
-                a.proposals.push(p.proposal_id.clone());
-                if !a.agents.contains(&p.agent) {
-                    a.agents.push(p.agent.clone());
-                }
+                note_provenance(a, p);
             }
             Decided {
                 into_action: Some(action_id.clone()),
@@ -287,10 +301,7 @@ pub fn apply(
         } => {
             let mut action = None;
             if let Some(a) = state.active.iter_mut().find(|a| a.action_id == action_id) {
-                a.proposals.push(p.proposal_id.clone());
-                if !a.agents.contains(&p.agent) {
-                    a.agents.push(p.agent.clone());
-                }
+                note_provenance(a, p);
                 a.parameters = parameters.clone();
                 a.params_hash = params_hash(&parameters);
                 if a.status == ActiveStatus::Accepted {
@@ -460,6 +471,37 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_action_names_its_first_proposal_and_the_most_recent_others() {
+        let mut a = ActiveAction {
+            action_id: "act".into(),
+            action: "page".into(),
+            priority: 0,
+            status: ActiveStatus::Accepted,
+            at: 0,
+            params_hash: String::new(),
+            parameters: json!({}),
+            proposals: vec!["p0".into()],
+            agents: vec!["x".into()],
+            approval_id: None,
+        };
+        for i in 1..=100 {
+            let p: ProposalData = serde_json::from_value(json!({
+                "proposal_id": format!("p{i}"), "task_id": "t", "workflow_id": "w",
+                "agent": if i % 2 == 0 { "x" } else { "y" }, "action": "page", "resource": "r",
+                "tenant": "t", "parameters": {}, "priority": 0, "impact": "low",
+                "context_version": 0
+            }))
+            .expect("a proposal");
+            note_provenance(&mut a, &p);
+        }
+        assert_eq!(a.proposals.len(), PROVENANCE);
+        assert_eq!(a.proposals[0], "p0", "the proposal that created it");
+        assert_eq!(a.proposals[1], format!("p{}", 100 - PROVENANCE + 2));
+        assert_eq!(a.proposals.last().map(String::as_str), Some("p100"));
+        assert_eq!(a.agents, ["x", "y"]);
+    }
 
     #[test]
     fn tokens_rise_with_offsets_even_from_a_lost_counter() {

@@ -136,6 +136,28 @@ impl ResolveConfig {
         p
     }
 
+    /// How long an accepted action of type `action` can still change a decision: the longest
+    /// window of a rule that looks at it — dedupe always; merge, cooldown and conflicts where its
+    /// type has them. [`prune`] drops it after that (an action that only dedupes is kept
+    /// `dedupe_window_seconds`, not the longest window of any type).
+    pub fn relevance_seconds(&self, action: &str) -> u64 {
+        let mut keep = self.dedupe_window_seconds;
+        if let Some(r) = self.rule(action) {
+            if r.merge {
+                keep = keep.max(self.merge_window_seconds);
+            }
+            keep = keep.max(r.cooldown_seconds);
+        }
+        let conflicts = self.actions.iter().any(|(name, r)| {
+            (name == action && !r.conflicts_with.is_empty())
+                || r.conflicts_with.iter().any(|x| x == action)
+        });
+        if conflicts {
+            keep = keep.max(self.conflict_window_seconds);
+        }
+        keep
+    }
+
     /// Longest window state must be kept for.
     pub fn retention_seconds(&self) -> u64 {
         let cooldown = self
@@ -325,12 +347,25 @@ pub fn merge_params(old: &Value, new: &Value) -> Value {
     }
 }
 
-/// Drops actions older than every window.
+/// Drops accepted actions no rule can look at any more ([`ResolveConfig::relevance_seconds`] of
+/// their type); actions awaiting approval stay. Never changes a decision ([`decide`] looks at no
+/// action older than the window of the rule looking).
 pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
-    let keep = cfg.retention_seconds() as i64;
-    state
-        .active
-        .retain(|a| a.status == ActiveStatus::PendingApproval || now - a.at <= keep);
+    let mut windows: BTreeMap<String, i64> = BTreeMap::new();
+    state.active.retain(|a| {
+        if a.status == ActiveStatus::PendingApproval {
+            return true;
+        }
+        let window = match windows.get(&a.action) {
+            Some(w) => *w,
+            None => {
+                let w = cfg.relevance_seconds(&a.action) as i64;
+                windows.insert(a.action.clone(), w);
+                w
+            }
+        };
+        now - a.at <= window
+    });
 }
 
 /// Decides what happens to `c` on a resource in `state` at time `now` (seconds). Pure.
@@ -669,7 +704,89 @@ mod tests {
         .prop_map(str::to_string)
     }
 
+    #[test]
+    fn an_action_is_kept_only_while_a_rule_of_its_type_can_look_at_it() {
+        let c = cfg();
+        let mut s = ResourceState::default();
+        // `restart` has no rule: only dedupe (300 s) looks at it. `scale_down` conflicts
+        // (1800 s), `rollback` also has a cooldown (600 s), `page` merges (120 s < dedupe).
+        for (id, action) in [("r", "restart"), ("s", "scale_down"), ("p", "page")] {
+            s.active
+                .push(active(id, action, 1, ActiveStatus::Accepted, 0, json!({})));
+        }
+        s.active.push(active(
+            "w",
+            "restart",
+            1,
+            ActiveStatus::PendingApproval,
+            0,
+            json!({}),
+        ));
+        let ids = |s: &ResourceState| {
+            s.active
+                .iter()
+                .map(|a| a.action_id.clone())
+                .collect::<Vec<_>>()
+        };
+        prune(&mut s, &c, 300);
+        assert_eq!(ids(&s), ["r", "s", "p", "w"]);
+        prune(&mut s, &c, 301);
+        assert_eq!(ids(&s), ["s", "w"]);
+        prune(&mut s, &c, 1801);
+        assert_eq!(ids(&s), ["w"], "awaiting approval: kept whatever its age");
+        assert_eq!(c.relevance_seconds("rollback"), 1800);
+        assert_eq!(
+            c.relevance_seconds("scale_up"),
+            1800,
+            "named by another type's conflicts"
+        );
+        assert_eq!(c.relevance_seconds("unknown"), 300);
+    }
+
+    fn arb_state() -> impl Strategy<Value = ResourceState> {
+        let entry = (
+            arb_action(),
+            0i64..4000,
+            any::<u8>(),
+            any::<bool>(),
+            0i32..200,
+        );
+        prop::collection::vec(entry, 0..30).prop_map(|entries| ResourceState {
+            active: entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, (action, at, p, pending, prio))| {
+                    let status = if pending {
+                        ActiveStatus::PendingApproval
+                    } else {
+                        ActiveStatus::Accepted
+                    };
+                    active(
+                        &format!("a{i}"),
+                        &action,
+                        prio,
+                        status,
+                        at,
+                        json!({"p": p % 3}),
+                    )
+                })
+                .collect(),
+            key_versions: BTreeMap::new(),
+        })
+    }
+
     proptest! {
+        /// Pruning never changes a decision: whatever it drops, no rule would have looked at.
+        #[test]
+        fn pruning_never_changes_a_decision(state in arb_state(), action in arb_action(), p in any::<u8>(), prio in 0i32..200, now in 0i64..6000) {
+            let c = cfg();
+            let mut pruned = state.clone();
+            prune(&mut pruned, &c, now);
+            let mut cand = cand("p", &action, json!({"p": p % 3}));
+            cand.priority = prio;
+            prop_assert_eq!(decide(&c, &pruned, &cand, now), decide(&c, &state, &cand, now));
+        }
+
         /// Applying accepted decisions in sequence never leaves two conflicting actions both active
         /// unless the later one has strictly higher priority (it supersedes), and ids are deterministic.
         #[test]
