@@ -116,6 +116,68 @@ async fn redis_stores_meet_their_contracts() {
     .await;
 }
 
+/// The resolve store answers a proposal's load from its own copy of the record where it has one;
+/// a copy out of date (the resource written by another instance) never commits, and the load after
+/// the refused commit reads Redis again: it finds the proposal the other instance decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_resource_written_elsewhere_never_commits() {
+    use switchyard::resolve::apply::{Change, Decided, Verdict};
+    use switchyard::resolve::store::{RedisResourceStore, ResourceStore, Write};
+    let env = TestEnv::new(1, "").await;
+    let conn = switchyard::store::RedisConn::new(&env.loaded.config.redis.url).unwrap();
+    let p = &env.loaded.config.redis.key_prefix;
+    let (a, b) = (
+        RedisResourceStore::new(conn.clone(), p, 3600, 64),
+        RedisResourceStore::new(conn.clone(), p, 3600, 64),
+    );
+    let k = switchyard::store::ResourceKey::new("default", format!("copy-{}", env.prefix));
+    let change = Change::default();
+    let decided = Decided {
+        outcome: Verdict::Accepted,
+        reason: None,
+        rule: None,
+        detail: "by b".into(),
+        action: None,
+        approvals: vec![],
+        into_action: None,
+        superseded: vec![],
+        at: "2026-01-01T00:00:00Z".into(),
+    };
+    let write = |id: &'static str, offset: i64| Write {
+        change: &change,
+        applied: Some((0, offset)),
+        decision: Some((id, &decided)),
+    };
+    // a reads the empty resource and keeps a copy; b (another instance) decides x1.
+    assert_eq!(a.load(&k, &[], Some("x1")).await.unwrap().record.rev, 0);
+    assert!(b.commit(&k, 0, write("x1", 1)).await.unwrap());
+    // a's next load answers from its copy: it cannot know, and its commit is refused.
+    let stale = a.load(&k, &[], Some("x1")).await.unwrap();
+    assert!(
+        stale.decided.is_none() && stale.record.rev == 0,
+        "{stale:?}"
+    );
+    assert!(!a.commit(&k, 0, write("x1", 1)).await.unwrap());
+    // The load after the refusal reads Redis: x1 was decided, with b's decision.
+    let fresh = a.load(&k, &[], Some("x1")).await.unwrap();
+    assert_eq!(fresh.decided.as_ref(), Some(&decided));
+    assert_eq!(fresh.record.rev, 1);
+    assert_eq!(fresh.record.applied.get(&0), Some(&1));
+    // a's own writes keep its copy current: the next load reads no record, and commits.
+    assert!(a.commit(&k, 1, write("x2", 2)).await.unwrap());
+    let next = a.load(&k, &[], Some("x3")).await.unwrap();
+    assert_eq!(next.record.rev, 2);
+    assert_eq!(next.record.recent, ["x2", "x1"]);
+    assert_eq!(next.record.applied.get(&0), Some(&2));
+    assert!(a.commit(&k, 2, write("x3", 3)).await.unwrap());
+    // Written back the same as Redis has it.
+    let other = RedisResourceStore::new(conn, p, 3600, 64);
+    assert_eq!(
+        other.load(&k, &[], Some("x4")).await.unwrap().record,
+        a.load(&k, &[], Some("x4")).await.unwrap().record
+    );
+}
+
 /// Every store's contract, then the pipeline itself, on a Redis Cluster of three masters: each
 /// resource's keys share a hash tag (one slot), and a batch's pipelines, which span many resources,
 /// are sent command by command to their slots' nodes.

@@ -12,7 +12,8 @@
 //! id), beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed, never longer
 //! than the hash; apart so that reading the resource never reads the decisions of a busy resource's
 //! uncommitted proposals), `<prefix>:approvals:open` (sorted set by expiry) and
-//! `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL`, plus
+//! `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` — none when
+//! this instance holds a copy of the record from its last read or write, [`Copies`] — plus
 //! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of its
 //! decision only where one can exist: the proposal is among the recent ones, or their list is full
 //! — see [`FullLists`]), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
@@ -76,7 +77,9 @@ pub struct Write<'a> {
 pub trait ResourceStore: Send + Sync + 'static {
     /// The record, the versions of `keys` in the resource's context, and the stored decision of
     /// `proposal_id` — in one round trip (two when the proposal may have been decided before: it is
-    /// among the recent ones, or their list is full).
+    /// among the recent ones, or their list is full). With a `proposal_id` the record may be the
+    /// store's own copy and out of date (written elsewhere since): [`ResourceStore::commit`] then
+    /// returns false, and the caller loads again and asks again whether the proposal was decided.
     fn load<'a>(
         &'a self,
         k: &'a ResourceKey,
@@ -149,12 +152,13 @@ pub trait ResourceStore: Send + Sync + 'static {
 }
 
 const CAS: &str = r#"
+-- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id}.
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
 -- ARGV[6] = now (unix seconds), ARGV[7..] = field, value pairs
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
 local rev = tonumber(cur[1] or '0')
-if rev ~= tonumber(ARGV[1]) then return 0 end
+if rev ~= tonumber(ARGV[1]) then return {0} end
 local set = {'rev', tostring(rev + 1)}
 for i = 7, #ARGV do set[#set + 1] = ARGV[i] end
 -- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
@@ -193,7 +197,12 @@ if ARGV[3] ~= '' then
 end
 redis.call('HSET', KEYS[1], unpack(set))
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return 1
+-- What the writer's copy of the record needs: the list as now stored, and whether it ever dropped.
+local recent, full = cur[2] or '', cur[4] and '1' or '0'
+for i = 1, #set, 2 do
+  if set[i] == 'recent' then recent = set[i + 1] elseif set[i] == 'recent_full' then full = '1' end
+end
+return {1, recent, full}
 "#;
 
 /// Resolve state in Redis.
@@ -206,6 +215,77 @@ pub struct RedisResourceStore {
     /// Decided proposals remembered per resource once their decisions are forgotten.
     remember: usize,
     full: FullLists,
+    copies: Copies,
+}
+
+/// This instance's copy of the records it last read or wrote, by resource hash key, for the loads
+/// of proposals ([`ResourceStore::load`] with a proposal id; the resolve stage owns their
+/// resources' partitions, so the copy is almost always current). A copy is only ever a guess: the
+/// commit's compare-and-set on the revision refuses a write decided on one that is out of date (an
+/// approval decided elsewhere, another owner meanwhile, an expired hash), the copy is dropped and
+/// the caller loads again from Redis. At most [`Copies::MAX`] resources; past that an arbitrary
+/// one is dropped.
+#[derive(Debug, Default)]
+struct Copies(Mutex<HashMap<String, Kept>>);
+
+#[derive(Debug, Clone)]
+struct Kept {
+    record: ResourceRecord,
+    /// The recent list is full or ever dropped an id (see [`FullLists`]).
+    full: bool,
+}
+
+impl Copies {
+    const MAX: usize = 10_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &str) -> Option<Kept> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Keeps what a read from Redis found, unless a newer copy is already kept.
+    fn read(&self, key: &str, copy: Kept) {
+        let mut m = self.lock();
+        if m.get(key).is_some_and(|c| c.record.rev >= copy.record.rev) {
+            return;
+        }
+        if m.len() >= Self::MAX && !m.contains_key(key) {
+            if let Some(k) = m.keys().next().cloned() {
+                m.remove(&k);
+            }
+        }
+        m.insert(key.to_string(), copy);
+    }
+
+    /// Applies a write that moved the record from `rev` to `rev + 1`; a copy of another revision
+    /// (or none) is dropped rather than guessed.
+    fn wrote(&self, key: &str, rev: u64, w: &Write<'_>, recent: Vec<String>, full: bool) {
+        let mut m = self.lock();
+        let Some(c) = m.get_mut(key).filter(|c| c.record.rev == rev) else {
+            m.remove(key);
+            return;
+        };
+        let r = &mut c.record;
+        r.rev = rev + 1;
+        r.token = w.change.token;
+        r.state = w.change.state.clone();
+        if let Some((p, o)) = w.applied {
+            r.applied.insert(p, o);
+        }
+        for a in &w.change.approvals {
+            r.approvals
+                .insert(a.approval.approval_id.clone(), a.clone());
+        }
+        r.recent = recent;
+        c.full = full;
+    }
+
+    fn discard(&self, key: &str) {
+        self.lock().remove(key);
+    }
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -221,6 +301,7 @@ impl RedisResourceStore {
             ttl,
             remember: remember.max(1),
             full: FullLists::default(),
+            copies: Copies::default(),
         }
     }
 
@@ -251,13 +332,26 @@ impl RedisResourceStore {
         proposal_id: Option<&str>,
     ) -> Result<Loaded, StoreError> {
         use redis::FromRedisValue;
+        let res_key = self.res_key(k);
+        // A proposal's load starts from this instance's copy when it has one ([`Copies`]): then
+        // only the context versions and, where one can exist, the stored decision are read.
+        let copy = proposal_id.and_then(|_| self.copies.get(&res_key));
         let mut c = self.conn.get().await?;
-        // The proposal's stored decision is asked for up front only when the resource's recent
-        // list was full when last read ([`FullLists`]); otherwise only if the list names the
-        // proposal (a redelivery) or turns out full, in a second round trip.
-        let hinted = proposal_id.is_some() && self.full.full(&self.res_key(k));
+        // The proposal's stored decision is asked for up front when the copy names it or its list
+        // is full, or without a copy when the resource's recent list was full when last read
+        // ([`FullLists`]); otherwise only if the list read names the proposal (a redelivery) or
+        // turns out full, in a second round trip.
+        let ask = |recent: &[String], full: bool| {
+            proposal_id.is_some_and(|id| full || recent.iter().any(|r| r == id))
+        };
+        let hinted = match &copy {
+            Some(cp) => ask(&cp.record.recent, cp.full),
+            None => proposal_id.is_some() && self.full.full(&res_key),
+        };
         let mut pipe = redis::pipe();
-        pipe.hgetall(self.res_key(k));
+        if copy.is_none() {
+            pipe.hgetall(&res_key);
+        }
         if hinted {
             pipe.get(self.decision_key(k, proposal_id.unwrap_or("")));
         }
@@ -268,61 +362,47 @@ impl RedisResourceStore {
                 keys,
             ));
         }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+        let replies: Vec<redis::Value> = if copy.is_none() || hinted || !keys.is_empty() {
+            pipe.query_async(&mut c).await?
+        } else {
+            Vec::new()
+        };
         let mut replies = replies.into_iter();
         let mut next = || replies.next().unwrap_or(redis::Value::Nil);
-        let hash: HashMap<String, String> =
-            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
-        let decision: Option<String> = if hinted {
-            FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?
-        } else {
-            None
+        let (l, full, mut decided) = match copy {
+            Some(cp) => (cp.record, cp.full, None),
+            None => {
+                let hash: HashMap<String, String> =
+                    FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("state", e))?;
+                let (l, dropped, legacy) = self.parse_record(hash, proposal_id)?;
+                let full = dropped || l.recent.len() >= self.remember;
+                if proposal_id.is_some() {
+                    self.full.note(&res_key, full);
+                    self.copies.read(
+                        &res_key,
+                        Kept {
+                            record: l.clone(),
+                            full,
+                        },
+                    );
+                }
+                (l, full, legacy)
+            }
         };
-        let mut decided: Option<Decided> = match decision {
-            Some(v) => Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?),
-            None => None,
-        };
+        if hinted {
+            let v: Option<String> =
+                FromRedisValue::from_redis_value(next()).map_err(|e| corrupt("decision", e))?;
+            if let Some(v) = v {
+                decided = Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
+            }
+        }
         let key_versions = if keys.is_empty() {
             BTreeMap::new()
         } else {
             crate::context::redis::parse_key_versions(keys, next())?
         };
-        let mut l = ResourceRecord::default();
-        let mut dropped = false;
-        for (f, v) in hash {
-            match f.as_str() {
-                "recent_full" => dropped = true,
-                "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
-                "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
-                "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
-                "recent" => {
-                    l.recent = serde_json::from_str(&v).map_err(|e| corrupt("recent", e))?
-                }
-                _ => {
-                    if let Some(p) = f.strip_prefix("applied:") {
-                        l.applied.insert(
-                            p.parse().map_err(|e| corrupt("applied", e))?,
-                            v.parse().map_err(|e| corrupt("applied", e))?,
-                        );
-                    } else if let Some(id) = f.strip_prefix("d:") {
-                        // Written by versions that kept decisions in the resource hash.
-                        if Some(id) == proposal_id && decided.is_none() {
-                            decided =
-                                Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
-                        }
-                    } else if let Some(id) = f.strip_prefix("approval:") {
-                        l.approvals.insert(
-                            id.to_string(),
-                            serde_json::from_str(&v).map_err(|e| corrupt("approval", e))?,
-                        );
-                    }
-                }
-            }
-        }
         if let Some(id) = proposal_id {
-            let full = dropped || l.recent.len() >= self.remember;
-            self.full.note(&self.res_key(k), full);
-            if !hinted && decided.is_none() && (full || l.recent.iter().any(|r| r == id)) {
+            if !hinted && decided.is_none() && ask(&l.recent, full) {
                 let v: Option<String> = redis::cmd("GET")
                     .arg(self.decision_key(k, id))
                     .query_async(&mut c)
@@ -340,6 +420,49 @@ impl RedisResourceStore {
             record: l,
             key_versions,
         })
+    }
+
+    /// A resource hash as read: the record, whether its recent list ever dropped an id, and the
+    /// decision of `proposal_id` where an older version kept decisions in the hash.
+    fn parse_record(
+        &self,
+        hash: HashMap<String, String>,
+        proposal_id: Option<&str>,
+    ) -> Result<(ResourceRecord, bool, Option<Decided>), StoreError> {
+        let mut l = ResourceRecord::default();
+        let mut dropped = false;
+        let mut decided = None;
+        for (f, v) in hash {
+            match f.as_str() {
+                "recent_full" => dropped = true,
+                "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
+                "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
+                "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
+                "recent" => {
+                    l.recent = serde_json::from_str(&v).map_err(|e| corrupt("recent", e))?
+                }
+                _ => {
+                    if let Some(p) = f.strip_prefix("applied:") {
+                        l.applied.insert(
+                            p.parse().map_err(|e| corrupt("applied", e))?,
+                            v.parse().map_err(|e| corrupt("applied", e))?,
+                        );
+                    } else if let Some(id) = f.strip_prefix("d:") {
+                        // Written by versions that kept decisions in the resource hash.
+                        if Some(id) == proposal_id {
+                            decided =
+                                Some(serde_json::from_str(&v).map_err(|e| corrupt("decision", e))?);
+                        }
+                    } else if let Some(id) = f.strip_prefix("approval:") {
+                        l.approvals.insert(
+                            id.to_string(),
+                            serde_json::from_str(&v).map_err(|e| corrupt("approval", e))?,
+                        );
+                    }
+                }
+            }
+        }
+        Ok((l, dropped, decided))
     }
 
     async fn commit_impl(
@@ -384,8 +507,22 @@ impl RedisResourceStore {
             inv.arg(f).arg(v);
         }
         let mut c = self.conn.get().await?;
-        let ok: i64 = inv.invoke_async(&mut c).await?;
-        Ok(ok == 1)
+        let reply: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+        let res_key = self.res_key(k);
+        let text = |v: Option<&redis::Value>| -> Option<String> {
+            v.and_then(|v| redis::FromRedisValue::from_redis_value_ref(v).ok())
+        };
+        if reply.first() != Some(&redis::Value::Int(1)) {
+            self.copies.discard(&res_key);
+            return Ok(false);
+        }
+        let recent: Vec<String> = match text(reply.get(1)).as_deref() {
+            None | Some("") => Vec::new(),
+            Some(v) => serde_json::from_str(v).map_err(|e| corrupt("recent", e))?,
+        };
+        let full = text(reply.get(2)).as_deref() == Some("1") || recent.len() >= self.remember;
+        self.copies.wrote(&res_key, rev, &w, recent, full);
+        Ok(true)
     }
 }
 

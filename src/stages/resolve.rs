@@ -387,37 +387,38 @@ impl ResolveStage {
             .get(&p.action)
             .map(|r| r.invalidated_by.clone())
             .unwrap_or_default();
-        // A decision stored for this proposal (a redelivery), and the state: one round trip, two
-        // when the proposal may have been decided before.
+        // A decision stored for this proposal (a redelivery), and the state: at most one round
+        // trip, two when the proposal may have been decided before. The state may be this
+        // instance's copy, out of date: then the commit below refuses and the loop loads again.
         let mut loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
         let forget = vec![forget_token(&key, &p.proposal_id)];
-        if let Some(d) = loaded.decided.take() {
-            METRICS.proposals.with_label_values(&[REPLAYED]).inc();
-            self.index(&d).await?;
-            return Ok(self.outputs(&p, &d, tp.as_deref())?.forgetting(forget));
-        }
-        if loaded.finished {
-            // Decided and committed before; this is a copy further down the topic.
-            METRICS.proposals.with_label_values(&[SKIPPED]).inc();
-            tracing::info!(proposal_id = %p.proposal_id, "Proposal decided and committed before; skipping this copy.");
-            return Ok(Batch::default());
-        }
         // A person's edit from the inbox needs no second approval, but only when the approval it
         // replaces holds exactly this edit by this person; anything else is an ordinary proposal.
         let mut p = p;
-        let mut edited = edited_in_inbox(&p, &loaded.record.approvals);
-        if !edited && p.approved_by.take().is_some() {
-            tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded (or one already used); treated as unapproved.");
-        }
+        let claimed = p.approved_by.clone();
         let related_stale = self.related_staleness(&key, &p, &inval).await?;
         for attempt in 0..20 {
             if attempt > 0 {
-                loaded = self.store.load(&key, &inval, None).await?;
+                loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
+            }
+            // Asked on every attempt: a state that was out of date may have hidden it.
+            if let Some(d) = loaded.decided.take() {
+                METRICS.proposals.with_label_values(&[REPLAYED]).inc();
+                self.index(&d).await?;
+                return Ok(self.outputs(&p, &d, tp.as_deref())?.forgetting(forget));
+            }
+            if loaded.finished {
+                // Decided and committed before; this is a copy further down the topic.
+                METRICS.proposals.with_label_values(&[SKIPPED]).inc();
+                tracing::info!(proposal_id = %p.proposal_id, "Proposal decided and committed before; skipping this copy.");
+                return Ok(Batch::default());
             }
             let record = &loaded.record;
-            if edited && !edited_in_inbox(&p, &record.approvals) {
-                // Used by a decision committed meanwhile.
-                edited = false;
+            // Checked against each attempt's state: the edit may have been recorded, or used by a
+            // decision committed, meanwhile.
+            p.approved_by = claimed.clone();
+            let edited = edited_in_inbox(&p, &record.approvals);
+            if !edited {
                 p.approved_by = None;
             }
             if record
@@ -527,6 +528,9 @@ impl ResolveStage {
                 decision: Some((&p.proposal_id, &decided)),
             };
             if self.store.commit(&key, record.rev, write).await? {
+                if claimed.is_some() && !edited {
+                    tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded (or one already used); treated as unapproved.");
+                }
                 self.index(&decided).await?;
                 if let Some(n) = &self.notifier {
                     for a in decided.pending_approvals() {
