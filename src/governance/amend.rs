@@ -211,6 +211,7 @@ impl Approvals {
                 state,
                 token: loaded.token,
                 approvals: vec![s.clone()],
+                forget_approvals: Vec::new(),
             };
             let write = Write {
                 change: &change,

@@ -320,6 +320,7 @@ impl Approvals {
                 state,
                 token,
                 approvals: vec![s.clone()],
+                forget_approvals: Vec::new(),
             };
             let write = Write {
                 change: &change,
@@ -483,6 +484,7 @@ impl Approvals {
                 state: loaded.state.clone(),
                 token: loaded.token,
                 approvals: vec![s.clone()],
+                forget_approvals: Vec::new(),
             };
             let write = Write {
                 change: &change,
@@ -735,6 +737,17 @@ impl Approvals {
                     .or_default() += 1;
             }
         }
+        // The id index lets go of approvals their resources dropped, a slice per sweep.
+        match self.store.prune_index(INDEX_SLICE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(
+                removed = n,
+                "Removed approvals no longer kept from the id index."
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not prune the approvals' id index; the next sweep tries again.")
+            }
+        }
         // Tenants seen before keep a series (at 0 when nothing is pending).
         let mut known = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         known.insert("default".to_string());
@@ -748,6 +761,9 @@ impl Approvals {
         Ok(out)
     }
 }
+
+/// Entries of the approvals' id index a sweep checks (and removes when their approval is gone).
+const INDEX_SLICE: usize = 256;
 
 /// Whether nobody has decided the approval yet (pending, or escalated and pending again).
 pub(crate) fn is_open(s: &StoredApproval) -> bool {

@@ -123,6 +123,11 @@ pub struct ApprovalsConfig {
     /// after it was made (the process died in between) is produced by the sweeper.
     #[serde(default = "default_redeliver_after")]
     pub redeliver_after_seconds: u64,
+    /// A decided approval stays in its resource's record (and `GET /v1/approvals/{id}` shows it)
+    /// this long after its decision; the resource's next write drops it, and the sweeper then its
+    /// entry in the id index. Deciding it again after that answers 404 instead of 409.
+    #[serde(default = "default_keep_decided")]
+    pub keep_decided_seconds: u64,
     /// Base URL people open switchyard at (e.g. `https://switchyard.example.com`): notifications
     /// link to `<public_url>/inbox/approvals/<id>`. Without it they carry no link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +136,10 @@ pub struct ApprovalsConfig {
 
 fn default_redeliver_after() -> u64 {
     30
+}
+
+fn default_keep_decided() -> u64 {
+    7 * 86400
 }
 
 fn default_approval_timeout() -> u64 {
@@ -216,6 +225,7 @@ impl Default for ApprovalsConfig {
             on_timeout: OnTimeout::Reject,
             rules: Vec::new(),
             redeliver_after_seconds: default_redeliver_after(),
+            keep_decided_seconds: default_keep_decided(),
             public_url: None,
         }
     }
@@ -363,6 +373,17 @@ impl GovernanceConfig {
             p.push((
                 "governance.approvals.timeout_seconds".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        // A decision whose records a crash left unsent is produced from the record after
+        // `redeliver_after_seconds`: it must still be there.
+        let keep_floor = self.approvals.redeliver_after_seconds.max(60) * 10;
+        if self.approvals.keep_decided_seconds < keep_floor {
+            p.push((
+                "governance.approvals.keep_decided_seconds".into(),
+                format!(
+                    "must be at least {keep_floor} (ten times redeliver_after_seconds, and 10 minutes): a decision a crash left unsent is produced from the kept record"
+                ),
             ));
         }
         p
@@ -583,6 +604,7 @@ mod tests {
         // Problems: thresholds out of range, empty groups, zero timeouts, duplicate names.
         let bad: GovernanceConfig = serde_yaml::from_str(
             "approvals:
+               keep_decided_seconds: 300
                rules:
                  - {name: x, max_confidence: 1.5, escalation: [{group: '', timeout_seconds: 0}]}
                  - {name: x}",
@@ -596,6 +618,7 @@ mod tests {
                 "governance.approvals.rules[0].escalation[0].group",
                 "governance.approvals.rules[0].escalation[0].timeout_seconds",
                 "governance.approvals.rules[1].name",
+                "governance.approvals.keep_decided_seconds",
             ]
         );
         // A group nobody is in is a warning.

@@ -188,6 +188,24 @@ pub struct Change {
     pub token: u64,
     /// Approvals created or changed by the decision.
     pub approvals: Vec<StoredApproval>,
+    /// Approvals to drop from the resource: decided longer ago than
+    /// `governance.approvals.keep_decided_seconds` ([`decided_before`]).
+    pub forget_approvals: Vec<String>,
+}
+
+/// The approvals of a resource decided before `cutoff` (seconds since the epoch): what a write
+/// drops from it, so a busy resource's record does not keep every approval it ever had. Open ones
+/// and ones whose decision time cannot be read stay.
+pub fn decided_before(approvals: &BTreeMap<String, StoredApproval>, cutoff: i64) -> Vec<String> {
+    approvals
+        .iter()
+        .filter(|(_, s)| !matches!(s.approval.status.as_str(), "pending" | "escalated"))
+        .filter(|(_, s)| {
+            chrono::DateTime::parse_from_rfc3339(&s.decided_at)
+                .is_ok_and(|t| t.timestamp() < cutoff)
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// The resource's state as the rules see it, at the start of a decision.
@@ -464,6 +482,7 @@ pub fn apply(
             state,
             token,
             approvals: changed,
+            forget_approvals: Vec::new(),
         },
     ))
 }

@@ -119,6 +119,12 @@ pub trait ResourceStore: Send + Sync + 'static {
         approval_ids: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<Option<ResourceKey>>, StoreError>>;
 
+    /// Removes from the approvals' id index up to about `count` entries whose approval is gone from
+    /// its resource (dropped `keep_decided_seconds` after its decision, or the resource's record
+    /// expired), going on from where the previous call stopped; returns how many it removed. The
+    /// sweeper calls it, so the index does not grow with every approval ever made.
+    fn prune_index(&self, count: usize) -> BoxFuture<'_, Result<usize, StoreError>>;
+
     /// Notes that a decision's records are about to be produced outside Kafka's redelivery (the
     /// HTTP API, the CLI, the expiry sweeper): until [`ResourceStore::outbox_done`], a sweeper
     /// produces them again, so a crash in between leaves no hole in the audit chain.
@@ -155,12 +161,14 @@ const CAS: &str = r#"
 -- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id}.
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
--- ARGV[6] = now (unix seconds), ARGV[7..] = field, value pairs
+-- ARGV[6] = now (unix seconds), ARGV[7] = n, ARGV[8..7+n] = approvals to drop, then field, value pairs
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return {0} end
 local set = {'rev', tostring(rev + 1)}
-for i = 7, #ARGV do set[#set + 1] = ARGV[i] end
+local drop = tonumber(ARGV[7])
+for i = 8 + drop, #ARGV do set[#set + 1] = ARGV[i] end
+for i = 8, 7 + drop do redis.call('HDEL', KEYS[1], 'approval:' .. ARGV[i]) end
 -- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
 -- '<when>:<ttl>' of the last renewal), not on every write.
 local ttl, now = tonumber(ARGV[2]), tonumber(ARGV[6])
@@ -216,6 +224,8 @@ pub struct RedisResourceStore {
     remember: usize,
     full: FullLists,
     copies: Copies,
+    /// Where [`ResourceStore::prune_index`] goes on (an `HSCAN` cursor; 0 starts a pass).
+    index_cursor: std::sync::atomic::AtomicU64,
 }
 
 /// This instance's copy of the records it last read or wrote, by resource hash key, for the loads
@@ -275,6 +285,9 @@ impl Copies {
         if let Some((p, o)) = w.applied {
             r.applied.insert(p, o);
         }
+        for id in &w.change.forget_approvals {
+            r.approvals.remove(id);
+        }
         for a in &w.change.approvals {
             r.approvals
                 .insert(a.approval.approval_id.clone(), a.clone());
@@ -302,6 +315,7 @@ impl RedisResourceStore {
             remember: remember.max(1),
             full: FullLists::default(),
             copies: Copies::default(),
+            index_cursor: Default::default(),
         }
     }
 
@@ -502,7 +516,9 @@ impl RedisResourceStore {
             .arg(id)
             .arg(djson)
             .arg(self.remember)
-            .arg(chrono::Utc::now().timestamp());
+            .arg(chrono::Utc::now().timestamp())
+            .arg(w.change.forget_approvals.len())
+            .arg(&w.change.forget_approvals);
         for (f, v) in &fields {
             inv.arg(f).arg(v);
         }
@@ -625,6 +641,79 @@ impl ResourceStore for RedisResourceStore {
             Ok(v.into_iter()
                 .map(|s| s.and_then(|s| parse_where(&s)))
                 .collect())
+        })
+    }
+
+    fn prune_index(&self, count: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
+        use std::sync::atomic::Ordering;
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let cursor = self.index_cursor.load(Ordering::Relaxed);
+            let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(self.where_key())
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut c)
+                .await?;
+            self.index_cursor.store(next, Ordering::Relaxed);
+            // Entries whose approval is no longer in its resource's record (or that name no
+            // resource at all).
+            let mut unreadable: Vec<String> = Vec::new();
+            let mut entries: Vec<(String, ResourceKey)> = Vec::new();
+            for kv in flat.chunks_exact(2) {
+                match parse_where(&kv[1]) {
+                    Some(k) => entries.push((kv[0].clone(), k)),
+                    None => unreadable.push(kv[0].clone()),
+                }
+            }
+            let there = |entries: &[(String, ResourceKey)]| {
+                let mut pipe = redis::pipe();
+                for (id, k) in entries {
+                    pipe.hexists(self.res_key(k), format!("approval:{id}"));
+                }
+                pipe
+            };
+            let found: Vec<bool> = if entries.is_empty() {
+                Vec::new()
+            } else {
+                there(&entries).query_async(&mut c).await?
+            };
+            let gone: Vec<(String, ResourceKey)> = entries
+                .into_iter()
+                .zip(found)
+                .filter(|(_, f)| !f)
+                .map(|(e, _)| e)
+                .collect();
+            if gone.is_empty() && unreadable.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<&String> = gone.iter().map(|(id, _)| id).chain(&unreadable).collect();
+            redis::cmd("HDEL")
+                .arg(self.where_key())
+                .arg(&ids)
+                .query_async::<()>(&mut c)
+                .await?;
+            let mut removed = ids.len();
+            if gone.is_empty() {
+                return Ok(removed);
+            }
+            // An approval made again with the same id in between (asked for again after it was
+            // dropped) is written to its resource before it is indexed: look once more and put
+            // back what is there now.
+            let back: Vec<bool> = there(&gone).query_async(&mut c).await?;
+            for ((id, k), is_back) in gone.iter().zip(back) {
+                if is_back {
+                    redis::cmd("HSET")
+                        .arg(self.where_key())
+                        .arg(id)
+                        .arg(k.encoded())
+                        .query_async::<()>(&mut c)
+                        .await?;
+                    removed -= 1;
+                }
+            }
+            Ok(removed)
         })
     }
 
@@ -806,6 +895,9 @@ impl ResourceStore for MemoryResourceStore {
             rec.rev += 1;
             rec.state = w.change.state.clone();
             rec.token = w.change.token;
+            for id in &w.change.forget_approvals {
+                rec.approvals.remove(id);
+            }
             for a in &w.change.approvals {
                 rec.approvals
                     .insert(a.approval.approval_id.clone(), a.clone());
@@ -877,6 +969,18 @@ impl ResourceStore for MemoryResourceStore {
                 .iter()
                 .map(|id| st.located.get(id).cloned())
                 .collect())
+        })
+    }
+
+    fn prune_index(&self, _count: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let before = st.located.len();
+            let records = &st.records;
+            st.located
+                .retain(|id, k| records.get(k).is_some_and(|r| r.approvals.contains_key(id)));
+            Ok(before - st.located.len())
         })
     }
 
@@ -1016,6 +1120,7 @@ pub mod contract {
             state: ResourceState::default(),
             token: 3,
             approvals: vec![stored(&a)],
+            forget_approvals: Vec::new(),
         };
         let decided = Decided {
             outcome: Verdict::ApprovalRequested,
@@ -1132,6 +1237,35 @@ pub mod contract {
                 .expect("locate many"),
             vec![Some(k.clone()), None]
         );
+        // The id index lets go of approvals no longer in their resource's record: `b` was never
+        // stored with it; `a` once a write drops it.
+        let mut removed = 0;
+        for _ in 0..4 {
+            removed += store.prune_index(1000).await.expect("prune index");
+        }
+        assert_eq!(removed, 1, "b only");
+        assert_eq!(store.locate(&b.approval_id).await.expect("locate"), None);
+        assert_eq!(
+            store.locate(&a.approval_id).await.expect("locate"),
+            Some(k.clone())
+        );
+        let rev = store.load(&k, &[], None).await.expect("load").record.rev;
+        let dropping = Change {
+            forget_approvals: vec![a.approval_id.clone()],
+            ..Change::default()
+        };
+        let w = Write {
+            change: &dropping,
+            applied: None,
+            decision: None,
+        };
+        assert!(store.commit(&k, rev, w).await.expect("commit"));
+        let l = store.load(&k, &[], Some("p9")).await.expect("load");
+        assert!(l.record.approvals.is_empty(), "{:?}", l.record.approvals);
+        for _ in 0..4 {
+            store.prune_index(1000).await.expect("prune index");
+        }
+        assert_eq!(store.locate(&a.approval_id).await.expect("locate"), None);
 
         // The outbox: entries come due after their time; the first add counts; done removes.
         let (o1, o2) = (format!("out1-{tag}"), format!("out2-{tag}"));

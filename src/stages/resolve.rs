@@ -29,7 +29,9 @@ use crate::kafka::Input;
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{apply, token_floor, Amend, Current, Decided, Gate, Verdict};
+use crate::resolve::apply::{
+    apply, decided_before, token_floor, Amend, Current, Decided, Gate, Verdict,
+};
 use crate::resolve::rules::{
     decide, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
@@ -494,6 +496,17 @@ impl ResolveStage {
                 token_floor: token_floor(rec.offset),
             };
             let (mut decided, mut change) = apply(&p, current, decision, gate, now)?;
+            // Approvals decided long enough ago leave the resource with this write.
+            let keep = self.governance.approvals.keep_decided_seconds as i64;
+            change.forget_approvals = decided_before(&record.approvals, now - keep)
+                .into_iter()
+                .filter(|id| {
+                    !change
+                        .approvals
+                        .iter()
+                        .any(|a| a.approval.approval_id == *id)
+                })
+                .collect();
             // A new approval remembers this decision's trace: its wait's span hangs under it.
             for a in change
                 .approvals
@@ -799,6 +812,61 @@ mod tests {
             .await
             .unwrap();
         assert!(copy.is_empty(), "nothing decided twice: {copy:?}");
+    }
+
+    /// A resource's decided approvals leave it with its first write after
+    /// `keep_decided_seconds`; open ones and recently decided ones stay.
+    #[tokio::test]
+    async fn approvals_decided_long_ago_leave_the_resource_with_its_next_write() {
+        use crate::resolve::apply::{Change, StoredApproval};
+        let s = stage(GovernanceConfig::default());
+        let key = ResourceKey::new("default", "svc");
+        let action: ActionData = serde_json::from_value(json!({
+            "action_id": "a", "action": "rollback", "resource": "svc", "tenant": "default",
+            "workflow_id": "wf", "parameters": {}, "fencing_token": 0, "proposals": ["p"],
+            "agents": ["a"], "priority": 0, "impact": "high"}))
+        .unwrap();
+        let approval = |id: &str, status: &str, decided_at: String| StoredApproval {
+            approval: serde_json::from_value(json!({
+                "approval_id": id, "action_id": "a", "action": "rollback", "resource": "svc",
+                "tenant": "default", "status": status, "requested_at": 0, "expires_at": 0,
+                "action_record": {}}))
+            .unwrap(),
+            action: action.clone(),
+            escalated: false,
+            decided_at,
+            traceparent: None,
+            seen: None,
+            amend: None,
+        };
+        let long_ago = "2020-01-01T00:00:00Z".to_string();
+        let change = Change {
+            approvals: vec![
+                approval("apr-old", "approved", long_ago.clone()),
+                approval("apr-open", "pending", long_ago),
+                approval("apr-new", "rejected", crate::event::now_rfc3339()),
+            ],
+            ..Change::default()
+        };
+        let w = Write {
+            change: &change,
+            applied: None,
+            decision: None,
+        };
+        assert!(s.store.commit(&key, 0, w).await.unwrap());
+        process_one(&s, input("p1", "scale_down", 1)).await.unwrap();
+        let kept = s
+            .store
+            .load(&key, &[], None)
+            .await
+            .unwrap()
+            .record
+            .approvals;
+        assert_eq!(
+            kept.keys().collect::<Vec<_>>(),
+            ["apr-new", "apr-open"],
+            "the one decided in 2020 is dropped"
+        );
     }
 
     #[tokio::test]
