@@ -250,6 +250,9 @@ pub struct RedisConn {
     client: Client,
     manager: std::sync::Arc<OnceCell<Conn>>,
     lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Moves on whenever Redis' state may have been replaced (lost, or a new epoch marker): what a
+    /// store keeps of that state in memory is not trusted across it.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One Redis, or a Redis Cluster (one per connection, made once: its size does not matter).
@@ -437,6 +440,7 @@ impl RedisConn {
             client,
             manager: Default::default(),
             lost: Default::default(),
+            generation: Default::default(),
         }
     }
 
@@ -469,7 +473,23 @@ impl RedisConn {
     }
 
     fn set_lost(&self, lost: bool) {
+        if lost {
+            self.next_generation();
+        }
         self.lost.store(lost, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`RedisConn::generation`].
+    fn next_generation(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A number that moves on whenever Redis' state may have been replaced (found lost, or another
+    /// recovery's epoch marker adopted): in-memory copies of that state made under another number
+    /// are not to be used.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The connection; connecting on first use. Failing to connect is an error now, a retry later.
@@ -631,6 +651,7 @@ pub async fn watch_epoch(
                     tracing::warn!(
                         "Redis has a new epoch marker (a recovery ran elsewhere); adopting it."
                     );
+                    conn.next_generation();
                 }
                 known = Some(e);
             }

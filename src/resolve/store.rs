@@ -233,7 +233,9 @@ pub struct RedisResourceStore {
 /// resources' partitions, so the copy is almost always current). A copy is only ever a guess: the
 /// commit's compare-and-set on the revision refuses a write decided on one that is out of date (an
 /// approval decided elsewhere, another owner meanwhile, an expired hash), the copy is dropped and
-/// the caller loads again from Redis. At most [`Copies::MAX`] resources (past that an arbitrary
+/// the caller loads again from Redis. A copy is used only while fresh ([`Copies::FRESH`]) and of
+/// Redis' current [`RedisConn::generation`] (not across a Redis that lost its state and was
+/// recovered, where a revision may repeat). At most [`Copies::MAX`] resources (past that an arbitrary
 /// one is dropped): the copies pay off on resources that see many proposals, and each costs
 /// memory (with 10,000 copies the bench's peak RSS rose by ~55 MB).
 #[derive(Debug, Default)]
@@ -244,23 +246,39 @@ struct Kept {
     record: ResourceRecord,
     /// The recent list is full or ever dropped an id (see [`FullLists`]).
     full: bool,
+    /// When it was read or last written.
+    at: std::time::Instant,
+    /// [`RedisConn::generation`] when it was read.
+    generation: u64,
 }
 
 impl Copies {
     const MAX: usize = 1_024;
+    /// A copy not read or written for this long is not used: a resource's hash lives at least a
+    /// day past its last write, so within this time its revision cannot have started again from 0
+    /// (expired and written anew) and come back to the copy's number.
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(600);
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, key: &str) -> Option<Kept> {
-        self.lock().get(key).cloned()
+    /// The copy of `key`, if it is recent and of Redis' current `generation`.
+    fn get(&self, key: &str, generation: u64) -> Option<Kept> {
+        self.lock()
+            .get(key)
+            .filter(|c| c.at.elapsed() < Self::FRESH && c.generation == generation)
+            .cloned()
     }
 
     /// Keeps what a read from Redis found, unless a newer copy is already kept.
     fn read(&self, key: &str, copy: Kept) {
         let mut m = self.lock();
-        if m.get(key).is_some_and(|c| c.record.rev >= copy.record.rev) {
+        if m.get(key).is_some_and(|c| {
+            c.record.rev >= copy.record.rev
+                && c.at.elapsed() < Self::FRESH
+                && c.generation == copy.generation
+        }) {
             return;
         }
         if m.len() >= Self::MAX && !m.contains_key(key) {
@@ -295,6 +313,7 @@ impl Copies {
         }
         r.recent = recent;
         c.full = full;
+        c.at = std::time::Instant::now();
     }
 
     fn discard(&self, key: &str) {
@@ -350,7 +369,8 @@ impl RedisResourceStore {
         let res_key = self.res_key(k);
         // A proposal's load starts from this instance's copy when it has one ([`Copies`]): then
         // only the context versions and, where one can exist, the stored decision are read.
-        let copy = proposal_id.and_then(|_| self.copies.get(&res_key));
+        let generation = self.conn.generation();
+        let copy = proposal_id.and_then(|_| self.copies.get(&res_key, generation));
         let mut c = self.conn.get().await?;
         // The proposal's stored decision is asked for up front when the copy names it or its list
         // is full, or without a copy when the resource's recent list was full when last read
@@ -398,6 +418,8 @@ impl RedisResourceStore {
                         Kept {
                             record: l.clone(),
                             full,
+                            at: std::time::Instant::now(),
+                            generation,
                         },
                     );
                 }
