@@ -116,9 +116,10 @@ async fn redis_stores_meet_their_contracts() {
     .await;
 }
 
-/// The resolve store answers a proposal's load from its own copy of the record where it has one;
-/// a copy out of date (the resource written by another instance) never commits, and the load after
-/// the refused commit reads Redis again: it finds the proposal the other instance decided.
+/// The resolve store answers a proposal's load from its own copy of the record where it wrote one
+/// recently; a copy out of date (the resource written by another instance) never commits, and the
+/// load after the refused commit reads Redis again: it finds the proposal the other instance
+/// decided.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_resource_written_elsewhere_never_commits() {
     use switchyard::resolve::apply::{Change, Decided, Verdict};
@@ -148,28 +149,34 @@ async fn a_copy_of_a_resource_written_elsewhere_never_commits() {
         applied: Some((0, offset)),
         decision: Some((id, &decided)),
     };
-    // a reads the empty resource and keeps a copy; b (another instance) decides x1.
-    assert_eq!(a.load(&k, &[], Some("x1")).await.unwrap().record.rev, 0);
-    assert!(b.commit(&k, 0, write("x1", 1)).await.unwrap());
+    // A copy only read is not used: a reads the empty resource, b (another instance) decides x0,
+    // and a's next load reads Redis.
+    assert_eq!(a.load(&k, &[], Some("x0")).await.unwrap().record.rev, 0);
+    assert!(b.commit(&k, 0, write("x0", 0)).await.unwrap());
+    let l = a.load(&k, &[], Some("x0")).await.unwrap();
+    assert_eq!(l.decided.as_ref(), Some(&decided), "{l:?}");
+    // a writes (its copy is now usable); then b writes behind its back and decides x1.
+    assert!(a.commit(&k, 1, write("x9", 9)).await.unwrap());
+    assert!(b.commit(&k, 2, write("x1", 10)).await.unwrap());
     // a's next load answers from its copy: it cannot know, and its commit is refused.
     let stale = a.load(&k, &[], Some("x1")).await.unwrap();
     assert!(
-        stale.decided.is_none() && stale.record.rev == 0,
+        stale.decided.is_none() && stale.record.rev == 2,
         "{stale:?}"
     );
-    assert!(!a.commit(&k, 0, write("x1", 1)).await.unwrap());
+    assert!(!a.commit(&k, 2, write("x1", 10)).await.unwrap());
     // The load after the refusal reads Redis: x1 was decided, with b's decision.
     let fresh = a.load(&k, &[], Some("x1")).await.unwrap();
     assert_eq!(fresh.decided.as_ref(), Some(&decided));
-    assert_eq!(fresh.record.rev, 1);
-    assert_eq!(fresh.record.applied.get(&0), Some(&1));
+    assert_eq!(fresh.record.rev, 3);
+    assert_eq!(fresh.record.applied.get(&0), Some(&10));
     // a's own writes keep its copy current: the next load reads no record, and commits.
-    assert!(a.commit(&k, 1, write("x2", 2)).await.unwrap());
+    assert!(a.commit(&k, 3, write("x2", 11)).await.unwrap());
     let next = a.load(&k, &[], Some("x3")).await.unwrap();
-    assert_eq!(next.record.rev, 2);
-    assert_eq!(next.record.recent, ["x2", "x1"]);
-    assert_eq!(next.record.applied.get(&0), Some(&2));
-    assert!(a.commit(&k, 2, write("x3", 3)).await.unwrap());
+    assert_eq!(next.record.rev, 4);
+    assert_eq!(next.record.recent, ["x2", "x1", "x9", "x0"]);
+    assert_eq!(next.record.applied.get(&0), Some(&11));
+    assert!(a.commit(&k, 4, write("x3", 12)).await.unwrap());
     // Written back the same as Redis has it.
     let other = RedisResourceStore::new(conn, p, 3600, 64);
     assert_eq!(

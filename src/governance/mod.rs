@@ -142,6 +142,9 @@ fn default_keep_decided() -> u64 {
     7 * 86400
 }
 
+/// The shortest `keep_decided_seconds` allowed: a day.
+const KEEP_DECIDED_FLOOR: u64 = 86400;
+
 fn default_approval_timeout() -> u64 {
     900
 }
@@ -375,14 +378,19 @@ impl GovernanceConfig {
                 "must be at least 1".into(),
             ));
         }
-        // A decision whose records a crash left unsent is produced from the record after
-        // `redeliver_after_seconds`: it must still be there.
-        let keep_floor = self.approvals.redeliver_after_seconds.max(60) * 10;
+        // A decision whose records a crash left unsent is produced from the record: by the outbox
+        // sweeper after `redeliver_after_seconds`, or by the decisions topic's redelivery once its
+        // stage runs again. It must still be there.
+        let keep_floor = self
+            .approvals
+            .redeliver_after_seconds
+            .saturating_mul(10)
+            .max(KEEP_DECIDED_FLOOR);
         if self.approvals.keep_decided_seconds < keep_floor {
             p.push((
                 "governance.approvals.keep_decided_seconds".into(),
                 format!(
-                    "must be at least {keep_floor} (ten times redeliver_after_seconds, and 10 minutes): a decision a crash left unsent is produced from the kept record"
+                    "must be at least {keep_floor} (a day, and ten times redeliver_after_seconds): a decision whose records a crash left unsent is produced again from the kept approval"
                 ),
             ));
         }
@@ -604,7 +612,7 @@ mod tests {
         // Problems: thresholds out of range, empty groups, zero timeouts, duplicate names.
         let bad: GovernanceConfig = serde_yaml::from_str(
             "approvals:
-               keep_decided_seconds: 300
+               keep_decided_seconds: 3600
                rules:
                  - {name: x, max_confidence: 1.5, escalation: [{group: '', timeout_seconds: 0}]}
                  - {name: x}",

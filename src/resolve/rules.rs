@@ -347,9 +347,15 @@ pub fn merge_params(old: &Value, new: &Value) -> Value {
     }
 }
 
+/// Kept past [`ResolveConfig::relevance_seconds`]: the pruned state is written back and the next
+/// decision may be made by another instance whose clock is a little behind, so an action must not
+/// go the very second its window ends.
+pub const PRUNE_MARGIN_SECONDS: i64 = 300;
+
 /// Drops accepted actions no rule can look at any more ([`ResolveConfig::relevance_seconds`] of
-/// their type); actions awaiting approval stay. Never changes a decision ([`decide`] looks at no
-/// action older than the window of the rule looking).
+/// their type, plus [`PRUNE_MARGIN_SECONDS`]); actions awaiting approval stay. Never changes a
+/// decision ([`decide`] looks at no action older than the window of the rule looking), nor one made
+/// later by a clock up to the margin behind.
 pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
     let mut windows: BTreeMap<String, i64> = BTreeMap::new();
     state.active.retain(|a| {
@@ -359,12 +365,14 @@ pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
         let window = match windows.get(&a.action) {
             Some(w) => *w,
             None => {
-                let w = cfg.relevance_seconds(&a.action) as i64;
+                let w = i64::try_from(cfg.relevance_seconds(&a.action))
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(PRUNE_MARGIN_SECONDS);
                 windows.insert(a.action.clone(), w);
                 w
             }
         };
-        now - a.at <= window
+        now.saturating_sub(a.at) <= window
     });
 }
 
@@ -728,11 +736,12 @@ mod tests {
                 .map(|a| a.action_id.clone())
                 .collect::<Vec<_>>()
         };
-        prune(&mut s, &c, 300);
+        let m = PRUNE_MARGIN_SECONDS;
+        prune(&mut s, &c, 300 + m);
         assert_eq!(ids(&s), ["r", "s", "p", "w"]);
-        prune(&mut s, &c, 301);
+        prune(&mut s, &c, 301 + m);
         assert_eq!(ids(&s), ["s", "w"]);
-        prune(&mut s, &c, 1801);
+        prune(&mut s, &c, 1801 + m);
         assert_eq!(ids(&s), ["w"], "awaiting approval: kept whatever its age");
         assert_eq!(c.relevance_seconds("rollback"), 1800);
         assert_eq!(

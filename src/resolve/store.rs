@@ -213,11 +213,25 @@ end
 return {1, recent, full}
 "#;
 
+/// Removes approvals' id index entries that still hold the value read: KEYS[1] = the index,
+/// ARGV = id, value pairs. Returns how many it removed.
+const UNINDEX: &str = r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// Resolve state in Redis.
 pub struct RedisResourceStore {
     conn: RedisConn,
     prefix: String,
     cas: Script,
+    unindex: Script,
     /// Resource hashes expire this long after their last write.
     ttl: u64,
     /// Decided proposals remembered per resource once their decisions are forgotten.
@@ -233,7 +247,8 @@ pub struct RedisResourceStore {
 /// resources' partitions, so the copy is almost always current). A copy is only ever a guess: the
 /// commit's compare-and-set on the revision refuses a write decided on one that is out of date (an
 /// approval decided elsewhere, another owner meanwhile, an expired hash), the copy is dropped and
-/// the caller loads again from Redis. A copy is used only while fresh ([`Copies::FRESH`]) and of
+/// the caller loads again from Redis. A copy is used only while fresh ([`Copies::FRESH`] after
+/// this instance's own write of it; one only read is the base for the next write) and of
 /// Redis' current [`RedisConn::generation`] (not across a Redis that lost its state and was
 /// recovered, where a revision may repeat). At most [`Copies::MAX`] resources (past that an arbitrary
 /// one is dropped): the copies pay off on resources that see many proposals, and each costs
@@ -246,17 +261,18 @@ struct Kept {
     record: ResourceRecord,
     /// The recent list is full or ever dropped an id (see [`FullLists`]).
     full: bool,
-    /// When it was read or last written.
-    at: std::time::Instant,
+    /// When this instance last wrote it (none: only read, not usable until written).
+    wrote: Option<std::time::Instant>,
     /// [`RedisConn::generation`] when it was read.
     generation: u64,
 }
 
 impl Copies {
     const MAX: usize = 1_024;
-    /// A copy not read or written for this long is not used: a resource's hash lives at least a
-    /// day past its last write, so within this time its revision cannot have started again from 0
-    /// (expired and written anew) and come back to the copy's number.
+    /// A copy is used only this long after this instance's own last write of it: a resource's
+    /// hash lives most of a day past any write (its TTL is at least a day, renewed every
+    /// sixteenth), so within this time it cannot have expired and been written anew up to the
+    /// copy's revision.
     const FRESH: std::time::Duration = std::time::Duration::from_secs(600);
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
@@ -267,7 +283,9 @@ impl Copies {
     fn get(&self, key: &str, generation: u64) -> Option<Kept> {
         self.lock()
             .get(key)
-            .filter(|c| c.at.elapsed() < Self::FRESH && c.generation == generation)
+            .filter(|c| {
+                c.wrote.is_some_and(|t| t.elapsed() < Self::FRESH) && c.generation == generation
+            })
             .cloned()
     }
 
@@ -276,7 +294,7 @@ impl Copies {
         let mut m = self.lock();
         if m.get(key).is_some_and(|c| {
             c.record.rev >= copy.record.rev
-                && c.at.elapsed() < Self::FRESH
+                && c.wrote.is_some_and(|t| t.elapsed() < Self::FRESH)
                 && c.generation == copy.generation
         }) {
             return;
@@ -313,7 +331,7 @@ impl Copies {
         }
         r.recent = recent;
         c.full = full;
-        c.at = std::time::Instant::now();
+        c.wrote = Some(std::time::Instant::now());
     }
 
     fn discard(&self, key: &str) {
@@ -331,6 +349,7 @@ impl RedisResourceStore {
             conn,
             prefix: prefix.into(),
             cas: Script::new(CAS),
+            unindex: Script::new(UNINDEX),
             ttl,
             remember: remember.max(1),
             full: FullLists::default(),
@@ -418,7 +437,7 @@ impl RedisResourceStore {
                         Kept {
                             record: l.clone(),
                             full,
-                            at: std::time::Instant::now(),
+                            wrote: None,
                             generation,
                         },
                     );
@@ -711,18 +730,21 @@ impl ResourceStore for RedisResourceStore {
             if gone.is_empty() && unreadable.is_empty() {
                 return Ok(0);
             }
-            let ids: Vec<&String> = gone.iter().map(|(id, _)| id).chain(&unreadable).collect();
-            redis::cmd("HDEL")
-                .arg(self.where_key())
-                .arg(&ids)
-                .query_async::<()>(&mut c)
-                .await?;
-            let mut removed = ids.len();
+            // Deleted only where the entry still says what was read: an approval made again with
+            // the same id on another resource meanwhile keeps its new entry.
+            let mut inv = self.unindex.prepare_invoke();
+            inv.key(self.where_key());
+            for (id, v) in flat.chunks_exact(2).map(|kv| (&kv[0], &kv[1])) {
+                if unreadable.contains(id) || gone.iter().any(|(g, _)| g == id) {
+                    inv.arg(id).arg(v);
+                }
+            }
+            let mut removed: usize = inv.invoke_async(&mut c).await?;
             if gone.is_empty() {
                 return Ok(removed);
             }
-            // An approval made again with the same id in between (asked for again after it was
-            // dropped) is written to its resource before it is indexed: look once more and put
+            // An approval made again with the same id on the same resource in between is written
+            // to its resource before it is indexed (with the same entry): look once more and put
             // back what is there now.
             let back: Vec<bool> = there(&gone).query_async(&mut c).await?;
             for ((id, k), is_back) in gone.iter().zip(back) {
@@ -733,7 +755,7 @@ impl ResourceStore for RedisResourceStore {
                         .arg(k.encoded())
                         .query_async::<()>(&mut c)
                         .await?;
-                    removed -= 1;
+                    removed = removed.saturating_sub(1);
                 }
             }
             Ok(removed)

@@ -497,8 +497,9 @@ impl ResolveStage {
             };
             let (mut decided, mut change) = apply(&p, current, decision, gate, now)?;
             // Approvals decided long enough ago leave the resource with this write.
-            let keep = self.governance.approvals.keep_decided_seconds as i64;
-            change.forget_approvals = decided_before(&record.approvals, now - keep)
+            let keep =
+                i64::try_from(self.governance.approvals.keep_decided_seconds).unwrap_or(i64::MAX);
+            change.forget_approvals = decided_before(&record.approvals, now.saturating_sub(keep))
                 .into_iter()
                 .filter(|id| {
                     !change
@@ -516,6 +517,14 @@ impl ResolveStage {
                 a.traceparent = tp.clone();
             }
             decided.at = self.clock.stamp(now);
+            // A superseded approval was decided now (what `keep_decided_seconds` counts from).
+            for a in change
+                .approvals
+                .iter_mut()
+                .filter(|a| a.approval.status == "superseded" && a.decided_at.is_empty())
+            {
+                a.decided_at = decided.at.clone();
+            }
             if edited {
                 // The edit is used once: a copy of this proposal later needs a person like any.
                 if let Some(mut s) = p
@@ -866,6 +875,40 @@ mod tests {
             kept.keys().collect::<Vec<_>>(),
             ["apr-new", "apr-open"],
             "the one decided in 2020 is dropped"
+        );
+    }
+
+    /// A superseded approval is decided when superseded: `keep_decided_seconds` counts from then.
+    #[tokio::test]
+    async fn a_superseded_approval_is_decided_at_the_decision_that_supersedes_it() {
+        let g: GovernanceConfig =
+            serde_yaml::from_str("approvals: {rules: [{actions: [scale_down]}]}").unwrap();
+        let s = stage(g);
+        process_one(&s, input("p1", "scale_down", 1)).await.unwrap();
+        let key = ResourceKey::new("default", "svc");
+        let pending = s
+            .store
+            .load(&key, &[], None)
+            .await
+            .unwrap()
+            .record
+            .approvals;
+        assert_eq!(pending.len(), 1);
+        assert!(pending.values().all(|a| a.approval.status == "pending"));
+        process_one(&s, input("p2", "rollback", 2)).await.unwrap();
+        let after = s
+            .store
+            .load(&key, &[], None)
+            .await
+            .unwrap()
+            .record
+            .approvals;
+        let a = after.values().next().unwrap();
+        assert_eq!(a.approval.status, "superseded");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(&a.decided_at).is_ok(),
+            "{:?}",
+            a.decided_at
         );
     }
 
