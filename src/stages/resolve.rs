@@ -823,6 +823,19 @@ mod tests {
         assert!(copy.is_empty(), "nothing decided twice: {copy:?}");
     }
 
+    /// The approvals stored with the test proposals' resource.
+    async fn stored_approvals(
+        s: &ResolveStage,
+    ) -> std::collections::BTreeMap<String, crate::resolve::apply::StoredApproval> {
+        let key = ResourceKey::new("default", "svc");
+        s.store
+            .load(&key, &[], None)
+            .await
+            .unwrap()
+            .record
+            .approvals
+    }
+
     /// A resource's decided approvals leave it with its first write after
     /// `keep_decided_seconds`; open ones and recently decided ones stay.
     #[tokio::test]
@@ -864,13 +877,7 @@ mod tests {
         };
         assert!(s.store.commit(&key, 0, w).await.unwrap());
         process_one(&s, input("p1", "scale_down", 1)).await.unwrap();
-        let kept = s
-            .store
-            .load(&key, &[], None)
-            .await
-            .unwrap()
-            .record
-            .approvals;
+        let kept = stored_approvals(&s).await;
         assert_eq!(
             kept.keys().collect::<Vec<_>>(),
             ["apr-new", "apr-open"],
@@ -885,24 +892,11 @@ mod tests {
             serde_yaml::from_str("approvals: {rules: [{actions: [scale_down]}]}").unwrap();
         let s = stage(g);
         process_one(&s, input("p1", "scale_down", 1)).await.unwrap();
-        let key = ResourceKey::new("default", "svc");
-        let pending = s
-            .store
-            .load(&key, &[], None)
-            .await
-            .unwrap()
-            .record
-            .approvals;
+        let pending = stored_approvals(&s).await;
         assert_eq!(pending.len(), 1);
         assert!(pending.values().all(|a| a.approval.status == "pending"));
         process_one(&s, input("p2", "rollback", 2)).await.unwrap();
-        let after = s
-            .store
-            .load(&key, &[], None)
-            .await
-            .unwrap()
-            .record
-            .approvals;
+        let after = stored_approvals(&s).await;
         let a = after.values().next().unwrap();
         assert_eq!(a.approval.status, "superseded");
         assert!(
