@@ -13,7 +13,7 @@
 
 use serde_json::{json, Value};
 
-use super::approvals::{is_open, ApprovalError, Approvals, Decision, Verdict, SOURCE};
+use super::approvals::{ApprovalError, Approvals, Decision, Verdict, SOURCE};
 use crate::event::{now_rfc3339, now_secs, CloudEvent};
 use crate::kafka::Output;
 use crate::records::{record_event, types, ProposalData, TaskData};
@@ -184,7 +184,7 @@ impl Approvals {
         let key = self.key_of(approval_id).await?;
         for _ in 0..20 {
             let (loaded, stored) = self.load_approval(&key, approval_id).await?;
-            if !is_open(&stored) {
+            if !stored.is_open() {
                 return self.decided_before(stored).await;
             }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;

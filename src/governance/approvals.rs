@@ -250,7 +250,7 @@ impl Approvals {
         let key = self.key_of(approval_id).await?;
         for _ in 0..20 {
             let (loaded, stored) = self.load_approval(&key, approval_id).await?;
-            if !is_open(&stored) {
+            if !stored.is_open() {
                 return self.decided_before(stored).await;
             }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
@@ -666,7 +666,7 @@ impl Approvals {
             }
             let record = self.store.load(&key, &[], None).await?.record;
             if let Some(s) = record.approvals.get(id) {
-                if is_open(s) {
+                if s.is_open() {
                     let mut a = s.approval.clone();
                     a.expires_at = *expires;
                     page.approvals.push(a);
@@ -710,7 +710,7 @@ impl Approvals {
             match self.get(&id).await? {
                 // Gone, or still open (the state never moved): nothing to produce.
                 None => self.store.outbox_done(&id).await?,
-                Some(s) if is_open(&s) => self.store.outbox_done(&id).await?,
+                Some(s) if s.is_open() => self.store.outbox_done(&id).await?,
                 Some(s) => {
                     tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
                     out.push((id, self.decided_before(s).await?.outputs));
@@ -764,11 +764,6 @@ impl Approvals {
 
 /// Entries of the approvals' id index a sweep checks (and removes when their approval is gone).
 const INDEX_SLICE: usize = 256;
-
-/// Whether nobody has decided the approval yet (pending, or escalated and pending again).
-pub(crate) fn is_open(s: &StoredApproval) -> bool {
-    matches!(s.approval.status.as_str(), "pending" | "escalated")
-}
 
 /// Runs the sweeper until `stop`: every `interval`, expire what is due and produce the records.
 pub async fn run_sweeper(

@@ -127,6 +127,13 @@ pub struct StoredApproval {
     pub amend: Option<Amend>,
 }
 
+impl StoredApproval {
+    /// Whether nobody has decided it yet (pending, or escalated and pending again).
+    pub fn is_open(&self) -> bool {
+        matches!(self.approval.status.as_str(), "pending" | "escalated")
+    }
+}
+
 /// What the resource looked like when an approval was asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Seen {
@@ -199,7 +206,7 @@ pub struct Change {
 pub fn decided_before(approvals: &BTreeMap<String, StoredApproval>, cutoff: i64) -> Vec<String> {
     approvals
         .iter()
-        .filter(|(_, s)| !matches!(s.approval.status.as_str(), "pending" | "escalated"))
+        .filter(|(_, s)| !s.is_open())
         .filter(|(_, s)| {
             chrono::DateTime::parse_from_rfc3339(&s.decided_at)
                 .is_ok_and(|t| t.timestamp() < cutoff)

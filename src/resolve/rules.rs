@@ -357,22 +357,11 @@ pub const PRUNE_MARGIN_SECONDS: i64 = 300;
 /// decision ([`decide`] looks at no action older than the window of the rule looking), nor one made
 /// later by a clock up to the margin behind.
 pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
-    let mut windows: BTreeMap<String, i64> = BTreeMap::new();
     state.active.retain(|a| {
-        if a.status == ActiveStatus::PendingApproval {
-            return true;
-        }
-        let window = match windows.get(&a.action) {
-            Some(w) => *w,
-            None => {
-                let w = i64::try_from(cfg.relevance_seconds(&a.action))
-                    .unwrap_or(i64::MAX)
-                    .saturating_add(PRUNE_MARGIN_SECONDS);
-                windows.insert(a.action.clone(), w);
-                w
-            }
-        };
-        now.saturating_sub(a.at) <= window
+        let window = i64::try_from(cfg.relevance_seconds(&a.action))
+            .unwrap_or(i64::MAX)
+            .saturating_add(PRUNE_MARGIN_SECONDS);
+        a.status == ActiveStatus::PendingApproval || now.saturating_sub(a.at) <= window
     });
 }
 

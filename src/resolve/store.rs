@@ -700,59 +700,57 @@ impl ResourceStore for RedisResourceStore {
                 .await?;
             self.index_cursor.store(next, Ordering::Relaxed);
             // Entries whose approval is no longer in its resource's record (or that name no
-            // resource at all).
-            let mut unreadable: Vec<String> = Vec::new();
-            let mut entries: Vec<(String, ResourceKey)> = Vec::new();
-            for kv in flat.chunks_exact(2) {
-                match parse_where(&kv[1]) {
-                    Some(k) => entries.push((kv[0].clone(), k)),
-                    None => unreadable.push(kv[0].clone()),
-                }
-            }
-            let there = |entries: &[(String, ResourceKey)]| {
+            // resource at all), with the value read.
+            let (readable, mut gone): (Vec<_>, Vec<_>) = flat
+                .chunks_exact(2)
+                .map(|kv| (&kv[0], &kv[1], parse_where(&kv[1])))
+                .partition(|(_, _, k)| k.is_some());
+            let there = |entries: &[(&String, &String, Option<ResourceKey>)]| {
                 let mut pipe = redis::pipe();
-                for (id, k) in entries {
-                    pipe.hexists(self.res_key(k), format!("approval:{id}"));
+                for (id, _, k) in entries {
+                    if let Some(k) = k {
+                        pipe.hexists(self.res_key(k), format!("approval:{id}"));
+                    }
                 }
                 pipe
             };
-            let found: Vec<bool> = if entries.is_empty() {
+            let found: Vec<bool> = if readable.is_empty() {
                 Vec::new()
             } else {
-                there(&entries).query_async(&mut c).await?
+                there(&readable).query_async(&mut c).await?
             };
-            let gone: Vec<(String, ResourceKey)> = entries
-                .into_iter()
-                .zip(found)
-                .filter(|(_, f)| !f)
-                .map(|(e, _)| e)
-                .collect();
-            if gone.is_empty() && unreadable.is_empty() {
+            gone.extend(
+                readable
+                    .into_iter()
+                    .zip(found)
+                    .filter(|(_, f)| !f)
+                    .map(|(e, _)| e),
+            );
+            if gone.is_empty() {
                 return Ok(0);
             }
             // Deleted only where the entry still says what was read: an approval made again with
             // the same id on another resource meanwhile keeps its new entry.
             let mut inv = self.unindex.prepare_invoke();
             inv.key(self.where_key());
-            for (id, v) in flat.chunks_exact(2).map(|kv| (&kv[0], &kv[1])) {
-                if unreadable.contains(id) || gone.iter().any(|(g, _)| g == id) {
-                    inv.arg(id).arg(v);
-                }
+            for (id, v, _) in &gone {
+                inv.arg(*id).arg(*v);
             }
             let mut removed: usize = inv.invoke_async(&mut c).await?;
-            if gone.is_empty() {
-                return Ok(removed);
-            }
             // An approval made again with the same id on the same resource in between is written
             // to its resource before it is indexed (with the same entry): look once more and put
             // back what is there now.
+            gone.retain(|(_, _, k)| k.is_some());
+            if gone.is_empty() {
+                return Ok(removed);
+            }
             let back: Vec<bool> = there(&gone).query_async(&mut c).await?;
-            for ((id, k), is_back) in gone.iter().zip(back) {
+            for ((id, v, _), is_back) in gone.iter().zip(back) {
                 if is_back {
                     redis::cmd("HSET")
                         .arg(self.where_key())
-                        .arg(id)
-                        .arg(k.encoded())
+                        .arg(*id)
+                        .arg(*v)
                         .query_async::<()>(&mut c)
                         .await?;
                     removed = removed.saturating_sub(1);
