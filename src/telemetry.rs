@@ -34,8 +34,11 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Partitions currently assigned, by stage.
     pub assigned_partitions: IntGaugeVec,
-    /// Times a stage paused consumption because `max_in_flight` was reached.
+    /// Times a stage stopped taking records because `max_in_flight` was reached.
     pub backpressure_pauses: IntCounterVec,
+    /// Times such a stop lasted long enough that the stage paused its consumer (which discards
+    /// what librdkafka prefetched: fetched again on resume).
+    pub consumer_pauses: IntCounterVec,
     /// Produce attempts retried because the local producer queue was full.
     pub producer_queue_full: IntCounterVec,
     /// Produce failures reported by the broker, by stage.
@@ -195,6 +198,12 @@ impl Metrics {
             backpressure_pauses: register_int_counter_vec_with_registry!(
                 "switchyard_backpressure_pauses_total",
                 "Times consumption paused because max_in_flight was reached.",
+                &["stage"],
+                r
+            )?,
+            consumer_pauses: register_int_counter_vec_with_registry!(
+                "switchyard_consumer_pauses_total",
+                "Times a stage held at max_in_flight for over 3 s and paused its consumer (prefetched records are fetched again on resume).",
                 &["stage"],
                 r
             )?,
@@ -466,6 +475,7 @@ impl Metrics {
             &self.produce_errors,
             &self.consumer_errors,
             &self.backpressure_pauses,
+            &self.consumer_pauses,
         ] {
             c.with_label_values(&[stage]).inc_by(0);
         }

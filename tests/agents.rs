@@ -447,6 +447,94 @@ async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources(
     running.stop().await;
 }
 
+/// A stage at `kafka.max_in_flight` stops taking records (librdkafka keeps what it prefetched);
+/// held past 3 s — here by an agent that hangs — it pauses its consumer; once the agent answers
+/// it resumes, and every task runs once, each resource's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doubling() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 8_000, 3)).await;
+    let running = env.start(&["route", "agents"]);
+    // Four hanging tasks (one resource each) fill the agents stage's limit; 20 more wait behind
+    // them on the one partition, four per resource.
+    let mut evs: Vec<_> = (0..4)
+        .map(|i| {
+            let id = format!("held-{i}");
+            event(
+                &id,
+                "deployment.started",
+                &format!("svc-h{i}"),
+                json!({"mode": "until-healed"}),
+            )
+        })
+        .collect();
+    evs.extend((0..20).map(|i| {
+        let id = format!("queued-{i:02}");
+        event(
+            &id,
+            "deployment.started",
+            &format!("svc-q{}", i % 5),
+            json!({"mode": "ok"}),
+        )
+    }));
+    env.publish("events.deployments", &evs).await;
+    let pauses = || {
+        let m = switchyard::telemetry::METRICS.render();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("switchyard_consumer_pauses_total{stage=\"agents\"}"))
+            .map(str::to_string);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut waited = Duration::ZERO;
+    while pauses() < 1.0 && waited < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waited += Duration::from_millis(200);
+    }
+    assert!(
+        pauses() >= 1.0,
+        "held past 3 s, the agents stage paused its consumer"
+    );
+    assert_eq!(
+        st.total.load(Ordering::SeqCst),
+        4,
+        "nothing beyond the limit was taken while held"
+    );
+    st.healed.store(true, Ordering::SeqCst);
+    let res = results(
+        &env.read("switchyard.results", evs.len(), Duration::from_secs(60))
+            .await,
+    );
+    let ids: std::collections::BTreeSet<&str> = res.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(ids.len(), evs.len(), "every task has its result: {res:?}");
+    assert!(res.iter().all(|r| r.status == "succeeded"), "{res:?}");
+    let calls = st.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), evs.len());
+    for (task, n) in &calls {
+        let held = res
+            .iter()
+            .any(|r| &r.task_id == task && r.resource.starts_with("svc-h"));
+        if held {
+            assert!(*n >= 2, "a hanging call timed out and ran again: {calls:?}");
+        } else {
+            assert_eq!(*n, 1, "every task behind the limit ran once: {calls:?}");
+        }
+    }
+    for q in 0..5 {
+        let order: Vec<&str> = res
+            .iter()
+            .filter(|r| r.resource == format!("svc-q{q}"))
+            .filter_map(|r| r.event_id.as_deref())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "svc-q{q}'s tasks ran in order");
+        assert_eq!(order.len(), 4);
+    }
+    running.stop().await;
+}
+
 /// A task delivered again is never run again: before its input is committed its recorded outcome
 /// is replayed (the same records); once committed the outcome is forgotten (nothing per task stays
 /// in Redis) and a later copy is skipped.

@@ -14,8 +14,11 @@
 //!   partition's [`AckTracker`], and the poll thread stores the offset below which everything is
 //!   done. Auto-commit then commits stored offsets only; once committed, the record's cleanup keys
 //!   go to [`Processor::cleanup`].
-//! - Flow control: consumption pauses when `max_in_flight` records are held and resumes once half
-//!   of them are done (hysteresis), so fetching overlaps processing instead of alternating with it.
+//! - Flow control: the poll loop stops taking records when `max_in_flight` records are held and
+//!   takes them again once half of them are done (hysteresis), so fetching overlaps processing
+//!   instead of alternating with it. It does not pause the consumer for that: librdkafka's pause
+//!   discards every record it prefetched, fetched again on resume — with a backlog that multiplied
+//!   the broker's fetch work (see [`HOLD_BEFORE_PAUSE`]).
 //! - On revoke and on shutdown, in-flight records are drained (up to `drain_timeout`) and offsets are
 //!   committed synchronously.
 //! - Poison records go to the dead-letter topic with reason headers and the partition moves on;
@@ -858,6 +861,11 @@ pub async fn run_stage<P: Processor>(
     }
 }
 
+/// Longest the poll loop stops taking records without pausing the consumer (see [`poll_loop`]).
+const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(3);
+/// How often a holding poll loop looks at the in-flight count again.
+const HOLD_SLEEP: Duration = Duration::from_millis(2);
+
 fn poll_loop<P: Processor>(
     shared: &Arc<Shared<P>>,
     consumer: &BaseConsumer<Ctx<P>>,
@@ -866,6 +874,11 @@ fn poll_loop<P: Processor>(
     let stage = shared.stage();
     let max = shared.settings.max_in_flight;
     let resume_below = (max / 2).max(1);
+    // Over the limit, the loop first only stops taking records (`held`): librdkafka keeps what it
+    // prefetched and its own bounds stop the fetcher. Only a hold longer than HOLD_BEFORE_PAUSE
+    // pauses the partitions, which discards the prefetched records (they are fetched again on
+    // resume) but lets the loop serve rebalances and commits while processing is stuck.
+    let mut held: Option<Instant> = None;
     let mut paused = false;
     tracing::info!(stage, topics = ?shared.settings.topics, group = %shared.settings.group_id, "Stage started.");
     METRICS.init_stage(stage);
@@ -875,12 +888,15 @@ fn poll_loop<P: Processor>(
         }
         store_offsets(shared, consumer);
         let in_flight = shared.in_flight.load(Ordering::Acquire);
-        if paused && in_flight < resume_below {
-            if let Ok(a) = consumer.assignment() {
-                let _ = consumer.resume(&a);
+        if held.is_some() && in_flight < resume_below {
+            if paused {
+                if let Ok(a) = consumer.assignment() {
+                    let _ = consumer.resume(&a);
+                }
+                paused = false;
             }
-            paused = false;
-        } else if !paused && in_flight >= max {
+            held = None;
+        } else if held.is_none() && in_flight >= max {
             METRICS
                 .backpressure_pauses
                 .with_label_values(&[stage])
@@ -888,11 +904,25 @@ fn poll_loop<P: Processor>(
             tracing::debug!(
                 stage,
                 in_flight,
-                "In-flight limit reached; pausing consumption."
+                "In-flight limit reached; holding consumption."
             );
-            paused = true;
+            held = Some(Instant::now());
         }
-        if paused {
+        if let Some(since) = held {
+            if !paused && since.elapsed() < HOLD_BEFORE_PAUSE {
+                // Records stay in librdkafka's queue; rebalances and commit callbacks wait too.
+                std::thread::sleep(HOLD_SLEEP);
+                continue;
+            }
+            if !paused {
+                METRICS.consumer_pauses.with_label_values(&[stage]).inc();
+                tracing::debug!(
+                    stage,
+                    in_flight,
+                    "Held at the in-flight limit for {HOLD_BEFORE_PAUSE:?}; pausing the consumer."
+                );
+            }
+            paused = true;
             // Re-pause every round: a rebalance may have assigned unpaused partitions.
             if let Ok(a) = consumer.assignment() {
                 let _ = consumer.pause(&a);
