@@ -23,6 +23,7 @@
 //! redis or scaling: one part, no JSON), BENCH_SCALING (1: include the scaling figures, 0: leave them
 //! out; default on), BENCH_SCALING_EVENTS (events per scaling phase, default BENCH_EVENTS),
 //! BENCH_REDIS_EVENTS (events the Redis mix replays, default BENCH_EVENTS), BENCH_LINGER_MS,
+//! BENCH_FETCH_WAIT_MS (consumer `fetch.wait.max.ms` of all three systems, default 500),
 //! BENCH_SWITCHYARD_BIN and BENCH_SWITCHYARD_TREE (measure another build, with the config, topics
 //! and schemas of its source tree; default this build's release binary and this tree).
 //!
@@ -1153,6 +1154,10 @@ impl Bench {
                 "linger.ms: \"5\"",
                 &format!("linger.ms: \"{}\"", linger_ms()),
             )
+            .replace(
+                "fetch.wait.max.ms: \"500\"",
+                &format!("fetch.wait.max.ms: \"{}\"", fetch_wait_ms()),
+            )
             .replace("max_calls: 100000", "max_calls: 100000000")
             .replace("max_cost: 500.0", "max_cost: 100000000.0");
         for (k, v) in consumer_extra {
@@ -1253,6 +1258,8 @@ impl Bench {
                                 "peer",
                                 "--inputs",
                                 &INPUTS.join(","),
+                                "--fetch-wait-ms",
+                                &fetch_wait_ms(),
                             ])
                             .stdout(Stdio::null())
                             .stderr(Stdio::null())
@@ -2015,7 +2022,7 @@ fn limit_hop(brokers: String, hop: ShapeHop) -> std::thread::JoinHandle<()> {
             .set("enable.auto.offset.store", "false")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "20")
+            .set("fetch.wait.max.ms", fetch_wait_ms())
             .create()
             .expect("limit consumer");
         // As switchyard's producer: acks=all, idempotent, the same linger.
@@ -2118,6 +2125,12 @@ fn limit_chain(brokers: &str, shape_file: &Path) {
 /// deploy/bench/switchyard.yaml).
 fn linger_ms() -> String {
     env_or("BENCH_LINGER_MS", "5")
+}
+
+/// Consumer `fetch.wait.max.ms` of all three systems (BENCH_FETCH_WAIT_MS, default 500, as in
+/// deploy/bench/switchyard.yaml): how long the broker may hold a fetch that finds nothing.
+fn fetch_wait_ms() -> String {
+    env_or("BENCH_FETCH_WAIT_MS", "500")
 }
 
 fn out_dir() -> PathBuf {

@@ -30,12 +30,13 @@ def main():
     ap.add_argument("--redis", required=True)
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--inputs", default="")
+    ap.add_argument("--fetch-wait-ms", type=int, default=500, help="consumer fetch.wait.max.ms")
     args = ap.parse_args()
     app = Application(
         broker_address=args.brokers,
         consumer_group=f"{args.prefix}-peer-{args.stage}",
         auto_offset_reset="earliest",
-        consumer_extra_config={"session.timeout.ms": 6000, "fetch.wait.max.ms": 20},
+        consumer_extra_config={"session.timeout.ms": 6000, "fetch.wait.max.ms": args.fetch_wait_ms},
         producer_extra_config={"linger.ms": 5},
         auto_create_topics=True,
         use_changelog_topics=False,
