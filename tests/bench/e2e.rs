@@ -23,7 +23,7 @@
 //! redis or scaling: one part, no JSON), BENCH_SCALING (1: include the scaling figures, 0: leave them
 //! out; default on), BENCH_SCALING_EVENTS (events per scaling phase, default BENCH_EVENTS),
 //! BENCH_REDIS_EVENTS (events the Redis mix replays, default BENCH_EVENTS), BENCH_LINGER_MS,
-//! BENCH_FETCH_WAIT_MS (consumer `fetch.wait.max.ms` of all three systems, default 500),
+//! BENCH_FETCH_WAIT_MS (consumer `fetch.wait.max.ms` of all three systems, default 20),
 //! BENCH_SWITCHYARD_BIN and BENCH_SWITCHYARD_TREE (measure another build, with the config, topics
 //! and schemas of its source tree; default this build's release binary and this tree).
 //!
@@ -1155,7 +1155,7 @@ impl Bench {
                 &format!("linger.ms: \"{}\"", linger_ms()),
             )
             .replace(
-                "fetch.wait.max.ms: \"500\"",
+                "fetch.wait.max.ms: \"20\"",
                 &format!("fetch.wait.max.ms: \"{}\"", fetch_wait_ms()),
             )
             .replace("max_calls: 100000", "max_calls: 100000000")
@@ -2127,10 +2127,10 @@ fn linger_ms() -> String {
     env_or("BENCH_LINGER_MS", "5")
 }
 
-/// Consumer `fetch.wait.max.ms` of all three systems (BENCH_FETCH_WAIT_MS, default 500, as in
-/// deploy/bench/switchyard.yaml): how long the broker may hold a fetch that finds nothing.
+/// Consumer `fetch.wait.max.ms` of all three systems (BENCH_FETCH_WAIT_MS, default 20, as in
+/// deploy/bench/switchyard.yaml). On tansu every fetch lasts this long (half of it from 250 ms on).
 fn fetch_wait_ms() -> String {
-    env_or("BENCH_FETCH_WAIT_MS", "500")
+    env_or("BENCH_FETCH_WAIT_MS", "20")
 }
 
 fn out_dir() -> PathBuf {

@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--redis", required=True)
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--inputs", default="")
-    ap.add_argument("--fetch-wait-ms", type=int, default=500, help="consumer fetch.wait.max.ms")
+    ap.add_argument("--fetch-wait-ms", type=int, default=20, help="consumer fetch.wait.max.ms")
     args = ap.parse_args()
     app = Application(
         broker_address=args.brokers,
