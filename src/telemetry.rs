@@ -197,7 +197,7 @@ impl Metrics {
             )?,
             backpressure_pauses: register_int_counter_vec_with_registry!(
                 "switchyard_backpressure_pauses_total",
-                "Times consumption paused because max_in_flight was reached.",
+                "Times a stage stopped taking records because max_in_flight was reached.",
                 &["stage"],
                 r
             )?,

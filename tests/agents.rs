@@ -275,6 +275,8 @@ struct HttpAgentState {
     total: AtomicUsize,
     /// `until-healed` tasks hang until this is set.
     healed: std::sync::atomic::AtomicBool,
+    /// Calls in `ok` and `slow` mode.
+    ok_calls: AtomicUsize,
 }
 
 async fn http_agent(
@@ -297,6 +299,12 @@ async fn http_agent(
         .as_str()
         .unwrap_or("ok")
         .to_string();
+    if mode == "ok" || mode == "slow" {
+        st.ok_calls.fetch_add(1, Ordering::SeqCst);
+    }
+    if mode == "slow" {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     match mode.as_str() {
         "hang" => {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -447,16 +455,31 @@ async fn hanging_agent_times_out_and_retries_without_holding_up_other_resources(
     running.stop().await;
 }
 
-/// A stage at `kafka.max_in_flight` stops taking records (librdkafka keeps what it prefetched);
-/// held past 3 s — here by an agent that hangs — it pauses its consumer; once the agent answers
-/// it resumes, and every task runs once, each resource's in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doubling() {
-    let (url, st) = serve_http_agent().await;
-    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 8_000, 3)).await;
-    let running = env.start(&["route", "agents"]);
-    // Four hanging tasks (one resource each) fill the agents stage's limit; 20 more wait behind
-    // them on the one partition, four per resource.
+/// A counter of this process's metrics, for one stage.
+fn stage_counter(name: &str, stage: &str) -> f64 {
+    let prefix = format!("{name}{{stage=\"{stage}\"}} ");
+    switchyard::telemetry::METRICS
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits up to `limit` for `cond`.
+async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Four tasks that hang until the agent is healed (one resource each), then `queued` more on five
+/// resources behind them.
+fn held_then_queued(queued: usize) -> Vec<switchyard::event::CloudEvent> {
     let mut evs: Vec<_> = (0..4)
         .map(|i| {
             let id = format!("held-{i}");
@@ -468,7 +491,7 @@ async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doublin
             )
         })
         .collect();
-    evs.extend((0..20).map(|i| {
+    evs.extend((0..queued).map(|i| {
         let id = format!("queued-{i:02}");
         event(
             &id,
@@ -477,28 +500,39 @@ async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doublin
             json!({"mode": "ok"}),
         )
     }));
+    evs
+}
+
+/// A stage at `kafka.max_in_flight` stops taking records (librdkafka keeps what it prefetched);
+/// held past 3 s — here by an agent that hangs — it pauses its consumer; once the agent answers
+/// it resumes, and every task runs once, each resource's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doubling() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 8_000, 3)).await;
+    let holds = || stage_counter("switchyard_backpressure_pauses_total", "agents");
+    let pauses = || stage_counter("switchyard_consumer_pauses_total", "agents");
+    let (holds0, pauses0) = (holds(), pauses());
+    let running = env.start(&["route", "agents"]);
+    let evs = held_then_queued(20);
     env.publish("events.deployments", &evs).await;
-    let pauses = || {
-        let m = switchyard::telemetry::METRICS.render();
-        let line = m
-            .lines()
-            .find(|l| l.starts_with("switchyard_consumer_pauses_total{stage=\"agents\"}"))
-            .map(str::to_string);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let mut waited = Duration::ZERO;
-    while pauses() < 1.0 && waited < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        waited += Duration::from_millis(200);
-    }
     assert!(
-        pauses() >= 1.0,
+        wait_for(Duration::from_secs(40), || holds() > holds0).await,
+        "the agents stage reached its limit"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        pauses(),
+        pauses0,
+        "a hold shorter than 3 s does not pause the consumer"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || pauses() > pauses0).await,
         "held past 3 s, the agents stage paused its consumer"
     );
     assert_eq!(
-        st.total.load(Ordering::SeqCst),
-        4,
+        st.ok_calls.load(Ordering::SeqCst),
+        0,
         "nothing beyond the limit was taken while held"
     );
     st.healed.store(true, Ordering::SeqCst);
@@ -533,6 +567,104 @@ async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doublin
         assert_eq!(order.len(), 4);
     }
     running.stop().await;
+}
+
+/// A stage that reaches its limit but keeps up (every task takes 50 ms) only stops taking records
+/// for a moment: it never pauses its consumer, and every task runs once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_at_its_limit_that_keeps_up_never_pauses_its_consumer() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 8_000, 0)).await;
+    let holds = || stage_counter("switchyard_backpressure_pauses_total", "agents");
+    let pauses = || stage_counter("switchyard_consumer_pauses_total", "agents");
+    let (holds0, pauses0) = (holds(), pauses());
+    let running = env.start(&["route", "agents"]);
+    let evs: Vec<_> = (0..40)
+        .map(|i| {
+            let id = format!("slow-{i:02}");
+            event(
+                &id,
+                "deployment.started",
+                &format!("svc-s{}", i % 8),
+                json!({"mode": "slow"}),
+            )
+        })
+        .collect();
+    env.publish("events.deployments", &evs).await;
+    let res = results(
+        &env.read("switchyard.results", evs.len(), Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(res.len(), evs.len());
+    assert!(holds() > holds0, "the stage reached its limit");
+    assert_eq!(pauses(), pauses0, "and never paused its consumer");
+    assert_eq!(
+        st.ok_calls.load(Ordering::SeqCst),
+        evs.len(),
+        "every task ran once"
+    );
+    for s in 0..8 {
+        let order: Vec<&str> = res
+            .iter()
+            .filter(|r| r.resource == format!("svc-s{s}"))
+            .filter_map(|r| r.event_id.as_deref())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "svc-s{s}'s tasks ran in order");
+    }
+    running.stop().await;
+}
+
+/// librdkafka keeps a partition's pause through a rebalance: a stage paused (held past 3 s), whose
+/// partition is taken away by a second member and given back, consumes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_before_a_rebalance_is_consumed_after_it() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 8_000, 3)).await;
+    let pauses = || stage_counter("switchyard_consumer_pauses_total", "agents");
+    let pauses0 = pauses();
+    let first = env.start(&["route", "agents"]);
+    let evs = held_then_queued(20);
+    env.publish("events.deployments", &evs).await;
+    assert!(
+        wait_for(Duration::from_secs(40), || pauses() > pauses0).await,
+        "held past 3 s, the agents stage paused its consumer"
+    );
+    // A second member joins (the one partition moves or stays), the agent heals, the second
+    // member leaves: the partition ends up with the first, paused before all of this.
+    let second = env.start(&["agents"]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    st.healed.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.stop().await;
+    let want: std::collections::BTreeSet<String> = evs.iter().map(|e| e.id.clone()).collect();
+    let topic = env.topic("switchyard.results");
+    let recs = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &topic,
+        Duration::from_secs(90),
+        move |got: &[switchyard::kafka::Input]| {
+            let done: std::collections::BTreeSet<String> = results(got)
+                .into_iter()
+                .filter(|r| r.status == "succeeded")
+                .filter_map(|r| r.event_id)
+                .collect();
+            done == want
+        },
+    )
+    .await;
+    let done: std::collections::BTreeSet<String> = results(&recs)
+        .into_iter()
+        .filter(|r| r.status == "succeeded")
+        .filter_map(|r| r.event_id)
+        .collect();
+    assert_eq!(
+        done.len(),
+        evs.len(),
+        "every task succeeded after the rebalances: {done:?}"
+    );
+    first.stop().await;
 }
 
 /// A task delivered again is never run again: before its input is committed its recorded outcome

@@ -652,6 +652,10 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                         })
                     });
                 }
+                // librdkafka keeps a partition's pause through unassign and assign: one paused
+                // before this rebalance would never be fetched again. The poll loop pauses what it
+                // owns again while it holds.
+                let _ = consumer.resume(tpl);
                 let n = consumer
                     .assignment()
                     .map(|a| a.count())
@@ -864,7 +868,7 @@ pub async fn run_stage<P: Processor>(
 /// Longest the poll loop stops taking records without pausing the consumer (see [`poll_loop`]).
 const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(3);
 /// How often a holding poll loop looks at the in-flight count again.
-const HOLD_SLEEP: Duration = Duration::from_millis(2);
+const HOLD_SLEEP: Duration = Duration::from_millis(5);
 
 fn poll_loop<P: Processor>(
     shared: &Arc<Shared<P>>,
@@ -889,13 +893,16 @@ fn poll_loop<P: Processor>(
         store_offsets(shared, consumer);
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         if held.is_some() && in_flight < resume_below {
-            if paused {
-                if let Ok(a) = consumer.assignment() {
-                    let _ = consumer.resume(&a);
-                }
+            // A failed resume stays paused and is tried again next round.
+            let resumed = !paused
+                || consumer
+                    .assignment()
+                    .and_then(|a| consumer.resume(&a))
+                    .is_ok();
+            if resumed {
                 paused = false;
+                held = None;
             }
-            held = None;
         } else if held.is_none() && in_flight >= max {
             METRICS
                 .backpressure_pauses
