@@ -465,6 +465,20 @@ fn stage_counter(name: &str, stage: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The event ids of `resource`'s results in the order they were written, asserted to be the
+/// order of the ids (the tests number their events).
+fn event_ids_in_order<'a>(res: &'a [ResultData], resource: &str) -> Vec<&'a str> {
+    let order: Vec<&str> = res
+        .iter()
+        .filter(|r| r.resource == resource)
+        .filter_map(|r| r.event_id.as_deref())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "{resource}'s tasks ran in order");
+    order
+}
+
 /// Waits up to `limit` for `cond`.
 async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = std::time::Instant::now();
@@ -556,14 +570,7 @@ async fn a_stage_held_at_its_limit_pauses_then_resumes_without_losing_or_doublin
         }
     }
     for q in 0..5 {
-        let order: Vec<&str> = res
-            .iter()
-            .filter(|r| r.resource == format!("svc-q{q}"))
-            .filter_map(|r| r.event_id.as_deref())
-            .collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted, "svc-q{q}'s tasks ran in order");
+        let order = event_ids_in_order(&res, &format!("svc-q{q}"));
         assert_eq!(order.len(), 4);
     }
     running.stop().await;
@@ -604,14 +611,7 @@ async fn a_stage_at_its_limit_that_keeps_up_never_pauses_its_consumer() {
         "every task ran once"
     );
     for s in 0..8 {
-        let order: Vec<&str> = res
-            .iter()
-            .filter(|r| r.resource == format!("svc-s{s}"))
-            .filter_map(|r| r.event_id.as_deref())
-            .collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted, "svc-s{s}'s tasks ran in order");
+        event_ids_in_order(&res, &format!("svc-s{s}"));
     }
     running.stop().await;
 }

@@ -267,6 +267,13 @@ struct Kept {
     generation: u64,
 }
 
+impl Kept {
+    /// Written by this instance within [`Copies::FRESH`], under Redis' current `generation`.
+    fn usable(&self, generation: u64) -> bool {
+        self.wrote.is_some_and(|t| t.elapsed() < Copies::FRESH) && self.generation == generation
+    }
+}
+
 impl Copies {
     const MAX: usize = 1_024;
     /// A copy is used only this long after this instance's own last write of it: a resource's
@@ -283,20 +290,16 @@ impl Copies {
     fn get(&self, key: &str, generation: u64) -> Option<Kept> {
         self.lock()
             .get(key)
-            .filter(|c| {
-                c.wrote.is_some_and(|t| t.elapsed() < Self::FRESH) && c.generation == generation
-            })
+            .filter(|c| c.usable(generation))
             .cloned()
     }
 
     /// Keeps what a read from Redis found, unless a newer copy is already kept.
     fn read(&self, key: &str, copy: Kept) {
         let mut m = self.lock();
-        if m.get(key).is_some_and(|c| {
-            c.record.rev >= copy.record.rev
-                && c.wrote.is_some_and(|t| t.elapsed() < Self::FRESH)
-                && c.generation == copy.generation
-        }) {
+        if m.get(key)
+            .is_some_and(|c| c.record.rev >= copy.record.rev && c.usable(copy.generation))
+        {
             return;
         }
         if m.len() >= Self::MAX && !m.contains_key(key) {
