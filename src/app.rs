@@ -45,8 +45,19 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
     }
 }
 
-/// The resolve state store of a config (shared by the resolve stage, approvals and the CLI).
+/// The resolve state store of a config (shared by the resolve stage, approvals and the CLI),
+/// trusting Redis only while it has its epoch marker ([`RedisResourceStore::guarded`]).
 pub fn resource_store(loaded: &Loaded, conn: RedisConn) -> Arc<dyn ResourceStore> {
+    Arc::new(redis_resource_store(loaded, conn).guarded())
+}
+
+/// [`resource_store`] without the epoch marker's guard: for `switchyard recover` (it writes before
+/// the new marker) and replay's scratch prefix (which has none).
+pub fn resource_store_unguarded(loaded: &Loaded, conn: RedisConn) -> Arc<dyn ResourceStore> {
+    Arc::new(redis_resource_store(loaded, conn))
+}
+
+fn redis_resource_store(loaded: &Loaded, conn: RedisConn) -> RedisResourceStore {
     let cfg = &loaded.config;
     // Resource hashes outlive every window that reads them, and any pending approval.
     let ttl = (cfg
@@ -55,12 +66,7 @@ pub fn resource_store(loaded: &Loaded, conn: RedisConn) -> Arc<dyn ResourceStore
         .max(cfg.governance.approvals.timeout_seconds)
         * 4)
     .max(86400);
-    Arc::new(RedisResourceStore::new(
-        conn,
-        &cfg.redis.key_prefix,
-        ttl,
-        cfg.context.remember_tasks,
-    ))
+    RedisResourceStore::new(conn, &cfg.redis.key_prefix, ttl, cfg.context.remember_tasks)
 }
 
 /// The audit sealer of a config.

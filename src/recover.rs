@@ -41,6 +41,8 @@ pub struct Recovered {
     pub pending_approvals: usize,
     pub resources: usize,
     pub facts: usize,
+    /// Resources that were in Redis already and got the rebuilt state written over theirs.
+    pub rebuilt_over: usize,
     pub epoch: String,
 }
 
@@ -211,12 +213,38 @@ pub async fn recover(
         open.push(a);
     }
     for (k, change) in &records {
-        let w = Write {
-            change,
-            applied: None,
-            decision: None,
-        };
-        stores.resources.commit(k, 0, w).await.map_err(err)?;
+        // A resource already in Redis (written since it came back empty, by an instance that had
+        // not yet noticed — possible on a cluster; or any resource under `--force`) gets the
+        // rebuilt state written over its own, keeping the higher fencing token.
+        let mut change = change.clone();
+        let mut rev = 0;
+        for attempt in 0.. {
+            let w = Write {
+                change: &change,
+                applied: None,
+                decision: None,
+            };
+            if stores.resources.commit(k, rev, w).await.map_err(err)? {
+                break;
+            }
+            if attempt == 20 {
+                return Err(format!(
+                    "resource {} kept changing while it was rebuilt: is an instance still writing?",
+                    k.resource
+                ));
+            }
+            if attempt == 0 {
+                out.rebuilt_over += 1;
+            }
+            let there = stores
+                .resources
+                .load(k, &[], None)
+                .await
+                .map_err(err)?
+                .record;
+            rev = there.rev;
+            change.token = change.token.max(there.token);
+        }
     }
     let refs: Vec<&ApprovalData> = open.iter().collect();
     stores.resources.index_open(&refs).await.map_err(err)?;

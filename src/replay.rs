@@ -428,7 +428,7 @@ impl Sandbox {
                 rules: cfg.resolve.clone(),
                 governance: Arc::new(cfg.governance.clone()),
                 budgets,
-                store: crate::app::resource_store(&l, redis.clone()),
+                store: crate::app::resource_store_unguarded(&l, redis.clone()),
                 emitter,
                 actions_topic: cfg.topics.actions.clone(),
                 approvals_topic: cfg.topics.approvals.clone(),

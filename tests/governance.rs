@@ -86,6 +86,66 @@ fn sealer(conn: &switchyard::store::RedisConn, prefix: &str) -> Arc<switchyard::
     ))
 }
 
+/// A guarded resolve store (what a running switchyard uses) trusts Redis only while it has its
+/// epoch marker; a Redis that came back empty has none. Then an absence (an approval not found:
+/// dead-lettered, 404) is not believed, and a write is refused — on a single Redis inside the
+/// compare-and-set, so nothing decided on the empty state is left behind; a cluster keeps the
+/// marker on another slot, so there the epoch watcher stops writes. Unguarded (recovery, replay's
+/// scratch prefix) the store checks nothing.
+async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, prefix: &str) {
+    use switchyard::resolve::apply::Change;
+    use switchyard::resolve::store::{ResourceStore, Write};
+    use switchyard::store::{ResourceKey, StoreError};
+    let store = |guarded: bool| {
+        let s = switchyard::resolve::store::RedisResourceStore::new(
+            conn.clone(),
+            prefix,
+            3600,
+            switchyard::resolve::store::contract::REMEMBER,
+        );
+        if guarded {
+            s.guarded()
+        } else {
+            s
+        }
+    };
+    let (guarded, plain) = (store(true), store(false));
+    let k = ResourceKey::new("default", "r-epoch");
+    let change = Change {
+        token: 7,
+        ..Change::default()
+    };
+    let w = Write {
+        change: &change,
+        applied: None,
+        decision: None,
+    };
+    assert!(
+        matches!(guarded.confirm_state().await, Err(StoreError::Lost)),
+        "no epoch marker: an absence is not believed"
+    );
+    plain.confirm_state().await.expect("unguarded: not checked");
+    let refused = guarded.commit(&k, 0, w).await;
+    if conn.is_cluster() {
+        assert!(refused.expect("a cluster's script cannot see the marker"));
+    } else {
+        assert!(matches!(refused, Err(StoreError::Lost)), "{refused:?}");
+        assert_eq!(
+            plain.load(&k, &[], None).await.unwrap().record.rev,
+            0,
+            "nothing written"
+        );
+        assert!(plain.commit(&k, 0, w).await.unwrap(), "unguarded: written");
+    }
+    switchyard::store::create_epoch(conn, prefix).await.unwrap();
+    guarded
+        .confirm_state()
+        .await
+        .expect("with its epoch marker");
+    assert!(guarded.commit(&k, 1, w).await.unwrap());
+    assert_eq!(guarded.load(&k, &[], None).await.unwrap().record.rev, 2);
+}
+
 /// The resolve, budget and audit-chain stores meet the same contracts in Redis as their in-memory
 /// twins do in the unit tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,10 +170,11 @@ async fn redis_stores_meet_their_contracts() {
     )
     .await;
     switchyard::audit::sealer::contract::run_all(
-        &switchyard::audit::RedisChainStore::new(conn, p),
+        &switchyard::audit::RedisChainStore::new(conn.clone(), p),
         &env.prefix,
     )
     .await;
+    the_epoch_marker_guards_the_store(&conn, &format!("{p}-epoch")).await;
 }
 
 /// The resolve store answers a proposal's load from its own copy of the record where it wrote one
@@ -229,6 +290,7 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
         &tag,
     )
     .await;
+    the_epoch_marker_guards_the_store(&conn, &format!("{tag}-epoch")).await;
 
     // The pipeline: the demo's story (deployment, breach, rollback awaiting approval) with its
     // state on the cluster.
@@ -1556,9 +1618,19 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         &env.read("switchyard.actions", 1, Duration::from_secs(30))
             .await[0],
     );
-    // Redis dies and comes back empty.
+    // Redis dies and comes back empty; a decision for the pending approval arrives at once, most
+    // likely before the epoch watcher's next look (once a second): it must wait for the recovery,
+    // not be dead-lettered as an unknown approval.
     drop(redis);
     let _redis = start_redis(port, dir.path(), false);
+    env.publish_one(
+        "switchyard.approval-decisions",
+        "d-lost",
+        "switchyard.approval.decision",
+        "svc-l",
+        json!({"approval_id": pending.approval_id, "decision": "approve", "by": "erin", "why": "ok"}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let client = reqwest::Client::new();
     let ready = client
@@ -1587,7 +1659,29 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         2,
         "nothing runs on a Redis that lost its state"
     );
-    // The operator recovers from Kafka.
+    // What an instance that had not yet noticed might have written meanwhile (on a cluster, where
+    // the writes are not guarded in the script): the resource's record with a restarted token.
+    {
+        use switchyard::resolve::store::{ResourceStore, Write};
+        let stray = switchyard::resolve::store::RedisResourceStore::new(
+            switchyard::store::RedisConn::new(&redis_url).unwrap(),
+            &env.loaded.config.redis.key_prefix,
+            3600,
+            8,
+        );
+        let change = switchyard::resolve::apply::Change {
+            token: 1,
+            ..Default::default()
+        };
+        let w = Write {
+            change: &change,
+            applied: None,
+            decision: None,
+        };
+        let k = switchyard::store::ResourceKey::new(pending.tenant.clone(), "svc-l");
+        assert!(stray.commit(&k, 0, w).await.unwrap());
+    }
+    // The operator recovers from Kafka; the stray record is written over.
     let out = std::process::Command::new(bin())
         .args([
             "--config",
@@ -1605,49 +1699,51 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("1 pending approvals"), "{said}");
+    assert!(said.contains("(1 written over what was there)"), "{said}");
     // Processing resumes: the breach runs, its page merges into the recovered page action with a
-    // higher token (never the restarted counter's 1).
+    // higher token (never the restarted counter's 1), and the waiting decision approves the
+    // recovered approval.
     let results = env
         .read("switchyard.results", 3, Duration::from_secs(40))
         .await;
     assert_eq!(results.len(), 3, "the waiting breach ran after recovery");
-    let pages: Vec<ActionData> = env
-        .read("switchyard.actions", 2, Duration::from_secs(40))
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 3, Duration::from_secs(40))
         .await
         .iter()
         .map(data)
-        .filter(|a: &ActionData| a.action == "page")
         .collect();
+    let pages: Vec<&ActionData> = actions.iter().filter(|a| a.action == "page").collect();
     assert_eq!(pages.len(), 2);
     assert!(
         pages[1].fencing_token > page.fencing_token,
         "tokens never go backwards"
     );
-    // The recovered approval is decided as before.
+    let rollback = actions
+        .iter()
+        .find(|a| a.action == "rollback")
+        .expect("the rollback the waiting decision approved");
+    assert_eq!(rollback.approved_by.as_deref(), Some("erin"));
+    assert!(rollback.fencing_token > page.fencing_token);
+    assert_ne!(rollback.fencing_token, pages[1].fencing_token);
+    assert!(
+        env.read("switchyard.dlq", 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "nothing dead-lettered"
+    );
+    // The recovered approval, decided, is reported so through the API.
     let r = client
-        .post(format!(
-            "http://127.0.0.1:{http}/v1/approvals/{}/approve",
+        .get(format!(
+            "http://127.0.0.1:{http}/v1/approvals/{}",
             pending.approval_id
         ))
         .bearer_auth("test-token")
-        .json(&json!({"by": "erin"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "{}",
-        r.text().await.unwrap_or_default()
-    );
-    let rollback: ActionData = env
-        .read("switchyard.actions", 3, Duration::from_secs(30))
-        .await
-        .iter()
-        .map(data)
-        .find(|a: &ActionData| a.action == "rollback")
-        .expect("the approved rollback");
-    assert!(rollback.fencing_token > pages[1].fencing_token);
+    let body = r.text().await.unwrap_or_default();
+    assert!(body.contains("\"approved\""), "{body}");
     running.stop().await;
     let v = verify(&env, &env.topic("switchyard.audit"));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));

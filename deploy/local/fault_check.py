@@ -6,6 +6,10 @@ switchyard's code, and judges each phase of the fault suite (resources named `<p
 - events in, tasks, results, decisions (audit records), approvals asked and decided, actions;
 - events lost: an input event with no result and no dead-letter record (must be 0);
 - tasks lost: a task with no result (must be 0);
+- proposals undecided: a proposal without conflict resolution's audit record for it (must be 0);
+- approvals open: asked for and never decided, though the suite decides every one (must be 0);
+- dead-lettered: inputs, tasks and approval decisions of the phase on the dead-letter topic (must
+  be 0; the suite writes nothing malformed);
 - actions doubled: one action id written with different content or fencing token, one proposal
   causing two different actions, or two different actions sharing a resource's fencing token
   (must be 0; the identical record written again after a crash is a duplicate, not a double);
@@ -25,9 +29,11 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from confluent_kafka import Consumer, TopicPartition
+
+DLQ_REASONS = Counter()  # the dead-letter topic's reasons (its header), for the report
 
 TOPICS = ["events.deployments", "events.sla-breaches", "events.cost-thresholds", "switchyard.tasks",
           "switchyard.results", "switchyard.proposals", "switchyard.actions", "switchyard.approvals",
@@ -54,9 +60,24 @@ def read_all(brokers, idle=5.0):
             if m.error():
                 continue
             out[m.topic()].append((m.partition(), m.offset(), m.value()))
+            if m.topic() == "switchyard.dlq":
+                DLQ_REASONS[dict(m.headers() or []).get("switchyard.dlq.reason", b"?").decode(errors="replace")] += 1
             last = time.time()
     c.close()
     return out
+
+
+def resolved_proposal(audit_data):
+    """The proposal a conflict-resolution audit record decided (its detail names it), else None."""
+    if not isinstance(audit_data, dict) or audit_data.get("stage") != "resolve":
+        return None
+    detail = audit_data.get("detail")
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return None
+    return detail.get("proposal_id") if isinstance(detail, dict) else None
 
 
 def phase_of(resource):
@@ -78,17 +99,20 @@ def judge(records):
             if p:
                 inputs[p].add(ev["id"])
     dead = defaultdict(set)  # phase -> ids of inputs (or their tasks' inputs) dead-lettered
+    dead_decisions = set()  # approval ids whose decision was dead-lettered
     for _, _, v in records["switchyard.dlq"]:
         try:
             ev = json.loads(v)
         except ValueError:
-            continue  # not a CloudEvent: none of the suite's
+            continue  # not JSON: none of the suite's
         if not isinstance(ev, dict):
             continue
         d = ev.get("data") if isinstance(ev.get("data"), dict) else {}
         p = phase_of(ev.get("subject") or d.get("resource"))
         if p:
             dead[p].add(d.get("event_id") or ev.get("id"))
+        elif (d or ev).get("approval_id"):
+            dead_decisions.add((d or ev)["approval_id"])  # a decision names no resource
     for _, _, v in records["switchyard.tasks"]:
         d = json.loads(v)["data"]
         p = phase_of(d["resource"])
@@ -101,12 +125,22 @@ def judge(records):
             results[p].add(d["task_id"])
             if d.get("event_id"):
                 results_for.add(d["event_id"])
+    proposals = defaultdict(set)  # phase -> proposal ids
+    for _, _, v in records["switchyard.proposals"]:
+        d = json.loads(v)["data"]
+        p = phase_of(d["resource"])
+        if p:
+            proposals[p].add(d["proposal_id"])
+    resolved = set()
     for _, _, v in records["switchyard.audit"]:
         ev = json.loads(v)
         p = phase_of(ev["data"].get("resource"))
         if p:
             ph[p]["_audit_ids"] = ph[p].get("_audit_ids") or set()
             ph[p]["_audit_ids"].add(ev["id"])
+            pid = resolved_proposal(ev["data"])
+            if pid:
+                resolved.add(pid)
     approvals = defaultdict(dict)  # phase -> approval id -> final status
     for _, _, v in records["switchyard.approvals"]:
         d = json.loads(v)["data"]
@@ -115,6 +149,8 @@ def judge(records):
             prev = approvals[p].get(d["approval_id"])
             if prev is None or prev in ("pending", "escalated"):
                 approvals[p][d["approval_id"]] = d["status"]
+            if d["approval_id"] in dead_decisions:
+                dead[p].add(d["approval_id"])
     # Actions: one entry per action id, in the order of its resource's partition.
     by_id = defaultdict(set)  # action id -> distinct (data) serialisations
     first_at = {}  # action id -> (partition, offset, data)
@@ -122,12 +158,14 @@ def judge(records):
         d = json.loads(v)["data"]
         by_id[d["action_id"]].add(json.dumps(d, sort_keys=True))
         first_at.setdefault(d["action_id"], (part, off, d))
-    for p in set(inputs) | set(tasks):
+    for p in set(inputs) | set(tasks) | set(proposals):
         row = ph[p]
         row["events in"] = len(inputs[p])
         row["tasks"] = len(tasks[p])
         row["results"] = len(results[p])
         row["decisions"] = len(row.pop("_audit_ids", set()))
+        row["proposals"] = len(proposals[p])
+        row["proposals undecided"] = len(proposals[p] - resolved)
         statuses = list(approvals[p].values())
         row["approvals"] = len(statuses)
         row["approved"] = statuses.count("approved")
@@ -198,10 +236,10 @@ def main():
     rows = judge(records)
     ok_audit, audit_line = audit_verify(args.bin, args.config, args.idle)
     order = [p["phase"] for p in driver["phases"]] or sorted(rows)
-    cols = ["events in", "tasks", "results", "decisions", "approvals", "approved", "rejected", "actions",
+    cols = ["events in", "tasks", "results", "proposals", "proposals undecided", "decisions", "approvals", "approved", "rejected", "actions",
             "approved actions", "dead-lettered", "events lost", "tasks lost", "actions doubled", "order violations"]
-    must_be_zero = ["events lost", "tasks lost", "actions doubled", "order violations", "approvals open",
-                    "dead-lettered"]
+    must_be_zero = ["events lost", "tasks lost", "proposals undecided", "actions doubled", "order violations",
+                    "approvals open", "dead-lettered"]
     print()
     print("| fault | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
@@ -217,6 +255,8 @@ def main():
         elif r.get("actions", 0) == 0 or r.get("approved actions", 0) == 0:
             failed.append(f"{p}: no actions or no approved actions (the load did not exercise the pipeline)")
     print()
+    if DLQ_REASONS:
+        print("dead-letter reasons: " + ", ".join(f"{r} {n}" for r, n in DLQ_REASONS.most_common()))
     print(f"audit verify: {audit_line}")
     if not ok_audit:
         failed.append(f"audit verify failed: {audit_line}")

@@ -32,6 +32,7 @@ import zlib
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from fault_check import resolved_proposal
 from procs import answers, die_with_parent, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -212,9 +213,10 @@ def events_of(phase, resources):
 
 
 class Watcher(threading.Thread):
-    """Follows results and approvals from the start: which events have results, which approvals were
-    asked for and decided; decides approvals (approve two in three, reject the third) a moment after
-    they are asked for, through the decisions topic, as a person or another system would."""
+    """Follows results, proposals and approvals from the start: which events have results, which
+    proposals conflict resolution decided (its audit record names the proposal), which approvals
+    were asked for and decided; decides approvals (approve two in three, reject the third) a moment
+    after they are asked for, through the decisions topic, as a person or another system would."""
 
     def __init__(self, brokers, decide_after=1.0):
         super().__init__(daemon=True)
@@ -225,6 +227,8 @@ class Watcher(threading.Thread):
         self.requested = {}  # approval id -> (resource, seen at)
         self.decided = set()
         self.sent = set()
+        self.proposals = {}  # proposal id -> resource
+        self.resolved = set()  # proposal ids with a decision of the resolve stage
         self.stamps = []  # broker timestamps of every record seen
         self.stop = False
 
@@ -247,13 +251,21 @@ class Watcher(threading.Thread):
                         continue
                     # When the broker got it (the producer's time): what the lost-state check counts.
                     self.stamps.append(m.timestamp()[1] / 1000.0)
-                    if m.topic() not in ("switchyard.results", "switchyard.approvals"):
+                    if m.topic() not in ("switchyard.results", "switchyard.approvals", "switchyard.proposals",
+                                         "switchyard.audit"):
                         continue
                     try:
                         d = json.loads(m.value()).get("data") or {}
                     except (TypeError, ValueError, AttributeError):
                         continue
-                    if m.topic() == "switchyard.results":
+                    if m.topic() == "switchyard.proposals":
+                        if d.get("proposal_id"):
+                            self.proposals.setdefault(d["proposal_id"], d.get("resource", ""))
+                    elif m.topic() == "switchyard.audit":
+                        pid = resolved_proposal(d)
+                        if pid:
+                            self.resolved.add(pid)
+                    elif m.topic() == "switchyard.results":
                         if d.get("event_id"):
                             self.results.add(d["event_id"])
                     elif d.get("status") in ("pending", "escalated"):
@@ -280,11 +292,14 @@ class Watcher(threading.Thread):
             return sum(1 for t in self.stamps if start <= t < end)
 
     def progress(self, phase, event_ids):
+        """Events with results, approvals asked for, approvals open, proposals not yet decided."""
         with self.lock:
             have = sum(1 for e in event_ids if e in self.results)
             asked = [a for a, (res, _) in self.requested.items() if res.startswith(phase + "-")]
             open_ = sum(1 for a in asked if a not in self.decided)
-            return have, len(asked), open_
+            undecided = sum(1 for p, res in self.proposals.items()
+                            if res.startswith(phase + "-") and p not in self.resolved)
+            return have, len(asked), open_, undecided
 
 
 def produce(brokers, events, rate, started, failed):
@@ -387,13 +402,16 @@ def run_phase(world, phase, resources, rate, timeout):
     producer.join()
     if failed:
         raise SystemExit(f"faults: phase {phase}: {'; '.join(failed)}")
+    # Done when every event has its result, every proposal its conflict-resolution decision and
+    # every approval asked for its decision (results alone can be ahead of resolve by a rebalance).
     end = time.time() + timeout
     while True:
-        have, asked, open_ = world.watcher.progress(phase, ids)
-        if have == len(ids) and open_ == 0:
+        have, asked, open_, undecided = world.watcher.progress(phase, ids)
+        if have == len(ids) and open_ == 0 and undecided == 0:
             break
         if time.time() > end:
-            notes.append(f"NOT DONE after {timeout}s: {have}/{len(ids)} events with results, {open_} approvals open")
+            notes.append(f"NOT DONE after {timeout}s: {have}/{len(ids)} events with results, "
+                         f"{undecided} proposals undecided, {open_} approvals open")
             log(f"phase {phase}: {notes[-1]}")
             break
         time.sleep(1)

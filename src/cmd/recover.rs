@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let conn = RedisConn::from_config(&cfg.redis).map_err(|e| e.to_string())?;
     let prefix = &cfg.redis.key_prefix;
     let chains = RedisChainStore::new(conn.clone(), prefix);
-    let resources = crate::app::resource_store(&l, conn.clone());
+    let resources = crate::app::resource_store_unguarded(&l, conn.clone());
     let context = RedisStore::new(conn.clone(), prefix, cfg.context.clone());
     let stores = Stores {
         conn: &conn,
@@ -43,8 +43,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     )
     .await?;
     println!(
-        "recovered from Kafka: {} audit chains, {} pending approvals, {} resources' resolve state, {} facts; new epoch {}",
-        r.chains, r.pending_approvals, r.resources, r.facts, r.epoch
+        "recovered from Kafka: {} audit chains, {} pending approvals, {} resources' resolve state ({} written over what was there), {} facts; new epoch {}",
+        r.chains, r.pending_approvals, r.resources, r.rebuilt_over, r.facts, r.epoch
     );
     Ok(())
 }

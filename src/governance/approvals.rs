@@ -404,10 +404,20 @@ impl Approvals {
         &self,
         approval_id: &str,
     ) -> Result<crate::store::ResourceKey, ApprovalError> {
-        self.store
-            .locate(approval_id)
-            .await?
-            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))
+        match self.store.locate(approval_id).await? {
+            Some(key) => Ok(key),
+            None => Err(self.not_found(approval_id).await),
+        }
+    }
+
+    /// [`ApprovalError::NotFound`] once the store confirms it still holds its state; a Redis that
+    /// came back empty (every approval missing) answers [`StoreError::Lost`] instead, so a decision
+    /// arriving then waits for `switchyard recover` rather than being dead-lettered as unknown.
+    pub(crate) async fn not_found(&self, approval_id: &str) -> ApprovalError {
+        match self.store.confirm_state().await {
+            Ok(()) => ApprovalError::NotFound(approval_id.into()),
+            Err(e) => e.into(),
+        }
     }
 
     /// The resource's record as it stands, and the approval in it.
@@ -417,12 +427,10 @@ impl Approvals {
         approval_id: &str,
     ) -> Result<(crate::resolve::store::ResourceRecord, StoredApproval), ApprovalError> {
         let record = self.store.load(key, &[], None).await?.record;
-        let stored = record
-            .approvals
-            .get(approval_id)
-            .cloned()
-            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))?;
-        Ok((record, stored))
+        match record.approvals.get(approval_id).cloned() {
+            Some(stored) => Ok((record, stored)),
+            None => Err(self.not_found(approval_id).await),
+        }
     }
 
     /// An approval decided before: its decision's records again (the same as then), not fresh.
@@ -615,18 +623,23 @@ impl Approvals {
         Ok(self.store.outbox_done(approval_id).await?)
     }
 
-    /// An approval with its action, by id.
+    /// An approval with its action, by id; `None` only while the store confirms it holds its state
+    /// (see [`Approvals::not_found`]).
     pub async fn get(&self, approval_id: &str) -> Result<Option<StoredApproval>, ApprovalError> {
-        let Some(key) = self.store.locate(approval_id).await? else {
-            return Ok(None);
+        let found = match self.store.locate(approval_id).await? {
+            Some(key) => self
+                .store
+                .load(&key, &[], None)
+                .await?
+                .record
+                .approvals
+                .remove(approval_id),
+            None => None,
         };
-        Ok(self
-            .store
-            .load(&key, &[], None)
-            .await?
-            .record
-            .approvals
-            .remove(approval_id))
+        if found.is_none() {
+            self.store.confirm_state().await?;
+        }
+        Ok(found)
     }
 
     /// Open approvals (pending or escalated) of the tenants `sees` accepts (and of `tenant` when

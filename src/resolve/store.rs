@@ -155,13 +155,22 @@ pub trait ResourceStore: Send + Sync + 'static {
         &'a self,
         decided: &'a [(ResourceKey, String)],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Whether the store still holds switchyard's state, before an absence is believed (an
+    /// approval not found is dead-lettered or answered 404): [`StoreError::Lost`] when Redis' epoch
+    /// marker is gone — a Redis that came back empty, in the second before the epoch watcher
+    /// notices. Then the caller waits like every other user of a lost state. (A Redis store
+    /// checks only when [`RedisResourceStore::guarded`].)
+    fn confirm_state(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 const CAS: &str = r#"
 -- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id}.
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
--- ARGV[6] = now (unix seconds), ARGV[7] = n, ARGV[8..7+n] = approvals to drop, then field, value pairs
+-- ARGV[6] = now (unix seconds), ARGV[7] = n, ARGV[8..7+n] = approvals to drop, then field, value pairs;
+-- KEYS[3] (guarded, on a single Redis) = the epoch marker: without it Redis came back empty, {-1}.
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return {0} end
@@ -240,6 +249,8 @@ pub struct RedisResourceStore {
     copies: Copies,
     /// Where [`ResourceStore::prune_index`] goes on (an `HSCAN` cursor; 0 starts a pass).
     index_cursor: std::sync::atomic::AtomicU64,
+    /// The epoch marker's key when [`RedisResourceStore::guarded`].
+    epoch: Option<String>,
 }
 
 /// This instance's copy of the records it last read or wrote, by resource hash key, for the loads
@@ -358,7 +369,21 @@ impl RedisResourceStore {
             full: FullLists::default(),
             copies: Copies::default(),
             index_cursor: Default::default(),
+            epoch: None,
         }
+    }
+
+    /// Trusts Redis' state only while it has its epoch marker (what a running switchyard and the
+    /// CLI's decisions use; `switchyard recover`, which writes before the marker, does not): a write
+    /// on a single Redis that came back empty is refused at once ([`StoreError::Lost`]), not from the
+    /// epoch watcher's next look a second later — a decision made on the empty state would hand
+    /// out fencing tokens from 1 again and leave its record where recovery rebuilds. An absence
+    /// (an approval not found) is believed only with the marker there, on a cluster too
+    /// ([`ResourceStore::confirm_state`]); a cluster keeps the marker on another slot than a
+    /// resource's, so there the watcher alone stops writes.
+    pub fn guarded(mut self) -> Self {
+        self.epoch = Some(crate::store::epoch_key(&self.prefix));
+        self
     }
 
     fn res_key(&self, k: &ResourceKey) -> String {
@@ -554,9 +579,11 @@ impl RedisResourceStore {
             None => ("", String::new()),
         };
         let mut inv = self.cas.prepare_invoke();
-        inv.key(self.res_key(k))
-            .key(self.decision_key(k, id))
-            .arg(rev)
+        inv.key(self.res_key(k)).key(self.decision_key(k, id));
+        if let Some(epoch) = self.epoch.as_ref().filter(|_| !self.conn.is_cluster()) {
+            inv.key(epoch);
+        }
+        inv.arg(rev)
             .arg(self.ttl)
             .arg(id)
             .arg(djson)
@@ -573,6 +600,10 @@ impl RedisResourceStore {
         let text = |v: Option<&redis::Value>| -> Option<String> {
             v.and_then(|v| redis::FromRedisValue::from_redis_value_ref(v).ok())
         };
+        if reply.first() == Some(&redis::Value::Int(-1)) {
+            self.copies.discard(&res_key);
+            return Err(StoreError::Lost);
+        }
         if reply.first() != Some(&redis::Value::Int(1)) {
             self.copies.discard(&res_key);
             return Ok(false);
@@ -848,6 +879,18 @@ impl ResourceStore for RedisResourceStore {
             Ok(pipe.query_async::<()>(&mut c).await?)
         })
     }
+
+    fn confirm_state(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            if self.epoch.is_none() {
+                return Ok(());
+            }
+            match crate::store::read_epoch(&self.conn, &self.prefix).await? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::Lost),
+            }
+        })
+    }
 }
 
 /// An entry of the approvals' resource index. Entries written before the encoded form was used hold
@@ -1091,6 +1134,10 @@ impl ResourceStore for MemoryResourceStore {
             }
             Ok(())
         })
+    }
+
+    fn confirm_state(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
