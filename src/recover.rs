@@ -41,8 +41,11 @@ pub struct Recovered {
     pub pending_approvals: usize,
     pub resources: usize,
     pub facts: usize,
-    /// Resources that were in Redis already and got the rebuilt state written over theirs.
+    /// Resources that were in Redis already and got the rebuilt state written over theirs (the
+    /// marker was gone: written since Redis came back empty).
     pub rebuilt_over: usize,
+    /// Resources in Redis already that kept their records (`--force` on a Redis with its state).
+    pub kept: usize,
     pub epoch: String,
 }
 
@@ -89,10 +92,10 @@ pub async fn recover(
     idle: Duration,
 ) -> Result<Recovered, String> {
     let err = |e: StoreError| e.to_string();
-    if let Some(e) = crate::store::read_epoch(stores.conn, stores.prefix)
+    let marker = crate::store::read_epoch(stores.conn, stores.prefix)
         .await
-        .map_err(err)?
-    {
+        .map_err(err)?;
+    if let Some(e) = &marker {
         if !force {
             return Err(format!(
                 "Redis has its state (epoch marker {e}); nothing to recover (--force rebuilds anyway)"
@@ -212,10 +215,12 @@ pub async fn recover(
         });
         open.push(a);
     }
+    // A resource already in Redis: with the marker gone, written since Redis came back empty by an
+    // instance that had not yet noticed (possible on a cluster, where the scripts cannot see the
+    // marker) — the rebuilt record is written over it, keeping the higher fencing token and any
+    // approval decided meanwhile. Under `--force` on a Redis that has its state, its records stand.
+    let mut decided_since = std::collections::HashSet::new();
     for (k, change) in &records {
-        // A resource already in Redis (written since it came back empty, by an instance that had
-        // not yet noticed — possible on a cluster; or any resource under `--force`) gets the
-        // rebuilt state written over its own, keeping the higher fencing token.
         let mut change = change.clone();
         let mut rev = 0;
         for attempt in 0.. {
@@ -225,6 +230,10 @@ pub async fn recover(
                 decision: None,
             };
             if stores.resources.commit(k, rev, w).await.map_err(err)? {
+                break;
+            }
+            if marker.is_some() {
+                out.kept += 1;
                 break;
             }
             if attempt == 20 {
@@ -244,8 +253,22 @@ pub async fn recover(
                 .record;
             rev = there.rev;
             change.token = change.token.max(there.token);
+            for (id, a) in &there.approvals {
+                if !matches!(a.approval.status.as_str(), "pending" | "escalated") {
+                    decided_since.insert(id.clone());
+                }
+            }
+            change
+                .approvals
+                .retain(|a| !decided_since.contains(&a.approval.approval_id));
+            change.state.active.retain(|a| {
+                a.approval_id
+                    .as_ref()
+                    .is_none_or(|id| !decided_since.contains(id))
+            });
         }
     }
+    open.retain(|a| !decided_since.contains(&a.approval_id));
     let refs: Vec<&ApprovalData> = open.iter().collect();
     stores.resources.index_open(&refs).await.map_err(err)?;
     out.pending_approvals = open.len();

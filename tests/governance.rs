@@ -146,6 +146,64 @@ async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, 
     assert_eq!(guarded.load(&k, &[], None).await.unwrap().record.rev, 2);
 }
 
+/// An approval not found on a Redis without its epoch marker (one that came back empty, in the
+/// second before the epoch watcher notices) is not believed: the decisions stage retries the
+/// decision (transient) instead of dead-lettering it as unknown, the API's lookup fails (503) instead
+/// of answering 404; once Redis has its marker, the same approval is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_unknown_only_while_redis_has_its_state() {
+    use switchyard::error::ProcessError;
+    use switchyard::governance::approvals::{ApprovalError, Verdict};
+    use switchyard::kafka::runtime::process_one;
+    let env = TestEnv::new(1, "").await;
+    let approvals = Arc::new(switchyard::cmd::approvals::service(&env.loaded).unwrap());
+    let stage = switchyard::stages::decisions::DecisionsStage {
+        approvals: approvals.clone(),
+    };
+    let decision = || {
+        Arc::new(Input::new(
+            "decisions",
+            0,
+            0,
+            None,
+            serde_json::to_vec(
+                &json!({"approval_id": "apr-none", "decision": "approve", "by": "carol"}),
+            )
+            .unwrap(),
+        ))
+    };
+    let decide = || approvals.decide("apr-none", Verdict::Approve, "carol", "", false, false);
+    // No marker: the state is not trusted.
+    assert!(
+        matches!(
+            decide().await,
+            Err(ApprovalError::Store(switchyard::store::StoreError::Lost))
+        ),
+        "lost, not unknown"
+    );
+    assert!(approvals.get("apr-none").await.is_err());
+    let r = process_one(&stage, decision()).await;
+    assert!(matches!(r, Err(ProcessError::Transient(_))), "{r:?}");
+    // With its marker, Redis is believed: not found, dead-lettered.
+    let conn = switchyard::store::RedisConn::new(&env.loaded.config.redis.url).unwrap();
+    switchyard::store::create_epoch(&conn, &env.loaded.config.redis.key_prefix)
+        .await
+        .unwrap();
+    assert!(matches!(decide().await, Err(ApprovalError::NotFound(_))));
+    assert!(approvals.get("apr-none").await.unwrap().is_none());
+    let r = process_one(&stage, decision()).await;
+    assert!(
+        matches!(
+            r,
+            Err(ProcessError::Poison {
+                reason: "unknown_approval",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
 /// The resolve, budget and audit-chain stores meet the same contracts in Redis as their in-memory
 /// twins do in the unit tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1699,7 +1757,10 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("1 pending approvals"), "{said}");
-    assert!(said.contains("(1 written over what was there)"), "{said}");
+    assert!(
+        said.contains("(1 written over what was there, 0 kept as they were)"),
+        "{said}"
+    );
     // Processing resumes: the breach runs, its page merges into the recovered page action with a
     // higher token (never the restarted counter's 1), and the waiting decision approves the
     // recovered approval.
@@ -1745,6 +1806,34 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     let body = r.text().await.unwrap_or_default();
     assert!(body.contains("\"approved\""), "{body}");
     running.stop().await;
+    // `recover --force` on a Redis that has its state leaves its records as they are: the approval
+    // stays decided.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().unwrap(),
+            "--redis",
+            &redis_url,
+            "recover",
+            "--force",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("(0 written over what was there, 1 kept as they were)"),
+        "{said}"
+    );
+    let mut forced = env.loaded.clone();
+    forced.config.redis.url = redis_url.clone();
+    let after = switchyard::cmd::approvals::service(&forced)
+        .unwrap()
+        .get(&pending.approval_id)
+        .await
+        .unwrap()
+        .expect("still there");
+    assert_eq!(after.approval.status, "approved");
     let v = verify(&env, &env.topic("switchyard.audit"));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }

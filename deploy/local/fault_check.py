@@ -61,7 +61,8 @@ def read_all(brokers, idle=5.0):
                 continue
             out[m.topic()].append((m.partition(), m.offset(), m.value()))
             if m.topic() == "switchyard.dlq":
-                DLQ_REASONS[dict(m.headers() or []).get("switchyard.dlq.reason", b"?").decode(errors="replace")] += 1
+                reason = dict(m.headers() or []).get("switchyard.dlq.reason") or b"?"
+                DLQ_REASONS[reason.decode(errors="replace")] += 1
             last = time.time()
     c.close()
     return out
@@ -127,9 +128,9 @@ def judge(records):
                 results_for.add(d["event_id"])
     proposals = defaultdict(set)  # phase -> proposal ids
     for _, _, v in records["switchyard.proposals"]:
-        d = json.loads(v)["data"]
-        p = phase_of(d["resource"])
-        if p:
+        d = json.loads(v).get("data") or {}
+        p = phase_of(d.get("resource"))
+        if p and d.get("proposal_id"):
             proposals[p].add(d["proposal_id"])
     resolved = set()
     for _, _, v in records["switchyard.audit"]:

@@ -258,6 +258,8 @@ class Watcher(threading.Thread):
                         d = json.loads(m.value()).get("data") or {}
                     except (TypeError, ValueError, AttributeError):
                         continue
+                    if not isinstance(d, dict):
+                        continue
                     if m.topic() == "switchyard.proposals":
                         if d.get("proposal_id"):
                             self.proposals.setdefault(d["proposal_id"], d.get("resource", ""))

@@ -404,20 +404,22 @@ impl Approvals {
         &self,
         approval_id: &str,
     ) -> Result<crate::store::ResourceKey, ApprovalError> {
-        match self.store.locate(approval_id).await? {
-            Some(key) => Ok(key),
-            None => Err(self.not_found(approval_id).await),
+        if let Some(key) = self.store.locate(approval_id).await? {
+            return Ok(key);
         }
+        self.confirm_absence().await?;
+        self.store
+            .locate(approval_id)
+            .await?
+            .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))
     }
 
-    /// [`ApprovalError::NotFound`] once the store confirms it still holds its state; a Redis that
-    /// came back empty (every approval missing) answers [`StoreError::Lost`] instead, so a decision
-    /// arriving then waits for `switchyard recover` rather than being dead-lettered as unknown.
-    pub(crate) async fn not_found(&self, approval_id: &str) -> ApprovalError {
-        match self.store.confirm_state().await {
-            Ok(()) => ApprovalError::NotFound(approval_id.into()),
-            Err(e) => e.into(),
-        }
+    /// Before an approval not found is believed: the store must still hold its state. A Redis that
+    /// came back empty (every approval missing) answers [`StoreError::Lost`], so a decision arriving
+    /// then waits for `switchyard recover` rather than being dead-lettered as unknown. The caller
+    /// looks once more after it: a recovery may have finished between the two reads.
+    async fn confirm_absence(&self) -> Result<(), ApprovalError> {
+        Ok(self.store.confirm_state().await?)
     }
 
     /// The resource's record as it stands, and the approval in it.
@@ -426,11 +428,16 @@ impl Approvals {
         key: &crate::store::ResourceKey,
         approval_id: &str,
     ) -> Result<(crate::resolve::store::ResourceRecord, StoredApproval), ApprovalError> {
-        let record = self.store.load(key, &[], None).await?.record;
-        match record.approvals.get(approval_id).cloned() {
-            Some(stored) => Ok((record, stored)),
-            None => Err(self.not_found(approval_id).await),
+        for confirmed in [false, true] {
+            let record = self.store.load(key, &[], None).await?.record;
+            if let Some(stored) = record.approvals.get(approval_id).cloned() {
+                return Ok((record, stored));
+            }
+            if !confirmed {
+                self.confirm_absence().await?;
+            }
         }
+        Err(ApprovalError::NotFound(approval_id.into()))
     }
 
     /// An approval decided before: its decision's records again (the same as then), not fresh.
@@ -623,23 +630,21 @@ impl Approvals {
         Ok(self.store.outbox_done(approval_id).await?)
     }
 
-    /// An approval with its action, by id; `None` only while the store confirms it holds its state
-    /// (see [`Approvals::not_found`]).
+    /// An approval with its action, by id; `None` only once the store confirmed it holds its state
+    /// (see [`Approvals::confirm_absence`]).
     pub async fn get(&self, approval_id: &str) -> Result<Option<StoredApproval>, ApprovalError> {
-        let found = match self.store.locate(approval_id).await? {
-            Some(key) => self
-                .store
-                .load(&key, &[], None)
-                .await?
-                .record
-                .approvals
-                .remove(approval_id),
-            None => None,
-        };
-        if found.is_none() {
-            self.store.confirm_state().await?;
+        for confirmed in [false, true] {
+            if let Some(key) = self.store.locate(approval_id).await? {
+                let mut record = self.store.load(&key, &[], None).await?.record;
+                if let Some(found) = record.approvals.remove(approval_id) {
+                    return Ok(Some(found));
+                }
+            }
+            if !confirmed {
+                self.confirm_absence().await?;
+            }
         }
-        Ok(found)
+        Ok(None)
     }
 
     /// Open approvals (pending or escalated) of the tenants `sees` accepts (and of `tenant` when

@@ -169,9 +169,10 @@ const CAS: &str = r#"
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
 -- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
 -- ARGV[6] = now (unix seconds), ARGV[7] = n, ARGV[8..7+n] = approvals to drop, then field, value pairs;
--- KEYS[3] (guarded, on a single Redis) = the epoch marker: without it Redis came back empty, {-1}.
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
+-- KEYS[3] (guarded, on a single Redis) = the epoch marker: a record about to be created on a Redis
+-- without it (one that came back empty) is refused, {-1}. (A record that exists was created so.)
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
+if KEYS[3] and not cur[1] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return {0} end
 local set = {'rev', tostring(rev + 1)}
