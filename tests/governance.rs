@@ -86,6 +86,23 @@ fn sealer(conn: &switchyard::store::RedisConn, prefix: &str) -> Arc<switchyard::
     ))
 }
 
+/// A resource record holding only a fencing token.
+fn token_only(token: u64) -> switchyard::resolve::apply::Change {
+    switchyard::resolve::apply::Change {
+        token,
+        ..Default::default()
+    }
+}
+
+/// The write of a whole record (no proposal, no offset).
+fn write_of(change: &switchyard::resolve::apply::Change) -> switchyard::resolve::store::Write<'_> {
+    switchyard::resolve::store::Write {
+        change,
+        applied: None,
+        decision: None,
+    }
+}
+
 /// A guarded resolve store (what a running switchyard uses) trusts Redis only while it has its
 /// epoch marker; a Redis that came back empty has none. Then an absence (an approval not found:
 /// dead-lettered, 404) is not believed, and a write is refused — on a single Redis inside the
@@ -93,8 +110,7 @@ fn sealer(conn: &switchyard::store::RedisConn, prefix: &str) -> Arc<switchyard::
 /// marker on another slot, so there the epoch watcher stops writes. Unguarded (recovery, replay's
 /// scratch prefix) the store checks nothing.
 async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, prefix: &str) {
-    use switchyard::resolve::apply::Change;
-    use switchyard::resolve::store::{ResourceStore, Write};
+    use switchyard::resolve::store::ResourceStore;
     use switchyard::store::{ResourceKey, StoreError};
     let store = |guarded: bool| {
         let s = switchyard::resolve::store::RedisResourceStore::new(
@@ -111,15 +127,8 @@ async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, 
     };
     let (guarded, plain) = (store(true), store(false));
     let k = ResourceKey::new("default", "r-epoch");
-    let change = Change {
-        token: 7,
-        ..Change::default()
-    };
-    let w = Write {
-        change: &change,
-        applied: None,
-        decision: None,
-    };
+    let change = token_only(7);
+    let w = write_of(&change);
     assert!(
         matches!(guarded.confirm_state().await, Err(StoreError::Lost)),
         "no epoch marker: an absence is not believed"
@@ -1720,24 +1729,15 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     // What an instance that had not yet noticed might have written meanwhile (on a cluster, where
     // the writes are not guarded in the script): the resource's record with a restarted token.
     {
-        use switchyard::resolve::store::{ResourceStore, Write};
+        use switchyard::resolve::store::ResourceStore;
         let stray = switchyard::resolve::store::RedisResourceStore::new(
             switchyard::store::RedisConn::new(&redis_url).unwrap(),
             &env.loaded.config.redis.key_prefix,
             3600,
             8,
         );
-        let change = switchyard::resolve::apply::Change {
-            token: 1,
-            ..Default::default()
-        };
-        let w = Write {
-            change: &change,
-            applied: None,
-            decision: None,
-        };
         let k = switchyard::store::ResourceKey::new(pending.tenant.clone(), "svc-l");
-        assert!(stray.commit(&k, 0, w).await.unwrap());
+        assert!(stray.commit(&k, 0, write_of(&token_only(1))).await.unwrap());
     }
     // The operator recovers from Kafka; the stray record is written over.
     let out = std::process::Command::new(bin())
