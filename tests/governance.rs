@@ -1740,22 +1740,27 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         assert!(stray.commit(&k, 0, write_of(&token_only(1))).await.unwrap());
     }
     // The operator recovers from Kafka; the stray record is written over.
-    let out = std::process::Command::new(bin())
-        .args([
-            "--config",
-            env.config_path.to_str().unwrap(),
-            "--redis",
-            &redis_url,
-            "recover",
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let recover = |extra: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args([
+                "--config",
+                env.config_path.to_str().unwrap(),
+                "--redis",
+                &redis_url,
+                "recover",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+    let said = recover(&[]);
     assert!(said.contains("1 pending approvals"), "{said}");
     assert!(
         said.contains("(1 written over what was there, 0 kept as they were)"),
@@ -1808,19 +1813,7 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     running.stop().await;
     // `recover --force` on a Redis that has its state leaves its records as they are: the approval
     // stays decided.
-    let out = std::process::Command::new(bin())
-        .args([
-            "--config",
-            env.config_path.to_str().unwrap(),
-            "--redis",
-            &redis_url,
-            "recover",
-            "--force",
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
+    let said = recover(&["--force"]);
     assert!(
         said.contains("(0 written over what was there, 1 kept as they were)"),
         "{said}"

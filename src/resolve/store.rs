@@ -377,8 +377,9 @@ impl RedisResourceStore {
     /// Trusts Redis' state only while it has its epoch marker (what a running switchyard and the
     /// CLI's decisions use; `switchyard recover`, which writes before the marker, does not): a write
     /// on a single Redis that came back empty is refused at once ([`StoreError::Lost`]), not from the
-    /// epoch watcher's next look a second later — a decision made on the empty state would hand
-    /// out fencing tokens from 1 again and leave its record where recovery rebuilds. An absence
+    /// epoch watcher's next look a second later — a decision made on the empty state (no dedupe,
+    /// no conflict seen) would be kept as the proposal's decision and emitted after the recovery,
+    /// and its record would stand where recovery rebuilds. An absence
     /// (an approval not found) is believed only with the marker there, on a cluster too
     /// ([`ResourceStore::confirm_state`]); a cluster keeps the marker on another slot than a
     /// resource's, so there the watcher alone stops writes.
