@@ -237,8 +237,9 @@ def main():
     rows = judge(records)
     ok_audit, audit_line = audit_verify(args.bin, args.config, args.idle)
     order = [p["phase"] for p in driver["phases"]] or sorted(rows)
-    cols = ["events in", "tasks", "results", "proposals", "proposals undecided", "decisions", "approvals", "approved", "rejected", "actions",
-            "approved actions", "dead-lettered", "events lost", "tasks lost", "actions doubled", "order violations"]
+    cols = ["events in", "tasks", "results", "proposals", "proposals undecided", "decisions", "approvals",
+            "approved", "rejected", "actions", "approved actions", "dead-lettered", "events lost", "tasks lost",
+            "actions doubled", "order violations"]
     must_be_zero = ["events lost", "tasks lost", "proposals undecided", "actions doubled", "order violations",
                     "approvals open", "dead-lettered"]
     print()
