@@ -404,22 +404,26 @@ impl Approvals {
         &self,
         approval_id: &str,
     ) -> Result<crate::store::ResourceKey, ApprovalError> {
-        if let Some(key) = self.store.locate(approval_id).await? {
-            return Ok(key);
-        }
-        self.confirm_absence().await?;
-        self.store
-            .locate(approval_id)
+        self.confirmed(|| async { Ok(self.store.locate(approval_id).await?) })
             .await?
             .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))
     }
 
-    /// Before an approval not found is believed: the store must still hold its state. A Redis that
-    /// came back empty (every approval missing) answers [`StoreError::Lost`], so a decision arriving
-    /// then waits for `switchyard recover` rather than being dead-lettered as unknown. The caller
-    /// looks once more after it: a recovery may have finished between the two reads.
-    async fn confirm_absence(&self) -> Result<(), ApprovalError> {
-        Ok(self.store.confirm_state().await?)
+    /// What `find` finds; its `None` is believed only once the store confirms it still holds its
+    /// state. A Redis that came back empty (every approval missing) answers [`StoreError::Lost`],
+    /// so a decision arriving then waits for `switchyard recover` rather than being dead-lettered
+    /// as unknown. After the confirmation `find` runs once more: a recovery may have finished
+    /// between the two reads.
+    async fn confirmed<T, F, Fut>(&self, find: F) -> Result<Option<T>, ApprovalError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, ApprovalError>>,
+    {
+        if let Some(found) = find().await? {
+            return Ok(Some(found));
+        }
+        self.store.confirm_state().await?;
+        find().await
     }
 
     /// The resource's record as it stands, and the approval in it.
@@ -428,16 +432,16 @@ impl Approvals {
         key: &crate::store::ResourceKey,
         approval_id: &str,
     ) -> Result<(crate::resolve::store::ResourceRecord, StoredApproval), ApprovalError> {
-        for confirmed in [false, true] {
+        self.confirmed(|| async {
             let record = self.store.load(key, &[], None).await?.record;
-            if let Some(stored) = record.approvals.get(approval_id).cloned() {
-                return Ok((record, stored));
-            }
-            if !confirmed {
-                self.confirm_absence().await?;
-            }
-        }
-        Err(ApprovalError::NotFound(approval_id.into()))
+            Ok(record
+                .approvals
+                .get(approval_id)
+                .cloned()
+                .map(|stored| (record, stored)))
+        })
+        .await?
+        .ok_or_else(|| ApprovalError::NotFound(approval_id.into()))
     }
 
     /// An approval decided before: its decision's records again (the same as then), not fresh.
@@ -631,20 +635,21 @@ impl Approvals {
     }
 
     /// An approval with its action, by id; `None` only once the store confirmed it holds its state
-    /// (see [`Approvals::confirm_absence`]).
+    /// (see [`Approvals::confirmed`]).
     pub async fn get(&self, approval_id: &str) -> Result<Option<StoredApproval>, ApprovalError> {
-        for confirmed in [false, true] {
-            if let Some(key) = self.store.locate(approval_id).await? {
-                let mut record = self.store.load(&key, &[], None).await?.record;
-                if let Some(found) = record.approvals.remove(approval_id) {
-                    return Ok(Some(found));
-                }
-            }
-            if !confirmed {
-                self.confirm_absence().await?;
-            }
-        }
-        Ok(None)
+        self.confirmed(|| async {
+            let Some(key) = self.store.locate(approval_id).await? else {
+                return Ok(None);
+            };
+            Ok(self
+                .store
+                .load(&key, &[], None)
+                .await?
+                .record
+                .approvals
+                .remove(approval_id))
+        })
+        .await
     }
 
     /// Open approvals (pending or escalated) of the tenants `sees` accepts (and of `tenant` when
