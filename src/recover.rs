@@ -228,6 +228,7 @@ pub async fn recover(
                 change: &change,
                 applied: None,
                 decision: None,
+                place: None,
             };
             if stores.resources.commit(k, rev, w).await.map_err(err)? {
                 break;
@@ -321,7 +322,7 @@ pub async fn recover(
         );
         stores
             .context
-            .commit(k, &task, &list, None, &outcome)
+            .commit(k, &task, &list, None, &outcome, None)
             .await
             .map_err(err)?;
         stores

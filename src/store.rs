@@ -198,6 +198,66 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Where a stage's input record is, and how far its partition is delivered, for a store that keeps
+/// a memo (a task's outcome, a proposal's decision) in the resource's own hash.
+///
+/// A memo is needed only while its input's outputs may still have to be produced again: until
+/// they are delivered. So a resource's hash has one memo slot, written by the same `HSET` as the
+/// rest of the write (no command of its own, nothing to delete later): a write may take it when it
+/// is empty or holds the memo of an input of the same partition that this instance knows to be
+/// delivered (at or below [`Place::delivered`]: every record up to there has its outputs
+/// acknowledged by the broker). Otherwise the memo goes into a key of its own, deleted once its
+/// input is committed, as before. A memo found in the slot for a delivered input means the task
+/// or proposal is finished (a copy further down the topic is skipped); for any other input it is
+/// replayed — a new owner after a rebalance knows nothing delivered until it delivers, so it
+/// replays what the previous owner may not have delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// `<topic>:<partition>` of the input record.
+    pub partition: String,
+    pub offset: i64,
+    /// The last offset of that partition up to which every record is done (its outputs
+    /// delivered), as this instance knows it; -1 when it knows none.
+    pub delivered: i64,
+}
+
+impl Place {
+    /// The place of a record the consumer runtime handed over (anything else has none).
+    pub fn of(rec: &crate::kafka::Input) -> Option<Place> {
+        let delivered = rec.delivered.as_ref()?;
+        Some(Place {
+            partition: format!("{}:{}", rec.topic, rec.partition),
+            offset: rec.offset,
+            delivered: delivered.load(std::sync::atomic::Ordering::Acquire),
+        })
+    }
+
+    /// `<topic>:<partition>:<offset>`, as a memo slot names its input.
+    pub fn tag(&self) -> String {
+        format!("{}:{}", self.partition, self.offset)
+    }
+
+    /// The offset of the input `tag` (see [`Place::tag`]) when it is a delivered record of this
+    /// partition.
+    fn delivered_offset(&self, tag: &str) -> Option<i64> {
+        let (p, o) = tag.rsplit_once(':')?;
+        let o = o.parse::<i64>().ok()?;
+        (p == self.partition && o <= self.delivered).then_some(o)
+    }
+
+    /// Whether a write for this record may take a memo slot that holds the memo of the input
+    /// `tag`: a delivered record of this partition (the same rule as the stores' scripts).
+    pub fn frees_slot(&self, tag: &str) -> bool {
+        self.delivered_offset(tag).is_some()
+    }
+
+    /// Whether a memo kept for the input `tag`, found by this record, is of another record of
+    /// this partition that is delivered: this record is a copy of finished work.
+    pub fn delivered_tag(&self, tag: &str) -> bool {
+        self.delivered_offset(tag).is_some_and(|o| o != self.offset)
+    }
+}
+
 /// The resources whose list of recently finished ids was full when last read (a hint kept in
 /// memory, per store).
 ///

@@ -97,14 +97,14 @@ async fn a_context_hash_renews_its_ttl_when_a_sixteenth_passed_or_it_changed() {
                 .unwrap()
         }
     };
-    s.commit(&k, "t1", &[], None, &outcome).await.unwrap();
+    s.commit(&k, "t1", &[], None, &outcome, None).await.unwrap();
     assert!(
         (1590..=1600).contains(&ttl(&mut r).await),
         "set on the first commit"
     );
     // As if 600 s passed since: a commit inside the sixteenth (100 s since the renewal) leaves it.
     expire(&mut r, 1000).await;
-    s.commit(&k, "t2", &[], None, &outcome).await.unwrap();
+    s.commit(&k, "t2", &[], None, &outcome, None).await.unwrap();
     assert!(ttl(&mut r).await <= 1000, "not renewed within a sixteenth");
     // The last renewal 200 s ago: renewed.
     let now = chrono::Utc::now().timestamp();
@@ -115,14 +115,17 @@ async fn a_context_hash_renews_its_ttl_when_a_sixteenth_passed_or_it_changed() {
         .query_async::<()>(&mut r)
         .await
         .unwrap();
-    s.commit(&k, "t3", &[], None, &outcome).await.unwrap();
+    s.commit(&k, "t3", &[], None, &outcome, None).await.unwrap();
     assert!(
         (1590..=1600).contains(&ttl(&mut r).await),
         "renewed after a sixteenth"
     );
     // A longer TTL configured: the next commit applies it at once.
     expire(&mut r, 1000).await;
-    longer.commit(&k, "t4", &[], None, &outcome).await.unwrap();
+    longer
+        .commit(&k, "t4", &[], None, &outcome, None)
+        .await
+        .unwrap();
     assert!(ttl(&mut r).await > 15000, "a changed TTL is applied");
 }
 
@@ -146,7 +149,10 @@ async fn a_stored_outcome_is_found_after_its_id_left_the_list_and_never_outlives
     let outcome = switchyard::context::Outcome::default();
     let small = with(2);
     for t in ["t1", "t2", "t3"] {
-        small.commit(&k, t, &[], None, &outcome).await.unwrap();
+        small
+            .commit(&k, t, &[], None, &outcome, None)
+            .await
+            .unwrap();
     }
     // t1 left the list of two; a store configured for ten (a fresh process) still finds it.
     let (prior, _) = with(10).read(&k, "t1").await.unwrap();
@@ -166,7 +172,10 @@ async fn a_stored_outcome_is_found_after_its_id_left_the_list_and_never_outlives
         .query_async::<()>(&mut r)
         .await
         .unwrap();
-    small.commit(&k, "t4", &[], None, &outcome).await.unwrap();
+    small
+        .commit(&k, "t4", &[], None, &outcome, None)
+        .await
+        .unwrap();
     let (hash_ttl, memo_ttl): (i64, i64) = redis::pipe()
         .cmd("TTL")
         .arg(&key)
@@ -667,9 +676,10 @@ async fn a_partition_paused_before_a_rebalance_is_consumed_after_it() {
     first.stop().await;
 }
 
-/// A task delivered again is never run again: before its input is committed its recorded outcome
-/// is replayed (the same records); once committed the outcome is forgotten (nothing per task stays
-/// in Redis) and a later copy is skipped.
+/// A task delivered again is never run again: its recorded outcome is replayed (the same records)
+/// while its input may not be delivered, and a later copy is skipped once it is. The outcome is kept
+/// in the resource's memo slot (its hash, no key of its own): a new owner of the partition, which
+/// knows nothing delivered, replays it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_task_is_not_run_again() {
     let (url, st) = serve_http_agent().await;
@@ -697,8 +707,8 @@ async fn redelivered_task_is_not_run_again() {
     };
     env.producer().send(&copy()).await.unwrap();
     env.publish("events.deployments", &[ev]).await;
-    // Each copy is replayed (its input not yet committed) or skipped (committed and forgotten):
-    // never run again, and whatever is written is the same records.
+    // Each copy is replayed (its input not yet delivered) or skipped (delivered): never run
+    // again, and whatever is written is the same records.
     let res = results(
         &env.read("switchyard.results", 3, Duration::from_secs(10))
             .await,
@@ -714,48 +724,76 @@ async fn redelivered_task_is_not_run_again() {
         props.iter().all(|p| p.proposal_id == props[0].proposal_id),
         "replays carry the same proposal id"
     );
-    // Once committed, nothing of the task but its id stays in Redis.
+    // The outcome is in the resource's memo slot, no key of its own.
     let c = &env.loaded.config;
     let conn = RedisConn::new(&c.redis.url).unwrap();
     let hash = format!("{}:ctx:{{default/svc-r}}", c.redis.key_prefix);
     let task_id = res[0].task_id.clone();
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
-    for _ in 0..100 {
-        let mut r = conn.get().await.unwrap();
-        fields = redis::cmd("HGETALL")
-            .arg(&hash)
-            .query_async(&mut r)
-            .await
-            .unwrap();
-        if !fields.keys().any(|k| k.starts_with("_o:")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        !fields.keys().any(|k| k.starts_with("_o:")),
-        "outcome forgotten once committed: {:?}",
-        fields.keys().collect::<Vec<_>>()
-    );
+    let mut r = conn.get().await.unwrap();
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(&hash)
+        .query_async(&mut r)
+        .await
+        .unwrap();
     assert!(fields["_done"].contains(&task_id), "{fields:?}");
+    assert_eq!(fields.get("_mt"), Some(&task_id), "{fields:?}");
+    assert!(
+        fields["_mp"].starts_with(&format!("{}:0:", env.topic("switchyard.tasks"))),
+        "{fields:?}"
+    );
+    let apart: bool = redis::cmd("EXISTS")
+        .arg(format!("{hash}:o:{task_id}"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!apart, "no outcome key of its own");
     // A copy now is skipped: no new result, the agent still called once.
     let before = env
         .read("switchyard.results", usize::MAX, Duration::from_secs(2))
-        .await
-        .len();
+        .await;
     env.producer().send(&copy()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = env
         .read("switchyard.results", usize::MAX, Duration::from_secs(2))
         .await
         .len();
-    assert_eq!(after, before, "a copy of a committed task writes nothing");
+    assert_eq!(
+        after,
+        before.len(),
+        "a copy of a delivered task writes nothing"
+    );
+    running.stop().await;
+    // A new owner of the partition (another consumer group here, reading from the start: it knows
+    // nothing delivered, like an instance taking over after a crash) replays the kept outcome for
+    // the original record — the same result bytes, without calling the agent. (The copies behind
+    // it are replayed too while the original's outputs are not yet delivered, skipped after.)
+    let mut loaded = env.loaded.clone();
+    loaded.config.kafka.group_prefix = format!("{}-new-owner", loaded.config.kafka.group_prefix);
+    let owner = Running::start(loaded, &["agents"]);
+    let all = env
+        .read(
+            "switchyard.results",
+            before.len() + 1,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(all.len() > before.len(), "the original task's result again");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = env
+        .read("switchyard.results", usize::MAX, Duration::from_secs(2))
+        .await;
+    assert!(
+        later[before.len()..]
+            .iter()
+            .all(|r| r.payload == before[0].payload),
+        "replayed from the kept outcome: the same bytes"
+    );
     assert_eq!(
         st.total.load(Ordering::SeqCst),
         1,
         "the agent was called once"
     );
-    running.stop().await;
+    owner.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

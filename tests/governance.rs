@@ -100,6 +100,7 @@ fn write_of(change: &switchyard::resolve::apply::Change) -> switchyard::resolve:
         change,
         applied: None,
         decision: None,
+        place: None,
     }
 }
 
@@ -231,6 +232,23 @@ async fn redis_stores_meet_their_contracts() {
         &env.prefix,
     )
     .await;
+    // Another instance (no copy of the record) reads the kept decision from the hash.
+    let other = switchyard::resolve::store::RedisResourceStore::new(
+        conn.clone(),
+        p,
+        3600,
+        switchyard::resolve::store::contract::REMEMBER,
+    );
+    let slot = switchyard::resolve::store::contract::memo_slot_resource(&env.prefix);
+    let l = switchyard::resolve::store::ResourceStore::load(&other, &slot, &[], Some("m3"))
+        .await
+        .unwrap();
+    assert!(l.decided.is_some(), "the kept decision");
+    assert_eq!(l.decided_at.as_deref(), Some("proposals:0:12"));
+    let l = switchyard::resolve::store::ResourceStore::load(&other, &slot, &[], Some("m1"))
+        .await
+        .unwrap();
+    assert!(l.decided.is_none() && l.finished);
     switchyard::governance::budgets::contract::run_all(
         &switchyard::governance::budgets::RedisBudgetStore::new(conn.clone()),
         &env.prefix,
@@ -242,6 +260,113 @@ async fn redis_stores_meet_their_contracts() {
     )
     .await;
     the_epoch_marker_guards_the_store(&conn, &format!("{p}-epoch")).await;
+}
+
+/// A proposal's decision is kept in its resource's memo slot (the resource's hash, no key of its
+/// own) while the slot is free. A new owner of the proposals partition, which knows nothing
+/// delivered (another consumer group here, reading from the start, as an instance taking over after a
+/// crash would re-read what was not committed), replays the kept decision: the same records, byte
+/// for byte, and never a second action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_kept_in_the_memo_slot_is_replayed_by_a_new_owner_never_doubled() {
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route", "agents", "resolve"]);
+    env.deployment_then_breach("svc-m", 0).await;
+    let proposals = env
+        .read("switchyard.proposals", 2, Duration::from_secs(10))
+        .await;
+    // Both decided (page and rollback: an action or an approval each).
+    let mut before = 0;
+    for _ in 0..30 {
+        before = env
+            .read("switchyard.actions", usize::MAX, Duration::from_secs(1))
+            .await
+            .len()
+            + env
+                .read("switchyard.approvals", usize::MAX, Duration::from_secs(1))
+                .await
+                .len();
+        if before >= 2 {
+            break;
+        }
+    }
+    assert!(before >= 2, "both proposals decided");
+    let ids: Vec<String> = proposals
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<ProposalData>(data_of(&event_of(r)).clone())
+                .expect("proposal")
+                .proposal_id
+        })
+        .collect();
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    let hash = format!("{}:res:{{default/svc-m}}", c.redis.key_prefix);
+    let mut r = conn.get().await.unwrap();
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(&hash)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let kept = fields.get("_dt").cloned().unwrap_or_default();
+    assert!(ids.contains(&kept), "a decision in the slot: {fields:?}");
+    assert!(
+        fields["_dp"].starts_with(&format!("{}:0:", env.topic("switchyard.proposals"))),
+        "{fields:?}"
+    );
+    let apart: bool = redis::cmd("EXISTS")
+        .arg(format!("{hash}:d:{kept}"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!apart, "no decision key of its own");
+    running.stop().await;
+
+    let mut loaded = env.loaded.clone();
+    loaded.config.kafka.group_prefix = format!("{}-new-owner", loaded.config.kafka.group_prefix);
+    let owner = Running::start(loaded, &["resolve"]);
+    let mut again = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        again = (
+            env.read("switchyard.actions", usize::MAX, Duration::from_secs(1))
+                .await,
+            env.read("switchyard.approvals", usize::MAX, Duration::from_secs(1))
+                .await,
+        );
+        if again.0.len() + again.1.len() > before {
+            break;
+        }
+    }
+    owner.stop().await;
+    assert!(
+        again.0.len() + again.1.len() > before,
+        "the kept decision's records again"
+    );
+    // Whatever was written again is the same bytes, and no action or approval is doubled: one id
+    // per action, one record's bytes per id.
+    let once = |recs: &[Input], id: &str| {
+        let mut by_action: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        let mut bytes: BTreeMap<String, std::collections::BTreeSet<Vec<u8>>> = BTreeMap::new();
+        for r in recs {
+            let d = data_of(&event_of(r)).clone();
+            let key = d[id].as_str().unwrap_or_default().to_string();
+            by_action
+                .entry(d["action"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .insert(key.clone());
+            bytes.entry(key).or_default().insert(r.payload.clone());
+        }
+        assert!(
+            by_action.values().all(|ids| ids.len() == 1),
+            "{by_action:?}"
+        );
+        assert!(
+            bytes.values().all(|b| b.len() == 1),
+            "replayed bytes differ"
+        );
+    };
+    once(&again.0, "action_id");
+    once(&again.1, "approval_id");
 }
 
 /// The resolve store answers a proposal's load from its own copy of the record where it wrote one
@@ -276,6 +401,7 @@ async fn a_copy_of_a_resource_written_elsewhere_never_commits() {
         change: &change,
         applied: Some((0, offset)),
         decision: Some((id, &decided)),
+        place: None,
     };
     // A copy only read is not used: a reads the empty resource, b (another instance) decides x0,
     // and a's next load reads Redis.
@@ -779,6 +905,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
             &[("deployment".into(), fact("v1"))],
             None,
             &out("succeeded"),
+            None,
         )
         .await
         .unwrap();
@@ -789,6 +916,7 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
             &[("deployment".into(), fact("v2"))],
             None,
             &out("succeeded"),
+            None,
         )
         .await
         .unwrap();
@@ -863,10 +991,11 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
         proposal("intruder", "cost-guard", "rollback", "r-acc", json!({}), 0),
     ];
     env.publish("switchyard.proposals", &props).await;
-    // Redelivery: the very same record again.
+    // A copy of the first record (an upstream redelivery): replayed with the identical records
+    // while the original's records are not known delivered, skipped once they are.
     env.publish("switchyard.proposals", &props[..1]).await;
     let audit: Vec<AuditData> = env
-        .audit(props.len() + 1, Duration::from_secs(40))
+        .audit(props.len(), Duration::from_secs(40))
         .await
         .iter()
         .map(data)
@@ -902,21 +1031,22 @@ async fn resolution_rules_dedupe_merge_priority_staleness_cooldown_access() {
     assert_eq!(outcome("rb-fresh"), ("accepted".into(), "".into()));
     assert_eq!(outcome("intruder"), ("rejected".into(), "access".into()));
 
+    env.read("switchyard.actions", 6, Duration::from_secs(20))
+        .await;
     let actions: Vec<ActionData> = env
-        .read("switchyard.actions", 7, Duration::from_secs(20))
+        .read("switchyard.actions", usize::MAX, Duration::from_secs(2))
         .await
         .iter()
         .map(data)
         .collect();
     let restarts: Vec<&ActionData> = actions.iter().filter(|a| a.action == "restart").collect();
-    assert_eq!(
-        restarts.len(),
-        2,
-        "dedupe: one action, emitted again for the redelivered record"
+    assert!(
+        (1..=2).contains(&restarts.len()),
+        "dedupe: one action, emitted again at most for the copy: {restarts:?}"
     );
-    assert_eq!(
-        restarts[0], restarts[1],
-        "the redelivered proposal yields the identical action"
+    assert!(
+        restarts.iter().all(|r| *r == restarts[0]),
+        "a replayed proposal yields the identical action"
     );
     assert_eq!(
         by_prop["dup-2"].detail["action_id"],

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey};
 use crate::records::AgentResponse;
+use crate::store::Place;
 
 pub fn config() -> ContextConfig {
     ContextConfig {
@@ -61,10 +62,17 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             &[("deployment".into(), fact(json!({"v": 2}), "deploy-guard"))],
             Some(&json!({"id": "e1"})),
             &outcome("succeeded"),
+            None,
         )
         .await
         .expect("commit");
-    assert_eq!(r, CommitResult::Applied { version: 1 });
+    assert_eq!(
+        r,
+        CommitResult::Applied {
+            version: 1,
+            kept: false
+        }
+    );
     let s = store.snapshot(&a).await.expect("snapshot");
     assert_eq!(s.version, 1);
     assert_eq!(s.facts["deployment"].value, json!({"v": 2}));
@@ -79,6 +87,7 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             &[("deployment".into(), fact(json!({"v": 3}), "x"))],
             None,
             &outcome("succeeded"),
+            None,
         )
         .await
         .expect("commit");
@@ -105,6 +114,7 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             &[("deployment".into(), fact(json!({"v": 9}), "zombie"))],
             None,
             &outcome("succeeded"),
+            None,
         )
         .await
         .expect("commit");
@@ -119,10 +129,17 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             &[],
             Some(&json!({"id": "e2"})),
             &outcome("failed"),
+            None,
         )
         .await
         .expect("commit");
-    assert_eq!(r, CommitResult::Applied { version: 1 });
+    assert_eq!(
+        r,
+        CommitResult::Applied {
+            version: 1,
+            kept: false
+        }
+    );
 
     // Versions increase monotonically; later writes win per key.
     let r = store
@@ -135,10 +152,17 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             ],
             None,
             &outcome("succeeded"),
+            None,
         )
         .await
         .expect("commit");
-    assert_eq!(r, CommitResult::Applied { version: 2 });
+    assert_eq!(
+        r,
+        CommitResult::Applied {
+            version: 2,
+            kept: false
+        }
+    );
     let s = store.snapshot(&a).await.expect("snapshot");
     assert_eq!(s.facts["deployment"].value, json!({"v": 4}));
     assert_eq!(s.facts.len(), 2);
@@ -157,6 +181,7 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
                 &[],
                 Some(&json!({"id": format!("e{i}")})),
                 &outcome("succeeded"),
+                None,
             )
             .await
             .expect("commit");
@@ -168,6 +193,7 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
             &[],
             Some(&json!({"id": "e6"})),
             &outcome("succeeded"),
+            None,
         )
         .await
         .expect("commit");
@@ -212,4 +238,87 @@ pub async fn run_all<S: ContextStore>(store: &S, ns: &str) {
         Prior::Finished
     );
     assert_eq!(store.read(&a, "t2").await.expect("read").0, Prior::New);
+
+    memo_slot(store, ns).await;
+}
+
+fn place(partition: &str, offset: i64, delivered: i64) -> Place {
+    Place {
+        partition: partition.into(),
+        offset,
+        delivered,
+    }
+}
+
+/// A task's outcome is kept in the resource's memo slot when the slot is free (empty, or holding
+/// a delivered input of the same partition), else apart; a kept outcome is replayed for its own
+/// record and anything not known delivered, and makes a copy of a delivered record finished.
+async fn memo_slot<S: ContextStore>(store: &S, ns: &str) {
+    let c = ResourceKey::new(format!("{ns}-tenant"), "svc-slot");
+    let commit = |task: &'static str, p: Option<Place>| {
+        let c = c.clone();
+        async move {
+            store
+                .commit(&c, task, &[], None, &outcome(task), p.as_ref())
+                .await
+                .expect("commit")
+        }
+    };
+    let kept = |r: CommitResult| match r {
+        CommitResult::Applied { kept, .. } => kept,
+        other => panic!("not applied: {other:?}"),
+    };
+    // An empty slot takes the outcome.
+    assert!(kept(commit("s1", Some(place("tasks:0", 10, -1))).await));
+    let (prior, _) = store.read(&c, "s1").await.expect("read");
+    let Prior::Kept { outcome: o, input } = prior.clone() else {
+        panic!("expected the kept outcome, got {prior:?}");
+    };
+    assert_eq!((o.status.as_str(), input.as_str()), ("s1", "tasks:0:10"));
+    // Its own record again (a redelivery): replayed; a copy further down once the record is
+    // delivered: finished; a copy by an instance that knows nothing delivered: replayed.
+    assert!(matches!(
+        prior.clone().at(Some(&place("tasks:0", 10, 10))),
+        Prior::Kept { .. }
+    ));
+    assert_eq!(
+        prior.clone().at(Some(&place("tasks:0", 12, 10))),
+        Prior::Finished
+    );
+    assert!(matches!(
+        prior.clone().at(Some(&place("tasks:0", 12, 9))),
+        Prior::Kept { .. }
+    ));
+    assert!(matches!(
+        prior.clone().at(Some(&place("tasks:1", 12, 99))),
+        Prior::Kept { .. }
+    ));
+    assert!(matches!(prior.at(None), Prior::Kept { .. }));
+    // The same task committed again (a racing copy): the kept outcome.
+    let again = commit("s1", Some(place("tasks:0", 10, -1))).await;
+    assert!(matches!(again, CommitResult::AlreadyRecorded(o) if o.status == "s1"));
+    // The slot's input is not delivered yet: the next outcome goes apart.
+    assert!(!kept(commit("s2", Some(place("tasks:0", 11, 9))).await));
+    assert!(
+        matches!(store.read(&c, "s2").await.expect("read").0, Prior::Recorded(o) if o.status == "s2")
+    );
+    assert!(matches!(
+        store.read(&c, "s1").await.expect("read").0,
+        Prior::Kept { .. }
+    ));
+    // Delivered: the next one takes the slot; the one it held is finished.
+    assert!(kept(commit("s3", Some(place("tasks:0", 12, 10))).await));
+    assert_eq!(store.read(&c, "s1").await.expect("read").0, Prior::Finished);
+    // Another partition's input never frees the slot.
+    assert!(!kept(commit("s4", Some(place("tasks:1", 13, 100))).await));
+    assert!(matches!(
+        store.read(&c, "s3").await.expect("read").0,
+        Prior::Kept { .. }
+    ));
+    // What went apart is forgotten as before.
+    store
+        .forget(&[(c.clone(), "s2".to_string()), (c.clone(), "s4".to_string())])
+        .await
+        .expect("forget");
+    assert_eq!(store.read(&c, "s2").await.expect("read").0, Prior::Finished);
 }

@@ -9,12 +9,15 @@ use super::{
     CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey, Snapshot,
     StoreError,
 };
+use crate::store::Place;
 
 #[derive(Default)]
 struct Resource {
     snap: Snapshot,
     outcomes: HashMap<String, Outcome>,
     done: VecDeque<String>,
+    /// The memo slot: task id, its input's place tag, outcome.
+    kept: Option<(String, String, Outcome)>,
 }
 
 #[derive(Default)]
@@ -48,8 +51,14 @@ impl ContextStore for MemoryStore {
         };
         let prior = match res.outcomes.get(task_id) {
             Some(o) => Prior::Recorded(Box::new(o.clone())),
-            None if res.done.iter().any(|t| t == task_id) => Prior::Finished,
-            None => Prior::New,
+            None => match &res.kept {
+                Some((t, input, o)) if t == task_id => Prior::Kept {
+                    outcome: Box::new(o.clone()),
+                    input: input.clone(),
+                },
+                _ if res.done.iter().any(|t| t == task_id) => Prior::Finished,
+                _ => Prior::New,
+            },
         };
         Ok((prior, res.snap.clone()))
     }
@@ -61,10 +70,14 @@ impl ContextStore for MemoryStore {
         facts: &[(String, Fact)],
         event: Option<&Value>,
         outcome: &Outcome,
+        place: Option<&Place>,
     ) -> Result<CommitResult, StoreError> {
         let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
         let res = resources.entry(key.clone()).or_default();
         if let Some(existing) = res.outcomes.get(task_id) {
+            return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
+        }
+        if let Some((_, _, existing)) = res.kept.as_ref().filter(|(t, _, _)| t == task_id) {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
         if res.done.iter().any(|t| t == task_id) {
@@ -85,9 +98,21 @@ impl ContextStore for MemoryStore {
         }
         res.done.push_front(task_id.to_string());
         res.done.truncate(self.config.remember_tasks.max(1));
-        res.outcomes.insert(task_id.to_string(), outcome.clone());
+        // The memo slot when it is free: empty, or holding a delivered input's outcome.
+        let kept = place.filter(|p| {
+            res.kept
+                .as_ref()
+                .is_none_or(|(_, input, _)| p.frees_slot(input))
+        });
+        match kept {
+            Some(p) => res.kept = Some((task_id.to_string(), p.tag(), outcome.clone())),
+            None => {
+                res.outcomes.insert(task_id.to_string(), outcome.clone());
+            }
+        }
         Ok(CommitResult::Applied {
             version: res.snap.version,
+            kept: kept.is_some(),
         })
     }
 

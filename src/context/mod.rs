@@ -104,13 +104,36 @@ pub enum Prior {
     /// Finished, its records delivered and its input committed (the outcome was forgotten): a copy
     /// of the task further down the topic (an upstream redelivery) is skipped.
     Finished,
+    /// Finished, its outcome kept in the resource's memo slot ([`crate::store::Place`]) for the
+    /// input at `input` (`<topic>:<partition>:<offset>`): [`Prior::at`] says which of the two
+    /// above it is for a given record.
+    Kept {
+        outcome: Box<Outcome>,
+        input: String,
+    },
+}
+
+impl Prior {
+    /// What a [`Prior::Kept`] outcome is for the record at `place`: finished when its own input
+    /// is a delivered record of the same partition (this is a copy), else to emit again (a
+    /// redelivery, or an input this instance does not know to be delivered). Other priors are
+    /// returned as they are.
+    pub fn at(self, place: Option<&crate::store::Place>) -> Prior {
+        match self {
+            Prior::Kept { input, .. } if place.is_some_and(|p| p.delivered_tag(&input)) => {
+                Prior::Finished
+            }
+            other => other,
+        }
+    }
 }
 
 /// What [`ContextStore::commit`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitResult {
     /// This call recorded the outcome and applied the writes; the resource is now at `version`.
-    Applied { version: u64 },
+    /// `kept`: the outcome is in the resource's memo slot, not a key to forget once committed.
+    Applied { version: u64, kept: bool },
     /// The task already had an outcome (a redelivery raced us); nothing changed.
     AlreadyRecorded(Box<Outcome>),
     /// The task finished and its outcome was forgotten already (a zombie, or an upstream copy
@@ -201,7 +224,8 @@ pub trait ContextStore: Send + Sync + 'static {
 
     /// Atomically: unless the task already has an outcome, write `facts` (bumping the version when
     /// there are any), remember `event` in the recent-events list, record `outcome` and remember the
-    /// task as finished.
+    /// task as finished. With the `place` of the task's input record the outcome may be kept in the
+    /// resource's memo slot ([`crate::store::Place`]); without one it is kept apart.
     fn commit(
         &self,
         key: &ResourceKey,
@@ -209,6 +233,7 @@ pub trait ContextStore: Send + Sync + 'static {
         facts: &[(String, Fact)],
         event: Option<&Value>,
         outcome: &Outcome,
+        place: Option<&crate::store::Place>,
     ) -> impl Future<Output = Result<CommitResult, StoreError>> + Send;
 
     /// Forgets the recorded outcomes of tasks whose input offsets are committed (their records

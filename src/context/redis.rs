@@ -7,37 +7,46 @@
 //! - `_done`: the ids of the resource's most recently finished tasks (a JSON array); `_full` once
 //!   the list dropped one (an outcome may then be stored for a task it does not name).
 //!
-//! Beside it, `<prefix>:ctx:{t/r}:o:<task id>` holds a finished task's recorded [`Outcome`] (JSON,
-//! with the context's TTL) until its input is committed: apart, so that reading a busy resource's
-//! context never reads the outcomes of its uncommitted tasks. So a task costs one read (`HGETALL`
-//! of the context, one pipeline for a whole batch; a `GET` of its outcome only where one can exist:
-//! the task is among the resource's finished ids, or their list is full — see
-//! [`FullLists`](crate::store::FullLists)) and one commit script (`SET NX`, `HMGET`, `HSET`;
-//! `EXPIRE` only when a sixteenth of the TTL passed since the hash's TTL was last renewed, kept in
-//! its field `_x`; the outcome's own TTL ends with the hash's), and the forgetting of its outcome a
-//! share of one `DEL` of all the outcomes committed at the same time. What stays behind grows with
-//! resources, not with tasks.
+//! - `_mt`, `_mp`, `_m`: the memo slot ([`crate::store::Place`]) — one finished task's id, its
+//!   input (`<topic>:<partition>:<offset>`) and its recorded [`Outcome`] (JSON).
+//!
+//! A finished task's outcome goes into the slot when the slot is free (empty, or holding the
+//! outcome of a delivered input of the same partition), written by the commit's own `HSET`;
+//! otherwise beside the hash, `<prefix>:ctx:{t/r}:o:<task id>` (with the context's TTL) until its
+//! input is committed: apart, so that reading a busy resource's context never reads the outcomes of
+//! its uncommitted tasks. So a task costs one read (`HGETALL` of the context, one pipeline for a
+//! whole batch; a `GET` of an outcome kept apart only where one can exist: the task is among the
+//! resource's finished ids and not in the slot, or their list is full — see
+//! [`FullLists`](crate::store::FullLists)) and one commit script (`HMGET`, `HSET`; `SET NX` only
+//! for an outcome kept apart; `EXPIRE` only when a sixteenth of the TTL passed since the hash's TTL
+//! was last renewed, kept in its field `_x`; an apart outcome's own TTL ends with the hash's), and
+//! the forgetting of an apart outcome a share of one `DEL` of all the outcomes committed at the same
+//! time. What stays behind grows with resources, not with tasks.
 
 use redis::Script;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
 use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Snapshot};
-use crate::store::{FullLists, RedisConn, ResourceKey, StoreError};
+use crate::store::{FullLists, Place, RedisConn, ResourceKey, StoreError};
 
 const COMMIT: &str = r#"
--- KEYS[1] = context hash, KEYS[2] = the task's outcome; ARGV[1] = task id, ARGV[2] = outcome,
+-- KEYS[1] = context hash, KEYS[2] = the task's outcome apart; ARGV[1] = task id, ARGV[2] = outcome,
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
--- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds).
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full')
-if cur[1] then return {0, cur[1]} end
+-- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds), then the
+-- input's place ('<topic>:<partition>:<offset>', '' = none) and the last offset of its partition
+-- known delivered (crate::store::Place). Returns {1, version, '1' when the outcome is kept in the
+-- hash's slot}, {0, the outcome recorded before, ''} or {2, '', ''} (finished and forgotten).
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt', '_mp')
+if cur[1] then return {0, cur[1], ''} end
+if cur[7] == ARGV[1] then return {0, redis.call('HGET', KEYS[1], '_m'), ''} end
 if cur[4] then
   for _, t in ipairs(cjson.decode(cur[4])) do
     if t == ARGV[1] then
       -- Finished here already: recorded still (not yet committed), or a later copy.
       local recorded = redis.call('GET', KEYS[2])
-      if recorded then return {0, recorded} end
-      return {2, ''}
+      if recorded then return {0, recorded, ''} end
+      return {2, '', ''}
     end
   end
 end
@@ -84,12 +93,28 @@ if renew then put('_x', ARGV[8 + 2 * n] .. ':' .. ARGV[3]) end
 -- The outcome never outlives the hash (else a reader would find no id naming it).
 local ex = ttl
 if not renew then ex = math.max(1, at + ttl - now) end
-if not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
-  return {0, redis.call('GET', KEYS[2])}
+-- The outcome goes into the hash's slot (no command of its own) when the slot is empty or holds
+-- the outcome of a delivered input of the same partition; else into its own key. (A slot write
+-- does not look for an outcome kept apart for this id once the finished list dropped it: only a
+-- zombie racing a task more than `tasks remembered` back could have written one.)
+local place, delivered = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n])
+local here = false
+if place ~= '' then
+  if not cur[7] then
+    here = true
+  else
+    local p, o = string.match(cur[8] or '', '^(.*):(%-?%d+)$')
+    here = p ~= nil and p == string.match(place, '^(.*):%-?%d+$') and tonumber(o) <= delivered
+  end
+end
+if here then
+  put('_mt', ARGV[1]); put('_mp', place); put('_m', ARGV[2])
+elseif not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
+  return {0, redis.call('GET', KEYS[2]), ''}
 end
 redis.call('HSET', KEYS[1], unpack(set))
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return {1, tostring(version)}
+return {1, tostring(version), here and '1' or ''}
 "#;
 
 pub struct RedisStore {
@@ -168,6 +193,7 @@ fn parse(
     let mut prior = Prior::New;
     let mut done: Vec<String> = Vec::new();
     let mut dropped = false;
+    let (mut kept_task, mut kept_at, mut kept) = (None, None, None);
     for (k, v) in fields {
         if k == "_version" {
             snap.version = v
@@ -185,6 +211,12 @@ fn parse(
                 .collect::<Result<_, _>>()?;
         } else if k == "_full" {
             dropped = true;
+        } else if k == "_mt" {
+            kept_task = Some(v);
+        } else if k == "_mp" {
+            kept_at = Some(v);
+        } else if k == "_m" {
+            kept = Some(v);
         } else if k == "_done" {
             done =
                 serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
@@ -203,6 +235,13 @@ fn parse(
                 .map_err(|e| StoreError::Corrupt(format!("fact {k}: {e}")))?;
             snap.facts.insert(k, f);
         }
+    }
+    if prior == Prior::New && !task_id.is_empty() && kept_task.as_deref() == Some(task_id) {
+        let outcome = kept.ok_or_else(|| StoreError::Corrupt("_mt without _m".into()))?;
+        prior = Prior::Kept {
+            outcome: Box::new(recorded(&outcome)?),
+            input: kept_at.unwrap_or_default(),
+        };
     }
     if prior == Prior::New && !task_id.is_empty() && done.iter().any(|t| t == task_id) {
         prior = Prior::Finished;
@@ -366,6 +405,7 @@ impl ContextStore for RedisStore {
         facts: &[(String, Fact)],
         event: Option<&Value>,
         outcome: &Outcome,
+        place: Option<&Place>,
     ) -> Result<CommitResult, StoreError> {
         let mut c = self.conn.get().await?;
         let outcome_json =
@@ -384,8 +424,11 @@ impl ContextStore for RedisStore {
             let v = serde_json::to_string(f).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             inv.arg(k).arg(v);
         }
-        inv.arg(chrono::Utc::now().timestamp());
-        let (applied, value): (i64, String) = inv.invoke_async(&mut c).await.map_err(redis_err)?;
+        inv.arg(chrono::Utc::now().timestamp())
+            .arg(place.map(Place::tag).unwrap_or_default())
+            .arg(place.map_or(-1, |p| p.delivered));
+        let (applied, value, kept): (i64, String, String) =
+            inv.invoke_async(&mut c).await.map_err(redis_err)?;
         if applied == 2 {
             Ok(CommitResult::Finished)
         } else if applied == 1 {
@@ -393,6 +436,7 @@ impl ContextStore for RedisStore {
                 version: value
                     .parse()
                     .map_err(|_| StoreError::Corrupt(format!("version {value:?}")))?,
+                kept: kept == "1",
             })
         } else {
             let o: Outcome = serde_json::from_str(&value)

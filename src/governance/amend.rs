@@ -217,6 +217,7 @@ impl Approvals {
                 change: &change,
                 applied: None,
                 decision: None,
+                place: None,
             };
             if self.store.commit(&key, loaded.rev, write).await? {
                 self.store.index_close(approval_id).await?;

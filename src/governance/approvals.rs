@@ -326,6 +326,7 @@ impl Approvals {
                 change: &change,
                 applied: None,
                 decision: None,
+                place: None,
             };
             if self.store.commit(&key, loaded.rev, write).await? {
                 if escalate {
@@ -509,6 +510,7 @@ impl Approvals {
                 change: &change,
                 applied: None,
                 decision: None,
+                place: None,
             };
             if self.store.commit(key, loaded.rev, write).await? {
                 self.store.index_open(&[&s.approval]).await?;

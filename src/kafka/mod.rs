@@ -33,6 +33,9 @@ pub struct Input {
     pub timestamp_ms: Option<i64>,
     /// The payload's size in the broker; larger than `payload.len()` when only a prefix was kept.
     pub payload_size: usize,
+    /// Set by the consumer runtime: the last offset of the record's partition up to which every
+    /// record is done (outputs delivered), -1 while none is ([`crate::store::Place`]).
+    pub delivered: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl Input {
@@ -53,6 +56,7 @@ impl Input {
             payload,
             headers: Vec::new(),
             timestamp_ms: None,
+            delivered: None,
         }
     }
 
@@ -92,6 +96,7 @@ impl Input {
             payload_size: payload.len(),
             headers,
             timestamp_ms: m.timestamp().to_millis(),
+            delivered: None,
         }
     }
 

@@ -360,6 +360,9 @@ struct Part {
     /// Cancelled when a revoke's drain timed out: work still running must not produce (the next
     /// owner has the records).
     cancel: CancellationToken,
+    /// The last offset up to which every record is done, -1 before one is: handed to the
+    /// processor with each record ([`Input::delivered`]).
+    delivered: Arc<AtomicI64>,
 }
 
 impl Part {
@@ -506,8 +509,10 @@ impl<P: Processor> Track<P> {
         let stage = shared.stage();
         {
             let mut st = lock(&self.part.state);
-            if let Err(e) = st.acks.complete(self.offset) {
-                tracing::error!(stage, error = %e, "Ack tracker refused a completion.");
+            match st.acks.complete(self.offset) {
+                Ok(Some(done)) => self.part.delivered.store(done, Ordering::Release),
+                Ok(None) => {}
+                Err(e) => tracing::error!(stage, error = %e, "Ack tracker refused a completion."),
             }
             let keys = std::mem::take(&mut *lock(&self.cleanup));
             if !keys.is_empty() {
@@ -649,6 +654,7 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                             active: AtomicUsize::new(0),
                             idle: Notify::new(),
                             cancel: CancellationToken::new(),
+                            delivered: Arc::new(AtomicI64::new(-1)),
                         })
                     });
                 }
@@ -1000,7 +1006,8 @@ fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P
 }
 
 /// Queues a polled record in its lane; a new lane is ready at once.
-fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, rec: Input) {
+fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, mut rec: Input) {
+    rec.delivered = Some(part.delivered.clone());
     let lane = shared.processor.lane(&rec);
     let offset = rec.offset;
     let work = Work {

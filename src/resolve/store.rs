@@ -2,22 +2,24 @@
 //!
 //! Per resource: a revision (every write is a compare-and-set on it), the fencing-token counter, the
 //! rules' [`ResourceState`], the last proposal offset applied per partition (fences zombie owners),
-//! its approvals, each proposal's [`Decided`] record until its offset is committed (so a
+//! its approvals, each proposal's [`Decided`] record while a redelivery may need it (so a
 //! redelivery emits the same records instead of deciding again), and the ids of the most recently
 //! decided proposals (so a copy of one further down the topic is skipped once its record is
 //! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`, `recent`, and `recent_full` once that list dropped an
-//! id), beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed, never longer
-//! than the hash; apart so that reading the resource never reads the decisions of a busy resource's
-//! uncommitted proposals), `<prefix>:approvals:open` (sorted set by expiry) and
+//! `applied:<partition>`, `approval:<id>`, `recent`, `recent_full` once that list dropped an id, and
+//! the memo slot `_dt`, `_dp`, `_d`: one proposal's id, input and decision, see [`Place`]); when the
+//! slot is not free, beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed,
+//! never longer than the hash; apart so that reading the resource never reads the decisions of a
+//! busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by expiry) and
 //! `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` — none when
 //! this instance holds a copy of the record from its last read or write, [`Copies`] — plus
-//! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of its
-//! decision only where one can exist: the proposal is among the recent ones, or their list is full
-//! — see [`FullLists`]), one compare-and-set script (`HMGET`, `HSET`, `SET`; `EXPIRE` only when a
-//! sixteenth of the TTL passed since it was last renewed, field `_x`) and a share of one `DEL` once
+//! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of a
+//! decision kept apart only where one can exist: the proposal is among the recent ones and not in
+//! the slot, or their list is full — see [`FullLists`]), one compare-and-set script (`HMGET`,
+//! `HSET`; `SET` only for a decision kept apart; `EXPIRE` only when a sixteenth of the TTL passed
+//! since it was last renewed, field `_x`) and, for a decision kept apart, a share of one `DEL` once
 //! committed.
 //! [`MemoryResourceStore`] is its twin for unit tests; [`contract`] runs against both.
 
@@ -32,7 +34,7 @@ use super::rules::ResourceState;
 use crate::context::memory::MemoryStore;
 use crate::context::ContextStore;
 use crate::records::ApprovalData;
-use crate::store::{FullLists, RedisConn, ResourceKey, StoreError};
+use crate::store::{FullLists, Place, RedisConn, ResourceKey, StoreError};
 
 /// A resource's resolve record as loaded.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -47,6 +49,18 @@ pub struct ResourceRecord {
     pub approvals: BTreeMap<String, StoredApproval>,
     /// Ids of the most recently decided proposals, most recent first.
     pub recent: Vec<String>,
+    /// The decision in the resource's memo slot ([`Place`]).
+    pub kept: Option<KeptDecision>,
+}
+
+/// A decision kept in its resource's memo slot ([`Place`]): fields `_dt` (proposal id), `_dp`
+/// (its input, `<topic>:<partition>:<offset>`) and `_d` (the decision) of the resource's hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptDecision {
+    pub proposal_id: String,
+    pub input: String,
+    /// The [`Decided`] as stored (JSON): parsed only when asked for.
+    pub decided: String,
 }
 
 /// What one load returns.
@@ -54,6 +68,9 @@ pub struct ResourceRecord {
 pub struct Loaded {
     /// The stored decision of the proposal asked about (a redelivery), if any.
     pub decided: Option<Decided>,
+    /// Where `decided` came from the resource's memo slot: the input it was decided for
+    /// (`<topic>:<partition>:<offset>`; [`Place::delivered_tag`] says whether this is a copy).
+    pub decided_at: Option<String>,
     /// The proposal asked about was decided and its decision forgotten (its offset committed): a
     /// copy further down the topic.
     pub finished: bool,
@@ -70,6 +87,8 @@ pub struct Write<'a> {
     pub applied: Option<(i32, i64)>,
     /// The decision to remember by proposal id.
     pub decision: Option<(&'a str, &'a Decided)>,
+    /// Where the proposal's record is: the decision may be kept in the resource's memo slot.
+    pub place: Option<&'a Place>,
 }
 
 /// Where resolve state lives. Methods return boxed futures so the store can be shared as
@@ -165,20 +184,24 @@ pub trait ResourceStore: Send + Sync + 'static {
 }
 
 const CAS: &str = r#"
--- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id}.
--- KEYS[1] = resource hash, KEYS[2] = the proposal's decision; ARGV[1] = expected rev, ARGV[2] = ttl,
--- ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals remembered,
--- ARGV[6] = now (unix seconds), ARGV[7] = n, ARGV[8..7+n] = approvals to drop, then field, value pairs;
--- KEYS[3] (guarded, on a single Redis) = the epoch marker: a record about to be created on a Redis
--- without it (one that came back empty) is refused, {-1}. (A record that exists was created so.)
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full')
+-- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id,
+-- '1' when the decision is kept in the hash's memo slot}.
+-- KEYS[1] = resource hash, KEYS[2] = the proposal's decision apart; ARGV[1] = expected rev,
+-- ARGV[2] = ttl, ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals
+-- remembered, ARGV[6] = now (unix seconds), ARGV[7] = the proposal's place
+-- ('<topic>:<partition>:<offset>', '' = none), ARGV[8] = the last offset of its partition known
+-- delivered (crate::store::Place), ARGV[9] = n, ARGV[10..9+n] = approvals to drop, then field,
+-- value pairs; KEYS[3] (guarded, on a single Redis) = the epoch marker: a record about to be created
+-- on a Redis without it (one that came back empty) is refused, {-1}. (A record that exists was
+-- created so.)
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full', '_dt', '_dp')
 if KEYS[3] and not cur[1] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return {0} end
 local set = {'rev', tostring(rev + 1)}
-local drop = tonumber(ARGV[7])
-for i = 8 + drop, #ARGV do set[#set + 1] = ARGV[i] end
-for i = 8, 7 + drop do redis.call('HDEL', KEYS[1], 'approval:' .. ARGV[i]) end
+local drop = tonumber(ARGV[9])
+for i = 10 + drop, #ARGV do set[#set + 1] = ARGV[i] end
+for i = 10, 9 + drop do redis.call('HDEL', KEYS[1], 'approval:' .. ARGV[i]) end
 -- The TTL is renewed when a sixteenth of it passed since it last was, or it changed (`_x` =
 -- '<when>:<ttl>' of the last renewal), not on every write.
 local ttl, now = tonumber(ARGV[2]), tonumber(ARGV[6])
@@ -186,8 +209,25 @@ local at, was = string.match(cur[3] or '', '^(%d+):(%d+)$')
 at, was = tonumber(at), tonumber(was)
 local renew = ttl > 0 and (not at or was ~= ttl or now < at or now - at >= ttl / 16)
 if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] .. ':' .. ARGV[2] end
+local kept = ''
 if ARGV[3] ~= '' then
-  if ttl > 0 then
+  -- The decision goes into the hash's memo slot (no command of its own) when the slot is empty or
+  -- holds the decision of a delivered input of the same partition; else into its own key.
+  local here = false
+  if ARGV[7] ~= '' then
+    if not cur[5] then
+      here = true
+    else
+      local p, o = string.match(cur[6] or '', '^(.*):(%-?%d+)$')
+      here = p ~= nil and p == string.match(ARGV[7], '^(.*):%-?%d+$') and tonumber(o) <= tonumber(ARGV[8])
+    end
+  end
+  if here then
+    kept = '1'
+    set[#set + 1] = '_dt'; set[#set + 1] = ARGV[3]
+    set[#set + 1] = '_dp'; set[#set + 1] = ARGV[7]
+    set[#set + 1] = '_d'; set[#set + 1] = ARGV[4]
+  elseif ttl > 0 then
     -- The decision never outlives the hash (else a reader would find no id naming it).
     local ex = ttl
     if not renew then ex = math.max(1, at + ttl - now) end
@@ -215,12 +255,13 @@ if ARGV[3] ~= '' then
 end
 redis.call('HSET', KEYS[1], unpack(set))
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
--- What the writer's copy of the record needs: the list as now stored, and whether it ever dropped.
+-- What the writer's copy of the record needs: the list as now stored, whether it ever dropped, and
+-- whether the decision went into the slot.
 local recent, full = cur[2] or '', cur[4] and '1' or '0'
 for i = 1, #set, 2 do
   if set[i] == 'recent' then recent = set[i + 1] elseif set[i] == 'recent_full' then full = '1' end
 end
-return {1, recent, full}
+return {1, recent, full, kept}
 "#;
 
 /// Removes approvals' id index entries that still hold the value read: KEYS[1] = the index,
@@ -324,7 +365,14 @@ impl Copies {
 
     /// Applies a write that moved the record from `rev` to `rev + 1`; a copy of another revision
     /// (or none) is dropped rather than guessed.
-    fn wrote(&self, key: &str, rev: u64, w: &Write<'_>, recent: Vec<String>, full: bool) {
+    fn wrote(
+        &self,
+        key: &str,
+        rev: u64,
+        w: &Write<'_>,
+        written: (Vec<String>, bool, Option<KeptDecision>),
+    ) {
+        let (recent, full, kept) = written;
         let mut m = self.lock();
         let Some(c) = m.get_mut(key).filter(|c| c.record.rev == rev) else {
             m.remove(key);
@@ -345,6 +393,9 @@ impl Copies {
                 .insert(a.approval.approval_id.clone(), a.clone());
         }
         r.recent = recent;
+        if kept.is_some() {
+            r.kept = kept;
+        }
         c.full = full;
         c.wrote = Some(std::time::Instant::now());
     }
@@ -428,8 +479,13 @@ impl RedisResourceStore {
         let ask = |recent: &[String], full: bool| {
             proposal_id.is_some_and(|id| full || recent.iter().any(|r| r == id))
         };
+        let in_slot = |r: &ResourceRecord| {
+            r.kept
+                .as_ref()
+                .is_some_and(|kd| Some(kd.proposal_id.as_str()) == proposal_id)
+        };
         let hinted = match &copy {
-            Some(cp) => ask(&cp.record.recent, cp.full),
+            Some(cp) => ask(&cp.record.recent, cp.full) && !in_slot(&cp.record),
             None => proposal_id.is_some() && self.full.full(&res_key),
         };
         let mut pipe = redis::pipe();
@@ -487,6 +543,11 @@ impl RedisResourceStore {
         } else {
             crate::context::redis::parse_key_versions(keys, next())?
         };
+        let mut decided_at = None;
+        if let Some(kd) = l.kept.as_ref().filter(|_| decided.is_none() && in_slot(&l)) {
+            decided = Some(serde_json::from_str(&kd.decided).map_err(|e| corrupt("decision", e))?);
+            decided_at = Some(kd.input.clone());
+        }
         if let Some(id) = proposal_id {
             if !hinted && decided.is_none() && ask(&l.recent, full) {
                 let v: Option<String> = redis::cmd("GET")
@@ -502,6 +563,7 @@ impl RedisResourceStore {
             decided.is_none() && proposal_id.is_some_and(|id| l.recent.iter().any(|r| r == id));
         Ok(Loaded {
             decided,
+            decided_at,
             finished,
             record: l,
             key_versions,
@@ -518,9 +580,13 @@ impl RedisResourceStore {
         let mut l = ResourceRecord::default();
         let mut dropped = false;
         let mut decided = None;
+        let (mut kept_id, mut kept_at, mut kept) = (None, None, None);
         for (f, v) in hash {
             match f.as_str() {
                 "recent_full" => dropped = true,
+                "_dt" => kept_id = Some(v),
+                "_dp" => kept_at = Some(v),
+                "_d" => kept = Some(v),
                 "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
                 "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
                 "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
@@ -547,6 +613,13 @@ impl RedisResourceStore {
                     }
                 }
             }
+        }
+        if let Some(proposal_id) = kept_id {
+            l.kept = Some(KeptDecision {
+                proposal_id,
+                input: kept_at.unwrap_or_default(),
+                decided: kept.ok_or_else(|| StoreError::Corrupt("_dt without _d".into()))?,
+            });
         }
         Ok((l, dropped, decided))
     }
@@ -588,9 +661,11 @@ impl RedisResourceStore {
         inv.arg(rev)
             .arg(self.ttl)
             .arg(id)
-            .arg(djson)
+            .arg(&djson)
             .arg(self.remember)
             .arg(chrono::Utc::now().timestamp())
+            .arg(w.place.map(Place::tag).unwrap_or_default())
+            .arg(w.place.map_or(-1, |p| p.delivered))
             .arg(w.change.forget_approvals.len())
             .arg(&w.change.forget_approvals);
         for (f, v) in &fields {
@@ -615,7 +690,15 @@ impl RedisResourceStore {
             Some(v) => serde_json::from_str(v).map_err(|e| corrupt("recent", e))?,
         };
         let full = text(reply.get(2)).as_deref() == Some("1") || recent.len() >= self.remember;
-        self.copies.wrote(&res_key, rev, &w, recent, full);
+        let kept = match (text(reply.get(3)).as_deref(), w.decision, w.place) {
+            (Some("1"), Some((id, _)), Some(place)) => Some(KeptDecision {
+                proposal_id: id.to_string(),
+                input: place.tag(),
+                decided: djson,
+            }),
+            _ => None,
+        };
+        self.copies.wrote(&res_key, rev, &w, (recent, full, kept));
         Ok(true)
     }
 }
@@ -954,13 +1037,24 @@ impl ResourceStore for MemoryResourceStore {
                 _ => BTreeMap::new(),
             };
             let st = self.lock();
-            let decided =
+            let mut decided =
                 proposal_id.and_then(|id| st.decisions.get(&(k.clone(), id.to_string())).cloned());
             let record = st.records.get(k).cloned().unwrap_or_default();
+            let mut decided_at = None;
+            if let Some(kd) = record
+                .kept
+                .as_ref()
+                .filter(|kd| decided.is_none() && Some(kd.proposal_id.as_str()) == proposal_id)
+            {
+                decided =
+                    Some(serde_json::from_str(&kd.decided).map_err(|e| corrupt("decision", e))?);
+                decided_at = Some(kd.input.clone());
+            }
             Ok(Loaded {
                 finished: decided.is_none()
                     && proposal_id.is_some_and(|id| record.recent.iter().any(|r| r == id)),
                 decided,
+                decided_at,
                 record,
                 key_versions: keys
                     .iter()
@@ -1000,7 +1094,23 @@ impl ResourceStore for MemoryResourceStore {
                 rec.recent.retain(|r| r != id);
                 rec.recent.insert(0, id.to_string());
                 rec.recent.truncate(remember);
-                st.decisions.insert((k.clone(), id.to_string()), d.clone());
+                // The memo slot when it is free: empty, or holding a delivered input's decision.
+                let slot = w
+                    .place
+                    .filter(|p| rec.kept.as_ref().is_none_or(|kd| p.frees_slot(&kd.input)));
+                match slot {
+                    Some(p) => {
+                        rec.kept = Some(KeptDecision {
+                            proposal_id: id.to_string(),
+                            input: p.tag(),
+                            decided: serde_json::to_string(d)
+                                .map_err(|e| corrupt("decision", e))?,
+                        })
+                    }
+                    None => {
+                        st.decisions.insert((k.clone(), id.to_string()), d.clone());
+                    }
+                }
             }
             Ok(true)
         })
@@ -1199,6 +1309,78 @@ pub mod contract {
         }
     }
 
+    /// The resource [`run_all`] keeps decisions in the memo slot of (a test reads it back through
+    /// another store).
+    pub fn memo_slot_resource(tag: &str) -> ResourceKey {
+        ResourceKey::new("default", format!("res3-{tag}"))
+    }
+
+    /// A decision is kept in the resource's memo slot when the slot is free (empty, or holding a
+    /// delivered input of the same partition), else apart; loads say which input a kept decision
+    /// is for.
+    async fn memo_slot(
+        store: &dyn ResourceStore,
+        k: &ResourceKey,
+        change: &Change,
+        decided: &Decided,
+    ) {
+        let at = |offset: i64, delivered: i64| Place {
+            partition: "proposals:0".into(),
+            offset,
+            delivered,
+        };
+        let (p10, p11, p12) = (at(10, -1), at(11, 9), at(12, 10));
+        fn placed<'a>(c: &'a Change, d: &'a Decided, id: &'a str, p: &'a Place) -> Write<'a> {
+            Write {
+                change: c,
+                applied: Some((0, p.offset)),
+                decision: Some((id, d)),
+                place: Some(p),
+            }
+        }
+        // An empty slot takes the decision.
+        assert!(store
+            .commit(k, 0, placed(change, decided, "m1", &p10))
+            .await
+            .expect("commit"));
+        let l = store.load(k, &[], Some("m1")).await.expect("load");
+        assert_eq!(l.decided.as_ref(), Some(decided));
+        assert_eq!(l.decided_at.as_deref(), Some("proposals:0:10"));
+        assert!(!l.finished);
+        // Its input not delivered yet: the next decision goes apart.
+        assert!(store
+            .commit(k, 1, placed(change, decided, "m2", &p11))
+            .await
+            .expect("commit"));
+        let l = store.load(k, &[], Some("m2")).await.expect("load");
+        assert_eq!(
+            (l.decided.as_ref(), l.decided_at.as_deref()),
+            (Some(decided), None)
+        );
+        let l = store.load(k, &[], Some("m1")).await.expect("load");
+        assert_eq!(
+            l.decided_at.as_deref(),
+            Some("proposals:0:10"),
+            "still kept"
+        );
+        // Delivered: the next one takes the slot; the one it held is finished.
+        assert!(store
+            .commit(k, 2, placed(change, decided, "m3", &p12))
+            .await
+            .expect("commit"));
+        let l = store.load(k, &[], Some("m3")).await.expect("load");
+        assert_eq!(l.decided_at.as_deref(), Some("proposals:0:12"));
+        let l = store.load(k, &[], Some("m1")).await.expect("load");
+        assert!(l.decided.is_none() && l.finished, "{:?}", l.decided);
+        // What went apart is forgotten as before.
+        store
+            .forget(&[(k.clone(), "m2".to_string())])
+            .await
+            .expect("forget");
+        let l = store.load(k, &[], Some("m2")).await.expect("load");
+        assert!(l.decided.is_none() && l.finished);
+    }
+
     pub async fn run_all(store: &dyn ResourceStore, tag: &str) {
         let k = ResourceKey::new("default", format!("res-{tag}"));
         let l = store.load(&k, &[], Some("p1")).await.expect("load");
@@ -1232,6 +1414,7 @@ pub mod contract {
             change: &change,
             applied: Some((2, 41)),
             decision: Some(("p1", &decided)),
+            place: None,
         };
         assert!(store.commit(&k, 0, w).await.expect("commit"));
         assert!(!store.commit(&k, 0, w).await.expect("commit"), "stale rev");
@@ -1276,6 +1459,7 @@ pub mod contract {
                 change: &change,
                 applied: Some((0, i as i64)),
                 decision: Some((id, &decided)),
+                place: None,
             };
             assert!(store.commit(&k2, i as u64, w).await.expect("commit"));
         }
@@ -1294,6 +1478,8 @@ pub mod contract {
         );
         let l = store.load(&k2, &[], Some(&ids[1])).await.expect("load");
         assert!(l.decided.is_none() && l.finished, "remembered");
+
+        memo_slot(store, &memo_slot_resource(tag), &change, &decided).await;
 
         // Approval indexes.
         let b = approval(&format!("apr2-{tag}"), &k.resource, 50);
@@ -1353,6 +1539,7 @@ pub mod contract {
             change: &dropping,
             applied: None,
             decision: None,
+            place: None,
         };
         assert!(store.commit(&k, rev, w).await.expect("commit"));
         let l = store.load(&k, &[], Some("p9")).await.expect("load");

@@ -38,7 +38,7 @@ use crate::records::{
     ResultData, TaskData,
 };
 use crate::spans::{self, Span};
-use crate::store::{ResourceKey, StoreError};
+use crate::store::{Place, ResourceKey, StoreError};
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
 
@@ -450,7 +450,8 @@ impl<S: ContextStore> AgentStage<S> {
     }
 
     /// Runs a task that has no recorded outcome and records it; `None` when it turned out to be
-    /// finished already (a zombie, or a copy racing the original).
+    /// finished already (a zombie, or a copy racing the original). With the outcome: whether it
+    /// was kept in the resource's memo slot (nothing to forget once committed).
     async fn run(
         &self,
         entry: &AgentEntry,
@@ -458,7 +459,8 @@ impl<S: ContextStore> AgentStage<S> {
         key: &ResourceKey,
         snap: Snapshot,
         budget: BudgetCheck,
-    ) -> Result<Option<Outcome>, ProcessError> {
+        place: Option<&Place>,
+    ) -> Result<Option<(Outcome, bool)>, ProcessError> {
         let task_id = t.task.task_id.clone();
         let cached = self
             .unrecorded
@@ -482,7 +484,7 @@ impl<S: ContextStore> AgentStage<S> {
         let recorded = timed(
             "commit",
             self.store
-                .commit(key, &task_id, facts, Some(&summary), outcome),
+                .commit(key, &task_id, facts, Some(&summary), outcome, place),
         )
         .await
         .map_err(context_error("commit"))?;
@@ -503,11 +505,14 @@ impl<S: ContextStore> AgentStage<S> {
             }
         }
         Ok(match recorded {
-            CommitResult::Applied { .. } => Some(match Arc::try_unwrap(computed) {
-                Ok((_, o)) => o,
-                Err(shared) => shared.1.clone(),
-            }),
-            CommitResult::AlreadyRecorded(o) => Some(*o),
+            CommitResult::Applied { kept, .. } => Some((
+                match Arc::try_unwrap(computed) {
+                    Ok((_, o)) => o,
+                    Err(shared) => shared.1.clone(),
+                },
+                kept,
+            )),
+            CommitResult::AlreadyRecorded(o) => Some((*o, false)),
             CommitResult::Finished => None,
         })
     }
@@ -1056,6 +1061,8 @@ struct Prepared {
     prior: Prior,
     snap: Snapshot,
     budget: BudgetCheck,
+    /// Where the task's record is ([`Place`]): the outcome may be kept in the resource's memo slot.
+    place: Option<Place>,
 }
 
 /// What a committed task leaves for [`Processor::cleanup`]: its outcome to forget.
@@ -1172,6 +1179,7 @@ impl<S: ContextStore> AgentStage<S> {
                         prior,
                         snap,
                         budget,
+                        place: Place::of(&rec),
                     })
                 });
                 Job { rec, step }
@@ -1188,6 +1196,7 @@ impl<S: ContextStore> AgentStage<S> {
             prior,
             snap,
             budget,
+            place,
         } = job.step?;
         let entry = self.agents.get(&t.task.agent).ok_or_else(|| {
             poison(
@@ -1195,7 +1204,10 @@ impl<S: ContextStore> AgentStage<S> {
                 format!("agent {:?} is not declared in the config", t.task.agent),
             )
         })?;
-        let outcome = match prior {
+        // Whether the outcome is in a key of its own, to forget once the input is committed (not
+        // when it is kept in the resource's memo slot).
+        let mut apart = true;
+        let outcome = match prior.at(place.as_ref()) {
             Prior::Finished => {
                 METRICS
                     .agent_tasks
@@ -1204,7 +1216,7 @@ impl<S: ContextStore> AgentStage<S> {
                 tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task finished and committed before; skipping this copy.");
                 return Ok(Decided::default());
             }
-            Prior::Recorded(o) => {
+            Prior::Recorded(o) | Prior::Kept { outcome: o, .. } => {
                 METRICS
                     .agent_tasks
                     .with_label_values(&[&t.task.agent, "replayed"])
@@ -1214,9 +1226,13 @@ impl<S: ContextStore> AgentStage<S> {
             }
             Prior::New => {
                 let mut span = task_span(&t);
-                let Some(o) = self.run(entry, &t, &key, snap, budget).await? else {
+                let Some((o, kept)) = self
+                    .run(entry, &t, &key, snap, budget, place.as_ref())
+                    .await?
+                else {
                     return Ok(Decided::default());
                 };
+                apart = !kept;
                 span.attr("switchyard.status", o.status.clone())
                     .attr("switchyard.attempts", i64::from(o.attempts))
                     .attr("switchyard.findings", o.response.findings.len() as i64)
@@ -1250,7 +1266,11 @@ impl<S: ContextStore> AgentStage<S> {
         Ok(Decided {
             outputs,
             audits,
-            cleanup: vec![forget_token(&key, &t.task.task_id)],
+            cleanup: if apart {
+                vec![forget_token(&key, &t.task.task_id)]
+            } else {
+                Vec::new()
+            },
         })
     }
 }

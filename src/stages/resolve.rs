@@ -37,7 +37,7 @@ use crate::resolve::rules::{
 };
 use crate::resolve::store::{ResourceStore, Write};
 use crate::spans::Span;
-use crate::store::ResourceKey;
+use crate::store::{Place, ResourceKey};
 use crate::telemetry::METRICS;
 use crate::topics::TopicsConfig;
 
@@ -394,6 +394,7 @@ impl ResolveStage {
         // instance's copy, out of date: then the commit below refuses and the loop loads again.
         let mut loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
         let forget = vec![forget_token(&key, &p.proposal_id)];
+        let place = Place::of(rec);
         // A person's edit from the inbox needs no second approval, but only when the approval it
         // replaces holds exactly this edit by this person; anything else is an ordinary proposal.
         let mut p = p;
@@ -402,6 +403,16 @@ impl ResolveStage {
         for attempt in 0..20 {
             if attempt > 0 {
                 loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
+            }
+            // A decision kept in the memo slot for a delivered record of this partition: this is
+            // a copy further down the topic.
+            if loaded
+                .decided_at
+                .as_deref()
+                .is_some_and(|at| place.as_ref().is_some_and(|p| p.delivered_tag(at)))
+            {
+                loaded.decided = None;
+                loaded.finished = true;
             }
             // Asked on every attempt: a state that was out of date may have hidden it.
             if let Some(d) = loaded.decided.take() {
@@ -548,6 +559,7 @@ impl ResolveStage {
                 change: &change,
                 applied: Some((rec.partition, rec.offset)),
                 decision: Some((&p.proposal_id, &decided)),
+                place: place.as_ref(),
             };
             if self.store.commit(&key, record.rev, write).await? {
                 if claimed.is_some() && !edited {
@@ -874,6 +886,7 @@ mod tests {
             change: &change,
             applied: None,
             decision: None,
+            place: None,
         };
         assert!(s.store.commit(&key, 0, w).await.unwrap());
         process_one(&s, input("p1", "scale_down", 1)).await.unwrap();
