@@ -147,6 +147,24 @@ async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, 
         );
         assert!(plain.commit(&k, 0, w).await.unwrap(), "unguarded: written");
     }
+    // An audit chain's head likewise: not created without the marker.
+    use switchyard::audit::ChainStore;
+    let chains = switchyard::audit::RedisChainStore::new(conn.clone(), prefix).guarded();
+    let created = chains.advance("c-epoch", 0, (1, "h1"), b"seal 1").await;
+    if conn.is_cluster() {
+        created.expect("a cluster's script cannot see the marker");
+    } else {
+        assert!(
+            matches!(created, Err(StoreError::Lost)),
+            "{:?}",
+            created.err()
+        );
+        assert_eq!(
+            chains.head("c-epoch").await.unwrap().seq,
+            0,
+            "nothing written"
+        );
+    }
     switchyard::store::create_epoch(conn, prefix).await.unwrap();
     guarded
         .confirm_state()
@@ -154,6 +172,34 @@ async fn the_epoch_marker_guards_the_store(conn: &switchyard::store::RedisConn, 
         .expect("with its epoch marker");
     assert!(guarded.commit(&k, 1, w).await.unwrap());
     assert_eq!(guarded.load(&k, &[], None).await.unwrap().record.rev, 2);
+    if !conn.is_cluster() {
+        chains
+            .advance("c-epoch", 0, (1, "h1"), b"seal 1")
+            .await
+            .expect("created with the marker");
+        // A head that exists was created on a Redis with its marker: it moves without looking.
+        let mut c = conn.get().await.unwrap();
+        let marker = switchyard::store::epoch_key(prefix);
+        let saved: String = redis::cmd("GET")
+            .arg(&marker)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        redis::cmd("DEL")
+            .arg(&marker)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let moved = chains.advance("c-epoch", 1, (2, "h2"), b"seal 2").await;
+        redis::cmd("SET")
+            .arg(&marker)
+            .arg(&saved)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        moved.expect("an existing head moves");
+        assert_eq!(chains.head("c-epoch").await.unwrap().seq, 2);
+    }
 }
 
 /// An approval not found on a Redis without its epoch marker (one that came back empty, in the
@@ -259,6 +305,35 @@ async fn redis_stores_meet_their_contracts() {
         &env.prefix,
     )
     .await;
+    // Old seals leave a head's hash sixteen at a time: it holds the last KEPT_SEALS and at most
+    // fifteen more.
+    {
+        use switchyard::audit::ChainStore;
+        let chains = switchyard::audit::RedisChainStore::new(conn.clone(), p);
+        for seq in 1..=40u64 {
+            chains
+                .advance("c-trim", seq - 1, (seq, &format!("h{seq}")), b"seal")
+                .await
+                .unwrap();
+        }
+        let head = chains.head("c-trim").await.unwrap();
+        assert_eq!(
+            head.seals.len() as u64,
+            switchyard::audit::sealer::KEPT_SEALS
+        );
+        let mut c = conn.get().await.unwrap();
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(format!("{p}:auditchain:{{c-trim}}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let seals = fields.iter().filter(|f| f.starts_with("seal:")).count() as u64;
+        assert!(
+            (switchyard::audit::sealer::KEPT_SEALS..switchyard::audit::sealer::KEPT_SEALS + 16)
+                .contains(&seals),
+            "{fields:?}"
+        );
+    }
     the_epoch_marker_guards_the_store(&conn, &format!("{p}-epoch")).await;
 }
 
