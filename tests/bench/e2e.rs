@@ -2390,8 +2390,15 @@ fn main() {
         "" => {}
         // Profiling aids: one part of the run, no JSON or plot.
         "switchyard" => {
-            run_switchyard_max(&mut bench, &mut results);
+            let out = run_switchyard_max(&mut bench, &mut results);
             print_table(&results);
+            let mix: Vec<String> = out
+                .redis_mix
+                .iter()
+                .filter(|(_, v)| **v >= 0.005)
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect();
+            println!("switchyard Redis commands per event: {}", mix.join(", "));
             return;
         }
         "limit" => {
