@@ -202,15 +202,25 @@ fn unescape(s: &str) -> Option<String> {
 /// a memo (a task's outcome, a proposal's decision) in the resource's own hash.
 ///
 /// A memo is needed only while its input's outputs may still have to be produced again: until
-/// they are delivered. So a resource's hash has one memo slot, written by the same `HSET` as the
-/// rest of the write (no command of its own, nothing to delete later): a write may take it when it
-/// is empty or holds the memo of an input of the same partition that this instance knows to be
-/// delivered (at or below [`Place::delivered`]: every record up to there has its outputs
+/// they are delivered. So a resource's hash has [`MEMO_SLOTS`] memo slots, written by the same
+/// `HSET` as the rest of the write (no command of its own, nothing to delete later): a write may
+/// take one when it is empty or holds the memo of an input of the same partition that this instance
+/// knows to be delivered (at or below [`Place::delivered`]: every record up to there has its outputs
 /// acknowledged by the broker). Otherwise the memo goes into a key of its own, deleted once its
 /// input is committed, as before. A memo found in the slot for a delivered input means the task
 /// or proposal is finished (a copy further down the topic is skipped); for any other input it is
 /// replayed — a new owner after a rebalance knows nothing delivered until it delivers, so it
 /// replays what the previous owner may not have delivered.
+/// Memo slots per resource hash: two, so that the proposals one task makes for a resource (a page
+/// and a rollback), decided back to back, both find one.
+pub const MEMO_SLOTS: usize = 2;
+
+/// The memo slot (0-based) a hash field `<name><s>` (s = 1 ..= [`MEMO_SLOTS`]) names.
+pub fn memo_field(field: &str, name: &str) -> Option<usize> {
+    let s: usize = field.strip_prefix(name)?.parse().ok()?;
+    (1..=MEMO_SLOTS).contains(&s).then(|| s - 1)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
     /// `<topic>:<partition>` of the input record.
@@ -245,10 +255,21 @@ impl Place {
         (p == self.partition && o <= self.delivered).then_some(o)
     }
 
-    /// Whether a write for this record may take a memo slot that holds the memo of the input
-    /// `tag`: a delivered record of this partition (the same rule as the stores' scripts).
-    pub fn frees_slot(&self, tag: &str) -> bool {
-        self.delivered_offset(tag).is_some()
+    /// Which of a resource's [`MEMO_SLOTS`] (each the input tag of the memo it holds, or none) a
+    /// write for this record takes: the first empty one, else the one holding the memo of a
+    /// delivered record of this partition with the lowest offset; none while every slot holds a
+    /// memo that may still be needed. (The stores' scripts apply the same rule.)
+    pub fn pick_slot<'a>(&self, slots: impl IntoIterator<Item = Option<&'a str>>) -> Option<usize> {
+        let mut best: Option<(usize, i64)> = None;
+        for (i, tag) in slots.into_iter().enumerate() {
+            let Some(tag) = tag else { return Some(i) };
+            if let Some(o) = self.delivered_offset(tag) {
+                if best.is_none_or(|(_, b)| o < b) {
+                    best = Some((i, o));
+                }
+            }
+        }
+        best.map(|(i, _)| i)
     }
 
     /// Whether a memo kept for the input `tag`, found by this record, is of another record of

@@ -736,9 +736,9 @@ async fn redelivered_task_is_not_run_again() {
         .await
         .unwrap();
     assert!(fields["_done"].contains(&task_id), "{fields:?}");
-    assert_eq!(fields.get("_mt"), Some(&task_id), "{fields:?}");
+    assert_eq!(fields.get("_mt1"), Some(&task_id), "{fields:?}");
     assert!(
-        fields["_mp"].starts_with(&format!("{}:0:", env.topic("switchyard.tasks"))),
+        fields["_mp1"].starts_with(&format!("{}:0:", env.topic("switchyard.tasks"))),
         "{fields:?}"
     );
     let apart: bool = redis::cmd("EXISTS")

@@ -9,15 +9,15 @@ use super::{
     CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey, Snapshot,
     StoreError,
 };
-use crate::store::Place;
+use crate::store::{Place, MEMO_SLOTS};
 
 #[derive(Default)]
 struct Resource {
     snap: Snapshot,
     outcomes: HashMap<String, Outcome>,
     done: VecDeque<String>,
-    /// The memo slot: task id, its input's place tag, outcome.
-    kept: Option<(String, String, Outcome)>,
+    /// The memo slots: task id, its input's place tag, outcome.
+    kept: [Option<(String, String, Outcome)>; MEMO_SLOTS],
 }
 
 #[derive(Default)]
@@ -51,13 +51,13 @@ impl ContextStore for MemoryStore {
         };
         let prior = match res.outcomes.get(task_id) {
             Some(o) => Prior::Recorded(Box::new(o.clone())),
-            None => match &res.kept {
-                Some((t, input, o)) if t == task_id => Prior::Kept {
+            None => match res.kept.iter().flatten().find(|(t, _, _)| t == task_id) {
+                Some((_, input, o)) => Prior::Kept {
                     outcome: Box::new(o.clone()),
                     input: input.clone(),
                 },
-                _ if res.done.iter().any(|t| t == task_id) => Prior::Finished,
-                _ => Prior::New,
+                None if res.done.iter().any(|t| t == task_id) => Prior::Finished,
+                None => Prior::New,
             },
         };
         Ok((prior, res.snap.clone()))
@@ -77,7 +77,7 @@ impl ContextStore for MemoryStore {
         if let Some(existing) = res.outcomes.get(task_id) {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
-        if let Some((_, _, existing)) = res.kept.as_ref().filter(|(t, _, _)| t == task_id) {
+        if let Some((_, _, existing)) = res.kept.iter().flatten().find(|(t, _, _)| t == task_id) {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
         if res.done.iter().any(|t| t == task_id) {
@@ -98,21 +98,24 @@ impl ContextStore for MemoryStore {
         }
         res.done.push_front(task_id.to_string());
         res.done.truncate(self.config.remember_tasks.max(1));
-        // The memo slot when it is free: empty, or holding a delivered input's outcome.
-        let kept = place.filter(|p| {
-            res.kept
-                .as_ref()
-                .is_none_or(|(_, input, _)| p.frees_slot(input))
+        // A memo slot when one is free: empty, or holding a delivered input's outcome.
+        let slot = place.and_then(|p| {
+            let i = p.pick_slot(
+                res.kept
+                    .iter()
+                    .map(|k| k.as_ref().map(|(_, input, _)| input.as_str())),
+            )?;
+            Some((i, p))
         });
-        match kept {
-            Some(p) => res.kept = Some((task_id.to_string(), p.tag(), outcome.clone())),
+        match slot {
+            Some((i, p)) => res.kept[i] = Some((task_id.to_string(), p.tag(), outcome.clone())),
             None => {
                 res.outcomes.insert(task_id.to_string(), outcome.clone());
             }
         }
         Ok(CommitResult::Applied {
             version: res.snap.version,
-            kept: kept.is_some(),
+            kept: slot.is_some(),
         })
     }
 

@@ -104,7 +104,7 @@ pub enum Prior {
     /// Finished, its records delivered and its input committed (the outcome was forgotten): a copy
     /// of the task further down the topic (an upstream redelivery) is skipped.
     Finished,
-    /// Finished, its outcome kept in the resource's memo slot ([`crate::store::Place`]) for the
+    /// Finished, its outcome kept in a memo slot of the resource ([`crate::store::Place`]) for the
     /// input at `input` (`<topic>:<partition>:<offset>`): [`Prior::at`] says which of the two
     /// above it is for a given record.
     Kept {
@@ -132,7 +132,7 @@ impl Prior {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitResult {
     /// This call recorded the outcome and applied the writes; the resource is now at `version`.
-    /// `kept`: the outcome is in the resource's memo slot, not a key to forget once committed.
+    /// `kept`: the outcome is in a memo slot of the resource, not a key to forget once committed.
     Applied { version: u64, kept: bool },
     /// The task already had an outcome (a redelivery raced us); nothing changed.
     AlreadyRecorded(Box<Outcome>),
@@ -225,7 +225,7 @@ pub trait ContextStore: Send + Sync + 'static {
     /// Atomically: unless the task already has an outcome, write `facts` (bumping the version when
     /// there are any), remember `event` in the recent-events list, record `outcome` and remember the
     /// task as finished. With the `place` of the task's input record the outcome may be kept in the
-    /// resource's memo slot ([`crate::store::Place`]); without one it is kept apart.
+    /// resource's memo slots ([`crate::store::Place`]); without one it is kept apart.
     fn commit(
         &self,
         key: &ResourceKey,

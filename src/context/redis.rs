@@ -7,16 +7,17 @@
 //! - `_done`: the ids of the resource's most recently finished tasks (a JSON array); `_full` once
 //!   the list dropped one (an outcome may then be stored for a task it does not name).
 //!
-//! - `_mt`, `_mp`, `_m`: the memo slot ([`crate::store::Place`]) — one finished task's id, its
-//!   input (`<topic>:<partition>:<offset>`) and its recorded [`Outcome`] (JSON).
+//! - `_mt<s>`, `_mp<s>`, `_m<s>` (s = 1, 2): the memo slots ([`crate::store::Place`]) — a
+//!   finished task's id, its input (`<topic>:<partition>:<offset>`) and its recorded [`Outcome`]
+//!   (JSON).
 //!
-//! A finished task's outcome goes into the slot when the slot is free (empty, or holding the
-//! outcome of a delivered input of the same partition), written by the commit's own `HSET`;
+//! A finished task's outcome goes into a slot when one is free (empty, or holding the outcome of a
+//! delivered input of the same partition), written by the commit's own `HSET`;
 //! otherwise beside the hash, `<prefix>:ctx:{t/r}:o:<task id>` (with the context's TTL) until its
 //! input is committed: apart, so that reading a busy resource's context never reads the outcomes of
 //! its uncommitted tasks. So a task costs one read (`HGETALL` of the context, one pipeline for a
 //! whole batch; a `GET` of an outcome kept apart only where one can exist: the task is among the
-//! resource's finished ids and not in the slot, or their list is full — see
+//! resource's finished ids and not in a slot, or their list is full — see
 //! [`FullLists`](crate::store::FullLists)) and one commit script (`HMGET`, `HSET`; `SET NX` only
 //! for an outcome kept apart; `EXPIRE` only when a sixteenth of the TTL passed since the hash's TTL
 //! was last renewed, kept in its field `_x`; an apart outcome's own TTL ends with the hash's), and
@@ -28,18 +29,21 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
 use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, Snapshot};
-use crate::store::{FullLists, Place, RedisConn, ResourceKey, StoreError};
+use crate::store::{memo_field, FullLists, Place, RedisConn, ResourceKey, StoreError, MEMO_SLOTS};
 
 const COMMIT: &str = r#"
 -- KEYS[1] = context hash, KEYS[2] = the task's outcome apart; ARGV[1] = task id, ARGV[2] = outcome,
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
 -- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds), then the
 -- input's place ('<topic>:<partition>:<offset>', '' = none) and the last offset of its partition
--- known delivered (crate::store::Place). Returns {1, version, '1' when the outcome is kept in the
--- hash's slot}, {0, the outcome recorded before, ''} or {2, '', ''} (finished and forgotten).
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt', '_mp')
+-- known delivered (crate::store::Place). Returns {1, version, '1' when the outcome is kept in one
+-- of the hash's memo slots}, {0, the outcome recorded before, ''} or {2, '', ''} (finished and
+-- forgotten).
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt1', '_mp1', '_mt2', '_mp2')
 if cur[1] then return {0, cur[1], ''} end
-if cur[7] == ARGV[1] then return {0, redis.call('HGET', KEYS[1], '_m'), ''} end
+for s = 1, 2 do
+  if cur[5 + 2 * s] == ARGV[1] then return {0, redis.call('HGET', KEYS[1], '_m' .. s), ''} end
+end
 if cur[4] then
   for _, t in ipairs(cjson.decode(cur[4])) do
     if t == ARGV[1] then
@@ -93,28 +97,30 @@ if renew then put('_x', ARGV[8 + 2 * n] .. ':' .. ARGV[3]) end
 -- The outcome never outlives the hash (else a reader would find no id naming it).
 local ex = ttl
 if not renew then ex = math.max(1, at + ttl - now) end
--- The outcome goes into the hash's slot (no command of its own) when the slot is empty or holds
--- the outcome of a delivered input of the same partition; else into its own key. (A slot write
--- does not look for an outcome kept apart for this id once the finished list dropped it: only a
--- zombie racing a task more than `tasks remembered` back could have written one.)
+-- The outcome goes into a memo slot of the hash (no command of its own): the first empty one, else
+-- the one holding the outcome of a delivered input of the same partition with the lowest offset;
+-- with none free, into its own key. (A slot write does not look for an outcome kept apart for this
+-- id once the finished list dropped it: only a zombie racing a task more than `tasks remembered`
+-- back could have written one.)
 local place, delivered = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n])
-local here = false
+local slot, oldest = nil, nil
 if place ~= '' then
-  if not cur[7] then
-    here = true
-  else
-    local p, o = string.match(cur[8] or '', '^(.*):(%-?%d+)$')
-    here = p ~= nil and p == string.match(place, '^(.*):%-?%d+$') and tonumber(o) <= delivered
+  local mine = string.match(place, '^(.*):%-?%d+$')
+  for s = 1, 2 do
+    if not cur[5 + 2 * s] then slot = s; break end
+    local p, o = string.match(cur[6 + 2 * s] or '', '^(.*):(%-?%d+)$')
+    o = tonumber(o)
+    if p ~= nil and p == mine and o <= delivered and (not oldest or o < oldest) then slot, oldest = s, o end
   end
 end
-if here then
-  put('_mt', ARGV[1]); put('_mp', place); put('_m', ARGV[2])
+if slot then
+  put('_mt' .. slot, ARGV[1]); put('_mp' .. slot, place); put('_m' .. slot, ARGV[2])
 elseif not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
   return {0, redis.call('GET', KEYS[2]), ''}
 end
 redis.call('HSET', KEYS[1], unpack(set))
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return {1, tostring(version), here and '1' or ''}
+return {1, tostring(version), slot and '1' or ''}
 "#;
 
 pub struct RedisStore {
@@ -193,7 +199,9 @@ fn parse(
     let mut prior = Prior::New;
     let mut done: Vec<String> = Vec::new();
     let mut dropped = false;
-    let (mut kept_task, mut kept_at, mut kept) = (None, None, None);
+    // The memo slots: task id, input, outcome.
+    let mut slots: [(Option<String>, Option<String>, Option<String>); MEMO_SLOTS] =
+        Default::default();
     for (k, v) in fields {
         if k == "_version" {
             snap.version = v
@@ -211,12 +219,12 @@ fn parse(
                 .collect::<Result<_, _>>()?;
         } else if k == "_full" {
             dropped = true;
-        } else if k == "_mt" {
-            kept_task = Some(v);
-        } else if k == "_mp" {
-            kept_at = Some(v);
-        } else if k == "_m" {
-            kept = Some(v);
+        } else if let Some(slot) = memo_field(&k, "_mt") {
+            slots[slot].0 = Some(v);
+        } else if let Some(slot) = memo_field(&k, "_mp") {
+            slots[slot].1 = Some(v);
+        } else if let Some(slot) = memo_field(&k, "_m") {
+            slots[slot].2 = Some(v);
         } else if k == "_done" {
             done =
                 serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
@@ -236,11 +244,15 @@ fn parse(
             snap.facts.insert(k, f);
         }
     }
-    if prior == Prior::New && !task_id.is_empty() && kept_task.as_deref() == Some(task_id) {
-        let outcome = kept.ok_or_else(|| StoreError::Corrupt("_mt without _m".into()))?;
+    if let Some((_, input, outcome)) = slots
+        .into_iter()
+        .find(|(t, _, _)| !task_id.is_empty() && t.as_deref() == Some(task_id))
+        .filter(|_| prior == Prior::New)
+    {
+        let outcome = outcome.ok_or_else(|| StoreError::Corrupt("_mt without _m".into()))?;
         prior = Prior::Kept {
             outcome: Box::new(recorded(&outcome)?),
-            input: kept_at.unwrap_or_default(),
+            input: input.unwrap_or_default(),
         };
     }
     if prior == Prior::New && !task_id.is_empty() && done.iter().any(|t| t == task_id) {

@@ -9,15 +9,15 @@
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
 //! `applied:<partition>`, `approval:<id>`, `recent`, `recent_full` once that list dropped an id, and
-//! the memo slot `_dt`, `_dp`, `_d`: one proposal's id, input and decision, see [`Place`]); when the
-//! slot is not free, beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed,
+//! two memo slots `_dt<s>`, `_dp<s>`, `_d<s>`: a proposal's id, input and decision, see [`Place`]);
+//! when no slot is free, beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed,
 //! never longer than the hash; apart so that reading the resource never reads the decisions of a
 //! busy resource's uncommitted proposals), `<prefix>:approvals:open` (sorted set by expiry) and
 //! `<prefix>:approvals:where` (id → resource). A proposal costs one read (`HGETALL` — none when
 //! this instance holds a copy of the record from its last read or write, [`Copies`] — plus
 //! `HMGET` of context versions when its action has staleness keys, in one pipeline; a `GET` of a
 //! decision kept apart only where one can exist: the proposal is among the recent ones and not in
-//! the slot, or their list is full — see [`FullLists`]), one compare-and-set script (`HMGET`,
+//! a slot, or their list is full — see [`FullLists`]), one compare-and-set script (`HMGET`,
 //! `HSET`; `SET` only for a decision kept apart; `EXPIRE` only when a sixteenth of the TTL passed
 //! since it was last renewed, field `_x`) and, for a decision kept apart, a share of one `DEL` once
 //! committed.
@@ -34,7 +34,7 @@ use super::rules::ResourceState;
 use crate::context::memory::MemoryStore;
 use crate::context::ContextStore;
 use crate::records::ApprovalData;
-use crate::store::{FullLists, Place, RedisConn, ResourceKey, StoreError};
+use crate::store::{memo_field, FullLists, Place, RedisConn, ResourceKey, StoreError, MEMO_SLOTS};
 
 /// A resource's resolve record as loaded.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -49,12 +49,23 @@ pub struct ResourceRecord {
     pub approvals: BTreeMap<String, StoredApproval>,
     /// Ids of the most recently decided proposals, most recent first.
     pub recent: Vec<String>,
-    /// The decision in the resource's memo slot ([`Place`]).
-    pub kept: Option<KeptDecision>,
+    /// The decisions in the resource's memo slots ([`Place`]).
+    pub kept: [Option<KeptDecision>; MEMO_SLOTS],
 }
 
-/// A decision kept in its resource's memo slot ([`Place`]): fields `_dt` (proposal id), `_dp`
-/// (its input, `<topic>:<partition>:<offset>`) and `_d` (the decision) of the resource's hash.
+impl ResourceRecord {
+    /// The decision of `proposal_id` in one of the memo slots.
+    pub fn kept_decision(&self, proposal_id: Option<&str>) -> Option<&KeptDecision> {
+        self.kept
+            .iter()
+            .flatten()
+            .find(|kd| Some(kd.proposal_id.as_str()) == proposal_id)
+    }
+}
+
+/// A decision kept in one of its resource's memo slots ([`Place`]): fields `_dt<s>` (proposal
+/// id), `_dp<s>` (its input, `<topic>:<partition>:<offset>`) and `_d<s>` (the decision) of the
+/// resource's hash, s = 1, 2.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeptDecision {
     pub proposal_id: String,
@@ -68,7 +79,7 @@ pub struct KeptDecision {
 pub struct Loaded {
     /// The stored decision of the proposal asked about (a redelivery), if any.
     pub decided: Option<Decided>,
-    /// Where `decided` came from the resource's memo slot: the input it was decided for
+    /// Where `decided` came from a memo slot of the resource: the input it was decided for
     /// (`<topic>:<partition>:<offset>`; [`Place::delivered_tag`] says whether this is a copy).
     pub decided_at: Option<String>,
     /// The proposal asked about was decided and its decision forgotten (its offset committed): a
@@ -87,7 +98,7 @@ pub struct Write<'a> {
     pub applied: Option<(i32, i64)>,
     /// The decision to remember by proposal id.
     pub decision: Option<(&'a str, &'a Decided)>,
-    /// Where the proposal's record is: the decision may be kept in the resource's memo slot.
+    /// Where the proposal's record is: the decision may be kept in a memo slot of the resource.
     pub place: Option<&'a Place>,
 }
 
@@ -185,7 +196,7 @@ pub trait ResourceStore: Send + Sync + 'static {
 
 const CAS: &str = r#"
 -- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id,
--- '1' when the decision is kept in the hash's memo slot}.
+-- the memo slot (1, 2) the decision is kept in or ''}.
 -- KEYS[1] = resource hash, KEYS[2] = the proposal's decision apart; ARGV[1] = expected rev,
 -- ARGV[2] = ttl, ARGV[3] = proposal id ('' = none), ARGV[4] = its decision, ARGV[5] = proposals
 -- remembered, ARGV[6] = now (unix seconds), ARGV[7] = the proposal's place
@@ -194,7 +205,7 @@ const CAS: &str = r#"
 -- value pairs; KEYS[3] (guarded, on a single Redis) = the epoch marker: a record about to be created
 -- on a Redis without it (one that came back empty) is refused, {-1}. (A record that exists was
 -- created so.)
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full', '_dt', '_dp')
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full', '_dt1', '_dp1', '_dt2', '_dp2')
 if KEYS[3] and not cur[1] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
 local rev = tonumber(cur[1] or '0')
 if rev ~= tonumber(ARGV[1]) then return {0} end
@@ -211,22 +222,24 @@ local renew = ttl > 0 and (not at or was ~= ttl or now < at or now - at >= ttl /
 if renew then set[#set + 1] = '_x'; set[#set + 1] = ARGV[6] .. ':' .. ARGV[2] end
 local kept = ''
 if ARGV[3] ~= '' then
-  -- The decision goes into the hash's memo slot (no command of its own) when the slot is empty or
-  -- holds the decision of a delivered input of the same partition; else into its own key.
-  local here = false
+  -- The decision goes into a memo slot of the hash (no command of its own): the first empty one,
+  -- else the one holding the decision of a delivered input of the same partition with the lowest
+  -- offset; with none free, into its own key.
+  local slot, oldest = nil, nil
   if ARGV[7] ~= '' then
-    if not cur[5] then
-      here = true
-    else
-      local p, o = string.match(cur[6] or '', '^(.*):(%-?%d+)$')
-      here = p ~= nil and p == string.match(ARGV[7], '^(.*):%-?%d+$') and tonumber(o) <= tonumber(ARGV[8])
+    local mine = string.match(ARGV[7], '^(.*):%-?%d+$')
+    for s = 1, 2 do
+      if not cur[3 + 2 * s] then slot = s; break end
+      local p, o = string.match(cur[4 + 2 * s] or '', '^(.*):(%-?%d+)$')
+      o = tonumber(o)
+      if p ~= nil and p == mine and o <= tonumber(ARGV[8]) and (not oldest or o < oldest) then slot, oldest = s, o end
     end
   end
-  if here then
-    kept = '1'
-    set[#set + 1] = '_dt'; set[#set + 1] = ARGV[3]
-    set[#set + 1] = '_dp'; set[#set + 1] = ARGV[7]
-    set[#set + 1] = '_d'; set[#set + 1] = ARGV[4]
+  if slot then
+    kept = tostring(slot)
+    set[#set + 1] = '_dt' .. slot; set[#set + 1] = ARGV[3]
+    set[#set + 1] = '_dp' .. slot; set[#set + 1] = ARGV[7]
+    set[#set + 1] = '_d' .. slot; set[#set + 1] = ARGV[4]
   elseif ttl > 0 then
     -- The decision never outlives the hash (else a reader would find no id naming it).
     local ex = ttl
@@ -370,7 +383,7 @@ impl Copies {
         key: &str,
         rev: u64,
         w: &Write<'_>,
-        written: (Vec<String>, bool, Option<KeptDecision>),
+        written: (Vec<String>, bool, Option<(usize, KeptDecision)>),
     ) {
         let (recent, full, kept) = written;
         let mut m = self.lock();
@@ -393,8 +406,8 @@ impl Copies {
                 .insert(a.approval.approval_id.clone(), a.clone());
         }
         r.recent = recent;
-        if kept.is_some() {
-            r.kept = kept;
+        if let Some((slot, kd)) = kept {
+            r.kept[slot] = Some(kd);
         }
         c.full = full;
         c.wrote = Some(std::time::Instant::now());
@@ -479,11 +492,7 @@ impl RedisResourceStore {
         let ask = |recent: &[String], full: bool| {
             proposal_id.is_some_and(|id| full || recent.iter().any(|r| r == id))
         };
-        let in_slot = |r: &ResourceRecord| {
-            r.kept
-                .as_ref()
-                .is_some_and(|kd| Some(kd.proposal_id.as_str()) == proposal_id)
-        };
+        let in_slot = |r: &ResourceRecord| r.kept_decision(proposal_id).is_some();
         let hinted = match &copy {
             Some(cp) => ask(&cp.record.recent, cp.full) && !in_slot(&cp.record),
             None => proposal_id.is_some() && self.full.full(&res_key),
@@ -544,7 +553,7 @@ impl RedisResourceStore {
             crate::context::redis::parse_key_versions(keys, next())?
         };
         let mut decided_at = None;
-        if let Some(kd) = l.kept.as_ref().filter(|_| decided.is_none() && in_slot(&l)) {
+        if let Some(kd) = l.kept_decision(proposal_id).filter(|_| decided.is_none()) {
             decided = Some(serde_json::from_str(&kd.decided).map_err(|e| corrupt("decision", e))?);
             decided_at = Some(kd.input.clone());
         }
@@ -580,13 +589,22 @@ impl RedisResourceStore {
         let mut l = ResourceRecord::default();
         let mut dropped = false;
         let mut decided = None;
-        let (mut kept_id, mut kept_at, mut kept) = (None, None, None);
+        // The memo slots: proposal id, input, decision.
+        let mut slots: [(Option<String>, Option<String>, Option<String>); MEMO_SLOTS] =
+            Default::default();
         for (f, v) in hash {
+            if let Some(i) = memo_field(&f, "_dt") {
+                slots[i].0 = Some(v);
+                continue;
+            } else if let Some(i) = memo_field(&f, "_dp") {
+                slots[i].1 = Some(v);
+                continue;
+            } else if let Some(i) = memo_field(&f, "_d") {
+                slots[i].2 = Some(v);
+                continue;
+            }
             match f.as_str() {
                 "recent_full" => dropped = true,
-                "_dt" => kept_id = Some(v),
-                "_dp" => kept_at = Some(v),
-                "_d" => kept = Some(v),
                 "rev" => l.rev = v.parse().map_err(|e| corrupt("rev", e))?,
                 "token" => l.token = v.parse().map_err(|e| corrupt("token", e))?,
                 "state" => l.state = serde_json::from_str(&v).map_err(|e| corrupt("state", e))?,
@@ -614,12 +632,14 @@ impl RedisResourceStore {
                 }
             }
         }
-        if let Some(proposal_id) = kept_id {
-            l.kept = Some(KeptDecision {
-                proposal_id,
-                input: kept_at.unwrap_or_default(),
-                decided: kept.ok_or_else(|| StoreError::Corrupt("_dt without _d".into()))?,
-            });
+        for (i, (id, input, decided)) in slots.into_iter().enumerate() {
+            if let Some(proposal_id) = id {
+                l.kept[i] = Some(KeptDecision {
+                    proposal_id,
+                    input: input.unwrap_or_default(),
+                    decided: decided.ok_or_else(|| StoreError::Corrupt("_dt without _d".into()))?,
+                });
+            }
         }
         Ok((l, dropped, decided))
     }
@@ -690,12 +710,18 @@ impl RedisResourceStore {
             Some(v) => serde_json::from_str(v).map_err(|e| corrupt("recent", e))?,
         };
         let full = text(reply.get(2)).as_deref() == Some("1") || recent.len() >= self.remember;
-        let kept = match (text(reply.get(3)).as_deref(), w.decision, w.place) {
-            (Some("1"), Some((id, _)), Some(place)) => Some(KeptDecision {
-                proposal_id: id.to_string(),
-                input: place.tag(),
-                decided: djson,
-            }),
+        let slot = text(reply.get(3))
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|s| (1..=MEMO_SLOTS).contains(s));
+        let kept = match (slot, w.decision, w.place) {
+            (Some(s), Some((id, _)), Some(place)) => Some((
+                s - 1,
+                KeptDecision {
+                    proposal_id: id.to_string(),
+                    input: place.tag(),
+                    decided: djson,
+                },
+            )),
             _ => None,
         };
         self.copies.wrote(&res_key, rev, &w, (recent, full, kept));
@@ -1042,9 +1068,8 @@ impl ResourceStore for MemoryResourceStore {
             let record = st.records.get(k).cloned().unwrap_or_default();
             let mut decided_at = None;
             if let Some(kd) = record
-                .kept
-                .as_ref()
-                .filter(|kd| decided.is_none() && Some(kd.proposal_id.as_str()) == proposal_id)
+                .kept_decision(proposal_id)
+                .filter(|_| decided.is_none())
             {
                 decided =
                     Some(serde_json::from_str(&kd.decided).map_err(|e| corrupt("decision", e))?);
@@ -1094,13 +1119,18 @@ impl ResourceStore for MemoryResourceStore {
                 rec.recent.retain(|r| r != id);
                 rec.recent.insert(0, id.to_string());
                 rec.recent.truncate(remember);
-                // The memo slot when it is free: empty, or holding a delivered input's decision.
-                let slot = w
-                    .place
-                    .filter(|p| rec.kept.as_ref().is_none_or(|kd| p.frees_slot(&kd.input)));
+                // A memo slot when one is free: empty, or holding a delivered input's decision.
+                let slot = w.place.and_then(|p| {
+                    let i = p.pick_slot(
+                        rec.kept
+                            .iter()
+                            .map(|kd| kd.as_ref().map(|kd| kd.input.as_str())),
+                    )?;
+                    Some((i, p))
+                });
                 match slot {
-                    Some(p) => {
-                        rec.kept = Some(KeptDecision {
+                    Some((i, p)) => {
+                        rec.kept[i] = Some(KeptDecision {
                             proposal_id: id.to_string(),
                             input: p.tag(),
                             decided: serde_json::to_string(d)
@@ -1315,8 +1345,8 @@ pub mod contract {
         ResourceKey::new("default", format!("res3-{tag}"))
     }
 
-    /// A decision is kept in the resource's memo slot when the slot is free (empty, or holding a
-    /// delivered input of the same partition), else apart; loads say which input a kept decision
+    /// A decision is kept in one of the resource's memo slots when one is free (empty, or holding
+    /// a delivered input of the same partition), else apart; loads say which input a kept decision
     /// is for.
     async fn memo_slot(
         store: &dyn ResourceStore,
@@ -1329,7 +1359,6 @@ pub mod contract {
             offset,
             delivered,
         };
-        let (p10, p11, p12) = (at(10, -1), at(11, 9), at(12, 10));
         fn placed<'a>(c: &'a Change, d: &'a Decided, id: &'a str, p: &'a Place) -> Write<'a> {
             Write {
                 change: c,
@@ -1338,46 +1367,44 @@ pub mod contract {
                 place: Some(p),
             }
         }
-        // An empty slot takes the decision.
-        assert!(store
-            .commit(k, 0, placed(change, decided, "m1", &p10))
-            .await
-            .expect("commit"));
+        let commit = |rev: u64, id: &'static str, p: Place| async move {
+            assert!(store
+                .commit(k, rev, placed(change, decided, id, &p))
+                .await
+                .expect("commit"));
+        };
+        // The empty slots take the first two decisions.
+        commit(0, "m1", at(10, -1)).await;
         let l = store.load(k, &[], Some("m1")).await.expect("load");
         assert_eq!(l.decided.as_ref(), Some(decided));
         assert_eq!(l.decided_at.as_deref(), Some("proposals:0:10"));
         assert!(!l.finished);
-        // Its input not delivered yet: the next decision goes apart.
-        assert!(store
-            .commit(k, 1, placed(change, decided, "m2", &p11))
-            .await
-            .expect("commit"));
-        let l = store.load(k, &[], Some("m2")).await.expect("load");
+        commit(1, "m2", at(11, 9)).await;
+        // Neither input delivered: the next decision goes apart.
+        commit(2, "m3", at(12, 9)).await;
+        let l = store.load(k, &[], Some("m3")).await.expect("load");
         assert_eq!(
             (l.decided.as_ref(), l.decided_at.as_deref()),
             (Some(decided), None)
         );
-        let l = store.load(k, &[], Some("m1")).await.expect("load");
-        assert_eq!(
-            l.decided_at.as_deref(),
-            Some("proposals:0:10"),
-            "still kept"
-        );
-        // Delivered: the next one takes the slot; the one it held is finished.
-        assert!(store
-            .commit(k, 2, placed(change, decided, "m3", &p12))
-            .await
-            .expect("commit"));
-        let l = store.load(k, &[], Some("m3")).await.expect("load");
-        assert_eq!(l.decided_at.as_deref(), Some("proposals:0:12"));
+        // Delivered up to 10: the slot of the decision for 10 is taken; that one is finished.
+        commit(3, "m4", at(13, 10)).await;
+        let l = store.load(k, &[], Some("m4")).await.expect("load");
+        assert_eq!(l.decided_at.as_deref(), Some("proposals:0:13"));
         let l = store.load(k, &[], Some("m1")).await.expect("load");
         assert!(l.decided.is_none() && l.finished, "{:?}", l.decided);
+        let l = store.load(k, &[], Some("m2")).await.expect("load");
+        assert_eq!(
+            l.decided_at.as_deref(),
+            Some("proposals:0:11"),
+            "still kept"
+        );
         // What went apart is forgotten as before.
         store
-            .forget(&[(k.clone(), "m2".to_string())])
+            .forget(&[(k.clone(), "m3".to_string())])
             .await
             .expect("forget");
-        let l = store.load(k, &[], Some("m2")).await.expect("load");
+        let l = store.load(k, &[], Some("m3")).await.expect("load");
         assert!(l.decided.is_none() && l.finished);
     }
 

@@ -230,6 +230,8 @@ struct Steady {
     /// Redis used_memory 3 s after the second pass's last output minus 3 s after the first's,
     /// per event.
     redis_bytes_retained_per_event: f64,
+    /// The second pass's Redis commands per event, by command.
+    redis_mix: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1547,12 +1549,13 @@ impl Bench {
         tokio::time::sleep(QUIET).await;
         let mem2 = used_memory(con).await;
         let m = events.len() as f64;
+        let delta = calls_delta(&calls1, &calls2);
         Steady {
             events: events.len(),
             received: got.len(),
-            redis_commands_per_event: calls_delta(&calls1, &calls2).values().sum::<u64>() as f64
-                / m,
+            redis_commands_per_event: delta.values().sum::<u64>() as f64 / m,
             redis_bytes_retained_per_event: (mem2 as f64 - mem1 as f64) / m,
+            redis_mix: delta.into_iter().map(|(k, v)| (k, v as f64 / m)).collect(),
         }
     }
 
@@ -2392,13 +2395,20 @@ fn main() {
         "switchyard" => {
             let out = run_switchyard_max(&mut bench, &mut results);
             print_table(&results);
-            let mix: Vec<String> = out
-                .redis_mix
-                .iter()
-                .filter(|(_, v)| **v >= 0.005)
-                .map(|(k, v)| format!("{k} {v:.2}"))
-                .collect();
-            println!("switchyard Redis commands per event: {}", mix.join(", "));
+            let mix = |m: &BTreeMap<String, f64>| {
+                m.iter()
+                    .filter(|(_, v)| **v >= 0.005)
+                    .map(|(k, v)| format!("{k} {v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "switchyard Redis commands per event: {}",
+                mix(&out.redis_mix)
+            );
+            if let Some(st) = &out.result.steady {
+                println!("  second pass (steady state): {}", mix(&st.redis_mix));
+            }
             return;
         }
         "limit" => {
