@@ -796,6 +796,63 @@ async fn redelivered_task_is_not_run_again() {
     owner.stop().await;
 }
 
+/// A busy resource's finished tasks are remembered past its list of finished ids: the context keeps
+/// the highest input offset its partition applied, and a task at or below it with no outcome kept
+/// (its memo left a slot once its records were delivered) is finished. A new owner re-reading them
+/// all (another consumer group from the start) replays only what the slots still hold and never
+/// calls the agent again. (Without the offset, the tasks that fell off the three-id list were run
+/// again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_skips_a_busy_resources_delivered_tasks_beyond_the_finished_list() {
+    let (url, st) = serve_http_agent().await;
+    let env = TestEnv::new(1, &http_agent_yaml(&url, 2000, 0)).await;
+    let mut loaded = env.loaded.clone();
+    loaded.config.context.remember_tasks = 3;
+    let running = Running::start(loaded.clone(), &["route", "agents"]);
+    for i in 0..10 {
+        let ev = event(
+            &format!("busy-{i}"),
+            "deployment.started",
+            "svc-busy",
+            json!({"mode": "ok"}),
+        );
+        env.publish("events.deployments", &[ev]).await;
+        env.read("switchyard.results", i + 1, Duration::from_secs(30))
+            .await;
+    }
+    let before = env
+        .read("switchyard.results", usize::MAX, Duration::from_secs(2))
+        .await;
+    assert_eq!(before.len(), 10);
+    assert_eq!(st.total.load(Ordering::SeqCst), 10);
+    running.stop().await;
+
+    loaded.config.kafka.group_prefix = format!("{}-new-owner", loaded.config.kafka.group_prefix);
+    let owner = Running::start(loaded, &["agents"]);
+    // The last tasks' outcomes are in the slots: replayed, the same bytes.
+    let replayed = env
+        .read("switchyard.results", 11, Duration::from_secs(30))
+        .await;
+    assert!(replayed.len() > 10, "the kept outcomes replayed");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = env
+        .read("switchyard.results", usize::MAX, Duration::from_secs(2))
+        .await;
+    owner.stop().await;
+    assert!(
+        after[10..]
+            .iter()
+            .all(|r| before.iter().any(|b| b.payload == r.payload)),
+        "only replays of recorded outcomes"
+    );
+    assert!(
+        after.len() <= 12,
+        "at most the two slots replayed: {}",
+        after.len()
+    );
+    assert_eq!(st.total.load(Ordering::SeqCst), 10, "no task ran again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_violations_are_refused_and_audited() {
     let (url, _st) = serve_http_agent().await;

@@ -4,7 +4,9 @@
 
 use serde_json::json;
 
-use super::{CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey};
+use super::{
+    CommitResult, ContextConfig, ContextStore, Fact, Outcome, Prior, ResourceKey, Snapshot,
+};
 use crate::records::AgentResponse;
 use crate::store::Place;
 
@@ -278,22 +280,33 @@ async fn memo_slot<S: ContextStore>(store: &S, ns: &str) {
     // Its own record again (a redelivery): replayed; a copy further down once the record is
     // delivered: finished; a copy by an instance that knows nothing delivered: replayed.
     assert!(matches!(
-        prior.clone().at(Some(&place("tasks:0", 10, 10))),
+        prior
+            .clone()
+            .at(Some(&place("tasks:0", 10, 10)), &Snapshot::default()),
         Prior::Kept { .. }
     ));
     assert_eq!(
-        prior.clone().at(Some(&place("tasks:0", 12, 10))),
+        prior
+            .clone()
+            .at(Some(&place("tasks:0", 12, 10)), &Snapshot::default()),
         Prior::Finished
     );
     assert!(matches!(
-        prior.clone().at(Some(&place("tasks:0", 12, 9))),
+        prior
+            .clone()
+            .at(Some(&place("tasks:0", 12, 9)), &Snapshot::default()),
         Prior::Kept { .. }
     ));
     assert!(matches!(
-        prior.clone().at(Some(&place("tasks:1", 12, 99))),
+        prior
+            .clone()
+            .at(Some(&place("tasks:1", 12, 99)), &Snapshot::default()),
         Prior::Kept { .. }
     ));
-    assert!(matches!(prior.at(None), Prior::Kept { .. }));
+    assert!(matches!(
+        prior.at(None, &Snapshot::default()),
+        Prior::Kept { .. }
+    ));
     // The same task committed again (a racing copy): the kept outcome.
     let again = commit("s1", Some(place("tasks:0", 10, -1))).await;
     assert!(matches!(again, CommitResult::AlreadyRecorded(o) if o.status == "s1"));
@@ -323,4 +336,26 @@ async fn memo_slot<S: ContextStore>(store: &S, ns: &str) {
         .await
         .expect("forget");
     assert_eq!(store.read(&c, "s4").await.expect("read").0, Prior::Finished);
+    // Each partition's highest applied offset: a task at or below it with nothing kept finished
+    // (its memo went only once delivered), beyond it or on another partition it is new.
+    let (prior, snap) = store.read(&c, "never-kept").await.expect("read");
+    assert_eq!(prior, Prior::New);
+    assert_eq!(
+        snap.applied,
+        [("tasks:0".to_string(), 13), ("tasks:1".to_string(), 14)].into()
+    );
+    assert_eq!(
+        prior.clone().at(Some(&place("tasks:0", 12, -1)), &snap),
+        Prior::Finished
+    );
+    assert_eq!(
+        prior.clone().at(Some(&place("tasks:0", 14, -1)), &snap),
+        Prior::New
+    );
+    assert_eq!(prior.at(Some(&place("tasks:2", 1, -1)), &snap), Prior::New);
+    assert_eq!(
+        commit("never-kept", Some(place("tasks:0", 12, -1))).await,
+        CommitResult::Finished,
+        "a commit behind its partition's applied offset changes nothing"
+    );
 }

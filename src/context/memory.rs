@@ -80,7 +80,14 @@ impl ContextStore for MemoryStore {
         if let Some((_, _, existing)) = res.kept.iter().flatten().find(|(t, _, _)| t == task_id) {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
-        if res.done.iter().any(|t| t == task_id) {
+        if res.done.iter().any(|t| t == task_id)
+            || place.is_some_and(|p| {
+                res.snap
+                    .applied
+                    .get(&p.partition)
+                    .is_some_and(|a| p.offset <= *a)
+            })
+        {
             return Ok(CommitResult::Finished);
         }
         let snap = &mut res.snap;
@@ -98,8 +105,18 @@ impl ContextStore for MemoryStore {
         }
         res.done.push_front(task_id.to_string());
         res.done.truncate(self.config.remember_tasks.max(1));
-        // A memo slot when one is free: empty, or holding a delivered input's outcome.
-        let slot = place.and_then(|p| {
+        if let Some(p) = place {
+            let a = res
+                .snap
+                .applied
+                .entry(p.partition.clone())
+                .or_insert(p.offset);
+            *a = (*a).max(p.offset);
+        }
+        // A memo slot when one is free: empty, or holding a delivered input's outcome (at most
+        // 4 KiB, as the Redis store keeps).
+        let small = serde_json::to_string(outcome).is_ok_and(|j| j.len() <= 4096);
+        let slot = place.filter(|_| small).and_then(|p| {
             let i = p.pick_slot(
                 res.kept
                     .iter()

@@ -33,6 +33,9 @@ pub struct Snapshot {
     pub recent_events: Vec<Value>,
     /// The version at which each fact last changed (staleness checks use it).
     pub key_versions: BTreeMap<String, u64>,
+    /// Per input partition (`<topic>:<partition>`), the highest offset of a task committed to
+    /// this resource: a task at or below it with no outcome kept is finished ([`Prior::at`]).
+    pub applied: BTreeMap<String, i64>,
 }
 
 impl Snapshot {
@@ -114,13 +117,22 @@ pub enum Prior {
 }
 
 impl Prior {
-    /// What a [`Prior::Kept`] outcome is for the record at `place`: finished when its own input
-    /// is a delivered record of the same partition (this is a copy), else to emit again (a
-    /// redelivery, or an input this instance does not know to be delivered). Other priors are
-    /// returned as they are.
-    pub fn at(self, place: Option<&crate::store::Place>) -> Prior {
+    /// What is known of the task whose record is at `place`, given the resource's `snap`: a
+    /// [`Prior::Kept`] outcome is finished when its own input is a delivered record of the same
+    /// partition (this is a copy), else to emit again (a redelivery, or an input this instance
+    /// does not know to be delivered); a task with nothing kept whose offset is at or below the
+    /// highest its partition applied to the resource is finished (a memo goes only once its input
+    /// is delivered, so its records are). Other priors are returned as they are.
+    pub fn at(self, place: Option<&crate::store::Place>, snap: &Snapshot) -> Prior {
+        let Some(p) = place else { return self };
         match self {
-            Prior::Kept { input, .. } if place.is_some_and(|p| p.delivered_tag(&input)) => {
+            Prior::Kept { input, .. } if p.delivered_tag(&input) => Prior::Finished,
+            Prior::New
+                if snap
+                    .applied
+                    .get(&p.partition)
+                    .is_some_and(|a| p.offset <= *a) =>
+            {
                 Prior::Finished
             }
             other => other,

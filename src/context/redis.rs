@@ -7,6 +7,8 @@
 //! - `_done`: the ids of the resource's most recently finished tasks (a JSON array); `_full` once
 //!   the list dropped one (an outcome may then be stored for a task it does not name).
 //!
+//! - `_a:<topic>:<partition>`: the highest offset of that input partition whose task was committed
+//!   here (a task at or below it with no outcome kept is finished: [`Prior::at`]);
 //! - `_mt<s>`, `_mp<s>`, `_m<s>` (s = 1, 2): the memo slots ([`crate::store::Place`]) — a
 //!   finished task's id, its input (`<topic>:<partition>:<offset>`) and its recorded [`Outcome`]
 //!   (JSON).
@@ -39,7 +41,11 @@ const COMMIT: &str = r#"
 -- known delivered (crate::store::Place). Returns {1, version, '1' when the outcome is kept in one
 -- of the hash's memo slots}, {0, the outcome recorded before, ''} or {2, '', ''} (finished and
 -- forgotten).
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt1', '_mp1', '_mt2', '_mp2')
+local n = tonumber(ARGV[7])
+local place, delivered = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n])
+local mine, offset = string.match(place, '^(.*):(%-?%d+)$')
+offset = tonumber(offset)
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt1', '_mp1', '_mt2', '_mp2', '_a:' .. (mine or ''))
 if cur[1] then return {0, cur[1], ''} end
 for s = 1, 2 do
   if cur[5 + 2 * s] == ARGV[1] then return {0, redis.call('HGET', KEYS[1], '_m' .. s), ''} end
@@ -54,8 +60,11 @@ if cur[4] then
     end
   end
 end
+-- Its partition's inputs were applied up to `_a:<partition>` and this one is no later, with no
+-- outcome kept for it: it finished, and its records are delivered (a slot is taken only from a
+-- delivered input; an outcome kept apart goes only once committed).
+if offset and cur[11] and offset <= tonumber(cur[11]) then return {2, '', ''} end
 local version = tonumber(cur[2] or '0')
-local n = tonumber(ARGV[7])
 local set = {}
 local function put(k, v) set[#set + 1] = k; set[#set + 1] = v end
 if n > 0 then
@@ -99,14 +108,15 @@ local ex = ttl
 if not renew then ex = math.max(1, at + ttl - now) end
 -- The outcome goes into a memo slot of the hash (no command of its own): the first empty one, else
 -- the one holding the outcome of a delivered input of the same partition with the lowest offset;
--- with none free, into its own key. (A slot write does not look for an outcome kept apart for this
--- id once the finished list dropped it: only a zombie racing a task more than `tasks remembered`
--- back could have written one.)
-local place, delivered = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n])
+-- with none free, or an outcome over 4 KiB (every read of the context reads the slots), into its
+-- own key. (A slot write does not look for an outcome kept apart for this id once the finished
+-- list dropped it: only a zombie racing a task more than `tasks remembered` back could have
+-- written one.)
 local slot, oldest = nil, nil
-if place ~= '' then
-  local mine = string.match(place, '^(.*):%-?%d+$')
+if mine then
+  put('_a:' .. mine, tostring(math.max(offset, tonumber(cur[11] or '-1'))))
   for s = 1, 2 do
+    if #ARGV[2] > 4096 then break end
     if not cur[5 + 2 * s] then slot = s; break end
     local p, o = string.match(cur[6 + 2 * s] or '', '^(.*):(%-?%d+)$')
     o = tonumber(o)
@@ -228,6 +238,11 @@ fn parse(
         } else if k == "_done" {
             done =
                 serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(format!("_done: {e}")))?;
+        } else if let Some(partition) = k.strip_prefix("_a:") {
+            let offset = v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
+            snap.applied.insert(partition.to_string(), offset);
         } else if let Some(key) = k.strip_prefix("_v:") {
             let ver = v
                 .parse()

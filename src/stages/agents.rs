@@ -1105,7 +1105,7 @@ impl<S: ContextStore> AgentStage<S> {
             .observe(started.elapsed().as_secs_f64());
         let mut read: Vec<Result<(ResourceKey, Prior, Snapshot, DecodedTask), ProcessError>> =
             Vec::with_capacity(recs.len());
-        for d in decoded {
+        for (d, rec) in decoded.into_iter().zip(&recs) {
             read.push(d.and_then(|t| {
                 let (prior, snap) = reads
                     .next()
@@ -1116,6 +1116,8 @@ impl<S: ContextStore> AgentStage<S> {
                     .with_label_values(&["snapshot", "ok"])
                     .inc();
                 let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
+                // What is known means for this very record (see Prior::at).
+                let prior = prior.at(Place::of(rec).as_ref(), &snap);
                 Ok((key, prior, snap, t))
             }));
         }
@@ -1207,7 +1209,7 @@ impl<S: ContextStore> AgentStage<S> {
         // Whether the outcome is in a key of its own, to forget once the input is committed (not
         // when it is kept in the resource's memo slot).
         let mut apart = true;
-        let outcome = match prior.at(place.as_ref()) {
+        let outcome = match prior {
             Prior::Finished => {
                 METRICS
                     .agent_tasks
