@@ -1065,6 +1065,21 @@ struct Prepared {
     place: Option<Place>,
 }
 
+/// Where a task's record is, for the memo slots and the applied-offset fence ([`Place`]): a task of
+/// a resource's own lane only. A workflow's steps run in lanes of their own, side by side, so a
+/// step at a lower offset may finish after a later task of the resource: their outcomes are kept
+/// apart until committed, as before, and they neither move nor read the fence.
+fn memo_place(rec: &Input) -> Option<Place> {
+    if rec
+        .headers
+        .iter()
+        .any(|(k, _)| k == crate::workflow::STEP_HEADER)
+    {
+        return None;
+    }
+    Place::of(rec)
+}
+
 /// What a committed task leaves for [`Processor::cleanup`]: its outcome to forget.
 fn forget_token(key: &ResourceKey, task_id: &str) -> String {
     json!([key.tenant, key.resource, task_id]).to_string()
@@ -1117,7 +1132,7 @@ impl<S: ContextStore> AgentStage<S> {
                     .inc();
                 let key = ResourceKey::new(t.task.tenant.clone(), t.task.resource.clone());
                 // What is known means for this very record (see Prior::at).
-                let prior = prior.at(Place::of(rec).as_ref(), &snap);
+                let prior = prior.at(memo_place(rec).as_ref(), &snap);
                 Ok((key, prior, snap, t))
             }));
         }
@@ -1181,7 +1196,7 @@ impl<S: ContextStore> AgentStage<S> {
                         prior,
                         snap,
                         budget,
-                        place: Place::of(&rec),
+                        place: memo_place(&rec),
                     })
                 });
                 Job { rec, step }
