@@ -198,6 +198,17 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Memo slots per resource hash ([`Place`]): two, so that the proposals one task makes for a
+/// resource (a page and a rollback), decided back to back, both find one. The stores' Lua scripts
+/// name the two slots' fields themselves: change them with this.
+pub const MEMO_SLOTS: usize = 2;
+
+/// The memo slot (0-based) a hash field `<name><s>` (s = 1 ..= [`MEMO_SLOTS`]) names.
+pub fn memo_field(field: &str, name: &str) -> Option<usize> {
+    let s: usize = field.strip_prefix(name)?.parse().ok()?;
+    (1..=MEMO_SLOTS).contains(&s).then(|| s - 1)
+}
+
 /// Where a stage's input record is, and how far its partition is delivered, for a store that keeps
 /// a memo (a task's outcome, a proposal's decision) in the resource's own hash.
 ///
@@ -211,16 +222,6 @@ fn unescape(s: &str) -> Option<String> {
 /// or proposal is finished (a copy further down the topic is skipped); for any other input it is
 /// replayed — a new owner after a rebalance knows nothing delivered until it delivers, so it
 /// replays what the previous owner may not have delivered.
-/// Memo slots per resource hash: two, so that the proposals one task makes for a resource (a page
-/// and a rollback), decided back to back, both find one.
-pub const MEMO_SLOTS: usize = 2;
-
-/// The memo slot (0-based) a hash field `<name><s>` (s = 1 ..= [`MEMO_SLOTS`]) names.
-pub fn memo_field(field: &str, name: &str) -> Option<usize> {
-    let s: usize = field.strip_prefix(name)?.parse().ok()?;
-    (1..=MEMO_SLOTS).contains(&s).then(|| s - 1)
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
     /// `<topic>:<partition>` of the input record.

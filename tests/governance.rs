@@ -377,29 +377,18 @@ async fn a_decision_kept_in_the_memo_slot_is_replayed_by_a_new_owner_never_doubl
         })
         .collect();
     let c = &env.loaded.config;
-    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
     let hash = format!("{}:res:{{default/svc-m}}", c.redis.key_prefix);
-    let mut r = conn.get().await.unwrap();
-    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
-        .arg(&hash)
-        .query_async(&mut r)
-        .await
-        .unwrap();
     // Both decisions (made back to back, the first not yet delivered when the second was) are in
     // the two slots, none in a key of its own.
     for s in ["1", "2"] {
-        let kept = fields.get(&format!("_dt{s}")).cloned().unwrap_or_default();
-        assert!(ids.contains(&kept), "a decision in slot {s}: {fields:?}");
+        let (id_field, input_field) = (format!("_dt{s}"), format!("_dp{s}"));
+        let (kept, input, apart) =
+            memo_slot(&c.redis.url, &hash, (&id_field, &input_field, "d")).await;
+        assert!(ids.contains(&kept), "a decision in slot {s}: {kept:?}");
         assert!(
-            fields[&format!("_dp{s}")]
-                .starts_with(&format!("{}:0:", env.topic("switchyard.proposals"))),
-            "{fields:?}"
+            input.starts_with(&format!("{}:0:", env.topic("switchyard.proposals"))),
+            "{input}"
         );
-        let apart: bool = redis::cmd("EXISTS")
-            .arg(format!("{hash}:d:{kept}"))
-            .query_async(&mut r)
-            .await
-            .unwrap();
         assert!(!apart, "no decision key of its own");
     }
     running.stop().await;

@@ -90,6 +90,30 @@ pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 /// The stack's test CA directory: `ca.crt`, and `server.crt`/`server.key` for 127.0.0.1.
+/// A memo slot of a resource's hash (`fields` as read): (the id it holds, its input) for
+/// `id_field`/`input_field` (`_mt1`/`_mp1`, `_dt2`/`_dp2`, ...), and whether the memo of that id
+/// also has a key of its own (`<hash>:<apart>:<id>`).
+pub async fn memo_slot(
+    url: &str,
+    hash: &str,
+    (id_field, input_field, apart): (&str, &str, &str),
+) -> (String, String, bool) {
+    let mut r = redis_connection(url).await;
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(hash)
+        .query_async(&mut r)
+        .await
+        .expect("HGETALL");
+    let id = fields.get(id_field).cloned().unwrap_or_default();
+    let input = fields.get(input_field).cloned().unwrap_or_default();
+    let kept_apart: bool = redis::cmd("EXISTS")
+        .arg(format!("{hash}:{apart}:{id}"))
+        .query_async(&mut r)
+        .await
+        .expect("EXISTS");
+    (id, input, kept_apart)
+}
+
 pub fn test_ca_dir() -> PathBuf {
     PathBuf::from(stack_var("SWITCHYARD_TEST_CA_DIR"))
 }
