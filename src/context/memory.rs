@@ -81,12 +81,7 @@ impl ContextStore for MemoryStore {
             return Ok(CommitResult::AlreadyRecorded(Box::new(existing.clone())));
         }
         if res.done.iter().any(|t| t == task_id)
-            || place.is_some_and(|p| {
-                res.snap
-                    .applied
-                    .get(&p.partition)
-                    .is_some_and(|a| p.offset <= *a)
-            })
+            || place.is_some_and(|p| res.snap.applied_covers(p))
         {
             return Ok(CommitResult::Finished);
         }
@@ -114,8 +109,9 @@ impl ContextStore for MemoryStore {
             *a = (*a).max(p.offset);
         }
         // A memo slot when one is free: empty, or holding a delivered input's outcome (at most
-        // 4 KiB, as the Redis store keeps).
-        let small = serde_json::to_string(outcome).is_ok_and(|j| j.len() <= 4096);
+        // MAX_SLOT_OUTCOME_BYTES, as the Redis store keeps).
+        let small =
+            serde_json::to_string(outcome).is_ok_and(|j| j.len() <= super::MAX_SLOT_OUTCOME_BYTES);
         let slot = place.filter(|_| small).and_then(|p| {
             let i = p.pick_slot(
                 res.kept

@@ -38,7 +38,18 @@ pub struct Snapshot {
     pub applied: BTreeMap<String, i64>,
 }
 
+/// The largest outcome a store keeps in a memo slot (the Redis commit script names the same
+/// figure): every read of a resource's context reads its slots.
+pub const MAX_SLOT_OUTCOME_BYTES: usize = 4096;
+
 impl Snapshot {
+    /// Whether the resource's tasks of `place`'s partition were applied up to its offset or later.
+    pub fn applied_covers(&self, place: &crate::store::Place) -> bool {
+        self.applied
+            .get(&place.partition)
+            .is_some_and(|a| place.offset <= *a)
+    }
+
     /// Fact values by key, plus `recent_events` — what agents see (before scoping).
     pub fn values(&self) -> BTreeMap<String, Value> {
         let mut m: BTreeMap<String, Value> = self
@@ -127,14 +138,7 @@ impl Prior {
         let Some(p) = place else { return self };
         match self {
             Prior::Kept { input, .. } if p.delivered_tag(&input) => Prior::Finished,
-            Prior::New
-                if snap
-                    .applied
-                    .get(&p.partition)
-                    .is_some_and(|a| p.offset <= *a) =>
-            {
-                Prior::Finished
-            }
+            Prior::New if snap.applied_covers(p) => Prior::Finished,
             other => other,
         }
     }

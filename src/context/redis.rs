@@ -108,7 +108,7 @@ local ex = ttl
 if not renew then ex = math.max(1, at + ttl - now) end
 -- The outcome goes into a memo slot of the hash (no command of its own): the first empty one, else
 -- the one holding the outcome of a delivered input of the same partition with the lowest offset;
--- with none free, or an outcome over 4 KiB (every read of the context reads the slots), into its
+-- with none free, or an outcome over 4 KiB (MAX_SLOT_OUTCOME_BYTES: every read of the context reads the slots), into its
 -- own key. (A slot write does not look for an outcome kept apart for this id once the finished
 -- list dropped it: only a zombie racing a task more than `tasks remembered` back could have
 -- written one.)
