@@ -755,6 +755,20 @@ impl Config {
                                 );
                             }
                         }
+                        // Its batches' seal records have a schema of their own.
+                        let seal = crate::audit::SEAL_SCHEMA;
+                        if name == self.topics.audit.as_str()
+                            && def.encoding == crate::codec::Encoding::Avro
+                            && schemas.get(seal).is_none()
+                        {
+                            p(
+                                &format!("topic {name}"),
+                                format!(
+                                    "an Avro audit topic needs schema {seal:?} for its seal \
+                                     records, which is not among the schemas"
+                                ),
+                            );
+                        }
                     }
                 }
             }

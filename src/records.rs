@@ -264,9 +264,13 @@ pub struct ActionData {
     /// Provenance: the proposals behind this action.
     #[serde(deserialize_with = "json_or_text")]
     pub proposals: Value,
-    #[serde(deserialize_with = "json_or_text")]
+    /// The agents behind it. This, `priority` and `impact` default when absent: Avro action
+    /// records written with schema action.v1 lack them.
+    #[serde(default, deserialize_with = "json_or_text")]
     pub agents: Value,
+    #[serde(default)]
     pub priority: i32,
+    #[serde(default)]
     pub impact: Impact,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
@@ -496,7 +500,11 @@ impl Emitter {
 
     /// The output record for `ev` on `topic`, keyed by the event's subject (the resource id).
     pub fn emit(&self, topic: &str, ev: &CloudEvent) -> Result<Output, ProcessError> {
-        let (encoding, schema) = self.topics.encoding_of(topic);
+        let (encoding, mut schema) = self.topics.encoding_of(topic);
+        // A batch's seal shares the audit topic with the decisions it seals, under a schema of its own.
+        if ev.ty == crate::audit::SEAL_TYPE {
+            schema = Some(crate::audit::SEAL_SCHEMA);
+        }
         let enc = codec::encode(ev, encoding, schema, &self.schemas).map_err(|e| {
             ProcessError::from(e).context(&format!("cannot encode {} for {topic}", ev.ty))
         })?;
@@ -638,13 +646,21 @@ mod tests {
             (a.rule, a.confidence, a.level, a.group),
             (None, None, 0, None)
         );
+        // What switchyard writes (an ApprovalData, serialised) fits the current schema and reads back.
+        let written: ApprovalData = serde_json::from_value(json!({"approval_id": "apr-1",
+            "action_id": "act-1", "action": "rollback", "resource": "r", "tenant": "default",
+            "status": "escalated", "requested_at": 1_795_843_000, "expires_at": 1_795_843_600,
+            "action_record": {"action": "rollback"}, "rule": "prod", "confidence": 0.25, "level": 1,
+            "group": "leads"}))
+        .unwrap();
         let now = CloudEvent::new("apr-1-escalated", "t", types::APPROVAL)
             .with_subject("r")
-            .with_data(json!({"approval_id": "apr-1", "action_id": "act-1", "action": "rollback", "resource": "r",
-                "tenant": "default", "status": "escalated", "expires_at": null, "action_record": "{}",
-                "rule": "prod", "confidence": 0.25, "level": 1, "group": "leads"}));
+            .with_typed_data(&written)
+            .unwrap();
         let enc = encode(&now, Encoding::Avro, Some("approval"), &s).unwrap();
         let back = view(&enc.payload).data.unwrap();
+        let read: ApprovalData = serde_json::from_value(back.clone()).unwrap();
+        assert_eq!(read, written);
         assert_eq!(
             (
                 &back["rule"],
@@ -653,6 +669,166 @@ mod tests {
                 &back["group"]
             ),
             (&json!("prod"), &json!(0.25), &json!(1), &json!("leads"))
+        );
+    }
+
+    /// Every record switchyard writes to a topic with a schema, with every field set, survives its
+    /// topic's current Avro schema unchanged. Avro drops what a schema does not name, so a field added
+    /// to a record but not to its schema is lost on Avro topics (actions lost `agents`, `priority` and
+    /// `impact` that way, and approvals' epoch-second times did not fit at all).
+    #[test]
+    fn every_record_round_trips_through_its_avro_schema() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let s = SchemaRegistry::load_dir(&dir).expect("repo schemas load");
+        fn check<T>(s: &SchemaRegistry, schema: &str, ty: &str, data: Value)
+        where
+            T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+        {
+            let written: T = serde_json::from_value(data).expect("a record of the type");
+            // Every field set: nothing was skipped as empty.
+            let full = serde_json::to_value(&written).unwrap();
+            let ev = CloudEvent::new("id-1", "switchyard/test", ty)
+                .with_subject("r")
+                .with_time("2026-11-28T05:00:00Z")
+                .with_extension("tenant", "acme")
+                .with_extension(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .with_typed_data(&written)
+                .unwrap();
+            let enc = encode(&ev, Encoding::Avro, Some(schema), s)
+                .unwrap_or_else(|e| panic!("{schema}: {e}"));
+            let rv = RecordView {
+                key: None,
+                payload: &enc.payload,
+                headers: &[],
+            };
+            let back = decode(rv, s).unwrap_or_else(|e| panic!("{schema}: {e}"));
+            assert_eq!(
+                (&back.id, &back.ty, &back.subject, &back.time),
+                (&ev.id, &ev.ty, &ev.subject, &ev.time)
+            );
+            assert_eq!(back.extensions, ev.extensions, "{schema}");
+            let read: T = serde_json::from_value(back.data.unwrap())
+                .unwrap_or_else(|e| panic!("{schema}: {e}"));
+            assert_eq!(read, written, "{schema}: {full}");
+        }
+        check::<TaskData>(
+            &s,
+            "task",
+            types::TASK,
+            json!({"task_id": "t", "workflow_id": "w",
+            "agent": "a", "route": "r", "priority": 3, "resource": "r", "tenant": "acme",
+            "event": {"id": "e", "data": {"x": [1, 2]}},
+            "step": {"run_id": "run", "workflow": "wf", "step": "s", "attempt": 2, "hold": true,
+                "inputs": {"k": "v"}, "run_started_at": "2026-11-28T05:00:00Z", "round": 1,
+                "delegates": ["b"]}}),
+        );
+        check::<ResultData>(
+            &s,
+            "result",
+            types::RESULT,
+            json!({"task_id": "t", "workflow_id": "w",
+            "agent": "a", "resource": "r", "tenant": "acme", "status": "failed", "duration_ms": 12,
+            "attempts": 2, "findings": [{"key": "k", "value": 1}], "proposals": [{"action": "page"}],
+            "error": "boom", "event_id": "e", "answer": {"text": "hi"}, "agent_digest": "d",
+            "ran": "2026-11-28T05:00:00Z", "proposal_counts": {"proposed": 3, "refused": 1,
+            "rejected": 1}, "warnings": ["w1"]}),
+        );
+        check::<ProposalData>(
+            &s,
+            "proposal",
+            types::PROPOSAL,
+            json!({"proposal_id": "p",
+            "task_id": "t", "workflow_id": "w", "agent": "a", "action": "rollback", "resource": "r",
+            "tenant": "acme", "parameters": {"to": "v1"}, "priority": 5, "impact": "high",
+            "context_version": 7, "reason": "why", "event_id": "e", "cost": 1.5,
+            "seen_at": "2026-11-28T05:00:00Z", "approved_by": "carol", "edit_of": "p0",
+            "confidence": 0.75}),
+        );
+        check::<ActionData>(
+            &s,
+            "action",
+            types::ACTION,
+            json!({"action_id": "act",
+            "action": "rollback", "resource": "r", "tenant": "acme", "workflow_id": "w",
+            "parameters": {"to": "v1"}, "fencing_token": 9, "proposals": ["p1", "p2"],
+            "agents": ["a", "b"], "priority": 5, "impact": "medium", "approved_by": "carol",
+            "reason": "why"}),
+        );
+        check::<ApprovalData>(
+            &s,
+            "approval",
+            types::APPROVAL,
+            json!({"approval_id": "apr",
+            "action_id": "act", "action": "rollback", "resource": "r", "tenant": "acme",
+            "status": "approved", "decided_by": "carol", "why": "ok", "requested_at": 1_795_843_000,
+            "expires_at": 1_795_843_600, "action_record": {"action": "rollback"}, "rule": "prod",
+            "confidence": 0.5, "level": 1, "group": "leads"}),
+        );
+        check::<AuditData>(
+            &s,
+            "audit",
+            types::AUDIT,
+            json!({"decision": "accepted",
+            "stage": "resolve", "resource": "r", "tenant": "acme", "event_id": "e", "task_id": "t",
+            "workflow_id": "w", "trace_id": "tr", "reason": "why", "detail": {"k": [1]}, "seq": 4,
+            "prev_hash": "ab", "hash": "cd"}),
+        );
+        // And with every optional field left out (JSON omits them; Avro writes null).
+        check::<TaskData>(
+            &s,
+            "task",
+            types::TASK,
+            json!({"task_id": "t", "workflow_id": "w",
+            "agent": "a", "route": "r", "priority": 0, "resource": "r", "tenant": "acme",
+            "event": {}}),
+        );
+        check::<ResultData>(
+            &s,
+            "result",
+            types::RESULT,
+            json!({"task_id": "t", "workflow_id": "w",
+            "agent": "a", "resource": "r", "tenant": "acme", "status": "ok", "duration_ms": 0,
+            "attempts": 1, "findings": [], "proposals": []}),
+        );
+        check::<ProposalData>(
+            &s,
+            "proposal",
+            types::PROPOSAL,
+            json!({"proposal_id": "p",
+            "task_id": "t", "workflow_id": "w", "agent": "a", "action": "page", "resource": "r",
+            "tenant": "acme", "parameters": {}, "priority": 0, "impact": "low",
+            "context_version": 0}),
+        );
+        check::<ApprovalData>(
+            &s,
+            "approval",
+            types::APPROVAL,
+            json!({"approval_id": "apr",
+            "action_id": "act", "action": "rollback", "resource": "r", "tenant": "acme",
+            "status": "pending", "requested_at": 1, "expires_at": 2, "action_record": {}}),
+        );
+        check::<AuditData>(
+            &s,
+            "audit",
+            types::AUDIT,
+            json!({"decision": "routed",
+            "stage": "route", "resource": "r", "tenant": "acme", "detail": {}}),
+        );
+        check::<crate::audit::SealData>(
+            &s,
+            crate::audit::SEAL_SCHEMA,
+            crate::audit::SEAL_TYPE,
+            json!({"version": 2, "chain": "route/t/0", "seq": 1, "root": "cd", "entries": []}),
+        );
+        check::<crate::audit::SealData>(
+            &s,
+            crate::audit::SEAL_SCHEMA,
+            crate::audit::SEAL_TYPE,
+            json!({"version": 2, "chain": "resolve/t/0", "seq": 3, "prev": "ab", "root": "cd",
+                "entries": [{"hash": "h1", "id": "i1", "tenant": "acme", "resource": "r"}]}),
         );
     }
 }

@@ -105,16 +105,6 @@ impl TopicCatalog {
                     if def.encoding == Encoding::Avro && def.schema.is_none() {
                         problems.push((item.clone(), "encoding avro needs a schema".into()));
                     }
-                    // The audit topic also carries each batch's seal record, which has no Avro
-                    // schema: in Avro every stage's audit would fail and dead-letter its input.
-                    if def.encoding == Encoding::Avro && def.schema.as_deref() == Some("audit") {
-                        problems.push((
-                            item.clone(),
-                            "encoding avro is not supported for the audit topic yet (its batches' \
-                             seal records have no Avro schema): use encoding json"
-                                .into(),
-                        ));
-                    }
                     if defs.contains_key(&def.name) {
                         problems.push((item, format!("topic {} is defined twice", def.name)));
                     } else {
@@ -395,30 +385,4 @@ pub async fn apply(
         ));
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TopicCatalog;
-
-    /// An Avro audit topic is refused with a reason (its seal records have no Avro schema: every
-    /// stage would dead-letter its input); the other own topics may be Avro.
-    #[test]
-    fn the_audit_topic_cannot_be_avro_yet() {
-        let def = |name: &str, schema: &str, encoding: &str| {
-            format!("name: {name}\npartitions: 1\nkey: resource id\nschema: {schema}\nencoding: {encoding}\n")
-        };
-        let Err(problems) = TopicCatalog::from_texts([
-            ("audit", def("switchyard.audit", "audit", "avro")),
-            ("results", def("switchyard.results", "result", "avro")),
-        ]) else {
-            panic!("an Avro audit topic was accepted");
-        };
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].0, "audit");
-        assert!(problems[0].1.contains("audit topic"), "{problems:?}");
-        assert!(
-            TopicCatalog::from_texts([("audit", def("switchyard.audit", "audit", "json"))]).is_ok()
-        );
-    }
 }

@@ -22,6 +22,7 @@ pub mod verify;
 pub use hash::{canonical_json, record_hash, seal, sealed_hash};
 pub use recorder::Recorder;
 pub use sealer::{
-    ChainStore, Head, MemoryChainStore, RedisChainStore, SealData, Sealed, Sealer, SEAL_TYPE,
+    ChainStore, Head, MemoryChainStore, RedisChainStore, SealData, Sealed, Sealer, SEAL_SCHEMA,
+    SEAL_TYPE,
 };
 pub use verify::{verify, AuditRecord, ChainProblem, Verification};

@@ -40,6 +40,10 @@ use crate::telemetry::METRICS;
 pub const SEAL_TYPE: &str = "switchyard.audit.seal";
 /// Source attribute of seal records.
 pub const SEAL_SOURCE: &str = "switchyard/audit";
+/// The Avro schema (in `schemas/`) seal records are written with when the audit topic is Avro: the
+/// topic's own schema (`audit`) is for decisions; single-object encoding names each record's schema,
+/// so readers decode both.
+pub const SEAL_SCHEMA: &str = "audit_seal";
 
 /// One sealed record, as its seal lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

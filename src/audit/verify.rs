@@ -86,7 +86,9 @@ pub fn verify(records: &[AuditRecord]) -> Verification {
             .event
             .data
             .as_ref()
-            .is_some_and(|d| d.get("seq").is_some())
+            // A version 1 record carries its place in its resource's chain; version 2 records
+            // have none (in Avro the field is there, null).
+            .is_some_and(|d| d.get("seq").is_some_and(|s| !s.is_null()))
         {
             v1.push(r);
         } else {

@@ -238,6 +238,16 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra lines for the `kafka:` section (indented by two spaces).
     pub async fn with(partitions: i32, kafka_extra: &str, extra_yaml: &str) -> TestEnv {
+        Self::build(partitions, kafka_extra, extra_yaml, false).await
+    }
+
+    /// Like [`TestEnv::new`], with every topic switchyard writes that has a schema (tasks, results,
+    /// proposals, actions, approvals, audit) in Avro; read them back with [`TestEnv::decode`].
+    pub async fn avro(partitions: i32, extra_yaml: &str) -> TestEnv {
+        Self::build(partitions, "", extra_yaml, true).await
+    }
+
+    async fn build(partitions: i32, kafka_extra: &str, extra_yaml: &str, avro: bool) -> TestEnv {
         switchyard::telemetry::init_logging(switchyard::telemetry::LogFormat::Human, "warn");
         let (brokers, redis) = stack().clone();
         let prefix = suffix();
@@ -251,7 +261,9 @@ impl TestEnv {
             let text = format!(
                 "name: {prefix}.{name}\npartitions: {partitions}\nkey: {:?}\nencoding: {}\n{}",
                 def.key,
-                if def.encoding == switchyard::codec::Encoding::Avro {
+                if def.encoding == switchyard::codec::Encoding::Avro
+                    || (avro && name.starts_with("switchyard.") && def.schema.is_some())
+                {
                     "avro"
                 } else {
                     "json"
@@ -347,6 +359,12 @@ schemas_dir: {schemas}
             config_path,
             loaded,
         }
+    }
+
+    /// Decodes a record as switchyard's readers do (JSON or Avro, by its schema fingerprint).
+    pub fn decode(&self, rec: &Input) -> CloudEvent {
+        switchyard::codec::decode(rec.view(), &self.loaded.schemas)
+            .unwrap_or_else(|e| panic!("{}@{}: does not decode: {e}", rec.partition, rec.offset))
     }
 
     pub fn topic(&self, logical: &str) -> String {
