@@ -699,6 +699,17 @@ mod tests {
                 .unwrap();
             let enc = encode(&ev, Encoding::Avro, Some(schema), s)
                 .unwrap_or_else(|e| panic!("{schema}: {e}"));
+            // Written directly along the schema, byte for byte what apache_avro's value tree writes.
+            let reg = s.get(schema).unwrap();
+            let json = serde_json::to_value(&ev).unwrap();
+            let mut direct = reg.header.to_vec();
+            assert!(
+                reg.write_json(&json, &mut direct).is_some(),
+                "{schema}: not direct"
+            );
+            let tree = crate::codec::encode_via_value_tree(json, reg).unwrap();
+            assert_eq!(direct, tree, "{schema}");
+            assert_eq!(enc.payload, tree, "{schema}");
             let rv = RecordView {
                 key: None,
                 payload: &enc.payload,
