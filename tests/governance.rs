@@ -229,6 +229,33 @@ async fn an_approval_is_unknown_only_while_redis_has_its_state() {
         ))
     };
     let decide = || approvals.decide("apr-none", Verdict::Approve, "carol", "", false, false);
+    // The approvals API, as an operator's client reaches it.
+    let api = {
+        let token = switchyard::secret::Secret::new("api-token");
+        let router = switchyard::http::approvals::router(switchyard::http::approvals::Api {
+            approvals: approvals.clone(),
+            producer: env.producer(),
+            auth: Arc::new(switchyard::http::auth::Auth::new(&[], Some(&token))),
+            public_url: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}/v1/approvals/apr-none")
+    };
+    let lookup = || async {
+        let r = reqwest::Client::new()
+            .get(&api)
+            .bearer_auth("api-token")
+            .send()
+            .await
+            .unwrap();
+        let after = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), after)
+    };
     // No marker: the state is not trusted.
     assert!(
         matches!(
@@ -238,6 +265,8 @@ async fn an_approval_is_unknown_only_while_redis_has_its_state() {
         "lost, not unknown"
     );
     assert!(approvals.get("apr-none").await.is_err());
+    // Over HTTP: a 503 worth repeating shortly.
+    assert_eq!(lookup().await, (503, Some("1".to_string())));
     let r = process_one(&stage, decision()).await;
     assert!(matches!(r, Err(ProcessError::Transient(_))), "{r:?}");
     // With its marker, Redis is believed: not found, dead-lettered.
@@ -247,6 +276,7 @@ async fn an_approval_is_unknown_only_while_redis_has_its_state() {
         .unwrap();
     assert!(matches!(decide().await, Err(ApprovalError::NotFound(_))));
     assert!(approvals.get("apr-none").await.unwrap().is_none());
+    assert_eq!(lookup().await, (404, None));
     let r = process_one(&stage, decision()).await;
     assert!(
         matches!(

@@ -68,6 +68,8 @@ fn gateway_error(e: &GatewayError) -> Response {
     let after = match e {
         GatewayError::RateLimited { retry_after } => Some(retry_after.as_secs_f64().ceil() as u64),
         GatewayError::BudgetExhausted { .. } => Some(60),
+        // Its state (Redis) out of reach: worth repeating shortly.
+        GatewayError::Unavailable(_) => Some(1),
         _ => None,
     };
     if let Some(s) = after {

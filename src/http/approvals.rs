@@ -63,6 +63,9 @@ fn caller(api: &Api, headers: &HeaderMap, role: Role) -> Result<Identity, Respon
 }
 
 fn error_response(e: ApprovalError) -> Response {
+    if matches!(e, ApprovalError::Store(_) | ApprovalError::Contention) {
+        return super::auth::unavailable(e.to_string());
+    }
     let code = match e {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
         ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
@@ -168,7 +171,7 @@ async fn act(
         Err(e) => return error_response(e),
     };
     if let Err(m) = publish(&api.approvals, &api.producer, &id, &d).await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, m);
+        return super::auth::unavailable(m);
     }
     let code = if d.fresh {
         StatusCode::OK

@@ -313,6 +313,25 @@ pub fn same_origin(headers: &HeaderMap, public_url: Option<&str>) -> bool {
 }
 
 /// A JSON error body `{"error": message}` with `code`.
+/// A 503 for a failure that passes (Redis or the broker out of reach, a lost state being restored,
+/// contention): the JSON error with `Retry-After`, so clients and proxies know repeating the
+/// request is worth it. A 503 for something only configuration changes has none.
+pub fn unavailable(message: impl Into<String>) -> axum::response::Response {
+    retry_later(error(axum::http::StatusCode::SERVICE_UNAVAILABLE, message))
+}
+
+/// Seconds a client waits before repeating a request answered [`unavailable`].
+pub const RETRY_AFTER_SECS: &str = "1";
+
+/// `response` with `Retry-After` ([`RETRY_AFTER_SECS`]).
+pub fn retry_later(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    response
+}
+
 pub fn error(code: axum::http::StatusCode, message: impl Into<String>) -> axum::response::Response {
     use axum::response::IntoResponse;
     (

@@ -254,10 +254,10 @@ async fn caller(inbox: &Inbox, headers: &HeaderMap) -> Caller {
 }
 
 fn unavailable(e: &str) -> Response {
-    page_error(
+    super::auth::retry_later(page_error(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("the inbox cannot reach Redis: {e}"),
-    )
+    ))
 }
 
 /// Security headers every inbox answer carries.
@@ -644,10 +644,10 @@ async fn events(State(inbox): State<Inbox>, headers: HeaderMap) -> Response {
     };
     if inbox.gates.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
         inbox.gates.streams.fetch_sub(1, Ordering::Relaxed);
-        return page_error(
+        return super::auth::retry_later(page_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many live-update streams are open; the page still works when reloaded",
-        );
+        ));
     }
     let slot = StreamSlot(inbox.gates.clone());
     let stream = futures::stream::unfold(
@@ -987,7 +987,7 @@ async fn decide(
         Err(e) => return unavailable(&e.to_string()),
     };
     if let Err(m) = super::approvals::publish(&inbox.approvals, &inbox.producer, &id, &d).await {
-        return page_error(StatusCode::SERVICE_UNAVAILABLE, &m);
+        return super::auth::retry_later(page_error(StatusCode::SERVICE_UNAVAILABLE, &m));
     }
     if !d.fresh {
         let first = format!(

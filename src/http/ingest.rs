@@ -1044,10 +1044,9 @@ impl Ingest {
                 }
                 Err(e) => {
                     count(door, "failed", events.len());
-                    return super::auth::error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("rate limit unavailable (redis: {e}); retry"),
-                    );
+                    return super::auth::unavailable(format!(
+                        "rate limit unavailable (redis: {e}); retry"
+                    ));
                 }
             }
         }
@@ -1193,8 +1192,7 @@ impl Ingest {
             )
                 .into_response();
             if status != StatusCode::PAYLOAD_TOO_LARGE {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                r = super::auth::retry_later(r);
             }
             return r;
         }
