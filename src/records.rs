@@ -293,7 +293,11 @@ pub struct ApprovalData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
     /// Seconds since the epoch.
+    #[serde(default)]
     pub requested_at: i64,
+    /// Seconds since the epoch (0 when absent: approval records of schema approval.v1/v2 had none
+    /// or text).
+    #[serde(default)]
     pub expires_at: i64,
     /// The action that goes out when approved (its fencing token is assigned then).
     #[serde(deserialize_with = "json_or_text")]
@@ -437,6 +441,18 @@ fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Val
     })
 }
 
+/// An audit decision's `data` as switchyard built it: on an Avro audit topic `detail` travels as JSON
+/// text (its schema cannot type it), and readers that look inside it (`story`, `trace`, `tail`, the
+/// inbox's history) get it back as JSON here. Data read from JSON is returned unchanged.
+pub fn audit_detail_as_json(mut data: Value) -> Value {
+    if let Some(Value::String(text)) = data.get("detail") {
+        if let Ok(v) = serde_json::from_str::<Value>(text) {
+            data["detail"] = v;
+        }
+    }
+    data
+}
+
 /// `data` of a `switchyard.audit` event: one decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditData {
@@ -500,11 +516,19 @@ impl Emitter {
 
     /// The output record for `ev` on `topic`, keyed by the event's subject (the resource id).
     pub fn emit(&self, topic: &str, ev: &CloudEvent) -> Result<Output, ProcessError> {
-        let (encoding, mut schema) = self.topics.encoding_of(topic);
-        // A batch's seal shares the audit topic with the decisions it seals, under a schema of its own.
-        if ev.ty == crate::audit::SEAL_TYPE {
-            schema = Some(crate::audit::SEAL_SCHEMA);
-        }
+        self.emit_as(topic, ev, None)
+    }
+
+    /// [`Emitter::emit`] with `schema` (when the topic is Avro) instead of the topic's own: a
+    /// batch's seal shares the audit topic with the decisions it seals, under a schema of its own.
+    pub fn emit_as(
+        &self,
+        topic: &str,
+        ev: &CloudEvent,
+        schema: Option<&str>,
+    ) -> Result<Output, ProcessError> {
+        let (encoding, own) = self.topics.encoding_of(topic);
+        let schema = schema.or(own);
         let enc = codec::encode(ev, encoding, schema, &self.schemas).map_err(|e| {
             ProcessError::from(e).context(&format!("cannot encode {} for {topic}", ev.ty))
         })?;

@@ -455,8 +455,12 @@ impl Write<'_> {
             (Schema::Long, J::Number(n)) => self.long(n.as_i64()?),
             (Schema::Float, J::Number(n)) => {
                 kind_of(v)?;
-                self.out
-                    .extend_from_slice(&(n.as_f64()? as f32).to_le_bytes())
+                // An integer rounds once, straight to f32 (as apache_avro's `n as f32`), not via f64.
+                let x = match n.as_i64() {
+                    Some(i) => i as f32,
+                    None => n.as_f64()? as f32,
+                };
+                self.out.extend_from_slice(&x.to_le_bytes())
             }
             (Schema::Double, J::Number(n)) => {
                 kind_of(v)?;
@@ -494,9 +498,10 @@ impl Write<'_> {
                 }
             }
             (Schema::Union(u), _) => self.union(u.variants(), v, text, depth)?,
+            // `codec`'s JSON-text conversion does not follow references: neither does this.
             (Schema::Ref { name }, _) => {
                 let target = self.names.get(name)?;
-                self.value(v, target, text, depth + 1)?;
+                self.value(v, target, false, depth + 1)?;
             }
             _ => return None,
         }

@@ -330,10 +330,17 @@ async fn own_topics_in_avro_run_end_to_end_and_the_trail_verifies() {
     // The trail, read and decoded by the command an auditor runs, is whole.
     let out = cli(&env, &["audit", "verify"]);
     assert!(
-        out.contains(&format!("{} records", decisions.len())) && out.contains(" 0 problems"),
+        out.contains(&format!(": {} records,", decisions.len())) && out.contains(" 0 problems"),
         "{out}"
     );
     assert!(!out.contains(" 0 seals"), "{out}");
+    // The story of the breach reads inside the decisions' details (JSON text in Avro).
+    let story = cli(&env, &["trace", "s1"]);
+    assert!(
+        story.contains("(sla-responder): 2 proposed: 1 accepted, 1 approved")
+            && story.contains("rollback approval_requested by sla-responder"),
+        "{story}"
+    );
 }
 
 /// An Avro audit topic needs the seals' schema: without it `validate` names the problem.

@@ -507,7 +507,7 @@ impl Sealer {
             .with_time_now()
             .with_data(serde_json::to_value(&data).map_err(|e| StoreError::corrupt("seal", e))?);
             let out = emitter
-                .emit(&self.topic, &ev)
+                .emit_as(&self.topic, &ev, Some(SEAL_SCHEMA))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let hash = payload_hash(&out.payload);
             match self

@@ -24,7 +24,8 @@ pub fn audit_since(
         .iter()
         .filter_map(|r| crate::codec::decode(r.view(), schemas).ok())
         .filter(|ev| ev.ty != super::SEAL_TYPE)
-        .map(|ev| {
+        .map(|mut ev| {
+            ev.data = ev.data.take().map(crate::records::audit_detail_as_json);
             let d = ev.data.clone().unwrap_or(Value::Null);
             (ev, d)
         })

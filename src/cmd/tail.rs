@@ -229,7 +229,10 @@ pub fn human_line(loaded: &Loaded, rec: &Input) -> String {
             s(&d, "approval_id")
         ),
         types::AUDIT => {
-            let det = d.get("detail").cloned().unwrap_or(Value::Null);
+            let det = crate::records::audit_detail_as_json(d.clone())
+                .get("detail")
+                .cloned()
+                .unwrap_or(Value::Null);
             let reason = d.get("reason").and_then(Value::as_str);
             let extra = if det.get("proposal_id").is_some() {
                 format!(

@@ -63,14 +63,13 @@ fn caller(api: &Api, headers: &HeaderMap, role: Role) -> Result<Identity, Respon
 }
 
 fn error_response(e: ApprovalError) -> Response {
-    if matches!(e, ApprovalError::Store(_) | ApprovalError::Contention) {
-        return super::auth::unavailable(e.to_string());
-    }
     let code = match e {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
         ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
         ApprovalError::Forbidden(_) => StatusCode::FORBIDDEN,
-        ApprovalError::Store(_) | ApprovalError::Contention => StatusCode::SERVICE_UNAVAILABLE,
+        ApprovalError::Store(_) | ApprovalError::Contention => {
+            return super::auth::unavailable(e.to_string())
+        }
         ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(code, e.to_string())

@@ -312,7 +312,6 @@ pub fn same_origin(headers: &HeaderMap, public_url: Option<&str>) -> bool {
     }
 }
 
-/// A JSON error body `{"error": message}` with `code`.
 /// A 503 for a failure that passes (Redis or the broker out of reach, a lost state being restored,
 /// contention): the JSON error with `Retry-After`, so clients and proxies know repeating the
 /// request is worth it. A 503 for something only configuration changes has none.
@@ -332,6 +331,7 @@ pub fn retry_later(mut response: axum::response::Response) -> axum::response::Re
     response
 }
 
+/// A JSON error body `{"error": message}` with `code`.
 pub fn error(code: axum::http::StatusCode, message: impl Into<String>) -> axum::response::Response {
     use axum::response::IntoResponse;
     (
