@@ -292,12 +292,11 @@ pub struct ApprovalData {
     pub decided_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
-    /// Seconds since the epoch.
-    #[serde(default)]
+    /// Seconds since the epoch. Both times read as 0 when absent or null (schemas approval.v1 and
+    /// v2 had no `requested_at` and a nullable text `expires_at`).
+    #[serde(default, deserialize_with = "zero_if_null")]
     pub requested_at: i64,
-    /// Seconds since the epoch (0 when absent: approval records of schema approval.v1/v2 had none
-    /// or text).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "zero_if_null")]
     pub expires_at: i64,
     /// The action that goes out when approved (its fencing token is assigned then).
     #[serde(deserialize_with = "json_or_text")]
@@ -439,6 +438,10 @@ fn opt_json_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Val
         Value::Null => None,
         v => Some(v),
     })
+}
+
+fn zero_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.unwrap_or(0))
 }
 
 /// An audit decision's `data` as switchyard built it: on an Avro audit topic `detail` travels as JSON
@@ -660,6 +663,8 @@ mod tests {
         let payload = encode_single_object(serde_json::to_value(&ev).unwrap(), v1).unwrap();
         let back = view(&payload).data.unwrap();
         assert!(back.get("rule").is_none() && back.get("level").is_none());
+        let a: ApprovalData = serde_json::from_value(back).expect("a v1 record reads");
+        assert_eq!((a.requested_at, a.expires_at), (0, 0));
         // Read as JSON (and as stored in Redis by an older version): the fields take defaults.
         let a: ApprovalData =
             serde_json::from_value(json!({"approval_id": "apr-1", "action_id": "act-1",
