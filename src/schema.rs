@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
+use apache_avro::schema::SchemaKind as Kind;
 use apache_avro::Schema;
 
 /// The two marker bytes that start every single-object encoded record.
@@ -381,18 +382,6 @@ struct Write<'a> {
 }
 
 /// How apache_avro's `Value::from` sees a JSON value (`Int` for integers that fit 32 bits).
-#[derive(PartialEq, Clone, Copy)]
-enum Kind {
-    Null,
-    Boolean,
-    Int,
-    Long,
-    Double,
-    String,
-    Array,
-    Map,
-}
-
 fn kind_of(v: &serde_json::Value) -> Option<Kind> {
     use serde_json::Value as J;
     Some(match v {
@@ -413,16 +402,18 @@ fn kind_of(v: &serde_json::Value) -> Option<Kind> {
 
 /// The kind a union branch of this schema is indexed by, for the ones written here.
 fn branch_kind(s: &Schema) -> Option<Kind> {
-    Some(match s {
-        Schema::Null => Kind::Null,
-        Schema::Boolean => Kind::Boolean,
-        Schema::Int => Kind::Int,
-        Schema::Long => Kind::Long,
-        Schema::Double => Kind::Double,
-        Schema::String => Kind::String,
-        Schema::Array(_) => Kind::Array,
-        _ => return None,
-    })
+    let k = Kind::from(s);
+    matches!(
+        k,
+        Kind::Null
+            | Kind::Boolean
+            | Kind::Int
+            | Kind::Long
+            | Kind::Double
+            | Kind::String
+            | Kind::Array
+    )
+    .then_some(k)
 }
 
 impl Write<'_> {
