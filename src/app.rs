@@ -17,7 +17,7 @@ use crate::governance::approvals::Approvals;
 use crate::governance::budgets::{Budgets, RedisBudgetStore};
 use crate::http::{self, Health};
 use crate::kafka::runtime::{RuntimeError, StageHealth, StageSettings};
-use crate::kafka::{admin_config, producer_config, stage_consumer_config, Producer};
+use crate::kafka::{admin_config, run_producer_config, stage_consumer_config, Producer};
 use crate::records::Emitter;
 use crate::resolve::store::{RedisResourceStore, ResourceStore};
 use crate::stages::{self, Services};
@@ -130,7 +130,7 @@ pub async fn run(
     // A backstop behind the per-record bounds check: no single Avro allocation beyond what a record
     // switchyard accepts can hold.
     apache_avro::util::max_allocation_bytes(cfg.kafka.max_record_bytes.max(1 << 20));
-    let producer = Producer::new(&producer_config(&cfg.kafka))
+    let producer = Producer::new(&run_producer_config(&cfg.kafka))
         .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
     let redis = RedisConn::from_config(&cfg.redis)

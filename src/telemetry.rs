@@ -41,6 +41,8 @@ pub struct Metrics {
     pub consumer_pauses: IntCounterVec,
     /// Produce attempts retried because the local producer queue was full.
     pub producer_queue_full: IntCounterVec,
+    /// Record batches the producer sent, by topic (librdkafka statistics, every 5 s).
+    pub produce_batches: IntCounterVec,
     /// Produce failures reported by the broker, by stage.
     pub produce_errors: IntCounterVec,
     /// Consumer errors reported by librdkafka, by stage.
@@ -211,6 +213,12 @@ impl Metrics {
                 "switchyard_producer_queue_full_total",
                 "Produce attempts retried because the producer queue was full.",
                 &["stage"],
+                r
+            )?,
+            produce_batches: register_int_counter_vec_with_registry!(
+                "switchyard_produce_batches_total",
+                "Record batches the producer sent, by topic (librdkafka statistics every 5 s): records produced over batches is how full they are; fewer, fuller batches cost the broker less.",
+                &["topic"],
                 r
             )?,
             produce_errors: register_int_counter_vec_with_registry!(

@@ -680,6 +680,12 @@ async fn readyz_and_metrics_endpoint() {
     let mut loaded = env.loaded.clone();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{port}");
+    // The producer's statistics (5 s by default) sooner, for the batches-sent counter below.
+    loaded
+        .config
+        .kafka
+        .producer
+        .insert("statistics.interval.ms".into(), "200".into());
     let running = Running::start(loaded, &["route"]);
     let client = reqwest::Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
@@ -760,6 +766,38 @@ async fn readyz_and_metrics_endpoint() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    // The producer's batches, from librdkafka's statistics: the task and its audit records went
+    // out in at least one batch per topic, never more batches than records.
+    let series = |metrics: &str, name: &str, topic: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(&format!("topic=\"{topic}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let tasks = env.topic("switchyard.tasks");
+    let mut batches = 0.0;
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = client
+            .get(url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        batches = series(&metrics, "switchyard_produce_batches_total", &tasks);
+        if batches > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = series(&metrics, "switchyard_records_produced_total", &tasks);
+    assert!(
+        batches >= 1.0 && batches <= records,
+        "batches sent to {tasks}: {batches}, records acknowledged: {records}"
+    );
     standby.stop().await;
     running.stop().await;
 }

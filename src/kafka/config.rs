@@ -213,6 +213,17 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     c
 }
 
+/// The producer of `switchyard run`: [`producer_config`] plus librdkafka statistics every 5 s, which
+/// its client context turns into the batches-sent metric (`switchyard_produce_batches_total`:
+/// records produced over batches is how full the broker's record batches are).
+pub fn run_producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = producer_config(cfg);
+    if !cfg.producer.contains_key("statistics.interval.ms") {
+        c.set("statistics.interval.ms", "5000");
+    }
+    c
+}
+
 /// Settings every producer gets; `kafka.producer` entries win.
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -243,13 +254,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_stage_consumers_ask_for_statistics() {
+    fn only_stage_consumers_and_the_run_producer_ask_for_statistics() {
         let cfg = KafkaConfig::default();
         assert!(consumer_config(&cfg, "g")
             .get("statistics.interval.ms")
             .is_none());
         assert_eq!(
             stage_consumer_config(&cfg, "g").get("statistics.interval.ms"),
+            Some("5000")
+        );
+        assert!(producer_config(&cfg)
+            .get("statistics.interval.ms")
+            .is_none());
+        assert_eq!(
+            run_producer_config(&cfg).get("statistics.interval.ms"),
             Some("5000")
         );
     }

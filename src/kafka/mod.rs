@@ -7,7 +7,8 @@ pub mod read;
 pub mod runtime;
 
 pub use config::{
-    admin_config, consumer_config, producer_config, stage_consumer_config, KafkaConfig,
+    admin_config, consumer_config, producer_config, run_producer_config, stage_consumer_config,
+    KafkaConfig,
 };
 
 use std::sync::Arc;
@@ -217,7 +218,22 @@ pub trait Delivered: Send + Sync {
 /// Routes librdkafka's delivery reports (on its polling thread) to their [`Notice`].
 pub struct DeliveryContext;
 
-impl rdkafka::ClientContext for DeliveryContext {}
+impl rdkafka::ClientContext for DeliveryContext {
+    /// librdkafka statistics (only `switchyard run`'s producer asks for them): the record batches
+    /// sent per topic since the last report (librdkafka resets its windows at each report).
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (name, topic) in &stats.topics {
+            if let Ok(batches) = u64::try_from(topic.batchcnt.cnt) {
+                if batches > 0 {
+                    crate::telemetry::METRICS
+                        .produce_batches
+                        .with_label_values(&[name])
+                        .inc_by(batches);
+                }
+            }
+        }
+    }
+}
 
 impl rdkafka::producer::ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<Notice>;
