@@ -24,6 +24,7 @@
 //! out; default on), BENCH_SCALING_EVENTS (events per scaling phase, default BENCH_EVENTS),
 //! BENCH_REDIS_EVENTS (events the Redis mix replays, default BENCH_EVENTS), BENCH_LINGER_MS,
 //! BENCH_FETCH_WAIT_MS (consumer `fetch.wait.max.ms` of all three systems, default 20),
+//! BENCH_MAX_IN_FLIGHT (producer `max.in.flight.requests.per.connection` of all three, default 5),
 //! BENCH_SWITCHYARD_BIN and BENCH_SWITCHYARD_TREE (measure another build, with the config, topics
 //! and schemas of its source tree; default this build's release binary and this tree).
 //!
@@ -260,6 +261,9 @@ struct PhaseResult {
     redis_cpu_seconds_per_1000: f64,
     /// Records the system wrote per input event, intermediate topics included.
     records_per_event: f64,
+    /// Record batches its producers sent per input event (librdkafka statistics): records over
+    /// batches is how full the broker's batches are.
+    batches_per_event: Option<f64>,
     /// Bytes (key + payload + headers) of those records per input event.
     bytes_per_event: f64,
     /// Redis commands per input event (INFO commandstats; Lua-internal calls included).
@@ -981,6 +985,88 @@ fn sample(pids: &[u32]) -> (Sample, f64) {
     )
 }
 
+/// Where the record batches a system's producers sent are counted (librdkafka statistics).
+enum BatchProbe {
+    /// `switchyard_produce_batches_total` on each process's `/metrics` (port).
+    Metrics(Vec<u16>),
+    /// One file per producing process (a limit hop, a peer stage) holding its running total.
+    Files(PathBuf),
+}
+
+impl BatchProbe {
+    /// The batches sent so far; `None` where not counted (a switchyard build without the metric).
+    async fn batches(&self) -> Option<u64> {
+        match self {
+            BatchProbe::Metrics(ports) => {
+                let client = reqwest::Client::new();
+                let mut total = 0u64;
+                for port in ports {
+                    let text = client
+                        .get(format!("http://127.0.0.1:{port}/metrics"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .ok()?
+                        .text()
+                        .await
+                        .ok()?;
+                    let mut found = false;
+                    for line in text.lines() {
+                        if let Some(rest) = line.strip_prefix("switchyard_produce_batches_total{") {
+                            let v = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+                            total += v as u64;
+                            found = true;
+                        }
+                    }
+                    if !found {
+                        return None;
+                    }
+                }
+                Some(total)
+            }
+            BatchProbe::Files(dir) => {
+                let mut total = 0u64;
+                for entry in std::fs::read_dir(dir).ok()?.flatten() {
+                    total += std::fs::read_to_string(entry.path())
+                        .ok()?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()?;
+                }
+                Some(total)
+            }
+        }
+    }
+}
+
+/// A loopback port free right now (for a child's HTTP listener).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A limit hop's producer context: adds the record batches librdkafka reports sending (statistics
+/// every second) to a running total kept in a file, which the bench reads.
+struct BatchCounter {
+    file: Option<PathBuf>,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl rdkafka::ClientContext for BatchCounter {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let sent: i64 = stats.topics.values().map(|t| t.batchcnt.cnt.max(0)).sum();
+        let total = self.total.fetch_add(sent as u64, Ordering::Relaxed) + sent as u64;
+        if let Some(f) = &self.file {
+            let tmp = f.with_extension("tmp");
+            if std::fs::write(&tmp, total.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, f);
+            }
+        }
+    }
+}
+
 /// The processes under test. Dropped without `terminate` (a panic), they are killed, so a failed
 /// run leaves nothing running.
 struct Procs(Vec<Child>);
@@ -1154,7 +1240,12 @@ impl Bench {
             .replace("level: info", "level: warn")
             .replace(
                 "linger.ms: \"5\"",
-                &format!("linger.ms: \"{}\"", linger_ms()),
+                // Producer statistics every second: the batches-sent counter the bench reads.
+                &format!(
+                    "linger.ms: \"{}\"\n    max.in.flight.requests.per.connection: \"{}\"\n    statistics.interval.ms: \"1000\"",
+                    linger_ms(),
+                    max_in_flight()
+                ),
             )
             .replace(
                 "fetch.wait.max.ms: \"20\"",
@@ -1192,26 +1283,30 @@ impl Bench {
         );
     }
 
-    /// Starts the system under test; returns its processes.
-    async fn start(&self, spec: &PhaseSpec) -> Vec<Child> {
+    /// Starts the system under test; returns its processes and where their produce batches are
+    /// counted.
+    async fn start(&self, spec: &PhaseSpec) -> (Vec<Child>, BatchProbe) {
         match spec.system {
             System::Switchyard => {
                 let cfg = self.config_file("switchyard.yaml", &[]);
                 self.topics_apply(&cfg);
-                (0..spec.processes)
-                    .map(|_| {
+                let ports: Vec<u16> = (0..spec.processes).map(|_| free_port()).collect();
+                let procs = ports
+                    .iter()
+                    .map(|port| {
                         Command::new(switchyard_bin())
                             .arg("--config")
                             .arg(&cfg)
                             .arg("run")
                             .env("SWITCHYARD_KAFKA_BROKERS", &self.brokers)
                             .env("SWITCHYARD_REDIS_URL", &self.redis)
-                            .env("SWITCHYARD_HTTP_LISTEN", "127.0.0.1:0")
+                            .env("SWITCHYARD_HTTP_LISTEN", format!("127.0.0.1:{port}"))
                             .stderr(Stdio::null())
                             .spawn()
                             .expect("start switchyard run")
                     })
-                    .collect()
+                    .collect();
+                (procs, BatchProbe::Metrics(ports))
             }
             System::Limit => {
                 let shape = self
@@ -1227,14 +1322,21 @@ impl Bench {
                 self.create_topics(&topics).await;
                 let path = scratch_dir().join("limit-shape.run.json");
                 write_json(&path, shape);
-                vec![
-                    Command::new(std::env::current_exe().expect("own executable"))
-                        .arg("--limit-chain")
-                        .arg(&self.brokers)
-                        .arg(&path)
-                        .spawn()
-                        .expect("start the limit chain"),
-                ]
+                let batches = scratch_dir().join("limit-batches");
+                let _ = std::fs::remove_dir_all(&batches);
+                std::fs::create_dir_all(&batches).expect("limit batches dir");
+                (
+                    vec![
+                        Command::new(std::env::current_exe().expect("own executable"))
+                            .arg("--limit-chain")
+                            .arg(&self.brokers)
+                            .arg(&path)
+                            .env("BENCH_LIMIT_BATCHES_DIR", &batches)
+                            .spawn()
+                            .expect("start the limit chain"),
+                    ],
+                    BatchProbe::Files(batches),
+                )
             }
             System::Peer => {
                 let mut topics = self.input_topics();
@@ -1245,7 +1347,10 @@ impl Bench {
                 );
                 self.create_topics(&topics).await;
                 let python = env_or("BENCH_PEER_PYTHON", "python3");
-                ["route", "agent", "resolve"]
+                let batches = scratch_dir().join("peer-batches");
+                let _ = std::fs::remove_dir_all(&batches);
+                std::fs::create_dir_all(&batches).expect("peer batches dir");
+                let procs = ["route", "agent", "resolve"]
                     .iter()
                     .map(|stage| {
                         Command::new(&python)
@@ -1262,13 +1367,17 @@ impl Bench {
                                 &INPUTS.join(","),
                                 "--fetch-wait-ms",
                                 &fetch_wait_ms(),
+                                "--max-in-flight",
+                                &max_in_flight(),
                             ])
+                            .env("BENCH_PEER_BATCHES_DIR", &batches)
                             .stdout(Stdio::null())
                             .stderr(Stdio::null())
                             .spawn()
                             .expect("start the peer")
                     })
-                    .collect()
+                    .collect();
+                (procs, BatchProbe::Files(batches))
             }
         }
     }
@@ -1341,7 +1450,8 @@ impl Bench {
 
     async fn phase(&self, spec: &PhaseSpec) -> PhaseOutcome {
         self.restart_stack().await;
-        let mut procs = Procs(self.start(spec).await);
+        let (procs, probe) = self.start(spec).await;
+        let mut procs = Procs(procs);
         let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
         let producer = new_producer(&self.brokers);
         let shared = ReaderShared::new();
@@ -1369,6 +1479,7 @@ impl Bench {
         let calls0 = command_calls(&mut con).await;
         let mem0 = used_memory(&mut con).await;
         let (s0, _) = sample(&pids);
+        let batches0 = probe.batches().await;
         let events = make_events(&spec.tag, spec.events, spec.resources);
         shared.counting.store(true, Ordering::Release);
         let t0 = Instant::now();
@@ -1420,6 +1531,9 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let calls1 = command_calls(&mut con).await;
+        // The producers report batches every second: wait for one more report.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let batches1 = probe.batches().await;
         let (steady, mem1) = if spec.steady {
             // Measured running: 3 s after the first pass's last output, then after the second's.
             tokio::time::sleep(QUIET).await;
@@ -1491,6 +1605,9 @@ impl Bench {
             broker_cpu_seconds_per_1000: per_1k(s0.broker, s1.broker),
             redis_cpu_seconds_per_1000: per_1k(s0.redis, s1.redis),
             records_per_event: total.records as f64 / n,
+            batches_per_event: batches0
+                .zip(batches1)
+                .map(|(a, b)| b.saturating_sub(a) as f64 / n),
             bytes_per_event: total.bytes() as f64 / n,
             redis_commands_per_event: delta.values().sum::<u64>() as f64 / n,
             redis_bytes_retained_per_event: (mem1 as f64 - mem0 as f64) / n,
@@ -2029,12 +2146,19 @@ fn limit_hop(brokers: String, hop: ShapeHop) -> std::thread::JoinHandle<()> {
             .create()
             .expect("limit consumer");
         // As switchyard's producer: acks=all, idempotent, the same linger.
-        let p: FutureProducer = ClientConfig::new()
+        let counter = BatchCounter {
+            file: std::env::var_os("BENCH_LIMIT_BATCHES_DIR")
+                .map(|d| PathBuf::from(d).join(format!("hop{}", hop.hop))),
+            total: Default::default(),
+        };
+        let p: FutureProducer<BatchCounter> = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", linger_ms())
-            .create()
+            .set("max.in.flight.requests.per.connection", max_in_flight())
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(counter)
             .expect("limit producer");
         let topics: Vec<&str> = hop.from.iter().map(String::as_str).collect();
         c.subscribe(&topics).expect("limit subscribe");
@@ -2130,6 +2254,12 @@ fn linger_ms() -> String {
     env_or("BENCH_LINGER_MS", "5")
 }
 
+/// Producer `max.in.flight.requests.per.connection` of all three systems (BENCH_MAX_IN_FLIGHT,
+/// default 5, librdkafka's).
+fn max_in_flight() -> String {
+    env_or("BENCH_MAX_IN_FLIGHT", "5")
+}
+
 /// Consumer `fetch.wait.max.ms` of all three systems (BENCH_FETCH_WAIT_MS, default 20, as in
 /// deploy/bench/switchyard.yaml). On tansu every fetch lasts this long (half of it from 250 ms on).
 fn fetch_wait_ms() -> String {
@@ -2182,9 +2312,13 @@ fn fmt_rate(r: Option<f64>) -> String {
     r.map(|x| format!("{x:.0}")).unwrap_or_else(|| "max".into())
 }
 
+fn fmt_batches(b: Option<f64>) -> String {
+    b.map_or_else(|| "-".to_string(), |b| format!("{b:.2}"))
+}
+
 fn print_line(r: &PhaseResult) {
     eprintln!(
-        "  {:<12} rate {:>7} -> {:>7.0} ev/s (to last result {:>7.0}), p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}, cpu s/1k own {:.3} broker {:.3} redis {:.3}, {:.2} records & {:.0} B/event, redis {:.1} cmds & {:.0} B retained/event",
+        "  {:<12} rate {:>7} -> {:>7.0} ev/s (to last result {:>7.0}), p50 {:>8.1} ms, p99 {:>8.1} ms, received {}/{}, cpu s/1k own {:.3} broker {:.3} redis {:.3}, {:.2} records in {} batches & {:.0} B/event, redis {:.1} cmds & {:.0} B retained/event",
         r.system,
         fmt_rate(r.offered_rate),
         r.throughput_eps,
@@ -2197,6 +2331,7 @@ fn print_line(r: &PhaseResult) {
         r.broker_cpu_seconds_per_1000,
         r.redis_cpu_seconds_per_1000,
         r.records_per_event,
+        fmt_batches(r.batches_per_event),
         r.bytes_per_event,
         r.redis_commands_per_event,
         r.redis_bytes_retained_per_event,
@@ -2215,7 +2350,7 @@ fn print_line(r: &PhaseResult) {
 
 fn print_table(results: &[PhaseResult]) {
     println!(
-        "\n{:<12} {:>5} {:>5} {:>9} {:>10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7} {:>9}",
+        "\n{:<12} {:>5} {:>5} {:>9} {:>10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9}",
         "system",
         "res",
         "procs",
@@ -2231,13 +2366,14 @@ fn print_table(results: &[PhaseResult]) {
         "brkr s/1k",
         "redis s/1k",
         "rec/ev",
+        "bat/ev",
         "B/ev",
         "rcmd/ev",
         "rB kept/ev"
     );
     for r in results {
         println!(
-            "{:<12} {:>5} {:>5} {:>9} {:>10.0} {:>6.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.3} {:>7.1} {:>8.3} {:>8.3} {:>7.2} {:>7.0} {:>7.1} {:>9.0}",
+            "{:<12} {:>5} {:>5} {:>9} {:>10.0} {:>6.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.3} {:>7.1} {:>8.3} {:>8.3} {:>7.2} {:>7} {:>7.0} {:>7.1} {:>9.0}",
             r.system,
             r.resources,
             r.processes,
@@ -2253,12 +2389,13 @@ fn print_table(results: &[PhaseResult]) {
             r.broker_cpu_seconds_per_1000,
             r.redis_cpu_seconds_per_1000,
             r.records_per_event,
+            fmt_batches(r.batches_per_event),
             r.bytes_per_event,
             r.redis_commands_per_event,
             r.redis_bytes_retained_per_event,
         );
     }
-    println!("achieved/s: events / (last record on any of the system's output topics, intermediate ones included, received − start of producing); recv %: events whose result record arrived; latency: produce → the event's result record (switchyard.results, peer.results, limit.results). CPU: seconds per 1,000 events up to the last record. rec/ev, B/ev: records and bytes (key + payload + headers) written per event; rcmd/ev: Redis commands per event (INFO commandstats, Lua-internal calls included); rB kept/ev: Redis used_memory after the phase (3 s settle) − before, per event.");
+    println!("achieved/s: events / (last record on any of the system's output topics, intermediate ones included, received − start of producing); recv %: events whose result record arrived; latency: produce → the event's result record (switchyard.results, peer.results, limit.results). CPU: seconds per 1,000 events up to the last record. rec/ev, B/ev: records and bytes (key + payload + headers) written per event; bat/ev: record batches the system's producers sent per event (librdkafka statistics; records over batches is how full they are — the broker's work follows batches); rcmd/ev: Redis commands per event (INFO commandstats, Lua-internal calls included); rB kept/ev: Redis used_memory after the phase (3 s settle) − before, per event.");
     for r in results {
         if let Some(st) = &r.steady {
             println!(

@@ -23,6 +23,26 @@ CONFLICTS = {("scale_down", "rollback"), ("rollback", "scale_down")}
 PRIORITY = {"rollback": 100, "page": 50, "scale_down": 10, "deployment.hold": 80}
 
 
+def producer_config(stage, max_in_flight):
+    """linger.ms and max.in.flight.requests.per.connection as switchyard's; with BENCH_PEER_BATCHES_DIR set, librdkafka statistics every
+    second and the running total of record batches sent written to <dir>/<stage> for the bench."""
+    cfg = {"linger.ms": 5, "max.in.flight.requests.per.connection": max_in_flight}
+    out = os.environ.get("BENCH_PEER_BATCHES_DIR")
+    if out:
+        path = os.path.join(out, stage)
+        total = [0]
+
+        def stats(text):
+            for topic in json.loads(text).get("topics", {}).values():
+                total[0] += max(topic.get("batchcnt", {}).get("cnt", 0), 0)
+            with open(path + ".tmp", "w") as f:
+                f.write(str(total[0]))
+            os.replace(path + ".tmp", path)
+
+        cfg.update({"statistics.interval.ms": 1000, "stats_cb": stats})
+    return cfg
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("stage", choices=["route", "agent", "resolve"])
@@ -31,13 +51,15 @@ def main():
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--inputs", default="")
     ap.add_argument("--fetch-wait-ms", type=int, default=20, help="consumer fetch.wait.max.ms")
+    ap.add_argument("--max-in-flight", type=int, default=5,
+                    help="producer max.in.flight.requests.per.connection")
     args = ap.parse_args()
     app = Application(
         broker_address=args.brokers,
         consumer_group=f"{args.prefix}-peer-{args.stage}",
         auto_offset_reset="earliest",
         consumer_extra_config={"session.timeout.ms": 6000, "fetch.wait.max.ms": args.fetch_wait_ms},
-        producer_extra_config={"linger.ms": 5},
+        producer_extra_config=producer_config(args.stage, args.max_in_flight),
         auto_create_topics=True,
         use_changelog_topics=False,
     )
