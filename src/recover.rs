@@ -245,6 +245,10 @@ pub async fn recover(
             }
             if attempt == 0 {
                 out.rebuilt_over += 1;
+            } else {
+                // Someone else keeps writing it (an instance that has not noticed the loss yet):
+                // give it a moment before reading again, 10 ms more each time (~2 s in all).
+                tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
             }
             let there = stores
                 .resources
