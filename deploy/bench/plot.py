@@ -43,10 +43,11 @@ if rows == 2:
     a3, a4 = axes[1]
     # Work per event at maximum rate: what each system writes and asks of Redis.
     metrics = [
-        ("records/event", lambda p: p.get("records_per_event")),
-        ("KB/event", lambda p: (p.get("bytes_per_event") or 0) / 1000.0),
-        ("Redis cmds/event", lambda p: p.get("redis_commands_per_event")),
-        ("CPU ms/event (all)", lambda p: p["cpu_seconds_per_1000"] + p["broker_cpu_seconds_per_1000"] + p["redis_cpu_seconds_per_1000"]),
+        ("records/ev", lambda p: p.get("records_per_event")),
+        ("batches/ev", lambda p: p.get("batches_per_event")),
+        ("KB/ev", lambda p: (p.get("bytes_per_event") or 0) / 1000.0),
+        ("Redis cmds/ev", lambda p: p.get("redis_commands_per_event")),
+        ("CPU ms/ev (all)", lambda p: p["cpu_seconds_per_1000"] + p["broker_cpu_seconds_per_1000"] + p["redis_cpu_seconds_per_1000"]),
     ]
     systems = [s for s in colors if s in top_phases]
     width = 0.8 / max(len(systems), 1)
