@@ -43,6 +43,8 @@ pub struct Metrics {
     pub producer_queue_full: IntCounterVec,
     /// Record batches the producer sent, by topic (librdkafka statistics, every 5 s).
     pub produce_batches: IntCounterVec,
+    /// The records in those batches, by topic.
+    pub produce_batched_records: IntCounterVec,
     /// Produce failures reported by the broker, by stage.
     pub produce_errors: IntCounterVec,
     /// Consumer errors reported by librdkafka, by stage.
@@ -217,7 +219,13 @@ impl Metrics {
             )?,
             produce_batches: register_int_counter_vec_with_registry!(
                 "switchyard_produce_batches_total",
-                "Record batches the producer sent, by topic (librdkafka statistics every 5 s): records produced over batches is how full they are; fewer, fuller batches cost the broker less.",
+                "Record batches the producer sent, by topic (librdkafka statistics every 5 s; a retried batch counts again); fewer, fuller batches cost the broker less.",
+                &["topic"],
+                r
+            )?,
+            produce_batched_records: register_int_counter_vec_with_registry!(
+                "switchyard_produce_batched_records_total",
+                "Records in the batches switchyard_produce_batches_total counts, by topic: the two give how full the batches are.",
                 &["topic"],
                 r
             )?,

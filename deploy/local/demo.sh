@@ -200,7 +200,7 @@ say "switchyard status"
 "$BIN" --config "$CONFIG" status
 
 say "Metrics (excerpt)"
-curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks|proposals|actions_accepted|actions_rejected|approvals)_total' || true
+curl -fsS "http://$SWITCHYARD_HTTP_LISTEN/metrics" | grep -E '^switchyard_(events|tasks_emitted|dlq_records|agent_tasks|proposals|actions_accepted|actions_rejected|approvals|produce_batches)_total' || true
 
 say "Shared context of resource checkout in Redis"
 redis-cli -u "$SWITCHYARD_REDIS_URL" --raw HGETALL 'switchyard:ctx:{default/checkout}' | python3 -c '

@@ -183,7 +183,8 @@ const FETCH_OVERHEAD: usize = 1 << 20;
 /// 6.7 KB line, at INFO).
 pub fn stage_consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     let mut c = consumer_config(cfg, group);
-    if !cfg.consumer.contains_key("statistics.interval.ms") {
+    let key = "statistics.interval.ms";
+    if !cfg.consumer.contains_key(key) && !cfg.client.contains_key(key) {
         c.set("statistics.interval.ms", "5000");
     }
     c
@@ -213,12 +214,13 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     c
 }
 
-/// The producer of `switchyard run`: [`producer_config`] plus librdkafka statistics every 5 s, which
-/// its client context turns into the batches-sent metric (`switchyard_produce_batches_total`:
-/// records produced over batches is how full the broker's record batches are).
+/// The producer of `switchyard run`: [`producer_config`] plus librdkafka statistics every 5 s (unless
+/// `kafka.producer` or `kafka.client` sets the interval), which its client context turns into the
+/// batch metrics (`switchyard_produce_batches_total`, `switchyard_produce_batched_records_total`).
 pub fn run_producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = producer_config(cfg);
-    if !cfg.producer.contains_key("statistics.interval.ms") {
+    let key = "statistics.interval.ms";
+    if !cfg.producer.contains_key(key) && !cfg.client.contains_key(key) {
         c.set("statistics.interval.ms", "5000");
     }
     c
@@ -269,6 +271,18 @@ mod tests {
         assert_eq!(
             run_producer_config(&cfg).get("statistics.interval.ms"),
             Some("5000")
+        );
+        // An interval set for every client (e.g. "0": none) stands.
+        let mut cfg = KafkaConfig::default();
+        cfg.client
+            .insert("statistics.interval.ms".into(), "0".into());
+        assert_eq!(
+            run_producer_config(&cfg).get("statistics.interval.ms"),
+            Some("0")
+        );
+        assert_eq!(
+            stage_consumer_config(&cfg, "g").get("statistics.interval.ms"),
+            Some("0")
         );
     }
 }

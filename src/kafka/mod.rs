@@ -220,16 +220,22 @@ pub struct DeliveryContext;
 
 impl rdkafka::ClientContext for DeliveryContext {
     /// librdkafka statistics (only `switchyard run`'s producer asks for them): the record batches
-    /// sent per topic since the last report (librdkafka resets its windows at each report).
+    /// sent per topic since the last report, and the records in them (librdkafka rolls its windows
+    /// over at each report; a retried batch counts again).
     fn stats(&self, stats: rdkafka::Statistics) {
+        let m = &crate::telemetry::METRICS;
         for (name, topic) in &stats.topics {
-            if let Ok(batches) = u64::try_from(topic.batchcnt.cnt) {
-                if batches > 0 {
-                    crate::telemetry::METRICS
-                        .produce_batches
-                        .with_label_values(&[name])
-                        .inc_by(batches);
-                }
+            let (Ok(batches), Ok(records)) = (
+                u64::try_from(topic.batchcnt.cnt),
+                u64::try_from(topic.batchcnt.sum),
+            ) else {
+                continue;
+            };
+            if batches > 0 {
+                m.produce_batches.with_label_values(&[name]).inc_by(batches);
+                m.produce_batched_records
+                    .with_label_values(&[name])
+                    .inc_by(records);
             }
         }
     }

@@ -998,8 +998,11 @@ impl BatchProbe {
     async fn batches(&self) -> Option<u64> {
         match self {
             BatchProbe::Metrics(ports) => {
+                // A process that has sent nothing has no series yet (0); no series on any process
+                // is a build without the counter (None).
                 let client = reqwest::Client::new();
                 let mut total = 0u64;
+                let mut known = false;
                 for port in ports {
                     let text = client
                         .get(format!("http://127.0.0.1:{port}/metrics"))
@@ -1010,28 +1013,28 @@ impl BatchProbe {
                         .text()
                         .await
                         .ok()?;
-                    let mut found = false;
                     for line in text.lines() {
                         if let Some(rest) = line.strip_prefix("switchyard_produce_batches_total{") {
                             let v = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
                             total += v as u64;
-                            found = true;
+                            known = true;
                         }
                     }
-                    if !found {
-                        return None;
-                    }
                 }
-                Some(total)
+                known.then_some(total)
             }
             BatchProbe::Files(dir) => {
+                // One file per process, replaced whole (written to `.tmp`, renamed); a process
+                // that has not reported yet has none.
                 let mut total = 0u64;
                 for entry in std::fs::read_dir(dir).ok()?.flatten() {
-                    total += std::fs::read_to_string(entry.path())
-                        .ok()?
-                        .trim()
-                        .parse::<u64>()
-                        .ok()?;
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "tmp") {
+                        continue;
+                    }
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        total += text.trim().parse::<u64>().ok()?;
+                    }
                 }
                 Some(total)
             }
@@ -1220,8 +1223,15 @@ impl Bench {
     /// The bench's switchyard config: deploy/bench/switchyard.yaml (the shipped config's built-in
     /// flow, the one the peer implements; deploy/switchyard.yaml in trees that predate it) with
     /// absolute paths, warn-level logs and budgets too large to bind. `consumer_extra` adds
-    /// librdkafka consumer settings.
-    fn config_file(&self, name: &str, consumer_extra: &[(&str, &str)]) -> PathBuf {
+    /// librdkafka consumer settings; `batch_stats` asks the producer for statistics every second
+    /// (the batches-sent counter the phases read; left at the shipped 5 s under callgrind, where
+    /// every report's parse would be counted).
+    fn config_file(
+        &self,
+        name: &str,
+        consumer_extra: &[(&str, &str)],
+        batch_stats: bool,
+    ) -> PathBuf {
         let own = tree().join("deploy/bench/switchyard.yaml");
         let src = if own.exists() {
             own
@@ -1240,11 +1250,15 @@ impl Bench {
             .replace("level: info", "level: warn")
             .replace(
                 "linger.ms: \"5\"",
-                // Producer statistics every second: the batches-sent counter the bench reads.
                 &format!(
-                    "linger.ms: \"{}\"\n    max.in.flight.requests.per.connection: \"{}\"\n    statistics.interval.ms: \"1000\"",
+                    "linger.ms: \"{}\"\n    max.in.flight.requests.per.connection: \"{}\"{}",
                     linger_ms(),
-                    max_in_flight()
+                    max_in_flight(),
+                    if batch_stats {
+                        "\n    statistics.interval.ms: \"1000\""
+                    } else {
+                        ""
+                    }
                 ),
             )
             .replace(
@@ -1288,7 +1302,7 @@ impl Bench {
     async fn start(&self, spec: &PhaseSpec) -> (Vec<Child>, BatchProbe) {
         match spec.system {
             System::Switchyard => {
-                let cfg = self.config_file("switchyard.yaml", &[]);
+                let cfg = self.config_file("switchyard.yaml", &[], true);
                 self.topics_apply(&cfg);
                 let ports: Vec<u16> = (0..spec.processes).map(|_| free_port()).collect();
                 let procs = ports
@@ -1531,12 +1545,12 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let calls1 = command_calls(&mut con).await;
-        // The producers report batches every second: wait for one more report.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // 3 s after the last output (the steady pass's settle, below): the producers, reporting
+        // every second, have counted every batch of the phase.
+        tokio::time::sleep(QUIET).await;
         let batches1 = probe.batches().await;
         let (steady, mem1) = if spec.steady {
             // Measured running: 3 s after the first pass's last output, then after the second's.
-            tokio::time::sleep(QUIET).await;
             let mem1 = used_memory(&mut con).await;
             let steady = self
                 .steady_pass(spec, &producer, &rx, &shared, &mut con, events.len(), mem1)
@@ -1808,6 +1822,7 @@ impl Bench {
         let cfg = self.config_file(
             "switchyard-callgrind.yaml",
             &[("max.poll.interval.ms", "1800000")],
+            false,
         );
         self.topics_apply(&cfg);
         let dir = scratch_dir().join("callgrind");
@@ -2691,6 +2706,7 @@ fn main() {
             "limit": "a raw rdkafka chain with switchyard's 3 hops, topics, partition counts, and, per hop and topic, its records per input event and average record size (limit_shape); offsets stored after delivery",
             "cpu_seconds_per_1000": "CPU seconds per 1,000 events from the start of producing to the last output record",
             "records_per_event": "records the system wrote (all its output and intermediate topics) per input event",
+            "batches_per_event": "record batches the system's producers sent per input event (librdkafka statistics: switchyard's switchyard_produce_batches_total, the limit's and the peer's statistics callbacks); null where not counted",
             "bytes_per_event": "bytes (key + payload + headers) of those records per input event",
             "redis_commands_per_event": "delta of INFO commandstats calls (Lua-internal calls included, as Redis counts them; the bench's own INFO/FLUSHALL excluded) per input event",
             "redis_bytes_retained_per_event": "INFO memory used_memory 3 s after the system stopped (phases with a steady pass: 3 s after its last output, still running), minus before producing, per input event; the first pass creates every resource's state",
