@@ -751,14 +751,17 @@ async fn readyz_and_metrics_endpoint() {
             .len(),
         1
     );
-    let metrics = client
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = || async {
+        client
+            .get(url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let metrics = scrape().await;
     for name in [
         "switchyard_assigned_partitions",
         "switchyard_records_consumed_total",
@@ -781,14 +784,7 @@ async fn readyz_and_metrics_endpoint() {
     let mut batches = 0.0;
     let mut metrics = String::new();
     for _ in 0..50 {
-        metrics = client
-            .get(url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = scrape().await;
         batches = series(&metrics, "switchyard_produce_batches_total", &tasks);
         if batches > 0.0 {
             break;
