@@ -183,11 +183,17 @@ const FETCH_OVERHEAD: usize = 1 << 20;
 /// 6.7 KB line, at INFO).
 pub fn stage_consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     let mut c = consumer_config(cfg, group);
-    let key = "statistics.interval.ms";
-    if !cfg.consumer.contains_key(key) && !cfg.client.contains_key(key) {
-        c.set("statistics.interval.ms", "5000");
-    }
+    statistics_unless_set(&mut c, cfg, &cfg.consumer);
     c
+}
+
+/// librdkafka statistics every 5 s, unless the client's own section (`own`) or `kafka.client` sets
+/// the interval (e.g. "0": none).
+fn statistics_unless_set(c: &mut ClientConfig, cfg: &KafkaConfig, own: &BTreeMap<String, String>) {
+    let key = "statistics.interval.ms";
+    if !own.contains_key(key) && !cfg.client.contains_key(key) {
+        c.set(key, "5000");
+    }
 }
 
 /// Settings every consumer gets; `kafka.consumer` entries are applied after these and win, except the
@@ -219,10 +225,7 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
 /// batch metrics (`switchyard_produce_batches_total`, `switchyard_produce_batched_records_total`).
 pub fn run_producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = producer_config(cfg);
-    let key = "statistics.interval.ms";
-    if !cfg.producer.contains_key(key) && !cfg.client.contains_key(key) {
-        c.set("statistics.interval.ms", "5000");
-    }
+    statistics_unless_set(&mut c, cfg, &cfg.producer);
     c
 }
 

@@ -1042,6 +1042,15 @@ impl BatchProbe {
     }
 }
 
+/// `name` under the scratch directory, emptied.
+fn empty_scratch_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
 /// A loopback port free right now (for a child's HTTP listener).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -1336,9 +1345,7 @@ impl Bench {
                 self.create_topics(&topics).await;
                 let path = scratch_dir().join("limit-shape.run.json");
                 write_json(&path, shape);
-                let batches = scratch_dir().join("limit-batches");
-                let _ = std::fs::remove_dir_all(&batches);
-                std::fs::create_dir_all(&batches).expect("limit batches dir");
+                let batches = empty_scratch_dir("limit-batches");
                 (
                     vec![
                         Command::new(std::env::current_exe().expect("own executable"))
@@ -1361,9 +1368,7 @@ impl Bench {
                 );
                 self.create_topics(&topics).await;
                 let python = env_or("BENCH_PEER_PYTHON", "python3");
-                let batches = scratch_dir().join("peer-batches");
-                let _ = std::fs::remove_dir_all(&batches);
-                std::fs::create_dir_all(&batches).expect("peer batches dir");
+                let batches = empty_scratch_dir("peer-batches");
                 let procs = ["route", "agent", "resolve"]
                     .iter()
                     .map(|stage| {
