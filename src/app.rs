@@ -29,6 +29,9 @@ pub enum AppError {
     Setup(String),
     #[error(transparent)]
     Stage(#[from] RuntimeError),
+    /// A newer build raised the data format marker ([`crate::format`]).
+    #[error("{0}")]
+    Superseded(String),
 }
 
 fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
@@ -138,6 +141,26 @@ pub async fn run(
     let tracker = TaskTracker::new();
     // A failing stage stops the others too: the process exits non-zero and its supervisor restarts it.
     let stop = shutdown.child_token();
+    crate::format::check_at_start(&redis, &cfg.redis.key_prefix)
+        .await
+        .map_err(AppError::Superseded)?;
+    let superseded = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (slot, watch) = (
+            superseded.clone(),
+            crate::format::watch_format(
+                redis.clone(),
+                cfg.redis.key_prefix.clone(),
+                Duration::from_secs(1),
+                stop.clone(),
+            ),
+        );
+        tracker.spawn(async move {
+            if let Some(why) = watch.await {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            }
+        });
+    }
     let (known_epoch, history) = check_epoch(&loaded, &redis).await;
     tracker.spawn(crate::store::watch_epoch(
         redis.clone(),
@@ -348,6 +371,9 @@ pub async fn run(
         tracing::warn!(error = %e, "Producer flush at shutdown failed.");
     }
     tokio::task::spawn_blocking(crate::spans::flush).await.ok();
+    if let Some(why) = superseded.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(AppError::Superseded(why));
+    }
     match first_error {
         Some(e) => Err(e.into()),
         None => Ok(()),

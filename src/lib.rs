@@ -38,7 +38,9 @@
 //! - [`audit`]: record hashes, sealing into per-resource chains, verification;
 //! - [`http`]: the HTTP server (metrics, health), users and their roles, the approvals API, HTTP
 //!   ingest (CloudEvents, Alertmanager and GitHub webhooks to input topics);
-//! - [`recover`]: rebuilding Redis from the Kafka topics after Redis lost its data.
+//! - [`recover`]: rebuilding Redis from the Kafka topics after Redis lost its data;
+//! - [`format`]: the data format marker that keeps an older build from reading what a newer one
+//!   wrote.
 //!
 //! Contract and foundations:
 //! - [`event`]: the CloudEvents 1.0 contract; [`codec`]: records ⇄ events (JSON, binary mode, Avro);
@@ -64,6 +66,7 @@ pub mod context;
 pub mod embedded;
 pub mod error;
 pub mod event;
+pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

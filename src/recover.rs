@@ -102,6 +102,13 @@ pub async fn recover(
             ));
         }
     }
+    // What this rebuilds is in this build's format: not over a newer build's.
+    let found = crate::format::claim(stores.conn, stores.prefix)
+        .await
+        .map_err(err)?;
+    if found > crate::format::DATA_FORMAT {
+        return Err(crate::format::newer_message(stores.prefix, found));
+    }
     let topics = &loaded.config.topics;
     let mut out = Recovered::default();
 

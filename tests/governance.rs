@@ -1893,6 +1893,148 @@ async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
+/// The data format marker (`<prefix>:format`): this build raises a lower one at start and keeps
+/// working; once a newer build raises it, the running instance stops (exit error naming the
+/// marker) without lowering it, a new start, the `run` command and `recover` are refused, and
+/// `status` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
+    use switchyard::format::DATA_FORMAT;
+    let env = TestEnv::new(1, "").await;
+    let mut conn = redis_connection(&stack().1).await;
+    let key = format!("{}:format", env.prefix);
+    let marker = |mut c: redis::aio::MultiplexedConnection, key: String| async move {
+        redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<String>>(&mut c)
+            .await
+            .expect("GET")
+    };
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let running = Running::start(env.loaded.clone(), &["route"]);
+    env.publish_one(
+        "events.deployments",
+        "f1",
+        "deployment.started",
+        "svc-f",
+        json!({"service": "svc-f"}),
+    )
+    .await;
+    assert_eq!(
+        env.read("switchyard.tasks", 1, Duration::from_secs(40))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        marker(conn.clone(), key.clone()).await,
+        Some(DATA_FORMAT.to_string()),
+        "a lower marker is raised to this build's format"
+    );
+
+    // A newer build starts against this Redis.
+    let newer = (DATA_FORMAT + 1).to_string();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&newer)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), running.outcome())
+        .await
+        .expect("the instance stops within seconds of the newer marker");
+    let why = outcome.expect_err("it stops with an error").to_string();
+    assert!(
+        why.contains("a newer switchyard uses this Redis") && why.contains(&key),
+        "{why}"
+    );
+    assert_eq!(
+        marker(conn.clone(), key.clone()).await,
+        Some(newer.clone()),
+        "never lowered"
+    );
+    // Nothing was left behind unprocessed: the one event's task stays the only one.
+    env.publish_one(
+        "events.deployments",
+        "f2",
+        "deployment.started",
+        "svc-f",
+        json!({"service": "svc-f"}),
+    )
+    .await;
+
+    // A start of this build is refused at once.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        switchyard::app::run(
+            env.loaded.clone(),
+            vec!["route".to_string()],
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("a newer switchyard uses this Redis")),
+        "a start is refused"
+    );
+    assert_eq!(
+        env.read("switchyard.tasks", 2, Duration::from_secs(5))
+            .await
+            .len(),
+        1,
+        "the refused instance processed nothing"
+    );
+    // The command exits non-zero with the reason; `recover` refuses too; `status` says so.
+    for args in [
+        &["run", "--stages", "route"][..],
+        &["recover", "--force"][..],
+    ] {
+        let mut child = std::process::Command::new(bin())
+            .args(["--config", env.config_path.to_str().unwrap()])
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("switchyard runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?} did not exit on a newer marker");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?} exits non-zero");
+        assert!(
+            err.contains("a newer switchyard uses this Redis"),
+            "{args:?}: {err}"
+        );
+    }
+    let text = cli(&env, &["status"]);
+    assert!(
+        text.contains(&format!(
+            "FORMAT     {newer}: a newer build uses this Redis"
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        marker(conn.clone(), key.clone()).await,
+        Some(newer),
+        "never lowered"
+    );
+}
+
 /// Redis restarting without its data (no append-only file) is detected: nothing is processed (no
 /// second `page` with a restarted fencing token), `/readyz` says why; `switchyard recover` rebuilds
 /// the pending approval, the chain heads and the tokens from Kafka; then processing resumes, the

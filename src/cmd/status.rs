@@ -104,6 +104,20 @@ pub async fn report(
             let _ = writeln!(out, "APPROVALS  none pending");
         }
     }
+    let prefix = &cfg.redis.key_prefix;
+    let ours = crate::format::DATA_FORMAT;
+    let _ = match crate::format::read(conn, prefix).await {
+        Ok(Some(n)) if n > ours => writeln!(
+            out,
+            "FORMAT     {n}: a newer build uses this Redis (this one writes {ours}; its `run` refuses to start)"
+        ),
+        Ok(Some(n)) => writeln!(out, "FORMAT     {n} (this build writes {ours})"),
+        Ok(None) => writeln!(
+            out,
+            "FORMAT     no marker yet (no instance of a build with one has started; this build writes {ours})"
+        ),
+        Err(e) => writeln!(out, "FORMAT     unknown ({e})"),
+    };
     let names: Vec<String> = cfg.agents.keys().cloned().collect();
     let cards = scorecards(conn, &cfg.redis.key_prefix, &names, 2 * 3600)
         .await

@@ -193,6 +193,11 @@ impl Running {
             .expect("stages stop cleanly");
     }
 
+    /// How the stages ended, once they have (waits for it).
+    pub async fn outcome(self) -> Result<(), switchyard::app::AppError> {
+        self.handle.await.expect("join")
+    }
+
     /// Whether the stages are still running (a stage error ends them).
     pub fn is_running(&self) -> bool {
         !self.handle.is_finished()
