@@ -347,7 +347,7 @@ pub struct DecodedTask {
 
 /// Reads a task record; anything else is poison.
 pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, ProcessError> {
-    let ev = codec::decode(rec.view(), &emitter.schemas)?;
+    let (ev, task) = codec::decode_typed::<TaskData>(rec.view(), &emitter.schemas)?;
     if ev.ty != types::TASK {
         return Err(poison(
             "not_a_task",
@@ -355,8 +355,7 @@ pub fn decode_task(rec: &Input, emitter: &Emitter) -> Result<DecodedTask, Proces
         ));
     }
     let parent = ev.traceparent().map(str::to_string);
-    let task: TaskData = serde_json::from_value(ev.data.unwrap_or(Value::Null))
-        .map_err(|e| poison("malformed_task", e.to_string()))?;
+    let task = task.map_err(|e| poison("malformed_task", e))?;
     let event: CloudEvent = serde::Deserialize::deserialize(&task.event)
         .map_err(|e| poison("malformed_task", format!("task.event: {e}")))?;
     Ok(DecodedTask {

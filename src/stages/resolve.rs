@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use futures::{Stream, StreamExt};
 
@@ -123,7 +123,7 @@ pub fn decode_proposal(
     rec: &Input,
     emitter: &Emitter,
 ) -> Result<(ProposalData, Option<String>), ProcessError> {
-    let ev = codec::decode(rec.view(), &emitter.schemas)?;
+    let (ev, p) = codec::decode_typed::<ProposalData>(rec.view(), &emitter.schemas)?;
     if ev.ty != types::PROPOSAL {
         return Err(ProcessError::poison(
             "not_a_proposal",
@@ -131,8 +131,7 @@ pub fn decode_proposal(
         ));
     }
     let tp = ev.traceparent().map(str::to_string);
-    let p: ProposalData = serde_json::from_value(ev.data.unwrap_or(Value::Null))
-        .map_err(|e| ProcessError::poison("malformed_proposal", e.to_string()))?;
+    let p = p.map_err(|e| ProcessError::poison("malformed_proposal", e))?;
     Ok((p, tp))
 }
 

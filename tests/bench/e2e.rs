@@ -2037,16 +2037,29 @@ impl Bench {
         println!(
             "  of which idle polling: {idle_per_second:.0} Ir/s with nothing to do; less that: {busy_per_event:.0} per event"
         );
+        // Valgrind's virtual CPU has no SHA extensions, so sha2 takes its software path here;
+        // the real process hashes with SHA-NI where the CPU has it (this machine's does).
+        let sha_per_event = callgrind_inclusive(&dumps, SHA256_COMPRESS)
+            .map(|ir| ir as f64 / measured_events.max(1) as f64);
+        match sha_per_event {
+            Some(n) => println!(
+                "  of which SHA-256 in software (valgrind hides SHA-NI; the real process uses it where the CPU has it): {n:.0} per event"
+            ),
+            None => println!(
+                "  SHA-256's share not found (callgrind_annotate missing, or no {SHA256_COMPRESS:?} in the dump)"
+            ),
+        }
         let doc = json!({
             "instructions_per_event": per_event,
             "instructions_per_event_less_idle": busy_per_event,
             "idle_instructions_per_second": idle_per_second,
+            "sha256_software_instructions_per_event": sha_per_event,
             "ir_total": ir_total,
             "events_measured": measured_events,
             "events_warm_up": warm_n,
             "resources": resources,
             "measured_wall_seconds_under_valgrind": measured_wall,
-            "method": "switchyard run (release build, the bench's config) under valgrind --tool=callgrind --instr-atstart=no; warm-up events first (their results and a quiet output awaited), then callgrind_control -i on and -z, a 5 s idle window dumped (idle), the remaining events produced at once, every result and 5 s of quiet output awaited, callgrind_control --dump (measured); instructions_per_event = Ir of the measured dump (every thread, idle polling during the window included) / events produced while counting; instructions_per_event_less_idle subtracts the idle rate × the window's length",
+            "method": "switchyard run (release build, the bench's config) under valgrind --tool=callgrind --instr-atstart=no; warm-up events first (their results and a quiet output awaited), then callgrind_control -i on and -z, a 5 s idle window dumped (idle), the remaining events produced at once, every result and 5 s of quiet output awaited, callgrind_control --dump (measured); instructions_per_event = Ir of the measured dump (every thread, idle polling during the window included) / events produced while counting; instructions_per_event_less_idle subtracts the idle rate × the window's length; sha256_software_instructions_per_event is the part of instructions_per_event spent in sha2's compression function, which runs in software under valgrind (its virtual CPU has no SHA extensions) and with SHA-NI in the real process where the CPU has them",
             "dumps": dumps,
             "valgrind": Command::new("valgrind").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
             "switchyard_bin": bin,
@@ -2088,6 +2101,29 @@ fn callgrind_ir(dir: &Path, label: &str) -> (u64, Vec<String>) {
         files.push(path.display().to_string());
     }
     (total, files)
+}
+
+/// sha2's SHA-256 compression function, as `callgrind_annotate` names it.
+const SHA256_COMPRESS: &str = "sha256.rs:sha2::sha256::compress256 [";
+
+/// Inclusive Ir of the function `callgrind_annotate` names with `symbol` (a substring of its
+/// line), summed over `dumps`; `None` when no dump names it (or the tool is missing).
+fn callgrind_inclusive(dumps: &[String], symbol: &str) -> Option<u64> {
+    let found: Vec<u64> = dumps
+        .iter()
+        .filter_map(|d| {
+            let out = Command::new("callgrind_annotate")
+                .args(["--inclusive=yes", "--threshold=100", "--auto=no", d])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.contains(symbol))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.replace(',', "").parse::<u64>().ok())
+        })
+        .collect();
+    (!found.is_empty()).then(|| found.iter().sum())
 }
 
 /// Stops the valgrind'ed switchyard and fails with the end of valgrind's log.

@@ -103,6 +103,27 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    // A task record as the agents stage reads it: through a JSON value tree into the typed data
+    // (how it read them before), and straight into the typed data (`codec::decode_typed`).
+    let view = RecordView {
+        key: None,
+        payload: &task_json,
+        headers: &[],
+    };
+    g.bench_function("task_via_value_tree", |b| {
+        b.iter(|| {
+            let mut ev = codec::decode(black_box(view), &schemas).expect("task");
+            let t: switchyard::records::TaskData =
+                serde_json::from_value(ev.data.take().unwrap_or_default()).expect("task data");
+            (ev, t)
+        })
+    });
+    g.bench_function("task_typed", |b| {
+        b.iter(|| {
+            codec::decode_typed::<switchyard::records::TaskData>(black_box(view), &schemas)
+                .expect("task")
+        })
+    });
     g.finish();
 
     let specs: Vec<RouteSpec> = serde_yaml::from_str(
