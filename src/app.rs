@@ -144,14 +144,18 @@ pub async fn run(
     crate::format::check_at_start(&redis, &cfg.redis.key_prefix)
         .await
         .map_err(AppError::Superseded)?;
+    // The stages start once the marker has been claimed (`format_ready`; see `crate::format`).
     let superseded = Arc::new(std::sync::Mutex::new(None));
+    let format_ready = CancellationToken::new();
     {
+        let every = crate::format::LOOK_EVERY;
         let (slot, watch) = (
             superseded.clone(),
             crate::format::watch_format(
                 redis.clone(),
                 cfg.redis.key_prefix.clone(),
-                Duration::from_secs(1),
+                (every, every * 5 / 2),
+                format_ready.clone(),
                 stop.clone(),
             ),
         );
@@ -260,7 +264,12 @@ pub async fn run(
         health.stages.push((def.name, h.clone()));
         let settings = settings(&loaded, def.name, (def.inputs)(&cfg.topics));
         let (producer, stop, tx) = (producer.clone(), stop.clone(), tx.clone());
+        let format_ready = format_ready.clone();
         tracker.spawn(async move {
+            tokio::select! {
+                _ = format_ready.cancelled() => {}
+                _ = stop.cancelled() => return,
+            }
             let r = runner(settings, producer, stop.clone(), h).await;
             if r.is_err() {
                 stop.cancel();

@@ -106,8 +106,8 @@ pub async fn recover(
     let found = crate::format::claim(stores.conn, stores.prefix)
         .await
         .map_err(err)?;
-    if found > crate::format::DATA_FORMAT {
-        return Err(crate::format::newer_message(stores.prefix, found));
+    if found.newer() {
+        return Err(crate::format::newer_message(stores.prefix, found.now));
     }
     let topics = &loaded.config.topics;
     let mut out = Recovered::default();

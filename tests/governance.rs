@@ -1894,9 +1894,9 @@ async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
 }
 
 /// The data format marker (`<prefix>:format`): this build raises a lower one at start and keeps
-/// working; once a newer build raises it, the running instance stops (exit error naming the
-/// marker) without lowering it, a new start, the `run` command and `recover` are refused, and
-/// `status` says why.
+/// working; once a newer build raises it, the running instance stops (draining and committing;
+/// an error naming the marker) without lowering it; a new start (before any setup), the `run`
+/// command, `recover` and `approvals approve` are refused, and `status` says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
     use switchyard::format::DATA_FORMAT;
@@ -1958,7 +1958,15 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
         Some(newer.clone()),
         "never lowered"
     );
-    // Nothing was left behind unprocessed: the one event's task stays the only one.
+    // It drained and committed what it had taken: the first event's offset.
+    assert_eq!(
+        env.committed("route", "events.deployments", 1)
+            .await
+            .get(&0),
+        Some(&1),
+        "the stopped instance committed its work"
+    );
+    // An event sent now is for the newer build: this one must not take it.
     env.publish_one(
         "events.deployments",
         "f2",
@@ -1968,11 +1976,15 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
     )
     .await;
 
-    // A start of this build is refused at once.
+    // A start of this build is refused at once, before anything is set up (an HTTP address that
+    // cannot be bound would fail the setup otherwise).
+    let mut unbindable = env.loaded.clone();
+    unbindable.config.http.enabled = true;
+    unbindable.config.http.listen = "not-an-address".into();
     let refused = tokio::time::timeout(
         Duration::from_secs(20),
         switchyard::app::run(
-            env.loaded.clone(),
+            unbindable,
             vec!["route".to_string()],
             tokio_util::sync::CancellationToken::new(),
         ),
@@ -1980,8 +1992,8 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
     .await
     .expect("refused at once");
     assert!(
-        refused.is_err_and(|e| e.to_string().contains("a newer switchyard uses this Redis")),
-        "a start is refused"
+        matches!(&refused, Err(switchyard::app::AppError::Superseded(why)) if why.contains("a newer switchyard uses this Redis")),
+        "a start is refused: {refused:?}"
     );
     assert_eq!(
         env.read("switchyard.tasks", 2, Duration::from_secs(5))
@@ -1994,6 +2006,7 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
     for args in [
         &["run", "--stages", "route"][..],
         &["recover", "--force"][..],
+        &["approvals", "approve", "apr-none", "--by", "erin"][..],
     ] {
         let mut child = std::process::Command::new(bin())
             .args(["--config", env.config_path.to_str().unwrap()])
@@ -2021,6 +2034,23 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
             "{args:?}: {err}"
         );
     }
+    // What a claim reports: none before, raised from an older format, a newer one in place.
+    let rc = switchyard::store::RedisConn::from_config(&env.loaded.config.redis).unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let claim = |ours: u64| switchyard::format::claim_as(&rc, &env.prefix, ours);
+    let first = claim(DATA_FORMAT).await.unwrap();
+    assert!(first.before == 0 && first.now == DATA_FORMAT && !first.raised_from_older());
+    let up = claim(DATA_FORMAT + 1).await.unwrap();
+    assert!(
+        up.raised_from_older() && up.now == DATA_FORMAT + 1,
+        "{up:?}"
+    );
+    let ours = claim(DATA_FORMAT).await.unwrap();
+    assert!(ours.newer() && !ours.raised_from_older(), "{ours:?}");
     let text = cli(&env, &["status"]);
     assert!(
         text.contains(&format!(

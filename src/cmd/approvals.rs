@@ -109,6 +109,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::Approve { id, by, why } => (id, Verdict::Approve, by, why),
         ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
     };
+    // A decision writes the resource's state: not in a format a newer build would misread.
+    let conn = crate::store::RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
+    crate::format::refuse_newer(&conn, &l.config.redis.key_prefix).await?;
     // The wait's span (when tracing is on) is exported before the process exits; tracing trouble
     // never stands in the way of a decision.
     if let Err(e) = crate::spans::init(&l.config.tracing, &format!("cli-{}", std::process::id())) {
