@@ -638,23 +638,138 @@ pub fn epoch_key(prefix: &str) -> String {
     format!("{prefix}:epoch")
 }
 
-/// The epoch marker's value, when there is one.
-pub async fn read_epoch(conn: &RedisConn, prefix: &str) -> Result<Option<String>, StoreError> {
-    let mut c = conn.get_unguarded().await?;
-    Ok(redis::cmd("GET")
-        .arg(epoch_key(prefix))
-        .query_async(&mut c)
-        .await?)
+/// On a Redis Cluster the epoch marker alone lives on one shard, so a *different* shard coming back
+/// empty would go unnoticed. So it is written as this many shard markers too, one in each
+/// 1/`SHARD_MARKERS` of the slots (`<prefix>:epoch:{<tag>}`): every shard that holds at least that
+/// many contiguous slots (256) holds one, and losing its data loses them. Some of them gone, the
+/// epoch counts as gone.
+pub const SHARD_MARKERS: usize = 64;
+
+/// The shard markers' keys, marker `i`'s hash tag chosen so that its slot lies in the `i`th
+/// 1/[`SHARD_MARKERS`] of the slots.
+pub fn shard_epoch_keys(prefix: &str) -> Vec<String> {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let width = (16384 / SHARD_MARKERS) as u16;
+        (0..SHARD_MARKERS as u16)
+            .map(|i| {
+                (0u32..)
+                    .map(|j| format!("e{j}"))
+                    .find(|t| cluster_slot(t) / width == i)
+                    .unwrap_or_default()
+            })
+            .collect()
+    });
+    tags.iter()
+        .map(|t| format!("{prefix}:epoch:{{{t}}}"))
+        .collect()
 }
 
-/// Writes a new epoch marker unless one exists; returns the marker in place.
-pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
+/// The Redis Cluster slot of a hash tag.
+fn cluster_slot(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
+/// How many of the shard markers are there.
+async fn shard_markers_present(conn: &RedisConn, prefix: &str) -> Result<usize, StoreError> {
+    let mut pipe = redis::pipe();
+    for k in shard_epoch_keys(prefix) {
+        pipe.exists(k);
+    }
     let mut c = conn.get_unguarded().await?;
+    let found: Vec<i64> = pipe.query_async(&mut c).await?;
+    Ok(found.iter().filter(|n| **n > 0).count())
+}
+
+/// Writes the shard markers that are missing (`id`: the epoch's).
+async fn write_shard_markers(conn: &RedisConn, prefix: &str, id: &str) -> Result<(), StoreError> {
+    let mut pipe = redis::pipe();
+    for k in shard_epoch_keys(prefix) {
+        pipe.cmd("SET").arg(k).arg(id).arg("NX").ignore();
+    }
+    let mut c = conn.get_unguarded().await?;
+    let () = pipe.query_async(&mut c).await?;
+    Ok(())
+}
+
+/// What the epoch markers say.
+enum Epoch {
+    /// No marker.
+    Absent,
+    /// The marker, and on a Redis Cluster all its shard markers.
+    Whole(String),
+    /// The marker, but some of its shard markers are gone: a shard lost its data.
+    Torn,
+}
+
+/// Reads the epoch markers. On a Redis Cluster, none of the shard markers there (a build before
+/// them wrote the epoch) writes them; some gone, looked at twice half a second apart (another
+/// instance may be writing them), is a torn epoch.
+async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> {
+    let mut c = conn.get_unguarded().await?;
+    let main: Option<String> = redis::cmd("GET")
+        .arg(epoch_key(prefix))
+        .query_async(&mut c)
+        .await?;
+    let Some(id) = main else {
+        return Ok(Epoch::Absent);
+    };
+    if !conn.is_cluster() {
+        return Ok(Epoch::Whole(id));
+    }
+    for look in 0..2 {
+        let present = shard_markers_present(conn, prefix).await?;
+        if present == SHARD_MARKERS {
+            return Ok(Epoch::Whole(id));
+        }
+        if present == 0 {
+            write_shard_markers(conn, prefix, &id).await?;
+            return Ok(Epoch::Whole(id));
+        }
+        if look == 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        } else {
+            tracing::debug!(
+                present,
+                of = SHARD_MARKERS,
+                "Some of the epoch's shard markers are gone: a cluster shard lost its data."
+            );
+        }
+    }
+    Ok(Epoch::Torn)
+}
+
+/// The epoch marker's value, when there is one — on a Redis Cluster, with all its shard markers
+/// (some gone: a shard lost its data, and the epoch counts as gone).
+pub async fn read_epoch(conn: &RedisConn, prefix: &str) -> Result<Option<String>, StoreError> {
+    Ok(match epoch(conn, prefix).await? {
+        Epoch::Whole(id) => Some(id),
+        Epoch::Absent | Epoch::Torn => None,
+    })
+}
+
+/// Writes a new epoch marker unless one exists; returns the marker in place. On a Redis Cluster the
+/// shard markers first (a reader that finds the marker finds them all), and a torn epoch is
+/// replaced by a new one.
+pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
     let id = format!(
         "{}@{}",
         uuid::Uuid::new_v4().simple(),
         chrono::Utc::now().to_rfc3339()
     );
+    if conn.is_cluster() {
+        if let Epoch::Torn = epoch(conn, prefix).await? {
+            let mut pipe = redis::pipe();
+            pipe.del(epoch_key(prefix)).ignore();
+            for k in shard_epoch_keys(prefix) {
+                pipe.del(k).ignore();
+            }
+            let mut c = conn.get_unguarded().await?;
+            let () = pipe.query_async(&mut c).await?;
+        }
+        write_shard_markers(conn, prefix, &id).await?;
+    }
+    let mut c = conn.get_unguarded().await?;
     let _: Option<String> = redis::cmd("SET")
         .arg(epoch_key(prefix))
         .arg(&id)
@@ -666,7 +781,6 @@ pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, Stor
         .ok_or_else(|| StoreError::Redis("the epoch marker vanished as it was written".into()))
 }
 
-/// What switchyard found when it started.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EpochStart {
     /// The marker is there: Redis holds the state switchyard left.
@@ -720,7 +834,7 @@ pub async fn watch_epoch(
             }
             Ok(None) => {
                 if !conn.is_lost() || last_warning.elapsed() > Duration::from_secs(30) {
-                    tracing::error!(key = %epoch_key(&prefix), "Redis lost its state (its epoch marker is gone): switchyard waits; rebuild the state from Kafka with `switchyard recover` (see the README, Redis must be durable).");
+                    tracing::error!(key = %epoch_key(&prefix), "Redis lost its state (its epoch marker is gone, or on a Redis Cluster some of its shard markers): switchyard waits; rebuild the state from Kafka with `switchyard recover` (see the README, Redis must be durable).");
                     last_warning = std::time::Instant::now();
                 }
                 conn.set_lost(true);

@@ -709,6 +709,148 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
 }
 
 /// The ports of a cluster's nodes, from one of them.
+/// A Redis Cluster shard that comes back empty (here: flushed) is noticed although the epoch
+/// marker itself lives on another shard: the shard markers it held are gone, every write waits
+/// (`/readyz` says why, an event is not routed), `switchyard recover` (no `--force`) writes a
+/// whole new epoch, and processing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_cluster, port) = start_redis_cluster(&dir.path().join("cluster"));
+    let url = format!("redis://127.0.0.1:{port}/");
+    let env = TestEnv::new(1, "").await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let plain = format!("url: {}", stack().1);
+    std::fs::write(
+        &env.config_path,
+        text.replace(&plain, &format!("url: {url}\n  cluster: true")),
+    )
+    .expect("write");
+    let overrides = |k: &str| match k {
+        "SWITCHYARD_REDIS_URL" => None,
+        k => std::env::var(k).ok(),
+    };
+    let mut loaded =
+        switchyard::config::Config::load_with(&env.config_path, &overrides).expect("loads");
+    let http = free_port();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{http}");
+    let running = Running::start(loaded, &["route"]);
+    env.publish_one(
+        "events.deployments",
+        "c1",
+        "deployment.started",
+        "svc-c",
+        json!({"service": "svc-c"}),
+    )
+    .await;
+    assert_eq!(
+        env.read("switchyard.tasks", 1, Duration::from_secs(40))
+            .await
+            .len(),
+        1
+    );
+    // Where the markers are: the node holding the epoch marker, and another holding shard markers.
+    let local = |node: u16, pattern: String| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &node.to_string(), "--scan", "--pattern", &pattern])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let main = format!("{}:epoch", env.prefix);
+    let nodes = cluster_ports(port);
+    let shards: usize = nodes
+        .iter()
+        .map(|n| local(*n, format!("{main}:*")).len())
+        .sum();
+    assert_eq!(
+        shards,
+        switchyard::store::SHARD_MARKERS,
+        "every shard marker written"
+    );
+    let victim = *nodes
+        .iter()
+        .find(|n| {
+            !local(**n, main.clone()).contains(&main) && !local(**n, format!("{main}:*")).is_empty()
+        })
+        .expect("a node without the epoch marker, holding shard markers");
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &victim.to_string(), "FLUSHALL"])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success());
+    // Noticed within a few seconds; nothing is routed meanwhile.
+    let client = reqwest::Client::new();
+    let mut ready = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        ready = client
+            .get(format!("http://127.0.0.1:{http}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if ready.contains("redis lost its state") {
+            break;
+        }
+    }
+    assert!(ready.contains("redis lost its state"), "{ready}");
+    env.publish_one(
+        "events.deployments",
+        "c2",
+        "deployment.started",
+        "svc-c2",
+        json!({"service": "svc-c2"}),
+    )
+    .await;
+    assert_eq!(
+        env.read("switchyard.tasks", 2, Duration::from_secs(4))
+            .await
+            .len(),
+        1,
+        "nothing is routed while the state is lost"
+    );
+    // Recovered from Kafka: a new, whole epoch; the waiting event goes through.
+    let out = std::process::Command::new(bin())
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "recover",
+        ])
+        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_REDIS_URL", &url)
+        .output()
+        .expect("recover");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.read("switchyard.tasks", 2, Duration::from_secs(40))
+            .await
+            .len(),
+        2
+    );
+    let shards: usize = nodes
+        .iter()
+        .map(|n| local(*n, format!("{main}:*")).len())
+        .sum();
+    assert_eq!(
+        shards,
+        switchyard::store::SHARD_MARKERS,
+        "the new epoch is whole"
+    );
+    running.stop().await;
+}
+
 fn cluster_ports(port: u16) -> Vec<u16> {
     let out = std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "cluster", "nodes"])
