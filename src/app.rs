@@ -419,7 +419,7 @@ async fn check_epoch(loaded: &Loaded, redis: &RedisConn) -> (Option<String>, boo
             (Some(e), history)
         }
         Ok(crate::store::EpochStart::Lost) => {
-            tracing::error!("Redis lost its state: switchyard ran against this Kafka before, but Redis has no epoch marker. Nothing is processed until `switchyard recover` rebuilds the state from Kafka (see the README).");
+            tracing::error!("Redis lost its state: switchyard ran against this Kafka before, but Redis has no epoch marker (or, on a Redis Cluster, a shard lost its markers). Nothing is processed until `switchyard recover` rebuilds the state from Kafka (see the README).");
             (None, history)
         }
         Err(e) => {

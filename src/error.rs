@@ -54,9 +54,9 @@ pub enum StoreError {
     /// Stored data cannot be read: retrying will not help.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
-    /// Redis lost its state (the epoch marker is gone): nothing may use it until `switchyard
-    /// recover` rebuilt it from Kafka.
-    #[error("redis lost its state (no epoch marker): run `switchyard recover`")]
+    /// Redis lost its state (the epoch marker is gone, or on a Redis Cluster some of its shard
+    /// markers): nothing may use it until `switchyard recover` rebuilt it from Kafka.
+    #[error("redis lost its state (its epoch marker is gone): run `switchyard recover`")]
     Lost,
 }
 

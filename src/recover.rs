@@ -343,7 +343,7 @@ pub async fn recover(
             .map_err(err)?;
         out.facts += list.len();
     }
-    out.epoch = crate::store::create_epoch(stores.conn, stores.prefix)
+    out.epoch = crate::store::renew_epoch(stores.conn, stores.prefix)
         .await
         .map_err(err)?;
     Ok(out)

@@ -639,148 +639,206 @@ pub fn epoch_key(prefix: &str) -> String {
 }
 
 /// On a Redis Cluster the epoch marker alone lives on one shard, so a *different* shard coming back
-/// empty would go unnoticed. So it is written as this many shard markers too, one in each
-/// 1/`SHARD_MARKERS` of the slots (`<prefix>:epoch:{<tag>}`): every shard that holds at least that
-/// many contiguous slots (256) holds one, and losing its data loses them. Some of them gone, the
-/// epoch counts as gone.
+/// empty would go unnoticed. So it is written as this many shard markers too
+/// (`<prefix>:epoch:{<tag>}`), marker `i` in slot `i × 16384 / SHARD_MARKERS`: any 256 contiguous
+/// slots hold exactly one, so every shard owning that many holds some, and loses them with its
+/// data. Once all are written, the completion key (`{<prefix>:epoch}:shards`, in the marker's own
+/// slot, so lost only with it) names the epoch they were written for; from then on a missing one
+/// means a shard lost its data: the epoch is torn.
 pub const SHARD_MARKERS: usize = 64;
 
-/// The shard markers' keys, marker `i`'s hash tag chosen so that its slot lies in the `i`th
-/// 1/[`SHARD_MARKERS`] of the slots.
-pub fn shard_epoch_keys(prefix: &str) -> Vec<String> {
+/// The shard markers' hash tags: `e<j>` with the smallest `j` whose slot is marker `i`'s.
+fn shard_tags() -> &'static [String] {
     static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
+    TAGS.get_or_init(|| {
         let width = (16384 / SHARD_MARKERS) as u16;
-        (0..SHARD_MARKERS as u16)
-            .map(|i| {
-                (0u32..)
-                    .map(|j| format!("e{j}"))
-                    .find(|t| cluster_slot(t) / width == i)
-                    .unwrap_or_default()
-            })
-            .collect()
-    });
-    tags.iter()
+        let mut tags = vec![String::new(); SHARD_MARKERS];
+        let mut left = SHARD_MARKERS;
+        for j in 0u32.. {
+            let t = format!("e{j}");
+            let slot = cluster_slot(&t);
+            if slot % width == 0 && tags[usize::from(slot / width)].is_empty() {
+                tags[usize::from(slot / width)] = t;
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        tags
+    })
+}
+
+/// The shard markers' keys.
+pub fn shard_epoch_keys(prefix: &str) -> Vec<String> {
+    shard_tags()
+        .iter()
         .map(|t| format!("{prefix}:epoch:{{{t}}}"))
         .collect()
 }
 
-/// The Redis Cluster slot of a hash tag.
+/// The completion key: the epoch whose shard markers were all written.
+fn shards_done_key(prefix: &str) -> String {
+    format!("{{{}}}:shards", epoch_key(prefix))
+}
+
+/// The Redis Cluster slot of a hash tag (CRC16/XMODEM, as Redis and redis-rs compute it).
 fn cluster_slot(tag: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
 }
 
-/// How many of the shard markers are there.
-async fn shard_markers_present(conn: &RedisConn, prefix: &str) -> Result<usize, StoreError> {
+/// What the epoch markers say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Epoch {
+    /// No marker.
+    Absent,
+    /// The marker (and on a Redis Cluster all its shard markers).
+    Whole(String),
+    /// The marker, but some of its shard markers are gone: a cluster shard lost its data.
+    Torn(String),
+}
+
+/// Reads the epoch markers. On a Redis Cluster, shard markers not yet completed for this epoch
+/// (written by a build before them, or a writer stopped half way) are written, then completed.
+pub async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> {
+    let mut c = conn.get_unguarded().await?;
+    if !conn.is_cluster() {
+        let main: Option<String> = redis::cmd("GET")
+            .arg(epoch_key(prefix))
+            .query_async(&mut c)
+            .await?;
+        return Ok(main.map_or(Epoch::Absent, Epoch::Whole));
+    }
+    // The marker and its completion key share a slot: one round trip, with the shard markers.
     let mut pipe = redis::pipe();
+    pipe.get(epoch_key(prefix)).get(shards_done_key(prefix));
     for k in shard_epoch_keys(prefix) {
         pipe.exists(k);
     }
-    let mut c = conn.get_unguarded().await?;
-    let found: Vec<i64> = pipe.query_async(&mut c).await?;
-    Ok(found.iter().filter(|n| **n > 0).count())
+    let reply: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+    let text = |v: Option<&redis::Value>| -> Option<String> {
+        v.and_then(|v| redis::FromRedisValue::from_redis_value_ref(v).ok())
+    };
+    let Some(id) = text(reply.first()) else {
+        return Ok(Epoch::Absent);
+    };
+    let present = reply
+        .iter()
+        .skip(2)
+        .filter(|v| matches!(v, redis::Value::Int(n) if *n > 0))
+        .count();
+    if text(reply.get(1)).as_deref() == Some(id.as_str()) {
+        return Ok(if present == SHARD_MARKERS {
+            Epoch::Whole(id)
+        } else {
+            Epoch::Torn(id)
+        });
+    }
+    complete_shard_markers(conn, prefix, &id).await?;
+    Ok(Epoch::Whole(id))
 }
 
-/// Writes the shard markers that are missing (`id`: the epoch's).
-async fn write_shard_markers(conn: &RedisConn, prefix: &str, id: &str) -> Result<(), StoreError> {
+/// Writes the missing shard markers, then the completion key for `id`.
+async fn complete_shard_markers(
+    conn: &RedisConn,
+    prefix: &str,
+    id: &str,
+) -> Result<(), StoreError> {
     let mut pipe = redis::pipe();
     for k in shard_epoch_keys(prefix) {
         pipe.cmd("SET").arg(k).arg(id).arg("NX").ignore();
     }
     let mut c = conn.get_unguarded().await?;
     let () = pipe.query_async(&mut c).await?;
+    let () = redis::cmd("SET")
+        .arg(shards_done_key(prefix))
+        .arg(id)
+        .query_async(&mut c)
+        .await?;
     Ok(())
 }
 
-/// What the epoch markers say.
-enum Epoch {
-    /// No marker.
-    Absent,
-    /// The marker, and on a Redis Cluster all its shard markers.
-    Whole(String),
-    /// The marker, but some of its shard markers are gone: a shard lost its data.
-    Torn,
-}
-
-/// Reads the epoch markers. On a Redis Cluster, none of the shard markers there (a build before
-/// them wrote the epoch) writes them; some gone, looked at twice half a second apart (another
-/// instance may be writing them), is a torn epoch.
-async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> {
-    let mut c = conn.get_unguarded().await?;
-    let main: Option<String> = redis::cmd("GET")
-        .arg(epoch_key(prefix))
-        .query_async(&mut c)
-        .await?;
-    let Some(id) = main else {
-        return Ok(Epoch::Absent);
-    };
-    if !conn.is_cluster() {
-        return Ok(Epoch::Whole(id));
-    }
-    for look in 0..2 {
-        let present = shard_markers_present(conn, prefix).await?;
-        if present == SHARD_MARKERS {
-            return Ok(Epoch::Whole(id));
-        }
-        if present == 0 {
-            write_shard_markers(conn, prefix, &id).await?;
-            return Ok(Epoch::Whole(id));
-        }
-        if look == 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        } else {
-            tracing::debug!(
-                present,
-                of = SHARD_MARKERS,
-                "Some of the epoch's shard markers are gone: a cluster shard lost its data."
-            );
-        }
-    }
-    Ok(Epoch::Torn)
-}
-
-/// The epoch marker's value, when there is one — on a Redis Cluster, with all its shard markers
-/// (some gone: a shard lost its data, and the epoch counts as gone).
+/// The epoch marker's value while the epoch is whole (a torn one counts as gone).
 pub async fn read_epoch(conn: &RedisConn, prefix: &str) -> Result<Option<String>, StoreError> {
     Ok(match epoch(conn, prefix).await? {
         Epoch::Whole(id) => Some(id),
-        Epoch::Absent | Epoch::Torn => None,
+        Epoch::Absent | Epoch::Torn(_) => None,
     })
 }
 
-/// Writes a new epoch marker unless one exists; returns the marker in place. On a Redis Cluster the
-/// shard markers first (a reader that finds the marker finds them all), and a torn epoch is
-/// replaced by a new one.
+/// Writes a new epoch marker unless one exists; returns the marker in place (on a Redis Cluster,
+/// its shard markers first, then the marker, then their completion). A torn epoch is left as it
+/// is: only [`renew_epoch`] (`switchyard recover`) replaces it.
 pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
     let id = format!(
         "{}@{}",
         uuid::Uuid::new_v4().simple(),
         chrono::Utc::now().to_rfc3339()
     );
-    if conn.is_cluster() {
-        if let Epoch::Torn = epoch(conn, prefix).await? {
-            let mut pipe = redis::pipe();
-            pipe.del(epoch_key(prefix)).ignore();
-            for k in shard_epoch_keys(prefix) {
-                pipe.del(k).ignore();
-            }
-            let mut c = conn.get_unguarded().await?;
-            let () = pipe.query_async(&mut c).await?;
-        }
-        write_shard_markers(conn, prefix, &id).await?;
-    }
     let mut c = conn.get_unguarded().await?;
+    if conn.is_cluster() {
+        let mut pipe = redis::pipe();
+        for k in shard_epoch_keys(prefix) {
+            pipe.cmd("SET").arg(k).arg(&id).arg("NX").ignore();
+        }
+        let () = pipe.query_async(&mut c).await?;
+    }
     let _: Option<String> = redis::cmd("SET")
         .arg(epoch_key(prefix))
         .arg(&id)
         .arg("NX")
         .query_async(&mut c)
         .await?;
-    read_epoch(conn, prefix)
-        .await?
-        .ok_or_else(|| StoreError::Redis("the epoch marker vanished as it was written".into()))
+    match epoch(conn, prefix).await? {
+        Epoch::Whole(e) => Ok(e),
+        Epoch::Torn(_) => Err(StoreError::Redis(
+            "the epoch is torn (a cluster shard lost its data): run `switchyard recover`".into(),
+        )),
+        Epoch::Absent => Err(StoreError::Redis(
+            "the epoch marker vanished as it was written".into(),
+        )),
+    }
 }
 
+/// `switchyard recover`'s new epoch: written as by [`create_epoch`] where there is none; a torn one
+/// is replaced — its missing shard markers written, then the marker moved from the torn id to a
+/// new one and the completion with it (one script on the marker's slot, so of two recoveries at
+/// once one moves it and the other finds it moved).
+pub async fn renew_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
+    let Epoch::Torn(old) = epoch(conn, prefix).await? else {
+        return create_epoch(conn, prefix).await;
+    };
+    let id = format!(
+        "{}@{}",
+        uuid::Uuid::new_v4().simple(),
+        chrono::Utc::now().to_rfc3339()
+    );
+    let mut pipe = redis::pipe();
+    for k in shard_epoch_keys(prefix) {
+        pipe.cmd("SET").arg(k).arg(&id).arg("NX").ignore();
+    }
+    let mut c = conn.get_unguarded().await?;
+    let () = pipe.query_async(&mut c).await?;
+    let _: i64 = redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+",
+    )
+    .key(epoch_key(prefix))
+    .key(shards_done_key(prefix))
+    .arg(&old)
+    .arg(&id)
+    .invoke_async(&mut c)
+    .await?;
+    read_epoch(conn, prefix)
+        .await?
+        .ok_or_else(|| StoreError::Redis("the renewed epoch is not whole".into()))
+}
+
+/// What [`start_epoch`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EpochStart {
     /// The marker is there: Redis holds the state switchyard left.
@@ -798,13 +856,18 @@ pub async fn start_epoch(
     prefix: &str,
     has_history: bool,
 ) -> Result<EpochStart, StoreError> {
-    Ok(match read_epoch(conn, prefix).await? {
-        Some(e) => EpochStart::Known(e),
-        None if has_history => {
+    Ok(match epoch(conn, prefix).await? {
+        Epoch::Whole(e) => EpochStart::Known(e),
+        // A torn epoch proves one was written: lost, whatever Kafka says.
+        Epoch::Torn(_) => {
             conn.set_lost(true);
             EpochStart::Lost
         }
-        None => EpochStart::Fresh(create_epoch(conn, prefix).await?),
+        Epoch::Absent if has_history => {
+            conn.set_lost(true);
+            EpochStart::Lost
+        }
+        Epoch::Absent => EpochStart::Fresh(create_epoch(conn, prefix).await?),
     })
 }
 
@@ -823,8 +886,8 @@ pub async fn watch_epoch(
 ) {
     let mut last_warning = std::time::Instant::now() - Duration::from_secs(3600);
     loop {
-        match read_epoch(&conn, &prefix).await {
-            Ok(None) if known.is_none() && !has_history && !conn.is_lost() => {
+        match epoch(&conn, &prefix).await {
+            Ok(Epoch::Absent) if known.is_none() && !has_history && !conn.is_lost() => {
                 match create_epoch(&conn, &prefix).await {
                     Ok(e) => known = Some(e),
                     Err(e) => {
@@ -832,14 +895,15 @@ pub async fn watch_epoch(
                     }
                 }
             }
-            Ok(None) => {
+            // Gone, or torn (which proves one was written: never a new installation).
+            Ok(Epoch::Absent | Epoch::Torn(_)) => {
                 if !conn.is_lost() || last_warning.elapsed() > Duration::from_secs(30) {
                     tracing::error!(key = %epoch_key(&prefix), "Redis lost its state (its epoch marker is gone, or on a Redis Cluster some of its shard markers): switchyard waits; rebuild the state from Kafka with `switchyard recover` (see the README, Redis must be durable).");
                     last_warning = std::time::Instant::now();
                 }
                 conn.set_lost(true);
             }
-            Ok(Some(e)) if known.as_deref() != Some(e.as_str()) => {
+            Ok(Epoch::Whole(e)) if known.as_deref() != Some(e.as_str()) => {
                 if conn.is_lost() {
                     tracing::info!("Redis state was recovered (a new epoch marker); resuming.");
                     conn.set_lost(false);
@@ -851,7 +915,7 @@ pub async fn watch_epoch(
                 }
                 known = Some(e);
             }
-            Ok(Some(_)) => {}
+            Ok(Epoch::Whole(_)) => {}
             Err(e) => tracing::debug!(error = %e, "Reading the epoch marker failed; retrying."),
         }
         tokio::select! {
@@ -892,6 +956,26 @@ mod tests {
             "plain ids keep their keys"
         );
         assert_eq!(k("t", "a}b"), "{t/a%7Db}", "no brace ends the tag early");
+    }
+
+    #[test]
+    fn shard_markers_fall_one_in_every_256_slots() {
+        // Redis's own values (`CLUSTER KEYSLOT`).
+        assert_eq!(cluster_slot("somekey"), 11058);
+        assert_eq!(cluster_slot("foo"), 12182);
+        let tags = shard_tags();
+        assert_eq!(tags.len(), SHARD_MARKERS);
+        for (i, t) in tags.iter().enumerate() {
+            assert_eq!(
+                usize::from(cluster_slot(t)),
+                i * 16384 / SHARD_MARKERS,
+                "{t}"
+            );
+        }
+        let keys = shard_epoch_keys("sy");
+        assert_eq!(keys[0], format!("sy:epoch:{{{}}}", tags[0]));
+        // The completion key shares the marker's slot (its hash tag is the marker's name).
+        assert_eq!(shards_done_key("sy"), "{sy:epoch}:shards");
     }
 
     proptest! {
