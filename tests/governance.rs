@@ -597,21 +597,7 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
         ),
     )
     .await;
-    let text = std::fs::read_to_string(&env.config_path).expect("config");
-    let plain = format!("url: {}", stack().1);
-    assert!(text.contains(&plain));
-    std::fs::write(
-        &env.config_path,
-        text.replace(&plain, &format!("url: {url}\n  cluster: true")),
-    )
-    .expect("write");
-    let overrides = |k: &str| match k {
-        "SWITCHYARD_REDIS_URL" => None,
-        k => std::env::var(k).ok(),
-    };
-    let loaded =
-        switchyard::config::Config::load_with(&env.config_path, &overrides).expect("loads");
-    assert!(loaded.config.redis.cluster);
+    let loaded = on_the_cluster(&env, &url);
     let running = Running::start(loaded, &["route", "agents", "resolve"]);
     env.deployment_then_breach("checkout", 0).await;
     let approvals = env
@@ -641,20 +627,11 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
     }
     assert!(keys > 0, "the state is on the cluster");
     // Commands too: the approval is approved through the CLI against the cluster.
-    let out = std::process::Command::new(bin())
-        .args([
-            "--config",
-            env.config_path.to_str().expect("path"),
-            "approvals",
-            "approve",
-            &a.approval_id,
-            "--by",
-            "carol",
-        ])
-        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
-        .env("SWITCHYARD_REDIS_URL", &url)
-        .output()
-        .expect("approve");
+    let out = cli_on_cluster(
+        &env,
+        &url,
+        &["approvals", "approve", &a.approval_id, "--by", "carol"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -670,18 +647,7 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
         .collect();
     assert_eq!(names, [json!("page"), json!("rollback")]);
     // A replay on the cluster: its sandbox's keys go to every node, and are all deleted after.
-    let out = std::process::Command::new(bin())
-        .args([
-            "--config",
-            env.config_path.to_str().expect("path"),
-            "replay",
-            "--since",
-            "1h",
-        ])
-        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
-        .env("SWITCHYARD_REDIS_URL", &url)
-        .output()
-        .expect("replay");
+    let out = cli_on_cluster(&env, &url, &["replay", "--since", "1h"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -718,37 +684,12 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
     let (_cluster, port) = start_redis_cluster(&dir.path().join("cluster"));
     let url = format!("redis://127.0.0.1:{port}/");
     let env = TestEnv::new(1, "").await;
-    let text = std::fs::read_to_string(&env.config_path).expect("config");
-    let plain = format!("url: {}", stack().1);
-    std::fs::write(
-        &env.config_path,
-        text.replace(&plain, &format!("url: {url}\n  cluster: true")),
-    )
-    .expect("write");
-    let overrides = |k: &str| match k {
-        "SWITCHYARD_REDIS_URL" => None,
-        k => std::env::var(k).ok(),
-    };
-    let mut loaded =
-        switchyard::config::Config::load_with(&env.config_path, &overrides).expect("loads");
+    let mut loaded = on_the_cluster(&env, &url);
     let http = free_port();
     loaded.config.http.enabled = true;
     loaded.config.http.listen = format!("127.0.0.1:{http}");
     let running = Running::start(loaded.clone(), &["route"]);
-    env.publish_one(
-        "events.deployments",
-        "c1",
-        "deployment.started",
-        "svc-c",
-        json!({"service": "svc-c"}),
-    )
-    .await;
-    assert_eq!(
-        env.read("switchyard.tasks", 1, Duration::from_secs(40))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(deploy_then_count_tasks(&env, "c1", "svc-c", 1, 40).await, 1);
     // Where the markers are: the node holding the epoch marker, and another holding shard markers.
     let local = |node: u16, pattern: String| {
         let out = std::process::Command::new("redis-cli")
@@ -762,10 +703,13 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
     };
     let main = format!("{}:epoch", env.prefix);
     let nodes = cluster_ports(port);
-    let shards: usize = nodes
-        .iter()
-        .map(|n| local(*n, format!("{main}:*")).len())
-        .sum();
+    let shard_markers = || -> usize {
+        nodes
+            .iter()
+            .map(|n| local(*n, format!("{main}:*")).len())
+            .sum()
+    };
+    let shards = shard_markers();
     assert_eq!(
         shards,
         switchyard::store::SHARD_MARKERS,
@@ -783,49 +727,22 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
         .expect("redis-cli");
     assert!(out.status.success());
     // Noticed within a few seconds; nothing is routed meanwhile.
-    let client = reqwest::Client::new();
     let mut ready = String::new();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        ready = client
-            .get(format!("http://127.0.0.1:{http}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        ready = readyz(http).await;
         if ready.contains("redis lost its state") {
             break;
         }
     }
     assert!(ready.contains("redis lost its state"), "{ready}");
-    env.publish_one(
-        "events.deployments",
-        "c2",
-        "deployment.started",
-        "svc-c2",
-        json!({"service": "svc-c2"}),
-    )
-    .await;
     assert_eq!(
-        env.read("switchyard.tasks", 2, Duration::from_secs(4))
-            .await
-            .len(),
+        deploy_then_count_tasks(&env, "c2", "svc-c2", 2, 4).await,
         1,
         "nothing is routed while the state is lost"
     );
     // Recovered from Kafka: a new, whole epoch; the waiting event goes through.
-    let out = std::process::Command::new(bin())
-        .args([
-            "--config",
-            env.config_path.to_str().expect("path"),
-            "recover",
-        ])
-        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
-        .env("SWITCHYARD_REDIS_URL", &url)
-        .output()
-        .expect("recover");
+    let out = cli_on_cluster(&env, &url, &["recover"]);
     assert!(
         out.status.success(),
         "{}{}",
@@ -838,10 +755,7 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
             .len(),
         2
     );
-    let shards: usize = nodes
-        .iter()
-        .map(|n| local(*n, format!("{main}:*")).len())
-        .sum();
+    let shards = shard_markers();
     assert_eq!(
         shards,
         switchyard::store::SHARD_MARKERS,
@@ -866,27 +780,77 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
         cli_c(&["DEL", k]);
     }
     let running = Running::start(loaded, &["route"]);
-    env.publish_one(
-        "events.deployments",
-        "c3",
-        "deployment.started",
-        "svc-c3",
-        json!({"service": "svc-c3"}),
-    )
-    .await;
     assert_eq!(
-        env.read("switchyard.tasks", 3, Duration::from_secs(40))
-            .await
-            .len(),
+        deploy_then_count_tasks(&env, "c3", "svc-c3", 3, 40).await,
         3,
         "routed: not taken for a loss"
     );
-    let shards: usize = nodes
-        .iter()
-        .map(|n| local(*n, format!("{main}:*")).len())
-        .sum();
+    let shards = shard_markers();
     assert_eq!(shards, switchyard::store::SHARD_MARKERS, "written again");
     running.stop().await;
+}
+
+/// The env's config pointed at the Redis Cluster at `url` (its file too, for the CLI), loaded.
+fn on_the_cluster(env: &TestEnv, url: &str) -> switchyard::config::Loaded {
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let plain = format!("url: {}", stack().1);
+    assert!(text.contains(&plain));
+    std::fs::write(
+        &env.config_path,
+        text.replace(&plain, &format!("url: {url}\n  cluster: true")),
+    )
+    .expect("write");
+    let overrides = |k: &str| match k {
+        "SWITCHYARD_REDIS_URL" => None,
+        k => std::env::var(k).ok(),
+    };
+    let loaded =
+        switchyard::config::Config::load_with(&env.config_path, &overrides).expect("loads");
+    assert!(loaded.config.redis.cluster);
+    loaded
+}
+
+/// The body of `/readyz` of the instance serving HTTP on `port`.
+async fn readyz(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("readyz body")
+}
+
+/// The switchyard command with `args` on the env's config, against the Redis Cluster at `url`.
+fn cli_on_cluster(env: &TestEnv, url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(["--config", env.config_path.to_str().expect("path")])
+        .args(args)
+        .env("SWITCHYARD_KAFKA_BROKERS", &stack().0)
+        .env("SWITCHYARD_REDIS_URL", url)
+        .output()
+        .expect("switchyard runs")
+}
+
+/// Publishes a `deployment.started` for `resource`; the tasks routed so far once `n` are there
+/// (or `secs` passed).
+async fn deploy_then_count_tasks(
+    env: &TestEnv,
+    id: &str,
+    resource: &str,
+    n: usize,
+    secs: u64,
+) -> usize {
+    env.publish_one(
+        "events.deployments",
+        id,
+        "deployment.started",
+        resource,
+        json!({"service": resource}),
+    )
+    .await;
+    env.read("switchyard.tasks", n, Duration::from_secs(secs))
+        .await
+        .len()
 }
 
 /// The ports of a cluster's nodes, from one of them.
@@ -2295,14 +2259,7 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let client = reqwest::Client::new();
-    let ready = client
-        .get(format!("http://127.0.0.1:{http}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = readyz(http).await;
     assert!(ready.contains("redis lost its state"), "{ready}");
     // A new breach is not processed while the state is lost.
     env.publish_one(
