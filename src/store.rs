@@ -767,22 +767,11 @@ pub async fn read_epoch(conn: &RedisConn, prefix: &str) -> Result<Option<String>
 }
 
 /// Writes a new epoch marker unless one exists; returns the marker in place (on a Redis Cluster,
-/// its shard markers first, then the marker, then their completion). A torn epoch is left as it
-/// is: only [`renew_epoch`] (`switchyard recover`) replaces it.
+/// reading it back writes and completes its shard markers). A torn epoch is left as it is: only
+/// [`renew_epoch`] (`switchyard recover`) replaces it.
 pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
-    let id = format!(
-        "{}@{}",
-        uuid::Uuid::new_v4().simple(),
-        chrono::Utc::now().to_rfc3339()
-    );
+    let id = new_epoch_id();
     let mut c = conn.get_unguarded().await?;
-    if conn.is_cluster() {
-        let mut pipe = redis::pipe();
-        for k in shard_epoch_keys(prefix) {
-            pipe.cmd("SET").arg(k).arg(&id).arg("NX").ignore();
-        }
-        let () = pipe.query_async(&mut c).await?;
-    }
     let _: Option<String> = redis::cmd("SET")
         .arg(epoch_key(prefix))
         .arg(&id)
@@ -801,41 +790,40 @@ pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, Stor
 }
 
 /// `switchyard recover`'s new epoch: written as by [`create_epoch`] where there is none; a torn one
-/// is replaced — its missing shard markers written, then the marker moved from the torn id to a
-/// new one and the completion with it (one script on the marker's slot, so of two recoveries at
-/// once one moves it and the other finds it moved).
+/// is replaced — the marker moved from the torn id to a new one and its completion dropped (one
+/// script on the marker's slot, so of two recoveries at once one moves it and the other finds it
+/// moved), then reading it back writes the missing shard markers and completes them.
 pub async fn renew_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
     let Epoch::Torn(old) = epoch(conn, prefix).await? else {
         return create_epoch(conn, prefix).await;
     };
-    let id = format!(
-        "{}@{}",
-        uuid::Uuid::new_v4().simple(),
-        chrono::Utc::now().to_rfc3339()
-    );
-    let mut pipe = redis::pipe();
-    for k in shard_epoch_keys(prefix) {
-        pipe.cmd("SET").arg(k).arg(&id).arg("NX").ignore();
-    }
     let mut c = conn.get_unguarded().await?;
-    let () = pipe.query_async(&mut c).await?;
     let _: i64 = redis::Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[2])
 return 1
 ",
     )
     .key(epoch_key(prefix))
     .key(shards_done_key(prefix))
     .arg(&old)
-    .arg(&id)
+    .arg(new_epoch_id())
     .invoke_async(&mut c)
     .await?;
     read_epoch(conn, prefix)
         .await?
         .ok_or_else(|| StoreError::Redis("the renewed epoch is not whole".into()))
+}
+
+/// A new epoch's id: random, with the time it was made.
+fn new_epoch_id() -> String {
+    format!(
+        "{}@{}",
+        uuid::Uuid::new_v4().simple(),
+        chrono::Utc::now().to_rfc3339()
+    )
 }
 
 /// What [`start_epoch`] found.
