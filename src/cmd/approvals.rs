@@ -79,11 +79,16 @@ pub fn approval_lines(a: &crate::records::ApprovalData) -> String {
 
 /// The approvals service of a loaded config, for commands.
 pub fn service(l: &Loaded) -> Result<Approvals, String> {
-    let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
     let conn = RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
+    Ok(service_on(l, conn))
+}
+
+/// The approvals service of a loaded config on an open Redis connection.
+pub fn service_on(l: &Loaded, conn: RedisConn) -> Approvals {
+    let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
     let resources = crate::app::resource_store(l, conn.clone());
     let sealer: Arc<_> = crate::app::sealer(l, conn.clone());
-    Ok(Approvals {
+    Approvals {
         // This process serves no metrics: a running switchyard counts its decisions.
         counts: crate::governance::approvals::Counts::Relay,
         stats: Some(Arc::new(crate::agents::stats::AgentStats::new(
@@ -91,12 +96,13 @@ pub fn service(l: &Loaded) -> Result<Approvals, String> {
             &l.config.redis.key_prefix,
         ))),
         ..crate::app::approvals_of(l, resources, sealer, &emitter)
-    })
+    }
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let l = ctx.load_noting()?;
-    let approvals = service(&l)?;
+    let conn = RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
+    let approvals = service_on(&l, conn.clone());
     let (id, verdict, by, why) = match args.command {
         ApprovalsCommand::List => {
             let open = approvals.list_open().await.map_err(|e| e.to_string())?;
@@ -110,7 +116,6 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         ApprovalsCommand::Reject { id, by, why } => (id, Verdict::Reject, by, why),
     };
     // A decision writes the resource's state: not in a format a newer build would misread.
-    let conn = crate::store::RedisConn::from_config(&l.config.redis).map_err(|e| e.to_string())?;
     crate::format::refuse_newer(&conn, &l.config.redis.key_prefix).await?;
     // The wait's span (when tracing is on) is exported before the process exits; tracing trouble
     // never stands in the way of a decision.
