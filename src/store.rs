@@ -335,6 +335,9 @@ pub struct RedisConn {
     /// Moves on whenever Redis' state may have been replaced (lost, or a new epoch marker): what a
     /// store keeps of that state in memory is not trusted across it.
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// On a Redis Cluster: the current epoch's slot markers are all written (see [`SLOTS`]), so the
+    /// scripts that create state check them.
+    slot_markers: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One Redis, or a Redis Cluster (one per connection, made once: its size does not matter).
@@ -523,7 +526,27 @@ impl RedisConn {
             manager: Default::default(),
             lost: Default::default(),
             generation: Default::default(),
+            slot_markers: Default::default(),
         }
+    }
+
+    /// The key a guarded script checks before it creates state at `key` (a resource's resolve
+    /// record, an audit chain's head), so that nothing is created on a Redis that came back empty
+    /// even before the epoch watcher's next look: on a single Redis the epoch marker; on a Redis
+    /// Cluster the slot marker of `key`'s slot ([`SLOTS`]), once they are all written for the current
+    /// epoch (none before: the watcher alone notices then).
+    pub fn guard_key(&self, prefix: &str, key: &str) -> Option<String> {
+        if !self.is_cluster() {
+            return Some(epoch_key(prefix));
+        }
+        self.slot_markers
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| slot_marker_key(prefix, key_slot(key)))
+    }
+
+    fn set_slot_markers(&self, written: bool) {
+        self.slot_markers
+            .store(written, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether this is a Redis Cluster (keys of one script must then share a slot).
@@ -687,6 +710,64 @@ fn cluster_slot(tag: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
 }
 
+/// The Redis Cluster slot of a key: its hash tag's (the text between the first `{` and the next
+/// `}`, when not empty), else the whole key's.
+pub fn key_slot(key: &str) -> u16 {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return cluster_slot(&key[open + 1..open + 1 + len]);
+            }
+        }
+    }
+    cluster_slot(key)
+}
+
+/// The shard markers tell the epoch watcher, once a second, that a shard lost its data; in
+/// between, on a Redis Cluster, the scripts that create a resource's resolve record or an audit
+/// chain's head cannot look at them (a script's keys share one slot). So every slot also holds a
+/// **slot marker** (`<prefix>:epochslot:{<tag>}`, this many keys, ~1.5 MB), written with the shard
+/// markers, and those scripts check the one in their own key's slot as they check the epoch marker
+/// on a single Redis: a shard that came back empty lost its slot markers with everything else, so
+/// no record is created there on the empty state. A second completion key
+/// (`{<prefix>:epoch}:slots`) names the epoch whose slot markers were all written; the scripts check
+/// them only from then on ([`RedisConn::guard_key`]).
+pub const SLOTS: usize = 16384;
+
+/// The slot markers' hash tags: `s<j>` with the smallest `j` whose slot is the marker's.
+fn slot_tags() -> &'static [String] {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); SLOTS];
+        let mut left = SLOTS;
+        for j in 0u32.. {
+            let t = format!("s{j}");
+            let slot = usize::from(cluster_slot(&t));
+            if tags[slot].is_empty() {
+                tags[slot] = t;
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        tags
+    })
+}
+
+/// The slot marker of `slot`.
+pub fn slot_marker_key(prefix: &str, slot: u16) -> String {
+    format!(
+        "{prefix}:epochslot:{{{}}}",
+        slot_tags()[usize::from(slot) % SLOTS]
+    )
+}
+
+/// The completion key of the slot markers: the epoch whose slot markers were all written.
+fn slots_done_key(prefix: &str) -> String {
+    format!("{{{}}}:slots", epoch_key(prefix))
+}
+
 /// What the epoch markers say.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Epoch {
@@ -709,9 +790,11 @@ pub async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> 
             .await?;
         return Ok(main.map_or(Epoch::Absent, Epoch::Whole));
     }
-    // The marker and its completion key share a slot: one round trip, with the shard markers.
+    // The marker and its completion keys share a slot: one round trip, with the shard markers.
     let mut pipe = redis::pipe();
-    pipe.get(epoch_key(prefix)).get(shards_done_key(prefix));
+    pipe.get(epoch_key(prefix))
+        .get(shards_done_key(prefix))
+        .get(slots_done_key(prefix));
     for k in shard_epoch_keys(prefix) {
         pipe.exists(k);
     }
@@ -720,22 +803,51 @@ pub async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> 
         v.and_then(|v| redis::FromRedisValue::from_redis_value_ref(v).ok())
     };
     let Some(id) = text(reply.first()) else {
+        conn.set_slot_markers(false);
         return Ok(Epoch::Absent);
     };
     let present = reply
         .iter()
-        .skip(2)
+        .skip(3)
         .filter(|v| matches!(v, redis::Value::Int(n) if *n > 0))
         .count();
     if text(reply.get(1)).as_deref() == Some(id.as_str()) {
-        return Ok(if present == SHARD_MARKERS {
-            Epoch::Whole(id)
-        } else {
-            Epoch::Torn(id)
-        });
+        if present < SHARD_MARKERS {
+            conn.set_slot_markers(false);
+            return Ok(Epoch::Torn(id));
+        }
+    } else {
+        complete_shard_markers(conn, prefix, &id).await?;
     }
-    complete_shard_markers(conn, prefix, &id).await?;
+    if text(reply.get(2)).as_deref() != Some(id.as_str()) {
+        conn.set_slot_markers(false);
+        complete_slot_markers(conn, prefix, &id).await?;
+    }
+    conn.set_slot_markers(true);
     Ok(Epoch::Whole(id))
+}
+
+/// Writes the missing slot markers ([`SLOTS`]), then their completion key for `id`.
+async fn complete_slot_markers(conn: &RedisConn, prefix: &str, id: &str) -> Result<(), StoreError> {
+    let mut c = conn.get_unguarded().await?;
+    // In parts, so that one answer is never 16,384 values long.
+    for first in (0..SLOTS).step_by(2048) {
+        let mut pipe = redis::pipe();
+        for slot in first..(first + 2048).min(SLOTS) {
+            pipe.cmd("SET")
+                .arg(slot_marker_key(prefix, slot as u16))
+                .arg(id)
+                .arg("NX")
+                .ignore();
+        }
+        let () = pipe.query_async(&mut c).await?;
+    }
+    let () = redis::cmd("SET")
+        .arg(slots_done_key(prefix))
+        .arg(id)
+        .query_async(&mut c)
+        .await?;
+    Ok(())
 }
 
 /// Writes the missing shard markers, then the completion key for `id`.
@@ -802,12 +914,13 @@ pub async fn renew_epoch(conn: &RedisConn, prefix: &str) -> Result<String, Store
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 ",
     )
     .key(epoch_key(prefix))
     .key(shards_done_key(prefix))
+    .key(slots_done_key(prefix))
     .arg(&old)
     .arg(new_epoch_id())
     .invoke_async(&mut c)
@@ -964,6 +1077,39 @@ mod tests {
         assert_eq!(keys[0], format!("sy:epoch:{{{}}}", tags[0]));
         // The completion key shares the marker's slot (its hash tag is the marker's name).
         assert_eq!(shards_done_key("sy"), "{sy:epoch}:shards");
+    }
+
+    #[test]
+    fn every_slot_has_a_marker_in_it_and_keys_find_theirs() {
+        // A key's slot is its hash tag's, as Redis computes it (`CLUSTER KEYSLOT`).
+        assert_eq!(key_slot("somekey"), 11058);
+        assert_eq!(key_slot("x{somekey}y:z"), 11058);
+        assert_eq!(key_slot("{foo}{somekey}"), 12182, "the first tag counts");
+        assert_eq!(
+            key_slot("a{}b"),
+            cluster_slot("a{}b"),
+            "an empty tag is no tag"
+        );
+        assert_eq!(
+            key_slot("a{b"),
+            cluster_slot("a{b"),
+            "an open brace is no tag"
+        );
+        assert_eq!(slot_tags().len(), SLOTS);
+        for slot in 0..SLOTS as u16 {
+            let marker = slot_marker_key("sy", slot);
+            assert_eq!(key_slot(&marker), slot, "{marker}");
+        }
+        // Not among the shard markers the watcher counts (`<prefix>:epoch:*`), and its completion
+        // key shares the epoch marker's slot.
+        assert!(!slot_marker_key("sy", 0).starts_with("sy:epoch:"));
+        assert_eq!(key_slot(&slots_done_key("sy")), key_slot("sy:epoch"));
+        // A resource's record and an audit chain's head are guarded by their own slot's marker.
+        let res = format!("sy:res:{}", ResourceKey::new("t", "checkout").hash_tag());
+        assert_eq!(
+            key_slot(&slot_marker_key("sy", key_slot(&res))),
+            cluster_slot("t/checkout")
+        );
     }
 
     proptest! {

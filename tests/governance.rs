@@ -715,17 +715,58 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
         switchyard::store::SHARD_MARKERS,
         "every shard marker written"
     );
+    let slot_markers = || -> usize {
+        nodes
+            .iter()
+            .map(|n| local(*n, format!("{}:epochslot:*", env.prefix)).len())
+            .sum()
+    };
+    assert_eq!(
+        slot_markers(),
+        switchyard::store::SLOTS,
+        "a marker in every slot"
+    );
     let victim = *nodes
         .iter()
         .find(|n| {
             !local(**n, main.clone()).contains(&main) && !local(**n, format!("{main}:*")).is_empty()
         })
         .expect("a node without the epoch marker, holding shard markers");
+    // A store of this process, which has read the epoch (so it knows the slot markers are written)
+    // and runs no watcher: what an instance does between the loss and its watcher's next look.
+    use switchyard::audit::sealer::{Advance, ChainStore, RedisChainStore};
+    let conn = switchyard::store::RedisConn::from_config(&loaded.config.redis).expect("conn");
+    assert!(matches!(
+        switchyard::store::epoch(&conn, &env.prefix).await,
+        Ok(switchyard::store::Epoch::Whole(_))
+    ));
+    let chains = RedisChainStore::new(conn, &env.prefix).guarded();
+    let owned = owned_slots(victim);
+    let chain_on = |on_victim: bool| {
+        (0..)
+            .map(|i| format!("probe/{i}"))
+            .find(|c| {
+                let slot = switchyard::store::key_slot(&format!("{{{c}}}"));
+                owned.iter().any(|(a, b)| (*a..=*b).contains(&slot)) == on_victim
+            })
+            .expect("a chain")
+    };
     let out = std::process::Command::new("redis-cli")
         .args(["-p", &victim.to_string(), "FLUSHALL"])
         .output()
         .expect("redis-cli");
     assert!(out.status.success());
+    // At once, before any watcher looks: no audit chain starts again on the emptied shard (its slot
+    // markers went with its data), while one elsewhere does.
+    let refused = chains.advance(&chain_on(true), 0, (1, "h1"), b"seal").await;
+    assert!(
+        matches!(refused, Err(switchyard::store::StoreError::Lost)),
+        "{refused:?}"
+    );
+    let elsewhere = chains
+        .advance(&chain_on(false), 0, (1, "h1"), b"seal")
+        .await;
+    assert!(matches!(elsewhere, Ok(Advance::Done)), "{elsewhere:?}");
     // Noticed within a few seconds; nothing is routed meanwhile.
     let mut ready = String::new();
     for _ in 0..40 {
@@ -761,6 +802,7 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
         switchyard::store::SHARD_MARKERS,
         "the new epoch is whole"
     );
+    assert_eq!(slot_markers(), switchyard::store::SLOTS, "slot markers too");
     // Shard markers never completed for the epoch (a build before them wrote it, or a writer
     // stopped half way: no completion key) are written by the next instance, not taken for a loss.
     running.stop().await;
@@ -788,6 +830,26 @@ async fn a_redis_cluster_shard_that_lost_its_data_stops_writes_until_recovered()
     let shards = shard_markers();
     assert_eq!(shards, switchyard::store::SHARD_MARKERS, "written again");
     running.stop().await;
+}
+
+/// The slot ranges the cluster node on `port` serves (`CLUSTER NODES`, its own line).
+fn owned_slots(port: u16) -> Vec<(u16, u16)> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "CLUSTER", "NODES"])
+        .output()
+        .expect("redis-cli");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let me = text
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("its own line");
+    me.split_whitespace()
+        .skip(8)
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The env's config pointed at the Redis Cluster at `url` (its file too, for the CLI), loaded.

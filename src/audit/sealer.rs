@@ -123,7 +123,7 @@ pub trait ChainStore: Send + Sync + 'static {
 
 const ADVANCE: &str = r#"
 -- KEYS[1] = chain head (hash: seq, hash, seal:<seq> for at least the last ARGV[5] seals); KEYS[2],
--- when given = the epoch marker; ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash,
+-- when given = the epoch marker (on a Redis Cluster the slot marker of KEYS[1]'s slot); ARGV[1] = expected seq, ARGV[2] = new seq, ARGV[3] = new hash,
 -- ARGV[4] = the new seal's bytes, ARGV[5] = seals kept
 local cur = redis.call('HGET', KEYS[1], 'seq')
 -- A head about to be created on a Redis without the marker (one that came back empty) is refused:
@@ -152,9 +152,8 @@ pub struct RedisChainStore {
     conn: RedisConn,
     prefix: String,
     script: Script,
-    /// The epoch marker every head move checks for (a single Redis only: in a cluster it lives in
-    /// another slot).
-    epoch: Option<String>,
+    /// Whether a head's creation checks the epoch (or slot) marker ([`RedisChainStore::guarded`]).
+    guarded: bool,
 }
 
 impl RedisChainStore {
@@ -163,19 +162,18 @@ impl RedisChainStore {
             conn,
             prefix: prefix.into(),
             script: Script::new(ADVANCE),
-            epoch: None,
+            guarded: false,
         }
     }
 
     /// Creates a head only while Redis has its epoch marker: a Redis that came back empty is
     /// refused at once, not from the epoch watcher's next look a second later (a seal on an empty
     /// Redis would start its chain again from 1, a fork). A head that exists was created so, and
-    /// is moved without the check (a command less per seal). On a single Redis; a cluster keeps
-    /// the marker on another slot, so there the watcher alone notices.
+    /// is moved without the check (a command less per seal). A cluster keeps the marker on
+    /// another slot: there the slot marker of the head's slot is checked
+    /// ([`crate::store::RedisConn::guard_key`]).
     pub fn guarded(mut self) -> Self {
-        if !self.conn.is_cluster() {
-            self.epoch = Some(crate::store::epoch_key(&self.prefix));
-        }
+        self.guarded = true;
         self
     }
 
@@ -208,10 +206,15 @@ impl ChainStore for RedisChainStore {
         seal: &'a [u8],
     ) -> BoxFuture<'a, Result<Advance, StoreError>> {
         Box::pin(async move {
+            let key = self.key(chain);
             let mut inv = self.script.prepare_invoke();
-            inv.key(self.key(chain));
-            if let Some(epoch) = &self.epoch {
-                inv.key(epoch);
+            inv.key(&key);
+            if let Some(guard) = self
+                .guarded
+                .then(|| self.conn.guard_key(&self.prefix, &key))
+                .flatten()
+            {
+                inv.key(guard);
             }
             inv.arg(expected)
                 .arg(head.0)

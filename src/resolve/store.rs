@@ -202,9 +202,9 @@ const CAS: &str = r#"
 -- remembered, ARGV[6] = now (unix seconds), ARGV[7] = the proposal's place
 -- ('<topic>:<partition>:<offset>', '' = none), ARGV[8] = the last offset of its partition known
 -- delivered (crate::store::Place), ARGV[9] = n, ARGV[10..9+n] = approvals to drop, then field,
--- value pairs; KEYS[3] (guarded, on a single Redis) = the epoch marker: a record about to be created
--- on a Redis without it (one that came back empty) is refused, {-1}. (A record that exists was
--- created so.)
+-- value pairs; KEYS[3] (guarded) = the epoch marker (on a Redis Cluster the slot marker of KEYS[1]'s
+-- slot): a record about to be created on a Redis without it (one that came back empty) is refused,
+-- {-1}. (A record that exists was created so.)
 local cur = redis.call('HMGET', KEYS[1], 'rev', 'recent', '_x', 'recent_full', '_dt1', '_dp1', '_dt2', '_dp2')
 if KEYS[3] and not cur[1] and redis.call('EXISTS', KEYS[3]) == 0 then return {-1} end
 local rev = tonumber(cur[1] or '0')
@@ -304,8 +304,8 @@ pub struct RedisResourceStore {
     copies: Copies,
     /// Where [`ResourceStore::prune_index`] goes on (an `HSCAN` cursor; 0 starts a pass).
     index_cursor: std::sync::atomic::AtomicU64,
-    /// The epoch marker's key when [`RedisResourceStore::guarded`].
-    epoch: Option<String>,
+    /// Whether a record's creation checks the epoch (or slot) marker ([`RedisResourceStore::guarded`]).
+    guarded: bool,
 }
 
 /// This instance's copy of the records it last read or wrote, by resource hash key, for the loads
@@ -434,7 +434,7 @@ impl RedisResourceStore {
             full: FullLists::default(),
             copies: Copies::default(),
             index_cursor: Default::default(),
-            epoch: None,
+            guarded: false,
         }
     }
 
@@ -445,10 +445,11 @@ impl RedisResourceStore {
     /// no conflict seen) would be kept as the proposal's decision and emitted after the recovery,
     /// and its record would stand where recovery rebuilds. An absence
     /// (an approval not found) is believed only with the marker there, on a cluster too
-    /// ([`ResourceStore::confirm_state`]); a cluster keeps the marker on another slot than a
-    /// resource's, so there the watcher alone stops writes.
+    /// ([`ResourceStore::confirm_state`]). A cluster keeps the marker on another slot than a
+    /// resource's: there the creation checks the slot marker of the resource's slot
+    /// ([`crate::store::RedisConn::guard_key`]).
     pub fn guarded(mut self) -> Self {
-        self.epoch = Some(crate::store::epoch_key(&self.prefix));
+        self.guarded = true;
         self
     }
 
@@ -675,8 +676,12 @@ impl RedisResourceStore {
         };
         let mut inv = self.cas.prepare_invoke();
         inv.key(self.res_key(k)).key(self.decision_key(k, id));
-        if let Some(epoch) = self.epoch.as_ref().filter(|_| !self.conn.is_cluster()) {
-            inv.key(epoch);
+        if let Some(guard) = self
+            .guarded
+            .then(|| self.conn.guard_key(&self.prefix, &self.res_key(k)))
+            .flatten()
+        {
+            inv.key(guard);
         }
         inv.arg(rev)
             .arg(self.ttl)
@@ -993,7 +998,7 @@ impl ResourceStore for RedisResourceStore {
 
     fn confirm_state(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            if self.epoch.is_none() {
+            if !self.guarded {
                 return Ok(());
             }
             match crate::store::read_epoch(&self.conn, &self.prefix).await? {
