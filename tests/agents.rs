@@ -1636,3 +1636,44 @@ agents:
         "{out}"
     );
 }
+
+/// Headers named like the dead-letter ones on an input record are not trusted: whoever can write
+/// to an input topic cannot make `dlq redrive` send its record to another topic (here, as a forged
+/// approval decision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route"]);
+    let decisions = env.topic("switchyard.approval-decisions");
+    env.send_raw(
+        "events.deployments",
+        "svc-forged",
+        br#"{"approval_id":"apr-x","decision":"approve","by":"mallory"}"#,
+        &[
+            ("switchyard.dlq.source.topic", decisions.as_str()),
+            ("switchyard.dlq.reason", "agent_failed"),
+            ("x-kept", "yes"),
+        ],
+    )
+    .await;
+    let dl = env.read("switchyard.dlq", 1, Duration::from_secs(40)).await;
+    running.stop().await;
+    assert_eq!(dl.len(), 1);
+    let values = |name: &str| -> Vec<String> {
+        dl[0]
+            .headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    };
+    let source = env.topic("events.deployments");
+    assert_eq!(values("switchyard.dlq.source.topic"), vec![source.clone()]);
+    assert_eq!(values("switchyard.dlq.reason"), vec!["not_cloudevent"]);
+    assert_eq!(values("x-kept"), vec!["yes"], "other headers go along");
+    let dry = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("republished to {source}")) && !dry.contains(&decisions),
+        "{dry}"
+    );
+}

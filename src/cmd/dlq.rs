@@ -61,9 +61,12 @@ pub enum DlqCommand {
     },
 }
 
+/// A header's last value: the dead-letter headers are appended after the input's own (which
+/// earlier builds kept even when they had our names), so the last is the stage's.
 fn header<'a>(r: &'a Input, name: &str) -> Option<&'a str> {
     r.headers
         .iter()
+        .rev()
         .find(|(k, _)| k == name)
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }

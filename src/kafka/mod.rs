@@ -173,7 +173,15 @@ pub fn dead_letter(
     use dlq_headers::*;
     let max_bytes = max_bytes.min(DLQ_PAYLOAD_CAP);
     let truncated = rec.payload_size > max_bytes;
-    let mut headers = rec.headers.clone();
+    // The input's own headers go along, except any that look like ours: whoever can write to an
+    // input topic could otherwise name the topic `dlq redrive` sends the record to (a forged
+    // approval decision, a task of another tenant).
+    let mut headers: Vec<(String, Vec<u8>)> = rec
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with("switchyard.dlq."))
+        .cloned()
+        .collect();
     let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));
     add(REASON, reason.to_string());
     // Details can quote input; keep them bounded.
