@@ -128,6 +128,11 @@ agents:
                     "propose_action",
                     json!({"action": "drop_database", "reason": "why not"})
                 ),
+                (
+                    "propose_action",
+                    json!({"action": "tool.ops__restart_pods",
+                           "parameters": {"service": "checkout", "tenant": "globex"}})
+                ),
             ]
         ),
         text(&model, "Paged team-pay; deployment v42 is the suspect."),
@@ -212,6 +217,10 @@ agents:
     );
     assert!(seen.contains("error_rate"), "the MCP tool's answer: {seen}");
     assert!(tool_results(&reqs[2]).contains("may not propose drop_database"));
+    assert!(
+        tool_results(&reqs[2]).contains("call the tool ops__restart_pods itself"),
+        "a tool's call is proposed through the tool, not by naming it"
+    );
 
     // The MCP server got the call with the tenant filled in by switchyard.
     let got = json_lines(&mcp_calls);
@@ -222,15 +231,15 @@ agents:
         ]
     );
 
-    // Audited: three model calls, six tool calls, and each refusal; the trail verifies.
-    // deploy-guard 1, the analyst's result 1 + refusals 3, model calls 3, tool calls 6, resolve 1.
-    let v = env.verified_audit(15, Duration::from_secs(30)).await;
+    // Audited: three model calls, seven tool calls, and each refusal; the trail verifies.
+    // deploy-guard 1, the analyst's result 1 + refusals 3, model calls 3, tool calls 7, resolve 1.
+    let v = env.verified_audit(16, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     // Everything on the topic (the count above is a floor: resolve may write more).
     let audit = audit_of(&env.audit(40, Duration::from_secs(4)).await);
     let count = |d: &str| audit.iter().filter(|a| a.decision == d).count();
     assert_eq!(count("llm_call"), 3);
-    assert_eq!(count("tool_call"), 6);
+    assert_eq!(count("tool_call"), 7);
     let refused: Vec<(&str, &str)> = audit
         .iter()
         .filter(|a| a.decision == "refused" && a.detail["agent"] == "incident-analyst")
@@ -250,9 +259,9 @@ agents:
     }
     // Each tool call with its arguments and result is on the tool-calls topic, keyed by task.
     let tc = env
-        .read("switchyard.tool-calls", 6, Duration::from_secs(20))
+        .read("switchyard.tool-calls", 7, Duration::from_secs(20))
         .await;
-    assert_eq!(tc.len(), 6);
+    assert_eq!(tc.len(), 7);
     let status_call = tc
         .iter()
         .map(|r| data_of(&event_of(r)).clone())
@@ -510,6 +519,59 @@ governance:
         m.contains("switchyard_tool_calls_total{outcome=\"skipped\",tool=\"ticket\"} 1"),
         "the repeat was skipped"
     );
+    // Actions naming the tool directly (as an agent's `tool.ticket` proposal would, not through
+    // the tool): the tenant comes from the action, not its parameters, and parameters that do not
+    // fit the tool's schema are dead-lettered, not sent.
+    let forged = |id: &str, parameters: Value| -> Vec<u8> {
+        let mut ev: Value = serde_json::from_slice(&again.payload).expect("json");
+        ev["id"] = json!(format!("ev-{id}"));
+        ev["data"]["action_id"] = json!(id);
+        ev["data"]["fencing_token"] = json!(ticket.fencing_token + (1 << 20));
+        ev["data"]["parameters"] = parameters;
+        ev.to_string().into_bytes()
+    };
+    let headers = [("content-type", "application/cloudevents+json")];
+    env.send_raw(
+        "switchyard.actions",
+        &ticket.resource,
+        &forged(
+            "act-other-tenant",
+            json!({"service": "checkout", "title": "forged", "tenant": "globex"}),
+        ),
+        &headers,
+    )
+    .await;
+    env.send_raw(
+        "switchyard.actions",
+        &ticket.resource,
+        &forged("act-no-title", json!({"service": "checkout"})),
+        &headers,
+    )
+    .await;
+    for _ in 0..100 {
+        if seen.lock().expect("lock").len() > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dlq = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.dlq"),
+        1,
+        Duration::from_secs(20),
+        |r| {
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"invalid_tool_arguments")
+        },
+    )
+    .await;
+    assert_eq!(dlq.len(), 1, "the action without a title is dead-lettered");
+    {
+        let got = seen.lock().expect("lock");
+        assert_eq!(got.len(), 2, "only the well-formed action was carried out");
+        assert_eq!(got[1].2, json!({"title": "forged", "tenant": "default"}));
+    }
     running.stop().await;
 }
 

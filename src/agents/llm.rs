@@ -773,6 +773,15 @@ impl LlmAgent {
                     .and_then(Value::as_str)
                     .ok_or("action must be a string")?
                     .to_string();
+                if let Some(tool) = action.strip_prefix("tool.") {
+                    // A tool's call is proposed by calling the tool (its schema checked, its
+                    // injected parameters set, its call logged), not by naming it here.
+                    return Ok((
+                        "refused",
+                        json!({"status": "refused", "action": action,
+                               "note": format!("To have {tool} carried out, call the tool {tool} itself.")}),
+                    ));
+                }
                 let impact: Impact = match args.get("impact") {
                     None | Some(Value::Null) => Impact::Medium,
                     Some(v) => serde_json::from_value(v.clone())

@@ -27,7 +27,7 @@ use crate::records::{types, ActionData, Emitter};
 use crate::store::{RedisConn, ResourceKey};
 use crate::telemetry::METRICS;
 use crate::tools::log::{ToolCallLog, ToolCallRecord};
-use crate::tools::{CallCtx, Toolbox};
+use crate::tools::{CallCtx, Inject, Toolbox};
 use crate::topics::TopicsConfig;
 
 /// The tools stage consumes the actions topic.
@@ -138,6 +138,48 @@ impl ToolsStage {
                 ),
             );
         };
+        // The tool is aimed by the action itself: its tenant, resource and agent fill the injected
+        // parameters, whatever the proposal's parameters say (a `tool.<name>` proposal made
+        // directly, not through the tool, could name another tenant); the task and event ids
+        // injected when the tool was called stay as proposed. The rest must fit the tool's schema.
+        let mut args = a.parameters.as_object().cloned().unwrap_or_default();
+        let proposed = |what: Inject| -> String {
+            tool.inject
+                .iter()
+                .filter(|(_, w)| **w == what)
+                .find_map(|(p, _)| args.get(p).and_then(Value::as_str))
+                .unwrap_or("")
+                .to_string()
+        };
+        let ctx = CallCtx {
+            tenant: a.tenant.clone(),
+            resource: a.resource.clone(),
+            task_id: proposed(Inject::TaskId),
+            agent: a
+                .agents
+                .as_array()
+                .and_then(|x| x.first())
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            event_id: proposed(Inject::EventId),
+            fencing_token: Some(a.fencing_token),
+            action_id: Some(a.action_id.clone()),
+        };
+        for p in tool.inject.keys() {
+            args.remove(p);
+        }
+        if let Some(why) = tool.check(&Value::Object(args.clone())) {
+            METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
+            return fail(
+                "invalid_tool_arguments",
+                format!(
+                    "action {}: its parameters do not fit tool {name}'s schema: {why}",
+                    a.action_id
+                ),
+            );
+        }
+        let args = tool.with_injected(args, &ctx);
         let key = ResourceKey::new(&a.tenant, &a.resource);
         let tag = key.hash_tag();
         let marker = format!("{}:tools:{tag}:a:{}", self.prefix, a.action_id);
@@ -160,22 +202,6 @@ impl ToolsStage {
                 .inc();
             return Ok(Vec::new());
         }
-        let ctx = CallCtx {
-            tenant: a.tenant.clone(),
-            resource: a.resource.clone(),
-            task_id: String::new(),
-            agent: a
-                .agents
-                .as_array()
-                .and_then(|x| x.first())
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            event_id: String::new(),
-            fencing_token: Some(a.fencing_token),
-            action_id: Some(a.action_id.clone()),
-        };
-        let args = a.parameters.as_object().cloned().unwrap_or_default();
         // Counted and recorded (tool-calls topic, audit) once per action, whatever happened.
         let note = |outcome: &'static str, result: Value, error: Option<String>, ms: u64| {
             METRICS.tool_calls.with_label_values(&[name, outcome]).inc();
