@@ -178,6 +178,13 @@ pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEven
     validate(&ev)?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
         match rec.key.filter(|k| !k.is_empty()) {
+            Some(k) if k.len() > MAX_SUBJECT_BYTES => {
+                return Err(too_long(
+                    "subject (the record key)",
+                    k.len(),
+                    MAX_SUBJECT_BYTES,
+                ))
+            }
             Some(k) => ev.subject = Some(String::from_utf8_lossy(k).into_owned()),
             None => return Err(DecodeError::MissingResource),
         }
@@ -255,7 +262,9 @@ fn structured_typed<T: serde::de::DeserializeOwned>(
     };
     validate(&ev).ok()?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
-        let k = rec.key.filter(|k| !k.is_empty())?;
+        let k = rec
+            .key
+            .filter(|k| !k.is_empty() && k.len() <= MAX_SUBJECT_BYTES)?;
         ev.subject = Some(String::from_utf8_lossy(k).into_owned());
     }
     // Data that is not a `T` goes the general way too, for the same error (and reason) as ever.
@@ -484,6 +493,18 @@ pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
             });
         }
     }
+    let long = [
+        ("id", Some(ev.id.as_str()), MAX_ID_BYTES),
+        ("type", Some(ev.ty.as_str()), MAX_ID_BYTES),
+        ("source", Some(ev.source.as_str()), MAX_SOURCE_BYTES),
+        ("subject", ev.subject.as_deref(), MAX_SUBJECT_BYTES),
+        ("tenant", ev.extension("tenant"), MAX_ID_BYTES),
+    ]
+    .into_iter()
+    .find(|(_, v, max)| v.is_some_and(|v| v.len() > *max));
+    if let Some((name, v, max)) = long {
+        return Err(too_long(name, v.map_or(0, str::len), max));
+    }
     for name in ev.extensions.keys() {
         if !is_valid_extension_name(name) {
             return Err(DecodeError::InvalidAttribute {
@@ -493,6 +514,22 @@ pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
         }
     }
     Ok(())
+}
+
+/// Longest `id`, `type` and `tenant` accepted, in bytes ...
+pub const MAX_ID_BYTES: usize = 256;
+/// ... `source` ...
+pub const MAX_SOURCE_BYTES: usize = 1024;
+/// ... and `subject` (the resource; also when it comes from the record key). They travel in every
+/// record an event leads to, and the ids, tenants and resources of a batch's records in its audit
+/// seal: unbounded, one event could make a seal too large to write.
+pub const MAX_SUBJECT_BYTES: usize = 512;
+
+fn too_long(name: &str, len: usize, max: usize) -> DecodeError {
+    DecodeError::InvalidAttribute {
+        name: name.into(),
+        detail: format!("{len} bytes long, at most {max} accepted"),
+    }
 }
 
 /// Why an event could not be written (a bug or a schema that does not fit the data).
@@ -1022,6 +1059,31 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         }
+        // Attributes past their bound (they travel in every record and audit seal), the subject
+        // also when the key stands in for it; at the bound they pass.
+        let attr = |name: &str, len: usize| {
+            let mut v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r"});
+            v[name] = json!("x".repeat(len));
+            v.to_string().into_bytes()
+        };
+        for (name, max) in [
+            ("id", MAX_ID_BYTES),
+            ("type", MAX_ID_BYTES),
+            ("source", MAX_SOURCE_BYTES),
+            ("subject", MAX_SUBJECT_BYTES),
+            ("tenant", MAX_ID_BYTES),
+        ] {
+            assert!(
+                decode(view(&attr(name, max), &[], None), &s).is_ok(),
+                "{name}"
+            );
+            let err = decode(view(&attr(name, max + 1), &[], None), &s).unwrap_err();
+            assert_eq!(err.reason(), "invalid_attribute", "{name}: {err}");
+        }
+        let keyed = br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#;
+        let long_key = vec![b'k'; MAX_SUBJECT_BYTES + 1];
+        let err = decode(view(keyed, &[], Some(&long_key)), &s).unwrap_err();
+        assert_eq!(err.reason(), "invalid_attribute", "{err}");
         // A truncated Avro body of a known schema.
         let enc = encode(&sample(), Encoding::Avro, Some("deployment"), &s).unwrap();
         let err = decode(view(&enc.payload[..enc.payload.len() / 2], &[], None), &s).unwrap_err();

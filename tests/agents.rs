@@ -1677,3 +1677,68 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
         "{dry}"
     );
 }
+
+/// A record too big to copy whole into a dead letter (a key and headers near the broker's limit),
+/// and an event whose attributes are past their bounds, are dead-lettered — bounded — and the
+/// stage goes on with the next record (the first used to stop the stage at every start, the second
+/// to make an audit seal too large to write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_keys_headers_and_attributes_are_dead_lettered_and_the_stage_goes_on() {
+    use switchyard::kafka::dlq_headers::{HEADERS_DROPPED, KEY_TRUNCATED, REASON};
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route"]);
+    let key = "k".repeat(700_000);
+    // Together just under the producer's limit (1,000,000 bytes): a whole copy plus the dead-letter
+    // headers is over it.
+    let big = "h".repeat(299_900);
+    env.send_raw(
+        "events.deployments",
+        &key,
+        b"not json",
+        &[("x-big", big.as_str()), ("x-small", "yes")],
+    )
+    .await;
+    env.publish_one(
+        "events.deployments",
+        "long-subject",
+        "deployment.started",
+        &"s".repeat(513),
+        json!({"version": "v1"}),
+    )
+    .await;
+    env.publish_one(
+        "events.deployments",
+        "after",
+        "deployment.started",
+        "svc-after",
+        json!({"version": "v2"}),
+    )
+    .await;
+    let tasks = env
+        .read("switchyard.tasks", 1, Duration::from_secs(40))
+        .await;
+    assert_eq!(event_of(&tasks[0]).subject.as_deref(), Some("svc-after"));
+    let dl = env.read("switchyard.dlq", 2, Duration::from_secs(20)).await;
+    running.stop().await;
+    assert_eq!(dl.len(), 2);
+    let h = |r: &switchyard::kafka::Input, name: &str| {
+        r.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let huge = &dl[0];
+    assert_eq!(h(huge, REASON).as_deref(), Some("malformed_json"));
+    assert_eq!(
+        huge.key.as_ref().map(Vec::len),
+        Some(switchyard::kafka::DLQ_KEY_CAP)
+    );
+    assert_eq!(h(huge, KEY_TRUNCATED).as_deref(), Some("700000"));
+    assert_eq!(h(huge, HEADERS_DROPPED).as_deref(), Some("1"));
+    assert_eq!(h(huge, "x-small").as_deref(), Some("yes"));
+    let long = &dl[1];
+    assert_eq!(h(long, REASON).as_deref(), Some("invalid_attribute"));
+    let dry = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(dry.contains("key or headers were cut"), "{dry}");
+}

@@ -164,6 +164,9 @@ pub fn redrive_record(
     if header(r, TRUNCATED).is_some() {
         return Err("its payload was cut to fit the dead-letter topic".into());
     }
+    if header(r, KEY_TRUNCATED).is_some() || header(r, HEADERS_DROPPED).is_some() {
+        return Err("its key or headers were cut to fit the dead-letter topic".into());
+    }
     let mut headers: Vec<(String, Vec<u8>)> = r
         .headers
         .iter()

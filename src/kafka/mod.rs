@@ -154,11 +154,21 @@ pub mod dlq_headers {
     pub const TIME: &str = "switchyard.dlq.time";
     /// Present when the payload was cut to `max_record_bytes`: the original size.
     pub const TRUNCATED: &str = "switchyard.dlq.truncated";
+    /// Present when the key was cut to [`super::DLQ_KEY_CAP`]: the original size.
+    pub const KEY_TRUNCATED: &str = "switchyard.dlq.key.truncated";
+    /// Present when some of the input's headers were left out ([`super::DLQ_HEADERS_CAP`]): how many.
+    pub const HEADERS_DROPPED: &str = "switchyard.dlq.headers.dropped";
 }
 
 /// Dead-letter payloads are cut to at most this, so the copy fits common broker limits (1 MB) with
 /// its headers.
 pub const DLQ_PAYLOAD_CAP: usize = 512 * 1024;
+/// A dead letter keeps at most this much of the input's key ...
+pub const DLQ_KEY_CAP: usize = 1024;
+/// ... and of its headers (names and values; the ones past it are left out, whole), so a record
+/// with a huge key or headers still fits the dead-letter topic (it would otherwise stop the stage
+/// on every start).
+pub const DLQ_HEADERS_CAP: usize = 64 * 1024;
 
 /// The dead-letter record for an input: original key, payload (cut to `max_bytes`, at most
 /// [`DLQ_PAYLOAD_CAP`]) and headers, plus headers giving the reason and where the record came from.
@@ -176,12 +186,24 @@ pub fn dead_letter(
     // The input's own headers go along, except any that look like ours: whoever can write to an
     // input topic could otherwise name the topic `dlq redrive` sends the record to (a forged
     // approval decision, a task of another tenant).
-    let mut headers: Vec<(String, Vec<u8>)> = rec
+    let (mut headers, mut kept, mut dropped) = (Vec::new(), 0usize, 0usize);
+    for (k, v) in rec
         .headers
         .iter()
         .filter(|(k, _)| !k.starts_with("switchyard.dlq."))
-        .cloned()
-        .collect();
+    {
+        if kept + k.len() + v.len() > DLQ_HEADERS_CAP {
+            dropped += 1;
+        } else {
+            kept += k.len() + v.len();
+            headers.push((k.clone(), v.clone()));
+        }
+    }
+    let key = rec
+        .key
+        .as_ref()
+        .map(|k| k[..k.len().min(DLQ_KEY_CAP)].to_vec());
+    let key_cut = rec.key.as_ref().map_or(0, Vec::len) > DLQ_KEY_CAP;
     let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));
     add(REASON, reason.to_string());
     // Details can quote input; keep them bounded.
@@ -194,9 +216,18 @@ pub fn dead_letter(
     if truncated {
         add(TRUNCATED, rec.payload_size.to_string());
     }
+    if key_cut {
+        add(
+            KEY_TRUNCATED,
+            rec.key.as_ref().map_or(0, Vec::len).to_string(),
+        );
+    }
+    if dropped > 0 {
+        add(HEADERS_DROPPED, dropped.to_string());
+    }
     Output {
         topic: dlq_topic.to_string(),
-        key: rec.key.clone(),
+        key,
         payload: rec.payload[..rec.payload.len().min(max_bytes)].to_vec(),
         headers,
     }
