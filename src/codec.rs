@@ -185,7 +185,16 @@ pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEven
                     MAX_SUBJECT_BYTES,
                 ))
             }
-            Some(k) => ev.subject = Some(String::from_utf8_lossy(k).into_owned()),
+            Some(k) => {
+                let subject = String::from_utf8_lossy(k).into_owned();
+                if subject.chars().any(char::is_control) {
+                    return Err(DecodeError::InvalidAttribute {
+                        name: "subject (the record key)".into(),
+                        detail: "contains a control character".into(),
+                    });
+                }
+                ev.subject = Some(subject);
+            }
             None => return Err(DecodeError::MissingResource),
         }
     }
@@ -265,7 +274,11 @@ fn structured_typed<T: serde::de::DeserializeOwned>(
         let k = rec
             .key
             .filter(|k| !k.is_empty() && k.len() <= MAX_SUBJECT_BYTES)?;
-        ev.subject = Some(String::from_utf8_lossy(k).into_owned());
+        let subject = String::from_utf8_lossy(k).into_owned();
+        if subject.chars().any(char::is_control) {
+            return None;
+        }
+        ev.subject = Some(subject);
     }
     // Data that is not a `T` goes the general way too, for the same error (and reason) as ever.
     let data = match env.data {
@@ -504,6 +517,22 @@ pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
     .find(|(_, v, max)| v.is_some_and(|v| v.len() > *max));
     if let Some((name, v, max)) = long {
         return Err(too_long(name, v.map_or(0, str::len), max));
+    }
+    // CloudEvents strings exclude control characters (and ids derived from these parts rely on it).
+    let control = [
+        ("id", Some(ev.id.as_str())),
+        ("type", Some(ev.ty.as_str())),
+        ("source", Some(ev.source.as_str())),
+        ("subject", ev.subject.as_deref()),
+        ("tenant", ev.extension("tenant")),
+    ]
+    .into_iter()
+    .find(|(_, v)| v.is_some_and(|v| v.chars().any(char::is_control)));
+    if let Some((name, _)) = control {
+        return Err(DecodeError::InvalidAttribute {
+            name: name.into(),
+            detail: "contains a control character".into(),
+        });
     }
     for name in ev.extensions.keys() {
         if !is_valid_extension_name(name) {
@@ -1078,6 +1107,12 @@ mod tests {
                 "{name}"
             );
             let err = decode(view(&attr(name, max + 1), &[], None), &s).unwrap_err();
+            assert_eq!(err.reason(), "invalid_attribute", "{name}: {err}");
+        }
+        for name in ["id", "type", "source", "subject", "tenant"] {
+            let mut v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r"});
+            v[name] = json!("a\u{0}b");
+            let err = decode(view(v.to_string().as_bytes(), &[], None), &s).unwrap_err();
             assert_eq!(err.reason(), "invalid_attribute", "{name}: {err}");
         }
         let keyed = br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#;

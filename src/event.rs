@@ -32,6 +32,9 @@ impl Serialize for RawData {
     }
 }
 
+/// The tenant of an event without a `tenant` extension.
+pub const DEFAULT_TENANT: &str = "default";
+
 /// A CloudEvents 1.0 event. `subject` carries the resource id the event is about.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudEvent {
@@ -130,7 +133,7 @@ impl CloudEvent {
 
     /// The tenant this event belongs to (`tenant` extension), `default` when absent.
     pub fn tenant(&self) -> &str {
-        self.extension("tenant").unwrap_or("default")
+        self.extension("tenant").unwrap_or(DEFAULT_TENANT)
     }
 
     pub fn traceparent(&self) -> Option<&str> {

@@ -388,15 +388,30 @@ fn eval(c: &CompiledCondition, ev: &CloudEvent) -> bool {
     }
 }
 
+/// What names an input event in every id derived from it: its source and id — which identify an
+/// event within its tenant — and its tenant. Two tenants' events with the same source and id are two
+/// events (their tasks, proposals, actions and approvals must not share ids). The default tenant's
+/// events leave the tenant out, so their ids are what they were before the tenant counted (a
+/// single-tenant installation sees no change). The parts are length-prefixed and attributes carry
+/// no control characters, so no event of one tenant can name another's.
+pub fn event_parts(ev: &CloudEvent) -> Vec<&str> {
+    match ev.tenant() {
+        crate::event::DEFAULT_TENANT => vec![&ev.source, &ev.id],
+        tenant => vec![tenant, &ev.source, &ev.id],
+    }
+}
+
 /// Deterministic workflow id for an input event: everything the event causes shares it.
 pub fn workflow_id(ev: &CloudEvent) -> String {
-    format!("wf-{}", stable_id(&[&ev.source, &ev.id]))
+    format!("wf-{}", stable_id(&event_parts(ev)))
 }
 
 /// Deterministic task id: the same event routed to the same agent always yields the same id, so a
 /// redelivered event produces a recognisable duplicate task.
 pub fn task_id(ev: &CloudEvent, agent: &str) -> String {
-    format!("task-{}", stable_id(&[&ev.source, &ev.id, agent]))
+    let mut parts = event_parts(ev);
+    parts.push(agent);
+    format!("task-{}", stable_id(&parts))
 }
 
 #[cfg(test)]
@@ -535,6 +550,19 @@ mod tests {
         assert_ne!(task_id(&e, "a"), task_id(&e, "b"));
         assert_ne!(stable_id(&["ab", "c"]), stable_id(&["a", "bc"]));
         assert!(workflow_id(&e).starts_with("wf-"));
+        // Another tenant's event with the same source and id is another event; the default
+        // tenant's ids are what they were before the tenant counted.
+        let mut other = e.clone();
+        other.extensions.insert("tenant".into(), json!("globex"));
+        assert_ne!(task_id(&other, "a"), task_id(&e, "a"));
+        assert_ne!(workflow_id(&other), workflow_id(&e));
+        let mut named = e.clone();
+        named.extensions.insert("tenant".into(), json!("default"));
+        assert_eq!(task_id(&named, "a"), task_id(&e, "a"));
+        assert_eq!(
+            task_id(&e, "a"),
+            format!("task-{}", stable_id(&[&e.source, &e.id, "a"]))
+        );
     }
 
     fn arb_type() -> impl Strategy<Value = String> {

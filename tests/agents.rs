@@ -1742,3 +1742,74 @@ async fn oversized_keys_headers_and_attributes_are_dead_lettered_and_the_stage_g
     let dry = cli(&env, &["dlq", "redrive", "--dry-run"]);
     assert!(dry.contains("key or headers were cut"), "{dry}");
 }
+
+/// Two tenants' events with the same source and id are two events: their tasks (and so their
+/// proposals, actions and approvals) never share an id; the default tenant's ids are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_events_with_one_source_and_id_get_their_own_tasks() {
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route"]);
+    let ev = |tenant: Option<&str>| {
+        let e = event(
+            "d-42",
+            "deployment.started",
+            "checkout",
+            json!({"version": "v1"}),
+        );
+        match tenant {
+            Some(t) => e.with_extension("tenant", t),
+            None => e,
+        }
+    };
+    env.publish(
+        "events.deployments",
+        &[ev(Some("acme")), ev(Some("globex")), ev(None)],
+    )
+    .await;
+    let tasks = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.tasks"),
+        Duration::from_secs(40),
+        |got: &[switchyard::kafka::Input]| {
+            let tenants: std::collections::BTreeSet<String> = got
+                .iter()
+                .map(|r| event_of(r).tenant().to_string())
+                .collect();
+            tenants.len() == 3
+        },
+    )
+    .await;
+    running.stop().await;
+    let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &tasks {
+        let t = event_of(r);
+        by_tenant
+            .entry(t.tenant().to_string())
+            .or_default()
+            .push(data_of(&t)["task_id"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(by_tenant.len(), 3, "{by_tenant:?}");
+    let (acme, globex) = (&by_tenant["acme"], &by_tenant["globex"]);
+    assert!(
+        acme.iter()
+            .all(|id| !globex.contains(id) && !by_tenant["default"].contains(id)),
+        "{by_tenant:?}"
+    );
+    // The default tenant's task ids are what they were before the tenant counted.
+    let plain = event("d-42", "deployment.started", "checkout", json!({}));
+    for r in &tasks {
+        let t = event_of(r);
+        if t.tenant() == "default" {
+            let d = data_of(&t);
+            let before = format!(
+                "task-{}",
+                switchyard::pattern::stable_id(&[
+                    &plain.source,
+                    &plain.id,
+                    d["agent"].as_str().unwrap_or("")
+                ])
+            );
+            assert_eq!(d["task_id"].as_str(), Some(before.as_str()));
+        }
+    }
+}

@@ -549,6 +549,18 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     )
     .await;
     assert_eq!((code, v["duplicate"].clone()), (202, json!(true)), "{v}");
+    // The same (source, id) from another tenant is another event: produced, its own task.
+    let mut other = one.clone();
+    other["tenant"] = json!("globex");
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents+json",
+        other.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["duplicate"].clone()), (202, json!(false)), "{v}");
 
     // Binary: ce-* headers, the body is the data.
     let resp = c
@@ -816,6 +828,7 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         ids,
         [
             "s-1",
+            "s-1",
             "b-1",
             "c-1",
             "c-2",
@@ -827,7 +840,8 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         ],
         "every accepted event once, in order"
     );
-    let b1 = event_of(&deployments[1]);
+    assert_eq!(event_of(&deployments[1]).tenant(), "globex");
+    let b1 = event_of(&deployments[2]);
     assert_eq!(
         (b1.ty.as_str(), b1.data.clone()),
         (
@@ -835,8 +849,8 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
             Some(json!({"service": "svc-b", "version": "v7"}))
         )
     );
-    assert_eq!(deployments[1].key.as_deref(), Some(&b"svc-b"[..]));
-    let gh_ev = event_of(&deployments[4]);
+    assert_eq!(deployments[2].key.as_deref(), Some(&b"svc-b"[..]));
+    let gh_ev = event_of(&deployments[5]);
     assert_eq!(
         (gh_ev.ty.as_str(), gh_ev.subject.as_deref()),
         ("deployment.success", Some("svc-e"))

@@ -898,7 +898,7 @@ impl Ingest {
         format!(
             "{}:ingest:seen:{{{}}}",
             self.inner.prefix,
-            stable_id(&[&ev.source, &ev.id])
+            stable_id(&crate::route::event_parts(ev))
         )
     }
 
