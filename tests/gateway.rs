@@ -712,6 +712,26 @@ gateway:
         "two processes spent {cost} of a budget of 100"
     );
     assert_eq!(held, 0, "every hold settled");
+    // Naming the alias's candidate directly is that alias pinned to it: the same budget counts
+    // (and refuses) its calls. A model no alias has is unknown (it has no price, and would be a
+    // new metric series per name).
+    let bucket = format!("{}:budget:{{budgets}}:llm-{s}:cheap:total", env.prefix);
+    let (before, _, _) = budget_state(&env.prefix, &bucket).await;
+    let got = burst(&ports, &key, &format!("mock/p-{s}"), 3).await;
+    assert!(
+        got.iter().all(|(st, _)| *st == 200 || *st == 429),
+        "{got:?}"
+    );
+    let ok = got.iter().filter(|(st, _)| *st == 200).count() as u64;
+    let (after, cost, _) = budget_state(&env.prefix, &bucket).await;
+    assert_eq!(
+        after - before,
+        ok,
+        "direct calls count against the alias's budget"
+    );
+    assert!(cost <= 100.0 + 1e-9, "spent {cost} of 100");
+    let got = burst(&ports, &key, &format!("mock/unpriced-{s}"), 1).await;
+    assert_eq!(got[0].0, 404, "{got:?}");
 
     // Five requests a minute through both processes together.
     let got = burst(&ports, &key, "limited", 20).await;

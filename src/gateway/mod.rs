@@ -759,17 +759,24 @@ impl Gateway {
                 downgrade_to: a.downgrade_to.clone(),
             });
         }
+        // `provider/model` of an alias's candidate: that alias pinned to that candidate (its budgets,
+        // limits, output cap and `on_exhausted` apply). Any other name is unknown: a model nobody
+        // configured has no price (its cost would count as nothing against a budget) and would be a
+        // new metric series per name.
         if let Some((provider, m)) = model.split_once('/') {
-            if self.providers.contains_key(provider) && !m.is_empty() {
+            let pinned = self.cfg.aliases.iter().find_map(|(name, a)| {
+                a.candidates
+                    .iter()
+                    .find(|c| c.provider == provider && c.model == m)
+                    .map(|c| (name, a, c))
+            });
+            if let Some((name, a, c)) = pinned {
                 return Ok(Route {
-                    alias: model.to_string(),
-                    candidates: vec![Candidate {
-                        provider: provider.into(),
-                        model: m.into(),
-                    }],
-                    max_tokens: None,
-                    on_exhausted: OnExhausted::Deny,
-                    downgrade_to: None,
+                    alias: name.clone(),
+                    candidates: vec![c.clone()],
+                    max_tokens: a.max_tokens,
+                    on_exhausted: a.on_exhausted,
+                    downgrade_to: a.downgrade_to.clone(),
                 });
             }
         }
