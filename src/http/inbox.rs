@@ -111,7 +111,7 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
 #[derive(Debug)]
 pub struct Gates {
     /// History reads (each reads the audit topic over `history_hours`) at once.
-    history: tokio::sync::Semaphore,
+    history: Arc<tokio::sync::Semaphore>,
     /// Live-update streams open now.
     streams: std::sync::atomic::AtomicUsize,
 }
@@ -124,7 +124,7 @@ const MAX_STREAMS: usize = 256;
 impl Default for Gates {
     fn default() -> Self {
         Gates {
-            history: tokio::sync::Semaphore::new(HISTORY_AT_ONCE),
+            history: Arc::new(tokio::sync::Semaphore::new(HISTORY_AT_ONCE)),
             streams: Default::default(),
         }
     }
@@ -843,7 +843,9 @@ async fn history(
         Ok(_) => return page_error(StatusCode::NOT_FOUND, &format!("no approval {id}")),
         Err(e) => return unavailable(&e.to_string()),
     };
-    let Ok(_permit) = inbox.gates.history.try_acquire() else {
+    // The permit goes with the read, not the request: a client that gives up does not stop the
+    // read, so it must not free the place for another before the read ends.
+    let Ok(permit) = inbox.gates.history.clone().try_acquire_owned() else {
         return page_error(
             StatusCode::TOO_MANY_REQUESTS,
             "other history reads are running; try again in a moment",
@@ -853,6 +855,7 @@ async fn history(
         chrono::Utc::now().timestamp_millis() - inbox.config().history_hours as i64 * 3_600_000;
     let l = inbox.settings.clone();
     let recs = match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         crate::audit::story::audit_since(&l.kafka, &l.audit_topic, &l.schemas, since)
     })
     .await

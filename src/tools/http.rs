@@ -177,18 +177,26 @@ impl HttpTool {
             req.json(&rest)
         };
         let resp = req.send().await.map_err(|e| {
-            // reqwest's message names the URL without credentials; headers are never in it.
+            // Without the URL: its path or query may be a secret (a webhook's, from `url_env`),
+            // and this text reaches the model, the tool-calls topic, the audit trail and the DLQ.
             if e.is_timeout() {
                 format!("tool {} timed out", self.name)
             } else {
-                format!("tool {} could not be reached: {e}", self.name)
+                format!(
+                    "tool {} could not be reached: {}",
+                    self.name,
+                    e.without_url()
+                )
             }
         })?;
         let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| format!("tool {}: reading the answer failed: {e}", self.name))?;
+        let body = resp.bytes().await.map_err(|e| {
+            format!(
+                "tool {}: reading the answer failed: {}",
+                self.name,
+                e.without_url()
+            )
+        })?;
         if !status.is_success() {
             let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
             return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
@@ -246,5 +254,25 @@ mod tests {
         assert_eq!(url, "http://h/services/..%2Fadmin%3Fx%3D1/status");
         assert_eq!(rest.len(), 1);
         assert!(rest.contains_key("verbose"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_tool_s_error_does_not_show_its_url() {
+        // A port nothing listens on (bound, then closed), and a secret in the path and query.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port");
+        let spec: Spec = serde_yaml::from_str(&format!(
+            "description: d\nmethod: POST\nurl: 'http://127.0.0.1:{port}/hooks/T0SECRET/B1SECRET?code=k3y'\n"
+        ))
+        .expect("spec");
+        let t = HttpTool::new("notify", &spec).expect("tool");
+        let err = t
+            .call(&Map::new(), &CallCtx::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(err.contains("could not be reached"), "{err}");
+        assert!(!err.contains("SECRET") && !err.contains("k3y"), "{err}");
     }
 }
