@@ -1030,3 +1030,84 @@ async fn tail_human_format_filters_and_approvals_list_details() {
         .expect("a reason line");
     assert!(reason.trim() != "reason: -", "{list}");
 }
+
+/// A client that gives up on an ingest request (a timeout, a proxy) does not leave its events
+/// half done: the request's claims, records and settlements go on without it, so its retry is
+/// answered 202 (each event produced or a duplicate) — never "in progress" for minutes — and each
+/// event is on the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_request_its_client_gave_up_on_still_settles_every_event() {
+    let env = TestEnv::new(1, "").await;
+    let l = &env.loaded;
+    let cfg = switchyard::http::ingest::IngestConfig {
+        token: Some(switchyard::secret::Secret::new(INGEST_TOKEN)),
+        max_body_bytes: 4 << 20,
+        topics: [("deployment.*".to_string(), env.topic("events.deployments"))].into(),
+        ..Default::default()
+    };
+    let ingest = switchyard::http::ingest::Ingest::new(
+        cfg,
+        switchyard::records::Emitter::new(l.schemas.clone(), l.topics.clone()),
+        env.producer(),
+        switchyard::store::RedisConn::from_config(&l.config.redis).expect("redis"),
+        &l.config.redis.key_prefix,
+        60_000,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/v1/events", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        async move { axum::serve(listener, switchyard::http::ingest::router(ingest)).await },
+    );
+    let batch = Value::Array(
+        (0..500)
+            .map(|i| {
+                structured(
+                    &format!("g-{i}"),
+                    "deployment.started",
+                    &format!("svc-{i}"),
+                    json!({}),
+                )
+            })
+            .collect(),
+    )
+    .to_string();
+    let hasty = reqwest::Client::builder()
+        .timeout(Duration::from_millis(30))
+        .build()
+        .expect("client");
+    // It gives up (or, on a fast day, gets its answer): either way the retry below must find
+    // every event settled.
+    let _ = hasty
+        .post(&url)
+        .bearer_auth(INGEST_TOKEN)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(batch.clone())
+        .send()
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = reqwest::Client::new();
+    let (code, v, _) = post(
+        &c,
+        &url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents-batch+json",
+        batch,
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let produced = v["accepted"].as_u64().unwrap_or(0);
+    let duplicates = v["duplicates"].as_u64().unwrap_or(0);
+    assert_eq!(produced + duplicates, 500, "{v}");
+    let recs = read_topic_until(
+        &l.config.kafka.brokers,
+        &env.topic("events.deployments"),
+        Duration::from_secs(30),
+        |got: &[switchyard::kafka::Input]| got.len() >= 500,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ids: BTreeSet<String> = recs.iter().map(|r| event_of(r).id).collect();
+    assert_eq!((recs.len(), ids.len()), (500, 500), "each event once");
+}

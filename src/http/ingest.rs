@@ -1050,77 +1050,20 @@ impl Ingest {
                 }
             }
         }
-        // A (source, id) twice in one request is taken once. Claims go out together; records are
-        // then queued in the request's order (events of one resource keep their order on its
-        // partition), and their acknowledgements awaited together.
-        let mut firsts = HashSet::new();
-        let claims = futures::future::join_all(events.iter().map(|ev| {
-            let first = firsts.insert((ev.source.clone(), ev.id.clone()));
-            async move {
-                if first {
-                    self.claim(&self.seen_key(ev)).await
-                } else {
-                    Claim::Duplicate
-                }
+        // Claiming, producing and settling run as a task of their own: a client that gives up (or
+        // a proxy that times out) drops this request, not the work — a claim left pending would
+        // answer the client's retry "in progress" for minutes, and a record produced but never
+        // settled would be produced again once its claim expired.
+        let this = self.clone();
+        let keys: Vec<String> = events.iter().map(|ev| self.seen_key(ev)).collect();
+        let work = tokio::spawn(async move { this.produce_claimed(keys, records).await });
+        let taken: Vec<Taken> = match work.await {
+            Ok(t) => t,
+            Err(e) => {
+                count(door, "failed", events.len());
+                return super::auth::unavailable(format!("producing failed: {e}; retry"));
             }
-        }))
-        .await;
-        let mut taken: Vec<Option<Taken>> = Vec::with_capacity(events.len());
-        let mut waiting = Vec::new();
-        for (i, ((ev, claim), out)) in events.iter().zip(claims).zip(records).enumerate() {
-            match claim {
-                Claim::Mine => {}
-                Claim::Duplicate => {
-                    taken.push(Some(Taken::Duplicate));
-                    continue;
-                }
-                Claim::InProgress => {
-                    taken.push(Some(Taken::InProgress));
-                    continue;
-                }
-                Claim::Failed(e) => {
-                    taken.push(Some(Taken::Failed(e)));
-                    continue;
-                }
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let queued = inner
-                .producer
-                .enqueue(&out, Notice::Waiter(tx), || {
-                    METRICS
-                        .producer_queue_full
-                        .with_label_values(&["ingest"])
-                        .inc()
-                })
-                .await;
-            match queued {
-                Ok(()) => {
-                    taken.push(None);
-                    waiting.push((i, self.seen_key(ev), out.topic, rx));
-                }
-                Err(ProduceError::Rejected { source, .. }) => {
-                    taken.push(Some(
-                        self.settle(&self.seen_key(ev), out.topic, Err(source))
-                            .await,
-                    ));
-                }
-            }
-        }
-        let settled =
-            futures::future::join_all(waiting.into_iter().map(|(i, key, topic, rx)| async move {
-                let acked = rx
-                    .await
-                    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
-                (i, self.settle(&key, topic, acked).await)
-            }))
-            .await;
-        for (i, t) in settled {
-            taken[i] = Some(t);
-        }
-        let taken: Vec<Taken> = taken
-            .into_iter()
-            .map(|t| t.unwrap_or_else(|| Taken::Failed("no delivery report".into())))
-            .collect();
+        };
         let mut list = Vec::with_capacity(taken.len());
         let (mut produced, mut duplicates, mut busy, mut failed, mut large) = (0, 0, 0, 0, 0);
         for (ev, t) in events.iter().zip(&taken) {
@@ -1206,6 +1149,83 @@ impl Ingest {
             })),
         )
             .into_response()
+    }
+
+    /// Claims each event's dedupe key (a key twice in one request is taken once), queues the
+    /// claimed records in the request's order (events of one resource keep their order on its
+    /// partition), awaits their acknowledgements together and settles each claim: what became of
+    /// each event, in order.
+    async fn produce_claimed(
+        &self,
+        keys: Vec<String>,
+        records: Vec<crate::kafka::Output>,
+    ) -> Vec<Taken> {
+        let inner = &self.inner;
+        let mut firsts = HashSet::new();
+        let claims = futures::future::join_all(keys.iter().map(|key| {
+            let first = firsts.insert(key.clone());
+            async move {
+                if first {
+                    self.claim(key).await
+                } else {
+                    Claim::Duplicate
+                }
+            }
+        }))
+        .await;
+        let mut taken: Vec<Option<Taken>> = Vec::with_capacity(keys.len());
+        let mut waiting = Vec::new();
+        for (i, ((key, claim), out)) in keys.iter().zip(claims).zip(records).enumerate() {
+            match claim {
+                Claim::Mine => {}
+                Claim::Duplicate => {
+                    taken.push(Some(Taken::Duplicate));
+                    continue;
+                }
+                Claim::InProgress => {
+                    taken.push(Some(Taken::InProgress));
+                    continue;
+                }
+                Claim::Failed(e) => {
+                    taken.push(Some(Taken::Failed(e)));
+                    continue;
+                }
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let queued = inner
+                .producer
+                .enqueue(&out, Notice::Waiter(tx), || {
+                    METRICS
+                        .producer_queue_full
+                        .with_label_values(&["ingest"])
+                        .inc()
+                })
+                .await;
+            match queued {
+                Ok(()) => {
+                    taken.push(None);
+                    waiting.push((i, key.clone(), out.topic, rx));
+                }
+                Err(ProduceError::Rejected { source, .. }) => {
+                    taken.push(Some(self.settle(key, out.topic, Err(source)).await));
+                }
+            }
+        }
+        let settled =
+            futures::future::join_all(waiting.into_iter().map(|(i, key, topic, rx)| async move {
+                let acked = rx
+                    .await
+                    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+                (i, self.settle(&key, topic, acked).await)
+            }))
+            .await;
+        for (i, t) in settled {
+            taken[i] = Some(t);
+        }
+        taken
+            .into_iter()
+            .map(|t| t.unwrap_or_else(|| Taken::Failed("no delivery report".into())))
+            .collect()
     }
 
     /// Claims a (source, id) key for producing it: mine, already done (a duplicate), or being
