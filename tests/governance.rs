@@ -1557,8 +1557,51 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
         .map(data)
         .collect();
     let req = recs.iter().find(|a| a.resource == "r-ok").unwrap();
-    let decision = Output::new(env.topic("switchyard.approval-decisions"), req.approval_id.clone(), serde_json::to_vec(&json!({"approval_id": req.approval_id, "decision": "approve", "by": "carol", "why": "ok"})).unwrap());
-    env.producer().send(&decision).await.unwrap();
+    // Another pending approval whose stored record became unreadable: its decision is
+    // dead-lettered (corrupt_state), not retried for ever ahead of every later decision.
+    env.publish(
+        "switchyard.proposals",
+        &[proposal(
+            "bad",
+            "tester",
+            "rollback",
+            "r-bad",
+            json!({"to": "v3"}),
+            0,
+        )],
+    )
+    .await;
+    let recs: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 4, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let bad = recs.iter().find(|a| a.resource == "r-bad").unwrap();
+    let mut conn = redis_connection(stack().1.as_str()).await;
+    let key = format!(
+        "{}:res:{}",
+        env.prefix,
+        switchyard::store::ResourceKey::new("default", "r-bad").hash_tag()
+    );
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(format!("approval:{}", bad.approval_id))
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for (id, by) in [(&bad.approval_id, "dave"), (&req.approval_id, "carol")] {
+        let decision = Output::new(
+            env.topic("switchyard.approval-decisions"),
+            id.clone(),
+            serde_json::to_vec(
+                &json!({"approval_id": id, "decision": "approve", "by": by, "why": "ok"}),
+            )
+            .unwrap(),
+        );
+        env.producer().send(&decision).await.unwrap();
+    }
     let actions: Vec<ActionData> = env
         .read("switchyard.actions", 1, Duration::from_secs(30))
         .await
@@ -1577,6 +1620,14 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
         .read("switchyard.actions", 2, Duration::from_secs(2))
         .await;
     assert_eq!(none.len(), 1, "the expired rollback never goes out");
+    let dl = env.read("switchyard.dlq", 1, Duration::from_secs(10)).await;
+    assert!(
+        dl.iter().any(|r| r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"corrupt_state")),
+        "the unreadable approval's decision is dead-lettered"
+    );
     running.stop().await;
 }
 

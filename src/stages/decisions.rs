@@ -94,6 +94,9 @@ impl DecisionsStage {
             Err(ApprovalError::TooLarge(m)) => Err(ProcessError::poison("output_too_large", m)),
             Err(ApprovalError::Forbidden(m)) => Err(ProcessError::poison("forbidden_decision", m)),
             Err(e @ ApprovalError::Encode(_)) => Err(ProcessError::Fatal(e.to_string())),
+            // Unreadable state never becomes readable by waiting: dead-lettered (`corrupt_state`),
+            // so one bad record does not hold up every decision after it on the partition.
+            Err(ApprovalError::Store(e)) => Err(ProcessError::from(e)),
             Err(e) => Err(ProcessError::Transient(e.to_string())),
         }
     }
