@@ -148,14 +148,14 @@ pub async fn recover(
     }
     out.chains = heads.len();
 
-    // Approvals: the latest status of each; the open ones come back.
+    // Approvals: the furthest status of each; the open ones come back. Not simply the last record:
+    // a redelivered proposal writes its request again (the same bytes) after a decision may have
+    // been recorded, and a decided approval must not reopen (approving it again would send a
+    // second action).
     let mut approvals: BTreeMap<String, (ApprovalData, String)> = BTreeMap::new();
     for ev in events(loaded, &topics.approvals, idle).await? {
         if let Some(a) = data::<ApprovalData>(&ev) {
-            approvals.insert(
-                a.approval_id.clone(),
-                (a, ev.time.clone().unwrap_or_default()),
-            );
+            keep_furthest(&mut approvals, a, ev.time.clone().unwrap_or_default());
         }
     }
     // Resolve state: tokens and recent actions per resource.
@@ -347,4 +347,58 @@ pub async fn recover(
         .await
         .map_err(err)?;
     Ok(out)
+}
+
+/// Keeps `a` (read at `time`) unless an approval record already kept for its id has come further:
+/// requested, escalated (by level), decided — a record never moves an approval back.
+fn keep_furthest(
+    approvals: &mut BTreeMap<String, (ApprovalData, String)>,
+    a: ApprovalData,
+    time: String,
+) {
+    let stage = |a: &ApprovalData| match a.status.as_str() {
+        "pending" => (0u8, a.level),
+        "escalated" => (1, a.level),
+        _ => (2, 0),
+    };
+    if approvals
+        .get(&a.approval_id)
+        .is_some_and(|(seen, _)| stage(seen) > stage(&a))
+    {
+        return;
+    }
+    approvals.insert(a.approval_id.clone(), (a, time));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_written_again_after_its_decision_does_not_reopen_it() {
+        let rec = |status: &str, level: u32| ApprovalData {
+            approval_id: "apr-1".into(),
+            status: status.into(),
+            level,
+            ..Default::default()
+        };
+        let mut kept = BTreeMap::new();
+        for (a, t) in [
+            (rec("pending", 0), "t1"),
+            (rec("escalated", 1), "t2"),
+            (rec("pending", 0), "t3"),
+            (rec("escalated", 2), "t4"),
+            (rec("escalated", 1), "t5"),
+        ] {
+            keep_furthest(&mut kept, a, t.into());
+        }
+        assert_eq!((kept["apr-1"].0.level, kept["apr-1"].1.as_str()), (2, "t4"));
+        for (a, t) in [(rec("approved", 2), "t6"), (rec("pending", 0), "t7")] {
+            keep_furthest(&mut kept, a, t.into());
+        }
+        assert_eq!(
+            (kept["apr-1"].0.status.as_str(), kept["apr-1"].1.as_str()),
+            ("approved", "t6")
+        );
+    }
 }
