@@ -3348,3 +3348,84 @@ async fn decisions_through_the_cli_are_counted_once_in_the_servers_metrics() {
     assert_eq!(metric(&now2, APPROVED), approved + 1.0, "{now2}");
     running.stop().await;
 }
+
+/// Two sweepers that both found an approval past its deadline escalate it once (the second finds it
+/// escalated, not due, and leaves it at its new level and deadline); and an escalation a crash left
+/// unsent in the outbox is produced by a later sweep, like a decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_past_its_deadline_is_escalated_once_and_its_records_go_out() {
+    use switchyard::governance::approvals::Verdict;
+    let rules = "{ name: paths, actions: [rollback], escalation: [{group: a, timeout_seconds: 2}, {group: b, timeout_seconds: 60}, {group: c, timeout_seconds: 60}] }";
+    let yaml = format!(
+        "{}{DEFAULT_AGENTS}{}",
+        governance(rules).replace(
+            "    timeout_seconds: 600\n",
+            "    timeout_seconds: 600\n    redeliver_after_seconds: 1\n"
+        ),
+        default_routes("")
+    );
+    let env = TestEnv::new(1, &yaml).await;
+    let running = Running::start(env.loaded.clone(), &["resolve"]);
+    env.publish(
+        "switchyard.proposals",
+        &[proposal(
+            "esc",
+            "tester",
+            "rollback",
+            "r-esc",
+            json!({"to": "v1"}),
+            0,
+        )],
+    )
+    .await;
+    let req: ApprovalData = data(
+        &env.read("switchyard.approvals", 1, Duration::from_secs(30))
+            .await[0],
+    );
+    running.stop().await;
+    let approvals = switchyard::cmd::approvals::service(&env.loaded).unwrap();
+    let wait = (req.expires_at - chrono::Utc::now().timestamp() + 1).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let sweep = |n: &str| {
+        let approvals = &approvals;
+        let id = req.approval_id.clone();
+        let n = n.to_string();
+        async move {
+            approvals
+                .decide(&id, Verdict::Reject, "switchyard", "timeout", true, true)
+                .await
+                .unwrap_or_else(|e| panic!("{n}: {e}"))
+        }
+    };
+    let first = sweep("first").await;
+    assert!(first.fresh);
+    assert_eq!(
+        (first.approval.status.as_str(), first.approval.level),
+        ("escalated", 1)
+    );
+    let second = sweep("second").await;
+    assert!(!second.fresh, "not due any more: nothing moves");
+    let now = approvals.get(&req.approval_id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            now.approval.status.as_str(),
+            now.approval.level,
+            now.approval.expires_at
+        ),
+        ("escalated", 1, first.approval.expires_at)
+    );
+    // The first sweep's records were never produced (no `sent`): a later sweep (past the
+    // outbox's grace of a second, counted in whole seconds) produces them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let swept = approvals.sweep().await.unwrap();
+    let (_, outputs) = swept
+        .iter()
+        .find(|(id, _)| *id == req.approval_id)
+        .expect("the escalation is taken up from the outbox");
+    let escalated = outputs
+        .iter()
+        .filter(|o| o.topic == env.topic("switchyard.approvals"))
+        .map(|o| serde_json::from_slice::<Value>(&o.payload).unwrap())
+        .find(|v| v["data"]["status"] == "escalated");
+    assert!(escalated.is_some(), "its escalation record goes out");
+}

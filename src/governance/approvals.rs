@@ -253,6 +253,17 @@ impl Approvals {
             if !stored.is_open() {
                 return self.decided_before(stored).await;
             }
+            if expire && stored.approval.expires_at > now_secs() {
+                // Not due (any more): another sweeper escalated it after this one read the
+                // index. Its new deadline stands; it stays indexed under it.
+                self.store.index_open(&[&stored.approval]).await?;
+                return Ok(Decision {
+                    approval: stored.approval,
+                    fresh: false,
+                    action: None,
+                    outputs: Vec::new(),
+                });
+            }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             let now = now_secs();
             let mut s = stored.clone();
@@ -733,9 +744,10 @@ impl Approvals {
         let grace = self.config.redeliver_after_seconds as i64;
         for id in self.store.outbox_due(now - grace).await? {
             match self.get(&id).await? {
-                // Gone, or still open (the state never moved): nothing to produce.
+                // Gone, or still pending (the state never moved): nothing to produce. An
+                // escalation did move it: its records go out like a decision's.
                 None => self.store.outbox_done(&id).await?,
-                Some(s) if s.is_open() => self.store.outbox_done(&id).await?,
+                Some(s) if s.is_open() && !s.escalated => self.store.outbox_done(&id).await?,
                 Some(s) => {
                     tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
                     out.push((id, self.decided_before(s).await?.outputs));
@@ -753,6 +765,8 @@ impl Approvals {
                     .await
                 {
                     Ok(d) if d.fresh => out.push((id.clone(), d.outputs)),
+                    // Escalated meanwhile by another sweeper: open, under its new deadline.
+                    Ok(d) if matches!(d.approval.status.as_str(), "pending" | "escalated") => {}
                     Ok(_) | Err(ApprovalError::NotFound(_)) => self.store.index_close(id).await?,
                     Err(e) => return Err(e),
                 }
