@@ -437,6 +437,7 @@ impl Sandbox {
                 graph: Some(graph),
                 clock: crate::event::Clock::set_by(clock.clone()),
                 notifier: None,
+                max_output_bytes: cfg.kafka.max_output_bytes(),
             },
             loaded: l,
             redis,

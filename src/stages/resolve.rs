@@ -66,6 +66,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             graph: Some(s.graph.clone()),
             clock: Default::default(),
             notifier: s.approvals.notifier.clone(),
+            max_output_bytes: cfg.kafka.max_output_bytes(),
         }))
     })
 }
@@ -116,6 +117,9 @@ pub struct ResolveStage {
     pub clock: crate::event::Clock,
     /// Tells approval rules' webhooks about new requests (none in replay and unit tests).
     pub notifier: Option<Arc<crate::governance::notify::Notifier>>,
+    /// The largest record the producer writes (`kafka.max_output_bytes`): a decision whose records
+    /// would be larger is refused before anything is committed.
+    pub max_output_bytes: usize,
 }
 
 /// Reads a proposal record.
@@ -175,6 +179,29 @@ impl ResolveStage {
     }
 
     /// The records a decision causes, and its (unsealed) audit record.
+    /// Refuses (dead-letters the proposal, `output_too_large`) a decision whose records the
+    /// producer could not write. The action and approval records carry the proposal's parameters
+    /// (an approval twice: its action record too); the audit record names the decision, not the
+    /// parameters, and its attributes are bounded, so it is not encoded an extra time to be measured.
+    fn check_sizes(&self, batch: &Batch) -> Result<(), ProcessError> {
+        match batch
+            .outputs
+            .iter()
+            .find(|o| o.payload.len() > self.max_output_bytes)
+        {
+            Some(o) => Err(ProcessError::poison(
+                "output_too_large",
+                format!(
+                    "the decision's record for {} would be {} bytes, more than the {} the producer writes; nothing was decided",
+                    o.topic,
+                    o.payload.len(),
+                    self.max_output_bytes
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn outputs(
         &self,
         p: &ProposalData,
@@ -554,6 +581,11 @@ impl ResolveStage {
                     change.approvals.push(s);
                 }
             }
+            // The decision's records, built and measured before anything is committed: one too
+            // large to write would be skipped after the state took it (an accepted action that
+            // never went out, a pending approval nobody could decide).
+            let batch = self.outputs(&p, &decided, tp.as_deref())?;
+            self.check_sizes(&batch)?;
             let write = Write {
                 change: &change,
                 applied: Some((rec.partition, rec.offset)),
@@ -597,9 +629,7 @@ impl ResolveStage {
                         }
                     }
                 }
-                return Ok(self
-                    .outputs(&p, &decided, tp.as_deref())?
-                    .forgetting(forget));
+                return Ok(batch.forgetting(forget));
             }
             // Someone (an approval decision) changed the resource meanwhile: decide again.
         }
@@ -677,10 +707,20 @@ mod tests {
             graph: None,
             clock: Default::default(),
             notifier: None,
+            max_output_bytes: 1_000_000,
         }
     }
 
     fn input(id: &str, action: &str, offset: i64) -> Arc<Input> {
+        input_with(id, action, offset, json!({"id": id}))
+    }
+
+    fn input_with(
+        id: &str,
+        action: &str,
+        offset: i64,
+        parameters: serde_json::Value,
+    ) -> Arc<Input> {
         let p = ProposalData {
             proposal_id: id.into(),
             task_id: format!("task-{id}"),
@@ -689,7 +729,7 @@ mod tests {
             action: action.into(),
             resource: "svc".into(),
             tenant: "default".into(),
-            parameters: json!({"id": id}),
+            parameters,
             priority: 0,
             impact: Impact::High,
             context_version: 0,
@@ -817,6 +857,45 @@ mod tests {
 
     /// Once a proposal's offset is committed its decision is forgotten: a copy further down the
     /// topic (agents re-emitting after a crash) is skipped, not decided again.
+    #[tokio::test]
+    async fn a_decision_too_large_to_write_is_refused_before_anything_is_committed() {
+        let mut s = stage(GovernanceConfig::default());
+        s.max_output_bytes = 8_000;
+        let err = process_one(
+            &s,
+            input_with("big", "scale_down", 10, json!({"blob": "x".repeat(9_000)})),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ProcessError::Poison {
+                    reason: "output_too_large",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Nothing was committed: the next proposal's action is not taken for a duplicate or a
+        // conflict, and no state names the refused one.
+        let next = process_one(&s, input("small", "scale_down", 11))
+            .await
+            .unwrap();
+        assert_eq!(actions(&next).len(), 1);
+        let key = ResourceKey::new("default", "svc");
+        let loaded = s.store.load(&key, &[], None).await.unwrap().record;
+        assert!(
+            loaded
+                .state
+                .active
+                .iter()
+                .all(|a| a.proposals.iter().all(|p| p != "big")),
+            "{:?}",
+            loaded.state.active
+        );
+    }
+
     #[tokio::test]
     async fn a_committed_proposal_is_forgotten_and_its_copy_skipped() {
         use futures::StreamExt;
