@@ -677,14 +677,23 @@ pub mod anthropic {
                 .map(|n| json!({"type": "tool", "name": n})),
             _ => None,
         };
-        // JSON-schema output: a tool whose input is the schema, and the model made to call it.
+        // JSON-schema output: a tool whose input is the schema, through which the model answers.
+        // Alone, the model is made to call it; beside the caller's tools, to call one of them or
+        // it (forcing it would leave the caller's tools uncallable: an agent with an output schema
+        // could never look anything up); a tool the caller named stays named.
         if let Some(schema) = r
             .get("response_format")
             .filter(|f| f["type"] == "json_schema")
             .and_then(|f| f.pointer("/json_schema/schema"))
         {
+            let others = !tools.is_empty();
             tools.push(json!({"name": STRUCTURED, "description": "Answer with this structure.", "input_schema": schema}));
-            choice = Some(json!({"type": "tool", "name": STRUCTURED}));
+            choice = match choice {
+                Some(c) if c["type"] == "tool" => Some(c),
+                Some(c) if others && c["type"] != "none" => Some(c),
+                None if others => Some(json!({"type": "any"})),
+                _ => Some(json!({"type": "tool", "name": STRUCTURED})),
+            };
         }
         if !tools.is_empty() {
             body["tools"] = json!(tools);
@@ -880,6 +889,49 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn an_output_schema_leaves_the_caller_s_tools_callable_on_anthropic() {
+        let schema = json!({"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}});
+        let tool = json!({"type": "function", "function": {"name": "read_context", "parameters": {"type": "object"}}});
+        let req = |extra: Value| -> Value {
+            let mut r =
+                json!({"messages": [{"role": "user", "content": "hi"}], "response_format": schema});
+            for (k, v) in extra.as_object().unwrap() {
+                r[k] = v.clone();
+            }
+            anthropic::request("m", r.as_object().unwrap(), false).unwrap()
+        };
+        // With tools: any tool, the structure among them.
+        let with_tools = req(json!({"tools": [tool]}));
+        assert_eq!(with_tools["tool_choice"], json!({"type": "any"}));
+        let names: Vec<&str> = with_tools["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["read_context", "structured_output"]);
+        // Alone, or with tools switched off: the structure is the answer.
+        let forced = json!({"type": "tool", "name": "structured_output"});
+        assert_eq!(req(json!({}))["tool_choice"], forced);
+        assert_eq!(
+            req(json!({"tools": [tool], "tool_choice": "none"}))["tool_choice"],
+            forced
+        );
+        // A tool the caller named stays named; "required" stays "any".
+        let named = req(
+            json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "read_context"}}}),
+        );
+        assert_eq!(
+            named["tool_choice"],
+            json!({"type": "tool", "name": "read_context"})
+        );
+        assert_eq!(
+            req(json!({"tools": [tool], "tool_choice": "required"}))["tool_choice"],
+            json!({"type": "any"})
+        );
     }
 
     #[test]
