@@ -1322,3 +1322,85 @@ agents:
         .expect("keys");
     assert!(left.is_empty(), "scratch keys deleted: {left:?}");
 }
+
+/// A final answer cut off at the output limit, or empty, is not an answer: the task fails (and is
+/// dead-lettered) instead of keeping it as the agent's finding and counting a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_or_empty_final_answer_fails_the_task() {
+    let s = suffix();
+    let m = |n: &str| format!("{n}-{s}");
+    let agent = |name: &str, model: &str| {
+        format!(
+            "\n  {name}:\n    kind: llm\n    model: {model}\n    prompt: \"Look at {{{{ task.resource }}}}.\"\n    writes: [verdict]\n    answer_key: verdict\n    retries: 0\n"
+        )
+    };
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}"}}
+  aliases:
+    clipped: {{candidates: [{{provider: mock, model: "{clipped}"}}]}}
+    blank: {{candidates: [{{provider: mock, model: "{blank}"}}]}}
+routes:
+  - {{name: r1, types: [t.clipped], agents: [clipper]}}
+  - {{name: r2, types: [t.blank], agents: [blanker]}}
+agents:{a1}{a2}
+"#,
+            llm = llm_base(),
+            clipped = m("clip"),
+            blank = m("blank"),
+            a1 = agent("clipper", "clipped"),
+            a2 = agent("blanker", "blank"),
+        ),
+    )
+    .await;
+    scenario(json!([
+        {"type": "reply", "match": {"model": m("clip")}, "text": "The verdict is that the deploy", "finish_reason": "length", "times": 5},
+        {"type": "reply", "match": {"model": m("blank")}, "text": "", "times": 5},
+    ]))
+    .await;
+    let running = env.start(&["route", "agents"]);
+    for (i, ty) in ["t.clipped", "t.blank"].iter().enumerate() {
+        env.publish_one(
+            "events.deployments",
+            &format!("c{i}"),
+            ty,
+            &format!("svc-{i}"),
+            json!({}),
+        )
+        .await;
+    }
+    let results = results_of(
+        &env.read("switchyard.results", 2, Duration::from_secs(60))
+            .await,
+    );
+    running.stop().await;
+    let by = |a: &str| {
+        results
+            .iter()
+            .find(|r| r.agent == a)
+            .unwrap_or_else(|| panic!("result of {a}: {results:?}"))
+    };
+    let clipper = by("clipper");
+    assert_eq!(clipper.status, "failed", "{clipper:?}");
+    assert!(
+        clipper
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("cut off")),
+        "{clipper:?}"
+    );
+    assert_eq!(clipper.findings, json!([]), "nothing kept: {clipper:?}");
+    let blanker = by("blanker");
+    assert_eq!(blanker.status, "failed", "{blanker:?}");
+    assert!(
+        blanker
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("empty")),
+        "{blanker:?}"
+    );
+}

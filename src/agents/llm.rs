@@ -402,7 +402,14 @@ impl LlmAgent {
             self.count(&c.meta);
             *run.out.cost.get_or_insert(0.0) += c.meta.cost;
             run.out.model = Some(c.meta.model.clone());
-            let msg = c.body["choices"][0]["message"].clone();
+            let Some(choice) = c.body["choices"].get(0) else {
+                // No choice at all (a provider's content filter answers so): no answer to keep.
+                break Err(AgentError::Retryable(
+                    "the model's answer has no choices".into(),
+                ));
+            };
+            let finish = choice["finish_reason"].as_str().unwrap_or("").to_string();
+            let msg = choice["message"].clone();
             let calls = msg
                 .get("tool_calls")
                 .and_then(Value::as_array)
@@ -424,6 +431,27 @@ impl LlmAgent {
                     )));
                 }
                 continue;
+            }
+            // A final answer cut off at the output cap, filtered, or empty is not an answer: it
+            // would be kept as the agent's finding and count as a success.
+            match finish.as_str() {
+                "length" => {
+                    break Err(AgentError::Permanent(
+                        "the final answer was cut off at the output limit (finish_reason length): raise the alias's max_tokens or ask for less".into(),
+                    ))
+                }
+                "content_filter" => {
+                    break Err(AgentError::Permanent(
+                        "the provider withheld the final answer (finish_reason content_filter)"
+                            .into(),
+                    ))
+                }
+                _ if text.trim().is_empty() => {
+                    break Err(AgentError::Retryable(
+                        "the model's final answer is empty".into(),
+                    ))
+                }
+                _ => {}
             }
             messages.push(kept);
             let answer = match &self.output {
