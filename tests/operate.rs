@@ -777,7 +777,23 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     let r = gh_post("push", sign("{}"), "{}".into()).await.unwrap();
     assert_eq!(r.status().as_u16(), 202);
 
-    // The rate limit: `tight` may send three events a minute.
+    // The rate limit: `tight` may send three events a minute. Four in one request are more than a
+    // minute's worth: refused whole (it would otherwise pass once a minute).
+    let four = json!([
+        structured("f-1", "deployment.started", "svc-f", json!({})),
+        structured("f-2", "deployment.started", "svc-f", json!({})),
+        structured("f-3", "deployment.started", "svc-f", json!({})),
+        structured("f-4", "deployment.started", "svc-f", json!({})),
+    ]);
+    let (code, v, _) = post(
+        &c,
+        &events_url,
+        Some(TIGHT_TOKEN),
+        "application/cloudevents-batch+json",
+        four.to_string(),
+    )
+    .await;
+    assert_eq!(code, 413, "{v}");
     let tight = json!([
         structured("t-1", "deployment.started", "svc-t", json!({})),
         structured("t-2", "deployment.started", "svc-t", json!({})),
@@ -1110,4 +1126,78 @@ async fn an_ingest_request_its_client_gave_up_on_still_settles_every_event() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ids: BTreeSet<String> = recs.iter().map(|r| event_of(r).id).collect();
     assert_eq!((recs.len(), ids.len()), (500, 500), "each event once");
+}
+
+/// An event of a batch that is not taken (here: the same event is being produced by another
+/// request) holds back the later events of its resource in that batch — a retry would otherwise
+/// write it after them — while other resources' events go ahead; the held ones are produced by the
+/// retry, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_a_resource_s_order_when_one_of_its_events_is_not_taken() {
+    let (env, base) = ingest_env().await;
+    let app = Running::start(env.loaded.clone(), &["route"]);
+    wait_for_http(&base).await;
+    let url = format!("{base}/v1/events");
+    let batch = json!([
+        structured("o-1", "deployment.started", "svc-o", json!({})),
+        structured("o-2", "deployment.completed", "svc-o", json!({})),
+        structured("p-1", "deployment.started", "svc-p", json!({})),
+    ])
+    .to_string();
+    // o-1 is being produced by another request (its claim is taken).
+    let first = serde_json::from_value::<switchyard::event::CloudEvent>(structured(
+        "o-1",
+        "deployment.started",
+        "svc-o",
+        json!({}),
+    ))
+    .unwrap();
+    let seen = format!(
+        "{}:ingest:seen:{{{}}}",
+        env.prefix,
+        switchyard::pattern::stable_id(&switchyard::route::event_parts(&first))
+    );
+    let mut conn = redis_connection(stack().1.as_str()).await;
+    let () = redis::cmd("SET")
+        .arg(&seen)
+        .arg("pending")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    let (code, v, _) = post(
+        &c,
+        &url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents-batch+json",
+        batch.clone(),
+    )
+    .await;
+    assert_ne!(code, 202, "{v}");
+    assert_eq!(v["accepted"], json!(1), "only svc-p's event: {v}");
+    // The other request gives up; the retry produces svc-o's events, in order.
+    let () = redis::cmd("DEL")
+        .arg(&seen)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, v, _) = post(
+        &c,
+        &url,
+        Some(INGEST_TOKEN),
+        "application/cloudevents-batch+json",
+        batch,
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let recs = read_topic_until(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("events.deployments"),
+        Duration::from_secs(30),
+        |got: &[switchyard::kafka::Input]| got.len() >= 3,
+    )
+    .await;
+    let order: Vec<String> = recs.iter().map(|r| event_of(r).id).collect();
+    assert_eq!(order, ["p-1", "o-1", "o-2"]);
+    app.stop().await;
 }

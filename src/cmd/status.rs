@@ -28,19 +28,21 @@ pub async fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
 /// Approximate lag of a consumer group on some topics: high watermark minus committed offset, summed,
 /// clamped at 0 per partition. `None` when the group has committed nothing yet.
 pub fn group_lag(loaded: &Loaded, group: &str, topics: &[String]) -> Result<Option<i64>, String> {
-    let committed = crate::kafka::read::committed(&loaded.config.kafka, group, topics)?;
-    if committed.is_empty() {
+    let positions = crate::kafka::read::positions(&loaded.config.kafka, group, topics)?;
+    if positions.iter().all(|(_, _, at)| at.is_none()) {
         return Ok(None);
     }
     let consumer: BaseConsumer = crate::kafka::admin_config(&loaded.config.kafka)
         .create()
         .map_err(|e| format!("cannot create consumer: {e}"))?;
     let mut total = 0;
-    for (topic, partition, pos) in committed {
-        let (_, high) = consumer
+    for (topic, partition, at) in positions {
+        let (low, high) = consumer
             .fetch_watermarks(&topic, partition, Duration::from_secs(5))
             .map_err(|x| format!("watermarks of {topic}: {x}"))?;
-        total += (high - pos).max(0);
+        // A partition the group never committed on (stuck on its first record, or new) lags by
+        // all it holds.
+        total += (high - at.unwrap_or(low)).max(0);
     }
     Ok(Some(total))
 }

@@ -802,9 +802,11 @@ impl Gateway {
             .find_map(|k| req.get(*k).and_then(Value::as_u64))
             .or(route.max_tokens)
             .unwrap_or(self.cfg.default_max_tokens);
+        // Each of `n` choices may say as much.
+        let choices = req.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
         Usage {
             input: (bytes as u64).div_ceil(4),
-            output: cap,
+            output: cap.saturating_mul(choices),
             cached: 0,
         }
     }

@@ -166,6 +166,9 @@ pub struct ChatRequest {
 
 /// Reads a chat-completion request body, or says what is wrong with it (answered 400). Pure, so
 /// it is fuzzed (`fuzz/`).
+/// Most choices (`n`) a served request may ask for; the budget hold counts each.
+pub const MAX_CHOICES: u64 = 16;
+
 pub fn read_request(body: &[u8]) -> Result<ChatRequest, String> {
     let req: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => m,
@@ -181,6 +184,24 @@ pub fn read_request(body: &[u8]) -> Result<ChatRequest, String> {
         .is_none_or(Vec::is_empty)
     {
         return Err("\"messages\" (a non-empty array) is required".into());
+    }
+    // What bounds the call's cost must be a number the hold can count: an output cap that is not
+    // a positive integer would be passed on (uncapped output) while the hold counted the default.
+    for k in ["max_tokens", "max_completion_tokens"] {
+        if req
+            .get(k)
+            .is_some_and(|v| v.as_u64().is_none_or(|n| n == 0))
+        {
+            return Err(format!("\"{k}\", when given, is a positive integer"));
+        }
+    }
+    if req
+        .get("n")
+        .is_some_and(|v| v.as_u64().is_none_or(|n| n == 0 || n > MAX_CHOICES))
+    {
+        return Err(format!(
+            "\"n\", when given, is an integer from 1 to {MAX_CHOICES}"
+        ));
     }
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = req
@@ -259,6 +280,36 @@ async fn completions(
                 .header(header::CACHE_CONTROL, "no-cache")
                 .body(Body::from_stream(events))
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_bounds_a_call_s_cost_must_be_countable() {
+        let read = |extra: &str| {
+            read_request(
+                format!(
+                    r#"{{"model": "m", "messages": [{{"role": "user", "content": "hi"}}]{extra}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        assert!(read("").is_ok());
+        assert!(read(r#", "max_tokens": 16, "n": 2"#).is_ok());
+        for bad in [
+            r#", "max_tokens": null"#,
+            r#", "max_tokens": "lots""#,
+            r#", "max_tokens": 0"#,
+            r#", "max_completion_tokens": -1"#,
+            r#", "n": 0"#,
+            r#", "n": 17"#,
+            r#", "n": 2.5"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
         }
     }
 }

@@ -567,6 +567,15 @@ pub fn alertmanager_events(
             hook.version
         )));
     }
+    if hook.alerts.len() > MAX_BATCH_EVENTS {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the webhook has {} alerts; at most {MAX_BATCH_EVENTS} per request (Alertmanager's max_alerts)",
+                hook.alerts.len()
+            ),
+        ));
+    }
     let mut events = Vec::new();
     let mut wrong = Vec::new();
     for (i, a) in hook.alerts.iter().enumerate() {
@@ -1021,6 +1030,18 @@ impl Ingest {
             return r.response();
         }
         let rate = inner.cfg.rate_of(caller);
+        if rate > 0 && events.len() as u64 > rate {
+            // The bucket holds a minute's events: a larger request would pass whole once a minute.
+            count(door, "rate_limited", events.len());
+            return Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} events in one request are more than {caller}'s rate limit of {rate} per minute; send fewer at a time",
+                    events.len()
+                ),
+            )
+            .response();
+        }
         if rate > 0 {
             let cap = rate as f64;
             let bucket = Bucket {
@@ -1175,18 +1196,31 @@ impl Ingest {
         .await;
         let mut taken: Vec<Option<Taken>> = Vec::with_capacity(keys.len());
         let mut waiting = Vec::new();
+        // Resources (record keys) with an event of this request that was not queued: their later
+        // events wait too, or a retry would write the earlier one after them.
+        let mut held: HashSet<Option<Vec<u8>>> = HashSet::new();
         for (i, ((key, claim), out)) in keys.iter().zip(claims).zip(records).enumerate() {
             match claim {
+                Claim::Mine if held.contains(&out.key) => {
+                    self.release(key).await;
+                    taken.push(Some(Taken::Failed(
+                        "an earlier event of the same resource in this request was not taken; retry"
+                            .into(),
+                    )));
+                    continue;
+                }
                 Claim::Mine => {}
                 Claim::Duplicate => {
                     taken.push(Some(Taken::Duplicate));
                     continue;
                 }
                 Claim::InProgress => {
+                    held.insert(out.key.clone());
                     taken.push(Some(Taken::InProgress));
                     continue;
                 }
                 Claim::Failed(e) => {
+                    held.insert(out.key.clone());
                     taken.push(Some(Taken::Failed(e)));
                     continue;
                 }
@@ -1207,6 +1241,7 @@ impl Ingest {
                     waiting.push((i, key.clone(), out.topic, rx));
                 }
                 Err(ProduceError::Rejected { source, .. }) => {
+                    held.insert(out.key.clone());
                     taken.push(Some(self.settle(key, out.topic, Err(source)).await));
                 }
             }
@@ -1256,6 +1291,19 @@ impl Ingest {
         }
     }
 
+    /// Lets go of a claim whose event was not produced, so that a retry produces it.
+    async fn release(&self, key: &str) {
+        let released = async {
+            let mut c = self.inner.redis.get().await?;
+            redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
+            Ok::<_, crate::store::StoreError>(())
+        }
+        .await;
+        if let Err(re) = released {
+            tracing::warn!(error = %re, "Could not release the claim of an event that was not produced; a retry is refused while the claim lasts.");
+        }
+    }
+
     /// After the broker answered: marks the key done for the dedupe window, or releases the
     /// claim of a record that was not written, so a retry produces it.
     async fn settle(
@@ -1291,15 +1339,7 @@ impl Ingest {
                 }
             }
             Err(e) => {
-                let released = async {
-                    let mut c = self.inner.redis.get().await?;
-                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
-                    Ok::<_, crate::store::StoreError>(())
-                }
-                .await;
-                if let Err(re) = released {
-                    tracing::warn!(error = %re, "Could not release the claim of an event that failed to produce; a retry is refused while the claim lasts.");
-                }
+                self.release(key).await;
                 if crate::kafka::is_too_large(&e) {
                     Taken::TooLarge(format!("the record is too large for {topic}: {e}"))
                 } else {

@@ -120,6 +120,18 @@ pub fn committed(
     group: &str,
     topics: &[String],
 ) -> Result<Vec<(String, i32, i64)>, String> {
+    Ok(positions(kafka, group, topics)?
+        .into_iter()
+        .filter_map(|(t, p, o)| Some((t, p, o?)))
+        .collect())
+}
+
+/// Every partition of `topics`, with `group`'s committed offset where it has one.
+pub fn positions(
+    kafka: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+) -> Result<Vec<(String, i32, Option<i64>)>, String> {
     let mut cfg = admin_config(kafka);
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false");
@@ -143,9 +155,12 @@ pub fn committed(
     Ok(committed
         .elements()
         .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
-            _ => None,
+        .map(|e| {
+            let at = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (e.topic().to_string(), e.partition(), at)
         })
         .collect())
 }
