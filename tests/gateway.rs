@@ -595,6 +595,28 @@ cooldown: {{failures: 100, seconds: 1}}
     let (calls, cost, held) = state;
     assert_eq!((calls, held), (2, 0), "both streams settled");
     assert!(cost > 0.0);
+    // A caller that goes away while its stream opens (the provider is slow to its first chunk):
+    // the call goes on without it and is settled — its hold does not block the budget until the
+    // sweep.
+    scenario(json!([{"type": "delay", "seconds": 2, "match": {"model": format!("st-{s}"), "stream": true}}])).await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        gw.stream(&caller(), "streamy", &ask("hello")),
+    )
+    .await;
+    assert!(gone.is_err(), "the caller gave up first");
+    // (Each look waits up to 5 s for the holds to go.)
+    for _ in 0..4 {
+        state = budget_state(&s, &key).await;
+        if state.0 == 3 && state.2 == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        (state.0, state.2),
+        (3, 0),
+        "the abandoned stream was settled"
+    );
 }
 
 /// `n` chat completions through the served endpoints of `ports` (alternating), all at once:

@@ -1240,12 +1240,27 @@ impl Gateway {
         model: &str,
         req: &Map<String, Value>,
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
-        let t0 = Instant::now();
-        let r = self.open_stream(caller, model, req).await;
-        if let Err(e) = &r {
-            self.record_failure(caller, model, req, e, t0.elapsed());
-        }
-        r
+        // Opened by a task of its own, as `complete` calls: a caller that goes away while the
+        // stream opens (waiting for room under a limit, or for the first chunk) drops this future,
+        // not the call — which then opens, and its stream, dropped unread, settles the hold and
+        // writes the call's record (instead of the hold blocking the budget until its sweep and no
+        // record of a call the provider may bill).
+        let (gw, caller, model, req) =
+            (self.clone(), caller.clone(), model.to_string(), req.clone());
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = gw.open_stream(&caller, &model, &req).await;
+            if let Err(e) = &r {
+                gw.record_failure(&caller, &model, &req, e, t0.elapsed());
+            }
+            r
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(GatewayError::Unavailable(format!(
+                "the call's task failed before answering: {e}"
+            )))
+        })
     }
 
     async fn open_stream(
