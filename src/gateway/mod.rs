@@ -26,6 +26,7 @@ use opentelemetry::trace::SpanKind;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::governance::budgets::{Budgets, Hold, Spender};
 use crate::records::AuditData;
@@ -828,6 +829,7 @@ impl Gateway {
         caller: &Caller,
         mut route: Route,
         req: &Map<String, Value>,
+        gone: &CancellationToken,
     ) -> Result<(Route, Option<Hold>, Usage), GatewayError> {
         for _ in 0..4 {
             let est = self.estimate(&route, req);
@@ -855,7 +857,7 @@ impl Gateway {
                             route = self.route(&d)?;
                         }
                         (OnExhausted::Approve, _) => {
-                            self.approved_overrun(caller, &route.alias, &budget, cost)
+                            self.approved_overrun(caller, &route.alias, &budget, cost, gone)
                                 .await?;
                             let h = self
                                 .budgets
@@ -883,6 +885,7 @@ impl Gateway {
         alias: &str,
         budget: &str,
         estimate: f64,
+        gone: &CancellationToken,
     ) -> Result<(), GatewayError> {
         let exhausted = || GatewayError::BudgetExhausted {
             budget: budget.to_string(),
@@ -942,7 +945,14 @@ impl Gateway {
             match status.as_str() {
                 "approved" => return Ok(()),
                 "pending" | "escalated" if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = gone.cancelled() => {
+                            // Its caller gave up (an agent's deadline): no call for nobody.
+                            tracing::info!(approval_id = %approval.approval_id, "The over-budget call's caller went away; it no longer waits.");
+                            return Err(exhausted());
+                        }
+                    }
                 }
                 _ => {
                     tracing::info!(approval_id = %approval.approval_id, status = %status, "The over-budget call was not approved; refused.");
@@ -1051,10 +1061,22 @@ impl Gateway {
         // budget is settled before the answer goes out (the caller's next call is held against
         // what this one cost, not its estimate); the rate limits get their unused tokens back
         // right after it (until then they count the estimate: fewer calls pass, never more).
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            match gw.call(&caller, &model, &req).await {
+            // Told when the caller went away, so that a wait for a person's approval (which can
+            // outlast an agent's deadline many times) ends instead of making a call for nobody.
+            let gone = CancellationToken::new();
+            let call = gw.call(&caller, &model, &req, &gone);
+            tokio::pin!(call);
+            let answered = tokio::select! {
+                r = &mut call => r,
+                _ = tx.closed() => {
+                    gone.cancel();
+                    call.await
+                }
+            };
+            match answered {
                 Ok((c, mut books)) => {
                     gw.settle_budget(&mut books).await;
                     gw.record(
@@ -1088,10 +1110,11 @@ impl Gateway {
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
+        gone: &CancellationToken,
     ) -> Result<(Completion, Books), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
-        let (route, hold, est) = self.hold(caller, route, req).await?;
+        let (route, hold, est) = self.hold(caller, route, req, gone).await?;
         let req = &cap(req, est.output);
         let a = self
             .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
@@ -1271,7 +1294,9 @@ impl Gateway {
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
-        let (route, hold, est) = self.hold(caller, route, req).await?;
+        let (route, hold, est) = self
+            .hold(caller, route, req, &CancellationToken::new())
+            .await?;
         let req = &cap(req, est.output);
         // A candidate counts as answering once its first chunk arrived; only before that can the
         // call fall back.
