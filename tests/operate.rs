@@ -379,6 +379,7 @@ http:
     max_body_bytes: 4096
     tokens:
       - { name: tight, token: tight-token-0123456789, rate_per_minute: 3 }
+      - { name: acme-ci, token: acme-token-0123456789, tenants: [acme] }
     alertmanager: { subject_label: service }
     github: { secret: { env: SWITCHYARD_TEST_GITHUB_SECRET } }
 "#,
@@ -561,6 +562,20 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     )
     .await;
     assert_eq!((code, v["duplicate"].clone()), (202, json!(false)), "{v}");
+    // A token limited to tenant acme sends for acme only: another tenant's event is 403.
+    for (tenant, want) in [("globex", 403), ("acme", 202)] {
+        let mut ev = structured("a-1", "deployment.started", "svc-a", json!({}));
+        ev["tenant"] = json!(tenant);
+        let (code, v, _) = post(
+            &c,
+            &events_url,
+            Some("acme-token-0123456789"),
+            "application/cloudevents+json",
+            ev.to_string(),
+        )
+        .await;
+        assert_eq!(code, want, "{tenant}: {v}");
+    }
 
     // Binary: ce-* headers, the body is the data.
     let resp = c
@@ -845,6 +860,7 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         [
             "s-1",
             "s-1",
+            "a-1",
             "b-1",
             "c-1",
             "c-2",
@@ -857,7 +873,8 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         "every accepted event once, in order"
     );
     assert_eq!(event_of(&deployments[1]).tenant(), "globex");
-    let b1 = event_of(&deployments[2]);
+    assert_eq!(event_of(&deployments[2]).tenant(), "acme");
+    let b1 = event_of(&deployments[3]);
     assert_eq!(
         (b1.ty.as_str(), b1.data.clone()),
         (
@@ -865,8 +882,8 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
             Some(json!({"service": "svc-b", "version": "v7"}))
         )
     );
-    assert_eq!(deployments[2].key.as_deref(), Some(&b"svc-b"[..]));
-    let gh_ev = event_of(&deployments[5]);
+    assert_eq!(deployments[3].key.as_deref(), Some(&b"svc-b"[..]));
+    let gh_ev = event_of(&deployments[6]);
     assert_eq!(
         (gh_ev.ty.as_str(), gh_ev.subject.as_deref()),
         ("deployment.success", Some("svc-e"))

@@ -113,6 +113,14 @@ pub struct IngestToken {
     /// This sender's events per minute, instead of `http.ingest.rate_per_minute` (0: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_minute: Option<u64>,
+    /// The tenants this sender may send events for (patterns; default every tenant): an event of
+    /// another tenant is refused (403), so one tenant's sender cannot start another's agents.
+    #[serde(default = "every_tenant")]
+    pub tenants: Vec<String>,
+}
+
+fn every_tenant() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// `http.ingest.alertmanager`.
@@ -286,6 +294,14 @@ impl IngestConfig {
     }
 
     /// Events per minute a sender may send (0: no limit).
+    /// The tenants `sender` may send events for (every one for the default token).
+    pub fn tenants_of(&self, sender: &str) -> Vec<String> {
+        self.tokens
+            .iter()
+            .find(|t| t.name == sender)
+            .map_or_else(every_tenant, |t| t.tenants.clone())
+    }
+
     pub fn rate_of(&self, sender: &str) -> u64 {
         self.tokens
             .iter()
@@ -304,6 +320,7 @@ impl IngestConfig {
                     token: Some(t.clone()),
                     token_sha256: None,
                     rate_per_minute: None,
+                    tenants: every_tenant(),
                 }
                 .as_user(),
             );
@@ -319,7 +336,7 @@ impl IngestToken {
             token: self.token.clone(),
             token_sha256: self.token_sha256.clone(),
             roles: vec![super::auth::Role::Viewer],
-            tenants: vec!["*".into()],
+            tenants: self.tenants.clone(),
             groups: Vec::new(),
         }
     }
@@ -992,6 +1009,40 @@ impl Ingest {
         topic: Option<&str>,
     ) -> Response {
         let inner = &self.inner;
+        // Only tenants this sender may send for (an event names its tenant itself).
+        let allowed = inner.cfg.tenants_of(caller);
+        let foreign: Vec<(usize, String)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, ev)| !crate::pattern::matches_any(&allowed, ev.tenant()))
+            .map(|(i, ev)| {
+                (
+                    i,
+                    format!("{caller} may not send events for tenant {:?}", ev.tenant()),
+                )
+            })
+            .collect();
+        if !foreign.is_empty() {
+            count(door, "unauthorized", events.len());
+            let r = Refusal {
+                status: StatusCode::FORBIDDEN,
+                message: if events.len() == 1 {
+                    foreign[0].1.clone()
+                } else {
+                    format!(
+                        "{} of {} events are for tenants {caller} may not send for; nothing was produced",
+                        foreign.len(),
+                        events.len()
+                    )
+                },
+                events: if events.len() == 1 {
+                    Vec::new()
+                } else {
+                    foreign
+                },
+            };
+            return r.response();
+        }
         // Where each event goes, and its record; every problem is reported before anything is sent.
         let mut records = Vec::with_capacity(events.len());
         let mut wrong = Vec::new();
