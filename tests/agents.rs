@@ -1657,7 +1657,6 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
     )
     .await;
     let dl = env.read("switchyard.dlq", 1, Duration::from_secs(40)).await;
-    running.stop().await;
     assert_eq!(dl.len(), 1);
     let values = |name: &str| -> Vec<String> {
         dl[0]
@@ -1675,6 +1674,17 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
     assert!(
         dry.contains(&format!("republished to {source}")) && !dry.contains(&decisions),
         "{dry}"
+    );
+    // Redriven (the producer was not fixed), it comes back as a second dead letter; redriving
+    // again sends only that newest copy, not both (runs would double them).
+    cli(&env, &["dlq", "redrive"]);
+    let dl = env.read("switchyard.dlq", 2, Duration::from_secs(40)).await;
+    running.stop().await;
+    assert_eq!(dl.len(), 2);
+    let again = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(
+        again.contains("would redrive 1 ") && again.contains("skipped: redriven before"),
+        "{again}"
     );
 }
 

@@ -274,6 +274,18 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                     first_of.entry(task).or_insert((r.partition, r.offset));
                 }
             }
+            // A dead letter redriven before whose copy failed again (the copy's dead letter names
+            // it in `switchyard.redriven.from`) is not redriven again: only its newest copy is, or
+            // every run would double them.
+            let redriven: std::collections::HashMap<String, (i32, i64)> = all
+                .iter()
+                .filter_map(|r| {
+                    Some((
+                        header(r, REDRIVEN_FROM)?.to_string(),
+                        (r.partition, r.offset),
+                    ))
+                })
+                .collect();
             let recs = select(&all, &filter)?;
             let producer =
                 Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
@@ -281,6 +293,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             // Copies of one task's failure redrive once (under the first one's id).
             let mut done: std::collections::HashSet<String> = Default::default();
             for r in recs {
+                if let Some((p, o)) = redriven.get(&format!("{}@{}", r.partition, r.offset)) {
+                    skipped += 1;
+                    println!(
+                        "dlq {}@{}: skipped: redriven before; its copy failed again as dlq {p}@{o}",
+                        r.partition, r.offset
+                    );
+                    continue;
+                }
                 let first = match failed_task(&l, r) {
                     Some(task) => {
                         let f = first_of
