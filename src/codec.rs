@@ -178,23 +178,7 @@ pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEven
     validate(&ev)?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
         match rec.key.filter(|k| !k.is_empty()) {
-            Some(k) if k.len() > MAX_SUBJECT_BYTES => {
-                return Err(too_long(
-                    "subject (the record key)",
-                    k.len(),
-                    MAX_SUBJECT_BYTES,
-                ))
-            }
-            Some(k) => {
-                let subject = String::from_utf8_lossy(k).into_owned();
-                if subject.chars().any(char::is_control) {
-                    return Err(DecodeError::InvalidAttribute {
-                        name: "subject (the record key)".into(),
-                        detail: "contains a control character".into(),
-                    });
-                }
-                ev.subject = Some(subject);
-            }
+            Some(k) => ev.subject = Some(String::from_utf8_lossy(k).into_owned()),
             None => return Err(DecodeError::MissingResource),
         }
     }
@@ -271,14 +255,8 @@ fn structured_typed<T: serde::de::DeserializeOwned>(
     };
     validate(&ev).ok()?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
-        let k = rec
-            .key
-            .filter(|k| !k.is_empty() && k.len() <= MAX_SUBJECT_BYTES)?;
-        let subject = String::from_utf8_lossy(k).into_owned();
-        if subject.chars().any(char::is_control) {
-            return None;
-        }
-        ev.subject = Some(subject);
+        let k = rec.key.filter(|k| !k.is_empty())?;
+        ev.subject = Some(String::from_utf8_lossy(k).into_owned());
     }
     // Data that is not a `T` goes the general way too, for the same error (and reason) as ever.
     let data = match env.data {
@@ -506,39 +484,40 @@ pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
             });
         }
     }
-    let long = [
-        ("id", Some(ev.id.as_str()), MAX_ID_BYTES),
-        ("type", Some(ev.ty.as_str()), MAX_ID_BYTES),
-        ("source", Some(ev.source.as_str()), MAX_SOURCE_BYTES),
-        ("subject", ev.subject.as_deref(), MAX_SUBJECT_BYTES),
-        ("tenant", ev.extension("tenant"), MAX_ID_BYTES),
-    ]
-    .into_iter()
-    .find(|(_, v, max)| v.is_some_and(|v| v.len() > *max));
-    if let Some((name, v, max)) = long {
-        return Err(too_long(name, v.map_or(0, str::len), max));
-    }
-    // CloudEvents strings exclude control characters (and ids derived from these parts rely on it).
-    let control = [
-        ("id", Some(ev.id.as_str())),
-        ("type", Some(ev.ty.as_str())),
-        ("source", Some(ev.source.as_str())),
-        ("subject", ev.subject.as_deref()),
-        ("tenant", ev.extension("tenant")),
-    ]
-    .into_iter()
-    .find(|(_, v)| v.is_some_and(|v| v.chars().any(char::is_control)));
-    if let Some((name, _)) = control {
-        return Err(DecodeError::InvalidAttribute {
-            name: name.into(),
-            detail: "contains a control character".into(),
-        });
-    }
     for name in ev.extensions.keys() {
         if !is_valid_extension_name(name) {
             return Err(DecodeError::InvalidAttribute {
                 name: name.clone(),
                 detail: "extension names are lower-case letters and digits, at most 20".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What an event entering switchyard (an input topic, HTTP ingest, `publish`) must also be, beyond
+/// [`validate`]: attributes within their bounds — they travel in every record the event leads to,
+/// and in its records' audit seals, so an unbounded one could make a record or a seal too large to
+/// write — and without control characters (as CloudEvents requires; ids derived from them rely on
+/// it). The subject is checked as it stands (after the record key filled it in). Only at the entry:
+/// switchyard's own records, and those older builds wrote, are read without these checks.
+pub fn validate_input(ev: &CloudEvent) -> Result<(), DecodeError> {
+    let attributes = [
+        ("id", Some(ev.id.as_str()), MAX_ID_BYTES),
+        ("type", Some(ev.ty.as_str()), MAX_ID_BYTES),
+        ("source", Some(ev.source.as_str()), MAX_SOURCE_BYTES),
+        ("subject", ev.subject.as_deref(), MAX_SUBJECT_BYTES),
+        ("tenant", ev.extension("tenant"), MAX_ID_BYTES),
+    ];
+    for (name, value, max) in attributes {
+        let Some(v) = value else { continue };
+        if v.len() > max {
+            return Err(too_long(name, v.len(), max));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(DecodeError::InvalidAttribute {
+                name: name.into(),
+                detail: "contains a control character".into(),
             });
         }
     }
@@ -1088,11 +1067,16 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         }
-        // Attributes past their bound (they travel in every record and audit seal), the subject
-        // also when the key stands in for it; at the bound they pass.
-        let attr = |name: &str, len: usize| {
+        // Entering switchyard, attributes past their bound (they travel in every record and audit
+        // seal) or with control characters are refused, the subject also when the key stands in
+        // for it (measured as it is then); at the bound they pass. Decoding alone does not check
+        // them (switchyard's own records, and older builds', stay readable).
+        let input = |payload: &[u8], key: Option<&[u8]>| {
+            decode(view(payload, &[], key), &s).and_then(|ev| validate_input(&ev).map(|_| ev))
+        };
+        let attr = |name: &str, value: String| {
             let mut v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r"});
-            v[name] = json!("x".repeat(len));
+            v[name] = json!(value);
             v.to_string().into_bytes()
         };
         for (name, max) in [
@@ -1102,22 +1086,23 @@ mod tests {
             ("subject", MAX_SUBJECT_BYTES),
             ("tenant", MAX_ID_BYTES),
         ] {
+            assert!(input(&attr(name, "x".repeat(max)), None).is_ok(), "{name}");
+            let long = attr(name, "x".repeat(max + 1));
             assert!(
-                decode(view(&attr(name, max), &[], None), &s).is_ok(),
-                "{name}"
+                decode(view(&long, &[], None), &s).is_ok(),
+                "{name}: decodes"
             );
-            let err = decode(view(&attr(name, max + 1), &[], None), &s).unwrap_err();
+            let err = input(&long, None).unwrap_err();
             assert_eq!(err.reason(), "invalid_attribute", "{name}: {err}");
-        }
-        for name in ["id", "type", "source", "subject", "tenant"] {
-            let mut v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r"});
-            v[name] = json!("a\u{0}b");
-            let err = decode(view(v.to_string().as_bytes(), &[], None), &s).unwrap_err();
+            let err = input(&attr(name, "a\u{0}b".into()), None).unwrap_err();
             assert_eq!(err.reason(), "invalid_attribute", "{name}: {err}");
         }
         let keyed = br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#;
         let long_key = vec![b'k'; MAX_SUBJECT_BYTES + 1];
-        let err = decode(view(keyed, &[], Some(&long_key)), &s).unwrap_err();
+        let err = input(keyed, Some(&long_key)).unwrap_err();
+        assert_eq!(err.reason(), "invalid_attribute", "{err}");
+        // Not UTF-8: each bad byte becomes three, so 200 bytes make a 600-byte subject.
+        let err = input(keyed, Some(&[0xff; 200])).unwrap_err();
         assert_eq!(err.reason(), "invalid_attribute", "{err}");
         // A truncated Avro body of a known schema.
         let enc = encode(&sample(), Encoding::Avro, Some("deployment"), &s).unwrap();

@@ -906,6 +906,17 @@ pub async fn create_epoch(conn: &RedisConn, prefix: &str) -> Result<String, Stor
 /// script on the marker's slot, so of two recoveries at once one moves it and the other finds it
 /// moved), then reading it back writes the missing shard markers and completes them.
 pub async fn renew_epoch(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
+    let id = renew_marker(conn, prefix).await?;
+    // Every slot marker again, whatever the completion key says: one can go without any shard
+    // marker (a shard owning fewer than 256 contiguous slots, an eviction), and then creation in
+    // its slot is refused until it is back. (SET NX: the others stay.)
+    if conn.is_cluster() {
+        complete_slot_markers(conn, prefix, &id).await?;
+    }
+    Ok(id)
+}
+
+async fn renew_marker(conn: &RedisConn, prefix: &str) -> Result<String, StoreError> {
     let Epoch::Torn(old) = epoch(conn, prefix).await? else {
         return create_epoch(conn, prefix).await;
     };

@@ -914,36 +914,39 @@ governance:
         1,
         "the rejected call never reached the model"
     );
-    // A caller that gives up while its call waits for a person: the wait ends with it, so an
-    // approval given later sends no call to the model for nobody.
-    let quitter = {
-        let (http, base, key) = (http.clone(), base.clone(), key.clone());
-        tokio::spawn(async move {
-            http.post(format!("{base}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("X-Switchyard-Task", "t-gone")
-                .header("X-Switchyard-Resource", "checkout")
-                .timeout(Duration::from_millis(1500))
-                .json(&json!({"model": "guarded", "messages": [{"role": "user", "content": "over budget?"}]}))
-                .send()
-                .await
-                .is_err()
-        })
-    };
-    let a = pending("t-gone").await;
-    assert!(quitter.await.expect("join"), "the caller gave up");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    decide(
-        a["approval_id"].as_str().expect("id").to_string(),
-        "approve",
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        llm_requests(&model).await.len(),
-        1,
-        "no call for a caller that went away"
-    );
+    // A caller that gives up while its call waits for a person (plain or streamed): the wait ends
+    // with it, so an approval given later sends no call to the model for nobody.
+    for (task, stream) in [("t-gone", false), ("t-gone-stream", true)] {
+        let quitter = {
+            let (http, base, key) = (http.clone(), base.clone(), key.clone());
+            tokio::spawn(async move {
+                http.post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(key)
+                    .header("X-Switchyard-Task", task)
+                    .header("X-Switchyard-Resource", "checkout")
+                    .timeout(Duration::from_millis(1500))
+                    .json(&json!({"model": "guarded", "stream": stream,
+                                  "messages": [{"role": "user", "content": "over budget?"}]}))
+                    .send()
+                    .await
+                    .is_err()
+            })
+        };
+        let a = pending(task).await;
+        assert!(quitter.await.expect("join"), "{task}: the caller gave up");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        decide(
+            a["approval_id"].as_str().expect("id").to_string(),
+            "approve",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            llm_requests(&model).await.len(),
+            1,
+            "{task}: no call for a caller that went away"
+        );
+    }
 
     // The approved call is counted against the budget, over its maximum; no hold is left.
     let (calls, cost, held) = budget_state(

@@ -71,7 +71,9 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
             if let Some(t) = a.tenant.clone() {
                 ev = ev.with_extension("tenant", t);
             }
-            codec::validate(&ev).map_err(|e| e.to_string())?;
+            codec::validate(&ev)
+                .and_then(|_| codec::validate_input(&ev))
+                .map_err(|e| e.to_string())?;
             vec![ev]
         }
     };

@@ -798,18 +798,22 @@ impl Gateway {
             .filter_map(|k| req.get(*k))
             .map(|v| v.to_string().len())
             .sum();
-        let cap = ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|k| req.get(*k).and_then(Value::as_u64))
-            .or(route.max_tokens)
-            .unwrap_or(self.cfg.default_max_tokens);
-        // Each of `n` choices may say as much.
+        // Each of `n` choices may say as much as the cap.
         let choices = req.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
         Usage {
             input: (bytes as u64).div_ceil(4),
-            output: cap.saturating_mul(choices),
+            output: self.output_cap(route, req).saturating_mul(choices),
             cached: 0,
         }
+    }
+
+    /// The output cap of one choice: the request's, else the alias's, else the default.
+    fn output_cap(&self, route: &Route, req: &Map<String, Value>) -> u64 {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| req.get(*k).and_then(Value::as_u64))
+            .or(route.max_tokens)
+            .unwrap_or(self.cfg.default_max_tokens)
     }
 
     /// The costliest candidate's price for `u` (the hold must cover whichever answers).
@@ -1115,7 +1119,7 @@ impl Gateway {
         let started = Instant::now();
         let route = self.route(model)?;
         let (route, hold, est) = self.hold(caller, route, req, gone).await?;
-        let req = &cap(req, est.output);
+        let req = &cap(req, self.output_cap(&route, req));
         let a = self
             .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
                 p.complete(&m, req).await
@@ -1270,9 +1274,14 @@ impl Gateway {
         // record of a call the provider may bill).
         let (gw, caller, model, req) =
             (self.clone(), caller.clone(), model.to_string(), req.clone());
+        // Cancelled when this future is dropped (its caller went away): a wait for a person's
+        // approval then ends instead of making a call for nobody. (Once the stream is open, the
+        // token is no longer looked at.)
+        let gone = CancellationToken::new();
+        let _gone_on_drop = gone.clone().drop_guard();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = gw.open_stream(&caller, &model, &req).await;
+            let r = gw.open_stream(&caller, &model, &req, &gone).await;
             if let Err(e) = &r {
                 gw.record_failure(&caller, &model, &req, e, t0.elapsed());
             }
@@ -1291,13 +1300,12 @@ impl Gateway {
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
+        gone: &CancellationToken,
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
-        let (route, hold, est) = self
-            .hold(caller, route, req, &CancellationToken::new())
-            .await?;
-        let req = &cap(req, est.output);
+        let (route, hold, est) = self.hold(caller, route, req, gone).await?;
+        let req = &cap(req, self.output_cap(&route, req));
         // A candidate counts as answering once its first chunk arrived; only before that can the
         // call fall back.
         let a = self

@@ -164,13 +164,13 @@ pub struct ChatRequest {
     pub include_usage: bool,
 }
 
-/// Reads a chat-completion request body, or says what is wrong with it (answered 400). Pure, so
-/// it is fuzzed (`fuzz/`).
 /// Most choices (`n`) a served request may ask for; the budget hold counts each.
 pub const MAX_CHOICES: u64 = 16;
 
+/// Reads a chat-completion request body, or says what is wrong with it (answered 400). Pure, so
+/// it is fuzzed (`fuzz/`).
 pub fn read_request(body: &[u8]) -> Result<ChatRequest, String> {
-    let req: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
+    let mut req: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err("the body must be a JSON object".into()),
         Err(e) => return Err(format!("the body is not JSON: {e}")),
@@ -187,6 +187,12 @@ pub fn read_request(body: &[u8]) -> Result<ChatRequest, String> {
     }
     // What bounds the call's cost must be a number the hold can count: an output cap that is not
     // a positive integer would be passed on (uncapped output) while the hold counted the default.
+    // `null` is taken as absent (the gateway then sets the cap it holds for).
+    for k in ["max_tokens", "max_completion_tokens", "n"] {
+        if req.get(k).is_some_and(Value::is_null) {
+            req.remove(k);
+        }
+    }
     for k in ["max_tokens", "max_completion_tokens"] {
         if req
             .get(k)
@@ -300,8 +306,10 @@ mod tests {
         };
         assert!(read("").is_ok());
         assert!(read(r#", "max_tokens": 16, "n": 2"#).is_ok());
+        // null is absent: the gateway sets the cap it holds for.
+        let nulled = read(r#", "max_tokens": null, "n": null"#).unwrap();
+        assert!(!nulled.body.contains_key("max_tokens") && !nulled.body.contains_key("n"));
         for bad in [
-            r#", "max_tokens": null"#,
             r#", "max_tokens": "lots""#,
             r#", "max_tokens": 0"#,
             r#", "max_completion_tokens": -1"#,

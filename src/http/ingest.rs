@@ -14,8 +14,8 @@
 //! topic's definition says (structured JSON or Avro) and keyed by its subject. The answer is `202`
 //! only once the broker acknowledged every record of the request.
 //!
-//! Idempotence: an event is taken once per (source, id) within `dedupe_seconds`. Its Redis key
-//! (`<prefix>:ingest:seen:{<hash of source and id>}`) is claimed as `pending` before producing
+//! Idempotence: an event is taken once per (tenant, source, id) within `dedupe_seconds`. Its Redis
+//! key (`<prefix>:ingest:seen:{<hash of tenant, source and id>}`, the default tenant's without it) is claimed as `pending` before producing
 //! (for longer than the producer may take to deliver: its `message.timeout.ms` plus a minute) and set to `done` for the window once the broker acknowledged; a failed produce
 //! deletes the claim, so a retry produces the event. A second request while the first is still
 //! producing answers `409` (retry later); once it is done, `202` with `duplicate: true`.
@@ -391,6 +391,20 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A request refused whole for some of its `n` events (`wrong`: index and why): one event's
+    /// reason, or "k of n events <what>" with each listed.
+    fn listed(status: StatusCode, n: usize, wrong: Vec<(usize, String)>, what: &str) -> Self {
+        if n == 1 {
+            let message = wrong.into_iter().next().map(|w| w.1).unwrap_or_default();
+            return Refusal::new(status, message);
+        }
+        Refusal {
+            status,
+            message: format!("{} of {n} events {what}; nothing was produced", wrong.len()),
+            events: wrong,
+        }
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Refusal {
             status,
@@ -1009,6 +1023,23 @@ impl Ingest {
         topic: Option<&str>,
     ) -> Response {
         let inner = &self.inner;
+        // What every event entering switchyard must be (bounded attributes, no control characters),
+        // whichever door it came through.
+        let invalid: Vec<(usize, String)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ev)| codec::validate_input(ev).err().map(|e| (i, e.to_string())))
+            .collect();
+        if !invalid.is_empty() {
+            count(door, "rejected", events.len());
+            return Refusal::listed(
+                StatusCode::BAD_REQUEST,
+                events.len(),
+                invalid,
+                "are not valid",
+            )
+            .response();
+        }
         // Only tenants this sender may send for (an event names its tenant itself).
         let allowed = inner.cfg.tenants_of(caller);
         let foreign: Vec<(usize, String)> = events
@@ -1024,24 +1055,13 @@ impl Ingest {
             .collect();
         if !foreign.is_empty() {
             count(door, "unauthorized", events.len());
-            let r = Refusal {
-                status: StatusCode::FORBIDDEN,
-                message: if events.len() == 1 {
-                    foreign[0].1.clone()
-                } else {
-                    format!(
-                        "{} of {} events are for tenants {caller} may not send for; nothing was produced",
-                        foreign.len(),
-                        events.len()
-                    )
-                },
-                events: if events.len() == 1 {
-                    Vec::new()
-                } else {
-                    foreign
-                },
-            };
-            return r.response();
+            return Refusal::listed(
+                StatusCode::FORBIDDEN,
+                events.len(),
+                foreign,
+                &format!("are for tenants {caller} may not send for"),
+            )
+            .response();
         }
         // Where each event goes, and its record; every problem is reported before anything is sent.
         let mut records = Vec::with_capacity(events.len());
@@ -1064,21 +1084,13 @@ impl Ingest {
         }
         if !wrong.is_empty() {
             count(door, "rejected", events.len());
-            let status = StatusCode::UNPROCESSABLE_ENTITY;
-            let r = Refusal {
-                status,
-                message: if events.len() == 1 {
-                    wrong[0].1.clone()
-                } else {
-                    format!(
-                        "{} of {} events cannot be taken; nothing was produced",
-                        wrong.len(),
-                        events.len()
-                    )
-                },
-                events: if events.len() == 1 { Vec::new() } else { wrong },
-            };
-            return r.response();
+            return Refusal::listed(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                events.len(),
+                wrong,
+                "cannot be taken",
+            )
+            .response();
         }
         let rate = inner.cfg.rate_of(caller);
         if rate > 0 && events.len() as u64 > rate {
@@ -1158,8 +1170,9 @@ impl Ingest {
                 }
                 Taken::InProgress => {
                     busy += 1;
-                    o["error"] =
-                        json!("the same (source, id) is being produced by another request; retry");
+                    o["error"] = json!(
+                        "the same (tenant, source, id) is being produced by another request; retry"
+                    );
                 }
                 Taken::TooLarge(e) => {
                     large += 1;

@@ -178,23 +178,34 @@ impl ResolveStage {
         Ok(None)
     }
 
-    /// The records a decision causes, and its (unsealed) audit record.
     /// Refuses (dead-letters the proposal, `output_too_large`) a decision whose records the
-    /// producer could not write. The action and approval records carry the proposal's parameters
-    /// (an approval twice: its action record too); the audit record names the decision, not the
-    /// parameters, and its attributes are bounded, so it is not encoded an extra time to be measured.
+    /// producer could not write (counted as the producer counts them: key, payload, headers, and a
+    /// margin for the record's overhead). The action and approval records carry the proposal's
+    /// parameters (an approval twice: its action record too); the audit record names the decision,
+    /// not the parameters, and its attributes are bounded, so it is not encoded an extra time to be
+    /// measured.
     fn check_sizes(&self, batch: &Batch) -> Result<(), ProcessError> {
+        const OVERHEAD: usize = 1024;
+        let size = |o: &crate::kafka::Output| {
+            o.key.as_ref().map_or(0, Vec::len)
+                + o.payload.len()
+                + o.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+                + OVERHEAD
+        };
         match batch
             .outputs
             .iter()
-            .find(|o| o.payload.len() > self.max_output_bytes)
+            .find(|o| size(o) > self.max_output_bytes)
         {
             Some(o) => Err(ProcessError::poison(
                 "output_too_large",
                 format!(
                     "the decision's record for {} would be {} bytes, more than the {} the producer writes; nothing was decided",
                     o.topic,
-                    o.payload.len(),
+                    size(o),
                     self.max_output_bytes
                 ),
             )),
@@ -202,6 +213,7 @@ impl ResolveStage {
         }
     }
 
+    /// The records a decision causes, and its (unsealed) audit record.
     fn outputs(
         &self,
         p: &ProposalData,
@@ -855,8 +867,6 @@ mod tests {
         assert!(actions(&third).is_empty());
     }
 
-    /// Once a proposal's offset is committed its decision is forgotten: a copy further down the
-    /// topic (agents re-emitting after a crash) is skipped, not decided again.
     #[tokio::test]
     async fn a_decision_too_large_to_write_is_refused_before_anything_is_committed() {
         let mut s = stage(GovernanceConfig::default());
@@ -896,6 +906,8 @@ mod tests {
         );
     }
 
+    /// Once a proposal's offset is committed its decision is forgotten: a copy further down the
+    /// topic (agents re-emitting after a crash) is skipped, not decided again.
     #[tokio::test]
     async fn a_committed_proposal_is_forgotten_and_its_copy_skipped() {
         use futures::StreamExt;

@@ -337,6 +337,7 @@ impl RouteStage {
     /// event teaches (`context.relations.learn`) are recorded, so its tasks see them.
     async fn decide(&self, rec: &Input) -> Result<Decided, ProcessError> {
         let ev = codec::decode(rec.view(), &self.emitter.schemas)?;
+        codec::validate_input(&ev)?;
         let (ev, mut span) = route_span(rec, ev);
         let time = input_time(rec, &ev);
         if let Some(g) = self.graph.as_ref().filter(|g| !g.config().learn.is_empty()) {

@@ -169,16 +169,8 @@ impl ToolsStage {
         for p in tool.inject.keys() {
             args.remove(p);
         }
-        if let Some(why) = tool.check(&Value::Object(args.clone())) {
-            METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
-            return fail(
-                "invalid_tool_arguments",
-                format!(
-                    "action {}: its parameters do not fit tool {name}'s schema: {why}",
-                    a.action_id
-                ),
-            );
-        }
+        // Checked after the claim below (an action already carried out is skipped, whatever).
+        let misfit = tool.check(&Value::Object(args.clone()));
         let args = tool.with_injected(args, &ctx);
         let key = ResourceKey::new(&a.tenant, &a.resource);
         let tag = key.hash_tag();
@@ -217,6 +209,23 @@ impl ToolsStage {
             };
             self.log.write(&ctx, &call);
         };
+        if let Some(why) = misfit {
+            let _: Result<(), _> = redis::cmd("SET")
+                .arg(&marker)
+                .arg("failed")
+                .arg("EX")
+                .arg(KEEP_SECONDS)
+                .query_async(&mut c)
+                .await;
+            METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
+            return fail(
+                "invalid_tool_arguments",
+                format!(
+                    "action {}: its parameters do not fit tool {name}'s schema: {why}",
+                    a.action_id
+                ),
+            );
+        }
         if status < 0 {
             let why = format!(
                 "fencing token {} is below {info}, already carried out for {}",
