@@ -117,9 +117,44 @@ pub fn is_secret_name(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
+/// `text` with every URL in it (`http://…`, `https://…`, up to a space, quote or closing bracket)
+/// replaced by `<url>`: for errors of clients that quote the URL they failed on, where its path
+/// or query may be a secret (a webhook's, from an environment variable).
+pub fn without_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["http://", "https://"]
+        .iter()
+        .filter_map(|scheme| rest.find(scheme))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        out.push_str("<url>");
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | ']' | '"' | '\'' | '>'))
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_leave_error_texts() {
+        assert_eq!(
+            without_urls(
+                "error sending request for url (https://hooks.example/T0SECRET?code=k): refused"
+            ),
+            "error sending request for url (<url>): refused"
+        );
+        assert_eq!(without_urls("a http://x/y b https://z"), "a <url> b <url>");
+        assert_eq!(without_urls("nothing here"), "nothing here");
+    }
 
     #[test]
     fn never_shown() {

@@ -138,7 +138,13 @@ impl Server {
         let client = tokio::time::timeout(self.timeout(), ().serve(transport))
             .await
             .map_err(|_| format!("MCP server {} did not answer in time", self.name))?
-            .map_err(|e| format!("MCP server {} refused the session: {e}", self.name))?;
+            .map_err(|e| {
+                format!(
+                    "MCP server {} refused the session: {}",
+                    self.name,
+                    crate::secret::without_urls(&e.to_string())
+                )
+            })?;
         let client = Arc::new(client);
         *guard = Some(client.clone());
         Ok(client)
@@ -168,7 +174,13 @@ impl Server {
         let listed = tokio::time::timeout(self.timeout(), client.list_all_tools())
             .await
             .map_err(|_| format!("MCP server {} did not list its tools in time", self.name))?
-            .map_err(|e| format!("MCP server {} could not list its tools: {e}", self.name))?;
+            .map_err(|e| {
+                format!(
+                    "MCP server {} could not list its tools: {}",
+                    self.name,
+                    crate::secret::without_urls(&e.to_string())
+                )
+            })?;
         // Weak: the server holds its tools, each tool points back at its server.
         let server = Arc::downgrade(self);
         let mut out = Vec::new();
@@ -249,7 +261,10 @@ impl Server {
             Err(e) => {
                 // The session may be gone: the next call connects again.
                 *self.client.lock().await = None;
-                return Err(format!("MCP tool {tool} failed: {e}"));
+                return Err(format!(
+                    "MCP tool {tool} failed: {}",
+                    crate::secret::without_urls(&e.to_string())
+                ));
             }
         };
         let text: Vec<String> = r
