@@ -53,6 +53,14 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
     Box::pin(async move {
         let cfg = s.config();
         init_metrics();
+        let _ = ACTION_LABELS.set(
+            cfg.declared_actions()
+                .into_iter()
+                .chain(cfg.resolve.actions.keys().map(String::as_str))
+                .filter(|a| !a.contains('*'))
+                .map(str::to_string)
+                .collect(),
+        );
         Ok(runner(ResolveStage {
             rules: cfg.resolve.clone(),
             governance: Arc::new(cfg.governance.clone()),
@@ -289,6 +297,19 @@ impl ResolveStage {
     }
 }
 
+/// The action names `switchyard_actions_accepted_total` labels by: those the config names
+/// literally (agents' `actions`, resolution rules); any other (an agent allowed a pattern such as
+/// `scale_*`, and a model inventing names under it) counts as `other`, so the series stay bounded.
+static ACTION_LABELS: std::sync::OnceLock<std::collections::BTreeSet<String>> =
+    std::sync::OnceLock::new();
+
+fn action_label(action: &str) -> &str {
+    match ACTION_LABELS.get() {
+        Some(known) if !known.contains(action) => "other",
+        _ => action,
+    }
+}
+
 /// Counts a decision by its verdict, reason and rule.
 fn count(decision_rule: Option<Rule>, d: &Decided, p: &ProposalData) {
     METRICS
@@ -304,7 +325,7 @@ fn count(decision_rule: Option<Rule>, d: &Decided, p: &ProposalData) {
     match d.outcome {
         Verdict::Accepted => METRICS
             .actions_accepted
-            .with_label_values(&[&p.action])
+            .with_label_values(&[action_label(&p.action)])
             .inc(),
         Verdict::ApprovalRequested => METRICS.approvals.with_label_values(&["requested"]).inc(),
         _ => {}
@@ -865,6 +886,15 @@ mod tests {
             .await
             .unwrap();
         assert!(actions(&third).is_empty());
+    }
+
+    #[test]
+    fn accepted_actions_are_counted_under_names_the_config_gives() {
+        let known = ACTION_LABELS.get_or_init(|| ["rollback".to_string()].into());
+        assert_eq!(action_label("rollback"), "rollback");
+        if !known.contains("scale_invented_42") {
+            assert_eq!(action_label("scale_invented_42"), "other");
+        }
     }
 
     #[tokio::test]
