@@ -3074,6 +3074,11 @@ async fn escalation_config_is_validated() {
         "{out}"
     );
     assert!(!out.contains("\"sre-oncall\""), "{out}");
+    // The shared approvals token of these tests is short: a warning, not a refusal.
+    assert!(
+        out.contains("warning: governance.approvals.token: shorter than 16 characters"),
+        "{out}"
+    );
     let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
         rules,
         "{ actions: [rollback], max_confidence: 1.2, escalation: [{group: '', timeout_seconds: 0}], notify: {url: 'ftp://u:hunter2@h/x'} }",

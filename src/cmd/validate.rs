@@ -35,6 +35,19 @@ pub fn run(ctx: &Ctx, _args: Args) -> Result<(), String> {
     for (item, m) in l.config.governance.group_warnings(&users) {
         println!("warning: {item}: {m}");
     }
+    // Shared tokens guard every tenant's approvals or the metrics; the per-user and ingest tokens
+    // are refused under 16 characters, these two (older, and often set in scripts) are warned about.
+    for (item, token) in [
+        (
+            "governance.approvals.token",
+            l.config.governance.approvals.token.as_ref(),
+        ),
+        ("http.metrics_token", l.config.http.metrics_token.as_ref()),
+    ] {
+        if token.is_some_and(|t| t.expose().len() < 16) {
+            println!("warning: {item}: shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 16`)");
+        }
+    }
     let g = &l.config.governance;
     for (name, w) in &l.config.workflows {
         for (step, s) in &w.steps {
