@@ -673,23 +673,29 @@ pub const SHARD_MARKERS: usize = 64;
 /// The shard markers' hash tags: `e<j>` with the smallest `j` whose slot is marker `i`'s.
 fn shard_tags() -> &'static [String] {
     static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let width = (16384 / SHARD_MARKERS) as u16;
     TAGS.get_or_init(|| {
-        let width = (16384 / SHARD_MARKERS) as u16;
-        let mut tags = vec![String::new(); SHARD_MARKERS];
-        let mut left = SHARD_MARKERS;
-        for j in 0u32.. {
-            let t = format!("e{j}");
-            let slot = cluster_slot(&t);
-            if slot % width == 0 && tags[usize::from(slot / width)].is_empty() {
-                tags[usize::from(slot / width)] = t;
-                left -= 1;
-                if left == 0 {
-                    break;
-                }
+        find_tags('e', SHARD_MARKERS, |slot| {
+            (slot % width == 0).then_some(usize::from(slot / width))
+        })
+    })
+}
+
+/// `n` hash tags `<letter><j>`: for each index, the smallest `j` whose slot `index_of` maps to it.
+fn find_tags(letter: char, n: usize, index_of: impl Fn(u16) -> Option<usize>) -> Vec<String> {
+    let mut tags = vec![String::new(); n];
+    let mut left = n;
+    for j in 0u32.. {
+        let t = format!("{letter}{j}");
+        if let Some(i) = index_of(cluster_slot(&t)).filter(|i| tags[*i].is_empty()) {
+            tags[i] = t;
+            left -= 1;
+            if left == 0 {
+                break;
             }
         }
-        tags
-    })
+    }
+    tags
 }
 
 /// The shard markers' keys.
@@ -737,22 +743,7 @@ pub const SLOTS: usize = 16384;
 /// The slot markers' hash tags: `s<j>` with the smallest `j` whose slot is the marker's.
 fn slot_tags() -> &'static [String] {
     static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    TAGS.get_or_init(|| {
-        let mut tags = vec![String::new(); SLOTS];
-        let mut left = SLOTS;
-        for j in 0u32.. {
-            let t = format!("s{j}");
-            let slot = usize::from(cluster_slot(&t));
-            if tags[slot].is_empty() {
-                tags[slot] = t;
-                left -= 1;
-                if left == 0 {
-                    break;
-                }
-            }
-        }
-        tags
-    })
+    TAGS.get_or_init(|| find_tags('s', SLOTS, |slot| Some(usize::from(slot))))
 }
 
 /// The slot marker of `slot`.
@@ -829,25 +820,8 @@ pub async fn epoch(conn: &RedisConn, prefix: &str) -> Result<Epoch, StoreError> 
 
 /// Writes the missing slot markers ([`SLOTS`]), then their completion key for `id`.
 async fn complete_slot_markers(conn: &RedisConn, prefix: &str, id: &str) -> Result<(), StoreError> {
-    let mut c = conn.get_unguarded().await?;
-    // In parts, so that one answer is never 16,384 values long.
-    for first in (0..SLOTS).step_by(2048) {
-        let mut pipe = redis::pipe();
-        for slot in first..(first + 2048).min(SLOTS) {
-            pipe.cmd("SET")
-                .arg(slot_marker_key(prefix, slot as u16))
-                .arg(id)
-                .arg("NX")
-                .ignore();
-        }
-        let () = pipe.query_async(&mut c).await?;
-    }
-    let () = redis::cmd("SET")
-        .arg(slots_done_key(prefix))
-        .arg(id)
-        .query_async(&mut c)
-        .await?;
-    Ok(())
+    let keys = (0..SLOTS).map(|slot| slot_marker_key(prefix, slot as u16));
+    complete_markers(conn, keys, &slots_done_key(prefix), id).await
 }
 
 /// Writes the missing shard markers, then the completion key for `id`.
@@ -856,14 +830,34 @@ async fn complete_shard_markers(
     prefix: &str,
     id: &str,
 ) -> Result<(), StoreError> {
-    let mut pipe = redis::pipe();
-    for k in shard_epoch_keys(prefix) {
-        pipe.cmd("SET").arg(k).arg(id).arg("NX").ignore();
-    }
+    complete_markers(
+        conn,
+        shard_epoch_keys(prefix).into_iter(),
+        &shards_done_key(prefix),
+        id,
+    )
+    .await
+}
+
+/// Writes each of `markers` that is missing (`SET NX`, so none is replaced), then `done` = `id`.
+async fn complete_markers(
+    conn: &RedisConn,
+    markers: impl Iterator<Item = String>,
+    done: &str,
+    id: &str,
+) -> Result<(), StoreError> {
     let mut c = conn.get_unguarded().await?;
-    let () = pipe.query_async(&mut c).await?;
+    let markers: Vec<String> = markers.collect();
+    // In parts, so that one answer is never thousands of values long.
+    for part in markers.chunks(2048) {
+        let mut pipe = redis::pipe();
+        for k in part {
+            pipe.cmd("SET").arg(k).arg(id).arg("NX").ignore();
+        }
+        let () = pipe.query_async(&mut c).await?;
+    }
     let () = redis::cmd("SET")
-        .arg(shards_done_key(prefix))
+        .arg(done)
         .arg(id)
         .query_async(&mut c)
         .await?;

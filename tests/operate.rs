@@ -440,6 +440,23 @@ async fn post(
     (code, v, headers)
 }
 
+/// [`post`] of a CloudEvents batch with `token`.
+async fn post_batch(
+    c: &reqwest::Client,
+    url: &str,
+    token: &str,
+    batch: impl Into<reqwest::Body>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    post(
+        c,
+        url,
+        Some(token),
+        "application/cloudevents-batch+json",
+        batch,
+    )
+    .await
+}
+
 fn metric(text: &str, source: &str, outcome: &str) -> u64 {
     let want =
         format!("switchyard_ingest_events_total{{outcome=\"{outcome}\",source=\"{source}\"}} ");
@@ -613,28 +630,14 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
             json!({"service": "svc-c", "version": "v2"})
         ),
     ]);
-    let (code, v, _) = post(
-        &c,
-        &events_url,
-        Some(INGEST_TOKEN),
-        "application/cloudevents-batch+json",
-        batch.to_string(),
-    )
-    .await;
+    let (code, v, _) = post_batch(&c, &events_url, INGEST_TOKEN, batch.to_string()).await;
     assert_eq!((code, v["accepted"].clone()), (202, json!(2)), "{v}");
     // A batch with one bad event is refused whole, naming the event.
     let bad_batch = json!([
         structured("c-3", "deployment.started", "svc-c", json!({})),
         {"specversion": "1.0", "source": "ci", "type": "deployment.started", "subject": "svc-c"},
     ]);
-    let (code, v, _) = post(
-        &c,
-        &events_url,
-        Some(INGEST_TOKEN),
-        "application/cloudevents-batch+json",
-        bad_batch.to_string(),
-    )
-    .await;
+    let (code, v, _) = post_batch(&c, &events_url, INGEST_TOKEN, bad_batch.to_string()).await;
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["events"][0]["index"], 1, "{v}");
     assert!(
@@ -809,14 +812,7 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         )
     };
     for (batch, want) in [(batch_of("f", 4), 413), (batch_of("t", 3), 202)] {
-        let (code, v, _) = post(
-            &c,
-            &events_url,
-            Some(TIGHT_TOKEN),
-            "application/cloudevents-batch+json",
-            batch.to_string(),
-        )
-        .await;
+        let (code, v, _) = post_batch(&c, &events_url, TIGHT_TOKEN, batch.to_string()).await;
         assert_eq!(code, want, "{v}");
     }
     let (code, v, headers) = post(
@@ -1117,14 +1113,7 @@ async fn an_ingest_request_its_client_gave_up_on_still_settles_every_event() {
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c = reqwest::Client::new();
-    let (code, v, _) = post(
-        &c,
-        &url,
-        Some(INGEST_TOKEN),
-        "application/cloudevents-batch+json",
-        batch,
-    )
-    .await;
+    let (code, v, _) = post_batch(&c, &url, INGEST_TOKEN, batch).await;
     assert_eq!(code, 202, "{v}");
     let produced = v["accepted"].as_u64().unwrap_or(0);
     let duplicates = v["duplicates"].as_u64().unwrap_or(0);
@@ -1178,14 +1167,7 @@ async fn a_batch_keeps_a_resource_s_order_when_one_of_its_events_is_not_taken() 
         .await
         .unwrap();
     let c = reqwest::Client::new();
-    let (code, v, _) = post(
-        &c,
-        &url,
-        Some(INGEST_TOKEN),
-        "application/cloudevents-batch+json",
-        batch.clone(),
-    )
-    .await;
+    let (code, v, _) = post_batch(&c, &url, INGEST_TOKEN, batch.clone()).await;
     assert_ne!(code, 202, "{v}");
     assert_eq!(v["accepted"], json!(1), "only svc-p's event: {v}");
     // The other request gives up; the retry produces svc-o's events, in order.
@@ -1194,14 +1176,7 @@ async fn a_batch_keeps_a_resource_s_order_when_one_of_its_events_is_not_taken() 
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (code, v, _) = post(
-        &c,
-        &url,
-        Some(INGEST_TOKEN),
-        "application/cloudevents-batch+json",
-        batch,
-    )
-    .await;
+    let (code, v, _) = post_batch(&c, &url, INGEST_TOKEN, batch).await;
     assert_eq!(code, 202, "{v}");
     let recs = read_topic_until(
         &env.loaded.config.kafka.brokers,

@@ -61,14 +61,9 @@ pub enum DlqCommand {
     },
 }
 
-/// A header's last value: the dead-letter headers are appended after the input's own (which
-/// earlier builds kept even when they had our names), so the last is the stage's.
+/// A header of a dead letter ([`crate::kafka::dlq_headers::value`]), as text.
 fn header<'a>(r: &'a Input, name: &str) -> Option<&'a str> {
-    r.headers
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    crate::kafka::dlq_headers::value(&r.headers, name).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// `30m`, `2h`, `1d`, `45s`, or an RFC 3339 time: the earliest time it admits.

@@ -134,13 +134,9 @@ fn cut(text: &str, n: usize) -> String {
 pub fn human_line(loaded: &Loaded, rec: &Input) -> String {
     use crate::records::types;
     let at = format!("{}[{}]@{}", rec.topic, rec.partition, rec.offset);
-    // The last of a name: a dead letter's own headers come after the input's.
     let header = |name: &str| {
-        rec.headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        crate::kafka::dlq_headers::value(&rec.headers, name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let dead = |what: String| {
         format!(

@@ -145,6 +145,16 @@ impl Output {
 
 /// Header names of dead-letter records.
 pub mod dlq_headers {
+    /// A dead-letter header's value: its last, since a dead letter's own headers are appended after
+    /// the input's (which earlier builds kept even when they had these names).
+    pub fn value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+        headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
     pub const REASON: &str = "switchyard.dlq.reason";
     pub const DETAIL: &str = "switchyard.dlq.detail";
     pub const STAGE: &str = "switchyard.dlq.stage";
