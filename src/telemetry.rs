@@ -98,6 +98,9 @@ pub struct Metrics {
     /// Seals written again by a process sealing on a head it did not write (after a crash or a
     /// partition moving).
     pub audit_seals_rewritten: prometheus::IntCounter,
+    /// Times a seal waited for an earlier seal of its chain to be delivered (so a seal lost in a
+    /// crash is always among those the chain head keeps).
+    pub audit_seal_waits: prometheus::IntCounter,
     /// Model calls through the gateway, by provider, model and outcome (ok, retryable, rejected,
     /// timeout, transport, malformed, rate_limited, cooling).
     pub llm_requests: IntCounterVec,
@@ -478,6 +481,11 @@ impl Metrics {
             audit_seals_rewritten: prometheus::register_int_counter_with_registry!(
                 "switchyard_audit_seals_rewritten_total",
                 "Seals written again, byte for byte, by a process sealing on a chain head it did not write (the previous owner may have died before producing it).",
+                r
+            )?,
+            audit_seal_waits: prometheus::register_int_counter_with_registry!(
+                "switchyard_audit_seal_waits_total",
+                "Times a seal waited for an earlier seal of its chain to be delivered, so that any seal a crash loses is among the last ones its chain head keeps (and the next owner writes again).",
                 r
             )?,
             registry: r,

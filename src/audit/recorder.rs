@@ -157,9 +157,7 @@ impl Writer {
             .find(Result::is_err)
         {
             // The head moved past a seal that is not on the topic: the next seal writes it again.
-            sealed
-                .unsent
-                .store(true, std::sync::atomic::Ordering::Release);
+            sealed.watch.unsent();
             return Err((e.to_string(), whats));
         }
         if let Some(Err(e)) = self

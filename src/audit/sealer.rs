@@ -18,7 +18,10 @@
 //! for — written by another process (whose owner may have crashed between moving the head and
 //! producing the seal), or by itself with a seal since dropped or failed — writes those seals again,
 //! byte for byte, before its own: a repeat `audit verify` skips, never a gap (found by the fault
-//! suite, deploy/local/faults.sh: kill -9 of one of three instances).
+//! suite, deploy/local/faults.sh: kill -9 of one of three instances). For that to cover every seal
+//! a crash can lose, a process never has more than [`KEPT_SEALS`] of a chain's seals undelivered: a
+//! chain's next seal waits while the one it would push out of the kept window is not settled
+//! (delivered or failed; [`crate::kafka::runtime::DeliveryWatch`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,10 +30,12 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use redis::Script;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::hash::{merkle_root, payload_hash};
 use crate::error::ProcessError;
 use crate::event::CloudEvent;
+use crate::kafka::runtime::DeliveryWatch;
 use crate::kafka::Output;
 use crate::records::Emitter;
 use crate::store::{RedisConn, StoreError};
@@ -355,15 +360,18 @@ impl MemoryChainStore {
 /// A head this process wrote: seq, hash, and its seal's "unsent" flag.
 type CachedHead = (u64, Option<String>, Arc<AtomicBool>);
 
-/// The seal records of a batch, and the flag to set when they could not be written (the chain's
-/// next seal then writes its last seals again).
+/// The seal records of a batch, and the watch their writer tells of their fate (see
+/// [`DeliveryWatch`]: unsent, settled).
 pub struct Sealed {
     pub seals: Vec<Output>,
-    pub unsent: Arc<AtomicBool>,
+    pub watch: DeliveryWatch,
 }
 
 /// Heads cached beyond this many chains are forgotten (the cache is only a first guess).
 const MAX_CACHED_HEADS: usize = 10_000;
+
+/// A chain's seals this process made whose deliveries are not settled yet, oldest first.
+type InFlight = std::collections::VecDeque<(u64, CancellationToken)>;
 
 /// Seals batches of audit records into their chains (see the module documentation).
 pub struct Sealer {
@@ -374,6 +382,8 @@ pub struct Sealer {
     /// One seal at a time per chain in this process: the compare-and-set then only races other
     /// processes (a zombie owner of a partition, a second API instance).
     chain_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each chain's seals this process made and has not seen settled ([`DeliveryWatch`]).
+    in_flight: Mutex<HashMap<String, InFlight>>,
     /// Where audit records and seals go.
     pub topic: String,
     /// This process's chain for decisions that come from no partition (the approvals API, the CLI,
@@ -387,6 +397,7 @@ impl Sealer {
             store,
             heads: Mutex::new(HashMap::new()),
             chain_locks: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             topic: topic.into(),
             own_chain: format!("approvals/{}", uuid::Uuid::new_v4().simple()),
         }
@@ -465,6 +476,7 @@ impl Sealer {
     ) -> Result<Sealed, StoreError> {
         let hashes: Vec<String> = entries.iter().map(|e| e.hash.clone()).collect();
         let root = merkle_root(&hashes);
+        self.wait_for_window(chain).await;
         let cached = self
             .heads
             .lock()
@@ -526,10 +538,9 @@ impl Sealer {
                         seals.push(emitter.encoded(&self.topic, chain, bytes));
                     }
                     seals.push(out);
-                    return Ok(Sealed {
-                        seals,
-                        unsent: lineage,
-                    });
+                    let watch = DeliveryWatch::new(lineage);
+                    self.track(chain, data.seq, watch.settled());
+                    return Ok(Sealed { seals, watch });
                 }
                 Advance::Moved { seq, .. } if seq < head.0 => {
                     // A head never goes back: Redis lost its state (the epoch watcher stops
@@ -572,12 +583,128 @@ impl Sealer {
         }
     }
 
+    /// Waits until every seal of `chain` this process made that the next one would push out of the
+    /// head's kept window is settled: the next seal is at most the cached head's seq + 1 (a head
+    /// another process moved is further on, and the window further on with it).
+    async fn wait_for_window(&self, chain: &str) {
+        loop {
+            let due = {
+                let next = self
+                    .heads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(chain)
+                    .map_or(0, |h| h.0)
+                    + 1;
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(list) = in_flight.get_mut(chain) else {
+                    return;
+                };
+                while list.front().is_some_and(|(_, t)| t.is_cancelled()) {
+                    list.pop_front();
+                }
+                match list.front() {
+                    Some((seq, t)) if seq.saturating_add(KEPT_SEALS) <= next => t.clone(),
+                    Some(_) => return,
+                    None => {
+                        in_flight.remove(chain);
+                        return;
+                    }
+                }
+            };
+            METRICS.audit_seal_waits.inc();
+            due.cancelled().await;
+        }
+    }
+
+    /// Notes a seal of `chain` this process made, until its deliveries are settled.
+    fn track(&self, chain: &str, seq: u64, settled: CancellationToken) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let list = in_flight.entry(chain.to_string()).or_default();
+        while list.front().is_some_and(|(_, t)| t.is_cancelled()) {
+            list.pop_front();
+        }
+        list.push_back((seq, settled));
+    }
+
     fn remember(&self, chain: &str, head: CachedHead) {
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
         if heads.len() >= MAX_CACHED_HEADS && !heads.contains_key(chain) {
             heads.clear();
         }
         heads.insert(chain.to_string(), head);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::CloudEvent;
+    use crate::records::Emitter;
+
+    /// A process with KEPT_SEALS seals of a chain undelivered does not make another until the
+    /// oldest is settled: were it killed then, the seals it loses are all among those the head
+    /// keeps (and the next owner writes again), never one before them.
+    #[tokio::test]
+    async fn a_seal_waits_while_the_one_it_would_push_out_of_the_kept_window_is_undelivered() {
+        let sealer = Sealer::new(Arc::new(MemoryChainStore::default()), "audit");
+        let emitter = Emitter::new(Default::default(), Default::default());
+        let ev = |n: u64| {
+            CloudEvent::new(format!("a-{n}"), "t", crate::records::types::AUDIT)
+                .with_subject("svc")
+                .with_time("2026-11-28T00:00:00Z")
+                .with_data(serde_json::json!({"n": n}))
+        };
+        let chain = "test/t/0";
+        let mut watches = std::collections::VecDeque::new();
+        for n in 1..=KEPT_SEALS {
+            let (_, sealed) = sealer
+                .seal("test", chain, &emitter, &[ev(n)])
+                .await
+                .expect("seal");
+            watches.push_back(sealed.watch);
+        }
+        let waits = METRICS.audit_seal_waits.get();
+        let ninth = [ev(KEPT_SEALS + 1)];
+        let next = sealer.seal("test", chain, &emitter, &ninth);
+        tokio::pin!(next);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), &mut next)
+                .await
+                .is_err(),
+            "seal {} was made with seal 1 undelivered",
+            KEPT_SEALS + 1
+        );
+        assert!(METRICS.audit_seal_waits.get() > waits);
+        // Seal 1 delivered: the next one goes.
+        watches.pop_front().expect("seal 1").settle();
+        let (_, sealed) = tokio::time::timeout(std::time::Duration::from_secs(5), next)
+            .await
+            .expect("sealed once seal 1 was delivered")
+            .expect("seal");
+        watches.push_back(sealed.watch);
+        // A failed seal settles too (and the next seal writes the kept ones again); so does one
+        // whose writer dropped it.
+        let failed = watches.pop_front().expect("seal 2");
+        failed.unsent();
+        failed.settle();
+        let (_, sealed) = sealer
+            .seal("test", chain, &emitter, &[ev(KEPT_SEALS + 2)])
+            .await
+            .expect("seal");
+        assert_eq!(
+            sealed.seals.len() as u64,
+            KEPT_SEALS + 1,
+            "the kept seals again, then the new one"
+        );
+        drop(watches.pop_front());
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sealer.seal("test", chain, &emitter, &[ev(KEPT_SEALS + 3)]),
+        )
+        .await
+        .expect("sealed once seal 3 was dropped")
+        .expect("seal");
     }
 }
 

@@ -531,16 +531,12 @@ mod tests {
             .seal("test", chain, &emitter, &[ev(4)])
             .await
             .expect("seal");
-        sealed
-            .unsent
-            .store(true, std::sync::atomic::Ordering::Release);
+        sealed.watch.unsent();
         let (_, sealed) = b
             .seal("test", chain, &emitter, &[ev(4), ev(5)])
             .await
             .expect("seal");
-        sealed
-            .unsent
-            .store(true, std::sync::atomic::Ordering::Release);
+        sealed.watch.unsent();
         let (outs, sealed) = b
             .seal("test", chain, &emitter, &[ev(4), ev(5), ev(6)])
             .await

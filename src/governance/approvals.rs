@@ -638,6 +638,9 @@ impl Approvals {
                 e => ApprovalError::Encode(e.to_string()),
             })?;
         out.extend(records);
+        // The watch settles here (dropped): this process's own chain is never taken over by
+        // another, so its seals need not wait for earlier ones' delivery (a decision whose records
+        // a crash lost is produced again from the outbox, sealed into the next process's chain).
         out.extend(sealed.seals);
         Ok(out)
     }

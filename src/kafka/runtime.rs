@@ -68,6 +68,46 @@ impl From<Vec<Output>> for Done {
     }
 }
 
+/// What the writer of some records (a batch's audit seals) tells whoever made them: that they could
+/// not be written ([`DeliveryWatch::unsent`], a flag the maker may share among several watches),
+/// and that they are settled — delivered, failed or dropped — which [`DeliveryWatch::settle`] or
+/// dropping the watch says. The audit sealer uses it to hold a chain's next seal while an earlier
+/// one that would leave the head's kept window is not settled.
+pub struct DeliveryWatch {
+    unsent: Arc<AtomicBool>,
+    settled: tokio_util::sync::CancellationToken,
+}
+
+impl DeliveryWatch {
+    pub fn new(unsent: Arc<AtomicBool>) -> Self {
+        DeliveryWatch {
+            unsent,
+            settled: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Cancelled once the records are settled.
+    pub fn settled(&self) -> tokio_util::sync::CancellationToken {
+        self.settled.clone()
+    }
+
+    /// The records were not written (dropped unqueued, or their delivery failed).
+    pub fn unsent(&self) {
+        self.unsent.store(true, Ordering::Release);
+    }
+
+    /// The records' deliveries are over (either way: call [`Self::unsent`] first when they failed).
+    pub fn settle(&self) {
+        self.settled.cancel();
+    }
+}
+
+impl Drop for DeliveryWatch {
+    fn drop(&mut self) {
+        self.settled.cancel();
+    }
+}
+
 /// Records a batch shares (see [`Done::shared`]).
 pub struct SharedOutputs {
     outputs: Mutex<Option<Vec<Output>>>,
@@ -76,17 +116,19 @@ pub struct SharedOutputs {
     /// Records waiting for these deliveries.
     waiting: Mutex<Option<Vec<Arc<dyn Delivered>>>>,
     failed: AtomicBool,
-    /// Set when these records are dropped without ever being queued (their batch's work was
-    /// revoked and given up): the audit sealer then no longer trusts the chain head it wrote.
-    unsent: Option<Arc<AtomicBool>>,
+    /// The audit sealer's watch of these records (its seals): told when they are dropped without
+    /// ever being queued (their batch's work was revoked and given up) or fail (it then no longer
+    /// trusts the chain head it wrote), and when their deliveries are over.
+    watch: Option<DeliveryWatch>,
 }
 
 impl Drop for SharedOutputs {
     fn drop(&mut self) {
         let never_queued = self.outputs.get_mut().map_or(true, |o| o.is_some());
-        if let (Some(flag), true) = (&self.unsent, never_queued) {
-            flag.store(true, Ordering::Release);
+        if let (Some(watch), true) = (&self.watch, never_queued) {
+            watch.unsent();
         }
+        // Dropping the watch settles it.
     }
 }
 
@@ -102,14 +144,14 @@ impl SharedOutputs {
         Self::watched(outputs, None)
     }
 
-    /// Like [`Self::new`]; `unsent` is set if the records are dropped without being queued.
-    pub fn watched(outputs: Vec<Output>, unsent: Option<Arc<AtomicBool>>) -> Arc<Self> {
+    /// Like [`Self::new`], for a batch's seals: `watch` is told of their fate.
+    pub fn watched(outputs: Vec<Output>, watch: Option<DeliveryWatch>) -> Arc<Self> {
         Arc::new(SharedOutputs {
             pending: AtomicUsize::new(outputs.len() + 1),
             outputs: Mutex::new(Some(outputs)),
             waiting: Mutex::new(Some(Vec::new())),
             failed: AtomicBool::new(false),
-            unsent,
+            watch,
         })
     }
 
@@ -135,6 +177,9 @@ impl SharedOutputs {
 
     fn settle(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(watch) = &self.watch {
+                watch.settle();
+            }
             let waiting = lock(&self.waiting).take().unwrap_or_default();
             for w in waiting {
                 w.delivered("", self.result());
@@ -148,8 +193,8 @@ impl Delivered for SharedOutputs {
         if result.is_err() {
             self.failed.store(true, Ordering::Release);
             // A seal among these records may not be on the topic: its head is no longer trusted.
-            if let Some(flag) = &self.unsent {
-                flag.store(true, Ordering::Release);
+            if let Some(watch) = &self.watch {
+                watch.unsent();
             }
         }
         self.settle();
@@ -1344,22 +1389,39 @@ mod tests {
     use super::*;
 
     /// A batch's shared records dropped without being queued (the revoked batch given up) raise
-    /// their flag; queued ones, or taken by the caller, do not.
+    /// their flag; queued ones, or taken by the caller, do not. Either way they are settled once
+    /// dropped, and delivered ones as soon as their deliveries are over.
     #[test]
     fn shared_outputs_dropped_unqueued_raise_their_flag() {
         let out = || vec![Output::new("audit", "k", b"seal".to_vec())];
         let flag = Arc::new(AtomicBool::new(false));
-        let so = SharedOutputs::watched(out(), Some(flag.clone()));
+        let watch = DeliveryWatch::new(flag.clone());
+        let settled = watch.settled();
+        let so = SharedOutputs::watched(out(), Some(watch));
         let other_holder = so.clone();
         drop(so);
         assert!(!flag.load(Ordering::Acquire), "still held elsewhere");
+        assert!(!settled.is_cancelled());
         drop(other_holder);
         assert!(flag.load(Ordering::Acquire), "dropped unqueued");
+        assert!(settled.is_cancelled());
 
         let flag = Arc::new(AtomicBool::new(false));
-        let so = SharedOutputs::watched(out(), Some(flag.clone()));
+        let so = SharedOutputs::watched(out(), Some(DeliveryWatch::new(flag.clone())));
         assert_eq!(so.take().len(), 1);
         drop(so);
         assert!(!flag.load(Ordering::Acquire), "taken to be written");
+
+        // Queued (the +1 goes) and delivered: settled while still held, not unsent.
+        let flag = Arc::new(AtomicBool::new(false));
+        let watch = DeliveryWatch::new(flag.clone());
+        let settled = watch.settled();
+        let so = SharedOutputs::watched(out(), Some(watch));
+        assert_eq!(so.take().len(), 1);
+        so.settle();
+        assert!(!settled.is_cancelled(), "a delivery outstanding");
+        so.delivered("audit", Ok((0, 1)));
+        assert!(settled.is_cancelled(), "delivered");
+        assert!(!flag.load(Ordering::Acquire));
     }
 }

@@ -63,7 +63,7 @@ async fn seal_group(
             .collect();
         match sealer.seal(stage, &chain, emitter, &audits).await {
             Ok((records, sealed)) => {
-                let shared = SharedOutputs::watched(sealed.seals, Some(sealed.unsent));
+                let shared = SharedOutputs::watched(sealed.seals, Some(sealed.watch));
                 let mut records = records.into_iter();
                 for (i, d) in items {
                     let mut outputs = d.outputs;
