@@ -124,6 +124,8 @@ pub async fn run(
             })
         })
         .collect::<Result<_, _>>()?;
+    let mut loaded = loaded;
+    cap_to_topics(&mut loaded.config).await;
     let cfg = &loaded.config;
     let instance = std::env::var("HOSTNAME")
         .ok()
@@ -391,6 +393,39 @@ pub async fn run(
 
 /// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
 /// offsets.
+/// Lowers the producer's record limit to the smallest `max.message.bytes` of the topics switchyard
+/// writes ([`crate::kafka::KafkaConfig::cap_output_bytes`]): a record the broker would refuse is then
+/// refused before it is sent, so its input is dead-lettered (`output_too_large`) and the stage goes
+/// on, where a refused delivery stops the stage at every restart. Topics are read once, at start; a
+/// broker that does not answer (or denies DescribeConfigs) leaves the configured limit, with a
+/// warning.
+async fn cap_to_topics(cfg: &mut crate::config::Config) {
+    let names: Vec<String> = cfg
+        .referenced_topics()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    match crate::topics::max_message_bytes(
+        &admin_config(&cfg.kafka),
+        &refs,
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        Ok(limits) => {
+            if let Some((topic, limit)) = limits.into_iter().min_by_key(|(_, l)| *l) {
+                if let Some(cap) = cfg.kafka.cap_output_bytes(limit) {
+                    tracing::info!(%topic, max_message_bytes = limit, producer_max_bytes = cap, "An output topic takes smaller records than the producer would write: records larger than the topic takes go to the dead-letter topic (output_too_large).");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not read the output topics' max.message.bytes; the producer keeps its configured limit (a record a topic refuses stops its stage).")
+        }
+    }
+}
+
 async fn kafka_history(loaded: &Loaded) -> bool {
     let l = loaded.clone();
     tokio::task::spawn_blocking(move || {

@@ -272,6 +272,36 @@ pub enum TopicsError {
     Create { topic: String, detail: String },
 }
 
+/// The `max.message.bytes` of each of `names` that exists and whose config the broker returns: the
+/// largest record batch the broker takes into that topic (its own setting, or the broker's default).
+pub async fn max_message_bytes(
+    client: &ClientConfig,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<Vec<(String, usize)>, TopicsError> {
+    let brokers = client.get("bootstrap.servers").unwrap_or("?").to_string();
+    let unreachable = |detail: String| TopicsError::Unreachable {
+        brokers: brokers.clone(),
+        detail,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(|e| unreachable(e.to_string()))?;
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let specs: Vec<ResourceSpecifier> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let results = admin
+        .describe_configs(specs.iter(), &opts)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(names
+        .iter()
+        .zip(results)
+        .filter_map(|(name, r)| {
+            let v = r.ok()?.get("max.message.bytes")?.value.clone()?;
+            Some((name.to_string(), v.parse().ok()?))
+        })
+        .collect())
+}
+
 /// Creates missing topics and reports differences of existing ones.
 pub async fn apply(
     client: &ClientConfig,

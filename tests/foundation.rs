@@ -899,13 +899,40 @@ async fn cli_publish_from_stdin_and_tail() {
 /// out: the chain has no hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_too_large_dead_letters_the_input_and_keeps_the_audit_chain_whole() {
-    // A long route name makes every task (and routing audit record) big, so an event with a large
-    // payload yields a task over the limit while its dead letter and audit record stay under it.
-    let routes = format!(
+    let env = TestEnv::with(
+        1,
+        "  producer:\n    message.max.bytes: \"2800\"",
+        &too_large_routes(),
+    )
+    .await;
+    an_output_too_large_dead_letters_its_input(env).await;
+}
+
+/// The same when the limit is the output topic's (`max.message.bytes` 3,824 on the tasks topic,
+/// the producer left at its default): switchyard reads its topics' limits at start and refuses a
+/// larger record before sending it — a delivery the broker refuses would stop the stage at every
+/// restart. (tansu does not enforce the setting, so without the check the task would be written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_larger_than_its_topic_takes_dead_letters_the_input() {
+    let env = TestEnv::with_topic_config(
+        1,
+        &too_large_routes(),
+        &[("switchyard.tasks", "max.message.bytes", "3824")],
+    )
+    .await;
+    an_output_too_large_dead_letters_its_input(env).await;
+}
+
+/// A long route name makes every task (and routing audit record) big, so an event with a large
+/// payload yields a task over 2,800 bytes while its dead letter and audit record stay under it.
+fn too_large_routes() -> String {
+    format!(
         "{DEFAULT_AGENTS}\nroutes:\n  - name: deployments-{}\n    types: [\"deployment.*\"]\n    agents: [deploy-guard]\n",
         "r".repeat(1500)
-    );
-    let env = TestEnv::with(1, "  producer:\n    message.max.bytes: \"2800\"", &routes).await;
+    )
+}
+
+async fn an_output_too_large_dead_letters_its_input(env: TestEnv) {
     let running = env.start(&["route"]);
     let topic = "events.deployments";
     env.publish(

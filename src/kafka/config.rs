@@ -143,6 +143,37 @@ impl KafkaConfig {
     }
 }
 
+/// Room a topic's `max.message.bytes` keeps for the record batch's framing and a record's headers:
+/// librdkafka measures only key and value against `message.max.bytes`.
+pub const BATCH_FRAMING_BYTES: usize = 1024;
+
+impl KafkaConfig {
+    /// Lowers the producer's limits to what the topic `topic` takes (its `max.message.bytes`), when
+    /// they are higher: `message.max.bytes` (so an output larger than the topic takes is refused
+    /// before it is sent — and its input dead-lettered — instead of failing its delivery, which
+    /// stops the stage) and `batch.size` (a batch of small records must fit too). Returns the new
+    /// limit when it lowered it.
+    pub fn cap_output_bytes(&mut self, topic_max_message_bytes: usize) -> Option<usize> {
+        let cap = topic_max_message_bytes
+            .saturating_sub(BATCH_FRAMING_BYTES)
+            .max(1000);
+        if cap >= self.max_output_bytes() {
+            return None;
+        }
+        self.producer
+            .insert("message.max.bytes".into(), cap.to_string());
+        let batch = self
+            .producer
+            .get("batch.size")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1_000_000);
+        if batch > cap {
+            self.producer.insert("batch.size".into(), cap.to_string());
+        }
+        Some(cap)
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("every field has a default")
@@ -257,6 +288,24 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A topic taking smaller records than the producer writes lowers the producer's limits (with
+    /// room for framing); a larger one, or a lower limit configured already, changes nothing.
+    #[test]
+    fn a_topic_s_smaller_limit_caps_the_producer() {
+        let mut cfg = KafkaConfig::default();
+        assert_eq!(cfg.cap_output_bytes(1_048_588), None, "Kafka's default");
+        assert_eq!(cfg.cap_output_bytes(65_536), Some(64_512));
+        assert_eq!(cfg.max_output_bytes(), 64_512);
+        assert_eq!(cfg.producer["batch.size"], "64512");
+        assert_eq!(cfg.cap_output_bytes(100_000), None, "already lower");
+        cfg.producer.insert("batch.size".into(), "16384".into());
+        assert_eq!(cfg.cap_output_bytes(20_000), Some(18_976));
+        assert_eq!(
+            cfg.producer["batch.size"], "16384",
+            "a smaller batch.size stays"
+        );
+    }
 
     #[test]
     fn only_stage_consumers_and_the_run_producer_ask_for_statistics() {

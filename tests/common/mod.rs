@@ -243,16 +243,32 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with extra lines for the `kafka:` section (indented by two spaces).
     pub async fn with(partitions: i32, kafka_extra: &str, extra_yaml: &str) -> TestEnv {
-        Self::build(partitions, kafka_extra, extra_yaml, false).await
+        Self::build(partitions, kafka_extra, extra_yaml, false, &[]).await
+    }
+
+    /// Like [`TestEnv::with`], with topic settings (`config:` of its definition, which `topics
+    /// apply` creates it with) for some logical topics: `(logical topic, setting, value)`.
+    pub async fn with_topic_config(
+        partitions: i32,
+        extra_yaml: &str,
+        topic_config: &[(&str, &str, &str)],
+    ) -> TestEnv {
+        Self::build(partitions, "", extra_yaml, false, topic_config).await
     }
 
     /// Like [`TestEnv::new`], with every topic switchyard writes that has a schema (tasks, results,
     /// proposals, actions, approvals, audit) in Avro; read them back with [`TestEnv::decode`].
     pub async fn avro(partitions: i32, extra_yaml: &str) -> TestEnv {
-        Self::build(partitions, "", extra_yaml, true).await
+        Self::build(partitions, "", extra_yaml, true, &[]).await
     }
 
-    async fn build(partitions: i32, kafka_extra: &str, extra_yaml: &str, avro: bool) -> TestEnv {
+    async fn build(
+        partitions: i32,
+        kafka_extra: &str,
+        extra_yaml: &str,
+        avro: bool,
+        topic_config: &[(&str, &str, &str)],
+    ) -> TestEnv {
         switchyard::telemetry::init_logging(switchyard::telemetry::LogFormat::Human, "warn");
         let (brokers, redis) = stack().clone();
         let prefix = suffix();
@@ -263,8 +279,13 @@ impl TestEnv {
             .expect("repo topics load");
         for name in LOGICAL_TOPICS {
             let def = catalog.get(name).expect("default topic defined");
+            let settings: String = topic_config
+                .iter()
+                .filter(|(t, _, _)| t == name)
+                .map(|(_, k, v)| format!("  {k}: {v:?}\n"))
+                .collect();
             let text = format!(
-                "name: {prefix}.{name}\npartitions: {partitions}\nkey: {:?}\nencoding: {}\n{}",
+                "name: {prefix}.{name}\npartitions: {partitions}\nkey: {:?}\nencoding: {}\n{}{}",
                 def.key,
                 if def.encoding == switchyard::codec::Encoding::Avro
                     || (avro && name.starts_with("switchyard.") && def.schema.is_some())
@@ -276,7 +297,12 @@ impl TestEnv {
                 def.schema
                     .as_ref()
                     .map(|s| format!("schema: {s}\n"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if settings.is_empty() {
+                    String::new()
+                } else {
+                    format!("config:\n{settings}")
+                }
             );
             std::fs::write(topics_dir.join(format!("{name}.yaml")), text).expect("write topic");
         }
