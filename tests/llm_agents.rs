@@ -486,38 +486,49 @@ governance:
         &[("content-type", "application/cloudevents+json")],
     )
     .await;
-    let tc = env
-        .read("switchyard.tool-calls", 4, Duration::from_secs(30))
-        .await;
-    let outcomes: Vec<String> = tc
-        .iter()
-        .map(|r| {
-            data_of(&event_of(r))["call"]["outcome"]
-                .as_str()
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    assert_eq!(
-        outcomes.iter().filter(|o| *o == "executed").count(),
-        2,
-        "{outcomes:?}"
+    let skipped = "switchyard_tool_calls_total{outcome=\"skipped\",tool=\"ticket\"} 1";
+    for _ in 0..100 {
+        if switchyard::telemetry::METRICS.render().contains(skipped) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        switchyard::telemetry::METRICS.render().contains(skipped),
+        "the repeat was skipped"
+    );
+    // The repeat writes the call's records again (the same ids) while its outcome is kept, until
+    // the first delivery's commit: count calls by record id.
+    let outcomes = |tc: &[switchyard::kafka::Input]| -> std::collections::BTreeMap<String, String> {
+        tc.iter()
+            .map(|r| {
+                let ev = event_of(r);
+                let outcome = data_of(&ev)["call"]["outcome"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                (ev.id, outcome)
+            })
+            .collect()
+    };
+    let tc = outcomes(
+        &env.read("switchyard.tool-calls", 10, Duration::from_secs(5))
+            .await,
     );
     assert_eq!(
-        outcomes.iter().filter(|o| *o == "proposed").count(),
+        tc.values().filter(|o| *o == "executed").count(),
         2,
-        "{outcomes:?}"
+        "{tc:?}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tc.values().filter(|o| *o == "proposed").count(),
+        2,
+        "{tc:?}"
+    );
     assert_eq!(
         seen.lock().expect("lock").len(),
         1,
         "a redelivered action is not carried out again"
-    );
-    let m = switchyard::telemetry::METRICS.render();
-    assert!(
-        m.contains("switchyard_tool_calls_total{outcome=\"skipped\",tool=\"ticket\"} 1"),
-        "the repeat was skipped"
     );
     // Actions naming the tool directly (as an agent's `tool.ticket` proposal would, not through
     // the tool): the tenant comes from the action, not its parameters, and parameters that do not
@@ -572,6 +583,86 @@ governance:
         assert_eq!(got.len(), 2, "only the well-formed action was carried out");
         assert_eq!(got[1].2, json!({"title": "forged", "tenant": "default"}));
     }
+    // Actions delivered again after a crash: one whose call finished (its outcome kept beside its
+    // marker until its records' commit) has its records written again; one whose call was started
+    // and never finished is recorded as unknown. Neither calls the tool.
+    let mut redis = redis_connection(&env.loaded.config.redis.url).await;
+    let tag = switchyard::store::ResourceKey::new("default", &ticket.resource).hash_tag();
+    let marker = |id: &str| format!("{}:tools:{tag}:a:{id}", env.prefix);
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(marker("act-crashed"))
+        .arg("running")
+        .cmd("SET")
+        .arg(marker("act-finished"))
+        .arg("done")
+        .cmd("SET")
+        .arg(format!("{}:outcome", marker("act-finished")))
+        .arg(
+            json!({"time": "2026-11-28T10:00:00.000Z", "outcome": "executed",
+                   "result": {"ticket": "T-9"}, "duration_ms": 5})
+            .to_string(),
+        )
+        .query_async(&mut redis)
+        .await
+        .expect("markers");
+    let well_formed = json!({"service": "checkout", "title": "again"});
+    for id in ["act-crashed", "act-finished"] {
+        env.send_raw(
+            "switchyard.actions",
+            &ticket.resource,
+            &forged(id, well_formed.clone()),
+            &headers,
+        )
+        .await;
+    }
+    let stable = |id: &str| {
+        format!(
+            "tool-{}",
+            switchyard::pattern::stable_id(&["tool_call", id])
+        )
+    };
+    let mut by_id: std::collections::BTreeMap<String, Value> = Default::default();
+    for _ in 0..60 {
+        by_id = env
+            .read("switchyard.tool-calls", 100, Duration::from_millis(500))
+            .await
+            .iter()
+            .map(|r| {
+                let ev = event_of(r);
+                (ev.id.clone(), data_of(&ev)["call"].clone())
+            })
+            .filter(|(id, _)| *id == stable("act-crashed") || *id == stable("act-finished"))
+            .collect();
+        if by_id.len() == 2 {
+            break;
+        }
+    }
+    let crashed = &by_id[&stable("act-crashed")];
+    assert_eq!(crashed["outcome"], "unknown", "{crashed}");
+    assert!(crashed["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("not carried out again")));
+    let finished = &by_id[&stable("act-finished")];
+    assert_eq!(finished["outcome"], "executed");
+    assert_eq!(finished["result"], json!({"ticket": "T-9"}));
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        2,
+        "neither redelivered action calls the tool"
+    );
+    // Every tool action's call is in the trail, sealed into the tools stage's chain: the first
+    // ticket, the restart, the forged one carried out, the two above (the repeat's record is the
+    // same bytes as the first).
+    let v = env.verified_audit(1, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    let audit = audit_of(&env.audit(40, Duration::from_secs(4)).await);
+    let executor_calls: std::collections::BTreeSet<String> = audit
+        .iter()
+        .filter(|a| a.decision == "tool_call" && !a.detail["action_id"].is_null())
+        .map(|a| a.detail["action_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(executor_calls.len(), 5, "{executor_calls:?}");
     running.stop().await;
 }
 

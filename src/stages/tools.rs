@@ -10,6 +10,13 @@
 //! below one already carried out for its resource is refused as stale. A crash during the call
 //! leaves the marker: the action is not carried out twice (the receiving system can also use the
 //! idempotency key).
+//!
+//! The call's records are the stage's own outputs, its audit record sealed into the stage's chain
+//! like every stage's: the action's offset is committed only once they are written. Their bytes
+//! depend only on the action and the call's outcome, which is kept beside the marker (until the
+//! commit) so that an action redelivered after a crash writes the same records again without
+//! calling anything. An action whose marker says a call was started but never finished (a crash
+//! during the call, or the call still under way on a previous owner) is recorded as `unknown`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,11 +26,13 @@ use futures::Stream;
 use redis::Script;
 use serde_json::{json, Value};
 
+use super::batch::{sealed_waves, Decided};
 use super::services::{runner, Runner, Services};
+use crate::audit::Sealer;
 use crate::error::ProcessError;
-use crate::kafka::runtime::{each, Done, Processor};
-use crate::kafka::{dead_letter, Input, Output};
-use crate::records::{types, ActionData, Emitter};
+use crate::kafka::runtime::{Done, Processor};
+use crate::kafka::{dead_letter, Input};
+use crate::records::{audit_event, types, ActionData, Emitter};
 use crate::store::{RedisConn, ResourceKey};
 use crate::telemetry::METRICS;
 use crate::tools::log::{ToolCallLog, ToolCallRecord};
@@ -43,6 +52,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             redis: s.redis.clone(),
             prefix: cfg.redis.key_prefix.clone(),
             emitter: s.emitter.clone(),
+            sealer: s.sealer.clone(),
             log: ToolCallLog {
                 audit: s.recorder.clone(),
                 topic: cfg.topics.tool_calls.clone(),
@@ -56,8 +66,25 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
 
 /// How long an action's marker and a resource's fence are kept.
 const KEEP_SECONDS: u64 = 7 * 24 * 3600;
+/// How long a call's outcome is kept when its records' commit never deletes it (it normally goes
+/// with the commit, seconds later).
+const OUTCOME_KEEP_SECONDS: u64 = 24 * 3600;
 /// Attempts of a call that fails (transport error, 5xx) before the action is given up.
 const ATTEMPTS: u32 = 3;
+
+/// A call's outcome, kept beside its action's marker until the action is committed: what its
+/// records need that the action does not say.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Outcome {
+    time: String,
+    outcome: String,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    duration_ms: u64,
+}
 
 /// KEYS[1] the action's marker, KEYS[2] the resource's fence; ARGV token, ttl. Returns
 /// `{1, ""}` claimed, `{0, state}` already claimed, `{-1, fence}` stale.
@@ -76,6 +103,7 @@ pub struct ToolsStage {
     pub redis: RedisConn,
     pub prefix: String,
     pub emitter: Emitter,
+    pub sealer: Arc<Sealer>,
     pub log: ToolCallLog,
     pub dlq_topic: String,
     pub max_record_bytes: usize,
@@ -92,38 +120,66 @@ impl Processor for ToolsStage {
         rec.key_lane()
     }
 
+    /// A batch's tool calls run concurrently (one per resource); their audit records are sealed
+    /// into the partition's chain as they finish.
     fn process_batch(
         &self,
         recs: Vec<Arc<Input>>,
     ) -> impl Stream<Item = (usize, Result<Done, ProcessError>)> + Send + '_ {
-        each(recs, |rec| self.execute(rec))
+        sealed_waves(
+            "tools",
+            &self.sealer,
+            &self.emitter,
+            recs,
+            move |rec| async move { self.execute(rec).await },
+        )
+    }
+
+    async fn cleanup(&self, keys: Vec<String>) {
+        let Ok(mut c) = self.redis.get().await else {
+            return;
+        };
+        // Each outcome key is in its resource's slot: one DEL each (they expire anyway).
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("DEL").arg(k).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut c).await {
+            tracing::debug!(error = %e, "Could not delete committed tool outcomes; they expire.");
+        }
     }
 }
 
 impl ToolsStage {
-    async fn execute(&self, rec: Arc<Input>) -> Result<Vec<Output>, ProcessError> {
+    async fn execute(&self, rec: Arc<Input>) -> Result<Decided, ProcessError> {
         let ev = crate::codec::decode(rec.view(), &self.emitter.schemas)?;
         if ev.ty != types::ACTION {
-            return Ok(Vec::new());
+            return Ok(Decided::default());
         }
         let a: ActionData = serde_json::from_value(ev.data.clone().unwrap_or(Value::Null))
             .map_err(|e| ProcessError::poison("malformed_action", e.to_string()))?;
         let Some(name) = a.action.strip_prefix("tool.") else {
-            return Ok(Vec::new());
+            return Ok(Decided::default());
         };
-        let fail = |reason: &'static str, detail: String| {
+        let dead_letter_of = |reason: &'static str, detail: String| {
             METRICS
                 .dlq_records
                 .with_label_values(&["tools", reason])
                 .inc();
-            Ok(vec![dead_letter(
+            dead_letter(
                 &self.dlq_topic,
                 "tools",
                 &rec,
                 reason,
                 &detail,
                 self.max_record_bytes,
-            )])
+            )
+        };
+        let fail = |reason: &'static str, detail: String| {
+            Ok(Decided {
+                outputs: vec![dead_letter_of(reason, detail)],
+                ..Decided::default()
+            })
         };
         let Some(tool) = self.tools.get(name).await else {
             METRICS
@@ -175,6 +231,7 @@ impl ToolsStage {
         let key = ResourceKey::new(&a.tenant, &a.resource);
         let tag = key.hash_tag();
         let marker = format!("{}:tools:{tag}:a:{}", self.prefix, a.action_id);
+        let kept = format!("{marker}:outcome");
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
         let (status, info): (i64, String) = self
@@ -186,29 +243,93 @@ impl ToolsStage {
             .invoke_async(&mut c)
             .await
             .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
-        if status == 0 {
-            tracing::info!(action_id = %a.action_id, tool = name, state = %info, "Tool action already carried out (or under way); skipped.");
-            METRICS
-                .tool_calls
-                .with_label_values(&[name, "skipped"])
-                .inc();
-            return Ok(Vec::new());
-        }
-        // Counted and recorded (tool-calls topic, audit) once per action, whatever happened.
-        let note = |outcome: &'static str, result: Value, error: Option<String>, ms: u64| {
-            METRICS.tool_calls.with_label_values(&[name, outcome]).inc();
+        // The call's records, from the action and its outcome: the same bytes whenever written. A
+        // failed call's input is dead-lettered too.
+        let action_time = ev.time.clone().unwrap_or_default();
+        let records = |o: &Outcome| -> Result<Decided, ProcessError> {
+            let outcome = outcome_name(&o.outcome);
             let call = ToolCallRecord {
                 tool: name.to_string(),
                 effect: tool.effect.name(),
                 iteration: 0,
                 arguments: json!(args),
                 outcome,
-                result,
-                error,
-                duration_ms: ms,
+                result: o.result.clone(),
+                error: o.error.clone(),
+                duration_ms: o.duration_ms,
             };
-            self.log.write(&ctx, &call);
+            let id = crate::pattern::stable_id(&["tool_call", &a.action_id]);
+            let (audit, companion) = self.log.records(&ctx, &call, format!("tool-{id}"), &o.time);
+            let audit = audit_event(
+                "switchyard/tools",
+                &["tool_call", &a.action_id],
+                &audit,
+                None,
+                &o.time,
+            )?;
+            let mut outputs = vec![self.emitter.emit(&self.log.topic, &companion)?];
+            match outcome {
+                "error" => outputs.push(dead_letter_of(
+                    "tool_failed",
+                    format!(
+                        "action {}: {}",
+                        a.action_id,
+                        o.error.as_deref().unwrap_or("")
+                    ),
+                )),
+                "stale" => outputs.push(dead_letter_of(
+                    "stale_action",
+                    o.error.clone().unwrap_or_default(),
+                )),
+                _ => {}
+            }
+            Ok(Decided {
+                outputs,
+                audits: vec![audit],
+                cleanup: vec![kept.clone()],
+            })
         };
+        if status == 0 {
+            // Claimed before: by an attempt that finished (its outcome is kept until its records
+            // are committed: they are written again, nothing is called), by one whose records
+            // were committed (nothing to do), or by one that never finished.
+            let outcome: Option<String> = redis::cmd("GET")
+                .arg(&kept)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| ProcessError::Transient(format!("tool outcome read: {e}")))?;
+            if let Some(o) = outcome.and_then(|o| serde_json::from_str::<Outcome>(&o).ok()) {
+                tracing::info!(action_id = %a.action_id, tool = name, outcome = %o.outcome, "Tool action carried out before; writing its records again.");
+                METRICS
+                    .tool_calls
+                    .with_label_values(&[name, "skipped"])
+                    .inc();
+                return records(&o);
+            }
+            if info == "running" {
+                tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
+                METRICS
+                    .tool_calls
+                    .with_label_values(&[name, "unknown"])
+                    .inc();
+                return records(&Outcome {
+                    time: action_time.clone(),
+                    outcome: "unknown".into(),
+                    result: Value::Null,
+                    error: Some(
+                        "a call was started by an earlier attempt that did not finish (a crash, or a previous owner of the partition still calling); it is not carried out again, and its outcome is unknown"
+                            .into(),
+                    ),
+                    duration_ms: 0,
+                });
+            }
+            tracing::info!(action_id = %a.action_id, tool = name, state = %info, "Tool action already carried out; skipped.");
+            METRICS
+                .tool_calls
+                .with_label_values(&[name, "skipped"])
+                .inc();
+            return Ok(Decided::default());
+        }
         if let Some(why) = misfit {
             let _: Result<(), _> = redis::cmd("SET")
                 .arg(&marker)
@@ -227,12 +348,18 @@ impl ToolsStage {
             );
         }
         if status < 0 {
-            let why = format!(
-                "fencing token {} is below {info}, already carried out for {}",
-                a.fencing_token, a.resource
-            );
-            note("stale", Value::Null, Some(why.clone()), 0);
-            return fail("stale_action", why);
+            // Nothing was claimed: a redelivery finds the same fence and writes the same records.
+            METRICS.tool_calls.with_label_values(&[name, "stale"]).inc();
+            return records(&Outcome {
+                time: action_time,
+                outcome: "stale".into(),
+                result: Value::Null,
+                error: Some(format!(
+                    "fencing token {} is below {info}, already carried out for {}",
+                    a.fencing_token, a.resource
+                )),
+                duration_ms: 0,
+            });
         }
         let started = Instant::now();
         let mut attempt = 0;
@@ -248,24 +375,68 @@ impl ToolsStage {
             }
         };
         let ms = started.elapsed().as_millis() as u64;
-        let state = if result.is_ok() { "done" } else { "failed" };
-        let _: Result<(), _> = redis::cmd("SET")
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let (state, outcome) = match result {
+            Ok(v) => {
+                tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, duration_ms = ms, "Tool action carried out.");
+                let o = Outcome {
+                    time: now,
+                    outcome: "executed".into(),
+                    result: v,
+                    error: None,
+                    duration_ms: ms,
+                };
+                ("done", o)
+            }
+            Err(e) => (
+                "failed",
+                Outcome {
+                    time: now,
+                    outcome: "error".into(),
+                    result: Value::Null,
+                    error: Some(e),
+                    duration_ms: ms,
+                },
+            ),
+        };
+        METRICS
+            .tool_calls
+            .with_label_values(&[name, &outcome.outcome])
+            .inc();
+        // The marker and the outcome together: a redelivery before the commit writes these
+        // records again. Should this fail, the marker still says running: a redelivery records
+        // the outcome as unknown (and never calls again).
+        let kept_json = serde_json::to_string(&outcome)
+            .map_err(|e| ProcessError::Fatal(format!("tool outcome: {e}")))?;
+        if let Err(e) = redis::pipe()
+            .atomic()
+            .cmd("SET")
             .arg(&marker)
             .arg(state)
             .arg("EX")
             .arg(KEEP_SECONDS)
-            .query_async(&mut c)
-            .await;
-        match result {
-            Ok(v) => {
-                tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, duration_ms = ms, "Tool action carried out.");
-                note("executed", v, None, ms);
-                Ok(Vec::new())
-            }
-            Err(e) => {
-                note("error", Value::Null, Some(e.clone()), ms);
-                fail("tool_failed", format!("action {}: {e}", a.action_id))
-            }
+            .ignore()
+            .cmd("SET")
+            .arg(&kept)
+            .arg(kept_json)
+            .arg("EX")
+            .arg(OUTCOME_KEEP_SECONDS)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+        {
+            tracing::warn!(action_id = %a.action_id, tool = name, error = %e, "Could not keep a tool action's outcome; a redelivery before its commit would record it as unknown.");
         }
+        records(&outcome)
+    }
+}
+
+/// The recorded outcome names (bounded: they label a metric and are kept as `&'static str`).
+fn outcome_name(o: &str) -> &'static str {
+    match o {
+        "executed" => "executed",
+        "error" => "error",
+        "stale" => "stale",
+        _ => "unknown",
     }
 }

@@ -17,11 +17,34 @@ pub struct ToolCallLog {
 
 impl ToolCallLog {
     /// Records one tool call: a `tool_call` audit record (arguments and result left out) and the
-    /// full call on the tool-calls topic, keyed by task id.
+    /// full call on the tool-calls topic, keyed by task id. Written in the background (best
+    /// effort: a call inside an LLM agent's loop); the tools stage writes its calls itself, with
+    /// its commit ([`Self::records`]).
     pub fn write(&self, ctx: &CallCtx, call: &ToolCallRecord) {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let id = format!("tool-{}", uuid::Uuid::new_v4().simple());
+        let (audit, ev) = self.records(ctx, call, id, &now);
+        self.audit
+            .record("tools", "tool_call", audit, Some((self.topic.clone(), ev)));
+    }
+
+    /// The `tool_call` audit data and the tool-calls record (event `id`, stamped `time`) of one call.
+    pub fn records(
+        &self,
+        ctx: &CallCtx,
+        call: &ToolCallRecord,
+        id: String,
+        time: &str,
+    ) -> (AuditData, crate::event::CloudEvent) {
         let audit = AuditData {
             decision: "tool_call".into(),
-            stage: "agents".into(),
+            // The tools stage carries out actions; an agent calls read-only tools in its loop.
+            stage: if ctx.action_id.is_some() {
+                "tools"
+            } else {
+                "agents"
+            }
+            .into(),
             resource: ctx.resource.clone(),
             tenant: ctx.tenant.clone(),
             event_id: (!ctx.event_id.is_empty()).then(|| ctx.event_id.clone()),
@@ -36,21 +59,15 @@ impl ToolCallLog {
             prev_hash: None,
             hash: None,
         };
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let key = ctx.action_id.clone().unwrap_or_else(|| ctx.task_id.clone());
-        let ev = crate::event::CloudEvent::new(
-            format!("tool-{}", uuid::Uuid::new_v4().simple()),
-            "switchyard/tools",
-            "switchyard.tool_call",
-        )
-        .with_subject(key)
-        .with_time(&now)
-        .with_data(json!({
-            "task_id": ctx.task_id, "action_id": ctx.action_id, "agent": ctx.agent,
-            "tenant": ctx.tenant, "resource": ctx.resource, "call": call,
-        }));
-        self.audit
-            .record("tools", "tool_call", audit, Some((self.topic.clone(), ev)));
+        let ev = crate::event::CloudEvent::new(id, "switchyard/tools", "switchyard.tool_call")
+            .with_subject(key)
+            .with_time(time)
+            .with_data(json!({
+                "task_id": ctx.task_id, "action_id": ctx.action_id, "agent": ctx.agent,
+                "tenant": ctx.tenant, "resource": ctx.resource, "call": call,
+            }));
+        (audit, ev)
     }
 }
 
