@@ -48,6 +48,9 @@ fn default_method() -> String {
 fn empty_object() -> Value {
     serde_json::json!({"type": "object", "properties": {}})
 }
+/// The most of a tool's answer read: beyond it, the answer is cut (and the rest never read).
+const MAX_READ_BYTES: usize = 1 << 20;
+
 fn default_timeout_ms() -> u64 {
     10_000
 }
@@ -190,13 +193,40 @@ impl HttpTool {
             }
         })?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| {
+        // At most MAX_READ_BYTES of the answer are read (a JSON answer up to that is parsed and
+        // then cut to MAX_RESULT_BYTES); the rest is not read at all.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        let mut cut = false;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
             format!(
                 "tool {}: reading the answer failed: {}",
                 self.name,
                 e.without_url()
             )
-        })?;
+        })? {
+            if body.len() + chunk.len() > MAX_READ_BYTES {
+                body.extend_from_slice(&chunk[..MAX_READ_BYTES - body.len()]);
+                cut = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if cut {
+            if !status.is_success() {
+                let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
+            }
+            let end = (0..=crate::tools::MAX_RESULT_BYTES.min(body.len()))
+                .rev()
+                .find(|&i| std::str::from_utf8(&body[..i]).is_ok())
+                .unwrap_or(0);
+            return Ok(serde_json::json!({
+                "truncated": true,
+                "bytes": format!("more than {MAX_READ_BYTES}"),
+                "prefix": String::from_utf8_lossy(&body[..end]),
+            }));
+        }
         if !status.is_success() {
             let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
             return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
@@ -254,6 +284,53 @@ mod tests {
         assert_eq!(url, "http://h/services/..%2Fadmin%3Fx%3D1/status");
         assert_eq!(rest.len(), 1);
         assert!(rest.contains_key("verbose"));
+    }
+
+    /// A tool answering without end is read up to MAX_READ_BYTES and cut: the rest is never read
+    /// (the server's writes fail once the client let go), the result is marked truncated.
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_not_read_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut req = [0u8; 4096];
+            let _ = sock.read(&mut req).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n")
+                .await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut written = 0usize;
+            // Up to 256 MiB, or until the client goes away.
+            while written < 256 << 20 {
+                if sock.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                written += chunk.len();
+            }
+            written
+        });
+        let spec: Spec = serde_yaml::from_str(&format!(
+            "description: d\nmethod: GET\nurl: 'http://127.0.0.1:{port}/big'\n"
+        ))
+        .expect("spec");
+        let t = HttpTool::new("big", &spec).expect("tool");
+        let v = t
+            .call(&Map::new(), &CallCtx::default())
+            .await
+            .expect("a cut answer");
+        assert_eq!(v["truncated"], Value::Bool(true));
+        assert!(v["prefix"]
+            .as_str()
+            .is_some_and(|p| p.len() <= crate::tools::MAX_RESULT_BYTES));
+        let written = server.await.expect("server");
+        assert!(
+            written < 64 << 20,
+            "the client stopped reading early: the server wrote {written} bytes"
+        );
     }
 
     #[tokio::test]
