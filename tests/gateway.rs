@@ -38,6 +38,46 @@ fn gateway(prefix: &str, yaml: &str, budgets: &str) -> Arc<Gateway> {
     Arc::new(Gateway::new(cfg, conn, prefix, budgets).expect("gateway builds"))
 }
 
+/// Like [`gateway`], recording its calls: transcripts on a topic of their own (returned) and
+/// `llm_call` audit records, as `switchyard run` does.
+async fn recorded_gateway(prefix: &str, yaml: &str, budgets: &str) -> (Arc<Gateway>, String) {
+    let gw = Arc::into_inner(gateway(prefix, yaml, budgets)).expect("one owner");
+    let (calls, audit) = (format!("{prefix}.llm-calls"), format!("{prefix}.audit"));
+    let defs: Vec<switchyard::topics::TopicDef> = [&calls, &audit]
+        .iter()
+        .map(|t| {
+            serde_yaml::from_str(&format!(
+                "name: {t}\npartitions: 1\nkey: task id\nencoding: json\n"
+            ))
+            .expect("topic definition")
+        })
+        .collect();
+    let kafka = switchyard::kafka::KafkaConfig {
+        brokers: stack().0.clone(),
+        ..Default::default()
+    };
+    switchyard::topics::apply(
+        &switchyard::kafka::admin_config(&kafka),
+        &defs.iter().collect::<Vec<_>>(),
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("topics");
+    let producer = switchyard::kafka::Producer::new(&switchyard::kafka::producer_config(&kafka))
+        .expect("producer");
+    let conn = RedisConn::new(&stack().1).expect("redis url");
+    let sealer = Arc::new(switchyard::audit::Sealer::new(
+        Arc::new(switchyard::audit::RedisChainStore::new(conn, prefix)),
+        &audit,
+    ));
+    let emitter = switchyard::records::Emitter::new(Default::default(), Default::default());
+    let recorder = switchyard::gateway::Recorder {
+        audit: switchyard::audit::Recorder::new(emitter, sealer, producer),
+        calls_topic: calls.clone(),
+    };
+    (Arc::new(gw.with_recorder(recorder)), calls)
+}
+
 fn caller() -> Caller {
     Caller {
         tenant: "default".into(),
@@ -534,7 +574,7 @@ cooldown: {{failures: 100, seconds: 1}}
     let budgets = format!(
         "- {{name: b-{s}, per: model, matches: \"*\", period: total, max_cost: 1000000.0}}\n"
     );
-    let gw = gateway(&s, &yaml, &budgets);
+    let (gw, calls_topic) = recorded_gateway(&s, &yaml, &budgets).await;
 
     // No usage: the answer is kept, its tokens estimated and flagged, and the budget charged that.
     let c = gw
@@ -595,6 +635,29 @@ cooldown: {{failures: 100, seconds: 1}}
     let (calls, cost, held) = state;
     assert_eq!((calls, held), (2, 0), "both streams settled");
     assert!(cost > 0.0);
+    // Recorded as what happened: the malformed stream failed midway (not `ok`); the stream cut
+    // short without an error reads as ended. A stream the caller stops reading is abandoned.
+    let (_, mut chunks) = gw
+        .stream(&caller(), "streamy", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let _first = futures::StreamExt::next(&mut chunks).await;
+    drop(chunks);
+    let streamed: Vec<Value> = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|r| data_of(&event_of(r)).clone())
+        .filter(|d| d["model"] == "streamy")
+        .collect();
+    let outcomes: Vec<&str> = streamed
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["ok", "stream_failed", "stream_abandoned"],
+        "{streamed:?}"
+    );
     // A caller that goes away while its stream opens (the provider is slow to its first chunk):
     // the call goes on without it and is settled — its hold does not block the budget until the
     // sweep.
@@ -608,14 +671,14 @@ cooldown: {{failures: 100, seconds: 1}}
     // (Each look waits up to 5 s for the holds to go.)
     for _ in 0..4 {
         state = budget_state(&s, &key).await;
-        if state.0 == 3 && state.2 == 0 {
+        if state.0 == 4 && state.2 == 0 {
             break;
         }
     }
     assert_eq!(
         (state.0, state.2),
-        (3, 0),
-        "the abandoned stream was settled"
+        (4, 0),
+        "the stream whose caller left before its first chunk was settled"
     );
 }
 

@@ -1342,15 +1342,31 @@ impl Gateway {
             started,
             usage: None,
             text_bytes: 0,
+            failed: None,
+            ended: false,
             settled: false,
         };
+        // The watch sees each chunk, an error, and the end (`None` after the last item).
         let s = futures::stream::once(async move { Ok(chunk) })
             .chain(rest)
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
             .scan(watch, |w, item| {
-                if let Ok(v) = &item {
-                    w.see(v);
-                }
-                futures::future::ready(Some(item))
+                futures::future::ready(match item {
+                    Some(item) => {
+                        match &item {
+                            Ok(v) => w.see(v),
+                            Err(e) => {
+                                w.failed.get_or_insert_with(|| e.to_string());
+                            }
+                        }
+                        Some(item)
+                    }
+                    None => {
+                        w.ended = true;
+                        None
+                    }
+                })
             })
             .boxed();
         Ok((meta, s))
@@ -1513,10 +1529,29 @@ struct Watch {
     started: Instant,
     usage: Option<Usage>,
     text_bytes: usize,
+    /// The first error the stream gave (a chunk that is not JSON, the connection cut).
+    failed: Option<String>,
+    /// Whether the stream was read to its end.
+    ended: bool,
     settled: bool,
 }
 
 impl Watch {
+    /// The call's outcome as recorded: `ok` only for a stream read to its end without an error.
+    fn outcome(&self) -> (&'static str, Option<String>) {
+        match (&self.failed, self.ended) {
+            (Some(e), _) => (
+                "stream_failed",
+                Some(format!("the stream failed midway: {e}")),
+            ),
+            (None, false) => (
+                "stream_abandoned",
+                Some("the caller stopped reading before the stream ended".into()),
+            ),
+            (None, true) => ("ok", None),
+        }
+    }
+
     fn see(&mut self, chunk: &Value) {
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             self.usage = Usage::from_openai(u);
@@ -1568,6 +1603,7 @@ impl Drop for Watch {
         let est = self.est;
         let attempts = self.attempts;
         let started = self.started;
+        let (outcome, error) = self.outcome();
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let model = self.model.clone();
             let request = std::mem::take(&mut self.request);
@@ -1586,8 +1622,8 @@ impl Drop for Watch {
                         &caller,
                         &model,
                         Some(&meta),
-                        "ok",
-                        None,
+                        outcome,
+                        error,
                         &request,
                         &answer,
                         took,
