@@ -152,7 +152,12 @@ routes:
   - {{name: late, types: [t.late], workflows: [late]}}
   - {{name: sup, types: [t.sup], workflows: [sup]}}
   - {{name: tmo, types: [t.tmo], workflows: [tmo]}}
+  - {{name: gone, types: [t.gone], workflows: [gone]}}
 workflows:
+  gone:
+    steps:
+      v1: {{agent: vanishing, on_failure: continue}}
+      v2: {{agent: writer, after: [v1], when: [{{step: v1, status: [failed]}}]}}
   tmo:
     steps:
       t1: {{agent: slow, timeout_seconds: 1, on_failure: continue}}
@@ -190,15 +195,24 @@ workflows:
   sup:
     steps:
       boss: {{agent: boss, supervise: {{agents: [writer, pager], max_rounds: 2, max_delegations: 3}}}}
-{agents}
+{agents}  vanishing:
+    kind: http
+    url: {url}
+    reads: ["*"]
+    writes: ["wf.*"]
 "#,
             agents = agents_yaml(&url)
         ),
     )
     .await;
-    let running = env.start(&["route", "agents"]);
+    // The agents stage runs a config without `vanishing` (it left the config after the route
+    // started a run that uses it).
+    let running = env.start(&["route"]);
+    let mut without = env.loaded.clone();
+    without.config.agents.remove("vanishing");
+    let agents_running = Running::start(without, &["agents"]);
     for (i, ty) in [
-        "t.seq", "t.par", "t.soft", "t.hard", "t.late", "t.sup", "t.tmo",
+        "t.seq", "t.par", "t.soft", "t.hard", "t.late", "t.sup", "t.tmo", "t.gone",
     ]
     .iter()
     .enumerate()
@@ -230,10 +244,24 @@ workflows:
                 })
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
-                >= 7
+                >= 8
         },
     )
     .await;
+    // gone: the step whose agent is not in the config fails (its task dead-lettered) and the
+    // run goes on, instead of waiting for ever.
+    let gone = run_of(&recs, "gone");
+    assert_eq!(
+        timeline(&recs, &gone),
+        [
+            "workflow.started",
+            "step.started:v1",
+            "step.failed:v1",
+            "step.started:v2",
+            "step.completed:v2",
+            "workflow.completed"
+        ]
+    );
 
     let seq = run_of(&recs, "seq");
     assert_eq!(
@@ -466,7 +494,7 @@ workflows:
         .env("SWITCHYARD_REDIS_URL", &stack().1)
         .output()
         .expect("workflows list");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("7 runs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("8 runs"));
     // The story of the par event: its branches' proposals are held for the merge.
     let story = cli(&env, &["trace", "w1"]);
     assert!(
@@ -475,6 +503,7 @@ workflows:
     );
     let v = env.verified_audit(10, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
+    agents_running.stop().await;
     running.stop().await;
 }
 

@@ -1092,7 +1092,8 @@ impl<S: ContextStore> AgentStage<S> {
             .iter()
             .map(|rec| {
                 let t = decode_task(rec, &self.emitter)?;
-                if !self.agents.contains_key(&t.task.agent) {
+                // A workflow step's task goes on to fail its step (see `finish`), so its run moves on.
+                if !self.agents.contains_key(&t.task.agent) && t.task.step.is_none() {
                     return Err(poison(
                         "unknown_agent",
                         format!("agent {:?} is not declared in the config", t.task.agent),
@@ -1147,19 +1148,24 @@ impl<S: ContextStore> AgentStage<S> {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| match r {
-                Ok((_, Prior::New, _, t)) if !unrecorded.contains(&t.task.task_id) => Some((
-                    i,
-                    Spender {
-                        agent: &t.task.agent,
-                        workflow: &t.task.workflow_id,
-                        tenant: &t.task.tenant,
-                        model: "",
-                    },
-                    self.agents
-                        .get(&t.task.agent)
-                        .map(|e| e.spec.cost_per_call)
-                        .unwrap_or(0.0),
-                )),
+                Ok((_, Prior::New, _, t))
+                    if !unrecorded.contains(&t.task.task_id)
+                        && self.agents.contains_key(&t.task.agent) =>
+                {
+                    Some((
+                        i,
+                        Spender {
+                            agent: &t.task.agent,
+                            workflow: &t.task.workflow_id,
+                            tenant: &t.task.tenant,
+                            model: "",
+                        },
+                        self.agents
+                            .get(&t.task.agent)
+                            .map(|e| e.spec.cost_per_call)
+                            .unwrap_or(0.0),
+                    ))
+                }
                 _ => None,
             })
             .collect();
@@ -1214,12 +1220,37 @@ impl<S: ContextStore> AgentStage<S> {
             budget,
             place,
         } = job.step?;
-        let entry = self.agents.get(&t.task.agent).ok_or_else(|| {
-            poison(
-                "unknown_agent",
-                format!("agent {:?} is not declared in the config", t.task.agent),
-            )
-        })?;
+        let Some(entry) = self.agents.get(&t.task.agent) else {
+            if t.task.step.is_none() {
+                return Err(poison(
+                    "unknown_agent",
+                    format!("agent {:?} is not declared in the config", t.task.agent),
+                ));
+            }
+            // A workflow step whose agent left the config (since the run started): the step
+            // fails — its task dead-lettered, its run moved on as `on_failure` says — instead of
+            // the run waiting for a step that never ends. Stamped with the event's time, so a
+            // redelivery writes the same records (and the run's move is a compare-and-set).
+            let outcome = Outcome {
+                status: "failed".into(),
+                error: Some(format!(
+                    "agent {:?} is not declared in the config",
+                    t.task.agent
+                )),
+                at: t.event.time.clone().unwrap_or_else(now_rfc3339),
+                ..Default::default()
+            };
+            tracing::warn!(task_id = %t.task.task_id, agent = %t.task.agent, "A workflow step's agent is not in the config; the step fails.");
+            let (mut outputs, mut audits) = self.outputs(&job.rec, &t, &outcome)?;
+            let (more, more_audits) = self.advance(&t, &outcome).await?;
+            outputs.extend(more);
+            audits.extend(more_audits);
+            return Ok(Decided {
+                outputs,
+                audits,
+                cleanup: Vec::new(),
+            });
+        };
         // Whether the outcome is in a key of its own, to forget once the input is committed (not
         // when it is kept in the resource's memo slot).
         let mut apart = true;
