@@ -112,6 +112,8 @@ aliases:
       - {{provider: mock, model: "b-{s}"}}
   strict:
     candidates: [{{provider: mock, model: "c-{s}"}}]
+  patient:
+    candidates: [{{provider: mock, model: "p-{s}"}}]
 retries: 1
 backoff_ms: 50
 cooldown: {{failures: 2, seconds: 30}}
@@ -184,6 +186,21 @@ cooldown: {{failures: 2, seconds: 30}}
         Err(GatewayError::ProviderFailed(m)) => assert!(m.contains("gone/m"), "{m}"),
         other => panic!("expected a provider failure, got {other:?}"),
     }
+    // A caller that gives up while its call waits out a Retry-After: the retry is never sent
+    // (nobody would read its answer, and the provider would bill it).
+    scenario(json!([{"type": "fail", "status": 429, "retry_after": 2, "times": 1, "match": {"model": format!("p-{s}")}}])).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        gw.complete(&caller(), "patient", &ask("hello")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller gave up during the wait");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        llm_requests(&format!("p-{s}")).await.len(),
+        1,
+        "only the first attempt was sent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

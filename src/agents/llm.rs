@@ -254,7 +254,8 @@ fn gateway_error(e: GatewayError, calls: u32) -> AgentError {
         )),
         GatewayError::RateLimited { .. }
         | GatewayError::ProviderFailed(_)
-        | GatewayError::Unavailable(_) => AgentError::Retryable(format!("model call failed: {e}")),
+        | GatewayError::Unavailable(_)
+        | GatewayError::CallerGone => AgentError::Retryable(format!("model call failed: {e}")),
         GatewayError::UnknownModel(_) | GatewayError::BadRequest(_) => {
             AgentError::Permanent(format!("model call refused: {e}"))
         }

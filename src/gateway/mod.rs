@@ -375,6 +375,8 @@ pub enum GatewayError {
     ProviderFailed(String),
     /// Redis (limits, budgets) is unavailable.
     Unavailable(String),
+    /// The caller went away before an attempt was sent (none was).
+    CallerGone,
 }
 
 impl GatewayError {
@@ -387,6 +389,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::ProviderFailed(_) => "provider_failed",
             GatewayError::Unavailable(_) => "unavailable",
+            GatewayError::CallerGone => "caller_gone",
         }
     }
 
@@ -398,6 +401,8 @@ impl GatewayError {
             GatewayError::BudgetExhausted { .. } | GatewayError::RateLimited { .. } => 429,
             GatewayError::ProviderFailed(_) => 502,
             GatewayError::Unavailable(_) => 503,
+            // nginx's "client closed request": nobody reads it.
+            GatewayError::CallerGone => 499,
         }
     }
 }
@@ -415,6 +420,7 @@ impl std::fmt::Display for GatewayError {
             }
             GatewayError::ProviderFailed(m) => write!(f, "every provider failed: {m}"),
             GatewayError::Unavailable(m) => write!(f, "gateway state unavailable: {m}"),
+            GatewayError::CallerGone => write!(f, "the caller went away before the call was sent"),
         }
     }
 }
@@ -1121,9 +1127,13 @@ impl Gateway {
         let (route, hold, est) = self.hold(caller, route, req, gone).await?;
         let req = &cap(req, self.output_cap(&route, req));
         let a = self
-            .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
-                p.complete(&m, req).await
-            })
+            .try_candidates(
+                caller,
+                &route,
+                (hold.as_ref(), gone),
+                &est,
+                |p, m| async move { p.complete(&m, req).await },
+            )
             .await?;
         let ((body, usage), c) = (a.value, a.candidate);
         let (usage, estimated) = match usage {
@@ -1148,11 +1158,13 @@ impl Gateway {
     /// Tries the route's candidates in order, each with its retries, until `send` (one request to
     /// a provider's model) succeeds. On a refusal (4xx other than 429), or once every candidate
     /// failed, cooled down or was rate limited, the hold is released and the error returned.
+    /// Once `gone` (the caller went away), no further attempt is sent — a retry's backoff ends at
+    /// once — and the hold is released: no call is made and paid for nobody.
     async fn try_candidates<T, F, Fut>(
         &self,
         caller: &Caller,
         route: &Route,
-        hold: Option<&Hold>,
+        (hold, gone): (Option<&Hold>, &CancellationToken),
         est: &Usage,
         send: F,
     ) -> Result<Answered<T>, GatewayError>
@@ -1170,6 +1182,11 @@ impl Gateway {
             };
             let mut attempt = 0;
             loop {
+                if gone.is_cancelled() {
+                    tracing::info!(tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, attempts, "The call's caller went away; no further attempt is sent.");
+                    self.release(hold).await;
+                    return Err(GatewayError::CallerGone);
+                }
                 let buckets = match self.admit(c, caller, est.input + est.output).await {
                     Ok(Admit::Go(b)) => b,
                     Ok(Admit::Skip(after, why)) => {
@@ -1247,7 +1264,10 @@ impl Gateway {
                         if wait.as_millis() as u64 > self.cfg.max_retry_after_ms {
                             break;
                         }
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = gone.cancelled() => {}
+                        }
                     }
                 }
             }
@@ -1309,14 +1329,20 @@ impl Gateway {
         // A candidate counts as answering once its first chunk arrived; only before that can the
         // call fall back.
         let a = self
-            .try_candidates(caller, &route, hold.as_ref(), &est, |p, m| async move {
-                let mut s = p.stream(&m, req).await?;
-                match s.next().await {
-                    Some(Ok(chunk)) => Ok((chunk, s)),
-                    Some(Err(e)) => Err(e),
-                    None => Err(CallError::Malformed("the stream ended at once".into())),
-                }
-            })
+            .try_candidates(
+                caller,
+                &route,
+                (hold.as_ref(), gone),
+                &est,
+                |p, m| async move {
+                    let mut s = p.stream(&m, req).await?;
+                    match s.next().await {
+                        Some(Ok(chunk)) => Ok((chunk, s)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(CallError::Malformed("the stream ended at once".into())),
+                    }
+                },
+            )
             .await?;
         let ((chunk, rest), c) = (a.value, a.candidate);
         let meta = CallMeta {

@@ -63,6 +63,7 @@ fn gateway_error(e: &GatewayError) -> Response {
         GatewayError::RateLimited { .. } => ("rate_limit_error", "rate_limited"),
         GatewayError::ProviderFailed(_) => ("api_error", "provider_failed"),
         GatewayError::Unavailable(_) => ("api_error", "unavailable"),
+        GatewayError::CallerGone => ("api_error", "caller_gone"),
     };
     let mut r = error(status, kind, code, e.to_string());
     let after = match e {
