@@ -1300,6 +1300,12 @@ async fn emit<P: Processor>(
     };
     let mut dead_lettered = false;
     for out in done.outputs {
+        if part.cancel.is_cancelled() {
+            // Revoked while its outputs were being queued (the queue was full): the rest are not
+            // queued (the next owner writes them all again: the same records), and the record is
+            // released, not acknowledged.
+            break;
+        }
         track.pending.fetch_add(1, Ordering::AcqRel);
         match shared
             .producer
@@ -1358,7 +1364,7 @@ async fn emit<P: Processor>(
             }
         }
     }
-    if let Some(so) = done.shared {
+    if let Some(so) = done.shared.filter(|_| !part.cancel.is_cancelled()) {
         track.pending.fetch_add(1, Ordering::AcqRel);
         // The first record of the batch to get here queues the shared records.
         let outs = lock(&so.outputs).take();
