@@ -370,6 +370,9 @@ pub struct Sealed {
 /// Heads cached beyond this many chains are forgotten (the cache is only a first guess).
 const MAX_CACHED_HEADS: usize = 10_000;
 
+/// The longest a seal waits for an earlier one of its chain to be delivered ([`Sealer::seal`]).
+const MAX_SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A chain's seals this process made whose deliveries are not settled yet, oldest first.
 type InFlight = std::collections::VecDeque<(u64, CancellationToken)>;
 
@@ -613,7 +616,19 @@ impl Sealer {
                 }
             };
             METRICS.audit_seal_waits.inc();
-            due.cancelled().await;
+            // Bounded: a delivery takes milliseconds, or fails within librdkafka's timeout; should
+            // a seal's writer hold it back longer (a bug), sealing goes on — with the gap risk this
+            // wait is for, said in the log — rather than stopping the chain.
+            if tokio::time::timeout(MAX_SEAL_WAIT, due.cancelled())
+                .await
+                .is_err()
+            {
+                tracing::warn!(chain, "An earlier seal of this chain is still undelivered; sealing on (a crash now could leave a gap in the chain).");
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(list) = in_flight.get_mut(chain) {
+                    list.pop_front();
+                }
+            }
         }
     }
 
