@@ -418,7 +418,9 @@ governance:
     assert_eq!(
         executed,
         vec![
-            json!({"tool": "restart_pods", "args": {"service": "checkout", "reason": "leaking replicas"}})
+            json!({"tool": "restart_pods", "args": {"service": "checkout", "reason": "leaking replicas"},
+                   "meta": {"switchyard/idempotency_key": restart.action_id,
+                            "switchyard/fencing_token": restart.fencing_token}})
         ]
     );
     assert!(

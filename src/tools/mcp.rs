@@ -250,9 +250,29 @@ impl Server {
 
     /// Calls a tool; the result is the structured content when there is one, else the text
     /// blocks (parsed as JSON when they are). An error result becomes `Err` with its text.
-    pub async fn call(&self, tool: &str, args: &Map<String, Value>) -> Result<Value, String> {
+    ///
+    /// A call that carries out an action (the tools stage) says so in the request's `_meta` —
+    /// `switchyard/idempotency_key` (the action id) and `switchyard/fencing_token` — the MCP
+    /// counterpart of the HTTP tools' `Idempotency-Key` and `X-Switchyard-Fencing-Token` headers.
+    pub async fn call(
+        &self,
+        tool: &str,
+        args: &Map<String, Value>,
+        ctx: &CallCtx,
+    ) -> Result<Value, String> {
         let client = self.connect().await?;
-        let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args.clone());
+        let mut params = CallToolRequestParams::new(tool.to_string()).with_arguments(args.clone());
+        if let Some(action) = &ctx.action_id {
+            let mut meta = Map::new();
+            meta.insert(
+                "switchyard/idempotency_key".into(),
+                Value::from(action.clone()),
+            );
+            if let Some(token) = ctx.fencing_token {
+                meta.insert("switchyard/fencing_token".into(), Value::from(token));
+            }
+            params.meta = Some(rmcp::model::Meta(meta));
+        }
         let r = tokio::time::timeout(self.timeout(), client.call_tool(params))
             .await
             .map_err(|_| format!("MCP tool {tool} timed out"))?;
@@ -298,11 +318,11 @@ impl Call for McpTool {
     fn call<'a>(
         &'a self,
         args: &'a Map<String, Value>,
-        _ctx: &'a CallCtx,
+        ctx: &'a CallCtx,
     ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
             match self.server.upgrade() {
-                Some(s) => s.call(&self.tool, args).await,
+                Some(s) => s.call(&self.tool, args, ctx).await,
                 None => Err(format!("the MCP server of tool {} is gone", self.tool)),
             }
         })
