@@ -583,6 +583,8 @@ aliases:
     candidates: [{{provider: mock, model: "st-{s}"}}]
 prices:
   no-usage: {{input: 1000000, output: 1000000}}
+  not-json: {{input: 1000000, output: 1000000}}
+  no-choices: {{input: 1000000, output: 1000000}}
   "st-{s}": {{input: 1000000, output: 1000000}}
 retries: 0
 cooldown: {{failures: 100, seconds: 1}}
@@ -613,12 +615,27 @@ cooldown: {{failures: 100, seconds: 1}}
     );
 
     // Not JSON, then no choices: both are the provider's fault; the third candidate answers.
+    // The two answers that could not be read were most likely billed: each is charged its
+    // estimate (input and the 8-token cap, $1 a token), the answer itself (unpriced) nothing.
     let c = gw
         .complete(&caller(), "broken", &ask("hello"))
         .await
         .expect("answered by the fallback");
     assert_eq!(c.meta.model, format!("ok-{s}"));
     assert_eq!(c.meta.attempts, 3);
+    assert!(
+        c.meta.cost >= 2.0 * 9.0,
+        "failed attempts charged: {}",
+        c.meta.cost
+    );
+    let (calls, cost, held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:b-{s}:broken:total")).await;
+    assert_eq!((calls, held), (1, 0));
+    assert!(
+        (cost - c.meta.cost).abs() < 1e-9,
+        "{cost} vs {}",
+        c.meta.cost
+    );
 
     // A stream cut short (no usage, no finish): what arrived is passed on, the call is settled
     // on an estimate, and nothing stays held.

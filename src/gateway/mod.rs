@@ -538,6 +538,8 @@ struct Answered<T> {
     candidate: Candidate,
     buckets: Vec<Bucket>,
     attempts: u32,
+    /// What the failed attempts before the answer are charged ([`Gateway::billed`]).
+    billed: f64,
 }
 
 /// What a candidate's admission decided.
@@ -1149,7 +1151,7 @@ impl Gateway {
             &est,
             usage,
             estimated,
-            a.attempts,
+            (a.attempts, a.billed),
             started,
         );
         Ok((Completion { body, meta }, books))
@@ -1173,6 +1175,7 @@ impl Gateway {
         Fut: std::future::Future<Output = Result<T, CallError>>,
     {
         let mut attempts = 0;
+        let mut billed = 0.0;
         let mut last = String::from("no candidate was tried");
         let mut soonest: Option<Duration> = None;
         let mut all_limited = true;
@@ -1184,7 +1187,7 @@ impl Gateway {
             loop {
                 if gone.is_cancelled() {
                     tracing::info!(tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, attempts, "The call's caller went away; no further attempt is sent.");
-                    self.release(hold).await;
+                    self.settle_failed(hold, billed).await;
                     return Err(GatewayError::CallerGone);
                 }
                 let buckets = match self.admit(c, caller, est.input + est.output).await {
@@ -1196,7 +1199,7 @@ impl Gateway {
                         break;
                     }
                     Err(e) => {
-                        self.release(hold).await;
+                        self.settle_failed(hold, billed).await;
                         return Err(e);
                     }
                 };
@@ -1218,12 +1221,13 @@ impl Gateway {
                             candidate: c.clone(),
                             buckets,
                             attempts,
+                            billed,
                         });
                     }
                     Err(CallError::Rejected { status, message }) => {
                         Self::count(c, "rejected");
                         self.give_back(&buckets, est, 0).await;
-                        self.release(hold).await;
+                        self.settle_failed(hold, billed).await;
                         return Err(GatewayError::BadRequest(format!(
                             "{}/{} refused the request ({status}): {message}",
                             c.provider, c.model
@@ -1231,7 +1235,13 @@ impl Gateway {
                     }
                     Err(e) => {
                         Self::count(c, e.kind());
-                        self.give_back(&buckets, est, 0).await;
+                        if matches!(e, CallError::Timeout | CallError::Malformed(_)) {
+                            // The provider most likely processed (and bills) it: its estimate is
+                            // charged, and its tokens stay counted against the rate limits.
+                            billed += self.billed(c, est);
+                        } else {
+                            self.give_back(&buckets, est, 0).await;
+                        }
                         last = format!("{}/{}: {e}", c.provider, c.model);
                         tracing::warn!(provider = %c.provider, model = %c.model, attempt, error = %e, "Model call failed.");
                         let cooled = self
@@ -1272,7 +1282,7 @@ impl Gateway {
                 }
             }
         }
-        self.release(hold).await;
+        self.settle_failed(hold, billed).await;
         match soonest {
             Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
             _ => Err(GatewayError::ProviderFailed(last)),
@@ -1364,7 +1374,7 @@ impl Gateway {
             hold,
             buckets: a.buckets,
             est,
-            attempts: a.attempts,
+            attempts: (a.attempts, a.billed),
             started,
             usage: None,
             text_bytes: 0,
@@ -1412,13 +1422,30 @@ impl Gateway {
         }
     }
 
-    /// A call that got no answer costs nothing: its hold goes back.
-    async fn release(&self, hold: Option<&Hold>) {
+    /// A call that got no answer costs what its failed attempts are charged (nothing when none
+    /// was billable): its hold is settled to that.
+    async fn settle_failed(&self, hold: Option<&Hold>, billed: f64) {
         if let Some(h) = hold {
-            if let Err(e) = self.budgets.settle(h, 0.0).await {
-                tracing::warn!(error = %e, "Could not release a budget hold; it expires.");
+            if let Err(e) = self.budgets.settle(h, billed).await {
+                tracing::warn!(error = %e, "Could not settle a failed call's budget hold; it expires.");
             }
         }
+    }
+
+    /// What a failed attempt that most likely ran at the provider (it timed out, or its answer
+    /// could not be read), which bills it, is charged: its estimate (input and output cap at the
+    /// candidate's price), counted in `switchyard_llm_cost_total` too. Errors before the provider
+    /// did the work (refusals, 429, 5xx, a connection that failed) are charged nothing.
+    fn billed(&self, c: &Candidate, est: &Usage) -> f64 {
+        let Some(price) = self.price(c) else {
+            return 0.0;
+        };
+        let cost = price.cost(est);
+        METRICS
+            .llm_cost
+            .with_label_values(&[&c.model, &price.currency])
+            .inc_by(cost);
+        cost
     }
 
     /// Settles a finished call's books in Redis: the budget hold becomes the actual cost, the
@@ -1449,11 +1476,14 @@ impl Gateway {
         est: &Usage,
         usage: Usage,
         estimated: bool,
-        attempts: u32,
+        (attempts, billed): (u32, f64),
         started: Instant,
     ) -> (CallMeta, Books) {
         let price = self.price(c);
-        let cost = price.map(|p| p.cost(&usage)).unwrap_or(0.0);
+        let answered = price.map(|p| p.cost(&usage)).unwrap_or(0.0);
+        // The failed attempts before the answer are part of what the call cost (and were counted
+        // in the cost metric when they failed).
+        let cost = answered + billed;
         let currency = price.map(|p| p.currency.clone()).unwrap_or_else(usd);
         let books = Books {
             hold,
@@ -1475,7 +1505,7 @@ impl Gateway {
         METRICS
             .llm_cost
             .with_label_values(&[&c.model, &currency])
-            .inc_by(cost);
+            .inc_by(answered);
         let latency_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, alias, provider = %c.provider,
@@ -1551,7 +1581,8 @@ struct Watch {
     hold: Option<Hold>,
     buckets: Vec<Bucket>,
     est: Usage,
-    attempts: u32,
+    /// Attempts made, and what the failed ones are charged.
+    attempts: (u32, f64),
     started: Instant,
     usage: Option<Usage>,
     text_bytes: usize,
