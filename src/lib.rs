@@ -59,6 +59,7 @@
 pub mod agents;
 pub mod app;
 pub mod audit;
+pub mod body;
 pub mod cmd;
 pub mod codec;
 pub mod config;

@@ -203,7 +203,9 @@ impl opentelemetry_http::HttpClient for OnRuntime {
                 .send()
                 .await?;
             let (status, headers) = (resp.status(), resp.headers().clone());
-            let body = resp.bytes().await?;
+            // The collector's answer is small; more than 1 MiB of it is not read.
+            let (body, _) = crate::body::read_at_most(resp, 1 << 20).await?;
+            let body = bytes::Bytes::from(body);
             let mut out = http::Response::builder().status(status).body(body)?;
             *out.headers_mut() = headers;
             Ok::<_, opentelemetry_http::HttpError>(out)

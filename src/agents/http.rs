@@ -73,14 +73,21 @@ impl Agent for HttpAgent {
                 }
             })?;
             let status = resp.status();
-            let body = resp
-                .bytes()
+            let (body, cut) = crate::body::read_at_most(resp, MAX_ANSWER_BYTES)
                 .await
                 .map_err(|e| AgentError::Retryable(format!("reading response failed: {e}")))?;
+            if cut {
+                return Err(AgentError::Permanent(format!(
+                    "response rejected: larger than {MAX_ANSWER_BYTES} bytes"
+                )));
+            }
             read_reply(status, &body)
         })
     }
 }
+
+/// The most of an agent's answer read: a larger one is refused (the rest never read).
+const MAX_ANSWER_BYTES: usize = 16 << 20;
 
 /// An HTTP agent's answer: its status and body as the agent's response or the error that decides
 /// whether to retry. Pure, so it is fuzzed (`fuzz/`).

@@ -172,6 +172,11 @@ impl std::fmt::Display for CallError {
 /// A streamed answer: OpenAI `chat.completion.chunk` objects.
 pub type ChunkStream = BoxStream<'static, Result<Value, CallError>>;
 
+/// The most of a (non-streamed) answer read: a larger one is malformed, the rest never read.
+const MAX_ANSWER_BYTES: usize = 32 << 20;
+/// The most of an error answer read (its message is cut much shorter).
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
 /// A configured provider, ready to call.
 pub struct Provider {
     pub name: String,
@@ -283,8 +288,10 @@ impl Provider {
             return Ok(resp);
         }
         let after = retry_after(resp.headers());
-        let text = resp.text().await.unwrap_or_default();
-        let message = error_message(text);
+        let (text, _) = crate::body::read_at_most(resp, MAX_ERROR_BYTES)
+            .await
+            .unwrap_or_default();
+        let message = error_message(String::from_utf8_lossy(&text).into_owned());
         Err(if status == 429 || status >= 500 {
             CallError::Retryable {
                 status,
@@ -313,7 +320,14 @@ impl Provider {
             ProviderKind::Anthropic => anthropic::request(model, request, false)?,
         };
         let resp = self.send(&body, false).await?;
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let (bytes, cut) = crate::body::read_at_most(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(transport)?;
+        if cut {
+            return Err(CallError::Malformed(format!(
+                "the answer is larger than {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
         read_answer(self.kind, &bytes, model, request)
     }
 

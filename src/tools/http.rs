@@ -195,36 +195,20 @@ impl HttpTool {
         let status = resp.status();
         // At most MAX_READ_BYTES of the answer are read (a JSON answer up to that is parsed and
         // then cut to MAX_RESULT_BYTES); the rest is not read at all.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        let mut cut = false;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            format!(
-                "tool {}: reading the answer failed: {}",
-                self.name,
-                e.without_url()
-            )
-        })? {
-            if body.len() + chunk.len() > MAX_READ_BYTES {
-                body.extend_from_slice(&chunk[..MAX_READ_BYTES - body.len()]);
-                cut = true;
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
-        if cut {
-            if !status.is_success() {
-                let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
-                return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
-            }
-            let end = (0..=crate::tools::MAX_RESULT_BYTES.min(body.len()))
-                .rev()
-                .find(|&i| std::str::from_utf8(&body[..i]).is_ok())
-                .unwrap_or(0);
+        let (body, cut) = crate::body::read_at_most(resp, MAX_READ_BYTES)
+            .await
+            .map_err(|e| {
+                format!(
+                    "tool {}: reading the answer failed: {}",
+                    self.name,
+                    e.without_url()
+                )
+            })?;
+        if cut && status.is_success() {
             return Ok(serde_json::json!({
                 "truncated": true,
                 "bytes": format!("more than {MAX_READ_BYTES}"),
-                "prefix": String::from_utf8_lossy(&body[..end]),
+                "prefix": crate::body::utf8_prefix(&body, crate::tools::MAX_RESULT_BYTES),
             }));
         }
         if !status.is_success() {
