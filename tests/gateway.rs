@@ -892,6 +892,7 @@ gateway:
     "{model}": {{input: 1000.0, output: 1000.0}}
   keys:
     - {{name: planner, tenant: default, key_sha256: "{digest}"}}
+  approval_covers_calls: 2
 governance:
   budgets:
     - {{name: guarded-daily, per: model, matches: guarded, period: total, max_cost: 0.001}}
@@ -994,6 +995,7 @@ governance:
     let (status, body) = approved.await.expect("join");
     assert_eq!(status, 200, "{body}");
     assert_eq!(llm_requests(&model).await.len(), 1);
+    let a_first = a["approval_id"].clone();
 
     let rejected = call("t-rejected");
     let a = pending("t-rejected").await;
@@ -1072,5 +1074,28 @@ governance:
             "{d} audited: {decisions:?}"
         );
     }
+    // One approval covers two calls of its task (approval_covers_calls: 2): the task's second
+    // call goes through at once, its third asks again (a standing permit would let a caller
+    // reusing one task id spend without end).
+    let (status, body) = call("t-approved").await.expect("join");
+    assert_eq!(status, 200, "the second call under the approval: {body}");
+    assert_eq!(llm_requests(&model).await.len(), 2);
+    let third = call("t-approved");
+    let again = pending("t-approved").await;
+    assert_ne!(
+        again["approval_id"], a_first,
+        "a new approval for the third call"
+    );
+    assert_eq!(again["action_record"]["parameters"]["round"], 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "the third call waits for a person");
+    decide(
+        again["approval_id"].as_str().expect("id").to_string(),
+        "approve",
+    )
+    .await;
+    let (status, body) = third.await.expect("join");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(llm_requests(&model).await.len(), 3);
     running.stop().await;
 }

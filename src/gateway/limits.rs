@@ -276,4 +276,23 @@ impl Limiter {
         redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
         Ok(())
     }
+
+    /// Counts one more over-budget call under the approvals of `permit` (a task, alias and
+    /// budget), across instances; the count is forgotten `ttl_secs` after its first call.
+    pub async fn overrun_call(&self, permit: &str, ttl_secs: u64) -> Result<u64, StoreError> {
+        let key = format!("{}:gateway:overrun:{{{permit}}}", self.prefix);
+        let mut c = self.conn.get().await?;
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg(&key)
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ttl_secs)
+            .arg("NX")
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
 }

@@ -76,6 +76,10 @@ pub struct GatewayConfig {
     /// Longest a call of an alias with `on_exhausted: approve` waits for a person's decision.
     #[serde(default = "default_approval_wait_seconds")]
     pub approval_wait_seconds: u64,
+    /// How many over-budget calls of one task (alias and budget) one approval lets through; the
+    /// next one asks again.
+    #[serde(default = "default_approval_covers_calls")]
+    pub approval_covers_calls: u64,
 }
 
 fn default_retries() -> u32 {
@@ -96,6 +100,9 @@ fn default_max_tokens() -> u64 {
 fn default_approval_wait_seconds() -> u64 {
     900
 }
+fn default_approval_covers_calls() -> u64 {
+    10
+}
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -112,6 +119,7 @@ impl Default for GatewayConfig {
             default_max_tokens: default_max_tokens(),
             keys: Vec::new(),
             approval_wait_seconds: default_approval_wait_seconds(),
+            approval_covers_calls: default_approval_covers_calls(),
         }
     }
 }
@@ -260,6 +268,12 @@ impl GatewayConfig {
     /// Problems with the section, each with its path.
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
+        if self.approval_covers_calls == 0 {
+            p.push((
+                "gateway.approval_covers_calls".into(),
+                "must be at least 1".into(),
+            ));
+        }
         for (name, spec) in &self.providers {
             if spec.base_url.is_empty() {
                 p.push((
@@ -916,17 +930,35 @@ impl Gateway {
         } else {
             caller.task.clone()
         };
-        let action = crate::records::ActionData {
-            action_id: format!(
+        // One approval covers `approval_covers_calls` calls of the task (its loop, its retries);
+        // then the next asks again — an approval is not a standing permit for a caller that keeps
+        // calling under one task id. Round 0 keeps the id of approvals before rounds.
+        let permit = crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget]);
+        let n = self.limiter.overrun_call(&permit, 86_400).await?;
+        let round = (n.max(1) - 1) / self.cfg.approval_covers_calls;
+        let action_id = if round == 0 {
+            format!("act-{permit}")
+        } else {
+            format!(
                 "act-{}",
-                crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget])
-            ),
+                crate::pattern::stable_id(&[
+                    "llm.over_budget",
+                    &basis,
+                    alias,
+                    budget,
+                    &round.to_string()
+                ])
+            )
+        };
+        let action = crate::records::ActionData {
+            action_id,
             action: "llm.over_budget".into(),
             resource: resource.to_string(),
             tenant: caller.tenant.clone(),
             workflow_id: caller.workflow.clone(),
             parameters: serde_json::json!({"alias": alias, "budget": budget, "estimated_cost": estimate,
-                                           "agent": caller.agent, "task": caller.task}),
+                                           "agent": caller.agent, "task": caller.task,
+                                           "calls": self.cfg.approval_covers_calls, "round": round}),
             fencing_token: 0,
             proposals: serde_json::json!([]),
             agents: serde_json::json!([caller.agent]),
