@@ -393,6 +393,7 @@ impl Sandbox {
                 sealer: sealer.clone(),
                 choose: chooser.clone(),
                 graph: Some(graph.clone()),
+                picks: None,
             },
             agents: AgentStage {
                 agents,

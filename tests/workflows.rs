@@ -843,5 +843,38 @@ governance:
         .find(|l| l.starts_with("good "))
         .unwrap_or_default();
     assert!(good_line.contains("/1 "), "undone shown: {text}");
+
+    // A task's first pick is kept: events whose picks were pinned before (as a first delivery
+    // that crashed before its commit leaves them) go to the pinned agent — here flaky, which the
+    // live scores now rarely pick — so a redelivery writes the same task and audit record.
+    let mut redis = redis_connection(&env.loaded.config.redis.url).await;
+    let pinned: Vec<_> = (0..6)
+        .map(|i| event(&format!("pin{i}"), "t.pick", &format!("svc-pin{i}"), json!({})))
+        .collect();
+    for ev in &pinned {
+        let task = switchyard::route::task_id(ev, "best_of(good,flaky)");
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}:pick:{{{task}}}", env.prefix))
+            .arg("flaky")
+            .arg("EX")
+            .arg(600)
+            .query_async(&mut redis)
+            .await
+            .expect("pin");
+    }
+    let flaky_before = calls("flaky");
+    env.publish("events.deployments", &pinned).await;
+    for _ in 0..300 {
+        if calls("flaky") >= flaky_before + 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        calls("flaky"),
+        flaky_before + 6,
+        "every pinned task went to its pinned agent (good took {})",
+        calls("good")
+    );
     running.stop().await;
 }

@@ -52,6 +52,130 @@ pub fn pick(
     tied[rest % tied.len()].clone()
 }
 
+/// The first pick of a task is kept ("pinned"), so a redelivered event routes its `best_of` task
+/// to the same agent however the scores moved meanwhile: its task record and its route's audit
+/// record come out byte for byte as the first time (the audit chain then lists what reached the
+/// topic), and the result names the agent the audit says was picked.
+pub struct PickStore {
+    conn: crate::store::RedisConn,
+    prefix: String,
+    script: redis::Script,
+}
+
+/// KEYS[1] the task's pick; ARGV the pick made now, ttl. Returns the pick kept (the first one).
+const PIN: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+";
+
+/// How long a pick is kept when its event's commit does not forget it (it normally goes with
+/// the commit, seconds later).
+const PICK_KEEP_SECONDS: u64 = 7 * 24 * 3600;
+
+impl PickStore {
+    pub fn new(conn: crate::store::RedisConn, prefix: &str) -> Self {
+        PickStore {
+            conn,
+            prefix: prefix.into(),
+            script: redis::Script::new(PIN),
+        }
+    }
+
+    /// The key of task `task_id`'s pick (in the task's own slot).
+    pub fn key(&self, task_id: &str) -> String {
+        format!(
+            "{}:pick:{{{}}}",
+            self.prefix,
+            task_id.replace(['{', '}'], "_")
+        )
+    }
+
+    /// Pins `picks` (task id, agent) unless pinned before: the picks kept, by task id.
+    pub async fn pin(
+        &self,
+        picks: &[(String, String)],
+    ) -> Result<std::collections::HashMap<String, String>, crate::store::StoreError> {
+        let mut c = self.conn.get().await?;
+        let mut kept = std::collections::HashMap::new();
+        for (task, agent) in picks {
+            let v: String = self
+                .script
+                .key(self.key(task))
+                .arg(agent)
+                .arg(PICK_KEEP_SECONDS)
+                .invoke_async(&mut c)
+                .await?;
+            kept.insert(task.clone(), v);
+        }
+        Ok(kept)
+    }
+
+    /// Forgets the picks of committed events (best effort: they expire anyway).
+    pub async fn forget(&self, keys: &[String]) {
+        let Ok(mut c) = self.conn.get().await else {
+            return;
+        };
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("DEL").arg(k).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut c).await {
+            tracing::debug!(error = %e, "Could not forget committed best_of picks; they expire.");
+        }
+    }
+}
+
+/// A chooser that answers the picks it knows (pinned before) and notes the ones it makes.
+pub struct Pinning<'a> {
+    live: &'a dyn crate::workflow::Chooser,
+    known: std::collections::HashMap<String, String>,
+    made: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl<'a> Pinning<'a> {
+    pub fn new(
+        live: &'a dyn crate::workflow::Chooser,
+        known: std::collections::HashMap<String, String>,
+    ) -> Self {
+        Pinning {
+            live,
+            known,
+            made: Default::default(),
+        }
+    }
+
+    /// The picks made (task id, agent), in order.
+    pub fn made(self) -> Vec<(String, String)> {
+        self.made.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::workflow::Chooser for Pinning<'_> {
+    fn pick(&self, select: &Select, task_id: &str) -> String {
+        // A pinned agent that left the group (a config change) is not picked again.
+        let agent = match self.known.get(task_id) {
+            Some(a) if select.best_of.contains(a) => a.clone(),
+            _ => self.live.pick(select, task_id),
+        };
+        self.made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((task_id.to_string(), agent.clone()));
+        agent
+    }
+
+    fn may_delegate(
+        &self,
+        supervisor: &str,
+        agent: &str,
+        run: &crate::workflow::RunState,
+    ) -> Result<(), String> {
+        self.live.may_delegate(supervisor, agent, run)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,10 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             sealer: s.sealer.clone(),
             choose: s.chooser(),
             graph: Some(s.graph.clone()),
+            picks: Some(Arc::new(crate::agents::select::PickStore::new(
+                s.redis.clone(),
+                &cfg.redis.key_prefix,
+            ))),
         }))
     })
 }
@@ -68,6 +72,9 @@ pub struct RouteStage {
     pub choose: Arc<dyn crate::workflow::Chooser>,
     /// Records the relations events teach; none in unit tests.
     pub graph: Option<Arc<crate::context::graph::Graph>>,
+    /// Keeps each `best_of` task's first pick, so a redelivered event picks the same agent; none
+    /// in replays (they pick what was recorded) and unit tests.
+    pub picks: Option<Arc<crate::agents::select::PickStore>>,
 }
 
 impl RouteStage {
@@ -78,6 +85,54 @@ impl RouteStage {
         topic: &str,
         ev: &CloudEvent,
         time: &str,
+    ) -> Result<(Vec<Output>, CloudEvent), ProcessError> {
+        self.outputs_with(topic, ev, time, self.choose.as_ref())
+    }
+
+    /// [`Self::outputs_for`], with `best_of` picks first pinned in Redis ([`crate::agents::select::PickStore`]):
+    /// a redelivered event picks what its first delivery picked. Also the keys to forget once the
+    /// input is committed.
+    async fn pinned_outputs_for(
+        &self,
+        topic: &str,
+        ev: &CloudEvent,
+        time: &str,
+    ) -> Result<(Vec<Output>, CloudEvent, Vec<String>), ProcessError> {
+        use crate::agents::select::Pinning;
+        let Some(store) = &self.picks else {
+            let (out, audit) = self.outputs_for(topic, ev, time)?;
+            return Ok((out, audit, Vec::new()));
+        };
+        let live = Pinning::new(self.choose.as_ref(), Default::default());
+        let (out, audit) = self.outputs_with(topic, ev, time, &live)?;
+        let made = live.made();
+        if made.is_empty() {
+            return Ok((out, audit, Vec::new()));
+        }
+        let kept = store
+            .pin(&made)
+            .await
+            .map_err(|e| ProcessError::from(e).context("best_of picks"))?;
+        let forget = made.iter().map(|(task, _)| store.key(task)).collect();
+        if made
+            .iter()
+            .all(|(task, agent)| kept.get(task) == Some(agent))
+        {
+            return Ok((out, audit, forget));
+        }
+        // An earlier delivery picked otherwise: its picks again (the metrics count this event
+        // twice, as they count any redelivery).
+        let (out, audit) =
+            self.outputs_with(topic, ev, time, &Pinning::new(self.choose.as_ref(), kept))?;
+        Ok((out, audit, forget))
+    }
+
+    fn outputs_with(
+        &self,
+        topic: &str,
+        ev: &CloudEvent,
+        time: &str,
+        choose: &dyn crate::workflow::Chooser,
     ) -> Result<(Vec<Output>, CloudEvent), ProcessError> {
         let matches = self.router.route(topic, ev);
         let resource = ev.subject.clone().unwrap_or_default();
@@ -93,7 +148,7 @@ impl RouteStage {
             let m = match &m.select {
                 Some(sel) => {
                     picked = RouteMatch {
-                        agent: self.choose.pick(sel, &id),
+                        agent: choose.pick(sel, &id),
                         select: None,
                         ..m.clone()
                     };
@@ -125,8 +180,7 @@ impl RouteStage {
                 started_at: time.to_string(),
                 ..Default::default()
             };
-            let (starts, records) =
-                crate::workflow::start(spec, &run_id, time, self.choose.as_ref());
+            let (starts, records) = crate::workflow::start(spec, &run_id, time, choose);
             for st in &starts {
                 let m = RouteMatch {
                     agent: st.agent.clone(),
@@ -330,6 +384,13 @@ impl Processor for RouteStage {
             move |rec| async move { self.decide(&rec).await },
         )
     }
+
+    /// Committed events' `best_of` picks are forgotten.
+    async fn cleanup(&self, keys: Vec<String>) {
+        if let Some(store) = &self.picks {
+            store.forget(&keys).await;
+        }
+    }
 }
 
 impl RouteStage {
@@ -348,7 +409,7 @@ impl RouteStage {
                 .await
                 .map_err(|e| ProcessError::from(e).context("relations"))?;
         }
-        let (outputs, audit) = self.outputs_for(&rec.topic, &ev, &time)?;
+        let (outputs, audit, forget) = self.pinned_outputs_for(&rec.topic, &ev, &time).await?;
         let decision = if outputs.is_empty() {
             "unrouted"
         } else {
@@ -360,7 +421,7 @@ impl RouteStage {
         Ok(Decided {
             outputs,
             audits: vec![audit],
-            cleanup: Vec::new(),
+            cleanup: forget,
         })
     }
 }
