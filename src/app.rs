@@ -101,6 +101,7 @@ pub fn approvals_of(
         tenants: Default::default(),
         known_tenants: cfg.governance.tenants.clone(),
         max_output_bytes: cfg.kafka.max_output_bytes(),
+        topic_limits: Default::default(),
         stats: None,
         notifier: None,
         counts: Default::default(),
@@ -125,7 +126,7 @@ pub async fn run(
         })
         .collect::<Result<_, _>>()?;
     let mut loaded = loaded;
-    cap_to_topics(&mut loaded.config).await;
+    let topic_limits = read_topic_limits(&mut loaded.config).await;
     let cfg = &loaded.config;
     let instance = std::env::var("HOSTNAME")
         .ok()
@@ -137,6 +138,7 @@ pub async fn run(
     apache_avro::util::max_allocation_bytes(cfg.kafka.max_record_bytes.max(1 << 20));
     let producer = Producer::new(&run_producer_config(&cfg.kafka))
         .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
+    producer.limits().set(topic_limits);
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
     let redis = RedisConn::from_config(&cfg.redis)
         .map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
@@ -202,6 +204,7 @@ pub async fn run(
     let approvals = Arc::new(Approvals {
         stats: Some(stats.clone()),
         notifier,
+        topic_limits: producer.limits(),
         ..approvals_of(&loaded, resources.clone(), sealer.clone(), &emitter)
     });
     let budgets = Arc::new(Budgets::new(
@@ -391,15 +394,13 @@ pub async fn run(
     }
 }
 
-/// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
-/// offsets.
-/// Lowers the producer's record limit to the smallest `max.message.bytes` of the topics switchyard
-/// writes ([`crate::kafka::KafkaConfig::cap_output_bytes`]): a record the broker would refuse is then
-/// refused before it is sent, so its input is dead-lettered (`output_too_large`) and the stage goes
-/// on, where a refused delivery stops the stage at every restart. Topics are read once, at start; a
-/// broker that does not answer (or denies DescribeConfigs) leaves the configured limit, with a
-/// warning.
-async fn cap_to_topics(cfg: &mut crate::config::Config) {
+/// The `max.message.bytes` of every topic switchyard writes, read once at start, and the
+/// producer's `batch.size` lowered to the smallest (less framing) when it is larger: each record is
+/// then checked against its own topic's limit before it is queued ([`crate::kafka::TopicLimits`]),
+/// so one a broker would refuse dead-letters its input (`output_too_large`) instead of failing its
+/// delivery — which stops the stage at every restart. A broker that does not answer (or denies
+/// DescribeConfigs) leaves no per-topic limits, with a warning.
+async fn read_topic_limits(cfg: &mut crate::config::Config) -> Vec<(String, usize)> {
     let names: Vec<String> = cfg
         .referenced_topics()
         .into_iter()
@@ -414,18 +415,27 @@ async fn cap_to_topics(cfg: &mut crate::config::Config) {
     .await
     {
         Ok(limits) => {
-            if let Some((topic, limit)) = limits.into_iter().min_by_key(|(_, l)| *l) {
-                if let Some(cap) = cfg.kafka.cap_output_bytes(limit) {
-                    tracing::info!(%topic, max_message_bytes = limit, producer_max_bytes = cap, "An output topic takes smaller records than the producer would write: records larger than the topic takes go to the dead-letter topic (output_too_large).");
+            if let Some((topic, limit)) = limits.iter().min_by_key(|(_, l)| *l) {
+                if let Some(batch) = cfg.kafka.cap_batch_size(*limit) {
+                    tracing::info!(%topic, max_message_bytes = limit, batch_size = batch, "A topic takes smaller batches than the producer would send: its batch.size is lowered for every topic.");
                 }
             }
+            for (topic, limit) in &limits {
+                if *limit < cfg.kafka.max_output_bytes() {
+                    tracing::info!(%topic, max_message_bytes = limit, "A topic takes smaller records than the producer writes: larger records for it go to the dead-letter topic (output_too_large).");
+                }
+            }
+            limits
         }
         Err(e) => {
-            tracing::warn!(error = %e, "Could not read the output topics' max.message.bytes; the producer keeps its configured limit (a record a topic refuses stops its stage).")
+            tracing::warn!(error = %e, "Could not read the topics' max.message.bytes; records are checked only against the producer's message.max.bytes (a record a topic refuses stops its stage).");
+            Vec::new()
         }
     }
 }
 
+/// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
+/// offsets.
 async fn kafka_history(loaded: &Loaded) -> bool {
     let l = loaded.clone();
     tokio::task::spawn_blocking(move || {

@@ -439,6 +439,7 @@ impl Sandbox {
                 clock: crate::event::Clock::set_by(clock.clone()),
                 notifier: None,
                 max_output_bytes: cfg.kafka.max_output_bytes(),
+                topic_limits: Default::default(),
             },
             loaded: l,
             redis,

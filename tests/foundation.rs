@@ -910,8 +910,10 @@ async fn an_output_too_large_dead_letters_the_input_and_keeps_the_audit_chain_wh
 
 /// The same when the limit is the output topic's (`max.message.bytes` 3,824 on the tasks topic,
 /// the producer left at its default): switchyard reads its topics' limits at start and refuses a
-/// larger record before sending it — a delivery the broker refuses would stop the stage at every
-/// restart. (tansu does not enforce the setting, so without the check the task would be written.)
+/// record larger than its own topic takes before sending it — a delivery the broker refuses would
+/// stop the stage at every restart. The other topics keep theirs: the dead letter and the audit
+/// records go out. (tansu does not enforce the setting, so without the check the task would be
+/// written.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_larger_than_its_topic_takes_dead_letters_the_input() {
     let env = TestEnv::with_topic_config(

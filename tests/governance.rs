@@ -1420,6 +1420,7 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         clock: Default::default(),
         notifier: None,
         max_output_bytes: 1_000_000,
+        topic_limits: Default::default(),
     };
     let input = |id: &str, offset: i64| {
         let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);

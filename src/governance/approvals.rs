@@ -133,6 +133,8 @@ pub struct Approvals {
     pub known_tenants: Vec<String>,
     /// The largest record the producer writes (`message.max.bytes`).
     pub max_output_bytes: usize,
+    /// And what each topic takes (its `max.message.bytes`, when read at start).
+    pub topic_limits: crate::kafka::TopicLimits,
     /// Scorecards: people's verdicts count for or against the proposing agents. The CLI, which
     /// has no flusher, flushes after deciding.
     pub stats: Option<Arc<crate::agents::stats::AgentStats>>,
@@ -611,9 +613,14 @@ impl Approvals {
             .map_err(|e| ApprovalError::Encode(e.to_string()))?;
         for (o, margin) in out.iter().map(|o| (o, 0)).chain([(&audit, SEAL_MARGIN)]) {
             let size = o.payload.len() + margin;
-            if size > self.max_output_bytes {
+            if size > self.max_output_bytes
+                || self
+                    .topic_limits
+                    .of(&o.topic)
+                    .is_some_and(|max| crate::kafka::record_size(o) + margin > max)
+            {
                 return Err(ApprovalError::TooLarge(format!(
-                    "the decision's record for {} would be {size} bytes, more than the {} the producer writes; nothing was changed",
+                    "the decision's record for {} would be {size} bytes, more than the {} the producer writes (or its topic takes); nothing was changed",
                     o.topic, self.max_output_bytes
                 )));
             }

@@ -143,33 +143,27 @@ impl KafkaConfig {
     }
 }
 
-/// Room a topic's `max.message.bytes` keeps for the record batch's framing and a record's headers:
-/// librdkafka measures only key and value against `message.max.bytes`.
-pub const BATCH_FRAMING_BYTES: usize = 1024;
+/// Room a topic's `max.message.bytes` keeps for the record batch's framing.
+pub const BATCH_FRAMING_BYTES: usize = 512;
 
 impl KafkaConfig {
-    /// Lowers the producer's limits to what the topic `topic` takes (its `max.message.bytes`), when
-    /// they are higher: `message.max.bytes` (so an output larger than the topic takes is refused
-    /// before it is sent — and its input dead-lettered — instead of failing its delivery, which
-    /// stops the stage) and `batch.size` (a batch of small records must fit too). Returns the new
-    /// limit when it lowered it.
-    pub fn cap_output_bytes(&mut self, topic_max_message_bytes: usize) -> Option<usize> {
-        let cap = topic_max_message_bytes
+    /// Lowers the producer's `batch.size` to what the smallest topic it writes takes (its
+    /// `max.message.bytes`, less framing), when it is larger: a batch of small records must fit
+    /// that topic too. Returns the new batch size when it lowered it. (Each record is checked
+    /// against its own topic's limit: [`super::TopicLimits`].)
+    pub fn cap_batch_size(&mut self, smallest_max_message_bytes: usize) -> Option<usize> {
+        let cap = smallest_max_message_bytes
             .saturating_sub(BATCH_FRAMING_BYTES)
             .max(1000);
-        if cap >= self.max_output_bytes() {
-            return None;
-        }
-        self.producer
-            .insert("message.max.bytes".into(), cap.to_string());
         let batch = self
             .producer
             .get("batch.size")
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(1_000_000);
-        if batch > cap {
-            self.producer.insert("batch.size".into(), cap.to_string());
+        if batch <= cap {
+            return None;
         }
+        self.producer.insert("batch.size".into(), cap.to_string());
         Some(cap)
     }
 }
@@ -289,22 +283,20 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
 mod tests {
     use super::*;
 
-    /// A topic taking smaller records than the producer writes lowers the producer's limits (with
-    /// room for framing); a larger one, or a lower limit configured already, changes nothing.
+    /// A topic taking smaller records than a batch lowers the batch size (with room for framing);
+    /// a larger one, or a smaller batch size configured already, changes nothing.
     #[test]
-    fn a_topic_s_smaller_limit_caps_the_producer() {
+    fn a_topic_s_smaller_limit_caps_the_batch_size() {
         let mut cfg = KafkaConfig::default();
-        assert_eq!(cfg.cap_output_bytes(1_048_588), None, "Kafka's default");
-        assert_eq!(cfg.cap_output_bytes(65_536), Some(64_512));
-        assert_eq!(cfg.max_output_bytes(), 64_512);
-        assert_eq!(cfg.producer["batch.size"], "64512");
-        assert_eq!(cfg.cap_output_bytes(100_000), None, "already lower");
-        cfg.producer.insert("batch.size".into(), "16384".into());
-        assert_eq!(cfg.cap_output_bytes(20_000), Some(18_976));
+        assert_eq!(cfg.cap_batch_size(1_048_588), None, "Kafka's default");
+        assert_eq!(cfg.cap_batch_size(65_536), Some(65_024));
+        assert_eq!(cfg.producer["batch.size"], "65024");
         assert_eq!(
-            cfg.producer["batch.size"], "16384",
-            "a smaller batch.size stays"
+            cfg.max_output_bytes(),
+            1_000_000,
+            "records are checked per topic"
         );
+        assert_eq!(cfg.cap_batch_size(100_000), None, "already lower");
     }
 
     #[test]

@@ -307,18 +307,67 @@ impl rdkafka::producer::ProducerContext for DeliveryContext {
     }
 }
 
+/// The `max.message.bytes` of the topics switchyard writes, as read from the brokers at start
+/// (`switchyard run`): a record larger than its topic takes is refused before it is queued — as
+/// too large, so a stage dead-letters its input (`output_too_large`) — instead of failing its
+/// delivery, which would stop the stage at every restart. Topics not read have no limit here (the
+/// producer's own `message.max.bytes` still applies). Cheap to clone; shared.
+#[derive(Clone, Default)]
+pub struct TopicLimits(Arc<std::sync::RwLock<std::collections::HashMap<String, usize>>>);
+
+impl TopicLimits {
+    /// Sets the topics' `max.message.bytes`.
+    pub fn set(&self, limits: impl IntoIterator<Item = (String, usize)>) {
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        m.extend(limits);
+    }
+
+    /// The most a record for `topic` may take (payload, key and headers), when its topic's limit
+    /// is known: its `max.message.bytes` less the batch's framing.
+    pub fn of(&self, topic: &str) -> Option<usize> {
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        m.get(topic)
+            .map(|l| l.saturating_sub(config::BATCH_FRAMING_BYTES))
+    }
+
+    /// Whether `out` is larger than its topic takes.
+    pub fn too_large(&self, out: &Output) -> bool {
+        self.of(&out.topic)
+            .is_some_and(|max| record_size(out) > max)
+    }
+}
+
+/// What a record takes against a topic's `max.message.bytes`: payload, key and headers (the
+/// batch's framing aside).
+pub fn record_size(out: &Output) -> usize {
+    out.payload.len()
+        + out.key.as_ref().map_or(0, Vec::len)
+        + out
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// The shared producer. Cheap to clone. Delivery reports come back through [`Notice`]s on the
 /// producer's own polling thread.
 #[derive(Clone)]
 pub struct Producer {
     inner: Arc<ThreadedProducer<DeliveryContext>>,
+    limits: TopicLimits,
 }
 
 impl Producer {
     pub fn new(cfg: &ClientConfig) -> Result<Self, KafkaError> {
         Ok(Producer {
             inner: Arc::new(cfg.create_with_context(DeliveryContext)?),
+            limits: TopicLimits::default(),
         })
+    }
+
+    /// The topics' limits this producer checks records against (shared with its clones).
+    pub fn limits(&self) -> TopicLimits {
+        self.limits.clone()
     }
 
     /// Queues a record, waiting while the local queue is full; its delivery is reported to
@@ -330,6 +379,12 @@ impl Producer {
         notice: Notice,
         mut on_queue_full: impl FnMut(),
     ) -> Result<(), ProduceError> {
+        if self.limits.too_large(out) {
+            return Err(ProduceError::Rejected {
+                topic: out.topic.clone(),
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            });
+        }
         let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
         for (k, v) in &out.headers {
             headers = headers.insert(Header {

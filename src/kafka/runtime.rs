@@ -1344,11 +1344,23 @@ async fn emit<P: Processor>(
                     )
                 };
                 track.pending.fetch_add(1, Ordering::AcqRel);
-                if let Err(e) = shared
+                let mut queued = shared
                     .producer
                     .enqueue(&dl, Notice::Sink(sink.clone()), || {})
-                    .await
-                {
+                    .await;
+                if let Err(super::ProduceError::Rejected { source, .. }) = &queued {
+                    if is_too_large(source) && !dl.payload.is_empty() {
+                        // The dead-letter topic takes less than the input's payload: its headers
+                        // (reason, source offsets) still say what happened.
+                        let mut bare = dl.clone();
+                        bare.payload.clear();
+                        queued = shared
+                            .producer
+                            .enqueue(&bare, Notice::Sink(sink.clone()), || {})
+                            .await;
+                    }
+                }
+                if let Err(e) = queued {
                     track.pending.fetch_sub(1, Ordering::AcqRel);
                     shared.set_fatal(format!("cannot write dead letter: {e}"));
                     track.failed.store(true, Ordering::Release);

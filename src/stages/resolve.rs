@@ -75,6 +75,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             clock: Default::default(),
             notifier: s.approvals.notifier.clone(),
             max_output_bytes: cfg.kafka.max_output_bytes(),
+            topic_limits: s.producer.limits(),
         }))
     })
 }
@@ -128,6 +129,8 @@ pub struct ResolveStage {
     /// The largest record the producer writes (`kafka.max_output_bytes`): a decision whose records
     /// would be larger is refused before anything is committed.
     pub max_output_bytes: usize,
+    /// And what each topic takes (its `max.message.bytes`, when read at start).
+    pub topic_limits: crate::kafka::TopicLimits,
 }
 
 /// Reads a proposal record.
@@ -206,15 +209,15 @@ impl ResolveStage {
         match batch
             .outputs
             .iter()
-            .find(|o| size(o) > self.max_output_bytes)
+            .find(|o| size(o) > self.max_output_bytes || self.topic_limits.too_large(o))
         {
             Some(o) => Err(ProcessError::poison(
                 "output_too_large",
                 format!(
-                    "the decision's record for {} would be {} bytes, more than the {} the producer writes; nothing was decided",
+                    "the decision's record for {} would be {} bytes, more than the {} the producer writes (or its topic takes); nothing was decided",
                     o.topic,
                     size(o),
-                    self.max_output_bytes
+                    self.topic_limits.of(&o.topic).unwrap_or(self.max_output_bytes).min(self.max_output_bytes)
                 ),
             )),
             None => Ok(()),
@@ -741,6 +744,7 @@ mod tests {
             clock: Default::default(),
             notifier: None,
             max_output_bytes: 1_000_000,
+            topic_limits: Default::default(),
         }
     }
 
