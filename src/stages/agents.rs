@@ -1220,37 +1220,13 @@ impl<S: ContextStore> AgentStage<S> {
             budget,
             place,
         } = job.step?;
-        let Some(entry) = self.agents.get(&t.task.agent) else {
-            if t.task.step.is_none() {
-                return Err(poison(
-                    "unknown_agent",
-                    format!("agent {:?} is not declared in the config", t.task.agent),
-                ));
-            }
-            // A workflow step whose agent left the config (since the run started): the step
-            // fails — its task dead-lettered, its run moved on as `on_failure` says — instead of
-            // the run waiting for a step that never ends. Stamped with the event's time, so a
-            // redelivery writes the same records (and the run's move is a compare-and-set).
-            let outcome = Outcome {
-                status: "failed".into(),
-                error: Some(format!(
-                    "agent {:?} is not declared in the config",
-                    t.task.agent
-                )),
-                at: t.event.time.clone().unwrap_or_else(now_rfc3339),
-                ..Default::default()
-            };
-            tracing::warn!(task_id = %t.task.task_id, agent = %t.task.agent, "A workflow step's agent is not in the config; the step fails.");
-            let (mut outputs, mut audits) = self.outputs(&job.rec, &t, &outcome)?;
-            let (more, more_audits) = self.advance(&t, &outcome).await?;
-            outputs.extend(more);
-            audits.extend(more_audits);
-            return Ok(Decided {
-                outputs,
-                audits,
-                cleanup: Vec::new(),
-            });
-        };
+        let entry = self.agents.get(&t.task.agent);
+        if entry.is_none() && t.task.step.is_none() {
+            return Err(poison(
+                "unknown_agent",
+                format!("agent {:?} is not declared in the config", t.task.agent),
+            ));
+        }
         // Whether the outcome is in a key of its own, to forget once the input is committed (not
         // when it is kept in the resource's memo slot).
         let mut apart = true;
@@ -1271,7 +1247,28 @@ impl<S: ContextStore> AgentStage<S> {
                 tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task already ran; emitting its recorded outcome without calling the agent.");
                 *o
             }
+            // A workflow step whose agent left the config (since the run started), not run
+            // before: the step fails — its task dead-lettered, its run moved on as `on_failure`
+            // says — instead of the run waiting for a step that never ends. Stamped with the
+            // event's time, so a redelivery writes the same records (and the run's move is a
+            // compare-and-set). A step that ran before is replayed or skipped as any task.
+            Prior::New if entry.is_none() => {
+                tracing::warn!(task_id = %t.task.task_id, agent = %t.task.agent, "A workflow step's agent is not in the config; the step fails.");
+                apart = false;
+                Outcome {
+                    status: "failed".into(),
+                    error: Some(format!(
+                        "agent {:?} is not declared in the config",
+                        t.task.agent
+                    )),
+                    at: t.event.time.clone().unwrap_or_else(now_rfc3339),
+                    ..Default::default()
+                }
+            }
             Prior::New => {
+                let Some(entry) = entry else {
+                    return Ok(Decided::default());
+                };
                 let mut span = task_span(&t);
                 let Some((o, kept)) = self
                     .run(entry, &t, &key, snap, budget, place.as_ref())
