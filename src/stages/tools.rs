@@ -306,6 +306,17 @@ impl ToolsStage {
                     .inc();
                 return records(&o);
             }
+            if let (Some(why), "failed") = (&misfit, info.as_str()) {
+                // Refused before as not fitting the schema: its dead letter again (it may not
+                // have been written before a crash).
+                return fail(
+                    "invalid_tool_arguments",
+                    format!(
+                        "action {}: its parameters do not fit tool {name}'s schema: {why}",
+                        a.action_id
+                    ),
+                );
+            }
             if info == "running" {
                 tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
                 METRICS
@@ -348,14 +359,18 @@ impl ToolsStage {
             );
         }
         if status < 0 {
-            // Nothing was claimed: a redelivery finds the same fence and writes the same records.
+            // Nothing was claimed: a redelivery finds a fence above it again and writes the same
+            // records.
+            tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, fence = %info, "Tool action is stale; not carried out.");
             METRICS.tool_calls.with_label_values(&[name, "stale"]).inc();
             return records(&Outcome {
                 time: action_time,
                 outcome: "stale".into(),
                 result: Value::Null,
+                // Without the fence's value, which later actions move: a redelivery writes the
+                // same bytes.
                 error: Some(format!(
-                    "fencing token {} is below {info}, already carried out for {}",
+                    "fencing token {} is below the resource's fence: an action with a later token was carried out for {}",
                     a.fencing_token, a.resource
                 )),
                 duration_ms: 0,
