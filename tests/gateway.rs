@@ -669,29 +669,6 @@ cooldown: {{failures: 100, seconds: 1}}
     let (calls, cost, held) = state;
     assert_eq!((calls, held), (2, 0), "both streams settled");
     assert!(cost > 0.0);
-    // Recorded as what happened: the malformed stream failed midway (not `ok`); the stream cut
-    // short without an error reads as ended. A stream the caller stops reading is abandoned.
-    let (_, mut chunks) = gw
-        .stream(&caller(), "streamy", &ask("hello"))
-        .await
-        .expect("stream opens");
-    let _first = futures::StreamExt::next(&mut chunks).await;
-    drop(chunks);
-    let streamed: Vec<Value> = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(5))
-        .await
-        .iter()
-        .map(|r| data_of(&event_of(r)).clone())
-        .filter(|d| d["model"] == "streamy")
-        .collect();
-    let outcomes: Vec<&str> = streamed
-        .iter()
-        .map(|d| d["outcome"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(
-        outcomes,
-        ["ok", "stream_failed", "stream_abandoned"],
-        "{streamed:?}"
-    );
     // A caller that goes away while its stream opens (the provider is slow to its first chunk):
     // the call goes on without it and is settled — its hold does not block the budget until the
     // sweep.
@@ -705,14 +682,54 @@ cooldown: {{failures: 100, seconds: 1}}
     // (Each look waits up to 5 s for the holds to go.)
     for _ in 0..4 {
         state = budget_state(&s, &key).await;
-        if state.0 == 4 && state.2 == 0 {
+        if state.0 == 3 && state.2 == 0 {
             break;
         }
     }
     assert_eq!(
         (state.0, state.2),
-        (4, 0),
+        (3, 0),
         "the stream whose caller left before its first chunk was settled"
+    );
+    // Recorded as what happened: the stream cut short (no finish) and the malformed one failed;
+    // one whose caller stops reading is abandoned; a whole one is ok.
+    let (_, mut chunks) = gw
+        .stream(&caller(), "streamy", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let _first = futures::StreamExt::next(&mut chunks).await;
+    drop(chunks);
+    // (Scenarios are replaced, not added: one matching no call clears the delay.)
+    scenario(json!([{"type": "delay", "seconds": 0, "match": {"model": "no-such-model"}}])).await;
+    let (_, chunks) = gw
+        .stream(&caller(), "streamy", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let got: Vec<_> = futures::StreamExt::collect::<Vec<_>>(chunks).await;
+    assert!(got.iter().all(Result::is_ok));
+    let mut outcomes: Vec<String> = Vec::new();
+    for _ in 0..20 {
+        outcomes = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(|r| data_of(&event_of(r)).clone())
+            .filter(|d| d["model"] == "streamy")
+            .map(|d| d["outcome"].as_str().unwrap_or("").to_string())
+            .collect();
+        if outcomes.len() >= 5 {
+            break;
+        }
+    }
+    // (The fourth: the stream whose caller left before its first chunk, read on by nobody.)
+    assert_eq!(
+        outcomes,
+        [
+            "stream_failed",
+            "stream_failed",
+            "stream_abandoned",
+            "stream_abandoned",
+            "ok"
+        ],
     );
 }
 

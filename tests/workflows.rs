@@ -849,7 +849,14 @@ governance:
     // live scores now rarely pick — so a redelivery writes the same task and audit record.
     let mut redis = redis_connection(&env.loaded.config.redis.url).await;
     let pinned: Vec<_> = (0..6)
-        .map(|i| event(&format!("pin{i}"), "t.pick", &format!("svc-pin{i}"), json!({})))
+        .map(|i| {
+            event(
+                &format!("pin{i}"),
+                "t.pick",
+                &format!("svc-pin{i}"),
+                json!({}),
+            )
+        })
         .collect();
     for ev in &pinned {
         let task = switchyard::route::task_id(ev, "best_of(good,flaky)");

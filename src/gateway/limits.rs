@@ -149,10 +149,17 @@ pub struct Limiter {
     acquire: Script,
     adjust: Script,
     failed: Script,
+    overrun: Script,
     /// Candidates this instance counted a failure of since their last success: only those need
     /// their (shared) count reset when they answer, so a healthy call costs no extra round trip.
     failing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// KEYS[1] a permit's count of over-budget calls; ARGV ttl (set with the first call).
+const OVERRUN: &str = r"
+if redis.call('INCR', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+";
 
 impl Limiter {
     pub fn new(conn: RedisConn, prefix: &str) -> Self {
@@ -162,6 +169,7 @@ impl Limiter {
             acquire: Script::new(ACQUIRE),
             adjust: Script::new(ADJUST),
             failed: Script::new(FAILED),
+            overrun: Script::new(OVERRUN),
             failing: Default::default(),
         }
     }
@@ -277,22 +285,30 @@ impl Limiter {
         Ok(())
     }
 
-    /// Counts one more over-budget call under the approvals of `permit` (a task, alias and
-    /// budget), across instances; the count is forgotten `ttl_secs` after its first call.
-    pub async fn overrun_call(&self, permit: &str, ttl_secs: u64) -> Result<u64, StoreError> {
-        let key = format!("{}:gateway:overrun:{{{permit}}}", self.prefix);
+    /// How many over-budget calls went through under the approvals of `permit` (a task, alias and
+    /// budget), across instances.
+    pub async fn overrun_calls(&self, permit: &str) -> Result<u64, StoreError> {
         let mut c = self.conn.get().await?;
-        let (n,): (u64,) = redis::pipe()
-            .atomic()
-            .cmd("INCR")
-            .arg(&key)
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl_secs)
-            .arg("NX")
-            .ignore()
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(self.overrun_key(permit))
             .query_async(&mut c)
             .await?;
-        Ok(n)
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Counts one more over-budget call through under `permit`'s approvals; the count is kept
+    /// `ttl_secs` from its first call.
+    pub async fn count_overrun(&self, permit: &str, ttl_secs: u64) -> Result<(), StoreError> {
+        let mut c = self.conn.get().await?;
+        self.overrun
+            .key(self.overrun_key(permit))
+            .arg(ttl_secs)
+            .invoke_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    fn overrun_key(&self, permit: &str) -> String {
+        format!("{}:gateway:overrun:{{{permit}}}", self.prefix)
     }
 }

@@ -930,12 +930,13 @@ impl Gateway {
         } else {
             caller.task.clone()
         };
-        // One approval covers `approval_covers_calls` calls of the task (its loop, its retries);
-        // then the next asks again — an approval is not a standing permit for a caller that keeps
-        // calling under one task id. Round 0 keeps the id of approvals before rounds.
+        // One approval covers `approval_covers_calls` calls of the task that went through (its
+        // loop, its retries); then the next asks again — an approval is not a standing permit for
+        // a caller that keeps calling under one task id. A refused call counts nothing, so a
+        // rejection stays final. Round 0 keeps the id of approvals before rounds.
         let permit = crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget]);
-        let n = self.limiter.overrun_call(&permit, 86_400).await?;
-        let round = (n.max(1) - 1) / self.cfg.approval_covers_calls;
+        let n = self.limiter.overrun_calls(&permit).await?;
+        let round = n / self.cfg.approval_covers_calls;
         let action_id = if round == 0 {
             format!("act-{permit}")
         } else {
@@ -987,7 +988,13 @@ impl Gateway {
                 .map(|s| s.approval.status)
                 .unwrap_or_default();
             match status.as_str() {
-                "approved" => return Ok(()),
+                "approved" => {
+                    // Kept longer than the approvals are: a count gone while its approval is
+                    // still kept would let that approval cover its calls once more.
+                    let keep = approvals.config.keep_decided_seconds + 86_400;
+                    self.limiter.count_overrun(&permit, keep).await?;
+                    return Ok(());
+                }
                 "pending" | "escalated" if Instant::now() < deadline => {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -1051,6 +1058,7 @@ impl Gateway {
         c: &Candidate,
         caller: &Caller,
         tokens: u64,
+        gone: &CancellationToken,
     ) -> Result<Admit, GatewayError> {
         let with_specs = self.buckets(c, caller, tokens);
         let failover = with_specs
@@ -1078,7 +1086,11 @@ impl Gateway {
                     if failover || waited + ms > max_wait {
                         return Ok(Admit::Skip(Duration::from_millis(ms), "rate_limited"));
                     }
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    // Nothing was taken yet: a caller that leaves ends the wait (and the call).
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                        _ = gone.cancelled() => return Err(GatewayError::CallerGone),
+                    }
                 }
             }
         }
@@ -1222,7 +1234,13 @@ impl Gateway {
                     self.settle_failed(hold, billed).await;
                     return Err(GatewayError::CallerGone);
                 }
-                let buckets = match self.admit(c, caller, est.input + est.output).await {
+                let buckets = match self.admit(c, caller, est.input + est.output, gone).await {
+                    Ok(Admit::Go(b)) if gone.is_cancelled() => {
+                        // Admitted just as its caller left: nothing is sent, the tokens go back.
+                        self.give_back(&b, est, 0).await;
+                        self.settle_failed(hold, billed).await;
+                        return Err(GatewayError::CallerGone);
+                    }
                     Ok(Admit::Go(b)) => b,
                     Ok(Admit::Skip(after, why)) => {
                         Self::count(c, why);
@@ -1412,6 +1430,7 @@ impl Gateway {
             text_bytes: 0,
             failed: None,
             ended: false,
+            finished: false,
             settled: false,
         };
         // The watch sees each chunk, an error, and the end (`None` after the last item).
@@ -1622,22 +1641,29 @@ struct Watch {
     failed: Option<String>,
     /// Whether the stream was read to its end.
     ended: bool,
+    /// Whether a choice finished (a chunk with a `finish_reason`): a stream that ends without one
+    /// was cut short.
+    finished: bool,
     settled: bool,
 }
 
 impl Watch {
     /// The call's outcome as recorded: `ok` only for a stream read to its end without an error.
     fn outcome(&self) -> (&'static str, Option<String>) {
-        match (&self.failed, self.ended) {
-            (Some(e), _) => (
+        match (&self.failed, self.ended, self.finished) {
+            (Some(e), _, _) => (
                 "stream_failed",
                 Some(format!("the stream failed midway: {e}")),
             ),
-            (None, false) => (
+            (None, false, _) => (
                 "stream_abandoned",
                 Some("the caller stopped reading before the stream ended".into()),
             ),
-            (None, true) => ("ok", None),
+            (None, true, false) => (
+                "stream_failed",
+                Some("the stream ended before its answer finished (no finish_reason)".into()),
+            ),
+            (None, true, true) => ("ok", None),
         }
     }
 
@@ -1647,6 +1673,9 @@ impl Watch {
         }
         if let Some(cs) = chunk.get("choices").and_then(Value::as_array) {
             for c in cs {
+                if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                    self.finished = true;
+                }
                 if let Some(d) = c.get("delta") {
                     if let Some(t) = d.get("content").and_then(Value::as_str) {
                         self.text_bytes += t.len();
