@@ -25,7 +25,7 @@ SRC = os.path.normpath(os.path.join(ROOT, "src"))
 ENTRY = {"main", "cmd", "app", "cli", "status", "replay"}
 STAGES = {"stages"}
 FOUNDATION = {"error", "event", "codec", "schema", "records", "topics", "pattern", "route",
-              "telemetry", "spans", "store", "secret", "kafka"}
+              "telemetry", "spans", "store", "secret", "kafka", "body"}
 
 
 def module_of(path):

@@ -208,7 +208,7 @@ impl HttpTool {
             return Ok(serde_json::json!({
                 "truncated": true,
                 "bytes": format!("more than {MAX_READ_BYTES}"),
-                "prefix": crate::body::utf8_prefix(&body, crate::tools::MAX_RESULT_BYTES),
+                "prefix": crate::body::utf8_prefix(&body, super::model::MAX_RESULT_BYTES),
             }));
         }
         if !status.is_success() {
@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(v["truncated"], Value::Bool(true));
         assert!(v["prefix"]
             .as_str()
-            .is_some_and(|p| p.len() <= crate::tools::MAX_RESULT_BYTES));
+            .is_some_and(|p| p.len() <= super::model::MAX_RESULT_BYTES));
         let written = server.await.expect("server");
         assert!(
             written < 64 << 20,
