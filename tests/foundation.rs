@@ -919,10 +919,44 @@ async fn an_output_larger_than_its_topic_takes_dead_letters_the_input() {
     let env = TestEnv::with_topic_config(
         1,
         &too_large_routes(),
-        &[("switchyard.tasks", "max.message.bytes", "3824")],
+        &[("switchyard.tasks", "max.message.bytes", "3312")],
     )
     .await;
-    an_output_too_large_dead_letters_its_input(env).await;
+    let env = an_output_too_large_dead_letters_its_input(env).await;
+    // Only the tasks topic is that small: a batch of 30 events on 30 resources is sealed with
+    // one seal of 30 entries, larger than the tasks topic takes but not the audit topic — it goes
+    // out, and the chain verifies.
+    let running = env.start(&["route"]);
+    let events: Vec<_> = (0..30)
+        .map(|i| {
+            event(
+                &format!("many-{i}"),
+                "deployment.started",
+                &format!("svc-{i}"),
+                json!({}),
+            )
+        })
+        .collect();
+    env.publish("events.deployments", &events).await;
+    let tasks = env
+        .read("switchyard.tasks", 32, Duration::from_secs(30))
+        .await;
+    assert_eq!(tasks.len(), 32);
+    let v = env.verified_audit(33, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    let largest_seal = env
+        .read("switchyard.audit", 200, Duration::from_secs(3))
+        .await
+        .iter()
+        .filter(|r| is_seal(r))
+        .map(|r| r.payload.len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        largest_seal > 3312,
+        "a seal larger than the tasks topic takes was written: {largest_seal} bytes"
+    );
+    running.stop().await;
 }
 
 /// A long route name makes every task (and routing audit record) big, so an event with a large
@@ -934,7 +968,7 @@ fn too_large_routes() -> String {
     )
 }
 
-async fn an_output_too_large_dead_letters_its_input(env: TestEnv) {
+async fn an_output_too_large_dead_letters_its_input(env: TestEnv) -> TestEnv {
     let running = env.start(&["route"]);
     let topic = "events.deployments";
     env.publish(
@@ -979,6 +1013,7 @@ async fn an_output_too_large_dead_letters_its_input(env: TestEnv) {
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     assert_eq!(v.records, 3);
     running.stop().await;
+    env
 }
 
 /// With no config file anywhere, the commands use the default compiled into the binary (routes,

@@ -155,9 +155,13 @@ pub struct Limiter {
     failing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-/// KEYS[1] a permit's count of over-budget calls; ARGV ttl (set with the first call).
+/// KEYS[1] a permit's count of over-budget calls; ARGV round, calls a round covers, ttl. Counts
+/// the call (1) only while the count is still in that round; else 0 (the round was used up).
 const OVERRUN: &str = r"
-if redis.call('INCR', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if math.floor(n / tonumber(ARGV[2])) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
@@ -296,16 +300,25 @@ impl Limiter {
         Ok(n.unwrap_or(0))
     }
 
-    /// Counts one more over-budget call through under `permit`'s approvals; the count is kept
-    /// `ttl_secs` from its first call.
-    pub async fn count_overrun(&self, permit: &str, ttl_secs: u64) -> Result<(), StoreError> {
+    /// Counts one more over-budget call through under `permit`'s approval of `round` (`covers`
+    /// calls a round), unless other calls used that round up meanwhile (then `false`: the call
+    /// needs the next round's approval). The count is kept `ttl_secs` from its last call.
+    pub async fn count_overrun(
+        &self,
+        permit: &str,
+        (round, covers): (u64, u64),
+        ttl_secs: u64,
+    ) -> Result<bool, StoreError> {
         let mut c = self.conn.get().await?;
-        self.overrun
+        let counted: i64 = self
+            .overrun
             .key(self.overrun_key(permit))
+            .arg(round)
+            .arg(covers)
             .arg(ttl_secs)
-            .invoke_async::<()>(&mut c)
+            .invoke_async(&mut c)
             .await?;
-        Ok(())
+        Ok(counted == 1)
     }
 
     fn overrun_key(&self, permit: &str) -> String {

@@ -935,79 +935,92 @@ impl Gateway {
         // a caller that keeps calling under one task id. A refused call counts nothing, so a
         // rejection stays final. Round 0 keeps the id of approvals before rounds.
         let permit = crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget]);
-        let n = self.limiter.overrun_calls(&permit).await?;
-        let round = n / self.cfg.approval_covers_calls;
-        let action_id = if round == 0 {
-            format!("act-{permit}")
-        } else {
-            format!(
-                "act-{}",
-                crate::pattern::stable_id(&[
-                    "llm.over_budget",
-                    &basis,
-                    alias,
-                    budget,
-                    &round.to_string()
-                ])
-            )
-        };
-        let action = crate::records::ActionData {
-            action_id,
-            action: "llm.over_budget".into(),
-            resource: resource.to_string(),
-            tenant: caller.tenant.clone(),
-            workflow_id: caller.workflow.clone(),
-            parameters: serde_json::json!({"alias": alias, "budget": budget, "estimated_cost": estimate,
+        let covers = self.cfg.approval_covers_calls;
+        'round: loop {
+            let n = self.limiter.overrun_calls(&permit).await?;
+            let round = n / covers;
+            let action_id = if round == 0 {
+                format!("act-{permit}")
+            } else {
+                format!(
+                    "act-{}",
+                    crate::pattern::stable_id(&[
+                        "llm.over_budget",
+                        &basis,
+                        alias,
+                        budget,
+                        &round.to_string()
+                    ])
+                )
+            };
+            let action = crate::records::ActionData {
+                action_id,
+                action: "llm.over_budget".into(),
+                resource: resource.to_string(),
+                tenant: caller.tenant.clone(),
+                workflow_id: caller.workflow.clone(),
+                parameters: serde_json::json!({"alias": alias, "budget": budget, "estimated_cost": estimate,
                                            "agent": caller.agent, "task": caller.task,
-                                           "calls": self.cfg.approval_covers_calls, "round": round}),
-            fencing_token: 0,
-            proposals: serde_json::json!([]),
-            agents: serde_json::json!([caller.agent]),
-            priority: 0,
-            impact: crate::records::Impact::Medium,
-            approved_by: None,
-            reason: Some(format!("budget {budget} is exhausted")),
-        };
-        let key = crate::store::ResourceKey::new(&caller.tenant, resource);
-        let unavailable = |e: crate::governance::approvals::ApprovalError| {
-            GatewayError::Unavailable(format!("approval of an over-budget call: {e}"))
-        };
-        let (approval, outputs) = approvals.request(&key, action).await.map_err(unavailable)?;
-        for o in &outputs {
-            producer.send(o).await.map_err(|e| {
-                GatewayError::Unavailable(format!("approval request not written: {e}"))
-            })?;
-        }
-        tracing::info!(approval_id = %approval.approval_id, alias, budget, agent = %caller.agent, "Budget exhausted; the call waits for a person's approval.");
-        let deadline = Instant::now() + Duration::from_secs(self.cfg.approval_wait_seconds);
-        loop {
-            let status = approvals
-                .get(&approval.approval_id)
-                .await
-                .map_err(unavailable)?
-                .map(|s| s.approval.status)
-                .unwrap_or_default();
-            match status.as_str() {
-                "approved" => {
-                    // Kept longer than the approvals are: a count gone while its approval is
-                    // still kept would let that approval cover its calls once more.
-                    let keep = approvals.config.keep_decided_seconds + 86_400;
-                    self.limiter.count_overrun(&permit, keep).await?;
-                    return Ok(());
-                }
-                "pending" | "escalated" if Instant::now() < deadline => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = gone.cancelled() => {
-                            // Its caller gave up (an agent's deadline): no call for nobody.
-                            tracing::info!(approval_id = %approval.approval_id, "The over-budget call's caller went away; it no longer waits.");
-                            return Err(exhausted());
+                                           "calls": covers, "round": round}),
+                fencing_token: 0,
+                proposals: serde_json::json!([]),
+                agents: serde_json::json!([caller.agent]),
+                priority: 0,
+                impact: crate::records::Impact::Medium,
+                approved_by: None,
+                reason: Some(format!("budget {budget} is exhausted")),
+            };
+            let key = crate::store::ResourceKey::new(&caller.tenant, resource);
+            let unavailable = |e: crate::governance::approvals::ApprovalError| {
+                GatewayError::Unavailable(format!("approval of an over-budget call: {e}"))
+            };
+            let (approval, outputs) = approvals.request(&key, action).await.map_err(unavailable)?;
+            for o in &outputs {
+                producer.send(o).await.map_err(|e| {
+                    GatewayError::Unavailable(format!("approval request not written: {e}"))
+                })?;
+            }
+            tracing::info!(approval_id = %approval.approval_id, alias, budget, agent = %caller.agent, "Budget exhausted; the call waits for a person's approval.");
+            let deadline = Instant::now() + Duration::from_secs(self.cfg.approval_wait_seconds);
+            loop {
+                let status = approvals
+                    .get(&approval.approval_id)
+                    .await
+                    .map_err(unavailable)?
+                    .map(|s| s.approval.status)
+                    .unwrap_or_default();
+                match status.as_str() {
+                    "approved" => {
+                        // Counted within its round, atomically (calls at once cannot stretch a
+                        // round); kept longer than approvals are, from each call, so a count gone
+                        // while its round's approval is still kept cannot let that approval cover
+                        // its calls again. The slot is the call's once approved, whether or not it
+                        // then gets room under the limits.
+                        let keep = approvals.config.keep_decided_seconds + 86_400;
+                        if self
+                            .limiter
+                            .count_overrun(&permit, (round, covers), keep)
+                            .await?
+                        {
+                            return Ok(());
+                        }
+                        // Other calls used this round up meanwhile: the next round's approval.
+                        continue 'round;
+                    }
+                    "pending" | "escalated" if Instant::now() < deadline => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = gone.cancelled() => {
+                                // Its caller gave up (an agent's deadline): no call for nobody.
+                                tracing::info!(approval_id = %approval.approval_id, "The over-budget call's caller went away; it no longer waits.");
+                                return Err(exhausted());
+                            }
                         }
                     }
-                }
-                _ => {
-                    tracing::info!(approval_id = %approval.approval_id, status = %status, "The over-budget call was not approved; refused.");
-                    return Err(exhausted());
+                    _ => {
+                        tracing::info!(approval_id = %approval.approval_id, status = %status, "The over-budget call was not approved; refused.");
+                        return Err(exhausted());
+                    }
                 }
             }
         }
@@ -1348,10 +1361,11 @@ impl Gateway {
         req: &Map<String, Value>,
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         // Opened by a task of its own, as `complete` calls: a caller that goes away while the
-        // stream opens (waiting for room under a limit, or for the first chunk) drops this future,
-        // not the call — which then opens, and its stream, dropped unread, settles the hold and
-        // writes the call's record (instead of the hold blocking the budget until its sweep and no
-        // record of a call the provider may bill).
+        // stream opens drops this future, not the call. Before an attempt is sent (waiting for a
+        // person, for room under a limit, for a retry) the call then ends and settles; once sent,
+        // it opens, and its stream, dropped unread, settles the hold and writes the call's record
+        // (instead of the hold blocking the budget until its sweep and no record of a call the
+        // provider may bill).
         let (gw, caller, model, req) =
             (self.clone(), caller.clone(), model.to_string(), req.clone());
         // Cancelled when this future is dropped (its caller went away): a wait for a person's

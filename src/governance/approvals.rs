@@ -828,6 +828,13 @@ pub async fn run_sweeper(
                     for o in &outputs {
                         if let Err(e) = producer.send(o).await {
                             approvals.sealer.distrust(&approvals.sealer.own_chain);
+                            if crate::kafka::is_too_large(&e) {
+                                // Never writable (its topic takes less): retrying every sweep
+                                // changes nothing. Said loudly, and let go.
+                                tracing::error!(approval_id = %id, topic = %o.topic, error = %e, "An approval's record is larger than its topic takes and can never be written; its outbox entry is cleared.");
+                                let _ = approvals.sent(&id).await;
+                                continue 'groups;
+                            }
                             tracing::warn!(approval_id = %id, error = %e, "Producing an approval's records failed; the next sweep retries.");
                             continue 'groups;
                         }

@@ -1262,6 +1262,25 @@ async fn handle<P: Processor>(
     }
 }
 
+/// A dead letter for `dlq` without `out`'s payload, marked truncated (with the payload's size) so
+/// `dlq redrive` never sends it back as an empty record.
+fn without_payload(out: &Output, dlq: &str) -> Output {
+    let mut dl = out.clone();
+    let size = dl.payload.len();
+    dl.payload.clear();
+    dl.topic = dlq.to_string();
+    // A dead letter cut before keeps the input's size it names.
+    if dl
+        .headers
+        .iter()
+        .any(|(k, _)| k == super::dlq_headers::TRUNCATED)
+    {
+        dl
+    } else {
+        dl.header(super::dlq_headers::TRUNCATED, size.to_string())
+    }
+}
+
 /// Queues a record's outputs (in order) and tracks their delivery; the lane moves on once they are
 /// queued. `may_dead_letter` says whether an output the broker refuses as too large may turn into a
 /// dead letter of the input (not when the outputs are a dead letter already).
@@ -1320,10 +1339,7 @@ async fn emit<P: Processor>(
                 // outputs still go out: audit records are part of the trail, which must not have a
                 // hole.
                 let dl = if out.topic == s.dlq_topic || !may_dead_letter {
-                    let mut dl = out.clone();
-                    dl.payload.clear();
-                    dl.topic = s.dlq_topic.clone();
-                    dl
+                    without_payload(&out, &s.dlq_topic)
                 } else if dead_lettered {
                     continue;
                 } else {
@@ -1352,8 +1368,7 @@ async fn emit<P: Processor>(
                     if is_too_large(source) && !dl.payload.is_empty() {
                         // The dead-letter topic takes less than the input's payload: its headers
                         // (reason, source offsets) still say what happened.
-                        let mut bare = dl.clone();
-                        bare.payload.clear();
+                        let bare = without_payload(&dl, &s.dlq_topic);
                         queued = shared
                             .producer
                             .enqueue(&bare, Notice::Sink(sink.clone()), || {})

@@ -1267,7 +1267,11 @@ impl<S: ContextStore> AgentStage<S> {
             }
             Prior::New => {
                 let Some(entry) = entry else {
-                    return Ok(Decided::default());
+                    // Not reached: the arm above takes a missing agent.
+                    return Err(ProcessError::Fatal(format!(
+                        "agent {:?} vanished while its task ran",
+                        t.task.agent
+                    )));
                 };
                 let mut span = task_span(&t);
                 let Some((o, kept)) = self

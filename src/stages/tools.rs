@@ -306,7 +306,7 @@ impl ToolsStage {
                     .inc();
                 return records(&o);
             }
-            if let (Some(why), "failed") = (&misfit, info.as_str()) {
+            if let (Some(why), "failed" | "running") = (&misfit, info.as_str()) {
                 // Refused before as not fitting the schema: its dead letter again (it may not
                 // have been written before a crash).
                 return fail(

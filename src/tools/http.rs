@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(v["truncated"], Value::Bool(true));
         assert!(v["prefix"]
             .as_str()
-            .is_some_and(|p| p.len() <= super::model::MAX_RESULT_BYTES));
+            .is_some_and(|p| p.len() <= crate::tools::MAX_RESULT_BYTES));
         let written = server.await.expect("server");
         assert!(
             written < 64 << 20,
