@@ -296,16 +296,13 @@ pub async fn max_message_bytes(
         .iter()
         .zip(results)
         .filter_map(|(name, r)| {
-            let limit = r
-                .map_err(|e| e.to_string())
-                .and_then(|res| {
-                    res.get("max.message.bytes")
-                        .and_then(|e| e.value.clone())
-                        .and_then(|v| v.parse().ok())
-                        .ok_or_else(|| "no max.message.bytes".to_string())
-                });
-            match limit {
-                Ok(l) => Some((name.to_string(), l)),
+            match r {
+                // A broker that names no limit for the topic (tansu) leaves it to the producer's.
+                Ok(res) => res
+                    .get("max.message.bytes")
+                    .and_then(|e| e.value.clone())
+                    .and_then(|v| v.parse().ok())
+                    .map(|l| (name.to_string(), l)),
                 Err(e) => {
                     tracing::warn!(topic = %name, error = %e, "Could not read a topic's max.message.bytes; its records are checked only against the producer's limit.");
                     None

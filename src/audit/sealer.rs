@@ -19,9 +19,10 @@
 //! producing the seal), or by itself with a seal since dropped or failed — writes those seals again,
 //! byte for byte, before its own: a repeat `audit verify` skips, never a gap (found by the fault
 //! suite, deploy/local/faults.sh: kill -9 of one of three instances). For that to cover every seal
-//! a crash can lose, a process never has more than [`KEPT_SEALS`] of a chain's seals undelivered: a
-//! chain's next seal waits while the one it would push out of the kept window is not settled
-//! (delivered or failed; [`crate::kafka::runtime::DeliveryWatch`]).
+//! a crash can lose, a process keeps a chain's undelivered seals within [`KEPT_SEALS`]: a stage
+//! waits for room in the chain (fewer than [`ROOM`] undelivered; delivered or failed, told by
+//! [`crate::kafka::runtime::DeliveryWatch`]) before it decides a record — never between deciding
+//! and sealing, which would hold a taken fencing token back from the topic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -370,8 +371,12 @@ pub struct Sealed {
 /// Heads cached beyond this many chains are forgotten (the cache is only a first guess).
 const MAX_CACHED_HEADS: usize = 10_000;
 
-/// The longest a seal waits for an earlier one of its chain to be delivered ([`Sealer::seal`]).
+/// The longest a decision waits for room in its chain ([`Sealer::wait_for_room`]).
 const MAX_SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Undelivered seals of a chain at which a stage waits before deciding more ([`Sealer::wait_for_room`]):
+/// half the kept window, leaving the other half for waves decided meanwhile.
+pub const ROOM: u64 = KEPT_SEALS / 2;
 
 /// A chain's seals this process made whose deliveries are not settled yet, oldest first.
 type InFlight = std::collections::VecDeque<(u64, CancellationToken)>;
@@ -479,7 +484,6 @@ impl Sealer {
     ) -> Result<Sealed, StoreError> {
         let hashes: Vec<String> = entries.iter().map(|e| e.hash.clone()).collect();
         let root = merkle_root(&hashes);
-        self.wait_for_window(chain).await;
         let cached = self
             .heads
             .lock()
@@ -586,19 +590,15 @@ impl Sealer {
         }
     }
 
-    /// Waits until every seal of `chain` this process made that the next one would push out of the
-    /// head's kept window is settled: the next seal is at most the cached head's seq + 1 (a head
-    /// another process moved is further on, and the window further on with it).
-    async fn wait_for_window(&self, chain: &str) {
+    /// Waits until `chain` has room for more seals: fewer than [`ROOM`] of the seals this process
+    /// made of it undelivered. A stage calls it before it *decides* a record (not between deciding
+    /// and sealing, which would hold a decision — a fencing token taken — back from the topic while
+    /// other stages write theirs: actions out of token order), so a chain's seals in flight stay
+    /// within the head's kept window ([`KEPT_SEALS`]) with room for the waves decided meanwhile:
+    /// a seal lost in a crash is then among those the next owner writes again.
+    pub async fn wait_for_room(&self, chain: &str) {
         loop {
             let due = {
-                let next = self
-                    .heads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(chain)
-                    .map_or(0, |h| h.0)
-                    + 1;
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(list) = in_flight.get_mut(chain) else {
                     return;
@@ -607,7 +607,7 @@ impl Sealer {
                     list.pop_front();
                 }
                 match list.front() {
-                    Some((seq, t)) if seq.saturating_add(KEPT_SEALS) <= next => t.clone(),
+                    Some((_, t)) if list.len() as u64 >= ROOM => t.clone(),
                     Some(_) => return,
                     None => {
                         in_flight.remove(chain);
@@ -617,13 +617,13 @@ impl Sealer {
             };
             METRICS.audit_seal_waits.inc();
             // Bounded: a delivery takes milliseconds, or fails within librdkafka's timeout; should
-            // a seal's writer hold it back longer (a bug), sealing goes on — with the gap risk this
-            // wait is for, said in the log — rather than stopping the chain.
+            // a seal's writer hold it back longer (a bug), the stage goes on — with the gap risk
+            // this wait is for, said in the log — rather than stopping.
             if tokio::time::timeout(MAX_SEAL_WAIT, due.cancelled())
                 .await
                 .is_err()
             {
-                tracing::warn!(chain, "An earlier seal of this chain is still undelivered; sealing on (a crash now could leave a gap in the chain).");
+                tracing::warn!(chain, "An earlier seal of this chain is still undelivered; going on (a crash now could leave a gap in the chain).");
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(list) = in_flight.get_mut(chain) {
                     list.pop_front();
@@ -657,11 +657,12 @@ mod tests {
     use crate::event::CloudEvent;
     use crate::records::Emitter;
 
-    /// A process with KEPT_SEALS seals of a chain undelivered does not make another until the
-    /// oldest is settled: were it killed then, the seals it loses are all among those the head
-    /// keeps (and the next owner writes again), never one before them.
+    /// A stage waits for room before deciding: with ROOM seals of a chain undelivered, the wait
+    /// lasts until the oldest is settled (delivered, failed or dropped); sealing itself never
+    /// waits (it would hold a decision back from the topic). Were the process killed, the seals
+    /// it loses are then among those the head keeps (and the next owner writes again).
     #[tokio::test]
-    async fn a_seal_waits_while_the_one_it_would_push_out_of_the_kept_window_is_undelivered() {
+    async fn a_stage_waits_for_room_in_its_chain_before_deciding() {
         let sealer = Sealer::new(Arc::new(MemoryChainStore::default()), "audit");
         let emitter = Emitter::new(Default::default(), Default::default());
         let ev = |n: u64| {
@@ -671,55 +672,51 @@ mod tests {
                 .with_data(serde_json::json!({"n": n}))
         };
         let chain = "test/t/0";
+        let room = || {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                sealer.wait_for_room(chain),
+            )
+        };
+        assert!(room().await.is_ok(), "an empty chain has room");
         let mut watches = std::collections::VecDeque::new();
-        for n in 1..=KEPT_SEALS {
+        for n in 1..=ROOM {
             let (_, sealed) = sealer
                 .seal("test", chain, &emitter, &[ev(n)])
                 .await
                 .expect("seal");
             watches.push_back(sealed.watch);
         }
-        let waits = METRICS.audit_seal_waits.get();
-        let ninth = [ev(KEPT_SEALS + 1)];
-        let next = sealer.seal("test", chain, &emitter, &ninth);
-        tokio::pin!(next);
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(200), &mut next)
-                .await
-                .is_err(),
-            "seal {} was made with seal 1 undelivered",
-            KEPT_SEALS + 1
-        );
-        assert!(METRICS.audit_seal_waits.get() > waits);
-        // Seal 1 delivered: the next one goes.
-        watches.pop_front().expect("seal 1").settle();
-        let (_, sealed) = tokio::time::timeout(std::time::Duration::from_secs(5), next)
-            .await
-            .expect("sealed once seal 1 was delivered")
-            .expect("seal");
+        assert!(room().await.is_err(), "{ROOM} seals undelivered: no room");
+        // Sealing itself does not wait (a decision taken goes out).
+        let (_, sealed) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            sealer.seal("test", chain, &emitter, &[ev(ROOM + 1)]),
+        )
+        .await
+        .expect("a seal never waits")
+        .expect("seal");
         watches.push_back(sealed.watch);
-        // A failed seal settles too (and the next seal writes the kept ones again); so does one
-        // whose writer dropped it.
+        // Delivered, failed or dropped: room again once fewer than ROOM are undelivered.
+        watches.pop_front().expect("seal 1").settle();
+        assert!(room().await.is_err(), "still {ROOM} undelivered");
         let failed = watches.pop_front().expect("seal 2");
         failed.unsent();
         failed.settle();
+        assert!(room().await.is_ok(), "room once the second settled");
         let (_, sealed) = sealer
-            .seal("test", chain, &emitter, &[ev(KEPT_SEALS + 2)])
+            .seal("test", chain, &emitter, &[ev(ROOM + 2)])
             .await
             .expect("seal");
         assert_eq!(
             sealed.seals.len() as u64,
-            KEPT_SEALS + 1,
-            "the kept seals again, then the new one"
+            KEPT_SEALS.min(ROOM + 1) + 1,
+            "after a failed seal, the kept seals again, then the new one"
         );
+        watches.push_back(sealed.watch);
+        assert!(room().await.is_err());
         drop(watches.pop_front());
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            sealer.seal("test", chain, &emitter, &[ev(KEPT_SEALS + 3)]),
-        )
-        .await
-        .expect("sealed once seal 3 was dropped")
-        .expect("seal");
+        assert!(room().await.is_ok(), "a dropped seal settles too");
     }
 }
 

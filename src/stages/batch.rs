@@ -143,10 +143,15 @@ pub fn sealed_jobs<'a, F>(
 where
     F: Future<Output = Result<Decided, ProcessError>> + Send + 'a,
 {
+    // Each record is decided once its chain has room for more seals (the wait is before the
+    // decision, never between it and its seal: see `Sealer::wait_for_room`).
     let running: FuturesUnordered<_> = jobs
         .into_iter()
         .enumerate()
-        .map(|(i, (chain, f))| f.map(move |r| (i, chain, r)))
+        .map(|(i, (chain, f))| async move {
+            sealer.wait_for_room(&chain).await;
+            (i, chain.clone(), f.await)
+        })
         .collect();
     waves(stage, sealer, emitter, running)
 }
