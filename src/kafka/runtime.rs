@@ -71,8 +71,8 @@ impl From<Vec<Output>> for Done {
 /// What the writer of some records (a batch's audit seals) tells whoever made them: that they could
 /// not be written ([`DeliveryWatch::unsent`], a flag the maker may share among several watches),
 /// and that they are settled — delivered, failed or dropped — which [`DeliveryWatch::settle`] or
-/// dropping the watch says. The audit sealer uses it to hold a chain's next seal while an earlier
-/// one that would leave the head's kept window is not settled.
+/// dropping the watch says. The audit sealer uses it to count a chain's undelivered seals (a stage
+/// decides only while its chain has room: [`crate::audit::Sealer::wait_for_room`]).
 pub struct DeliveryWatch {
     unsent: Arc<AtomicBool>,
     settled: tokio_util::sync::CancellationToken,
