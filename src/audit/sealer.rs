@@ -378,8 +378,16 @@ const MAX_SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// half the kept window, leaving the other half for waves decided meanwhile.
 pub const ROOM: u64 = KEPT_SEALS / 2;
 
-/// A chain's seals this process made whose deliveries are not settled yet, oldest first.
-type InFlight = std::collections::VecDeque<(u64, CancellationToken)>;
+/// A chain's seals this process made whose deliveries are not settled yet, oldest first (each its
+/// watch's token, cancelled once settled).
+type InFlight = std::collections::VecDeque<CancellationToken>;
+
+/// Drops the settled seals at the front of `list`.
+fn drop_settled(list: &mut InFlight) {
+    while list.front().is_some_and(CancellationToken::is_cancelled) {
+        list.pop_front();
+    }
+}
 
 /// Seals batches of audit records into their chains (see the module documentation).
 pub struct Sealer {
@@ -546,7 +554,7 @@ impl Sealer {
                     }
                     seals.push(out);
                     let watch = DeliveryWatch::new(lineage);
-                    self.track(chain, data.seq, watch.settled());
+                    self.track(chain, watch.settled());
                     return Ok(Sealed { seals, watch });
                 }
                 Advance::Moved { seq, .. } if seq < head.0 => {
@@ -603,11 +611,9 @@ impl Sealer {
                 let Some(list) = in_flight.get_mut(chain) else {
                     return;
                 };
-                while list.front().is_some_and(|(_, t)| t.is_cancelled()) {
-                    list.pop_front();
-                }
+                drop_settled(list);
                 match list.front() {
-                    Some((_, t)) if list.len() as u64 >= ROOM => t.clone(),
+                    Some(t) if list.len() as u64 >= ROOM => t.clone(),
                     Some(_) => return,
                     None => {
                         in_flight.remove(chain);
@@ -633,13 +639,11 @@ impl Sealer {
     }
 
     /// Notes a seal of `chain` this process made, until its deliveries are settled.
-    fn track(&self, chain: &str, seq: u64, settled: CancellationToken) {
+    fn track(&self, chain: &str, settled: CancellationToken) {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let list = in_flight.entry(chain.to_string()).or_default();
-        while list.front().is_some_and(|(_, t)| t.is_cancelled()) {
-            list.pop_front();
-        }
-        list.push_back((seq, settled));
+        drop_settled(list);
+        list.push_back(settled);
     }
 
     fn remember(&self, chain: &str, head: CachedHead) {

@@ -944,13 +944,7 @@ impl Gateway {
             } else {
                 format!(
                     "act-{}",
-                    crate::pattern::stable_id(&[
-                        "llm.over_budget",
-                        &basis,
-                        alias,
-                        budget,
-                        &round.to_string()
-                    ])
+                    crate::pattern::stable_id(&[&permit, &round.to_string()])
                 )
             };
             let action = crate::records::ActionData {

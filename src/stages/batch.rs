@@ -150,7 +150,7 @@ where
         .enumerate()
         .map(|(i, (chain, f))| async move {
             sealer.wait_for_room(&chain).await;
-            (i, chain.clone(), f.await)
+            (i, chain, f.await)
         })
         .collect();
     waves(stage, sealer, emitter, running)

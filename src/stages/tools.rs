@@ -226,7 +226,12 @@ impl ToolsStage {
             args.remove(p);
         }
         // Checked after the claim below (an action already carried out is skipped, whatever).
-        let misfit = tool.check(&Value::Object(args.clone()));
+        let misfit = tool.check(&Value::Object(args.clone())).map(|why| {
+            format!(
+                "action {}: its parameters do not fit tool {name}'s schema: {why}",
+                a.action_id
+            )
+        });
         let args = tool.with_injected(args, &ctx);
         let key = ResourceKey::new(&a.tenant, &a.resource);
         let tag = key.hash_tag();
@@ -306,16 +311,10 @@ impl ToolsStage {
                     .inc();
                 return records(&o);
             }
-            if let (Some(why), "failed" | "running") = (&misfit, info.as_str()) {
+            if let (Some(why), "failed" | "running") = (misfit, info.as_str()) {
                 // Refused before as not fitting the schema: its dead letter again (it may not
                 // have been written before a crash).
-                return fail(
-                    "invalid_tool_arguments",
-                    format!(
-                        "action {}: its parameters do not fit tool {name}'s schema: {why}",
-                        a.action_id
-                    ),
-                );
+                return fail("invalid_tool_arguments", why);
             }
             if info == "running" {
                 tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
@@ -350,13 +349,7 @@ impl ToolsStage {
                 .query_async(&mut c)
                 .await;
             METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
-            return fail(
-                "invalid_tool_arguments",
-                format!(
-                    "action {}: its parameters do not fit tool {name}'s schema: {why}",
-                    a.action_id
-                ),
-            );
+            return fail("invalid_tool_arguments", why);
         }
         if status < 0 {
             // Nothing was claimed: a redelivery finds a fence above it again and writes the same
