@@ -579,6 +579,8 @@ aliases:
     candidates: [{{provider: odd, model: no-usage}}]
   broken:
     candidates: [{{provider: odd, model: not-json}}, {{provider: odd, model: no-choices}}, {{provider: mock, model: "ok-{s}"}}]
+  allbroken:
+    candidates: [{{provider: odd, model: not-json}}, {{provider: odd, model: no-choices}}]
   streamy:
     candidates: [{{provider: mock, model: "st-{s}"}}]
 prices:
@@ -635,6 +637,44 @@ cooldown: {{failures: 100, seconds: 1}}
         (cost - c.meta.cost).abs() < 1e-9,
         "{cost} vs {}",
         c.meta.cost
+    );
+
+    // Every candidate's answer unreadable: the call fails, and what its two attempts were
+    // charged (the budget's cost) is in its record too, with its attempts.
+    let e = gw
+        .complete(&caller(), "allbroken", &ask("hello"))
+        .await
+        .expect_err("no candidate answered");
+    assert_eq!(e.outcome(), "provider_failed");
+    let (calls, cost, held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:b-{s}:allbroken:total")).await;
+    assert_eq!(held, 0);
+    assert!(
+        cost >= 2.0 * 9.0,
+        "failed attempts charged: {cost} ({calls} calls)"
+    );
+    let mut failed = Value::Null;
+    for _ in 0..20 {
+        if let Some(d) = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(|r| data_of(&event_of(r)).clone())
+            .find(|d| d["model"] == "allbroken")
+        {
+            failed = d;
+            break;
+        }
+    }
+    assert_eq!(failed["outcome"], "provider_failed", "{failed}");
+    assert_eq!(failed["meta"]["attempts"], 2, "{failed}");
+    assert_eq!(
+        failed["meta"]["model"], "no-choices",
+        "the last tried: {failed}"
+    );
+    let recorded = failed["meta"]["cost"].as_f64().unwrap_or(0.0);
+    assert!(
+        (recorded - cost).abs() < 1e-9,
+        "the record says what the budget was charged: {recorded} vs {cost}"
     );
 
     // A stream cut short (no usage, no finish): what arrived is passed on, the call is settled

@@ -545,6 +545,15 @@ struct Route {
     downgrade_to: Option<String>,
 }
 
+/// What a call that got no answer spent on its attempts (set by [`Gateway::try_candidates`] once
+/// one was sent): the route, the last candidate tried, the attempts, and the estimates charged for
+/// those the provider most likely billed ([`Gateway::billed`]) — for the call's `llm_call` record.
+type Tally = std::sync::Mutex<Option<CallMeta>>;
+
+fn lock_tally(t: &Tally) -> std::sync::MutexGuard<'_, Option<CallMeta>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A candidate's successful attempt: its answer, the candidate, the limit buckets it was charged
 /// to, and the attempts the call took (every candidate's counted).
 struct Answered<T> {
@@ -554,6 +563,17 @@ struct Answered<T> {
     attempts: u32,
     /// What the failed attempts before the answer are charged ([`Gateway::billed`]).
     billed: f64,
+}
+
+/// The attempts a call sent so far: how many, what those the provider most likely billed were
+/// charged, and the last candidate sent to.
+#[derive(Default)]
+struct Tried {
+    attempts: u32,
+    billed: f64,
+    /// The estimates of the attempts charged.
+    charged: Usage,
+    last: Option<Candidate>,
 }
 
 /// What a candidate's admission decided.
@@ -611,20 +631,25 @@ impl Gateway {
         self
     }
 
-    /// Records a call that got no answer.
+    /// Records a call that got no answer, with what its attempts were charged when any was sent
+    /// ([`Tally`]).
     fn record_failure(
         self: &Arc<Self>,
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
-        e: &GatewayError,
+        (e, spent): (&GatewayError, &Tally),
         took: Duration,
     ) {
         let error = Some(e.to_string());
+        let spent = lock_tally(spent).take().map(|mut m| {
+            m.latency_ms = took.as_millis() as u64;
+            m
+        });
         self.record(
             caller,
             model,
-            None,
+            spent.as_ref(),
             e.outcome(),
             error,
             req,
@@ -1130,7 +1155,8 @@ impl Gateway {
             // Told when the caller went away, so that a wait for a person's approval (which can
             // outlast an agent's deadline many times) ends instead of making a call for nobody.
             let gone = CancellationToken::new();
-            let call = gw.call(&caller, &model, &req, &gone);
+            let spent = Tally::default();
+            let call = gw.call(&caller, &model, &req, (&gone, &spent));
             tokio::pin!(call);
             let answered = tokio::select! {
                 r = &mut call => r,
@@ -1156,7 +1182,7 @@ impl Gateway {
                     gw.settle(books).await;
                 }
                 Err(e) => {
-                    gw.record_failure(&caller, &model, &req, &e, t0.elapsed());
+                    gw.record_failure(&caller, &model, &req, (&e, &spent), t0.elapsed());
                     let _ = tx.send(Err(e));
                 }
             }
@@ -1173,7 +1199,7 @@ impl Gateway {
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
-        gone: &CancellationToken,
+        (gone, spent): (&CancellationToken, &Tally),
     ) -> Result<(Completion, Books), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
@@ -1183,7 +1209,7 @@ impl Gateway {
             .try_candidates(
                 caller,
                 &route,
-                (hold.as_ref(), gone),
+                (hold.as_ref(), gone, spent),
                 &est,
                 |p, m| async move { p.complete(&m, req).await },
             )
@@ -1213,11 +1239,12 @@ impl Gateway {
     /// failed, cooled down or was rate limited, the hold is released and the error returned.
     /// Once `gone` (the caller went away), no further attempt is sent — a retry's backoff ends at
     /// once — and the hold is released: no call is made and paid for nobody.
+    /// A call that gets no answer after sending an attempt leaves what it spent in `spent`.
     async fn try_candidates<T, F, Fut>(
         &self,
         caller: &Caller,
         route: &Route,
-        (hold, gone): (Option<&Hold>, &CancellationToken),
+        (hold, gone, spent): (Option<&Hold>, &CancellationToken, &Tally),
         est: &Usage,
         send: F,
     ) -> Result<Answered<T>, GatewayError>
@@ -1225,8 +1252,41 @@ impl Gateway {
         F: Fn(Arc<Provider>, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, CallError>>,
     {
-        let mut attempts = 0;
-        let mut billed = 0.0;
+        let mut tried = Tried::default();
+        let r = self
+            .send_to_candidates(caller, route, (hold, gone), est, send, &mut tried)
+            .await;
+        if let (Err(_), Some(c)) = (&r, &tried.last) {
+            let price = self.price(c);
+            *lock_tally(spent) = Some(CallMeta {
+                alias: route.alias.clone(),
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+                // What the charged attempts were charged for: their estimates.
+                usage: tried.charged,
+                usage_estimated: true,
+                cost: tried.billed,
+                currency: price.map(|p| p.currency.clone()).unwrap_or_else(usd),
+                attempts: tried.attempts,
+                latency_ms: 0,
+            });
+        }
+        r
+    }
+
+    async fn send_to_candidates<T, F, Fut>(
+        &self,
+        caller: &Caller,
+        route: &Route,
+        (hold, gone): (Option<&Hold>, &CancellationToken),
+        est: &Usage,
+        send: F,
+        tried: &mut Tried,
+    ) -> Result<Answered<T>, GatewayError>
+    where
+        F: Fn(Arc<Provider>, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
         let mut last = String::from("no candidate was tried");
         let mut soonest: Option<Duration> = None;
         let mut all_limited = true;
@@ -1237,15 +1297,15 @@ impl Gateway {
             let mut attempt = 0;
             loop {
                 if gone.is_cancelled() {
-                    tracing::info!(tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, attempts, "The call's caller went away; no further attempt is sent.");
-                    self.settle_failed(hold, billed).await;
+                    tracing::info!(tenant = %caller.tenant, agent = %caller.agent, task = %caller.task, attempts = tried.attempts, "The call's caller went away; no further attempt is sent.");
+                    self.settle_failed(hold, tried.billed).await;
                     return Err(GatewayError::CallerGone);
                 }
                 let buckets = match self.admit(c, caller, est.input + est.output, gone).await {
                     Ok(Admit::Go(b)) if gone.is_cancelled() => {
                         // Admitted just as its caller left: nothing is sent, the tokens go back.
                         self.give_back(&b, est, 0).await;
-                        self.settle_failed(hold, billed).await;
+                        self.settle_failed(hold, tried.billed).await;
                         return Err(GatewayError::CallerGone);
                     }
                     Ok(Admit::Go(b)) => b,
@@ -1256,12 +1316,13 @@ impl Gateway {
                         break;
                     }
                     Err(e) => {
-                        self.settle_failed(hold, billed).await;
+                        self.settle_failed(hold, tried.billed).await;
                         return Err(e);
                     }
                 };
                 all_limited = false;
-                attempts += 1;
+                tried.attempts += 1;
+                tried.last = Some(c.clone());
                 attempt += 1;
                 let t0 = Instant::now();
                 let r = send(provider.clone(), c.model.clone()).await;
@@ -1277,14 +1338,14 @@ impl Gateway {
                             value,
                             candidate: c.clone(),
                             buckets,
-                            attempts,
-                            billed,
+                            attempts: tried.attempts,
+                            billed: tried.billed,
                         });
                     }
                     Err(CallError::Rejected { status, message }) => {
                         Self::count(c, "rejected");
                         self.give_back(&buckets, est, 0).await;
-                        self.settle_failed(hold, billed).await;
+                        self.settle_failed(hold, tried.billed).await;
                         return Err(GatewayError::BadRequest(format!(
                             "{}/{} refused the request ({status}): {message}",
                             c.provider, c.model
@@ -1295,7 +1356,9 @@ impl Gateway {
                         if matches!(e, CallError::Timeout | CallError::Malformed(_)) {
                             // The provider most likely processed (and bills) it: its estimate is
                             // charged, and its tokens stay counted against the rate limits.
-                            billed += self.billed(c, est);
+                            tried.billed += self.billed(c, est);
+                            tried.charged.input += est.input;
+                            tried.charged.output += est.output;
                         } else {
                             self.give_back(&buckets, est, 0).await;
                         }
@@ -1339,7 +1402,7 @@ impl Gateway {
                 }
             }
         }
-        self.settle_failed(hold, billed).await;
+        self.settle_failed(hold, tried.billed).await;
         match soonest {
             Some(after) if all_limited => Err(GatewayError::RateLimited { retry_after: after }),
             _ => Err(GatewayError::ProviderFailed(last)),
@@ -1369,9 +1432,10 @@ impl Gateway {
         let _gone_on_drop = gone.clone().drop_guard();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = gw.open_stream(&caller, &model, &req, &gone).await;
+            let spent = Tally::default();
+            let r = gw.open_stream(&caller, &model, &req, (&gone, &spent)).await;
             if let Err(e) = &r {
-                gw.record_failure(&caller, &model, &req, e, t0.elapsed());
+                gw.record_failure(&caller, &model, &req, (e, &spent), t0.elapsed());
             }
             r
         })
@@ -1388,7 +1452,7 @@ impl Gateway {
         caller: &Caller,
         model: &str,
         req: &Map<String, Value>,
-        gone: &CancellationToken,
+        (gone, spent): (&CancellationToken, &Tally),
     ) -> Result<(CallMeta, ChunkStream), GatewayError> {
         let started = Instant::now();
         let route = self.route(model)?;
@@ -1400,7 +1464,7 @@ impl Gateway {
             .try_candidates(
                 caller,
                 &route,
-                (hold.as_ref(), gone),
+                (hold.as_ref(), gone, spent),
                 &est,
                 |p, m| async move {
                     let mut s = p.stream(&m, req).await?;

@@ -222,7 +222,9 @@ fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 fn transport(e: reqwest::Error) -> CallError {
-    if e.is_timeout() {
+    // A connection that timed out while connecting never carried the request: a transport
+    // failure (charged nothing), not a timeout (which the provider most likely billed).
+    if e.is_timeout() && !e.is_connect() {
         CallError::Timeout
     } else {
         // Without the URL's query (never holds a key here, but keep errors short).
