@@ -368,6 +368,22 @@ workflows:
         "{t:?}"
     );
     assert!(!t.iter().any(|k| k == "step.started:l7"), "{t:?}");
+    // Its record written, it left the deadline sweeper's list.
+    let mut redis = redis_connection(stack().1.as_str()).await;
+    let mut still: Option<f64> = Some(0.0);
+    for _ in 0..40 {
+        still = redis::cmd("ZSCORE")
+            .arg(format!("{}:wf:deadlines", env.prefix))
+            .arg(&late)
+            .query_async(&mut redis)
+            .await
+            .expect("zscore");
+        if still.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(still, None, "the timed-out run is no longer listed");
 
     // A step past its timeout_seconds (1 s against a 1.5 s agent) is timed out; on_failure applies.
     let tmo = run_of(&recs, "tmo");
@@ -884,4 +900,152 @@ governance:
         calls("good")
     );
     running.stop().await;
+}
+
+/// The deadline sweeper reads only the runs that are due: a run is listed from its first step
+/// completion, timed out once, its record handed out again (the same record) while its writing is
+/// not confirmed, and unlisted once it is; a run that ends on its own leaves the list; a run started
+/// before the list existed (an upgrade) joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confirmed() {
+    use switchyard::workflow::lifecycle_event;
+    use switchyard::workflow::runs::Runs;
+    let s = suffix();
+    let conn = switchyard::store::RedisConn::new(&stack().1).expect("redis url");
+    let runs = Runs::new(conn, &s);
+    let specs: BTreeMap<String, switchyard::workflow::WorkflowSpec> = serde_yaml::from_str(
+        "slow: {deadline_seconds: 60, steps: {a: {agent: x}, b: {agent: x, after: [a]}}}\n",
+    )
+    .expect("workflows");
+    let now = chrono::Utc::now();
+    let started = (now - chrono::Duration::seconds(5)).to_rfc3339();
+    let spec = &specs["slow"];
+    let mut redis = redis_connection(stack().1.as_str()).await;
+    let listed = |id: &'static str| {
+        let key = format!("{s}:wf:deadlines");
+        async move {
+            let mut c = redis_connection(stack().1.as_str()).await;
+            redis::cmd("ZSCORE")
+                .arg(key)
+                .arg(id)
+                .query_async::<Option<f64>>(&mut c)
+                .await
+                .expect("zscore")
+        }
+    };
+    // r1 runs on; r2 ends on its own; r3 is "from before the upgrade" (not listed).
+    for run in ["r1", "r2", "r3"] {
+        advance_run(&runs, spec, &started, run, "a").await;
+    }
+    let due = listed("r1").await.expect("r1 listed");
+    let want = (now - chrono::Duration::seconds(5)).timestamp_millis() as f64 + 60_000.0;
+    assert!(
+        (due - want).abs() < 1_000.0,
+        "scored by its deadline: {due} vs {want}"
+    );
+    advance_run(&runs, spec, &started, "r2", "b").await;
+    assert_eq!(listed("r2").await, None, "an ended run leaves the list");
+    let _: () = redis::cmd("ZREM")
+        .arg(format!("{s}:wf:deadlines"))
+        .arg("r3")
+        .query_async(&mut redis)
+        .await
+        .expect("zrem");
+
+    // Not due yet: nothing.
+    assert!(runs.expire(&specs, now).await.expect("sweep").is_empty());
+    // Past the deadline: r1 times out (r3 is not seen: not listed).
+    let later = now + chrono::Duration::seconds(61);
+    let ended = runs.expire(&specs, later).await.expect("sweep");
+    let ids: Vec<&str> = ended.iter().map(|(r, _)| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["r1"]);
+    let first = lifecycle_event(&ended[0].0, &ended[0].1);
+    assert_eq!(ended[0].1.kind, "workflow.timed_out");
+    assert_eq!(
+        runs.get("r1").await.expect("get").expect("r1").status,
+        "timed_out"
+    );
+    // Its record not confirmed: not again at once (another instance may be writing it), but
+    // after 30 s, the same record.
+    assert!(runs.expire(&specs, later).await.expect("sweep").is_empty());
+    let again = runs
+        .expire(&specs, later + chrono::Duration::seconds(31))
+        .await
+        .expect("sweep");
+    assert_eq!(again.len(), 1);
+    let second = lifecycle_event(&again[0].0, &again[0].1);
+    assert_eq!(
+        serde_json::to_value(&first).expect("json"),
+        serde_json::to_value(&second).expect("json"),
+        "written again, the same record"
+    );
+    runs.timed_out_written("r1").await.expect("confirm");
+    assert_eq!(listed("r1").await, None);
+    assert!(runs
+        .expire(&specs, later + chrono::Duration::seconds(120))
+        .await
+        .expect("sweep")
+        .is_empty());
+
+    // The run from before the list: a starting sweeper lists it, and it times out.
+    assert_eq!(runs.list_deadlines(&specs, later).await.expect("list"), 1);
+    assert_eq!(
+        runs.list_deadlines(&specs, later).await.expect("list"),
+        0,
+        "once"
+    );
+    let ended = runs.expire(&specs, later).await.expect("sweep");
+    assert_eq!(
+        ended
+            .iter()
+            .map(|(r, _)| r.run_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r3"]
+    );
+}
+
+/// Step `step` of run `run` (workflow `slow`, started at `started`) finished: the run moves on.
+async fn advance_run(
+    runs: &switchyard::workflow::runs::Runs,
+    spec: &switchyard::workflow::WorkflowSpec,
+    started: &str,
+    run: &str,
+    step: &str,
+) {
+    use switchyard::workflow::{Finished, FirstChoice, RunState, StepRef};
+    let r = StepRef {
+        run_id: run.into(),
+        workflow: "slow".into(),
+        step: step.into(),
+        attempt: 1,
+        hold: false,
+        inputs: json!({}),
+        run_started_at: started.into(),
+        round: 0,
+        delegates: vec![],
+    };
+    let meta = RunState {
+        run_id: run.into(),
+        workflow: "slow".into(),
+        resource: format!("res-{run}"),
+        tenant: "default".into(),
+        event_id: "e".into(),
+        started_at: started.into(),
+        ..Default::default()
+    };
+    let f = Finished {
+        step: &r,
+        agent: "x",
+        task_id: &format!("{run}-{step}"),
+        status: "succeeded",
+        findings: &[],
+        proposals: &[],
+        delegate: &[],
+        error: None,
+        duration_ms: 1,
+        cost: 0.0,
+        at: started,
+        choose: &FirstChoice,
+    };
+    runs.advance(spec, &meta, &f).await.expect("advance");
 }

@@ -143,17 +143,36 @@ pub fn effective_spec(name: &str, spec: &AgentSpec) -> AgentSpec {
 }
 
 /// Every 5 s (any instance; each run once, by compare-and-set): ends the runs past their
-/// workflow's deadline and writes their `workflow.timed_out` records.
+/// workflow's deadline and writes their `workflow.timed_out` records (again when one was not
+/// confirmed written within 30 s, [`crate::workflow::runs::Runs::expire`]).
 async fn expire_runs(
     wf: Arc<Workflows>,
     emitter: Emitter,
     producer: crate::kafka::Producer,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    // Runs started before the sweeper kept its list of deadlines (an upgrade) join it.
+    let mut listed = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        if !listed {
+            match wf.runs.list_deadlines(&wf.specs, chrono::Utc::now()).await {
+                Ok(n) => {
+                    listed = true;
+                    if n > 0 {
+                        tracing::info!(
+                            runs = n,
+                            "Listed running workflow runs for the deadline sweeper."
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not list the running workflow runs' deadlines; trying again.")
+                }
+            }
         }
         match wf.runs.active().await {
             Ok(active) => {
@@ -182,13 +201,20 @@ async fn expire_runs(
                 .inc();
             let ev = crate::workflow::lifecycle_event(&run, &record);
             match emitter.emit(&wf.workflows_topic, &ev) {
-                Ok(out) => {
-                    if let Err(e) = producer.send(&out).await {
-                        tracing::warn!(error = %e, run_id = %run.run_id, "Could not write a workflow.timed_out record.");
+                Ok(out) => match producer.send(&out).await {
+                    Ok(_) => {
+                        if let Err(e) = wf.runs.timed_out_written(&run.run_id).await {
+                            tracing::warn!(error = %e, run_id = %run.run_id, "Could not confirm a written workflow.timed_out record; it is written again.");
+                        }
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(error = %e, run_id = %run.run_id, "Could not write a workflow.timed_out record; it is written again in 30 s.");
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(error = %e, "Could not encode a workflow.timed_out record.")
+                    // Not a passing failure: written again, it would fail again.
+                    tracing::error!(error = %e, run_id = %run.run_id, "Could not encode a workflow.timed_out record; it is not written.");
+                    let _ = wf.runs.timed_out_written(&run.run_id).await;
                 }
             }
         }

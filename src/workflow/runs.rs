@@ -21,6 +21,41 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// Due runs the deadline sweeper reads per pass.
+const SWEEP_BATCH: usize = 512;
+/// A timed-out run whose record was not confirmed this long after is written again.
+const RESEND_AFTER_MS: i64 = 30_000;
+
+/// A run's deadline (ms since the epoch): its start plus `deadline_seconds`.
+fn deadline_ms(state: &RunState, deadline_seconds: Option<u64>) -> Option<i64> {
+    let started = chrono::DateTime::parse_from_rfc3339(&state.started_at).ok()?;
+    Some(started.timestamp_millis() + deadline_seconds? as i64 * 1000)
+}
+
+/// The `workflow.timed_out` record of a run timed out at `at` (the same bytes when written again).
+fn timed_out_record(state: &RunState, deadline: u64, at: String) -> super::Lifecycle {
+    let running: Vec<&str> = state
+        .steps
+        .iter()
+        .filter(|(_, s)| s.status == "running")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    super::Lifecycle {
+        kind: "workflow.timed_out".into(),
+        step: None,
+        agent: None,
+        task_id: None,
+        status: Some("timed_out".into()),
+        duration_ms: Some(deadline * 1000),
+        error: Some(format!(
+            "not finished within {deadline} s; still running: {}",
+            running.join(", ")
+        )),
+        cost: Some(state.steps.values().map(|s| s.cost).sum()),
+        at,
+    }
+}
+
 pub struct Runs {
     conn: RedisConn,
     prefix: String,
@@ -50,6 +85,13 @@ impl Runs {
 
     fn active_key(&self) -> String {
         format!("{}:wf:active", self.prefix)
+    }
+
+    /// Running runs of workflows with a `deadline_seconds`, scored by their deadline (ms): what
+    /// the deadline sweeper reads ([`Self::expire`]) — only the runs that are due, however many
+    /// run.
+    fn deadlines_key(&self) -> String {
+        format!("{}:wf:deadlines", self.prefix)
     }
 
     fn where_key(&self, run_id: &str) -> String {
@@ -116,15 +158,28 @@ impl Runs {
             let mut c = self.conn.get().await?;
             if self.cas(&mut c, &key, v, &state).await? {
                 // Active runs per workflow: counted from the first completion to the end.
-                let delta =
-                    i64::from(created) - i64::from(was_running && state.status != "running");
+                let ended = was_running && state.status != "running";
+                let delta = i64::from(created) - i64::from(ended);
                 if delta != 0 {
-                    let _: () = redis::cmd("HINCRBY")
+                    let mut p = redis::pipe();
+                    p.cmd("HINCRBY")
                         .arg(self.active_key())
                         .arg(&meta.workflow)
                         .arg(delta)
-                        .query_async(&mut c)
-                        .await?;
+                        .ignore();
+                    if ended {
+                        p.cmd("ZREM")
+                            .arg(self.deadlines_key())
+                            .arg(&meta.run_id)
+                            .ignore();
+                    } else if let Some(due) = deadline_ms(&state, w.deadline_seconds) {
+                        p.cmd("ZADD")
+                            .arg(self.deadlines_key())
+                            .arg(due)
+                            .arg(&meta.run_id)
+                            .ignore();
+                    }
+                    let _: () = p.query_async(&mut c).await?;
                 }
                 if created {
                     let score = chrono::Utc::now().timestamp_millis();
@@ -159,18 +214,130 @@ impl Runs {
 
     /// Ends the runs still running past their workflow's `deadline_seconds` (`timed_out`): no
     /// further step starts; steps still running finish unseen. Returns each ended run with its
-    /// `workflow.timed_out` record, for the caller to produce.
+    /// `workflow.timed_out` record, for the caller to produce and then confirm
+    /// ([`Self::timed_out_written`]); a run whose record was not confirmed within
+    /// [`RESEND_AFTER_MS`] (its writer failed or died) is returned again with the same record.
+    /// Reads only the runs that are due (at most [`SWEEP_BATCH`] a call).
     pub async fn expire(
         &self,
         specs: &std::collections::BTreeMap<String, WorkflowSpec>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<(RunState, super::Lifecycle)>, StoreError> {
+        let mut c = self.conn.get().await?;
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.deadlines_key())
+            .arg("-inf")
+            .arg(now.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_BATCH)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        for id in due {
+            // Where it goes: nowhere (the run ended, expired or left the config), or a new
+            // deadline (the config changed it), or timed out now, or its record written again.
+            let mut settle: Option<Option<i64>> = Some(None);
+            if let Some(key) = redis::cmd("GET")
+                .arg(self.where_key(&id))
+                .query_async::<Option<String>>(&mut c)
+                .await?
+            {
+                for _ in 0..5 {
+                    let (v, Some(mut state)) = self.load(&key).await? else {
+                        break;
+                    };
+                    let Some(deadline) =
+                        specs.get(&state.workflow).and_then(|w| w.deadline_seconds)
+                    else {
+                        break;
+                    };
+                    let Some(due) = deadline_ms(&state, Some(deadline)) else {
+                        break;
+                    };
+                    if state.status == "timed_out" {
+                        // Timed out before and still listed: its record was not confirmed.
+                        let at = state.finished_at.clone().unwrap_or_default();
+                        let since = chrono::DateTime::parse_from_rfc3339(&at)
+                            .map_or(i64::MAX, |t| now.timestamp_millis() - t.timestamp_millis());
+                        if since >= RESEND_AFTER_MS {
+                            let record = timed_out_record(&state, deadline, at);
+                            out.push((state, record));
+                        }
+                        settle = None;
+                        break;
+                    }
+                    if state.status != "running" {
+                        break;
+                    }
+                    if now.timestamp_millis() < due {
+                        settle = Some(Some(due));
+                        break;
+                    }
+                    let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                    state.status = "timed_out".into();
+                    state.finished_at = Some(at.clone());
+                    if self.cas(&mut c, &key, v, &state).await? {
+                        let _: () = redis::cmd("HINCRBY")
+                            .arg(self.active_key())
+                            .arg(&state.workflow)
+                            .arg(-1)
+                            .query_async(&mut c)
+                            .await?;
+                        let record = timed_out_record(&state, deadline, at);
+                        out.push((state, record));
+                        settle = None;
+                        break;
+                    }
+                }
+            }
+            match settle {
+                None => {}
+                Some(None) => {
+                    let _: () = redis::cmd("ZREM")
+                        .arg(self.deadlines_key())
+                        .arg(&id)
+                        .query_async(&mut c)
+                        .await?;
+                }
+                Some(Some(due)) => {
+                    let _: () = redis::cmd("ZADD")
+                        .arg(self.deadlines_key())
+                        .arg("XX")
+                        .arg(due)
+                        .arg(&id)
+                        .query_async(&mut c)
+                        .await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A timed-out run's record was written: the run leaves the deadline sweeper's list.
+    pub async fn timed_out_written(&self, run_id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.get().await?;
+        let _: () = redis::cmd("ZREM")
+            .arg(self.deadlines_key())
+            .arg(run_id)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Lists for the deadline sweeper the running runs of workflows with a deadline that are not
+    /// listed yet — runs started before the list existed (an upgrade); called once when a sweeper
+    /// starts. Reads the runs of the last (longest deadline + 1 day), as the sweeper once did on
+    /// every pass. Returns how many it listed.
+    pub async fn list_deadlines(
+        &self,
+        specs: &std::collections::BTreeMap<String, WorkflowSpec>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, StoreError> {
         let Some(longest) = specs.values().filter_map(|w| w.deadline_seconds).max() else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
         let mut c = self.conn.get().await?;
-        // Runs that can be past a deadline: started at least the shortest deadline ago, at most
-        // the longest deadline plus a day ago (older ones were swept before).
         let newest = now.timestamp_millis();
         let oldest = newest - (longest as i64 + 86_400) * 1000;
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -179,7 +346,7 @@ impl Runs {
             .arg(newest)
             .query_async(&mut c)
             .await?;
-        let mut out = Vec::new();
+        let mut listed = 0;
         for id in ids {
             let Some(key) = redis::cmd("GET")
                 .arg(self.where_key(&id))
@@ -188,58 +355,22 @@ impl Runs {
             else {
                 continue;
             };
-            for _ in 0..5 {
-                let (v, Some(mut state)) = self.load(&key).await? else {
-                    break;
-                };
-                let Some(deadline) = specs.get(&state.workflow).and_then(|w| w.deadline_seconds)
-                else {
-                    break;
-                };
-                let started = chrono::DateTime::parse_from_rfc3339(&state.started_at)
-                    .map(|t| t.with_timezone(&chrono::Utc))
-                    .unwrap_or(now);
-                if state.status != "running"
-                    || now < started + chrono::Duration::seconds(deadline as i64)
-                {
-                    break;
-                }
-                let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                state.status = "timed_out".into();
-                state.finished_at = Some(at.clone());
-                let running: Vec<String> = state
-                    .steps
-                    .iter()
-                    .filter(|(_, s)| s.status == "running")
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                if self.cas(&mut c, &key, v, &state).await? {
-                    let _: () = redis::cmd("HINCRBY")
-                        .arg(self.active_key())
-                        .arg(&state.workflow)
-                        .arg(-1)
-                        .query_async(&mut c)
-                        .await?;
-                    let record = super::Lifecycle {
-                        kind: "workflow.timed_out".into(),
-                        step: None,
-                        agent: None,
-                        task_id: None,
-                        status: Some("timed_out".into()),
-                        duration_ms: Some(deadline * 1000),
-                        error: Some(format!(
-                            "not finished within {deadline} s; still running: {}",
-                            running.join(", ")
-                        )),
-                        cost: Some(state.steps.values().map(|s| s.cost).sum()),
-                        at,
-                    };
-                    out.push((state, record));
-                    break;
-                }
+            let (_, Some(state)) = self.load(&key).await? else {
+                continue;
+            };
+            let deadline = specs.get(&state.workflow).and_then(|w| w.deadline_seconds);
+            if let (true, Some(due)) = (state.status == "running", deadline_ms(&state, deadline)) {
+                let added: i64 = redis::cmd("ZADD")
+                    .arg(self.deadlines_key())
+                    .arg("NX")
+                    .arg(due)
+                    .arg(&id)
+                    .query_async(&mut c)
+                    .await?;
+                listed += added as usize;
             }
         }
-        Ok(out)
+        Ok(listed)
     }
 
     /// Runs started and not yet ended, per workflow (counted from a run's first step completion).
