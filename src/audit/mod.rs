@@ -25,4 +25,4 @@ pub use sealer::{
     ChainStore, Head, MemoryChainStore, RedisChainStore, SealData, Sealed, Sealer, SEAL_SCHEMA,
     SEAL_TYPE,
 };
-pub use verify::{verify, AuditRecord, ChainProblem, Verification};
+pub use verify::{verify, verify_retained, AuditRecord, ChainProblem, Verification};

@@ -72,11 +72,80 @@ pub struct Verification {
     pub chains: usize,
     /// Exact repeats (a redelivered input, a retried request) skipped.
     pub duplicates: usize,
+    /// Gaps at the front of the trail that the topic's retention explains ([`verify_retained`]):
+    /// chains that begin after their first records or seals were deleted, seals listing deleted
+    /// records, records whose seal was deleted. Not problems.
+    pub expired: usize,
     pub problems: Vec<ChainProblem>,
+}
+
+/// What retention (or `DeleteRecords`) removed from the front of an audit topic's partitions: the
+/// first offset each partition still holds, where it is not 0, and the time of the latest of those
+/// partitions' first retained records (the cut: what is older may have lost its neighbours).
+#[derive(Default)]
+struct Trim {
+    starts: HashMap<i32, i64>,
+    cut: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Records decided within this long before the cut may still be listed by a seal written after
+/// it (a batch's records are sealed after they are decided).
+const CUT_SLACK_SECONDS: i64 = 60;
+
+impl Trim {
+    fn new(records: &[AuditRecord], starts: &HashMap<i32, i64>) -> Self {
+        let starts: HashMap<i32, i64> = starts
+            .iter()
+            .filter(|(_, o)| **o > 0)
+            .map(|(p, o)| (*p, *o))
+            .collect();
+        let mut first: HashMap<i32, &AuditRecord> = HashMap::new();
+        for r in records.iter().filter(|r| starts.contains_key(&r.partition)) {
+            let f = first.entry(r.partition).or_insert(r);
+            if r.offset < f.offset {
+                *f = r;
+            }
+        }
+        let cut = first.values().filter_map(|r| time_of(r)).max();
+        Trim { starts, cut }
+    }
+
+    /// Whether records before `r` in its partition were deleted.
+    fn trimmed(&self, r: &AuditRecord) -> bool {
+        self.starts.contains_key(&r.partition)
+    }
+
+    /// Whether `r` is old enough that records written with it may have been deleted.
+    fn near_cut(&self, r: &AuditRecord) -> bool {
+        match (self.cut, time_of(r)) {
+            (Some(cut), Some(t)) => t < cut + chrono::Duration::seconds(CUT_SLACK_SECONDS),
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+fn time_of(r: &AuditRecord) -> Option<chrono::DateTime<chrono::Utc>> {
+    let t = r.event.time.as_deref()?;
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
 }
 
 /// Checks every chain of both versions; records may come in any order.
 pub fn verify(records: &[AuditRecord]) -> Verification {
+    verify_retained(records, &HashMap::new())
+}
+
+/// [`verify`] of a topic whose partitions may have lost their oldest records to retention:
+/// `starts` holds each partition's first offset (its low watermark). Where a partition starts
+/// after 0, a chain beginning after its first seal (or record, version 1) in that partition, a seal
+/// listing a record missing from the topic, or a record in no seal, is counted as `expired` instead
+/// of a problem when it is that old — its seal or record was in the deleted part (written before
+/// the latest first retained record of the trimmed partitions, 60 s of slack). Retention deletes
+/// only from the front: a gap further on, an altered or forked record, is still a problem.
+pub fn verify_retained(records: &[AuditRecord], starts: &HashMap<i32, i64>) -> Verification {
+    let trim = Trim::new(records, starts);
     let mut v = Verification::default();
     let (mut v1, mut v2, mut seals) = (Vec::new(), Vec::new(), Vec::new());
     for r in records {
@@ -97,12 +166,12 @@ pub fn verify(records: &[AuditRecord]) -> Verification {
     }
     v.records = v1.len() + v2.len();
     v.seals = seals.len();
-    verify_v1(&v1, &mut v);
-    verify_v2(&v2, &seals, &mut v);
+    verify_v1(&v1, &trim, &mut v);
+    verify_v2(&v2, &seals, &trim, &mut v);
     v
 }
 
-fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verification) {
+fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &mut Verification) {
     let mut present: HashSet<&str> = HashSet::new();
     for r in records {
         if r.event.ty != types::AUDIT {
@@ -131,6 +200,7 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verificat
     }
     v.chains += chains.len();
     let mut listed: HashSet<String> = HashSet::new();
+    let mut expired = 0;
     for (chain, mut list) in chains {
         list.sort_by_key(|a| a.1.seq);
         let mut last: Option<&(&AuditRecord, SealData)> = None;
@@ -149,7 +219,9 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verificat
                 problem("the seal's root is not the Merkle root of its entries (altered)".into());
             }
             for e in &seal.entries {
-                if !present.contains(e.hash.as_str()) {
+                if !present.contains(e.hash.as_str()) && trim.near_cut(rec) {
+                    expired += 1;
+                } else if !present.contains(e.hash.as_str()) {
                     problem(format!(
                         "record {} of {}/{} that this seal lists is missing",
                         e.id, e.tenant, e.resource
@@ -179,6 +251,11 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verificat
                         problem("prev is not the previous seal's hash (altered)".into());
                     }
                 }
+                None if (seal.seq != 1 || seal.prev.is_some()) && trim.trimmed(rec) => {
+                    // Its chain's seals are keyed alike (one partition): the ones before it were
+                    // in the part retention deleted.
+                    expired += 1;
+                }
                 None => {
                     if seal.seq != 1 || seal.prev.is_some() {
                         problem(format!(
@@ -191,9 +268,15 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verificat
             last = Some(item);
         }
     }
+    v.expired += expired;
     let mut reported = HashSet::new();
     for r in records {
         if !listed.contains(&r.hash) && reported.insert(r.hash.as_str()) {
+            if trim.near_cut(r) {
+                // Its seal may have been deleted before it.
+                v.expired += 1;
+                continue;
+            }
             v.problems.push(ChainProblem {
                 chain: r.event.subject.clone().unwrap_or_default(),
                 seq: 0,
@@ -207,12 +290,14 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], v: &mut Verificat
     }
 }
 
-fn verify_v1(records: &[&AuditRecord], v: &mut Verification) {
+fn verify_v1(records: &[&AuditRecord], trim: &Trim, v: &mut Verification) {
     struct Link {
         seq: u64,
         hash: String,
         prev: Option<String>,
         at: String,
+        /// Records before it in its partition were deleted (retention).
+        trimmed: bool,
     }
     let mut chains: BTreeMap<(String, String), Vec<Link>> = BTreeMap::new();
     for r in records {
@@ -248,6 +333,7 @@ fn verify_v1(records: &[&AuditRecord], v: &mut Verification) {
                 hash,
                 prev,
                 at: r.place(),
+                trimmed: trim.trimmed(r),
             });
     }
     v.chains += chains.len();
@@ -282,6 +368,10 @@ fn verify_v1(records: &[&AuditRecord], v: &mut Verification) {
                     if l.prev.as_deref() != Some(p.hash.as_str()) {
                         problem("prev_hash is not the previous record's hash".into());
                     }
+                }
+                None if (l.seq != 1 || l.prev.is_some()) && l.trimmed => {
+                    // A resource's records share a partition: the ones before were deleted.
+                    v.expired += 1;
                 }
                 None => {
                     if l.seq != 1 || l.prev.is_some() {
@@ -325,19 +415,33 @@ mod tests {
     use std::sync::Arc;
 
     fn rec(resource: &str, n: u64) -> CloudEvent {
+        rec_at(resource, n, "2026-01-01T00:00:00Z")
+    }
+
+    fn rec_at(resource: &str, n: u64, time: &str) -> CloudEvent {
         CloudEvent::new(format!("a-{resource}-{n}"), "t", types::AUDIT)
             .with_subject(resource)
-            .with_time("2026-01-01T00:00:00Z")
+            .with_time(time)
             .with_data(json!({"decision": "accepted", "stage": "resolve", "resource": resource, "tenant": "default", "detail": {"n": n}}))
     }
 
     /// Three batches of a chain: records and seals as written.
     async fn written() -> Vec<Output> {
+        let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        written_at(start.with_timezone(&chrono::Utc)).await
+    }
+
+    /// [`written`], batch `b`'s records decided at `start` + `b` hours (seals are stamped when
+    /// sealed: now).
+    async fn written_at(start: chrono::DateTime<chrono::Utc>) -> Vec<Output> {
         let sealer = Sealer::new(Arc::new(MemoryChainStore::default()), "audit");
         let emitter = Emitter::new(Default::default(), Default::default());
         let mut out = Vec::new();
         for batch in 0..3 {
-            let recs: Vec<CloudEvent> = (0..3).map(|i| rec("svc", batch * 3 + i)).collect();
+            let time = (start + chrono::Duration::hours(batch as i64)).to_rfc3339();
+            let recs: Vec<CloudEvent> = (0..3)
+                .map(|i| rec_at("svc", batch * 3 + i, &time))
+                .collect();
             let (outs, seal) = sealer
                 .seal("resolve", "resolve/p/0", &emitter, &recs)
                 .await
@@ -418,6 +522,83 @@ mod tests {
         forked.extend(seal.seals);
         let p = verify(&read(&forked)).problems;
         assert!(p.iter().any(|p| p.message.contains("forked")), "{p:?}");
+    }
+
+    /// Records on partition 1 and seals on partition 0 (offsets from 0 on each), less the first
+    /// `cut` records of partition 1 and the first `cut_seals` seals: what retention leaves.
+    fn spread(outs: &[Output], cut: i64, cut_seals: i64) -> Vec<AuditRecord> {
+        let mut next = [0i64, 0];
+        let mut out = Vec::new();
+        for o in outs {
+            let r = AuditRecord::new(0, 0, o.payload.clone());
+            let p = usize::from(r.event.ty != SEAL_TYPE);
+            let offset = next[p];
+            next[p] += 1;
+            if offset >= [cut_seals, cut][p] {
+                out.push(AuditRecord::new(p as i32, offset, o.payload.clone()));
+            }
+        }
+        out
+    }
+
+    fn starts(recs: &[AuditRecord]) -> HashMap<i32, i64> {
+        let mut s = HashMap::new();
+        for r in recs {
+            let o = s.entry(r.partition).or_insert(r.offset);
+            *o = (*o).min(r.offset);
+        }
+        s
+    }
+
+    /// Retention deletes a topic's oldest records: a chain that begins after its first seals, and
+    /// a seal whose records were deleted before it, are explained by that (counted, not
+    /// problems); a gap further on, or a record gone that a seal written long after the cut lists,
+    /// is still a problem.
+    #[tokio::test]
+    async fn gaps_retention_left_at_the_front_are_not_problems() {
+        // One partition, the first batch (three records and its seal) deleted.
+        let outs = written().await;
+        let kept: Vec<AuditRecord> = read(&outs).into_iter().skip(4).collect();
+        let p = verify(&kept).problems;
+        assert!(
+            p.iter()
+                .any(|p| p.message.contains("chain starts at seal 2")),
+            "{p:?}"
+        );
+        let v = verify_retained(&kept, &starts(&kept));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(v.expired, 1);
+        // ... and the last seal removed (offsets 4-7 are batch 1 and seal 2): its records are in
+        // no seal, and they are an hour newer than where the trail now starts.
+        let mut holed = kept.clone();
+        holed.retain(|r| r.offset != 11);
+        let p = verify_retained(&holed, &starts(&holed)).problems;
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().all(|p| p.message.contains("in no seal")), "{p:?}");
+
+        // Records and seals on two partitions; the records' partition lost the first batch's
+        // records, the seals' partition kept every seal. Seal 1, written with them (an hour before
+        // the first retained record), lists them.
+        let outs = written_at(chrono::Utc::now() - chrono::Duration::hours(1)).await;
+        let kept = spread(&outs, 3, 0);
+        assert_eq!(
+            verify(&kept).problems.len(),
+            3,
+            "three records seal 1 lists"
+        );
+        let v = verify_retained(&kept, &starts(&kept));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(v.expired, 3);
+        // Both partitions trimmed (seal 1 gone too): its chain begins at seal 2.
+        let kept = spread(&outs, 3, 1);
+        let v = verify_retained(&kept, &starts(&kept));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // Records decided long before the seals that list them (here: months): the cut is at the
+        // first retained record, and a seal written well after it lists nothing retention took.
+        let outs = written().await;
+        let kept = spread(&outs, 3, 0);
+        let p = verify_retained(&kept, &starts(&kept)).problems;
+        assert_eq!(p.len(), 3, "{p:?}");
     }
 
     /// Version 1 chains (per resource) written before still verify.
