@@ -139,6 +139,7 @@ pub async fn run(
     let producer = Producer::new(&run_producer_config(&cfg.kafka))
         .map_err(|e| AppError::Setup(format!("cannot create producer: {e}")))?;
     producer.limits().set(topic_limits);
+    let refresh_limits = cfg.kafka.topic_limits_refresh_seconds;
     let emitter = Emitter::new(loaded.schemas.clone(), loaded.topics.clone());
     let redis = RedisConn::from_config(&cfg.redis)
         .map_err(|e| AppError::Setup(format!("redis.url: {e}")))?;
@@ -178,6 +179,14 @@ pub async fn run(
         Duration::from_secs(1),
         stop.clone(),
     ));
+    if refresh_limits > 0 {
+        tracker.spawn(refresh_topic_limits(
+            cfg.clone(),
+            producer.limits(),
+            Duration::from_secs(refresh_limits),
+            stop.clone(),
+        ));
+    }
     let resources = resource_store(&loaded, redis.clone());
     let sealer = sealer(&loaded, redis.clone());
     let stats = Arc::new(crate::agents::stats::AgentStats::new(
@@ -411,6 +420,7 @@ async fn read_topic_limits(cfg: &mut crate::config::Config) -> Vec<(String, usiz
         &admin_config(&cfg.kafka),
         &refs,
         Duration::from_secs(10),
+        None,
     )
     .await
     {
@@ -431,6 +441,65 @@ async fn read_topic_limits(cfg: &mut crate::config::Config) -> Vec<(String, usiz
             tracing::warn!(error = %e, "Could not read the topics' max.message.bytes; records are checked only against the producer's message.max.bytes (a record a topic refuses stops its stage).");
             Vec::new()
         }
+    }
+}
+
+/// Reads the topics' `max.message.bytes` again every `every` (`kafka.topic_limits_refresh_seconds`):
+/// a limit lowered while switchyard runs, or one the brokers did not answer at start, is then
+/// checked before a record is queued — a larger record dead-letters its input instead of failing
+/// its delivery, which stops the stage. The producer's `batch.size` (capped at start to the
+/// smallest limit) cannot change while it runs: a limit lowered below it is warned about.
+async fn refresh_topic_limits(
+    cfg: crate::config::Config,
+    limits: crate::kafka::TopicLimits,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let names: Vec<String> = cfg
+        .referenced_topics()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let admin = admin_config(&cfg.kafka);
+    let batch_size = cfg
+        .kafka
+        .producer
+        .get("batch.size")
+        .and_then(|v| v.parse::<usize>().ok());
+    let quiet = std::sync::Mutex::new(std::collections::HashSet::new());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let read = match crate::topics::max_message_bytes(
+            &admin,
+            &refs,
+            Duration::from_secs(10),
+            Some(&quiet),
+        )
+        .await
+        {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not read the topics' max.message.bytes again.");
+                continue;
+            }
+        };
+        for (topic, limit) in &read {
+            let before = limits.configured(topic);
+            if before == Some(*limit) {
+                continue;
+            }
+            tracing::info!(%topic, before, max_message_bytes = limit, "A topic's max.message.bytes changed: its records are checked against the new one.");
+            let lowest_batch =
+                crate::kafka::config::BATCH_FRAMING_BYTES + batch_size.unwrap_or(1_000_000);
+            if *limit < lowest_batch {
+                tracing::warn!(%topic, max_message_bytes = limit, "A topic now takes smaller batches than the producer builds (batch.size): restart switchyard to lower it, or a batch of small records may be refused and stop its stage.");
+            }
+        }
+        limits.set(read);
     }
 }
 

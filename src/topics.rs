@@ -274,10 +274,13 @@ pub enum TopicsError {
 
 /// The `max.message.bytes` of each of `names` that exists and whose config the broker returns: the
 /// largest record batch the broker takes into that topic (its own setting, or the broker's default).
+/// A topic the broker answers with an error for is warned about once per `quiet` set (`None`: every
+/// time), then logged at debug.
 pub async fn max_message_bytes(
     client: &ClientConfig,
     names: &[&str],
     timeout: Duration,
+    quiet: Option<&std::sync::Mutex<std::collections::HashSet<String>>>,
 ) -> Result<Vec<(String, usize)>, TopicsError> {
     let brokers = client.get("bootstrap.servers").unwrap_or("?").to_string();
     let unreachable = |detail: String| TopicsError::Unreachable {
@@ -304,7 +307,16 @@ pub async fn max_message_bytes(
                     .and_then(|v| v.parse().ok())
                     .map(|l| (name.to_string(), l)),
                 Err(e) => {
-                    tracing::warn!(topic = %name, error = %e, "Could not read a topic's max.message.bytes; its records are checked only against the producer's limit.");
+                    let first = quiet.is_none_or(|q| {
+                        q.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(name.to_string())
+                    });
+                    if first {
+                        tracing::warn!(topic = %name, error = %e, "Could not read a topic's max.message.bytes; its records are checked only against the producer's limit.");
+                    } else {
+                        tracing::debug!(topic = %name, error = %e, "Could not read a topic's max.message.bytes.");
+                    }
                     None
                 }
             }

@@ -960,6 +960,65 @@ async fn an_output_larger_than_its_topic_takes_dead_letters_the_input() {
     running.stop().await;
 }
 
+/// A topic's limit lowered while switchyard runs (`max.message.bytes` set on the tasks topic after
+/// start) is read again (`kafka.topic_limits_refresh_seconds`, here 1 s): a task larger than the
+/// new limit then dead-letters its event instead of being sent to a broker that would refuse it
+/// (tansu does not enforce the setting, so without the refresh the task would be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_limit_lowered_while_running_is_read_again() {
+    let env = TestEnv::with(1, "  topic_limits_refresh_seconds: 1", &too_large_routes()).await;
+    let running = env.start(&["route"]);
+    env.publish(
+        "events.deployments",
+        &[event(
+            "huge-before",
+            "deployment.started",
+            "svc-l",
+            json!({"notes": "x".repeat(1500)}),
+        )],
+    )
+    .await;
+    let tasks = env
+        .read("switchyard.tasks", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        tasks.iter().map(task_event_id).collect::<Vec<_>>(),
+        ["huge-before"]
+    );
+    env.alter_topic_config("switchyard.tasks", "max.message.bytes", "3312");
+    // Read again within a second or so of the change.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.publish(
+        "events.deployments",
+        &[
+            event(
+                "huge-after",
+                "deployment.started",
+                "svc-l",
+                json!({"notes": "x".repeat(1500)}),
+            ),
+            event("small-after", "deployment.completed", "svc-l", json!({})),
+        ],
+    )
+    .await;
+    let dlq = env.read("switchyard.dlq", 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        header(&dlq[0], dlq_headers::REASON),
+        Some("output_too_large")
+    );
+    let tasks = env
+        .read("switchyard.tasks", 2, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        tasks.iter().map(task_event_id).collect::<Vec<_>>(),
+        ["huge-before", "small-after"]
+    );
+    let v = env.verified_audit(3, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    running.stop().await;
+}
+
 /// A long route name makes every task (and routing audit record) big, so an event with a large
 /// payload yields a task over 2,800 bytes while its dead letter and audit record stay under it.
 fn too_large_routes() -> String {

@@ -50,6 +50,11 @@ pub struct KafkaConfig {
     /// what is done.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// How often (seconds) `switchyard run` reads its topics' `max.message.bytes` again (0: only at
+    /// start), so a record larger than a limit lowered while it runs — or than one the brokers did
+    /// not answer at start — is dead-lettered (`output_too_large`) instead of refused by the broker.
+    #[serde(default = "default_topic_limits_refresh_seconds")]
+    pub topic_limits_refresh_seconds: u64,
 }
 
 impl KafkaConfig {
@@ -174,6 +179,9 @@ impl Default for KafkaConfig {
     }
 }
 
+fn default_topic_limits_refresh_seconds() -> u64 {
+    60
+}
 fn default_brokers() -> String {
     "127.0.0.1:9092".into()
 }

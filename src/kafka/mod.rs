@@ -322,6 +322,12 @@ impl TopicLimits {
         m.extend(limits);
     }
 
+    /// `topic`'s `max.message.bytes` as last read, when it was.
+    pub fn configured(&self, topic: &str) -> Option<usize> {
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        m.get(topic).copied()
+    }
+
     /// The most a record for `topic` may take (payload, key and headers), when its topic's limit
     /// is known: its `max.message.bytes` less the batch's framing.
     pub fn of(&self, topic: &str) -> Option<usize> {

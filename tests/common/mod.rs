@@ -402,6 +402,36 @@ schemas_dir: {schemas}
         format!("{}.{logical}", self.prefix)
     }
 
+    /// Sets a config of one of this environment's topics on the broker while it is in use, as an
+    /// operator would (IncrementalAlterConfigs, through the stack venv's confluent-kafka: the Rust
+    /// client here only speaks the older AlterConfigs, which tansu does not take).
+    pub fn alter_topic_config(&self, logical: &str, key: &str, value: &str) {
+        let script = r#"
+import sys
+from confluent_kafka.admin import AdminClient, ConfigResource, ConfigEntry, AlterConfigOpType
+brokers, topic, key, value = sys.argv[1:5]
+admin = AdminClient({"bootstrap.servers": brokers})
+entry = ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+for f in admin.incremental_alter_configs([ConfigResource("topic", topic, incremental_configs=[entry])]).values():
+    f.result(15)
+"#;
+        let out = std::process::Command::new(stack_dir().join("venv/bin/python"))
+            .args(["-c", script])
+            .args([
+                self.loaded.config.kafka.brokers.as_str(),
+                &self.topic(logical),
+                key,
+                value,
+            ])
+            .output()
+            .expect("the stack venv's python runs");
+        assert!(
+            out.status.success(),
+            "altering {logical}'s {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn producer(&self) -> Producer {
         Producer::new(&producer_config(&self.loaded.config.kafka)).expect("producer")
     }
