@@ -1092,6 +1092,25 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
     );
     assert_eq!(rb.approved_by.as_deref(), Some("alice"));
     assert_eq!(rb.parameters["to_version"], "v41");
+    // Answered again (the 409 and the CLI), the decision produced nothing more: its records were
+    // all produced the first time (a retry while they were not would produce them again).
+    let rollbacks = env
+        .read("switchyard.actions", 10, Duration::from_secs(3))
+        .await
+        .iter()
+        .filter(|r| data::<ActionData>(r).action == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1, "one rollback record");
+    let approved = env
+        .read("switchyard.approvals", 20, Duration::from_secs(3))
+        .await
+        .iter()
+        .filter(|r| {
+            let d = data_of(&event_of(r)).clone();
+            d["approval_id"] == json!(pending.approval_id) && d["status"] == "approved"
+        })
+        .count();
+    assert_eq!(approved, 1, "one approved record");
     assert!(
         rb.fencing_token > page.fencing_token,
         "fencing tokens increase per resource"

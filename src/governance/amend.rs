@@ -185,7 +185,7 @@ impl Approvals {
         for _ in 0..20 {
             let (loaded, stored) = self.load_approval(&key, approval_id).await?;
             if !stored.is_open() {
-                return self.decided_before(stored).await;
+                return self.answered_before(stored).await;
             }
             allowed(&stored.approval).map_err(ApprovalError::Forbidden)?;
             if !amendable(&stored) {

@@ -215,8 +215,9 @@ fn enc(e: impl std::fmt::Display) -> ApprovalError {
 
 impl Approvals {
     /// Applies a verdict (or an expiry when `expire` is set). Idempotent: an already decided approval
-    /// yields its decision's records again. With `outbox`, the decision is noted in the outbox
-    /// before the state moves; the caller clears it with [`Approvals::sent`] once every record is
+    /// yields its decision's records again — with `outbox`, only while they are not all produced
+    /// ([`Approvals::answered_before`]). With `outbox`, the decision is noted in the outbox before
+    /// the state moves; the caller clears it with [`Approvals::sent`] once every record is
     /// produced.
     pub async fn decide(
         &self,
@@ -252,6 +253,9 @@ impl Approvals {
         let key = self.key_of(approval_id).await?;
         for _ in 0..20 {
             let (loaded, stored) = self.load_approval(&key, approval_id).await?;
+            if !stored.is_open() && outbox {
+                return self.answered_before(stored).await;
+            }
             if !stored.is_open() {
                 return self.decided_before(stored).await;
             }
@@ -459,6 +463,26 @@ impl Approvals {
     }
 
     /// An approval decided before: its decision's records again (the same as then), not fresh.
+    /// An approval decided before, asked again through the API, the CLI or the expiry sweeper: its
+    /// decision, with its records only while they are not all produced (its outbox entry is
+    /// still there: the first answer's producing failed or was cut short). Once they were,
+    /// answering again (409) produces nothing more — however often a client retries.
+    pub(crate) async fn answered_before(
+        &self,
+        stored: StoredApproval,
+    ) -> Result<Decision, ApprovalError> {
+        if self.store.outbox_has(&stored.approval.approval_id).await? {
+            return self.decided_before(stored).await;
+        }
+        let action = (stored.approval.status == "approved").then(|| stored.action.clone());
+        Ok(Decision {
+            approval: stored.approval,
+            fresh: false,
+            action,
+            outputs: Vec::new(),
+        })
+    }
+
     pub(crate) async fn decided_before(
         &self,
         stored: StoredApproval,

@@ -170,6 +170,9 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first.
     fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 
+    /// Whether this approval's decision is in the outbox (its records not yet all produced).
+    fn outbox_has<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Leaves what a decision made outside a running switchyard (the CLI) counts in the metrics,
     /// for a running one to count ([`ResourceStore::tallies_take`]). At most [`MAX_TALLIES`] are
     /// kept (the oldest go first), for a day, should no instance run the sweeper.
@@ -939,6 +942,18 @@ impl ResourceStore for RedisResourceStore {
         })
     }
 
+    fn outbox_has<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let at: Option<f64> = redis::cmd("ZSCORE")
+                .arg(self.outbox_key())
+                .arg(approval_id)
+                .query_async(&mut c)
+                .await?;
+            Ok(at.is_some())
+        })
+    }
+
     fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
@@ -1239,6 +1254,10 @@ impl ResourceStore for MemoryResourceStore {
             self.lock().outbox.remove(approval_id);
             Ok(())
         })
+    }
+
+    fn outbox_has<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.lock().outbox.contains_key(approval_id)) })
     }
 
     fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
