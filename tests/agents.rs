@@ -1688,6 +1688,35 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
     );
 }
 
+/// A `switchyard.redriven.from` header on an input record is believed only of a genuine copy of
+/// the dead letter it names (the same payload, or the task redriven from it): a forged one does not
+/// make `dlq redrive` skip the dead letter it names as "redriven before".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_redriven_from_header_does_not_hide_a_dead_letter() {
+    let env = TestEnv::new(1, "").await;
+    let running = env.start(&["route"]);
+    env.send_raw("events.deployments", "svc-a", b"first, not json", &[])
+        .await;
+    let dl = env.read("switchyard.dlq", 1, Duration::from_secs(40)).await;
+    assert_eq!(dl.len(), 1);
+    let named = format!("{}@{}", dl[0].partition, dl[0].offset);
+    env.send_raw(
+        "events.deployments",
+        "svc-b",
+        b"second, not json either",
+        &[("switchyard.redriven.from", named.as_str())],
+    )
+    .await;
+    let dl = env.read("switchyard.dlq", 2, Duration::from_secs(40)).await;
+    running.stop().await;
+    assert_eq!(dl.len(), 2);
+    let dry = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(
+        dry.contains("would redrive 2 ") && !dry.contains("skipped: redriven before"),
+        "{dry}"
+    );
+}
+
 /// A record too big to copy whole into a dead letter (a key and headers near the broker's limit),
 /// and an event whose attributes are past their bounds, are dead-lettered — bounded — and the
 /// stage goes on with the next record (the first used to stop the stage at every start, the second

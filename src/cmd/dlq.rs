@@ -138,6 +138,18 @@ fn summary(r: &Input) -> Value {
     })
 }
 
+/// Whether dead letter `copy` is what redriving `original` sent, failed again: the same payload
+/// (republished as it was), or a task redriven from the original's task (its id extends it).
+fn copy_of(l: &Loaded, copy: &Input, original: &Input) -> bool {
+    if copy.payload == original.payload {
+        return true;
+    }
+    match (failed_task(l, copy), failed_task(l, original)) {
+        (Some(c), Some(o)) => c.starts_with(&format!("{o}-redrive-")),
+        _ => false,
+    }
+}
+
 /// The task id of an `agent_failed` dead letter.
 fn failed_task(l: &Loaded, r: &Input) -> Option<String> {
     if header(r, REASON) != Some("agent_failed") {
@@ -271,14 +283,19 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             }
             // A dead letter redriven before whose copy failed again (the copy's dead letter names
             // it in `switchyard.redriven.from`) is not redriven again: only its newest copy is, or
-            // every run would double them.
+            // every run would double them. The header is believed only of a genuine copy
+            // ([`copy_of`]): whoever writes to an input topic could set it to hide another
+            // dead letter from redrives.
+            let at: std::collections::HashMap<String, &Input> = all
+                .iter()
+                .map(|r| (format!("{}@{}", r.partition, r.offset), r))
+                .collect();
             let redriven: std::collections::HashMap<String, (i32, i64)> = all
                 .iter()
                 .filter_map(|r| {
-                    Some((
-                        header(r, REDRIVEN_FROM)?.to_string(),
-                        (r.partition, r.offset),
-                    ))
+                    let from = header(r, REDRIVEN_FROM)?;
+                    copy_of(&l, r, at.get(from)?)
+                        .then(|| (from.to_string(), (r.partition, r.offset)))
                 })
                 .collect();
             let recs = select(&all, &filter)?;
