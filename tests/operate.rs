@@ -742,9 +742,10 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
 
     // GitHub: a signed deployment_status, a bad signature, a ping, another event type.
     let gh_url = format!("{base}/v1/ingest/github");
+    let recent = (chrono::Utc::now() - chrono::Duration::minutes(2)).to_rfc3339();
     let gh = json!({
         "action": "created",
-        "deployment_status": {"id": 9001, "state": "success", "environment": "production", "updated_at": "2026-01-01T10:02:00Z"},
+        "deployment_status": {"id": 9001, "state": "success", "environment": "production", "updated_at": recent},
         "deployment": {"id": 7, "sha": "abc123", "ref": "main", "environment": "production"},
         "repository": {"name": "svc-e", "full_name": "acme/svc-e"}
     })
@@ -786,6 +787,17 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
         .unwrap();
     let v: Value = r.json().await.unwrap_or(Value::Null);
     assert_eq!(v["duplicate"], json!(true), "a replayed GitHub body: {v}");
+    // A delivery older than the dedupe window (a day) could not be told from a replay: refused.
+    let stale = gh.replace(&recent, "2026-01-01T10:02:00Z");
+    let r = gh_post("deployment_status", sign(&stale), stale.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("dedupe_seconds"),
+        "{v}"
+    );
     let r = gh_post("deployment_status", sign("other body"), gh.clone())
         .await
         .unwrap();

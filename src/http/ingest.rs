@@ -820,6 +820,35 @@ pub fn github_delivery(
     Ok(GithubDelivery::Event(Box::new(ev)))
 }
 
+/// A GitHub delivery's event is taken only while a repeat of it would still be recognised as a
+/// duplicate: its (signed) `updated_at` within `dedupe_seconds` of now. A captured delivery sent
+/// again after that window would otherwise be a new event; it is refused (409) instead. A status
+/// without a time is taken (nothing to judge it by).
+fn fresh_enough(
+    ev: &CloudEvent,
+    dedupe_seconds: u64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Refusal> {
+    let Some(t) = ev
+        .time
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    else {
+        return Ok(());
+    };
+    let age = now.timestamp() - t.timestamp();
+    if age > dedupe_seconds as i64 {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the deployment status is from {} ({age} s ago), older than http.ingest.dedupe_seconds ({dedupe_seconds} s): a delivery that old could not be told from a replay, so it is refused",
+                t.to_rfc3339()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What the ingest routes share.
 #[derive(Clone)]
 pub struct Ingest {
@@ -1506,6 +1535,10 @@ async fn github(State(s): State<Ingest>, headers: HeaderMap, body: Body) -> Resp
                 .into_response()
         }
         Ok(GithubDelivery::Event(ev)) => {
+            if let Err(r) = fresh_enough(&ev, s.inner.cfg.dedupe_seconds, chrono::Utc::now()) {
+                count(door, "rejected", 1);
+                return r.response();
+            }
             let topic = s.inner.cfg.github.topic.clone();
             s.accept(door, "github", vec![*ev], topic.as_deref()).await
         }
@@ -1775,5 +1808,20 @@ mod tests {
         assert!(github_delivery(&cfg, "deployment_status", "", body.as_bytes()).is_err());
         assert!(github_delivery(&cfg, "deployment_status", "d", b"{}").is_err());
         assert!(github_delivery(&cfg, "deployment_status", "d", b"\xff").is_err());
+
+        // Taken within the dedupe window of its time (here 2026-01-01T10:00:00Z), refused after.
+        let GithubDelivery::Event(ev) =
+            github_delivery(&cfg, "deployment_status", "d-1", body.as_bytes()).unwrap()
+        else {
+            panic!("an event")
+        };
+        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        assert!(fresh_enough(&ev, 86_400, at("2026-01-02T10:00:00Z")).is_ok());
+        let late = fresh_enough(&ev, 86_400, at("2026-01-02T10:00:01Z")).unwrap_err();
+        assert_eq!(late.status, StatusCode::CONFLICT);
+        assert!(late.message.contains("dedupe_seconds"), "{}", late.message);
+        let mut timeless = (*ev).clone();
+        timeless.time = None;
+        assert!(fresh_enough(&timeless, 86_400, at("2030-01-01T00:00:00Z")).is_ok());
     }
 }
