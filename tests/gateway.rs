@@ -775,6 +775,70 @@ cooldown: {{failures: 100, seconds: 1}}
     );
 }
 
+/// A caller that leaves while its call waits for room under a rate limit (`on_limit: wait`) ends
+/// the call at once: nothing is sent (not even once the room comes), its budget hold is given back
+/// at once (not held until the wait would have ended, a minute here), and its record says
+/// `caller_gone`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_leaving_during_a_rate_limit_wait_ends_its_call_at_once() {
+    let s = suffix();
+    let yaml = format!(
+        r#"
+providers:
+  mock: {{base_url: "$LLM", api_key: "k-{s}"}}
+aliases:
+  queued:
+    max_tokens: 8
+    candidates: [{{provider: mock, model: "w-{s}"}}]
+prices:
+  "w-{s}": {{input: 1000, output: 1000}}
+limits:
+  - {{provider: mock, model: "w-{s}", rpm: 1, on_limit: wait, max_wait_ms: 120000}}
+"#
+    );
+    let budgets = format!(
+        "- {{name: b-{s}, per: model, matches: \"*\", period: total, max_cost: 1000000.0}}\n"
+    );
+    let (gw, calls_topic) = recorded_gateway(&s, &yaml, &budgets).await;
+    gw.complete(&caller(), "queued", &ask("first"))
+        .await
+        .expect("the first call has room");
+    // The second waits for the next minute's room; its caller gives up after half a second.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        gw.complete(&caller(), "queued", &ask("second")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller gave up during the wait");
+    // (budget_state waits up to 5 s for the holds to go.)
+    let (_, _, held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:b-{s}:queued:total")).await;
+    assert_eq!(
+        held, 0,
+        "the waiting call's hold was given back when its caller left"
+    );
+    let mut outcomes: Vec<String> = Vec::new();
+    for _ in 0..10 {
+        outcomes = read_topic(&stack().0, &calls_topic, 10, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(|r| data_of(&event_of(r)).clone())
+            .filter(|d| d["model"] == "queued")
+            .map(|d| d["outcome"].as_str().unwrap_or("").to_string())
+            .collect();
+        if outcomes.len() >= 2 {
+            break;
+        }
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, ["caller_gone", "ok"]);
+    assert_eq!(
+        llm_requests(&format!("w-{s}")).await.len(),
+        1,
+        "only the first call was sent"
+    );
+}
+
 /// `n` chat completions through the served endpoints of `ports` (alternating), all at once:
 /// (status, Retry-After header) of each.
 async fn burst(ports: &[u16], key: &str, model: &str, n: usize) -> Vec<(u16, Option<String>)> {
