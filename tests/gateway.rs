@@ -1136,6 +1136,32 @@ governance:
         1,
         "the rejected call never reached the model"
     );
+    // The task asks again (an agent retrying): the rejection stands — refused at once, no new
+    // approval asked of anyone.
+    let t0 = std::time::Instant::now();
+    let (status, body) = call("t-rejected").await.expect("join");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "refused without waiting for a person: {:?}",
+        t0.elapsed()
+    );
+    let open: Value = http
+        .get(format!("{base}/v1/approvals"))
+        .bearer_auth(format!("tok-{s}"))
+        .send()
+        .await
+        .expect("approvals API")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        !open["approvals"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x["action_record"]["parameters"]["task"] == "t-rejected")),
+        "no new approval for the rejected task: {open}"
+    );
+    assert_eq!(llm_requests(&model).await.len(), 1);
     // A caller that gives up while its call waits for a person (plain or streamed): the wait ends
     // with it, so an approval given later sends no call to the model for nobody.
     for (task, stream) in [("t-gone", false), ("t-gone-stream", true)] {
