@@ -914,7 +914,7 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
     let conn = switchyard::store::RedisConn::new(&stack().1).expect("redis url");
     let runs = Runs::new(conn, &s);
     let specs: BTreeMap<String, switchyard::workflow::WorkflowSpec> = serde_yaml::from_str(
-        "slow: {deadline_seconds: 60, steps: {a: {agent: x}, b: {agent: x, after: [a]}}}\n",
+        "slow: {deadline_seconds: 60, steps: {a: {agent: x}, a2: {agent: x}, b: {agent: x, after: [a]}}}\n",
     )
     .expect("workflows");
     let now = chrono::Utc::now();
@@ -943,6 +943,7 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
         (due - want).abs() < 1_000.0,
         "scored by its deadline: {due} vs {want}"
     );
+    advance_run(&runs, spec, &started, "r2", "a2").await;
     advance_run(&runs, spec, &started, "r2", "b").await;
     assert_eq!(listed("r2").await, None, "an ended run leaves the list");
     let _: () = redis::cmd("ZREM")
@@ -953,27 +954,36 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
         .expect("zrem");
 
     // Not due yet: nothing.
-    assert!(runs.expire(&specs, now).await.expect("sweep").is_empty());
+    let resend = Duration::from_secs(330);
+    let sweep = |at: chrono::DateTime<chrono::Utc>| {
+        let (runs, specs) = (&runs, &specs);
+        async move { runs.expire(specs, at, resend).await.expect("sweep") }
+    };
+    assert!(sweep(now).await.is_empty());
     // Past the deadline: r1 times out (r3 is not seen: not listed).
     let later = now + chrono::Duration::seconds(61);
-    let ended = runs.expire(&specs, later).await.expect("sweep");
-    let ids: Vec<&str> = ended.iter().map(|(r, _)| r.run_id.as_str()).collect();
+    let ended = sweep(later).await;
+    let ids: Vec<&str> = ended.iter().map(|t| t.run.run_id.as_str()).collect();
     assert_eq!(ids, ["r1"]);
-    let first = lifecycle_event(&ended[0].0, &ended[0].1);
-    assert_eq!(ended[0].1.kind, "workflow.timed_out");
+    assert!(!ended[0].again);
+    let first = lifecycle_event(&ended[0].run, &ended[0].record);
+    assert_eq!(ended[0].record.kind, "workflow.timed_out");
     assert_eq!(
         runs.get("r1").await.expect("get").expect("r1").status,
         "timed_out"
     );
-    // Its record not confirmed: not again at once (another instance may be writing it), but
-    // after 30 s, the same record.
-    assert!(runs.expire(&specs, later).await.expect("sweep").is_empty());
-    let again = runs
-        .expire(&specs, later + chrono::Duration::seconds(31))
-        .await
-        .expect("sweep");
-    assert_eq!(again.len(), 1);
-    let second = lifecycle_event(&again[0].0, &again[0].1);
+    // A step finishing after the timeout changes the run, not its timeout record.
+    advance_run(&runs, spec, &started, "r1", "a2").await;
+    // Its record not confirmed: not again at once (its writer may still be waiting for the
+    // broker), but once a write would have been reported failed — the same record, to one of
+    // two sweepers at the same moment.
+    assert!(sweep(later).await.is_empty());
+    let at = later + chrono::Duration::seconds(331);
+    let (a, b) = tokio::join!(sweep(at), sweep(at));
+    assert_eq!(a.len() + b.len(), 1, "one sweeper claims it");
+    let again = a.into_iter().chain(b).next().expect("handed out again");
+    assert!(again.again);
+    let second = lifecycle_event(&again.run, &again.record);
     assert_eq!(
         serde_json::to_value(&first).expect("json"),
         serde_json::to_value(&second).expect("json"),
@@ -981,11 +991,7 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
     );
     runs.timed_out_written("r1").await.expect("confirm");
     assert_eq!(listed("r1").await, None);
-    assert!(runs
-        .expire(&specs, later + chrono::Duration::seconds(120))
-        .await
-        .expect("sweep")
-        .is_empty());
+    assert!(sweep(at + chrono::Duration::seconds(3600)).await.is_empty());
 
     // The run from before the list: a starting sweeper lists it, and it times out.
     assert_eq!(runs.list_deadlines(&specs, later).await.expect("list"), 1);
@@ -994,11 +1000,11 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
         0,
         "once"
     );
-    let ended = runs.expire(&specs, later).await.expect("sweep");
+    let ended = sweep(later).await;
     assert_eq!(
         ended
             .iter()
-            .map(|(r, _)| r.run_id.as_str())
+            .map(|t| t.run.run_id.as_str())
             .collect::<Vec<_>>(),
         ["r3"]
     );

@@ -893,23 +893,13 @@ enum Taken {
     Failed(String),
 }
 
-/// The producer's delivery timeout when the config sets none (librdkafka's `message.timeout.ms`).
-const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 300_000;
 /// Longest a client may take to send its body.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a claim lasts: longer than a produce can take (`message.timeout.ms` or
 /// `delivery.timeout.ms` of `kafka.client`/`kafka.producer`), plus a minute.
 pub fn claim_ms(kafka: &crate::kafka::KafkaConfig) -> u64 {
-    let delivery = kafka
-        .client
-        .iter()
-        .chain(&kafka.producer)
-        .filter(|(k, _)| *k == "message.timeout.ms" || *k == "delivery.timeout.ms")
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .next_back()
-        .unwrap_or(DEFAULT_DELIVERY_TIMEOUT_MS);
-    delivery + 60_000
+    kafka.delivery_timeout_ms() + 60_000
 }
 
 impl Ingest {

@@ -173,6 +173,21 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// The longest a produce can take before its delivery is reported failed: the producer's
+    /// `message.timeout.ms` (or `delivery.timeout.ms`) of `kafka.client`/`kafka.producer`, else
+    /// librdkafka's default (300,000).
+    pub fn delivery_timeout_ms(&self) -> u64 {
+        self.client
+            .iter()
+            .chain(&self.producer)
+            .filter(|(k, _)| *k == "message.timeout.ms" || *k == "delivery.timeout.ms")
+            .filter_map(|(_, v)| v.parse::<u64>().ok())
+            .next_back()
+            .unwrap_or(300_000)
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("every field has a default")

@@ -90,10 +90,14 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             })
         });
         if let Some(wf) = &workflows {
+            // A timed-out run's record is handed out again once its first write would have
+            // been reported failed, and a little more.
+            let resend_after =
+                Duration::from_millis(cfg.kafka.delivery_timeout_ms().saturating_add(30_000));
             s.tracker.spawn(expire_runs(
                 wf.clone(),
-                s.emitter.clone(),
-                s.producer.clone(),
+                (s.emitter.clone(), s.producer.clone()),
+                resend_after,
                 s.stop.clone(),
             ));
         }
@@ -143,12 +147,12 @@ pub fn effective_spec(name: &str, spec: &AgentSpec) -> AgentSpec {
 }
 
 /// Every 5 s (any instance; each run once, by compare-and-set): ends the runs past their
-/// workflow's deadline and writes their `workflow.timed_out` records (again when one was not
-/// confirmed written within 30 s, [`crate::workflow::runs::Runs::expire`]).
+/// workflow's deadline and writes their `workflow.timed_out` records — again, the same record, when
+/// one was not confirmed written within `resend_after` ([`crate::workflow::runs::Runs::expire`]).
 async fn expire_runs(
     wf: Arc<Workflows>,
-    emitter: Emitter,
-    producer: crate::kafka::Producer,
+    (emitter, producer): (Emitter, crate::kafka::Producer),
+    resend_after: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
     // Runs started before the sweeper kept its list of deadlines (an upgrade) join it.
@@ -186,35 +190,58 @@ async fn expire_runs(
             }
             Err(e) => tracing::debug!(error = %e, "Could not read the active workflow runs."),
         }
-        let ended = match wf.runs.expire(&wf.specs, chrono::Utc::now()).await {
+        let ended = match wf
+            .runs
+            .expire(&wf.specs, chrono::Utc::now(), resend_after)
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "Could not sweep workflow deadlines.");
                 continue;
             }
         };
-        for (run, record) in ended {
-            tracing::warn!(run_id = %run.run_id, workflow = %run.workflow, "Workflow run timed out.");
-            METRICS
-                .workflow_runs
-                .with_label_values(&[&run.workflow, "timed_out"])
-                .inc();
-            let ev = crate::workflow::lifecycle_event(&run, &record);
+        let mut outs = Vec::with_capacity(ended.len());
+        let mut runs = Vec::with_capacity(ended.len());
+        for t in ended {
+            if t.again {
+                tracing::info!(run_id = %t.run.run_id, workflow = %t.run.workflow, "Writing a workflow.timed_out record again: its first write was not confirmed.");
+            } else {
+                tracing::warn!(run_id = %t.run.run_id, workflow = %t.run.workflow, "Workflow run timed out.");
+                METRICS
+                    .workflow_runs
+                    .with_label_values(&[&t.run.workflow, "timed_out"])
+                    .inc();
+            }
+            let ev = crate::workflow::lifecycle_event(&t.run, &t.record);
             match emitter.emit(&wf.workflows_topic, &ev) {
-                Ok(out) => match producer.send(&out).await {
-                    Ok(_) => {
-                        if let Err(e) = wf.runs.timed_out_written(&run.run_id).await {
-                            tracing::warn!(error = %e, run_id = %run.run_id, "Could not confirm a written workflow.timed_out record; it is written again.");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, run_id = %run.run_id, "Could not write a workflow.timed_out record; it is written again in 30 s.");
-                    }
-                },
+                Ok(out) => {
+                    outs.push(out);
+                    runs.push(t.run.run_id);
+                }
                 Err(e) => {
                     // Not a passing failure: written again, it would fail again.
-                    tracing::error!(error = %e, run_id = %run.run_id, "Could not encode a workflow.timed_out record; it is not written.");
-                    let _ = wf.runs.timed_out_written(&run.run_id).await;
+                    tracing::error!(error = %e, run_id = %t.run.run_id, "Could not encode a workflow.timed_out record; it is not written.");
+                    let _ = wf.runs.timed_out_written(&t.run.run_id).await;
+                }
+            }
+        }
+        // All queued at once: a broker that is slow holds this pass up once, not once per run.
+        for (run_id, r) in runs.iter().zip(producer.send_all(&outs).await) {
+            let written = match r {
+                Ok(_) => true,
+                Err(e) if crate::kafka::is_too_large(&e) => {
+                    tracing::error!(error = %e, %run_id, "A workflow.timed_out record is larger than its topic takes; it is not written.");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %run_id, "Could not write a workflow.timed_out record; it is written again later.");
+                    false
+                }
+            };
+            if written {
+                if let Err(e) = wf.runs.timed_out_written(run_id).await {
+                    tracing::warn!(error = %e, %run_id, "Could not confirm a written workflow.timed_out record; it is written again later.");
                 }
             }
         }

@@ -440,6 +440,11 @@ pub struct RunState {
     pub plans: BTreeMap<String, Plan>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// The `workflow.timed_out` record of a run the deadline sweeper ended, stored with the
+    /// move so that writing it again writes the same record (steps still finishing afterwards
+    /// change the run, not it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out: Option<Lifecycle>,
 }
 
 /// A step to start: its task.

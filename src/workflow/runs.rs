@@ -23,8 +23,6 @@ return 1
 
 /// Due runs the deadline sweeper reads per pass.
 const SWEEP_BATCH: usize = 512;
-/// A timed-out run whose record was not confirmed this long after is written again.
-const RESEND_AFTER_MS: i64 = 30_000;
 
 /// A run's deadline (ms since the epoch): its start plus `deadline_seconds`.
 fn deadline_ms(state: &RunState, deadline_seconds: Option<u64>) -> Option<i64> {
@@ -56,10 +54,36 @@ fn timed_out_record(state: &RunState, deadline: u64, at: String) -> super::Lifec
     }
 }
 
+/// KEYS[1] the deadline list; ARGV run id, its score as read, the new score. 1 moved, 0 not (its
+/// score changed meanwhile, or it left the list).
+const CLAIM: &str = r"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+";
+
+/// What the deadline sweeper does with a run's place in its list.
+enum Settle {
+    Keep,
+    Unlist,
+    Move(i64),
+}
+
+/// A run the deadline sweeper ended (or whose record it hands out again), with its
+/// `workflow.timed_out` record.
+pub struct TimedOut {
+    pub run: RunState,
+    pub record: super::Lifecycle,
+    /// Handed out before, its writing not confirmed: the record is written again.
+    pub again: bool,
+}
+
 pub struct Runs {
     conn: RedisConn,
     prefix: String,
     cas: Script,
+    claim: Script,
 }
 
 impl Runs {
@@ -68,6 +92,7 @@ impl Runs {
             conn,
             prefix: prefix.to_string(),
             cas: Script::new(CAS),
+            claim: Script::new(CLAIM),
         }
     }
 
@@ -172,12 +197,6 @@ impl Runs {
                             .arg(self.deadlines_key())
                             .arg(&meta.run_id)
                             .ignore();
-                    } else if let Some(due) = deadline_ms(&state, w.deadline_seconds) {
-                        p.cmd("ZADD")
-                            .arg(self.deadlines_key())
-                            .arg(due)
-                            .arg(&meta.run_id)
-                            .ignore();
                     }
                     let _: () = p.query_async(&mut c).await?;
                 }
@@ -202,6 +221,16 @@ impl Runs {
                         .ignore()
                         .query_async(&mut c)
                         .await?;
+                    // Listed for the deadline sweeper once it can find the run (its `where`).
+                    let due = deadline_ms(&state, w.deadline_seconds);
+                    if let (true, Some(due)) = (state.status == "running", due) {
+                        let _: () = redis::cmd("ZADD")
+                            .arg(self.deadlines_key())
+                            .arg(due)
+                            .arg(&meta.run_id)
+                            .query_async(&mut c)
+                            .await?;
+                    }
                 }
                 return Ok(plan);
             }
@@ -215,35 +244,44 @@ impl Runs {
     /// Ends the runs still running past their workflow's `deadline_seconds` (`timed_out`): no
     /// further step starts; steps still running finish unseen. Returns each ended run with its
     /// `workflow.timed_out` record, for the caller to produce and then confirm
-    /// ([`Self::timed_out_written`]); a run whose record was not confirmed within
-    /// [`RESEND_AFTER_MS`] (its writer failed or died) is returned again with the same record.
-    /// Reads only the runs that are due (at most [`SWEEP_BATCH`] a call).
+    /// ([`Self::timed_out_written`]). A run whose record was not confirmed within `resend_after`
+    /// (its writer failed or died) is returned again (`again`), with the same record (stored with
+    /// the run); each hand-out is claimed by a compare-and-set on the run's place in the list, so
+    /// one instance at a time writes it. Reads only the runs that are due (at most
+    /// [`SWEEP_BATCH`] a call).
     pub async fn expire(
         &self,
         specs: &std::collections::BTreeMap<String, WorkflowSpec>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<(RunState, super::Lifecycle)>, StoreError> {
+        resend_after: std::time::Duration,
+    ) -> Result<Vec<TimedOut>, StoreError> {
         let mut c = self.conn.get().await?;
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        let now_ms = now.timestamp_millis();
+        let next = now_ms + resend_after.as_millis() as i64;
+        let due: Vec<(String, i64)> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.deadlines_key())
             .arg("-inf")
-            .arg(now.timestamp_millis())
+            .arg(now_ms)
+            .arg("WITHSCORES")
             .arg("LIMIT")
             .arg(0)
             .arg(SWEEP_BATCH)
-            .query_async(&mut c)
-            .await?;
+            .query_async::<Vec<(String, f64)>>(&mut c)
+            .await?
+            .into_iter()
+            .map(|(id, score)| (id, score as i64))
+            .collect();
         let mut out = Vec::new();
-        for id in due {
-            // Where it goes: nowhere (the run ended, expired or left the config), or a new
-            // deadline (the config changed it), or timed out now, or its record written again.
-            let mut settle: Option<Option<i64>> = Some(None);
-            if let Some(key) = redis::cmd("GET")
+        for (id, score) in due {
+            // What becomes of its place in the list: gone (the run ended, expired or left the
+            // config), a new deadline (the config changed it), or left as it is.
+            let mut settle = Settle::Unlist;
+            let key: Option<String> = redis::cmd("GET")
                 .arg(self.where_key(&id))
-                .query_async::<Option<String>>(&mut c)
-                .await?
-            {
-                for _ in 0..5 {
+                .query_async(&mut c)
+                .await?;
+            if let Some(key) = key {
+                for attempt in 0..5 {
                     let (v, Some(mut state)) = self.load(&key).await? else {
                         break;
                     };
@@ -257,50 +295,76 @@ impl Runs {
                     };
                     if state.status == "timed_out" {
                         // Timed out before and still listed: its record was not confirmed.
-                        let at = state.finished_at.clone().unwrap_or_default();
-                        let since = chrono::DateTime::parse_from_rfc3339(&at)
-                            .map_or(i64::MAX, |t| now.timestamp_millis() - t.timestamp_millis());
-                        if since >= RESEND_AFTER_MS {
-                            let record = timed_out_record(&state, deadline, at);
-                            out.push((state, record));
+                        settle = Settle::Keep;
+                        if self.claim(&mut c, &id, score, next).await? {
+                            let record = state.timed_out.clone().unwrap_or_else(|| {
+                                let at = state.finished_at.clone().unwrap_or_default();
+                                timed_out_record(&state, deadline, at)
+                            });
+                            out.push(TimedOut {
+                                run: state,
+                                record,
+                                again: true,
+                            });
                         }
-                        settle = None;
                         break;
                     }
                     if state.status != "running" {
                         break;
                     }
-                    if now.timestamp_millis() < due {
-                        settle = Some(Some(due));
+                    if now_ms < due {
+                        settle = Settle::Move(due);
                         break;
                     }
                     let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                    let record = timed_out_record(&state, deadline, at.clone());
                     state.status = "timed_out".into();
-                    state.finished_at = Some(at.clone());
+                    state.finished_at = Some(at);
+                    state.timed_out = Some(record.clone());
                     if self.cas(&mut c, &key, v, &state).await? {
-                        let _: () = redis::cmd("HINCRBY")
+                        let _: () = redis::pipe()
+                            .cmd("HINCRBY")
                             .arg(self.active_key())
                             .arg(&state.workflow)
                             .arg(-1)
+                            .ignore()
+                            // Its writer's claim: handed out again only if not confirmed by then.
+                            .cmd("ZADD")
+                            .arg(self.deadlines_key())
+                            .arg("XX")
+                            .arg(next)
+                            .arg(&id)
+                            .ignore()
                             .query_async(&mut c)
                             .await?;
-                        let record = timed_out_record(&state, deadline, at);
-                        out.push((state, record));
-                        settle = None;
+                        settle = Settle::Keep;
+                        out.push(TimedOut {
+                            run: state,
+                            record,
+                            again: false,
+                        });
                         break;
                     }
+                    if attempt == 4 {
+                        // The run kept moving (steps finishing): the next pass tries again.
+                        settle = Settle::Keep;
+                    }
                 }
+            } else if score > now_ms - 3_600_000 {
+                // Its `where` is written before it is listed, so missing means it expired; an
+                // entry due within the hour is left for the next pass all the same.
+                settle = Settle::Keep;
             }
             match settle {
-                None => {}
-                Some(None) => {
+                Settle::Keep => {}
+                Settle::Unlist => {
                     let _: () = redis::cmd("ZREM")
                         .arg(self.deadlines_key())
                         .arg(&id)
                         .query_async(&mut c)
                         .await?;
                 }
-                Some(Some(due)) => {
+                Settle::Move(due) => {
                     let _: () = redis::cmd("ZADD")
                         .arg(self.deadlines_key())
                         .arg("XX")
@@ -312,6 +376,26 @@ impl Runs {
             }
         }
         Ok(out)
+    }
+
+    /// Moves run `id`'s place in the deadline list from `from` to `to` unless someone else did
+    /// first: true when this caller claimed it.
+    async fn claim(
+        &self,
+        c: &mut crate::store::Conn,
+        id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<bool, StoreError> {
+        let moved: i64 = self
+            .claim
+            .key(self.deadlines_key())
+            .arg(id)
+            .arg(from)
+            .arg(to)
+            .invoke_async(c)
+            .await?;
+        Ok(moved == 1)
     }
 
     /// A timed-out run's record was written: the run leaves the deadline sweeper's list.
