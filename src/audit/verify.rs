@@ -24,6 +24,8 @@ pub struct AuditRecord {
     /// SHA-256 of the payload bytes.
     pub hash: String,
     pub event: CloudEvent,
+    /// The Kafka timestamp (ms since the epoch), when known: the clock retention goes by.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl AuditRecord {
@@ -42,7 +44,14 @@ impl AuditRecord {
             offset,
             hash: payload_hash(payload),
             event,
+            timestamp_ms: None,
         }
+    }
+
+    /// With its Kafka timestamp.
+    pub fn at(mut self, timestamp_ms: Option<i64>) -> Self {
+        self.timestamp_ms = timestamp_ms;
+        self
     }
 
     fn place(&self) -> String {
@@ -106,7 +115,7 @@ impl Trim {
                 *f = r;
             }
         }
-        let cut = first.values().filter_map(|r| time_of(r)).max();
+        let cut = first.values().filter_map(|r| written_at(r)).max();
         Trim { starts, cut }
     }
 
@@ -115,13 +124,25 @@ impl Trim {
         self.starts.contains_key(&r.partition)
     }
 
-    /// Whether `r` is old enough that records written with it may have been deleted.
-    fn near_cut(&self, r: &AuditRecord) -> bool {
-        match (self.cut, time_of(r)) {
-            (Some(cut), Some(t)) => t < cut + chrono::Duration::seconds(CUT_SLACK_SECONDS),
-            (Some(_), None) => true,
-            (None, _) => false,
+    /// Whether seal `seal` is old enough that records it lists may have been deleted: sealed
+    /// before the cut (its time is part of its chain's hashes, so it cannot be moved unseen).
+    fn sealed_before_cut(&self, seal: &AuditRecord) -> bool {
+        match (self.cut, time_of(seal)) {
+            (Some(cut), Some(t)) => t < self.slack(cut),
+            _ => false,
         }
+    }
+
+    fn slack(&self, cut: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        cut + chrono::Duration::seconds(CUT_SLACK_SECONDS)
+    }
+}
+
+/// When a record was written: its Kafka timestamp (the clock retention goes by), else its own time.
+fn written_at(r: &AuditRecord) -> Option<chrono::DateTime<chrono::Utc>> {
+    match r.timestamp_ms {
+        Some(ms) => chrono::DateTime::from_timestamp_millis(ms),
+        None => time_of(r),
     }
 }
 
@@ -199,7 +220,8 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
         }
     }
     v.chains += chains.len();
-    let mut listed: HashSet<String> = HashSet::new();
+    // Records listed by a seal: the time of the seal.
+    let mut listed: HashMap<String, Option<chrono::DateTime<chrono::Utc>>> = HashMap::new();
     let mut expired = 0;
     for (chain, mut list) in chains {
         list.sort_by_key(|a| a.1.seq);
@@ -219,7 +241,7 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
                 problem("the seal's root is not the Merkle root of its entries (altered)".into());
             }
             for e in &seal.entries {
-                if !present.contains(e.hash.as_str()) && trim.near_cut(rec) {
+                if !present.contains(e.hash.as_str()) && trim.sealed_before_cut(rec) {
                     expired += 1;
                 } else if !present.contains(e.hash.as_str()) {
                     problem(format!(
@@ -227,7 +249,10 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
                         e.id, e.tenant, e.resource
                     ));
                 }
-                listed.insert(e.hash.clone());
+                // The latest seal time that lists it (a redelivered record is sealed again).
+                let t = time_of(rec);
+                let at = listed.entry(e.hash.clone()).or_insert(t);
+                *at = (*at).max(t);
             }
             match last {
                 Some((prev_rec, prev)) if prev.seq == seal.seq => {
@@ -269,10 +294,26 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
         }
     }
     v.expired += expired;
+    // Where records of each partition stop being ones whose seal retention may have deleted: the
+    // first listed by a seal written after the cut. A record in no seal before that point is
+    // explained by retention; one after it (appended later, whatever time it claims) is not.
+    let mut boundary: HashMap<i32, i64> = HashMap::new();
+    if let Some(cut) = trim.cut {
+        for r in records {
+            if listed
+                .get(&r.hash)
+                .is_some_and(|t| t.is_some_and(|t| t >= trim.slack(cut)))
+            {
+                let b = boundary.entry(r.partition).or_insert(r.offset);
+                *b = (*b).min(r.offset);
+            }
+        }
+    }
     let mut reported = HashSet::new();
     for r in records {
-        if !listed.contains(&r.hash) && reported.insert(r.hash.as_str()) {
-            if trim.near_cut(r) {
+        if !listed.contains_key(&r.hash) && reported.insert(r.hash.as_str()) {
+            let front = boundary.get(&r.partition).is_none_or(|b| r.offset < *b);
+            if trim.cut.is_some() && front {
                 // Its seal may have been deleted before it.
                 v.expired += 1;
                 continue;
@@ -575,6 +616,15 @@ mod tests {
         let p = verify_retained(&holed, &starts(&holed)).problems;
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p.iter().all(|p| p.message.contains("in no seal")), "{p:?}");
+        // ... and a record appended later, in no seal, claiming a time before the cut: it is
+        // past records that seals written after the cut list, so not retention's doing.
+        let emitter = Emitter::new(Default::default(), Default::default());
+        let forged = emitter.emit("audit", &rec("svc", 99)).unwrap();
+        let mut appended = kept.clone();
+        appended.push(AuditRecord::new(0, 12, forged.payload));
+        let p = verify_retained(&appended, &starts(&appended)).problems;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].message.contains("in no seal"), "{p:?}");
 
         // Records and seals on two partitions; the records' partition lost the first batch's
         // records, the seals' partition kept every seal. Seal 1, written with them (an hour before

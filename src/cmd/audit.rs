@@ -46,12 +46,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 r.topic, r.partition, r.offset
             )
         })?;
-        records.push(crate::audit::AuditRecord::decoded(
-            r.partition,
-            r.offset,
-            &r.payload,
-            ev,
-        ));
+        records.push(
+            crate::audit::AuditRecord::decoded(r.partition, r.offset, &r.payload, ev)
+                .at(r.timestamp_ms),
+        );
     }
     let audit_types = [crate::records::types::AUDIT, crate::audit::SEAL_TYPE];
     if !records.is_empty()
