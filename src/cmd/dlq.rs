@@ -144,7 +144,9 @@ fn copy_of(l: &Loaded, copy: &Input, original: &Input) -> bool {
     if copy.payload == original.payload {
         return true;
     }
-    match (failed_task(l, copy), failed_task(l, original)) {
+    // The redriven task may have failed again for another reason (its copy is then no
+    // `agent_failed` dead letter).
+    match (task_of(l, copy), failed_task(l, original)) {
         (Some(c), Some(o)) => c.starts_with(&format!("{o}-redrive-")),
         _ => false,
     }
@@ -155,6 +157,11 @@ fn failed_task(l: &Loaded, r: &Input) -> Option<String> {
     if header(r, REASON) != Some("agent_failed") {
         return None;
     }
+    task_of(l, r)
+}
+
+/// The task id of a dead letter holding a task, whatever its reason.
+fn task_of(l: &Loaded, r: &Input) -> Option<String> {
     let ev = crate::codec::decode(r.view(), &l.schemas).ok()?;
     ev.data?.get("task_id")?.as_str().map(str::to_string)
 }
