@@ -234,8 +234,11 @@ fn transport(e: reqwest::Error) -> CallError {
 
 impl Provider {
     pub fn new(name: &str, spec: &ProviderSpec) -> Result<Provider, String> {
+        let timeout = Duration::from_millis(spec.timeout_ms.max(1));
+        // Connecting gives up well before the request's own timeout, so a host that does not
+        // answer ends as a connect failure (charged nothing), never as a request timeout.
         let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(10).min(timeout / 2))
             .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
@@ -244,7 +247,7 @@ impl Provider {
             kind: spec.kind,
             base_url: spec.base_url.trim_end_matches('/').to_string(),
             key: spec.key()?,
-            timeout: Duration::from_millis(spec.timeout_ms.max(1)),
+            timeout,
             client,
         })
     }
