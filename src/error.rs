@@ -67,11 +67,16 @@ impl StoreError {
 }
 
 impl From<redis::RedisError> for StoreError {
-    /// A reply of the wrong shape is stored data that cannot be read; anything else (a timeout, a
-    /// dropped connection, an error reply) is worth retrying.
+    /// A reply of the wrong shape is stored data that cannot be read, and a script that fails while
+    /// running (`user_script:<line>: ...`) fails the same way for the same data — retrying either
+    /// would hold its partition for ever; anything else (a timeout, a dropped connection, another
+    /// error reply) is worth retrying.
     fn from(e: redis::RedisError) -> Self {
         match e.kind() {
             redis::ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
+            redis::ErrorKind::Server(_) if e.to_string().contains("user_script:") => {
+                StoreError::Corrupt(format!("a store script failed: {e}"))
+            }
             _ => StoreError::Redis(e.to_string()),
         }
     }

@@ -325,6 +325,15 @@ async fn http_agent(
             Json(json!({})).into_response()
         }
         "bad-request" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "no").into_response(),
+        // An answer far past what a task may write: a value over 64 KiB, 3,000 findings in
+        // scope, 100 out of it.
+        "flood" => {
+            let mut findings = vec![json!({"key": "triage.big", "value": "x".repeat(70_000)})];
+            findings.extend((0..3000).map(|i| json!({"key": format!("triage.k{i}"), "value": i})));
+            findings.extend((0..100).map(|i| json!({"key": format!("other.k{i}"), "value": i})));
+            Json(json!({"findings": findings, "proposals": [{"action": "page", "priority": 1}]}))
+                .into_response()
+        }
         "out-of-scope" => Json(json!({
             "findings": [{"key": "triage.note", "value": 1}, {"key": "secrets", "value": "x"}],
             "proposals": [{"action": "page", "priority": 1}, {"action": "delete_cluster", "priority": 99, "impact": "high"}]
@@ -921,6 +930,116 @@ routes:
         !ctx.facts.contains_key("secrets"),
         "a refused write never reaches the context"
     );
+    running.stop().await;
+}
+
+/// A store script that fails while running fails the same way on every retry: it counts as stored
+/// data that cannot be processed (its record is dead-lettered, `corrupt_state`), not as Redis being
+/// away (retried for ever, holding its partition); other error replies stay worth retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_script_is_not_retried_for_ever() {
+    let mut c = redis_connection(stack().1.as_str()).await;
+    let e = redis::cmd("EVAL")
+        .arg("error('boom')")
+        .arg(0)
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("the script fails");
+    assert!(
+        matches!(
+            switchyard::store::StoreError::from(e),
+            switchyard::store::StoreError::Corrupt(_)
+        ),
+        "a script error is not transient"
+    );
+    let e = redis::cmd("NO-SUCH-COMMAND")
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("an error reply");
+    assert!(matches!(
+        switchyard::store::StoreError::from(e),
+        switchyard::store::StoreError::Redis(_)
+    ));
+}
+
+/// An agent answering with thousands of findings (and a huge value) does not wedge its partition:
+/// a task writes at most 256 findings of at most 64 KiB each, the rest are refused — summed up in
+/// at most 64 refusal records — and the next task on the same resource runs. (Before, the context
+/// commit's script failed past ~2,000 findings and the task was retried for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_findings_is_capped_and_the_partition_moves_on() {
+    let (url, _st) = serve_http_agent().await;
+    let env = TestEnv::new(1, &http_agent_yaml(&url, 10_000, 0)).await;
+    let running = env.start(&["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[
+            event(
+                "flood-1",
+                "deployment.started",
+                "svc-f",
+                json!({"mode": "flood"}),
+            ),
+            event(
+                "after-1",
+                "deployment.completed",
+                "svc-f",
+                json!({"mode": "ok"}),
+            ),
+        ],
+    )
+    .await;
+    let rs = results(
+        &env.read("switchyard.results", 2, Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(rs.len(), 2, "both tasks finished: {rs:?}");
+    assert!(rs.iter().all(|r| r.status == "succeeded"), "{rs:?}");
+    let ctx = store(&env)
+        .snapshot(&ResourceKey::new("default", "svc-f"))
+        .await
+        .unwrap();
+    let written = ctx
+        .facts
+        .keys()
+        .filter(|k| k.starts_with("triage.k"))
+        .count();
+    assert_eq!(written, 256, "at most 256 findings a task");
+    assert!(
+        !ctx.facts.contains_key("triage.big"),
+        "a value over 64 KiB is refused"
+    );
+    assert!(ctx.facts.contains_key("triage.note"), "the next task ran");
+    let flood_task = rs
+        .iter()
+        .find(|r| r.event_id.as_deref() == Some("flood-1"))
+        .map(|r| r.task_id.clone())
+        .expect("the flood's result");
+    let audit = audits(&env.audit(100, Duration::from_secs(10)).await);
+    let refused: Vec<&AuditData> = audit
+        .iter()
+        .filter(|a| a.decision == "refused" && a.task_id.as_deref() == Some(&flood_task))
+        .collect();
+    assert_eq!(refused.len(), 64, "refusals summed up: {}", refused.len());
+    let keys: Vec<&str> = refused
+        .iter()
+        .filter_map(|a| a.detail["key"].as_str())
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.contains("over 65536 bytes")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with("more refusals")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.contains("2744 findings over the 256")),
+        "{keys:?}"
+    );
+    let v = env.verified_audit(68, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
     running.stop().await;
 }
 

@@ -157,6 +157,12 @@ pub enum CommitResult {
     Finished,
 }
 
+/// The most findings one task may write; the rest are refused (one `write` refusal says how
+/// many). A resource's facts are read whole by every task on it, and written in one script.
+pub const MAX_FINDINGS_PER_TASK: usize = 256;
+/// The largest value a finding may hold (its JSON); a larger one is refused.
+pub const MAX_FACT_BYTES: usize = 64 * 1024;
+
 /// The `context:` config section: what the shared context keeps.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -128,7 +128,10 @@ if slot then
 elseif not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
   return {0, redis.call('GET', KEYS[2]), ''}
 end
-redis.call('HSET', KEYS[1], unpack(set))
+-- In slices: Lua's stack holds some 8,000 values, and unpack puts all of them on it.
+for i = 1, #set, 1000 do
+  redis.call('HSET', KEYS[1], unpack(set, i, math.min(i + 999, #set)))
+end
 if renew then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, tostring(version), slot and '1' or ''}
 "#;

@@ -268,6 +268,10 @@ fn init_metrics<'a>(agents: impl Iterator<Item = &'a String>) {
     }
 }
 
+/// The most refusals one task's answer records (each is an audit record); the rest are counted
+/// in the last.
+const MAX_REFUSALS: usize = 64;
+
 /// Source attribute of records the agent stage writes.
 pub const SOURCE: &str = "switchyard/agents";
 
@@ -675,14 +679,32 @@ impl<S: ContextStore> AgentStage<S> {
         let mut refusals: Vec<String> = refused_reads.iter().map(|k| format!("read:{k}")).collect();
         let (status, error, response) = match result {
             Ok(resp) => {
+                use crate::context::{MAX_FACT_BYTES, MAX_FINDINGS_PER_TASK};
                 let mut kept = AgentResponse::default();
+                let mut over = 0;
                 for f in resp.findings {
                     // Keys starting with `_` are the store's own fields, never an agent's.
-                    if !f.key.starts_with('_') && allowed(&entry.spec.writes, &f.key) {
-                        kept.findings.push(f);
-                    } else {
+                    if f.key.starts_with('_') || !allowed(&entry.spec.writes, &f.key) {
                         refusals.push(format!("write:{}", f.key));
+                    } else if kept.findings.len() >= MAX_FINDINGS_PER_TASK {
+                        over += 1;
+                    } else if f.value.to_string().len() > MAX_FACT_BYTES {
+                        refusals.push(format!(
+                            "write:{} (its value is over {MAX_FACT_BYTES} bytes)",
+                            f.key
+                        ));
+                    } else {
+                        kept.findings.push(f);
                     }
+                }
+                if over > 0 {
+                    // First: a flood of refusals below is cut short, this one stays.
+                    refusals.insert(
+                        0,
+                        format!(
+                            "write:{over} findings over the {MAX_FINDINGS_PER_TASK} a task may write"
+                        ),
+                    );
                 }
                 for p in resp.proposals {
                     // An action on another resource: only on one the task was given as related.
@@ -714,6 +736,12 @@ impl<S: ContextStore> AgentStage<S> {
                 // For the scorecards and the step's cost.
                 kept.cost = resp.cost.filter(|c| c.is_finite() && *c >= 0.0);
                 kept.model = resp.model;
+                // Each refusal is an audit record: a flood of them is summed up in one.
+                if refusals.len() > MAX_REFUSALS {
+                    let more = refusals.len() - (MAX_REFUSALS - 1);
+                    refusals.truncate(MAX_REFUSALS - 1);
+                    refusals.push(format!("scope:{more} more refusals"));
+                }
                 ("succeeded", None, kept)
             }
             Err(e @ AgentError::Timeout(_)) => {
