@@ -46,6 +46,9 @@ pub struct Recovered {
     pub rebuilt_over: usize,
     /// Resources in Redis already that kept their records (`--force` on a Redis with its state).
     pub kept: usize,
+    /// Resources whose context was in Redis already and stood (`--force` on a Redis with its
+    /// state): not rebuilt from the results topic.
+    pub contexts_kept: usize,
     pub epoch: String,
 }
 
@@ -314,6 +317,15 @@ pub async fn recover(
         }
     }
     for (k, f) in &facts {
+        // Under `--force` on a Redis that has its state, a resource's context that is there stands:
+        // instances may be writing it, and what the topic said may be older than what they wrote.
+        if marker.is_some() {
+            use crate::context::ContextStore;
+            if stores.context.snapshot(k).await.map_err(err)?.version > 0 {
+                out.contexts_kept += 1;
+                continue;
+            }
+        }
         let list: Vec<(String, Fact)> = f.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let outcome = Outcome {
             status: "recovered".into(),

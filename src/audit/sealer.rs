@@ -118,7 +118,10 @@ pub trait ChainStore: Send + Sync + 'static {
         seal: &'a [u8],
     ) -> BoxFuture<'a, Result<Advance, StoreError>>;
 
-    /// Sets a chain's head (recovery from the audit topic after Redis lost its state).
+    /// Sets a chain's head (recovery from the audit topic after Redis lost its state), unless
+    /// the chain is already at that seal or further: a recovery run while the chain's writer goes
+    /// on (`recover --force` on a running system) never moves a head back, which would make the
+    /// writer seal a number twice (a fork).
     fn restore_head<'a>(
         &'a self,
         chain: &'a str,
@@ -126,6 +129,14 @@ pub trait ChainStore: Send + Sync + 'static {
         seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
+
+/// KEYS[1] the chain's head; ARGV seq, hash, seal. Sets the head unless it is at `seq` or further.
+const RESTORE: &str = r"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'hash', ARGV[2], 'seal:' .. ARGV[1], ARGV[3])
+return 1
+";
 
 const ADVANCE: &str = r#"
 -- KEYS[1] = chain head (hash: seq, hash, seal:<seq> for at least the last ARGV[5] seals); KEYS[2],
@@ -254,16 +265,14 @@ impl ChainStore for RedisChainStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            Ok(redis::cmd("HSET")
-                .arg(self.key(chain))
-                .arg("seq")
+            let _: i64 = redis::Script::new(RESTORE)
+                .key(self.key(chain))
                 .arg(head.0)
-                .arg("hash")
                 .arg(head.1)
-                .arg(format!("seal:{}", head.0))
                 .arg(seal)
-                .query_async::<()>(&mut c)
-                .await?)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(())
         })
     }
 }
@@ -339,10 +348,10 @@ impl ChainStore for MemoryChainStore {
         seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.heads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(chain.to_string(), Self::head_of(head, seal));
+            let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+            if heads.get(chain).is_none_or(|h| h.seq < head.0) {
+                heads.insert(chain.to_string(), Self::head_of(head, seal));
+            }
             Ok(())
         })
     }
@@ -798,6 +807,28 @@ pub mod contract {
             Advance::Moved {
                 seq: 41,
                 hash: Some("h41".into())
+            }
+        );
+        // A chain sealed on past what a recovery read is not moved back.
+        assert_eq!(
+            store
+                .advance(&other, 41, (42, "h42"), b"seal 42")
+                .await
+                .expect("advance"),
+            Advance::Done
+        );
+        store
+            .restore_head(&other, (41, "h41"), b"seal 41")
+            .await
+            .expect("restore");
+        assert_eq!(
+            store
+                .advance(&other, 41, (42, "again"), b"x")
+                .await
+                .expect("advance"),
+            Advance::Moved {
+                seq: 42,
+                hash: Some("h42".into())
             }
         );
     }
