@@ -325,6 +325,19 @@ async fn http_agent(
             Json(json!({})).into_response()
         }
         "bad-request" => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "no").into_response(),
+        // A finding and a proposal nested 60 levels deep (the answer itself within the 64
+        // levels an answer may have), and a flat finding.
+        "deep" => {
+            let mut v = json!(1);
+            for _ in 0..60 {
+                v = json!([v]);
+            }
+            Json(json!({
+                "findings": [{"key": "triage.deep", "value": v.clone()}, {"key": "triage.flat", "value": 1}],
+                "proposals": [{"action": "page", "parameters": {"x": v}}, {"action": "page", "parameters": {"who": "oncall"}}]
+            }))
+            .into_response()
+        }
         // An answer far past what a task may write: a value over 64 KiB, 3,000 findings in
         // scope, 100 out of it.
         "flood" => {
@@ -1040,6 +1053,59 @@ async fn a_flood_of_findings_is_capped_and_the_partition_moves_on() {
     );
     let v = env.verified_audit(68, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
+    running.stop().await;
+}
+
+/// A finding or proposal nested deeper than 56 levels is refused (the records that carry them add
+/// levels; every record must stay within the 64 the next reader takes): the rest of the answer is
+/// kept, and every record it causes decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_findings_and_parameters_are_refused() {
+    let (url, _st) = serve_http_agent().await;
+    let env = TestEnv::new(1, &http_agent_yaml(&url, 10_000, 0)).await;
+    let running = env.start(&["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[event(
+            "deep-1",
+            "deployment.started",
+            "svc-d",
+            json!({"mode": "deep"}),
+        )],
+    )
+    .await;
+    let rs = env
+        .read("switchyard.results", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(rs.len(), 1);
+    let props = env
+        .read("switchyard.proposals", 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(props.len(), 1, "the deep proposal was refused");
+    for r in rs.iter().chain(&props) {
+        switchyard::codec::decode(r.view(), &env.loaded.schemas)
+            .expect("within the depth a reader takes");
+    }
+    let ctx = store(&env)
+        .snapshot(&ResourceKey::new("default", "svc-d"))
+        .await
+        .unwrap();
+    assert!(ctx.facts.contains_key("triage.flat"));
+    assert!(
+        !ctx.facts.contains_key("triage.deep"),
+        "the deep finding was refused"
+    );
+    let audit = audits(&env.audit(10, Duration::from_secs(5)).await);
+    let keys: Vec<String> = audit
+        .iter()
+        .filter(|a| a.decision == "refused")
+        .filter_map(|a| a.detail["key"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.contains("deeper than 56 levels")),
+        "{keys:?}"
+    );
     running.stop().await;
 }
 

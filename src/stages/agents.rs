@@ -268,6 +268,12 @@ fn init_metrics<'a>(agents: impl Iterator<Item = &'a String>) {
     }
 }
 
+/// How deep a finding's value or a proposal's parameters may nest, whatever kind of agent said
+/// them (an LLM's tool arguments are read with serde's own, deeper limit): the records that carry
+/// them add a few levels, and every record must stay within what the next stage reads
+/// ([`crate::codec::MAX_DEPTH`]).
+const MAX_ANSWER_DEPTH: usize = crate::codec::MAX_DEPTH - 8;
+
 /// The most refusals one task's answer records (each is an audit record); the rest are counted
 /// in the last.
 const MAX_REFUSALS: usize = 64;
@@ -679,6 +685,7 @@ impl<S: ContextStore> AgentStage<S> {
         let mut refusals: Vec<String> = refused_reads.iter().map(|k| format!("read:{k}")).collect();
         let (status, error, response) = match result {
             Ok(resp) => {
+                use crate::codec::check_value_depth;
                 use crate::context::{MAX_FACT_BYTES, MAX_FINDINGS_PER_TASK};
                 let mut kept = AgentResponse::default();
                 let mut over = 0;
@@ -691,6 +698,11 @@ impl<S: ContextStore> AgentStage<S> {
                     } else if f.value.to_string().len() > MAX_FACT_BYTES {
                         refusals.push(format!(
                             "write:{} (its value is over {MAX_FACT_BYTES} bytes)",
+                            f.key
+                        ));
+                    } else if check_value_depth(&f.value, MAX_ANSWER_DEPTH).is_err() {
+                        refusals.push(format!(
+                            "write:{} (its value nests deeper than {MAX_ANSWER_DEPTH} levels)",
                             f.key
                         ));
                     } else {
@@ -714,6 +726,11 @@ impl<S: ContextStore> AgentStage<S> {
                         .is_none_or(|r| r == &t.task.resource || related.resources.contains(r));
                     if !allowed(&entry.spec.actions, &p.action) {
                         refusals.push(format!("action:{}", p.action));
+                    } else if check_value_depth(&p.parameters, MAX_ANSWER_DEPTH).is_err() {
+                        refusals.push(format!(
+                            "action:{} (its parameters nest deeper than {MAX_ANSWER_DEPTH} levels)",
+                            p.action
+                        ));
                     } else if !target_ok {
                         refusals.push(format!(
                             "action:{}@{}",
