@@ -1019,6 +1019,57 @@ async fn a_topic_limit_lowered_while_running_is_read_again() {
     running.stop().await;
 }
 
+/// A topic that keeps being written is read as it was when the read got to each partition's end
+/// (`read_all`: audit verify, recover, dlq): the read ends, instead of waiting for a pause in the
+/// writes that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_topic_that_keeps_being_written_ends() {
+    let env = TestEnv::new(1, "").await;
+    let first: Vec<_> = (0..50)
+        .map(|i| event(&format!("e-{i}"), "deployment.started", "svc-r", json!({})))
+        .collect();
+    env.publish("events.deployments", &first).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, producer, topic) = (
+            stop.clone(),
+            env.producer(),
+            env.topic("events.deployments"),
+        );
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = switchyard::kafka::Output::new(
+                    &topic,
+                    "svc-r",
+                    format!("{{\"n\": {i}}}").into_bytes(),
+                );
+                let _ = producer.send(&out).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (kafka, topic) = (
+        env.loaded.config.kafka.clone(),
+        env.topic("events.deployments"),
+    );
+    let read = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::task::spawn_blocking(move || {
+            switchyard::kafka::read::read_all(&kafka, &topic, Duration::from_millis(1500))
+        }),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = writer.await;
+    let got = read
+        .expect("the read ended while the topic was still written")
+        .expect("join")
+        .expect("read");
+    assert!(got.len() >= 50, "{} records", got.len());
+}
+
 /// A long route name makes every task (and routing audit record) big, so an event with a large
 /// payload yields a task over 2,800 bytes while its dead letter and audit record stay under it.
 fn too_large_routes() -> String {

@@ -11,9 +11,23 @@ use super::{admin_config, Input, KafkaConfig};
 
 /// A consumer assigned every partition of `topic` at `start` (no consumer group is joined).
 pub fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseConsumer, String> {
+    reader_with(kafka, topic, start, false)
+}
+
+/// [`reader`], telling each partition's end when `eof` (`enable.partition.eof`: the fetch
+/// responses' high watermark, which is right where a broker's ListOffsets answer may not be).
+fn reader_with(
+    kafka: &KafkaConfig,
+    topic: &str,
+    start: Offset,
+    eof: bool,
+) -> Result<BaseConsumer, String> {
     let mut cfg =
         crate::kafka::consumer_config(kafka, &format!("switchyard-read-{}", uuid::Uuid::new_v4()));
     cfg.set("enable.auto.commit", "false");
+    if eof {
+        cfg.set("enable.partition.eof", "true");
+    }
     let consumer: BaseConsumer = cfg
         .create()
         .map_err(|e| format!("cannot create consumer: {e}"))?;
@@ -36,10 +50,17 @@ pub fn reader(kafka: &KafkaConfig, topic: &str, start: Offset) -> Result<BaseCon
     Ok(consumer)
 }
 
-/// Reads every record of a topic from the beginning until nothing arrives for `idle`.
-pub fn read_all(kafka: &KafkaConfig, topic: &str, idle: Duration) -> Result<Vec<Input>, String> {
-    let consumer = reader(kafka, topic, Offset::Beginning)?;
-    let mut out = drain(&consumer, topic, idle, |_| true)?;
+/// Reads every record of a topic from the beginning to the end each partition had when the read
+/// got there (records written later are not waited for: a live topic is read as a snapshot). Fails
+/// — never returns part of a topic — when a partition gives nothing for `patience` (at least 30 s)
+/// before its end.
+pub fn read_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    patience: Duration,
+) -> Result<Vec<Input>, String> {
+    let consumer = reader_with(kafka, topic, Offset::Beginning, true)?;
+    let mut out = drain(&consumer, topic, patience, |_| true)?;
     // Topic order: per partition by offset (a resource's records share a partition).
     out.sort_by_key(|r| (r.partition, r.offset));
     Ok(out)
@@ -52,9 +73,9 @@ pub fn read_since(
     kafka: &KafkaConfig,
     topic: &str,
     since_ms: i64,
-    idle: Duration,
+    patience: Duration,
 ) -> Result<Vec<Input>, String> {
-    let consumer = reader(kafka, topic, Offset::Beginning)?;
+    let consumer = reader_with(kafka, topic, Offset::Beginning, true)?;
     let mut times = TopicPartitionList::new();
     if let Ok(assigned) = consumer.assignment() {
         for e in assigned.elements() {
@@ -82,27 +103,59 @@ pub fn read_since(
                 .map_err(|e| format!("cannot assign partitions: {e}"))?;
         }
     }
-    drain(&consumer, topic, idle, |rec| {
+    drain(&consumer, topic, patience, |rec| {
         rec.timestamp_ms.is_none_or(|t| t >= since_ms)
     })
 }
 
-/// Polls `consumer` until nothing arrives for `idle`, keeping the records `keep` accepts.
+/// The least a read waits for a partition that gives nothing before calling it stuck.
+const MIN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `consumer` (made by [`reader_with`] with `eof`) until every assigned partition reached
+/// its end — each is paused there, so a live topic ends — keeping the records `keep` accepts. An
+/// error when nothing at all arrives for `patience` (at least [`MIN_PATIENCE`]) with partitions
+/// not at their end: a partial read would pass for the whole topic (a recovery rebuilding from
+/// it would write an older state as the current one).
 fn drain(
     consumer: &BaseConsumer,
     topic: &str,
-    idle: Duration,
+    patience: Duration,
     keep: impl Fn(&Input) -> bool,
 ) -> Result<Vec<Input>, String> {
+    use rdkafka::error::KafkaError;
+    let patience = patience.max(MIN_PATIENCE);
     let name: Arc<str> = Arc::from(topic);
+    let mut open: std::collections::BTreeSet<i32> = consumer
+        .assignment()
+        .map_err(|e| format!("cannot read the assignment: {e}"))?
+        .elements()
+        .iter()
+        .map(|e| e.partition())
+        .collect();
     let mut out = Vec::new();
     let mut last = Instant::now();
-    while last.elapsed() < idle {
+    while !open.is_empty() {
+        if last.elapsed() >= patience {
+            return Err(format!(
+                "{topic}: partitions {open:?} gave nothing for {} s before their end (is the broker reachable and the partition led?); nothing was read in part",
+                patience.as_secs()
+            ));
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let rec = Input::from_message(&m, name.clone());
                 if keep(&rec) {
                     out.push(rec);
+                }
+                last = Instant::now();
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if open.remove(&p) {
+                    let mut at_end = TopicPartitionList::new();
+                    at_end.add_partition(topic, p);
+                    consumer
+                        .pause(&at_end)
+                        .map_err(|e| format!("cannot pause {topic}[{p}]: {e}"))?;
                 }
                 last = Instant::now();
             }
