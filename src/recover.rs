@@ -316,6 +316,10 @@ pub async fn recover(
             }
         }
     }
+    // Context versions continue above every version used before the loss (the time in ms: a
+    // version counts writes, a resource never reaches that many), so proposals still on their way
+    // are judged stale against what is written from now on (`RedisStore::raise_version`).
+    let floor = chrono::Utc::now().timestamp_millis().max(0) as u64;
     for (k, f) in &facts {
         // Under `--force` on a Redis that has its state, a resource's context that is there stands:
         // instances may be writing it, and what the topic said may be older than what they wrote.
@@ -326,6 +330,7 @@ pub async fn recover(
                 continue;
             }
         }
+        stores.context.raise_version(k, floor).await.map_err(err)?;
         let list: Vec<(String, Fact)> = f.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let outcome = Outcome {
             status: "recovered".into(),

@@ -2451,12 +2451,38 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         );
         said
     };
+    let before_recovery = chrono::Utc::now().timestamp_millis() as u64;
     let said = recover(&[]);
     assert!(said.contains("1 pending approvals"), "{said}");
     assert!(
         said.contains("(1 written over what was there, 0 kept as they were)"),
         "{said}"
     );
+    // The rebuilt context's version continues above every version used before (a proposal
+    // still on its way, based on an old one, is stale against what is written from now on).
+    {
+        let mut c = redis_connection(&redis_url).await;
+        let hashes: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:ctx:*", env.prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut versions = Vec::new();
+        for h in hashes.iter().filter(|h| !h.contains(":o:")) {
+            let v: Option<u64> = redis::cmd("HGET")
+                .arg(h)
+                .arg("_version")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            versions.extend(v);
+        }
+        assert!(!versions.is_empty(), "{hashes:?}");
+        assert!(
+            versions.iter().all(|v| *v > before_recovery),
+            "{versions:?} vs {before_recovery}"
+        );
+    }
     // Processing resumes: the breach runs, its page merges into the recovered page action with a
     // higher token (never the restarted counter's 1), and the waiting decision approves the
     // recovered approval.

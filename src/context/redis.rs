@@ -136,6 +136,15 @@ if renew then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, tostring(version), slot and '1' or ''}
 "#;
 
+/// KEYS[1] a resource's context hash; ARGV the version floor, the TTL for a hash made here.
+const RAISE: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], '_version') or '0')
+if v >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], '_version', ARGV[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+";
+
 pub struct RedisStore {
     conn: RedisConn,
     prefix: String,
@@ -161,6 +170,23 @@ impl RedisStore {
 
     fn ctx_key(&self, k: &ResourceKey) -> String {
         ctx_key(&self.prefix, k)
+    }
+
+    /// Raises a resource's context version to at least `floor` (its hash made when missing, with
+    /// the context's TTL). A recovery writes a resource's context from the results topic into an
+    /// empty Redis: its versions would start again at 1, below those of proposals still on their
+    /// way to resolve, whose staleness checks (`invalidated_by`: "a key changed after the version
+    /// I saw") would then pass against facts written since. From a floor above every version used
+    /// before, those facts count as newer, and such a proposal is stale (conservative).
+    pub async fn raise_version(&self, k: &ResourceKey, floor: u64) -> Result<(), StoreError> {
+        let mut c = self.conn.get().await?;
+        let _: i64 = Script::new(RAISE)
+            .key(self.ctx_key(k))
+            .arg(floor)
+            .arg(self.config.ttl_seconds)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// A task's outcome until its input is committed (the resource's hash slot).
