@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::audit::ChainStore;
@@ -320,45 +321,53 @@ pub async fn recover(
     // version counts writes, a resource never reaches that many), so proposals still on their way
     // are judged stale against what is written from now on (`RedisStore::raise_version`).
     let floor = chrono::Utc::now().timestamp_millis().max(0) as u64;
-    for (k, f) in &facts {
-        // Under `--force` on a Redis that has its state, a resource's context that is there stands:
-        // instances may be writing it, and what the topic said may be older than what they wrote.
-        if marker.is_some() {
-            use crate::context::ContextStore;
-            if stores.context.snapshot(k).await.map_err(err)?.version > 0 {
-                out.contexts_kept += 1;
-                continue;
+    // Resources one at a time each (raise, commit, forget), sixteen at once.
+    let force = marker.is_some();
+    let rebuilt: Vec<Result<Option<usize>, String>> =
+        futures::stream::iter(facts.iter().map(|(k, f)| async move {
+            // Under `--force` on a Redis that has its state, a resource's context that is there
+            // stands: instances may be writing it, and the topic may be older than what they wrote.
+            if force && stores.context.snapshot(k).await.map_err(err)?.version > 0 {
+                return Ok(None);
             }
+            stores.context.raise_version(k, floor).await.map_err(err)?;
+            let list: Vec<(String, Fact)> = f.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let outcome = Outcome {
+                status: "recovered".into(),
+                attempts: 0,
+                duration_ms: 0,
+                context_version: 0,
+                response: AgentResponse::default(),
+                error: None,
+                refusals: Vec::new(),
+                at: crate::event::now_rfc3339(),
+                ran: None,
+                ..Default::default()
+            };
+            let task = format!(
+                "recover-{}",
+                crate::pattern::stable_id(&[&k.tenant, &k.resource])
+            );
+            stores
+                .context
+                .commit(k, &task, &list, None, &outcome, None)
+                .await
+                .map_err(err)?;
+            stores
+                .context
+                .forget(&[(k.clone(), task)])
+                .await
+                .map_err(err)?;
+            Ok(Some(list.len()))
+        }))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for r in rebuilt {
+        match r? {
+            Some(n) => out.facts += n,
+            None => out.contexts_kept += 1,
         }
-        stores.context.raise_version(k, floor).await.map_err(err)?;
-        let list: Vec<(String, Fact)> = f.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let outcome = Outcome {
-            status: "recovered".into(),
-            attempts: 0,
-            duration_ms: 0,
-            context_version: 0,
-            response: AgentResponse::default(),
-            error: None,
-            refusals: Vec::new(),
-            at: crate::event::now_rfc3339(),
-            ran: None,
-            ..Default::default()
-        };
-        let task = format!(
-            "recover-{}",
-            crate::pattern::stable_id(&[&k.tenant, &k.resource])
-        );
-        stores
-            .context
-            .commit(k, &task, &list, None, &outcome, None)
-            .await
-            .map_err(err)?;
-        stores
-            .context
-            .forget(&[(k.clone(), task)])
-            .await
-            .map_err(err)?;
-        out.facts += list.len();
     }
     out.epoch = crate::store::renew_epoch(stores.conn, stores.prefix)
         .await
