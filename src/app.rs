@@ -410,11 +410,7 @@ pub async fn run(
 /// delivery — which stops the stage at every restart. A broker that does not answer (or denies
 /// DescribeConfigs) leaves no per-topic limits, with a warning.
 async fn read_topic_limits(cfg: &mut crate::config::Config) -> Vec<(String, usize)> {
-    let names: Vec<String> = cfg
-        .referenced_topics()
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let names = topic_names(cfg);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     match crate::topics::max_message_bytes(
         &admin_config(&cfg.kafka),
@@ -444,6 +440,14 @@ async fn read_topic_limits(cfg: &mut crate::config::Config) -> Vec<(String, usiz
     }
 }
 
+/// Every topic the config names (whose limits are read).
+fn topic_names(cfg: &crate::config::Config) -> Vec<String> {
+    cfg.referenced_topics()
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
 /// Reads the topics' `max.message.bytes` again every `every` (`kafka.topic_limits_refresh_seconds`):
 /// a limit lowered while switchyard runs, or one the brokers did not answer at start, is then
 /// checked before a record is queued — a larger record dead-letters its input instead of failing
@@ -455,11 +459,7 @@ async fn refresh_topic_limits(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let names: Vec<String> = cfg
-        .referenced_topics()
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let names = topic_names(&cfg);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let admin = admin_config(&cfg.kafka);
     let batch_size = cfg

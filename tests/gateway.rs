@@ -653,18 +653,10 @@ cooldown: {{failures: 100, seconds: 1}}
         cost >= 2.0 * 9.0,
         "failed attempts charged: {cost} ({calls} calls)"
     );
-    let mut failed = Value::Null;
-    for _ in 0..20 {
-        if let Some(d) = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(2))
-            .await
-            .iter()
-            .map(|r| data_of(&event_of(r)).clone())
-            .find(|d| d["model"] == "allbroken")
-        {
-            failed = d;
-            break;
-        }
-    }
+    let failed = transcripts(&calls_topic, "allbroken", 1)
+        .await
+        .pop()
+        .unwrap_or_default();
     assert_eq!(failed["outcome"], "provider_failed", "{failed}");
     assert_eq!(failed["meta"]["attempts"], 2, "{failed}");
     assert_eq!(
@@ -747,24 +739,10 @@ cooldown: {{failures: 100, seconds: 1}}
         .expect("stream opens");
     let got: Vec<_> = futures::StreamExt::collect::<Vec<_>>(chunks).await;
     assert!(got.iter().all(Result::is_ok));
-    let mut outcomes: Vec<String> = Vec::new();
-    for _ in 0..20 {
-        outcomes = read_topic(&stack().0, &calls_topic, 20, Duration::from_secs(2))
-            .await
-            .iter()
-            .map(|r| data_of(&event_of(r)).clone())
-            .filter(|d| d["model"] == "streamy")
-            .map(|d| d["outcome"].as_str().unwrap_or("").to_string())
-            .collect();
-        if outcomes.len() >= 5 {
-            break;
-        }
-    }
     // (One of the abandoned: the stream whose caller left before its first chunk, read on by
     // nobody. Records are written in the background: compared as a set.)
-    outcomes.sort();
     assert_eq!(
-        outcomes,
+        outcomes(&calls_topic, "streamy", 5).await,
         [
             "ok",
             "stream_abandoned",
@@ -817,26 +795,44 @@ limits:
         held, 0,
         "the waiting call's hold was given back when its caller left"
     );
-    let mut outcomes: Vec<String> = Vec::new();
-    for _ in 0..10 {
-        outcomes = read_topic(&stack().0, &calls_topic, 10, Duration::from_secs(2))
-            .await
-            .iter()
-            .map(|r| data_of(&event_of(r)).clone())
-            .filter(|d| d["model"] == "queued")
-            .map(|d| d["outcome"].as_str().unwrap_or("").to_string())
-            .collect();
-        if outcomes.len() >= 2 {
-            break;
-        }
-    }
-    outcomes.sort();
-    assert_eq!(outcomes, ["caller_gone", "ok"]);
+    assert_eq!(
+        outcomes(&calls_topic, "queued", 2).await,
+        ["caller_gone", "ok"]
+    );
     assert_eq!(
         llm_requests(&format!("w-{s}")).await.len(),
         1,
         "only the first call was sent"
     );
+}
+
+/// The transcripts on `calls_topic` of calls that asked for `model`, once at least `want` are
+/// there (or after 20 tries): records are written in the background.
+async fn transcripts(calls_topic: &str, model: &str, want: usize) -> Vec<Value> {
+    let mut found = Vec::new();
+    for _ in 0..20 {
+        found = read_topic(&stack().0, calls_topic, 50, Duration::from_secs(2))
+            .await
+            .iter()
+            .map(|r| data_of(&event_of(r)).clone())
+            .filter(|d| d["model"] == model)
+            .collect();
+        if found.len() >= want {
+            break;
+        }
+    }
+    found
+}
+
+/// The outcomes of [`transcripts`], sorted.
+async fn outcomes(calls_topic: &str, model: &str, want: usize) -> Vec<String> {
+    let mut o: Vec<String> = transcripts(calls_topic, model, want)
+        .await
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap_or("").to_string())
+        .collect();
+    o.sort();
+    o
 }
 
 /// `n` chat completions through the served endpoints of `ports` (alternating), all at once:
