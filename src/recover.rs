@@ -116,33 +116,34 @@ pub async fn recover(
     let topics = &loaded.config.topics;
     let mut out = Recovered::default();
 
-    // Audit chain heads: each chain's highest seal.
-    let mut heads: HashMap<String, (u64, String, Vec<u8>)> = HashMap::new();
-    let (kafka, t) = (loaded.config.kafka.clone(), topics.audit.clone());
-    let recs = tokio::task::spawn_blocking(move || read_all(&kafka, &t, idle))
-        .await
-        .map_err(|e| e.to_string())??;
-    for r in &recs {
-        let Ok(ev) = codec::decode(r.view(), &loaded.schemas) else {
-            continue;
-        };
-        if ev.ty != crate::audit::SEAL_TYPE {
-            continue;
-        }
-        let Some(seal) = data::<crate::audit::SealData>(&ev) else {
-            continue;
-        };
-        if heads.get(&seal.chain).is_none_or(|(s, _, _)| seal.seq > *s) {
-            heads.insert(
-                seal.chain,
-                (
-                    seal.seq,
-                    crate::audit::hash::payload_hash(&r.payload),
-                    r.payload.clone(),
-                ),
-            );
-        }
-    }
+    // Audit chain heads: each chain's highest seal — kept as the topic streams by (a year of audit
+    // records does not fit in memory; a chain's head does).
+    let (kafka, t, schemas) = (
+        loaded.config.kafka.clone(),
+        topics.audit.clone(),
+        loaded.schemas.clone(),
+    );
+    let heads = tokio::task::spawn_blocking(move || {
+        let mut heads: HashMap<String, (u64, String, Vec<u8>)> = HashMap::new();
+        crate::kafka::read::read_each(&kafka, &t, idle, |r| {
+            let Ok(ev) = codec::decode(r.view(), &schemas) else {
+                return;
+            };
+            if ev.ty != crate::audit::SEAL_TYPE {
+                return;
+            }
+            let Some(seal) = data::<crate::audit::SealData>(&ev) else {
+                return;
+            };
+            if heads.get(&seal.chain).is_none_or(|(s, _, _)| seal.seq > *s) {
+                let hash = crate::audit::hash::payload_hash(&r.payload);
+                heads.insert(seal.chain, (seal.seq, hash, r.payload));
+            }
+        })?;
+        Ok::<_, String>(heads)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     for (chain, (seq, hash, seal)) in &heads {
         stores
             .chains

@@ -59,11 +59,23 @@ pub fn read_all(
     topic: &str,
     patience: Duration,
 ) -> Result<Vec<Input>, String> {
-    let consumer = reader_with(kafka, topic, Offset::Beginning, true)?;
-    let mut out = drain(&consumer, topic, patience, |_| true)?;
+    let mut out = Vec::new();
+    read_each(kafka, topic, patience, |r| out.push(r))?;
     // Topic order: per partition by offset (a resource's records share a partition).
     out.sort_by_key(|r| (r.partition, r.offset));
     Ok(out)
+}
+
+/// [`read_all`], handing each record to `each` as it arrives (each partition's in offset order)
+/// instead of holding them all: for a topic too large to keep in memory (the audit topic).
+pub fn read_each(
+    kafka: &KafkaConfig,
+    topic: &str,
+    patience: Duration,
+    each: impl FnMut(Input),
+) -> Result<(), String> {
+    let consumer = reader_with(kafka, topic, Offset::Beginning, true)?;
+    drain(&consumer, topic, patience, each)
 }
 
 /// Reads the records of a topic written at `since_ms` (milliseconds since the epoch) or later, on
@@ -103,16 +115,20 @@ pub fn read_since(
                 .map_err(|e| format!("cannot assign partitions: {e}"))?;
         }
     }
+    let mut out = Vec::new();
     drain(&consumer, topic, patience, |rec| {
-        rec.timestamp_ms.is_none_or(|t| t >= since_ms)
-    })
+        if rec.timestamp_ms.is_none_or(|t| t >= since_ms) {
+            out.push(rec);
+        }
+    })?;
+    Ok(out)
 }
 
 /// The least a read waits for a partition that gives nothing before calling it stuck.
 const MIN_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls `consumer` (made by [`reader_with`] with `eof`) until every assigned partition reached
-/// its end — each is paused there, so a live topic ends — keeping the records `keep` accepts. An
+/// its end — each is paused there, so a live topic ends — handing each record to `each`. An
 /// error when nothing at all arrives for `patience` (at least [`MIN_PATIENCE`]) with partitions
 /// not at their end: a partial read would pass for the whole topic (a recovery rebuilding from
 /// it would write an older state as the current one).
@@ -120,8 +136,8 @@ fn drain(
     consumer: &BaseConsumer,
     topic: &str,
     patience: Duration,
-    keep: impl Fn(&Input) -> bool,
-) -> Result<Vec<Input>, String> {
+    mut each: impl FnMut(Input),
+) -> Result<(), String> {
     use rdkafka::error::KafkaError;
     let patience = patience.max(MIN_PATIENCE);
     let name: Arc<str> = Arc::from(topic);
@@ -132,7 +148,6 @@ fn drain(
         .iter()
         .map(|e| e.partition())
         .collect();
-    let mut out = Vec::new();
     let mut last = Instant::now();
     while !open.is_empty() {
         if last.elapsed() >= patience {
@@ -143,10 +158,7 @@ fn drain(
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let rec = Input::from_message(&m, name.clone());
-                if keep(&rec) {
-                    out.push(rec);
-                }
+                each(Input::from_message(&m, name.clone()));
                 last = Instant::now();
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -163,7 +175,7 @@ fn drain(
             None => {}
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Committed offsets of consumer group `group` on every partition of `topics`: (topic, partition,
