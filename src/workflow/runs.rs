@@ -432,14 +432,7 @@ impl Runs {
             .await?;
         let mut listed = 0;
         for id in ids {
-            let Some(key) = redis::cmd("GET")
-                .arg(self.where_key(&id))
-                .query_async::<Option<String>>(&mut c)
-                .await?
-            else {
-                continue;
-            };
-            let (_, Some(state)) = self.load(&key).await? else {
+            let Some(state) = self.get(&id).await? else {
                 continue;
             };
             let deadline = specs.get(&state.workflow).and_then(|w| w.deadline_seconds);
