@@ -408,6 +408,28 @@ agents:
     );
     let r = get("/v1/context/web", OTHER).await.expect("http");
     assert_eq!(r.status(), 404, "a tenant the user does not see");
+    // A store failure (here Redis's WRONGTYPE: a string where the resource's hash belongs) is a
+    // 503 naming a reference in the log, never Redis's own words.
+    let broken = format!(
+        "{}:ctx:{}",
+        env.prefix,
+        switchyard::store::ResourceKey::new("default", "broken").hash_tag()
+    );
+    let mut conn = redis_connection(stack().1.as_str()).await;
+    redis::cmd("SET")
+        .arg(&broken)
+        .arg("not a hash")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("set");
+    let r = get("/v1/context/broken", VIEWER).await.expect("http");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body = r.text().await.expect("body");
+    assert!(
+        body.contains("reference") && !body.to_lowercase().contains("wrongtype"),
+        "{body}"
+    );
     let r = get("/v1/context?fact=sla&path=active&equals=true", VIEWER)
         .await
         .expect("http");

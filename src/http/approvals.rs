@@ -67,9 +67,8 @@ fn error_response(e: ApprovalError) -> Response {
         ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
         ApprovalError::Invalid(_) | ApprovalError::TooLarge(_) => StatusCode::BAD_REQUEST,
         ApprovalError::Forbidden(_) => StatusCode::FORBIDDEN,
-        ApprovalError::Store(_) | ApprovalError::Contention => {
-            return super::auth::unavailable(e.to_string())
-        }
+        ApprovalError::Store(_) => return super::auth::store_unavailable("the approvals API", e),
+        ApprovalError::Contention => return super::auth::unavailable(e.to_string()),
         ApprovalError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(code, e.to_string())

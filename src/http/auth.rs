@@ -319,6 +319,24 @@ pub fn unavailable(message: impl Into<String>) -> axum::response::Response {
     retry_later(error(axum::http::StatusCode::SERVICE_UNAVAILABLE, message))
 }
 
+/// A 503 for a failure of the store behind `what` (Redis out of reach, a script error): the detail
+/// goes to the log under a short reference the answer names, never to the client — a viewer learns
+/// nothing of Redis's addresses, keys or errors.
+pub fn store_unavailable(what: &str, e: impl std::fmt::Display) -> axum::response::Response {
+    let reference = logged(what, e);
+    unavailable(format!(
+        "{what} is unavailable (reference {reference} in switchyard's log); retry"
+    ))
+}
+
+/// Logs a store failure of `what` under a new short reference, and returns the reference.
+pub fn logged(what: &str, e: impl std::fmt::Display) -> String {
+    let mut reference = uuid::Uuid::new_v4().simple().to_string();
+    reference.truncate(12);
+    tracing::warn!(reference, error = %e, "{what}: the store failed");
+    reference
+}
+
 /// Seconds a client waits before repeating a request answered [`unavailable`].
 pub const RETRY_AFTER_SECS: &str = "1";
 

@@ -77,7 +77,7 @@ async fn show(
     .await
     {
         Ok(v) => Json(v).into_response(),
-        Err(e) => super::auth::unavailable(e.to_string()),
+        Err(e) => super::auth::store_unavailable("the context API", e),
     }
 }
 
@@ -133,7 +133,7 @@ async fn find(State(api): State<Api>, headers: HeaderMap, Query(q): Query<FindQu
     match view::query(&api.graph, &api.indexed, &query).await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(m)) => error(StatusCode::BAD_REQUEST, m),
-        Err(e) => super::auth::unavailable(e.to_string()),
+        Err(e) => super::auth::store_unavailable("the context API", e),
     }
 }
 

@@ -253,10 +253,15 @@ async fn caller(inbox: &Inbox, headers: &HeaderMap) -> Caller {
     }
 }
 
+/// A 503 page for a store (Redis, or the audit topic) that failed: the detail is logged under a
+/// short reference the page names, never shown (see `auth::store_unavailable`).
 fn unavailable(e: &str) -> Response {
+    let reference = super::auth::logged("the inbox", e);
     super::auth::retry_later(page_error(
         StatusCode::SERVICE_UNAVAILABLE,
-        &format!("the inbox cannot reach Redis: {e}"),
+        &format!(
+            "the inbox cannot reach its store (reference {reference} in switchyard's log); retry"
+        ),
     ))
 }
 
