@@ -284,6 +284,46 @@ pub const SOURCE: &str = "switchyard/agents";
 /// The facts to write and the outcome of a task's agent call.
 pub type Computed = (Vec<(String, Fact)>, Outcome);
 
+/// Outcomes computed but not yet recorded, by task id (see [`AgentsStage::unrecorded`]). An entry
+/// no retry has used for [`Unrecorded::IDLE`] is dropped at the next insert: its record moved to
+/// another instance or was dead-lettered, and nothing else would ever remove it.
+#[derive(Default)]
+pub struct Unrecorded(std::sync::Mutex<HashMap<String, (std::time::Instant, Arc<Computed>)>>);
+
+impl Unrecorded {
+    /// Longer than any retry's backoff: a record still being retried always finds its entry.
+    pub const IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, Arc<Computed>)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of `task_id`, marked used at `now`.
+    pub fn get(&self, task_id: &str, now: std::time::Instant) -> Option<Arc<Computed>> {
+        self.map().get_mut(task_id).map(|(used, c)| {
+            *used = now;
+            c.clone()
+        })
+    }
+
+    /// Keeps `c` for `task_id`, dropping entries unused for [`Self::IDLE`] before `now`.
+    pub fn insert(&self, task_id: String, c: Arc<Computed>, now: std::time::Instant) {
+        let mut map = self.map();
+        map.retain(|_, (used, _)| now.saturating_duration_since(*used) < Self::IDLE);
+        map.insert(task_id, (now, c));
+    }
+
+    pub fn remove(&self, task_id: &str) {
+        self.map().remove(task_id);
+    }
+
+    pub fn ids(&self) -> std::collections::HashSet<String> {
+        self.map().keys().cloned().collect()
+    }
+}
+
 /// One configured agent, ready to call.
 pub struct AgentEntry {
     pub spec: AgentSpec,
@@ -312,7 +352,7 @@ pub struct AgentStage<S: ContextStore> {
     pub max_record_bytes: usize,
     /// Outcomes computed but not yet recorded (Redis failed right after the call): a retry records
     /// these instead of calling the agent again.
-    pub unrecorded: std::sync::Mutex<HashMap<String, Arc<Computed>>>,
+    pub unrecorded: Unrecorded,
     /// Moves workflow runs on as their steps finish; none without workflows.
     pub workflows: Option<Arc<Workflows>>,
     /// Circuit breakers of the agents that declare one; none when no agent does.
@@ -524,20 +564,13 @@ impl<S: ContextStore> AgentStage<S> {
         place: Option<&Place>,
     ) -> Result<Option<(Outcome, bool)>, ProcessError> {
         let task_id = t.task.task_id.clone();
-        let cached = self
-            .unrecorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&task_id)
-            .cloned();
+        let cached = self.unrecorded.get(&task_id, std::time::Instant::now());
         let computed = match cached {
             Some(c) => c,
             None => {
                 let c = Arc::new(self.call_and_check(entry, t, snap, budget).await?);
                 self.unrecorded
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(task_id.clone(), c.clone());
+                    .insert(task_id.clone(), c.clone(), std::time::Instant::now());
                 c
             }
         };
@@ -550,10 +583,7 @@ impl<S: ContextStore> AgentStage<S> {
         )
         .await
         .map_err(context_error("commit"))?;
-        self.unrecorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&task_id);
+        self.unrecorded.remove(&task_id);
         if let (CommitResult::Applied { .. }, Some(g)) = (&recorded, &self.graph) {
             let keys: Vec<&str> = facts
                 .iter()
@@ -1235,13 +1265,7 @@ impl<S: ContextStore> AgentStage<S> {
             }));
         }
         // Budgets for the tasks that will call their agent, in batch order.
-        let unrecorded = self
-            .unrecorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect::<std::collections::HashSet<String>>();
+        let unrecorded = self.unrecorded.ids();
         let spenders: Vec<(usize, Spender<'_>, f64)> = read
             .iter()
             .enumerate()
@@ -1822,5 +1846,25 @@ mod tests {
             }
             other => panic!("expected a dead letter, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn unrecorded_outcomes_left_behind_are_dropped_and_retried_ones_kept() {
+        let u = Unrecorded::default();
+        let t0 = std::time::Instant::now();
+        let c = || Arc::new((Vec::new(), Outcome::default()));
+        u.insert("moved".into(), c(), t0);
+        u.insert("retried".into(), c(), t0);
+        // A retry uses its entry just before the idle time is over, and so keeps it.
+        let near = t0 + Unrecorded::IDLE - std::time::Duration::from_secs(1);
+        assert!(u.get("retried", near).is_some());
+        u.insert("later".into(), c(), t0 + Unrecorded::IDLE);
+        assert_eq!(
+            u.ids(),
+            ["retried", "later"].map(String::from).into_iter().collect(),
+            "the entry whose record went elsewhere is dropped"
+        );
+        u.remove("retried");
+        assert!(u.get("retried", near).is_none());
     }
 }
