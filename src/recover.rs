@@ -191,6 +191,7 @@ pub async fn recover(
             proposals: serde_json::from_value(a.proposals.clone()).unwrap_or_default(),
             agents: serde_json::from_value(a.agents.clone()).unwrap_or_default(),
             approval_id: None,
+            supersedes: Vec::new(),
         });
     }
     let mut open = Vec::new();
@@ -215,6 +216,7 @@ pub async fn recover(
             proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
             agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
             approval_id: Some(a.approval_id.clone()),
+            supersedes: Vec::new(),
         });
         change.approvals.push(StoredApproval {
             escalated: a.status == "escalated",

@@ -3492,3 +3492,174 @@ async fn an_approval_past_its_deadline_is_escalated_once_and_its_records_go_out(
         .find(|v| v["data"]["status"] == "escalated");
     assert!(escalated.is_some(), "its escalation record goes out");
 }
+
+/// Governance judges a merge as it judges a new action, and an action awaiting approval takes
+/// nothing away before it is approved: a page from an agent without access to pages is not merged
+/// into an accepted one (it was, its parameters sent at once); a page needing approval is not
+/// merged unseen but awaits approval of its own; a page is not merged into one awaiting approval
+/// (the approver would approve other parameters than those sent); a rollback awaiting approval
+/// leaves the accepted scale_down it would supersede in force, so a scale_up stays refused after the
+/// rollback is rejected, and the scale_down leaves only when a rollback is approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback] }, { actions: [page], min_impact: high }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let running = Running::start(env.loaded.clone(), &["resolve"]);
+    let high = |mut e: CloudEvent| {
+        let mut d = data_of(&e).clone();
+        d["impact"] = json!("high");
+        e = e.with_data(d);
+        e
+    };
+    let first = vec![
+        proposal("pa", "tester", "page", "r-m", json!({"sev": "minor"}), 0),
+        proposal("px", "cost-guard", "page", "r-m", json!({"sev": "x"}), 0),
+        high(proposal(
+            "ph",
+            "tester",
+            "page",
+            "r-m",
+            json!({"sev": "y"}),
+            0,
+        )),
+        high(proposal(
+            "pp",
+            "tester",
+            "page",
+            "r-p",
+            json!({"sev": "major"}),
+            0,
+        )),
+        proposal("pl", "tester", "page", "r-p", json!({"sev": "minor"}), 0),
+        proposal("sd", "tester", "scale_down", "r-s", json!({"n": 1}), 0),
+        proposal("rb", "tester", "rollback", "r-s", json!({"to": "v1"}), 0),
+        proposal("sd-g", "tester", "scale_down", "r-g", json!({"n": 1}), 0),
+        proposal("rb-g", "tester", "rollback", "r-g", json!({"to": "v1"}), 0),
+    ];
+    env.publish("switchyard.proposals", &first).await;
+    let decided = |audit: &[Input]| -> BTreeMap<String, AuditData> {
+        audit
+            .iter()
+            .map(data::<AuditData>)
+            .filter_map(|a| Some((a.detail["proposal_id"].as_str()?.to_string(), a)))
+            .collect()
+    };
+    let by_prop = decided(&env.audit(first.len(), Duration::from_secs(30)).await);
+    let outcome = |m: &BTreeMap<String, AuditData>, id: &str| {
+        (
+            m[id].decision.clone(),
+            m[id].reason.clone().unwrap_or_default(),
+        )
+    };
+    assert_eq!(outcome(&by_prop, "pa"), ("accepted".into(), "".into()));
+    assert_eq!(
+        outcome(&by_prop, "px"),
+        ("rejected".into(), "access".into()),
+        "a merge from an agent without access is refused"
+    );
+    assert_eq!(
+        outcome(&by_prop, "ph"),
+        ("approval_requested".into(), "".into()),
+        "a merge needing approval awaits it as an action of its own"
+    );
+    assert_eq!(
+        outcome(&by_prop, "pp"),
+        ("approval_requested".into(), "".into())
+    );
+    assert_eq!(
+        outcome(&by_prop, "pl"),
+        ("rejected".into(), "pending_approval".into()),
+        "nothing merges into parameters a person is looking at"
+    );
+    assert_eq!(outcome(&by_prop, "sd"), ("accepted".into(), "".into()));
+    assert_eq!(
+        outcome(&by_prop, "rb"),
+        ("approval_requested".into(), "".into())
+    );
+    assert_eq!(
+        by_prop["rb"].detail["superseded"],
+        json!([]),
+        "nothing superseded before approval"
+    );
+    // The only page sent is the first one.
+    let pages: Vec<ActionData> = env
+        .read("switchyard.actions", usize::MAX, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(data)
+        .filter(|a: &ActionData| a.action == "page")
+        .collect();
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    assert_eq!(pages[0].parameters, json!({"sev": "minor"}));
+
+    // The rollback of r-s is rejected, the one of r-g approved.
+    let approvals: Vec<ApprovalData> = env
+        .read("switchyard.approvals", 4, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    let approval_of = |resource: &str| {
+        approvals
+            .iter()
+            .find(|a| a.resource == resource && a.action == "rollback")
+            .map(|a| a.approval_id.clone())
+            .expect("approval")
+    };
+    for (resource, answer) in [("r-s", "reject"), ("r-g", "approve")] {
+        let out = cli(
+            &env,
+            &["approvals", answer, &approval_of(resource), "--by", "bob"],
+        );
+        assert!(!out.is_empty(), "{answer} {resource}");
+    }
+    let second = vec![
+        proposal("su", "tester", "scale_up", "r-s", json!({"n": 3}), 0),
+        proposal("su-g", "tester", "scale_up", "r-g", json!({"n": 3}), 0),
+    ];
+    env.publish("switchyard.proposals", &second).await;
+    let mut by_prop = BTreeMap::new();
+    for _ in 0..100 {
+        by_prop = decided(&env.audit(usize::MAX, Duration::from_millis(500)).await);
+        if by_prop.contains_key("su") && by_prop.contains_key("su-g") {
+            break;
+        }
+    }
+    assert_eq!(
+        outcome(&by_prop, "su"),
+        ("rejected".into(), "conflict".into()),
+        "the scale_down the rejected rollback would have superseded is still in force"
+    );
+    let detail = by_prop["su"].detail.to_string();
+    assert!(detail.contains("conflicts with scale_down"), "{detail}");
+    // r-g: the approved rollback took the scale_down's place.
+    let detail = by_prop["su-g"].detail.to_string();
+    assert!(detail.contains("conflicts with rollback"), "{detail}");
+    let mut conn = redis_connection(stack().1.as_str()).await;
+    let state: String = redis::cmd("HGET")
+        .arg(format!(
+            "{}:res:{}",
+            env.loaded.config.redis.key_prefix,
+            switchyard::store::ResourceKey::new("default", "r-g").hash_tag()
+        ))
+        .arg("state")
+        .query_async(&mut conn)
+        .await
+        .expect("state");
+    let state: Value = serde_json::from_str(&state).expect("json");
+    let active: Vec<&str> = state["active"]
+        .as_array()
+        .expect("active")
+        .iter()
+        .map(|a| a["action"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(active, ["rollback"], "{state}");
+    running.stop().await;
+}

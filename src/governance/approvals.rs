@@ -310,6 +310,7 @@ impl Approvals {
                         s.approval.status = "approved".into();
                         s.action.fencing_token = token;
                         s.action.approved_by = Some(by.to_string());
+                        let mut supersedes = Vec::new();
                         for a in state
                             .active
                             .iter_mut()
@@ -317,7 +318,13 @@ impl Approvals {
                         {
                             a.status = ActiveStatus::Accepted;
                             a.at = now;
+                            supersedes.append(&mut a.supersedes);
                         }
+                        // The accepted actions it was to supersede leave now (see
+                        // `ActiveAction::supersedes`).
+                        state.active.retain(|a| {
+                            a.status != ActiveStatus::Accepted || !supersedes.contains(&a.action_id)
+                        });
                     }
                     Verdict::Reject => {
                         s.approval.status = "rejected".into();

@@ -320,6 +320,24 @@ pub fn apply(
                 )
             }
         }
+        Decision::Merged { .. }
+            if matches!(gate, Gate::Refuse { .. } | Gate::NeedsApproval { .. }) =>
+        {
+            // Governance refuses the merging proposal: its parameters do not go out. (One needing
+            // approval is judged on its own by the caller, `decide_with`; never merged unseen.)
+            match gate {
+                Gate::Refuse {
+                    reason,
+                    rule,
+                    detail,
+                } => Decided::rejected(reason, rule, detail),
+                _ => Decided::rejected(
+                    RejectReason::PendingApproval,
+                    Rule::PendingApproval.as_str(),
+                    "merging needs a person's approval".into(),
+                ),
+            }
+        }
         Decision::Merged {
             action_id,
             parameters,
@@ -363,6 +381,19 @@ pub fn apply(
                 detail,
             } => Decided::rejected(reason, rule, detail),
             gate => {
+                // An action awaiting approval supersedes only what awaits approval too: accepted
+                // actions stay in force until it is approved (`supersedes`), so a rejected or
+                // expired approval cancels nothing and what conflicts with them stays refused.
+                let (superseded, later): (Vec<String>, Vec<String>) =
+                    if matches!(gate, Gate::NeedsApproval { .. }) {
+                        superseded.into_iter().partition(|id| {
+                            state.active.iter().any(|a| {
+                                &a.action_id == id && a.status == ActiveStatus::PendingApproval
+                            })
+                        })
+                    } else {
+                        (superseded, Vec::new())
+                    };
                 let mut approvals = Vec::new();
                 for id in &superseded {
                     let Some(apr) = state
@@ -395,6 +426,7 @@ pub fn apply(
                     proposals: provenance.clone(),
                     agents: agents.clone(),
                     approval_id: None,
+                    supersedes: later,
                 };
                 match gate {
                     Gate::NeedsApproval {
@@ -511,6 +543,7 @@ mod tests {
             proposals: vec!["p0".into()],
             agents: vec!["x".into()],
             approval_id: None,
+            supersedes: Vec::new(),
         };
         for i in 1..=100 {
             let p: ProposalData = serde_json::from_value(json!({

@@ -201,6 +201,11 @@ pub struct ActiveAction {
     pub agents: Vec<String>,
     #[serde(default)]
     pub approval_id: Option<String>,
+    /// Awaiting approval: the accepted actions it supersedes once approved. They stay in force
+    /// (and keep blocking what conflicts with them) until then; a rejected or expired approval
+    /// leaves them be.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<String>,
 }
 
 /// What the resolve stage keeps per resource.
@@ -367,6 +372,18 @@ pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
 
 /// Decides what happens to `c` on a resource in `state` at time `now` (seconds). Pure.
 pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i64) -> Decision {
+    decide_with(cfg, state, c, now, true)
+}
+
+/// [`decide`], with merging left out when `merge` is false: a proposal governance would not let
+/// merge unseen (it needs a person's approval) is judged as an action of its own.
+pub fn decide_with(
+    cfg: &ResolveConfig,
+    state: &ResourceState,
+    c: &Candidate,
+    now: i64,
+    merge: bool,
+) -> Decision {
     let rule = cfg.rule(&c.action).cloned().unwrap_or_default();
     let priority = cfg.priority(&c.action, c.priority);
     let age = |a: &ActiveAction| now - a.at;
@@ -394,13 +411,14 @@ pub fn decide(cfg: &ResolveConfig, state: &ResourceState, c: &Candidate, now: i6
             action_id: a.action_id.clone(),
         };
     }
-    // Merge: mergeable types combine.
-    if rule.merge {
-        if let Some(a) = state
-            .active
-            .iter()
-            .find(|a| a.action == c.action && age(a) <= cfg.merge_window_seconds as i64)
-        {
+    // Merge: mergeable types combine — only into an action that went out. One awaiting a person
+    // keeps the parameters the person is shown (the pending hold below refuses this one).
+    if rule.merge && merge {
+        if let Some(a) = state.active.iter().find(|a| {
+            a.action == c.action
+                && a.status == ActiveStatus::Accepted
+                && age(a) <= cfg.merge_window_seconds as i64
+        }) {
             return Decision::Merged {
                 action_id: a.action_id.clone(),
                 parameters: merge_params(&a.parameters, &c.parameters),
@@ -535,6 +553,7 @@ mod tests {
             proposals: vec![],
             agents: vec![],
             approval_id: None,
+            supersedes: Vec::new(),
         }
     }
 

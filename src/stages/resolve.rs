@@ -33,7 +33,8 @@ use crate::resolve::apply::{
     apply, decided_before, token_floor, Amend, Current, Decided, Gate, Verdict,
 };
 use crate::resolve::rules::{
-    decide, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig, Rule,
+    decide, decide_with, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig,
+    Rule,
 };
 use crate::resolve::store::{ResourceStore, Write};
 use crate::spans::Span;
@@ -525,7 +526,7 @@ impl ResolveStage {
                 context_version: p.context_version,
             };
             // Staleness comes first, as in `decide`: a stale proposal merges into nothing either.
-            let decision = match &related_stale {
+            let mut decision = match &related_stale {
                 Some(detail) => Decision::Rejected {
                     reason: RejectReason::Stale,
                     detail: detail.clone(),
@@ -533,21 +534,10 @@ impl ResolveStage {
                 },
                 None => decide(&self.rules, &state, &cand, now),
             };
-            let rule = decision.rule();
-            // Accepted actions this one supersedes: undone, on their agents' scorecards.
-            let undone: Vec<String> = match &decision {
-                Decision::New { superseded, .. } => state
-                    .active
-                    .iter()
-                    .filter(|a| {
-                        a.status == ActiveStatus::Accepted && superseded.contains(&a.action_id)
-                    })
-                    .flat_map(|a| a.agents.iter().cloned())
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let gate = match &decision {
-                Decision::New { .. } => {
+            // Governance looks at every proposal that sends an action: a new one, and one merged
+            // into an action that went out (its parameters go out again, under this proposal).
+            let gate_of = |decision: &Decision| match decision {
+                Decision::New { .. } | Decision::Merged { .. } => {
                     let spender = Spender {
                         agent: &p.agent,
                         workflow: &p.workflow_id,
@@ -561,6 +551,29 @@ impl ResolveStage {
                     }
                 }
                 _ => Gate::Allow,
+            };
+            let mut gate = gate_of(&decision);
+            if matches!(decision, Decision::Merged { .. })
+                && matches!(gate, Gate::NeedsApproval { .. })
+            {
+                // A person must see these parameters before they go out: judged as an action of
+                // its own, not merged into one nobody approved them for.
+                decision = decide_with(&self.rules, &state, &cand, now, false);
+                gate = gate_of(&decision);
+            }
+            let rule = decision.rule();
+            // Accepted actions this one supersedes: undone, on their agents' scorecards.
+            // (Awaiting approval, it supersedes no accepted action yet: `ActiveAction::supersedes`.)
+            let undone: Vec<String> = match &decision {
+                Decision::New { superseded, .. } if matches!(gate, Gate::Allow) => state
+                    .active
+                    .iter()
+                    .filter(|a| {
+                        a.status == ActiveStatus::Accepted && superseded.contains(&a.action_id)
+                    })
+                    .flat_map(|a| a.agents.iter().cloned())
+                    .collect(),
+                _ => Vec::new(),
             };
             let current = Current {
                 state,

@@ -179,6 +179,7 @@ fn benches(c: &mut Criterion) {
             proposals: vec![],
             agents: vec![],
             approval_id: None,
+            supersedes: Vec::new(),
         });
     }
     let cand = Candidate {
