@@ -62,13 +62,12 @@ pub fn resource_store_unguarded(loaded: &Loaded, conn: RedisConn) -> Arc<dyn Res
 
 fn redis_resource_store(loaded: &Loaded, conn: RedisConn) -> RedisResourceStore {
     let cfg = &loaded.config;
-    // Resource hashes outlive every window that reads them, and any pending approval.
-    let ttl = (cfg
-        .resolve
-        .retention_seconds()
-        .max(cfg.governance.approvals.timeout_seconds)
-        * 4)
-    .max(86400);
+    // Resource hashes outlive every window that reads them, any open approval's wait and a
+    // decided approval's keep.
+    let ttl = cfg
+        .governance
+        .approvals
+        .record_ttl_seconds(cfg.resolve.retention_seconds());
     RedisResourceStore::new(conn, &cfg.redis.key_prefix, ttl, cfg.context.remember_tasks)
 }
 

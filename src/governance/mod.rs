@@ -204,6 +204,28 @@ impl ApprovalsConfig {
             .map(|(_, r)| r)
     }
 
+    /// How long a resource's record must outlive its last write so that what it holds of
+    /// approvals is not lost with it: an open approval waits at most its longest level (each level
+    /// change writes the record), a decided one stays `keep_decided_seconds`. The store renews a
+    /// record's TTL only once a sixteenth of it passed, so a write may leave 15/16 of it: the TTL
+    /// is at least 16/15 of both (plus an hour). `other` is what the record's other readers need.
+    pub fn record_ttl_seconds(&self, other: u64) -> u64 {
+        let longest_level = self
+            .rules
+            .iter()
+            .flat_map(|r| r.escalation.iter().map(|l| l.timeout_seconds))
+            .chain([self.timeout_seconds])
+            .max()
+            .unwrap_or(0);
+        let needed = longest_level
+            .max(self.keep_decided_seconds)
+            .saturating_mul(16)
+            / 15;
+        (other.max(longest_level).saturating_mul(4))
+            .max(needed.saturating_add(3600))
+            .max(86400)
+    }
+
     /// How often the sweeper looks for approvals past their deadline: every 2 seconds, more
     /// often when a timeout is shorter (half the shortest, at least every 250 ms), so a 2-second
     /// level moves on close to its deadline.
@@ -530,6 +552,27 @@ mod tests {
         assert!(g.allows("acme", "cost-guard", "scale_down", "web-1"));
         assert!(!g.allows("acme", "cost-guard", "scale_down", "db-1"));
         assert!(!g.allows("other", "cost-guard", "scale_down", "web-1"));
+    }
+
+    #[test]
+    fn resource_records_outlive_approval_waits_and_keeps() {
+        let mut a = ApprovalsConfig::default();
+        // Defaults: a decided approval is kept 7 days, so its record lives longer than that even
+        // when its TTL was last renewed a sixteenth of it ago.
+        let ttl = a.record_ttl_seconds(1800);
+        assert!(ttl * 15 / 16 >= 7 * 86400, "{ttl}");
+        // An escalation level of 10 days (each level's change writes the record).
+        a.rules.push(ApprovalRule {
+            escalation: vec![escalation::EscalationLevel {
+                group: "sre".into(),
+                timeout_seconds: 10 * 86400,
+            }],
+            ..Default::default()
+        });
+        let ttl = a.record_ttl_seconds(1800);
+        assert!(ttl * 15 / 16 >= 10 * 86400, "{ttl}");
+        // A resolve window longer than all: four times it, as before.
+        assert_eq!(a.record_ttl_seconds(30 * 86400), 4 * 30 * 86400);
     }
 
     #[test]
