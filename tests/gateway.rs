@@ -995,6 +995,8 @@ async fn an_over_budget_call_waits_for_approval_and_goes_through_only_when_appro
     let model = format!("o-{s}");
     let key = format!("sk-{s}");
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    let acme_key = format!("sk-acme-{s}");
+    let acme_digest = hex::encode(Sha256::digest(acme_key.as_bytes()));
     let env = TestEnv::new(
         2,
         &format!(
@@ -1011,6 +1013,7 @@ gateway:
     "{model}": {{input: 1000.0, output: 1000.0}}
   keys:
     - {{name: planner, tenant: default, key_sha256: "{digest}"}}
+    - {{name: planner, tenant: acme, key_sha256: "{acme_digest}"}}
   approval_covers_calls: 2
 governance:
   budgets:
@@ -1115,6 +1118,69 @@ governance:
     assert_eq!(status, 200, "{body}");
     assert_eq!(llm_requests(&model).await.len(), 1);
     let a_first = a["approval_id"].clone();
+    // Another tenant's caller naming the same task and resource asks for an approval of its own:
+    // the first tenant's approval is neither reused nor taken over.
+    let acme = {
+        let (http, base, key) = (http.clone(), base.clone(), acme_key.clone());
+        tokio::spawn(async move {
+            http.post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("X-Switchyard-Task", "t-approved")
+                .header("X-Switchyard-Resource", "checkout")
+                .json(&json!({"model": "guarded", "messages": [{"role": "user", "content": "mine?"}]}))
+                .send()
+                .await
+                .expect("the gateway answers")
+                .status()
+                .as_u16()
+        })
+    };
+    let mut acme_approval = Value::Null;
+    for _ in 0..100 {
+        let list: Value = http
+            .get(format!("{base}/v1/approvals?tenant=acme"))
+            .bearer_auth(format!("tok-{s}"))
+            .send()
+            .await
+            .expect("approvals API")
+            .json()
+            .await
+            .expect("JSON");
+        if let Some(a) = list["approvals"].as_array().and_then(|a| a.first()) {
+            acme_approval = a.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(acme_approval["tenant"], "acme", "{acme_approval}");
+    assert_ne!(acme_approval["approval_id"], a_first);
+    let first: Value = http
+        .get(format!(
+            "{base}/v1/approvals/{}",
+            a_first.as_str().expect("id")
+        ))
+        .bearer_auth(format!("tok-{s}"))
+        .send()
+        .await
+        .expect("approvals API")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        (&first["approval"]["tenant"], &first["approval"]["status"]),
+        (&json!("default"), &json!("approved")),
+        "{first}"
+    );
+    decide(
+        acme_approval["approval_id"]
+            .as_str()
+            .expect("id")
+            .to_string(),
+        "reject",
+    )
+    .await;
+    assert_eq!(acme.await.expect("join"), 429);
+    assert_eq!(llm_requests(&model).await.len(), 1);
 
     let rejected = call("t-rejected");
     let a = pending("t-rejected").await;

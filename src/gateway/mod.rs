@@ -958,8 +958,16 @@ impl Gateway {
         // One approval covers `approval_covers_calls` calls of the task that went through (its
         // loop, its retries); then the next asks again — an approval is not a standing permit for
         // a caller that keeps calling under one task id. A refused call counts nothing, so a
-        // rejection stays final. Round 0 keeps the id of approvals before rounds.
-        let permit = crate::pattern::stable_id(&["llm.over_budget", &basis, alias, budget]);
+        // rejection stays final. The caller's tenant and resource are part of it: a task id is the
+        // caller's word, and another tenant naming the same one must not share its approval.
+        let permit = crate::pattern::stable_id(&[
+            "llm.over_budget",
+            &caller.tenant,
+            resource,
+            &basis,
+            alias,
+            budget,
+        ]);
         let covers = self.cfg.approval_covers_calls;
         'round: loop {
             let n = self.limiter.overrun_calls(&permit).await?;
