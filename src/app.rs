@@ -98,6 +98,7 @@ pub fn approvals_of(
         tasks_topic: cfg.topics.tasks.clone(),
         sealer,
         tenants: Default::default(),
+        stuck: Default::default(),
         known_tenants: cfg.governance.tenants.clone(),
         max_output_bytes: cfg.kafka.max_output_bytes(),
         topic_limits: Default::default(),

@@ -3663,3 +3663,66 @@ async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
     assert_eq!(active, ["rollback"], "{state}");
     running.stop().await;
 }
+
+/// One approval the sweeper cannot move on (here: its stored value is unreadable) holds up no other:
+/// the sweep expires the rest, logs the stuck one, and keeps trying it. Redis out of reach still
+/// fails the sweep as a whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("").replace("timeout_seconds: 600", "timeout_seconds: 1"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    switchyard::store::start_epoch(&conn, &c.redis.key_prefix, false)
+        .await
+        .expect("epoch");
+    let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
+    let action = |id: &str, resource: &str| ActionData {
+        action_id: id.into(),
+        action: "llm.over_budget".into(),
+        resource: resource.into(),
+        tenant: "default".into(),
+        workflow_id: String::new(),
+        parameters: json!({}),
+        fencing_token: 0,
+        proposals: json!([]),
+        agents: json!([]),
+        priority: 0,
+        impact: switchyard::records::Impact::Medium,
+        approved_by: None,
+        reason: None,
+    };
+    let mut ids = Vec::new();
+    for (id, resource) in [("act-bad", "r-bad"), ("act-good", "r-good")] {
+        let key = switchyard::store::ResourceKey::new("default", resource);
+        let (a, _) = approvals
+            .request(&key, action(id, resource))
+            .await
+            .expect("request");
+        ids.push((a.approval_id, key));
+    }
+    let mut r = redis_connection(c.redis.url.as_str()).await;
+    let (bad, bad_key) = &ids[0];
+    redis::cmd("HSET")
+        .arg(format!("{}:res:{}", c.redis.key_prefix, bad_key.hash_tag()))
+        .arg(format!("approval:{bad}"))
+        .arg("not json")
+        .query_async::<()>(&mut r)
+        .await
+        .expect("hset");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let out = approvals.sweep().await.expect("the sweep goes on");
+    let expired: Vec<&str> = out.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(expired, [ids[1].0.as_str()], "the readable one expired");
+    let good = approvals.get(&ids[1].0).await.expect("get").expect("kept");
+    assert_eq!(good.approval.status, "expired");
+    // The stuck one stays open (tried again next sweep), and the next sweep does not fail either.
+    approvals.sweep().await.expect("again");
+}

@@ -131,6 +131,9 @@ pub struct Approvals {
     pub tenants: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Tenants named in the config: the only `tenant` label values (others count as `other`).
     pub known_tenants: Vec<String>,
+    /// Approvals the sweeper could not move on (their records too large for a lowered topic limit,
+    /// their stored value unreadable): logged as an error once each, then at debug.
+    pub stuck: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The largest record the producer writes (`message.max.bytes`).
     pub max_output_bytes: usize,
     /// And what each topic takes (its `max.message.bytes`, when read at start).
@@ -770,6 +773,29 @@ impl Approvals {
         }
     }
 
+    /// A sweep's failure on one approval: the store out of reach (or its state lost) fails the
+    /// sweep; anything else is this approval's own (its records too large for its topic's limit, its
+    /// stored value unreadable, contention) — logged, as an error the first time, and the sweep
+    /// goes on with the others (the approval is tried again on the next).
+    fn stuck_on(&self, id: &str, e: ApprovalError) -> Result<(), ApprovalError> {
+        if matches!(
+            e,
+            ApprovalError::Store(StoreError::Redis(_) | StoreError::Lost)
+        ) {
+            return Err(e);
+        }
+        let mut stuck = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+        if stuck.len() >= 4096 {
+            stuck.clear();
+        }
+        if stuck.insert(id.to_string()) {
+            tracing::error!(approval_id = %id, error = %e, "The approvals sweeper cannot move this approval on; it goes on with the others and tries this one again on every sweep.");
+        } else {
+            tracing::debug!(approval_id = %id, error = %e, "Approval still stuck.");
+        }
+        Ok(())
+    }
+
     /// Expires (or escalates) every approval past its deadline, and takes up decisions a crash left
     /// in the outbox; returns each approval's records to produce (then [`Approvals::sent`]).
     pub async fn sweep(&self) -> Result<Vec<(String, Vec<Output>)>, ApprovalError> {
@@ -784,15 +810,23 @@ impl Approvals {
         // Younger entries belong to a request still producing them.
         let grace = self.config.redeliver_after_seconds as i64;
         for id in self.store.outbox_due(now - grace).await? {
-            match self.get(&id).await? {
-                // Gone, or still pending (the state never moved): nothing to produce. An
-                // escalation did move it: its records go out like a decision's.
-                None => self.store.outbox_done(&id).await?,
-                Some(s) if s.is_open() && !s.escalated => self.store.outbox_done(&id).await?,
-                Some(s) => {
-                    tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
-                    out.push((id, self.decided_before(s).await?.outputs));
+            let redo = async {
+                match self.get(&id).await? {
+                    // Gone, or still pending (the state never moved): nothing to produce. An
+                    // escalation did move it: its records go out like a decision's.
+                    None => self.store.outbox_done(&id).await?,
+                    Some(s) if s.is_open() && !s.escalated => self.store.outbox_done(&id).await?,
+                    Some(s) => {
+                        tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
+                        return Ok(Some(self.decided_before(s).await?.outputs));
+                    }
                 }
+                Ok(None)
+            };
+            match redo.await {
+                Ok(Some(outputs)) => out.push((id, outputs)),
+                Ok(None) => {}
+                Err(e) => self.stuck_on(&id, e)?,
             }
         }
         let open = self.store.open().await?;
@@ -809,7 +843,8 @@ impl Approvals {
                     // Escalated meanwhile by another sweeper: open, under its new deadline.
                     Ok(d) if matches!(d.approval.status.as_str(), "pending" | "escalated") => {}
                     Ok(_) | Err(ApprovalError::NotFound(_)) => self.store.index_close(id).await?,
-                    Err(e) => return Err(e),
+                    // One approval that cannot move on holds up no other.
+                    Err(e) => self.stuck_on(id, e)?,
                 }
             } else if let Some(k) = key {
                 *pending_by_tenant
