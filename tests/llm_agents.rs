@@ -1497,3 +1497,166 @@ agents:{a1}{a2}
         "{blanker:?}"
     );
 }
+
+/// The tools stage's claim survives what passes: an MCP server out of reach when an action naming
+/// its tool arrives holds the action (retried) instead of dead-lettering it as an unknown tool, and
+/// it is carried out once the server lists its tools; a claim whose reply was lost (Redis stalled
+/// past the client's timeout after running it) is this process's own, found again with no call
+/// made — the action is called, not recorded as unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_actions_wait_for_an_mcp_server_and_survive_a_lost_claim_reply() {
+    let s = suffix();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port, dir.path(), false);
+    let mcp_calls = dir.path().join("mcp.jsonl");
+    let mcp_port = free_port();
+    let (tickets, seen) = ticket_server().await;
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+gateway:
+  providers:
+    mock: {{base_url: "{llm}"}}
+  aliases:
+    advisor: {{candidates: [{{provider: mock, model: "m-{s}"}}]}}
+tools:
+  ticket:
+    kind: http
+    description: Open a ticket for a service's owners.
+    method: POST
+    url: "http://127.0.0.1:{tickets}/tickets/{{{{ service }}}}"
+    parameters:
+      type: object
+      properties: {{service: {{type: string}}, title: {{type: string}}}}
+      required: [service, title]
+    effect: mutating
+  ops: {{kind: mcp, url: "http://127.0.0.1:{mcp_port}/mcp"}}
+routes:
+  - {{name: cost, types: [cost.threshold_exceeded], agents: [cost-advisor]}}
+agents:
+  cost-advisor:
+    kind: llm
+    model: advisor
+    prompt: "Spend on {{{{ task.resource }}}}"
+    actions: [tool.ticket, tool.ops__restart_pods]
+    tools: [ticket, ops__restart_pods]
+"#,
+            llm = llm_base()
+        ),
+    )
+    .await;
+    let mut loaded = env.loaded.clone();
+    loaded.config.redis.url = format!("redis://127.0.0.1:{redis_port}/");
+    let running = Running::start(loaded, &["tools"]);
+    let action = |id: &str, tool: &str, resource: &str, parameters: Value| {
+        let a = ActionData {
+            action_id: id.into(),
+            action: format!("tool.{tool}"),
+            resource: resource.into(),
+            tenant: "default".into(),
+            workflow_id: "wf".into(),
+            parameters,
+            fencing_token: 1,
+            proposals: json!([]),
+            agents: json!(["cost-advisor"]),
+            priority: 0,
+            impact: switchyard::records::Impact::Low,
+            approved_by: None,
+            reason: None,
+        };
+        switchyard::event::CloudEvent::new(format!("ev-{id}"), "test", "switchyard.action")
+            .with_subject(resource)
+            .with_data(serde_json::to_value(a).expect("action"))
+    };
+    let calls_of = |want: usize| {
+        let env = &env;
+        async move {
+            let mut calls = Vec::new();
+            for _ in 0..90 {
+                calls = env
+                    .read(
+                        "switchyard.tool-calls",
+                        usize::MAX,
+                        Duration::from_millis(500),
+                    )
+                    .await
+                    .iter()
+                    .map(|r| data_of(&event_of(r))["call"].clone())
+                    .collect::<Vec<Value>>();
+                if calls.len() >= want {
+                    break;
+                }
+            }
+            calls
+        }
+    };
+
+    // The MCP server is not up: the action waits, nothing is dead-lettered.
+    env.publish(
+        "switchyard.actions",
+        &[action(
+            "act-mcp",
+            "ops__restart_pods",
+            "checkout",
+            json!({"service": "checkout", "reason": "leaking replicas"}),
+        )],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        env.read("switchyard.dlq", usize::MAX, Duration::from_secs(1))
+            .await
+            .is_empty(),
+        "not dead-lettered as an unknown tool"
+    );
+    // It comes up: the action is carried out once it lists its tools (at most 30 s later).
+    let python = stack_dir().join("venv/bin/python");
+    let _mcp = Reaper(
+        std::process::Command::new(python)
+            .arg(root().join("deploy/local/mcp_server.py"))
+            .arg(mcp_port.to_string())
+            .arg(&mcp_calls)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mcp server"),
+    );
+    let calls = calls_of(1).await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["outcome"], "executed", "{calls:?}");
+    assert_eq!(json_lines(&mcp_calls).len(), 1);
+
+    // Redis stalls past the client's 2 s timeout just as a ticket action's claim is sent: the
+    // claim runs once Redis wakes, its reply is lost; the retry finds this process's own claim.
+    let stall = tokio::spawn(async move {
+        let mut r = redis_connection(&format!("redis://127.0.0.1:{redis_port}/")).await;
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(4000)
+            .arg("ALL")
+            .query_async::<()>(&mut r)
+            .await
+            .expect("pause");
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.publish(
+        "switchyard.actions",
+        &[action(
+            "act-stall",
+            "ticket",
+            "billing",
+            json!({"service": "billing", "title": "spend above threshold"}),
+        )],
+    )
+    .await;
+    stall.await.expect("stall");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = calls_of(2).await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1]["tool"], "ticket");
+    assert_eq!(calls[1]["outcome"], "executed", "not unknown: {calls:?}");
+    assert_eq!(seen.lock().expect("lock").len(), 1, "called once");
+    running.stop().await;
+}

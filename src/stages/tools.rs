@@ -36,7 +36,7 @@ use crate::records::{audit_event, types, ActionData, Emitter};
 use crate::store::{RedisConn, ResourceKey};
 use crate::telemetry::METRICS;
 use crate::tools::log::{ToolCallLog, ToolCallRecord};
-use crate::tools::{CallCtx, Inject, Toolbox};
+use crate::tools::{CallCtx, Inject, Lookup, Toolbox};
 use crate::topics::TopicsConfig;
 
 /// The tools stage consumes the actions topic.
@@ -60,6 +60,8 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             dlq_topic: cfg.topics.dlq.clone(),
             max_record_bytes: cfg.kafka.max_record_bytes,
             claim: Script::new(CLAIM),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            calls: Default::default(),
         }))
     })
 }
@@ -74,7 +76,7 @@ const ATTEMPTS: u32 = 3;
 
 /// A call's outcome, kept beside its action's marker until the action is committed: what its
 /// records need that the action does not say.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Outcome {
     time: String,
     outcome: String,
@@ -86,17 +88,52 @@ struct Outcome {
     duration_ms: u64,
 }
 
-/// KEYS[1] the action's marker, KEYS[2] the resource's fence; ARGV token, ttl. Returns
-/// `{1, ""}` claimed, `{0, state}` already claimed, `{-1, fence}` stale.
+/// KEYS[1] the action's marker, KEYS[2] the resource's fence; ARGV token, ttl, the marker of a
+/// claim (`running:<instance>`). Returns `{1, ""}` claimed, `{0, state}` already claimed,
+/// `{-1, fence}` stale.
 const CLAIM: &str = r"
 local state = redis.call('GET', KEYS[1])
 if state then return {0, state} end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[1]) < fence then return {-1, tostring(fence)} end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-redis.call('SET', KEYS[1], 'running', 'EX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
 return {1, ''}
 ";
+
+/// The calls this process started, by action id: under way (`None`) or finished with an outcome
+/// not yet kept in Redis. A claim of this process found again (its reply was lost: a Redis stall,
+/// a timeout) is then told apart from one whose call may have begun: none here means no call was
+/// made, and the action is called; one under way waits for it; one finished is recorded.
+#[derive(Default)]
+struct Calls(std::sync::Mutex<std::collections::HashMap<String, (Instant, Option<Outcome>)>>);
+
+impl Calls {
+    /// An entry untouched this long is dropped (its action went to another instance).
+    const IDLE: Duration = Duration::from_secs(600);
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (Instant, Option<Outcome>)>>
+    {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, action_id: &str) -> Option<Option<Outcome>> {
+        self.map().get(action_id).map(|(_, o)| o.clone())
+    }
+
+    fn set(&self, action_id: &str, o: Option<Outcome>) {
+        let now = Instant::now();
+        let mut map = self.map();
+        map.retain(|_, (at, _)| now.duration_since(*at) < Self::IDLE);
+        map.insert(action_id.to_string(), (now, o));
+    }
+
+    fn remove(&self, action_id: &str) {
+        self.map().remove(action_id);
+    }
+}
 
 pub struct ToolsStage {
     pub tools: Arc<Toolbox>,
@@ -108,6 +145,9 @@ pub struct ToolsStage {
     pub dlq_topic: String,
     pub max_record_bytes: usize,
     claim: Script,
+    /// This process's claims say `running:<instance>`.
+    instance: String,
+    calls: Calls,
 }
 
 impl Processor for ToolsStage {
@@ -181,18 +221,29 @@ impl ToolsStage {
                 ..Decided::default()
             })
         };
-        let Some(tool) = self.tools.get(name).await else {
-            METRICS
-                .tool_calls
-                .with_label_values(&["unknown", "error"])
-                .inc();
-            return fail(
-                "unknown_tool",
-                format!(
-                    "action {} names tool {name:?}, which is not configured under tools:",
+        let tool = match self.tools.get(name).await {
+            Lookup::Found(t) => t,
+            // The server is out of reach: the action waits for it (retried), where taking the tool
+            // for unknown would dead-letter it — or, carried out before, replace its records.
+            Lookup::Unlisted(server) => {
+                return Err(ProcessError::Transient(format!(
+                    "action {} names tool {name:?} of MCP server {server}, which has not listed its tools yet (out of reach?)",
                     a.action_id
-                ),
-            );
+                )))
+            }
+            Lookup::Unknown => {
+                METRICS
+                    .tool_calls
+                    .with_label_values(&["unknown", "error"])
+                    .inc();
+                return fail(
+                    "unknown_tool",
+                    format!(
+                        "action {} names tool {name:?}, which is not configured under tools:",
+                        a.action_id
+                    ),
+                );
+            }
         };
         // The tool is aimed by the action itself: its tenant, resource and agent fill the injected
         // parameters, whatever the proposal's parameters say (a `tool.<name>` proposal made
@@ -239,15 +290,31 @@ impl ToolsStage {
         let kept = format!("{marker}:outcome");
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
-        let (status, info): (i64, String) = self
+        let claimed = format!("running:{}", self.instance);
+        let (mut status, info): (i64, String) = self
             .claim
             .key(&marker)
             .key(&fence)
             .arg(a.fencing_token)
             .arg(KEEP_SECONDS)
+            .arg(&claimed)
             .invoke_async(&mut c)
             .await
             .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+        // This process's own claim, found again: what it did with it decides (see `Calls`).
+        let mut finished = None;
+        if status == 0 && info == claimed {
+            match self.calls.get(&a.action_id) {
+                None => status = 1,
+                Some(None) => {
+                    return Err(ProcessError::Transient(format!(
+                        "tool action {}: its call is under way in this process",
+                        a.action_id
+                    )))
+                }
+                Some(Some(o)) => finished = Some(o),
+            }
+        }
         // The call's records, from the action and its outcome: the same bytes whenever written. A
         // failed call's input is dead-lettered too.
         let action_time = ev.time.clone().unwrap_or_default();
@@ -294,7 +361,7 @@ impl ToolsStage {
                 cleanup: vec![kept.clone()],
             })
         };
-        if status == 0 {
+        if status == 0 && finished.is_none() {
             // Claimed before: by an attempt that finished (its outcome is kept until its records
             // are committed: they are written again, nothing is called), by one whose records
             // were committed (nothing to do), or by one that never finished.
@@ -311,12 +378,12 @@ impl ToolsStage {
                     .inc();
                 return records(&o);
             }
-            if let (Some(why), "failed" | "running") = (misfit, info.as_str()) {
+            if let (Some(why), true) = (misfit, info == "failed" || info.starts_with("running")) {
                 // Refused before as not fitting the schema: its dead letter again (it may not
                 // have been written before a crash).
                 return fail("invalid_tool_arguments", why);
             }
-            if info == "running" {
+            if info.starts_with("running") {
                 tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
                 METRICS
                     .tool_calls
@@ -340,7 +407,7 @@ impl ToolsStage {
                 .inc();
             return Ok(Decided::default());
         }
-        if let Some(why) = misfit {
+        if let (Some(why), None) = (misfit, &finished) {
             let _: Result<(), _> = redis::cmd("SET")
                 .arg(&marker)
                 .arg("failed")
@@ -369,48 +436,24 @@ impl ToolsStage {
                 duration_ms: 0,
             });
         }
-        let started = Instant::now();
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match tool.call(&args, &ctx).await {
-                Ok(v) => break Ok(v),
-                Err(e) if attempt < ATTEMPTS => {
-                    tracing::warn!(action_id = %a.action_id, tool = name, attempt, error = %e, "Tool action failed; retrying.");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                Err(e) => break Err(e),
+        let outcome = match finished {
+            Some(o) => o,
+            None => {
+                self.calls.set(&a.action_id, None);
+                let o = self.call(&tool, &args, &ctx, &a, name).await;
+                self.calls.set(&a.action_id, Some(o.clone()));
+                METRICS
+                    .tool_calls
+                    .with_label_values(&[name, &o.outcome])
+                    .inc();
+                o
             }
         };
-        let ms = started.elapsed().as_millis() as u64;
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let (state, outcome) = match result {
-            Ok(v) => {
-                tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, duration_ms = ms, "Tool action carried out.");
-                let o = Outcome {
-                    time: now,
-                    outcome: "executed".into(),
-                    result: v,
-                    error: None,
-                    duration_ms: ms,
-                };
-                ("done", o)
-            }
-            Err(e) => (
-                "failed",
-                Outcome {
-                    time: now,
-                    outcome: "error".into(),
-                    result: Value::Null,
-                    error: Some(e),
-                    duration_ms: ms,
-                },
-            ),
+        let state = if outcome.outcome == "executed" {
+            "done"
+        } else {
+            "failed"
         };
-        METRICS
-            .tool_calls
-            .with_label_values(&[name, &outcome.outcome])
-            .inc();
         // The marker and the outcome together: a redelivery before the commit writes these
         // records again. Should this fail, the marker still says running: a redelivery records
         // the outcome as unknown (and never calls again).
@@ -433,9 +476,56 @@ impl ToolsStage {
             .query_async::<()>(&mut c)
             .await
         {
-            tracing::warn!(action_id = %a.action_id, tool = name, error = %e, "Could not keep a tool action's outcome; a redelivery before its commit would record it as unknown.");
+            tracing::warn!(action_id = %a.action_id, tool = name, error = %e, "Could not keep a tool action's outcome in Redis; a redelivery to this process records it, one to another as unknown.");
+        } else {
+            self.calls.remove(&a.action_id);
         }
         records(&outcome)
+    }
+
+    /// Calls the tool, trying again after a failure that may pass (see [`ATTEMPTS`]).
+    async fn call(
+        &self,
+        tool: &crate::tools::Tool,
+        args: &serde_json::Map<String, Value>,
+        ctx: &CallCtx,
+        a: &ActionData,
+        name: &str,
+    ) -> Outcome {
+        let started = Instant::now();
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match tool.call(args, ctx).await {
+                Ok(v) => break Ok(v),
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(action_id = %a.action_id, tool = name, attempt, error = %e, "Tool action failed; retrying.");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        match result {
+            Ok(v) => {
+                tracing::info!(action_id = %a.action_id, tool = name, fencing_token = a.fencing_token, duration_ms = ms, "Tool action carried out.");
+                Outcome {
+                    time,
+                    outcome: "executed".into(),
+                    result: v,
+                    error: None,
+                    duration_ms: ms,
+                }
+            }
+            Err(e) => Outcome {
+                time,
+                outcome: "error".into(),
+                result: Value::Null,
+                error: Some(e),
+                duration_ms: ms,
+            },
+        }
     }
 }
 

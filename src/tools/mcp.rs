@@ -89,6 +89,8 @@ pub struct Server {
     client: Mutex<Option<Arc<Client>>>,
     tools: RwLock<Vec<Tool>>,
     last_failure: Mutex<Option<Instant>>,
+    /// Whether a listing ever succeeded.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -103,6 +105,7 @@ impl Server {
             client: Mutex::new(None),
             tools: RwLock::new(Vec::new()),
             last_failure: Mutex::new(None),
+            listed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -156,6 +159,8 @@ impl Server {
         match &r {
             Ok(tools) => {
                 *self.last_failure.lock().await = None;
+                self.listed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(server = %self.name, tools = ?tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), "MCP server's tools listed.");
             }
             Err(_) => {
@@ -230,6 +235,17 @@ impl Server {
             });
         }
         Ok(out)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the tools it holds are the server's word: a listing succeeded, and the last one
+    /// did not fail. Otherwise a tool missing from them may only not be listed yet.
+    pub async fn answered(&self) -> bool {
+        self.listed.load(std::sync::atomic::Ordering::Relaxed)
+            && self.last_failure.lock().await.is_none()
     }
 
     /// The listed tools; lists them first when the last listing failed long enough ago.

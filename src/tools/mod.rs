@@ -123,19 +123,39 @@ impl Toolbox {
     }
 
     /// The tool of that name, whoever may use it (the executor's lookup).
-    pub async fn get(&self, name: &str) -> Option<Tool> {
+    pub async fn get(&self, name: &str) -> Lookup {
         if let Some(t) = self.http.get(name) {
-            return Some(t.clone());
+            return Lookup::Found(t.clone());
         }
-        let (server, _) = name.split_once("__")?;
-        let s = self.mcp.get(server)?;
-        s.tools().await.into_iter().find(|t| t.name == name)
+        let Some(s) = name
+            .split_once("__")
+            .and_then(|(server, _)| self.mcp.get(server))
+        else {
+            return Lookup::Unknown;
+        };
+        if let Some(t) = s.tools().await.into_iter().find(|t| t.name == name) {
+            return Lookup::Found(t);
+        }
+        if s.answered().await {
+            Lookup::Unknown
+        } else {
+            Lookup::Unlisted(s.name().to_string())
+        }
     }
 
     /// True when no tool is declared.
     pub fn is_empty(&self) -> bool {
         self.http.is_empty() && self.mcp.is_empty()
     }
+}
+
+/// What [`Toolbox::get`] found.
+pub enum Lookup {
+    Found(Tool),
+    /// No such tool: not declared, or its MCP server (which answered) does not list it.
+    Unknown,
+    /// Its MCP server (named) has not listed its tools: it may be one of them once it does.
+    Unlisted(String),
 }
 
 #[cfg(test)]
