@@ -111,6 +111,14 @@ impl ResolveConfig {
             if let Some(m) = reference_problem(name, actions, action) {
                 p.push((path.clone(), m));
             }
+            if rule.merge && name.starts_with("tool.") {
+                // A merged action goes out again under its action id, which a tool executor takes
+                // as carried out already: the merged parameters would never be sent.
+                p.push((
+                    format!("{path}.merge"),
+                    "tool actions cannot merge: the tools stage carries out an action id once, so a merged one would never be sent".into(),
+                ));
+            }
             for (i, other) in rule.conflicts_with.iter().enumerate() {
                 if let Some(m) = reference_problem(other, actions, action) {
                     p.push((format!("{path}.conflicts_with[{i}]"), m));
@@ -600,6 +608,21 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
+    }
+
+    #[test]
+    fn tool_actions_cannot_merge() {
+        let mut c = ResolveConfig::default();
+        c.actions.insert(
+            "tool.ticket".into(),
+            ActionRule {
+                merge: true,
+                ..Default::default()
+            },
+        );
+        let p = c.problems(&["tool.ticket"], &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "resolve.actions.tool.ticket.merge");
     }
 
     #[test]
