@@ -746,8 +746,11 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         instructions: None,
         cost: state.steps.get(step).map_or(0.0, |s| s.cost) + f.cost,
     };
+    // A run that ended (timed out, or failed by another branch) starts nothing more: no fallback,
+    // no delegation, no supervisor's conclusion sent to resolve — its late steps are recorded only.
+    let running = state.status == "running";
     let fallback = spec
-        .filter(|s| !ok && s.on_failure == OnFailure::Fallback && f.step.attempt == 1)
+        .filter(|s| running && !ok && s.on_failure == OnFailure::Fallback && f.step.attempt == 1)
         .and_then(|s| s.fallback.clone());
     plan.records.push(Lifecycle {
         step: Some(step.into()),
@@ -825,7 +828,10 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         state.plans.insert(f.task_id.into(), plan.clone());
         return plan;
     }
-    if let Some(sv) = spec.and_then(|s| s.supervise.as_ref()).filter(|_| ok) {
+    if let Some(sv) = spec
+        .and_then(|s| s.supervise.as_ref())
+        .filter(|_| ok && running)
+    {
         let used = state
             .steps
             .keys()
@@ -1154,6 +1160,32 @@ mod tests {
             p3.records.last().map(|r| r.kind.as_str()),
             Some("workflow.completed")
         );
+    }
+
+    #[test]
+    fn a_run_that_ended_starts_no_fallback_and_sends_no_conclusion() {
+        let w = wf("steps:\n  a: {agent: x, on_failure: fallback, fallback: y}\n  b: {agent: z}\n");
+        let mut st = new_run(
+            &w,
+            RunState {
+                run_id: "run-1".into(),
+                ..RunState::default()
+            },
+            &FirstChoice,
+        );
+        // The run timed out while both steps were running.
+        st.status = "timed_out".into();
+        let ra = sref("a");
+        let p = advance(&w, &mut st, &finish(&ra, "ta", "failed", &[]));
+        assert!(p.start.is_empty(), "no fallback after the run ended: {p:?}");
+        assert_eq!(st.status, "timed_out");
+        let rb = sref("b");
+        let p = advance(
+            &w,
+            &mut st,
+            &finish(&rb, "tb", "succeeded", &[proposal("page")]),
+        );
+        assert!(p.start.is_empty() && p.merged.is_empty(), "{p:?}");
     }
 
     #[test]
