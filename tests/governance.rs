@@ -3664,9 +3664,10 @@ async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
     running.stop().await;
 }
 
-/// One approval the sweeper cannot move on (here: its stored value is unreadable) holds up no other:
-/// the sweep expires the rest, logs the stuck one, and keeps trying it. Redis out of reach still
-/// fails the sweep as a whole.
+/// A request for approval outside resolve (an over-budget model call) produces its records again
+/// when asked again before they were produced. One approval the sweeper cannot move on (here: its
+/// stored value is unreadable) holds up no other: the sweep expires the rest, logs the stuck one,
+/// and keeps trying it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
     let env = TestEnv::new(
@@ -3702,10 +3703,27 @@ async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
     let mut ids = Vec::new();
     for (id, resource) in [("act-bad", "r-bad"), ("act-good", "r-good")] {
         let key = switchyard::store::ResourceKey::new("default", resource);
-        let (a, _) = approvals
+        let (a, first) = approvals
             .request(&key, action(id, resource))
             .await
             .expect("request");
+        // Asked again before its records were produced (producing failed): the same request
+        // record again; once produced, nothing more.
+        let (_, again) = approvals
+            .request(&key, action(id, resource))
+            .await
+            .expect("request");
+        assert!(!first.is_empty());
+        assert_eq!(
+            again[0].payload, first[0].payload,
+            "the same request record"
+        );
+        approvals.sent(&a.approval_id).await.expect("sent");
+        let (_, after) = approvals
+            .request(&key, action(id, resource))
+            .await
+            .expect("request");
+        assert!(after.is_empty(), "produced once sent");
         ids.push((a.approval_id, key));
     }
     let mut r = redis_connection(c.redis.url.as_str()).await;

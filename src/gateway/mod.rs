@@ -1004,8 +1004,17 @@ impl Gateway {
             let (approval, outputs) = approvals.request(&key, action).await.map_err(unavailable)?;
             for o in &outputs {
                 producer.send(o).await.map_err(|e| {
+                    // Its seal may be lost: the chain re-seals from what it knows delivered.
+                    approvals.sealer.distrust(&approvals.sealer.own_chain);
                     GatewayError::Unavailable(format!("approval request not written: {e}"))
                 })?;
+            }
+            if !outputs.is_empty() {
+                // Written: a retry asks again without producing them again.
+                approvals
+                    .sent(&approval.approval_id)
+                    .await
+                    .map_err(unavailable)?;
             }
             tracing::info!(approval_id = %approval.approval_id, alias, budget, agent = %caller.agent, "Budget exhausted; the call waits for a person's approval.");
             let deadline = Instant::now() + Duration::from_secs(self.cfg.approval_wait_seconds);

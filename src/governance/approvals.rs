@@ -509,7 +509,9 @@ impl Approvals {
 
     /// Asks a person to approve `action` on the resource `key`, outside conflict resolution (a model
     /// call over its budget): the approval is stored with the resource, indexed, and announced.
-    /// Idempotent per action id: asking again returns the approval as it stands and no records.
+    /// Idempotent per action id: asking again returns the approval as it stands, and no records
+    /// once the first request's were produced ([`Approvals::sent`]) — until then (producing failed,
+    /// the process died) the same records again.
     /// Returns the approval and the records to produce (the request and its sealed audit record).
     pub async fn request(
         &self,
@@ -520,7 +522,14 @@ impl Approvals {
         for _ in 0..20 {
             let loaded = self.store.load(key, &[], None).await?.record;
             if let Some(s) = loaded.approvals.get(&approval_id) {
-                return Ok((s.approval.clone(), Vec::new()));
+                let unsent =
+                    s.is_open() && !s.escalated && self.store.outbox_has(&approval_id).await?;
+                let outputs = if unsent {
+                    self.outputs(s, None).await?
+                } else {
+                    Vec::new()
+                };
+                return Ok((s.approval.clone(), outputs));
             }
             let now = now_secs();
             let approval = ApprovalData {
@@ -547,6 +556,8 @@ impl Approvals {
                 amend: None,
             };
             self.check_sizes(&s, None)?;
+            // Until its records are produced, a request asked again produces them again.
+            self.store.outbox_add(&approval_id, now).await?;
             let change = Change {
                 state: loaded.state.clone(),
                 token: loaded.token,
