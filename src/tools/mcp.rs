@@ -297,10 +297,13 @@ impl Server {
             Err(e) => {
                 // The session may be gone: the next call connects again.
                 *self.client.lock().await = None;
-                return Err(format!(
-                    "MCP tool {tool} failed: {}",
-                    crate::secret::without_urls(&e.to_string())
-                ));
+                // Cut like an error result: the text may quote the server's whole answer, and it
+                // reaches the model, the tool-calls topic, the audit trail and the dead letter.
+                let text: String = crate::secret::without_urls(&e.to_string())
+                    .chars()
+                    .take(300)
+                    .collect();
+                return Err(format!("MCP tool {tool} failed: {text}"));
             }
         };
         let text: Vec<String> = r
