@@ -220,6 +220,15 @@ impl Server {
                 .filter(|(p, _)| schema["properties"].get(p.as_str()).is_some())
                 .map(|(p, i)| (p.clone(), *i))
                 .collect();
+            // Configured but not declared by this tool: not filled in, and never passed on from
+            // the model or a proposal either (a loose schema would take any argument).
+            let strip: Vec<String> = self
+                .spec
+                .inject
+                .keys()
+                .filter(|p| !inject.contains_key(*p))
+                .cloned()
+                .collect();
             let parameters = hide(schema, &inject);
             out.push(Tool {
                 name,
@@ -231,6 +240,7 @@ impl Server {
                 target: Arc::new(McpTool {
                     server: server.clone(),
                     tool,
+                    strip,
                 }),
             });
         }
@@ -331,6 +341,8 @@ impl Server {
 struct McpTool {
     server: std::sync::Weak<Server>,
     tool: String,
+    /// The server's `inject` parameters this tool does not declare: removed from every call.
+    strip: Vec<String>,
 }
 
 impl Call for McpTool {
@@ -340,6 +352,15 @@ impl Call for McpTool {
         ctx: &'a CallCtx,
     ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
         Box::pin(async move {
+            let stripped;
+            let args = if self.strip.iter().any(|p| args.contains_key(p)) {
+                let mut a = args.clone();
+                a.retain(|k, _| !self.strip.contains(k));
+                stripped = a;
+                &stripped
+            } else {
+                args
+            };
             match self.server.upgrade() {
                 Some(s) => s.call(&self.tool, args, ctx).await,
                 None => Err(format!("the MCP server of tool {} is gone", self.tool)),
