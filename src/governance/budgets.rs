@@ -42,6 +42,9 @@ pub enum Period {
     Total,
 }
 
+/// How long a `per: workflow`, `period: total` bucket (one per run) lives after its first charge.
+pub const WORKFLOW_TOTAL_KEEP_SECONDS: u64 = 30 * 86400;
+
 impl Period {
     /// The bucket a time falls in, and how long the bucket's key must live.
     fn bucket(self, now: i64) -> (String, u64) {
@@ -670,7 +673,12 @@ impl Budgets {
                 if !TypePattern::new(&b.matches).matches(who) {
                     return None;
                 }
-                let (bucket, ttl) = b.period.bucket(now);
+                let (bucket, mut ttl) = b.period.bucket(now);
+                if b.per == BudgetScope::Workflow && ttl == 0 {
+                    // A run's total: one bucket per run (its workflow id), so kept only a while
+                    // after its first charge — never expiring, they grew with every event.
+                    ttl = WORKFLOW_TOTAL_KEEP_SECONDS;
+                }
                 Some((
                     b,
                     Line {
@@ -1005,6 +1013,31 @@ mod tests {
         assert_eq!(Period::Day.bucket(t).0, "20261122");
         assert_eq!(Period::Month.bucket(t).0, "202611");
         assert_eq!(Period::Total.bucket(t), ("total".to_string(), 0));
+    }
+
+    #[test]
+    fn a_runs_total_expires_and_an_agents_does_not() {
+        let spec = |per| BudgetSpec {
+            name: "b".into(),
+            per,
+            matches: "*".into(),
+            period: Period::Total,
+            max_calls: Some(10),
+            max_cost: None,
+        };
+        let b = Budgets::new(
+            Arc::new(MemoryBudgetStore::default()),
+            "t",
+            vec![spec(BudgetScope::Workflow), spec(BudgetScope::Agent)],
+        );
+        let s = Spender {
+            agent: "a",
+            workflow: "wf-1",
+            tenant: "t",
+            model: "",
+        };
+        let ttls: Vec<u64> = b.applicable(&s, 0).iter().map(|(_, l)| l.ttl).collect();
+        assert_eq!(ttls, [WORKFLOW_TOTAL_KEEP_SECONDS, 0]);
     }
 
     #[tokio::test]
