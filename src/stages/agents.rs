@@ -1587,19 +1587,18 @@ impl<S: ContextStore> AgentStage<S> {
                 json!({"run_id": step.run_id, "workflow": step.workflow, "step": r.step,
                        "status": r.status, "agent": r.agent}),
             );
-            audits.push(audit_event(
-                SOURCE,
-                &[
-                    decision,
-                    &step.run_id,
-                    r.step.as_deref().unwrap_or(""),
-                    r.agent.as_deref().unwrap_or(""),
-                    &task.task_id,
-                ],
-                &a,
-                tp,
-                &o.at,
-            )?);
+            let mut parts = vec![
+                decision,
+                &step.run_id,
+                r.step.as_deref().unwrap_or(""),
+                r.agent.as_deref().unwrap_or(""),
+                &task.task_id,
+            ];
+            if r.kind == "delegation.refused" {
+                // Several refusals of one agent (for different reasons) are several records.
+                parts.push(r.error.as_deref().unwrap_or(""));
+            }
+            audits.push(audit_event(SOURCE, &parts, &a, tp, &o.at)?);
         }
         Ok((out, audits))
     }

@@ -359,6 +359,9 @@ fn parent_of(sub: &str) -> Option<(&str, u32)> {
     Some((sup, round))
 }
 
+/// Refused delegations of one completion recorded one by one; the rest in one record.
+const MAX_REFUSAL_RECORDS: usize = 16;
+
 /// The run id of `workflow` started by the input event whose workflow id is `event_wf`.
 pub fn run_id(event_wf: &str, workflow: &str) -> String {
     format!("run-{}", stable_id(&[event_wf, workflow]))
@@ -497,16 +500,20 @@ pub struct Plan {
 /// The record of a lifecycle step on the workflows topic (keyed by run id; its id depends only on
 /// its content, so a redelivery writes the same record).
 pub fn lifecycle_event(run: &RunState, l: &Lifecycle) -> crate::event::CloudEvent {
-    let id = format!(
-        "wfe-{}",
-        stable_id(&[
-            &run.run_id,
-            &l.kind,
-            l.step.as_deref().unwrap_or(""),
-            l.task_id.as_deref().unwrap_or(""),
-            &l.at
-        ])
-    );
+    let mut parts = vec![
+        run.run_id.as_str(),
+        &l.kind,
+        l.step.as_deref().unwrap_or(""),
+        l.task_id.as_deref().unwrap_or(""),
+        &l.at,
+    ];
+    if l.kind == "delegation.refused" {
+        // One completion can refuse several delegations: each its own record (the same agent
+        // refused for the same reason twice is one fact).
+        parts.push(l.agent.as_deref().unwrap_or(""));
+        parts.push(l.error.as_deref().unwrap_or(""));
+    }
+    let id = format!("wfe-{}", stable_id(&parts));
     let mut data = json!({"run_id": run.run_id, "workflow": run.workflow, "resource": run.resource,
                           "tenant": run.tenant, "event_id": run.event_id});
     if let (Value::Object(d), Ok(Value::Object(x))) = (&mut data, serde_json::to_value(l)) {
@@ -838,6 +845,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
             .filter(|n| parent_of(n).is_some_and(|(s, _)| s == step))
             .count();
         let mut accepted: Vec<&crate::records::Delegation> = Vec::new();
+        let mut refusals = 0usize;
         for d in f.delegate {
             let refused = if f.step.round >= sv.max_rounds {
                 Some(format!(
@@ -854,15 +862,32 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                 None
             };
             match refused {
-                Some(why) => plan.records.push(Lifecycle {
-                    step: Some(step.into()),
-                    agent: Some(d.agent.clone()),
-                    status: Some("refused".into()),
-                    error: Some(why),
-                    ..record("delegation.refused", f.at)
-                }),
+                Some(why) => {
+                    refusals += 1;
+                    if refusals <= MAX_REFUSAL_RECORDS {
+                        plan.records.push(Lifecycle {
+                            step: Some(step.into()),
+                            agent: Some(d.agent.clone()),
+                            status: Some("refused".into()),
+                            error: Some(why),
+                            ..record("delegation.refused", f.at)
+                        });
+                    }
+                }
                 None => accepted.push(d),
             }
+        }
+        if refusals > MAX_REFUSAL_RECORDS {
+            // A supervisor asking for hundreds of delegations gets one record for the rest.
+            plan.records.push(Lifecycle {
+                step: Some(step.into()),
+                status: Some("refused".into()),
+                error: Some(format!(
+                    "{} more delegations refused",
+                    refusals - MAX_REFUSAL_RECORDS
+                )),
+                ..record("delegation.refused", f.at)
+            });
         }
         if !accepted.is_empty() {
             // The supervisor waits for its sub-steps; this round's proposals are not final.
@@ -1186,6 +1211,42 @@ mod tests {
             &finish(&rb, "tb", "succeeded", &[proposal("page")]),
         );
         assert!(p.start.is_empty() && p.merged.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn refused_delegations_are_each_a_record_and_bounded() {
+        let w = wf("steps:\n  s: {agent: boss, supervise: {agents: [x]}}\n");
+        let mut st = new_run(
+            &w,
+            RunState {
+                run_id: "run-1".into(),
+                ..RunState::default()
+            },
+            &FirstChoice,
+        );
+        let asked: Vec<crate::records::Delegation> = (0..40)
+            .map(|i| crate::records::Delegation {
+                agent: format!("y{i}"),
+                instructions: "go".into(),
+            })
+            .collect();
+        let rs = sref("s");
+        let mut f = finish(&rs, "ts", "succeeded", &[]);
+        f.delegate = &asked;
+        let p = advance(&w, &mut st, &f);
+        let refused: Vec<&Lifecycle> = p
+            .records
+            .iter()
+            .filter(|r| r.kind == "delegation.refused")
+            .collect();
+        assert_eq!(refused.len(), MAX_REFUSAL_RECORDS + 1);
+        assert_eq!(
+            refused.last().and_then(|r| r.error.as_deref()),
+            Some("24 more delegations refused")
+        );
+        let ids: std::collections::BTreeSet<String> =
+            refused.iter().map(|r| lifecycle_event(&st, r).id).collect();
+        assert_eq!(ids.len(), refused.len(), "one id each");
     }
 
     #[test]
