@@ -347,16 +347,31 @@ pub fn delegates(w: &WorkflowSpec, step: &str, round: u32) -> Vec<String> {
 }
 
 /// The name of a supervisor's sub-step: `<supervisor>#r<round>#<n>`.
-fn sub_step(supervisor: &str, round: u32, n: usize) -> String {
-    format!("{supervisor}#r{round}#{n}")
+fn sub_step(supervisor: &str, attempt: u32, round: u32, n: usize) -> String {
+    format!("{supervisor}#{}#{n}", round_tag(attempt, round))
 }
 
-/// The supervisor and round of a sub-step name.
-fn parent_of(sub: &str) -> Option<(&str, u32)> {
+/// A supervisor's round in sub-step names: `r<round>`, and `r<round>a<attempt>` for its fallback
+/// (attempt 2), whose rounds start again at 0 and must not take the names (and task ids) of the
+/// first agent's sub-steps.
+fn round_tag(attempt: u32, round: u32) -> String {
+    if attempt > 1 {
+        format!("r{round}a{attempt}")
+    } else {
+        format!("r{round}")
+    }
+}
+
+/// The supervisor, round and attempt of a sub-step name.
+fn parent_of(sub: &str) -> Option<(&str, u32, u32)> {
     let mut parts = sub.split('#');
     let sup = parts.next()?;
-    let round = parts.next()?.strip_prefix('r')?.parse().ok()?;
-    Some((sup, round))
+    let tag = parts.next()?.strip_prefix('r')?;
+    let (round, attempt) = match tag.split_once('a') {
+        Some((r, a)) => (r.parse().ok()?, a.parse().ok()?),
+        None => (tag.parse().ok()?, 1),
+    };
+    Some((sup, round, attempt))
 }
 
 /// Refused delegations of one completion recorded one by one; the rest in one record.
@@ -771,10 +786,10 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
     });
     // A supervisor's sub-step: recorded; once its round is complete, the supervisor is called
     // again with every sub-step's result.
-    if let Some((sup, round)) = parent_of(step) {
+    if let Some((sup, round, attempt)) = parent_of(step) {
         st.instructions = state.steps.get(step).and_then(|s| s.instructions.clone());
         state.steps.insert(step.into(), st);
-        let prefix = format!("{sup}#r{round}#");
+        let prefix = format!("{sup}#{}#", round_tag(attempt, round));
         let subs: Vec<(&String, &StepState)> = state
             .steps
             .iter()
@@ -796,7 +811,17 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
             let next = round + 1;
             let task_id = format!(
                 "task-{}",
-                stable_id(&[&state.run_id, sup, "round", &next.to_string()])
+                if attempt > 1 {
+                    stable_id(&[
+                        &state.run_id,
+                        sup,
+                        "round",
+                        &next.to_string(),
+                        &attempt.to_string(),
+                    ])
+                } else {
+                    stable_id(&[&state.run_id, sup, "round", &next.to_string()])
+                }
             );
             // The agent that ran the supervisor's earlier rounds (a `best_of` pick stays).
             let agent = state
@@ -814,7 +839,8 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
                 step: sup.into(),
                 agent: agent.clone(),
                 task_id: task_id.clone(),
-                attempt: 1,
+                // The fallback's rounds stay its own (their sub-steps' names, its failure).
+                attempt,
                 hold: true,
                 inputs,
                 round: next,
@@ -842,7 +868,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
         let used = state
             .steps
             .keys()
-            .filter(|n| parent_of(n).is_some_and(|(s, _)| s == step))
+            .filter(|n| parent_of(n).is_some_and(|(s, _, _)| s == step))
             .count();
         let mut accepted: Vec<&crate::records::Delegation> = Vec::new();
         let mut refusals = 0usize;
@@ -895,7 +921,7 @@ pub fn advance(w: &WorkflowSpec, state: &mut RunState, f: &Finished<'_>) -> Plan
             plan.records[0].status = Some(format!("{} delegated", accepted.len()));
             st.status = "delegating".into();
             for (i, d) in accepted.iter().enumerate() {
-                let name = sub_step(step, f.step.round, i);
+                let name = sub_step(step, f.step.attempt, f.step.round, i);
                 let task_id = step_task_id(&state.run_id, &name, 1);
                 plan.start.push(Start {
                     step: name.clone(),
@@ -1211,6 +1237,63 @@ mod tests {
             &finish(&rb, "tb", "succeeded", &[proposal("page")]),
         );
         assert!(p.start.is_empty() && p.merged.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_supervisors_fallback_delegates_under_names_of_its_own() {
+        let w = wf("steps:\n  s: {agent: boss, supervise: {agents: [x]}, on_failure: fallback, fallback: boss2}\n");
+        let mut st = new_run(
+            &w,
+            RunState {
+                run_id: "run-1".into(),
+                ..RunState::default()
+            },
+            &FirstChoice,
+        );
+        let go = [crate::records::Delegation {
+            agent: "x".into(),
+            instructions: "look".into(),
+        }];
+        let delegating = |st: &mut RunState, r: &StepRef, task: &str| {
+            let mut f = finish(r, task, "succeeded", &[]);
+            f.delegate = &go;
+            advance(&w, st, &f)
+        };
+        // The first agent delegates, hears back, and fails in its second round.
+        let p = delegating(&mut st, &sref("s"), "t0");
+        let first_sub = p.start[0].clone();
+        assert_eq!(first_sub.step, "s#r0#0");
+        let p = advance(
+            &w,
+            &mut st,
+            &finish(&sref(&first_sub.step), &first_sub.task_id, "succeeded", &[]),
+        );
+        let round1 = p.start[0].clone();
+        let r1 = StepRef {
+            round: 1,
+            ..sref("s")
+        };
+        let p = advance(&w, &mut st, &finish(&r1, &round1.task_id, "failed", &[]));
+        let fallback = p.start[0].clone();
+        assert_eq!((fallback.attempt, fallback.round), (2, 0));
+        // Its fallback delegates too: other sub-step names and task ids, its own rounds.
+        let rf = StepRef {
+            attempt: 2,
+            ..sref("s")
+        };
+        let p = delegating(&mut st, &rf, &fallback.task_id);
+        let sub = p.start[0].clone();
+        assert_eq!(sub.step, "s#r0a2#0");
+        assert_ne!(sub.task_id, first_sub.task_id);
+        assert_eq!(st.steps[&first_sub.step].status, "succeeded", "kept");
+        let p = advance(
+            &w,
+            &mut st,
+            &finish(&sref(&sub.step), &sub.task_id, "succeeded", &[]),
+        );
+        assert_eq!(p.start.len(), 1, "the fallback is called again: {p:?}");
+        assert_eq!(p.start[0].attempt, 2);
+        assert_ne!(p.start[0].task_id, round1.task_id);
     }
 
     #[test]
