@@ -284,6 +284,53 @@ pub const SOURCE: &str = "switchyard/agents";
 /// The facts to write and the outcome of a task's agent call.
 pub type Computed = (Vec<(String, Fact)>, Outcome);
 
+/// A step's inputs cut down when they take more than `max` bytes (its parents' findings can be
+/// 256 × 64 KiB each): a task record too large for its topic would be dead-lettered and leave its
+/// step running for ever. Each top-level entry over a fair share becomes `{"cut": true, "bytes":
+/// n}`; `None` when they fit as they are.
+pub fn bounded_inputs(inputs: &Value, max: usize) -> Option<Value> {
+    let size = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+    if size(inputs) <= max {
+        return None;
+    }
+    let Value::Object(m) = inputs else {
+        return Some(json!({"cut": true, "bytes": size(inputs)}));
+    };
+    let share = max / m.len().max(1);
+    let cut = |v: &Value| {
+        let n = size(v);
+        if n > share {
+            json!({"cut": true, "bytes": n})
+        } else {
+            v.clone()
+        }
+    };
+    // One level down too: `delegated` and a join's parents are maps of sub-steps.
+    let out: serde_json::Map<String, Value> = m
+        .iter()
+        .map(|(k, v)| match v {
+            Value::Object(inner) if size(v) > share && !inner.is_empty() => {
+                let each = share / inner.len();
+                let inner: serde_json::Map<String, Value> = inner
+                    .iter()
+                    .map(|(k2, v2)| {
+                        let n = size(v2);
+                        let v2 = if n > each {
+                            json!({"cut": true, "bytes": n})
+                        } else {
+                            v2.clone()
+                        };
+                        (k2.clone(), v2)
+                    })
+                    .collect();
+                (k.clone(), Value::Object(inner))
+            }
+            v => (k.clone(), cut(v)),
+        })
+        .collect();
+    Some(Value::Object(out))
+}
+
 /// Outcomes computed but not yet recorded, by task id (see [`AgentsStage::unrecorded`]). An entry
 /// no retry has used for [`Unrecorded::IDLE`] is dropped at the next insert: its record moved to
 /// another instance or was dead-lettered, and nothing else would ever remove it.
@@ -1514,6 +1561,10 @@ impl<S: ContextStore> AgentStage<S> {
         let tp = t.traceparent.as_deref();
         let mut out = Vec::new();
         for st in &plan.start {
+            let inputs = bounded_inputs(&st.inputs, self.max_record_bytes / 2);
+            if inputs.is_some() {
+                tracing::warn!(run_id = %step.run_id, step = %st.step, "A step's inputs (its parents' findings and proposals) are too large for its task record; the step gets them cut, and reads the shared context instead.");
+            }
             let data = TaskData {
                 task_id: st.task_id.clone(),
                 workflow_id: task.workflow_id.clone(),
@@ -1529,7 +1580,7 @@ impl<S: ContextStore> AgentStage<S> {
                     step: st.step.clone(),
                     attempt: st.attempt,
                     hold: st.hold,
-                    inputs: st.inputs.clone(),
+                    inputs: inputs.unwrap_or_else(|| st.inputs.clone()),
                     run_started_at: step.run_started_at.clone(),
                     round: st.round,
                     delegates: st.delegates.clone(),
@@ -1865,5 +1916,19 @@ mod tests {
         );
         u.remove("retried");
         assert!(u.get("retried", near).is_none());
+    }
+
+    #[test]
+    fn a_steps_inputs_too_large_for_its_task_are_cut() {
+        let big = "x".repeat(300_000);
+        let inputs = json!({"a": {"findings": {"k": big}}, "b": {"findings": {"k": "small"}},
+                            "delegated": {"s#r0#0": {"findings": big}, "s#r0#1": {"ok": 1}}});
+        assert_eq!(bounded_inputs(&inputs, 1 << 20), None, "fits");
+        let cut = bounded_inputs(&inputs, 200_000).expect("cut");
+        assert!(serde_json::to_vec(&cut).expect("json").len() <= 200_000);
+        assert_eq!(cut["b"]["findings"]["k"], "small", "what fits is kept");
+        assert_eq!(cut["a"]["findings"]["cut"], true);
+        assert_eq!(cut["delegated"]["s#r0#1"]["ok"], 1);
+        assert_eq!(cut["delegated"]["s#r0#0"]["cut"], true);
     }
 }
