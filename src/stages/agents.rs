@@ -815,13 +815,15 @@ impl<S: ContextStore> AgentStage<S> {
                             p.resource.as_deref().unwrap_or_default()
                         ));
                     } else {
-                        // What the agent saw of the target (switchyard's to say, not the agent's).
+                        // What the agent saw of the target (switchyard's to say, not the agent's):
+                        // kept with the proposal, so a workflow merge that sends it with another
+                        // branch's outcome still judges its staleness by its own agent's view.
                         let mut p = p;
-                        p.seen_version = p
-                            .resource
-                            .as_ref()
-                            .and_then(|r| related.versions.get(r).copied());
-                        p.seen_at = p.resource.as_ref().map(|_| seen_at.clone());
+                        p.seen_version = match p.resource.as_ref() {
+                            Some(r) if *r != t.task.resource => related.versions.get(r).copied(),
+                            _ => Some(snap.version),
+                        };
+                        p.seen_at = Some(seen_at.clone());
                         kept.proposals.push(p);
                     }
                 }
@@ -966,7 +968,7 @@ impl<S: ContextStore> AgentStage<S> {
             // The version of the resource's context the agent saw (a related one's, as given; kept
             // with the proposal, so a merge that sends it later uses its own agent's view).
             context_version: if resource == task.resource {
-                o.context_version
+                p.seen_version.unwrap_or(o.context_version)
             } else {
                 p.seen_version
                     .or_else(|| o.related_versions.get(resource).copied())
