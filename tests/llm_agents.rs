@@ -1502,9 +1502,10 @@ agents:{a1}{a2}
 /// its tool arrives holds the action (retried) instead of dead-lettering it as an unknown tool, and
 /// it is carried out once the server lists its tools; a claim whose reply was lost (Redis stalled
 /// past the client's timeout after running it) is this process's own, found again with no call
-/// made — the action is called, not recorded as unknown.
+/// made — the action is called, not recorded as unknown; an action dead-lettered because its tool
+/// kept failing is called again when redriven.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tool_actions_wait_for_an_mcp_server_and_survive_a_lost_claim_reply() {
+async fn tool_actions_wait_for_an_mcp_server_survive_a_lost_claim_reply_and_are_redriven() {
     let s = suffix();
     let dir = tempfile::tempdir().expect("tempdir");
     let redis_port = free_port();
@@ -1512,6 +1513,32 @@ async fn tool_actions_wait_for_an_mcp_server_and_survive_a_lost_claim_reply() {
     let mcp_calls = dir.path().join("mcp.jsonl");
     let mcp_port = free_port();
     let (tickets, seen) = ticket_server().await;
+    // A tool that answers 500 until `up`, counting what it is sent.
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flaky_port = {
+        let (up, n) = (up.clone(), flaky_calls.clone());
+        let app = axum::Router::new().route(
+            "/do",
+            post(move || {
+                let (up, n) = (up.clone(), n.clone());
+                async move {
+                    n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if up.load(std::sync::atomic::Ordering::SeqCst) {
+                        (axum::http::StatusCode::OK, "{\"done\": true}")
+                    } else {
+                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        port
+    };
     let env = TestEnv::new(
         1,
         &format!(
@@ -1532,6 +1559,13 @@ tools:
       properties: {{service: {{type: string}}, title: {{type: string}}}}
       required: [service, title]
     effect: mutating
+  flaky:
+    kind: http
+    description: Fails until it is fixed.
+    method: POST
+    url: "http://127.0.0.1:{flaky_port}/do"
+    parameters: {{type: object, properties: {{n: {{type: integer}}}}}}
+    effect: mutating
   ops: {{kind: mcp, url: "http://127.0.0.1:{mcp_port}/mcp"}}
 routes:
   - {{name: cost, types: [cost.threshold_exceeded], agents: [cost-advisor]}}
@@ -1540,8 +1574,8 @@ agents:
     kind: llm
     model: advisor
     prompt: "Spend on {{{{ task.resource }}}}"
-    actions: [tool.ticket, tool.ops__restart_pods]
-    tools: [ticket, ops__restart_pods]
+    actions: [tool.ticket, tool.ops__restart_pods, tool.flaky]
+    tools: [ticket, ops__restart_pods, flaky]
 "#,
             llm = llm_base()
         ),
@@ -1658,5 +1692,46 @@ agents:
     assert_eq!(calls[1]["tool"], "ticket");
     assert_eq!(calls[1]["outcome"], "executed", "not unknown: {calls:?}");
     assert_eq!(seen.lock().expect("lock").len(), 1, "called once");
+
+    // A tool that keeps failing: its action is dead-lettered (tool_failed); once the tool is
+    // fixed, `switchyard dlq redrive` sends it again and it is called again — not skipped as an
+    // action carried out before.
+    env.publish(
+        "switchyard.actions",
+        &[action("act-flaky", "flaky", "search", json!({"n": 1}))],
+    )
+    .await;
+    let failed = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.dlq"),
+        1,
+        Duration::from_secs(30),
+        |r| {
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
+        },
+    )
+    .await;
+    assert_eq!(failed.len(), 1);
+    let tries = flaky_calls.load(std::sync::atomic::Ordering::SeqCst);
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    cli(&env, &["dlq", "redrive", "--reason", "tool_failed"]);
+    let calls = calls_of(4).await;
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_eq!(
+        (&calls[2]["tool"], &calls[2]["outcome"]),
+        (&json!("flaky"), &json!("error"))
+    );
+    assert_eq!(
+        (&calls[3]["tool"], &calls[3]["outcome"]),
+        (&json!("flaky"), &json!("executed")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        flaky_calls.load(std::sync::atomic::Ordering::SeqCst),
+        tries + 1,
+        "called once more"
+    );
     running.stop().await;
 }

@@ -18,9 +18,6 @@ use crate::event::CloudEvent;
 use crate::kafka::dlq_headers::*;
 use crate::kafka::{producer_config, Input, Output, Producer};
 
-/// Header a redriven record carries: the dead letter it came from (`<partition>@<offset>`).
-pub const REDRIVEN_FROM: &str = "switchyard.redriven.from";
-
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]

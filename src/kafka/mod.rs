@@ -155,6 +155,8 @@ pub mod dlq_headers {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// Header a redriven record carries: the dead letter it came from (`<partition>@<offset>`).
+    pub const REDRIVEN_FROM: &str = "switchyard.redriven.from";
     pub const REASON: &str = "switchyard.dlq.reason";
     pub const DETAIL: &str = "switchyard.dlq.detail";
     pub const STAGE: &str = "switchyard.dlq.stage";

@@ -60,6 +60,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             dlq_topic: cfg.topics.dlq.clone(),
             max_record_bytes: cfg.kafka.max_record_bytes,
             claim: Script::new(CLAIM),
+            reclaim: Script::new(RECLAIM),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             calls: Default::default(),
         }))
@@ -97,6 +98,16 @@ if state then return {0, state} end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[1]) < fence then return {-1, tostring(fence)} end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
+return {1, ''}
+";
+
+/// [`CLAIM`] of an action whose marker says `failed` (a redriven dead letter): the same replies.
+const RECLAIM: &str = r"
+local state = redis.call('GET', KEYS[1])
+if state ~= 'failed' then return {0, state or ''} end
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) < fence then return {-1, tostring(fence)} end
 redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
 return {1, ''}
 ";
@@ -145,6 +156,7 @@ pub struct ToolsStage {
     pub dlq_topic: String,
     pub max_record_bytes: usize,
     claim: Script,
+    reclaim: Script,
     /// This process's claims say `running:<instance>`.
     instance: String,
     calls: Calls,
@@ -291,7 +303,7 @@ impl ToolsStage {
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
         let claimed = format!("running:{}", self.instance);
-        let (mut status, info): (i64, String) = self
+        let (mut status, mut info): (i64, String) = self
             .claim
             .key(&marker)
             .key(&fence)
@@ -301,6 +313,25 @@ impl ToolsStage {
             .invoke_async(&mut c)
             .await
             .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+        // A failed action redriven from the dead-letter topic (`switchyard dlq redrive`) is
+        // claimed again and called again (its fence still applies); otherwise a failed action is
+        // never called twice.
+        let redriven = rec
+            .headers
+            .iter()
+            .any(|(k, _)| k == crate::kafka::dlq_headers::REDRIVEN_FROM);
+        if status == 0 && info == "failed" && redriven && misfit.is_none() {
+            (status, info) = self
+                .reclaim
+                .key(&marker)
+                .key(&fence)
+                .arg(a.fencing_token)
+                .arg(KEEP_SECONDS)
+                .arg(format!("running:{}", self.instance))
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+        }
         // This process's own claim, found again: what it did with it decides (see `Calls`).
         let mut finished = None;
         if status == 0 && info == claimed {
