@@ -1520,11 +1520,13 @@ async fn tool_actions_wait_for_an_mcp_server_survive_a_lost_claim_reply_and_are_
         let (up, n) = (up.clone(), flaky_calls.clone());
         let app = axum::Router::new().route(
             "/do",
-            post(move || {
+            post(move |Json(body): Json<Value>| {
                 let (up, n) = (up.clone(), n.clone());
                 async move {
                     n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if up.load(std::sync::atomic::Ordering::SeqCst) {
+                    if body["n"] == 2 {
+                        (axum::http::StatusCode::UNPROCESSABLE_ENTITY, "no such n")
+                    } else if up.load(std::sync::atomic::Ordering::SeqCst) {
                         (axum::http::StatusCode::OK, "{\"done\": true}")
                     } else {
                         (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
@@ -1715,6 +1717,7 @@ agents:
     .await;
     assert_eq!(failed.len(), 1);
     let tries = flaky_calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(tries, 3, "a 500 is tried three times");
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     cli(&env, &["dlq", "redrive", "--reason", "tool_failed"]);
     let calls = calls_of(4).await;
@@ -1732,6 +1735,30 @@ agents:
         flaky_calls.load(std::sync::atomic::Ordering::SeqCst),
         tries + 1,
         "called once more"
+    );
+    // A request the tool refuses (422) is not sent again: one call, then its dead letter.
+    env.publish(
+        "switchyard.actions",
+        &[action("act-refused", "flaky", "search2", json!({"n": 2}))],
+    )
+    .await;
+    let failed = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &env.topic("switchyard.dlq"),
+        2,
+        Duration::from_secs(30),
+        |r| {
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
+        },
+    )
+    .await;
+    assert_eq!(failed.len(), 2);
+    assert_eq!(
+        flaky_calls.load(std::sync::atomic::Ordering::SeqCst),
+        tries + 2,
+        "a refused request is not retried"
     );
     running.stop().await;
 }

@@ -529,7 +529,7 @@ impl ToolsStage {
             attempt += 1;
             match tool.call(args, ctx).await {
                 Ok(v) => break Ok(v),
-                Err(e) if attempt < ATTEMPTS => {
+                Err(e) if attempt < ATTEMPTS && tool.retryable(&e) => {
                     tracing::warn!(action_id = %a.action_id, tool = name, attempt, error = %e, "Tool action failed; retrying.");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }

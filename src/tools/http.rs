@@ -213,6 +213,12 @@ impl HttpTool {
         }
         if !status.is_success() {
             let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+            if refused(status) {
+                return Err(format!(
+                    "tool {} {REFUSED} (HTTP {status}): {text}",
+                    self.name
+                ));
+            }
             return Err(format!("tool {} answered HTTP {status}: {text}", self.name));
         }
         if body.is_empty() {
@@ -229,7 +235,21 @@ impl HttpTool {
     }
 }
 
+/// How an error names a request the tool refused (a 4xx other than 408 and 429): sending it
+/// again would be refused again, or — a 409 — might be taken as a second request.
+const REFUSED: &str = "refused the request";
+
+fn refused(status: reqwest::StatusCode) -> bool {
+    status.is_client_error()
+        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+}
+
 impl Call for HttpTool {
+    fn retryable(&self, error: &str) -> bool {
+        !error.contains(&format!(" {REFUSED} (HTTP "))
+    }
+
     fn call<'a>(
         &'a self,
         args: &'a Map<String, Value>,

@@ -90,6 +90,12 @@ pub trait Call: Send + Sync {
         args: &'a Map<String, Value>,
         ctx: &'a CallCtx,
     ) -> BoxFuture<'a, Result<Value, String>>;
+
+    /// Whether a call that failed with `error` may succeed if sent again (the tools stage's
+    /// retries): by default yes — every action call carries its idempotency key.
+    fn retryable(&self, _error: &str) -> bool {
+        true
+    }
 }
 
 impl Tool {
@@ -129,6 +135,11 @@ impl Tool {
     /// answers become strings); an error is a sentence fit to show the model.
     pub async fn call(&self, args: &Map<String, Value>, ctx: &CallCtx) -> Result<Value, String> {
         self.target.call(args, ctx).await
+    }
+
+    /// See [`Call::retryable`].
+    pub fn retryable(&self, error: &str) -> bool {
+        self.target.retryable(error)
     }
 }
 
