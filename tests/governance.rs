@@ -3743,4 +3743,35 @@ async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
     assert_eq!(good.approval.status, "expired");
     // The stuck one stays open (tried again next sweep), and the next sweep does not fail either.
     approvals.sweep().await.expect("again");
+    // A decided approval kept past keep_decided_seconds leaves its record with the next request
+    // written there (records of over-budget approvals are never written by resolve).
+    let (good_id, good_key) = &ids[1];
+    let hash = format!("{}:res:{}", c.redis.key_prefix, good_key.hash_tag());
+    let field = format!("approval:{good_id}");
+    let stored: String = redis::cmd("HGET")
+        .arg(&hash)
+        .arg(&field)
+        .query_async(&mut r)
+        .await
+        .expect("stored");
+    let mut stored: Value = serde_json::from_str(&stored).expect("json");
+    stored["decided_at"] = json!("2020-01-01T00:00:00Z");
+    redis::cmd("HSET")
+        .arg(&hash)
+        .arg(&field)
+        .arg(stored.to_string())
+        .query_async::<()>(&mut r)
+        .await
+        .expect("hset");
+    approvals
+        .request(good_key, action("act-good-2", "r-good"))
+        .await
+        .expect("request");
+    let kept: bool = redis::cmd("HEXISTS")
+        .arg(&hash)
+        .arg(&field)
+        .query_async(&mut r)
+        .await
+        .expect("hexists");
+    assert!(!kept, "the old decided approval left with the next write");
 }

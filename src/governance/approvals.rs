@@ -347,7 +347,7 @@ impl Approvals {
                 state,
                 token,
                 approvals: vec![s.clone()],
-                forget_approvals: Vec::new(),
+                forget_approvals: self.forgettable(&loaded.approvals, now, approval_id),
             };
             let write = Write {
                 change: &change,
@@ -507,6 +507,22 @@ impl Approvals {
         })
     }
 
+    /// Approvals of a record decided longer than `keep_decided_seconds` before `now` (not `except`):
+    /// dropped by this write, as resolve's writes drop them — the gateway's approvals live in
+    /// records resolve never writes (`{tenant/gateway}`), which otherwise kept every one for ever.
+    fn forgettable(
+        &self,
+        approvals: &std::collections::BTreeMap<String, StoredApproval>,
+        now: i64,
+        except: &str,
+    ) -> Vec<String> {
+        let keep = i64::try_from(self.config.keep_decided_seconds).unwrap_or(i64::MAX);
+        crate::resolve::apply::decided_before(approvals, now.saturating_sub(keep))
+            .into_iter()
+            .filter(|id| id != except)
+            .collect()
+    }
+
     /// Asks a person to approve `action` on the resource `key`, outside conflict resolution (a model
     /// call over its budget): the approval is stored with the resource, indexed, and announced.
     /// Idempotent per action id: asking again returns the approval as it stands, and no records
@@ -562,7 +578,7 @@ impl Approvals {
                 state: loaded.state.clone(),
                 token: loaded.token,
                 approvals: vec![s.clone()],
-                forget_approvals: Vec::new(),
+                forget_approvals: self.forgettable(&loaded.approvals, now, &approval_id),
             };
             let write = Write {
                 change: &change,
