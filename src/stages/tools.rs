@@ -87,30 +87,41 @@ struct Outcome {
     error: Option<String>,
     #[serde(default)]
     duration_ms: u64,
+    /// The record whose call it is (`topic:partition:offset`): a redriven copy that failed again
+    /// is told from a new redrive of the same action.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    place: String,
 }
 
-/// KEYS[1] the action's marker, KEYS[2] the resource's fence; ARGV token, ttl, the marker of a
-/// claim (`running:<instance>`). Returns `{1, ""}` claimed, `{0, state}` already claimed,
-/// `{-1, fence}` stale.
+/// KEYS[1] the action's marker, KEYS[2] the resource's fence, KEYS[3] its claimant (which process
+/// claimed it: beside the marker, so a marker says `running` as it always did); ARGV token, ttl,
+/// this process's instance id, the claimant's ttl. Returns `{1, "", ""}` claimed, `{0, state,
+/// claimant}` already claimed, `{-1, fence, ""}` stale.
 const CLAIM: &str = r"
 local state = redis.call('GET', KEYS[1])
-if state then return {0, state} end
+if state then return {0, state, redis.call('GET', KEYS[3]) or ''} end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) < fence then return {-1, tostring(fence)} end
+if tonumber(ARGV[1]) < fence then return {-1, tostring(fence), ''} end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
-return {1, ''}
+redis.call('SET', KEYS[1], 'running', 'EX', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+return {1, '', ''}
 ";
 
 /// [`CLAIM`] of an action whose marker says `failed` (a redriven dead letter): the same replies.
 const RECLAIM: &str = r"
 local state = redis.call('GET', KEYS[1])
-if state ~= 'failed' then return {0, state or ''} end
+if state ~= 'failed' then return {0, state or '', redis.call('GET', KEYS[3]) or ''} end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) < fence then return {-1, tostring(fence)} end
-redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
-return {1, ''}
+if tonumber(ARGV[1]) < fence then return {-1, tostring(fence), ''} end
+redis.call('SET', KEYS[1], 'running', 'EX', ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+return {1, '', ''}
 ";
+
+/// How long a claim's claimant is kept: longer than any call, retry and redelivery of it within
+/// one process's life that needs it.
+const CLAIMANT_SECONDS: u64 = 24 * 3600;
 
 /// The calls this process started, by action id: under way (`None`) or finished with an outcome
 /// not yet kept in Redis. A claim of this process found again (its reply was lost: a Redis stall,
@@ -120,8 +131,10 @@ return {1, ''}
 struct Calls(std::sync::Mutex<std::collections::HashMap<String, (Instant, Option<Outcome>)>>);
 
 impl Calls {
-    /// An entry untouched this long is dropped (its action went to another instance).
-    const IDLE: Duration = Duration::from_secs(600);
+    /// An entry is kept as long as the claimant key that lets it be found: dropped earlier, a late
+    /// redelivery of its action to this process would take its own claim for one never called.
+    /// Entries exist only for calls under way and outcomes Redis did not take, so they are few.
+    const IDLE: Duration = Duration::from_secs(CLAIMANT_SECONDS);
 
     fn map(
         &self,
@@ -157,7 +170,7 @@ pub struct ToolsStage {
     pub max_record_bytes: usize,
     claim: Script,
     reclaim: Script,
-    /// This process's claims say `running:<instance>`.
+    /// This process's claims name it as their claimant.
     instance: String,
     calls: Calls,
 }
@@ -302,14 +315,16 @@ impl ToolsStage {
         let kept = format!("{marker}:outcome");
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
-        let claimed = format!("running:{}", self.instance);
-        let (mut status, mut info): (i64, String) = self
+        let claimant = format!("{marker}:by");
+        let (mut status, mut info, mut by): (i64, String, String) = self
             .claim
             .key(&marker)
             .key(&fence)
+            .key(&claimant)
             .arg(a.fencing_token)
             .arg(KEEP_SECONDS)
-            .arg(&claimed)
+            .arg(&self.instance)
+            .arg(CLAIMANT_SECONDS)
             .invoke_async(&mut c)
             .await
             .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
@@ -320,21 +335,35 @@ impl ToolsStage {
             .headers
             .iter()
             .any(|(k, _)| k == crate::kafka::dlq_headers::REDRIVEN_FROM);
+        let place = format!("{}:{}:{}", rec.topic, rec.partition, rec.offset);
         if status == 0 && info == "failed" && redriven && misfit.is_none() {
-            (status, info) = self
-                .reclaim
-                .key(&marker)
-                .key(&fence)
-                .arg(a.fencing_token)
-                .arg(KEEP_SECONDS)
-                .arg(format!("running:{}", self.instance))
-                .invoke_async(&mut c)
+            // Unless the failure kept is this very record's (it is delivered again before its
+            // commit): its records are then written again, the call not made again.
+            let kept_here = redis::cmd("GET")
+                .arg(&kept)
+                .query_async::<Option<String>>(&mut c)
                 .await
-                .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+                .map_err(|e| ProcessError::Transient(format!("tool outcome read: {e}")))?
+                .and_then(|o| serde_json::from_str::<Outcome>(&o).ok())
+                .is_some_and(|o| o.place == place);
+            if !kept_here {
+                (status, info, by) = self
+                    .reclaim
+                    .key(&marker)
+                    .key(&fence)
+                    .key(&claimant)
+                    .arg(a.fencing_token)
+                    .arg(KEEP_SECONDS)
+                    .arg(&self.instance)
+                    .arg(CLAIMANT_SECONDS)
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+            }
         }
         // This process's own claim, found again: what it did with it decides (see `Calls`).
         let mut finished = None;
-        if status == 0 && info == claimed {
+        if status == 0 && info == "running" && by == self.instance {
             match self.calls.get(&a.action_id) {
                 None => status = 1,
                 Some(None) => {
@@ -429,6 +458,7 @@ impl ToolsStage {
                             .into(),
                     ),
                     duration_ms: 0,
+                    place: String::new(),
                 });
             }
             tracing::info!(action_id = %a.action_id, tool = name, state = %info, "Tool action already carried out; skipped.");
@@ -465,13 +495,15 @@ impl ToolsStage {
                     a.fencing_token, a.resource
                 )),
                 duration_ms: 0,
+                place: String::new(),
             });
         }
         let outcome = match finished {
             Some(o) => o,
             None => {
                 self.calls.set(&a.action_id, None);
-                let o = self.call(&tool, &args, &ctx, &a, name).await;
+                let mut o = self.call(&tool, &args, &ctx, &a, name).await;
+                o.place = place.clone();
                 self.calls.set(&a.action_id, Some(o.clone()));
                 METRICS
                     .tool_calls
@@ -503,6 +535,9 @@ impl ToolsStage {
             .arg(kept_json)
             .arg("EX")
             .arg(OUTCOME_KEEP_SECONDS)
+            .ignore()
+            .cmd("DEL")
+            .arg(&claimant)
             .ignore()
             .query_async::<()>(&mut c)
             .await
@@ -547,6 +582,7 @@ impl ToolsStage {
                     result: v,
                     error: None,
                     duration_ms: ms,
+                    place: String::new(),
                 }
             }
             Err(e) => Outcome {
@@ -555,6 +591,7 @@ impl ToolsStage {
                 result: Value::Null,
                 error: Some(e),
                 duration_ms: ms,
+                place: String::new(),
             },
         }
     }
