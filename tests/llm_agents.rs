@@ -1695,6 +1695,20 @@ agents:
     assert_eq!(calls[1]["outcome"], "executed", "not unknown: {calls:?}");
     assert_eq!(seen.lock().expect("lock").len(), 1, "called once");
 
+    let dlq_topic = env.topic("switchyard.dlq");
+    let tool_failed = |n: usize| {
+        read_topic_matching(
+            &env.loaded.config.kafka.brokers,
+            &dlq_topic,
+            n,
+            Duration::from_secs(30),
+            |r| {
+                r.headers
+                    .iter()
+                    .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
+            },
+        )
+    };
     // A tool that keeps failing: its action is dead-lettered (tool_failed); once the tool is
     // fixed, `switchyard dlq redrive` sends it again and it is called again — not skipped as an
     // action carried out before.
@@ -1703,18 +1717,7 @@ agents:
         &[action("act-flaky", "flaky", "search", json!({"n": 1}))],
     )
     .await;
-    let failed = read_topic_matching(
-        &env.loaded.config.kafka.brokers,
-        &env.topic("switchyard.dlq"),
-        1,
-        Duration::from_secs(30),
-        |r| {
-            r.headers
-                .iter()
-                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
-        },
-    )
-    .await;
+    let failed = tool_failed(1).await;
     assert_eq!(failed.len(), 1);
     let tries = flaky_calls.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(tries, 3, "a 500 is tried three times");
@@ -1742,18 +1745,7 @@ agents:
         &[action("act-refused", "flaky", "search2", json!({"n": 2}))],
     )
     .await;
-    let failed = read_topic_matching(
-        &env.loaded.config.kafka.brokers,
-        &env.topic("switchyard.dlq"),
-        2,
-        Duration::from_secs(30),
-        |r| {
-            r.headers
-                .iter()
-                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
-        },
-    )
-    .await;
+    let failed = tool_failed(2).await;
     assert_eq!(failed.len(), 2);
     assert_eq!(
         flaky_calls.load(std::sync::atomic::Ordering::SeqCst),

@@ -316,18 +316,10 @@ impl ToolsStage {
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
         let claimant = format!("{marker}:by");
-        let (mut status, mut info, mut by): (i64, String, String) = self
-            .claim
-            .key(&marker)
-            .key(&fence)
-            .key(&claimant)
-            .arg(a.fencing_token)
-            .arg(KEEP_SECONDS)
-            .arg(&self.instance)
-            .arg(CLAIMANT_SECONDS)
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+        let keys = [marker.as_str(), fence.as_str(), claimant.as_str()];
+        let (mut status, mut info, mut by) = self
+            .run_claim(&self.claim, keys, a.fencing_token, &mut c)
+            .await?;
         // A failed action redriven from the dead-letter topic (`switchyard dlq redrive`) is
         // claimed again and called again (its fence still applies); otherwise a failed action is
         // never called twice.
@@ -348,17 +340,8 @@ impl ToolsStage {
                 .is_some_and(|o| o.place == place);
             if !kept_here {
                 (status, info, by) = self
-                    .reclaim
-                    .key(&marker)
-                    .key(&fence)
-                    .key(&claimant)
-                    .arg(a.fencing_token)
-                    .arg(KEEP_SECONDS)
-                    .arg(&self.instance)
-                    .arg(CLAIMANT_SECONDS)
-                    .invoke_async(&mut c)
-                    .await
-                    .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+                    .run_claim(&self.reclaim, keys, a.fencing_token, &mut c)
+                    .await?;
             }
         }
         // This process's own claim, found again: what it did with it decides (see `Calls`).
@@ -547,6 +530,27 @@ impl ToolsStage {
             self.calls.remove(&a.action_id);
         }
         records(&outcome)
+    }
+
+    /// Runs [`CLAIM`] or [`RECLAIM`] on the action's marker, its resource's fence and its claimant.
+    async fn run_claim<C: redis::aio::ConnectionLike>(
+        &self,
+        script: &Script,
+        [marker, fence, claimant]: [&str; 3],
+        token: u64,
+        c: &mut C,
+    ) -> Result<(i64, String, String), ProcessError> {
+        script
+            .key(marker)
+            .key(fence)
+            .key(claimant)
+            .arg(token)
+            .arg(KEEP_SECONDS)
+            .arg(&self.instance)
+            .arg(CLAIMANT_SECONDS)
+            .invoke_async(c)
+            .await
+            .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))
     }
 
     /// Calls the tool, trying again after a failure that may pass (see [`ATTEMPTS`]).

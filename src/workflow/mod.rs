@@ -1147,6 +1147,18 @@ mod tests {
         }
     }
 
+    /// A new run `run-1` of `w`.
+    fn run_of(w: &WorkflowSpec) -> RunState {
+        new_run(
+            w,
+            RunState {
+                run_id: "run-1".into(),
+                ..RunState::default()
+            },
+            &FirstChoice,
+        )
+    }
+
     fn sref(step: &str) -> StepRef {
         StepRef {
             run_id: "run-1".into(),
@@ -1216,14 +1228,7 @@ mod tests {
     #[test]
     fn a_run_that_ended_starts_no_fallback_and_sends_no_conclusion() {
         let w = wf("steps:\n  a: {agent: x, on_failure: fallback, fallback: y}\n  b: {agent: z}\n");
-        let mut st = new_run(
-            &w,
-            RunState {
-                run_id: "run-1".into(),
-                ..RunState::default()
-            },
-            &FirstChoice,
-        );
+        let mut st = run_of(&w);
         // The run timed out while both steps were running.
         st.status = "timed_out".into();
         let ra = sref("a");
@@ -1242,14 +1247,7 @@ mod tests {
     #[test]
     fn a_supervisors_fallback_delegates_under_names_of_its_own() {
         let w = wf("steps:\n  s: {agent: boss, supervise: {agents: [x]}, on_failure: fallback, fallback: boss2}\n");
-        let mut st = new_run(
-            &w,
-            RunState {
-                run_id: "run-1".into(),
-                ..RunState::default()
-            },
-            &FirstChoice,
-        );
+        let mut st = run_of(&w);
         let go = [crate::records::Delegation {
             agent: "x".into(),
             instructions: "look".into(),
@@ -1299,14 +1297,7 @@ mod tests {
     #[test]
     fn refused_delegations_are_each_a_record_and_bounded() {
         let w = wf("steps:\n  s: {agent: boss, supervise: {agents: [x]}}\n");
-        let mut st = new_run(
-            &w,
-            RunState {
-                run_id: "run-1".into(),
-                ..RunState::default()
-            },
-            &FirstChoice,
-        );
+        let mut st = run_of(&w);
         let asked: Vec<crate::records::Delegation> = (0..40)
             .map(|i| crate::records::Delegation {
                 agent: format!("y{i}"),
