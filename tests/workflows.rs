@@ -1008,6 +1008,26 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
             .collect::<Vec<_>>(),
         ["r3"]
     );
+
+    // A run whose listings were not written after its first completion's compare-and-set (Redis
+    // failed in between): the completion delivered again writes them.
+    advance_run(&runs, spec, &started, "r4", "a").await;
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(format!("{s}:wf:where:r4"))
+        .cmd("ZREM")
+        .arg(format!("{s}:wf:deadlines"))
+        .arg("r4")
+        .query_async(&mut redis)
+        .await
+        .expect("forget");
+    advance_run(&runs, spec, &started, "r4", "a").await;
+    assert!(listed("r4").await.is_some(), "listed again");
+    assert_eq!(
+        runs.get("r4").await.expect("get").map(|r| r.run_id),
+        Some("r4".to_string()),
+        "found again"
+    );
 }
 
 /// Step `step` of run `run` (workflow `slow`, started at `started`) finished: the run moves on.

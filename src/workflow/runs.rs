@@ -176,6 +176,14 @@ impl Runs {
             let created = state.is_none();
             let mut state = state.unwrap_or_else(|| new_run(w, meta.clone(), f.choose));
             if state.plans.contains_key(f.task_id) {
+                // Decided before — but what follows a decision's compare-and-set may not have
+                // been written (Redis failed in between): the run's listings are written again
+                // where missing (not the active count, which cannot tell).
+                if !created {
+                    let mut c = self.conn.get().await?;
+                    self.list_again(&mut c, &key, meta, &state, w.deadline_seconds)
+                        .await?;
+                }
                 return Ok(advance(w, &mut state, f));
             }
             let was_running = state.status == "running";
@@ -239,6 +247,52 @@ impl Runs {
             "run {} kept moving under 50 attempts",
             meta.run_id
         )))
+    }
+
+    /// The run's `where`, its place in the runs' index and (running, with a deadline) in the
+    /// deadline list, when its `where` is missing: a run decided before whose listings were not
+    /// written. One `EXISTS` otherwise.
+    async fn list_again<C: redis::aio::ConnectionLike>(
+        &self,
+        c: &mut C,
+        key: &str,
+        meta: &RunState,
+        state: &RunState,
+        deadline_seconds: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let listed: bool = redis::cmd("EXISTS")
+            .arg(self.where_key(&meta.run_id))
+            .query_async(c)
+            .await?;
+        if listed {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        p.cmd("ZADD")
+            .arg(self.index_key())
+            .arg("NX")
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg(&meta.run_id)
+            .ignore()
+            .cmd("SET")
+            .arg(self.where_key(&meta.run_id))
+            .arg(key)
+            .arg("EX")
+            .arg(KEEP_SECONDS)
+            .ignore();
+        if let (true, Some(due)) = (
+            state.status == "running",
+            deadline_ms(state, deadline_seconds),
+        ) {
+            p.cmd("ZADD")
+                .arg(self.deadlines_key())
+                .arg("NX")
+                .arg(due)
+                .arg(&meta.run_id)
+                .ignore();
+        }
+        p.query_async::<()>(c).await?;
+        Ok(())
     }
 
     /// Ends the runs still running past their workflow's `deadline_seconds` (`timed_out`): no
