@@ -1028,6 +1028,19 @@ async fn the_deadline_sweeper_reads_due_runs_and_writes_each_timeout_until_confi
         Some("r4".to_string()),
         "found again"
     );
+    // Its `where` written but not its deadline entry: the same.
+    let _: () = redis::cmd("ZREM")
+        .arg(format!("{s}:wf:deadlines"))
+        .arg("r4")
+        .query_async(&mut redis)
+        .await
+        .expect("zrem");
+    advance_run(&runs, spec, &started, "r4", "a").await;
+    assert_eq!(
+        listed("r4").await,
+        Some(due),
+        "listed by its deadline again"
+    );
 }
 
 /// Step `step` of run `run` (workflow `slow`, started at `started`) finished: the run moves on.

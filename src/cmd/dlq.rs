@@ -181,13 +181,21 @@ pub fn redrive_record(
     let mut headers: Vec<(String, Vec<u8>)> = r
         .headers
         .iter()
-        .filter(|(k, _)| !k.starts_with("switchyard.dlq.") && k != REDRIVEN_FROM)
+        .filter(|(k, _)| {
+            !k.starts_with("switchyard.dlq.") && k != REDRIVEN_FROM && k != REDRIVEN_SOURCE
+        })
         .cloned()
         .collect();
     headers.push((
         REDRIVEN_FROM.into(),
         format!("{}@{}", r.partition, r.offset).into_bytes(),
     ));
+    if let (Some(p), Some(o)) = (header(r, SOURCE_PARTITION), header(r, SOURCE_OFFSET)) {
+        headers.push((
+            REDRIVEN_SOURCE.into(),
+            format!("{source}:{p}:{o}").into_bytes(),
+        ));
+    }
     if header(r, REASON) != Some("agent_failed") {
         let out = Output {
             topic: source.to_string(),

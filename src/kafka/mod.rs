@@ -157,6 +157,8 @@ pub mod dlq_headers {
 
     /// Header a redriven record carries: the dead letter it came from (`<partition>@<offset>`).
     pub const REDRIVEN_FROM: &str = "switchyard.redriven.from";
+    /// And the delivery that dead letter was written for (`<topic>:<partition>:<offset>`).
+    pub const REDRIVEN_SOURCE: &str = "switchyard.redriven.source";
     pub const REASON: &str = "switchyard.dlq.reason";
     pub const DETAIL: &str = "switchyard.dlq.detail";
     pub const STAGE: &str = "switchyard.dlq.stage";

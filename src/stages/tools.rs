@@ -108,14 +108,21 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return {1, '', ''}
 ";
 
-/// [`CLAIM`] of an action whose marker says `failed` (a redriven dead letter): the same replies.
+/// [`CLAIM`] of an action whose marker says `failed`, for a redrive of the delivery that failed:
+/// KEYS[4] that delivery (`failed_at`, none when an older build failed it), KEYS[5] its kept
+/// outcome (dropped: the new call makes its own); ARGV[5] the delivery the redrive names. The same
+/// replies.
 const RECLAIM: &str = r"
 local state = redis.call('GET', KEYS[1])
-if state ~= 'failed' then return {0, state or '', redis.call('GET', KEYS[3]) or ''} end
+local at = redis.call('GET', KEYS[4])
+if state ~= 'failed' or (at and at ~= ARGV[5]) then
+  return {0, state or '', redis.call('GET', KEYS[3]) or ''}
+end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[1]) < fence then return {-1, tostring(fence), ''} end
 redis.call('SET', KEYS[1], 'running', 'EX', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('DEL', KEYS[5])
 return {1, '', ''}
 ";
 
@@ -316,34 +323,12 @@ impl ToolsStage {
         let fence = format!("{}:tools:{tag}:fence", self.prefix);
         let mut c = self.redis.get().await.map_err(ProcessError::from)?;
         let claimant = format!("{marker}:by");
+        let failed_at = format!("{marker}:failed_at");
         let keys = [marker.as_str(), fence.as_str(), claimant.as_str()];
-        let (mut status, mut info, mut by) = self
+        let (mut status, mut info, by) = self
             .run_claim(&self.claim, keys, a.fencing_token, &mut c)
             .await?;
-        // A failed action redriven from the dead-letter topic (`switchyard dlq redrive`) is
-        // claimed again and called again (its fence still applies); otherwise a failed action is
-        // never called twice.
-        let redriven = rec
-            .headers
-            .iter()
-            .any(|(k, _)| k == crate::kafka::dlq_headers::REDRIVEN_FROM);
         let place = format!("{}:{}:{}", rec.topic, rec.partition, rec.offset);
-        if status == 0 && info == "failed" && redriven && misfit.is_none() {
-            // Unless the failure kept is this very record's (it is delivered again before its
-            // commit): its records are then written again, the call not made again.
-            let kept_here = redis::cmd("GET")
-                .arg(&kept)
-                .query_async::<Option<String>>(&mut c)
-                .await
-                .map_err(|e| ProcessError::Transient(format!("tool outcome read: {e}")))?
-                .and_then(|o| serde_json::from_str::<Outcome>(&o).ok())
-                .is_some_and(|o| o.place == place);
-            if !kept_here {
-                (status, info, by) = self
-                    .run_claim(&self.reclaim, keys, a.fencing_token, &mut c)
-                    .await?;
-            }
-        }
         // This process's own claim, found again: what it did with it decides (see `Calls`).
         let mut finished = None;
         if status == 0 && info == "running" && by == self.instance {
@@ -355,7 +340,55 @@ impl ToolsStage {
                         a.action_id
                     )))
                 }
-                Some(Some(o)) => finished = Some(o),
+                Some(Some(o)) if o.place.is_empty() || o.place == place => finished = Some(o),
+                Some(Some(o)) => {
+                    // Another record's call (an earlier delivery, whose records went out while
+                    // Redis did not take its outcome): its outcome is kept now, and this record
+                    // is taken again as what it is (a copy, or a redrive of that failure).
+                    self.keep(
+                        &mut c,
+                        &a.action_id,
+                        [&marker, &kept, &claimant, &failed_at],
+                        &o,
+                    )
+                    .await
+                    .map_err(|e| ProcessError::Transient(format!("tool outcome keep: {e}")))?;
+                    return Err(ProcessError::Transient(format!(
+                        "tool action {}: an earlier delivery's outcome was kept only now",
+                        a.action_id
+                    )));
+                }
+            }
+        }
+        // A failed action redriven from the dead-letter topic (`switchyard dlq redrive`) is
+        // claimed again and called again (its fence still applies) — only a redrive of the very
+        // delivery that failed last (`failed_at`): a second copy of that dead letter, or the
+        // redriven record delivered again, is not called again. Otherwise a failed action is never
+        // called twice.
+        let source = crate::kafka::dlq_headers::value(
+            &rec.headers,
+            crate::kafka::dlq_headers::REDRIVEN_SOURCE,
+        )
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+        if let (0, "failed", Some(source), None) = (status, info.as_str(), &source, &misfit) {
+            let (s2, i2, _) = self
+                .reclaim
+                .key(&marker)
+                .key(&fence)
+                .key(&claimant)
+                .key(&failed_at)
+                .key(&kept)
+                .arg(a.fencing_token)
+                .arg(KEEP_SECONDS)
+                .arg(&self.instance)
+                .arg(CLAIMANT_SECONDS)
+                .arg(source)
+                .invoke_async::<(i64, String, String)>(&mut c)
+                .await
+                .map_err(|e| ProcessError::Transient(format!("tool action claim: {e}")))?;
+            (status, info) = (s2, i2);
+            if status == 1 {
+                self.calls.remove(&a.action_id);
             }
         }
         // The call's records, from the action and its outcome: the same bytes whenever written. A
@@ -413,7 +446,10 @@ impl ToolsStage {
                 .query_async(&mut c)
                 .await
                 .map_err(|e| ProcessError::Transient(format!("tool outcome read: {e}")))?;
-            if let Some(o) = outcome.and_then(|o| serde_json::from_str::<Outcome>(&o).ok()) {
+            if let Some(o) = outcome
+                .and_then(|o| serde_json::from_str::<Outcome>(&o).ok())
+                .filter(|o| o.place.is_empty() || o.place == place)
+            {
                 tracing::info!(action_id = %a.action_id, tool = name, outcome = %o.outcome, "Tool action carried out before; writing its records again.");
                 METRICS
                     .tool_calls
@@ -452,12 +488,17 @@ impl ToolsStage {
             return Ok(Decided::default());
         }
         if let (Some(why), None) = (misfit, &finished) {
-            let _: Result<(), _> = redis::cmd("SET")
+            let _: Result<(), _> = redis::pipe()
+                .cmd("SET")
                 .arg(&marker)
                 .arg("failed")
                 .arg("EX")
                 .arg(KEEP_SECONDS)
-                .query_async(&mut c)
+                .ignore()
+                .cmd("DEL")
+                .arg(&claimant)
+                .ignore()
+                .query_async::<()>(&mut c)
                 .await;
             METRICS.tool_calls.with_label_values(&[name, "error"]).inc();
             return fail("invalid_tool_arguments", why);
@@ -495,41 +536,69 @@ impl ToolsStage {
                 o
             }
         };
-        let state = if outcome.outcome == "executed" {
-            "done"
-        } else {
-            "failed"
-        };
         // The marker and the outcome together: a redelivery before the commit writes these
-        // records again. Should this fail, the marker still says running: a redelivery records
-        // the outcome as unknown (and never calls again).
-        let kept_json = serde_json::to_string(&outcome)
-            .map_err(|e| ProcessError::Fatal(format!("tool outcome: {e}")))?;
-        if let Err(e) = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(&marker)
-            .arg(state)
-            .arg("EX")
-            .arg(KEEP_SECONDS)
-            .ignore()
-            .cmd("SET")
-            .arg(&kept)
+        // records again. Should this fail, the marker still says running: a redelivery to this
+        // process records the outcome (`Calls`), one to another as unknown (never calling again).
+        if let Err(e) = self
+            .keep(
+                &mut c,
+                &a.action_id,
+                [&marker, &kept, &claimant, &failed_at],
+                &outcome,
+            )
+            .await
+        {
+            tracing::warn!(action_id = %a.action_id, tool = name, error = %e, "Could not keep a tool action's outcome in Redis; a redelivery to this process records it, one to another as unknown.");
+        }
+        records(&outcome)
+    }
+
+    /// Keeps a finished call's outcome: the marker says `done` or `failed` (with the delivery that
+    /// failed, `failed_at`, which only a redrive of it may claim again), the outcome beside it, the
+    /// claimant gone — all at once; then this process forgets it.
+    async fn keep<C: redis::aio::ConnectionLike>(
+        &self,
+        c: &mut C,
+        action_id: &str,
+        [marker, kept, claimant, failed_at]: [&str; 4],
+        outcome: &Outcome,
+    ) -> Result<(), String> {
+        let kept_json = serde_json::to_string(outcome).map_err(|e| e.to_string())?;
+        let mut p = redis::pipe();
+        p.atomic();
+        if outcome.outcome == "executed" {
+            p.cmd("SET")
+                .arg(marker)
+                .arg("done")
+                .arg("EX")
+                .arg(KEEP_SECONDS)
+                .ignore();
+        } else {
+            p.cmd("SET")
+                .arg(marker)
+                .arg("failed")
+                .arg("EX")
+                .arg(KEEP_SECONDS)
+                .ignore();
+            p.cmd("SET")
+                .arg(failed_at)
+                .arg(&outcome.place)
+                .arg("EX")
+                .arg(KEEP_SECONDS)
+                .ignore();
+        }
+        p.cmd("SET")
+            .arg(kept)
             .arg(kept_json)
             .arg("EX")
             .arg(OUTCOME_KEEP_SECONDS)
             .ignore()
             .cmd("DEL")
-            .arg(&claimant)
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await
-        {
-            tracing::warn!(action_id = %a.action_id, tool = name, error = %e, "Could not keep a tool action's outcome in Redis; a redelivery to this process records it, one to another as unknown.");
-        } else {
-            self.calls.remove(&a.action_id);
-        }
-        records(&outcome)
+            .arg(claimant)
+            .ignore();
+        p.query_async::<()>(c).await.map_err(|e| e.to_string())?;
+        self.calls.remove(action_id);
+        Ok(())
     }
 
     /// Runs [`CLAIM`] or [`RECLAIM`] on the action's marker, its resource's fence and its claimant.

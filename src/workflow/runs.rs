@@ -210,8 +210,10 @@ impl Runs {
                 }
                 if created {
                     let score = chrono::Utc::now().timestamp_millis();
-                    let _: () = redis::pipe()
-                        .cmd("ZADD")
+                    // One round trip (not a transaction: on a Redis Cluster these keys are in
+                    // different slots); `list_again` mends what a failure leaves out.
+                    let mut p = redis::pipe();
+                    p.cmd("ZADD")
                         .arg(self.index_key())
                         .arg(score)
                         .arg(&meta.run_id)
@@ -220,25 +222,24 @@ impl Runs {
                         .arg(self.index_key())
                         .arg("-inf")
                         .arg(score - (KEEP_SECONDS as i64) * 1000)
-                        .ignore()
-                        .cmd("SET")
+                        .ignore();
+                    if let (true, Some(due)) = (
+                        state.status == "running",
+                        deadline_ms(&state, w.deadline_seconds),
+                    ) {
+                        p.cmd("ZADD")
+                            .arg(self.deadlines_key())
+                            .arg(due)
+                            .arg(&meta.run_id)
+                            .ignore();
+                    }
+                    p.cmd("SET")
                         .arg(self.where_key(&meta.run_id))
                         .arg(&key)
                         .arg("EX")
                         .arg(KEEP_SECONDS)
-                        .ignore()
-                        .query_async(&mut c)
-                        .await?;
-                    // Listed for the deadline sweeper once it can find the run (its `where`).
-                    let due = deadline_ms(&state, w.deadline_seconds);
-                    if let (true, Some(due)) = (state.status == "running", due) {
-                        let _: () = redis::cmd("ZADD")
-                            .arg(self.deadlines_key())
-                            .arg(due)
-                            .arg(&meta.run_id)
-                            .query_async(&mut c)
-                            .await?;
-                    }
+                        .ignore();
+                    let _: () = p.query_async(&mut c).await?;
                 }
                 return Ok(plan);
             }
@@ -249,9 +250,9 @@ impl Runs {
         )))
     }
 
-    /// The run's `where`, its place in the runs' index and (running, with a deadline) in the
-    /// deadline list, when its `where` is missing: a run decided before whose listings were not
-    /// written. One `EXISTS` otherwise.
+    /// The run's `where` and its place in the runs' index when its `where` is missing, and
+    /// (running, with a deadline) its place in the deadline list when missing: what a run decided
+    /// before may lack when Redis failed right after its compare-and-set. Idempotent (`NX`).
     async fn list_again<C: redis::aio::ConnectionLike>(
         &self,
         c: &mut C,
@@ -264,26 +265,32 @@ impl Runs {
             .arg(self.where_key(&meta.run_id))
             .query_async(c)
             .await?;
-        if listed {
+        let due = deadline_ms(state, deadline_seconds).filter(|_| state.status == "running");
+        if listed && due.is_none() {
             return Ok(());
         }
         let mut p = redis::pipe();
-        p.cmd("ZADD")
-            .arg(self.index_key())
-            .arg("NX")
-            .arg(chrono::Utc::now().timestamp_millis())
-            .arg(&meta.run_id)
-            .ignore()
-            .cmd("SET")
-            .arg(self.where_key(&meta.run_id))
-            .arg(key)
-            .arg("EX")
-            .arg(KEEP_SECONDS)
-            .ignore();
-        if let (true, Some(due)) = (
-            state.status == "running",
-            deadline_ms(state, deadline_seconds),
-        ) {
+        if !listed {
+            // Placed in the index by when the run started, not now (a late redelivery of an old
+            // run's completion must not list it as the newest).
+            let started = chrono::DateTime::parse_from_rfc3339(&state.started_at).map_or_else(
+                |_| chrono::Utc::now().timestamp_millis(),
+                |t| t.timestamp_millis(),
+            );
+            p.cmd("ZADD")
+                .arg(self.index_key())
+                .arg("NX")
+                .arg(started)
+                .arg(&meta.run_id)
+                .ignore()
+                .cmd("SET")
+                .arg(self.where_key(&meta.run_id))
+                .arg(key)
+                .arg("EX")
+                .arg(KEEP_SECONDS)
+                .ignore();
+        }
+        if let Some(due) = due {
             p.cmd("ZADD")
                 .arg(self.deadlines_key())
                 .arg("NX")
