@@ -507,17 +507,17 @@ impl Approvals {
         })
     }
 
-    /// Approvals of a record decided longer than `keep_decided_seconds` before `now` (not `except`):
-    /// dropped by this write, as resolve's writes drop them — the gateway's approvals live in
-    /// records resolve never writes (`{tenant/gateway}`), which otherwise kept every one for ever.
+    /// [`ApprovalsConfig::decided_long_ago`] but `except`: dropped by this write, as resolve's
+    /// writes drop them — the gateway's approvals live in records resolve never writes
+    /// (`{tenant/gateway}`), which otherwise kept every one for ever.
     fn forgettable(
         &self,
         approvals: &std::collections::BTreeMap<String, StoredApproval>,
         now: i64,
         except: &str,
     ) -> Vec<String> {
-        let keep = i64::try_from(self.config.keep_decided_seconds).unwrap_or(i64::MAX);
-        crate::resolve::apply::decided_before(approvals, now.saturating_sub(keep))
+        self.config
+            .decided_long_ago(approvals, now)
             .into_iter()
             .filter(|id| id != except)
             .collect()

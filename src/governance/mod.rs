@@ -204,6 +204,17 @@ impl ApprovalsConfig {
             .map(|(_, r)| r)
     }
 
+    /// The approvals of a resource's record decided longer than `keep_decided_seconds` before
+    /// `now`: what its next write drops.
+    pub fn decided_long_ago(
+        &self,
+        approvals: &std::collections::BTreeMap<String, crate::resolve::apply::StoredApproval>,
+        now: i64,
+    ) -> Vec<String> {
+        let keep = i64::try_from(self.keep_decided_seconds).unwrap_or(i64::MAX);
+        crate::resolve::apply::decided_before(approvals, now.saturating_sub(keep))
+    }
+
     /// How long a resource's record must outlive its last write so that what it holds of
     /// approvals is not lost with it: an open approval waits at most its longest level (each level
     /// change writes the record), a decided one stays `keep_decided_seconds`. The store renews a

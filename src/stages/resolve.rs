@@ -29,9 +29,7 @@ use crate::kafka::Input;
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{
-    apply, decided_before, token_floor, Amend, Current, Decided, Gate, Verdict,
-};
+use crate::resolve::apply::{apply, token_floor, Amend, Current, Decided, Gate, Verdict};
 use crate::resolve::rules::{
     decide, decide_with, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig,
     Rule,
@@ -583,9 +581,10 @@ impl ResolveStage {
             };
             let (mut decided, mut change) = apply(&p, current, decision, gate, now)?;
             // Approvals decided long enough ago leave the resource with this write.
-            let keep =
-                i64::try_from(self.governance.approvals.keep_decided_seconds).unwrap_or(i64::MAX);
-            change.forget_approvals = decided_before(&record.approvals, now.saturating_sub(keep))
+            change.forget_approvals = self
+                .governance
+                .approvals
+                .decided_long_ago(&record.approvals, now)
                 .into_iter()
                 .filter(|id| {
                     !change

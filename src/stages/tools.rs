@@ -457,12 +457,12 @@ impl ToolsStage {
                     .inc();
                 return records(&o);
             }
-            if let (Some(why), true) = (misfit, info == "failed" || info.starts_with("running")) {
+            if let (Some(why), "failed" | "running") = (misfit, info.as_str()) {
                 // Refused before as not fitting the schema: its dead letter again (it may not
                 // have been written before a crash).
                 return fail("invalid_tool_arguments", why);
             }
-            if info.starts_with("running") {
+            if info == "running" {
                 tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
                 METRICS
                     .tool_calls
@@ -566,20 +566,14 @@ impl ToolsStage {
         let kept_json = serde_json::to_string(outcome).map_err(|e| e.to_string())?;
         let mut p = redis::pipe();
         p.atomic();
-        if outcome.outcome == "executed" {
-            p.cmd("SET")
-                .arg(marker)
-                .arg("done")
-                .arg("EX")
-                .arg(KEEP_SECONDS)
-                .ignore();
-        } else {
-            p.cmd("SET")
-                .arg(marker)
-                .arg("failed")
-                .arg("EX")
-                .arg(KEEP_SECONDS)
-                .ignore();
+        let executed = outcome.outcome == "executed";
+        p.cmd("SET")
+            .arg(marker)
+            .arg(if executed { "done" } else { "failed" })
+            .arg("EX")
+            .arg(KEEP_SECONDS)
+            .ignore();
+        if !executed {
             p.cmd("SET")
                 .arg(failed_at)
                 .arg(&outcome.place)
@@ -601,7 +595,7 @@ impl ToolsStage {
         Ok(())
     }
 
-    /// Runs [`CLAIM`] or [`RECLAIM`] on the action's marker, its resource's fence and its claimant.
+    /// Runs [`CLAIM`] on the action's marker, its resource's fence and its claimant.
     async fn run_claim<C: redis::aio::ConnectionLike>(
         &self,
         script: &Script,
