@@ -297,9 +297,9 @@ pub fn bounded_inputs(inputs: &Value, max: usize) -> Option<Value> {
         return Some(json!({"cut": true, "bytes": size(inputs)}));
     };
     let share = max / m.len().max(1);
-    let cut = |v: &Value| {
+    let cut = |v: &Value, limit: usize| {
         let n = size(v);
-        if n > share {
+        if n > limit {
             json!({"cut": true, "bytes": n})
         } else {
             v.clone()
@@ -311,21 +311,10 @@ pub fn bounded_inputs(inputs: &Value, max: usize) -> Option<Value> {
         .map(|(k, v)| match v {
             Value::Object(inner) if size(v) > share && !inner.is_empty() => {
                 let each = share / inner.len();
-                let inner: serde_json::Map<String, Value> = inner
-                    .iter()
-                    .map(|(k2, v2)| {
-                        let n = size(v2);
-                        let v2 = if n > each {
-                            json!({"cut": true, "bytes": n})
-                        } else {
-                            v2.clone()
-                        };
-                        (k2.clone(), v2)
-                    })
-                    .collect();
-                (k.clone(), Value::Object(inner))
+                let inner = inner.iter().map(|(k2, v2)| (k2.clone(), cut(v2, each)));
+                (k.clone(), Value::Object(inner.collect()))
             }
-            v => (k.clone(), cut(v)),
+            v => (k.clone(), cut(v, share)),
         })
         .collect();
     Some(Value::Object(out))
