@@ -101,6 +101,7 @@ pub fn approvals_of(
         stuck: Default::default(),
         known_tenants: cfg.governance.tenants.clone(),
         max_output_bytes: cfg.kafka.max_output_bytes(),
+        delivery_timeout_seconds: cfg.kafka.delivery_timeout_ms().div_ceil(1000),
         topic_limits: Default::default(),
         stats: None,
         notifier: None,

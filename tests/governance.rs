@@ -3775,3 +3775,85 @@ async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
         .expect("hexists");
     assert!(!kept, "the old decided approval left with the next write");
 }
+
+/// A request for approval whose records its caller never produced (its producer gave up, or the
+/// process died) is produced by the sweeper once the caller's producer would have given up —
+/// not dropped from the outbox, which left the approval announced nowhere (no approval record for
+/// the inbox's subscribers, no audit record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper() {
+    let env = TestEnv::new(
+        1,
+        &format!("{}{DEFAULT_AGENTS}{}", governance(""), default_routes("")),
+    )
+    .await;
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    switchyard::store::start_epoch(&conn, &c.redis.key_prefix, false)
+        .await
+        .expect("epoch");
+    let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
+    let action = ActionData {
+        action_id: "act-lost".into(),
+        action: "llm.over_budget".into(),
+        resource: "r-lost".into(),
+        tenant: "default".into(),
+        workflow_id: String::new(),
+        parameters: json!({}),
+        fencing_token: 0,
+        proposals: json!([]),
+        agents: json!([]),
+        priority: 0,
+        impact: switchyard::records::Impact::Medium,
+        approved_by: None,
+        reason: None,
+    };
+    let key = switchyard::store::ResourceKey::new("default", "r-lost");
+    let (a, first) = approvals.request(&key, action).await.expect("request");
+    assert!(!first.is_empty());
+    // Within the producer's delivery timeout the caller may still be producing them: not yet.
+    let out = approvals.sweep().await.expect("sweep");
+    assert!(out.is_empty(), "too early: {out:?}");
+    // Its caller's producer gave up long ago (the entry is aged in Redis).
+    let mut r = redis_connection(c.redis.url.as_str()).await;
+    let outbox = format!("{}:approvals:outbox", c.redis.key_prefix);
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&outbox)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .expect("zrange");
+    assert_eq!(members.len(), 1, "{members:?}");
+    redis::cmd("ZADD")
+        .arg(&outbox)
+        .arg("XX")
+        .arg(switchyard::event::now_secs() - 3_600)
+        .arg(&members[0])
+        .query_async::<()>(&mut r)
+        .await
+        .expect("zadd");
+    let out = approvals.sweep().await.expect("sweep");
+    let produced: Vec<&str> = out.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        produced,
+        [a.approval_id.as_str()],
+        "the sweeper produces it"
+    );
+    assert_eq!(
+        out[0].1[0].payload, first[0].payload,
+        "the same request record"
+    );
+    assert!(
+        out[0].1.iter().any(|o| o.topic == c.topics.audit),
+        "with its audit record"
+    );
+    approvals.sent(&a.approval_id).await.expect("sent");
+    assert!(approvals.sweep().await.expect("sweep").is_empty(), "once");
+    let open = approvals
+        .get(&a.approval_id)
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!(open.approval.status, "pending", "still open for a person");
+}

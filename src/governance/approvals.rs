@@ -136,6 +136,9 @@ pub struct Approvals {
     pub stuck: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The largest record the producer writes (`message.max.bytes`).
     pub max_output_bytes: usize,
+    /// How long the producer may take to deliver a record (`message.timeout.ms`, in seconds): a
+    /// request's records still unsent after longer than that are the sweeper's to produce.
+    pub delivery_timeout_seconds: u64,
     /// And what each topic takes (its `max.message.bytes`, when read at start).
     pub topic_limits: crate::kafka::TopicLimits,
     /// Scorecards: people's verdicts count for or against the proposing agents. The CLI, which
@@ -538,8 +541,9 @@ impl Approvals {
         for _ in 0..20 {
             let loaded = self.store.load(key, &[], None).await?.record;
             if let Some(s) = loaded.approvals.get(&approval_id) {
-                let unsent =
-                    s.is_open() && !s.escalated && self.store.outbox_has(&approval_id).await?;
+                let unsent = s.is_open()
+                    && !s.escalated
+                    && self.store.outbox_has(&request_entry(&approval_id)).await?;
                 let outputs = if unsent {
                     self.outputs(s, None).await?
                 } else {
@@ -572,8 +576,11 @@ impl Approvals {
                 amend: None,
             };
             self.check_sizes(&s, None)?;
-            // Until its records are produced, a request asked again produces them again.
-            self.store.outbox_add(&approval_id, now).await?;
+            // Until its records are produced, a request asked again produces them again (and
+            // the sweeper does, once its producer would have given up on them).
+            self.store
+                .outbox_add(&request_entry(&approval_id), now)
+                .await?;
             let change = Change {
                 state: loaded.state.clone(),
                 token: loaded.token,
@@ -713,9 +720,11 @@ impl Approvals {
         Ok(out)
     }
 
-    /// Every record of this approval's decision was produced: clear it from the outbox.
+    /// Every record of this approval's request or decision was produced: clear it from the
+    /// outbox.
     pub async fn sent(&self, approval_id: &str) -> Result<(), ApprovalError> {
-        Ok(self.store.outbox_done(approval_id).await?)
+        self.store.outbox_done(approval_id).await?;
+        Ok(self.store.outbox_done(&request_entry(approval_id)).await?)
     }
 
     /// An approval with its action, by id; `None` only once the store confirmed it holds its state
@@ -834,9 +843,38 @@ impl Approvals {
         }
         let now = now_secs();
         let mut out = Vec::new();
-        // Younger entries belong to a request still producing them.
+        // Younger entries belong to a decision still producing them.
         let grace = self.config.redeliver_after_seconds as i64;
-        for id in self.store.outbox_due(now - grace).await? {
+        let decisions = self.store.outbox_due(now - grace).await?;
+        // A request's records are produced by its caller, whose producer may try for up to its
+        // delivery timeout: a request still unsent after that (the caller gave up, or died) is
+        // produced here — the caller asking again finds it produced.
+        let request_grace = grace.max(self.delivery_timeout_seconds as i64 + 30);
+        for id in self.store.outbox_due(now - request_grace).await? {
+            let Some(id) = id.strip_prefix(REQUEST_ENTRY) else {
+                continue;
+            };
+            let redo = async {
+                match self.get(id).await? {
+                    Some(s) if s.is_open() && !s.escalated => {
+                        tracing::info!(approval_id = %id, "Producing an approval request its caller left unsent.");
+                        return Ok(Some(self.outputs(&s, None).await?));
+                    }
+                    // Gone, or moved on (its later records announce it): nothing to produce.
+                    _ => self.store.outbox_done(&request_entry(id)).await?,
+                }
+                Ok(None)
+            };
+            match redo.await {
+                Ok(Some(outputs)) => out.push((id.to_string(), outputs)),
+                Ok(None) => {}
+                Err(e) => self.stuck_on(id, e)?,
+            }
+        }
+        for id in decisions {
+            if id.starts_with(REQUEST_ENTRY) {
+                continue;
+            }
             let redo = async {
                 match self.get(&id).await? {
                     // Gone, or still pending (the state never moved): nothing to produce. An
@@ -902,6 +940,13 @@ impl Approvals {
         }
         Ok(out)
     }
+}
+
+/// An approval request's outbox entry (beside its decision's, which is the approval id itself).
+const REQUEST_ENTRY: &str = "req:";
+
+fn request_entry(approval_id: &str) -> String {
+    format!("{REQUEST_ENTRY}{approval_id}")
 }
 
 /// Entries of the approvals' id index a sweep checks (and removes when their approval is gone).
