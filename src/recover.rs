@@ -226,8 +226,12 @@ pub async fn recover(
             traceparent: None,
             seen: None,
             amend: None,
+            superseded: Vec::new(),
         });
         open.push(a);
+    }
+    for change in records.values_mut() {
+        supersede_once_approved(&mut change.state.active, rules);
     }
     // A resource already in Redis: with the marker gone, written since Redis came back empty by an
     // instance that had not yet noticed (possible on a cluster, where the scripts cannot see the
@@ -399,9 +403,69 @@ fn keep_furthest(
     approvals.insert(a.approval_id.clone(), (a, time));
 }
 
+/// What each action awaiting approval supersedes once approved (`ActiveAction::supersedes`),
+/// which no record names: the accepted actions it conflicts with, of lower priority, accepted
+/// within the conflict window before it was asked for — as resolve judged them then.
+fn supersede_once_approved(active: &mut [ActiveAction], rules: &ResolveConfig) {
+    let accepted: Vec<(String, String, i32, i64)> = active
+        .iter()
+        .filter(|a| a.status == ActiveStatus::Accepted)
+        .map(|a| (a.action_id.clone(), a.action.clone(), a.priority, a.at))
+        .collect();
+    for p in active
+        .iter_mut()
+        .filter(|a| a.status == ActiveStatus::PendingApproval)
+    {
+        p.supersedes = accepted
+            .iter()
+            .filter(|(_, action, priority, at)| {
+                rules.conflicts(action, &p.action)
+                    && *priority < p.priority
+                    && p.at - at <= rules.conflict_window_seconds as i64
+            })
+            .map(|(id, ..)| id.clone())
+            .collect();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An action awaiting approval, rebuilt, supersedes once approved what resolve let it: the
+    /// conflicting accepted action of lower priority within the window, not one of higher
+    /// priority, one that does not conflict, or one accepted before the window.
+    #[test]
+    fn a_rebuilt_pending_action_supersedes_what_it_would_have() {
+        let rules: ResolveConfig = serde_yaml::from_str(
+            "conflict_window_seconds: 300\nactions:\n  rollback: {priority: 100, conflicts_with: [scale_down, scale_up]}\n  scale_up: {priority: 200}\n",
+        )
+        .expect("rules");
+        let act =
+            |id: &str, action: &str, priority: i32, status: ActiveStatus, at: i64| ActiveAction {
+                action_id: id.into(),
+                action: action.into(),
+                priority,
+                status,
+                at,
+                params_hash: String::new(),
+                parameters: serde_json::Value::Null,
+                proposals: vec![],
+                agents: vec![],
+                approval_id: None,
+                supersedes: Vec::new(),
+            };
+        let mut active = vec![
+            act("sd", "scale_down", 0, ActiveStatus::Accepted, 1_000),
+            act("old", "scale_down", 0, ActiveStatus::Accepted, 600),
+            act("up", "scale_up", 200, ActiveStatus::Accepted, 1_000),
+            act("pg", "page", 0, ActiveStatus::Accepted, 1_000),
+            act("rb", "rollback", 100, ActiveStatus::PendingApproval, 1_100),
+        ];
+        supersede_once_approved(&mut active, &rules);
+        assert_eq!(active[4].supersedes, ["sd"]);
+        assert!(active[..4].iter().all(|a| a.supersedes.is_empty()));
+    }
 
     #[test]
     fn a_request_written_again_after_its_decision_does_not_reopen_it() {

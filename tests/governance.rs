@@ -3661,6 +3661,35 @@ async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
         .map(|a| a["action"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(active, ["rollback"], "{state}");
+    // The approval's decision names the scale_down it superseded, which is undone on its agent's
+    // scorecard (as when an action supersedes one at once).
+    let sd_g = by_prop["sd-g"].detail["action_id"].clone();
+    let audit = env.audit(usize::MAX, Duration::from_millis(500)).await;
+    let approved = audit
+        .iter()
+        .map(data::<AuditData>)
+        .find(|a| {
+            a.decision == "approval_decided" && a.detail["approval_id"] == json!(approval_of("r-g"))
+        })
+        .expect("the approval's audit record");
+    assert_eq!(approved.detail["superseded"], json!([sd_g]), "{approved:?}");
+    let rejected = audit
+        .iter()
+        .map(data::<AuditData>)
+        .find(|a| {
+            a.decision == "approval_decided" && a.detail["approval_id"] == json!(approval_of("r-s"))
+        })
+        .expect("the rejection's audit record");
+    assert!(rejected.detail.get("superseded").is_none(), "{rejected:?}");
+    let cards = switchyard::agents::stats::scorecards(
+        &switchyard::store::RedisConn::new(&env.loaded.config.redis.url).unwrap(),
+        &env.loaded.config.redis.key_prefix,
+        &["tester".to_string()],
+        3_600,
+    )
+    .await
+    .expect("scorecards");
+    assert_eq!(cards[0].undone, 1, "{:?}", cards[0]);
     running.stop().await;
 }
 

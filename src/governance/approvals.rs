@@ -177,6 +177,10 @@ pub struct Tally {
     pub fate: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,
+    /// The agents whose accepted actions an approved action superseded (one entry per action's
+    /// agent): `switchyard_agent_actions_undone_total`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<String>,
 }
 
 impl Tally {
@@ -195,6 +199,7 @@ impl Tally {
                 .filter_map(serde_json::Value::as_str)
                 .map(str::to_string)
                 .collect(),
+            undone: Vec::new(),
         }
     }
 
@@ -211,6 +216,9 @@ impl Tally {
             for a in &self.agents {
                 METRICS.agent_proposals.with_label_values(&[a, fate]).inc();
             }
+        }
+        for a in &self.undone {
+            METRICS.agent_actions_undone.with_label_values(&[a]).inc();
         }
     }
 }
@@ -282,6 +290,7 @@ impl Approvals {
             s.decided_at = now_rfc3339();
             let mut state = loaded.state.clone();
             let mut token = loaded.token;
+            let mut undone: Vec<String> = Vec::new();
             let deadline =
                 expire.then(|| self.config.on_deadline(&stored.approval, stored.escalated));
             let escalate = matches!(deadline, Some(OnDeadline::Escalate { .. }));
@@ -327,10 +336,17 @@ impl Approvals {
                             supersedes.append(&mut a.supersedes);
                         }
                         // The accepted actions it was to supersede leave now (see
-                        // `ActiveAction::supersedes`).
-                        state.active.retain(|a| {
-                            a.status != ActiveStatus::Accepted || !supersedes.contains(&a.action_id)
-                        });
+                        // `ActiveAction::supersedes`): named in its audit record, undone on their
+                        // agents' scorecards.
+                        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.active)
+                            .into_iter()
+                            .partition(|a| {
+                                a.status == ActiveStatus::Accepted
+                                    && supersedes.contains(&a.action_id)
+                            });
+                        state.active = kept;
+                        s.superseded = gone.iter().map(|a| a.action_id.clone()).collect();
+                        undone = gone.into_iter().flat_map(|a| a.agents).collect();
                     }
                     Verdict::Reject => {
                         s.approval.status = "rejected".into();
@@ -366,6 +382,7 @@ impl Approvals {
                         wait_seconds: None,
                         fate: None,
                         agents: Vec::new(),
+                        undone: Vec::new(),
                     })
                     .await;
                 } else {
@@ -376,10 +393,16 @@ impl Approvals {
                     } else {
                         "declined"
                     };
-                    let tally = Tally::verdict(&s, kind, fate, now);
+                    let tally = Tally {
+                        undone,
+                        ..Tally::verdict(&s, kind, fate, now)
+                    };
                     if let Some(stats) = &self.stats {
                         for a in &tally.agents {
                             stats.score(a, fate);
+                        }
+                        for a in &tally.undone {
+                            stats.score(a, "undone");
                         }
                     }
                     self.tally(tally).await;
@@ -574,6 +597,7 @@ impl Approvals {
                 traceparent: None,
                 seen: None,
                 amend: None,
+                superseded: Vec::new(),
             };
             self.check_sizes(&s, None)?;
             // Until its records are produced, a request asked again produces them again (and
@@ -600,6 +624,7 @@ impl Approvals {
                     wait_seconds: None,
                     fate: None,
                     agents: Vec::new(),
+                    undone: Vec::new(),
                 })
                 .await;
                 let outputs = self.outputs(&s, None).await?;
@@ -644,7 +669,7 @@ impl Approvals {
             "escalated" => "approval_escalated",
             _ => "approval_decided",
         };
-        let audit = AuditData {
+        let mut audit = AuditData {
             decision: decision.into(),
             stage: "approvals".into(),
             resource: a.resource.clone(),
@@ -661,6 +686,10 @@ impl Approvals {
             prev_hash: None,
             hash: None,
         };
+        if !stored.superseded.is_empty() {
+            // Only where there is something (the records of other decisions stay as they were).
+            audit.detail["superseded"] = json!(stored.superseded);
+        }
         let tag = status_tag(a);
         let mut id_parts = vec![decision, a.approval_id.as_str()];
         id_parts.extend(tag.iter().map(String::as_str));

@@ -125,6 +125,10 @@ pub struct StoredApproval {
     /// A person's answer other than yes or no (edit and approve, respond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amend: Option<Amend>,
+    /// Approved: the accepted actions it superseded then (see `ActiveAction::supersedes`), named
+    /// in its decision's audit record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<String>,
 }
 
 impl StoredApproval {
@@ -472,6 +476,7 @@ pub fn apply(
                                 context_version: p.context_version,
                             }),
                             amend: None,
+                            superseded: Vec::new(),
                         });
                         entry.status = ActiveStatus::PendingApproval;
                         entry.approval_id = Some(approval_id);

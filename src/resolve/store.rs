@@ -1360,6 +1360,7 @@ pub mod contract {
             traceparent: None,
             seen: None,
             amend: None,
+            superseded: Vec::new(),
         }
     }
 

@@ -842,6 +842,7 @@ mod tests {
                 context_version: None,
                 outcome: None,
             }),
+            superseded: Vec::new(),
         };
         let mut used = stored.clone();
         if let Some(Amend::Edit { outcome, .. }) = used.amend.as_mut() {
@@ -1008,6 +1009,7 @@ mod tests {
             traceparent: None,
             seen: None,
             amend: None,
+            superseded: Vec::new(),
         };
         let long_ago = "2020-01-01T00:00:00Z".to_string();
         let change = Change {
