@@ -424,6 +424,7 @@ impl Sandbox {
                 breakers: None,
                 graph: Some(graph.clone()),
                 indexed: cfg.context.index.clone(),
+                context_ttl_seconds: cfg.context.ttl_seconds,
             },
             resolve: ResolveStage {
                 rules: cfg.resolve.clone(),

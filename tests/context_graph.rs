@@ -552,6 +552,41 @@ agents:
         serde_json::from_str(&cli(&env, &["context", "show", "y", "--json"])).expect("json");
     assert_eq!(back["relations"][0]["direction"], "in", "{back}");
     tokio::time::sleep(Duration::from_millis(8500)).await;
+    // The next write of the fact lets go of index entries whose fact expired (before any query
+    // does): the index holds the resources that have the fact, not every one that ever had it.
+    env.publish_one(
+        "events.sla-breaches",
+        "b-z",
+        "sla.breached",
+        "z",
+        json!({"slo": "latency"}),
+    )
+    .await;
+    env.read("switchyard.results", 3, Duration::from_secs(60))
+        .await;
+    let c = &env.loaded.config;
+    let mut r = redis_connection(c.redis.url.as_str()).await;
+    let mut indexed: Vec<String> = Vec::new();
+    for _ in 0..50 {
+        indexed = redis::cmd("ZRANGE")
+            .arg(format!(
+                "{}:idx:{}:sla",
+                c.redis.key_prefix,
+                switchyard::store::ResourceKey::new("default", "").hash_tag()
+            ))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut r)
+            .await
+            .expect("zrange");
+        if indexed == ["z"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(indexed, ["z"], "the expired entry left with the next write");
+    assert!(q(&env).contains("1 resources"), "the new one is found");
+    tokio::time::sleep(Duration::from_millis(8500)).await;
     assert!(
         q(&env).contains("0 resources"),
         "expired facts are not found"

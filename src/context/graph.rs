@@ -98,6 +98,9 @@ pub struct LearnRule {
 /// Index entries one query reads at most.
 pub const MAX_QUERY_READS: usize = 5000;
 
+/// Old entries of a fact index one write looks at (see [`Graph::index`]).
+pub const INDEX_TRIM: usize = 2;
+
 /// Relations one event may teach at most (the rest of a longer list is ignored).
 pub const MAX_TAUGHT: usize = 64;
 
@@ -532,17 +535,59 @@ impl Graph {
         Ok(out)
     }
 
-    /// Adds resources to the fact index of `keys` (those listed in `context.index`).
-    pub async fn index(&self, k: &ResourceKey, keys: &[&str], at: i64) -> Result<(), StoreError> {
+    /// Adds resources to the fact index of `keys` (those listed in `context.index`), and lets go
+    /// of a few entries not written for `ttl_seconds` (`context.ttl_seconds`) whose fact is gone:
+    /// each write looks at up to [`INDEX_TRIM`] of them per key, so the index holds about the
+    /// resources that have the fact, not every resource that ever had it. One whose fact is still
+    /// there (its context kept alive by other writes) moves to just inside the window, behind
+    /// every entry written within it, so the next ones get looked at.
+    pub async fn index(
+        &self,
+        k: &ResourceKey,
+        keys: &[&str],
+        at: i64,
+        ttl_seconds: u64,
+    ) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
+        let before = at - ttl_seconds as i64;
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.zadd(index_key(&self.prefix, &k.tenant, key), &k.resource, at)
-                .ignore();
+            let ikey = index_key(&self.prefix, &k.tenant, key);
+            pipe.zadd(&ikey, &k.resource, at).ignore();
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(&ikey)
+                .arg("-inf")
+                .arg(format!("({before}"))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(INDEX_TRIM);
         }
         let mut c = self.conn.get().await?;
+        let old: Vec<Vec<String>> = pipe.query_async(&mut c).await?;
+        if old.iter().all(Vec::is_empty) {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let mut asked = Vec::new();
+        for (key, names) in keys.iter().zip(&old) {
+            for r in names {
+                let ctx = ResourceKey::new(&k.tenant, r);
+                pipe.hexists(format!("{}:ctx:{}", self.prefix, ctx.hash_tag()), *key);
+                asked.push((*key, r));
+            }
+        }
+        let there: Vec<bool> = pipe.query_async(&mut c).await?;
+        let mut pipe = redis::pipe();
+        for ((key, r), there) in asked.into_iter().zip(there) {
+            let ikey = index_key(&self.prefix, &k.tenant, key);
+            if there {
+                pipe.zadd(&ikey, r, before + 1).ignore();
+            } else {
+                pipe.zrem(&ikey, r).ignore();
+            }
+        }
         Ok(pipe.query_async::<()>(&mut c).await?)
     }
 
@@ -561,8 +606,8 @@ impl Graph {
         let ikey = index_key(&self.prefix, tenant, key);
         let mut c = self.conn.get().await?;
         let mut out = Vec::new();
-        let mut start = 0usize;
-        while start < MAX_QUERY_READS && out.len() < limit {
+        let (mut start, mut read) = (0usize, 0usize);
+        while read < MAX_QUERY_READS && out.len() < limit {
             let names: Vec<String> = redis::cmd("ZREVRANGE")
                 .arg(&ikey)
                 .arg(start)
@@ -573,6 +618,8 @@ impl Graph {
                 break;
             }
             start += names.len();
+            // Entries found gone are removed (the next page starts earlier), yet still count.
+            read += names.len();
             let mut pipe = redis::pipe();
             for r in &names {
                 pipe.hget(

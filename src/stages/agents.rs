@@ -122,6 +122,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             workflows,
             graph: Some(s.graph.clone()),
             indexed: cfg.context.index.clone(),
+            context_ttl_seconds: cfg.context.ttl_seconds,
             breakers: cfg.agents.values().any(|a| a.circuit.is_some()).then(|| {
                 Arc::new(crate::agents::circuit::Breakers::new(
                     s.redis.clone(),
@@ -397,6 +398,9 @@ pub struct AgentStage<S: ContextStore> {
     pub graph: Option<Arc<crate::context::graph::Graph>>,
     /// Fact keys the index keeps (`context.index`).
     pub indexed: Vec<String>,
+    /// `context.ttl_seconds`: how long a fact index entry may go unwritten before its fact is
+    /// looked for ([`crate::context::graph::Graph::index`]).
+    pub context_ttl_seconds: u64,
 }
 
 /// The workflows of the config and where their runs live.
@@ -628,7 +632,8 @@ impl<S: ContextStore> AgentStage<S> {
                 .collect();
             // Best effort: the facts are committed; a missed index entry only hides the resource
             // from `context query` until its next write.
-            if let Err(e) = g.index(key, &keys, crate::event::now_secs()).await {
+            let at = crate::event::now_secs();
+            if let Err(e) = g.index(key, &keys, at, self.context_ttl_seconds).await {
                 tracing::warn!(error = %e, resource = %key.resource, "Could not index the task's facts.");
             }
         }
@@ -1729,6 +1734,7 @@ mod tests {
             breakers: None,
             graph: None,
             indexed: Vec::new(),
+            context_ttl_seconds: 604_800,
         }
     }
 
