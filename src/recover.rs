@@ -28,7 +28,6 @@ use crate::codec;
 use crate::config::Loaded;
 use crate::context::{ContextStore, Fact, Outcome};
 use crate::event::{now_secs, CloudEvent};
-use crate::kafka::read::read_all;
 use crate::records::{ActionData, AgentResponse, ApprovalData, ResultData};
 use crate::resolve::apply::{Change, StoredApproval};
 use crate::resolve::rules::{params_hash, ActiveAction, ActiveStatus, ResolveConfig};
@@ -62,20 +61,41 @@ pub struct Stores<'a> {
     pub context: &'a crate::context::redis::RedisStore,
 }
 
-/// Events of a topic, in topic order (per partition by offset), skipping what does not decode.
-async fn events(loaded: &Loaded, topic: &str, idle: Duration) -> Result<Vec<CloudEvent>, String> {
-    let (kafka, t) = (loaded.config.kafka.clone(), topic.to_string());
-    let recs = tokio::task::spawn_blocking(move || read_all(&kafka, &t, idle))
-        .await
-        .map_err(|e| e.to_string())??;
-    Ok(recs
-        .iter()
-        .filter_map(|r| codec::decode(r.view(), &loaded.schemas).ok())
-        .collect())
+/// Folds the events of a topic into `acc` as they are read (each partition in offset order: a
+/// resource's records share one), skipping what does not decode — streamed, so a topic larger
+/// than memory can be read (only what is kept of it is held).
+async fn fold_events<T: Send + 'static>(
+    loaded: &Loaded,
+    topic: &str,
+    idle: Duration,
+    mut acc: T,
+    mut each: impl FnMut(&mut T, CloudEvent) + Send + 'static,
+) -> Result<T, String> {
+    let (kafka, t, schemas) = (
+        loaded.config.kafka.clone(),
+        topic.to_string(),
+        loaded.schemas.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::read::read_each(&kafka, &t, idle, |r| {
+            if let Ok(ev) = codec::decode(r.view(), &schemas) {
+                each(&mut acc, ev);
+            }
+        })?;
+        Ok(acc)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 fn data<T: serde::de::DeserializeOwned>(ev: &CloudEvent) -> Option<T> {
     serde_json::from_value(ev.data.clone()?).ok()
+}
+
+/// Whether RFC 3339 time `a` is strictly later than `b` (unreadable times are not later).
+fn later_than(a: &str, b: &str) -> bool {
+    let t = |x: &str| chrono::DateTime::parse_from_rfc3339(x).ok();
+    matches!((t(a), t(b)), (Some(a), Some(b)) if a > b)
 }
 
 fn time_secs(ev: &CloudEvent) -> i64 {
@@ -157,19 +177,24 @@ pub async fn recover(
     // a redelivered proposal writes its request again (the same bytes) after a decision may have
     // been recorded, and a decided approval must not reopen (approving it again would send a
     // second action).
-    let mut approvals: BTreeMap<String, (ApprovalData, String)> = BTreeMap::new();
-    for ev in events(loaded, &topics.approvals, idle).await? {
-        if let Some(a) = data::<ApprovalData>(&ev) {
-            keep_furthest(&mut approvals, a, ev.time.clone().unwrap_or_default());
-        }
-    }
+    let approvals = fold_events(
+        loaded,
+        &topics.approvals,
+        idle,
+        BTreeMap::new(),
+        |approvals, ev| {
+            if let Some(a) = data::<ApprovalData>(&ev) {
+                keep_furthest(approvals, a, ev.time.clone().unwrap_or_default());
+            }
+        },
+    )
+    .await?;
     // Resolve state: tokens and recent actions per resource.
     let now = now_secs();
     let keep = rules.retention_seconds() as i64;
-    let mut records: HashMap<ResourceKey, Change> = HashMap::new();
-    for ev in events(loaded, &topics.actions, idle).await? {
+    let on_action = move |records: &mut HashMap<ResourceKey, Change>, ev: CloudEvent| {
         let Some(a) = data::<ActionData>(&ev) else {
-            continue;
+            return;
         };
         let change = records
             .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
@@ -177,7 +202,7 @@ pub async fn recover(
         change.token = change.token.max(a.fencing_token);
         let at = time_secs(&ev);
         if now - at > keep {
-            continue;
+            return;
         }
         change.state.active.retain(|x| x.action_id != a.action_id);
         change.state.active.push(ActiveAction {
@@ -193,7 +218,8 @@ pub async fn recover(
             approval_id: None,
             supersedes: Vec::new(),
         });
-    }
+    };
+    let mut records = fold_events(loaded, &topics.actions, idle, HashMap::new(), on_action).await?;
     let mut open = Vec::new();
     for (a, time) in approvals.into_values() {
         if !matches!(a.status.as_str(), "pending" | "escalated") {
@@ -297,33 +323,39 @@ pub async fn recover(
     out.pending_approvals = open.len();
     out.resources = records.len();
 
-    // Context: the latest value of each fact per resource, from the results' findings.
-    let mut facts: HashMap<ResourceKey, BTreeMap<String, Fact>> = HashMap::new();
-    for ev in events(loaded, &topics.results, idle).await? {
+    // Context: the latest value of each fact per resource, from the results' findings — the
+    // latest by the result's time (a resource's results can sit on more than one partition when
+    // the topic's keying changed), the later record on a tie.
+    let on_result = |facts: &mut HashMap<ResourceKey, BTreeMap<String, Fact>>, ev: CloudEvent| {
         let Some(r) = data::<ResultData>(&ev) else {
-            continue;
+            return;
         };
         let Some(found) = r.findings.as_array() else {
-            continue;
+            return;
         };
         let entry = facts
             .entry(ResourceKey::new(r.tenant.clone(), r.resource.clone()))
             .or_default();
+        let at = ev.time.clone().unwrap_or_default();
         for f in found {
             if let (Some(key), Some(value)) = (f.get("key").and_then(Value::as_str), f.get("value"))
             {
+                if entry.get(key).is_some_and(|old| later_than(&old.at, &at)) {
+                    continue;
+                }
                 entry.insert(
                     key.to_string(),
                     Fact {
                         value: value.clone(),
                         by: r.agent.clone(),
                         task_id: r.task_id.clone(),
-                        at: ev.time.clone().unwrap_or_default(),
+                        at: at.clone(),
                     },
                 );
             }
         }
-    }
+    };
+    let facts = fold_events(loaded, &topics.results, idle, HashMap::new(), on_result).await?;
     // Context versions continue above every version used before the loss (the time in ms: a
     // version counts writes, a resource never reaches that many), so proposals still on their way
     // are judged stale against what is written from now on (`RedisStore::raise_version`).
@@ -431,6 +463,23 @@ fn supersede_once_approved(active: &mut [ActiveAction], rules: &ResolveConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fact_times_compare_as_times() {
+        assert!(later_than(
+            "2026-01-01T10:00:01Z",
+            "2026-01-01T10:00:00.999Z"
+        ));
+        assert!(later_than(
+            "2026-01-01T11:00:00+01:00",
+            "2026-01-01T09:59:59Z"
+        ));
+        assert!(!later_than("2026-01-01T10:00:00Z", "2026-01-01T10:00:00Z"));
+        assert!(
+            !later_than("", "2026-01-01T10:00:00Z"),
+            "an unreadable time is not later"
+        );
+    }
 
     /// An action awaiting approval, rebuilt, supersedes once approved what resolve let it: the
     /// conflicting accepted action of lower priority within the window, not one of higher
