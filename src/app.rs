@@ -127,6 +127,14 @@ pub async fn run(
         })
         .collect::<Result<_, _>>()?;
     let mut loaded = loaded;
+    for warning in loaded.config.kafka.insecure().into_iter().chain(
+        loaded.config.redis.url.contains("#insecure").then(|| {
+            "redis: the url's #insecure fragment turns off certificate and host name checks"
+                .to_string()
+        }),
+    ) {
+        tracing::warn!("Insecure connection setting: {warning}.");
+    }
     let topic_limits = read_topic_limits(&mut loaded.config).await;
     let cfg = &loaded.config;
     let instance = std::env::var("HOSTNAME")
@@ -190,6 +198,7 @@ pub async fn run(
     }
     let resources = resource_store(&loaded, redis.clone());
     let sealer = sealer(&loaded, redis.clone());
+    crate::telemetry::know_agents(cfg.agents.keys().cloned());
     let stats = Arc::new(crate::agents::stats::AgentStats::new(
         redis.clone(),
         &cfg.redis.key_prefix,

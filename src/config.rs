@@ -808,6 +808,31 @@ fn section<T: DeserializeOwned>(
     }
 }
 
+/// Whether the setting at `item` may hold a secret (a password, a token, a URL with credentials):
+/// its problems never quote the value.
+fn may_hold_secret(item: &str) -> bool {
+    item.starts_with("redis")
+        || item.split('.').any(|seg| {
+            crate::secret::is_secret_name(seg) || seg.contains("url") || seg == "headers"
+        })
+        || item.starts_with("kafka.")
+}
+
+/// serde's `invalid type: string "hunter2", expected …` without the value: `invalid type:
+/// string, expected …` (the same for `invalid value` and `integer `…``).
+fn without_value(message: &str) -> String {
+    for head in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(head) {
+            let kind = rest.split([' ', ',']).next().unwrap_or("");
+            if let Some(at) = rest.find(", expected") {
+                return format!("{head}{kind}{}", &rest[at..]);
+            }
+            return format!("{head}{kind}");
+        }
+    }
+    message.to_string()
+}
+
 /// Parses `v` as a `T`, reporting every bad field (not only the first), each with its path. A
 /// mapping that does not parse is parsed again one key at a time (with the `keep` keys, such as an
 /// agent's `kind`, in every attempt), so each bad key shows up on its own.
@@ -818,13 +843,19 @@ pub fn parse_all<T: DeserializeOwned>(
 ) -> Result<T, Vec<Problem>> {
     let problem = |e: serde_path_to_error::Error<serde_yaml::Error>| {
         let inner = e.path().to_string();
+        let item = if inner == "." || inner.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}.{inner}")
+        };
+        let message = e.into_inner().to_string();
         Problem {
-            item: if inner == "." || inner.is_empty() {
-                path.to_string()
+            message: if may_hold_secret(&item) {
+                without_value(&message)
             } else {
-                format!("{path}.{inner}")
+                message
             },
-            message: e.into_inner().to_string(),
+            item,
         }
     };
     let whole = match serde_path_to_error::deserialize::<_, T>(v.clone()) {
@@ -859,4 +890,38 @@ pub fn parse_all<T: DeserializeOwned>(
     }
     found.dedup();
     Err(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config problem never repeats a secret: a value of the wrong type under a secret-looking
+    /// key or in the `redis` section, a cluster seed's password, a URL that is not http(s).
+    #[test]
+    fn problems_never_quote_secrets() {
+        for text in [
+            "kafka: {client: {sasl.password: 20240611}}",
+            "redis: 'rediss://:Hunter2pw@h:6380'",
+            "redis: {cluster: true, url: 'redis://:Hunter2pw@10.0.0.1:7000/1'}",
+            "http: {users: [{name: a, token: 20240611}]}",
+            "agents: {a: {kind: http, url: 'ftp://u:Hunter2pw@h/x', reads: ['*']}}",
+        ] {
+            let problems = Config::from_yaml_embedded(text, |_| None)
+                .err()
+                .unwrap_or_default();
+            let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            assert!(!shown.is_empty(), "{text}: no problem found");
+            for p in &shown {
+                assert!(
+                    !p.contains("20240611") && !p.contains("Hunter2pw"),
+                    "{text}: {p}"
+                );
+            }
+        }
+        assert_eq!(
+            without_value("invalid type: integer `20240611`, expected a string"),
+            "invalid type: integer, expected a string"
+        );
+    }
 }

@@ -117,6 +117,111 @@ pub fn is_secret_name(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
+/// `scheme://user:password@host` → `scheme://user:<redacted>@host`, and secret-looking query
+/// parameters (`?pass=`, `?token=`, `?api_key=`, `?sig=`…) → `<redacted>`; None when there is
+/// nothing to hide. A comma-separated list (a cluster's seed nodes) is redacted URL by URL.
+pub fn redact_url(s: &str) -> Option<String> {
+    if s.contains(',') && s.contains("://") {
+        let parts: Vec<(Option<String>, &str)> = s.split(',').map(|p| (redact_one(p), p)).collect();
+        if parts.iter().all(|(r, _)| r.is_none()) {
+            return None;
+        }
+        return Some(
+            parts
+                .into_iter()
+                .map(|(r, p)| r.unwrap_or_else(|| p.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    redact_one(s)
+}
+
+fn redact_one(s: &str) -> Option<String> {
+    let (scheme, rest) = s.split_once("://")?;
+    // The authority ends at the path, query or fragment; its user info at its last `@` (as URL
+    // parsers read it: a raw `@` in a password belongs to the password).
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (host, hid_user) = match authority.rfind('@') {
+        Some(at) => {
+            let user = authority[..at]
+                .split_once(':')
+                .map(|(u, _)| u)
+                .unwrap_or("");
+            (format!("{user}:{REDACTED}@{}", &authority[at + 1..]), true)
+        }
+        None => (authority.to_string(), false),
+    };
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (tail, None),
+    };
+    let mut hid_query = false;
+    let query = query.map(|q| {
+        let (q, frag) = match q.split_once('#') {
+            Some((q, f)) => (q, Some(f)),
+            None => (q, None),
+        };
+        let mut params: Vec<String> = Vec::new();
+        for kv in q.split('&') {
+            let name = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+            if kv.contains('=') && secret_param(name) {
+                hid_query = true;
+                params.push(format!("{name}={REDACTED}"));
+            } else {
+                params.push(kv.to_string());
+            }
+        }
+        let mut q = params.join("&");
+        if let Some(f) = frag {
+            q.push('#');
+            q.push_str(f);
+        }
+        q
+    });
+    if !hid_user && !hid_query {
+        return None;
+    }
+    let mut out = format!("{scheme}://{host}{path}");
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(&q);
+    }
+    Some(out)
+}
+
+/// A URL query parameter whose value is a credential.
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    is_secret_name(&n)
+        || [
+            "pass",
+            "pwd",
+            "key",
+            "sig",
+            "signature",
+            "auth",
+            "code",
+            "access_token",
+        ]
+        .iter()
+        .any(|w| n == *w || n.ends_with(&format!("_{w}")) || n.ends_with(&format!("-{w}")))
+}
+
+/// Where a URL points, never what it carries: `scheme://host:port` (no user info, path or query,
+/// any of which may be a credential), or `<not a URL>`. For logs and config problems.
+pub fn url_origin(s: &str) -> String {
+    match reqwest::Url::parse(s) {
+        Ok(u) => match (u.host_str(), u.port_or_known_default()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            (None, _) => format!("{}:", u.scheme()),
+        },
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
 /// `text` with every URL in it (`http://…`, `https://…`, up to a space, quote or closing bracket)
 /// replaced by `<url>`: for errors of clients that quote the URL they failed on, where its path
 /// or query may be a secret (a webhook's, from an environment variable).
@@ -143,6 +248,37 @@ pub fn without_urls(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_redacted_whatever_their_shape() {
+        for (url, want) in [
+            (
+                "redis://:hunter2@host:6379/0",
+                Some("redis://:<redacted>@host:6379/0"),
+            ),
+            ("redis://host:6379/0", None),
+            (
+                "redis://:p@ss@host:6379",
+                Some("redis://:<redacted>@host:6379"),
+            ),
+            (
+                "unix:///run/redis.sock?db=1&pass=hunter2&user=u",
+                Some("unix:///run/redis.sock?db=1&pass=<redacted>&user=u"),
+            ),
+            (
+                "https://a.example/run?api_key=k&x=1#f",
+                Some("https://a.example/run?api_key=<redacted>&x=1#f"),
+            ),
+            ("https://a.example/run?x=1", None),
+        ] {
+            assert_eq!(redact_url(url).as_deref(), want, "{url}");
+        }
+        assert_eq!(
+            url_origin("https://u:pw@h.example/p?token=t"),
+            "https://h.example:443"
+        );
+        assert_eq!(url_origin("not a url pw"), "<not a URL>");
+    }
 
     #[test]
     fn urls_leave_error_texts() {

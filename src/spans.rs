@@ -76,7 +76,10 @@ impl TracingConfig {
         if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
             p.push((
                 "tracing.endpoint".into(),
-                format!("{:?} is not an http(s) URL", self.endpoint),
+                format!(
+                    "not an http(s) URL (it reads as {})",
+                    crate::secret::url_origin(&self.endpoint)
+                ),
             ));
         }
         if self.service_name.is_empty() {
@@ -115,6 +118,8 @@ pub fn init(cfg: &TracingConfig, instance: &str) -> Result<(), String> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(cfg.timeout_ms))
+        // A redirect would carry the export headers (an API key) to wherever it points.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("tracing: cannot build the HTTP client: {e}"))?;
     let mut headers = std::collections::HashMap::new();

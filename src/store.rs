@@ -72,7 +72,9 @@ impl RedisConfig {
             ));
         }
         if self.cluster {
-            for s in &seeds {
+            for seed in &seeds {
+                // Shown without its password.
+                let s = &crate::secret::redact_url(seed).unwrap_or_else(|| seed.to_string());
                 let db = s
                     .split_once("://")
                     .and_then(|(_, rest)| rest.split_once('/'))

@@ -524,6 +524,27 @@ impl Metrics {
     }
 }
 
+/// The agents of the config (set by `switchyard run`): the only `agent` label values of metrics
+/// whose agent comes from a record (a proposal's `agent`, an action's `agents`); others count as
+/// `other`, so whoever writes those topics cannot add series.
+static KNOWN_AGENTS: std::sync::RwLock<Option<std::collections::HashSet<String>>> =
+    std::sync::RwLock::new(None);
+
+/// Adds the agents of a config to those [`agent_label`] knows.
+pub fn know_agents(agents: impl IntoIterator<Item = String>) {
+    let mut known = KNOWN_AGENTS.write().unwrap_or_else(|e| e.into_inner());
+    known.get_or_insert_with(Default::default).extend(agents);
+}
+
+/// `agent` as a metric label: itself when a config has it (or none was set), else `other`.
+pub fn agent_label(agent: &str) -> &str {
+    let known = KNOWN_AGENTS.read().unwrap_or_else(|e| e.into_inner());
+    match known.as_ref() {
+        Some(k) if !k.contains(agent) => "other",
+        _ => agent,
+    }
+}
+
 /// The `tracing` filter `spec` describes (`info`, `switchyard=debug,rdkafka=warn`, ...); `None` when it
 /// is not one. Text with a non-ASCII character is refused before it is parsed: tracing-subscriber
 /// 0.3.23's directive parser panics on a multi-byte character (slicing inside it; found by fuzzing
@@ -543,9 +564,17 @@ pub fn init_logging(format: LogFormat, level: &str) {
         // Logging is not set up yet: say it on stderr.
         eprintln!("RUST_LOG={v:?} is not a valid log filter; using log.level {level:?}.");
     }
-    let filter = env_filter
+    let mut filter = env_filter
         .or_else(|| log_filter(level))
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // The MCP client library logs its transport's errors itself, and they quote the server's URL
+    // (whose path may be a credential: hosted MCP servers put tokens there); switchyard logs
+    // those failures without URLs. Shown only when a filter names it.
+    if !from_env.as_deref().unwrap_or(level).contains("rmcp") {
+        if let Ok(d) = "rmcp=off".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -585,4 +614,14 @@ impl Default for LogConfig {
 
 fn default_log_level() -> String {
     "info".into()
+}
+
+#[cfg(test)]
+mod agent_label_tests {
+    #[test]
+    fn agents_not_in_a_config_are_other() {
+        super::know_agents(["triage".to_string()]);
+        assert_eq!(super::agent_label("triage"), "triage");
+        assert_eq!(super::agent_label("forged-7f3a"), "other");
+    }
 }

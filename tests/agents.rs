@@ -2037,3 +2037,143 @@ async fn two_tenants_events_with_one_source_and_id_get_their_own_tasks() {
         }
     }
 }
+
+/// An HTTP agent's credentials stay secret: a URL's user info and query never reach the records
+/// (results, audit, dead letters) when the agent cannot be reached; `headers` are sent with each
+/// task; a redirect is not followed (it would carry the headers wherever it points).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_agents_credentials_never_reach_records_and_no_redirect_carries_them() {
+    #[derive(Default)]
+    struct Seen {
+        authorized: AtomicUsize,
+        elsewhere: AtomicUsize,
+    }
+    let seen = Arc::new(Seen::default());
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let other = axum::Router::new().route(
+        "/agent",
+        post(move || {
+            let s = s2.clone();
+            async move {
+                s.elsewhere.fetch_add(1, Ordering::SeqCst);
+                Json(json!({}))
+            }
+        }),
+    );
+    let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere = format!("http://{}/agent", l2.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l2, other).await.unwrap() });
+    let app = axum::Router::new()
+        .route(
+            "/agent",
+            post(move |headers: axum::http::HeaderMap| {
+                let s = s1.clone();
+                async move {
+                    use axum::response::IntoResponse;
+                    if headers
+                        .get("authorization")
+                        .is_some_and(|v| v == "Bearer hdr-S3cret")
+                    {
+                        s.authorized.fetch_add(1, Ordering::SeqCst);
+                        Json(json!({"findings": [{"key": "triage.note", "value": 1}]}))
+                            .into_response()
+                    } else {
+                        (axum::http::StatusCode::UNAUTHORIZED, "no").into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/moved",
+            post(move || {
+                let to = elsewhere.clone();
+                async move { axum::response::Redirect::temporary(&to) }
+            }),
+        );
+    let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l1.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l1, app).await.unwrap() });
+    let closed = free_port();
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+agents:
+  down:
+    kind: http
+    url: "http://svc:UrlPassw0rd@127.0.0.1:{closed}/agent?token=QueryT0ken"
+    reads: ["*"]
+    writes: ["triage.*"]
+    retries: 0
+  authed:
+    kind: http
+    url: "http://{addr}/agent"
+    headers: {{authorization: "Bearer hdr-S3cret"}}
+    reads: ["*"]
+    writes: ["triage.*"]
+    retries: 0
+  moved:
+    kind: http
+    url: "http://{addr}/moved"
+    headers: {{authorization: "Bearer hdr-S3cret"}}
+    reads: ["*"]
+    writes: ["triage.*"]
+    retries: 0
+routes:
+  - name: down
+    types: [x.down]
+    agents: [down]
+  - name: authed
+    types: [x.authed]
+    agents: [authed]
+  - name: moved
+    types: [x.moved]
+    agents: [moved]
+"#
+        ),
+    )
+    .await;
+    let shown = cli(&env, &["config", "show"]);
+    for secret in ["UrlPassw0rd", "QueryT0ken", "hdr-S3cret"] {
+        assert!(!shown.contains(secret), "config show: {secret}");
+    }
+    let running = env.start(&["route", "agents"]);
+    env.publish(
+        "events.deployments",
+        &[
+            event("e-down", "x.down", "svc-1", json!({})),
+            event("e-authed", "x.authed", "svc-2", json!({})),
+            event("e-moved", "x.moved", "svc-3", json!({})),
+        ],
+    )
+    .await;
+    let res = results(
+        &env.read("switchyard.results", 3, Duration::from_secs(40))
+            .await,
+    );
+    let by: BTreeMap<&str, &ResultData> = res.iter().map(|r| (r.agent.as_str(), r)).collect();
+    assert_eq!(by["down"].status, "failed");
+    assert_eq!(by["authed"].status, "succeeded", "{:?}", by["authed"]);
+    assert_eq!(by["moved"].status, "failed", "{:?}", by["moved"]);
+    assert_eq!(seen.authorized.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        seen.elsewhere.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
+    let mut texts: Vec<String> = Vec::new();
+    for topic in ["switchyard.results", "switchyard.dlq", "switchyard.audit"] {
+        for r in env.read(topic, usize::MAX, Duration::from_secs(3)).await {
+            texts.push(String::from_utf8_lossy(&r.payload).into_owned());
+            for (k, v) in &r.headers {
+                texts.push(format!("{k}: {}", String::from_utf8_lossy(v)));
+            }
+        }
+    }
+    let all = texts.join("\n");
+    assert!(all.contains("127.0.0.1"), "the failure names where: {all}");
+    for secret in ["UrlPassw0rd", "QueryT0ken", "hdr-S3cret"] {
+        assert!(!all.contains(secret), "{secret} in the records: {all}");
+    }
+    running.stop().await;
+}

@@ -1,6 +1,7 @@
 //! HTTP agents: the task is POSTed as JSON ([`super::model::AgentRequest::to_json`]); the response body is an
 //! [`crate::records::AgentResponse`]. 5xx, 429 and connection failures are retried; other 4xx are not.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -8,13 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Agent, AgentError, AgentRequest};
 use crate::records::AgentResponse;
+use crate::secret::{url_origin, Secret, SecretRef};
 
 /// Settings of `kind: http`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
-    /// The endpoint the task is POSTed to.
+    /// The endpoint the task is POSTed to. Never shown (logs, errors, records): only its scheme,
+    /// host and port are, so credentials belong in `headers`.
     pub url: String,
+    /// Headers sent with every task (e.g. `authorization`); values are secrets (`value`,
+    /// `{env: VAR}` or `{file: PATH}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, SecretRef>,
 }
 
 impl Spec {
@@ -22,30 +29,53 @@ impl Spec {
         if self.url.starts_with("http://") || self.url.starts_with("https://") {
             Vec::new()
         } else {
-            vec![format!("url {:?} is not an http(s) URL", self.url)]
+            vec![format!(
+                "url is not an http(s) URL (it reads as {})",
+                url_origin(&self.url)
+            )]
         }
     }
 
     pub fn build(&self, timeout: std::time::Duration) -> Result<Arc<dyn Agent>, String> {
-        Ok(Arc::new(HttpAgent::new(&self.url, timeout)?))
+        let headers = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                v.resolve()
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| format!("headers.{k}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Arc::new(HttpAgent::new(&self.url, headers, timeout)?))
     }
 }
 
 pub struct HttpAgent {
     client: reqwest::Client,
     url: String,
+    /// `scheme://host:port` of `url`: what errors and logs show.
+    origin: String,
+    headers: Vec<(String, Secret)>,
     timeout: std::time::Duration,
 }
 
 impl HttpAgent {
-    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, String> {
+    pub fn new(
+        url: &str,
+        headers: Vec<(String, Secret)>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            // A redirect would carry the headers (credentials) to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
         Ok(HttpAgent {
             client,
             url: url.to_string(),
+            origin: url_origin(url),
+            headers,
             timeout,
         })
     }
@@ -62,6 +92,14 @@ impl Agent for HttpAgent {
                 .post(&self.url)
                 .header("x-switchyard-task-id", &req.task.task_id)
                 .header("x-switchyard-attempt", req.attempt.to_string());
+            for (k, v) in &self.headers {
+                let mut value =
+                    reqwest::header::HeaderValue::from_str(v.expose()).map_err(|_| {
+                        AgentError::Permanent(format!("header {k} is not a valid value"))
+                    })?;
+                value.set_sensitive(true);
+                post = post.header(k, value);
+            }
             if let Some(tp) = &req.traceparent {
                 post = post.header("traceparent", tp);
             }
@@ -69,13 +107,23 @@ impl Agent for HttpAgent {
                 if e.is_timeout() {
                     AgentError::Timeout(self.timeout)
                 } else {
-                    AgentError::Retryable(format!("POST {} failed: {e}", self.url))
+                    // Never the URL: its path or query may be a credential.
+                    AgentError::Retryable(format!(
+                        "POST {} failed: {}",
+                        self.origin,
+                        e.without_url()
+                    ))
                 }
             })?;
             let status = resp.status();
             let (body, cut) = crate::body::read_at_most(resp, MAX_ANSWER_BYTES)
                 .await
-                .map_err(|e| AgentError::Retryable(format!("reading response failed: {e}")))?;
+                .map_err(|e| {
+                    AgentError::Retryable(format!(
+                        "reading response failed: {}",
+                        crate::secret::without_urls(&e.to_string())
+                    ))
+                })?;
             if cut {
                 return Err(AgentError::Permanent(format!(
                     "response rejected: larger than {MAX_ANSWER_BYTES} bytes"

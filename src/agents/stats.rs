@@ -102,15 +102,16 @@ impl AgentStats {
     /// `approved`, `declined` (people), `undone` (a later action superseded it).
     pub fn proposal(&self, agent: &str, fate: &str) {
         self.score(agent, fate);
+        let label = crate::telemetry::agent_label(agent);
         if fate == "undone" {
             METRICS
                 .agent_actions_undone
-                .with_label_values(&[agent])
+                .with_label_values(&[label])
                 .inc();
         } else {
             METRICS
                 .agent_proposals
-                .with_label_values(&[agent, fate])
+                .with_label_values(&[label, fate])
                 .inc();
         }
     }

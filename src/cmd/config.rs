@@ -4,6 +4,7 @@
 use serde_yaml::Value;
 
 use super::ctx::Ctx;
+pub use crate::secret::redact_url;
 use crate::secret::{is_secret_name, REDACTED};
 
 #[derive(clap::Args)]
@@ -54,35 +55,6 @@ pub fn redact(v: &mut Value, key: Option<&str>) {
         }
         _ => {}
     }
-}
-
-/// `scheme://user:password@host` → `scheme://user:<redacted>@host`; None when there is nothing to
-/// hide. A comma-separated list (a cluster's seed nodes) is redacted URL by URL.
-pub fn redact_url(s: &str) -> Option<String> {
-    if s.contains(',') && s.contains("://") {
-        let parts: Vec<(Option<String>, &str)> = s.split(',').map(|p| (redact_one(p), p)).collect();
-        if parts.iter().all(|(r, _)| r.is_none()) {
-            return None;
-        }
-        return Some(
-            parts
-                .into_iter()
-                .map(|(r, p)| r.unwrap_or_else(|| p.to_string()))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-    }
-    redact_one(s)
-}
-
-fn redact_one(s: &str) -> Option<String> {
-    let (scheme, rest) = s.split_once("://")?;
-    let (userinfo, host) = rest.split_once('@')?;
-    if host.contains('/') && userinfo.contains('/') {
-        return None;
-    }
-    let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or("");
-    Some(format!("{scheme}://{user}:{REDACTED}@{host}"))
 }
 
 #[cfg(test)]

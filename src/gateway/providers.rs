@@ -240,6 +240,9 @@ impl Provider {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10).min(timeout / 2))
             .pool_max_idle_per_host(64)
+            // A redirect would carry the API key (`x-api-key` is not a header reqwest drops on
+            // a host change) to wherever it points, plain http included.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(Provider {
@@ -269,7 +272,11 @@ impl Provider {
                     .post(&url)
                     .header("anthropic-version", "2023-06-01");
                 if let Some(k) = &self.key {
-                    rb = rb.header("x-api-key", k.expose());
+                    // Sensitive: kept out of reqwest's own debug output.
+                    if let Ok(mut v) = reqwest::header::HeaderValue::from_str(k.expose()) {
+                        v.set_sensitive(true);
+                        rb = rb.header("x-api-key", v);
+                    }
                 }
                 (url, rb)
             }

@@ -214,11 +214,17 @@ impl Tally {
         }
         if let Some(fate) = &self.fate {
             for a in &self.agents {
-                METRICS.agent_proposals.with_label_values(&[a, fate]).inc();
+                METRICS
+                    .agent_proposals
+                    .with_label_values(&[crate::telemetry::agent_label(a), fate])
+                    .inc();
             }
         }
         for a in &self.undone {
-            METRICS.agent_actions_undone.with_label_values(&[a]).inc();
+            METRICS
+                .agent_actions_undone
+                .with_label_values(&[crate::telemetry::agent_label(a)])
+                .inc();
         }
     }
 }

@@ -58,6 +58,36 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Settings that weaken the connection's security (accepted — a test cluster may need them —
+    /// but said loudly at start): certificate or host name checks off, a password in clear text.
+    pub fn insecure(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let all = || {
+            self.client
+                .iter()
+                .chain(&self.consumer)
+                .chain(&self.producer)
+        };
+        let get = |k: &str| {
+            all()
+                .filter(|(key, _)| key.as_str() == k)
+                .map(|(_, v)| v.to_ascii_lowercase())
+                .next_back()
+        };
+        if get("enable.ssl.certificate.verification").as_deref() == Some("false") {
+            out.push("kafka: enable.ssl.certificate.verification is false: the brokers' certificates are not checked".into());
+        }
+        if get("ssl.endpoint.identification.algorithm").as_deref() == Some("none") {
+            out.push("kafka: ssl.endpoint.identification.algorithm is none: the brokers' host names are not checked".into());
+        }
+        if get("security.protocol").as_deref() == Some("sasl_plaintext")
+            && get("sasl.mechanism").is_none_or(|m| m == "plain")
+        {
+            out.push("kafka: SASL_PLAINTEXT with PLAIN sends the password in clear text".into());
+        }
+        out
+    }
+
     /// Every problem of this section, as (path, message).
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
@@ -305,6 +335,21 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_weaken_security_are_named() {
+        let mut k = KafkaConfig::default();
+        assert!(k.insecure().is_empty());
+        k.client
+            .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
+        k.client.insert("sasl.mechanism".into(), "PLAIN".into());
+        k.consumer
+            .insert("enable.ssl.certificate.verification".into(), "false".into());
+        assert_eq!(k.insecure().len(), 2, "{:?}", k.insecure());
+        k.client
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+        assert_eq!(k.insecure().len(), 1, "{:?}", k.insecure());
+    }
 
     /// A topic taking smaller records than a batch lowers the batch size (with room for framing);
     /// a larger one, or a smaller batch size configured already, changes nothing.

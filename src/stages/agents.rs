@@ -1552,7 +1552,12 @@ impl<S: ContextStore> AgentStage<S> {
             .map_err(|e| ProcessError::from(e).context("workflow run"))?;
         METRICS
             .workflow_step_duration
-            .with_label_values(&[&step.workflow, &step.step])
+            // A supervisor's sub-steps (`S#r0#3`) count under their step: one series per step
+            // of the config, not per round and delegation.
+            .with_label_values(&[
+                &step.workflow,
+                step.step.split('#').next().unwrap_or_default(),
+            ])
             .observe(o.duration_ms as f64 / 1000.0);
         let tp = t.traceparent.as_deref();
         let mut out = Vec::new();

@@ -108,6 +108,9 @@ impl HttpTool {
             .collect::<Result<_, _>>()?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(s.timeout_ms))
+            // A redirect would carry the headers (credentials) to wherever it points — a model
+            // choosing a GET's arguments could aim one at an open redirect.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("tools.{name}: cannot build HTTP client: {e}"))?;
         Ok(HttpTool {
@@ -153,7 +156,10 @@ impl HttpTool {
         let (url, rest) = self.url(args)?;
         let mut req = self.client.request(self.method.clone(), &url);
         for (k, v) in &self.headers {
-            req = req.header(k, v.expose());
+            let mut value = reqwest::header::HeaderValue::from_str(v.expose())
+                .map_err(|_| format!("tool {}: header {k} is not a valid value", self.name))?;
+            value.set_sensitive(true);
+            req = req.header(k, value);
         }
         if !ctx.task_id.is_empty() {
             req = req.header("x-switchyard-task-id", &ctx.task_id);

@@ -196,6 +196,10 @@ pub fn effective_url(url: &str, url_env: Option<&str>) -> String {
 
 /// Why `url` cannot be a tool's endpoint, or `None`.
 pub fn url_problem(url: &str) -> Option<String> {
-    (!(url.starts_with("http://") || url.starts_with("https://")))
-        .then(|| format!("url {url:?} is not an http(s) URL"))
+    (!(url.starts_with("http://") || url.starts_with("https://"))).then(|| {
+        format!(
+            "url is not an http(s) URL (it reads as {})",
+            crate::secret::url_origin(url)
+        )
+    })
 }
