@@ -611,6 +611,15 @@ impl Config {
         for (item, m) in self.gateway.clone().effective().problems() {
             p(&item, m);
         }
+        for (i, k) in self.gateway.keys.iter().enumerate() {
+            if self.agents.contains_key(&k.name) {
+                // Budgets and limits `per: agent` would be shared with the agent of that name.
+                p(
+                    &format!("gateway.keys[{i}].name"),
+                    format!("{:?} is an agent's name: a served key's calls are accounted to its name, so it would share that agent's budgets and limits", k.name),
+                );
+            }
+        }
         for (item, m) in crate::tools::problems(&self.tools) {
             p(&item, m);
         }

@@ -342,7 +342,19 @@ impl GatewayConfig {
                 p.push((format!("gateway.limits[{i}]"), "a limit of 0".into()));
             }
         }
+        let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.keys.iter().enumerate() {
+            if !names.insert(k.name.as_str()) {
+                // Calls are accounted to the name: two keys (of any tenants) would share budgets
+                // and limits `per: agent`.
+                p.push((
+                    format!("gateway.keys[{i}].name"),
+                    format!(
+                        "{:?} names another key too; each key needs a name of its own",
+                        k.name
+                    ),
+                ));
+            }
             let ok =
                 k.key_sha256.len() == 64 && k.key_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {

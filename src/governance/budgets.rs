@@ -665,6 +665,8 @@ impl Budgets {
             .filter_map(|b| {
                 let who = match b.per {
                     BudgetScope::Agent => s.agent,
+                    // No workflow: no run to count against (a served call without the header).
+                    BudgetScope::Workflow if s.workflow.is_empty() => return None,
                     BudgetScope::Workflow => s.workflow,
                     BudgetScope::Tenant => s.tenant,
                     BudgetScope::Model if s.model.is_empty() => return None,
@@ -679,11 +681,17 @@ impl Budgets {
                     // after its first charge — never expiring, they grew with every event.
                     ttl = WORKFLOW_TOTAL_KEEP_SECONDS;
                 }
+                // A run is its tenant's: a workflow id named by a caller of another tenant (the
+                // served endpoint's header) is another bucket.
+                let owner = match b.per {
+                    BudgetScope::Workflow => format!("{}/{who}", s.tenant),
+                    _ => who.to_string(),
+                };
                 Some((
                     b,
                     Line {
                         key: format!(
-                            "{}:budget:{{budgets}}:{}:{who}:{bucket}",
+                            "{}:budget:{{budgets}}:{}:{owner}:{bucket}",
                             self.prefix, b.name
                         ),
                         ttl,
@@ -1038,6 +1046,19 @@ mod tests {
         };
         let ttls: Vec<u64> = b.applicable(&s, 0).iter().map(|(_, l)| l.ttl).collect();
         assert_eq!(ttls, [WORKFLOW_TOTAL_KEEP_SECONDS, 0]);
+        // A run is its tenant's: another tenant naming the same workflow id counts elsewhere;
+        // no workflow, no run budget.
+        let other = Spender {
+            tenant: "u",
+            ..s.clone()
+        };
+        let key = |s: &Spender<'_>| b.applicable(s, 0)[0].1.key.clone();
+        assert_ne!(key(&s), key(&other));
+        let none = Spender {
+            workflow: "",
+            ..s.clone()
+        };
+        assert_eq!(b.applicable(&none, 0).len(), 1, "only the agent's budget");
     }
 
     #[tokio::test]
