@@ -928,6 +928,16 @@ mod tests {
                 );
             }
         }
+        // Served keys: one name each, none an agent's.
+        let problems = Config::from_yaml_embedded(
+            "agents: {triage: {kind: builtin, reads: ['*']}}\ngateway: {keys: [{name: triage, key_sha256: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'}, {name: triage, tenant: acme, key_sha256: 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'}]}",
+            |_| None,
+        )
+        .err()
+        .unwrap_or_default();
+        let items: Vec<&str> = problems.iter().map(|p| p.item.as_str()).collect();
+        assert!(items.contains(&"gateway.keys[0].name"), "{problems:?}");
+        assert!(items.contains(&"gateway.keys[1].name"), "{problems:?}");
         assert_eq!(
             without_value("invalid type: integer `20240611`, expected a string"),
             "invalid type: integer, expected a string"

@@ -1013,7 +1013,7 @@ gateway:
     "{model}": {{input: 1000.0, output: 1000.0}}
   keys:
     - {{name: planner, tenant: default, key_sha256: "{digest}"}}
-    - {{name: planner, tenant: acme, key_sha256: "{acme_digest}"}}
+    - {{name: planner-acme, tenant: acme, key_sha256: "{acme_digest}"}}
   approval_covers_calls: 2
 governance:
   budgets:
