@@ -569,12 +569,31 @@ async fn answers_without_usage_broken_answers_and_broken_streams_are_accounted()
         .expect("bind");
     let odd_port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move { axum::serve(listener, odd).await });
+    // A provider that takes the request and hangs up without answering (a proxy resetting a long
+    // answer): the request went out, so the provider may have run and billed it.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hang_port = hang.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = hang.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 65536];
+                let _ = tokio::time::timeout(Duration::from_millis(300), sock.read(&mut buf)).await;
+                drop(sock);
+            });
+        }
+    });
     let yaml = format!(
         r#"
 providers:
   odd: {{base_url: "http://127.0.0.1:{odd_port}/v1"}}
+  hang: {{base_url: "http://127.0.0.1:{hang_port}/v1"}}
   mock: {{base_url: "$LLM", api_key: "k-{s}"}}
 aliases:
+  hangup:
+    candidates: [{{provider: hang, model: hang-up}}]
   nousage:
     candidates: [{{provider: odd, model: no-usage}}]
   broken:
@@ -585,6 +604,7 @@ aliases:
     candidates: [{{provider: mock, model: "st-{s}"}}]
 prices:
   no-usage: {{input: 1000000, output: 1000000}}
+  hang-up: {{input: 1000000, output: 1000000}}
   not-json: {{input: 1000000, output: 1000000}}
   no-choices: {{input: 1000000, output: 1000000}}
   "st-{s}": {{input: 1000000, output: 1000000}}
@@ -658,6 +678,20 @@ cooldown: {{failures: 100, seconds: 1}}
         .pop()
         .unwrap_or_default();
     assert_eq!(failed["outcome"], "provider_failed", "{failed}");
+
+    // The connection broke after the request went out: charged its estimate, not nothing.
+    let e = gw
+        .complete(&caller(), "hangup", &ask("hello"))
+        .await
+        .expect_err("no answer");
+    assert_eq!(e.outcome(), "provider_failed");
+    let (_, hang_cost, hang_held) =
+        budget_state(&s, &format!("{s}:budget:{{budgets}}:b-{s}:hangup:total")).await;
+    assert_eq!(hang_held, 0);
+    assert!(
+        hang_cost >= 9.0,
+        "a broken connection is charged: {hang_cost}"
+    );
     assert_eq!(failed["meta"]["attempts"], 2, "{failed}");
     assert_eq!(
         failed["meta"]["model"], "no-choices",

@@ -962,8 +962,10 @@ impl Gateway {
         } else {
             caller.resource.as_str()
         };
+        // Calls that name no task share one per agent (a fresh one per call let a caller in a loop
+        // open an approval with every call, even calls it abandoned at once).
         let basis = if caller.task.is_empty() {
-            uuid::Uuid::new_v4().simple().to_string()
+            format!("agent:{}", caller.agent)
         } else {
             caller.task.clone()
         };
@@ -1009,6 +1011,10 @@ impl Gateway {
                 approved_by: None,
                 reason: Some(format!("budget {budget} is exhausted")),
             };
+            if gone.is_cancelled() {
+                // Its caller gave up already: no approval for nobody.
+                return Err(exhausted());
+            }
             let key = crate::store::ResourceKey::new(&caller.tenant, resource);
             let unavailable = |e: crate::governance::approvals::ApprovalError| {
                 GatewayError::Unavailable(format!("approval of an over-budget call: {e}"))
@@ -1382,7 +1388,10 @@ impl Gateway {
                     }
                     Err(e) => {
                         Self::count(c, e.kind());
-                        if matches!(e, CallError::Timeout | CallError::Malformed(_)) {
+                        if matches!(
+                            e,
+                            CallError::Timeout | CallError::Broken(_) | CallError::Malformed(_)
+                        ) {
                             // The provider most likely processed (and bills) it: its estimate is
                             // charged, and its tokens stay counted against the rate limits.
                             tried.billed += self.billed(c, est);

@@ -130,8 +130,11 @@ pub enum CallError {
     Rejected { status: u16, message: String },
     /// No answer in time.
     Timeout,
-    /// The connection failed or broke.
+    /// The request never went out (no connection).
     Transport(String),
+    /// The connection broke once the request could have gone out (reset, closed mid-answer): the
+    /// provider may have run (and billed) it.
+    Broken(String),
     /// An answer that is not what the API promises (truncated, not JSON, no choices).
     Malformed(String),
 }
@@ -150,6 +153,7 @@ impl CallError {
             CallError::Rejected { .. } => "rejected",
             CallError::Timeout => "timeout",
             CallError::Transport(_) => "unreachable",
+            CallError::Broken(_) => "broken",
             CallError::Malformed(_) => "malformed",
         }
     }
@@ -164,6 +168,7 @@ impl std::fmt::Display for CallError {
             | CallError::Rejected { status, message } => write!(f, "HTTP {status}: {message}"),
             CallError::Timeout => f.write_str("timed out"),
             CallError::Transport(m) => write!(f, "unreachable: {m}"),
+            CallError::Broken(m) => write!(f, "connection broke: {m}"),
             CallError::Malformed(m) => write!(f, "malformed answer: {m}"),
         }
     }
@@ -226,9 +231,12 @@ fn transport(e: reqwest::Error) -> CallError {
     // failure (charged nothing), not a timeout (which the provider most likely billed).
     if e.is_timeout() && !e.is_connect() {
         CallError::Timeout
-    } else {
+    } else if e.is_connect() || e.is_builder() {
         // Without the URL's query (never holds a key here, but keep errors short).
         CallError::Transport(e.without_url().to_string())
+    } else {
+        // Connected: the request may have gone out, and the provider run it.
+        CallError::Broken(e.without_url().to_string())
     }
 }
 
