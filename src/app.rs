@@ -232,6 +232,10 @@ pub async fn run(
         cfg.governance.budgets.clone(),
     ));
     let recorder = crate::audit::Recorder::new(emitter.clone(), sealer.clone(), producer.clone());
+    let unpriced = cfg.gateway.unpriced();
+    if !unpriced.is_empty() && cfg.governance.budgets.iter().any(|b| b.max_cost.is_some()) {
+        tracing::warn!(candidates = %unpriced.join(", "), "Model candidates without a price in gateway.prices cost 0: no max_cost budget limits their calls.");
+    }
     let gateway = gateway_of(
         &loaded,
         redis.clone(),

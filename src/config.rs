@@ -908,7 +908,7 @@ mod tests {
     /// A config problem never repeats a secret: a value of the wrong type under a secret-looking
     /// key or in the `redis` section, a cluster seed's password, a URL that is not http(s).
     #[test]
-    fn problems_never_quote_secrets() {
+    fn config_problems_guard_secrets_names_and_holds() {
         for text in [
             "kafka: {client: {sasl.password: 20240611}}",
             "redis: 'rediss://:Hunter2pw@h:6380'",
@@ -938,6 +938,17 @@ mod tests {
         let items: Vec<&str> = problems.iter().map(|p| p.item.as_str()).collect();
         assert!(items.contains(&"gateway.keys[0].name"), "{problems:?}");
         assert!(items.contains(&"gateway.keys[1].name"), "{problems:?}");
+        // A budget hold that a call can outlive.
+        let problems = Config::from_yaml_embedded(
+            "gateway: {providers: {p: {base_url: 'http://x', timeout_ms: 600000}}, aliases: {a: {candidates: [{provider: p, model: m}]}}}",
+            |_| None,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(
+            problems.iter().any(|p| p.item == "gateway.hold_seconds"),
+            "{problems:?}"
+        );
         assert_eq!(
             without_value("invalid type: integer `20240611`, expected a string"),
             "invalid type: integer, expected a string"

@@ -77,6 +77,8 @@ pub struct Bucket {
     /// Refill per millisecond.
     pub rate: f64,
     pub cost: f64,
+    /// Counts tokens (a `tpm` limit), not requests: what a failed call did not use goes back.
+    pub tokens: bool,
 }
 
 /// What [`Limiter::acquire`] found.

@@ -305,6 +305,29 @@ impl GatewayConfig {
                     "lists no candidate".into(),
                 ));
             }
+            // The longest a call of the alias can take (every attempt of every candidate timing
+            // out, plus the longest waits between them): its budget hold must outlast it, or the
+            // sweeper gives the hold back while the call still runs and its room is spent twice.
+            let attempts = u64::from(self.retries) + 1;
+            let longest: u64 = a
+                .candidates
+                .iter()
+                .filter_map(|c| self.providers.get(&c.provider))
+                .map(|p| {
+                    attempts.saturating_mul(p.timeout_ms)
+                        + self.retries as u64 * self.max_retry_after_ms.max(self.backoff_ms)
+                })
+                .sum();
+            if longest >= self.hold_seconds.saturating_mul(1000) {
+                p.push((
+                    "gateway.hold_seconds".into(),
+                    format!(
+                        "{} s is shorter than the longest call of alias {name} ({} s: every attempt of every candidate timing out, with the waits between): a hold would be given back while its call runs",
+                        self.hold_seconds,
+                        longest.div_ceil(1000)
+                    ),
+                ));
+            }
             for (i, c) in a.candidates.iter().enumerate() {
                 if !self.providers.contains_key(&c.provider) {
                     p.push((
@@ -342,6 +365,16 @@ impl GatewayConfig {
                 p.push((format!("gateway.limits[{i}]"), "a limit of 0".into()));
             }
         }
+        for (model, price) in &self.prices {
+            let all = [Some(price.input), Some(price.output), price.cached_input];
+            if all.iter().flatten().any(|x| !x.is_finite() || *x < 0.0) {
+                // A negative price would give a settle back more than its call held.
+                p.push((
+                    format!("gateway.prices.{model}"),
+                    "prices must be finite and not negative".into(),
+                ));
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.keys.iter().enumerate() {
             if !names.insert(k.name.as_str()) {
@@ -365,6 +398,28 @@ impl GatewayConfig {
             }
         }
         p
+    }
+}
+
+impl GatewayConfig {
+    /// Candidates (`provider/model`) without a price: their calls cost 0, so no `max_cost` budget
+    /// ever binds them (`switchyard run` warns when a budget has one).
+    pub fn unpriced(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .aliases
+            .values()
+            .flat_map(|a| &a.candidates)
+            .filter(|c| {
+                !self
+                    .prices
+                    .contains_key(&format!("{}/{}", c.provider, c.model))
+                    && !self.prices.contains_key(&c.model)
+            })
+            .map(|c| format!("{}/{}", c.provider, c.model))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -867,12 +922,17 @@ impl Gateway {
     }
 
     /// The output cap of one choice: the request's, else the alias's, else the default.
+    /// With both `max_tokens` and `max_completion_tokens`, the larger (a provider may honour
+    /// either; [`cap`] then sends both at this value), and never more than
+    /// [`providers::MAX_USAGE_TOKENS`].
     fn output_cap(&self, route: &Route, req: &Map<String, Value>) -> u64 {
-        ["max_completion_tokens", "max_tokens"]
+        CAP_FIELDS
             .iter()
-            .find_map(|k| req.get(*k).and_then(Value::as_u64))
+            .filter_map(|k| req.get(*k).and_then(Value::as_u64))
+            .max()
             .or(route.max_tokens)
             .unwrap_or(self.cfg.default_max_tokens)
+            .min(providers::MAX_USAGE_TOKENS)
     }
 
     /// The costliest candidate's price for `u` (the hold must cover whichever answers).
@@ -1099,6 +1159,7 @@ impl Gateway {
                         capacity: rpm as f64,
                         rate: rpm as f64 / 60_000.0,
                         cost: 1.0,
+                        tokens: false,
                     },
                     l,
                 ));
@@ -1110,6 +1171,7 @@ impl Gateway {
                         capacity: tpm as f64,
                         rate: tpm as f64 / 60_000.0,
                         cost: tokens as f64,
+                        tokens: true,
                     },
                     l,
                 ));
@@ -1336,7 +1398,10 @@ impl Gateway {
                     self.settle_failed(hold, tried.billed).await;
                     return Err(GatewayError::CallerGone);
                 }
-                let buckets = match self.admit(c, caller, est.input + est.output, gone).await {
+                let buckets = match self
+                    .admit(c, caller, est.input.saturating_add(est.output), gone)
+                    .await
+                {
                     Ok(Admit::Go(b)) if gone.is_cancelled() => {
                         // Admitted just as its caller left: nothing is sent, the tokens go back.
                         self.give_back(&b, est, 0).await;
@@ -1395,8 +1460,8 @@ impl Gateway {
                             // The provider most likely processed (and bills) it: its estimate is
                             // charged, and its tokens stay counted against the rate limits.
                             tried.billed += self.billed(c, est);
-                            tried.charged.input += est.input;
-                            tried.charged.output += est.output;
+                            tried.charged.input = tried.charged.input.saturating_add(est.input);
+                            tried.charged.output = tried.charged.output.saturating_add(est.output);
                         } else {
                             self.give_back(&buckets, est, 0).await;
                         }
@@ -1571,11 +1636,9 @@ impl Gateway {
 
     /// Gives back what a call's buckets were charged beyond `used` tokens.
     async fn give_back(&self, buckets: &[Bucket], est: &Usage, used: u64) {
-        let counted = (est.input + est.output) as f64;
-        for b in buckets
-            .iter()
-            .filter(|b| b.key.ends_with(":tpm") || b.key.contains(":tpm:"))
-        {
+        let counted = est.input.saturating_add(est.output) as f64;
+        // Told by the bucket, not by its key (a tenant's name can hold `:tpm:`).
+        for b in buckets.iter().filter(|b| b.tokens) {
             let back = counted.min(b.capacity) - used as f64;
             if let Err(e) = self.limiter.give_back(b, back).await {
                 tracing::warn!(error = %e, "Could not give tokens back to a rate limit.");
@@ -1587,9 +1650,7 @@ impl Gateway {
     /// was billable): its hold is settled to that.
     async fn settle_failed(&self, hold: Option<&Hold>, billed: f64) {
         if let Some(h) = hold {
-            if let Err(e) = self.budgets.settle(h, billed).await {
-                tracing::warn!(error = %e, "Could not settle a failed call's budget hold; it expires.");
-            }
+            self.settle_hold(h, billed).await;
         }
     }
 
@@ -1616,12 +1677,24 @@ impl Gateway {
         self.give_back(&books.buckets, &books.est, books.used).await;
     }
 
+    /// Settles a hold to `cost`, tried three times (a settle is idempotent): a hold left unsettled
+    /// is given back by the sweeper after `hold_seconds`, which makes its call free.
+    async fn settle_hold(&self, h: &Hold, cost: f64) {
+        for attempt in 0..3u64 {
+            match self.budgets.settle(h, cost).await {
+                Ok(()) => return,
+                Err(e) if attempt == 2 => {
+                    tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100 << (2 * attempt))).await,
+            }
+        }
+    }
+
     /// Settles the budget hold of a finished call (once: the hold is taken out of `books`).
     async fn settle_budget(&self, books: &mut Books) {
         if let Some(h) = books.hold.take() {
-            if let Err(e) = self.budgets.settle(&h, books.cost).await {
-                tracing::warn!(error = %e, "Could not settle a budget hold; it expires and gives the estimate back.");
-            }
+            self.settle_hold(&h, books.cost).await;
         }
     }
 
@@ -1650,7 +1723,7 @@ impl Gateway {
             hold,
             buckets,
             est: *est,
-            used: usage.input + usage.output,
+            used: usage.input.saturating_add(usage.output),
             cost,
         };
         for (kind, n) in [
@@ -1697,11 +1770,22 @@ impl Gateway {
 /// then bounds what the call can cost (a provider that ignores the cap is still charged in full).
 fn cap(req: &Map<String, Value>, max_tokens: u64) -> Map<String, Value> {
     let mut r = req.clone();
-    if !r.contains_key("max_tokens") && !r.contains_key("max_completion_tokens") {
+    let mut set = false;
+    for k in CAP_FIELDS {
+        if let Some(v) = r.get_mut(k) {
+            // Each cap the request gives says what the hold assumed.
+            *v = Value::from(max_tokens);
+            set = true;
+        }
+    }
+    if !set {
         r.insert("max_tokens".into(), Value::from(max_tokens));
     }
     r
 }
+
+/// The request fields that cap an answer's output tokens.
+const CAP_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
 
 /// Usage of an answer without reported usage: the input estimate and about four bytes a token of
 /// what was said.
@@ -1779,7 +1863,10 @@ impl Watch {
 
     fn see(&mut self, chunk: &Value) {
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
-            self.usage = Usage::from_openai(u);
+            // A chunk whose usage cannot be read keeps what an earlier one said.
+            if let Some(u) = Usage::from_openai(u) {
+                self.usage = Some(u);
+            }
         }
         if let Some(cs) = chunk.get("choices").and_then(Value::as_array) {
             for c in cs {
@@ -1865,6 +1952,22 @@ impl Drop for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every output cap the request gives is sent at the value the hold assumed (a provider may
+    /// honour either field), and one is added when it gives none.
+    #[test]
+    fn the_caps_sent_are_the_one_held() {
+        let req: Map<String, Value> = serde_json::from_value(
+            serde_json::json!({"max_completion_tokens": 1, "max_tokens": 100000}),
+        )
+        .unwrap();
+        let sent = cap(&req, 100000);
+        assert_eq!(sent["max_completion_tokens"], 100000);
+        assert_eq!(sent["max_tokens"], 100000);
+        let sent = cap(&Map::new(), 64);
+        assert_eq!(sent["max_tokens"], 64);
+        assert!(!sent.contains_key("max_completion_tokens"));
+    }
 
     fn caller() -> Caller {
         Caller {

@@ -88,17 +88,16 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// From an OpenAI `usage` object.
+    /// From an OpenAI `usage` object; `None` (the call's usage is then estimated and flagged)
+    /// when a count is missing, not a whole number, or beyond [`MAX_USAGE_TOKENS`] — a provider's
+    /// word is not taken for a count that would wrap a sum or charge an absurd cost.
     pub fn from_openai(u: &Value) -> Option<Usage> {
-        let input = u.get("prompt_tokens")?.as_u64()?;
-        let output = u
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let cached = u
-            .pointer("/prompt_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let input = tokens(u.get("prompt_tokens"))?;
+        let output = tokens(u.get("completion_tokens"))?;
+        let cached = match u.pointer("/prompt_tokens_details/cached_tokens") {
+            None | Some(Value::Null) => 0,
+            v => tokens(v)?.min(input),
+        };
         Some(Usage {
             input,
             output,
@@ -111,10 +110,18 @@ impl Usage {
         json!({
             "prompt_tokens": self.input,
             "completion_tokens": self.output,
-            "total_tokens": self.input + self.output,
+            "total_tokens": self.input.saturating_add(self.output),
             "prompt_tokens_details": {"cached_tokens": self.cached},
         })
     }
+}
+
+/// The most tokens one count of a provider's usage may say (far beyond any context window).
+pub const MAX_USAGE_TOKENS: u64 = 100_000_000;
+
+/// A usage count: a whole number up to [`MAX_USAGE_TOKENS`].
+fn tokens(v: Option<&Value>) -> Option<u64> {
+    v?.as_u64().filter(|n| *n <= MAX_USAGE_TOKENS)
 }
 
 /// Why a provider call failed.
@@ -751,14 +758,14 @@ pub mod anthropic {
 
     fn usage(u: Option<&Value>) -> Option<Usage> {
         let u = u?;
-        let input = u.get("input_tokens")?.as_u64()?;
-        let cached = u
-            .get("cache_read_input_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let input = tokens(u.get("input_tokens"))?;
+        let cached = match u.get("cache_read_input_tokens") {
+            None | Some(Value::Null) => 0,
+            v => tokens(v)?,
+        };
         Some(Usage {
             input: input + cached,
-            output: u.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
+            output: tokens(u.get("output_tokens"))?,
             cached,
         })
     }
@@ -881,7 +888,7 @@ pub mod anthropic {
                             Some("message_delta") => {
                                 let reason = finish(v.pointer("/delta/stop_reason").and_then(Value::as_str));
                                 let mut u = st.input.unwrap_or_default();
-                                u.output = v.pointer("/usage/output_tokens").and_then(Value::as_u64).unwrap_or(0);
+                                u.output = tokens(v.pointer("/usage/output_tokens")).unwrap_or(0);
                                 st.finished = true;
                                 let mut c = chunk(&st.id, json!({}), Some(reason));
                                 c["usage"] = u.to_openai();
@@ -906,6 +913,52 @@ pub mod anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider's usage is taken only when every count is a sane whole number: otherwise the
+    /// call's usage is estimated (and flagged), never an output of 0 or a sum that wraps.
+    #[test]
+    fn usage_is_taken_only_when_it_can_be_believed() {
+        let u = |v: Value| Usage::from_openai(&v);
+        assert_eq!(
+            u(
+                json!({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}})
+            ),
+            Some(Usage {
+                input: 10,
+                output: 5,
+                cached: 4
+            })
+        );
+        assert_eq!(u(json!({"prompt_tokens": 10})), None, "no output count");
+        assert_eq!(
+            u(json!({"prompt_tokens": 10, "completion_tokens": null})),
+            None
+        );
+        assert_eq!(
+            u(json!({"prompt_tokens": 10, "completion_tokens": 12.5})),
+            None
+        );
+        assert_eq!(
+            u(json!({"prompt_tokens": 10, "completion_tokens": -1})),
+            None
+        );
+        assert_eq!(
+            u(json!({"prompt_tokens": u64::MAX, "completion_tokens": 1})),
+            None,
+            "absurd"
+        );
+        assert_eq!(
+            u(
+                json!({"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 9}})
+            ),
+            Some(Usage {
+                input: 3,
+                output: 1,
+                cached: 3
+            }),
+            "no more cached than input"
+        );
+    }
 
     fn cut(stream: &[u8], piece: usize) -> Vec<(String, String)> {
         let mut buf = SseBuffer::default();

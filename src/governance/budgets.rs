@@ -197,6 +197,8 @@ pub trait BudgetStore: Send + Sync + 'static {
 pub struct Holds {
     pub by_expiry: String,
     pub held: String,
+    /// Holds settled in the last ten minutes (a settle tried again changes nothing).
+    pub settled: String,
 }
 
 const HOLD: &str = r#"
@@ -242,7 +244,11 @@ return out
 "#;
 
 const SETTLE: &str = r#"
--- KEYS[1] = holds by expiry, KEYS[2] = held, KEYS[3..] = lines. ARGV[1] = id, ARGV[2] = actual.
+-- KEYS[1] = holds by expiry, KEYS[2] = held, KEYS[3] = settled, KEYS[4..] = lines. ARGV[1] = id,
+-- ARGV[2] = actual. A settled hold is remembered in KEYS[3] for ten minutes, so a settle tried
+-- again (its reply lost) charges nothing more; a hold the sweeper gave back is gone, and its
+-- settle charges the whole actual cost.
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return '0' end
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 local delta = tonumber(ARGV[2])
 if held then
@@ -250,8 +256,10 @@ if held then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + 600000, ARGV[1])
 if delta ~= 0 then
-  for i = 3, #KEYS do
+  for i = 4, #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('HINCRBYFLOAT', KEYS[i], 'cost', tostring(delta)) end
   end
 end
@@ -259,9 +267,11 @@ return tostring(delta)
 "#;
 
 const SWEEP: &str = r#"
--- KEYS[1] = holds by expiry, KEYS[2] = held. ARGV[1] = most to release. Reply: how many.
+-- KEYS[1] = holds by expiry, KEYS[2] = held, KEYS[3] = settled. ARGV[1] = most to release.
+-- Reply: how many.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, id in ipairs(ids) do
   local h = redis.call('HGET', KEYS[2], id)
@@ -489,7 +499,9 @@ impl BudgetStore for RedisBudgetStore {
     ) -> BoxFuture<'a, Result<f64, StoreError>> {
         Box::pin(async move {
             let mut inv = self.settle.prepare_invoke();
-            inv.key(&holds.by_expiry).key(&holds.held);
+            inv.key(&holds.by_expiry)
+                .key(&holds.held)
+                .key(&holds.settled);
             for l in lines {
                 inv.key(&l.key);
             }
@@ -509,7 +521,10 @@ impl BudgetStore for RedisBudgetStore {
     ) -> BoxFuture<'a, Result<usize, StoreError>> {
         Box::pin(async move {
             let mut inv = self.sweep.prepare_invoke();
-            inv.key(&holds.by_expiry).key(&holds.held).arg(max);
+            inv.key(&holds.by_expiry)
+                .key(&holds.held)
+                .key(&holds.settled)
+                .arg(max);
             let mut c = self.conn.get().await?;
             let n: usize = inv.invoke_async(&mut c).await?;
             Ok(n)
@@ -603,12 +618,15 @@ impl BudgetStore for MemoryBudgetStore {
         actual: f64,
     ) -> BoxFuture<'a, Result<f64, StoreError>> {
         Box::pin(async move {
-            let held = self
+            // Nothing sweeps here: a hold not held any more was settled already.
+            let Some(held) = self
                 .held
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(id)
-                .unwrap_or(0.0);
+            else {
+                return Ok(0.0);
+            };
             let delta = actual - held;
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for l in lines {
@@ -757,6 +775,7 @@ impl Budgets {
         Holds {
             by_expiry: format!("{}:budget:{{budgets}}:holds", self.prefix),
             held: format!("{}:budget:{{budgets}}:held", self.prefix),
+            settled: format!("{}:budget:{{budgets}}:settled", self.prefix),
         }
     }
 
@@ -1005,6 +1024,35 @@ pub mod contract {
                 .expect("spent"),
             vec![(0, 0.0)]
         );
+        // A hold settled twice (the first reply lost) moves its lines once.
+        let holds = Holds {
+            by_expiry: format!("budget-contract:{{budgets}}:{tag}:holds"),
+            held: format!("budget-contract:{{budgets}}:{tag}:held"),
+            settled: format!("budget-contract:{{budgets}}:{tag}:settled"),
+        };
+        let held = vec![line("held", None, Some(10.0))];
+        let r = store
+            .hold(
+                &holds,
+                "h1",
+                60_000,
+                &Request {
+                    lines: held.clone(),
+                    calls: 1,
+                    cost: 2.0,
+                },
+            )
+            .await
+            .expect("hold");
+        assert_eq!(r.refused_by, None);
+        for _ in 0..2 {
+            store
+                .settle(&holds, "h1", &held, 3.0)
+                .await
+                .expect("settle");
+        }
+        let spent = store.spent(&[held[0].key.clone()]).await.expect("spent");
+        assert!((spent[0].1 - 3.0).abs() < 1e-9, "{spent:?}");
     }
 }
 

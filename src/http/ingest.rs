@@ -1131,6 +1131,7 @@ impl Ingest {
                 capacity: cap,
                 rate: cap / 60_000.0,
                 cost: events.len() as f64,
+                tokens: false,
             };
             match inner.limiter.acquire("ingest", caller, &[bucket]).await {
                 Ok(Acquire::Granted) => {}
