@@ -602,7 +602,10 @@ aliases:
     candidates: [{{provider: odd, model: not-json}}, {{provider: odd, model: no-choices}}]
   streamy:
     candidates: [{{provider: mock, model: "st-{s}"}}]
+  media:
+    candidates: [{{provider: mock, model: "md-{s}"}}]
 prices:
+  "md-{s}": {{input: 1000000, output: 1000000}}
   no-usage: {{input: 1000000, output: 1000000}}
   hang-up: {{input: 1000000, output: 1000000}}
   not-json: {{input: 1000000, output: 1000000}}
@@ -613,7 +616,7 @@ cooldown: {{failures: 100, seconds: 1}}
 "#
     );
     let budgets = format!(
-        "- {{name: b-{s}, per: model, matches: \"*\", period: total, max_cost: 1000000.0}}\n"
+        "- {{name: b-{s}, per: model, matches: \"*\", period: total, max_cost: 1000000.0}}\n- {{name: m-{s}, per: model, matches: media, period: total, max_cost: 1000.0}}\n"
     );
     let (gw, calls_topic) = recorded_gateway(&s, &yaml, &budgets).await;
 
@@ -678,6 +681,22 @@ cooldown: {{failures: 100, seconds: 1}}
         .pop()
         .unwrap_or_default();
     assert_eq!(failed["outcome"], "provider_failed", "{failed}");
+
+    // An image is held at gateway.media_part_tokens (2,000 at $1 a token: over the $1,000 budget),
+    // not at the few bytes of its URL; the same text alone fits.
+    gw.complete(&caller(), "media", &ask("look"))
+        .await
+        .expect("text alone fits the budget");
+    let mut with_image = ask("look");
+    with_image["messages"][0]["content"] = json!([
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "https://img.example/a.png", "detail": "high"}}
+    ]);
+    let e = gw
+        .complete(&caller(), "media", &with_image)
+        .await
+        .expect_err("the image's tokens are held");
+    assert_eq!(e.outcome(), "budget_exhausted", "{e}");
 
     // The connection broke after the request went out: charged its estimate, not nothing.
     let e = gw

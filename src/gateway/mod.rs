@@ -70,6 +70,10 @@ pub struct GatewayConfig {
     /// Output tokens assumed when neither the request nor the alias caps them.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// Input tokens assumed for each content part that is not text (an image, audio or a file,
+    /// which a provider bills far beyond the bytes of its URL): the hold counts them.
+    #[serde(default = "default_media_part_tokens")]
+    pub media_part_tokens: u64,
     /// API keys of the served endpoint (`/v1/chat/completions`), stored as SHA-256.
     #[serde(default)]
     pub keys: Vec<KeySpec>,
@@ -94,6 +98,9 @@ fn default_max_retry_after_ms() -> u64 {
 fn default_hold_seconds() -> u64 {
     900
 }
+fn default_media_part_tokens() -> u64 {
+    2_000
+}
 fn default_max_tokens() -> u64 {
     1024
 }
@@ -117,6 +124,7 @@ impl Default for GatewayConfig {
             cooldown: CooldownSpec::default(),
             hold_seconds: default_hold_seconds(),
             default_max_tokens: default_max_tokens(),
+            media_part_tokens: default_media_part_tokens(),
             keys: Vec::new(),
             approval_wait_seconds: default_approval_wait_seconds(),
             approval_covers_calls: default_approval_covers_calls(),
@@ -914,8 +922,21 @@ impl Gateway {
             .sum();
         // Each of `n` choices may say as much as the cap.
         let choices = req.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+        // Parts that are not text (`image_url`, `input_audio`, `file`, Anthropic's `image`…):
+        // a URL of a few bytes can be thousands of tokens.
+        let media = req
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get("content").and_then(Value::as_array))
+            .flatten()
+            .filter(|part| part.get("type").and_then(Value::as_str) != Some("text"))
+            .count() as u64;
         Usage {
-            input: (bytes as u64).div_ceil(4),
+            input: (bytes as u64)
+                .div_ceil(4)
+                .saturating_add(media.saturating_mul(self.cfg.media_part_tokens)),
             output: self.output_cap(route, req).saturating_mul(choices),
             cached: 0,
         }
