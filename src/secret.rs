@@ -121,7 +121,8 @@ pub fn is_secret_name(name: &str) -> bool {
 /// parameters (`?pass=`, `?token=`, `?api_key=`, `?sig=`…) → `<redacted>`; None when there is
 /// nothing to hide. A comma-separated list (a cluster's seed nodes) is redacted URL by URL.
 pub fn redact_url(s: &str) -> Option<String> {
-    if s.contains(',') && s.contains("://") {
+    // A list only when every part is a URL (a query's commas belong to its URL).
+    if s.contains(',') && s.split(',').all(|p| p.contains("://")) {
         let parts: Vec<(Option<String>, &str)> = s.split(',').map(|p| (redact_one(p), p)).collect();
         if parts.iter().all(|(r, _)| r.is_none()) {
             return None;
@@ -143,6 +144,16 @@ fn redact_one(s: &str) -> Option<String> {
     // parsers read it: a raw `@` in a password belongs to the password).
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
+    if !authority.contains('@') {
+        if let Some(at) = rest.rfind('@') {
+            // Not a well-formed URL (a password with an unescaped `/`, `?` or `#`): all before
+            // the last `@` is hidden, as a client might read it as user info.
+            let user = rest[..at].split_once(':').map(|(u, _)| u).unwrap_or("");
+            if !user.contains(['/', '?', '#']) && rest[..at].contains(':') {
+                return Some(format!("{scheme}://{user}:{REDACTED}@{}", &rest[at + 1..]));
+            }
+        }
+    }
     let (host, hid_user) = match authority.rfind('@') {
         Some(at) => {
             let user = authority[..at]
@@ -270,6 +281,22 @@ mod tests {
                 Some("https://a.example/run?api_key=<redacted>&x=1#f"),
             ),
             ("https://a.example/run?x=1", None),
+            (
+                "https://h/x?ids=1,2&token=T",
+                Some("https://h/x?ids=1,2&token=<redacted>"),
+            ),
+            (
+                "redis://:ab#cd@host:6379",
+                Some("redis://:<redacted>@host:6379"),
+            ),
+            (
+                "redis://:ab/cd@host:6379",
+                Some("redis://:<redacted>@host:6379"),
+            ),
+            (
+                "redis://:pw@a:6379,redis://:pw@b:6379",
+                Some("redis://:<redacted>@a:6379,redis://:<redacted>@b:6379"),
+            ),
         ] {
             assert_eq!(redact_url(url).as_deref(), want, "{url}");
         }

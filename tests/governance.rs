@@ -3747,7 +3747,7 @@ async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
             again[0].payload, first[0].payload,
             "the same request record"
         );
-        approvals.sent(&a.approval_id).await.expect("sent");
+        approvals.sent_request(&a.approval_id).await.expect("sent");
         let (_, after) = approvals
             .request(&key, action(id, resource))
             .await
@@ -3866,8 +3866,8 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
     let produced: Vec<&str> = out.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         produced,
-        [a.approval_id.as_str()],
-        "the sweeper produces it"
+        [format!("req:{}", a.approval_id).as_str()],
+        "the sweeper produces it, under the request's own outbox entry"
     );
     assert_eq!(
         out[0].1[0].payload, first[0].payload,
@@ -3877,7 +3877,14 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
         out[0].1.iter().any(|o| o.topic == c.topics.audit),
         "with its audit record"
     );
+    // Clearing the decision's entry leaves the request's: only its own entry clears it.
     approvals.sent(&a.approval_id).await.expect("sent");
+    assert_eq!(
+        approvals.sweep().await.expect("sweep").len(),
+        1,
+        "still due"
+    );
+    approvals.sent(&out[0].0).await.expect("sent");
     assert!(approvals.sweep().await.expect("sweep").is_empty(), "once");
     let open = approvals
         .get(&a.approval_id)

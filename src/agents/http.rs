@@ -26,14 +26,25 @@ pub struct Spec {
 
 impl Spec {
     pub fn problems(&self) -> Vec<String> {
-        if self.url.starts_with("http://") || self.url.starts_with("https://") {
-            Vec::new()
-        } else {
-            vec![format!(
+        let mut p = Vec::new();
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            p.push(format!(
                 "url is not an http(s) URL (it reads as {})",
                 url_origin(&self.url)
-            )]
+            ));
         }
+        for (k, v) in &self.headers {
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                p.push(format!("headers: {k:?} is not a valid header name"));
+            }
+            if let SecretRef::Value(v) = v {
+                if reqwest::header::HeaderValue::from_str(v.expose()).is_err() {
+                    // Never the value: it is a secret.
+                    p.push(format!("headers.{k}: not a valid header value"));
+                }
+            }
+        }
+        p
     }
 
     pub fn build(&self, timeout: std::time::Duration) -> Result<Arc<dyn Agent>, String> {

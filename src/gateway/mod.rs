@@ -313,29 +313,6 @@ impl GatewayConfig {
                     "lists no candidate".into(),
                 ));
             }
-            // The longest a call of the alias can take (every attempt of every candidate timing
-            // out, plus the longest waits between them): its budget hold must outlast it, or the
-            // sweeper gives the hold back while the call still runs and its room is spent twice.
-            let attempts = u64::from(self.retries) + 1;
-            let longest: u64 = a
-                .candidates
-                .iter()
-                .filter_map(|c| self.providers.get(&c.provider))
-                .map(|p| {
-                    attempts.saturating_mul(p.timeout_ms)
-                        + self.retries as u64 * self.max_retry_after_ms.max(self.backoff_ms)
-                })
-                .sum();
-            if longest >= self.hold_seconds.saturating_mul(1000) {
-                p.push((
-                    "gateway.hold_seconds".into(),
-                    format!(
-                        "{} s is shorter than the longest call of alias {name} ({} s: every attempt of every candidate timing out, with the waits between): a hold would be given back while its call runs",
-                        self.hold_seconds,
-                        longest.div_ceil(1000)
-                    ),
-                ));
-            }
             for (i, c) in a.candidates.iter().enumerate() {
                 if !self.providers.contains_key(&c.provider) {
                     p.push((
@@ -906,6 +883,41 @@ impl Gateway {
         Err(GatewayError::UnknownModel(model.to_string()))
     }
 
+    /// How long a call's budget hold lives unsettled: `hold_seconds`, or longer when a call of
+    /// the route can take longer (every attempt of every candidate waiting out its rate limits and
+    /// timing out, with the waits between, plus a minute) — a hold given back while its call still
+    /// runs would let its room be spent twice. A stream has no overall deadline (not counted).
+    fn hold_ms(&self, route: &Route) -> u64 {
+        let attempts = u64::from(self.cfg.retries) + 1;
+        let between = u64::from(self.cfg.retries)
+            .saturating_mul(self.cfg.max_retry_after_ms.max(self.cfg.backoff_ms));
+        let longest = route
+            .candidates
+            .iter()
+            .map(|c| {
+                let timeout = self
+                    .providers
+                    .get(&c.provider)
+                    .map_or(0, |p| p.timeout_ms());
+                let wait = self
+                    .cfg
+                    .limits
+                    .iter()
+                    .filter(|l| l.provider == c.provider)
+                    .map(|l| l.max_wait_ms)
+                    .max()
+                    .unwrap_or(0);
+                attempts
+                    .saturating_mul(timeout.saturating_add(wait))
+                    .saturating_add(between)
+            })
+            .fold(0u64, u64::saturating_add);
+        self.cfg
+            .hold_seconds
+            .saturating_mul(1000)
+            .max(longest.saturating_add(60_000))
+    }
+
     fn price(&self, c: &Candidate) -> Option<&Price> {
         self.cfg
             .prices
@@ -989,7 +1001,7 @@ impl Gateway {
             let cost = self.worst_cost(&route, &est);
             match self
                 .budgets
-                .hold(&spender, cost, self.cfg.hold_seconds * 1000)
+                .hold(&spender, cost, self.hold_ms(&route))
                 .await?
             {
                 Ok(h) => return Ok((route, Some(h), est)),
@@ -1005,7 +1017,7 @@ impl Gateway {
                                 .await?;
                             let h = self
                                 .budgets
-                                .hold_over(&spender, cost, self.cfg.hold_seconds * 1000)
+                                .hold_over(&spender, cost, self.hold_ms(&route))
                                 .await?;
                             return Ok((route, Some(h), est));
                         }
@@ -1043,10 +1055,15 @@ impl Gateway {
         } else {
             caller.resource.as_str()
         };
-        // Calls that name no task share one per agent (a fresh one per call let a caller in a loop
-        // open an approval with every call, even calls it abandoned at once).
+        // Calls that name no task share one per agent and hour (a fresh one per call let a caller
+        // in a loop open an approval with every call, even calls it abandoned at once; one for
+        // good would let a rejection or expiry refuse the agent's calls until it is forgotten).
         let basis = if caller.task.is_empty() {
-            format!("agent:{}", caller.agent)
+            format!(
+                "agent:{}:{}",
+                caller.agent,
+                chrono::Utc::now().format("%Y%m%d%H")
+            )
         } else {
             caller.task.clone()
         };
@@ -1111,7 +1128,7 @@ impl Gateway {
             if !outputs.is_empty() {
                 // Written: a retry asks again without producing them again.
                 approvals
-                    .sent(&approval.approval_id)
+                    .sent_request(&approval.approval_id)
                     .await
                     .map_err(unavailable)?;
             }

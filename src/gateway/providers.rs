@@ -300,6 +300,11 @@ impl Provider {
         rb.json(body)
     }
 
+    /// The longest one attempt may take (`timeout_ms`), in milliseconds.
+    pub fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Sends the request; a non-2xx answer becomes its [`CallError`].
     async fn send(&self, body: &Value, stream: bool) -> Result<reqwest::Response, CallError> {
         let mut rb = self.request(body);
@@ -757,6 +762,14 @@ pub mod anthropic {
     }
 
     fn usage(u: Option<&Value>) -> Option<Usage> {
+        let mut got = input_usage(u)?;
+        got.output = tokens(u?.get("output_tokens"))?;
+        Some(got)
+    }
+
+    /// The input side of a usage object (a stream's `message_start`, whose output comes later).
+    /// Input and cached together stay within [`MAX_USAGE_TOKENS`].
+    fn input_usage(u: Option<&Value>) -> Option<Usage> {
         let u = u?;
         let input = tokens(u.get("input_tokens"))?;
         let cached = match u.get("cache_read_input_tokens") {
@@ -765,9 +778,10 @@ pub mod anthropic {
         };
         Some(Usage {
             input: input + cached,
-            output: tokens(u.get("output_tokens"))?,
+            output: 0,
             cached,
         })
+        .filter(|u| u.input <= MAX_USAGE_TOKENS)
     }
 
     /// A Messages answer as an OpenAI chat completion.
@@ -855,7 +869,7 @@ pub mod anthropic {
                                 if let Some(id) = v.pointer("/message/id").and_then(Value::as_str) {
                                     st.id = id.to_string();
                                 }
-                                st.input = usage(v.pointer("/message/usage"));
+                                st.input = input_usage(v.pointer("/message/usage"));
                                 vec![Ok(chunk(&st.id, json!({"role": "assistant", "content": ""}), None))]
                             }
                             Some("content_block_start")
@@ -887,11 +901,16 @@ pub mod anthropic {
                             }
                             Some("message_delta") => {
                                 let reason = finish(v.pointer("/delta/stop_reason").and_then(Value::as_str));
-                                let mut u = st.input.unwrap_or_default();
-                                u.output = tokens(v.pointer("/usage/output_tokens")).unwrap_or(0);
                                 st.finished = true;
                                 let mut c = chunk(&st.id, json!({}), Some(reason));
-                                c["usage"] = u.to_openai();
+                                // Usage only when both sides could be read: otherwise the call's
+                                // usage is estimated and flagged, never an output (or input) of 0.
+                                if let (Some(mut u), Some(out)) =
+                                    (st.input, tokens(v.pointer("/usage/output_tokens")))
+                                {
+                                    u.output = out;
+                                    c["usage"] = u.to_openai();
+                                }
                                 vec![Ok(c)]
                             }
                             Some("error") => vec![Err(CallError::Retryable {

@@ -755,10 +755,15 @@ impl Approvals {
         Ok(out)
     }
 
-    /// Every record of this approval's request or decision was produced: clear it from the
-    /// outbox.
-    pub async fn sent(&self, approval_id: &str) -> Result<(), ApprovalError> {
-        self.store.outbox_done(approval_id).await?;
+    /// Every record of an outbox entry was produced: clear it. The entry is an approval's id (its
+    /// decision) or what [`Approvals::sweep`] names (`req:<id>` for a request).
+    pub async fn sent(&self, entry: &str) -> Result<(), ApprovalError> {
+        Ok(self.store.outbox_done(entry).await?)
+    }
+
+    /// Every record of this approval's request ([`Approvals::request`]) was produced: clear its
+    /// entry — not its decision's, whose records may still be on their way.
+    pub async fn sent_request(&self, approval_id: &str) -> Result<(), ApprovalError> {
         Ok(self.store.outbox_done(&request_entry(approval_id)).await?)
     }
 
@@ -868,7 +873,8 @@ impl Approvals {
     }
 
     /// Expires (or escalates) every approval past its deadline, and takes up decisions a crash left
-    /// in the outbox; returns each approval's records to produce (then [`Approvals::sent`]).
+    /// in the outbox; returns each outbox entry's records to produce (then [`Approvals::sent`] of
+    /// that entry: an approval's id, or `req:<id>` for a request).
     pub async fn sweep(&self) -> Result<Vec<(String, Vec<Output>)>, ApprovalError> {
         if self.counts == Counts::Here {
             // Counting is no reason to stop expiring approvals.
@@ -901,7 +907,7 @@ impl Approvals {
                 Ok(None)
             };
             match redo.await {
-                Ok(Some(outputs)) => out.push((id.to_string(), outputs)),
+                Ok(Some(outputs)) => out.push((request_entry(id), outputs)),
                 Ok(None) => {}
                 Err(e) => self.stuck_on(id, e)?,
             }

@@ -702,7 +702,10 @@ impl Budgets {
                 // A run is its tenant's: a workflow id named by a caller of another tenant (the
                 // served endpoint's header) is another bucket.
                 let owner = match b.per {
-                    BudgetScope::Workflow => format!("{}/{who}", s.tenant),
+                    // Escaped (a tenant may hold `/`): `a` + `x/r` is not `a/x` + `r`.
+                    BudgetScope::Workflow => {
+                        crate::store::ResourceKey::new(s.tenant, who).encoded()
+                    }
                     _ => who.to_string(),
                 };
                 Some((
@@ -1102,6 +1105,17 @@ mod tests {
         };
         let key = |s: &Spender<'_>| b.applicable(s, 0)[0].1.key.clone();
         assert_ne!(key(&s), key(&other));
+        let slash = Spender {
+            tenant: "t/x",
+            workflow: "1",
+            ..s.clone()
+        };
+        let other_slash = Spender {
+            tenant: "t",
+            workflow: "x/1",
+            ..s.clone()
+        };
+        assert_ne!(key(&slash), key(&other_slash));
         let none = Spender {
             workflow: "",
             ..s.clone()

@@ -1399,7 +1399,7 @@ impl<S: ContextStore> AgentStage<S> {
             Prior::Finished => {
                 METRICS
                     .agent_tasks
-                    .with_label_values(&[&t.task.agent, "skipped"])
+                    .with_label_values(&[crate::telemetry::agent_label(&t.task.agent), "skipped"])
                     .inc();
                 tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task finished and committed before; skipping this copy.");
                 return Ok(Decided::default());
@@ -1407,7 +1407,7 @@ impl<S: ContextStore> AgentStage<S> {
             Prior::Recorded(o) | Prior::Kept { outcome: o, .. } => {
                 METRICS
                     .agent_tasks
-                    .with_label_values(&[&t.task.agent, "replayed"])
+                    .with_label_values(&[crate::telemetry::agent_label(&t.task.agent), "replayed"])
                     .inc();
                 tracing::info!(task_id = %t.task.task_id, agent = %t.task.agent, "Task already ran; emitting its recorded outcome without calling the agent.");
                 *o
