@@ -944,6 +944,20 @@ mod tests {
         let items: Vec<&str> = problems.iter().map(|p| p.item.as_str()).collect();
         assert!(items.contains(&"gateway.keys[0].name"), "{problems:?}");
         assert!(items.contains(&"gateway.keys[1].name"), "{problems:?}");
+        // The Kafka password from the environment, kept out of the file (and out of config show).
+        let loaded = Config::from_yaml_embedded("kafka: {client: {sasl.username: u}}", |k| {
+            (k == ENV_KAFKA_SASL_PASSWORD).then(|| "Env5ecret".to_string())
+        })
+        .expect("valid");
+        assert_eq!(
+            loaded
+                .config
+                .kafka
+                .client
+                .get("sasl.password")
+                .map(String::as_str),
+            Some("Env5ecret")
+        );
         assert_eq!(
             without_value("invalid type: integer `20240611`, expected a string"),
             "invalid type: integer, expected a string"
