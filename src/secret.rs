@@ -96,6 +96,21 @@ impl SecretRef {
     }
 }
 
+/// Resolves configured headers' secrets (`what` names them in an error: `tools.x.headers`).
+pub fn resolve_headers(
+    headers: &std::collections::BTreeMap<String, SecretRef>,
+    what: &str,
+) -> Result<Vec<(String, Secret)>, String> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            v.resolve()
+                .map(|v| (k.clone(), v))
+                .map_err(|e| format!("{what}.{k}: {e}"))
+        })
+        .collect()
+}
+
 /// Whether a free-form setting name (a librdkafka passthrough key, a header name) holds a secret.
 pub fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();

@@ -3693,6 +3693,25 @@ async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
     running.stop().await;
 }
 
+/// An over-budget model call's action, as the gateway asks approval for it.
+fn over_budget_action(id: &str, resource: &str) -> ActionData {
+    ActionData {
+        action_id: id.into(),
+        action: "llm.over_budget".into(),
+        resource: resource.into(),
+        tenant: "default".into(),
+        workflow_id: String::new(),
+        parameters: json!({}),
+        fencing_token: 0,
+        proposals: json!([]),
+        agents: json!([]),
+        priority: 0,
+        impact: switchyard::records::Impact::Medium,
+        approved_by: None,
+        reason: None,
+    }
+}
+
 /// A request for approval outside resolve (an over-budget model call) produces its records again
 /// when asked again before they were produced. One approval the sweeper cannot move on (here: its
 /// stored value is unreadable) holds up no other: the sweep expires the rest, logs the stuck one,
@@ -3714,21 +3733,7 @@ async fn one_unreadable_approval_does_not_stop_the_others_expiring() {
         .await
         .expect("epoch");
     let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
-    let action = |id: &str, resource: &str| ActionData {
-        action_id: id.into(),
-        action: "llm.over_budget".into(),
-        resource: resource.into(),
-        tenant: "default".into(),
-        workflow_id: String::new(),
-        parameters: json!({}),
-        fencing_token: 0,
-        proposals: json!([]),
-        agents: json!([]),
-        priority: 0,
-        impact: switchyard::records::Impact::Medium,
-        approved_by: None,
-        reason: None,
-    };
+    let action = over_budget_action;
     let mut ids = Vec::new();
     for (id, resource) in [("act-bad", "r-bad"), ("act-good", "r-good")] {
         let key = switchyard::store::ResourceKey::new("default", resource);
@@ -3822,21 +3827,7 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
         .await
         .expect("epoch");
     let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
-    let action = ActionData {
-        action_id: "act-lost".into(),
-        action: "llm.over_budget".into(),
-        resource: "r-lost".into(),
-        tenant: "default".into(),
-        workflow_id: String::new(),
-        parameters: json!({}),
-        fencing_token: 0,
-        proposals: json!([]),
-        agents: json!([]),
-        priority: 0,
-        impact: switchyard::records::Impact::Medium,
-        approved_by: None,
-        reason: None,
-    };
+    let action = over_budget_action("act-lost", "r-lost");
     let key = switchyard::store::ResourceKey::new("default", "r-lost");
     let (a, first) = approvals.request(&key, action).await.expect("request");
     assert!(!first.is_empty());

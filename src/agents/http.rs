@@ -48,15 +48,7 @@ impl Spec {
     }
 
     pub fn build(&self, timeout: std::time::Duration) -> Result<Arc<dyn Agent>, String> {
-        let headers = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                v.resolve()
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| format!("headers.{k}: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
+        let headers = crate::secret::resolve_headers(&self.headers, "headers")?;
         Ok(Arc::new(HttpAgent::new(&self.url, headers, timeout)?))
     }
 }

@@ -97,15 +97,7 @@ impl HttpTool {
     pub fn new(name: &str, s: &Spec) -> Result<Self, String> {
         let method = reqwest::Method::from_bytes(s.method.as_bytes())
             .map_err(|_| format!("tools.{name}: bad method {:?}", s.method))?;
-        let headers = s
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                v.resolve()
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| format!("tools.{name}.headers.{k}: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
+        let headers = crate::secret::resolve_headers(&s.headers, &format!("tools.{name}.headers"))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(s.timeout_ms))
             // A redirect would carry the headers (credentials) to wherever it points — a model
