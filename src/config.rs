@@ -830,7 +830,6 @@ fn may_hold_secret(item: &str) -> bool {
         || item.split('.').any(|seg| {
             crate::secret::is_secret_name(seg) || seg.contains("url") || seg == "headers"
         })
-        || item.starts_with("kafka.")
 }
 
 /// serde's `invalid type: string "hunter2", expected …` without the value: `invalid type:
