@@ -585,12 +585,15 @@ async fn answers_without_usage_broken_answers_and_broken_streams_are_accounted()
             });
         }
     });
+    // llmock serves Anthropic's Messages API under /anthropic.
+    let anthropic = format!("{}/anthropic/v1", llm_base().trim_end_matches("/v1"));
     let yaml = format!(
         r#"
 providers:
   odd: {{base_url: "http://127.0.0.1:{odd_port}/v1"}}
   hang: {{base_url: "http://127.0.0.1:{hang_port}/v1"}}
   mock: {{base_url: "$LLM", api_key: "k-{s}"}}
+  claude: {{kind: anthropic, base_url: "{anthropic}", api_key: "k-{s}"}}
 aliases:
   hangup:
     candidates: [{{provider: hang, model: hang-up}}]
@@ -604,7 +607,10 @@ aliases:
     candidates: [{{provider: mock, model: "st-{s}"}}]
   media:
     candidates: [{{provider: mock, model: "md-{s}"}}]
+  messages:
+    candidates: [{{provider: claude, model: "an-{s}"}}]
 prices:
+  "an-{s}": {{input: 1000000, output: 1000000}}
   "md-{s}": {{input: 1000000, output: 1000000}}
   no-usage: {{input: 1000000, output: 1000000}}
   hang-up: {{input: 1000000, output: 1000000}}
@@ -741,6 +747,37 @@ cooldown: {{failures: 100, seconds: 1}}
     assert!(
         got.iter().any(Result::is_err),
         "a malformed chunk is reported"
+    );
+    // Anthropic's protocol (llmock speaks it too): an answer and a stream carry the provider's
+    // usage, input and output, not an estimate (a stream's input comes with message_start, its
+    // output with message_delta).
+    let c = gw
+        .complete(&caller(), "messages", &ask("hello"))
+        .await
+        .expect("answered");
+    assert!(!c.meta.usage_estimated, "{:?}", c.meta);
+    assert!(
+        c.meta.usage.input > 0 && c.meta.usage.output > 0,
+        "{:?}",
+        c.meta
+    );
+    let (_, chunks) = gw
+        .stream(&caller(), "messages", &ask("hello"))
+        .await
+        .expect("stream opens");
+    let got: Vec<Value> = futures::StreamExt::collect::<Vec<_>>(chunks)
+        .await
+        .into_iter()
+        .map(|c| c.expect("chunk"))
+        .collect();
+    let usage = got
+        .iter()
+        .filter_map(|c| c.get("usage").filter(|u| !u.is_null()))
+        .last()
+        .expect("the stream's usage");
+    assert!(
+        usage["prompt_tokens"].as_u64() > Some(0) && usage["completion_tokens"].as_u64() > Some(0),
+        "{usage}"
     );
     let key = format!("{s}:budget:{{budgets}}:b-{s}:streamy:total");
     let mut state = (0, 0.0, 1);
