@@ -773,7 +773,7 @@ cooldown: {{failures: 100, seconds: 1}}
     let usage = got
         .iter()
         .filter_map(|c| c.get("usage").filter(|u| !u.is_null()))
-        .last()
+        .next_back()
         .expect("the stream's usage");
     assert!(
         usage["prompt_tokens"].as_u64() > Some(0) && usage["completion_tokens"].as_u64() > Some(0),
