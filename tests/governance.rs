@@ -3665,21 +3665,19 @@ async fn merges_are_governed_and_an_approval_supersedes_only_once_approved() {
     // scorecard (as when an action supersedes one at once).
     let sd_g = by_prop["sd-g"].detail["action_id"].clone();
     let audit = env.audit(usize::MAX, Duration::from_millis(500)).await;
-    let approved = audit
-        .iter()
-        .map(data::<AuditData>)
-        .find(|a| {
-            a.decision == "approval_decided" && a.detail["approval_id"] == json!(approval_of("r-g"))
-        })
-        .expect("the approval's audit record");
+    let decision_on = |resource: &str| {
+        audit
+            .iter()
+            .map(data::<AuditData>)
+            .find(|a| {
+                a.decision == "approval_decided"
+                    && a.detail["approval_id"] == json!(approval_of(resource))
+            })
+            .expect("the decision's audit record")
+    };
+    let approved = decision_on("r-g");
     assert_eq!(approved.detail["superseded"], json!([sd_g]), "{approved:?}");
-    let rejected = audit
-        .iter()
-        .map(data::<AuditData>)
-        .find(|a| {
-            a.decision == "approval_decided" && a.detail["approval_id"] == json!(approval_of("r-s"))
-        })
-        .expect("the rejection's audit record");
+    let rejected = decision_on("r-s");
     assert!(rejected.detail.get("superseded").is_none(), "{rejected:?}");
     let cards = switchyard::agents::stats::scorecards(
         &switchyard::store::RedisConn::new(&env.loaded.config.redis.url).unwrap(),
