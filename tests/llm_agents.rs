@@ -733,7 +733,7 @@ governance:
             a3 = agent("stubborn", "stubborn", "    output: {type: object, required: [verdict]}"),
             a4 = agent("sleeper", "slow", "    timeout_ms: 1500"),
             a5 = agent("spender", "costly", ""),
-            a6 = agent("reader", "reader", "    tools: [metrics]\n    answer_key: verdict"),
+            a6 = agent("reader", "reader", "    tools: [metrics]\n    answer_key: verdict\n    max_tool_calls_per_answer: 2"),
         ),
     )
     .await;
@@ -752,8 +752,11 @@ governance:
         text(&m("slow"), "too late"),
         // spender: the first call fits the budget, the second does not.
         again(&m("cost")), again(&m("cost")), text(&m("cost"), "never"),
-        // reader: an unknown tool, then a read-only tool that fails; both go back to the model.
-        calls(&m("read"), &[("launch_missiles", json!({}))]),
+        // reader: an unknown tool (and, past max_tool_calls_per_answer, a call not run), then a
+        // read-only tool that fails; all go back to the model.
+        calls(&m("read"), &[("launch_missiles", json!({})),
+                            ("read_context", json!({"keys": ["sla"]})),
+                            ("read_context", json!({"keys": ["sla"]}))]),
         calls(&m("read"), &[("metrics", json!({"service": "checkout"}))]),
         text(&m("read"), "metrics are down; no verdict"),
     ]))
@@ -831,6 +834,18 @@ governance:
     assert!(
         tool_results(&reqs[1]).contains("there is no tool \\\"launch_missiles\\\""),
         "{}",
+        tool_results(&reqs[1])
+    );
+    let answered = reqs[1]["messages"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["role"] == "tool").count());
+    assert_eq!(answered, Some(3), "every tool call of the answer answered");
+    assert_eq!(
+        tool_results(&reqs[1])
+            .matches("not run: at most 2 tool calls are run per answer (3 were asked for)")
+            .count(),
+        1,
+        "the call past max_tool_calls_per_answer is not run: {}",
         tool_results(&reqs[1])
     );
     assert!(

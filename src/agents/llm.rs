@@ -59,6 +59,13 @@ pub struct Spec {
     /// Malformed or failing tool calls handed back to the model before the run fails.
     #[serde(default = "default_max_tool_errors")]
     pub max_tool_errors: u32,
+    /// Tool calls run per model answer; the rest are handed back unrun, as one tool error.
+    /// (Left out of the serialised spec at its default, so recorded answers' digests still match.)
+    #[serde(
+        default = "default_max_tool_calls_per_answer",
+        skip_serializing_if = "is_default_max_tool_calls_per_answer"
+    )]
+    pub max_tool_calls_per_answer: u32,
     /// Keeps a bounded memory of this agent's runs on a resource (its summaries and proposals,
     /// the context key `memory.<agent>`), shown to its next run there (`memory` in the templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +99,12 @@ fn default_context_max_bytes() -> usize {
 fn default_max_tool_errors() -> u32 {
     3
 }
+fn default_max_tool_calls_per_answer() -> u32 {
+    16
+}
+fn is_default_max_tool_calls_per_answer(n: &u32) -> bool {
+    *n == default_max_tool_calls_per_answer()
+}
 
 /// The built-in tools every LLM agent has.
 pub const BUILTIN_TOOLS: &[&str] = &[
@@ -122,6 +135,9 @@ impl Spec {
         }
         if self.max_iterations == 0 {
             p.push("max_iterations must be at least 1".into());
+        }
+        if self.max_tool_calls_per_answer == 0 {
+            p.push("max_tool_calls_per_answer must be at least 1".into());
         }
         if let Some(o) = &self.output {
             if let Err(e) = jsonschema::validator_for(o) {
@@ -421,9 +437,29 @@ impl LlmAgent {
             if !calls.is_empty() {
                 kept["tool_calls"] = Value::Array(calls.clone());
                 messages.push(kept);
-                for call in &calls {
+                let cap = self.spec.max_tool_calls_per_answer as usize;
+                for call in calls.iter().take(cap) {
                     let (id, content) = self.tool_call(&mut run, call).await;
                     messages.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+                }
+                if calls.len() > cap {
+                    // Every call gets its answer (providers refuse a conversation without one);
+                    // the excess is not run and counts as one tool error.
+                    let why = format!(
+                        "not run: at most {cap} tool calls are run per answer ({} were asked for)",
+                        calls.len()
+                    );
+                    for call in &calls[cap..] {
+                        let id = call["id"].as_str().unwrap_or("");
+                        messages.push(json!({"role": "tool", "tool_call_id": id,
+                                             "content": json!({"error": why}).to_string()}));
+                    }
+                    METRICS
+                        .tool_calls
+                        .with_label_values(&["unknown", "not_run"])
+                        .inc_by((calls.len() - cap) as u64);
+                    run.tool_errors += 1;
+                    run.last_tool_error = why;
                 }
                 if run.tool_errors > self.spec.max_tool_errors {
                     break Err(AgentError::Permanent(format!(
