@@ -462,6 +462,9 @@ impl Config {
         if let Some(p) = env.get(ENV_KAFKA_SASL_PASSWORD).filter(|s| !s.is_empty()) {
             config.kafka.client.insert("sasl.password".into(), p);
         }
+        for (item, message) in config.kafka.resolve_secrets() {
+            problems.push(Problem { item, message });
+        }
         if let Some(u) = env.get(ENV_REDIS_URL).filter(|s| !s.is_empty()) {
             config.redis.url = u;
         }

@@ -1583,27 +1583,54 @@ agents:
     let text = std::fs::read_to_string(&env.config_path).expect("config");
     let plain_kafka = format!("brokers: {}", stack().0);
     assert!(text.contains(&plain_kafka));
+    // `password` is a line of `client:` (the value in the file) or of `client_secrets:`.
     let sasl = |password: &str| {
         text.replace(
             &plain_kafka,
             &format!(
-                "brokers: {brokers}\n  client:\n    security.protocol: SASL_SSL\n    ssl.ca.location: {ca_s}\n    sasl.mechanism: SCRAM-SHA-512\n    sasl.username: switchyard\n    sasl.password: {password}"
+                "brokers: {brokers}\n  client:\n    security.protocol: SASL_SSL\n    ssl.ca.location: {ca_s}\n    sasl.mechanism: SCRAM-SHA-512\n    sasl.username: switchyard\n{password}"
             ),
         )
     };
+    // The right password from a mounted secret file (`client_secrets`), kept out of the config.
+    let secret_file = env.config_path.with_file_name("kafka-password");
+    std::fs::write(&secret_file, "s3cret-sy\n").expect("write");
     let config = env.config_path.with_file_name("sasl.yaml");
-    std::fs::write(&config, sasl("s3cret-sy")).expect("write");
+    std::fs::write(
+        &config,
+        sasl(&format!(
+            "  client_secrets:\n    sasl.password: {{file: {}}}",
+            secret_file.display()
+        )),
+    )
+    .expect("write");
     let redis = stack().1.clone();
     // The password never shows.
     let (ok, out, err) = run_with(&config, &brokers, &redis, &["config", "show"]);
     assert!(ok, "{out}{err}");
     assert!(
-        !out.contains("s3cret-sy") && out.contains("sasl.username"),
+        !out.contains("s3cret-sy")
+            && out.contains("sasl.username")
+            && out.contains("client_secrets"),
         "{out}"
+    );
+    // A secret that cannot be read is a config problem naming its source, not its value.
+    let unreadable = env.config_path.with_file_name("unreadable.yaml");
+    std::fs::write(
+        &unreadable,
+        sasl("  client_secrets:\n    sasl.password: {env: SWITCHYARD_TEST_UNSET_KAFKA_PASSWORD}"),
+    )
+    .expect("write");
+    let (ok, out, err) = run_with(&unreadable, &brokers, &redis, &["config", "show"]);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("kafka.client_secrets.sasl.password")
+            && err.contains("SWITCHYARD_TEST_UNSET_KAFKA_PASSWORD is not set"),
+        "{err}"
     );
     // A wrong password: refused by the broker, and the command says so.
     let wrong = env.config_path.with_file_name("wrong.yaml");
-    std::fs::write(&wrong, sasl("not-the-password")).expect("write");
+    std::fs::write(&wrong, sasl("    sasl.password: not-the-password")).expect("write");
     let (ok, out, err) = run_with(&wrong, &brokers, &redis, &["topics", "apply"]);
     assert!(!ok, "a wrong password fails: {out}{err}");
     assert!(!err.contains("not-the-password"), "{err}");

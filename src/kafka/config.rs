@@ -23,6 +23,15 @@ pub struct KafkaConfig {
     /// `config show`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub client: BTreeMap<String, String>,
+    /// librdkafka settings that are secrets, kept out of the config file: each a value, `{env:
+    /// VAR}` or `{file: PATH}` (e.g. `ssl.key.password: {env: KAFKA_KEY_PASSWORD}`,
+    /// `sasl.oauthbearer.client.secret: {file: /run/secrets/kafka}`), read at load and given to
+    /// every client after `client:`. Shown redacted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_secrets: BTreeMap<String, crate::secret::SecretRef>,
+    /// `client_secrets` as read at load (never serialised).
+    #[serde(skip)]
+    pub resolved_secrets: BTreeMap<String, crate::secret::Secret>,
     /// Extra librdkafka settings for consumers, passed through verbatim (e.g. `session.timeout.ms`).
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
@@ -140,6 +149,16 @@ impl KafkaConfig {
                 }
             }
         }
+        for k in self.client_secrets.keys() {
+            if k.trim().is_empty() {
+                add("kafka.client_secrets", "a setting has an empty name".into());
+            } else if self.client.contains_key(k) {
+                add(
+                    &format!("kafka.client_secrets.{k}"),
+                    "is also set under kafka.client: set it in one place".into(),
+                );
+            }
+        }
         if self.client.contains_key("bootstrap.servers") {
             add(
                 "kafka.client.bootstrap.servers",
@@ -168,6 +187,29 @@ impl KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Reads `client_secrets` (at load): a problem per secret that cannot be read, naming its
+    /// source, never a value.
+    pub fn resolve_secrets(&mut self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        self.resolved_secrets.clear();
+        for (k, r) in &self.client_secrets {
+            match r.resolve() {
+                Ok(s) => {
+                    self.resolved_secrets.insert(k.clone(), s);
+                }
+                Err(e) => problems.push((format!("kafka.client_secrets.{k}"), e)),
+            }
+        }
+        problems
+    }
+
+    /// Gives a client the secrets of `client_secrets` (after every other setting).
+    fn set_secrets(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.resolved_secrets {
+            c.set(k, v.expose());
+        }
+    }
+
     /// The largest record the producer writes: its `message.max.bytes` (librdkafka's default,
     /// 1,000,000, unless `kafka.producer` sets it).
     pub fn max_output_bytes(&self) -> usize {
@@ -292,6 +334,7 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     for (k, v) in cfg.client.iter().chain(&cfg.consumer) {
         c.set(k, v);
     }
+    cfg.set_secrets(&mut c);
     // Offsets are stored by the runtime only once everything a record caused is acknowledged.
     c.set("group.id", group)
         .set("enable.auto.offset.store", "false");
@@ -318,6 +361,7 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in cfg.client.iter().chain(&cfg.producer) {
         c.set(k, v);
     }
+    cfg.set_secrets(&mut c);
     c
 }
 
@@ -329,6 +373,7 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in &cfg.client {
         c.set(k, v);
     }
+    cfg.set_secrets(&mut c);
     c
 }
 
