@@ -120,8 +120,19 @@ impl HttpTool {
         let tmpl = env
             .template_from_str(&self.url)
             .map_err(|e| format!("tool {} has a bad url template: {e}", self.name))?;
+        let used = tmpl.undeclared_variables(false);
         // Every argument is encoded before it meets the template, so a value cannot add a path
-        // segment or a query parameter.
+        // segment or a query parameter; a value that is a dot segment would remove one (the URL
+        // parser resolves `/acme/../globex`, encoded or not), so it is refused.
+        for (k, v) in args.iter().filter(|(k, _)| used.contains(k.as_str())) {
+            if let Value::String(s) = v {
+                if is_dot_segment(s) {
+                    return Err(format!(
+                        "argument {k} may not be {s:?}: it would change the URL's path"
+                    ));
+                }
+            }
+        }
         let encoded: Map<String, Value> = args
             .iter()
             .map(|(k, v)| {
@@ -135,7 +146,6 @@ impl HttpTool {
         let url = tmpl
             .render(minijinja::value::Serde(&encoded))
             .map_err(|e| format!("cannot fill in the url of tool {}: {e}", self.name))?;
-        let used = tmpl.undeclared_variables(false);
         let rest = args
             .iter()
             .filter(|(k, _)| !used.contains(k.as_str()))
@@ -257,6 +267,12 @@ impl Call for HttpTool {
     }
 }
 
+/// `.` or `..`, also percent-encoded (`%2e`): what a URL parser takes as a dot segment.
+fn is_dot_segment(s: &str) -> bool {
+    let d = s.to_ascii_lowercase().replace("%2e", ".");
+    d == "." || d == ".."
+}
+
 /// Percent-encodes everything but unreserved characters (RFC 3986).
 fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -286,6 +302,22 @@ mod tests {
         assert_eq!(url, "http://h/services/..%2Fadmin%3Fx%3D1/status");
         assert_eq!(rest.len(), 1);
         assert!(rest.contains_key("verbose"));
+        // A dot segment would remove the segment before it (an injected tenant, say): refused.
+        let spec: Spec = serde_yaml::from_str(
+            "description: d\nmethod: GET\nurl: 'http://h/api/{{ tenant }}/{{ kind }}/{{ id }}'\n",
+        )
+        .expect("spec");
+        let t = HttpTool::new("t", &spec).expect("tool");
+        for dots in ["..", ".", "%2e%2E", ".%2e"] {
+            let args = serde_json::json!({"tenant": "acme", "kind": dots, "id": "globex"});
+            let e = t
+                .url(args.as_object().expect("object"))
+                .expect_err("refused");
+            assert!(e.contains("argument kind"), "{e}");
+        }
+        // Not in the URL (a query parameter): left alone.
+        let args = serde_json::json!({"tenant": "acme", "kind": "k", "id": "i", "q": ".."});
+        assert!(t.url(args.as_object().expect("object")).is_ok());
     }
 
     /// A tool answering without end is read up to MAX_READ_BYTES and cut: the rest is never read
