@@ -1432,9 +1432,11 @@ agents:
 }
 
 /// A final answer cut off at the output limit, or empty, is not an answer: the task fails (and is
-/// dead-lettered) instead of keeping it as the agent's finding and counting a success.
+/// dead-lettered) instead of keeping it as the agent's finding and counting a success. And a tool
+/// loop over Anthropic's Messages API: a turn that only calls a tool is sent back without an empty
+/// text block (which the API refuses).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_off_or_empty_final_answer_fails_the_task() {
+async fn a_cut_off_or_empty_final_answer_fails_the_task_and_a_tool_loop_runs_over_anthropic() {
     let s = suffix();
     let m = |n: &str| format!("{n}-{s}");
     let agent = |name: &str, model: &str| {
@@ -1449,29 +1451,37 @@ async fn a_cut_off_or_empty_final_answer_fails_the_task() {
 gateway:
   providers:
     mock: {{base_url: "{llm}"}}
+    claude: {{kind: anthropic, base_url: "{anthropic}", api_key: "k-{s}"}}
   aliases:
     clipped: {{candidates: [{{provider: mock, model: "{clipped}"}}]}}
     blank: {{candidates: [{{provider: mock, model: "{blank}"}}]}}
+    messages: {{candidates: [{{provider: claude, model: "{claude}"}}]}}
 routes:
   - {{name: r1, types: [t.clipped], agents: [clipper]}}
   - {{name: r2, types: [t.blank], agents: [blanker]}}
-agents:{a1}{a2}
+  - {{name: r3, types: [t.claude], agents: [claude]}}
+agents:{a1}{a2}{a3}    reads: [sla]
 "#,
             llm = llm_base(),
+            anthropic = format!("{}/anthropic/v1", llm_base().trim_end_matches("/v1")),
             clipped = m("clip"),
             blank = m("blank"),
+            claude = m("claude"),
             a1 = agent("clipper", "clipped"),
             a2 = agent("blanker", "blank"),
+            a3 = agent("claude", "messages"),
         ),
     )
     .await;
     scenario(json!([
         {"type": "reply", "match": {"model": m("clip")}, "text": "The verdict is that the deploy", "finish_reason": "length", "times": 5},
         {"type": "reply", "match": {"model": m("blank")}, "text": "", "times": 5},
+        calls(&m("claude"), &[("read_context", json!({"keys": ["sla"]}))]),
+        text(&m("claude"), "all quiet"),
     ]))
     .await;
     let running = env.start(&["route", "agents"]);
-    for (i, ty) in ["t.clipped", "t.blank"].iter().enumerate() {
+    for (i, ty) in ["t.clipped", "t.blank", "t.claude"].iter().enumerate() {
         env.publish_one(
             "events.deployments",
             &format!("c{i}"),
@@ -1482,7 +1492,7 @@ agents:{a1}{a2}
         .await;
     }
     let results = results_of(
-        &env.read("switchyard.results", 2, Duration::from_secs(60))
+        &env.read("switchyard.results", 3, Duration::from_secs(60))
             .await,
     );
     running.stop().await;
@@ -1511,6 +1521,23 @@ agents:{a1}{a2}
             .is_some_and(|e| e.contains("empty")),
         "{blanker:?}"
     );
+    let claude = by("claude");
+    assert_eq!(claude.status, "succeeded", "{claude:?}");
+    assert_eq!(
+        claude.findings,
+        json!([{"key": "verdict", "value": "all quiet"}])
+    );
+    let reqs = llm_requests(&m("claude")).await;
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    let turn = &reqs[1]["messages"][1];
+    assert_eq!(turn["role"], "assistant", "{}", reqs[1]);
+    let blocks = turn["content"].as_array().expect("blocks");
+    assert!(
+        blocks.iter().any(|b| b["type"] == "tool_use")
+            && !blocks.iter().any(|b| b["type"] == "text"),
+        "the tool call alone, no empty text block: {turn}"
+    );
+    assert_eq!(reqs[1]["messages"][2]["content"][0]["type"], "tool_result");
 }
 
 /// The tools stage's claim survives what passes: an MCP server out of reach when an action naming

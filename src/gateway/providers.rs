@@ -589,14 +589,20 @@ pub mod anthropic {
         }
     }
 
+    /// Content as Messages blocks. Empty text is left out: the Messages API refuses an empty text
+    /// block (an assistant turn that only calls tools has no text).
     fn blocks(content: &Value) -> Value {
         match content {
+            Value::String(s) if s.is_empty() => json!([]),
             Value::String(s) => json!([{"type": "text", "text": s}]),
             Value::Array(parts) => Value::Array(
                 parts
                     .iter()
                     .filter_map(|p| match p.get("type").and_then(Value::as_str) {
-                        Some("text") => Some(json!({"type": "text", "text": p.get("text")})),
+                        Some("text") => {
+                            let t = p.get("text").and_then(Value::as_str)?;
+                            (!t.is_empty()).then(|| json!({"type": "text", "text": t}))
+                        }
                         Some("image_url") => {
                             let url = p.pointer("/image_url/url")?.as_str()?;
                             let (meta, data) = url.strip_prefix("data:")?.split_once(',')?;
