@@ -115,13 +115,31 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
         &[],
     )
     .await;
+    // A small payload with a header of 4 KiB: the record is over the limit all the same.
+    let blob = "h".repeat(4096);
+    env.send_raw(
+        topic,
+        "svc-a",
+        br#"{"specversion":"1.0","id":"fat-header","source":"x","type":"deployment.started","subject":"svc-a"}"#,
+        &[("blob", blob.as_str())],
+    )
+    .await;
+    // A header name that is not UTF-8 (any bytes, from a non-Java producer): read, not a panic
+    // of the poll thread — the record is processed like any other.
+    env.send_with_raw_header_name(
+        topic,
+        "svc-a",
+        br#"{"specversion":"1.0","id":"odd-header","source":"x","type":"deployment.started","subject":"svc-a"}"#,
+        b"trace\xffid",
+        b"v",
+    );
     env.publish(
         topic,
         &[event("good-2", "deployment.completed", "svc-a", json!({}))],
     )
     .await;
 
-    let mut dlq = env.read("switchyard.dlq", 4, Duration::from_secs(30)).await;
+    let mut dlq = env.read("switchyard.dlq", 5, Duration::from_secs(30)).await;
     // Records of one key keep their order; the keyless one runs in its own lane, so the dead letters
     // are compared in source-offset order.
     dlq.sort_by_key(|r| {
@@ -139,8 +157,14 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
             "malformed_json",
             "not_cloudevent",
             "too_large",
-            "missing_resource"
+            "missing_resource",
+            "too_large"
         ]
+    );
+    assert!(
+        header(&dlq[4], dlq_headers::DETAIL).is_some_and(|d| d.contains("key and headers 4")),
+        "{:?}",
+        header(&dlq[4], dlq_headers::DETAIL)
     );
     for (i, r) in dlq.iter().enumerate() {
         assert_eq!(
@@ -162,12 +186,12 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
     );
 
     let tasks = env
-        .read("switchyard.tasks", 2, Duration::from_secs(30))
+        .read("switchyard.tasks", 3, Duration::from_secs(30))
         .await;
     let ids: Vec<String> = tasks.iter().map(task_event_id).collect();
     assert_eq!(
         ids,
-        ["good-1", "good-2"],
+        ["good-1", "odd-header", "good-2"],
         "records after the poison ones are processed, in order"
     );
 
@@ -175,8 +199,8 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
     let committed = env.committed("route", topic, 1).await;
     assert_eq!(
         committed.get(&0),
-        Some(&6),
-        "committed offset is past every record (next to read = 6)"
+        Some(&8),
+        "committed offset is past every record (next to read = 8)"
     );
 }
 

@@ -1444,6 +1444,7 @@ async fn a_cut_off_or_empty_final_answer_fails_the_task_and_a_tool_loop_runs_ove
             "\n  {name}:\n    kind: llm\n    model: {model}\n    prompt: \"Look at {{{{ task.resource }}}}.\"\n    writes: [verdict]\n    answer_key: verdict\n    retries: 0\n"
         )
     };
+    let anthropic_base = format!("{}/anthropic/v1", llm_base().trim_end_matches("/v1"));
     let env = TestEnv::new(
         1,
         &format!(
@@ -1463,7 +1464,7 @@ routes:
 agents:{a1}{a2}{a3}    reads: [sla]
 "#,
             llm = llm_base(),
-            anthropic = format!("{}/anthropic/v1", llm_base().trim_end_matches("/v1")),
+            anthropic = anthropic_base,
             clipped = m("clip"),
             blank = m("blank"),
             claude = m("claude"),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 
 use crate::codec::RecordView;
@@ -34,9 +34,58 @@ pub struct Input {
     pub timestamp_ms: Option<i64>,
     /// The payload's size in the broker; larger than `payload.len()` when only a prefix was kept.
     pub payload_size: usize,
+    /// The key's and headers' bytes in the broker (with the payload, what `max_record_bytes`
+    /// bounds); only a prefix of them is kept when they are larger than a stage accepts.
+    pub other_size: usize,
     /// Set by the consumer runtime: the last offset of the record's partition up to which every
     /// record is done (outputs delivered), -1 while none is ([`crate::store::Place`]).
     pub delivered: Option<Arc<std::sync::atomic::AtomicI64>>,
+}
+
+/// The headers of a fetched record, names as text (lossy) and values as bytes. librdkafka takes any
+/// bytes as a header name, and rdkafka's own reader (`Headers::iter`) panics on a name that is not
+/// UTF-8 — one such record from a non-Java producer killed the stage's poll thread, then every
+/// group member's in turn — so they are read here through librdkafka's C API.
+/// With their total size (names and values); headers past `cap` bytes are counted, not copied.
+fn raw_headers(m: &BorrowedMessage<'_>, cap: usize) -> (Vec<(String, Vec<u8>)>, usize) {
+    use rdkafka::bindings as rd;
+    let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    // SAFETY: `m` is a live message for the whole call; librdkafka owns its headers, and the
+    // name and value pointers it hands out stay valid while the message lives (each is copied
+    // at once). A null name or value is read as empty; `size` is the value's length in bytes.
+    unsafe {
+        let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) != ok || hdrs.is_null() {
+            return (out, 0);
+        }
+        let n = rd::rd_kafka_header_cnt(hdrs);
+        out.reserve(n.min(1024));
+        for i in 0..n {
+            let mut name: *const std::os::raw::c_char = std::ptr::null();
+            let mut value: *const std::os::raw::c_void = std::ptr::null();
+            let mut size = 0usize;
+            if rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size) != ok {
+                break;
+            }
+            let name = if name.is_null() {
+                &[][..]
+            } else {
+                std::ffi::CStr::from_ptr(name).to_bytes()
+            };
+            let value = if value.is_null() || size == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(value.cast::<u8>(), size)
+            };
+            total = total.saturating_add(name.len() + value.len());
+            if total <= cap {
+                out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+            }
+        }
+    }
+    (out, total)
 }
 
 impl Input {
@@ -54,6 +103,7 @@ impl Input {
             offset,
             key: key.map(<[u8]>::to_vec),
             payload_size: payload.len(),
+            other_size: key.map_or(0, <[u8]>::len),
             payload,
             headers: Vec::new(),
             timestamp_ms: None,
@@ -66,35 +116,33 @@ impl Input {
         self.payload_size > self.payload.len()
     }
 
-    pub fn from_message<M: Message>(m: &M, topic: Arc<str>) -> Self {
+    /// The record's size in the broker: payload, key and headers.
+    pub fn size(&self) -> usize {
+        self.payload_size.saturating_add(self.other_size)
+    }
+
+    pub fn from_message(m: &BorrowedMessage<'_>, topic: Arc<str>) -> Self {
         Self::from_message_capped(m, topic, usize::MAX)
     }
 
     /// Like [`Input::from_message`], keeping at most `cap` bytes of the payload: a record larger
     /// than a stage accepts is only dead-lettered, so a copy of all of it (which may be hundreds of
     /// megabytes) is never made.
-    pub fn from_message_capped<M: Message>(m: &M, topic: Arc<str>, cap: usize) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// The key and headers count toward `cap` too (a record with a small payload and a key of
+    /// hundreds of megabytes is as large): past it only a prefix of them is kept.
+    pub fn from_message_capped(m: &BorrowedMessage<'_>, topic: Arc<str>, cap: usize) -> Self {
+        let key = m.key();
+        let key_size = key.map_or(0, <[u8]>::len);
+        let (headers, header_size) = raw_headers(m, cap);
         let payload = m.payload().unwrap_or_default();
         Input {
             topic,
             partition: m.partition(),
             offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
+            key: key.map(|k| k[..k.len().min(cap)].to_vec()),
             payload: payload[..payload.len().min(cap)].to_vec(),
             payload_size: payload.len(),
+            other_size: key_size.saturating_add(header_size),
             headers,
             timestamp_ms: m.timestamp().to_millis(),
             delivered: None,

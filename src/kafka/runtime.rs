@@ -902,11 +902,16 @@ pub async fn run_stage<P: Processor>(
             message: format!("cannot start poll thread: {e}"),
         });
     }
-    let _ = done_rx.await;
+    let ended = done_rx.await;
     // Everything owned is drained and committed (or given up): nothing left for the driver.
     driver.abort();
     health.running.store(false, Ordering::Relaxed);
-    let fatal = lock(&shared.fatal_message).take();
+    let mut fatal = lock(&shared.fatal_message).take();
+    if ended.is_err() && fatal.is_none() {
+        // The poll thread ended without saying so: it panicked. The stage is dead, and the process
+        // must say so (and stop), not carry on without it.
+        fatal = Some("the poll thread panicked (see the log above)".into());
+    }
     match fatal {
         Some(message) => Err(RuntimeError::Fatal {
             stage: shared.stage(),
@@ -1134,10 +1139,13 @@ async fn run_batch<P: Processor>(shared: Arc<Shared<P>>, heads: Vec<(Arc<Part>, 
     let s = &shared.settings;
     let mut batch: Vec<(Arc<Part>, u64, Work)> = Vec::with_capacity(heads.len());
     for (part, lane, work) in heads {
-        if work.rec.payload_size > s.max_record_bytes {
+        if work.rec.size() > s.max_record_bytes {
             let detail = format!(
-                "payload is {} bytes, limit is {}",
-                work.rec.payload_size, s.max_record_bytes
+                "record is {} bytes (payload {}, key and headers {}), limit is {}",
+                work.rec.size(),
+                work.rec.payload_size,
+                work.rec.other_size,
+                s.max_record_bytes
             );
             let stage = shared.stage();
             METRICS

@@ -512,6 +512,70 @@ for f in admin.incremental_alter_configs([ConfigResource("topic", topic, increme
         self.producer().send(&out).await.expect("send raw");
     }
 
+    /// Writes a record with one header whose name is raw bytes (librdkafka's C API takes any:
+    /// a non-Java producer can write a name that is not UTF-8, which rdkafka's Rust API cannot).
+    pub fn send_with_raw_header_name(
+        &self,
+        logical: &str,
+        key: &str,
+        payload: &[u8],
+        name: &[u8],
+        value: &[u8],
+    ) {
+        use rdkafka::bindings as rd;
+        use rdkafka::producer::{BaseProducer, Producer as _};
+        let producer: BaseProducer = producer_config(&self.loaded.config.kafka)
+            .create()
+            .expect("producer");
+        let topic = std::ffi::CString::new(self.topic(logical)).expect("topic");
+        let name = std::ffi::CString::new(name).expect("a name without NUL");
+        let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
+        let mem = |b: &[u8]| rd::rd_kafka_vu_s__bindgen_ty_1 {
+            mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                ptr: b.as_ptr() as *mut std::os::raw::c_void,
+                size: b.len(),
+            },
+        };
+        let vus = [
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TOPIC,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    cstr: topic.as_ptr(),
+                },
+            ),
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY,
+                mem(key.as_bytes()),
+            ),
+            vu(rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE, mem(payload)),
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    i: rd::RD_KAFKA_MSG_F_COPY as std::os::raw::c_int,
+                },
+            ),
+            vu(
+                rd::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADER,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    header: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                        name: name.as_ptr(),
+                        val: value.as_ptr() as *const std::os::raw::c_void,
+                        size: value.len() as isize,
+                    },
+                },
+            ),
+        ];
+        // SAFETY: every pointer is to memory that outlives the call (the record is copied:
+        // RD_KAFKA_MSG_F_COPY, headers are always copied); the producer is live.
+        let err = unsafe {
+            rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len())
+        };
+        assert!(err.is_null(), "produceva refused the record");
+        producer
+            .flush(Duration::from_secs(10))
+            .expect("the record is written");
+    }
+
     /// Reads records of a topic from the beginning until `n` arrived or `timeout` passed.
     pub async fn read(&self, logical: &str, n: usize, timeout: Duration) -> Vec<Input> {
         read_topic(
