@@ -56,7 +56,11 @@ async fn seal_group(
             Err(e) => out.push((i, Err(e))),
         }
     }
-    for (chain, items) in chains {
+    for (chain, items) in chains.into_iter().flat_map(|(chain, items)| {
+        split_for_seals(items)
+            .into_iter()
+            .map(move |part| (chain.clone(), part))
+    }) {
         let audits: Vec<CloudEvent> = items
             .iter()
             .flat_map(|(_, d)| d.audits.iter().cloned())
@@ -82,6 +86,39 @@ async fn seal_group(
         }
     }
     out
+}
+
+/// The most a seal's entries may take (estimated): a wave's records are sealed in as many seals
+/// as keep each under it. A seal lists every record it seals (hash, id, tenant, resource); one
+/// over the audit topic's limit stopped the process — a wave of a few hundred tasks with many
+/// refusals each, after a restart (recorded outcomes replay at once, so a whole batch is one wave).
+/// Half the usual 1 MB topic limit: a wave needs over 2 MB of entries on one chain (thousands of
+/// audit records) to make more seals than a chain keeps for rewriting after a crash
+/// ([`crate::audit::sealer::ROOM`]).
+const SEAL_ENTRIES_BUDGET: usize = 512 * 1024;
+
+/// A seal entry's size: its hash and field names, plus id, tenant and resource.
+fn entry_bytes(ev: &CloudEvent) -> usize {
+    120 + ev.id.len() + ev.tenant().len() + ev.subject.as_ref().map_or(0, String::len)
+}
+
+/// `items` (one chain's) in groups whose seal entries fit [`SEAL_ENTRIES_BUDGET`]; a record's audit
+/// records stay in one group (and so do the items of a group, in order).
+fn split_for_seals(items: Vec<(usize, Decided)>) -> Vec<Vec<(usize, Decided)>> {
+    let mut groups: Vec<Vec<(usize, Decided)>> = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        let n: usize = item.1.audits.iter().map(entry_bytes).sum();
+        if used + n > SEAL_ENTRIES_BUDGET && groups.last().is_some_and(|g| !g.is_empty()) {
+            groups.push(Vec::new());
+            used = 0;
+        }
+        used += n;
+        if let Some(g) = groups.last_mut() {
+            g.push(item);
+        }
+    }
+    groups
 }
 
 /// Runs each record's decision concurrently; each time some have finished (with none more ready
@@ -154,4 +191,46 @@ where
         })
         .collect();
     waves(stage, sealer, emitter, running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(audits: usize, resource_len: usize) -> Decided {
+        Decided {
+            audits: (0..audits)
+                .map(|i| {
+                    CloudEvent::new(format!("a-{i}"), "test", "audit")
+                        .with_subject("r".repeat(resource_len))
+                })
+                .collect(),
+            ..Decided::default()
+        }
+    }
+
+    /// 300 records of 65 audit records each with long resource names (~6 MB of entries) are
+    /// sealed in groups under the budget, each record whole, in order; a small wave stays one.
+    #[test]
+    fn a_large_wave_is_sealed_in_seals_under_the_budget() {
+        let items: Vec<(usize, Decided)> = (0..300).map(|i| (i, decided(65, 200))).collect();
+        let groups = split_for_seals(items);
+        assert!(groups.len() > 10, "{}", groups.len());
+        let mut seen = Vec::new();
+        for g in &groups {
+            let bytes: usize = g
+                .iter()
+                .flat_map(|(_, d)| d.audits.iter().map(entry_bytes))
+                .sum();
+            assert!(bytes <= SEAL_ENTRIES_BUDGET, "{bytes}");
+            assert!(g.iter().all(|(_, d)| d.audits.len() == 65));
+            seen.extend(g.iter().map(|(i, _)| *i));
+        }
+        assert_eq!(seen, (0..300).collect::<Vec<_>>());
+        let small: Vec<(usize, Decided)> = (0..10).map(|i| (i, decided(2, 10))).collect();
+        assert_eq!(split_for_seals(small).len(), 1);
+        // One record over the budget on its own is still sealed (alone).
+        let huge = vec![(0, decided(3000, 200))];
+        assert_eq!(split_for_seals(huge).len(), 1);
+    }
 }
