@@ -121,7 +121,7 @@ agents:
             &[
                 (
                     "propose_action",
-                    json!({"action": "page", "parameters": {"team": "team-pay"},
+                    json!({"action": "page", "parameters": {"team": "team-pay"}, "priority": 4294967396u64,
                                       "impact": "low", "reason": "availability breach after v42"})
                 ),
                 (
@@ -149,6 +149,10 @@ agents:
         serde_json::from_value(data_of(&event_of(&actions[0])).clone()).expect("action");
     assert_eq!(a.action, "page");
     assert_eq!(a.parameters["team"], "team-pay");
+    // The model asked for impact low and a priority past i32 (2^32 + 100, which a cast wraps to
+    // 100): the agent's floor (`min_impact`, medium by default) and ceiling (`max_priority`, 0).
+    assert_eq!(a.impact, switchyard::records::Impact::Medium, "{a:?}");
+    assert_eq!(a.priority, 0, "{a:?}");
     assert_eq!(a.agents, json!(["incident-analyst"]));
 
     let results = results_of(

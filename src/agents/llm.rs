@@ -66,6 +66,18 @@ pub struct Spec {
         skip_serializing_if = "is_default_max_tool_calls_per_answer"
     )]
     pub max_tool_calls_per_answer: u32,
+    /// The highest priority the model may give a proposal (`propose_action`'s `priority`); a
+    /// higher one is lowered to it. Text the model reads (an event, a tool's answer) can ask it
+    /// for anything: a model-chosen priority would outrank the agents an operator trusts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_priority: i32,
+    /// The lowest impact the model may give a proposal; a lower one is raised to it (approval rules
+    /// with `min_impact` cannot be dodged by a proposal calling itself `low`). Default `medium`.
+    #[serde(
+        default = "default_min_impact",
+        skip_serializing_if = "is_default_min_impact"
+    )]
+    pub min_impact: Impact,
     /// Keeps a bounded memory of this agent's runs on a resource (its summaries and proposals,
     /// the context key `memory.<agent>`), shown to its next run there (`memory` in the templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +110,15 @@ fn default_context_max_bytes() -> usize {
 }
 fn default_max_tool_errors() -> u32 {
     3
+}
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+fn default_min_impact() -> Impact {
+    Impact::Medium
+}
+fn is_default_min_impact(i: &Impact) -> bool {
+    *i == default_min_impact()
 }
 fn default_max_tool_calls_per_answer() -> u32 {
     16
@@ -135,6 +156,9 @@ impl Spec {
         }
         if self.max_iterations == 0 {
             p.push("max_iterations must be at least 1".into());
+        }
+        if self.max_priority < 0 {
+            p.push("max_priority must not be negative (lower priorities stay as proposed)".into());
         }
         if self.max_tool_calls_per_answer == 0 {
             p.push("max_tool_calls_per_answer must be at least 1".into());
@@ -852,6 +876,14 @@ impl LlmAgent {
                     Some(v) => serde_json::from_value(v.clone())
                         .map_err(|_| "impact must be low, medium or high".to_string())?,
                 };
+                // The model's word on impact and priority is bounded by the agent's settings.
+                let impact = impact.max(self.spec.min_impact);
+                let priority = args
+                    .get("priority")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0)
+                    .clamp(i64::from(i32::MIN), i64::from(self.spec.max_priority));
+                let priority = i32::try_from(priority).unwrap_or(0);
                 let target = args
                     .get("resource")
                     .and_then(Value::as_str)
@@ -880,7 +912,7 @@ impl LlmAgent {
                 run.out.proposals.push(ProposalSpec {
                     action: action.clone(),
                     parameters: args.get("parameters").cloned().unwrap_or(json!({})),
-                    priority: args.get("priority").and_then(Value::as_i64).unwrap_or(0) as i32,
+                    priority,
                     impact,
                     reason: args
                         .get("reason")
