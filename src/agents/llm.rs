@@ -97,6 +97,24 @@ fn default_memory_entries() -> usize {
     5
 }
 
+/// The most an agent's memory takes (JSON bytes): half what a finding may hold.
+const MEMORY_MAX_BYTES: usize = crate::context::MAX_FACT_BYTES / 2;
+/// A proposal's parameters kept in memory whole up to this size (JSON bytes).
+const MEMORY_PARAMETERS_BYTES: usize = 1024;
+
+/// Keeps the newest `max_entries` entries, and of those as many as fit [`MEMORY_MAX_BYTES`]: the
+/// oldest go first (a memory over what a finding may hold would be refused on every run from then
+/// on — frozen). The newest entry stays, whatever its size.
+fn fit_memory(entries: &mut Vec<Value>, max_entries: usize) {
+    let drop = entries.len().saturating_sub(max_entries.max(1));
+    entries.drain(..drop);
+    let mut size: usize = entries.iter().map(|e| e.to_string().len() + 1).sum();
+    while size > MEMORY_MAX_BYTES && entries.len() > 1 {
+        size -= entries[0].to_string().len() + 1;
+        entries.remove(0);
+    }
+}
+
 /// The context key an LLM agent's memory lives under.
 pub fn memory_key(agent: &str) -> String {
     format!("memory.{agent}")
@@ -543,17 +561,19 @@ impl LlmAgent {
                     }
                 }
             };
-            if let Some(m) = &self.spec.memory {
-                run.out
-                    .findings
-                    .push(self.remember(req, m, &answer, &run.out));
-            }
+            // The answer and the memory go first: past the findings a task may write (a model
+            // that wrote hundreds), the stage keeps the first ones.
+            let mut first = Vec::new();
             if let Some(k) = &self.spec.answer_key {
-                run.out.findings.push(Finding {
+                first.push(Finding {
                     key: k.clone(),
-                    value: answer,
+                    value: answer.clone(),
                 });
             }
+            if let Some(m) = &self.spec.memory {
+                first.push(self.remember(req, m, &answer, &run.out));
+            }
+            run.out.findings.splice(0..0, first);
             break Ok(std::mem::take(&mut run.out));
         };
         METRICS
@@ -586,15 +606,30 @@ impl LlmAgent {
             Value::String(s) => s.chars().take(500).collect(),
             other => other.to_string().chars().take(500).collect(),
         };
+        // What the scopes let through (refused writes and proposals are audited, not remembered):
+        // the first 16 proposals, each one's parameters cut to a bounded text when large.
+        let params = |v: &Value| {
+            let t = v.to_string();
+            if t.len() <= MEMORY_PARAMETERS_BYTES {
+                v.clone()
+            } else {
+                Value::String(format!(
+                    "{}… ({} bytes)",
+                    t.chars()
+                        .take(MEMORY_PARAMETERS_BYTES / 4)
+                        .collect::<String>(),
+                    t.len()
+                ))
+            }
+        };
         entries.push(json!({
             "at": crate::event::now_rfc3339(),
             "event": {"id": req.event.id, "type": req.event.ty},
             "summary": summary,
-            "findings": out.findings.iter().map(|f| &f.key).collect::<Vec<_>>(),
-            "proposals": out.proposals.iter().map(|p| json!({"action": p.action, "resource": p.resource, "parameters": p.parameters})).collect::<Vec<_>>(),
+            "findings": out.findings.iter().filter(|f| allowed(&self.scopes.writes, &f.key)).map(|f| &f.key).collect::<Vec<_>>(),
+            "proposals": out.proposals.iter().filter(|p| allowed(&self.scopes.actions, &p.action)).take(16).map(|p| json!({"action": p.action, "resource": p.resource, "parameters": params(&p.parameters)})).collect::<Vec<_>>(),
         }));
-        let drop = entries.len().saturating_sub(m.max_entries.max(1));
-        entries.drain(..drop);
+        fit_memory(&mut entries, m.max_entries);
         Finding {
             key,
             value: Value::Array(entries),
@@ -1048,4 +1083,40 @@ fn builtin_declarations() -> Vec<Value> {
                 "required": ["action", "reason"]}),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A memory keeps its newest entries within `max_entries` and within half what a finding may
+    /// hold, so it never grows past what the agent stage accepts (and freezes).
+    #[test]
+    fn a_memory_keeps_its_newest_entries_within_its_count_and_size() {
+        let entry = |i: usize, bytes: usize| json!({"n": i, "summary": "x".repeat(bytes)});
+        let mut small: Vec<Value> = (0..7).map(|i| entry(i, 10)).collect();
+        fit_memory(&mut small, 5);
+        assert_eq!(
+            small.iter().map(|e| e["n"].clone()).collect::<Vec<_>>(),
+            [2, 3, 4, 5, 6]
+        );
+        // 50 entries of 2 KiB: 100 KiB, over what a finding may hold.
+        let mut big: Vec<Value> = (0..50).map(|i| entry(i, 2048)).collect();
+        fit_memory(&mut big, 50);
+        let size: usize = big.iter().map(|e| e.to_string().len() + 1).sum();
+        assert!(
+            size <= MEMORY_MAX_BYTES && size > MEMORY_MAX_BYTES - 2200,
+            "{size}"
+        );
+        assert_eq!(
+            big.last().map(|e| e["n"].clone()),
+            Some(json!(49)),
+            "newest kept"
+        );
+        // One entry larger than the whole budget stays: the newest run is remembered.
+        let mut one = vec![entry(0, 10), entry(1, MEMORY_MAX_BYTES)];
+        fit_memory(&mut one, 5);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0]["n"], 1);
+    }
 }
