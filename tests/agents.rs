@@ -344,8 +344,11 @@ async fn http_agent(
             let mut findings = vec![json!({"key": "triage.big", "value": "x".repeat(70_000)})];
             findings.extend((0..3000).map(|i| json!({"key": format!("triage.k{i}"), "value": i})));
             findings.extend((0..100).map(|i| json!({"key": format!("other.k{i}"), "value": i})));
-            Json(json!({"findings": findings, "proposals": [{"action": "page", "priority": 1}]}))
-                .into_response()
+            // And 100 proposals, each its own (distinct parameters): 64 is what a task may make.
+            let proposals: Vec<Value> = (0..100)
+                .map(|i| json!({"action": "page", "priority": 1, "parameters": {"who": format!("p{i}")}}))
+                .collect();
+            Json(json!({"findings": findings, "proposals": proposals})).into_response()
         }
         "out-of-scope" => Json(json!({
             "findings": [{"key": "triage.note", "value": 1}, {"key": "secrets", "value": "x"}],
@@ -1023,11 +1026,16 @@ async fn a_flood_of_findings_is_capped_and_the_partition_moves_on() {
         "a value over 64 KiB is refused"
     );
     assert!(ctx.facts.contains_key("triage.note"), "the next task ran");
-    let flood_task = rs
+    let flood = rs
         .iter()
         .find(|r| r.event_id.as_deref() == Some("flood-1"))
-        .map(|r| r.task_id.clone())
         .expect("the flood's result");
+    assert_eq!(
+        flood.proposals.as_array().map(Vec::len),
+        Some(64),
+        "at most 64 proposals a task"
+    );
+    let flood_task = flood.task_id.clone();
     let audit = audits(&env.audit(100, Duration::from_secs(10)).await);
     let refused: Vec<&AuditData> = audit
         .iter()
@@ -1049,6 +1057,10 @@ async fn a_flood_of_findings_is_capped_and_the_partition_moves_on() {
     assert!(
         keys.iter()
             .any(|k| k.contains("2744 findings over the 256")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.contains("36 proposals over the 64")),
         "{keys:?}"
     );
     let v = env.verified_audit(68, Duration::from_secs(30)).await;

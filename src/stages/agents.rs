@@ -279,6 +279,9 @@ const MAX_ANSWER_DEPTH: usize = crate::codec::MAX_DEPTH - 8;
 /// in the last.
 const MAX_REFUSALS: usize = 64;
 
+/// Proposals a task may make (what passes its scopes); the rest are refused in one record.
+const MAX_PROPOSALS_PER_TASK: usize = 64;
+
 /// Source attribute of records the agent stage writes.
 pub const SOURCE: &str = "switchyard/agents";
 
@@ -789,7 +792,14 @@ impl<S: ContextStore> AgentStage<S> {
                         ),
                     );
                 }
+                let mut over_proposals = 0;
                 for p in resp.proposals {
+                    if kept.proposals.len() >= MAX_PROPOSALS_PER_TASK {
+                        // Each one is a proposal record and a resolve decision: an answer with
+                        // thousands (a model told to page everyone) is cut here.
+                        over_proposals += 1;
+                        continue;
+                    }
                     // An action on another resource: only on one the task was given as related.
                     let target_ok = p
                         .resource
@@ -820,6 +830,14 @@ impl<S: ContextStore> AgentStage<S> {
                         p.seen_at = Some(seen_at.clone());
                         kept.proposals.push(p);
                     }
+                }
+                if over_proposals > 0 {
+                    refusals.insert(
+                        0,
+                        format!(
+                            "action:{over_proposals} proposals over the {MAX_PROPOSALS_PER_TASK} a task may make"
+                        ),
+                    );
                 }
                 // Checked against the step's supervision rules when its run moves on.
                 kept.delegate = resp.delegate;
