@@ -327,8 +327,33 @@ pub fn bounded_inputs(inputs: &Value, max: usize) -> Option<Value> {
 /// Outcomes computed but not yet recorded, by task id (see [`AgentsStage::unrecorded`]). An entry
 /// no retry has used for [`Unrecorded::IDLE`] is dropped at the next insert: its record moved to
 /// another instance or was dead-lettered, and nothing else would ever remove it.
+///
+/// It also knows the calls running in this process: a copy of a task whose call is still running
+/// (a rebalance gave the partition back while the drain had given up on the call, which runs on)
+/// waits for it and takes its outcome, instead of calling the agent a second time.
 #[derive(Default)]
-pub struct Unrecorded(std::sync::Mutex<HashMap<String, (std::time::Instant, Arc<Computed>)>>);
+pub struct Unrecorded {
+    done: std::sync::Mutex<HashMap<String, (std::time::Instant, Arc<Computed>)>>,
+    running: std::sync::Mutex<HashMap<String, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// A call running for a task: leaves [`Unrecorded`]'s running calls when dropped (the call ended,
+/// either way), which wakes the copies waiting for it.
+struct RunningCall<'a> {
+    of: &'a Unrecorded,
+    task_id: String,
+    _ended: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        self.of
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.task_id);
+    }
+}
 
 impl Unrecorded {
     /// Longer than any retry's backoff: a record still being retried always finds its entry.
@@ -337,7 +362,35 @@ impl Unrecorded {
     fn map(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, Arc<Computed>)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outcome of `task_id` computed in this process, waiting for a call of it still running
+    /// here; `Err` with the right to call when there is neither (dropping it ends the call).
+    async fn outcome_or_call(&self, task_id: &str) -> Result<Arc<Computed>, RunningCall<'_>> {
+        loop {
+            if let Some(c) = self.get(task_id, std::time::Instant::now()) {
+                return Ok(c);
+            }
+            let waiting = {
+                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                match running.get(task_id) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (tx, rx) = tokio::sync::watch::channel(());
+                        running.insert(task_id.to_string(), rx);
+                        return Err(RunningCall {
+                            of: self,
+                            task_id: task_id.to_string(),
+                            _ended: tx,
+                        });
+                    }
+                }
+            };
+            let mut waiting = waiting;
+            // Nothing is ever sent: this returns when the call ends (its sender dropped).
+            let _ = waiting.changed().await;
+        }
     }
 
     /// The entry of `task_id`, marked used at `now`.
@@ -607,10 +660,9 @@ impl<S: ContextStore> AgentStage<S> {
         place: Option<&Place>,
     ) -> Result<Option<(Outcome, bool)>, ProcessError> {
         let task_id = t.task.task_id.clone();
-        let cached = self.unrecorded.get(&task_id, std::time::Instant::now());
-        let computed = match cached {
-            Some(c) => c,
-            None => {
+        let computed = match self.unrecorded.outcome_or_call(&task_id).await {
+            Ok(c) => c,
+            Err(_calling) => {
                 let c = Arc::new(self.call_and_check(entry, t, snap, budget).await?);
                 self.unrecorded
                     .insert(task_id.clone(), c.clone(), std::time::Instant::now());
@@ -1936,6 +1988,45 @@ mod tests {
         );
         u.remove("retried");
         assert!(u.get("retried", near).is_none());
+    }
+
+    /// A copy of a task whose call is running in this process waits for it and takes its
+    /// outcome (one call, not two); when that call fails, one waiting copy calls instead.
+    #[tokio::test]
+    async fn a_copy_of_a_task_waits_for_its_running_call() {
+        let u = Arc::new(Unrecorded::default());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let run = |fail: bool| {
+            let (u, calls) = (u.clone(), calls.clone());
+            async move {
+                match u.outcome_or_call("t1").await {
+                    Ok(_) => "waited",
+                    Err(_calling) => {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        if !fail {
+                            let c = Arc::new((Vec::new(), Outcome::default()));
+                            u.insert("t1".into(), c, std::time::Instant::now());
+                        }
+                        "called"
+                    }
+                }
+            }
+        };
+        let (a, b) = tokio::join!(run(false), async {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            run(false).await
+        });
+        assert_eq!((a, b), ("called", "waited"));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        u.remove("t1");
+        // The running call fails (no outcome): the copy waiting for it calls.
+        let (a, b) = tokio::join!(run(true), async {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            run(false).await
+        });
+        assert_eq!((a, b), ("called", "called"));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]
