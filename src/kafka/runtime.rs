@@ -484,15 +484,21 @@ impl<P: Processor> Shared<P> {
             let Some((part, lane)) = ready.pop_front() else {
                 break;
             };
-            if part.revoked.load(Ordering::Acquire) {
-                continue;
-            }
-            let work = lock(&part.state)
-                .lanes
-                .get_mut(&lane)
-                .and_then(VecDeque::pop_front);
+            // Under the part's lock, which the drain takes to mark it revoked: a head taken here
+            // is counted active before the drain looks (it waits for it), or not taken at all.
+            let work = {
+                let mut st = lock(&part.state);
+                if part.revoked.load(Ordering::Acquire) {
+                    None
+                } else {
+                    let w = st.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
+                    if w.is_some() {
+                        part.active.fetch_add(1, Ordering::AcqRel);
+                    }
+                    w
+                }
+            };
             if let Some(w) = work {
-                part.active.fetch_add(1, Ordering::AcqRel);
                 out.push((part, lane, w));
             }
         }
@@ -767,9 +773,9 @@ fn drain_and_commit<P: Processor>(
     parts: &[Arc<Part>],
 ) {
     for part in parts {
-        part.revoked.store(true, Ordering::Release);
         let dropped: usize = {
             let mut st = lock(&part.state);
+            part.revoked.store(true, Ordering::Release);
             st.lanes.drain().map(|(_, q)| q.len()).sum()
         };
         if dropped > 0 {
