@@ -812,13 +812,12 @@ fn drain_and_commit<P: Processor>(
         );
     }
     let mut tpl = TopicPartitionList::new();
+    let mut positions = Vec::new();
     for p in parts {
         if let Some(done) = lock(&p.state).acks.released() {
-            if let Err(e) = tpl.add_partition_offset(
-                &p.topic,
-                p.partition,
-                Offset::Offset(commit_position(done)),
-            ) {
+            let at = commit_position(done);
+            positions.push((p, at));
+            if let Err(e) = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(at)) {
                 tracing::warn!(error = %e, "Cannot build commit list.");
             }
         }
@@ -830,25 +829,44 @@ fn drain_and_commit<P: Processor>(
             tracing::debug!(error = %e, "Storing offsets failed (partition likely revoked).");
         }
     }
-    commit_sync(shared.stage(), consumer, &tpl);
+    if commit_sync(shared.stage(), consumer, &tpl) {
+        // The parts left the map before the drain, so the commit callback cannot find them: their
+        // committed records' cleanup keys go from here.
+        let mut keys = Vec::new();
+        for (p, at) in positions {
+            let mut st = lock(&p.state);
+            while st.cleanup.front().is_some_and(|(o, _)| *o < at) {
+                if let Some((_, k)) = st.cleanup.pop_front() {
+                    keys.extend(k);
+                }
+            }
+        }
+        if !keys.is_empty() {
+            let proc = shared.processor.clone();
+            shared.handle.spawn(async move { proc.cleanup(keys).await });
+        }
+    }
 }
 
+/// Commits `tpl` synchronously; whether it was committed.
 fn commit_sync<C: ConsumerContext>(
     stage: &'static str,
     consumer: &BaseConsumer<C>,
     tpl: &TopicPartitionList,
-) {
+) -> bool {
     if tpl.count() == 0 {
-        return;
+        return false;
     }
     match consumer.commit(tpl, CommitMode::Sync) {
         Ok(()) => {
             METRICS.commits.with_label_values(&[stage, "ok"]).inc();
             tracing::info!(stage, partitions = tpl.count(), "Committed offsets.");
+            true
         }
         Err(e) => {
             METRICS.commits.with_label_values(&[stage, "error"]).inc();
             tracing::warn!(stage, error = %e, "Synchronous commit failed; records after the last commit will be redelivered.");
+            false
         }
     }
 }
