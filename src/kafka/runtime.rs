@@ -964,6 +964,13 @@ fn poll_loop<P: Processor>(
     // resume) but lets the loop serve rebalances and commits while processing is stuck.
     let mut held: Option<Instant> = None;
     let mut paused = false;
+    // Per partition, the records read past its oldest unfinished one: one lane head that keeps
+    // failing (its Redis shard out of reach) holds the partition's commit while its other lanes go
+    // on, and everything read behind it stays tracked. Past SPAN_LIMIT the partition is paused
+    // until it is back under half of it.
+    let span_limit = max.saturating_mul(SPAN_PER_IN_FLIGHT).max(1);
+    let mut span_paused: std::collections::HashSet<(Arc<str>, i32)> = Default::default();
+    let mut spans_looked = Instant::now();
     tracing::info!(stage, topics = ?shared.settings.topics, group = %shared.settings.group_id, "Stage started.");
     METRICS.init_stage(stage);
     loop {
@@ -971,6 +978,10 @@ fn poll_loop<P: Processor>(
             break;
         }
         store_offsets(shared, consumer);
+        if spans_looked.elapsed() >= SPAN_LOOK_EVERY {
+            spans_looked = Instant::now();
+            hold_long_spans(shared, consumer, span_limit, &mut span_paused);
+        }
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         if held.is_some() && in_flight < resume_below {
             // A failed resume stays paused and is tried again next round.
@@ -982,6 +993,8 @@ fn poll_loop<P: Processor>(
             if resumed {
                 paused = false;
                 held = None;
+                // Every partition was resumed: those still over the span are paused again.
+                span_paused.clear();
             }
         } else if held.is_none() && in_flight >= max {
             METRICS
@@ -1055,6 +1068,52 @@ fn poll_loop<P: Processor>(
         "Stage stopping; draining in-flight records."
     );
     drain_and_commit(shared, consumer, &parts);
+}
+
+/// How often the poll loop looks at the partitions' spans.
+const SPAN_LOOK_EVERY: Duration = Duration::from_millis(200);
+
+/// A partition may have this many times `max_in_flight` records read past its oldest unfinished
+/// one before it is paused ([`hold_long_spans`]).
+const SPAN_PER_IN_FLIGHT: usize = 4;
+
+/// Pauses the partitions with `limit` or more records tracked behind their oldest unfinished one,
+/// and resumes those paused here once under half of it.
+fn hold_long_spans<P: Processor>(
+    shared: &Shared<P>,
+    consumer: &BaseConsumer<Ctx<P>>,
+    limit: usize,
+    paused: &mut std::collections::HashSet<(Arc<str>, i32)>,
+) {
+    let parts: Vec<Arc<Part>> = lock(&shared.parts).values().cloned().collect();
+    paused.retain(|(t, p)| {
+        parts
+            .iter()
+            .any(|x| x.topic == *t && x.partition == *p)
+    });
+    for part in parts {
+        let span = lock(&part.state).acks.in_flight();
+        let key = (part.topic.clone(), part.partition);
+        let over = span >= limit && !paused.contains(&key);
+        let under = span < limit / 2 && paused.contains(&key);
+        if !over && !under {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&part.topic, part.partition);
+        if over {
+            if consumer.pause(&tpl).is_ok() {
+                METRICS
+                    .consumer_pauses
+                    .with_label_values(&[shared.stage()])
+                    .inc();
+                tracing::warn!(stage = shared.stage(), topic = %part.topic, partition = part.partition, span, "A record holds this partition's commit ({span} records read behind it); pausing the partition until it moves.");
+                paused.insert(key);
+            }
+        } else if consumer.resume(&tpl).is_ok() {
+            paused.remove(&key);
+        }
+    }
 }
 
 fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P>>) {
