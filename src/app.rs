@@ -71,13 +71,18 @@ fn redis_resource_store(loaded: &Loaded, conn: RedisConn) -> RedisResourceStore 
     RedisResourceStore::new(conn, &cfg.redis.key_prefix, ttl, cfg.context.remember_tasks)
 }
 
-/// The audit sealer of a config.
-pub fn sealer(loaded: &Loaded, conn: RedisConn) -> Arc<Sealer> {
+/// The audit sealer of a config; its seals sized to the topics' limits `producer` checks against
+/// (a command sealing one record at a time has none).
+pub fn sealer(loaded: &Loaded, conn: RedisConn, producer: Option<&Producer>) -> Arc<Sealer> {
     let cfg = &loaded.config;
-    Arc::new(Sealer::new(
+    let sealer = Sealer::new(
         Arc::new(RedisChainStore::new(conn, &cfg.redis.key_prefix).guarded()),
         &cfg.topics.audit,
-    ))
+    );
+    Arc::new(match producer {
+        Some(p) => sealer.with_limits(p.limits(), cfg.kafka.max_output_bytes()),
+        None => sealer,
+    })
 }
 
 /// The approvals service of a config.
@@ -197,7 +202,7 @@ pub async fn run(
         ));
     }
     let resources = resource_store(&loaded, redis.clone());
-    let sealer = sealer(&loaded, redis.clone());
+    let sealer = sealer(&loaded, redis.clone(), Some(&producer));
     crate::telemetry::know_agents(cfg.agents.keys().cloned());
     let stats = Arc::new(crate::agents::stats::AgentStats::new(
         redis.clone(),

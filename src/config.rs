@@ -460,6 +460,8 @@ impl Config {
             config.kafka.brokers = b;
         }
         if let Some(p) = env.get(ENV_KAFKA_SASL_PASSWORD).filter(|s| !s.is_empty()) {
+            // The environment wins over the file, wherever the file put it.
+            config.kafka.client_secrets.remove("sasl.password");
             config.kafka.client.insert("sasl.password".into(), p);
         }
         for (item, message) in config.kafka.resolve_secrets() {

@@ -166,6 +166,11 @@ async fn poison_records_go_to_dlq_and_the_committed_offset_moves_past_them() {
         "{:?}",
         header(&dlq[4], dlq_headers::DETAIL)
     );
+    assert_eq!(
+        header(&dlq[4], dlq_headers::HEADERS_DROPPED),
+        Some("1"),
+        "the header not kept is counted (so `dlq redrive` refuses the copy)"
+    );
     for (i, r) in dlq.iter().enumerate() {
         assert_eq!(
             header(r, dlq_headers::SOURCE_TOPIC),

@@ -745,7 +745,9 @@ governance:
     scenario(json!([
         // looper: asks for tools forever; max_iterations 2 ends it.
         again(&m("loop")), again(&m("loop")), again(&m("loop")),
-        // schemer: a non-JSON answer, then (repair) a valid one.
+        // schemer: writes its answer's key itself (refused: switchyard writes it from the
+        // checked answer), then a non-JSON answer, then (repair) a valid one.
+        calls(&m("schema"), &[("write_finding", json!({"key": "verdict", "value": "forged, unchecked"}))]),
         text(&m("schema"), "the verdict is: fine"),
         text(&m("schema"), "{\"verdict\": \"deployment v42\"}"),
         // stubborn: wrong twice.
@@ -809,8 +811,11 @@ governance:
     assert_eq!(schemer.status, "succeeded", "{schemer:?}");
     assert_eq!(
         schemer.findings,
-        json!([{"key": "verdict", "value": {"verdict": "deployment v42"}}])
+        json!([{"key": "verdict", "value": {"verdict": "deployment v42"}}]),
+        "the checked answer alone, not the model's own write of its key"
     );
+    assert!(tool_results(&llm_requests(&m("schema")).await[1])
+        .contains("is written by switchyard from your final answer"));
     let stubborn = by("stubborn");
     assert_eq!(stubborn.status, "failed");
     assert!(

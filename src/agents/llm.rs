@@ -780,7 +780,7 @@ impl LlmAgent {
                     action: action.clone(),
                     parameters: Value::Object(args.clone()),
                     priority: 0,
-                    impact: Impact::Medium,
+                    impact: Impact::Medium.max(self.spec.min_impact),
                     reason: Some(format!("{} asked to call {name}", self.name)),
                     cost: None,
                     resource: None,
@@ -869,6 +869,19 @@ impl LlmAgent {
                     .and_then(Value::as_str)
                     .ok_or("key must be a string")?
                     .to_string();
+                // The answer's key and the memory are switchyard's to write (from the final
+                // answer, checked against `output`, and from the run): a model told by what it
+                // reads to write them would replace the answer or plant instructions in every later
+                // run's `{{ memory }}`.
+                if self.spec.answer_key.as_deref() == Some(key.as_str())
+                    || key == memory_key(&self.name)
+                {
+                    return Ok((
+                        "refused",
+                        json!({"status": "refused", "key": key,
+                               "note": format!("{key} is written by switchyard from your final answer and this run, not with write_finding.")}),
+                    ));
+                }
                 let value = args.get("value").cloned().unwrap_or(Value::Null);
                 let ok = !key.starts_with('_') && allowed(&self.scopes.writes, &key);
                 run.out.findings.push(Finding {

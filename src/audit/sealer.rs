@@ -414,9 +414,32 @@ pub struct Sealer {
     /// This process's chain for decisions that come from no partition (the approvals API, the CLI,
     /// the expiry sweeper).
     pub own_chain: String,
+    /// The audit topic's limit as last read, and the producer's own (`message.max.bytes`): what a
+    /// seal must stay under ([`Self::entries_budget`]).
+    limits: crate::kafka::TopicLimits,
+    producer_max: usize,
 }
 
 impl Sealer {
+    /// Seals sized by these limits: the audit topic's (read at start, refreshed) and the producer's.
+    pub fn with_limits(mut self, limits: crate::kafka::TopicLimits, producer_max: usize) -> Self {
+        self.limits = limits;
+        self.producer_max = producer_max;
+        self
+    }
+
+    /// The most one seal's entries may take (estimated), so the seal stays under what the audit
+    /// topic and the producer take: three fifths of the smaller (the seal's envelope and an
+    /// estimate's error aside). A wave with more is sealed in several seals.
+    pub fn entries_budget(&self) -> usize {
+        let limit = self
+            .limits
+            .of(&self.topic)
+            .unwrap_or(usize::MAX)
+            .min(self.producer_max);
+        (limit / 5 * 3).max(4096)
+    }
+
     pub fn new(store: Arc<dyn ChainStore>, topic: &str) -> Self {
         Sealer {
             store,
@@ -425,6 +448,8 @@ impl Sealer {
             in_flight: Mutex::new(HashMap::new()),
             topic: topic.into(),
             own_chain: format!("approvals/{}", uuid::Uuid::new_v4().simple()),
+            limits: Default::default(),
+            producer_max: 1_000_000,
         }
     }
 

@@ -87,7 +87,7 @@ pub fn service(l: &Loaded) -> Result<Approvals, String> {
 pub fn service_on(l: &Loaded, conn: RedisConn) -> Approvals {
     let emitter = Emitter::new(l.schemas.clone(), l.topics.clone());
     let resources = crate::app::resource_store(l, conn.clone());
-    let sealer: Arc<_> = crate::app::sealer(l, conn.clone());
+    let sealer: Arc<_> = crate::app::sealer(l, conn.clone(), None);
     Approvals {
         // This process serves no metrics: a running switchyard counts its decisions.
         counts: crate::governance::approvals::Counts::Relay,

@@ -152,10 +152,30 @@ impl KafkaConfig {
         for k in self.client_secrets.keys() {
             if k.trim().is_empty() {
                 add("kafka.client_secrets", "a setting has an empty name".into());
-            } else if self.client.contains_key(k) {
+                continue;
+            }
+            for (section, map) in [
+                ("client", &self.client),
+                ("consumer", &self.consumer),
+                ("producer", &self.producer),
+            ] {
+                if map.contains_key(k) {
+                    add(
+                        &format!("kafka.client_secrets.{k}"),
+                        format!("is also set under kafka.{section}: set it in one place"),
+                    );
+                }
+            }
+            // A name librdkafka does not know would be refused when a client is made, and
+            // rdkafka's error quotes the value: checked here, with a stand-in value.
+            if let Err(rdkafka::error::KafkaError::ClientConfig(
+                rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+                ..,
+            )) = ClientConfig::new().set(k, "x").create_native_config()
+            {
                 add(
                     &format!("kafka.client_secrets.{k}"),
-                    "is also set under kafka.client: set it in one place".into(),
+                    "is not a librdkafka setting".into(),
                 );
             }
         }
@@ -380,6 +400,30 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret setting librdkafka does not know is a problem at load (a client made with it would
+    /// fail quoting the value); one also set in another map is refused.
+    #[test]
+    fn client_secrets_are_checked_by_name_never_quoting_the_value() {
+        let k: KafkaConfig = serde_yaml::from_str(
+            "client_secrets: {ssl.key.password: s3cret, sasl.pasword: s3cret, linger.ms: '5'}\nproducer: {linger.ms: '5'}",
+        )
+        .expect("parses");
+        let p = k.problems();
+        let named = |item: &str| p.iter().find(|(i, _)| i == item).map(|(_, m)| m.clone());
+        assert_eq!(
+            named("kafka.client_secrets.sasl.pasword").as_deref(),
+            Some("is not a librdkafka setting")
+        );
+        assert!(
+            named("kafka.client_secrets.ssl.key.password").is_none(),
+            "{p:?}"
+        );
+        assert!(
+            named("kafka.client_secrets.linger.ms").is_some_and(|m| m.contains("kafka.producer"))
+        );
+        assert!(!format!("{p:?}").contains("s3cret"), "{p:?}");
+    }
 
     #[test]
     fn settings_that_weaken_security_are_named() {

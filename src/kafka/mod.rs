@@ -37,6 +37,10 @@ pub struct Input {
     /// The key's and headers' bytes in the broker (with the payload, what `max_record_bytes`
     /// bounds); only a prefix of them is kept when they are larger than a stage accepts.
     pub other_size: usize,
+    /// The key's size in the broker (only a prefix is kept past a stage's cap).
+    pub key_size: usize,
+    /// Headers not kept (past a stage's cap): a dead letter says so, and `dlq redrive` refuses it.
+    pub headers_dropped: usize,
     /// Set by the consumer runtime: the last offset of the record's partition up to which every
     /// record is done (outputs delivered), -1 while none is ([`crate::store::Place`]).
     pub delivered: Option<Arc<std::sync::atomic::AtomicI64>>,
@@ -46,19 +50,20 @@ pub struct Input {
 /// bytes as a header name, and rdkafka's own reader (`Headers::iter`) panics on a name that is not
 /// UTF-8 — one such record from a non-Java producer killed the stage's poll thread, then every
 /// group member's in turn — so they are read here through librdkafka's C API.
-/// With their total size (names and values); headers past `cap` bytes are counted, not copied.
-fn raw_headers(m: &BorrowedMessage<'_>, cap: usize) -> (Vec<(String, Vec<u8>)>, usize) {
+/// With their total size (names and values) and how many were not kept: headers past `cap` bytes
+/// are counted, not copied.
+fn raw_headers(m: &BorrowedMessage<'_>, cap: usize) -> (Vec<(String, Vec<u8>)>, usize, usize) {
     use rdkafka::bindings as rd;
     let ok = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
     let mut out = Vec::new();
-    let mut total = 0usize;
+    let (mut total, mut dropped) = (0usize, 0usize);
     // SAFETY: `m` is a live message for the whole call; librdkafka owns its headers, and the
     // name and value pointers it hands out stay valid while the message lives (each is copied
     // at once). A null name or value is read as empty; `size` is the value's length in bytes.
     unsafe {
         let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
         if rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) != ok || hdrs.is_null() {
-            return (out, 0);
+            return (out, 0, 0);
         }
         let n = rd::rd_kafka_header_cnt(hdrs);
         out.reserve(n.min(1024));
@@ -82,10 +87,12 @@ fn raw_headers(m: &BorrowedMessage<'_>, cap: usize) -> (Vec<(String, Vec<u8>)>, 
             total = total.saturating_add(name.len() + value.len());
             if total <= cap {
                 out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+            } else {
+                dropped += 1;
             }
         }
     }
-    (out, total)
+    (out, total, dropped)
 }
 
 impl Input {
@@ -104,6 +111,8 @@ impl Input {
             key: key.map(<[u8]>::to_vec),
             payload_size: payload.len(),
             other_size: key.map_or(0, <[u8]>::len),
+            key_size: key.map_or(0, <[u8]>::len),
+            headers_dropped: 0,
             payload,
             headers: Vec::new(),
             timestamp_ms: None,
@@ -133,7 +142,7 @@ impl Input {
     pub fn from_message_capped(m: &BorrowedMessage<'_>, topic: Arc<str>, cap: usize) -> Self {
         let key = m.key();
         let key_size = key.map_or(0, <[u8]>::len);
-        let (headers, header_size) = raw_headers(m, cap);
+        let (headers, header_size, headers_dropped) = raw_headers(m, cap);
         let payload = m.payload().unwrap_or_default();
         Input {
             topic,
@@ -143,6 +152,8 @@ impl Input {
             payload: payload[..payload.len().min(cap)].to_vec(),
             payload_size: payload.len(),
             other_size: key_size.saturating_add(header_size),
+            key_size,
+            headers_dropped,
             headers,
             timestamp_ms: m.timestamp().to_millis(),
             delivered: None,
@@ -248,7 +259,7 @@ pub fn dead_letter(
     // The input's own headers go along, except any that look like ours: whoever can write to an
     // input topic could otherwise name the topic `dlq redrive` sends the record to (a forged
     // approval decision, a task of another tenant).
-    let (mut headers, mut kept, mut dropped) = (Vec::new(), 0usize, 0usize);
+    let (mut headers, mut kept, mut dropped) = (Vec::new(), 0usize, rec.headers_dropped);
     for (k, v) in rec
         .headers
         .iter()
@@ -265,7 +276,8 @@ pub fn dead_letter(
         .key
         .as_ref()
         .map(|k| k[..k.len().min(DLQ_KEY_CAP)].to_vec());
-    let key_cut = rec.key.as_ref().map_or(0, Vec::len) > DLQ_KEY_CAP;
+    let key_size = rec.key_size.max(rec.key.as_ref().map_or(0, Vec::len));
+    let key_cut = key_size > DLQ_KEY_CAP;
     let mut add = |k: &str, v: String| headers.push((k.to_string(), v.into_bytes()));
     add(REASON, reason.to_string());
     // Details can quote input; keep them bounded.
@@ -279,10 +291,7 @@ pub fn dead_letter(
         add(TRUNCATED, rec.payload_size.to_string());
     }
     if key_cut {
-        add(
-            KEY_TRUNCATED,
-            rec.key.as_ref().map_or(0, Vec::len).to_string(),
-        );
+        add(KEY_TRUNCATED, key_size.to_string());
     }
     if dropped > 0 {
         add(HEADERS_DROPPED, dropped.to_string());

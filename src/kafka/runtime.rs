@@ -969,7 +969,7 @@ fn poll_loop<P: Processor>(
     // on, and everything read behind it stays tracked. Past SPAN_LIMIT the partition is paused
     // until it is back under half of it.
     let span_limit = max.saturating_mul(SPAN_PER_IN_FLIGHT).max(1);
-    let mut span_paused: std::collections::HashSet<(Arc<str>, i32)> = Default::default();
+    let mut span_paused: Vec<Arc<Part>> = Vec::new();
     let mut spans_looked = Instant::now();
     tracing::info!(stage, topics = ?shared.settings.topics, group = %shared.settings.group_id, "Stage started.");
     METRICS.init_stage(stage);
@@ -985,16 +985,26 @@ fn poll_loop<P: Processor>(
         let in_flight = shared.in_flight.load(Ordering::Acquire);
         if held.is_some() && in_flight < resume_below {
             // A failed resume stays paused and is tried again next round.
+            // Partitions paused for their span stay paused.
             let resumed = !paused
                 || consumer
                     .assignment()
-                    .and_then(|a| consumer.resume(&a))
+                    .and_then(|a| {
+                        let mut keep = TopicPartitionList::new();
+                        for e in a.elements() {
+                            if !span_paused
+                                .iter()
+                                .any(|p| &*p.topic == e.topic() && p.partition == e.partition())
+                            {
+                                keep.add_partition(e.topic(), e.partition());
+                            }
+                        }
+                        consumer.resume(&keep)
+                    })
                     .is_ok();
             if resumed {
                 paused = false;
                 held = None;
-                // Every partition was resumed: those still over the span are paused again.
-                span_paused.clear();
             }
         } else if held.is_none() && in_flight >= max {
             METRICS
@@ -1078,24 +1088,21 @@ const SPAN_LOOK_EVERY: Duration = Duration::from_millis(200);
 const SPAN_PER_IN_FLIGHT: usize = 4;
 
 /// Pauses the partitions with `limit` or more records tracked behind their oldest unfinished one,
-/// and resumes those paused here once under half of it.
+/// and resumes those paused here once under half of it. `paused` holds the parts themselves: a
+/// partition assigned again is a new part (and resumed on assignment), looked at afresh.
 fn hold_long_spans<P: Processor>(
     shared: &Shared<P>,
     consumer: &BaseConsumer<Ctx<P>>,
     limit: usize,
-    paused: &mut std::collections::HashSet<(Arc<str>, i32)>,
+    paused: &mut Vec<Arc<Part>>,
 ) {
     let parts: Vec<Arc<Part>> = lock(&shared.parts).values().cloned().collect();
-    paused.retain(|(t, p)| {
-        parts
-            .iter()
-            .any(|x| x.topic == *t && x.partition == *p)
-    });
+    paused.retain(|p| parts.iter().any(|x| Arc::ptr_eq(x, p)));
     for part in parts {
         let span = lock(&part.state).acks.in_flight();
-        let key = (part.topic.clone(), part.partition);
-        let over = span >= limit && !paused.contains(&key);
-        let under = span < limit / 2 && paused.contains(&key);
+        let was = paused.iter().any(|p| Arc::ptr_eq(p, &part));
+        let over = span >= limit && !was;
+        let under = span < limit / 2 && was;
         if !over && !under {
             continue;
         }
@@ -1108,10 +1115,10 @@ fn hold_long_spans<P: Processor>(
                     .with_label_values(&[shared.stage()])
                     .inc();
                 tracing::warn!(stage = shared.stage(), topic = %part.topic, partition = part.partition, span, "A record holds this partition's commit ({span} records read behind it); pausing the partition until it moves.");
-                paused.insert(key);
+                paused.push(part);
             }
         } else if consumer.resume(&tpl).is_ok() {
-            paused.remove(&key);
+            paused.retain(|p| !Arc::ptr_eq(p, &part));
         }
     }
 }

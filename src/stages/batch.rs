@@ -56,8 +56,9 @@ async fn seal_group(
             Err(e) => out.push((i, Err(e))),
         }
     }
+    let budget = sealer.entries_budget();
     for (chain, items) in chains.into_iter().flat_map(|(chain, items)| {
-        split_for_seals(items)
+        split_for_seals(items, budget)
             .into_iter()
             .map(move |part| (chain.clone(), part))
     }) {
@@ -88,28 +89,22 @@ async fn seal_group(
     out
 }
 
-/// The most a seal's entries may take (estimated): a wave's records are sealed in as many seals
-/// as keep each under it. A seal lists every record it seals (hash, id, tenant, resource); one
-/// over the audit topic's limit stopped the process — a wave of a few hundred tasks with many
-/// refusals each, after a restart (recorded outcomes replay at once, so a whole batch is one wave).
-/// Half the usual 1 MB topic limit: a wave needs over 2 MB of entries on one chain (thousands of
-/// audit records) to make more seals than a chain keeps for rewriting after a crash
-/// ([`crate::audit::sealer::ROOM`]).
-const SEAL_ENTRIES_BUDGET: usize = 512 * 1024;
-
 /// A seal entry's size: its hash and field names, plus id, tenant and resource.
 fn entry_bytes(ev: &CloudEvent) -> usize {
     120 + ev.id.len() + ev.tenant().len() + ev.subject.as_ref().map_or(0, String::len)
 }
 
-/// `items` (one chain's) in groups whose seal entries fit [`SEAL_ENTRIES_BUDGET`]; a record's audit
-/// records stay in one group (and so do the items of a group, in order).
-fn split_for_seals(items: Vec<(usize, Decided)>) -> Vec<Vec<(usize, Decided)>> {
+/// `items` (one chain's) in groups whose seal entries fit `budget` ([`Sealer::entries_budget`]): a
+/// seal lists every record it seals, and one over the audit topic's limit stopped the process — a
+/// wave of a few hundred tasks with many refusals each, after a restart (recorded outcomes replay at
+/// once, so a whole batch is one wave). A record's audit records stay in one group (and the items
+/// keep their order).
+fn split_for_seals(items: Vec<(usize, Decided)>, budget: usize) -> Vec<Vec<(usize, Decided)>> {
     let mut groups: Vec<Vec<(usize, Decided)>> = vec![Vec::new()];
     let mut used = 0;
     for item in items {
         let n: usize = item.1.audits.iter().map(entry_bytes).sum();
-        if used + n > SEAL_ENTRIES_BUDGET && groups.last().is_some_and(|g| !g.is_empty()) {
+        if used + n > budget && groups.last().is_some_and(|g| !g.is_empty()) {
             groups.push(Vec::new());
             used = 0;
         }
@@ -210,11 +205,13 @@ mod tests {
     }
 
     /// 300 records of 65 audit records each with long resource names (~6 MB of entries) are
-    /// sealed in groups under the budget, each record whole, in order; a small wave stays one.
+    /// sealed in groups under the budget, each record whole, in order; a small wave stays one; the
+    /// budget is three fifths of the smaller of the audit topic's and the producer's limits.
     #[test]
     fn a_large_wave_is_sealed_in_seals_under_the_budget() {
         let items: Vec<(usize, Decided)> = (0..300).map(|i| (i, decided(65, 200))).collect();
-        let groups = split_for_seals(items);
+        const BUDGET: usize = 600_000;
+        let groups = split_for_seals(items, BUDGET);
         assert!(groups.len() > 10, "{}", groups.len());
         let mut seen = Vec::new();
         for g in &groups {
@@ -222,15 +219,24 @@ mod tests {
                 .iter()
                 .flat_map(|(_, d)| d.audits.iter().map(entry_bytes))
                 .sum();
-            assert!(bytes <= SEAL_ENTRIES_BUDGET, "{bytes}");
+            assert!(bytes <= BUDGET, "{bytes}");
             assert!(g.iter().all(|(_, d)| d.audits.len() == 65));
             seen.extend(g.iter().map(|(i, _)| *i));
         }
         assert_eq!(seen, (0..300).collect::<Vec<_>>());
         let small: Vec<(usize, Decided)> = (0..10).map(|i| (i, decided(2, 10))).collect();
-        assert_eq!(split_for_seals(small).len(), 1);
+        assert_eq!(split_for_seals(small, BUDGET).len(), 1);
         // One record over the budget on its own is still sealed (alone).
         let huge = vec![(0, decided(3000, 200))];
-        assert_eq!(split_for_seals(huge).len(), 1);
+        assert_eq!(split_for_seals(huge, BUDGET).len(), 1);
+        let store = Arc::new(crate::audit::sealer::MemoryChainStore::default());
+        let limits = crate::kafka::TopicLimits::default();
+        let sealer = Sealer::new(store, "audit").with_limits(limits.clone(), 1_000_000);
+        assert_eq!(sealer.entries_budget(), 600_000, "the producer's limit");
+        limits.set([(
+            "audit".to_string(),
+            100_000 + crate::kafka::config::BATCH_FRAMING_BYTES,
+        )]);
+        assert_eq!(sealer.entries_budget(), 60_000, "the topic's, smaller");
     }
 }
