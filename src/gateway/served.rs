@@ -65,7 +65,16 @@ fn gateway_error(e: &GatewayError) -> Response {
         GatewayError::Unavailable(_) => ("api_error", "unavailable"),
         GatewayError::CallerGone => ("api_error", "caller_gone"),
     };
-    let mut r = error(status, kind, code, e.to_string());
+    let message = match e {
+        // Its store's failure (Redis's address, keys, errors) goes to the log under a reference,
+        // not to the caller.
+        GatewayError::Unavailable(why) => {
+            let reference = crate::http::auth::logged("the AI gateway", why);
+            format!("the AI gateway's state is unavailable (reference {reference} in switchyard's log); retry")
+        }
+        _ => e.to_string(),
+    };
+    let mut r = error(status, kind, code, message);
     let after = match e {
         GatewayError::RateLimited { retry_after } => Some(retry_after.as_secs_f64().ceil() as u64),
         GatewayError::BudgetExhausted { .. } => Some(60),
@@ -294,6 +303,26 @@ async fn completions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store failure is answered with a reference to the log, never Redis's words (its address,
+    /// keys, errors), and with Retry-After.
+    #[tokio::test]
+    async fn an_unavailable_store_is_not_quoted_to_the_caller() {
+        let r = gateway_error(&GatewayError::Unavailable(
+            "redis://:pw@10.0.0.7:6379: Connection refused".into(),
+        ));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("reference"), "{text}");
+        assert!(
+            !text.contains("10.0.0.7") && !text.contains("refused"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn what_bounds_a_call_s_cost_must_be_countable() {

@@ -1148,9 +1148,7 @@ impl Ingest {
                 }
                 Err(e) => {
                     count(door, "failed", events.len());
-                    return super::auth::unavailable(format!(
-                        "rate limit unavailable (redis: {e}); retry"
-                    ));
+                    return super::auth::store_unavailable("the ingest rate limit", e);
                 }
             }
         }
