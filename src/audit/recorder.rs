@@ -97,7 +97,7 @@ async fn write(w: Writer, mut rx: mpsc::UnboundedReceiver<Item>) {
             batch = rest;
             if let Err((e, whats)) = w.write_batch(stage, same).await {
                 for what in whats {
-                    tracing::warn!(error = %e, record = what, "Could not write an audit record.");
+                    tracing::error!(error = %e, record = what, "Could not write an audit record; it is lost.");
                 }
             }
         }
@@ -143,22 +143,50 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
-        let (records, sealed) = self
-            .sealer
-            .seal(stage, &self.sealer.own_chain, &self.emitter, &events)
-            .await
-            .map_err(|e| (e.to_string(), whats.clone()))?;
+        // Sealing fails while Redis is out of reach: tried again (the records wait in memory)
+        // rather than dropped with a warning.
+        let mut attempt = 0u32;
+        let (records, sealed) = loop {
+            match self
+                .sealer
+                .seal(stage, &self.sealer.own_chain, &self.emitter, &events)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if attempt < SEAL_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "Could not seal audit records; trying again.");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err((e.to_string(), whats)),
+            }
+        };
         let trail: Vec<Output> = records.into_iter().chain(sealed.seals).collect();
-        if let Some(Err(e)) = self
-            .producer
-            .send_all(&trail)
-            .await
-            .into_iter()
-            .find(Result::is_err)
-        {
-            // The head moved past a seal that is not on the topic: the next seal writes it again.
-            sealed.watch.unsent();
-            return Err((e.to_string(), whats));
+        // A failed delivery (the broker out of reach for the producer's whole
+        // `message.timeout.ms`) is tried again with the same bytes: a record delivered twice is a
+        // repeat `audit verify` skips; one never delivered under a seal that is would be missing.
+        let mut attempt = 0u32;
+        loop {
+            let failed = self
+                .producer
+                .send_all(&trail)
+                .await
+                .into_iter()
+                .find_map(Result::err);
+            match failed {
+                None => break,
+                Some(e) if attempt < SEND_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "Could not write audit records; writing them again.");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Some(e) => {
+                    // The head moved past a seal that is not on the topic: the next seal writes
+                    // it again.
+                    sealed.watch.unsent();
+                    return Err((e.to_string(), whats));
+                }
+            }
         }
         if let Some(Err(e)) = self
             .producer
@@ -171,4 +199,15 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Times a batch's sealing is tried again (over about two minutes) before its records are given
+/// up, logged.
+const SEAL_ATTEMPTS: u32 = 30;
+/// Times a batch's records are written again after a failed delivery.
+const SEND_ATTEMPTS: u32 = 3;
+
+/// 0.5 s, 1 s, 2 s, then 5 s between attempts.
+fn backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((250u64 << attempt.min(5)).min(5_000))
 }
