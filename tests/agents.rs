@@ -1502,7 +1502,11 @@ async fn dead_letters_are_listed_and_redriven_without_harm() {
     let again = &results(&recs)[0];
     assert_eq!(again.status, "succeeded", "{again:?}");
     assert!(again.task_id.contains("-redrive-"), "{again:?}");
-    cli(&["dlq", "redrive", "--reason", "agent_failed"]);
+    let twice = cli(&["dlq", "redrive", "--reason", "agent_failed"]);
+    assert!(
+        twice.contains("skipped: redriven before (") && twice.contains("redrove 0 "),
+        "a redriven dead letter is remembered: {twice}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         st.total.load(Ordering::SeqCst),
@@ -1909,6 +1913,28 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
     assert!(
         again.contains("would redrive 1 ") && again.contains("skipped: redriven before"),
         "{again}"
+    );
+    // A record written straight to the dead-letter topic, naming as its source a topic its stage
+    // does not read (the actions): not sent there.
+    let actions = env.topic("switchyard.actions");
+    env.send_raw(
+        "switchyard.dlq",
+        "svc-forged",
+        br#"{"action":"rollback"}"#,
+        &[
+            ("switchyard.dlq.source.topic", actions.as_str()),
+            ("switchyard.dlq.stage", "route"),
+            ("switchyard.dlq.reason", "not_cloudevent"),
+            ("switchyard.dlq.time", "2099-01-01T00:00:00Z"),
+        ],
+    )
+    .await;
+    let forged = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(
+        forged.contains(&format!(
+            "skipped: its source topic {actions:?} is not one the \"route\" stage reads"
+        )) && !forged.contains(&format!("republished to {actions}")),
+        "{forged}"
     );
 }
 

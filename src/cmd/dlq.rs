@@ -55,7 +55,22 @@ pub enum DlqCommand {
         filter: Filter,
         #[arg(long)]
         dry_run: bool,
+        /// Also those redriven before (each redrive is remembered in Redis for 30 days, so a
+        /// repeated run does not send them again).
+        #[arg(long)]
+        again: bool,
     },
+}
+
+/// How long a redriven dead letter is remembered (the dead-letter topic's usual retention).
+const REDRIVEN_KEEP_SECONDS: u64 = 30 * 24 * 3600;
+
+/// Where the redrive of dead letter `p@o` is remembered.
+fn redriven_key(l: &Loaded, p: i32, o: i64) -> String {
+    format!(
+        "{}:dlq:redriven:{}:{p}:{o}",
+        l.config.redis.key_prefix, l.config.topics.dlq
+    )
 }
 
 /// A header of a dead letter ([`crate::kafka::dlq_headers::value`]), as text.
@@ -172,6 +187,17 @@ pub fn redrive_record(
     first: (i32, i64),
 ) -> Result<(Output, String), String> {
     let source = header(r, SOURCE_TOPIC).ok_or("no source topic header")?;
+    // Only to a topic the stage that dead-lettered it reads: whoever can write to the dead-letter
+    // topic could otherwise have the operator's credentials publish anything anywhere (actions,
+    // the audit trail).
+    let stage = header(r, STAGE).unwrap_or("");
+    let reads = crate::stages::find(stage)
+        .is_some_and(|def| (def.inputs)(&l.config.topics).iter().any(|t| t == source));
+    if !reads {
+        return Err(format!(
+            "its source topic {source:?} is not one the {stage:?} stage reads"
+        ));
+    }
     if header(r, TRUNCATED).is_some() {
         return Err("its payload was cut to fit the dead-letter topic".into());
     }
@@ -280,7 +306,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             }
             Ok(())
         }
-        DlqCommand::Redrive { filter, dry_run } => {
+        DlqCommand::Redrive {
+            filter,
+            dry_run,
+            again,
+        } => {
+            let conn = crate::store::RedisConn::from_config(&l.config.redis)
+                .map_err(|e| format!("redis.url: {e}"))?;
             let l2 = l.clone();
             let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
                 .await
@@ -343,12 +375,51 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                     }
                     None => (r.partition, r.offset),
                 };
+                // Remembered by the first dead letter of its task (copies share it).
+                let marker = redriven_key(&l, first.0, first.1);
+                if !again {
+                    let mut c = conn.get().await.map_err(|e| {
+                        format!("cannot reach Redis to see what was redriven before: {e}")
+                    })?;
+                    let when: Option<String> = redis::cmd("GET")
+                        .arg(&marker)
+                        .query_async(&mut c)
+                        .await
+                        .map_err(|e| format!("cannot read what was redriven before: {e}"))?;
+                    if let Some(when) = when {
+                        skipped += 1;
+                        println!(
+                            "dlq {}@{}: skipped: redriven before ({when}; --again sends it again)",
+                            r.partition, r.offset
+                        );
+                        continue;
+                    }
+                }
                 match redrive_record(&l, r, first) {
                     Ok((out, what)) => {
                         if !dry_run {
                             producer.send(&out).await.map_err(|e| {
                                 format!("dlq {}@{}: producing failed: {e}", r.partition, r.offset)
                             })?;
+                            // Remembered, so the next run does not send it again (a failure
+                            // here is said: the record is sent, a repeat run would send it again).
+                            let mark = async {
+                                let mut c = conn.get().await.map_err(|e| e.to_string())?;
+                                redis::cmd("SET")
+                                    .arg(&marker)
+                                    .arg(crate::event::now_rfc3339())
+                                    .arg("EX")
+                                    .arg(REDRIVEN_KEEP_SECONDS)
+                                    .query_async::<()>(&mut c)
+                                    .await
+                                    .map_err(|e| e.to_string())
+                            };
+                            if let Err(e) = mark.await {
+                                eprintln!(
+                                    "dlq {}@{}: redriven, but not remembered as such ({e}): a repeated redrive sends it again",
+                                    r.partition, r.offset
+                                );
+                            }
                         }
                         sent += 1;
                         println!("dlq {}@{}: {what}", r.partition, r.offset);
