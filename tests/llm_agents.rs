@@ -657,8 +657,73 @@ governance:
         2,
         "neither redelivered action calls the tool"
     );
+    // One claimed a moment ago by another instance, whose call may still be under way (a
+    // rebalance gave up on it and it runs on): waited for, not recorded unknown; once that call's
+    // outcome is kept, its records are written here.
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(marker("act-busy"))
+        .arg("running")
+        .cmd("SET")
+        .arg(format!("{}:by", marker("act-busy")))
+        .arg("another-instance")
+        .arg("EX")
+        .arg(86_400)
+        .query_async(&mut redis)
+        .await
+        .expect("markers");
+    env.send_raw(
+        "switchyard.actions",
+        &ticket.resource,
+        &forged("act-busy", well_formed.clone()),
+        &headers,
+    )
+    .await;
+    let busy_record = |recs: &[switchyard::kafka::Input]| {
+        recs.iter()
+            .map(event_of)
+            .find(|ev| ev.id == stable("act-busy"))
+            .map(|ev| data_of(&ev)["call"].clone())
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let early = env
+        .read("switchyard.tool-calls", 100, Duration::from_millis(500))
+        .await;
+    assert_eq!(
+        busy_record(&early),
+        None,
+        "not recorded while its call may run"
+    );
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(marker("act-busy"))
+        .arg("done")
+        .cmd("SET")
+        .arg(format!("{}:outcome", marker("act-busy")))
+        .arg(
+            json!({"time": "2026-11-28T10:00:01.000Z", "outcome": "executed",
+                   "result": {"ticket": "T-10"}, "duration_ms": 7})
+            .to_string(),
+        )
+        .query_async(&mut redis)
+        .await
+        .expect("outcome");
+    let mut busy = None;
+    for _ in 0..40 {
+        busy = busy_record(
+            &env.read("switchyard.tool-calls", 100, Duration::from_millis(500))
+                .await,
+        );
+        if busy.is_some() {
+            break;
+        }
+    }
+    let busy = busy.expect("the previous owner's outcome written");
+    assert_eq!(busy["outcome"], "executed", "{busy}");
+    assert_eq!(busy["result"], json!({"ticket": "T-10"}));
+    assert_eq!(seen.lock().expect("lock").len(), 2, "nothing called here");
     // Every tool action's call is in the trail, sealed into the tools stage's chain: the first
-    // ticket, the restart, the forged one carried out, the two above (the repeat's record is the
+    // ticket, the restart, the forged one carried out, the three above (the repeat's record is the
     // same bytes as the first).
     let v = env.verified_audit(1, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
@@ -668,7 +733,7 @@ governance:
         .filter(|a| a.decision == "tool_call" && !a.detail["action_id"].is_null())
         .map(|a| a.detail["action_id"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(executor_calls.len(), 5, "{executor_calls:?}");
+    assert_eq!(executor_calls.len(), 6, "{executor_calls:?}");
     running.stop().await;
 }
 

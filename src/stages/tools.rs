@@ -126,6 +126,11 @@ redis.call('DEL', KEYS[5])
 return {1, '', ''}
 ";
 
+/// How long an action claimed by another owner whose call never finished is waited for before it is
+/// recorded `unknown`: longer than a call with its retries (three attempts of a tool's timeout, 10 s
+/// by default).
+const PREVIOUS_OWNER_WAIT: Duration = Duration::from_secs(120);
+
 /// How long a claim's claimant is kept: longer than any call, retry and redelivery of it within
 /// one process's life that needs it.
 const CLAIMANT_SECONDS: u64 = 24 * 3600;
@@ -461,6 +466,24 @@ impl ToolsStage {
                 // Refused before as not fitting the schema: its dead letter again (it may not
                 // have been written before a crash).
                 return fail("invalid_tool_arguments", why);
+            }
+            if info == "running" && by != self.instance {
+                // Another owner's claim, taken recently: its call may still be under way (a
+                // rebalance gave up on it after the drain timeout, and it runs on). Waited for —
+                // once it finishes its outcome is kept and written again here, the same bytes its
+                // seal lists — rather than recorded unknown beside its real outcome.
+                let left: i64 = redis::cmd("PTTL")
+                    .arg(&claimant)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| ProcessError::Transient(format!("tool claim age: {e}")))?;
+                let age_ms = (CLAIMANT_SECONDS as i64 * 1000).saturating_sub(left);
+                if left > 0 && age_ms < PREVIOUS_OWNER_WAIT.as_millis() as i64 {
+                    return Err(ProcessError::Transient(format!(
+                        "tool action {}: a previous owner's call ({by}) may still be under way; waiting for it",
+                        a.action_id
+                    )));
+                }
             }
             if info == "running" {
                 tracing::warn!(action_id = %a.action_id, tool = name, "A call of this tool action was started and never finished (a crash, or a previous owner still calling); not carried out again, recorded as unknown.");
