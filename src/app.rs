@@ -203,6 +203,21 @@ pub async fn run(
     }
     let resources = resource_store(&loaded, redis.clone());
     let sealer = sealer(&loaded, redis.clone(), Some(&producer));
+    {
+        // Other processes' own audit chains idle for 5 minutes (their process gone): their kept
+        // seals written again, so one a crash left unsent does not leave a gap for good.
+        let (sealer, emitter, producer) = (sealer.clone(), emitter.clone(), producer.clone());
+        tracker.spawn(async move {
+            match sealer
+                .repair_idle_own_chains(&emitter, &producer, Duration::from_secs(300))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(chains = n, "Wrote again the last seals of idle audit chains of other processes."),
+                Err(e) => tracing::warn!(error = %e, "Could not repair idle audit chains of other processes."),
+            }
+        });
+    }
     crate::telemetry::know_agents(cfg.agents.keys().cloned());
     let stats = Arc::new(crate::agents::stats::AgentStats::new(
         redis.clone(),

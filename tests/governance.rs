@@ -3882,3 +3882,90 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
         .expect("kept");
     assert_eq!(open.approval.status, "pending", "still open for a person");
 }
+
+/// A process that crashed with a seal of its own audit chain unsent — after a later seal of that
+/// chain was written — left a gap nobody else would fill (no other process seals that chain):
+/// `audit verify` failed for good. Another process repairs an own chain idle for a while by writing
+/// its kept seals again (the same bytes), and the trail verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_own_chain_left_with_an_unsent_seal_is_repaired_by_another_process() {
+    use switchyard::audit::sealer::{RedisChainStore, Sealer};
+    let env = TestEnv::new(1, "").await;
+    let conn = switchyard::store::RedisConn::from_config(&env.loaded.config.redis).expect("redis");
+    let audit_topic = env.topic("switchyard.audit");
+    let emitter =
+        switchyard::records::Emitter::new(env.loaded.schemas.clone(), env.loaded.topics.clone());
+    let producer = switchyard::kafka::Producer::new(&switchyard::kafka::producer_config(
+        &env.loaded.config.kafka,
+    ))
+    .expect("producer");
+    let store = || Arc::new(RedisChainStore::new(conn.clone(), &env.prefix));
+    let gone = Sealer::new(store(), &audit_topic);
+    let record = |n: u32| {
+        let audit = AuditData {
+            decision: "approval_decided".into(),
+            stage: "approvals".into(),
+            resource: format!("svc-{n}"),
+            tenant: "default".into(),
+            event_id: None,
+            task_id: None,
+            workflow_id: None,
+            trace_id: None,
+            reason: None,
+            detail: json!({"n": n}),
+            seq: None,
+            prev_hash: None,
+            hash: None,
+        };
+        switchyard::records::audit_event(
+            "switchyard/approvals",
+            &["test", &n.to_string()],
+            &audit,
+            None,
+            "2026-11-29T00:00:00.000Z",
+        )
+        .expect("audit event")
+    };
+    // Its first batch: the record written, the seal not (the crash); its second: both.
+    let (first, _unsent) = gone
+        .seal("approvals", &gone.own_chain, &emitter, &[record(1)])
+        .await
+        .expect("sealed");
+    let (second, sent) = gone
+        .seal("approvals", &gone.own_chain, &emitter, &[record(2)])
+        .await
+        .expect("sealed");
+    let trail: Vec<Output> = first
+        .into_iter()
+        .chain(second)
+        .chain(sent.seals.clone())
+        .collect();
+    for r in producer.send_all(&trail).await {
+        r.expect("written");
+    }
+    drop(sent);
+    let broken = env.verified_audit(2, Duration::from_secs(5)).await;
+    assert!(
+        !broken.problems.is_empty(),
+        "the gap is there before the repair"
+    );
+    // Another process starts: the chain has not sealed for longer than the idle time given.
+    let other = Sealer::new(store(), &audit_topic);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let repaired = other
+        .repair_idle_own_chains(&emitter, &producer, Duration::from_millis(10))
+        .await
+        .expect("repaired");
+    assert_eq!(repaired, 1);
+    let v = env.verified_audit(2, Duration::from_secs(30)).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!(v.records, 2);
+    // Forgotten once repaired: a second start has nothing to do.
+    assert_eq!(
+        other
+            .repair_idle_own_chains(&emitter, &producer, Duration::from_millis(10))
+            .await
+            .expect("nothing"),
+        0
+    );
+}

@@ -128,6 +128,26 @@ pub trait ChainStore: Send + Sync + 'static {
         head: (u64, &'a str),
         seal: &'a [u8],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Notes that the own chain `chain` (a process's, [`Sealer::own_chain`]) sealed at `now_ms`,
+    /// so another process can repair it once it falls idle ([`Sealer::repair_idle_own_chains`]).
+    fn note_own<'a>(
+        &'a self,
+        _chain: &'a str,
+        _now_ms: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Own chains last noted before `before_ms` (at most 100).
+    fn idle_own(&self, _before_ms: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Forgets an own chain noted before (repaired).
+    fn forget_own<'a>(&'a self, _chain: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// KEYS[1] the chain's head; ARGV seq, hash, seal. Sets the head unless it is at `seq` or further.
@@ -203,7 +223,58 @@ impl RedisChainStore {
     }
 }
 
+impl RedisChainStore {
+    /// The own chains and when each last sealed (a sorted set).
+    fn own_key(&self) -> String {
+        format!("{}:auditchain:own", self.prefix)
+    }
+}
+
 impl ChainStore for RedisChainStore {
+    fn note_own<'a>(
+        &'a self,
+        chain: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let _: () = redis::cmd("ZADD")
+                .arg(self.own_key())
+                .arg(now_ms)
+                .arg(chain)
+                .query_async(&mut c)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn idle_own(&self, before_ms: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::cmd("ZRANGEBYSCORE")
+                .arg(self.own_key())
+                .arg("-inf")
+                .arg(before_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(100)
+                .query_async(&mut c)
+                .await?)
+        })
+    }
+
+    fn forget_own<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            let _: () = redis::cmd("ZREM")
+                .arg(self.own_key())
+                .arg(chain)
+                .query_async(&mut c)
+                .await?;
+            Ok(())
+        })
+    }
+
     fn head<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<Head, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
@@ -418,9 +489,66 @@ pub struct Sealer {
     /// seal must stay under ([`Self::entries_budget`]).
     limits: crate::kafka::TopicLimits,
     producer_max: usize,
+    /// When the own chain was last noted alive (ms since the epoch; see [`ChainStore::note_own`]).
+    own_noted: std::sync::atomic::AtomicI64,
 }
 
 impl Sealer {
+    /// Notes the own chain alive, at most every 10 s (best effort: a chain not noted is only not
+    /// repaired by another process after a crash).
+    async fn note_own(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        if now - self.own_noted.load(Ordering::Relaxed) < 10_000 {
+            return;
+        }
+        self.own_noted.store(now, Ordering::Relaxed);
+        if let Err(e) = self.store.note_own(&self.own_chain, now).await {
+            tracing::debug!(error = %e, "Could not note the own audit chain.");
+        }
+    }
+
+    /// Writes again the kept seals of other processes' own chains that have not sealed for
+    /// `idle` (their process most likely gone), then forgets them: a process that crashed with a
+    /// seal of its own chain unsent, after a later one was written, left a gap `audit verify`
+    /// would report for good — nobody else seals that chain. The seals are the identical bytes (a
+    /// repeat verify skips). Returns how many chains were repaired.
+    pub async fn repair_idle_own_chains(
+        &self,
+        emitter: &Emitter,
+        producer: &crate::kafka::Producer,
+        idle: std::time::Duration,
+    ) -> Result<usize, String> {
+        let before = chrono::Utc::now().timestamp_millis() - idle.as_millis() as i64;
+        let chains = self
+            .store
+            .idle_own(before)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut repaired = 0;
+        for chain in chains.iter().filter(|c| **c != self.own_chain) {
+            let head = self.store.head(chain).await.map_err(|e| e.to_string())?;
+            let seals: Vec<Output> = head
+                .seals
+                .into_iter()
+                .map(|(_, bytes)| emitter.encoded(&self.topic, chain, bytes))
+                .collect();
+            if let Some(Err(e)) = producer
+                .send_all(&seals)
+                .await
+                .into_iter()
+                .find(Result::is_err)
+            {
+                return Err(format!("audit chain {chain}: {e}"));
+            }
+            self.store
+                .forget_own(chain)
+                .await
+                .map_err(|e| e.to_string())?;
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+
     /// Seals sized by these limits: the audit topic's (read at start, refreshed) and the producer's.
     pub fn with_limits(mut self, limits: crate::kafka::TopicLimits, producer_max: usize) -> Self {
         self.limits = limits;
@@ -450,6 +578,7 @@ impl Sealer {
             own_chain: format!("approvals/{}", uuid::Uuid::new_v4().simple()),
             limits: Default::default(),
             producer_max: 1_000_000,
+            own_noted: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -581,6 +710,9 @@ impl Sealer {
             {
                 Advance::Done => {
                     self.remember(chain, (data.seq, Some(hash), lineage.clone()));
+                    if chain == self.own_chain {
+                        self.note_own().await;
+                    }
                     let mut seals = Vec::with_capacity(again.len() + 1);
                     for (_, bytes) in again {
                         METRICS.audit_seals_rewritten.inc();
