@@ -370,6 +370,59 @@ async fn own_topics_in_avro_run_end_to_end_and_the_trail_verifies() {
             && story.contains("rollback approval_requested by sla-responder"),
         "{story}"
     );
+    // Another tenant's event with the same id (ids are unique per tenant and source): `trace`
+    // does not tell the two as one story — it asks which, and tells one with --tenant.
+    let running = env.start(&["route"]);
+    env.publish(
+        "events.sla-breaches",
+        &[event(
+            "s1",
+            "sla.breached",
+            "svc-other",
+            json!({"slo": "availability", "objective": 99.9, "observed": 99.0}),
+        )
+        .with_extension("tenant", "acme")],
+    )
+    .await;
+    let mut routed = false;
+    for _ in 0..40 {
+        routed = env
+            .read("switchyard.audit", usize::MAX, Duration::from_secs(1))
+            .await
+            .iter()
+            .any(|r| {
+                env.decode(r)
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d["tenant"] == "acme" && d["event_id"] == "s1")
+            });
+        if routed {
+            break;
+        }
+    }
+    running.stop().await;
+    assert!(routed, "the other tenant's event was routed");
+    let out = std::process::Command::new(bin())
+        .args(["--config", env.config_path.to_str().expect("path")])
+        .args(["trace", "s1"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("found in 2 tenants (acme, default): give --tenant"),
+        "{err}"
+    );
+    let mine = cli(&env, &["trace", "s1", "--tenant", "default"]);
+    assert!(
+        mine.contains("(sla-responder): 2 proposed: 1 accepted, 1 approved")
+            && !mine.contains("svc-other"),
+        "{mine}"
+    );
+    let theirs = cli(&env, &["trace", "s1", "--tenant", "acme"]);
+    assert!(
+        theirs.contains("svc-other") && !theirs.contains("svc-avro"),
+        "{theirs}"
+    );
 }
 
 /// An Avro audit topic needs the seals' schema: without it `validate` names the problem.

@@ -26,6 +26,10 @@ use crate::event::CloudEvent;
 #[derive(clap::Args)]
 pub struct TraceArgs {
     pub event_id: String,
+    /// The event's tenant (event ids are unique per tenant and source): needed when the id is
+    /// found in several.
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// How far back to look: `30m`, `2h`, `1d` or an RFC 3339 time.
     #[arg(long, default_value = "1d")]
     pub since: String,
@@ -73,9 +77,27 @@ fn print(recs: &[&(CloudEvent, Value)], json_out: bool) {
 pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
     let l = ctx.load_noting()?;
     let since = a.since.clone();
-    let recs = tokio::task::spawn_blocking(move || audit_since(&l, &since))
+    let mut recs = tokio::task::spawn_blocking(move || audit_since(&l, &since))
         .await
         .map_err(|e| e.to_string())??;
+    // One tenant's story: two tenants' events may share an id.
+    if let Some(t) = &a.tenant {
+        recs.retain(|(_, d)| d["tenant"] == t.as_str());
+    } else {
+        let tenants: BTreeSet<&str> = recs
+            .iter()
+            .filter(|(_, d)| d["event_id"] == a.event_id.as_str())
+            .filter_map(|(_, d)| d["tenant"].as_str())
+            .collect();
+        if tenants.len() > 1 {
+            return Err(format!(
+                "event {} is found in {} tenants ({}): give --tenant",
+                a.event_id,
+                tenants.len(),
+                tenants.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
     // The event's records, then the model and tool calls of its tasks.
     let tasks: BTreeSet<String> = recs
         .iter()
