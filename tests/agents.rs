@@ -978,6 +978,49 @@ async fn a_failing_store_script_is_not_retried_for_ever() {
     ));
 }
 
+/// One task stuck at the head of its lane holds its partition's commit while the partition's other
+/// lanes go on: past 4 × `max_in_flight` records read behind it, that partition is paused until it
+/// moves (before, everything behind it was read and kept tracked — memory and what a restart would
+/// redeliver grew without bound). Once the stuck task ends, everything runs, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_lane_head_pauses_its_partition_past_a_bounded_span() {
+    let (url, _st) = serve_http_agent().await;
+    let env = TestEnv::with(1, "  max_in_flight: 4", &http_agent_yaml(&url, 12_000, 0)).await;
+    let running = env.start(&["route", "agents"]);
+    let mut events = vec![event(
+        "stuck-1",
+        "deployment.started",
+        "svc-stuck",
+        json!({"mode": "hang"}),
+    )];
+    events.extend((0..200).map(|i| {
+        event(
+            &format!("flow-{i}"),
+            "deployment.started",
+            &format!("svc-{i}"),
+            json!({"mode": "ok"}),
+        )
+    }));
+    env.publish("events.deployments", &events).await;
+    // While the head hangs (12 s), the others run only up to the span (16 records behind it, plus
+    // what one look's 200 ms let through), not all 200.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let early = env
+        .read("switchyard.results", 201, Duration::from_secs(1))
+        .await
+        .len();
+    assert!(
+        early > 0 && early < 200,
+        "the partition is paused past the span: {early} results while the head hangs"
+    );
+    // The head times out (its result written): everything after it runs.
+    let all = env
+        .read("switchyard.results", 201, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert_eq!(all.len(), 201, "nothing lost");
+}
+
 /// An agent answering with thousands of findings (and a huge value) does not wedge its partition:
 /// a task writes at most 256 findings of at most 64 KiB each, the rest are refused — summed up in
 /// at most 64 refusal records — and the next task on the same resource runs. (Before, the context
