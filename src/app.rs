@@ -207,11 +207,16 @@ pub async fn run(
         // Other processes' own audit chains idle for 5 minutes (their process gone): their kept
         // seals written again, so one a crash left unsent does not leave a gap for good.
         let (sealer, emitter, producer) = (sealer.clone(), emitter.clone(), producer.clone());
+        let stopping = stop.clone();
         tracker.spawn(async move {
-            match sealer
-                .repair_idle_own_chains(&emitter, &producer, Duration::from_secs(300))
-                .await
-            {
+            let repair =
+                sealer.repair_idle_own_chains(&emitter, &producer, Duration::from_secs(300));
+            // Not in the way of a shutdown (a broker out of reach holds each send for minutes).
+            let done = tokio::select! {
+                r = repair => r,
+                _ = stopping.cancelled() => return,
+            };
+            match done {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(chains = n, "Wrote again the last seals of idle audit chains of other processes."),
                 Err(e) => tracing::warn!(error = %e, "Could not repair idle audit chains of other processes."),

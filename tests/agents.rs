@@ -1957,15 +1957,16 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
         again.contains("would redrive 1 ") && again.contains("skipped: redriven before"),
         "{again}"
     );
-    // A record written straight to the dead-letter topic, naming as its source a topic its stage
-    // does not read (the actions): not sent there.
-    let actions = env.topic("switchyard.actions");
+    // A record written straight to the dead-letter topic (its headers say anything) naming a
+    // source record that is not the record it holds: not sent on with the operator's credentials.
     env.send_raw(
         "switchyard.dlq",
         "svc-forged",
-        br#"{"action":"rollback"}"#,
+        br#"{"approval_id":"apr-y","decision":"approve","by":"mallory"}"#,
         &[
-            ("switchyard.dlq.source.topic", actions.as_str()),
+            ("switchyard.dlq.source.topic", source.as_str()),
+            ("switchyard.dlq.source.partition", "0"),
+            ("switchyard.dlq.source.offset", "0"),
             ("switchyard.dlq.stage", "route"),
             ("switchyard.dlq.reason", "not_cloudevent"),
             ("switchyard.dlq.time", "2099-01-01T00:00:00Z"),
@@ -1975,8 +1976,8 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
     let forged = cli(&env, &["dlq", "redrive", "--dry-run"]);
     assert!(
         forged.contains(&format!(
-            "skipped: its source topic {actions:?} is not one the \"route\" stage reads"
-        )) && !forged.contains(&format!("republished to {actions}")),
+            "skipped: its source record {source}[0]@0 is not the record it holds"
+        )) && forged.contains("would redrive 1 "),
         "{forged}"
     );
 }

@@ -19,6 +19,11 @@ use crate::records::{audit_event, AuditData, Emitter};
 /// Records taken into one batch at most.
 const MAX_BATCH: usize = 512;
 
+/// Records waiting for the writer at most: past it (Redis or the broker out of reach for long,
+/// callers going on) new ones are dropped — counted, logged at ERROR — rather than growing memory
+/// until the process dies with every stage.
+const MAX_QUEUED: usize = 20_000;
+
 /// One recorded audit record, waiting for the writer.
 struct Item {
     stage: &'static str,
@@ -30,14 +35,15 @@ struct Item {
 /// Writes audit records (and their companions) in the background.
 #[derive(Clone)]
 pub struct Recorder {
-    queue: mpsc::UnboundedSender<Item>,
+    queue: mpsc::Sender<Item>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Recorder {
     /// Starts the background writer (on the current Tokio runtime). It ends once every clone of
     /// the recorder is dropped and what was recorded is written.
     pub fn new(emitter: Emitter, sealer: Arc<Sealer>, producer: Producer) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(MAX_QUEUED);
         tokio::spawn(write(
             Writer {
                 emitter,
@@ -46,7 +52,10 @@ impl Recorder {
             },
             rx,
         ));
-        Recorder { queue }
+        Recorder {
+            queue,
+            dropped: Default::default(),
+        }
     }
 
     /// Seals `audit` into the process's own chain and produces it, then `companion` (topic,
@@ -65,11 +74,27 @@ impl Recorder {
             audit,
             companion,
         };
-        if self.queue.send(item).is_err() {
-            tracing::warn!(
-                record = what,
-                "Could not write an audit record: the writer has stopped."
-            );
+        match self.queue.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let n = self
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Once, then every thousandth: an outage would otherwise flood the log.
+                if n % 1000 == 0 {
+                    tracing::error!(
+                        record = what,
+                        dropped = n + 1,
+                        "Audit records are not being written (Redis or the broker out of reach) and {MAX_QUEUED} wait: this one is lost."
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!(
+                    record = what,
+                    "Could not write an audit record: the writer has stopped."
+                );
+            }
         }
     }
 }
@@ -80,7 +105,7 @@ struct Writer {
     producer: Producer,
 }
 
-async fn write(w: Writer, mut rx: mpsc::UnboundedReceiver<Item>) {
+async fn write(w: Writer, mut rx: mpsc::Receiver<Item>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -153,7 +178,8 @@ impl Writer {
                 .await
             {
                 Ok(r) => break r,
-                Err(e) if attempt < SEAL_ATTEMPTS => {
+                // Only what may pass (Redis out of reach) is tried again.
+                Err(e @ crate::error::ProcessError::Transient(_)) if attempt < SEAL_ATTEMPTS => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "Could not seal audit records; trying again.");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -201,11 +227,12 @@ impl Writer {
     }
 }
 
-/// Times a batch's sealing is tried again (over about two minutes) before its records are given
-/// up, logged.
-const SEAL_ATTEMPTS: u32 = 30;
-/// Times a batch's records are written again after a failed delivery.
-const SEND_ATTEMPTS: u32 = 3;
+/// Times a batch's sealing is tried again (over about a minute) before its records are given up,
+/// logged.
+const SEAL_ATTEMPTS: u32 = 15;
+/// Times a batch's records are written again after a failed delivery (each waits up to the
+/// producer's `message.timeout.ms`).
+const SEND_ATTEMPTS: u32 = 1;
 
 /// 0.5 s, 1 s, 2 s, then 5 s between attempts.
 fn backoff(attempt: u32) -> std::time::Duration {

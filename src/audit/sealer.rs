@@ -144,11 +144,26 @@ pub trait ChainStore: Send + Sync + 'static {
         Box::pin(async { Ok(Vec::new()) })
     }
 
-    /// Forgets an own chain noted before (repaired).
-    fn forget_own<'a>(&'a self, _chain: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+    /// Forgets an own chain noted before `before_ms` (repaired) — not one noted since (its process
+    /// sealed meanwhile: alive) — and every one noted before `stale_ms`.
+    fn forget_own<'a>(
+        &'a self,
+        _chain: &'a str,
+        _before_ms: i64,
+        _stale_ms: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// KEYS[1] the own chains; ARGV[1] a chain, ARGV[2] the idle cutoff, ARGV[3] the stale cutoff (ms).
+/// Removes the chain unless it was noted since the cutoff, and every chain noted before the stale one.
+const FORGET_OWN: &str = r"
+local at = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '')
+if at and at < tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+return 0
+";
 
 /// KEYS[1] the chain's head; ARGV seq, hash, seal. Sets the head unless it is at `seq` or further.
 const RESTORE: &str = r"
@@ -263,13 +278,20 @@ impl ChainStore for RedisChainStore {
         })
     }
 
-    fn forget_own<'a>(&'a self, chain: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn forget_own<'a>(
+        &'a self,
+        chain: &'a str,
+        before_ms: i64,
+        stale_ms: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            let _: () = redis::cmd("ZREM")
-                .arg(self.own_key())
+            let _: () = redis::Script::new(FORGET_OWN)
+                .key(self.own_key())
                 .arg(chain)
-                .query_async(&mut c)
+                .arg(before_ms)
+                .arg(stale_ms)
+                .invoke_async(&mut c)
                 .await?;
             Ok(())
         })
@@ -524,9 +546,19 @@ impl Sealer {
             .idle_own(before)
             .await
             .map_err(|e| e.to_string())?;
+        // Chains idle for a week are forgotten unrepaired (their seals' records are long verified
+        // or gone), so a chain that can never be repaired does not stay first for ever.
+        let stale = before - 7 * 24 * 3600 * 1000;
         let mut repaired = 0;
+        let mut failed = Vec::new();
         for chain in chains.iter().filter(|c| **c != self.own_chain) {
-            let head = self.store.head(chain).await.map_err(|e| e.to_string())?;
+            let head = match self.store.head(chain).await {
+                Ok(h) => h,
+                Err(e) => {
+                    failed.push(format!("{chain}: {e}"));
+                    continue;
+                }
+            };
             let seals: Vec<Output> = head
                 .seals
                 .into_iter()
@@ -538,15 +570,20 @@ impl Sealer {
                 .into_iter()
                 .find(Result::is_err)
             {
-                return Err(format!("audit chain {chain}: {e}"));
+                failed.push(format!("{chain}: {e}"));
+                continue;
             }
             self.store
-                .forget_own(chain)
+                .forget_own(chain, before, stale)
                 .await
                 .map_err(|e| e.to_string())?;
             repaired += 1;
         }
-        Ok(repaired)
+        if failed.is_empty() {
+            Ok(repaired)
+        } else {
+            Err(format!("{repaired} repaired; not: {}", failed.join("; ")))
+        }
     }
 
     /// Seals sized by these limits: the audit topic's (read at start, refreshed) and the producer's.

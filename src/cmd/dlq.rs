@@ -172,6 +172,27 @@ fn failed_task(l: &Loaded, r: &Input) -> Option<String> {
     task_of(l, r)
 }
 
+/// Whether dead letter `r` is what switchyard wrote: the record it names as its source is on that
+/// topic, with the same key and bytes (a dead letter keeps both whole, or is not redriven).
+fn genuine(reader: &crate::kafka::read::RecordReader, r: &Input) -> Result<(), String> {
+    let (Some(topic), Some(p), Some(o)) = (
+        header(r, SOURCE_TOPIC),
+        header(r, SOURCE_PARTITION).and_then(|p| p.parse::<i32>().ok()),
+        header(r, SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok()),
+    ) else {
+        return Err("it does not name its source record".into());
+    };
+    match reader.read(topic, p, o, Duration::from_secs(10))? {
+        Some(src) if src.key == r.key && src.payload == r.payload => Ok(()),
+        Some(_) => Err(format!(
+            "its source record {topic}[{p}]@{o} is not the record it holds (written to the dead-letter topic by someone else?)"
+        )),
+        None => Err(format!(
+            "its source record {topic}[{p}]@{o} is no longer there to check it against"
+        )),
+    }
+}
+
 /// The task id of a dead letter holding a task, whatever its reason.
 fn task_of(l: &Loaded, r: &Input) -> Option<String> {
     let ev = crate::codec::decode(r.view(), &l.schemas).ok()?;
@@ -345,6 +366,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             let recs = select(&all, &filter)?;
             let producer =
                 Producer::new(&producer_config(&l.config.kafka)).map_err(|e| e.to_string())?;
+            let reader = crate::kafka::read::RecordReader::new(&l.config.kafka)?;
             let (mut sent, mut skipped) = (0, 0);
             // Copies of one task's failure redrive once (under the first one's id).
             let mut done: std::collections::HashSet<String> = Default::default();
@@ -394,6 +416,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                         );
                         continue;
                     }
+                }
+                // Only a dead letter whose source record is there, the same key and bytes: one
+                // written straight to the dead-letter topic (its headers say anything) is not
+                // sent on with the operator's credentials.
+                if let Err(why) = genuine(&reader, r) {
+                    skipped += 1;
+                    println!("dlq {}@{}: skipped: {why}", r.partition, r.offset);
+                    continue;
                 }
                 match redrive_record(&l, r, first) {
                     Ok((out, what)) => {

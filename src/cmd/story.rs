@@ -77,13 +77,16 @@ fn print(recs: &[&(CloudEvent, Value)], json_out: bool) {
 pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
     let l = ctx.load_noting()?;
     let since = a.since.clone();
-    let mut recs = tokio::task::spawn_blocking(move || audit_since(&l, &since))
+    let recs = tokio::task::spawn_blocking(move || audit_since(&l, &since))
         .await
         .map_err(|e| e.to_string())??;
-    // One tenant's story: two tenants' events may share an id.
-    if let Some(t) = &a.tenant {
-        recs.retain(|(_, d)| d["tenant"] == t.as_str());
-    } else {
+    // One tenant's story: two tenants' events may share an id. The tenant picks the event's own
+    // records; its tasks', actions' and approvals' records follow by id (a model call's record
+    // names the tenant of the key that made it).
+    let of_event = |d: &Value| {
+        d["event_id"] == a.event_id.as_str() && a.tenant.as_deref().is_none_or(|t| d["tenant"] == t)
+    };
+    if a.tenant.is_none() {
         let tenants: BTreeSet<&str> = recs
             .iter()
             .filter(|(_, d)| d["event_id"] == a.event_id.as_str())
@@ -101,10 +104,10 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
     // The event's records, then the model and tool calls of its tasks.
     let tasks: BTreeSet<String> = recs
         .iter()
-        .filter(|(_, d)| d["event_id"] == a.event_id.as_str())
+        .filter(|(_, d)| of_event(d))
         .filter_map(|(_, d)| d["task_id"].as_str().map(str::to_string))
         .chain(recs.iter().flat_map(|(_, d)| {
-            (d["event_id"] == a.event_id.as_str() && d["decision"] == "routed")
+            (of_event(d) && d["decision"] == "routed")
                 .then(|| d["detail"]["tasks"].as_array().cloned().unwrap_or_default())
                 .into_iter()
                 .flatten()
@@ -114,7 +117,7 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
     // Approvals and their verdicts name the action (and approval) the event's decisions made.
     let ids: BTreeSet<String> = recs
         .iter()
-        .filter(|(_, d)| d["event_id"] == a.event_id.as_str())
+        .filter(|(_, d)| of_event(d))
         .flat_map(|(_, d)| {
             ["action_id", "approval_id"]
                 .into_iter()
@@ -124,7 +127,7 @@ pub async fn trace(ctx: &Ctx, a: TraceArgs) -> Result<(), String> {
     let mine: Vec<&(CloudEvent, Value)> = recs
         .iter()
         .filter(|(_, d)| {
-            d["event_id"] == a.event_id.as_str()
+            of_event(d)
                 || d["task_id"].as_str().is_some_and(|t| tasks.contains(t))
                 || ["action_id", "approval_id"]
                     .into_iter()

@@ -1369,7 +1369,11 @@ impl Ingest {
             Ok(None) => Claim::Mine,
             Ok(Some(Some(v))) if v == "done" => Claim::Duplicate,
             Ok(Some(_)) => Claim::InProgress,
-            Err(e) => Claim::Failed(format!("redis: {e}")),
+            // Redis's words go to the log, a reference to the caller.
+            Err(e) => Claim::Failed(format!(
+                "its duplicate check is unavailable (reference {} in switchyard's log)",
+                super::auth::logged("the ingest duplicate check", e)
+            )),
         }
     }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{admin_config, Input, KafkaConfig};
@@ -48,6 +49,59 @@ fn reader_with(
         .assign(&tpl)
         .map_err(|e| format!("cannot assign partitions: {e}"))?;
     Ok(consumer)
+}
+
+/// Reads single records by place (outside any consumer group), with one consumer for all.
+pub struct RecordReader {
+    consumer: BaseConsumer,
+}
+
+impl RecordReader {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, String> {
+        let mut cfg = crate::kafka::consumer_config(
+            kafka,
+            &format!("switchyard-read-{}", uuid::Uuid::new_v4()),
+        );
+        cfg.set("enable.auto.commit", "false");
+        Ok(RecordReader {
+            consumer: cfg
+                .create()
+                .map_err(|e| format!("cannot create consumer: {e}"))?,
+        })
+    }
+
+    /// The record at `topic`/`partition`@`offset`; none when the partition no longer holds it
+    /// (retention, compaction) or nothing came within `timeout`.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<Option<Input>, String> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| e.to_string())?;
+        self.consumer
+            .assign(&tpl)
+            .map_err(|e| format!("cannot assign {topic}[{partition}]: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
+                    if m.offset() == offset {
+                        return Ok(Some(Input::from_message(&m, Arc::from(topic))));
+                    }
+                    if m.offset() > offset {
+                        return Ok(None);
+                    }
+                }
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => return Err(format!("reading {topic}[{partition}]: {e}")),
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Reads every record of a topic from the beginning to the end each partition had when the read

@@ -63,6 +63,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             reclaim: Script::new(RECLAIM),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             calls: Default::default(),
+            previous_owner_wait: previous_owner_wait(&cfg.tools),
         }))
     })
 }
@@ -127,9 +128,24 @@ return {1, '', ''}
 ";
 
 /// How long an action claimed by another owner whose call never finished is waited for before it is
-/// recorded `unknown`: longer than a call with its retries (three attempts of a tool's timeout, 10 s
-/// by default).
-const PREVIOUS_OWNER_WAIT: Duration = Duration::from_secs(120);
+/// recorded `unknown`: longer than a call of the slowest tool with its retries ([`ATTEMPTS`] of its
+/// `timeout_ms`, the backoff between them), plus a minute; two minutes at least.
+fn previous_owner_wait(
+    tools: &std::collections::BTreeMap<String, crate::tools::ToolSpec>,
+) -> Duration {
+    use crate::tools::ToolSpec;
+    let slowest = tools
+        .values()
+        .map(|t| match t {
+            ToolSpec::Http(h) => h.timeout_ms,
+            ToolSpec::Mcp(m) => m.timeout_ms,
+        })
+        .max()
+        .unwrap_or(0);
+    let call = Duration::from_millis(slowest.saturating_mul(u64::from(ATTEMPTS)))
+        + Duration::from_millis((1..ATTEMPTS).map(|a| 200u64 << a).sum::<u64>());
+    (call + Duration::from_secs(60)).max(Duration::from_secs(120))
+}
 
 /// How long a claim's claimant is kept: longer than any call, retry and redelivery of it within
 /// one process's life that needs it.
@@ -185,6 +201,8 @@ pub struct ToolsStage {
     /// This process's claims name it as their claimant.
     instance: String,
     calls: Calls,
+    /// How long another owner's claim of an action is waited for ([`previous_owner_wait`]).
+    previous_owner_wait: Duration,
 }
 
 impl Processor for ToolsStage {
@@ -478,7 +496,7 @@ impl ToolsStage {
                     .await
                     .map_err(|e| ProcessError::Transient(format!("tool claim age: {e}")))?;
                 let age_ms = (CLAIMANT_SECONDS as i64 * 1000).saturating_sub(left);
-                if left > 0 && age_ms < PREVIOUS_OWNER_WAIT.as_millis() as i64 {
+                if left > 0 && age_ms < self.previous_owner_wait.as_millis() as i64 {
                     return Err(ProcessError::Transient(format!(
                         "tool action {}: a previous owner's call ({by}) may still be under way; waiting for it",
                         a.action_id
