@@ -175,6 +175,13 @@ fn failed_task(l: &Loaded, r: &Input) -> Option<String> {
 /// Whether dead letter `r` is what switchyard wrote: the record it names as its source is on that
 /// topic, with the same key and bytes (a dead letter keeps both whole, or is not redriven).
 fn genuine(reader: &crate::kafka::read::RecordReader, r: &Input) -> Result<(), String> {
+    if [TRUNCATED, KEY_TRUNCATED, HEADERS_DROPPED]
+        .iter()
+        .any(|h| header(r, h).is_some())
+    {
+        // Cut to fit the dead-letter topic: not redriven anyway (`redrive_record` says why).
+        return Ok(());
+    }
     let (Some(topic), Some(p), Some(o)) = (
         header(r, SOURCE_TOPIC),
         header(r, SOURCE_PARTITION).and_then(|p| p.parse::<i32>().ok()),

@@ -50,6 +50,7 @@ pub struct Input {
 /// bytes as a header name, and rdkafka's own reader (`Headers::iter`) panics on a name that is not
 /// UTF-8 — one such record from a non-Java producer killed the stage's poll thread, then every
 /// group member's in turn — so they are read here through librdkafka's C API.
+///
 /// With their total size (names and values) and how many were not kept: headers past `cap` bytes
 /// are counted, not copied.
 fn raw_headers(m: &BorrowedMessage<'_>, cap: usize) -> (Vec<(String, Vec<u8>)>, usize, usize) {

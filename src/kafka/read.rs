@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use super::{admin_config, Input, KafkaConfig};
 
