@@ -2614,9 +2614,11 @@ http:
         id_of("search"),
         id_of("cart"),
     );
+    // The screenshots go where SWITCHYARD_SCREENSHOTS says, else to a directory removed after.
+    let scratch = tempfile::tempdir().expect("tempdir");
     let shots = std::env::var("SWITCHYARD_SCREENSHOTS")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir().join(format!("inbox-shots-{port}")));
+        .unwrap_or_else(|_| scratch.path().join("inbox-shots"));
     let args = json!({
         "base": format!("http://127.0.0.1:{port}"), "approver": ALICE, "viewer": BOB,
         "edit": edit, "respond": respond, "race": race, "open": open, "filter_resource": "checkout",

@@ -14,9 +14,12 @@ events) and see the late click answered with who decided first. As the viewer: t
 detail show no decision controls, and the server refuses a decision with 403. Prints one JSON line
 of what it saw; exits non-zero with the reason at the first thing that is not as it should be.
 """
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,12 +47,20 @@ def fail(why):
     sys.exit(1)
 
 
+# Chromium's own temporary files (its profile, and shared memory under --disable-dev-shm-usage) go
+# to a private directory removed at exit: runs leave nothing in /tmp.
+SCRATCH = tempfile.mkdtemp(prefix="switchyard-browser-")
+os.environ["TMPDIR"] = SCRATCH
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+
+
 def browser():
     o = webdriver.ChromeOptions()
     o.binary_location = "/usr/bin/chromium"
     for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-dev-shm-usage", "--window-size=1280,1500"]:
+              "--disable-dev-shm-usage", "--window-size=1280,1500",
+              f"--user-data-dir={os.path.join(SCRATCH, 'profile')}"]:
         o.add_argument(a)
     d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
     d.set_page_load_timeout(30)

@@ -5,8 +5,11 @@ SWITCHYARD_SCREENSHOTS names a directory; the README's screenshots are made so.
 
     inbox_screenshots.py BASE_URL TOKEN DIR
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -17,11 +20,16 @@ from selenium.webdriver.support.ui import WebDriverWait
 os.environ.setdefault("SE_OFFLINE", "true")
 base, token, out = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
 os.makedirs(out, exist_ok=True)
+# Chromium's own temporary files go to a private directory removed at exit.
+SCRATCH = tempfile.mkdtemp(prefix="switchyard-browser-")
+os.environ["TMPDIR"] = SCRATCH
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 o = webdriver.ChromeOptions()
 o.binary_location = "/usr/bin/chromium"
 for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-          "--disable-dev-shm-usage", "--window-size=1280,860", "--hide-scrollbars"]:
+          "--disable-dev-shm-usage", "--window-size=1280,860", "--hide-scrollbars",
+          f"--user-data-dir={os.path.join(SCRATCH, 'profile')}"]:
     o.add_argument(a)
 d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
 try:
