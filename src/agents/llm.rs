@@ -108,11 +108,15 @@ const MEMORY_PARAMETERS_BYTES: usize = 1024;
 fn fit_memory(entries: &mut Vec<Value>, max_entries: usize) {
     let drop = entries.len().saturating_sub(max_entries.max(1));
     entries.drain(..drop);
-    let mut size: usize = entries.iter().map(|e| e.to_string().len() + 1).sum();
-    while size > MEMORY_MAX_BYTES && entries.len() > 1 {
-        size -= entries[0].to_string().len() + 1;
-        entries.remove(0);
+    // Each entry serialised once; the oldest cut in one go.
+    let sizes: Vec<usize> = entries.iter().map(|e| e.to_string().len() + 1).collect();
+    let mut size: usize = sizes.iter().sum();
+    let mut cut = 0;
+    while size > MEMORY_MAX_BYTES && entries.len() - cut > 1 {
+        size -= sizes[cut];
+        cut += 1;
     }
+    entries.drain(..cut);
 }
 
 /// The context key an LLM agent's memory lives under.

@@ -372,7 +372,7 @@ impl Unrecorded {
             if let Some(c) = self.get(task_id, std::time::Instant::now()) {
                 return Ok(c);
             }
-            let waiting = {
+            let mut waiting = {
                 let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                 match running.get(task_id) {
                     Some(rx) => rx.clone(),
@@ -387,7 +387,6 @@ impl Unrecorded {
                     }
                 }
             };
-            let mut waiting = waiting;
             // Nothing is ever sent: this returns when the call ends (its sender dropped).
             let _ = waiting.changed().await;
         }
