@@ -232,6 +232,9 @@ pub struct Place {
     /// The last offset of that partition up to which every record is done (its outputs
     /// delivered), as this instance knows it; -1 when it knows none.
     pub delivered: i64,
+    /// The topic's id ([`crate::kafka::topic_id`]), `""` when unknown: an offset fence written
+    /// for another incarnation of the topic does not apply to this record.
+    pub topic_id: String,
 }
 
 impl Place {
@@ -242,6 +245,7 @@ impl Place {
             partition: format!("{}:{}", rec.topic, rec.partition),
             offset: rec.offset,
             delivered: delivered.load(std::sync::atomic::Ordering::Acquire),
+            topic_id: rec.topic_id.as_deref().unwrap_or_default().to_string(),
         })
     }
 

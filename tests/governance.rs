@@ -500,7 +500,7 @@ async fn a_copy_of_a_resource_written_elsewhere_never_commits() {
     };
     let write = |id: &'static str, offset: i64| Write {
         change: &change,
-        applied: Some((0, offset)),
+        applied: Some((0, offset, "proposals")),
         decision: Some((id, &decided)),
         place: None,
     };
@@ -1472,6 +1472,54 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
     assert_eq!(
         replay, new_owner,
         "a redelivered proposal re-emits the same records"
+    );
+    // The fence is of the topic it was noted for: a proposals topic replaced by another
+    // (topics.proposals pointed elsewhere) or deleted and created again (another topic id) starts
+    // at low offsets that were never applied from it.
+    let from = |topic: &str, topic_id: Option<&str>, id: &str, offset: i64| {
+        let ev = proposal(id, "tester", "restart", "r-z", json!({"id": id}), 0);
+        let mut rec = Input::new(
+            topic,
+            0,
+            offset,
+            Some(b"r-z"),
+            serde_json::to_vec(&ev).unwrap(),
+        );
+        rec.topic_id = topic_id.map(std::sync::Arc::from);
+        Arc::new(rec)
+    };
+    let applied = |outs: Vec<Output>| unsealed(outs).iter().any(|o| o.topic == "a");
+    assert!(
+        applied(
+            process_one(&stage, from("p2", None, "q-3", 3))
+                .await
+                .unwrap()
+        ),
+        "another topic's proposal is not fenced by this one's offset"
+    );
+    assert!(
+        applied(
+            process_one(&stage, from("p", Some("aa"), "q-20", 20))
+                .await
+                .unwrap()
+        ),
+        "back on the first topic, past its offset"
+    );
+    assert!(
+        applied(
+            process_one(&stage, from("p", Some("bb"), "q-4", 4))
+                .await
+                .unwrap()
+        ),
+        "the topic created again (another id): its offset 4 was never applied"
+    );
+    assert!(
+        !applied(
+            process_one(&stage, from("p", Some("bb"), "q-2", 2))
+                .await
+                .unwrap()
+        ),
+        "a zombie of the new incarnation is fenced as before"
     );
 }
 

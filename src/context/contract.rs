@@ -249,6 +249,14 @@ fn place(partition: &str, offset: i64, delivered: i64) -> Place {
         partition: partition.into(),
         offset,
         delivered,
+        topic_id: String::new(),
+    }
+}
+
+fn place_in(partition: &str, offset: i64, topic_id: &str) -> Place {
+    Place {
+        topic_id: topic_id.into(),
+        ..place(partition, offset, -1)
     }
 }
 
@@ -357,5 +365,49 @@ async fn memo_slot<S: ContextStore>(store: &S, ns: &str) {
         commit("never-kept", Some(place("tasks:0", 12, -1))).await,
         CommitResult::Finished,
         "a commit behind its partition's applied offset changes nothing"
+    );
+    // The offset noted with a topic id fences records of that incarnation of the topic (and any
+    // whose id is unknown); once the topic was created again (another id) it fences nothing, and
+    // the new incarnation's offsets replace it.
+    assert!(matches!(
+        commit("inc-a", Some(place_in("tasks:0", 20, "aa"))).await,
+        CommitResult::Applied { .. }
+    ));
+    let (prior, snap) = store.read(&c, "never-kept").await.expect("read");
+    assert_eq!(
+        snap.applied_in,
+        [("tasks:0".to_string(), "aa".to_string())].into()
+    );
+    assert_eq!(
+        prior.clone().at(Some(&place_in("tasks:0", 5, "aa")), &snap),
+        Prior::Finished
+    );
+    assert_eq!(
+        prior.clone().at(Some(&place_in("tasks:0", 5, "")), &snap),
+        Prior::Finished
+    );
+    assert_eq!(
+        prior.at(Some(&place_in("tasks:0", 5, "bb")), &snap),
+        Prior::New,
+        "a record of the topic created again is not fenced by the old incarnation's offset"
+    );
+    assert!(matches!(
+        commit("inc-b", Some(place_in("tasks:0", 5, "bb"))).await,
+        CommitResult::Applied { .. }
+    ));
+    let (prior, snap) = store.read(&c, "never-kept").await.expect("read");
+    assert_eq!(snap.applied.get("tasks:0"), Some(&5));
+    assert_eq!(
+        snap.applied_in.get("tasks:0").map(String::as_str),
+        Some("bb")
+    );
+    assert_eq!(
+        prior.at(Some(&place_in("tasks:0", 4, "bb")), &snap),
+        Prior::Finished
+    );
+    assert_eq!(
+        commit("inc-b2", Some(place_in("tasks:0", 4, "bb"))).await,
+        CommitResult::Finished,
+        "the new incarnation's offset fences its own records"
     );
 }

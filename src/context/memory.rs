@@ -101,12 +101,7 @@ impl ContextStore for MemoryStore {
         res.done.push_front(task_id.to_string());
         res.done.truncate(self.config.remember_tasks.max(1));
         if let Some(p) = place {
-            let a = res
-                .snap
-                .applied
-                .entry(p.partition.clone())
-                .or_insert(p.offset);
-            *a = (*a).max(p.offset);
+            res.snap.apply(p);
         }
         // A memo slot when one is free: empty, or holding a delivered input's outcome (at most
         // MAX_SLOT_OUTCOME_BYTES, as the Redis store keeps).

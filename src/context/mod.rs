@@ -36,6 +36,9 @@ pub struct Snapshot {
     /// Per input partition (`<topic>:<partition>`), the highest offset of a task committed to
     /// this resource: a task at or below it with no outcome kept is finished ([`Prior::at`]).
     pub applied: BTreeMap<String, i64>,
+    /// The topic id each of those offsets is of ([`crate::kafka::topic_id`]), where known: an
+    /// offset of another incarnation of the topic fences nothing.
+    pub applied_in: BTreeMap<String, String>,
 }
 
 /// The largest outcome a store keeps in a memo slot (the Redis commit script names the same
@@ -48,6 +51,32 @@ impl Snapshot {
         self.applied
             .get(&place.partition)
             .is_some_and(|a| place.offset <= *a)
+            && crate::kafka::topic_id::same_incarnation(
+                self.applied_in.get(&place.partition).map(String::as_str),
+                &place.topic_id,
+            )
+    }
+
+    /// Notes `place`'s task as applied: its partition's offset is raised to it (set, when the
+    /// offset noted was of another incarnation of the topic).
+    pub fn apply(&mut self, place: &crate::store::Place) {
+        let same = crate::kafka::topic_id::same_incarnation(
+            self.applied_in.get(&place.partition).map(String::as_str),
+            &place.topic_id,
+        );
+        let a = self
+            .applied
+            .entry(place.partition.clone())
+            .or_insert(place.offset);
+        *a = if same {
+            (*a).max(place.offset)
+        } else {
+            place.offset
+        };
+        if !place.topic_id.is_empty() {
+            self.applied_in
+                .insert(place.partition.clone(), place.topic_id.clone());
+        }
     }
 
     /// Fact values by key, plus `recent_events` — what agents see (before scoping).

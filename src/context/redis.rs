@@ -8,7 +8,9 @@
 //!   the list dropped one (an outcome may then be stored for a task it does not name).
 //!
 //! - `_a:<topic>:<partition>`: the highest offset of that input partition whose task was committed
-//!   here (a task at or below it with no outcome kept is finished: [`Prior::at`]);
+//!   here (a task at or below it with no outcome kept is finished: [`Prior::at`]), and
+//!   `_ai:<topic>:<partition>` the topic's id it is of ([`crate::kafka::topic_id`]; none from
+//!   builds before it, or brokers without ids): an offset of another incarnation fences nothing;
 //! - `_mt<s>`, `_mp<s>`, `_m<s>` (s = 1, 2): the memo slots ([`crate::store::Place`]) — a
 //!   finished task's id, its input (`<topic>:<partition>:<offset>`) and its recorded [`Outcome`]
 //!   (JSON).
@@ -38,14 +40,17 @@ const COMMIT: &str = r#"
 -- ARGV[3] = ttl, ARGV[4] = event summary ('' = none), ARGV[5] = max events, ARGV[6] = tasks
 -- remembered, ARGV[7] = fact count, then key, value pairs, then now (unix seconds), then the
 -- input's place ('<topic>:<partition>:<offset>', '' = none) and the last offset of its partition
--- known delivered (crate::store::Place). Returns {1, version, '1' when the outcome is kept in one
+-- known delivered (crate::store::Place), then its topic's id ('' = unknown). Returns {1, version, '1' when the outcome is kept in one
 -- of the hash's memo slots}, {0, the outcome recorded before, ''} or {2, '', ''} (finished and
 -- forgotten).
 local n = tonumber(ARGV[7])
-local place, delivered = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n])
+local place, delivered, tid = ARGV[9 + 2 * n], tonumber(ARGV[10 + 2 * n]), ARGV[11 + 2 * n] or ''
 local mine, offset = string.match(place, '^(.*):(%-?%d+)$')
 offset = tonumber(offset)
-local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt1', '_mp1', '_mt2', '_mp2', '_a:' .. (mine or ''))
+local cur = redis.call('HMGET', KEYS[1], '_o:' .. ARGV[1], '_version', '_events', '_done', '_x', '_full', '_mt1', '_mp1', '_mt2', '_mp2', '_a:' .. (mine or ''), '_ai:' .. (mine or ''))
+-- The applied offset is of another incarnation of the topic (both ids known and different: it
+-- was deleted and created again): it fences nothing, and this task's offset replaces it.
+if cur[11] and cur[12] and cur[12] ~= '' and tid ~= '' and cur[12] ~= tid then cur[11] = false end
 if cur[1] then return {0, cur[1], ''} end
 for s = 1, 2 do
   if cur[5 + 2 * s] == ARGV[1] then return {0, redis.call('HGET', KEYS[1], '_m' .. s), ''} end
@@ -115,6 +120,7 @@ if not renew then ex = math.max(1, at + ttl - now) end
 local slot, oldest = nil, nil
 if mine then
   put('_a:' .. mine, tostring(math.max(offset, tonumber(cur[11] or '-1'))))
+  if tid ~= '' and cur[12] ~= tid then put('_ai:' .. mine, tid) end
   for s = 1, 2 do
     if #ARGV[2] > 4096 then break end
     if not cur[5 + 2 * s] then slot = s; break end
@@ -272,6 +278,8 @@ fn parse(
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("{k} {v:?}")))?;
             snap.applied.insert(partition.to_string(), offset);
+        } else if let Some(partition) = k.strip_prefix("_ai:") {
+            snap.applied_in.insert(partition.to_string(), v);
         } else if let Some(key) = k.strip_prefix("_v:") {
             let ver = v
                 .parse()
@@ -482,7 +490,8 @@ impl ContextStore for RedisStore {
         }
         inv.arg(chrono::Utc::now().timestamp())
             .arg(place.map(Place::tag).unwrap_or_default())
-            .arg(place.map_or(-1, |p| p.delivered));
+            .arg(place.map_or(-1, |p| p.delivered))
+            .arg(place.map(|p| p.topic_id.as_str()).unwrap_or_default());
         let (applied, value, kept): (i64, String, String) =
             inv.invoke_async(&mut c).await.map_err(redis_err)?;
         if applied == 2 {

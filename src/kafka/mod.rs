@@ -5,6 +5,7 @@ pub mod acks;
 pub mod config;
 pub mod read;
 pub mod runtime;
+pub mod topic_id;
 
 pub use config::{
     admin_config, consumer_config, producer_config, run_producer_config, stage_consumer_config,
@@ -44,6 +45,9 @@ pub struct Input {
     /// Set by the consumer runtime: the last offset of the record's partition up to which every
     /// record is done (outputs delivered), -1 while none is ([`crate::store::Place`]).
     pub delivered: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// Set by the consumer runtime: the id of the topic the record was read from, when the broker
+    /// gives topic ids ([`topic_id`]: the incarnation the stages' offset fences are written for).
+    pub topic_id: Option<Arc<str>>,
 }
 
 /// The headers of a fetched record, names as text (lossy) and values as bytes. librdkafka takes any
@@ -118,6 +122,7 @@ impl Input {
             headers: Vec::new(),
             timestamp_ms: None,
             delivered: None,
+            topic_id: None,
         }
     }
 
@@ -158,6 +163,7 @@ impl Input {
             headers,
             timestamp_ms: m.timestamp().to_millis(),
             delivered: None,
+            topic_id: None,
         }
     }
 

@@ -408,6 +408,9 @@ struct Part {
     /// The last offset up to which every record is done, -1 before one is: handed to the
     /// processor with each record ([`Input::delivered`]).
     delivered: Arc<AtomicI64>,
+    /// The topic's id when it was assigned ([`super::topic_id`]), handed to the processor with
+    /// each record ([`Input::topic_id`]).
+    topic_id: Option<Arc<str>>,
 }
 
 impl Part {
@@ -693,6 +696,7 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                     .rebalances
                     .with_label_values(&[stage, "assign"])
                     .inc();
+                let ids = topic_ids(stage, consumer, tpl);
                 let mut parts = lock(&self.shared.parts);
                 for e in tpl.elements() {
                     let key: (Arc<str>, i32) = (Arc::from(e.topic()), e.partition());
@@ -706,6 +710,7 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                             idle: Notify::new(),
                             cancel: CancellationToken::new(),
                             delivered: Arc::new(AtomicI64::new(-1)),
+                            topic_id: ids.get(e.topic()).map(|id| Arc::from(id.as_str())),
                         })
                     });
                 }
@@ -1145,9 +1150,44 @@ fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P
     }
 }
 
+/// The ids of the topics of `tpl` ([`super::topic_id`]), for the offset fences. None when the
+/// broker gives none or does not answer in 10 s: the fences then apply as before (logged).
+fn topic_ids<C: ConsumerContext>(
+    stage: &str,
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+) -> HashMap<String, String> {
+    let elements = tpl.elements();
+    let mut topics: Vec<&str> = elements.iter().map(|e| e.topic()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    // SAFETY: the consumer's client handle lives for the whole call (we hold a reference to it).
+    let ids = unsafe {
+        super::topic_id::describe(
+            consumer.client().native_ptr(),
+            &topics,
+            Duration::from_secs(10),
+        )
+    };
+    match ids {
+        Ok(ids) => {
+            let missing: Vec<&&str> = topics.iter().filter(|t| !ids.contains_key(**t)).collect();
+            if !missing.is_empty() {
+                tracing::warn!(stage, topics = ?missing, "The broker gave no topic id: a topic deleted and created again under the same name would have its first records taken for ones already done.");
+            }
+            ids
+        }
+        Err(e) => {
+            tracing::warn!(stage, error = %e, "Could not ask for the topic ids: a topic deleted and created again under the same name would have its first records taken for ones already done.");
+            HashMap::new()
+        }
+    }
+}
+
 /// Queues a polled record in its lane; a new lane is ready at once.
 fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, mut rec: Input) {
     rec.delivered = Some(part.delivered.clone());
+    rec.topic_id = part.topic_id.clone();
     let lane = shared.processor.lane(&rec);
     let offset = rec.offset;
     let work = Work {

@@ -8,7 +8,8 @@
 //! forgotten). Two indexes find approvals: the open ones by expiry, and each one's resource by id.
 //!
 //! [`RedisResourceStore`] keeps it in Redis: `<prefix>:res:{t/r}` (hash: `rev`, `token`, `state`,
-//! `applied:<partition>`, `approval:<id>`, `recent`, `recent_full` once that list dropped an id, and
+//! `applied:<partition>` with `applied_in:<partition>` (where those offsets are from: topic and id,
+//! [`crate::kafka::topic_id::source`]), `approval:<id>`, `recent`, `recent_full` once that list dropped an id, and
 //! two memo slots `_dt<s>`, `_dp<s>`, `_d<s>`: a proposal's id, input and decision, see [`Place`]);
 //! when no slot is free, beside it `<prefix>:res:{t/r}:d:<proposal id>` (its decision, until committed,
 //! never longer than the hash; apart so that reading the resource never reads the decisions of a
@@ -46,6 +47,9 @@ pub struct ResourceRecord {
     pub state: ResourceState,
     /// Last proposal offset applied, per proposals partition.
     pub applied: HashMap<i32, i64>,
+    /// Where each of those offsets is from ([`crate::kafka::topic_id::source`]: topic and id),
+    /// where noted: an offset of another topic, or of another incarnation of it, fences nothing.
+    pub applied_in: HashMap<i32, String>,
     pub approvals: BTreeMap<String, StoredApproval>,
     /// Ids of the most recently decided proposals, most recent first.
     pub recent: Vec<String>,
@@ -54,6 +58,21 @@ pub struct ResourceRecord {
 }
 
 impl ResourceRecord {
+    /// Whether a proposal from `source`'s partition `partition` at `offset` is at or below the
+    /// offset applied from there: a newer owner went past it.
+    pub fn applied_past(&self, partition: i32, offset: i64, source: &str) -> bool {
+        self.applied.get(&partition).is_some_and(|a| *a >= offset)
+            && crate::kafka::topic_id::same_source(
+                self.applied_in.get(&partition).map(String::as_str),
+                source,
+            )
+    }
+
+    fn apply(&mut self, (p, o, source): (i32, i64, &str)) {
+        self.applied.insert(p, o);
+        self.applied_in.insert(p, source.to_string());
+    }
+
     /// The decision of `proposal_id` in one of the memo slots.
     pub fn kept_decision(&self, proposal_id: Option<&str>) -> Option<&KeptDecision> {
         self.kept
@@ -94,8 +113,9 @@ pub struct Loaded {
 #[derive(Debug, Clone, Copy)]
 pub struct Write<'a> {
     pub change: &'a Change,
-    /// The proposal's (partition, offset): later loads fence anything at or below it.
-    pub applied: Option<(i32, i64)>,
+    /// The proposal's (partition, offset, [`crate::kafka::topic_id::source`]): later loads fence
+    /// anything at or below it from there.
+    pub applied: Option<(i32, i64, &'a str)>,
     /// The decision to remember by proposal id.
     pub decision: Option<(&'a str, &'a Decided)>,
     /// Where the proposal's record is: the decision may be kept in a memo slot of the resource.
@@ -398,8 +418,8 @@ impl Copies {
         r.rev = rev + 1;
         r.token = w.change.token;
         r.state = w.change.state.clone();
-        if let Some((p, o)) = w.applied {
-            r.applied.insert(p, o);
+        if let Some(a) = w.applied {
+            r.apply(a);
         }
         for id in &w.change.forget_approvals {
             r.approvals.remove(id);
@@ -616,7 +636,10 @@ impl RedisResourceStore {
                     l.recent = serde_json::from_str(&v).map_err(|e| corrupt("recent", e))?
                 }
                 _ => {
-                    if let Some(p) = f.strip_prefix("applied:") {
+                    if let Some(p) = f.strip_prefix("applied_in:") {
+                        l.applied_in
+                            .insert(p.parse().map_err(|e| corrupt("applied_in", e))?, v);
+                    } else if let Some(p) = f.strip_prefix("applied:") {
                         l.applied.insert(
                             p.parse().map_err(|e| corrupt("applied", e))?,
                             v.parse().map_err(|e| corrupt("applied", e))?,
@@ -667,8 +690,9 @@ impl RedisResourceStore {
             serde_json::to_string(&w.change.state).map_err(|e| enc("state", e))?,
         ));
         fields.push(("token".into(), w.change.token.to_string()));
-        if let Some((p, o)) = w.applied {
+        if let Some((p, o, source)) = w.applied {
             fields.push((format!("applied:{p}"), o.to_string()));
+            fields.push((format!("applied_in:{p}"), source.to_string()));
         }
         let (id, djson) = match w.decision {
             Some((id, d)) => (
@@ -1132,8 +1156,8 @@ impl ResourceStore for MemoryResourceStore {
                 rec.approvals
                     .insert(a.approval.approval_id.clone(), a.clone());
             }
-            if let Some((p, o)) = w.applied {
-                rec.applied.insert(p, o);
+            if let Some(a) = w.applied {
+                rec.apply(a);
             }
             if let Some((id, d)) = w.decision {
                 rec.recent.retain(|r| r != id);
@@ -1383,11 +1407,12 @@ pub mod contract {
             partition: "proposals:0".into(),
             offset,
             delivered,
+            topic_id: String::new(),
         };
         fn placed<'a>(c: &'a Change, d: &'a Decided, id: &'a str, p: &'a Place) -> Write<'a> {
             Write {
                 change: c,
-                applied: Some((0, p.offset)),
+                applied: Some((0, p.offset, "proposals")),
                 decision: Some((id, d)),
                 place: Some(p),
             }
@@ -1464,7 +1489,7 @@ pub mod contract {
         };
         let w = Write {
             change: &change,
-            applied: Some((2, 41)),
+            applied: Some((2, 41, "proposals")),
             decision: Some(("p1", &decided)),
             place: None,
         };
@@ -1474,6 +1499,13 @@ pub mod contract {
         assert_eq!(l.record.rev, 1);
         assert_eq!(l.record.token, 3);
         assert_eq!(l.record.applied.get(&2), Some(&41));
+        // The fence is of the topic it was noted for: not another topic's (topics.proposals
+        // pointed elsewhere) nor another incarnation's (the topic created again).
+        assert!(l.record.applied_past(2, 41, "proposals"));
+        assert!(l.record.applied_past(2, 7, "proposals~ab"));
+        assert!(!l.record.applied_past(2, 42, "proposals"));
+        assert!(!l.record.applied_past(2, 7, "proposals-v2"));
+        assert!(!l.record.applied_past(1, 7, "proposals"));
         assert_eq!(l.record.approvals[&a.approval_id], stored(&a));
         assert_eq!(
             l.decided.as_ref(),
@@ -1509,7 +1541,7 @@ pub mod contract {
         for (i, id) in ids.iter().enumerate() {
             let w = Write {
                 change: &change,
-                applied: Some((0, i as i64)),
+                applied: Some((0, i as i64, "proposals")),
                 decision: Some((id, &decided)),
                 place: None,
             };

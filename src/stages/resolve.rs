@@ -495,11 +495,8 @@ impl ResolveStage {
             if !edited {
                 p.approved_by = None;
             }
-            if record
-                .applied
-                .get(&rec.partition)
-                .is_some_and(|a| *a >= rec.offset)
-            {
+            let source = crate::kafka::topic_id::source(&rec.topic, rec.topic_id.as_deref());
+            if record.applied_past(rec.partition, rec.offset, &source) {
                 // A newer owner already went past this record: we are a zombie (or it was redelivered
                 // after its decision expired). Apply nothing.
                 METRICS.proposals.with_label_values(&[FENCED]).inc();
@@ -636,7 +633,7 @@ impl ResolveStage {
             self.check_sizes(&batch)?;
             let write = Write {
                 change: &change,
-                applied: Some((rec.partition, rec.offset)),
+                applied: Some((rec.partition, rec.offset, &source)),
                 decision: Some((&p.proposal_id, &decided)),
                 place: place.as_ref(),
             };
