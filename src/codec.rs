@@ -178,7 +178,17 @@ pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEven
     validate(&ev)?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
         match rec.key.filter(|k| !k.is_empty()) {
-            Some(k) => ev.subject = Some(String::from_utf8_lossy(k).into_owned()),
+            // Not lossily: two keys differing only in invalid bytes would be one resource.
+            Some(k) => match std::str::from_utf8(k) {
+                Ok(k) => ev.subject = Some(k.to_string()),
+                Err(_) => {
+                    return Err(DecodeError::InvalidAttribute {
+                        name: "subject".into(),
+                        detail: "absent, and the record key standing in for it is not UTF-8"
+                            .into(),
+                    })
+                }
+            },
             None => return Err(DecodeError::MissingResource),
         }
     }
@@ -256,7 +266,7 @@ fn structured_typed<T: serde::de::DeserializeOwned>(
     validate(&ev).ok()?;
     if ev.subject.as_deref().is_none_or(str::is_empty) {
         let k = rec.key.filter(|k| !k.is_empty())?;
-        ev.subject = Some(String::from_utf8_lossy(k).into_owned());
+        ev.subject = Some(std::str::from_utf8(k).ok()?.to_string());
     }
     // Data that is not a `T` goes the general way too, for the same error (and reason) as ever.
     let data = match env.data {
@@ -502,6 +512,23 @@ pub fn validate(ev: &CloudEvent) -> Result<(), DecodeError> {
 /// it). The subject is checked as it stands (after the record key filled it in). Only at the entry:
 /// switchyard's own records, and those older builds wrote, are read without these checks.
 pub fn validate_input(ev: &CloudEvent) -> Result<(), DecodeError> {
+    // A tenant that is not a string would be read as `default` (CloudEvents allows integer and
+    // boolean extensions): two tenants' events merged into one tenant's context and approvals.
+    match ev.extensions.get("tenant") {
+        Some(serde_json::Value::String(t)) if t.is_empty() => {
+            return Err(DecodeError::InvalidAttribute {
+                name: "tenant".into(),
+                detail: "empty".into(),
+            })
+        }
+        Some(serde_json::Value::String(_)) | None => {}
+        Some(other) => {
+            return Err(DecodeError::InvalidAttribute {
+                name: "tenant".into(),
+                detail: format!("must be a string, not {}", json_kind(other)),
+            })
+        }
+    }
     let attributes = [
         ("id", Some(ev.id.as_str()), MAX_ID_BYTES),
         ("type", Some(ev.ty.as_str()), MAX_ID_BYTES),
@@ -1101,9 +1128,26 @@ mod tests {
         let long_key = vec![b'k'; MAX_SUBJECT_BYTES + 1];
         let err = input(keyed, Some(&long_key)).unwrap_err();
         assert_eq!(err.reason(), "invalid_attribute", "{err}");
-        // Not UTF-8: each bad byte becomes three, so 200 bytes make a 600-byte subject.
+        // A key standing in for the subject that is not UTF-8 is refused (read lossily, keys
+        // differing only in invalid bytes were one resource).
         let err = input(keyed, Some(&[0xff; 200])).unwrap_err();
         assert_eq!(err.reason(), "invalid_attribute", "{err}");
+        let err = input(keyed, Some(b"svc-\xff")).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        // A tenant must be a non-empty string: a number or boolean (valid CloudEvents extension
+        // types) was read as `default`, merging tenants.
+        for (tenant, detail) in [
+            (json!(42), "must be a string, not a number"),
+            (json!(true), "must be a string, not a boolean"),
+            (json!({"t": 1}), "must be a string, not an object"),
+            (json!(""), "empty"),
+        ] {
+            let mut v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"r"});
+            v["tenant"] = tenant;
+            let err = input(v.to_string().as_bytes(), None).unwrap_err();
+            assert_eq!(err.reason(), "invalid_attribute", "{err}");
+            assert!(err.to_string().contains(detail), "{err}");
+        }
         // A truncated Avro body of a known schema.
         let enc = encode(&sample(), Encoding::Avro, Some("deployment"), &s).unwrap();
         let err = decode(view(&enc.payload[..enc.payload.len() / 2], &[], None), &s).unwrap_err();

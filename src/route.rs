@@ -353,10 +353,19 @@ fn compile_condition(c: &Condition) -> Result<CompiledCondition, String> {
     })
 }
 
-/// Equality that treats numbers by value (1 == 1.0) and otherwise compares JSON values.
+/// Equality that treats numbers by value (1 == 1.0) and otherwise compares JSON values. Two
+/// integers compare exactly (as f64, ids past 2^53 such as 9007199254740993 and ...992 were equal).
 fn json_eq(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if x.is_f64() || y.is_f64() {
+                x.as_f64() == y.as_f64()
+            } else if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
+                x == y
+            } else {
+                x.as_u64().is_some() && x.as_u64() == y.as_u64()
+            }
+        }
         _ => a == b,
     }
 }
@@ -514,6 +523,12 @@ mod tests {
         assert!(check(Op::Ne, "data.missing", Some(json!(1))));
         assert!(!check(Op::Eq, "data.missing", Some(json!(1))));
         assert!(check(Op::Eq, "data.spend", Some(json!(150.5))));
+        // Numbers by value, integers exactly (ids past 2^53 are not equal to their neighbours).
+        assert!(json_eq(&json!(1), &json!(1.0)));
+        assert!(json_eq(&json!(9007199254740993u64), &json!(9007199254740993u64)));
+        assert!(!json_eq(&json!(9007199254740993u64), &json!(9007199254740992u64)));
+        assert!(!json_eq(&json!(-1), &json!(u64::MAX)));
+        assert!(json_eq(&json!(u64::MAX), &json!(u64::MAX)));
     }
 
     #[test]
