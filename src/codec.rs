@@ -184,8 +184,7 @@ pub fn decode(rec: RecordView<'_>, schemas: &SchemaRegistry) -> Result<CloudEven
                 Err(_) => {
                     return Err(DecodeError::InvalidAttribute {
                         name: "subject".into(),
-                        detail: "absent, and the record key standing in for it is not UTF-8"
-                            .into(),
+                        detail: "absent, and the record key standing in for it is not UTF-8".into(),
                     })
                 }
             },

@@ -525,8 +525,14 @@ mod tests {
         assert!(check(Op::Eq, "data.spend", Some(json!(150.5))));
         // Numbers by value, integers exactly (ids past 2^53 are not equal to their neighbours).
         assert!(json_eq(&json!(1), &json!(1.0)));
-        assert!(json_eq(&json!(9007199254740993u64), &json!(9007199254740993u64)));
-        assert!(!json_eq(&json!(9007199254740993u64), &json!(9007199254740992u64)));
+        assert!(json_eq(
+            &json!(9007199254740993u64),
+            &json!(9007199254740993u64)
+        ));
+        assert!(!json_eq(
+            &json!(9007199254740993u64),
+            &json!(9007199254740992u64)
+        ));
         assert!(!json_eq(&json!(-1), &json!(u64::MAX)));
         assert!(json_eq(&json!(u64::MAX), &json!(u64::MAX)));
     }

@@ -1088,3 +1088,42 @@ async fn advance_run(
     };
     runs.advance(spec, &meta, &f).await.expect("advance");
 }
+
+/// Each agent runs once per event: a `best_of` group draws only among candidates no route names
+/// directly and no earlier group drew, and a group with none left makes no task (one agent ran
+/// twice, under two task ids: two model calls, two sets of proposals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_best_of_group_never_picks_an_agent_that_runs_already() {
+    let mut yaml = String::from("agents:\n");
+    for name in ["good", "flaky", "other"] {
+        yaml.push_str(&format!(
+            "  {name}:\n    kind: http\n    url: http://127.0.0.1:9/unused\n    actions: [page]\n"
+        ));
+    }
+    let env = TestEnv::new(
+        1,
+        &format!(
+            r#"
+routes:
+  - {{name: direct, types: [t.dup], agents: [good]}}
+  - {{name: grp, types: [t.dup], select: {{best_of: [good, flaky], explore: 0}}}}
+  - {{name: only-good, types: [t.dup], select: {{best_of: [good]}}}}
+  - {{name: grp3, types: [t.dup], select: {{best_of: [flaky, other], explore: 0}}}}
+{yaml}
+"#
+        ),
+    )
+    .await;
+    let running = env.start(&["route"]);
+    env.publish_one("events.deployments", "e1", "t.dup", "svc-dup", json!({}))
+        .await;
+    env.read("switchyard.tasks", 3, Duration::from_secs(20))
+        .await;
+    let tasks = env
+        .read("switchyard.tasks", 10, Duration::from_secs(2))
+        .await;
+    running.stop().await;
+    let mut agents: Vec<String> = tasks.iter().map(|r| task_of(r).agent).collect();
+    agents.sort();
+    assert_eq!(agents, ["flaky", "good", "other"], "each agent once");
+}

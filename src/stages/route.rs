@@ -140,6 +140,14 @@ impl RouteStage {
         let mut out = Vec::with_capacity(matches.len() + 1);
         let mut task_ids = Vec::with_capacity(matches.len());
         let mut picks = Vec::new();
+        // Each agent runs once per event: a group draws only among candidates no route names
+        // directly and no earlier group drew (else one agent ran twice, under two task ids: two
+        // model calls and two sets of proposals); a group with none left has no task.
+        let mut taken: std::collections::HashSet<String> = matches
+            .iter()
+            .filter(|m| m.select.is_none())
+            .map(|m| m.agent.clone())
+            .collect();
         for m in &matches {
             // A `best_of` group's task id comes from the group, so a redelivered event gets the
             // same id (and runs once) whichever candidate it draws.
@@ -147,8 +155,28 @@ impl RouteStage {
             let picked;
             let m = match &m.select {
                 Some(sel) => {
+                    let free: Vec<String> = sel
+                        .best_of
+                        .iter()
+                        .filter(|a| !taken.contains(*a))
+                        .cloned()
+                        .collect();
+                    if free.is_empty() {
+                        picks.push(json!({"group": m.agent, "agent": null, "task": null,
+                                          "skipped": "every candidate runs already"}));
+                        continue;
+                    }
+                    let agent = if free.len() == sel.best_of.len() {
+                        choose.pick(sel, &id)
+                    } else {
+                        let narrowed = crate::route::Select {
+                            best_of: free,
+                            ..sel.clone()
+                        };
+                        choose.pick(&narrowed, &id)
+                    };
                     picked = RouteMatch {
-                        agent: choose.pick(sel, &id),
+                        agent,
                         select: None,
                         ..m.clone()
                     };
@@ -157,6 +185,7 @@ impl RouteStage {
                 }
                 None => m,
             };
+            taken.insert(m.agent.clone());
             let task = self.task_event(ev, m, &resource, &wf, time, id, None)?;
             task_ids.push(task.id.clone());
             out.push(self.emitter.emit(&self.tasks_topic, &task)?);
