@@ -360,7 +360,7 @@ pub async fn run(
         ));
         if cfg.http.inbox.enabled {
             app = app.merge(http::inbox::router(http::inbox::Inbox {
-                gates: Default::default(),
+                gates: Arc::new(http::inbox::Gates::until(stop.clone())),
                 approvals: approvals.clone(),
                 producer: producer.clone(),
                 auth: auth.clone(),
@@ -404,20 +404,17 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
-        // Answers (and streamed chunks) go out at once, not after the peer's delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "Could not set TCP_NODELAY on a connection.");
-            }
-        });
-        tracker.spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { listener_stop.cancelled().await })
-                .await
-            {
-                tracing::error!(error = %e, "HTTP endpoint failed.");
-            }
-        });
+        let (max_connections, header_timeout) = (
+            cfg.http.max_connections,
+            Duration::from_millis(cfg.http.header_timeout_ms),
+        );
+        tracker.spawn(http::server::serve(
+            listener,
+            app,
+            listener_stop,
+            max_connections,
+            header_timeout,
+        ));
         tracing::info!(%addr, "HTTP endpoint listening.");
     }
     tracker.close();

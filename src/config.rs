@@ -563,6 +563,18 @@ impl Config {
                 ),
             );
         }
+        if self.http.max_connections == 0 {
+            p("http.max_connections", "must be at least 1".into());
+        }
+        if !(100..=3_600_000).contains(&self.http.header_timeout_ms) {
+            p(
+                "http.header_timeout_ms",
+                format!(
+                    "{} is outside 100 ..= 3600000 (a client sends a request's headers within it)",
+                    self.http.header_timeout_ms
+                ),
+            );
+        }
         for (i, u) in self.http.users.iter().enumerate() {
             for (item, m) in u.problems(
                 &format!("http.users[{i}]"),

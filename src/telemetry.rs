@@ -101,6 +101,8 @@ pub struct Metrics {
     /// Times a seal waited for an earlier seal of its chain to be delivered (so a seal lost in a
     /// crash is always among those the chain head keeps).
     pub audit_seal_waits: prometheus::IntCounter,
+    /// HTTP connections closed at once because `http.max_connections` were open.
+    pub http_connections_refused: prometheus::IntCounter,
     /// Model calls through the gateway, by provider, model and outcome (ok, retryable, rejected,
     /// timeout, transport, malformed, rate_limited, cooling).
     pub llm_requests: IntCounterVec,
@@ -486,6 +488,11 @@ impl Metrics {
             audit_seal_waits: prometheus::register_int_counter_with_registry!(
                 "switchyard_audit_seal_waits_total",
                 "Times a seal waited for an earlier seal of its chain to be delivered, so that any seal a crash loses is among the last ones its chain head keeps (and the next owner writes again).",
+                r
+            )?,
+            http_connections_refused: prometheus::register_int_counter_with_registry!(
+                "switchyard_http_connections_refused_total",
+                "HTTP connections closed at once because http.max_connections were open.",
                 r
             )?,
             registry: r,

@@ -1417,3 +1417,113 @@ async fn a_tasks_topic_deleted_and_created_again_has_its_tasks_run() {
         "the new incarnation's tasks (offsets 0 and 1, below the old ones) ran too: {ran:?}"
     );
 }
+
+/// Slow and idle clients cannot hold the HTTP listener: each connection must send a request's
+/// headers within `http.header_timeout_ms` (an idle kept-alive connection too), at most
+/// `http.max_connections` are served at once (more are closed at once, counted), and the endpoint
+/// answers again once the idle ones are gone. (Before, a header byte a minute held a connection for
+/// ever, and enough of them took the process's file descriptors.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_http_clients_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new(1, "").await;
+    let port = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{port}");
+    loaded.config.http.max_connections = 3;
+    loaded.config.http.header_timeout_ms = 1500;
+    let running = Running::start(loaded, &["route"]);
+    let addr = format!("127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the endpoint answers");
+    // Three slow clients: a partial request line, nothing more.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A fourth connection is over the limit: closed at once, unanswered.
+    let mut over = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let _ = over
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut buf))
+        .await
+        .expect("the connection over the limit is closed at once");
+    assert!(
+        n.map_or(true, |n| n == 0),
+        "closed unanswered: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // The slow ones are closed once their headers are late.
+    let started = std::time::Instant::now();
+    for s in &mut slow {
+        let mut b = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut b))
+            .await
+            .expect("a slow client's connection is closed by the header timeout")
+            .ok();
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "closed after about the header timeout, not left open: {waited:?}"
+    );
+    // The endpoint answers again, and counted what it refused.
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("switchyard_http_connections_refused_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+    // An idle kept-alive connection is closed by the same timeout.
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut b = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut b))
+        .await
+        .expect("an idle kept-alive connection is closed by the header timeout")
+        .ok();
+    assert!(
+        String::from_utf8_lossy(&b).starts_with("HTTP/1.1 200"),
+        "answered first: {:?}",
+        String::from_utf8_lossy(&b)
+    );
+    running.stop().await;
+}

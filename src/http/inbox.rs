@@ -19,7 +19,7 @@
 //! out ends it everywhere). The token is never put in a URL. Form posts carry a CSRF token that
 //! must equal a cookie only this origin can set (double submit), and a foreign `Origin` is refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -114,7 +114,25 @@ pub struct Gates {
     history: Arc<tokio::sync::Semaphore>,
     /// Live-update streams open now.
     streams: std::sync::atomic::AtomicUsize,
+    /// ... per user (at most [`MAX_STREAMS_PER_USER`] each, so one user cannot take them all).
+    per_user: std::sync::Mutex<HashMap<String, usize>>,
+    /// Cancelled when the process stops: live-update streams end (else a graceful stop waited
+    /// for every open inbox tab).
+    stop: tokio_util::sync::CancellationToken,
 }
+
+impl Gates {
+    /// Gates whose live-update streams end when `stop` is cancelled.
+    pub fn until(stop: tokio_util::sync::CancellationToken) -> Self {
+        Gates {
+            stop,
+            ..Default::default()
+        }
+    }
+}
+
+/// Live-update streams one user may have open at once (tabs, reconnects).
+const MAX_STREAMS_PER_USER: usize = 8;
 
 /// History reads at once.
 const HISTORY_AT_ONCE: usize = 2;
@@ -126,6 +144,8 @@ impl Default for Gates {
         Gates {
             history: Arc::new(tokio::sync::Semaphore::new(HISTORY_AT_ONCE)),
             streams: Default::default(),
+            per_user: Default::default(),
+            stop: Default::default(),
         }
     }
 }
@@ -244,7 +264,8 @@ async fn caller(inbox: &Inbox, headers: &HeaderMap) -> Caller {
     };
     // `name digest`: the session ends when the user's token changes.
     let who = stored.as_deref().and_then(|v| {
-        let (name, digest) = v.split_once(' ')?;
+        // The digest has no space; a user's name may.
+        let (name, digest) = v.rsplit_once(' ')?;
         inbox.auth.user_with_digest(name, digest)
     });
     match who {
@@ -629,14 +650,38 @@ fn digest(open: &[ApprovalData]) -> String {
 
 // ---- live updates ----
 
-/// Counts an open live-update stream; uncounted when the stream ends (the client went away).
-struct StreamSlot(Arc<Gates>);
+/// Counts an open live-update stream (in all, and its user's); uncounted when the stream ends
+/// (the client went away).
+struct StreamSlot(Arc<Gates>, String);
+
+impl StreamSlot {
+    /// A slot for `user`'s new stream, unless they have [`MAX_STREAMS_PER_USER`] open.
+    fn take(gates: &Arc<Gates>, user: &str) -> Option<StreamSlot> {
+        let mut per = gates.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per.entry(user.to_string()).or_default();
+        if *n >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        gates
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(StreamSlot(gates.clone(), user.to_string()))
+    }
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0
             .streams
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut per = self.0.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -647,21 +692,27 @@ async fn events(State(inbox): State<Inbox>, headers: HeaderMap) -> Response {
         Caller::Anonymous => return page_error(StatusCode::UNAUTHORIZED, "sign in first"),
         Caller::Refused(r) => return r,
     };
-    if inbox.gates.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
-        inbox.gates.streams.fetch_sub(1, Ordering::Relaxed);
+    let slot = if inbox.gates.streams.load(Ordering::Relaxed) >= MAX_STREAMS {
+        None
+    } else {
+        StreamSlot::take(&inbox.gates, &who.name)
+    };
+    let Some(slot) = slot else {
         return super::auth::retry_later(page_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many live-update streams are open; the page still works when reloaded",
         ));
-    }
-    let slot = StreamSlot(inbox.gates.clone());
+    };
     let stream = futures::stream::unfold(
         (inbox, headers, who, String::new(), slot),
         |(inbox, headers, who, last, slot)| async move {
             let mut first = last.is_empty();
             loop {
                 if !first {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = inbox.gates.stop.cancelled() => return None,
+                    }
                     // The stream ends with the sign-in (signed out, expired, token or role
                     // changed, scope narrowed).
                     match caller(&inbox, &headers).await {

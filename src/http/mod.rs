@@ -2,13 +2,15 @@
 //! (Kafka and Redis reachable and every running stage in its consumer group — consuming, or
 //! standing by when there are more members than partitions), and the front doors
 //! merged in from the submodules ([`approvals`]: the approvals API; [`context`]: the context API;
-//! [`inbox`]: the agent inbox web page; [`ingest`]: events over HTTP).
+//! [`inbox`]: the agent inbox web page; [`ingest`]: events over HTTP), served by [`server`] (the
+//! listener's connection bounds).
 
 pub mod approvals;
 pub mod auth;
 pub mod context;
 pub mod inbox;
 pub mod ingest;
+pub mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +55,22 @@ pub struct HttpConfig {
     /// HTTP ingest: CloudEvents, Alertmanager and GitHub webhooks to input topics.
     #[serde(default)]
     pub ingest: ingest::IngestConfig,
+    /// Connections served at once; past it new ones are closed at once (counted in
+    /// `switchyard_http_connections_refused_total`), so slow or idle clients cannot take the
+    /// process's file descriptors from Kafka and Redis.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a request's headers within this long, also on an idle kept-alive
+    /// connection; else it is closed.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout() -> u64 {
+    30_000
 }
 
 fn yes() -> bool {
@@ -72,6 +90,8 @@ impl Default for HttpConfig {
             proxy_user_header: None,
             inbox: inbox::InboxConfig::default(),
             ingest: ingest::IngestConfig::default(),
+            max_connections: default_max_connections(),
+            header_timeout_ms: default_header_timeout(),
         }
     }
 }
