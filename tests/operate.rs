@@ -838,6 +838,34 @@ async fn http_ingest_cloudevents_alertmanager_and_github_into_the_pipeline() {
     assert_eq!(code, 429, "{v}");
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
+    // Events taken before cost nothing: the same three again are duplicates, answered 202 with
+    // the bucket empty (copies drained it for new events).
+    let (code, v, _) = post_batch(&c, &events_url, TIGHT_TOKEN, batch_of("t", 3).to_string()).await;
+    assert_eq!((code, v["duplicate"].clone()), (202, json!(true)), "{v}");
+    // Alertmanager retries only 5xx: its door answers a rate limit 503 with Retry-After (a 429
+    // made it drop the alert), and the same notification again is free.
+    let (code, v, _) = post(
+        &c,
+        &am_url,
+        Some(TIGHT_TOKEN),
+        "application/json",
+        am.to_string(),
+    )
+    .await;
+    assert_eq!((code, v["duplicate"].clone()), (202, json!(true)), "{v}");
+    let mut fresh = am.clone();
+    fresh["alerts"][0]["fingerprint"] = json!("f-new");
+    fresh["alerts"][0]["startsAt"] = json!("2026-01-01T11:00:00Z");
+    let (code, v, headers) = post(
+        &c,
+        &am_url,
+        Some(TIGHT_TOKEN),
+        "application/json",
+        fresh.to_string(),
+    )
+    .await;
+    assert_eq!(code, 503, "{v}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
 
     // After all that, the server still takes events; the last one marks the end of the topic.
     let (code, v, _) = post(

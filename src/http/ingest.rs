@@ -358,6 +358,17 @@ impl Door {
             Door::Github => "github",
         }
     }
+
+    /// The status telling this door's sender to try again later: a webhook sender retries only
+    /// 5xx (Alertmanager drops an alert answered 429 or 409 until the group's next flush; GitHub
+    /// retries nothing, but a 5xx shows as failed for redelivery), so those doors get 503 (with
+    /// the same `Retry-After`) where a CloudEvents client gets 429 or 409.
+    pub fn retryable(self, status: StatusCode) -> StatusCode {
+        match self {
+            Door::CloudEvents => status,
+            Door::Alertmanager | Door::Github => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 /// Outcomes counted by `switchyard_ingest_events_total` (requests refused before their events are
@@ -1124,13 +1135,21 @@ impl Ingest {
             )
             .response();
         }
-        if rate > 0 {
+        let keys: Vec<String> = events.iter().map(|ev| self.seen_key(ev)).collect();
+        // Events already taken cost nothing: Alertmanager sends a group's every firing alert again
+        // on each change and repeat, and those copies drained the bucket for new alerts.
+        let fresh = if rate > 0 {
+            self.unseen(&keys).await
+        } else {
+            0
+        };
+        if rate > 0 && fresh > 0 {
             let cap = rate as f64;
             let bucket = Bucket {
                 key: inner.limiter.bucket_key("ingest", caller, "rpm", None),
                 capacity: cap,
                 rate: cap / 60_000.0,
-                cost: events.len() as f64,
+                cost: fresh as f64,
                 tokens: false,
             };
             match inner.limiter.acquire("ingest", caller, &[bucket]).await {
@@ -1139,7 +1158,7 @@ impl Ingest {
                     count(door, "rate_limited", events.len());
                     let secs = ms.div_ceil(1000).max(1);
                     return (
-                        StatusCode::TOO_MANY_REQUESTS,
+                        door.retryable(StatusCode::TOO_MANY_REQUESTS),
                         [(header::RETRY_AFTER, secs.to_string())],
                         Json(json!({"error": format!(
                             "rate limit of {rate} events per minute for {caller} reached; retry in {secs} s")})),
@@ -1157,7 +1176,6 @@ impl Ingest {
         // answer the client's retry "in progress" for minutes, and a record produced but never
         // settled would be produced again once its claim expired.
         let this = self.clone();
-        let keys: Vec<String> = events.iter().map(|ev| self.seen_key(ev)).collect();
         let work = tokio::spawn(async move { this.produce_claimed(keys, records).await });
         let taken: Vec<Taken> = match work.await {
             Ok(t) => t,
@@ -1222,7 +1240,7 @@ impl Ingest {
             let (status, advice) = if failed > 0 {
                 (StatusCode::SERVICE_UNAVAILABLE, "repeat the request")
             } else if busy > 0 {
-                (StatusCode::CONFLICT, "repeat the request")
+                (door.retryable(StatusCode::CONFLICT), "repeat the request")
             } else {
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -1347,6 +1365,28 @@ impl Ingest {
 
     /// Claims a (source, id) key for producing it: mine, already done (a duplicate), or being
     /// produced by another request.
+    /// How many of `keys` (distinct) no event was taken under yet: what a request costs in its
+    /// caller's rate limit. Redis failing counts them all.
+    async fn unseen(&self, keys: &[String]) -> usize {
+        let distinct: Vec<&String> = keys.iter().collect::<HashSet<_>>().into_iter().collect();
+        let seen = async {
+            let mut c = self.inner.redis.get().await?;
+            let mut pipe = redis::pipe();
+            for k in &distinct {
+                pipe.cmd("EXISTS").arg(*k);
+            }
+            let found: Vec<u8> = pipe.query_async(&mut c).await?;
+            Ok::<_, crate::store::StoreError>(found.iter().filter(|f| **f > 0).count())
+        };
+        match seen.await {
+            Ok(n) => distinct.len().saturating_sub(n),
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not look for events taken before; the whole request counts toward the rate limit.");
+                distinct.len()
+            }
+        }
+    }
+
     async fn claim(&self, key: &str) -> Claim {
         let claimed = async {
             let mut c = self.inner.redis.get().await?;
