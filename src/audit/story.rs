@@ -19,19 +19,55 @@ pub fn audit_since(
     schemas: &SchemaRegistry,
     since_ms: i64,
 ) -> Result<Vec<(CloudEvent, Value)>, String> {
-    let recs = crate::kafka::read::read_since(kafka, topic, since_ms, Duration::from_millis(1500))?;
-    let mut out: Vec<(CloudEvent, Value)> = recs
-        .iter()
-        .filter_map(|r| crate::codec::decode(r.view(), schemas).ok())
-        .filter(|ev| ev.ty != super::SEAL_TYPE)
-        .map(|mut ev| {
+    Ok(audit_since_where(kafka, topic, schemas, since_ms, |_| true, usize::MAX)?.0)
+}
+
+/// [`audit_since`], keeping only the records whose data `keep` takes — each record decoded and
+/// dropped as it arrives, so memory holds what is kept, not the topic — and at most `max` of them
+/// (the newest); with how many `keep` took in all.
+pub fn audit_since_where(
+    kafka: &KafkaConfig,
+    topic: &str,
+    schemas: &SchemaRegistry,
+    since_ms: i64,
+    keep: impl Fn(&Value) -> bool,
+    max: usize,
+) -> Result<(Vec<(CloudEvent, Value)>, usize), String> {
+    let mut out: Vec<(CloudEvent, Value)> = Vec::new();
+    let mut total = 0usize;
+    crate::kafka::read::read_since_each(
+        kafka,
+        topic,
+        since_ms,
+        Duration::from_millis(1500),
+        |r| {
+            let Ok(mut ev) = crate::codec::decode(r.view(), schemas) else {
+                return;
+            };
+            if ev.ty == super::SEAL_TYPE {
+                return;
+            }
             ev.data = ev.data.take().map(crate::records::audit_detail_as_json);
             let d = ev.data.clone().unwrap_or(Value::Null);
-            (ev, d)
-        })
-        .collect();
+            if !keep(&d) {
+                return;
+            }
+            total += 1;
+            out.push((ev, d));
+            // Past twice the cap, the oldest go (amortised: one sort and cut per `max` records).
+            if out.len() >= max.saturating_mul(2).max(1024) {
+                out.sort_by(|a, b| a.0.time.cmp(&b.0.time));
+                let cut = out.len() - max;
+                out.drain(..cut);
+            }
+        },
+    )?;
     out.sort_by(|a, b| a.0.time.cmp(&b.0.time));
-    Ok(out)
+    if out.len() > max {
+        let cut = out.len() - max;
+        out.drain(..cut);
+    }
+    Ok((out, total))
 }
 
 /// The proposal counts an `agent_result` record's detail carries (results since they do).

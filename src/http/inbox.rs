@@ -89,6 +89,8 @@ const CSRF_COOKIE: &str = "switchyard_csrf";
 const LIST_LIMIT: usize = 1000;
 /// The most history lines the detail page shows.
 const HISTORY_LINES: usize = 30;
+/// A resource's history records kept per read (the newest; the count and model cost cover all).
+const HISTORY_KEPT: usize = 1000;
 
 static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
     let mut env = minijinja::Environment::new();
@@ -910,25 +912,37 @@ async fn history(
     let since =
         chrono::Utc::now().timestamp_millis() - inbox.config().history_hours as i64 * 3_600_000;
     let l = inbox.settings.clone();
-    let recs = match tokio::task::spawn_blocking(move || {
+    let (resource, tenant) = (a.resource.clone(), a.tenant.clone());
+    // Only the resource's records are kept (each other one decoded and dropped), the newest
+    // HISTORY_KEPT of them; the model cost is summed over all.
+    let cost = Arc::new(std::sync::Mutex::new(0.0f64));
+    let summed = cost.clone();
+    let read = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        crate::audit::story::audit_since(&l.kafka, &l.audit_topic, &l.schemas, since)
+        crate::audit::story::audit_since_where(
+            &l.kafka,
+            &l.audit_topic,
+            &l.schemas,
+            since,
+            |d| {
+                let mine = d["resource"] == resource.as_str() && d["tenant"] == tenant.as_str();
+                if mine && d["decision"] == "llm_call" {
+                    if let Some(c) = d["detail"]["cost"].as_f64() {
+                        *summed.lock().unwrap_or_else(|e| e.into_inner()) += c;
+                    }
+                }
+                mine
+            },
+            HISTORY_KEPT,
+        )
     })
-    .await
-    {
+    .await;
+    let (mine, total) = match read {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return unavailable(&e),
         Err(e) => return unavailable(&e.to_string()),
     };
-    let mine: Vec<&(crate::event::CloudEvent, Value)> = recs
-        .iter()
-        .filter(|(_, d)| d["resource"] == a.resource.as_str() && d["tenant"] == a.tenant.as_str())
-        .collect();
-    let model_cost: f64 = mine
-        .iter()
-        .filter(|(_, d)| d["decision"] == "llm_call")
-        .filter_map(|(_, d)| d["detail"]["cost"].as_f64())
-        .sum();
+    let model_cost: f64 = *cost.lock().unwrap_or_else(|e| e.into_inner());
     let first = mine.first().and_then(|(ev, _)| ev.time.clone());
     let lines: Vec<Value> = mine
         .iter()
@@ -939,7 +953,7 @@ async fn history(
     render(
         StatusCode::OK,
         "history.html",
-        json!({"lines": lines, "total": mine.len(), "hours": inbox.config().history_hours,
+        json!({"lines": lines, "total": total, "hours": inbox.config().history_hours,
                "model_cost": model_cost, "resource": a.resource}),
     )
 }

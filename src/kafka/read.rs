@@ -134,13 +134,28 @@ pub fn read_each(
 
 /// Reads the records of a topic written at `since_ms` (milliseconds since the epoch) or later, on
 /// every partition, until nothing arrives for `idle`: the broker's time index finds where to
-/// start (from the beginning when it cannot say).
+/// start (a partition's beginning when it has no answer for it).
 pub fn read_since(
     kafka: &KafkaConfig,
     topic: &str,
     since_ms: i64,
     patience: Duration,
 ) -> Result<Vec<Input>, String> {
+    let mut out = Vec::new();
+    read_since_each(kafka, topic, since_ms, patience, |rec| out.push(rec))?;
+    Ok(out)
+}
+
+/// [`read_since`], handing each record to `each` as it arrives instead of holding them all. An
+/// error when the broker's time index does not answer (read from the beginning instead, a busy
+/// audit topic kept a year was read whole into memory).
+pub fn read_since_each(
+    kafka: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+    patience: Duration,
+    mut each: impl FnMut(Input),
+) -> Result<(), String> {
     let consumer = reader_with(kafka, topic, Offset::Beginning, true)?;
     let mut times = TopicPartitionList::new();
     if let Ok(assigned) = consumer.assignment() {
@@ -150,7 +165,10 @@ pub fn read_since(
                 .map_err(|e| e.to_string())?;
         }
     }
-    if let Ok(found) = consumer.offsets_for_times(times, Duration::from_secs(5)) {
+    let found = consumer
+        .offsets_for_times(times, Duration::from_secs(5))
+        .map_err(|e| format!("the broker did not say where {topic} has records since then: {e}"))?;
+    {
         let mut start = TopicPartitionList::new();
         for e in found.elements() {
             let at = match e.offset() {
@@ -169,13 +187,11 @@ pub fn read_since(
                 .map_err(|e| format!("cannot assign partitions: {e}"))?;
         }
     }
-    let mut out = Vec::new();
     drain(&consumer, topic, patience, |rec| {
         if rec.timestamp_ms.is_none_or(|t| t >= since_ms) {
-            out.push(rec);
+            each(rec);
         }
-    })?;
-    Ok(out)
+    })
 }
 
 /// The least a read waits for a partition that gives nothing before calling it stuck.
