@@ -187,7 +187,7 @@ pub fn is_single_object(payload: &[u8]) -> bool {
 }
 
 /// Items of an array or map whose encoding can take no bytes (nulls, empty records) cannot be
-/// bounded by the record's size; this many are allowed per block.
+/// bounded by the record's size; this many are allowed per datum, in all its blocks.
 const MAX_ZERO_SIZE_ITEMS: usize = 4096;
 
 impl RegisteredSchema {
@@ -200,6 +200,7 @@ impl RegisteredSchema {
             pos: 0,
             names: &self.names,
             depth: 0,
+            zero_items: 0,
         };
         scan.value(&self.schema)
     }
@@ -210,6 +211,10 @@ struct Scan<'a> {
     pos: usize,
     names: &'a HashMap<apache_avro::schema::Name, Schema>,
     depth: usize,
+    /// Items taking no bytes (null, an empty record) declared so far, in every block: bounded in
+    /// all, not per block (2-byte block headers of 4,096 each let a 1 MB record declare billions,
+    /// each a value the decoder allocates).
+    zero_items: usize,
 }
 
 impl Scan<'_> {
@@ -292,7 +297,10 @@ impl Scan<'_> {
             let min = self.min_size(item, 0) + usize::from(key);
             let fits = match self.remaining().checked_div(min) {
                 Some(most) => count <= most,
-                None => count <= MAX_ZERO_SIZE_ITEMS,
+                None => {
+                    self.zero_items = self.zero_items.saturating_add(count);
+                    self.zero_items <= MAX_ZERO_SIZE_ITEMS
+                }
             };
             if !fits {
                 return Err(format!(
@@ -561,5 +569,60 @@ impl Write<'_> {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items that take no bytes are bounded across every block of a datum, not per block: a
+    /// record of 2-byte block headers declaring 4,096 nulls each would have the decoder allocate
+    /// billions of values.
+    #[test]
+    fn zero_size_items_are_bounded_in_all() {
+        let mut reg = SchemaRegistry::default();
+        reg.add(
+            "nulls",
+            r#"{"type": "record", "name": "N", "fields": [{"name": "a", "type": {"type": "array", "items": "null"}}]}"#,
+            "test",
+        )
+        .expect("schema");
+        let s = reg.get("nulls").expect("registered");
+        // A block of n items: zig-zag n, then nothing per null item; the array ends with 0.
+        let zigzag = |n: u64| -> Vec<u8> {
+            let mut v = n << 1;
+            let mut out = Vec::new();
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(b);
+                    return out;
+                }
+                out.push(b | 0x80);
+            }
+        };
+        let datum = |blocks: usize, each: u64| -> Vec<u8> {
+            let mut d = Vec::new();
+            for _ in 0..blocks {
+                d.extend(zigzag(each));
+            }
+            d.push(0);
+            d
+        };
+        assert!(
+            s.check_datum_bounds(&datum(1, 4096)).is_ok(),
+            "one full block"
+        );
+        assert!(
+            s.check_datum_bounds(&datum(4, 1024)).is_ok(),
+            "4,096 in all"
+        );
+        let e = s
+            .check_datum_bounds(&datum(2, 4096))
+            .expect_err("8,192 in two blocks");
+        assert!(e.contains("claims 4096 items"), "{e}");
+        assert!(s.check_datum_bounds(&datum(5000, 4096)).is_err());
     }
 }
