@@ -394,6 +394,8 @@ impl Sandbox {
                 choose: chooser.clone(),
                 graph: Some(graph.clone()),
                 picks: None,
+                max_output_bytes: usize::MAX,
+                topic_limits: Default::default(),
             },
             agents: AgentStage {
                 agents,

@@ -1025,7 +1025,7 @@ async fn an_output_larger_than_its_topic_takes_dead_letters_the_input() {
         .read("switchyard.tasks", 62, Duration::from_secs(30))
         .await;
     assert_eq!(tasks.len(), 62);
-    let v = env.verified_audit(63, Duration::from_secs(30)).await;
+    let v = env.verified_audit(62, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     let largest_seal = env
         .read("switchyard.audit", 400, Duration::from_secs(3))
@@ -1189,22 +1189,24 @@ async fn an_output_too_large_dead_letters_its_input(env: TestEnv) -> TestEnv {
         .await;
     let ids: Vec<String> = tasks.iter().map(task_event_id).collect();
     assert_eq!(ids, ["small-1", "small-2"]);
-    let audit = env.audit(3, Duration::from_secs(30)).await;
+    let audit = env.audit(3, Duration::from_secs(10)).await;
     let decisions: Vec<AuditData> = audit
         .iter()
         .map(|r| serde_json::from_value(data_of(&event_of(r)).clone()).unwrap())
         .collect();
+    // The huge event is measured before anything is sealed: dead-lettered with nothing routed,
+    // no audit record saying `routed` with a task that never went out.
     assert_eq!(
         decisions.len(),
-        3,
-        "every event's routing decision is audited"
+        2,
+        "the routed events' decisions are audited: {decisions:?}"
     );
-    assert!(decisions
+    assert!(!decisions
         .iter()
         .any(|d| d.event_id.as_deref() == Some("huge-1")));
-    let v = env.verified_audit(3, Duration::from_secs(30)).await;
+    let v = env.verified_audit(2, Duration::from_secs(30)).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
-    assert_eq!(v.records, 3);
+    assert_eq!(v.records, 2);
     running.stop().await;
     env
 }

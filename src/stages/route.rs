@@ -52,6 +52,8 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
                 s.redis.clone(),
                 &cfg.redis.key_prefix,
             ))),
+            max_output_bytes: cfg.kafka.max_output_bytes(),
+            topic_limits: s.producer.limits(),
         }))
     })
 }
@@ -75,6 +77,10 @@ pub struct RouteStage {
     /// Keeps each `best_of` task's first pick, so a redelivered event picks the same agent; none
     /// in replays (they pick what was recorded) and unit tests.
     pub picks: Option<Arc<crate::agents::select::PickStore>>,
+    /// The largest record the producer writes, and each topic's limit: an event whose task or
+    /// workflow record would be larger is dead-lettered with nothing routed.
+    pub max_output_bytes: usize,
+    pub topic_limits: crate::kafka::TopicLimits,
 }
 
 impl RouteStage {
@@ -439,6 +445,28 @@ impl RouteStage {
                 .map_err(|e| ProcessError::from(e).context("relations"))?;
         }
         let (outputs, audit, forget) = self.pinned_outputs_for(&rec.topic, &ev, &time).await?;
+        // Measured before anything is sealed: one record too large to write would be skipped
+        // while the audit record said `routed` with its task, and a workflow's `started` records
+        // went out for a run whose first step never did.
+        // (A record's framing in librdkafka's own measure, which it checks at queueing.)
+        const OVERHEAD: usize = 64;
+        if let Some(o) = outputs.iter().find(|o| {
+            crate::kafka::record_size(o) + OVERHEAD > self.max_output_bytes
+                || self.topic_limits.too_large(o)
+        }) {
+            return Err(ProcessError::poison(
+                "output_too_large",
+                format!(
+                    "the event's record for {} would be {} bytes, more than the {} the producer writes (or its topic takes); nothing was routed",
+                    o.topic,
+                    crate::kafka::record_size(o),
+                    self.topic_limits
+                        .of(&o.topic)
+                        .unwrap_or(self.max_output_bytes)
+                        .min(self.max_output_bytes)
+                ),
+            ));
+        }
         let decision = if outputs.is_empty() {
             "unrouted"
         } else {
