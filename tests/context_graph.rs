@@ -596,3 +596,95 @@ agents:
     assert_eq!(shown["relations"], json!([]), "{shown}");
     running.stop().await;
 }
+
+/// An older event (a backfill, a lagging input) stating a relation does not shorten it: a stamp
+/// is replaced only by one expiring later, and an event whose relation expired already writes
+/// nothing. A resource whose events keep naming new targets that nobody reads does not grow
+/// without bound: expired edges are swept by later writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_relations_keep_their_latest_stamp_and_expired_ones_are_swept() {
+    use switchyard::context::graph::{Graph, LearnRule, RelationsConfig};
+    let (_, redis_url) = stack().clone();
+    let prefix = suffix();
+    let conn = switchyard::store::RedisConn::new(&redis_url).expect("redis");
+    let cfg = |ttl: u64| RelationsConfig {
+        learn: vec![LearnRule {
+            types: vec!["deployment.*".into()],
+            field: "data.dependencies".into(),
+            relation: "depends_on".into(),
+            targets: vec![],
+        }],
+        ttl_seconds: ttl,
+        ..Default::default()
+    };
+    let ev = |id: &str, target: &str| {
+        event(
+            id,
+            "deployment.completed",
+            "svc-g",
+            json!({"dependencies": [target]}),
+        )
+    };
+    let mut r = redis_connection(&redis_url).await;
+    let key = |res: &str| {
+        format!(
+            "{prefix}:rel:{}",
+            switchyard::store::ResourceKey::new("default", res).hash_tag()
+        )
+    };
+    let stamp_at = |m: &std::collections::HashMap<String, String>, f: &str| {
+        m.get(f)
+            .and_then(|v| serde_json::from_str::<Value>(v).ok())
+            .and_then(|v| v["at"].as_i64())
+    };
+    let now = chrono::Utc::now().timestamp();
+    let g = Graph::new(conn.clone(), &prefix, cfg(3600));
+    assert_eq!(g.learn(&ev("new", "db"), now).await.expect("learn"), 1);
+    // A backfilled event from half an hour ago states the same relation: the stamp stays.
+    g.learn(&ev("old", "db"), now - 1800).await.expect("learn");
+    // One from two hours ago: expired already, nothing written.
+    assert_eq!(
+        g.learn(&ev("older", "db2"), now - 7200)
+            .await
+            .expect("learn"),
+        0
+    );
+    let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key("svc-g"))
+        .query_async(&mut r)
+        .await
+        .expect("hgetall");
+    assert_eq!(stamp_at(&m, "out|depends_on|db"), Some(now), "{m:?}");
+    assert!(!m.contains_key("out|depends_on|db2"), "{m:?}");
+    let back: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key("db"))
+        .query_async(&mut r)
+        .await
+        .expect("hgetall");
+    assert_eq!(
+        stamp_at(&back, "in|depends_on|svc-g"),
+        Some(now),
+        "{back:?}"
+    );
+
+    // A short TTL (16 s: swept at most once a second): an edge that expired is dropped by a later
+    // write that states another one, with nobody reading the resource.
+    let short = Graph::new(conn, &prefix, cfg(16));
+    short
+        .learn(&ev("a", "target-a"), now - 14)
+        .await
+        .expect("learn");
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let later = chrono::Utc::now().timestamp();
+    short
+        .learn(&ev("b", "target-b"), later)
+        .await
+        .expect("learn");
+    let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key("svc-g"))
+        .query_async(&mut r)
+        .await
+        .expect("hgetall");
+    assert!(!m.contains_key("out|depends_on|target-a"), "swept: {m:?}");
+    assert!(m.contains_key("out|depends_on|target-b"), "{m:?}");
+}

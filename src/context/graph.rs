@@ -220,6 +220,52 @@ pub struct Graph {
     fixed: HashMap<(String, String), Vec<Edge>>,
 }
 
+/// Writes one relation hash's edges stated by one event. KEYS[1] the hash; ARGV now, the TTL,
+/// the edges' expiry, their stamp, then the fields. A stamp replaces only one expiring sooner (an
+/// older event, replayed or backfilled, does not shorten a live relation); the hash lives at
+/// least until its latest edge expires; and once a sixteenth of the TTL has passed since its last
+/// sweep (field `_swept`), expired edges are dropped, so a resource whose events keep naming new
+/// targets nobody reads does not grow without bound. Returns the edges written.
+static LEARN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local now, ttl, exp, stamp = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local function expiry(v)
+  if not v then return nil end
+  local ok, d = pcall(cjson.decode, v)
+  if ok and type(d) == 'table' then return tonumber(d.exp) end
+  return nil
+end
+local wrote = 0
+for i = 5, #ARGV do
+  local old = expiry(redis.call('HGET', KEYS[1], ARGV[i]))
+  if not old or exp > old then
+    redis.call('HSET', KEYS[1], ARGV[i], stamp)
+    wrote = wrote + 1
+  end
+end
+local swept = tonumber(redis.call('HGET', KEYS[1], '_swept') or '0') or 0
+if now - swept >= ttl / 16 then
+  local all = redis.call('HGETALL', KEYS[1])
+  local gone = {}
+  for j = 1, #all, 2 do
+    local e = expiry(all[j + 1])
+    if all[j] ~= '_swept' and e and e ~= 0 and e < now then gone[#gone + 1] = all[j] end
+  end
+  for j = 1, #gone, 1000 do
+    redis.call('HDEL', KEYS[1], unpack(gone, j, math.min(j + 999, #gone)))
+  end
+  redis.call('HSET', KEYS[1], '_swept', tostring(now))
+end
+if wrote > 0 then
+  local left = redis.call('TTL', KEYS[1])
+  if left < exp - now then redis.call('EXPIRE', KEYS[1], math.max(exp - now, 1)) end
+end
+return wrote
+"#,
+    )
+});
+
 fn rel_key(prefix: &str, k: &ResourceKey) -> String {
     format!("{prefix}:rel:{}", k.hash_tag())
 }
@@ -309,30 +355,42 @@ impl Graph {
         let subject = ev.subject.clone().unwrap_or_default();
         let from = ResourceKey::new(&tenant, &subject);
         let exp = at + self.cfg.ttl_seconds as i64;
+        let now = crate::event::now_secs();
+        if exp <= now {
+            // An old event (a backfill, a lagging input): what it states has expired already.
+            return Ok(0);
+        }
         let stamp = json!({"at": at, "exp": exp, "via": ev.id}).to_string();
-        let ttl = self.cfg.ttl_seconds;
-        let mut pipe = redis::pipe();
+        // Each hash's edges in one script call (one hash slot each).
+        let mut per_hash: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (relation, target) in &taught {
             let to = ResourceKey::new(&tenant, target);
-            pipe.hset(
-                rel_key(&self.prefix, &from),
-                format!("out|{relation}|{target}"),
-                &stamp,
-            )
-            .ignore()
-            .expire(rel_key(&self.prefix, &from), ttl as i64)
-            .ignore()
-            .hset(
-                rel_key(&self.prefix, &to),
-                format!("in|{relation}|{subject}"),
-                &stamp,
-            )
-            .ignore()
-            .expire(rel_key(&self.prefix, &to), ttl as i64)
-            .ignore();
+            per_hash
+                .entry(rel_key(&self.prefix, &from))
+                .or_default()
+                .push(format!("out|{relation}|{target}"));
+            per_hash
+                .entry(rel_key(&self.prefix, &to))
+                .or_default()
+                .push(format!("in|{relation}|{subject}"));
         }
-        let mut c = self.conn.get().await?;
-        pipe.query_async::<()>(&mut c).await?;
+        let c = self.conn.get().await?;
+        let calls = per_hash.iter().map(|(key, fields)| {
+            let mut c = c.clone();
+            let mut inv = LEARN.prepare_invoke();
+            inv.key(key)
+                .arg(now)
+                .arg(self.cfg.ttl_seconds)
+                .arg(exp)
+                .arg(&stamp);
+            for f in fields {
+                inv.arg(f);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        });
+        for r in futures::future::join_all(calls).await {
+            r?;
+        }
         Ok(taught.len())
     }
 
