@@ -61,6 +61,8 @@ pub struct Recorded {
 pub struct About {
     pub proposal_id: String,
     pub event_id: String,
+    /// The event's tenant: ids are unique only within a tenant (and source).
+    pub tenant: String,
     pub agent: String,
     pub action: String,
     pub resource: String,
@@ -95,6 +97,7 @@ impl Decision {
             about: About {
                 proposal_id: d["proposal_id"].as_str()?.to_string(),
                 event_id: a.event_id.clone().unwrap_or_default(),
+                tenant: a.tenant.clone(),
                 agent: s("agent"),
                 action: s("action"),
                 resource: a.resource.clone(),
@@ -467,7 +470,7 @@ impl Sandbox {
         let mut event_ids = std::collections::HashSet::new();
         for rec in inputs {
             if let Ok(ev) = codec::decode(rec.view(), &self.loaded.schemas) {
-                event_ids.insert(ev.id);
+                event_ids.insert((ev.tenant().to_string(), ev.id));
             }
             let event_secs = rec
                 .timestamp_ms
@@ -553,7 +556,8 @@ impl Sandbox {
             .values()
             .map(|(d, _)| d)
             .filter(|d| {
-                event_ids.contains(&d.about.event_id) && !seen.contains(&d.about.proposal_id)
+                event_ids.contains(&(d.about.tenant.clone(), d.about.event_id.clone()))
+                    && !seen.contains(&d.about.proposal_id)
             })
             .collect();
         missing.sort_by(|a, b| a.about.proposal_id.cmp(&b.about.proposal_id));

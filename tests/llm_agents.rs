@@ -1503,6 +1503,41 @@ agents:
         .await
         .expect("keys");
     assert!(left.is_empty(), "scratch keys deleted: {left:?}");
+
+    // Ids are unique within a tenant: another tenant's event with the same id is not replayed
+    // with it (nor its decisions compared) — `--event` asks which, and `--tenant` says.
+    let other = event(
+        "s1",
+        "sla.breached",
+        "checkout",
+        json!({"slo": "availability", "observed": 97.0, "objective": 99.9}),
+    )
+    .with_extension("tenant", "globex");
+    env.publish("events.sla-breaches", &[other]).await;
+    let (brokers, redis) = stack().clone();
+    let ambiguous = std::process::Command::new(bin())
+        .args(["--config", candidate.to_str().expect("path")])
+        .args(["replay", "--since", "1h", "--event", "s1"])
+        .env("SWITCHYARD_KAFKA_BROKERS", &brokers)
+        .env("SWITCHYARD_REDIS_URL", &redis)
+        .output()
+        .expect("switchyard replay runs");
+    let err = String::from_utf8_lossy(&ambiguous.stderr);
+    assert!(
+        !ambiguous.status.success() && err.contains("in 2 tenants (default, globex)"),
+        "ambiguous: {err}"
+    );
+    let (ok, out) = replay(
+        &env,
+        Some(&candidate),
+        &["--since", "1h", "--event", "s1", "--tenant", "default"],
+    );
+    assert!(!ok);
+    assert!(out.contains("changed  s1"), "{out}");
+    assert!(
+        out.contains("2 tasks (2 from the recording, 0 diverged)"),
+        "{out}"
+    );
 }
 
 /// A final answer cut off at the output limit, or empty, is not an answer: the task fails (and is

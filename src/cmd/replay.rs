@@ -17,6 +17,9 @@ pub struct Args {
     /// Replay the events about this resource (their subject).
     #[arg(long)]
     pub resource: Option<String>,
+    /// Replay this tenant's events only (an `--event` id found in several tenants needs it).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// Events recorded since: 30m, 2h, 1d or an RFC 3339 time.
     #[arg(long, default_value = "1d")]
     pub since: String,
@@ -46,7 +49,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
         }
     }
     let l2 = l.clone();
-    let (event, resource) = (a.event.clone(), a.resource.clone());
+    let (event, resource, tenant) = (a.event.clone(), a.resource.clone(), a.tenant.clone());
     let (inputs, results, audit) = tokio::task::spawn_blocking(move || {
         let idle = Duration::from_millis(1500);
         let mut inputs: Vec<Input> = Vec::new();
@@ -60,9 +63,10 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
                                 && resource
                                     .as_ref()
                                     .is_none_or(|r| ev.subject.as_deref() == Some(r.as_str()))
+                                && tenant.as_ref().is_none_or(|t| t == ev.tenant())
                         }
                         // Undecodable: replayed too (the route stage dead-letters it again).
-                        Err(_) => event.is_none() && resource.is_none(),
+                        Err(_) => event.is_none() && resource.is_none() && tenant.is_none(),
                     }
             }));
         }
@@ -92,6 +96,20 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<(), String> {
                 _ => String::new(),
             }
         ));
+    }
+    if let (Some(id), None) = (&a.event, &a.tenant) {
+        let tenants: std::collections::BTreeSet<String> = inputs
+            .iter()
+            .filter_map(|r| crate::codec::decode(r.view(), &l.schemas).ok())
+            .map(|ev| ev.tenant().to_string())
+            .collect();
+        if tenants.len() > 1 {
+            return Err(format!(
+                "event id {id} is found in {} tenants ({}): say which with --tenant",
+                tenants.len(),
+                tenants.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
     }
     let recording = Arc::new(Recording::from_records(&l, &results, &audit));
     let redis = crate::store::RedisConn::from_config(&l.config.redis)
