@@ -15,7 +15,7 @@
 //! only once the broker acknowledged every record of the request.
 //!
 //! Idempotence: an event is taken once per (tenant, source, id) within `dedupe_seconds`. Its Redis
-//! key (`<prefix>:ingest:seen:{<hash of tenant, source and id>}`, the default tenant's without it) is claimed as `pending` before producing
+//! key (`<prefix>:ingest:seen:{<hash of tenant, source and id>}`, the default tenant's without it) is claimed as `pending:<request>` before producing
 //! (for longer than the producer may take to deliver: its `message.timeout.ms` plus a minute) and set to `done` for the window once the broker acknowledged; a failed produce
 //! deletes the claim, so a retry produces the event. A second request while the first is still
 //! producing answers `409` (retry later); once it is done, `202` with `duplicate: true`.
@@ -1282,12 +1282,15 @@ impl Ingest {
         records: Vec<crate::kafka::Output>,
     ) -> Vec<Taken> {
         let inner = &self.inner;
+        // This request's name in its claims.
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        let owner = owner.as_str();
         let mut firsts = HashSet::new();
         let claims = futures::future::join_all(keys.iter().map(|key| {
             let first = firsts.insert(key.clone());
             async move {
                 if first {
-                    self.claim(key).await
+                    self.claim(key, owner).await
                 } else {
                     Claim::Duplicate
                 }
@@ -1302,7 +1305,7 @@ impl Ingest {
         for (i, ((key, claim), out)) in keys.iter().zip(claims).zip(records).enumerate() {
             match claim {
                 Claim::Mine if held.contains(&out.key) => {
-                    self.release(key).await;
+                    self.release(key, owner).await;
                     taken.push(Some(Taken::Failed(
                         "an earlier event of the same resource in this request was not taken; retry"
                             .into(),
@@ -1326,23 +1329,34 @@ impl Ingest {
                 }
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let queued = inner
-                .producer
-                .enqueue(&out, Notice::Waiter(tx), || {
+            // A producer queue that stays full must not outlast the claim (a retry would claim
+            // the event again while this record may still be queued): past half of it, the
+            // record is not queued and the claim let go.
+            let queued = tokio::time::timeout(
+                std::time::Duration::from_millis(inner.claim_ms / 2),
+                inner.producer.enqueue(&out, Notice::Waiter(tx), || {
                     METRICS
                         .producer_queue_full
                         .with_label_values(&["ingest"])
                         .inc()
-                })
-                .await;
+                }),
+            )
+            .await;
             match queued {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     taken.push(None);
                     waiting.push((i, key.clone(), out.topic, rx));
                 }
-                Err(ProduceError::Rejected { source, .. }) => {
+                Ok(Err(ProduceError::Rejected { source, .. })) => {
                     held.insert(out.key.clone());
-                    taken.push(Some(self.settle(key, out.topic, Err(source)).await));
+                    taken.push(Some(self.settle(key, owner, out.topic, Err(source)).await));
+                }
+                Err(_) => {
+                    held.insert(out.key.clone());
+                    self.release(key, owner).await;
+                    taken.push(Some(Taken::Failed(
+                        "the producer's queue stayed full; retry".into(),
+                    )));
                 }
             }
         }
@@ -1351,7 +1365,7 @@ impl Ingest {
                 let acked = rx
                     .await
                     .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
-                (i, self.settle(&key, topic, acked).await)
+                (i, self.settle(&key, owner, topic, acked).await)
             }))
             .await;
         for (i, t) in settled {
@@ -1363,8 +1377,6 @@ impl Ingest {
             .collect()
     }
 
-    /// Claims a (source, id) key for producing it: mine, already done (a duplicate), or being
-    /// produced by another request.
     /// How many of `keys` (distinct) no event was taken under yet: what a request costs in its
     /// caller's rate limit. Redis failing counts them all.
     async fn unseen(&self, keys: &[String]) -> usize {
@@ -1387,12 +1399,15 @@ impl Ingest {
         }
     }
 
-    async fn claim(&self, key: &str) -> Claim {
+    /// Claims a (source, id) key for producing it: mine, already done (a duplicate), or being
+    /// produced by another request. The claim names its request (`pending:<owner>`), so only
+    /// that request lets go of it.
+    async fn claim(&self, key: &str, owner: &str) -> Claim {
         let claimed = async {
             let mut c = self.inner.redis.get().await?;
             let set: Option<String> = redis::cmd("SET")
                 .arg(key)
-                .arg("pending")
+                .arg(format!("pending:{owner}"))
                 .arg("NX")
                 .arg("PX")
                 .arg(self.inner.claim_ms)
@@ -1417,11 +1432,22 @@ impl Ingest {
         }
     }
 
-    /// Lets go of a claim whose event was not produced, so that a retry produces it.
-    async fn release(&self, key: &str) {
+    /// Lets go of `owner`'s claim whose event was not produced, so that a retry produces it —
+    /// only while it is still that request's: one that expired and was claimed by a retry is the
+    /// retry's (an unconditional delete let a third request produce the event again).
+    async fn release(&self, key: &str, owner: &str) {
+        static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            )
+        });
         let released = async {
             let mut c = self.inner.redis.get().await?;
-            redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
+            RELEASE
+                .key(key)
+                .arg(format!("pending:{owner}"))
+                .invoke_async::<i64>(&mut c)
+                .await?;
             Ok::<_, crate::store::StoreError>(())
         }
         .await;
@@ -1435,6 +1461,7 @@ impl Ingest {
     async fn settle(
         &self,
         key: &str,
+        owner: &str,
         topic: String,
         acked: Result<(i32, i64), rdkafka::error::KafkaError>,
     ) -> Taken {
@@ -1465,7 +1492,7 @@ impl Ingest {
                 }
             }
             Err(e) => {
-                self.release(key).await;
+                self.release(key, owner).await;
                 if crate::kafka::is_too_large(&e) {
                     Taken::TooLarge(format!("the record is too large for {topic}: {e}"))
                 } else {
