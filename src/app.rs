@@ -40,6 +40,7 @@ fn settings(l: &Loaded, stage: &str, topics: Vec<String>) -> StageSettings {
         group_id: format!("{}.{stage}", k.group_prefix),
         topics,
         consumer: stage_consumer_config(k, &format!("{}.{stage}", k.group_prefix)),
+        admin: crate::kafka::admin_config(k),
         max_in_flight: k.max_in_flight,
         max_batch: k.max_batch,
         max_record_bytes: k.max_record_bytes,
@@ -404,16 +405,35 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Setup(format!("cannot listen on {addr}: {e}")))?;
-        let (max_connections, header_timeout) = (
+        let (max_connections, timeouts) = (
             cfg.http.max_connections,
-            Duration::from_millis(cfg.http.header_timeout_ms),
+            (
+                Duration::from_millis(cfg.http.header_timeout_ms),
+                Duration::from_millis(cfg.http.body_timeout_ms),
+            ),
         );
+        if let Some(admin) = &cfg.http.admin_listen {
+            let admin_addr: SocketAddr = admin
+                .parse()
+                .map_err(|e| AppError::Setup(format!("http.admin_listen: {e}")))?;
+            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .map_err(|e| AppError::Setup(format!("cannot listen on {admin_addr}: {e}")))?;
+            tracker.spawn(http::server::serve(
+                admin_listener,
+                http::router(health.clone(), cfg.http.metrics_token.as_ref()),
+                stop.clone(),
+                http::server::ADMIN_CONNECTIONS,
+                timeouts,
+            ));
+            tracing::info!(addr = %admin_addr, "Probes and metrics also on the admin address.");
+        }
         tracker.spawn(http::server::serve(
             listener,
             app,
             listener_stop,
             max_connections,
-            header_timeout,
+            timeouts,
         ));
         tracing::info!(%addr, "HTTP endpoint listening.");
     }

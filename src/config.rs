@@ -36,6 +36,8 @@ pub const ENV_KAFKA_SASL_PASSWORD: &str = "SWITCHYARD_KAFKA_SASL_PASSWORD";
 pub const ENV_REDIS_URL: &str = "SWITCHYARD_REDIS_URL";
 /// Environment variable overriding `http.listen`.
 pub const ENV_HTTP_LISTEN: &str = "SWITCHYARD_HTTP_LISTEN";
+/// Environment variable setting `http.admin_listen`.
+pub const ENV_HTTP_ADMIN_LISTEN: &str = "SWITCHYARD_HTTP_ADMIN_LISTEN";
 /// Environment variable overriding `governance.approvals.token`.
 pub const ENV_APPROVAL_TOKEN: &str = "SWITCHYARD_APPROVAL_TOKEN";
 /// Environment variable overriding `http.metrics_token`.
@@ -473,6 +475,9 @@ impl Config {
         if let Some(l) = env.get(ENV_HTTP_LISTEN).filter(|s| !s.is_empty()) {
             config.http.listen = l;
         }
+        if let Some(l) = env.get(ENV_HTTP_ADMIN_LISTEN).filter(|s| !s.is_empty()) {
+            config.http.admin_listen = Some(l);
+        }
         if let Some(t) = env.get(ENV_APPROVAL_TOKEN).filter(|s| !s.is_empty()) {
             config.governance.approvals.token = Some(Secret::new(t));
         }
@@ -563,17 +568,29 @@ impl Config {
                 ),
             );
         }
+        if let Some(a) = &self.http.admin_listen {
+            if a.parse::<SocketAddr>().is_err() {
+                p(
+                    "http.admin_listen",
+                    format!("{a:?} is not an address like 0.0.0.0:9465"),
+                );
+            } else if *a == self.http.listen {
+                p(
+                    "http.admin_listen",
+                    "is http.listen itself: name another port".into(),
+                );
+            }
+        }
         if self.http.max_connections == 0 {
             p("http.max_connections", "must be at least 1".into());
         }
-        if !(100..=3_600_000).contains(&self.http.header_timeout_ms) {
-            p(
-                "http.header_timeout_ms",
-                format!(
-                    "{} is outside 100 ..= 3600000 (a client sends a request's headers within it)",
-                    self.http.header_timeout_ms
-                ),
-            );
+        for (item, v) in [
+            ("http.header_timeout_ms", self.http.header_timeout_ms),
+            ("http.body_timeout_ms", self.http.body_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                p(item, format!("{v} is outside 100 ..= 3600000"));
+            }
         }
         for (i, u) in self.http.users.iter().enumerate() {
             for (item, m) in u.problems(

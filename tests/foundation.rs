@@ -1345,7 +1345,10 @@ async fn validate_warns_about_actions_no_access_rule_allows() {
 /// A topic deleted and created again under its name starts at offset 0 again (the group's
 /// committed offsets go with it). The agents' offset fence of a resource remembered the old
 /// incarnation's offsets; it must not take the new incarnation's first tasks for ones already done
-/// (acknowledged with no result, no dead letter: lost). The fence notes the topic's id.
+/// (acknowledged with no result, no dead letter: lost). The fence notes the topic's id. (Deleting
+/// a topic while the stages consume it crashes librdkafka 2.12 against tansu — a segfault in its
+/// metadata cache, with or without switchyard's topic-id lookups — so that case is not run here:
+/// the restarted process takes the path tested.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tasks_topic_deleted_and_created_again_has_its_tasks_run() {
     use rdkafka::admin::{AdminClient, AdminOptions};
@@ -1435,6 +1438,9 @@ async fn slow_and_idle_http_clients_are_bounded() {
     loaded.config.http.listen = format!("127.0.0.1:{port}");
     loaded.config.http.max_connections = 3;
     loaded.config.http.header_timeout_ms = 1500;
+    loaded.config.http.body_timeout_ms = 1500;
+    let admin_port = free_port();
+    loaded.config.http.admin_listen = Some(format!("127.0.0.1:{admin_port}"));
     let running = Running::start(loaded, &["route"]);
     let addr = format!("127.0.0.1:{port}");
     let client = reqwest::Client::new();
@@ -1464,6 +1470,13 @@ async fn slow_and_idle_http_clients_are_bounded() {
         slow.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Probes and metrics on the admin address answer while the listener is full.
+    let r = client
+        .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+        .send()
+        .await
+        .expect("the admin address answers while the main one is full");
+    assert_eq!(r.status(), 200);
     // A fourth connection is over the limit: closed at once, unanswered.
     let mut over = tokio::net::TcpStream::connect(&addr)
         .await
@@ -1510,6 +1523,20 @@ async fn slow_and_idle_http_clients_are_bounded() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(refused >= 1.0, "refusals counted: {refused}");
+    // A request announcing a body it never sends fails at the body timeout (it held its
+    // connection and handler for ever), and the connection closes.
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    silent
+        .write_all(b"POST /v1/approvals/x/approve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        .await
+        .expect("write");
+    let mut b = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut b))
+        .await
+        .expect("a body that never comes ends the request at the body timeout")
+        .ok();
     // An idle kept-alive connection is closed by the same timeout.
     let mut idle = tokio::net::TcpStream::connect(&addr)
         .await

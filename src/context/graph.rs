@@ -354,8 +354,11 @@ impl Graph {
         let tenant = ev.tenant().to_string();
         let subject = ev.subject.clone().unwrap_or_default();
         let from = ResourceKey::new(&tenant, &subject);
-        let exp = at + self.cfg.ttl_seconds as i64;
         let now = crate::event::now_secs();
+        // A producer's clock may run ahead (the time is the record's): at most five minutes are
+        // believed, or one skewed event would keep its relations far past the TTL, unreplaceable.
+        let at = at.min(now + 300);
+        let exp = at + self.cfg.ttl_seconds as i64;
         if exp <= now {
             // An old event (a backfill, a lagging input): what it states has expired already.
             return Ok(0);

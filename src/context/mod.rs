@@ -73,7 +73,9 @@ impl Snapshot {
         } else {
             place.offset
         };
-        if !place.topic_id.is_empty() {
+        if place.topic_id.is_empty() {
+            self.applied_in.remove(&place.partition);
+        } else {
             self.applied_in
                 .insert(place.partition.clone(), place.topic_id.clone());
         }

@@ -64,6 +64,16 @@ pub struct HttpConfig {
     /// connection; else it is closed.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_ms: u64,
+    /// ... and its body within this long after its headers; else the request fails (the ingest
+    /// doors answer 408).
+    #[serde(default = "default_header_timeout")]
+    pub body_timeout_ms: u64,
+    /// A second address serving only `/metrics`, `/healthz` and `/readyz` (its own 64
+    /// connections): point liveness and readiness probes and Prometheus there, so clients that
+    /// fill `http.listen`'s connections do not fail the probes (and restart the instance).
+    /// Overridden by `SWITCHYARD_HTTP_ADMIN_LISTEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
 }
 
 fn default_max_connections() -> usize {
@@ -92,6 +102,8 @@ impl Default for HttpConfig {
             ingest: ingest::IngestConfig::default(),
             max_connections: default_max_connections(),
             header_timeout_ms: default_header_timeout(),
+            body_timeout_ms: default_header_timeout(),
+            admin_listen: None,
         }
     }
 }

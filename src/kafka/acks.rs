@@ -29,6 +29,11 @@ impl AckTracker {
         Self::default()
     }
 
+    /// The last offset handed out, if any.
+    pub fn last_tracked(&self) -> Option<i64> {
+        self.pending.back().map(|(o, _)| *o).or(self.released)
+    }
+
     /// Registers an offset as handed out for processing. Offsets may have gaps (compaction, transaction
     /// markers) but must increase.
     pub fn track(&mut self, offset: i64) -> Result<(), AckError> {

@@ -276,6 +276,8 @@ pub struct StageSettings {
     pub group_id: String,
     pub topics: Vec<String>,
     pub consumer: ClientConfig,
+    /// For asking the broker for topic ids ([`super::topic_id`]) on a client of its own.
+    pub admin: ClientConfig,
     pub max_in_flight: usize,
     /// The most lane heads handed to the processor in one batch.
     pub max_batch: usize,
@@ -414,6 +416,20 @@ struct Part {
 }
 
 impl Part {
+    fn new(topic: Arc<str>, partition: i32, topic_id: Option<&String>) -> Part {
+        Part {
+            topic,
+            partition,
+            state: Mutex::new(PartState::default()),
+            revoked: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cancel: CancellationToken::new(),
+            delivered: Arc::new(AtomicI64::new(-1)),
+            topic_id: topic_id.map(|id| Arc::from(id.as_str())),
+        }
+    }
+
     fn finish_active(&self) {
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
@@ -696,22 +712,14 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
                     .rebalances
                     .with_label_values(&[stage, "assign"])
                     .inc();
-                let ids = topic_ids(stage, consumer, tpl);
+                let elements = tpl.elements();
+                let topics: Vec<&str> = elements.iter().map(|e| e.topic()).collect();
+                let ids = topic_ids(stage, &self.shared.settings.admin, &topics);
                 let mut parts = lock(&self.shared.parts);
-                for e in tpl.elements() {
+                for e in &elements {
                     let key: (Arc<str>, i32) = (Arc::from(e.topic()), e.partition());
                     parts.entry(key.clone()).or_insert_with(|| {
-                        Arc::new(Part {
-                            topic: key.0.clone(),
-                            partition: key.1,
-                            state: Mutex::new(PartState::default()),
-                            revoked: AtomicBool::new(false),
-                            active: AtomicUsize::new(0),
-                            idle: Notify::new(),
-                            cancel: CancellationToken::new(),
-                            delivered: Arc::new(AtomicI64::new(-1)),
-                            topic_id: ids.get(e.topic()).map(|id| Arc::from(id.as_str())),
-                        })
+                        Arc::new(Part::new(key.0.clone(), key.1, ids.get(e.topic())))
                     });
                 }
                 // librdkafka keeps a partition's pause through unassign and assign: one paused
@@ -772,29 +780,34 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
 
 /// Marks partitions revoked, drops their queued (unstarted) records, waits for started ones up to the
 /// drain timeout, and commits what is done. Runs on the poll thread.
+/// Marks `part` revoked and drops its queued records (not those running).
+fn drop_queued<P: Processor>(shared: &Shared<P>, part: &Part) {
+    let dropped: usize = {
+        let mut st = lock(&part.state);
+        part.revoked.store(true, Ordering::Release);
+        st.lanes.drain().map(|(_, q)| q.len()).sum()
+    };
+    if dropped > 0 {
+        shared.in_flight.fetch_sub(dropped, Ordering::AcqRel);
+        shared
+            .health
+            .in_flight
+            .fetch_sub(dropped, Ordering::Relaxed);
+        METRICS
+            .in_flight
+            .with_label_values(&[shared.stage()])
+            .sub(dropped as i64);
+        tracing::debug!(topic = %part.topic, partition = part.partition, dropped, "Dropped queued records; the next owner reads them again.");
+    }
+}
+
 fn drain_and_commit<P: Processor>(
     shared: &Arc<Shared<P>>,
     consumer: &BaseConsumer<Ctx<P>>,
     parts: &[Arc<Part>],
 ) {
     for part in parts {
-        let dropped: usize = {
-            let mut st = lock(&part.state);
-            part.revoked.store(true, Ordering::Release);
-            st.lanes.drain().map(|(_, q)| q.len()).sum()
-        };
-        if dropped > 0 {
-            shared.in_flight.fetch_sub(dropped, Ordering::AcqRel);
-            shared
-                .health
-                .in_flight
-                .fetch_sub(dropped, Ordering::Relaxed);
-            METRICS
-                .in_flight
-                .with_label_values(&[shared.stage()])
-                .sub(dropped as i64);
-            tracing::debug!(topic = %part.topic, partition = part.partition, dropped, "Dropped queued records; the next owner reads them again.");
-        }
+        drop_queued(shared, part);
     }
     let deadline = shared.settings.drain_timeout;
     let drained = shared.handle.block_on(async {
@@ -1066,7 +1079,9 @@ fn poll_loop<P: Processor>(
                     .records_consumed
                     .with_label_values(&[stage, msg.topic()])
                     .inc();
-                dispatch(shared, &part, rec);
+                if let Some(rec) = dispatch(shared, &part, rec) {
+                    read_afresh(shared, consumer, &part, rec);
+                }
             }
             Some(Err(e)) => {
                 METRICS.consumer_errors.with_label_values(&[stage]).inc();
@@ -1150,24 +1165,23 @@ fn store_offsets<P: Processor>(shared: &Shared<P>, consumer: &BaseConsumer<Ctx<P
     }
 }
 
-/// The ids of the topics of `tpl` ([`super::topic_id`]), for the offset fences. None when the
+/// The ids of `topics` ([`super::topic_id`]), for the offset fences. None when the
 /// broker gives none or does not answer in 10 s: the fences then apply as before (logged).
-fn topic_ids<C: ConsumerContext>(
-    stage: &str,
-    consumer: &BaseConsumer<C>,
-    tpl: &TopicPartitionList,
-) -> HashMap<String, String> {
-    let elements = tpl.elements();
-    let mut topics: Vec<&str> = elements.iter().map(|e| e.topic()).collect();
+///
+/// Asked on a short-lived admin client of its own, leaving the consumer's handle (and its
+/// metadata cache) to the consumer.
+fn topic_ids(stage: &str, admin: &ClientConfig, topics: &[&str]) -> HashMap<String, String> {
+    let mut topics: Vec<&str> = topics.to_vec();
     topics.sort_unstable();
     topics.dedup();
-    // SAFETY: the consumer's client handle lives for the whole call (we hold a reference to it).
-    let ids = unsafe {
-        super::topic_id::describe(
-            consumer.client().native_ptr(),
-            &topics,
-            Duration::from_secs(10),
-        )
+    let client: Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, _> =
+        admin.create();
+    let ids = match client {
+        // SAFETY: the admin client's handle lives for the whole call (`c` is held until after).
+        Ok(c) => unsafe {
+            super::topic_id::describe(c.inner().native_ptr(), &topics, Duration::from_secs(10))
+        },
+        Err(e) => Err(format!("cannot make an admin client: {e}")),
     };
     match ids {
         Ok(ids) => {
@@ -1184,25 +1198,28 @@ fn topic_ids<C: ConsumerContext>(
     }
 }
 
-/// Queues a polled record in its lane; a new lane is ready at once.
-fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, mut rec: Input) {
-    rec.delivered = Some(part.delivered.clone());
-    rec.topic_id = part.topic_id.clone();
-    let lane = shared.processor.lane(&rec);
+/// Queues a polled record in its lane; a new lane is ready at once. The record back when its
+/// partition went back (an offset at or below one already read, with no new assignment): see
+/// [`read_afresh`].
+fn dispatch<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    part: &Arc<Part>,
+    mut rec: Input,
+) -> Option<Input> {
     let offset = rec.offset;
-    let work = Work {
-        rec: Arc::new(rec),
-        polled_at: Instant::now(),
-        attempts: 0,
-    };
+    let lane = shared.processor.lane(&rec);
     let new_lane = {
         let mut st = lock(&part.state);
-        if let Err(e) = st.acks.track(offset) {
-            // Only possible if the consumer went backwards without a new assignment; processing the
-            // record again is safe, tracking it is not.
-            tracing::warn!(topic = %part.topic, partition = part.partition, error = %e, "Skipping record the tracker refused.");
-            return;
+        if st.acks.track(offset).is_err() {
+            return Some(rec);
         }
+        rec.delivered = Some(part.delivered.clone());
+        rec.topic_id = part.topic_id.clone();
+        let work = Work {
+            rec: Arc::new(rec),
+            polled_at: Instant::now(),
+            attempts: 0,
+        };
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         shared.health.in_flight.fetch_add(1, Ordering::Relaxed);
         METRICS.in_flight.with_label_values(&[shared.stage()]).inc();
@@ -1219,6 +1236,60 @@ fn dispatch<P: Processor>(shared: &Arc<Shared<P>>, part: &Arc<Part>, mut rec: In
     };
     if new_lane {
         shared.make_ready(part.clone(), lane);
+    }
+    None
+}
+
+/// A partition went back: librdkafka handed over `rec` at or below an offset it handed over
+/// before, with no new assignment — its topic was deleted and created again (the consumer reset
+/// to the new incarnation's beginning) or its log was cut after an unclean leader election. The
+/// record was skipped, silently, and so was every record up to the old position. Now the
+/// partition is read afresh from `rec`: a new part (its own ack tracker, the topic's id asked
+/// again, so the offset fences of the old incarnation do not apply), the old part's queued records
+/// dropped (their topic is gone; what runs finishes), and the partition's stored offset set to
+/// `rec`'s, so no commit names the old incarnation's position in the new one.
+fn read_afresh<P: Processor>(
+    shared: &Arc<Shared<P>>,
+    consumer: &BaseConsumer<Ctx<P>>,
+    old: &Arc<Part>,
+    rec: Input,
+) {
+    let stage = shared.stage();
+    let last = lock(&old.state).acks.last_tracked();
+    tracing::warn!(
+        stage,
+        topic = %old.topic,
+        partition = old.partition,
+        offset = rec.offset,
+        last_read = ?last,
+        "The partition went back without a new assignment (its topic deleted and created again, or its log cut after an unclean leader election): reading it afresh from here."
+    );
+    let ids = topic_ids(stage, &shared.settings.admin, &[&old.topic]);
+    let fresh = Arc::new(Part::new(
+        old.topic.clone(),
+        old.partition,
+        ids.get(&*old.topic),
+    ));
+    drop_queued(shared, old);
+    {
+        let mut parts = lock(&shared.parts);
+        parts.insert((old.topic.clone(), old.partition), fresh.clone());
+    }
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(&old.topic, old.partition, Offset::Offset(rec.offset))
+        .is_ok()
+    {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::warn!(stage, error = %e, "Could not store the partition's new position.");
+        }
+    }
+    if let Some(rec) = dispatch(shared, &fresh, rec) {
+        tracing::error!(
+            stage,
+            offset = rec.offset,
+            "A fresh part refused a record; it is skipped."
+        );
     }
 }
 
