@@ -298,7 +298,7 @@ pub async fn run(
         sealer,
         gateway: gateway.clone(),
         tools,
-        recorder,
+        recorder: recorder.clone(),
         stats,
         scoreboard,
         graph: graph.clone(),
@@ -446,6 +446,9 @@ pub async fn run(
     }
     stop.cancel();
     tracker.wait().await;
+    // Model and tool calls made until the stages stopped: their audit records go out before the
+    // producer is flushed.
+    recorder.drain(Duration::from_secs(15)).await;
     if let Err(e) = producer.flush(Duration::from_secs(5)) {
         tracing::warn!(error = %e, "Producer flush at shutdown failed.");
     }

@@ -1400,3 +1400,69 @@ governance:
     assert_eq!(llm_requests(&model).await.len(), 3);
     running.stop().await;
 }
+
+/// At shutdown the audit recorder's queue is written before the process exits: records waiting
+/// for the writer (model and tool calls made just before the stop) were dropped with the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_recorder_writes_what_waits_when_drained() {
+    let prefix = suffix();
+    let audit = format!("{prefix}.audit");
+    let kafka = switchyard::kafka::KafkaConfig {
+        brokers: stack().0.clone(),
+        ..Default::default()
+    };
+    let def: switchyard::topics::TopicDef = serde_yaml::from_str(&format!(
+        "name: {audit}\npartitions: 1\nkey: task id\nencoding: json\n"
+    ))
+    .expect("topic definition");
+    switchyard::topics::apply(
+        &switchyard::kafka::admin_config(&kafka),
+        &[&def],
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("topics");
+    let producer = switchyard::kafka::Producer::new(&switchyard::kafka::producer_config(&kafka))
+        .expect("producer");
+    let conn = RedisConn::new(&stack().1).expect("redis url");
+    let sealer = Arc::new(switchyard::audit::Sealer::new(
+        Arc::new(switchyard::audit::RedisChainStore::new(conn, &prefix)),
+        &audit,
+    ));
+    let emitter = switchyard::records::Emitter::new(Default::default(), Default::default());
+    let recorder = switchyard::audit::Recorder::new(emitter, sealer, producer.clone());
+    const N: usize = 3000;
+    for i in 0..N {
+        recorder.record(
+            "gateway",
+            "llm_call",
+            switchyard::records::AuditData {
+                decision: "llm_call".into(),
+                stage: "gateway".into(),
+                resource: format!("r-{}", i % 7),
+                tenant: "default".into(),
+                event_id: None,
+                task_id: Some(format!("t-{i}")),
+                workflow_id: None,
+                trace_id: None,
+                reason: None,
+                detail: json!({"n": i}),
+                seq: None,
+                prev_hash: None,
+                hash: None,
+            },
+            None,
+        );
+    }
+    assert!(recorder.waiting() > 0, "records wait for the writer");
+    // Right away, as `switchyard run` does once its stages stopped: it returns once the writer
+    // wrote everything and ended.
+    recorder.drain(Duration::from_secs(30)).await;
+    assert_eq!(recorder.waiting(), 0, "nothing left waiting");
+    producer.flush(Duration::from_secs(5)).expect("flush");
+    let recs = read_topic(&stack().0, &audit, N + 100, Duration::from_secs(10)).await;
+    let entries = recs.iter().filter(|r| !is_seal(r)).count();
+    assert_eq!(entries, N, "every recorded audit record was written");
+    let v = switchyard::audit::verify(&audit_records(&recs));
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}

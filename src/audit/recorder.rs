@@ -37,24 +37,63 @@ struct Item {
 pub struct Recorder {
     queue: mpsc::Sender<Item>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// The writer, until [`Recorder::drain`] waits for it.
+    writer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Cancelled by [`Recorder::drain`]: the writer takes nothing new and ends once what waits is
+    /// written.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Recorder {
     /// Starts the background writer (on the current Tokio runtime). It ends once every clone of
-    /// the recorder is dropped and what was recorded is written.
+    /// the recorder is dropped, or [`Recorder::drain`] is called, and what was recorded is
+    /// written.
     pub fn new(emitter: Emitter, sealer: Arc<Sealer>, producer: Producer) -> Self {
         let (queue, rx) = mpsc::channel(MAX_QUEUED);
-        tokio::spawn(write(
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write(
             Writer {
                 emitter,
                 sealer,
                 producer,
             },
             rx,
+            stop.clone(),
         ));
         Recorder {
             queue,
             dropped: Default::default(),
+            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
+            stop,
+        }
+    }
+
+    /// Records waiting for the writer now.
+    pub fn waiting(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
+    /// At shutdown, once nothing records any more: waits up to `within` for every record waiting
+    /// to be sealed and written (the process exiting dropped them: model and tool calls made,
+    /// their audit records lost). What is still waiting then is logged as lost.
+    pub async fn drain(&self, within: std::time::Duration) {
+        self.stop.cancel();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(writer) = writer else { return };
+        let waiting = self.waiting();
+        if waiting > 0 {
+            tracing::info!(
+                waiting,
+                "Writing the audit records still waiting before stopping."
+            );
+        }
+        if tokio::time::timeout(within, writer).await.is_err() {
+            let left = self.waiting();
+            tracing::error!(
+                left,
+                seconds = within.as_secs(),
+                "Audit records were still being written at shutdown; those not written are lost."
+            );
         }
     }
 
@@ -105,8 +144,20 @@ struct Writer {
     producer: Producer,
 }
 
-async fn write(w: Writer, mut rx: mpsc::Receiver<Item>) {
-    while let Some(first) = rx.recv().await {
+async fn write(w: Writer, mut rx: mpsc::Receiver<Item>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            // Nothing new is taken; what waits is still written (recv returns it, then None).
+            _ = stop.cancelled(), if !rx.is_closed() => {
+                rx.close();
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
