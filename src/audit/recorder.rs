@@ -37,6 +37,8 @@ struct Item {
 pub struct Recorder {
     queue: mpsc::Sender<Item>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Records taken so far (for [`Recorder::drain`] to see when recording has stopped).
+    recorded: Arc<std::sync::atomic::AtomicU64>,
     /// The writer, until [`Recorder::drain`] waits for it.
     writer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Cancelled by [`Recorder::drain`]: the writer takes nothing new and ends once what waits is
@@ -63,6 +65,7 @@ impl Recorder {
         Recorder {
             queue,
             dropped: Default::default(),
+            recorded: Default::default(),
             writer: Arc::new(std::sync::Mutex::new(Some(writer))),
             stop,
         }
@@ -77,6 +80,24 @@ impl Recorder {
     /// to be sealed and written (the process exiting dropped them: model and tool calls made,
     /// their audit records lost). What is still waiting then is logged as lost.
     pub async fn drain(&self, within: std::time::Duration) {
+        // Calls still finishing in tasks of their own (a model call whose stream was cut, its
+        // settle and record spawned) record a little after the stages stopped: records are taken
+        // until none came for a second (within the same bound).
+        let until = tokio::time::Instant::now() + within;
+        let mut seen = self.recorded.load(std::sync::atomic::Ordering::Relaxed);
+        let mut quiet_since = tokio::time::Instant::now();
+        // (A process that never recorded anything has no calls finishing.)
+        while seen > 0
+            && tokio::time::Instant::now() < until
+            && quiet_since.elapsed() < std::time::Duration::from_secs(1)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let now = self.recorded.load(std::sync::atomic::Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                quiet_since = tokio::time::Instant::now();
+            }
+        }
         self.stop.cancel();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(writer) = writer else { return };
@@ -87,7 +108,13 @@ impl Recorder {
                 "Writing the audit records still waiting before stopping."
             );
         }
-        if tokio::time::timeout(within, writer).await.is_err() {
+        if tokio::time::timeout_at(
+            until.max(tokio::time::Instant::now() + std::time::Duration::from_secs(5)),
+            writer,
+        )
+        .await
+        .is_err()
+        {
             let left = self.waiting();
             tracing::error!(
                 left,
@@ -114,7 +141,10 @@ impl Recorder {
             companion,
         };
         match self.queue.try_send(item) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.recorded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let n = self
                     .dropped

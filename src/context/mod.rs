@@ -73,9 +73,10 @@ impl Snapshot {
         } else {
             place.offset
         };
-        if place.topic_id.is_empty() {
-            self.applied_in.remove(&place.partition);
-        } else {
+        // A writer that does not know the id keeps the note: dropping it would let a later
+        // incarnation's first records be taken for ones done (lost), keeping it at worst runs a
+        // task again.
+        if !place.topic_id.is_empty() {
             self.applied_in
                 .insert(place.partition.clone(), place.topic_id.clone());
         }

@@ -134,9 +134,6 @@ if slot then
 elseif not redis.call('SET', KEYS[2], ARGV[2], 'EX', ex, 'NX') then
   return {0, redis.call('GET', KEYS[2]), ''}
 end
--- Raised by a writer that does not know the topic's id: the offset is no longer known to be of
--- the incarnation noted, so the note goes (the fence then applies to any, as before ids).
-if mine and tid == '' and cur[12] then redis.call('HDEL', KEYS[1], '_ai:' .. mine) end
 -- In slices: Lua's stack holds some 8,000 values, and unpack puts all of them on it.
 for i = 1, #set, 1000 do
   redis.call('HSET', KEYS[1], unpack(set, i, math.min(i + 999, #set)))

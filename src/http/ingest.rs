@@ -1031,6 +1031,14 @@ impl Ingest {
             match chunk {
                 Ok(c) if out.len() + c.len() > max => return Err(too_large()),
                 Ok(c) => out.extend_from_slice(&c),
+                // The listener's body deadline (`http.body_timeout_ms`) is a slow body too.
+                Err(e) if e.to_string().contains("took longer than") => {
+                    count(door, "rejected", 1);
+                    return Err(super::auth::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        e.to_string(),
+                    ));
+                }
                 Err(e) => {
                     count(door, "rejected", 1);
                     return Err(super::auth::error(
@@ -1297,6 +1305,8 @@ impl Ingest {
             }
         }))
         .await;
+        let enqueue_by = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(inner.claim_ms.saturating_sub(10_000).min(50_000));
         let mut taken: Vec<Option<Taken>> = Vec::with_capacity(keys.len());
         let mut waiting = Vec::new();
         // Resources (record keys) with an event of this request that was not queued: their later
@@ -1329,11 +1339,13 @@ impl Ingest {
                 }
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
-            // A producer queue that stays full must not outlast the claim (a retry would claim
-            // the event again while this record may still be queued): past half of it, the
-            // record is not queued and the claim let go.
-            let queued = tokio::time::timeout(
-                std::time::Duration::from_millis(inner.claim_ms / 2),
+            // A producer queue that stays full must not outlast the claim: a record queued late
+            // may be delivered up to the producer's delivery timeout after, and the claim lasts
+            // that plus a minute from when it was taken — so a record not queued within 50 s of
+            // the claims is not queued, and its claim let go (else a retry claiming the event
+            // after the claim expired produced it a second time).
+            let queued = tokio::time::timeout_at(
+                enqueue_by,
                 inner.producer.enqueue(&out, Notice::Waiter(tx), || {
                     METRICS
                         .producer_queue_full

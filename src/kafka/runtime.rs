@@ -1080,7 +1080,19 @@ fn poll_loop<P: Processor>(
                     .with_label_values(&[stage, msg.topic()])
                     .inc();
                 if let Some(rec) = dispatch(shared, &part, rec) {
-                    read_afresh(shared, consumer, &part, rec);
+                    // An offset at or below one handed over before, with no new assignment: a
+                    // repeat (harmless to skip), or the partition went back — its topic created
+                    // again while consumed, or its log cut after an unclean leader election —
+                    // whose records up to the old position are then not read (left: reading
+                    // afresh safely needs the old part drained first; see the README).
+                    tracing::warn!(
+                        stage,
+                        topic = %part.topic,
+                        partition = part.partition,
+                        offset = rec.offset,
+                        last_read = ?lock(&part.state).acks.last_tracked(),
+                        "Skipping a record at or below an offset already read (no new assignment): a repeat, or the partition went back (topic created again, or log cut)."
+                    );
                 }
             }
             Some(Err(e)) => {
@@ -1198,9 +1210,8 @@ fn topic_ids(stage: &str, admin: &ClientConfig, topics: &[&str]) -> HashMap<Stri
     }
 }
 
-/// Queues a polled record in its lane; a new lane is ready at once. The record back when its
-/// partition went back (an offset at or below one already read, with no new assignment): see
-/// [`read_afresh`].
+/// Queues a polled record in its lane; a new lane is ready at once. The record back when the ack
+/// tracker refuses it (an offset at or below one already read, with no new assignment).
 fn dispatch<P: Processor>(
     shared: &Arc<Shared<P>>,
     part: &Arc<Part>,
@@ -1238,59 +1249,6 @@ fn dispatch<P: Processor>(
         shared.make_ready(part.clone(), lane);
     }
     None
-}
-
-/// A partition went back: librdkafka handed over `rec` at or below an offset it handed over
-/// before, with no new assignment — its topic was deleted and created again (the consumer reset
-/// to the new incarnation's beginning) or its log was cut after an unclean leader election. The
-/// record was skipped, silently, and so was every record up to the old position. Now the
-/// partition is read afresh from `rec`: a new part (its own ack tracker, the topic's id asked
-/// again, so the offset fences of the old incarnation do not apply), the old part's queued records
-/// dropped (their topic is gone; what runs finishes), and the partition's stored offset set to
-/// `rec`'s, so no commit names the old incarnation's position in the new one.
-fn read_afresh<P: Processor>(
-    shared: &Arc<Shared<P>>,
-    consumer: &BaseConsumer<Ctx<P>>,
-    old: &Arc<Part>,
-    rec: Input,
-) {
-    let stage = shared.stage();
-    let last = lock(&old.state).acks.last_tracked();
-    tracing::warn!(
-        stage,
-        topic = %old.topic,
-        partition = old.partition,
-        offset = rec.offset,
-        last_read = ?last,
-        "The partition went back without a new assignment (its topic deleted and created again, or its log cut after an unclean leader election): reading it afresh from here."
-    );
-    let ids = topic_ids(stage, &shared.settings.admin, &[&old.topic]);
-    let fresh = Arc::new(Part::new(
-        old.topic.clone(),
-        old.partition,
-        ids.get(&*old.topic),
-    ));
-    drop_queued(shared, old);
-    {
-        let mut parts = lock(&shared.parts);
-        parts.insert((old.topic.clone(), old.partition), fresh.clone());
-    }
-    let mut tpl = TopicPartitionList::new();
-    if tpl
-        .add_partition_offset(&old.topic, old.partition, Offset::Offset(rec.offset))
-        .is_ok()
-    {
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            tracing::warn!(stage, error = %e, "Could not store the partition's new position.");
-        }
-    }
-    if let Some(rec) = dispatch(shared, &fresh, rec) {
-        tracing::error!(
-            stage,
-            offset = rec.offset,
-            "A fresh part refused a record; it is skipped."
-        );
-    }
 }
 
 /// Batches that may run before the driver waits for a full one (or [`LINGER`]).
