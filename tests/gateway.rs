@@ -42,9 +42,26 @@ fn gateway(prefix: &str, yaml: &str, budgets: &str) -> Arc<Gateway> {
 /// `llm_call` audit records, as `switchyard run` does.
 async fn recorded_gateway(prefix: &str, yaml: &str, budgets: &str) -> (Arc<Gateway>, String) {
     let gw = Arc::into_inner(gateway(prefix, yaml, budgets)).expect("one owner");
-    let (calls, audit) = (format!("{prefix}.llm-calls"), format!("{prefix}.audit"));
-    let defs: Vec<switchyard::topics::TopicDef> = [&calls, &audit]
+    let calls = format!("{prefix}.llm-calls");
+    let (audit, _) = audit_recorder(prefix, &[&calls]).await;
+    let recorder = switchyard::gateway::Recorder {
+        audit,
+        calls_topic: calls.clone(),
+    };
+    (Arc::new(gw.with_recorder(recorder)), calls)
+}
+
+/// An audit recorder as `switchyard run` makes it, writing to `<prefix>.audit` (created, with
+/// `more` topics), and its producer.
+async fn audit_recorder(
+    prefix: &str,
+    more: &[&str],
+) -> (switchyard::audit::Recorder, switchyard::kafka::Producer) {
+    let audit = format!("{prefix}.audit");
+    let defs: Vec<switchyard::topics::TopicDef> = more
         .iter()
+        .copied()
+        .chain([audit.as_str()])
         .map(|t| {
             serde_yaml::from_str(&format!(
                 "name: {t}\npartitions: 1\nkey: task id\nencoding: json\n"
@@ -71,11 +88,10 @@ async fn recorded_gateway(prefix: &str, yaml: &str, budgets: &str) -> (Arc<Gatew
         &audit,
     ));
     let emitter = switchyard::records::Emitter::new(Default::default(), Default::default());
-    let recorder = switchyard::gateway::Recorder {
-        audit: switchyard::audit::Recorder::new(emitter, sealer, producer),
-        calls_topic: calls.clone(),
-    };
-    (Arc::new(gw.with_recorder(recorder)), calls)
+    (
+        switchyard::audit::Recorder::new(emitter, sealer, producer.clone()),
+        producer,
+    )
 }
 
 fn caller() -> Caller {
@@ -1407,30 +1423,7 @@ governance:
 async fn the_audit_recorder_writes_what_waits_when_drained() {
     let prefix = suffix();
     let audit = format!("{prefix}.audit");
-    let kafka = switchyard::kafka::KafkaConfig {
-        brokers: stack().0.clone(),
-        ..Default::default()
-    };
-    let def: switchyard::topics::TopicDef = serde_yaml::from_str(&format!(
-        "name: {audit}\npartitions: 1\nkey: task id\nencoding: json\n"
-    ))
-    .expect("topic definition");
-    switchyard::topics::apply(
-        &switchyard::kafka::admin_config(&kafka),
-        &[&def],
-        Duration::from_secs(15),
-    )
-    .await
-    .expect("topics");
-    let producer = switchyard::kafka::Producer::new(&switchyard::kafka::producer_config(&kafka))
-        .expect("producer");
-    let conn = RedisConn::new(&stack().1).expect("redis url");
-    let sealer = Arc::new(switchyard::audit::Sealer::new(
-        Arc::new(switchyard::audit::RedisChainStore::new(conn, &prefix)),
-        &audit,
-    ));
-    let emitter = switchyard::records::Emitter::new(Default::default(), Default::default());
-    let recorder = switchyard::audit::Recorder::new(emitter, sealer, producer.clone());
+    let (recorder, producer) = audit_recorder(&prefix, &[]).await;
     const N: usize = 3000;
     for i in 0..N {
         recorder.record(

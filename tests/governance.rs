@@ -1489,38 +1489,45 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
         Arc::new(rec)
     };
     let applied = |outs: Vec<Output>| unsealed(outs).iter().any(|o| o.topic == "a");
-    assert!(
-        applied(
-            process_one(&stage, from("p2", None, "q-3", 3))
-                .await
-                .unwrap()
+    for (topic, topic_id, id, offset, applies, why) in [
+        (
+            "p2",
+            None,
+            "q-3",
+            3,
+            true,
+            "another topic's proposal is not fenced by this one's offset",
         ),
-        "another topic's proposal is not fenced by this one's offset"
-    );
-    assert!(
-        applied(
-            process_one(&stage, from("p", Some("aa"), "q-20", 20))
-                .await
-                .unwrap()
+        (
+            "p",
+            Some("aa"),
+            "q-20",
+            20,
+            true,
+            "back on the first topic, past its offset",
         ),
-        "back on the first topic, past its offset"
-    );
-    assert!(
-        applied(
-            process_one(&stage, from("p", Some("bb"), "q-4", 4))
-                .await
-                .unwrap()
+        (
+            "p",
+            Some("bb"),
+            "q-4",
+            4,
+            true,
+            "the topic created again (another id): 4 was never applied",
         ),
-        "the topic created again (another id): its offset 4 was never applied"
-    );
-    assert!(
-        !applied(
-            process_one(&stage, from("p", Some("bb"), "q-2", 2))
-                .await
-                .unwrap()
+        (
+            "p",
+            Some("bb"),
+            "q-2",
+            2,
+            false,
+            "a zombie of the new incarnation is fenced as before",
         ),
-        "a zombie of the new incarnation is fenced as before"
-    );
+    ] {
+        let outs = process_one(&stage, from(topic, topic_id, id, offset))
+            .await
+            .unwrap();
+        assert_eq!(applied(outs), applies, "{why}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
