@@ -5,10 +5,8 @@
 //! and enough of them took the process's file descriptors (Kafka's and Redis's connections
 //! failed too). Here every connection must send each request's headers within
 //! `http.header_timeout_ms` (waiting idle for the next request included) and its body within
-//! `http.body_timeout_ms`, at most
-//! `http.max_connections` are served at once (more are closed at once), and a graceful stop waits
-//! at most [`DRAIN`] for open connections (a live-update stream of the inbox stays open until
-//! its client leaves) before closing them.
+//! `http.body_timeout_ms`, at most `http.max_connections` are served at once (more are closed at
+//! once), and a graceful stop waits at most [`DRAIN`] for open connections before closing them.
 
 use std::pin::Pin;
 use std::sync::Arc;

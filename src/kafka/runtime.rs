@@ -778,8 +778,6 @@ impl<P: Processor> ConsumerContext for Ctx<P> {
     }
 }
 
-/// Marks partitions revoked, drops their queued (unstarted) records, waits for started ones up to the
-/// drain timeout, and commits what is done. Runs on the poll thread.
 /// Marks `part` revoked and drops its queued records (not those running).
 fn drop_queued<P: Processor>(shared: &Shared<P>, part: &Part) {
     let dropped: usize = {
@@ -801,6 +799,8 @@ fn drop_queued<P: Processor>(shared: &Shared<P>, part: &Part) {
     }
 }
 
+/// Marks partitions revoked, drops their queued (unstarted) records, waits for started ones up to the
+/// drain timeout, and commits what is done. Runs on the poll thread.
 fn drain_and_commit<P: Processor>(
     shared: &Arc<Shared<P>>,
     consumer: &BaseConsumer<Ctx<P>>,
