@@ -2827,23 +2827,19 @@ http:
     assert_eq!(r.status(), 403, "another site");
     // Live updates: at most 8 streams per user (one user cannot take all 256), and a graceful stop
     // ends the open ones (it waited for every open inbox tab).
-    let mut streams = Vec::new();
-    for _ in 0..8 {
-        let r = client
+    let open_stream = || {
+        client
             .get(format!("{base}/inbox/events"))
             .header("X-Test-User", "alice")
             .send()
-            .await
-            .expect("stream");
+    };
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let r = open_stream().await.expect("stream");
         assert_eq!(r.status(), 200);
         streams.push(r);
     }
-    let r = client
-        .get(format!("{base}/inbox/events"))
-        .header("X-Test-User", "alice")
-        .send()
-        .await
-        .expect("stream");
+    let r = open_stream().await.expect("stream");
     assert_eq!(r.status(), 503, "a ninth stream of one user");
     let started = std::time::Instant::now();
     running.stop().await;

@@ -1032,7 +1032,7 @@ impl Ingest {
                 Ok(c) if out.len() + c.len() > max => return Err(too_large()),
                 Ok(c) => out.extend_from_slice(&c),
                 // The listener's body deadline (`http.body_timeout_ms`) is a slow body too.
-                Err(e) if e.to_string().contains("took longer than") => {
+                Err(e) if e.to_string().contains(super::server::BODY_TOO_SLOW) => {
                     count(door, "rejected", 1);
                     return Err(super::auth::error(
                         StatusCode::REQUEST_TIMEOUT,

@@ -99,6 +99,9 @@ pub async fn serve(
     conns.abort_all();
 }
 
+/// How a body past its deadline fails (the ingest doors answer it 408).
+pub const BODY_TOO_SLOW: &str = "the body took longer than";
+
 /// Each request's body must arrive within `within` of its headers (`http.body_timeout_ms`; the
 /// ingest doors keep their own 30 s too): a client announcing a body and sending none no longer
 /// holds its connection — and its handler — for ever.
@@ -133,7 +136,7 @@ impl http_body::Body for Deadline {
         if std::future::Future::poll(self.sleep.as_mut(), cx).is_ready() {
             let secs = self.within.as_secs();
             return Poll::Ready(Some(Err(axum::Error::new(format!(
-                "the body took longer than {secs} s to arrive"
+                "{BODY_TOO_SLOW} {secs} s to arrive"
             )))));
         }
         Poll::Pending

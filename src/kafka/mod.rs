@@ -409,6 +409,20 @@ impl TopicLimits {
         self.of(&out.topic)
             .is_some_and(|max| record_size(out) > max)
     }
+
+    /// The first of `outs` too large to write — over `max_output` (the producer's limit) with
+    /// `overhead` bytes added for its framing, or over its topic's limit — with the most a record
+    /// for its topic may be: what a stage measures before committing to a decision.
+    pub fn first_too_large<'a>(
+        &self,
+        outs: &'a [Output],
+        max_output: usize,
+        overhead: usize,
+    ) -> Option<(&'a Output, usize)> {
+        outs.iter()
+            .find(|o| record_size(o) + overhead > max_output || self.too_large(o))
+            .map(|o| (o, self.of(&o.topic).unwrap_or(max_output).min(max_output)))
+    }
 }
 
 /// What a record takes against a topic's `max.message.bytes`: payload, key and headers (the

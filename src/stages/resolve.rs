@@ -196,27 +196,16 @@ impl ResolveStage {
     /// measured.
     fn check_sizes(&self, batch: &Batch) -> Result<(), ProcessError> {
         const OVERHEAD: usize = 1024;
-        let size = |o: &crate::kafka::Output| {
-            o.key.as_ref().map_or(0, Vec::len)
-                + o.payload.len()
-                + o.headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-                + OVERHEAD
-        };
-        match batch
-            .outputs
-            .iter()
-            .find(|o| size(o) > self.max_output_bytes || self.topic_limits.too_large(o))
+        match self
+            .topic_limits
+            .first_too_large(&batch.outputs, self.max_output_bytes, OVERHEAD)
         {
-            Some(o) => Err(ProcessError::poison(
+            Some((o, limit)) => Err(ProcessError::poison(
                 "output_too_large",
                 format!(
-                    "the decision's record for {} would be {} bytes, more than the {} the producer writes (or its topic takes); nothing was decided",
+                    "the decision's record for {} would be {} bytes, more than the {limit} the producer writes (or its topic takes); nothing was decided",
                     o.topic,
-                    size(o),
-                    self.topic_limits.of(&o.topic).unwrap_or(self.max_output_bytes).min(self.max_output_bytes)
+                    crate::kafka::record_size(o) + OVERHEAD,
                 ),
             )),
             None => Ok(()),

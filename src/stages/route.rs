@@ -450,20 +450,16 @@ impl RouteStage {
         // went out for a run whose first step never did.
         // (A record's framing in librdkafka's own measure, which it checks at queueing.)
         const OVERHEAD: usize = 64;
-        if let Some(o) = outputs.iter().find(|o| {
-            crate::kafka::record_size(o) + OVERHEAD > self.max_output_bytes
-                || self.topic_limits.too_large(o)
-        }) {
+        if let Some((o, limit)) =
+            self.topic_limits
+                .first_too_large(&outputs, self.max_output_bytes, OVERHEAD)
+        {
             return Err(ProcessError::poison(
                 "output_too_large",
                 format!(
-                    "the event's record for {} would be {} bytes, more than the {} the producer writes (or its topic takes); nothing was routed",
+                    "the event's record for {} would be {} bytes, more than the {limit} the producer writes (or its topic takes); nothing was routed",
                     o.topic,
                     crate::kafka::record_size(o),
-                    self.topic_limits
-                        .of(&o.topic)
-                        .unwrap_or(self.max_output_bytes)
-                        .min(self.max_output_bytes)
                 ),
             ));
         }
