@@ -76,10 +76,17 @@ fn redis_resource_store(loaded: &Loaded, conn: RedisConn) -> RedisResourceStore 
 /// (a command sealing one record at a time has none).
 pub fn sealer(loaded: &Loaded, conn: RedisConn, producer: Option<&Producer>) -> Arc<Sealer> {
     let cfg = &loaded.config;
+    // Keys were checked when the config was loaded; one gone since (a file removed) leaves the
+    // seals unsigned, which `audit verify` reports, rather than stopping the stages.
+    let keys = crate::audit::signing::Keys::load(&cfg.audit.keys).unwrap_or_else(|e| {
+        tracing::error!("audit seals go out unsigned: {e}");
+        Default::default()
+    });
     let sealer = Sealer::new(
         Arc::new(RedisChainStore::new(conn, &cfg.redis.key_prefix).guarded()),
         &cfg.topics.audit,
-    );
+    )
+    .with_keys(keys);
     Arc::new(match producer {
         Some(p) => sealer.with_limits(p.limits(), cfg.kafka.max_output_bytes()),
         None => sealer,

@@ -102,6 +102,19 @@ pub struct Config {
     /// OpenTelemetry trace export (off by default).
     #[serde(default)]
     pub tracing: crate::spans::TracingConfig,
+    /// The audit trail: keys its seals are signed with.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `audit`: how the trail is protected beyond its hashes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// HMAC keys seals are signed with (the first signs; `audit verify` accepts all): records
+    /// inserted by whoever can write to the audit topic are then found. None: seals are unsigned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<crate::audit::signing::KeySpec>,
 }
 
 /// Whether a stage runs.
@@ -138,6 +151,7 @@ const SECTIONS: &[&str] = &[
     "tools",
     "workflows",
     "tracing",
+    "audit",
 ];
 
 /// One problem in a config file, naming the item it is about.
@@ -400,6 +414,7 @@ impl Config {
                 "tools" => section(&key, v, &mut problems, &mut config.tools),
                 "workflows" => section(&key, v, &mut problems, &mut config.workflows),
                 "tracing" => section(&key, v, &mut problems, &mut config.tracing),
+                "audit" => section(&key, v, &mut problems, &mut config.audit),
                 "agents" => match v {
                     serde_yaml::Value::Mapping(items) => {
                         for (name, item) in items {
@@ -541,6 +556,9 @@ impl Config {
         }
         for (item, m) in self.tracing.problems() {
             p(&item, m);
+        }
+        for m in crate::audit::signing::check(&self.audit.keys) {
+            p("audit.keys", m);
         }
         for (item, m) in self.redis.problems() {
             p(&item, m);

@@ -547,6 +547,11 @@ impl Emitter {
 }
 
 impl Emitter {
+    /// Whether `name` is among the schemas records can be written with.
+    pub fn knows_schema(&self, name: &str) -> bool {
+        self.schemas.get(name).is_some()
+    }
+
     /// An already encoded record for `topic` written again byte for byte (a seal re-emitted by
     /// [`crate::audit::Sealer`]), with the content type of the topic's encoding.
     pub fn encoded(&self, topic: &str, key: &str, payload: Vec<u8>) -> Output {
@@ -868,7 +873,8 @@ mod tests {
             crate::audit::SEAL_SCHEMA,
             crate::audit::SEAL_TYPE,
             json!({"version": 2, "chain": "resolve/t/0", "seq": 3, "prev": "ab", "root": "cd",
-                "entries": [{"hash": "h1", "id": "i1", "tenant": "acme", "resource": "r"}]}),
+                "entries": [{"hash": "h1", "id": "i1", "tenant": "acme", "resource": "r"}],
+                "mac": "k1:00ff"}),
         );
     }
 }

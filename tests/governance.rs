@@ -947,12 +947,17 @@ fn verify(env: &TestEnv, topic: &str) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
+    // Seals are signed (audit.keys): a chain inserted into the topic is found.
+    let keydir = tempfile::tempdir().unwrap();
+    let keyfile = keydir.path().join("audit.key");
+    std::fs::write(&keyfile, "test-audit-key-0123456789abcdef0123456789\n").unwrap();
     let env = TestEnv::new(
         2,
         &format!(
-            "{}{DEFAULT_AGENTS}{}",
+            "{}{DEFAULT_AGENTS}{}audit:\n  keys:\n    - {{ id: t1, file: {:?} }}\n",
             governance("{ actions: [rollback], min_impact: high }"),
-            default_routes("")
+            default_routes(""),
+            keyfile.display().to_string()
         ),
     )
     .await;
@@ -1125,6 +1130,12 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         String::from_utf8_lossy(&ok.stdout),
         String::from_utf8_lossy(&ok.stderr)
     );
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        said.contains(" seals signed and checked, 0 unsigned accepted")
+            && !said.contains(": 0 seals signed"),
+        "{said}"
+    );
     // Every record of the audit topic, the seals too.
     let sealed = env
         .read("switchyard.audit", usize::MAX, Duration::from_secs(3))
@@ -1160,8 +1171,38 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
             r.payload.clone()
         })
     });
+    // A chain of someone's own appended, hashes and seal correct, unsigned (they lack the key).
+    let (inserted_topic, mut inserted) = copy("inserted", &|_, r| Some(r.payload.clone()));
+    let forger = switchyard::audit::Sealer::new(
+        Arc::new(switchyard::audit::MemoryChainStore::default()),
+        &inserted_topic,
+    );
+    let fake = switchyard::event::CloudEvent::new(
+        "forged-1",
+        "switchyard",
+        switchyard::records::types::AUDIT,
+    )
+    .with_subject("checkout")
+    .with_time_now()
+    .with_data(
+        json!({"decision": "approved", "stage": "decisions", "resource": "checkout",
+            "tenant": "default", "detail": {"action": "rollback", "approved_by": "mallory"}}),
+    );
+    let (recs, sealed_fake) = forger
+        .seal(
+            "decisions",
+            "decisions/forged/0",
+            &switchyard::records::Emitter::new(Default::default(), Default::default()),
+            &[fake],
+        )
+        .await
+        .unwrap();
+    inserted.extend(recs.into_iter().chain(sealed_fake.seals).map(|mut o| {
+        o.topic = inserted_topic.clone();
+        o
+    }));
     let p = env.producer();
-    for o in removed.iter().chain(&altered) {
+    for o in removed.iter().chain(&altered).chain(&inserted) {
         // One partition each, in the original order.
         let mut o = o.clone();
         o.key = Some(b"same".to_vec());
@@ -1187,6 +1228,14 @@ async fn story_rollback_awaits_approval_page_goes_out_scale_down_conflicts() {
         String::from_utf8_lossy(&bad.stdout)
     );
     assert!(String::from_utf8_lossy(&bad.stdout).contains("altered"));
+    let bad = verify(&env, &inserted_topic);
+    let said = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        bad.status.code() == Some(1)
+            && said.contains("BROKEN decisions/forged/0 seq 1")
+            && said.contains("unsigned seal after signing began"),
+        "{said}"
+    );
     running.stop().await;
 }
 

@@ -5,6 +5,8 @@
 //!   records chained one by one per resource, written before;
 //! - [`sealer`]: a batch's seal record (its records' hashes and resources, their Merkle root, the
 //!   previous seal's hash) and the chain heads it moves by compare-and-set, one per batch;
+//! - [`signing`]: seals signed with HMAC keys (`audit.keys`), so a chain inserted by whoever can
+//!   write to the topic is found;
 //! - [`story`]: the records of one event or resource in order, one line of text each;
 //! - [`verify`]: checking a topic of either version; a removed, altered or forked record or seal
 //!   is found.
@@ -16,6 +18,7 @@
 pub mod hash;
 pub mod recorder;
 pub mod sealer;
+pub mod signing;
 pub mod story;
 pub mod verify;
 
@@ -25,4 +28,6 @@ pub use sealer::{
     ChainStore, Head, MemoryChainStore, RedisChainStore, SealData, Sealed, Sealer, SEAL_SCHEMA,
     SEAL_TYPE,
 };
-pub use verify::{verify, verify_retained, AuditRecord, ChainProblem, Verification};
+pub use verify::{
+    verify, verify_retained, verify_signed, AuditRecord, ChainProblem, SignatureCheck, Verification,
+};

@@ -50,6 +50,9 @@ pub const SEAL_SOURCE: &str = "switchyard/audit";
 /// topic's own schema (`audit`) is for decisions; single-object encoding names each record's schema,
 /// so readers decode both.
 pub const SEAL_SCHEMA: &str = "audit_seal";
+/// The previous seal schema (no `mac`): unsigned seals are written with it where it is known, so
+/// readers of older builds still decode them during an upgrade.
+pub const SEAL_SCHEMA_UNSIGNED: &str = "audit_seal.v1";
 
 /// One sealed record, as its seal lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +80,10 @@ pub struct SealData {
     /// Merkle root of the entries' hashes, in order.
     pub root: String,
     pub entries: Vec<SealEntry>,
+    /// `<key id>:<hex HMAC-SHA256>` of the seal's time and the rest of its data, when `audit.keys`
+    /// is configured ([`super::signing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// What [`ChainStore::advance`] found.
@@ -513,6 +520,8 @@ pub struct Sealer {
     producer_max: usize,
     /// When the own chain was last noted alive (ms since the epoch; see [`ChainStore::note_own`]).
     own_noted: std::sync::atomic::AtomicI64,
+    /// Keys seals are signed with (`audit.keys`; none: unsigned).
+    keys: super::signing::Keys,
 }
 
 impl Sealer {
@@ -616,7 +625,14 @@ impl Sealer {
             limits: Default::default(),
             producer_max: 1_000_000,
             own_noted: std::sync::atomic::AtomicI64::new(0),
+            keys: Default::default(),
         }
+    }
+
+    /// Signs its seals with the first of `keys` ([`super::signing`]).
+    pub fn with_keys(mut self, keys: super::signing::Keys) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// The chain of a stage reading `topic`'s `partition`.
@@ -717,6 +733,7 @@ impl Sealer {
             prev: None,
             root,
             entries,
+            mac: None,
         };
         for attempt in 0..50 {
             if attempt > 3 {
@@ -725,7 +742,9 @@ impl Sealer {
             }
             data.seq = head.0 + 1;
             data.prev = head.1.clone();
-            let ev = CloudEvent::new(
+            let time = Some(crate::event::now_rfc3339());
+            data.mac = self.keys.sign(time.as_deref(), &data);
+            let mut ev = CloudEvent::new(
                 format!(
                     "seal-{}",
                     crate::pattern::stable_id(&[chain, &data.seq.to_string()])
@@ -734,10 +753,15 @@ impl Sealer {
                 SEAL_TYPE,
             )
             .with_subject(chain)
-            .with_time_now()
             .with_data(serde_json::to_value(&data).map_err(|e| StoreError::corrupt("seal", e))?);
+            ev.time = time;
+            let schema = if data.mac.is_none() && emitter.knows_schema(SEAL_SCHEMA_UNSIGNED) {
+                SEAL_SCHEMA_UNSIGNED
+            } else {
+                SEAL_SCHEMA
+            };
             let out = emitter
-                .emit_as(&self.topic, &ev, Some(SEAL_SCHEMA))
+                .emit_as(&self.topic, &ev, Some(schema))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let hash = payload_hash(&out.payload);
             match self
@@ -863,6 +887,69 @@ mod tests {
     use super::*;
     use crate::event::CloudEvent;
     use crate::records::Emitter;
+
+    /// On an Avro audit topic an unsigned seal is written with the previous seal schema (readers of
+    /// older builds decode it during an upgrade), a signed one with the current; both read back
+    /// whole, and the signature checks after the Avro round trip.
+    #[tokio::test]
+    async fn seals_on_an_avro_topic_use_the_schema_that_fits_and_signatures_survive() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let schemas = crate::schema::SchemaRegistry::load_dir(&dir.join("schemas")).unwrap();
+        let topics = crate::topics::TopicCatalog::from_texts([(
+            "audit",
+            "name: audit\npartitions: 1\nkey: resource\nencoding: avro\nschema: audit\n",
+        )])
+        .unwrap();
+        let emitter = Emitter::new(schemas.clone(), topics);
+        let ev = CloudEvent::new("a-1", "t", crate::records::types::AUDIT)
+            .with_subject("svc")
+            .with_time("2026-01-01T00:00:00Z")
+            .with_data(
+                serde_json::json!({"decision": "accepted", "stage": "resolve",
+                "resource": "svc", "tenant": "default", "detail": {}}),
+            );
+        let keys = super::super::signing::Keys::of(&[("k1", "0123456789abcdef0123456789abcdef")]);
+        for (signed, schema) in [(false, SEAL_SCHEMA_UNSIGNED), (true, SEAL_SCHEMA)] {
+            let mut sealer = Sealer::new(Arc::new(MemoryChainStore::default()), "audit");
+            if signed {
+                sealer = sealer.with_keys(keys.clone());
+            }
+            let (_, sealed) = sealer
+                .seal(
+                    "resolve",
+                    "resolve/p/0",
+                    &emitter,
+                    std::slice::from_ref(&ev),
+                )
+                .await
+                .unwrap();
+            let payload = &sealed.seals[0].payload;
+            assert!(
+                payload.starts_with(&schemas.get(schema).unwrap().header),
+                "written with {schema}"
+            );
+            let back = crate::codec::decode(
+                crate::codec::RecordView {
+                    key: None,
+                    payload,
+                    headers: &[],
+                },
+                &schemas,
+            )
+            .unwrap();
+            let data: SealData = serde_json::from_value(back.data.clone().unwrap()).unwrap();
+            assert_eq!((data.seq, data.entries.len()), (1, 1));
+            let check = keys.check(back.time.as_deref(), &data);
+            assert_eq!(
+                check,
+                if signed {
+                    super::super::signing::Signature::Valid
+                } else {
+                    super::super::signing::Signature::Unsigned
+                }
+            );
+        }
+    }
 
     /// A stage waits for room before deciding: with ROOM seals of a chain undelivered, the wait
     /// lasts until the oldest is settled (delivered, failed or dropped); sealing itself never

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::hash::{merkle_root, payload_hash, record_hash};
 use super::sealer::{SealData, SEAL_TYPE};
+use super::signing::{Keys, Signature};
 use crate::event::CloudEvent;
 use crate::records::types;
 
@@ -85,7 +86,28 @@ pub struct Verification {
     /// chains that begin after their first records or seals were deleted, seals listing deleted
     /// records, records whose seal was deleted. Not problems.
     pub expired: usize,
+    /// Seals whose signature was checked and matches ([`super::signing`]).
+    pub signed: usize,
+    /// Seals signed but not checked: the verifier was given no keys.
+    pub signed_unchecked: usize,
+    /// Unsigned seals accepted (with keys): written before their partition's first signed seal,
+    /// or before where `accept_unsigned_before` says.
+    pub unsigned: usize,
+    /// Partitions holding unsigned seals and no signed one (with keys): all their seals were
+    /// accepted as written before signing began — or inserted.
+    pub unsigned_partitions: Vec<i32>,
     pub problems: Vec<ChainProblem>,
+}
+
+/// How [`verify_signed`] checks the seals' signatures ([`super::signing`]).
+#[derive(Debug, Default, Clone)]
+pub struct SignatureCheck {
+    /// The keys seals may be signed with (`audit.keys`); none: signatures are counted, unchecked.
+    pub keys: Option<Keys>,
+    /// Per partition, the offset below which unsigned seals are accepted even after the
+    /// partition's first signed seal (those written by instances that had no keys yet, during a
+    /// rolling change of the config). Offsets are the broker's: nobody appends below one.
+    pub accept_unsigned_before: HashMap<i32, i64>,
 }
 
 /// What retention (or `DeleteRecords`) removed from the front of an audit topic's partitions: the
@@ -166,6 +188,20 @@ pub fn verify(records: &[AuditRecord]) -> Verification {
 /// the latest first retained record of the trimmed partitions, 60 s of slack). Retention deletes
 /// only from the front: a gap further on, an altered or forked record, is still a problem.
 pub fn verify_retained(records: &[AuditRecord], starts: &HashMap<i32, i64>) -> Verification {
+    verify_signed(records, starts, &SignatureCheck::default())
+}
+
+/// [`verify_retained`] with the seals' signatures checked too. With keys, every signed seal must
+/// be signed by one of them and match; an unsigned seal is accepted only at an offset before its
+/// partition's first signed seal (the trail from before signing began; offsets are the broker's,
+/// so one appended later cannot pose as older) or before `accept_unsigned_before`. A version 1
+/// record (no longer written) after its partition's first signed seal is a problem too. Without
+/// keys, signed seals are only counted.
+pub fn verify_signed(
+    records: &[AuditRecord],
+    starts: &HashMap<i32, i64>,
+    check: &SignatureCheck,
+) -> Verification {
     let trim = Trim::new(records, starts);
     let mut v = Verification::default();
     let (mut v1, mut v2, mut seals) = (Vec::new(), Vec::new(), Vec::new());
@@ -187,9 +223,90 @@ pub fn verify_retained(records: &[AuditRecord], starts: &HashMap<i32, i64>) -> V
     }
     v.records = v1.len() + v2.len();
     v.seals = seals.len();
+    verify_signatures(&v1, &seals, check, &mut v);
     verify_v1(&v1, &trim, &mut v);
     verify_v2(&v2, &seals, &trim, &mut v);
     v
+}
+
+fn verify_signatures(
+    v1: &[&AuditRecord],
+    seals: &[&AuditRecord],
+    check: &SignatureCheck,
+    v: &mut Verification,
+) {
+    let parsed: Vec<(&AuditRecord, SealData)> = seals
+        .iter()
+        .filter_map(|s| Some((*s, serde_json::from_value(s.event.data.clone()?).ok()?)))
+        .collect();
+    let Some(keys) = &check.keys else {
+        v.signed_unchecked = parsed.iter().filter(|(_, d)| d.mac.is_some()).count();
+        return;
+    };
+    let mut first_signed: HashMap<i32, i64> = HashMap::new();
+    let mut unsigned_in: HashSet<i32> = HashSet::new();
+    for (r, d) in &parsed {
+        let problem = |m: String| ChainProblem {
+            chain: d.chain.clone(),
+            seq: d.seq,
+            at: r.place(),
+            message: m,
+        };
+        match keys.check(r.event.time.as_deref(), d) {
+            Signature::Valid => {
+                v.signed += 1;
+                let f = first_signed.entry(r.partition).or_insert(r.offset);
+                *f = (*f).min(r.offset);
+            }
+            Signature::Unsigned => {
+                unsigned_in.insert(r.partition);
+            }
+            Signature::UnknownKey(id) => v.problems.push(problem(format!(
+                "signed with key {id:?}, which audit.keys does not list (forged, or a key missing)"
+            ))),
+            Signature::Invalid => v.problems.push(problem(
+                "the seal's signature does not match (forged, or the seal altered)".into(),
+            )),
+        }
+    }
+    // Accepted when written before signing began in its partition.
+    let before = |r: &AuditRecord| {
+        first_signed.get(&r.partition).is_none_or(|f| r.offset < *f)
+            || check
+                .accept_unsigned_before
+                .get(&r.partition)
+                .is_some_and(|o| r.offset < *o)
+    };
+    for (r, d) in parsed.iter().filter(|(_, d)| d.mac.is_none()) {
+        if before(r) {
+            v.unsigned += 1;
+        } else {
+            v.problems.push(ChainProblem {
+                chain: d.chain.clone(),
+                seq: d.seq,
+                at: r.place(),
+                message: format!(
+                    "unsigned seal after signing began in partition {} (inserted, or written by \
+                     an instance without audit.keys)",
+                    r.partition
+                ),
+            });
+        }
+    }
+    for r in v1.iter().filter(|r| !before(r)) {
+        v.problems.push(ChainProblem {
+            chain: r.event.subject.clone().unwrap_or_default(),
+            seq: 0,
+            at: r.place(),
+            message: "a version 1 record after signing began in its partition (inserted)".into(),
+        });
+    }
+    let mut bare: Vec<i32> = unsigned_in
+        .into_iter()
+        .filter(|p| !first_signed.contains_key(p))
+        .collect();
+    bare.sort_unstable();
+    v.unsigned_partitions = bare;
 }
 
 fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &mut Verification) {
@@ -563,6 +680,97 @@ mod tests {
         forked.extend(seal.seals);
         let p = verify(&read(&forked)).problems;
         assert!(p.iter().any(|p| p.message.contains("forked")), "{p:?}");
+    }
+
+    /// Whoever can write to the audit topic can append a chain of their own with correct hashes:
+    /// only signed seals tell it from the real trail.
+    #[tokio::test]
+    async fn signed_seals_find_inserted_chains_and_forged_signatures() {
+        const KEY: &str = "0123456789abcdef0123456789abcdef-k2";
+        let keys = Keys::of(&[("k2", KEY), ("k1", "an-older-key-still-listed-0123456789")]);
+        let emitter = Emitter::new(Default::default(), Default::default());
+        let seal_with = |keys: Keys, chain: &'static str, n: u64| {
+            let emitter = emitter.clone();
+            async move {
+                let sealer =
+                    Sealer::new(Arc::new(MemoryChainStore::default()), "audit").with_keys(keys);
+                let (mut o, seal) = sealer
+                    .seal("resolve", chain, &emitter, &[rec("svc", n)])
+                    .await
+                    .unwrap();
+                o.extend(seal.seals);
+                o
+            }
+        };
+        let check = |accept: &[(i32, i64)]| SignatureCheck {
+            keys: Some(keys.clone()),
+            accept_unsigned_before: accept.iter().copied().collect(),
+        };
+        // History from before signing (unsigned), then a signed chain, then one signed with the
+        // older key: all accepted.
+        let mut outs = written().await;
+        outs.extend(seal_with(Keys::of(&[("k2", KEY)]), "resolve/q/0", 50).await);
+        let old = Keys::of(&[("k1", "an-older-key-still-listed-0123456789")]);
+        outs.extend(seal_with(old, "resolve/q/1", 51).await);
+        let v = verify_signed(&read(&outs), &HashMap::new(), &check(&[]));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.signed, v.unsigned, v.signed_unchecked), (2, 3, 0));
+        assert!(v.unsigned_partitions.is_empty());
+        // Without keys the same trail verifies, its signatures only counted.
+        let v = verify(&read(&outs));
+        assert!(v.problems.is_empty() && v.signed_unchecked == 2, "{v:?}");
+        // An inserted chain, unsigned, after signing began: found (without keys it passes).
+        let mut inserted = outs.clone();
+        inserted.extend(seal_with(Keys::default(), "resolve/x/0", 60).await);
+        assert!(verify(&read(&inserted)).problems.is_empty());
+        let v = verify_signed(&read(&inserted), &HashMap::new(), &check(&[]));
+        assert!(
+            v.problems.len() == 1
+                && v.problems[0]
+                    .message
+                    .contains("unsigned seal after signing"),
+            "{:?}",
+            v.problems
+        );
+        // ... unless the operator accepts unsigned seals up to past it (a rolling change).
+        let n = inserted.len() as i64;
+        let v = verify_signed(&read(&inserted), &HashMap::new(), &check(&[(0, n)]));
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // Signed with a guessed key under a listed id, or with a key not listed.
+        for (id, key, says) in [
+            ("k2", "guessed-guessed-guessed-guessed-x", "does not match"),
+            ("k9", KEY, "does not list"),
+        ] {
+            let mut forged = outs.clone();
+            forged.extend(seal_with(Keys::of(&[(id, key)]), "resolve/x/0", 61).await);
+            let v = verify_signed(&read(&forged), &HashMap::new(), &check(&[]));
+            assert!(
+                v.problems.iter().any(|p| p.message.contains(says)),
+                "{:?}",
+                v.problems
+            );
+        }
+        // A signed seal altered (its entries' resource relabelled): the signature breaks.
+        let mut relabelled = outs.clone();
+        let last = relabelled.len() - 1;
+        relabelled[last].payload = String::from_utf8(relabelled[last].payload.clone())
+            .unwrap()
+            .replace("\"resource\":\"svc\"", "\"resource\":\"other\"")
+            .into_bytes();
+        let v = verify_signed(&read(&relabelled), &HashMap::new(), &check(&[]));
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.message.contains("signature does not match")),
+            "{:?}",
+            v.problems
+        );
+        // A partition with only unsigned seals is accepted, and named.
+        let v = verify_signed(&read(&written().await), &HashMap::new(), &check(&[]));
+        assert!(
+            v.problems.is_empty() && v.unsigned_partitions == vec![0],
+            "{v:?}"
+        );
     }
 
     /// Records on partition 1 and seals on partition 0 (offsets from 0 on each), less the first

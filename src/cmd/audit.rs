@@ -22,15 +22,45 @@ pub enum AuditCommand {
         /// when a partition gives nothing for this long before its end (at least 30 s).
         #[arg(long, default_value_t = 30_000)]
         idle_timeout_ms: u64,
+        /// With `audit.keys`: also accept unsigned seals at offsets below these
+        /// (`<partition>@<offset>,...`) — those written during a rolling change of the config by
+        /// instances that had no keys yet. By default only those before each partition's first
+        /// signed seal are.
+        #[arg(long, value_delimiter = ',')]
+        accept_unsigned_before: Vec<String>,
     },
+}
+
+/// `<partition>@<offset>` items of `--accept-unsigned-before`.
+fn places(items: &[String]) -> Result<std::collections::HashMap<i32, i64>, String> {
+    items
+        .iter()
+        .map(|i| {
+            i.split_once('@')
+                .and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)))
+                .ok_or_else(|| {
+                    format!("--accept-unsigned-before: {i:?} is not <partition>@<offset>")
+                })
+        })
+        .collect()
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let AuditCommand::Verify {
         topic,
         idle_timeout_ms,
+        accept_unsigned_before,
     } = args.command;
+    let accept_unsigned_before = places(&accept_unsigned_before)?;
     let l = ctx.load_noting()?;
+    let keys = if l.config.audit.keys.is_empty() {
+        None
+    } else {
+        Some(crate::audit::signing::Keys::load(&l.config.audit.keys)?)
+    };
+    if keys.is_none() && !accept_unsigned_before.is_empty() {
+        return Err("--accept-unsigned-before needs audit.keys in the config".into());
+    }
     let topic = topic.unwrap_or_else(|| l.config.topics.audit.clone());
     let kafka = l.config.kafka.clone();
     let t = topic.clone();
@@ -73,7 +103,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         let s = starts.entry(r.partition).or_insert(r.offset);
         *s = (*s).min(r.offset);
     }
-    let v = crate::audit::verify_retained(&records, &starts);
+    let check = crate::audit::SignatureCheck {
+        keys,
+        accept_unsigned_before,
+    };
+    let v = crate::audit::verify_signed(&records, &starts, &check);
     for p in &v.problems {
         println!(
             "BROKEN {} seq {} (at {}): {}",
@@ -90,6 +124,24 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             "{topic}: partitions start after their first records (retention deleted them): {}; {} gaps at the front of the trail are explained by that (not problems)",
             trimmed.join(", "),
             v.expired
+        );
+    }
+    if check.keys.is_some() {
+        println!(
+            "{topic}: {} seals signed and checked, {} unsigned accepted (written before signing began)",
+            v.signed, v.unsigned
+        );
+        if !v.unsigned_partitions.is_empty() {
+            let ps: Vec<String> = v.unsigned_partitions.iter().map(i32::to_string).collect();
+            println!(
+                "WARNING {topic}: partitions {} hold unsigned seals and no signed one: accepted as written before signing began (they could also have been inserted)",
+                ps.join(", ")
+            );
+        }
+    } else if v.signed_unchecked > 0 {
+        println!(
+            "{topic}: {} seals are signed; their signatures are not checked (no audit.keys in the config)",
+            v.signed_unchecked
         );
     }
     println!(
