@@ -3956,13 +3956,26 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
     let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
     let action = over_budget_action("act-lost", "r-lost");
     let key = switchyard::store::ResourceKey::new("default", "r-lost");
-    let (a, first) = approvals.request(&key, action).await.expect("request");
+    let (a, first) = approvals.request(&key, action.clone()).await.expect("request");
     assert!(!first.is_empty());
     // Within the producer's delivery timeout the caller may still be producing them: not yet.
     let out = approvals.sweep().await.expect("sweep");
     assert!(out.is_empty(), "too early: {out:?}");
-    // Its caller's producer gave up long ago (the entry is aged in Redis).
     let mut r = redis_connection(c.redis.url.as_str()).await;
+    // Its indexing lost after the commit (Redis failed, the process died): nobody finds it, until
+    // the caller asks again, which indexes it again.
+    let p = &c.redis.key_prefix;
+    redis::pipe()
+        .zrem(format!("{p}:approvals:open"), &a.approval_id)
+        .hdel(format!("{p}:approvals:where"), &a.approval_id)
+        .query_async::<()>(&mut r)
+        .await
+        .expect("unindex");
+    assert!(approvals.get(&a.approval_id).await.expect("get").is_none());
+    let (again, _) = approvals.request(&key, action).await.expect("request again");
+    assert_eq!(again.approval_id, a.approval_id);
+    assert!(approvals.get(&a.approval_id).await.expect("get").is_some());
+    // Its caller's producer gave up long ago (the entry is aged in Redis).
     let outbox = format!("{}:approvals:outbox", c.redis.key_prefix);
     let members: Vec<String> = redis::cmd("ZRANGE")
         .arg(&outbox)

@@ -570,6 +570,12 @@ impl Approvals {
         for _ in 0..20 {
             let loaded = self.store.load(key, &[], None).await?.record;
             if let Some(s) = loaded.approvals.get(&approval_id) {
+                // Indexed again (idempotent): a first request whose commit went through and whose
+                // indexing failed (Redis, a crash) left it where the API, the inbox, the decisions
+                // topic and the sweeper cannot find it.
+                if s.is_open() {
+                    self.store.index_open(&[&s.approval]).await?;
+                }
                 let unsent = s.is_open()
                     && !s.escalated
                     && self.store.outbox_has(&request_entry(&approval_id)).await?;
@@ -891,7 +897,7 @@ impl Approvals {
         // delivery timeout: a request still unsent after that (the caller gave up, or died) is
         // produced here — the caller asking again finds it produced.
         let request_grace = grace.max(self.delivery_timeout_seconds as i64 + 30);
-        for id in self.store.outbox_due(now - request_grace).await? {
+        for (id, at) in self.store.outbox_due(now - request_grace).await? {
             let Some(id) = id.strip_prefix(REQUEST_ENTRY) else {
                 continue;
             };
@@ -902,7 +908,7 @@ impl Approvals {
                         return Ok(Some(self.outputs(&s, None).await?));
                     }
                     // Gone, or moved on (its later records announce it): nothing to produce.
-                    _ => self.store.outbox_done(&request_entry(id)).await?,
+                    _ => self.store.outbox_done_at(&request_entry(id), at).await?,
                 }
                 Ok(None)
             };
@@ -912,16 +918,20 @@ impl Approvals {
                 Err(e) => self.stuck_on(id, e)?,
             }
         }
-        for id in decisions {
+        for (id, at) in decisions {
             if id.starts_with(REQUEST_ENTRY) {
                 continue;
             }
             let redo = async {
                 match self.get(&id).await? {
-                    // Gone, or still pending (the state never moved): nothing to produce. An
-                    // escalation did move it: its records go out like a decision's.
-                    None => self.store.outbox_done(&id).await?,
-                    Some(s) if s.is_open() && !s.escalated => self.store.outbox_done(&id).await?,
+                    // Gone, or still pending (the state never moved): nothing to produce — unless
+                    // a decision made since added the entry again (then it is no longer at `at`,
+                    // and stays for that decision). An escalation did move it: its records go out
+                    // like a decision's.
+                    None => self.store.outbox_done_at(&id, at).await?,
+                    Some(s) if s.is_open() && !s.escalated => {
+                        self.store.outbox_done_at(&id, at).await?
+                    }
                     Some(s) => {
                         tracing::info!(approval_id = %id, status = %s.approval.status, "Producing a decision a crash left unsent.");
                         return Ok(Some(self.decided_before(s).await?.outputs));

@@ -177,7 +177,9 @@ pub trait ResourceStore: Send + Sync + 'static {
 
     /// Notes that a decision's records are about to be produced outside Kafka's redelivery (the
     /// HTTP API, the CLI, the expiry sweeper): until [`ResourceStore::outbox_done`], a sweeper
-    /// produces them again, so a crash in between leaves no hole in the audit chain.
+    /// produces them again, so a crash in between leaves no hole in the audit chain. An entry there
+    /// already moves to `at` when that is later (never earlier): a sweeper that saw the older entry
+    /// then leaves it ([`ResourceStore::outbox_done_at`]).
     fn outbox_add<'a>(
         &'a self,
         approval_id: &'a str,
@@ -187,8 +189,18 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// The records of this approval's decision were produced.
     fn outbox_done<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first.
-    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+    /// Removes the entry only if it is still at `at` (as [`ResourceStore::outbox_due`] listed it):
+    /// a sweeper that found nothing to produce does not take away the entry of a decision made
+    /// since, which added it again.
+    fn outbox_done_at<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Approvals in the outbox since before `before` (seconds since the epoch), oldest first, with
+    /// their times.
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
 
     /// Whether this approval's decision is in the outbox (its records not yet all produced).
     fn outbox_has<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
@@ -216,6 +228,24 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// checks only when [`RedisResourceStore::guarded`].)
     fn confirm_state(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
+
+/// `outbox_add`: the entry at ARGV[2] unless it is there at a later time already.
+const OUTBOX_LATER: &str = r"
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not at) or tonumber(at) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+return 0
+";
+
+/// `outbox_done_at`: removes the entry only while it is at ARGV[2].
+const OUTBOX_DONE_AT: &str = r"
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if at and tonumber(at) == tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+";
 
 const CAS: &str = r#"
 -- Returns {0} when the revision moved, else {1, the recent list as stored, '1' once it dropped an id,
@@ -944,13 +974,28 @@ impl ResourceStore for RedisResourceStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            // NX: the first time counts, so a retried request does not postpone the sweep.
-            Ok(redis::cmd("ZADD")
-                .arg(self.outbox_key())
-                .arg("NX")
-                .arg(at)
+            // Only ever later (ZADD GT without needing Redis 6.2).
+            Ok(redis::Script::new(OUTBOX_LATER)
+                .key(self.outbox_key())
                 .arg(approval_id)
-                .query_async::<()>(&mut c)
+                .arg(at)
+                .invoke_async::<()>(&mut c)
+                .await?)
+        })
+    }
+
+    fn outbox_done_at<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn.get().await?;
+            Ok(redis::Script::new(OUTBOX_DONE_AT)
+                .key(self.outbox_key())
+                .arg(approval_id)
+                .arg(at)
+                .invoke_async::<()>(&mut c)
                 .await?)
         })
     }
@@ -978,15 +1023,17 @@ impl ResourceStore for RedisResourceStore {
         })
     }
 
-    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn.get().await?;
-            Ok(redis::cmd("ZRANGEBYSCORE")
+            let due: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
                 .arg(self.outbox_key())
                 .arg("-inf")
                 .arg(format!("({before}"))
+                .arg("WITHSCORES")
                 .query_async(&mut c)
-                .await?)
+                .await?;
+            Ok(due.into_iter().map(|(id, at)| (id, at as i64)).collect())
         })
     }
 
@@ -1265,10 +1312,9 @@ impl ResourceStore for MemoryResourceStore {
         at: i64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.lock()
-                .outbox
-                .entry(approval_id.to_string())
-                .or_insert(at);
+            let mut st = self.lock();
+            let e = st.outbox.entry(approval_id.to_string()).or_insert(at);
+            *e = (*e).max(at);
             Ok(())
         })
     }
@@ -1280,17 +1326,35 @@ impl ResourceStore for MemoryResourceStore {
         })
     }
 
+    fn outbox_done_at<'a>(
+        &'a self,
+        approval_id: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            if st.outbox.get(approval_id) == Some(&at) {
+                st.outbox.remove(approval_id);
+            }
+            Ok(())
+        })
+    }
+
     fn outbox_has<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { Ok(self.lock().outbox.contains_key(approval_id)) })
     }
 
-    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+    fn outbox_due(&self, before: i64) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
         Box::pin(async move {
             let st = self.lock();
-            let mut due: Vec<(&String, &i64)> =
-                st.outbox.iter().filter(|(_, at)| **at < before).collect();
-            due.sort_by_key(|(id, at)| (**at, (*id).clone()));
-            Ok(due.into_iter().map(|(id, _)| id.clone()).collect())
+            let mut due: Vec<(String, i64)> = st
+                .outbox
+                .iter()
+                .filter(|(_, at)| **at < before)
+                .map(|(id, at)| (id.clone(), *at))
+                .collect();
+            due.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            Ok(due)
         })
     }
 
@@ -1633,29 +1697,36 @@ pub mod contract {
         }
         assert_eq!(store.locate(&a.approval_id).await.expect("locate"), None);
 
-        // The outbox: entries come due after their time; the first add counts; done removes.
+        // The outbox: entries come due after their time; an add moves an entry later, never
+        // earlier; done removes, done at a time only while the entry is still at it.
         let (o1, o2) = (format!("out1-{tag}"), format!("out2-{tag}"));
         store.outbox_add(&o1, 100).await.expect("add");
-        store
-            .outbox_add(&o1, 500)
-            .await
-            .expect("add again keeps the first time");
         store.outbox_add(&o2, 200).await.expect("add");
-        let due = |v: Vec<String>| {
+        let due = |v: Vec<(String, i64)>| {
             v.into_iter()
-                .filter(|id| id.ends_with(tag))
+                .filter(|(id, _)| id.ends_with(tag))
                 .collect::<Vec<_>>()
         };
         assert_eq!(
             due(store.outbox_due(150).await.expect("due")),
-            std::slice::from_ref(&o1)
+            [(o1.clone(), 100)]
         );
         assert_eq!(
             due(store.outbox_due(300).await.expect("due")),
-            [o1.clone(), o2.clone()]
+            [(o1.clone(), 100), (o2.clone(), 200)]
         );
-        store.outbox_done(&o1).await.expect("done");
-        assert_eq!(due(store.outbox_due(300).await.expect("due")), [o2]);
+        // A decision made since a sweeper listed o1 at 100 adds it again, later: the sweeper's
+        // removal at 100 leaves it.
+        store.outbox_add(&o1, 400).await.expect("add again");
+        store.outbox_add(&o1, 50).await.expect("never earlier");
+        store.outbox_done_at(&o1, 100).await.expect("done at");
+        assert_eq!(
+            due(store.outbox_due(500).await.expect("due")),
+            [(o2.clone(), 200), (o1.clone(), 400)]
+        );
+        store.outbox_done_at(&o1, 400).await.expect("done at");
+        store.outbox_done(&o2).await.expect("done");
+        assert!(due(store.outbox_due(500).await.expect("due")).is_empty());
 
         // Tallies: taken oldest first, each once.
         let (t1, t2) = (format!("tally1-{tag}"), format!("tally2-{tag}"));
@@ -1663,8 +1734,13 @@ pub mod contract {
         store.tally_add(&t2).await.expect("tally");
         let mut taken = store.tallies_take(1).await.expect("take");
         taken.extend(store.tallies_take(100).await.expect("take"));
-        assert_eq!(due(taken), [t1, t2]);
-        assert!(due(store.tallies_take(100).await.expect("take")).is_empty());
+        let mine = |v: Vec<String>| {
+            v.into_iter()
+                .filter(|t| t.ends_with(tag))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(mine(taken), [t1, t2]);
+        assert!(mine(store.tallies_take(100).await.expect("take")).is_empty());
     }
 
     #[cfg(test)]
