@@ -1904,5 +1904,23 @@ agents:
         tries + 2,
         "a refused request is not retried"
     );
+    // An MCP tool that reports an error ran (and failed): not called again — MCP has no standard
+    // idempotency key — but dead-lettered at once.
+    env.publish(
+        "switchyard.actions",
+        &[action(
+            "act-mcp-broken",
+            "ops__restart_pods",
+            "broken",
+            json!({"service": "broken"}),
+        )],
+    )
+    .await;
+    assert_eq!(tool_failed(3).await.len(), 3);
+    let broken = json_lines(&mcp_calls)
+        .iter()
+        .filter(|c| c["args"]["service"] == "broken")
+        .count();
+    assert_eq!(broken, 1, "an MCP tool's own error is not retried");
     running.stop().await;
 }

@@ -301,7 +301,7 @@ impl Server {
         }
         let r = tokio::time::timeout(self.timeout(), client.call_tool(params))
             .await
-            .map_err(|_| format!("MCP tool {tool} timed out"))?;
+            .map_err(|_| format!("MCP tool {tool} {TIMED_OUT}"))?;
         let r = match r {
             Ok(r) => r,
             Err(e) => {
@@ -313,7 +313,7 @@ impl Server {
                     .chars()
                     .take(300)
                     .collect();
-                return Err(format!("MCP tool {tool} failed: {text}"));
+                return Err(format!("MCP tool {tool} {FAILED}: {text}"));
             }
         };
         let text: Vec<String> = r
@@ -325,7 +325,7 @@ impl Server {
         let text = text.join("\n");
         if r.is_error == Some(true) {
             let text: String = text.chars().take(300).collect();
-            return Err(format!("MCP tool {tool} reported an error: {text}"));
+            return Err(format!("MCP tool {tool} {REPORTED}: {text}"));
         }
         if let Some(v) = r.structured_content {
             return Ok(capped(v));
@@ -345,7 +345,25 @@ struct McpTool {
     strip: Vec<String>,
 }
 
+/// How an error names a call the server received: it reported the tool's own error (the tool ran
+/// and failed), or the call went out and no answer came in time, or the session broke during it.
+const REPORTED: &str = "reported an error";
+const TIMED_OUT: &str = "timed out";
+const FAILED: &str = "failed";
+
 impl Call for McpTool {
+    /// Only a call that never reached the server (connecting failed) is sent again: one it
+    /// received may have had its effect — an error the tool reported means it ran, and a call
+    /// whose answer did not come may have run — and MCP has no standard idempotency key (the
+    /// `_meta` one is switchyard's own, which few servers honour), so a retry could do it twice.
+    /// The action's dead letter says why; `dlq redrive` sends it again once checked.
+    fn retryable(&self, error: &str) -> bool {
+        let tool = &self.tool;
+        ![REPORTED, TIMED_OUT, FAILED]
+            .iter()
+            .any(|what| error.starts_with(&format!("MCP tool {tool} {what}")))
+    }
+
     fn call<'a>(
         &'a self,
         args: &'a Map<String, Value>,
