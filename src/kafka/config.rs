@@ -196,6 +196,27 @@ impl KafkaConfig {
                 );
             }
         }
+        // What the in-order, nothing-lost guarantees rest on: an idempotent producer (retries
+        // never reorder or duplicate a partition's records) that counts a record delivered only
+        // once every in-sync replica has it.
+        for (key, safe) in [
+            ("enable.idempotence", &["true"][..]),
+            ("acks", &["all", "-1"][..]),
+        ] {
+            for (section, map) in [("producer", &self.producer), ("client", &self.client)] {
+                match map.get(key) {
+                    Some(v) if !safe.contains(&v.trim().to_ascii_lowercase().as_str()) => add(
+                        &format!("kafka.{section}.{key}"),
+                        format!(
+                            "{v:?} would let retries reorder or lose records (per-resource order and \
+                             at-least-once depend on {key}={}); remove it",
+                            safe[0]
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+        }
         if self.consumer.contains_key("receive.message.max.bytes") {
             add(
                 "kafka.consumer.receive.message.max.bytes",
@@ -423,6 +444,25 @@ mod tests {
             named("kafka.client_secrets.linger.ms").is_some_and(|m| m.contains("kafka.producer"))
         );
         assert!(!format!("{p:?}").contains("s3cret"), "{p:?}");
+    }
+
+    /// The producer settings order and delivery rest on cannot be weakened; setting them to
+    /// their safe values is allowed.
+    #[test]
+    fn a_producer_that_could_reorder_or_lose_records_is_refused() {
+        let k: KafkaConfig = serde_yaml::from_str(
+            "producer: {enable.idempotence: 'false', acks: '1'}\nclient: {acks: all}",
+        )
+        .expect("parses");
+        let items: Vec<String> = k.problems().into_iter().map(|(i, _)| i).collect();
+        assert_eq!(
+            items,
+            ["kafka.producer.enable.idempotence", "kafka.producer.acks"],
+            "{items:?}"
+        );
+        let k: KafkaConfig =
+            serde_yaml::from_str("producer: {enable.idempotence: 'TRUE', acks: '-1'}").unwrap();
+        assert!(k.problems().is_empty());
     }
 
     #[test]
