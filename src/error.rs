@@ -68,18 +68,27 @@ impl StoreError {
 
 impl From<redis::RedisError> for StoreError {
     /// A reply of the wrong shape is stored data that cannot be read, and a script that fails while
-    /// running (`user_script:<line>: ...`) fails the same way for the same data — retrying either
-    /// would hold its partition for ever; anything else (a timeout, a dropped connection, another
-    /// error reply) is worth retrying.
+    /// running (`ERR user_script:<line>: ...`, or `WRONGTYPE` from a command it calls) fails the
+    /// same way for the same data — retrying either would hold its partition for ever; anything
+    /// else (a timeout, a dropped connection, another error reply) is worth retrying. Redis names
+    /// the script in every error raised inside one, also a passing state of the server (`OOM` at
+    /// `maxmemory`, `READONLY` after a failover, `LOADING`, `BUSY`, `MASTERDOWN`, `CLUSTERDOWN`,
+    /// `TRYAGAIN`, ...): those are retried, never dead-lettered as corrupt state.
     fn from(e: redis::RedisError) -> Self {
         match e.kind() {
             redis::ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
-            redis::ErrorKind::Server(_) if e.to_string().contains("user_script:") => {
+            redis::ErrorKind::Server(_) if script_fault(e.code(), &e.to_string()) => {
                 StoreError::Corrupt(format!("a store script failed: {e}"))
             }
             _ => StoreError::Redis(e.to_string()),
         }
     }
+}
+
+/// Whether an error reply with `code` and text `message` is a script failing on its data (see
+/// `From<redis::RedisError>`).
+pub fn script_fault(code: Option<&str>, message: &str) -> bool {
+    matches!(code, Some("ERR" | "WRONGTYPE")) && message.contains("user_script:")
 }
 
 /// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
@@ -119,5 +128,17 @@ mod tests {
         ));
         let e = ProcessError::from(StoreError::Corrupt("bad json".into())).context("budget");
         assert_eq!(e.to_string(), "corrupt_state: budget: bad json");
+        // What Redis 7 answers (redis-server 7.0, checked): a script's own failure, and passing
+        // states of the server raised inside a script.
+        for (code, message, fault) in [
+            ("ERR", "user_script:1: attempt to index local 'x' (a nil value) script: cf0e, on @user_script:1.", true),
+            ("WRONGTYPE", "Operation against a key holding the wrong kind of value script: 5d88, on @user_script:3.", true),
+            ("OOM", "command not allowed when used memory > 'maxmemory'. script: 0a9f, on @user_script:1.", false),
+            ("READONLY", "You can't write against a read only replica. script: 0a9f, on @user_script:1.", false),
+            ("CLUSTERDOWN", "The cluster is down script: 0a9f, on @user_script:1.", false),
+            ("ERR", "max number of clients reached", false),
+        ] {
+            assert_eq!(script_fault(Some(code), message), fault, "{code} {message}");
+        }
     }
 }

@@ -3956,7 +3956,10 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
     let approvals = switchyard::cmd::approvals::service_on(&env.loaded, conn);
     let action = over_budget_action("act-lost", "r-lost");
     let key = switchyard::store::ResourceKey::new("default", "r-lost");
-    let (a, first) = approvals.request(&key, action.clone()).await.expect("request");
+    let (a, first) = approvals
+        .request(&key, action.clone())
+        .await
+        .expect("request");
     assert!(!first.is_empty());
     // Within the producer's delivery timeout the caller may still be producing them: not yet.
     let out = approvals.sweep().await.expect("sweep");
@@ -3972,7 +3975,10 @@ async fn an_approval_request_its_caller_left_unsent_is_produced_by_the_sweeper()
         .await
         .expect("unindex");
     assert!(approvals.get(&a.approval_id).await.expect("get").is_none());
-    let (again, _) = approvals.request(&key, action).await.expect("request again");
+    let (again, _) = approvals
+        .request(&key, action)
+        .await
+        .expect("request again");
     assert_eq!(again.approval_id, a.approval_id);
     assert!(approvals.get(&a.approval_id).await.expect("get").is_some());
     // Its caller's producer gave up long ago (the entry is aged in Redis).
@@ -4110,4 +4116,77 @@ async fn an_idle_own_chain_left_with_an_unsent_seal_is_repaired_by_another_proce
             .expect("nothing"),
         0
     );
+}
+
+/// A Redis demoted to a replica (a failover) refuses a script's writes with `READONLY ... on
+/// @user_script` (Redis names the script in every error raised inside one): resolve retries the
+/// proposal until it is writable again — it was dead-lettered as `corrupt_state`, its action lost.
+/// (At `maxmemory`, `OOM` was already retried; the test checks that too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_or_full_redis_holds_decisions_back_instead_of_dead_lettering_them() {
+    let env = TestEnv::new(
+        1,
+        &format!("{}{DEFAULT_AGENTS}{}", governance(""), default_routes("")),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _redis = start_redis(port, dir.path(), false);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut loaded = env.loaded.clone();
+    loaded.config.redis.url = url.clone();
+    let running = Running::start(loaded, &["resolve"]);
+    let page = |id: &str, resource: &str| proposal(id, "tester", "page", resource, json!({}), 0);
+    env.publish("switchyard.proposals", &[page("warm", "r-warm")])
+        .await;
+    assert_eq!(
+        env.read("switchyard.actions", 1, Duration::from_secs(40))
+            .await
+            .len(),
+        1
+    );
+    let mut r = redis_connection(&url).await;
+    let cmd = |args: &[&str]| {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c
+    };
+    // A replica of a primary that never answers: its data stays, writes are refused.
+    for (n, (worse, better)) in [
+        (
+            ["REPLICAOF", "127.0.0.1", "1"].as_slice(),
+            ["REPLICAOF", "NO", "ONE"].as_slice(),
+        ),
+        (
+            ["CONFIG", "SET", "maxmemory", "1"].as_slice(),
+            ["CONFIG", "SET", "maxmemory", "0"].as_slice(),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cmd(worse).query_async::<()>(&mut r).await.expect("worse");
+        let id = format!("held-{n}");
+        env.publish("switchyard.proposals", &[page(&id, &id)]).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            env.read("switchyard.dlq", usize::MAX, Duration::from_secs(1))
+                .await
+                .is_empty(),
+            "{worse:?}: not dead-lettered"
+        );
+        cmd(better).query_async::<()>(&mut r).await.expect("better");
+        let actions = env
+            .read("switchyard.actions", n + 2, Duration::from_secs(40))
+            .await;
+        assert_eq!(
+            actions.len(),
+            n + 2,
+            "{worse:?}: decided once Redis is well"
+        );
+        assert_eq!(data::<ActionData>(&actions[n + 1]).resource, id);
+    }
+    running.stop().await;
 }
