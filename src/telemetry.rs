@@ -421,7 +421,7 @@ impl Metrics {
             )?,
             tool_calls: register_int_counter_vec_with_registry!(
                 "switchyard_tool_calls_total",
-                "Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped, not_run).",
+                "Tool calls by tool and outcome (ok, error, refused, proposed, executed, skipped, not_run, expired).",
                 &["tool", "outcome"],
                 r
             )?,

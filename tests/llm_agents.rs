@@ -1922,5 +1922,52 @@ agents:
         .filter(|c| c["args"]["service"] == "broken")
         .count();
     assert_eq!(broken, 1, "an MCP tool's own error is not retried");
+    // Read eight days after it was written (the group's offsets lost): an action carried out then
+    // is skipped as ever while its marker lasts; one whose marker is gone (or never was) is not
+    // called — it may have been — but dead-lettered.
+    let eight_days_ago = chrono::Utc::now().timestamp_millis() - 8 * 86_400_000;
+    let mcp_before = json_lines(&mcp_calls).len();
+    let tickets_before = seen.lock().expect("lock").len();
+    for ev in [
+        action(
+            "act-mcp",
+            "ops__restart_pods",
+            "checkout",
+            json!({"service": "checkout", "reason": "leaking replicas"}),
+        ),
+        action(
+            "act-forgotten",
+            "ticket",
+            "billing",
+            json!({"service": "billing", "title": "old"}),
+        ),
+    ] {
+        env.publish_at("switchyard.actions", &ev, eight_days_ago)
+            .await;
+    }
+    let expired = read_topic_matching(
+        &env.loaded.config.kafka.brokers,
+        &dlq_topic,
+        1,
+        Duration::from_secs(30),
+        |r| {
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"expired_action")
+        },
+    )
+    .await;
+    assert_eq!(expired.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&expired[0].payload).contains("act-forgotten"),
+        "the forgotten one"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(json_lines(&mcp_calls).len(), mcp_before, "not called again");
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        tickets_before,
+        "not called"
+    );
     running.stop().await;
 }

@@ -64,12 +64,23 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             instance: uuid::Uuid::new_v4().simple().to_string(),
             calls: Default::default(),
             previous_owner_wait: previous_owner_wait(&cfg.tools),
+            keep_seconds: keep_seconds(cfg.governance.approvals.keep_decided_seconds),
         }))
     })
 }
 
-/// How long an action's marker and a resource's fence are kept.
+/// How long an action's marker and a resource's fence are kept, at least ([`keep_seconds`]).
 const KEEP_SECONDS: u64 = 7 * 24 * 3600;
+const DAY_SECONDS: u64 = 24 * 3600;
+
+/// How long markers and fences are kept: a week, and a day longer than a decided approval is
+/// (`keep_decided_seconds`: a decisions-topic record repeated until then produces its approved
+/// action again, which its marker must still know). An action older than a day less than this
+/// (by its record's time) whose marker is gone is refused ([`ToolsStage::process`]): carried out
+/// and forgotten, or never — nobody can tell, and calling it could do it twice.
+fn keep_seconds(keep_decided_seconds: u64) -> u64 {
+    KEEP_SECONDS.max(keep_decided_seconds.saturating_add(DAY_SECONDS))
+}
 /// How long a call's outcome is kept when its records' commit never deletes it (it normally goes
 /// with the commit, seconds later).
 const OUTCOME_KEEP_SECONDS: u64 = 24 * 3600;
@@ -203,6 +214,8 @@ pub struct ToolsStage {
     calls: Calls,
     /// How long another owner's claim of an action is waited for ([`previous_owner_wait`]).
     previous_owner_wait: Duration,
+    /// How long markers and fences are kept ([`keep_seconds`]).
+    keep_seconds: u64,
 }
 
 impl Processor for ToolsStage {
@@ -348,6 +361,35 @@ impl ToolsStage {
         let claimant = format!("{marker}:by");
         let failed_at = format!("{marker}:failed_at");
         let keys = [marker.as_str(), fence.as_str(), claimant.as_str()];
+        // An action read long after it was written (the group's offsets lost — Kafka forgets a
+        // group's offsets 7 days after it stopped — or a new group reading the topic from its
+        // start): once its marker has expired, nothing tells whether it was carried out.
+        let age_ms = rec
+            .timestamp_ms
+            .map(|t| chrono::Utc::now().timestamp_millis().saturating_sub(t));
+        let too_old = (self.keep_seconds - DAY_SECONDS).saturating_mul(1000);
+        if age_ms.is_some_and(|a| a > i64::try_from(too_old).unwrap_or(i64::MAX)) {
+            let known: bool = redis::cmd("EXISTS")
+                .arg(&marker)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| ProcessError::Transient(format!("tool action marker: {e}")))?;
+            if !known {
+                METRICS
+                    .tool_calls
+                    .with_label_values(&[name, "expired"])
+                    .inc();
+                return fail(
+                    "expired_action",
+                    format!(
+                        "action {} was written {} hours ago, longer than what was carried out is \
+                         remembered: not called (it may have been); redrive it to carry it out",
+                        a.action_id,
+                        age_ms.unwrap_or(0) / 3_600_000
+                    ),
+                );
+            }
+        }
         let (mut status, mut info, by) = self
             .run_claim(&self.claim, keys, a.fencing_token, &mut c)
             .await?;
@@ -402,7 +444,7 @@ impl ToolsStage {
                 .key(&failed_at)
                 .key(&kept)
                 .arg(a.fencing_token)
-                .arg(KEEP_SECONDS)
+                .arg(self.keep_seconds)
                 .arg(&self.instance)
                 .arg(CLAIMANT_SECONDS)
                 .arg(source)
@@ -534,7 +576,7 @@ impl ToolsStage {
                 .arg(&marker)
                 .arg("failed")
                 .arg("EX")
-                .arg(KEEP_SECONDS)
+                .arg(self.keep_seconds)
                 .ignore()
                 .cmd("DEL")
                 .arg(&claimant)
@@ -612,14 +654,14 @@ impl ToolsStage {
             .arg(marker)
             .arg(if executed { "done" } else { "failed" })
             .arg("EX")
-            .arg(KEEP_SECONDS)
+            .arg(self.keep_seconds)
             .ignore();
         if !executed {
             p.cmd("SET")
                 .arg(failed_at)
                 .arg(&outcome.place)
                 .arg("EX")
-                .arg(KEEP_SECONDS)
+                .arg(self.keep_seconds)
                 .ignore();
         }
         p.cmd("SET")
@@ -649,7 +691,7 @@ impl ToolsStage {
             .key(fence)
             .key(claimant)
             .arg(token)
-            .arg(KEEP_SECONDS)
+            .arg(self.keep_seconds)
             .arg(&self.instance)
             .arg(CLAIMANT_SECONDS)
             .invoke_async(c)

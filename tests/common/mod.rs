@@ -512,6 +512,28 @@ for f in admin.incremental_alter_configs([ConfigResource("topic", topic, increme
         self.producer().send(&out).await.expect("send raw");
     }
 
+    /// Writes `ev` (structured JSON) with the Kafka timestamp `timestamp_ms`: a record written
+    /// long ago, as a consumer reading the topic from its start meets it.
+    pub async fn publish_at(&self, logical: &str, ev: &CloudEvent, timestamp_ms: i64) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = producer_config(&self.loaded.config.kafka)
+            .create()
+            .expect("producer");
+        let topic = self.topic(logical);
+        let payload = serde_json::to_vec(ev).expect("json");
+        let key = ev.subject.clone().unwrap_or_default();
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .timestamp(timestamp_ms),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("send at");
+    }
+
     /// Writes a record with one header whose name is raw bytes (librdkafka's C API takes any:
     /// a non-Java producer can write a name that is not UTF-8, which rdkafka's Rust API cannot).
     pub fn send_with_raw_header_name(
