@@ -48,6 +48,19 @@ pub struct Input {
     /// Set by the consumer runtime: the id of the topic the record was read from, when the broker
     /// gives topic ids ([`topic_id`]: the incarnation the stages' offset fences are written for).
     pub topic_id: Option<Arc<str>>,
+    /// Set by the consumer runtime: cancelled when the record's partition was revoked and its
+    /// drain timed out — the next owner has the record, and nothing done with it here will be
+    /// written ([`Input::revoked`]).
+    pub revoked: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Input {
+    /// Whether the record's partition was taken away while it was worked on (see the field): a
+    /// stage about to take something only it should hand out (a fencing token) stops here, as
+    /// its outputs would be dropped and the next owner's written later.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.as_ref().is_some_and(|c| c.is_cancelled())
+    }
 }
 
 /// The headers of a fetched record, names as text (lossy) and values as bytes. librdkafka takes any
@@ -123,6 +136,7 @@ impl Input {
             timestamp_ms: None,
             delivered: None,
             topic_id: None,
+            revoked: None,
         }
     }
 
@@ -164,6 +178,7 @@ impl Input {
             timestamp_ms: m.timestamp().to_millis(),
             delivered: None,
             topic_id: None,
+            revoked: None,
         }
     }
 

@@ -1226,6 +1226,7 @@ fn dispatch<P: Processor>(
         }
         rec.delivered = Some(part.delivered.clone());
         rec.topic_id = part.topic_id.clone();
+        rec.revoked = Some(part.cancel.clone());
         let work = Work {
             rec: Arc::new(rec),
             polled_at: Instant::now(),

@@ -626,6 +626,15 @@ impl ResolveStage {
                 decision: Some((&p.proposal_id, &decided)),
                 place: place.as_ref(),
             };
+            if rec.is_revoked() {
+                // Revoked, and the drain gave up waiting: a token taken now would reach the topic
+                // only when the next owner gets here — after tokens others (an approval) took
+                // meanwhile. Nothing is taken; the next owner decides.
+                return Err(ProcessError::Transient(format!(
+                    "partition {} was revoked; its next owner decides",
+                    rec.partition
+                )));
+            }
             if self.store.commit(&key, record.rev, write).await? {
                 if claimed.is_some() && !edited {
                     tracing::warn!(proposal_id = %p.proposal_id, "Proposal claims an approval no inbox edit recorded (or one already used); treated as unapproved.");
