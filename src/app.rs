@@ -570,18 +570,31 @@ async fn refresh_topic_limits(
 }
 
 /// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
-/// offsets.
-async fn kafka_history(loaded: &Loaded) -> bool {
+/// offsets, or one of the topics only switchyard writes (audit, actions, proposals) holds or held
+/// records — a group's offsets expire (Kafka forgets them 7 days after the group's last member
+/// left), the topics do not. An error is no answer: the caller must not take it for "new".
+async fn kafka_history(loaded: &Loaded) -> Result<bool, String> {
     let l = loaded.clone();
     tokio::task::spawn_blocking(move || {
-        crate::stages::STAGES.iter().any(|s| {
-            let group = format!("{}.{}", l.config.kafka.group_prefix, s.name);
-            crate::kafka::read::committed(&l.config.kafka, &group, &(s.inputs)(&l.config.topics))
-                .is_ok_and(|c| !c.is_empty())
-        })
+        let kafka = &l.config.kafka;
+        for s in crate::stages::STAGES {
+            let group = format!("{}.{}", kafka.group_prefix, s.name);
+            if !crate::kafka::read::committed(kafka, &group, &(s.inputs)(&l.config.topics))?
+                .is_empty()
+            {
+                return Ok(true);
+            }
+        }
+        let t = &l.config.topics;
+        for topic in [&t.audit, &t.actions, &t.proposals] {
+            if crate::kafka::read::ever_written(kafka, topic)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     })
     .await
-    .unwrap_or(false)
+    .map_err(|e| e.to_string())?
 }
 
 /// Checks Redis's epoch marker at start (see [`crate::store::start_epoch`]): the marker known now,
@@ -591,7 +604,22 @@ async fn check_epoch(loaded: &Loaded, redis: &RedisConn) -> (Option<String>, boo
     if let Ok(Some(e)) = crate::store::read_epoch(redis, prefix).await {
         return (Some(e), true);
     }
-    let history = kafka_history(loaded).await;
+    // Asked a few times; with no answer, Redis counts as having lost its state (a new marker
+    // written on a failed lookup would let every instance resume on an empty Redis).
+    let mut history = Err(String::new());
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        history = kafka_history(loaded).await;
+        if history.is_ok() {
+            break;
+        }
+    }
+    let history = history.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "Redis has no epoch marker and Kafka does not say whether switchyard ran against it before: taken as a lost state. Restart once Kafka answers (a new installation then starts), or run `switchyard recover`.");
+        true
+    });
     match crate::store::start_epoch(redis, prefix, history).await {
         Ok(crate::store::EpochStart::Known(e)) => (Some(e), history),
         Ok(crate::store::EpochStart::Fresh(e)) => {

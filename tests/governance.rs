@@ -1770,6 +1770,13 @@ resolve:
         default_routes("")
     );
     let env = TestEnv::new(6, &yaml).await;
+    // A new installation's marker, before proposals are written (else an instance starting after
+    // the first ones would see history in the topic and an empty Redis: a lost state).
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    switchyard::store::start_epoch(&conn, &c.redis.key_prefix, false)
+        .await
+        .expect("epoch");
     let spawn = || spawn_run(&env.config_path, "resolve");
     let mut procs = vec![spawn(), spawn(), spawn()];
     const N: usize = 900;
@@ -4188,5 +4195,45 @@ async fn a_read_only_or_full_redis_holds_decisions_back_instead_of_dead_letterin
         );
         assert_eq!(data::<ActionData>(&actions[n + 1]).resource, id);
     }
+    running.stop().await;
+}
+
+/// An empty Redis in front of a Kafka where switchyard ran before is a lost state, also when the
+/// stages' groups have no committed offsets any more (Kafka forgets them a week after a group's
+/// last member left): switchyard's own topics holding records is history too. (Taken for a new
+/// installation, every instance resumed on the empty Redis: approvals gone, chains forked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_redis_is_a_lost_state_when_switchyard_s_topics_hold_records() {
+    let env = TestEnv::new(1, "").await;
+    // History: an audit record, no committed offsets.
+    env.publish_one(
+        "switchyard.audit",
+        "a-old",
+        switchyard::records::types::AUDIT,
+        "svc-old",
+        json!({"decision": "accepted", "stage": "resolve", "resource": "svc-old",
+            "tenant": "default", "detail": {}}),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _redis = start_redis(port, dir.path(), false);
+    let http = free_port();
+    let mut loaded = env.loaded.clone();
+    loaded.config.redis.url = format!("redis://127.0.0.1:{port}/");
+    loaded.config.http.enabled = true;
+    loaded.config.http.listen = format!("127.0.0.1:{http}");
+    let running = Running::start(loaded, &["resolve"]);
+    let mut ready = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{http}/readyz")).await {
+            ready = r.text().await.unwrap_or_default();
+            if ready.contains("redis") {
+                break;
+            }
+        }
+    }
+    assert!(ready.contains("redis lost its state"), "{ready}");
     running.stop().await;
 }

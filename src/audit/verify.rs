@@ -55,6 +55,16 @@ impl AuditRecord {
         self
     }
 
+    /// Only what [`verify`] needs of it: a version 2 decision's data (its detail, often most of
+    /// its size) is dropped — its hash, type, place, id, subject and time are what is checked.
+    /// Seals and version 1 records (whose data holds their chain) are kept whole.
+    pub fn compact(mut self) -> Self {
+        if self.event.ty != SEAL_TYPE && !is_v1(&self) {
+            self.event.data = None;
+        }
+        self
+    }
+
     fn place(&self) -> String {
         format!("{}@{}", self.partition, self.offset)
     }
@@ -160,6 +170,15 @@ impl Trim {
     }
 }
 
+/// Whether `r` is a version 1 record: it carries its place in its resource's chain; version 2
+/// records have none (in Avro the field is there, null).
+fn is_v1(r: &AuditRecord) -> bool {
+    r.event
+        .data
+        .as_ref()
+        .is_some_and(|d| d.get("seq").is_some_and(|s| !s.is_null()))
+}
+
 /// When a record was written: its Kafka timestamp (the clock retention goes by), else its own time.
 fn written_at(r: &AuditRecord) -> Option<chrono::DateTime<chrono::Utc>> {
     match r.timestamp_ms {
@@ -208,14 +227,7 @@ pub fn verify_signed(
     for r in records {
         if r.event.ty == SEAL_TYPE {
             seals.push(r);
-        } else if r
-            .event
-            .data
-            .as_ref()
-            // A version 1 record carries its place in its resource's chain; version 2 records
-            // have none (in Avro the field is there, null).
-            .is_some_and(|d| d.get("seq").is_some_and(|s| !s.is_null()))
-        {
+        } else if is_v1(r) {
             v1.push(r);
         } else {
             v2.push(r);

@@ -64,24 +64,43 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     let topic = topic.unwrap_or_else(|| l.config.topics.audit.clone());
     let kafka = l.config.kafka.clone();
     let t = topic.clone();
-    let recs = tokio::task::spawn_blocking(move || {
-        crate::kafka::read::read_all(&kafka, &t, Duration::from_millis(idle_timeout_ms))
+    let schemas = l.schemas.clone();
+    // Read as a stream, each record kept only as far as verifying needs it (a decision's data is
+    // dropped once it is hashed and classified): the topic keeps a year of records, which held
+    // whole — payloads and decoded events — did not fit in memory.
+    let (records, starts) = tokio::task::spawn_blocking(move || {
+        let mut records = Vec::new();
+        let mut starts: std::collections::HashMap<i32, i64> = Default::default();
+        let mut bad = None;
+        crate::kafka::read::read_each(&kafka, &t, Duration::from_millis(idle_timeout_ms), |r| {
+            if bad.is_some() {
+                return;
+            }
+            // Where each partition starts now: after 0 when retention deleted its oldest records
+            // (the topic is read from its beginning, and offsets of an audit topic have no gaps).
+            let s = starts.entry(r.partition).or_insert(r.offset);
+            *s = (*s).min(r.offset);
+            match crate::codec::decode(r.view(), &schemas) {
+                Ok(ev) => records.push(
+                    crate::audit::AuditRecord::decoded(r.partition, r.offset, &r.payload, ev)
+                        .at(r.timestamp_ms)
+                        .compact(),
+                ),
+                Err(e) => {
+                    bad = Some(format!(
+                        "{}[{}]@{}: not an audit record: {e}",
+                        r.topic, r.partition, r.offset
+                    ))
+                }
+            }
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok((records, starts)),
+        }
     })
     .await
     .map_err(|e| e.to_string())??;
-    let mut records = Vec::new();
-    for r in &recs {
-        let ev = crate::codec::decode(r.view(), &l.schemas).map_err(|e| {
-            format!(
-                "{}[{}]@{}: not an audit record: {e}",
-                r.topic, r.partition, r.offset
-            )
-        })?;
-        records.push(
-            crate::audit::AuditRecord::decoded(r.partition, r.offset, &r.payload, ev)
-                .at(r.timestamp_ms),
-        );
-    }
     let audit_types = [crate::records::types::AUDIT, crate::audit::SEAL_TYPE];
     if !records.is_empty()
         && !records
@@ -95,13 +114,6 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             "{topic} is not an audit topic: its records are of type {}",
             types.join(", ")
         ));
-    }
-    // Where each partition starts now: after 0 when retention deleted its oldest records (the
-    // topic is read from its beginning, and offsets of an audit topic have no gaps).
-    let mut starts: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
-    for r in &recs {
-        let s = starts.entry(r.partition).or_insert(r.offset);
-        *s = (*s).min(r.offset);
     }
     let check = crate::audit::SignatureCheck {
         keys,

@@ -261,6 +261,43 @@ pub fn committed(
         .collect())
 }
 
+/// Whether any partition of `topic` holds or held records (its high watermark is past 0); a topic
+/// that does not exist holds none.
+pub fn ever_written(kafka: &KafkaConfig, topic: &str) -> Result<bool, String> {
+    let consumer: BaseConsumer = admin_config(kafka)
+        .create()
+        .map_err(|e| format!("cannot create consumer: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    for mt in md.topics().iter().filter(|m| m.name() == topic) {
+        match mt.error() {
+            None => {}
+            Some(e)
+                if rdkafka::types::RDKafkaRespErr::from(e)
+                    == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART =>
+            {
+                return Ok(false)
+            }
+            Some(e) => {
+                return Err(format!(
+                    "metadata of {topic}: {:?}",
+                    rdkafka::types::RDKafkaRespErr::from(e)
+                ))
+            }
+        }
+        for p in mt.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                .map_err(|e| format!("offsets of {topic}[{}]: {e}", p.id()))?;
+            if high > 0 {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Every partition of `topics`, with `group`'s committed offset where it has one.
 pub fn positions(
     kafka: &KafkaConfig,
