@@ -274,17 +274,11 @@ pub fn ever_written(kafka: &KafkaConfig, topic: &str) -> Result<bool, String> {
         match mt.error() {
             None => {}
             Some(e)
-                if rdkafka::types::RDKafkaRespErr::from(e)
-                    == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART =>
+                if e == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART =>
             {
                 return Ok(false)
             }
-            Some(e) => {
-                return Err(format!(
-                    "metadata of {topic}: {:?}",
-                    rdkafka::types::RDKafkaRespErr::from(e)
-                ))
-            }
+            Some(e) => return Err(format!("metadata of {topic}: {e:?}")),
         }
         for p in mt.partitions() {
             let (_, high) = consumer
