@@ -273,9 +273,7 @@ pub fn ever_written(kafka: &KafkaConfig, topic: &str) -> Result<bool, String> {
     for mt in md.topics().iter().filter(|m| m.name() == topic) {
         match mt.error() {
             None => {}
-            Some(e)
-                if e == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART =>
-            {
+            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
                 return Ok(false)
             }
             Some(e) => return Err(format!("metadata of {topic}: {e:?}")),
