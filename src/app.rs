@@ -570,9 +570,9 @@ async fn refresh_topic_limits(
 }
 
 /// Whether switchyard ran against this Kafka before: one of its stages' consumer groups committed
-/// offsets, or one of the topics only switchyard writes (audit, actions, proposals) holds or held
-/// records — a group's offsets expire (Kafka forgets them 7 days after the group's last member
-/// left), the topics do not. An error is no answer: the caller must not take it for "new".
+/// offsets, or its audit topic (which only switchyard writes, for everything it decides) holds or
+/// held records — a group's offsets expire (Kafka forgets them 7 days after the group's last
+/// member left), the topic does not. An error is no answer: the caller must not take it for "new".
 async fn kafka_history(loaded: &Loaded) -> Result<bool, String> {
     let l = loaded.clone();
     tokio::task::spawn_blocking(move || {
@@ -585,13 +585,7 @@ async fn kafka_history(loaded: &Loaded) -> Result<bool, String> {
                 return Ok(true);
             }
         }
-        let t = &l.config.topics;
-        for topic in [&t.audit, &t.actions, &t.proposals] {
-            if crate::kafka::read::ever_written(kafka, topic)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        crate::kafka::read::ever_written(kafka, &l.config.topics.audit)
     })
     .await
     .map_err(|e| e.to_string())?

@@ -1969,5 +1969,50 @@ agents:
         tickets_before,
         "not called"
     );
+    // The MCP server restarts: the session switchyard holds is unknown to it (404), so the call
+    // was never received — it is sent again on a new session and carried out once.
+    drop(_mcp);
+    let _mcp = Reaper(
+        std::process::Command::new(stack_dir().join("venv/bin/python"))
+            .arg(root().join("deploy/local/mcp_server.py"))
+            .arg(mcp_port.to_string())
+            .arg(&mcp_calls)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mcp server"),
+    );
+    // Sent as soon as it listens (before anything else talks to it).
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", mcp_port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = calls_of(0).await.len();
+    env.publish(
+        "switchyard.actions",
+        &[action(
+            "act-mcp-after-restart",
+            "ops__restart_pods",
+            "payments",
+            json!({"service": "payments"}),
+        )],
+    )
+    .await;
+    let calls = calls_of(before + 1).await;
+    assert_eq!(
+        calls.last().map(|c| (&c["tool"], &c["outcome"])),
+        Some((&json!("ops__restart_pods"), &json!("executed"))),
+        "{calls:?}"
+    );
+    let payments = json_lines(&mcp_calls)
+        .iter()
+        .filter(|c| c["args"]["service"] == "payments")
+        .count();
+    assert_eq!(payments, 1);
     running.stop().await;
 }

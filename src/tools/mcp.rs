@@ -313,7 +313,15 @@ impl Server {
                     .chars()
                     .take(300)
                     .collect();
-                return Err(format!("MCP tool {tool} {FAILED}: {text}"));
+                // A request the transport could not send (connection refused, the server's 404
+                // for a session it no longer knows after a restart, a proxy's 502) never reached
+                // the tool: sent again (on a new session), it acts once. Anything after sending —
+                // the session closed mid-call, an error answer, no answer — may have acted.
+                let what = match e {
+                    rmcp::service::ServiceError::TransportSend(_) => NOT_SENT,
+                    _ => FAILED,
+                };
+                return Err(format!("MCP tool {tool} {what}: {text}"));
             }
         };
         let text: Vec<String> = r
@@ -350,9 +358,12 @@ struct McpTool {
 const REPORTED: &str = "reported an error";
 const TIMED_OUT: &str = "timed out";
 const FAILED: &str = "failed";
+/// How an error names a call that was not sent (retried).
+const NOT_SENT: &str = "could not be sent";
 
 impl Call for McpTool {
-    /// Only a call that never reached the server (connecting failed) is sent again: one it
+    /// Only a call that never reached the server (connecting failed, the request could not be
+    /// sent) is sent again: one it
     /// received may have had its effect — an error the tool reported means it ran, and a call
     /// whose answer did not come may have run — and MCP has no standard idempotency key (the
     /// `_meta` one is switchyard's own, which few servers honour), so a retry could do it twice.
