@@ -824,17 +824,32 @@ impl Config {
                         }
                         // Its batches' seal records have a schema of their own.
                         let seal = crate::audit::SEAL_SCHEMA;
-                        if name == self.topics.audit.as_str()
-                            && def.encoding == crate::codec::Encoding::Avro
-                            && schemas.get(seal).is_none()
-                        {
-                            p(
+                        let avro_audit = name == self.topics.audit.as_str()
+                            && def.encoding == crate::codec::Encoding::Avro;
+                        match schemas.get(seal) {
+                            None if avro_audit => p(
                                 &format!("topic {name}"),
                                 format!(
                                     "an Avro audit topic needs schema {seal:?} for its seal \
                                      records, which is not among the schemas"
                                 ),
-                            );
+                            ),
+                            // An older schema would drop the signature without a word.
+                            Some(s)
+                                if avro_audit
+                                    && !self.audit.keys.is_empty()
+                                    && !s.schema.canonical_form().contains("\"name\":\"mac\"") =>
+                            {
+                                p(
+                                    &format!("topic {name}"),
+                                    format!(
+                                        "audit.keys signs seals, but schema {seal:?} has no field \
+                                         `mac` (an older copy in schemas_dir?): take the current \
+                                         schemas/audit_seal.avsc"
+                                    ),
+                                )
+                            }
+                            _ => {}
                         }
                     }
                 }

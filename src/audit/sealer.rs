@@ -743,7 +743,7 @@ impl Sealer {
             data.seq = head.0 + 1;
             data.prev = head.1.clone();
             let time = Some(crate::event::now_rfc3339());
-            data.mac = self.keys.sign(time.as_deref(), &data);
+            data.mac = self.keys.sign(&self.topic, time.as_deref(), &data);
             let mut ev = CloudEvent::new(
                 format!(
                     "seal-{}",
@@ -939,7 +939,7 @@ mod tests {
             .unwrap();
             let data: SealData = serde_json::from_value(back.data.clone().unwrap()).unwrap();
             assert_eq!((data.seq, data.entries.len()), (1, 1));
-            let check = keys.check(back.time.as_deref(), &data);
+            let check = keys.check("audit", back.time.as_deref(), &data);
             assert_eq!(
                 check,
                 if signed {

@@ -3,7 +3,8 @@
 //!
 //! Hashes alone prove that nothing was removed, altered or forked *after* a seal; they do not say
 //! who wrote the seal. With keys configured, each seal carries `mac`: `<key id>:<hex HMAC>` over
-//! the seal's time and its data (chain, place, previous hash, Merkle root, entries), in a form
+//! the audit topic's name, the seal's time and its data (chain, place, previous hash, Merkle root,
+//! entries), in a form
 //! independent of the topic's encoding (JSON or Avro). The first key signs; every key listed is
 //! accepted by `audit verify`, so a key is rotated by putting the new one first and keeping the old
 //! one until the seals it signed have expired.
@@ -139,14 +140,15 @@ impl Keys {
         self.0.is_empty()
     }
 
-    /// `mac` for a seal of `data` (its own `mac` ignored) written at `time`; none without keys.
-    pub fn sign(&self, time: Option<&str>, data: &SealData) -> Option<String> {
+    /// `mac` for a seal of `data` (its own `mac` ignored) written to `topic` at `time`; none
+    /// without keys.
+    pub fn sign(&self, topic: &str, time: Option<&str>, data: &SealData) -> Option<String> {
         let (id, key) = self.0.first()?;
-        Some(format!("{id}:{}", hex::encode(mac(key, time, data))))
+        Some(format!("{id}:{}", hex::encode(mac(key, topic, time, data))))
     }
 
-    /// Whether `data`'s `mac` is a valid signature of it written at `time`.
-    pub fn check(&self, time: Option<&str>, data: &SealData) -> Signature {
+    /// Whether `data`'s `mac` is a valid signature of it written to `topic` at `time`.
+    pub fn check(&self, topic: &str, time: Option<&str>, data: &SealData) -> Signature {
         let Some(m) = data.mac.as_deref() else {
             return Signature::Unsigned;
         };
@@ -154,7 +156,7 @@ impl Keys {
         let Some((_, key)) = self.0.iter().find(|(k, _)| k == id) else {
             return Signature::UnknownKey(id.to_string());
         };
-        let want = hex::encode(mac(key, time, data));
+        let want = hex::encode(mac(key, topic, time, data));
         if crate::secret::constant_time_eq(want.as_bytes(), given.as_bytes()) {
             Signature::Valid
         } else {
@@ -163,12 +165,14 @@ impl Keys {
     }
 }
 
-/// The signed bytes: the seal's time and data without its `mac`, as JSON with fixed field order
-/// (the struct's), so the same seal read back from JSON or Avro signs alike.
-fn mac(key: &Secret, time: Option<&str>, data: &SealData) -> Vec<u8> {
+/// The signed bytes: the audit topic's name, the seal's time and its data without its `mac`, as
+/// JSON with fixed field order (the struct's), so the same seal read back from JSON or Avro signs
+/// alike, and a seal copied to another topic (another deployment's, sharing a key) does not.
+fn mac(key: &Secret, topic: &str, time: Option<&str>, data: &SealData) -> Vec<u8> {
     #[derive(Serialize)]
     struct Signed<'a> {
         purpose: &'static str,
+        topic: &'a str,
         time: Option<&'a str>,
         seal: &'a SealData,
     }
@@ -178,6 +182,7 @@ fn mac(key: &Secret, time: Option<&str>, data: &SealData) -> Vec<u8> {
     };
     let bytes = serde_json::to_vec(&Signed {
         purpose: "switchyard audit seal",
+        topic,
         time,
         seal: &unsigned,
     })
@@ -218,36 +223,41 @@ mod tests {
         let keys = Keys::of(&[("k2", "new-key-0123456789abcdef0123456789"), ("k1", "old")]);
         let t = Some("2026-11-29T10:00:00Z");
         let mut s = seal();
-        s.mac = keys.sign(t, &s);
+        s.mac = keys.sign("audit", t, &s);
         assert!(s.mac.as_deref().is_some_and(|m| m.starts_with("k2:")));
-        assert_eq!(keys.check(t, &s), Signature::Valid);
+        assert_eq!(keys.check("audit", t, &s), Signature::Valid);
         // Another time, chain, entry or place: invalid.
         assert_eq!(
-            keys.check(Some("2026-11-29T10:00:01Z"), &s),
+            keys.check("audit", Some("2026-11-29T10:00:01Z"), &s),
             Signature::Invalid
         );
         let mut other = s.clone();
         other.entries[0].tenant = "globex".into();
-        assert_eq!(keys.check(t, &other), Signature::Invalid);
+        assert_eq!(keys.check("audit", t, &other), Signature::Invalid);
         let mut other = s.clone();
         other.seq = 4;
-        assert_eq!(keys.check(t, &other), Signature::Invalid);
+        assert_eq!(keys.check("audit", t, &other), Signature::Invalid);
         // Signed with the old key (listed second): still valid after a rotation.
         let old = Keys::of(&[("k1", "old")]);
         let mut s1 = seal();
-        s1.mac = old.sign(t, &s1);
-        assert_eq!(keys.check(t, &s1), Signature::Valid);
+        s1.mac = old.sign("audit", t, &s1);
+        assert_eq!(keys.check("audit", t, &s1), Signature::Valid);
         // A key the verifier lacks, a signature by another key under a known id, none at all.
         let stranger = Keys::of(&[("k9", "x")]);
         let mut s9 = seal();
-        s9.mac = stranger.sign(t, &s9);
-        assert_eq!(keys.check(t, &s9), Signature::UnknownKey("k9".into()));
+        s9.mac = stranger.sign("audit", t, &s9);
+        assert_eq!(
+            keys.check("audit", t, &s9),
+            Signature::UnknownKey("k9".into())
+        );
         let forged = Keys::of(&[("k2", "guessed")]);
         let mut sf = seal();
-        sf.mac = forged.sign(t, &sf);
-        assert_eq!(keys.check(t, &sf), Signature::Invalid);
-        assert_eq!(keys.check(t, &seal()), Signature::Unsigned);
-        assert_eq!(Keys::default().sign(t, &seal()), None);
+        sf.mac = forged.sign("audit", t, &sf);
+        assert_eq!(keys.check("audit", t, &sf), Signature::Invalid);
+        assert_eq!(keys.check("audit", t, &seal()), Signature::Unsigned);
+        // The same seal on another topic (another deployment sharing the key): invalid.
+        assert_eq!(keys.check("audit-staging", t, &s), Signature::Invalid);
+        assert_eq!(Keys::default().sign("audit", t, &seal()), None);
     }
 
     #[test]
@@ -280,7 +290,7 @@ mod tests {
         assert_eq!(
             Keys::load(&[spec("k1", &good)])
                 .unwrap()
-                .sign(None, &seal())
+                .sign("audit", None, &seal())
                 .map(|m| m.len()),
             Some(3 + 64)
         );

@@ -100,12 +100,9 @@ pub struct Verification {
     pub signed: usize,
     /// Seals signed but not checked: the verifier was given no keys.
     pub signed_unchecked: usize,
-    /// Unsigned seals accepted (with keys): written before their partition's first signed seal,
-    /// or before where `accept_unsigned_before` says.
+    /// Unsigned seals and version 1 records accepted (with keys): before where
+    /// `accept_unsigned_before` says.
     pub unsigned: usize,
-    /// Partitions holding unsigned seals and no signed one (with keys): all their seals were
-    /// accepted as written before signing began — or inserted.
-    pub unsigned_partitions: Vec<i32>,
     pub problems: Vec<ChainProblem>,
 }
 
@@ -114,9 +111,11 @@ pub struct Verification {
 pub struct SignatureCheck {
     /// The keys seals may be signed with (`audit.keys`); none: signatures are counted, unchecked.
     pub keys: Option<Keys>,
-    /// Per partition, the offset below which unsigned seals are accepted even after the
-    /// partition's first signed seal (those written by instances that had no keys yet, during a
-    /// rolling change of the config). Offsets are the broker's: nobody appends below one.
+    /// The audit topic's name, which signatures cover (a seal copied from another topic fails).
+    pub topic: String,
+    /// Per partition, the offset below which unsigned seals and version 1 records are accepted:
+    /// the trail written before signing began (and during a rolling change of the config). Any
+    /// other unsigned seal is a problem. Offsets are the broker's: nobody appends below one.
     pub accept_unsigned_before: HashMap<i32, i64>,
 }
 
@@ -211,11 +210,11 @@ pub fn verify_retained(records: &[AuditRecord], starts: &HashMap<i32, i64>) -> V
 }
 
 /// [`verify_retained`] with the seals' signatures checked too. With keys, every signed seal must
-/// be signed by one of them and match; an unsigned seal is accepted only at an offset before its
-/// partition's first signed seal (the trail from before signing began; offsets are the broker's,
-/// so one appended later cannot pose as older) or before `accept_unsigned_before`. A version 1
-/// record (no longer written) after its partition's first signed seal is a problem too. Without
-/// keys, signed seals are only counted.
+/// be signed by one of them and match, and an unsigned seal or a version 1 record (no longer
+/// written) is accepted only at an offset before `accept_unsigned_before` says — the trail from
+/// before signing began, as the operator knows it (offsets are the broker's, so one appended later
+/// cannot pose as older); the problem names each partition's first signed seal as the likely
+/// place. Without keys, signed seals are only counted.
 pub fn verify_signed(
     records: &[AuditRecord],
     starts: &HashMap<i32, i64>,
@@ -256,7 +255,6 @@ fn verify_signatures(
         return;
     };
     let mut first_signed: HashMap<i32, i64> = HashMap::new();
-    let mut unsigned_in: HashSet<i32> = HashSet::new();
     for (r, d) in &parsed {
         let problem = |m: String| ChainProblem {
             chain: d.chain.clone(),
@@ -264,61 +262,67 @@ fn verify_signatures(
             at: r.place(),
             message: m,
         };
-        match keys.check(r.event.time.as_deref(), d) {
+        match keys.check(&check.topic, r.event.time.as_deref(), d) {
             Signature::Valid => {
                 v.signed += 1;
                 let f = first_signed.entry(r.partition).or_insert(r.offset);
                 *f = (*f).min(r.offset);
             }
-            Signature::Unsigned => {
-                unsigned_in.insert(r.partition);
-            }
+            Signature::Unsigned => {}
             Signature::UnknownKey(id) => v.problems.push(problem(format!(
                 "signed with key {id:?}, which audit.keys does not list (forged, or a key missing)"
             ))),
             Signature::Invalid => v.problems.push(problem(
-                "the seal's signature does not match (forged, or the seal altered)".into(),
+                "the seal's signature does not match (forged, altered, or copied from another \
+                 topic)"
+                    .into(),
             )),
         }
     }
-    // Accepted when written before signing began in its partition.
-    let before = |r: &AuditRecord| {
-        first_signed.get(&r.partition).is_none_or(|f| r.offset < *f)
-            || check
-                .accept_unsigned_before
-                .get(&r.partition)
-                .is_some_and(|o| r.offset < *o)
+    // Unsigned seals and version 1 records are accepted only where the operator said signing had
+    // not begun yet; the rest, per partition, is one problem (a trail from before signing holds
+    // many).
+    let accepted = |r: &AuditRecord| {
+        check
+            .accept_unsigned_before
+            .get(&r.partition)
+            .is_some_and(|o| r.offset < *o)
     };
-    for (r, d) in parsed.iter().filter(|(_, d)| d.mac.is_none()) {
-        if before(r) {
+    let mut unaccepted: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
+    let unsigned = parsed
+        .iter()
+        .filter(|(_, d)| d.mac.is_none())
+        .map(|(r, _)| *r)
+        .chain(v1.iter().copied());
+    for r in unsigned {
+        if accepted(r) {
             v.unsigned += 1;
         } else {
-            v.problems.push(ChainProblem {
-                chain: d.chain.clone(),
-                seq: d.seq,
-                at: r.place(),
-                message: format!(
-                    "unsigned seal after signing began in partition {} (inserted, or written by \
-                     an instance without audit.keys)",
-                    r.partition
-                ),
-            });
+            let e = unaccepted
+                .entry(r.partition)
+                .or_insert((0, r.offset, r.offset));
+            *e = (e.0 + 1, e.1.min(r.offset), e.2.max(r.offset));
         }
     }
-    for r in v1.iter().filter(|r| !before(r)) {
+    for (p, (n, first, last)) in unaccepted {
+        let hint = match first_signed.get(&p) {
+            Some(f) if last < *f => format!(
+                "all before the partition's first signed seal at {p}@{f}: if signing began \
+                 there, accept them with --accept-unsigned-before {p}@{f}"
+            ),
+            Some(f) => format!(
+                "some after the partition's first signed seal at {p}@{f}: inserted, or written \
+                 by an instance without audit.keys"
+            ),
+            None => "the partition holds no signed seal".into(),
+        };
         v.problems.push(ChainProblem {
-            chain: r.event.subject.clone().unwrap_or_default(),
+            chain: format!("partition {p}"),
             seq: 0,
-            at: r.place(),
-            message: "a version 1 record after signing began in its partition (inserted)".into(),
+            at: format!("{p}@{first}..{p}@{last}"),
+            message: format!("{n} unsigned seals or version 1 records ({hint})"),
         });
     }
-    let mut bare: Vec<i32> = unsigned_in
-        .into_iter()
-        .filter(|p| !first_signed.contains_key(p))
-        .collect();
-    bare.sort_unstable();
-    v.unsigned_partitions = bare;
 }
 
 fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &mut Verification) {
@@ -426,16 +430,25 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
     // Where records of each partition stop being ones whose seal retention may have deleted: the
     // first listed by a seal written after the cut. A record in no seal before that point is
     // explained by retention; one after it (appended later, whatever time it claims) is not.
+    // A seal written after the cut marks its partition's place too: a partition whose records
+    // after the cut are all unlisted (quiet, or written to by someone else) still has one.
     let mut boundary: HashMap<i32, i64> = HashMap::new();
     if let Some(cut) = trim.cut {
-        for r in records {
-            if listed
-                .get(&r.hash)
-                .is_some_and(|t| t.is_some_and(|t| t >= trim.slack(cut)))
-            {
-                let b = boundary.entry(r.partition).or_insert(r.offset);
-                *b = (*b).min(r.offset);
-            }
+        let after_cut = records
+            .iter()
+            .filter(|r| {
+                listed
+                    .get(&r.hash)
+                    .is_some_and(|t| t.is_some_and(|t| t >= trim.slack(cut)))
+            })
+            .chain(
+                seals
+                    .iter()
+                    .filter(|s| time_of(s).is_some_and(|t| t >= trim.slack(cut))),
+            );
+        for r in after_cut {
+            let b = boundary.entry(r.partition).or_insert(r.offset);
+            *b = (*b).min(r.offset);
         }
     }
     let mut reported = HashSet::new();
@@ -714,33 +727,51 @@ mod tests {
                 o
             }
         };
-        let check = |accept: &[(i32, i64)]| SignatureCheck {
+        let check_on = |topic: &str, accept: &[(i32, i64)]| SignatureCheck {
             keys: Some(keys.clone()),
+            topic: topic.into(),
             accept_unsigned_before: accept.iter().copied().collect(),
         };
-        // History from before signing (unsigned), then a signed chain, then one signed with the
-        // older key: all accepted.
+        let check = |accept: &[(i32, i64)]| check_on("audit", accept);
+        // History from before signing (unsigned: 9 records, 3 seals), then a signed chain, then
+        // one signed with the older key.
         let mut outs = written().await;
+        let began = outs.len() as i64;
         outs.extend(seal_with(Keys::of(&[("k2", KEY)]), "resolve/q/0", 50).await);
         let old = Keys::of(&[("k1", "an-older-key-still-listed-0123456789")]);
         outs.extend(seal_with(old, "resolve/q/1", 51).await);
+        // Unless the operator says where signing began, the unsigned seals are one problem, which
+        // names the partition's first signed seal (the record before it) as the likely place.
         let v = verify_signed(&read(&outs), &HashMap::new(), &check(&[]));
+        assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+        let hint = format!("--accept-unsigned-before 0@{}", began + 1);
+        assert!(
+            v.problems[0].message.contains("3 unsigned seals")
+                && v.problems[0].message.contains(&hint),
+            "{:?}",
+            v.problems
+        );
+        let v = verify_signed(&read(&outs), &HashMap::new(), &check(&[(0, began + 1)]));
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         assert_eq!((v.signed, v.unsigned, v.signed_unchecked), (2, 3, 0));
-        assert!(v.unsigned_partitions.is_empty());
         // Without keys the same trail verifies, its signatures only counted.
         let v = verify(&read(&outs));
         assert!(v.problems.is_empty() && v.signed_unchecked == 2, "{v:?}");
+        // Checked against another topic's name (a trail copied from another deployment that
+        // shares the key): every signature fails.
+        let v = verify_signed(
+            &read(&outs),
+            &HashMap::new(),
+            &check_on("audit-b", &[(0, began + 1)]),
+        );
+        assert_eq!(v.problems.len(), 2, "{:?}", v.problems);
         // An inserted chain, unsigned, after signing began: found (without keys it passes).
         let mut inserted = outs.clone();
         inserted.extend(seal_with(Keys::default(), "resolve/x/0", 60).await);
         assert!(verify(&read(&inserted)).problems.is_empty());
-        let v = verify_signed(&read(&inserted), &HashMap::new(), &check(&[]));
+        let v = verify_signed(&read(&inserted), &HashMap::new(), &check(&[(0, began + 1)]));
         assert!(
-            v.problems.len() == 1
-                && v.problems[0]
-                    .message
-                    .contains("unsigned seal after signing"),
+            v.problems.len() == 1 && v.problems[0].message.contains("1 unsigned seals"),
             "{:?}",
             v.problems
         );
@@ -755,7 +786,7 @@ mod tests {
         ] {
             let mut forged = outs.clone();
             forged.extend(seal_with(Keys::of(&[(id, key)]), "resolve/x/0", 61).await);
-            let v = verify_signed(&read(&forged), &HashMap::new(), &check(&[]));
+            let v = verify_signed(&read(&forged), &HashMap::new(), &check(&[(0, began + 1)]));
             assert!(
                 v.problems.iter().any(|p| p.message.contains(says)),
                 "{:?}",
@@ -769,7 +800,11 @@ mod tests {
             .unwrap()
             .replace("\"resource\":\"svc\"", "\"resource\":\"other\"")
             .into_bytes();
-        let v = verify_signed(&read(&relabelled), &HashMap::new(), &check(&[]));
+        let v = verify_signed(
+            &read(&relabelled),
+            &HashMap::new(),
+            &check(&[(0, began + 1)]),
+        );
         assert!(
             v.problems
                 .iter()
@@ -777,11 +812,12 @@ mod tests {
             "{:?}",
             v.problems
         );
-        // A partition with only unsigned seals is accepted, and named.
+        // A partition with only unsigned seals: a problem too (not accepted unasked).
         let v = verify_signed(&read(&written().await), &HashMap::new(), &check(&[]));
         assert!(
-            v.problems.is_empty() && v.unsigned_partitions == vec![0],
-            "{v:?}"
+            v.problems.len() == 1 && v.problems[0].message.contains("holds no signed seal"),
+            "{:?}",
+            v.problems
         );
     }
 
@@ -863,6 +899,22 @@ mod tests {
         let kept = spread(&outs, 3, 1);
         let v = verify_retained(&kept, &starts(&kept));
         assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // A record in no seal appended to the seals' partition (no record there is listed by a
+        // seal: only the seals written after the cut mark where retention's gaps end).
+        let emitter = Emitter::new(Default::default(), Default::default());
+        let forged = emitter.emit("audit", &rec("svc", 98)).unwrap();
+        // (Kafka's clock says the retained part begins two hours ago; the seals say they were
+        // written since.)
+        let two_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(2)).timestamp_millis();
+        let mut appended: Vec<AuditRecord> = kept
+            .iter()
+            .cloned()
+            .map(|r| r.at(Some(two_hours_ago)))
+            .collect();
+        let end = appended.iter().filter(|r| r.partition == 0).count() as i64 + 1;
+        appended.push(AuditRecord::new(0, end, forged.payload).at(Some(two_hours_ago)));
+        let p = verify_retained(&appended, &starts(&appended)).problems;
+        assert!(p.len() == 1 && p[0].message.contains("in no seal"), "{p:?}");
         // Records decided long before the seals that list them (here: months): the cut is at the
         // first retained record, and a seal written well after it lists nothing retention took.
         let outs = written().await;

@@ -22,10 +22,10 @@ pub enum AuditCommand {
         /// when a partition gives nothing for this long before its end (at least 30 s).
         #[arg(long, default_value_t = 30_000)]
         idle_timeout_ms: u64,
-        /// With `audit.keys`: also accept unsigned seals at offsets below these
-        /// (`<partition>@<offset>,...`) — those written during a rolling change of the config by
-        /// instances that had no keys yet. By default only those before each partition's first
-        /// signed seal are.
+        /// With `audit.keys`: accept unsigned seals (and version 1 records) at offsets below these
+        /// (`<partition>@<offset>,...`) — the trail written before signing began, and during a
+        /// rolling change of the config. Any other unsigned seal is a problem (which names the
+        /// partition's first signed seal).
         #[arg(long, value_delimiter = ',')]
         accept_unsigned_before: Vec<String>,
     },
@@ -117,6 +117,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     }
     let check = crate::audit::SignatureCheck {
         keys,
+        topic: topic.clone(),
         accept_unsigned_before,
     };
     let v = crate::audit::verify_signed(&records, &starts, &check);
@@ -140,16 +141,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     }
     if check.keys.is_some() {
         println!(
-            "{topic}: {} seals signed and checked, {} unsigned accepted (written before signing began)",
+            "{topic}: {} seals signed and checked, {} unsigned seals or version 1 records accepted (--accept-unsigned-before)",
             v.signed, v.unsigned
         );
-        if !v.unsigned_partitions.is_empty() {
-            let ps: Vec<String> = v.unsigned_partitions.iter().map(i32::to_string).collect();
-            println!(
-                "WARNING {topic}: partitions {} hold unsigned seals and no signed one: accepted as written before signing began (they could also have been inserted)",
-                ps.join(", ")
-            );
-        }
     } else if v.signed_unchecked > 0 {
         println!(
             "{topic}: {} seals are signed; their signatures are not checked (no audit.keys in the config)",
