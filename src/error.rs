@@ -77,7 +77,7 @@ impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         match e.kind() {
             redis::ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
-            redis::ErrorKind::Server(_) if script_fault(e.code(), &e.to_string()) => {
+            _ if script_fault(e.code(), &e.to_string()) => {
                 StoreError::Corrupt(format!("a store script failed: {e}"))
             }
             _ => StoreError::Redis(e.to_string()),
@@ -88,7 +88,22 @@ impl From<redis::RedisError> for StoreError {
 /// Whether an error reply with `code` and text `message` is a script failing on its data (see
 /// `From<redis::RedisError>`).
 pub fn script_fault(code: Option<&str>, message: &str) -> bool {
-    matches!(code, Some("ERR" | "WRONGTYPE")) && message.contains("user_script:")
+    // Redis before 7 wraps an error a command raised inside a script as `ERR Error running script
+    // ... -READONLY ...`: the wrapped code decides.
+    const PASSING: [&str; 9] = [
+        "-READONLY",
+        "-OOM",
+        "-LOADING",
+        "-BUSY",
+        "-MASTERDOWN",
+        "-CLUSTERDOWN",
+        "-TRYAGAIN",
+        "-NOREPLICAS",
+        "-MISCONF",
+    ];
+    matches!(code, Some("ERR" | "WRONGTYPE"))
+        && message.contains("user_script:")
+        && !PASSING.iter().any(|p| message.contains(p))
 }
 
 /// Redis being unreachable is transient (retry the record); stored data that cannot be read will not
@@ -137,6 +152,9 @@ mod tests {
             ("READONLY", "You can't write against a read only replica. script: 0a9f, on @user_script:1.", false),
             ("CLUSTERDOWN", "The cluster is down script: 0a9f, on @user_script:1.", false),
             ("ERR", "max number of clients reached", false),
+            // Redis 6: a command's error inside a script, wrapped.
+            ("ERR", "Error running script (call to f_0a9f): @user_script:1: @user_script: 1: -READONLY You can't write against a read only replica.", false),
+            ("ERR", "Error running script (call to f_cf0e): @user_script:1: user_script:1: attempt to index a nil value", true),
         ] {
             assert_eq!(script_fault(Some(code), message), fault, "{code} {message}");
         }

@@ -199,21 +199,33 @@ impl KafkaConfig {
         // What the in-order, nothing-lost guarantees rest on: an idempotent producer (retries
         // never reorder or duplicate a partition's records) that counts a record delivered only
         // once every in-sync replica has it.
-        for (key, safe) in [
-            ("enable.idempotence", &["true"][..]),
-            ("acks", &["all", "-1"][..]),
+        // (librdkafka's aliases and spellings of true count alike.)
+        for (keys, safe) in [
+            (&["enable.idempotence"][..], &["true", "t", "1"][..]),
+            (&["acks", "request.required.acks"][..], &["all", "-1"][..]),
         ] {
             for (section, map) in [("producer", &self.producer), ("client", &self.client)] {
-                match map.get(key) {
-                    Some(v) if !safe.contains(&v.trim().to_ascii_lowercase().as_str()) => add(
-                        &format!("kafka.{section}.{key}"),
-                        format!(
-                            "{v:?} would let retries reorder or lose records (per-resource order and \
-                             at-least-once depend on {key}={}); remove it",
-                            safe[0]
+                for key in keys {
+                    match map.get(*key) {
+                        Some(v) if !safe.contains(&v.trim().to_ascii_lowercase().as_str()) => add(
+                            &format!("kafka.{section}.{key}"),
+                            format!(
+                                "{v:?} would let retries reorder or lose records (per-resource \
+                                 order and at-least-once depend on {}={}); remove it",
+                                keys[0], safe[0]
+                            ),
                         ),
-                    ),
-                    _ => {}
+                        _ => {}
+                    }
+                }
+            }
+            for key in keys {
+                if self.client_secrets.contains_key(*key) {
+                    add(
+                        &format!("kafka.client_secrets.{key}"),
+                        "is no secret; per-resource order and at-least-once depend on it: remove it"
+                            .into(),
+                    );
                 }
             }
         }
@@ -463,6 +475,18 @@ mod tests {
         let k: KafkaConfig =
             serde_yaml::from_str("producer: {enable.idempotence: 'TRUE', acks: '-1'}").unwrap();
         assert!(k.problems().is_empty());
+        // librdkafka's alias, its other spelling of true, and the secrets map.
+        let k: KafkaConfig = serde_yaml::from_str(
+            "producer: {request.required.acks: '1', enable.idempotence: '1'}\nclient_secrets: {acks: '0'}",
+        )
+        .unwrap();
+        let items: Vec<String> = k.problems().into_iter().map(|(i, _)| i).collect();
+        assert!(
+            items.contains(&"kafka.producer.request.required.acks".to_string())
+                && items.contains(&"kafka.client_secrets.acks".to_string())
+                && !items.contains(&"kafka.producer.enable.idempotence".to_string()),
+            "{items:?}"
+        );
     }
 
     #[test]
