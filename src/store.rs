@@ -942,6 +942,14 @@ return 1
 }
 
 /// A new epoch's id: random, with the time it was made.
+/// When the epoch with marker `id` began (ms since the epoch): the time [`new_epoch_id`] put in it.
+pub fn epoch_began_ms(id: &str) -> Option<i64> {
+    let (_, at) = id.rsplit_once('@')?;
+    chrono::DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
 fn new_epoch_id() -> String {
     format!(
         "{}@{}",

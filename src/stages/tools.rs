@@ -65,6 +65,7 @@ pub fn build(s: &Services) -> BoxFuture<'_, Result<Runner, String>> {
             calls: Default::default(),
             previous_owner_wait: previous_owner_wait(&cfg.tools),
             keep_seconds: keep_seconds(cfg.governance.approvals.keep_decided_seconds),
+            epoch_began: std::sync::Mutex::new((u64::MAX, None)),
         }))
     })
 }
@@ -216,6 +217,8 @@ pub struct ToolsStage {
     previous_owner_wait: Duration,
     /// How long markers and fences are kept ([`keep_seconds`]).
     keep_seconds: u64,
+    /// When Redis's epoch began (ms), as read for the connection's generation.
+    epoch_began: std::sync::Mutex<(u64, Option<i64>)>,
 }
 
 impl Processor for ToolsStage {
@@ -258,7 +261,30 @@ impl Processor for ToolsStage {
     }
 }
 
+/// Clocks of the instance that wrote the epoch marker and of one that produced an action may
+/// differ this much.
+const EPOCH_SKEW_MS: i64 = 5_000;
+
 impl ToolsStage {
+    /// When Redis's epoch marker was written (ms since the epoch): read again after the
+    /// connection's generation changed (a recovery); none when it cannot be read.
+    async fn epoch_began_ms(&self) -> Option<i64> {
+        let generation = self.redis.generation();
+        {
+            let cached = self.epoch_began.lock().unwrap_or_else(|e| e.into_inner());
+            if cached.0 == generation && cached.1.is_some() {
+                return cached.1;
+            }
+        }
+        let id = crate::store::read_epoch(&self.redis, &self.prefix)
+            .await
+            .ok()
+            .flatten()?;
+        let began = crate::store::epoch_began_ms(&id);
+        *self.epoch_began.lock().unwrap_or_else(|e| e.into_inner()) = (generation, began);
+        began
+    }
+
     async fn execute(&self, rec: Arc<Input>) -> Result<Decided, ProcessError> {
         let ev = crate::codec::decode(rec.view(), &self.emitter.schemas)?;
         if ev.ty != types::ACTION {
@@ -368,7 +394,17 @@ impl ToolsStage {
             .timestamp_ms
             .map(|t| chrono::Utc::now().timestamp_millis().saturating_sub(t));
         let too_old = (self.keep_seconds - DAY_SECONDS).saturating_mul(1000);
-        if age_ms.is_some_and(|a| a > i64::try_from(too_old).unwrap_or(i64::MAX)) {
+        let expired = age_ms.is_some_and(|a| a > i64::try_from(too_old).unwrap_or(i64::MAX));
+        // Likewise an action written before Redis's state began (`switchyard recover` rebuilt it
+        // after a loss, without the tools' markers): it may have been carried out before the loss.
+        let before_epoch = match rec.timestamp_ms {
+            Some(t) if !expired => self
+                .epoch_began_ms()
+                .await
+                .is_some_and(|e| t < e.saturating_sub(EPOCH_SKEW_MS)),
+            _ => false,
+        };
+        if expired || before_epoch {
             let known: bool = redis::cmd("EXISTS")
                 .arg(&marker)
                 .query_async(&mut c)
@@ -379,13 +415,21 @@ impl ToolsStage {
                     .tool_calls
                     .with_label_values(&[name, "expired"])
                     .inc();
+                let why = if expired {
+                    format!(
+                        "was written {} hours ago, longer than what was carried out is remembered",
+                        age_ms.unwrap_or(0) / 3_600_000
+                    )
+                } else {
+                    "was written before Redis's state was rebuilt (switchyard recover), which \
+                     does not know what the tools carried out"
+                        .to_string()
+                };
                 return fail(
                     "expired_action",
                     format!(
-                        "action {} was written {} hours ago, longer than what was carried out is \
-                         remembered: not called (it may have been); redrive it to carry it out",
-                        a.action_id,
-                        age_ms.unwrap_or(0) / 3_600_000
+                        "action {} {why}: not called (it may have been); redrive it to carry it out",
+                        a.action_id
                     ),
                 );
             }
