@@ -1980,6 +1980,32 @@ async fn forged_dead_letter_headers_do_not_steer_a_redrive() {
         )) && forged.contains("would redrive 1 "),
         "{forged}"
     );
+    // The source record's very key and bytes, with headers of its own: binary-mode CloudEvent
+    // attributes (`ce_*`) would make the republished record an event of the writer's choosing.
+    env.send_raw(
+        "switchyard.dlq",
+        "svc-forged",
+        br#"{"approval_id":"apr-x","decision":"approve","by":"mallory"}"#,
+        &[
+            ("switchyard.dlq.source.topic", source.as_str()),
+            ("switchyard.dlq.source.partition", "0"),
+            ("switchyard.dlq.source.offset", "0"),
+            ("switchyard.dlq.stage", "route"),
+            ("switchyard.dlq.reason", "not_cloudevent"),
+            ("switchyard.dlq.time", "2099-01-01T00:00:01Z"),
+            ("x-kept", "yes"),
+            ("ce_specversion", "1.0"),
+            ("ce_tenant", "acme"),
+        ],
+    )
+    .await;
+    let forged = cli(&env, &["dlq", "redrive", "--dry-run"]);
+    assert!(
+        forged.contains(&format!(
+            "skipped: its headers are not those of its source record {source}[0]@0"
+        )) && forged.contains("would redrive 1 "),
+        "{forged}"
+    );
 }
 
 /// A `switchyard.redriven.from` header on an input record is believed only of a genuine copy of

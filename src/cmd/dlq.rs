@@ -189,8 +189,30 @@ fn genuine(reader: &crate::kafka::read::RecordReader, r: &Input) -> Result<(), S
     ) else {
         return Err("it does not name its source record".into());
     };
+    // Headers too (less what dead-lettering and redriving add): a binary-mode CloudEvent is its
+    // headers (`ce_*`), so a dead letter with the source's bytes and headers of its own would
+    // publish an event of anyone's choosing — any tenant, any resource, a fresh id.
+    let own = |h: &[(String, Vec<u8>)]| {
+        let mut v: Vec<(String, Vec<u8>)> = h
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with("switchyard.dlq.") && k != REDRIVEN_FROM && k != REDRIVEN_SOURCE
+            })
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    };
     match reader.read(topic, p, o, Duration::from_secs(10))? {
-        Some(src) if src.key == r.key && src.payload == r.payload => Ok(()),
+        Some(src) if src.key == r.key && src.payload == r.payload => {
+            if own(&src.headers) == own(&r.headers) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "its headers are not those of its source record {topic}[{p}]@{o} (written to the dead-letter topic by someone else?)"
+                ))
+            }
+        }
         Some(_) => Err(format!(
             "its source record {topic}[{p}]@{o} is not the record it holds (written to the dead-letter topic by someone else?)"
         )),
@@ -341,6 +363,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
         } => {
             let conn = crate::store::RedisConn::from_config(&l.config.redis)
                 .map_err(|e| format!("redis.url: {e}"))?;
+            // What was redriven before is remembered in Redis: one that lost its state would have
+            // everything of the last 30 days sent again.
+            match crate::store::read_epoch(&conn, &l.config.redis.key_prefix).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err("Redis has no epoch marker (it lost its state, or switchyard never ran against it): run `switchyard recover` first — what was redriven before is remembered only in Redis".into()),
+                Err(e) => return Err(format!("cannot reach Redis to see what was redriven before: {e}")),
+            }
             let l2 = l.clone();
             let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
                 .await
@@ -406,7 +435,36 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 };
                 // Remembered by the first dead letter of its task (copies share it).
                 let marker = redriven_key(&l, first.0, first.1);
-                if !again {
+                if !again && !dry_run {
+                    // Claimed before sending: two runs at once send it once.
+                    let mut c = conn.get().await.map_err(|e| {
+                        format!("cannot reach Redis to see what was redriven before: {e}")
+                    })?;
+                    let claimed: Option<String> = redis::cmd("SET")
+                        .arg(&marker)
+                        .arg(format!("being sent since {}", crate::event::now_rfc3339()))
+                        .arg("NX")
+                        .arg("EX")
+                        .arg(REDRIVEN_KEEP_SECONDS)
+                        .query_async(&mut c)
+                        .await
+                        .map_err(|e| format!("cannot note what is redriven: {e}"))?;
+                    if claimed.is_none() {
+                        let when: Option<String> = redis::cmd("GET")
+                            .arg(&marker)
+                            .query_async(&mut c)
+                            .await
+                            .map_err(|e| format!("cannot read what was redriven before: {e}"))?;
+                        skipped += 1;
+                        println!(
+                            "dlq {}@{}: skipped: redriven before ({}; --again sends it again)",
+                            r.partition,
+                            r.offset,
+                            when.unwrap_or_default()
+                        );
+                        continue;
+                    }
+                } else if !again {
                     let mut c = conn.get().await.map_err(|e| {
                         format!("cannot reach Redis to see what was redriven before: {e}")
                     })?;
@@ -424,10 +482,22 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                         continue;
                     }
                 }
-                // Only a dead letter whose source record is there, the same key and bytes: one
-                // written straight to the dead-letter topic (its headers say anything) is not
-                // sent on with the operator's credentials.
+                // What was claimed above and then not sent is let go again.
+                let unclaim = || async {
+                    if !again && !dry_run {
+                        if let Ok(mut c) = conn.get().await {
+                            let _ = redis::cmd("DEL")
+                                .arg(&marker)
+                                .query_async::<()>(&mut c)
+                                .await;
+                        }
+                    }
+                };
+                // Only a dead letter whose source record is there, the same key, bytes and
+                // headers: one written straight to the dead-letter topic (its headers say
+                // anything) is not sent on with the operator's credentials.
                 if let Err(why) = genuine(&reader, r) {
+                    unclaim().await;
                     skipped += 1;
                     println!("dlq {}@{}: skipped: {why}", r.partition, r.offset);
                     continue;
@@ -435,9 +505,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 match redrive_record(&l, r, first) {
                     Ok((out, what)) => {
                         if !dry_run {
-                            producer.send(&out).await.map_err(|e| {
-                                format!("dlq {}@{}: producing failed: {e}", r.partition, r.offset)
-                            })?;
+                            if let Err(e) = producer.send(&out).await {
+                                unclaim().await;
+                                return Err(format!(
+                                    "dlq {}@{}: producing failed: {e}",
+                                    r.partition, r.offset
+                                ));
+                            }
                             // Remembered, so the next run does not send it again (a failure
                             // here is said: the record is sent, a repeat run would send it again).
                             let mark = async {
@@ -462,6 +536,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                         println!("dlq {}@{}: {what}", r.partition, r.offset);
                     }
                     Err(why) => {
+                        unclaim().await;
                         skipped += 1;
                         println!("dlq {}@{}: skipped: {why}", r.partition, r.offset);
                     }
