@@ -17,7 +17,7 @@
 //! record redelivered after recovery is processed again), budgets spent in the current period, agent
 //! health counters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -39,6 +39,9 @@ use crate::store::{RedisConn, ResourceKey, StoreError};
 pub struct Recovered {
     pub chains: usize,
     pub pending_approvals: usize,
+    /// Approvals whose last record says pending while their action went out (approved, the
+    /// decision's own record never written): not reopened.
+    pub approved_unrecorded: usize,
     pub resources: usize,
     pub facts: usize,
     /// Resources that were in Redis already and got the rebuilt state written over theirs (the
@@ -192,34 +195,44 @@ pub async fn recover(
     // Resolve state: tokens and recent actions per resource.
     let now = now_secs();
     let keep = rules.retention_seconds() as i64;
-    let on_action = move |records: &mut HashMap<ResourceKey, Change>, ev: CloudEvent| {
-        let Some(a) = data::<ActionData>(&ev) else {
-            return;
+    let on_action =
+        move |(records, went_out): &mut (HashMap<ResourceKey, Change>, HashSet<String>),
+              ev: CloudEvent| {
+            let Some(a) = data::<ActionData>(&ev) else {
+                return;
+            };
+            went_out.insert(a.action_id.clone());
+            let change = records
+                .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
+                .or_default();
+            change.token = change.token.max(a.fencing_token);
+            let at = time_secs(&ev);
+            if now - at > keep {
+                return;
+            }
+            change.state.active.retain(|x| x.action_id != a.action_id);
+            change.state.active.push(ActiveAction {
+                action_id: a.action_id.clone(),
+                action: a.action.clone(),
+                priority: a.priority,
+                status: ActiveStatus::Accepted,
+                at,
+                params_hash: params_hash(&a.parameters),
+                parameters: a.parameters.clone(),
+                proposals: serde_json::from_value(a.proposals.clone()).unwrap_or_default(),
+                agents: serde_json::from_value(a.agents.clone()).unwrap_or_default(),
+                approval_id: None,
+                supersedes: Vec::new(),
+            });
         };
-        let change = records
-            .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
-            .or_default();
-        change.token = change.token.max(a.fencing_token);
-        let at = time_secs(&ev);
-        if now - at > keep {
-            return;
-        }
-        change.state.active.retain(|x| x.action_id != a.action_id);
-        change.state.active.push(ActiveAction {
-            action_id: a.action_id.clone(),
-            action: a.action.clone(),
-            priority: a.priority,
-            status: ActiveStatus::Accepted,
-            at,
-            params_hash: params_hash(&a.parameters),
-            parameters: a.parameters.clone(),
-            proposals: serde_json::from_value(a.proposals.clone()).unwrap_or_default(),
-            agents: serde_json::from_value(a.agents.clone()).unwrap_or_default(),
-            approval_id: None,
-            supersedes: Vec::new(),
-        });
-    };
-    let mut records = fold_events(loaded, &topics.actions, idle, HashMap::new(), on_action).await?;
+    let (mut records, went_out) = fold_events(
+        loaded,
+        &topics.actions,
+        idle,
+        (HashMap::new(), HashSet::new()),
+        on_action,
+    )
+    .await?;
     let mut open = Vec::new();
     for (a, time) in approvals.into_values() {
         if !matches!(a.status.as_str(), "pending" | "escalated") {
@@ -228,6 +241,13 @@ pub async fn recover(
         let Ok(action) = serde_json::from_value::<ActionData>(a.action_record.clone()) else {
             continue;
         };
+        // Its action went out (approved) but the decision's own record did not (its producer
+        // failed, Redis was lost before the sweeper wrote it again): not reopened — approved
+        // again, it would send a second action.
+        if went_out.contains(&action.action_id) {
+            out.approved_unrecorded += 1;
+            continue;
+        }
         let change = records
             .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
             .or_default();

@@ -2565,9 +2565,47 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         );
         said
     };
+    // Another approval whose action went out (approved) while its decision's own record never
+    // did (its producer failed, and Redis was lost before the sweeper wrote it again): the
+    // approvals topic says pending, the actions topic holds its action.
+    {
+        let mut extra: ApprovalData = pending.clone();
+        extra.approval_id = "apr-extra".into();
+        let mut act: ActionData =
+            serde_json::from_value(extra.action_record.clone()).expect("action record");
+        act.action_id = "act-extra".into();
+        act.fencing_token = 1;
+        act.approved_by = Some("dave".into());
+        extra.action_record = serde_json::to_value(&act).unwrap();
+        env.publish(
+            "switchyard.approvals",
+            &[CloudEvent::new(
+                "apr-extra-pending",
+                "test",
+                switchyard::records::types::APPROVAL,
+            )
+            .with_subject("svc-l")
+            .with_typed_data(&extra)
+            .unwrap()],
+        )
+        .await;
+        env.publish(
+            "switchyard.actions",
+            &[
+                CloudEvent::new("act-extra", "test", switchyard::records::types::ACTION)
+                    .with_subject("svc-l")
+                    .with_typed_data(&act)
+                    .unwrap(),
+            ],
+        )
+        .await;
+    }
     let before_recovery = chrono::Utc::now().timestamp_millis() as u64;
     let said = recover(&[]);
-    assert!(said.contains("1 pending approvals"), "{said}");
+    assert!(
+        said.contains("1 pending approvals (1 whose action went out left decided)"),
+        "{said}"
+    );
     assert!(
         said.contains("(1 written over what was there, 0 kept as they were)"),
         "{said}"
@@ -2605,10 +2643,11 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         .await;
     assert_eq!(results.len(), 3, "the waiting breach ran after recovery");
     let actions: Vec<ActionData> = env
-        .read("switchyard.actions", 3, Duration::from_secs(40))
+        .read("switchyard.actions", 4, Duration::from_secs(40))
         .await
         .iter()
-        .map(data)
+        .map(data::<ActionData>)
+        .filter(|a| a.action_id != "act-extra")
         .collect();
     let pages: Vec<&ActionData> = actions.iter().filter(|a| a.action == "page").collect();
     assert_eq!(pages.len(), 2);
