@@ -1848,19 +1848,16 @@ agents:
     assert_eq!(seen.lock().expect("lock").len(), 1, "called once");
 
     let dlq_topic = env.topic("switchyard.dlq");
-    let tool_failed = |n: usize| {
+    let dead_letters = |of_reason: fn(&switchyard::kafka::Input) -> bool, n: usize| {
         read_topic_matching(
             &env.loaded.config.kafka.brokers,
             &dlq_topic,
             n,
             Duration::from_secs(30),
-            |r| {
-                r.headers
-                    .iter()
-                    .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"tool_failed")
-            },
+            of_reason,
         )
     };
+    let tool_failed = |n: usize| dead_letters(|r| dlq_reason(r, b"tool_failed"), n);
     // A tool that keeps failing: its action is dead-lettered (tool_failed); once the tool is
     // fixed, `switchyard dlq redrive` sends it again and it is called again — not skipped as an
     // action carried out before.
@@ -1874,7 +1871,19 @@ agents:
     let tries = flaky_calls.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(tries, 3, "a 500 is tried three times");
     up.store(true, std::sync::atomic::Ordering::SeqCst);
-    cli(&env, &["dlq", "redrive", "--reason", "tool_failed"]);
+    // (On the Redis the stage runs on: it remembers what was redriven.)
+    let redis_url = format!("redis://127.0.0.1:{redis_port}/");
+    cli(
+        &env,
+        &[
+            "--redis",
+            &redis_url,
+            "dlq",
+            "redrive",
+            "--reason",
+            "tool_failed",
+        ],
+    );
     let calls = calls_of(4).await;
     assert_eq!(calls.len(), 4, "{calls:?}");
     assert_eq!(
@@ -1945,18 +1954,7 @@ agents:
         env.publish_at("switchyard.actions", &ev, eight_days_ago)
             .await;
     }
-    let expired = read_topic_matching(
-        &env.loaded.config.kafka.brokers,
-        &dlq_topic,
-        1,
-        Duration::from_secs(30),
-        |r| {
-            r.headers
-                .iter()
-                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"expired_action")
-        },
-    )
-    .await;
+    let expired = dead_letters(|r| dlq_reason(r, b"expired_action"), 1).await;
     assert_eq!(expired.len(), 1);
     assert!(
         String::from_utf8_lossy(&expired[0].payload).contains("act-forgotten"),
@@ -2029,18 +2027,7 @@ agents:
         chrono::Utc::now().timestamp_millis() - 10 * 60_000,
     )
     .await;
-    let expired = read_topic_matching(
-        &env.loaded.config.kafka.brokers,
-        &dlq_topic,
-        2,
-        Duration::from_secs(30),
-        |r| {
-            r.headers
-                .iter()
-                .any(|(k, v)| k == "switchyard.dlq.reason" && v == b"expired_action")
-        },
-    )
-    .await;
+    let expired = dead_letters(|r| dlq_reason(r, b"expired_action"), 2).await;
     assert_eq!(expired.len(), 2);
     let detail = expired[1]
         .headers
@@ -2058,4 +2045,11 @@ agents:
         "not called"
     );
     running.stop().await;
+}
+
+/// Whether dead letter `r` was written for `reason`.
+fn dlq_reason(r: &switchyard::kafka::Input, reason: &[u8]) -> bool {
+    r.headers
+        .iter()
+        .any(|(k, v)| k == "switchyard.dlq.reason" && v == reason)
 }

@@ -115,9 +115,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             types.join(", ")
         ));
     }
+    // Seals are signed under the name of the audit topic they were written to: the config's
+    // (also when a copy — a mirror, a restore — is checked with --topic).
     let check = crate::audit::SignatureCheck {
         keys,
-        topic: topic.clone(),
+        topic: l.config.topics.audit.clone(),
         accept_unsigned_before,
     };
     let v = crate::audit::verify_signed(&records, &starts, &check);

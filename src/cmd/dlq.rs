@@ -64,6 +64,10 @@ pub enum DlqCommand {
 
 /// How long a redriven dead letter is remembered (the dead-letter topic's usual retention).
 const REDRIVEN_KEEP_SECONDS: u64 = 30 * 24 * 3600;
+/// How long a run's claim of a dead letter it is sending lasts.
+const CLAIM_SECONDS: u64 = 600;
+/// How a claim's mark begins.
+const BEING_SENT: &str = "being sent since";
 
 /// Where the redrive of dead letter `p@o` is remembered.
 fn redriven_key(l: &Loaded, p: i32, o: i64) -> String {
@@ -365,11 +369,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 .map_err(|e| format!("redis.url: {e}"))?;
             // What was redriven before is remembered in Redis: one that lost its state would have
             // everything of the last 30 days sent again.
-            match crate::store::read_epoch(&conn, &l.config.redis.key_prefix).await {
-                Ok(Some(_)) => {}
+            let epoch = match crate::store::read_epoch(&conn, &l.config.redis.key_prefix).await {
+                Ok(Some(e)) => e,
                 Ok(None) => return Err("Redis has no epoch marker (it lost its state, or switchyard never ran against it): run `switchyard recover` first — what was redriven before is remembered only in Redis".into()),
                 Err(e) => return Err(format!("cannot reach Redis to see what was redriven before: {e}")),
-            }
+            };
+            // What was redriven before a recovery is not remembered (recover rebuilds no redrive
+            // marks): dead letters from before it are sent only with --again.
+            let epoch_began = crate::store::epoch_began_ms(&epoch);
             let l2 = l.clone();
             let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
                 .await
@@ -435,17 +442,31 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 };
                 // Remembered by the first dead letter of its task (copies share it).
                 let marker = redriven_key(&l, first.0, first.1);
+                let dead_lettered_ms = header(r, TIME)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.timestamp_millis());
+                if !again && matches!((dead_lettered_ms, epoch_began), (Some(t), Some(e)) if t < e)
+                {
+                    skipped += 1;
+                    println!(
+                        "dlq {}@{}: skipped: dead-lettered before Redis's state was rebuilt, which does not remember what was redriven before (--again sends it)",
+                        r.partition, r.offset
+                    );
+                    continue;
+                }
                 if !again && !dry_run {
-                    // Claimed before sending: two runs at once send it once.
+                    // Claimed before sending: two runs at once send it once. The claim lasts
+                    // minutes (a run killed meanwhile leaves no lasting mark); a sent one is
+                    // remembered for 30 days.
                     let mut c = conn.get().await.map_err(|e| {
                         format!("cannot reach Redis to see what was redriven before: {e}")
                     })?;
                     let claimed: Option<String> = redis::cmd("SET")
                         .arg(&marker)
-                        .arg(format!("being sent since {}", crate::event::now_rfc3339()))
+                        .arg(format!("{BEING_SENT} {}", crate::event::now_rfc3339()))
                         .arg("NX")
                         .arg("EX")
-                        .arg(REDRIVEN_KEEP_SECONDS)
+                        .arg(CLAIM_SECONDS)
                         .query_async(&mut c)
                         .await
                         .map_err(|e| format!("cannot note what is redriven: {e}"))?;
@@ -456,12 +477,18 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                             .await
                             .map_err(|e| format!("cannot read what was redriven before: {e}"))?;
                         skipped += 1;
-                        println!(
-                            "dlq {}@{}: skipped: redriven before ({}; --again sends it again)",
-                            r.partition,
-                            r.offset,
-                            when.unwrap_or_default()
-                        );
+                        let when = when.unwrap_or_default();
+                        if when.starts_with(BEING_SENT) {
+                            println!(
+                                "dlq {}@{}: skipped: another run is sending it ({when})",
+                                r.partition, r.offset
+                            );
+                        } else {
+                            println!(
+                                "dlq {}@{}: skipped: redriven before ({when}; --again sends it again)",
+                                r.partition, r.offset
+                            );
+                        }
                         continue;
                     }
                 } else if !again {

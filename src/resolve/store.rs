@@ -522,6 +522,22 @@ impl RedisResourceStore {
     fn outbox_key(&self) -> String {
         format!("{}:approvals:outbox", self.prefix)
     }
+
+    /// Runs one of the outbox's scripts on entry `approval_id` and time `at`.
+    async fn outbox_script(
+        &self,
+        script: &str,
+        approval_id: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn.get().await?;
+        Ok(redis::Script::new(script)
+            .key(self.outbox_key())
+            .arg(approval_id)
+            .arg(at)
+            .invoke_async::<()>(&mut c)
+            .await?)
+    }
     fn tallies_key(&self) -> String {
         format!("{}:approvals:tallies", self.prefix)
     }
@@ -972,16 +988,8 @@ impl ResourceStore for RedisResourceStore {
         approval_id: &'a str,
         at: i64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let mut c = self.conn.get().await?;
-            // Only ever later (ZADD GT without needing Redis 6.2).
-            Ok(redis::Script::new(OUTBOX_LATER)
-                .key(self.outbox_key())
-                .arg(approval_id)
-                .arg(at)
-                .invoke_async::<()>(&mut c)
-                .await?)
-        })
+        // Only ever later (ZADD GT without needing Redis 6.2).
+        Box::pin(self.outbox_script(OUTBOX_LATER, approval_id, at))
     }
 
     fn outbox_done_at<'a>(
@@ -989,15 +997,7 @@ impl ResourceStore for RedisResourceStore {
         approval_id: &'a str,
         at: i64,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let mut c = self.conn.get().await?;
-            Ok(redis::Script::new(OUTBOX_DONE_AT)
-                .key(self.outbox_key())
-                .arg(approval_id)
-                .arg(at)
-                .invoke_async::<()>(&mut c)
-                .await?)
-        })
+        Box::pin(self.outbox_script(OUTBOX_DONE_AT, approval_id, at))
     }
 
     fn outbox_done<'a>(&'a self, approval_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -313,12 +313,12 @@ impl Server {
                     .chars()
                     .take(300)
                     .collect();
-                // A request the transport could not send (connection refused, the server's 404
-                // for a session it no longer knows after a restart, a proxy's 502) never reached
-                // the tool: sent again (on a new session), it acts once. Anything after sending —
-                // the session closed mid-call, an error answer, no answer — may have acted.
-                let what = match e {
-                    rmcp::service::ServiceError::TransportSend(_) => NOT_SENT,
+                // A request whose connection could not be made (refused, unreachable) never
+                // reached the tool: sent again (on a new session), it acts once. Anything else —
+                // an error status (a 500 after the tool ran, a proxy's 502 or 504 while the server
+                // works on), the session closed mid-call, no answer — may have acted.
+                let what = match &e {
+                    rmcp::service::ServiceError::TransportSend(_) if not_connected(&e) => NOT_SENT,
                     _ => FAILED,
                 };
                 return Err(format!("MCP tool {tool} {what}: {text}"));
@@ -361,9 +361,24 @@ const FAILED: &str = "failed";
 /// How an error names a call that was not sent (retried).
 const NOT_SENT: &str = "could not be sent";
 
+/// Whether `e` failed to connect at all (reqwest's connect error, somewhere in its chain of
+/// causes: rmcp's transport error wraps it without a kind of its own).
+fn not_connected(e: &rmcp::service::ServiceError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_connect)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    // (The chain may be cut by a wrapper that keeps only its text.)
+    format!("{e:?}").contains("ConnectError")
+}
+
 impl Call for McpTool {
-    /// Only a call that never reached the server (connecting failed, the request could not be
-    /// sent) is sent again: one it
+    /// Only a call that never reached the server (connecting failed) is sent again: one it
     /// received may have had its effect — an error the tool reported means it ran, and a call
     /// whose answer did not come may have run — and MCP has no standard idempotency key (the
     /// `_meta` one is switchyard's own, which few servers honour), so a retry could do it twice.
