@@ -86,6 +86,19 @@ pub struct SealData {
     pub mac: Option<String>,
 }
 
+impl super::signing::Signable for SealData {
+    fn mac(&self) -> Option<&str> {
+        self.mac.as_deref()
+    }
+
+    fn unsigned(&self) -> Self {
+        SealData {
+            mac: None,
+            ..self.clone()
+        }
+    }
+}
+
 /// What [`ChainStore::advance`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Advance {

@@ -15,7 +15,6 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::sealer::SealData;
 use crate::secret::Secret;
 
 /// Shortest key accepted, in bytes: an HMAC-SHA256 key shorter than its output is weaker than it.
@@ -142,14 +141,14 @@ impl Keys {
 
     /// `mac` for a seal of `data` (its own `mac` ignored) written to `topic` at `time`; none
     /// without keys.
-    pub fn sign(&self, topic: &str, time: Option<&str>, data: &SealData) -> Option<String> {
+    pub fn sign<T: Signable>(&self, topic: &str, time: Option<&str>, data: &T) -> Option<String> {
         let (id, key) = self.0.first()?;
         Some(format!("{id}:{}", hex::encode(mac(key, topic, time, data))))
     }
 
     /// Whether `data`'s `mac` is a valid signature of it written to `topic` at `time`.
-    pub fn check(&self, topic: &str, time: Option<&str>, data: &SealData) -> Signature {
-        let Some(m) = data.mac.as_deref() else {
+    pub fn check<T: Signable>(&self, topic: &str, time: Option<&str>, data: &T) -> Signature {
+        let Some(m) = data.mac() else {
             return Signature::Unsigned;
         };
         let (id, given) = m.split_once(':').unwrap_or((m, ""));
@@ -165,26 +164,33 @@ impl Keys {
     }
 }
 
+/// What is signed (a seal's data, [`super::sealer::SealData`]): serialisable, carrying its
+/// signature in a field of its own that the signed bytes leave out.
+pub trait Signable: Serialize {
+    /// The signature it carries (`<key id>:<hex>`).
+    fn mac(&self) -> Option<&str>;
+    /// Itself without its signature: what is signed.
+    fn unsigned(&self) -> Self
+    where
+        Self: Sized;
+}
+
 /// The signed bytes: the audit topic's name, the seal's time and its data without its `mac`, as
 /// JSON with fixed field order (the struct's), so the same seal read back from JSON or Avro signs
 /// alike, and a seal copied to another topic (another deployment's, sharing a key) does not.
-fn mac(key: &Secret, topic: &str, time: Option<&str>, data: &SealData) -> Vec<u8> {
+fn mac<T: Signable>(key: &Secret, topic: &str, time: Option<&str>, data: &T) -> Vec<u8> {
     #[derive(Serialize)]
-    struct Signed<'a> {
+    struct Signed<'a, T> {
         purpose: &'static str,
         topic: &'a str,
         time: Option<&'a str>,
-        seal: &'a SealData,
+        seal: &'a T,
     }
-    let unsigned = SealData {
-        mac: None,
-        ..data.clone()
-    };
     let bytes = serde_json::to_vec(&Signed {
         purpose: "switchyard audit seal",
         topic,
         time,
-        seal: &unsigned,
+        seal: &data.unsigned(),
     })
     .unwrap_or_default();
     // A key of any length is accepted by HMAC; `new_from_slice` cannot fail for it.
@@ -199,20 +205,46 @@ fn mac(key: &Secret, topic: &str, time: Option<&str>, data: &SealData) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::sealer::SealEntry;
+
+    /// A seal's shape (the sealer's `SealData` lives above this module).
+    #[derive(Clone, Serialize)]
+    struct SealData {
+        chain: String,
+        seq: u64,
+        prev: Option<String>,
+        root: String,
+        entries: Vec<Entry>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
+    }
+
+    #[derive(Clone, Serialize)]
+    struct Entry {
+        hash: String,
+        tenant: String,
+    }
+
+    impl Signable for SealData {
+        fn mac(&self) -> Option<&str> {
+            self.mac.as_deref()
+        }
+        fn unsigned(&self) -> Self {
+            SealData {
+                mac: None,
+                ..self.clone()
+            }
+        }
+    }
 
     fn seal() -> SealData {
         SealData {
-            version: 2,
             chain: "resolve/switchyard.proposals/0".into(),
             seq: 3,
             prev: Some("ab".into()),
             root: "cd".into(),
-            entries: vec![SealEntry {
+            entries: vec![Entry {
                 hash: "ef".into(),
-                id: "e1".into(),
                 tenant: "acme".into(),
-                resource: "checkout".into(),
             }],
             mac: None,
         }

@@ -50,7 +50,7 @@ pub struct Input {
     pub topic_id: Option<Arc<str>>,
     /// Set by the consumer runtime: cancelled when the record's partition was revoked and its
     /// drain timed out — the next owner has the record, and nothing done with it here will be
-    /// written ([`Input::revoked`]).
+    /// written ([`Input::is_revoked`]).
     pub revoked: Option<tokio_util::sync::CancellationToken>,
 }
 
