@@ -103,12 +103,20 @@ pub fn since_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .ok_or_else(|| format!("--since {s:?} is too far back"))
 }
 
-/// Every dead letter, oldest first (by the time it was dead-lettered).
-fn read_dlq(l: &Loaded) -> Result<Vec<Input>, String> {
-    let mut all = crate::kafka::read::read_all(
+/// The dead letters `keep` selects, oldest first (by the time they were dead-lettered): the topic
+/// is streamed, and only those are held (it keeps 30 days of them, payloads up to the broker's
+/// limit — a poison-record storm is when this command is needed).
+fn read_dlq(l: &Loaded, keep: impl Fn(&Input) -> bool) -> Result<Vec<Input>, String> {
+    let mut all = Vec::new();
+    crate::kafka::read::read_each(
         &l.config.kafka,
         &l.config.topics.dlq,
         Duration::from_secs(2),
+        |r| {
+            if keep(&r) {
+                all.push(r)
+            }
+        },
     )?;
     all.sort_by(|a, b| {
         (header(a, TIME), a.partition, a.offset).cmp(&(header(b, TIME), b.partition, b.offset))
@@ -116,28 +124,27 @@ fn read_dlq(l: &Loaded) -> Result<Vec<Input>, String> {
     Ok(all)
 }
 
+/// Whether `f` selects dead letter `r` (its limit aside).
+fn selects(f: &Filter, since: Option<chrono::DateTime<chrono::Utc>>, r: &Input) -> bool {
+    f.reason
+        .as_deref()
+        .is_none_or(|x| header(r, REASON) == Some(x))
+        && f.stage
+            .as_deref()
+            .is_none_or(|x| header(r, STAGE) == Some(x))
+        && since.is_none_or(|s| {
+            header(r, TIME)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t >= s)
+        })
+}
+
 /// The dead letters `f` selects among `all`.
 fn select<'a>(all: &'a [Input], f: &Filter) -> Result<Vec<&'a Input>, String> {
     let since = f.since.as_deref().map(since_time).transpose()?;
     Ok(all
         .iter()
-        .filter(|r| {
-            f.reason
-                .as_deref()
-                .is_none_or(|x| header(r, REASON) == Some(x))
-        })
-        .filter(|r| {
-            f.stage
-                .as_deref()
-                .is_none_or(|x| header(r, STAGE) == Some(x))
-        })
-        .filter(|r| {
-            since.is_none_or(|s| {
-                header(r, TIME)
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .is_some_and(|t| t >= s)
-            })
-        })
+        .filter(|r| selects(f, since, r))
         .take(f.limit)
         .collect())
 }
@@ -326,9 +333,12 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     match args.command {
         DlqCommand::List { filter, json } => {
             let l2 = l.clone();
-            let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
-                .await
-                .map_err(|e| e.to_string())??;
+            let since = filter.since.as_deref().map(since_time).transpose()?;
+            let f2 = filter.clone();
+            let all =
+                tokio::task::spawn_blocking(move || read_dlq(&l2, |r| selects(&f2, since, r)))
+                    .await
+                    .map_err(|e| e.to_string())??;
             let recs = select(&all, &filter)?;
             for r in &recs {
                 let s = summary(r);
@@ -378,7 +388,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             // marks): dead letters from before it are sent only with --again.
             let epoch_began = crate::store::epoch_began_ms(&epoch);
             let l2 = l.clone();
-            let all = tokio::task::spawn_blocking(move || read_dlq(&l2))
+            // Every dead letter: copies of one task's failure and redriven copies are told over
+            // the whole topic.
+            let all = tokio::task::spawn_blocking(move || read_dlq(&l2, |_| true))
                 .await
                 .map_err(|e| e.to_string())??;
             // The first dead letter of each failed task, over the whole topic (whatever the
