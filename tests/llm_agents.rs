@@ -1800,17 +1800,19 @@ agents:
         "not dead-lettered as an unknown tool"
     );
     // It comes up: the action is carried out once it lists its tools (at most 30 s later).
-    let python = stack_dir().join("venv/bin/python");
-    let _mcp = Reaper(
-        std::process::Command::new(python)
-            .arg(root().join("deploy/local/mcp_server.py"))
-            .arg(mcp_port.to_string())
-            .arg(&mcp_calls)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mcp server"),
-    );
+    let start_mcp = || {
+        Reaper(
+            std::process::Command::new(stack_dir().join("venv/bin/python"))
+                .arg(root().join("deploy/local/mcp_server.py"))
+                .arg(mcp_port.to_string())
+                .arg(&mcp_calls)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mcp server"),
+        )
+    };
+    let _mcp = start_mcp();
     let calls = calls_of(1).await;
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0]["outcome"], "executed", "{calls:?}");
@@ -1967,19 +1969,10 @@ agents:
         tickets_before,
         "not called"
     );
-    // The MCP server restarts: the session switchyard holds is unknown to it (404), so the call
-    // was never received — it is sent again on a new session and carried out once.
+    // The MCP server restarts (the session switchyard held is gone with it): an action sent right
+    // after is carried out once.
     drop(_mcp);
-    let _mcp = Reaper(
-        std::process::Command::new(stack_dir().join("venv/bin/python"))
-            .arg(root().join("deploy/local/mcp_server.py"))
-            .arg(mcp_port.to_string())
-            .arg(&mcp_calls)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mcp server"),
-    );
+    let _mcp = start_mcp();
     // Sent as soon as it listens (before anything else talks to it).
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", mcp_port))
