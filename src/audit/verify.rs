@@ -234,6 +234,19 @@ pub fn verify_signed(
     }
     v.records = v1.len() + v2.len();
     v.seals = seals.len();
+    // Each seal's data, read once for both checks (none: not a seal's, altered).
+    let seals: Vec<(&AuditRecord, Option<SealData>)> = seals
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                s.event
+                    .data
+                    .clone()
+                    .and_then(|d| serde_json::from_value(d).ok()),
+            )
+        })
+        .collect();
     verify_signatures(&v1, &seals, check, &mut v);
     verify_v1(&v1, &trim, &mut v);
     verify_v2(&v2, &seals, &trim, &mut v);
@@ -242,13 +255,13 @@ pub fn verify_signed(
 
 fn verify_signatures(
     v1: &[&AuditRecord],
-    seals: &[&AuditRecord],
+    seals: &[(&AuditRecord, Option<SealData>)],
     check: &SignatureCheck,
     v: &mut Verification,
 ) {
-    let parsed: Vec<(&AuditRecord, SealData)> = seals
+    let parsed: Vec<(&AuditRecord, &SealData)> = seals
         .iter()
-        .filter_map(|s| Some((*s, serde_json::from_value(s.event.data.clone()?).ok()?)))
+        .filter_map(|(s, d)| Some((*s, d.as_ref()?)))
         .collect();
     let Some(keys) = &check.keys else {
         v.signed_unchecked = parsed.iter().filter(|(_, d)| d.mac.is_some()).count();
@@ -262,7 +275,7 @@ fn verify_signatures(
             at: r.place(),
             message: m,
         };
-        match keys.check(&check.topic, r.event.time.as_deref(), d) {
+        match keys.check(&check.topic, r.event.time.as_deref(), *d) {
             Signature::Valid => {
                 v.signed += 1;
                 let f = first_signed.entry(r.partition).or_insert(r.offset);
@@ -325,7 +338,12 @@ fn verify_signatures(
     }
 }
 
-fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &mut Verification) {
+fn verify_v2(
+    records: &[&AuditRecord],
+    seals: &[(&AuditRecord, Option<SealData>)],
+    trim: &Trim,
+    v: &mut Verification,
+) {
     let mut present: HashSet<&str> = HashSet::new();
     for r in records {
         if r.event.ty != types::AUDIT {
@@ -341,10 +359,13 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
         }
     }
     let mut chains: BTreeMap<String, Vec<(&AuditRecord, SealData)>> = BTreeMap::new();
-    for s in seals {
-        match s.event.data.clone().map(serde_json::from_value::<SealData>) {
-            Some(Ok(d)) => chains.entry(d.chain.clone()).or_default().push((s, d)),
-            _ => v.problems.push(ChainProblem {
+    for (s, d) in seals {
+        match d {
+            Some(d) => chains
+                .entry(d.chain.clone())
+                .or_default()
+                .push((*s, d.clone())),
+            None => v.problems.push(ChainProblem {
                 chain: s.event.subject.clone().unwrap_or_default(),
                 seq: 0,
                 at: s.place(),
@@ -444,6 +465,7 @@ fn verify_v2(records: &[&AuditRecord], seals: &[&AuditRecord], trim: &Trim, v: &
             .chain(
                 seals
                     .iter()
+                    .map(|(s, _)| s)
                     .filter(|s| time_of(s).is_some_and(|t| t >= trim.slack(cut))),
             );
         for r in after_cut {
