@@ -1634,8 +1634,13 @@ governance:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approval_timeout_expires_and_decisions_topic_approves() {
-    let mut yaml = governance("{ actions: [rollback] }");
-    yaml = yaml.replace("timeout_seconds: 600", "timeout_seconds: 3");
+    // Rollbacks expire after 3 s (`approvals.timeout_seconds`); restarts, decided below through the
+    // decisions topic, have 10 minutes (their rule's one level), so a slow machine does not expire
+    // them before their decision arrives.
+    let mut yaml = governance(
+        "{ actions: [rollback] }, { actions: [restart], escalation: [{group: sre, timeout_seconds: 600}] }",
+    );
+    yaml = yaml.replace("timeout_seconds: 600\n", "timeout_seconds: 3\n");
     let env = TestEnv::new(1, &format!("{yaml}{DEFAULT_AGENTS}{}", default_routes(""))).await;
     let running = Running::start(env.loaded.clone(), &["resolve", "decisions"]);
     env.publish(
@@ -1669,7 +1674,7 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
         &[proposal(
             "ok",
             "tester",
-            "rollback",
+            "restart",
             "r-ok",
             json!({"to": "v2"}),
             0,
@@ -1690,7 +1695,7 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
         &[proposal(
             "bad",
             "tester",
-            "rollback",
+            "restart",
             "r-bad",
             json!({"to": "v3"}),
             0,
@@ -1740,7 +1745,7 @@ async fn approval_timeout_expires_and_decisions_topic_approves() {
             actions[0].resource.as_str(),
             actions[0].approved_by.as_deref()
         ),
-        ("rollback", "r-ok", Some("carol"))
+        ("restart", "r-ok", Some("carol"))
     );
     let none = env
         .read("switchyard.actions", 2, Duration::from_secs(2))
@@ -3014,7 +3019,7 @@ const LEE: &str = "lee-leads-token-01234567";
 /// confidence, which counts as low) needs a person while a confident one goes straight out; the
 /// approvals start with group sre-oncall and move to sre-leads after its 3 s; then a member of
 /// sre-oncall gets 403 and a member of sre-leads approves (the action carries her name); the one
-/// nobody decides expires after the last level (8 s). The rule's webhook hears requested, escalated
+/// nobody decides expires after the last level (15 s). The rule's webhook hears requested, escalated
 /// and expired with the approval's fields and inbox link; a webhook that never answers holds up
 /// nothing (the next proposal of its resource is decided at once), a webhook that is down counts
 /// as failed.
@@ -3026,7 +3031,7 @@ async fn confidence_escalation_groups_and_webhooks() {
     let rules = format!(
         r#"
       {{ name: unsure-rollbacks, actions: [rollback], max_confidence: 0.7,
-         escalation: [{{group: sre-oncall, timeout_seconds: 3}}, {{group: sre-leads, timeout_seconds: 8}}],
+         escalation: [{{group: sre-oncall, timeout_seconds: 3}}, {{group: sre-leads, timeout_seconds: 15}}],
          notify: {{url: "http://127.0.0.1:{hook}/hook/s3cr3t", headers: {{authorization: "Bearer hook-token"}}}} }},
       {{ name: pages, actions: [page], notify: {{url: "http://127.0.0.1:{silent}/hook/x", timeout_seconds: 30, retries: 1}} }},
       {{ actions: [scale_down], notify: {{url: "http://127.0.0.1:{down}/hook/x", retries: 1}} }}"#
@@ -3174,7 +3179,7 @@ http:
         .find(|a| a.resource == "r-lo")
         .expect("approved rollback");
     assert_eq!(lo_action.approved_by.as_deref(), Some("lee"));
-    // The unstated one nobody decides expires after sre-leads' 8 s.
+    // The unstated one nobody decides expires after sre-leads' 15 s.
     let recs: Vec<ApprovalData> = read_topic_until(
         &brokers,
         &approvals_topic,
