@@ -29,7 +29,11 @@ use crate::store::{RedisConn, StoreError};
 /// 1: memo slots in the resources' hashes (a finished task's outcome and a decided proposal's
 /// decision kept in the hash until later writes take the slot; the applied-offset fence per
 /// input partition) — what builds before memo slots read as "finished, memo gone" and skip.
-pub const DATA_FORMAT: u64 = 1;
+/// 2: an approval's decision leaves sending its action to resolve (a release on the proposals
+/// topic): an approved approval's stored action has no fencing token until resolve sends it —
+/// which older builds would send again themselves, with token 0, and whose release they
+/// dead-letter.
+pub const DATA_FORMAT: u64 = 2;
 
 /// How often a running instance looks at the marker.
 pub const LOOK_EVERY: Duration = Duration::from_secs(1);

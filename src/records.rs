@@ -17,6 +17,9 @@ use crate::topics::TopicCatalog;
 pub mod types {
     pub const TASK: &str = "switchyard.task";
     pub const PROPOSAL: &str = "switchyard.proposal";
+    /// On the proposals topic, with a [`super::ProposalData`] whose `edit_of` names the approval: a
+    /// person approved its action, which resolve now sends (`resolve::apply::release`).
+    pub const RELEASE: &str = "switchyard.approval.release";
     pub const RESULT: &str = "switchyard.result";
     pub const ACTION: &str = "switchyard.action";
     pub const APPROVAL: &str = "switchyard.approval";
@@ -241,6 +244,8 @@ pub struct ProposalData {
     /// person; everything else (conflicts, access, budgets) is checked again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
+    /// The approval an edited proposal replaces; on a [`types::RELEASE`] record, the approval
+    /// whose action is released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit_of: Option<String>,
     /// The agent's stated confidence, 0 to 1 (approval rules with `max_confidence` use it).

@@ -28,7 +28,7 @@ use crate::codec;
 use crate::config::Loaded;
 use crate::context::{ContextStore, Fact, Outcome};
 use crate::event::{now_secs, CloudEvent};
-use crate::records::{ActionData, AgentResponse, ApprovalData, ResultData};
+use crate::records::{ActionData, AgentResponse, ApprovalData, ProposalData, ResultData};
 use crate::resolve::apply::{Change, StoredApproval};
 use crate::resolve::rules::{params_hash, ActiveAction, ActiveStatus, ResolveConfig};
 use crate::resolve::store::{ResourceStore, Write};
@@ -42,6 +42,12 @@ pub struct Recovered {
     /// Approvals whose last record says pending while their action went out (approved, the
     /// decision's own record never written): not reopened.
     pub approved_unrecorded: usize,
+    /// Approvals approved whose action is not on the actions topic (resolve had not released it):
+    /// back as approved, so their release sends it.
+    pub approved_unsent: usize,
+    /// Those of them whose release record is not on the proposals topic either: the sweeper
+    /// produces their decision's records (the release among them) again.
+    pub releases_again: usize,
     pub resources: usize,
     pub facts: usize,
     /// Resources that were in Redis already and got the rebuilt state written over theirs (the
@@ -99,6 +105,13 @@ fn data<T: serde::de::DeserializeOwned>(ev: &CloudEvent) -> Option<T> {
 fn later_than(a: &str, b: &str) -> bool {
     let t = |x: &str| chrono::DateTime::parse_from_rfc3339(x).ok();
     matches!((t(a), t(b)), (Some(a), Some(b)) if a > b)
+}
+
+/// Seconds since the epoch of an RFC 3339 time.
+fn time_of(t: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|t| t.timestamp())
 }
 
 fn time_secs(ev: &CloudEvent) -> i64 {
@@ -233,14 +246,65 @@ pub async fn recover(
         on_action,
     )
     .await?;
-    let mut open = Vec::new();
-    for (a, time) in approvals.into_values() {
-        if !matches!(a.status.as_str(), "pending" | "escalated") {
-            continue;
+    // Approved actions' release records (resolve sends an approved action when it reads its
+    // release; see `resolve::apply::release`), by approval id.
+    let on_release = |released: &mut HashSet<String>, ev: CloudEvent| {
+        if ev.ty == crate::records::types::RELEASE {
+            if let Some(id) = data::<ProposalData>(&ev).and_then(|p| p.edit_of) {
+                released.insert(id);
+            }
         }
+    };
+    let release_written =
+        fold_events(loaded, &topics.proposals, idle, HashSet::new(), on_release).await?;
+    let mut open = Vec::new();
+    let mut unsent = Vec::new();
+    for (a, time) in approvals.into_values() {
         let Ok(action) = serde_json::from_value::<ActionData>(a.action_record.clone()) else {
             continue;
         };
+        if a.status == "approved" && action.fencing_token == 0 {
+            // Approved, and its action not on the actions topic: back as approved, so the release
+            // resolve has still to read finds it; a release that never reached the proposals topic
+            // (its decider died, and Redis lost the outbox entry that would have sent it again) is
+            // produced again by the sweeper. (Approved by an earlier build: the action carried its
+            // token, and went out with the decision.)
+            if went_out.contains(&action.action_id) {
+                continue;
+            }
+            let change = records
+                .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
+                .or_default();
+            change.state.active.push(ActiveAction {
+                action_id: action.action_id.clone(),
+                action: action.action.clone(),
+                priority: action.priority,
+                status: ActiveStatus::Accepted,
+                at: time_of(&time).unwrap_or(a.requested_at),
+                params_hash: params_hash(&action.parameters),
+                parameters: action.parameters.clone(),
+                proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
+                agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
+                approval_id: Some(a.approval_id.clone()),
+                supersedes: Vec::new(),
+            });
+            change.approvals.push(StoredApproval {
+                escalated: a.level > 0,
+                approval: a.clone(),
+                action,
+                decided_at: time,
+                traceparent: None,
+                seen: None,
+                amend: None,
+                superseded: Vec::new(),
+            });
+            let written = release_written.contains(&a.approval_id);
+            unsent.push((a, written));
+            continue;
+        }
+        if !matches!(a.status.as_str(), "pending" | "escalated") {
+            continue;
+        }
         // Its action went out (approved) but the decision's own record did not (its producer
         // failed, Redis was lost before the sweeper wrote it again): not reopened — approved
         // again, it would send a second action.
@@ -340,6 +404,26 @@ pub async fn recover(
     open.retain(|a| !decided_since.contains(&a.approval_id));
     let refs: Vec<&ApprovalData> = open.iter().collect();
     stores.resources.index_open(&refs).await.map_err(err)?;
+    // Approved, unsent: findable by id again (the index of open ones does not hold them); those
+    // whose release is not on the proposals topic go to the outbox, which the sweeper produces.
+    unsent.retain(|(a, _)| !decided_since.contains(&a.approval_id));
+    out.approved_unsent = unsent.len();
+    for (a, release_written) in &unsent {
+        stores.resources.index_open(&[a]).await.map_err(err)?;
+        stores
+            .resources
+            .index_close(&a.approval_id)
+            .await
+            .map_err(err)?;
+        if !release_written {
+            out.releases_again += 1;
+            stores
+                .resources
+                .outbox_add(&a.approval_id, now)
+                .await
+                .map_err(err)?;
+        }
+    }
     out.pending_approvals = open.len();
     out.resources = records.len();
 

@@ -598,7 +598,7 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
     )
     .await;
     let loaded = on_the_cluster(&env, &url);
-    let running = Running::start(loaded, &["route", "agents", "resolve"]);
+    let running = Running::start(loaded.clone(), &["route", "agents", "resolve"]);
     env.deployment_then_breach("checkout", 0).await;
     let approvals = env
         .read("switchyard.approvals", 1, Duration::from_secs(30))
@@ -637,10 +637,13 @@ async fn every_store_and_the_pipeline_run_on_a_redis_cluster() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The page went out at once; the rollback once approved.
+    // The page went out at once; the rollback once approved, sent by resolve when it reads the
+    // approval's release.
+    let running = Running::start(loaded, &["resolve"]);
     let actions = env
-        .read("switchyard.actions", 2, Duration::from_secs(20))
+        .read("switchyard.actions", 2, Duration::from_secs(30))
         .await;
+    running.stop().await;
     let names: Vec<Value> = actions
         .iter()
         .map(|r| data_of(&event_of(r))["action"].clone())
@@ -1580,6 +1583,153 @@ async fn zombie_owner_cannot_apply_an_older_proposal() {
     }
 }
 
+/// Resolve is the one writer of a resource's fencing tokens and actions: an approval's decision
+/// takes no token and writes no action, but a release to the proposals topic, which resolve reads
+/// in the resource's order. Here an owner decides a `page` (taking its token) and dies before
+/// writing it; a person approves the resource's waiting rollback meanwhile. Nothing goes out until
+/// resolve runs again; then the page (its stored decision, as decided) and after it the rollback,
+/// with the higher token: along the actions topic the resource's tokens only rise, so an executor
+/// fencing per resource refuses neither. (Before, the approval took the next token and wrote the
+/// rollback at once; the page came after it with a lower token, and was refused as stale.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_action_goes_out_after_what_resolve_decided_before_its_release() {
+    use switchyard::kafka::runtime::process_one;
+    let env = TestEnv::new(
+        1,
+        &format!(
+            "{}{DEFAULT_AGENTS}{}",
+            governance("{ actions: [rollback] }"),
+            default_routes("")
+        ),
+    )
+    .await;
+    let resolve = env.start(&["resolve"]);
+    env.publish(
+        "switchyard.proposals",
+        &[proposal(
+            "rb",
+            "tester",
+            "rollback",
+            "r-o",
+            json!({"to": "v1"}),
+            0,
+        )],
+    )
+    .await;
+    let pending: ApprovalData = data(
+        &env.read("switchyard.approvals", 1, Duration::from_secs(30))
+            .await[0],
+    );
+    resolve.stop().await;
+    // The page's owner decides it (its token taken, its decision stored) and dies before writing.
+    env.publish(
+        "switchyard.proposals",
+        &[proposal("pg", "tester", "page", "r-o", json!({"n": 1}), 0)],
+    )
+    .await;
+    let recs = env
+        .read("switchyard.proposals", 2, Duration::from_secs(30))
+        .await;
+    let page_rec = recs
+        .iter()
+        .find(|r| data::<ProposalData>(r).proposal_id == "pg")
+        .expect("the page's proposal");
+    let c = &env.loaded.config;
+    let conn = switchyard::store::RedisConn::new(&c.redis.url).unwrap();
+    let owner = switchyard::stages::resolve::ResolveStage {
+        rules: c.resolve.clone(),
+        governance: Arc::new(c.governance.clone()),
+        budgets: Arc::new(switchyard::governance::budgets::Budgets::new(
+            Arc::new(switchyard::governance::budgets::RedisBudgetStore::new(
+                conn.clone(),
+            )),
+            &c.redis.key_prefix,
+            vec![],
+        )),
+        store: switchyard::app::resource_store(&env.loaded, conn.clone()),
+        emitter: switchyard::records::Emitter::new(
+            env.loaded.schemas.clone(),
+            env.loaded.topics.clone(),
+        ),
+        actions_topic: c.topics.actions.clone(),
+        approvals_topic: c.topics.approvals.clone(),
+        sealer: sealer(&conn, &c.redis.key_prefix),
+        stats: None,
+        graph: None,
+        clock: Default::default(),
+        notifier: None,
+        max_output_bytes: 1_000_000,
+        topic_limits: Default::default(),
+    };
+    let lost = process_one(&owner, Arc::new(page_rec.clone()))
+        .await
+        .expect("decided");
+    assert!(
+        lost.iter().any(|o| o.topic == c.topics.actions),
+        "the page was accepted (and its records are lost with its owner)"
+    );
+    // A person approves the rollback meanwhile.
+    let approvals = switchyard::cmd::approvals::service(&env.loaded).unwrap();
+    let d = approvals
+        .decide(
+            &pending.approval_id,
+            switchyard::governance::approvals::Verdict::Approve,
+            "carol",
+            "go",
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(
+        d.outputs.iter().all(|o| o.topic != c.topics.actions),
+        "a decision writes no action"
+    );
+    let producer = env.producer();
+    for o in &d.outputs {
+        producer.send(o).await.unwrap();
+    }
+    assert!(
+        env.read("switchyard.actions", 1, Duration::from_secs(3))
+            .await
+            .is_empty(),
+        "nothing goes out before resolve reads the resource's records"
+    );
+    // The next owner: the page as decided, then the release.
+    let resolve = env.start(&["resolve"]);
+    let actions: Vec<ActionData> = env
+        .read("switchyard.actions", 2, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    resolve.stop().await;
+    let seen: Vec<(&str, Option<&str>)> = actions
+        .iter()
+        .map(|a| (a.action.as_str(), a.approved_by.as_deref()))
+        .collect();
+    assert_eq!(seen, [("page", None), ("rollback", Some("carol"))]);
+    assert!(
+        actions[1].fencing_token > actions[0].fencing_token,
+        "tokens rise along the topic: {} then {}",
+        actions[0].fencing_token,
+        actions[1].fencing_token
+    );
+    // The release is audited by resolve with the token it took.
+    let audit: Vec<AuditData> = env
+        .audit(4, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(data)
+        .collect();
+    assert!(
+        audit.iter().any(|a| a.decision == "released"
+            && a.detail["fencing_token"] == json!(actions[1].fencing_token)
+            && a.detail["approval_id"] == json!(pending.approval_id)),
+        "{audit:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_budget_stops_agent_calls() {
     let yaml = format!(
@@ -2196,8 +2346,8 @@ http:
 
 /// A decision's records are noted in an outbox before its state moves: when the process dies
 /// between the state change and producing the records (simulated: decided, never produced), the
-/// sweeper produces them, so the approval, the action and the audit record all arrive and the
-/// chain has no hole. A decision from the decisions topic with a 1 MB reason is dead-lettered and
+/// sweeper produces them, so the approval, the release (and with it, from resolve, the action) and
+/// the audit record all arrive and the chain has no hole. A decision from the decisions topic with a 1 MB reason is dead-lettered and
 /// changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
@@ -2258,7 +2408,8 @@ async fn a_decision_lost_in_a_crash_is_produced_by_the_sweeper() {
         json!({"approval_id": id("r-big"), "decision": "approve", "by": "dave", "why": "y".repeat(900_000)}),
     )
     .await;
-    let running = env.start(&["decisions"]);
+    // Resolve sends the approved action when it reads the release the sweeper produces.
+    let running = env.start(&["decisions", "resolve"]);
     let recs: Vec<ApprovalData> = env
         .read("switchyard.approvals", 3, Duration::from_secs(40))
         .await
@@ -2468,8 +2619,9 @@ async fn a_newer_data_format_stops_this_build_and_refuses_its_start() {
 
 /// Redis restarting without its data (no append-only file) is detected: nothing is processed (no
 /// second `page` with a restarted fencing token), `/readyz` says why; `switchyard recover` rebuilds
-/// the pending approval, the chain heads and the tokens from Kafka; then processing resumes, the
-/// approval can be decided, tokens keep rising, and the audit chains verify.
+/// the pending approval, the chain heads and the tokens from Kafka, and brings back approved an
+/// approval whose release was lost (the sweeper writes it, resolve sends its action); then
+/// processing resumes, the approval can be decided, tokens keep rising, and the audit chains verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     let port = free_port();
@@ -2480,7 +2632,10 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         1,
         &format!(
             "{}{DEFAULT_AGENTS}{}",
-            governance("{ actions: [rollback], min_impact: high }"),
+            governance("{ actions: [rollback], min_impact: high }").replace(
+                "timeout_seconds: 600",
+                "timeout_seconds: 600\n    redeliver_after_seconds: 1"
+            ),
             default_routes("")
         ),
     )
@@ -2603,10 +2758,39 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         )
         .await;
     }
+    // And one a person approved whose release never reached the proposals topic (its decider
+    // died, and Redis lost the outbox entry that would have sent it again): only the approvals
+    // topic has it, approved. Recovery brings it back approved and the sweeper writes its release.
+    {
+        let mut unsent: ApprovalData = pending.clone();
+        unsent.approval_id = "apr-unsent".into();
+        unsent.resource = "svc-u".into();
+        unsent.status = "approved".into();
+        unsent.decided_by = Some("frank".into());
+        let mut act: ActionData =
+            serde_json::from_value(unsent.action_record.clone()).expect("action record");
+        act.action_id = "act-unsent".into();
+        act.resource = "svc-u".into();
+        act.fencing_token = 0;
+        act.approved_by = Some("frank".into());
+        unsent.action_record = serde_json::to_value(&act).unwrap();
+        env.publish(
+            "switchyard.approvals",
+            &[CloudEvent::new(
+                "apr-unsent-approved",
+                "test",
+                switchyard::records::types::APPROVAL,
+            )
+            .with_subject("svc-u")
+            .with_typed_data(&unsent)
+            .unwrap()],
+        )
+        .await;
+    }
     let before_recovery = chrono::Utc::now().timestamp_millis() as u64;
     let said = recover(&[]);
     assert!(
-        said.contains("1 pending approvals (1 whose action went out left decided)"),
+        said.contains("1 pending approvals (1 whose action went out left decided), 1 approved awaiting their release (1 of whose release records the sweeper writes again)"),
         "{said}"
     );
     assert!(
@@ -2646,12 +2830,21 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         .await;
     assert_eq!(results.len(), 3, "the waiting breach ran after recovery");
     let actions: Vec<ActionData> = env
-        .read("switchyard.actions", 4, Duration::from_secs(40))
+        .read("switchyard.actions", 5, Duration::from_secs(40))
         .await
         .iter()
         .map(data::<ActionData>)
         .filter(|a| a.action_id != "act-extra")
         .collect();
+    let released = actions
+        .iter()
+        .find(|a| a.action_id == "act-unsent")
+        .expect("the recovered approved action, sent by resolve from the sweeper's release");
+    assert_eq!(
+        (released.resource.as_str(), released.approved_by.as_deref()),
+        ("svc-u", Some("frank"))
+    );
+    assert!(released.fencing_token > 0);
     let pages: Vec<&ActionData> = actions.iter().filter(|a| a.action == "page").collect();
     assert_eq!(pages.len(), 2);
     assert!(
@@ -2660,7 +2853,7 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     );
     let rollback = actions
         .iter()
-        .find(|a| a.action == "rollback")
+        .find(|a| a.action == "rollback" && a.resource == "svc-l")
         .expect("the rollback the waiting decision approved");
     assert_eq!(rollback.approved_by.as_deref(), Some("erin"));
     assert!(rollback.fencing_token > page.fencing_token);
@@ -2685,10 +2878,11 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     assert!(body.contains("\"approved\""), "{body}");
     running.stop().await;
     // `recover --force` on a Redis that has its state leaves its records as they are: the approval
-    // stays decided.
+    // stays decided (and the released one is not brought back: its action is on the topic).
     let said = recover(&["--force"]);
     assert!(
-        said.contains("(0 written over what was there, 1 kept as they were)"),
+        said.contains("0 approved awaiting their release")
+            && said.contains("(0 written over what was there, 2 kept as they were)"),
         "{said}"
     );
     // ... and its context too: nothing rewritten from the results topic (which may be older than

@@ -1146,6 +1146,7 @@ governance:
         let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
         if names.iter().filter(|n| n.starts_with("resolve ")).count() >= 2
             && names.iter().any(|n| n.starts_with("approval wait"))
+            && names.iter().any(|n| n.starts_with("release "))
         {
             break;
         }
@@ -1233,15 +1234,22 @@ governance:
         "alice"
     );
     assert!(wait["end_ns"].as_u64() >= wait["start_ns"].as_u64());
+    // Resolve sends the approved action when it reads the approval's release, under the wait.
+    let release = one("release page");
+    assert_eq!(release["parent_span_id"], wait["span_id"]);
+    assert_eq!(release["attributes"]["switchyard.decision"], "released");
     // Records carry the span that wrote them: the accepted action its decision's, the approved
-    // one the wait's.
+    // one its release's.
     let tp_of = |r: &switchyard::kafka::Input| span_id_of(header(r, "traceparent").unwrap_or(""));
     assert_eq!(tp_of(&actions[0]), scale["span_id"].as_str().unwrap_or("-"));
     assert_eq!(
         event_of(&actions[0]).traceparent().map(span_id_of),
         Some(tp_of(&actions[0]))
     );
-    assert_eq!(tp_of(&approved[1]), wait["span_id"].as_str().unwrap_or("-"));
+    assert_eq!(
+        tp_of(&approved[1]),
+        release["span_id"].as_str().unwrap_or("-")
+    );
     // Every span of the tree is in the trace, and every parent is a span of it (or the producer's).
     let ids: Vec<&str> = spans.iter().filter_map(|s| s["span_id"].as_str()).collect();
     for sp in &spans {

@@ -152,8 +152,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
             ))
         }
         (Some(a), true) => println!(
-            "{} approved: {} {} on {} sent with fencing token {}",
-            id, a.action_id, a.action, a.resource, a.fencing_token
+            "{} approved: {} {} on {}; resolve sends it with the resource's next fencing token",
+            id, a.action_id, a.action, a.resource
         ),
         (None, true) => println!("{} {}", id, d.approval.status),
     }

@@ -177,6 +177,12 @@ pub fn human_line(loaded: &Loaded, rec: &Input) -> String {
             j(&d, "priority"),
             d.get("parameters").unwrap_or(&Value::Null)
         ),
+        types::RELEASE => format!(
+            "{at:<34} release {:<16} resource={res:<10} approved by {} ({})",
+            s(&d, "action"),
+            s(&d, "approved_by"),
+            s(&d, "edit_of")
+        ),
         types::RESULT => {
             let findings: Vec<&str> = d
                 .get("findings")

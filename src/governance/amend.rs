@@ -13,7 +13,7 @@
 
 use serde_json::{json, Value};
 
-use super::approvals::{ApprovalError, Approvals, Decision, Verdict, SOURCE};
+use super::approvals::{first_agent, ApprovalError, Approvals, Decision, Verdict, SOURCE};
 use crate::event::{now_rfc3339, now_secs, CloudEvent};
 use crate::kafka::Output;
 use crate::records::{record_event, types, ProposalData, TaskData};
@@ -349,15 +349,4 @@ impl Approvals {
 /// call over its budget can only be approved or rejected).
 pub fn amendable(s: &StoredApproval) -> bool {
     s.action.proposals.as_array().is_some_and(|p| !p.is_empty())
-}
-
-/// The agent that proposed the action (the first of them, when several agreed).
-fn first_agent(s: &StoredApproval) -> String {
-    s.action
-        .agents
-        .as_array()
-        .and_then(|a| a.first())
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string()
 }

@@ -28,9 +28,9 @@ use crate::error::ProcessError;
 use crate::event::{now_rfc3339, now_secs, CloudEvent};
 use crate::kafka::{Output, Producer};
 use crate::records::{
-    audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter,
+    audit_event, record_event, types, ActionData, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{next_token, Change, StoredApproval};
+use crate::resolve::apply::{Change, StoredApproval};
 use crate::resolve::rules::ActiveStatus;
 use crate::resolve::store::{ResourceStore, Write};
 use crate::spans::{self, Span};
@@ -295,7 +295,6 @@ impl Approvals {
             let mut s = stored.clone();
             s.decided_at = now_rfc3339();
             let mut state = loaded.state.clone();
-            let mut token = loaded.token;
             let mut undone: Vec<String> = Vec::new();
             let deadline =
                 expire.then(|| self.config.on_deadline(&stored.approval, stored.escalated));
@@ -327,9 +326,10 @@ impl Approvals {
                 s.approval.why = Some(why.to_string());
                 match verdict {
                     Verdict::Approve => {
-                        token = next_token(token, 0);
+                        // No fencing token here: resolve takes it when it releases the action
+                        // (the release record among this decision's records), so the resource's
+                        // tokens have one writer and rise along the actions topic.
                         s.approval.status = "approved".into();
-                        s.action.fencing_token = token;
                         s.action.approved_by = Some(by.to_string());
                         let mut supersedes = Vec::new();
                         for a in state
@@ -370,7 +370,7 @@ impl Approvals {
             }
             let change = Change {
                 state,
-                token,
+                token: loaded.token,
                 approvals: vec![s.clone()],
                 forget_approvals: self.forgettable(&loaded.approvals, now, approval_id),
             };
@@ -659,19 +659,39 @@ impl Approvals {
         let tp = spans::propagate(stored.traceparent.as_deref(), "approval", &a.approval_id);
         let tp = tp.as_deref();
         let mut out = Vec::new();
-        if let Some(act) = action {
-            let ev = record_event(
-                format!("{}-{}", act.action_id, act.fencing_token),
-                SOURCE,
-                types::ACTION,
-                &act.resource,
-                &act.tenant,
-                tp,
-                time,
-                act,
-            )
-            .map_err(pe)?;
-            out.push(self.emitter.emit(&self.actions_topic, &ev).map_err(pe)?);
+        match action {
+            // Approved: resolve sends it (see `resolve::apply::release`).
+            Some(act) if act.fencing_token == 0 => {
+                let ev = record_event(
+                    format!("release-{}", a.approval_id),
+                    SOURCE,
+                    types::RELEASE,
+                    &act.resource,
+                    &act.tenant,
+                    tp,
+                    time,
+                    &release_proposal(stored),
+                )
+                .map_err(pe)?;
+                out.push(self.emitter.emit(&self.proposals_topic, &ev).map_err(pe)?);
+            }
+            // Approved by an earlier build, which sent the action itself (with its token): its
+            // records produced again from the outbox hold the action as then.
+            Some(act) => {
+                let ev = record_event(
+                    format!("{}-{}", act.action_id, act.fencing_token),
+                    SOURCE,
+                    types::ACTION,
+                    &act.resource,
+                    &act.tenant,
+                    tp,
+                    time,
+                    act,
+                )
+                .map_err(pe)?;
+                out.push(self.emitter.emit(&self.actions_topic, &ev).map_err(pe)?);
+            }
+            None => {}
         }
         out.extend(self.amend_record(stored, tp).map_err(pe)?);
         out.push(approval_output(&self.emitter, &self.approvals_topic, a, tp, time).map_err(pe)?);
@@ -692,7 +712,8 @@ impl Approvals {
             trace_id: crate::records::trace_id(tp),
             reason: Some(a.status.clone()),
             detail: json!({"approval_id": a.approval_id, "action_id": a.action_id, "action": a.action, "status": a.status,
-                           "decided_by": a.decided_by, "why": a.why, "fencing_token": action.map(|x| x.fencing_token),
+                           "decided_by": a.decided_by, "why": a.why,
+                           "fencing_token": action.map(|x| x.fencing_token).filter(|t| *t != 0),
                            "rule": a.rule, "level": a.level, "group": a.group, "amend": stored.amend}),
             seq: None,
             prev_hash: None,
@@ -990,6 +1011,48 @@ impl Approvals {
                 .set(pending_by_tenant.get(t).copied().unwrap_or(0));
         }
         Ok(out)
+    }
+}
+
+/// The agent that proposed the action (the first of them, when several agreed).
+pub(super) fn first_agent(s: &StoredApproval) -> String {
+    s.action
+        .agents
+        .as_array()
+        .and_then(|a| a.first())
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The data of an approved action's release record ([`types::RELEASE`], on the proposals topic):
+/// the action as approved, `edit_of` naming the approval, `approved_by` the person. Resolve reads
+/// only the approval id and the resource (the record's key); the rest is for people and tools
+/// reading the topic.
+fn release_proposal(s: &StoredApproval) -> ProposalData {
+    let (a, act) = (&s.approval, &s.action);
+    ProposalData {
+        proposal_id: format!("release-{}", a.approval_id),
+        task_id: format!("approval-{}", a.approval_id),
+        workflow_id: act.workflow_id.clone(),
+        agent: first_agent(s),
+        action: act.action.clone(),
+        resource: act.resource.clone(),
+        tenant: act.tenant.clone(),
+        parameters: act.parameters.clone(),
+        priority: act.priority,
+        impact: act.impact,
+        context_version: 0,
+        reason: Some(format!(
+            "approved by {}",
+            a.decided_by.as_deref().unwrap_or("?")
+        )),
+        event_id: None,
+        cost: None,
+        seen_at: None,
+        approved_by: a.decided_by.clone(),
+        edit_of: Some(a.approval_id.clone()),
+        confidence: None,
     }
 }
 

@@ -178,7 +178,7 @@ async fn act(
     };
     (code, Json(json!({
         "approval_id": d.approval.approval_id, "status": d.approval.status, "action_id": d.approval.action_id,
-        "fencing_token": d.action.as_ref().map(|a| a.fencing_token), "decided_by": d.approval.decided_by,
+        "decided_by": d.approval.decided_by,
         "already_decided": !d.fresh,
     }))).into_response()
 }

@@ -26,15 +26,18 @@ pub enum Verdict {
     Deduplicated,
     /// Combined into an active action of a mergeable type.
     Merged,
+    /// An action a person approved went to the actions topic ([`release`]).
+    Released,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 5] = [
+    pub const ALL: [Verdict; 6] = [
         Verdict::Accepted,
         Verdict::ApprovalRequested,
         Verdict::Rejected,
         Verdict::Deduplicated,
         Verdict::Merged,
+        Verdict::Released,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Verdict {
             Verdict::Rejected => "rejected",
             Verdict::Deduplicated => "deduplicated",
             Verdict::Merged => "merged",
+            Verdict::Released => "released",
         }
     }
 }
@@ -287,6 +291,67 @@ fn action_of(
         approved_by: p.approved_by.clone(),
         reason: p.reason.clone(),
     }
+}
+
+/// Why [`release`] sends nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoRelease {
+    /// Sent before: this is a copy of its release (the approvals outbox produces one again when
+    /// it cannot tell whether the first reached the topic).
+    Done(String),
+    /// Nothing a person approved is waiting here: an unknown or forgotten approval, or one not
+    /// approved (a release record someone else wrote).
+    Refused(String),
+}
+
+/// Releases the action of approval `approval_id`, which a person approved: stamped with the
+/// resource's next fencing token, it is the decision's action (resolve writes it to the actions
+/// topic). Approval decisions take no token themselves: resolve, the owner of the resource's
+/// partition, is the one writer of its tokens and actions, so along the actions topic a resource's
+/// tokens only rise. `Err` says why there is nothing to release: an approval this resource does not
+/// hold (never, or forgotten), one not approved, one released before. Pure.
+pub fn release(current: Current<'_>, approval_id: &str) -> Result<(Decided, Change), NoRelease> {
+    let Some(stored) = current.approvals.get(approval_id) else {
+        return Err(NoRelease::Refused(format!(
+            "approval {approval_id} is not among the resource's approvals (never asked for here, or forgotten after keep_decided_seconds)"
+        )));
+    };
+    if stored.approval.status != "approved" {
+        return Err(NoRelease::Refused(format!(
+            "approval {approval_id} is {}, not approved",
+            stored.approval.status
+        )));
+    }
+    if stored.action.fencing_token != 0 {
+        return Err(NoRelease::Done(format!(
+            "approval {approval_id}'s action went out before, with fencing token {}",
+            stored.action.fencing_token
+        )));
+    }
+    let token = next_token(current.token, current.token_floor);
+    let mut s = stored.clone();
+    s.action.fencing_token = token;
+    s.approval.action_record =
+        serde_json::to_value(&s.action).map_err(|e| NoRelease::Refused(e.to_string()))?;
+    let rule = s.approval.rule.as_ref().map(|r| format!("approvals.{r}"));
+    let decided = Decided {
+        action: Some(s.action.clone()),
+        ..Decided::new(
+            Verdict::Released,
+            rule.as_deref(),
+            format!(
+                "approved by {}",
+                s.approval.decided_by.as_deref().unwrap_or("?")
+            ),
+        )
+    };
+    let change = Change {
+        state: current.state,
+        token,
+        approvals: vec![s],
+        forget_approvals: Vec::new(),
+    };
+    Ok((decided, change))
 }
 
 /// Applies `decision` (and, for a new action, `gate`) to the resource: the decision's record and the

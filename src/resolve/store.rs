@@ -137,6 +137,11 @@ pub trait ResourceStore: Send + Sync + 'static {
         proposal_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Loaded, StoreError>>;
 
+    /// Drops this instance's copy of the resource's record (see [`ResourceStore::load`]): the next
+    /// load reads the store. For an answer that must not rest on a copy out of date — one that
+    /// writes nothing, so no failed compare-and-set would show it was.
+    fn forget_copy(&self, _k: &ResourceKey) {}
+
     /// Writes `w` if the record is still at revision `rev`; false when it moved (decide again).
     fn commit<'a>(
         &'a self,
@@ -808,6 +813,10 @@ impl RedisResourceStore {
 }
 
 impl ResourceStore for RedisResourceStore {
+    fn forget_copy(&self, k: &ResourceKey) {
+        self.copies.discard(&self.res_key(k));
+    }
+
     fn load<'a>(
         &'a self,
         k: &'a ResourceKey,

@@ -29,7 +29,9 @@ use crate::kafka::Input;
 use crate::records::{
     audit_event, record_event, trace_id, types, ApprovalData, AuditData, Emitter, ProposalData,
 };
-use crate::resolve::apply::{apply, token_floor, Amend, Current, Decided, Gate, Verdict};
+use crate::resolve::apply::{
+    apply, release, token_floor, Amend, Current, Decided, Gate, NoRelease, Verdict,
+};
 use crate::resolve::rules::{
     decide, decide_with, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig,
     Rule,
@@ -132,21 +134,44 @@ pub struct ResolveStage {
     pub topic_limits: crate::kafka::TopicLimits,
 }
 
-/// Reads a proposal record.
-pub fn decode_proposal(
-    rec: &Input,
-    emitter: &Emitter,
-) -> Result<(ProposalData, Option<String>), ProcessError> {
+/// A record of the proposals topic as read: an agent's proposal, or the release of an approved
+/// action ([`types::RELEASE`]: `release_of` names the approval).
+pub struct Proposed {
+    pub proposal: ProposalData,
+    pub traceparent: Option<String>,
+    pub release_of: Option<String>,
+}
+
+/// Reads a record of the proposals topic.
+pub fn decode_proposal(rec: &Input, emitter: &Emitter) -> Result<Proposed, ProcessError> {
     let (ev, p) = codec::decode_typed::<ProposalData>(rec.view(), &emitter.schemas)?;
-    if ev.ty != types::PROPOSAL {
+    if ev.ty != types::PROPOSAL && ev.ty != types::RELEASE {
         return Err(ProcessError::poison(
             "not_a_proposal",
-            format!("record type is {:?}, expected {}", ev.ty, types::PROPOSAL),
+            format!(
+                "record type is {:?}, expected {} or {}",
+                ev.ty,
+                types::PROPOSAL,
+                types::RELEASE
+            ),
         ));
     }
-    let tp = ev.traceparent().map(str::to_string);
-    let p = p.map_err(|e| ProcessError::poison("malformed_proposal", e))?;
-    Ok((p, tp))
+    let traceparent = ev.traceparent().map(str::to_string);
+    let proposal = p.map_err(|e| ProcessError::poison("malformed_proposal", e))?;
+    let release_of = match ev.ty == types::RELEASE {
+        false => None,
+        true => Some(proposal.edit_of.clone().ok_or_else(|| {
+            ProcessError::poison(
+                "malformed_proposal",
+                "a release names no approval (edit_of)",
+            )
+        })?),
+    };
+    Ok(Proposed {
+        proposal,
+        traceparent,
+        release_of,
+    })
 }
 
 impl ResolveStage {
@@ -256,7 +281,8 @@ impl ResolveStage {
                 "proposal_id": p.proposal_id, "agent": p.agent, "action": p.action, "rule": d.rule, "detail": d.detail,
                 "action_id": d.action.as_ref().map(|a| &a.action_id).or(d.into_action.as_ref()),
                 "fencing_token": d.action.as_ref().map(|a| a.fencing_token),
-                "approval_id": d.pending_approvals().next().map(|a| &a.approval_id),
+                "approval_id": d.pending_approvals().next().map(|a| &a.approval_id)
+                    .or(p.edit_of.as_ref().filter(|_| d.outcome == Verdict::Released)),
                 "superseded": d.superseded,
             }),
             seq: None,
@@ -346,9 +372,9 @@ impl Processor for ResolveStage {
                     let chain = Sealer::chain("resolve", &rec.topic, rec.partition);
                     let view = view.clone();
                     (chain, async move {
-                        let (p, tp) = decoded?;
+                        let proposed = decoded?;
                         let view = view?;
-                        self.decide_one(&rec, p, tp, &view).await
+                        self.decide_one(&rec, proposed, &view).await
                     })
                 })
                 .collect();
@@ -370,6 +396,16 @@ impl Processor for ResolveStage {
     }
 }
 
+/// A record whose partition was revoked, and whose drain gave up waiting, takes no token: taken
+/// now, it would reach the topic only when the next owner gets here — after tokens the next owner
+/// took meanwhile. Nothing is taken; the next owner decides.
+fn revoked(rec: &Input) -> ProcessError {
+    ProcessError::Transient(format!(
+        "partition {} was revoked; its next owner decides",
+        rec.partition
+    ))
+}
+
 /// What a committed proposal leaves for [`Processor::cleanup`]: its decision to forget.
 fn forget_token(key: &ResourceKey, proposal_id: &str) -> String {
     json!([key.tenant, key.resource, proposal_id]).to_string()
@@ -377,10 +413,7 @@ fn forget_token(key: &ResourceKey, proposal_id: &str) -> String {
 
 /// A batch's proposals as decoded, and the budget spend they are checked against.
 type Prepared = (
-    Vec<(
-        Arc<Input>,
-        Result<(ProposalData, Option<String>), ProcessError>,
-    )>,
+    Vec<(Arc<Input>, Result<Proposed, ProcessError>)>,
     Result<Arc<SpentView>, ProcessError>,
 );
 
@@ -398,10 +431,11 @@ impl ResolveStage {
         let spenders: Vec<Spender<'_>> = decoded
             .iter()
             .filter_map(|(_, d)| d.as_ref().ok())
-            .map(|(p, _)| Spender {
-                agent: &p.agent,
-                workflow: &p.workflow_id,
-                tenant: &p.tenant,
+            .filter(|d| d.release_of.is_none())
+            .map(|d| Spender {
+                agent: &d.proposal.agent,
+                workflow: &d.proposal.workflow_id,
+                tenant: &d.proposal.tenant,
                 model: "",
             })
             .collect();
@@ -415,20 +449,28 @@ impl ResolveStage {
         (decoded, view)
     }
 
-    /// Decides one proposal (or replays its stored decision).
+    /// Decides one proposal, or releases an approved action (or replays its stored decision).
     async fn decide_one(
         &self,
         rec: &Input,
-        p: ProposalData,
-        tp: Option<String>,
+        proposed: Proposed,
         view: &SpentView,
     ) -> Result<Batch, ProcessError> {
+        let Proposed {
+            proposal: p,
+            traceparent: tp,
+            release_of,
+        } = proposed;
         let key = ResourceKey::new(p.tenant.clone(), p.resource.clone());
         // The decision's span; the records it causes carry its trace context.
         let parent = tp;
         let tp = crate::spans::propagate(parent.as_deref(), "resolve", &p.proposal_id);
+        let verb = match release_of {
+            Some(_) => "release",
+            None => "resolve",
+        };
         let mut span = Span::child(
-            format!("resolve {}", p.action),
+            format!("{verb} {}", p.action),
             parent.as_deref(),
             "resolve",
             &p.proposal_id,
@@ -450,6 +492,8 @@ impl ResolveStage {
         let mut p = p;
         let claimed = p.approved_by.clone();
         let related_stale = self.related_staleness(&key, &p, &inval).await?;
+        // A release's refusal was confirmed against the store, not a copy.
+        let mut fresh = false;
         for attempt in 0..20 {
             if attempt > 0 {
                 loaded = self.store.load(&key, &inval, Some(&p.proposal_id)).await?;
@@ -495,6 +539,59 @@ impl ResolveStage {
                     "Proposal fenced: state is already past this offset."
                 );
                 return Ok(Batch::default());
+            }
+            if let Some(approval_id) = release_of.as_deref() {
+                let current = Current {
+                    state: record.state.clone(),
+                    token: record.token,
+                    approvals: &record.approvals,
+                    token_floor: token_floor(rec.offset),
+                };
+                let (mut decided, change) = match release(current, approval_id) {
+                    Ok(released) => released,
+                    Err(_) if !fresh => {
+                        // The state may be this instance's copy, older than the approval's
+                        // decision: asked again of the store before anything is skipped.
+                        fresh = true;
+                        self.store.forget_copy(&key);
+                        continue;
+                    }
+                    Err(no) => {
+                        METRICS.proposals.with_label_values(&[SKIPPED]).inc();
+                        match no {
+                            NoRelease::Done(why) => {
+                                tracing::info!(approval_id, %why, "Release seen before; skipping this copy.")
+                            }
+                            NoRelease::Refused(why) => {
+                                tracing::warn!(approval_id, %why, "Release refused: nothing approved waits for it.")
+                            }
+                        }
+                        return Ok(Batch::default());
+                    }
+                };
+                decided.at = self.clock.stamp(self.clock.secs());
+                let batch = self.outputs(&p, &decided, tp.as_deref())?;
+                self.check_sizes(&batch)?;
+                let write = Write {
+                    change: &change,
+                    applied: Some((rec.partition, rec.offset, &source)),
+                    decision: Some((&p.proposal_id, &decided)),
+                    place: place.as_ref(),
+                };
+                if rec.is_revoked() {
+                    return Err(revoked(rec));
+                }
+                if self.store.commit(&key, record.rev, write).await? {
+                    span.attr("switchyard.approval.id", approval_id.to_string())
+                        .attr("switchyard.action", p.action.clone())
+                        .attr("switchyard.resource", p.resource.clone())
+                        .attr("switchyard.tenant", p.tenant.clone())
+                        .attr("switchyard.decision", decided.outcome.as_str());
+                    span.end();
+                    count(None, &decided, &p);
+                    return Ok(batch.forgetting(forget));
+                }
+                continue;
             }
             let now = self.clock.secs();
             let mut state = record.state.clone();
@@ -627,13 +724,7 @@ impl ResolveStage {
                 place: place.as_ref(),
             };
             if rec.is_revoked() {
-                // Revoked, and the drain gave up waiting: a token taken now would reach the topic
-                // only when the next owner gets here — after tokens others (an approval) took
-                // meanwhile. Nothing is taken; the next owner decides.
-                return Err(ProcessError::Transient(format!(
-                    "partition {} was revoked; its next owner decides",
-                    rec.partition
-                )));
+                return Err(revoked(rec));
             }
             if self.store.commit(&key, record.rev, write).await? {
                 if claimed.is_some() && !edited {
@@ -898,6 +989,120 @@ mod tests {
             .await
             .unwrap();
         assert!(actions(&third).is_empty());
+    }
+
+    /// An approval's decision writes a release, not the action; resolve sends the action when it
+    /// reads the release, with the resource's next token (above one taken between decision and
+    /// release), once; a release of an approval that is not approved sends nothing.
+    #[tokio::test]
+    async fn an_approved_action_goes_out_when_resolve_reads_its_release() {
+        use crate::governance::approvals::{Approvals, Verdict as Answer};
+        let g: GovernanceConfig =
+            serde_yaml::from_str("approvals: {rules: [{actions: [rollback]}]}").unwrap();
+        let s = stage(g.clone());
+        let approvals = Approvals {
+            store: s.store.clone(),
+            emitter: s.emitter.clone(),
+            config: g.approvals.clone(),
+            actions_topic: "actions".into(),
+            approvals_topic: "approvals".into(),
+            proposals_topic: "proposals".into(),
+            tasks_topic: "tasks".into(),
+            sealer: s.sealer.clone(),
+            tenants: Default::default(),
+            known_tenants: Vec::new(),
+            stuck: Default::default(),
+            max_output_bytes: 1_000_000,
+            delivery_timeout_seconds: 30,
+            topic_limits: Default::default(),
+            stats: None,
+            notifier: None,
+            counts: Default::default(),
+        };
+        let asked = process_one(&s, input("p1", "rollback", 10)).await.unwrap();
+        assert!(actions(&asked).is_empty(), "it waits for a person");
+        let id = asked
+            .iter()
+            .filter(|o| o.topic == "approvals")
+            .map(|o| serde_json::from_slice::<CloudEvent>(&o.payload).unwrap())
+            .find_map(|ev| {
+                ev.data
+                    .and_then(|d| d["approval_id"].as_str().map(String::from))
+            })
+            .expect("the approval");
+        let d = approvals
+            .decide(&id, Answer::Approve, "alice", "ok", false, false)
+            .await
+            .unwrap();
+        assert!(d.outputs.iter().all(|o| o.topic != "actions"));
+        let release = d
+            .outputs
+            .iter()
+            .find(|o| o.topic == "proposals")
+            .expect("a release");
+        let at = |offset| {
+            Arc::new(Input::new(
+                "proposals",
+                0,
+                offset,
+                Some(b"svc"),
+                release.payload.clone(),
+            ))
+        };
+        // A proposal of the resource read between the decision and the release.
+        let between = process_one(&s, input("p2", "restart", 11)).await.unwrap();
+        let released = process_one(&s, at(12)).await.unwrap();
+        let (first, sent) = (&actions(&between)[0], &actions(&released)[0]);
+        assert_eq!(
+            (sent.action.as_str(), sent.approved_by.as_deref()),
+            ("rollback", Some("alice"))
+        );
+        assert!(sent.fencing_token > first.fencing_token);
+        assert_eq!(
+            approvals
+                .get(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .action
+                .fencing_token,
+            sent.fencing_token,
+            "the approval shows the token it went out with"
+        );
+        // Redelivered: the same action again; a copy further down, its decision forgotten: nothing.
+        let again = process_one(&s, at(12)).await.unwrap();
+        assert_eq!(actions(&again), actions(&released));
+        let key = ResourceKey::new("default", "svc");
+        s.store
+            .forget(&[(key, format!("release-{id}"))])
+            .await
+            .unwrap();
+        assert!(actions(&process_one(&s, at(13)).await.unwrap()).is_empty());
+        // A release naming an approval that is not approved (someone else wrote it) sends nothing.
+        let asked = process_one(&s, input("p3", "rollback", 14)).await.unwrap();
+        assert!(actions(&asked).is_empty());
+        let mut forged: CloudEvent = serde_json::from_slice(&release.payload).unwrap();
+        let pending = asked
+            .iter()
+            .filter(|o| o.topic == "approvals")
+            .map(|o| serde_json::from_slice::<CloudEvent>(&o.payload).unwrap())
+            .find_map(|ev| {
+                ev.data
+                    .and_then(|d| d["approval_id"].as_str().map(String::from))
+            })
+            .expect("a second approval");
+        assert_ne!(pending, id);
+        if let Some(data) = forged.data.as_mut() {
+            data["edit_of"] = json!(pending);
+        }
+        let forged = Arc::new(Input::new(
+            "proposals",
+            0,
+            15,
+            Some(b"svc"),
+            serde_json::to_vec(&forged).unwrap(),
+        ));
+        assert!(actions(&process_one(&s, forged).await.unwrap()).is_empty());
     }
 
     #[test]
