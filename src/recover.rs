@@ -48,6 +48,9 @@ pub struct Recovered {
     /// Those of them whose release record is not on the proposals topic either: the sweeper
     /// produces their decision's records (the release among them) again.
     pub releases_again: usize,
+    /// Approved more than [`RELEASE_HORIZON_SECONDS`] ago, their action not on the actions topic:
+    /// not brought back (it may have aged out of the topic after it went out).
+    pub approved_too_old: usize,
     pub resources: usize,
     pub facts: usize,
     /// Resources that were in Redis already and got the rebuilt state written over theirs (the
@@ -106,6 +109,11 @@ fn later_than(a: &str, b: &str) -> bool {
     let t = |x: &str| chrono::DateTime::parse_from_rfc3339(x).ok();
     matches!((t(a), t(b)), (Some(a), Some(b)) if a > b)
 }
+
+/// How long after its decision an approved action whose action is not on the actions topic is
+/// brought back to be sent: a release takes milliseconds; older, its action may have gone out and
+/// aged out of the topic.
+pub const RELEASE_HORIZON_SECONDS: i64 = 86_400;
 
 /// Seconds since the epoch of an RFC 3339 time.
 fn time_of(t: &str) -> Option<i64> {
@@ -272,6 +280,13 @@ pub async fn recover(
             if went_out.contains(&action.action_id) {
                 continue;
             }
+            // Decided more than a day ago (a release takes milliseconds): its action may have left
+            // the actions topic while the approval record stayed (a quiet partition's segment
+            // outlives a busy one's) — sending it now could send it twice. Left as it is.
+            if time_of(&time).is_none_or(|t| now - t > RELEASE_HORIZON_SECONDS) {
+                out.approved_too_old += 1;
+                continue;
+            }
             let change = records
                 .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
                 .or_default();
@@ -279,8 +294,9 @@ pub async fn recover(
                 action_id: action.action_id.clone(),
                 action: action.action.clone(),
                 priority: action.priority,
-                status: ActiveStatus::Accepted,
-                at: time_of(&time).unwrap_or(a.requested_at),
+                // Held as awaiting approval until resolve sends it (see `release`).
+                status: ActiveStatus::PendingApproval,
+                at: a.requested_at,
                 params_hash: params_hash(&action.parameters),
                 parameters: action.parameters.clone(),
                 proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
@@ -297,6 +313,7 @@ pub async fn recover(
                 seen: None,
                 amend: None,
                 superseded: Vec::new(),
+                by_release: true,
             });
             let written = release_written.contains(&a.approval_id);
             unsent.push((a, written));
@@ -337,6 +354,7 @@ pub async fn recover(
             seen: None,
             amend: None,
             superseded: Vec::new(),
+            by_release: false,
         });
         open.push(a);
     }

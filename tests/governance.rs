@@ -2761,15 +2761,19 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     // And one a person approved whose release never reached the proposals topic (its decider
     // died, and Redis lost the outbox entry that would have sent it again): only the approvals
     // topic has it, approved. Recovery brings it back approved and the sweeper writes its release.
-    {
+    // One approved two days ago is left alone: its action may have aged out of the actions topic.
+    for (id, at) in [
+        ("unsent", chrono::Utc::now()),
+        ("old", chrono::Utc::now() - chrono::Duration::days(2)),
+    ] {
         let mut unsent: ApprovalData = pending.clone();
-        unsent.approval_id = "apr-unsent".into();
+        unsent.approval_id = format!("apr-{id}");
         unsent.resource = "svc-u".into();
         unsent.status = "approved".into();
         unsent.decided_by = Some("frank".into());
         let mut act: ActionData =
             serde_json::from_value(unsent.action_record.clone()).expect("action record");
-        act.action_id = "act-unsent".into();
+        act.action_id = format!("act-{id}");
         act.resource = "svc-u".into();
         act.fencing_token = 0;
         act.approved_by = Some("frank".into());
@@ -2777,11 +2781,12 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         env.publish(
             "switchyard.approvals",
             &[CloudEvent::new(
-                "apr-unsent-approved",
+                format!("apr-{id}-approved"),
                 "test",
                 switchyard::records::types::APPROVAL,
             )
             .with_subject("svc-u")
+            .with_time(at.to_rfc3339().as_str())
             .with_typed_data(&unsent)
             .unwrap()],
         )
@@ -2790,7 +2795,7 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
     let before_recovery = chrono::Utc::now().timestamp_millis() as u64;
     let said = recover(&[]);
     assert!(
-        said.contains("1 pending approvals (1 whose action went out left decided), 1 approved awaiting their release (1 of whose release records the sweeper writes again)"),
+        said.contains("1 pending approvals (1 whose action went out left decided), 1 approved awaiting their release (1 of whose release records the sweeper writes again; 1 approved over a day ago"),
         "{said}"
     );
     assert!(
@@ -2845,6 +2850,10 @@ async fn redis_losing_its_data_is_refused_until_recovered_from_kafka() {
         ("svc-u", Some("frank"))
     );
     assert!(released.fencing_token > 0);
+    assert!(
+        !actions.iter().any(|a| a.action_id == "act-old"),
+        "the one approved two days ago is not sent"
+    );
     let pages: Vec<&ActionData> = actions.iter().filter(|a| a.action == "page").collect();
     assert_eq!(pages.len(), 2);
     assert!(

@@ -43,8 +43,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
     )
     .await?;
     println!(
-        "recovered from Kafka: {} audit chains, {} pending approvals ({} whose action went out left decided), {} approved awaiting their release ({} of whose release records the sweeper writes again), {} resources' resolve state ({} written over what was there, {} kept as they were), {} facts ({} resources' context kept as it was); new epoch {}",
-        r.chains, r.pending_approvals, r.approved_unrecorded, r.approved_unsent, r.releases_again, r.resources, r.rebuilt_over, r.kept, r.facts, r.contexts_kept, r.epoch
+        "recovered from Kafka: {} audit chains, {} pending approvals ({} whose action went out left decided), {} approved awaiting their release ({} of whose release records the sweeper writes again; {} approved over a day ago without their action on the topic left as they are), {} resources' resolve state ({} written over what was there, {} kept as they were), {} facts ({} resources' context kept as it was); new epoch {}",
+        r.chains, r.pending_approvals, r.approved_unrecorded, r.approved_unsent, r.releases_again, r.approved_too_old, r.resources, r.rebuilt_over, r.kept, r.facts, r.contexts_kept, r.epoch
     );
     Ok(())
 }

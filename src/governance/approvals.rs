@@ -329,16 +329,17 @@ impl Approvals {
                         // No fencing token here: resolve takes it when it releases the action
                         // (the release record among this decision's records), so the resource's
                         // tokens have one writer and rise along the actions topic.
+                        // Until then its entry in the resource's state stays held as awaiting
+                        // approval: nothing merges into an action that has not gone out.
                         s.approval.status = "approved".into();
                         s.action.approved_by = Some(by.to_string());
+                        s.by_release = true;
                         let mut supersedes = Vec::new();
                         for a in state
                             .active
                             .iter_mut()
                             .filter(|a| a.approval_id.as_deref() == Some(approval_id))
                         {
-                            a.status = ActiveStatus::Accepted;
-                            a.at = now;
                             supersedes.append(&mut a.supersedes);
                         }
                         // The accepted actions it was to supersede leave now (see
@@ -368,12 +369,13 @@ impl Approvals {
             if outbox {
                 self.store.outbox_add(approval_id, now).await?;
             }
-            let change = Change {
+            let mut change = Change {
                 state,
                 token: loaded.token,
                 approvals: vec![s.clone()],
-                forget_approvals: self.forgettable(&loaded.approvals, now, approval_id),
+                forget_approvals: Vec::new(),
             };
+            change.forget(self.forgettable(&loaded.approvals, now, approval_id));
             let write = Write {
                 change: &change,
                 applied: None,
@@ -610,6 +612,7 @@ impl Approvals {
                 seen: None,
                 amend: None,
                 superseded: Vec::new(),
+                by_release: false,
             };
             self.check_sizes(&s, None)?;
             // Until its records are produced, a request asked again produces them again (and
@@ -617,12 +620,13 @@ impl Approvals {
             self.store
                 .outbox_add(&request_entry(&approval_id), now)
                 .await?;
-            let change = Change {
+            let mut change = Change {
                 state: loaded.state.clone(),
                 token: loaded.token,
                 approvals: vec![s.clone()],
-                forget_approvals: self.forgettable(&loaded.approvals, now, &approval_id),
+                forget_approvals: Vec::new(),
             };
+            change.forget(self.forgettable(&loaded.approvals, now, &approval_id));
             let write = Write {
                 change: &change,
                 applied: None,
@@ -660,8 +664,9 @@ impl Approvals {
         let tp = tp.as_deref();
         let mut out = Vec::new();
         match action {
-            // Approved: resolve sends it (see `resolve::apply::release`).
-            Some(act) if act.fencing_token == 0 => {
+            // Approved: resolve sends it (see `resolve::apply::release`) — also when these records
+            // are produced again after it did (a copy of the release sends nothing more).
+            Some(act) if stored.by_release || act.fencing_token == 0 => {
                 let ev = record_event(
                     format!("release-{}", a.approval_id),
                     SOURCE,
@@ -713,7 +718,7 @@ impl Approvals {
             reason: Some(a.status.clone()),
             detail: json!({"approval_id": a.approval_id, "action_id": a.action_id, "action": a.action, "status": a.status,
                            "decided_by": a.decided_by, "why": a.why,
-                           "fencing_token": action.map(|x| x.fencing_token).filter(|t| *t != 0),
+                           "fencing_token": action.filter(|_| !stored.by_release).map(|x| x.fencing_token),
                            "rule": a.rule, "level": a.level, "group": a.group, "amend": stored.amend}),
             seq: None,
             prev_hash: None,

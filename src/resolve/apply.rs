@@ -133,6 +133,11 @@ pub struct StoredApproval {
     /// in its decision's audit record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub superseded: Vec<String>,
+    /// Approved by a build that leaves sending the action to resolve: the decision's records carry
+    /// a release (also when produced again after resolve sent the action), never the action.
+    /// False for approvals approved by an earlier build, whose records hold the action itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_release: bool,
 }
 
 impl StoredApproval {
@@ -206,6 +211,20 @@ pub struct Change {
     /// Approvals to drop from the resource: decided longer ago than
     /// `governance.approvals.keep_decided_seconds` ([`decided_before`]).
     pub forget_approvals: Vec<String>,
+}
+
+impl Change {
+    /// Drops the approvals `ids` from the resource with this write ([`decided_before`]), and the
+    /// hold of any of them approved and never sent (its release refused or lost): an action
+    /// awaiting its release holds its type like one awaiting approval (see [`release`]); without
+    /// this it would do so for good.
+    pub fn forget(&mut self, ids: Vec<String>) {
+        self.state.active.retain(|a| {
+            a.status != ActiveStatus::PendingApproval
+                || a.approval_id.as_ref().is_none_or(|id| !ids.contains(id))
+        });
+        self.forget_approvals = ids;
+    }
 }
 
 /// The approvals of a resource decided before `cutoff` (seconds since the epoch): what a write
@@ -310,7 +329,11 @@ pub enum NoRelease {
 /// partition, is the one writer of its tokens and actions, so along the actions topic a resource's
 /// tokens only rise. `Err` says why there is nothing to release: an approval this resource does not
 /// hold (never, or forgotten), one not approved, one released before. Pure.
-pub fn release(current: Current<'_>, approval_id: &str) -> Result<(Decided, Change), NoRelease> {
+pub fn release(
+    current: Current<'_>,
+    approval_id: &str,
+    now: i64,
+) -> Result<(Decided, Change), NoRelease> {
     let Some(stored) = current.approvals.get(approval_id) else {
         return Err(NoRelease::Refused(format!(
             "approval {approval_id} is not among the resource's approvals (never asked for here, or forgotten after keep_decided_seconds)"
@@ -330,9 +353,9 @@ pub fn release(current: Current<'_>, approval_id: &str) -> Result<(Decided, Chan
     }
     let token = next_token(current.token, current.token_floor);
     let mut s = stored.clone();
+    // The approval record stays as decided (its `action_record` without a token), so the
+    // decision's records produced again are the same bytes; the stored action has the token.
     s.action.fencing_token = token;
-    s.approval.action_record =
-        serde_json::to_value(&s.action).map_err(|e| NoRelease::Refused(e.to_string()))?;
     let rule = s.approval.rule.as_ref().map(|r| format!("approvals.{r}"));
     let decided = Decided {
         action: Some(s.action.clone()),
@@ -345,8 +368,18 @@ pub fn release(current: Current<'_>, approval_id: &str) -> Result<(Decided, Chan
             ),
         )
     };
+    // Gone out now: an accepted action from here on (merges may go into it, cooldowns count).
+    let mut state = current.state;
+    for a in state
+        .active
+        .iter_mut()
+        .filter(|a| a.approval_id.as_deref() == Some(approval_id))
+    {
+        a.status = ActiveStatus::Accepted;
+        a.at = now;
+    }
     let change = Change {
-        state: current.state,
+        state,
         token,
         approvals: vec![s],
         forget_approvals: Vec::new(),
@@ -542,6 +575,7 @@ pub fn apply(
                             }),
                             amend: None,
                             superseded: Vec::new(),
+                            by_release: false,
                         });
                         entry.status = ActiveStatus::PendingApproval;
                         entry.approval_id = Some(approval_id);

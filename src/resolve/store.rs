@@ -1458,6 +1458,7 @@ pub mod contract {
             seen: None,
             amend: None,
             superseded: Vec::new(),
+            by_release: false,
         }
     }
 

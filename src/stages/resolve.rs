@@ -547,7 +547,8 @@ impl ResolveStage {
                     approvals: &record.approvals,
                     token_floor: token_floor(rec.offset),
                 };
-                let (mut decided, change) = match release(current, approval_id) {
+                let now = self.clock.secs();
+                let (mut decided, change) = match release(current, approval_id, now) {
                     Ok(released) => released,
                     Err(_) if !fresh => {
                         // The state may be this instance's copy, older than the approval's
@@ -569,7 +570,7 @@ impl ResolveStage {
                         return Ok(Batch::default());
                     }
                 };
-                decided.at = self.clock.stamp(self.clock.secs());
+                decided.at = self.clock.stamp(now);
                 let batch = self.outputs(&p, &decided, tp.as_deref())?;
                 self.check_sizes(&batch)?;
                 let write = Write {
@@ -664,7 +665,7 @@ impl ResolveStage {
             };
             let (mut decided, mut change) = apply(&p, current, decision, gate, now)?;
             // Approvals decided long enough ago leave the resource with this write.
-            change.forget_approvals = self
+            let forgotten = self
                 .governance
                 .approvals
                 .decided_long_ago(&record.approvals, now)
@@ -676,6 +677,7 @@ impl ResolveStage {
                         .any(|a| a.approval.approval_id == *id)
                 })
                 .collect();
+            change.forget(forgotten);
             // A new approval remembers this decision's trace: its wait's span hangs under it.
             for a in change
                 .approvals
@@ -929,6 +931,7 @@ mod tests {
                 outcome: None,
             }),
             superseded: Vec::new(),
+            by_release: false,
         };
         let mut used = stored.clone();
         if let Some(Amend::Edit { outcome, .. }) = used.amend.as_mut() {
@@ -1049,9 +1052,26 @@ mod tests {
                 release.payload.clone(),
             ))
         };
-        // A proposal of the resource read between the decision and the release.
+        // Proposals of the resource read between the decision and the release: another type goes
+        // out; the same type is held (nothing merges into, or is sent beside, an action that has
+        // not gone out).
         let between = process_one(&s, input("p2", "restart", 11)).await.unwrap();
-        let released = process_one(&s, at(12)).await.unwrap();
+        let held = process_one(&s, input("p2b", "rollback", 12)).await.unwrap();
+        assert!(actions(&held).is_empty());
+        let audit_of = |out: &[Output]| -> Vec<serde_json::Value> {
+            out.iter()
+                .filter(|o| o.topic == "audit")
+                .filter_map(|o| serde_json::from_slice::<CloudEvent>(&o.payload).ok()?.data)
+                .collect()
+        };
+        assert!(
+            audit_of(&held)
+                .iter()
+                .any(|a| a["reason"] == "pending_approval"),
+            "{:?}",
+            audit_of(&held)
+        );
+        let released = process_one(&s, at(13)).await.unwrap();
         let (first, sent) = (&actions(&between)[0], &actions(&released)[0]);
         assert_eq!(
             (sent.action.as_str(), sent.approved_by.as_deref()),
@@ -1070,16 +1090,37 @@ mod tests {
             "the approval shows the token it went out with"
         );
         // Redelivered: the same action again; a copy further down, its decision forgotten: nothing.
-        let again = process_one(&s, at(12)).await.unwrap();
+        let again = process_one(&s, at(13)).await.unwrap();
         assert_eq!(actions(&again), actions(&released));
         let key = ResourceKey::new("default", "svc");
         s.store
             .forget(&[(key, format!("release-{id}"))])
             .await
             .unwrap();
-        assert!(actions(&process_one(&s, at(13)).await.unwrap()).is_empty());
+        assert!(actions(&process_one(&s, at(14)).await.unwrap()).is_empty());
+        // The decision's records produced again after resolve sent the action (the outbox, a
+        // second decision on the decisions topic): the same release and approval records, never
+        // the action itself.
+        let unsealed = |out: &[Output]| -> Vec<Output> {
+            out.iter().filter(|o| o.topic != "audit").cloned().collect()
+        };
+        let later = approvals
+            .decide(&id, Answer::Approve, "bob", "me too", false, false)
+            .await
+            .unwrap();
+        assert!(!later.fresh);
+        assert_eq!(unsealed(&later.outputs), unsealed(&d.outputs));
+        assert_eq!(
+            audit_of(&later.outputs)
+                .iter()
+                .find(|a| a["decision"] == "approval_decided"),
+            audit_of(&d.outputs)
+                .iter()
+                .find(|a| a["decision"] == "approval_decided"),
+            "its audit record as first produced"
+        );
         // A release naming an approval that is not approved (someone else wrote it) sends nothing.
-        let asked = process_one(&s, input("p3", "rollback", 14)).await.unwrap();
+        let asked = process_one(&s, input("p3", "rollback", 15)).await.unwrap();
         assert!(actions(&asked).is_empty());
         let mut forged: CloudEvent = serde_json::from_slice(&release.payload).unwrap();
         let pending = asked
@@ -1098,7 +1139,7 @@ mod tests {
         let forged = Arc::new(Input::new(
             "proposals",
             0,
-            15,
+            16,
             Some(b"svc"),
             serde_json::to_vec(&forged).unwrap(),
         ));
@@ -1210,6 +1251,7 @@ mod tests {
             seen: None,
             amend: None,
             superseded: Vec::new(),
+            by_release: false,
         };
         let long_ago = "2020-01-01T00:00:00Z".to_string();
         let change = Change {
