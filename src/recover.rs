@@ -294,9 +294,9 @@ pub async fn recover(
                 action_id: action.action_id.clone(),
                 action: action.action.clone(),
                 priority: action.priority,
-                // Held as awaiting approval until resolve sends it (see `release`).
-                status: ActiveStatus::PendingApproval,
-                at: a.requested_at,
+                // In force, not yet sent: resolve sends it when it reads its release.
+                status: ActiveStatus::Approved,
+                at: time_of(&time).unwrap_or(a.requested_at),
                 params_hash: params_hash(&action.parameters),
                 parameters: action.parameters.clone(),
                 proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
@@ -546,6 +546,8 @@ fn keep_furthest(
     let stage = |a: &ApprovalData| match a.status.as_str() {
         "pending" => (0u8, a.level),
         "escalated" => (1, a.level),
+        // Superseded can follow approved (a later action before its release), never precede it.
+        "superseded" => (3, 0),
         _ => (2, 0),
     };
     if approvals
@@ -563,7 +565,7 @@ fn keep_furthest(
 fn supersede_once_approved(active: &mut [ActiveAction], rules: &ResolveConfig) {
     let accepted: Vec<(String, String, i32, i64)> = active
         .iter()
-        .filter(|a| a.status == ActiveStatus::Accepted)
+        .filter(|a| a.status.in_force())
         .map(|a| (a.action_id.clone(), a.action.clone(), a.priority, a.at))
         .collect();
     for p in active

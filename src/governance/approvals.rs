@@ -329,8 +329,8 @@ impl Approvals {
                         // No fencing token here: resolve takes it when it releases the action
                         // (the release record among this decision's records), so the resource's
                         // tokens have one writer and rise along the actions topic.
-                        // Until then its entry in the resource's state stays held as awaiting
-                        // approval: nothing merges into an action that has not gone out.
+                        // Until then its entry in the resource's state is `Approved`: in force,
+                        // but nothing merges into an action that has not gone out.
                         s.approval.status = "approved".into();
                         s.action.approved_by = Some(by.to_string());
                         s.by_release = true;
@@ -340,6 +340,8 @@ impl Approvals {
                             .iter_mut()
                             .filter(|a| a.approval_id.as_deref() == Some(approval_id))
                         {
+                            a.status = ActiveStatus::Approved;
+                            a.at = now;
                             supersedes.append(&mut a.supersedes);
                         }
                         // The accepted actions it was to supersede leave now (see
@@ -348,8 +350,7 @@ impl Approvals {
                         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.active)
                             .into_iter()
                             .partition(|a| {
-                                a.status == ActiveStatus::Accepted
-                                    && supersedes.contains(&a.action_id)
+                                a.status.in_force() && supersedes.contains(&a.action_id)
                             });
                         state.active = kept;
                         s.superseded = gone.iter().map(|a| a.action_id.clone()).collect();

@@ -220,7 +220,7 @@ impl Change {
     /// this it would do so for good.
     pub fn forget(&mut self, ids: Vec<String>) {
         self.state.active.retain(|a| {
-            a.status != ActiveStatus::PendingApproval
+            a.status != ActiveStatus::Approved
                 || a.approval_id.as_ref().is_none_or(|id| !ids.contains(id))
         });
         self.forget_approvals = ids;
@@ -349,6 +349,14 @@ pub fn release(
         return Err(NoRelease::Done(format!(
             "approval {approval_id}'s action went out before, with fencing token {}",
             stored.action.fencing_token
+        )));
+    }
+    // Its entry in the resource's state: gone when a later action superseded it before its release.
+    if !current.state.active.iter().any(|a| {
+        a.approval_id.as_deref() == Some(approval_id) && a.status == ActiveStatus::Approved
+    }) {
+        return Err(NoRelease::Refused(format!(
+            "approval {approval_id}'s action was superseded before its release; it is not sent"
         )));
     }
     let token = next_token(current.token, current.token_floor);

@@ -189,6 +189,17 @@ pub enum ActiveStatus {
     Accepted,
     /// Waiting for a person.
     PendingApproval,
+    /// Approved by a person, not yet on `switchyard.actions`: resolve sends it when it reads the
+    /// approval's release (`resolve::apply::release`). In force like an accepted action (conflicts,
+    /// cooldowns, supersession), but nothing merges into it: it has not gone out.
+    Approved,
+}
+
+impl ActiveStatus {
+    /// Accepted, or approved and about to go out: what conflicts and cooldowns count.
+    pub fn in_force(self) -> bool {
+        matches!(self, ActiveStatus::Accepted | ActiveStatus::Approved)
+    }
 }
 
 /// An action recently accepted or awaiting approval on a resource.
@@ -374,7 +385,7 @@ pub fn prune(state: &mut ResourceState, cfg: &ResolveConfig, now: i64) {
         let window = i64::try_from(cfg.relevance_seconds(&a.action))
             .unwrap_or(i64::MAX)
             .saturating_add(PRUNE_MARGIN_SECONDS);
-        a.status == ActiveStatus::PendingApproval || now.saturating_sub(a.at) <= window
+        a.status != ActiveStatus::Accepted || now.saturating_sub(a.at) <= window
     });
 }
 
@@ -448,9 +459,7 @@ pub fn decide_with(
     // Cooldown: the same type was accepted recently.
     if rule.cooldown_seconds > 0 {
         if let Some(a) = state.active.iter().find(|a| {
-            a.action == c.action
-                && a.status == ActiveStatus::Accepted
-                && age(a) <= rule.cooldown_seconds as i64
+            a.action == c.action && a.status.in_force() && age(a) <= rule.cooldown_seconds as i64
         }) {
             return Decision::Rejected {
                 reason: RejectReason::Cooldown,

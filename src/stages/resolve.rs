@@ -33,8 +33,7 @@ use crate::resolve::apply::{
     apply, release, token_floor, Amend, Current, Decided, Gate, NoRelease, Verdict,
 };
 use crate::resolve::rules::{
-    decide, decide_with, prune, ActiveStatus, Candidate, Decision, RejectReason, ResolveConfig,
-    Rule,
+    decide, decide_with, prune, Candidate, Decision, RejectReason, ResolveConfig, Rule,
 };
 use crate::resolve::store::{ResourceStore, Write};
 use crate::spans::Span;
@@ -650,9 +649,7 @@ impl ResolveStage {
                 Decision::New { superseded, .. } if matches!(gate, Gate::Allow) => state
                     .active
                     .iter()
-                    .filter(|a| {
-                        a.status == ActiveStatus::Accepted && superseded.contains(&a.action_id)
-                    })
+                    .filter(|a| a.status.in_force() && superseded.contains(&a.action_id))
                     .flat_map(|a| a.agents.iter().cloned())
                     .collect(),
                 _ => Vec::new(),
@@ -1002,7 +999,11 @@ mod tests {
         use crate::governance::approvals::{Approvals, Verdict as Answer};
         let g: GovernanceConfig =
             serde_yaml::from_str("approvals: {rules: [{actions: [rollback]}]}").unwrap();
-        let s = stage(g.clone());
+        let mut s = stage(g.clone());
+        s.rules = serde_yaml::from_str(
+            "actions: {rollback: {priority: 100}, failover: {priority: 200, conflicts_with: [rollback]}}",
+        )
+        .unwrap();
         let approvals = Approvals {
             store: s.store.clone(),
             emitter: s.emitter.clone(),
@@ -1052,25 +1053,8 @@ mod tests {
                 release.payload.clone(),
             ))
         };
-        // Proposals of the resource read between the decision and the release: another type goes
-        // out; the same type is held (nothing merges into, or is sent beside, an action that has
-        // not gone out).
+        // A proposal of the resource read between the decision and the release goes out first.
         let between = process_one(&s, input("p2", "restart", 11)).await.unwrap();
-        let held = process_one(&s, input("p2b", "rollback", 12)).await.unwrap();
-        assert!(actions(&held).is_empty());
-        let audit_of = |out: &[Output]| -> Vec<serde_json::Value> {
-            out.iter()
-                .filter(|o| o.topic == "audit")
-                .filter_map(|o| serde_json::from_slice::<CloudEvent>(&o.payload).ok()?.data)
-                .collect()
-        };
-        assert!(
-            audit_of(&held)
-                .iter()
-                .any(|a| a["reason"] == "pending_approval"),
-            "{:?}",
-            audit_of(&held)
-        );
         let released = process_one(&s, at(13)).await.unwrap();
         let (first, sent) = (&actions(&between)[0], &actions(&released)[0]);
         assert_eq!(
@@ -1103,6 +1087,12 @@ mod tests {
         // the action itself.
         let unsealed = |out: &[Output]| -> Vec<Output> {
             out.iter().filter(|o| o.topic != "audit").cloned().collect()
+        };
+        let audit_of = |out: &[Output]| -> Vec<serde_json::Value> {
+            out.iter()
+                .filter(|o| o.topic == "audit")
+                .filter_map(|o| serde_json::from_slice::<CloudEvent>(&o.payload).ok()?.data)
+                .collect()
         };
         let later = approvals
             .decide(&id, Answer::Approve, "bob", "me too", false, false)
@@ -1144,6 +1134,24 @@ mod tests {
             serde_json::to_vec(&forged).unwrap(),
         ));
         assert!(actions(&process_one(&s, forged).await.unwrap()).is_empty());
+        // Approved, and superseded by a later action before its release: not sent.
+        let d = approvals
+            .decide(&pending, Answer::Approve, "alice", "ok", false, false)
+            .await
+            .unwrap();
+        let release = d
+            .outputs
+            .iter()
+            .find(|o| o.topic == "proposals")
+            .expect("a release")
+            .payload
+            .clone();
+        let failover = process_one(&s, input("p4", "failover", 17)).await.unwrap();
+        assert_eq!(actions(&failover).len(), 1);
+        let late = Arc::new(Input::new("proposals", 0, 18, Some(b"svc"), release));
+        assert!(actions(&process_one(&s, late).await.unwrap()).is_empty());
+        let superseded = approvals.get(&pending).await.unwrap().unwrap();
+        assert_eq!(superseded.approval.status, "superseded");
     }
 
     #[test]
