@@ -110,6 +110,42 @@ fn later_than(a: &str, b: &str) -> bool {
     matches!((t(a), t(b)), (Some(a), Some(b)) if a > b)
 }
 
+/// Puts an approval (`a`, decided at `time`) back in its resource's rebuilt record, and its action
+/// in the state with `status` since `at`: pending or escalated (`PendingApproval`), or approved and
+/// not yet sent (`Approved`, its records carrying a release).
+fn bring_back(
+    change: &mut Change,
+    a: &ApprovalData,
+    action: ActionData,
+    time: String,
+    (status, at): (ActiveStatus, i64),
+) {
+    change.state.active.push(ActiveAction {
+        action_id: action.action_id.clone(),
+        action: action.action.clone(),
+        priority: action.priority,
+        status,
+        at,
+        params_hash: params_hash(&action.parameters),
+        parameters: action.parameters.clone(),
+        proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
+        agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
+        approval_id: Some(a.approval_id.clone()),
+        supersedes: Vec::new(),
+    });
+    change.approvals.push(StoredApproval {
+        escalated: a.status == "escalated" || a.level > 0,
+        approval: a.clone(),
+        action,
+        decided_at: time,
+        traceparent: None,
+        seen: None,
+        amend: None,
+        superseded: Vec::new(),
+        by_release: status == ActiveStatus::Approved,
+    });
+}
+
 /// How long after its decision an approved action whose action is not on the actions topic is
 /// brought back to be sent: a release takes milliseconds; older, its action may have gone out and
 /// aged out of the topic.
@@ -287,34 +323,12 @@ pub async fn recover(
                 out.approved_too_old += 1;
                 continue;
             }
+            // In force, not yet sent: resolve sends it when it reads its release.
+            let at = time_of(&time).unwrap_or(a.requested_at);
             let change = records
                 .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
                 .or_default();
-            change.state.active.push(ActiveAction {
-                action_id: action.action_id.clone(),
-                action: action.action.clone(),
-                priority: action.priority,
-                // In force, not yet sent: resolve sends it when it reads its release.
-                status: ActiveStatus::Approved,
-                at: time_of(&time).unwrap_or(a.requested_at),
-                params_hash: params_hash(&action.parameters),
-                parameters: action.parameters.clone(),
-                proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
-                agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
-                approval_id: Some(a.approval_id.clone()),
-                supersedes: Vec::new(),
-            });
-            change.approvals.push(StoredApproval {
-                escalated: a.level > 0,
-                approval: a.clone(),
-                action,
-                decided_at: time,
-                traceparent: None,
-                seen: None,
-                amend: None,
-                superseded: Vec::new(),
-                by_release: true,
-            });
+            bring_back(change, &a, action, time, (ActiveStatus::Approved, at));
             let written = release_written.contains(&a.approval_id);
             unsent.push((a, written));
             continue;
@@ -332,30 +346,8 @@ pub async fn recover(
         let change = records
             .entry(ResourceKey::new(a.tenant.clone(), a.resource.clone()))
             .or_default();
-        change.state.active.push(ActiveAction {
-            action_id: action.action_id.clone(),
-            action: action.action.clone(),
-            priority: action.priority,
-            status: ActiveStatus::PendingApproval,
-            at: a.requested_at,
-            params_hash: params_hash(&action.parameters),
-            parameters: action.parameters.clone(),
-            proposals: serde_json::from_value(action.proposals.clone()).unwrap_or_default(),
-            agents: serde_json::from_value(action.agents.clone()).unwrap_or_default(),
-            approval_id: Some(a.approval_id.clone()),
-            supersedes: Vec::new(),
-        });
-        change.approvals.push(StoredApproval {
-            escalated: a.status == "escalated",
-            approval: a.clone(),
-            action,
-            decided_at: time,
-            traceparent: None,
-            seen: None,
-            amend: None,
-            superseded: Vec::new(),
-            by_release: false,
-        });
+        let held = (ActiveStatus::PendingApproval, a.requested_at);
+        bring_back(change, &a, action, time, held);
         open.push(a);
     }
     for change in records.values_mut() {
