@@ -215,9 +215,9 @@ pub struct Change {
 
 impl Change {
     /// Drops the approvals `ids` from the resource with this write ([`decided_before`]), and the
-    /// hold of any of them approved and never sent (its release refused or lost): an action
-    /// awaiting its release holds its type like one awaiting approval (see [`release`]); without
-    /// this it would do so for good.
+    /// state's entry of any of them approved and never sent (its release refused or lost): an
+    /// action awaiting its release is in force ([`ActiveStatus::Approved`]); without this it would
+    /// stay so for good.
     pub fn forget(&mut self, ids: Vec<String>) {
         self.state.active.retain(|a| {
             a.status != ActiveStatus::Approved
