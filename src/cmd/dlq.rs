@@ -339,7 +339,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), String> {
                 tokio::task::spawn_blocking(move || read_dlq(&l2, |r| selects(&f2, since, r)))
                     .await
                     .map_err(|e| e.to_string())??;
-            let recs = select(&all, &filter)?;
+            // Read through the filter already: only its limit is left.
+            let recs: Vec<&Input> = all.iter().take(filter.limit).collect();
             for r in &recs {
                 let s = summary(r);
                 if json {
